@@ -1,0 +1,1 @@
+"""qplan backends: trainers that run a plan for real and measure it (loaded lazily by name)."""

@@ -1,0 +1,329 @@
+"""`qplan` command line. Thin: parse, call the planner, render. Bad input -> one line, exit 2.
+
+Nothing here imports torch at module level; `qplan estimate` on a bundled model never does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import QPlanError
+
+FORMATS = click.Choice(["table", "json"])
+QUANT_CHOICES = ["nf4", "fp4", "int8", "bf16", "fp16", "fp32"]
+DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+                 "fp32": "float32", "float32": "float32"}
+
+
+def _emit(fmt: str, data: Any, table: str) -> None:
+    if fmt == "json":
+        click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+    else:
+        click.echo(table)
+
+
+def write_new_file(path: str | Path, text: str, force: bool) -> Path:
+    """Write ``text`` to ``path``; refuse to replace an existing file unless ``force``."""
+    p = Path(path)
+    if p.exists() and not force:
+        raise QPlanError(f"{p} already exists: choose another --output or pass --force to replace it")
+    if p.parent and not p.parent.exists():
+        raise QPlanError(f"directory {p.parent} does not exist")
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, p)
+    return p
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="qplan")
+def cli() -> None:
+    """Plan the memory of a LoRA / QLoRA fine-tune before renting a GPU — then prove it."""
+
+
+# ------------------------------------------------------------------------------ estimate
+
+
+def plan_options(f):
+    opts = [
+        click.option("--model", "-m", required=True, help="bundled model name (see `qplan models`), a config.json, or a model directory"),
+        click.option("--r", "r", type=int, default=16, show_default=True, help="LoRA rank"),
+        click.option("--alpha", type=float, default=None, help="LoRA alpha [default: 2*r]"),
+        click.option("--dropout", type=float, default=0.05, show_default=True),
+        click.option("--targets", default="all-linear", show_default=True,
+                     help="preset qv|attn|mlp|all-linear, or comma-separated module names"),
+        click.option("--bias", type=click.Choice(["none", "lora_only", "all"]), default="none", show_default=True),
+        click.option("--dora", is_flag=True, help="DoRA: one magnitude vector per adapted module"),
+        click.option("--rslora", is_flag=True, help="rank-stabilised scaling alpha/sqrt(r)"),
+        click.option("--modules-to-save", default="", help="comma-separated modules trained in full (e.g. embed_tokens,lm_head)"),
+        click.option("--quant", type=click.Choice(QUANT_CHOICES), default="nf4", show_default=True),
+        click.option("--double-quant/--no-double-quant", default=True, show_default=True, help="4-bit: quantize the absmax constants"),
+        click.option("--compute-dtype", type=click.Choice(sorted(DTYPE_ALIASES)), default="bf16", show_default=True),
+        click.option("--upcast/--no-upcast", "upcast", default=True, show_default=True,
+                     help="k-bit plans: prepare_model_for_kbit_training casts unquantized params to fp32"),
+        click.option("--gpu", default=None, help="target GPU (see `qplan gpus`)"),
+        click.option("--seq-len", type=int, default=512, show_default=True),
+        click.option("--batch-size", type=int, default=1, show_default=True),
+        click.option("--grad-accum", type=int, default=1, show_default=True),
+        click.option("--grad-ckpt/--no-grad-ckpt", default=True, show_default=True, help="gradient checkpointing"),
+        click.option("--optimizer", default="adamw_torch", show_default=True,
+                     help="adamw_torch|adamw_8bit|paged_adamw_8bit|paged_adamw_32bit|sgd|adafactor"),
+        click.option("--attn", "attn_impl", default="sdpa", show_default=True, help="sdpa|flash_attention_2|eager"),
+        click.option("--backend", default="peft", show_default=True, help="peft|unsloth"),
+        click.option("--strict-dtype", is_flag=True, help="fail instead of switching bf16 to fp16 on GPUs without bf16"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def plan_from_options(o: dict[str, Any]) -> dict[str, Any]:
+    from .lora import LoraSettings
+    from .memory import TrainingSettings
+    from .plan import PlanInputs, build_plan, check_gpu_dtype
+    from .specs import load_gpu, load_spec
+    from .weights import QuantSettings
+
+    spec = load_spec(o["model"])
+    gpu = load_gpu(o["gpu"]) if o.get("gpu") else None
+    r = o["r"]
+    alpha = o["alpha"] if o["alpha"] is not None else 2.0 * r
+    lora = LoraSettings(
+        r=r, alpha=alpha, dropout=o["dropout"], targets=o["targets"], bias=o["bias"],
+        use_dora=o["dora"], use_rslora=o["rslora"],
+        modules_to_save=tuple(m.strip() for m in o["modules_to_save"].split(",") if m.strip()),
+    )
+    quant = QuantSettings(o["quant"], o["double_quant"], DTYPE_ALIASES[o["compute_dtype"]], o["upcast"])
+    backend = o["backend"]
+    ckpt = ("unsloth" if backend == "unsloth" else "hf") if o["grad_ckpt"] else "off"
+    training = TrainingSettings(o["batch_size"], o["seq_len"], o["grad_accum"], ckpt, o["optimizer"], o["attn_impl"])
+    quant, warnings = check_gpu_dtype(quant, gpu, auto_fix=not o.get("strict_dtype"))
+    inputs = PlanInputs(spec, lora, quant, training, gpu, backend)
+    plan = build_plan(inputs, warnings)
+    if plan["prediction"]["fits"] is False:
+        from .fit import suggestions
+
+        plan["suggestions"] = suggestions(inputs)
+    return plan
+
+
+@cli.command()
+@plan_options
+@click.option("--method", type=click.Choice(["analytic", "trace"]), default="analytic", show_default=True,
+              help="trace: run one training step on the meta device under a live-tensor tracker (needs torch)")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@click.option("--output", "-o", default=None, help="write the plan to this file (plan.json)")
+@click.option("--force", is_flag=True, help="replace an existing --output file")
+def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -> None:
+    """Exact LoRA parameter counts and the memory budget of a fine-tune."""
+    from .plan import dumps
+    from .render import render_plan
+
+    if output and Path(output).exists() and not force:
+        raise QPlanError(f"{output} already exists: choose another --output or pass --force to replace it")
+    plan = plan_from_options(o)
+    if method == "trace":
+        from .tracecli import attach_trace
+
+        attach_trace(plan)
+    text = dumps(plan)
+    if output:
+        write_new_file(output, text, force)
+    if fmt == "json":
+        click.echo(text, nl=False)
+    else:
+        click.echo(render_plan(plan))
+        if output:
+            click.echo(f"\nplan written to {output}")
+
+
+# ---------------------------------------------------------------------------------- fit
+
+
+@cli.command()
+@click.option("--model", "-m", required=True)
+@click.option("--gpu", required=True)
+@click.option("--seq-len", type=int, default=None, help="fix the sequence length (else search it)")
+@click.option("--batch-size", type=int, default=None, help="fix the batch size (else search it)")
+@click.option("--quant", type=click.Choice(QUANT_CHOICES), default=None, help="fix the quantization (else search nf4, int8, bf16)")
+@click.option("--r", "r", type=int, default=None, help="fix the rank (else search 8, 16, 32, 64)")
+@click.option("--targets", default=None, help="fix the targets (else search qv, attn, all-linear)")
+@click.option("--optimizer", default=None, help="fix the optimizer (else search adamw_torch, adamw_8bit, paged_adamw_8bit)")
+@click.option("--top", type=int, default=10, show_default=True)
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+def fit(model, gpu, seq_len, batch_size, quant, r, targets, optimizer, top, fmt) -> None:
+    """Search batch, sequence, rank, targets, checkpointing, optimizer and quant for plans that fit."""
+    from .fit import search
+    from .render import render_fit
+
+    result = search(model, gpu, seq_len=seq_len, batch_size=batch_size, quant=quant, r=r,
+                    targets=targets, optimizer=optimizer, top=top)
+    _emit(fmt, result, render_fit(result))
+
+
+# ------------------------------------------------------------------------------ catalogs
+
+
+@cli.command()
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+def models(fmt: str) -> None:
+    """List the model specs qplan knows (bundled and added with `qplan spec add`)."""
+    from .memory import max_context
+    from .render import render_models
+    from .specs import load_spec, model_names
+
+    rows = []
+    for name in model_names():
+        s = load_spec(name)
+        c, inv = s["config"], s["inventory"]
+        rows.append({
+            "name": name,
+            "architecture": inv["architecture"],
+            "params": inv["total_params"],
+            "layers": inv["num_hidden_layers"],
+            "hidden": c.get("hidden_size") or c.get("n_embd"),
+            "vocab": c.get("vocab_size"),
+            "context": max_context(s),
+            "source": s.get("source", {}).get("hub_id") or s.get("source", {}).get("path", ""),
+        })
+    _emit(fmt, rows, render_models(rows))
+
+
+@cli.command()
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+def gpus(fmt: str) -> None:
+    """List the GPU catalog (memory in bytes, bf16 support, peak TFLOPS, bandwidth)."""
+    from .render import render_gpus
+    from .specs import gpu_catalog
+
+    rows = list(gpu_catalog().values())
+    _emit(fmt, rows, render_gpus(rows))
+
+
+@cli.group()
+def spec() -> None:
+    """Create model specs from Hugging Face configs."""
+
+
+@spec.command("add")
+@click.argument("config", type=click.Path())
+@click.option("--name", default=None, help="spec name [default: the directory or file name]")
+@click.option("--hub-id", default=None, help="record the Hugging Face Hub id the config came from")
+@click.option("--revision", default=None, help="record the Hub revision the config came from")
+@click.option("--output-dir", default=None, help="where to write the spec [default: $QPLAN_SPEC_DIR or ~/.config/qplan/model_specs]")
+@click.option("--force", is_flag=True, help="replace an existing spec of that name")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+def spec_add(config, name, hub_id, revision, output_dir, force, fmt) -> None:
+    """Build a spec (module inventory read on the meta device) from CONFIG.json or a MODEL_DIR."""
+    from .specs import make_spec, read_config, user_spec_dir
+
+    p = Path(config)
+    if not p.exists():
+        raise QPlanError(f"no such file or directory: {config}")
+    cfg = read_config(p)
+    if name is None:
+        name = p.name if p.is_dir() else (p.parent.name if p.name == "config.json" else p.stem)
+    if not name or "/" in name or name.startswith("."):
+        raise QPlanError(f"invalid spec name {name!r}: use --name")
+    source: dict[str, Any] = {}
+    if hub_id:
+        source["hub_id"] = hub_id
+    source["revision"] = revision
+    source["config_file"] = p.name if p.is_file() else "config.json"
+    s = make_spec(cfg, name, source)
+    out_dir = Path(output_dir) if output_dir else user_spec_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = write_new_file(out_dir / f"{name}.json", json.dumps(s, indent=2, ensure_ascii=False) + "\n", force)
+    inv = s["inventory"]
+    summary = {"name": name, "path": str(path), "architecture": inv["architecture"],
+               "params": inv["total_params"], "linear_modules": len(inv["linear"])}
+    _emit(fmt, summary, f"wrote {path}: {inv['architecture']}, {inv['total_params']:,} parameters, "
+                        f"{len(inv['linear'])} linear module groups")
+
+
+# ------------------------------------------------------------------------ run / report
+
+
+@cli.command()
+def backends() -> None:
+    """List trainer backends (entry points `qplan.backends`) and whether each is installed."""
+    from qplan.backends.registry import list_backends
+
+    rows = list_backends()
+    from tabulate import tabulate
+
+    click.echo(tabulate([[b["name"], b["target"], "yes" if b["installed"] else f"no ({b['hint']})"] for b in rows],
+                        headers=["backend", "entry point", "installed"]))
+
+
+@cli.command()
+@click.argument("plan_file", type=click.Path())
+@click.option("--model-dir", default=None, help="a local model directory with weights (a real fine-tune)")
+@click.option("--random-init", is_flag=True, help="build the model from its spec with random weights")
+@click.option("--data", default=None, help="JSONL with 'text' or 'instruction'/'response' [default: bundled sample]")
+@click.option("--steps", type=int, default=None, help="optimizer steps to run (default 4 if no --epochs)")
+@click.option("--epochs", type=float, default=None)
+@click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda")
+@click.option("--out-dir", default="reports/runs", show_default=True, help="a new run folder is made under it")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+def run(plan_file, model_dir, random_init, data, steps, epochs, device, out_dir, fmt) -> None:
+    """Train PLAN_FILE for real with its backend, measure, and write a report folder."""
+    from qplan.backends.runner import run_plan
+
+    result = run_plan(plan_file, model_dir=model_dir, random_init=random_init, data=data, steps=steps,
+                      epochs=epochs, device=device, out_dir=out_dir)
+    _emit(fmt, result, result.get("summary", ""))
+    if result.get("status") not in (None, "ok"):
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, type=click.Path())
+@click.option("--output", "-o", default=None, help="folder for the summary (default: reports/summary-<time>)")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+def report(run_dirs, output, fmt) -> None:
+    """Summarise run folders: predicted vs measured, error per term, with a chart."""
+    from qplan.backends.report import summarize
+
+    result = summarize(list(run_dirs), output)
+    _emit(fmt, result, result.get("summary", ""))
+
+
+# --------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="qplan", standalone_mode=False)
+    except QPlanError as exc:
+        click.echo(f"qplan: error: {exc}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("qplan: aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        msg = exc.format_message().replace("\n", " ")
+        ctx = getattr(exc, "ctx", None)
+        where = f" ({ctx.command_path})" if ctx is not None else ""
+        click.echo(f"qplan: error{where}: {msg}", err=True)
+        return exc.exit_code or 2
+    except KeyboardInterrupt:
+        click.echo("qplan: interrupted", err=True)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - never a traceback for the user
+        if os.environ.get("QPLAN_DEBUG"):
+            raise
+        click.echo(f"qplan: internal error: {type(exc).__name__}: {exc} (set QPLAN_DEBUG=1 for a traceback)", err=True)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""`qplan fit`: search the plan space for plans that fit a GPU; suggestions for a plan that doesn't.
+
+The search uses the same memory functions as `qplan estimate` (planner.memory); what depends only
+on (r, targets, quant, optimizer) — LoRA counts, weights, optimizer states — is computed once per
+combination, and the per-(batch, seq, checkpointing) terms are evaluated in the inner loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+from typing import Any
+
+from . import memory as M
+from .errors import QPlanError
+from .lora import LoraSettings, count_lora
+from .plan import PlanInputs, build_plan, check_gpu_dtype
+from .specs import load_gpu, load_spec
+from .weights import BYTES, QuantSettings, weights_bytes
+
+DEFAULT_RS = (8, 16, 32, 64)
+DEFAULT_TARGETS = ("qv", "attn", "all-linear")
+DEFAULT_QUANTS = ("nf4", "int8", "bf16")
+DEFAULT_OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
+BATCHES = (1, 2, 4, 8, 16, 32, 64)
+SEQS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+CKPTS = ("hf", "off")
+
+
+def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=None, r=None, targets=None,
+           optimizer=None, top: int = 10) -> dict[str, Any]:
+    spec = load_spec(model)
+    gpu = load_gpu(gpu_name)
+    usable = gpu["usable_bytes"]
+    ctx = M.max_context(spec) or max(SEQS)
+    if seq_len is not None and seq_len > ctx:
+        raise QPlanError(f"--seq-len {seq_len} exceeds {spec['name']}'s context of {ctx} tokens")
+    for name, v in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--r", r)):
+        if v is not None and v <= 0:
+            raise QPlanError(f"{name} must be >= 1, got {v}")
+    if optimizer is not None and optimizer not in M.OPTIMIZERS:
+        raise QPlanError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(M.OPTIMIZERS)}")
+    seqs = [seq_len] if seq_len else [s for s in SEQS if s <= ctx]
+    batches = [batch_size] if batch_size else list(BATCHES)
+    rs = [r] if r else list(DEFAULT_RS)
+    tgts = [targets] if targets else [t for t in DEFAULT_TARGETS if t in spec["inventory"]["presets"]
+                                      and spec["inventory"]["presets"][t]]
+    quants = [quant] if quant else list(DEFAULT_QUANTS)
+    opts = [optimizer] if optimizer else list(DEFAULT_OPTIMIZERS)
+    dtype = "bfloat16" if gpu["bf16"] else "float16"
+    d = M.dims(spec)
+    results = []
+    candidates = 0
+    for qn, rr, tg, op in itertools.product(quants, rs, tgts, opts):
+        q = QuantSettings(qn, True, dtype, True)
+        if qn == "bf16" and not gpu["bf16"]:
+            q = QuantSettings("fp16", True, dtype, True)
+        lora = LoraSettings(r=rr, alpha=2.0 * rr, targets=tg)
+        counts = count_lora(spec, lora, {"bias": q.unquantized_dtype, "modules_to_save": q.unquantized_dtype})
+        c = BYTES[q.compute_dtype]
+        w = weights_bytes(spec, q)
+        adapters = M.adapter_bytes(counts)
+        opt = M.optimizer_state_bytes(counts, op)
+        opt_b = opt["device"] + opt["paged"]
+        temps_opt = M.optimizer_step_temp_bytes(counts, op)
+        temps_dq = M.dequant_temp_bytes(spec, q, c)
+        static = w + adapters + opt_b
+        step = static + adapters + temps_opt
+        # per-token costs are linear in T for sdpa: evaluate once at T=1 and scale
+        for ck in CKPTS:
+            t1 = M.TrainingSettings(1, 1, 1, ck, op, "sdpa")
+            layer1 = M.layer_activation_bytes(spec, counts, rr, 0.05, t1, c)
+            logits1 = M.logits_bytes(spec, t1, c)
+            for b, s in itertools.product(batches, seqs):
+                candidates += 1
+                T = b * s
+                layer = layer1 * T
+                if ck == "off":
+                    acts = d.L * layer
+                else:
+                    acts = d.L * c * d.h * T + layer
+                fwd = static + adapters + acts + logits1 * T + temps_dq
+                tensor_peak = max(fwd, step)
+                peak = tensor_peak + M.CUDA_CONTEXT_BYTES + int(M.ALLOCATOR_SLACK_FRACTION * tensor_peak)
+                if peak <= usable:
+                    results.append({
+                        "batch_size": b, "seq_len": s, "r": rr, "targets": tg, "quant": q.quant,
+                        "grad_ckpt": ck, "optimizer": op, "tokens": T, "peak": peak,
+                        "headroom": usable - peak,
+                    })
+    # best: most tokens per step, then cheaper memory-saving tricks, then larger r
+    pref_q = {"bf16": 0, "fp16": 0, "int8": 1, "nf4": 2}
+    results.sort(key=lambda x: (-x["tokens"], x["grad_ckpt"] == "hf", pref_q.get(x["quant"], 3),
+                                -x["r"], x["headroom"] * -1))
+    return {
+        "model": spec["name"], "gpu": gpu["name"], "usable_bytes": usable,
+        "candidates": candidates, "fitting": len(results), "best": results[:top],
+    }
+
+
+def suggestions(inp: PlanInputs, limit: int = 4) -> list[str]:
+    """Single changes that make a non-fitting plan fit, cheapest first, each checked by re-planning."""
+    t, q = inp.training, inp.quant
+    tries: list[tuple[str, PlanInputs]] = []
+    if t.grad_ckpt == "off":
+        tries.append(("--grad-ckpt", replace(inp, training=replace(t, grad_ckpt="hf"))))
+    if t.optimizer in ("adamw_torch", "paged_adamw_32bit"):
+        tries.append(("--optimizer paged_adamw_8bit", replace(inp, training=replace(t, optimizer="paged_adamw_8bit"))))
+    if q.quant not in ("nf4", "fp4"):
+        tries.append(("--quant nf4", replace(inp, quant=QuantSettings("nf4", True, q.compute_dtype, True))))
+    b = t.batch_size
+    while b > 1:
+        b //= 2
+        accum = t.grad_accum * (t.batch_size // b)
+        tries.append((f"--batch-size {b} --grad-accum {accum} (same tokens per optimizer step)",
+                      replace(inp, training=replace(t, batch_size=b, grad_accum=accum))))
+    s = t.seq_len
+    while s > 256:
+        s //= 2
+        tries.append((f"--seq-len {s}", replace(inp, training=replace(t, seq_len=s))))
+    out = []
+    for label, alt in tries:
+        try:
+            alt_q, _ = check_gpu_dtype(alt.quant, alt.gpu, auto_fix=True)
+            p = build_plan(replace(alt, quant=alt_q))
+        except QPlanError:
+            continue
+        if p["prediction"]["fits"]:
+            out.append(f"{label}: peak {p['prediction']['memory']['peak'] / 2**30:.2f} GiB")
+            if len(out) >= limit:
+                break
+    if not out:
+        out.append("no single change fits: try a larger GPU (`qplan fit` searches combinations)")
+    return out

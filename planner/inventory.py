@@ -1,0 +1,278 @@
+"""Module inventory: the real structure of a model, read from transformers on the meta device.
+
+This is the only planner module that imports torch/transformers/peft (inside functions). It runs
+when a spec is created (`qplan spec add`) or when `--model` is a path to a config; a bundled spec
+already carries its inventory as data, so `qplan estimate` on a bundled model never gets here.
+
+What is recorded, per group of identical modules (name pattern with layer indices replaced by
+``*``):
+
+* ``linear``: every ``nn.Linear`` / GPT-2 ``Conv1D`` — in/out features, bias, instances, and
+  whether bitsandbytes would quantize it, decided by transformers' own rule
+  (``HfQuantizer.get_modules_to_not_convert`` + ``should_convert_module``, and only
+  ``type(m) is nn.Linear or isinstance(m, Conv1D)`` as in ``replace_with_bnb_linear``);
+* ``embeddings``: ``nn.Embedding`` modules (LoRA can target them too);
+* ``params``: every other parameter (norms, fused MoE expert tensors, routers, ...) with shape;
+* ``buffers``: registered buffers (rotary ``inv_freq`` ...) with dtype — they sit on the GPU too;
+* ``tied``: parameters shared between modules (stored once);
+* ``presets``: the target-module lists of the presets, as names PEFT accepts.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .errors import QPlanError
+
+_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")
+
+ATTN_RE = re.compile(r"attention|attn", re.I)
+MLP_RE = re.compile(r"mlp|feedforward|feed_forward|moe|expert|ffn", re.I)
+
+
+def _pattern(name: str) -> str:
+    """``model.layers.17.self_attn.q_proj`` -> ``model.layers.*.self_attn.q_proj``."""
+    return _INDEX.sub("*", name)
+
+
+def _role(model, name: str) -> str:
+    """Classify a module as attention / mlp / head / other by the class names of its ancestors."""
+    parts = name.split(".")
+    classes = []
+    for i in range(1, len(parts)):
+        try:
+            classes.append(type(model.get_submodule(".".join(parts[:i]))).__name__)
+        except AttributeError:  # pragma: no cover - defensive
+            continue
+    for cls in reversed(classes):
+        if ATTN_RE.search(cls):
+            return "attn"
+        if MLP_RE.search(cls):
+            return "mlp"
+    return "other"
+
+
+def build_model_on_meta(config: dict[str, Any], dtype: str | None = None):
+    """Instantiate the causal-LM of ``config`` on the meta device (no memory, exact shapes)."""
+    try:
+        import torch
+        import transformers
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise QPlanError(
+            "building a spec from a config needs torch and transformers: pip install 'qplan[train]'"
+        ) from exc
+    cfg = dict(config)
+    model_type = cfg.pop("model_type", None)
+    if not model_type:
+        raise QPlanError("config has no 'model_type': is this a Hugging Face config.json?")
+    for key in ("transformers_version", "_name_or_path", "architectures", "auto_map"):
+        cfg.pop(key, None)
+    try:
+        hf_config = AutoConfig.for_model(model_type, **cfg)
+    except (ValueError, KeyError) as exc:
+        raise QPlanError(
+            f"transformers {transformers.__version__} does not know model_type {model_type!r}: {exc}"
+        ) from exc
+    try:
+        with torch.device("meta"):
+            kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
+            model = AutoModelForCausalLM.from_config(hf_config, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any config error becomes one line
+        raise QPlanError(f"cannot build model_type {model_type!r} from this config: {exc}") from exc
+    return model
+
+
+def _unique_suffixes(chosen: list[str], all_patterns: list[str]) -> list[str]:
+    """Shortest dotted suffixes that PEFT's suffix match maps onto exactly ``chosen``.
+
+    PEFT matches a string target ``t`` against a module key ``k`` when ``k == t`` or
+    ``k.endswith('.' + t)`` (peft/tuners/tuners_utils.py ``check_target_module_exists``).
+    GPT-2 has ``attn.c_proj`` and ``mlp.c_proj``: the suffix must be long enough to tell them apart.
+    """
+    out: list[str] = []
+    for pat in chosen:
+        parts = pat.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if "*" in suffix:
+                continue
+            hits = [p for p in all_patterns if p == suffix or p.endswith("." + suffix)]
+            if all(h in chosen for h in hits):
+                if suffix not in out:
+                    out.append(suffix)
+                break
+        else:  # pragma: no cover - a full name always works
+            out.append(pat)
+    return out
+
+
+def build_inventory(config: dict[str, Any]) -> dict[str, Any]:
+    """Read every module of the model built from ``config`` on the meta device into plain data."""
+    import torch
+    import transformers
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    # Built in bfloat16 so that what transformers keeps in float32 (``_keep_in_fp32_modules``,
+    # rotary ``inv_freq``) shows as float32, and what follows the load dtype shows as bfloat16.
+    model = build_model_on_meta(config, dtype="bfloat16")
+    head = model.get_output_embeddings()
+    head_name = next((n for n, m in model.named_modules() if head is not None and m is head), None)
+    not_convert = HfQuantizer.get_modules_to_not_convert(
+        model, None, getattr(model, "_keep_in_fp32_modules", None)
+    )
+
+    def fp32(t) -> bool:
+        return t is not None and t.dtype == torch.float32
+
+    # tied parameters: same Parameter object reachable under several names
+    owners: dict[int, list[str]] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for p_name, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            owners.setdefault(id(p), [])
+            if full not in owners[id(p)]:
+                owners[id(p)].append(full)
+    tied = [names for names in owners.values() if len(names) > 1]
+    canonical = {names[0] for names in owners.values()}  # the name named_parameters() keeps
+
+    groups: dict[tuple, dict[str, Any]] = {}
+
+    def add(kind: str, key: tuple, record: dict[str, Any]) -> None:
+        if key in groups:
+            groups[key]["instances"] += 1
+        else:
+            record["instances"] = 1
+            record["kind"] = kind
+            groups[key] = record
+
+    covered: set[str] = set()
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+        is_conv1d = isinstance(mod, Conv1D)
+        if is_conv1d or isinstance(mod, torch.nn.Linear):
+            if is_conv1d:
+                in_f, out_f = (int(x) for x in mod.weight.shape)
+            else:
+                in_f, out_f = int(mod.in_features), int(mod.out_features)
+            has_bias = getattr(mod, "bias", None) is not None
+            weight_tied = f"{name}.weight" not in canonical
+            quantizable = (type(mod) is torch.nn.Linear or is_conv1d) and should_convert_module(
+                name, not_convert
+            )
+            pat = _pattern(name)
+            add(
+                "linear",
+                ("linear", pat, in_f, out_f, has_bias, quantizable, weight_tied),
+                {
+                    "pattern": pat,
+                    "module_type": type(mod).__name__,
+                    "in_features": in_f,
+                    "out_features": out_f,
+                    "bias": has_bias,
+                    "bnb_quantized": bool(quantizable),
+                    "keep_fp32": fp32(mod.weight),
+                    "role": "head" if name == head_name else _role(model, name),
+                    "weight_tied": weight_tied,
+                },
+            )
+            covered.update({f"{name}.weight", f"{name}.bias"})
+        elif isinstance(mod, torch.nn.Embedding):
+            pat = _pattern(name)
+            weight_tied = f"{name}.weight" not in canonical
+            add(
+                "embedding",
+                ("embedding", pat, mod.num_embeddings, mod.embedding_dim, weight_tied),
+                {
+                    "pattern": pat,
+                    "module_type": type(mod).__name__,
+                    "num_embeddings": int(mod.num_embeddings),
+                    "embedding_dim": int(mod.embedding_dim),
+                    "weight_tied": weight_tied,
+                    "keep_fp32": fp32(mod.weight),
+                },
+            )
+            covered.add(f"{name}.weight")
+
+    for name, p in model.named_parameters():
+        if name in covered:
+            continue
+        mod_name, _, p_name = name.rpartition(".")
+        pat = _pattern(mod_name)
+        shape = [int(x) for x in p.shape]
+        add(
+            "param",
+            ("param", pat, p_name, tuple(shape)),
+            {
+                "pattern": pat,
+                "param": p_name,
+                "module_type": type(model.get_submodule(mod_name)).__name__ if mod_name else "",
+                "shape": shape,
+                "keep_fp32": fp32(p),
+            },
+        )
+
+    for name, b in model.named_buffers():
+        mod_name, _, b_name = name.rpartition(".")
+        pat = _pattern(mod_name)
+        shape = [int(x) for x in b.shape]
+        # "load": cast with the model to its load dtype (e.g. Gemma's embed_scale); otherwise
+        # the dtype transformers keeps it in whatever the load dtype (rotary inv_freq: float32).
+        dtype = "load" if b.dtype == torch.bfloat16 else str(b.dtype).removeprefix("torch.")
+        add(
+            "buffer",
+            ("buffer", pat, b_name, tuple(shape), dtype),
+            {"pattern": pat, "buffer": b_name, "shape": shape, "dtype": dtype},
+        )
+
+    linear = [g for g in groups.values() if g["kind"] == "linear"]
+    embeddings = [g for g in groups.values() if g["kind"] == "embedding"]
+    params = [g for g in groups.values() if g["kind"] == "param"]
+    buffers = [g for g in groups.values() if g["kind"] == "buffer"]
+    for g in groups.values():
+        del g["kind"]
+
+    all_patterns = [g["pattern"] for g in linear] + [g["pattern"] for g in embeddings]
+    body = [g["pattern"] for g in linear if g["role"] != "head"]
+    attn = [g["pattern"] for g in linear if g["role"] == "attn"]
+    mlp = [g["pattern"] for g in linear if g["role"] == "mlp"]
+    presets: dict[str, list[str]] = {
+        "attn": _unique_suffixes(attn, all_patterns),
+        "mlp": _unique_suffixes(mlp, all_patterns),
+        "all-linear": _unique_suffixes(body, all_patterns),
+    }
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as M
+
+        default = M.get(model.config.model_type)
+    except ImportError:  # pragma: no cover
+        default = None
+    if default:
+        presets["qv"] = list(default)
+
+    total = sum(p.numel() for p in model.parameters())
+    versions = {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0]}
+    try:
+        import peft
+
+        versions["peft"] = peft.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return {
+        "generated_by": versions,
+        "architecture": type(model).__name__,
+        "model_type": model.config.model_type,
+        "num_hidden_layers": int(getattr(model.config, "num_hidden_layers", 0) or 0),
+        "output_head": head_name,
+        "total_params": int(total),
+        "linear": linear,
+        "embeddings": embeddings,
+        "params": params,
+        "buffers": buffers,
+        "tied": tied,
+        "presets": presets,
+    }

@@ -1,0 +1,275 @@
+"""LoRA targets and exact trainable-parameter counts, from a spec's module inventory.
+
+Counts follow PEFT 0.21's layer construction (peft/tuners/lora/layer.py):
+
+* ``Linear`` / ``Conv1D`` ``in -> out``: ``lora_A = nn.Linear(in, r)``, ``lora_B = nn.Linear(r, out)``
+  -> ``r * (in + out)``; DoRA adds ``lora_magnitude_vector`` of ``out`` values.
+* ``Embedding`` ``V x H``: ``lora_embedding_A (r, V)``, ``lora_embedding_B (H, r)`` -> ``r * (V + H)``;
+  DoRA adds ``H``.
+* ``bias="lora_only"``: the existing biases of targeted modules become trainable;
+  ``bias="all"``: every parameter whose name ends in ``bias`` does.
+* ``modules_to_save``: a full trainable copy of each matched module (``ModulesToSaveWrapper``).
+
+Targets match module names the way PEFT does for a list of strings (``check_target_module_exists``):
+``key == target`` or ``key.endswith("." + target)``.
+The oracle for all of this is PEFT's ``get_nb_trainable_parameters()`` (tests/planner/test_lora.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import QPlanError
+
+PRESETS = ("qv", "attn", "mlp", "all-linear")
+BIAS_MODES = ("none", "lora_only", "all")
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int
+    alpha: float
+    dropout: float = 0.05
+    targets: str = "all-linear"
+    bias: str = "none"
+    use_dora: bool = False
+    use_rslora: bool = False
+    modules_to_save: tuple[str, ...] = ()
+    adapter_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise QPlanError(f"--r must be a positive integer, got {self.r}")
+        if not (self.alpha > 0):
+            raise QPlanError(f"--alpha must be > 0, got {self.alpha}")
+        if not (0 <= self.dropout < 1):
+            raise QPlanError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.bias not in BIAS_MODES:
+            raise QPlanError(f"--bias must be one of {', '.join(BIAS_MODES)}, got {self.bias!r}")
+        if self.adapter_dtype not in SAFETENSORS_DTYPE:
+            raise QPlanError(f"adapter dtype must be float32, bfloat16 or float16, got {self.adapter_dtype!r}")
+
+    @property
+    def scaling(self) -> float:
+        """alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["modules_to_save"] = list(self.modules_to_save)
+        d["scaling"] = self.scaling
+        return d
+
+
+def _matches(pattern: str, target: str) -> bool:
+    return pattern == target or pattern.endswith("." + target)
+
+
+def _leaf(pattern: str) -> str:
+    return pattern.rsplit(".", 1)[-1]
+
+
+def target_names(spec: dict[str, Any], targets: str) -> list[str]:
+    """The list of module names PEFT gets for ``targets`` (a preset or comma-separated names)."""
+    inv = spec["inventory"]
+    targets = targets.strip()
+    if targets in PRESETS:
+        names = inv["presets"].get(targets)
+        if names is None:
+            raise QPlanError(
+                f"preset {targets!r} is not defined for model_type {inv['model_type']!r}; "
+                f"name modules explicitly, e.g. --targets {','.join(inv['presets']['attn'][:2])}"
+            )
+        if not names:
+            raise QPlanError(
+                f"preset {targets!r} matches no nn.Linear in {spec['name']} "
+                f"({inv['architecture']}); linear modules: {', '.join(linear_leaf_names(spec))}"
+            )
+        return list(names)
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    if not names:
+        raise QPlanError("--targets is empty: give a preset (qv, attn, mlp, all-linear) or module names")
+    return names
+
+
+def linear_leaf_names(spec: dict[str, Any]) -> list[str]:
+    inv = spec["inventory"]
+    out: list[str] = []
+    for g in inv["linear"] + inv["embeddings"]:
+        leaf = _leaf(g["pattern"])
+        if leaf not in out:
+            out.append(leaf)
+    return out
+
+
+@dataclass
+class ModuleCount:
+    module: str
+    kind: str  # lora | dora_magnitude | bias | modules_to_save
+    shape: str
+    instances: int
+    params_per_instance: int
+    dtype: str
+    save_keys: list[tuple[str, list[int]]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.instances * self.params_per_instance
+
+    def to_json(self, dtype_bytes: int) -> dict[str, Any]:
+        return {
+            "module": self.module,
+            "kind": self.kind,
+            "shape": self.shape,
+            "instances": self.instances,
+            "params_per_instance": self.params_per_instance,
+            "total": self.total,
+            "bytes": self.total * dtype_bytes,
+        }
+
+
+def _expand(pattern: str, instances: int, num_layers: int) -> list[str]:
+    """Concrete module names for a pattern (``*`` = layer index) — for adapter file keys."""
+    stars = pattern.count("*")
+    if stars == 0:
+        return [pattern]
+    if stars == 1:
+        return [pattern.replace("*", str(i)) for i in range(instances)]
+    # nested indices (e.g. per-expert modules): split instances evenly over the outer index
+    outer = num_layers if num_layers and instances % num_layers == 0 else 1
+    inner = instances // outer
+    first, rest = pattern.split("*", 1)
+    return [
+        f"{first}{i}{name}" for i in range(outer) for name in _expand(rest, inner, 0)
+    ]
+
+
+def count_lora(spec: dict[str, Any], lora: LoraSettings, module_dtypes: dict[str, str] | None = None) -> list[ModuleCount]:
+    """Per-module trainable parameters of ``lora`` on ``spec`` (one entry per module pattern)."""
+    inv = spec["inventory"]
+    names = target_names(spec, lora.targets)
+    linear = inv["linear"]
+    emb = inv["embeddings"]
+    ad = lora.adapter_dtype
+    out: list[ModuleCount] = []
+    matched: set[str] = set()
+    for name in names:
+        hits = [g for g in linear + emb if _matches(g["pattern"], name)]
+        if not hits:
+            other = [p for p in inv["params"] if _matches(p["pattern"], name)]
+            if other:
+                raise QPlanError(
+                    f"target {name!r} is a {other[0]['module_type']}, which LoRA cannot adapt; "
+                    f"targetable modules: {', '.join(linear_leaf_names(spec))}"
+                )
+            raise QPlanError(
+                f"target {name!r} matches no module of {spec['name']}; "
+                f"its linear modules are: {', '.join(linear_leaf_names(spec))}"
+            )
+        matched.update(g["pattern"] for g in hits)
+    targeted = [g for g in linear + emb if g["pattern"] in matched]
+    r = lora.r
+    for g in targeted:
+        if "in_features" in g:
+            i_, o_ = g["in_features"], g["out_features"]
+            shape = f"{i_}→{o_}"
+            per = r * (i_ + o_)
+            keys_a, keys_b = ("lora_A.weight", [r, i_]), ("lora_B.weight", [o_, r])
+            mag = o_
+        else:
+            i_, o_ = g["num_embeddings"], g["embedding_dim"]
+            shape = f"emb {i_}×{o_}"
+            per = r * (i_ + o_)
+            keys_a, keys_b = ("lora_embedding_A", [r, i_]), ("lora_embedding_B", [o_, r])
+            mag = o_
+        out.append(ModuleCount(g["pattern"], "lora", shape, g["instances"], per, ad,
+                               [keys_a, keys_b]))
+        if lora.use_dora:
+            out.append(ModuleCount(g["pattern"], "dora_magnitude", f"{mag}", g["instances"], mag, ad,
+                                   [("lora_magnitude_vector", [mag])]))
+    if lora.bias == "lora_only":
+        for g in targeted:
+            if g.get("bias"):
+                dt = (module_dtypes or {}).get("bias", ad)
+                out.append(ModuleCount(g["pattern"], "bias", f"{g['out_features']}", g["instances"],
+                                       g["out_features"], dt, [("bias", [g["out_features"]])]))
+    elif lora.bias == "all":
+        dt = (module_dtypes or {}).get("bias", ad)
+        for g in linear:
+            if g.get("bias") and not g.get("weight_tied"):
+                out.append(ModuleCount(g["pattern"], "bias", f"{g['out_features']}", g["instances"],
+                                       g["out_features"], dt, [("bias", [g["out_features"]])]))
+        for p in inv["params"]:
+            if p["param"] == "bias":
+                n = math.prod(p["shape"])
+                out.append(ModuleCount(p["pattern"], "bias", "×".join(map(str, p["shape"])),
+                                       p["instances"], n, dt, [("bias", list(p["shape"]))]))
+    for name in lora.modules_to_save:
+        hits = [g for g in linear + emb if _matches(g["pattern"], name)]
+        hits += [p for p in inv["params"] if _matches(p["pattern"], name)]
+        if not hits:
+            raise QPlanError(
+                f"--modules-to-save {name!r} matches no module of {spec['name']}; "
+                f"modules: {', '.join(linear_leaf_names(spec))}"
+            )
+        seen: set[str] = set()
+        for g in hits:
+            if "in_features" in g:
+                n = g["in_features"] * g["out_features"] + (g["out_features"] if g["bias"] else 0)
+                shape = f"{g['in_features']}→{g['out_features']}"
+                keys = [("weight", [g["out_features"], g["in_features"]])]
+                if g["bias"]:
+                    keys.append(("bias", [g["out_features"]]))
+            elif "num_embeddings" in g:
+                n = g["num_embeddings"] * g["embedding_dim"]
+                shape = f"emb {g['num_embeddings']}×{g['embedding_dim']}"
+                keys = [("weight", [g["num_embeddings"], g["embedding_dim"]])]
+            else:
+                n = math.prod(g["shape"])
+                shape = "×".join(map(str, g["shape"]))
+                keys = [(g["param"], list(g["shape"]))]
+            key = g["pattern"] + shape
+            if key in seen:
+                continue
+            seen.add(key)
+            dt = (module_dtypes or {}).get("modules_to_save", ad)
+            out.append(ModuleCount(g["pattern"], "modules_to_save", shape, g["instances"], n, dt, keys))
+    return out
+
+
+def trainable_params(counts: list[ModuleCount]) -> int:
+    return sum(c.total for c in counts)
+
+
+def adapter_file_bytes(spec: dict[str, Any], counts: list[ModuleCount]) -> int:
+    """Exact size of ``adapter_model.safetensors`` written by PEFT's ``save_pretrained``.
+
+    safetensors layout (safetensors/src/tensor.rs ``prepare``/``serialize``): an 8-byte
+    little-endian header length, a compact JSON header — ``__metadata__`` first (PEFT passes
+    ``{"format": "pt"}``), then one entry per tensor sorted by dtype (larger first) and name,
+    with ``data_offsets`` — padded with spaces to a multiple of 8, then the raw tensor bytes.
+    PEFT's keys are the module names under ``base_model.model.`` with the adapter name removed.
+    """
+    L = spec["inventory"].get("num_hidden_layers", 0)
+    tensors: list[tuple[str, str, list[int]]] = []
+    for c in counts:
+        st = SAFETENSORS_DTYPE[c.dtype if c.dtype in SAFETENSORS_DTYPE else "float32"]
+        for mod in _expand(c.module, c.instances, L):
+            for suffix, shape in c.save_keys:
+                tensors.append((f"base_model.model.{mod}.{suffix}", st, shape))
+    order = {"F32": 0, "BF16": 1, "F16": 1}
+    tensors.sort(key=lambda t: (order[t[1]], t[0]))
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, st, shape in tensors:
+        n = math.prod(shape) * (4 if st == "F32" else 2)
+        header[name] = {"dtype": st, "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * ((8 - len(blob) % 8) % 8)
+    return 8 + len(blob) + offset

@@ -1,0 +1,165 @@
+"""The plan document (plan.json): inputs + prediction. Compute only; rendering is in render.py.
+
+Same inputs give a byte-identical document: no timestamps, no host names, fixed key order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from . import __version__
+from .errors import QPlanError
+from .lora import LoraSettings, adapter_file_bytes, count_lora, trainable_params
+from .memory import TrainingSettings, training_memory
+from .weights import BYTES, QuantSettings, base_params, weights_breakdown, weights_bytes, weights_footprint_bytes
+
+PLAN_SCHEMA_VERSION = 1
+BACKENDS = ("peft", "unsloth")
+MEMORY_KEYS = ("weights", "weights_footprint", "adapters", "gradients", "optimizer", "activations",
+               "logits", "temporaries", "overhead", "tensor_peak", "peak")
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    spec: dict[str, Any]
+    lora: LoraSettings
+    quant: QuantSettings
+    training: TrainingSettings
+    gpu: dict[str, Any] | None
+    backend: str = "peft"
+
+
+def check_gpu_dtype(quant: QuantSettings, gpu: dict[str, Any] | None, auto_fix: bool) -> tuple[QuantSettings, list[str]]:
+    """bf16 needs compute capability >= 8.0. Switch to fp16 with a warning, or fail with the fix."""
+    warnings: list[str] = []
+    uses_bf16 = quant.compute_dtype == "bfloat16" or quant.quant == "bf16"
+    if gpu is not None and uses_bf16 and not gpu["bf16"]:
+        if not auto_fix:
+            raise QPlanError(
+                f"{gpu['name']} has no native bfloat16 (compute capability {gpu['compute_capability']}): "
+                f"use --compute-dtype fp16" + (" --quant fp16" if quant.quant == "bf16" else "")
+            )
+        new_quant = "fp16" if quant.quant == "bf16" else quant.quant
+        quant = QuantSettings(new_quant, quant.double_quant, "float16", quant.upcast_kbit)
+        warnings.append(
+            f"{gpu['name']} has no native bfloat16: switched compute dtype to float16"
+            + (" and weights to fp16" if new_quant == "fp16" else "")
+        )
+    return quant, warnings
+
+
+def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, Any]:
+    spec, lora, q, t = inp.spec, inp.lora, inp.quant, inp.training
+    if inp.backend not in BACKENDS:
+        raise QPlanError(f"unknown backend {inp.backend!r}: choose one of {', '.join(BACKENDS)}")
+    t.validate(spec)
+    dtypes = {"bias": q.unquantized_dtype, "modules_to_save": q.unquantized_dtype}
+    counts = count_lora(spec, lora, dtypes)
+    trainable = trainable_params(counts)
+    base = base_params(spec)
+    total = base + trainable
+    w_detail = weights_breakdown(spec, q)
+    weights = weights_bytes(spec, q)
+    mem = training_memory(spec, counts, lora.r, lora.dropout, q, t, weights,
+                          chunked_ce=inp.backend == "unsloth")
+    memory = {
+        "weights": weights,
+        "weights_footprint": weights_footprint_bytes(spec, q),
+        **{k: mem[k] for k in MEMORY_KEYS if k in mem},
+    }
+    memory = {k: int(memory[k]) for k in MEMORY_KEYS}
+    usable = inp.gpu["usable_bytes"] if inp.gpu else None
+    prediction = {
+        "method": "analytic",
+        "params": {
+            "base": base,
+            "trainable": trainable,
+            "total": total,
+            "trainable_share": round(trainable / total, 8) if total else 0.0,
+            "per_module": [c.to_json(BYTES[c.dtype]) for c in counts],
+        },
+        "adapter_file_bytes": adapter_file_bytes(spec, counts),
+        "memory": memory,
+        "memory_detail": {
+            "weights": w_detail,
+            "optimizer_paged": mem["optimizer_paged"],
+            "cuda_context": mem["cuda_context"],
+            "allocator_slack": mem["allocator_slack"],
+            "peak_phase": mem["peak_phase"],
+        },
+        "fits": (memory["peak"] <= usable) if usable is not None else None,
+        "headroom": (usable - memory["peak"]) if usable is not None else None,
+    }
+    inv = spec["inventory"]
+    return {
+        "schema_version": PLAN_SCHEMA_VERSION,
+        "qplan_version": __version__,
+        "model": {
+            "name": spec["name"],
+            "source": spec.get("source", {}),
+            "architecture": inv["architecture"],
+            "model_type": inv["model_type"],
+            "config": spec["config"],
+        },
+        "lora": {**lora.to_json(), "target_modules": _target_list(spec, lora)},
+        "quant": q.to_json(),
+        "training": {**t.to_json(), "mixed_precision": _mp(q)},
+        "gpu": None if inp.gpu is None else {
+            "name": inp.gpu["name"],
+            "usable_bytes": inp.gpu["usable_bytes"],
+            "total_bytes": inp.gpu["total_bytes"],
+            "bf16": inp.gpu["bf16"],
+        },
+        "backend": inp.backend,
+        "warnings": list(warnings or []),
+        "prediction": prediction,
+    }
+
+
+def _mp(q: QuantSettings) -> str:
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}[q.compute_dtype]
+
+
+def _target_list(spec: dict[str, Any], lora: LoraSettings) -> list[str]:
+    from .lora import target_names
+
+    return target_names(spec, lora.targets)
+
+
+def dumps(plan: dict[str, Any]) -> str:
+    """Canonical JSON: 2-space indent, UTF-8, trailing newline."""
+    return json.dumps(plan, indent=2, ensure_ascii=False) + "\n"
+
+
+_REQUIRED = {
+    "schema_version": int, "model": dict, "lora": dict, "quant": dict, "training": dict,
+    "backend": str, "prediction": dict,
+}
+
+
+def validate_plan(plan: Any, where: str = "plan") -> dict[str, Any]:
+    """Check a plan.json read from disk: object, version, required sections and memory keys."""
+    if not isinstance(plan, dict):
+        raise QPlanError(f"{where} is not a JSON object")
+    if plan.get("schema_version") != PLAN_SCHEMA_VERSION:
+        raise QPlanError(
+            f"{where} has schema_version {plan.get('schema_version')!r}; this qplan reads version "
+            f"{PLAN_SCHEMA_VERSION} (re-create it with `qplan estimate ... --output`)"
+        )
+    for key, typ in _REQUIRED.items():
+        if not isinstance(plan.get(key), typ):
+            raise QPlanError(f"{where} lacks a valid {key!r} section")
+    mem = plan["prediction"].get("memory")
+    if not isinstance(mem, dict) or any(not isinstance(mem.get(k), int) for k in MEMORY_KEYS):
+        raise QPlanError(f"{where}: prediction.memory must hold integer bytes for {', '.join(MEMORY_KEYS)}")
+    for key in ("r", "alpha", "target_modules"):
+        if key not in plan["lora"]:
+            raise QPlanError(f"{where}: lora lacks {key!r}")
+    for key in ("batch_size", "seq_len", "optimizer", "grad_ckpt"):
+        if key not in plan["training"]:
+            raise QPlanError(f"{where}: training lacks {key!r}")
+    if "config" not in plan["model"] or "name" not in plan["model"]:
+        raise QPlanError(f"{where}: model lacks 'name' or 'config'")
+    return plan

@@ -1,0 +1,134 @@
+"""Human-readable tables for plans, model and GPU lists. Rendering only: no computation here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tabulate import tabulate
+
+GiB = 2**30
+MiB = 2**20
+
+
+def fmt_bytes(n: int | None) -> str:
+    """Binary units, labelled as such (GiB = 2**30)."""
+    if n is None:
+        return "-"
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    if n >= GiB:
+        return f"{sign}{n / GiB:.2f} GiB"
+    if n >= MiB:
+        return f"{sign}{n / MiB:.1f} MiB"
+    if n >= 1024:
+        return f"{sign}{n / 1024:.1f} KiB"
+    return f"{sign}{n} B"
+
+
+def fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+MEMORY_ROWS = [
+    ("weights", "base weights (device, quant constants included)"),
+    ("adapters", "LoRA adapters"),
+    ("gradients", "gradients (trainable only)"),
+    ("optimizer", "optimizer states"),
+    ("activations", "activations"),
+    ("logits", "logits + loss"),
+    ("temporaries", "temporaries (largest)"),
+]
+
+
+def render_plan(plan: dict[str, Any]) -> str:
+    m = plan["model"]
+    lora = plan["lora"]
+    q = plan["quant"]
+    t = plan["training"]
+    p = plan["prediction"]
+    mem = p["memory"]
+    lines = []
+    qdesc = q["quant"] + (" + double quant" if q.get("double_quant") else "")
+    lines.append(
+        f"{m['name']} ({m['architecture']}) · LoRA r={lora['r']} α={lora['alpha']:g} "
+        f"targets={lora['targets']} · {qdesc}, compute {q['compute_dtype']} · backend {plan['backend']}"
+    )
+    lines.append(
+        f"batch {t['batch_size']} × seq {t['seq_len']} (accum {t['grad_accum']}) · "
+        f"grad checkpointing {t['grad_ckpt']} · {t['optimizer']} · attention {t['attn_impl']}"
+    )
+    for w in plan.get("warnings", []):
+        lines.append(f"warning: {w}")
+    lines.append("")
+    rows = []
+    for e in p["params"]["per_module"]:
+        rows.append([e["module"], e["kind"], e["shape"], e["instances"], fmt_int(e["params_per_instance"]),
+                     fmt_int(e["total"]), fmt_bytes(e["bytes"])])
+    lines.append(tabulate(rows, headers=["module", "kind", "in→out", "inst", "params/inst", "total", "bytes"],
+                          colalign=("left", "left", "left", "right", "right", "right", "right")))
+    par = p["params"]
+    lines.append("")
+    lines.append(
+        f"trainable {fmt_int(par['trainable'])} of {fmt_int(par['total'])} parameters "
+        f"({100 * par['trainable_share']:.4f}%) · base {fmt_int(par['base'])} · "
+        f"adapter file {fmt_bytes(p['adapter_file_bytes'])} (safetensors, {lora['adapter_dtype']})"
+    )
+    lines.append("")
+    rows = [[label, fmt_bytes(mem[k]), fmt_int(mem[k])] for k, label in MEMORY_ROWS]
+    rows.append(["tensor peak (live tensors, " + p["memory_detail"]["peak_phase"] + ")",
+                 fmt_bytes(mem["tensor_peak"]), fmt_int(mem["tensor_peak"])])
+    rows.append(["CUDA context + allocator slack", fmt_bytes(mem["overhead"]), fmt_int(mem["overhead"])])
+    rows.append(["peak (GPU must have)", fmt_bytes(mem["peak"]), fmt_int(mem["peak"])])
+    lines.append(tabulate(rows, headers=["memory", "", "bytes"], colalign=("left", "right", "right")))
+    lines.append(
+        f"weights: get_memory_footprint() would print {fmt_int(mem['weights_footprint'])} B "
+        f"(leaves out {fmt_bytes(mem['weights'] - mem['weights_footprint'])} of quantization constants)"
+    )
+    paged = p["memory_detail"].get("optimizer_paged", 0)
+    if paged:
+        lines.append(f"optimizer: {fmt_bytes(paged)} of it is paged (CUDA unified memory, can spill to CPU)")
+    lines.append("")
+    gpu = plan.get("gpu")
+    if gpu is None:
+        lines.append("no --gpu given: pass one (see `qplan gpus`) for a fit verdict")
+    elif p["fits"]:
+        lines.append(f"FITS on {gpu['name']} ({fmt_bytes(gpu['usable_bytes'])} usable): "
+                     f"headroom {fmt_bytes(p['headroom'])}")
+    else:
+        lines.append(f"DOES NOT FIT on {gpu['name']} ({fmt_bytes(gpu['usable_bytes'])} usable): "
+                     f"short by {fmt_bytes(-p['headroom'])}")
+        for s in plan.get("suggestions", []):
+            lines.append(f"  try: {s}")
+    return "\n".join(lines)
+
+
+def render_models(rows: list[dict[str, Any]]) -> str:
+    return tabulate(
+        [[r["name"], r["architecture"], fmt_int(r["params"]), r["layers"], r["hidden"], r["vocab"],
+          r["context"], r["source"]] for r in rows],
+        headers=["model", "architecture", "params", "layers", "hidden", "vocab", "context", "source"],
+    )
+
+
+def render_gpus(rows: list[dict[str, Any]]) -> str:
+    return tabulate(
+        [[g["name"], g["full_name"], fmt_bytes(g["total_bytes"]), fmt_bytes(g["usable_bytes"]),
+          "yes" if g["bf16"] else "no", g["peak_bf16_tflops"] or g["peak_fp16_tflops"],
+          g["memory_bandwidth_gb_s"]] for g in rows],
+        headers=["gpu", "name", "total", "usable", "bf16", "16-bit TFLOPS", "GB/s"],
+    )
+
+
+def render_fit(result: dict[str, Any]) -> str:
+    lines = [f"{result['model']} on {result['gpu']} ({fmt_bytes(result['usable_bytes'])} usable): "
+             f"{result['candidates']} plans searched, {result['fitting']} fit"]
+    rows = []
+    for c in result["best"]:
+        rows.append([c["batch_size"], c["seq_len"], c["r"], c["targets"], c["quant"], c["grad_ckpt"],
+                     c["optimizer"], fmt_bytes(c["peak"]), fmt_bytes(c["headroom"])])
+    if rows:
+        lines.append(tabulate(rows, headers=["batch", "seq", "r", "targets", "quant", "ckpt", "optimizer",
+                                             "peak", "headroom"]))
+    else:
+        lines.append("no plan fits: try a larger GPU, --quant nf4, or a shorter --seq-len")
+    return "\n".join(lines)

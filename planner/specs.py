@@ -1,0 +1,162 @@
+"""Model specs (data files in model_specs/) and the GPU catalog (model_specs/gpus/).
+
+A spec is JSON: the Hugging Face config, where it came from, and the module inventory that
+`planner.inventory` read off the model built on the meta device. Loading a bundled spec reads one
+small file and imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import QPlanError
+
+SPEC_SCHEMA_VERSION = 1
+
+
+def _data_dir():
+    return resources.files("qplan.model_specs")
+
+
+def user_spec_dir() -> Path:
+    """Where `qplan spec add` writes specs: $QPLAN_SPEC_DIR, else ~/.config/qplan/model_specs."""
+    env = os.environ.get("QPLAN_SPEC_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "qplan" / "model_specs"
+
+
+def bundled_model_names() -> list[str]:
+    return sorted(
+        p.name.removesuffix(".json")
+        for p in _data_dir().iterdir()
+        if p.name.endswith(".json")
+    )
+
+
+def user_model_names() -> list[str]:
+    d = user_spec_dir()
+    if not d.is_dir():
+        return []
+    return sorted(p.stem for p in d.glob("*.json"))
+
+
+def model_names() -> list[str]:
+    return sorted(set(bundled_model_names()) | set(user_model_names()))
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name.lower(), choices, n=3, cutoff=0.5)
+    if close:
+        return "did you mean " + " or ".join(close) + "?"
+    return "known: " + ", ".join(choices)
+
+
+def _read_json(path, what: str) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise QPlanError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise QPlanError(f"{what} {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+    if not isinstance(data, dict):
+        raise QPlanError(f"{what} {path} must hold a JSON object")
+    return data
+
+
+@lru_cache(maxsize=64)
+def _load_named_spec(name: str) -> dict[str, Any]:
+    user = user_spec_dir() / f"{name}.json"
+    if user.is_file():
+        return _validate_spec(_read_json(user, "model spec"), str(user))
+    res = _data_dir() / f"{name}.json"
+    if res.is_file():
+        return _validate_spec(_read_json(res, "model spec"), name)
+    raise QPlanError(f"unknown model {name!r}: {_suggest(name, model_names())} (see `qplan models`)")
+
+
+def _validate_spec(spec: dict[str, Any], where: str) -> dict[str, Any]:
+    if spec.get("schema_version") != SPEC_SCHEMA_VERSION:
+        raise QPlanError(f"model spec {where} has schema_version {spec.get('schema_version')!r}, expected 1")
+    for key in ("name", "config", "inventory"):
+        if key not in spec:
+            raise QPlanError(f"model spec {where} lacks {key!r}")
+    return spec
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """Read a Hugging Face config.json, or the config.json inside a model directory."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+        if not p.is_file():
+            raise QPlanError(f"{path} is a directory without a config.json")
+    cfg = _read_json(p, "config")
+    if "model_type" not in cfg:
+        raise QPlanError(f"{p} has no 'model_type': is it a Hugging Face config.json?")
+    return cfg
+
+
+def make_spec(config: dict[str, Any], name: str, source: dict[str, Any]) -> dict[str, Any]:
+    """Build a spec from a config (imports torch + transformers: the inventory is read on meta)."""
+    from .inventory import build_inventory
+
+    return {
+        "schema_version": SPEC_SCHEMA_VERSION,
+        "name": name,
+        "source": source,
+        "config": config,
+        "inventory": build_inventory(config),
+    }
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.endswith(".json") or os.sep in model or model.startswith(".") or Path(model).is_dir()
+
+
+def load_spec(model: str) -> dict[str, Any]:
+    """A bundled/user spec by name, or a spec built on the fly from a config path or model dir."""
+    if _looks_like_path(model):
+        p = Path(model)
+        if not p.exists():
+            raise QPlanError(f"no such file or directory: {model}")
+        if p.is_file() and p.suffix == ".json":
+            data = _read_json(p, "file")
+            if data.get("schema_version") == SPEC_SCHEMA_VERSION and "inventory" in data:
+                return _validate_spec(data, str(p))
+        cfg = read_config(p)
+        name = p.name if p.is_dir() else (p.parent.name if p.name == "config.json" else p.stem)
+        return make_spec(cfg, name, {"path": str(p.resolve())})
+    return _load_named_spec(model)
+
+
+# ---------------------------------------------------------------------------------------- GPUs
+
+
+@lru_cache(maxsize=1)
+def gpu_catalog() -> dict[str, dict[str, Any]]:
+    out = {}
+    for p in (_data_dir() / "gpus").iterdir():
+        if p.name.endswith(".json"):
+            g = json.loads(p.read_text(encoding="utf-8"))
+            out[g["name"]] = g
+    return dict(sorted(out.items()))
+
+
+def load_gpu(name: str) -> dict[str, Any]:
+    cat = gpu_catalog()
+    key = name.lower()
+    if key in cat:
+        return cat[key]
+    for g in cat.values():
+        if key in [a.lower() for a in g.get("aliases", [])]:
+            return g
+    raise QPlanError(f"unknown GPU {name!r}: {_suggest(key, list(cat))} (see `qplan gpus`)")

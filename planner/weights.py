@@ -1,0 +1,174 @@
+"""Bytes of the base model's weights as the device holds them, for every quantization mode.
+
+Each function is pure: integers in, integer bytes out. Sources are bitsandbytes 0.50.2
+(``bitsandbytes/nn/modules.py`` ``Params4bit``/``Int8Params``, ``functional.py``
+``quantize_4bit``/``QuantState``) and transformers 5.23 (``integrations/bitsandbytes.py``
+``replace_with_bnb_linear``, ``quantizers/base.py`` ``get_keys_to_not_convert``). The oracle is a
+model really quantized by bitsandbytes on the CPU (tests/planner/test_weights.py): the sum of
+every tensor storage it holds, and ``get_memory_footprint()``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import QPlanError
+
+QUANTS = ("nf4", "fp4", "int8", "bf16", "fp16", "fp32")
+KBIT = ("nf4", "fp4", "int8")
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
+          "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1, "int8": 1, "int64": 8, "bool": 1}
+
+#: bitsandbytes' default 4-bit block size on CUDA and CPU (``Params4bit(blocksize=64)``).
+BNB_4BIT_BLOCKSIZE = 64
+#: block size of the second-level (double) quantization of absmax (``compress_statistics``:
+#: ``quantize_blockwise(absmax - offset, blocksize=256)``).
+BNB_NESTED_BLOCKSIZE = 256
+#: fp32 entries of a 4-bit code book (``get_4bit_type``: 16 values), one copy per layer.
+BNB_4BIT_CODE_ENTRIES = 16
+#: fp32 entries of the dynamic 8-bit map used for the nested absmax (``create_dynamic_map``).
+BNB_NESTED_CODE_ENTRIES = 256
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    quant: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    upcast_kbit: bool = True  # peft.prepare_model_for_kbit_training casts fp16/bf16 params to fp32
+
+    def __post_init__(self) -> None:
+        if self.quant not in QUANTS:
+            raise QPlanError(f"--quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
+        if self.compute_dtype not in ("bfloat16", "float16", "float32"):
+            raise QPlanError(f"--compute-dtype must be bf16, fp16 or fp32, got {self.compute_dtype!r}")
+
+    @property
+    def kbit(self) -> bool:
+        return self.quant in KBIT
+
+    @property
+    def load_dtype(self) -> str:
+        """dtype of every tensor bitsandbytes does not quantize, as loaded."""
+        return self.compute_dtype if self.kbit else DTYPES[self.quant]
+
+    @property
+    def unquantized_dtype(self) -> str:
+        """dtype of unquantized parameters during training (after the k-bit upcast, if any)."""
+        return "float32" if (self.kbit and self.upcast_kbit) else self.load_dtype
+
+    def to_json(self) -> dict[str, Any]:
+        d = {"quant": self.quant, "compute_dtype": self.compute_dtype}
+        if self.quant in ("nf4", "fp4"):
+            d["double_quant"] = self.double_quant
+            d["blocksize"] = BNB_4BIT_BLOCKSIZE
+        if self.kbit:
+            d["prepare_model_for_kbit_training"] = self.upcast_kbit
+        d["load_dtype"] = self.load_dtype
+        d["unquantized_dtype"] = self.unquantized_dtype
+        return d
+
+
+def quant4_packed_bytes(numel: int) -> int:
+    """Packed 4-bit weight: two values per byte, ``ceil(numel / 2)`` bytes (``Params4bit`` uint8)."""
+    return (numel + 1) // 2
+
+
+def quant4_state_bytes(numel: int, double_quant: bool, blocksize: int = BNB_4BIT_BLOCKSIZE) -> int:
+    """Quantization constants of one 4-bit weight (``QuantState`` tensors on the device).
+
+    ``n_blocks = ceil(numel / blocksize)``. Without double quantization: ``absmax`` fp32 per block.
+    With it: ``absmax`` uint8 per block, an fp32 ``offset`` scalar, and a nested state —
+    ``absmax`` fp32 per 256 blocks and its fp32 256-entry code. Always: the fp32 16-entry code
+    book (nf4 or fp4), which each layer holds its own copy of.
+    """
+    n_blocks = math.ceil(numel / blocksize)
+    code = BNB_4BIT_CODE_ENTRIES * 4
+    if not double_quant:
+        return code + 4 * n_blocks
+    nested = 4 * math.ceil(n_blocks / BNB_NESTED_BLOCKSIZE) + 4 * BNB_NESTED_CODE_ENTRIES
+    return code + n_blocks + 4 + nested
+
+
+def int8_state_bytes(out_features: int) -> int:
+    """LLM.int8 row scales: ``SCB`` fp32 per output row (``Int8Params``); ``CB`` shares the weight."""
+    return 4 * out_features
+
+
+def _linear_terms(g: dict[str, Any], q: QuantSettings) -> tuple[int, int]:
+    """(footprint bytes, extra device bytes) of one linear module instance (bias included)."""
+    n = g["in_features"] * g["out_features"]
+    bias = g["out_features"] if g["bias"] else 0
+    dt = "float32" if g.get("keep_fp32") else q.unquantized_dtype
+    bias_b = bias * BYTES[dt]
+    if g.get("weight_tied"):
+        return bias_b, 0
+    if q.kbit and g["bnb_quantized"] and not g.get("keep_fp32"):
+        if q.quant == "int8":
+            return n + bias_b, int8_state_bytes(g["out_features"])
+        return quant4_packed_bytes(n) + bias_b, quant4_state_bytes(n, q.double_quant)
+    return n * BYTES[dt] + bias_b, 0
+
+
+def weights_breakdown(spec: dict[str, Any], q: QuantSettings) -> dict[str, int]:
+    """Device bytes of the base model by part: quantized weights, their constants, the rest.
+
+    ``quantized`` — packed/int8 weights of the modules bitsandbytes converts;
+    ``quant_state`` — their constants (absmax, codes, nested state, int8 row scales);
+    ``unquantized`` — every other parameter (embeddings, head, norms, biases, non-Linear
+    parameters such as fused MoE experts) in its training dtype, tied parameters once;
+    ``buffers`` — registered buffers (rotary ``inv_freq`` ...), in their own dtype.
+    """
+    inv = spec["inventory"]
+    out = {"quantized": 0, "quant_state": 0, "unquantized": 0, "buffers": 0}
+    for g in inv["linear"]:
+        foot, extra = _linear_terms(g, q)
+        k = g["instances"]
+        quantized = q.kbit and g["bnb_quantized"] and not g.get("weight_tied") and not g.get("keep_fp32")
+        if quantized:
+            bias_dt = q.unquantized_dtype
+            bias_b = (g["out_features"] if g["bias"] else 0) * BYTES[bias_dt]
+            out["quantized"] += k * (foot - bias_b)
+            out["unquantized"] += k * bias_b
+            out["quant_state"] += k * extra
+        else:
+            out["unquantized"] += k * foot
+    for g in inv["embeddings"]:
+        if g.get("weight_tied"):
+            continue
+        dt = "float32" if g.get("keep_fp32") else q.unquantized_dtype
+        out["unquantized"] += g["instances"] * g["num_embeddings"] * g["embedding_dim"] * BYTES[dt]
+    for p in inv["params"]:
+        dt = "float32" if p.get("keep_fp32") else q.unquantized_dtype
+        out["unquantized"] += p["instances"] * math.prod(p["shape"]) * BYTES[dt]
+    for b in inv["buffers"]:
+        dt = q.load_dtype if b["dtype"] == "load" else b["dtype"]
+        out["buffers"] += b["instances"] * math.prod(b["shape"]) * BYTES[dt]
+    return out
+
+
+def weights_bytes(spec: dict[str, Any], q: QuantSettings) -> int:
+    """Every byte of the base model the device holds: ``sum(weights_breakdown)``.
+
+    Quantized weights + quantization constants + unquantized parameters + buffers.
+    Checked against the bytes of every tensor storage of a model quantized by bitsandbytes.
+    """
+    return sum(weights_breakdown(spec, q).values())
+
+
+def weights_footprint_bytes(spec: dict[str, Any], q: QuantSettings) -> int:
+    """What ``model.get_memory_footprint()`` prints: parameters (packed, for 4-bit) and buffers.
+
+    transformers sums ``numel * element_size`` over ``parameters()`` and ``buffers()``: the
+    quantization constants are not parameters, so they are left out.
+    """
+    b = weights_breakdown(spec, q)
+    return b["quantized"] + b["unquantized"] + b["buffers"]
+
+
+def base_params(spec: dict[str, Any]) -> int:
+    """Parameters of the base model, tied ones once (``model.num_parameters()``)."""
+    return int(spec["inventory"]["total_params"])
