@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="qplan", standalone_mode=False)
     except QPlanError as exc:
-        click.echo(f"qplan: error: {exc}", err=True)
+        click.echo("qplan: error: " + " ".join(str(exc).split()), err=True)
         return 2
     except click.exceptions.Abort:
         click.echo("qplan: aborted", err=True)
@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - never a traceback for the user
         if os.environ.get("QPLAN_DEBUG"):
             raise
-        click.echo(f"qplan: internal error: {type(exc).__name__}: {exc} (set QPLAN_DEBUG=1 for a traceback)", err=True)
+        msg = " ".join(str(exc).split())
+        click.echo(f"qplan: internal error: {type(exc).__name__}: {msg} (set QPLAN_DEBUG=1 for a traceback)", err=True)
         return 3
     return 0
 

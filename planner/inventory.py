@@ -53,6 +53,12 @@ def _role(model, name: str) -> str:
     return "other"
 
 
+def _one_line(exc: BaseException) -> str:
+    """The most specific line of a (possibly multi-line) library error message."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
 def build_model_on_meta(config: dict[str, Any], dtype: str | None = None):
     """Instantiate the causal-LM of ``config`` on the meta device (no memory, exact shapes)."""
     try:
@@ -72,15 +78,19 @@ def build_model_on_meta(config: dict[str, Any], dtype: str | None = None):
     try:
         hf_config = AutoConfig.for_model(model_type, **cfg)
     except (ValueError, KeyError) as exc:
-        raise QPlanError(
-            f"transformers {transformers.__version__} does not know model_type {model_type!r}: {exc}"
-        ) from exc
+        if model_type not in transformers.CONFIG_MAPPING:
+            raise QPlanError(
+                f"transformers {transformers.__version__} does not know model_type {model_type!r}"
+            ) from exc
+        raise QPlanError(f"invalid {model_type} config: {_one_line(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - config validators raise their own types
+        raise QPlanError(f"invalid {model_type} config: {_one_line(exc)}") from exc
     try:
         with torch.device("meta"):
             kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
             model = AutoModelForCausalLM.from_config(hf_config, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any config error becomes one line
-        raise QPlanError(f"cannot build model_type {model_type!r} from this config: {exc}") from exc
+        raise QPlanError(f"cannot build model_type {model_type!r} from this config: {_one_line(exc)}") from exc
     return model
 
 
@@ -251,8 +261,20 @@ def build_inventory(config: dict[str, Any]) -> dict[str, Any]:
         default = M.get(model.config.model_type)
     except ImportError:  # pragma: no cover
         default = None
+    qv_source = ""
     if default:
         presets["qv"] = list(default)
+        qv_source = f"PEFT's default target_modules for model_type {model.config.model_type!r}"
+    else:
+        # No PEFT default (e.g. phi3): q and v live in separate q_proj/v_proj, or in one fused
+        # projection (qkv_proj, query_key_value, Wqkv, c_attn) that then has to be adapted whole.
+        leaves = {g["pattern"].rsplit(".", 1)[-1]: g["pattern"] for g in linear if g["role"] == "attn"}
+        sep = [leaves[n] for n in ("q_proj", "v_proj") if n in leaves]
+        fused = [p for n, p in leaves.items() if re.search(r"qkv|query_key_value|c_attn", n, re.I)]
+        chosen = sep if len(sep) == 2 else fused
+        if chosen:
+            presets["qv"] = _unique_suffixes(chosen, all_patterns)
+        qv_source = "no PEFT default for this model_type: q_proj+v_proj, else the fused qkv projection"
 
     total = sum(p.numel() for p in model.parameters())
     versions = {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0]}
@@ -275,4 +297,10 @@ def build_inventory(config: dict[str, Any]) -> dict[str, Any]:
         "buffers": buffers,
         "tied": tied,
         "presets": presets,
+        "presets_source": {
+            "qv": qv_source,
+            "attn": "linear modules under an attention module (class name matches attention|attn)",
+            "mlp": "linear modules under an MLP/MoE module (class name matches mlp|moe|expert|ffn)",
+            "all-linear": "PEFT's all-linear: every nn.Linear/Conv1D except the output head",
+        },
     }

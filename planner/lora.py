@@ -192,18 +192,17 @@ def count_lora(spec: dict[str, Any], lora: LoraSettings, module_dtypes: dict[str
         if lora.use_dora:
             out.append(ModuleCount(g["pattern"], "dora_magnitude", f"{mag}", g["instances"], mag, ad,
                                    [("lora_magnitude_vector", [mag])]))
-    if lora.bias == "lora_only":
-        for g in targeted:
-            if g.get("bias"):
-                dt = (module_dtypes or {}).get("bias", ad)
-                out.append(ModuleCount(g["pattern"], "bias", f"{g['out_features']}", g["instances"],
-                                       g["out_features"], dt, [("bias", [g["out_features"]])]))
-    elif lora.bias == "all":
+    if lora.bias in ("lora_only", "all"):
+        # existing biases become trainable; a wrapped (targeted) module's bias is saved as
+        # ``<module>.base_layer.bias`` (peft/utils/save_and_load.py get_peft_model_state_dict)
         dt = (module_dtypes or {}).get("bias", ad)
-        for g in linear:
+        pool = targeted if lora.bias == "lora_only" else linear
+        for g in pool:
             if g.get("bias") and not g.get("weight_tied"):
+                key = "base_layer.bias" if g["pattern"] in matched else "bias"
                 out.append(ModuleCount(g["pattern"], "bias", f"{g['out_features']}", g["instances"],
-                                       g["out_features"], dt, [("bias", [g["out_features"]])]))
+                                       g["out_features"], dt, [(key, [g["out_features"]])]))
+    if lora.bias == "all":
         for p in inv["params"]:
             if p["param"] == "bias":
                 n = math.prod(p["shape"])
@@ -243,7 +242,13 @@ def count_lora(spec: dict[str, Any], lora: LoraSettings, module_dtypes: dict[str
 
 
 def trainable_params(counts: list[ModuleCount]) -> int:
+    """Every trainable parameter: adapters, DoRA magnitudes, unfrozen biases, modules_to_save copies."""
     return sum(c.total for c in counts)
+
+
+def added_params(counts: list[ModuleCount]) -> int:
+    """Parameters the adapter adds to the model (unfrozen biases already existed; copies are new)."""
+    return sum(c.total for c in counts if c.kind != "bias")
 
 
 def adapter_file_bytes(spec: dict[str, Any], counts: list[ModuleCount]) -> int:

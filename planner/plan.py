@@ -11,7 +11,7 @@ from typing import Any
 
 from . import __version__
 from .errors import QPlanError
-from .lora import LoraSettings, adapter_file_bytes, count_lora, trainable_params
+from .lora import LoraSettings, adapter_file_bytes, added_params, count_lora, trainable_params
 from .memory import TrainingSettings, training_memory
 from .weights import BYTES, QuantSettings, base_params, weights_breakdown, weights_bytes, weights_footprint_bytes
 
@@ -59,7 +59,7 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
     counts = count_lora(spec, lora, dtypes)
     trainable = trainable_params(counts)
     base = base_params(spec)
-    total = base + trainable
+    total = base + added_params(counts)
     w_detail = weights_breakdown(spec, q)
     weights = weights_bytes(spec, q)
     mem = training_memory(spec, counts, lora.r, lora.dropout, q, t, weights,

@@ -1,0 +1,161 @@
+"""LoRA parameter counts vs the oracle: PEFT's own get_nb_trainable_parameters() on the real model.
+
+The model is built by transformers from the spec's config on the meta device, and PEFT receives
+its own preset where one exists ("all-linear"; None = PEFT's default targets for the model type),
+so our preset lists are checked too, not just our arithmetic.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from conftest import TINY_FAMILIES, meta_model, tiny_spec
+from qplan.planner.errors import QPlanError
+from qplan.planner.lora import LoraSettings, added_params, count_lora, trainable_params
+from qplan.planner.specs import bundled_model_names, load_spec
+from qplan.planner.weights import base_params
+
+RANKS = (1, 8, 64)
+PRESETS = ("qv", "attn", "mlp", "all-linear")
+
+_models: dict[str, object] = {}
+
+
+def _model(name: str, config: dict):
+    if name not in _models:
+        _models.clear()  # keep one full-size meta model alive at a time
+        _models[name] = meta_model(config)
+    return copy.deepcopy(_models[name])
+
+
+def peft_counts(model, **lora_kwargs) -> tuple[int, int]:
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora_kwargs))
+    return pm.get_nb_trainable_parameters()
+
+
+def oracle_targets(spec: dict, preset: str):
+    if preset == "all-linear":
+        return "all-linear"
+    if preset == "qv":
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_defaults
+
+        default = peft_defaults.get(spec["inventory"]["model_type"])
+        if default:
+            return list(default)  # PEFT's own default for this model_type
+    return spec["inventory"]["presets"][preset]
+
+
+def check(spec: dict, name: str, preset: str, r: int, **extra) -> None:
+    settings = LoraSettings(r=r, alpha=2 * r, targets=preset, **extra)
+    counts = count_lora(spec, settings)
+    ours = trainable_params(counts)
+    kwargs = dict(r=r, lora_alpha=2 * r, target_modules=oracle_targets(spec, preset))
+    for k, v in extra.items():
+        kwargs[k] = list(v) if k == "modules_to_save" else v
+    trainable, total = peft_counts(_model(name, spec["config"]), **kwargs)
+    assert ours == trainable, f"{name} {preset} r={r}: ours {ours} != PEFT {trainable}"
+    added = added_params(counts)
+    assert base_params(spec) + added == total, f"{name}: base {base_params(spec)} + {added} != PEFT all {total}"
+
+
+@pytest.mark.parametrize("name", bundled_model_names())
+def test_bundled_specs_every_preset_and_rank_match_peft(name):
+    spec = load_spec(name)
+    for preset in PRESETS:
+        for r in RANKS:
+            check(spec, name, preset, r)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_other_families_match_peft(family):
+    spec = tiny_spec(family)
+    for preset in PRESETS:
+        names = spec["inventory"]["presets"].get(preset)
+        if not names:
+            with pytest.raises(QPlanError):
+                count_lora(spec, LoraSettings(r=8, alpha=16, targets=preset))
+            continue
+        for r in (1, 8):
+            check(spec, family, preset, r)
+
+
+@pytest.mark.parametrize(
+    "family,extra",
+    [
+        ("llama-tied", {"use_dora": True}),
+        ("qwen2-bias", {"use_dora": True}),
+        ("qwen2-bias", {"bias": "lora_only"}),
+        ("qwen2-bias", {"bias": "all"}),
+        ("gpt2-conv1d", {"bias": "all"}),
+        ("llama-tied", {"use_rslora": True}),
+        ("qwen2-bias", {"modules_to_save": ("lm_head",)}),
+        ("qwen2-bias", {"modules_to_save": ("embed_tokens", "lm_head")}),
+        ("phi3-fused", {"use_dora": True, "bias": "all"}),
+    ],
+)
+def test_variants_match_peft(family, extra):
+    check(tiny_spec(family), family, "all-linear", 8, **extra)
+
+
+@pytest.mark.parametrize("family,targets", [("llama-tied", "q_proj,v_proj,embed_tokens"),
+                                            ("gpt2-conv1d", "attn.c_proj"),
+                                            ("phi3-fused", "qkv_proj")])
+def test_explicit_targets_match_peft(family, targets):
+    spec = tiny_spec(family)
+    ours = trainable_params(count_lora(spec, LoraSettings(r=4, alpha=8, targets=targets)))
+    trainable, _ = peft_counts(_model(family, spec["config"]), r=4, lora_alpha=8, target_modules=targets.split(","))
+    assert ours == trainable
+
+
+def test_gpt2_attn_and_mlp_presets_tell_c_proj_apart():
+    spec = tiny_spec("gpt2-conv1d")
+    p = spec["inventory"]["presets"]
+    attn = trainable_params(count_lora(spec, LoraSettings(r=8, alpha=16, targets="attn")))
+    mlp = trainable_params(count_lora(spec, LoraSettings(r=8, alpha=16, targets="mlp")))
+    both = trainable_params(count_lora(spec, LoraSettings(r=8, alpha=16, targets="all-linear")))
+    assert "attn.c_proj" in p["attn"] and "mlp.c_proj" in p["mlp"]
+    assert attn + mlp == both
+
+
+def test_unknown_target_lists_real_module_names():
+    spec = load_spec("llama-3.2-1b")
+    with pytest.raises(QPlanError, match="q_proj.*down_proj"):
+        count_lora(spec, LoraSettings(r=8, alpha=16, targets="query_key_value"))
+    with pytest.raises(QPlanError, match="cannot adapt"):
+        count_lora(spec, LoraSettings(r=8, alpha=16, targets="input_layernorm"))
+
+
+@pytest.mark.parametrize("bad", [dict(r=0, alpha=1), dict(r=-3, alpha=1), dict(r=8, alpha=0),
+                                 dict(r=8, alpha=16, dropout=1.0), dict(r=8, alpha=16, dropout=-0.1),
+                                 dict(r=8, alpha=16, bias="some")])
+def test_bad_lora_settings(bad):
+    with pytest.raises(QPlanError):
+        LoraSettings(**bad)
+
+
+def test_adapter_file_size_equals_real_peft_save(tmp_path):
+    """Predicted adapter_model.safetensors size vs the file PEFT really writes."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from conftest import hf_config, tiny_config
+    from qplan.planner.lora import adapter_file_bytes
+
+    for family, extra in [("llama-tied", {}), ("qwen2-bias", {"use_dora": True, "bias": "lora_only"}),
+                          ("gpt2-conv1d", {}), ("qwen2-bias", {"modules_to_save": ("lm_head",)})]:
+        spec = tiny_spec(family)
+        settings = LoraSettings(r=8, alpha=16, targets="all-linear", **extra)
+        counts = count_lora(spec, settings, {"bias": "float32", "modules_to_save": "float32"})
+        model = AutoModelForCausalLM.from_config(hf_config(tiny_config(family)), dtype=torch.float32)
+        kw = {k: (list(v) if k == "modules_to_save" else v) for k, v in extra.items()}
+        pm = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16,
+                                              target_modules="all-linear", **kw))
+        out = tmp_path / family / str(len(extra))
+        pm.save_pretrained(out)
+        real = (out / "adapter_model.safetensors").stat().st_size
+        assert adapter_file_bytes(spec, counts) == real, family

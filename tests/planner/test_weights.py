@@ -1,0 +1,95 @@
+"""Weight bytes vs the oracle: models really quantized by bitsandbytes on the CPU.
+
+``weights`` must equal the bytes of every tensor storage the model holds (parameters, buffers,
+quantization states, int8 row scales), each counted once; ``weights_footprint`` must equal
+transformers' ``get_memory_footprint()``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import TINY_FAMILIES, tiny_spec
+from qplan.planner.weights import QuantSettings, weights_bytes, weights_footprint_bytes
+
+
+def held_bytes(model) -> int:
+    """Bytes of all distinct storages reachable from the model, quant states included."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def add(t):
+        if torch.is_tensor(t):
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+
+    for p in model.parameters():
+        add(p)
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            for v in (qs.absmax, qs.code, qs.offset):
+                add(v)
+            if qs.state2 is not None:
+                add(qs.state2.absmax)
+                add(qs.state2.code)
+        add(getattr(p, "SCB", None))
+    for b in model.buffers():
+        add(b)
+    return sum(seen.values())
+
+
+def load(path, quant: str, double_quant: bool, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    td = getattr(torch, dtype)
+    if quant == "int8":
+        qc = BitsAndBytesConfig(load_in_8bit=True)
+    elif quant in ("nf4", "fp4"):
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant,
+                                bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=td)
+    else:
+        qc = None
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=qc, dtype=td, device_map="cpu")
+
+
+CASES = [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False), ("int8", False)]
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("quant,dq", CASES)
+def test_kbit_weights_match_bitsandbytes(family, quant, dq, saved_tiny_models):
+    spec = tiny_spec(family)
+    model = load(saved_tiny_models(family), quant, dq, "bfloat16")
+    q = QuantSettings(quant, dq, "bfloat16", upcast_kbit=False)
+    assert weights_bytes(spec, q) == held_bytes(model)
+    assert weights_footprint_bytes(spec, q) == model.get_memory_footprint()
+
+
+@pytest.mark.parametrize("family", ["llama-tied", "qwen2-bias", "gpt2-conv1d", "gemma2"])
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_prepare_model_for_kbit_training_upcast(family, quant, saved_tiny_models):
+    from peft import prepare_model_for_kbit_training
+
+    spec = tiny_spec(family)
+    model = prepare_model_for_kbit_training(load(saved_tiny_models(family), quant, True, "bfloat16"))
+    q = QuantSettings(quant, True, "bfloat16", upcast_kbit=True)
+    assert weights_bytes(spec, q) == held_bytes(model)
+    assert weights_footprint_bytes(spec, q) == model.get_memory_footprint()
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("quant,dtype", [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32")])
+def test_16_and_32_bit_weights(family, quant, dtype, saved_tiny_models):
+    spec = tiny_spec(family)
+    model = load(saved_tiny_models(family), quant, False, dtype)
+    q = QuantSettings(quant, False, dtype)
+    assert weights_bytes(spec, q) == held_bytes(model) == model.get_memory_footprint()
+
+
+def test_fp16_compute_dtype_4bit(saved_tiny_models):
+    spec = tiny_spec("qwen2-bias")
+    model = load(saved_tiny_models("qwen2-bias"), "nf4", True, "float16")
+    q = QuantSettings("nf4", True, "float16", upcast_kbit=False)
+    assert weights_bytes(spec, q) == held_bytes(model)
