@@ -22,7 +22,7 @@ def trace_for_plan(plan: dict[str, Any], device: str = "meta", steps: int = 2) -
             plan["model"]["config"],
             quant=q["quant"],
             double_quant=bool(q.get("double_quant", False)),
-            compute_dtype=q["compute_dtype"],
+            compute_dtype={"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[q["compute_dtype"]],
             upcast_kbit=bool(q.get("prepare_model_for_kbit_training", False)),
             lora={
                 "r": lora["r"], "alpha": lora["alpha"], "dropout": lora["dropout"],
