@@ -271,14 +271,15 @@ def backends() -> None:
 @click.option("--steps", type=int, default=None, help="optimizer steps to run (default 4 if no --epochs)")
 @click.option("--epochs", type=float, default=None)
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda")
+@click.option("--lr", type=float, default=2e-4, show_default=True, help="learning rate (does not change memory)")
 @click.option("--out-dir", default="reports/runs", show_default=True, help="a new run folder is made under it")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
-def run(plan_file, model_dir, random_init, data, steps, epochs, device, out_dir, fmt) -> None:
+def run(plan_file, model_dir, random_init, data, steps, epochs, device, lr, out_dir, fmt) -> None:
     """Train PLAN_FILE for real with its backend, measure, and write a report folder."""
     from qplan.backends.runner import run_plan
 
     result = run_plan(plan_file, model_dir=model_dir, random_init=random_init, data=data, steps=steps,
-                      epochs=epochs, device=device, out_dir=out_dir)
+                      epochs=epochs, device=device, out_dir=out_dir, lr=lr)
     _emit(fmt, result, result.get("summary", ""))
     if result.get("status") not in (None, "ok"):
         sys.exit(1)

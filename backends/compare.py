@@ -1,0 +1,82 @@
+"""Predicted vs measured: which numbers are compared, and the signed error of each.
+
+``error[term] = (predicted - measured) / measured`` — positive: the plan over-predicts.
+
+| term | predicted (plan.json) | measured (measured.json ``measured``) |
+|---|---|---|
+| ``tensor_peak`` | ``prediction.memory.tensor_peak`` | CPU ``memory.tensor_peak``; CUDA ``memory.peak_allocated`` |
+| ``peak`` | ``prediction.memory.peak`` | CUDA only: ``memory.peak_reserved + memory.cuda_context`` |
+| ``weights`` | ``prediction.memory.weights`` | ``memory.weights`` (after k-bit preparation) |
+| ``weights_footprint`` | ``prediction.memory.weights_footprint`` | ``get_memory_footprint()`` there |
+| ``trainable`` | ``prediction.params.trainable`` | PEFT ``get_nb_trainable_parameters()[0]`` |
+| ``adapter_file_bytes`` | ``prediction.adapter_file_bytes`` | size of adapter_model.safetensors |
+
+A term that was not measured (a CPU run has no ``peak``; a failed run may have no peak at all)
+has error ``None``. ``components`` pairs the plan's memory terms with the tracker's categories
+at the measured peak (CPU), for the report's chart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+TERMS = ("tensor_peak", "peak", "weights", "weights_footprint", "trainable", "adapter_file_bytes")
+
+#: plan memory term -> tracker categories at the peak that hold the same bytes
+COMPONENTS: dict[str, tuple[str, ...]] = {
+    "weights": ("weights", "quant_state"),
+    "adapters": ("adapters",),
+    "gradients": ("gradients",),
+    "optimizer": ("optimizer",),
+    "activations": ("activations",),
+    "logits": ("logits",),
+    "temporaries": ("backward", "optimizer_step", "other"),
+}
+
+
+def signed_error(predicted: int | float | None, measured: int | float | None) -> float | None:
+    if predicted is None or measured is None or measured == 0:
+        return None
+    return (predicted - measured) / measured
+
+
+def pairs(plan: dict[str, Any], doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``term -> {predicted, measured, measured_as, error}`` for every term in ``TERMS``."""
+    pred = plan["prediction"]
+    pm = pred["memory"]
+    meas = doc.get("measured") or {}
+    mem = meas.get("memory") or {}
+    cuda = str(mem.get("device", "")).startswith("cuda")
+    rows: dict[str, tuple[Any, Any, str]] = {
+        "tensor_peak": (pm["tensor_peak"], mem.get("peak_allocated") if cuda else mem.get("tensor_peak"),
+                        "torch.cuda.max_memory_allocated" if cuda else "live tensor storages (tracker peak)"),
+        "peak": (pm["peak"], mem.get("peak") if cuda else None,
+                 "max_memory_reserved + CUDA context" if cuda else "not measurable on the CPU"),
+        "weights": (pm["weights"], mem.get("weights"),
+                    "memory_allocated after load + k-bit preparation" if cuda
+                    else "model tensor storages after load + k-bit preparation"),
+        "weights_footprint": (pm["weights_footprint"], mem.get("weights_footprint"), "model.get_memory_footprint()"),
+        "trainable": (pred["params"]["trainable"], (meas.get("params") or {}).get("trainable"),
+                      "PeftModel.get_nb_trainable_parameters()"),
+        "adapter_file_bytes": (pred.get("adapter_file_bytes"), meas.get("adapter_file_bytes"),
+                               "size of adapter_model.safetensors"),
+    }
+    return {k: {"predicted": p, "measured": m, "measured_as": how, "error": signed_error(p, m)}
+            for k, (p, m, how) in rows.items()}
+
+
+def errors(plan: dict[str, Any], doc: dict[str, Any]) -> dict[str, float | None]:
+    """The ``error`` section of measured.json."""
+    return {k: v["error"] for k, v in pairs(plan, doc).items()}
+
+
+def components(plan: dict[str, Any], doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Predicted memory terms beside the tracker's bytes of the same kind at the measured peak."""
+    pm = plan["prediction"]["memory"]
+    at_peak = ((doc.get("measured") or {}).get("memory") or {}).get("breakdown_at_peak")
+    out = []
+    for term, cats in COMPONENTS.items():
+        measured = sum(at_peak.get(c, 0) for c in cats) if at_peak else None
+        out.append({"term": term, "predicted": pm.get(term), "measured_at_peak": measured,
+                    "categories": list(cats)})
+    return out

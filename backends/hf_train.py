@@ -1,0 +1,113 @@
+"""Training through ``transformers.Trainer`` with the plan's settings — shared by the backends.
+
+Plan -> ``TrainingArguments``:
+
+* ``training.batch_size`` -> ``per_device_train_batch_size``; ``grad_accum`` ->
+  ``gradient_accumulation_steps``;
+* ``training.mixed_precision`` ``bf16``/``fp16`` -> ``bf16=True``/``fp16=True`` (autocast; on
+  the CPU only bf16 autocast exists, so an fp16 plan is refused there with the fix);
+* ``training.optimizer`` -> ``optim`` (``adamw_8bit`` is transformers' ``adamw_bnb_8bit``);
+* ``training.grad_ckpt`` ``hf`` -> ``gradient_checkpointing=True`` with
+  ``use_reentrant=False`` (a backend that enables checkpointing itself, like Unsloth, passes
+  ``trainer_checkpointing=False``);
+* fixed here, not in the plan (they do not change memory): ``learning_rate`` (run option,
+  default 2e-4), constant schedule, ``max_grad_norm=1.0``, ``logging_steps=1``,
+  ``save_strategy="no"``, ``report_to="none"``, ``dataloader_drop_last=True``, ``seed``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qplan.planner.errors import QPlanError
+
+from .base import TrainSettings
+
+#: plan optimizer name -> TrainingArguments.optim
+OPTIM = {
+    "adamw_torch": "adamw_torch",
+    "adamw_8bit": "adamw_bnb_8bit",
+    "paged_adamw_8bit": "paged_adamw_8bit",
+    "paged_adamw_32bit": "paged_adamw_32bit",
+    "sgd": "sgd",
+    "adafactor": "adafactor",
+}
+
+
+def training_arguments(plan: dict[str, Any], settings: TrainSettings, device: str,
+                       trainer_checkpointing: bool = True) -> Any:
+    from transformers import TrainingArguments
+
+    return TrainingArguments(**training_kwargs(plan, settings, device, trainer_checkpointing))
+
+
+def training_kwargs(plan: dict[str, Any], settings: TrainSettings, device: str,
+                    trainer_checkpointing: bool = True) -> dict[str, Any]:
+    """Keyword arguments of ``TrainingArguments`` (or a subclass such as TRL's ``SFTConfig``)."""
+    t = plan["training"]
+    mp = t.get("mixed_precision", "no")
+    on_cpu = device == "cpu"
+    if on_cpu and mp == "fp16":
+        raise QPlanError("this plan trains with fp16 autocast, which needs a GPU: on the CPU re-create the plan "
+                         "with --compute-dtype bf16 (and --quant bf16 for a 16-bit base)")
+    if t["optimizer"] not in OPTIM:
+        raise QPlanError(f"optimizer {t['optimizer']!r} is not supported by the Trainer backends: "
+                         f"choose one of {', '.join(OPTIM)}")
+    ckpt = t["grad_ckpt"] != "off" and trainer_checkpointing
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(settings.output_dir),
+        per_device_train_batch_size=int(t["batch_size"]),
+        gradient_accumulation_steps=int(t.get("grad_accum", 1)),
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        optim=OPTIM[t["optimizer"]],
+        bf16=mp == "bf16",
+        fp16=mp == "fp16",
+        gradient_checkpointing=ckpt,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if ckpt else None,
+        logging_strategy="steps",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        dataloader_drop_last=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        use_cpu=on_cpu,
+    )
+    if settings.steps is not None:
+        kwargs["max_steps"] = int(settings.steps)
+    else:
+        kwargs["num_train_epochs"] = float(settings.epochs or 1.0)
+    return kwargs
+
+
+def effective_arguments(args: Any) -> dict[str, Any]:
+    """What the Trainer really runs with: a library may rewrite ``TrainingArguments`` (Unsloth's
+    CPU patch swaps the optimizer for ``adamw_torch_fused`` and may drop bf16), so the report
+    records the arguments the Trainer holds when training begins (``MeasureCallback``)."""
+    optim = getattr(args.optim, "value", args.optim)
+    return {
+        "optim": str(optim),
+        "bf16": bool(args.bf16),
+        "fp16": bool(args.fp16),
+        "gradient_checkpointing": bool(args.gradient_checkpointing),
+        "per_device_train_batch_size": int(args.per_device_train_batch_size),
+        "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
+        "max_steps": int(args.max_steps),
+        "learning_rate": float(args.learning_rate),
+    }
+
+
+def run_trainer(model: Any, dataset: Any, plan: dict[str, Any], settings: TrainSettings, device: str,
+                callbacks: list[Any], trainer_checkpointing: bool = True) -> None:
+    """Build a ``Trainer`` for the plan and train."""
+    from transformers import Trainer, default_data_collator
+
+    args = training_arguments(plan, settings, device, trainer_checkpointing)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
+                      callbacks=callbacks)
+    trainer.train()

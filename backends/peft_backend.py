@@ -1,0 +1,136 @@
+"""The standard recipe: transformers + bitsandbytes + PEFT + ``Trainer``, exactly as the plan says.
+
+* Load (``AutoModelForCausalLM.from_pretrained``): ``quant.quant`` nf4/fp4 ->
+  ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=..., bnb_4bit_use_double_quant=
+  quant.double_quant, bnb_4bit_compute_dtype=quant.compute_dtype)``; int8 ->
+  ``load_in_8bit=True``; bf16/fp16/fp32 -> a plain load. ``dtype=quant.load_dtype`` always
+  (transformers 5 keeps the dtype asked for), ``attn_implementation=training.attn_impl``,
+  everything on one device (``device_map={"": device}``).
+* ``prepare_model_for_kbit_training`` when ``quant.prepare_model_for_kbit_training``
+  (freezes the base, casts fp16/bf16 parameters that are not 4-bit to fp32, enables
+  checkpointing when the plan uses it).
+* ``get_peft_model`` with ``LoraConfig(r, lora_alpha, lora_dropout, target_modules, bias,
+  use_dora, use_rslora, modules_to_save, task_type="CAUSAL_LM")`` from ``plan["lora"]``.
+* Train with ``transformers.Trainer`` (``backends.hf_train``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qplan.planner.errors import QPlanError
+
+from .base import ModelSource, Prepared, TrainSettings
+from .hf_train import run_trainer
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def quantization_config(quant: dict[str, Any]) -> Any | None:
+    """The ``BitsAndBytesConfig`` of a k-bit plan, None for a 16/32-bit one."""
+    q = quant["quant"]
+    if q not in ("nf4", "fp4", "int8"):
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise QPlanError(f"a {q} plan needs bitsandbytes: pip install 'qplan[train]'") from exc
+    from transformers import BitsAndBytesConfig
+
+    if q == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q,
+        bnb_4bit_use_double_quant=bool(quant.get("double_quant", False)),
+        bnb_4bit_compute_dtype=torch_dtype(quant["compute_dtype"]),
+    )
+
+
+def lora_config(lora: dict[str, Any]) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=int(lora["r"]),
+        lora_alpha=lora["alpha"],
+        lora_dropout=float(lora.get("dropout", 0.0)),
+        target_modules=list(lora["target_modules"]),
+        bias=lora.get("bias", "none"),
+        use_dora=bool(lora.get("use_dora", False)),
+        use_rslora=bool(lora.get("use_rslora", False)),
+        modules_to_save=list(lora.get("modules_to_save") or []) or None,
+        task_type="CAUSAL_LM",
+    )
+
+
+def trainable_counts(model: Any) -> dict[str, int]:
+    """PEFT's ``get_nb_trainable_parameters()``: the ground truth for trainable/all."""
+    trainable, total = model.get_nb_trainable_parameters()
+    return {"trainable": int(trainable), "all": int(total)}
+
+
+def load_tokenizer(source: ModelSource) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(source.path))
+    except (OSError, ValueError) as exc:
+        raise QPlanError(f"cannot load a tokenizer from {source.path}: {exc}") from exc
+    if tok.eos_token_id is None and tok.pad_token_id is not None:
+        tok.eos_token = tok.pad_token
+    return tok
+
+
+class PeftBackend:
+    """transformers + bitsandbytes + PEFT, trained by ``transformers.Trainer``."""
+
+    name = "peft"
+
+    def prepare(self, plan: dict[str, Any], source: ModelSource, device: str, probe: Any) -> Prepared:
+        from peft import get_peft_model, prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM
+
+        q, t = plan["quant"], plan["training"]
+        kwargs: dict[str, Any] = {
+            "dtype": torch_dtype(q["load_dtype"]),
+            "attn_implementation": t["attn_impl"],
+            "device_map": {"": device},
+        }
+        bnb = quantization_config(q)
+        if bnb is not None:
+            kwargs["quantization_config"] = bnb
+        probe.set_phase("load")
+        model = AutoModelForCausalLM.from_pretrained(str(source.path), **kwargs)
+        model.config.use_cache = False
+        probe.snapshot("after_load", model)
+        ckpt = t["grad_ckpt"] != "off"
+        if bnb is not None and q.get("prepare_model_for_kbit_training"):
+            probe.set_phase("prepare")
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=ckpt,
+                gradient_checkpointing_kwargs={"use_reentrant": False} if ckpt else None,
+            )
+        probe.snapshot("after_prepare", model)
+        footprint = int(model.get_memory_footprint())
+        probe.weights_footprint = footprint
+        probe.set_phase("adapters")
+        model = get_peft_model(model, lora_config(plan["lora"]))
+        probe.snapshot("after_adapters", model, adapters=True)
+        return Prepared(model=model, tokenizer=load_tokenizer(source), device=device,
+                        weights_footprint=footprint, params=trainable_counts(model))
+
+    def train(self, prepared: Prepared, dataset: Any, plan: dict[str, Any], settings: TrainSettings,
+              callbacks: list[Any]) -> None:
+        run_trainer(prepared.model, dataset, plan, settings, prepared.device, callbacks)
+
+    def save_adapter(self, prepared: Prepared, folder: Path) -> Path:
+        prepared.model.save_pretrained(str(folder), safe_serialization=True)
+        path = Path(folder) / "adapter_model.safetensors"
+        if not path.is_file():  # pragma: no cover - PEFT changed its file name
+            raise QPlanError(f"PEFT wrote no {path.name} in {folder}")
+        return path

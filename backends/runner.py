@@ -1,0 +1,256 @@
+"""``qplan run``: check the inputs, make a new run folder, train in a child process, report.
+
+Run folder ``<out_dir>/<UTC time>-<model>-<backend>[-N]`` (never reused):
+
+* ``plan.json`` — the plan, byte for byte; ``job.json`` — the run's inputs;
+* ``measured.json`` — what the worker measured (``backends.measure``), the ``status`` and the
+  signed ``error`` of each compared term (``backends.compare``);
+* ``report.md``, ``report.html`` — tables and a predicted-vs-measured chart;
+* ``adapter/`` — the trained adapter (PEFT ``save_pretrained``, safetensors);
+* ``worker.log`` — the child's output (also shown live on stderr, with the progress bar).
+
+The backend runs in a child process (``python -m qplan.backends.worker``) with the backend's
+interpreter (``registry.python_for``): Unsloth patches libraries on import, and a crash or a
+kill of the child (e.g. by the kernel's OOM killer) must still leave a report. Ctrl-C is
+forwarded to the child, which writes what it measured so far (status ``interrupted``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from qplan.planner.errors import QPlanError
+from qplan.planner.plan import validate_plan
+
+from . import registry
+from .compare import pairs
+from .report import fmt_err, fmt_value, new_folder, utc_stamp, write_run_report
+
+DEFAULT_STEPS = 4
+DEFAULT_LR = 2e-4
+WARMUP_STEPS = 1
+MEASURE_STEPS = 2
+#: how long a child may take to write its partial results after Ctrl-C
+INTERRUPT_GRACE_S = 120
+
+
+def read_plan(plan_file: str | Path) -> tuple[dict[str, Any], bytes]:
+    p = Path(plan_file)
+    if not p.is_file():
+        raise QPlanError(f"plan file {plan_file} does not exist (make one with `qplan estimate ... --output plan.json`)")
+    raw = p.read_bytes()
+    try:
+        plan = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise QPlanError(f"{plan_file} is not valid JSON ({getattr(exc, 'msg', exc)})") from exc
+    validate_plan(plan, where=str(plan_file))
+    return plan, raw
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-") or "model"
+
+
+def _shim_dir() -> str:
+    """A folder whose ``qplan/`` links to this qplan's packages, for a foreign interpreter's
+    PYTHONPATH: the child runs the same qplan code without installing it there."""
+    import qplan.backends
+    import qplan.model_specs
+    import qplan.planner
+
+    d = tempfile.mkdtemp(prefix="qplan-shim-")
+    (Path(d) / "qplan").mkdir()
+    for mod in (qplan.planner, qplan.backends, qplan.model_specs):
+        src = Path(mod.__file__).resolve().parent
+        (Path(d) / "qplan" / mod.__name__.split(".")[-1]).symlink_to(src, target_is_directory=True)
+    return d
+
+
+def _pump(src: Any, log_path: Path) -> None:
+    """Copy the child's output to our stderr and to worker.log."""
+    with open(log_path, "ab") as log:
+        while True:
+            chunk = os.read(src.fileno(), 65536)
+            if not chunk:
+                break
+            log.write(chunk)
+            log.flush()
+            try:
+                os.write(2, chunk)
+            except OSError:  # pragma: no cover - stderr closed
+                pass
+
+
+def _spawn_and_wait(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[int, bool]:
+    """Run the worker; on Ctrl-C forward SIGINT once and wait for it. Returns (returncode, interrupted)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=env, start_new_session=True)
+    pump = threading.Thread(target=_pump, args=(proc.stdout, log_path), daemon=True)
+    pump.start()
+    interrupted = False
+    deadline = None
+    while True:
+        try:
+            rc = proc.wait(timeout=None if deadline is None else max(0.1, deadline - time.monotonic()))
+            break
+        except KeyboardInterrupt:
+            if not interrupted:
+                interrupted = True
+                proc.send_signal(signal.SIGINT)
+                deadline = time.monotonic() + INTERRUPT_GRACE_S
+                print("\nqplan: interrupted — waiting for the run to write its partial measurements "
+                      "(Ctrl-C again to kill it)", file=sys.stderr, flush=True)
+            else:
+                proc.kill()
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    pump.join(timeout=10)
+    return rc, interrupted
+
+
+def _crash_doc(plan: dict[str, Any], backend: str, rc: int, interrupted: bool, log_path: Path) -> dict[str, Any]:
+    """measured.json for a child that died without writing one."""
+    if rc < 0:
+        sig = signal.Signals(-rc).name
+        msg = f"the training process was killed by {sig}"
+        if sig == "SIGKILL":
+            msg += " (on Linux usually the kernel's OOM killer: the host ran out of memory)"
+    else:
+        msg = f"the training process exited with code {rc} without writing measurements"
+    msg += f"; see {log_path}"
+    status = "interrupted" if interrupted else "error"
+    return {"schema_version": 1, "status": status, "backend": backend, "model": plan["model"]["name"],
+            "run": {}, "measured": {}, "notes": [],
+            "failure": {"kind": "crashed", "message": msg, "step": None, "phase": None, "exception": None,
+                        "traceback": None}}
+
+
+def summary_text(plan: dict[str, Any], doc: dict[str, Any], run_dir: Path) -> str:
+    lines = [f"run folder: {run_dir}", f"status: {doc.get('status')}"
+             + (f" — {doc['failure']['message']}" if doc.get("failure") else "")]
+    for term, v in pairs(plan, doc).items():
+        if v["measured"] is None:
+            continue
+        lines.append(f"{term:>18}: predicted {fmt_value(term, v['predicted'])}, measured "
+                     f"{fmt_value(term, v['measured'])} ({fmt_err(v['error'])})")
+    loss = (doc.get("measured") or {}).get("loss") or []
+    if loss:
+        lines.append(f"{'loss':>18}: {loss[0]:.4f} -> {loss[-1]:.4f} over {len(loss)} steps")
+    lines.append(f"report: {run_dir / 'report.md'} and report.html")
+    return "\n".join(lines)
+
+
+def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: bool = False,
+             data: str | None = None, steps: int | None = None, epochs: float | None = None,
+             device: str = "auto", out_dir: str | Path = "reports/runs", lr: float = DEFAULT_LR,
+             seed: int = 0, callbacks: list[str] | None = None) -> dict[str, Any]:
+    """Train ``plan_file`` for real, measure, and write a new run folder under ``out_dir``.
+
+    ``callbacks``: extra ``TrainerCallback`` classes by import path (``"module:Class"``), also
+    read from ``$QPLAN_CALLBACKS`` (comma-separated) — for custom logging and fault injection.
+    Returns ``{status, summary, run_dir, measured, error, failure}``.
+    """
+    plan, raw = read_plan(plan_file)
+    if model_dir and random_init:
+        raise QPlanError("give either --model-dir or --random-init, not both")
+    if not model_dir and not random_init:
+        raise QPlanError("no model: pass --model-dir DIR (a local model folder) or --random-init "
+                         "(random weights from the plan's config)")
+    if model_dir:
+        from .modelsrc import check_model_dir
+
+        check_model_dir(model_dir)
+    else:
+        from .modelsrc import BYTE_VOCAB
+
+        vocab = plan["model"]["config"].get("vocab_size")
+        if not isinstance(vocab, int) or vocab < BYTE_VOCAB:
+            raise QPlanError(f"--random-init needs the plan's vocab_size >= {BYTE_VOCAB} for its byte-level "
+                             f"tokenizer (got {vocab!r}): use --model-dir with a tokenizer")
+    if data is not None:
+        from .data import read_jsonl
+
+        read_jsonl(data)  # a missing file or a bad line is reported here, before any model loads
+    if steps is not None and epochs is not None:
+        raise QPlanError("give either --steps or --epochs, not both")
+    if steps is None and epochs is None:
+        steps = DEFAULT_STEPS
+    if steps is not None and steps < WARMUP_STEPS + MEASURE_STEPS:
+        raise QPlanError(f"--steps must be at least {WARMUP_STEPS + MEASURE_STEPS} "
+                         f"({WARMUP_STEPS} warm-up + {MEASURE_STEPS} measured), got {steps}")
+    if epochs is not None and epochs <= 0:
+        raise QPlanError(f"--epochs must be > 0, got {epochs}")
+    if not (lr > 0):
+        raise QPlanError(f"--lr must be > 0, got {lr}")
+    if device != "auto" and device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise QPlanError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    info = registry.backend_info(plan["backend"])
+    registry.check_installed(info)
+    if callbacks is None:
+        callbacks = [c.strip() for c in os.environ.get("QPLAN_CALLBACKS", "").split(",") if c.strip()]
+
+    run_dir = new_folder(out_dir, f"{utc_stamp()}-{_slug(plan['model']['name'])}-{_slug(info.name)}")
+    (run_dir / "plan.json").write_bytes(raw)
+    job = {
+        "plan": str((run_dir / "plan.json").resolve()), "run_dir": str(run_dir.resolve()),
+        "backend": info.name, "target": info.target,
+        "model_dir": str(Path(model_dir).resolve()) if model_dir else None, "random_init": bool(random_init),
+        "seed": seed, "data": str(Path(data).resolve()) if data else None, "steps": steps, "epochs": epochs,
+        "lr": lr, "device": device, "warmup_steps": WARMUP_STEPS, "measure_steps": MEASURE_STEPS,
+        "callbacks": callbacks, "python": info.python,
+    }
+    (run_dir / "job.json").write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
+
+    env = dict(os.environ)
+    shim = None
+    if info.python != sys.executable:
+        shim = _shim_dir()
+        env["PYTHONPATH"] = shim + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    log_path = run_dir / "worker.log"
+    try:
+        rc, interrupted = _spawn_and_wait([info.python, "-m", "qplan.backends.worker", job["run_dir"] + "/job.json"],
+                                          env, log_path)
+    finally:
+        if shim:
+            import shutil
+
+            shutil.rmtree(shim, ignore_errors=True)
+
+    measured_file = run_dir / "measured.json"
+    doc = None
+    if measured_file.is_file():
+        try:
+            doc = json.loads(measured_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            doc = None
+    if doc is None:
+        doc = _crash_doc(plan, info.name, rc, interrupted, log_path)
+    prs = pairs(plan, doc)
+    doc["error"] = {k: v["error"] for k, v in prs.items()}
+    doc["compared"] = prs
+    tmp = measured_file.with_name("measured.json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, measured_file)
+    reports = write_run_report(run_dir, plan, doc)
+    return {
+        "status": doc["status"],
+        "summary": summary_text(plan, doc, run_dir),
+        "run_dir": str(run_dir),
+        "measured_file": str(measured_file),
+        "report_md": str(reports["md"]),
+        "report_html": str(reports["html"]),
+        "error": doc["error"],
+        "failure": doc.get("failure"),
+        "returncode": rc,
+    }

@@ -1,0 +1,240 @@
+"""One backend run in its own process: ``python -m qplan.backends.worker RUN_DIR/job.json``.
+
+``backends.runner`` writes ``job.json`` and starts this module with the backend's interpreter
+(Unsloth patches transformers and PEFT on import, so no two backends share a process). It
+loads the model, trains under ``MeasureCallback`` and writes ``RUN_DIR/measured.json`` — also
+when the run ends in an out-of-memory error, a Ctrl-C or any other failure, with what was
+measured up to then. Exit code: 0 ok, 1 error, 3 out of memory, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import signal
+import sys
+import tempfile
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+EXIT = {"ok": 0, "error": 1, "oom": 3, "interrupted": 130}
+
+
+def is_oom(exc: BaseException) -> bool:
+    """CUDA/accelerator ``OutOfMemoryError``, or a host ``MemoryError``/"out of memory" on the CPU."""
+    if isinstance(exc, MemoryError):
+        return True
+    try:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+    except (ImportError, AttributeError):  # pragma: no cover
+        pass
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "unsloth", "trl"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def device_info(device: str) -> dict[str, Any]:
+    import torch
+
+    if device.startswith("cuda"):
+        idx = torch.device(device).index or 0
+        props = torch.cuda.get_device_properties(idx)
+        return {"type": "cuda", "name": props.name, "total_bytes": int(props.total_memory),
+                "capability": f"{props.major}.{props.minor}"}
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"type": "cpu", "name": name, "threads": torch.get_num_threads()}
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    from qplan.planner.errors import QPlanError
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise QPlanError("--device cuda was asked for but torch sees no CUDA device (use --device cpu)")
+    if requested != "cpu" and not requested.startswith("cuda"):
+        raise QPlanError(f"--device must be auto, cpu or cuda[:N], got {requested!r}")
+    return requested
+
+
+def _instantiate(target: str) -> Any:
+    from .registry import load_target
+
+    obj = load_target(target)
+    return obj() if isinstance(obj, type) else obj
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def execute(job: dict[str, Any]) -> dict[str, Any]:
+    """Run ``job`` and return the measured.json document (also written to the run folder)."""
+    from qplan.planner.errors import QPlanError
+
+    from .base import Failure, Measurement, ModelSource, TrainSettings
+
+    run_dir = Path(job["run_dir"])
+    plan = json.loads(Path(job["plan"]).read_text(encoding="utf-8"))
+    t = plan["training"]
+    doc: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "status": "running",
+        "backend": job["backend"],
+        "model": plan["model"]["name"],
+        "run": {k: job.get(k) for k in ("model_dir", "random_init", "seed", "data", "steps", "epochs", "lr",
+                                        "warmup_steps", "measure_steps")},
+        "environment": versions(),
+        "measured": Measurement().to_json(),
+        "failure": None,
+        "notes": [],
+    }
+    m = Measurement()
+    probe = meter = None
+    tmp_dirs: list[str] = []
+    status = "error"
+    failure: Failure | None = None
+    try:
+        # the backend first: Unsloth must be imported before transformers and peft
+        backend = _instantiate(job["target"])
+        from .measure import MeasureCallback, Probe
+
+        device = resolve_device(job.get("device") or "auto")
+        doc["run"]["device"] = device
+        doc["device"] = device_info(device)
+        probe = Probe(device)
+        if job.get("random_init"):
+            from .modelsrc import build_random_model_dir
+
+            probe.set_phase("random_init")
+            folder = tempfile.mkdtemp(prefix="qplan-random-init-")
+            tmp_dirs.append(folder)
+            build_random_model_dir(plan["model"]["config"], folder, seed=int(job.get("seed") or 0))
+            source = ModelSource(Path(folder), random_init=True, seed=int(job.get("seed") or 0))
+        else:
+            source = ModelSource(Path(job["model_dir"]))
+        prepared = backend.prepare(plan, source, device, probe)
+        m.params = dict(prepared.params)
+        doc["notes"] += prepared.notes
+        m.memory = probe.memory()
+
+        from .data import load_dataset
+
+        probe.set_phase("data")
+        head = prepared.model.get_output_embeddings()
+        vocab = int(head.weight.shape[0]) if head is not None else int(plan["model"]["config"]["vocab_size"])
+        step_blocks = int(t["batch_size"]) * int(t.get("grad_accum", 1))
+        data = load_dataset(job.get("data"), prepared.tokenizer, int(t["seq_len"]), step_blocks, model_vocab=vocab)
+        doc["run"]["data_blocks"] = len(data)
+        doc["run"]["data_tokens"] = data.tokens_in_file
+        doc["notes"] += data.notes
+        steps = job.get("steps")
+        epochs = job.get("epochs")
+        total = steps if steps is not None else int(len(data) // step_blocks * float(epochs or 1.0))
+        warm, meas = int(job.get("warmup_steps", 1)), int(job.get("measure_steps", 2))
+        if total < warm + meas:
+            raise QPlanError(f"the run has {total} optimizer steps; measuring needs at least {warm + meas} "
+                             f"({warm} warm-up + {meas} measured): raise --steps or --epochs")
+        probe.vocab = vocab
+        meter = MeasureCallback(probe, tokens_per_step=step_blocks * int(t["seq_len"]), warmup_steps=warm,
+                                measure_steps=meas)
+        extra = [_instantiate(c) for c in job.get("callbacks") or []]
+        out_dir = tempfile.mkdtemp(prefix="qplan-trainer-")
+        tmp_dirs.append(out_dir)
+        settings = TrainSettings(steps=steps, epochs=epochs, learning_rate=float(job.get("lr") or 2e-4),
+                                 output_dir=Path(out_dir), seed=int(job.get("seed") or 0))
+        backend.train(prepared, data, plan, settings, [meter, *extra])
+        probe.set_phase("save")
+        adapter = backend.save_adapter(prepared, run_dir / "adapter")
+        m.adapter_file_bytes = adapter.stat().st_size
+        status = "ok"
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the write below
+        status = "interrupted"
+        failure = _failure("interrupted", probe, meter, None)
+    except QPlanError as exc:
+        status = "error"
+        failure = _failure("error", probe, meter, exc)
+        failure.message = str(exc)
+    except BaseException as exc:  # noqa: BLE001 - every failure is recorded, then reported
+        if is_oom(exc):
+            status = "oom"
+            failure = _failure("oom", probe, meter, exc)
+        else:
+            status = "error"
+            failure = _failure("error", probe, meter, exc)
+            failure.traceback = traceback.format_exc()
+    finally:
+        if probe is not None:
+            if probe.window_open:
+                probe.end_window(meter.current_step if meter else 0)
+            m.memory = probe.memory()
+        if meter is not None:
+            meter.close()
+            m.loss = meter.loss
+            m.timing = meter.timing()
+            doc["run"]["trainer"] = meter.trainer_args
+        doc["status"] = status
+        doc["measured"] = m.to_json()
+        doc["failure"] = asdict(failure) if failure else None
+        _write_json(run_dir / "measured.json", doc)
+        for d in tmp_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+    return doc
+
+
+def _failure(kind: str, probe: Any, meter: Any, exc: BaseException | None) -> Any:
+    from .base import Failure
+
+    step = meter.current_step if meter is not None and meter.current_step else None
+    phase = probe.phase if probe is not None else "start"
+    where = f"at step {step} in phase {phase}" if step else f"in phase {phase}"
+    what = {"oom": "OOM", "interrupted": "interrupted", "error": "error"}[kind]
+    detail = f": {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}" if exc else ""
+    return Failure(kind=kind, message=f"{what} {where}{detail}", step=step, phase=phase,
+                   exception=type(exc).__name__ if exc else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m qplan.backends.worker RUN_DIR/job.json", file=sys.stderr)
+        return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: models come from a folder
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    job = json.loads(Path(args[0]).read_text(encoding="utf-8"))
+    doc = execute(job)
+    return EXIT.get(doc["status"], 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Helpers and fixtures shared by the backend tests.
+
+A module of its own rather than a conftest.py: tests elsewhere import from ``conftest`` by
+name, and a second conftest module would shadow the root one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+HERE = Path(__file__).parent
+TINY_CONFIG = HERE / "data" / "tiny-llama.json"  # hidden 128, 2 layers, GQA 4/2, vocab 512
+
+
+def build_plan(spec, quant="bf16", grad_ckpt=True, backend="peft", batch_size=2, seq_len=64,
+               optimizer="adamw_torch", r=16, targets="all-linear", dropout=0.05):
+    """A plan exactly as `qplan estimate` builds it (planner API, no CLI)."""
+    from qplan.planner.lora import LoraSettings
+    from qplan.planner.memory import TrainingSettings
+    from qplan.planner.plan import PlanInputs, build_plan as _build
+    from qplan.planner.weights import QuantSettings
+
+    ckpt = ("unsloth" if backend == "unsloth" else "hf") if grad_ckpt else "off"
+    return _build(PlanInputs(
+        spec,
+        LoraSettings(r=r, alpha=2.0 * r, dropout=dropout, targets=targets),
+        QuantSettings(quant, True, "bfloat16", True),
+        TrainingSettings(batch_size, seq_len, 1, ckpt, optimizer, "sdpa"),
+        None,
+        backend,
+    ))
+
+
+def write_plan(path: Path, plan: dict) -> Path:
+    from qplan.planner.plan import dumps
+
+    path.write_text(dumps(plan), encoding="utf-8")
+    return path
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for a `qplan` child process; tests/backends on PYTHONPATH (for faults.py)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(HERE) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra)
+    return env
+
+
+def qplan_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-c", "import sys; from qplan.planner.cli import main; sys.exit(main())", *args]
+
+
+def read_measured(run_dir: str | Path) -> dict:
+    return json.loads((Path(run_dir) / "measured.json").read_text(encoding="utf-8"))
+
+
+@lru_cache(maxsize=1)
+def _llama_spec_json() -> str:
+    from qplan.planner.specs import load_spec
+
+    return json.dumps(load_spec(str(TINY_CONFIG)))
+
+
+def llama_spec() -> dict:
+    """The planner's spec of the tiny Llama config (inventory read on the meta device once)."""
+    return json.loads(_llama_spec_json())
+
+
+def make_plan_file(tmp_path: Path, **plan_options) -> Path:
+    """``tmp_path/plan.json``: by default a bf16 plan with checkpointing for the PEFT backend."""
+    return write_plan(tmp_path / "plan.json", build_plan(llama_spec(), **plan_options))

@@ -1,0 +1,31 @@
+"""TrainerCallbacks that inject failures into a real run (loaded by the worker through
+$QPLAN_CALLBACKS, e.g. ``QPLAN_CALLBACKS=faults:OomAtStep2`` with this folder on PYTHONPATH)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+class OomAtStep2(TrainerCallback):
+    """Raise torch.OutOfMemoryError at the start of step 2 (as an allocation failure would)."""
+
+    def on_step_begin(self, args, state, control, **kw):
+        import torch
+
+        if state.global_step + 1 == 2:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory. Tried to allocate 20.00 MiB")
+
+
+class StallAtStep2(TrainerCallback):
+    """At step 2, touch $QPLAN_TEST_MARKER and wait (up to 120 s) so a test can press Ctrl-C."""
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step + 1 == 2:
+            Path(os.environ["QPLAN_TEST_MARKER"]).write_text("at step 2")
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                time.sleep(0.05)
