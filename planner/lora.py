@@ -25,6 +25,10 @@ from typing import Any
 from .errors import QPlanError
 
 PRESETS = ("qv", "attn", "mlp", "all-linear")
+#: model types where PEFT 0.21 turns "all-linear" into more than nn.Linear targets (it adds the
+#: MoE router and the fused expert parameters via target_parameters). Found by
+#: tests/planner/test_lora.py against PEFT; refused rather than mis-counted.
+PEFT_ALL_LINEAR_ADDS_EXPERTS = ("mixtral",)
 BIAS_MODES = ("none", "lora_only", "all")
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -78,6 +82,12 @@ def target_names(spec: dict[str, Any], targets: str) -> list[str]:
     """The list of module names PEFT gets for ``targets`` (a preset or comma-separated names)."""
     inv = spec["inventory"]
     targets = targets.strip()
+    if targets == "all-linear" and inv["model_type"] in PEFT_ALL_LINEAR_ADDS_EXPERTS:
+        raise QPlanError(
+            f"PEFT's all-linear on {inv['model_type']} also adapts the router and the fused experts "
+            f"(target_parameters), which qplan does not count yet: name modules explicitly, e.g. "
+            f"--targets {','.join(inv['presets']['attn'])}"
+        )
     if targets in PRESETS:
         names = inv["presets"].get(targets)
         if names is None:
