@@ -34,6 +34,21 @@ OPTIM = {
 }
 
 
+def lora_kwargs(lora: dict[str, Any]) -> dict[str, Any]:
+    """The plan's ``lora`` section as the keyword arguments both PEFT's ``LoraConfig`` and
+    Unsloth's ``FastLanguageModel.get_peft_model`` take (one mapping, so backends can't drift)."""
+    return {
+        "r": int(lora["r"]),
+        "lora_alpha": lora["alpha"],
+        "lora_dropout": float(lora.get("dropout", 0.0)),
+        "target_modules": list(lora["target_modules"]),
+        "bias": lora.get("bias", "none"),
+        "use_dora": bool(lora.get("use_dora", False)),
+        "use_rslora": bool(lora.get("use_rslora", False)),
+        "modules_to_save": list(lora.get("modules_to_save") or []) or None,
+    }
+
+
 def training_arguments(plan: dict[str, Any], settings: TrainSettings, device: str,
                        trainer_checkpointing: bool = True) -> Any:
     from transformers import TrainingArguments

@@ -55,17 +55,9 @@ def quantization_config(quant: dict[str, Any]) -> Any | None:
 def lora_config(lora: dict[str, Any]) -> Any:
     from peft import LoraConfig
 
-    return LoraConfig(
-        r=int(lora["r"]),
-        lora_alpha=lora["alpha"],
-        lora_dropout=float(lora.get("dropout", 0.0)),
-        target_modules=list(lora["target_modules"]),
-        bias=lora.get("bias", "none"),
-        use_dora=bool(lora.get("use_dora", False)),
-        use_rslora=bool(lora.get("use_rslora", False)),
-        modules_to_save=list(lora.get("modules_to_save") or []) or None,
-        task_type="CAUSAL_LM",
-    )
+    from .hf_train import lora_kwargs
+
+    return LoraConfig(**lora_kwargs(lora), task_type="CAUSAL_LM")
 
 
 def trainable_counts(model: Any) -> dict[str, int]:

@@ -32,7 +32,7 @@ from typing import Any
 from qplan.planner.errors import QPlanError
 
 from .base import ModelSource, Prepared, TrainSettings
-from .hf_train import training_kwargs
+from .hf_train import lora_kwargs, training_kwargs
 from .peft_backend import quantization_config, torch_dtype, trainable_counts
 
 #: plan grad_ckpt -> FastLanguageModel use_gradient_checkpointing
@@ -86,14 +86,7 @@ class UnslothBackend:
         probe.set_phase("adapters")
         model = flm.get_peft_model(
             model,
-            r=int(lora["r"]),
-            lora_alpha=lora["alpha"],
-            lora_dropout=float(lora.get("dropout", 0.0)),
-            target_modules=list(lora["target_modules"]),
-            bias=lora.get("bias", "none"),
-            use_rslora=bool(lora.get("use_rslora", False)),
-            use_dora=bool(lora.get("use_dora", False)),
-            modules_to_save=list(lora.get("modules_to_save") or []) or None,
+            **lora_kwargs(lora),
             use_gradient_checkpointing=ckpt,
             random_state=3407,
         )
