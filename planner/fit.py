@@ -16,7 +16,7 @@ from .errors import QPlanError
 from .lora import LoraSettings, count_lora
 from .plan import PlanInputs, build_plan, check_gpu_dtype
 from .specs import load_gpu, load_spec
-from .weights import BYTES, QuantSettings, weights_bytes
+from .weights import QuantSettings, weights_bytes
 
 DEFAULT_RS = (8, 16, 32, 64)
 DEFAULT_TARGETS = ("qv", "attn", "all-linear")
@@ -48,7 +48,6 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
     quants = [quant] if quant else list(DEFAULT_QUANTS)
     opts = [optimizer] if optimizer else list(DEFAULT_OPTIMIZERS)
     dtype = "bfloat16" if gpu["bf16"] else "float16"
-    d = M.dims(spec)
     results = []
     candidates = 0
     for qn, rr, tg, op in itertools.product(quants, rs, tgts, opts):
@@ -57,35 +56,17 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
             q = QuantSettings("fp16", True, dtype, True)
         lora = LoraSettings(r=rr, alpha=2.0 * rr, targets=tg)
         counts = count_lora(spec, lora, {"bias": q.unquantized_dtype, "modules_to_save": q.unquantized_dtype})
-        c = BYTES[q.compute_dtype]
         w = weights_bytes(spec, q)
-        adapters = M.adapter_bytes(counts)
-        opt = M.optimizer_state_bytes(counts, op)
-        opt_b = opt["device"] + opt["paged"]
-        temps_opt = M.optimizer_step_temp_bytes(counts, op)
-        temps_dq = M.dequant_temp_bytes(spec, q, c)
-        static = w + adapters + opt_b
-        step = static + adapters + temps_opt
-        # per-token costs are linear in T for sdpa: evaluate once at T=1 and scale
         for ck in CKPTS:
-            t1 = M.TrainingSettings(1, 1, 1, ck, op, "sdpa")
-            layer1 = M.layer_activation_bytes(spec, counts, rr, 0.05, t1, c)
-            logits1 = M.logits_bytes(spec, t1, c)
+            model_ = M.MemoryModel.build(spec, counts, rr, lora.dropout, q, ck, op, "sdpa", w)
             for b, s in itertools.product(batches, seqs):
                 candidates += 1
-                T = b * s
-                layer = layer1 * T
-                if ck == "off":
-                    acts = d.L * layer
-                else:
-                    acts = d.L * c * d.h * T + layer
-                fwd = static + adapters + acts + logits1 * T + temps_dq
-                tensor_peak = max(fwd, step)
+                tensor_peak = model_.peak(b, s)
                 peak = tensor_peak + M.CUDA_CONTEXT_BYTES + int(M.ALLOCATOR_SLACK_FRACTION * tensor_peak)
                 if peak <= usable:
                     results.append({
                         "batch_size": b, "seq_len": s, "r": rr, "targets": tg, "quant": q.quant,
-                        "grad_ckpt": ck, "optimizer": op, "tokens": T, "peak": peak,
+                        "grad_ckpt": ck, "optimizer": op, "tokens": b * s, "peak": peak,
                         "headroom": usable - peak,
                     })
     # best: most tokens per step, then cheaper memory-saving tricks, then larger r

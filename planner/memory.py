@@ -224,112 +224,347 @@ def optimizer_step_temp_bytes(counts: list[ModuleCount], optimizer: str) -> int:
 
 
 # ------------------------------------------------------------------------- activations
+#
+# What autograd keeps for backward, derived op by op from the code a training step runs
+# (transformers' Llama-family decoder layer, PEFT 0.21's LoRA layers, bitsandbytes' Linear4bit,
+# torch's CUDA autocast and fused kernels) and checked against the exact trace of that step
+# (planner.trace; tests/planner/test_memory.py, reports/accuracy/).  Every term is a ``Lin``:
+# bytes = const + tok * T + quad * T * s, so a plan's terms are evaluated for any batch x sequence
+# in a few multiplications (``qplan fit``).
 
 
-def _targeted(counts: list[ModuleCount]) -> dict[str, tuple[int, int]]:
-    """leaf name -> (in_features, instances per layer) of LoRA-targeted linear modules."""
-    out = {}
-    for c in counts:
-        if c.kind != "lora" or "→" not in c.shape:
+@dataclass(frozen=True)
+class Lin:
+    """``const + tok * T + seq * s + quad * T * s`` bytes (T = batch * seq tokens, s = sequence
+    length: ``seq`` for tensors broadcast over the batch, ``quad`` for eager attention scores)."""
+
+    const: int = 0
+    tok: int = 0
+    seq: int = 0
+    quad: int = 0
+
+    def __add__(self, o: "Lin") -> "Lin":
+        return Lin(self.const + o.const, self.tok + o.tok, self.seq + o.seq, self.quad + o.quad)
+
+    def __mul__(self, k: int) -> "Lin":
+        return Lin(self.const * k, self.tok * k, self.seq * k, self.quad * k)
+
+    __rmul__ = __mul__
+
+    def at(self, T: int, s: int) -> int:
+        return self.const + self.tok * T + self.seq * s + self.quad * T * s
+
+
+ZERO = Lin()
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per element of the tensors a step makes.
+
+    * ``amp``: autocast on (Trainer ``bf16=True``/``fp16=True`` -> accelerate wraps the forward in
+      ``torch.autocast``); ``c``: what autocast's lower-precision ops produce (4 without autocast).
+    * ``R``: the residual stream: embeddings output, norm outputs.  ``prepare_model_for_kbit_training``
+      casts embeddings and norms to fp32, so the whole stream runs in fp32 (4); otherwise the load dtype.
+    * ``M``: outputs of the projections feeding the MLP activation.  bitsandbytes' ``Linear4bit``
+      casts its output back to the input dtype (``out.to(inp_dtype)``), so k-bit models keep ``R``;
+      plain ``nn.Linear`` under autocast gives ``c``.
+    """
+
+    amp: bool
+    c: int
+    R: int
+    M: int
+    kbit: bool
+
+
+def precision(q: QuantSettings) -> Precision:
+    amp = q.compute_dtype in ("bfloat16", "float16")
+    c = BYTES[q.compute_dtype] if amp else 4
+    R = BYTES[q.unquantized_dtype]
+    M = R if (q.kbit or not amp) else c
+    return Precision(amp, c, R, M, q.kbit)
+
+
+#: leaf names of the projections that take the attention output / the MLP hidden state; the
+#: other linear modules of a layer read the (normed) residual stream.
+ATTN_OUT = {"o_proj", "out_proj", "dense", "c_proj", "wo"}
+MLP_OUT = {"down_proj", "w2", "dense_4h_to_h", "fc2", "c_proj", "wo"}
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One LoRA-adapted linear module, as the activation terms see it."""
+
+    site: str  # attn_in | attn_out | mlp_in | mlp_out
+    in_features: int
+    out_features: int
+    per_layer: int
+    kbit: bool
+
+
+def lora_branches(spec: dict[str, Any], counts: list[ModuleCount], q: QuantSettings) -> list[Branch]:
+    groups = {g["pattern"]: g for g in spec["inventory"]["linear"]}
+    L = int(spec["inventory"]["num_hidden_layers"] or 1)
+    out = []
+    for c_ in counts:
+        g = groups.get(c_.module)
+        if c_.kind != "lora" or g is None:
             continue
-        i_ = int(c.shape.split("→")[0])
-        out[c.module] = (i_, c.instances)
+        leaf = g["pattern"].rsplit(".", 1)[-1]
+        role = g.get("role", "attn")
+        if role == "attn":
+            site = "attn_out" if leaf in ATTN_OUT else "attn_in"
+        elif role == "mlp":
+            site = "mlp_out" if leaf in MLP_OUT else "mlp_in"
+        else:  # output head / other: no per-layer activation term
+            continue
+        kbit = q.kbit and g["bnb_quantized"] and not g.get("keep_fp32") and not g.get("weight_tied")
+        out.append(Branch(site, g["in_features"], g["out_features"], max(1, c_.instances // L), kbit))
     return out
 
 
-def lora_branch_activation_bytes(counts: list[ModuleCount], T: int, c: int, r: int, dropout: float, L: int) -> int:
-    """Per decoder layer: what each LoRA branch saves for backward.
+def _branch_input_bytes(site: str, p: Precision) -> int:
+    """dtype bytes of what a module at ``site`` receives."""
+    return {"attn_in": p.R, "attn_out": p.c, "mlp_in": p.R, "mlp_out": p.M}[site]
 
-    PEFT 0.21 ``lora.Linear.forward``: ``x = self._cast_input_dtype(x, lora_A.weight.dtype)``
-    (a float32 copy of the input, per targeted module — q, k and v each make their own), then
-    ``lora_B(lora_A(dropout(x))) * scaling`` under autocast. Saved per branch: the dropout mask
-    (1 byte per input element, if ``dropout > 0``), the autocast copy of the (dropped-out) input
-    in the compute dtype (``c * in * T``) for ``lora_A``'s weight gradient, and ``lora_A``'s
-    output ``c * r * T`` for ``lora_B``'s.
+
+def lora_branch_activation(br: Branch, p: Precision, r: int, dropout: float, input_grad: bool) -> tuple[Lin, bool]:
+    """What one LoRA branch saves, per token; and whether it saves its input tensor itself.
+
+    PEFT 0.21 ``lora.Linear.forward`` casts the input to the adapter dtype first
+    (``_cast_input_dtype(x, lora_A.weight.dtype)``, fp32); bitsandbytes' ``Linear4bit``/``8bitLt``
+    LoRA layers do so only without autocast.  Then ``lora_B(lora_A(dropout(x))) * scaling``:
+
+    * dropout (``p > 0``) on CUDA is the fused ``native_dropout``: it saves a bool mask (1 byte per
+      input element), only if its input requires grad;
+    * ``lora_A`` saves its input for its weight gradient: under autocast a ``c``-byte copy when the
+      input is not already in the compute dtype (a new tensor per module: autocast caches only
+      casts of leaf parameters), else the (dropped-out) input itself — a new tensor with dropout,
+      the module's input without it (returned as ``shares_input``, counted once per input);
+    * ``lora_B`` saves ``lora_A``'s output, ``c * r`` (fp32 without autocast).
     """
-    total = 0
-    for c_ in counts:
-        if c_.kind != "lora" or "→" not in c_.shape or L == 0:
-            continue
-        in_f = int(c_.shape.split("→")[0])
-        per_layer = c_.instances / L
-        b = c * in_f * T + c * r * T
-        if dropout > 0:
-            b += in_f * T
-        total += int(per_layer * b)
-    return total
+    x = _branch_input_bytes(br.site, p)
+    t1 = x if (br.kbit and p.amp) else 4
+    per = 0
+    shares = False
+    if dropout > 0 and input_grad:
+        per += br.in_features  # bool mask
+    if p.amp and t1 != p.c:
+        per += p.c * br.in_features
+    elif dropout > 0 or t1 != x:
+        per += t1 * br.in_features
+    else:
+        shares = True
+    per += (p.c if p.amp else 4) * r
+    return Lin(tok=per * br.per_layer), shares
 
 
-def norm_activation_bytes(d: Dims, T: int) -> int:
-    """Two RMSNorms per layer (Llama-style ``hidden_states.to(float32)``): each saves the fp32
-    input (``4 h T``) and the fp32 ``rsqrt`` per token (``4 T``)."""
-    return 2 * (4 * d.h * T + 4 * T)
+def lora_weight_cast_bytes(branches: list[Branch], p: Precision, r: int) -> int:
+    """Per layer: autocast's casts of the fp32 adapter weights, ``c * r * (in + out)`` per module.
+
+    ``cached_cast`` (aten/src/ATen/autocast_mode.cpp) caches the lower-precision copy of an fp32
+    leaf that requires grad for the whole forward, and ``F.linear`` saves it for backward, so each
+    copy lives until its module's backward.  None without autocast.
+    """
+    if not p.amp:
+        return 0
+    return sum(p.c * r * (b.in_features + b.out_features) * b.per_layer for b in branches)
 
 
-def attention_activation_bytes(d: Dims, b: int, s: int, c: int, attn_impl: str) -> int:
-    """Attention core per layer: rotated q, k, v and the output (``c T (q + 2 kv + q)``) plus the
-    fp32 log-sum-exp per head and token kept by flash/memory-efficient SDPA (``4 nh T``);
-    ``eager`` also keeps the softmax probabilities ``c b nh s^2`` (and their fp32 source)."""
-    T = b * s
-    base = c * T * (2 * d.q + 2 * d.kv) + 4 * d.nh * T
+def norm_activation(d: Dims, p: Precision, n_norms: int) -> Lin:
+    """RMSNorm (Llama family: ``x.to(float32)``, ``x * rsqrt(mean(x**2) + eps)``, ``weight * x``)
+    saves the fp32 ``rsqrt`` per token (4 T) and its fp32 input: with an fp32 stream that is the
+    residual itself (counted by ``residual_activation``), else a fresh fp32 copy (4 h T).  The frozen
+    weight's ``mul`` saves nothing new."""
+    per = 4 + (0 if p.R == 4 else 4 * d.h)
+    return Lin(tok=per * n_norms)
+
+
+def residual_activation(d: Dims, p: Precision) -> Lin:
+    """The two residual sums of a layer (after attention, after the MLP) are the next norms'
+    inputs; in fp32 the norm's ``pow``/``mul`` save them as they are (``4 h T`` each).  In 16-bit
+    the norm saves its fp32 copy instead and the sum itself is freed."""
+    return Lin(tok=2 * 4 * d.h) if p.R == 4 else ZERO
+
+
+def _padded(hd: int) -> int:
+    return hd + (-hd) % 8
+
+
+FUSED_QKV = {"qkv_proj", "query_key_value", "c_attn", "W_pack", "Wqkv"}
+
+
+def fused_qkv_kbit(spec: dict[str, Any], q: QuantSettings) -> bool | None:
+    """None if the model has separate q/k/v projections; else whether the fused one is k-bit."""
+    for g in spec["inventory"]["linear"]:
+        if g["pattern"].rsplit(".", 1)[-1] in FUSED_QKV:
+            return bool(q.kbit and g["bnb_quantized"] and not g.get("keep_fp32"))
+    return None
+
+
+def fused_qkv_activation(d: Dims, p: Precision, fused_kbit: bool | None) -> Lin:
+    """A fused q/k/v projection (Phi-3 ``qkv_proj``) whose output is already in the compute dtype:
+    sdpa saves ``v``, a view of that output, which keeps the whole output alive next to the
+    rotated q and k: ``c (q + kv) T`` more than separate projections.  A k-bit projection returns
+    the stream dtype (fp32 after upcasting), and autocast's copy of ``v`` is what is saved."""
+    if fused_kbit is None or not p.amp:
+        return ZERO
+    out_dtype = p.R if fused_kbit else p.c
+    return Lin(tok=p.c * (d.nh + d.nkv) * d.hd) if out_dtype == p.c else ZERO
+
+
+def attention_activation(d: Dims, p: Precision, attn_impl: str) -> Lin:
+    """Attention core per layer.
+
+    sdpa/flash (CUDA, 16-bit, head dim <= 256: ``_scaled_dot_product_flash_attention``, GQA
+    native, head dim padded to a multiple of 8): saves q, k, v in the compute dtype (autocast
+    copies of fp32 projections, or the rotated projections themselves), the output, the fp32
+    log-sum-exp per head and token, and the RNG state (24 B): ``c T (2 nh + 2 nkv) hd' + 4 nh T``.
+
+    eager (``eager_attention_forward``): k and v repeated to all heads (``repeat_kv``) and cast,
+    q cast, the scores ``matmul`` output (saved by nothing but freed after the scale), the fp32
+    softmax ``4 b nh s^2`` (saved), its ``c``-byte copy for the value matmul, the output ``c q T``
+    and its contiguous copy for ``o_proj``.
+    """
+    hdp = _padded(d.hd)
     if attn_impl == "eager":
-        base += (c + 4) * b * d.nh * s * s
-    return base
+        per = p.c * (3 * d.nh * d.hd) + p.c * d.nh * d.hd
+        quad = (4 + p.c) * d.nh
+        return Lin(const=0, tok=per, quad=quad)
+    if not p.amp:
+        # fp32: memory-efficient attention (heads equal) saves q, k, v, out and an fp32 lse per
+        # head padded to 32 tokens; GQA falls back to the math path (approximated the same way)
+        return Lin(tok=4 * (2 * d.nh + 2 * d.nkv) * d.hd + 4 * d.nh, const=16)
+    return Lin(tok=p.c * (2 * d.nh + 2 * d.nkv) * hdp + 4 * d.nh, const=24)
 
 
-def mlp_activation_bytes(d: Dims, T: int, c: int) -> int:
-    """MLP per layer. Gated (SwiGLU/GeGLU): gate and up outputs and ``act(gate)``, ``3 c i T``.
-    Plain (GPT-2): the fc output and the activation output, ``2 c i T``."""
-    return (3 if d.gated else 2) * c * d.i * T
+def mlp_activation(d: Dims, p: Precision) -> Lin:
+    """Gated MLP (SwiGLU/GeGLU; Phi-3's fused ``gate_up_proj`` keeps the same bytes through views):
+    the gate output (saved by the activation), the activation's output and the up output (saved
+    by their product): ``3 M i T``.  Plain MLP: the fc output and the activation output, ``2 M i T``."""
+    return Lin(tok=(3 if d.gated else 2) * p.M * d.i)
 
 
-def layer_activation_bytes(spec: dict[str, Any], counts: list[ModuleCount], lora_r: int, dropout: float,
-                           t: TrainingSettings, c: int) -> int:
-    """Everything one decoder layer keeps for backward, without checkpointing."""
+def layer_activation(spec: dict[str, Any], branches: list[Branch], q: QuantSettings, r: int, dropout: float,
+                     attn_impl: str, first: bool = False) -> Lin:
+    """Everything one decoder layer keeps for backward (no checkpointing).
+
+    ``first``: layer 0 without checkpointing reads the embeddings, which do not require grad:
+    its input norm saves nothing and dropout masks on that input are not kept.
+    """
     d = dims(spec)
-    T = t.batch_size * t.seq_len
-    return (
-        norm_activation_bytes(d, T)
-        + attention_activation_bytes(d, t.batch_size, t.seq_len, c, t.attn_impl)
-        + mlp_activation_bytes(d, T, c)
-        + c * d.h * T  # the layer input (residual stream), alive across the layer
-        + lora_branch_activation_bytes(counts, T, c, lora_r, dropout, d.L)
-    )
+    p = precision(q)
+    total = norm_activation(d, p, 1 if first else 2) + residual_activation(d, p)
+    total = total + attention_activation(d, p, attn_impl) + mlp_activation(d, p)
+    total = total + fused_qkv_activation(d, p, fused_qkv_kbit(spec, q))
+    shared = set()
+    for br in branches:
+        lin, shares = lora_branch_activation(br, p, r, dropout, not (first and br.site == "attn_in"))
+        total = total + lin
+        if shares:
+            shared.add(br.site)
+    # a shared input is saved once; the attention output is saved by sdpa anyway
+    width = {"attn_in": p.R * d.h, "mlp_in": p.R * d.h, "mlp_out": p.M * d.i, "attn_out": 0}
+    total = total + Lin(tok=sum(width[s_] for s_ in shared))
+    return total + Lin(const=lora_weight_cast_bytes(branches, p, r))
 
 
-def activation_bytes(spec: dict[str, Any], counts: list[ModuleCount], lora_r: int, dropout: float,
-                     t: TrainingSettings, c: int) -> int:
-    """Activations alive at the end of the forward pass.
+def head_activation(spec: dict[str, Any], p: Precision, ckpt: bool) -> Lin:
+    """Outside the decoder layers: the batch (``input_ids`` and ``labels``, int64: 16 T), the
+    rotary ``cos``/``sin`` (``R`` bytes, ``2 R hd s`` — batch 1, broadcast), the final norm (as
+    ``norm_activation``; with checkpointing also its input, the last layer's output ``4 h T``,
+    which without checkpointing the last layer's ``residual_activation`` counted), and the output
+    head's autocast copy of its weight when that weight is fp32 (``c V h``, saved for the input
+    gradient)."""
+    d = dims(spec)
+    head_w = p.c * d.V * d.h if (p.amp and p.R != p.c) else 0
+    return Lin(const=head_w, tok=16 + 4 + (0 if p.R == 4 and not ckpt else 4 * d.h), seq=2 * p.R * d.hd)
 
-    * no checkpointing: ``L * layer``;
-    * HF checkpointing (``torch.utils.checkpoint``): each layer keeps only its input
-      ``c h T``; during backward one layer is recomputed, adding one ``layer`` on top;
+
+def activation_terms(spec: dict[str, Any], counts: list[ModuleCount], r: int, dropout: float,
+                     q: QuantSettings, grad_ckpt: str, attn_impl: str) -> dict[str, Lin]:
+    """Activations alive at the end of the forward pass, and one layer's (for recomputation).
+
+    * no checkpointing: layer 0 (``first``) + ``L - 1`` full layers + the head;
+    * HF checkpointing (``torch.utils.checkpoint``, non-reentrant): each layer keeps only its
+      input ``R h T`` (the embeddings output included) + the head; backward recomputes one layer;
     * Unsloth (``use_gradient_checkpointing="unsloth"``): the layer inputs are offloaded to
-      CPU RAM, so only the recomputed layer is on the device.
+      CPU RAM, so only the recomputed layer and the head are on the device.
     """
     d = dims(spec)
-    T = t.batch_size * t.seq_len
-    layer = layer_activation_bytes(spec, counts, lora_r, dropout, t, c)
-    if t.grad_ckpt == "off":
-        return d.L * layer
-    if t.grad_ckpt == "hf":
-        return d.L * c * d.h * T + layer
-    return c * d.h * T + layer
+    p = precision(q)
+    br = lora_branches(spec, counts, q)
+    full = layer_activation(spec, br, q, r, dropout, attn_impl)
+    head = head_activation(spec, p, grad_ckpt != "off")
+    if grad_ckpt == "off":
+        first = layer_activation(spec, br, q, r, dropout, attn_impl, first=True)
+        saved = first + (d.L - 1) * full + head
+    elif grad_ckpt == "hf":
+        saved = Lin(tok=d.L * p.R * d.h) + head
+    else:
+        saved = head
+    grads_in = Lin(tok=2 * p.R * d.h)
+    if grad_ckpt == "off":
+        layers = first + grads_in + Lin(seq=2 * p.R * d.hd)
+    else:
+        layers = Lin(tok=p.R * d.h) + grads_in + full + Lin(seq=2 * p.R * d.hd) + recompute_transient(spec, br, p, dropout)
+    return {"saved": saved, "layer": full, "layers": layers,
+            "loss_extra": loss_time_activation(spec, counts, q, grad_ckpt)}
 
 
-def logits_bytes(spec: dict[str, Any], t: TrainingSettings, c: int, chunked: bool = False) -> int:
-    """Logits and loss at their peak.
+def recompute_transient(spec: dict[str, Any], branches: list[Branch], p: Precision, dropout: float) -> Lin:
+    """Forward temporaries at the end of a layer's recomputation, when its saved activations are
+    all back: the MLP product feeding the down projection (``M i T``), that projection's output
+    and, if it is LoRA-adapted, the branch's transient copies (PEFT's fp32 cast of the input and
+    the dropout output, which autocast's saved copy replaces)."""
+    d = dims(spec)
+    lin = Lin(tok=p.M * d.i + p.M * d.h)
+    for br in branches:
+        if br.site != "mlp_out":
+            continue
+        x = p.M
+        t1 = x if (br.kbit and p.amp) else 4
+        extra = 0
+        if t1 != x:
+            extra += t1 * br.in_features
+        if dropout > 0 and p.amp and t1 != p.c:
+            extra += t1 * br.in_features
+        lin = lin + Lin(tok=extra * br.per_layer)
+    return lin
 
-    transformers ``ForCausalLMLoss`` (loss/loss_utils.py): the head writes ``c T V`` logits,
-    ``logits.float()`` makes an fp32 copy ``4 T V`` and ``cross_entropy``'s ``log_softmax`` keeps
-    its fp32 output ``4 T V`` for backward: ``(c + 8) T V`` at the end of the loss. Unsloth's
-    chunked cross-entropy never materialises the fp32 copies: ``c T V``.
+
+def loss_time_activation(spec: dict[str, Any], counts: list[ModuleCount], q: QuantSettings, grad_ckpt: str) -> Lin:
+    """Alive while the loss is computed (inside the model's forward) but not saved for backward:
+    the final norm's output ``R h T`` (still referenced by the model's output object), and, with
+    checkpointing, autocast's cached ``c``-byte copies of every fp32 adapter weight: the cache
+    lives until the outermost autocast exits after the loss, and without checkpointing those
+    copies are saved anyway (``lora_weight_cast_bytes``)."""
+    d = dims(spec)
+    p = precision(q)
+    lin = Lin(tok=p.R * d.h)
+    if grad_ckpt != "off" and p.amp:
+        lin = lin + Lin(const=sum(p.c * n for n, dt in trainable_tensors(counts) if dt == "float32"))
+    return lin
+
+
+def logits_terms(spec: dict[str, Any], q: QuantSettings, chunked: bool = False) -> dict[str, Lin]:
+    """Logits and loss (transformers ``ForCausalLMLoss``: ``logits.float()``, ``cross_entropy``).
+
+    * end of the forward: the head's ``c T V`` logits, the fp32 copy ``4 T V`` (freed after
+      ``log_softmax``) or accelerate's ``convert_to_fp32`` copy of the outputs, and
+      ``log_softmax``'s fp32 output ``4 T V`` (saved): ``(c + 8) T V`` (``8 T V`` in fp32);
+    * start of backward (Trainer has dropped the outputs): ``log_softmax``'s output, the
+      gradient ``nll_loss`` writes into it, and ``log_softmax``'s input gradient, three fp32
+      ``T V``: ``12 T V`` — the peak of most plans.
+    Unsloth's chunked cross-entropy never materialises the fp32 copies: ``c T V`` at both.
     """
     d = dims(spec)
-    T = t.batch_size * t.seq_len
+    p = precision(q)
     if chunked:
-        return c * T * d.V
-    return (c + 8) * T * d.V
+        return {"forward": Lin(tok=p.c * d.V), "backward": Lin(tok=p.c * d.V)}
+    fwd = (p.c + 8) * d.V if p.amp else 8 * d.V
+    return {"forward": Lin(tok=fwd), "backward": Lin(tok=12 * d.V)}
 
 
 def dequant_temp_bytes(spec: dict[str, Any], q: QuantSettings, c: int) -> int:
@@ -353,37 +588,102 @@ def overhead_bytes(tensor_peak: int) -> dict[str, int]:
 
 
 def training_memory(spec: dict[str, Any], counts: list[ModuleCount], lora_r: int, dropout: float,
-                    q: QuantSettings, t: TrainingSettings, weights: int, chunked_ce: bool = False) -> dict[str, int]:
-    """All terms and the peak (max over the forward, backward and optimizer moments)."""
-    c = BYTES[q.compute_dtype]
-    adapters = adapter_bytes(counts)
-    grads = gradient_bytes(counts)
-    opt = optimizer_state_bytes(counts, t.optimizer)
-    optimizer = opt["device"] + opt["paged"]
-    acts = activation_bytes(spec, counts, lora_r, dropout, t, c)
-    logits = logits_bytes(spec, t, c, chunked=chunked_ce)
-    temps_dq = dequant_temp_bytes(spec, q, c)
-    temps_opt = optimizer_step_temp_bytes(counts, t.optimizer)
-    static = weights + adapters + optimizer
-    # gradients stay alive between micro-batches when accumulating
-    grads_in_fwd = grads if t.grad_accum > 1 else 0
-    forward = static + grads_in_fwd + acts + logits + temps_dq
-    backward = static + grads + acts + logits + temps_dq
-    step = static + grads + temps_opt
-    tensor_peak = max(forward, backward, step)
-    over = overhead_bytes(tensor_peak)
-    return {
-        "adapters": adapters,
-        "gradients": grads,
-        "optimizer": optimizer,
-        "optimizer_paged": opt["paged"],
-        "activations": acts,
-        "logits": logits,
-        "temporaries": max(temps_dq, temps_opt),
-        "overhead": sum(over.values()),
-        "cuda_context": over["cuda_context"],
-        "allocator_slack": over["allocator_slack"],
-        "tensor_peak": tensor_peak,
-        "peak": tensor_peak + sum(over.values()),
-        "peak_phase": {forward: "forward", backward: "backward", step: "optimizer"}[tensor_peak],
-    }
+                    q: QuantSettings, t: TrainingSettings, weights: int, chunked_ce: bool = False) -> dict[str, Any]:
+    """All terms and the peak, for one plan."""
+    return MemoryModel.build(spec, counts, lora_r, dropout, q, t.grad_ckpt, t.optimizer, t.attn_impl,
+                             weights, chunked_ce).evaluate(t.batch_size, t.seq_len, t.grad_accum)
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """The terms of a plan that do not depend on batch x sequence, and the linear forms of those
+    that do; ``evaluate(b, s)`` gives the phases and the peak.  ``qplan estimate`` and ``qplan fit``
+    both use it, so a plan's numbers are the same whichever command prints them.
+
+    Moments (the peak is their maximum):
+
+    * ``forward``: static + saved activations + the loss's logits (``logits_terms['forward']``);
+    * ``backward``: the start of backward: the same activations + ``logits_terms['backward']``
+      (``12 T V``);
+    * ``layers``: backward reaching layer 0, after the logits are freed: the gradients of the
+      other layers, the incoming gradient (two ``R h T``), layer 0's activations (recomputed with
+      checkpointing, with the recomputation's transients) — the peak of small-vocabulary models;
+    * ``optimizer``: static + gradients + the step's temporaries.
+
+    ``static`` = weights + adapters + optimizer states (from step 2 on); with gradient accumulation
+    the gradients are alive in every phase.
+    """
+
+    weights: int
+    adapters: int
+    gradients: int
+    optimizer: int
+    optimizer_paged: int
+    temps_opt: int
+    temps_dq: int
+    saved: Lin
+    layer: Lin
+    layers: Lin
+    layers_grads: int
+    loss_extra: Lin
+    logits_fwd: Lin
+    logits_bwd: Lin
+
+    @classmethod
+    def build(cls, spec, counts, lora_r, dropout, q, grad_ckpt, optimizer, attn_impl, weights, chunked_ce=False):
+        opt = optimizer_state_bytes(counts, optimizer)
+        acts = activation_terms(spec, counts, lora_r, dropout, q, grad_ckpt, attn_impl)
+        lg = logits_terms(spec, q, chunked_ce)
+        return cls(
+            weights=weights, adapters=adapter_bytes(counts), gradients=gradient_bytes(counts),
+            optimizer=opt["device"] + opt["paged"], optimizer_paged=opt["paged"],
+            temps_opt=optimizer_step_temp_bytes(counts, optimizer),
+            temps_dq=dequant_temp_bytes(spec, q, precision(q).c),
+            saved=acts["saved"], layer=acts["layer"], layers=acts["layers"],
+            layers_grads=gradient_bytes(counts) * (dims(spec).L - 1) // max(1, dims(spec).L), loss_extra=acts["loss_extra"], logits_fwd=lg["forward"], logits_bwd=lg["backward"],
+        )
+
+    def peak(self, b: int, s: int, grad_accum: int = 1) -> int:
+        """tensor_peak only (the inner loop of ``qplan fit``)."""
+        T = b * s
+        static = self.weights + self.adapters + self.optimizer - self.optimizer_paged
+        g = self.gradients if grad_accum > 1 else 0
+        acts = self.saved.at(T, s)
+        return max(
+            static + g + acts + self.loss_extra.at(T, s) + self.logits_fwd.at(T, s),
+            static + g + acts + self.logits_bwd.at(T, s),
+            static + self.layers_grads + self.layers.at(T, s),
+            static + self.gradients + self.temps_opt,
+        )
+
+    def evaluate(self, b: int, s: int, grad_accum: int = 1) -> dict[str, Any]:
+        T = b * s
+        # paged optimizer state lives in CUDA unified memory, outside the device allocator
+        static = self.weights + self.adapters + self.optimizer - self.optimizer_paged
+        g = self.gradients if grad_accum > 1 else 0
+        acts = self.saved.at(T, s)
+        phases = {
+            "forward": static + g + acts + self.loss_extra.at(T, s) + self.logits_fwd.at(T, s),
+            "backward": static + g + acts + self.logits_bwd.at(T, s),
+            "layers": static + self.layers_grads + self.layers.at(T, s),
+            "optimizer": static + self.gradients + self.temps_opt,
+        }
+        tensor_peak = max(phases.values())
+        phase = next(k for k, v in phases.items() if v == tensor_peak)
+        over = overhead_bytes(tensor_peak)
+        return {
+            "adapters": self.adapters,
+            "gradients": self.gradients,
+            "optimizer": self.optimizer,
+            "optimizer_paged": self.optimizer_paged,
+            "activations": acts,
+            "logits": self.logits_bwd.at(T, s),
+            "temporaries": max(self.temps_dq, self.temps_opt),
+            "overhead": sum(over.values()),
+            "cuda_context": over["cuda_context"],
+            "allocator_slack": over["allocator_slack"],
+            "tensor_peak": tensor_peak,
+            "peak": tensor_peak + sum(over.values()),
+            "peak_phase": phase,
+            "phases": phases,
+        }

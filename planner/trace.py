@@ -131,6 +131,9 @@ Stand-ins (each allocates, at the same moment, tensors of the sizes and dtypes t
 * Autocast casts the arguments of an op right to left (``WrapFunction`` evaluates
   ``cached_cast(arg)...`` as C++ call arguments; GCC evaluates them right to left); the emulation
   does the same, so the transient casts appear in the same order.
+* ``F.dropout`` on meta, ``kernels="cuda"``: routed to ``aten.native_dropout`` (output + bool
+  mask, the mask saved), which is what CUDA inputs take (Dropout.cpp ``is_fused_kernel_acceptable``);
+  meta and CPU inputs take ``_dropout_impl`` (noise in the input dtype, saved by ``input * noise``).
 * ``kernels="cpu"`` only: CPU ``native_layer_norm`` returns mean/rstd in the parameter dtype, the
   meta kernel (like CUDA) in fp32: the stand-in gives the CPU dtypes.
 * ``aten._grouped_mm`` (transformers' MoE experts): the meta kernel repeats the CUDA kernel's
@@ -778,6 +781,8 @@ def _meta_function_mode_cls():
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
+            if func is F.dropout and self.kernels == "cuda":
+                return self._dropout(*args, **kwargs)
             pol = self.policy.get(func)
             if pol is None and func is not F.scaled_dot_product_attention:
                 return func(*args, **kwargs)
@@ -817,6 +822,18 @@ def _meta_function_mode_cls():
                                        reduction, label_smoothing)
             lsm = torch.log_softmax(input, 1, dtype=torch.float32)
             return F.nll_loss(lsm, target, weight, size_average, ignore_index, reduce, reduction)
+
+        # -- dropout -----------------------------------------------------------------------------
+        @staticmethod
+        def _dropout(input, p=0.5, training=True, inplace=False):
+            # aten/src/ATen/native/Dropout.cpp ``dropout``: a CUDA input takes the fused kernel
+            # (``is_fused_kernel_acceptable``: 0 < p < 1, numel > 0) -> ``native_dropout``, which
+            # saves a bool mask; meta (like the CPU) would take ``_dropout_impl`` (a mask in the
+            # input dtype, then ``input * noise``).
+            if (input.device.type == "meta" and training and not inplace and 0.0 < p < 1.0
+                    and input.numel() > 0):
+                return torch.native_dropout(input, p, True)[0]
+            return F.dropout(input, p, training, inplace)
 
         # -- SDPA --------------------------------------------------------------------------------
         def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
