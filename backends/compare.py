@@ -4,7 +4,7 @@
 
 | term | predicted (plan.json) | measured (measured.json ``measured``) |
 |---|---|---|
-| ``tensor_peak`` | ``prediction.memory.tensor_peak`` | CPU ``memory.tensor_peak``; CUDA ``memory.peak_allocated`` |
+| ``tensor_peak`` | CUDA ``prediction.memory.tensor_peak``; CPU ``prediction.memory_detail.tensor_peak_cpu`` (the same model with CPU kernels: fp32 dropout noise, single-tensor AdamW) | CPU ``memory.tensor_peak``; CUDA ``memory.peak_allocated`` |
 | ``peak`` | ``prediction.memory.peak`` | CUDA only: ``memory.peak_reserved + memory.cuda_context`` |
 | ``weights`` | ``prediction.memory.weights`` | ``memory.weights`` (after k-bit preparation) |
 | ``weights_footprint`` | ``prediction.memory.weights_footprint`` | ``get_memory_footprint()`` there |
@@ -48,8 +48,10 @@ def pairs(plan: dict[str, Any], doc: dict[str, Any]) -> dict[str, dict[str, Any]
     mem = meas.get("memory") or {}
     cuda = str(mem.get("device", "")).startswith("cuda")
     rows: dict[str, tuple[Any, Any, str]] = {
-        "tensor_peak": (pm["tensor_peak"], mem.get("peak_allocated") if cuda else mem.get("tensor_peak"),
-                        "torch.cuda.max_memory_allocated" if cuda else "live tensor storages (tracker peak)"),
+        "tensor_peak": (pm["tensor_peak"] if cuda else pred.get("memory_detail", {}).get("tensor_peak_cpu", pm["tensor_peak"]),
+                        mem.get("peak_allocated") if cuda else mem.get("tensor_peak"),
+                        "torch.cuda.max_memory_allocated" if cuda
+                        else "live tensor storages (tracker peak), vs the plan's CPU-kernel prediction"),
         "peak": (pm["peak"], mem.get("peak") if cuda else None,
                  "max_memory_reserved + CUDA context" if cuda else "not measurable on the CPU"),
         "weights": (pm["weights"], mem.get("weights"),

@@ -206,7 +206,7 @@ def optimizer_state_bytes(counts: list[ModuleCount], optimizer: str) -> dict[str
     return {"device": dev, "paged": paged}
 
 
-def optimizer_step_temp_bytes(counts: list[ModuleCount], optimizer: str) -> int:
+def optimizer_step_temp_bytes(counts: list[ModuleCount], optimizer: str, kernels: str = "cuda") -> int:
     """Transient tensors of one optimizer step.
 
     ``adamw_torch`` (foreach, torch/optim/adam.py ``_multi_tensor_adam``): ``exp_avg_sq_sqrt =
@@ -217,6 +217,11 @@ def optimizer_step_temp_bytes(counts: list[ModuleCount], optimizer: str) -> int:
     """
     tensors = trainable_tensors(counts)
     if optimizer == "adamw_torch":
+        if kernels == "cpu":
+            # CPU parameters take the single-tensor loop (``_single_tensor_adam``): ``denom =
+            # (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)``, one tensor at a time, and
+            # each parameter's ``step`` is a 4-byte tensor on the same (CPU) device
+            return max((n * BYTES[dt] for n, dt in tensors), default=0) * 2 + 4 * len(tensors)
         return sum(n * BYTES[dt] for n, dt in tensors)
     if optimizer == "adafactor":
         return 2 * 4 * max((n for n, _ in tensors), default=0)
@@ -329,7 +334,8 @@ def _branch_input_bytes(site: str, p: Precision) -> int:
     return {"attn_in": p.R, "attn_out": p.c, "mlp_in": p.R, "mlp_out": p.M}[site]
 
 
-def lora_branch_activation(br: Branch, p: Precision, r: int, dropout: float, input_grad: bool) -> tuple[Lin, bool]:
+def lora_branch_activation(br: Branch, p: Precision, r: int, dropout: float, input_grad: bool,
+                           kernels: str = "cuda") -> tuple[Lin, bool]:
     """What one LoRA branch saves, per token; and whether it saves its input tensor itself.
 
     PEFT 0.21 ``lora.Linear.forward`` casts the input to the adapter dtype first
@@ -337,7 +343,8 @@ def lora_branch_activation(br: Branch, p: Precision, r: int, dropout: float, inp
     LoRA layers do so only without autocast.  Then ``lora_B(lora_A(dropout(x))) * scaling``:
 
     * dropout (``p > 0``) on CUDA is the fused ``native_dropout``: it saves a bool mask (1 byte per
-      input element), only if its input requires grad;
+      input element), only if its input requires grad; on the CPU (``kernels="cpu"``,
+      Dropout.cpp ``_dropout_impl``) the mask is noise in the input's dtype, saved by ``x * noise``;
     * ``lora_A`` saves its input for its weight gradient: under autocast a ``c``-byte copy when the
       input is not already in the compute dtype (a new tensor per module: autocast caches only
       casts of leaf parameters), else the (dropped-out) input itself — a new tensor with dropout,
@@ -349,7 +356,7 @@ def lora_branch_activation(br: Branch, p: Precision, r: int, dropout: float, inp
     per = 0
     shares = False
     if dropout > 0 and input_grad:
-        per += br.in_features  # bool mask
+        per += br.in_features * (1 if kernels == "cuda" else t1)  # the mask
     if p.amp and t1 != p.c:
         per += p.c * br.in_features
     elif dropout > 0 or t1 != x:
@@ -447,7 +454,7 @@ def mlp_activation(d: Dims, p: Precision) -> Lin:
 
 
 def layer_activation(spec: dict[str, Any], branches: list[Branch], q: QuantSettings, r: int, dropout: float,
-                     attn_impl: str, first: bool = False) -> Lin:
+                     attn_impl: str, first: bool = False, kernels: str = "cuda") -> Lin:
     """Everything one decoder layer keeps for backward (no checkpointing).
 
     ``first``: layer 0 without checkpointing reads the embeddings, which do not require grad:
@@ -460,7 +467,7 @@ def layer_activation(spec: dict[str, Any], branches: list[Branch], q: QuantSetti
     total = total + fused_qkv_activation(d, p, fused_qkv_kbit(spec, q))
     shared = set()
     for br in branches:
-        lin, shares = lora_branch_activation(br, p, r, dropout, not (first and br.site == "attn_in"))
+        lin, shares = lora_branch_activation(br, p, r, dropout, not (first and br.site == "attn_in"), kernels)
         total = total + lin
         if shares:
             shared.add(br.site)
@@ -483,7 +490,7 @@ def head_activation(spec: dict[str, Any], p: Precision, ckpt: bool) -> Lin:
 
 
 def activation_terms(spec: dict[str, Any], counts: list[ModuleCount], r: int, dropout: float,
-                     q: QuantSettings, grad_ckpt: str, attn_impl: str) -> dict[str, Lin]:
+                     q: QuantSettings, grad_ckpt: str, attn_impl: str, kernels: str = "cuda") -> dict[str, Lin]:
     """Activations alive at the end of the forward pass, and one layer's (for recomputation).
 
     * no checkpointing: layer 0 (``first``) + ``L - 1`` full layers + the head;
@@ -495,10 +502,10 @@ def activation_terms(spec: dict[str, Any], counts: list[ModuleCount], r: int, dr
     d = dims(spec)
     p = precision(q)
     br = lora_branches(spec, counts, q)
-    full = layer_activation(spec, br, q, r, dropout, attn_impl)
+    full = layer_activation(spec, br, q, r, dropout, attn_impl, kernels=kernels)
     head = head_activation(spec, p, grad_ckpt != "off")
     if grad_ckpt == "off":
-        first = layer_activation(spec, br, q, r, dropout, attn_impl, first=True)
+        first = layer_activation(spec, br, q, r, dropout, attn_impl, first=True, kernels=kernels)
         saved = first + (d.L - 1) * full + head
     elif grad_ckpt == "hf":
         saved = Lin(tok=d.L * p.R * d.h) + head
@@ -588,10 +595,12 @@ def overhead_bytes(tensor_peak: int) -> dict[str, int]:
 
 
 def training_memory(spec: dict[str, Any], counts: list[ModuleCount], lora_r: int, dropout: float,
-                    q: QuantSettings, t: TrainingSettings, weights: int, chunked_ce: bool = False) -> dict[str, Any]:
-    """All terms and the peak, for one plan."""
+                    q: QuantSettings, t: TrainingSettings, weights: int, chunked_ce: bool = False,
+                    kernels: str = "cuda") -> dict[str, Any]:
+    """All terms and the peak, for one plan.  ``kernels="cpu"``: what the same step allocates when
+    it runs on the CPU (``qplan run --device cpu`` compares against that)."""
     return MemoryModel.build(spec, counts, lora_r, dropout, q, t.grad_ckpt, t.optimizer, t.attn_impl,
-                             weights, chunked_ce).evaluate(t.batch_size, t.seq_len, t.grad_accum)
+                             weights, chunked_ce, kernels).evaluate(t.batch_size, t.seq_len, t.grad_accum)
 
 
 @dataclass(frozen=True)
@@ -630,14 +639,15 @@ class MemoryModel:
     logits_bwd: Lin
 
     @classmethod
-    def build(cls, spec, counts, lora_r, dropout, q, grad_ckpt, optimizer, attn_impl, weights, chunked_ce=False):
+    def build(cls, spec, counts, lora_r, dropout, q, grad_ckpt, optimizer, attn_impl, weights, chunked_ce=False,
+              kernels="cuda"):
         opt = optimizer_state_bytes(counts, optimizer)
-        acts = activation_terms(spec, counts, lora_r, dropout, q, grad_ckpt, attn_impl)
+        acts = activation_terms(spec, counts, lora_r, dropout, q, grad_ckpt, attn_impl, kernels)
         lg = logits_terms(spec, q, chunked_ce)
         return cls(
             weights=weights, adapters=adapter_bytes(counts), gradients=gradient_bytes(counts),
             optimizer=opt["device"] + opt["paged"], optimizer_paged=opt["paged"],
-            temps_opt=optimizer_step_temp_bytes(counts, optimizer),
+            temps_opt=optimizer_step_temp_bytes(counts, optimizer, kernels),
             temps_dq=dequant_temp_bytes(spec, q, precision(q).c),
             saved=acts["saved"], layer=acts["layer"], layers=acts["layers"],
             layers_grads=gradient_bytes(counts) * (dims(spec).L - 1) // max(1, dims(spec).L), loss_extra=acts["loss_extra"], logits_fwd=lg["forward"], logits_bwd=lg["backward"],

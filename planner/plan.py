@@ -64,6 +64,8 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
     weights = weights_bytes(spec, q)
     mem = training_memory(spec, counts, lora.r, lora.dropout, q, t, weights,
                           chunked_ce=inp.backend == "unsloth")
+    cpu = training_memory(spec, counts, lora.r, lora.dropout, q, t, weights,
+                          chunked_ce=inp.backend == "unsloth", kernels="cpu")
     memory = {
         "weights": weights,
         "weights_footprint": weights_footprint_bytes(spec, q),
@@ -89,6 +91,8 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
             "allocator_slack": mem["allocator_slack"],
             "peak_phase": mem["peak_phase"],
             "phases": mem["phases"],
+            # the same step run on the CPU (qplan run --device cpu compares with this)
+            "tensor_peak_cpu": cpu["tensor_peak"],
         },
         "fits": (memory["peak"] <= usable) if usable is not None else None,
         "headroom": (usable - memory["peak"]) if usable is not None else None,

@@ -23,7 +23,8 @@ def _cpu_doc(plan):
         "status": "ok", "backend": "peft",
         "measured": {
             "params": {"trainable": plan["prediction"]["params"]["trainable"], "all": 1},
-            "memory": {"device": "cpu", "tensor_peak": int(m["tensor_peak"] * 1.25), "weights": m["weights"],
+            "memory": {"device": "cpu", "tensor_peak": int(plan["prediction"]["memory_detail"]["tensor_peak_cpu"] * 1.25),
+                       "weights": m["weights"],
                        "weights_footprint": m["weights_footprint"] // 2,
                        "breakdown_at_peak": {"weights": 100, "quant_state": 20, "activations": 300, "backward": 5,
                                              "other": 1}},
