@@ -23,7 +23,9 @@ from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-MODELS = ("llama-3.1-8b", "qwen2.5-7b", "mistral-nemo-12b", "phi-4")
+MODELS = ("llama-3.1-8b", "qwen2.5-7b", "mistral-nemo-12b", "phi-4", "gemma-2-9b")
+#: transformers refuses sdpa with Gemma-2's attention softcapping: eager is what users run
+ATTN = {"gemma-2-9b": "eager"}
 QUANTS = ("nf4", "bf16")
 SHAPES = ((1, 512), (4, 2048), (8, 4096))
 CKPTS = (True, False)
@@ -75,7 +77,7 @@ def cases(models, quick: bool) -> list[dict]:
     for m, q, (b, s), ck, r, tg, op in itertools.product(models, QUANTS, shapes, CKPTS, RS, TARGETS, OPTIMIZERS):
         if quick and (r, op) not in ((8, "adamw_torch"), (64, "adamw_8bit")):
             continue
-        out.append(dict(model=m, quant=q, b=b, s=s, ckpt=ck, r=r, targets=tg, optimizer=op))
+        out.append(dict(model=m, quant=q, b=b, s=s, ckpt=ck, r=r, targets=tg, optimizer=op, attn=ATTN.get(m, "sdpa")))
     return out
 
 
@@ -98,22 +100,31 @@ def write_report(rows: list[dict], out: Path, argv: list[str], seconds: float) -
             versions[mod] = __import__(mod).__version__
         except Exception:  # pragma: no cover
             versions[mod] = None
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "planner", "bench"], capture_output=True,
+                                    text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):  # pragma: no cover
+        commit, dirty = None, None
     total = summarize(rows)
     by_model = {m: summarize([r for r in rows if r["model"] == m]) for m in dict.fromkeys(r["model"] for r in rows)}
     doc = {"command": " ".join(["python", "bench/accuracy.py", *argv]), "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "versions": versions, "python": platform.python_version(), "seconds": round(seconds, 1),
+           "commit": commit, "planner_dirty": dirty, "versions": versions, "python": platform.python_version(), "seconds": round(seconds, 1),
            "summary": total, "by_model": by_model, "cases": rows}
     (out / "matrix.json").write_text(json.dumps(doc, indent=1) + "\n")
     lines = [
         "# Accuracy: analytic training-memory model vs exact trace",
         "",
-        f"Command: `{doc['command']}` ({doc['generated']}, {doc['seconds']} s; "
+        f"Command: `{doc['command']}` at commit {commit}{' (planner modified)' if dirty else ''} "
+        f"({doc['generated']}, {doc['seconds']} s; "
         + ", ".join(f"{k} {v}" for k, v in versions.items()) + ").",
         "",
         "Each case: `qplan estimate` (analytic tensor peak) vs the live-tensor trace of two training steps",
         "of the full-size model on the meta device (`qplan estimate --method trace`, CUDA kernels mirrored).",
         "Error = (analytic - trace) / trace. LoRA dropout 0.05, alpha 2r, bf16 compute, double-quant nf4",
-        "with `prepare_model_for_kbit_training`, sdpa attention.",
+        "with `prepare_model_for_kbit_training`, sdpa attention (eager for Gemma-2, which refuses sdpa).",
         "",
         f"**{total['cases']} cases: median |error| {100 * total['median_abs_error']:.3f}%, "
         f"worst |error| {100 * total['worst_abs_error']:.3f}%** (worst: {total['worst_case']}).",
@@ -123,10 +134,10 @@ def write_report(rows: list[dict], out: Path, argv: list[str], seconds: float) -
     ]
     for m, sm in by_model.items():
         lines.append(f"| {m} | {sm['cases']} | {100 * sm['median_abs_error']:.3f}% | {100 * sm['worst_abs_error']:.3f}% |")
-    lines += ["", "| model | quant | b×s | ckpt | r | targets | optimizer | analytic | trace | error | peak phase |",
-              "|---|---|---|---|---:|---|---|---:|---:|---:|---|"]
+    lines += ["", "| model | attn | quant | b×s | ckpt | r | targets | optimizer | analytic | trace | error | peak phase |",
+              "|---|---|---|---|---|---:|---|---|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['quant']} | {r['b']}×{r['s']} | {'on' if r['ckpt'] else 'off'} | {r['r']} | "
+        lines.append(f"| {r['model']} | {r['attn']} | {r['quant']} | {r['b']}×{r['s']} | {'on' if r['ckpt'] else 'off'} | {r['r']} | "
                      f"{r['targets']} | {r['optimizer']} | {r['analytic_tensor_peak']} | {r['trace_tensor_peak']} | "
                      f"{pct(r['error'])} | {r['analytic_phase']} |")
     (out / "README.md").write_text("\n".join(lines) + "\n")

@@ -102,6 +102,10 @@ class Dims:
     i: int
     gated: bool
     tied: bool
+    norms: int = 2  # norms per decoder layer (Gemma-2: 4, "sandwich" norms around each sublayer)
+    gemma_norm: bool = False  # Gemma RMSNorm: ``x.float()``, ``* (1 + weight.float())``
+    attn_softcap: bool = False  # Gemma-2: ``tanh`` of the attention scores
+    final_softcap: bool = False  # Gemma-2: ``tanh`` of the logits
 
     @property
     def q(self) -> int:
@@ -127,7 +131,12 @@ def dims(spec: dict[str, Any]) -> Dims:
     gated = bool({"gate_proj", "gate_up_proj", "w1", "w3"} & leaves) or any(
         p["param"] == "gate_up_proj" for p in inv["params"]
     )
-    return Dims(h, L, V, nh, nkv, hd, i, gated, bool(inv["tied"]))
+    norm_params = [p for p in inv["params"] if "layers.*." in p["pattern"]
+                   and str(p.get("module_type", "")).endswith(("RMSNorm", "LayerNorm"))]
+    norms = len(norm_params) or 2
+    gemma = any(str(p.get("module_type", "")).startswith("Gemma") for p in norm_params)
+    return Dims(h, L, V, nh, nkv, hd, i, gated, bool(inv["tied"]), norms, gemma,
+                bool(c.get("attn_logit_softcapping")), bool(c.get("final_logit_softcapping")))
 
 
 # ---------------------------------------------------------------------- trainable tensors
@@ -379,13 +388,23 @@ def lora_weight_cast_bytes(branches: list[Branch], p: Precision, r: int) -> int:
     return sum(p.c * r * (b.in_features + b.out_features) * b.per_layer for b in branches)
 
 
-def norm_activation(d: Dims, p: Precision, n_norms: int) -> Lin:
-    """RMSNorm (Llama family: ``x.to(float32)``, ``x * rsqrt(mean(x**2) + eps)``, ``weight * x``)
-    saves the fp32 ``rsqrt`` per token (4 T) and its fp32 input: with an fp32 stream that is the
-    residual itself (counted by ``residual_activation``), else a fresh fp32 copy (4 h T).  The frozen
-    weight's ``mul`` saves nothing new."""
-    per = 4 + (0 if p.R == 4 else 4 * d.h)
-    return Lin(tok=per * n_norms)
+def norm_activation(d: Dims, p: Precision, first: bool = False) -> Lin:
+    """RMSNorms of one layer (``x.to(float32)``, ``x * rsqrt(mean(x**2) + eps)``, ``weight * x``).
+
+    Each saves the fp32 ``rsqrt`` per token (4 T) and its fp32 input: for a norm reading the
+    residual stream in fp32 that is the residual itself (counted by ``residual_activation``),
+    else a fresh fp32 copy (4 h T).  Gemma-2's extra norms after each sublayer read the sublayer's
+    output, a new tensor: 4 h T either way.  Gemma's ``1 + weight.float()`` is a new fp32 vector
+    per norm (4 h, saved).  The frozen weight's ``mul`` saves nothing new.  ``first``: layer 0
+    without checkpointing, whose input norm sees no grad and saves nothing.
+    """
+    pre = 4 + (0 if p.R == 4 else 4 * d.h)
+    post = 4 + 4 * d.h
+    n_pre = 2 if d.norms >= 4 else d.norms
+    n_post = d.norms - n_pre
+    tok = pre * (n_pre - (1 if first else 0)) + post * n_post
+    const = 4 * d.h * (d.norms - (1 if first else 0)) if d.gemma_norm else 0
+    return Lin(tok=tok, const=const)
 
 
 def residual_activation(d: Dims, p: Precision) -> Lin:
@@ -421,28 +440,72 @@ def fused_qkv_activation(d: Dims, p: Precision, fused_kbit: bool | None) -> Lin:
     return Lin(tok=p.c * (d.nh + d.nkv) * d.hd) if out_dtype == p.c else ZERO
 
 
+def _sites(spec: dict[str, Any], only_int8: QuantSettings | None = None) -> set[str]:
+    out = set()
+    for g in spec["inventory"]["linear"]:
+        role = g.get("role")
+        if role not in ("attn", "mlp"):
+            continue
+        if only_int8 is not None and not (only_int8.quant == "int8" and g["bnb_quantized"]
+                                          and not g.get("keep_fp32") and not g.get("weight_tied")):
+            continue
+        leaf = g["pattern"].rsplit(".", 1)[-1]
+        out.add(("attn_out" if leaf in ATTN_OUT else "attn_in") if role == "attn"
+                else ("mlp_out" if leaf in MLP_OUT else "mlp_in"))
+    return out
+
+
+def int8_retained_activation(spec: dict[str, Any], q: QuantSettings, p: Precision, ckpt: bool, first: bool,
+                             counted: set[str]) -> Lin:
+    """bitsandbytes ``MatMul8bitLt.forward`` keeps its input as a plain ``ctx.tensors`` attribute
+    (not ``save_for_backward``) whenever the input or weight needs grad, so checkpointing does
+    not drop it: every int8 projection's input stays alive until its backward, once per distinct
+    input tensor — the normed stream for q/k/v (``R h T``) and for gate/up (``R h T``), the
+    attention output (``c q T``) and the MLP product (``M i T``).  Without checkpointing the
+    attention output is saved by sdpa anyway, and inputs already saved (``counted``) add nothing;
+    layer 0's first projections read the embeddings, which need no grad."""
+    d = dims(spec)
+    width = {"attn_in": p.R * d.h, "attn_out": p.c * d.q, "mlp_in": p.R * d.h, "mlp_out": p.M * d.i}
+    tok = 0
+    for site in _sites(spec, only_int8=q):
+        if first and site == "attn_in":
+            continue
+        if not ckpt and (site == "attn_out" or site in counted):
+            continue
+        tok += width[site]
+    return Lin(tok=tok)
+
+
 def attention_activation(d: Dims, p: Precision, attn_impl: str) -> Lin:
     """Attention core per layer.
+
+    fp32 (no autocast): see the branches below (math composite for GQA, memory-efficient else).
 
     sdpa/flash (CUDA, 16-bit, head dim <= 256: ``_scaled_dot_product_flash_attention``, GQA
     native, head dim padded to a multiple of 8): saves q, k, v in the compute dtype (autocast
     copies of fp32 projections, or the rotated projections themselves), the output, the fp32
     log-sum-exp per head and token, and the RNG state (24 B): ``c T (2 nh + 2 nkv) hd' + 4 nh T``.
 
-    eager (``eager_attention_forward``): k and v repeated to all heads (``repeat_kv``) and cast,
-    q cast, the scores ``matmul`` output (saved by nothing but freed after the scale), the fp32
-    softmax ``4 b nh s^2`` (saved), its ``c``-byte copy for the value matmul, the output ``c q T``
-    and its contiguous copy for ``o_proj``.
+    eager (``eager_attention_forward``): q, and k and v repeated to all heads (``repeat_kv``), in
+    the compute dtype (``3 c q T``); the fp32 softmax ``4 b nh s^2`` and its ``c``-byte copy for the
+    value matmul; Gemma-2's softcapped scores (``tanh`` output, ``c b nh s^2``).  The output's
+    contiguous copy is saved only by a LoRA on ``o_proj`` (counted there).
     """
     hdp = _padded(d.hd)
     if attn_impl == "eager":
-        per = p.c * (3 * d.nh * d.hd) + p.c * d.nh * d.hd
-        quad = (4 + p.c) * d.nh
-        return Lin(const=0, tok=per, quad=quad)
+        # q, k and v repeated to all heads, each in the compute dtype (autocast copies, or the
+        # rotated / repeated tensors themselves); the fp32 softmax and the compute-dtype copy the
+        # value matmul saves (none without autocast); Gemma-2's ``tanh`` softcap output
+        quad = 4 * d.nh + (p.c * d.nh if p.amp else 0) + (p.c * d.nh if d.attn_softcap else 0)
+        return Lin(tok=3 * p.c * d.nh * d.hd, quad=quad)
     if not p.amp:
-        # fp32: memory-efficient attention (heads equal) saves q, k, v, out and an fp32 lse per
-        # head padded to 32 tokens; GQA falls back to the math path (approximated the same way)
-        return Lin(tok=4 * (2 * d.nh + 2 * d.nkv) * d.hd + 4 * d.nh, const=16)
+        if d.nkv != d.nh:
+            # fp32 + GQA: the math composite (flash needs 16-bit, memory-efficient equal heads):
+            # q * scale, the repeated k (scaled, transposed) and v, and the fp32 softmax
+            return Lin(tok=4 * 3 * d.nh * d.hd, quad=4 * d.nh)
+        # fp32, equal heads: memory-efficient attention saves q, k, v, out and an fp32
+        # log-sum-exp per head (padded to 32 tokens, taken per token here) + seed/offset
+        return Lin(tok=4 * 4 * d.nh * d.hd + 4 * d.nh, const=16)
     return Lin(tok=p.c * (2 * d.nh + 2 * d.nkv) * hdp + 4 * d.nh, const=24)
 
 
@@ -462,7 +525,7 @@ def layer_activation(spec: dict[str, Any], branches: list[Branch], q: QuantSetti
     """
     d = dims(spec)
     p = precision(q)
-    total = norm_activation(d, p, 1 if first else 2) + residual_activation(d, p)
+    total = norm_activation(d, p, first) + residual_activation(d, p)
     total = total + attention_activation(d, p, attn_impl) + mlp_activation(d, p)
     total = total + fused_qkv_activation(d, p, fused_qkv_kbit(spec, q))
     shared = set()
@@ -474,6 +537,8 @@ def layer_activation(spec: dict[str, Any], branches: list[Branch], q: QuantSetti
     # a shared input is saved once; the attention output is saved by sdpa anyway
     width = {"attn_in": p.R * d.h, "mlp_in": p.R * d.h, "mlp_out": p.M * d.i, "attn_out": 0}
     total = total + Lin(tok=sum(width[s_] for s_ in shared))
+    if q.quant == "int8":
+        total = total + int8_retained_activation(spec, q, p, False, first, shared)
     return total + Lin(const=lora_weight_cast_bytes(branches, p, r))
 
 
@@ -511,6 +576,8 @@ def activation_terms(spec: dict[str, Any], counts: list[ModuleCount], r: int, dr
         saved = Lin(tok=d.L * p.R * d.h) + head
     else:
         saved = head
+    if grad_ckpt != "off" and q.quant == "int8":
+        saved = saved + d.L * int8_retained_activation(spec, q, p, True, False, set())
     grads_in = Lin(tok=2 * p.R * d.h)
     if grad_ckpt == "off":
         layers = first + grads_in + Lin(seq=2 * p.R * d.hd)
@@ -565,13 +632,16 @@ def logits_terms(spec: dict[str, Any], q: QuantSettings, chunked: bool = False) 
       gradient ``nll_loss`` writes into it, and ``log_softmax``'s input gradient, three fp32
       ``T V``: ``12 T V`` — the peak of most plans.
     Unsloth's chunked cross-entropy never materialises the fp32 copies: ``c T V`` at both.
+    Gemma-2's final softcapping adds its saved ``tanh`` output, ``c T V``.
     """
     d = dims(spec)
     p = precision(q)
+    # Gemma-2 ``final_logit_softcapping``: ``tanh(logits / cap) * cap`` keeps the tanh output
+    cap = p.c * d.V if d.final_softcap else 0
     if chunked:
-        return {"forward": Lin(tok=p.c * d.V), "backward": Lin(tok=p.c * d.V)}
+        return {"forward": Lin(tok=p.c * d.V + cap), "backward": Lin(tok=p.c * d.V + cap)}
     fwd = (p.c + 8) * d.V if p.amp else 8 * d.V
-    return {"forward": Lin(tok=fwd), "backward": Lin(tok=12 * d.V)}
+    return {"forward": Lin(tok=fwd + cap), "backward": Lin(tok=12 * d.V + cap)}
 
 
 def dequant_temp_bytes(spec: dict[str, Any], q: QuantSettings, c: int) -> int:

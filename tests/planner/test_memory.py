@@ -48,6 +48,12 @@ CASES = [
     pytest.param("qwen2.5-0.5b", dict(quant="bf16", batch_size=4, seq_len=1024, dropout=0.0), id="qwen2.5-bf16-ckpt-nodropout"),
     pytest.param("llama-3.2-1b", dict(quant="nf4", r=64, optimizer="adamw_8bit", dropout=0.0), id="llama1b-nf4-ckpt-8bit-nodropout"),
     pytest.param("llama-3.2-1b", dict(quant="bf16", grad_ckpt=False, batch_size=2, seq_len=2048), id="llama1b-bf16-nockpt"),
+    pytest.param("llama-3.2-1b", dict(quant="int8"), id="llama1b-int8-ckpt"),
+    pytest.param("llama-3.2-1b", dict(quant="int8", grad_ckpt=False, dropout=0.0), id="llama1b-int8-nockpt"),
+    pytest.param("smollm2-135m", dict(quant="fp32", compute_dtype="fp32", grad_ckpt=False, seq_len=1024), id="smollm2-fp32-nockpt"),
+    pytest.param("gemma-2-9b", dict(attn_impl="eager", targets="qv"), id="gemma2-9b-eager-nf4-ckpt"),
+    pytest.param("gemma-2-9b", dict(attn_impl="eager", quant="bf16", grad_ckpt=False, batch_size=2, seq_len=1024),
+                 id="gemma2-9b-eager-bf16-nockpt"),
     # small-vocabulary fixtures: the peak moves into layer 0's backward / recomputation
     pytest.param(str(FIXTURES / "phi3-fused.json"), dict(quant="bf16", grad_ckpt=False, seq_len=64, batch_size=2), id="phi3-fused-bf16-nockpt"),
     pytest.param(str(FIXTURES / "phi3-fused.json"), dict(quant="nf4", seq_len=64, batch_size=2), id="phi3-fused-nf4-ckpt"),
