@@ -92,7 +92,7 @@ def pct(x: float) -> str:
     return f"{100 * x:+.3f}%"
 
 
-def write_report(rows: list[dict], out: Path, argv: list[str], seconds: float) -> None:
+def write_report(rows: list[dict], out: Path, argv: list[str], seconds: float, commit, dirty) -> None:
     out.mkdir(parents=True, exist_ok=True)
     versions = {}
     for mod in ("torch", "transformers", "peft", "bitsandbytes"):
@@ -100,14 +100,6 @@ def write_report(rows: list[dict], out: Path, argv: list[str], seconds: float) -
             versions[mod] = __import__(mod).__version__
         except Exception:  # pragma: no cover
             versions[mod] = None
-    import subprocess
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "planner", "bench"], capture_output=True,
-                                    text=True, check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):  # pragma: no cover
-        commit, dirty = None, None
     total = summarize(rows)
     by_model = {m: summarize([r for r in rows if r["model"] == m]) for m in dict.fromkeys(r["model"] for r in rows)}
     doc = {"command": " ".join(["python", "bench/accuracy.py", *argv]), "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -143,6 +135,19 @@ def write_report(rows: list[dict], out: Path, argv: list[str], seconds: float) -
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
+def source_state() -> tuple[str | None, bool | None]:
+    """The commit the run starts from, and whether planner/ or bench/ differ from it."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "planner", "bench"], capture_output=True,
+                                    text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):  # pragma: no cover
+        return None, None
+    return commit, dirty
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -151,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default="reports/accuracy")
     a = ap.parse_args(argv)
+    commit, dirty = source_state()
     todo = cases(a.models.split(","), a.quick)
     t0 = time.perf_counter()
     rows = []
@@ -159,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"[{i}/{len(todo)}] {row['model']} {row['quant']} {row['b']}x{row['s']} ckpt={row['ckpt']} r={row['r']} "
                   f"{row['targets']} {row['optimizer']}: {pct(row['error'])} ({row['trace_seconds']} s)", flush=True)
-    write_report(rows, Path(a.out), argv, time.perf_counter() - t0)
+    write_report(rows, Path(a.out), argv, time.perf_counter() - t0, commit, dirty)
     sm = summarize(rows)
     print(f"median |error| {100 * sm['median_abs_error']:.3f}%, worst {100 * sm['worst_abs_error']:.3f}% over {sm['cases']} cases")
     return 0

@@ -566,6 +566,8 @@ def activation_terms(spec: dict[str, Any], counts: list[ModuleCount], r: int, dr
     """
     d = dims(spec)
     p = precision(q)
+    if kernels == "cpu" and grad_ckpt == "unsloth":
+        grad_ckpt = "hf"  # offloading to CPU RAM moves nothing when the device is the CPU
     br = lora_branches(spec, counts, q)
     full = layer_activation(spec, br, q, r, dropout, attn_impl, kernels=kernels)
     head = head_activation(spec, p, grad_ckpt != "off")
@@ -576,6 +578,8 @@ def activation_terms(spec: dict[str, Any], counts: list[ModuleCount], r: int, dr
         saved = Lin(tok=d.L * p.R * d.h) + head
     else:
         saved = head
+    if grad_ckpt != "off" and attn_impl == "eager":
+        saved = saved + eager_mask_activation(spec, p)
     if grad_ckpt != "off" and q.quant == "int8":
         saved = saved + d.L * int8_retained_activation(spec, q, p, True, False, set())
     grads_in = Lin(tok=2 * p.R * d.h)
@@ -606,6 +610,18 @@ def recompute_transient(spec: dict[str, Any], branches: list[Branch], p: Precisi
             extra += t1 * br.in_features
         lin = lin + Lin(tok=extra * br.per_layer)
     return lin
+
+
+def eager_mask_activation(spec: dict[str, Any], p: Precision) -> Lin:
+    """Eager attention gets a materialised additive causal mask, ``[b, 1, s, s]`` in the
+    embeddings' dtype (``R`` bytes; masking_utils ``eager_mask``), one per attention type (Gemma-2
+    alternates sliding-window and global layers: two).  Checkpointing keeps the layers' inputs,
+    masks included, for the recomputation: ``n R b s^2`` until backward ends.  (Without
+    checkpointing the masks die with the forward.)"""
+    c = spec["config"]
+    types = set(c.get("layer_types") or [])
+    n = 2 if (len(types) > 1 or (c.get("model_type") in ("gemma2", "gemma3") and c.get("sliding_window"))) else 1
+    return Lin(quad=n * p.R)
 
 
 def loss_time_activation(spec: dict[str, Any], counts: list[ModuleCount], q: QuantSettings, grad_ckpt: str) -> Lin:

@@ -29,13 +29,16 @@ def fmt_int(n: int) -> str:
     return f"{n:,}"
 
 
+PHASE_NAMES = {"forward": "loss", "backward": "start of backward", "layers": "layer-0 backward",
+               "optimizer": "optimizer step"}
+
 MEMORY_ROWS = [
     ("weights", "base weights (device, quant constants included)"),
     ("adapters", "LoRA adapters"),
     ("gradients", "gradients (trainable only)"),
     ("optimizer", "optimizer states"),
-    ("activations", "activations"),
-    ("logits", "logits + loss"),
+    ("activations", "activations (saved for backward)"),
+    ("logits", "logits + loss (fp32, start of backward)"),
     ("temporaries", "temporaries (largest)"),
 ]
 
@@ -75,7 +78,7 @@ def render_plan(plan: dict[str, Any]) -> str:
     )
     lines.append("")
     rows = [[label, fmt_bytes(mem[k]), fmt_int(mem[k])] for k, label in MEMORY_ROWS]
-    rows.append(["tensor peak (live tensors, " + p["memory_detail"]["peak_phase"] + ")",
+    rows.append(["tensor peak (live tensors, " + PHASE_NAMES.get(p["memory_detail"]["peak_phase"], p["memory_detail"]["peak_phase"]) + ")",
                  fmt_bytes(mem["tensor_peak"]), fmt_int(mem["tensor_peak"])])
     rows.append(["CUDA context + allocator slack", fmt_bytes(mem["overhead"]), fmt_int(mem["overhead"])])
     rows.append(["peak (GPU must have)", fmt_bytes(mem["peak"]), fmt_int(mem["peak"])])
@@ -84,6 +87,9 @@ def render_plan(plan: dict[str, Any]) -> str:
         f"weights: get_memory_footprint() would print {fmt_int(mem['weights_footprint'])} B "
         f"(leaves out {fmt_bytes(mem['weights'] - mem['weights_footprint'])} of quantization constants)"
     )
+    ph = p["memory_detail"].get("phases")
+    if ph:
+        lines.append("tensor peak by moment: " + " · ".join(f"{PHASE_NAMES.get(k, k)} {fmt_bytes(v)}" for k, v in ph.items()))
     paged = p["memory_detail"].get("optimizer_paged", 0)
     if paged:
         lines.append(f"optimizer: {fmt_bytes(paged)} of it is paged (CUDA unified memory, can spill to CPU)")
