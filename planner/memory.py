@@ -3,12 +3,14 @@
 Notation: ``T = batch_size * seq_len`` tokens per micro-batch, ``h`` hidden size, ``i`` MLP
 intermediate size, ``V`` vocabulary, ``L`` decoder layers, ``c`` bytes of the compute dtype.
 
-The peak of a training step is the largest of three moments (torch ``MemTracker`` phases):
+The peak of a training step is the largest of four moments (``MemoryModel``):
 
-* **forward/loss end** — weights + adapters + optimizer states (from step 2 on) + every saved
-  activation + the logits and the loss's fp32 copies;
-* **backward** — the same, minus the activations already consumed, plus the gradients so far and
-  the gradient of the logits;
+* **loss** (end of the forward) — weights + adapters + optimizer states (from step 2 on) + every
+  saved activation + the logits and the loss's fp32 copies;
+* **start of backward** — the same activations + three fp32 ``T x V`` tensors of the loss's
+  backward (the peak of almost every real plan);
+* **layer-0 backward** — the other layers' gradients + layer 0's activations (recomputed with
+  checkpointing) + the incoming gradient (the peak when the vocabulary is small);
 * **optimizer step** — weights + adapters + gradients + optimizer states + the step's temporaries.
 
 Everything here is checked against an independent oracle: the live-tensor trace of one real
