@@ -84,6 +84,24 @@ class TrainingSettings:
         return asdict(self)
 
 
+#: families whose activation terms are derived and checked against the trace (reports/accuracy/,
+#: tests/planner/test_memory.py); others get a warning that the analytic activations are approximate
+VALIDATED_FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma2")
+
+
+def accuracy_warning(spec: dict[str, Any]) -> str | None:
+    """A warning for plans whose activation terms are not validated: other families (GPT-2's
+    LayerNorm/GELU MLP, ...) and mixture-of-experts layers (routed experts' activations)."""
+    c = spec["config"]
+    mt = c.get("model_type")
+    moe = any(k in c and c[k] for k in ("num_local_experts", "num_experts", "n_routed_experts"))
+    if mt in VALIDATED_FAMILIES and not moe:
+        return None
+    what = f"mixture-of-experts layers ({mt})" if moe else f"the {mt} family"
+    return (f"activations of {what} are approximated with the Llama-family terms (validated: "
+            f"{', '.join(VALIDATED_FAMILIES)}); `--method trace` is exact")
+
+
 def max_context(spec: dict[str, Any]) -> int | None:
     c = spec["config"]
     v = c.get("max_position_embeddings") or c.get("n_positions")

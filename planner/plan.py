@@ -55,6 +55,11 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
     if inp.backend not in BACKENDS:
         raise QPlanError(f"unknown backend {inp.backend!r}: choose one of {', '.join(BACKENDS)}")
     t.validate(spec)
+    from .memory import accuracy_warning
+
+    note = accuracy_warning(spec)
+    if note:
+        warnings = [*(warnings or []), note]
     dtypes = {"bias": q.unquantized_dtype, "modules_to_save": q.unquantized_dtype}
     counts = count_lora(spec, lora, dtypes)
     trainable = trainable_params(counts)

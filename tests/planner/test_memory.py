@@ -101,3 +101,16 @@ def test_committed_accuracy_report_meets_the_goal():
     assert worst <= TOLERANCE
     for c in cases:
         assert c["error"] == pytest.approx((c["analytic_tensor_peak"] - c["trace_tensor_peak"]) / c["trace_tensor_peak"])
+
+
+def test_unvalidated_families_are_flagged():
+    """Families whose activation terms are not derived (GPT-2, MoE layers) say so in the plan;
+    the bundled specs (all validated families) carry no such warning."""
+    from qplan.planner.specs import bundled_model_names
+
+    gpt2 = plan(str(FIXTURES / "gpt2-conv1d.json"), seq_len=64)
+    moe = plan(str(FIXTURES / "qwen2-moe.json"), seq_len=64)
+    assert any("gpt2 family" in w and "--method trace" in w for w in gpt2["warnings"])
+    assert any("mixture-of-experts" in w for w in moe["warnings"])
+    for name in bundled_model_names():
+        assert not any("approximated" in w for w in plan(name)["warnings"]), name
