@@ -75,7 +75,8 @@ def plan_options(f):
         click.option("--grad-ckpt/--no-grad-ckpt", default=True, show_default=True, help="gradient checkpointing"),
         click.option("--optimizer", default="adamw_torch", show_default=True,
                      help="adamw_torch|adamw_8bit|paged_adamw_8bit|paged_adamw_32bit|sgd|adafactor"),
-        click.option("--attn", "attn_impl", default="sdpa", show_default=True, help="sdpa|flash_attention_2|eager"),
+        click.option("--attn", "attn_impl", default="auto", show_default=True,
+                     help="auto|sdpa|flash_attention_2|eager (auto: what transformers picks for the model, e.g. eager for Gemma-2)"),
         click.option("--backend", default="peft", show_default=True, help="peft|unsloth"),
         click.option("--strict-dtype", is_flag=True, help="fail instead of switching bf16 to fp16 on GPUs without bf16"),
     ]
@@ -103,7 +104,10 @@ def plan_from_options(o: dict[str, Any]) -> dict[str, Any]:
     quant = QuantSettings(o["quant"], o["double_quant"], DTYPE_ALIASES[o["compute_dtype"]], o["upcast"])
     backend = o["backend"]
     ckpt = ("unsloth" if backend == "unsloth" else "hf") if o["grad_ckpt"] else "off"
-    training = TrainingSettings(o["batch_size"], o["seq_len"], o["grad_accum"], ckpt, o["optimizer"], o["attn_impl"])
+    from .memory import resolve_attn
+
+    training = TrainingSettings(o["batch_size"], o["seq_len"], o["grad_accum"], ckpt, o["optimizer"],
+                                resolve_attn(spec, o.get("attn_impl") or "auto"))
     quant, warnings = check_gpu_dtype(quant, gpu, auto_fix=not o.get("strict_dtype"))
     inputs = PlanInputs(spec, lora, quant, training, gpu, backend)
     plan = build_plan(inputs, warnings)

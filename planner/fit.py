@@ -48,6 +48,7 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
     quants = [quant] if quant else list(DEFAULT_QUANTS)
     opts = [optimizer] if optimizer else list(DEFAULT_OPTIMIZERS)
     dtype = "bfloat16" if gpu["bf16"] else "float16"
+    attn = M.resolve_attn(spec, "auto")
     results = []
     candidates = 0
     for qn, rr, tg, op in itertools.product(quants, rs, tgts, opts):
@@ -58,7 +59,7 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
         counts = count_lora(spec, lora, {"bias": q.unquantized_dtype, "modules_to_save": q.unquantized_dtype})
         w = weights_bytes(spec, q)
         for ck in CKPTS:
-            model_ = M.MemoryModel.build(spec, counts, rr, lora.dropout, q, ck, op, "sdpa", w)
+            model_ = M.MemoryModel.build(spec, counts, rr, lora.dropout, q, ck, op, attn, w)
             for b, s in itertools.product(batches, seqs):
                 candidates += 1
                 tensor_peak = model_.peak(b, s)

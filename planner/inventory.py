@@ -296,6 +296,11 @@ def build_inventory(config: dict[str, Any]) -> dict[str, Any]:
         "params": params,
         "buffers": buffers,
         "tied": tied,
+        # attention implementations the architecture accepts (``_supports_sdpa`` /
+        # ``_supports_flash_attn``; eager always) and the one transformers picks by default
+        "attn_implementations": ["sdpa"] * bool(getattr(type(model), "_supports_sdpa", False))
+        + ["flash_attention_2"] * bool(getattr(type(model), "_supports_flash_attn", False)) + ["eager"],
+        "attn_default": str(getattr(model.config, "_attn_implementation", None) or "eager"),
         "presets": presets,
         "presets_source": {
             "qv": qv_source,

@@ -70,7 +70,13 @@ class TrainingSettings:
         if self.optimizer not in OPTIMIZERS:
             raise QPlanError(f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if self.attn_impl not in ATTN_IMPLS:
-            raise QPlanError(f"unknown attention implementation {self.attn_impl!r}: choose one of {', '.join(ATTN_IMPLS)}")
+            raise QPlanError(f"unknown attention implementation {self.attn_impl!r}: choose one of auto, {', '.join(ATTN_IMPLS)}")
+        supported = spec["inventory"].get("attn_implementations")
+        if supported and self.attn_impl not in supported:
+            raise QPlanError(
+                f"{spec['name']} ({spec['inventory'].get('architecture')}) does not support --attn {self.attn_impl} "
+                f"in transformers: use {' or '.join(supported)} (or auto)"
+            )
         if self.grad_ckpt not in GRAD_CKPT:
             raise QPlanError(f"unknown gradient checkpointing mode {self.grad_ckpt!r}: choose one of {', '.join(GRAD_CKPT)}")
         ctx = max_context(spec)
@@ -89,9 +95,13 @@ class TrainingSettings:
 VALIDATED_FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma2")
 
 
-def accuracy_warning(spec: dict[str, Any]) -> str | None:
+def accuracy_warning(spec: dict[str, Any], use_dora: bool = False) -> str | None:
     """A warning for plans whose activation terms are not validated: other families (GPT-2's
-    LayerNorm/GELU MLP, ...) and mixture-of-experts layers (routed experts' activations)."""
+    LayerNorm/GELU MLP, ...), mixture-of-experts layers (routed experts' activations) and DoRA
+    (its magnitude-scaled base output is not modelled: ~30% low without checkpointing)."""
+    if use_dora:
+        return ("DoRA's extra activations (the base output it rescales) are not in the analytic model; "
+                "`--method trace` is exact")
     c = spec["config"]
     mt = c.get("model_type")
     moe = any(k in c and c[k] for k in ("num_local_experts", "num_experts", "n_routed_experts"))
@@ -100,6 +110,14 @@ def accuracy_warning(spec: dict[str, Any]) -> str | None:
     what = f"mixture-of-experts layers ({mt})" if moe else f"the {mt} family"
     return (f"activations of {what} are approximated with the Llama-family terms (validated: "
             f"{', '.join(VALIDATED_FAMILIES)}); `--method trace` is exact")
+
+
+def resolve_attn(spec: dict[str, Any], attn_impl: str) -> str:
+    """``auto`` -> the attention implementation transformers picks for the architecture (recorded in
+    the spec's inventory: sdpa, or eager where sdpa is unsupported, e.g. Gemma-2)."""
+    if attn_impl == "auto":
+        return str(spec["inventory"].get("attn_default") or "sdpa")
+    return attn_impl
 
 
 def max_context(spec: dict[str, Any]) -> int | None:
@@ -263,7 +281,7 @@ def optimizer_step_temp_bytes(counts: list[ModuleCount], optimizer: str, kernels
 # (transformers' Llama-family decoder layer, PEFT 0.21's LoRA layers, bitsandbytes' Linear4bit,
 # torch's CUDA autocast and fused kernels) and checked against the exact trace of that step
 # (planner.trace; tests/planner/test_memory.py, reports/accuracy/).  Every term is a ``Lin``:
-# bytes = const + tok * T + quad * T * s, so a plan's terms are evaluated for any batch x sequence
+# bytes = const + tok * T + seq * s + quad * T * s, so a plan's terms are evaluated for any batch x sequence
 # in a few multiplications (``qplan fit``).
 
 
@@ -529,6 +547,24 @@ def attention_activation(d: Dims, p: Precision, attn_impl: str) -> Lin:
     return Lin(tok=p.c * (2 * d.nh + 2 * d.nkv) * hdp + 4 * d.nh, const=24)
 
 
+def eager_forward_transient(d: Dims, p: Precision) -> Lin:
+    """Eager attention's largest forward moment, per layer: the masked scores (``c``, or fp32 when
+    the mask is fp32 or there is no autocast), ``softmax(..., dtype=float32)``'s fp32 copy of them
+    (ATen ``softmax`` converts with ``toType`` unless fp16 on CUDA) and its fp32 output:
+    ``(A + [4 if A != 4] + 4) b nh s^2``.  With checkpointing nothing of it is saved, so it is the
+    peak of the forward at long sequences."""
+    a = 4 if (p.R == 4 or not p.amp) else p.c
+    return Lin(quad=(a + (0 if a == 4 else 4) + 4) * d.nh)
+
+
+def eager_backward_quad(d: Dims, p: Precision) -> Lin:
+    """Eager attention's largest backward moment, per layer: the saved fp32 softmax output, the
+    gradient of the probabilities cast back to fp32, and ``_softmax_backward_data``'s fp32 output
+    (``12 b nh s^2``), plus Gemma-2's saved ``tanh`` of the scores."""
+    tanh = (p.c if p.amp else 4) * d.nh if d.attn_softcap else 0
+    return Lin(quad=12 * d.nh + tanh)
+
+
 def mlp_activation(d: Dims, p: Precision) -> Lin:
     """Gated MLP (SwiGLU/GeGLU; Phi-3's fused ``gate_up_proj`` keeps the same bytes through views):
     the gate output (saved by the activation), the activation's output and the up output (saved
@@ -607,7 +643,13 @@ def activation_terms(spec: dict[str, Any], counts: list[ModuleCount], r: int, dr
         layers = first + grads_in + Lin(seq=2 * p.R * d.hd)
     else:
         layers = Lin(tok=p.R * d.h) + grads_in + full + Lin(seq=2 * p.R * d.hd) + recompute_transient(spec, br, p, dropout)
-    return {"saved": saved, "layer": full, "layers": layers,
+    attn_fwd = ZERO
+    if attn_impl == "eager":
+        # inside layer 0's backward the saved s^2 tensors give way to the backward's own
+        layers = layers + eager_backward_quad(d, p) + Lin(quad=-full.quad)
+        if grad_ckpt != "off":
+            attn_fwd = Lin(tok=d.L * p.R * d.h) + eager_mask_activation(spec, p) + eager_forward_transient(d, p)
+    return {"saved": saved, "layer": full, "layers": layers, "attn_fwd": attn_fwd,
             "loss_extra": loss_time_activation(spec, counts, q, grad_ckpt)}
 
 
@@ -723,10 +765,12 @@ class MemoryModel:
     * ``layers``: backward reaching layer 0, after the logits are freed: the gradients of the
       other layers, the incoming gradient (two ``R h T``), layer 0's activations (recomputed with
       checkpointing, with the recomputation's transients) — the peak of small-vocabulary models;
-    * ``optimizer``: static + gradients + the step's temporaries.
+    * ``optimizer``: static + gradients + the step's temporaries;
+    * ``attention`` (eager attention with checkpointing only): a layer's forward at its softmax,
+      the ``s^2`` score tensors that nothing saves (``eager_forward_transient``).
 
-    ``static`` = weights + adapters + optimizer states (from step 2 on); with gradient accumulation
-    the gradients are alive in every phase.
+    ``static`` = weights + adapters + optimizer states (from step 2 on), paged optimizer state
+    excluded; with gradient accumulation the gradients are alive in every phase.
     """
 
     weights: int
@@ -739,6 +783,7 @@ class MemoryModel:
     saved: Lin
     layer: Lin
     layers: Lin
+    attn_fwd: Lin
     layers_grads: int
     loss_extra: Lin
     logits_fwd: Lin
@@ -755,35 +800,36 @@ class MemoryModel:
             optimizer=opt["device"] + opt["paged"], optimizer_paged=opt["paged"],
             temps_opt=optimizer_step_temp_bytes(counts, optimizer, kernels),
             temps_dq=dequant_temp_bytes(spec, q, precision(q).c),
-            saved=acts["saved"], layer=acts["layer"], layers=acts["layers"],
+            saved=acts["saved"], layer=acts["layer"], layers=acts["layers"], attn_fwd=acts["attn_fwd"],
             layers_grads=gradient_bytes(counts) * (dims(spec).L - 1) // max(1, dims(spec).L), loss_extra=acts["loss_extra"], logits_fwd=lg["forward"], logits_bwd=lg["backward"],
         )
 
-    def peak(self, b: int, s: int, grad_accum: int = 1) -> int:
-        """tensor_peak only (the inner loop of ``qplan fit``)."""
-        T = b * s
-        static = self.weights + self.adapters + self.optimizer - self.optimizer_paged
-        g = self.gradients if grad_accum > 1 else 0
-        acts = self.saved.at(T, s)
-        return max(
-            static + g + acts + self.loss_extra.at(T, s) + self.logits_fwd.at(T, s),
-            static + g + acts + self.logits_bwd.at(T, s),
-            static + self.layers_grads + self.layers.at(T, s),
-            static + self.gradients + self.temps_opt,
-        )
-
-    def evaluate(self, b: int, s: int, grad_accum: int = 1) -> dict[str, Any]:
+    def phases(self, b: int, s: int, grad_accum: int = 1) -> dict[str, int]:
+        """Live tensor bytes at each moment of the step (the one formula both commands use)."""
         T = b * s
         # paged optimizer state lives in CUDA unified memory, outside the device allocator
         static = self.weights + self.adapters + self.optimizer - self.optimizer_paged
+        # gradients stay alive between micro-batches when accumulating
         g = self.gradients if grad_accum > 1 else 0
         acts = self.saved.at(T, s)
-        phases = {
+        out = {
             "forward": static + g + acts + self.loss_extra.at(T, s) + self.logits_fwd.at(T, s),
             "backward": static + g + acts + self.logits_bwd.at(T, s),
-            "layers": static + self.layers_grads + self.layers.at(T, s),
+            "layers": static + (self.gradients if grad_accum > 1 else self.layers_grads) + self.layers.at(T, s),
             "optimizer": static + self.gradients + self.temps_opt,
         }
+        if self.attn_fwd != ZERO:
+            out["attention"] = static + g + self.attn_fwd.at(T, s)
+        return out
+
+    def peak(self, b: int, s: int, grad_accum: int = 1) -> int:
+        """tensor_peak only (the inner loop of ``qplan fit``)."""
+        return max(self.phases(b, s, grad_accum).values())
+
+    def evaluate(self, b: int, s: int, grad_accum: int = 1) -> dict[str, Any]:
+        T = b * s
+        phases = self.phases(b, s, grad_accum)
+        acts = self.saved.at(T, s)
         tensor_peak = max(phases.values())
         phase = next(k for k, v in phases.items() if v == tensor_peak)
         over = overhead_bytes(tensor_peak)

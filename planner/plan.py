@@ -57,7 +57,7 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
     t.validate(spec)
     from .memory import accuracy_warning
 
-    note = accuracy_warning(spec)
+    note = accuracy_warning(spec, lora.use_dora)
     if note:
         warnings = [*(warnings or []), note]
     dtypes = {"bias": q.unquantized_dtype, "modules_to_save": q.unquantized_dtype}

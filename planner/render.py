@@ -30,7 +30,7 @@ def fmt_int(n: int) -> str:
 
 
 PHASE_NAMES = {"forward": "loss", "backward": "start of backward", "layers": "layer-0 backward",
-               "optimizer": "optimizer step"}
+               "optimizer": "optimizer step", "attention": "eager attention forward"}
 
 MEMORY_ROWS = [
     ("weights", "base weights (device, quant constants included)"),
@@ -38,8 +38,8 @@ MEMORY_ROWS = [
     ("gradients", "gradients (trainable only)"),
     ("optimizer", "optimizer states"),
     ("activations", "activations (saved for backward)"),
-    ("logits", "logits + loss (fp32, start of backward)"),
-    ("temporaries", "temporaries (largest)"),
+    ("logits", "logits + loss (start of backward)"),
+    ("temporaries", "largest transient (dequantized weight / optimizer step)"),
 ]
 
 

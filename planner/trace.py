@@ -968,6 +968,20 @@ class _Run:
             setattr(obj, name, value)
             stack.callback(setattr, obj, name, old)
 
+        # bitsandbytes caches its quantization maps process-wide on the device of their first use
+        # (functional.py ``name2qmap["dynamic"] = create_dynamic_map().to(A.device)``, used by
+        # double quantization): a map first made on meta would break every later real
+        # quantization in the process ("Cannot copy out of meta tensor").  Restore it on exit.
+        import bitsandbytes.functional as bnb_F
+
+        qmaps = dict(bnb_F.name2qmap)
+
+        def restore_qmaps():
+            bnb_F.name2qmap.clear()
+            bnb_F.name2qmap.update(qmaps)
+
+        stack.callback(restore_qmaps)
+
         # bitsandbytes.matmul: always the CUDA MatMul8bitLt path (autograd/_functions.py matmul)
         def matmul(A, B, out=None, state=None, threshold=0.0, bias=None):
             state = state or bnb_fn.MatmulLtState()
