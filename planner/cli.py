@@ -87,7 +87,7 @@ def plan_options(f):
 
 def plan_from_options(o: dict[str, Any]) -> dict[str, Any]:
     from .lora import LoraSettings
-    from .memory import TrainingSettings
+    from .memory import TrainingSettings, resolve_attn
     from .plan import PlanInputs, build_plan, check_gpu_dtype
     from .specs import load_gpu, load_spec
     from .weights import QuantSettings
@@ -104,8 +104,6 @@ def plan_from_options(o: dict[str, Any]) -> dict[str, Any]:
     quant = QuantSettings(o["quant"], o["double_quant"], DTYPE_ALIASES[o["compute_dtype"]], o["upcast"])
     backend = o["backend"]
     ckpt = ("unsloth" if backend == "unsloth" else "hf") if o["grad_ckpt"] else "off"
-    from .memory import resolve_attn
-
     training = TrainingSettings(o["batch_size"], o["seq_len"], o["grad_accum"], ckpt, o["optimizer"],
                                 resolve_attn(spec, o.get("attn_impl") or "auto"))
     quant, warnings = check_gpu_dtype(quant, gpu, auto_fix=not o.get("strict_dtype"))

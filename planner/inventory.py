@@ -301,6 +301,8 @@ def build_inventory(config: dict[str, Any]) -> dict[str, Any]:
         "attn_implementations": ["sdpa"] * bool(getattr(type(model), "_supports_sdpa", False))
         + ["flash_attention_2"] * bool(getattr(type(model), "_supports_flash_attn", False)) + ["eager"],
         "attn_default": str(getattr(model.config, "_attn_implementation", None) or "eager"),
+        # distinct ``layer_types`` (sliding-window / global layers): eager builds one mask each
+        "attention_types": sorted(set(getattr(model.config, "layer_types", None) or [])),
         "presets": presets,
         "presets_source": {
             "qv": qv_source,

@@ -26,7 +26,7 @@ from typing import Any
 
 from .errors import QPlanError
 from .lora import ModuleCount
-from .weights import BYTES, QuantSettings
+from .weights import BYTES, QuantSettings, is_quantized
 
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd", "adafactor")
 ATTN_IMPLS = ("sdpa", "flash_attention_2", "eager")
@@ -344,6 +344,35 @@ ATTN_OUT = {"o_proj", "out_proj", "dense", "c_proj", "wo"}
 MLP_OUT = {"down_proj", "w2", "dense_4h_to_h", "fc2", "c_proj", "wo"}
 
 
+def _site(g: dict[str, Any]) -> str | None:
+    """Where a linear group of a decoder layer reads from: ``attn_in`` / ``mlp_in`` (the normed
+    residual stream), ``attn_out`` (the attention output), ``mlp_out`` (the MLP hidden state);
+    None outside the layers (output head, ...)."""
+    leaf = g["pattern"].rsplit(".", 1)[-1]
+    role = g.get("role")
+    if role == "attn":
+        return "attn_out" if leaf in ATTN_OUT else "attn_in"
+    if role == "mlp":
+        return "mlp_out" if leaf in MLP_OUT else "mlp_in"
+    return None
+
+
+def _site_dtype(site: str, p: Precision) -> int:
+    """dtype bytes of the tensor a module at ``site`` receives."""
+    return {"attn_in": p.R, "attn_out": p.c, "mlp_in": p.R, "mlp_out": p.M}[site]
+
+
+def _site_input_bytes(site: str, d: Dims, p: Precision) -> int:
+    """Bytes per token of the tensor a module at ``site`` receives."""
+    return _site_dtype(site, p) * {"attn_in": d.h, "attn_out": d.q, "mlp_in": d.h, "mlp_out": d.i}[site]
+
+
+def _lora_input_dtype(br: "Branch", p: Precision) -> int:
+    """dtype bytes of a LoRA branch's input after PEFT's cast to the (fp32) adapter dtype, which
+    bitsandbytes' LoRA layers skip under autocast."""
+    return _site_dtype(br.site, p) if (br.kbit and p.amp) else 4
+
+
 @dataclass(frozen=True)
 class Branch:
     """One LoRA-adapted linear module, as the activation terms see it."""
@@ -363,22 +392,11 @@ def lora_branches(spec: dict[str, Any], counts: list[ModuleCount], q: QuantSetti
         g = groups.get(c_.module)
         if c_.kind != "lora" or g is None:
             continue
-        leaf = g["pattern"].rsplit(".", 1)[-1]
-        role = g.get("role", "attn")
-        if role == "attn":
-            site = "attn_out" if leaf in ATTN_OUT else "attn_in"
-        elif role == "mlp":
-            site = "mlp_out" if leaf in MLP_OUT else "mlp_in"
-        else:  # output head / other: no per-layer activation term
+        site = _site(g)
+        if site is None:  # output head / other: no per-layer activation term
             continue
-        kbit = q.kbit and g["bnb_quantized"] and not g.get("keep_fp32") and not g.get("weight_tied")
-        out.append(Branch(site, g["in_features"], g["out_features"], max(1, c_.instances // L), kbit))
+        out.append(Branch(site, g["in_features"], g["out_features"], max(1, c_.instances // L), is_quantized(g, q)))
     return out
-
-
-def _branch_input_bytes(site: str, p: Precision) -> int:
-    """dtype bytes of what a module at ``site`` receives."""
-    return {"attn_in": p.R, "attn_out": p.c, "mlp_in": p.R, "mlp_out": p.M}[site]
 
 
 def lora_branch_activation(br: Branch, p: Precision, r: int, dropout: float, input_grad: bool,
@@ -398,8 +416,8 @@ def lora_branch_activation(br: Branch, p: Precision, r: int, dropout: float, inp
       the module's input without it (returned as ``shares_input``, counted once per input);
     * ``lora_B`` saves ``lora_A``'s output, ``c * r`` (fp32 without autocast).
     """
-    x = _branch_input_bytes(br.site, p)
-    t1 = x if (br.kbit and p.amp) else 4
+    x = _site_dtype(br.site, p)
+    t1 = _lora_input_dtype(br, p)
     per = 0
     shares = False
     if dropout > 0 and input_grad:
@@ -463,7 +481,7 @@ def fused_qkv_kbit(spec: dict[str, Any], q: QuantSettings) -> bool | None:
     """None if the model has separate q/k/v projections; else whether the fused one is k-bit."""
     for g in spec["inventory"]["linear"]:
         if g["pattern"].rsplit(".", 1)[-1] in FUSED_QKV:
-            return bool(q.kbit and g["bnb_quantized"] and not g.get("keep_fp32"))
+            return is_quantized(g, q)
     return None
 
 
@@ -478,19 +496,11 @@ def fused_qkv_activation(d: Dims, p: Precision, fused_kbit: bool | None) -> Lin:
     return Lin(tok=p.c * (d.nh + d.nkv) * d.hd) if out_dtype == p.c else ZERO
 
 
-def _sites(spec: dict[str, Any], only_int8: QuantSettings | None = None) -> set[str]:
-    out = set()
-    for g in spec["inventory"]["linear"]:
-        role = g.get("role")
-        if role not in ("attn", "mlp"):
-            continue
-        if only_int8 is not None and not (only_int8.quant == "int8" and g["bnb_quantized"]
-                                          and not g.get("keep_fp32") and not g.get("weight_tied")):
-            continue
-        leaf = g["pattern"].rsplit(".", 1)[-1]
-        out.add(("attn_out" if leaf in ATTN_OUT else "attn_in") if role == "attn"
-                else ("mlp_out" if leaf in MLP_OUT else "mlp_in"))
-    return out
+def _int8_sites(spec: dict[str, Any], q: QuantSettings) -> set[str]:
+    """Sites of the layer's projections that bitsandbytes converts to int8 under ``q``."""
+    if q.quant != "int8":
+        return set()
+    return {site for g in spec["inventory"]["linear"] if (site := _site(g)) and is_quantized(g, q)}
 
 
 def int8_retained_activation(spec: dict[str, Any], q: QuantSettings, p: Precision, ckpt: bool, first: bool,
@@ -503,14 +513,13 @@ def int8_retained_activation(spec: dict[str, Any], q: QuantSettings, p: Precisio
     attention output is saved by sdpa anyway, and inputs already saved (``counted``) add nothing;
     layer 0's first projections read the embeddings, which need no grad."""
     d = dims(spec)
-    width = {"attn_in": p.R * d.h, "attn_out": p.c * d.q, "mlp_in": p.R * d.h, "mlp_out": p.M * d.i}
     tok = 0
-    for site in _sites(spec, only_int8=q):
+    for site in _int8_sites(spec, q):
         if first and site == "attn_in":
             continue
         if not ckpt and (site == "attn_out" or site in counted):
             continue
-        tok += width[site]
+        tok += _site_input_bytes(site, d, p)
     return Lin(tok=tok)
 
 
@@ -591,8 +600,7 @@ def layer_activation(spec: dict[str, Any], branches: list[Branch], q: QuantSetti
         if shares:
             shared.add(br.site)
     # a shared input is saved once; the attention output is saved by sdpa anyway
-    width = {"attn_in": p.R * d.h, "mlp_in": p.R * d.h, "mlp_out": p.M * d.i, "attn_out": 0}
-    total = total + Lin(tok=sum(width[s_] for s_ in shared))
+    total = total + Lin(tok=sum(_site_input_bytes(s_, d, p) for s_ in shared if s_ != "attn_out"))
     if q.quant == "int8":
         total = total + int8_retained_activation(spec, q, p, False, first, shared)
     return total + Lin(const=lora_weight_cast_bytes(branches, p, r))
@@ -612,7 +620,7 @@ def head_activation(spec: dict[str, Any], p: Precision, ckpt: bool) -> Lin:
 
 def activation_terms(spec: dict[str, Any], counts: list[ModuleCount], r: int, dropout: float,
                      q: QuantSettings, grad_ckpt: str, attn_impl: str, kernels: str = "cuda") -> dict[str, Lin]:
-    """Activations alive at the end of the forward pass, and one layer's (for recomputation).
+    """Activations alive at the end of the forward pass, and at the other moments that hold some.
 
     * no checkpointing: layer 0 (``first``) + ``L - 1`` full layers + the head;
     * HF checkpointing (``torch.utils.checkpoint``, non-reentrant): each layer keeps only its
@@ -627,29 +635,27 @@ def activation_terms(spec: dict[str, Any], counts: list[ModuleCount], r: int, dr
     br = lora_branches(spec, counts, q)
     full = layer_activation(spec, br, q, r, dropout, attn_impl, kernels=kernels)
     head = head_activation(spec, p, grad_ckpt != "off")
+    layer_inputs = Lin(tok=d.L * p.R * d.h)  # what HF checkpointing keeps of every layer
+    rotary = Lin(seq=2 * p.R * d.hd)  # cos/sin, alive through backward
+    grads_in = Lin(tok=2 * p.R * d.h)  # the gradient reaching a layer, and its sum with the residual's
     if grad_ckpt == "off":
         first = layer_activation(spec, br, q, r, dropout, attn_impl, first=True, kernels=kernels)
         saved = first + (d.L - 1) * full + head
-    elif grad_ckpt == "hf":
-        saved = Lin(tok=d.L * p.R * d.h) + head
+        layers = first + grads_in + rotary
     else:
-        saved = head
-    if grad_ckpt != "off" and attn_impl == "eager":
-        saved = saved + eager_mask_activation(spec, p)
-    if grad_ckpt != "off" and q.quant == "int8":
-        saved = saved + d.L * int8_retained_activation(spec, q, p, True, False, set())
-    grads_in = Lin(tok=2 * p.R * d.h)
-    if grad_ckpt == "off":
-        layers = first + grads_in + Lin(seq=2 * p.R * d.hd)
-    else:
-        layers = Lin(tok=p.R * d.h) + grads_in + full + Lin(seq=2 * p.R * d.hd) + recompute_transient(spec, br, p, dropout)
+        saved = (layer_inputs if grad_ckpt == "hf" else ZERO) + head
+        if attn_impl == "eager":
+            saved = saved + eager_mask_activation(spec, p)
+        if q.quant == "int8":
+            saved = saved + d.L * int8_retained_activation(spec, q, p, True, False, set())
+        layers = Lin(tok=p.R * d.h) + grads_in + full + rotary + recompute_transient(spec, br, p, dropout)
     attn_fwd = ZERO
     if attn_impl == "eager":
         # inside layer 0's backward the saved s^2 tensors give way to the backward's own
         layers = layers + eager_backward_quad(d, p) + Lin(quad=-full.quad)
         if grad_ckpt != "off":
-            attn_fwd = Lin(tok=d.L * p.R * d.h) + eager_mask_activation(spec, p) + eager_forward_transient(d, p)
-    return {"saved": saved, "layer": full, "layers": layers, "attn_fwd": attn_fwd,
+            attn_fwd = layer_inputs + eager_mask_activation(spec, p) + eager_forward_transient(d, p)
+    return {"saved": saved, "layers": layers, "attn_fwd": attn_fwd,
             "loss_extra": loss_time_activation(spec, counts, q, grad_ckpt)}
 
 
@@ -664,7 +670,7 @@ def recompute_transient(spec: dict[str, Any], branches: list[Branch], p: Precisi
         if br.site != "mlp_out":
             continue
         x = p.M
-        t1 = x if (br.kbit and p.amp) else 4
+        t1 = _lora_input_dtype(br, p)
         extra = 0
         if t1 != x:
             extra += t1 * br.in_features
@@ -676,13 +682,12 @@ def recompute_transient(spec: dict[str, Any], branches: list[Branch], p: Precisi
 
 def eager_mask_activation(spec: dict[str, Any], p: Precision) -> Lin:
     """Eager attention gets a materialised additive causal mask, ``[b, 1, s, s]`` in the
-    embeddings' dtype (``R`` bytes; masking_utils ``eager_mask``), one per attention type (Gemma-2
-    alternates sliding-window and global layers: two).  Checkpointing keeps the layers' inputs,
+    embeddings' dtype (``R`` bytes; masking_utils ``eager_mask``), one per attention type of the
+    config's ``layer_types`` (recorded in the spec's inventory; Gemma-2 alternates sliding-window
+    and global layers: two).  Checkpointing keeps the layers' inputs,
     masks included, for the recomputation: ``n R b s^2`` until backward ends.  (Without
     checkpointing the masks die with the forward.)"""
-    c = spec["config"]
-    types = set(c.get("layer_types") or [])
-    n = 2 if (len(types) > 1 or (c.get("model_type") in ("gemma2", "gemma3") and c.get("sliding_window"))) else 1
+    n = max(1, len(spec["inventory"].get("attention_types") or []))
     return Lin(quad=n * p.R)
 
 
@@ -728,8 +733,7 @@ def dequant_temp_bytes(spec: dict[str, Any], q: QuantSettings, c: int) -> int:
     the largest quantized layer, ``c * in * out``."""
     if not q.kbit:
         return 0
-    sizes = [g["in_features"] * g["out_features"] for g in spec["inventory"]["linear"]
-             if g["bnb_quantized"] and not g.get("weight_tied")]
+    sizes = [g["in_features"] * g["out_features"] for g in spec["inventory"]["linear"] if is_quantized(g, q)]
     return c * max(sizes, default=0)
 
 
@@ -781,7 +785,6 @@ class MemoryModel:
     temps_opt: int
     temps_dq: int
     saved: Lin
-    layer: Lin
     layers: Lin
     attn_fwd: Lin
     layers_grads: int
@@ -793,6 +796,7 @@ class MemoryModel:
     def build(cls, spec, counts, lora_r, dropout, q, grad_ckpt, optimizer, attn_impl, weights, chunked_ce=False,
               kernels="cuda"):
         opt = optimizer_state_bytes(counts, optimizer)
+        L = dims(spec).L
         acts = activation_terms(spec, counts, lora_r, dropout, q, grad_ckpt, attn_impl, kernels)
         lg = logits_terms(spec, q, chunked_ce)
         return cls(
@@ -800,8 +804,10 @@ class MemoryModel:
             optimizer=opt["device"] + opt["paged"], optimizer_paged=opt["paged"],
             temps_opt=optimizer_step_temp_bytes(counts, optimizer, kernels),
             temps_dq=dequant_temp_bytes(spec, q, precision(q).c),
-            saved=acts["saved"], layer=acts["layer"], layers=acts["layers"], attn_fwd=acts["attn_fwd"],
-            layers_grads=gradient_bytes(counts) * (dims(spec).L - 1) // max(1, dims(spec).L), loss_extra=acts["loss_extra"], logits_fwd=lg["forward"], logits_bwd=lg["backward"],
+            saved=acts["saved"], layers=acts["layers"], attn_fwd=acts["attn_fwd"],
+            # entering layer 0's backward, the other layers' gradients exist
+            layers_grads=gradient_bytes(counts) * (L - 1) // max(1, L),
+            loss_extra=acts["loss_extra"], logits_fwd=lg["forward"], logits_bwd=lg["backward"],
         )
 
     def phases(self, b: int, s: int, grad_accum: int = 1) -> dict[str, int]:

@@ -12,7 +12,7 @@ from typing import Any
 from . import __version__
 from .errors import QPlanError
 from .lora import LoraSettings, adapter_file_bytes, added_params, count_lora, trainable_params
-from .memory import TrainingSettings, training_memory
+from .memory import TrainingSettings, accuracy_warning, training_memory
 from .weights import BYTES, QuantSettings, base_params, weights_breakdown, weights_bytes, weights_footprint_bytes
 
 PLAN_SCHEMA_VERSION = 1
@@ -55,8 +55,6 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
     if inp.backend not in BACKENDS:
         raise QPlanError(f"unknown backend {inp.backend!r}: choose one of {', '.join(BACKENDS)}")
     t.validate(spec)
-    from .memory import accuracy_warning
-
     note = accuracy_warning(spec, lora.use_dora)
     if note:
         warnings = [*(warnings or []), note]

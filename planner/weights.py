@@ -98,6 +98,12 @@ def int8_state_bytes(out_features: int) -> int:
     return 4 * out_features
 
 
+def is_quantized(g: dict[str, Any], q: QuantSettings) -> bool:
+    """Whether bitsandbytes converts the linear group ``g`` under ``q`` (transformers' rule,
+    recorded as ``bnb_quantized``; tied weights and ``_keep_in_fp32_modules`` stay as they are)."""
+    return bool(q.kbit and g["bnb_quantized"] and not g.get("keep_fp32") and not g.get("weight_tied"))
+
+
 def _linear_terms(g: dict[str, Any], q: QuantSettings) -> tuple[int, int]:
     """(footprint bytes, extra device bytes) of one linear module instance (bias included)."""
     n = g["in_features"] * g["out_features"]
@@ -106,7 +112,7 @@ def _linear_terms(g: dict[str, Any], q: QuantSettings) -> tuple[int, int]:
     bias_b = bias * BYTES[dt]
     if g.get("weight_tied"):
         return bias_b, 0
-    if q.kbit and g["bnb_quantized"] and not g.get("keep_fp32"):
+    if is_quantized(g, q):
         if q.quant == "int8":
             return n + bias_b, int8_state_bytes(g["out_features"])
         return quant4_packed_bytes(n) + bias_b, quant4_state_bytes(n, q.double_quant)
@@ -127,8 +133,7 @@ def weights_breakdown(spec: dict[str, Any], q: QuantSettings) -> dict[str, int]:
     for g in inv["linear"]:
         foot, extra = _linear_terms(g, q)
         k = g["instances"]
-        quantized = q.kbit and g["bnb_quantized"] and not g.get("weight_tied") and not g.get("keep_fp32")
-        if quantized:
+        if is_quantized(g, q):
             bias_dt = q.unquantized_dtype
             bias_b = (g["out_features"] if g["bias"] else 0) * BYTES[bias_dt]
             out["quantized"] += k * (foot - bias_b)
