@@ -87,6 +87,7 @@ def test_existing_output_is_not_overwritten(tmp_path):
     (["--model", "llama-3.2-3b", "--batch-size", "0"], ["--batch-size"]),
     (["--model", "llama-3.2-3b", "--optimizer", "adam"], ["unknown optimizer", "adamw_torch"]),
     (["--model", "llama-3.2-3b", "--attn", "flash3"], ["attention", "sdpa"]),
+    (["--model", "gemma-2-9b", "--attn", "sdpa"], ["does not support --attn sdpa", "eager"]),
     (["--model", "llama-3.2-3b", "--quant", "int4"], ["--quant"]),
     (["--model", "llama-3.2-3b", "--r", "x"], ["--r"]),
     (["--model", "llama-3.2-3b", "--gpu", "t4", "--strict-dtype"], ["bfloat16", "fp16"]),
@@ -94,6 +95,15 @@ def test_existing_output_is_not_overwritten(tmp_path):
 ])
 def test_bad_input_one_line(args, needles):
     one_line_error(run("estimate", *args), *needles)
+
+
+def test_attention_auto_is_what_transformers_picks():
+    """`--attn auto` (the default) takes the spec's recorded default: eager for Gemma-2, which
+    transformers builds without sdpa support; sdpa for Llama."""
+    for model, want in (("gemma-2-9b", "eager"), ("llama-3.2-1b", "sdpa")):
+        p = run("estimate", "--model", model, "--format", "json")
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["training"]["attn_impl"] == want
 
 
 def test_malformed_config(tmp_path):
