@@ -11,11 +11,13 @@ import itertools
 from dataclasses import replace
 from typing import Any
 
-from . import memory as M
 from .errors import QPlanError
 from .lora import LoraSettings, count_lora
+from .memory import ALLOCATOR_SLACK_FRACTION, CUDA_CONTEXT_BYTES, max_context, resolve_attn
+from .phases import MemoryModel
 from .plan import PlanInputs, build_plan, check_gpu_dtype
 from .specs import load_gpu, load_spec
+from .vocab import OPTIMIZERS
 from .weights import QuantSettings, weights_bytes
 
 DEFAULT_RS = (8, 16, 32, 64)
@@ -31,39 +33,39 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
            optimizer=None, top: int = 10) -> dict[str, Any]:
     spec = load_spec(model)
     gpu = load_gpu(gpu_name)
-    usable = gpu["usable_bytes"]
-    ctx = M.max_context(spec) or max(SEQS)
+    usable = gpu.usable_bytes
+    ctx = max_context(spec) or max(SEQS)
     if seq_len is not None and seq_len > ctx:
-        raise QPlanError(f"--seq-len {seq_len} exceeds {spec['name']}'s context of {ctx} tokens")
+        raise QPlanError(f"--seq-len {seq_len} exceeds {spec.name}'s context of {ctx} tokens")
     for name, v in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--r", r)):
         if v is not None and v <= 0:
             raise QPlanError(f"{name} must be >= 1, got {v}")
-    if optimizer is not None and optimizer not in M.OPTIMIZERS:
-        raise QPlanError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(M.OPTIMIZERS)}")
+    if optimizer is not None and optimizer not in OPTIMIZERS:
+        raise QPlanError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     seqs = [seq_len] if seq_len else [s for s in SEQS if s <= ctx]
     batches = [batch_size] if batch_size else list(BATCHES)
     rs = [r] if r else list(DEFAULT_RS)
-    tgts = [targets] if targets else [t for t in DEFAULT_TARGETS if t in spec["inventory"]["presets"]
-                                      and spec["inventory"]["presets"][t]]
+    presets = spec.inventory.presets
+    tgts = [targets] if targets else [t for t in DEFAULT_TARGETS if presets.get(t)]
     quants = [quant] if quant else list(DEFAULT_QUANTS)
     opts = [optimizer] if optimizer else list(DEFAULT_OPTIMIZERS)
-    dtype = "bfloat16" if gpu["bf16"] else "float16"
-    attn = M.resolve_attn(spec, "auto")
+    dtype = "bfloat16" if gpu.bf16 else "float16"
+    attn = resolve_attn(spec, "auto")
     results = []
     candidates = 0
     for qn, rr, tg, op in itertools.product(quants, rs, tgts, opts):
         q = QuantSettings(qn, True, dtype, True)
-        if qn == "bf16" and not gpu["bf16"]:
+        if qn == "bf16" and not gpu.bf16:
             q = QuantSettings("fp16", True, dtype, True)
         lora = LoraSettings(r=rr, alpha=2.0 * rr, targets=tg)
         counts = count_lora(spec, lora, {"bias": q.unquantized_dtype, "modules_to_save": q.unquantized_dtype})
         w = weights_bytes(spec, q)
         for ck in CKPTS:
-            model_ = M.MemoryModel.build(spec, counts, rr, lora.dropout, q, ck, op, attn, w)
+            model_ = MemoryModel.build(spec, counts, rr, lora.dropout, q, ck, op, attn, w)
             for b, s in itertools.product(batches, seqs):
                 candidates += 1
                 tensor_peak = model_.peak(b, s)
-                peak = tensor_peak + M.CUDA_CONTEXT_BYTES + int(M.ALLOCATOR_SLACK_FRACTION * tensor_peak)
+                peak = tensor_peak + CUDA_CONTEXT_BYTES + int(ALLOCATOR_SLACK_FRACTION * tensor_peak)
                 if peak <= usable:
                     results.append({
                         "batch_size": b, "seq_len": s, "r": rr, "targets": tg, "quant": q.quant,
@@ -75,7 +77,7 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
     results.sort(key=lambda x: (-x["tokens"], x["grad_ckpt"] == "hf", pref_q.get(x["quant"], 3),
                                 -x["r"], x["headroom"] * -1))
     return {
-        "model": spec["name"], "gpu": gpu["name"], "usable_bytes": usable,
+        "model": spec.name, "gpu": gpu.name, "usable_bytes": usable,
         "candidates": candidates, "fitting": len(results), "best": results[:top],
     }
 

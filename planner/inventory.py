@@ -53,45 +53,13 @@ def _role(model, name: str) -> str:
     return "other"
 
 
-def _one_line(exc: BaseException) -> str:
-    """The most specific line of a (possibly multi-line) library error message."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[-1] if lines else type(exc).__name__
-
-
 def build_model_on_meta(config: dict[str, Any], dtype: str | None = None):
     """Instantiate the causal-LM of ``config`` on the meta device (no memory, exact shapes)."""
     try:
-        import torch
-        import transformers
-        from transformers import AutoConfig, AutoModelForCausalLM
-    except ImportError as exc:  # pragma: no cover - exercised only without the extra
-        raise QPlanError(
-            "building a spec from a config needs torch and transformers: pip install 'qplan[train]'"
-        ) from exc
-    cfg = dict(config)
-    model_type = cfg.pop("model_type", None)
-    if not model_type:
-        raise QPlanError("config has no 'model_type': is this a Hugging Face config.json?")
-    for key in ("transformers_version", "_name_or_path", "architectures", "auto_map"):
-        cfg.pop(key, None)
-    try:
-        hf_config = AutoConfig.for_model(model_type, **cfg)
-    except (ValueError, KeyError) as exc:
-        if model_type not in transformers.CONFIG_MAPPING:
-            raise QPlanError(
-                f"transformers {transformers.__version__} does not know model_type {model_type!r}"
-            ) from exc
-        raise QPlanError(f"invalid {model_type} config: {_one_line(exc)}") from exc
-    except Exception as exc:  # noqa: BLE001 - config validators raise their own types
-        raise QPlanError(f"invalid {model_type} config: {_one_line(exc)}") from exc
-    try:
-        with torch.device("meta"):
-            kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
-            model = AutoModelForCausalLM.from_config(hf_config, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - any config error becomes one line
-        raise QPlanError(f"cannot build model_type {model_type!r} from this config: {_one_line(exc)}") from exc
-    return model
+        from qplan.hf import model_from_config
+    except ImportError as exc:  # pragma: no cover - qplan.hf ships with qplan
+        raise QPlanError("building a spec from a config needs qplan's hf mapping") from exc
+    return model_from_config(config, dtype=dtype, device="meta")
 
 
 def _unique_suffixes(chosen: list[str], all_patterns: list[str]) -> list[str]:
@@ -120,9 +88,14 @@ def _unique_suffixes(chosen: list[str], all_patterns: list[str]) -> list[str]:
 
 def build_inventory(config: dict[str, Any]) -> dict[str, Any]:
     """Read every module of the model built from ``config`` on the meta device into plain data."""
-    import torch
-    import transformers
-    from transformers.pytorch_utils import Conv1D
+    try:
+        import torch
+        import transformers
+        from transformers.pytorch_utils import Conv1D
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise QPlanError(
+            "building a spec from a config needs torch and transformers: pip install 'qplan[train]'"
+        ) from exc
     from transformers.quantizers.base import HfQuantizer
     from transformers.quantizers.quantizers_utils import should_convert_module
 

@@ -23,15 +23,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import QPlanError
+from .spec import EmbeddingGroup, LinearGroup, ModelSpec, ParamGroup
+from .vocab import BIAS_MODES, BYTES, PRESETS, SAFETENSORS_DTYPE
 
-PRESETS = ("qv", "attn", "mlp", "all-linear")
 #: model types where PEFT 0.21 turns "all-linear" into more than nn.Linear targets (it adds the
 #: MoE router and the fused expert parameters via target_parameters). Found by
 #: tests/planner/test_lora.py against PEFT; refused rather than mis-counted.
 PEFT_ALL_LINEAR_ADDS_EXPERTS = ("mixtral",)
-BIAS_MODES = ("none", "lora_only", "all")
-DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
-SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
 @dataclass(frozen=True)
@@ -78,27 +76,27 @@ def _leaf(pattern: str) -> str:
     return pattern.rsplit(".", 1)[-1]
 
 
-def target_names(spec: dict[str, Any], targets: str) -> list[str]:
+def target_names(spec: ModelSpec, targets: str) -> list[str]:
     """The list of module names PEFT gets for ``targets`` (a preset or comma-separated names)."""
-    inv = spec["inventory"]
+    inv = spec.inventory
     targets = targets.strip()
-    if targets == "all-linear" and inv["model_type"] in PEFT_ALL_LINEAR_ADDS_EXPERTS:
+    if targets == "all-linear" and inv.model_type in PEFT_ALL_LINEAR_ADDS_EXPERTS:
         raise QPlanError(
-            f"PEFT's all-linear on {inv['model_type']} also adapts the router and the fused experts "
+            f"PEFT's all-linear on {inv.model_type} also adapts the router and the fused experts "
             f"(target_parameters), which qplan does not count yet: name modules explicitly, e.g. "
-            f"--targets {','.join(inv['presets']['attn'])}"
+            f"--targets {','.join(inv.presets['attn'])}"
         )
     if targets in PRESETS:
-        names = inv["presets"].get(targets)
+        names = inv.presets.get(targets)
         if names is None:
             raise QPlanError(
-                f"preset {targets!r} is not defined for model_type {inv['model_type']!r}; "
-                f"name modules explicitly, e.g. --targets {','.join(inv['presets']['attn'][:2])}"
+                f"preset {targets!r} is not defined for model_type {inv.model_type!r}; "
+                f"name modules explicitly, e.g. --targets {','.join(inv.presets['attn'][:2])}"
             )
         if not names:
             raise QPlanError(
-                f"preset {targets!r} matches no nn.Linear in {spec['name']} "
-                f"({inv['architecture']}); linear modules: {', '.join(linear_leaf_names(spec))}"
+                f"preset {targets!r} matches no nn.Linear in {spec.name} "
+                f"({inv.architecture}); linear modules: {', '.join(linear_leaf_names(spec))}"
             )
         return list(names)
     names = [t.strip() for t in targets.split(",") if t.strip()]
@@ -107,11 +105,11 @@ def target_names(spec: dict[str, Any], targets: str) -> list[str]:
     return names
 
 
-def linear_leaf_names(spec: dict[str, Any]) -> list[str]:
-    inv = spec["inventory"]
+def linear_leaf_names(spec: ModelSpec) -> list[str]:
+    inv = spec.inventory
     out: list[str] = []
-    for g in inv["linear"] + inv["embeddings"]:
-        leaf = _leaf(g["pattern"])
+    for g in inv.linear + inv.embeddings:
+        leaf = _leaf(g.pattern)
         if leaf not in out:
             out.append(leaf)
     return out
@@ -159,48 +157,48 @@ def _expand(pattern: str, instances: int, num_layers: int) -> list[str]:
     ]
 
 
-def count_lora(spec: dict[str, Any], lora: LoraSettings, module_dtypes: dict[str, str] | None = None) -> list[ModuleCount]:
+def count_lora(spec: ModelSpec, lora: LoraSettings, module_dtypes: dict[str, str] | None = None) -> list[ModuleCount]:
     """Per-module trainable parameters of ``lora`` on ``spec`` (one entry per module pattern)."""
-    inv = spec["inventory"]
+    inv = spec.inventory
     names = target_names(spec, lora.targets)
-    linear = inv["linear"]
-    emb = inv["embeddings"]
+    linear: tuple[LinearGroup | EmbeddingGroup, ...] = inv.linear
+    emb: tuple[EmbeddingGroup, ...] = inv.embeddings
     ad = lora.adapter_dtype
     out: list[ModuleCount] = []
     matched: set[str] = set()
     for name in names:
-        hits = [g for g in linear + emb if _matches(g["pattern"], name)]
+        hits = [g for g in linear + emb if _matches(g.pattern, name)]
         if not hits:
-            other = [p for p in inv["params"] if _matches(p["pattern"], name)]
+            other = [p for p in inv.params if _matches(p.pattern, name)]
             if other:
                 raise QPlanError(
-                    f"target {name!r} is a {other[0]['module_type']}, which LoRA cannot adapt; "
+                    f"target {name!r} is a {other[0].module_type}, which LoRA cannot adapt; "
                     f"targetable modules: {', '.join(linear_leaf_names(spec))}"
                 )
             raise QPlanError(
-                f"target {name!r} matches no module of {spec['name']}; "
+                f"target {name!r} matches no module of {spec.name}; "
                 f"its linear modules are: {', '.join(linear_leaf_names(spec))}"
             )
-        matched.update(g["pattern"] for g in hits)
-    targeted = [g for g in linear + emb if g["pattern"] in matched]
+        matched.update(g.pattern for g in hits)
+    targeted = [g for g in linear + emb if g.pattern in matched]
     r = lora.r
     for g in targeted:
-        if "in_features" in g:
-            i_, o_ = g["in_features"], g["out_features"]
+        if isinstance(g, LinearGroup):
+            i_, o_ = g.in_features, g.out_features
             shape = f"{i_}→{o_}"
             per = r * (i_ + o_)
             keys_a, keys_b = ("lora_A.weight", [r, i_]), ("lora_B.weight", [o_, r])
             mag = o_
         else:
-            i_, o_ = g["num_embeddings"], g["embedding_dim"]
+            i_, o_ = g.num_embeddings, g.embedding_dim
             shape = f"emb {i_}×{o_}"
             per = r * (i_ + o_)
             keys_a, keys_b = ("lora_embedding_A", [r, i_]), ("lora_embedding_B", [o_, r])
             mag = o_
-        out.append(ModuleCount(g["pattern"], "lora", shape, g["instances"], per, ad,
+        out.append(ModuleCount(g.pattern, "lora", shape, g.instances, per, ad,
                                [keys_a, keys_b]))
         if lora.use_dora:
-            out.append(ModuleCount(g["pattern"], "dora_magnitude", f"{mag}", g["instances"], mag, ad,
+            out.append(ModuleCount(g.pattern, "dora_magnitude", f"{mag}", g.instances, mag, ad,
                                    [("lora_magnitude_vector", [mag])]))
     if lora.bias in ("lora_only", "all"):
         # existing biases become trainable; a wrapped (targeted) module's bias is saved as
@@ -208,46 +206,46 @@ def count_lora(spec: dict[str, Any], lora: LoraSettings, module_dtypes: dict[str
         dt = (module_dtypes or {}).get("bias", ad)
         pool = targeted if lora.bias == "lora_only" else linear
         for g in pool:
-            if g.get("bias") and not g.get("weight_tied"):
-                key = "base_layer.bias" if g["pattern"] in matched else "bias"
-                out.append(ModuleCount(g["pattern"], "bias", f"{g['out_features']}", g["instances"],
-                                       g["out_features"], dt, [(key, [g["out_features"]])]))
+            if isinstance(g, LinearGroup) and g.bias and not g.weight_tied:
+                key = "base_layer.bias" if g.pattern in matched else "bias"
+                out.append(ModuleCount(g.pattern, "bias", f"{g.out_features}", g.instances,
+                                       g.out_features, dt, [(key, [g.out_features])]))
     if lora.bias == "all":
-        for p in inv["params"]:
-            if p["param"] == "bias":
-                n = math.prod(p["shape"])
-                out.append(ModuleCount(p["pattern"], "bias", "×".join(map(str, p["shape"])),
-                                       p["instances"], n, dt, [("bias", list(p["shape"]))]))
+        for p in inv.params:
+            if p.param == "bias":
+                n = math.prod(p.shape)
+                out.append(ModuleCount(p.pattern, "bias", "×".join(map(str, p.shape)),
+                                       p.instances, n, dt, [("bias", list(p.shape))]))
     for name in lora.modules_to_save:
-        hits = [g for g in linear + emb if _matches(g["pattern"], name)]
-        hits += [p for p in inv["params"] if _matches(p["pattern"], name)]
+        hits: list[LinearGroup | EmbeddingGroup | ParamGroup] = [g for g in linear + emb if _matches(g.pattern, name)]
+        hits += [p for p in inv.params if _matches(p.pattern, name)]
         if not hits:
             raise QPlanError(
-                f"--modules-to-save {name!r} matches no module of {spec['name']}; "
+                f"--modules-to-save {name!r} matches no module of {spec.name}; "
                 f"modules: {', '.join(linear_leaf_names(spec))}"
             )
         seen: set[str] = set()
         for g in hits:
-            if "in_features" in g:
-                n = g["in_features"] * g["out_features"] + (g["out_features"] if g["bias"] else 0)
-                shape = f"{g['in_features']}→{g['out_features']}"
-                keys = [("weight", [g["out_features"], g["in_features"]])]
-                if g["bias"]:
-                    keys.append(("bias", [g["out_features"]]))
-            elif "num_embeddings" in g:
-                n = g["num_embeddings"] * g["embedding_dim"]
-                shape = f"emb {g['num_embeddings']}×{g['embedding_dim']}"
-                keys = [("weight", [g["num_embeddings"], g["embedding_dim"]])]
+            if isinstance(g, LinearGroup):
+                n = g.in_features * g.out_features + (g.out_features if g.bias else 0)
+                shape = f"{g.in_features}→{g.out_features}"
+                keys = [("weight", [g.out_features, g.in_features])]
+                if g.bias:
+                    keys.append(("bias", [g.out_features]))
+            elif isinstance(g, EmbeddingGroup):
+                n = g.num_embeddings * g.embedding_dim
+                shape = f"emb {g.num_embeddings}×{g.embedding_dim}"
+                keys = [("weight", [g.num_embeddings, g.embedding_dim])]
             else:
-                n = math.prod(g["shape"])
-                shape = "×".join(map(str, g["shape"]))
-                keys = [(g["param"], list(g["shape"]))]
-            key = g["pattern"] + shape
+                n = math.prod(g.shape)
+                shape = "×".join(map(str, g.shape))
+                keys = [(g.param, list(g.shape))]
+            key = g.pattern + shape
             if key in seen:
                 continue
             seen.add(key)
             dt = (module_dtypes or {}).get("modules_to_save", ad)
-            out.append(ModuleCount(g["pattern"], "modules_to_save", shape, g["instances"], n, dt, keys))
+            out.append(ModuleCount(g.pattern, "modules_to_save", shape, g.instances, n, dt, keys))
     return out
 
 
@@ -261,7 +259,7 @@ def added_params(counts: list[ModuleCount]) -> int:
     return sum(c.total for c in counts if c.kind != "bias")
 
 
-def adapter_file_bytes(spec: dict[str, Any], counts: list[ModuleCount]) -> int:
+def adapter_file_bytes(spec: ModelSpec, counts: list[ModuleCount]) -> int:
     """Exact size of ``adapter_model.safetensors`` written by PEFT's ``save_pretrained``.
 
     safetensors layout (safetensors/src/tensor.rs ``prepare``/``serialize``): an 8-byte
@@ -270,7 +268,7 @@ def adapter_file_bytes(spec: dict[str, Any], counts: list[ModuleCount]) -> int:
     with ``data_offsets`` — padded with spaces to a multiple of 8, then the raw tensor bytes.
     PEFT's keys are the module names under ``base_model.model.`` with the adapter name removed.
     """
-    L = spec["inventory"].get("num_hidden_layers", 0)
+    L = spec.inventory.num_hidden_layers
     tensors: list[tuple[str, str, list[int]]] = []
     for c in counts:
         st = SAFETENSORS_DTYPE[c.dtype if c.dtype in SAFETENSORS_DTYPE else "float32"]
@@ -282,7 +280,7 @@ def adapter_file_bytes(spec: dict[str, Any], counts: list[ModuleCount]) -> int:
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, st, shape in tensors:
-        n = math.prod(shape) * (4 if st == "F32" else 2)
+        n = math.prod(shape) * (BYTES["float32"] if st == "F32" else BYTES["bfloat16"])
         header[name] = {"dtype": st, "shape": shape, "data_offsets": [offset, offset + n]}
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()

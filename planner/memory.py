@@ -1,36 +1,27 @@
-"""Training-memory terms: one pure function per term, integer bytes, formula and source in each.
+"""Training-memory terms that do not depend on the batch: the model's dimensions, adapters, gradients,
+optimizer states and the optimizer step's temporaries, the CUDA overheads; and the plan's
+training settings.  One pure function per term, integer bytes, formula and source in each.
 
 Notation: ``T = batch_size * seq_len`` tokens per micro-batch, ``h`` hidden size, ``i`` MLP
 intermediate size, ``V`` vocabulary, ``L`` decoder layers, ``c`` bytes of the compute dtype.
-
-The peak of a training step is the largest of four moments (``MemoryModel``):
-
-* **loss** (end of the forward) — weights + adapters + optimizer states (from step 2 on) + every
-  saved activation + the logits and the loss's fp32 copies;
-* **start of backward** — the same activations + three fp32 ``T x V`` tensors of the loss's
-  backward (the peak of almost every real plan);
-* **layer-0 backward** — the other layers' gradients + layer 0's activations (recomputed with
-  checkpointing) + the incoming gradient (the peak when the vocabulary is small);
-* **optimizer step** — weights + adapters + gradients + optimizer states + the step's temporaries.
+The terms that grow with the batch are in ``planner.activations``; the moments of a step and
+the peak in ``planner.phases``.
 
 Everything here is checked against an independent oracle: the live-tensor trace of one real
-training step (``planner.trace``, on the meta device for full-size models and on the CPU against
-real tensors), see tests/planner/test_memory.py and reports/accuracy/.
+training step (``qplan.observe.trace``, on the meta device for full-size models and on the CPU
+against real tensors), see tests/planner/test_memory.py and reports/accuracy/.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from .errors import QPlanError
 from .lora import ModuleCount
-from .weights import BYTES, QuantSettings, is_quantized
-
-OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd", "adafactor")
-ATTN_IMPLS = ("sdpa", "flash_attention_2", "eager")
-GRAD_CKPT = ("off", "hf", "unsloth")
+from .spec import ModelSpec
+from .vocab import ATTN_IMPLS, BYTES, GRAD_CKPT, OPTIMIZERS, optimizer
+from .weights import QuantSettings, is_quantized
 
 #: bitsandbytes 8-bit optimizers keep tensors with fewer elements in 32-bit state
 #: (``Optimizer2State(min_8bit_size=4096)``, bitsandbytes/optim/optimizer.py).
@@ -60,7 +51,7 @@ class TrainingSettings:
     optimizer: str = "adamw_torch"
     attn_impl: str = "sdpa"
 
-    def validate(self, spec: dict[str, Any]) -> None:
+    def validate(self, spec: ModelSpec) -> None:
         if self.batch_size <= 0:
             raise QPlanError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.seq_len <= 0:
@@ -71,10 +62,10 @@ class TrainingSettings:
             raise QPlanError(f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if self.attn_impl not in ATTN_IMPLS:
             raise QPlanError(f"unknown attention implementation {self.attn_impl!r}: choose one of auto, {', '.join(ATTN_IMPLS)}")
-        supported = spec["inventory"].get("attn_implementations")
+        supported = spec.inventory.attn_implementations
         if supported and self.attn_impl not in supported:
             raise QPlanError(
-                f"{spec['name']} ({spec['inventory'].get('architecture')}) does not support --attn {self.attn_impl} "
+                f"{spec.name} ({spec.inventory.architecture}) does not support --attn {self.attn_impl} "
                 f"in transformers: use {' or '.join(supported)} (or auto)"
             )
         if self.grad_ckpt not in GRAD_CKPT:
@@ -82,11 +73,11 @@ class TrainingSettings:
         ctx = max_context(spec)
         if ctx and self.seq_len > ctx:
             raise QPlanError(
-                f"--seq-len {self.seq_len} exceeds {spec['name']}'s context of {ctx} tokens "
+                f"--seq-len {self.seq_len} exceeds {spec.name}'s context of {ctx} tokens "
                 f"(max_position_embeddings)"
             )
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         return asdict(self)
 
 
@@ -95,14 +86,14 @@ class TrainingSettings:
 VALIDATED_FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma2")
 
 
-def accuracy_warning(spec: dict[str, Any], use_dora: bool = False) -> str | None:
+def accuracy_warning(spec: ModelSpec, use_dora: bool = False) -> str | None:
     """A warning for plans whose activation terms are not validated: other families (GPT-2's
     LayerNorm/GELU MLP, ...), mixture-of-experts layers (routed experts' activations) and DoRA
     (its magnitude-scaled base output is not modelled: ~30% low without checkpointing)."""
     if use_dora:
         return ("DoRA's extra activations (the base output it rescales) are not in the analytic model; "
                 "`--method trace` is exact")
-    c = spec["config"]
+    c = spec.config
     mt = c.get("model_type")
     moe = any(k in c and c[k] for k in ("num_local_experts", "num_experts", "n_routed_experts"))
     if mt in VALIDATED_FAMILIES and not moe:
@@ -112,16 +103,16 @@ def accuracy_warning(spec: dict[str, Any], use_dora: bool = False) -> str | None
             f"{', '.join(VALIDATED_FAMILIES)}); `--method trace` is exact")
 
 
-def resolve_attn(spec: dict[str, Any], attn_impl: str) -> str:
+def resolve_attn(spec: ModelSpec, attn_impl: str) -> str:
     """``auto`` -> the attention implementation transformers picks for the architecture (recorded in
     the spec's inventory: sdpa, or eager where sdpa is unsupported, e.g. Gemma-2)."""
     if attn_impl == "auto":
-        return str(spec["inventory"].get("attn_default") or "sdpa")
+        return str(spec.inventory.attn_default or "sdpa")
     return attn_impl
 
 
-def max_context(spec: dict[str, Any]) -> int | None:
-    c = spec["config"]
+def max_context(spec: ModelSpec) -> int | None:
+    c = spec.config
     v = c.get("max_position_embeddings") or c.get("n_positions")
     return int(v) if v else None
 
@@ -154,10 +145,10 @@ class Dims:
         return self.nkv * self.hd
 
 
-def dims(spec: dict[str, Any]) -> Dims:
+def dims(spec: ModelSpec) -> Dims:
     """Model dimensions from the config (names differ by family: GPT-2 uses n_embd/n_layer)."""
-    c = spec["config"]
-    inv = spec["inventory"]
+    c = spec.config
+    inv = spec.inventory
     h = int(c.get("hidden_size") or c.get("n_embd"))
     L = int(c.get("num_hidden_layers") or c.get("n_layer"))
     V = int(c.get("vocab_size"))
@@ -165,15 +156,15 @@ def dims(spec: dict[str, Any]) -> Dims:
     nkv = int(c.get("num_key_value_heads") or nh)
     hd = int(c.get("head_dim") or h // nh)
     i = int(c.get("intermediate_size") or c.get("n_inner") or 4 * h)
-    leaves = {g["pattern"].rsplit(".", 1)[-1] for g in inv["linear"]}
+    leaves = {g.pattern.rsplit(".", 1)[-1] for g in inv.linear}
     gated = bool({"gate_proj", "gate_up_proj", "w1", "w3"} & leaves) or any(
-        p["param"] == "gate_up_proj" for p in inv["params"]
+        p.param == "gate_up_proj" for p in inv.params
     )
-    norm_params = [p for p in inv["params"] if "layers.*." in p["pattern"]
-                   and str(p.get("module_type", "")).endswith(("RMSNorm", "LayerNorm"))]
+    norm_params = [p for p in inv.params if "layers.*." in p.pattern
+                   and p.module_type.endswith(("RMSNorm", "LayerNorm"))]
     norms = len(norm_params) or 2
-    gemma = any(str(p.get("module_type", "")).startswith("Gemma") for p in norm_params)
-    return Dims(h, L, V, nh, nkv, hd, i, gated, bool(inv["tied"]), norms, gemma,
+    gemma = any(p.module_type.startswith("Gemma") for p in norm_params)
+    return Dims(h, L, V, nh, nkv, hd, i, gated, bool(inv.tied), norms, gemma,
                 bool(c.get("attn_logit_softcapping")), bool(c.get("final_logit_softcapping")))
 
 
@@ -204,11 +195,13 @@ def gradient_bytes(counts: list[ModuleCount]) -> int:
     return adapter_bytes(counts)
 
 
-def optimizer_state_bytes(counts: list[ModuleCount], optimizer: str) -> dict[str, int]:
+def optimizer_state_bytes(counts: list[ModuleCount], name: str) -> dict[str, int]:
     """Optimizer state, split into ordinary device memory and paged (CUDA unified) memory.
 
     * ``adamw_torch``: ``exp_avg`` and ``exp_avg_sq`` like the parameter (torch/optim/adamw.py);
       ``step`` is a CPU scalar unless capturable/fused.
+    * ``adamw_torch_fused`` (``_fused_adamw_``): the same two states, and ``step`` a 4-byte fp32
+      tensor on the device per trainable tensor (``_get_scalar_dtype(is_fused=True)``).
     * ``adamw_8bit``/``paged_adamw_8bit`` (bitsandbytes ``Optimizer2State.init_state``): tensors
       with < 4096 elements keep two fp32 states; larger ones two uint8 states plus two fp32
       ``absmax`` per 256-element block. Paged variants put tensors with >= 1e5 elements in
@@ -218,522 +211,74 @@ def optimizer_state_bytes(counts: list[ModuleCount], optimizer: str) -> dict[str
     * ``adafactor`` (transformers.optimization.Adafactor, ``beta1=None``): factored second
       moment for >= 2-D tensors: one fp32 row vector and one column vector; 1-D: full fp32.
     """
+    opt = optimizer(name)
     dev = paged = 0
     for c in counts:
         for _, shape in c.save_keys:
             n = math.prod(shape)
             k = c.instances
-            if optimizer == "adamw_torch":
+            big = opt.paged and n >= BNB_PAGED_MIN_NUMEL
+            if opt.device_step:
+                dev += k * 4  # fused AdamW's fp32 ``step`` on the device
+            if opt.state == "adamw":
                 dev += k * 2 * n * BYTES[c.dtype]
-            elif optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+            elif opt.state == "bnb8bit":
                 if n < BNB_MIN_8BIT_SIZE:
                     b = 2 * n * 4
                 else:
                     b = 2 * n + 2 * 4 * math.ceil(n / BNB_OPTIM_BLOCKSIZE)
-                if optimizer.startswith("paged") and n >= BNB_PAGED_MIN_NUMEL:
+                if big:
                     # state1/state2 are paged; absmax stays an ordinary tensor
                     paged += k * 2 * n
                     dev += k * (b - 2 * n)
                 else:
                     dev += k * b
-            elif optimizer == "paged_adamw_32bit":
-                if n >= BNB_PAGED_MIN_NUMEL:
+            elif opt.state == "bnb32bit":
+                if big:
                     paged += k * 2 * n * 4
                 else:
                     dev += k * 2 * n * 4
-            elif optimizer == "sgd":
-                pass
-            elif optimizer == "adafactor":
+            elif opt.state == "factored":
                 if len(shape) >= 2:
                     dev += k * 4 * (shape[0] + math.prod(shape[1:]))
                 else:
                     dev += k * 4 * n
-            else:  # pragma: no cover - validated earlier
-                raise QPlanError(f"unknown optimizer {optimizer!r}")
+            elif opt.state != "none":  # pragma: no cover - the table has no other kind
+                raise QPlanError(f"optimizer {name!r}: unknown state kind {opt.state!r}")
     return {"device": dev, "paged": paged}
 
 
-def optimizer_step_temp_bytes(counts: list[ModuleCount], optimizer: str, kernels: str = "cuda") -> int:
+def optimizer_step_temp_bytes(counts: list[ModuleCount], name: str, kernels: str = "cuda") -> int:
     """Transient tensors of one optimizer step.
 
     ``adamw_torch`` (foreach, torch/optim/adam.py ``_multi_tensor_adam``): ``exp_avg_sq_sqrt =
     torch._foreach_sqrt(exp_avg_sqs)`` — one parameter-sized tensor per trainable tensor, all alive
-    at once. bitsandbytes 8-bit/32-bit steps update in place (fused kernels). Adafactor:
+    at once. Fused AdamW and bitsandbytes 8-bit/32-bit steps update in place (fused kernels). Adafactor:
     ``update = grad**2 + eps`` and the approximated ``update`` — two fp32 copies of the largest
     tensor at a time (it loops over parameters). SGD: none.
     """
     tensors = trainable_tensors(counts)
-    if optimizer == "adamw_torch":
+    temps = optimizer(name).step_temps
+    if temps == "foreach":
         if kernels == "cpu":
             # CPU parameters take the single-tensor loop (``_single_tensor_adam``): ``denom =
             # (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)``, one tensor at a time, and
             # each parameter's ``step`` is a 4-byte tensor on the same (CPU) device
             return max((n * BYTES[dt] for n, dt in tensors), default=0) * 2 + 4 * len(tensors)
         return sum(n * BYTES[dt] for n, dt in tensors)
-    if optimizer == "adafactor":
+    if temps == "adafactor":
         return 2 * 4 * max((n for n, _ in tensors), default=0)
     return 0
 
 
-# ------------------------------------------------------------------------- activations
-#
-# What autograd keeps for backward, derived op by op from the code a training step runs
-# (transformers' Llama-family decoder layer, PEFT 0.21's LoRA layers, bitsandbytes' Linear4bit,
-# torch's CUDA autocast and fused kernels) and checked against the exact trace of that step
-# (planner.trace; tests/planner/test_memory.py, reports/accuracy/).  Every term is a ``Lin``:
-# bytes = const + tok * T + seq * s + quad * T * s, so a plan's terms are evaluated for any batch x sequence
-# in a few multiplications (``qplan fit``).
 
-
-@dataclass(frozen=True)
-class Lin:
-    """``const + tok * T + seq * s + quad * T * s`` bytes (T = batch * seq tokens, s = sequence
-    length: ``seq`` for tensors broadcast over the batch, ``quad`` for eager attention scores)."""
-
-    const: int = 0
-    tok: int = 0
-    seq: int = 0
-    quad: int = 0
-
-    def __add__(self, o: "Lin") -> "Lin":
-        return Lin(self.const + o.const, self.tok + o.tok, self.seq + o.seq, self.quad + o.quad)
-
-    def __mul__(self, k: int) -> "Lin":
-        return Lin(self.const * k, self.tok * k, self.seq * k, self.quad * k)
-
-    __rmul__ = __mul__
-
-    def at(self, T: int, s: int) -> int:
-        return self.const + self.tok * T + self.seq * s + self.quad * T * s
-
-
-ZERO = Lin()
-
-
-@dataclass(frozen=True)
-class Precision:
-    """Bytes per element of the tensors a step makes.
-
-    * ``amp``: autocast on (Trainer ``bf16=True``/``fp16=True`` -> accelerate wraps the forward in
-      ``torch.autocast``); ``c``: what autocast's lower-precision ops produce (4 without autocast).
-    * ``R``: the residual stream: embeddings output, norm outputs.  ``prepare_model_for_kbit_training``
-      casts embeddings and norms to fp32, so the whole stream runs in fp32 (4); otherwise the load dtype.
-    * ``M``: outputs of the projections feeding the MLP activation.  bitsandbytes' ``Linear4bit``
-      casts its output back to the input dtype (``out.to(inp_dtype)``), so k-bit models keep ``R``;
-      plain ``nn.Linear`` under autocast gives ``c``.
-    """
-
-    amp: bool
-    c: int
-    R: int
-    M: int
-    kbit: bool
-
-
-def precision(q: QuantSettings) -> Precision:
-    amp = q.compute_dtype in ("bfloat16", "float16")
-    c = BYTES[q.compute_dtype] if amp else 4
-    R = BYTES[q.unquantized_dtype]
-    M = R if (q.kbit or not amp) else c
-    return Precision(amp, c, R, M, q.kbit)
-
-
-#: leaf names of the projections that take the attention output / the MLP hidden state; the
-#: other linear modules of a layer read the (normed) residual stream.
-ATTN_OUT = {"o_proj", "out_proj", "dense", "c_proj", "wo"}
-MLP_OUT = {"down_proj", "w2", "dense_4h_to_h", "fc2", "c_proj", "wo"}
-
-
-def _site(g: dict[str, Any]) -> str | None:
-    """Where a linear group of a decoder layer reads from: ``attn_in`` / ``mlp_in`` (the normed
-    residual stream), ``attn_out`` (the attention output), ``mlp_out`` (the MLP hidden state);
-    None outside the layers (output head, ...)."""
-    leaf = g["pattern"].rsplit(".", 1)[-1]
-    role = g.get("role")
-    if role == "attn":
-        return "attn_out" if leaf in ATTN_OUT else "attn_in"
-    if role == "mlp":
-        return "mlp_out" if leaf in MLP_OUT else "mlp_in"
-    return None
-
-
-def _site_dtype(site: str, p: Precision) -> int:
-    """dtype bytes of the tensor a module at ``site`` receives."""
-    return {"attn_in": p.R, "attn_out": p.c, "mlp_in": p.R, "mlp_out": p.M}[site]
-
-
-def _site_input_bytes(site: str, d: Dims, p: Precision) -> int:
-    """Bytes per token of the tensor a module at ``site`` receives."""
-    return _site_dtype(site, p) * {"attn_in": d.h, "attn_out": d.q, "mlp_in": d.h, "mlp_out": d.i}[site]
-
-
-def _lora_input_dtype(br: "Branch", p: Precision) -> int:
-    """dtype bytes of a LoRA branch's input after PEFT's cast to the (fp32) adapter dtype, which
-    bitsandbytes' LoRA layers skip under autocast."""
-    return _site_dtype(br.site, p) if (br.kbit and p.amp) else 4
-
-
-@dataclass(frozen=True)
-class Branch:
-    """One LoRA-adapted linear module, as the activation terms see it."""
-
-    site: str  # attn_in | attn_out | mlp_in | mlp_out
-    in_features: int
-    out_features: int
-    per_layer: int
-    kbit: bool
-
-
-def lora_branches(spec: dict[str, Any], counts: list[ModuleCount], q: QuantSettings) -> list[Branch]:
-    groups = {g["pattern"]: g for g in spec["inventory"]["linear"]}
-    L = int(spec["inventory"]["num_hidden_layers"] or 1)
-    out = []
-    for c_ in counts:
-        g = groups.get(c_.module)
-        if c_.kind != "lora" or g is None:
-            continue
-        site = _site(g)
-        if site is None:  # output head / other: no per-layer activation term
-            continue
-        out.append(Branch(site, g["in_features"], g["out_features"], max(1, c_.instances // L), is_quantized(g, q)))
-    return out
-
-
-def lora_branch_activation(br: Branch, p: Precision, r: int, dropout: float, input_grad: bool,
-                           kernels: str = "cuda") -> tuple[Lin, bool]:
-    """What one LoRA branch saves, per token; and whether it saves its input tensor itself.
-
-    PEFT 0.21 ``lora.Linear.forward`` casts the input to the adapter dtype first
-    (``_cast_input_dtype(x, lora_A.weight.dtype)``, fp32); bitsandbytes' ``Linear4bit``/``8bitLt``
-    LoRA layers do so only without autocast.  Then ``lora_B(lora_A(dropout(x))) * scaling``:
-
-    * dropout (``p > 0``) on CUDA is the fused ``native_dropout``: it saves a bool mask (1 byte per
-      input element), only if its input requires grad; on the CPU (``kernels="cpu"``,
-      Dropout.cpp ``_dropout_impl``) the mask is noise in the input's dtype, saved by ``x * noise``;
-    * ``lora_A`` saves its input for its weight gradient: under autocast a ``c``-byte copy when the
-      input is not already in the compute dtype (a new tensor per module: autocast caches only
-      casts of leaf parameters), else the (dropped-out) input itself — a new tensor with dropout,
-      the module's input without it (returned as ``shares_input``, counted once per input);
-    * ``lora_B`` saves ``lora_A``'s output, ``c * r`` (fp32 without autocast).
-    """
-    x = _site_dtype(br.site, p)
-    t1 = _lora_input_dtype(br, p)
-    per = 0
-    shares = False
-    if dropout > 0 and input_grad:
-        per += br.in_features * (1 if kernels == "cuda" else t1)  # the mask
-    if p.amp and t1 != p.c:
-        per += p.c * br.in_features
-    elif dropout > 0 or t1 != x:
-        per += t1 * br.in_features
-    else:
-        shares = True
-    per += (p.c if p.amp else 4) * r
-    return Lin(tok=per * br.per_layer), shares
-
-
-def lora_weight_cast_bytes(branches: list[Branch], p: Precision, r: int) -> int:
-    """Per layer: autocast's casts of the fp32 adapter weights, ``c * r * (in + out)`` per module.
-
-    ``cached_cast`` (aten/src/ATen/autocast_mode.cpp) caches the lower-precision copy of an fp32
-    leaf that requires grad for the whole forward, and ``F.linear`` saves it for backward, so each
-    copy lives until its module's backward.  None without autocast.
-    """
-    if not p.amp:
-        return 0
-    return sum(p.c * r * (b.in_features + b.out_features) * b.per_layer for b in branches)
-
-
-def norm_activation(d: Dims, p: Precision, first: bool = False) -> Lin:
-    """RMSNorms of one layer (``x.to(float32)``, ``x * rsqrt(mean(x**2) + eps)``, ``weight * x``).
-
-    Each saves the fp32 ``rsqrt`` per token (4 T) and its fp32 input: for a norm reading the
-    residual stream in fp32 that is the residual itself (counted by ``residual_activation``),
-    else a fresh fp32 copy (4 h T).  Gemma-2's extra norms after each sublayer read the sublayer's
-    output, a new tensor: 4 h T either way.  Gemma's ``1 + weight.float()`` is a new fp32 vector
-    per norm (4 h, saved).  The frozen weight's ``mul`` saves nothing new.  ``first``: layer 0
-    without checkpointing, whose input norm sees no grad and saves nothing.
-    """
-    pre = 4 + (0 if p.R == 4 else 4 * d.h)
-    post = 4 + 4 * d.h
-    n_pre = 2 if d.norms >= 4 else d.norms
-    n_post = d.norms - n_pre
-    tok = pre * (n_pre - (1 if first else 0)) + post * n_post
-    const = 4 * d.h * (d.norms - (1 if first else 0)) if d.gemma_norm else 0
-    return Lin(tok=tok, const=const)
-
-
-def residual_activation(d: Dims, p: Precision) -> Lin:
-    """The two residual sums of a layer (after attention, after the MLP) are the next norms'
-    inputs; in fp32 the norm's ``pow``/``mul`` save them as they are (``4 h T`` each).  In 16-bit
-    the norm saves its fp32 copy instead and the sum itself is freed."""
-    return Lin(tok=2 * 4 * d.h) if p.R == 4 else ZERO
-
-
-def _padded(hd: int) -> int:
-    return hd + (-hd) % 8
-
-
-FUSED_QKV = {"qkv_proj", "query_key_value", "c_attn", "W_pack", "Wqkv"}
-
-
-def fused_qkv_kbit(spec: dict[str, Any], q: QuantSettings) -> bool | None:
-    """None if the model has separate q/k/v projections; else whether the fused one is k-bit."""
-    for g in spec["inventory"]["linear"]:
-        if g["pattern"].rsplit(".", 1)[-1] in FUSED_QKV:
-            return is_quantized(g, q)
-    return None
-
-
-def fused_qkv_activation(d: Dims, p: Precision, fused_kbit: bool | None) -> Lin:
-    """A fused q/k/v projection (Phi-3 ``qkv_proj``) whose output is already in the compute dtype:
-    sdpa saves ``v``, a view of that output, which keeps the whole output alive next to the
-    rotated q and k: ``c (q + kv) T`` more than separate projections.  A k-bit projection returns
-    the stream dtype (fp32 after upcasting), and autocast's copy of ``v`` is what is saved."""
-    if fused_kbit is None or not p.amp:
-        return ZERO
-    out_dtype = p.R if fused_kbit else p.c
-    return Lin(tok=p.c * (d.nh + d.nkv) * d.hd) if out_dtype == p.c else ZERO
-
-
-def _int8_sites(spec: dict[str, Any], q: QuantSettings) -> set[str]:
-    """Sites of the layer's projections that bitsandbytes converts to int8 under ``q``."""
-    if q.quant != "int8":
-        return set()
-    return {site for g in spec["inventory"]["linear"] if (site := _site(g)) and is_quantized(g, q)}
-
-
-def int8_retained_activation(spec: dict[str, Any], q: QuantSettings, p: Precision, ckpt: bool, first: bool,
-                             counted: set[str]) -> Lin:
-    """bitsandbytes ``MatMul8bitLt.forward`` keeps its input as a plain ``ctx.tensors`` attribute
-    (not ``save_for_backward``) whenever the input or weight needs grad, so checkpointing does
-    not drop it: every int8 projection's input stays alive until its backward, once per distinct
-    input tensor — the normed stream for q/k/v (``R h T``) and for gate/up (``R h T``), the
-    attention output (``c q T``) and the MLP product (``M i T``).  Without checkpointing the
-    attention output is saved by sdpa anyway, and inputs already saved (``counted``) add nothing;
-    layer 0's first projections read the embeddings, which need no grad."""
-    d = dims(spec)
-    tok = 0
-    for site in _int8_sites(spec, q):
-        if first and site == "attn_in":
-            continue
-        if not ckpt and (site == "attn_out" or site in counted):
-            continue
-        tok += _site_input_bytes(site, d, p)
-    return Lin(tok=tok)
-
-
-def attention_activation(d: Dims, p: Precision, attn_impl: str) -> Lin:
-    """Attention core per layer.
-
-    fp32 (no autocast): see the branches below (math composite for GQA, memory-efficient else).
-
-    sdpa/flash (CUDA, 16-bit, head dim <= 256: ``_scaled_dot_product_flash_attention``, GQA
-    native, head dim padded to a multiple of 8): saves q, k, v in the compute dtype (autocast
-    copies of fp32 projections, or the rotated projections themselves), the output, the fp32
-    log-sum-exp per head and token, and the RNG state (24 B): ``c T (2 nh + 2 nkv) hd' + 4 nh T``.
-
-    eager (``eager_attention_forward``): q, and k and v repeated to all heads (``repeat_kv``), in
-    the compute dtype (``3 c q T``); the fp32 softmax ``4 b nh s^2`` and its ``c``-byte copy for the
-    value matmul; Gemma-2's softcapped scores (``tanh`` output, ``c b nh s^2``).  The output's
-    contiguous copy is saved only by a LoRA on ``o_proj`` (counted there).
-    """
-    hdp = _padded(d.hd)
-    if attn_impl == "eager":
-        # q, k and v repeated to all heads, each in the compute dtype (autocast copies, or the
-        # rotated / repeated tensors themselves); the fp32 softmax and the compute-dtype copy the
-        # value matmul saves (none without autocast); Gemma-2's ``tanh`` softcap output
-        quad = 4 * d.nh + (p.c * d.nh if p.amp else 0) + (p.c * d.nh if d.attn_softcap else 0)
-        return Lin(tok=3 * p.c * d.nh * d.hd, quad=quad)
-    if not p.amp:
-        if d.nkv != d.nh:
-            # fp32 + GQA: the math composite (flash needs 16-bit, memory-efficient equal heads):
-            # q * scale, the repeated k (scaled, transposed) and v, and the fp32 softmax
-            return Lin(tok=4 * 3 * d.nh * d.hd, quad=4 * d.nh)
-        # fp32, equal heads: memory-efficient attention saves q, k, v, out and an fp32
-        # log-sum-exp per head (padded to 32 tokens, taken per token here) + seed/offset
-        return Lin(tok=4 * 4 * d.nh * d.hd + 4 * d.nh, const=16)
-    return Lin(tok=p.c * (2 * d.nh + 2 * d.nkv) * hdp + 4 * d.nh, const=24)
-
-
-def eager_forward_transient(d: Dims, p: Precision) -> Lin:
-    """Eager attention's largest forward moment, per layer: the masked scores (``c``, or fp32 when
-    the mask is fp32 or there is no autocast), ``softmax(..., dtype=float32)``'s fp32 copy of them
-    (ATen ``softmax`` converts with ``toType`` unless fp16 on CUDA) and its fp32 output:
-    ``(A + [4 if A != 4] + 4) b nh s^2``.  With checkpointing nothing of it is saved, so it is the
-    peak of the forward at long sequences."""
-    a = 4 if (p.R == 4 or not p.amp) else p.c
-    return Lin(quad=(a + (0 if a == 4 else 4) + 4) * d.nh)
-
-
-def eager_backward_quad(d: Dims, p: Precision) -> Lin:
-    """Eager attention's largest backward moment, per layer: the saved fp32 softmax output, the
-    gradient of the probabilities cast back to fp32, and ``_softmax_backward_data``'s fp32 output
-    (``12 b nh s^2``), plus Gemma-2's saved ``tanh`` of the scores."""
-    tanh = (p.c if p.amp else 4) * d.nh if d.attn_softcap else 0
-    return Lin(quad=12 * d.nh + tanh)
-
-
-def mlp_activation(d: Dims, p: Precision) -> Lin:
-    """Gated MLP (SwiGLU/GeGLU; Phi-3's fused ``gate_up_proj`` keeps the same bytes through views):
-    the gate output (saved by the activation), the activation's output and the up output (saved
-    by their product): ``3 M i T``.  Plain MLP: the fc output and the activation output, ``2 M i T``."""
-    return Lin(tok=(3 if d.gated else 2) * p.M * d.i)
-
-
-def layer_activation(spec: dict[str, Any], branches: list[Branch], q: QuantSettings, r: int, dropout: float,
-                     attn_impl: str, first: bool = False, kernels: str = "cuda") -> Lin:
-    """Everything one decoder layer keeps for backward (no checkpointing).
-
-    ``first``: layer 0 without checkpointing reads the embeddings, which do not require grad:
-    its input norm saves nothing and dropout masks on that input are not kept.
-    """
-    d = dims(spec)
-    p = precision(q)
-    total = norm_activation(d, p, first) + residual_activation(d, p)
-    total = total + attention_activation(d, p, attn_impl) + mlp_activation(d, p)
-    total = total + fused_qkv_activation(d, p, fused_qkv_kbit(spec, q))
-    shared = set()
-    for br in branches:
-        lin, shares = lora_branch_activation(br, p, r, dropout, not (first and br.site == "attn_in"), kernels)
-        total = total + lin
-        if shares:
-            shared.add(br.site)
-    # a shared input is saved once; the attention output is saved by sdpa anyway
-    total = total + Lin(tok=sum(_site_input_bytes(s_, d, p) for s_ in shared if s_ != "attn_out"))
-    if q.quant == "int8":
-        total = total + int8_retained_activation(spec, q, p, False, first, shared)
-    return total + Lin(const=lora_weight_cast_bytes(branches, p, r))
-
-
-def head_activation(spec: dict[str, Any], p: Precision, ckpt: bool) -> Lin:
-    """Outside the decoder layers: the batch (``input_ids`` and ``labels``, int64: 16 T), the
-    rotary ``cos``/``sin`` (``R`` bytes, ``2 R hd s`` — batch 1, broadcast), the final norm (as
-    ``norm_activation``; with checkpointing also its input, the last layer's output ``4 h T``,
-    which without checkpointing the last layer's ``residual_activation`` counted), and the output
-    head's autocast copy of its weight when that weight is fp32 (``c V h``, saved for the input
-    gradient)."""
-    d = dims(spec)
-    head_w = p.c * d.V * d.h if (p.amp and p.R != p.c) else 0
-    return Lin(const=head_w, tok=16 + 4 + (0 if p.R == 4 and not ckpt else 4 * d.h), seq=2 * p.R * d.hd)
-
-
-def activation_terms(spec: dict[str, Any], counts: list[ModuleCount], r: int, dropout: float,
-                     q: QuantSettings, grad_ckpt: str, attn_impl: str, kernels: str = "cuda") -> dict[str, Lin]:
-    """Activations alive at the end of the forward pass, and at the other moments that hold some.
-
-    * no checkpointing: layer 0 (``first``) + ``L - 1`` full layers + the head;
-    * HF checkpointing (``torch.utils.checkpoint``, non-reentrant): each layer keeps only its
-      input ``R h T`` (the embeddings output included) + the head; backward recomputes one layer;
-    * Unsloth (``use_gradient_checkpointing="unsloth"``): the layer inputs are offloaded to
-      CPU RAM, so only the recomputed layer and the head are on the device.
-    """
-    d = dims(spec)
-    p = precision(q)
-    if kernels == "cpu" and grad_ckpt == "unsloth":
-        grad_ckpt = "hf"  # offloading to CPU RAM moves nothing when the device is the CPU
-    br = lora_branches(spec, counts, q)
-    full = layer_activation(spec, br, q, r, dropout, attn_impl, kernels=kernels)
-    head = head_activation(spec, p, grad_ckpt != "off")
-    layer_inputs = Lin(tok=d.L * p.R * d.h)  # what HF checkpointing keeps of every layer
-    rotary = Lin(seq=2 * p.R * d.hd)  # cos/sin, alive through backward
-    grads_in = Lin(tok=2 * p.R * d.h)  # the gradient reaching a layer, and its sum with the residual's
-    if grad_ckpt == "off":
-        first = layer_activation(spec, br, q, r, dropout, attn_impl, first=True, kernels=kernels)
-        saved = first + (d.L - 1) * full + head
-        layers = first + grads_in + rotary
-    else:
-        saved = (layer_inputs if grad_ckpt == "hf" else ZERO) + head
-        if attn_impl == "eager":
-            saved = saved + eager_mask_activation(spec, p)
-        if q.quant == "int8":
-            saved = saved + d.L * int8_retained_activation(spec, q, p, True, False, set())
-        layers = Lin(tok=p.R * d.h) + grads_in + full + rotary + recompute_transient(spec, br, p, dropout)
-    attn_fwd = ZERO
-    if attn_impl == "eager":
-        # inside layer 0's backward the saved s^2 tensors give way to the backward's own
-        layers = layers + eager_backward_quad(d, p) + Lin(quad=-full.quad)
-        if grad_ckpt != "off":
-            attn_fwd = layer_inputs + eager_mask_activation(spec, p) + eager_forward_transient(d, p)
-    return {"saved": saved, "layers": layers, "attn_fwd": attn_fwd,
-            "loss_extra": loss_time_activation(spec, counts, q, grad_ckpt)}
-
-
-def recompute_transient(spec: dict[str, Any], branches: list[Branch], p: Precision, dropout: float) -> Lin:
-    """Forward temporaries at the end of a layer's recomputation, when its saved activations are
-    all back: the MLP product feeding the down projection (``M i T``), that projection's output
-    and, if it is LoRA-adapted, the branch's transient copies (PEFT's fp32 cast of the input and
-    the dropout output, which autocast's saved copy replaces)."""
-    d = dims(spec)
-    lin = Lin(tok=p.M * d.i + p.M * d.h)
-    for br in branches:
-        if br.site != "mlp_out":
-            continue
-        x = p.M
-        t1 = _lora_input_dtype(br, p)
-        extra = 0
-        if t1 != x:
-            extra += t1 * br.in_features
-        if dropout > 0 and p.amp and t1 != p.c:
-            extra += t1 * br.in_features
-        lin = lin + Lin(tok=extra * br.per_layer)
-    return lin
-
-
-def eager_mask_activation(spec: dict[str, Any], p: Precision) -> Lin:
-    """Eager attention gets a materialised additive causal mask, ``[b, 1, s, s]`` in the
-    embeddings' dtype (``R`` bytes; masking_utils ``eager_mask``), one per attention type of the
-    config's ``layer_types`` (recorded in the spec's inventory; Gemma-2 alternates sliding-window
-    and global layers: two).  Checkpointing keeps the layers' inputs,
-    masks included, for the recomputation: ``n R b s^2`` until backward ends.  (Without
-    checkpointing the masks die with the forward.)"""
-    n = max(1, len(spec["inventory"].get("attention_types") or []))
-    return Lin(quad=n * p.R)
-
-
-def loss_time_activation(spec: dict[str, Any], counts: list[ModuleCount], q: QuantSettings, grad_ckpt: str) -> Lin:
-    """Alive while the loss is computed (inside the model's forward) but not saved for backward:
-    the final norm's output ``R h T`` (still referenced by the model's output object), and, with
-    checkpointing, autocast's cached ``c``-byte copies of every fp32 adapter weight: the cache
-    lives until the outermost autocast exits after the loss, and without checkpointing those
-    copies are saved anyway (``lora_weight_cast_bytes``)."""
-    d = dims(spec)
-    p = precision(q)
-    lin = Lin(tok=p.R * d.h)
-    if grad_ckpt != "off" and p.amp:
-        lin = lin + Lin(const=sum(p.c * n for n, dt in trainable_tensors(counts) if dt == "float32"))
-    return lin
-
-
-def logits_terms(spec: dict[str, Any], q: QuantSettings, chunked: bool = False) -> dict[str, Lin]:
-    """Logits and loss (transformers ``ForCausalLMLoss``: ``logits.float()``, ``cross_entropy``).
-
-    * end of the forward: the head's ``c T V`` logits, the fp32 copy ``4 T V`` (freed after
-      ``log_softmax``) or accelerate's ``convert_to_fp32`` copy of the outputs, and
-      ``log_softmax``'s fp32 output ``4 T V`` (saved): ``(c + 8) T V`` (``8 T V`` in fp32);
-    * start of backward (Trainer has dropped the outputs): ``log_softmax``'s output, the
-      gradient ``nll_loss`` writes into it, and ``log_softmax``'s input gradient, three fp32
-      ``T V``: ``12 T V`` — the peak of most plans.
-    Unsloth's chunked cross-entropy never materialises the fp32 copies: ``c T V`` at both.
-    Gemma-2's final softcapping adds its saved ``tanh`` output, ``c T V``.
-    """
-    d = dims(spec)
-    p = precision(q)
-    # Gemma-2 ``final_logit_softcapping``: ``tanh(logits / cap) * cap`` keeps the tanh output
-    cap = p.c * d.V if d.final_softcap else 0
-    if chunked:
-        return {"forward": Lin(tok=p.c * d.V + cap), "backward": Lin(tok=p.c * d.V + cap)}
-    fwd = (p.c + 8) * d.V if p.amp else 8 * d.V
-    return {"forward": Lin(tok=fwd + cap), "backward": Lin(tok=12 * d.V + cap)}
-
-
-def dequant_temp_bytes(spec: dict[str, Any], q: QuantSettings, c: int) -> int:
+def dequant_temp_bytes(spec: ModelSpec, q: QuantSettings, c: int) -> int:
     """bitsandbytes dequantizes a k-bit weight to the compute dtype for each matmul
     (``MatMul4Bit``: ``F.dequantize_4bit(B, quant_state).to(A.dtype)``): a temporary as large as
     the largest quantized layer, ``c * in * out``."""
     if not q.kbit:
         return 0
-    sizes = [g["in_features"] * g["out_features"] for g in spec["inventory"]["linear"] if is_quantized(g, q)]
+    sizes = [g.in_features * g.out_features for g in spec.inventory.linear if is_quantized(g, q)]
     return c * max(sizes, default=0)
 
 
@@ -745,113 +290,3 @@ def overhead_bytes(tensor_peak: int) -> dict[str, int]:
         "allocator_slack": int(ALLOCATOR_SLACK_FRACTION * tensor_peak),
     }
 
-
-def training_memory(spec: dict[str, Any], counts: list[ModuleCount], lora_r: int, dropout: float,
-                    q: QuantSettings, t: TrainingSettings, weights: int, chunked_ce: bool = False,
-                    kernels: str = "cuda") -> dict[str, Any]:
-    """All terms and the peak, for one plan.  ``kernels="cpu"``: what the same step allocates when
-    it runs on the CPU (``qplan run --device cpu`` compares against that)."""
-    return MemoryModel.build(spec, counts, lora_r, dropout, q, t.grad_ckpt, t.optimizer, t.attn_impl,
-                             weights, chunked_ce, kernels).evaluate(t.batch_size, t.seq_len, t.grad_accum)
-
-
-@dataclass(frozen=True)
-class MemoryModel:
-    """The terms of a plan that do not depend on batch x sequence, and the linear forms of those
-    that do; ``evaluate(b, s)`` gives the phases and the peak.  ``qplan estimate`` and ``qplan fit``
-    both use it, so a plan's numbers are the same whichever command prints them.
-
-    Moments (the peak is their maximum):
-
-    * ``forward``: static + saved activations + the loss's logits (``logits_terms['forward']``);
-    * ``backward``: the start of backward: the same activations + ``logits_terms['backward']``
-      (``12 T V``);
-    * ``layers``: backward reaching layer 0, after the logits are freed: the gradients of the
-      other layers, the incoming gradient (two ``R h T``), layer 0's activations (recomputed with
-      checkpointing, with the recomputation's transients) — the peak of small-vocabulary models;
-    * ``optimizer``: static + gradients + the step's temporaries;
-    * ``attention`` (eager attention with checkpointing only): a layer's forward at its softmax,
-      the ``s^2`` score tensors that nothing saves (``eager_forward_transient``).
-
-    ``static`` = weights + adapters + optimizer states (from step 2 on), paged optimizer state
-    excluded; with gradient accumulation the gradients are alive in every phase.
-    """
-
-    weights: int
-    adapters: int
-    gradients: int
-    optimizer: int
-    optimizer_paged: int
-    temps_opt: int
-    temps_dq: int
-    saved: Lin
-    layers: Lin
-    attn_fwd: Lin
-    layers_grads: int
-    loss_extra: Lin
-    logits_fwd: Lin
-    logits_bwd: Lin
-
-    @classmethod
-    def build(cls, spec, counts, lora_r, dropout, q, grad_ckpt, optimizer, attn_impl, weights, chunked_ce=False,
-              kernels="cuda"):
-        opt = optimizer_state_bytes(counts, optimizer)
-        L = dims(spec).L
-        acts = activation_terms(spec, counts, lora_r, dropout, q, grad_ckpt, attn_impl, kernels)
-        lg = logits_terms(spec, q, chunked_ce)
-        return cls(
-            weights=weights, adapters=adapter_bytes(counts), gradients=gradient_bytes(counts),
-            optimizer=opt["device"] + opt["paged"], optimizer_paged=opt["paged"],
-            temps_opt=optimizer_step_temp_bytes(counts, optimizer, kernels),
-            temps_dq=dequant_temp_bytes(spec, q, precision(q).c),
-            saved=acts["saved"], layers=acts["layers"], attn_fwd=acts["attn_fwd"],
-            # entering layer 0's backward, the other layers' gradients exist
-            layers_grads=gradient_bytes(counts) * (L - 1) // max(1, L),
-            loss_extra=acts["loss_extra"], logits_fwd=lg["forward"], logits_bwd=lg["backward"],
-        )
-
-    def phases(self, b: int, s: int, grad_accum: int = 1) -> dict[str, int]:
-        """Live tensor bytes at each moment of the step (the one formula both commands use)."""
-        T = b * s
-        # paged optimizer state lives in CUDA unified memory, outside the device allocator
-        static = self.weights + self.adapters + self.optimizer - self.optimizer_paged
-        # gradients stay alive between micro-batches when accumulating
-        g = self.gradients if grad_accum > 1 else 0
-        acts = self.saved.at(T, s)
-        out = {
-            "forward": static + g + acts + self.loss_extra.at(T, s) + self.logits_fwd.at(T, s),
-            "backward": static + g + acts + self.logits_bwd.at(T, s),
-            "layers": static + (self.gradients if grad_accum > 1 else self.layers_grads) + self.layers.at(T, s),
-            "optimizer": static + self.gradients + self.temps_opt,
-        }
-        if self.attn_fwd != ZERO:
-            out["attention"] = static + g + self.attn_fwd.at(T, s)
-        return out
-
-    def peak(self, b: int, s: int, grad_accum: int = 1) -> int:
-        """tensor_peak only (the inner loop of ``qplan fit``)."""
-        return max(self.phases(b, s, grad_accum).values())
-
-    def evaluate(self, b: int, s: int, grad_accum: int = 1) -> dict[str, Any]:
-        T = b * s
-        phases = self.phases(b, s, grad_accum)
-        acts = self.saved.at(T, s)
-        tensor_peak = max(phases.values())
-        phase = next(k for k, v in phases.items() if v == tensor_peak)
-        over = overhead_bytes(tensor_peak)
-        return {
-            "adapters": self.adapters,
-            "gradients": self.gradients,
-            "optimizer": self.optimizer,
-            "optimizer_paged": self.optimizer_paged,
-            "activations": acts,
-            "logits": self.logits_bwd.at(T, s),
-            "temporaries": max(self.temps_dq, self.temps_opt),
-            "overhead": sum(over.values()),
-            "cuda_context": over["cuda_context"],
-            "allocator_slack": over["allocator_slack"],
-            "tensor_peak": tensor_peak,
-            "peak": tensor_peak + sum(over.values()),
-            "peak_phase": phase,
-            "phases": phases,
-        }

@@ -11,40 +11,42 @@ from typing import Any
 
 from . import __version__
 from .errors import QPlanError
-from .lora import LoraSettings, adapter_file_bytes, added_params, count_lora, trainable_params
-from .memory import TrainingSettings, accuracy_warning, training_memory
-from .weights import BYTES, QuantSettings, base_params, weights_breakdown, weights_bytes, weights_footprint_bytes
+from .lora import LoraSettings, adapter_file_bytes, added_params, count_lora, target_names, trainable_params
+from .memory import TrainingSettings, accuracy_warning
+from .phases import training_memory
+from .spec import Gpu, ModelSpec
+from .vocab import BACKENDS, BYTES, MIXED_PRECISION
+from .weights import QuantSettings, base_params, weights_breakdown, weights_bytes, weights_footprint_bytes
 
 PLAN_SCHEMA_VERSION = 1
-BACKENDS = ("peft", "unsloth")
 MEMORY_KEYS = ("weights", "weights_footprint", "adapters", "gradients", "optimizer", "activations",
                "logits", "temporaries", "overhead", "tensor_peak", "peak")
 
 
 @dataclass(frozen=True)
 class PlanInputs:
-    spec: dict[str, Any]
+    spec: ModelSpec
     lora: LoraSettings
     quant: QuantSettings
     training: TrainingSettings
-    gpu: dict[str, Any] | None
+    gpu: Gpu | None
     backend: str = "peft"
 
 
-def check_gpu_dtype(quant: QuantSettings, gpu: dict[str, Any] | None, auto_fix: bool) -> tuple[QuantSettings, list[str]]:
+def check_gpu_dtype(quant: QuantSettings, gpu: Gpu | None, auto_fix: bool) -> tuple[QuantSettings, list[str]]:
     """bf16 needs compute capability >= 8.0. Switch to fp16 with a warning, or fail with the fix."""
     warnings: list[str] = []
     uses_bf16 = quant.compute_dtype == "bfloat16" or quant.quant == "bf16"
-    if gpu is not None and uses_bf16 and not gpu["bf16"]:
+    if gpu is not None and uses_bf16 and not gpu.bf16:
         if not auto_fix:
             raise QPlanError(
-                f"{gpu['name']} has no native bfloat16 (compute capability {gpu['compute_capability']}): "
+                f"{gpu.name} has no native bfloat16 (compute capability {gpu.compute_capability}): "
                 f"use --compute-dtype fp16" + (" --quant fp16" if quant.quant == "bf16" else "")
             )
         new_quant = "fp16" if quant.quant == "bf16" else quant.quant
         quant = QuantSettings(new_quant, quant.double_quant, "float16", quant.upcast_kbit)
         warnings.append(
-            f"{gpu['name']} has no native bfloat16: switched compute dtype to float16"
+            f"{gpu.name} has no native bfloat16: switched compute dtype to float16"
             + (" and weights to fp16" if new_quant == "fp16" else "")
         )
     return quant, warnings
@@ -75,7 +77,7 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
         **{k: mem[k] for k in MEMORY_KEYS if k in mem},
     }
     memory = {k: int(memory[k]) for k in MEMORY_KEYS}
-    usable = inp.gpu["usable_bytes"] if inp.gpu else None
+    usable = inp.gpu.usable_bytes if inp.gpu else None
     prediction = {
         "method": "analytic",
         "params": {
@@ -100,25 +102,25 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
         "fits": (memory["peak"] <= usable) if usable is not None else None,
         "headroom": (usable - memory["peak"]) if usable is not None else None,
     }
-    inv = spec["inventory"]
+    inv = spec.inventory
     return {
         "schema_version": PLAN_SCHEMA_VERSION,
         "qplan_version": __version__,
         "model": {
-            "name": spec["name"],
-            "source": spec.get("source", {}),
-            "architecture": inv["architecture"],
-            "model_type": inv["model_type"],
-            "config": spec["config"],
+            "name": spec.name,
+            "source": spec.source,
+            "architecture": inv.architecture,
+            "model_type": inv.model_type,
+            "config": spec.config,
         },
-        "lora": {**lora.to_json(), "target_modules": _target_list(spec, lora)},
+        "lora": {**lora.to_json(), "target_modules": target_names(spec, lora.targets)},
         "quant": q.to_json(),
-        "training": {**t.to_json(), "mixed_precision": _mp(q)},
+        "training": {**t.to_json(), "mixed_precision": MIXED_PRECISION[q.compute_dtype]},
         "gpu": None if inp.gpu is None else {
-            "name": inp.gpu["name"],
-            "usable_bytes": inp.gpu["usable_bytes"],
-            "total_bytes": inp.gpu["total_bytes"],
-            "bf16": inp.gpu["bf16"],
+            "name": inp.gpu.name,
+            "usable_bytes": inp.gpu.usable_bytes,
+            "total_bytes": inp.gpu.total_bytes,
+            "bf16": inp.gpu.bf16,
         },
         "backend": inp.backend,
         "warnings": list(warnings or []),
@@ -126,14 +128,17 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
     }
 
 
-def _mp(q: QuantSettings) -> str:
-    return {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}[q.compute_dtype]
-
-
-def _target_list(spec: dict[str, Any], lora: LoraSettings) -> list[str]:
-    from .lora import target_names
-
-    return target_names(spec, lora.targets)
+def attach_trace(plan: dict[str, Any], traced: dict[str, Any]) -> dict[str, Any]:
+    """Put a trace of the plan's step (``qplan.observe.trace.trace_plan``) beside the analytic terms."""
+    plan["prediction"]["method"] = "trace"
+    plan["prediction"]["trace"] = {
+        "tensor_peak": int(traced["tensor_peak"]),
+        "breakdown_at_peak": {k: int(v) for k, v in traced["breakdown_at_peak"].items()},
+        "phase_peaks": {k: int(v) for k, v in traced.get("phase_peaks", {}).items()},
+        "trainable_params": int(traced["trainable_params"]),
+        "notes": list(traced.get("notes", [])),
+    }
+    return plan
 
 
 def dumps(plan: dict[str, Any]) -> str:

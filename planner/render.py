@@ -78,7 +78,8 @@ def render_plan(plan: dict[str, Any]) -> str:
     )
     lines.append("")
     rows = [[label, fmt_bytes(mem[k]), fmt_int(mem[k])] for k, label in MEMORY_ROWS]
-    rows.append(["tensor peak (live tensors, " + PHASE_NAMES.get(p["memory_detail"]["peak_phase"], p["memory_detail"]["peak_phase"]) + ")",
+    phase = p["memory_detail"]["peak_phase"]
+    rows.append(["tensor peak (live tensors, " + PHASE_NAMES.get(phase, phase) + ")",
                  fmt_bytes(mem["tensor_peak"]), fmt_int(mem["tensor_peak"])])
     rows.append(["CUDA context + allocator slack", fmt_bytes(mem["overhead"]), fmt_int(mem["overhead"])])
     rows.append(["peak (GPU must have)", fmt_bytes(mem["peak"]), fmt_int(mem["peak"])])

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import QPlanError
-
-SPEC_SCHEMA_VERSION = 1
+from .spec import SPEC_SCHEMA_VERSION, Gpu, ModelSpec
 
 
 def _data_dir():
@@ -73,23 +72,14 @@ def _read_json(path, what: str) -> dict[str, Any]:
 
 
 @lru_cache(maxsize=64)
-def _load_named_spec(name: str) -> dict[str, Any]:
+def _load_named_spec(name: str) -> ModelSpec:
     user = user_spec_dir() / f"{name}.json"
     if user.is_file():
-        return _validate_spec(_read_json(user, "model spec"), str(user))
+        return ModelSpec.from_json(_read_json(user, "model spec"), f"model spec {user}")
     res = _data_dir() / f"{name}.json"
     if res.is_file():
-        return _validate_spec(_read_json(res, "model spec"), name)
+        return ModelSpec.from_json(_read_json(res, "model spec"), f"model spec {name}")
     raise QPlanError(f"unknown model {name!r}: {_suggest(name, model_names())} (see `qplan models`)")
-
-
-def _validate_spec(spec: dict[str, Any], where: str) -> dict[str, Any]:
-    if spec.get("schema_version") != SPEC_SCHEMA_VERSION:
-        raise QPlanError(f"model spec {where} has schema_version {spec.get('schema_version')!r}, expected 1")
-    for key in ("name", "config", "inventory"):
-        if key not in spec:
-            raise QPlanError(f"model spec {where} lacks {key!r}")
-    return spec
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -105,24 +95,24 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
-def make_spec(config: dict[str, Any], name: str, source: dict[str, Any]) -> dict[str, Any]:
+def make_spec(config: dict[str, Any], name: str, source: dict[str, Any]) -> ModelSpec:
     """Build a spec from a config (imports torch + transformers: the inventory is read on meta)."""
     from .inventory import build_inventory
 
-    return {
+    return ModelSpec.from_json({
         "schema_version": SPEC_SCHEMA_VERSION,
         "name": name,
         "source": source,
         "config": config,
         "inventory": build_inventory(config),
-    }
+    }, f"model spec {name}")
 
 
 def _looks_like_path(model: str) -> bool:
     return model.endswith(".json") or os.sep in model or model.startswith(".") or Path(model).is_dir()
 
 
-def load_spec(model: str) -> dict[str, Any]:
+def load_spec(model: str) -> ModelSpec:
     """A bundled/user spec by name, or a spec built on the fly from a config path or model dir."""
     if _looks_like_path(model):
         p = Path(model)
@@ -131,7 +121,7 @@ def load_spec(model: str) -> dict[str, Any]:
         if p.is_file() and p.suffix == ".json":
             data = _read_json(p, "file")
             if data.get("schema_version") == SPEC_SCHEMA_VERSION and "inventory" in data:
-                return _validate_spec(data, str(p))
+                return ModelSpec.from_json(data, f"model spec {p}")
         cfg = read_config(p)
         name = p.name if p.is_dir() else (p.parent.name if p.name == "config.json" else p.stem)
         return make_spec(cfg, name, {"path": str(p.resolve())})
@@ -142,21 +132,21 @@ def load_spec(model: str) -> dict[str, Any]:
 
 
 @lru_cache(maxsize=1)
-def gpu_catalog() -> dict[str, dict[str, Any]]:
+def gpu_catalog() -> dict[str, Gpu]:
     out = {}
     for p in (_data_dir() / "gpus").iterdir():
         if p.name.endswith(".json"):
-            g = json.loads(p.read_text(encoding="utf-8"))
-            out[g["name"]] = g
+            g = Gpu.from_json(json.loads(p.read_text(encoding="utf-8")), p.name)
+            out[g.name] = g
     return dict(sorted(out.items()))
 
 
-def load_gpu(name: str) -> dict[str, Any]:
+def load_gpu(name: str) -> Gpu:
     cat = gpu_catalog()
     key = name.lower()
     if key in cat:
         return cat[key]
     for g in cat.values():
-        if key in [a.lower() for a in g.get("aliases", [])]:
+        if key in [a.lower() for a in g.aliases]:
             return g
     raise QPlanError(f"unknown GPU {name!r}: {_suggest(key, list(cat))} (see `qplan gpus`)")

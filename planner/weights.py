@@ -15,12 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import QPlanError
-
-QUANTS = ("nf4", "fp4", "int8", "bf16", "fp16", "fp32")
-KBIT = ("nf4", "fp4", "int8")
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
-          "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
-BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1, "int8": 1, "int64": 8, "bool": 1}
+from .spec import LinearGroup, ModelSpec
+from .vocab import BYTES, COMPUTE_DTYPES, DTYPE_ALIASES, FOUR_BIT, KBIT, QUANTS
 
 #: bitsandbytes' default 4-bit block size on CUDA and CPU (``Params4bit(blocksize=64)``).
 BNB_4BIT_BLOCKSIZE = 64
@@ -43,7 +39,7 @@ class QuantSettings:
     def __post_init__(self) -> None:
         if self.quant not in QUANTS:
             raise QPlanError(f"--quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
-        if self.compute_dtype not in ("bfloat16", "float16", "float32"):
+        if self.compute_dtype not in COMPUTE_DTYPES:
             raise QPlanError(f"--compute-dtype must be bf16, fp16 or fp32, got {self.compute_dtype!r}")
 
     @property
@@ -53,7 +49,7 @@ class QuantSettings:
     @property
     def load_dtype(self) -> str:
         """dtype of every tensor bitsandbytes does not quantize, as loaded."""
-        return self.compute_dtype if self.kbit else DTYPES[self.quant]
+        return self.compute_dtype if self.kbit else DTYPE_ALIASES[self.quant]
 
     @property
     def unquantized_dtype(self) -> str:
@@ -62,7 +58,7 @@ class QuantSettings:
 
     def to_json(self) -> dict[str, Any]:
         d = {"quant": self.quant, "compute_dtype": self.compute_dtype}
-        if self.quant in ("nf4", "fp4"):
+        if self.quant in FOUR_BIT:
             d["double_quant"] = self.double_quant
             d["blocksize"] = BNB_4BIT_BLOCKSIZE
         if self.kbit:
@@ -98,28 +94,28 @@ def int8_state_bytes(out_features: int) -> int:
     return 4 * out_features
 
 
-def is_quantized(g: dict[str, Any], q: QuantSettings) -> bool:
+def is_quantized(g: LinearGroup, q: QuantSettings) -> bool:
     """Whether bitsandbytes converts the linear group ``g`` under ``q`` (transformers' rule,
     recorded as ``bnb_quantized``; tied weights and ``_keep_in_fp32_modules`` stay as they are)."""
-    return bool(q.kbit and g["bnb_quantized"] and not g.get("keep_fp32") and not g.get("weight_tied"))
+    return bool(q.kbit and g.bnb_quantized and not g.keep_fp32 and not g.weight_tied)
 
 
-def _linear_terms(g: dict[str, Any], q: QuantSettings) -> tuple[int, int]:
+def _linear_terms(g: LinearGroup, q: QuantSettings) -> tuple[int, int]:
     """(footprint bytes, extra device bytes) of one linear module instance (bias included)."""
-    n = g["in_features"] * g["out_features"]
-    bias = g["out_features"] if g["bias"] else 0
-    dt = "float32" if g.get("keep_fp32") else q.unquantized_dtype
+    n = g.in_features * g.out_features
+    bias = g.out_features if g.bias else 0
+    dt = "float32" if g.keep_fp32 else q.unquantized_dtype
     bias_b = bias * BYTES[dt]
-    if g.get("weight_tied"):
+    if g.weight_tied:
         return bias_b, 0
     if is_quantized(g, q):
         if q.quant == "int8":
-            return n + bias_b, int8_state_bytes(g["out_features"])
+            return n + bias_b, int8_state_bytes(g.out_features)
         return quant4_packed_bytes(n) + bias_b, quant4_state_bytes(n, q.double_quant)
     return n * BYTES[dt] + bias_b, 0
 
 
-def weights_breakdown(spec: dict[str, Any], q: QuantSettings) -> dict[str, int]:
+def weights_breakdown(spec: ModelSpec, q: QuantSettings) -> dict[str, int]:
     """Device bytes of the base model by part: quantized weights, their constants, the rest.
 
     ``quantized`` — packed/int8 weights of the modules bitsandbytes converts;
@@ -128,34 +124,34 @@ def weights_breakdown(spec: dict[str, Any], q: QuantSettings) -> dict[str, int]:
     parameters such as fused MoE experts) in its training dtype, tied parameters once;
     ``buffers`` — registered buffers (rotary ``inv_freq`` ...), in their own dtype.
     """
-    inv = spec["inventory"]
+    inv = spec.inventory
     out = {"quantized": 0, "quant_state": 0, "unquantized": 0, "buffers": 0}
-    for g in inv["linear"]:
+    for g in inv.linear:
         foot, extra = _linear_terms(g, q)
-        k = g["instances"]
+        k = g.instances
         if is_quantized(g, q):
             bias_dt = q.unquantized_dtype
-            bias_b = (g["out_features"] if g["bias"] else 0) * BYTES[bias_dt]
+            bias_b = (g.out_features if g.bias else 0) * BYTES[bias_dt]
             out["quantized"] += k * (foot - bias_b)
             out["unquantized"] += k * bias_b
             out["quant_state"] += k * extra
         else:
             out["unquantized"] += k * foot
-    for g in inv["embeddings"]:
-        if g.get("weight_tied"):
+    for e in inv.embeddings:
+        if e.weight_tied:
             continue
-        dt = "float32" if g.get("keep_fp32") else q.unquantized_dtype
-        out["unquantized"] += g["instances"] * g["num_embeddings"] * g["embedding_dim"] * BYTES[dt]
-    for p in inv["params"]:
-        dt = "float32" if p.get("keep_fp32") else q.unquantized_dtype
-        out["unquantized"] += p["instances"] * math.prod(p["shape"]) * BYTES[dt]
-    for b in inv["buffers"]:
-        dt = q.load_dtype if b["dtype"] == "load" else b["dtype"]
-        out["buffers"] += b["instances"] * math.prod(b["shape"]) * BYTES[dt]
+        dt = "float32" if e.keep_fp32 else q.unquantized_dtype
+        out["unquantized"] += e.instances * e.num_embeddings * e.embedding_dim * BYTES[dt]
+    for p in inv.params:
+        dt = "float32" if p.keep_fp32 else q.unquantized_dtype
+        out["unquantized"] += p.instances * math.prod(p.shape) * BYTES[dt]
+    for b in inv.buffers:
+        dt = q.load_dtype if b.dtype == "load" else b.dtype
+        out["buffers"] += b.instances * math.prod(b.shape) * BYTES[dt]
     return out
 
 
-def weights_bytes(spec: dict[str, Any], q: QuantSettings) -> int:
+def weights_bytes(spec: ModelSpec, q: QuantSettings) -> int:
     """Every byte of the base model the device holds: ``sum(weights_breakdown)``.
 
     Quantized weights + quantization constants + unquantized parameters + buffers.
@@ -164,7 +160,7 @@ def weights_bytes(spec: dict[str, Any], q: QuantSettings) -> int:
     return sum(weights_breakdown(spec, q).values())
 
 
-def weights_footprint_bytes(spec: dict[str, Any], q: QuantSettings) -> int:
+def weights_footprint_bytes(spec: ModelSpec, q: QuantSettings) -> int:
     """What ``model.get_memory_footprint()`` prints: parameters (packed, for 4-bit) and buffers.
 
     transformers sums ``numel * element_size`` over ``parameters()`` and ``buffers()``: the
@@ -174,6 +170,6 @@ def weights_footprint_bytes(spec: dict[str, Any], q: QuantSettings) -> int:
     return b["quantized"] + b["unquantized"] + b["buffers"]
 
 
-def base_params(spec: dict[str, Any]) -> int:
+def base_params(spec: ModelSpec) -> int:
     """Parameters of the base model, tied ones once (``model.num_parameters()``)."""
-    return int(spec["inventory"]["total_params"])
+    return int(spec.inventory.total_params)

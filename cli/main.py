@@ -1,4 +1,5 @@
-"""`qplan` command line. Thin: parse, call the planner, render. Bad input -> one line, exit 2.
+"""`qplan` command line. Thin: parse, call the library (``qplan.planner.api``, ``qplan.backends``),
+render. Bad input -> one line, exit 2.
 
 Nothing here imports torch at module level; `qplan estimate` on a bundled model never does.
 """
@@ -13,13 +14,13 @@ from typing import Any
 
 import click
 
-from . import __version__
-from .errors import QPlanError
+from qplan.planner import __version__
+from qplan.planner.errors import QPlanError
+from qplan.planner.files import write_new_file
+from qplan.planner.vocab import ATTN_CHOICES, BACKENDS, BIAS_MODES, DTYPE_ALIASES, OPTIMIZERS, PRESETS, QUANTS
 
 FORMATS = click.Choice(["table", "json"])
-QUANT_CHOICES = ["nf4", "fp4", "int8", "bf16", "fp16", "fp32"]
-DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-                 "fp32": "float32", "float32": "float32"}
+QUANT_CHOICES = list(QUANTS)
 
 
 def _emit(fmt: str, data: Any, table: str) -> None:
@@ -27,19 +28,6 @@ def _emit(fmt: str, data: Any, table: str) -> None:
         click.echo(json.dumps(data, indent=2, ensure_ascii=False))
     else:
         click.echo(table)
-
-
-def write_new_file(path: str | Path, text: str, force: bool) -> Path:
-    """Write ``text`` to ``path``; refuse to replace an existing file unless ``force``."""
-    p = Path(path)
-    if p.exists() and not force:
-        raise QPlanError(f"{p} already exists: choose another --output or pass --force to replace it")
-    if p.parent and not p.parent.exists():
-        raise QPlanError(f"directory {p.parent} does not exist")
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, p)
-    return p
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -53,18 +41,20 @@ def cli() -> None:
 
 def plan_options(f):
     opts = [
-        click.option("--model", "-m", required=True, help="bundled model name (see `qplan models`), a config.json, or a model directory"),
+        click.option("--model", "-m", required=True,
+                     help="bundled model name (see `qplan models`), a config.json, or a model directory"),
         click.option("--r", "r", type=int, default=16, show_default=True, help="LoRA rank"),
         click.option("--alpha", type=float, default=None, help="LoRA alpha [default: 2*r]"),
         click.option("--dropout", type=float, default=0.05, show_default=True),
         click.option("--targets", default="all-linear", show_default=True,
-                     help="preset qv|attn|mlp|all-linear, or comma-separated module names"),
-        click.option("--bias", type=click.Choice(["none", "lora_only", "all"]), default="none", show_default=True),
+                     help=f"preset {'|'.join(PRESETS)}, or comma-separated module names"),
+        click.option("--bias", type=click.Choice(list(BIAS_MODES)), default="none", show_default=True),
         click.option("--dora", is_flag=True, help="DoRA: one magnitude vector per adapted module"),
         click.option("--rslora", is_flag=True, help="rank-stabilised scaling alpha/sqrt(r)"),
         click.option("--modules-to-save", default="", help="comma-separated modules trained in full (e.g. embed_tokens,lm_head)"),
         click.option("--quant", type=click.Choice(QUANT_CHOICES), default="nf4", show_default=True),
-        click.option("--double-quant/--no-double-quant", default=True, show_default=True, help="4-bit: quantize the absmax constants"),
+        click.option("--double-quant/--no-double-quant", default=True, show_default=True,
+                     help="4-bit: quantize the absmax constants"),
         click.option("--compute-dtype", type=click.Choice(sorted(DTYPE_ALIASES)), default="bf16", show_default=True),
         click.option("--upcast/--no-upcast", "upcast", default=True, show_default=True,
                      help="k-bit plans: prepare_model_for_kbit_training casts unquantized params to fp32"),
@@ -73,47 +63,15 @@ def plan_options(f):
         click.option("--batch-size", type=int, default=1, show_default=True),
         click.option("--grad-accum", type=int, default=1, show_default=True),
         click.option("--grad-ckpt/--no-grad-ckpt", default=True, show_default=True, help="gradient checkpointing"),
-        click.option("--optimizer", default="adamw_torch", show_default=True,
-                     help="adamw_torch|adamw_8bit|paged_adamw_8bit|paged_adamw_32bit|sgd|adafactor"),
+        click.option("--optimizer", default="adamw_torch", show_default=True, help="|".join(OPTIMIZERS)),
         click.option("--attn", "attn_impl", default="auto", show_default=True,
-                     help="auto|sdpa|flash_attention_2|eager (auto: what transformers picks for the model, e.g. eager for Gemma-2)"),
-        click.option("--backend", default="peft", show_default=True, help="peft|unsloth"),
+                     help=f"{'|'.join(ATTN_CHOICES)} (auto: what transformers picks for the model, e.g. eager for Gemma-2)"),
+        click.option("--backend", default="peft", show_default=True, help="|".join(BACKENDS)),
         click.option("--strict-dtype", is_flag=True, help="fail instead of switching bf16 to fp16 on GPUs without bf16"),
     ]
     for o in reversed(opts):
         f = o(f)
     return f
-
-
-def plan_from_options(o: dict[str, Any]) -> dict[str, Any]:
-    from .lora import LoraSettings
-    from .memory import TrainingSettings, resolve_attn
-    from .plan import PlanInputs, build_plan, check_gpu_dtype
-    from .specs import load_gpu, load_spec
-    from .weights import QuantSettings
-
-    spec = load_spec(o["model"])
-    gpu = load_gpu(o["gpu"]) if o.get("gpu") else None
-    r = o["r"]
-    alpha = o["alpha"] if o["alpha"] is not None else 2.0 * r
-    lora = LoraSettings(
-        r=r, alpha=alpha, dropout=o["dropout"], targets=o["targets"], bias=o["bias"],
-        use_dora=o["dora"], use_rslora=o["rslora"],
-        modules_to_save=tuple(m.strip() for m in o["modules_to_save"].split(",") if m.strip()),
-    )
-    quant = QuantSettings(o["quant"], o["double_quant"], DTYPE_ALIASES[o["compute_dtype"]], o["upcast"])
-    backend = o["backend"]
-    ckpt = ("unsloth" if backend == "unsloth" else "hf") if o["grad_ckpt"] else "off"
-    training = TrainingSettings(o["batch_size"], o["seq_len"], o["grad_accum"], ckpt, o["optimizer"],
-                                resolve_attn(spec, o.get("attn_impl") or "auto"))
-    quant, warnings = check_gpu_dtype(quant, gpu, auto_fix=not o.get("strict_dtype"))
-    inputs = PlanInputs(spec, lora, quant, training, gpu, backend)
-    plan = build_plan(inputs, warnings)
-    if plan["prediction"]["fits"] is False:
-        from .fit import suggestions
-
-        plan["suggestions"] = suggestions(inputs)
-    return plan
 
 
 @cli.command()
@@ -125,16 +83,21 @@ def plan_from_options(o: dict[str, Any]) -> dict[str, Any]:
 @click.option("--force", is_flag=True, help="replace an existing --output file")
 def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -> None:
     """Exact LoRA parameter counts and the memory budget of a fine-tune."""
-    from .plan import dumps
-    from .render import render_plan
+    from qplan.planner.api import make_plan
+    from qplan.planner.plan import dumps
+    from qplan.planner.render import render_plan
 
     if output and Path(output).exists() and not force:
         raise QPlanError(f"{output} already exists: choose another --output or pass --force to replace it")
-    plan = plan_from_options(o)
+    plan = make_plan(**o)
     if method == "trace":
-        from .tracecli import attach_trace
+        from qplan.planner.plan import attach_trace
 
-        attach_trace(plan)
+        try:
+            from qplan.observe.trace import trace_plan
+        except ImportError as exc:  # pragma: no cover - only without the train extra
+            raise QPlanError("--method trace needs torch, transformers and peft: pip install 'qplan[train]'") from exc
+        attach_trace(plan, trace_plan(plan))
     text = dumps(plan)
     if output:
         write_new_file(output, text, force)
@@ -154,7 +117,8 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
 @click.option("--gpu", required=True)
 @click.option("--seq-len", type=int, default=None, help="fix the sequence length (else search it)")
 @click.option("--batch-size", type=int, default=None, help="fix the batch size (else search it)")
-@click.option("--quant", type=click.Choice(QUANT_CHOICES), default=None, help="fix the quantization (else search nf4, int8, bf16)")
+@click.option("--quant", type=click.Choice(QUANT_CHOICES), default=None,
+              help="fix the quantization (else search nf4, int8, bf16)")
 @click.option("--r", "r", type=int, default=None, help="fix the rank (else search 8, 16, 32, 64)")
 @click.option("--targets", default=None, help="fix the targets (else search qv, attn, all-linear)")
 @click.option("--optimizer", default=None, help="fix the optimizer (else search adamw_torch, adamw_8bit, paged_adamw_8bit)")
@@ -162,8 +126,8 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def fit(model, gpu, seq_len, batch_size, quant, r, targets, optimizer, top, fmt) -> None:
     """Search batch, sequence, rank, targets, checkpointing, optimizer and quant for plans that fit."""
-    from .fit import search
-    from .render import render_fit
+    from qplan.planner.fit import search
+    from qplan.planner.render import render_fit
 
     result = search(model, gpu, seq_len=seq_len, batch_size=batch_size, quant=quant, r=r,
                     targets=targets, optimizer=optimizer, top=top)
@@ -177,23 +141,23 @@ def fit(model, gpu, seq_len, batch_size, quant, r, targets, optimizer, top, fmt)
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def models(fmt: str) -> None:
     """List the model specs qplan knows (bundled and added with `qplan spec add`)."""
-    from .memory import max_context
-    from .render import render_models
-    from .specs import load_spec, model_names
+    from qplan.planner.memory import max_context
+    from qplan.planner.render import render_models
+    from qplan.planner.specs import load_spec, model_names
 
     rows = []
     for name in model_names():
         s = load_spec(name)
-        c, inv = s["config"], s["inventory"]
+        c, inv = s.config, s.inventory
         rows.append({
             "name": name,
-            "architecture": inv["architecture"],
-            "params": inv["total_params"],
-            "layers": inv["num_hidden_layers"],
+            "architecture": inv.architecture,
+            "params": inv.total_params,
+            "layers": inv.num_hidden_layers,
             "hidden": c.get("hidden_size") or c.get("n_embd"),
             "vocab": c.get("vocab_size"),
             "context": max_context(s),
-            "source": s.get("source", {}).get("hub_id") or s.get("source", {}).get("path", ""),
+            "source": s.source.get("hub_id") or s.source.get("path", ""),
         })
     _emit(fmt, rows, render_models(rows))
 
@@ -202,10 +166,10 @@ def models(fmt: str) -> None:
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def gpus(fmt: str) -> None:
     """List the GPU catalog (memory in bytes, bf16 support, peak TFLOPS, bandwidth)."""
-    from .render import render_gpus
-    from .specs import gpu_catalog
+    from qplan.planner.render import render_gpus
+    from qplan.planner.specs import gpu_catalog
 
-    rows = list(gpu_catalog().values())
+    rows = [g.to_json() for g in gpu_catalog().values()]
     _emit(fmt, rows, render_gpus(rows))
 
 
@@ -219,12 +183,13 @@ def spec() -> None:
 @click.option("--name", default=None, help="spec name [default: the directory or file name]")
 @click.option("--hub-id", default=None, help="record the Hugging Face Hub id the config came from")
 @click.option("--revision", default=None, help="record the Hub revision the config came from")
-@click.option("--output-dir", default=None, help="where to write the spec [default: $QPLAN_SPEC_DIR or ~/.config/qplan/model_specs]")
+@click.option("--output-dir", default=None,
+              help="where to write the spec [default: $QPLAN_SPEC_DIR or ~/.config/qplan/model_specs]")
 @click.option("--force", is_flag=True, help="replace an existing spec of that name")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def spec_add(config, name, hub_id, revision, output_dir, force, fmt) -> None:
     """Build a spec (module inventory read on the meta device) from CONFIG.json or a MODEL_DIR."""
-    from .specs import make_spec, read_config, user_spec_dir
+    from qplan.planner.specs import make_spec, read_config, user_spec_dir
 
     p = Path(config)
     if not p.exists():
@@ -242,12 +207,12 @@ def spec_add(config, name, hub_id, revision, output_dir, force, fmt) -> None:
     s = make_spec(cfg, name, source)
     out_dir = Path(output_dir) if output_dir else user_spec_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = write_new_file(out_dir / f"{name}.json", json.dumps(s, indent=2, ensure_ascii=False) + "\n", force)
-    inv = s["inventory"]
-    summary = {"name": name, "path": str(path), "architecture": inv["architecture"],
-               "params": inv["total_params"], "linear_modules": len(inv["linear"])}
-    _emit(fmt, summary, f"wrote {path}: {inv['architecture']}, {inv['total_params']:,} parameters, "
-                        f"{len(inv['linear'])} linear module groups")
+    path = write_new_file(out_dir / f"{name}.json", json.dumps(s.to_json(), indent=2, ensure_ascii=False) + "\n", force)
+    inv = s.inventory
+    summary = {"name": name, "path": str(path), "architecture": inv.architecture,
+               "params": inv.total_params, "linear_modules": len(inv.linear)}
+    _emit(fmt, summary, f"wrote {path}: {inv.architecture}, {inv.total_params:,} parameters, "
+                        f"{len(inv.linear)} linear module groups")
 
 
 # ------------------------------------------------------------------------ run / report
@@ -320,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("qplan: interrupted", err=True)
         return 130
-    except Exception as exc:  # noqa: BLE001 - never a traceback for the user
+    except Exception as exc:
         if os.environ.get("QPLAN_DEBUG"):
             raise
         msg = " ".join(str(exc).split())

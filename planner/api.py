@@ -1,0 +1,79 @@
+"""qplan's library API: one call from options to the plan document.
+
+    from qplan.planner.api import make_plan
+    plan = make_plan(model="llama-3.2-3b", r=32, gpu="t4")      # == qplan estimate --format json
+
+The CLI, the benchmarks and the tests call this; so will anything that serves plans (a web page,
+a trainer-config importer). Keyword names and defaults are the CLI's options. Torch-free for
+bundled specs; a config path builds its inventory with transformers on the meta device.
+Bad input raises ``QPlanError`` with one line that names the option and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from .errors import QPlanError
+from .lora import LoraSettings
+from .memory import TrainingSettings, resolve_attn
+from .plan import PlanInputs, build_plan, check_gpu_dtype
+from .spec import Gpu, ModelSpec
+from .specs import load_gpu, load_spec
+from .vocab import DTYPE_ALIASES
+from .weights import QuantSettings
+
+
+def plan_inputs(
+    *,
+    model: str | ModelSpec,
+    r: int = 16,
+    alpha: float | None = None,
+    dropout: float = 0.05,
+    targets: str = "all-linear",
+    bias: str = "none",
+    dora: bool = False,
+    rslora: bool = False,
+    modules_to_save: str | Iterable[str] = (),
+    quant: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: str = "bf16",
+    upcast: bool = True,
+    gpu: str | Gpu | None = None,
+    seq_len: int = 512,
+    batch_size: int = 1,
+    grad_accum: int = 1,
+    grad_ckpt: bool = True,
+    optimizer: str = "adamw_torch",
+    attn_impl: str = "auto",
+    backend: str = "peft",
+    strict_dtype: bool = False,
+) -> tuple[PlanInputs, list[str]]:
+    """The validated inputs of a plan (and the warnings resolving them produced)."""
+    spec = model if isinstance(model, ModelSpec) else load_spec(model)
+    gpu_ = gpu if isinstance(gpu, Gpu) or gpu is None else (load_gpu(gpu) if gpu else None)
+    if compute_dtype not in DTYPE_ALIASES:
+        raise QPlanError(f"--compute-dtype must be one of {', '.join(sorted(DTYPE_ALIASES))}, got {compute_dtype!r}")
+    if isinstance(modules_to_save, str):
+        modules_to_save = modules_to_save.split(",")
+    lora = LoraSettings(
+        r=r, alpha=alpha if alpha is not None else 2.0 * r, dropout=dropout, targets=targets, bias=bias,
+        use_dora=dora, use_rslora=rslora, modules_to_save=tuple(m.strip() for m in modules_to_save if m.strip()),
+    )
+    q = QuantSettings(quant, double_quant, DTYPE_ALIASES[compute_dtype], upcast)
+    ckpt = ("unsloth" if backend == "unsloth" else "hf") if grad_ckpt else "off"
+    training = TrainingSettings(batch_size, seq_len, grad_accum, ckpt, optimizer, resolve_attn(spec, attn_impl or "auto"))
+    q, warnings = check_gpu_dtype(q, gpu_, auto_fix=not strict_dtype)
+    return PlanInputs(spec, lora, q, training, gpu_, backend), warnings
+
+
+def make_plan(**options: Any) -> dict[str, Any]:
+    """The plan document (plan.json) of ``options`` (see ``plan_inputs`` for the names and defaults),
+    with ``suggestions`` when it does not fit its GPU."""
+    inputs, warnings = plan_inputs(**options)
+    plan = build_plan(inputs, warnings)
+    if plan["prediction"]["fits"] is False:
+        from .fit import suggestions
+
+        plan["suggestions"] = suggestions(inputs)
+    return plan

@@ -1,0 +1,48 @@
+"""Writing the user's files safely: never over an existing file without being asked, never half.
+
+``write_new_file`` writes to a fresh, unpredictable temporary file in the target's directory
+(``tempfile.mkstemp``: ``O_CREAT | O_EXCL``, so no existing file or symbolic link is ever
+followed or clobbered), then renames it over the target with ``os.replace`` (atomic on POSIX).
+On any error the temporary file is removed: nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import QPlanError
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Replace ``path`` with ``data`` atomically (UTF-8 for text)."""
+    p = Path(path)
+    blob = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name[:100]}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return p
+
+
+def write_new_file(path: str | Path, text: str, force: bool) -> Path:
+    """Write ``text`` to ``path``; refuse to replace an existing file unless ``force``, and never a folder."""
+    p = Path(path)
+    if p.is_dir():
+        raise QPlanError(f"{p} is a directory: give a file name")
+    if (p.exists() or p.is_symlink()) and not force:
+        raise QPlanError(f"{p} already exists: choose another --output or pass --force to replace it")
+    if p.parent and not p.parent.exists():
+        raise QPlanError(f"directory {p.parent} does not exist")
+    try:
+        return atomic_write(p, text)
+    except OSError as exc:
+        raise QPlanError(f"cannot write {p}: {exc.strerror or exc}") from exc

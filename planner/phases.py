@@ -1,0 +1,144 @@
+"""The moments of a training step and its peak: the one formula ``qplan estimate`` and ``qplan fit`` use.
+
+The peak of a training step is the largest of four moments (``MemoryModel``):
+
+* **loss** (end of the forward) — weights + adapters + optimizer states (from step 2 on) + every
+  saved activation + the logits and the loss's fp32 copies;
+* **start of backward** — the same activations + three fp32 ``T x V`` tensors of the loss's
+  backward (the peak of almost every real plan);
+* **layer-0 backward** — the other layers' gradients + layer 0's activations (recomputed with
+  checkpointing) + the incoming gradient (the peak when the vocabulary is small);
+* **optimizer step** — weights + adapters + gradients + optimizer states + the step's temporaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .activations import ZERO, Lin, activation_terms, logits_terms, precision
+from .lora import ModuleCount
+from .memory import (
+    TrainingSettings,
+    adapter_bytes,
+    dequant_temp_bytes,
+    dims,
+    gradient_bytes,
+    optimizer_state_bytes,
+    optimizer_step_temp_bytes,
+    overhead_bytes,
+)
+from .spec import ModelSpec
+from .weights import QuantSettings
+
+
+def training_memory(spec: ModelSpec, counts: list[ModuleCount], lora_r: int, dropout: float,
+                    q: QuantSettings, t: TrainingSettings, weights: int, chunked_ce: bool = False,
+                    kernels: str = "cuda") -> dict[str, Any]:
+    """All terms and the peak, for one plan.  ``kernels="cpu"``: what the same step allocates when
+    it runs on the CPU (``qplan run --device cpu`` compares against that)."""
+    return MemoryModel.build(spec, counts, lora_r, dropout, q, t.grad_ckpt, t.optimizer, t.attn_impl,
+                             weights, chunked_ce, kernels).evaluate(t.batch_size, t.seq_len, t.grad_accum)
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """The terms of a plan that do not depend on batch x sequence, and the linear forms of those
+    that do; ``evaluate(b, s)`` gives the phases and the peak.  ``qplan estimate`` and ``qplan fit``
+    both use it, so a plan's numbers are the same whichever command prints them.
+
+    Moments (the peak is their maximum):
+
+    * ``forward``: static + saved activations + the loss's logits (``logits_terms['forward']``);
+    * ``backward``: the start of backward: the same activations + ``logits_terms['backward']``
+      (``12 T V``);
+    * ``layers``: backward reaching layer 0, after the logits are freed: the gradients of the
+      other layers, the incoming gradient (two ``R h T``), layer 0's activations (recomputed with
+      checkpointing, with the recomputation's transients) — the peak of small-vocabulary models;
+    * ``optimizer``: static + gradients + the step's temporaries;
+    * ``attention`` (eager attention with checkpointing only): a layer's forward at its softmax,
+      the ``s^2`` score tensors that nothing saves (``eager_forward_transient``).
+
+    ``static`` = weights + adapters + optimizer states (from step 2 on), paged optimizer state
+    excluded; with gradient accumulation the gradients are alive in every phase.
+    """
+
+    weights: int
+    adapters: int
+    gradients: int
+    optimizer: int
+    optimizer_paged: int
+    temps_opt: int
+    temps_dq: int
+    saved: Lin
+    layers: Lin
+    attn_fwd: Lin
+    layers_grads: int
+    loss_extra: Lin
+    logits_fwd: Lin
+    logits_bwd: Lin
+
+    @classmethod
+    def build(cls, spec, counts, lora_r, dropout, q, grad_ckpt, optimizer, attn_impl, weights, chunked_ce=False,
+              kernels="cuda"):
+        opt = optimizer_state_bytes(counts, optimizer)
+        L = dims(spec).L
+        acts = activation_terms(spec, counts, lora_r, dropout, q, grad_ckpt, attn_impl, kernels)
+        lg = logits_terms(spec, q, chunked_ce)
+        return cls(
+            weights=weights, adapters=adapter_bytes(counts), gradients=gradient_bytes(counts),
+            optimizer=opt["device"] + opt["paged"], optimizer_paged=opt["paged"],
+            temps_opt=optimizer_step_temp_bytes(counts, optimizer, kernels),
+            temps_dq=dequant_temp_bytes(spec, q, precision(q).c),
+            saved=acts["saved"], layers=acts["layers"], attn_fwd=acts["attn_fwd"],
+            # entering layer 0's backward, the other layers' gradients exist
+            layers_grads=gradient_bytes(counts) * (L - 1) // max(1, L),
+            loss_extra=acts["loss_extra"], logits_fwd=lg["forward"], logits_bwd=lg["backward"],
+        )
+
+    def phases(self, b: int, s: int, grad_accum: int = 1) -> dict[str, int]:
+        """Live tensor bytes at each moment of the step (the one formula both commands use)."""
+        T = b * s
+        # paged optimizer state lives in CUDA unified memory, outside the device allocator
+        static = self.weights + self.adapters + self.optimizer - self.optimizer_paged
+        # gradients stay alive between micro-batches when accumulating
+        g = self.gradients if grad_accum > 1 else 0
+        acts = self.saved.at(T, s)
+        out = {
+            "forward": static + g + acts + self.loss_extra.at(T, s) + self.logits_fwd.at(T, s),
+            "backward": static + g + acts + self.logits_bwd.at(T, s),
+            "layers": static + (self.gradients if grad_accum > 1 else self.layers_grads) + self.layers.at(T, s),
+            "optimizer": static + self.gradients + self.temps_opt,
+        }
+        if self.attn_fwd != ZERO:
+            out["attention"] = static + g + self.attn_fwd.at(T, s)
+        return out
+
+    def peak(self, b: int, s: int, grad_accum: int = 1) -> int:
+        """tensor_peak only (the inner loop of ``qplan fit``)."""
+        return max(self.phases(b, s, grad_accum).values())
+
+    def evaluate(self, b: int, s: int, grad_accum: int = 1) -> dict[str, Any]:
+        T = b * s
+        phases = self.phases(b, s, grad_accum)
+        acts = self.saved.at(T, s)
+        tensor_peak = max(phases.values())
+        phase = next(k for k, v in phases.items() if v == tensor_peak)
+        over = overhead_bytes(tensor_peak)
+        return {
+            "adapters": self.adapters,
+            "gradients": self.gradients,
+            "optimizer": self.optimizer,
+            "optimizer_paged": self.optimizer_paged,
+            "activations": acts,
+            "logits": self.logits_bwd.at(T, s),
+            "temporaries": max(self.temps_dq, self.temps_opt),
+            "overhead": sum(over.values()),
+            "cuda_context": over["cuda_context"],
+            "allocator_slack": over["allocator_slack"],
+            "tensor_peak": tensor_peak,
+            "peak": tensor_peak + sum(over.values()),
+            "peak_phase": phase,
+            "phases": phases,
+        }
+

@@ -1,0 +1,103 @@
+"""qplan's vocabulary: every name a plan can hold, in one module, and one table row per optimizer.
+
+A new option touches this module (and the one term that uses it), nowhere else: the CLI's
+choices, the plan's validation, the memory terms, the trace and the backends all read these.
+Torch-free: importing it costs nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# ---------------------------------------------------------------------------------- weights
+
+#: base-weight modes: bitsandbytes 4-bit (nf4/fp4) and LLM.int8, or a plain 16/32-bit load
+QUANTS = ("nf4", "fp4", "int8", "bf16", "fp16", "fp32")
+#: the modes bitsandbytes quantizes (``prepare_model_for_kbit_training`` applies to these)
+KBIT = ("nf4", "fp4", "int8")
+FOUR_BIT = ("nf4", "fp4")
+#: torch dtype names of the compute / load dtypes
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+#: every spelling a user may type for a dtype -> the torch name
+DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+                 "fp32": "float32", "float32": "float32"}
+#: bytes per element
+BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1, "int8": 1, "int64": 8, "bool": 1}
+#: compute dtype -> TrainingArguments' mixed precision (``bf16=True`` / ``fp16=True`` / neither)
+MIXED_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
+
+# ------------------------------------------------------------------------------------- LoRA
+
+PRESETS = ("qv", "attn", "mlp", "all-linear")
+BIAS_MODES = ("none", "lora_only", "all")
+#: adapter dtypes PEFT can hold, and their safetensors names
+SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+# --------------------------------------------------------------------------------- training
+
+#: attention implementations transformers offers (``auto``: the architecture's default)
+ATTN_IMPLS = ("sdpa", "flash_attention_2", "eager")
+ATTN_CHOICES = ("auto", *ATTN_IMPLS)
+#: gradient checkpointing: none, transformers/torch (``use_reentrant=False``), Unsloth's offload
+GRAD_CKPT = ("off", "hf", "unsloth")
+BACKENDS = ("peft", "unsloth")
+#: where a plan's kernels run: a GPU, or the CPU of ``qplan run --device cpu``
+KERNELS = ("cuda", "cpu")
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """One optimizer as every part of qplan sees it.
+
+    * ``trainer_optim``: ``TrainingArguments.optim`` (what the backends and the trace ask
+      ``Trainer.get_optimizer_cls_and_kwargs`` for);
+    * ``state``: the state it keeps per trainable tensor — ``adamw`` (``exp_avg`` and
+      ``exp_avg_sq`` like the parameter), ``bnb8bit`` (bitsandbytes blockwise 8-bit: two uint8
+      states and fp32 block constants; fp32 for small tensors), ``bnb32bit`` (two fp32 states),
+      ``factored`` (Adafactor's row/column second moment), ``none`` (Trainer's SGD: no momentum);
+    * ``paged``: bitsandbytes puts large states in CUDA unified memory (``cudaMallocManaged``);
+    * ``step_temps``: transients of one step — ``foreach`` (torch's multi-tensor AdamW: one
+      parameter-sized ``sqrt`` per tensor, all alive at once; single-tensor on the CPU),
+      ``adafactor`` (two fp32 copies of the largest tensor), ``none`` (fused / in-place kernels);
+    * ``foreach``: torch picks the multi-tensor path for CUDA parameters
+      (``_default_to_fused_or_foreach``); the trace asks for it explicitly (meta/CPU would not);
+    * ``host_step``: the ``step`` counter is a host tensor for CUDA parameters (not counted);
+    * ``device_step``: the ``step`` counter is a 4-byte fp32 tensor on the device, one per
+      trainable tensor (fused AdamW: ``_get_scalar_dtype(is_fused=True)``, torch/optim/adam.py).
+    """
+
+    name: str
+    trainer_optim: str
+    state: str
+    paged: bool = False
+    step_temps: str = "none"
+    foreach: bool = False
+    host_step: bool = False
+    device_step: bool = False
+
+
+OPTIMIZER_TABLE = (
+    Optimizer("adamw_torch", "adamw_torch", "adamw", step_temps="foreach", foreach=True, host_step=True),
+    Optimizer("adamw_torch_fused", "adamw_torch_fused", "adamw", device_step=True),
+    Optimizer("adamw_8bit", "adamw_bnb_8bit", "bnb8bit"),
+    Optimizer("paged_adamw_8bit", "paged_adamw_8bit", "bnb8bit", paged=True),
+    Optimizer("paged_adamw_32bit", "paged_adamw_32bit", "bnb32bit", paged=True),
+    Optimizer("sgd", "sgd", "none", foreach=True, host_step=True),
+    Optimizer("adafactor", "adafactor", "factored", step_temps="adafactor"),
+)
+OPTIMIZERS = {o.name: o for o in OPTIMIZER_TABLE}
+
+# ------------------------------------------------------------------------------ measurement
+
+#: what a byte of a training step is, for the trace and for ``qplan run``'s tracker alike
+#: (``qplan.observe.summary.category`` decides; ``tensor_peak`` = every category but
+#: ``optimizer_paged``, which lives in unified memory outside the device allocator)
+CATEGORIES = ("weights", "adapters", "gradients", "optimizer", "optimizer_paged", "activations", "logits",
+              "temporaries")
+#: phases of a step as the observers mark them
+PHASES = ("forward", "backward", "optimizer")
+
+
+def optimizer(name: str) -> Optimizer:
+    """The table row of ``name`` (KeyError for names outside the vocabulary: validate first)."""
+    return OPTIMIZERS[name]
