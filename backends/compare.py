@@ -4,12 +4,16 @@
 
 | term | predicted (plan.json) | measured (measured.json ``measured``) |
 |---|---|---|
-| ``tensor_peak`` | CUDA ``prediction.memory.tensor_peak``; CPU ``prediction.memory_detail.tensor_peak_cpu`` (the same model with CPU kernels: fp32 dropout noise, single-tensor AdamW) | CPU ``memory.tensor_peak``; CUDA ``memory.peak_allocated`` |
+| ``tensor_peak`` | CUDA ``memory.tensor_peak``; CPU ``memory_detail.tensor_peak_cpu`` (*) | see (*) |
 | ``peak`` | ``prediction.memory.peak`` | CUDA only: ``memory.peak_reserved + memory.cuda_context`` |
 | ``weights`` | ``prediction.memory.weights`` | ``memory.weights`` (after k-bit preparation) |
 | ``weights_footprint`` | ``prediction.memory.weights_footprint`` | ``get_memory_footprint()`` there |
 | ``trainable`` | ``prediction.params.trainable`` | PEFT ``get_nb_trainable_parameters()[0]`` |
 | ``adapter_file_bytes`` | ``prediction.adapter_file_bytes`` | size of adapter_model.safetensors |
+
+(*) ``prediction.memory_detail.tensor_peak_cpu``: the same model with CPU kernels (fp32 dropout
+noise, single-tensor AdamW); measured: ``memory.tensor_peak`` on the CPU, ``memory.peak_allocated``
+on CUDA.
 
 A term that was not measured (a CPU run has no ``peak``; a failed run may have no peak at all)
 has error ``None``. ``components`` pairs the plan's memory terms with the tracker's categories
@@ -22,15 +26,10 @@ from typing import Any
 
 TERMS = ("tensor_peak", "peak", "weights", "weights_footprint", "trainable", "adapter_file_bytes")
 
-#: plan memory term -> tracker categories at the peak that hold the same bytes
+#: plan memory term -> tracker categories at the peak that hold the same bytes: the tracker and
+#: the plan speak one vocabulary (``qplan.planner.vocab.CATEGORIES``), so each term is its category
 COMPONENTS: dict[str, tuple[str, ...]] = {
-    "weights": ("weights", "quant_state"),
-    "adapters": ("adapters",),
-    "gradients": ("gradients",),
-    "optimizer": ("optimizer",),
-    "activations": ("activations",),
-    "logits": ("logits",),
-    "temporaries": ("backward", "optimizer_step", "other"),
+    term: (term,) for term in ("weights", "adapters", "gradients", "optimizer", "activations", "logits", "temporaries")
 }
 
 

@@ -20,33 +20,9 @@ from __future__ import annotations
 from typing import Any
 
 from qplan.planner.errors import QPlanError
+from qplan.planner.vocab import OPTIMIZERS
 
 from .base import TrainSettings
-
-#: plan optimizer name -> TrainingArguments.optim
-OPTIM = {
-    "adamw_torch": "adamw_torch",
-    "adamw_8bit": "adamw_bnb_8bit",
-    "paged_adamw_8bit": "paged_adamw_8bit",
-    "paged_adamw_32bit": "paged_adamw_32bit",
-    "sgd": "sgd",
-    "adafactor": "adafactor",
-}
-
-
-def lora_kwargs(lora: dict[str, Any]) -> dict[str, Any]:
-    """The plan's ``lora`` section as the keyword arguments both PEFT's ``LoraConfig`` and
-    Unsloth's ``FastLanguageModel.get_peft_model`` take (one mapping, so backends can't drift)."""
-    return {
-        "r": int(lora["r"]),
-        "lora_alpha": lora["alpha"],
-        "lora_dropout": float(lora.get("dropout", 0.0)),
-        "target_modules": list(lora["target_modules"]),
-        "bias": lora.get("bias", "none"),
-        "use_dora": bool(lora.get("use_dora", False)),
-        "use_rslora": bool(lora.get("use_rslora", False)),
-        "modules_to_save": list(lora.get("modules_to_save") or []) or None,
-    }
 
 
 def training_arguments(plan: dict[str, Any], settings: TrainSettings, device: str,
@@ -65,9 +41,9 @@ def training_kwargs(plan: dict[str, Any], settings: TrainSettings, device: str,
     if on_cpu and mp == "fp16":
         raise QPlanError("this plan trains with fp16 autocast, which needs a GPU: on the CPU re-create the plan "
                          "with --compute-dtype bf16 (and --quant bf16 for a 16-bit base)")
-    if t["optimizer"] not in OPTIM:
+    if t["optimizer"] not in OPTIMIZERS:
         raise QPlanError(f"optimizer {t['optimizer']!r} is not supported by the Trainer backends: "
-                         f"choose one of {', '.join(OPTIM)}")
+                         f"choose one of {', '.join(OPTIMIZERS)}")
     ckpt = t["grad_ckpt"] != "off" and trainer_checkpointing
     kwargs: dict[str, Any] = dict(
         output_dir=str(settings.output_dir),
@@ -77,7 +53,7 @@ def training_kwargs(plan: dict[str, Any], settings: TrainSettings, device: str,
         lr_scheduler_type="constant",
         warmup_steps=0,
         max_grad_norm=1.0,
-        optim=OPTIM[t["optimizer"]],
+        optim=OPTIMIZERS[t["optimizer"]].trainer_optim,
         bf16=mp == "bf16",
         fp16=mp == "fp16",
         gradient_checkpointing=ckpt,

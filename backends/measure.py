@@ -30,16 +30,17 @@ What each number is
   kernel's internal scratch memory, and anything a C extension allocates without the
   dispatcher, is not seen. The CPU has no caching allocator and no context, so there is no
   ``peak`` beside ``tensor_peak``.
-* The tracker labels each byte by what it is, giving ``breakdown_at_peak``: ``weights`` (frozen
-  parameters and buffers), ``quant_state`` (bitsandbytes constants), ``adapters`` (trainable
+* The tracker is ``qplan.observe``'s, the same that traces a step on the meta device, and it
+  labels bytes with the same vocabulary (``qplan.planner.vocab.CATEGORIES``, decided after the
+  window from each storage's history by ``qplan.observe.summary``), giving ``breakdown_at_peak``:
+  ``weights`` (frozen parameters, buffers, quantization constants), ``adapters`` (trainable
   parameters), ``gradients`` (a storage becomes one when it is accumulated into ``.grad``),
-  ``optimizer`` (optimizer state), ``logits`` (tensors made by an operator whose last dimension
-  is the vocabulary: the logits, their fp32 copies, log-softmax, their gradients, and the chunks
-  of a chunked cross-entropy), ``activations`` (other tensors
-  made in the forward pass, or by a checkpointed layer recomputing its forward inside the
-  backward pass), ``backward`` (other tensors made in the backward pass — activation
-  gradients — and by gradient clipping), ``optimizer_step`` (temporaries of the optimizer step), ``other`` (anything else
-  alive before the window: the batch, scalars).
+  ``optimizer`` (optimizer state), ``logits`` (``[rows, vocabulary]`` tensors of the step: the
+  logits, their fp32 copies, log-softmax, their gradients; with Unsloth's chunked cross-entropy,
+  its chunks), ``activations`` (the batch and other tensors alive before the window, and tensors
+  made in a forward pass or a checkpoint recomputation that autograd saved or that outlived it),
+  ``temporaries`` (everything else: activation gradients in flight, optimizer scratch).
+  ``peak_detail`` lists the largest (category, operator, dtype, shape) groups at the peak.
 * Always: step time (``time.perf_counter`` around each optimizer step, CUDA synchronised),
   tokens per second = ``batch × seq_len × grad_accum`` / mean step time over steps after the
   warm-up (CPU: steps outside the tracker window when there are any, since the tracker slows
@@ -50,265 +51,15 @@ from __future__ import annotations
 
 import gc
 import time
-import warnings
-import weakref
-from collections import defaultdict
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.weak import WeakIdKeyDictionary
 from transformers import TrainerCallback
 
-CATEGORIES = ("weights", "quant_state", "adapters", "gradients", "optimizer", "logits", "activations",
-              "backward", "optimizer_step", "other")
-#: tensors made while the step is in this phase get this category (unless they are logits)
-PHASE_CATEGORY = {"forward": "activations", "recompute": "activations", "backward": "backward",
-                  "optimizer": "optimizer_step"}
-
-
-class _Rec:
-    __slots__ = ("nbytes", "category", "origin")
-
-    def __init__(self, nbytes: int, category: str, origin: str) -> None:
-        self.nbytes = nbytes
-        self.category = category
-        self.origin = origin  # "<aten op> <dtype> <shape>" that made it, or "existing"
-
-
-class LiveTensorTracker(TorchDispatchMode):
-    """Bytes of live tensor storages on one device type: current, peak, and by category.
-
-    Enter it as a context manager (or ``__enter__``/``__exit__`` from callbacks of one thread).
-    ``add(t, category)`` counts a tensor that already exists; ``relabel`` changes a storage's
-    category. ``vocab`` identifies logits-shaped tensors (see module docstring).
-    """
-
-    def __init__(self, device_type: str = "cpu", vocab: int = 0) -> None:
-        super().__init__()
-        self.device_type = device_type
-        self.vocab = vocab
-        self._recs: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self.current = 0
-        self.peak = 0
-        self.by_category: dict[str, int] = defaultdict(int)
-        self.peak_by_category: dict[str, int] = {}
-        #: bytes by (category, origin): which operator made the bytes of each category
-        self.by_origin: dict[tuple[str, str], int] = defaultdict(int)
-        self.peak_by_origin: dict[tuple[str, str], int] = {}
-        self.phase = "idle"
-        self.step: int | None = None
-        self.peak_phase: str | None = None
-        self.peak_step: int | None = None
-        self.phase_peaks: dict[str, int] = {}
-        self._closed = False
-        self._orig_resize = None
-        self._frees = 0
-        self._peak_frees = 0
-
-    # -- bookkeeping ------------------------------------------------------------------------
-    def _freed(self, rec: _Rec, _ref: Any) -> None:
-        if self._closed:
-            return
-        self._frees += 1
-        self.current -= rec.nbytes
-        self.by_category[rec.category] -= rec.nbytes
-        self.by_origin[(rec.category, rec.origin)] -= rec.nbytes
-
-    def _note_peak(self, relabelled: bool = False) -> None:
-        if self.current > self.phase_peaks.get(self.phase, -1):
-            self.phase_peaks[self.phase] = self.current
-        # a relabel at the peak (nothing freed since) describes the same bytes: refresh the labels
-        if self.current > self.peak or (relabelled and self.current == self.peak and self._frees == self._peak_frees):
-            self.peak = self.current
-            self._peak_frees = self._frees
-            self.peak_by_category = {k: v for k, v in self.by_category.items() if v}
-            self.peak_by_origin = {k: v for k, v in self.by_origin.items() if v}
-            self.peak_phase = self.phase
-            self.peak_step = self.step
-
-    def _track_storage(self, st: torch.UntypedStorage, category: str, origin: str = "existing") -> _Rec | None:
-        entry = self._recs.get(st)
-        n = st.nbytes()
-        if entry is not None:
-            rec = entry[0]
-            if rec.nbytes != n:  # resized in place (resize_, set_)
-                self.current += n - rec.nbytes
-                self.by_category[rec.category] += n - rec.nbytes
-                self.by_origin[(rec.category, rec.origin)] += n - rec.nbytes
-                rec.nbytes = n
-            return rec
-        rec = _Rec(n, category, origin)
-        self._recs[st] = (rec, weakref.ref(st, lambda r, rec=rec: self._freed(rec, r)))
-        self.current += n
-        self.by_category[category] += n
-        self.by_origin[(category, origin)] += n
-        return rec
-
-    def _storage(self, t: Any) -> torch.UntypedStorage | None:
-        if not isinstance(t, torch.Tensor) or t.device.type != self.device_type:
-            return None
-        try:
-            return t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # sparse / wrapper tensors without storage
-            return None
-
-    def add(self, t: torch.Tensor, category: str) -> bool:
-        """Count an existing tensor under ``category``; False if its storage is already counted."""
-        st = self._storage(t)
-        if st is None or st in self._recs:
-            return False
-        self._track_storage(st, category)
-        self._note_peak()
-        return True
-
-    def relabel(self, t: torch.Tensor, category: str) -> None:
-        """Move ``t``'s storage to ``category`` (e.g. a backward output that became ``.grad``)."""
-        st = self._storage(t)
-        if st is None:
-            return
-        rec = self._track_storage(st, category)
-        if rec is not None and rec.category != category:
-            self.by_category[rec.category] -= rec.nbytes
-            self.by_category[category] += rec.nbytes
-            self.by_origin[(rec.category, rec.origin)] -= rec.nbytes
-            self.by_origin[(category, rec.origin)] += rec.nbytes
-            rec.category = category
-        self._note_peak(relabelled=True)
-
-    def set_phase(self, phase: str) -> None:
-        self.phase = phase
-
-    # -- TorchDispatchMode ------------------------------------------------------------------
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            st = self._storage(t)
-            if st is None:
-                continue
-            cat = PHASE_CATEGORY.get(self.phase, "other")
-            if self.vocab and t.dim() >= 2 and t.shape[-1] == self.vocab:
-                cat = "logits"
-            self._track_storage(st, cat, f"{func.__name__} {str(t.dtype).removeprefix('torch.')} {list(t.shape)}")
-        self._note_peak()
-        return out
-
-    def __enter__(self):
-        # UntypedStorage.resize_ bypasses the dispatcher (as in torch's MemTracker): watch it.
-        self._orig_resize = torch.UntypedStorage.resize_
-        tracker = self
-
-        def resize_(st, size):
-            tracker._orig_resize(st, size)
-            if st in tracker._recs:
-                tracker._track_storage(st, "other")
-                tracker._note_peak()
-
-        torch.UntypedStorage.resize_ = resize_
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        if self._orig_resize is not None:
-            torch.UntypedStorage.resize_ = self._orig_resize
-            self._orig_resize = None
-        return super().__exit__(*exc)
-
-    def close(self) -> None:
-        """Stop following frees (call after ``__exit__``; the numbers stay as they are)."""
-        self._closed = True
-
-    def breakdown(self) -> dict[str, int]:
-        return {k: v for k, v in self.by_category.items() if v}
-
-    def peak_detail(self, top: int = 40) -> list[dict[str, Any]]:
-        """The largest (category, operator dtype shape) groups of live bytes at the peak."""
-        rows = sorted(self.peak_by_origin.items(), key=lambda kv: -kv[1])[:top]
-        return [{"category": c, "origin": o, "bytes": b} for (c, o), b in rows]
-
-
-# ------------------------------------------------------------------------- what exists already
-
-
-def _tensors_in(obj: Any, depth: int = 2) -> list[torch.Tensor]:
-    """Tensors held in the attributes of ``obj`` (bitsandbytes QuantState, MatmulLtState ...)."""
-    out: list[torch.Tensor] = []
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if depth == 0 or obj is None:
-        return out
-    if isinstance(obj, (list, tuple)):
-        for v in obj:
-            out += _tensors_in(v, depth - 1)
-        return out
-    if isinstance(obj, dict):
-        for v in obj.values():
-            out += _tensors_in(v, depth - 1)
-        return out
-    for v in getattr(obj, "__dict__", {}).values():
-        out += _tensors_in(v, depth - 1)
-    return out
-
-
-def quant_state_tensors(model: Any) -> list[torch.Tensor]:
-    """bitsandbytes constants, which are not parameters: ``Params4bit.quant_state`` (absmax,
-    code, offset, nested state), ``Int8Params.SCB``/``CB`` and ``Linear8bitLt.state``."""
-    out: list[torch.Tensor] = []
-    for m in model.modules():
-        w = getattr(m, "weight", None)
-        if w is None:
-            continue
-        qs = getattr(w, "quant_state", None)
-        if qs is not None:
-            out += _tensors_in(qs, depth=3)
-        for attr in ("SCB", "CB"):
-            t = getattr(w, attr, None)
-            if isinstance(t, torch.Tensor):
-                out.append(t)
-        st = getattr(m, "state", None)
-        if st is not None and type(st).__name__ == "MatmulLtState":
-            out += _tensors_in(st, depth=1)
-    return out
-
-
-def register_existing(tracker: LiveTensorTracker, model: Any, optimizer: Any = None, sweep: bool = True,
-                      adapters: bool = True) -> None:
-    """Count every tensor alive before tracking starts, each under its category.
-
-    ``adapters=False`` (before ``get_peft_model``): every parameter is a weight, whatever its
-    ``requires_grad``.
-    """
-    for p in model.parameters():
-        tracker.add(p, "adapters" if (adapters and p.requires_grad) else "weights")
-        if p.grad is not None:
-            tracker.add(p.grad, "gradients")
-    for b in model.buffers():
-        tracker.add(b, "weights")
-    for t in quant_state_tensors(model):
-        tracker.add(t, "quant_state")
-    if optimizer is not None:
-        for state in getattr(optimizer, "state", {}).values():
-            for t in _tensors_in(state, depth=1):
-                tracker.add(t, "optimizer")
-    if sweep:
-        gc.collect()
-        with warnings.catch_warnings():  # isinstance() on deprecated module attributes warns
-            warnings.simplefilter("ignore")
-            for obj in gc.get_objects():
-                try:
-                    if isinstance(obj, torch.Tensor) and not obj.is_meta:
-                        tracker.add(obj, "other")
-                except Exception:  # noqa: BLE001 - exotic objects with a failing __class__
-                    continue
-
-
-def census(model: Any, device_type: str, adapters: bool = True) -> dict[str, int]:
-    """Bytes of the model's own storages (no sweep) by category: weights, quant_state, adapters."""
-    tr = LiveTensorTracker(device_type)
-    register_existing(tr, model, sweep=False, adapters=adapters)
-    tr.close()
-    return tr.breakdown()
-
+from qplan.observe.existing import census, classify_model, register_model, sweep
+from qplan.observe.recompute import wrap_recompute
+from qplan.observe.summary import Curve
+from qplan.observe.tracker import LiveTensorTracker, LogitsRule
 
 # ---------------------------------------------------------------------------------- probes
 
@@ -338,7 +89,11 @@ class Probe:
         self.phases: dict[str, dict[str, Any]] = {}
         self.window: dict[str, Any] = {}
         self.weights_footprint: int | None = None
-        self._tracker: LiveTensorTracker | None = None
+        #: which tensors are logits (``LogitsRule.for_step`` of the plan; set by the worker)
+        self.logits: LogitsRule | None = None
+        self._tracker: Any = None
+        self._saved: Any = None
+        self._hooks: list[Any] = []
         self._window_open = False
 
     # -- phases ---------------------------------------------------------------------------
@@ -382,16 +137,38 @@ class Probe:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            tr = LiveTensorTracker(self.device.type, self.vocab)
-            tr.step = step
-            tr.set_phase(self.phase)
-            register_existing(tr, model, optimizer)
-            self.window["tracked_at_start"] = tr.current
-            self.window["tracked_at_start_by_category"] = tr.breakdown()
-            self._hooks = [p.register_post_accumulate_grad_hook(lambda p, tr=tr: tr.relabel(p.grad, "gradients"))
-                           for p in model.parameters() if p.requires_grad]
+            tr = LiveTensorTracker(self.device.type, logits=self.logits or LogitsRule(self.vocab or None),
+                                   origins=True)
+            register_model(tr, model)
+            for p in model.parameters():
+                if p.grad is not None:  # accumulated gradients from an unfinished step
+                    rec = tr.add_existing(p.grad, None)
+                    if rec is not None:
+                        rec.grad_at = -1
+            if optimizer is not None:
+                for state in getattr(optimizer, "state", {}).values():
+                    for v in state.values():
+                        tr.add_existing(v, None)
+            classify_model(tr, model, optimizer)
+            sweep(tr, "input")  # the batch and every other live tensor on the device
+
+            def grad_hook(p, tr=tr):
+                rec = tr.lookup(p.grad)
+                if rec is not None and rec.grad_at is None:
+                    rec.grad_at = tr.event
+
+            def pack(t, tr=tr):
+                rec = tr.lookup(t)
+                if rec is not None:
+                    rec.saved = True
+                return t
+
+            self._hooks = [p.register_post_accumulate_grad_hook(grad_hook) for p in model.parameters() if p.requires_grad]
+            self._saved = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
             self._tracker = tr
+            self._saved.__enter__()
             tr.__enter__()
+            tr.set_phase(self.phase, step)
         self._window_open = True
 
     def set_step(self, step: int) -> None:
@@ -415,18 +192,26 @@ class Probe:
         else:
             tr = self._tracker
             assert tr is not None
+            tr.set_phase("end")
             tr.__exit__(None, None, None)
-            tr.close()
+            self._saved.__exit__(None, None, None)
             for h in self._hooks:
                 h.remove()
+            tr.detach()
             self._tracker = None
+            curve = Curve(tr)
+            res = curve.summarize()
+            first = next(ev for ev, ph, _ in tr.marks if ph == "forward")
+            start = curve.breakdown(first - 1)
             self.window.update({
-                "tensor_peak": tr.peak,
-                "tensor_peak_phase": tr.peak_phase,
-                "tensor_peak_step": tr.peak_step,
-                "breakdown_at_peak": dict(sorted(tr.peak_by_category.items(), key=lambda kv: CATEGORIES.index(kv[0]))),
-                "phase_peaks": tr.phase_peaks,
-                "peak_detail": tr.peak_detail(),
+                "tensor_peak": res["tensor_peak"],
+                "tensor_peak_phase": res["peak_phase"],
+                "tensor_peak_step": res["peak_step"],
+                "breakdown_at_peak": res["breakdown_at_peak"],
+                "phase_peaks": res["phase_peaks"],
+                "peak_detail": curve.detail(res["peak_event"]),
+                "tracked_at_start": res["baseline"],
+                "tracked_at_start_by_category": {k: v for k, v in start.items() if v},
             })
 
     @property
@@ -482,7 +267,7 @@ class MeasureCallback(TrainerCallback):
         self.steps: list[dict[str, Any]] = []
         self._t0 = 0.0
         self._handles: list[Any] = []
-        self._unwrap: list[tuple[Any, Any]] = []
+        self._unwrap: list[Any] = []
         self.current_step = 0
         self.trainer_args: dict[str, Any] | None = None
 
@@ -501,30 +286,9 @@ class MeasureCallback(TrainerCallback):
             ]
 
     def _mark_recomputation(self, model: Any) -> None:
-        """Checkpointed layers run their forward again inside the backward pass; label what that
-        makes as activations. transformers (and Unsloth) call ``layer._gradient_checkpointing_func(
-        fn, *args)``: wrap it so that ``fn`` run during backward is the ``recompute`` phase."""
-        probe = self.probe
-        for mod in model.modules():
-            orig = mod.__dict__.get("_gradient_checkpointing_func")
-            if orig is None or getattr(orig, "_qplan_wrapped", False):
-                continue
-
-            def wrapped(fn, *args, _orig=orig, **kwargs):
-                def run(*a, **k):
-                    if probe.phase != "backward":
-                        return fn(*a, **k)
-                    probe.set_phase("recompute")
-                    try:
-                        return fn(*a, **k)
-                    finally:
-                        probe.set_phase("backward")
-
-                return _orig(run, *args, **kwargs)
-
-            wrapped._qplan_wrapped = True
-            mod._gradient_checkpointing_func = wrapped
-            self._unwrap.append((mod, orig))
+        """Checkpointed layers run their forward again inside the backward pass: tell the tracker
+        (``qplan.observe.recompute``, the wrapper the trace uses too)."""
+        self._unwrap.append(wrap_recompute(model, lambda: self.probe._tracker))
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
         step = state.global_step + 1
@@ -562,8 +326,8 @@ class MeasureCallback(TrainerCallback):
         for h in self._handles:
             h.remove()
         self._handles = []
-        for mod, orig in self._unwrap:
-            mod._gradient_checkpointing_func = orig
+        for restore in self._unwrap:
+            restore()
         self._unwrap = []
 
     def timing(self) -> dict[str, Any]:

@@ -21,8 +21,6 @@ from qplan.planner.errors import QPlanError
 
 SPECIALS = ("<pad>", "<s>", "</s>")
 BYTE_VOCAB = len(SPECIALS) + 256
-#: config keys that describe a checkpoint, not the architecture (dropped before from_config)
-_NOT_ARCH = ("transformers_version", "_name_or_path", "architectures", "auto_map", "model_type")
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -63,28 +61,14 @@ def byte_tokenizer() -> Any:
                                    model_max_length=1 << 30)
 
 
-def hf_config(config: dict[str, Any]) -> Any:
-    """A transformers config object from the plan's config dict."""
-    import transformers
-    from transformers import AutoConfig
-
-    cfg = {k: v for k, v in config.items() if k not in _NOT_ARCH}
-    model_type = config.get("model_type")
-    if not model_type:
-        raise QPlanError("the plan's model config has no 'model_type'")
-    try:
-        return AutoConfig.for_model(model_type, **cfg)
-    except (ValueError, KeyError) as exc:
-        raise QPlanError(f"transformers {transformers.__version__} cannot build model_type {model_type!r}: {exc}") from exc
-
-
 def build_random_model_dir(config: dict[str, Any], folder: str | Path, seed: int = 0) -> Path:
     """Save a randomly initialised causal LM of ``config`` (float32) and a byte tokenizer to ``folder``.
 
     Deterministic: the same config and seed give the same weights (CPU initialisation).
     """
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from qplan.hf import model_from_config
 
     vocab = int(config.get("vocab_size") or 0)
     if vocab < BYTE_VOCAB:
@@ -92,10 +76,8 @@ def build_random_model_dir(config: dict[str, Any], folder: str | Path, seed: int
                          f"this config has {vocab}: use --model-dir with a tokenizer")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    hf = hf_config(config)
     torch.manual_seed(seed)
-    with torch.device("cpu"):
-        model = AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
+    model = model_from_config(config, dtype="float32", device="cpu")
     model.save_pretrained(folder, safe_serialization=True)
     byte_tokenizer().save_pretrained(folder)
     del model

@@ -19,45 +19,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from qplan.hf import bnb_config, load_model, lora_config
 from qplan.planner.errors import QPlanError
 
 from .base import ModelSource, Prepared, TrainSettings
 from .hf_train import run_trainer
-
-
-def torch_dtype(name: str) -> Any:
-    import torch
-
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
-
-
-def quantization_config(quant: dict[str, Any]) -> Any | None:
-    """The ``BitsAndBytesConfig`` of a k-bit plan, None for a 16/32-bit one."""
-    q = quant["quant"]
-    if q not in ("nf4", "fp4", "int8"):
-        return None
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as exc:
-        raise QPlanError(f"a {q} plan needs bitsandbytes: pip install 'qplan[train]'") from exc
-    from transformers import BitsAndBytesConfig
-
-    if q == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=q,
-        bnb_4bit_use_double_quant=bool(quant.get("double_quant", False)),
-        bnb_4bit_compute_dtype=torch_dtype(quant["compute_dtype"]),
-    )
-
-
-def lora_config(lora: dict[str, Any]) -> Any:
-    from peft import LoraConfig
-
-    from .hf_train import lora_kwargs
-
-    return LoraConfig(**lora_kwargs(lora), task_type="CAUSAL_LM")
 
 
 def trainable_counts(model: Any) -> dict[str, int]:
@@ -85,20 +51,11 @@ class PeftBackend:
 
     def prepare(self, plan: dict[str, Any], source: ModelSource, device: str, probe: Any) -> Prepared:
         from peft import get_peft_model, prepare_model_for_kbit_training
-        from transformers import AutoModelForCausalLM
 
         q, t = plan["quant"], plan["training"]
-        kwargs: dict[str, Any] = {
-            "dtype": torch_dtype(q["load_dtype"]),
-            "attn_implementation": t["attn_impl"],
-            "device_map": {"": device},
-        }
-        bnb = quantization_config(q)
-        if bnb is not None:
-            kwargs["quantization_config"] = bnb
+        bnb = bnb_config(q)
         probe.set_phase("load")
-        model = AutoModelForCausalLM.from_pretrained(str(source.path), **kwargs)
-        model.config.use_cache = False
+        model = load_model(str(source.path), plan, device)
         probe.snapshot("after_load", model)
         ckpt = t["grad_ckpt"] != "off"
         if bnb is not None and q.get("prepare_model_for_kbit_training"):

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from qplan.planner.errors import QPlanError
+from qplan.planner.files import atomic_write
 from qplan.planner.plan import validate_plan
 
 from . import registry
@@ -65,12 +66,14 @@ def _shim_dir() -> str:
     """A folder whose ``qplan/`` links to this qplan's packages, for a foreign interpreter's
     PYTHONPATH: the child runs the same qplan code without installing it there."""
     import qplan.backends
+    import qplan.hf
     import qplan.model_specs
+    import qplan.observe
     import qplan.planner
 
     d = tempfile.mkdtemp(prefix="qplan-shim-")
     (Path(d) / "qplan").mkdir()
-    for mod in (qplan.planner, qplan.backends, qplan.model_specs):
+    for mod in (qplan.planner, qplan.backends, qplan.model_specs, qplan.hf, qplan.observe):
         src = Path(mod.__file__).resolve().parent
         (Path(d) / "qplan" / mod.__name__.split(".")[-1]).symlink_to(src, target_is_directory=True)
     return d
@@ -239,9 +242,7 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
     prs = pairs(plan, doc)
     doc["error"] = {k: v["error"] for k, v in prs.items()}
     doc["compared"] = prs
-    tmp = measured_file.with_name("measured.json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, measured_file)
+    atomic_write(measured_file, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     reports = write_run_report(run_dir, plan, doc)
     return {
         "status": doc["status"],

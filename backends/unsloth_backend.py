@@ -29,11 +29,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from qplan.hf import bnb_config, lora_kwargs, torch_dtype
 from qplan.planner.errors import QPlanError
 
 from .base import ModelSource, Prepared, TrainSettings
-from .hf_train import lora_kwargs, training_kwargs
-from .peft_backend import quantization_config, torch_dtype, trainable_counts
+from .hf_train import training_kwargs
+from .peft_backend import trainable_counts
 
 #: plan grad_ckpt -> FastLanguageModel use_gradient_checkpointing
 GRAD_CKPT = {"off": False, "hf": True, "unsloth": "unsloth"}
@@ -74,7 +75,7 @@ class UnslothBackend:
             "device_map": {"": device},
             "fix_tokenizer": False,
         }
-        bnb = quantization_config(q)
+        bnb = bnb_config(q)
         if bnb is not None:
             kwargs["quantization_config"] = bnb
         probe.set_phase("load")

@@ -92,9 +92,9 @@ def _instantiate(target: str) -> Any:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from qplan.planner.files import atomic_write
+
+    atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def execute(job: dict[str, Any]) -> dict[str, Any]:
@@ -165,6 +165,11 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
             raise QPlanError(f"the run has {total} optimizer steps; measuring needs at least {warm + meas} "
                              f"({warm} warm-up + {meas} measured): raise --steps or --epochs")
         probe.vocab = vocab
+        from qplan.observe.tracker import LogitsRule
+
+        # Unsloth's chunked cross-entropy makes the logits in chunks of rows
+        probe.logits = LogitsRule.for_step(vocab, int(t["batch_size"]), int(t["seq_len"]),
+                                           chunked=job["backend"] == "unsloth")
         meter = MeasureCallback(probe, tokens_per_step=step_blocks * int(t["seq_len"]), warmup_steps=warm,
                                 measure_steps=meas)
         extra = [_instantiate(c) for c in job.get("callbacks") or []]

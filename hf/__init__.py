@@ -1,0 +1,159 @@
+"""One mapping from a plan (or a spec's config) to Hugging Face objects.
+
+The inventory (``qplan.planner.inventory``), the trace (``qplan.observe.trace``), the backends
+(``qplan.backends``), the benchmarks and the tests all build their transformers config,
+``BitsAndBytesConfig``, ``LoraConfig`` and models here, so the oracle and the backend it
+predicts load the model through the same code:
+
+* ``hf_config(config)`` — ``AutoConfig.for_model(model_type, **config)`` without the keys that
+  describe a checkpoint rather than the architecture (``NOT_ARCHITECTURE``);
+* ``bnb_config(quant)`` — the plan's ``quant`` section as ``BitsAndBytesConfig`` (None for 16/32-bit);
+* ``lora_kwargs(lora)`` / ``lora_config(lora)`` — the plan's ``lora`` section as the keyword
+  arguments PEFT's ``LoraConfig`` and Unsloth's ``get_peft_model`` take, and as a ``LoraConfig``;
+* ``model_from_config(config, ...)`` — ``AutoModelForCausalLM.from_config`` (meta device or CPU);
+* ``load_model(path, plan, device)`` — ``from_pretrained`` the way the plan says.
+
+torch, transformers and PEFT are imported inside the functions: importing this module is free.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qplan.planner.errors import QPlanError
+from qplan.planner.vocab import DTYPE_ALIASES, FOUR_BIT, KBIT
+
+#: config keys that describe a checkpoint, not the architecture (dropped before ``for_model``):
+#: a pre-quantized checkpoint's ``quantization_config`` is applied by ``bnb_config``, and the
+#: dtype is always passed explicitly
+NOT_ARCHITECTURE = ("transformers_version", "_name_or_path", "architectures", "auto_map", "quantization_config",
+                    "torch_dtype", "dtype")
+
+
+def _one_line(exc: BaseException) -> str:
+    """The most specific line of a (possibly multi-line) library error message."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _need(what: str) -> QPlanError:
+    return QPlanError(f"{what} needs torch, transformers and peft: pip install 'qplan[train]'")
+
+
+def torch_dtype(name: str) -> Any:
+    """``"bf16"``/``"bfloat16"``/... -> ``torch.bfloat16``."""
+    import torch
+
+    return getattr(torch, DTYPE_ALIASES[name])
+
+
+def hf_config(config: dict[str, Any]) -> Any:
+    """The transformers config object of a config dict; bad configs are one ``QPlanError`` line."""
+    try:
+        import transformers
+        from transformers import AutoConfig
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise _need("building a model from a config") from exc
+    cfg = {k: v for k, v in config.items() if k not in NOT_ARCHITECTURE}
+    model_type = cfg.pop("model_type", None)
+    if not model_type:
+        raise QPlanError("config has no 'model_type': is this a Hugging Face config.json?")
+    try:
+        return AutoConfig.for_model(model_type, **cfg)
+    except (ValueError, KeyError) as exc:
+        if model_type not in transformers.CONFIG_MAPPING:
+            raise QPlanError(f"transformers {transformers.__version__} does not know model_type {model_type!r}") from exc
+        raise QPlanError(f"invalid {model_type} config: {_one_line(exc)}") from exc
+    except Exception as exc:
+        raise QPlanError(f"invalid {model_type} config: {_one_line(exc)}") from exc
+
+
+def model_from_config(config: dict[str, Any] | Any, *, dtype: str | None = None, attn_impl: str | None = None,
+                      device: str = "meta") -> Any:
+    """``AutoModelForCausalLM.from_config`` on ``device`` (``meta``: exact shapes, no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = hf_config(config) if isinstance(config, dict) else config
+    kwargs: dict[str, Any] = {}
+    if dtype:
+        kwargs["dtype"] = torch_dtype(dtype)
+    if attn_impl:
+        kwargs["attn_implementation"] = attn_impl
+    try:
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(hf, **kwargs)
+    except Exception as exc:
+        raise QPlanError(f"cannot build model_type {hf.model_type!r} from this config: {_one_line(exc)}") from exc
+
+
+def bnb_config(quant: dict[str, Any]) -> Any | None:
+    """The ``BitsAndBytesConfig`` of a plan's ``quant`` section; None for a 16/32-bit base.
+
+    nf4/fp4 -> ``load_in_4bit=True, bnb_4bit_quant_type, bnb_4bit_use_double_quant,
+    bnb_4bit_compute_dtype``; int8 -> ``load_in_8bit=True`` (LLM.int8, threshold 6.0)."""
+    q = quant["quant"]
+    if q not in KBIT:
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise QPlanError(f"a {q} plan needs bitsandbytes: pip install 'qplan[train]'") from exc
+    from transformers import BitsAndBytesConfig
+
+    if q not in FOUR_BIT:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q,
+        bnb_4bit_use_double_quant=bool(quant.get("double_quant", False)),
+        bnb_4bit_compute_dtype=torch_dtype(quant["compute_dtype"]),
+    )
+
+
+def lora_kwargs(lora: dict[str, Any]) -> dict[str, Any]:
+    """The plan's ``lora`` section as the keyword arguments both PEFT's ``LoraConfig`` and
+    Unsloth's ``FastLanguageModel.get_peft_model`` take (one mapping, so nothing can drift)."""
+    return {
+        "r": int(lora["r"]),
+        "lora_alpha": lora["alpha"],
+        "lora_dropout": float(lora.get("dropout", 0.0) or 0.0),
+        "target_modules": list(lora["target_modules"]) if not isinstance(lora["target_modules"], str)
+        else lora["target_modules"],
+        "bias": lora.get("bias", "none") or "none",
+        "use_dora": bool(lora.get("use_dora", False)),
+        "use_rslora": bool(lora.get("use_rslora", False)),
+        "modules_to_save": list(lora.get("modules_to_save") or []) or None,
+    }
+
+
+def lora_config(lora: dict[str, Any]) -> Any:
+    """``peft.LoraConfig(task_type="CAUSAL_LM", **lora_kwargs(lora))`` (adapters in fp32)."""
+    try:
+        from peft import LoraConfig
+    except ImportError as exc:  # pragma: no cover
+        raise _need("LoRA") from exc
+    return LoraConfig(task_type="CAUSAL_LM", **lora_kwargs(lora))
+
+
+def load_kwargs(plan: dict[str, Any], device: str) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments of a plan: dtype, attention, device, quantization."""
+    q, t = plan["quant"], plan["training"]
+    kwargs: dict[str, Any] = {
+        "dtype": torch_dtype(q["load_dtype"]),
+        "attn_implementation": t["attn_impl"],
+        "device_map": {"": device},
+    }
+    bnb = bnb_config(q)
+    if bnb is not None:
+        kwargs["quantization_config"] = bnb
+    return kwargs
+
+
+def load_model(path: str, plan: dict[str, Any], device: str) -> Any:
+    """``AutoModelForCausalLM.from_pretrained(path, **load_kwargs(plan, device))``, ``use_cache`` off."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), **load_kwargs(plan, device))
+    model.config.use_cache = False
+    return model

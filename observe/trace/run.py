@@ -1,0 +1,343 @@
+"""The traced training step: build, quantize, adapt, optimize, run ``steps`` steps under the tracker.
+
+Each function mirrors one part of what a real run does (sources in each docstring); the model,
+quantization and LoRA objects come from ``qplan.hf``, the same mapping the backends load with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import tempfile
+import time
+from typing import Any
+
+from qplan.hf import bnb_config, hf_config, lora_config, model_from_config, torch_dtype
+from qplan.planner.vocab import KBIT
+from qplan.planner.vocab import optimizer as optimizer_row
+
+from ..existing import classify_model, register_model
+from ..recompute import wrap_recompute
+from ..summary import Curve
+from ..tracker import LiveTensorTracker, LogitsRule
+from . import autocast as emu
+from . import patches
+from .settings import MAX_GRAD_NORM, TraceSettings
+from .stand_ins import bnb_stand_ins, cpu_kernel_stand_ins, meta_stand_ins
+
+
+def run_trace(config: dict, s: TraceSettings) -> dict:
+    """Trace ``s.steps`` training steps of ``config`` (see ``qplan.observe.trace``)."""
+    import torch
+
+    t0 = time.perf_counter()
+    notes: list[str] = []
+    paged: list = []
+    current: dict[str, Any] = {"tracker": None}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(patches.bnb_quant_maps_restored())
+        stack.enter_context(patches.bnb_matmul_cuda_path())
+        stack.enter_context(patches.paged_state_stand_in(paged))
+        stack.enter_context(patches.quiet_libraries())
+        amp = None
+        if s.device == "meta":
+            stack.enter_context(patches.fused_adamw_on_meta())
+            amp = stack.enter_context(patches.EmulatedAutocast(s.amp_device, s.kernels))
+            stack.enter_context(patches.packed_sequences_on_meta())
+        stack.enter_context(torch.random.fork_rng(devices=[]))
+        torch.manual_seed(s.seed)
+        hf = hf_config(config)
+        model = build_model(hf, s, stack)
+        peft_model = apply_peft(model, s, notes)
+        if s.grad_ckpt:
+            recompute_context(peft_model, s, current, amp)
+        trainable, total = peft_model.get_nb_trainable_parameters()
+        opt = make_optimizer(peft_model, s)
+        if amp is not None:
+            amp.redirect()
+        res = run_steps(peft_model, opt, hf.get_text_config().vocab_size, s, amp, paged, current)
+    add_notes(res, peft_model, s, notes)
+    res["trainable_params"] = int(trainable)
+    res["all_params"] = int(total)
+    res["seconds"] = time.perf_counter() - t0
+    res["notes"] = notes
+    return res
+
+
+def build_model(hf: Any, s: TraceSettings, stack: contextlib.ExitStack) -> Any:
+    """``AutoModelForCausalLM.from_config(cfg, dtype=load_dtype, attn_implementation=attn_impl)``;
+    ``load_dtype`` = the compute dtype for nf4/fp4/int8, else the weight dtype. On meta, quantized
+    in place as ``from_pretrained`` would (``quantize_on_meta``); on the CPU with seeded random
+    weights, saved and re-loaded with ``from_pretrained(dir, quantization_config=...,
+    device_map="cpu")``: the real bitsandbytes CPU path."""
+    from transformers import AutoModelForCausalLM
+
+    if s.device == "meta":
+        model = model_from_config(hf, dtype=s.load_dtype, attn_impl=s.attn_impl, device="meta")
+        if s.quant in KBIT:
+            quantize_on_meta(model, s)
+        return model
+    model = model_from_config(hf, dtype=s.load_dtype, attn_impl=s.attn_impl, device="cpu")
+    if s.quant in KBIT:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="qplan-trace-"))
+        model.save_pretrained(tmp)
+        del model
+        model = AutoModelForCausalLM.from_pretrained(
+            tmp, quantization_config=bnb_config(s.quant_section), device_map="cpu",
+            dtype=torch_dtype(s.load_dtype), attn_implementation=s.attn_impl)
+    return model
+
+
+def quantize_on_meta(model: Any, s: TraceSettings) -> None:
+    """``from_pretrained``'s quantization, with the weights made on meta: transformers' own
+    ``AutoHfQuantizer.from_config(bnb_config).preprocess_model`` (= ``get_modules_to_not_convert`` +
+    ``replace_with_bnb_linear``), then each weight through the code of
+    ``transformers.integrations.bitsandbytes.Bnb4bitQuantize.convert`` /
+    ``Bnb8bitQuantize.convert``: ``Params4bit(...)._quantize`` / ``Int8Params(...)._quantize`` on
+    meta tensors, i.e. bitsandbytes' real ``quantize_4bit`` / ``int8_vectorwise_quant`` run through
+    its registered fake (meta) kernels. A 4-bit layer holds exactly: packed uint8 [ceil(n/2), 1],
+    code fp32[16], absmax fp32[ceil(n/64)] or (double quant) absmax uint8[ceil(n/64)] + offset
+    fp32[] + nested absmax fp32[ceil(blocks/256)] + nested code fp32[256]. int8: int8 [out, in]
+    (CB shares its storage) + SCB fp32[out]. Biases stay in the load dtype."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    load = torch_dtype(s.load_dtype)
+    hfq = AutoHfQuantizer.from_config(bnb_config(s.quant_section), pre_quantized=False)
+    hfq.preprocess_model(model=model, dtype=load, device_map={"": "meta"}, checkpoint_files=None, use_kernels=False)
+    meta = torch.device("meta")
+    for _, module in model.named_modules():
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            out_f, in_f = module.out_features, module.in_features
+            value = torch.empty(out_f, in_f, dtype=load, device=meta)
+            old = module.weight
+            if isinstance(module, bnb.nn.Linear4bit):
+                new = bnb.nn.Params4bit(value, requires_grad=False, **old.__dict__)._quantize(meta)
+            else:
+                kw = dict(old.__dict__)
+                kw.pop("SCB", None)
+                new = bnb.nn.Int8Params(value, requires_grad=False, **kw)._quantize(meta)
+            module.weight = new
+            if module.bias is not None:
+                module.bias = torch.nn.Parameter(torch.empty(out_f, dtype=load, device=meta), requires_grad=False)
+            module._is_hf_initialized = True
+            del old
+    model.hf_quantizer = hfq
+    hfq.postprocess_model(model)
+
+
+def apply_peft(model: Any, s: TraceSettings, notes: list[str]) -> Any:
+    """As qplan's peft backend: ``use_cache=False``; for k-bit plans with the upcast, the real
+    ``prepare_model_for_kbit_training`` (freezes everything, casts fp16/bf16 parameters that are
+    not 4-bit to fp32, enables checkpointing with ``use_reentrant=False``); the real
+    ``get_peft_model`` (adapters in fp32); then checkpointing as ``Trainer`` enables it
+    (``model.activation_checkpointing_enable(None)``: non-reentrant ``torch.utils.checkpoint`` +
+    ``enable_input_require_grads``)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    model.config.use_cache = False
+    if s.upcast_kbit and s.quant in KBIT:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=s.grad_ckpt,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if s.grad_ckpt else None)
+    elif s.upcast_kbit:
+        notes.append(f"upcast_kbit ignored for quant={s.quant}: prepare_model_for_kbit_training is for k-bit models")
+    with contextlib.ExitStack() as st:
+        if s.device == "meta":
+            import torch
+
+            # tensors PEFT makes without a device (e.g. bnb Params4bit.__deepcopy__ for DoRA
+            # starts from torch.empty(0)) must be meta to be combined with meta data
+            st.enter_context(torch.device("meta"))
+        pm = get_peft_model(model, lora_config(s.lora_section))
+    if s.grad_ckpt:
+        pm.activation_checkpointing_enable(activation_checkpointing_kwargs=None)
+    return pm
+
+
+def recompute_context(model: Any, s: TraceSettings, current: dict[str, Any], amp: Any) -> None:
+    """Mark recomputations for the tracker and, on meta, re-enter the forward's function mode and
+    emulated autocast state during recomputation (torch.utils.checkpoint does this on real devices)."""
+    import torch
+
+    def around():
+        state = (torch.is_autocast_enabled(s.amp_device), torch.get_autocast_dtype(s.amp_device),
+                 torch.is_autocast_cache_enabled())
+
+        @contextlib.contextmanager
+        def enter():
+            with contextlib.ExitStack() as st:
+                if amp is not None:
+                    # the autograd engine runs the recomputation without the forward's mode stack
+                    if amp.fmode not in torch.overrides._get_current_function_mode_stack():
+                        st.enter_context(amp.fmode)
+                    if state[0]:
+                        st.enter_context(emu.AmpContext(s.amp_device, state[1], True, state[2]))
+                yield
+
+        return enter
+
+    wrap_recompute(model, lambda: current["tracker"], around)
+
+
+def make_optimizer(model: Any, s: TraceSettings) -> Any:
+    """``Trainer.get_optimizer_cls_and_kwargs`` with ``TrainingArguments``' field defaults (the
+    dataclass is not instantiated: that would set up accelerate's process-wide state) and the
+    plan's ``optim`` (``vocab.Optimizer.trainer_optim``), Trainer's two weight-decay groups;
+    ``foreach=True`` where torch picks it for CUDA parameters (the table's ``foreach``)."""
+    import dataclasses
+    import types
+
+    from transformers import Trainer, TrainingArguments
+    from transformers.training_args import OptimizerNames
+
+    row = optimizer_row(s.optimizer)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments) if f.default is not dataclasses.MISSING}
+    args = types.SimpleNamespace(**dict(defaults, optim=OptimizerNames(row.trainer_optim)))
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    decay = set(Trainer.get_decay_parameter_names(None, model))  # does not use `self`
+    wd = args.weight_decay
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if n in decay and p.requires_grad], "weight_decay": wd},
+        {"params": [p for n, p in model.named_parameters() if n not in decay and p.requires_grad], "weight_decay": 0.0},
+    ]
+    kwargs = dict(kwargs)
+    if row.foreach:
+        kwargs["foreach"] = True
+    return cls(groups, **kwargs)
+
+
+def batch(vocab: int, s: TraceSettings) -> Any:
+    """Random ids, batch x seq (meta: no values); labels are a separate copy, as the collator makes."""
+    import torch
+
+    if s.device == "meta":
+        return torch.empty(s.batch_size, s.seq_len, dtype=torch.long, device="meta")
+    g = torch.Generator().manual_seed(s.seed + 1)
+    return torch.randint(0, vocab, (s.batch_size, s.seq_len), generator=g)
+
+
+def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, paged: list,
+              current: dict[str, Any]) -> dict:
+    """``model.train()``; per step as ``Trainer`` does it: forward with ``input_ids``, ``labels`` and
+    (when the forward takes ``**kwargs``) ``num_items_in_batch``, under autocast with accelerate's
+    ``convert_to_fp32`` of the outputs; ``loss.backward()``; ``clip_grad_norm_(params, 1.0)``;
+    ``optimizer.step()``; ``zero_grad(set_to_none=True)``."""
+    import torch
+    from accelerate.utils.operations import convert_to_fp32
+
+    dev = s.device
+    stand_ins = bnb_stand_ins(dev)
+    if dev == "meta":
+        stand_ins.update(meta_stand_ins())
+        if s.kernels == "cpu":
+            stand_ins.update(cpu_kernel_stand_ins())
+    tracker = LiveTensorTracker(dev, logits=LogitsRule.for_step(vocab, s.batch_size, s.seq_len),
+                                stand_ins=stand_ins, host_scalars_phase="optimizer" if dev == "cpu" else None)
+    ids = batch(vocab, s)
+    labels = ids.clone()
+    base = model.get_base_model()
+    accepts = getattr(base, "accepts_loss_kwargs", None)
+    if accepts is None:
+        accepts = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(base.forward).parameters.values())
+    num_items = labels[..., 1:].ne(-100).sum() if accepts else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def grad_hook(p):
+        rec = tracker.lookup(p.grad)
+        if rec is not None and rec.grad_at is None:
+            rec.grad_at = tracker.event
+
+    def pack(t):
+        rec = tracker.lookup(t)
+        if rec is not None:
+            rec.saved = True
+        return t
+
+    def amp_ctx():
+        if not s.amp:
+            return contextlib.nullcontext()
+        if dev == "meta":
+            return emu.AmpContext(s.amp_device, torch_dtype(s.compute_dtype), True, True)
+        return torch.autocast("cpu", dtype=torch_dtype(s.compute_dtype))
+
+    def forward():
+        kwargs = {"input_ids": ids, "labels": labels}
+        if num_items is not None:
+            kwargs["num_items_in_batch"] = num_items
+        with amp_ctx():
+            outputs = model(**kwargs)
+        if s.amp:
+            outputs = convert_to_fp32(outputs)
+        loss = outputs["loss"]
+        del outputs
+        return loss
+
+    hooks = [p.register_post_accumulate_grad_hook(grad_hook) for p in trainable]
+    host_step = optimizer_row(s.optimizer).host_step
+    model.train()
+    with contextlib.ExitStack() as stack:
+        if amp is not None:
+            stack.enter_context(amp.fmode)
+        stack.enter_context(tracker)
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+        current["tracker"] = tracker
+        for t in (ids, labels, num_items):
+            tracker.add_existing(t, "input")
+        register_model(tracker, model)
+        for state in opt.state.values():
+            for v in state.values():
+                tracker.add_existing(v, None)
+        for step in range(1, s.steps + 1):
+            tracker.set_phase("forward", step)
+            loss = forward()
+            tracker.set_phase("backward")
+            loss.backward()
+            del loss
+            tracker.set_phase("optimizer")
+            torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+            opt.step()
+            for buf in paged:
+                rec = tracker.lookup(buf)
+                if rec is not None:
+                    rec.paged = True
+            paged.clear()
+            opt.zero_grad(set_to_none=True)
+            tracker.set_phase("end")
+            classify_model(tracker, model, opt, host_step=host_step)
+        current["tracker"] = None
+    for h in hooks:
+        h.remove()
+    tracker.detach()
+    res = Curve(tracker).summarize()
+    late = sum(r.nbytes for r in tracker.records if r.late and not r.host)
+    res["late_bytes"] = late
+    for key in ("peak_phase", "peak_event"):
+        res.pop(key)
+    return res
+
+
+def add_notes(res: dict, model: Any, s: TraceSettings, notes: list[str]) -> None:
+    import bitsandbytes as bnb
+
+    late = res.pop("late_bytes", 0)
+    if late:
+        notes.append(f"{late} bytes of storages were first seen as op inputs (made without an op)")
+    notes.insert(0, "live tensor bytes: excludes allocator rounding/fragmentation, kernel workspaces "
+                    "(cuBLAS, flash attention) and the CUDA context")
+    if s.device == "meta":
+        notes.append(f"kernels mirrored: {s.kernels}")
+    if s.quant in ("nf4", "fp4") and s.kernels == "cuda":
+        biggest = max((m.out_features * m.in_features for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)),
+                      default=0)
+        notes.append(
+            "4-bit forward traced as bitsandbytes' CUDA dequantize+linear fallback; for "
+            f"batch*seq <= 1536 the fused kernel may skip the transient dequantized weight "
+            f"(up to {biggest * torch_dtype(s.compute_dtype).itemsize} bytes for the largest layer)")
+    if s.quant == "int8" and s.device == "meta":
+        notes.append("int8: LLM.int8() outlier columns (threshold 6.0) taken as none on meta")
+    if res["breakdown_at_peak"]["optimizer_paged"] or "paged" in s.optimizer:
+        notes.append("optimizer_paged (cudaMallocManaged state) is not part of tensor_peak")
+    if s.compute_dtype == "fp16":
+        notes.append("fp16: GradScaler's few scalar tensors are not modelled")

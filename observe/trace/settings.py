@@ -1,0 +1,73 @@
+"""What a trace runs: the settings of one traced training step, validated once, frozen."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from qplan.planner.vocab import KERNELS, OPTIMIZERS, QUANTS
+
+#: the trace's names for the compute dtype (``--compute-dtype`` spellings)
+DTYPES = ("bf16", "fp16", "fp32")
+DEVICES = ("meta", "cpu")
+MAX_GRAD_NORM = 1.0  # TrainingArguments.max_grad_norm default
+
+
+@dataclass(frozen=True)
+class TraceSettings:
+    """One traced step. ``lora``: the plan's ``lora`` section (``qplan.hf.lora_kwargs`` keys);
+    ``kernels``: whose kernels a meta trace mirrors, ``cuda`` (a GPU run) or ``cpu`` (what
+    ``device="cpu"`` really runs: the oracle the meta trace is checked against)."""
+
+    quant: str
+    double_quant: bool
+    compute_dtype: str
+    upcast_kbit: bool
+    lora: dict[str, Any] = field(hash=False)
+    batch_size: int
+    seq_len: int
+    grad_ckpt: bool
+    optimizer: str
+    attn_impl: str = "sdpa"
+    device: str = "meta"
+    steps: int = 1
+    seed: int = 0
+    kernels: str = "cuda"
+
+    def __post_init__(self) -> None:
+        if self.quant not in QUANTS:
+            raise ValueError(f"quant must be one of {QUANTS}, got {self.quant!r}")
+        if self.compute_dtype not in DTYPES:
+            raise ValueError(f"compute_dtype must be one of {DTYPES}, got {self.compute_dtype!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be 'meta' or 'cpu', got {self.device!r}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be 'cuda' or 'cpu', got {self.kernels!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2:
+            raise ValueError("steps >= 1, batch_size >= 1 and seq_len >= 2 are required")
+
+    @property
+    def amp(self) -> bool:
+        """Autocast on (Trainer ``bf16=True``/``fp16=True``)."""
+        return self.compute_dtype in ("bf16", "fp16")
+
+    @property
+    def amp_device(self) -> str:
+        """The device whose autocast policy applies (emulated on meta)."""
+        return "cuda" if self.kernels == "cuda" else "cpu"
+
+    @property
+    def load_dtype(self) -> str:
+        """The compute dtype for k-bit plans, else the weight dtype."""
+        return self.compute_dtype if self.quant in ("nf4", "fp4", "int8") else self.quant
+
+    @property
+    def quant_section(self) -> dict[str, Any]:
+        """As a plan's ``quant`` section (what ``qplan.hf.bnb_config`` reads)."""
+        return {"quant": self.quant, "double_quant": self.double_quant, "compute_dtype": self.compute_dtype}
+
+    @property
+    def lora_section(self) -> dict[str, Any]:
+        return dict(self.lora)
