@@ -1,7 +1,7 @@
 """Accuracy matrix: the analytic training-memory model vs the exact meta-device trace.
 
 For every plan in the matrix, ``qplan estimate`` (analytic, planner.memory) and the live-tensor
-trace of two real training steps on the meta device (planner.trace, CUDA kernels mirrored) give a
+trace of two real training steps on the meta device (qplan.observe.trace, CUDA kernels mirrored) give a
 tensor-level peak; the error is (analytic - trace) / trace.  Writes ``matrix.json`` (every case)
 and ``README.md`` (median / worst error, per model, and the command) under ``--out``.
 
@@ -36,9 +36,9 @@ OPTIMIZERS = ("adamw_torch", "adamw_8bit")
 
 def plan_for(model: str, quant: str, b: int, s: int, ckpt: bool, r: int, targets: str, optimizer: str,
              attn: str = "sdpa") -> dict:
-    from qplan.planner.cli import plan_from_options
+    from qplan.planner.api import make_plan
 
-    return plan_from_options(dict(
+    return make_plan(**dict(
         model=model, r=r, alpha=None, dropout=0.05, targets=targets, bias="none", dora=False, rslora=False,
         modules_to_save="", quant=quant, double_quant=True, compute_dtype="bf16", upcast=True, gpu=None,
         seq_len=s, batch_size=b, grad_accum=1, grad_ckpt=ckpt, optimizer=optimizer, attn_impl=attn,
@@ -46,10 +46,10 @@ def plan_for(model: str, quant: str, b: int, s: int, ckpt: bool, r: int, targets
 
 
 def run_case(case: dict) -> dict:
-    import io
     import contextlib
+    import io
 
-    from qplan.planner.tracecli import trace_for_plan
+    from qplan.observe.trace import trace_plan as trace_for_plan
 
     plan = plan_for(**case)
     mem = plan["prediction"]["memory"]
@@ -98,12 +98,14 @@ def write_report(rows: list[dict], out: Path, argv: list[str], seconds: float, c
     for mod in ("torch", "transformers", "peft", "bitsandbytes"):
         try:
             versions[mod] = __import__(mod).__version__
-        except Exception:  # pragma: no cover
+        except Exception:  # noqa: BLE001 - a version we cannot read is recorded as None
             versions[mod] = None
     total = summarize(rows)
     by_model = {m: summarize([r for r in rows if r["model"] == m]) for m in dict.fromkeys(r["model"] for r in rows)}
-    doc = {"command": " ".join(["python", "bench/accuracy.py", *argv]), "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "commit": commit, "planner_dirty": dirty, "versions": versions, "python": platform.python_version(), "seconds": round(seconds, 1),
+    doc = {"command": " ".join(["python", "bench/accuracy.py", *argv]),
+           "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "commit": commit, "planner_dirty": dirty, "versions": versions, "python": platform.python_version(),
+           "seconds": round(seconds, 1),
            "summary": total, "by_model": by_model, "cases": rows}
     (out / "matrix.json").write_text(json.dumps(doc, indent=1) + "\n")
     lines = [
@@ -129,7 +131,8 @@ def write_report(rows: list[dict], out: Path, argv: list[str], seconds: float, c
     lines += ["", "| model | attn | quant | b×s | ckpt | r | targets | optimizer | analytic | trace | error | peak phase |",
               "|---|---|---|---|---|---:|---|---|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['attn']} | {r['quant']} | {r['b']}×{r['s']} | {'on' if r['ckpt'] else 'off'} | {r['r']} | "
+        ckpt = "on" if r["ckpt"] else "off"
+        lines.append(f"| {r['model']} | {r['attn']} | {r['quant']} | {r['b']}×{r['s']} | {ckpt} | {r['r']} | "
                      f"{r['targets']} | {r['optimizer']} | {r['analytic_tensor_peak']} | {r['trace_tensor_peak']} | "
                      f"{pct(r['error'])} | {r['analytic_phase']} |")
     (out / "README.md").write_text("\n".join(lines) + "\n")
@@ -167,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['targets']} {row['optimizer']}: {pct(row['error'])} ({row['trace_seconds']} s)", flush=True)
     write_report(rows, Path(a.out), argv, time.perf_counter() - t0, commit, dirty)
     sm = summarize(rows)
-    print(f"median |error| {100 * sm['median_abs_error']:.3f}%, worst {100 * sm['worst_abs_error']:.3f}% over {sm['cases']} cases")
+    print(f"median |error| {100 * sm['median_abs_error']:.3f}%, worst {100 * sm['worst_abs_error']:.3f}% "
+          f"over {sm['cases']} cases")
     return 0
 
 

@@ -21,13 +21,11 @@ from pathlib import Path
 
 TODAY = """
 import json, sys, torch
-from transformers import AutoConfig, AutoModelForCausalLM
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
+from qplan.hf import lora_config, model_from_config
 from qplan.planner.specs import load_spec
-cfg = dict(load_spec(sys.argv[1])["config"]); mt = cfg.pop("model_type")
-with torch.device("meta"):
-    m = AutoModelForCausalLM.from_config(AutoConfig.for_model(mt, **cfg))
-pm = get_peft_model(m, LoraConfig(r=32, lora_alpha=64, target_modules="all-linear", task_type="CAUSAL_LM"))
+m = model_from_config(load_spec(sys.argv[1]).config, device="meta")
+pm = get_peft_model(m, lora_config(dict(r=32, alpha=64, target_modules="all-linear")))
 print(pm.get_nb_trainable_parameters())
 """
 
@@ -56,7 +54,7 @@ def main() -> None:
     ap.add_argument("--model", default="llama-3.2-3b")
     ap.add_argument("--out", default="reports/benchmarks")
     a = ap.parse_args()
-    qplan = [sys.executable, "-c", "import sys; from qplan.planner.cli import main; sys.exit(main())",
+    qplan = [sys.executable, "-c", "import sys; from qplan.cli.main import main; sys.exit(main())",
              "estimate", "--model", a.model, "--r", "32", "--gpu", "t4", "--format", "json"]
     today = [sys.executable, "-c", TODAY, a.model]
     q = wall(qplan, a.runs)
@@ -82,8 +80,10 @@ def main() -> None:
         "",
         "| what | median s | min s |",
         "|---|---:|---:|",
-        f"| `qplan estimate --model {a.model} --r 32 --gpu t4` (fresh process) | {res['qplan_estimate_s']['median']} | {res['qplan_estimate_s']['min']} |",
-        f"| meta-device model + `get_peft_model` + count (fresh process) | {res['meta_model_plus_peft_s']['median']} | {res['meta_model_plus_peft_s']['min']} |",
+        f"| `qplan estimate --model {a.model} --r 32 --gpu t4` (fresh process) | "
+        f"{res['qplan_estimate_s']['median']} | {res['qplan_estimate_s']['min']} |",
+        f"| meta-device model + `get_peft_model` + count (fresh process) | "
+        f"{res['meta_model_plus_peft_s']['median']} | {res['meta_model_plus_peft_s']['min']} |",
         "",
         f"Speed-up (median): **{res['speedup_median']}×** (goal ≥ 20×, qplan ≤ 0.2 s).",
         "",

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import warnings
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -24,38 +24,39 @@ def tiny_config(name: str) -> dict:
     return json.loads((FIXTURES / f"{name}.json").read_text())
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tiny_spec_json(name: str) -> str:
     from qplan.planner.specs import make_spec
 
-    return json.dumps(make_spec(tiny_config(name), name, {"fixture": name}))
+    return json.dumps(make_spec(tiny_config(name), name, {"fixture": name}).to_json())
 
 
-def tiny_spec(name: str) -> dict:
+def tiny_spec(name: str):
     """A spec built from a fixture config through the real inventory path (cached, fresh copy)."""
-    return json.loads(_tiny_spec_json(name))
+    from qplan.planner.spec import ModelSpec
+
+    return ModelSpec.from_json(json.loads(_tiny_spec_json(name)))
 
 
 def hf_config(config: dict):
-    from transformers import AutoConfig
+    """The transformers config of a config dict: qplan's one mapping (``qplan.hf``)."""
+    from qplan.hf import hf_config as build
 
-    cfg = dict(config)
-    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    return build(config)
 
 
 def meta_model(config: dict):
-    import torch
-    from transformers import AutoModelForCausalLM
+    from qplan.hf import model_from_config
 
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config(config))
+    return model_from_config(config, device="meta")
 
 
 @pytest.fixture(scope="session")
 def saved_tiny_models(tmp_path_factory):
     """Tiny random-init models saved in bf16, keyed by family (built on first use)."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from qplan.hf import model_from_config
 
     root = tmp_path_factory.mktemp("tiny_models")
     cache: dict[str, Path] = {}
@@ -63,7 +64,7 @@ def saved_tiny_models(tmp_path_factory):
     def get(name: str) -> Path:
         if name not in cache:
             torch.manual_seed(0)
-            m = AutoModelForCausalLM.from_config(hf_config(tiny_config(name)), dtype=torch.bfloat16)
+            m = model_from_config(tiny_config(name), dtype="bfloat16", device="cpu")
             d = root / name
             m.save_pretrained(d)
             cache[name] = d

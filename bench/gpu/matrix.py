@@ -36,9 +36,10 @@ import argparse
 import itertools
 import json
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 MODELS = ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "qwen2.5-7b")
 QUANTS = ("nf4", "bf16")
@@ -90,7 +91,7 @@ class Cell:
         return tuple(getattr(self, name) for name, _ in AXES)
 
     def estimate_options(self) -> dict[str, Any]:
-        """The `qplan estimate` options of this cell (names as in planner/cli.py)."""
+        """The `qplan estimate` options of this cell (names as in cli/main.py)."""
         return {"model": self.model, "r": RANK, "targets": TARGETS, "quant": self.quant,
                 "double_quant": True, "compute_dtype": "bf16", "batch_size": self.batch_size,
                 "seq_len": self.seq_len, "grad_ckpt": self.grad_ckpt, "backend": self.backend,
@@ -122,7 +123,7 @@ def _estimate_defaults() -> dict[str, Any]:
     """`qplan estimate`'s option defaults, read from the click command itself."""
     import click
 
-    from qplan.planner.cli import estimate
+    from qplan.cli.main import estimate
 
     ctx = click.Context(estimate)
     return {p.name: p.get_default(ctx) for p in estimate.params}
@@ -133,14 +134,16 @@ def make_plan(cell: Cell, gpu: str = DEFAULT_GPU, model: str | None = None) -> d
 
     ``model`` replaces the spec name (the --tiny smoke test plans shrunken user specs).
     """
-    from qplan.planner.cli import plan_from_options
+    from qplan.planner.api import make_plan as plan_of
 
     opts = dict(_estimate_defaults())
     opts.update(cell.estimate_options())
+    for key in ("method", "fmt", "output", "force"):  # options of the command, not of the plan
+        opts.pop(key, None)
     if model is not None:
         opts["model"] = model
     opts["gpu"] = gpu
-    return plan_from_options(opts)
+    return plan_of(**opts)
 
 
 def estimate_cell_seconds(plan: dict[str, Any], steps: int = 6) -> float:
@@ -295,7 +298,8 @@ def format_list(m: Matrix) -> str:
         lines.append(f"{i:>4}  {v.cell.id:70} {peak:8.1f} G {v.seconds:7.0f}{flag}")
         if i == COVER_WITHIN:
             miss = uncovered_values([x.cell for x in m.order[:COVER_WITHIN]])
-            lines.append(f"      --- first {COVER_WITHIN}: " + ("every axis value covered" if not miss else "MISSING " + ", ".join(miss)) + " ---")
+            cover = "every axis value covered" if not miss else "MISSING " + ", ".join(miss)
+            lines.append(f"      --- first {COVER_WITHIN}: {cover} ---")
     if m.skipped:
         lines.append(f"\nskipped ({len(m.skipped)}):")
         for v in m.skipped:

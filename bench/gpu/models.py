@@ -52,17 +52,6 @@ def tiny_config(config: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def hf_config(config: dict[str, Any]):
-    """transformers config from a spec's config dict (as planner/inventory.py builds it)."""
-    from transformers import AutoConfig
-
-    cfg = dict(config)
-    model_type = cfg.pop("model_type")
-    for key in ("transformers_version", "_name_or_path", "architectures", "auto_map"):
-        cfg.pop(key, None)
-    return AutoConfig.for_model(model_type, **cfg)
-
-
 def _first_id(value) -> int | None:
     if isinstance(value, list):
         return int(value[0]) if value else None
@@ -142,7 +131,8 @@ def build_model_dir(config: dict[str, Any], dest: Path, *, name: str, device: st
     """Write config + random bf16 weights + tokenizer to ``dest``; return the marker's content."""
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM
+
+    from qplan.hf import model_from_config
 
     dest = Path(dest)
     if is_built(dest) and not force:
@@ -151,9 +141,7 @@ def build_model_dir(config: dict[str, Any], dest: Path, *, name: str, device: st
     shutil.rmtree(partial, ignore_errors=True)
     t0 = time.time()
     torch.manual_seed(seed)
-    cfg = hf_config(config)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
+    model = model_from_config(config, dtype=dtype, device=device)
     n_params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(partial, safe_serialization=True, max_shard_size="5GB")
     del model
@@ -184,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from qplan.planner.specs import load_spec
 
-    config = load_spec(args.model)["config"]
+    config = load_spec(args.model).config
     if args.tiny:
         config = tiny_config(config)
     marker = build_model_dir(config, Path(args.dest), name=args.model, device=args.device, seed=args.seed,

@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                          "'13' (all 13.x), '128', '12' (all 12.x), 'all' (untrimmed, 43 MiB)")
     ap.add_argument("--python-version", default="3.12", help="target interpreter [default: 3.12]")
     ap.add_argument("--no-unsloth", action="store_true", help="peft runs only: skip unsloth and its needs")
-    ap.add_argument("--with-cce", action="store_true", help="add cut_cross_entropy (unsloth uses it only with UNSLOTH_ENABLE_CCE=1)")
+    ap.add_argument("--with-cce", action="store_true",
+                    help="add cut_cross_entropy (unsloth uses it only with UNSLOTH_ENABLE_CCE=1)")
     ap.add_argument("--no-qplan", action="store_true", help="do not build qplan's own wheel")
     ap.add_argument("--clean", action="store_true", help="empty --dest of *.whl first")
     args = ap.parse_args(argv)

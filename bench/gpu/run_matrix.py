@@ -16,7 +16,7 @@ What a real run does, in order:
 4. builds each model once from its spec with random bf16 weights into
    ``--model-store/<model>`` (models.py, on the GPU, in a child process) and reuses it for every
    cell; when the disk is short it evicts the least recently used model (rebuilt if needed);
-5. runs each cell as ``python -m qplan.planner.cli run PLAN --model-dir DIR --device cuda
+5. runs each cell as ``python -m qplan.cli.main run PLAN --model-dir DIR --device cuda
    --out-dir <root>/<cell>`` in its own process (Unsloth patches libraries on import), which
    makes the run folder ``<root>/<cell>/<time>-<model>-<backend>/`` (plan.json,
    measured.json, report.md/html, worker.log); the cell's own record is ``<root>/<cell>/cell.json``;
@@ -116,7 +116,8 @@ def planner_gpu_for(name: str | None) -> str | None:
 def finished_runs(cell_dir: Path) -> list[Path]:
     """Run folders under ``cell_dir`` whose measured.json is final (status not 'running'), oldest first."""
     runs = []
-    for m in sorted(cell_dir.glob("*/measured.json")) + ([cell_dir / "measured.json"] if (cell_dir / "measured.json").is_file() else []):
+    own = [cell_dir / "measured.json"] if (cell_dir / "measured.json").is_file() else []
+    for m in sorted(cell_dir.glob("*/measured.json")) + own:
         try:
             status = json.loads(m.read_text(encoding="utf-8")).get("status")
         except (OSError, json.JSONDecodeError):
@@ -295,8 +296,8 @@ def tiny_plan_fn(spec_dir: Path):
     def plan_fn(cell: mx.Cell, gpu: str) -> dict[str, Any]:
         name = f"tiny-{cell.model}"
         if name not in made:
-            spec = make_spec(tiny_config(load_spec(cell.model)["config"]), name, {"derived_from": cell.model})
-            (spec_dir / f"{name}.json").write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+            spec = make_spec(tiny_config(load_spec(cell.model).config), name, {"derived_from": cell.model})
+            (spec_dir / f"{name}.json").write_text(json.dumps(spec.to_json(), indent=2) + "\n", encoding="utf-8")
             made.add(name)
         small = mx.Cell(cell.model, cell.quant, (cell.batch_size, max(16, cell.seq_len // TINY_SEQ_DIVISOR)),
                         cell.grad_ckpt, cell.backend, cell.optimizer)
@@ -368,7 +369,8 @@ def run(opts: Options) -> int:
     done_before = {v.cell.id: resume_decision(root / v.cell.id, opts.retry_failed) for v in selected}
 
     print(f"[matrix] {root}: {len(m.order)} cells in order, {len(m.skipped)} skipped as predicted not to fit "
-          f"{opts.gpu}; first {mx.COVER_WITHIN} cover every axis value: {'yes' if not missing else 'NO, missing ' + ', '.join(missing)}",
+          f"{opts.gpu}; first {mx.COVER_WITHIN} cover every axis value: "
+          f"{'yes' if not missing else 'NO, missing ' + ', '.join(missing)}",
           flush=True)
     for v in m.skipped:
         print(f"[matrix]   skip {v.cell.id}: {v.reason}", flush=True)
@@ -438,8 +440,10 @@ def run(opts: Options) -> int:
         cell_dir.mkdir(parents=True, exist_ok=True)
         log = cell_dir / "cell.log"
         t0 = time.monotonic()
-        rec: dict[str, Any] = {"id": cid, "cell": cell.to_json(), "status": "running", "plan": str(root / "plans" / f"{cid}.json"),
-                               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "attempts": (read_cell_record(cell_dir) or {}).get("attempts", 0) + 1}
+        rec: dict[str, Any] = {"id": cid, "cell": cell.to_json(), "status": "running",
+                               "plan": str(root / "plans" / f"{cid}.json"),
+                               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                               "attempts": (read_cell_record(cell_dir) or {}).get("attempts", 0) + 1}
         try:
             model_dir = store.ensure(cell.model, int(2 * v.plan["prediction"]["params"]["base"]), log)
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
@@ -448,7 +452,7 @@ def run(opts: Options) -> int:
             records[cid] = rec
             print(f"[matrix] {cid}: {rec['reason']}", flush=True)
             continue
-        cmd = [sys.executable, "-m", "qplan.planner.cli", "run", rec["plan"], "--model-dir", str(model_dir),
+        cmd = [sys.executable, "-m", "qplan.cli.main", "run", rec["plan"], "--model-dir", str(model_dir),
                "--device", opts.device, "--out-dir", str(cell_dir), "--format", "json"]
         if opts.steps is not None:
             cmd += ["--steps", str(opts.steps)]
@@ -511,7 +515,7 @@ def _report(root: Path, m: mx.Matrix, records: dict[str, dict[str, Any]]) -> Non
     out = root / "summary"
     if out.exists() and (out / "summary.json").is_file():
         shutil.rmtree(out)
-    cmd = [sys.executable, "-m", "qplan.planner.cli", "report", *run_dirs, "--output", str(out)]
+    cmd = [sys.executable, "-m", "qplan.cli.main", "report", *run_dirs, "--output", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO), timeout=600)
     (root / "summary.log").write_text(proc.stdout + proc.stderr, encoding="utf-8")
     print(f"[matrix] qplan report over {len(run_dirs)} runs: exit {proc.returncode} -> {out}", flush=True)

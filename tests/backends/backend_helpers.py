@@ -18,21 +18,11 @@ TINY_CONFIG = HERE / "data" / "tiny-llama.json"  # hidden 128, 2 layers, GQA 4/2
 
 def build_plan(spec, quant="bf16", grad_ckpt=True, backend="peft", batch_size=2, seq_len=64,
                optimizer="adamw_torch", r=16, targets="all-linear", dropout=0.05):
-    """A plan exactly as `qplan estimate` builds it (planner API, no CLI)."""
-    from qplan.planner.lora import LoraSettings
-    from qplan.planner.memory import TrainingSettings
-    from qplan.planner.plan import PlanInputs, build_plan as _build
-    from qplan.planner.weights import QuantSettings
+    """A plan exactly as `qplan estimate` builds it (the planner's library API, no CLI)."""
+    from qplan.planner.api import make_plan
 
-    ckpt = ("unsloth" if backend == "unsloth" else "hf") if grad_ckpt else "off"
-    return _build(PlanInputs(
-        spec,
-        LoraSettings(r=r, alpha=2.0 * r, dropout=dropout, targets=targets),
-        QuantSettings(quant, True, "bfloat16", True),
-        TrainingSettings(batch_size, seq_len, 1, ckpt, optimizer, "sdpa"),
-        None,
-        backend,
-    ))
+    return make_plan(model=spec, quant=quant, grad_ckpt=grad_ckpt, backend=backend, batch_size=batch_size,
+                     seq_len=seq_len, optimizer=optimizer, r=r, targets=targets, dropout=dropout)
 
 
 def write_plan(path: Path, plan: dict) -> Path:
@@ -51,7 +41,7 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def qplan_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-c", "import sys; from qplan.planner.cli import main; sys.exit(main())", *args]
+    return [sys.executable, "-c", "import sys; from qplan.cli.main import main; sys.exit(main())", *args]
 
 
 def read_measured(run_dir: str | Path) -> dict:
@@ -59,15 +49,12 @@ def read_measured(run_dir: str | Path) -> dict:
 
 
 @lru_cache(maxsize=1)
-def _llama_spec_json() -> str:
+def llama_spec():
+    """The planner's spec of the tiny Llama config (inventory read on the meta device once;
+    a frozen ``ModelSpec``, safe to share)."""
     from qplan.planner.specs import load_spec
 
-    return json.dumps(load_spec(str(TINY_CONFIG)))
-
-
-def llama_spec() -> dict:
-    """The planner's spec of the tiny Llama config (inventory read on the meta device once)."""
-    return json.loads(_llama_spec_json())
+    return load_spec(str(TINY_CONFIG))
 
 
 def make_plan_file(tmp_path: Path, **plan_options) -> Path:

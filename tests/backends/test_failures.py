@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from backend_helpers import child_env, make_plan_file, qplan_cmd, read_measured  # noqa: E402
+from backend_helpers import child_env, make_plan_file, qplan_cmd, read_measured
 
 
 def _run_dir(out: Path) -> Path:

@@ -6,9 +6,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from qplan.backends.runner import run_plan  # noqa: E402
-
 from backend_helpers import build_plan, llama_spec, read_measured, write_plan  # noqa: E402
+from qplan.backends.runner import run_plan  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -6,55 +6,72 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from qplan.backends.measure import LiveTensorTracker, census, register_existing  # noqa: E402
+from qplan.observe.existing import census, register_model  # noqa: E402
+from qplan.observe.summary import Curve  # noqa: E402
+from qplan.observe.tracker import LiveTensorTracker, LogitsRule  # noqa: E402
+
+"""The tracker the measurement and the trace share: byte counts worked out by hand."""
 
 
 def test_counts_new_storages_once_and_follows_frees():
     tr = LiveTensorTracker("cpu")
     with tr:
+        tr.set_phase("forward", 1)
         a = torch.zeros(1000)  # 4000 B
         b = a * 2  # 4000 B
         v = b.view(10, 100)  # a view: no new storage
         del b
-        assert tr.current == 8000
+        assert tr.live_bytes == 8000
         del v  # last reference to b's storage
-        assert tr.current == 4000
+        assert tr.live_bytes == 4000
         c = torch.ones(250, dtype=torch.float64)  # 2000 B
-    tr.close()
-    assert tr.peak == 8000
-    assert tr.current == 6000
-    assert tr.breakdown() == {"other": 6000}  # made outside any phase
+    tr.detach()
+    res = Curve(tr).summarize()
+    assert res["tensor_peak"] == 8000
+    assert tr.live_bytes == 6000
+    # made in the forward: alive at its end (a) -> activations; freed inside it (b) -> temporaries
+    assert res["breakdown_at_peak"]["activations"] == 4000
+    assert res["breakdown_at_peak"]["temporaries"] == 4000
     del a, c
 
 
-def test_existing_tensors_and_categories_and_logits():
+def test_existing_tensors_categories_and_logits():
     w = torch.zeros(64, 32)  # 8192 B
-    tr = LiveTensorTracker("cpu", vocab=16)
-    assert tr.add(w, "weights") is True
-    assert tr.add(w[:10], "weights") is False  # same storage
+    tr = LiveTensorTracker("cpu", logits=LogitsRule(16))  # any number of rows (chunked loss)
+    assert tr.add_existing(w, "frozen") is not None
+    assert tr.lookup(w[:10]) is tr.lookup(w)  # same storage, counted once
     with tr:
-        tr.set_phase("forward")
-        h = torch.ones(2, 8, 32)  # 2048 B activations
+        tr.set_phase("forward", 1)
+        h = torch.ones(2, 8, 32)  # 2048 B: made in the forward, alive after it -> activations
+        t = torch.ones(4, 32)  # 512 B: a transient of the forward
+        del t
         logits = torch.ones(2, 8, 16)  # 1024 B: last dimension is the vocabulary
         chunk = torch.ones(5, 16, dtype=torch.float64)  # 640 B: a chunk of logits rows
         tr.set_phase("backward")
         g = torch.ones(2, 8, 32)  # 2048 B made in backward
-        tr.relabel(g, "gradients")
-    tr.close()
-    assert tr.peak == 8192 + 2048 + 1024 + 640 + 2048
-    assert tr.peak_by_category == {"weights": 8192, "activations": 2048, "logits": 1024 + 640, "gradients": 2048}
-    assert tr.peak_phase == "backward"
-    del h, logits, chunk, g
+        tr.lookup(g).grad_at = tr.event  # as the post-accumulate-grad hook marks it
+        s = torch.ones(1)  # 4 B, a temporary of the backward
+    tr.detach()
+    res = Curve(tr).summarize()
+    assert res["tensor_peak"] == 8192 + 2048 + 1024 + 640 + 2048 + 4
+    assert {k: v for k, v in res["breakdown_at_peak"].items() if v} == {
+        "weights": 8192, "activations": 2048, "logits": 1024 + 640, "gradients": 2048, "temporaries": 4}
+    assert res["peak_phase"] == "backward"
+    strict = LogitsRule.for_step(16, 2, 8)  # the step's rows only: 16 and the shifted 14
+    assert strict(logits) and not strict(chunk)
+    del h, logits, chunk, g, s
 
 
 def test_in_place_resize_is_followed():
     tr = LiveTensorTracker("cpu")
     with tr:
+        tr.set_phase("forward", 1)
         t = torch.empty(10)  # 40 B
         t.resize_(100)  # grows its storage to 400 B
-    tr.close()
-    assert tr.current == 400
-    assert tr.peak == 400
+        t.untyped_storage().resize_(800)  # bypasses the dispatcher
+    tr.detach()
+    assert tr.live_bytes == 800
+    assert Curve(tr).summarize()["tensor_peak"] == 800
     del t
 
 
@@ -64,25 +81,35 @@ def test_backward_of_a_linear_layer_matches_hand_count():
     lin = torch.nn.Linear(32, 16, bias=False)  # W: 16x32 fp32 = 2048 B
     x = torch.randn(8, 32)  # 1024 B, exists before
     tr = LiveTensorTracker("cpu")
-    register_existing(tr, lin, sweep=False)
-    tr.add(x, "other")
-    assert tr.current == 2048 + 1024
-    hooks = [p.register_post_accumulate_grad_hook(lambda p: tr.relabel(p.grad, "gradients")) for p in lin.parameters()]
+    register_model(tr, lin)
+    tr.add_existing(x, "input")
+    assert tr.live_bytes == 2048 + 1024
+
+    def hook(p):
+        rec = tr.lookup(p.grad)
+        if rec is not None and rec.grad_at is None:
+            rec.grad_at = tr.event
+
+    hooks = [p.register_post_accumulate_grad_hook(hook) for p in lin.parameters()]
     with tr:
-        tr.set_phase("forward")
+        tr.set_phase("forward", 1)
         y = lin(x)  # 8x16 fp32 = 512 B
         loss = y.sum()  # 4 B
         tr.set_phase("backward")
         loss.backward()  # grad of loss (4 B), grad_y 8x16 (512 B, expanded view of a scalar), W.grad 2048 B
-    tr.close()
+    tr.detach()
     for h in hooks:
         h.remove()
     assert lin.weight.grad is not None
-    at_peak = tr.peak_by_category
+    curve = Curve(tr)
+    res = curve.summarize()
+    at_peak = res["breakdown_at_peak"]
     assert at_peak["adapters"] == 2048  # trainable parameter
-    assert at_peak["gradients"] == 2048
-    assert tr.peak >= 2048 + 1024 + 512 + 2048
-    assert tr.by_category["gradients"] == 2048  # still alive after backward
+    # the peak is W.grad's allocation, before it is accumulated into .grad: in flight
+    assert at_peak["temporaries"] >= 2048 and at_peak["gradients"] == 0
+    assert at_peak["activations"] >= 1024 + 512  # x (the input) and y, alive after the forward
+    assert res["tensor_peak"] == 2048 + 1024 + 512 + 4 + 4 + 2048
+    assert curve.breakdown(tr.event - 1)["gradients"] == 2048  # after the hook: a gradient
 
 
 def test_census_of_a_module_by_category():
@@ -107,7 +134,23 @@ def test_bitsandbytes_quant_state_is_counted_separately():
     if "quant_state" not in by_cat:
         pytest.skip("this bitsandbytes build did not quantize on the CPU")
     assert by_cat["weights"] == 64 * 128 // 2  # packed 4-bit
-    assert by_cat["quant_state"] > 0
+    # absmax uint8 per 64-block (128), offset fp32, nested absmax fp32 (1 block), nested code fp32[256], code fp32[16]
+    assert by_cat["quant_state"] == 128 + 4 + 4 + 256 * 4 + 16 * 4
+
+
+def test_one_tracker_class_in_the_repository():
+    """One TorchDispatchMode tracks tensors for the trace and for qplan run (issue 15)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    found = []
+    for path in root.rglob("*.py"):
+        if any(part.startswith(".") or part in ("build", "site-packages") for part in path.parts):
+            continue
+        if re.search(r"class \w+\(TorchDispatchMode\)", path.read_text(encoding="utf-8")):
+            found.append(str(path.relative_to(root)))
+    assert found == ["observe/tracker.py"], found
 
 
 def test_cuda_probe_counters_with_a_fake_device(monkeypatch):

@@ -11,9 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from qplan.backends.runner import run_plan  # noqa: E402
-
 from backend_helpers import build_plan, llama_spec, read_measured, write_plan  # noqa: E402
+from qplan.backends.runner import run_plan  # noqa: E402
 
 
 @pytest.fixture(scope="module")

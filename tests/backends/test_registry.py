@@ -27,7 +27,7 @@ def test_builtin_backends_are_listed_with_install_state(monkeypatch):
 
 def test_listing_imports_neither_torch_nor_backend_modules():
     """`qplan backends` in a fresh interpreter: -X importtime names every module imported."""
-    code = "import sys; from qplan.planner.cli import main; sys.exit(main(['backends']))"
+    code = "import sys; from qplan.cli.main import main; sys.exit(main(['backends']))"
     res = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "peft" in res.stdout and "unsloth" in res.stdout

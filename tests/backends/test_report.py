@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from backend_helpers import build_plan, llama_spec
 from qplan.backends.compare import components, errors, pairs
 from qplan.backends.report import summarize, write_run_report
-from qplan.planner.cli import main
+from qplan.cli.main import main
 from qplan.planner.errors import QPlanError
-
-from backend_helpers import build_plan, llama_spec
 
 pytest.importorskip("matplotlib")
 
@@ -26,8 +25,8 @@ def _cpu_doc(plan):
             "memory": {"device": "cpu", "tensor_peak": int(plan["prediction"]["memory_detail"]["tensor_peak_cpu"] * 1.25),
                        "weights": m["weights"],
                        "weights_footprint": m["weights_footprint"] // 2,
-                       "breakdown_at_peak": {"weights": 100, "quant_state": 20, "activations": 300, "backward": 5,
-                                             "other": 1}},
+                       "breakdown_at_peak": {"weights": 120, "activations": 300, "temporaries": 6,
+                                             "logits": 0}},
             "loss": [2.0, 1.5], "adapter_file_bytes": plan["prediction"]["adapter_file_bytes"],
         },
     }

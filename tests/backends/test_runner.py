@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from backend_helpers import build_plan, llama_spec, make_plan_file, read_measured, write_plan
 from qplan.backends import runner
 from qplan.backends.report import new_folder
-from qplan.planner.cli import main
-
-from backend_helpers import build_plan, llama_spec, make_plan_file, read_measured, write_plan
+from qplan.cli.main import main
 
 
 def _run_cli(capsys, *args):

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from qplan.backends import registry
-
 from backend_helpers import build_plan, llama_spec, read_measured, write_plan
+from qplan.backends import registry
 
 
 def _unsloth_missing() -> str | None:

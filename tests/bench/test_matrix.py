@@ -99,7 +99,7 @@ def test_skipped_exactly_when_planner_says_it_does_not_fit(matrix):
 def test_verdict_matches_qplan_estimate_cli(matrix, pick):
     """The in-process plan is what `qplan estimate ... --format json` prints for the same cell."""
     v = getattr(matrix, pick)[-1]
-    out = subprocess.run([sys.executable, "-m", "qplan.planner.cli", *v.cell.estimate_argv(), "--format", "json"],
+    out = subprocess.run([sys.executable, "-m", "qplan.cli.main", *v.cell.estimate_argv(), "--format", "json"],
                          capture_output=True, text=True, check=True, cwd=REPO)
     cli = json.loads(out.stdout)
     assert cli["prediction"]["fits"] == v.plan["prediction"]["fits"] == (pick == "order")

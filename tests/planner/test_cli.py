@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from conftest import FIXTURES
-from qplan.planner.cli import main
+from qplan.cli.main import main
 
-QPLAN = [sys.executable, "-c", "import sys; from qplan.planner.cli import main; sys.exit(main())"]
+QPLAN = [sys.executable, "-c", "import sys; from qplan.cli.main import main; sys.exit(main())"]
 
 
 def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -37,7 +36,7 @@ def test_estimate_table_runs_and_says_fits():
 
 
 def test_estimate_does_not_import_torch():
-    code = ("import sys; from qplan.planner.cli import main; rc = main(['estimate','--model','llama-3.1-8b',"
+    code = ("import sys; from qplan.cli.main import main; rc = main(['estimate','--model','llama-3.1-8b',"
             "'--format','json']); assert rc == 0; "
             "heavy = [m for m in ('torch','transformers','peft','bitsandbytes','numpy') if m in sys.modules]; "
             "print(heavy)")

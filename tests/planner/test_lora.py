@@ -30,10 +30,14 @@ def _model(name: str, config: dict):
     return copy.deepcopy(_models[name])
 
 
-def peft_counts(model, **lora_kwargs) -> tuple[int, int]:
-    from peft import LoraConfig, get_peft_model
+def peft_counts(model, **lora) -> tuple[int, int]:
+    """PEFT's own count, the LoraConfig built by qplan's one mapping (``qplan.hf.lora_config``)
+    from a plan-style ``lora`` section, as the backends build it."""
+    from peft import get_peft_model
 
-    pm = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora_kwargs))
+    from qplan.hf import lora_config
+
+    pm = get_peft_model(model, lora_config(lora))
     return pm.get_nb_trainable_parameters()
 
 
@@ -43,20 +47,20 @@ def oracle_targets(spec: dict, preset: str):
     if preset == "qv":
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_defaults
 
-        default = peft_defaults.get(spec["inventory"]["model_type"])
+        default = peft_defaults.get(spec.inventory.model_type)
         if default:
             return list(default)  # PEFT's own default for this model_type
-    return spec["inventory"]["presets"][preset]
+    return list(spec.inventory.presets[preset])
 
 
 def check(spec: dict, name: str, preset: str, r: int, **extra) -> None:
     settings = LoraSettings(r=r, alpha=2 * r, targets=preset, **extra)
     counts = count_lora(spec, settings)
     ours = trainable_params(counts)
-    kwargs = dict(r=r, lora_alpha=2 * r, target_modules=oracle_targets(spec, preset))
+    kwargs = dict(r=r, alpha=2 * r, target_modules=oracle_targets(spec, preset))
     for k, v in extra.items():
         kwargs[k] = list(v) if k == "modules_to_save" else v
-    trainable, total = peft_counts(_model(name, spec["config"]), **kwargs)
+    trainable, total = peft_counts(_model(name, spec.config), **kwargs)
     assert ours == trainable, f"{name} {preset} r={r}: ours {ours} != PEFT {trainable}"
     added = added_params(counts)
     assert base_params(spec) + added == total, f"{name}: base {base_params(spec)} + {added} != PEFT all {total}"
@@ -74,8 +78,8 @@ def test_bundled_specs_every_preset_and_rank_match_peft(name):
 def test_other_families_match_peft(family):
     spec = tiny_spec(family)
     for preset in PRESETS:
-        names = spec["inventory"]["presets"].get(preset)
-        refused = preset == "all-linear" and spec["inventory"]["model_type"] == "mixtral"
+        names = spec.inventory.presets.get(preset)
+        refused = preset == "all-linear" and spec.inventory.model_type == "mixtral"
         if not names or refused:
             with pytest.raises(QPlanError):
                 count_lora(spec, LoraSettings(r=8, alpha=16, targets=preset))
@@ -108,13 +112,13 @@ def test_variants_match_peft(family, extra):
 def test_explicit_targets_match_peft(family, targets):
     spec = tiny_spec(family)
     ours = trainable_params(count_lora(spec, LoraSettings(r=4, alpha=8, targets=targets)))
-    trainable, _ = peft_counts(_model(family, spec["config"]), r=4, lora_alpha=8, target_modules=targets.split(","))
+    trainable, _ = peft_counts(_model(family, spec.config), r=4, alpha=8, target_modules=targets.split(","))
     assert ours == trainable
 
 
 def test_gpt2_attn_and_mlp_presets_tell_c_proj_apart():
     spec = tiny_spec("gpt2-conv1d")
-    p = spec["inventory"]["presets"]
+    p = spec.inventory.presets
     attn = trainable_params(count_lora(spec, LoraSettings(r=8, alpha=16, targets="attn")))
     mlp = trainable_params(count_lora(spec, LoraSettings(r=8, alpha=16, targets="mlp")))
     both = trainable_params(count_lora(spec, LoraSettings(r=8, alpha=16, targets="all-linear")))
@@ -140,11 +144,10 @@ def test_bad_lora_settings(bad):
 
 def test_adapter_file_size_equals_real_peft_save(tmp_path):
     """Predicted adapter_model.safetensors size vs the file PEFT really writes."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from peft import get_peft_model
 
-    from conftest import hf_config, tiny_config
+    from conftest import tiny_config
+    from qplan.hf import lora_config, model_from_config
     from qplan.planner.lora import adapter_file_bytes
 
     for family, extra in [("llama-tied", {}), ("qwen2-bias", {"use_dora": True, "bias": "lora_only"}),
@@ -152,10 +155,9 @@ def test_adapter_file_size_equals_real_peft_save(tmp_path):
         spec = tiny_spec(family)
         settings = LoraSettings(r=8, alpha=16, targets="all-linear", **extra)
         counts = count_lora(spec, settings, {"bias": "float32", "modules_to_save": "float32"})
-        model = AutoModelForCausalLM.from_config(hf_config(tiny_config(family)), dtype=torch.float32)
+        model = model_from_config(tiny_config(family), dtype="float32", device="cpu")
         kw = {k: (list(v) if k == "modules_to_save" else v) for k, v in extra.items()}
-        pm = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16,
-                                              target_modules="all-linear", **kw))
+        pm = get_peft_model(model, lora_config(dict(r=8, alpha=16, target_modules="all-linear", **kw)))
         out = tmp_path / family / str(len(extra))
         pm.save_pretrained(out)
         real = (out / "adapter_model.safetensors").stat().st_size

@@ -7,14 +7,15 @@ import json
 import pytest
 
 from qplan.planner.inventory import build_inventory
+from qplan.planner.spec import inventory_json
 from qplan.planner.specs import bundled_model_names, load_spec
 
 
 @pytest.mark.parametrize("name", bundled_model_names())
 def test_bundled_inventory_is_what_transformers_builds_today(name):
     spec = load_spec(name)
-    fresh = build_inventory(spec["config"])
-    stored = dict(spec["inventory"])
+    fresh = build_inventory(spec.config)
+    stored = inventory_json(spec.inventory)
     fresh.pop("generated_by")
     stored.pop("generated_by")
     assert json.loads(json.dumps(fresh)) == stored, (
@@ -25,5 +26,5 @@ def test_bundled_inventory_is_what_transformers_builds_today(name):
 @pytest.mark.parametrize("name", bundled_model_names())
 def test_spec_records_its_source(name):
     spec = load_spec(name)
-    assert spec["name"] == name
-    assert spec["source"].get("hub_id"), "every bundled spec names the Hub repo its config came from"
+    assert spec.name == name
+    assert spec.source.get("hub_id"), "every bundled spec names the Hub repo its config came from"

@@ -1,4 +1,4 @@
-"""qplan.planner.trace: the meta-device trace against the same step really run on the CPU.
+"""qplan.observe.trace: the meta-device trace against the same step really run on the CPU.
 
 The oracle (``device="cpu"``) builds the tiny model with real random weights, quantizes it with the
 real bitsandbytes CPU path (``from_pretrained(..., quantization_config=...)``), trains one or two real
@@ -39,13 +39,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
-from qplan.planner.trace import (  # noqa: E402
-    CATEGORIES,
-    CPU_AUTOCAST,
-    CUDA_AUTOCAST,
-    CUDA_AUTOCAST_EXTRA,
-    trace_training_step,
-)
+from qplan.observe.trace import trace_training_step
+from qplan.observe.trace.autocast import CPU_AUTOCAST, CUDA_AUTOCAST, CUDA_AUTOCAST_EXTRA
+from qplan.planner.vocab import CATEGORIES
 
 B, S = 2, 48
 
@@ -210,7 +206,8 @@ def test_llama3_8b_nf4_on_meta():
 
 
 def test_import_is_light():
-    code = "import sys, qplan.planner.trace; assert 'torch' not in sys.modules, 'torch imported'"
+    code = ("import sys, qplan.observe.trace, qplan.observe.tracker, qplan.observe.summary, qplan.hf; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -265,7 +262,8 @@ def test_cuda_autocast_emulation_policies():
     import torch
     import torch.nn.functional as F
 
-    from qplan.planner.trace import _AmpContext, _meta_function_mode_cls
+    from qplan.observe.trace.autocast import AmpContext as _AmpContext
+    from qplan.observe.trace.autocast import meta_function_mode_cls as _meta_function_mode_cls
 
     tables = dict(CUDA_AUTOCAST, lower=CUDA_AUTOCAST["lower"] + CUDA_AUTOCAST_EXTRA["lower"])
     mode = _meta_function_mode_cls()("cuda", tables, "cuda")

@@ -40,18 +40,14 @@ def held_bytes(model) -> int:
 
 
 def load(path, quant: str, double_quant: bool, dtype: str):
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    """Load as the backends do: the BitsAndBytesConfig of qplan's one mapping (``qplan.hf``)."""
+    from transformers import AutoModelForCausalLM
 
-    td = getattr(torch, dtype)
-    if quant == "int8":
-        qc = BitsAndBytesConfig(load_in_8bit=True)
-    elif quant in ("nf4", "fp4"):
-        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant,
-                                bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=td)
-    else:
-        qc = None
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=qc, dtype=td, device_map="cpu")
+    from qplan.hf import bnb_config, torch_dtype
+
+    qc = bnb_config({"quant": quant, "double_quant": double_quant, "compute_dtype": dtype})
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=qc, dtype=torch_dtype(dtype),
+                                                device_map="cpu")
 
 
 CASES = [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False), ("int8", False)]
