@@ -16,7 +16,6 @@ instruction/response pairs written for qplan).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -48,19 +47,24 @@ def record_text(rec: Any, where: str) -> str:
 
 def read_jsonl(path: str | Path) -> list[str]:
     """Texts of a JSONL file; a missing file, bad line or empty file is one clear error."""
+    from qplan.planner.files import safe_is_file
+    from qplan.planner.schema import loads
+
     p = Path(path)
-    if not p.is_file():
+    if not safe_is_file(p):
         raise QPlanError(f"data file {path} does not exist")
     texts: list[str] = []
-    with p.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise QPlanError(f"{p}:{i} is not valid JSON ({exc.msg})") from exc
-            texts.append(record_text(rec, f"{p}:{i}"))
+    try:
+        lines = p.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise QPlanError(f"data file {p} is not UTF-8 text (byte {exc.start}): give a JSONL file") from exc
+    except OSError as exc:
+        raise QPlanError(f"cannot read data file {p}: {exc.strerror or exc}") from exc
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        rec = loads(line, f"{p}:{i}")
+        texts.append(record_text(rec, f"{p}:{i}"))
     if not texts:
         raise QPlanError(f"data file {p} has no records")
     return texts

@@ -25,8 +25,10 @@ BYTE_VOCAB = len(SPECIALS) + 256
 
 def check_model_dir(path: str | Path) -> Path:
     """A ``--model-dir`` must be a folder with a config.json."""
+    from qplan.planner.files import safe_exists
+
     p = Path(path)
-    if not p.is_dir():
+    if not safe_exists(p) or not p.is_dir():
         raise QPlanError(f"--model-dir {path} is not a directory")
     if not (p / "config.json").is_file():
         raise QPlanError(f"--model-dir {path} has no config.json: point it at a Hugging Face model folder")

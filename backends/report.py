@@ -236,19 +236,19 @@ def utc_stamp() -> str:
 
 
 def read_run(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run folder's plan.json and measured.json, each checked against its schema."""
+    from qplan.planner.files import safe_exists
+    from qplan.planner.schema import check_measured, check_plan, read_json
+
     p = Path(run_dir)
-    if not p.is_dir():
+    if not safe_exists(p) or not p.is_dir():
         raise QPlanError(f"{run_dir} is not a run folder")
-    docs = []
     for name in ("plan.json", "measured.json"):
-        f = p / name
-        if not f.is_file():
+        if not (p / name).is_file():
             raise QPlanError(f"{run_dir} has no {name}: is it a `qplan run` folder?")
-        try:
-            docs.append(json.loads(f.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as exc:
-            raise QPlanError(f"{f} is not valid JSON ({exc.msg})") from exc
-    return docs[0], docs[1]
+    plan = check_plan(read_json(p / "plan.json", "plan"), str(p / "plan.json"))
+    doc = check_measured(read_json(p / "measured.json", "measurements"), str(p / "measured.json"))
+    return plan, doc
 
 
 SUMMARY_TERMS = ("tensor_peak", "peak", "weights", "weights_footprint", "trainable", "adapter_file_bytes")
@@ -263,8 +263,13 @@ def summarize(run_dirs: list[str], output: str | None = None) -> dict[str, Any]:
     if not run_dirs:
         raise QPlanError("give one or more run folders (reports/runs/...)")
     runs = []
+    skipped: list[str] = []
     for d in run_dirs:
-        plan, doc = read_run(d)
+        try:
+            plan, doc = read_run(d)
+        except QPlanError as exc:  # a bad folder is skipped with a warning; the good ones are reported
+            skipped.append(f"skipped {d}: {exc}")
+            continue
         prs = pairs(plan, doc)
         mem = (doc.get("measured") or {}).get("memory") or {}
         runs.append({
@@ -274,11 +279,18 @@ def summarize(run_dirs: list[str], output: str | None = None) -> dict[str, Any]:
             "device": mem.get("device"), "status": doc.get("status"),
             "terms": {k: prs[k] for k in SUMMARY_TERMS},
         })
+    if not runs:
+        raise QPlanError(f"no readable run folder among {len(run_dirs)}: " + "; ".join(skipped)[:400])
     if output:
+        from qplan.planner.files import safe_exists
+
         out = Path(output)
-        if out.exists():
+        if safe_exists(out):
             raise QPlanError(f"{output} already exists: choose another --output")
-        out.mkdir(parents=True)
+        try:
+            out.mkdir(parents=True)
+        except OSError as exc:
+            raise QPlanError(f"--output {output}: cannot create the folder ({exc.strerror or exc})") from exc
     else:
         out = new_folder("reports", f"summary-{utc_stamp()}")
     headers = ["run", "model", "backend", "quant", "ckpt", "b×s", "device", "status",
@@ -293,7 +305,8 @@ def summarize(run_dirs: list[str], output: str | None = None) -> dict[str, Any]:
     (out / "summary.md").write_text(md, encoding="utf-8")
     (out / "summary.html").write_text(html_page("qplan summary", md, png), encoding="utf-8")
     (out / "summary.json").write_text(json.dumps({"runs": runs}, indent=2) + "\n", encoding="utf-8")
-    return {"output": str(out), "runs": runs, "summary": md + f"\nwritten to {out}/summary.md and summary.html"}
+    return {"output": str(out), "runs": runs, "skipped": skipped,
+            "summary": md + f"\nwritten to {out}/summary.md and summary.html"}
 
 
 def summary_chart(runs: list[dict[str, Any]]) -> str | None:

@@ -30,14 +30,17 @@ from pathlib import Path
 from typing import Any
 
 from qplan.planner.errors import QPlanError
-from qplan.planner.files import atomic_write
+from qplan.planner.files import atomic_write, check_folder, safe_is_file
 from qplan.planner.plan import validate_plan
+from qplan.planner.schema import read_json
 
 from . import registry
 from .compare import pairs
 from .report import fmt_err, fmt_value, new_folder, utc_stamp, write_run_report
 
 DEFAULT_STEPS = 4
+MAX_STEPS = 10_000_000
+MAX_EPOCHS = 10_000
 DEFAULT_LR = 2e-4
 WARMUP_STEPS = 1
 MEASURE_STEPS = 2
@@ -47,19 +50,17 @@ INTERRUPT_GRACE_S = 120
 
 def read_plan(plan_file: str | Path) -> tuple[dict[str, Any], bytes]:
     p = Path(plan_file)
-    if not p.is_file():
+    if not safe_is_file(p):
         raise QPlanError(f"plan file {plan_file} does not exist (make one with `qplan estimate ... --output plan.json`)")
     raw = p.read_bytes()
-    try:
-        plan = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise QPlanError(f"{plan_file} is not valid JSON ({getattr(exc, 'msg', exc)})") from exc
+    plan = read_json(p, "plan")
     validate_plan(plan, where=str(plan_file))
     return plan, raw
 
 
 def _slug(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-") or "model"
+    """A folder-name-safe, bounded form of a name (hostile names stay inside the run folder)."""
+    return (re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-.") or "model")[:64]
 
 
 def _shim_dir() -> str:
@@ -191,10 +192,12 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
     if steps is not None and steps < WARMUP_STEPS + MEASURE_STEPS:
         raise QPlanError(f"--steps must be at least {WARMUP_STEPS + MEASURE_STEPS} "
                          f"({WARMUP_STEPS} warm-up + {MEASURE_STEPS} measured), got {steps}")
-    if epochs is not None and epochs <= 0:
-        raise QPlanError(f"--epochs must be > 0, got {epochs}")
-    if not (lr > 0):
-        raise QPlanError(f"--lr must be > 0, got {lr}")
+    if steps is not None and steps > MAX_STEPS:
+        raise QPlanError(f"--steps must be at most {MAX_STEPS:,}, got {steps}")
+    if epochs is not None and not (0 < epochs <= MAX_EPOCHS):
+        raise QPlanError(f"--epochs must be > 0 and at most {MAX_EPOCHS:,}, got {epochs}")
+    if not (0 < lr < float("inf")):
+        raise QPlanError(f"--lr must be a finite number > 0, got {lr}")
     if device != "auto" and device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
         raise QPlanError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
     info = registry.backend_info(plan["backend"])
@@ -202,6 +205,7 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
     if callbacks is None:
         callbacks = [c.strip() for c in os.environ.get("QPLAN_CALLBACKS", "").split(",") if c.strip()]
 
+    check_folder(out_dir, "--out-dir", create=True)
     run_dir = new_folder(out_dir, f"{utc_stamp()}-{_slug(plan['model']['name'])}-{_slug(info.name)}")
     (run_dir / "plan.json").write_bytes(raw)
     job = {

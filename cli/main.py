@@ -16,7 +16,8 @@ import click
 
 from qplan.planner import __version__
 from qplan.planner.errors import QPlanError
-from qplan.planner.files import write_new_file
+from qplan.planner.files import check_folder, safe_exists, write_new_file
+from qplan.planner.schema import MAX_BATCH, MAX_CONTEXT, MAX_RANK
 from qplan.planner.vocab import ATTN_CHOICES, BACKENDS, BIAS_MODES, DTYPE_ALIASES, OPTIMIZERS, PRESETS, QUANTS
 
 FORMATS = click.Choice(["table", "json"])
@@ -87,7 +88,7 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
     from qplan.planner.plan import dumps
     from qplan.planner.render import render_plan
 
-    if output and Path(output).exists() and not force:
+    if output and safe_exists(output) and not force:
         raise QPlanError(f"{output} already exists: choose another --output or pass --force to replace it")
     plan = make_plan(**o)
     if method == "trace":
@@ -115,14 +116,14 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
 @cli.command()
 @click.option("--model", "-m", required=True)
 @click.option("--gpu", required=True)
-@click.option("--seq-len", type=int, default=None, help="fix the sequence length (else search it)")
-@click.option("--batch-size", type=int, default=None, help="fix the batch size (else search it)")
+@click.option("--seq-len", type=click.IntRange(1, MAX_CONTEXT), default=None, help="fix the sequence length (else search it)")
+@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=None, help="fix the batch size (else search it)")
 @click.option("--quant", type=click.Choice(QUANT_CHOICES), default=None,
               help="fix the quantization (else search nf4, int8, bf16)")
-@click.option("--r", "r", type=int, default=None, help="fix the rank (else search 8, 16, 32, 64)")
+@click.option("--r", "r", type=click.IntRange(1, MAX_RANK), default=None, help="fix the rank (else search 8, 16, 32, 64)")
 @click.option("--targets", default=None, help="fix the targets (else search qv, attn, all-linear)")
 @click.option("--optimizer", default=None, help="fix the optimizer (else search adamw_torch, adamw_8bit, paged_adamw_8bit)")
-@click.option("--top", type=int, default=10, show_default=True)
+@click.option("--top", type=click.IntRange(1, 100_000), default=10, show_default=True, help="how many plans to list")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def fit(model, gpu, seq_len, batch_size, quant, r, targets, optimizer, top, fmt) -> None:
     """Search batch, sequence, rank, targets, checkpointing, optimizer and quant for plans that fit."""
@@ -143,14 +144,19 @@ def models(fmt: str) -> None:
     """List the model specs qplan knows (bundled and added with `qplan spec add`)."""
     from qplan.planner.memory import max_context
     from qplan.planner.render import render_models
-    from qplan.planner.specs import load_spec, model_names
+    from qplan.planner.specs import load_spec, model_names, spec_origin
 
     rows = []
     for name in model_names():
-        s = load_spec(name)
+        try:
+            s = load_spec(name)
+        except QPlanError as exc:  # a broken user spec: say so, list the others
+            click.echo("qplan: warning: skipped " + " ".join(str(exc).split()), err=True)
+            continue
         c, inv = s.config, s.inventory
         rows.append({
             "name": name,
+            "origin": spec_origin(name),
             "architecture": inv.architecture,
             "params": inv.total_params,
             "layers": inv.num_hidden_layers,
@@ -189,24 +195,34 @@ def spec() -> None:
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def spec_add(config, name, hub_id, revision, output_dir, force, fmt) -> None:
     """Build a spec (module inventory read on the meta device) from CONFIG.json or a MODEL_DIR."""
-    from qplan.planner.specs import make_spec, read_config, user_spec_dir
+    from qplan.planner.specs import (
+        bundled_model_names,
+        bundled_spec_dir,
+        check_spec_name,
+        make_spec,
+        read_config,
+        user_spec_dir,
+    )
 
     p = Path(config)
-    if not p.exists():
+    if not safe_exists(p):
         raise QPlanError(f"no such file or directory: {config}")
-    cfg = read_config(p)
     if name is None:
-        name = p.name if p.is_dir() else (p.parent.name if p.name == "config.json" else p.stem)
-    if not name or "/" in name or name.startswith("."):
-        raise QPlanError(f"invalid spec name {name!r}: use --name")
+        name = p.resolve().name if p.is_dir() else (p.resolve().parent.name if p.name == "config.json" else p.stem)
+    check_spec_name(name)
+    out_dir = check_folder(output_dir, "--output-dir") if output_dir else user_spec_dir()
+    bundled_dir = Path(str(bundled_spec_dir())).resolve()
+    if name in bundled_model_names() and not force and out_dir.resolve() != bundled_dir:
+        raise QPlanError(f"{name!r} is a bundled spec: a user spec of that name would replace it for every "
+                         "command; choose another --name (or pass --force to shadow it on purpose)")
+    cfg = read_config(p)
     source: dict[str, Any] = {}
     if hub_id:
         source["hub_id"] = hub_id
     source["revision"] = revision
     source["config_file"] = p.name if p.is_file() else "config.json"
     s = make_spec(cfg, name, source)
-    out_dir = Path(output_dir) if output_dir else user_spec_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_folder(out_dir, "--output-dir", create=True)
     path = write_new_file(out_dir / f"{name}.json", json.dumps(s.to_json(), indent=2, ensure_ascii=False) + "\n", force)
     inv = s.inventory
     summary = {"name": name, "path": str(path), "architecture": inv.architecture,
@@ -261,6 +277,8 @@ def report(run_dirs, output, fmt) -> None:
     from qplan.backends.report import summarize
 
     result = summarize(list(run_dirs), output)
+    for line in result.get("skipped", []):
+        click.echo("qplan: warning: " + " ".join(line.split()), err=True)
     _emit(fmt, result, result.get("summary", ""))
 
 

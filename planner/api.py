@@ -18,8 +18,9 @@ from .errors import QPlanError
 from .lora import LoraSettings
 from .memory import TrainingSettings, resolve_attn
 from .plan import PlanInputs, build_plan, check_gpu_dtype
+from .schema import check_options
 from .spec import Gpu, ModelSpec
-from .specs import load_gpu, load_spec
+from .specs import load_gpu, load_spec, spec_origin, user_spec_dir
 from .vocab import DTYPE_ALIASES
 from .weights import QuantSettings
 
@@ -49,11 +50,22 @@ def plan_inputs(
     backend: str = "peft",
     strict_dtype: bool = False,
 ) -> tuple[PlanInputs, list[str]]:
-    """The validated inputs of a plan (and the warnings resolving them produced)."""
+    """The validated inputs of a plan (and the warnings resolving them produced).
+
+    Every option is checked against ``schema.PlanOptions`` (types, bounds, choices) before any
+    work; a violation is one line naming the CLI flag."""
+    opts = dict(r=r, alpha=alpha, dropout=dropout, targets=targets, bias=bias, dora=dora, rslora=rslora,
+                modules_to_save=modules_to_save if isinstance(modules_to_save, str) else list(modules_to_save),
+                quant=quant, double_quant=double_quant, compute_dtype=compute_dtype, upcast=upcast, seq_len=seq_len,
+                batch_size=batch_size, grad_accum=grad_accum, grad_ckpt=grad_ckpt, optimizer=optimizer,
+                attn_impl=attn_impl, backend=backend, strict_dtype=strict_dtype)
+    check_options(opts)
+    if isinstance(model, str) and not model.strip():
+        raise QPlanError("--model is empty: give a bundled name (see `qplan models`), a config.json or a model folder")
+    if isinstance(gpu, str) and not gpu.strip():
+        raise QPlanError("--gpu is empty: give a GPU name (see `qplan gpus`) or leave the option out")
     spec = model if isinstance(model, ModelSpec) else load_spec(model)
-    gpu_ = gpu if isinstance(gpu, Gpu) or gpu is None else (load_gpu(gpu) if gpu else None)
-    if compute_dtype not in DTYPE_ALIASES:
-        raise QPlanError(f"--compute-dtype must be one of {', '.join(sorted(DTYPE_ALIASES))}, got {compute_dtype!r}")
+    gpu_ = gpu if isinstance(gpu, Gpu) or gpu is None else load_gpu(gpu)
     if isinstance(modules_to_save, str):
         modules_to_save = modules_to_save.split(",")
     lora = LoraSettings(
@@ -64,6 +76,9 @@ def plan_inputs(
     ckpt = ("unsloth" if backend == "unsloth" else "hf") if grad_ckpt else "off"
     training = TrainingSettings(batch_size, seq_len, grad_accum, ckpt, optimizer, resolve_attn(spec, attn_impl or "auto"))
     q, warnings = check_gpu_dtype(q, gpu_, auto_fix=not strict_dtype)
+    if isinstance(model, str) and spec_origin(model) == "user, shadows bundled":
+        warnings.insert(0, f"model {model!r} is your spec in {user_spec_dir()}, which shadows the bundled one "
+                           "(`qplan models` marks it)")
     return PlanInputs(spec, lora, q, training, gpu_, backend), warnings
 
 

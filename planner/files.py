@@ -36,9 +36,9 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
 def write_new_file(path: str | Path, text: str, force: bool) -> Path:
     """Write ``text`` to ``path``; refuse to replace an existing file unless ``force``, and never a folder."""
     p = Path(path)
-    if p.is_dir():
+    if safe_exists(p) and p.is_dir():
         raise QPlanError(f"{p} is a directory: give a file name")
-    if (p.exists() or p.is_symlink()) and not force:
+    if safe_exists(p) and not force:
         raise QPlanError(f"{p} already exists: choose another --output or pass --force to replace it")
     if p.parent and not p.parent.exists():
         raise QPlanError(f"directory {p.parent} does not exist")
@@ -46,3 +46,31 @@ def write_new_file(path: str | Path, text: str, force: bool) -> Path:
         return atomic_write(p, text)
     except OSError as exc:
         raise QPlanError(f"cannot write {p}: {exc.strerror or exc}") from exc
+
+
+def safe_exists(path: str | Path) -> bool:
+    """``Path.exists`` that answers instead of raising for names the OS refuses (too long, ...)."""
+    try:
+        return Path(path).exists() or Path(path).is_symlink()
+    except (OSError, ValueError) as exc:
+        raise QPlanError(f"cannot use the path {str(path)[:80]!r}: {getattr(exc, 'strerror', None) or exc}") from exc
+
+
+def safe_is_file(path: str | Path) -> bool:
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError) as exc:
+        raise QPlanError(f"cannot use the path {str(path)[:80]!r}: {getattr(exc, 'strerror', None) or exc}") from exc
+
+
+def check_folder(path: str | Path, option: str, create: bool = False) -> Path:
+    """A folder option: not a file; created (with parents) when ``create``; one line if it cannot be."""
+    p = Path(path)
+    if safe_exists(p) and not p.is_dir():
+        raise QPlanError(f"{option} {p} is a file, not a folder: give a folder")
+    if create:
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise QPlanError(f"{option} {p}: cannot create the folder ({exc.strerror or exc})") from exc
+    return p

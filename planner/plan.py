@@ -146,33 +146,8 @@ def dumps(plan: dict[str, Any]) -> str:
     return json.dumps(plan, indent=2, ensure_ascii=False) + "\n"
 
 
-_REQUIRED = {
-    "schema_version": int, "model": dict, "lora": dict, "quant": dict, "training": dict,
-    "backend": str, "prediction": dict,
-}
-
-
 def validate_plan(plan: Any, where: str = "plan") -> dict[str, Any]:
-    """Check a plan.json read from disk: object, version, required sections and memory keys."""
-    if not isinstance(plan, dict):
-        raise QPlanError(f"{where} is not a JSON object")
-    if plan.get("schema_version") != PLAN_SCHEMA_VERSION:
-        raise QPlanError(
-            f"{where} has schema_version {plan.get('schema_version')!r}; this qplan reads version "
-            f"{PLAN_SCHEMA_VERSION} (re-create it with `qplan estimate ... --output`)"
-        )
-    for key, typ in _REQUIRED.items():
-        if not isinstance(plan.get(key), typ):
-            raise QPlanError(f"{where} lacks a valid {key!r} section")
-    mem = plan["prediction"].get("memory")
-    if not isinstance(mem, dict) or any(not isinstance(mem.get(k), int) for k in MEMORY_KEYS):
-        raise QPlanError(f"{where}: prediction.memory must hold integer bytes for {', '.join(MEMORY_KEYS)}")
-    for key in ("r", "alpha", "target_modules"):
-        if key not in plan["lora"]:
-            raise QPlanError(f"{where}: lora lacks {key!r}")
-    for key in ("batch_size", "seq_len", "optimizer", "grad_ckpt"):
-        if key not in plan["training"]:
-            raise QPlanError(f"{where}: training lacks {key!r}")
-    if "config" not in plan["model"] or "name" not in plan["model"]:
-        raise QPlanError(f"{where}: model lacks 'name' or 'config'")
-    return plan
+    """Check a plan.json read from disk, the whole document (``schema.PlanDoc``), before anything runs."""
+    from .schema import check_plan
+
+    return check_plan(plan, where)

@@ -111,9 +111,9 @@ def render_plan(plan: dict[str, Any]) -> str:
 
 def render_models(rows: list[dict[str, Any]]) -> str:
     return tabulate(
-        [[r["name"], r["architecture"], fmt_int(r["params"]), r["layers"], r["hidden"], r["vocab"],
+        [[r["name"], r["origin"], r["architecture"], fmt_int(r["params"]), r["layers"], r["hidden"], r["vocab"],
           r["context"], r["source"]] for r in rows],
-        headers=["model", "architecture", "params", "layers", "hidden", "vocab", "context", "source"],
+        headers=["model", "origin", "architecture", "params", "layers", "hidden", "vocab", "context", "source"],
     )
 
 

@@ -16,11 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from .errors import QPlanError
+from .files import safe_exists
+from .schema import check_config, read_json
 from .spec import SPEC_SCHEMA_VERSION, Gpu, ModelSpec
 
 
 def _data_dir():
     return resources.files("qplan.model_specs")
+
+
+def bundled_spec_dir():
+    """The folder of the bundled specs (inside the installed package)."""
+    return _data_dir()
 
 
 def user_spec_dir() -> Path:
@@ -50,6 +57,28 @@ def model_names() -> list[str]:
     return sorted(set(bundled_model_names()) | set(user_model_names()))
 
 
+def spec_origin(name: str) -> str:
+    """``bundled``, ``user``, or ``user, shadows bundled`` (a user spec of a bundled name, made
+    with ``qplan spec add --force``)."""
+    user = name in user_model_names()
+    bundled = name in bundled_model_names()
+    return "user, shadows bundled" if user and bundled else ("user" if user else "bundled")
+
+
+SPEC_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
+def check_spec_name(name: str) -> str:
+    """A spec name is a file name in the spec folder: letters, digits, ``._-``, at most 100."""
+    import re
+
+    if not isinstance(name, str) or not re.fullmatch(SPEC_NAME, name):
+        shown = repr(name) if len(str(name)) <= 40 else repr(str(name)[:37] + "...")
+        raise QPlanError(f"invalid spec name {shown}: use --name with letters, digits, '.', '_' or '-' "
+                         "(at most 100 characters, not starting with '.')")
+    return name
+
+
 def _suggest(name: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(name.lower(), choices, n=3, cutoff=0.5)
     if close:
@@ -58,14 +87,7 @@ def _suggest(name: str, choices: list[str]) -> str:
 
 
 def _read_json(path, what: str) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise QPlanError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise QPlanError(f"{what} {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+    data = read_json(path, what)
     if not isinstance(data, dict):
         raise QPlanError(f"{what} {path} must hold a JSON object")
     return data
@@ -89,10 +111,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
         p = p / "config.json"
         if not p.is_file():
             raise QPlanError(f"{path} is a directory without a config.json")
-    cfg = _read_json(p, "config")
-    if "model_type" not in cfg:
-        raise QPlanError(f"{p} has no 'model_type': is it a Hugging Face config.json?")
-    return cfg
+    return check_config(_read_json(p, "config"), f"config {p}")
 
 
 def make_spec(config: dict[str, Any], name: str, source: dict[str, Any]) -> ModelSpec:
@@ -109,14 +128,14 @@ def make_spec(config: dict[str, Any], name: str, source: dict[str, Any]) -> Mode
 
 
 def _looks_like_path(model: str) -> bool:
-    return model.endswith(".json") or os.sep in model or model.startswith(".") or Path(model).is_dir()
+    return model.endswith(".json") or os.sep in model or model.startswith(".") or (safe_exists(model) and Path(model).is_dir())
 
 
 def load_spec(model: str) -> ModelSpec:
     """A bundled/user spec by name, or a spec built on the fly from a config path or model dir."""
     if _looks_like_path(model):
         p = Path(model)
-        if not p.exists():
+        if not safe_exists(p):
             raise QPlanError(f"no such file or directory: {model}")
         if p.is_file() and p.suffix == ".json":
             data = _read_json(p, "file")

@@ -22,7 +22,7 @@ def _run_cli(capsys, *args):
 
 @pytest.mark.parametrize("content, needle", [
     ("{not json", "is not valid JSON"),
-    ('{"schema_version": 1, "model": {}}', "lacks a valid 'lora' section"),
+    ('{"schema_version": 1, "model": {}}', "missing required field"),
     ('{"schema_version": 99}', "has schema_version 99"),
     ("[]", "is not a JSON object"),
 ])

@@ -84,7 +84,7 @@ def test_existing_output_is_not_overwritten(tmp_path):
     (["--model", "llama-3.2-3b", "--targets", "query_key_value"], ["matches no module", "q_proj"]),
     (["--model", "llama-3.2-3b", "--seq-len", "200000"], ["context", "131072"]),
     (["--model", "llama-3.2-3b", "--batch-size", "0"], ["--batch-size"]),
-    (["--model", "llama-3.2-3b", "--optimizer", "adam"], ["unknown optimizer", "adamw_torch"]),
+    (["--model", "llama-3.2-3b", "--optimizer", "adam"], ["--optimizer", "unknown value 'adam'", "adamw_torch"]),
     (["--model", "llama-3.2-3b", "--attn", "flash3"], ["attention", "sdpa"]),
     (["--model", "gemma-2-9b", "--attn", "sdpa"], ["does not support --attn sdpa", "eager"]),
     (["--model", "llama-3.2-3b", "--quant", "int4"], ["--quant"]),
@@ -111,7 +111,10 @@ def test_malformed_config(tmp_path):
     one_line_error(run("estimate", "--model", str(bad)), "not valid JSON")
     bad.write_text(json.dumps({"hidden_size": 8}))
     one_line_error(run("estimate", "--model", str(bad)), "model_type")
-    bad.write_text(json.dumps({"model_type": "llama", "hidden_size": 10, "num_attention_heads": 3}))
+    bad.write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    one_line_error(run("estimate", "--model", str(bad)), "no 'num_hidden_layers'")
+    bad.write_text(json.dumps({"model_type": "llama", "hidden_size": 10, "num_attention_heads": 3,
+                               "num_hidden_layers": 2, "vocab_size": 100}))
     one_line_error(run("estimate", "--model", str(bad)), "invalid llama config", "multiple")
 
 
