@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import warnings
 from functools import cache
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-warnings.filterwarnings("ignore")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "configs"

@@ -113,6 +113,15 @@ def test_hugging_face_objects_are_built_in_one_place(name):
     assert builders and {b.split(":")[0] for b in builders} == {"hf/__init__.py"}, builders
 
 
+def test_qplan_uses_no_name_transformers_deprecated():
+    """The two deprecations pytest lets through (pyproject: PEFT still calls them) must not come
+    from qplan's own code."""
+    for path in _sources(*PACKAGES, "bench"):
+        text = path.read_text(encoding="utf-8")
+        for name in ("is_gradient_checkpointing", ".gradient_checkpointing_enable("):
+            assert name not in text, f"{path.relative_to(ROOT)} uses {name}"
+
+
 def test_no_source_file_over_600_lines():
     long = {str(p.relative_to(ROOT)): n for p in _sources(*PACKAGES, "bench", "tests", "scripts")
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > 600}
