@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-TERMS = ("tensor_peak", "peak", "weights", "weights_footprint", "trainable", "adapter_file_bytes")
+TERMS = ("tensor_peak", "peak", "weights", "weights_footprint", "trainable", "adapter_file_bytes", "step_seconds")
 
 #: plan memory term -> tracker categories at the peak that hold the same bytes: the tracker and
 #: the plan speak one vocabulary (``qplan.planner.vocab.CATEGORIES``), so each term is its category
@@ -61,9 +61,20 @@ def pairs(plan: dict[str, Any], doc: dict[str, Any]) -> dict[str, dict[str, Any]
                       "PeftModel.get_nb_trainable_parameters()"),
         "adapter_file_bytes": (pred.get("adapter_file_bytes"), meas.get("adapter_file_bytes"),
                                "size of adapter_model.safetensors"),
+        "step_seconds": (_planned_step(pred, cuda), (meas.get("timing") or {}).get("mean_step_seconds"),
+                         "mean step time after the warm-up (untracked steps), vs the plan's roofline for its device"),
     }
     return {k: {"predicted": p, "measured": m, "measured_as": how, "error": signed_error(p, m)}
             for k, (p, m, how) in rows.items()}
+
+
+def _planned_step(pred: dict[str, Any], cuda: bool) -> float | None:
+    """The plan's step time, when it was planned for the kind of device the run used (a CPU
+    device file for a CPU run; a GPU for a CUDA run)."""
+    t = pred.get("time") or {}
+    if t.get("step_seconds") is None or (t.get("device") == "cpu") == cuda:
+        return None
+    return t["step_seconds"]
 
 
 def errors(plan: dict[str, Any], doc: dict[str, Any]) -> dict[str, float | None]:

@@ -342,4 +342,7 @@ class MeasureCallback(TrainerCallback):
             "mean_step_seconds": mean,
             "tokens_per_step": self.tokens_per_step,
             "tokens_per_second": (self.tokens_per_step / mean) if mean else None,
+            # every step after the warm-up (tracked ones are slowed by the tracker: see timed_steps)
+            "tokens_per_second_per_step": [round(self.tokens_per_step / s["seconds"], 3) for s in after
+                                           if s["seconds"] > 0],
         }

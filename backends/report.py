@@ -34,6 +34,8 @@ def fmt_err(e: float | None) -> str:
 def fmt_value(term: str, v: Any) -> str:
     if v is None:
         return "—"
+    if term == "step_seconds":
+        return f"{v:.3g} s"
     return f"{v:,}" if term == "trainable" else fmt_bytes(v)
 
 
@@ -251,7 +253,7 @@ def read_run(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return plan, doc
 
 
-SUMMARY_TERMS = ("tensor_peak", "peak", "weights", "weights_footprint", "trainable", "adapter_file_bytes")
+SUMMARY_TERMS = ("tensor_peak", "peak", "weights", "weights_footprint", "trainable", "adapter_file_bytes", "step_seconds")
 
 
 def summarize(run_dirs: list[str], output: str | None = None) -> dict[str, Any]:

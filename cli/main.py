@@ -69,6 +69,12 @@ def plan_options(f):
                      help=f"{'|'.join(ATTN_CHOICES)} (auto: what transformers picks for the model, e.g. eager for Gemma-2)"),
         click.option("--backend", default="peft", show_default=True, help="|".join(BACKENDS)),
         click.option("--strict-dtype", is_flag=True, help="fail instead of switching bf16 to fp16 on GPUs without bf16"),
+        click.option("--tokens", type=int, default=None, help="tokens the run trains on: total time (needs --gpu)"),
+        click.option("--dataset-tokens", type=int, default=None, help="tokens in the dataset (with --epochs)"),
+        click.option("--epochs", type=float, default=None, help="passes over --dataset-tokens"),
+        click.option("--price-per-hour", type=float, default=None, help="price of one GPU-hour: the run's cost"),
+        click.option("--calibration", default=None,
+                     help="a calibration file from `qplan calibrate` (fitted efficiency for the --gpu)"),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -115,7 +121,7 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
 
 @cli.command()
 @click.option("--model", "-m", required=True)
-@click.option("--gpu", required=True)
+@click.option("--gpu", required=True, help="a catalog GPU, a comma-separated list, or all")
 @click.option("--seq-len", type=click.IntRange(1, MAX_CONTEXT), default=None, help="fix the sequence length (else search it)")
 @click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=None, help="fix the batch size (else search it)")
 @click.option("--quant", type=click.Choice(QUANT_CHOICES), default=None,
@@ -124,14 +130,20 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
 @click.option("--targets", default=None, help="fix the targets (else search qv, attn, all-linear)")
 @click.option("--optimizer", default=None, help="fix the optimizer (else search adamw_torch, adamw_8bit, paged_adamw_8bit)")
 @click.option("--top", type=click.IntRange(1, 100_000), default=10, show_default=True, help="how many plans to list")
+@click.option("--objective", type=click.Choice(["memory", "time", "cost"]), default="memory", show_default=True,
+              help="rank by tokens per step (memory), tokens/s (time) or cost per million tokens (cost)")
+@click.option("--tokens", type=click.IntRange(1, 10 ** 15), default=None, help="tokens the run trains on: total time/cost")
+@click.option("--price-per-hour", default=None, help="price of a GPU-hour: a number, or NAME=PRICE,... per GPU")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
-def fit(model, gpu, seq_len, batch_size, quant, r, targets, optimizer, top, fmt) -> None:
+def fit(model, gpu, seq_len, batch_size, quant, r, targets, optimizer, top, objective, tokens, price_per_hour,
+        fmt) -> None:
     """Search batch, sequence, rank, targets, checkpointing, optimizer and quant for plans that fit."""
     from qplan.planner.fit import search
     from qplan.planner.render import render_fit
 
     result = search(model, gpu, seq_len=seq_len, batch_size=batch_size, quant=quant, r=r,
-                    targets=targets, optimizer=optimizer, top=top)
+                    targets=targets, optimizer=optimizer, top=top, objective=objective, tokens=tokens,
+                    price_per_hour=price_per_hour)
     _emit(fmt, result, render_fit(result))
 
 
@@ -177,6 +189,40 @@ def gpus(fmt: str) -> None:
 
     rows = [g.to_json() for g in gpu_catalog().values()]
     _emit(fmt, rows, render_gpus(rows))
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, type=click.Path())
+@click.option("--gpu", required=True, help="the device the runs ran on: a catalog GPU or a device file (.json)")
+@click.option("--output", "-o", default=None,
+              help="calibration file to write [default: ~/.config/qplan/calibration/<device>.json]")
+@click.option("--force", is_flag=True, help="replace an existing calibration file")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+def calibrate(run_dirs, gpu, output, force, fmt) -> None:
+    """Fit the step-time efficiency of a device from measured run folders (`qplan run`)."""
+    from qplan.planner.calibrate import calibrate as fit_runs
+    from qplan.planner.calibrate import calibration_file, holdout_error
+    from qplan.planner.specs import load_gpu
+
+    device = load_gpu(gpu)
+    result = fit_runs(list(run_dirs), device.to_json())
+    for line in result["skipped"]:
+        click.echo("qplan: warning: skipped " + " ".join(line.split()), err=True)
+    if output is None:
+        base = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "qplan" / "calibration"
+        check_folder(base, "calibration folder", create=True)
+        output = str(base / f"{device.name}.json")
+    doc = calibration_file(result, "qplan calibrate " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "qplan calibrate")
+    doc["holdout"] = holdout_error(result)
+    write_new_file(output, json.dumps(doc, indent=2) + "\n", force)
+    h = doc["holdout"]
+    text = (f"{device.name}: efficiency {doc['efficiency']:.3f}, overhead {doc['overhead_seconds']:.3g} s/step, "
+            f"from {doc['runs']} run(s) "
+            f"(per run {doc['spread']['min']:.3f} .. {doc['spread']['max']:.3f})"
+            + (f"; leave-one-out step-time error median {100 * h['median_abs_error']:.1f}%, "
+               f"worst {100 * h['worst_abs_error']:.1f}%" if h else "")
+            + f"\nwritten to {output}: use it with `qplan estimate --gpu {gpu} --calibration {output}`")
+    _emit(fmt, {**doc, "output": output}, text)
 
 
 @cli.group()

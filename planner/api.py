@@ -11,6 +11,7 @@ Bad input raises ``QPlanError`` with one line that names the option and the fix.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,7 +19,7 @@ from .errors import QPlanError
 from .lora import LoraSettings
 from .memory import TrainingSettings, resolve_attn
 from .plan import PlanInputs, build_plan, check_gpu_dtype
-from .schema import check_options
+from .schema import check_options, read_calibration
 from .spec import Gpu, ModelSpec
 from .specs import load_gpu, load_spec, spec_origin, user_spec_dir
 from .vocab import DTYPE_ALIASES
@@ -49,6 +50,11 @@ def plan_inputs(
     attn_impl: str = "auto",
     backend: str = "peft",
     strict_dtype: bool = False,
+    tokens: int | None = None,
+    dataset_tokens: int | None = None,
+    epochs: float | None = None,
+    price_per_hour: float | None = None,
+    calibration: str | None = None,
 ) -> tuple[PlanInputs, list[str]]:
     """The validated inputs of a plan (and the warnings resolving them produced).
 
@@ -58,8 +64,16 @@ def plan_inputs(
                 modules_to_save=modules_to_save if isinstance(modules_to_save, str) else list(modules_to_save),
                 quant=quant, double_quant=double_quant, compute_dtype=compute_dtype, upcast=upcast, seq_len=seq_len,
                 batch_size=batch_size, grad_accum=grad_accum, grad_ckpt=grad_ckpt, optimizer=optimizer,
-                attn_impl=attn_impl, backend=backend, strict_dtype=strict_dtype)
+                attn_impl=attn_impl, backend=backend, strict_dtype=strict_dtype, tokens=tokens,
+                dataset_tokens=dataset_tokens, epochs=epochs, price_per_hour=price_per_hour, calibration=calibration)
     check_options(opts)
+    if tokens is not None and (dataset_tokens is not None or epochs is not None):
+        raise QPlanError("give either --tokens or --dataset-tokens with --epochs, not both")
+    if (dataset_tokens is None) != (epochs is None):
+        raise QPlanError("--dataset-tokens and --epochs go together (tokens trained = dataset tokens x epochs)")
+    if dataset_tokens is not None and epochs is not None:
+        tokens = max(1, math.ceil(dataset_tokens * epochs))
+    calib = read_calibration(calibration) if calibration else None
     if isinstance(model, str) and not model.strip():
         raise QPlanError("--model is empty: give a bundled name (see `qplan models`), a config.json or a model folder")
     if isinstance(gpu, str) and not gpu.strip():
@@ -79,7 +93,9 @@ def plan_inputs(
     if isinstance(model, str) and spec_origin(model) == "user, shadows bundled":
         warnings.insert(0, f"model {model!r} is your spec in {user_spec_dir()}, which shadows the bundled one "
                            "(`qplan models` marks it)")
-    return PlanInputs(spec, lora, q, training, gpu_, backend), warnings
+    if calib is not None and gpu_ is not None and calib["device"] != gpu_.name:
+        raise QPlanError(f"calibration file {calibration} was fitted on {calib['device']}, not {gpu_.name}")
+    return PlanInputs(spec, lora, q, training, gpu_, backend, tokens, price_per_hour, calib), warnings
 
 
 def make_plan(**options: Any) -> dict[str, Any]:

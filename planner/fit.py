@@ -8,15 +8,18 @@ combination, and the per-(batch, seq, checkpointing) terms are evaluated in the 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import replace
 from typing import Any
 
+from .compute import flops_form, step_bytes
 from .errors import QPlanError
-from .lora import LoraSettings, count_lora
+from .lora import LoraSettings, count_lora, trainable_params
 from .memory import ALLOCATOR_SLACK_FRACTION, CUDA_CONTEXT_BYTES, max_context, resolve_attn
 from .phases import MemoryModel
 from .plan import PlanInputs, build_plan, check_gpu_dtype
-from .specs import load_gpu, load_spec
+from .specs import gpu_catalog, load_gpu, load_spec
+from .timing import DEFAULT_EFFICIENCY, device_peak, ideal_step_seconds
 from .vocab import OPTIMIZERS
 from .weights import QuantSettings, weights_bytes
 
@@ -29,10 +32,70 @@ SEQS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 CKPTS = ("hf", "off")
 
 
+OBJECTIVES = ("memory", "time", "cost")
+
+
+def parse_prices(price: str | float | None, gpus: list) -> dict[str, float]:
+    """``--price-per-hour``: one number for every GPU, or ``name=price,...`` per catalog GPU."""
+    if price is None or price == "":
+        return {}
+    try:
+        value = float(price)
+        return {g.name: value for g in gpus}
+    except (TypeError, ValueError):
+        pass
+    out = {}
+    for item in str(price).split(","):
+        name, _, v = item.partition("=")
+        try:
+            out[load_gpu(name.strip()).name] = float(v)
+        except ValueError as exc:
+            raise QPlanError(f"--price-per-hour: {item!r} is not NAME=PRICE") from exc
+    return out
+
+
 def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=None, r=None, targets=None,
-           optimizer=None, top: int = 10) -> dict[str, Any]:
+           optimizer=None, top: int = 10, objective: str = "memory", tokens: int | None = None,
+           price_per_hour: str | float | None = None) -> dict[str, Any]:
+    """Plans that fit ``gpu_name`` (a catalog name, ``a,b,c``, or ``all``), ranked by ``objective``:
+    ``memory`` (most tokens per step, cheapest tricks first), ``time`` (most tokens/s) or ``cost``
+    (least cost per million tokens; needs ``price_per_hour``)."""
+    if objective not in OBJECTIVES:
+        raise QPlanError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if not gpu_name or not str(gpu_name).strip():
+        raise QPlanError("--gpu is empty: give a GPU name (see `qplan gpus`), a comma-separated list, or all")
+    gpus = list(gpu_catalog().values()) if gpu_name == "all" else [load_gpu(n.strip()) for n in gpu_name.split(",")]
+    prices = parse_prices(price_per_hour, gpus)
+    if objective == "cost":
+        missing = [g.name for g in gpus if g.name not in prices]
+        if missing:
+            raise QPlanError(f"--objective cost needs --price-per-hour for {', '.join(missing)} (a number or NAME=PRICE,...)")
+    runs = [_search_one(model, g, seq_len=seq_len, batch_size=batch_size, quant=quant, r=r, targets=targets,
+                        optimizer=optimizer, objective=objective, tokens=tokens, price=prices.get(g.name))
+            for g in gpus]
+    results = [row for res in runs for row in res["rows"]]
+    if objective == "time":
+        results.sort(key=lambda x: (-x["tokens_per_second"], x["peak"]))
+    elif objective == "cost":
+        results.sort(key=lambda x: (x["cost_per_million_tokens"], -x["tokens_per_second"]))
+    else:
+        # best: most tokens per step, then cheaper memory-saving tricks, then larger r
+        pref_q = {"bf16": 0, "fp16": 0, "int8": 1, "nf4": 2}
+        results.sort(key=lambda x: (-x["tokens"], x["grad_ckpt"] == "hf", pref_q.get(x["quant"], 3),
+                                    -x["r"], x["headroom"] * -1))
+    first = runs[0]
+    out = {
+        "model": first["model"], "gpu": ",".join(g.name for g in gpus), "usable_bytes": first["usable_bytes"],
+        "candidates": sum(r_["candidates"] for r_ in runs), "fitting": len(results), "best": results[:top],
+    }
+    if objective != "memory" or len(gpus) > 1:
+        out["objective"] = objective
+    return out
+
+
+def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets, optimizer, objective: str,
+                tokens: int | None, price: float | None) -> dict[str, Any]:
     spec = load_spec(model)
-    gpu = load_gpu(gpu_name)
     usable = gpu.usable_bytes
     ctx = max_context(spec) or max(SEQS)
     if seq_len is not None and seq_len > ctx:
@@ -62,24 +125,35 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
         w = weights_bytes(spec, q)
         for ck in CKPTS:
             model_ = MemoryModel.build(spec, counts, rr, lora.dropout, q, ck, op, attn, w)
+            timed = objective != "memory"
+            if timed:
+                peak_fs, bw = device_peak(gpu.to_json(), q.compute_dtype)
+                if peak_fs is None or bw is None:
+                    raise QPlanError(f"{gpu.name}: the catalog has no 16-bit throughput or bandwidth: no time objective")
+                fa, fc = flops_form(spec, counts, rr, q, ck, attn)
+                moved = step_bytes(spec, counts, rr, q, ck, op, trainable_params(counts))
             for b, s in itertools.product(batches, seqs):
                 candidates += 1
                 tensor_peak = model_.peak(b, s)
                 peak = tensor_peak + CUDA_CONTEXT_BYTES + int(ALLOCATOR_SLACK_FRACTION * tensor_peak)
                 if peak <= usable:
-                    results.append({
+                    row = {
                         "batch_size": b, "seq_len": s, "r": rr, "targets": tg, "quant": q.quant,
                         "grad_ckpt": ck, "optimizer": op, "tokens": b * s, "peak": peak,
                         "headroom": usable - peak,
-                    })
-    # best: most tokens per step, then cheaper memory-saving tricks, then larger r
-    pref_q = {"bf16": 0, "fp16": 0, "int8": 1, "nf4": 2}
-    results.sort(key=lambda x: (-x["tokens"], x["grad_ckpt"] == "hf", pref_q.get(x["quant"], 3),
-                                -x["r"], x["headroom"] * -1))
-    return {
-        "model": spec.name, "gpu": gpu.name, "usable_bytes": usable,
-        "candidates": candidates, "fitting": len(results), "best": results[:top],
-    }
+                    }
+                    if timed:
+                        flops = {"total": fa * b * s + fc * b * s * s}
+                        step = ideal_step_seconds(flops, moved, peak_fs, bw) / DEFAULT_EFFICIENCY
+                        row.update(gpu=gpu.name, step_seconds=step, tokens_per_second=b * s / step)
+                        if tokens is not None:
+                            row["total_seconds"] = math.ceil(tokens / (b * s)) * step
+                        if price is not None:
+                            row["cost_per_million_tokens"] = price * step / 3600 / (b * s) * 1e6
+                            if tokens is not None:
+                                row["total_cost"] = price * row["total_seconds"] / 3600
+                    results.append(row)
+    return {"model": spec.name, "usable_bytes": usable, "candidates": candidates, "rows": results}
 
 
 def suggestions(inp: PlanInputs, limit: int = 4) -> list[str]:

@@ -282,11 +282,16 @@ def dequant_temp_bytes(spec: ModelSpec, q: QuantSettings, c: int) -> int:
     return c * max(sizes, default=0)
 
 
-def overhead_bytes(tensor_peak: int) -> dict[str, int]:
+def overhead_bytes(tensor_peak: int, calibration: dict | None = None) -> dict[str, int]:
     """What the GPU holds beyond live tensors: the CUDA context (``CUDA_CONTEXT_BYTES``) and the
-    caching allocator's slack (``ALLOCATOR_SLACK_FRACTION * tensor_peak``)."""
+    caching allocator's slack (``ALLOCATOR_SLACK_FRACTION * tensor_peak``) — or, from a
+    ``qplan calibrate`` file fitted on CUDA runs of the device, its measured ``cuda_context_bytes``
+    and ``allocator_slack_fraction``."""
+    calibration = calibration or {}
+    ctx = calibration.get("cuda_context_bytes")
+    slack = calibration.get("allocator_slack_fraction")
     return {
-        "cuda_context": CUDA_CONTEXT_BYTES,
-        "allocator_slack": int(ALLOCATOR_SLACK_FRACTION * tensor_peak),
+        "cuda_context": int(ctx) if ctx is not None else CUDA_CONTEXT_BYTES,
+        "allocator_slack": int((slack if slack is not None else ALLOCATOR_SLACK_FRACTION) * tensor_peak),
     }
 

@@ -31,6 +31,10 @@ class PlanInputs:
     training: TrainingSettings
     gpu: Gpu | None
     backend: str = "peft"
+    #: time and cost: tokens the run trains on, price per GPU-hour, a fitted efficiency
+    tokens: int | None = None
+    price_per_hour: float | None = None
+    calibration: dict[str, Any] | None = None
 
 
 def check_gpu_dtype(quant: QuantSettings, gpu: Gpu | None, auto_fix: bool) -> tuple[QuantSettings, list[str]]:
@@ -69,6 +73,11 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
     weights = weights_bytes(spec, q)
     mem = training_memory(spec, counts, lora.r, lora.dropout, q, t, weights,
                           chunked_ce=inp.backend == "unsloth")
+    if inp.calibration and ("cuda_context_bytes" in inp.calibration or "allocator_slack_fraction" in inp.calibration):
+        from .memory import overhead_bytes
+
+        over = overhead_bytes(mem["tensor_peak"], inp.calibration)
+        mem = {**mem, **over, "overhead": sum(over.values()), "peak": mem["tensor_peak"] + sum(over.values())}
     cpu = training_memory(spec, counts, lora.r, lora.dropout, q, t, weights,
                           chunked_ce=inp.backend == "unsloth", kernels="cpu")
     memory = {
@@ -102,6 +111,7 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
         "fits": (memory["peak"] <= usable) if usable is not None else None,
         "headroom": (usable - memory["peak"]) if usable is not None else None,
     }
+    prediction.update(compute_prediction(inp, counts, trainable))
     inv = spec.inventory
     return {
         "schema_version": PLAN_SCHEMA_VERSION,
@@ -125,6 +135,27 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
         "backend": inp.backend,
         "warnings": list(warnings or []),
         "prediction": prediction,
+    }
+
+
+def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[str, Any]:
+    """``prediction.compute`` (FLOPs and bytes of one optimizer step), ``time`` and ``cost``."""
+    from .compute import step_bytes, step_flops
+    from .timing import cost_prediction, time_prediction
+
+    t, q = inp.training, inp.quant
+    flops = step_flops(inp.spec, counts, inp.lora.r, q, t.batch_size, t.seq_len, t.grad_ckpt, t.attn_impl, t.grad_accum)
+    moved = step_bytes(inp.spec, counts, inp.lora.r, q, t.grad_ckpt, t.optimizer, trainable, t.grad_accum)
+    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
+    device = inp.gpu.to_json() if inp.gpu is not None else None
+    time = time_prediction(flops, moved, device, q.compute_dtype, tokens_per_step, inp.tokens, inp.calibration)
+    if inp.tokens is not None and time is None:
+        raise QPlanError("--tokens / --dataset-tokens need --gpu: the time of a step depends on the device")
+    return {
+        "compute": {"flops_per_step": flops, "bytes_per_step": moved,
+                    "flops_counted_as": "torch.utils.flop_counter.FlopCounterMode (2 m k n per matmul)"},
+        "time": time,
+        "cost": cost_prediction(time, inp.price_per_hour),
     }
 
 

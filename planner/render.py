@@ -94,6 +94,7 @@ def render_plan(plan: dict[str, Any]) -> str:
     paged = p["memory_detail"].get("optimizer_paged", 0)
     if paged:
         lines.append(f"optimizer: {fmt_bytes(paged)} of it is paged (CUDA unified memory, can spill to CPU)")
+    lines += compute_lines(p)
     lines.append("")
     gpu = plan.get("gpu")
     if gpu is None:
@@ -107,6 +108,49 @@ def render_plan(plan: dict[str, Any]) -> str:
         for s in plan.get("suggestions", []):
             lines.append(f"  try: {s}")
     return "\n".join(lines)
+
+
+def fmt_flops(n: float) -> str:
+    for unit, k in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if n >= k:
+            return f"{n / k:.2f} {unit}"
+    return f"{n:.0f} FLOP"
+
+
+def fmt_seconds(sec: float) -> str:
+    if sec >= 86400:
+        return f"{sec / 86400:.1f} days"
+    if sec >= 3600:
+        return f"{sec / 3600:.1f} h"
+    if sec >= 60:
+        return f"{sec / 60:.1f} min"
+    return f"{sec:.3g} s"
+
+
+def compute_lines(p: dict[str, Any]) -> list[str]:
+    """FLOPs of a step, and time / cost when the plan has a device."""
+    comp = p.get("compute")
+    if not comp:
+        return []
+    f = comp["flops_per_step"]
+    parts = " · ".join(f"{k.replace('_', ' ')} {100 * f[k] / f['total']:.0f}%" for k in f if k != "total" and f[k])
+    lines = [f"compute per optimizer step: {fmt_flops(f['total'])} ({parts}); "
+             f"{fmt_bytes(comp['bytes_per_step']['total'])} moved"]
+    t = p.get("time")
+    if t and t.get("step_seconds"):
+        calib = "uncalibrated efficiency" if "assumption" in t["efficiency_source"] else "calibrated"
+        line = (f"time on {t['device']}: {fmt_seconds(t['step_seconds'])}/step, {t['tokens_per_second']:,.0f} tokens/s "
+                f"(roofline ÷ {calib} {t['efficiency']:.2f})")
+        if t.get("total_seconds") is not None:
+            line += f"; {t['tokens']:,} tokens = {t['steps']:,} steps = {fmt_seconds(t['total_seconds'])}"
+        lines.append(line)
+    elif t:
+        lines.append(f"time: not predicted ({t.get('reason')})")
+    c = p.get("cost")
+    if c:
+        total = f"{c['total']:,.2f} for the run" if c.get("total") is not None else "give --tokens for the run's total"
+        lines.append(f"cost at {c['price_per_hour']:g}/GPU-hour: {c['per_step']:.4g} per step; {total}")
+    return lines
 
 
 def render_models(rows: list[dict[str, Any]]) -> str:
@@ -127,15 +171,30 @@ def render_gpus(rows: list[dict[str, Any]]) -> str:
 
 
 def render_fit(result: dict[str, Any]) -> str:
-    lines = [f"{result['model']} on {result['gpu']} ({fmt_bytes(result['usable_bytes'])} usable): "
-             f"{result['candidates']} plans searched, {result['fitting']} fit"]
+    objective = result.get("objective", "memory")
+    where = result["gpu"] if "," in result["gpu"] else f"{result['gpu']} ({fmt_bytes(result['usable_bytes'])} usable)"
+    lines = [f"{result['model']} on {where}: {result['candidates']} plans searched, {result['fitting']} fit"
+             + (f"; ranked by {objective}" if objective != "memory" else "")]
     rows = []
+    timed = objective != "memory"
     for c in result["best"]:
-        rows.append([c["batch_size"], c["seq_len"], c["r"], c["targets"], c["quant"], c["grad_ckpt"],
-                     c["optimizer"], fmt_bytes(c["peak"]), fmt_bytes(c["headroom"])])
+        row = ([c["gpu"]] if timed else []) + [c["batch_size"], c["seq_len"], c["r"], c["targets"], c["quant"],
+                                              c["grad_ckpt"], c["optimizer"], fmt_bytes(c["peak"]), fmt_bytes(c["headroom"])]
+        if timed:
+            row += [f"{c['tokens_per_second']:,.0f}"]
+            row += [fmt_seconds(c["total_seconds"]) if "total_seconds" in c else "-"]
+            row += [f"{c['cost_per_million_tokens']:.3g}" if "cost_per_million_tokens" in c else "-"]
+            row += [f"{c['total_cost']:,.2f}" if "total_cost" in c else "-"]
+        rows.append(row)
     if rows:
-        lines.append(tabulate(rows, headers=["batch", "seq", "r", "targets", "quant", "ckpt", "optimizer",
-                                             "peak", "headroom"]))
+        headers = (["gpu"] if timed else []) + ["batch", "seq", "r", "targets", "quant", "ckpt", "optimizer", "peak",
+                                                "headroom"]
+        if timed:
+            headers += ["tokens/s", "total time", "cost / 1M tokens", "total cost"]
+        lines.append(tabulate(rows, headers=headers))
+        if timed:
+            lines.append("time: roofline on counted FLOPs and bytes ÷ an uncalibrated efficiency "
+                         "(qplan.planner.timing.DEFAULT_EFFICIENCY)")
     else:
         lines.append("no plan fits: try a larger GPU, --quant nf4, or a shorter --seq-len")
     return "\n".join(lines)

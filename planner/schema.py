@@ -52,6 +52,7 @@ MAX_RANK = 1 << 16
 MAX_BATCH = 1 << 16
 MAX_ALPHA = 1e6
 MAX_NAME = 1024
+MAX_TOKENS = 10 ** 15
 #: how deep a JSON document may nest before it is refused (configs nest 2-3 levels)
 MAX_JSON_DEPTH = 64
 
@@ -99,6 +100,33 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True):
     attn_impl: _lit(ATTN_CHOICES) = "auto"
     backend: _lit(BACKENDS) = "peft"
     strict_dtype: bool = False
+    tokens: Annotated[int, Meta(ge=1, le=MAX_TOKENS)] | None = None
+    dataset_tokens: Annotated[int, Meta(ge=1, le=MAX_TOKENS)] | None = None
+    epochs: Annotated[float, Meta(gt=0, le=10_000)] | None = None
+    price_per_hour: Annotated[float, Meta(ge=0, le=1e6)] | None = None
+    calibration: Annotated[str, Meta(min_length=1, max_length=4096)] | None = None
+
+
+class Calibration(Struct, kw_only=True):
+    """A calibration file written by ``qplan calibrate`` (what later plans read)."""
+
+    device: NonEmpty
+    efficiency: Annotated[float, Meta(gt=0, le=1)]
+    runs: Annotated[int, Meta(ge=1)]
+    overhead_seconds: Annotated[float, Meta(ge=0, le=3600)] = 0.0
+    cuda_context_bytes: Annotated[int, Meta(ge=0, le=1 << 40)] | None = None
+    allocator_slack_fraction: Annotated[float, Meta(ge=0, le=10)] | None = None
+    source: str = ""
+    fitted_on: list[dict[str, Any]] = []
+
+
+def read_calibration(path: str) -> dict[str, Any]:
+    data = read_json(path, "calibration file")
+    try:
+        msgspec.convert(data, Calibration, strict=True)
+    except msgspec.ValidationError as exc:
+        raise QPlanError(_explain(exc, data, lambda p: f"calibration file {path}: {p.lstrip('.') or 'document'}")) from exc
+    return {**data, "source": str(path)}
 
 
 #: option field -> the CLI flag that sets it

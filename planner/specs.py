@@ -161,6 +161,13 @@ def gpu_catalog() -> dict[str, Gpu]:
 
 
 def load_gpu(name: str) -> Gpu:
+    """A catalog GPU by name or alias, or a device file (``*.json``: the catalog's fields, e.g. a
+    CPU's measured throughput from ``bench/cpu_device.py``)."""
+    if name.endswith(".json"):
+        if not safe_exists(name):
+            raise QPlanError(f"no such device file: {name}")
+        data = _read_json(Path(name), "device file")
+        return Gpu.from_json(data, name)
     cat = gpu_catalog()
     key = name.lower()
     if key in cat:

@@ -277,9 +277,15 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
     hooks = [p.register_post_accumulate_grad_hook(grad_hook) for p in trainable]
     host_step = optimizer_row(s.optimizer).host_step
     model.train()
+    counter = None
+    flops_at: list[int] = []
     with contextlib.ExitStack() as stack:
         if amp is not None:
             stack.enter_context(amp.fmode)
+        if s.count_flops:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            counter = stack.enter_context(FlopCounterMode(display=False))
         stack.enter_context(tracker)
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
         current["tracker"] = tracker
@@ -290,6 +296,8 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
             for v in state.values():
                 tracker.add_existing(v, None)
         for step in range(1, s.steps + 1):
+            if counter is not None:
+                flops_at.append(counter.get_total_flops())
             tracker.set_phase("forward", step)
             loss = forward()
             tracker.set_phase("backward")
@@ -306,6 +314,8 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
             opt.zero_grad(set_to_none=True)
             tracker.set_phase("end")
             classify_model(tracker, model, opt, host_step=host_step)
+        if counter is not None:
+            flops_at.append(counter.get_total_flops())
         current["tracker"] = None
     for h in hooks:
         h.remove()
@@ -315,6 +325,8 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
     res["late_bytes"] = late
     for key in ("peak_phase", "peak_event"):
         res.pop(key)
+    if counter is not None:
+        res["flops_per_step"] = [int(b - a) for a, b in zip(flops_at, flops_at[1:])]
     return res
 
 

@@ -33,6 +33,9 @@ class TraceSettings:
     steps: int = 1
     seed: int = 0
     kernels: str = "cuda"
+    #: also count FLOPs per step with ``torch.utils.flop_counter.FlopCounterMode`` (outermost mode,
+    #: so it sees the stand-ins' matmuls: what the GPU kernels compute)
+    count_flops: bool = False
 
     def __post_init__(self) -> None:
         if self.quant not in QUANTS:
