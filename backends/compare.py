@@ -71,10 +71,11 @@ def pairs(plan: dict[str, Any], doc: dict[str, Any]) -> dict[str, dict[str, Any]
 def _planned_step(pred: dict[str, Any], cuda: bool) -> float | None:
     """The plan's step time, when it was planned for the kind of device the run used (a CPU
     device file for a CPU run; a GPU for a CUDA run)."""
-    t = pred.get("time") or {}
-    if t.get("step_seconds") is None or (t.get("device") == "cpu") == cuda:
+    t = pred.get("time")
+    if not isinstance(t, dict) or not isinstance(t.get("step_seconds"), (int, float)):
         return None
-    return t["step_seconds"]
+    planned_for_gpu = t.get("device_kind", "gpu") == "gpu"
+    return t["step_seconds"] if planned_for_gpu == cuda else None
 
 
 def errors(plan: dict[str, Any], doc: dict[str, Any]) -> dict[str, float | None]:

@@ -275,7 +275,7 @@ def summarize(run_dirs: list[str], output: str | None = None) -> dict[str, Any]:
         prs = pairs(plan, doc)
         mem = (doc.get("measured") or {}).get("memory") or {}
         runs.append({
-            "run": Path(d).name, "path": str(d), "model": plan["model"]["name"], "backend": doc.get("backend"),
+            "run": Path(d).name, "path": str(d), "model": plan["model"]["name"], "backend": str(doc.get("backend")),
             "quant": plan["quant"]["quant"], "grad_ckpt": plan["training"]["grad_ckpt"],
             "batch_x_seq": f"{plan['training']['batch_size']}x{plan['training']['seq_len']}",
             "device": mem.get("device"), "status": doc.get("status"),

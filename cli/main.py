@@ -134,16 +134,17 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
               help="rank by tokens per step (memory), tokens/s (time) or cost per million tokens (cost)")
 @click.option("--tokens", type=click.IntRange(1, 10 ** 15), default=None, help="tokens the run trains on: total time/cost")
 @click.option("--price-per-hour", default=None, help="price of a GPU-hour: a number, or NAME=PRICE,... per GPU")
+@click.option("--calibration", default=None, help="a calibration file from `qplan calibrate` for the --gpu")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def fit(model, gpu, seq_len, batch_size, quant, r, targets, optimizer, top, objective, tokens, price_per_hour,
-        fmt) -> None:
+        calibration, fmt) -> None:
     """Search batch, sequence, rank, targets, checkpointing, optimizer and quant for plans that fit."""
     from qplan.planner.fit import search
     from qplan.planner.render import render_fit
 
     result = search(model, gpu, seq_len=seq_len, batch_size=batch_size, quant=quant, r=r,
                     targets=targets, optimizer=optimizer, top=top, objective=objective, tokens=tokens,
-                    price_per_hour=price_per_hour)
+                    price_per_hour=price_per_hour, calibration=calibration)
     _emit(fmt, result, render_fit(result))
 
 
@@ -281,15 +282,16 @@ def spec_add(config, name, hub_id, revision, output_dir, force, fmt) -> None:
 
 
 @cli.command()
-def backends() -> None:
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+def backends(fmt: str) -> None:
     """List trainer backends (entry points `qplan.backends`) and whether each is installed."""
+    from tabulate import tabulate
+
     from qplan.backends.registry import list_backends
 
     rows = list_backends()
-    from tabulate import tabulate
-
-    click.echo(tabulate([[b["name"], b["target"], "yes" if b["installed"] else f"no ({b['hint']})"] for b in rows],
-                        headers=["backend", "entry point", "installed"]))
+    _emit(fmt, rows, tabulate([[b["name"], b["target"], "yes" if b["installed"] else f"no ({b['hint']})"] for b in rows],
+                              headers=["backend", "entry point", "installed"]))
 
 
 @cli.command()

@@ -153,9 +153,10 @@ def _tracker_cls():
                 return t
             rec = self.live.get(id(st))
             if rec is not None:
-                if st.nbytes() != rec.nbytes:  # resized in place (resize_, set_)
+                if st.nbytes() != rec.nbytes:  # resized in place (resize_, set_): same storage, new size
                     self._close(id(st), rec)
-                    self._open(st, t, late)
+                    new = self._open(st, t, late)
+                    new.kind, new.opt, new.quant_state = rec.kind, rec.opt, rec.quant_state
                 return t
             self._open(st, t, late)
             return t

@@ -32,6 +32,11 @@ def _run(folder: str) -> tuple[dict[str, Any], dict[str, Any]]:
             check_measured(read_json(p / "measured.json", "measurements"), str(p / "measured.json")))
 
 
+def is_gpu(device: dict[str, Any]) -> bool:
+    """Catalog GPUs carry a CUDA compute capability; a CPU device file (bench/cpu_device.py) none."""
+    return bool(device.get("compute_capability"))
+
+
 def calibrate(run_dirs: list[str], device: dict[str, Any]) -> dict[str, Any]:
     """The calibration of ``device`` (a catalog row or device file) from ``run_dirs``; runs that
     failed, have no step time or no compute prediction are listed as skipped."""
@@ -53,11 +58,18 @@ def calibrate(run_dirs: list[str], device: dict[str, Any]) -> dict[str, Any]:
         if not compute:
             skipped.append(f"{d}: its plan has no prediction.compute (made by an older qplan): re-plan it")
             continue
+        ran_on_gpu = str(((doc.get("measured") or {}).get("memory") or {}).get("device", "")).startswith("cuda")
+        if ran_on_gpu != is_gpu(device):
+            skipped.append(f"{d}: it ran on {'a GPU' if ran_on_gpu else 'the CPU'}, not on {device.get('name')}")
+            continue
         peak, bw = device_peak(device, plan["quant"]["compute_dtype"])
         if peak is None or bw is None:
             skipped.append(f"{d}: {device.get('name')} has no {plan['quant']['compute_dtype']} throughput")
             continue
         ideal = ideal_step_seconds(compute["flops_per_step"], compute["bytes_per_step"], peak, bw)
+        if not ideal > 0:
+            skipped.append(f"{d}: its plan counts no work (0 FLOPs and bytes)")
+            continue
         fitted.append({"run": str(d), "model": plan["model"]["name"], "ideal_step_seconds": ideal,
                        "measured_step_seconds": float(measured), "efficiency": ideal / float(measured)})
     if not fitted:

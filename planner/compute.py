@@ -144,6 +144,13 @@ def attention_flops(b: int, s: int, nh: int, hd: int, attn_impl: str, fused_kern
     return fwd, one * ((g.q or g.k) + g.v + g.q + g.k)
 
 
+def embedding_lora_flops(T: int, r: int, h: int) -> int:
+    """LoRA on an embedding (PEFT ``lora.Embedding``): ``A`` is a lookup (no matmul), then
+    ``after_A @ B``: ``2 T r h`` forward; backward the gradient of ``B`` and of ``after_A``
+    (``2 x 2 T r h``; ``A``'s own gradient is an index-add, not a matmul)."""
+    return 6 * T * r * h
+
+
 def head_flops(T: int, h: int, V: int, hidden_rg: bool, head_r: int = 0, head_trainable: bool = False) -> tuple[int, int]:
     """Output head (forward, backward): ``2 T h V``; backward the input gradient when the final
     hidden state needs one, a full weight gradient with ``modules_to_save``, LoRA on the head as
@@ -196,7 +203,14 @@ def step_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
     fused = uses_fused_attention(attn_impl, amp, d.hd, d.nh, d.nkv)
     hd = d.hd + (-d.hd) % 8 if (fused and amp and d.hd <= 256) else d.hd  # flash pads the head dim to 8
     out = dict.fromkeys(FLOP_TERMS, 0)
-    x_rg = ckpt
+    # the embeddings' output needs a gradient with checkpointing (enable_input_require_grads), or
+    # when the embedding itself trains (LoRA on it, or a full copy in modules_to_save)
+    emb_patterns = {e.pattern for e in spec.inventory.embeddings}
+    emb_counts = [c for c in counts if c.module in emb_patterns]
+    x_rg = ckpt or bool(emb_counts)
+    for c in emb_counts:
+        if c.kind == "lora":
+            out["lora"] += embedding_lora_flops(T, r, d.h) * c.instances
     for _ in range(d.L):
         g = layer_grads(sites, x_rg)
         fwd = 0
@@ -238,8 +252,9 @@ def step_bytes(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
     """Bytes moved in device memory per optimizer step, by term (an estimate for the roofline;
     no oracle counts bytes):
 
-    * ``weights``: every stored base weight read once per pass that uses it — forward, backward
-      (input gradients) and, with checkpointing, the recomputation: ``passes x stored bytes``;
+    * ``weights``: every stored base weight of the decoder layers read once per pass that uses it —
+      forward, backward (input gradients) and, with checkpointing, the recomputation:
+      ``passes x stored bytes``; the output head twice (forward, input gradient);
     * ``dequantization``: a 4-bit weight is dequantized to the compute dtype for each use and that
       copy written and read: ``2 c n`` per use (bitsandbytes' CUDA dequantize + matmul path);
     * ``optimizer``: per trainable element, AdamW reads parameter, gradient and two fp32 states and
@@ -251,6 +266,11 @@ def step_bytes(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
     sites = layer_sites(spec, counts, r, q)
     L = max(1, spec.inventory.num_hidden_layers)
     weights = sum(x.weight_bytes * x.per_layer * L for x in sites) * passes * grad_accum
+    d = dims(spec)
+    head = spec.inventory.output_head
+    head_dtype = next((("float32" if g.keep_fp32 else q.unquantized_dtype) for g in spec.inventory.linear
+                       if g.pattern == head), q.unquantized_dtype)
+    weights += 2 * d.V * d.h * BYTES[head_dtype] * grad_accum  # the output head: forward and input gradient
     dq = sum(2 * c * x.in_features * x.out_features * x.per_layer * L for x in sites if x.kbit and q.quant != "int8")
     dq *= passes * grad_accum
     per_elem = {"adamw": 28, "bnb8bit": 16, "bnb32bit": 28, "none": 12, "factored": 20}[optimizer(optimizer_name).state]

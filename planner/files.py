@@ -2,28 +2,58 @@
 
 ``write_new_file`` writes to a fresh, unpredictable temporary file in the target's directory
 (``tempfile.mkstemp``: ``O_CREAT | O_EXCL``, so no existing file or symbolic link is ever
-followed or clobbered), then renames it over the target with ``os.replace`` (atomic on POSIX).
-On any error the temporary file is removed: nothing is left behind.
+followed or clobbered), with the permissions a new file gets (``0o666 & ~umask``, or the mode of
+the file it replaces); then, for a new file, hard-links it into place (``os.link`` fails if
+something appeared there meanwhile: nothing is overwritten), or with ``--force`` renames it over
+the old file (``os.replace``, atomic on POSIX) — only over a regular file, never a device, a
+pipe or a folder. On any error the temporary file is removed: nothing is left behind.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
 from .errors import QPlanError
 
 
-def atomic_write(path: str | Path, data: str | bytes) -> Path:
-    """Replace ``path`` with ``data`` atomically (UTF-8 for text)."""
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path: str | Path, data: str | bytes, replace: bool = True) -> Path:
+    """Write ``data`` (UTF-8 for text) to ``path`` atomically: renamed over an existing regular
+    file when ``replace``, else linked into place only if nothing is there."""
     p = Path(path)
     blob = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        old = os.lstat(p)
+    except FileNotFoundError:
+        old = None
+    if old is not None and replace and not stat.S_ISREG(old.st_mode):
+        raise QPlanError(f"{p} is not a regular file (a link, device, pipe or folder): not replacing it")
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name[:100]}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), stat.S_IMODE(old.st_mode) if old is not None else _umask_mode())
             f.write(blob)
-        os.replace(tmp, p)
+        if replace:
+            os.replace(tmp, p)
+        else:
+            try:
+                os.link(tmp, p)
+            except FileExistsError as exc:
+                raise QPlanError(f"{p} already exists: choose another path or pass --force to replace it") from exc
+            except OSError:  # a file system without hard links: the rename, if still nothing is there
+                if os.path.lexists(p):
+                    raise QPlanError(f"{p} already exists: choose another path or pass --force to replace it") from None
+                os.replace(tmp, p)
+            else:
+                os.unlink(tmp)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -43,7 +73,7 @@ def write_new_file(path: str | Path, text: str, force: bool) -> Path:
     if p.parent and not p.parent.exists():
         raise QPlanError(f"directory {p.parent} does not exist")
     try:
-        return atomic_write(p, text)
+        return atomic_write(p, text, replace=force)
     except OSError as exc:
         raise QPlanError(f"cannot write {p}: {exc.strerror or exc}") from exc
 

@@ -18,6 +18,7 @@ from .lora import LoraSettings, count_lora, trainable_params
 from .memory import ALLOCATOR_SLACK_FRACTION, CUDA_CONTEXT_BYTES, max_context, resolve_attn
 from .phases import MemoryModel
 from .plan import PlanInputs, build_plan, check_gpu_dtype
+from .schema import read_calibration
 from .specs import gpu_catalog, load_gpu, load_spec
 from .timing import DEFAULT_EFFICIENCY, device_peak, ideal_step_seconds
 from .vocab import OPTIMIZERS
@@ -51,12 +52,23 @@ def parse_prices(price: str | float | None, gpus: list) -> dict[str, float]:
             out[load_gpu(name.strip()).name] = float(v)
         except ValueError as exc:
             raise QPlanError(f"--price-per-hour: {item!r} is not NAME=PRICE") from exc
+    searched = {g.name for g in gpus}
+    extra = [n for n in out if n not in searched]
+    if extra:
+        raise QPlanError(f"--price-per-hour names {', '.join(extra)}, which --gpu does not search")
     return out
+
+
+def _check_prices(prices: dict[str, float]) -> dict[str, float]:
+    for name, v in prices.items():
+        if not (0 <= v <= 1e6):  # also refuses nan and inf
+            raise QPlanError(f"--price-per-hour for {name} must be a finite number from 0 to 1,000,000, got {v}")
+    return prices
 
 
 def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=None, r=None, targets=None,
            optimizer=None, top: int = 10, objective: str = "memory", tokens: int | None = None,
-           price_per_hour: str | float | None = None) -> dict[str, Any]:
+           price_per_hour: str | float | None = None, calibration: str | None = None) -> dict[str, Any]:
     """Plans that fit ``gpu_name`` (a catalog name, ``a,b,c``, or ``all``), ranked by ``objective``:
     ``memory`` (most tokens per step, cheapest tricks first), ``time`` (most tokens/s) or ``cost``
     (least cost per million tokens; needs ``price_per_hour``)."""
@@ -64,15 +76,27 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
         raise QPlanError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if not gpu_name or not str(gpu_name).strip():
         raise QPlanError("--gpu is empty: give a GPU name (see `qplan gpus`), a comma-separated list, or all")
+    if not model or not str(model).strip():
+        raise QPlanError("--model is empty: give a bundled name (see `qplan models`), a config.json or a model folder")
     gpus = list(gpu_catalog().values()) if gpu_name == "all" else [load_gpu(n.strip()) for n in gpu_name.split(",")]
-    prices = parse_prices(price_per_hour, gpus)
+    calib = read_calibration(calibration) if calibration else None
+    if calib is not None and (len(gpus) != 1 or calib["device"] != gpus[0].name):
+        raise QPlanError(f"calibration file {calibration} was fitted on {calib['device']}: use it with --gpu {calib['device']}")
+    calibration = calib
+    prices = _check_prices(parse_prices(price_per_hour, gpus))
     if objective == "cost":
         missing = [g.name for g in gpus if g.name not in prices]
         if missing:
             raise QPlanError(f"--objective cost needs --price-per-hour for {', '.join(missing)} (a number or NAME=PRICE,...)")
     runs = [_search_one(model, g, seq_len=seq_len, batch_size=batch_size, quant=quant, r=r, targets=targets,
-                        optimizer=optimizer, objective=objective, tokens=tokens, price=prices.get(g.name))
+                        optimizer=optimizer, objective=objective, tokens=tokens, price=prices.get(g.name),
+                        calibration=calibration)
             for g in gpus]
+    if len(gpus) > 1:  # every row says which GPU it is for, and how much that GPU has
+        for res, g in zip(runs, gpus):
+            for row in res["rows"]:
+                row.setdefault("gpu", g.name)
+                row["usable_bytes"] = g.usable_bytes
     results = [row for res in runs for row in res["rows"]]
     if objective == "time":
         results.sort(key=lambda x: (-x["tokens_per_second"], x["peak"]))
@@ -90,11 +114,13 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
     }
     if objective != "memory" or len(gpus) > 1:
         out["objective"] = objective
+    if calibration is not None:
+        out["calibrated"] = calibration["source"]
     return out
 
 
 def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets, optimizer, objective: str,
-                tokens: int | None, price: float | None) -> dict[str, Any]:
+                tokens: int | None, price: float | None, calibration: dict | None = None) -> dict[str, Any]:
     spec = load_spec(model)
     usable = gpu.usable_bytes
     ctx = max_context(spec) or max(SEQS)
@@ -126,6 +152,8 @@ def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets,
         for ck in CKPTS:
             model_ = MemoryModel.build(spec, counts, rr, lora.dropout, q, ck, op, attn, w)
             timed = objective != "memory"
+            eff = float(calibration["efficiency"]) if calibration else DEFAULT_EFFICIENCY
+            overhead = float(calibration.get("overhead_seconds", 0.0)) if calibration else 0.0
             if timed:
                 peak_fs, bw = device_peak(gpu.to_json(), q.compute_dtype)
                 if peak_fs is None or bw is None:
@@ -144,7 +172,7 @@ def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets,
                     }
                     if timed:
                         flops = {"total": fa * b * s + fc * b * s * s}
-                        step = ideal_step_seconds(flops, moved, peak_fs, bw) / DEFAULT_EFFICIENCY
+                        step = ideal_step_seconds(flops, moved, peak_fs, bw) / eff + overhead
                         row.update(gpu=gpu.name, step_seconds=step, tokens_per_second=b * s / step)
                         if tokens is not None:
                             row["total_seconds"] = math.ceil(tokens / (b * s)) * step

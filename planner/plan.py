@@ -151,6 +151,10 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
     time = time_prediction(flops, moved, device, q.compute_dtype, tokens_per_step, inp.tokens, inp.calibration)
     if inp.tokens is not None and time is None:
         raise QPlanError("--tokens / --dataset-tokens need --gpu: the time of a step depends on the device")
+    if inp.tokens is not None and time.get("step_seconds") is None:
+        raise QPlanError(f"--tokens: no step time to total: {time.get('reason')}")
+    if inp.calibration is not None and inp.gpu is None:
+        raise QPlanError("--calibration needs --gpu: the device the calibration was fitted on")
     return {
         "compute": {"flops_per_step": flops, "bytes_per_step": moved,
                     "flops_counted_as": "torch.utils.flop_counter.FlopCounterMode (2 m k n per matmul)"},

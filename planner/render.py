@@ -177,8 +177,9 @@ def render_fit(result: dict[str, Any]) -> str:
              + (f"; ranked by {objective}" if objective != "memory" else "")]
     rows = []
     timed = objective != "memory"
+    per_gpu = timed or "," in result["gpu"]
     for c in result["best"]:
-        row = ([c["gpu"]] if timed else []) + [c["batch_size"], c["seq_len"], c["r"], c["targets"], c["quant"],
+        row = ([c["gpu"]] if per_gpu else []) + [c["batch_size"], c["seq_len"], c["r"], c["targets"], c["quant"],
                                               c["grad_ckpt"], c["optimizer"], fmt_bytes(c["peak"]), fmt_bytes(c["headroom"])]
         if timed:
             row += [f"{c['tokens_per_second']:,.0f}"]
@@ -187,14 +188,15 @@ def render_fit(result: dict[str, Any]) -> str:
             row += [f"{c['total_cost']:,.2f}" if "total_cost" in c else "-"]
         rows.append(row)
     if rows:
-        headers = (["gpu"] if timed else []) + ["batch", "seq", "r", "targets", "quant", "ckpt", "optimizer", "peak",
+        headers = (["gpu"] if per_gpu else []) + ["batch", "seq", "r", "targets", "quant", "ckpt", "optimizer", "peak",
                                                 "headroom"]
         if timed:
             headers += ["tokens/s", "total time", "cost / 1M tokens", "total cost"]
         lines.append(tabulate(rows, headers=headers))
         if timed:
-            lines.append("time: roofline on counted FLOPs and bytes ÷ an uncalibrated efficiency "
-                         "(qplan.planner.timing.DEFAULT_EFFICIENCY)")
+            lines.append("time: roofline on counted FLOPs and bytes ÷ " + (
+                "the calibrated efficiency (--calibration)" if result.get("calibrated")
+                else "an uncalibrated efficiency (qplan.planner.timing.DEFAULT_EFFICIENCY)"))
     else:
         lines.append("no plan fits: try a larger GPU, --quant nf4, or a shorter --seq-len")
     return "\n".join(lines)

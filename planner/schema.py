@@ -369,6 +369,42 @@ class _Params(Struct, kw_only=True):
     per_module: list[dict[str, Any]] = []
 
 
+class _Flops(Struct, kw_only=True):
+    total: Bytes
+    base_forward: Bytes = 0
+    input_gradients: Bytes = 0
+    lora: Bytes = 0
+    attention: Bytes = 0
+    recomputation: Bytes = 0
+    head: Bytes = 0
+
+
+class _Moved(Struct, kw_only=True):
+    total: Bytes
+    weights: Bytes
+    dequantization: Bytes
+    optimizer: Bytes
+
+
+class _Compute(Struct, kw_only=True):
+    flops_per_step: _Flops
+    bytes_per_step: _Moved
+    flops_counted_as: str = ""
+
+
+Seconds = Annotated[float, Meta(ge=0, le=1e12)]
+
+
+class _Time(Struct, kw_only=True):
+    device: str | None = None
+    device_kind: Literal["gpu", "cpu"] = "gpu"
+    step_seconds: Seconds | None = None
+    ideal_step_seconds: Seconds | None = None
+    tokens_per_second: Annotated[float, Meta(ge=0)] | None = None
+    efficiency: Annotated[float, Meta(gt=0, le=1)] | None = None
+    total_seconds: Seconds | None = None
+
+
 class _Prediction(Struct, kw_only=True):
     method: Literal["analytic", "trace"]
     params: _Params
@@ -378,6 +414,9 @@ class _Prediction(Struct, kw_only=True):
     fits: bool | None = None
     headroom: int | None = None
     trace: dict[str, Any] | None = None
+    compute: _Compute | None = None
+    time: _Time | None = None
+    cost: dict[str, Any] | None = None
 
 
 class PlanDoc(Struct, kw_only=True):
@@ -413,12 +452,16 @@ class _MeasuredMemory(Struct, kw_only=True):
     breakdown_at_peak: dict[str, int] = {}
 
 
+class _Timing(Struct, kw_only=True):
+    mean_step_seconds: Annotated[float, Meta(gt=0, le=1e9)] | None = None
+
+
 class _Measured(Struct, kw_only=True):
     params: dict[str, int] = {}
     memory: _MeasuredMemory = msgspec.field(default_factory=_MeasuredMemory)
     adapter_file_bytes: MaybeBytes = None
     loss: list[float] = []
-    timing: dict[str, Any] = {}
+    timing: _Timing = msgspec.field(default_factory=_Timing)
 
 
 class MeasuredDoc(Struct, kw_only=True):

@@ -135,6 +135,24 @@ def inventory_json(inv: Inventory) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------- GPUs
 
 
+Tflops = Annotated[float, Meta(gt=0, le=1e7)] | None
+
+
+class GpuDoc(Struct, kw_only=True):
+    """A GPU catalog file or a device file (``--gpu my-device.json``): what plans read of it."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    total_bytes: Annotated[int, Meta(ge=1, le=1 << 50)]
+    usable_bytes: Annotated[int, Meta(ge=1, le=1 << 50)]
+    bf16: bool
+    compute_capability: Annotated[str, Meta(max_length=10)] = ""
+    aliases: list[Annotated[str, Meta(min_length=1, max_length=100)]] = []
+    peak_bf16_tflops: Tflops = None
+    peak_fp16_tflops: Tflops = None
+    peak_fp32_tflops: Tflops = None
+    memory_bandwidth_gb_s: Annotated[float, Meta(gt=0, le=1e7)] | None = None
+
+
 @dataclass(frozen=True)
 class Gpu:
     """One GPU of the catalog (``model_specs/gpus/*.json``); the file's other keys are kept in ``extra``."""
@@ -148,13 +166,18 @@ class Gpu:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any], where: str) -> "Gpu":
+    def from_json(cls, d: Any, where: str) -> "Gpu":
+        """A catalog row or a device file, checked against ``GpuDoc`` (names, bytes, throughput)."""
+        from .schema import _explain
+
+        if not isinstance(d, dict):
+            raise QPlanError(f"device file {where} must hold a JSON object")
         try:
-            return cls(name=str(d["name"]), total_bytes=int(d["total_bytes"]), usable_bytes=int(d["usable_bytes"]),
-                       bf16=bool(d["bf16"]), compute_capability=str(d.get("compute_capability", "")),
-                       aliases=tuple(d.get("aliases", ())), extra=dict(d))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise QPlanError(f"GPU file {where}: missing or invalid {exc}") from exc
+            doc = msgspec.convert(d, GpuDoc, strict=True)
+        except msgspec.ValidationError as exc:
+            raise QPlanError(_explain(exc, d, lambda path: f"device file {where}: {path.lstrip('.') or 'device'}")) from exc
+        return cls(name=doc.name, total_bytes=doc.total_bytes, usable_bytes=doc.usable_bytes, bf16=doc.bf16,
+                   compute_capability=doc.compute_capability, aliases=tuple(doc.aliases), extra=dict(d))
 
     def to_json(self) -> dict[str, Any]:
         """The catalog row as written in its file (``qplan gpus --format json``)."""

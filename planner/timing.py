@@ -59,6 +59,8 @@ def time_prediction(flops: dict[str, int], moved: dict[str, int], device: dict[s
     step = ideal / eff + overhead
     out: dict[str, Any] = {
         "device": device.get("name"),
+        # a catalog GPU has a CUDA compute capability; a CPU device file (bench/cpu_device.py) none
+        "device_kind": "gpu" if device.get("compute_capability") else "cpu",
         "peak_flops_per_second": peak,
         "bandwidth_bytes_per_second": bw,
         "efficiency": eff,
@@ -82,8 +84,10 @@ def cost_prediction(time: dict[str, Any] | None, price_per_hour: float | None, g
     """``prediction.cost``: ``total_seconds / 3600 x price_per_hour x gpus`` (and per step)."""
     if price_per_hour is None:
         return None
-    if time is None or time.get("step_seconds") is None:
-        raise QPlanError("--price-per-hour needs a step time: give --gpu (a catalog GPU with 16-bit throughput)")
+    if time is None:
+        raise QPlanError("--price-per-hour needs a step time: give --gpu (a catalog GPU or a device file)")
+    if time.get("step_seconds") is None:
+        raise QPlanError(f"--price-per-hour needs a step time, and there is none: {time.get('reason')}")
     per_step = time["step_seconds"] / 3600 * price_per_hour * gpus
     total = None if time.get("total_seconds") is None else time["total_seconds"] / 3600 * price_per_hour * gpus
     return {"price_per_hour": price_per_hour, "gpus": gpus, "per_step": per_step, "total": total,

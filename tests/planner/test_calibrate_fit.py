@@ -57,11 +57,18 @@ def test_a_plan_uses_and_cites_the_calibration(tmp_path, capsys):
     assert doc["holdout"]["worst_abs_error"] < 1e-6  # the synthetic times lie on the line
 
 
-def test_cpu_runs_leave_the_memory_overheads_alone(tmp_path):
+def test_cpu_runs_are_not_gpu_evidence(tmp_path):
+    """Runs measured on the CPU neither calibrate a GPU nor give CUDA memory overheads."""
+    from qplan.planner.calibrate import memory_overheads
+    from qplan.planner.errors import QPlanError
+
     dirs = _runs(tmp_path)
+    docs = []
     for d in dirs:
         m = json.loads((tmp_path / d / "measured.json").read_text())
         m["measured"]["memory"] = {"device": "cpu", "tensor_peak": 1000}
         (tmp_path / d / "measured.json").write_text(json.dumps(m))
-    res = calibrate(dirs, load_gpu("h100-80gb").to_json())
-    assert "cuda_context_bytes" not in res and "allocator_slack_fraction" not in res
+        docs.append(m)
+    with pytest.raises(QPlanError, match="ran on the CPU, not on h100-80gb"):
+        calibrate(dirs, load_gpu("h100-80gb").to_json())
+    assert memory_overheads(docs) == {}

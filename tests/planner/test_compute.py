@@ -35,6 +35,10 @@ CASES = [
     ("gemma-2-9b", dict(quant="bf16", grad_ckpt=False)),
     ("llama-3.2-1b", dict(quant="bf16", grad_ckpt=True, attn_impl="eager", targets="mlp")),
     ("smollm2-135m", dict(quant="fp32", compute_dtype="fp32", grad_ckpt=False)),
+    # a trainable embedding makes its output need a gradient even without checkpointing
+    ("smollm2-135m", dict(quant="bf16", grad_ckpt=False, targets="embed_tokens")),
+    ("smollm2-135m", dict(quant="bf16", grad_ckpt=False, targets="qv", modules_to_save="embed_tokens")),
+    ("smollm2-135m", dict(quant="bf16", grad_ckpt=True, targets="q_proj,v_proj,embed_tokens")),
 ]
 
 
