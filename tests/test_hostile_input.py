@@ -301,3 +301,39 @@ def test_report_skips_a_bad_run_folder_and_reports_the_good_ones(tmp_path, capsy
     assert "| good |" in out and "| bad |" not in out
     rc, _, err = in_process(capsys, "report", str(bad), "--output", str(tmp_path / "summary2"))
     assert rc == 2 and "no readable run folder" in err
+
+
+def test_force_replaces_only_regular_files_and_new_files_follow_the_umask(tmp_path, capsys):
+    import stat
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    refused_in_process(capsys, "estimate", "--model", "smollm2-135m", "--output", str(pipe), "--force",
+                       needles=("not a regular file",))
+    assert stat.S_ISFIFO(os.lstat(pipe).st_mode)
+    target = tmp_path / "real.txt"
+    target.write_text("keep")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    refused_in_process(capsys, "estimate", "--model", "smollm2-135m", "--output", str(link), "--force",
+                       needles=("not a regular file",))
+    assert target.read_text() == "keep" and link.is_symlink()
+    mask = os.umask(0)
+    os.umask(mask)
+    rc, _, err = in_process(capsys, "estimate", "--model", "smollm2-135m", "--output", str(tmp_path / "p.json"))
+    assert rc == 0, err
+    assert stat.S_IMODE(os.stat(tmp_path / "p.json").st_mode) == 0o666 & ~mask
+
+
+@pytest.mark.parametrize("device, needles", [
+    ({"name": "../../escaped", "total_bytes": 10, "usable_bytes": 10, "bf16": True}, ["name"]),
+    ({"name": "x", "total_bytes": 10, "usable_bytes": 10, "bf16": True, "peak_bf16_tflops": "fast"}, ["peak_bf16_tflops"]),
+    ({"name": "x", "total_bytes": 10, "usable_bytes": 10, "bf16": "false"}, ["bf16"]),
+    ({"name": "x", "total_bytes": 10, "usable_bytes": 10, "bf16": True, "memory_bandwidth_gb_s": -1}, ["bandwidth"]),
+])
+def test_device_files_are_checked(tmp_path, capsys, device, needles):
+    path = tmp_path / "device.json"
+    path.write_text(json.dumps(device))
+    refused_in_process(capsys, "estimate", "--model", "smollm2-135m", "--gpu", str(path), needles=needles)
+    refused_in_process(capsys, "fit", "--model", "smollm2-135m", "--gpu", str(path), "--objective", "time",
+                       needles=needles)
