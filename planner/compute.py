@@ -237,6 +237,21 @@ def step_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
     return out
 
 
+def not_counted(spec: ModelSpec, use_dora: bool) -> list[str]:
+    """What ``step_flops`` leaves out for this plan, said rather than silently under-counted:
+    fused mixture-of-experts tensors (``grouped_mm``, which FlopCounterMode does not count
+    either) and DoRA's weight-norm products. (LLM.int8's forward matmuls are counted like 16-bit
+    ones, ``2 m k n``; FlopCounterMode does not see them: they run as ``int8_linear_matmul``.)"""
+    out = []
+    experts = [p for p in spec.inventory.params if len(p.shape) == 3]
+    if experts:
+        out.append("mixture-of-experts expert matmuls (fused 3-D expert tensors: "
+                   + ", ".join(sorted({p.pattern.rsplit('.', 1)[-1] + '.' + p.param for p in experts})) + ")")
+    if use_dora:
+        out.append("DoRA's weight-norm products (lora_B @ lora_A per adapted module and step)")
+    return out
+
+
 def flops_form(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSettings, grad_ckpt: str,
                attn_impl: str) -> tuple[int, int]:
     """``(a, c)`` with ``step_flops(b, s)["total"] == a b s + c b s^2`` (every matmul is linear in

@@ -140,7 +140,7 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
 
 def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[str, Any]:
     """``prediction.compute`` (FLOPs and bytes of one optimizer step), ``time`` and ``cost``."""
-    from .compute import step_bytes, step_flops
+    from .compute import not_counted, step_bytes, step_flops
     from .timing import cost_prediction, time_prediction
 
     t, q = inp.training, inp.quant
@@ -155,9 +155,13 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
         raise QPlanError(f"--tokens: no step time to total: {time.get('reason')}")
     if inp.calibration is not None and inp.gpu is None:
         raise QPlanError("--calibration needs --gpu: the device the calibration was fitted on")
+    missing = not_counted(inp.spec, inp.lora.use_dora)
+    compute = {"flops_per_step": flops, "bytes_per_step": moved,
+               "flops_counted_as": "torch.utils.flop_counter.FlopCounterMode (2 m k n per matmul)"}
+    if missing:
+        compute["not_counted"] = missing
     return {
-        "compute": {"flops_per_step": flops, "bytes_per_step": moved,
-                    "flops_counted_as": "torch.utils.flop_counter.FlopCounterMode (2 m k n per matmul)"},
+        "compute": compute,
         "time": time,
         "cost": cost_prediction(time, inp.price_per_hour),
     }

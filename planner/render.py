@@ -136,6 +136,8 @@ def compute_lines(p: dict[str, Any]) -> list[str]:
     parts = " · ".join(f"{k.replace('_', ' ')} {100 * f[k] / f['total']:.0f}%" for k in f if k != "total" and f[k])
     lines = [f"compute per optimizer step: {fmt_flops(f['total'])} ({parts}); "
              f"{fmt_bytes(comp['bytes_per_step']['total'])} moved"]
+    for what in comp.get("not_counted", []):
+        lines.append(f"  not in the FLOP count: {what}")
     t = p.get("time")
     if t and t.get("step_seconds"):
         calib = "uncalibrated efficiency" if "assumption" in t["efficiency_source"] else "calibrated"

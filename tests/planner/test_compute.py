@@ -83,3 +83,15 @@ def test_time_and_cost_follow_the_roofline_formula():
     assert t["steps"] == -(-10_000_000 // 512) and t["total_seconds"] == pytest.approx(t["steps"] * t["step_seconds"])
     assert c["total"] == pytest.approx(t["total_seconds"] / 3600 * 2.5)
     assert "not calibrated" in t["efficiency_source"]
+
+
+def test_what_is_not_counted_is_said():
+    """MoE expert tensors and DoRA's extra products are outside the count: the plan says so."""
+    from pathlib import Path
+
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures" / "configs"
+    moe = make_plan(model=str(fixtures / "qwen2-moe.json"), seq_len=64)["prediction"]["compute"]
+    assert any("mixture-of-experts" in n for n in moe["not_counted"])
+    dora = make_plan(model="smollm2-135m", dora=True)["prediction"]["compute"]
+    assert any("DoRA" in n for n in dora["not_counted"])
+    assert "not_counted" not in make_plan(model="smollm2-135m")["prediction"]["compute"]
