@@ -148,6 +148,8 @@ class Dims:
 def dims(spec: ModelSpec) -> Dims:
     """Model dimensions from the config (names differ by family: GPT-2 uses n_embd/n_layer)."""
     c = spec.config
+    if not (c.get("hidden_size") or c.get("n_embd")) and isinstance(c.get("text_config"), dict):
+        c = {**c, **c["text_config"]}  # a multimodal wrapper keeps the language model's sizes there
     inv = spec.inventory
     h = int(c.get("hidden_size") or c.get("n_embd"))
     L = int(c.get("num_hidden_layers") or c.get("n_layer"))
@@ -155,7 +157,13 @@ def dims(spec: ModelSpec) -> Dims:
     nh = int(c.get("num_attention_heads") or c.get("n_head"))
     nkv = int(c.get("num_key_value_heads") or nh)
     hd = int(c.get("head_dim") or h // nh)
-    i = int(c.get("intermediate_size") or c.get("n_inner") or 4 * h)
+    i = c.get("intermediate_size") or c.get("n_inner")
+    if not isinstance(i, int):
+        # absent (transformers' class default applies) or per-layer: the MLP's down projection in
+        # the inventory has the width the model was built with; GPT-2's n_inner=None means 4h
+        down = [g.in_features for g in inv.linear if g.role == "mlp" and
+                g.pattern.rsplit(".", 1)[-1] in ("down_proj", "w2", "dense_4h_to_h", "fc2", "c_proj")]
+        i = max(down) if down else 4 * h
     leaves = {g.pattern.rsplit(".", 1)[-1] for g in inv.linear}
     gated = bool({"gate_proj", "gate_up_proj", "w1", "w3"} & leaves) or any(
         p.param == "gate_up_proj" for p in inv.params

@@ -289,7 +289,8 @@ def check_config(config: Any, where: str) -> dict[str, Any]:
         raise QPlanError(_explain(exc, config, lambda path: f"{where}: {path.lstrip('.') or 'config'}")) from exc
     text = arch.text_config
     for keys, name in ((("num_hidden_layers", "n_layer"), "num_hidden_layers"),
-                       (("hidden_size", "n_embd"), "hidden_size"), (("vocab_size",), "vocab_size")):
+                       (("hidden_size", "n_embd"), "hidden_size"), (("vocab_size",), "vocab_size"),
+                       (("num_attention_heads", "n_head"), "num_attention_heads")):
         if not any(getattr(arch, k) is not None for k in keys) and not (text and getattr(text, name, None)):
             raise QPlanError(f"{where} has no {name!r}: qplan needs the model's size (is it a causal LM config?)")
     return config

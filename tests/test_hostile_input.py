@@ -337,3 +337,21 @@ def test_device_files_are_checked(tmp_path, capsys, device, needles):
     refused_in_process(capsys, "estimate", "--model", "smollm2-135m", "--gpu", str(path), needles=needles)
     refused_in_process(capsys, "fit", "--model", "smollm2-135m", "--gpu", str(path), "--objective", "time",
                        needles=needles)
+
+
+def test_configs_missing_a_size_are_one_line_or_use_the_built_width(tmp_path, capsys):
+    """Found by the fuzz suite in CI: a config without num_attention_heads crashed the memory
+    terms (exit 3). It is now refused; a missing intermediate_size takes the width transformers
+    built (the down projection's input in the inventory) instead of guessing 4h."""
+    cfg = {k: v for k, v in LLAMA.items() if k != "num_attention_heads"}
+    (tmp_path / "a.json").write_text(json.dumps(cfg))
+    refused_in_process(capsys, "estimate", "--model", str(tmp_path / "a.json"), needles=("num_attention_heads",))
+    cfg = {k: v for k, v in LLAMA.items() if k != "intermediate_size"}
+    (tmp_path / "b.json").write_text(json.dumps(cfg))
+    rc, out, err = in_process(capsys, "estimate", "--model", str(tmp_path / "b.json"), "--seq-len", "32", "--format", "json")
+    assert rc == 0, err
+    from qplan.planner.memory import dims
+    from qplan.planner.specs import load_spec
+
+    down = next(g for g in load_spec(str(tmp_path / "b.json")).inventory.linear if g.pattern.endswith("down_proj"))
+    assert dims(load_spec(str(tmp_path / "b.json"))).i == down.in_features
