@@ -4,8 +4,10 @@ For every generated input: exit 0 with a valid plan (it passes the plan schema),
 exactly one line on stderr — never a traceback, never exit 3 ("internal error"), never a hang
 (each example runs under an alarm), and no file outside the output path touched.
 
-Hypothesis runs derandomized (the same examples every run, no database written), so CI is
-reproducible; the budget keeps the file within a minute on a 2-core CPU.
+Hypothesis runs with a fixed seed (the same examples every run and on every checkout, no
+database written), so CI is reproducible; the budget keeps the file within a minute on a 2-core
+CPU. Randomized runs with ten times the examples are a good habit after a change
+(`tests/test_fuzz.py` with another ``@seed``): that is how the missing-heads crash was found.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ from pathlib import Path
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import HealthCheck, event, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from conftest import FIXTURES  # noqa: E402
 from qplan.cli.main import main  # noqa: E402
 from qplan.planner.schema import check_plan  # noqa: E402
 
-FUZZ = settings(derandomize=True, database=None, deadline=None, print_blob=False,
+# a fixed seed per test (not derandomize, whose hash of the test can differ between checkouts):
+# the same examples on every machine and in CI
+FUZZ = settings(derandomize=False, database=None, deadline=None, print_blob=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 ALARM_S = 60
 MODELS = ("smollm2-135m", "llama-3.2-1b", "qwen2.5-0.5b", "gemma-2-9b", "phi-4")
@@ -88,6 +92,7 @@ OPTIONS = {
 FLAGS = ("--dora", "--rslora", "--no-grad-ckpt", "--no-double-quant", "--no-upcast", "--strict-dtype")
 
 
+@seed(20261201)
 @settings(FUZZ, max_examples=250)
 @given(opts=st.dictionaries(st.sampled_from(sorted(OPTIONS)), st.none(), max_size=6).flatmap(
     lambda keys: st.fixed_dictionaries({k: OPTIONS[k] for k in keys})),
@@ -103,6 +108,7 @@ def test_estimate_options(capsys, tmp_path, opts, flags, model):
     assert tree(tmp_path) == before
 
 
+@seed(20261201)
 @settings(FUZZ, max_examples=60)
 @given(opts=st.fixed_dictionaries({}, optional={
     "--seq-len": weird_int, "--batch-size": weird_int, "--r": weird_int, "--top": weird_int,
@@ -130,6 +136,7 @@ SIZE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_atten
              "vocab_size", "max_position_embeddings", "head_dim", "model_type", "tie_word_embeddings", "rope_theta")
 
 
+@seed(20261201)
 @settings(FUZZ, max_examples=30)
 @given(changes=st.dictionaries(st.sampled_from(SIZE_KEYS), st.one_of(json_value, st.integers(-4, 70)), max_size=3),
        drop=st.lists(st.sampled_from(SIZE_KEYS), max_size=2))
@@ -171,6 +178,7 @@ def leaf_paths(doc, prefix=()):
         yield prefix
 
 
+@seed(20261201)
 @settings(FUZZ, max_examples=120)
 @given(data=st.data())
 def test_plan_documents(capsys, tmp_path, data):
