@@ -31,8 +31,7 @@ from typing import Any
 
 from qplan.planner.errors import QPlanError
 from qplan.planner.files import atomic_write, check_folder, safe_is_file
-from qplan.planner.plan import validate_plan
-from qplan.planner.schema import read_json
+from qplan.planner.schema import check_plan, read_json
 
 from . import registry
 from .compare import pairs
@@ -54,7 +53,7 @@ def read_plan(plan_file: str | Path) -> tuple[dict[str, Any], bytes]:
         raise QPlanError(f"plan file {plan_file} does not exist (make one with `qplan estimate ... --output plan.json`)")
     raw = p.read_bytes()
     plan = read_json(p, "plan")
-    validate_plan(plan, where=str(plan_file))
+    check_plan(plan, where=str(plan_file))
     return plan, raw
 
 

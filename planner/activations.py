@@ -16,7 +16,7 @@ from .lora import ModuleCount
 from .memory import Dims, dims, trainable_tensors
 from .spec import LinearGroup, ModelSpec
 from .vocab import BYTES
-from .weights import QuantSettings, is_quantized
+from .weights import QuantSettings, is_quantized, linear_weight_bytes
 
 
 @dataclass(frozen=True)
@@ -109,28 +109,36 @@ def _lora_input_dtype(br: "Branch", p: Precision) -> int:
 
 @dataclass(frozen=True)
 class Branch:
-    """One LoRA-adapted linear module, as the activation terms see it."""
+    """One linear group of a decoder layer (the activation terms see the LoRA-adapted ones; the
+    FLOP and bytes model, ``planner.compute``, all of them)."""
 
     site: str  # attn_in | attn_out | mlp_in | mlp_out
     in_features: int
     out_features: int
     per_layer: int
     kbit: bool
+    leaf: str = ""
+    r: int = 0  # LoRA rank on it, 0 if none
+    weight_bytes: int = 0  # stored bytes of one instance's weight and its quantization constants
+
+
+def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSettings) -> list[Branch]:
+    """Every linear group inside the decoder layers, in inventory order, with its LoRA rank."""
+    ranks = {c.module: r for c in counts if c.kind == "lora"}
+    L = max(1, int(spec.inventory.num_hidden_layers or 1))
+    out = []
+    for g in spec.inventory.linear:
+        site = _site(g)
+        if site is None:  # output head / other: not part of a layer
+            continue
+        out.append(Branch(site, g.in_features, g.out_features, max(1, g.instances // L), is_quantized(g, q),
+                          g.pattern.rsplit(".", 1)[-1], ranks.get(g.pattern, 0), sum(linear_weight_bytes(g, q))))
+    return out
 
 
 def lora_branches(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings) -> list[Branch]:
-    groups = {g.pattern: g for g in spec.inventory.linear}
-    L = int(spec.inventory.num_hidden_layers or 1)
-    out = []
-    for c_ in counts:
-        g = groups.get(c_.module)
-        if c_.kind != "lora" or g is None:
-            continue
-        site = _site(g)
-        if site is None:  # output head / other: no per-layer activation term
-            continue
-        out.append(Branch(site, g.in_features, g.out_features, max(1, c_.instances // L), is_quantized(g, q)))
-    return out
+    """The LoRA-adapted linear groups of the decoder layers (what the activation terms count)."""
+    return [b for b in layer_branches(spec, counts, 1, q) if b.r]  # r=1 marks them; the terms take r apart
 
 
 def lora_branch_activation(br: Branch, p: Precision, r: int, dropout: float, input_grad: bool,

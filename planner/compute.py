@@ -22,52 +22,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .activations import _site
+from .activations import Branch, layer_branches
 from .lora import ModuleCount
 from .memory import dims
 from .spec import ModelSpec
 from .vocab import BYTES, optimizer
-from .weights import QuantSettings, is_quantized, quant4_packed_bytes, quant4_state_bytes
+from .weights import QuantSettings
 
 #: FLOP terms of ``prediction.compute.flops`` (per optimizer step)
 FLOP_TERMS = ("base_forward", "input_gradients", "lora", "attention", "recomputation", "head")
-
-
-@dataclass(frozen=True)
-class Site:
-    """A linear group of a decoder layer as the FLOP model sees it."""
-
-    site: str  # attn_in | attn_out | mlp_in | mlp_out
-    leaf: str
-    in_features: int
-    out_features: int
-    per_layer: int
-    r: int  # 0: no LoRA on it
-    kbit: bool
-    weight_bytes: int  # stored bytes of one instance (quantized + constants)
-
-
-def _lora_ranks(counts: list[ModuleCount], r: int) -> dict[str, int]:
-    return {c.module: r for c in counts if c.kind == "lora"}
-
-
-def layer_sites(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSettings) -> list[Site]:
-    """Every linear group inside the decoder layers, with its LoRA rank (0 if none)."""
-    ranks = _lora_ranks(counts, r)
-    L = max(1, spec.inventory.num_hidden_layers)
-    out = []
-    for g in spec.inventory.linear:
-        site = _site(g)
-        if site is None:
-            continue
-        n = g.in_features * g.out_features
-        if is_quantized(g, q):
-            wb = quant4_packed_bytes(n) + quant4_state_bytes(n, q.double_quant) if q.quant != "int8" else n + 4 * g.out_features
-        else:
-            wb = n * BYTES[q.unquantized_dtype if not g.keep_fp32 else "float32"]
-        out.append(Site(site, g.pattern.rsplit(".", 1)[-1], g.in_features, g.out_features, max(1, g.instances // L),
-                        ranks.get(g.pattern, 0), is_quantized(g, q), wb))
-    return out
 
 
 @dataclass(frozen=True)
@@ -84,7 +47,7 @@ class LayerGrads:
     out: bool  # the layer's output
 
 
-def layer_grads(sites: list[Site], x: bool) -> LayerGrads:
+def layer_grads(sites: list[Branch], x: bool) -> LayerGrads:
     """Propagate ``requires_grad`` through a Llama-family layer: a projection's output needs a
     gradient when its input does or it carries LoRA; the attention output when q, k or v does;
     residual sums when either side does."""
@@ -105,19 +68,19 @@ def layer_grads(sites: list[Site], x: bool) -> LayerGrads:
     return LayerGrads(x, q, k, v, attn, h1, down_in, h1 or down)
 
 
-def linear_forward_flops(T: int, s: Site) -> int:
+def linear_forward_flops(T: int, s: Branch) -> int:
     """Base projection forward: ``2 T in out`` per instance (``F.linear`` -> ``mm``/``addmm``; the
     4-bit path dequantizes, then ``F.linear``)."""
     return 2 * T * s.in_features * s.out_features * s.per_layer
 
 
-def linear_input_grad_flops(T: int, s: Site, input_rg: bool) -> int:
+def linear_input_grad_flops(T: int, s: Branch, input_rg: bool) -> int:
     """Base projection backward: only the input gradient ``grad_y W`` (``2 T in out``), and only
     when the input needs a gradient; frozen weights get none."""
     return linear_forward_flops(T, s) if input_rg else 0
 
 
-def lora_flops(T: int, s: Site, input_rg: bool) -> tuple[int, int]:
+def lora_flops(T: int, s: Branch, input_rg: bool) -> tuple[int, int]:
     """LoRA on ``s`` (forward, backward): ``2 T r (in + out)`` forward; backward the gradients of
     ``B`` (``2 T r out``), of ``A``'s output (``2 T r out``), of ``A`` (``2 T r in``) and, if the
     input needs one, of the input (``2 T r in``)."""
@@ -155,14 +118,14 @@ def head_flops(T: int, h: int, V: int, hidden_rg: bool, head_r: int = 0, head_tr
     """Output head (forward, backward): ``2 T h V``; backward the input gradient when the final
     hidden state needs one, a full weight gradient with ``modules_to_save``, LoRA on the head as
     ``lora_flops``."""
-    s = Site("head", "lm_head", h, V, 1, head_r, False, 0)
+    s = Branch("head", h, V, 1, False, "lm_head", head_r)
     fwd = 2 * T * h * V
     bwd = fwd * (hidden_rg + head_trainable)
     lf, lb = lora_flops(T, s, hidden_rg)
     return fwd + lf, bwd + lb
 
 
-def recompute_skipped(T: int, sites: list[Site], norms: int) -> int:
+def recompute_skipped(T: int, sites: list[Branch], norms: int) -> int:
     """What checkpointing does *not* recompute: torch's non-reentrant checkpoint stops the
     recomputation as soon as every tensor the backward needs is back (``_checkpoint_early_stop``),
     and the op that saves the last of them does not run. A layer that ends with the MLP's down
@@ -199,7 +162,7 @@ def step_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
     T = b * s
     amp = q.compute_dtype in ("bfloat16", "float16")
     ckpt = grad_ckpt != "off"
-    sites = layer_sites(spec, counts, r, q)
+    sites = layer_branches(spec, counts, r, q)
     fused = uses_fused_attention(attn_impl, amp, d.hd, d.nh, d.nkv)
     hd = d.hd + (-d.hd) % 8 if (fused and amp and d.hd <= 256) else d.hd  # flash pads the head dim to 8
     out = dict.fromkeys(FLOP_TERMS, 0)
@@ -278,7 +241,7 @@ def step_bytes(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
     """
     c = 2 if q.compute_dtype in ("bfloat16", "float16") else 4
     passes = 2 + (grad_ckpt != "off")
-    sites = layer_sites(spec, counts, r, q)
+    sites = layer_branches(spec, counts, r, q)
     L = max(1, spec.inventory.num_hidden_layers)
     weights = sum(x.weight_bytes * x.per_layer * L for x in sites) * passes * grad_accum
     d = dims(spec)

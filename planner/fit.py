@@ -15,7 +15,7 @@ from typing import Any
 from .compute import flops_form, step_bytes
 from .errors import QPlanError
 from .lora import LoraSettings, count_lora, trainable_params
-from .memory import ALLOCATOR_SLACK_FRACTION, CUDA_CONTEXT_BYTES, max_context, resolve_attn
+from .memory import max_context, overhead_bytes, resolve_attn
 from .phases import MemoryModel
 from .plan import PlanInputs, build_plan, check_gpu_dtype
 from .schema import read_calibration
@@ -163,7 +163,7 @@ def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets,
             for b, s in itertools.product(batches, seqs):
                 candidates += 1
                 tensor_peak = model_.peak(b, s)
-                peak = tensor_peak + CUDA_CONTEXT_BYTES + int(ALLOCATOR_SLACK_FRACTION * tensor_peak)
+                peak = tensor_peak + sum(overhead_bytes(tensor_peak, calibration).values())
                 if peak <= usable:
                     row = {
                         "batch_size": b, "seq_len": s, "r": rr, "targets": tg, "quant": q.quant,

@@ -183,10 +183,3 @@ def attach_trace(plan: dict[str, Any], traced: dict[str, Any]) -> dict[str, Any]
 def dumps(plan: dict[str, Any]) -> str:
     """Canonical JSON: 2-space indent, UTF-8, trailing newline."""
     return json.dumps(plan, indent=2, ensure_ascii=False) + "\n"
-
-
-def validate_plan(plan: Any, where: str = "plan") -> dict[str, Any]:
-    """Check a plan.json read from disk, the whole document (``schema.PlanDoc``), before anything runs."""
-    from .schema import check_plan
-
-    return check_plan(plan, where)

@@ -100,19 +100,26 @@ def is_quantized(g: LinearGroup, q: QuantSettings) -> bool:
     return bool(q.kbit and g.bnb_quantized and not g.keep_fp32 and not g.weight_tied)
 
 
-def _linear_terms(g: LinearGroup, q: QuantSettings) -> tuple[int, int]:
-    """(footprint bytes, extra device bytes) of one linear module instance (bias included)."""
+def linear_weight_bytes(g: LinearGroup, q: QuantSettings) -> tuple[int, int]:
+    """(weight bytes, quantization-constant bytes) of one linear module instance's own weight, as
+    stored: int8, packed 4-bit, or the unquantized dtype (bias not included)."""
     n = g.in_features * g.out_features
-    bias = g.out_features if g.bias else 0
-    dt = "float32" if g.keep_fp32 else q.unquantized_dtype
-    bias_b = bias * BYTES[dt]
-    if g.weight_tied:
-        return bias_b, 0
     if is_quantized(g, q):
         if q.quant == "int8":
-            return n + bias_b, int8_state_bytes(g.out_features)
-        return quant4_packed_bytes(n) + bias_b, quant4_state_bytes(n, q.double_quant)
-    return n * BYTES[dt] + bias_b, 0
+            return n, int8_state_bytes(g.out_features)
+        return quant4_packed_bytes(n), quant4_state_bytes(n, q.double_quant)
+    return n * BYTES["float32" if g.keep_fp32 else q.unquantized_dtype], 0
+
+
+def linear_instance_bytes(g: LinearGroup, q: QuantSettings) -> tuple[int, int]:
+    """(footprint bytes, extra device bytes) of one linear module instance (bias included; a tied
+    weight is stored once, by the module that owns it)."""
+    bias = g.out_features if g.bias else 0
+    bias_b = bias * BYTES["float32" if g.keep_fp32 else q.unquantized_dtype]
+    if g.weight_tied:
+        return bias_b, 0
+    w, extra = linear_weight_bytes(g, q)
+    return w + bias_b, extra
 
 
 def weights_breakdown(spec: ModelSpec, q: QuantSettings) -> dict[str, int]:
@@ -127,7 +134,7 @@ def weights_breakdown(spec: ModelSpec, q: QuantSettings) -> dict[str, int]:
     inv = spec.inventory
     out = {"quantized": 0, "quant_state": 0, "unquantized": 0, "buffers": 0}
     for g in inv.linear:
-        foot, extra = _linear_terms(g, q)
+        foot, extra = linear_instance_bytes(g, q)
         k = g.instances
         if is_quantized(g, q):
             bias_dt = q.unquantized_dtype
