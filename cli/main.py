@@ -52,6 +52,8 @@ def plan_options(f):
         click.option("--bias", type=click.Choice(list(BIAS_MODES)), default="none", show_default=True),
         click.option("--dora", is_flag=True, help="DoRA: one magnitude vector per adapted module"),
         click.option("--rslora", is_flag=True, help="rank-stabilised scaling alpha/sqrt(r)"),
+        click.option("--target-parameters", default="",
+                     help="comma-separated parameters to adapt (PEFT's target_parameters, e.g. mlp.experts.gate_up_proj)"),
         click.option("--modules-to-save", default="", help="comma-separated modules trained in full (e.g. embed_tokens,lm_head)"),
         click.option("--quant", type=click.Choice(QUANT_CHOICES), default="nf4", show_default=True),
         click.option("--double-quant/--no-double-quant", default=True, show_default=True,

@@ -124,6 +124,9 @@ def lora_kwargs(lora: dict[str, Any]) -> dict[str, Any]:
         "use_dora": bool(lora.get("use_dora", False)),
         "use_rslora": bool(lora.get("use_rslora", False)),
         "modules_to_save": list(lora.get("modules_to_save") or []) or None,
+        # LoRA on fused MoE expert parameters, as the planner resolved PEFT's rewrite (lora.resolve_targets)
+        **({"target_parameters": list(lora["target_parameters"]), "rank_pattern": dict(lora.get("rank_pattern") or {}),
+            "alpha_pattern": dict(lora.get("alpha_pattern") or {})} if lora.get("target_parameters") else {}),
     }
 
 

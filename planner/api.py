@@ -37,6 +37,7 @@ def plan_inputs(
     dora: bool = False,
     rslora: bool = False,
     modules_to_save: str | Iterable[str] = (),
+    target_parameters: str | Iterable[str] = (),
     quant: str = "nf4",
     double_quant: bool = True,
     compute_dtype: str = "bf16",
@@ -62,6 +63,7 @@ def plan_inputs(
     work; a violation is one line naming the CLI flag."""
     opts = dict(r=r, alpha=alpha, dropout=dropout, targets=targets, bias=bias, dora=dora, rslora=rslora,
                 modules_to_save=modules_to_save if isinstance(modules_to_save, str) else list(modules_to_save),
+                target_parameters=target_parameters if isinstance(target_parameters, str) else list(target_parameters),
                 quant=quant, double_quant=double_quant, compute_dtype=compute_dtype, upcast=upcast, seq_len=seq_len,
                 batch_size=batch_size, grad_accum=grad_accum, grad_ckpt=grad_ckpt, optimizer=optimizer,
                 attn_impl=attn_impl, backend=backend, strict_dtype=strict_dtype, tokens=tokens,
@@ -82,9 +84,12 @@ def plan_inputs(
     gpu_ = gpu if isinstance(gpu, Gpu) or gpu is None else load_gpu(gpu)
     if isinstance(modules_to_save, str):
         modules_to_save = modules_to_save.split(",")
+    if isinstance(target_parameters, str):
+        target_parameters = target_parameters.split(",")
     lora = LoraSettings(
         r=r, alpha=alpha if alpha is not None else 2.0 * r, dropout=dropout, targets=targets, bias=bias,
         use_dora=dora, use_rslora=rslora, modules_to_save=tuple(m.strip() for m in modules_to_save if m.strip()),
+        target_parameters=tuple(m.strip() for m in target_parameters if m.strip()),
     )
     q = QuantSettings(quant, double_quant, DTYPE_ALIASES[compute_dtype], upcast)
     ckpt = ("unsloth" if backend == "unsloth" else "hf") if grad_ckpt else "off"

@@ -86,6 +86,25 @@ def _unique_suffixes(chosen: list[str], all_patterns: list[str]) -> list[str]:
     return out
 
 
+def peft_moe_conversion(model_type: str) -> dict[str, Any] | None:
+    """PEFT's rewrite of LoRA targets for MoE models whose experts transformers 5 fused into 3-D
+    parameters, as data: the conditions of ``convert_peft_config_for_transformers`` /
+    ``_convert_peft_config_moe`` (peft 0.21 ``utils/transformers_weight_conversion.py``) and its
+    two tables for the model type. None where PEFT leaves the targets alone (also without PEFT)."""
+    try:
+        from peft.utils import transformers_weight_conversion as twc
+    except ImportError:  # pragma: no cover - PEFT is part of the same extra
+        return None
+    if twc.get_checkpoint_conversion_mapping(model_type) is None:
+        return None
+    base = twc._MODEL_TO_CONVERSION_PATTERN.get(model_type)
+    modules = twc._MOE_TARGET_MODULE_MAPPING.get(base) if base else None
+    fused = twc._MOE_FUSED_TARGETS.get(base, {}) if base else {}
+    if not modules or not fused:
+        return None
+    return {"modules": dict(modules), "fused": {k: list(v) for k, v in fused.items()}}
+
+
 def build_inventory(config: dict[str, Any]) -> dict[str, Any]:
     """Read every module of the model built from ``config`` on the meta device into plain data."""
     try:
@@ -108,8 +127,17 @@ def build_inventory(config: dict[str, Any]) -> dict[str, Any]:
         model, None, getattr(model, "_keep_in_fp32_modules", None)
     )
 
-    def fp32(t) -> bool:
-        return t is not None and t.dtype == torch.float32
+    # ``_keep_in_fp32_modules_strict`` (DeepSeek-V3's ``e_score_correction_bias``): from_pretrained
+    # loads matching state-dict keys in fp32 whatever the 16-bit dtype (modeling_utils ``_get_dtype_plan``,
+    # a search of the key); from_config on meta does not, so apply it here
+    strict = [re.compile(re.escape(s).replace(r"\*", ".*")) for s in getattr(model, "_keep_in_fp32_modules_strict", None) or []]
+    state_keys = set(model.state_dict().keys())
+
+    def strict_fp32(name: str) -> bool:
+        return name in state_keys and any(s.search(name) for s in strict)
+
+    def fp32(t, name: str = "") -> bool:
+        return t is not None and (t.dtype == torch.float32 or strict_fp32(name))
 
     # tied parameters: same Parameter object reachable under several names
     owners: dict[int, list[str]] = {}
@@ -158,7 +186,7 @@ def build_inventory(config: dict[str, Any]) -> dict[str, Any]:
                     "out_features": out_f,
                     "bias": has_bias,
                     "bnb_quantized": bool(quantizable),
-                    "keep_fp32": fp32(mod.weight),
+                    "keep_fp32": fp32(mod.weight, f"{name}.weight"),
                     "role": "head" if name == head_name else _role(model, name),
                     "weight_tied": weight_tied,
                 },
@@ -176,7 +204,7 @@ def build_inventory(config: dict[str, Any]) -> dict[str, Any]:
                     "num_embeddings": int(mod.num_embeddings),
                     "embedding_dim": int(mod.embedding_dim),
                     "weight_tied": weight_tied,
-                    "keep_fp32": fp32(mod.weight),
+                    "keep_fp32": fp32(mod.weight, f"{name}.weight"),
                 },
             )
             covered.add(f"{name}.weight")
@@ -195,7 +223,7 @@ def build_inventory(config: dict[str, Any]) -> dict[str, Any]:
                 "param": p_name,
                 "module_type": type(model.get_submodule(mod_name)).__name__ if mod_name else "",
                 "shape": shape,
-                "keep_fp32": fp32(p),
+                "keep_fp32": fp32(p, name),
             },
         )
 
@@ -206,6 +234,8 @@ def build_inventory(config: dict[str, Any]) -> dict[str, Any]:
         # "load": cast with the model to its load dtype (e.g. Gemma's embed_scale); otherwise
         # the dtype transformers keeps it in whatever the load dtype (rotary inv_freq: float32).
         dtype = "load" if b.dtype == torch.bfloat16 else str(b.dtype).removeprefix("torch.")
+        if strict_fp32(name):
+            dtype = "float32"
         add(
             "buffer",
             ("buffer", pat, b_name, tuple(shape), dtype),
@@ -249,6 +279,7 @@ def build_inventory(config: dict[str, Any]) -> dict[str, Any]:
             presets["qv"] = _unique_suffixes(chosen, all_patterns)
         qv_source = "no PEFT default for this model_type: q_proj+v_proj, else the fused qkv projection"
 
+    transposed = sorted({_pattern(n) for n, m in model.named_modules() if getattr(m, "is_transposed", False) is True})
     total = sum(p.numel() for p in model.parameters())
     versions = {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0]}
     try:
@@ -277,6 +308,9 @@ def build_inventory(config: dict[str, Any]) -> dict[str, Any]:
         # distinct ``layer_types`` (sliding-window / global layers): eager builds one mask each
         "attention_types": sorted(set(getattr(model.config, "layer_types", None) or [])),
         "presets": presets,
+        "moe_conversion": peft_moe_conversion(model.config.model_type),
+        "transposed": transposed,
+        "keep_fp32_fp16": sorted(getattr(model, "_keep_in_fp32_modules", None) or []),
         "presets_source": {
             "qv": qv_source,
             "attn": "linear modules under an attention module (class name matches attention|attn)",

@@ -19,17 +19,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import QPlanError
 from .spec import EmbeddingGroup, LinearGroup, ModelSpec, ParamGroup
 from .vocab import BIAS_MODES, BYTES, PRESETS, SAFETENSORS_DTYPE
-
-#: model types where PEFT 0.21 turns "all-linear" into more than nn.Linear targets (it adds the
-#: MoE router and the fused expert parameters via target_parameters). Found by
-#: tests/planner/test_lora.py against PEFT; refused rather than mis-counted.
-PEFT_ALL_LINEAR_ADDS_EXPERTS = ("mixtral",)
 
 
 @dataclass(frozen=True)
@@ -43,6 +39,7 @@ class LoraSettings:
     use_rslora: bool = False
     modules_to_save: tuple[str, ...] = ()
     adapter_dtype: str = "float32"
+    target_parameters: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
@@ -64,6 +61,7 @@ class LoraSettings:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["modules_to_save"] = list(self.modules_to_save)
+        d["target_parameters"] = list(self.target_parameters)
         d["scaling"] = self.scaling
         return d
 
@@ -80,12 +78,6 @@ def target_names(spec: ModelSpec, targets: str) -> list[str]:
     """The list of module names PEFT gets for ``targets`` (a preset or comma-separated names)."""
     inv = spec.inventory
     targets = targets.strip()
-    if targets == "all-linear" and inv.model_type in PEFT_ALL_LINEAR_ADDS_EXPERTS:
-        raise QPlanError(
-            f"PEFT's all-linear on {inv.model_type} also adapts the router and the fused experts "
-            f"(target_parameters), which qplan does not count yet: name modules explicitly, e.g. "
-            f"--targets {','.join(inv.presets['attn'])}"
-        )
     if targets in PRESETS:
         names = inv.presets.get(targets)
         if names is None:
@@ -157,15 +149,160 @@ def _expand(pattern: str, instances: int, num_layers: int) -> list[str]:
     ]
 
 
+@dataclass(frozen=True)
+class PeftTargets:
+    """What PEFT adapts once it has rewritten the targets (``LoraConfig`` fields, as PEFT ends with them)."""
+
+    modules: list[str]
+    parameters: list[str]
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    #: a target given as a module name that PEFT moved to a fused expert parameter -> that parameter
+    moved: dict[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"target_modules": self.modules, "target_parameters": self.parameters,
+                "rank_pattern": self.rank_pattern, "alpha_pattern": self.alpha_pattern}
+
+
+def resolve_targets(spec: ModelSpec, lora: LoraSettings) -> PeftTargets:
+    """The targets PEFT 0.21 really adapts, with ``target_parameters`` for fused MoE experts.
+
+    Where transformers 5 fused a MoE's experts into 3-D parameters (``spec.inventory.moe_conversion``),
+    PEFT rewrites the targets before adapting (``_convert_peft_config_moe``): ``"all-linear"`` becomes the
+    leaf names of every ``nn.Linear`` but the head plus every v4 expert/router name; then each target
+    equal to (or ending in ``.``) a v4 name becomes that name's v5 parameter in ``target_parameters`` --
+    including dense MLPs that share the name (DeepSeek's ``gate_proj``), which are then *not* adapted;
+    v4 names fused into one parameter must be targeted together, and the fused parameter gets
+    ``r`` and ``alpha`` times their number (``rank_pattern``/``alpha_pattern`` ``.*\\.<param>``).
+    """
+    inv = spec.inventory
+    names = target_names(spec, lora.targets)
+    params = list(dict.fromkeys(lora.target_parameters))
+    conv = inv.moe_conversion
+    if conv is None:
+        return PeftTargets(names, params, {}, {}, {})
+    if lora.targets.strip() == "all-linear":
+        names = list(dict.fromkeys([_leaf(n) for n in names] + list(conv.modules)))
+    remaining: list[str] = []
+    moved: dict[str, str] = {}
+    present: dict[str, set[str]] = {k: set() for k in conv.fused}
+    for t in names:
+        hit = next(((old, new) for old, new in conv.modules.items() if _matches(t, old)), None)
+        if hit is None:
+            remaining.append(t)
+            continue
+        old, new = hit
+        moved[t] = new
+        params.append(new)
+        if new in conv.fused:
+            present[new].add(old)
+    rank: dict[str, int] = {}
+    alpha: dict[str, float] = {}
+    for new, olds in conv.fused.items():
+        got = present[new]
+        if 0 < len(got) < len(olds):
+            raise QPlanError(f"PEFT cannot adapt {', '.join(sorted(got))} of {spec.name} without "
+                             f"{', '.join(sorted(set(olds) - got))}: transformers 5 fuses them into {new}; target all of them")
+        if len(got) == len(olds) > 1:
+            rank[rf".*\.{re.escape(new)}"] = lora.r * len(olds)
+            alpha[rf".*\.{re.escape(new)}"] = lora.alpha * len(olds)
+    return PeftTargets(remaining, list(dict.fromkeys(params)), rank, alpha, moved)
+
+
+def moved_targets_warning(spec: ModelSpec, lora: LoraSettings) -> str | None:
+    """Say what PEFT's MoE rewrite changed: targets moved to fused expert parameters, and any dense
+    ``nn.Linear`` of the same name (DeepSeek's first layers, shared experts) that is then not adapted."""
+    tg = resolve_targets(spec, lora)
+    if not tg.moved:
+        return None
+    skipped = [g.pattern for g in spec.inventory.linear if any(_matches(g.pattern, t) for t in tg.moved)]
+    moved = ", ".join(sorted(set(tg.moved.values())))
+    msg = f"PEFT adapts the fused experts through target_parameters ({moved})"
+    if tg.rank_pattern:
+        msg += f" with rank {', '.join(f'{r} for {k.rsplit(chr(92) + chr(46), 1)[-1]}' for k, r in tg.rank_pattern.items())}"
+    if skipped:
+        msg += (f"; the dense modules of the same names are NOT adapted ({', '.join(skipped)}): PEFT moves "
+                f"{', '.join(sorted(tg.moved))} to the experts")
+    return msg
+
+
+def _pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
+    """PEFT's ``get_pattern_key``: the first pattern ``p`` with ``re.match(rf"(.*\\.)?({p})$", key)``."""
+    for p, v in patterns.items():
+        if re.match(rf"(.*\.)?({p})$", key.replace("*", "0")):
+            return v
+    return default
+
+
+def _param_candidates(spec: ModelSpec) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """(module pattern, parameter name, shape, instances) of every parameter PEFT can find by name."""
+    inv = spec.inventory
+    out = [(p.pattern, p.param, tuple(p.shape), p.instances) for p in inv.params]
+    for g in inv.linear:
+        if not g.weight_tied:
+            out.append((g.pattern, "weight", (g.out_features, g.in_features), g.instances))
+    for e in inv.embeddings:
+        out.append((e.pattern, "weight", (e.num_embeddings, e.embedding_dim), e.instances))
+    return out
+
+
+def count_parameter_targets(spec: ModelSpec, lora: LoraSettings, tg: PeftTargets,
+                            module_patterns: set[str]) -> list[ModuleCount]:
+    """LoRA on parameters (``target_parameters``: PEFT's ``ParamWrapper``, peft/tuners/lora/layer.py).
+
+    A 3-D parameter ``(E, a, b)`` holds ``E`` experts: ``lora_A = Linear(in, r*E)``,
+    ``lora_B = Linear(r*E, out)`` -> ``r * E * (in + out)``, with ``(in, out) = (b, a)`` unless the
+    module is ``is_transposed`` (then ``(a, b)``); a 2-D ``(out, in)`` parameter is one expert.
+    ``r`` follows ``rank_pattern``. Each further parameter of the same module wraps the previous
+    wrapper, so the first one's adapter is saved under ``<module>.base_layer.`` (one per later wrap).
+    """
+    if not tg.parameters:
+        return []
+    if lora.dropout:
+        raise QPlanError(f"PEFT applies no dropout to LoRA on parameters ({', '.join(tg.parameters)}): "
+                         "use --dropout 0 (lora.ParamWrapper raises for any other value)")
+    if lora.use_dora:
+        raise QPlanError(f"PEFT's DoRA cannot adapt parameters ({', '.join(tg.parameters)}): drop --dora")
+    inv = spec.inventory
+    hits = [c for c in _param_candidates(spec)
+            if any(_matches(f"{c[0]}.{c[1]}", t) for t in tg.parameters)]
+    for t in tg.parameters:
+        if not any(_matches(f"{c[0]}.{c[1]}", t) for c in hits):
+            raise QPlanError(f"target parameter {t!r} matches no parameter of {spec.name}; fused parameters: "
+                             f"{', '.join(sorted({p.param for p in inv.params if len(p.shape) == 3})) or 'none'}")
+    out: list[ModuleCount] = []
+    for mod, param, shape, instances in hits:
+        if mod in module_patterns:
+            raise QPlanError(f"{mod} is targeted as a module and its parameter {param!r} as a parameter; PEFT refuses both")
+        if len(shape) not in (2, 3):
+            raise QPlanError(f"PEFT adapts only 2-D or 3-D parameters; {mod}.{param} has shape {list(shape)}")
+        r = _pattern_value(tg.rank_pattern, f"{mod}.{param}", lora.r)
+        if len(shape) == 3:
+            e, a, b = shape
+            i_, o_ = (a, b) if mod in inv.transposed else (b, a)
+        else:
+            e, (o_, i_) = 1, shape
+        later = sum(1 for m2, p2, _, _ in hits if m2 == mod) - 1 - [p2 for m2, p2, _, _ in hits if m2 == mod].index(param)
+        wrap = "base_layer." * later
+        shape_s = f"{param} {e}×({i_}→{o_})" if len(shape) == 3 else f"{param} {i_}→{o_}"
+        out.append(ModuleCount(mod, "lora_param", shape_s, instances, r * e * (i_ + o_), lora.adapter_dtype,
+                               [(f"{wrap}lora_A.weight", [r * e, i_]), (f"{wrap}lora_B.weight", [o_, r * e])]))
+    return out
+
+
 def count_lora(spec: ModelSpec, lora: LoraSettings, module_dtypes: dict[str, str] | None = None) -> list[ModuleCount]:
     """Per-module trainable parameters of ``lora`` on ``spec`` (one entry per module pattern)."""
     inv = spec.inventory
-    names = target_names(spec, lora.targets)
+    tg = resolve_targets(spec, lora)
+    names = tg.modules
     linear: tuple[LinearGroup | EmbeddingGroup, ...] = inv.linear
     emb: tuple[EmbeddingGroup, ...] = inv.embeddings
     ad = lora.adapter_dtype
     out: list[ModuleCount] = []
     matched: set[str] = set()
+    if not names and not tg.parameters:
+        raise QPlanError(f"no target is left for {spec.name}: give --targets or --target-parameters")
     for name in names:
         hits = [g for g in linear + emb if _matches(g.pattern, name)]
         if not hits:
@@ -175,14 +312,17 @@ def count_lora(spec: ModelSpec, lora: LoraSettings, module_dtypes: dict[str, str
                     f"target {name!r} is a {other[0].module_type}, which LoRA cannot adapt; "
                     f"targetable modules: {', '.join(linear_leaf_names(spec))}"
                 )
+            if any(_matches(f"{p.pattern}.{p.param}", name) for p in inv.params if len(p.shape) in (2, 3)):
+                raise QPlanError(f"target {name!r} of {spec.name} is a parameter, not a module: "
+                                 f"give it as --target-parameters {name} (PEFT's target_parameters)")
             raise QPlanError(
                 f"target {name!r} matches no module of {spec.name}; "
                 f"its linear modules are: {', '.join(linear_leaf_names(spec))}"
             )
         matched.update(g.pattern for g in hits)
     targeted = [g for g in linear + emb if g.pattern in matched]
-    r = lora.r
     for g in targeted:
+        r = _pattern_value(tg.rank_pattern, g.pattern, lora.r)
         if isinstance(g, LinearGroup):
             i_, o_ = g.in_features, g.out_features
             shape = f"{i_}→{o_}"
@@ -200,6 +340,7 @@ def count_lora(spec: ModelSpec, lora: LoraSettings, module_dtypes: dict[str, str
         if lora.use_dora:
             out.append(ModuleCount(g.pattern, "dora_magnitude", f"{mag}", g.instances, mag, ad,
                                    [("lora_magnitude_vector", [mag])]))
+    out.extend(count_parameter_targets(spec, lora, tg, matched))
     if lora.bias in ("lora_only", "all"):
         # existing biases become trainable; a wrapped (targeted) module's bias is saved as
         # ``<module>.base_layer.bias`` (peft/utils/save_and_load.py get_peft_model_state_dict)

@@ -11,12 +11,27 @@ from typing import Any
 
 from . import __version__
 from .errors import QPlanError
-from .lora import LoraSettings, adapter_file_bytes, added_params, count_lora, target_names, trainable_params
+from .lora import (
+    LoraSettings,
+    adapter_file_bytes,
+    added_params,
+    count_lora,
+    moved_targets_warning,
+    resolve_targets,
+    trainable_params,
+)
 from .memory import TrainingSettings, accuracy_warning
 from .phases import training_memory
 from .spec import Gpu, ModelSpec
 from .vocab import BACKENDS, BYTES, MIXED_PRECISION
-from .weights import QuantSettings, base_params, weights_breakdown, weights_bytes, weights_footprint_bytes
+from .weights import (
+    QuantSettings,
+    base_params,
+    unquantized_experts_warning,
+    weights_breakdown,
+    weights_bytes,
+    weights_footprint_bytes,
+)
 
 PLAN_SCHEMA_VERSION = 1
 MEMORY_KEYS = ("weights", "weights_footprint", "adapters", "gradients", "optimizer", "activations",
@@ -61,9 +76,10 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
     if inp.backend not in BACKENDS:
         raise QPlanError(f"unknown backend {inp.backend!r}: choose one of {', '.join(BACKENDS)}")
     t.validate(spec)
-    note = accuracy_warning(spec, lora.use_dora)
-    if note:
-        warnings = [*(warnings or []), note]
+    for note in (unquantized_experts_warning(spec, q), moved_targets_warning(spec, lora),
+                 accuracy_warning(spec, lora.use_dora)):
+        if note:
+            warnings = [*(warnings or []), note]
     dtypes = {"bias": q.unquantized_dtype, "modules_to_save": q.unquantized_dtype}
     counts = count_lora(spec, lora, dtypes)
     trainable = trainable_params(counts)
@@ -123,7 +139,7 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
             "model_type": inv.model_type,
             "config": spec.config,
         },
-        "lora": {**lora.to_json(), "target_modules": target_names(spec, lora.targets)},
+        "lora": {**lora.to_json(), **resolve_targets(spec, lora).to_json()},
         "quant": q.to_json(),
         "training": {**t.to_json(), "mixed_precision": MIXED_PRECISION[q.compute_dtype]},
         "gpu": None if inp.gpu is None else {

@@ -88,6 +88,7 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True):
     dora: bool = False
     rslora: bool = False
     modules_to_save: Annotated[str, Meta(max_length=16384)] | list[NonEmpty] = ""
+    target_parameters: Annotated[str, Meta(max_length=16384)] | list[NonEmpty] = ""
     quant: _lit(QUANTS) = "nf4"
     double_quant: bool = True
     compute_dtype: _lit(sorted(DTYPE_ALIASES)) = "bf16"
@@ -312,11 +313,14 @@ class _Lora(Struct, forbid_unknown_fields=True, kw_only=True):
     alpha: Alpha
     dropout: Dropout
     targets: NonEmpty
-    target_modules: Annotated[list[NonEmpty], Meta(min_length=1)]
+    target_modules: list[NonEmpty]
     bias: _lit(BIAS_MODES) = "none"
     use_dora: bool = False
     use_rslora: bool = False
     modules_to_save: list[NonEmpty] = []
+    target_parameters: list[NonEmpty] = []
+    rank_pattern: dict[str, Annotated[int, Meta(ge=1)]] = {}
+    alpha_pattern: dict[str, Annotated[float, Meta(gt=0)]] = {}
     adapter_dtype: _lit(SAFETENSORS_DTYPE) = "float32"
     scaling: float | None = None
 

@@ -69,6 +69,20 @@ class BufferGroup(Struct, frozen=True, forbid_unknown_fields=True):
     instances: Count
 
 
+class MoeConversion(Struct, frozen=True, forbid_unknown_fields=True):
+    """How PEFT rewrites LoRA targets of a mixture-of-experts model whose experts transformers 5
+    fused into 3-D parameters (``peft/utils/transformers_weight_conversion.py``
+    ``_MOE_TARGET_MODULE_MAPPING`` / ``_MOE_FUSED_TARGETS``, read when the spec is built).
+
+    ``modules``: a v4 module name -> the v5 parameter PEFT targets instead (``w1 -> gate_up_proj``,
+    ``gate -> gate.weight``); ``fused``: a v5 parameter -> the v4 names fused into it, which must be
+    targeted together and get ``r`` and ``alpha`` times their number.
+    """
+
+    modules: dict[str, str]
+    fused: dict[str, tuple[str, ...]]
+
+
 class Inventory(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     generated_by: dict[str, str]
     architecture: str
@@ -86,6 +100,12 @@ class Inventory(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     attention_types: tuple[str, ...] = ()
     presets: dict[str, tuple[str, ...]] = {}
     presets_source: dict[str, str] = {}
+    #: PEFT's target rewrite for fused MoE experts (None: targets are used as given)
+    moe_conversion: MoeConversion | None = None
+    #: module patterns whose 3-D parameters are stored (experts, in, out) (``is_transposed``)
+    transposed: tuple[str, ...] = ()
+    #: ``_keep_in_fp32_modules``: state-dict keys containing one of these load in fp32 when the load dtype is fp16
+    keep_fp32_fp16: tuple[str, ...] = ()
 
 
 class ModelSpec(Struct, frozen=True, kw_only=True):

@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from .errors import QPlanError
 from .spec import LinearGroup, ModelSpec
 from .vocab import BYTES, COMPUTE_DTYPES, DTYPE_ALIASES, FOUR_BIT, KBIT, QUANTS
@@ -122,6 +124,13 @@ def linear_instance_bytes(g: LinearGroup, q: QuantSettings) -> tuple[int, int]:
     return w + bias_b, extra
 
 
+def fp16_kept_fp32(spec: ModelSpec, q: QuantSettings, key: str) -> bool:
+    """Whether ``from_pretrained`` loads the state-dict ``key`` in fp32 although the load dtype is fp16:
+    transformers' ``_keep_in_fp32_modules`` (modeling_utils ``_get_dtype_plan``: only for fp16, a
+    substring search of the key; gpt-oss keeps its norms in fp32)."""
+    return q.load_dtype == "float16" and any(s in key for s in spec.inventory.keep_fp32_fp16)
+
+
 def weights_breakdown(spec: ModelSpec, q: QuantSettings) -> dict[str, int]:
     """Device bytes of the base model by part: quantized weights, their constants, the rest.
 
@@ -134,6 +143,8 @@ def weights_breakdown(spec: ModelSpec, q: QuantSettings) -> dict[str, int]:
     inv = spec.inventory
     out = {"quantized": 0, "quant_state": 0, "unquantized": 0, "buffers": 0}
     for g in inv.linear:
+        if not g.keep_fp32 and fp16_kept_fp32(spec, q, f"{g.pattern}.weight"):
+            g = msgspec.structs.replace(g, keep_fp32=True)
         foot, extra = linear_instance_bytes(g, q)
         k = g.instances
         if is_quantized(g, q):
@@ -147,13 +158,15 @@ def weights_breakdown(spec: ModelSpec, q: QuantSettings) -> dict[str, int]:
     for e in inv.embeddings:
         if e.weight_tied:
             continue
-        dt = "float32" if e.keep_fp32 else q.unquantized_dtype
+        dt = "float32" if e.keep_fp32 or fp16_kept_fp32(spec, q, f"{e.pattern}.weight") else q.unquantized_dtype
         out["unquantized"] += e.instances * e.num_embeddings * e.embedding_dim * BYTES[dt]
     for p in inv.params:
-        dt = "float32" if p.keep_fp32 else q.unquantized_dtype
+        dt = "float32" if p.keep_fp32 or fp16_kept_fp32(spec, q, f"{p.pattern}.{p.param}") else q.unquantized_dtype
         out["unquantized"] += p.instances * math.prod(p.shape) * BYTES[dt]
     for b in inv.buffers:
         dt = q.load_dtype if b.dtype == "load" else b.dtype
+        if b.dtype == "load" and fp16_kept_fp32(spec, q, f"{b.pattern}.{b.buffer}"):
+            dt = "float32"
         out["buffers"] += b.instances * math.prod(b.shape) * BYTES[dt]
     return out
 
@@ -180,3 +193,31 @@ def weights_footprint_bytes(spec: ModelSpec, q: QuantSettings) -> int:
 def base_params(spec: ModelSpec) -> int:
     """Parameters of the base model, tied ones once (``model.num_parameters()``)."""
     return int(spec.inventory.total_params)
+
+
+def unquantized_expert_bytes(spec: ModelSpec, q: QuantSettings) -> tuple[int, int]:
+    """(parameters, device bytes) of the fused 3-D MoE expert tensors under ``q``.
+
+    bitsandbytes converts only ``nn.Linear`` modules (transformers ``replace_with_bnb_linear``); the
+    experts transformers 5 fuses into 3-D ``nn.Parameter`` stacks stay in the load dtype, and
+    ``prepare_model_for_kbit_training`` casts them to fp32 like any other non-quantized parameter.
+    Checked against a model really quantized by bitsandbytes (tests/planner/test_moe.py)."""
+    n = sum(p.instances * math.prod(p.shape) for p in spec.inventory.params if len(p.shape) == 3)
+    return n, n * BYTES[q.unquantized_dtype]
+
+
+def unquantized_experts_warning(spec: ModelSpec, q: QuantSettings) -> str | None:
+    """The warning a k-bit plan of a MoE model carries: what its unquantized experts cost."""
+    n, b = unquantized_expert_bytes(spec, q)
+    if not (q.kbit and n):
+        return None
+    total = weights_bytes(spec, q)
+    names = sorted({p.param for p in spec.inventory.params if len(p.shape) == 3})
+    gib = 2**30
+    msg = (f"bitsandbytes does not quantize the fused expert tensors ({', '.join(names)}): their {n:,} parameters "
+           f"stay {q.unquantized_dtype}, {b / gib:.2f} GiB of the {total / gib:.2f} GiB of weights")
+    if q.unquantized_dtype == "float32":
+        half = n * BYTES[q.load_dtype]
+        msg += (f" (prepare_model_for_kbit_training upcasts them to fp32: --no-upcast keeps them {q.load_dtype}, "
+                f"{half / gib:.2f} GiB)")
+    return msg + "; only the attention and dense linear layers are 4/8-bit"
