@@ -506,4 +506,8 @@ def check_plan(plan: Any, where: str = "plan") -> dict[str, Any]:
             raise QPlanError(f"{where}: unknown field {sect}{text.split('`')[1]} (a typo?)") from exc
         raise QPlanError(_explain(exc, plan, lambda path: f"{where}: {path.lstrip('.') or 'document'}")) from exc
     check_config(plan["model"]["config"], f"{where}: model.config")
+    lora = plan["lora"]
+    if not lora["target_modules"] and not lora.get("target_parameters"):
+        raise QPlanError(f"{where}: lora.target_modules is empty and there are no lora.target_parameters: "
+                         "nothing would be adapted")
     return plan
