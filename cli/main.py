@@ -243,7 +243,9 @@ def spec() -> None:
 @click.option("--force", is_flag=True, help="replace an existing spec of that name")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def spec_add(config, name, hub_id, revision, output_dir, force, fmt) -> None:
-    """Build a spec (module inventory read on the meta device) from CONFIG.json or a MODEL_DIR."""
+    """Build a spec (module inventory read on the meta device) from CONFIG.json, a MODEL_DIR or a Hub id
+    (ORG/NAME[@REVISION]: only its config.json is fetched)."""
+    from qplan.planner.hub import fetch_config, parse_hub_id
     from qplan.planner.specs import (
         bundled_model_names,
         bundled_spec_dir,
@@ -254,22 +256,32 @@ def spec_add(config, name, hub_id, revision, output_dir, force, fmt) -> None:
     )
 
     p = Path(config)
-    if not safe_exists(p):
+    hub = None if safe_exists(p) or config.endswith(".json") else parse_hub_id(config)
+    if hub is None and not safe_exists(p):
         raise QPlanError(f"no such file or directory: {config}")
     if name is None:
-        name = p.resolve().name if p.is_dir() else (p.resolve().parent.name if p.name == "config.json" else p.stem)
+        if hub:
+            name = hub[0].split("/", 1)[1]
+        else:
+            name = p.resolve().name if p.is_dir() else (p.resolve().parent.name if p.name == "config.json" else p.stem)
     check_spec_name(name)
     out_dir = check_folder(output_dir, "--output-dir") if output_dir else user_spec_dir()
     bundled_dir = Path(str(bundled_spec_dir())).resolve()
     if name in bundled_model_names() and not force and out_dir.resolve() != bundled_dir:
         raise QPlanError(f"{name!r} is a bundled spec: a user spec of that name would replace it for every "
                          "command; choose another --name (or pass --force to shadow it on purpose)")
-    cfg = read_config(p)
     source: dict[str, Any] = {}
-    if hub_id:
-        source["hub_id"] = hub_id
-    source["revision"] = revision
-    source["config_file"] = p.name if p.is_file() else "config.json"
+    if hub:
+        if hub_id or revision:
+            raise QPlanError("--hub-id/--revision describe a local config; a Hub id names them itself (ORG/NAME@REVISION)")
+        cfg, commit = fetch_config(*hub)
+        source.update(hub_id=hub[0], revision=commit, config_file="config.json")
+    else:
+        cfg = read_config(p)
+        if hub_id:
+            source["hub_id"] = hub_id
+        source["revision"] = revision
+        source["config_file"] = p.name if p.is_file() else "config.json"
     s = make_spec(cfg, name, source)
     check_folder(out_dir, "--output-dir", create=True)
     path = write_new_file(out_dir / f"{name}.json", json.dumps(s.to_json(), indent=2, ensure_ascii=False) + "\n", force)

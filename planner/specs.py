@@ -132,7 +132,14 @@ def _looks_like_path(model: str) -> bool:
 
 
 def load_spec(model: str) -> ModelSpec:
-    """A bundled/user spec by name, or a spec built on the fly from a config path or model dir."""
+    """A bundled/user spec by name, a Hub id (``ORG/NAME[@REVISION]``, ``planner.hub``), or a spec
+    built on the fly from a config path or model dir (a path that exists wins over a Hub id)."""
+    from .hub import parse_hub_id
+
+    if not safe_exists(model) and not model.endswith(".json") and parse_hub_id(model):
+        from .hub import hub_spec
+
+        return hub_spec(model)
     if _looks_like_path(model):
         p = Path(model)
         if not safe_exists(p):
