@@ -68,11 +68,21 @@ def headline(runs: list[dict[str, Any]]) -> str:
             f"({worst['run']}).")
 
 
-def scatter_points(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"x": r["terms"]["tensor_peak"]["predicted"], "y": r["terms"]["tensor_peak"]["measured"],
+def scatter_points(runs: list[dict[str, Any]], term: str = "tensor_peak") -> list[dict[str, Any]]:
+    """One point per run with ``term`` measured (``peak``: CUDA runs only)."""
+    return [{"x": r["terms"][term]["predicted"], "y": r["terms"][term]["measured"],
              "color": r["backend"] + (f" · {r['device']}" if r["device"] else ""), "marker": r["quant"],
              "label": f"{r['run']} ({r['model']}, {r['quant']}, ckpt {r['grad_ckpt']}, {r['batch_x_seq']})"}
-            for r in runs if r["terms"]["tensor_peak"]["measured"] is not None]
+            for r in runs if r["terms"][term]["measured"] is not None and r["terms"][term]["predicted"] is not None]
+
+
+def peak_scatter(runs: list[dict[str, Any]]) -> str | None:
+    """GPU runs: what the GPU must have (allocator reserve + CUDA context) against ``peak``."""
+    pts = scatter_points(runs, "peak")
+    if not pts:
+        return None
+    return scatter_svg(pts, "predicted peak, tensors + context + slack (log)",
+                       "measured max_memory_reserved + CUDA context (log)", "backend · device", "quantization", TOLERANCE)
 
 
 def _row(r: dict[str, Any]) -> list[str]:
@@ -135,12 +145,15 @@ def summary_html(runs: list[dict[str, Any]], out_dir: Path | None = None) -> str
         err = r["terms"]["tensor_peak"]["error"]
         rows.append((f"<tr data-err='{abs(err):.9f}'>" if err is not None else "<tr>") + "".join(tds) + "</tr>")
     head = "".join(f"<th>{e(h)}</th>" for h in HEADERS)
+    gpu_svg = peak_scatter(runs)
+    gpu = ("<h2>What the GPU must have</h2><p class='caption'>CUDA runs: the plan's peak (tensor peak + CUDA context "
+           "+ allocator slack) against max_memory_reserved + the measured CUDA context.</p>" + gpu_svg) if gpu_svg else ""
     errs = [r["terms"]["tensor_peak"]["error"] for r in runs]
     kind = "ok" if errs and all(x is not None and abs(x) <= TOLERANCE for x in errs) else "off"
     body = (f"<h1>qplan summary of {len(runs)} run(s)</h1><p class='verdict {kind}' id='verdict'>{e(headline(runs))}</p>"
             "<p class='sub'>Each point is one run: the plan's predicted tensor peak (for the kernels the run used) "
             "against the measured one; on the line the prediction is exact, in the green band within ±5%.</p>"
-            f"{svg}<h2>Runs, worst first</h2><p class='caption'>Sorted by |tensor peak error|; click a header to "
+            f"{svg}{gpu}<h2>Runs, worst first</h2><p class='caption'>Sorted by |tensor peak error|; click a header to "
             "sort by it (errors sort by their size). error = (predicted − measured) / measured; — = not measured.</p>"
             f"<div class='wide'><table class='sortable runs'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}"
             "</tbody></table></div>")

@@ -151,7 +151,8 @@ def test_summary_across_runs_in_a_new_folder(tmp_path, capsys, monkeypatch):
     summary = json.loads((made[0] / "summary.json").read_text())
     assert [r["run"] for r in summary["runs"]] == ["a", "b"]  # worst |error| first: a is -20%, b exact
     page = (made[0] / "summary.html").read_text()
-    assert "class='chart scatter'" in page and page.count("class='point'") == 2
+    assert "class='chart scatter'" in page and page.count("class='point'") == 2 + 1  # + the CUDA run's peak
+    assert "What the GPU must have" in page
     assert "1 of 2 measured runs within ±5%" in page
     assert "href='../../runs/a/report.html'" in page  # links to each run's report, relative
     # an explicit --output that exists is refused; a second summary gets a new folder
