@@ -117,8 +117,11 @@ def composition_at_peak(plan: dict[str, Any], doc: dict[str, Any]) -> dict[str, 
     mem = (doc.get("measured") or {}).get("memory") or {}
     cuda = str(mem.get("device", "")).startswith("cuda")
     sfx = "" if cuda else "_cpu"
-    phases = detail.get("phases" + sfx) or {}
-    comps = detail.get("composition" + sfx)
+    # memory_detail is free-form in the plan schema (a user may edit plan.json): what is not
+    # {name: int} / {moment: {category: int}} is treated as absent, as in a plan made before them
+    phases = _ints(detail.get("phases" + sfx)) or {}
+    raw = detail.get("composition" + sfx)
+    comps = {k: v for k, v in raw.items() if _ints(v) is not None} if isinstance(raw, dict) else None
     peak_moment = detail.get("peak_phase" + sfx) or (max(phases, key=phases.get) if phases else None)
     phase = None if cuda else mem.get("tensor_peak_phase")
     moment = moment_in_phase(phases, phase) if phase else peak_moment
@@ -151,3 +154,9 @@ def phase_predictions(phases: dict[str, int]) -> dict[str, int]:
         if vals:
             out[phase] = max(vals)
     return out
+
+
+def _ints(x: Any) -> dict[str, int] | None:
+    if isinstance(x, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in x.values()):
+        return x
+    return None

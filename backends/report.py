@@ -26,7 +26,7 @@ from qplan.planner.errors import QPlanError
 from qplan.planner.vocab import CATEGORIES, MOMENT_NAMES
 
 from .charts import stacked_bars_svg, timeline_svg
-from .compare import composition_at_peak, pairs
+from .compare import _ints, composition_at_peak, pairs
 
 MiB = 2**20
 PARTS = [c for c in CATEGORIES if c != "optimizer_paged"]
@@ -178,16 +178,19 @@ def settings_rows(plan: dict[str, Any], doc: dict[str, Any]) -> list[list[str]]:
 
 def _moment_rows(plan: dict[str, Any], doc: dict[str, Any]) -> list[list[str]]:
     detail = plan["prediction"].get("memory_detail") or {}
-    gpu, cpu = detail.get("phases") or {}, detail.get("phases_cpu") or {}
+    gpu, cpu = _ints(detail.get("phases")) or {}, _ints(detail.get("phases_cpu")) or {}
     from qplan.planner.vocab import MOMENTS_OF_PHASE
 
     measured = ((doc.get("measured") or {}).get("memory") or {}).get("phase_peaks") or {}
     rows = []
     for m in gpu:
         phase = next((p for p, ms in MOMENTS_OF_PHASE.items() if m in ms), "")
-        rows.append([MOMENT_NAMES.get(m, m), phase, fmt_bytes(gpu.get(m)), fmt_bytes(cpu.get(m))])
-    rows += [[f"measured peak of the {p} phase", p, "", fmt_bytes(v)] for p, v in measured.items()]
+        rows.append([MOMENT_NAMES.get(m, m), phase, fmt_bytes(gpu.get(m)), fmt_bytes(cpu.get(m)),
+                     fmt_bytes(measured.get(phase))])
     return rows
+
+
+MOMENT_HEADERS = ["moment", "phase", "predicted, GPU kernels", "predicted, CPU kernels", "measured peak of the phase"]
 
 
 # ------------------------------------------------------------------------------- markdown
@@ -220,7 +223,7 @@ def run_markdown(plan: dict[str, Any], doc: dict[str, Any], images: bool = True)
               "", "error = (predicted − measured) / measured.", "", "### Settings", "",
               _table(["setting", "value"], settings_rows(plan, doc)), "",
               "### Predicted moments of the step", "",
-              _table(["moment", "phase", "GPU kernels", "CPU kernels"], _moment_rows(plan, doc))]
+              _table(MOMENT_HEADERS, _moment_rows(plan, doc))]
     lines += _details_md(plan, doc)
     return "\n".join(lines) + "\n"
 
@@ -303,7 +306,8 @@ CSS = ("body{font-family:system-ui,sans-serif;max-width:64em;margin:1.5em auto;p
        "border-left:6px solid #ed6c02}.verdict.failed{background:#fdecea;border-left:6px solid #c62828}"
        ".sub,.caption{color:#555;margin:.2em 0 .6em}table{border-collapse:collapse;margin:.4em 0}"
        "td,th{border:1px solid #ddd;padding:.2em .6em;text-align:right}td:first-child,th:first-child{text-align:left}"
-       "th{background:#f5f5f5}details{margin:.4em 0;border:1px solid #e3e3e3;border-radius:4px;padding:.3em .8em}"
+       "th{background:#f5f5f5}table.kv td{text-align:left}"
+       "details{margin:.4em 0;border:1px solid #e3e3e3;border-radius:4px;padding:.3em .8em}"
        "summary{cursor:pointer;font-weight:600}pre{background:#f6f6f6;padding:1em;overflow:auto}"
        ".wide{overflow-x:auto}table.runs{font-size:.85em}"
        "svg{max-width:100%;height:auto}th.sort{cursor:pointer}th.sort:after{content:' ⇅';color:#999}")
@@ -361,11 +365,10 @@ def run_html(plan: dict[str, Any], doc: dict[str, Any], charts: dict[str, str] |
     body.append("<h2>Details</h2>")
     body.append(_details("Every compared number", html_table(
         ["term", "predicted", "measured", "error", "measured as"],
-        [[k, fmt_value(k, p["predicted"]), fmt_value(k, p["measured"]), fmt_err(p["error"]), p["measured_as"]]
+        [[k, fmt_value(k, p["predicted"]), fmt_value(k, p["measured"]), fmt_err_fine(p["error"]), p["measured_as"]]
          for k, p in pairs(plan, doc).items()]) + "<p class='caption'>error = (predicted − measured) / measured.</p>"))
-    body.append(_details("Settings", html_table(["setting", "value"], settings_rows(plan, doc))))
-    body.append(_details("Predicted moments of the step", html_table(["moment", "phase", "GPU kernels", "CPU kernels"],
-                                                                     _moment_rows(plan, doc))))
+    body.append(_details("Settings", html_table(["setting", "value"], settings_rows(plan, doc), "kv")))
+    body.append(_details("Predicted moments of the step", html_table(MOMENT_HEADERS, _moment_rows(plan, doc))))
     body.append(_details("LoRA parameters per module", html_table(*_module_table(plan))))
     if mem.get("phases"):
         body.append(_details("Loading phases", html_table(*_loading_table(mem))))

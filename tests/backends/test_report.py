@@ -134,6 +134,12 @@ def test_an_old_plan_without_compositions_still_renders(tmp_path):
     d = _run_folder(tmp_path, "old", plan, _cpu_doc(plan))
     files = write_run_report(d, plan, _cpu_doc(plan))
     assert "no breakdown in this plan" in files["html"].read_text()
+    # an edited plan whose compositions are not numbers renders the same way (no traceback)
+    plan = build_plan(llama_spec())
+    plan["prediction"]["memory_detail"]["composition_cpu"] = {"backward": {"weights": "x"}}
+    plan["prediction"]["memory_detail"]["phases_cpu"] = [1, 2]
+    files = write_run_report(_run_folder(tmp_path, "edited", plan, _cpu_doc(plan)), plan, _cpu_doc(plan))
+    assert "no breakdown in this plan" in files["html"].read_text()
 
 
 def test_summary_across_runs_in_a_new_folder(tmp_path, capsys, monkeypatch):
