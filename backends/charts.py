@@ -236,11 +236,12 @@ def _marker(shape: str, cx: float, cy: float, r: float, color: str, attrs: str) 
 
 
 def _log_ticks(lo: float, hi: float) -> list[float]:
-    """1-2-5 ticks between lo and hi (bytes), thinned to at most ~8."""
+    """1-2-5 ticks between lo and hi (bytes) in MiB, or in GiB from 4 GiB up, thinned to at most ~8."""
     ticks = []
-    for e in range(math.floor(math.log10(lo / MiB)) - 1, math.ceil(math.log10(hi / MiB)) + 1):
+    unit = GiB if hi >= 4 * GiB and lo >= GiB / 2 else MiB
+    for e in range(math.floor(math.log10(lo / unit)) - 1, math.ceil(math.log10(hi / unit)) + 1):
         for m in (1, 2, 5):
-            v = m * 10 ** e * MiB
+            v = m * 10 ** e * unit
             if lo <= v <= hi:
                 ticks.append(v)
     while len(ticks) > 8:
@@ -281,7 +282,7 @@ def scatter_svg(points: list[dict[str, Any]], x_label: str, y_label: str, color_
     for v in _log_ticks(lo, hi):
         out.append(f"<line x1='{x(v):.1f}' x2='{x(v):.1f}' y1='{top}' y2='{top + size}' stroke='#eee'/>")
         out.append(f"<line x1='{left}' x2='{left + size}' y1='{y(v):.1f}' y2='{y(v):.1f}' stroke='#eee'/>")
-        label = f"{v / GiB:g} GiB" if v >= GiB else f"{v / MiB:g} MiB"
+        label = f"{v / GiB:g} GiB" if v >= GiB and (v / GiB) == round(v / GiB, 3) else f"{v / MiB:g} MiB"
         out.append(_text(x(v), top + size + 16, label, 11, "middle"))
         out.append(_text(left - 6, y(v) + 4, label, 11, "end"))
     out.append(f"<line class='identity' x1='{x(lo):.1f}' y1='{y(lo):.1f}' x2='{x(hi):.1f}' y2='{y(hi):.1f}' "
