@@ -93,3 +93,70 @@ def components(plan: dict[str, Any], doc: dict[str, Any]) -> list[dict[str, Any]
         out.append({"term": term, "predicted": pm.get(term), "measured_at_peak": measured,
                     "categories": list(cats)})
     return out
+
+
+def composition_at_peak(plan: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
+    """The bytes at the measured peak, predicted for the same moment with the same kernels.
+
+    * ``moment``: the plan's moment in the phase where the peak was measured
+      (``planner.phases.moment_in_phase``; a CUDA run has no phase: the plan's own peak moment);
+    * ``predicted``: that moment's composition (``memory_detail.composition_cpu`` for a CPU run,
+      ``composition`` for CUDA), in the tracker's categories; ``None`` for a plan made before
+      plans held compositions;
+    * ``measured``: ``breakdown_at_peak`` less ``optimizer_paged`` (outside the peak); ``None``
+      on CUDA, where only the allocator's total is known;
+    * ``compared``: the two totals of the ``tensor_peak`` comparison (``pairs``): the measured
+      parts always add up to ``compared.measured``; the predicted parts add up to
+      ``compared.predicted`` when the plan predicts its peak at that same moment, and otherwise
+      ``predicted_peak`` (the composition of the plan's own peak moment) does.
+    """
+    from qplan.planner.phases import moment_in_phase
+    from qplan.planner.vocab import MOMENT_NAMES
+
+    detail = plan["prediction"].get("memory_detail") or {}
+    mem = (doc.get("measured") or {}).get("memory") or {}
+    cuda = str(mem.get("device", "")).startswith("cuda")
+    sfx = "" if cuda else "_cpu"
+    # memory_detail is free-form in the plan schema (a user may edit plan.json): what is not
+    # {name: int} / {moment: {category: int}} is treated as absent, as in a plan made before them
+    phases = _ints(detail.get("phases" + sfx)) or {}
+    raw = detail.get("composition" + sfx)
+    comps = {k: v for k, v in raw.items() if _ints(v) is not None} if isinstance(raw, dict) else None
+    peak_moment = detail.get("peak_phase" + sfx) or (max(phases, key=phases.get) if phases else None)
+    phase = None if cuda else mem.get("tensor_peak_phase")
+    moment = moment_in_phase(phases, phase) if phase else peak_moment
+    bd = mem.get("breakdown_at_peak") or {}
+    measured = {k: int(v) for k, v in bd.items() if k != "optimizer_paged"} if bd and not cuda else None
+    tp = pairs(plan, doc)["tensor_peak"]
+    out: dict[str, Any] = {
+        "kernels": "cuda" if cuda else "cpu",
+        "phase": phase, "step": mem.get("tensor_peak_step"),
+        "moment": moment, "moment_name": MOMENT_NAMES.get(moment or "", moment),
+        "predicted": dict(comps[moment]) if comps and moment in comps else None,
+        "measured": measured,
+        "compared": {"predicted": tp["predicted"], "measured": tp["measured"]},
+        "predicted_peak_moment": peak_moment,
+        "predicted_peak_moment_name": MOMENT_NAMES.get(peak_moment or "", peak_moment),
+        "predicted_peak": dict(comps[peak_moment]) if comps and peak_moment in comps and peak_moment != moment
+        else None,
+        "predicted_phase_peaks": phase_predictions(phases),
+    }
+    return out
+
+
+def phase_predictions(phases: dict[str, int]) -> dict[str, int]:
+    """Predicted peak of each phase an observer marks (the largest of the plan's moments in it)."""
+    from qplan.planner.vocab import MOMENTS_OF_PHASE
+
+    out = {}
+    for phase, moments in MOMENTS_OF_PHASE.items():
+        vals = [phases[m] for m in moments if m in phases]
+        if vals:
+            out[phase] = max(vals)
+    return out
+
+
+def _ints(x: Any) -> dict[str, int] | None:
+    if isinstance(x, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in x.values()):
+        return x
+    return None

@@ -40,7 +40,10 @@ What each number is
   its chunks), ``activations`` (the batch and other tensors alive before the window, and tensors
   made in a forward pass or a checkpoint recomputation that autograd saved or that outlived it),
   ``temporaries`` (everything else: activation gradients in flight, optimizer scratch).
-  ``peak_detail`` lists the largest (category, operator, dtype, shape) groups at the peak.
+  ``peak_detail`` lists the largest (category, operator, dtype, shape) groups at the peak;
+  ``timeline`` is the live bytes over the measured steps (x: the tracker's allocation/free
+  events, downsampled to at most 1,000 runs of events, each kept as its lowest and highest
+  bytes, so no peak is lost), the phase segments and the peak (report.html draws it).
 * Always: step time (``time.perf_counter`` around each optimizer step, CUDA synchronised),
   tokens per second = ``batch × seq_len × grad_accum`` / mean step time over steps after the
   warm-up (CPU: steps outside the tracker window when there are any, since the tracker slows
@@ -212,6 +215,8 @@ class Probe:
                 "peak_detail": curve.detail(res["peak_event"]),
                 "tracked_at_start": res["baseline"],
                 "tracked_at_start_by_category": {k: v for k, v in start.items() if v},
+                # live bytes over the measured steps, downsampled (report.html draws it)
+                "timeline": curve.timeline(first),
             })
 
     @property
@@ -238,7 +243,7 @@ class Probe:
         else:
             out["counters"] = "live tensor storages seen by a TorchDispatchMode (LiveTensorTracker)"
             for k in ("tensor_peak", "tensor_peak_phase", "tensor_peak_step", "breakdown_at_peak", "phase_peaks",
-                      "tracked_at_start", "tracked_at_start_by_category", "peak_detail"):
+                      "tracked_at_start", "tracked_at_start_by_category", "peak_detail", "timeline"):
                 if k in self.window:
                     out[k] = self.window[k]
             if prep is not None:

@@ -1,24 +1,36 @@
-"""Reports: one run (report.md, report.html) and a summary across runs (``qplan report``).
+"""The report of one run: report.html (self-contained) and report.md, in the order a person reads.
 
-The HTML pages are self-contained: matplotlib (Agg backend, no display) draws the charts into
-PNGs embedded as base64. Nothing here imports torch.
+1. the title and one verdict line: measured vs predicted tensor peak, the error, the counters
+   and the device;
+2. what the bytes are at the measured peak: the plan's composition of *the same moment* with
+   *the same kernels* (``compare.composition_at_peak``) beside the tracker's categories, as
+   stacked bars that add up to the two totals of the verdict;
+3. the memory timeline of the measured steps (``measured.memory.timeline``), phases shaded,
+   the peak marked, the predicted peak of each phase drawn across it;
+4. details, collapsed: every compared number, the settings, per-module parameters, the
+   predicted moments, loading phases, speed and loss, the largest tensors at the peak.
+
+What is computed (``compare``) is apart from how it is drawn (``charts``: inline SVG, no
+plotting library). The summary across runs is ``backends.summary``. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
 import html
-import io
-import json
+import math
 from pathlib import Path
 from typing import Any
 
 from qplan.planner.errors import QPlanError
+from qplan.planner.vocab import CATEGORIES, MOMENT_NAMES
 
-from .compare import components, pairs
+from .charts import stacked_bars_svg, timeline_svg
+from .compare import _ints, composition_at_peak, pairs
 
 MiB = 2**20
+PARTS = [c for c in CATEGORIES if c != "optimizer_paged"]
+TOLERANCE = 0.05  # the target of the CPU measurement (tests/backends/test_peft_backend.py)
 
 
 def fmt_bytes(n: int | float | None) -> str:
@@ -31,6 +43,15 @@ def fmt_err(e: float | None) -> str:
     return "—" if e is None else f"{e * 100:+.2f}%"
 
 
+def fmt_err_fine(e: float | None) -> str:
+    """An error with the digits it needs: +0.0011% rather than -0.00%."""
+    if e is None:
+        return "—"
+    if e == 0 or abs(e) >= 1e-3:
+        return fmt_err(e)
+    return f"{e * 100:+.{max(2, 1 - math.floor(math.log10(abs(e * 100))))}f}%"
+
+
 def fmt_value(term: str, v: Any) -> str:
     if v is None:
         return "—"
@@ -39,184 +60,345 @@ def fmt_value(term: str, v: Any) -> str:
     return f"{v:,}" if term == "trainable" else fmt_bytes(v)
 
 
-def _png(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError as exc:
-        raise QPlanError("reports need matplotlib: pip install 'qplan[train]'") from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def run_chart(plan: dict[str, Any], doc: dict[str, Any]) -> str:
-    """Base64 PNG: predicted vs measured bytes per component, and the compared totals."""
-    plt = _pyplot()
-    comp = [c for c in components(plan, doc) if c["measured_at_peak"] is not None]
-    tot = [(k, v) for k, v in pairs(plan, doc).items()
-           if k not in ("trainable",) and v["measured"] is not None and v["predicted"] is not None]
-    ncols = 2 if comp else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4.2), squeeze=False)
-    panels = []
-    if comp:
-        panels.append(("at the measured peak, by component", [c["term"] for c in comp],
-                       [c["predicted"] for c in comp], [c["measured_at_peak"] for c in comp]))
-    panels.append(("compared totals", [k for k, _ in tot], [v["predicted"] for _, v in tot],
-                   [v["measured"] for _, v in tot]))
-    for ax, (title, labels, pred, meas) in zip(axes[0], panels, strict=True):
-        x = range(len(labels))
-        ax.bar([i - 0.2 for i in x], [p / MiB for p in pred], width=0.4, label="predicted term")
-        ax.bar([i + 0.2 for i in x], [m / MiB for m in meas], width=0.4,
-               label="measured at the peak" if title.startswith("at") else "measured")
-        ax.set_xticks(list(x))
-        ax.set_xticklabels(labels, rotation=30, ha="right")
-        ax.set_ylabel("MiB")
-        ax.set_title(title)
-        ax.legend()
-    fig.suptitle(f"{plan['model']['name']} · {doc.get('backend')} · {plan['quant']['quant']} · "
-                 f"{(doc.get('measured') or {}).get('memory', {}).get('device', '?')}")
-    out = _png(fig)
-    plt.close(fig)
-    return out
-
-
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def run_markdown(plan: dict[str, Any], doc: dict[str, Any]) -> str:
+def html_table(headers: list[str], rows: list[list[str]], cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# ------------------------------------------------------------------------------- computing
+
+
+def verdict(plan: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
+    """The one line a reader sees first, and its parts (``predicted``, ``measured``, ``error``)."""
     meas = doc.get("measured") or {}
     mem = meas.get("memory") or {}
-    t, q = plan["training"], plan["quant"]
-    lines = [
-        f"# qplan run: {plan['model']['name']} · {doc.get('backend')}",
-        "",
-        f"- status: **{doc.get('status')}**" + (f" — {doc['failure']['message']}" if doc.get("failure") else ""),
-        f"- device: {mem.get('device', '?')} ({(doc.get('device') or {}).get('name', '?')})",
-        f"- plan: quant {q['quant']} (compute {q['compute_dtype']}), r={plan['lora']['r']}, "
-        f"targets {', '.join(plan['lora']['target_modules'])}, batch {t['batch_size']} × seq {t['seq_len']} "
-        f"× accum {t.get('grad_accum', 1)}, grad ckpt {t['grad_ckpt']}, {t['optimizer']}, "
-        f"{t.get('mixed_precision')}",
-        f"- run: {json.dumps(doc.get('run', {}), sort_keys=True)}",
-        f"- measured with: {mem.get('counters', '—')}",
-        "",
-        "## Predicted vs measured",
-        "",
-        _table(["term", "predicted", "measured", "error", "measured as"],
-               [[k, fmt_value(k, v["predicted"]), fmt_value(k, v["measured"]), fmt_err(v["error"]), v["measured_as"]]
-                for k, v in pairs(plan, doc).items()]),
-        "",
-        "error = (predicted − measured) / measured.",
-    ]
-    comp = components(plan, doc)
-    if any(c["measured_at_peak"] is not None for c in comp):
-        lines += ["", f"## At the measured peak (step {mem.get('tensor_peak_step')}, phase "
-                      f"{mem.get('tensor_peak_phase')})", "",
-                  _table(["component", "predicted term", "measured at peak", "tracker categories"],
-                         [[c["term"], fmt_bytes(c["predicted"]), fmt_bytes(c["measured_at_peak"]),
-                           ", ".join(c["categories"])] for c in comp]),
-                  "", "Tracker categories at the peak: " + ", ".join(
-                      f"{k} {fmt_bytes(v)}" for k, v in (mem.get("breakdown_at_peak") or {}).items()),
-                  "", "Peak per phase: " + ", ".join(
-                      f"{k} {fmt_bytes(v)}" for k, v in (mem.get("phase_peaks") or {}).items())]
-    phases = mem.get("phases") or {}
-    if phases:
-        cuda = str(mem.get("device", "")).startswith("cuda")
-        head = ["phase", "model tensors"] + (["allocated", "reserved", "device used"] if cuda else [])
-        rows = [[k, fmt_bytes(v.get("model_tensors"))]
-                + ([fmt_bytes(v.get("allocated")), fmt_bytes(v.get("reserved")), fmt_bytes(v.get("device_used"))]
-                   if cuda else []) for k, v in phases.items()]
-        lines += ["", "## Loading phases", "", _table(head, rows)]
-    timing = meas.get("timing") or {}
-    if timing:
-        tps = timing.get("tokens_per_second")
-        mean = timing.get("mean_step_seconds")
-        lines += ["", "## Speed and loss", "",
-                  f"- mean step: {mean:.4f} s over steps {timing.get('timed_steps')}" if mean else "- mean step: —",
-                  f"- tokens/s: {tps:,.1f} ({timing.get('tokens_per_step')} tokens per step)" if tps else "- tokens/s: —",
-                  f"- tracked (slower) steps: {timing.get('tracked_steps')}"]
-    if meas.get("loss"):
-        lines.append("- loss per step: " + ", ".join(f"{x:.4f}" for x in meas["loss"]))
-    if meas.get("params"):
-        lines.append(f"- parameters: {meas['params'].get('trainable', 0):,} trainable of {meas['params'].get('all', 0):,}")
-    if doc.get("notes"):
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
-    fail = doc.get("failure") or {}
-    if fail.get("traceback"):
-        lines += ["", "## Traceback", "", "```", fail["traceback"].rstrip(), "```"]
+    tp = pairs(plan, doc)["tensor_peak"]
+    device = mem.get("device") or "?"
+    dev_name = (doc.get("device") or {}).get("name")
+    cuda = str(device).startswith("cuda")
+    status = doc.get("status")
+    kind = "ok" if tp["error"] is not None and abs(tp["error"]) <= TOLERANCE else "off"
+    if status != "ok":
+        kind = "failed"
+    if tp["measured"] is None:
+        text = f"No tensor peak was measured (status {status})."
+    else:
+        how = "over-predicts" if tp["error"] > 0 else "under-predicts" if tp["error"] < 0 else "matches"
+        text = (f"Tensor peak: measured {fmt_bytes(tp['measured'])}, predicted {fmt_bytes(tp['predicted'])}: "
+                f"error {fmt_err_fine(tp['error'])} (the plan {how}"
+                + (f" by {fmt_bytes(abs(tp['predicted'] - tp['measured']))}" if tp["error"] else "") + ").")
+    counters = ("torch.cuda.max_memory_allocated" if cuda
+                else "live tensor storages (qplan's tracker)") + f" on {device}" + (f" ({dev_name})" if dev_name else "")
+    against = "the plan's GPU-kernel prediction" if cuda else "the plan's CPU-kernel prediction (memory_detail.tensor_peak_cpu)"
+    steps = mem.get("window_steps")
+    sub = f"Measured with {counters}" + (f", steps {steps[0]}–{steps[1]}" if steps and steps[1] else "") + \
+        f"; compared with {against}."
+    failure = (doc.get("failure") or {}).get("message")
+    return {"kind": kind, "text": text, "sub": sub, "status": status, "failure": failure,
+            "predicted": tp["predicted"], "measured": tp["measured"], "error": tp["error"]}
+
+
+def _moment_sentence(comp: dict[str, Any]) -> str:
+    if comp["kernels"] == "cuda":
+        return (f"On CUDA the allocator gives only a total; the predicted bar is the plan's own peak moment, "
+                f"the {comp['moment_name']}.")
+    where = f"the {comp['moment_name']}" + (f" (step {comp['step']})" if comp.get("step") else "")
+    if comp["moment"] is None:
+        return "The measured peak is outside the step's phases."
+    if comp["predicted_peak"] is None:
+        return f"The peak was measured at {where}, where the plan predicts its peak."
+    return (f"The peak was measured at {where}; the plan predicts its own peak at the "
+            f"{comp['predicted_peak_moment_name']}, drawn as a third bar.")
+
+
+def composition_stacks(comp: dict[str, Any]) -> list[dict[str, Any]]:
+    """The bars of the composition chart; each ``total`` is the sum of its parts (or the compared
+    total where there are no parts)."""
+    stacks = []
+    pred = comp["predicted"]
+    k = comp["kernels"].upper()
+    if pred is not None:
+        stacks.append({"key": "predicted", "label": f"predicted\n{comp['moment_name']} ({k} kernels)",
+                       "parts": pred, "total": sum(pred.values())})
+    elif comp["compared"]["predicted"] is not None:
+        stacks.append({"key": "predicted", "label": "predicted\n(no breakdown in this plan)", "parts": None,
+                       "total": comp["compared"]["predicted"]})
+    meas = comp["measured"]
+    if meas is not None:
+        stacks.append({"key": "measured", "label": "measured\nat the peak", "parts": meas, "total": sum(meas.values())})
+    elif comp["compared"]["measured"] is not None:
+        stacks.append({"key": "measured", "label": "measured\n(allocator total)", "parts": None,
+                       "total": comp["compared"]["measured"]})
+    if comp["predicted_peak"] is not None:
+        pp = comp["predicted_peak"]
+        stacks.append({"key": "predicted_peak", "label": f"predicted peak\n{comp['predicted_peak_moment_name']}",
+                       "parts": pp, "total": sum(pp.values())})
+    return stacks
+
+
+def _composition_rows(comp: dict[str, Any]) -> list[list[str]]:
+    pred, meas = comp["predicted"] or {}, comp["measured"] or {}
+    rows = []
+    for c in PARTS:
+        p, m = pred.get(c), meas.get(c)
+        if not p and not m:
+            continue
+        rows.append([c, fmt_bytes(p), fmt_bytes(m), fmt_bytes(p - m) if p is not None and m is not None else "—"])
+    tp, tm = (sum(pred.values()) if pred else comp["compared"]["predicted"]), \
+        (sum(meas.values()) if meas else comp["compared"]["measured"])
+    rows.append(["total", fmt_bytes(tp), fmt_bytes(tm), fmt_bytes(tp - tm) if tp is not None and tm is not None else "—"])
+    return rows
+
+
+def settings_rows(plan: dict[str, Any], doc: dict[str, Any]) -> list[list[str]]:
+    t, q, lo = plan["training"], plan["quant"], plan["lora"]
+    rows = [["model", f"{plan['model']['name']} ({plan['model'].get('architecture')})"],
+            ["source", str((plan["model"].get("source") or {}).get("hub_id") or "—")],
+            ["backend", str(doc.get("backend") or plan.get("backend"))],
+            ["base weights", f"{q['quant']}" + (" + double quant" if q.get("double_quant") and q["quant"] in ("nf4", "fp4")
+                                                else "") + f", compute {q['compute_dtype']}"],
+            ["LoRA", f"r={lo['r']}, alpha={lo['alpha']}, dropout={lo['dropout']}, targets {lo['targets']}"],
+            ["target modules", ", ".join(lo["target_modules"])],
+            ["batch × sequence × accumulation", f"{t['batch_size']} × {t['seq_len']} × {t.get('grad_accum', 1)}"],
+            ["gradient checkpointing", str(t["grad_ckpt"])], ["optimizer", str(t["optimizer"])],
+            ["attention", str(t.get("attn_impl"))], ["mixed precision", str(t.get("mixed_precision"))]]
+    run = dict(doc.get("run") or {})
+    trainer = run.pop("trainer", None) or {}
+    rows += [[f"run: {k}", "—" if v is None else str(v)] for k, v in sorted(run.items())]
+    rows += [[f"trainer: {k}", str(v)] for k, v in sorted(trainer.items())]
+    return rows
+
+
+def _moment_rows(plan: dict[str, Any], doc: dict[str, Any]) -> list[list[str]]:
+    detail = plan["prediction"].get("memory_detail") or {}
+    gpu, cpu = _ints(detail.get("phases")) or {}, _ints(detail.get("phases_cpu")) or {}
+    from qplan.planner.vocab import MOMENTS_OF_PHASE
+
+    measured = ((doc.get("measured") or {}).get("memory") or {}).get("phase_peaks") or {}
+    rows = []
+    for m in gpu:
+        phase = next((p for p, ms in MOMENTS_OF_PHASE.items() if m in ms), "")
+        rows.append([MOMENT_NAMES.get(m, m), phase, fmt_bytes(gpu.get(m)), fmt_bytes(cpu.get(m)),
+                     fmt_bytes(measured.get(phase))])
+    return rows
+
+
+MOMENT_HEADERS = ["moment", "phase", "predicted, GPU kernels", "predicted, CPU kernels", "measured peak of the phase"]
+
+
+# ------------------------------------------------------------------------------- markdown
+
+
+def run_markdown(plan: dict[str, Any], doc: dict[str, Any], images: bool = True) -> str:
+    """report.md: the same order as the page; ``images``: link the SVGs written beside it."""
+    v = verdict(plan, doc)
+    meas = doc.get("measured") or {}
+    mem = meas.get("memory") or {}
+    lines = [f"# {_title(plan, doc)}", ""]
+    if v["status"] != "ok":
+        lines += [f"status: **{v['status']}**" + (f" — {v['failure']}" if v["failure"] else ""), ""]
+    lines += [f"**{v['text']}**", "", v["sub"], ""]
+    comp = composition_at_peak(plan, doc)
+    if comp["compared"]["measured"] is not None:
+        lines += ["## What the bytes are at the measured peak", "", _moment_sentence(comp), ""]
+        if images:
+            lines += ["![predicted and measured bytes at the peak, by category](composition.svg)", ""]
+        lines += [_table(["category", "predicted", "measured", "predicted − measured"], _composition_rows(comp)), ""]
+    lines += ["## Memory over the measured steps", ""]
+    if mem.get("timeline"):
+        lines += ["![live bytes over the measured steps](timeline.svg)" if images else "(see report.html)", ""]
+    else:
+        lines += [_no_timeline(mem), ""]
+    lines += ["## Details", "", "### Every compared number", "",
+              _table(["term", "predicted", "measured", "error", "measured as"],
+                     [[k, fmt_value(k, p["predicted"]), fmt_value(k, p["measured"]), fmt_err(p["error"]), p["measured_as"]]
+                      for k, p in pairs(plan, doc).items()]),
+              "", "error = (predicted − measured) / measured.", "", "### Settings", "",
+              _table(["setting", "value"], settings_rows(plan, doc)), "",
+              "### Predicted moments of the step", "",
+              _table(MOMENT_HEADERS, _moment_rows(plan, doc))]
+    lines += _details_md(plan, doc)
     return "\n".join(lines) + "\n"
 
 
-def _md_to_html(md: str) -> str:
-    """Just enough Markdown for these reports: headings, bullets, tables, code blocks."""
-    out, in_table, in_code = [], False, False
-    for line in md.splitlines():
-        if line.startswith("```"):
-            out.append("</pre>" if in_code else "<pre>")
-            in_code = not in_code
-            continue
-        if in_code:
-            out.append(html.escape(line))
-            continue
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            if set("".join(cells)) <= {"-"}:
-                continue
-            if not in_table:
-                out.append("<table>")
-                in_table = True
-                out.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells) + "</tr>")
-            else:
-                out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            out.append("</table>")
-            in_table = False
-        text = html.escape(line).replace("**", "")
-        if line.startswith("## "):
-            out.append(f"<h2>{text[3:]}</h2>")
-        elif line.startswith("# "):
-            out.append(f"<h1>{text[2:]}</h1>")
-        elif line.startswith("- "):
-            out.append(f"<li>{text[2:]}</li>")
-        elif line.strip():
-            out.append(f"<p>{text}</p>")
-    if in_table:
-        out.append("</table>")
-    return "\n".join(out)
+def _details_md(plan: dict[str, Any], doc: dict[str, Any]) -> list[str]:
+    meas = doc.get("measured") or {}
+    mem = meas.get("memory") or {}
+    lines = ["", "### LoRA parameters per module", "", _table(*_module_table(plan))]
+    phases = mem.get("phases") or {}
+    if phases:
+        lines += ["", "### Loading phases", "", _table(*_loading_table(mem))]
+    sp = _speed_lines(meas)
+    if sp:
+        lines += ["", "### Speed and loss", ""] + [f"- {s}" for s in sp]
+    if mem.get("peak_detail"):
+        lines += ["", "### Largest tensors at the peak", "", _table(*_peak_detail_table(mem))]
+    if doc.get("notes"):
+        lines += ["", "### Notes", ""] + [f"- {n}" for n in doc["notes"]]
+    fail = doc.get("failure") or {}
+    if fail.get("traceback"):
+        lines += ["", "### Traceback", "", "```", fail["traceback"].rstrip(), "```"]
+    return lines
 
 
-_CSS = ("body{font-family:system-ui,sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}"
-        "td:first-child,th:first-child{text-align:left}pre{background:#f6f6f6;padding:1em;overflow:auto}")
+def _title(plan: dict[str, Any], doc: dict[str, Any]) -> str:
+    mem = ((doc.get("measured") or {}).get("memory") or {})
+    q = plan["quant"]
+    return (f"qplan run: {plan['model']['name']} · LoRA r={plan['lora']['r']} {plan['lora']['targets']} · "
+            f"{q['quant']} · {doc.get('backend')} · {mem.get('device', '?')}")
 
 
-def html_page(title: str, md: str, png_b64: str | None) -> str:
-    img = f'<p><img alt="predicted vs measured" src="data:image/png;base64,{png_b64}"></p>' if png_b64 else ""
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body>\n{img}\n{_md_to_html(md)}\n</body></html>\n")
+def _no_timeline(mem: dict[str, Any]) -> str:
+    if str(mem.get("device", "")).startswith("cuda"):
+        return "No timeline: on CUDA qplan reads the allocator's peak counters, not every allocation."
+    return ("No timeline: this run's measured.json has none (measured by an older qplan, or the run stopped "
+            "before the measured steps).")
+
+
+def _module_table(plan: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    rows = [[e["module"], e["kind"], str(e["shape"]), str(e["instances"]), f"{e['params_per_instance']:,}",
+             f"{e['total']:,}", fmt_bytes(e["bytes"])] for e in plan["prediction"]["params"]["per_module"]]
+    return ["module", "kind", "in→out", "instances", "params each", "params", "bytes"], rows
+
+
+def _loading_table(mem: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    cuda = str(mem.get("device", "")).startswith("cuda")
+    head = ["phase", "model tensors"] + (["allocated", "reserved", "device used"] if cuda else [])
+    rows = [[k, fmt_bytes(v.get("model_tensors"))]
+            + ([fmt_bytes(v.get("allocated")), fmt_bytes(v.get("reserved")), fmt_bytes(v.get("device_used"))]
+               if cuda else []) for k, v in (mem.get("phases") or {}).items()]
+    return head, rows
+
+
+def _peak_detail_table(mem: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    return ["category", "made by (operator, dtype, shape)", "bytes"], \
+        [[r["category"], r["origin"], fmt_bytes(r["bytes"])] for r in mem.get("peak_detail") or []]
+
+
+def _speed_lines(meas: dict[str, Any]) -> list[str]:
+    timing = meas.get("timing") or {}
+    out = []
+    if timing:
+        mean, tps = timing.get("mean_step_seconds"), timing.get("tokens_per_second")
+        out.append(f"mean step: {mean:.4f} s over steps {timing.get('timed_steps')}" if mean else "mean step: —")
+        out.append(f"tokens/s: {tps:,.1f} ({timing.get('tokens_per_step')} tokens per step)" if tps else "tokens/s: —")
+        out.append(f"steps under the tracker (slower, not timed): {timing.get('tracked_steps')}")
+    if meas.get("loss"):
+        out.append("loss per step: " + ", ".join(f"{x:.4f}" for x in meas["loss"]))
+    if meas.get("params"):
+        out.append(f"parameters: {meas['params'].get('trainable', 0):,} trainable of {meas['params'].get('all', 0):,}")
+    return out
+
+
+# ----------------------------------------------------------------------------------- HTML
+
+CSS = ("body{font-family:system-ui,sans-serif;max-width:64em;margin:1.5em auto;padding:0 1em;color:#222;line-height:1.4}"
+       "h1{font-size:1.45em;margin:.2em 0 .4em}h2{font-size:1.15em;margin:1.6em 0 .3em}"
+       ".verdict{font-size:1.2em;font-weight:600;padding:.6em .8em;border-radius:6px;margin:.3em 0}"
+       ".verdict.ok{background:#e6f4ea;border-left:6px solid #2e7d32}.verdict.off{background:#fff4e5;"
+       "border-left:6px solid #ed6c02}.verdict.failed{background:#fdecea;border-left:6px solid #c62828}"
+       ".sub,.caption{color:#555;margin:.2em 0 .6em}table{border-collapse:collapse;margin:.4em 0}"
+       "td,th{border:1px solid #ddd;padding:.2em .6em;text-align:right}td:first-child,th:first-child{text-align:left}"
+       "th{background:#f5f5f5}table.kv td{text-align:left}"
+       "details{margin:.4em 0;border:1px solid #e3e3e3;border-radius:4px;padding:.3em .8em}"
+       "summary{cursor:pointer;font-weight:600}pre{background:#f6f6f6;padding:1em;overflow:auto}"
+       ".wide{overflow-x:auto}table.runs{font-size:.85em}"
+       "svg{max-width:100%;height:auto}th.sort{cursor:pointer}th.sort:after{content:' ⇅';color:#999}")
+
+
+def page(title: str, body: str, script: str = "") -> str:
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body>\n{body}\n{script}</body></html>\n")
+
+
+def _details(summary: str, inner: str, open_: bool = False) -> str:
+    return f"<details{' open' if open_ else ''}><summary>{html.escape(summary)}</summary>{inner}</details>"
+
+
+def charts_for(plan: dict[str, Any], doc: dict[str, Any]) -> dict[str, str]:
+    """The run's SVGs by name (``composition``, ``timeline``), those it has data for."""
+    comp = composition_at_peak(plan, doc)
+    out = {}
+    if comp["compared"]["measured"] is not None:
+        out["composition"] = stacked_bars_svg(composition_stacks(comp), PARTS)
+    tl = ((doc.get("measured") or {}).get("memory") or {}).get("timeline")
+    if tl:
+        out["timeline"] = timeline_svg(tl, comp["predicted_phase_peaks"])
+    return out
+
+
+def run_html(plan: dict[str, Any], doc: dict[str, Any], charts: dict[str, str] | None = None) -> str:
+    v = verdict(plan, doc)
+    meas = doc.get("measured") or {}
+    mem = meas.get("memory") or {}
+    comp = composition_at_peak(plan, doc)
+    charts = charts_for(plan, doc) if charts is None else charts
+    e = html.escape
+    body = [f"<h1>{e(_title(plan, doc))}</h1>"]
+    if v["status"] != "ok":
+        body.append(f"<p class='verdict failed'>status: {e(str(v['status']))}" + (f" — {e(v['failure'])}" if v["failure"] else "")
+                    + "</p>")
+    body.append(f"<p class='verdict {v['kind']}' id='verdict' data-predicted='{v['predicted'] or 0}' "
+                f"data-measured='{v['measured'] or 0}'>{e(v['text'])}</p><p class='sub'>{e(v['sub'])}</p>")
+    if "composition" in charts:
+        body.append("<h2>What the bytes are at the measured peak</h2>"
+                    f"<p class='caption'>{e(_moment_sentence(comp))} Each bar adds up to its total in the line above: "
+                    "predicted from the plan's composition of that moment (plan.json memory_detail), measured from the "
+                    "tracker's categories at the peak (measured.json breakdown_at_peak).</p>")
+        body.append(charts["composition"])
+        body.append(html_table(["category", "predicted", "measured", "predicted − measured"], _composition_rows(comp),
+                               "composition"))
+    body.append("<h2>Memory over the measured steps</h2>")
+    if "timeline" in charts:
+        body.append("<p class='caption'>Live tensor bytes after every allocation and free, in order (downsampled: the "
+                    "band is each run of events' lowest to highest). Dashed red: the plan's predicted peak for each "
+                    "phase.</p>" + charts["timeline"])
+    else:
+        body.append(f"<p class='caption'>{e(_no_timeline(mem))}</p>")
+    body.append("<h2>Details</h2>")
+    body.append(_details("Every compared number", html_table(
+        ["term", "predicted", "measured", "error", "measured as"],
+        [[k, fmt_value(k, p["predicted"]), fmt_value(k, p["measured"]), fmt_err_fine(p["error"]), p["measured_as"]]
+         for k, p in pairs(plan, doc).items()]) + "<p class='caption'>error = (predicted − measured) / measured.</p>"))
+    body.append(_details("Settings", html_table(["setting", "value"], settings_rows(plan, doc), "kv")))
+    body.append(_details("Predicted moments of the step", html_table(MOMENT_HEADERS, _moment_rows(plan, doc))))
+    body.append(_details("LoRA parameters per module", html_table(*_module_table(plan))))
+    if mem.get("phases"):
+        body.append(_details("Loading phases", html_table(*_loading_table(mem))))
+    sp = _speed_lines(meas)
+    if sp:
+        body.append(_details("Speed and loss", "<ul>" + "".join(f"<li>{e(s)}</li>" for s in sp) + "</ul>"))
+    if mem.get("peak_detail"):
+        body.append(_details("Largest tensors at the peak", html_table(*_peak_detail_table(mem))))
+    if doc.get("notes"):
+        body.append(_details("Notes", "<ul>" + "".join(f"<li>{e(n)}</li>" for n in doc["notes"]) + "</ul>", True))
+    tb = (doc.get("failure") or {}).get("traceback")
+    if tb:
+        body.append(_details("Traceback", f"<pre>{e(tb.rstrip())}</pre>", True))
+    return page(_title(plan, doc), "\n".join(body))
 
 
 def write_run_report(run_dir: str | Path, plan: dict[str, Any], doc: dict[str, Any]) -> dict[str, Path]:
-    """Write report.md and report.html into ``run_dir`` (a folder qplan just made)."""
+    """Write report.html, report.md and the SVGs report.md links to into ``run_dir`` (a folder
+    qplan just made)."""
     run_dir = Path(run_dir)
+    charts = charts_for(plan, doc)
+    for name, svg in charts.items():
+        (run_dir / f"{name}.svg").write_text(svg + "\n", encoding="utf-8")
     md = run_markdown(plan, doc)
     (run_dir / "report.md").write_text(md, encoding="utf-8")
-    png = run_chart(plan, doc)
-    (run_dir / "report.html").write_text(html_page(f"qplan run {run_dir.name}", md, png), encoding="utf-8")
+    (run_dir / "report.html").write_text(run_html(plan, doc, charts), encoding="utf-8")
     return {"md": run_dir / "report.md", "html": run_dir / "report.html"}
 
 
-# -------------------------------------------------------------------------------- summary
+# -------------------------------------------------------------------------------- run folders
 
 
 def new_folder(parent: str | Path, name: str) -> Path:
@@ -253,82 +435,8 @@ def read_run(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return plan, doc
 
 
-SUMMARY_TERMS = ("tensor_peak", "peak", "weights", "weights_footprint", "trainable", "adapter_file_bytes", "step_seconds")
-
-
 def summarize(run_dirs: list[str], output: str | None = None) -> dict[str, Any]:
-    """Summary across run folders: summary.md, summary.html (error chart), summary.json.
+    """``qplan report``: see ``backends.summary.summarize``."""
+    from .summary import summarize as _summarize
 
-    Written into a new folder: ``output`` (must not exist yet), or
-    ``reports/summary-<UTC time>`` (suffixed if taken).
-    """
-    if not run_dirs:
-        raise QPlanError("give one or more run folders (reports/runs/...)")
-    runs = []
-    skipped: list[str] = []
-    for d in run_dirs:
-        try:
-            plan, doc = read_run(d)
-        except QPlanError as exc:  # a bad folder is skipped with a warning; the good ones are reported
-            skipped.append(f"skipped {d}: {exc}")
-            continue
-        prs = pairs(plan, doc)
-        mem = (doc.get("measured") or {}).get("memory") or {}
-        runs.append({
-            "run": Path(d).name, "path": str(d), "model": plan["model"]["name"], "backend": str(doc.get("backend")),
-            "quant": plan["quant"]["quant"], "grad_ckpt": plan["training"]["grad_ckpt"],
-            "batch_x_seq": f"{plan['training']['batch_size']}x{plan['training']['seq_len']}",
-            "device": mem.get("device"), "status": doc.get("status"),
-            "terms": {k: prs[k] for k in SUMMARY_TERMS},
-        })
-    if not runs:
-        raise QPlanError(f"no readable run folder among {len(run_dirs)}: " + "; ".join(skipped)[:400])
-    if output:
-        from qplan.planner.files import safe_exists
-
-        out = Path(output)
-        if safe_exists(out):
-            raise QPlanError(f"{output} already exists: choose another --output")
-        try:
-            out.mkdir(parents=True)
-        except OSError as exc:
-            raise QPlanError(f"--output {output}: cannot create the folder ({exc.strerror or exc})") from exc
-    else:
-        out = new_folder("reports", f"summary-{utc_stamp()}")
-    headers = ["run", "model", "backend", "quant", "ckpt", "b×s", "device", "status",
-               "tensor peak pred", "tensor peak meas"] + [f"err {k}" for k in SUMMARY_TERMS]
-    rows = [[r["run"], r["model"], r["backend"], r["quant"], r["grad_ckpt"], r["batch_x_seq"], str(r["device"]),
-             str(r["status"]), fmt_bytes(r["terms"]["tensor_peak"]["predicted"]),
-             fmt_bytes(r["terms"]["tensor_peak"]["measured"])]
-            + [fmt_err(r["terms"][k]["error"]) for k in SUMMARY_TERMS] for r in runs]
-    md = "\n".join([f"# qplan summary of {len(runs)} run(s)", "",
-                    "error = (predicted − measured) / measured; — = not measured.", "", _table(headers, rows)]) + "\n"
-    png = summary_chart(runs)
-    (out / "summary.md").write_text(md, encoding="utf-8")
-    (out / "summary.html").write_text(html_page("qplan summary", md, png), encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps({"runs": runs}, indent=2) + "\n", encoding="utf-8")
-    return {"output": str(out), "runs": runs, "skipped": skipped,
-            "summary": md + f"\nwritten to {out}/summary.md and summary.html"}
-
-
-def summary_chart(runs: list[dict[str, Any]]) -> str | None:
-    """Base64 PNG: signed prediction error (%) per run and term."""
-    plt = _pyplot()
-    terms = [k for k in SUMMARY_TERMS if any(r["terms"][k]["error"] is not None for r in runs)]
-    if not terms:
-        return None
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(runs) * len(terms) / 2), 4.2))
-    width = 0.8 / len(terms)
-    for j, k in enumerate(terms):
-        xs = [i + (j - (len(terms) - 1) / 2) * width for i in range(len(runs))]
-        ax.bar(xs, [(r["terms"][k]["error"] or 0.0) * 100 for r in runs], width=width, label=k)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(runs)))
-    ax.set_xticklabels([f"{r['model']}\n{r['backend']} {r['quant']} ckpt={r['grad_ckpt']}" for r in runs],
-                       rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("prediction error, % of measured")
-    ax.set_title("(predicted − measured) / measured")
-    ax.legend(fontsize=8)
-    out = _png(fig)
-    plt.close(fig)
-    return out
+    return _summarize(run_dirs, output)

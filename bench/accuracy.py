@@ -92,6 +92,10 @@ def pct(x: float) -> str:
     return f"{100 * x:+.3f}%"
 
 
+SCATTER_LINE = ("![analytic vs trace tensor peak, log-log, y = x, ±5% band](scatter.svg) "
+                "(`python bench/accuracy_scatter.py` draws it from matrix.json; scatter.html is the page)")
+
+
 def write_report(rows: list[dict], out: Path, argv: list[str], seconds: float, commit, dirty) -> None:
     out.mkdir(parents=True, exist_ok=True)
     versions = {}
@@ -123,6 +127,8 @@ def write_report(rows: list[dict], out: Path, argv: list[str], seconds: float, c
         f"**{total['cases']} cases: median |error| {100 * total['median_abs_error']:.3f}%, "
         f"worst |error| {100 * total['worst_abs_error']:.3f}%** (worst: {total['worst_case']}).",
         "",
+        SCATTER_LINE,
+        "",
         "| model | cases | median abs error | worst abs error |",
         "|---|---:|---:|---:|",
     ]
@@ -136,6 +142,10 @@ def write_report(rows: list[dict], out: Path, argv: list[str], seconds: float, c
                      f"{r['targets']} | {r['optimizer']} | {r['analytic_tensor_peak']} | {r['trace_tensor_peak']} | "
                      f"{pct(r['error'])} | {r['analytic_phase']} |")
     (out / "README.md").write_text("\n".join(lines) + "\n")
+    sys.path.insert(0, str(Path(__file__).parent))
+    import accuracy_scatter
+
+    accuracy_scatter.write(out / "matrix.json", out)
 
 
 def source_state() -> tuple[str | None, bool | None]:

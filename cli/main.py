@@ -332,11 +332,14 @@ def run(plan_file, model_dir, random_init, data, steps, epochs, device, lr, out_
 
 @cli.command()
 @click.argument("run_dirs", nargs=-1, type=click.Path())
-@click.option("--output", "-o", default=None, help="folder for the summary (default: reports/summary-<time>)")
+@click.option("--output", "-o", default=None,
+              help="a name ending in .html, .md or .json: that one file; any other name: a new folder with "
+                   "summary.html, summary.md, summary.json and scatter.svg (default: a new folder reports/summary-<time>); "
+                   "never over an existing file or folder")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def report(run_dirs, output, fmt) -> None:
-    """Summarise run folders: predicted vs measured, error per term, with a chart."""
-    from qplan.backends.report import summarize
+    """Summarise run folders: predicted vs measured scatter, error per term, worst first."""
+    from qplan.backends.summary import summarize
 
     result = summarize(list(run_dirs), output)
     for line in result.get("skipped", []):

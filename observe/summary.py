@@ -134,6 +134,27 @@ class Curve:
             "peak_event": peak_at,
         }
 
+    def timeline(self, first: int, last: int | None = None, buckets: int = 1000) -> dict[str, Any]:
+        """Live bytes over the events ``first..last`` (default: to the end), downsampled for a
+        picture: at most ``buckets`` runs of consecutive events, each kept as its lowest and
+        highest live bytes (an envelope: no peak is lost), with the phase segments and the peak.
+        Events are counted from ``first`` (x = allocation/free events, not seconds)."""
+        last = self.tracker.event if last is None else last
+        n = max(0, last - first)
+        width = max(1, -(-n // buckets))
+        t, lo, hi = [], [], []
+        for start in range(first, first + n, width):
+            chunk = self.live[start:min(start + width, first + n)]
+            t.append(start - first)
+            lo.append(int(min(chunk)))
+            hi.append(int(max(chunk)))
+        phases = [[max(a, first) - first, min(b, last) - first, ph, st] for a, b, ph, st in self.segments
+                  if b > first and a < last and b > a]
+        top, at = self.seg_max(first, first + n) if n else (self.before(first), first - 1)
+        return {"x": "event", "events": n, "bucket_events": width, "t": t, "lo": lo, "hi": hi,
+                "start_bytes": int(self.before(first)), "phases": phases,
+                "peak": {"event": max(0, at - first), "bytes": int(top)}}
+
     def detail(self, at: int, top: int = 40) -> list[dict[str, Any]]:
         """The largest (category, op dtype shape) groups of bytes alive at ``at`` (needs origins)."""
         groups: dict[tuple[str, str], int] = {}

@@ -384,20 +384,27 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
         first = layer_activation(spec, br, q, r, dropout, attn_impl, first=True, kernels=kernels)
         saved = first + (d.L - 1) * full + head
         layers = first + grads_in + rotary
+        layers_temps = grads_in
     else:
         saved = (layer_inputs if grad_ckpt == "hf" else ZERO) + head
         if attn_impl == "eager":
             saved = saved + eager_mask_activation(spec, p)
         if q.quant == "int8":
             saved = saved + d.L * int8_retained_activation(spec, q, p, True, False, set())
-        layers = Lin(tok=p.R * d.h) + grads_in + full + rotary + recompute_transient(spec, br, p, dropout)
-    attn_fwd = ZERO
+        layers_temps = grads_in + recompute_transient(spec, br, p, dropout)
+        layers = Lin(tok=p.R * d.h) + full + rotary + layers_temps
+    attn_fwd = attn_fwd_temps = ZERO
     if attn_impl == "eager":
         # inside layer 0's backward the saved s^2 tensors give way to the backward's own
         layers = layers + eager_backward_quad(d, p) + Lin(quad=-full.quad)
+        layers_temps = layers_temps + eager_backward_quad(d, p)
         if grad_ckpt != "off":
-            attn_fwd = layer_inputs + eager_mask_activation(spec, p) + eager_forward_transient(d, p)
+            attn_fwd_temps = eager_forward_transient(d, p)
+            attn_fwd = layer_inputs + eager_mask_activation(spec, p) + attn_fwd_temps
+    # ``*_temps``: the part of ``layers`` / ``attn_fwd`` that is transient (gradients in flight,
+    # a recomputation's or a softmax's scratch): what a tracker calls temporaries at that moment
     return {"saved": saved, "layers": layers, "attn_fwd": attn_fwd,
+            "layers_temps": layers_temps, "attn_fwd_temps": attn_fwd_temps,
             "loss_extra": loss_time_activation(spec, counts, q, grad_ckpt)}
 
 

@@ -29,6 +29,7 @@ from .memory import (
     overhead_bytes,
 )
 from .spec import ModelSpec
+from .vocab import CATEGORIES, MOMENTS_OF_PHASE
 from .weights import QuantSettings
 
 
@@ -77,6 +78,9 @@ class MemoryModel:
     loss_extra: Lin
     logits_fwd: Lin
     logits_bwd: Lin
+    #: the transient parts of ``layers`` and ``attn_fwd`` (for ``composition`` only)
+    layers_temps: Lin = ZERO
+    attn_temps: Lin = ZERO
 
     @classmethod
     def build(cls, spec, counts, lora_r, dropout, q, grad_ckpt, optimizer, attn_impl, weights, chunked_ce=False,
@@ -94,6 +98,7 @@ class MemoryModel:
             # entering layer 0's backward, the other layers' gradients exist
             layers_grads=gradient_bytes(counts) * (L - 1) // max(1, L),
             loss_extra=acts["loss_extra"], logits_fwd=lg["forward"], logits_bwd=lg["backward"],
+            layers_temps=acts["layers_temps"], attn_temps=acts["attn_fwd_temps"],
         )
 
     def phases(self, b: int, s: int, grad_accum: int = 1) -> dict[str, int]:
@@ -113,6 +118,33 @@ class MemoryModel:
         if self.attn_fwd != ZERO:
             out["attention"] = static + g + self.attn_fwd.at(T, s)
         return out
+
+    def composition(self, b: int, s: int, grad_accum: int = 1) -> dict[str, dict[str, int]]:
+        """What the bytes of each moment of ``phases`` are, in the tracker's categories
+        (``vocab.CATEGORIES`` less ``optimizer_paged``, which is outside the peak): each moment's
+        parts add up to its total in ``phases`` exactly.  A report draws the moment where a run's
+        peak was measured from this, beside the measured ``breakdown_at_peak``."""
+        T = b * s
+        g = self.gradients if grad_accum > 1 else 0
+        static = {"weights": self.weights, "adapters": self.adapters,
+                  "optimizer": self.optimizer - self.optimizer_paged}
+        acts = self.saved.at(T, s)
+        layers_t = self.layers_temps.at(T, s)
+        parts = {
+            # the loss-time extras are made in the forward and not saved: transients to a tracker
+            "forward": {"gradients": g, "activations": acts, "logits": self.logits_fwd.at(T, s),
+                        "temporaries": self.loss_extra.at(T, s)},
+            "backward": {"gradients": g, "activations": acts, "logits": self.logits_bwd.at(T, s)},
+            "layers": {"gradients": self.gradients if grad_accum > 1 else self.layers_grads,
+                       "activations": self.layers.at(T, s) - layers_t, "temporaries": layers_t},
+            "optimizer": {"gradients": self.gradients, "temporaries": self.temps_opt},
+        }
+        if self.attn_fwd != ZERO:
+            attn_t = self.attn_temps.at(T, s)
+            parts["attention"] = {"gradients": g, "activations": self.attn_fwd.at(T, s) - attn_t,
+                                  "temporaries": attn_t}
+        order = [c for c in CATEGORIES if c != "optimizer_paged"]
+        return {moment: {c: int({**static, **p}.get(c, 0)) for c in order} for moment, p in parts.items()}
 
     def peak(self, b: int, s: int, grad_accum: int = 1) -> int:
         """tensor_peak only (the inner loop of ``qplan fit``)."""
@@ -140,5 +172,14 @@ class MemoryModel:
             "peak": tensor_peak + sum(over.values()),
             "peak_phase": phase,
             "phases": phases,
+            "composition": self.composition(b, s, grad_accum),
         }
 
+
+
+def moment_in_phase(phases: dict[str, int], observed_phase: str | None) -> str | None:
+    """The planner's moment for a peak an observer saw in ``observed_phase`` (``vocab.PHASES``):
+    of the moments in that phase (``vocab.MOMENTS_OF_PHASE``), the one predicted largest, the
+    earliest on a tie.  ``None`` when the phase is not a step phase or the plan has none of them."""
+    cands = [m for m in MOMENTS_OF_PHASE.get(observed_phase or "", ()) if m in phases]
+    return max(cands, key=lambda m: phases[m]) if cands else None

@@ -123,6 +123,12 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
             "phases": mem["phases"],
             # the same step run on the CPU (qplan run --device cpu compares with this)
             "tensor_peak_cpu": cpu["tensor_peak"],
+            # what each moment's bytes are (tracker categories; each adds up to its phase), and
+            # the moments for CPU kernels: a report draws the moment where a run's peak was measured
+            "composition": mem["composition"],
+            "peak_phase_cpu": cpu["peak_phase"],
+            "phases_cpu": cpu["phases"],
+            "composition_cpu": cpu["composition"],
         },
         "fits": (memory["peak"] <= usable) if usable is not None else None,
         "headroom": (usable - memory["peak"]) if usable is not None else None,

@@ -96,6 +96,15 @@ CATEGORIES = ("weights", "adapters", "gradients", "optimizer", "optimizer_paged"
               "temporaries")
 #: phases of a step as the observers mark them
 PHASES = ("forward", "backward", "optimizer")
+#: the planner's moments of a step (``prediction.memory_detail.phases``) that fall in each phase an
+#: observer marks: the loss is computed inside the model's forward; layer 0's backward is in the
+#: backward pass; an eager-attention layer's forward runs in the forward and again, recomputed, in
+#: the backward
+MOMENTS_OF_PHASE = {"forward": ("forward", "attention"), "backward": ("backward", "layers", "attention"),
+                    "optimizer": ("optimizer",)}
+#: what a person calls each moment
+MOMENT_NAMES = {"forward": "loss (end of forward)", "backward": "start of backward", "layers": "layer-0 backward",
+                "optimizer": "optimizer step", "attention": "eager attention forward"}
 
 
 def optimizer(name: str) -> Optimizer:

@@ -35,6 +35,37 @@ def test_counts_new_storages_once_and_follows_frees():
     del a, c
 
 
+def test_timeline_keeps_every_peak_and_the_phases():
+    tr = LiveTensorTracker("cpu")
+    keep = []
+    with tr:
+        tr.set_phase("forward", 2)
+        for _ in range(30):  # 30 allocations of 400 B, kept: 12,000 B
+            keep.append(torch.zeros(100))
+        tr.set_phase("backward", 2)
+        x = torch.zeros(1000)  # +4,000 B: the peak, 16,000 B
+        del x
+        keep.clear()  # 30 frees
+        tr.set_phase("optimizer", 2)
+        y = torch.zeros(10)
+    tr.detach()
+    curve = Curve(tr)
+    res = curve.summarize()
+    first = next(ev for ev, ph, _ in tr.marks if ph == "forward")
+    full = curve.timeline(first)
+    assert full["events"] == tr.event - first == 30 + 2 + 30 + 1
+    assert full["bucket_events"] == 1 and full["hi"] == full["lo"] and len(full["t"]) == full["events"]
+    assert full["start_bytes"] == 0 and full["hi"][29] == 12_000 and full["hi"][30] == 16_000
+    assert full["peak"] == {"event": 30, "bytes": res["tensor_peak"]} and res["tensor_peak"] == 16_000
+    assert [p[2] for p in full["phases"]] == ["forward", "backward", "optimizer"]
+    assert full["phases"][0][:2] == [0, 30] and full["phases"][-1][1] == full["events"]
+    small = curve.timeline(first, buckets=7)  # downsampled: an envelope, the peak survives
+    assert len(small["t"]) == 7 and small["bucket_events"] == 9  # 63 events / 7
+    assert max(small["hi"]) == 16_000 and min(small["lo"]) == min(full["lo"])
+    assert small["peak"] == full["peak"]
+    del y
+
+
 def test_existing_tensors_categories_and_logits():
     w = torch.zeros(64, 32)  # 8192 B
     tr = LiveTensorTracker("cpu", logits=LogitsRule(16))  # any number of rows (chunked loss)

@@ -63,7 +63,10 @@ def test_measured_json_and_report_files(trained):
     md = (run / "report.md").read_text()
     assert "| tensor_peak |" in md and "| trainable | 65,536 | 65,536 | +0.00% |" in md
     html = (run / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 1 and "<table>" in html
+    assert "class='chart composition'" in html and "class='chart timeline'" in html and "<table" in html
+    tl = mem["timeline"]  # live bytes over the measured steps, downsampled, its peak the measured one
+    assert tl["peak"]["bytes"] == mem["tensor_peak"] == max(tl["hi"]) and len(tl["t"]) <= 1000
+    assert {p[2] for p in tl["phases"]} >= {"forward", "backward", "optimizer"}
 
 
 def test_adapter_reloads_with_peft_and_changes_the_output(trained, tmp_path):

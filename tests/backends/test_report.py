@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 
 from backend_helpers import build_plan, llama_spec
-from qplan.backends.compare import components, errors, pairs
-from qplan.backends.report import summarize, write_run_report
+from qplan.backends.compare import components, composition_at_peak, errors, pairs
+from qplan.backends.report import composition_stacks, write_run_report
+from qplan.backends.summary import summarize
 from qplan.cli.main import main
 from qplan.planner.errors import QPlanError
-
-pytest.importorskip("matplotlib")
 
 
 def _cpu_doc(plan):
@@ -80,10 +79,67 @@ def test_run_report_files(tmp_path):
     d = _run_folder(tmp_path, "r1", plan, _cpu_doc(plan))
     files = write_run_report(d, plan, _cpu_doc(plan))
     md = files["md"].read_text()
-    assert "| tensor_peak |" in md and "-20.00%" in md
+    # the verdict comes first, then the composition; every compared number is in the details
+    assert md.index("Tensor peak: measured") < md.index("## What the bytes are") < md.index("## Details")
+    assert "error -20.00%" in md and "| tensor_peak |" in md
     assert "| weights | 0.814 MiB | 0.814 MiB | +0.00% |" in md
+    assert "No timeline: this run's measured.json has none" in md  # an old run: no timeline, said so
     html = files["html"].read_text()
-    assert "data:image/png;base64," in html and "<h1>" in html
+    assert html.index("<h1>") < html.index("id='verdict'") < html.index("<svg") and "<details>" in html
+    assert "data:image" not in html and "http" not in html.replace("http://www.w3.org/2000/svg", "")  # self-contained
+    assert (d / "composition.svg").is_file() and not (d / "timeline.svg").exists()
+
+
+def _peak_doc(plan, phase, kernels="cpu"):
+    """A CPU run whose peak was measured in ``phase``, with the bytes of the plan's moment (+1%)."""
+    from qplan.planner.phases import moment_in_phase
+
+    detail = plan["prediction"]["memory_detail"]
+    moment = moment_in_phase(detail["phases_cpu"], phase)
+    measured = {k: int(v * 1.01) for k, v in detail["composition_cpu"][moment].items()}
+    doc = _cpu_doc(plan)
+    doc["measured"]["memory"].update({"tensor_peak": sum(measured.values()), "tensor_peak_phase": phase,
+                                      "tensor_peak_step": 2, "breakdown_at_peak": {**measured, "optimizer_paged": 0}})
+    return doc
+
+
+def test_composition_is_the_same_moment_and_adds_up_to_the_verdict():
+    plan = build_plan(llama_spec())
+    detail = plan["prediction"]["memory_detail"]
+    for phase in ("forward", "backward", "optimizer"):
+        doc = _peak_doc(plan, phase)
+        comp = composition_at_peak(plan, doc)
+        stacks = {s["key"]: s for s in composition_stacks(comp)}
+        assert stacks["measured"]["total"] == doc["measured"]["memory"]["tensor_peak"] == comp["compared"]["measured"]
+        assert stacks["predicted"]["total"] == detail["phases_cpu"][comp["moment"]]
+        # the bar that adds up to the verdict's predicted total is there whatever the moment
+        peak_bar = stacks["predicted"] if comp["moment"] == detail["peak_phase_cpu"] else stacks["predicted_peak"]
+        assert peak_bar["total"] == comp["compared"]["predicted"] == detail["tensor_peak_cpu"]
+        assert ("predicted_peak" in stacks) == (comp["moment"] != detail["peak_phase_cpu"])
+
+
+def test_cuda_run_composition_has_the_allocator_total_only():
+    plan = build_plan(llama_spec())
+    comp = composition_at_peak(plan, _cuda_doc(plan))
+    stacks = {s["key"]: s for s in composition_stacks(comp)}
+    assert comp["kernels"] == "cuda" and comp["moment"] == plan["prediction"]["memory_detail"]["peak_phase"]
+    assert stacks["measured"]["parts"] is None and stacks["measured"]["total"] == plan["prediction"]["memory"]["tensor_peak"]
+    assert stacks["predicted"]["total"] == plan["prediction"]["memory"]["tensor_peak"]
+
+
+def test_an_old_plan_without_compositions_still_renders(tmp_path):
+    plan = build_plan(llama_spec())
+    for k in ("composition", "composition_cpu", "phases_cpu", "peak_phase_cpu"):
+        del plan["prediction"]["memory_detail"][k]
+    d = _run_folder(tmp_path, "old", plan, _cpu_doc(plan))
+    files = write_run_report(d, plan, _cpu_doc(plan))
+    assert "no breakdown in this plan" in files["html"].read_text()
+    # an edited plan whose compositions are not numbers renders the same way (no traceback)
+    plan = build_plan(llama_spec())
+    plan["prediction"]["memory_detail"]["composition_cpu"] = {"backward": {"weights": "x"}}
+    plan["prediction"]["memory_detail"]["phases_cpu"] = [1, 2]
+    files = write_run_report(_run_folder(tmp_path, "edited", plan, _cpu_doc(plan)), plan, _cpu_doc(plan))
+    assert "no breakdown in this plan" in files["html"].read_text()
 
 
 def test_summary_across_runs_in_a_new_folder(tmp_path, capsys, monkeypatch):
@@ -97,10 +153,14 @@ def test_summary_across_runs_in_a_new_folder(tmp_path, capsys, monkeypatch):
     assert "-20.00%" in out
     made = sorted((tmp_path / "reports").iterdir())
     assert len(made) == 1 and made[0].name.startswith("summary-")
-    assert {p.name for p in made[0].iterdir()} == {"summary.md", "summary.html", "summary.json"}
+    assert {p.name for p in made[0].iterdir()} == {"summary.md", "summary.html", "summary.json", "scatter.svg"}
     summary = json.loads((made[0] / "summary.json").read_text())
-    assert [r["run"] for r in summary["runs"]] == ["a", "b"]
-    assert "data:image/png;base64," in (made[0] / "summary.html").read_text()
+    assert [r["run"] for r in summary["runs"]] == ["a", "b"]  # worst |error| first: a is -20%, b exact
+    page = (made[0] / "summary.html").read_text()
+    assert "class='chart scatter'" in page and page.count("class='point'") == 2 + 1  # + the CUDA run's peak
+    assert "What the GPU must have" in page
+    assert "1 of 2 measured runs within ±5%" in page
+    assert "href='../../runs/a/report.html'" in page  # links to each run's report, relative
     # an explicit --output that exists is refused; a second summary gets a new folder
     with pytest.raises(QPlanError, match="already exists"):
         summarize([str(a)], output=str(made[0]))
@@ -112,3 +172,23 @@ def test_summary_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     (tmp_path / "x").mkdir()
     assert main(["report", str(tmp_path / "x")]) == 2
     assert "has no plan.json" in capsys.readouterr().err
+
+
+def test_summary_output_is_a_file_or_a_folder_by_its_name(tmp_path, capsys):
+    plan = build_plan(llama_spec())
+    a = _run_folder(tmp_path / "runs", "a", plan, _cpu_doc(plan))
+    assert main(["report", str(a), "--output", str(tmp_path / "summary.html")]) == 0
+    assert (tmp_path / "summary.html").is_file() and "class='chart scatter'" in (tmp_path / "summary.html").read_text()
+    assert main(["report", str(a), "--output", str(tmp_path / "s.json"), "--format", "json"]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["runs"][0]["run"] == "a"
+    capsys.readouterr()
+    # never over an existing file: one line, exit 2, the file untouched
+    (tmp_path / "mine.html").write_text("mine")
+    assert main(["report", str(a), "--output", str(tmp_path / "mine.html")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already exists" in err and (tmp_path / "mine.html").read_text() == "mine"
+    # any other name is a new folder
+    assert main(["report", str(a), "--output", str(tmp_path / "sum")]) == 0
+    assert (tmp_path / "sum" / "summary.html").is_file()
+    assert main(["report", str(a), "--output", str(tmp_path / "sum")]) == 2
+    assert "already exists" in capsys.readouterr().err
