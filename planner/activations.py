@@ -393,6 +393,11 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
             saved = saved + d.L * int8_retained_activation(spec, q, p, True, False, set())
         layers_temps = grads_in + recompute_transient(spec, br, p, dropout)
         layers = Lin(tok=p.R * d.h) + full + rotary + layers_temps
+    p_total, p_layer, p_temp = parameter_lora_activation(counts, q)
+    if p_total:
+        saved = saved + Lin(const=p_total if grad_ckpt == "off" else 0)
+        layers = layers + Lin(const=p_layer + p_temp)
+        layers_temps = layers_temps + Lin(const=p_temp)
     attn_fwd = attn_fwd_temps = ZERO
     if attn_impl == "eager":
         # inside layer 0's backward the saved s^2 tensors give way to the backward's own
@@ -406,6 +411,34 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     return {"saved": saved, "layers": layers, "attn_fwd": attn_fwd,
             "layers_temps": layers_temps, "attn_fwd_temps": attn_fwd_temps,
             "loss_extra": loss_time_activation(spec, counts, q, grad_ckpt)}
+
+
+def parameter_lora_activation(counts: list[ModuleCount], q: QuantSettings) -> tuple[int, int, int]:
+    """LoRA on parameters (``target_parameters``, PEFT's ``ParamWrapper``; MoE experts): bytes per
+    model, per layer, and a layer backward's transient.
+
+    In the forward, PEFT parametrizes the wrapped parameter with its adapter
+    (``ParamWrapper._activate_lora``): ``W' = W + scaling * B A`` is materialised whole, in the
+    parameter's dtype ``w`` (fp32 after ``prepare_model_for_kbit_training``: one ``baddbmm``;
+    16-bit: the fp32 delta, its cast and the sum), and the experts' ``grouped_mm`` saves ``W'`` for
+    the input gradient: ``w * numel`` per wrapped parameter and layer, saved for backward (all layers
+    without checkpointing; the recomputed layer with it). In that layer's backward the gradient of
+    each ``W'`` is as large again; the wrapped parameters are used in order (``gate_up_proj`` before
+    ``down_proj``), so the backward holds at most ``max_j (sum_{k<=j} S_k + S_j)``, the transient
+    beyond the layer's saved ``sum_k S_k`` being that minus ``sum_k S_k``.
+    Returns (``sum`` over every layer, ``sum_k S_k`` of the largest layer, that transient).
+    """
+    wrapped = [c for c in counts if c.kind == "lora_param"]
+    if not wrapped:
+        return 0, 0, 0
+    w = {c.module + c.shape: (4 if c.base_fp32 else BYTES[q.unquantized_dtype]) * c.base_numel for c in wrapped}
+    total = sum(w[c.module + c.shape] * c.instances for c in wrapped)
+    # one layer: the wrapped parameters of the layers with the most of them (instances = layers)
+    most = max(c.instances for c in wrapped)
+    sizes = [w[c.module + c.shape] for c in wrapped if c.instances == most]
+    layer = sum(sizes)
+    peak = max(sum(sizes[: j + 1]) + sizes[j] for j in range(len(sizes)))
+    return total, layer, peak - layer
 
 
 def recompute_transient(spec: ModelSpec, branches: list[Branch], p: Precision, dropout: float) -> Lin:

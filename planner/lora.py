@@ -116,6 +116,9 @@ class ModuleCount:
     params_per_instance: int
     dtype: str
     save_keys: list[tuple[str, list[int]]] = field(default_factory=list)
+    #: ``lora_param`` only: elements of the wrapped parameter, and whether it is kept in fp32
+    base_numel: int = 0
+    base_fp32: bool = False
 
     @property
     def total(self) -> int:
@@ -286,8 +289,10 @@ def count_parameter_targets(spec: ModelSpec, lora: LoraSettings, tg: PeftTargets
         later = sum(1 for m2, p2, _, _ in hits if m2 == mod) - 1 - [p2 for m2, p2, _, _ in hits if m2 == mod].index(param)
         wrap = "base_layer." * later
         shape_s = f"{param} {e}×({i_}→{o_})" if len(shape) == 3 else f"{param} {i_}→{o_}"
+        fp32 = next((p.keep_fp32 for p in inv.params if p.pattern == mod and p.param == param), False)
         out.append(ModuleCount(mod, "lora_param", shape_s, instances, r * e * (i_ + o_), lora.adapter_dtype,
-                               [(f"{wrap}lora_A.weight", [r * e, i_]), (f"{wrap}lora_B.weight", [o_, r * e])]))
+                               [(f"{wrap}lora_A.weight", [r * e, i_]), (f"{wrap}lora_B.weight", [o_, r * e])],
+                               base_numel=math.prod(shape), base_fp32=fp32))
     return out
 
 
