@@ -80,15 +80,21 @@ def target_names(spec: ModelSpec, targets: str) -> list[str]:
     targets = targets.strip()
     if targets in PRESETS:
         names = inv.presets.get(targets)
+        experts = sorted({p.param for p in inv.params if len(p.shape) == 3})
+        if targets == "mlp" and names is not None and inv.moe_conversion is not None:
+            # MoE: the expert projections by the names PEFT rewrites onto the fused experts (not the router)
+            names = [*names, *(old for old, new in inv.moe_conversion.modules.items() if new in experts)]
         if names is None:
             raise QPlanError(
                 f"preset {targets!r} is not defined for model_type {inv.model_type!r}; "
                 f"name modules explicitly, e.g. --targets {','.join(inv.presets['attn'][:2])}"
             )
         if not names:
+            hint = (f"; its experts are fused parameters: adapt them with --target-parameters {','.join(experts)}"
+                    if experts else "")
             raise QPlanError(
                 f"preset {targets!r} matches no nn.Linear in {spec.name} "
-                f"({inv.architecture}); linear modules: {', '.join(linear_leaf_names(spec))}"
+                f"({inv.architecture}); linear modules: {', '.join(linear_leaf_names(spec))}{hint}"
             )
         return list(names)
     names = [t.strip() for t in targets.split(",") if t.strip()]

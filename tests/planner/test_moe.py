@@ -93,6 +93,8 @@ def test_what_peft_refuses_is_refused(family, targets, extra, match):
 def test_expert_names_on_gpt_oss_point_to_target_parameters():
     with pytest.raises(QPlanError, match="--target-parameters"):
         count_lora(tiny_spec("gpt-oss-moe"), LoraSettings(r=8, alpha=16, targets="gate_up_proj"))
+    with pytest.raises(QPlanError, match="--target-parameters down_proj,gate_up_proj"):
+        count_lora(tiny_spec("gpt-oss-moe"), LoraSettings(r=8, alpha=16, targets="mlp"))
 
 
 def test_adapter_file_equals_real_peft_save(tmp_path):
