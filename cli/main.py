@@ -91,18 +91,23 @@ def config_options(f):
                              "overridden by explicit flags")(f)
 
 
-def with_trainer_config(o: dict[str, Any], names: tuple[str, ...] | None = None) -> dict[str, Any]:
+def with_trainer_config(o: dict[str, Any], names: tuple[str, ...] | None = None) -> tuple[dict[str, Any], list[str]]:
     """``o`` (a command's options) with the values of ``--from-config`` for every option not given on the
-    command line (``names``: the options the command takes from the file; all when None)."""
+    command line (``names``: the options the command takes from the file; all when None), and the
+    file's warnings (printed once the plan is made: an error stays one line)."""
     from click.core import ParameterSource
 
     path, fmt = o.pop("from_config", None), o.pop("config_format", None)
+    warnings: list[str] = []
     if path:
+        from qplan.planner.schema import check_options
         from qplan.planner.trainer_configs import read_trainer_config
 
         opts, warnings, _ = read_trainer_config(path, fmt)
-        for w in warnings:
-            click.echo("qplan: warning: " + " ".join(w.split()), err=True)
+        try:
+            check_options({k: v for k, v in opts.items() if k != "model"})
+        except QPlanError as exc:
+            raise QPlanError(f"--from-config {path}: {exc}") from exc
         ctx = click.get_current_context()
         for k, v in opts.items():
             if (names is None or k in names) and ctx.get_parameter_source(k) != ParameterSource.COMMANDLINE:
@@ -111,7 +116,12 @@ def with_trainer_config(o: dict[str, Any], names: tuple[str, ...] | None = None)
         raise QPlanError("--config-format goes with --from-config FILE")
     if not o.get("model"):
         raise QPlanError("--model is required (a bundled name, a config.json, a Hub id), or --from-config FILE")
-    return o
+    return o, warnings
+
+
+def _warn(warnings: list[str]) -> None:
+    for w in warnings:
+        click.echo("qplan: warning: " + " ".join(w.split()), err=True)
 
 
 @cli.command()
@@ -129,7 +139,8 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
 
     if output and safe_exists(output) and not force:
         raise QPlanError(f"{output} already exists: choose another --output or pass --force to replace it")
-    plan = make_plan(**with_trainer_config(o))
+    o, config_warnings = with_trainer_config(o)
+    plan = make_plan(**o)
     if method == "trace":
         from qplan.planner.plan import attach_trace
 
@@ -141,6 +152,7 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
     text = dumps(plan)
     if output:
         write_new_file(output, text, force)
+    _warn(config_warnings)
     if fmt == "json":
         click.echo(text, nl=False)
     else:
@@ -177,8 +189,9 @@ def fit(fmt, **o) -> None:
     from qplan.planner.fit import search
     from qplan.planner.render import render_fit
 
-    o = with_trainer_config(o, FIT_FROM_CONFIG)
+    o, config_warnings = with_trainer_config(o, FIT_FROM_CONFIG)
     result = search(o.pop("model"), o.pop("gpu"), **o)
+    _warn(config_warnings)
     _emit(fmt, result, render_fit(result))
 
 

@@ -21,6 +21,8 @@ TORCH = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 #: placeholders the user replaces (a plan has no data set or output folder)
 DATA = "data.jsonl"
 OUT = "outputs/qplan"
+#: axolotl requires a learning rate (it changes no memory): the usual LoRA 2e-4
+LR = 2e-4
 
 
 def _check(plan: dict[str, Any], to: str) -> None:
@@ -97,9 +99,9 @@ def to_axolotl(plan: dict[str, Any]) -> dict[str, Any]:
                **_precision_flags(quant["compute_dtype"]))
     if tr["grad_ckpt"] == "hf":
         cfg["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
-    cfg[{"flash_attention_2": "flash_attention", "sdpa": "sdp_attention", "eager": "eager_attention"}[tr["attn_impl"]]] = True
+    cfg["attn_implementation"] = tr["attn_impl"]  # axolotl >= 0.19 (flash_attention: true etc. are deprecated)
     cfg["datasets"] = [{"path": DATA, "ds_type": "json", "type": "completion"}]
-    cfg["output_dir"] = OUT
+    cfg.update(learning_rate=LR, output_dir=OUT)
     return cfg
 
 
@@ -177,7 +179,7 @@ def export_config(plan: dict[str, Any], to: str, source: str = "plan.json") -> t
     import yaml
 
     gpu = f" --gpu {plan['gpu']['name']}" if plan.get("gpu") else ""
-    placeholders = {"axolotl": "datasets, output_dir", "llamafactory": "dataset, template, output_dir",
+    placeholders = {"axolotl": "datasets, learning_rate, output_dir", "llamafactory": "dataset, template, output_dir",
                     "trl": "dataset_name, output_dir"}[to]
     head = HEADER.format(tool={"axolotl": "axolotl", "llamafactory": "LLaMA-Factory", "trl": "TRL (trl sft --config)"}[to],
                          source=source, placeholders=placeholders, gpu=gpu)

@@ -225,7 +225,12 @@ def _axolotl(r: _Reader) -> dict[str, Any]:
     o["dora"] = bool(r.get("peft_use_dora", False))
     o["rslora"] = bool(r.get("peft_use_rslora", False))
     _training(r, o, "sequence_len", 1, 512, False, "optimizer", "adamw_torch_fused")
-    if r.get("flash_attention"):
+    impl = r.get("attn_implementation")
+    if impl is not None:
+        if impl not in ("sdpa", "eager", "flash_attention_2"):
+            raise QPlanError(f"axolotl config: attn_implementation {impl!r} is not planned (sdpa, eager or flash_attention_2)")
+        o["attn_impl"] = impl
+    elif r.get("flash_attention"):
         o["attn_impl"] = "flash_attention_2"
     elif r.get("sdp_attention"):
         o["attn_impl"] = "sdpa"
@@ -337,7 +342,8 @@ NO_EFFECT = {
         "wandb_log_model", "special_tokens", "train_on_inputs", "group_by_length", "chat_template", "logging_steps",
         "early_stopping_patience", "lora_fan_in_fan_out", "lora_model_dir", "pad_to_sequence_len",
         "sample_packing", "eval_sample_packing", "debug", "hub_model_id", "dataset_processes", "shuffle_merged_datasets",
-        "auto_resume_from_checkpoints", "save_first_step", "eval_table_size", "max_steps", "output_dir", "seed", "weight_decay", "learning_rate", "eval_batch_size", "save_safetensors"},
+        "auto_resume_from_checkpoints", "save_first_step", "eval_table_size", "max_steps", "output_dir", "seed",
+        "weight_decay", "learning_rate", "eval_batch_size", "save_safetensors"},
     "llamafactory": TRAINING_NO_EFFECT | {
         "trust_remote_code", "template", "dataset", "dataset_dir", "eval_dataset", "max_samples", "overwrite_cache",
         "preprocessing_num_workers", "val_size", "packing", "train_on_prompt", "mask_history", "streaming", "buffer_size",
