@@ -126,11 +126,15 @@ def fit_text(query: str) -> str:
 
 
 def models_text() -> str:
-    from qplan.planner.hub import bundled_hub_ids
-    from qplan.planner.specs import model_names
+    from qplan.planner.specs import load_spec, model_names
 
-    hub = {v: k for k, v in bundled_hub_ids().items()}
-    return json.dumps([{"name": n, "hub_id": hub.get(n)} for n in model_names()], indent=2) + "\n"
+    rows = []
+    for n in model_names():
+        try:
+            rows.append({"name": n, "hub_id": load_spec(n).source.get("hub_id")})
+        except QPlanError:  # a broken user spec: `qplan models` warns about it; the page just leaves it out
+            continue
+    return json.dumps(rows, indent=2) + "\n"
 
 
 def gpus_text() -> str:
