@@ -42,8 +42,8 @@ def cli() -> None:
 
 def plan_options(f):
     opts = [
-        click.option("--model", "-m", required=True,
-                     help="bundled model name (see `qplan models`), a config.json, or a model directory"),
+        click.option("--model", "-m", default=None,
+                     help="bundled model name (see `qplan models`), a config.json, a model directory or a Hub id ORG/NAME[@REV]"),
         click.option("--r", "r", type=int, default=16, show_default=True, help="LoRA rank"),
         click.option("--alpha", type=float, default=None, help="LoRA alpha [default: 2*r]"),
         click.option("--dropout", type=float, default=0.05, show_default=True),
@@ -80,7 +80,48 @@ def plan_options(f):
     ]
     for o in reversed(opts):
         f = o(f)
-    return f
+    return config_options(f)
+
+
+def config_options(f):
+    f = click.option("--config-format", type=click.Choice(["axolotl", "llamafactory", "trl"]), default=None,
+                     help="the trainer the --from-config file is for [default: detected]")(f)
+    return click.option("--from-config", "from_config", default=None,
+                        help="an axolotl / LLaMA-Factory / TRL config (YAML or JSON): its settings, "
+                             "overridden by explicit flags")(f)
+
+
+def with_trainer_config(o: dict[str, Any], names: tuple[str, ...] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """``o`` (a command's options) with the values of ``--from-config`` for every option not given on the
+    command line (``names``: the options the command takes from the file; all when None), and the
+    file's warnings (printed once the plan is made: an error stays one line)."""
+    from click.core import ParameterSource
+
+    path, fmt = o.pop("from_config", None), o.pop("config_format", None)
+    warnings: list[str] = []
+    if path:
+        from qplan.planner.schema import check_options
+        from qplan.planner.trainer_configs import read_trainer_config
+
+        opts, warnings, _ = read_trainer_config(path, fmt)
+        try:
+            check_options({k: v for k, v in opts.items() if k != "model"})
+        except QPlanError as exc:
+            raise QPlanError(f"--from-config {path}: {exc}") from exc
+        ctx = click.get_current_context()
+        for k, v in opts.items():
+            if (names is None or k in names) and ctx.get_parameter_source(k) != ParameterSource.COMMANDLINE:
+                o[k] = v
+    elif fmt:
+        raise QPlanError("--config-format goes with --from-config FILE")
+    if not o.get("model"):
+        raise QPlanError("--model is required (a bundled name, a config.json, a Hub id), or --from-config FILE")
+    return o, warnings
+
+
+def _warn(warnings: list[str]) -> None:
+    for w in warnings:
+        click.echo("qplan: warning: " + " ".join(w.split()), err=True)
 
 
 @cli.command()
@@ -98,6 +139,7 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
 
     if output and safe_exists(output) and not force:
         raise QPlanError(f"{output} already exists: choose another --output or pass --force to replace it")
+    o, config_warnings = with_trainer_config(o)
     plan = make_plan(**o)
     if method == "trace":
         from qplan.planner.plan import attach_trace
@@ -110,6 +152,7 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
     text = dumps(plan)
     if output:
         write_new_file(output, text, force)
+    _warn(config_warnings)
     if fmt == "json":
         click.echo(text, nl=False)
     else:
@@ -122,7 +165,7 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
 
 
 @cli.command()
-@click.option("--model", "-m", required=True)
+@click.option("--model", "-m", default=None, help="as for estimate (or from --from-config)")
 @click.option("--gpu", required=True, help="a catalog GPU, a comma-separated list, or all")
 @click.option("--seq-len", type=click.IntRange(1, MAX_CONTEXT), default=None, help="fix the sequence length (else search it)")
 @click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=None, help="fix the batch size (else search it)")
@@ -138,16 +181,70 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
 @click.option("--price-per-hour", default=None, help="price of a GPU-hour: a number, or NAME=PRICE,... per GPU")
 @click.option("--calibration", default=None, help="a calibration file from `qplan calibrate` for the --gpu")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
-def fit(model, gpu, seq_len, batch_size, quant, r, targets, optimizer, top, objective, tokens, price_per_hour,
-        calibration, fmt) -> None:
-    """Search batch, sequence, rank, targets, checkpointing, optimizer and quant for plans that fit."""
+@config_options
+def fit(fmt, **o) -> None:
+    """Search batch, sequence, rank, targets, checkpointing, optimizer and quant for plans that fit.
+    With --from-config the file fixes the model, rank, targets, quantization, optimizer and sequence
+    length (flags override); the micro-batch and checkpointing are searched."""
     from qplan.planner.fit import search
     from qplan.planner.render import render_fit
 
-    result = search(model, gpu, seq_len=seq_len, batch_size=batch_size, quant=quant, r=r,
-                    targets=targets, optimizer=optimizer, top=top, objective=objective, tokens=tokens,
-                    price_per_hour=price_per_hour, calibration=calibration)
+    o, config_warnings = with_trainer_config(o, FIT_FROM_CONFIG)
+    result = search(o.pop("model"), o.pop("gpu"), **o)
+    _warn(config_warnings)
     _emit(fmt, result, render_fit(result))
+
+
+#: what `qplan fit --from-config` takes from the file (the rest is searched)
+FIT_FROM_CONFIG = ("model", "r", "targets", "quant", "optimizer", "seq_len")
+
+
+# ------------------------------------------------------------------------------- export
+
+
+@cli.command()
+@click.argument("plan_file", type=click.Path())
+@click.option("--to", "to", type=click.Choice(["axolotl", "llamafactory", "trl"]), required=True)
+@click.option("--output", "-o", default=None, help="write the config to this file (else print it)")
+@click.option("--force", is_flag=True, help="replace an existing --output file")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True,
+              help="table: the YAML; json: the config as JSON")
+def export(plan_file, to, output, force, fmt) -> None:
+    """Write PLAN_FILE (plan.json) as an axolotl, LLaMA-Factory or TRL config (YAML)."""
+    from qplan.planner.export import export_config
+    from qplan.planner.schema import check_plan, read_json
+
+    if output and safe_exists(output) and not force:
+        raise QPlanError(f"{output} already exists: choose another --output or pass --force to replace it")
+    plan = check_plan(read_json(plan_file, "plan"), where=str(plan_file))
+    cfg, text = export_config(plan, to, source=Path(plan_file).name)
+    if output:
+        write_new_file(output, text, force)
+    if fmt == "json":
+        click.echo(json.dumps(cfg, indent=2, ensure_ascii=False))
+    elif output:
+        click.echo(f"{to} config written to {output}")
+    else:
+        click.echo(text, nl=False)
+
+
+# -------------------------------------------------------------------------------- serve
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (127.0.0.1: this machine only)")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+def serve(host, port) -> None:
+    """A local web calculator: the page at /, and /api/estimate, /api/fit (the plan documents of the CLI)."""
+    from qplan.cli.serve import make_server
+
+    server = make_server(host, port)
+    h, p = server.server_address[:2]
+    click.echo(f"qplan serve: http://{h}:{p}/ (Ctrl-C stops it)", err=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
 
 
 # ------------------------------------------------------------------------------ catalogs
@@ -350,20 +447,27 @@ def report(run_dirs, output, fmt) -> None:
 # --------------------------------------------------------------------------------- main
 
 
+def error_line(exc: QPlanError | click.ClickException) -> str:
+    """The one line the CLI prints for a bad input (``qplan serve`` answers the same line)."""
+    if isinstance(exc, QPlanError):
+        return "qplan: error: " + " ".join(str(exc).split())
+    msg = exc.format_message().replace("\n", " ")
+    ctx = getattr(exc, "ctx", None)
+    where = f" ({ctx.command_path})" if ctx is not None else ""
+    return f"qplan: error{where}: {msg}"
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="qplan", standalone_mode=False)
     except QPlanError as exc:
-        click.echo("qplan: error: " + " ".join(str(exc).split()), err=True)
+        click.echo(error_line(exc), err=True)
         return 2
     except click.exceptions.Abort:
         click.echo("qplan: aborted", err=True)
         return 130
     except click.ClickException as exc:
-        msg = exc.format_message().replace("\n", " ")
-        ctx = getattr(exc, "ctx", None)
-        where = f" ({ctx.command_path})" if ctx is not None else ""
-        click.echo(f"qplan: error{where}: {msg}", err=True)
+        click.echo(error_line(exc), err=True)
         return exc.exit_code or 2
     except KeyboardInterrupt:
         click.echo("qplan: interrupted", err=True)

@@ -1,0 +1,280 @@
+"""Trainer configs in and out (issue 13).
+
+Oracles: the plan of each realistic config in ``tests/fixtures/trainer_configs`` is compared with the
+plan of the flags a person reads off that config (written out by hand below, not derived by the
+importer), as JSON, byte for byte; an exported file is parsed by the tool's own parser where it
+installs (TRL's ``TrlParser`` over ``ScriptArguments``, ``SFTConfig``, ``ModelConfig``), else checked
+against the keys the tool's own config classes declare (``tests/fixtures/trainer_keys``: axolotl's
+``AxolotlInputConfig`` and LLaMA-Factory's argument dataclasses, extracted from the released
+packages), and imported back to the same plan.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qplan.cli.main import main
+
+FIX = Path(__file__).resolve().parents[1] / "fixtures"
+CONFIGS = FIX / "trainer_configs"
+GPU = "a100-80gb"
+
+#: config file -> the flags that say the same thing (read off the file by a person)
+EQUIVALENT = {
+    "axolotl-qlora-llama-3.1-8b.yml": [
+        "--model", "meta-llama/Llama-3.1-8B", "--quant", "nf4", "--double-quant", "--compute-dtype", "bf16", "--upcast",
+        "--r", "32", "--alpha", "16", "--dropout", "0.05", "--targets", "all-linear", "--batch-size", "2",
+        "--seq-len", "4096", "--grad-accum", "4", "--grad-ckpt", "--optimizer", "paged_adamw_8bit",
+        "--attn", "flash_attention_2"],
+    "llamafactory-qlora-qwen2.5-7b.yaml": [
+        "--model", "Qwen/Qwen2.5-7B-Instruct", "--quant", "nf4", "--double-quant", "--compute-dtype", "bf16",
+        "--no-upcast", "--r", "16", "--alpha", "32", "--dropout", "0", "--targets", "all-linear", "--batch-size", "1",
+        "--seq-len", "2048", "--grad-accum", "8", "--grad-ckpt", "--optimizer", "adamw_8bit", "--attn", "sdpa"],
+    "trl-lora-smollm2-1.7b.yaml": [
+        "--model", "HuggingFaceTB/SmolLM2-1.7B", "--quant", "bf16", "--compute-dtype", "bf16", "--no-upcast",
+        "--r", "32", "--alpha", "16", "--dropout", "0.05", "--targets", "all-linear", "--batch-size", "4",
+        "--seq-len", "2048", "--grad-accum", "4", "--grad-ckpt", "--optimizer", "adamw_torch_fused", "--attn", "sdpa"],
+    "trl-qlora-llama-3.2-3b.json": [
+        "--model", "meta-llama/Llama-3.2-3B", "--quant", "nf4", "--double-quant", "--compute-dtype", "fp16",
+        "--no-upcast", "--r", "16", "--alpha", "32", "--dropout", "0.05", "--targets", "q_proj,k_proj,v_proj,o_proj",
+        "--batch-size", "2", "--seq-len", "1024", "--grad-accum", "8", "--grad-ckpt", "--optimizer", "paged_adamw_8bit"],
+}
+
+
+def qplan(capsys, *args: str) -> tuple[int, str, str]:
+    rc = main(list(args))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def plan_json(capsys, *args: str) -> str:
+    rc, out, err = qplan(capsys, "estimate", *args, "--gpu", GPU, "--format", "json")
+    assert rc == 0, err
+    return out
+
+
+def one_line(err: str, *needles: str) -> None:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+
+
+@pytest.mark.parametrize("name", sorted(EQUIVALENT))
+def test_a_trainer_config_plans_what_its_flags_plan(capsys, name):
+    from_file = plan_json(capsys, "--from-config", str(CONFIGS / name))
+    from_flags = plan_json(capsys, *EQUIVALENT[name])
+    assert from_file == from_flags
+
+
+def test_explicit_flags_override_the_file(capsys):
+    f = str(CONFIGS / "axolotl-qlora-llama-3.1-8b.yml")
+    flags = EQUIVALENT["axolotl-qlora-llama-3.1-8b.yml"]
+    changed = [*flags, "--r", "8", "--seq-len", "1024", "--no-grad-ckpt"]
+    assert plan_json(capsys, "--from-config", f, "--r", "8", "--seq-len", "1024", "--no-grad-ckpt") == \
+        plan_json(capsys, *changed)
+    assert plan_json(capsys, "--from-config", f) != plan_json(capsys, *changed)
+
+
+def test_an_unknown_key_is_named_in_a_warning_and_changes_nothing(capsys, tmp_path):
+    src = CONFIGS / "trl-lora-smollm2-1.7b.yaml"
+    f = tmp_path / "trl.yaml"
+    f.write_text(src.read_text() + "my_new_knob: 3\nddp_find_unused_parameters: false\n")
+    rc, out, err = qplan(capsys, "estimate", "--from-config", str(f), "--gpu", GPU, "--format", "json")
+    assert rc == 0
+    assert "keys qplan does not plan (ignored): my_new_knob" in err
+    assert "multi-GPU launcher" in err and "ddp_find_unused_parameters" in err
+    assert out == plan_json(capsys, "--from-config", str(src))
+
+
+@pytest.mark.parametrize("extra,needles", [
+    ({"deepspeed": "deepspeed_configs/zero2.json"}, ["deepspeed", "multi-GPU"]),
+    ({"fsdp": ["full_shard", "auto_wrap"]}, ["fsdp", "multi-GPU"]),
+    ({"optimizer": "lion_8bit"}, ["lion_8bit", "not an optimizer qplan plans"]),
+    ({"xformers_attention": True}, ["xformers_attention"]),
+    ({"rl": "dpo"}, ["rl"]),
+    ({"load_in_8bit": True}, ["load_in_4bit and load_in_8bit"]),
+    ({"micro_batch_size": "two"}, ["micro_batch_size must be int"]),
+    ({"lora_r": -4}, ["--from-config", "--r: expected `int` >= 1, got -4"]),
+])
+def test_a_key_that_changes_memory_and_cannot_be_planned_is_an_error(capsys, tmp_path, extra, needles):
+    cfg = yaml.safe_load((CONFIGS / "axolotl-qlora-llama-3.1-8b.yml").read_text())
+    f = tmp_path / "a.yml"
+    f.write_text(yaml.safe_dump({**cfg, **extra}))
+    rc, out, err = qplan(capsys, "estimate", "--from-config", str(f))
+    assert rc == 2 and out == ""
+    one_line(err, *needles)
+
+
+def test_llamafactory_default_reentrant_checkpointing_is_refused_not_misplanned(capsys, tmp_path):
+    cfg = yaml.safe_load((CONFIGS / "llamafactory-qlora-qwen2.5-7b.yaml").read_text())
+    del cfg["use_reentrant_gc"]
+    f = tmp_path / "lf.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    rc, _, err = qplan(capsys, "estimate", "--from-config", str(f))
+    assert rc == 2
+    one_line(err, "use_reentrant_gc")
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("base_model: [unclosed\n", "not valid YAML"),
+    ("- a\n- b\n", "not a mapping"),
+    ("learning_rate: 1\n", "cannot tell which trainer"),
+    ("\xff\xfe", "not UTF-8"),
+])
+def test_a_bad_config_file_is_one_line(capsys, tmp_path, text, needle):
+    f = tmp_path / "c.yml"
+    f.write_bytes(text.encode("latin-1"))
+    rc, _, err = qplan(capsys, "estimate", "--from-config", str(f))
+    assert rc == 2
+    one_line(err, needle)
+
+
+def test_missing_model_and_config_is_one_line(capsys):
+    rc, _, err = qplan(capsys, "estimate", "--r", "8")
+    assert rc == 2
+    one_line(err, "--model is required")
+
+
+def test_fit_takes_the_model_and_fixed_settings_from_the_config(capsys):
+    f = str(CONFIGS / "trl-lora-smollm2-1.7b.yaml")
+    rc, a, err = qplan(capsys, "fit", "--from-config", f, "--gpu", "l4", "--format", "json")
+    assert rc == 0, err
+    rc, b, err = qplan(capsys, "fit", "--model", "HuggingFaceTB/SmolLM2-1.7B", "--gpu", "l4", "--r", "32", "--targets",
+                       "all-linear", "--quant", "bf16", "--optimizer", "adamw_torch_fused", "--seq-len", "2048",
+                       "--format", "json")
+    assert rc == 0, err
+    assert a == b and json.loads(a)["best"]
+
+
+# ---------------------------------------------------------------------------------- export
+
+#: (tool, flags of a plan that tool can run as planned)
+EXPORTABLE = [
+    ("axolotl", ["--model", "llama-3.1-8b", "--r", "32", "--seq-len", "2048", "--batch-size", "2",
+                 "--optimizer", "paged_adamw_8bit"]),
+    ("axolotl", ["--model", "qwen2.5-7b", "--quant", "bf16", "--targets", "q_proj,v_proj", "--no-grad-ckpt",
+                 "--modules-to-save", "embed_tokens", "--dropout", "0.1"]),
+    ("llamafactory", ["--model", "qwen2.5-7b", "--no-upcast", "--r", "8", "--alpha", "24", "--optimizer", "adamw_8bit"]),
+    ("llamafactory", ["--model", "llama-3.2-3b", "--quant", "int8", "--no-upcast", "--targets", "all-linear", "--dora"]),
+    ("trl", ["--model", "smollm2-1.7b", "--quant", "bf16", "--targets", "qv", "--batch-size", "4", "--rslora"]),
+    ("trl", ["--model", "llama-3.2-3b", "--quant", "nf4", "--no-upcast", "--no-double-quant", "--compute-dtype", "fp16"]),
+]
+
+
+def _export(capsys, tmp_path, tool, flags) -> tuple[Path, Path]:
+    folder = tmp_path / f"export-{len(list(tmp_path.glob('export-*')))}"
+    folder.mkdir()
+    plan_file, cfg = folder / "plan.json", folder / f"{tool}.yaml"
+    rc, _, err = qplan(capsys, "estimate", *flags, "--gpu", GPU, "--output", str(plan_file), "--format", "json")
+    assert rc == 0, err
+    rc, out, err = qplan(capsys, "export", str(plan_file), "--to", tool, "--output", str(cfg))
+    assert rc == 0, err
+    return plan_file, cfg
+
+
+@pytest.mark.parametrize("tool,flags", EXPORTABLE, ids=lambda x: x if isinstance(x, str) else " ".join(x[:4]))
+def test_export_then_import_gives_the_same_plan(capsys, tmp_path, tool, flags):
+    plan_file, cfg = _export(capsys, tmp_path, tool, flags)
+    rc, again, err = qplan(capsys, "estimate", "--from-config", str(cfg), "--gpu", GPU, "--format", "json")
+    assert rc == 0, err
+    original, back = json.loads(plan_file.read_text()), json.loads(again)
+    if original["lora"]["targets"] in ("qv", "attn", "mlp") and tool != "trl":
+        # a preset the tool cannot spell comes back as the modules it resolved to: same modules, same bytes
+        assert back["lora"]["targets"] == ",".join(original["lora"]["target_modules"])
+        back["lora"]["targets"] = original["lora"]["targets"]
+    assert back["model"]["name"] == original["model"]["name"]
+    assert json.dumps(back, sort_keys=True) == json.dumps(original, sort_keys=True)
+    assert "keys qplan does not plan" not in err  # everything export writes, import reads
+
+
+def _documented_keys(name: str) -> set[str]:
+    return set(json.loads((FIX / "trainer_keys" / name).read_text())["keys"])
+
+
+@pytest.mark.parametrize("tool,keys", [("axolotl", "axolotl-0.19.0.json"), ("llamafactory", "llamafactory-0.9.5.json")])
+def test_exported_keys_are_the_tools_own(capsys, tmp_path, tool, keys):
+    """axolotl and LLaMA-Factory cannot be installed beside qplan's pins (their resolvers conflict:
+    README); their configs are checked against the keys their own config classes declare."""
+    known = _documented_keys(keys)
+    for t, flags in EXPORTABLE:
+        if t == tool:
+            cfg = yaml.safe_load(_export(capsys, tmp_path, t, flags)[1].read_text())
+            assert set(cfg) <= known, set(cfg) - known
+    fixture = next(CONFIGS.glob(f"{tool}-*"))
+    assert set(yaml.safe_load(fixture.read_text())) <= known  # the fixture is a real config of the tool
+
+
+def test_axolotl_accepts_the_export_when_installed(capsys, tmp_path):
+    schema = pytest.importorskip("axolotl.utils.schemas.config", reason="axolotl is not installable beside qplan's pins")
+    for t, flags in EXPORTABLE:
+        if t == "axolotl":
+            cfg = yaml.safe_load(_export(capsys, tmp_path, t, flags)[1].read_text())
+            schema.AxolotlInputConfig(**cfg)
+
+
+TRL_CHECK = """
+import sys, yaml
+from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
+for f in sys.argv[1:]:
+    cfg = yaml.safe_load(open(f))
+    # use_cpu: the CI machine has no GPU, and TrainingArguments refuses bf16/fp16 without one otherwise
+    script, sft, model = TrlParser((ScriptArguments, SFTConfig, ModelConfig)).parse_dict({**cfg, "use_cpu": True},
+                                                                                       allow_extra_keys=False)
+    assert model.use_peft and model.model_name_or_path == cfg["model_name_or_path"], f
+    assert sft.per_device_train_batch_size == cfg["per_device_train_batch_size"] and sft.optim == cfg["optim"], f
+print("ok")
+"""
+
+
+def test_trl_parses_the_export_and_the_fixtures(capsys, tmp_path):
+    pytest.importorskip("trl")
+    files = [str(_export(capsys, tmp_path, t, f)[1]) for t, f in EXPORTABLE if t == "trl"]
+    files += [str(p) for p in CONFIGS.glob("trl-*")]
+    p = subprocess.run([sys.executable, "-W", "ignore", "-c", TRL_CHECK, *files], capture_output=True, text=True,
+                       timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-3000:]
+
+
+@pytest.mark.parametrize("tool,flags,needle", [
+    ("llamafactory", ["--model", "llama-3.2-3b"], "--no-upcast"),
+    ("axolotl", ["--model", "llama-3.2-3b", "--no-upcast"], "--upcast"),
+    ("trl", ["--model", "llama-3.2-3b", "--quant", "bf16", "--bias", "all"], "bias"),
+    ("axolotl", ["--model", "llama-3.2-3b", "--quant", "fp32", "--compute-dtype", "bf16"], "--quant equal to"),
+    ("trl", ["--model", "smollm2-135m", "--backend", "unsloth"], "unsloth"),
+])
+def test_a_plan_a_tool_cannot_run_as_planned_is_not_exported(capsys, tmp_path, tool, flags, needle):
+    plan_file = tmp_path / "plan.json"
+    rc, _, err = qplan(capsys, "estimate", *flags, "--output", str(plan_file), "--format", "json")
+    assert rc == 0, err
+    rc, out, err = qplan(capsys, "export", str(plan_file), "--to", tool, "--output", str(tmp_path / "c.yaml"))
+    assert rc == 2 and not (tmp_path / "c.yaml").exists()
+    one_line(err, needle)
+
+
+def test_export_never_overwrites_without_force(capsys, tmp_path):
+    plan_file, cfg = _export(capsys, tmp_path, "trl", EXPORTABLE[-1][1])
+    cfg.write_text("mine\n")
+    rc, _, err = qplan(capsys, "export", str(plan_file), "--to", "trl", "--output", str(cfg))
+    assert rc == 2 and cfg.read_text() == "mine\n"
+    one_line(err, "already exists")
+    rc, _, err = qplan(capsys, "export", str(plan_file), "--to", "trl", "--output", str(cfg), "--force")
+    assert rc == 0 and cfg.read_text().startswith("# TRL")
+
+
+def test_from_config_on_a_bundled_model_does_not_import_torch():
+    from test_architecture import BLOCKER
+
+    code = BLOCKER + ("from qplan.cli.main import main\n"
+                      f"rc = main(['estimate', '--from-config', {str(CONFIGS / 'trl-qlora-llama-3.2-3b.json')!r}, "
+                      "'--format', 'json'])\n"
+                      "assert rc == 0\nassert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', "
+                      "'peft')]\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]

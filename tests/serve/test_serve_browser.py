@@ -1,0 +1,163 @@
+"""The calculator page as a person uses it: headless Chromium (the system's, driven by Selenium through
+the system chromedriver) loads `qplan serve`'s page, changes r and the GPU like a user, and every
+number the page shows is read back from the rendered DOM and compared with the API's plan for the
+query the page sent — and the API is itself the CLI byte for byte (test_serve_api.py).
+``QPLAN_SCREENSHOTS=DIR`` also saves the screenshot the README shows."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install -e '.[test]')")
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+from qplan.cli.serve import make_server  # noqa: E402
+
+CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser")) if p), None)
+DRIVER = shutil.which("chromedriver") or next((p for p in ("/usr/lib/chromium/chromedriver",) if Path(p).exists()), None)
+pytestmark = pytest.mark.skipif(CHROMIUM is None or DRIVER is None,
+                                reason="needs Chromium and its driver (Debian packages chromium, chromium-driver); "
+                                       ".ci/run installs them")
+GiB, MiB = 2 ** 30, 2 ** 20
+
+
+def fmt(b: int) -> str:
+    """The page's bytes() (GiB with 2 decimals, else MiB with 1)."""
+    return f"{b / GiB:.2f} GiB" if abs(b) >= GiB else f"{b / MiB:.1f} MiB"
+
+
+@pytest.fixture(scope="module")
+def base():
+    server = make_server("127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+              "--window-size=1280,1400", "--no-first-run"):
+        opts.add_argument(a)
+    drv = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    drv.set_script_timeout(60)
+    yield drv
+    drv.quit()
+
+
+def api(base: str, path: str, query: str) -> tuple[str, dict]:
+    with urllib.request.urlopen(f"{base}{path}?{query}", timeout=120) as res:
+        text = res.read().decode()
+    return text, json.loads(text)
+
+
+def settled(drv, want: str | None = None, timeout: float = 60) -> str:
+    """Wait until the page has rendered a query (containing ``want``); return that query."""
+    def ready(d):
+        body = d.find_element(By.TAG_NAME, "body")
+        q = body.get_attribute("data-query") or ""
+        return q if body.get_attribute("data-state") == "ready" and (want is None or want in q.split("&")) else False
+    return WebDriverWait(drv, timeout).until(ready)
+
+
+def check_page(drv, base: str) -> dict:
+    """Everything shown equals the API's plan (and fit) for the query the page sent."""
+    query = settled(drv)
+    text, plan = api(base, "/api/estimate", query)
+    m, d, g = plan["prediction"]["memory"], plan["prediction"]["memory_detail"], plan["gpu"]
+    verdict = drv.find_element(By.ID, "verdict")
+    assert int(verdict.get_attribute("data-peak")) == m["peak"]
+    assert verdict.get_attribute("data-fits") == json.dumps(plan["prediction"]["fits"])
+    if g:
+        h = plan["prediction"]["headroom"]
+        assert int(verdict.get_attribute("data-headroom")) == h
+        word = "FITS" if plan["prediction"]["fits"] else "DOES NOT FIT"
+        tail = f"headroom {fmt(h)}" if h >= 0 else f"short by {fmt(-h)}"
+        assert verdict.text == f"{word} on {g['name']} ({fmt(g['usable_bytes'])} usable): {tail}"
+    # the stacked bar: the composition of the peak moment + CUDA context + allocator slack == peak
+    segs = {s.get_attribute("data-term"): int(s.get_attribute("data-bytes"))
+            for s in drv.find_elements(By.CSS_SELECTOR, "#bar rect.seg")}
+    want = {k: v for k, v in d["composition"][d["peak_phase"]].items() if v > 0}
+    want.update(cuda_context=d["cuda_context"], allocator_slack=d["allocator_slack"])
+    assert segs == want and sum(segs.values()) == m["peak"]
+    if g:
+        assert int(drv.find_element(By.ID, "usable").get_attribute("data-bytes")) == g["usable_bytes"]
+    rows = drv.find_elements(By.CSS_SELECTOR, "#terms tbody tr")
+    assert {r.get_attribute("data-term"): int(r.get_attribute("data-bytes")) for r in rows} == \
+        {k: m[k] for k in ("weights", "adapters", "gradients", "optimizer", "activations", "logits", "temporaries",
+                           "tensor_peak", "overhead", "peak")}
+    for r in rows:  # and the text a person reads
+        assert r.find_elements(By.TAG_NAME, "td")[2].text == f"{int(r.get_attribute('data-bytes')):,}"
+    mods = drv.find_elements(By.CSS_SELECTOR, "#modules tbody tr")
+    per = plan["prediction"]["params"]["per_module"]
+    assert [[c.text for c in r.find_elements(By.TAG_NAME, "td")][:6] for r in mods] == \
+        [[x["module"], x["kind"], x["shape"], str(x["instances"]), f"{x['params_per_instance']:,}", f"{x['total']:,}"]
+         for x in per]
+    # the download is the API's document, byte for byte
+    href = drv.find_element(By.ID, "download").get_attribute("href")
+    got = drv.execute_async_script("const done = arguments[1]; fetch(arguments[0]).then(r => r.text()).then(done, "
+                                   "e => done('failed: ' + e))", href)
+    assert got == text
+    if g:
+        fq = "&".join(p for p in query.split("&") if p.split("=")[0] in ("model", "gpu", "seq-len")) + "&top=8"
+        _, fit = api(base, "/api/fit", fq)
+        assert [int(r.get_attribute("data-peak")) for r in drv.find_elements(By.CSS_SELECTOR, "#fit tbody tr")] == \
+            [r["peak"] for r in fit["best"]]
+    return plan
+
+
+def test_page_numbers_equal_the_api_as_r_and_gpu_change(base, browser, tmp_path):
+    drv = browser
+    drv.get(base + "/")
+    first = check_page(drv, base)
+    assert first["lora"]["r"] == 16 and first["gpu"]["name"] == "t4"
+
+    r = drv.find_element(By.ID, "r")
+    r.clear()
+    r.send_keys("64\t")  # the change event fires on leaving the field, as a person's edit does
+    settled(drv, "r=64")
+    second = check_page(drv, base)
+    assert second["lora"]["r"] == 64
+    assert second["prediction"]["memory"]["adapters"] == 4 * first["prediction"]["memory"]["adapters"]
+
+    Select(drv.find_element(By.ID, "gpu")).select_by_value("rtx-4090")
+    settled(drv, "gpu=rtx-4090")
+    third = check_page(drv, base)
+    assert third["gpu"]["name"] == "rtx-4090" and third["lora"]["r"] == 64
+    assert "no native bfloat16" not in " ".join(third["warnings"])  # the T4's fp16 switch is gone
+
+    Select(drv.find_element(By.ID, "quant")).select_by_visible_text("bf16")
+    settled(drv, "quant=bf16")
+    check_page(drv, base)
+    folder = Path(os.environ.get("QPLAN_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    shot = folder / "serve.png"
+    Select(drv.find_element(By.ID, "quant")).select_by_visible_text("nf4")
+    settled(drv, "quant=nf4")
+    drv.execute_script("window.scrollTo(0, 0)")
+    drv.save_screenshot(str(shot))
+    assert shot.stat().st_size > 20_000
+
+
+def test_a_bad_value_shows_the_cli_line(base, browser):
+    drv = browser
+    drv.get(base + "/")
+    settled(drv)
+    r = drv.find_element(By.ID, "r")
+    r.clear()
+    r.send_keys("0\t")
+    WebDriverWait(drv, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "error")
+    err = drv.find_element(By.ID, "error")
+    assert err.is_displayed() and err.text == "qplan: error: --r: expected `int` >= 1, got 0"
