@@ -37,9 +37,12 @@ OPTIMIZERS = ("adamw_torch", "adamw_8bit")
 def plan_for(model: str, quant: str, b: int, s: int, ckpt: bool, r: int, targets: str, optimizer: str,
              attn: str = "sdpa") -> dict:
     from qplan.planner.api import make_plan
+    from qplan.planner.specs import load_spec
 
+    # PEFT refuses dropout on the fused expert parameters its MoE rewrite targets (lora.ParamWrapper)
+    dropout = 0.0 if load_spec(model).inventory.moe_conversion is not None else 0.05
     return make_plan(**dict(
-        model=model, r=r, alpha=None, dropout=0.05, targets=targets, bias="none", dora=False, rslora=False,
+        model=model, r=r, alpha=None, dropout=dropout, targets=targets, bias="none", dora=False, rslora=False,
         modules_to_save="", quant=quant, double_quant=True, compute_dtype="bf16", upcast=True, gpu=None,
         seq_len=s, batch_size=b, grad_accum=1, grad_ckpt=ckpt, optimizer=optimizer, attn_impl=attn,
         backend="peft"))
@@ -121,7 +124,8 @@ def write_report(rows: list[dict], out: Path, argv: list[str], seconds: float, c
         "",
         "Each case: `qplan estimate` (analytic tensor peak) vs the live-tensor trace of two training steps",
         "of the full-size model on the meta device (`qplan estimate --method trace`, CUDA kernels mirrored).",
-        "Error = (analytic - trace) / trace. LoRA dropout 0.05, alpha 2r, bf16 compute, double-quant nf4",
+        "Error = (analytic - trace) / trace. LoRA dropout 0.05 (0 where PEFT adapts fused MoE experts, which refuses",
+        "dropout), alpha 2r, bf16 compute, double-quant nf4",
         "with `prepare_model_for_kbit_training`, sdpa attention (eager for Gemma-2, which refuses sdpa).",
         "",
         f"**{total['cases']} cases: median |error| {100 * total['median_abs_error']:.3f}%, "

@@ -101,13 +101,16 @@ def bnb_config(quant: dict[str, Any]) -> Any | None:
         raise QPlanError(f"a {q} plan needs bitsandbytes: pip install 'qplan[train]'") from exc
     from transformers import BitsAndBytesConfig
 
+    # a pre-quantized checkpoint's own list of 16-bit modules (planner.checkpoint_quant)
+    skip = {"llm_int8_skip_modules": list(quant["skip_modules"])} if quant.get("skip_modules") is not None else {}
     if q not in FOUR_BIT:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q,
         bnb_4bit_use_double_quant=bool(quant.get("double_quant", False)),
         bnb_4bit_compute_dtype=torch_dtype(quant["compute_dtype"]),
+        **skip,
     )
 
 

@@ -16,14 +16,14 @@ from collections.abc import Iterable
 from typing import Any
 
 from .errors import QPlanError
-from .lora import LoraSettings
+from .lora import DEFAULT_DROPOUT, LoraSettings, resolve_targets
 from .memory import TrainingSettings, resolve_attn
 from .plan import PlanInputs, build_plan, check_gpu_dtype
 from .schema import check_options, read_calibration
 from .spec import Gpu, ModelSpec
 from .specs import load_gpu, load_spec, spec_origin, user_spec_dir
 from .vocab import DTYPE_ALIASES
-from .weights import QuantSettings
+from .weights import QuantSettings, checkpoint_quant
 
 
 def plan_inputs(
@@ -31,7 +31,7 @@ def plan_inputs(
     model: str | ModelSpec,
     r: int = 16,
     alpha: float | None = None,
-    dropout: float = 0.05,
+    dropout: float | None = None,
     targets: str = "all-linear",
     bias: str = "none",
     dora: bool = False,
@@ -86,15 +86,24 @@ def plan_inputs(
         modules_to_save = modules_to_save.split(",")
     if isinstance(target_parameters, str):
         target_parameters = target_parameters.split(",")
+    if dropout is None:
+        # 0.05, except where PEFT adapts parameters (fused MoE experts): lora.ParamWrapper refuses dropout
+        probe = LoraSettings(r=r, alpha=1.0, dropout=0.0, targets=targets, target_parameters=tuple(
+            m.strip() for m in target_parameters if m.strip()))
+        dropout = 0.0 if resolve_targets(spec, probe).parameters else DEFAULT_DROPOUT
     lora = LoraSettings(
         r=r, alpha=alpha if alpha is not None else 2.0 * r, dropout=dropout, targets=targets, bias=bias,
         use_dora=dora, use_rslora=rslora, modules_to_save=tuple(m.strip() for m in modules_to_save if m.strip()),
         target_parameters=tuple(m.strip() for m in target_parameters if m.strip()),
     )
-    q = QuantSettings(quant, double_quant, DTYPE_ALIASES[compute_dtype], upcast)
+    # Unsloth's prepare_model_for_training (unsloth_zoo 2026.10.9 training_utils.py) casts only the LoRA
+    # weights to fp32: embeddings, head, norms and biases keep the load dtype (no kbit upcast)
+    q = QuantSettings(quant, double_quant, DTYPE_ALIASES[compute_dtype], upcast and backend != "unsloth")
+    q, ck_warnings = checkpoint_quant(spec, q)
     ckpt = ("unsloth" if backend == "unsloth" else "hf") if grad_ckpt else "off"
     training = TrainingSettings(batch_size, seq_len, grad_accum, ckpt, optimizer, resolve_attn(spec, attn_impl or "auto"))
     q, warnings = check_gpu_dtype(q, gpu_, auto_fix=not strict_dtype)
+    warnings = ck_warnings + warnings
     if isinstance(model, str) and spec_origin(model) == "user, shadows bundled":
         warnings.insert(0, f"model {model!r} is your spec in {user_spec_dir()}, which shadows the bundled one "
                            "(`qplan models` marks it)")

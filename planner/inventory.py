@@ -86,6 +86,16 @@ def _unique_suffixes(chosen: list[str], all_patterns: list[str]) -> list[str]:
     return out
 
 
+def bnb_skip_modules(config: dict[str, Any]) -> list[str] | None:
+    """``quantization_config.llm_int8_skip_modules`` of a pre-quantized bitsandbytes checkpoint, else None."""
+    qc = config.get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") == "bitsandbytes":
+        skip = qc.get("llm_int8_skip_modules")
+        if isinstance(skip, list) and all(isinstance(s, str) for s in skip):
+            return list(skip)
+    return None
+
+
 def peft_moe_conversion(model_type: str) -> dict[str, Any] | None:
     """PEFT's rewrite of LoRA targets for MoE models whose experts transformers 5 fused into 3-D
     parameters, as data: the conditions of ``convert_peft_config_for_transformers`` /
@@ -123,8 +133,10 @@ def build_inventory(config: dict[str, Any]) -> dict[str, Any]:
     model = build_model_on_meta(config, dtype="bfloat16")
     head = model.get_output_embeddings()
     head_name = next((n for n, m in model.named_modules() if head is not None and m is head), None)
+    # a pre-quantized bitsandbytes checkpoint (``unsloth/*-bnb-4bit``, Unsloth's dynamic quants) names
+    # the modules it left 16-bit: transformers uses that list instead of its default skips
     not_convert = HfQuantizer.get_modules_to_not_convert(
-        model, None, getattr(model, "_keep_in_fp32_modules", None)
+        model, bnb_skip_modules(config), getattr(model, "_keep_in_fp32_modules", None)
     )
 
     # ``_keep_in_fp32_modules_strict`` (DeepSeek-V3's ``e_score_correction_bias``): from_pretrained

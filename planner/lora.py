@@ -28,11 +28,15 @@ from .spec import EmbeddingGroup, LinearGroup, ModelSpec, ParamGroup
 from .vocab import BIAS_MODES, BYTES, PRESETS, SAFETENSORS_DTYPE
 
 
+#: qplan's LoRA dropout when none is given (0 where PEFT adapts parameters: ``lora.ParamWrapper`` refuses any)
+DEFAULT_DROPOUT = 0.05
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     r: int
     alpha: float
-    dropout: float = 0.05
+    dropout: float = DEFAULT_DROPOUT
     targets: str = "all-linear"
     bias: str = "none"
     use_dora: bool = False
@@ -227,7 +231,7 @@ def moved_targets_warning(spec: ModelSpec, lora: LoraSettings) -> str | None:
         return None
     skipped = [g.pattern for g in spec.inventory.linear if any(_matches(g.pattern, t) for t in tg.moved)]
     moved = ", ".join(sorted(set(tg.moved.values())))
-    msg = f"PEFT adapts the fused experts through target_parameters ({moved})"
+    msg = f"PEFT adapts the fused experts through target_parameters ({moved}), with no dropout on them"
     if tg.rank_pattern:
         msg += f" with rank {', '.join(f'{r} for {k.rsplit(chr(92) + chr(46), 1)[-1]}' for k, r in tg.rank_pattern.items())}"
     if skipped:

@@ -11,6 +11,7 @@ from typing import Any
 
 from . import __version__
 from .errors import QPlanError
+from .host import host_prediction
 from .lora import (
     LoraSettings,
     adapter_file_bytes,
@@ -20,7 +21,7 @@ from .lora import (
     resolve_targets,
     trainable_params,
 )
-from .memory import TrainingSettings, accuracy_warning
+from .memory import TrainingSettings, accuracy_warning, dims
 from .phases import training_memory
 from .spec import Gpu, ModelSpec
 from .vocab import BACKENDS, BYTES, MIXED_PRECISION
@@ -63,7 +64,7 @@ def check_gpu_dtype(quant: QuantSettings, gpu: Gpu | None, auto_fix: bool) -> tu
                 f"use --compute-dtype fp16" + (" --quant fp16" if quant.quant == "bf16" else "")
             )
         new_quant = "fp16" if quant.quant == "bf16" else quant.quant
-        quant = QuantSettings(new_quant, quant.double_quant, "float16", quant.upcast_kbit)
+        quant = QuantSettings(new_quant, quant.double_quant, "float16", quant.upcast_kbit, quant.skip_modules)
         warnings.append(
             f"{gpu.name} has no native bfloat16: switched compute dtype to float16"
             + (" and weights to fp16" if new_quant == "fp16" else "")
@@ -114,6 +115,7 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
         },
         "adapter_file_bytes": adapter_file_bytes(spec, counts),
         "memory": memory,
+        "host": host_prediction(dims(spec), q, t.batch_size, t.seq_len, t.grad_ckpt, mem["optimizer_paged"]),
         "memory_detail": {
             "weights": w_detail,
             "optimizer_paged": mem["optimizer_paged"],

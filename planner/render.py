@@ -94,6 +94,10 @@ def render_plan(plan: dict[str, Any]) -> str:
     paged = p["memory_detail"].get("optimizer_paged", 0)
     if paged:
         lines.append(f"optimizer: {fmt_bytes(paged)} of it is paged (CUDA unified memory, can spill to CPU)")
+    host = p.get("host")
+    if host is not None:
+        lines.append(f"host RAM the step keeps: {fmt_bytes(host['peak'])} (offloaded checkpoints "
+                     f"{fmt_bytes(host['offloaded_checkpoints'])} · paged optimizer {fmt_bytes(host['paged_optimizer'])})")
     lines += compute_lines(p)
     lines.append("")
     gpu = plan.get("gpu")

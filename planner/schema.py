@@ -82,7 +82,7 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True):
 
     r: Rank = 16
     alpha: Alpha | None = None
-    dropout: Dropout = 0.05
+    dropout: Dropout | None = None
     targets: Annotated[str, Meta(min_length=1, max_length=16384)] = "all-linear"
     bias: _lit(BIAS_MODES) = "none"
     dora: bool = False
@@ -333,6 +333,7 @@ class _Quant(Struct, forbid_unknown_fields=True, kw_only=True):
     double_quant: bool = False
     blocksize: Annotated[int, Meta(ge=1)] | None = None
     prepare_model_for_kbit_training: bool = False
+    skip_modules: list[str] | None = None
 
 
 class _Training(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -414,6 +415,7 @@ class _Prediction(Struct, kw_only=True):
     method: Literal["analytic", "trace"]
     params: _Params
     memory: _Memory
+    host: dict[str, Bytes] | None = None
     adapter_file_bytes: Bytes | None = None
     memory_detail: dict[str, Any] = {}
     fits: bool | None = None

@@ -37,6 +37,8 @@ class QuantSettings:
     double_quant: bool = True
     compute_dtype: str = "bfloat16"
     upcast_kbit: bool = True  # peft.prepare_model_for_kbit_training casts fp16/bf16 params to fp32
+    #: a pre-quantized checkpoint's ``llm_int8_skip_modules`` (already applied to the spec's inventory)
+    skip_modules: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.quant not in QUANTS:
@@ -67,7 +69,36 @@ class QuantSettings:
             d["prepare_model_for_kbit_training"] = self.upcast_kbit
         d["load_dtype"] = self.load_dtype
         d["unquantized_dtype"] = self.unquantized_dtype
+        if self.skip_modules is not None:
+            d["skip_modules"] = list(self.skip_modules)
         return d
+
+
+def checkpoint_quant(spec: ModelSpec, q: QuantSettings) -> tuple[QuantSettings, list[str]]:
+    """Plan a checkpoint saved quantized as it loads: a bitsandbytes ``quantization_config`` in the
+    config (``unsloth/*-bnb-4bit``) fixes the quantization, and its ``llm_int8_skip_modules`` (Unsloth's
+    dynamic quants keep some modules 16-bit) is honoured; another method is a warning."""
+    qc = spec.config.get("quantization_config")
+    if not isinstance(qc, dict):
+        return q, []
+    method = qc.get("quant_method")
+    if method != "bitsandbytes":
+        return q, [f"{spec.name}'s checkpoint is saved quantized with {method or 'an unknown method'} "
+                   f"(quantization_config); qplan plans its weights as --quant {q.quant} says"]
+    if qc.get("load_in_4bit"):
+        want, dq = str(qc.get("bnb_4bit_quant_type") or "fp4"), bool(qc.get("bnb_4bit_use_double_quant", False))
+    elif qc.get("load_in_8bit"):
+        want, dq = "int8", q.double_quant
+    else:
+        return q, []
+    if q.quant != want or (want in FOUR_BIT and q.double_quant != dq):
+        flags = f"--quant {want}" + ((" --double-quant" if dq else " --no-double-quant") if want in FOUR_BIT else "")
+        raise QPlanError(f"{spec.name} is a checkpoint saved in bitsandbytes {want}"
+                         f"{' with double quantization' if dq and want in FOUR_BIT else ''}: it loads only that way; "
+                         f"plan it with {flags}")
+    skip = qc.get("llm_int8_skip_modules")
+    skip_t = tuple(str(s) for s in skip) if isinstance(skip, list) else None
+    return QuantSettings(q.quant, q.double_quant, q.compute_dtype, q.upcast_kbit, skip_t), []
 
 
 def quant4_packed_bytes(numel: int) -> int:

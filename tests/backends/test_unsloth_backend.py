@@ -74,3 +74,32 @@ def test_unsloth_adapter_reloads_with_plain_peft(unsloth_run, tmp_path):
     model = PeftModel.from_pretrained(base, Path(result["run_dir"]) / "adapter").eval()
     with torch.no_grad():
         assert (model(input_ids=x).logits - ref).abs().max() > 1e-4
+
+
+@pytest.fixture(scope="module")
+def unsloth_nf4_run(tmp_path_factory):
+    from qplan.backends.runner import run_plan
+
+    d = tmp_path_factory.mktemp("unsloth-nf4")
+    plan_path = write_plan(d / "plan.json", build_plan(llama_spec(), quant="nf4", backend="unsloth", grad_ckpt=True))
+    result = run_plan(plan_path, random_init=True, steps=6, device="cpu", out_dir=d / "runs")
+    return result, read_measured(result["run_dir"]), json.loads(plan_path.read_text())
+
+
+def test_unsloth_nf4_weights_are_what_unsloth_holds(unsloth_nf4_run):
+    """The path Unsloth's users run: 4-bit. Unsloth quantizes on the CPU too, and keeps embeddings,
+    head and norms in the load dtype (no prepare_model_for_kbit_training upcast): the plan's weights
+    equal the bytes of the tensors the loaded model holds, to the byte."""
+    result, doc, plan = unsloth_nf4_run
+    assert result["status"] == "ok", result["summary"]
+    assert plan["quant"]["prepare_model_for_kbit_training"] is False
+    m, pred = doc["measured"], plan["prediction"]
+    assert m["memory"]["weights"] == pred["memory"]["weights"]
+    assert m["memory"]["weights_footprint"] == pred["memory"]["weights_footprint"]
+    assert m["params"]["trainable"] == pred["params"]["trainable"]
+    # Unsloth's CPU path keeps a 4-bit model's LoRA weights in bfloat16 (its GPU path casts them to
+    # fp32, unsloth_zoo training_utils.prepare_model_for_training, which the plan follows): measured
+    # adapters are 2 bytes per trainable parameter here, and so are the Adam states' 2 x 2.
+    at_peak = m["memory"]["breakdown_at_peak"]
+    assert at_peak["adapters"] == 2 * pred["params"]["trainable"]
+    assert pred["memory"]["adapters"] == 4 * pred["params"]["trainable"]

@@ -7,9 +7,12 @@ transformers' ``get_memory_footprint()``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from conftest import TINY_FAMILIES, tiny_spec
+from qplan.planner.errors import QPlanError
 from qplan.planner.weights import QuantSettings, weights_bytes, weights_footprint_bytes
 
 
@@ -89,3 +92,37 @@ def test_fp16_compute_dtype_4bit(saved_tiny_models):
     model = load(saved_tiny_models("qwen2-bias"), "nf4", True, "float16")
     q = QuantSettings("nf4", True, "float16", upcast_kbit=False)
     assert weights_bytes(spec, q) == held_bytes(model)
+
+
+PREQUANTIZED = Path(__file__).parents[1] / "fixtures" / "prequantized" / "llama-bnb-4bit.json"
+
+
+@pytest.mark.parametrize("upcast", [False, True])
+def test_prequantized_checkpoint_keeps_its_16_bit_modules(tmp_path, upcast):
+    """A checkpoint saved by bitsandbytes with ``llm_int8_skip_modules`` (Unsloth's dynamic 4-bit
+    quants keep some layers 16-bit) is planned as it loads: the plan's weights equal the bytes a
+    real bitsandbytes load with that quantization_config holds (layer 0's down_proj, every o_proj
+    and the head stay bf16 here)."""
+    import json
+
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    from qplan.hf import bnb_config, model_from_config
+    from qplan.planner.api import make_plan
+
+    cfg = json.loads(PREQUANTIZED.read_text())
+    plan = make_plan(model=str(PREQUANTIZED), upcast=upcast)
+    assert plan["quant"]["skip_modules"] == cfg["quantization_config"]["llm_int8_skip_modules"]
+    model_from_config(cfg, dtype="bfloat16", device="cpu").save_pretrained(tmp_path / "ckpt")
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", quantization_config=bnb_config(plan["quant"]),
+                                             dtype=torch.bfloat16, device_map="cpu")
+    if upcast:
+        m = prepare_model_for_kbit_training(m)
+    assert type(m.model.layers[0].mlp.down_proj).__name__ == "Linear"
+    assert type(m.model.layers[1].mlp.down_proj).__name__ == "Linear4bit"
+    assert plan["prediction"]["memory"]["weights"] == held_bytes(m)
+    assert plan["prediction"]["memory"]["weights_footprint"] == m.get_memory_footprint()
+    with pytest.raises(QPlanError, match="plan it with --quant nf4 --double-quant"):
+        make_plan(model=str(PREQUANTIZED), quant="bf16")

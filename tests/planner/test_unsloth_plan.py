@@ -1,0 +1,56 @@
+"""Unsloth plans model what Unsloth does (issue 10), checked without a GPU.
+
+* weights: Unsloth's ``prepare_model_for_training`` casts only the LoRA weights to fp32, so an
+  Unsloth k-bit plan holds the bitsandbytes weights of a PEFT plan *without* the fp32 upcast —
+  whose bytes tests/planner/test_weights.py checks against real bitsandbytes models, and
+  tests/backends/test_unsloth_backend.py against a real Unsloth nf4 load;
+* host RAM: ``"unsloth"`` checkpointing offloads every layer's input to the CPU — counted from the
+  config's own numbers here, not from qplan's dims; paged optimizers can spill all their pages.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from qplan.planner.api import make_plan
+from qplan.planner.specs import load_spec
+
+
+@pytest.mark.parametrize("model", ["llama-3.1-8b", "llama-3.2-3b", "qwen2.5-7b", "gemma-2-9b"])
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_unsloth_kbit_weights_equal_peft_without_the_upcast(model, quant):
+    uns = make_plan(model=model, quant=quant, backend="unsloth")
+    peft_no_upcast = make_plan(model=model, quant=quant, upcast=False)
+    peft = make_plan(model=model, quant=quant)
+    assert uns["quant"]["prepare_model_for_kbit_training"] is False
+    assert uns["prediction"]["memory_detail"]["weights"] == peft_no_upcast["prediction"]["memory_detail"]["weights"]
+    assert uns["prediction"]["memory"]["weights"] < peft["prediction"]["memory"]["weights"]
+
+
+def test_llama_3_1_8b_nf4_unsloth_weights_are_not_fp32_upcast():
+    """The issue's case: 7.27 GiB with the PEFT recipe's upcast; Unsloth keeps the 16-bit
+    embedding and head (2 x 128256 x 4096 x 2 bytes instead of x 4)."""
+    uns = make_plan(model="llama-3.1-8b", quant="nf4", backend="unsloth")["prediction"]["memory"]["weights"]
+    peft = make_plan(model="llama-3.1-8b", quant="nf4")["prediction"]["memory"]["weights"]
+    c = load_spec("llama-3.1-8b").config
+    # embedding + head (untied) and the norms: 2 bytes less per element
+    norms = (2 * c["num_hidden_layers"] + 1) * c["hidden_size"]
+    assert peft - uns == 2 * (2 * c["vocab_size"] * c["hidden_size"] + norms)
+
+
+@pytest.mark.parametrize("model", ["llama-3.1-8b", "qwen2.5-7b"])
+def test_unsloth_checkpointing_offloads_every_layer_input_to_host(model):
+    b, s = 2, 2048
+    plan = make_plan(model=model, backend="unsloth", batch_size=b, seq_len=s, compute_dtype="bf16")
+    c = load_spec(model).config
+    host = plan["prediction"]["host"]
+    assert host["offloaded_checkpoints"] == c["num_hidden_layers"] * b * s * c["hidden_size"] * 2  # bf16 stream
+    assert host["peak"] == host["offloaded_checkpoints"] + host["paged_optimizer"]
+    hf = make_plan(model=model, backend="peft", batch_size=b, seq_len=s)["prediction"]["host"]
+    assert hf == {"offloaded_checkpoints": 0, "paged_optimizer": 0, "peak": 0}
+
+
+def test_paged_optimizer_can_spill_all_its_pages_to_host():
+    plan = make_plan(model="llama-3.2-1b", optimizer="paged_adamw_8bit")
+    paged = plan["prediction"]["memory_detail"]["optimizer_paged"]
+    assert paged > 0 and plan["prediction"]["host"]["paged_optimizer"] == paged
