@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from qplan.planner import __version__
+from qplan.planner.distributed import STRATEGIES
 from qplan.planner.errors import QPlanError
 from qplan.planner.files import check_folder, safe_exists, write_new_file
 from qplan.planner.schema import MAX_BATCH, MAX_CONTEXT, MAX_RANK
@@ -77,6 +78,11 @@ def plan_options(f):
         click.option("--price-per-hour", type=float, default=None, help="price of one GPU-hour: the run's cost"),
         click.option("--calibration", default=None,
                      help="a calibration file from `qplan calibrate` (fitted efficiency for the --gpu)"),
+        click.option("--gpus", type=int, default=1, show_default=True, help="GPUs per node (memory is then per rank)"),
+        click.option("--nodes", type=int, default=1, show_default=True, help="nodes"),
+        click.option("--strategy", type=click.Choice(list(STRATEGIES)), default=None,
+                     help="multi-GPU engine: ddp, fsdp (FSDP2 full shard), zero2, zero3 (DeepSpeed) [default: ddp]"),
+        click.option("--cpu-offload", is_flag=True, help="FSDP parameter / ZeRO optimizer offload to host memory"),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -141,6 +147,9 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
         raise QPlanError(f"{output} already exists: choose another --output or pass --force to replace it")
     o, config_warnings = with_trainer_config(o)
     plan = make_plan(**o)
+    if method == "trace" and "distributed" in plan:
+        raise QPlanError("--method trace traces one GPU: a multi-GPU plan's rank is traced by "
+                         "qplan.observe.trace.dist (see README, \"Several GPUs\")")
     if method == "trace":
         from qplan.planner.plan import attach_trace
 
