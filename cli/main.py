@@ -189,16 +189,32 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
 @click.option("--tokens", type=click.IntRange(1, 10 ** 15), default=None, help="tokens the run trains on: total time/cost")
 @click.option("--price-per-hour", default=None, help="price of a GPU-hour: a number, or NAME=PRICE,... per GPU")
 @click.option("--calibration", default=None, help="a calibration file from `qplan calibrate` for the --gpu")
+@click.option("--max-gpus", type=click.IntRange(1, 4096), default=None,
+              help="search the fewest GPUs (1..N) and the strategy (ddp, zero2, fsdp, zero3, offload) that fit")
+@click.option("--upcast/--no-upcast", "upcast", default=True, show_default=True,
+              help="with --max-gpus: k-bit plans' fp32 upcast of unquantized params")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 @config_options
-def fit(fmt, **o) -> None:
+def fit(fmt, max_gpus, upcast, **o) -> None:
     """Search batch, sequence, rank, targets, checkpointing, optimizer and quant for plans that fit.
     With --from-config the file fixes the model, rank, targets, quantization, optimizer and sequence
-    length (flags override); the micro-batch and checkpointing are searched."""
+    length (flags override); the micro-batch and checkpointing are searched. With --max-gpus: the
+    fewest GPUs of the --gpu kind, and the strategy, that train the plan the other flags fix."""
     from qplan.planner.fit import search
     from qplan.planner.render import render_fit
 
     o, config_warnings = with_trainer_config(o, FIT_FROM_CONFIG)
+    if max_gpus is not None:
+        from qplan.planner.fit_dist import fewest_gpus
+        from qplan.planner.render import render_fewest_gpus
+
+        fixed = {k: o[k] for k in ("seq_len", "batch_size", "quant", "r", "targets", "optimizer") if o.get(k) is not None}
+        result = fewest_gpus(model=o["model"], gpu=o["gpu"], max_gpus=max_gpus, upcast=upcast, **fixed)
+        _warn(config_warnings)
+        _emit(fmt, result, render_fewest_gpus(result))
+        return
+    if not upcast:
+        raise QPlanError("--no-upcast goes with --max-gpus (the batch search keeps the k-bit upcast)")
     result = search(o.pop("model"), o.pop("gpu"), **o)
     _warn(config_warnings)
     _emit(fmt, result, render_fit(result))

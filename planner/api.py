@@ -118,7 +118,11 @@ def make_plan(**options: Any) -> dict[str, Any]:
     with ``suggestions`` when it does not fit its GPU."""
     inputs, warnings = plan_inputs(**options)
     plan = build_plan(inputs, warnings)
-    if plan["prediction"]["fits"] is False:
+    if plan["prediction"]["fits"] is False and inputs.dist is not None:
+        plan["suggestions"] = ["`qplan fit --max-gpus N` searches the number of GPUs and the strategy"
+                               + ("" if inputs.dist.cpu_offload or inputs.dist.strategy == "ddp"
+                                  else "; --cpu-offload moves the sharded states to host memory")]
+    elif plan["prediction"]["fits"] is False:
         from .fit import suggestions
 
         plan["suggestions"] = suggestions(inputs)

@@ -101,3 +101,34 @@ def test_70b_fsdp_qlora_on_two_24gb_cards():
 def test_bad_distributed_options_are_one_line(kw, msg):
     with pytest.raises(QPlanError, match=msg):
         make_plan(model="llama-3.2-1b", **kw)
+
+
+def test_fit_finds_the_fewest_cards_for_70b_qlora():
+    from qplan.planner.fit_dist import fewest_gpus
+
+    res = fewest_gpus(model="llama-3.1-70b", gpu="rtx-4090", max_gpus=8, seq_len=2048, upcast=False)
+    assert res["world_size"] == 2
+    for row in res["fitting"]:  # each row is the plan estimate prints, and one world size fewer has none
+        kw = dict(model="llama-3.1-70b", gpu="rtx-4090", seq_len=2048, upcast=False, gpus=2,
+                  strategy=row["strategy"], cpu_offload=row["cpu_offload"])
+        assert make_plan(**kw)["prediction"]["memory"]["peak"] == row["peak_per_rank"]
+    assert make_plan(model="llama-3.1-70b", gpu="rtx-4090", seq_len=2048, upcast=False)["prediction"]["fits"] is False
+
+
+def test_cli_multi_gpu_table_and_json(tmp_path):
+    from click.testing import CliRunner
+
+    from qplan.cli.main import cli
+
+    args = ["estimate", "--model", "llama-3.1-70b", "--gpu", "rtx-4090", "--gpus", "2", "--strategy", "fsdp",
+            "--seq-len", "2048", "--no-upcast", "--cpu-offload"]
+    out = CliRunner().invoke(cli, args)
+    assert out.exit_code == 0, out.output
+    assert "memory above is per rank: 2 GPUs" in out.output and "FITS on 2 × rtx-4090" in out.output
+    js = CliRunner().invoke(cli, [*args, "--output", str(tmp_path / "plan.json")])
+    assert js.exit_code == 0
+    check_plan(__import__("json").loads((tmp_path / "plan.json").read_text()))
+    bad = CliRunner().invoke(cli, ["estimate", "--model", "llama-3.2-1b", "--gpus", "2", "--strategy", "ddp",
+                                   "--cpu-offload"])
+    # main() turns a QPlanError into one line on stderr and exit 2 (tests/planner/test_cli.py)
+    assert isinstance(bad.exception, QPlanError) and "\n" not in str(bad.exception)
