@@ -120,7 +120,7 @@ def rank_memory(spec, counts, lora_r, dropout, q: QuantSettings, t, dist: DistSe
     return {**ev, "weights": resident, "phases": phases, "composition": comp, "tensor_peak": tensor_peak,
             "peak_phase": phase, **over, "overhead": sum(over.values()), "peak": tensor_peak + sum(over.values()),
             "temporaries": max(ev["temporaries"], *(sum(e.values()) for e in extras.values())),
-            "weights_footprint": rw["sharded"] + rw["buffers"], "host_offload": host, "terms": terms,
+            "weights_footprint": resident - rw["quant_state"], "host_offload": host, "terms": terms,
             "weights_detail": rw}
 
 
