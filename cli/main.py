@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from qplan.planner import __version__
+from qplan.planner.distributed import STRATEGIES
 from qplan.planner.errors import QPlanError
 from qplan.planner.files import check_folder, safe_exists, write_new_file
 from qplan.planner.schema import MAX_BATCH, MAX_CONTEXT, MAX_RANK
@@ -78,6 +79,11 @@ def plan_options(f):
         click.option("--price-per-hour", type=float, default=None, help="price of one GPU-hour: the run's cost"),
         click.option("--calibration", default=None,
                      help="a calibration file from `qplan calibrate` (fitted efficiency for the --gpu)"),
+        click.option("--gpus", type=int, default=1, show_default=True, help="GPUs per node (memory is then per rank)"),
+        click.option("--nodes", type=int, default=1, show_default=True, help="nodes"),
+        click.option("--strategy", type=click.Choice(list(STRATEGIES)), default=None,
+                     help="multi-GPU engine: ddp, fsdp (FSDP2 full shard), zero2, zero3 (DeepSpeed) [default: ddp]"),
+        click.option("--cpu-offload", is_flag=True, help="FSDP parameter / ZeRO optimizer offload to host memory"),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -142,6 +148,9 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
         raise QPlanError(f"{output} already exists: choose another --output or pass --force to replace it")
     o, config_warnings = with_trainer_config(o)
     plan = make_plan(**o)
+    if method == "trace" and "distributed" in plan:
+        raise QPlanError("--method trace traces one GPU: a multi-GPU plan's rank is traced by "
+                         "qplan.observe.trace.dist (see README, \"Several GPUs\")")
     if method == "trace":
         from qplan.planner.plan import attach_trace
 
@@ -181,16 +190,32 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
 @click.option("--tokens", type=click.IntRange(1, 10 ** 15), default=None, help="tokens the run trains on: total time/cost")
 @click.option("--price-per-hour", default=None, help="price of a GPU-hour: a number, or NAME=PRICE,... per GPU")
 @click.option("--calibration", default=None, help="a calibration file from `qplan calibrate` for the --gpu")
+@click.option("--max-gpus", type=click.IntRange(1, 4096), default=None,
+              help="search the fewest GPUs (1..N) and the strategy (ddp, zero2, fsdp, zero3, offload) that fit")
+@click.option("--upcast/--no-upcast", "upcast", default=True, show_default=True,
+              help="with --max-gpus: k-bit plans' fp32 upcast of unquantized params")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 @config_options
-def fit(fmt, **o) -> None:
+def fit(fmt, max_gpus, upcast, **o) -> None:
     """Search batch, sequence, rank, targets, checkpointing, optimizer and quant for plans that fit.
     With --from-config the file fixes the model, rank, targets, quantization, optimizer and sequence
-    length (flags override); the micro-batch and checkpointing are searched."""
+    length (flags override); the micro-batch and checkpointing are searched. With --max-gpus: the
+    fewest GPUs of the --gpu kind, and the strategy, that train the plan the other flags fix."""
     from qplan.planner.fit import search
     from qplan.planner.render import render_fit
 
     o, config_warnings = with_trainer_config(o, FIT_FROM_CONFIG)
+    if max_gpus is not None:
+        from qplan.planner.fit_dist import fewest_gpus
+        from qplan.planner.render import render_fewest_gpus
+
+        fixed = {k: o[k] for k in ("seq_len", "batch_size", "quant", "r", "targets", "optimizer") if o.get(k) is not None}
+        result = fewest_gpus(model=o["model"], gpu=o["gpu"], max_gpus=max_gpus, upcast=upcast, **fixed)
+        _warn(config_warnings)
+        _emit(fmt, result, render_fewest_gpus(result))
+        return
+    if not upcast:
+        raise QPlanError("--no-upcast goes with --max-gpus (the batch search keeps the k-bit upcast)")
     result = search(o.pop("model"), o.pop("gpu"), **o)
     _warn(config_warnings)
     _emit(fmt, result, render_fit(result))

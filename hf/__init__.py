@@ -105,12 +105,16 @@ def bnb_config(quant: dict[str, Any]) -> Any | None:
     skip = {"llm_int8_skip_modules": list(quant["skip_modules"])} if quant.get("skip_modules") is not None else {}
     if q not in FOUR_BIT:
         return BitsAndBytesConfig(load_in_8bit=True, **skip)
+    # a multi-GPU plan that shards 4-bit weights (FSDP, ZeRO-3) stores them in the compute dtype
+    # (``bnb_4bit_quant_storage``; the plan's ``distributed.quant_storage``, given here as ``quant_storage``)
+    storage = {"bnb_4bit_quant_storage": torch_dtype(quant["quant_storage"])} if quant.get("quant_storage") else {}
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q,
         bnb_4bit_use_double_quant=bool(quant.get("double_quant", False)),
         bnb_4bit_compute_dtype=torch_dtype(quant["compute_dtype"]),
         **skip,
+        **storage,
     )
 
 

@@ -15,6 +15,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from .distributed import DistSettings
 from .errors import QPlanError
 from .lora import DEFAULT_DROPOUT, LoraSettings, resolve_targets
 from .memory import TrainingSettings, resolve_attn
@@ -56,6 +57,10 @@ def plan_inputs(
     epochs: float | None = None,
     price_per_hour: float | None = None,
     calibration: str | None = None,
+    gpus: int = 1,
+    nodes: int = 1,
+    strategy: str | None = None,
+    cpu_offload: bool = False,
 ) -> tuple[PlanInputs, list[str]]:
     """The validated inputs of a plan (and the warnings resolving them produced).
 
@@ -67,7 +72,8 @@ def plan_inputs(
                 quant=quant, double_quant=double_quant, compute_dtype=compute_dtype, upcast=upcast, seq_len=seq_len,
                 batch_size=batch_size, grad_accum=grad_accum, grad_ckpt=grad_ckpt, optimizer=optimizer,
                 attn_impl=attn_impl, backend=backend, strict_dtype=strict_dtype, tokens=tokens,
-                dataset_tokens=dataset_tokens, epochs=epochs, price_per_hour=price_per_hour, calibration=calibration)
+                dataset_tokens=dataset_tokens, epochs=epochs, price_per_hour=price_per_hour, calibration=calibration,
+                gpus=gpus, nodes=nodes, strategy=strategy, cpu_offload=cpu_offload)
     check_options(opts)
     if tokens is not None and (dataset_tokens is not None or epochs is not None):
         raise QPlanError("give either --tokens or --dataset-tokens with --epochs, not both")
@@ -109,7 +115,11 @@ def plan_inputs(
                            "(`qplan models` marks it)")
     if calib is not None and gpu_ is not None and calib["device"] != gpu_.name:
         raise QPlanError(f"calibration file {calibration} was fitted on {calib['device']}, not {gpu_.name}")
-    return PlanInputs(spec, lora, q, training, gpu_, backend, tokens, price_per_hour, calib), warnings
+    dist = None
+    if gpus * nodes > 1 or strategy is not None or cpu_offload:
+        dist = DistSettings(gpus, nodes, strategy or "ddp", cpu_offload)
+        dist.validate(q, backend)
+    return PlanInputs(spec, lora, q, training, gpu_, backend, tokens, price_per_hour, calib, dist), warnings
 
 
 def make_plan(**options: Any) -> dict[str, Any]:
@@ -117,7 +127,11 @@ def make_plan(**options: Any) -> dict[str, Any]:
     with ``suggestions`` when it does not fit its GPU."""
     inputs, warnings = plan_inputs(**options)
     plan = build_plan(inputs, warnings)
-    if plan["prediction"]["fits"] is False:
+    if plan["prediction"]["fits"] is False and inputs.dist is not None:
+        plan["suggestions"] = ["`qplan fit --max-gpus N` searches the number of GPUs and the strategy"
+                               + ("" if inputs.dist.cpu_offload or inputs.dist.strategy == "ddp"
+                                  else "; --cpu-offload moves the sharded states to host memory")]
+    elif plan["prediction"]["fits"] is False:
         from .fit import suggestions
 
         plan["suggestions"] = suggestions(inputs)

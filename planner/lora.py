@@ -27,7 +27,6 @@ from .errors import QPlanError
 from .spec import EmbeddingGroup, LinearGroup, ModelSpec, ParamGroup
 from .vocab import BIAS_MODES, BYTES, PRESETS, SAFETENSORS_DTYPE
 
-
 #: qplan's LoRA dropout when none is given (0 where PEFT adapts parameters: ``lora.ParamWrapper`` refuses any)
 DEFAULT_DROPOUT = 0.05
 

@@ -51,6 +51,8 @@ class PlanInputs:
     tokens: int | None = None
     price_per_hour: float | None = None
     calibration: dict[str, Any] | None = None
+    #: several GPUs (``planner.distributed.DistSettings``); None: one GPU
+    dist: Any = None
 
 
 def check_gpu_dtype(quant: QuantSettings, gpu: Gpu | None, auto_fix: bool) -> tuple[QuantSettings, list[str]]:
@@ -137,7 +139,7 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
     }
     prediction.update(compute_prediction(inp, counts, trainable))
     inv = spec.inventory
-    return {
+    doc = {
         "schema_version": PLAN_SCHEMA_VERSION,
         "qplan_version": __version__,
         "model": {
@@ -160,6 +162,11 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
         "warnings": list(warnings or []),
         "prediction": prediction,
     }
+    if inp.dist is None:
+        return doc
+    from .dist_plan import apply_distributed
+
+    return apply_distributed(doc, inp, counts)
 
 
 def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[str, Any]:

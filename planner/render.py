@@ -96,22 +96,55 @@ def render_plan(plan: dict[str, Any]) -> str:
         lines.append(f"optimizer: {fmt_bytes(paged)} of it is paged (CUDA unified memory, can spill to CPU)")
     host = p.get("host")
     if host is not None:
-        lines.append(f"host RAM the step keeps: {fmt_bytes(host['peak'])} (offloaded checkpoints "
-                     f"{fmt_bytes(host['offloaded_checkpoints'])} · paged optimizer {fmt_bytes(host['paged_optimizer'])})")
+        names = {"offloaded_checkpoints": "offloaded checkpoints", "paged_optimizer": "paged optimizer",
+                 "offloaded_states": "offloaded states"}
+        parts = " · ".join(f"{names.get(k, k)} {fmt_bytes(v)}" for k, v in host.items() if k != "peak")
+        per = " per node" if plan.get("distributed") else ""
+        lines.append(f"host RAM the step keeps{per}: {fmt_bytes(host['peak'])} ({parts})")
     lines += compute_lines(p)
+    dist = plan.get("distributed")
+    if dist:
+        lines += distributed_lines(dist, mem)
     lines.append("")
     gpu = plan.get("gpu")
     if gpu is None:
         lines.append("no --gpu given: pass one (see `qplan gpus`) for a fit verdict")
     elif p["fits"]:
-        lines.append(f"FITS on {gpu['name']} ({fmt_bytes(gpu['usable_bytes'])} usable): "
+        lines.append(f"FITS on {_cards(plan)}{gpu['name']} ({fmt_bytes(gpu['usable_bytes'])} usable): "
                      f"headroom {fmt_bytes(p['headroom'])}")
     else:
-        lines.append(f"DOES NOT FIT on {gpu['name']} ({fmt_bytes(gpu['usable_bytes'])} usable): "
+        lines.append(f"DOES NOT FIT on {_cards(plan)}{gpu['name']} ({fmt_bytes(gpu['usable_bytes'])} usable): "
                      f"short by {fmt_bytes(-p['headroom'])}")
         for s in plan.get("suggestions", []):
             lines.append(f"  try: {s}")
     return "\n".join(lines)
+
+
+def _cards(plan: dict[str, Any]) -> str:
+    d = plan.get("distributed")
+    return f"{d['world_size']} × " if d else ""
+
+
+def distributed_lines(d: dict[str, Any], mem: dict[str, Any]) -> list[str]:
+    """What a multi-GPU plan adds: the engine, and that the memory above is one rank's."""
+    r = d["per_rank"]
+    out = [f"memory above is per rank: {d['world_size']} GPUs ({d['gpus_per_node']} per node × {d['nodes']}) · "
+           f"{d['strategy']}: {d['engine']}" + (" · CPU offload" if d["cpu_offload"] else "")]
+    single = d["single_gpu"]["weights"]
+    line = f"weights per rank {fmt_bytes(mem['weights'])} (one GPU: {fmt_bytes(single)})"
+    if d.get("sharding_cost") is not None:
+        line += f"; sharding costs {fmt_bytes(d['sharding_cost'])} over an even split"
+    if d.get("quant_storage"):
+        line += (f" (4-bit weights stored as {d['quant_storage']} for FSDP: bnb_4bit_quant_storage; "
+                 f"{fmt_bytes(r['quant_state_replicated'])} of quantization constants on every rank)")
+    out.append(line)
+    extra = {k: v for k, v in r.items() if k in ("gathered_root", "gathered_layer", "reduce_scatter", "ddp_buckets",
+                                                 "reduce_bucket", "gathered")}
+    if extra:
+        out.append("communication / gathered: " + " · ".join(f"{k.replace('_', ' ')} {fmt_bytes(v)}" for k, v in extra.items()))
+    if d["host_offload_per_node"]:
+        out.append(f"offloaded to host memory: {fmt_bytes(d['host_offload_per_node'])} per node")
+    return out
 
 
 def fmt_flops(n: float) -> str:
@@ -206,3 +239,16 @@ def render_fit(result: dict[str, Any]) -> str:
     else:
         lines.append("no plan fits: try a larger GPU, --quant nf4, or a shorter --seq-len")
     return "\n".join(lines)
+
+
+def render_fewest_gpus(result: dict[str, Any]) -> str:
+    """``qplan fit --max-gpus``: the plans on the fewest cards."""
+    if not result["fitting"]:
+        return (f"no plan fits on up to the searched number of {result['gpu']} cards "
+                f"({result['candidates']} candidates): try a larger GPU, a shorter --seq-len or --quant nf4")
+    rows = [[r["gpus"], r["nodes"], r["strategy"], "yes" if r["cpu_offload"] else "no", fmt_bytes(r["peak_per_rank"]),
+             fmt_bytes(r["headroom"]), fmt_bytes(r["host_offload_per_node"]) if r["host_offload_per_node"] else ""]
+            for r in result["fitting"]]
+    head = f"fewest {result['gpu']} cards that train this plan: {result['world_size']} ({result['candidates']} plans tried)"
+    return head + "\n\n" + tabulate(rows, headers=["gpus", "nodes", "strategy", "cpu offload", "peak per GPU", "headroom",
+                                                   "host offload/node"])

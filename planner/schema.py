@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from .distributed import STRATEGIES
 from .errors import QPlanError
 from .vocab import (
     ATTN_CHOICES,
@@ -53,6 +54,7 @@ MAX_BATCH = 1 << 16
 MAX_ALPHA = 1e6
 MAX_NAME = 1024
 MAX_TOKENS = 10 ** 15
+MAX_GPUS = 1 << 14  # GPUs per node, and nodes
 #: how deep a JSON document may nest before it is refused (configs nest 2-3 levels)
 MAX_JSON_DEPTH = 64
 
@@ -106,6 +108,10 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True):
     epochs: Annotated[float, Meta(gt=0, le=10_000)] | None = None
     price_per_hour: Annotated[float, Meta(ge=0, le=1e6)] | None = None
     calibration: Annotated[str, Meta(min_length=1, max_length=4096)] | None = None
+    gpus: Annotated[int, Meta(ge=1, le=MAX_GPUS)] = 1
+    nodes: Annotated[int, Meta(ge=1, le=MAX_GPUS)] = 1
+    strategy: _lit(STRATEGIES) | None = None
+    cpu_offload: bool = False
 
 
 class Calibration(Struct, kw_only=True):
@@ -426,6 +432,23 @@ class _Prediction(Struct, kw_only=True):
     cost: dict[str, Any] | None = None
 
 
+class _Distributed(Struct, forbid_unknown_fields=True, kw_only=True):
+    world_size: Annotated[int, Meta(ge=1, le=MAX_GPUS * MAX_GPUS)]
+    gpus_per_node: Annotated[int, Meta(ge=1, le=MAX_GPUS)]
+    nodes: Annotated[int, Meta(ge=1, le=MAX_GPUS)]
+    strategy: _lit(STRATEGIES)
+    engine: NonEmpty
+    cpu_offload: bool
+    memory_is: str
+    per_rank: dict[str, Bytes]
+    host_offload_per_node: Bytes
+    single_gpu: dict[str, Bytes]
+    wrapping_unit: str | None = None
+    quant_storage: _lit(COMPUTE_DTYPES) | None = None
+    sharding_cost: int | None = None
+    launch: dict[str, Any] | None = None
+
+
 class PlanDoc(Struct, kw_only=True):
     """plan.json (schema_version 1) as ``qplan estimate`` writes it."""
 
@@ -438,6 +461,7 @@ class PlanDoc(Struct, kw_only=True):
     prediction: _Prediction
     qplan_version: str = ""
     gpu: _Gpu | None = None
+    distributed: _Distributed | None = None
     warnings: list[str] = []
     suggestions: list[str] = []
 

@@ -36,6 +36,8 @@ class TraceSettings:
     #: also count FLOPs per step with ``torch.utils.flop_counter.FlopCounterMode`` (outermost mode,
     #: so it sees the stand-ins' matmuls: what the GPU kernels compute)
     count_flops: bool = False
+    #: ``bnb_4bit_quant_storage`` (a multi-GPU plan that shards 4-bit weights), else uint8
+    quant_storage: str | None = None
 
     def __post_init__(self) -> None:
         if self.quant not in QUANTS:
@@ -69,7 +71,8 @@ class TraceSettings:
     @property
     def quant_section(self) -> dict[str, Any]:
         """As a plan's ``quant`` section (what ``qplan.hf.bnb_config`` reads)."""
-        return {"quant": self.quant, "double_quant": self.double_quant, "compute_dtype": self.compute_dtype}
+        return {"quant": self.quant, "double_quant": self.double_quant, "compute_dtype": self.compute_dtype,
+                "quant_storage": self.quant_storage}
 
     @property
     def lora_section(self) -> dict[str, Any]:

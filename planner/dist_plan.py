@@ -1,0 +1,180 @@
+"""A multi-GPU plan: the per-rank memory of ``planner.distributed`` put into the phases of
+``planner.phases.MemoryModel`` and into the plan document (``distributed`` section; ``prediction.memory``
+per rank; ``fits``/``headroom`` per GPU).  A single-GPU plan never comes here: it stays byte-identical.
+
+Moments with FSDP2 (where its all-gathered parameters are alive; see ``planner.distributed``):
+``forward`` (the loss): the root unit unsharded; ``backward`` (its start) and ``attention``: the root
++ two decoder layers (the one computing and the prefetched one); ``layers`` (layer 0's backward):
+the root + layer 0 + its unsharded gradients and the reduce-scatter input; ``optimizer``: everything
+resharded.  DDP: its buckets in every moment.  ZeRO-2: the reduction bucket in the backward moments;
+ZeRO-3: DeepSpeed's all-gathered working set in the forward and backward moments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .distributed import (
+    DistSettings,
+    ddp_bucket_bytes,
+    lora_layer_bytes,
+    rank_weights,
+    sharded_counts,
+    zero3_gathered_bytes,
+    zero_model_states,
+    zero_reduce_bucket_bytes,
+)
+from .memory import (
+    adapter_bytes,
+    dims,
+    gradient_bytes,
+    optimizer_state_bytes,
+    optimizer_step_temp_bytes,
+    overhead_bytes,
+)
+from .phases import MemoryModel
+from .weights import QuantSettings, weights_bytes
+
+FORWARD_MOMENTS = ("forward", "backward", "layers", "attention")
+
+
+def engine_quant(q: QuantSettings, strategy: str) -> QuantSettings:
+    """The quantization the engine trains with: DeepSpeed casts the module to its 16-bit dtype
+    (``DeepSpeedEngine._configure_distributed_model``: ``module.bfloat16()``/``half()``), undoing
+    ``prepare_model_for_kbit_training``'s fp32 upcast; DDP and FSDP2 keep the dtypes PEFT left."""
+    if strategy in ("zero2", "zero3") and q.kbit and q.upcast_kbit:
+        return QuantSettings(q.quant, q.double_quant, q.compute_dtype, False)
+    return q
+
+
+def rank_memory(spec, counts, lora_r, dropout, q: QuantSettings, t, dist: DistSettings, chunked_ce: bool = False,
+                kernels: str = "cuda", calibration: dict | None = None) -> dict[str, Any]:
+    """Per-rank phases, peak and terms of one plan under ``dist``."""
+    W, strat = dist.world, dist.strategy
+    qe = engine_quant(q, strat)
+    rw = rank_weights(spec, qe, W, strat)
+    L = dims(spec).L
+    host = 0
+    resident = rw["sharded"] + rw["quant_state"] + rw["buffers"]
+    if dist.cpu_offload and strat in ("fsdp", "zero3"):
+        host += rw["sharded"]  # FSDP2 CPUOffloadPolicy / ZeRO-3 offload_param: parameter shards on the host
+        resident -= rw["sharded"]
+    mm = MemoryModel.build(spec, counts, lora_r, dropout, qe, t.grad_ckpt, t.optimizer, t.attn_impl, resident,
+                           chunked_ce, kernels)
+    extras = {m: {"weights": 0, "gradients": 0} for m in (*FORWARD_MOMENTS, "optimizer")}
+    terms: dict[str, int] = {"weights_sharded": rw["sharded"], "quant_state_replicated": rw["quant_state"],
+                             "buffers_replicated": rw["buffers"]}
+    trainable = sum(n for c in counts for _, s in c.save_keys for n in [_numel(s)] for _ in range(c.instances))
+    if strat == "ddp":
+        bucket = ddp_bucket_bytes(mm.gradients)
+        for m in extras:
+            extras[m]["gradients"] += bucket
+        terms["ddp_buckets"] = bucket
+    elif strat == "fsdp":
+        sc = sharded_counts(counts, W)
+        a, g = adapter_bytes(sc), gradient_bytes(sc)
+        opt = optimizer_state_bytes(sc, t.optimizer)
+        o = opt["device"] + opt["paged"]
+        if dist.cpu_offload:
+            host += a + g + o  # CPUOffloadPolicy: sharded params, grads and the optimizer step on the CPU
+            a = g = o = 0
+        mm = dataclasses.replace(mm, adapters=a, gradients=g, optimizer=o, optimizer_paged=0 if dist.cpu_offload
+                                 else opt["paged"], layers_grads=g * (L - 1) // max(1, L),
+                                 temps_opt=0 if dist.cpu_offload else optimizer_step_temp_bytes(sc, t.optimizer, kernels))
+        lora_layer = lora_layer_bytes(counts, L)
+        root_lora = adapter_bytes(counts) - L * lora_layer
+        root = rw["root_full"] + root_lora
+        layer = rw["layer_full"] + lora_layer
+        extras["forward"]["weights"] += root
+        extras["backward"]["weights"] += root + 2 * layer
+        extras["attention"]["weights"] += root + 2 * layer
+        extras["layers"]["weights"] += root + layer
+        extras["layers"]["gradients"] += 2 * lora_layer  # unsharded grads + reduce-scatter input
+        terms.update(gathered_root=root, gathered_layer=layer, reduce_scatter=2 * lora_layer)
+    else:
+        stage = 2 if strat == "zero2" else 3
+        st = zero_model_states(trainable, W, stage, dist.cpu_offload)
+        host += st["host"]
+        mm = dataclasses.replace(mm, adapters=st["params16"], gradients=st["gradients"], optimizer=st["optimizer"],
+                                 optimizer_paged=0, temps_opt=0, layers_grads=st["gradients"] * (L - 1) // max(1, L))
+        if stage == 2:
+            bucket = zero_reduce_bucket_bytes(trainable)
+            extras["backward"]["gradients"] += bucket
+            extras["layers"]["gradients"] += bucket
+            terms["reduce_bucket"] = bucket
+        else:
+            gathered = zero3_gathered_bytes(rw["largest_param"])
+            for m in FORWARD_MOMENTS:
+                extras[m]["weights"] += gathered
+            terms["gathered"] = gathered
+    ev = mm.evaluate(t.batch_size, t.seq_len, t.grad_accum)
+    phases = {k: v + sum(extras[k].values()) for k, v in ev["phases"].items()}
+    comp = {k: {c: v + extras[k].get(c, 0) for c, v in parts.items()} for k, parts in ev["composition"].items()}
+    tensor_peak = max(phases.values())
+    phase = next(k for k, v in phases.items() if v == tensor_peak)
+    cal = calibration if calibration and ("cuda_context_bytes" in calibration
+                                          or "allocator_slack_fraction" in calibration) else None
+    over = overhead_bytes(tensor_peak, cal)
+    terms.update(adapters=mm.adapters, gradients=mm.gradients, optimizer=mm.optimizer)
+    return {**ev, "weights": resident, "phases": phases, "composition": comp, "tensor_peak": tensor_peak,
+            "peak_phase": phase, **over, "overhead": sum(over.values()), "peak": tensor_peak + sum(over.values()),
+            "temporaries": max(ev["temporaries"], *(sum(e.values()) for e in extras.values())),
+            "weights_footprint": resident - rw["quant_state"], "host_offload": host, "terms": terms,
+            "weights_detail": rw}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def apply_distributed(doc: dict[str, Any], inp: Any, counts: list) -> dict[str, Any]:
+    """Make ``doc`` (a single-GPU plan document) the plan of one rank under ``inp.dist``."""
+    from .plan import MEMORY_KEYS
+
+    dist: DistSettings = inp.dist
+    spec, q, t = inp.spec, inp.quant, inp.training
+    unsloth = inp.backend == "unsloth"
+    p = doc["prediction"]
+    single = {"weights": p["memory"]["weights"], "tensor_peak": p["memory"]["tensor_peak"], "peak": p["memory"]["peak"]}
+    # the single-GPU weights in the dtypes the engine trains with (DeepSpeed undoes the fp32 upcast)
+    engine_weights = weights_bytes(spec, engine_quant(q, dist.strategy))
+    mem = rank_memory(spec, counts, inp.lora.r, inp.lora.dropout, q, t, dist, unsloth, "cuda", inp.calibration)
+    cpu = rank_memory(spec, counts, inp.lora.r, inp.lora.dropout, q, t, dist, unsloth, "cpu")
+    p["memory"] = {k: int(mem[k]) for k in MEMORY_KEYS}
+    d = p["memory_detail"]
+    d.update(weights={k: int(v) for k, v in mem["weights_detail"].items()}, optimizer_paged=mem["optimizer_paged"],
+             cuda_context=mem["cuda_context"], allocator_slack=mem["allocator_slack"], peak_phase=mem["peak_phase"],
+             phases=mem["phases"], tensor_peak_cpu=cpu["tensor_peak"], composition=mem["composition"],
+             peak_phase_cpu=cpu["peak_phase"], phases_cpu=cpu["phases"], composition_cpu=cpu["composition"])
+    usable = inp.gpu.usable_bytes if inp.gpu else None
+    p["fits"] = (p["memory"]["peak"] <= usable) if usable is not None else None
+    p["headroom"] = (usable - p["memory"]["peak"]) if usable is not None else None
+    W = dist.world
+    section = {
+        **dist.to_json(),
+        "wrapping_unit": "decoder layer" if dist.strategy == "fsdp" else None,
+        "quant_storage": q.compute_dtype if (q.quant in ("nf4", "fp4") and dist.strategy in ("fsdp", "zero3")) else None,
+        "memory_is": "per rank (one GPU)",
+        "per_rank": {k: int(v) for k, v in mem["terms"].items()},
+        "host_offload_per_node": int(mem["host_offload"]) * dist.gpus,
+        "single_gpu": single,
+        # what sharding costs beyond an even split of the single-GPU weights: replicated quantization
+        # constants and buffers, shard padding, and the 4-bit storage rounded to whole compute-dtype elements
+        "sharding_cost": int(mem["weights"] - (-(-engine_weights // W)))
+        if dist.strategy in ("fsdp", "zero3") and not dist.cpu_offload else None,
+    }
+    # host RAM per node: each of its ranks' own host terms, and the states FSDP/ZeRO offload to it
+    if p.get("host") is not None:
+        h = {k: int(v) * dist.gpus for k, v in p["host"].items() if k != "peak"}
+        h["offloaded_states"] = section["host_offload_per_node"]
+        p["host"] = {**h, "peak": sum(h.values())}
+    out = {}
+    for k, v in doc.items():
+        out[k] = v
+        if k == "backend":
+            out["distributed"] = section
+    return out
