@@ -169,7 +169,9 @@ def apply_distributed(doc: dict[str, Any], inp: Any, counts: list) -> dict[str, 
     }
     # host RAM per node: each of its ranks' own host terms, and the states FSDP/ZeRO offload to it
     if p.get("host") is not None:
+        # a rank's own host terms are the single-GPU ones but for the (sharded) paged optimizer state
         h = {k: int(v) * dist.gpus for k, v in p["host"].items() if k != "peak"}
+        h["paged_optimizer"] = int(mem["optimizer_paged"]) * dist.gpus
         h["offloaded_states"] = section["host_offload_per_node"]
         p["host"] = {**h, "peak": sum(h.values())}
     out = {}

@@ -132,3 +132,16 @@ def test_cli_multi_gpu_table_and_json(tmp_path):
                                    "--cpu-offload"])
     # main() turns a QPlanError into one line on stderr and exit 2 (tests/planner/test_cli.py)
     assert isinstance(bad.exception, QPlanError) and "\n" not in str(bad.exception)
+
+
+def test_host_memory_is_per_node_and_holds_the_offloaded_states():
+    from qplan.planner.api import make_plan
+
+    one = make_plan(model="llama-3.2-1b", optimizer="paged_adamw_8bit")["prediction"]["host"]
+    two = make_plan(model="llama-3.2-1b", optimizer="paged_adamw_8bit", gpus=2, strategy="fsdp", cpu_offload=True)
+    host, dist = two["prediction"]["host"], two["distributed"]
+    assert host["offloaded_states"] == dist["host_offload_per_node"] > 0
+    assert host["peak"] == host["offloaded_states"] + host["offloaded_checkpoints"] + host["paged_optimizer"]
+    assert one["paged_optimizer"] > 0
+    # each rank pages its own (sharded) optimizer state: per node, the ranks' paged bytes
+    assert host["paged_optimizer"] == 2 * two["prediction"]["memory_detail"]["optimizer_paged"]
