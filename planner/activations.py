@@ -205,6 +205,17 @@ def norm_activation(d: Dims, p: Precision, first: bool = False) -> Lin:
     return Lin(tok=tok, const=const)
 
 
+def qk_norm_activation(d: Dims) -> Lin:
+    """Per-head RMSNorms of q and k (Qwen3 ``q_norm``/``k_norm`` on ``q_proj(x).view(..., hd)``):
+    each saves its fp32 input (``to(float32)`` makes a copy of a 16-bit projection output, and an
+    fp32 one is itself a tensor nothing else saves) and the fp32 ``rsqrt`` per head:
+    ``4 (q + kv) T + 4 (nh + nkv) T``; its 16-bit output feeds the rotary embedding, which saves
+    only ``cos``/``sin``. 0 for models without them."""
+    if not d.qk_norm:
+        return ZERO
+    return Lin(tok=4 * (d.q + d.kv) + 4 * (d.nh + d.nkv))
+
+
 def residual_activation(d: Dims, p: Precision) -> Lin:
     """The two residual sums of a layer (after attention, after the MLP) are the next norms'
     inputs; in fp32 the norm's ``pow``/``mul`` save them as they are (``4 h T`` each).  In 16-bit
@@ -335,6 +346,7 @@ def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, 
     total = norm_activation(d, p, first) + residual_activation(d, p)
     total = total + attention_activation(d, p, attn_impl) + mlp_activation(d, p)
     total = total + fused_qkv_activation(d, p, fused_qkv_kbit(spec, q))
+    total = total + qk_norm_activation(d)
     shared = set()
     for br in branches:
         lin, shares = lora_branch_activation(br, p, r, dropout, not (first and br.site == "attn_in"), kernels)

@@ -83,7 +83,7 @@ class TrainingSettings:
 
 #: families whose activation terms are derived and checked against the trace (reports/accuracy/,
 #: tests/planner/test_memory.py); others get a warning that the analytic activations are approximate
-VALIDATED_FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma2")
+VALIDATED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")
 
 
 def accuracy_warning(spec: ModelSpec, use_dora: bool = False) -> str | None:
@@ -135,6 +135,7 @@ class Dims:
     gemma_norm: bool = False  # Gemma RMSNorm: ``x.float()``, ``* (1 + weight.float())``
     attn_softcap: bool = False  # Gemma-2: ``tanh`` of the attention scores
     final_softcap: bool = False  # Gemma-2: ``tanh`` of the logits
+    qk_norm: bool = False  # Qwen3/Gemma-3: an RMSNorm over each head of q and k (``q_norm``/``k_norm``)
 
     @property
     def q(self) -> int:
@@ -170,10 +171,13 @@ def dims(spec: ModelSpec) -> Dims:
     )
     norm_params = [p for p in inv.params if "layers.*." in p.pattern
                    and p.module_type.endswith(("RMSNorm", "LayerNorm"))]
+    # per-head norms of q and k (Qwen3's q_norm/k_norm, hd wide) are not residual-stream norms
+    head_norms = [p for p in norm_params if tuple(p.shape) == (hd,) and hd != h]
+    norm_params = [p for p in norm_params if p not in head_norms]
     norms = len(norm_params) or 2
     gemma = any(p.module_type.startswith("Gemma") for p in norm_params)
     return Dims(h, L, V, nh, nkv, hd, i, gated, bool(inv.tied), norms, gemma,
-                bool(c.get("attn_logit_softcapping")), bool(c.get("final_logit_softcapping")))
+                bool(c.get("attn_logit_softcapping")), bool(c.get("final_logit_softcapping")), bool(head_norms))
 
 
 # ---------------------------------------------------------------------- trainable tensors
