@@ -24,8 +24,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 MODELS = ("llama-3.1-8b", "qwen2.5-7b", "mistral-nemo-12b", "phi-4", "gemma-2-9b")
-#: transformers refuses sdpa with Gemma-2's attention softcapping: eager is what users run
-ATTN = {"gemma-2-9b": "eager"}
+#: transformers refuses sdpa with Gemma-2's attention softcapping and gpt-oss's attention sinks: eager is
+#: what users run without flash-attention kernels
+ATTN = {"gemma-2-9b": "eager", "gpt-oss-20b": "eager"}
 QUANTS = ("nf4", "bf16")
 SHAPES = ((1, 512), (4, 2048), (8, 4096))
 CKPTS = (True, False)
