@@ -201,24 +201,29 @@ def fit(fmt, max_gpus, upcast, **o) -> None:
     With --from-config the file fixes the model, rank, targets, quantization, optimizer and sequence
     length (flags override); the micro-batch and checkpointing are searched. With --max-gpus: the
     fewest GPUs of the --gpu kind, and the strategy, that train the plan the other flags fix."""
-    from qplan.planner.fit import search
-    from qplan.planner.render import render_fit
+    from qplan.planner.render import render_fewest_gpus, render_fit
 
     o, config_warnings = with_trainer_config(o, FIT_FROM_CONFIG)
+    result = fit_document({**o, "max_gpus": max_gpus, "upcast": upcast})
+    _warn(config_warnings)
+    _emit(fmt, result, render_fewest_gpus(result) if max_gpus is not None else render_fit(result))
+
+
+def fit_document(o: dict[str, Any]) -> dict[str, Any]:
+    """What ``qplan fit --format json`` prints for its options ``o`` (shared with ``qplan serve``):
+    with ``max_gpus`` the fewest GPUs and strategy, else the batch/sequence/rank search."""
+    from qplan.planner.fit import search
+
+    o = dict(o)
+    max_gpus, upcast = o.pop("max_gpus", None), o.pop("upcast", True)
     if max_gpus is not None:
         from qplan.planner.fit_dist import fewest_gpus
-        from qplan.planner.render import render_fewest_gpus
 
         fixed = {k: o[k] for k in ("seq_len", "batch_size", "quant", "r", "targets", "optimizer") if o.get(k) is not None}
-        result = fewest_gpus(model=o["model"], gpu=o["gpu"], max_gpus=max_gpus, upcast=upcast, **fixed)
-        _warn(config_warnings)
-        _emit(fmt, result, render_fewest_gpus(result))
-        return
+        return fewest_gpus(model=o["model"], gpu=o["gpu"], max_gpus=max_gpus, upcast=upcast, **fixed)
     if not upcast:
         raise QPlanError("--no-upcast goes with --max-gpus (the batch search keeps the k-bit upcast)")
-    result = search(o.pop("model"), o.pop("gpu"), **o)
-    _warn(config_warnings)
-    _emit(fmt, result, render_fit(result))
+    return search(o.pop("model"), o.pop("gpu"), **o)
 
 
 #: what `qplan fit --from-config` takes from the file (the rest is searched)

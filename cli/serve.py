@@ -114,7 +114,7 @@ def estimate_text(query: str) -> str:
 
 def fit_text(query: str) -> str:
     """What ``qplan fit --format json`` prints for these options."""
-    from qplan.planner.fit import search
+    from qplan.cli.main import fit_document
 
     o = _context("fit", query)
     for k in NOT_SERVED:
@@ -122,7 +122,7 @@ def fit_text(query: str) -> str:
     if not o.get("model"):
         raise QPlanError("parameter 'model' is required (a bundled name or a Hub id ORG/NAME)")
     _check_model(o["model"])
-    return json.dumps(search(o.pop("model"), o.pop("gpu"), **o), indent=2, ensure_ascii=False) + "\n"
+    return json.dumps(fit_document(o), indent=2, ensure_ascii=False) + "\n"
 
 
 def models_text() -> str:

@@ -138,7 +138,7 @@ def make_plan(cell: Cell, gpu: str = DEFAULT_GPU, model: str | None = None) -> d
 
     opts = dict(_estimate_defaults())
     opts.update(cell.estimate_options())
-    for key in ("method", "fmt", "output", "force"):  # options of the command, not of the plan
+    for key in ("method", "fmt", "output", "force", "from_config", "config_format"):  # the command's, not the plan's
         opts.pop(key, None)
     if model is not None:
         opts["model"] = model

@@ -107,8 +107,8 @@ def test_offline_reads_the_standard_cache_layout(tmp_path):
 
 
 def test_offline_with_an_empty_cache_says_so(tmp_path):
-    line = _error(qplan(tmp_path, "--model", "Qwen/Qwen3-8B", offline=True))
-    assert "HF_HUB_OFFLINE=1" in line and "Qwen/Qwen3-8B" in line
+    line = _error(qplan(tmp_path, "--model", "Qwen/Qwen3-Next-80B-A3B", offline=True))  # not bundled
+    assert "HF_HUB_OFFLINE=1" in line and "Qwen/Qwen3-Next-80B-A3B" in line
 
 
 def test_unreachable_hub_and_empty_cache(tmp_path):
