@@ -8,8 +8,10 @@ so a file gives the plan of what that tool would run. Every key is one of three 
 * **mapped** — it sets an option (``lora_r`` → ``r``, ``load_in_4bit`` → ``quant nf4``, ...);
 * **no memory effect** — paths, data sets, learning rate, logging, schedules: accepted silently;
 * anything else: a **warning** that lists it (never silently dropped), or an **error** when the key
-  changes per-GPU memory in a way qplan cannot plan (DeepSpeed / FSDP / parallelism, RL stages,
+  changes per-GPU memory in a way qplan cannot plan (tensor/sequence parallelism, RL stages,
   other quantization methods, kernels that replace the modelled ones).
+
+DeepSpeed / FSDP keys are mapped to ``strategy`` / ``cpu_offload`` by ``trainer_dist``.
 
 Torch-free; YAML is read with PyYAML's safe loader (plain data, no tags that build objects).
 """
