@@ -116,6 +116,13 @@ def with_trainer_config(o: dict[str, Any], names: tuple[str, ...] | None = None)
         except QPlanError as exc:
             raise QPlanError(f"--from-config {path}: {exc}") from exc
         ctx = click.get_current_context()
+        if opts.get("strategy") and names is not None:
+            raise QPlanError(f"--from-config {path} asks for {opts['strategy']}: `qplan fit` plans one GPU per plan "
+                             "(`qplan fit --max-gpus N` searches strategies): remove deepspeed/fsdp from the file, or "
+                             "use `qplan estimate --from-config FILE --gpus N`")
+        if opts.get("strategy") and ctx.get_parameter_source("gpus") != ParameterSource.COMMANDLINE:
+            raise QPlanError(f"--from-config {path} asks for {opts['strategy']} (sharded over GPUs), and the number of "
+                             "GPUs is the launcher's, not the file's: pass --gpus N (per node; --nodes M)")
         for k, v in opts.items():
             if (names is None or k in names) and ctx.get_parameter_source(k) != ParameterSource.COMMANDLINE:
                 o[k] = v

@@ -27,6 +27,10 @@ LR = 2e-4
 
 def _check(plan: dict[str, Any], to: str) -> None:
     lora, quant, training = plan["lora"], plan["quant"], plan["training"]
+    if plan.get("distributed"):
+        d = plan["distributed"]
+        raise QPlanError(f"the plan is for {d.get('world_size')} GPUs ({d.get('strategy')}): export writes one-GPU plans only "
+                         "(writing DeepSpeed/FSDP settings back is not done yet): export a plan made without --gpus/--strategy")
     if plan.get("backend") != "peft":
         raise QPlanError(f"the plan is for the {plan.get('backend')} backend: export plans made with --backend peft")
     if lora.get("bias", "none") != "none":

@@ -8,8 +8,10 @@ so a file gives the plan of what that tool would run. Every key is one of three 
 * **mapped** — it sets an option (``lora_r`` → ``r``, ``load_in_4bit`` → ``quant nf4``, ...);
 * **no memory effect** — paths, data sets, learning rate, logging, schedules: accepted silently;
 * anything else: a **warning** that lists it (never silently dropped), or an **error** when the key
-  changes per-GPU memory in a way qplan cannot plan (DeepSpeed / FSDP / parallelism, RL stages,
+  changes per-GPU memory in a way qplan cannot plan (tensor/sequence parallelism, RL stages,
   other quantization methods, kernels that replace the modelled ones).
+
+DeepSpeed / FSDP keys are mapped to ``strategy`` / ``cpu_offload`` by ``trainer_dist``.
 
 Torch-free; YAML is read with PyYAML's safe loader (plain data, no tags that build objects).
 """
@@ -38,10 +40,9 @@ TRAINING_NO_EFFECT = {
     "load_best_model_at_end", "metric_for_best_model", "greater_is_better", "ddp_timeout", "disable_tqdm", "plot_loss",
     "log_level", "save_safetensors", "group_by_length", "label_names", "tf32", "optim_args", "include_num_input_tokens_seen",
 }
-#: keys that change per-GPU memory in a way qplan does not plan (multi-GPU is another issue)
-MULTI_GPU = {"deepspeed", "fsdp", "fsdp_config", "fsdp_version", "fsdp_transformer_layer_cls_to_wrap",
-             "tensor_parallel_size", "context_parallel_size", "sequence_parallel_degree", "dp_shard_size",
-             "ray_num_workers"}
+#: multi-GPU keys that change per-GPU memory in a way qplan does not plan (deepspeed / fsdp are mapped: trainer_dist)
+MULTI_GPU = {"tensor_parallel_size", "context_parallel_size", "sequence_parallel_degree", "dp_shard_size",
+             "ray_num_workers", "parallelism_config", "use_hyper_parallel", "hyper_parallel_args"}
 #: multi-GPU keys that only tell the launcher (DDP) what to do: per-GPU memory is the single-GPU plan's
 LAUNCHER = {"ddp_find_unused_parameters", "ddp_backend", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "local_rank"}
 
@@ -97,8 +98,8 @@ def detect_format(cfg: dict[str, Any]) -> str:
 class _Reader:
     """Reads keys of one config, remembering which were used, for the unknown-key warning."""
 
-    def __init__(self, cfg: dict[str, Any], fmt: str) -> None:
-        self.cfg, self.fmt, self.used = cfg, fmt, set()
+    def __init__(self, cfg: dict[str, Any], fmt: str, base: Path = Path(".")) -> None:
+        self.cfg, self.fmt, self.used, self.base, self.warnings = cfg, fmt, set(), base, []
 
     def get(self, key: str, default: Any = None) -> Any:
         self.used.add(key)
@@ -161,6 +162,9 @@ def _model(repo: Any, revision: Any, key: str, fmt: str) -> str:
     return repo
 
 
+TORCH_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
 def _training(r: _Reader, opts: dict[str, Any], seq_key: str, batch_default: int, seq_default: int, ckpt_default: bool,
               optim_key: str, optim_default: str) -> None:
     opts["batch_size"] = r.typed("micro_batch_size" if r.fmt == "axolotl" else "per_device_train_batch_size", int,
@@ -177,10 +181,29 @@ def _training(r: _Reader, opts: dict[str, Any], seq_key: str, batch_default: int
         if gc and isinstance(kwargs, dict) and kwargs.get("use_reentrant") is True:
             raise QPlanError(f"{r.fmt} config: gradient_checkpointing_kwargs.use_reentrant: true is not planned "
                              "(qplan plans non-reentrant checkpointing: use_reentrant: false)")
-    r.refuse(MULTI_GPU, "asks for multi-GPU training, which qplan does not plan yet (it plans one GPU): "
-                        "remove it to plan the per-GPU memory of a single-GPU run")
+    _multi_gpu(r, opts)
+    r.refuse(MULTI_GPU, "asks for a multi-GPU parallelism qplan does not plan (it plans DDP, FSDP2 full shard and "
+                        "ZeRO-2/3: see README): remove it")
     r.refuse({"torch_compile", "use_liger_kernel", "liger_kernel"},
              "changes the kernels and their memory, which qplan does not model")
+
+
+def _multi_gpu(r: _Reader, opts: dict[str, Any]) -> None:
+    """``strategy`` / ``cpu_offload`` from ``deepspeed`` or the FSDP keys (``trainer_dist``)."""
+    from .trainer_dist import deepspeed_options, fsdp_options
+
+    fsdp = fsdp_options(r.fmt, r.get("fsdp"), r.get("fsdp_config"), r.get("fsdp_version"), opts.get("grad_ckpt", False))
+    r.used.add("fsdp_transformer_layer_cls_to_wrap")
+    if r.has("deepspeed"):
+        if fsdp:
+            raise QPlanError(f"{r.fmt} config: deepspeed and fsdp are both set: choose one")
+        ds, warnings = deepspeed_options(r.get("deepspeed"), r.base, r.fmt, opts["batch_size"], opts["grad_accum"],
+                                         opts["compute_dtype"])
+        opts.update(ds)
+        r.warnings += warnings
+    elif fsdp is not None:
+        opts.update(fsdp[0])
+        r.warnings += fsdp[1]
 
 
 def _axolotl(r: _Reader) -> dict[str, Any]:
@@ -328,6 +351,11 @@ def _trl(r: _Reader) -> dict[str, Any]:
         if attn not in ("sdpa", "eager", "flash_attention_2"):
             raise QPlanError(f"trl config: attn_implementation {attn!r} is not planned (sdpa, eager or flash_attention_2)")
         o["attn_impl"] = attn
+    if o.get("strategy") in ("fsdp", "zero3") and o["quant"] in ("nf4", "fp4"):
+        storage = r.get("bnb_4bit_quant_storage")
+        if storage != TORCH_NAMES[prec]:
+            raise QPlanError(f"trl config: {o['strategy']} shards 4-bit weights only when bitsandbytes stores them in the "
+                             f"compute dtype: set bnb_4bit_quant_storage: {TORCH_NAMES[prec]} (got {storage!r})")
     r.refuse({"lora_target_parameters", "bnb_4bit_quant_storage", "model_init_kwargs", "padding_free", "activation_offloading",
               "use_liger_kernel", "lora_task_type"}, "changes training memory in a way qplan does not plan from a TRL config")
     return o
@@ -364,12 +392,12 @@ def read_trainer_config(path: str | Path, fmt: str | None = None) -> tuple[dict[
     if fmt is not None and fmt not in FORMATS:
         raise QPlanError(f"--config-format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     fmt = fmt or detect_format(cfg)
-    r = _Reader(cfg, fmt)
+    r = _Reader(cfg, fmt, Path(path).parent)
     try:
         opts = READERS[fmt](r)
     except (TypeError, ValueError) as exc:  # a value of the wrong kind deep in a mapping
         raise QPlanError(f"{fmt} config {path}: {exc}") from exc
-    warnings = []
+    warnings = list(r.warnings)
     if fmt == "axolotl" and opts["quant"] in ("nf4", "fp4", "int8"):
         warnings.append("axolotl patches prepare_model_for_kbit_training to keep embed_tokens/lm_head in the compute "
                         "dtype; the plan upcasts them to fp32 as PEFT does (the weights term may be high by that)")
