@@ -99,7 +99,7 @@ def rank_memory(spec, counts, lora_r, dropout, q: QuantSettings, t, dist: DistSe
         mm = dataclasses.replace(mm, adapters=st["params16"], gradients=st["gradients"], optimizer=st["optimizer"],
                                  optimizer_paged=0, temps_opt=0, layers_grads=st["gradients"] * (L - 1) // max(1, L))
         if stage == 2:
-            bucket = zero_reduce_bucket_bytes(trainable)
+            bucket = zero_reduce_bucket_bytes()
             extras["backward"]["gradients"] += bucket
             extras["layers"]["gradients"] += bucket
             terms["reduce_bucket"] = bucket

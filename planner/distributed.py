@@ -152,10 +152,12 @@ def zero3_gathered_bytes(largest_layer_params: int) -> int:
     return 4 * largest_layer_params
 
 
-def zero_reduce_bucket_bytes(trainable: int, elem_bytes: int = 2) -> int:
-    """ZeRO-2's gradient reduction bucket (``ipg_buffer``, ``contiguous_gradients=True``):
-    ``min(P, reduce_bucket_size) * 2`` bytes."""
-    return min(trainable, ZERO_REDUCE_BUCKET_ELEMENTS) * elem_bytes
+def zero_reduce_bucket_bytes(elem_bytes: int = 2, overlap_comm: bool = False) -> int:
+    """ZeRO-2's gradient reduction bucket: ``reduce_bucket_size * 2`` bytes, whatever the number of
+    trainable parameters -- DeepSpeed 0.19.8 ``stage_1_and_2.py`` ``setup_buckets`` allocates
+    ``torch.empty(reduce_bucket_size)`` in the gradient dtype per bucket (``contiguous_gradients=True``),
+    and a second one with ``overlap_comm`` (its default is off for stage 2, on for stage 3)."""
+    return ZERO_REDUCE_BUCKET_ELEMENTS * elem_bytes * (2 if overlap_comm else 1)
 
 
 # ------------------------------------------------------------------------------ base weights per rank
