@@ -14,7 +14,7 @@ from typing import Any
 
 from .compute import flops_form, step_bytes
 from .errors import QPlanError
-from .lora import LoraSettings, count_lora, trainable_params
+from .lora import DEFAULT_DROPOUT, LoraSettings, count_lora, resolve_targets, trainable_params
 from .memory import max_context, overhead_bytes, resolve_attn
 from .phases import MemoryModel
 from .plan import PlanInputs, build_plan, check_gpu_dtype
@@ -22,7 +22,7 @@ from .schema import read_calibration
 from .specs import gpu_catalog, load_gpu, load_spec
 from .timing import DEFAULT_EFFICIENCY, device_peak, ideal_step_seconds
 from .vocab import OPTIMIZERS
-from .weights import QuantSettings, weights_bytes
+from .weights import QuantSettings, checkpoint_quant, weights_bytes
 
 DEFAULT_RS = (8, 16, 32, 64)
 DEFAULT_TARGETS = ("qv", "attn", "all-linear")
@@ -146,7 +146,16 @@ def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets,
         q = QuantSettings(qn, True, dtype, True)
         if qn == "bf16" and not gpu.bf16:
             q = QuantSettings("fp16", True, dtype, True)
-        lora = LoraSettings(r=rr, alpha=2.0 * rr, targets=tg)
+        try:  # a checkpoint saved quantized loads one way only (and keeps its 16-bit modules)
+            q, _ = checkpoint_quant(spec, q)
+        except QPlanError:
+            if quant:
+                raise
+            continue
+        # PEFT refuses dropout on the fused MoE experts its rewrite adapts (as `qplan estimate` defaults)
+        probe = LoraSettings(r=rr, alpha=1.0, dropout=0.0, targets=tg)
+        lora = LoraSettings(r=rr, alpha=2.0 * rr, targets=tg,
+                            dropout=0.0 if resolve_targets(spec, probe).parameters else DEFAULT_DROPOUT)
         counts = count_lora(spec, lora, {"bias": q.unquantized_dtype, "modules_to_save": q.unquantized_dtype})
         w = weights_bytes(spec, q)
         for ck in CKPTS:

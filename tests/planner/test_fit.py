@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from qplan.planner.errors import QPlanError
@@ -58,3 +60,24 @@ def test_time_and_cost_objectives_agree_with_estimate_and_rank():
     assert fastest[0]["gpu"] == "h100-80gb"
     with pytest.raises(QPlanError, match="needs --price-per-hour"):
         search("llama-3.2-1b", "t4", objective="cost")
+
+
+@pytest.mark.parametrize("model,gpu,quants", [
+    ("tests/fixtures/configs/qwen3-moe.json", "t4", None),               # PEFT adapts its experts: dropout 0
+    ("tests/fixtures/prequantized/llama-bnb-4bit.json", "t4", {"nf4"}),  # saved in nf4: loads only so
+])
+def test_fit_rows_are_what_estimate_plans(model, gpu, quants):
+    """Every row `qplan fit` proposes equals `qplan estimate` with those options (defaults included:
+    no dropout where PEFT adapts fused experts; a pre-quantized checkpoint keeps its quantization)."""
+    from qplan.planner.api import make_plan
+
+    model = str(Path(__file__).parents[2] / model)
+    res = search(model, gpu, seq_len=128, top=12)
+    assert res["best"]
+    if quants is not None:
+        assert {c["quant"] for c in res["best"]} == quants
+    for c in res["best"]:
+        plan = make_plan(model=model, gpu=gpu, r=c["r"], targets=c["targets"], quant=c["quant"],
+                         batch_size=c["batch_size"], seq_len=c["seq_len"], grad_ckpt=c["grad_ckpt"] != "off",
+                         optimizer=c["optimizer"])
+        assert plan["prediction"]["memory"]["peak"] == c["peak"], c
