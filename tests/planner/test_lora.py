@@ -17,7 +17,8 @@ from qplan.planner.lora import LoraSettings, added_params, count_lora, target_na
 from qplan.planner.specs import bundled_model_names, load_spec
 from qplan.planner.weights import base_params
 
-RANKS = (1, 8, 64)
+#: counts are linear in r (rank_pattern multiplies it): two ranks pin slope and intercept
+RANKS = (1, 64)
 PRESETS = ("qv", "attn", "mlp", "all-linear")
 
 _models: dict[str, object] = {}
