@@ -98,31 +98,30 @@ def _check_model(model: Any) -> None:
                              "(use `qplan estimate --model PATH` for a local config)")
 
 
-def estimate_text(query: str) -> str:
-    """What ``qplan estimate --format json`` prints for these options."""
-    from qplan.planner.api import make_plan
-    from qplan.planner.plan import dumps
-
-    o = _context("estimate", query)
+def _served_options(command_name: str, query: str) -> dict[str, Any]:
+    """The command's options from the query, less what is never served, with a servable model."""
+    o = _context(command_name, query)
     for k in NOT_SERVED:
         o.pop(k, None)
     if not o.get("model"):
         raise QPlanError("parameter 'model' is required (a bundled name or a Hub id ORG/NAME)")
     _check_model(o["model"])
-    return dumps(make_plan(**o))
+    return o
+
+
+def estimate_text(query: str) -> str:
+    """What ``qplan estimate --format json`` prints for these options."""
+    from qplan.planner.api import make_plan
+    from qplan.planner.plan import dumps
+
+    return dumps(make_plan(**_served_options("estimate", query)))
 
 
 def fit_text(query: str) -> str:
     """What ``qplan fit --format json`` prints for these options."""
     from qplan.cli.main import fit_document
 
-    o = _context("fit", query)
-    for k in NOT_SERVED:
-        o.pop(k, None)
-    if not o.get("model"):
-        raise QPlanError("parameter 'model' is required (a bundled name or a Hub id ORG/NAME)")
-    _check_model(o["model"])
-    return json.dumps(fit_document(o), indent=2, ensure_ascii=False) + "\n"
+    return json.dumps(fit_document(_served_options("fit", query)), indent=2, ensure_ascii=False) + "\n"
 
 
 def models_text() -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 from .distributed import DistSettings
 from .errors import QPlanError
-from .lora import DEFAULT_DROPOUT, LoraSettings, resolve_targets
+from .lora import LoraSettings, default_dropout
 from .memory import TrainingSettings, resolve_attn
 from .plan import PlanInputs, build_plan, check_gpu_dtype
 from .schema import check_options, read_calibration
@@ -93,10 +93,7 @@ def plan_inputs(
     if isinstance(target_parameters, str):
         target_parameters = target_parameters.split(",")
     if dropout is None:
-        # 0.05, except where PEFT adapts parameters (fused MoE experts): lora.ParamWrapper refuses dropout
-        probe = LoraSettings(r=r, alpha=1.0, dropout=0.0, targets=targets, target_parameters=tuple(
-            m.strip() for m in target_parameters if m.strip()))
-        dropout = 0.0 if resolve_targets(spec, probe).parameters else DEFAULT_DROPOUT
+        dropout = default_dropout(spec, targets, tuple(m.strip() for m in target_parameters if m.strip()))
     lora = LoraSettings(
         r=r, alpha=alpha if alpha is not None else 2.0 * r, dropout=dropout, targets=targets, bias=bias,
         use_dora=dora, use_rslora=rslora, modules_to_save=tuple(m.strip() for m in modules_to_save if m.strip()),

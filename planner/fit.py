@@ -14,7 +14,7 @@ from typing import Any
 
 from .compute import flops_form, step_bytes
 from .errors import QPlanError
-from .lora import DEFAULT_DROPOUT, LoraSettings, count_lora, resolve_targets, trainable_params
+from .lora import LoraSettings, count_lora, default_dropout, trainable_params
 from .memory import max_context, overhead_bytes, resolve_attn
 from .phases import MemoryModel
 from .plan import PlanInputs, build_plan, check_gpu_dtype
@@ -152,10 +152,7 @@ def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets,
             if quant:
                 raise
             continue
-        # PEFT refuses dropout on the fused MoE experts its rewrite adapts (as `qplan estimate` defaults)
-        probe = LoraSettings(r=rr, alpha=1.0, dropout=0.0, targets=tg)
-        lora = LoraSettings(r=rr, alpha=2.0 * rr, targets=tg,
-                            dropout=0.0 if resolve_targets(spec, probe).parameters else DEFAULT_DROPOUT)
+        lora = LoraSettings(r=rr, alpha=2.0 * rr, targets=tg, dropout=default_dropout(spec, tg))
         counts = count_lora(spec, lora, {"bias": q.unquantized_dtype, "modules_to_save": q.unquantized_dtype})
         w = weights_bytes(spec, q)
         for ck in CKPTS:

@@ -24,6 +24,7 @@ import re
 from typing import Any
 
 from .errors import QPlanError
+from .weights import bnb_skip_modules
 
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")
 
@@ -84,16 +85,6 @@ def _unique_suffixes(chosen: list[str], all_patterns: list[str]) -> list[str]:
         else:  # pragma: no cover - a full name always works
             out.append(pat)
     return out
-
-
-def bnb_skip_modules(config: dict[str, Any]) -> list[str] | None:
-    """``quantization_config.llm_int8_skip_modules`` of a pre-quantized bitsandbytes checkpoint, else None."""
-    qc = config.get("quantization_config")
-    if isinstance(qc, dict) and qc.get("quant_method") == "bitsandbytes":
-        skip = qc.get("llm_int8_skip_modules")
-        if isinstance(skip, list) and all(isinstance(s, str) for s in skip):
-            return list(skip)
-    return None
 
 
 def peft_moe_conversion(model_type: str) -> dict[str, Any] | None:

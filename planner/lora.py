@@ -222,6 +222,13 @@ def resolve_targets(spec: ModelSpec, lora: LoraSettings) -> PeftTargets:
     return PeftTargets(remaining, list(dict.fromkeys(params)), rank, alpha, moved)
 
 
+def default_dropout(spec: ModelSpec, targets: str, target_parameters: tuple[str, ...] = ()) -> float:
+    """The dropout a plan gets when none is given: ``DEFAULT_DROPOUT``, or 0 where PEFT adapts
+    parameters (fused MoE experts), whose ``lora.ParamWrapper`` refuses any dropout."""
+    probe = LoraSettings(r=1, alpha=1.0, dropout=0.0, targets=targets, target_parameters=target_parameters)
+    return 0.0 if resolve_targets(spec, probe).parameters else DEFAULT_DROPOUT
+
+
 def moved_targets_warning(spec: ModelSpec, lora: LoraSettings) -> str | None:
     """Say what PEFT's MoE rewrite changed: targets moved to fused expert parameters, and any dense
     ``nn.Linear`` of the same name (DeepSeek's first layers, shared experts) that is then not adapted."""
@@ -283,6 +290,9 @@ def count_parameter_targets(spec: ModelSpec, lora: LoraSettings, tg: PeftTargets
         if not any(_matches(f"{c[0]}.{c[1]}", t) for c in hits):
             raise QPlanError(f"target parameter {t!r} matches no parameter of {spec.name}; fused parameters: "
                              f"{', '.join(sorted({p.param for p in inv.params if len(p.shape) == 3})) or 'none'}")
+    wrapped: dict[str, list[str]] = {}  # module -> its targeted parameters, in the order PEFT wraps them
+    for mod, param, _, _ in hits:
+        wrapped.setdefault(mod, []).append(param)
     out: list[ModuleCount] = []
     for mod, param, shape, instances in hits:
         if mod in module_patterns:
@@ -295,8 +305,7 @@ def count_parameter_targets(spec: ModelSpec, lora: LoraSettings, tg: PeftTargets
             i_, o_ = (a, b) if mod in inv.transposed else (b, a)
         else:
             e, (o_, i_) = 1, shape
-        later = sum(1 for m2, p2, _, _ in hits if m2 == mod) - 1 - [p2 for m2, p2, _, _ in hits if m2 == mod].index(param)
-        wrap = "base_layer." * later
+        wrap = "base_layer." * (len(wrapped[mod]) - 1 - wrapped[mod].index(param))
         shape_s = f"{param} {e}×({i_}→{o_})" if len(shape) == 3 else f"{param} {i_}→{o_}"
         fp32 = next((p.keep_fp32 for p in inv.params if p.pattern == mod and p.param == param), False)
         out.append(ModuleCount(mod, "lora_param", shape_s, instances, r * e * (i_ + o_), lora.adapter_dtype,

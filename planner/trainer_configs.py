@@ -188,6 +188,17 @@ def _training(r: _Reader, opts: dict[str, Any], seq_key: str, batch_default: int
              "changes the kernels and their memory, which qplan does not model")
 
 
+
+def _attn_implementation(r: Any, o: dict[str, Any], tool: str) -> bool:
+    """``attn_implementation`` of the file into ``o["attn_impl"]`` (True), or False when absent."""
+    impl = r.get("attn_implementation")
+    if impl is None:
+        return False
+    if impl not in ("sdpa", "eager", "flash_attention_2"):
+        raise QPlanError(f"{tool} config: attn_implementation {impl!r} is not planned (sdpa, eager or flash_attention_2)")
+    o["attn_impl"] = impl
+    return True
+
 def _multi_gpu(r: _Reader, opts: dict[str, Any]) -> None:
     """``strategy`` / ``cpu_offload`` from ``deepspeed`` or the FSDP keys (``trainer_dist``)."""
     from .trainer_dist import deepspeed_options, fsdp_options
@@ -248,17 +259,13 @@ def _axolotl(r: _Reader) -> dict[str, Any]:
     o["dora"] = bool(r.get("peft_use_dora", False))
     o["rslora"] = bool(r.get("peft_use_rslora", False))
     _training(r, o, "sequence_len", 1, 512, False, "optimizer", "adamw_torch_fused")
-    impl = r.get("attn_implementation")
-    if impl is not None:
-        if impl not in ("sdpa", "eager", "flash_attention_2"):
-            raise QPlanError(f"axolotl config: attn_implementation {impl!r} is not planned (sdpa, eager or flash_attention_2)")
-        o["attn_impl"] = impl
-    elif r.get("flash_attention"):
-        o["attn_impl"] = "flash_attention_2"
-    elif r.get("sdp_attention"):
-        o["attn_impl"] = "sdpa"
-    elif r.get("eager_attention"):
-        o["attn_impl"] = "eager"
+    if not _attn_implementation(r, o, "axolotl"):
+        if r.get("flash_attention"):
+            o["attn_impl"] = "flash_attention_2"
+        elif r.get("sdp_attention"):
+            o["attn_impl"] = "sdpa"
+        elif r.get("eager_attention"):
+            o["attn_impl"] = "eager"
     r.refuse({"xformers_attention", "s2_attention", "flex_attention", "sage_attention"},
              "is an attention kernel qplan does not model")
     r.refuse({"rl", "relora", "relora_steps", "unfrozen_parameters", "lora_on_cpu", "gptq", "loftq_config", "peft",
@@ -346,11 +353,7 @@ def _trl(r: _Reader) -> dict[str, Any]:
     o["dora"] = bool(r.get("use_dora", False))
     o["rslora"] = bool(r.get("use_rslora", False))
     _training(r, o, "max_length", 8, 1024, True, "optim", "adamw_torch_fused")
-    attn = r.get("attn_implementation")
-    if attn is not None:
-        if attn not in ("sdpa", "eager", "flash_attention_2"):
-            raise QPlanError(f"trl config: attn_implementation {attn!r} is not planned (sdpa, eager or flash_attention_2)")
-        o["attn_impl"] = attn
+    _attn_implementation(r, o, "trl")
     if o.get("strategy") in ("fsdp", "zero3") and o["quant"] in ("nf4", "fp4"):
         storage = r.get("bnb_4bit_quant_storage")
         if storage != TORCH_NAMES[prec]:

@@ -74,6 +74,16 @@ class QuantSettings:
         return d
 
 
+def bnb_skip_modules(config: dict[str, Any]) -> list[str] | None:
+    """``quantization_config.llm_int8_skip_modules`` of a pre-quantized bitsandbytes checkpoint, else None."""
+    qc = config.get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") == "bitsandbytes":
+        skip = qc.get("llm_int8_skip_modules")
+        if isinstance(skip, list) and all(isinstance(s, str) for s in skip):
+            return list(skip)
+    return None
+
+
 def checkpoint_quant(spec: ModelSpec, q: QuantSettings) -> tuple[QuantSettings, list[str]]:
     """Plan a checkpoint saved quantized as it loads: a bitsandbytes ``quantization_config`` in the
     config (``unsloth/*-bnb-4bit``) fixes the quantization, and its ``llm_int8_skip_modules`` (Unsloth's
@@ -96,9 +106,8 @@ def checkpoint_quant(spec: ModelSpec, q: QuantSettings) -> tuple[QuantSettings, 
         raise QPlanError(f"{spec.name} is a checkpoint saved in bitsandbytes {want}"
                          f"{' with double quantization' if dq and want in FOUR_BIT else ''}: it loads only that way; "
                          f"plan it with {flags}")
-    skip = qc.get("llm_int8_skip_modules")
-    skip_t = tuple(str(s) for s in skip) if isinstance(skip, list) else None
-    return QuantSettings(q.quant, q.double_quant, q.compute_dtype, q.upcast_kbit, skip_t), []
+    skip = bnb_skip_modules(spec.config)
+    return QuantSettings(q.quant, q.double_quant, q.compute_dtype, q.upcast_kbit, None if skip is None else tuple(skip)), []
 
 
 def quant4_packed_bytes(numel: int) -> int:
