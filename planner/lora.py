@@ -261,6 +261,8 @@ def _param_candidates(spec: ModelSpec) -> list[tuple[str, str, tuple[int, ...], 
     for g in inv.linear:
         if not g.weight_tied:
             out.append((g.pattern, "weight", (g.out_features, g.in_features), g.instances))
+        if g.bias:
+            out.append((g.pattern, "bias", (g.out_features,), g.instances))
     for e in inv.embeddings:
         out.append((e.pattern, "weight", (e.num_embeddings, e.embedding_dim), e.instances))
     return out

@@ -153,3 +153,28 @@ def test_unquantized_experts_are_what_bitsandbytes_leaves(tmp_path):
     assert (n, b) == (sum(p.numel() for p in experts), sum(p.numel() * p.element_size() for p in experts))
     plan = make_plan(model=str(FIXTURES / "qwen3-moe.json"), dropout=0.0, quant="nf4")
     assert any(f"their {n:,} parameters stay float32" in w for w in plan["warnings"])
+
+
+@pytest.mark.parametrize("model,param", [("smollm2-135m", "model.embed_tokens.weight"),
+                                         ("llama-3.2-1b", "self_attn.q_proj.weight")])
+def test_target_parameters_on_dense_weights_equal_peft(model, param):
+    """PEFT's target_parameters also wraps an ordinary 2-D weight (one "expert")."""
+    from peft import get_peft_model
+
+    from qplan.planner.specs import load_spec
+
+    plan = make_plan(model=model, targets="k_proj", target_parameters=param)
+    pm = get_peft_model(meta_model(load_spec(model).config), lora_config(plan["lora"]))
+    assert pm.get_nb_trainable_parameters()[0] == plan["prediction"]["params"]["trainable"]
+
+
+def test_a_1d_target_parameter_is_refused_as_peft_does():
+    from peft import get_peft_model
+
+    from qplan.planner.specs import load_spec
+
+    section = dict(r=8, alpha=16, dropout=0.0, target_modules=["k_proj"], target_parameters=["self_attn.q_proj.bias"])
+    with pytest.raises(ValueError, match="only 2d and 3d"):
+        get_peft_model(meta_model(load_spec("qwen2.5-0.5b").config), lora_config(section))
+    with pytest.raises(QPlanError, match="only 2-D or 3-D"):
+        make_plan(model="qwen2.5-0.5b", targets="k_proj", target_parameters="self_attn.q_proj.bias")
