@@ -18,6 +18,7 @@ from typing import Any
 from .distributed import (
     DistSettings,
     ddp_bucket_bytes,
+    fsdp_all_gather_bytes,
     lora_layer_bytes,
     rank_weights,
     sharded_counts,
@@ -83,15 +84,20 @@ def rank_memory(spec, counts, lora_r, dropout, q: QuantSettings, t, dist: DistSe
                                  else opt["paged"], layers_grads=g * (L - 1) // max(1, L),
                                  temps_opt=0 if dist.cpu_offload else optimizer_step_temp_bytes(sc, t.optimizer, kernels))
         lora_layer = lora_layer_bytes(counts, L)
-        root_lora = adapter_bytes(counts) - L * lora_layer
-        root = rw["root_full"] + root_lora
-        layer = rw["layer_full"] + lora_layer
-        extras["forward"]["weights"] += root
-        extras["backward"]["weights"] += root + 2 * layer
+        lora_layer_shard = lora_layer_bytes(sc, L)
+        root_lora_shard = a_full_sharded(sc) - L * lora_layer_shard
+        root = fsdp_all_gather_bytes(rw["root_shard"] + root_lora_shard, W)
+        layer = fsdp_all_gather_bytes(rw["layer_shard"] + lora_layer_shard, W)
+        rs_input = fsdp_all_gather_bytes(lora_layer_shard, W)  # padded like the all-gather
+        # the loss (end of the forward): the root kept gathered, and the last layer's all-gather
+        # output, whose free FSDP defers to the root's post-forward (``comm_ctx.all_gather_state``);
+        # the start of backward: the root, and the last layer prefetched by the root's pre-backward
+        extras["forward"]["weights"] += root + layer
+        extras["backward"]["weights"] += root + layer
         extras["attention"]["weights"] += root + 2 * layer
         extras["layers"]["weights"] += root + layer
-        extras["layers"]["gradients"] += 2 * lora_layer  # unsharded grads + reduce-scatter input
-        terms.update(gathered_root=root, gathered_layer=layer, reduce_scatter=2 * lora_layer)
+        extras["layers"]["gradients"] += lora_layer + rs_input  # unsharded grads + reduce-scatter input
+        terms.update(gathered_root=root, gathered_layer=layer, reduce_scatter=lora_layer + rs_input)
     else:
         stage = 2 if strat == "zero2" else 3
         st = zero_model_states(trainable, W, stage, dist.cpu_offload)
@@ -122,6 +128,11 @@ def rank_memory(spec, counts, lora_r, dropout, q: QuantSettings, t, dist: DistSe
             "temporaries": max(ev["temporaries"], *(sum(e.values()) for e in extras.values())),
             "weights_footprint": resident - rw["quant_state"], "host_offload": host, "terms": terms,
             "weights_detail": rw}
+
+
+def a_full_sharded(sc) -> int:
+    """One rank's trainable bytes (padded LoRA shards): ``adapter_bytes`` of ``sharded_counts``."""
+    return adapter_bytes(sc)
 
 
 def _numel(shape) -> int:
