@@ -19,6 +19,7 @@ from .distributed import (
     DistSettings,
     ddp_bucket_bytes,
     fsdp_all_gather_bytes,
+    fsdp_first_unshard_bytes,
     lora_layer_bytes,
     rank_weights,
     sharded_counts,
@@ -117,6 +118,12 @@ def rank_memory(spec, counts, lora_r, dropout, q: QuantSettings, t, dist: DistSe
     ev = mm.evaluate(t.batch_size, t.seq_len, t.grad_accum)
     phases = {k: v + sum(extras[k].values()) for k, v in ev["phases"].items()}
     comp = {k: {c: v + extras[k].get(c, 0) for c, v in parts.items()} for k, parts in ev["composition"].items()}
+    if strat == "fsdp":
+        static = {"weights": mm.weights, "adapters": mm.adapters, "optimizer": mm.optimizer - mm.optimizer_paged,
+                  "gradients": mm.gradients if t.grad_accum > 1 else 0}
+        gather = fsdp_first_unshard_bytes(root, layer)
+        phases["unshard"] = sum(static.values()) + gather
+        comp["unshard"] = {c: static.get(c, 0) + (gather if c == "weights" else 0) for c in comp["forward"]}
     tensor_peak = max(phases.values())
     phase = next(k for k, v in phases.items() if v == tensor_peak)
     cal = calibration if calibration and ("cuda_context_bytes" in calibration

@@ -152,7 +152,8 @@ def _storage_bytes(tensors) -> int:
 def shard_one_rank(plan: dict[str, Any]) -> dict[str, int]:
     """Bytes rank 0 holds after ``fully_shard`` of the plan's PEFT model (FSDP plans only):
     ``params`` (frozen local shards), ``trainable`` (trainable local shards), ``quant_state``,
-    ``buffers``, and ``layer_full`` (one decoder layer's unsharded parameters)."""
+    ``buffers``, ``layer_full`` (one decoder layer's unsharded parameters) and ``layer_shard`` (rank
+    0's padded local shards of them)."""
     import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -188,7 +189,9 @@ def shard_one_rank(plan: dict[str, Any]) -> dict[str, int]:
             for p in pm.parameters():
                 local = p.to_local() if isinstance(p, DTensor) else p
                 (trainable if p.requires_grad else frozen).append(local)
+            layer_shard = sum(p.to_local().numel() * p.element_size() for p in layers[0].parameters())
             out = {"params": _storage_bytes(frozen), "trainable": _storage_bytes(trainable),
+                   "layer_shard": int(layer_shard),
                    "quant_state": _storage_bytes(quant_state),
                    "buffers": _storage_bytes(list(pm.buffers())), "layer_full": int(layer_full)}
     del torch
