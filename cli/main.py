@@ -155,17 +155,20 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
         raise QPlanError(f"{output} already exists: choose another --output or pass --force to replace it")
     o, config_warnings = with_trainer_config(o)
     plan = make_plan(**o)
-    if method == "trace" and "distributed" in plan:
-        raise QPlanError("--method trace traces one GPU: a multi-GPU plan's rank is traced by "
-                         "qplan.observe.trace.dist (see README, \"Several GPUs\")")
+    dist = plan.get("distributed")
+    if method == "trace" and dist is not None and (dist["strategy"] != "fsdp" or dist["cpu_offload"]):
+        raise QPlanError(f"--method trace traces one rank of --strategy fsdp without --cpu-offload; the step of "
+                         f"{dist['strategy']}{' with --cpu-offload' if dist['cpu_offload'] else ''} is not traced "
+                         "(see README, \"Several GPUs\")")
     if method == "trace":
         from qplan.planner.plan import attach_trace
 
         try:
             from qplan.observe.trace import trace_plan
+            from qplan.observe.trace.dist import trace_rank_step
         except ImportError as exc:  # pragma: no cover - only without the train extra
             raise QPlanError("--method trace needs torch, transformers and peft: pip install 'qplan[train]'") from exc
-        attach_trace(plan, trace_plan(plan))
+        attach_trace(plan, trace_rank_step(plan) if dist is not None else trace_plan(plan))
     text = dumps(plan)
     if output:
         write_new_file(output, text, force)

@@ -20,6 +20,9 @@ How it counts
 * ``stand_ins`` maps an ``OpOverload`` to ``fn(reg, *args, **kwargs)``, which performs that op's
   allocations with sub-ops whose outputs it hands to ``reg`` (the trace mirrors bitsandbytes'
   CUDA kernels on the meta device this way).
+* Tensor subclasses that wrap others (``DTensor``: FSDP2's sharded parameters, gradients and
+  optimizer states) are counted by their inner tensors (``__tensor_flatten__``), the memory a
+  rank holds; the wrapper's own (global-shape) storage is not memory.
 * ``logits``: tensors whose last dimension is the vocabulary and whose rows are the step's
   token rows (``LogitsRule``) are flagged as logits when made.
 
@@ -91,7 +94,11 @@ class Rec:
 
 def _tracker_cls():
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+
+    def _inner_tensors(t: Any) -> list:
+        attrs, _ = t.__tensor_flatten__()
+        return [v for v in (getattr(t, a) for a in attrs) if isinstance(v, torch.Tensor)]
 
     class LiveTensorTracker(TorchDispatchMode):
         """Records every storage on ``device_type`` (see the module docstring)."""
@@ -147,6 +154,10 @@ def _tracker_cls():
         def reg(self, t: Any, late: bool = False) -> Any:
             if not isinstance(t, torch.Tensor) or t.device.type != self.device_type:
                 return t
+            if is_traceable_wrapper_subclass(t):  # a DTensor: its local shard is the memory
+                for inner in _inner_tensors(t):
+                    self.reg(inner, late)
+                return t
             try:
                 st = t.untyped_storage()
             except (RuntimeError, NotImplementedError):  # sparse / wrapper tensors without storage
@@ -188,6 +199,9 @@ def _tracker_cls():
         def lookup(self, t: Any) -> Rec | None:
             if not isinstance(t, torch.Tensor) or t.device.type != self.device_type:
                 return None
+            if is_traceable_wrapper_subclass(t):
+                inner = _inner_tensors(t)
+                return self.lookup(inner[0]) if len(inner) == 1 else None
             try:
                 return self.live.get(id(t.untyped_storage()))
             except (RuntimeError, NotImplementedError):

@@ -18,6 +18,8 @@ from typing import Any
 from .distributed import (
     DistSettings,
     ddp_bucket_bytes,
+    fsdp_all_gather_bytes,
+    fsdp_first_unshard_bytes,
     lora_layer_bytes,
     rank_weights,
     sharded_counts,
@@ -83,15 +85,20 @@ def rank_memory(spec, counts, lora_r, dropout, q: QuantSettings, t, dist: DistSe
                                  else opt["paged"], layers_grads=g * (L - 1) // max(1, L),
                                  temps_opt=0 if dist.cpu_offload else optimizer_step_temp_bytes(sc, t.optimizer, kernels))
         lora_layer = lora_layer_bytes(counts, L)
-        root_lora = adapter_bytes(counts) - L * lora_layer
-        root = rw["root_full"] + root_lora
-        layer = rw["layer_full"] + lora_layer
-        extras["forward"]["weights"] += root
-        extras["backward"]["weights"] += root + 2 * layer
+        lora_layer_shard = lora_layer_bytes(sc, L)
+        root_lora_shard = a_full_sharded(sc) - L * lora_layer_shard
+        root = fsdp_all_gather_bytes(rw["root_shard"] + root_lora_shard, W)
+        layer = fsdp_all_gather_bytes(rw["layer_shard"] + lora_layer_shard, W)
+        rs_input = fsdp_all_gather_bytes(lora_layer_shard, W)  # padded like the all-gather
+        # the loss (end of the forward): the root kept gathered, and the last layer's all-gather
+        # output, whose free FSDP defers to the root's post-forward (``comm_ctx.all_gather_state``);
+        # the start of backward: the root, and the last layer prefetched by the root's pre-backward
+        extras["forward"]["weights"] += root + layer
+        extras["backward"]["weights"] += root + layer
         extras["attention"]["weights"] += root + 2 * layer
         extras["layers"]["weights"] += root + layer
-        extras["layers"]["gradients"] += 2 * lora_layer  # unsharded grads + reduce-scatter input
-        terms.update(gathered_root=root, gathered_layer=layer, reduce_scatter=2 * lora_layer)
+        extras["layers"]["gradients"] += lora_layer + rs_input  # unsharded grads + reduce-scatter input
+        terms.update(gathered_root=root, gathered_layer=layer, reduce_scatter=lora_layer + rs_input)
     else:
         stage = 2 if strat == "zero2" else 3
         st = zero_model_states(trainable, W, stage, dist.cpu_offload)
@@ -111,6 +118,12 @@ def rank_memory(spec, counts, lora_r, dropout, q: QuantSettings, t, dist: DistSe
     ev = mm.evaluate(t.batch_size, t.seq_len, t.grad_accum)
     phases = {k: v + sum(extras[k].values()) for k, v in ev["phases"].items()}
     comp = {k: {c: v + extras[k].get(c, 0) for c, v in parts.items()} for k, parts in ev["composition"].items()}
+    if strat == "fsdp":
+        static = {"weights": mm.weights, "adapters": mm.adapters, "optimizer": mm.optimizer - mm.optimizer_paged,
+                  "gradients": mm.gradients if t.grad_accum > 1 else 0}
+        gather = fsdp_first_unshard_bytes(root, layer)
+        phases["unshard"] = sum(static.values()) + gather
+        comp["unshard"] = {c: static.get(c, 0) + (gather if c == "weights" else 0) for c in comp["forward"]}
     tensor_peak = max(phases.values())
     phase = next(k for k, v in phases.items() if v == tensor_peak)
     cal = calibration if calibration and ("cuda_context_bytes" in calibration
@@ -122,6 +135,11 @@ def rank_memory(spec, counts, lora_r, dropout, q: QuantSettings, t, dist: DistSe
             "temporaries": max(ev["temporaries"], *(sum(e.values()) for e in extras.values())),
             "weights_footprint": resident - rw["quant_state"], "host_offload": host, "terms": terms,
             "weights_detail": rw}
+
+
+def a_full_sharded(sc) -> int:
+    """One rank's trainable bytes (padded LoRA shards): ``adapter_bytes`` of ``sharded_counts``."""
+    return adapter_bytes(sc)
 
 
 def _numel(shape) -> int:

@@ -118,6 +118,30 @@ def quant_storage_shape(numel: int, storage_bytes: int) -> tuple[int, int]:
     return ((numel + 1) // (storage_bytes * 2), 1)
 
 
+def fsdp_all_gather_bytes(shard_bytes: int, world: int) -> int:
+    """Bytes FSDP2 allocates to all-gather a unit whose parameters one rank holds ``shard_bytes``
+    of (padded shards): ``W * shard_bytes``.  ``_fsdp_collectives.foreach_all_gather`` allocates
+    ``all_gather_output`` of ``sum(padded shard numel) * W`` elements (uint8 views when a unit mixes
+    dtypes, e.g. bf16 weights + fp32 LoRA: the same bytes), and ``foreach_all_gather_copy_out``
+    copies it into each parameter's ``all_gather_outputs`` (``FSDPParam.init_all_gather_outputs``:
+    ``padded shard numel * W`` elements each; the unsharded parameter is a view of it): both are
+    the padded size, ``ceil(d0 / W) * W`` rows, not the parameter's own ``d0``."""
+    return shard_bytes * world
+
+
+def fsdp_first_unshard_bytes(root_gathered: int, layer_gathered: int) -> int:
+    """FSDP2's all-gathered bytes when the first decoder layer unshards at the start of the forward:
+    ``2 * root + 2 * layer``.  The root's all-gather output stays referenced after its copy-out
+    (``comm_ctx.all_gather_state``, deferred in the forward) until the next unit's
+    ``FSDPParamGroup.wait_for_unshard`` returns -- its local ``prev_all_gather_state`` holds it
+    through that unit's copy-out -- so the root's all-gather output and unsharded parameters, and
+    layer 0's all-gather output and unsharded parameters, are alive at once (torch 2.13
+    ``_fsdp_param_group.py``).  With a large root (the embedding and head, fp32 after
+    ``prepare_model_for_kbit_training``) this is the step's peak at short sequences.  Not counted:
+    the batch and the embedding output made before layer 0 (< 0.1% of the peak on Llama-3.2-1B)."""
+    return 2 * root_gathered + 2 * layer_gathered
+
+
 def ddp_bucket_bytes(gradient_bytes: int) -> int:
     """DDP's gradient buckets: a flat copy of every trainable gradient, alive from wrap time
     (``Reducer::initialize_buckets``, ``gradient_as_bucket_view=False``)."""
@@ -176,14 +200,17 @@ def rank_weights(spec: ModelSpec, q: QuantSettings, world: int, strategy: str) -
 
     ``sharded`` (parameters: FSDP2 dim-0 shards, ZeRO-3 flat partitions; all of them for DDP/ZeRO-2),
     ``quant_state`` (replicated: not parameters), ``buffers`` (replicated), ``layer_full`` and
-    ``root_full`` (the unsharded parameters of one wrapped decoder layer / of the root unit: what an
-    all-gather materialises), ``largest_param`` (elements of the largest module's parameter as stored).
+    ``root_full`` (the unsharded parameters of one wrapped decoder layer / of the root unit),
+    ``layer_shard`` and ``root_shard`` (one rank's padded shards of them: ``fsdp_all_gather_bytes``
+    makes them what an FSDP2 all-gather allocates), ``largest_param`` (elements of the largest
+    module's parameter as stored).
     Quantized 4-bit weights under fsdp/zero3 are stored in the compute dtype (``quant_storage_shape``).
     """
     shard = strategy in ("fsdp", "zero3")
     c = BYTES[q.compute_dtype]
     L = int(spec.inventory.num_hidden_layers)
-    out = {"sharded": 0, "quant_state": 0, "buffers": 0, "layer_full": 0, "root_full": 0, "largest_param": 0}
+    out = {"sharded": 0, "quant_state": 0, "buffers": 0, "layer_full": 0, "root_full": 0, "layer_shard": 0,
+           "root_shard": 0, "largest_param": 0}
 
     def param(shape: tuple[int, ...], b: int, per_layer: int, root: int) -> None:
         n = per_layer * L + root
@@ -194,6 +221,8 @@ def rank_weights(spec: ModelSpec, q: QuantSettings, world: int, strategy: str) -
         else:
             one = math.prod(shape) * b
         out["sharded"] += n * one
+        out["layer_shard"] += per_layer * one
+        out["root_shard"] += root * one
         full = math.prod(shape) * b
         out["layer_full"] += per_layer * full
         out["root_full"] += root * full

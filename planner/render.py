@@ -30,7 +30,8 @@ def fmt_int(n: int) -> str:
 
 
 PHASE_NAMES = {"forward": "loss", "backward": "start of backward", "layers": "layer-0 backward",
-               "optimizer": "optimizer step", "attention": "eager attention forward"}
+               "optimizer": "optimizer step", "attention": "eager attention forward",
+               "unshard": "first all-gathers"}
 
 MEMORY_ROWS = [
     ("weights", "base weights (device, quant constants included)"),

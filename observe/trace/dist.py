@@ -1,4 +1,19 @@
-"""One rank of a sharded model, on the meta device, with torch's fake process group.
+"""One rank of a multi-GPU plan on the meta device, with torch's fake process group.
+
+``trace_rank_step(plan)`` traces the training *step* of one rank: the PEFT model built as below,
+sharded by the real FSDP2 ``fully_shard`` (or wrapped by the real ``DistributedDataParallel``), run
+through the single-GPU trace's steps, tracker and phases (``qplan.observe.trace.run``).  Every
+per-rank tensor is then an op output the tracker sees: FSDP2's all-gather input/output buffers
+and the unsharded parameters copied out of them (``_fsdp_collectives.foreach_all_gather`` /
+``foreach_all_gather_copy_out``: ``torch.empty`` and ``UntypedStorage.resize_``, FSDP's own
+allocations -- ``DefaultAllGather``/``DefaultReduceScatter`` allocate with ``torch.empty``, never
+through the process group), the root unit kept gathered, the prefetched next unit, the
+reduce-scatter input kept until the next unit's reduce-scatter (``reduce_scatter_states``), the
+sharded gradients (views of the reduce-scatter output), the sharded optimizer states, and the
+activations of the per-device batch.  The fake backend's collectives return at once without
+touching data: memory is what FSDP allocates around them, on every backend alike.  DTensors are
+counted by their local shards (``qplan.observe.tracker``).
+
 
 ``shard_one_rank(plan)`` builds the plan's model exactly as the single-GPU trace does (transformers
 on meta, bitsandbytes' real ``quantize_4bit`` through its fake kernels — with
@@ -48,6 +63,81 @@ def fake_world(world: int):
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def fsdp_on_meta():
+    """FSDP2 running on the meta device (restored on exit).  ``fully_shard`` takes its device from
+    the mesh (``_fsdp_init._get_device_from_mesh``: "cpu" for a CPU mesh) and would allocate its
+    all-gather and reduce-scatter buffers there: it is told the parameters' device, meta.  Its
+    lazy init refuses meta parameters (``FSDPParamGroup._validate_no_meta_params``): skipped.  Its
+    streams and events come from ``_get_device_handle(device.type)``, None for meta: torch.cpu's
+    (no-op streams, as on the CPU).  Nothing else changes: the buffers, their sizes and when FSDP
+    drops its references are FSDP's own code."""
+    import torch
+    import torch.distributed.fsdp._fully_shard._fsdp_collectives as fc
+    import torch.distributed.fsdp._fully_shard._fsdp_param_group as fpg
+    import torch.distributed.fsdp._fully_shard._fsdp_state as fst
+    import torch.distributed.fsdp._fully_shard._fully_shard as ffs
+
+    saved = [(ffs, "_get_device_from_mesh"), (fpg.FSDPParamGroup, "_validate_no_meta_params")]
+    saved += [(m, "_get_device_handle") for m in (fc, fpg, fst)]
+    old = [(o, n, getattr(o, n)) for o, n in saved]
+    orig_handle = fpg._get_device_handle
+    try:
+        ffs._get_device_from_mesh = lambda mesh: torch.device("meta")
+        fpg.FSDPParamGroup._validate_no_meta_params = lambda self: None
+        for m in (fc, fpg, fst):
+            m._get_device_handle = lambda t: torch.cpu if t == "meta" else orig_handle(t)
+        yield
+    finally:
+        for o, n, v in old:
+            setattr(o, n, v)
+
+
+def _wrap(plan: dict[str, Any]):
+    """``wrap(model, stack)`` for ``run_trace``: the fake world of the plan's size, then FSDP2
+    ``fully_shard`` per decoder layer and at the root (as ``shard_one_rank``), or DDP."""
+    strategy, world = plan["distributed"]["strategy"], plan["distributed"]["world_size"]
+
+    def wrap(pm: Any, stack: contextlib.ExitStack) -> Any:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        stack.enter_context(fake_world(world))
+        if strategy == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            stack.enter_context(fsdp_on_meta())
+            mesh = init_device_mesh("cpu", (world,))
+            for layer in pm.get_base_model().model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(pm, mesh=mesh)
+            return pm
+        raise ValueError(f"strategy {strategy!r} is not traced")
+
+    return wrap
+
+
+#: strategies whose step ``trace_rank_step`` traces
+TRACED_STRATEGIES = ("fsdp",)
+
+
+def trace_rank_step(plan: dict[str, Any], steps: int = 2, count_flops: bool = False) -> dict[str, Any]:
+    """The live-tensor trace of ``steps`` training steps of rank 0 of a multi-GPU plan (the same
+    result as ``trace_plan``; bytes are one rank's)."""
+    import dataclasses
+
+    from .run import run_trace
+
+    strategy = plan.get("distributed", {}).get("strategy")
+    if strategy not in TRACED_STRATEGIES:
+        raise ValueError(f"the step of --strategy {strategy} is not traced (traced: {', '.join(TRACED_STRATEGIES)})")
+    if plan["distributed"].get("cpu_offload"):
+        raise ValueError("the step of a --cpu-offload plan is not traced")
+    s = dataclasses.replace(_settings(plan), steps=int(steps), count_flops=bool(count_flops))
+    res = run_trace(dict(plan["model"]["config"]), s, wrap=_wrap(plan))
+    res["notes"].append(f"one rank of {plan['distributed']['world_size']} ({strategy}) on torch's fake process group")
+    return res
+
+
 def _storage_bytes(tensors) -> int:
     seen, total = set(), 0
     for t in tensors:
@@ -62,7 +152,8 @@ def _storage_bytes(tensors) -> int:
 def shard_one_rank(plan: dict[str, Any]) -> dict[str, int]:
     """Bytes rank 0 holds after ``fully_shard`` of the plan's PEFT model (FSDP plans only):
     ``params`` (frozen local shards), ``trainable`` (trainable local shards), ``quant_state``,
-    ``buffers``, and ``layer_full`` (one decoder layer's unsharded parameters)."""
+    ``buffers``, ``layer_full`` (one decoder layer's unsharded parameters) and ``layer_shard`` (rank
+    0's padded local shards of them)."""
     import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -98,7 +189,9 @@ def shard_one_rank(plan: dict[str, Any]) -> dict[str, int]:
             for p in pm.parameters():
                 local = p.to_local() if isinstance(p, DTensor) else p
                 (trainable if p.requires_grad else frozen).append(local)
+            layer_shard = sum(p.to_local().numel() * p.element_size() for p in layers[0].parameters())
             out = {"params": _storage_bytes(frozen), "trainable": _storage_bytes(trainable),
+                   "layer_shard": int(layer_shard),
                    "quant_state": _storage_bytes(quant_state),
                    "buffers": _storage_bytes(list(pm.buffers())), "layer_full": int(layer_full)}
     del torch

@@ -26,8 +26,10 @@ from .settings import MAX_GRAD_NORM, TraceSettings
 from .stand_ins import bnb_stand_ins, cpu_kernel_stand_ins, meta_stand_ins
 
 
-def run_trace(config: dict, s: TraceSettings) -> dict:
-    """Trace ``s.steps`` training steps of ``config`` (see ``qplan.observe.trace``)."""
+def run_trace(config: dict, s: TraceSettings, wrap: Any = None) -> dict:
+    """Trace ``s.steps`` training steps of ``config`` (see ``qplan.observe.trace``). ``wrap(model,
+    stack)``, if given, returns the module the step runs (the PEFT model sharded by FSDP2, or
+    wrapped by DDP: ``qplan.observe.trace.dist``), made after the adapters and before the optimizer."""
     import torch
 
     t0 = time.perf_counter()
@@ -49,13 +51,14 @@ def run_trace(config: dict, s: TraceSettings) -> dict:
         hf = hf_config(config)
         model = build_model(hf, s, stack)
         peft_model = apply_peft(model, s, notes)
+        step_model = wrap(peft_model, stack) if wrap is not None else peft_model
         if s.grad_ckpt:
             recompute_context(peft_model, s, current, amp)
         trainable, total = peft_model.get_nb_trainable_parameters()
         opt = make_optimizer(peft_model, s)
         if amp is not None:
             amp.redirect()
-        res = run_steps(peft_model, opt, hf.get_text_config().vocab_size, s, amp, paged, current)
+        res = run_steps(step_model, opt, hf.get_text_config().vocab_size, s, amp, paged, current)
     add_notes(res, peft_model, s, notes)
     res["trainable_params"] = int(trainable)
     res["all_params"] = int(total)
@@ -237,7 +240,7 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
                                 stand_ins=stand_ins, host_scalars_phase="optimizer" if dev == "cpu" else None)
     ids = batch(vocab, s)
     labels = ids.clone()
-    base = model.get_base_model()
+    base = getattr(model, "module", model).get_base_model()  # DDP wraps the PEFT model
     accepts = getattr(base, "accepts_loss_kwargs", None)
     if accepts is None:
         accepts = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(base.forward).parameters.values())

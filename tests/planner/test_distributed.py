@@ -40,7 +40,8 @@ def test_fsdp_rank_matches_fully_shard_on_fake_process_group(quant, upcast, worl
     assert r["quant_state_replicated"] == got["quant_state"]
     assert r["buffers_replicated"] == got["buffers"]
     assert r["adapters"] == got["trainable"]
-    assert r["gathered_layer"] == got["layer_full"]
+    # an all-gather allocates W padded shards (foreach_all_gather), at least the unsharded layer
+    assert r["gathered_layer"] == world * got["layer_shard"] >= got["layer_full"]
     assert plan["prediction"]["memory"]["weights"] == got["params"] + got["quant_state"] + got["buffers"]
 
 
