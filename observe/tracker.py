@@ -93,6 +93,13 @@ def _tracker_cls():
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    def local(t: Any) -> Any:
+        """A sharded ``DTensor`` (FSDP2 parameters, their gradients and optimizer state) holds this
+        rank's bytes in its local tensor: count that (``_local_tensor``, read without dispatching an
+        operator; the wrapper itself has no storage)."""
+        inner = getattr(t, "_local_tensor", None)
+        return inner if isinstance(inner, torch.Tensor) else t
+
     class LiveTensorTracker(TorchDispatchMode):
         """Records every storage on ``device_type`` (see the module docstring)."""
 
@@ -147,19 +154,20 @@ def _tracker_cls():
         def reg(self, t: Any, late: bool = False) -> Any:
             if not isinstance(t, torch.Tensor) or t.device.type != self.device_type:
                 return t
+            out, t = t, local(t)
             try:
                 st = t.untyped_storage()
             except (RuntimeError, NotImplementedError):  # sparse / wrapper tensors without storage
-                return t
+                return out
             rec = self.live.get(id(st))
             if rec is not None:
                 if st.nbytes() != rec.nbytes:  # resized in place (resize_, set_): same storage, new size
                     self._close(id(st), rec)
                     new = self._open(st, t, late)
                     new.kind, new.opt, new.quant_state = rec.kind, rec.opt, rec.quant_state
-                return t
+                return out
             self._open(st, t, late)
-            return t
+            return out
 
         def _open(self, st: Any, t: Any, late: bool) -> Rec:
             pre = late and not self.marks
@@ -189,7 +197,7 @@ def _tracker_cls():
             if not isinstance(t, torch.Tensor) or t.device.type != self.device_type:
                 return None
             try:
-                return self.live.get(id(t.untyped_storage()))
+                return self.live.get(id(local(t).untyped_storage()))
             except (RuntimeError, NotImplementedError):
                 return None
 
