@@ -2,9 +2,10 @@
 
 ``qplan run`` of a plan with ``distributed.world_size > 1`` starts the worker once per rank:
 
-* on the CPU through torchrun (``python -m torch.distributed.run --standalone --nproc_per_node W -m
-  qplan.backends.worker job.json``; gloo): ``accelerate launch --cpu`` does not start several ranks
-  and accelerate's FSDP plugin needs a GPU, so the ranks shard themselves (``backends.ranks``);
+* on the CPU through torchrun (``python -m qplan.backends.torchrun --standalone --nproc_per_node W -m
+  qplan.backends.worker job.json``: ``torch.distributed.run`` reporting a failure without a traceback;
+  gloo): ``accelerate launch --cpu`` does not start several ranks and accelerate's FSDP plugin needs a
+  GPU, so the ranks shard themselves (``backends.ranks``);
 * on GPUs through ``accelerate launch --config_file RUN_DIR/accelerate_config.yaml -m
   qplan.backends.worker job.json``: the generated config selects DDP (``MULTI_GPU``), FSDP2
   (``fsdp_version: 2``, decoder layers wrapped) or DeepSpeed ZeRO-2/3 (``deepspeed_config.json`` beside
@@ -71,8 +72,9 @@ def check_launchable(plan: dict[str, Any], device: str, cpu_count: int | None, g
 
 
 def torchrun_command(python: str, world: int, job_file: str) -> list[str]:
-    """The CPU launch: torchrun, one node, ``world`` processes, a free port (``--standalone``)."""
-    return [python, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", str(world),
+    """The CPU launch: torchrun, one node, ``world`` processes, a free port (``--standalone``);
+    ``qplan.backends.torchrun`` is torchrun ending in its failure summary instead of a traceback."""
+    return [python, "-m", "qplan.backends.torchrun", "--standalone", "--nnodes", "1", "--nproc_per_node", str(world),
             "-m", "qplan.backends.worker", job_file]
 
 
@@ -251,27 +253,24 @@ def merge_ranks(plan: dict[str, Any], run_dir: Path, rc: int, interrupted: bool,
     except OSError:
         log = ""
     cause = root_cause(log) if rc != 0 else None
-    # ranks that were still "running" when the launcher stopped: ended by it (or killed: the root cause)
+    failed = sorted((e for e in ranks if e["status"] in ("oom", "error", "interrupted")),
+                    key=lambda e: _WORST.index(e["status"]))
+    first = next((e for e in ranks if cause is not None and e["rank"] == cause[0]), None) or \
+        (failed[0] if failed else None)
+    # ranks still "running" when the launcher stopped: the root cause was killed; the others were ended
     for e in ranks:
-        if e["status"] == "running":
-            e["status"] = "ended"
-            how = None
-            if cause is not None and cause[0] == e["rank"]:
-                how = _exit_text(cause[1])
-                e["failure"] = {"kind": "crashed", "message": f"rank {e['rank']} {how}", "step": None,
-                                "phase": None, "exception": None, "traceback": None}
-            else:
-                e["failure"] = {"kind": "ended", "message": f"rank {e['rank']} was ended by the launcher"
-                                + (" (interrupted)" if interrupted else " after another rank failed"),
-                                "step": None, "phase": None, "exception": None, "traceback": None}
-    failed = [e for e in ranks if e["status"] not in ("ok", "ended")]
-    crashed_root = [e for e in ranks if cause is not None and e["rank"] == cause[0] and e["status"] == "ended"]
-    first = None
-    if cause is not None:
-        first = next((e for e in ranks if e["rank"] == cause[0]), None)
-    if first is None or first["status"] in ("ok",):
-        first = min(failed or crashed_root or [e for e in ranks if e["status"] != "ok"] or [None],
-                    key=lambda e: _WORST.index(e["status"]) if e else 0)
+        if e["status"] != "running":
+            continue
+        e["status"] = "ended"
+        if e is first:
+            e["failure"] = {"kind": "crashed", "message": f"rank {e['rank']} {_exit_text(cause[1])}" if cause
+                            else f"rank {e['rank']} stopped without a result", "step": None, "phase": None,
+                            "exception": None, "traceback": None}
+        else:
+            why = "(interrupted)" if interrupted else (f"after rank {first['rank']} failed" if first is not None
+                                                       else "after a failure")
+            e["failure"] = {"kind": "ended", "message": f"rank {e['rank']} was ended by the launcher {why}",
+                            "step": None, "phase": None, "exception": None, "traceback": None}
     ok = all(e["status"] == "ok" for e in ranks) and rc == 0
     measured_docs = [doc for doc in docs if doc is not None]
     base = measured_docs[0] if measured_docs else {}
@@ -291,18 +290,22 @@ def merge_ranks(plan: dict[str, Any], run_dir: Path, rc: int, interrupted: bool,
         measured["params"] = m0.get("params") or measured.get("params") or {}
     if ok:
         status, failure = "ok", None
-    elif first is not None and first["status"] not in ("ended",):
-        status = "interrupted" if interrupted else first["status"]
-        f = dict(first["failure"] or {})
-        f["rank"] = first["rank"]
-        f["message"] = f"rank {first['rank']}: {f.get('message') or first['status']}"
-        failure = f
     else:
-        status = "interrupted" if interrupted else "error"
-        msg = (f"rank {first['rank']}: {first['failure']['message']}" if first is not None and first.get("failure")
-               else f"the launcher {_exit_text(rc)} without a failed rank")
-        failure = {"kind": "crashed", "message": msg + f"; see {log_path}", "step": None, "phase": None,
-                   "exception": None, "traceback": None, "rank": first["rank"] if first else None}
+        if first is not None and first["status"] != "ended":
+            status = first["status"]
+        else:
+            status = "error"
+        if interrupted:
+            status = "interrupted"
+        if first is not None:
+            failure = dict(first["failure"] or {"kind": "crashed", "message": first["status"]})
+            failure["message"] = f"rank {first['rank']}: {failure.get('message')}"
+            failure["rank"] = first["rank"]
+        else:
+            failure = {"kind": "crashed", "message": f"the launcher {_exit_text(rc)} without a failed rank",
+                       "step": None, "phase": None, "exception": None, "traceback": None, "rank": None}
+        if first is None or first["status"] == "ended":
+            failure["message"] += f"; see {log_path}"
     run = dict(base.get("run") or {})
     run.update(world_size=world, strategy=d["strategy"], engine=d.get("engine"), launcher=launcher,
                ranks_measured=sum(1 for doc in docs if doc is not None and doc.get("status") != "running"))
