@@ -257,8 +257,17 @@ def merge_ranks(plan: dict[str, Any], run_dir: Path, rc: int, interrupted: bool,
                     key=lambda e: _WORST.index(e["status"]))
     first = next((e for e in ranks if cause is not None and e["rank"] == cause[0]), None) or \
         (failed[0] if failed else None)
-    # ranks still "running" when the launcher stopped: the root cause was killed; the others were ended
+    # ranks still "running" when the launcher stopped: the root cause was killed; the others were ended.
+    # A rank that failed after the root cause (its peer left a collective: gloo's "Connection closed by
+    # peer") failed because of it: ended, with its own message kept
     for e in ranks:
+        if first is not None and e is not first and e["status"] in ("error", "interrupted") and not interrupted:
+            own = (e.get("failure") or {}).get("message")
+            e["status"] = "ended"
+            e["failure"] = dict(e.get("failure") or {}, kind="ended",
+                                message=f"rank {e['rank']} stopped after rank {first['rank']} failed"
+                                + (f" ({own})" if own else ""))
+            continue
         if e["status"] != "running":
             continue
         e["status"] = "ended"
