@@ -55,9 +55,8 @@ def check_launchable(plan: dict[str, Any], device: str, cpu_count: int | None, g
                          f"launch` — README, \"qplan run of a multi-GPU plan\")")
     if device == "cpu":
         if strategy in ("zero2", "zero3"):
-            raise QPlanError(f"--strategy {strategy} cannot train on the CPU here (DeepSpeed's CPU accelerator "
-                             "needs Intel's oneCCL bindings); run a zero plan on GPUs, or use --strategy ddp/fsdp "
-                             "on the CPU")
+            raise QPlanError(f"--strategy {strategy} cannot train on the CPU here: `qplan run` launches DeepSpeed "
+                             "ZeRO on GPUs only (through accelerate); on the CPU use --strategy ddp or fsdp")
         if cpu_count is not None and world > cpu_count:
             raise QPlanError(f"the plan has {world} ranks but this machine has {cpu_count} CPU cores: on the CPU "
                              f"each rank needs a core (re-plan with --gpus {cpu_count} or fewer)")
