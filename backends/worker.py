@@ -217,7 +217,9 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
             adapter = backend.save_adapter(prepared, run_dir / "adapter")
             m.adapter_file_bytes = adapter.stat().st_size
         else:
-            m.adapter_file_bytes = _save_from_ranks(backend, prepared, run_dir / "adapter", renv.rank, shard_here)
+            # FSDP2 shards the model in place (here on the CPU, by accelerate on GPUs): gather the adapters
+            m.adapter_file_bytes = _save_from_ranks(backend, prepared, run_dir / "adapter", renv.rank,
+                                                    strategy == "fsdp")
         status = "ok"
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the write below
