@@ -7,6 +7,8 @@ Protocol (the same for every backend: it is a ``transformers.TrainerCallback``)
    used) and after the adapters are attached (``after_adapters``), each taken after
    ``gc.collect()`` (and ``torch.cuda.empty_cache()`` on CUDA). ``weights`` is the
    ``after_prepare`` figure; ``weights_footprint`` is ``model.get_memory_footprint()`` there.
+   A rank of an FSDP run on the CPU adds ``after_shard`` (after ``fully_shard``): its ``weights``
+   are this rank's frozen shards, replicated buffers and quantization constants (adapters apart).
 2. **Warm-up.** Step 1 runs unmeasured: it creates the optimizer state and warms kernels
    and caches, so it is not a steady-state step.
 3. **Reset.** At the start of step 2: ``gc.collect()``, empty the CUDA cache, reset the peak
@@ -246,7 +248,10 @@ class Probe:
                       "tracked_at_start", "tracked_at_start_by_category", "peak_detail", "timeline"):
                 if k in self.window:
                     out[k] = self.window[k]
-            if prep is not None:
+            shard = self.phases.get("after_shard")
+            if shard is not None:
+                out["weights"] = shard["model_tensors"] - shard["model_tensors_by_category"].get("adapters", 0)
+            elif prep is not None:
                 out["weights"] = prep["model_tensors"]
         if "first_step" in self.window:
             out["window_steps"] = [self.window["first_step"], self.window.get("last_step")]

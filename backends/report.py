@@ -205,6 +205,8 @@ def run_markdown(plan: dict[str, Any], doc: dict[str, Any], images: bool = True)
     if v["status"] != "ok":
         lines += [f"status: **{v['status']}**" + (f" — {v['failure']}" if v["failure"] else ""), ""]
     lines += [f"**{v['text']}**", "", v["sub"], ""]
+    if doc.get("ranks"):
+        lines += ["## Ranks", "", _ranks_sentence(doc), "", _table(RANK_HEADERS, rank_rows(doc)), ""]
     comp = composition_at_peak(plan, doc)
     if comp["compared"]["measured"] is not None:
         lines += ["## What the bytes are at the measured peak", "", _moment_sentence(comp), ""]
@@ -226,6 +228,36 @@ def run_markdown(plan: dict[str, Any], doc: dict[str, Any], images: bool = True)
               _table(MOMENT_HEADERS, _moment_rows(plan, doc))]
     lines += _details_md(plan, doc)
     return "\n".join(lines) + "\n"
+
+
+RANK_HEADERS = ["rank", "status", "tensor peak", "error vs per-rank prediction", "peak in", "mean step", "failure"]
+
+
+def rank_rows(doc: dict[str, Any]) -> list[list[str]]:
+    """One row per rank of a multi-process run (measured.json ``ranks``)."""
+    rows = []
+    for r in doc.get("ranks") or []:
+        mem, tm = r.get("memory") or {}, r.get("timing") or {}
+        where = (f"step {mem['tensor_peak_step']}, {mem.get('tensor_peak_phase')}"
+                 if mem.get("tensor_peak_step") is not None else "—")
+        step = tm.get("mean_step_seconds")
+        rows.append([str(r.get("rank")), str(r.get("status")), fmt_bytes(mem.get("tensor_peak")),
+                     fmt_err((r.get("error") or {}).get("tensor_peak")), where,
+                     "—" if step is None else f"{step:.3g} s", (r.get("failure") or {}).get("message") or ""])
+    return rows
+
+
+def _ranks_sentence(doc: dict[str, Any]) -> str:
+    run = doc.get("run") or {}
+    meas = doc.get("measured") or {}
+    peak_rank = (meas.get("memory") or {}).get("peak_rank")
+    slow = (meas.get("timing") or {}).get("slowest_rank")
+    launcher = (run.get("launcher") or {}).get("tool", "?")
+    return (f"{run.get('world_size')} ranks ({run.get('strategy')}: {run.get('engine')}), launched by {launcher}. "
+            "Each rank measured itself; the tensor peak compared above is the largest rank's"
+            + (f" (rank {peak_rank})" if peak_rank is not None else "")
+            + (f", the step time the slowest rank's (rank {slow})" if slow is not None else "")
+            + "; the prediction is per rank.")
 
 
 def _details_md(plan: dict[str, Any], doc: dict[str, Any]) -> list[str]:
@@ -347,6 +379,9 @@ def run_html(plan: dict[str, Any], doc: dict[str, Any], charts: dict[str, str] |
                     + "</p>")
     body.append(f"<p class='verdict {v['kind']}' id='verdict' data-predicted='{v['predicted'] or 0}' "
                 f"data-measured='{v['measured'] or 0}'>{e(v['text'])}</p><p class='sub'>{e(v['sub'])}</p>")
+    if doc.get("ranks"):
+        body.append(f"<h2>Ranks</h2><p class='caption'>{e(_ranks_sentence(doc))}</p>"
+                    + html_table(RANK_HEADERS, rank_rows(doc), "ranks"))
     if "composition" in charts:
         body.append("<h2>What the bytes are at the measured peak</h2>"
                     f"<p class='caption'>{e(_moment_sentence(comp))} Each bar adds up to its total in the line above: "

@@ -138,6 +138,28 @@ def _crash_doc(plan: dict[str, Any], backend: str, rc: int, interrupted: bool, l
                         "traceback": None}}
 
 
+def _multi_device(device: str, python: str) -> str:
+    """The device kind a multi-rank run uses: ``cpu`` or ``cuda`` (each rank takes the GPU of its
+    local rank); ``auto`` asks the backend's interpreter whether torch sees a GPU."""
+    if device == "cpu":
+        return "cpu"
+    if device.startswith("cuda:"):
+        raise QPlanError(f"--device {device} names one GPU, but a multi-GPU plan takes one per rank: use --device "
+                         "cuda (set CUDA_VISIBLE_DEVICES to choose which)")
+    if device == "cuda":
+        return "cuda"
+    return "cuda" if (_gpu_count(python) or 0) > 0 else "cpu"
+
+
+def _gpu_count(python: str) -> int | None:
+    try:
+        out = subprocess.run([python, "-c", "import torch; print(torch.cuda.device_count())"], capture_output=True,
+                             text=True, timeout=300, stdin=subprocess.DEVNULL)
+        return int(out.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
 def summary_text(plan: dict[str, Any], doc: dict[str, Any], run_dir: Path) -> str:
     lines = [f"run folder: {run_dir}", f"status: {doc.get('status')}"
              + (f" — {doc['failure']['message']}" if doc.get("failure") else "")]
@@ -201,6 +223,13 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
         raise QPlanError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
     info = registry.backend_info(plan["backend"])
     registry.check_installed(info)
+    from . import launch
+
+    multi = launch.dist_section(plan)
+    if multi is not None:
+        device = _multi_device(device, info.python)
+        gpus = _gpu_count(info.python) if device == "cuda" else None
+        launch.check_launchable(plan, device, launch.cpu_count(), gpus)
     if callbacks is None:
         callbacks = [c.strip() for c in os.environ.get("QPLAN_CALLBACKS", "").split(",") if c.strip()]
 
@@ -215,7 +244,16 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
         "lr": lr, "device": device, "warmup_steps": WARMUP_STEPS, "measure_steps": MEASURE_STEPS,
         "callbacks": callbacks, "python": info.python,
     }
+    if multi is not None:
+        job["world_size"] = int(multi["world_size"])
     (run_dir / "job.json").write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
+    cmd = [info.python, "-m", "qplan.backends.worker", job["run_dir"] + "/job.json"]
+    launcher: dict[str, Any] = {}
+    if multi is not None:
+        cmd = launch.write_launch_files(run_dir, plan, device, info.python)
+        launcher = {"device": device, "command": cmd, "tool": "torchrun" if device == "cpu" else "accelerate launch",
+                    "files": sorted(p.name for p in run_dir.iterdir() if p.name in (
+                        "launch.sh", "accelerate_config.yaml", "deepspeed_config.json"))}
 
     env = dict(os.environ)
     shim = None
@@ -225,8 +263,7 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
     env.setdefault("PYTHONUNBUFFERED", "1")
     log_path = run_dir / "worker.log"
     try:
-        rc, interrupted = _spawn_and_wait([info.python, "-m", "qplan.backends.worker", job["run_dir"] + "/job.json"],
-                                          env, log_path)
+        rc, interrupted = _spawn_and_wait(cmd, env, log_path)
     finally:
         if shim:
             import shutil
@@ -235,7 +272,9 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
 
     measured_file = run_dir / "measured.json"
     doc = None
-    if measured_file.is_file():
+    if multi is not None:
+        doc = launch.merge_ranks(plan, run_dir, rc, interrupted, log_path, launcher)
+    elif measured_file.is_file():
         try:
             doc = json.loads(measured_file.read_text(encoding="utf-8"))
         except json.JSONDecodeError:

@@ -102,10 +102,14 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
     from qplan.planner.errors import QPlanError
 
     from .base import Failure, Measurement, ModelSource, TrainSettings
+    from .ranks import rank_env
 
     run_dir = Path(job["run_dir"])
     plan = json.loads(Path(job["plan"]).read_text(encoding="utf-8"))
     t = plan["training"]
+    renv = rank_env() if int(job.get("world_size") or 1) > 1 else None
+    strategy = (plan.get("distributed") or {}).get("strategy")
+    out_file = run_dir / "measured.json"
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "status": "running",
@@ -118,6 +122,13 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         "failure": None,
         "notes": [],
     }
+    if renv is not None:
+        # one file per rank (the runner merges them into measured.json); written now, so a rank that
+        # is killed before it can write again is still known to have started
+        out_file = run_dir / "ranks" / f"rank{renv.rank}.json"
+        out_file.parent.mkdir(exist_ok=True)
+        doc.update(rank=renv.rank, local_rank=renv.local_rank, world_size=renv.world, pid=os.getpid())
+        _write_json(out_file, doc)
     m = Measurement()
     probe = meter = None
     tmp_dirs: list[str] = []
@@ -129,6 +140,8 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         from .measure import MeasureCallback, Probe
 
         device = resolve_device(job.get("device") or "auto")
+        if renv is not None and device.startswith("cuda"):
+            device = f"cuda:{renv.local_rank}"  # one GPU per rank
         doc["run"]["device"] = device
         doc["device"] = device_info(device)
         probe = Probe(device)
@@ -142,8 +155,26 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
             source = ModelSource(Path(folder), random_init=True, seed=int(job.get("seed") or 0))
         else:
             source = ModelSource(Path(job["model_dir"]))
+        if renv is not None:
+            from transformers import set_seed
+
+            set_seed(int(job.get("seed") or 0))  # the same adapters' initialisation on every rank
         prepared = backend.prepare(plan, source, device, probe)
         m.params = dict(prepared.params)
+        shard_here = renv is not None and strategy == "fsdp" and not device.startswith("cuda")
+        if renv is not None:
+            from .ranks import init_group, shard_fsdp2, sync_trainable
+
+            probe.set_phase("process_group")
+            init_group(device)
+            if shard_here:
+                probe.set_phase("shard")
+                sync_trainable(prepared.model)
+                shard_fsdp2(prepared.model, renv.world)
+                snap = probe.snapshot("after_shard", prepared.model, adapters=True)
+                # get_memory_footprint() counts DTensors at their global size: this rank's frozen shards
+                # and buffers are what it holds (quantization constants apart, as get_memory_footprint)
+                probe.weights_footprint = snap["model_tensors_by_category"].get("weights", 0)
         doc["notes"] += prepared.notes
         m.memory = probe.memory()
 
@@ -153,7 +184,10 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         head = prepared.model.get_output_embeddings()
         vocab = int(head.weight.shape[0]) if head is not None else int(plan["model"]["config"]["vocab_size"])
         step_blocks = int(t["batch_size"]) * int(t.get("grad_accum", 1))
-        data = load_dataset(job.get("data"), prepared.tokenizer, int(t["seq_len"]), step_blocks, model_vocab=vocab)
+        world = renv.world if renv is not None else 1
+        # every rank draws its own blocks (the Trainer's distributed sampler): one step needs world x blocks
+        data = load_dataset(job.get("data"), prepared.tokenizer, int(t["seq_len"]), step_blocks * world,
+                            model_vocab=vocab)
         doc["run"]["data_blocks"] = len(data)
         doc["run"]["data_tokens"] = data.tokens_in_file
         doc["notes"] += data.notes
@@ -179,8 +213,13 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
                                  output_dir=Path(out_dir), seed=int(job.get("seed") or 0))
         backend.train(prepared, data, plan, settings, [meter, *extra])
         probe.set_phase("save")
-        adapter = backend.save_adapter(prepared, run_dir / "adapter")
-        m.adapter_file_bytes = adapter.stat().st_size
+        if renv is None:
+            adapter = backend.save_adapter(prepared, run_dir / "adapter")
+            m.adapter_file_bytes = adapter.stat().st_size
+        else:
+            # FSDP2 shards the model in place (here on the CPU, by accelerate on GPUs): gather the adapters
+            m.adapter_file_bytes = _save_from_ranks(backend, prepared, run_dir / "adapter", renv.rank,
+                                                    strategy == "fsdp")
         status = "ok"
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the write below
@@ -211,10 +250,32 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         doc["status"] = status
         doc["measured"] = m.to_json()
         doc["failure"] = asdict(failure) if failure else None
-        _write_json(run_dir / "measured.json", doc)
+        _write_json(out_file, doc)
         for d in tmp_dirs:
             shutil.rmtree(d, ignore_errors=True)
+        if renv is not None and status == "ok":
+            from .ranks import destroy
+
+            destroy()
     return doc
+
+
+def _save_from_ranks(backend: Any, prepared: Any, folder: Path, rank: int, sharded: bool) -> int | None:
+    """Rank 0 writes the adapter; a sharded model's adapters are gathered to it first (every rank
+    takes part). Returns the file's size on rank 0, None elsewhere."""
+    from .ranks import barrier, full_trainable_state
+
+    state = full_trainable_state(prepared.model, rank) if sharded else None
+    size = None
+    if rank == 0:
+        if state is not None:
+            prepared.model.save_pretrained(str(folder), safe_serialization=True, state_dict=state)
+            path = folder / "adapter_model.safetensors"
+        else:
+            path = backend.save_adapter(prepared, folder)
+        size = path.stat().st_size
+    barrier()
+    return size
 
 
 def _failure(kind: str, probe: Any, meter: Any, exc: BaseException | None) -> Any:

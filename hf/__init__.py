@@ -154,7 +154,8 @@ def load_kwargs(plan: dict[str, Any], device: str) -> dict[str, Any]:
         "attn_implementation": t["attn_impl"],
         "device_map": {"": device},
     }
-    bnb = bnb_config(q)
+    storage = (plan.get("distributed") or {}).get("quant_storage")
+    bnb = bnb_config({**q, "quant_storage": storage} if storage else q)  # FSDP/ZeRO-3 shard 4-bit weights
     if bnb is not None:
         kwargs["quantization_config"] = bnb
     return kwargs

@@ -108,6 +108,7 @@ def census(model: Any, device_type: str, adapters: bool = True) -> dict[str, int
     for t, kind, qs in model_tensors(model):
         if not isinstance(t, torch.Tensor) or t.device.type != device_type:
             continue
+        t = getattr(t, "_local_tensor", t)  # an FSDP2-sharded DTensor: this rank's shard
         st = t.untyped_storage()
         if id(st) in seen:
             continue

@@ -158,19 +158,20 @@ def _tracker_cls():
                 for inner in _inner_tensors(t):
                     self.reg(inner, late)
                 return t
+            out = t
             try:
                 st = t.untyped_storage()
             except (RuntimeError, NotImplementedError):  # sparse / wrapper tensors without storage
-                return t
+                return out
             rec = self.live.get(id(st))
             if rec is not None:
                 if st.nbytes() != rec.nbytes:  # resized in place (resize_, set_): same storage, new size
                     self._close(id(st), rec)
                     new = self._open(st, t, late)
                     new.kind, new.opt, new.quant_state = rec.kind, rec.opt, rec.quant_state
-                return t
+                return out
             self._open(st, t, late)
-            return t
+            return out
 
         def _open(self, st: Any, t: Any, late: bool) -> Rec:
             pre = late and not self.marks

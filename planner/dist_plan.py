@@ -4,9 +4,11 @@ per rank; ``fits``/``headroom`` per GPU).  A single-GPU plan never comes here: i
 
 Moments with FSDP2 (where its all-gathered parameters are alive; see ``planner.distributed``):
 ``forward`` (the loss): the root unit unsharded; ``backward`` (its start) and ``attention``: the root
-+ two decoder layers (the one computing and the prefetched one); ``layers`` (layer 0's backward):
-the root + layer 0 + its unsharded gradients and the reduce-scatter input; ``optimizer``: everything
-resharded.  DDP: its buckets in every moment.  ZeRO-2: the reduction bucket in the backward moments;
++ two decoder layers (the one computing and the prefetched one); ``layers`` (a decoder layer's
+backward): the larger of layer 0's (the root + layer 0 + its unsharded gradients and the reduce-scatter
+input) and, with checkpointing, the last layer's (``fsdp_last_layer_backward``: the root, the layer and
+the next layer's prefetched all-gather, every layer's checkpointed input, no gradient yet);
+``optimizer``: everything resharded.  DDP: its buckets in every moment.  ZeRO-2: the reduction bucket in the backward moments;
 ZeRO-3: DeepSpeed's all-gathered working set in the forward and backward moments.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .activations import precision
 from .distributed import (
     DistSettings,
     ddp_bucket_bytes,
@@ -96,8 +99,11 @@ def rank_memory(spec, counts, lora_r, dropout, q: QuantSettings, t, dist: DistSe
         extras["forward"]["weights"] += root + layer
         extras["backward"]["weights"] += root + layer
         extras["attention"]["weights"] += root + 2 * layer
-        extras["layers"]["weights"] += root + layer
-        extras["layers"]["gradients"] += lora_layer + rs_input  # unsharded grads + reduce-scatter input
+        first = {"weights": root + layer, "gradients": lora_layer + rs_input}  # unsharded grads + reduce-scatter input
+        last = fsdp_last_layer_backward(root, layer, 0 if t.grad_accum > 1 else mm.layers_grads,
+                                        (L - 1) * precision(qe).R * dims(spec).h * t.batch_size * t.seq_len)
+        use_last = t.grad_ckpt != "off" and L > 1 and sum(last.values()) > sum(first.values())
+        extras["layers"] = {**extras["layers"], **(last if use_last else first)}
         terms.update(gathered_root=root, gathered_layer=layer, reduce_scatter=lora_layer + rs_input)
     else:
         stage = 2 if strat == "zero2" else 3
@@ -140,6 +146,25 @@ def rank_memory(spec, counts, lora_r, dropout, q: QuantSettings, t, dist: DistSe
 def a_full_sharded(sc) -> int:
     """One rank's trainable bytes (padded LoRA shards): ``adapter_bytes`` of ``sharded_counts``."""
     return adapter_bytes(sc)
+
+
+def fsdp_last_layer_backward(root: int, layer: int, other_grads: int, other_checkpoints: int) -> dict[str, int]:
+    """What the backward of the *last* decoder layer adds to the single-GPU ``layers`` moment (which is
+    layer 0's backward), under FSDP2 with checkpointing, by category (bytes; ``gradients`` negative).
+
+    torch 2.13 ``torch/distributed/fsdp/_fully_shard/_fsdp_state.py`` ``_pre_backward`` unshards the
+    layer and then ``_backward_prefetch`` issues the all-gather of the layer that runs next in backward
+    (``FSDPParamGroup.unshard(async_op=True)``: its all-gather output, one layer's unsharded bytes, is
+    alive until that layer's ``wait_for_unshard`` copies it out, i.e. through this layer's whole
+    recomputation and backward); the root stays unsharded.  Against layer 0's backward, the last layer's
+    runs while all ``L`` checkpointed layer inputs are still alive (``other_checkpoints`` = ``(L - 1) R h T``
+    more) and before any other layer's gradient exists (``other_grads`` less: the ``layers_grads`` of
+    ``MemoryModel``), and its own unsharded gradients and reduce-scatter input come after the recomputed
+    activations are freed (``FSDPParamGroup.post_backward``).  Measured on the CPU with 2 gloo ranks
+    (tests/backends/test_distributed_run.py): the peak of an FSDP step of the tiny Llama is inside the last
+    layer's backward with the prefetched all-gather output alive.
+    """
+    return {"weights": root + 2 * layer, "gradients": -other_grads, "activations": other_checkpoints}
 
 
 def _numel(shape) -> int:

@@ -29,3 +29,14 @@ class StallAtStep2(TrainerCallback):
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 time.sleep(0.05)
+
+
+class OomOnRank1AtStep2(TrainerCallback):
+    """Rank 1 of a multi-process run raises torch.OutOfMemoryError at the start of step 2; the
+    other ranks go on (and block in the next collective until the launcher ends them)."""
+
+    def on_step_begin(self, args, state, control, **kw):
+        import torch
+
+        if state.global_step + 1 == 2 and os.environ.get("RANK") == "1":
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory on rank 1")

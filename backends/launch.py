@@ -1,0 +1,332 @@
+"""Launching the ranks of a multi-GPU plan, and merging what each rank measured (no torch here).
+
+``qplan run`` of a plan with ``distributed.world_size > 1`` starts the worker once per rank:
+
+* on the CPU through torchrun (``python -m qplan.backends.torchrun --standalone --nproc_per_node W -m
+  qplan.backends.worker job.json``: ``torch.distributed.run`` reporting a failure without a traceback;
+  gloo): ``accelerate launch --cpu`` does not start several ranks and accelerate's FSDP plugin needs a
+  GPU, so the ranks shard themselves (``backends.ranks``);
+* on GPUs through ``accelerate launch --config_file RUN_DIR/accelerate_config.yaml -m
+  qplan.backends.worker job.json``: the generated config selects DDP (``MULTI_GPU``), FSDP2
+  (``fsdp_version: 2``, decoder layers wrapped) or DeepSpeed ZeRO-2/3 (``deepspeed_config.json`` beside
+  it), with the plan's precision, accumulation and offload. The GPU launch is not run by the tests
+  (no GPU in CI): the files and the command are checked as data.
+
+The command is written to ``RUN_DIR/launch.sh`` so that the run can be repeated by hand. Every rank
+writes ``RUN_DIR/ranks/rank<N>.json`` (``backends.worker``); ``merge_ranks`` turns them into one
+measured.json: ``run.world_size``, ``ranks`` (one entry per rank), ``measured`` = the measurement of
+the rank with the largest tensor peak (the per-rank prediction is compared with the worst rank), its
+timing replaced by the slowest rank's. A rank that failed is the run's failure; ranks the launcher
+ended because another one failed are recorded as ``ended``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+from pathlib import Path
+from typing import Any
+
+from qplan.planner.errors import QPlanError
+
+#: statuses of a run, worst first: a failed rank decides the run's status
+_WORST = ("oom", "error", "interrupted", "ended", "running", "ok")
+
+
+def dist_section(plan: dict[str, Any]) -> dict[str, Any] | None:
+    """The plan's ``distributed`` section when it has more than one rank."""
+    d = plan.get("distributed")
+    if isinstance(d, dict) and int(d.get("world_size") or 1) > 1:
+        return d
+    return None
+
+
+def check_launchable(plan: dict[str, Any], device: str, cpu_count: int | None, gpu_count: int | None) -> None:
+    """One line for what this machine cannot launch (before any run folder is made)."""
+    d = dist_section(plan)
+    assert d is not None
+    world, nodes, strategy = int(d["world_size"]), int(d.get("nodes") or 1), d["strategy"]
+    if nodes > 1:
+        raise QPlanError(f"this plan has {nodes} nodes: `qplan run` launches the ranks of one machine only "
+                         f"(plan one node with --gpus N --nodes 1, or launch each node by hand with `accelerate "
+                         f"launch` — README, \"qplan run of a multi-GPU plan\")")
+    if device == "cpu":
+        if strategy in ("zero2", "zero3"):
+            raise QPlanError(f"--strategy {strategy} cannot train on the CPU here: `qplan run` launches DeepSpeed "
+                             "ZeRO on GPUs only (through accelerate); on the CPU use --strategy ddp or fsdp")
+        if cpu_count is not None and world > cpu_count:
+            raise QPlanError(f"the plan has {world} ranks but this machine has {cpu_count} CPU cores: on the CPU "
+                             f"each rank needs a core (re-plan with --gpus {cpu_count} or fewer)")
+        if d.get("cpu_offload"):
+            raise QPlanError("--cpu-offload moves GPU memory to the host: on the CPU there is nothing to offload "
+                             "(re-plan without --cpu-offload)")
+    elif gpu_count is not None and world > gpu_count:
+        raise QPlanError(f"the plan has {world} ranks but torch sees {gpu_count} GPU(s) on this machine")
+
+
+# ------------------------------------------------------------------------------ commands and configs
+
+
+def torchrun_command(python: str, world: int, job_file: str) -> list[str]:
+    """The CPU launch: torchrun, one node, ``world`` processes, a free port (``--standalone``);
+    ``qplan.backends.torchrun`` is torchrun ending in its failure summary instead of a traceback."""
+    return [python, "-m", "qplan.backends.torchrun", "--standalone", "--nnodes", "1", "--nproc_per_node", str(world),
+            "-m", "qplan.backends.worker", job_file]
+
+
+def accelerate_command(python: str, config_file: str, job_file: str) -> list[str]:
+    """The GPU launch: ``accelerate launch`` with the generated config (``python -m accelerate.commands.launch``,
+    the interpreter of the backend)."""
+    return [python, "-m", "accelerate.commands.launch", "--config_file", config_file, "-m", "qplan.backends.worker",
+            job_file]
+
+
+def _mixed_precision(plan: dict[str, Any]) -> str:
+    return {"bf16": "bf16", "fp16": "fp16"}.get(plan["training"].get("mixed_precision", "no"), "no")
+
+
+def deepspeed_config(plan: dict[str, Any]) -> dict[str, Any]:
+    """The DeepSpeed config of a zero2/zero3 plan ("auto" values are filled by transformers from the
+    ``TrainingArguments``: batch size, accumulation, clipping, precision)."""
+    d = dist_section(plan) or plan["distributed"]
+    stage = 2 if d["strategy"] == "zero2" else 3
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": stage == 3, "contiguous_gradients": True}
+    if d.get("cpu_offload"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    mp = _mixed_precision(plan)
+    return {
+        "zero_optimization": zero,
+        "bf16": {"enabled": mp == "bf16"},
+        "fp16": {"enabled": mp == "fp16"},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "train_batch_size": "auto",
+    }
+
+
+def accelerate_config(plan: dict[str, Any], deepspeed_file: str | None = None) -> dict[str, Any]:
+    """The ``accelerate launch --config_file`` of a multi-GPU plan on one machine (accelerate 1.x keys)."""
+    d = dist_section(plan) or plan["distributed"]
+    strategy = d["strategy"]
+    cfg: dict[str, Any] = {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": {"ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}[strategy],
+        "mixed_precision": _mixed_precision(plan),
+        "num_machines": int(d.get("nodes") or 1),
+        "machine_rank": 0,
+        "num_processes": int(d["world_size"]),
+        "gpu_ids": "all",
+        "rdzv_backend": "static",
+        "same_network": True,
+        "use_cpu": False,
+    }
+    if strategy == "fsdp":
+        cfg["fsdp_config"] = {
+            "fsdp_version": 2,
+            # wraps each class of the model's _no_split_modules (its decoder layer), then the root
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_reshard_after_forward": True,
+            "fsdp_offload_params": bool(d.get("cpu_offload")),
+            "fsdp_cpu_ram_efficient_loading": False,
+            "fsdp_state_dict_type": "FULL_STATE_DICT",
+            "fsdp_activation_checkpointing": False,  # the Trainer's gradient_checkpointing does it, as planned
+        }
+    elif strategy in ("zero2", "zero3"):
+        cfg["deepspeed_config"] = {"deepspeed_config_file": deepspeed_file or "deepspeed_config.json",
+                                   "zero3_init_flag": False}
+        cfg.pop("mixed_precision")  # the DeepSpeed file says it (accelerate refuses both)
+    return cfg
+
+
+def to_yaml(data: dict[str, Any], indent: int = 0) -> str:
+    """A flat YAML of nested mappings of scalars (what accelerate's config files are)."""
+    lines = []
+    for k, v in data.items():
+        pad = " " * indent
+        if isinstance(v, dict):
+            lines.append(f"{pad}{k}:")
+            lines.append(to_yaml(v, indent + 2).rstrip("\n"))
+        elif isinstance(v, bool):
+            lines.append(f"{pad}{k}: {'true' if v else 'false'}")
+        elif isinstance(v, (int, float)):
+            lines.append(f"{pad}{k}: {v}")
+        else:
+            lines.append(f"{pad}{k}: {json.dumps(str(v))}")
+    return "\n".join(lines) + "\n"
+
+
+def write_launch_files(run_dir: Path, plan: dict[str, Any], device: str, python: str) -> list[str]:
+    """Write the launch files of the run into ``run_dir`` and return the command that starts it."""
+    d = dist_section(plan)
+    assert d is not None
+    job_file = str(run_dir.resolve() / "job.json")
+    if device == "cpu":
+        cmd = torchrun_command(python, int(d["world_size"]), job_file)
+    else:
+        ds_file = None
+        if d["strategy"] in ("zero2", "zero3"):
+            ds_file = str(run_dir.resolve() / "deepspeed_config.json")
+            Path(ds_file).write_text(json.dumps(deepspeed_config(plan), indent=2) + "\n", encoding="utf-8")
+        cfg_file = run_dir.resolve() / "accelerate_config.yaml"
+        cfg_file.write_text(to_yaml(accelerate_config(plan, ds_file)), encoding="utf-8")
+        cmd = accelerate_command(python, str(cfg_file), job_file)
+    (run_dir / "launch.sh").write_text(
+        "#!/bin/sh\n# the command `qplan run` started (rerun it by hand from any folder)\n"
+        + " ".join(shlex.quote(c) for c in cmd) + "\n", encoding="utf-8")
+    return cmd
+
+
+# ------------------------------------------------------------------------------ merging
+
+
+def read_rank_files(run_dir: Path, world: int) -> list[dict[str, Any] | None]:
+    out: list[dict[str, Any] | None] = []
+    for r in range(world):
+        f = run_dir / "ranks" / f"rank{r}.json"
+        try:
+            out.append(json.loads(f.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError):
+            out.append(None)
+    return out
+
+
+_ROOT_RANK = re.compile(r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
+
+
+def root_cause(log_text: str) -> tuple[int, int] | None:
+    """(rank, exit code) of the first failed rank, from torchrun's failure summary in the log."""
+    m = _ROOT_RANK.search(log_text)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        text = f"killed by {name}"
+        if name == "SIGKILL":
+            text += " (on Linux usually the kernel's OOM killer: the host ran out of memory)"
+        return text
+    return f"exited with code {code}"
+
+
+def _rank_entry(r: int, doc: dict[str, Any] | None, plan_peak: int | None) -> dict[str, Any]:
+    if doc is None:
+        return {"rank": r, "status": "ended", "failure": {"kind": "crashed", "message": f"rank {r} wrote nothing"},
+                "memory": {}, "timing": {}, "error": {"tensor_peak": None}}
+    meas = doc.get("measured") or {}
+    mem = meas.get("memory") or {}
+    tm = meas.get("timing") or {}
+    peak = mem.get("tensor_peak")
+    return {
+        "rank": r, "status": doc.get("status"), "failure": doc.get("failure"), "pid": doc.get("pid"),
+        "memory": {k: mem.get(k) for k in ("tensor_peak", "tensor_peak_phase", "tensor_peak_step", "weights",
+                                           "breakdown_at_peak", "phase_peaks", "window_steps") if k in mem},
+        "timing": {k: tm.get(k) for k in ("mean_step_seconds", "step_seconds", "tokens_per_second") if k in tm},
+        "loss": meas.get("loss") or [],
+        "error": {"tensor_peak": (plan_peak - peak) / peak if plan_peak is not None and peak else None},
+    }
+
+
+def merge_ranks(plan: dict[str, Any], run_dir: Path, rc: int, interrupted: bool, log_path: Path,
+                launcher: dict[str, Any]) -> dict[str, Any]:
+    """measured.json of a multi-rank run from its rank files (see the module docstring)."""
+    d = dist_section(plan)
+    assert d is not None
+    world = int(d["world_size"])
+    docs = read_rank_files(run_dir, world)
+    cpu = launcher.get("device") == "cpu"
+    detail = plan["prediction"].get("memory_detail") or {}
+    plan_peak = detail.get("tensor_peak_cpu") if cpu else plan["prediction"]["memory"].get("tensor_peak")
+    ranks = [_rank_entry(r, doc, plan_peak) for r, doc in enumerate(docs)]
+    try:
+        log = log_path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        log = ""
+    cause = root_cause(log) if rc != 0 else None
+    failed = sorted((e for e in ranks if e["status"] in ("oom", "error", "interrupted")),
+                    key=lambda e: _WORST.index(e["status"]))
+    first = next((e for e in ranks if cause is not None and e["rank"] == cause[0]), None) or \
+        (failed[0] if failed else None)
+    # ranks still "running" when the launcher stopped: the root cause was killed; the others were ended.
+    # A rank that failed after the root cause (its peer left a collective: gloo's "Connection closed by
+    # peer") failed because of it: ended, with its own message kept
+    for e in ranks:
+        if first is not None and e is not first and e["status"] in ("error", "interrupted") and not interrupted:
+            own = (e.get("failure") or {}).get("message")
+            e["status"] = "ended"
+            e["failure"] = dict(e.get("failure") or {}, kind="ended",
+                                message=f"rank {e['rank']} stopped after rank {first['rank']} failed"
+                                + (f" ({own})" if own else ""))
+            continue
+        if e["status"] != "running":
+            continue
+        e["status"] = "ended"
+        if e is first:
+            e["failure"] = {"kind": "crashed", "message": f"rank {e['rank']} {_exit_text(cause[1])}" if cause
+                            else f"rank {e['rank']} stopped without a result", "step": None, "phase": None,
+                            "exception": None, "traceback": None}
+        else:
+            why = "(interrupted)" if interrupted else (f"after rank {first['rank']} failed" if first is not None
+                                                       else "after a failure")
+            e["failure"] = {"kind": "ended", "message": f"rank {e['rank']} was ended by the launcher {why}",
+                            "step": None, "phase": None, "exception": None, "traceback": None}
+    ok = all(e["status"] == "ok" for e in ranks) and rc == 0
+    measured_docs = [doc for doc in docs if doc is not None]
+    base = measured_docs[0] if measured_docs else {}
+    by_peak = [doc for doc in measured_docs if ((doc.get("measured") or {}).get("memory") or {}).get("tensor_peak")]
+    peak_doc = max(by_peak, key=lambda doc: doc["measured"]["memory"]["tensor_peak"]) if by_peak else base
+    measured = json.loads(json.dumps(peak_doc.get("measured") or {}))
+    if measured:
+        measured.setdefault("memory", {})["peak_rank"] = peak_doc.get("rank")
+        timed = [doc for doc in measured_docs if ((doc.get("measured") or {}).get("timing") or {}).get("mean_step_seconds")]
+        if timed:
+            slow = max(timed, key=lambda doc: doc["measured"]["timing"]["mean_step_seconds"])
+            measured["timing"] = dict(slow["measured"]["timing"], slowest_rank=slow.get("rank"))
+        r0 = docs[0] or {}
+        m0 = r0.get("measured") or {}
+        measured["loss"] = m0.get("loss") or measured.get("loss") or []  # the Trainer's loss, averaged over ranks
+        measured["adapter_file_bytes"] = m0.get("adapter_file_bytes")
+        measured["params"] = m0.get("params") or measured.get("params") or {}
+    if ok:
+        status, failure = "ok", None
+    else:
+        if first is not None and first["status"] != "ended":
+            status = first["status"]
+        else:
+            status = "error"
+        if interrupted:
+            status = "interrupted"
+        if first is not None:
+            failure = dict(first["failure"] or {"kind": "crashed", "message": first["status"]})
+            failure["message"] = f"rank {first['rank']}: {failure.get('message')}"
+            failure["rank"] = first["rank"]
+        else:
+            failure = {"kind": "crashed", "message": f"the launcher {_exit_text(rc)} without a failed rank",
+                       "step": None, "phase": None, "exception": None, "traceback": None, "rank": None}
+        if first is None or first["status"] == "ended":
+            failure["message"] += f"; see {log_path}"
+    run = dict(base.get("run") or {})
+    run.update(world_size=world, strategy=d["strategy"], engine=d.get("engine"), launcher=launcher,
+               ranks_measured=sum(1 for doc in docs if doc is not None and doc.get("status") != "running"))
+    return {
+        "schema_version": 1, "status": status, "backend": base.get("backend") or plan["backend"],
+        "model": plan["model"]["name"], "run": run, "environment": base.get("environment"),
+        "device": base.get("device"), "measured": measured, "failure": failure,
+        "notes": base.get("notes") or [], "ranks": ranks,
+    }
+
+
+def cpu_count() -> int | None:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count()
