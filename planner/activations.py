@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .lora import ModuleCount
-from .memory import Dims, dims, trainable_tensors
+from .memory import Dims, dims, idle_in_step, trainable_tensors
 from .spec import LinearGroup, ModelSpec
 from .vocab import BYTES
 from .weights import QuantSettings, is_quantized, linear_weight_bytes
@@ -123,13 +123,14 @@ class Branch:
 
 
 def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSettings) -> list[Branch]:
-    """Every linear group inside the decoder layers, in inventory order, with its LoRA rank."""
+    """Every linear group inside the decoder layers, in inventory order, with its LoRA rank (a
+    multimodal wrapper's vision tower does not run in a text-only step: its layers are not here)."""
     ranks = {c.module: r for c in counts if c.kind == "lora"}
     L = max(1, int(spec.inventory.num_hidden_layers or 1))
     out = []
     for g in spec.inventory.linear:
         site = _site(g)
-        if site is None:  # output head / other: not part of a layer
+        if site is None or idle_in_step(spec, g.pattern):  # output head / other, or a vision tower
             continue
         out.append(Branch(site, g.in_features, g.out_features, max(1, g.instances // L), is_quantized(g, q),
                           g.pattern.rsplit(".", 1)[-1], ranks.get(g.pattern, 0), sum(linear_weight_bytes(g, q))))

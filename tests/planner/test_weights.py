@@ -44,13 +44,13 @@ def held_bytes(model) -> int:
 
 def load(path, quant: str, double_quant: bool, dtype: str):
     """Load as the backends do: the BitsAndBytesConfig of qplan's one mapping (``qplan.hf``)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from qplan.hf import bnb_config, torch_dtype
+    from qplan.hf import bnb_config, model_class, torch_dtype
 
     qc = bnb_config({"quant": quant, "double_quant": double_quant, "compute_dtype": dtype})
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=qc, dtype=torch_dtype(dtype),
-                                                device_map="cpu")
+    return model_class(AutoConfig.from_pretrained(path)).from_pretrained(
+        path, quantization_config=qc, dtype=torch_dtype(dtype), device_map="cpu")
 
 
 CASES = [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False), ("int8", False)]
