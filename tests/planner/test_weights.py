@@ -66,7 +66,7 @@ def test_kbit_weights_match_bitsandbytes(family, quant, dq, saved_tiny_models):
     assert weights_footprint_bytes(spec, q) == model.get_memory_footprint()
 
 
-@pytest.mark.parametrize("family", ["llama-tied", "qwen2-bias", "gpt2-conv1d", "gemma2"])
+@pytest.mark.parametrize("family", ["llama-tied", "qwen2-bias", "gpt2-conv1d", "gemma2", "gemma3-mm", "mistral3-mm"])
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
 def test_prepare_model_for_kbit_training_upcast(family, quant, saved_tiny_models):
     from peft import prepare_model_for_kbit_training
