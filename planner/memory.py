@@ -164,6 +164,7 @@ class Dims:
     attn_softcap: bool = False  # Gemma-2: ``tanh`` of the attention scores
     final_softcap: bool = False  # Gemma-2: ``tanh`` of the logits
     qk_norm: bool = False  # Qwen3/Gemma-3: an RMSNorm over each head of q and k (``q_norm``/``k_norm``)
+    rope_sets: int = 1  # Gemma-3: one rotary cos/sin pair per layer type (sliding: local base, full: global)
 
     @property
     def q(self) -> int:
@@ -204,8 +205,14 @@ def dims(spec: ModelSpec) -> Dims:
     norm_params = [p for p in norm_params if p not in head_norms]
     norms = len(norm_params) or 2
     gemma = any(p.module_type.startswith("Gemma") for p in norm_params)
+    # rotary tables: Gemma-3's rotary module holds ``<layer_type>_inv_freq`` per layer type and the
+    # model computes one cos/sin pair per type (modeling_gemma3 ``Gemma3TextModel.forward``:
+    # ``for layer_type in set(config.layer_types): self.rotary_emb(..., layer_type)``); others one
+    rope = sum(1 for b in inv.buffers if b.buffer.endswith("inv_freq") and not b.buffer.endswith("original_inv_freq")
+               and b.pattern.endswith("rotary_emb") and not idle_in_step(spec, b.pattern))
     return Dims(h, L, V, nh, nkv, hd, i, gated, bool(inv.tied), norms, gemma,
-                bool(c.get("attn_logit_softcapping")), bool(c.get("final_logit_softcapping")), bool(head_norms))
+                bool(c.get("attn_logit_softcapping")), bool(c.get("final_logit_softcapping")), bool(head_norms),
+                max(1, rope))
 
 
 # ---------------------------------------------------------------------- trainable tensors
