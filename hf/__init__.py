@@ -10,7 +10,9 @@ predicts load the model through the same code:
 * ``bnb_config(quant)`` — the plan's ``quant`` section as ``BitsAndBytesConfig`` (None for 16/32-bit);
 * ``lora_kwargs(lora)`` / ``lora_config(lora)`` — the plan's ``lora`` section as the keyword
   arguments PEFT's ``LoraConfig`` and Unsloth's ``get_peft_model`` take, and as a ``LoraConfig``;
-* ``model_from_config(config, ...)`` — ``AutoModelForCausalLM.from_config`` (meta device or CPU);
+* ``model_class(config)`` — the auto class of a model type: ``AutoModelForCausalLM``, or for a
+  multimodal wrapper that has no causal-LM mapping (Mistral-3) ``AutoModelForImageTextToText``;
+* ``model_from_config(config, ...)`` — ``model_class(...).from_config`` (meta device or CPU);
 * ``load_model(path, plan, device)`` — ``from_pretrained`` the way the plan says.
 
 torch, transformers and PEFT are imported inside the functions: importing this module is free.
@@ -68,11 +70,28 @@ def hf_config(config: dict[str, Any]) -> Any:
         raise QPlanError(f"invalid {model_type} config: {_one_line(exc)}") from exc
 
 
+def model_class(hf: Any) -> Any:
+    """The auto class that builds the whole model of a transformers config: ``AutoModelForCausalLM``
+    where the model type has a causal-LM mapping (text models; Gemma-3's ``gemma3`` maps to
+    ``Gemma3ForConditionalGeneration`` there), else ``AutoModelForImageTextToText`` for a multimodal
+    wrapper without one (``mistral3`` -> ``Mistral3ForConditionalGeneration``): vision tower,
+    projector and language model, as ``from_pretrained`` of the Hub checkpoint builds them."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    mt = getattr(hf, "model_type", None)
+    if mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
 def model_from_config(config: dict[str, Any] | Any, *, dtype: str | None = None, attn_impl: str | None = None,
                       device: str = "meta") -> Any:
-    """``AutoModelForCausalLM.from_config`` on ``device`` (``meta``: exact shapes, no memory)."""
+    """``model_class(cfg).from_config`` on ``device`` (``meta``: exact shapes, no memory)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     hf = hf_config(config) if isinstance(config, dict) else config
     kwargs: dict[str, Any] = {}
@@ -82,7 +101,7 @@ def model_from_config(config: dict[str, Any] | Any, *, dtype: str | None = None,
         kwargs["attn_implementation"] = attn_impl
     try:
         with torch.device(device):
-            return AutoModelForCausalLM.from_config(hf, **kwargs)
+            return model_class(hf).from_config(hf, **kwargs)
     except Exception as exc:
         raise QPlanError(f"cannot build model_type {hf.model_type!r} from this config: {_one_line(exc)}") from exc
 
@@ -162,9 +181,9 @@ def load_kwargs(plan: dict[str, Any], device: str) -> dict[str, Any]:
 
 
 def load_model(path: str, plan: dict[str, Any], device: str) -> Any:
-    """``AutoModelForCausalLM.from_pretrained(path, **load_kwargs(plan, device))``, ``use_cache`` off."""
-    from transformers import AutoModelForCausalLM
+    """``model_class(config).from_pretrained(path, **load_kwargs(plan, device))``, ``use_cache`` off."""
+    from transformers import AutoConfig
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), **load_kwargs(plan, device))
+    model = model_class(AutoConfig.from_pretrained(str(path))).from_pretrained(str(path), **load_kwargs(plan, device))
     model.config.use_cache = False
     return model

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .lora import ModuleCount
-from .memory import Dims, dims, trainable_tensors
+from .memory import Dims, dims, idle_in_step, trainable_tensors
 from .spec import LinearGroup, ModelSpec
 from .vocab import BYTES
 from .weights import QuantSettings, is_quantized, linear_weight_bytes
@@ -123,13 +123,14 @@ class Branch:
 
 
 def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSettings) -> list[Branch]:
-    """Every linear group inside the decoder layers, in inventory order, with its LoRA rank."""
+    """Every linear group inside the decoder layers, in inventory order, with its LoRA rank (a
+    multimodal wrapper's vision tower does not run in a text-only step: its layers are not here)."""
     ranks = {c.module: r for c in counts if c.kind == "lora"}
     L = max(1, int(spec.inventory.num_hidden_layers or 1))
     out = []
     for g in spec.inventory.linear:
         site = _site(g)
-        if site is None:  # output head / other: not part of a layer
+        if site is None or idle_in_step(spec, g.pattern):  # output head / other, or a vision tower
             continue
         out.append(Branch(site, g.in_features, g.out_features, max(1, g.instances // L), is_quantized(g, q),
                           g.pattern.rsplit(".", 1)[-1], ranks.get(g.pattern, 0), sum(linear_weight_bytes(g, q))))
@@ -361,16 +362,24 @@ def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, 
     return total + Lin(const=lora_weight_cast_bytes(branches, p, r))
 
 
+def rotary_activation(d: Dims, p: Precision) -> Lin:
+    """The rotary ``cos``/``sin`` of a step, alive from the embeddings to the end of backward:
+    ``[1, s, hd]`` each in ``R`` bytes (batch 1, broadcast), one pair per rotary table the model
+    computes (``d.rope_sets``: Gemma-3 one per layer type, sliding and full; others one):
+    ``2 R hd s`` per pair (transformers ``*RotaryEmbedding.forward``, 5.23)."""
+    return Lin(seq=2 * p.R * d.hd * d.rope_sets)
+
+
 def head_activation(spec: ModelSpec, p: Precision, ckpt: bool) -> Lin:
     """Outside the decoder layers: the batch (``input_ids`` and ``labels``, int64: 16 T), the
-    rotary ``cos``/``sin`` (``R`` bytes, ``2 R hd s`` — batch 1, broadcast), the final norm (as
+    rotary ``cos``/``sin`` (``rotary_activation``), the final norm (as
     ``norm_activation``; with checkpointing also its input, the last layer's output ``4 h T``,
     which without checkpointing the last layer's ``residual_activation`` counted), and the output
     head's autocast copy of its weight when that weight is fp32 (``c V h``, saved for the input
     gradient)."""
     d = dims(spec)
     head_w = p.c * d.V * d.h if (p.amp and p.R != p.c) else 0
-    return Lin(const=head_w, tok=16 + 4 + (0 if p.R == 4 and not ckpt else 4 * d.h), seq=2 * p.R * d.hd)
+    return Lin(const=head_w, tok=16 + 4 + (0 if p.R == 4 and not ckpt else 4 * d.h)) + rotary_activation(d, p)
 
 
 def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout: float,
@@ -392,7 +401,7 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     full = layer_activation(spec, br, q, r, dropout, attn_impl, kernels=kernels, mlp=mlp)
     head = head_activation(spec, p, grad_ckpt != "off")
     layer_inputs = Lin(tok=d.L * p.R * d.h)  # what HF checkpointing keeps of every layer
-    rotary = Lin(seq=2 * p.R * d.hd)  # cos/sin, alive through backward
+    rotary = rotary_activation(d, p)  # cos/sin, alive through backward
     grads_in = Lin(tok=2 * p.R * d.h)  # the gradient reaching a layer, and its sum with the residual's
     if grad_ckpt == "off":
         first = layer_activation(spec, br, q, r, dropout, attn_impl, first=True, kernels=kernels, mlp=mlp)

@@ -106,6 +106,37 @@ def peft_moe_conversion(model_type: str) -> dict[str, Any] | None:
     return {"modules": dict(modules), "fused": {k: list(v) for k, v in fused.items()}}
 
 
+def text_only_idle_modules(model) -> list[str]:
+    """Modules of a multimodal wrapper that a text-only training step never runs (the vision tower
+    and the multimodal projector), as the shortest module names covering them.
+
+    Found by running the model's own forward on the meta device with ``input_ids`` and ``labels``
+    only (no ``pixel_values``, as in text-only fine-tuning) and recording, with forward hooks,
+    which modules were called. Empty for a text model (every module runs). Their LoRA weights are
+    created but get no gradient (``.grad`` stays None), so no optimizer state either.
+    """
+    import torch
+
+    from qplan.observe.trace.patches import packed_sequences_on_meta
+
+    if model.config.get_text_config() is model.config:
+        return []
+    ran: set[str] = set()
+    names = {id(m): n for n, m in model.named_modules()}
+    hooks = [m.register_forward_hook(lambda mod, *_: ran.add(names[id(mod)])) for m in model.modules()]
+    try:
+        ids = torch.zeros((1, 8), dtype=torch.long, device="meta")
+        with torch.no_grad(), packed_sequences_on_meta():
+            model(input_ids=ids, labels=ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    # a module is idle when nothing in its subtree ran (a ModuleList never runs itself)
+    alive = {n.rsplit(".", k)[0] for n in ran for k in range(n.count(".") + 1)} | ran
+    idle = [n for n, m in model.named_modules() if n and n not in alive and next(m.parameters(), None) is not None]
+    return [n for n in idle if not any(n.startswith(o + ".") for o in idle)]
+
+
 def build_inventory(config: dict[str, Any]) -> dict[str, Any]:
     """Read every module of the model built from ``config`` on the meta device into plain data."""
     try:
@@ -122,6 +153,9 @@ def build_inventory(config: dict[str, Any]) -> dict[str, Any]:
     # Built in bfloat16 so that what transformers keeps in float32 (``_keep_in_fp32_modules``,
     # rotary ``inv_freq``) shows as float32, and what follows the load dtype shows as bfloat16.
     model = build_model_on_meta(config, dtype="bfloat16")
+    # a multimodal wrapper (Gemma-3 4B+, Mistral-3) keeps the language model's sizes in text_config
+    text = model.config.get_text_config()
+    idle = text_only_idle_modules(model)
     head = model.get_output_embeddings()
     head_name = next((n for n, m in model.named_modules() if head is not None and m is head), None)
     # a pre-quantized bitsandbytes checkpoint (``unsloth/*-bnb-4bit``, Unsloth's dynamic quants) names
@@ -272,12 +306,17 @@ def build_inventory(config: dict[str, Any]) -> dict[str, Any]:
         presets["qv"] = list(default)
         qv_source = f"PEFT's default target_modules for model_type {model.config.model_type!r}"
     else:
-        # No PEFT default (e.g. phi3): q and v live in separate q_proj/v_proj, or in one fused
-        # projection (qkv_proj, query_key_value, Wqkv, c_attn) that then has to be adapted whole.
-        leaves = {g["pattern"].rsplit(".", 1)[-1]: g["pattern"] for g in linear if g["role"] == "attn"}
-        sep = [leaves[n] for n in ("q_proj", "v_proj") if n in leaves]
-        fused = [p for n, p in leaves.items() if re.search(r"qkv|query_key_value|c_attn", n, re.I)]
-        chosen = sep if len(sep) == 2 else fused
+        # No PEFT default (e.g. phi3, gemma3, mistral3): q and v live in separate q_proj/v_proj, or
+        # in one fused projection (qkv_proj, query_key_value, Wqkv, c_attn) that then has to be
+        # adapted whole. A multimodal wrapper's vision tower has q_proj/v_proj too, and PEFT
+        # matches the names in both towers: so does this preset.
+        leaves: dict[str, list[str]] = {}
+        for g in linear:
+            if g["role"] == "attn":
+                leaves.setdefault(g["pattern"].rsplit(".", 1)[-1], []).append(g["pattern"])
+        sep = [p for n in ("q_proj", "v_proj") for p in leaves.get(n, [])]
+        fused = [p for n, ps in leaves.items() if re.search(r"qkv|query_key_value|c_attn", n, re.I) for p in ps]
+        chosen = sep if ("q_proj" in leaves and "v_proj" in leaves) else fused
         if chosen:
             presets["qv"] = _unique_suffixes(chosen, all_patterns)
         qv_source = "no PEFT default for this model_type: q_proj+v_proj, else the fused qkv projection"
@@ -295,7 +334,7 @@ def build_inventory(config: dict[str, Any]) -> dict[str, Any]:
         "generated_by": versions,
         "architecture": type(model).__name__,
         "model_type": model.config.model_type,
-        "num_hidden_layers": int(getattr(model.config, "num_hidden_layers", 0) or 0),
+        "num_hidden_layers": int(getattr(text, "num_hidden_layers", 0) or 0),
         "output_head": head_name,
         "total_params": int(total),
         "linear": linear,
@@ -309,11 +348,13 @@ def build_inventory(config: dict[str, Any]) -> dict[str, Any]:
         + ["flash_attention_2"] * bool(getattr(type(model), "_supports_flash_attn", False)) + ["eager"],
         "attn_default": str(getattr(model.config, "_attn_implementation", None) or "eager"),
         # distinct ``layer_types`` (sliding-window / global layers): eager builds one mask each
-        "attention_types": sorted(set(getattr(model.config, "layer_types", None) or [])),
+        "attention_types": sorted(set(getattr(text, "layer_types", None) or [])),
         "presets": presets,
         "moe_conversion": peft_moe_conversion(model.config.model_type),
         "transposed": transposed,
         "keep_fp32_fp16": sorted(getattr(model, "_keep_in_fp32_modules", None) or []),
+        # multimodal wrappers: what a text-only step does not run (vision tower, projector)
+        "text_only_idle": idle,
         "presets_source": {
             "qv": qv_source,
             "attn": "linear modules under an attention module (class name matches attention|attn)",

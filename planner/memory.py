@@ -94,6 +94,8 @@ def accuracy_warning(spec: ModelSpec, use_dora: bool = False) -> str | None:
         return ("DoRA's extra activations (the base output it rescales) are not in the analytic model; "
                 "`--method trace` is exact")
     c = spec.config
+    if isinstance(c.get("text_config"), dict):
+        c = c["text_config"]  # a multimodal wrapper's language model (Mistral-3: mistral) is what runs
     mt = c.get("model_type")
     moe = any(k in c and c[k] for k in ("num_local_experts", "num_experts", "n_routed_experts"))
     if mt in VALIDATED_FAMILIES and not moe:
@@ -101,6 +103,32 @@ def accuracy_warning(spec: ModelSpec, use_dora: bool = False) -> str | None:
     what = f"mixture-of-experts layers ({mt})" if moe else f"the {mt} family"
     return (f"activations of {what} are approximated with the Llama-family terms (validated: "
             f"{', '.join(VALIDATED_FAMILIES)}); `--method trace` is exact")
+
+
+def text_only_warning(spec: ModelSpec, counts: list[ModuleCount]) -> str | None:
+    """What a plan for a multimodal wrapper assumes (Gemma-3 4B+, Mistral-3): text-only fine-tuning.
+    The vision tower and projector are loaded (and quantized like the rest by bitsandbytes: their
+    ``nn.Linear`` weights too), but with no ``pixel_values`` in the batch they never run, so their
+    activations are not in the plan, and LoRA on them is created but gets no gradient or
+    optimizer state (``stepped_counts``). None for a text model."""
+    idle = spec.inventory.text_only_idle
+    if not idle:
+        return None
+    inv = spec.inventory
+
+    def under(p: str) -> bool:
+        return idle_in_step(spec, p)
+
+    n = sum(g.instances * (g.in_features * g.out_features + g.bias * g.out_features) for g in inv.linear
+            if under(g.pattern) and not g.weight_tied)
+    n += sum(g.instances * g.num_embeddings * g.embedding_dim for g in inv.embeddings
+             if under(g.pattern) and not g.weight_tied)
+    n += sum(g.instances * math.prod(g.shape) for g in inv.params if under(g.pattern))
+    lora = sum(c.total for c in counts if idle_in_step(spec, c.module))
+    adapted = f"; {lora:,} of the trainable LoRA parameters sit on them and get no gradients" if lora else ""
+    return (f"{inv.architecture} is multimodal: this plan is for text-only fine-tuning (no images in the batch). "
+            f"{', '.join(idle)} ({n:,} parameters) are loaded but do not run{adapted}; "
+            "activations use text_config's dimensions")
 
 
 def resolve_attn(spec: ModelSpec, attn_impl: str) -> str:
@@ -136,6 +164,7 @@ class Dims:
     attn_softcap: bool = False  # Gemma-2: ``tanh`` of the attention scores
     final_softcap: bool = False  # Gemma-2: ``tanh`` of the logits
     qk_norm: bool = False  # Qwen3/Gemma-3: an RMSNorm over each head of q and k (``q_norm``/``k_norm``)
+    rope_sets: int = 1  # Gemma-3: one rotary cos/sin pair per layer type (sliding: local base, full: global)
 
     @property
     def q(self) -> int:
@@ -162,25 +191,50 @@ def dims(spec: ModelSpec) -> Dims:
     if not isinstance(i, int):
         # absent (transformers' class default applies) or per-layer: the MLP's down projection in
         # the inventory has the width the model was built with; GPT-2's n_inner=None means 4h
-        down = [g.in_features for g in inv.linear if g.role == "mlp" and
+        down = [g.in_features for g in inv.linear if g.role == "mlp" and not idle_in_step(spec, g.pattern) and
                 g.pattern.rsplit(".", 1)[-1] in ("down_proj", "w2", "dense_4h_to_h", "fc2", "c_proj")]
         i = max(down) if down else 4 * h
-    leaves = {g.pattern.rsplit(".", 1)[-1] for g in inv.linear}
+    leaves = {g.pattern.rsplit(".", 1)[-1] for g in inv.linear if not idle_in_step(spec, g.pattern)}
     gated = bool({"gate_proj", "gate_up_proj", "w1", "w3"} & leaves) or any(
         p.param == "gate_up_proj" for p in inv.params
     )
-    norm_params = [p for p in inv.params if "layers.*." in p.pattern
+    norm_params = [p for p in inv.params if "layers.*." in p.pattern and not idle_in_step(spec, p.pattern)
                    and p.module_type.endswith(("RMSNorm", "LayerNorm"))]
     # per-head norms of q and k (Qwen3's q_norm/k_norm, hd wide) are not residual-stream norms
     head_norms = [p for p in norm_params if tuple(p.shape) == (hd,) and hd != h]
     norm_params = [p for p in norm_params if p not in head_norms]
     norms = len(norm_params) or 2
     gemma = any(p.module_type.startswith("Gemma") for p in norm_params)
+    # rotary tables: Gemma-3's rotary module holds ``<layer_type>_inv_freq`` per layer type and the
+    # model computes one cos/sin pair per type (modeling_gemma3 ``Gemma3TextModel.forward``:
+    # ``for layer_type in set(config.layer_types): self.rotary_emb(..., layer_type)``); others one
+    rope = sum(1 for b in inv.buffers if b.buffer.endswith("inv_freq") and not b.buffer.endswith("original_inv_freq")
+               and b.pattern.endswith("rotary_emb") and not idle_in_step(spec, b.pattern))
     return Dims(h, L, V, nh, nkv, hd, i, gated, bool(inv.tied), norms, gemma,
-                bool(c.get("attn_logit_softcapping")), bool(c.get("final_logit_softcapping")), bool(head_norms))
+                bool(c.get("attn_logit_softcapping")), bool(c.get("final_logit_softcapping")), bool(head_norms),
+                max(1, rope))
 
 
 # ---------------------------------------------------------------------- trainable tensors
+
+
+def idle_in_step(spec: ModelSpec, pattern: str) -> bool:
+    """Whether the module ``pattern`` never runs in a text-only training step: it lies under one of
+    the spec's ``text_only_idle`` modules (a multimodal wrapper's vision tower and projector, found
+    by a hooked meta-device forward when the spec was built)."""
+    return any(pattern == m or pattern.startswith(m + ".") for m in spec.inventory.text_only_idle)
+
+
+def stepped_counts(spec: ModelSpec, counts: list[ModuleCount]) -> list[ModuleCount]:
+    """The trainable tensors a text-only step updates: LoRA weights on a module that never runs get
+    no gradient (``.grad`` stays None), and torch's and bitsandbytes' optimizers skip parameters
+    without one (``if p.grad is not None``), so they get no state either. Their weights are still
+    on the device (``adapter_bytes`` of all counts). Checked against the trace of a Gemma-3 /
+    Mistral-3 wrapper (tests/planner/test_multimodal.py)."""
+    if not spec.inventory.text_only_idle:
+        return counts
+    return [c for c in counts if not idle_in_step(spec, c.module)]
+
 
 
 def trainable_tensors(counts: list[ModuleCount]) -> list[tuple[int, str]]:
@@ -290,7 +344,8 @@ def dequant_temp_bytes(spec: ModelSpec, q: QuantSettings, c: int) -> int:
     the largest quantized layer, ``c * in * out``."""
     if not q.kbit:
         return 0
-    sizes = [g.in_features * g.out_features for g in spec.inventory.linear if is_quantized(g, q)]
+    sizes = [g.in_features * g.out_features for g in spec.inventory.linear
+             if is_quantized(g, q) and not idle_in_step(spec, g.pattern)]
     return c * max(sizes, default=0)
 
 

@@ -27,6 +27,7 @@ from .memory import (
     optimizer_state_bytes,
     optimizer_step_temp_bytes,
     overhead_bytes,
+    stepped_counts,
 )
 from .spec import ModelSpec
 from .vocab import CATEGORIES, MOMENTS_OF_PHASE
@@ -85,18 +86,20 @@ class MemoryModel:
     @classmethod
     def build(cls, spec, counts, lora_r, dropout, q, grad_ckpt, optimizer, attn_impl, weights, chunked_ce=False,
               kernels="cuda"):
-        opt = optimizer_state_bytes(counts, optimizer)
+        # adapters of modules a text-only step never runs (a vision tower) get no gradient or state
+        stepped = stepped_counts(spec, counts)
+        opt = optimizer_state_bytes(stepped, optimizer)
         L = dims(spec).L
-        acts = activation_terms(spec, counts, lora_r, dropout, q, grad_ckpt, attn_impl, kernels)
+        acts = activation_terms(spec, stepped, lora_r, dropout, q, grad_ckpt, attn_impl, kernels)
         lg = logits_terms(spec, q, chunked_ce)
         return cls(
-            weights=weights, adapters=adapter_bytes(counts), gradients=gradient_bytes(counts),
+            weights=weights, adapters=adapter_bytes(counts), gradients=gradient_bytes(stepped),
             optimizer=opt["device"] + opt["paged"], optimizer_paged=opt["paged"],
-            temps_opt=optimizer_step_temp_bytes(counts, optimizer, kernels),
+            temps_opt=optimizer_step_temp_bytes(stepped, optimizer, kernels),
             temps_dq=dequant_temp_bytes(spec, q, precision(q).c),
             saved=acts["saved"], layers=acts["layers"], attn_fwd=acts["attn_fwd"],
             # entering layer 0's backward, the other layers' gradients exist
-            layers_grads=gradient_bytes(counts) * (L - 1) // max(1, L),
+            layers_grads=gradient_bytes(stepped) * (L - 1) // max(1, L),
             loss_extra=acts["loss_extra"], logits_fwd=lg["forward"], logits_bwd=lg["backward"],
             layers_temps=acts["layers_temps"], attn_temps=acts["attn_fwd_temps"],
         )

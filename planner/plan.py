@@ -21,7 +21,7 @@ from .lora import (
     resolve_targets,
     trainable_params,
 )
-from .memory import TrainingSettings, accuracy_warning, dims
+from .memory import TrainingSettings, accuracy_warning, dims, text_only_warning
 from .phases import training_memory
 from .spec import Gpu, ModelSpec
 from .vocab import BACKENDS, BYTES, MIXED_PRECISION
@@ -85,6 +85,9 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
             warnings = [*(warnings or []), note]
     dtypes = {"bias": q.unquantized_dtype, "modules_to_save": q.unquantized_dtype}
     counts = count_lora(spec, lora, dtypes)
+    note = text_only_warning(spec, counts)
+    if note:
+        warnings = [*(warnings or []), note]
     trainable = trainable_params(counts)
     base = base_params(spec)
     total = base + added_params(counts)

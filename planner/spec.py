@@ -106,6 +106,9 @@ class Inventory(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     transposed: tuple[str, ...] = ()
     #: ``_keep_in_fp32_modules``: state-dict keys containing one of these load in fp32 when the load dtype is fp16
     keep_fp32_fp16: tuple[str, ...] = ()
+    #: module names a text-only training step never runs: a multimodal wrapper's vision tower and
+    #: projector (found by a hooked meta-device forward, ``inventory.text_only_idle_modules``)
+    text_only_idle: tuple[str, ...] = ()
 
 
 class ModelSpec(Struct, frozen=True, kw_only=True):

@@ -12,7 +12,7 @@ import tempfile
 import time
 from typing import Any
 
-from qplan.hf import bnb_config, hf_config, lora_config, model_from_config, torch_dtype
+from qplan.hf import bnb_config, hf_config, lora_config, model_class, model_from_config, torch_dtype
 from qplan.planner.vocab import KBIT
 from qplan.planner.vocab import optimizer as optimizer_row
 
@@ -68,13 +68,11 @@ def run_trace(config: dict, s: TraceSettings, wrap: Any = None) -> dict:
 
 
 def build_model(hf: Any, s: TraceSettings, stack: contextlib.ExitStack) -> Any:
-    """``AutoModelForCausalLM.from_config(cfg, dtype=load_dtype, attn_implementation=attn_impl)``;
+    """``model_class(cfg).from_config(cfg, dtype=load_dtype, attn_implementation=attn_impl)``;
     ``load_dtype`` = the compute dtype for nf4/fp4/int8, else the weight dtype. On meta, quantized
     in place as ``from_pretrained`` would (``quantize_on_meta``); on the CPU with seeded random
     weights, saved and re-loaded with ``from_pretrained(dir, quantization_config=...,
     device_map="cpu")``: the real bitsandbytes CPU path."""
-    from transformers import AutoModelForCausalLM
-
     if s.device == "meta":
         model = model_from_config(hf, dtype=s.load_dtype, attn_impl=s.attn_impl, device="meta")
         if s.quant in KBIT:
@@ -85,7 +83,7 @@ def build_model(hf: Any, s: TraceSettings, stack: contextlib.ExitStack) -> Any:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="qplan-trace-"))
         model.save_pretrained(tmp)
         del model
-        model = AutoModelForCausalLM.from_pretrained(
+        model = model_class(hf).from_pretrained(
             tmp, quantization_config=bnb_config(s.quant_section), device_map="cpu",
             dtype=torch_dtype(s.load_dtype), attn_implementation=s.attn_impl)
     return model

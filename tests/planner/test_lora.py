@@ -114,7 +114,9 @@ def test_variants_match_peft(family, extra):
 
 @pytest.mark.parametrize("family,targets", [("llama-tied", "q_proj,v_proj,embed_tokens"),
                                             ("gpt2-conv1d", "attn.c_proj"),
-                                            ("phi3-fused", "qkv_proj")])
+                                            ("phi3-fused", "qkv_proj"),
+                                            ("gemma3-mm", "q_proj,v_proj,fc2"),
+                                            ("mistral3-mm", "q_proj,merging_layer")])
 def test_explicit_targets_match_peft(family, targets):
     spec = tiny_spec(family)
     ours = trainable_params(count_lora(spec, LoraSettings(r=4, alpha=8, targets=targets)))

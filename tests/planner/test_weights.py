@@ -44,13 +44,13 @@ def held_bytes(model) -> int:
 
 def load(path, quant: str, double_quant: bool, dtype: str):
     """Load as the backends do: the BitsAndBytesConfig of qplan's one mapping (``qplan.hf``)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from qplan.hf import bnb_config, torch_dtype
+    from qplan.hf import bnb_config, model_class, torch_dtype
 
     qc = bnb_config({"quant": quant, "double_quant": double_quant, "compute_dtype": dtype})
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=qc, dtype=torch_dtype(dtype),
-                                                device_map="cpu")
+    return model_class(AutoConfig.from_pretrained(path)).from_pretrained(
+        path, quantization_config=qc, dtype=torch_dtype(dtype), device_map="cpu")
 
 
 CASES = [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False), ("int8", False)]
@@ -66,7 +66,7 @@ def test_kbit_weights_match_bitsandbytes(family, quant, dq, saved_tiny_models):
     assert weights_footprint_bytes(spec, q) == model.get_memory_footprint()
 
 
-@pytest.mark.parametrize("family", ["llama-tied", "qwen2-bias", "gpt2-conv1d", "gemma2"])
+@pytest.mark.parametrize("family", ["llama-tied", "qwen2-bias", "gpt2-conv1d", "gemma2", "gemma3-mm", "mistral3-mm"])
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
 def test_prepare_model_for_kbit_training_upcast(family, quant, saved_tiny_models):
     from peft import prepare_model_for_kbit_training
