@@ -180,10 +180,15 @@ def load_kwargs(plan: dict[str, Any], device: str) -> dict[str, Any]:
     return kwargs
 
 
-def load_model(path: str, plan: dict[str, Any], device: str) -> Any:
-    """``model_class(config).from_pretrained(path, **load_kwargs(plan, device))``, ``use_cache`` off."""
+def model_class_of(path: str | Any) -> Any:
+    """``model_class`` of the config in a model folder (``AutoConfig.from_pretrained``)."""
     from transformers import AutoConfig
 
-    model = model_class(AutoConfig.from_pretrained(str(path))).from_pretrained(str(path), **load_kwargs(plan, device))
+    return model_class(AutoConfig.from_pretrained(str(path)))
+
+
+def load_model(path: str, plan: dict[str, Any], device: str) -> Any:
+    """``model_class_of(path).from_pretrained(path, **load_kwargs(plan, device))``, ``use_cache`` off."""
+    model = model_class_of(path).from_pretrained(str(path), **load_kwargs(plan, device))
     model.config.use_cache = False
     return model

@@ -12,65 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .lin import ZERO, Lin, Precision, precision
 from .lora import ModuleCount
 from .memory import Dims, dims, idle_in_step, trainable_tensors
+from .moe import moe_activation, moe_transient
 from .spec import LinearGroup, ModelSpec
 from .vocab import BYTES
 from .weights import QuantSettings, is_quantized, linear_weight_bytes
-
-
-@dataclass(frozen=True)
-class Lin:
-    """``const + tok * T + seq * s + quad * T * s`` bytes (T = batch * seq tokens, s = sequence
-    length: ``seq`` for tensors broadcast over the batch, ``quad`` for eager attention scores)."""
-
-    const: int = 0
-    tok: int = 0
-    seq: int = 0
-    quad: int = 0
-
-    def __add__(self, o: "Lin") -> "Lin":
-        return Lin(self.const + o.const, self.tok + o.tok, self.seq + o.seq, self.quad + o.quad)
-
-    def __mul__(self, k: int) -> "Lin":
-        return Lin(self.const * k, self.tok * k, self.seq * k, self.quad * k)
-
-    __rmul__ = __mul__
-
-    def at(self, T: int, s: int) -> int:
-        return self.const + self.tok * T + self.seq * s + self.quad * T * s
-
-
-ZERO = Lin()
-
-
-@dataclass(frozen=True)
-class Precision:
-    """Bytes per element of the tensors a step makes.
-
-    * ``amp``: autocast on (Trainer ``bf16=True``/``fp16=True`` -> accelerate wraps the forward in
-      ``torch.autocast``); ``c``: what autocast's lower-precision ops produce (4 without autocast).
-    * ``R``: the residual stream: embeddings output, norm outputs.  ``prepare_model_for_kbit_training``
-      casts embeddings and norms to fp32, so the whole stream runs in fp32 (4); otherwise the load dtype.
-    * ``M``: outputs of the projections feeding the MLP activation.  bitsandbytes' ``Linear4bit``
-      casts its output back to the input dtype (``out.to(inp_dtype)``), so k-bit models keep ``R``;
-      plain ``nn.Linear`` under autocast gives ``c``.
-    """
-
-    amp: bool
-    c: int
-    R: int
-    M: int
-    kbit: bool
-
-
-def precision(q: QuantSettings) -> Precision:
-    amp = q.compute_dtype in ("bfloat16", "float16")
-    c = BYTES[q.compute_dtype] if amp else 4
-    R = BYTES[q.unquantized_dtype]
-    M = R if (q.kbit or not amp) else c
-    return Precision(amp, c, R, M, q.kbit)
-
 
 #: leaf names of the projections that take the attention output / the MLP hidden state; the
 #: other linear modules of a layer read the (normed) residual stream.
@@ -391,11 +339,17 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
       input ``R h T`` (the embeddings output included) + the head; backward recomputes one layer;
     * Unsloth (``use_gradient_checkpointing="unsloth"``): the layer inputs are offloaded to
       CPU RAM, so only the recomputed layer and the head are on the device.
+
+    ``layers`` is layer 0's backward (the other layers' LoRA gradients exist, counted by the caller);
+    ``ckpt_inputs`` what the *last* layer's backward holds on top of it instead: the other ``L - 1``
+    layers' checkpointed inputs (HF checkpointing; no gradient exists yet then).  Which is larger
+    depends on ``T``: a MoE layer's backward transient at long sequences makes the last layer's the peak.
     """
     d = dims(spec)
     p = precision(q)
     if kernels == "cpu" and grad_ckpt == "unsloth":
         grad_ckpt = "hf"  # offloading to CPU RAM moves nothing when the device is the CPU
+    ckpt_inputs = ZERO
     br = lora_branches(spec, counts, q)
     mlp = moe_activation(spec, counts, q)
     full = layer_activation(spec, br, q, r, dropout, attn_impl, kernels=kernels, mlp=mlp)
@@ -418,6 +372,9 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
         moe_t = moe_transient(spec, counts, q, recompute=True)
         layers_temps = grads_in + (recompute_transient(spec, br, p, dropout) if moe_t is None else moe_t)
         layers = Lin(tok=p.R * d.h) + full + rotary + layers_temps
+        # the last layer's backward (the first one backward runs) has every other layer's checkpoint
+        if grad_ckpt == "hf":
+            ckpt_inputs = Lin(tok=(d.L - 1) * p.R * d.h)
     p_total, p_layer, p_temp = parameter_lora_activation(counts, q)
     if p_total:
         saved = saved + Lin(const=p_total if grad_ckpt == "off" else 0)
@@ -433,7 +390,7 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
             attn_fwd = layer_inputs + eager_mask_activation(spec, p) + attn_fwd_temps
     # ``*_temps``: the part of ``layers`` / ``attn_fwd`` that is transient (gradients in flight,
     # a recomputation's or a softmax's scratch): what a tracker calls temporaries at that moment
-    return {"saved": saved, "layers": layers, "attn_fwd": attn_fwd,
+    return {"saved": saved, "layers": layers, "attn_fwd": attn_fwd, "ckpt_inputs": ckpt_inputs,
             "layers_temps": layers_temps, "attn_fwd_temps": attn_fwd_temps,
             "loss_extra": loss_time_activation(spec, counts, q, grad_ckpt)}
 
@@ -532,170 +489,3 @@ def logits_terms(spec: ModelSpec, q: QuantSettings, chunked: bool = False) -> di
         return {"forward": Lin(tok=p.c * d.V + cap), "backward": Lin(tok=p.c * d.V + cap)}
     fwd = (p.c + 8) * d.V if p.amp else 8 * d.V
     return {"forward": Lin(tok=fwd + cap), "backward": Lin(tok=12 * d.V + cap)}
-
-
-
-
-# ------------------------------------------------------------------------------ mixture of experts
-
-#: Routers whose saved tensors are derived (transformers 5.23 ``modeling_<family>.py``
-#: ``<Family>TopKRouter.forward``): ``F.linear`` logits, ``softmax`` in fp32, ``topk``, an optional
-#: in-place renormalisation of the top-k values, and whether those routing weights are cast back
-#: to the logits' dtype (Qwen) or stay fp32 (Mixtral).  ``normalize``: True, False, or the config
-#: key that says (``norm_topk_prob``, default False in both Qwen configs).
-SOFTMAX_ROUTERS = {
-    "mixtral": {"normalize": True, "cast_back": False},
-    "qwen2_moe": {"normalize": "norm_topk_prob", "cast_back": True},
-    "qwen3_moe": {"normalize": "norm_topk_prob", "cast_back": True},
-}
-
-
-@dataclass(frozen=True)
-class MoeDims:
-    """A sparse MoE block as transformers 5 builds it: ``E`` experts fused into 3-D parameters
-    (``gate_up_proj`` [E, 2I, h], ``down_proj`` [E, h, I]; the inventory's 3-D ``params``), ``k``
-    experts per token, ``layers`` decoder layers that have it; a shared expert MLP of width
-    ``shared`` (Qwen2-MoE ``shared_expert`` + its sigmoid ``shared_expert_gate``; 0 if none)."""
-
-    E: int
-    k: int
-    h: int
-    inter: int
-    layers: int
-    router: str  # the router module's pattern (its ``weight`` is what PEFT may adapt)
-    normalize: bool
-    cast_back: bool
-    shared: int = 0
-
-
-def moe_dims(spec: ModelSpec) -> MoeDims | None:
-    """The MoE block of a model whose router is in ``SOFTMAX_ROUTERS`` and whose every decoder
-    layer has one (None otherwise: those plans keep the approximation warning)."""
-    c = spec.config
-    rule = SOFTMAX_ROUTERS.get(str(c.get("model_type")))
-    inv = spec.inventory
-    experts = {p.param: p for p in inv.params if len(p.shape) == 3}
-    gu, dn = experts.get("gate_up_proj"), experts.get("down_proj")
-    if rule is None or gu is None or dn is None or inv.transposed:
-        return None
-    L = int(inv.num_hidden_layers)
-    if gu.instances != L or dn.instances != L:
-        return None
-    norm = rule["normalize"]
-    shared = next((g.out_features for g in inv.linear if g.pattern.endswith("shared_expert.gate_proj")), 0)
-    return MoeDims(E=int(gu.shape[0]), k=int(c["num_experts_per_tok"]), h=int(dn.shape[1]), inter=int(dn.shape[2]),
-                   layers=L, router=next((q.pattern for q in inv.params if "Router" in q.module_type), ""),
-                   normalize=bool(c.get(norm, False)) if isinstance(norm, str) else bool(norm),
-                   cast_back=bool(rule["cast_back"]), shared=int(shared))
-
-
-def moe_router_activation(m: MoeDims, p: Precision, router_grad: bool) -> Lin:
-    """What the router saves per token (``<Family>TopKRouter.forward``): ``F.linear`` saves its input
-    only when the router weight needs a gradient (PEFT's ``all-linear`` on a MoE adapts it as a
-    parameter): the autocast copy, ``c h`` (``R h`` without autocast); ``softmax(..., dtype=float32)``
-    saves its fp32 output ``4 E``; ``topk`` its int64 indices ``8 k``; the in-place renormalisation
-    ``top /= top.sum(-1, keepdim=True)`` a copy of the fp32 values and the fp32 sum (``4 k + 4``)."""
-    per = 4 * m.E + 8 * m.k
-    if m.normalize:
-        per += 4 * m.k + 4
-    if router_grad:
-        per += (p.c if p.amp else p.R) * m.h
-    return Lin(tok=per)
-
-
-def moe_experts_activation(m: MoeDims, p: Precision, up_grad: bool, down_grad: bool) -> Lin:
-    """What transformers' ``grouped_mm_experts_forward`` (integrations/moe.py, the path the trace
-    and CUDA run) saves per token, ``S = k T`` routed rows, experts stored in ``w = R`` bytes
-    (the load dtype; fp32 after ``prepare_model_for_kbit_training``, whose upcast reaches them):
-
-    * int64 indices of the three gathers: ``hidden[perm // k]``, ``weights[perm]``,
-      ``out[inv_perm]``: ``24 k``;
-    * the up projection's output ``[S, 2I]`` (kept whole: ``silu`` saves its ``gate`` view, the
-      product its ``up`` view), the activation's output ``[S, I]`` (saved by the product):
-      ``3 I w k``;
-    * the down projection's output ``[S, h]`` and the routing weights ``[S]``, both saved by their
-      product (``sw`` bytes: the logits' dtype when cast back, else fp32): ``(h w + sw) k``;
-    * ``grouped_mm`` saves its input only when the weight needs a gradient (LoRA on that
-      parameter: PEFT's ``W + s B A``): ``h w k`` for ``gate_up_proj``, ``I w k`` for ``down_proj``.
-    """
-    w = p.R
-    sw = (p.c if p.amp else p.R) if m.cast_back else 4
-    per = 24 + 3 * m.inter * w + m.h * w + sw
-    if up_grad:
-        per += m.h * w
-    if down_grad:
-        per += m.inter * w
-    return Lin(tok=m.k * per)
-
-
-def moe_backward_transient(m: MoeDims, p: Precision, up_grad: bool, down_grad: bool, recompute: bool) -> Lin:
-    """The largest moment of a MoE layer's backward beyond its saved tensors (``moe_activation``),
-    per token, as the autograd engine walks ``grouped_mm_experts_forward`` backwards (``S = k T``
-    rows; ``x``: the block input's dtype ``R``; ``w``: the experts' ``R``; ``ww``: the weighted
-    rows', the promotion of ``w`` and the routing weights' ``sw``):
-
-    * the first nodes (``sum`` and ``view`` backward) turn the incoming ``[T, h]`` gradient into an
-      ``[S, h]`` copy; the gather ``out[inv_perm]`` is the first node that unpacks a saved tensor:
-      with checkpointing that runs the layer's recomputation, which stops (non-reentrant early
-      stop) after the last saved tensor and leaves its not-saved locals alive until it unwinds:
-      the gathered rows ``[S, h]`` (unless saved for a LoRA gradient), the weighted rows
-      ``[S, h]``, the sorted expert ids (int64) and ``histc``'s int32 copy of them, and the
-      ``[T, k]`` routing weights: ``copy + leftovers``;
-    * the gather's backward: ``new_zeros`` + ``index_put`` ``[S, h]`` beside the copy: ``3 h ww``;
-    * the routing product's backward: its gradient, ``grad * sw`` and ``grad * out`` (before its
-      row sum), ``[S, h]`` each, with ``inv_perm`` freed: ``3 h ww - 8``;
-    * the gated product's backward, after the down projection's (``[S, I]`` input gradient) freed
-      the down output, the routing weights and ``inv_perm``: three ``[S, I]`` gradients:
-      ``3 I w - (h w + sw + 8)``.
-    The largest of these (all proportional to ``T``) is the transient."""
-    x = w = p.R
-    logits = p.c if p.amp else p.R
-    sw = logits if m.cast_back else 4
-    ww = max(w, sw)
-    h, I2 = m.h, m.inter
-    moments = [
-        3 * h * ww,
-        3 * h * ww - 8,
-        3 * I2 * w - (h * w + sw + 8),
-    ]
-    if recompute:
-        leftovers = (0 if up_grad else h * x) + h * ww + 8 + 4
-        moments.append(h * ww + leftovers + sw)
-    return Lin(tok=m.k * max(moments))
-
-
-def moe_shared_activation(m: MoeDims, p: Precision) -> Lin:
-    """Qwen2-MoE's shared expert (``Qwen2MoeSparseMoeBlock.forward``): a gated MLP of width
-    ``shared`` (``mlp_activation``'s ``3 M shared``), then ``sigmoid(shared_expert_gate(x)) * out``:
-    the sigmoid saves its ``[T, 1]`` output, the product the expert's ``[T, h]`` output, both in
-    the linear layers' output dtype ``M``."""
-    if not m.shared:
-        return ZERO
-    return Lin(tok=3 * p.M * m.shared + p.M + p.M * m.h)
-
-
-def _moe_adapted(m: MoeDims, counts: list[ModuleCount]) -> tuple[bool, bool, bool]:
-    """Which of the router weight, ``gate_up_proj`` and ``down_proj`` carry LoRA (``target_parameters``)."""
-    adapted = {(c.module, c.shape.split()[0]) for c in counts if c.kind == "lora_param"}
-    params = {name for _, name in adapted}
-    return (m.router, "weight") in adapted, "gate_up_proj" in params, "down_proj" in params
-
-
-def moe_activation(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings) -> Lin | None:
-    """A sparse MoE block's saved tensors per layer (router, routed experts, shared expert), in
-    place of the dense MLP's; None for a dense model or a MoE block not derived here (``moe_dims``)."""
-    m = moe_dims(spec)
-    if m is None:
-        return None
-    router, up, down = _moe_adapted(m, counts)
-    p = precision(q)
-    return moe_router_activation(m, p, router) + moe_experts_activation(m, p, up, down) + moe_shared_activation(m, p)
-
-
-def moe_transient(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings, recompute: bool) -> Lin | None:
-    """``moe_backward_transient`` for the plan's model; None for a dense model."""
-    m = moe_dims(spec)
-    if m is None:
-        return None
-    _, up, down = _moe_adapted(m, counts)
-    return moe_backward_transient(m, precision(q), up, down, recompute)

@@ -3,13 +3,14 @@
 per rank; ``fits``/``headroom`` per GPU).  A single-GPU plan never comes here: it stays byte-identical.
 
 Moments with FSDP2 (where its all-gathered parameters are alive; see ``planner.distributed``):
-``forward`` (the loss): the root unit unsharded; ``backward`` (its start) and ``attention``: the root
-+ two decoder layers (the one computing and the prefetched one); ``layers`` (a decoder layer's
-backward): the larger of layer 0's (the root + layer 0 + its unsharded gradients and the reduce-scatter
-input) and, with checkpointing, the last layer's (``fsdp_last_layer_backward``: the root, the layer and
-the next layer's prefetched all-gather, every layer's checkpointed input, no gradient yet);
-``optimizer``: everything resharded.  DDP: its buckets in every moment.  ZeRO-2: the reduction bucket in the backward moments;
-ZeRO-3: DeepSpeed's all-gathered working set in the forward and backward moments.
+``forward`` (the loss): the root unit and the last layer's all-gather output; ``backward`` (its start):
+the root + one prefetched layer; ``attention``: the root + two decoder layers; ``layers`` (layer 0's
+backward): the root + layer 0 + its unsharded gradients and the reduce-scatter input; ``layers_last``
+(the last layer's backward, with checkpointing; ``fsdp_last_layer_backward_weights``): the root, the
+layer and the next layer's prefetched all-gather; ``unshard``: layer 0's first all-gather beside the
+root's; ``optimizer``: everything resharded.  DDP: its buckets in every moment.  ZeRO-2: the reduction
+bucket in the backward moments; ZeRO-3: DeepSpeed's all-gathered working set in the forward and
+backward moments.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .activations import precision
 from .distributed import (
     DistSettings,
     ddp_bucket_bytes,
@@ -41,7 +41,7 @@ from .memory import (
 from .phases import MemoryModel
 from .weights import QuantSettings, weights_bytes
 
-FORWARD_MOMENTS = ("forward", "backward", "layers", "attention")
+FORWARD_MOMENTS = ("forward", "backward", "layers", "layers_last", "attention")
 
 
 def engine_quant(q: QuantSettings, strategy: str) -> QuantSettings:
@@ -99,11 +99,10 @@ def rank_memory(spec, counts, lora_r, dropout, q: QuantSettings, t, dist: DistSe
         extras["forward"]["weights"] += root + layer
         extras["backward"]["weights"] += root + layer
         extras["attention"]["weights"] += root + 2 * layer
-        first = {"weights": root + layer, "gradients": lora_layer + rs_input}  # unsharded grads + reduce-scatter input
-        last = fsdp_last_layer_backward(root, layer, 0 if t.grad_accum > 1 else mm.layers_grads,
-                                        (L - 1) * precision(qe).R * dims(spec).h * t.batch_size * t.seq_len)
-        use_last = t.grad_ckpt != "off" and L > 1 and sum(last.values()) > sum(first.values())
-        extras["layers"] = {**extras["layers"], **(last if use_last else first)}
+        extras["layers"]["weights"] += root + layer
+        extras["layers"]["gradients"] += lora_layer + rs_input  # unsharded grads + reduce-scatter input
+        # the last layer's backward (checkpointing): the next layer's all-gather prefetched alive
+        extras["layers_last"]["weights"] += fsdp_last_layer_backward_weights(root, layer)
         terms.update(gathered_root=root, gathered_layer=layer, reduce_scatter=lora_layer + rs_input)
     else:
         stage = 2 if strat == "zero2" else 3
@@ -115,6 +114,7 @@ def rank_memory(spec, counts, lora_r, dropout, q: QuantSettings, t, dist: DistSe
             bucket = zero_reduce_bucket_bytes()
             extras["backward"]["gradients"] += bucket
             extras["layers"]["gradients"] += bucket
+            extras["layers_last"]["gradients"] += bucket
             terms["reduce_bucket"] = bucket
         else:
             gathered = zero3_gathered_bytes(rw["largest_param"])
@@ -148,23 +148,20 @@ def a_full_sharded(sc) -> int:
     return adapter_bytes(sc)
 
 
-def fsdp_last_layer_backward(root: int, layer: int, other_grads: int, other_checkpoints: int) -> dict[str, int]:
-    """What the backward of the *last* decoder layer adds to the single-GPU ``layers`` moment (which is
-    layer 0's backward), under FSDP2 with checkpointing, by category (bytes; ``gradients`` negative).
+def fsdp_last_layer_backward_weights(root: int, layer: int) -> int:
+    """Gathered bytes in the backward of the *last* decoder layer under FSDP2 (the ``layers_last``
+    moment: every checkpointed layer input alive, no other layer's gradient yet):
+    ``root + 2 layer``.
 
     torch 2.13 ``torch/distributed/fsdp/_fully_shard/_fsdp_state.py`` ``_pre_backward`` unshards the
     layer and then ``_backward_prefetch`` issues the all-gather of the layer that runs next in backward
     (``FSDPParamGroup.unshard(async_op=True)``: its all-gather output, one layer's unsharded bytes, is
     alive until that layer's ``wait_for_unshard`` copies it out, i.e. through this layer's whole
-    recomputation and backward); the root stays unsharded.  Against layer 0's backward, the last layer's
-    runs while all ``L`` checkpointed layer inputs are still alive (``other_checkpoints`` = ``(L - 1) R h T``
-    more) and before any other layer's gradient exists (``other_grads`` less: the ``layers_grads`` of
-    ``MemoryModel``), and its own unsharded gradients and reduce-scatter input come after the recomputed
-    activations are freed (``FSDPParamGroup.post_backward``).  Measured on the CPU with 2 gloo ranks
+    recomputation and backward); the root stays unsharded.  Measured on the CPU with 2 gloo ranks
     (tests/backends/test_distributed_run.py): the peak of an FSDP step of the tiny Llama is inside the last
     layer's backward with the prefetched all-gather output alive.
     """
-    return {"weights": root + 2 * layer, "gradients": -other_grads, "activations": other_checkpoints}
+    return root + 2 * layer
 
 
 def _numel(shape) -> int:

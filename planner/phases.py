@@ -1,6 +1,6 @@
 """The moments of a training step and its peak: the one formula ``qplan estimate`` and ``qplan fit`` use.
 
-The peak of a training step is the largest of four moments (``MemoryModel``):
+The peak of a training step is the largest of these moments (``MemoryModel``):
 
 * **loss** (end of the forward) — weights + adapters + optimizer states (from step 2 on) + every
   saved activation + the logits and the loss's fp32 copies;
@@ -8,6 +8,8 @@ The peak of a training step is the largest of four moments (``MemoryModel``):
   backward (the peak of almost every real plan);
 * **layer-0 backward** — the other layers' gradients + layer 0's activations (recomputed with
   checkpointing) + the incoming gradient (the peak when the vocabulary is small);
+* **last layer's backward** (with checkpointing) — the same layer moment without the other layers'
+  gradients but with every layer's checkpointed input (MoE layers at long sequences);
 * **optimizer step** — weights + adapters + gradients + optimizer states + the step's temporaries.
 """
 
@@ -82,6 +84,8 @@ class MemoryModel:
     #: the transient parts of ``layers`` and ``attn_fwd`` (for ``composition`` only)
     layers_temps: Lin = ZERO
     attn_temps: Lin = ZERO
+    #: the other layers' checkpointed inputs the last layer's backward holds (``activation_terms``)
+    ckpt_inputs: Lin = ZERO
 
     @classmethod
     def build(cls, spec, counts, lora_r, dropout, q, grad_ckpt, optimizer, attn_impl, weights, chunked_ce=False,
@@ -101,7 +105,7 @@ class MemoryModel:
             # entering layer 0's backward, the other layers' gradients exist
             layers_grads=gradient_bytes(stepped) * (L - 1) // max(1, L),
             loss_extra=acts["loss_extra"], logits_fwd=lg["forward"], logits_bwd=lg["backward"],
-            layers_temps=acts["layers_temps"], attn_temps=acts["attn_fwd_temps"],
+            layers_temps=acts["layers_temps"], attn_temps=acts["attn_fwd_temps"], ckpt_inputs=acts["ckpt_inputs"],
         )
 
     def phases(self, b: int, s: int, grad_accum: int = 1) -> dict[str, int]:
@@ -116,8 +120,10 @@ class MemoryModel:
             "forward": static + g + acts + self.loss_extra.at(T, s) + self.logits_fwd.at(T, s),
             "backward": static + g + acts + self.logits_bwd.at(T, s),
             "layers": static + (self.gradients if grad_accum > 1 else self.layers_grads) + self.layers.at(T, s),
-            "optimizer": static + self.gradients + self.temps_opt,
         }
+        if self.ckpt_inputs != ZERO:
+            out["layers_last"] = static + g + (self.layers + self.ckpt_inputs).at(T, s)
+        out["optimizer"] = static + self.gradients + self.temps_opt
         if self.attn_fwd != ZERO:
             out["attention"] = static + g + self.attn_fwd.at(T, s)
         return out
@@ -140,8 +146,11 @@ class MemoryModel:
             "backward": {"gradients": g, "activations": acts, "logits": self.logits_bwd.at(T, s)},
             "layers": {"gradients": self.gradients if grad_accum > 1 else self.layers_grads,
                        "activations": self.layers.at(T, s) - layers_t, "temporaries": layers_t},
-            "optimizer": {"gradients": self.gradients, "temporaries": self.temps_opt},
         }
+        if self.ckpt_inputs != ZERO:
+            parts["layers_last"] = {"gradients": g, "activations": (self.layers + self.ckpt_inputs).at(T, s) - layers_t,
+                                    "temporaries": layers_t}
+        parts["optimizer"] = {"gradients": self.gradients, "temporaries": self.temps_opt}
         if self.attn_fwd != ZERO:
             attn_t = self.attn_temps.at(T, s)
             parts["attention"] = {"gradients": g, "activations": self.attn_fwd.at(T, s) - attn_t,

@@ -44,12 +44,10 @@ def held_bytes(model) -> int:
 
 def load(path, quant: str, double_quant: bool, dtype: str):
     """Load as the backends do: the BitsAndBytesConfig of qplan's one mapping (``qplan.hf``)."""
-    from transformers import AutoConfig
-
-    from qplan.hf import bnb_config, model_class, torch_dtype
+    from qplan.hf import bnb_config, model_class_of, torch_dtype
 
     qc = bnb_config({"quant": quant, "double_quant": double_quant, "compute_dtype": dtype})
-    return model_class(AutoConfig.from_pretrained(path)).from_pretrained(
+    return model_class_of(path).from_pretrained(
         path, quantization_config=qc, dtype=torch_dtype(dtype), device_map="cpu")
 
 
