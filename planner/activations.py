@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from .lin import ZERO, Lin, Precision, precision
 from .lora import ModuleCount
 from .memory import Dims, dims, idle_in_step, trainable_tensors
-from .moe import moe_activation, moe_transient
+from .moe import moe_activation, moe_moments
 from .spec import LinearGroup, ModelSpec
 from .vocab import BYTES
 from .weights import QuantSettings, is_quantized, linear_weight_bytes
@@ -360,26 +360,29 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     if grad_ckpt == "off":
         first = layer_activation(spec, br, q, r, dropout, attn_impl, first=True, kernels=kernels, mlp=mlp)
         saved = first + (d.L - 1) * full + head
-        moe_t = moe_transient(spec, counts, q, recompute=False) or ZERO
-        layers = first + grads_in + rotary + moe_t
-        layers_temps = grads_in + moe_t
+        layers = first + grads_in + rotary
+        layers_temps = grads_in
     else:
         saved = (layer_inputs if grad_ckpt == "hf" else ZERO) + head
         if attn_impl == "eager":
             saved = saved + eager_mask_activation(spec, p)
         if q.quant == "int8":
             saved = saved + d.L * int8_retained_activation(spec, q, p, True, False, set())
-        moe_t = moe_transient(spec, counts, q, recompute=True)
-        layers_temps = grads_in + (recompute_transient(spec, br, p, dropout) if moe_t is None else moe_t)
+        layers_temps = grads_in + (recompute_transient(spec, br, p, dropout) if mlp is None else ZERO)
         layers = Lin(tok=p.R * d.h) + full + rotary + layers_temps
         # the last layer's backward (the first one backward runs) has every other layer's checkpoint
         if grad_ckpt == "hf":
             ckpt_inputs = Lin(tok=(d.L - 1) * p.R * d.h)
     p_total, p_layer, p_temp = parameter_lora_activation(counts, q)
+    experts = expert_lora_bytes(counts, q)
+    moments = moe_moments(spec, counts, q, grad_ckpt != "off", experts)
     if p_total:
         saved = saved + Lin(const=p_total if grad_ckpt == "off" else 0)
-        layers = layers + Lin(const=p_layer + p_temp)
-        layers_temps = layers_temps + Lin(const=p_temp)
+        if moments is None:
+            layers = layers + Lin(const=p_layer + p_temp)
+            layers_temps = layers_temps + Lin(const=p_temp)
+        else:  # the experts' folds are in the MoE moments; the rest (the router's W') is saved
+            layers = layers + Lin(const=p_layer - sum(saved_ for saved_, _ in experts.values()))
     attn_fwd = attn_fwd_temps = ZERO
     if attn_impl == "eager":
         # inside layer 0's backward the saved s^2 tensors give way to the backward's own
@@ -391,6 +394,7 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     # ``*_temps``: the part of ``layers`` / ``attn_fwd`` that is transient (gradients in flight,
     # a recomputation's or a softmax's scratch): what a tracker calls temporaries at that moment
     return {"saved": saved, "layers": layers, "attn_fwd": attn_fwd, "ckpt_inputs": ckpt_inputs,
+            "layer_moments": moments or (),
             "layers_temps": layers_temps, "attn_fwd_temps": attn_fwd_temps,
             "loss_extra": loss_time_activation(spec, counts, q, grad_ckpt)}
 
@@ -401,10 +405,13 @@ def parameter_lora_activation(counts: list[ModuleCount], q: QuantSettings) -> tu
 
     In the forward, PEFT parametrizes the wrapped parameter with its adapter
     (``ParamWrapper._activate_lora``): ``W' = W + scaling * B A`` is materialised whole, in the
-    parameter's dtype ``w`` (fp32 after ``prepare_model_for_kbit_training``: one ``baddbmm``;
-    16-bit: the fp32 delta, its cast and the sum), and the experts' ``grouped_mm`` saves ``W'`` for
-    the input gradient: ``w * numel`` per wrapped parameter and layer, saved for backward (all layers
-    without checkpointing; the recomputed layer with it). In that layer's backward the gradient of
+    parameter's dtype ``w``, and the experts' ``grouped_mm`` saves ``W'`` for the input gradient:
+    ``w * numel`` per wrapped parameter and layer, saved for backward (all layers without
+    checkpointing; the recomputed layer with it).  A 3-D (experts) parameter with one adapter is
+    folded by ``_LoraFactorsProxy``: ``baddbmm(W, lhs, rhs)`` with ``get_delta_factors``' factors
+    cast ``.to(W.dtype)``, which copies the fp32 LoRA weights when ``W`` is 16-bit, and ``baddbmm``
+    saves both copies: ``w`` bytes per LoRA parameter of that wrapper (none when ``W`` is fp32).
+    In that layer's backward the gradient of
     each ``W'`` is as large again; the wrapped parameters are used in order (``gate_up_proj`` before
     ``down_proj``), so the backward holds at most ``max_j (sum_{k<=j} S_k + S_j)``, the transient
     beyond the layer's saved ``sum_k S_k`` being that minus ``sum_k S_k``.
@@ -413,7 +420,7 @@ def parameter_lora_activation(counts: list[ModuleCount], q: QuantSettings) -> tu
     wrapped = [c for c in counts if c.kind == "lora_param"]
     if not wrapped:
         return 0, 0, 0
-    w = {c.module + c.shape: (4 if c.base_fp32 else BYTES[q.unquantized_dtype]) * c.base_numel for c in wrapped}
+    w = {c.module + c.shape: _param_lora_bytes(c, q)[0] for c in wrapped}
     total = sum(w[c.module + c.shape] * c.instances for c in wrapped)
     # one layer: the wrapped parameters of the layers with the most of them (instances = layers)
     most = max(c.instances for c in wrapped)
@@ -421,6 +428,20 @@ def parameter_lora_activation(counts: list[ModuleCount], q: QuantSettings) -> tu
     layer = sum(sizes)
     peak = max(sum(sizes[: j + 1]) + sizes[j] for j in range(len(sizes)))
     return total, layer, peak - layer
+
+
+def _param_lora_bytes(c: ModuleCount, q: QuantSettings) -> tuple[int, int]:
+    """(bytes one layer's fold of a wrapped parameter saves, bytes of its ``W'`` gradient): ``W'`` in
+    the parameter's dtype, plus the cast factors of a 16-bit 3-D parameter (see
+    ``parameter_lora_activation``)."""
+    wb = 4 if c.base_fp32 else BYTES[q.unquantized_dtype]
+    factors = wb * c.params_per_instance if ("×(" in c.shape and wb != BYTES[c.dtype]) else 0
+    return wb * c.base_numel + factors, wb * c.base_numel
+
+
+def expert_lora_bytes(counts: list[ModuleCount], q: QuantSettings) -> dict[str, tuple[int, int]]:
+    """``_param_lora_bytes`` of each adapted 3-D (experts) parameter, by parameter name."""
+    return {c.shape.split()[0]: _param_lora_bytes(c, q) for c in counts if c.kind == "lora_param" and "×(" in c.shape}
 
 
 def recompute_transient(spec: ModelSpec, branches: list[Branch], p: Precision, dropout: float) -> Lin:
@@ -460,12 +481,15 @@ def loss_time_activation(spec: ModelSpec, counts: list[ModuleCount], q: QuantSet
     the final norm's output ``R h T`` (still referenced by the model's output object), and, with
     checkpointing, autocast's cached ``c``-byte copies of every fp32 adapter weight: the cache
     lives until the outermost autocast exits after the loss, and without checkpointing those
-    copies are saved anyway (``lora_weight_cast_bytes``)."""
+    copies are saved anyway (``lora_weight_cast_bytes``).  LoRA on 3-D expert parameters is folded
+    with autocast off (``_LoraFactorsProxy``: explicit casts, ``parameter_lora_activation``): no
+    cached copies of those."""
     d = dims(spec)
     p = precision(q)
     lin = Lin(tok=p.R * d.h)
     if grad_ckpt != "off" and p.amp:
-        lin = lin + Lin(const=sum(p.c * n for n, dt in trainable_tensors(counts) if dt == "float32"))
+        cast = [c for c in counts if not (c.kind == "lora_param" and "×(" in c.shape)]
+        lin = lin + Lin(const=sum(p.c * n for n, dt in trainable_tensors(cast) if dt == "float32"))
     return lin
 
 

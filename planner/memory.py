@@ -100,6 +100,10 @@ def accuracy_warning(spec: ModelSpec, use_dora: bool = False) -> str | None:
     moe = any(k in c and c[k] for k in ("num_local_experts", "num_experts", "n_routed_experts"))
     if mt in VALIDATED_FAMILIES and not moe:
         return None
+    from .moe import DERIVED_MOE, moe_dims  # moe builds on this module's neighbours
+
+    if moe and DERIVED_MOE.get(mt) in VALIDATED_FAMILIES and moe_dims(spec) is not None:
+        return None  # the MoE block derived (planner.moe) around a validated family's attention
     what = f"mixture-of-experts layers ({mt})" if moe else f"the {mt} family"
     return (f"activations of {what} are approximated with the Llama-family terms (validated: "
             f"{', '.join(VALIDATED_FAMILIES)}); `--method trace` is exact")

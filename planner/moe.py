@@ -29,6 +29,12 @@ SOFTMAX_ROUTERS = {
 }
 
 
+#: MoE families whose every other layer term is a validated dense family's (the attention of Qwen3-MoE
+#: is Qwen3's, Qwen2-MoE's Qwen2's, Mixtral's Mistral's): with ``moe_dims`` their plans are validated
+#: (reports/accuracy/new-families/: Qwen3-30B-A3B, Mixtral-8x7B) and carry no approximation warning
+DERIVED_MOE = {"qwen3_moe": "qwen3", "qwen2_moe": "qwen2", "mixtral": "mistral"}
+
+
 @dataclass(frozen=True)
 class MoeDims:
     """A sparse MoE block as transformers 5 builds it: ``E`` experts fused into 3-D parameters
@@ -107,11 +113,15 @@ def moe_experts_activation(m: MoeDims, p: Precision, up_grad: bool, down_grad: b
     return Lin(tok=m.k * per)
 
 
-def moe_backward_transient(m: MoeDims, p: Precision, up_grad: bool, down_grad: bool, recompute: bool) -> Lin:
-    """The largest moment of a MoE layer's backward beyond its saved tensors (``moe_activation``),
-    per token, as the autograd engine walks ``grouped_mm_experts_forward`` backwards (``S = k T``
-    rows; ``x``: the block input's dtype ``R``; ``w``: the experts' ``R``; ``ww``: the weighted
-    rows', the promotion of ``w`` and the routing weights' ``sw``):
+def moe_backward_moments(m: MoeDims, p: Precision, up_grad: bool, down_grad: bool, recompute: bool,
+                         lora: tuple[int, int, int, int] = (0, 0, 0, 0)) -> tuple[Lin, ...]:
+    """The moments of a MoE layer's backward, beyond its saved tensors (``moe_activation``), per
+    token, as the autograd engine walks ``grouped_mm_experts_forward`` backwards (``S = k T`` rows;
+    ``x``: the block input's dtype ``R``; ``w``: the experts' ``R``; ``ww``: the weighted rows', the
+    promotion of ``w`` and the routing weights' ``sw``).  ``lora``: with LoRA on the experts, the
+    bytes PEFT's fold saves per layer for ``gate_up_proj`` and ``down_proj`` (``W'`` and the cast
+    factors, ``parameter_lora_activation``) and the gradients of their ``W'`` (``w * numel``):
+    constants each moment holds as far as the backward has come.
 
     * the first nodes (``sum`` and ``view`` backward) turn the incoming ``[T, h]`` gradient into an
       ``[S, h]`` copy; the gather ``out[inv_perm]`` is the first node that unpacks a saved tensor:
@@ -123,24 +133,30 @@ def moe_backward_transient(m: MoeDims, p: Precision, up_grad: bool, down_grad: b
     * the gather's backward: ``new_zeros`` + ``index_put`` ``[S, h]`` beside the copy: ``3 h ww``;
     * the routing product's backward: its gradient, ``grad * sw`` and ``grad * out`` (before its
       row sum), ``[S, h]`` each, with ``inv_perm`` freed: ``3 h ww - 8``;
-    * the gated product's backward, after the down projection's (``[S, I]`` input gradient) freed
-      the down output, the routing weights and ``inv_perm``: three ``[S, I]`` gradients:
-      ``3 I w - (h w + sw + 8)``.
-    The largest of these (all proportional to ``T``) is the transient."""
+    * the down projection's backward: its ``[S, h]`` gradient in, the ``[S, I]`` input gradient out
+      (down output, routing weights, ``inv_perm`` freed) and, with LoRA on ``down_proj``, the
+      gradient of its ``W'``: ``I w - sw - 8``;
+    * the gated product's backward: three ``[S, I]`` gradients, ``3 I w - (h w + sw + 8)`` (less
+      the saved product with LoRA on ``down_proj``, whose fold's backward, next in the engine's
+      order, has freed ``W'`` of ``down_proj`` and its gradient);
+    * the up projection's backward with LoRA on ``gate_up_proj``: the gradient of its ``W'``.
+    ``layer_moments`` evaluates each at ``T`` and the plan takes the largest."""
     x = w = p.R
     logits = p.c if p.amp else p.R
     sw = logits if m.cast_back else 4
     ww = max(w, sw)
-    h, I2 = m.h, m.inter
-    moments = [
-        3 * h * ww,
-        3 * h * ww - 8,
-        3 * I2 * w - (h * w + sw + 8),
-    ]
+    h, inter, k = m.h, m.inter, m.k
+    s_up, s_down, g_up, g_down = lora
+    before = s_up + s_down
+    out = [Lin(const=before, tok=k * 3 * h * ww), Lin(const=before, tok=k * (3 * h * ww - 8)),
+           Lin(const=before + (g_down if down_grad else 0), tok=k * (inter * w - sw - 8)),
+           Lin(const=s_up, tok=k * (3 * inter * w - (h * w + sw + 8) - (inter * w if down_grad else 0)))]
+    if up_grad:
+        out.append(Lin(const=s_up + g_up, tok=k * (-inter * w - sw - 8 - (inter * w if down_grad else 0))))
     if recompute:
         leftovers = (0 if up_grad else h * x) + h * ww + 8 + 4
-        moments.append(h * ww + leftovers + sw)
-    return Lin(tok=m.k * max(moments))
+        out.append(Lin(const=before, tok=k * (h * ww + leftovers + sw)))
+    return tuple(out)
 
 
 def moe_shared_activation(m: MoeDims, p: Precision) -> Lin:
@@ -171,10 +187,15 @@ def moe_activation(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings)
     return moe_router_activation(m, p, router) + moe_experts_activation(m, p, up, down) + moe_shared_activation(m, p)
 
 
-def moe_transient(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings, recompute: bool) -> Lin | None:
-    """``moe_backward_transient`` for the plan's model; None for a dense model."""
+def moe_moments(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings, recompute: bool,
+                lora_bytes: dict[str, tuple[int, int]] | None = None) -> tuple[Lin, ...] | None:
+    """``moe_backward_moments`` for the plan's model; None for a dense model.  ``lora_bytes``: per
+    adapted expert parameter name, (bytes saved per layer, bytes of its ``W'`` gradient)."""
     m = moe_dims(spec)
     if m is None:
         return None
     _, up, down = _moe_adapted(m, counts)
-    return moe_backward_transient(m, precision(q), up, down, recompute)
+    lb = lora_bytes or {}
+    s_up, g_up = lb.get("gate_up_proj", (0, 0))
+    s_down, g_down = lb.get("down_proj", (0, 0))
+    return moe_backward_moments(m, precision(q), up, down, recompute, (s_up, s_down, g_up, g_down))

@@ -86,6 +86,9 @@ class MemoryModel:
     attn_temps: Lin = ZERO
     #: the other layers' checkpointed inputs the last layer's backward holds (``activation_terms``)
     ckpt_inputs: Lin = ZERO
+    #: moments inside a MoE layer's backward (``moe.moe_backward_moments``): the largest at ``T`` is
+    #: added to both layer moments
+    layer_moments: tuple[Lin, ...] = ()
 
     @classmethod
     def build(cls, spec, counts, lora_r, dropout, q, grad_ckpt, optimizer, attn_impl, weights, chunked_ce=False,
@@ -106,6 +109,7 @@ class MemoryModel:
             layers_grads=gradient_bytes(stepped) * (L - 1) // max(1, L),
             loss_extra=acts["loss_extra"], logits_fwd=lg["forward"], logits_bwd=lg["backward"],
             layers_temps=acts["layers_temps"], attn_temps=acts["attn_fwd_temps"], ckpt_inputs=acts["ckpt_inputs"],
+            layer_moments=acts["layer_moments"],
         )
 
     def phases(self, b: int, s: int, grad_accum: int = 1) -> dict[str, int]:
@@ -119,14 +123,19 @@ class MemoryModel:
         out = {
             "forward": static + g + acts + self.loss_extra.at(T, s) + self.logits_fwd.at(T, s),
             "backward": static + g + acts + self.logits_bwd.at(T, s),
-            "layers": static + (self.gradients if grad_accum > 1 else self.layers_grads) + self.layers.at(T, s),
+            "layers": static + (self.gradients if grad_accum > 1 else self.layers_grads) + self.layers.at(T, s)
+            + self.moment(T, s),
         }
         if self.ckpt_inputs != ZERO:
-            out["layers_last"] = static + g + (self.layers + self.ckpt_inputs).at(T, s)
+            out["layers_last"] = static + g + (self.layers + self.ckpt_inputs).at(T, s) + self.moment(T, s)
         out["optimizer"] = static + self.gradients + self.temps_opt
         if self.attn_fwd != ZERO:
             out["attention"] = static + g + self.attn_fwd.at(T, s)
         return out
+
+    def moment(self, T: int, s: int) -> int:
+        """The largest of ``layer_moments`` at ``T`` tokens (0 for a dense model)."""
+        return max((m.at(T, s) for m in self.layer_moments), default=0)
 
     def composition(self, b: int, s: int, grad_accum: int = 1) -> dict[str, dict[str, int]]:
         """What the bytes of each moment of ``phases`` are, in the tracker's categories
@@ -138,17 +147,18 @@ class MemoryModel:
         static = {"weights": self.weights, "adapters": self.adapters,
                   "optimizer": self.optimizer - self.optimizer_paged}
         acts = self.saved.at(T, s)
-        layers_t = self.layers_temps.at(T, s)
+        layers_t = self.layers_temps.at(T, s) + self.moment(T, s)
         parts = {
             # the loss-time extras are made in the forward and not saved: transients to a tracker
             "forward": {"gradients": g, "activations": acts, "logits": self.logits_fwd.at(T, s),
                         "temporaries": self.loss_extra.at(T, s)},
             "backward": {"gradients": g, "activations": acts, "logits": self.logits_bwd.at(T, s)},
             "layers": {"gradients": self.gradients if grad_accum > 1 else self.layers_grads,
-                       "activations": self.layers.at(T, s) - layers_t, "temporaries": layers_t},
+                       "activations": self.layers.at(T, s) + self.moment(T, s) - layers_t, "temporaries": layers_t},
         }
         if self.ckpt_inputs != ZERO:
-            parts["layers_last"] = {"gradients": g, "activations": (self.layers + self.ckpt_inputs).at(T, s) - layers_t,
+            parts["layers_last"] = {"gradients": g,
+                                    "activations": (self.layers + self.ckpt_inputs).at(T, s) + self.moment(T, s) - layers_t,
                                     "temporaries": layers_t}
         parts["optimizer"] = {"gradients": self.gradients, "temporaries": self.temps_opt}
         if self.attn_fwd != ZERO:

@@ -126,18 +126,21 @@ def test_committed_accuracy_report_meets_the_goal():
 
 
 def test_unvalidated_families_are_flagged():
-    """Families whose activation terms are not derived (GPT-2, MoE layers) say so in the plan;
-    the bundled specs of validated families carry no such warning, the others (Qwen3, MoE) do."""
+    """Families whose activation terms are not derived (GPT-2, gpt-oss and DeepSeek MoE layers) say
+    so in the plan; the bundled specs of validated families carry no such warning, nor do the MoE
+    families whose block is derived (planner.moe: Qwen3-MoE, Mixtral), the others do."""
     from qplan.planner.memory import VALIDATED_FAMILIES
+    from qplan.planner.moe import DERIVED_MOE
     from qplan.planner.specs import bundled_model_names, load_spec
 
     gpt2 = plan(str(FIXTURES / "gpt2-conv1d.json"), seq_len=64)
-    moe = plan(str(FIXTURES / "qwen2-moe.json"), seq_len=64)
+    moe = plan(str(FIXTURES / "gpt-oss-moe.json"), seq_len=64, targets="attn")
     assert any("gpt2 family" in w and "--method trace" in w for w in gpt2["warnings"])
     assert any("mixture-of-experts" in w for w in moe["warnings"])
     for name in bundled_model_names():
         inv = load_spec(name).inventory
-        validated = inv.model_type in VALIDATED_FAMILIES and not any(len(p.shape) == 3 for p in inv.params)
+        experts = any(len(p.shape) == 3 for p in inv.params)
+        validated = (inv.model_type in VALIDATED_FAMILIES and not experts) or inv.model_type in DERIVED_MOE
         assert any("approximated" in w for w in plan(name)["warnings"]) != validated, name
 
 
