@@ -208,6 +208,8 @@ def attach_trace(plan: dict[str, Any], traced: dict[str, Any]) -> dict[str, Any]
         "trainable_params": int(traced["trainable_params"]),
         "notes": list(traced.get("notes", [])),
     }
+    if "host_peak" in traced:  # the Unsloth trace books offloaded checkpoints as host memory
+        plan["prediction"]["trace"]["host_peak"] = int(traced["host_peak"])
     return plan
 
 
