@@ -289,23 +289,38 @@ def gpu_path_stand_ins(*, n_keep: int, free_bytes: int, total_bytes: int, host: 
             return torch.empty(gc_mod.INITIAL_GPU_BUFFER_SIZE, dtype=gc_mod.GPU_BUFFER_DTYPE, device=meta)
 
         def _new_host_buffer(numel, dtype):
-            buf = torch.empty(numel, dtype=dtype, device=meta)
+            # gradient_checkpointing.py _new_host_buffer: ``torch.empty(numel, dtype, device="cpu",
+            # pin_memory=True)``; torch's CachingHostAllocator takes a block of the next power of two
+            # (CachingHostAllocator.h ``PowerOf2Ceil``): booked as host memory, that block's bytes
+            nbytes = numel * dtype.itemsize
+            block = 1 << max(nbytes - 1, 0).bit_length()
+            raw = torch.empty(block, dtype=torch.uint8, device=meta)
+            buf = raw[:nbytes].view(dtype)
             tr = current.get("tracker")
-            rec = tr.lookup(buf) if tr is not None else None
+            rec = tr.lookup(raw) if tr is not None else None
             if rec is not None:
                 rec.host = True  # made during the step: pinned host memory from its first byte
             else:
-                host.append(buf)  # before the step: booked as host when the step starts
+                host.append(raw)  # before the step: booked as host when the step starts
             return buf
 
         def _grow_host_buffer(buffer, new_size):
+            # _grow_host_buffer on a pinned slot: ``buffer.resize_(new_size)`` takes a new pinned block
+            # and hands the old one back to the host cache, where it stays page-locked (kept here)
+            if new_size <= buffer.numel():
+                return buffer
+            host_cache.append(buffer)
             return _new_host_buffer(new_size, buffer.dtype)
 
+        host_cache: list = []
+        stack.callback(host_cache.clear)
         slots = gc_mod._PerDeviceSlots
         _patch(stack, slots, "__getitem__", lambda self, i, _g=slots.__getitem__: _g(self, 0 if i is None else i))
         _patch(stack, gc_mod, "_new_gpu_buffer", _new_gpu_buffer)
         _patch(stack, gc_mod, "_new_host_buffer", _new_host_buffer)
         _patch(stack, gc_mod, "_grow_host_buffer", _grow_host_buffer)
+        _patch(stack, gc_mod, "_reserve_pinned", lambda nbytes: True)
+        _patch(stack, gc_mod, "_release_pinned", lambda nbytes: None)
         _patch(stack, gc_mod, "_release_pool_pinned", lambda *a, **k: None)
         _patch(stack, gc_mod, "torch_gpu_stream", lambda s: contextlib.nullcontext())
         _patch(stack, torch.cuda, "mem_get_info", lambda *a, **k: (free_bytes, total_bytes))
@@ -522,6 +537,12 @@ def run_unsloth_trace(config: dict, s: Any, ckpt: Any, *, free_bytes: int, total
         amp.redirect()
         res = run_steps(pm, opt, hf.get_text_config().vocab_size, s, amp, paged, current, host=host,
                         chunked_logits=True)
+        # the pinned pool lives in Unsloth's module globals: reset it, or the next trace in this
+        # process would start from this one's buffers
+        import unsloth_zoo.gradient_checkpointing as gc_mod
+
+        if getattr(gc_mod, "CPU_BUFFERS", None):
+            gc_mod.unpatch_unsloth_smart_gradient_checkpointing()
     res["trainable_params"] = int(trainable)
     res["all_params"] = int(total)
     res["seconds"] = time.perf_counter() - t0
