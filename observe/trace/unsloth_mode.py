@@ -31,11 +31,12 @@ source cited in its docstring):
   ``torch.cuda``) is False;
 * ``no empty_cache`` — ``clean_gpu_cache`` frees no live tensor; a no-op;
 * ``dequantize like CUDA`` — ``fast_dequantize`` is defined at import for the CPU (bitsandbytes'
-  ``dequantize_4bit``); the stand-in allocates what the CUDA branch
-  (``unsloth/kernels/utils.py`` ``_fast_dequantize_ctypes`` / the NF4 Triton path) allocates: the
-  dequantized weight ``[out, in]`` in the compute dtype, in a per-device scratch buffer reused by
-  every layer when ``use_global_buffer`` (``_scratch("weight", ...)``), else a fresh tensor; with
-  double quantization the fp32 absmax, likewise in scratch or fresh;
+  ``dequantize_4bit``); the stand-in allocates what the CUDA branch with the NF4 Triton kernels
+  (sm_70+, the default; ``unsloth/kernels/utils.py`` ``fast_dequantize``, ``kernels/nf4.py``
+  ``dequantize_nf4``) allocates: the dequantized weight ``[out, in]`` in the compute dtype, in a
+  per-device scratch buffer reused by every layer when ``use_global_buffer``
+  (``_scratch("weight", ...)``: the forward), else a fresh tensor (the backward); the absmax is
+  decoded inside the kernel;
 * ``offload buffers`` — ``UnslothCheckpointFunction``'s CUDA streams/events become no-ops, its GPU
   staging buffers (``GPU_BUFFERS``, ``GPU_BUFFERS_B``) are meta tensors, and its pinned host buffers
   (``CPU_BUFFERS``) are meta tensors booked as host memory (not device memory), with the same sizes
@@ -70,7 +71,7 @@ STAND_INS = (
     "rope cache on meta (_build_rope_cache -> _set_cos_sin_cache(device=meta))",
     "rope eviction hint (_eviction_hints_ok -> False)",
     "no empty_cache (clean_gpu_cache -> no-op)",
-    "dequantize like CUDA (fast_dequantize -> scratch or fresh [out,in] + fp32 absmax)",
+    "dequantize like CUDA (fast_dequantize -> scratch or fresh [out,in], NF4 Triton path)",
     "offload buffers (UnslothCheckpointFunction streams no-op, GPU staging on meta, pinned host buffers as host)",
     "fused CE on meta (fused_linear_ce_v2 -> its _ce_impl with CUDA device answers)",
     "Trainer patched (patch_peft_model's guard)",
@@ -254,21 +255,18 @@ def gpu_path_stand_ins(*, n_keep: int, free_bytes: int, total_bytes: int, host: 
             return buf[:numel]
 
         def fast_dequantize(W, quant_state=None, out=None, use_global_buffer=False, dtype=None):
+            # utils.py fast_dequantize with the NF4 Triton kernels (sm_70+, UNSLOTH_BNB_TRITON=1,
+            # the default): ``out`` from the per-device scratch when ``use_global_buffer``, else
+            # ``dequantize_nf4``'s ``torch.empty(shape, dtype)``; the absmax is decoded inside the
+            # kernel (no buffer)
             if quant_state is None:
                 return W
-            absmax, shape, qdtype, blocksize, code, code2, absmax2, offset, blocksize2 = \
-                uku._unpack_quant_state(quant_state)
+            shape, qdtype = quant_state.shape, quant_state.dtype
             if out is None:
                 if use_global_buffer:
                     out = _scratch("weight", shape[0] * shape[1], qdtype).view(shape)
                 else:
                     out = torch.empty(shape, dtype=qdtype, device=meta)
-            if code2 is not None:  # double quant: the absmax is dequantized to fp32 first
-                if use_global_buffer:
-                    _scratch("absmax", absmax.numel(), torch.float32)
-                else:
-                    del_absmax = torch.empty(absmax.numel(), dtype=torch.float32, device=meta)
-                    del del_absmax
             return out.t() if W.shape[0] == 1 else out
 
         for mod in [m for name, m in list(sys.modules.items()) if name.startswith("unsloth")
