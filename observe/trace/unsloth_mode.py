@@ -550,15 +550,31 @@ def run_unsloth_trace(config: dict, s: Any, ckpt: Any, *, free_bytes: int, total
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m qplan.observe.trace.unsloth_mode IN.json OUT.json``: IN holds ``config``,
-    ``settings`` (``TraceSettings`` fields) and the device's ``free_bytes``/``total_bytes``."""
+    ``settings`` (``TraceSettings`` fields), ``ckpt`` and the device's ``free_bytes``/``total_bytes``
+    — or ``cases``, a list of such documents, traced one after the other in this process (OUT then
+    holds a list; a case that fails holds ``{"error": ...}``)."""
     from .settings import TraceSettings
 
     argv = sys.argv[1:] if argv is None else argv
     doc = json.loads(open(argv[0], encoding="utf-8").read())
-    s = TraceSettings(**doc["settings"])
-    res = run_unsloth_trace(doc["config"], s, doc["ckpt"], free_bytes=int(doc["free_bytes"]), total_bytes=int(doc["total_bytes"]))
+
+    def one(d: dict) -> dict:
+        s = TraceSettings(**d["settings"])
+        return run_unsloth_trace(d["config"], s, d["ckpt"], free_bytes=int(d["free_bytes"]),
+                                 total_bytes=int(d["total_bytes"]))
+
+    if "cases" in doc:
+        out: Any = []
+        for d in doc["cases"]:
+            try:
+                out.append(one(d))
+            except Exception as exc:  # noqa: BLE001 - one failed case must not lose the others
+                out.append({"error": f"{type(exc).__name__}: {exc}"})
+            print(f"traced {len(out)}/{len(doc['cases'])}", file=sys.stderr, flush=True)
+    else:
+        out = one(doc)
     with open(argv[1], "w", encoding="utf-8") as f:
-        json.dump(res, f)
+        json.dump(out, f)
     return 0
 
 

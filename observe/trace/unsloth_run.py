@@ -17,11 +17,8 @@ from typing import Any
 
 #: ``FastLanguageModel``'s ``use_gradient_checkpointing`` for a plan's ``grad_ckpt``
 UNSLOTH_CKPT = {"unsloth": "unsloth", "hf": True, "off": False}
-#: the GPU the trace assumes when the plan names none: 80 GiB, all but 20 GiB free when the loss
-#: and the offloaded checkpointing ask (Unsloth sizes its cross-entropy chunks and double
-#: buffering from ``torch.cuda.mem_get_info``)
-DEFAULT_TOTAL_BYTES = 80 * 2**30
-DEFAULT_FREE_BYTES = 60 * 2**30
+#: the GPU assumed when the plan names none (``planner.unsloth_memory``, shared with the plan)
+from qplan.planner.unsloth_memory import DEFAULT_FREE_BYTES, DEFAULT_TOTAL_BYTES  # noqa: E402
 
 
 def shim_dir() -> str:
@@ -67,10 +64,8 @@ def device_bytes(plan: dict[str, Any]) -> tuple[int, int]:
     return free, int(total)
 
 
-def trace_unsloth_plan(plan: dict[str, Any], steps: int = 2, timeout: int = 1800) -> dict[str, Any]:
-    """The trace of an Unsloth plan (``--method trace`` with ``--backend unsloth``)."""
-    from qplan.planner.errors import QPlanError
-
+def trace_doc(plan: dict[str, Any], steps: int = 2) -> dict[str, Any]:
+    """What ``unsloth_mode`` traces for a plan: its config, settings, checkpointing and GPU bytes."""
     lora, q, t = plan["lora"], plan["quant"], plan["training"]
     settings = dict(
         quant=q["quant"], double_quant=bool(q.get("double_quant", False)),
@@ -78,8 +73,14 @@ def trace_unsloth_plan(plan: dict[str, Any], steps: int = 2, timeout: int = 1800
         upcast_kbit=False, lora=lora, batch_size=t["batch_size"], seq_len=t["seq_len"],
         grad_ckpt=t["grad_ckpt"] != "off", optimizer=t["optimizer"], attn_impl=t["attn_impl"], steps=steps)
     free, total = device_bytes(plan)
-    doc = {"config": plan["model"]["config"], "settings": settings, "ckpt": UNSLOTH_CKPT[t["grad_ckpt"]],
-           "free_bytes": free, "total_bytes": total}
+    return {"config": plan["model"]["config"], "settings": settings, "ckpt": UNSLOTH_CKPT[t["grad_ckpt"]],
+            "free_bytes": free, "total_bytes": total}
+
+
+def run_unsloth_mode(doc: dict[str, Any], timeout: int = 1800) -> Any:
+    """Run ``unsloth_mode`` on ``doc`` (one case or ``{"cases": [...]}``) in Unsloth's interpreter."""
+    from qplan.planner.errors import QPlanError
+
     py = unsloth_python()
     with tempfile.TemporaryDirectory(prefix="qplan-utrace-") as tmp:
         src, dst = Path(tmp) / "in.json", Path(tmp) / "out.json"
@@ -101,7 +102,14 @@ def trace_unsloth_plan(plan: dict[str, Any], steps: int = 2, timeout: int = 1800
         if p.returncode != 0 or not dst.is_file():
             last = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise QPlanError(f"the Unsloth trace failed ({py}): {last}")
-        res = json.loads(dst.read_text(encoding="utf-8"))
+        return json.loads(dst.read_text(encoding="utf-8"))
+
+
+def trace_unsloth_plan(plan: dict[str, Any], steps: int = 2, timeout: int = 1800) -> dict[str, Any]:
+    """The trace of an Unsloth plan (``--method trace`` with ``--backend unsloth``)."""
+    doc = trace_doc(plan, steps)
+    free, total = doc["free_bytes"], doc["total_bytes"]
+    res = run_unsloth_mode(doc, timeout)
     res.setdefault("notes", []).append(f"Unsloth trace: GPU assumed {total} bytes, {free} free "
                                        "(Unsloth sizes its loss chunks and offload buffers from mem_get_info)")
     return res
