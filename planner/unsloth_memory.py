@@ -41,6 +41,8 @@ CE_MAX_ROWS = 4096  # ``_MAX_ROWS``
 CE_SPLIT_COLS = 16384  # ``_SPLIT_COLS``
 CE_SMALL_CARD_BYTES = int(24.5 * 1024**3)  # ``_SMALL_CARD_BYTES``
 CE_FLASH_MIN_ROWS_BIG = 4096  # ``_flash_min_rows_auto`` above the small-card size
+CE_BWD_ROWS = 4096  # ``_BWD_ROWS`` (NVIDIA)
+CE_TILE_BYTES = 256 * 1024**2  # ``_BWD_TILE_BYTES`` (NVIDIA)
 #: the GPU an Unsloth plan assumes when it names none: 80 GiB, 60 GiB free when Unsloth asks
 #: ``torch.cuda.mem_get_info`` (it sizes its cross-entropy chunks and double buffering from it)
 DEFAULT_TOTAL_BYTES = 80 * 2**30
@@ -153,8 +155,7 @@ def ce_rows(n_rows: int, d: Dims, total_bytes: int, free_bytes: int) -> int:
         m //= 2
     min_rows = min(max(m, 512), CE_MAX_ROWS)
     rows = min(max(rows, min_rows), CE_MAX_ROWS)
-    budget = max(int(min(CE_CHUNK_GB, free_bytes / 2**30 * 0.5) * 2**30), 1)
-    rows = min(rows, max(budget // max(V * 4, 1), 2))
+    rows = min(rows, max(ce_budget_bytes(free_bytes) // max(V * 4, 1), 2))
     return max(min(rows, max(n_rows, 1)), 1)
 
 
@@ -166,23 +167,45 @@ def ce_flash(n_keep: int, d: Dims, total_bytes: int) -> bool:
     return -(-d.V // CE_SPLIT_COLS) > 2 and n_keep >= min_rows
 
 
+def ce_budget_bytes(free_bytes: int) -> int:
+    """``_budget_bytes``: ``min(_CHUNK_GB, free / 2)`` GiB (``_default_target_gb``: half the free memory)."""
+    return max(int(min(CE_CHUNK_GB, free_bytes / 2**30 * 0.5) * 2**30), 1)
+
+
 def ce_forward_bytes(d: Dims, c: int, R: int, b: int, s: int, total_bytes: int, free_bytes: int) -> dict[str, int]:
     """The fused linear cross-entropy (``fused_losses/fused_linear.py`` ``_ce_impl``), which takes
-    the gradient in the forward and never holds ``T x V`` logits: ``saved`` = ``grad_h`` (``R h T``,
-    kept for backward); ``transient`` at a chunk = the shifted targets (``8 T``), the kept-row index
-    and fp32 log-probs (``12 n``), and, chunked, the fp32 logits buffer ``rows x V8`` (``V`` padded
-    to 8), the chunk's rows of the hidden states (``c h rows``, gathered), ``dz @ w``'s fp32
-    result (``4 h rows``), the row statistics (``4 rows``, and ``28 splits rows`` partials)."""
+    the gradient in the forward and never holds ``T x V`` logits. ``saved``: ``grad_h`` (``R h T``,
+    kept for backward). ``transient`` at a chunk: the shifted targets (``8 T``), the kept-row index
+    and fp32 log-probs (``12 n``, ``n = b (s - 1)``), and
+
+    * the tiled ("flash") forward (``_tiled_forward``): an fp32 buffer of ``rows x tile`` (``rows =
+      min(4096, n, 256 MiB / (16384 * 4))``, ``tile`` the budget's columns, at most ``V`` rounded up
+      to 16384), the fp32 gradient accumulator ``rows x h`` and running max, the fp32 logsumexp of
+      every row (``4 n``), and per chunk the gathered hidden rows (``c h rows``), targets (``8
+      rows``) and split partials (``32 splits rows``);
+    * else (``_Buffers``): the fp32 logits buffer ``rows x V8`` (``ce_rows``), and per chunk the
+      gathered hidden rows and targets, the row logsumexp (``4 rows``), split partials (``28 splits
+      rows`` when more than two 16384-column splits), ``dz @ w``'s fp32 result (``4 h rows``) and
+      its cast for ``index_copy_`` (``R h rows``)."""
     T, n = b * s, b * (s - 1)
     saved = R * d.h * T
     base = 8 * T + 12 * n
+    splits = -(-d.V // CE_SPLIT_COLS)
     if ce_flash(n, d, total_bytes):
-        return {"saved": saved, "transient": base + 4 * n}
+        budget = min(CE_TILE_BYTES, ce_budget_bytes(free_bytes))
+        rows = max(min(CE_BWD_ROWS, n, budget // (CE_SPLIT_COLS * 4)), 1)
+        tile = max(budget // (rows * 4), CE_SPLIT_COLS)
+        if total_bytes <= CE_SMALL_CARD_BYTES:  # ``_flash_min_rows == 0``: 16384-column tiles
+            tile = min(tile, CE_SPLIT_COLS)
+        tile = min(tile - tile % CE_SPLIT_COLS, splits * CE_SPLIT_COLS)
+        stride = -(-tile // 8) * 8
+        chunk = c * d.h * rows + 8 * rows + 32 * splits * rows
+        return {"saved": saved, "transient": base + 4 * rows * stride + 4 * rows * d.h + 4 * rows + 4 * n + chunk}
     rows = ce_rows(n, d, total_bytes, free_bytes)
     stride = -(-d.V // 8) * 8
-    splits = -(-d.V // CE_SPLIT_COLS)
-    splits = 1 if splits <= 2 else splits
-    chunk = c * d.h * rows + 4 * d.h * rows + 4 * rows + (28 * splits * rows if splits > 1 else 0)
+    sp = 1 if splits <= 2 else splits
+    chunk = (c * d.h * rows + 8 * rows + 4 * rows + (28 * sp * rows if sp > 1 else 0)
+             + 4 * d.h * rows + R * d.h * rows)
     return {"saved": saved, "transient": base + 4 * rows * stride + chunk}
 
 
@@ -244,12 +267,32 @@ def unsloth_phases(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings,
     u = unsloth_terms(spec, counts, q, grad_ckpt, b, s, fast_path, total_bytes, free_bytes)
     T = b * s
     base = static + u.buffers
+    x_in = R * d.h * T  # one layer's input
     acts = d.L * u.layer_saved if grad_ckpt == "off" else u.ckpt_inputs
     final = 2 * R * d.h * T + 4 * T
+    trans = layer_backward_transient(spec, q, c, R, b, s)
+    if grad_ckpt == "off":
+        # the first layer whose backward runs (the last one) holds every layer's activations
+        layers = base + gradients // d.L + acts + trans
+    else:
+        # the last layer's backward: every input still on the GPU, that layer's gradients; the
+        # first layer's: its input only (or a view of the staging buffer), every gradient
+        last = u.ckpt_inputs + gradients // d.L
+        first = (x_in if u.ckpt_inputs else 0) + gradients
+        layers = base + max(last, first) + u.layer_saved - x_in + trans
+    # a layer's MLP forward (the last layer's: every earlier layer's activations or checkpoint inputs
+    # exist): e, g and h = swiglu(e, g) (``3 c i T``) beside the residual stream's live tensors:
+    # the layer input, the attention residual h1, the MLP input (norm output) and o_proj's output;
+    # offloading also leaves the embeddings output referenced by the model's forward
+    mlp_t = 3 * c * d.i * T
+    if grad_ckpt == "off":
+        mlp = acts + c * d.i * T + x_in  # the earlier layers' and this one's saved; h and the down output
+    else:
+        mlp = u.ckpt_inputs + 3 * x_in + mlp_t + (x_in if offloaded(grad_ckpt, d, R, b, s) else 0)
     phases = {
         "forward": base + 16 * T + acts + final + u.ce_saved + u.ce_transient,
-        "layers": base + gradients + acts + (0 if grad_ckpt == "off" else u.layer_saved)
-        + layer_backward_transient(spec, q, c, R, b, s) + 16 * T,
+        "mlp_forward": base + 16 * T + mlp,
+        "layers": layers + 16 * T,
         "optimizer": base + gradients + optimizer_step_temp,
     }
     return phases, u
