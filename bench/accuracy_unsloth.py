@@ -47,6 +47,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="reports/accuracy/unsloth")
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--reuse", action="store_true",
+                    help="compare with the traces saved in OUT/traces.json by an earlier run (same cases)")
     args = ap.parse_args()
     from qplan.observe.trace.unsloth_run import run_unsloth_mode, trace_doc, unsloth_python
 
@@ -55,8 +57,19 @@ def main() -> int:
         plan = plan_of(model, quant, ckpt, b, s)
         cases.append(({"model": model, "quant": quant, "ckpt": ckpt, "b": b, "s": s}, plan))
     t0 = time.time()
-    traced = run_unsloth_mode({"cases": [trace_doc(p) for _, p in cases]}, timeout=3600)
-    seconds = time.time() - t0
+    docs = [trace_doc(p) for _, p in cases]
+    saved = Path(args.out) / "traces.json"
+    if args.reuse:
+        old = json.loads(saved.read_text(encoding="utf-8"))
+        if old["cases"] != json.loads(json.dumps(docs)):
+            raise SystemExit(f"{saved} traced other cases: run without --reuse")
+        traced, seconds = old["results"], old["seconds"]
+    else:
+        traced = run_unsloth_mode({"cases": docs}, timeout=3600)
+        seconds = time.time() - t0
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps({"cases": docs, "results": traced, "seconds": round(seconds, 1)}) + "\n",
+                         encoding="utf-8")
     rows = []
     for (key, plan), tr in zip(cases, traced):
         pred = plan["prediction"]

@@ -186,7 +186,7 @@ def ce_forward_bytes(d: Dims, c: int, R: int, b: int, s: int, total_bytes: int, 
     * else (``_Buffers``): the fp32 logits buffer ``rows x V8`` (``ce_rows``), and per chunk the
       gathered hidden rows and targets, the row logsumexp (``4 rows``), split partials (``28 splits
       rows`` when more than two 16384-column splits), ``dz @ w``'s fp32 result (``4 h rows``) and
-      its cast for ``index_copy_`` (``R h rows``)."""
+      either the previous chunk's (two chunks or more) or its cast for ``index_copy_`` (``R h rows``)."""
     T, n = b * s, b * (s - 1)
     saved = R * d.h * T
     base = 8 * T + 12 * n
@@ -204,8 +204,10 @@ def ce_forward_bytes(d: Dims, c: int, R: int, b: int, s: int, total_bytes: int, 
     rows = ce_rows(n, d, total_bytes, free_bytes)
     stride = -(-d.V // 8) * 8
     sp = 1 if splits <= 2 else splits
-    chunk = (c * d.h * rows + 8 * rows + 4 * rows + (28 * sp * rows if sp > 1 else 0)
-             + 4 * d.h * rows + R * d.h * rows)
+    # with two chunks or more the peak is at ``gh = _dz_w(dz, w)`` while the previous chunk's ``gh``
+    # is still bound; with one, at its ``.to(grad_h.dtype)`` for ``index_copy_``
+    gh = 2 * 4 * d.h * rows if n > rows else 4 * d.h * rows + R * d.h * rows
+    chunk = c * d.h * rows + 8 * rows + 4 * rows + (28 * sp * rows if sp > 1 else 0) + gh
     return {"saved": saved, "transient": base + 4 * rows * stride + chunk}
 
 
@@ -290,7 +292,9 @@ def unsloth_phases(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings,
     else:
         mlp = u.ckpt_inputs + 3 * x_in + mlp_t + (x_in if offloaded(grad_ckpt, d, R, b, s) else 0)
     phases = {
-        "forward": base + 16 * T + acts + final + u.ce_saved + u.ce_transient,
+        # offloading leaves the embeddings output referenced (the model's forward holds it)
+        "forward": base + 16 * T + acts + final + u.ce_saved + u.ce_transient
+        + (x_in if offloaded(grad_ckpt, d, R, b, s) else 0),
         "mlp_forward": base + 16 * T + mlp,
         "layers": layers + 16 * T,
         "optimizer": base + gradients + optimizer_step_temp,
