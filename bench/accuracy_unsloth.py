@@ -78,7 +78,9 @@ def main() -> int:
         if "error" in tr:
             row["trace_error"] = tr["error"]
         else:
-            row.update(trace_phases=tr["phase_peaks"], trace=tr["tensor_peak"], trace_phase=max(tr["phase_peaks"], key=tr["phase_peaks"].get), trace_host=tr["host_peak"],
+            phase = max(tr["phase_peaks"], key=tr["phase_peaks"].get)
+            row.update(trace_phases=tr["phase_peaks"], trace=tr["tensor_peak"], trace_phase=phase,
+                       trace_host=tr["host_peak"],
                        error=(row["analytic"] - tr["tensor_peak"]) / tr["tensor_peak"],
                        host_error=(row["host"] - tr["host_peak"]) / tr["host_peak"] if tr["host_peak"] else
                        (0.0 if row["host"] == 0 else None))
