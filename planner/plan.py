@@ -94,9 +94,8 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
                           chunked_ce=inp.backend == "unsloth")
     host_offload = None
     if inp.backend == "unsloth":
-        mem, host_offload, note = unsloth_plan_memory(inp, counts, weights)
-        if note:
-            warnings = [*(warnings or []), note]
+        mem, host_offload, notes = unsloth_plan_memory(inp, counts, weights)
+        warnings = [*(warnings or []), *notes]
     if inp.calibration and ("cuda_context_bytes" in inp.calibration or "allocator_slack_fraction" in inp.calibration):
         from .memory import overhead_bytes
 
@@ -175,12 +174,20 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
     return apply_distributed(doc, inp, counts)
 
 
-def unsloth_plan_memory(inp: PlanInputs, counts: list, weights: int) -> tuple[dict[str, Any], int, str | None]:
+def unsloth_plan_memory(inp: PlanInputs, counts: list, weights: int) -> tuple[dict[str, Any], int, list[str]]:
     """The memory of an Unsloth plan on a GPU (``planner.unsloth_memory``: Unsloth's fast path,
     offloaded checkpointing, fused cross-entropy, RoPE cache, dequantization scratch), its host
     bytes of offloaded checkpoints, and a warning when the plan is off the fast path. Unsloth sizes
-    its loss chunks from the GPU's memory: the plan's GPU, else an 80 GiB one with 60 GiB free."""
-    from .unsloth_memory import DEFAULT_FREE_BYTES, DEFAULT_TOTAL_BYTES, fast_path, fast_path_warning, unsloth_memory
+    its loss chunks from the GPU's memory: the plan's GPU, else an 80 GiB one with 60 GiB free.
+    The warnings: off the fast path; an optimizer other than Unsloth's default."""
+    from .unsloth_memory import (
+        DEFAULT_FREE_BYTES,
+        DEFAULT_TOTAL_BYTES,
+        fast_path,
+        fast_path_warning,
+        optimizer_note,
+        unsloth_memory,
+    )
 
     spec, lora, q, t = inp.spec, inp.lora, inp.quant, inp.training
     if inp.gpu is not None:
@@ -191,7 +198,8 @@ def unsloth_plan_memory(inp: PlanInputs, counts: list, weights: int) -> tuple[di
     fast = fast_path(spec, counts, lora.dropout, lora.bias, lora.use_dora)
     mem = unsloth_memory(spec, counts, q, t.grad_ckpt, t.batch_size, t.seq_len, weights, t.optimizer, t.grad_accum,
                          fast, total, free)
-    return mem, mem.pop("host_offload"), fast_path_warning(spec, counts, lora.dropout, lora.bias, lora.use_dora)
+    notes = [fast_path_warning(spec, counts, lora.dropout, lora.bias, lora.use_dora), optimizer_note(t.optimizer)]
+    return mem, mem.pop("host_offload"), [n for n in notes if n]
 
 
 def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[str, Any]:

@@ -29,7 +29,7 @@ def fmt_int(n: int) -> str:
     return f"{n:,}"
 
 
-PHASE_NAMES = {"forward": "loss", "backward": "start of backward", "layers": "layer-0 backward",
+PHASE_NAMES = {"forward": "loss", "backward": "start of backward", "layers": "layer-0 backward", "mlp_forward": "MLP forward",
                "optimizer": "optimizer step", "attention": "eager attention forward"}
 
 MEMORY_ROWS = [

@@ -317,6 +317,19 @@ def fast_path(spec: ModelSpec, counts: list[ModuleCount], dropout: float, bias: 
             and set(FAST_TARGETS) <= adapted)
 
 
+#: ``optim`` of Unsloth's patched TRL configs (``unsloth/models/rl.py`` replacements: ``"optim":
+#: "adamw_8bit"``, ``weight_decay`` 0.001); on its CPU backend it forces ``adamw_torch_fused``
+UNSLOTH_DEFAULT_OPTIMIZER = "adamw_8bit"
+
+
+def optimizer_note(optimizer: str) -> str | None:
+    """A plan whose optimizer is not the one Unsloth's trainer configs default to says so."""
+    if optimizer == UNSLOTH_DEFAULT_OPTIMIZER:
+        return None
+    return (f"Unsloth's SFTConfig defaults to optim={UNSLOTH_DEFAULT_OPTIMIZER!r}; this plan uses {optimizer!r} "
+            f"(`--optimizer {UNSLOTH_DEFAULT_OPTIMIZER}` plans Unsloth's default; qplan run passes the plan's)")
+
+
 def fast_path_warning(spec: ModelSpec, counts: list[ModuleCount], dropout: float, bias: str, dora: bool) -> str | None:
     if fast_path(spec, counts, dropout, bias, dora):
         return None
@@ -350,6 +363,9 @@ def unsloth_memory(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings,
     parts = {
         "forward": {"gradients": g, "activations": fwd_acts,
                     "temporaries": phases["forward"] - static - g - fwd_acts},
+        "mlp_forward": {"gradients": g, "activations": min(fwd_acts - u.ce_saved, phases["mlp_forward"] - static - g),
+                        "temporaries": phases["mlp_forward"] - static - g
+                        - min(fwd_acts - u.ce_saved, phases["mlp_forward"] - static - g)},
         "layers": {"gradients": grads, "activations": lay_acts,
                    "temporaries": phases["layers"] - static - grads - lay_acts},
         "optimizer": {"gradients": grads, "temporaries": phases["optimizer"] - static - grads},

@@ -100,11 +100,12 @@ PHASES = ("forward", "backward", "optimizer")
 #: observer marks: the loss is computed inside the model's forward; layer 0's backward is in the
 #: backward pass; an eager-attention layer's forward runs in the forward and again, recomputed, in
 #: the backward
-MOMENTS_OF_PHASE = {"forward": ("forward", "attention"), "backward": ("backward", "layers", "attention"),
+MOMENTS_OF_PHASE = {"forward": ("forward", "attention", "mlp_forward"), "backward": ("backward", "layers", "attention"),
                     "optimizer": ("optimizer",)}
 #: what a person calls each moment
 MOMENT_NAMES = {"forward": "loss (end of forward)", "backward": "start of backward", "layers": "layer-0 backward",
-                "optimizer": "optimizer step", "attention": "eager attention forward"}
+                "optimizer": "optimizer step", "attention": "eager attention forward",
+                "mlp_forward": "a layer's MLP forward (Unsloth)"}
 
 
 def optimizer(name: str) -> Optimizer:
