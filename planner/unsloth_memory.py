@@ -310,11 +310,15 @@ FAST_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def fast_path(spec: ModelSpec, counts: list[ModuleCount], dropout: float, bias: str, dora: bool) -> bool:
     """``patch_peft_model`` installs ``LoRA_QKV``/``LoRA_W``/``LoRA_MLP`` on every layer when
-    ``lora_dropout == 0``, ``bias == "none"``, no DoRA, and q,k,v / o / gate,up,down are adapted
-    without biases in the base layers; the terms here are derived for that path."""
+    ``lora_dropout == 0`` (with dropout it takes the same Functions with dropout masks, not modelled
+    here), ``bias == "none"``, no DoRA, and q,k,v / o / gate,up,down are adapted without biases in
+    the base layers (Qwen2's q,k,v have biases: they stay on PEFT's forward); the terms here are
+    derived for that path."""
     adapted = {c.module.rsplit(".", 1)[-1] for c in counts if c.kind == "lora"}
+    # ``patch_peft_model`` leaves a projection whose base layer has a bias (Qwen2's q,k,v) on PEFT's forward
+    biased = {g.pattern.rsplit(".", 1)[-1] for g in spec.inventory.linear if g.bias}
     return (spec.config.get("model_type") in UNSLOTH_FAMILIES and dropout == 0 and bias == "none" and not dora
-            and set(FAST_TARGETS) <= adapted)
+            and set(FAST_TARGETS) <= adapted and not (biased & set(FAST_TARGETS)))
 
 
 #: ``optim`` of Unsloth's patched TRL configs (``unsloth/models/rl.py`` replacements: ``"optim":
@@ -333,8 +337,9 @@ def optimizer_note(optimizer: str) -> str | None:
 def fast_path_warning(spec: ModelSpec, counts: list[ModuleCount], dropout: float, bias: str, dora: bool) -> str | None:
     if fast_path(spec, counts, dropout, bias, dora):
         return None
-    return ("Unsloth terms are derived for its fast LoRA path (llama/mistral/qwen2, all of q,k,v,o,gate,up,down, "
-            "dropout 0, no bias, no DoRA); this plan is off it and approximate: `--method trace` runs Unsloth's code")
+    return ("Unsloth terms are derived for its fast LoRA path (llama/mistral/qwen2, all of q,k,v,o,gate,up,down "
+            "adapted, none with a base bias as Qwen2's q,k,v have, dropout 0, no LoRA bias, no DoRA); this plan is "
+            "off it and approximate: `--method trace` runs Unsloth's code")
 
 
 def unsloth_memory(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings, grad_ckpt: str, b: int, s: int,
