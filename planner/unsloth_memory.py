@@ -252,7 +252,7 @@ def layer_backward_transient(spec: ModelSpec, q: QuantSettings, c: int, R: int, 
 
 def unsloth_phases(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings, grad_ckpt: str, b: int, s: int,
                    static: int, gradients: int, optimizer_step_temp: int, fast_path: bool,
-                   total_bytes: int, free_bytes: int) -> tuple[dict[str, int], UnslothTerms]:
+                   total_bytes: int, free_bytes: int) -> tuple[dict[str, int], UnslothTerms, int]:
     """The moments of an Unsloth step (from step 2 on: optimizer state exists; ``static`` = weights +
     adapters + device optimizer state):
 
@@ -275,12 +275,14 @@ def unsloth_phases(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings,
     trans = layer_backward_transient(spec, q, c, R, b, s)
     if grad_ckpt == "off":
         # the first layer whose backward runs (the last one) holds every layer's activations
-        layers = base + gradients // d.L + acts + trans
+        layers_grads = gradients // d.L
+        layers = base + layers_grads + acts + trans
     else:
         # the last layer's backward: every input still on the GPU, that layer's gradients; the
         # first layer's: its input only (or a view of the staging buffer), every gradient
         last = u.ckpt_inputs + gradients // d.L
         first = (x_in if u.ckpt_inputs else 0) + gradients
+        layers_grads = gradients if first >= last else gradients // d.L
         layers = base + max(last, first) + u.layer_saved - x_in + trans
     # a layer's MLP forward (the last layer's: every earlier layer's activations or checkpoint inputs
     # exist): e, g and h = swiglu(e, g) (``3 c i T``) beside the residual stream's live tensors:
@@ -299,7 +301,7 @@ def unsloth_phases(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings,
         "layers": layers + 16 * T,
         "optimizer": base + gradients + optimizer_step_temp,
     }
-    return phases, u
+    return phases, u, layers_grads
 
 
 #: families whose Unsloth model class the terms (and the Unsloth trace) follow
@@ -355,15 +357,16 @@ def unsloth_memory(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings,
     temps_opt = optimizer_step_temp_bytes(counts, optimizer)
     static = weights + adapters + dev_opt
     g = grads if grad_accum > 1 else 0
-    phases, u = unsloth_phases(spec, counts, q, grad_ckpt, b, s, static + g, grads - g, temps_opt, fast,
-                               total_bytes, free_bytes)
+    phases, u, lgrads = unsloth_phases(spec, counts, q, grad_ckpt, b, s, static + g, grads - g, temps_opt, fast,
+                                       total_bytes, free_bytes)
     d = dims(spec)
     R = BYTES[q.unquantized_dtype]
     T = b * s
     acts = (d.L * u.layer_saved if grad_ckpt == "off" else u.ckpt_inputs) + 2 * R * d.h * T + 4 * T + u.ce_saved
     stat = {"weights": weights, "adapters": adapters, "optimizer": dev_opt}
     fwd_acts = acts + 16 * T
-    lay_acts = phases["layers"] - static - grads - u.buffers - layer_backward_transient(
+    lgrads += g
+    lay_acts = phases["layers"] - static - lgrads - u.buffers - layer_backward_transient(
         spec, q, BYTES[q.compute_dtype] if q.compute_dtype != "float32" else 4, R, b, s)
     parts = {
         "forward": {"gradients": g, "activations": fwd_acts,
@@ -371,8 +374,8 @@ def unsloth_memory(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings,
         "mlp_forward": {"gradients": g, "activations": min(fwd_acts - u.ce_saved, phases["mlp_forward"] - static - g),
                         "temporaries": phases["mlp_forward"] - static - g
                         - min(fwd_acts - u.ce_saved, phases["mlp_forward"] - static - g)},
-        "layers": {"gradients": grads, "activations": lay_acts,
-                   "temporaries": phases["layers"] - static - grads - lay_acts},
+        "layers": {"gradients": lgrads, "activations": lay_acts,
+                   "temporaries": phases["layers"] - static - lgrads - lay_acts},
         "optimizer": {"gradients": grads, "temporaries": phases["optimizer"] - static - grads},
     }
     order = [c for c in CATEGORIES if c != "optimizer_paged"]
