@@ -92,8 +92,9 @@ def run_unsloth_mode(doc: dict[str, Any], timeout: int = 1800) -> Any:
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
         try:
+            # in the temporary folder: Unsloth writes an ``unsloth_compiled_cache/`` into its working directory
             p = subprocess.run([py, "-m", "qplan.observe.trace.unsloth_mode", str(src), str(dst)], env=env,
-                               capture_output=True, text=True, timeout=timeout)
+                               capture_output=True, text=True, timeout=timeout, cwd=tmp)
         finally:
             if shim:
                 import shutil
