@@ -23,7 +23,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -64,19 +63,10 @@ def _slug(s: str) -> str:
 
 def _shim_dir() -> str:
     """A folder whose ``qplan/`` links to this qplan's packages, for a foreign interpreter's
-    PYTHONPATH: the child runs the same qplan code without installing it there."""
-    import qplan.backends
-    import qplan.hf
-    import qplan.model_specs
-    import qplan.observe
-    import qplan.planner
+    PYTHONPATH (``qplan.observe.trace.unsloth_run.shim_dir``, shared with the Unsloth trace)."""
+    from qplan.observe.trace.unsloth_run import shim_dir
 
-    d = tempfile.mkdtemp(prefix="qplan-shim-")
-    (Path(d) / "qplan").mkdir()
-    for mod in (qplan.planner, qplan.backends, qplan.model_specs, qplan.hf, qplan.observe):
-        src = Path(mod.__file__).resolve().parent
-        (Path(d) / "qplan" / mod.__name__.split(".")[-1]).symlink_to(src, target_is_directory=True)
-    return d
+    return shim_dir()
 
 
 def _pump(src: Any, log_path: Path) -> None:

@@ -40,10 +40,13 @@ def paged_optimizer_host_bytes(optimizer_paged: int) -> int:
 
 
 def host_prediction(d: Dims, q: QuantSettings, batch_size: int, seq_len: int, grad_ckpt: str,
-                    optimizer_paged: int, kernels: str = "cuda") -> dict[str, int]:
-    """``prediction.host``: each term and their sum ``peak`` (bytes of host RAM)."""
+                    optimizer_paged: int, kernels: str = "cuda", offloaded: int | None = None) -> dict[str, int]:
+    """``prediction.host``: each term and their sum ``peak`` (bytes of host RAM); ``offloaded``: an
+    Unsloth plan's pinned offload pool (``unsloth_memory.offload_host_bytes``), which replaces the
+    ``L b s h`` estimate."""
     terms = {
-        "offloaded_checkpoints": offloaded_checkpoint_bytes(d, q, batch_size, seq_len, grad_ckpt, kernels),
+        "offloaded_checkpoints": offloaded if offloaded is not None else
+        offloaded_checkpoint_bytes(d, q, batch_size, seq_len, grad_ckpt, kernels),
         "paged_optimizer": paged_optimizer_host_bytes(optimizer_paged),
     }
     return {**terms, "peak": sum(terms.values())}

@@ -95,6 +95,10 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
     weights = weights_bytes(spec, q)
     mem = training_memory(spec, counts, lora.r, lora.dropout, q, t, weights,
                           chunked_ce=inp.backend == "unsloth")
+    host_offload = None
+    if inp.backend == "unsloth":
+        mem, host_offload, notes = unsloth_plan_memory(inp, counts, weights)
+        warnings = [*(warnings or []), *notes]
     if inp.calibration and ("cuda_context_bytes" in inp.calibration or "allocator_slack_fraction" in inp.calibration):
         from .memory import overhead_bytes
 
@@ -120,7 +124,8 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
         },
         "adapter_file_bytes": adapter_file_bytes(spec, counts),
         "memory": memory,
-        "host": host_prediction(dims(spec), q, t.batch_size, t.seq_len, t.grad_ckpt, mem["optimizer_paged"]),
+        "host": host_prediction(dims(spec), q, t.batch_size, t.seq_len, t.grad_ckpt, mem["optimizer_paged"],
+                                offloaded=host_offload),
         "memory_detail": {
             "weights": w_detail,
             "optimizer_paged": mem["optimizer_paged"],
@@ -172,6 +177,34 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
     return apply_distributed(doc, inp, counts)
 
 
+def unsloth_plan_memory(inp: PlanInputs, counts: list, weights: int) -> tuple[dict[str, Any], int, list[str]]:
+    """The memory of an Unsloth plan on a GPU (``planner.unsloth_memory``: Unsloth's fast path,
+    offloaded checkpointing, fused cross-entropy, RoPE cache, dequantization scratch), its host
+    bytes of offloaded checkpoints, and a warning when the plan is off the fast path. Unsloth sizes
+    its loss chunks from the GPU's memory: the plan's GPU, else an 80 GiB one with 60 GiB free.
+    The warnings: off the fast path; an optimizer other than Unsloth's default."""
+    from .unsloth_memory import (
+        DEFAULT_FREE_BYTES,
+        DEFAULT_TOTAL_BYTES,
+        fast_path,
+        fast_path_warning,
+        optimizer_note,
+        unsloth_memory,
+    )
+
+    spec, lora, q, t = inp.spec, inp.lora, inp.quant, inp.training
+    if inp.gpu is not None:
+        total = inp.gpu.total_bytes
+        free = max(total - weights, 0)
+    else:
+        total, free = DEFAULT_TOTAL_BYTES, DEFAULT_FREE_BYTES
+    fast = fast_path(spec, counts, lora.dropout, lora.bias, lora.use_dora)
+    mem = unsloth_memory(spec, counts, q, t.grad_ckpt, t.batch_size, t.seq_len, weights, t.optimizer, t.grad_accum,
+                         fast, total, free)
+    notes = [fast_path_warning(spec, counts, lora.dropout, lora.bias, lora.use_dora), optimizer_note(t.optimizer)]
+    return mem, mem.pop("host_offload"), [n for n in notes if n]
+
+
 def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[str, Any]:
     """``prediction.compute`` (FLOPs and bytes of one optimizer step), ``time`` and ``cost``."""
     from .compute import not_counted, step_bytes, step_flops
@@ -211,6 +244,8 @@ def attach_trace(plan: dict[str, Any], traced: dict[str, Any]) -> dict[str, Any]
         "trainable_params": int(traced["trainable_params"]),
         "notes": list(traced.get("notes", [])),
     }
+    if "host_peak" in traced:  # the Unsloth trace books offloaded checkpoints as host memory
+        plan["prediction"]["trace"]["host_peak"] = int(traced["host_peak"])
     return plan
 
 

@@ -30,7 +30,7 @@ def fmt_int(n: int) -> str:
 
 
 PHASE_NAMES = {"forward": "loss", "backward": "start of backward", "layers": "layer-0 backward",
-               "layers_last": "last layer's backward",
+               "layers_last": "last layer's backward", "mlp_forward": "MLP forward",
                "optimizer": "optimizer step", "attention": "eager attention forward",
                "unshard": "first all-gathers"}
 

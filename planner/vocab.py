@@ -100,14 +100,15 @@ PHASES = ("forward", "backward", "optimizer")
 #: observer marks: the loss is computed inside the model's forward; layer 0's backward is in the
 #: backward pass; an eager-attention layer's forward runs in the forward and again, recomputed, in
 #: the backward
-MOMENTS_OF_PHASE = {"forward": ("forward", "attention", "unshard"),
+MOMENTS_OF_PHASE = {"forward": ("forward", "attention", "unshard", "mlp_forward"),
                     "backward": ("backward", "layers", "layers_last", "attention"),
                     "optimizer": ("optimizer",)}
 #: what a person calls each moment
 MOMENT_NAMES = {"forward": "loss (end of forward)", "backward": "start of backward", "layers": "layer-0 backward",
                 "layers_last": "last layer's backward (every checkpoint alive)", "optimizer": "optimizer step",
                 "attention": "eager attention forward",
-                "unshard": "FSDP first all-gathers (root + layer 0)"}
+                "unshard": "FSDP first all-gathers (root + layer 0)",
+                "mlp_forward": "a layer's MLP forward (Unsloth)"}
 
 
 def optimizer(name: str) -> Optimizer:

@@ -138,8 +138,16 @@ def trace_training_step(config: dict, *, quant: str, double_quant: bool, compute
 
 
 def trace_plan(plan: dict[str, Any], device: str = "meta", steps: int = 2, count_flops: bool = False) -> dict[str, Any]:
-    """Trace the training step of a plan document (``qplan estimate --method trace``)."""
+    """Trace the training step of a plan document (``qplan estimate --method trace``); an Unsloth
+    plan is traced by Unsloth's own code in its venv (``unsloth_mode``, ``unsloth_run``)."""
     from qplan.planner.errors import QPlanError
+
+    if plan.get("backend") == "unsloth":
+        if device != "meta" or count_flops:
+            raise QPlanError("the Unsloth trace runs on the meta device and counts no FLOPs")
+        from .unsloth_run import trace_unsloth_plan
+
+        return trace_unsloth_plan(plan, steps=steps)
 
     lora, q, t = plan["lora"], plan["quant"], plan["training"]
     try:

@@ -196,12 +196,14 @@ class EmulatedAutocast:
         """Point every loaded transformers module's ``maybe_autocast`` (imported by name) at the
         emulated one (again after the model is built: modeling modules are imported lazily)."""
         for mod in list(sys.modules.values()):
+            # the module's own namespace: a lazy module's getattr would import (Unsloth's venv lacks
+            # torchvision, which some lazily exported transformers modules need)
             if getattr(mod, "__name__", "").startswith("transformers") and \
-                    getattr(mod, "maybe_autocast", None) is self._orig_maybe:
+                    getattr(mod, "__dict__", {}).get("maybe_autocast") is self._orig_maybe:
                 mod.maybe_autocast = emu.maybe_autocast
                 self._stack.callback(setattr, mod, "maybe_autocast", self._orig_maybe)
 
     def _unredirect(self) -> None:
         for mod in list(sys.modules.values()):
-            if getattr(mod, "maybe_autocast", None) is emu.maybe_autocast:
+            if getattr(mod, "__dict__", {}).get("maybe_autocast") is emu.maybe_autocast:
                 mod.maybe_autocast = self._orig_maybe

@@ -220,11 +220,13 @@ def batch(vocab: int, s: TraceSettings) -> Any:
 
 
 def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, paged: list,
-              current: dict[str, Any]) -> dict:
+              current: dict[str, Any], host: list | None = None, chunked_logits: bool = False) -> dict:
     """``model.train()``; per step as ``Trainer`` does it: forward with ``input_ids``, ``labels`` and
     (when the forward takes ``**kwargs``) ``num_items_in_batch``, under autocast with accelerate's
     ``convert_to_fp32`` of the outputs; ``loss.backward()``; ``clip_grad_norm_(params, 1.0)``;
-    ``optimizer.step()``; ``zero_grad(set_to_none=True)``."""
+    ``optimizer.step()``; ``zero_grad(set_to_none=True)``.  ``host`` (the Unsloth mode): tensors
+    that stand for pinned host memory, existing before the step (``host_peak``: their peak);
+    ``chunked_logits``: flag logits of any number of rows (a chunked cross-entropy)."""
     import torch
     from accelerate.utils.operations import convert_to_fp32
 
@@ -234,7 +236,7 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
         stand_ins.update(meta_stand_ins())
         if s.kernels == "cpu":
             stand_ins.update(cpu_kernel_stand_ins())
-    tracker = LiveTensorTracker(dev, logits=LogitsRule.for_step(vocab, s.batch_size, s.seq_len),
+    tracker = LiveTensorTracker(dev, logits=LogitsRule.for_step(vocab, s.batch_size, s.seq_len, chunked_logits),
                                 stand_ins=stand_ins, host_scalars_phase="optimizer" if dev == "cpu" else None)
     ids = batch(vocab, s)
     labels = ids.clone()
@@ -293,6 +295,8 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
         for t in (ids, labels, num_items):
             tracker.add_existing(t, "input")
         register_model(tracker, model)
+        for t in host or ():
+            tracker.add_existing(t, None).host = True
         for state in opt.state.values():
             for v in state.values():
                 tracker.add_existing(v, None)
@@ -322,6 +326,8 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
         h.remove()
     tracker.detach()
     res = Curve(tracker).summarize()
+    if host is not None:
+        res["host_peak"] = host_peak(tracker.records)
     late = sum(r.nbytes for r in tracker.records if r.late and not r.host)
     res["late_bytes"] = late
     for key in ("peak_phase", "peak_event"):
@@ -329,6 +335,17 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
     if counter is not None:
         res["flops_per_step"] = [int(b - a) for a, b in zip(flops_at, flops_at[1:])]
     return res
+
+
+def host_peak(records: list) -> int:
+    """The most bytes of host-booked storages alive at once (records of one tracker)."""
+    ev = sorted([(r.alloc, r.nbytes) for r in records if r.host]
+                + [(r.free, -r.nbytes) for r in records if r.host and r.free is not None], key=lambda e: (e[0], e[1]))
+    cur = peak = 0
+    for _, b in ev:
+        cur += b
+        peak = max(peak, cur)
+    return peak
 
 
 def add_notes(res: dict, model: Any, s: TraceSettings, notes: list[str]) -> None:

@@ -4,8 +4,9 @@
   Unsloth k-bit plan holds the bitsandbytes weights of a PEFT plan *without* the fp32 upcast —
   whose bytes tests/planner/test_weights.py checks against real bitsandbytes models, and
   tests/backends/test_unsloth_backend.py against a real Unsloth nf4 load;
-* host RAM: ``"unsloth"`` checkpointing offloads every layer's input to the CPU — counted from the
-  config's own numbers here, not from qplan's dims; paged optimizers can spill all their pages.
+* host RAM: ``"unsloth"`` checkpointing offloads every layer's input to pinned host slots — counted
+  from the config's own numbers here, not from qplan's dims (the Unsloth trace is the oracle,
+  tests/planner/test_unsloth_trace.py); paged optimizers can spill all their pages.
 """
 
 from __future__ import annotations
@@ -40,14 +41,26 @@ def test_llama_3_1_8b_nf4_unsloth_weights_are_not_fp32_upcast():
 
 @pytest.mark.parametrize("model", ["llama-3.1-8b", "qwen2.5-7b"])
 def test_unsloth_checkpointing_offloads_every_layer_input_to_host(model):
+    """Every layer's input (bf16 here) in its own pinned slot, a power-of-two block of torch's host
+    allocator, beside the pool of 200 x 256 KiB slots Unsloth pins when it patches checkpointing
+    (unsloth_zoo gradient_checkpointing.py). Counted from the config's own numbers; the oracle that
+    Unsloth really allocates this is tests/planner/test_unsloth_trace.py (its offload run on meta)."""
     b, s = 2, 2048
     plan = make_plan(model=model, backend="unsloth", batch_size=b, seq_len=s, compute_dtype="bf16")
     c = load_spec(model).config
     host = plan["prediction"]["host"]
-    assert host["offloaded_checkpoints"] == c["num_hidden_layers"] * b * s * c["hidden_size"] * 2  # bf16 stream
+    slot = b * s * c["hidden_size"] * 2  # bf16 stream
+    block = 1 << (slot - 1).bit_length()
+    assert host["offloaded_checkpoints"] == 200 * 256 * 1024 + c["num_hidden_layers"] * block
     assert host["peak"] == host["offloaded_checkpoints"] + host["paged_optimizer"]
     hf = make_plan(model=model, backend="peft", batch_size=b, seq_len=s)["prediction"]["host"]
     assert hf == {"offloaded_checkpoints": 0, "paged_optimizer": 0, "peak": 0}
+
+
+def test_unsloth_offloads_nothing_below_512_tokens():
+    """``apply_unsloth_gradient_checkpointing``: below max_seq_length 512, "unsloth" is plain checkpointing."""
+    plan = make_plan(model="llama-3.1-8b", backend="unsloth", batch_size=8, seq_len=256)
+    assert plan["prediction"]["host"]["offloaded_checkpoints"] == 0
 
 
 def test_paged_optimizer_can_spill_all_its_pages_to_host():

@@ -1,0 +1,114 @@
+"""Unsloth plans against the Unsloth mode of the trace: Unsloth's own GPU code path run on meta.
+
+The oracle is ``qplan.observe.trace.unsloth_mode`` — Unsloth's decoder forwards, fast LoRA
+autograd Functions, offloaded checkpointing (``UnslothCheckpointFunction``) and fused
+cross-entropy executed on meta tensors in Unsloth's venv — never ``planner.unsloth_memory``'s own
+formulas. It needs that venv (``QPLAN_UNSLOTH_PYTHON``, as tests/backends/test_unsloth_backend.py);
+without it these tests skip. All cases run in one Unsloth process (~30 s).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from qplan.backends import registry
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "configs" / "llama-tied.json"
+
+
+def _unsloth_missing() -> str | None:
+    info = registry.backend_info("unsloth")
+    missing = registry._missing(info.requires, info.python)
+    if missing:
+        return (f"Unsloth is not importable by {info.python} (missing {', '.join(missing)}): set "
+                f"QPLAN_UNSLOTH_PYTHON to the python of a venv with qplan[unsloth]")
+    return None
+
+
+_SKIP = _unsloth_missing()
+pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
+
+#: (quant, checkpointing, batch, seq): offloading on (layer inputs > 2 MiB), offloading asked for
+#: below 512 tokens (Unsloth falls back to plain checkpointing), torch's checkpoint, none
+CASES = [("nf4", "unsloth", 2, 2048), ("bf16", "unsloth", 1, 256), ("nf4", "hf", 2, 1024), ("bf16", "off", 2, 1024)]
+
+
+def _config(tmp: Path) -> Path:
+    """The tiny Llama fixture widened (meta tensors cost nothing) so that a layer input passes
+    Unsloth's 2 MiB offload threshold at 2 x 2048 tokens, untied like the Llama-3 8B."""
+    cfg = json.loads(FIXTURE.read_text())
+    cfg.update(hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=2,
+               head_dim=64, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=4096)
+    path = tmp / "config.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _plan(path: Path, quant: str, ckpt: str, b: int, s: int) -> dict:
+    from qplan.planner.api import plan_inputs
+    from qplan.planner.plan import build_plan
+
+    inp, warnings = plan_inputs(model=str(path), quant=quant, r=8, alpha=8.0, dropout=0.0, targets="all-linear",
+                                optimizer="adamw_8bit", seq_len=s, batch_size=b, backend="unsloth",
+                                grad_ckpt=ckpt != "off")
+    inp = dataclasses.replace(inp, training=dataclasses.replace(inp.training, grad_ckpt=ckpt))
+    return build_plan(inp, warnings)
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+    from qplan.observe.trace.unsloth_run import run_unsloth_mode, trace_doc
+
+    path = _config(tmp_path_factory.mktemp("unsloth-trace"))
+    plans = [_plan(path, *c) for c in CASES]
+    return plans, run_unsloth_mode({"cases": [trace_doc(p) for p in plans]})
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=["-".join(map(str, c)) for c in CASES])
+def test_unsloth_plan_matches_unsloth_trace(traced, i):
+    plans, results = traced
+    plan, tr = plans[i], results[i]
+    assert "error" not in tr, tr
+    pred = plan["prediction"]
+    peak = pred["memory"]["tensor_peak"]
+    err = (peak - tr["tensor_peak"]) / tr["tensor_peak"]
+    print(f"{CASES[i]}: plan {peak:,} ({pred['memory_detail']['peak_phase']}), trace {tr['tensor_peak']:,} "
+          f"{tr['phase_peaks']} ({err:+.3%}); host plan {pred['host']['offloaded_checkpoints']:,}, "
+          f"trace {tr['host_peak']:,}; {tr['notes']}")
+    assert tr["trainable_params"] == pred["params"]["trainable"]
+    assert abs(err) <= 0.01
+    # pinned host memory of the offload: exactly what UnslothCheckpointFunction allocated
+    assert pred["host"]["offloaded_checkpoints"] == tr["host_peak"]
+    assert pred["memory_detail"]["phases"]["optimizer"] == pytest.approx(tr["phase_peaks"]["optimizer"], rel=1e-3)
+
+
+def test_offloading_is_what_unsloth_chose(traced):
+    """Offloading only at >= 512 tokens and > 2 MiB per layer input (the trace says which mode ran)."""
+    plans, results = traced
+    modes = [r["notes"][-1] for r in results]
+    assert modes == ["unsloth checkpointing in effect: 'unsloth'", "unsloth checkpointing in effect: True",
+                     "unsloth checkpointing in effect: True", "unsloth checkpointing in effect: False"]
+    assert results[0]["host_peak"] > 200 * 256 * 1024  # the pool and the offloaded layer inputs
+    assert results[1]["host_peak"] == 0 and plans[1]["prediction"]["host"]["offloaded_checkpoints"] == 0
+
+
+def test_estimate_method_trace_runs_unsloth(tmp_path):
+    """`qplan estimate --backend unsloth --method trace` runs the Unsloth trace (not PEFT's)."""
+    from click.testing import CliRunner
+
+    from qplan.cli.main import cli
+
+    path = _config(tmp_path)
+    res = CliRunner().invoke(cli, ["estimate", "-m", str(path), "--backend", "unsloth", "--quant", "nf4", "--r", "8",
+                                   "--dropout", "0", "--seq-len", "2048", "--batch-size", "2", "--optimizer",
+                                   "adamw_8bit", "--method", "trace", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    tr = doc["prediction"]["trace"]
+    assert doc["prediction"]["method"] == "trace"
+    assert tr["host_peak"] == doc["prediction"]["host"]["offloaded_checkpoints"] > 0
+    assert any("Unsloth trace" in n for n in tr["notes"])
