@@ -43,6 +43,17 @@ GRAD_CKPT = {"off": False, "hf": True, "unsloth": "unsloth"}
 def _import_unsloth() -> Any:
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")  # no network calls from a measuring run
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if "UNSLOTH_COMPILE_LOCATION" not in os.environ:
+        # unsloth_zoo/compiler.py writes the modules it generates to ./unsloth_compiled_cache (and
+        # imports them from there): a run must not write into, or read from, the user's folder.
+        # (Its CPU path compiles nothing, so only a GPU run exercises this.)
+        import atexit
+        import shutil
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="qplan-unsloth-compile-")
+        os.environ["UNSLOTH_COMPILE_LOCATION"] = folder
+        atexit.register(shutil.rmtree, folder, True)
     try:
         import unsloth  # noqa: F401 - must come before transformers/peft/trl are used
         from unsloth import FastLanguageModel
