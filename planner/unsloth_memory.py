@@ -129,6 +129,32 @@ def dequant_scratch_bytes(spec: ModelSpec, q: QuantSettings, c: int, fast_path: 
     return c * max(sizes, default=0)
 
 
+def peft_qkv_saved_bytes(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings, c: int, R: int, T: int) -> int:
+    """What q, k, v save per layer when they stay on PEFT's ``lora.Linear.forward`` (a base bias, as
+    Qwen2's: ``patch_peft_model`` installs ``LoRA_QKV`` only for bias-free projections), beyond the
+    ``LoRA_QKV`` input ``layer_saved_bytes`` counts (``R h T``):
+
+    * PEFT 0.21 casts the input to the fp32 adapter dtype and, under autocast, ``lora_A``'s
+      ``F.linear`` saves a fresh ``c``-byte copy of that: ``c h T`` per projection, and the norm output
+      itself is saved by nobody (``- R h T``); a bitsandbytes 4-bit layer skips the cast under
+      autocast, so its ``lora_A`` saves the shared norm output, which is what is already counted;
+    * ``lora_B`` saves ``lora_A``'s output, ``c r T`` per projection;
+    * autocast's ``c``-byte casts of the fp32 LoRA weights, saved by their ``F.linear``:
+      ``c r (in + out)`` per projection.
+    Checked against the Unsloth trace (Qwen2.5-7B rows of reports/accuracy/unsloth/)."""
+    if not biased_qkv(spec):
+        return 0
+    d = dims(spec)
+    lora = {c_.module.rsplit(".", 1)[-1]: c_ for c_ in counts if c_.kind == "lora"}
+    L = max(1, int(spec.inventory.num_hidden_layers or 1))
+    out = 0 if q.kbit else (3 * c * d.h - R * d.h) * T
+    for name in FAST_TARGETS[:3]:
+        g = next(g for g in spec.inventory.linear if g.pattern.rsplit(".", 1)[-1] == name)
+        r = lora[name].params_per_instance // (g.in_features + g.out_features)
+        out += c * r * T + c * r * (g.in_features + g.out_features) * max(1, g.instances // L)
+    return out
+
+
 def layer_saved_bytes(d: Dims, c: int, R: int, b: int, s: int) -> int:
     """What one decoder layer saves for backward on the fast path (``LlamaDecoderLayer_fast_forward``):
     ``fast_rms_layernorm`` saves its input and fp32 ``1/rms`` per row (twice: ``R h T + 4 T``
@@ -233,7 +259,7 @@ def unsloth_terms(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings, 
         buffers=rope_cache_bytes(spec, c, s) + dequant_scratch_bytes(spec, q, c, fast_path)
         + staging_buffer_bytes(grad_ckpt, d, R, b, s),
         ckpt_inputs=checkpoint_inputs_on_device(grad_ckpt, d, R, b, s),
-        layer_saved=layer_saved_bytes(d, c, R, b, s),
+        layer_saved=layer_saved_bytes(d, c, R, b, s) + peft_qkv_saved_bytes(spec, counts, q, c, R, b * s),
         ce_saved=ce["saved"], ce_transient=ce["transient"],
         host_offload=offload_host_bytes(grad_ckpt, d, R, b, s),
     )
@@ -317,10 +343,17 @@ def fast_path(spec: ModelSpec, counts: list[ModuleCount], dropout: float, bias: 
     the base layers (Qwen2's q,k,v have biases: they stay on PEFT's forward); the terms here are
     derived for that path."""
     adapted = {c.module.rsplit(".", 1)[-1] for c in counts if c.kind == "lora"}
-    # ``patch_peft_model`` leaves a projection whose base layer has a bias (Qwen2's q,k,v) on PEFT's forward
+    # ``patch_peft_model`` leaves a projection whose base layer has a bias on PEFT's forward: Qwen2's
+    # q,k,v (``peft_qkv_saved_bytes``); o and the MLP must be bias-free for ``LoRA_W``/``LoRA_MLP``
     biased = {g.pattern.rsplit(".", 1)[-1] for g in spec.inventory.linear if g.bias}
     return (spec.config.get("model_type") in UNSLOTH_FAMILIES and dropout == 0 and bias == "none" and not dora
-            and set(FAST_TARGETS) <= adapted and not (biased & set(FAST_TARGETS)))
+            and set(FAST_TARGETS) <= adapted and not (biased & set(FAST_TARGETS[3:])))
+
+
+def biased_qkv(spec: ModelSpec) -> bool:
+    """q, k and v have base biases (Qwen2): ``patch_peft_model`` keeps them on PEFT's forward."""
+    biased = {g.pattern.rsplit(".", 1)[-1] for g in spec.inventory.linear if g.bias}
+    return set(FAST_TARGETS[:3]) <= biased
 
 
 #: ``optim`` of Unsloth's patched TRL configs (``unsloth/models/rl.py`` replacements: ``"optim":

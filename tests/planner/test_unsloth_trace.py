@@ -86,6 +86,37 @@ def test_unsloth_plan_matches_unsloth_trace(traced, i):
     assert pred["memory_detail"]["phases"]["optimizer"] == pytest.approx(tr["phase_peaks"]["optimizer"], rel=1e-3)
 
 
+#: Qwen2: q, k, v have base biases, so ``patch_peft_model`` leaves them on PEFT's forward
+#: (``unsloth_memory.peft_qkv_saved_bytes``) while o and the MLP take the fast Functions
+QWEN2_CASES = [("bf16", "off", 2, 1024), ("nf4", "hf", 2, 1024)]
+
+
+@pytest.fixture(scope="module")
+def traced_qwen2(tmp_path_factory):
+    from qplan.observe.trace.unsloth_run import run_unsloth_mode, trace_doc
+
+    cfg = json.loads((FIXTURE.parent / "qwen2-bias.json").read_text())
+    cfg.update(hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=2,
+               vocab_size=32000, max_position_embeddings=4096)
+    path = tmp_path_factory.mktemp("unsloth-qwen2") / "config.json"
+    path.write_text(json.dumps(cfg))
+    plans = [_plan(path, *c) for c in QWEN2_CASES]
+    return plans, run_unsloth_mode({"cases": [trace_doc(p) for p in plans]})
+
+
+@pytest.mark.parametrize("i", range(len(QWEN2_CASES)), ids=["-".join(map(str, c)) for c in QWEN2_CASES])
+def test_unsloth_plan_with_biased_qkv_matches_unsloth_trace(traced_qwen2, i):
+    plans, results = traced_qwen2
+    plan, tr = plans[i], results[i]
+    assert "error" not in tr, tr
+    peak = plan["prediction"]["memory"]["tensor_peak"]
+    err = (peak - tr["tensor_peak"]) / tr["tensor_peak"]
+    print(f"qwen2 {QWEN2_CASES[i]}: plan {peak:,} ({plan['prediction']['memory_detail']['peak_phase']}), "
+          f"trace {tr['tensor_peak']:,} {tr['phase_peaks']} ({err:+.3%})")
+    assert not any("approximate" in w for w in plan["warnings"])
+    assert abs(err) <= 0.01
+
+
 def test_offloading_is_what_unsloth_chose(traced):
     """Offloading only at >= 512 tokens and > 2 MiB per layer input (the trace says which mode ran)."""
     plans, results = traced
