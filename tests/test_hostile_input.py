@@ -355,3 +355,15 @@ def test_configs_missing_a_size_are_one_line_or_use_the_built_width(tmp_path, ca
 
     down = next(g for g in load_spec(str(tmp_path / "b.json")).inventory.linear if g.pattern.endswith("down_proj"))
     assert dims(load_spec(str(tmp_path / "b.json"))).i == down.in_features
+
+
+@pytest.mark.parametrize("python", ["/nonexistent/python", "/etc/hostname"])
+def test_an_unsloth_trace_with_a_bad_interpreter_is_one_line(tmp_path, python):
+    """``--backend unsloth --method trace`` starts QPLAN_UNSLOTH_PYTHON: a path that is not an
+    interpreter is one line and exit 2, not an internal error."""
+    p = qplan("estimate", "--model", "smollm2-135m", "--backend", "unsloth", "--method", "trace",
+              env=dict(os.environ, QPLAN_UNSLOTH_PYTHON=python))
+    assert p.returncode == 2, p.stderr
+    err = [ln for ln in p.stderr.splitlines() if ln.startswith("qplan:")]
+    assert len(err) == 1 and "QPLAN_UNSLOTH_PYTHON" in err[0] and "internal error" not in err[0], p.stderr
+    assert "Traceback" not in p.stderr

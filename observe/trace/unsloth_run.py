@@ -95,6 +95,10 @@ def run_unsloth_mode(doc: dict[str, Any], timeout: int = 1800) -> Any:
             # in the temporary folder: Unsloth writes an ``unsloth_compiled_cache/`` into its working directory
             p = subprocess.run([py, "-m", "qplan.observe.trace.unsloth_mode", str(src), str(dst)], env=env,
                                capture_output=True, text=True, timeout=timeout, cwd=tmp)
+        except OSError as exc:  # a QPLAN_UNSLOTH_PYTHON that is not an interpreter
+            raise QPlanError(f"cannot start Unsloth's python {py!r} (QPLAN_UNSLOTH_PYTHON): {exc.strerror or exc}") from exc
+        except subprocess.TimeoutExpired as exc:
+            raise QPlanError(f"the Unsloth trace took longer than {timeout} s and was stopped") from exc
         finally:
             if shim:
                 import shutil
