@@ -69,3 +69,16 @@ def saved_tiny_models(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+def unsloth_missing() -> str | None:
+    """Why the Unsloth venv (``QPLAN_UNSLOTH_PYTHON``) cannot run here, or None: the reason Unsloth's
+    tests skip with."""
+    from qplan.backends import registry
+
+    info = registry.backend_info("unsloth")
+    missing = registry._missing(info.requires, info.python)
+    if missing:
+        return (f"Unsloth is not importable by {info.python} (missing {', '.join(missing)}): set "
+                f"QPLAN_UNSLOTH_PYTHON to the python of a venv with qplan[unsloth]")
+    return None

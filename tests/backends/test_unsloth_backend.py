@@ -12,19 +12,9 @@ from pathlib import Path
 import pytest
 
 from backend_helpers import build_plan, llama_spec, read_measured, write_plan
-from qplan.backends import registry
+from conftest import unsloth_missing
 
-
-def _unsloth_missing() -> str | None:
-    info = registry.backend_info("unsloth")
-    missing = registry._missing(info.requires, info.python)
-    if missing:
-        return (f"Unsloth is not importable by {info.python} (missing {', '.join(missing)}): set "
-                f"QPLAN_UNSLOTH_PYTHON to the python of a venv with qplan[unsloth]")
-    return None
-
-
-_SKIP = _unsloth_missing()
+_SKIP = unsloth_missing()
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
 

@@ -15,21 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from qplan.backends import registry
+from conftest import unsloth_missing
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "configs" / "llama-tied.json"
 
 
-def _unsloth_missing() -> str | None:
-    info = registry.backend_info("unsloth")
-    missing = registry._missing(info.requires, info.python)
-    if missing:
-        return (f"Unsloth is not importable by {info.python} (missing {', '.join(missing)}): set "
-                f"QPLAN_UNSLOTH_PYTHON to the python of a venv with qplan[unsloth]")
-    return None
-
-
-_SKIP = _unsloth_missing()
+_SKIP = unsloth_missing()
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
 #: (quant, checkpointing, batch, seq): offloading on (layer inputs > 2 MiB), offloading asked for
@@ -59,13 +50,17 @@ def _plan(path: Path, quant: str, ckpt: str, b: int, s: int) -> dict:
     return build_plan(inp, warnings)
 
 
-@pytest.fixture(scope="module")
-def traced(tmp_path_factory):
+def _plans_and_traces(path: Path, cases: list) -> tuple[list, list]:
+    """The plans of ``cases`` and their Unsloth traces, all in one Unsloth process."""
     from qplan.observe.trace.unsloth_run import run_unsloth_mode, trace_doc
 
-    path = _config(tmp_path_factory.mktemp("unsloth-trace"))
-    plans = [_plan(path, *c) for c in CASES]
+    plans = [_plan(path, *c) for c in cases]
     return plans, run_unsloth_mode({"cases": [trace_doc(p) for p in plans]})
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+    return _plans_and_traces(_config(tmp_path_factory.mktemp("unsloth-trace")), CASES)
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=["-".join(map(str, c)) for c in CASES])
@@ -93,15 +88,12 @@ QWEN2_CASES = [("bf16", "off", 2, 1024), ("nf4", "hf", 2, 1024)]
 
 @pytest.fixture(scope="module")
 def traced_qwen2(tmp_path_factory):
-    from qplan.observe.trace.unsloth_run import run_unsloth_mode, trace_doc
-
     cfg = json.loads((FIXTURE.parent / "qwen2-bias.json").read_text())
     cfg.update(hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=2,
                vocab_size=32000, max_position_embeddings=4096)
     path = tmp_path_factory.mktemp("unsloth-qwen2") / "config.json"
     path.write_text(json.dumps(cfg))
-    plans = [_plan(path, *c) for c in QWEN2_CASES]
-    return plans, run_unsloth_mode({"cases": [trace_doc(p) for p in plans]})
+    return _plans_and_traces(path, QWEN2_CASES)
 
 
 @pytest.mark.parametrize("i", range(len(QWEN2_CASES)), ids=["-".join(map(str, c)) for c in QWEN2_CASES])
