@@ -89,7 +89,7 @@ def rank_memory(spec, counts, lora_r, dropout, q: QuantSettings, t, dist: DistSe
                                  temps_opt=0 if dist.cpu_offload else optimizer_step_temp_bytes(sc, t.optimizer, kernels))
         lora_layer = lora_layer_bytes(counts, L)
         lora_layer_shard = lora_layer_bytes(sc, L)
-        root_lora_shard = a_full_sharded(sc) - L * lora_layer_shard
+        root_lora_shard = adapter_bytes(sc) - L * lora_layer_shard  # `a` is 0 with --cpu-offload
         root = fsdp_all_gather_bytes(rw["root_shard"] + root_lora_shard, W)
         layer = fsdp_all_gather_bytes(rw["layer_shard"] + lora_layer_shard, W)
         rs_input = fsdp_all_gather_bytes(lora_layer_shard, W)  # padded like the all-gather
@@ -141,11 +141,6 @@ def rank_memory(spec, counts, lora_r, dropout, q: QuantSettings, t, dist: DistSe
             "temporaries": max(ev["temporaries"], *(sum(e.values()) for e in extras.values())),
             "weights_footprint": resident - rw["quant_state"], "host_offload": host, "terms": terms,
             "weights_detail": rw}
-
-
-def a_full_sharded(sc) -> int:
-    """One rank's trainable bytes (padded LoRA shards): ``adapter_bytes`` of ``sharded_counts``."""
-    return adapter_bytes(sc)
 
 
 def fsdp_last_layer_backward_weights(root: int, layer: int) -> int:

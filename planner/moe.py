@@ -39,14 +39,13 @@ DERIVED_MOE = {"qwen3_moe": "qwen3", "qwen2_moe": "qwen2", "mixtral": "mistral"}
 class MoeDims:
     """A sparse MoE block as transformers 5 builds it: ``E`` experts fused into 3-D parameters
     (``gate_up_proj`` [E, 2I, h], ``down_proj`` [E, h, I]; the inventory's 3-D ``params``), ``k``
-    experts per token, ``layers`` decoder layers that have it; a shared expert MLP of width
+    experts per token (in every decoder layer: ``moe_dims``); a shared expert MLP of width
     ``shared`` (Qwen2-MoE ``shared_expert`` + its sigmoid ``shared_expert_gate``; 0 if none)."""
 
     E: int
     k: int
     h: int
     inter: int
-    layers: int
     router: str  # the router module's pattern (its ``weight`` is what PEFT may adapt)
     normalize: bool
     cast_back: bool
@@ -69,7 +68,7 @@ def moe_dims(spec: ModelSpec) -> MoeDims | None:
     norm = rule["normalize"]
     shared = next((g.out_features for g in inv.linear if g.pattern.endswith("shared_expert.gate_proj")), 0)
     return MoeDims(E=int(gu.shape[0]), k=int(c["num_experts_per_tok"]), h=int(dn.shape[1]), inter=int(dn.shape[2]),
-                   layers=L, router=next((q.pattern for q in inv.params if "Router" in q.module_type), ""),
+                   router=next((q.pattern for q in inv.params if "Router" in q.module_type), ""),
                    normalize=bool(c.get(norm, False)) if isinstance(norm, str) else bool(norm),
                    cast_back=bool(rule["cast_back"]), shared=int(shared))
 

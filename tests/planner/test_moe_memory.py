@@ -8,7 +8,7 @@ difference is one layer's bytes per token.  The plan's must be *equal*, for rout
 without renormalisation, cast-back and fp32 routing weights (Qwen vs Mixtral), a shared expert
 (Qwen2-MoE), LoRA on the experts and the router (``all-linear``), nf4 with the fp32 upcast and
 bf16, and shapes that change which of k, E, I, h dominates.  The peaks of whole plans (with the
-backward moments of ``moe_backward_transient``) are checked within 3% on the same fixtures.
+backward moments of ``moe_backward_moments``) are checked within 3% on the same fixtures.
 """
 
 from __future__ import annotations
