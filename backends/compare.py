@@ -110,7 +110,7 @@ def composition_at_peak(plan: dict[str, Any], doc: dict[str, Any]) -> dict[str, 
       ``compared.predicted`` when the plan predicts its peak at that same moment, and otherwise
       ``predicted_peak`` (the composition of the plan's own peak moment) does.
     """
-    from qplan.planner.phases import moment_in_phase
+    from qplan.planner.memory.phases import moment_in_phase
     from qplan.planner.vocab import MOMENT_NAMES
 
     detail = plan["prediction"].get("memory_detail") or {}

@@ -48,7 +48,7 @@ def record_text(rec: Any, where: str) -> str:
 def read_jsonl(path: str | Path) -> list[str]:
     """Texts of a JSONL file; a missing file, bad line or empty file is one clear error."""
     from qplan.planner.files import safe_is_file
-    from qplan.planner.schema import loads
+    from qplan.planner.validate import loads
 
     p = Path(path)
     if not safe_is_file(p):

@@ -456,8 +456,9 @@ def utc_stamp() -> str:
 
 def read_run(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """A run folder's plan.json and measured.json, each checked against its schema."""
+    from qplan.planner.document import check_plan
     from qplan.planner.files import safe_exists
-    from qplan.planner.schema import check_measured, check_plan, read_json
+    from qplan.planner.validate import check_measured, read_json
 
     p = Path(run_dir)
     if not safe_exists(p) or not p.is_dir():
@@ -469,9 +470,3 @@ def read_run(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     doc = check_measured(read_json(p / "measured.json", "measurements"), str(p / "measured.json"))
     return plan, doc
 
-
-def summarize(run_dirs: list[str], output: str | None = None) -> dict[str, Any]:
-    """``qplan report``: see ``backends.summary.summarize``."""
-    from .summary import summarize as _summarize
-
-    return _summarize(run_dirs, output)

@@ -28,9 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qplan.planner.document import check_plan
 from qplan.planner.errors import QPlanError
 from qplan.planner.files import atomic_write, check_folder, safe_is_file
-from qplan.planner.schema import check_plan, read_json
+from qplan.planner.validate import read_json
 
 from . import registry
 from .compare import pairs

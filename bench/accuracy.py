@@ -37,12 +37,12 @@ OPTIMIZERS = ("adamw_torch", "adamw_8bit")
 
 def plan_for(model: str, quant: str, b: int, s: int, ckpt: bool, r: int, targets: str, optimizer: str,
              attn: str = "sdpa") -> dict:
-    from qplan.planner.api import make_plan
-    from qplan.planner.specs import load_spec
+    from qplan.planner.api import plan_dict
+    from qplan.planner.model.catalog import load_spec
 
     # PEFT refuses dropout on the fused expert parameters its MoE rewrite targets (lora.ParamWrapper)
     dropout = 0.0 if load_spec(model).inventory.moe_conversion is not None else 0.05
-    return make_plan(**dict(
+    return plan_dict(**dict(
         model=model, r=r, alpha=None, dropout=dropout, targets=targets, bias="none", dora=False, rslora=False,
         modules_to_save="", quant=quant, double_quant=True, compute_dtype="bf16", upcast=True, gpu=None,
         seq_len=s, batch_size=b, grad_accum=1, grad_ckpt=ckpt, optimizer=optimizer, attn_impl=attn,

@@ -45,9 +45,9 @@ def cases() -> list[dict]:
 
 def run_case(case: dict) -> dict:
     from qplan.observe.trace.dist import trace_rank_step
-    from qplan.planner.api import make_plan
+    from qplan.planner.api import plan_dict
 
-    plan = make_plan(model=case["model"], quant=case["quant"], gpus=case["world"], strategy="fsdp",
+    plan = plan_dict(model=case["model"], quant=case["quant"], gpus=case["world"], strategy="fsdp",
                      batch_size=case["b"], seq_len=case["s"], grad_ckpt=case["ckpt"])
     t0 = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()):

@@ -40,7 +40,7 @@ def plan_of(model: str, quant: str, ckpt: str, b: int, s: int) -> dict:
                                 optimizer=OPTIMIZER, seq_len=s, batch_size=b, backend="unsloth",
                                 grad_ckpt=ckpt != "off")
     inp = dataclasses.replace(inp, training=dataclasses.replace(inp.training, grad_ckpt=ckpt))
-    return build_plan(inp, warnings)
+    return build_plan(inp, warnings).to_dict()
 
 
 def main() -> int:
@@ -131,7 +131,7 @@ def readme(doc: dict) -> str:
         "# Accuracy: Unsloth plans vs the Unsloth trace", "",
         f"Command: `{doc['command']}` at commit {doc['commit']} ({doc['generated']}, {doc['seconds']} s; "
         f"{', '.join(f'{k} {v}' for k, v in doc['versions'].items())}).", "",
-        "Each case: `qplan estimate --backend unsloth` (analytic, `planner/unsloth_memory.py`) vs the live-tensor "
+        "Each case: `qplan estimate --backend unsloth` (analytic, `planner/memory/unsloth.py`) vs the live-tensor "
         "trace of two training steps of the full-size model with Unsloth's GPU code path run on the meta device "
         "(`qplan estimate --backend unsloth --method trace`: Unsloth's own forwards, fast LoRA Functions, "
         "offloaded checkpointing and fused cross-entropy, with the stand-ins listed in the main README). "

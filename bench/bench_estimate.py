@@ -23,7 +23,7 @@ TODAY = """
 import json, sys, torch
 from peft import get_peft_model
 from qplan.hf import lora_config, model_from_config
-from qplan.planner.specs import load_spec
+from qplan.planner.model.catalog import load_spec
 m = model_from_config(load_spec(sys.argv[1]).config, device="meta")
 pm = get_peft_model(m, lora_config(dict(r=32, alpha=64, target_modules="all-linear")))
 print(pm.get_nb_trainable_parameters())
@@ -40,7 +40,7 @@ def wall(cmd: list[str], runs: int) -> list[float]:
 
 
 def fit_rate() -> dict:
-    from qplan.planner.fit import search
+    from qplan.planner.search.fit import search
 
     t = time.perf_counter()
     res = search("llama-3.1-8b", "a100-80gb")

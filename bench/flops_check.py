@@ -26,12 +26,12 @@ def main() -> None:
     from test_compute import CASES
 
     from qplan.observe.trace import trace_plan
-    from qplan.planner.api import make_plan
+    from qplan.planner.api import plan_dict
 
     rows = []
     t0 = time.time()
     for model, kw in CASES:
-        plan = make_plan(model=model, batch_size=1, seq_len=256, **kw)
+        plan = plan_dict(model=model, batch_size=1, seq_len=256, **kw)
         ours = plan["prediction"]["compute"]["flops_per_step"]
         oracle = trace_plan(plan, count_flops=True)["flops_per_step"][-1]
         rows.append({"model": model, **{k: str(v) for k, v in kw.items()}, "qplan": ours["total"], "flop_counter": oracle,

@@ -4,6 +4,10 @@
     python bench/plan_identity.py --out /tmp/after.json       # at the new one
     python bench/plan_identity.py --compare /tmp/before.json /tmp/after.json
 
+``--rename OLD=NEW`` replaces a string in each plan's text before hashing, for a change that is meant
+(e.g. a module path a plan names, moved): run the old commit with it, so that only that string may
+differ and everything else must still be byte-identical.
+
 The grid (12 bundled models + 3 tiny fixture families: GPT-2 Conv1D, Phi-3 fused, Qwen2-MoE, built
 on the fly; quant x checkpointing x targets x attention x dropout x batch x sequence x
 accumulation x optimizer, with a GPU, DoRA, biases and the Unsloth backend in some cells) is
@@ -43,6 +47,12 @@ EXTRAS = (
 
 def _make_plan_fn():
     try:
+        from qplan.planner.api import plan_dict
+
+        return lambda o: plan_dict(**o)
+    except ImportError:
+        pass
+    try:
         from qplan.planner.api import make_plan
 
         return lambda o: make_plan(**o)
@@ -80,13 +90,16 @@ def grid(stride: int):
                    grad_accum=ac, optimizer=op, r=8 if i % 3 else 64, **ex)
 
 
-def run(stride: int) -> dict[str, str]:
+def run(stride: int, renames: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
     make = _make_plan_fn()
     out = {}
     for o in grid(stride):
         key = json.dumps({k: (Path(v).name if k == "model" else v) for k, v in sorted(o.items())}, sort_keys=True)
         try:
-            out[key] = hashlib.sha256(_dumps(make(o)).encode()).hexdigest()
+            text = _dumps(make(o))
+            for old, new in renames:
+                text = text.replace(old, new)
+            out[key] = hashlib.sha256(text.encode()).hexdigest()
         except Exception as exc:  # noqa: BLE001 - the error message is part of the behaviour
             out[key] = "error: " + " ".join(str(exc).split())
     return out
@@ -97,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out")
     ap.add_argument("--stride", type=int, default=7)
     ap.add_argument("--compare", nargs=2)
+    ap.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
+                    help="replace OLD by NEW in each plan before hashing (a meant change)")
     a = ap.parse_args(argv)
     if a.compare:
         x, y = (json.loads(Path(p).read_text()) for p in a.compare)
@@ -106,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in diff[:20]:
             print("  ", k, x.get(k), "->", y.get(k))
         return 1 if diff else 0
-    res = run(a.stride)
+    res = run(a.stride, tuple(tuple(r.split("=", 1)) for r in a.rename))
     Path(a.out).write_text(json.dumps(res, indent=0, sort_keys=True) + "\n")
     errors = sum(v.startswith("error") for v in res.values())
     print(f"{len(res)} cases: {len(res) - errors} plans, {errors} refusals -> {a.out}")

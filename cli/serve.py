@@ -81,17 +81,17 @@ def query_args(command: click.Command, query: str) -> list[str]:
 
 
 def _context(command_name: str, query: str) -> dict[str, Any]:
-    from qplan.cli.main import cli
+    from qplan.cli.plan_commands import estimate, fit
 
-    command = cli.commands[command_name]
-    parent = click.Context(cli, info_name="qplan")
+    command = {"estimate": estimate, "fit": fit}[command_name]
+    parent = click.Context(click.Group("qplan"), info_name="qplan")
     ctx = command.make_context(command_name, query_args(command, query), parent=parent)
     return dict(ctx.params)
 
 
 def _check_model(model: Any) -> None:
     if isinstance(model, str) and model and os.path.lexists(model):
-        from qplan.planner.specs import model_names
+        from qplan.planner.model.catalog import model_names
 
         if model not in model_names():
             raise QPlanError(f"model {model!r} is a local path: qplan serve plans bundled models, your specs and Hub ids "
@@ -112,20 +112,20 @@ def _served_options(command_name: str, query: str) -> dict[str, Any]:
 def estimate_text(query: str) -> str:
     """What ``qplan estimate --format json`` prints for these options."""
     from qplan.planner.api import make_plan
-    from qplan.planner.plan import dumps
+    from qplan.planner.document import dumps
 
     return dumps(make_plan(**_served_options("estimate", query)))
 
 
 def fit_text(query: str) -> str:
     """What ``qplan fit --format json`` prints for these options."""
-    from qplan.cli.main import fit_document
+    from qplan.planner.search.fit import fit_document
 
     return json.dumps(fit_document(_served_options("fit", query)), indent=2, ensure_ascii=False) + "\n"
 
 
 def models_text() -> str:
-    from qplan.planner.specs import load_spec, model_names
+    from qplan.planner.model.catalog import load_spec, model_names
 
     rows = []
     for n in model_names():
@@ -137,7 +137,7 @@ def models_text() -> str:
 
 
 def gpus_text() -> str:
-    from qplan.planner.specs import gpu_catalog
+    from qplan.planner.model.catalog import gpu_catalog
 
     return json.dumps([g.to_json() for g in gpu_catalog().values()], indent=2) + "\n"
 
@@ -184,7 +184,7 @@ class Handler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self) -> None:
-        from qplan.cli.main import error_line
+        from qplan.cli.common import error_line
 
         if not self._host_ok():
             return self._json_error(HTTPStatus.FORBIDDEN, "qplan: error: this server answers requests for 127.0.0.1 only")

@@ -1,6 +1,6 @@
 """One mapping from a plan (or a spec's config) to Hugging Face objects.
 
-The inventory (``qplan.planner.inventory``), the trace (``qplan.observe.trace``), the backends
+The inventory (``qplan.planner.model.inventory``), the trace (``qplan.observe.trace``), the backends
 (``qplan.backends``), the benchmarks and the tests all build their transformers config,
 ``BitsAndBytesConfig``, ``LoraConfig`` and models here, so the oracle and the backend it
 predicts load the model through the same code:

@@ -16,7 +16,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from .errors import QPlanError
+from qplan.planner.errors import QPlanError
 
 
 def _umask_mode() -> int:

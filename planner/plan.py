@@ -5,38 +5,58 @@ Same inputs give a byte-identical document: no timestamps, no host names, fixed 
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
-from . import __version__
-from .errors import QPlanError
-from .host import host_prediction
-from .lora import (
+import msgspec
+
+from qplan.planner import __version__
+from qplan.planner.document import (
+    PLAN_SCHEMA_VERSION,
+    Compute,
+    Cost,
+    DistributedSection,
+    Flops,
+    GpuSection,
+    LoraSection,
+    Memory,
+    ModelSection,
+    Moved,
+    Params,
+    PlanDoc,
+    Prediction,
+    QuantSection,
+    Time,
+    TrainingSection,
+    dumps,  # noqa: F401 - plan.json's text, where the plan is made
+    section,
+)
+from qplan.planner.errors import QPlanError
+from qplan.planner.memory.profiles import StepContext, memory_document, select_profile
+from qplan.planner.memory.sharding import DistSettings
+from qplan.planner.memory.terms import TrainingSettings, accuracy_warning, resolve_attn, text_only_warning
+from qplan.planner.model.catalog import load_gpu, load_spec, spec_origin, user_spec_dir
+from qplan.planner.model.lora import (
     LoraSettings,
     adapter_file_bytes,
     added_params,
     count_lora,
+    default_dropout,
     moved_targets_warning,
     resolve_targets,
     trainable_params,
 )
-from .memory import TrainingSettings, accuracy_warning, dims, text_only_warning
-from .phases import training_memory
-from .spec import Gpu, ModelSpec
-from .vocab import BACKENDS, BYTES, MIXED_PRECISION
-from .weights import (
+from qplan.planner.model.spec import Gpu, ModelSpec
+from qplan.planner.model.weights import (
     QuantSettings,
     base_params,
+    checkpoint_quant,
     unquantized_experts_warning,
-    weights_breakdown,
-    weights_bytes,
-    weights_footprint_bytes,
 )
-
-PLAN_SCHEMA_VERSION = 1
-MEMORY_KEYS = ("weights", "weights_footprint", "adapters", "gradients", "optimizer", "activations",
-               "logits", "temporaries", "overhead", "tensor_peak", "peak")
+from qplan.planner.options import PlanOptions, check_options
+from qplan.planner.validate import read_calibration
+from qplan.planner.vocab import BACKENDS, BYTES, DTYPE_ALIASES, MIXED_PRECISION
 
 
 @dataclass(frozen=True)
@@ -74,7 +94,68 @@ def check_gpu_dtype(quant: QuantSettings, gpu: Gpu | None, auto_fix: bool) -> tu
     return quant, warnings
 
 
-def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, Any]:
+def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec: ModelSpec | None = None,
+                device: Gpu | None = None, **fields: Any) -> tuple[PlanInputs, list[str]]:
+    """The validated inputs of a plan (and the warnings resolving them produced).
+
+    ``options`` is checked against ``PlanOptions`` (types, bounds, choices) before any work; a
+    violation is one line naming the CLI flag. ``spec`` / ``device``: an already loaded model spec or
+    GPU, used instead of looking up ``options.model`` / ``options.gpu``."""
+    o = check_options(fields if options is None else options)
+    r, alpha, dropout, targets, bias = o.r, o.alpha, o.dropout, o.targets, o.bias
+    quant, double_quant, compute_dtype, upcast = o.quant, o.double_quant, o.compute_dtype, o.upcast
+    tokens, dataset_tokens, epochs, calibration = o.tokens, o.dataset_tokens, o.epochs, o.calibration
+    backend, gpus, nodes, strategy, cpu_offload = o.backend, o.gpus, o.nodes, o.strategy, o.cpu_offload
+    modules_to_save, target_parameters, model, gpu = o.modules_to_save, o.target_parameters, o.model, o.gpu
+    if tokens is not None and (dataset_tokens is not None or epochs is not None):
+        raise QPlanError("give either --tokens or --dataset-tokens with --epochs, not both")
+    if (dataset_tokens is None) != (epochs is None):
+        raise QPlanError("--dataset-tokens and --epochs go together (tokens trained = dataset tokens x epochs)")
+    if dataset_tokens is not None and epochs is not None:
+        tokens = max(1, math.ceil(dataset_tokens * epochs))
+    calib = read_calibration(calibration) if calibration else None
+    if spec is None and model is None:
+        raise QPlanError("--model is required (a bundled name, a config.json, a Hub id), or --from-config FILE")
+    if spec is None and not model.strip():
+        raise QPlanError("--model is empty: give a bundled name (see `qplan models`), a config.json or a model folder")
+    if device is None and gpu is not None and not gpu.strip():
+        raise QPlanError("--gpu is empty: give a GPU name (see `qplan gpus`) or leave the option out")
+    spec = spec if spec is not None else load_spec(model)
+    gpu_ = device if device is not None else (None if gpu is None else load_gpu(gpu))
+    if isinstance(modules_to_save, str):
+        modules_to_save = modules_to_save.split(",")
+    if isinstance(target_parameters, str):
+        target_parameters = target_parameters.split(",")
+    if dropout is None:
+        dropout = default_dropout(spec, targets, tuple(m.strip() for m in target_parameters if m.strip()))
+    lora = LoraSettings(
+        r=r, alpha=alpha if alpha is not None else 2.0 * r, dropout=dropout, targets=targets, bias=bias,
+        use_dora=o.dora, use_rslora=o.rslora, modules_to_save=tuple(m.strip() for m in modules_to_save if m.strip()),
+        target_parameters=tuple(m.strip() for m in target_parameters if m.strip()),
+    )
+    # Unsloth's prepare_model_for_training (unsloth_zoo 2026.10.9 training_utils.py) casts only the LoRA
+    # weights to fp32: embeddings, head, norms and biases keep the load dtype (no kbit upcast)
+    q = QuantSettings(quant, double_quant, DTYPE_ALIASES[compute_dtype], upcast and backend != "unsloth")
+    q, ck_warnings = checkpoint_quant(spec, q)
+    ckpt = ("unsloth" if backend == "unsloth" else "hf") if o.grad_ckpt else "off"
+    training = TrainingSettings(o.batch_size, o.seq_len, o.grad_accum, ckpt, o.optimizer, resolve_attn(spec, o.attn_impl))
+    q, warnings = check_gpu_dtype(q, gpu_, auto_fix=not o.strict_dtype)
+    warnings = ck_warnings + warnings
+    if model is not None and spec_origin(model) == "user, shadows bundled":
+        warnings.insert(0, f"model {model!r} is your spec in {user_spec_dir()}, which shadows the bundled one "
+                           "(`qplan models` marks it)")
+    if calib is not None and gpu_ is not None and calib["device"] != gpu_.name:
+        raise QPlanError(f"calibration file {calibration} was fitted on {calib['device']}, not {gpu_.name}")
+    dist = None
+    if gpus * nodes > 1 or strategy is not None or cpu_offload:
+        dist = DistSettings(gpus, nodes, strategy or "ddp", cpu_offload)
+        dist.validate(q, backend)
+    return PlanInputs(spec, lora, q, training, gpu_, backend, tokens, o.price_per_hour, calib, dist), warnings
+
+
+def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> PlanDoc:
+    """The plan document of ``inp``: the profile chosen up front (``planner.memory.profiles``) computes
+    the memory; counts, compute, time and cost are the same for every profile."""
     spec, lora, q, t = inp.spec, inp.lora, inp.quant, inp.training
     if inp.backend not in BACKENDS:
         raise QPlanError(f"unknown backend {inp.backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -83,35 +164,21 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
                  accuracy_warning(spec, lora.use_dora)):
         if note:
             warnings = [*(warnings or []), note]
-    dtypes = {"bias": q.unquantized_dtype, "modules_to_save": q.unquantized_dtype}
-    counts = count_lora(spec, lora, dtypes)
+    counts = plan_counts(inp)
     note = text_only_warning(spec, counts)
     if note:
         warnings = [*(warnings or []), note]
     trainable = trainable_params(counts)
     base = base_params(spec)
     total = base + added_params(counts)
-    w_detail = weights_breakdown(spec, q)
-    weights = weights_bytes(spec, q)
-    mem = training_memory(spec, counts, lora.r, lora.dropout, q, t, weights,
-                          chunked_ce=inp.backend == "unsloth")
-    host_offload = None
-    if inp.backend == "unsloth":
-        mem, host_offload, notes = unsloth_plan_memory(inp, counts, weights)
+    ctx = StepContext.build(spec, lora, q, t, counts, inp.gpu, inp.backend, inp.calibration, inp.dist)
+    profile = select_profile(inp.backend, inp.dist)
+    mem = profile.memory(ctx, "cuda")
+    cpu = profile.memory(ctx, "cpu")
+    notes = profile.notes(ctx)
+    if notes:
         warnings = [*(warnings or []), *notes]
-    if inp.calibration and ("cuda_context_bytes" in inp.calibration or "allocator_slack_fraction" in inp.calibration):
-        from .memory import overhead_bytes
-
-        over = overhead_bytes(mem["tensor_peak"], inp.calibration)
-        mem = {**mem, **over, "overhead": sum(over.values()), "peak": mem["tensor_peak"] + sum(over.values())}
-    cpu = training_memory(spec, counts, lora.r, lora.dropout, q, t, weights,
-                          chunked_ce=inp.backend == "unsloth", kernels="cpu")
-    memory = {
-        "weights": weights,
-        "weights_footprint": weights_footprint_bytes(spec, q),
-        **{k: mem[k] for k in MEMORY_KEYS if k in mem},
-    }
-    memory = {k: int(memory[k]) for k in MEMORY_KEYS}
+    memory = memory_document(mem)
     usable = inp.gpu.usable_bytes if inp.gpu else None
     prediction = {
         "method": "analytic",
@@ -124,10 +191,9 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
         },
         "adapter_file_bytes": adapter_file_bytes(spec, counts),
         "memory": memory,
-        "host": host_prediction(dims(spec), q, t.batch_size, t.seq_len, t.grad_ckpt, mem["optimizer_paged"],
-                                offloaded=host_offload),
+        "host": profile.host(ctx, mem),
         "memory_detail": {
-            "weights": w_detail,
+            "weights": mem["weights_detail"],
             "optimizer_paged": mem["optimizer_paged"],
             "cuda_context": mem["cuda_context"],
             "allocator_slack": mem["allocator_slack"],
@@ -147,68 +213,36 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> dict[str, 
     }
     prediction.update(compute_prediction(inp, counts, trainable))
     inv = spec.inventory
-    doc = {
-        "schema_version": PLAN_SCHEMA_VERSION,
-        "qplan_version": __version__,
-        "model": {
-            "name": spec.name,
-            "source": spec.source,
-            "architecture": inv.architecture,
-            "model_type": inv.model_type,
-            "config": spec.config,
-        },
-        "lora": {**lora.to_json(), **resolve_targets(spec, lora).to_json()},
-        "quant": q.to_json(),
-        "training": {**t.to_json(), "mixed_precision": MIXED_PRECISION[q.compute_dtype]},
-        "gpu": None if inp.gpu is None else {
-            "name": inp.gpu.name,
-            "usable_bytes": inp.gpu.usable_bytes,
-            "total_bytes": inp.gpu.total_bytes,
-            "bf16": inp.gpu.bf16,
-        },
-        "backend": inp.backend,
-        "warnings": list(warnings or []),
-        "prediction": prediction,
-    }
-    if inp.dist is None:
-        return doc
-    from .dist_plan import apply_distributed
-
-    return apply_distributed(doc, inp, counts)
-
-
-def unsloth_plan_memory(inp: PlanInputs, counts: list, weights: int) -> tuple[dict[str, Any], int, list[str]]:
-    """The memory of an Unsloth plan on a GPU (``planner.unsloth_memory``: Unsloth's fast path,
-    offloaded checkpointing, fused cross-entropy, RoPE cache, dequantization scratch), its host
-    bytes of offloaded checkpoints, and a warning when the plan is off the fast path. Unsloth sizes
-    its loss chunks from the GPU's memory: the plan's GPU, else an 80 GiB one with 60 GiB free.
-    The warnings: off the fast path; an optimizer other than Unsloth's default."""
-    from .unsloth_memory import (
-        DEFAULT_FREE_BYTES,
-        DEFAULT_TOTAL_BYTES,
-        fast_path,
-        fast_path_warning,
-        optimizer_note,
-        unsloth_memory,
+    prediction["params"] = section(Params, prediction["params"])
+    prediction["memory"] = section(Memory, prediction["memory"])
+    return PlanDoc(
+        schema_version=PLAN_SCHEMA_VERSION,
+        qplan_version=__version__,
+        model=ModelSection(name=spec.name, source=spec.source, architecture=inv.architecture,
+                           model_type=inv.model_type, config=spec.config),
+        lora=section(LoraSection, {**lora.to_json(), **resolve_targets(spec, lora).to_json()}),
+        quant=section(QuantSection, q.to_json()),
+        training=section(TrainingSection, {**t.to_json(), "mixed_precision": MIXED_PRECISION[q.compute_dtype]}),
+        gpu=None if inp.gpu is None else GpuSection(name=inp.gpu.name, usable_bytes=inp.gpu.usable_bytes,
+                                                    total_bytes=inp.gpu.total_bytes, bf16=inp.gpu.bf16),
+        backend=inp.backend,
+        distributed=msgspec.UNSET if (dist := profile.section(ctx, mem)) is None else section(DistributedSection, dist),
+        warnings=list(warnings or []),
+        prediction=section(Prediction, prediction),
     )
 
-    spec, lora, q, t = inp.spec, inp.lora, inp.quant, inp.training
-    if inp.gpu is not None:
-        total = inp.gpu.total_bytes
-        free = max(total - weights, 0)
-    else:
-        total, free = DEFAULT_TOTAL_BYTES, DEFAULT_FREE_BYTES
-    fast = fast_path(spec, counts, lora.dropout, lora.bias, lora.use_dora)
-    mem = unsloth_memory(spec, counts, q, t.grad_ckpt, t.batch_size, t.seq_len, weights, t.optimizer, t.grad_accum,
-                         fast, total, free)
-    notes = [fast_path_warning(spec, counts, lora.dropout, lora.bias, lora.use_dora), optimizer_note(t.optimizer)]
-    return mem, mem.pop("host_offload"), [n for n in notes if n]
+
+def plan_counts(inp: PlanInputs) -> list:
+    """The LoRA counts of a plan (PEFT's trainable tensors, module by module); biases and
+    ``modules_to_save`` train in the unquantized dtype."""
+    q = inp.quant
+    return count_lora(inp.spec, inp.lora, {"bias": q.unquantized_dtype, "modules_to_save": q.unquantized_dtype})
 
 
 def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[str, Any]:
     """``prediction.compute`` (FLOPs and bytes of one optimizer step), ``time`` and ``cost``."""
-    from .compute import not_counted, step_bytes, step_flops
-    from .timing import cost_prediction, time_prediction
+    from qplan.planner.compute.flops import not_counted, step_bytes, step_flops
+    from qplan.planner.compute.timing import cost_prediction, time_prediction
 
     t, q = inp.training, inp.quant
     flops = step_flops(inp.spec, counts, inp.lora.r, q, t.batch_size, t.seq_len, t.grad_ckpt, t.attn_impl, t.grad_accum)
@@ -223,14 +257,14 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
     if inp.calibration is not None and inp.gpu is None:
         raise QPlanError("--calibration needs --gpu: the device the calibration was fitted on")
     missing = not_counted(inp.spec, inp.lora.use_dora)
-    compute = {"flops_per_step": flops, "bytes_per_step": moved,
-               "flops_counted_as": "torch.utils.flop_counter.FlopCounterMode (2 m k n per matmul)"}
-    if missing:
-        compute["not_counted"] = missing
+    compute = Compute(flops_per_step=section(Flops, flops), bytes_per_step=section(Moved, moved),
+                      flops_counted_as="torch.utils.flop_counter.FlopCounterMode (2 m k n per matmul)",
+                      not_counted=missing or msgspec.UNSET)
+    cost = cost_prediction(time, inp.price_per_hour)
     return {
         "compute": compute,
-        "time": time,
-        "cost": cost_prediction(time, inp.price_per_hour),
+        "time": None if time is None else section(Time, time),
+        "cost": None if cost is None else section(Cost, cost),
     }
 
 
@@ -247,8 +281,3 @@ def attach_trace(plan: dict[str, Any], traced: dict[str, Any]) -> dict[str, Any]
     if "host_peak" in traced:  # the Unsloth trace books offloaded checkpoints as host memory
         plan["prediction"]["trace"]["host_peak"] = int(traced["host_peak"])
     return plan
-
-
-def dumps(plan: dict[str, Any]) -> str:
-    """Canonical JSON: 2-space indent, UTF-8, trailing newline."""
-    return json.dumps(plan, indent=2, ensure_ascii=False) + "\n"

@@ -237,7 +237,7 @@ def render_fit(result: dict[str, Any]) -> str:
         if timed:
             lines.append("time: roofline on counted FLOPs and bytes ÷ " + (
                 "the calibrated efficiency (--calibration)" if result.get("calibrated")
-                else "an uncalibrated efficiency (qplan.planner.timing.DEFAULT_EFFICIENCY)"))
+                else "an uncalibrated efficiency (qplan.planner.compute.timing.DEFAULT_EFFICIENCY)"))
     else:
         lines.append("no plan fits: try a larger GPU, --quant nf4, or a shorter --seq-len")
     return "\n".join(lines)

@@ -114,3 +114,10 @@ MOMENT_NAMES = {"forward": "loss (end of forward)", "backward": "start of backwa
 def optimizer(name: str) -> Optimizer:
     """The table row of ``name`` (KeyError for names outside the vocabulary: validate first)."""
     return OPTIMIZERS[name]
+
+#: multi-GPU engines: DDP, FSDP2 full shard, DeepSpeed ZeRO-2 / ZeRO-3 (``planner.memory.sharding``)
+STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
+
+#: the keys of ``prediction.memory`` in plan.json, in order
+MEMORY_KEYS = ("weights", "weights_footprint", "adapters", "gradients", "optimizer", "activations",
+               "logits", "temporaries", "overhead", "tensor_peak", "peak")

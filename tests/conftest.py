@@ -24,14 +24,14 @@ def tiny_config(name: str) -> dict:
 
 @cache
 def _tiny_spec_json(name: str) -> str:
-    from qplan.planner.specs import make_spec
+    from qplan.planner.model.catalog import make_spec
 
     return json.dumps(make_spec(tiny_config(name), name, {"fixture": name}).to_json())
 
 
 def tiny_spec(name: str):
     """A spec built from a fixture config through the real inventory path (cached, fresh copy)."""
-    from qplan.planner.spec import ModelSpec
+    from qplan.planner.model.spec import ModelSpec
 
     return ModelSpec.from_json(json.loads(_tiny_spec_json(name)))
 

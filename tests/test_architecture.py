@@ -5,7 +5,9 @@
 * ``planner/`` imports nothing from ``backends``, ``cli``, ``hf`` or ``observe`` at module level,
   and no torch/transformers/peft/bitsandbytes at module level;
 * ``AutoConfig``, ``BitsAndBytesConfig`` and ``LoraConfig`` are built in one place (``hf/``);
-* no source file is over 600 lines; the library API is the planner's, not the CLI's.
+* no source file is over 600 lines; the library API is the planner's, not the CLI's;
+* no import circles anywhere in the repository's packages, deferred imports included, and each of
+  the planner's layers imports only its own and lower layers (ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def test_planner_is_torch_free_and_independent(path):
 
 
 def test_planner_modules_import_without_torch():
-    mods = [f"qplan.planner.{p.stem}" for p in _sources("planner") if p.stem != "__init__"]
+    mods = [_module_name(p) for p in _sources("planner")]
     code = BLOCKER + "".join(f"import {m}\n" for m in mods) + "print('ok')\n"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
@@ -135,7 +137,175 @@ def test_the_library_api_is_the_planner_not_the_cli():
     # plan_identity.py reads commits from before the API; this file names the old function
     users = [p for p in users if p.name not in ("plan_identity.py", Path(__file__).name)]
     assert not users, users
-    from qplan.planner.api import make_plan
+    from qplan.planner.api import plan_dict
 
-    plan = make_plan(model="smollm2-135m", r=8, gpu="t4")
+    plan = plan_dict(model="smollm2-135m", r=8, gpu="t4")
     assert plan["model"]["name"] == "smollm2-135m" and plan["training"]["mixed_precision"] == "fp16"
+
+
+# ------------------------------------------------------------------------------ import graph
+
+#: the planner's layers, lowest first: a module imports only its own layer and lower ones
+LAYERS = {
+    "core": 0,      # errors, vocab, files, bounds, validate, options
+    "model": 1,     # specs, GPUs, Hub, inventory, LoRA counts, weights
+    "interop": 1,   # trainer configs in and out (options only)
+    "memory": 2,    # memory terms, activations, phases, profiles
+    "compute": 3,   # FLOPs, timing, calibration
+    "plan": 4,      # plan (the document), render
+    "search": 5,    # fit, fewest GPUs, suggestions, and the api on top
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(["qplan", *parts])
+
+
+def _layer(mod: str) -> int | None:
+    parts = mod.split(".")
+    if parts[:2] != ["qplan", "planner"]:
+        return None
+    sub = parts[2] if len(parts) > 2 else ""
+    if sub in ("model", "interop", "memory", "compute", "search"):
+        return LAYERS[sub]
+    if sub in ("plan", "render"):
+        return LAYERS["plan"]
+    if sub == "api":
+        return LAYERS["search"]
+    return LAYERS["core"]
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the repository modules it imports anywhere in its body (deferred imports included)."""
+    files = {_module_name(p): p for p in _sources(*PACKAGES)}
+    graph: dict[str, set[str]] = {}
+    for mod, path in files.items():
+        is_pkg = path.name == "__init__.py"
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = mod.split(".") if is_pkg else mod.split(".")[:-1]
+                    base = base[: len(base) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                for alias in node.names:
+                    sub = f"{target}.{alias.name}"
+                    edges.add(sub if sub in files else target)
+            elif isinstance(node, ast.Import):
+                edges.update(a.name for a in node.names)
+        graph[mod] = {e for e in edges if e in files and e != mod}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+    counter = 0
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on.add(root)
+        while work:
+            v, it = work[-1]
+            w = next(it, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = counter
+                    counter += 1
+                    stack.append(w)
+                    on.add(w)
+                    work.append((w, iter(sorted(graph[w]))))
+                elif w in on:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    x = stack.pop()
+                    on.discard(x)
+                    comp.append(x)
+                    if x == v:
+                        break
+                if len(comp) > 1:
+                    out.append(sorted(comp))
+    return out
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circles():
+    graph = import_graph()
+    assert len(graph) > 50 and "qplan.planner.memory.profiles" in graph
+    assert _cycles(graph) == []
+
+
+def test_planner_layers_import_downwards():
+    bad = [f"{m} -> {d}" for m, deps in import_graph().items() if _layer(m) is not None
+           for d in deps if _layer(d) is not None and _layer(d) > _layer(m)]
+    assert not bad, bad
+
+
+# ---------------------------------------------------------------------------- one options model
+
+
+def test_generated_references_are_current():
+    """docs/options.md and docs/plan-json.md are what ``python -m qplan.cli.reference`` writes from
+    ``PlanOptions``/``FitOptions`` and ``PlanDoc`` today."""
+    from qplan.cli.reference import FILES
+
+    for name, make in FILES.items():
+        assert (ROOT / "docs" / name).read_text(encoding="utf-8") == make(), \
+            f"docs/{name} is stale: run `python -m qplan.cli.reference`"
+
+
+@pytest.mark.parametrize("command", ["estimate", "fit"])
+def test_every_option_is_documented_from_the_model(command):
+    """Each option of the command is a field of its options model (the planning options) or one of the
+    command's own input/output options, and every one of them is in docs/options.md."""
+    from qplan.cli.plan_commands import estimate, fit
+    from qplan.planner.options import FitOptions, PlanOptions, option_infos
+
+    cmd, cls = {"estimate": (estimate, PlanOptions), "fit": (fit, FitOptions)}[command]
+    own = {"fmt", "output", "force", "method", "from_config", "config_format"}
+    fields = {o.name for o in option_infos(cls)}
+    params = {p.name for p in cmd.params}
+    assert fields <= params and params - fields <= own, params ^ fields
+    text = (ROOT / "docs" / "options.md").read_text(encoding="utf-8")
+    section = text.split(f"## `qplan {command}`", 1)[1].split("\n## ", 1)[0]
+    for p in cmd.params:
+        assert f"`{p.opts[0]}" in section, f"{p.opts[0]} of qplan {command} is not in docs/options.md"
+
+
+def test_options_model_gives_bounds_defaults_and_flags():
+    """The model is what the CLI enforces: a default from the field, a bound from its type, a flag name
+    from its metadata (``--attn`` for ``attn_impl``)."""
+    from qplan.cli.main import main
+    from qplan.planner.options import PlanOptions, check_options, option_infos
+
+    infos = {o.name: o for o in option_infos(PlanOptions)}
+    assert infos["attn_impl"].flag == "--attn" and infos["r"].default == PlanOptions().r == 16
+    assert ("le", 1 << 16) in infos["r"].bounds and infos["quant"].choices[0] == "nf4"
+    with pytest.raises(Exception, match="--r"):
+        check_options({"r": 0})
+    with pytest.raises(Exception, match="--attn"):
+        check_options({"attn_impl": "flash9"})
+    assert main(["estimate", "--model", "smollm2-135m", "--r", "0"]) == 2

@@ -27,7 +27,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from conftest import FIXTURES  # noqa: E402
 from qplan.cli.main import main  # noqa: E402
-from qplan.planner.schema import check_plan  # noqa: E402
+from qplan.planner.document import check_plan  # noqa: E402
 
 # a fixed seed per test (not derandomize, whose hash of the test can differ between checkouts):
 # the same examples on every machine and in CI

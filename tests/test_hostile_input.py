@@ -2,7 +2,7 @@
 
 The promise: bad input gets one line on stderr and exit code 2, never a traceback or exit 3;
 nothing the user has is overwritten or lost; a plan a user edited is checked whole before
-anything runs. Each test below failed before the validation layer (``planner/schema.py``) and
+anything runs. Each test below failed before the validation layer (``planner/validate.py``) and
 the safe writes (``planner/files.py``) and passes now. ``tests/test_fuzz.py`` then throws
 generated input at the same promise.
 """
@@ -271,7 +271,7 @@ def test_crafted_specs_are_one_line(tmp_path, capsys, monkeypatch, damage, needl
     damage(spec)
     (tmp_path / "crafted.json").write_text(json.dumps(spec))
     monkeypatch.setenv("QPLAN_SPEC_DIR", str(tmp_path))
-    from qplan.planner.specs import _load_named_spec
+    from qplan.planner.model.catalog import _load_named_spec
 
     _load_named_spec.cache_clear()
     try:
@@ -281,13 +281,13 @@ def test_crafted_specs_are_one_line(tmp_path, capsys, monkeypatch, damage, needl
 
 
 def test_report_skips_a_bad_run_folder_and_reports_the_good_ones(tmp_path, capsys):
-    from qplan.planner.api import make_plan
-    from qplan.planner.plan import dumps
+    from qplan.planner.api import plan_dict
+    from qplan.planner.document import dumps
 
     good, bad = tmp_path / "good", tmp_path / "bad"
     for d in (good, bad):
         d.mkdir()
-    plan = make_plan(model="smollm2-135m", quant="bf16")
+    plan = plan_dict(model="smollm2-135m", quant="bf16")
     (good / "plan.json").write_text(dumps(plan))
     (good / "measured.json").write_text(json.dumps({
         "schema_version": 1, "status": "ok", "backend": "peft",
@@ -350,8 +350,8 @@ def test_configs_missing_a_size_are_one_line_or_use_the_built_width(tmp_path, ca
     (tmp_path / "b.json").write_text(json.dumps(cfg))
     rc, out, err = in_process(capsys, "estimate", "--model", str(tmp_path / "b.json"), "--seq-len", "32", "--format", "json")
     assert rc == 0, err
-    from qplan.planner.memory import dims
-    from qplan.planner.specs import load_spec
+    from qplan.planner.memory.terms import dims
+    from qplan.planner.model.catalog import load_spec
 
     down = next(g for g in load_spec(str(tmp_path / "b.json")).inventory.linear if g.pattern.endswith("down_proj"))
     assert dims(load_spec(str(tmp_path / "b.json"))).i == down.in_features

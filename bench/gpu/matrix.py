@@ -129,12 +129,12 @@ def _estimate_defaults() -> dict[str, Any]:
     return {p.name: p.get_default(ctx) for p in estimate.params}
 
 
-def make_plan(cell: Cell, gpu: str = DEFAULT_GPU, model: str | None = None) -> dict[str, Any]:
+def plan_dict(cell: Cell, gpu: str = DEFAULT_GPU, model: str | None = None) -> dict[str, Any]:
     """The plan `qplan estimate <cell options> --gpu GPU` would write (in-process).
 
     ``model`` replaces the spec name (the --tiny smoke test plans shrunken user specs).
     """
-    from qplan.planner.api import make_plan as plan_of
+    from qplan.planner.api import plan_dict as plan_of
 
     opts = dict(_estimate_defaults())
     opts.update(cell.estimate_options())
@@ -172,7 +172,7 @@ class Verdict:
     seconds: float = 0.0
 
 
-def judge(cells: Iterable[Cell], gpu: str = DEFAULT_GPU, plan_fn=make_plan) -> list[Verdict]:
+def judge(cells: Iterable[Cell], gpu: str = DEFAULT_GPU, plan_fn=plan_dict) -> list[Verdict]:
     """Plan every cell and read the planner's ``prediction.fits`` for ``gpu``."""
     from qplan.planner.errors import QPlanError
 
@@ -270,7 +270,7 @@ class Matrix:
         }
 
 
-def build_matrix(gpu: str = DEFAULT_GPU, plan_fn=make_plan, include_skipped: bool = False,
+def build_matrix(gpu: str = DEFAULT_GPU, plan_fn=plan_dict, include_skipped: bool = False,
                  cells: Sequence[Cell] | None = None) -> Matrix:
     verdicts = judge(cells if cells is not None else all_cells(), gpu, plan_fn)
     runnable = [v for v in verdicts if v.fits]
@@ -309,7 +309,7 @@ def format_list(m: Matrix) -> str:
 
 def write_plans(m: Matrix, out: Path, force: bool = True) -> list[Path]:
     """Write ``out/plans/<cell>.json`` for every cell to run and ``out/matrix.json``."""
-    from qplan.planner.plan import dumps
+    from qplan.planner.document import dumps
 
     plans_dir = out / "plans"
     plans_dir.mkdir(parents=True, exist_ok=True)

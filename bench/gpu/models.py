@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="rebuild even if DEST is complete")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from qplan.planner.specs import load_spec
+    from qplan.planner.model.catalog import load_spec
 
     config = load_spec(args.model).config
     if args.tiny:

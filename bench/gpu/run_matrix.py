@@ -287,7 +287,7 @@ class Options:
 def tiny_plan_fn(spec_dir: Path):
     """Plans for --tiny: shrunken user specs (tiny-<model>) and sequences / TINY_SEQ_DIVISOR."""
     tiny_config = load_sibling("models").tiny_config
-    from qplan.planner.specs import load_spec, make_spec
+    from qplan.planner.model.catalog import load_spec, make_spec
 
     os.environ["QPLAN_SPEC_DIR"] = str(spec_dir)
     spec_dir.mkdir(parents=True, exist_ok=True)
@@ -301,7 +301,7 @@ def tiny_plan_fn(spec_dir: Path):
             made.add(name)
         small = mx.Cell(cell.model, cell.quant, (cell.batch_size, max(16, cell.seq_len // TINY_SEQ_DIVISOR)),
                         cell.grad_ckpt, cell.backend, cell.optimizer)
-        return mx.make_plan(small, gpu, model=name)
+        return mx.plan_dict(small, gpu, model=name)
 
     return plan_fn
 
@@ -352,7 +352,7 @@ def run(opts: Options) -> int:
     root = opts.out_root / opts.slug
     root.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
-    plan_fn = mx.make_plan
+    plan_fn = mx.plan_dict
     if opts.tiny:
         plan_fn = tiny_plan_fn(root / "tiny-specs")
         notes.append(f"--tiny: models shrunk to 2 layers / hidden 64 / vocab 512, sequences / {TINY_SEQ_DIVISOR}; "

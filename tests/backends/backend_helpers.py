@@ -19,14 +19,14 @@ TINY_CONFIG = HERE / "data" / "tiny-llama.json"  # hidden 128, 2 layers, GQA 4/2
 def build_plan(spec, quant="bf16", grad_ckpt=True, backend="peft", batch_size=2, seq_len=64,
                optimizer="adamw_torch", r=16, targets="all-linear", dropout=0.05):
     """A plan exactly as `qplan estimate` builds it (the planner's library API, no CLI)."""
-    from qplan.planner.api import make_plan
+    from qplan.planner.api import plan_dict
 
-    return make_plan(model=spec, quant=quant, grad_ckpt=grad_ckpt, backend=backend, batch_size=batch_size,
+    return plan_dict(spec=spec, model=spec.name, quant=quant, grad_ckpt=grad_ckpt, backend=backend, batch_size=batch_size,
                      seq_len=seq_len, optimizer=optimizer, r=r, targets=targets, dropout=dropout)
 
 
 def write_plan(path: Path, plan: dict) -> Path:
-    from qplan.planner.plan import dumps
+    from qplan.planner.document import dumps
 
     path.write_text(dumps(plan), encoding="utf-8")
     return path
@@ -52,7 +52,7 @@ def read_measured(run_dir: str | Path) -> dict:
 def llama_spec():
     """The planner's spec of the tiny Llama config (inventory read on the meta device once;
     a frozen ``ModelSpec``, safe to share)."""
-    from qplan.planner.specs import load_spec
+    from qplan.planner.model.catalog import load_spec
 
     return load_spec(str(TINY_CONFIG))
 

@@ -26,12 +26,12 @@ STEPS = 16
 
 
 def dist_plan(strategy: str, **kw) -> dict:
-    from qplan.planner.api import make_plan
+    from qplan.planner.api import plan_dict
 
     opts = dict(model=llama_spec(), quant="bf16", grad_ckpt=True, backend="peft", batch_size=2, seq_len=64,
                 optimizer="adamw_torch", r=16, targets="all-linear", dropout=0.05, gpus=2, strategy=strategy)
     opts.update(kw)
-    return make_plan(**opts)
+    return plan_dict(**opts)
 
 
 @pytest.fixture(scope="module", params=["ddp", "fsdp"])

@@ -10,7 +10,7 @@ import pytest
 from backend_helpers import build_plan, llama_spec
 from qplan.backends.compare import components, composition_at_peak, errors, pairs
 from qplan.backends.report import composition_stacks, write_run_report
-from qplan.backends.summary import summarize
+from qplan.backends.runs_summary import summarize
 from qplan.cli.main import main
 from qplan.planner.errors import QPlanError
 
@@ -92,7 +92,7 @@ def test_run_report_files(tmp_path):
 
 def _peak_doc(plan, phase, kernels="cpu"):
     """A CPU run whose peak was measured in ``phase``, with the bytes of the plan's moment (+1%)."""
-    from qplan.planner.phases import moment_in_phase
+    from qplan.planner.memory.phases import moment_in_phase
 
     detail = plan["prediction"]["memory_detail"]
     moment = moment_in_phase(detail["phases_cpu"], phase)

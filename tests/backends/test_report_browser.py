@@ -89,11 +89,11 @@ def screenshot(page: Path, name: str, size: str, tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from qplan.planner.api import make_plan
+    from qplan.planner.api import plan_dict
 
     d = tmp_path_factory.mktemp("browser")
     plans = {
-        "smollm2": make_plan(model="smollm2-135m", quant="bf16", batch_size=2, seq_len=64),
+        "smollm2": plan_dict(model="smollm2-135m", quant="bf16", batch_size=2, seq_len=64),
         "tiny-nf4": build_plan(llama_spec(), quant="nf4", grad_ckpt=False),
         "tiny-bf16": build_plan(llama_spec(), quant="bf16", grad_ckpt=True),
     }
@@ -142,7 +142,7 @@ def test_run_report_reads_verdict_first_and_its_bars_add_up(runs, tmp_path):
 
 
 def test_summary_page_has_the_scatter_worst_first(runs, tmp_path):
-    from qplan.backends.summary import summarize
+    from qplan.backends.runs_summary import summarize
 
     res = summarize([str(p) for p in runs.values()], output=str(tmp_path / "summary"))
     page = Path(res["output"]) / "summary.html"

@@ -9,16 +9,16 @@ import json
 import pytest
 
 from qplan.cli.main import main
-from qplan.planner.api import make_plan
-from qplan.planner.calibrate import calibrate
-from qplan.planner.plan import dumps
-from qplan.planner.specs import load_gpu
+from qplan.planner.api import plan_dict
+from qplan.planner.compute.calibrate import calibrate
+from qplan.planner.document import dumps
+from qplan.planner.model.catalog import load_gpu
 
 
 def _runs(tmp_path, eff=0.4, overhead=0.02):
     dirs = []
     for i, (b, s) in enumerate([(1, 512), (2, 1024), (4, 2048), (8, 2048)]):
-        plan = make_plan(model="llama-3.2-1b", gpu="h100-80gb", batch_size=b, seq_len=s)
+        plan = plan_dict(model="llama-3.2-1b", gpu="h100-80gb", batch_size=b, seq_len=s)
         ideal = plan["prediction"]["time"]["ideal_step_seconds"]
         d = tmp_path / f"run{i}"
         d.mkdir()
@@ -47,7 +47,7 @@ def test_a_plan_uses_and_cites_the_calibration(tmp_path, capsys):
     out = tmp_path / "h100.json"
     assert main(["calibrate", *dirs, "--gpu", "h100-80gb", "--output", str(out)]) == 0
     capsys.readouterr()
-    p = make_plan(model="llama-3.2-1b", gpu="h100-80gb", batch_size=2, seq_len=1024, calibration=str(out))
+    p = plan_dict(model="llama-3.2-1b", gpu="h100-80gb", batch_size=2, seq_len=1024, calibration=str(out))
     t, mem = p["prediction"]["time"], p["prediction"]["memory"]
     assert t["efficiency_source"] == str(out)
     assert t["step_seconds"] == pytest.approx(t["ideal_step_seconds"] / 0.4 + 0.02, rel=1e-6)
@@ -59,7 +59,7 @@ def test_a_plan_uses_and_cites_the_calibration(tmp_path, capsys):
 
 def test_cpu_runs_are_not_gpu_evidence(tmp_path):
     """Runs measured on the CPU neither calibrate a GPU nor give CUDA memory overheads."""
-    from qplan.planner.calibrate import memory_overheads
+    from qplan.planner.compute.calibrate import memory_overheads
     from qplan.planner.errors import QPlanError
 
     dirs = _runs(tmp_path)

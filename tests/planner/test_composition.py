@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from qplan.planner.api import make_plan
-from qplan.planner.phases import moment_in_phase
+from qplan.planner.api import plan_dict
+from qplan.planner.memory.phases import moment_in_phase
 from qplan.planner.vocab import CATEGORIES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ def _plan(model, quant, b, s, ckpt, r, targets, optimizer, attn, **kw):
              upcast=True, gpu=None, seq_len=s, batch_size=b, grad_accum=1, grad_ckpt=ckpt,
              optimizer=optimizer, attn_impl=attn, backend="peft")
     o.update(kw)
-    return make_plan(**o)
+    return plan_dict(**o)
 
 
 def _check_adds_up(detail: dict) -> None:

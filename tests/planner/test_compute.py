@@ -17,7 +17,7 @@ pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
 from qplan.observe.trace import trace_plan
-from qplan.planner.api import make_plan
+from qplan.planner.api import plan_dict
 
 TOLERANCE = 0.01
 
@@ -44,7 +44,7 @@ CASES = [
 
 @pytest.mark.parametrize("model, kw", CASES, ids=[f"{m}-{'-'.join(str(v) for v in kw.values())}" for m, kw in CASES])
 def test_step_flops_match_flop_counter_mode(model, kw):
-    plan = make_plan(model=model, batch_size=1, seq_len=256, **kw)
+    plan = plan_dict(model=model, batch_size=1, seq_len=256, **kw)
     ours = plan["prediction"]["compute"]["flops_per_step"]
     traced = trace_plan(plan, count_flops=True)["flops_per_step"]
     assert traced[0] == traced[1]  # every step does the same work
@@ -55,13 +55,13 @@ def test_step_flops_match_flop_counter_mode(model, kw):
 
 def test_flops_scale_with_accumulation_and_the_form_is_exact():
     """grad_accum multiplies the step; the (a, c) form fit uses equals the full count."""
-    from qplan.planner.compute import flops_form, step_flops
-    from qplan.planner.lora import LoraSettings, count_lora
-    from qplan.planner.specs import load_spec
-    from qplan.planner.weights import QuantSettings
+    from qplan.planner.compute.flops import flops_form, step_flops
+    from qplan.planner.model.catalog import load_spec
+    from qplan.planner.model.lora import LoraSettings, count_lora
+    from qplan.planner.model.weights import QuantSettings
 
-    one = make_plan(model="llama-3.2-1b", batch_size=2, seq_len=512)["prediction"]["compute"]["flops_per_step"]
-    four = make_plan(model="llama-3.2-1b", batch_size=2, seq_len=512, grad_accum=4)["prediction"]["compute"]
+    one = plan_dict(model="llama-3.2-1b", batch_size=2, seq_len=512)["prediction"]["compute"]["flops_per_step"]
+    four = plan_dict(model="llama-3.2-1b", batch_size=2, seq_len=512, grad_accum=4)["prediction"]["compute"]
     assert four["flops_per_step"]["total"] == 4 * one["total"]
     spec = load_spec("llama-3.2-1b")
     q = QuantSettings("nf4", True, "bfloat16", True)
@@ -72,9 +72,9 @@ def test_flops_scale_with_accumulation_and_the_form_is_exact():
 
 
 def test_time_and_cost_follow_the_roofline_formula():
-    from qplan.planner.timing import DEFAULT_EFFICIENCY
+    from qplan.planner.compute.timing import DEFAULT_EFFICIENCY
 
-    p = make_plan(model="llama-3.1-8b", gpu="h100-80gb", tokens=10_000_000, price_per_hour=2.5)["prediction"]
+    p = plan_dict(model="llama-3.1-8b", gpu="h100-80gb", tokens=10_000_000, price_per_hour=2.5)["prediction"]
     t, c, comp = p["time"], p["cost"], p["compute"]
     f, m = comp["flops_per_step"], comp["bytes_per_step"]
     ideal = max(f["total"] / 989e12, m["weights"] / 3350e9) + (m["dequantization"] + m["optimizer"]) / 3350e9
@@ -90,8 +90,8 @@ def test_what_is_not_counted_is_said():
     from pathlib import Path
 
     fixtures = Path(__file__).resolve().parents[1] / "fixtures" / "configs"
-    moe = make_plan(model=str(fixtures / "qwen2-moe.json"), seq_len=64)["prediction"]["compute"]
+    moe = plan_dict(model=str(fixtures / "qwen2-moe.json"), seq_len=64)["prediction"]["compute"]
     assert any("mixture-of-experts" in n for n in moe["not_counted"])
-    dora = make_plan(model="smollm2-135m", dora=True)["prediction"]["compute"]
+    dora = plan_dict(model="smollm2-135m", dora=True)["prediction"]["compute"]
     assert any("DoRA" in n for n in dora["not_counted"])
-    assert "not_counted" not in make_plan(model="smollm2-135m")["prediction"]["compute"]
+    assert "not_counted" not in plan_dict(model="smollm2-135m")["prediction"]["compute"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import tiny_spec
-from qplan.planner.api import make_plan
+from qplan.planner.api import plan_dict
 from qplan.planner.vocab import MOMENTS_OF_PHASE
 
 
@@ -23,7 +23,7 @@ from qplan.planner.vocab import MOMENTS_OF_PHASE
 def test_fsdp_rank_step_matches_the_trace(world, quant, ckpt):
     from qplan.observe.trace.dist import trace_rank_step
 
-    plan = make_plan(model=tiny_spec("llama-tied"), quant=quant, gpus=world, strategy="fsdp", seq_len=64,
+    plan = plan_dict(model=tiny_spec("llama-tied"), quant=quant, gpus=world, strategy="fsdp", seq_len=64,
                      grad_ckpt=ckpt)
     tr = trace_rank_step(plan)
     mem, phases = plan["prediction"]["memory"], plan["prediction"]["memory_detail"]["phases"]

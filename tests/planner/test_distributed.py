@@ -12,16 +12,15 @@ from __future__ import annotations
 import pytest
 
 from conftest import tiny_spec
-from qplan.planner.api import make_plan
+from qplan.planner.api import plan_dict
+from qplan.planner.document import check_plan, dumps
 from qplan.planner.errors import QPlanError
-from qplan.planner.plan import dumps
-from qplan.planner.schema import check_plan
 
 
 def test_one_gpu_plan_is_unchanged():
     base = dict(model="llama-3.2-3b", r=32, gpu="t4")
-    plain = dumps(make_plan(**base))
-    assert dumps(make_plan(**base, gpus=1, nodes=1)) == plain
+    plain = dumps(plan_dict(**base))
+    assert dumps(plan_dict(**base, gpus=1, nodes=1)) == plain
     assert '"distributed"' not in plain
 
 
@@ -30,7 +29,7 @@ def test_one_gpu_plan_is_unchanged():
 def test_fsdp_rank_matches_fully_shard_on_fake_process_group(quant, upcast, world):
     from qplan.observe.trace.dist import shard_one_rank
 
-    plan = make_plan(model=tiny_spec("llama-tied"), quant=quant, upcast=upcast, gpus=world, strategy="fsdp")
+    plan = plan_dict(model=tiny_spec("llama-tied"), quant=quant, upcast=upcast, gpus=world, strategy="fsdp")
     check_plan(plan)
     d = plan["distributed"]
     assert d["quant_storage"] == ("bfloat16" if quant == "nf4" else None)
@@ -54,7 +53,7 @@ def _trainable(plan):
 def test_zero2_model_states_equal_deepspeed_estimator(gpus, nodes, offload):
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    plan = make_plan(model="llama-3.1-8b", quant="nf4", gpus=gpus, nodes=nodes, strategy="zero2", cpu_offload=offload)
+    plan = plan_dict(model="llama-3.1-8b", quant="nf4", gpus=gpus, nodes=nodes, strategy="zero2", cpu_offload=offload)
     r, P, W = plan["distributed"]["per_rank"], _trainable(plan), gpus * nodes
     cpu, gpu = estimate_zero2_model_states_mem_needs(P, gpus, nodes, cpu_offload=offload, additional_buffer_factor=1.0)
     ours = r["adapters"] + r["gradients"] + r["optimizer"]
@@ -69,7 +68,7 @@ def test_zero2_model_states_equal_deepspeed_estimator(gpus, nodes, offload):
 def test_zero3_model_states_equal_deepspeed_estimator(offload):
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
-    plan = make_plan(model="llama-3.1-8b", quant="bf16", gpus=4, strategy="zero3", cpu_offload=offload)
+    plan = plan_dict(model="llama-3.1-8b", quant="bf16", gpus=4, strategy="zero3", cpu_offload=offload)
     r, P = plan["distributed"]["per_rank"], _trainable(plan)
     # largest_layer_params=0: the trainable states alone; the gathered working set separately below
     _, gpu, _ = estimate_zero3_model_states_mem_needs(P, 0, 4, 1, cpu_offload=offload, cpu_offload_params=False)
@@ -80,8 +79,8 @@ def test_zero3_model_states_equal_deepspeed_estimator(offload):
 
 
 def test_70b_fsdp_qlora_on_two_24gb_cards():
-    one = make_plan(model="llama-3.1-70b", gpu="rtx-4090", seq_len=2048, upcast=False)
-    two = make_plan(model="llama-3.1-70b", gpu="rtx-4090", seq_len=2048, upcast=False, gpus=2, strategy="fsdp")
+    one = plan_dict(model="llama-3.1-70b", gpu="rtx-4090", seq_len=2048, upcast=False)
+    two = plan_dict(model="llama-3.1-70b", gpu="rtx-4090", seq_len=2048, upcast=False, gpus=2, strategy="fsdp")
     check_plan(two)
     w1, w2 = one["prediction"]["memory"]["weights"], two["prediction"]["memory"]["weights"]
     qs = one["prediction"]["memory_detail"]["weights"]["quant_state"]
@@ -101,19 +100,19 @@ def test_70b_fsdp_qlora_on_two_24gb_cards():
 ])
 def test_bad_distributed_options_are_one_line(kw, msg):
     with pytest.raises(QPlanError, match=msg):
-        make_plan(model="llama-3.2-1b", **kw)
+        plan_dict(model="llama-3.2-1b", **kw)
 
 
 def test_fit_finds_the_fewest_cards_for_70b_qlora():
-    from qplan.planner.fit_dist import fewest_gpus
+    from qplan.planner.search.fewest_gpus import fewest_gpus
 
     res = fewest_gpus(model="llama-3.1-70b", gpu="rtx-4090", max_gpus=8, seq_len=2048, upcast=False)
     assert res["world_size"] == 2
     for row in res["fitting"]:  # each row is the plan estimate prints, and one world size fewer has none
         kw = dict(model="llama-3.1-70b", gpu="rtx-4090", seq_len=2048, upcast=False, gpus=2,
                   strategy=row["strategy"], cpu_offload=row["cpu_offload"])
-        assert make_plan(**kw)["prediction"]["memory"]["peak"] == row["peak_per_rank"]
-    assert make_plan(model="llama-3.1-70b", gpu="rtx-4090", seq_len=2048, upcast=False)["prediction"]["fits"] is False
+        assert plan_dict(**kw)["prediction"]["memory"]["peak"] == row["peak_per_rank"]
+    assert plan_dict(model="llama-3.1-70b", gpu="rtx-4090", seq_len=2048, upcast=False)["prediction"]["fits"] is False
 
 
 def test_cli_multi_gpu_table_and_json(tmp_path):
@@ -136,10 +135,10 @@ def test_cli_multi_gpu_table_and_json(tmp_path):
 
 
 def test_host_memory_is_per_node_and_holds_the_offloaded_states():
-    from qplan.planner.api import make_plan
+    from qplan.planner.api import plan_dict
 
-    one = make_plan(model="llama-3.2-1b", optimizer="paged_adamw_8bit")["prediction"]["host"]
-    two = make_plan(model="llama-3.2-1b", optimizer="paged_adamw_8bit", gpus=2, strategy="fsdp", cpu_offload=True)
+    one = plan_dict(model="llama-3.2-1b", optimizer="paged_adamw_8bit")["prediction"]["host"]
+    two = plan_dict(model="llama-3.2-1b", optimizer="paged_adamw_8bit", gpus=2, strategy="fsdp", cpu_offload=True)
     host, dist = two["prediction"]["host"], two["distributed"]
     assert host["offloaded_states"] == dist["host_offload_per_node"] > 0
     assert host["peak"] == host["offloaded_states"] + host["offloaded_checkpoints"] + host["paged_optimizer"]

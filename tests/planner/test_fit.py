@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 
 from qplan.planner.errors import QPlanError
-from qplan.planner.fit import search
-from qplan.planner.lora import LoraSettings
-from qplan.planner.memory import TrainingSettings
+from qplan.planner.memory.terms import TrainingSettings
+from qplan.planner.model.catalog import load_gpu, load_spec
+from qplan.planner.model.lora import LoraSettings
+from qplan.planner.model.weights import QuantSettings
 from qplan.planner.plan import PlanInputs, build_plan
-from qplan.planner.specs import load_gpu, load_spec
-from qplan.planner.weights import QuantSettings
+from qplan.planner.search.fit import search
 
 
 def test_fit_results_reproduce_with_estimate():
@@ -24,7 +24,7 @@ def test_fit_results_reproduce_with_estimate():
             spec, LoraSettings(r=c["r"], alpha=2.0 * c["r"], targets=c["targets"]),
             QuantSettings(c["quant"], True, "float16", True),
             TrainingSettings(c["batch_size"], c["seq_len"], 1, c["grad_ckpt"], c["optimizer"], "sdpa"),
-            gpu))
+            gpu)).to_dict()
         assert plan["prediction"]["memory"]["peak"] == c["peak"], c
         assert plan["prediction"]["fits"]
 
@@ -39,7 +39,7 @@ def test_fit_respects_the_gpu():
 def test_time_and_cost_objectives_agree_with_estimate_and_rank():
     """`--objective time|cost` over several GPUs: every proposed plan's tokens/s and cost equal what
     `qplan estimate` predicts for it; rows are ranked by the objective."""
-    from qplan.planner.api import make_plan
+    from qplan.planner.api import plan_dict
 
     prices = "t4=1,a100-80gb=4,h100-80gb=6"
     price = {k: float(v) for k, v in (x.split("=") for x in prices.split(","))}
@@ -49,7 +49,7 @@ def test_time_and_cost_objectives_agree_with_estimate_and_rank():
     assert rows and res["objective"] == "cost"
     assert [r["cost_per_million_tokens"] for r in rows] == sorted(r["cost_per_million_tokens"] for r in rows)
     for c in rows[:5]:
-        p = make_plan(model="llama-3.2-1b", gpu=c["gpu"], r=c["r"], targets=c["targets"], quant=c["quant"],
+        p = plan_dict(model="llama-3.2-1b", gpu=c["gpu"], r=c["r"], targets=c["targets"], quant=c["quant"],
                       grad_ckpt=c["grad_ckpt"] == "hf", optimizer=c["optimizer"], batch_size=c["batch_size"],
                       seq_len=c["seq_len"], tokens=10 ** 8, price_per_hour=price[c["gpu"]])
         t = p["prediction"]["time"]
@@ -69,7 +69,7 @@ def test_time_and_cost_objectives_agree_with_estimate_and_rank():
 def test_fit_rows_are_what_estimate_plans(model, gpu, quants):
     """Every row `qplan fit` proposes equals `qplan estimate` with those options (defaults included:
     no dropout where PEFT adapts fused experts; a pre-quantized checkpoint keeps its quantization)."""
-    from qplan.planner.api import make_plan
+    from qplan.planner.api import plan_dict
 
     model = str(Path(__file__).parents[2] / model)
     res = search(model, gpu, seq_len=128, top=12)
@@ -77,7 +77,7 @@ def test_fit_rows_are_what_estimate_plans(model, gpu, quants):
     if quants is not None:
         assert {c["quant"] for c in res["best"]} == quants
     for c in res["best"]:
-        plan = make_plan(model=model, gpu=gpu, r=c["r"], targets=c["targets"], quant=c["quant"],
+        plan = plan_dict(model=model, gpu=gpu, r=c["r"], targets=c["targets"], quant=c["quant"],
                          batch_size=c["batch_size"], seq_len=c["seq_len"], grad_ckpt=c["grad_ckpt"] != "off",
                          optimizer=c["optimizer"])
         assert plan["prediction"]["memory"]["peak"] == c["peak"], c

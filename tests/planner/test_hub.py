@@ -146,7 +146,7 @@ def test_building_a_spec_without_transformers_names_the_extra(tmp_path, endpoint
 
 
 def test_a_path_that_exists_wins_over_a_hub_id(tmp_path, monkeypatch):
-    from qplan.planner.specs import load_spec
+    from qplan.planner.model.catalog import load_spec
 
     d = tmp_path / "tiny" / "llama"
     d.mkdir(parents=True)

@@ -13,9 +13,9 @@ import pytest
 
 from conftest import TINY_FAMILIES, meta_model, tiny_spec
 from qplan.planner.errors import QPlanError
-from qplan.planner.lora import LoraSettings, added_params, count_lora, target_names, trainable_params
-from qplan.planner.specs import bundled_model_names, load_spec
-from qplan.planner.weights import base_params
+from qplan.planner.model.catalog import bundled_model_names, load_spec
+from qplan.planner.model.lora import LoraSettings, added_params, count_lora, target_names, trainable_params
+from qplan.planner.model.weights import base_params
 
 #: counts are linear in r (rank_pattern multiplies it): two ranks pin slope and intercept
 RANKS = (1, 64)
@@ -156,7 +156,7 @@ def test_adapter_file_size_equals_real_peft_save(tmp_path):
 
     from conftest import tiny_config
     from qplan.hf import lora_config, model_from_config
-    from qplan.planner.lora import adapter_file_bytes
+    from qplan.planner.model.lora import adapter_file_bytes
 
     for family, extra in [("llama-tied", {}), ("qwen2-bias", {"use_dora": True, "bias": "lora_only"}),
                           ("gpt2-conv1d", {}), ("qwen2-bias", {"modules_to_save": ("lm_head",)})]:

@@ -24,7 +24,7 @@ pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
 from qplan.observe.trace import trace_plan as trace_for_plan
-from qplan.planner.api import make_plan
+from qplan.planner.api import plan_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "configs"
@@ -39,7 +39,7 @@ def plan(model: str, **kw) -> dict:
              upcast=True, gpu=None, seq_len=512, batch_size=1, grad_accum=1, grad_ckpt=True,
              optimizer="adamw_torch", attn_impl="auto", backend="peft")
     o.update(kw)
-    return make_plan(**o)
+    return plan_dict(**o)
 
 
 CASES = [
@@ -129,9 +129,9 @@ def test_unvalidated_families_are_flagged():
     """Families whose activation terms are not derived (GPT-2, gpt-oss and DeepSeek MoE layers) say
     so in the plan; the bundled specs of validated families carry no such warning, nor do the MoE
     families whose block is derived (planner.moe: Qwen3-MoE, Mixtral), the others do."""
-    from qplan.planner.memory import VALIDATED_FAMILIES
-    from qplan.planner.moe import DERIVED_MOE
-    from qplan.planner.specs import bundled_model_names, load_spec
+    from qplan.planner.memory.moe import DERIVED_MOE
+    from qplan.planner.memory.terms import VALIDATED_FAMILIES
+    from qplan.planner.model.catalog import bundled_model_names, load_spec
 
     gpt2 = plan(str(FIXTURES / "gpt2-conv1d.json"), seq_len=64)
     moe = plan(str(FIXTURES / "gpt-oss-moe.json"), seq_len=64, targets="attn")

@@ -15,11 +15,11 @@ import pytest
 
 from conftest import meta_model, tiny_config, tiny_spec
 from qplan.hf import lora_config
-from qplan.planner.api import make_plan
+from qplan.planner.api import plan_dict
 from qplan.planner.errors import QPlanError
-from qplan.planner.lora import LoraSettings, adapter_file_bytes, count_lora, resolve_targets, trainable_params
-from qplan.planner.memory import trainable_tensors
-from qplan.planner.weights import QuantSettings, unquantized_expert_bytes
+from qplan.planner.memory.terms import trainable_tensors
+from qplan.planner.model.lora import LoraSettings, adapter_file_bytes, count_lora, resolve_targets, trainable_params
+from qplan.planner.model.weights import QuantSettings, unquantized_expert_bytes
 
 MOE = ("mixtral-moe", "qwen2-moe", "qwen3-moe", "deepseek-v3-moe", "gpt-oss-moe")
 
@@ -121,7 +121,7 @@ def test_plan_round_trips_through_the_hf_mapping():
 
     from conftest import FIXTURES
 
-    plan = make_plan(model=str(FIXTURES / "qwen3-moe.json"), dropout=0.0, r=4)
+    plan = plan_dict(model=str(FIXTURES / "qwen3-moe.json"), dropout=0.0, r=4)
     lora = plan["lora"]
     assert lora["target_parameters"] and lora["rank_pattern"]
     pm = get_peft_model(meta_model(tiny_config("qwen3-moe")), lora_config(lora))
@@ -151,7 +151,7 @@ def test_unquantized_experts_are_what_bitsandbytes_leaves(tmp_path):
     assert experts and all(p.dtype == torch.float32 for p in experts)
     n, b = unquantized_expert_bytes(tiny_spec("qwen3-moe"), q)
     assert (n, b) == (sum(p.numel() for p in experts), sum(p.numel() * p.element_size() for p in experts))
-    plan = make_plan(model=str(FIXTURES / "qwen3-moe.json"), dropout=0.0, quant="nf4")
+    plan = plan_dict(model=str(FIXTURES / "qwen3-moe.json"), dropout=0.0, quant="nf4")
     assert any(f"their {n:,} parameters stay float32" in w for w in plan["warnings"])
 
 
@@ -161,9 +161,9 @@ def test_target_parameters_on_dense_weights_equal_peft(model, param):
     """PEFT's target_parameters also wraps an ordinary 2-D weight (one "expert")."""
     from peft import get_peft_model
 
-    from qplan.planner.specs import load_spec
+    from qplan.planner.model.catalog import load_spec
 
-    plan = make_plan(model=model, targets="k_proj", target_parameters=param)
+    plan = plan_dict(model=model, targets="k_proj", target_parameters=param)
     pm = get_peft_model(meta_model(load_spec(model).config), lora_config(plan["lora"]))
     assert pm.get_nb_trainable_parameters()[0] == plan["prediction"]["params"]["trainable"]
 
@@ -171,10 +171,10 @@ def test_target_parameters_on_dense_weights_equal_peft(model, param):
 def test_a_1d_target_parameter_is_refused_as_peft_does():
     from peft import get_peft_model
 
-    from qplan.planner.specs import load_spec
+    from qplan.planner.model.catalog import load_spec
 
     section = dict(r=8, alpha=16, dropout=0.0, target_modules=["k_proj"], target_parameters=["self_attn.q_proj.bias"])
     with pytest.raises(ValueError, match="only 2d and 3d"):
         get_peft_model(meta_model(load_spec("qwen2.5-0.5b").config), lora_config(section))
     with pytest.raises(QPlanError, match="only 2-D or 3-D"):
-        make_plan(model="qwen2.5-0.5b", targets="k_proj", target_parameters="self_attn.q_proj.bias")
+        plan_dict(model="qwen2.5-0.5b", targets="k_proj", target_parameters="self_attn.q_proj.bias")

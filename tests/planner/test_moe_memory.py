@@ -24,7 +24,7 @@ pytest.importorskip("bitsandbytes")
 
 from conftest import tiny_config
 from qplan.observe.trace import trace_plan
-from qplan.planner.api import make_plan
+from qplan.planner.api import plan_dict
 
 TOLERANCE = 0.03
 
@@ -37,7 +37,7 @@ def _plan(tmp_path, family: str, over: dict, layers: int, seq: int, quant: str, 
     inner["num_hidden_layers"] = layers
     path = tmp_path / f"{family}-{layers}.json"
     path.write_text(json.dumps(cfg))
-    return make_plan(model=str(path), r=r, alpha=None, dropout=0.0, targets=targets, bias="none", dora=False,
+    return plan_dict(model=str(path), r=r, alpha=None, dropout=0.0, targets=targets, bias="none", dora=False,
                      rslora=False, modules_to_save="", quant=quant, double_quant=True, compute_dtype="bf16",
                      upcast=True, gpu=None, seq_len=seq, batch_size=1, grad_accum=1, grad_ckpt=ckpt,
                      optimizer="adamw_torch", attn_impl="auto", backend="peft")

@@ -16,9 +16,9 @@ import io
 import pytest
 
 from conftest import meta_model, tiny_config, tiny_spec
-from qplan.planner.api import make_plan
-from qplan.planner.lora import LoraSettings, count_lora, trainable_params
-from qplan.planner.memory import gradient_bytes, optimizer_state_bytes, stepped_counts
+from qplan.planner.api import plan_dict
+from qplan.planner.memory.terms import gradient_bytes, optimizer_state_bytes, stepped_counts
+from qplan.planner.model.lora import LoraSettings, count_lora, trainable_params
 
 MM = ("gemma3-mm", "mistral3-mm")
 
@@ -97,7 +97,7 @@ def _plan(family, **kw):
              compute_dtype="bf16", upcast=True, gpu=None, seq_len=64, batch_size=2, grad_accum=1, grad_ckpt=True,
              optimizer="adamw_torch", attn_impl="sdpa", backend="peft")
     o.update(kw)
-    return make_plan(**o)
+    return plan_dict(**o)
 
 
 @pytest.mark.parametrize("family", MM)

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from qplan.planner.inventory import build_inventory
-from qplan.planner.spec import inventory_json
-from qplan.planner.specs import bundled_model_names, load_spec
+from qplan.planner.model.catalog import bundled_model_names, load_spec
+from qplan.planner.model.inventory import build_inventory
+from qplan.planner.model.spec import inventory_json
 
 
 @pytest.mark.parametrize("name", bundled_model_names())

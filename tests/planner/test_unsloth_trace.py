@@ -47,7 +47,7 @@ def _plan(path: Path, quant: str, ckpt: str, b: int, s: int) -> dict:
                                 optimizer="adamw_8bit", seq_len=s, batch_size=b, backend="unsloth",
                                 grad_ckpt=ckpt != "off")
     inp = dataclasses.replace(inp, training=dataclasses.replace(inp.training, grad_ckpt=ckpt))
-    return build_plan(inp, warnings)
+    return build_plan(inp, warnings).to_dict()
 
 
 def _plans_and_traces(path: Path, cases: list) -> tuple[list, list]:

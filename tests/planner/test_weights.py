@@ -13,7 +13,7 @@ import pytest
 
 from conftest import TINY_FAMILIES, tiny_spec
 from qplan.planner.errors import QPlanError
-from qplan.planner.weights import QuantSettings, weights_bytes, weights_footprint_bytes
+from qplan.planner.model.weights import QuantSettings, weights_bytes, weights_footprint_bytes
 
 
 def held_bytes(model) -> int:
@@ -108,10 +108,10 @@ def test_prequantized_checkpoint_keeps_its_16_bit_modules(tmp_path, upcast):
     from transformers import AutoModelForCausalLM
 
     from qplan.hf import bnb_config, model_from_config
-    from qplan.planner.api import make_plan
+    from qplan.planner.api import plan_dict
 
     cfg = json.loads(PREQUANTIZED.read_text())
-    plan = make_plan(model=str(PREQUANTIZED), upcast=upcast)
+    plan = plan_dict(model=str(PREQUANTIZED), upcast=upcast)
     assert plan["quant"]["skip_modules"] == cfg["quantization_config"]["llm_int8_skip_modules"]
     model_from_config(cfg, dtype="bfloat16", device="cpu").save_pretrained(tmp_path / "ckpt")
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", quantization_config=bnb_config(plan["quant"]),
@@ -123,4 +123,4 @@ def test_prequantized_checkpoint_keeps_its_16_bit_modules(tmp_path, upcast):
     assert plan["prediction"]["memory"]["weights"] == held_bytes(m)
     assert plan["prediction"]["memory"]["weights_footprint"] == m.get_memory_footprint()
     with pytest.raises(QPlanError, match="plan it with --quant nf4 --double-quant"):
-        make_plan(model=str(PREQUANTIZED), quant="bf16")
+        plan_dict(model=str(PREQUANTIZED), quant="bf16")

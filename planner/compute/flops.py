@@ -1,0 +1,256 @@
+"""FLOPs and bytes moved by one optimizer step: one pure function per term, formula and source in each.
+
+FLOPs are counted the way ``torch.utils.flop_counter.FlopCounterMode`` counts them (the oracle,
+run over the traced step on the meta device, tests/planner/test_compute.py): ``2 m k n`` per
+matrix product (``mm``/``addmm``/``bmm``; bias adds, norms, activations, softmax, the loss and the
+optimizer are not counted), and ``sdpa_flop_count`` for fused attention: ``2 b h s^2 d`` for
+``q k^T`` plus the same for ``p v`` (causality is ignored, as torch does), the backward kernel
+``5`` such products (torch/utils/flop_counter.py).
+
+Notation: ``T = b s`` tokens of a micro-batch; a linear module ``in -> out`` costs ``2 T in out``
+forward. With a frozen base, the backward of a linear layer is one product (the input
+gradient, ``2 T in out``) and only when its input needs a gradient; LoRA's ``A`` (``r x in``) and
+``B`` (``out x r``) cost ``2 T r (in + out)`` forward and, backward, their two weight gradients
+plus the gradient reaching ``A``'s output (``2 T r out``) and, if the input needs one, its input
+gradient (``2 T r in``). Which inputs need gradients follows autograd: the embeddings' output
+does only with checkpointing (``enable_input_require_grads``); from there on a tensor needs one
+when anything upstream is trainable. Gradient checkpointing runs every layer's forward again in
+the backward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qplan.planner.memory.activations import Branch, layer_branches
+from qplan.planner.memory.terms import dims
+from qplan.planner.model.lora import ModuleCount
+from qplan.planner.model.spec import ModelSpec
+from qplan.planner.model.weights import QuantSettings
+from qplan.planner.vocab import BYTES, optimizer
+
+#: FLOP terms of ``prediction.compute.flops`` (per optimizer step)
+FLOP_TERMS = ("base_forward", "input_gradients", "lora", "attention", "recomputation", "head")
+
+
+@dataclass(frozen=True)
+class LayerGrads:
+    """Which tensors of one decoder layer need gradients (autograd's ``requires_grad``)."""
+
+    x: bool  # the layer's input
+    q: bool
+    k: bool
+    v: bool
+    attn_out_in: bool  # o_proj's input (the attention output)
+    mlp_in: bool  # the normed residual after attention
+    mlp_out_in: bool  # down_proj's input (the MLP product)
+    out: bool  # the layer's output
+
+
+def layer_grads(sites: list[Branch], x: bool) -> LayerGrads:
+    """Propagate ``requires_grad`` through a Llama-family layer: a projection's output needs a
+    gradient when its input does or it carries LoRA; the attention output when q, k or v does;
+    residual sums when either side does."""
+    def out_rg(site: str) -> bool:
+        return any(s.r for s in sites if s.site == site)
+
+    attn_in = [s for s in sites if s.site == "attn_in"]
+    if len(attn_in) == 1:  # one fused projection (Phi-3 qkv_proj, GPT-2 c_attn): q, k, v are views of it
+        q = k = v = x or bool(attn_in[0].r)
+    else:  # separate projections, named q..., k..., v...
+        q, k, v = (x or any(s.r for s in attn_in if s.leaf.startswith(c)) for c in "qkv")
+    attn = q or k or v
+    o = attn or out_rg("attn_out")
+    h1 = x or o
+    mlp = h1 or out_rg("mlp_in")
+    down_in = mlp
+    down = down_in or out_rg("mlp_out")
+    return LayerGrads(x, q, k, v, attn, h1, down_in, h1 or down)
+
+
+def linear_forward_flops(T: int, s: Branch) -> int:
+    """Base projection forward: ``2 T in out`` per instance (``F.linear`` -> ``mm``/``addmm``; the
+    4-bit path dequantizes, then ``F.linear``)."""
+    return 2 * T * s.in_features * s.out_features * s.per_layer
+
+
+def linear_input_grad_flops(T: int, s: Branch, input_rg: bool) -> int:
+    """Base projection backward: only the input gradient ``grad_y W`` (``2 T in out``), and only
+    when the input needs a gradient; frozen weights get none."""
+    return linear_forward_flops(T, s) if input_rg else 0
+
+
+def lora_flops(T: int, s: Branch, input_rg: bool) -> tuple[int, int]:
+    """LoRA on ``s`` (forward, backward): ``2 T r (in + out)`` forward; backward the gradients of
+    ``B`` (``2 T r out``), of ``A``'s output (``2 T r out``), of ``A`` (``2 T r in``) and, if the
+    input needs one, of the input (``2 T r in``)."""
+    if not s.r:
+        return 0, 0
+    fwd = 2 * T * s.r * (s.in_features + s.out_features) * s.per_layer
+    bwd = (4 * T * s.r * s.out_features + 2 * T * s.r * s.in_features * (2 if input_rg else 1)) * s.per_layer
+    return fwd, bwd
+
+
+def attention_flops(b: int, s: int, nh: int, hd: int, attn_impl: str, fused_kernel: bool,
+                    g: LayerGrads) -> tuple[int, int]:
+    """Attention core (forward, backward) of one layer. Forward: ``q k^T`` and ``p v``, ``2 b h s^2 d``
+    each (causal masking does not change the count). Backward: a fused kernel (flash /
+    memory-efficient, ``fused_kernel``) recomputes the scores and makes all of dq, dk, dv: 5
+    products; eager (and the math fallback) runs autograd's products for the inputs that need a
+    gradient: ``grad_p = grad_o v^T`` (if q or k), ``dv = p^T grad_o`` (if v), ``dq``, ``dk``."""
+    one = 2 * b * nh * s * s * hd
+    fwd = 2 * one
+    if not (g.q or g.k or g.v):
+        return fwd, 0
+    if fused_kernel:
+        return fwd, 5 * one
+    return fwd, one * ((g.q or g.k) + g.v + g.q + g.k)
+
+
+def embedding_lora_flops(T: int, r: int, h: int) -> int:
+    """LoRA on an embedding (PEFT ``lora.Embedding``): ``A`` is a lookup (no matmul), then
+    ``after_A @ B``: ``2 T r h`` forward; backward the gradient of ``B`` and of ``after_A``
+    (``2 x 2 T r h``; ``A``'s own gradient is an index-add, not a matmul)."""
+    return 6 * T * r * h
+
+
+def head_flops(T: int, h: int, V: int, hidden_rg: bool, head_r: int = 0, head_trainable: bool = False) -> tuple[int, int]:
+    """Output head (forward, backward): ``2 T h V``; backward the input gradient when the final
+    hidden state needs one, a full weight gradient with ``modules_to_save``, LoRA on the head as
+    ``lora_flops``."""
+    s = Branch("head", h, V, 1, False, "lm_head", head_r)
+    fwd = 2 * T * h * V
+    bwd = fwd * (hidden_rg + head_trainable)
+    lf, lb = lora_flops(T, s, hidden_rg)
+    return fwd + lf, bwd + lb
+
+
+def recompute_skipped(T: int, sites: list[Branch], norms: int) -> int:
+    """What checkpointing does *not* recompute: torch's non-reentrant checkpoint stops the
+    recomputation as soon as every tensor the backward needs is back (``_checkpoint_early_stop``),
+    and the op that saves the last of them does not run. A layer that ends with the MLP's down
+    projection (no norm after it) therefore skips its last matmul: LoRA's ``B`` on the down
+    projection (``2 T r out``), else the down projection itself (plain or 4-bit; checked against
+    the traced count). Gemma-2's sandwich norm after the MLP (4 norms per layer) saves later
+    tensors: nothing is skipped."""
+    if norms >= 4:
+        return 0
+    down = [s for s in sites if s.site == "mlp_out"]
+    if not down:
+        return 0
+    last = down[-1]
+    if last.r:
+        return 2 * T * last.r * last.out_features * last.per_layer
+    return linear_forward_flops(T, last)
+
+
+def uses_fused_attention(attn_impl: str, amp: bool, hd: int, nh: int, nkv: int) -> bool:
+    """sdpa on a GPU: flash attention for 16-bit inputs with head dim <= 256 (GQA native), the
+    memory-efficient kernel for equal heads otherwise, else the math composite (torch 2.13
+    sdp_utils, as the trace routes it)."""
+    if attn_impl == "eager":
+        return False
+    if amp and hd <= 256:
+        return True
+    return nh == nkv
+
+
+def step_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSettings, b: int, s: int,
+               grad_ckpt: str, attn_impl: str, grad_accum: int = 1) -> dict[str, int]:
+    """FLOPs of one optimizer step (``grad_accum`` micro-batches) by term; ``total`` is their sum."""
+    d = dims(spec)
+    T = b * s
+    amp = q.compute_dtype in ("bfloat16", "float16")
+    ckpt = grad_ckpt != "off"
+    sites = layer_branches(spec, counts, r, q)
+    fused = uses_fused_attention(attn_impl, amp, d.hd, d.nh, d.nkv)
+    hd = d.hd + (-d.hd) % 8 if (fused and amp and d.hd <= 256) else d.hd  # flash pads the head dim to 8
+    out = dict.fromkeys(FLOP_TERMS, 0)
+    # the embeddings' output needs a gradient with checkpointing (enable_input_require_grads), or
+    # when the embedding itself trains (LoRA on it, or a full copy in modules_to_save)
+    emb_patterns = {e.pattern for e in spec.inventory.embeddings}
+    emb_counts = [c for c in counts if c.module in emb_patterns]
+    x_rg = ckpt or bool(emb_counts)
+    for c in emb_counts:
+        if c.kind == "lora":
+            out["lora"] += embedding_lora_flops(T, r, d.h) * c.instances
+    for _ in range(d.L):
+        g = layer_grads(sites, x_rg)
+        fwd = 0
+        for site in sites:
+            input_rg = {"attn_in": g.x, "attn_out": g.attn_out_in, "mlp_in": g.mlp_in, "mlp_out": g.mlp_out_in}[site.site]
+            f = linear_forward_flops(T, site)
+            out["base_forward"] += f
+            fwd += f
+            out["input_gradients"] += linear_input_grad_flops(T, site, input_rg)
+            lf, lb = lora_flops(T, site, input_rg)
+            out["lora"] += lf + lb
+            fwd += lf
+        af, ab = attention_flops(b, s, d.nh, hd, attn_impl, fused, g)
+        out["attention"] += af + ab
+        fwd += af
+        if ckpt:
+            out["recomputation"] += fwd - recompute_skipped(T, sites, d.norms)
+        x_rg = g.out
+    head_counts = {c.kind: c for c in counts if c.module == spec.inventory.output_head}
+    hf, hb = head_flops(T, d.h, d.V, x_rg, r if "lora" in head_counts else 0, "modules_to_save" in head_counts)
+    out["head"] = hf + hb
+    out = {k: v * grad_accum for k, v in out.items()}
+    out["total"] = sum(out[k] for k in FLOP_TERMS)
+    return out
+
+
+def not_counted(spec: ModelSpec, use_dora: bool) -> list[str]:
+    """What ``step_flops`` leaves out for this plan, said rather than silently under-counted:
+    fused mixture-of-experts tensors (``grouped_mm``, which FlopCounterMode does not count
+    either) and DoRA's weight-norm products. (LLM.int8's forward matmuls are counted like 16-bit
+    ones, ``2 m k n``; FlopCounterMode does not see them: they run as ``int8_linear_matmul``.)"""
+    out = []
+    experts = [p for p in spec.inventory.params if len(p.shape) == 3]
+    if experts:
+        out.append("mixture-of-experts expert matmuls (fused 3-D expert tensors: "
+                   + ", ".join(sorted({p.pattern.rsplit('.', 1)[-1] + '.' + p.param for p in experts})) + ")")
+    if use_dora:
+        out.append("DoRA's weight-norm products (lora_B @ lora_A per adapted module and step)")
+    return out
+
+
+def flops_form(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSettings, grad_ckpt: str,
+               attn_impl: str) -> tuple[int, int]:
+    """``(a, c)`` with ``step_flops(b, s)["total"] == a b s + c b s^2`` (every matmul is linear in
+    the tokens, attention in ``b s^2``): read off two evaluations, for ``qplan fit``'s inner loop."""
+    f1 = step_flops(spec, counts, r, q, 1, 1, grad_ckpt, attn_impl)["total"]
+    f2 = step_flops(spec, counts, r, q, 1, 2, grad_ckpt, attn_impl)["total"]
+    c = (f2 - 2 * f1) // 2
+    return f1 - c, c
+
+
+def step_bytes(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSettings, grad_ckpt: str,
+               optimizer_name: str, trainable_numel: int, grad_accum: int = 1) -> dict[str, int]:
+    """Bytes moved in device memory per optimizer step, by term (an estimate for the roofline;
+    no oracle counts bytes):
+
+    * ``weights``: every stored base weight of the decoder layers read once per pass that uses it —
+      forward, backward (input gradients) and, with checkpointing, the recomputation:
+      ``passes x stored bytes``; the output head twice (forward, input gradient);
+    * ``dequantization``: a 4-bit weight is dequantized to the compute dtype for each use and that
+      copy written and read: ``2 c n`` per use (bitsandbytes' CUDA dequantize + matmul path);
+    * ``optimizer``: per trainable element, AdamW reads parameter, gradient and two fp32 states and
+      writes the parameter and states (``4 + 4 + 8 + 4 + 8 = 28 B``); 8-bit states ``16 B``;
+      SGD ``12 B``; Adafactor ``20 B``.
+    """
+    c = 2 if q.compute_dtype in ("bfloat16", "float16") else 4
+    passes = 2 + (grad_ckpt != "off")
+    sites = layer_branches(spec, counts, r, q)
+    L = max(1, spec.inventory.num_hidden_layers)
+    weights = sum(x.weight_bytes * x.per_layer * L for x in sites) * passes * grad_accum
+    d = dims(spec)
+    head = spec.inventory.output_head
+    head_dtype = next((("float32" if g.keep_fp32 else q.unquantized_dtype) for g in spec.inventory.linear
+                       if g.pattern == head), q.unquantized_dtype)
+    weights += 2 * d.V * d.h * BYTES[head_dtype] * grad_accum  # the output head: forward and input gradient
+    dq = sum(2 * c * x.in_features * x.out_features * x.per_layer * L for x in sites if x.kbit and q.quant != "int8")
+    dq *= passes * grad_accum
+    per_elem = {"adamw": 28, "bnb8bit": 16, "bnb32bit": 28, "none": 12, "factored": 20}[optimizer(optimizer_name).state]
+    opt = per_elem * trainable_numel
+    return {"weights": weights, "dequantization": dq, "optimizer": opt, "total": weights + dq + opt}

@@ -1,0 +1,294 @@
+"""plan.json, typed: ``PlanDoc`` and its sections. ``make_plan`` returns a ``PlanDoc``; plan.json is its
+encoding (``to_dict`` / ``dumps``); ``check_plan`` validates a plan read back from disk against the
+same types (users edit plans). docs/plan-json.md is generated from these classes.
+
+Field order is the document's key order. A field whose value is ``UNSET`` is left out of the
+document (``msgspec``'s convention: e.g. ``quant.double_quant`` exists for 4-bit plans only,
+``prediction.trace`` for traced plans only); ``None`` is written as ``null``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from qplan.planner.bounds import (
+    MAX_GPUS,
+    Alpha,
+    Batch,
+    Bytes,
+    Context,
+    Dropout,
+    NonEmpty,
+    Rank,
+    lit,
+)
+from qplan.planner.errors import QPlanError
+from qplan.planner.validate import _PATH, check_config, explain
+from qplan.planner.vocab import (
+    ATTN_IMPLS,
+    COMPUTE_DTYPES,
+    GRAD_CKPT,
+    MIXED_PRECISION,
+    OPTIMIZERS,
+    QUANTS,
+    SAFETENSORS_DTYPE,
+    STRATEGIES,
+)
+from qplan.planner.vocab import BIAS_MODES as _BIAS
+
+PLAN_SCHEMA_VERSION = 1
+
+
+def _d(t: Any, help: str) -> Any:
+    return Annotated[t, Meta(description=help)]
+
+
+class ModelSection(Struct, kw_only=True):
+    """The model: its spec's name, where the spec came from, and the Hugging Face config it was built from."""
+
+    name: NonEmpty
+    source: _d(dict[str, Any], "hub_id / revision / config_file, or the local path") = {}
+    architecture: NonEmpty
+    model_type: NonEmpty
+    config: _d(dict[str, Any], "the config.json the model is rebuilt from (meta device, random weights)")
+
+
+class LoraSection(Struct, forbid_unknown_fields=True, kw_only=True):
+    """The LoRA settings, and the targets PEFT really adapts (``target_modules``, ``target_parameters``)."""
+
+    r: Rank
+    alpha: Alpha
+    dropout: Dropout
+    targets: NonEmpty
+    bias: lit(_BIAS) = "none"
+    use_dora: bool = False
+    use_rslora: bool = False
+    modules_to_save: list[NonEmpty] = []
+    adapter_dtype: lit(SAFETENSORS_DTYPE) = "float32"
+    target_parameters: list[NonEmpty] = []
+    scaling: _d(float | None, "alpha / r (alpha / sqrt(r) with rsLoRA)") = None
+    target_modules: _d(list[NonEmpty], "module names PEFT's LoraConfig gets")
+    rank_pattern: dict[str, Annotated[int, Meta(ge=1)]] = {}
+    alpha_pattern: dict[str, Annotated[float, Meta(gt=0)]] = {}
+
+
+class QuantSection(Struct, forbid_unknown_fields=True, kw_only=True):
+    """How the base weights are loaded (bitsandbytes settings for k-bit plans)."""
+
+    quant: lit(QUANTS)
+    compute_dtype: lit(COMPUTE_DTYPES)
+    double_quant: _d(bool | UnsetType, "4-bit plans only") = UNSET
+    blocksize: _d(Annotated[int, Meta(ge=1)] | None | UnsetType, "4-bit plans only") = UNSET
+    prepare_model_for_kbit_training: _d(bool | UnsetType, "k-bit plans only: the fp32 upcast") = UNSET
+    load_dtype: lit(COMPUTE_DTYPES)
+    unquantized_dtype: lit(COMPUTE_DTYPES)
+    skip_modules: _d(list[str] | None | UnsetType, "a pre-quantized checkpoint's llm_int8_skip_modules") = UNSET
+
+
+class TrainingSection(Struct, forbid_unknown_fields=True, kw_only=True):
+    """The step: micro-batch, sequence, accumulation, checkpointing, optimizer, attention, precision."""
+
+    batch_size: Batch
+    seq_len: Context
+    grad_accum: Batch
+    grad_ckpt: lit(GRAD_CKPT)
+    optimizer: lit(OPTIMIZERS)
+    attn_impl: lit(ATTN_IMPLS)
+    mixed_precision: lit(MIXED_PRECISION.values())
+
+
+class GpuSection(Struct, kw_only=True):
+    """The target GPU (bytes usable by tensors after the driver's reservation)."""
+
+    name: NonEmpty
+    usable_bytes: Bytes
+    total_bytes: Bytes
+    bf16: bool
+
+
+class DistributedSection(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Several GPUs: the engine, and the per-rank terms (``prediction.memory`` is then one rank's)."""
+
+    world_size: Annotated[int, Meta(ge=1, le=MAX_GPUS * MAX_GPUS)]
+    gpus_per_node: Annotated[int, Meta(ge=1, le=MAX_GPUS)]
+    nodes: Annotated[int, Meta(ge=1, le=MAX_GPUS)]
+    strategy: lit(STRATEGIES)
+    engine: NonEmpty
+    cpu_offload: bool
+    wrapping_unit: str | None = None
+    quant_storage: lit(COMPUTE_DTYPES) | None = None
+    memory_is: str
+    per_rank: dict[str, Bytes]
+    host_offload_per_node: Bytes
+    single_gpu: _d(dict[str, Bytes], "the same plan on one GPU: weights, tensor_peak, peak")
+    sharding_cost: _d(int | None, "bytes beyond an even split of the weights (replicated constants, padding)") = None
+    launch: dict[str, Any] | None | UnsetType = UNSET
+
+
+class Params(Struct, kw_only=True):
+    """Parameter counts (PEFT's own count on the meta-device model is the oracle)."""
+
+    base: Bytes
+    trainable: Bytes
+    total: Bytes
+    trainable_share: float = 0.0
+    per_module: _d(list[dict[str, Any]], "module, kind, shape, instances, params_per_instance, total, bytes") = []
+
+
+class Memory(Struct, kw_only=True):
+    """The GPU memory budget in bytes; ``peak`` = ``tensor_peak`` + ``overhead``."""
+
+    weights: Bytes
+    weights_footprint: _d(Bytes, "what get_memory_footprint() prints (no quantization constants)")
+    adapters: Bytes
+    gradients: Bytes
+    optimizer: Bytes
+    activations: Bytes
+    logits: Bytes
+    temporaries: Bytes
+    overhead: _d(Bytes, "CUDA context + allocator slack")
+    tensor_peak: _d(Bytes, "the largest moment of the step (live tensors)")
+    peak: _d(Bytes, "what the GPU must have")
+
+
+class Flops(Struct, kw_only=True):
+    """FLOPs of one optimizer step, as torch's FlopCounterMode counts them, by part."""
+
+    base_forward: Bytes | UnsetType = UNSET
+    input_gradients: Bytes | UnsetType = UNSET
+    lora: Bytes | UnsetType = UNSET
+    attention: Bytes | UnsetType = UNSET
+    recomputation: Bytes | UnsetType = UNSET
+    head: Bytes | UnsetType = UNSET
+    total: Bytes
+
+
+class Moved(Struct, kw_only=True):
+    """Bytes one optimizer step moves through GPU memory."""
+
+    weights: Bytes
+    dequantization: Bytes
+    optimizer: Bytes
+    total: Bytes
+
+
+class Compute(Struct, kw_only=True):
+    """FLOPs and bytes moved by one optimizer step."""
+
+    flops_per_step: Flops
+    bytes_per_step: Moved
+    flops_counted_as: str = ""
+    not_counted: _d(list[str] | UnsetType, "what the count leaves out for this model") = UNSET
+
+
+Seconds = Annotated[float, Meta(ge=0, le=1e12)]
+
+
+class Time(Struct, kw_only=True):
+    """The step time on the GPU: a roofline divided by an efficiency (``reason`` when there is none)."""
+
+    device: str | None = None
+    device_kind: Literal["gpu", "cpu"] | UnsetType = UNSET
+    peak_flops_per_second: float | UnsetType = UNSET
+    bandwidth_bytes_per_second: float | UnsetType = UNSET
+    efficiency: Annotated[float, Meta(gt=0, le=1)] | UnsetType = UNSET
+    efficiency_source: str | UnsetType = UNSET
+    overhead_seconds: float | UnsetType = UNSET
+    ideal_step_seconds: Seconds | UnsetType = UNSET
+    step_seconds: Seconds | None = None
+    tokens_per_step: int | UnsetType = UNSET
+    tokens_per_second: Annotated[float, Meta(ge=0)] | UnsetType = UNSET
+    tokens: int | None | UnsetType = UNSET
+    steps: int | None | UnsetType = UNSET
+    total_seconds: Seconds | None | UnsetType = UNSET
+    reason: str | UnsetType = UNSET
+
+
+class Cost(Struct, kw_only=True):
+    """Price per GPU-hour times time and GPUs."""
+
+    price_per_hour: float
+    gpus: int
+    per_step: float
+    total: float | None
+    currency: str = ""
+
+
+class Prediction(Struct, kw_only=True):
+    """What qplan predicts: counts, memory (device and host), the moments of the step, time and cost."""
+
+    method: Literal["analytic", "trace"]
+    params: Params
+    adapter_file_bytes: Bytes | None = None
+    memory: Memory
+    host: _d(dict[str, Bytes] | None, "host RAM: offloaded checkpoints, paged optimizer, offloaded states, peak") = None
+    memory_detail: _d(dict[str, Any], "weights breakdown, moments (phases), composition, CPU-kernel moments") = {}
+    fits: bool | None = None
+    headroom: int | None = None
+    compute: Compute | None = None
+    time: Time | None = None
+    cost: Cost | None = None
+    trace: _d(dict[str, Any] | None | UnsetType, "--method trace: the traced step") = UNSET
+
+
+class PlanDoc(Struct, kw_only=True):
+    """plan.json (schema_version 1) as ``qplan estimate`` writes it."""
+
+    schema_version: Literal[1]
+    qplan_version: str = ""
+    model: ModelSection
+    lora: LoraSection
+    quant: QuantSection
+    training: TrainingSection
+    gpu: GpuSection | None = None
+    backend: NonEmpty  # the backend registry (entry points) decides, with the list of known ones
+    distributed: DistributedSection | None | UnsetType = UNSET
+    warnings: list[str] = []
+    prediction: Prediction
+    suggestions: _d(list[str] | UnsetType, "single changes that make a plan fit (plans that do not)") = UNSET
+
+    def to_dict(self) -> dict[str, Any]:
+        """plan.json's JSON value (UNSET fields left out)."""
+        return msgspec.to_builtins(self)
+
+
+def section(cls: type[Struct], data: dict[str, Any]) -> Any:
+    """``cls`` from a builder's dict: every key must be a field (nothing is silently dropped)."""
+    stray = set(data) - set(cls.__struct_fields__)
+    if stray:
+        raise AssertionError(f"{cls.__name__} has no field for {sorted(stray)}")
+    return msgspec.convert(data, cls)
+
+
+def dumps(plan: PlanDoc | dict[str, Any]) -> str:
+    """Canonical JSON: 2-space indent, UTF-8, trailing newline."""
+    data = plan.to_dict() if isinstance(plan, PlanDoc) else plan
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def check_plan(plan: Any, where: str = "plan") -> dict[str, Any]:
+    """Validate a plan document read from disk (the whole of it) before anything runs."""
+    if not isinstance(plan, dict):
+        raise QPlanError(f"{where} is not a JSON object")
+    if plan.get("schema_version") != PLAN_SCHEMA_VERSION:
+        raise QPlanError(f"{where} has schema_version {plan.get('schema_version')!r}; this qplan reads version 1 "
+                         "(re-create it with `qplan estimate ... --output`)")
+    try:
+        msgspec.convert(plan, PlanDoc, strict=True)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        if text.startswith("Object contains unknown field"):
+            m = _PATH.search(text)
+            sect = (m.group(1).lstrip(".") + ".") if m else ""
+            raise QPlanError(f"{where}: unknown field {sect}{text.split('`')[1]} (a typo?)") from exc
+        raise QPlanError(explain(exc, plan, lambda path: f"{where}: {path.lstrip('.') or 'document'}")) from exc
+    check_config(plan["model"]["config"], f"{where}: model.config")
+    lora = plan["lora"]
+    if not lora["target_modules"] and not lora.get("target_parameters"):
+        raise QPlanError(f"{where}: lora.target_modules is empty and there are no lora.target_parameters: "
+                         "nothing would be adapted")
+    return plan

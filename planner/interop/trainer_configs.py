@@ -1,0 +1,421 @@
+"""Trainer configs in: an axolotl YAML, a LLaMA-Factory YAML, or a TRL / transformers training-arguments
+YAML/JSON, read into the options of ``make_plan`` (``qplan estimate --from-config``).
+
+Each tool's defaults are its own (axolotl: no checkpointing, dropout 0; LLaMA-Factory: checkpointing on,
+``lora_alpha`` = 2 × rank, targets ``all``; TRL: micro-batch 8, ``max_length`` 1024, ``adamw_torch_fused``),
+so a file gives the plan of what that tool would run. Every key is one of three kinds:
+
+* **mapped** — it sets an option (``lora_r`` → ``r``, ``load_in_4bit`` → ``quant nf4``, ...);
+* **no memory effect** — paths, data sets, learning rate, logging, schedules: accepted silently;
+* anything else: a **warning** that lists it (never silently dropped), or an **error** when the key
+  changes per-GPU memory in a way qplan cannot plan (tensor/sequence parallelism, RL stages,
+  other quantization methods, kernels that replace the modelled ones).
+
+DeepSpeed / FSDP keys are mapped to ``strategy`` / ``cpu_offload`` by ``trainer_dist``.
+
+Torch-free; YAML is read with PyYAML's safe loader (plain data, no tags that build objects).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qplan.planner.errors import QPlanError
+from qplan.planner.options import PlanOptions, field_names
+from qplan.planner.vocab import OPTIMIZER_TABLE
+
+FORMATS = ("axolotl", "llamafactory", "trl")
+MAX_CONFIG_BYTES = 1 << 20
+#: ``TrainingArguments.optim`` -> qplan's optimizer name (``adamw_bnb_8bit`` is qplan's ``adamw_8bit``)
+OPTIM = {o.trainer_optim: o.name for o in OPTIMIZER_TABLE} | {o.name: o.name for o in OPTIMIZER_TABLE}
+#: transformers TrainingArguments keys that change nothing qplan plans per GPU (paths, schedules, logging, data loading)
+TRAINING_NO_EFFECT = {
+    "output_dir", "overwrite_output_dir", "do_train", "do_eval", "do_predict", "eval_strategy", "evaluation_strategy",
+    "per_device_eval_batch_size", "eval_steps", "eval_accumulation_steps", "learning_rate", "weight_decay", "adam_beta1",
+    "adam_beta2", "adam_epsilon", "max_grad_norm", "num_train_epochs", "max_steps", "lr_scheduler_type",
+    "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps", "logging_dir", "logging_strategy", "logging_first_step",
+    "logging_steps", "save_strategy", "save_steps", "save_total_limit", "save_only_model", "seed", "data_seed",
+    "report_to", "run_name", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_drop_last",
+    "remove_unused_columns", "push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo", "resume_from_checkpoint",
+    "load_best_model_at_end", "metric_for_best_model", "greater_is_better", "ddp_timeout", "disable_tqdm", "plot_loss",
+    "log_level", "save_safetensors", "group_by_length", "label_names", "tf32", "optim_args", "include_num_input_tokens_seen",
+}
+#: multi-GPU keys that change per-GPU memory in a way qplan does not plan (deepspeed / fsdp are mapped: trainer_dist)
+MULTI_GPU = {"tensor_parallel_size", "context_parallel_size", "sequence_parallel_degree", "dp_shard_size",
+             "ray_num_workers", "parallelism_config", "use_hyper_parallel", "hyper_parallel_args"}
+#: multi-GPU keys that only tell the launcher (DDP) what to do: per-GPU memory is the single-GPU plan's
+LAUNCHER = {"ddp_find_unused_parameters", "ddp_backend", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "local_rank"}
+
+
+def _yaml() -> Any:
+    try:
+        import yaml
+    except ImportError as exc:  # pragma: no cover - pyyaml is a dependency
+        raise QPlanError("reading YAML configs needs PyYAML: pip install pyyaml") from exc
+    return yaml
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML or JSON file; unreadable, not UTF-8, not a mapping: one line."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()[: MAX_CONFIG_BYTES + 1]
+    except OSError as exc:
+        raise QPlanError(f"cannot read --from-config {p}: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise QPlanError(f"--from-config {p} is over 1 MiB: is it a trainer config?")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise QPlanError(f"--from-config {p} is not UTF-8 text (byte {exc.start})") from exc
+    yaml = _yaml()
+    try:
+        data = yaml.safe_load(text)  # JSON is YAML
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise QPlanError(f"--from-config {p} is not valid YAML or JSON{where}: {getattr(exc, 'problem', None) or exc}") from exc
+    except RecursionError as exc:
+        raise QPlanError(f"--from-config {p} nests too deeply") from exc
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise QPlanError(f"--from-config {p} is not a mapping of keys to values (a trainer config is)")
+    return data
+
+
+def detect_format(cfg: dict[str, Any]) -> str:
+    """axolotl (``base_model``), LLaMA-Factory (``finetuning_type`` / ``lora_target`` / ``cutoff_len`` /
+    ``quantization_bit`` / ``stage``), else TRL (``model_name_or_path`` with training arguments)."""
+    if "base_model" in cfg:
+        return "axolotl"
+    if {"finetuning_type", "lora_target", "cutoff_len", "quantization_bit", "stage", "template"} & set(cfg):
+        return "llamafactory"
+    if "model_name_or_path" in cfg:
+        return "trl"
+    raise QPlanError("cannot tell which trainer the config is for (no base_model, model_name_or_path or "
+                     "LLaMA-Factory keys): pass --config-format axolotl|llamafactory|trl")
+
+
+class _Reader:
+    """Reads keys of one config, remembering which were used, for the unknown-key warning."""
+
+    def __init__(self, cfg: dict[str, Any], fmt: str, base: Path = Path(".")) -> None:
+        self.cfg, self.fmt, self.used, self.base, self.warnings = cfg, fmt, set(), base, []
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.used.add(key)
+        v = self.cfg.get(key)
+        return default if v is None else v
+
+    def has(self, key: str) -> bool:
+        self.used.add(key)
+        return self.cfg.get(key) is not None
+
+    def typed(self, key: str, kind: type | tuple, default: Any = None) -> Any:
+        v = self.get(key, default)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if v is not None and (not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds)):
+            want = " or ".join(k.__name__ for k in kinds)
+            raise QPlanError(f"{self.fmt} config: {key} must be {want}, got {v!r}")
+        return v
+
+    def refuse(self, keys: set[str], why: str, falsy_ok: bool = True) -> None:
+        for k in sorted(keys & set(self.cfg)):
+            self.used.add(k)
+            v = self.cfg[k]
+            if falsy_ok and (v is None or v is False or v == "" or v == [] or v == {}):
+                continue
+            raise QPlanError(f"{self.fmt} config: {k}: {v!r} {why}")
+
+
+def _names(value: Any, key: str, fmt: str) -> str:
+    """A target list (YAML list or comma string) as qplan's ``--targets`` text."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return ",".join(value)
+    raise QPlanError(f"{fmt} config: {key} must be a module name, a list of them or all-linear, got {value!r}")
+
+
+def _optimizer(name: Any, key: str, fmt: str) -> str:
+    if name not in OPTIM:
+        raise QPlanError(f"{fmt} config: {key} {name!r} is not an optimizer qplan plans "
+                         f"(one of {', '.join(sorted(o.trainer_optim for o in OPTIMIZER_TABLE))})")
+    return OPTIM[name]
+
+
+def _precision(r: _Reader) -> str:
+    """bf16 / fp16 / fp32 from the ``bf16`` / ``fp16`` flags (``bf16: auto`` is bf16; the GPU check
+    switches it to fp16, with a warning, on a GPU without bf16)."""
+    bf16, fp16 = r.get("bf16"), r.get("fp16")
+    if bf16 and fp16:
+        raise QPlanError(f"{r.fmt} config: bf16 and fp16 are both set: choose one")
+    if fp16:
+        return "fp16"
+    return "bf16" if bf16 in (True, "auto", "true", "True") else "fp32"
+
+
+def _model(repo: Any, revision: Any, key: str, fmt: str) -> str:
+    if not isinstance(repo, str) or not repo.strip():
+        raise QPlanError(f"{fmt} config: {key} must name the base model (a Hub id such as meta-llama/Llama-3.1-8B)")
+    if revision not in (None, "main"):
+        return f"{repo}@{revision}"
+    return repo
+
+
+TORCH_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _training(r: _Reader, opts: dict[str, Any], seq_key: str, batch_default: int, seq_default: int, ckpt_default: bool,
+              optim_key: str, optim_default: str) -> None:
+    opts["batch_size"] = r.typed("micro_batch_size" if r.fmt == "axolotl" else "per_device_train_batch_size", int,
+                                 batch_default)
+    opts["seq_len"] = r.typed(seq_key, int, seq_default)
+    opts["grad_accum"] = r.typed("gradient_accumulation_steps", int, 1)
+    opts["optimizer"] = _optimizer(r.get(optim_key, optim_default), optim_key, r.fmt)
+    if r.fmt != "llamafactory":
+        gc = r.get("gradient_checkpointing", ckpt_default)
+        if gc not in (True, False):
+            raise QPlanError(f"{r.fmt} config: gradient_checkpointing {gc!r} is not planned (true or false)")
+        opts["grad_ckpt"] = gc
+        kwargs = r.get("gradient_checkpointing_kwargs") or {}
+        if gc and isinstance(kwargs, dict) and kwargs.get("use_reentrant") is True:
+            raise QPlanError(f"{r.fmt} config: gradient_checkpointing_kwargs.use_reentrant: true is not planned "
+                             "(qplan plans non-reentrant checkpointing: use_reentrant: false)")
+    _multi_gpu(r, opts)
+    r.refuse(MULTI_GPU, "asks for a multi-GPU parallelism qplan does not plan (it plans DDP, FSDP2 full shard and "
+                        "ZeRO-2/3: see README): remove it")
+    r.refuse({"torch_compile", "use_liger_kernel", "liger_kernel"},
+             "changes the kernels and their memory, which qplan does not model")
+
+
+
+def _attn_implementation(r: Any, o: dict[str, Any], tool: str) -> bool:
+    """``attn_implementation`` of the file into ``o["attn_impl"]`` (True), or False when absent."""
+    impl = r.get("attn_implementation")
+    if impl is None:
+        return False
+    if impl not in ("sdpa", "eager", "flash_attention_2"):
+        raise QPlanError(f"{tool} config: attn_implementation {impl!r} is not planned (sdpa, eager or flash_attention_2)")
+    o["attn_impl"] = impl
+    return True
+
+def _multi_gpu(r: _Reader, opts: dict[str, Any]) -> None:
+    """``strategy`` / ``cpu_offload`` from ``deepspeed`` or the FSDP keys (``trainer_dist``)."""
+    from qplan.planner.interop.trainer_sharding import deepspeed_options, fsdp_options
+
+    fsdp = fsdp_options(r.fmt, r.get("fsdp"), r.get("fsdp_config"), r.get("fsdp_version"), opts.get("grad_ckpt", False))
+    r.used.add("fsdp_transformer_layer_cls_to_wrap")
+    if r.has("deepspeed"):
+        if fsdp:
+            raise QPlanError(f"{r.fmt} config: deepspeed and fsdp are both set: choose one")
+        ds, warnings = deepspeed_options(r.get("deepspeed"), r.base, r.fmt, opts["batch_size"], opts["grad_accum"],
+                                         opts["compute_dtype"])
+        opts.update(ds)
+        r.warnings += warnings
+    elif fsdp is not None:
+        opts.update(fsdp[0])
+        r.warnings += fsdp[1]
+
+
+def _axolotl(r: _Reader) -> dict[str, Any]:
+    o: dict[str, Any] = {"model": _model(r.get("base_model"), r.get("revision_of_model"), "base_model", "axolotl")}
+    adapter = r.get("adapter")
+    if adapter not in ("lora", "qlora"):
+        raise QPlanError(f"axolotl config: adapter {adapter!r}: qplan plans LoRA and QLoRA (adapter: lora or qlora)")
+    b4, b8 = r.get("load_in_4bit", False), r.get("load_in_8bit", False)
+    if adapter == "qlora" and not b4:
+        raise QPlanError("axolotl config: adapter: qlora needs load_in_4bit: true")
+    if b4 and b8:
+        raise QPlanError("axolotl config: load_in_4bit and load_in_8bit are both set: choose one")
+    prec = _precision(r)
+    bnb = r.get("bnb_config_kwargs") or {}
+    if not isinstance(bnb, dict):
+        raise QPlanError(f"axolotl config: bnb_config_kwargs must be a mapping, got {bnb!r}")
+    unknown_bnb = set(bnb) - {"bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "llm_int8_has_fp16_weight"}
+    if unknown_bnb or bnb.get("llm_int8_has_fp16_weight"):
+        raise QPlanError(f"axolotl config: bnb_config_kwargs {sorted(unknown_bnb) or ['llm_int8_has_fp16_weight']} "
+                         "changes the quantization in a way qplan does not plan")
+    o["quant"] = bnb.get("bnb_4bit_quant_type", "nf4") if b4 else "int8" if b8 else prec
+    o["double_quant"] = bool(bnb.get("bnb_4bit_use_double_quant", True))
+    o["compute_dtype"] = prec
+    o["upcast"] = True  # axolotl runs prepare_model_for_kbit_training for lora/qlora on a k-bit model
+    o["r"] = r.typed("lora_r", int, 8)
+    if not r.has("lora_alpha"):
+        raise QPlanError("axolotl config: lora_alpha is missing (axolotl passes it to PEFT): set it")
+    o["alpha"] = float(r.typed("lora_alpha", (int, float)))
+    o["dropout"] = float(r.typed("lora_dropout", (int, float), 0.0))
+    linear, modules = r.get("lora_target_linear"), r.get("lora_target_modules")
+    if linear:
+        if modules and any(m in ("lm_head",) for m in (modules if isinstance(modules, list) else [modules])):
+            raise QPlanError("axolotl config: lora_target_linear with lm_head in lora_target_modules is not planned: "
+                             "list the modules instead")
+        o["targets"] = "all-linear"
+    elif modules:
+        o["targets"] = _names(modules, "lora_target_modules", "axolotl")
+    else:
+        raise QPlanError("axolotl config: neither lora_target_modules nor lora_target_linear is set: set one")
+    o["modules_to_save"] = _names(r.get("lora_modules_to_save"), "lora_modules_to_save", "axolotl") \
+        if r.has("lora_modules_to_save") else ""
+    o["dora"] = bool(r.get("peft_use_dora", False))
+    o["rslora"] = bool(r.get("peft_use_rslora", False))
+    _training(r, o, "sequence_len", 1, 512, False, "optimizer", "adamw_torch_fused")
+    if not _attn_implementation(r, o, "axolotl"):
+        if r.get("flash_attention"):
+            o["attn_impl"] = "flash_attention_2"
+        elif r.get("sdp_attention"):
+            o["attn_impl"] = "sdpa"
+        elif r.get("eager_attention"):
+            o["attn_impl"] = "eager"
+    r.refuse({"xformers_attention", "s2_attention", "flex_attention", "sage_attention"},
+             "is an attention kernel qplan does not model")
+    r.refuse({"rl", "relora", "relora_steps", "unfrozen_parameters", "lora_on_cpu", "gptq", "loftq_config", "peft",
+              "unsloth_lora_mlp", "unsloth_lora_qkv", "unsloth_lora_o", "lora_mlp_kernel", "lora_qkv_kernel",
+              "lora_o_kernel", "cut_cross_entropy", "chunked_cross_entropy", "tiled_mlp", "activation_offloading",
+              "gradient_checkpointing_kwargs_offload", "fix_untrained_tokens", "lora_target_parameters",
+              "embeddings_skip_upcast", "float16", "bfloat16", "load_in_2bit", "dpo_beta", "flash_attn_cross_entropy",
+              "flash_attn_rms_norm", "flash_attn_fuse_mlp", "flash_attn_fuse_qkv"},
+             "changes training memory in a way qplan does not plan from an axolotl config")
+    return o
+
+
+def _llamafactory(r: _Reader) -> dict[str, Any]:
+    o: dict[str, Any] = {"model": _model(r.get("model_name_or_path"), r.get("model_revision"), "model_name_or_path",
+                                         "llamafactory")}
+    if r.get("stage", "sft") not in ("sft", "pt"):
+        raise QPlanError(f"llamafactory config: stage {r.get('stage')!r}: qplan plans sft and pt (one model, no reference)")
+    if r.get("finetuning_type", "lora") != "lora":
+        raise QPlanError(f"llamafactory config: finetuning_type {r.get('finetuning_type')!r}: qplan plans lora")
+    bits, method = r.get("quantization_bit"), str(r.get("quantization_method", "bnb"))
+    if bits is not None and method != "bnb":
+        raise QPlanError(f"llamafactory config: quantization_method {method!r}: qplan plans bitsandbytes (bnb)")
+    if bits not in (None, 4, 8):
+        raise QPlanError(f"llamafactory config: quantization_bit {bits!r}: qplan plans 4 and 8 (bitsandbytes)")
+    prec = _precision(r)
+    if r.get("pure_bf16"):
+        raise QPlanError("llamafactory config: pure_bf16 keeps adapters in bf16, which qplan does not plan")
+    o["quant"] = {4: str(r.get("quantization_type", "nf4")), 8: "int8"}.get(bits, prec)
+    o["double_quant"] = bool(r.get("double_quantization", True))
+    o["compute_dtype"] = prec
+    o["upcast"] = False  # LLaMA-Factory never calls prepare_model_for_kbit_training (model_utils/checkpointing.py)
+    o["r"] = r.typed("lora_rank", int, 8)
+    o["alpha"] = float(r.typed("lora_alpha", (int, float), 2 * o["r"]))
+    o["dropout"] = float(r.typed("lora_dropout", (int, float), 0.0))
+    target = _names(r.get("lora_target", "all"), "lora_target", "llamafactory")
+    o["targets"] = "all-linear" if target.strip() == "all" else target
+    o["modules_to_save"] = _names(r.get("additional_target"), "additional_target", "llamafactory") \
+        if r.has("additional_target") else ""
+    o["dora"] = bool(r.get("use_dora", False))
+    o["rslora"] = bool(r.get("use_rslora", False))
+    _training(r, o, "cutoff_len", 8, 2048, True, "optim", "adamw_torch_fused")
+    o["grad_ckpt"] = not r.get("disable_gradient_checkpointing", False)
+    if o["grad_ckpt"] and r.get("use_reentrant_gc", True):
+        raise QPlanError("llamafactory config: LLaMA-Factory checkpoints with use_reentrant_gc: true by default, which "
+                         "qplan does not plan: set use_reentrant_gc: false (or disable_gradient_checkpointing: true)")
+    attn = str(r.get("flash_attn", "auto"))
+    o["attn_impl"] = {"auto": "auto", "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}.get(attn)
+    if o["attn_impl"] is None:
+        raise QPlanError(f"llamafactory config: flash_attn {attn!r} is not planned (auto, disabled, sdpa or fa2)")
+    r.refuse({"use_unsloth", "use_unsloth_gc", "upcast_layernorm", "upcast_lmhead_output", "use_galore", "use_apollo",
+              "use_badam", "pissa_init", "loraplus_lr_ratio", "enable_liger_kernel", "shift_attn", "rope_scaling",
+              "neat_packing", "use_llama_pro", "freeze_vision_tower", "train_mm_proj_only", "moe_aux_loss_coef",
+              "ref_model", "use_kt", "use_v1_kernels", "resize_vocab", "quantization_device_map"},
+             "changes training memory in a way qplan does not plan from a LLaMA-Factory config")
+    return o
+
+
+def _trl(r: _Reader) -> dict[str, Any]:
+    o: dict[str, Any] = {"model": _model(r.get("model_name_or_path"), r.get("model_revision"), "model_name_or_path", "trl")}
+    if not r.get("use_peft", False):
+        raise QPlanError("trl config: use_peft is not true: qplan plans LoRA fine-tunes (use_peft: true)")
+    b4, b8 = r.get("load_in_4bit", False), r.get("load_in_8bit", False)
+    if b4 and b8:
+        raise QPlanError("trl config: load_in_4bit and load_in_8bit are both set: choose one")
+    prec = _precision(r) if r.get("bf16") is not None or r.get("fp16") else "bf16"  # SFTConfig: bf16 unless fp16
+    dtype = str(r.get("dtype", r.get("torch_dtype", "float32")))
+    alias = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+    if dtype not in alias:
+        raise QPlanError(f"trl config: dtype {dtype!r} is not planned (bfloat16, float16 or float32; 'auto' depends on "
+                         "the checkpoint: name it)")
+    if (b4 or b8) and alias[dtype] != prec:
+        raise QPlanError(f"trl config: a quantized model computes in its dtype ({dtype}) but trains with "
+                         f"{'no mixed precision' if prec == 'fp32' else prec}: qplan plans one compute dtype — make them agree")
+    o["quant"] = str(r.get("bnb_4bit_quant_type", "nf4")) if b4 else "int8" if b8 else alias[dtype]
+    o["double_quant"] = bool(r.get("use_bnb_nested_quant", False))
+    o["compute_dtype"] = prec
+    o["upcast"] = False  # TRL's SFTTrainer does not call prepare_model_for_kbit_training
+    o["r"] = r.typed("lora_r", int, 16)
+    o["alpha"] = float(r.typed("lora_alpha", (int, float), 32))
+    o["dropout"] = float(r.typed("lora_dropout", (int, float), 0.05))
+    o["targets"] = _names(r.get("lora_target_modules"), "lora_target_modules", "trl") \
+        if r.has("lora_target_modules") else "qv"  # None: PEFT's default for the model type
+    o["modules_to_save"] = _names(r.get("lora_modules_to_save"), "lora_modules_to_save", "trl") \
+        if r.has("lora_modules_to_save") else ""
+    o["dora"] = bool(r.get("use_dora", False))
+    o["rslora"] = bool(r.get("use_rslora", False))
+    _training(r, o, "max_length", 8, 1024, True, "optim", "adamw_torch_fused")
+    _attn_implementation(r, o, "trl")
+    if o.get("strategy") in ("fsdp", "zero3") and o["quant"] in ("nf4", "fp4"):
+        storage = r.get("bnb_4bit_quant_storage")
+        if storage != TORCH_NAMES[prec]:
+            raise QPlanError(f"trl config: {o['strategy']} shards 4-bit weights only when bitsandbytes stores them in the "
+                             f"compute dtype: set bnb_4bit_quant_storage: {TORCH_NAMES[prec]} (got {storage!r})")
+    r.refuse({"lora_target_parameters", "bnb_4bit_quant_storage", "model_init_kwargs", "padding_free", "activation_offloading",
+              "use_liger_kernel", "lora_task_type"}, "changes training memory in a way qplan does not plan from a TRL config")
+    return o
+
+
+#: keys of each tool that change nothing qplan plans per GPU
+NO_EFFECT = {
+    "axolotl": TRAINING_NO_EFFECT | {
+        "base_model_config", "model_type", "tokenizer_type", "tokenizer_config", "trust_remote_code", "strict",
+        "datasets", "test_datasets", "dataset_prepared_path", "val_set_size", "num_epochs", "lr_scheduler", "warmup_steps",
+        "evals_per_epoch", "saves_per_epoch", "wandb_project", "wandb_entity", "wandb_watch", "wandb_name",
+        "wandb_log_model", "special_tokens", "train_on_inputs", "group_by_length", "chat_template", "logging_steps",
+        "early_stopping_patience", "lora_fan_in_fan_out", "lora_model_dir", "pad_to_sequence_len",
+        "sample_packing", "eval_sample_packing", "debug", "hub_model_id", "dataset_processes", "shuffle_merged_datasets",
+        "auto_resume_from_checkpoints", "save_first_step", "eval_table_size", "max_steps", "output_dir", "seed",
+        "weight_decay", "learning_rate", "eval_batch_size", "save_safetensors"},
+    "llamafactory": TRAINING_NO_EFFECT | {
+        "trust_remote_code", "template", "dataset", "dataset_dir", "eval_dataset", "max_samples", "overwrite_cache",
+        "preprocessing_num_workers", "val_size", "packing", "train_on_prompt", "mask_history", "streaming", "buffer_size",
+        "mix_strategy", "tokenized_path", "default_system", "enable_thinking", "export_dir", "infer_backend",
+        "adapter_name_or_path", "create_new_adapter", "cache_dir", "model_revision", "hf_hub_token"},
+    "trl": TRAINING_NO_EFFECT | {
+        "dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split", "dataset_streaming", "dataset_text_field",
+        "packing", "packing_strategy", "completion_only_loss", "assistant_only_loss", "chat_template_path", "eos_token",
+        "pad_token", "trust_remote_code", "model_revision", "dataset_num_proc", "dataset_kwargs", "shuffle_dataset",
+        "ignore_bias_buffers", "eval_packing"},
+}
+READERS = {"axolotl": _axolotl, "llamafactory": _llamafactory, "trl": _trl}
+
+
+def read_trainer_config(path: str | Path, fmt: str | None = None) -> tuple[dict[str, Any], list[str], str]:
+    """``(options, warnings, format)`` of a trainer config file: the options are ``PlanOptions`` fields
+    (``planner.options``; a reader mapping a key to another name fails here)."""
+    cfg = read_config_file(path)
+    if fmt is not None and fmt not in FORMATS:
+        raise QPlanError(f"--config-format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    fmt = fmt or detect_format(cfg)
+    r = _Reader(cfg, fmt, Path(path).parent)
+    try:
+        opts = READERS[fmt](r)
+    except (TypeError, ValueError) as exc:  # a value of the wrong kind deep in a mapping
+        raise QPlanError(f"{fmt} config {path}: {exc}") from exc
+    stray = sorted(set(opts) - set(field_names(PlanOptions)))
+    if stray:  # a reader that maps a key to a name the options model lacks is a bug here, not in the file
+        raise AssertionError(f"the {fmt} reader maps keys to {stray}, which are not PlanOptions fields")
+    warnings = list(r.warnings)
+    if fmt == "axolotl" and opts["quant"] in ("nf4", "fp4", "int8"):
+        warnings.append("axolotl patches prepare_model_for_kbit_training to keep embed_tokens/lm_head in the compute "
+                        "dtype; the plan upcasts them to fp32 as PEFT does (the weights term may be high by that)")
+    if fmt == "trl" and opts["quant"] in ("nf4", "fp4", "int8"):
+        warnings.append("TRL casts the LoRA adapters of a quantized model to bfloat16; the plan keeps them in float32 "
+                        "(adapters, gradients and optimizer states may be high by up to half)")
+    launcher = sorted(set(cfg) & LAUNCHER)
+    if launcher:
+        warnings.append(f"{fmt} config keys for a multi-GPU launcher (the plan is one GPU's memory): {', '.join(launcher)}")
+    unknown = sorted(set(cfg) - r.used - NO_EFFECT[fmt] - LAUNCHER)
+    if unknown:
+        warnings.append(f"{fmt} config keys qplan does not plan (ignored): {', '.join(unknown)}")
+    return opts, warnings, fmt

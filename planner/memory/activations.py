@@ -1,0 +1,515 @@
+"""Activation and logits terms: what autograd keeps for backward, per decoder layer and outside.
+
+What autograd keeps for backward, derived op by op from the code a training step runs
+(transformers' Llama-family decoder layer, PEFT 0.21's LoRA layers, bitsandbytes' Linear4bit,
+torch's CUDA autocast and fused kernels) and checked against the exact trace of that step
+(``qplan.observe.trace``; tests/planner/test_memory.py, reports/accuracy/).  Every term is a
+``Lin``: bytes = const + tok * T + seq * s + quad * T * s, so a plan's terms are evaluated for
+any batch x sequence in a few multiplications (``qplan fit``).  Notation as in ``planner.memory``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qplan.planner.memory.lin import ZERO, Lin, Precision, precision
+from qplan.planner.memory.moe import moe_activation, moe_moments
+from qplan.planner.memory.terms import Dims, dims, idle_in_step, trainable_tensors
+from qplan.planner.model.lora import ModuleCount
+from qplan.planner.model.spec import LinearGroup, ModelSpec
+from qplan.planner.model.weights import QuantSettings, is_quantized, linear_weight_bytes
+from qplan.planner.vocab import BYTES
+
+#: leaf names of the projections that take the attention output / the MLP hidden state; the
+#: other linear modules of a layer read the (normed) residual stream.
+ATTN_OUT = {"o_proj", "out_proj", "dense", "c_proj", "wo"}
+MLP_OUT = {"down_proj", "w2", "dense_4h_to_h", "fc2", "c_proj", "wo"}
+
+
+def _site(g: LinearGroup) -> str | None:
+    """Where a linear group of a decoder layer reads from: ``attn_in`` / ``mlp_in`` (the normed
+    residual stream), ``attn_out`` (the attention output), ``mlp_out`` (the MLP hidden state);
+    None outside the layers (output head, ...)."""
+    leaf = g.pattern.rsplit(".", 1)[-1]
+    role = g.role
+    if role == "attn":
+        return "attn_out" if leaf in ATTN_OUT else "attn_in"
+    if role == "mlp":
+        return "mlp_out" if leaf in MLP_OUT else "mlp_in"
+    return None
+
+
+def _site_dtype(site: str, p: Precision) -> int:
+    """dtype bytes of the tensor a module at ``site`` receives."""
+    return {"attn_in": p.R, "attn_out": p.c, "mlp_in": p.R, "mlp_out": p.M}[site]
+
+
+def _site_input_bytes(site: str, d: Dims, p: Precision) -> int:
+    """Bytes per token of the tensor a module at ``site`` receives."""
+    return _site_dtype(site, p) * {"attn_in": d.h, "attn_out": d.q, "mlp_in": d.h, "mlp_out": d.i}[site]
+
+
+def _lora_input_dtype(br: "Branch", p: Precision) -> int:
+    """dtype bytes of a LoRA branch's input after PEFT's cast to the (fp32) adapter dtype, which
+    bitsandbytes' LoRA layers skip under autocast."""
+    return _site_dtype(br.site, p) if (br.kbit and p.amp) else 4
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One linear group of a decoder layer (the activation terms see the LoRA-adapted ones; the
+    FLOP and bytes model, ``planner.compute``, all of them)."""
+
+    site: str  # attn_in | attn_out | mlp_in | mlp_out
+    in_features: int
+    out_features: int
+    per_layer: int
+    kbit: bool
+    leaf: str = ""
+    r: int = 0  # LoRA rank on it, 0 if none
+    weight_bytes: int = 0  # stored bytes of one instance's weight and its quantization constants
+
+
+def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSettings) -> list[Branch]:
+    """Every linear group inside the decoder layers, in inventory order, with its LoRA rank (a
+    multimodal wrapper's vision tower does not run in a text-only step: its layers are not here)."""
+    ranks = {c.module: r for c in counts if c.kind == "lora"}
+    L = max(1, int(spec.inventory.num_hidden_layers or 1))
+    out = []
+    for g in spec.inventory.linear:
+        site = _site(g)
+        if site is None or idle_in_step(spec, g.pattern):  # output head / other, or a vision tower
+            continue
+        out.append(Branch(site, g.in_features, g.out_features, max(1, g.instances // L), is_quantized(g, q),
+                          g.pattern.rsplit(".", 1)[-1], ranks.get(g.pattern, 0), sum(linear_weight_bytes(g, q))))
+    return out
+
+
+def lora_branches(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings) -> list[Branch]:
+    """The LoRA-adapted linear groups of the decoder layers (what the activation terms count)."""
+    return [b for b in layer_branches(spec, counts, 1, q) if b.r]  # r=1 marks them; the terms take r apart
+
+
+def lora_branch_activation(br: Branch, p: Precision, r: int, dropout: float, input_grad: bool,
+                           kernels: str = "cuda") -> tuple[Lin, bool]:
+    """What one LoRA branch saves, per token; and whether it saves its input tensor itself.
+
+    PEFT 0.21 ``lora.Linear.forward`` casts the input to the adapter dtype first
+    (``_cast_input_dtype(x, lora_A.weight.dtype)``, fp32); bitsandbytes' ``Linear4bit``/``8bitLt``
+    LoRA layers do so only without autocast.  Then ``lora_B(lora_A(dropout(x))) * scaling``:
+
+    * dropout (``p > 0``) on CUDA is the fused ``native_dropout``: it saves a bool mask (1 byte per
+      input element), only if its input requires grad; on the CPU (``kernels="cpu"``,
+      Dropout.cpp ``_dropout_impl``) the mask is noise in the input's dtype, saved by ``x * noise``;
+    * ``lora_A`` saves its input for its weight gradient: under autocast a ``c``-byte copy when the
+      input is not already in the compute dtype (a new tensor per module: autocast caches only
+      casts of leaf parameters), else the (dropped-out) input itself — a new tensor with dropout,
+      the module's input without it (returned as ``shares_input``, counted once per input);
+    * ``lora_B`` saves ``lora_A``'s output, ``c * r`` (fp32 without autocast).
+    """
+    x = _site_dtype(br.site, p)
+    t1 = _lora_input_dtype(br, p)
+    per = 0
+    shares = False
+    if dropout > 0 and input_grad:
+        per += br.in_features * (1 if kernels == "cuda" else t1)  # the mask
+    if p.amp and t1 != p.c:
+        per += p.c * br.in_features
+    elif dropout > 0 or t1 != x:
+        per += t1 * br.in_features
+    else:
+        shares = True
+    per += (p.c if p.amp else 4) * r
+    return Lin(tok=per * br.per_layer), shares
+
+
+def lora_weight_cast_bytes(branches: list[Branch], p: Precision, r: int) -> int:
+    """Per layer: autocast's casts of the fp32 adapter weights, ``c * r * (in + out)`` per module.
+
+    ``cached_cast`` (aten/src/ATen/autocast_mode.cpp) caches the lower-precision copy of an fp32
+    leaf that requires grad for the whole forward, and ``F.linear`` saves it for backward, so each
+    copy lives until its module's backward.  None without autocast.
+    """
+    if not p.amp:
+        return 0
+    return sum(p.c * r * (b.in_features + b.out_features) * b.per_layer for b in branches)
+
+
+def norm_activation(d: Dims, p: Precision, first: bool = False) -> Lin:
+    """RMSNorms of one layer (``x.to(float32)``, ``x * rsqrt(mean(x**2) + eps)``, ``weight * x``).
+
+    Each saves the fp32 ``rsqrt`` per token (4 T) and its fp32 input: for a norm reading the
+    residual stream in fp32 that is the residual itself (counted by ``residual_activation``),
+    else a fresh fp32 copy (4 h T).  Gemma-2's extra norms after each sublayer read the sublayer's
+    output, a new tensor: 4 h T either way.  Gemma's ``1 + weight.float()`` is a new fp32 vector
+    per norm (4 h, saved).  The frozen weight's ``mul`` saves nothing new.  ``first``: layer 0
+    without checkpointing, whose input norm sees no grad and saves nothing.
+    """
+    pre = 4 + (0 if p.R == 4 else 4 * d.h)
+    post = 4 + 4 * d.h
+    n_pre = 2 if d.norms >= 4 else d.norms
+    n_post = d.norms - n_pre
+    tok = pre * (n_pre - (1 if first else 0)) + post * n_post
+    const = 4 * d.h * (d.norms - (1 if first else 0)) if d.gemma_norm else 0
+    return Lin(tok=tok, const=const)
+
+
+def qk_norm_activation(d: Dims) -> Lin:
+    """Per-head RMSNorms of q and k (Qwen3 ``q_norm``/``k_norm`` on ``q_proj(x).view(..., hd)``):
+    each saves its fp32 input (``to(float32)`` makes a copy of a 16-bit projection output, and an
+    fp32 one is itself a tensor nothing else saves) and the fp32 ``rsqrt`` per head:
+    ``4 (q + kv) T + 4 (nh + nkv) T``; its 16-bit output feeds the rotary embedding, which saves
+    only ``cos``/``sin``. 0 for models without them."""
+    if not d.qk_norm:
+        return ZERO
+    return Lin(tok=4 * (d.q + d.kv) + 4 * (d.nh + d.nkv))
+
+
+def residual_activation(d: Dims, p: Precision) -> Lin:
+    """The two residual sums of a layer (after attention, after the MLP) are the next norms'
+    inputs; in fp32 the norm's ``pow``/``mul`` save them as they are (``4 h T`` each).  In 16-bit
+    the norm saves its fp32 copy instead and the sum itself is freed."""
+    return Lin(tok=2 * 4 * d.h) if p.R == 4 else ZERO
+
+
+def _padded(hd: int) -> int:
+    return hd + (-hd) % 8
+
+
+FUSED_QKV = {"qkv_proj", "query_key_value", "c_attn", "W_pack", "Wqkv"}
+
+
+def fused_qkv_kbit(spec: ModelSpec, q: QuantSettings) -> bool | None:
+    """None if the model has separate q/k/v projections; else whether the fused one is k-bit."""
+    for g in spec.inventory.linear:
+        if g.pattern.rsplit(".", 1)[-1] in FUSED_QKV:
+            return is_quantized(g, q)
+    return None
+
+
+def fused_qkv_activation(d: Dims, p: Precision, fused_kbit: bool | None) -> Lin:
+    """A fused q/k/v projection (Phi-3 ``qkv_proj``) whose output is already in the compute dtype:
+    sdpa saves ``v``, a view of that output, which keeps the whole output alive next to the
+    rotated q and k: ``c (q + kv) T`` more than separate projections.  A k-bit projection returns
+    the stream dtype (fp32 after upcasting), and autocast's copy of ``v`` is what is saved."""
+    if fused_kbit is None or not p.amp:
+        return ZERO
+    out_dtype = p.R if fused_kbit else p.c
+    return Lin(tok=p.c * (d.nh + d.nkv) * d.hd) if out_dtype == p.c else ZERO
+
+
+def _int8_sites(spec: ModelSpec, q: QuantSettings) -> set[str]:
+    """Sites of the layer's projections that bitsandbytes converts to int8 under ``q``."""
+    if q.quant != "int8":
+        return set()
+    return {site for g in spec.inventory.linear if (site := _site(g)) and is_quantized(g, q)}
+
+
+def int8_retained_activation(spec: ModelSpec, q: QuantSettings, p: Precision, ckpt: bool, first: bool,
+                             counted: set[str]) -> Lin:
+    """bitsandbytes ``MatMul8bitLt.forward`` keeps its input as a plain ``ctx.tensors`` attribute
+    (not ``save_for_backward``) whenever the input or weight needs grad, so checkpointing does
+    not drop it: every int8 projection's input stays alive until its backward, once per distinct
+    input tensor — the normed stream for q/k/v (``R h T``) and for gate/up (``R h T``), the
+    attention output (``c q T``) and the MLP product (``M i T``).  Without checkpointing the
+    attention output is saved by sdpa anyway, and inputs already saved (``counted``) add nothing;
+    layer 0's first projections read the embeddings, which need no grad."""
+    d = dims(spec)
+    tok = 0
+    for site in _int8_sites(spec, q):
+        if first and site == "attn_in":
+            continue
+        if not ckpt and (site == "attn_out" or site in counted):
+            continue
+        tok += _site_input_bytes(site, d, p)
+    return Lin(tok=tok)
+
+
+def attention_activation(d: Dims, p: Precision, attn_impl: str) -> Lin:
+    """Attention core per layer.
+
+    fp32 (no autocast): see the branches below (math composite for GQA, memory-efficient else).
+
+    sdpa/flash (CUDA, 16-bit, head dim <= 256: ``_scaled_dot_product_flash_attention``, GQA
+    native, head dim padded to a multiple of 8): saves q, k, v in the compute dtype (autocast
+    copies of fp32 projections, or the rotated projections themselves), the output, the fp32
+    log-sum-exp per head and token, and the RNG state (24 B): ``c T (2 nh + 2 nkv) hd' + 4 nh T``.
+
+    eager (``eager_attention_forward``): q, and k and v repeated to all heads (``repeat_kv``), in
+    the compute dtype (``3 c q T``); the fp32 softmax ``4 b nh s^2`` and its ``c``-byte copy for the
+    value matmul; Gemma-2's softcapped scores (``tanh`` output, ``c b nh s^2``).  The output's
+    contiguous copy is saved only by a LoRA on ``o_proj`` (counted there).
+    """
+    hdp = _padded(d.hd)
+    if attn_impl == "eager":
+        # q, k and v repeated to all heads, each in the compute dtype (autocast copies, or the
+        # rotated / repeated tensors themselves); the fp32 softmax and the compute-dtype copy the
+        # value matmul saves (none without autocast); Gemma-2's ``tanh`` softcap output
+        quad = 4 * d.nh + (p.c * d.nh if p.amp else 0) + (p.c * d.nh if d.attn_softcap else 0)
+        return Lin(tok=3 * p.c * d.nh * d.hd, quad=quad)
+    if not p.amp:
+        if d.nkv != d.nh:
+            # fp32 + GQA: the math composite (flash needs 16-bit, memory-efficient equal heads):
+            # q * scale, the repeated k (scaled, transposed) and v, and the fp32 softmax
+            return Lin(tok=4 * 3 * d.nh * d.hd, quad=4 * d.nh)
+        # fp32, equal heads: memory-efficient attention saves q, k, v, out and an fp32
+        # log-sum-exp per head (padded to 32 tokens, taken per token here) + seed/offset
+        return Lin(tok=4 * 4 * d.nh * d.hd + 4 * d.nh, const=16)
+    return Lin(tok=p.c * (2 * d.nh + 2 * d.nkv) * hdp + 4 * d.nh, const=24)
+
+
+def eager_forward_transient(d: Dims, p: Precision) -> Lin:
+    """Eager attention's largest forward moment, per layer: the masked scores (``c``, or fp32 when
+    the mask is fp32 or there is no autocast), ``softmax(..., dtype=float32)``'s fp32 copy of them
+    (ATen ``softmax`` converts with ``toType`` unless fp16 on CUDA) and its fp32 output:
+    ``(A + [4 if A != 4] + 4) b nh s^2``.  With checkpointing nothing of it is saved, so it is the
+    peak of the forward at long sequences."""
+    a = 4 if (p.R == 4 or not p.amp) else p.c
+    return Lin(quad=(a + (0 if a == 4 else 4) + 4) * d.nh)
+
+
+def eager_backward_quad(d: Dims, p: Precision) -> Lin:
+    """Eager attention's largest backward moment, per layer: the saved fp32 softmax output, the
+    gradient of the probabilities cast back to fp32, and ``_softmax_backward_data``'s fp32 output
+    (``12 b nh s^2``), plus Gemma-2's saved ``tanh`` of the scores."""
+    tanh = (p.c if p.amp else 4) * d.nh if d.attn_softcap else 0
+    return Lin(quad=12 * d.nh + tanh)
+
+
+def mlp_activation(d: Dims, p: Precision) -> Lin:
+    """Gated MLP (SwiGLU/GeGLU; Phi-3's fused ``gate_up_proj`` keeps the same bytes through views):
+    the gate output (saved by the activation), the activation's output and the up output (saved
+    by their product): ``3 M i T``.  Plain MLP: the fc output and the activation output, ``2 M i T``."""
+    return Lin(tok=(3 if d.gated else 2) * p.M * d.i)
+
+
+def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, r: int, dropout: float,
+                     attn_impl: str, first: bool = False, kernels: str = "cuda", mlp: Lin | None = None) -> Lin:
+    """Everything one decoder layer keeps for backward (no checkpointing).
+
+    ``first``: layer 0 without checkpointing reads the embeddings, which do not require grad:
+    its input norm saves nothing and dropout masks on that input are not kept.
+    ``mlp``: the feed-forward block's own term when it is not a dense MLP (``moe_activation``).
+    """
+    d = dims(spec)
+    p = precision(q)
+    total = norm_activation(d, p, first) + residual_activation(d, p)
+    total = total + attention_activation(d, p, attn_impl) + (mlp_activation(d, p) if mlp is None else mlp)
+    total = total + fused_qkv_activation(d, p, fused_qkv_kbit(spec, q))
+    total = total + qk_norm_activation(d)
+    shared = set()
+    for br in branches:
+        lin, shares = lora_branch_activation(br, p, r, dropout, not (first and br.site == "attn_in"), kernels)
+        total = total + lin
+        if shares:
+            shared.add(br.site)
+    # a shared input is saved once; the attention output is saved by sdpa anyway
+    total = total + Lin(tok=sum(_site_input_bytes(s_, d, p) for s_ in shared if s_ != "attn_out"))
+    if q.quant == "int8":
+        total = total + int8_retained_activation(spec, q, p, False, first, shared)
+    return total + Lin(const=lora_weight_cast_bytes(branches, p, r))
+
+
+def rotary_activation(d: Dims, p: Precision) -> Lin:
+    """The rotary ``cos``/``sin`` of a step, alive from the embeddings to the end of backward:
+    ``[1, s, hd]`` each in ``R`` bytes (batch 1, broadcast), one pair per rotary table the model
+    computes (``d.rope_sets``: Gemma-3 one per layer type, sliding and full; others one):
+    ``2 R hd s`` per pair (transformers ``*RotaryEmbedding.forward``, 5.23)."""
+    return Lin(seq=2 * p.R * d.hd * d.rope_sets)
+
+
+def head_activation(spec: ModelSpec, p: Precision, ckpt: bool) -> Lin:
+    """Outside the decoder layers: the batch (``input_ids`` and ``labels``, int64: 16 T), the
+    rotary ``cos``/``sin`` (``rotary_activation``), the final norm (as
+    ``norm_activation``; with checkpointing also its input, the last layer's output ``4 h T``,
+    which without checkpointing the last layer's ``residual_activation`` counted), and the output
+    head's autocast copy of its weight when that weight is fp32 (``c V h``, saved for the input
+    gradient)."""
+    d = dims(spec)
+    head_w = p.c * d.V * d.h if (p.amp and p.R != p.c) else 0
+    return Lin(const=head_w, tok=16 + 4 + (0 if p.R == 4 and not ckpt else 4 * d.h)) + rotary_activation(d, p)
+
+
+def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout: float,
+                     q: QuantSettings, grad_ckpt: str, attn_impl: str, kernels: str = "cuda") -> dict[str, Lin]:
+    """Activations alive at the end of the forward pass, and at the other moments that hold some.
+
+    * no checkpointing: layer 0 (``first``) + ``L - 1`` full layers + the head;
+    * HF checkpointing (``torch.utils.checkpoint``, non-reentrant): each layer keeps only its
+      input ``R h T`` (the embeddings output included) + the head; backward recomputes one layer;
+    * Unsloth (``use_gradient_checkpointing="unsloth"``): the layer inputs are offloaded to
+      CPU RAM, so only the recomputed layer and the head are on the device.
+
+    ``layers`` is layer 0's backward (the other layers' LoRA gradients exist, counted by the caller);
+    ``ckpt_inputs`` what the *last* layer's backward holds on top of it instead: the other ``L - 1``
+    layers' checkpointed inputs (HF checkpointing; no gradient exists yet then).  Which is larger
+    depends on ``T``: a MoE layer's backward transient at long sequences makes the last layer's the peak.
+    """
+    d = dims(spec)
+    p = precision(q)
+    if kernels == "cpu" and grad_ckpt == "unsloth":
+        grad_ckpt = "hf"  # offloading to CPU RAM moves nothing when the device is the CPU
+    ckpt_inputs = ZERO
+    br = lora_branches(spec, counts, q)
+    mlp = moe_activation(spec, counts, q)
+    full = layer_activation(spec, br, q, r, dropout, attn_impl, kernels=kernels, mlp=mlp)
+    head = head_activation(spec, p, grad_ckpt != "off")
+    layer_inputs = Lin(tok=d.L * p.R * d.h)  # what HF checkpointing keeps of every layer
+    rotary = rotary_activation(d, p)  # cos/sin, alive through backward
+    grads_in = Lin(tok=2 * p.R * d.h)  # the gradient reaching a layer, and its sum with the residual's
+    if grad_ckpt == "off":
+        first = layer_activation(spec, br, q, r, dropout, attn_impl, first=True, kernels=kernels, mlp=mlp)
+        saved = first + (d.L - 1) * full + head
+        layers = first + grads_in + rotary
+        layers_temps = grads_in
+    else:
+        saved = (layer_inputs if grad_ckpt == "hf" else ZERO) + head
+        if attn_impl == "eager":
+            saved = saved + eager_mask_activation(spec, p)
+        if q.quant == "int8":
+            saved = saved + d.L * int8_retained_activation(spec, q, p, True, False, set())
+        layers_temps = grads_in + (recompute_transient(spec, br, p, dropout) if mlp is None else ZERO)
+        layers = Lin(tok=p.R * d.h) + full + rotary + layers_temps
+        # the last layer's backward (the first one backward runs) has every other layer's checkpoint
+        if grad_ckpt == "hf":
+            ckpt_inputs = Lin(tok=(d.L - 1) * p.R * d.h)
+    p_total, p_layer, p_temp = parameter_lora_activation(counts, q)
+    experts = expert_lora_bytes(counts, q)
+    moments = moe_moments(spec, counts, q, grad_ckpt != "off", experts)
+    if p_total:
+        saved = saved + Lin(const=p_total if grad_ckpt == "off" else 0)
+        if moments is None:
+            layers = layers + Lin(const=p_layer + p_temp)
+            layers_temps = layers_temps + Lin(const=p_temp)
+        else:  # the experts' folds are in the MoE moments; the rest (the router's W') is saved
+            layers = layers + Lin(const=p_layer - sum(saved_ for saved_, _ in experts.values()))
+    attn_fwd = attn_fwd_temps = ZERO
+    if attn_impl == "eager":
+        # inside layer 0's backward the saved s^2 tensors give way to the backward's own
+        layers = layers + eager_backward_quad(d, p) + Lin(quad=-full.quad)
+        layers_temps = layers_temps + eager_backward_quad(d, p)
+        if grad_ckpt != "off":
+            attn_fwd_temps = eager_forward_transient(d, p)
+            attn_fwd = layer_inputs + eager_mask_activation(spec, p) + attn_fwd_temps
+    # ``*_temps``: the part of ``layers`` / ``attn_fwd`` that is transient (gradients in flight,
+    # a recomputation's or a softmax's scratch): what a tracker calls temporaries at that moment
+    return {"saved": saved, "layers": layers, "attn_fwd": attn_fwd, "ckpt_inputs": ckpt_inputs,
+            "layer_moments": moments or (),
+            "layers_temps": layers_temps, "attn_fwd_temps": attn_fwd_temps,
+            "loss_extra": loss_time_activation(spec, counts, q, grad_ckpt)}
+
+
+def parameter_lora_activation(counts: list[ModuleCount], q: QuantSettings) -> tuple[int, int, int]:
+    """LoRA on parameters (``target_parameters``, PEFT's ``ParamWrapper``; MoE experts): bytes per
+    model, per layer, and a layer backward's transient.
+
+    In the forward, PEFT parametrizes the wrapped parameter with its adapter
+    (``ParamWrapper._activate_lora``): ``W' = W + scaling * B A`` is materialised whole, in the
+    parameter's dtype ``w``, and the experts' ``grouped_mm`` saves ``W'`` for the input gradient:
+    ``w * numel`` per wrapped parameter and layer, saved for backward (all layers without
+    checkpointing; the recomputed layer with it).  A 3-D (experts) parameter with one adapter is
+    folded by ``_LoraFactorsProxy``: ``baddbmm(W, lhs, rhs)`` with ``get_delta_factors``' factors
+    cast ``.to(W.dtype)``, which copies the fp32 LoRA weights when ``W`` is 16-bit, and ``baddbmm``
+    saves both copies: ``w`` bytes per LoRA parameter of that wrapper (none when ``W`` is fp32).
+    In that layer's backward the gradient of
+    each ``W'`` is as large again; the wrapped parameters are used in order (``gate_up_proj`` before
+    ``down_proj``), so the backward holds at most ``max_j (sum_{k<=j} S_k + S_j)``, the transient
+    beyond the layer's saved ``sum_k S_k`` being that minus ``sum_k S_k``.
+    Returns (``sum`` over every layer, ``sum_k S_k`` of the largest layer, that transient).
+    """
+    wrapped = [c for c in counts if c.kind == "lora_param"]
+    if not wrapped:
+        return 0, 0, 0
+    w = {c.module + c.shape: _param_lora_bytes(c, q)[0] for c in wrapped}
+    total = sum(w[c.module + c.shape] * c.instances for c in wrapped)
+    # one layer: the wrapped parameters of the layers with the most of them (instances = layers)
+    most = max(c.instances for c in wrapped)
+    sizes = [w[c.module + c.shape] for c in wrapped if c.instances == most]
+    layer = sum(sizes)
+    peak = max(sum(sizes[: j + 1]) + sizes[j] for j in range(len(sizes)))
+    return total, layer, peak - layer
+
+
+def _param_lora_bytes(c: ModuleCount, q: QuantSettings) -> tuple[int, int]:
+    """(bytes one layer's fold of a wrapped parameter saves, bytes of its ``W'`` gradient): ``W'`` in
+    the parameter's dtype, plus the cast factors of a 16-bit 3-D parameter (see
+    ``parameter_lora_activation``)."""
+    wb = 4 if c.base_fp32 else BYTES[q.unquantized_dtype]
+    factors = wb * c.params_per_instance if ("×(" in c.shape and wb != BYTES[c.dtype]) else 0
+    return wb * c.base_numel + factors, wb * c.base_numel
+
+
+def expert_lora_bytes(counts: list[ModuleCount], q: QuantSettings) -> dict[str, tuple[int, int]]:
+    """``_param_lora_bytes`` of each adapted 3-D (experts) parameter, by parameter name."""
+    return {c.shape.split()[0]: _param_lora_bytes(c, q) for c in counts if c.kind == "lora_param" and "×(" in c.shape}
+
+
+def recompute_transient(spec: ModelSpec, branches: list[Branch], p: Precision, dropout: float) -> Lin:
+    """Forward temporaries at the end of a layer's recomputation, when its saved activations are
+    all back: the MLP product feeding the down projection (``M i T``), that projection's output
+    and, if it is LoRA-adapted, the branch's transient copies (PEFT's fp32 cast of the input and
+    the dropout output, which autocast's saved copy replaces)."""
+    d = dims(spec)
+    lin = Lin(tok=p.M * d.i + p.M * d.h)
+    for br in branches:
+        if br.site != "mlp_out":
+            continue
+        x = p.M
+        t1 = _lora_input_dtype(br, p)
+        extra = 0
+        if t1 != x:
+            extra += t1 * br.in_features
+        if dropout > 0 and p.amp and t1 != p.c:
+            extra += t1 * br.in_features
+        lin = lin + Lin(tok=extra * br.per_layer)
+    return lin
+
+
+def eager_mask_activation(spec: ModelSpec, p: Precision) -> Lin:
+    """Eager attention gets a materialised additive causal mask, ``[b, 1, s, s]`` in the
+    embeddings' dtype (``R`` bytes; masking_utils ``eager_mask``), one per attention type of the
+    config's ``layer_types`` (recorded in the spec's inventory; Gemma-2 alternates sliding-window
+    and global layers: two).  Checkpointing keeps the layers' inputs,
+    masks included, for the recomputation: ``n R b s^2`` until backward ends.  (Without
+    checkpointing the masks die with the forward.)"""
+    n = max(1, len(spec.inventory.attention_types))
+    return Lin(quad=n * p.R)
+
+
+def loss_time_activation(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings, grad_ckpt: str) -> Lin:
+    """Alive while the loss is computed (inside the model's forward) but not saved for backward:
+    the final norm's output ``R h T`` (still referenced by the model's output object), and, with
+    checkpointing, autocast's cached ``c``-byte copies of every fp32 adapter weight: the cache
+    lives until the outermost autocast exits after the loss, and without checkpointing those
+    copies are saved anyway (``lora_weight_cast_bytes``).  LoRA on 3-D expert parameters is folded
+    with autocast off (``_LoraFactorsProxy``: explicit casts, ``parameter_lora_activation``): no
+    cached copies of those."""
+    d = dims(spec)
+    p = precision(q)
+    lin = Lin(tok=p.R * d.h)
+    if grad_ckpt != "off" and p.amp:
+        cast = [c for c in counts if not (c.kind == "lora_param" and "×(" in c.shape)]
+        lin = lin + Lin(const=sum(p.c * n for n, dt in trainable_tensors(cast) if dt == "float32"))
+    return lin
+
+
+def logits_terms(spec: ModelSpec, q: QuantSettings, chunked: bool = False) -> dict[str, Lin]:
+    """Logits and loss (transformers ``ForCausalLMLoss``: ``logits.float()``, ``cross_entropy``).
+
+    * end of the forward: the head's ``c T V`` logits, the fp32 copy ``4 T V`` (freed after
+      ``log_softmax``) or accelerate's ``convert_to_fp32`` copy of the outputs, and
+      ``log_softmax``'s fp32 output ``4 T V`` (saved): ``(c + 8) T V`` (``8 T V`` in fp32);
+    * start of backward (Trainer has dropped the outputs): ``log_softmax``'s output, the
+      gradient ``nll_loss`` writes into it, and ``log_softmax``'s input gradient, three fp32
+      ``T V``: ``12 T V`` — the peak of most plans.
+    Unsloth's chunked cross-entropy never materialises the fp32 copies: ``c T V`` at both.
+    Gemma-2's final softcapping adds its saved ``tanh`` output, ``c T V``.
+    """
+    d = dims(spec)
+    p = precision(q)
+    # Gemma-2 ``final_logit_softcapping``: ``tanh(logits / cap) * cap`` keeps the tanh output
+    cap = p.c * d.V if d.final_softcap else 0
+    if chunked:
+        return {"forward": Lin(tok=p.c * d.V + cap), "backward": Lin(tok=p.c * d.V + cap)}
+    fwd = (p.c + 8) * d.V if p.amp else 8 * d.V
+    return {"forward": Lin(tok=fwd + cap), "backward": Lin(tok=12 * d.V + cap)}

@@ -1,0 +1,65 @@
+"""Bytes as linear forms of the batch shape (``Lin``) and the element sizes of a step's tensors
+(``Precision``): the vocabulary every activation term (``planner.activations``, ``planner.moe``) is
+written in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qplan.planner.model.weights import QuantSettings
+from qplan.planner.vocab import BYTES
+
+
+@dataclass(frozen=True)
+class Lin:
+    """``const + tok * T + seq * s + quad * T * s`` bytes (T = batch * seq tokens, s = sequence
+    length: ``seq`` for tensors broadcast over the batch, ``quad`` for eager attention scores)."""
+
+    const: int = 0
+    tok: int = 0
+    seq: int = 0
+    quad: int = 0
+
+    def __add__(self, o: "Lin") -> "Lin":
+        return Lin(self.const + o.const, self.tok + o.tok, self.seq + o.seq, self.quad + o.quad)
+
+    def __mul__(self, k: int) -> "Lin":
+        return Lin(self.const * k, self.tok * k, self.seq * k, self.quad * k)
+
+    __rmul__ = __mul__
+
+    def at(self, T: int, s: int) -> int:
+        return self.const + self.tok * T + self.seq * s + self.quad * T * s
+
+
+ZERO = Lin()
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per element of the tensors a step makes.
+
+    * ``amp``: autocast on (Trainer ``bf16=True``/``fp16=True`` -> accelerate wraps the forward in
+      ``torch.autocast``); ``c``: what autocast's lower-precision ops produce (4 without autocast).
+    * ``R``: the residual stream: embeddings output, norm outputs.  ``prepare_model_for_kbit_training``
+      casts embeddings and norms to fp32, so the whole stream runs in fp32 (4); otherwise the load dtype.
+    * ``M``: outputs of the projections feeding the MLP activation.  bitsandbytes' ``Linear4bit``
+      casts its output back to the input dtype (``out.to(inp_dtype)``), so k-bit models keep ``R``;
+      plain ``nn.Linear`` under autocast gives ``c``.
+    """
+
+    amp: bool
+    c: int
+    R: int
+    M: int
+    kbit: bool
+
+
+def precision(q: QuantSettings) -> Precision:
+    amp = q.compute_dtype in ("bfloat16", "float16")
+    c = BYTES[q.compute_dtype] if amp else 4
+    R = BYTES[q.unquantized_dtype]
+    M = R if (q.kbit or not amp) else c
+    return Precision(amp, c, R, M, q.kbit)
+
+

@@ -1,0 +1,207 @@
+"""The moments of a training step and its peak: the one formula ``qplan estimate`` and ``qplan fit`` use.
+
+The peak of a training step is the largest of these moments (``MemoryModel``):
+
+* **loss** (end of the forward) — weights + adapters + optimizer states (from step 2 on) + every
+  saved activation + the logits and the loss's fp32 copies;
+* **start of backward** — the same activations + three fp32 ``T x V`` tensors of the loss's
+  backward (the peak of almost every real plan);
+* **layer-0 backward** — the other layers' gradients + layer 0's activations (recomputed with
+  checkpointing) + the incoming gradient (the peak when the vocabulary is small);
+* **last layer's backward** (with checkpointing) — the same layer moment without the other layers'
+  gradients but with every layer's checkpointed input (MoE layers at long sequences);
+* **optimizer step** — weights + adapters + gradients + optimizer states + the step's temporaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from qplan.planner.memory.activations import ZERO, Lin, activation_terms, logits_terms, precision
+from qplan.planner.memory.terms import (
+    TrainingSettings,
+    adapter_bytes,
+    dequant_temp_bytes,
+    dims,
+    gradient_bytes,
+    optimizer_state_bytes,
+    optimizer_step_temp_bytes,
+    overhead_bytes,
+    stepped_counts,
+)
+from qplan.planner.model.lora import ModuleCount
+from qplan.planner.model.spec import ModelSpec
+from qplan.planner.model.weights import QuantSettings
+from qplan.planner.vocab import CATEGORIES, MOMENTS_OF_PHASE
+
+
+def training_memory(spec: ModelSpec, counts: list[ModuleCount], lora_r: int, dropout: float,
+                    q: QuantSettings, t: TrainingSettings, weights: int, chunked_ce: bool = False,
+                    kernels: str = "cuda") -> dict[str, Any]:
+    """All terms and the peak, for one plan.  ``kernels="cpu"``: what the same step allocates when
+    it runs on the CPU (``qplan run --device cpu`` compares against that)."""
+    return MemoryModel.build(spec, counts, lora_r, dropout, q, t.grad_ckpt, t.optimizer, t.attn_impl,
+                             weights, chunked_ce, kernels).evaluate(t.batch_size, t.seq_len, t.grad_accum)
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """The terms of a plan that do not depend on batch x sequence, and the linear forms of those
+    that do; ``evaluate(b, s)`` gives the phases and the peak.  ``qplan estimate`` and ``qplan fit``
+    both use it, so a plan's numbers are the same whichever command prints them.
+
+    Moments (the peak is their maximum):
+
+    * ``forward``: static + saved activations + the loss's logits (``logits_terms['forward']``);
+    * ``backward``: the start of backward: the same activations + ``logits_terms['backward']``
+      (``12 T V``);
+    * ``layers``: backward reaching layer 0, after the logits are freed: the gradients of the
+      other layers, the incoming gradient (two ``R h T``), layer 0's activations (recomputed with
+      checkpointing, with the recomputation's transients) — the peak of small-vocabulary models;
+    * ``optimizer``: static + gradients + the step's temporaries;
+    * ``attention`` (eager attention with checkpointing only): a layer's forward at its softmax,
+      the ``s^2`` score tensors that nothing saves (``eager_forward_transient``).
+
+    ``static`` = weights + adapters + optimizer states (from step 2 on), paged optimizer state
+    excluded; with gradient accumulation the gradients are alive in every phase.
+    """
+
+    weights: int
+    adapters: int
+    gradients: int
+    optimizer: int
+    optimizer_paged: int
+    temps_opt: int
+    temps_dq: int
+    saved: Lin
+    layers: Lin
+    attn_fwd: Lin
+    layers_grads: int
+    loss_extra: Lin
+    logits_fwd: Lin
+    logits_bwd: Lin
+    #: the transient parts of ``layers`` and ``attn_fwd`` (for ``composition`` only)
+    layers_temps: Lin = ZERO
+    attn_temps: Lin = ZERO
+    #: the other layers' checkpointed inputs the last layer's backward holds (``activation_terms``)
+    ckpt_inputs: Lin = ZERO
+    #: moments inside a MoE layer's backward (``moe.moe_backward_moments``): the largest at ``T`` is
+    #: added to both layer moments
+    layer_moments: tuple[Lin, ...] = ()
+
+    @classmethod
+    def build(cls, spec, counts, lora_r, dropout, q, grad_ckpt, optimizer, attn_impl, weights, chunked_ce=False,
+              kernels="cuda"):
+        # adapters of modules a text-only step never runs (a vision tower) get no gradient or state
+        stepped = stepped_counts(spec, counts)
+        opt = optimizer_state_bytes(stepped, optimizer)
+        L = dims(spec).L
+        acts = activation_terms(spec, stepped, lora_r, dropout, q, grad_ckpt, attn_impl, kernels)
+        lg = logits_terms(spec, q, chunked_ce)
+        return cls(
+            weights=weights, adapters=adapter_bytes(counts), gradients=gradient_bytes(stepped),
+            optimizer=opt["device"] + opt["paged"], optimizer_paged=opt["paged"],
+            temps_opt=optimizer_step_temp_bytes(stepped, optimizer, kernels),
+            temps_dq=dequant_temp_bytes(spec, q, precision(q).c),
+            saved=acts["saved"], layers=acts["layers"], attn_fwd=acts["attn_fwd"],
+            # entering layer 0's backward, the other layers' gradients exist
+            layers_grads=gradient_bytes(stepped) * (L - 1) // max(1, L),
+            loss_extra=acts["loss_extra"], logits_fwd=lg["forward"], logits_bwd=lg["backward"],
+            layers_temps=acts["layers_temps"], attn_temps=acts["attn_fwd_temps"], ckpt_inputs=acts["ckpt_inputs"],
+            layer_moments=acts["layer_moments"],
+        )
+
+    def phases(self, b: int, s: int, grad_accum: int = 1) -> dict[str, int]:
+        """Live tensor bytes at each moment of the step (the one formula both commands use)."""
+        T = b * s
+        # paged optimizer state lives in CUDA unified memory, outside the device allocator
+        static = self.weights + self.adapters + self.optimizer - self.optimizer_paged
+        # gradients stay alive between micro-batches when accumulating
+        g = self.gradients if grad_accum > 1 else 0
+        acts = self.saved.at(T, s)
+        out = {
+            "forward": static + g + acts + self.loss_extra.at(T, s) + self.logits_fwd.at(T, s),
+            "backward": static + g + acts + self.logits_bwd.at(T, s),
+            "layers": static + (self.gradients if grad_accum > 1 else self.layers_grads) + self.layers.at(T, s)
+            + self.moment(T, s),
+        }
+        if self.ckpt_inputs != ZERO:
+            out["layers_last"] = static + g + (self.layers + self.ckpt_inputs).at(T, s) + self.moment(T, s)
+        out["optimizer"] = static + self.gradients + self.temps_opt
+        if self.attn_fwd != ZERO:
+            out["attention"] = static + g + self.attn_fwd.at(T, s)
+        return out
+
+    def moment(self, T: int, s: int) -> int:
+        """The largest of ``layer_moments`` at ``T`` tokens (0 for a dense model)."""
+        return max((m.at(T, s) for m in self.layer_moments), default=0)
+
+    def composition(self, b: int, s: int, grad_accum: int = 1) -> dict[str, dict[str, int]]:
+        """What the bytes of each moment of ``phases`` are, in the tracker's categories
+        (``vocab.CATEGORIES`` less ``optimizer_paged``, which is outside the peak): each moment's
+        parts add up to its total in ``phases`` exactly.  A report draws the moment where a run's
+        peak was measured from this, beside the measured ``breakdown_at_peak``."""
+        T = b * s
+        g = self.gradients if grad_accum > 1 else 0
+        static = {"weights": self.weights, "adapters": self.adapters,
+                  "optimizer": self.optimizer - self.optimizer_paged}
+        acts = self.saved.at(T, s)
+        layers_t = self.layers_temps.at(T, s) + self.moment(T, s)
+        parts = {
+            # the loss-time extras are made in the forward and not saved: transients to a tracker
+            "forward": {"gradients": g, "activations": acts, "logits": self.logits_fwd.at(T, s),
+                        "temporaries": self.loss_extra.at(T, s)},
+            "backward": {"gradients": g, "activations": acts, "logits": self.logits_bwd.at(T, s)},
+            "layers": {"gradients": self.gradients if grad_accum > 1 else self.layers_grads,
+                       "activations": self.layers.at(T, s) + self.moment(T, s) - layers_t, "temporaries": layers_t},
+        }
+        if self.ckpt_inputs != ZERO:
+            parts["layers_last"] = {"gradients": g,
+                                    "activations": (self.layers + self.ckpt_inputs).at(T, s) + self.moment(T, s) - layers_t,
+                                    "temporaries": layers_t}
+        parts["optimizer"] = {"gradients": self.gradients, "temporaries": self.temps_opt}
+        if self.attn_fwd != ZERO:
+            attn_t = self.attn_temps.at(T, s)
+            parts["attention"] = {"gradients": g, "activations": self.attn_fwd.at(T, s) - attn_t,
+                                  "temporaries": attn_t}
+        order = [c for c in CATEGORIES if c != "optimizer_paged"]
+        return {moment: {c: int({**static, **p}.get(c, 0)) for c in order} for moment, p in parts.items()}
+
+    def peak(self, b: int, s: int, grad_accum: int = 1) -> int:
+        """tensor_peak only (the inner loop of ``qplan fit``)."""
+        return max(self.phases(b, s, grad_accum).values())
+
+    def evaluate(self, b: int, s: int, grad_accum: int = 1) -> dict[str, Any]:
+        T = b * s
+        phases = self.phases(b, s, grad_accum)
+        acts = self.saved.at(T, s)
+        tensor_peak = max(phases.values())
+        phase = next(k for k, v in phases.items() if v == tensor_peak)
+        over = overhead_bytes(tensor_peak)
+        return {
+            "adapters": self.adapters,
+            "gradients": self.gradients,
+            "optimizer": self.optimizer,
+            "optimizer_paged": self.optimizer_paged,
+            "activations": acts,
+            "logits": self.logits_bwd.at(T, s),
+            "temporaries": max(self.temps_dq, self.temps_opt),
+            "overhead": sum(over.values()),
+            "cuda_context": over["cuda_context"],
+            "allocator_slack": over["allocator_slack"],
+            "tensor_peak": tensor_peak,
+            "peak": tensor_peak + sum(over.values()),
+            "peak_phase": phase,
+            "phases": phases,
+            "composition": self.composition(b, s, grad_accum),
+        }
+
+
+
+def moment_in_phase(phases: dict[str, int], observed_phase: str | None) -> str | None:
+    """The planner's moment for a peak an observer saw in ``observed_phase`` (``vocab.PHASES``):
+    of the moments in that phase (``vocab.MOMENTS_OF_PHASE``), the one predicted largest, the
+    earliest on a tie.  ``None`` when the phase is not a step phase or the plan has none of them."""
+    cands = [m for m in MOMENTS_OF_PHASE.get(observed_phase or "", ()) if m in phases]
+    return max(cands, key=lambda m: phases[m]) if cands else None

@@ -1,0 +1,261 @@
+"""The planning options: one typed model, the single source of every option of a plan.
+
+``PlanOptions`` is what ``make_plan`` takes (``qplan estimate``'s options); ``FitOptions`` what
+``qplan fit`` searches with. Each field carries, as data on its type:
+
+* its default (the field's default), its bounds (``planner.bounds``) and its choices (``Literal``);
+* its help text and how the command line spells it (``Meta(description=..., extra=...)``):
+  ``flag`` (default ``--field-name``), ``short``, ``negatable`` (``--x/--no-x``), ``section``.
+
+From it come the click options of ``qplan estimate`` and ``qplan fit`` (``qplan.cli.plan_commands``),
+``qplan serve``'s query parsing (it parses with those very commands), the names the ``--from-config``
+readers map keys to (``planner.interop.trainer_configs`` returns PlanOptions fields, checked), and
+the option reference ``docs/options.md`` (``python -m qplan.cli.reference``; a test fails when it
+drifts). Adding an option means adding a field here and reading it where it takes effect.
+
+Torch-free and click-free: msgspec validates, one line naming the flag.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta, Struct
+
+from qplan.planner.bounds import (
+    MAX_NAME,
+    Alpha,
+    Batch,
+    Context,
+    Dropout,
+    GpuCount,
+    NonEmpty,
+    Rank,
+    Tokens,
+    lit,
+)
+from qplan.planner.errors import QPlanError
+from qplan.planner.validate import explain
+from qplan.planner.vocab import (
+    ATTN_CHOICES,
+    BACKENDS,
+    BIAS_MODES,
+    DTYPE_ALIASES,
+    OPTIMIZERS,
+    PRESETS,
+    QUANTS,
+    STRATEGIES,
+)
+
+MODEL, LORA, QUANT, TRAINING, DEVICE, TIME, MULTI, SEARCH = (
+    "Model", "LoRA", "Quantization", "Training", "Device", "Time and cost", "Several GPUs", "Search")
+
+
+def _f(t: Any, help: str, **cli: Any) -> Any:
+    """A field's type with its help text and command-line spelling attached."""
+    return Annotated[t, Meta(description=help, extra=cli)]
+
+
+Text = Annotated[str, Meta(max_length=16384)]
+Names = Text | list[NonEmpty]
+Path_ = Annotated[str, Meta(min_length=1, max_length=4096)]
+Price = Annotated[float, Meta(ge=0, le=1e6)]
+Epochs = Annotated[float, Meta(gt=0, le=10_000)]
+Targets = Annotated[str, Meta(min_length=1, max_length=16384)]
+
+_MODEL_HELP = ("bundled model name (see `qplan models`), a config.json, a model directory or a Hub id "
+               "ORG/NAME[@REV]")
+
+
+class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """The options of one plan (``make_plan``, ``qplan estimate``, ``/api/estimate``)."""
+
+    model: _f(Annotated[str, Meta(max_length=MAX_NAME)] | None, _MODEL_HELP, short="-m", section=MODEL) = None
+    r: _f(Rank, "LoRA rank", section=LORA) = 16
+    alpha: _f(Alpha | None, "LoRA alpha [default: 2*r]", section=LORA) = None
+    dropout: _f(Dropout | None, "LoRA dropout [default: 0.05; 0 where PEFT adapts fused MoE experts, "
+                                "which refuse dropout]", section=LORA) = None
+    targets: _f(Targets, f"preset {'|'.join(PRESETS)}, or comma-separated module names", section=LORA) = "all-linear"
+    bias: _f(lit(BIAS_MODES), "which biases train (PEFT's bias)", section=LORA) = "none"
+    dora: _f(bool, "DoRA: one magnitude vector per adapted module", section=LORA) = False
+    rslora: _f(bool, "rank-stabilised scaling alpha/sqrt(r)", section=LORA) = False
+    target_parameters: _f(Names, "comma-separated parameters to adapt (PEFT's target_parameters, "
+                                 "e.g. mlp.experts.gate_up_proj)", section=LORA) = ""
+    modules_to_save: _f(Names, "comma-separated modules trained in full (e.g. embed_tokens,lm_head)",
+                        section=LORA) = ""
+    quant: _f(lit(QUANTS), "base weights: bitsandbytes 4-bit (nf4, fp4), LLM.int8, or a plain 16/32-bit load",
+              section=QUANT) = "nf4"
+    double_quant: _f(bool, "4-bit: quantize the absmax constants", negatable=True, section=QUANT) = True
+    compute_dtype: _f(lit(sorted(DTYPE_ALIASES)), "dtype of the matmuls (bnb_4bit_compute_dtype; autocast)",
+                      section=QUANT) = "bf16"
+    upcast: _f(bool, "k-bit plans: prepare_model_for_kbit_training casts unquantized params to fp32",
+               negatable=True, section=QUANT) = True
+    gpu: _f(Annotated[str, Meta(max_length=MAX_NAME)] | None, "target GPU (see `qplan gpus`), or a device file "
+            "(.json)", section=DEVICE) = None
+    seq_len: _f(Context, "tokens per sequence", section=TRAINING) = 512
+    batch_size: _f(Batch, "sequences per micro-batch", section=TRAINING) = 1
+    grad_accum: _f(Batch, "micro-batches per optimizer step", section=TRAINING) = 1
+    grad_ckpt: _f(bool, "gradient checkpointing", negatable=True, section=TRAINING) = True
+    optimizer: _f(lit(OPTIMIZERS), "optimizer (TrainingArguments.optim; adamw_8bit is adamw_bnb_8bit)",
+                  section=TRAINING) = "adamw_torch"
+    attn_impl: _f(lit(ATTN_CHOICES), "attention (auto: what transformers picks for the model, e.g. eager for "
+                  "Gemma-2)", flag="--attn", section=TRAINING) = "auto"
+    backend: _f(lit(BACKENDS), "the trainer `qplan run` uses (see `qplan backends`); unsloth plans Unsloth's "
+                "kernels", section=TRAINING) = "peft"
+    strict_dtype: _f(bool, "fail instead of switching bf16 to fp16 on GPUs without bf16", section=DEVICE) = False
+    tokens: _f(Tokens | None, "tokens the run trains on: total time (needs --gpu)", section=TIME) = None
+    dataset_tokens: _f(Tokens | None, "tokens in the dataset (with --epochs)", section=TIME) = None
+    epochs: _f(Epochs | None, "passes over --dataset-tokens", section=TIME) = None
+    price_per_hour: _f(Price | None, "price of one GPU-hour: the run's cost", section=TIME) = None
+    calibration: _f(Path_ | None, "a calibration file from `qplan calibrate` (fitted efficiency for the --gpu)",
+                    section=TIME) = None
+    gpus: _f(GpuCount, "GPUs per node (memory is then per rank)", section=MULTI) = 1
+    nodes: _f(GpuCount, "nodes", section=MULTI) = 1
+    strategy: _f(lit(STRATEGIES) | None, "multi-GPU engine: ddp, fsdp (FSDP2 full shard), zero2, zero3 "
+                 "(DeepSpeed) [default: ddp]", section=MULTI) = None
+    cpu_offload: _f(bool, "FSDP parameter / ZeRO optimizer offload to host memory", section=MULTI) = False
+
+
+OBJECTIVES = ("memory", "time", "cost")
+
+
+class FitOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """The options of ``qplan fit`` (``/api/fit``): what is fixed, what is searched, how it is ranked.
+    A plan option left out (None) is searched."""
+
+    model: _f(Annotated[str, Meta(max_length=MAX_NAME)] | None, "as for estimate (or from --from-config)",
+              short="-m", section=MODEL) = None
+    gpu: _f(Annotated[str, Meta(max_length=16384)], "a catalog GPU, a comma-separated list, or all",
+            required=True, section=DEVICE)
+    seq_len: _f(Context | None, "fix the sequence length (else search it)", section=SEARCH) = None
+    batch_size: _f(Batch | None, "fix the batch size (else search it)", section=SEARCH) = None
+    quant: _f(lit(QUANTS) | None, "fix the quantization (else search nf4, int8, bf16)", section=SEARCH) = None
+    r: _f(Rank | None, "fix the rank (else search 8, 16, 32, 64)", section=SEARCH) = None
+    targets: _f(Targets | None, "fix the targets (else search qv, attn, all-linear)", section=SEARCH) = None
+    optimizer: _f(lit(OPTIMIZERS) | None, "fix the optimizer (else search adamw_torch, adamw_8bit, "
+                  "paged_adamw_8bit)", section=SEARCH) = None
+    top: _f(Annotated[int, Meta(ge=1, le=100_000)], "how many plans to list", section=SEARCH) = 10
+    objective: _f(lit(OBJECTIVES), "rank by tokens per step (memory), tokens/s (time) or cost per million tokens "
+                  "(cost)", section=SEARCH) = "memory"
+    tokens: _f(Tokens | None, "tokens the run trains on: total time/cost", section=TIME) = None
+    price_per_hour: _f(Annotated[str, Meta(max_length=16384)] | None, "price of a GPU-hour: a number, or "
+                       "NAME=PRICE,... per GPU", section=TIME) = None
+    calibration: _f(Path_ | None, "a calibration file from `qplan calibrate` for the --gpu", section=TIME) = None
+    max_gpus: _f(Annotated[int, Meta(ge=1, le=4096)] | None, "search the fewest GPUs (1..N) and the strategy (ddp, "
+                 "zero2, fsdp, zero3, offload) that fit", section=MULTI) = None
+    upcast: _f(bool, "with --max-gpus: k-bit plans' fp32 upcast of unquantized params", negatable=True,
+               section=MULTI) = True
+
+
+# ------------------------------------------------------------------------------ introspection
+
+
+@dataclass(frozen=True)
+class OptionInfo:
+    """One field as a command line and a reference page see it."""
+
+    name: str
+    flag: str
+    help: str
+    kind: str  # int, float, str, bool
+    default: Any
+    required: bool = False
+    choices: tuple[str, ...] | None = None
+    nullable: bool = False
+    bounds: tuple[tuple[str, Any], ...] = ()
+    short: str | None = None
+    negatable: bool = False
+    section: str = ""
+
+    @property
+    def negative_flag(self) -> str:
+        return "--no-" + self.flag[2:]
+
+    def bounds_text(self) -> str:
+        sym = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "length >=", "max_length": "length <="}
+        return ", ".join(f"{sym[k]} {v:,}" if isinstance(v, int) else f"{sym[k]} {v:g}" for k, v in self.bounds)
+
+
+def _unwrap(t: Any) -> tuple[Any, list[Meta]]:
+    metas: list[Meta] = []
+    while typing.get_origin(t) is Annotated:
+        args = typing.get_args(t)
+        t = args[0]
+        metas += [m for m in args[1:] if isinstance(m, Meta)]
+    return t, metas
+
+
+def option_infos(cls: type[Struct]) -> list[OptionInfo]:
+    """The fields of ``cls`` (``PlanOptions``/``FitOptions``) in order, as ``OptionInfo``."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out = []
+    for f in msgspec.structs.fields(cls):
+        t, metas = _unwrap(hints[f.name])  # nested Annotated types flatten: bounds and help side by side
+        members = [t]
+        if typing.get_origin(t) in (typing.Union, types.UnionType):
+            members = list(typing.get_args(t))
+        nullable = type(None) in members
+        first, inner = _unwrap(next(m for m in members if m is not type(None)))
+        metas += inner
+        choices = tuple(typing.get_args(first)) if typing.get_origin(first) is typing.Literal else None
+        kind = "str" if choices else {int: "int", float: "float", bool: "bool"}.get(first, "str")
+        bounds = tuple((k, getattr(m, k)) for m in metas for k in ("ge", "gt", "le", "lt")
+                       if getattr(m, k) is not None)
+        help_ = next((m.description for m in metas if m.description), "")
+        extra = {k: v for m in metas if m.extra for k, v in m.extra.items()}
+        out.append(OptionInfo(
+            name=f.name, flag=extra.get("flag", "--" + f.name.replace("_", "-")), help=help_,
+            kind=kind, default=None if f.required else f.default, required=f.required or bool(extra.get("required")),
+            choices=choices, nullable=nullable, bounds=bounds, short=extra.get("short"),
+            negatable=bool(extra.get("negatable")), section=extra.get("section", "")))
+    return out
+
+
+def field_names(cls: type[Struct] = PlanOptions) -> tuple[str, ...]:
+    return tuple(f.name for f in msgspec.structs.fields(cls))
+
+
+def _flags(cls: type[Struct]) -> dict[str, str]:
+    return {o.name: o.flag for o in option_infos(cls)}
+
+
+def _convert(options: dict[str, Any], cls: type[Struct]) -> Any:
+    try:
+        return msgspec.convert(options, cls, strict=True)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        if text.startswith("Object contains unknown field"):
+            raise QPlanError(f"unknown option {text.split('`')[1]!r}") from exc
+        if text.startswith("Object missing required field"):
+            name = text.split("`")[1]
+            raise QPlanError(f"{_flags(cls).get(name, name)} is required") from exc
+        flags = _flags(cls)
+
+        def flag(path: str) -> str:
+            field = path.lstrip(".").split(".")[0].split("[")[0]
+            return flags.get(field, "--" + field.replace("_", "-")) if field else "options"
+
+        raise QPlanError(explain(exc, options, flag)) from exc
+
+
+def check_options(options: dict[str, Any] | PlanOptions) -> PlanOptions:
+    """``options`` (field -> value) as validated ``PlanOptions``; one line naming the CLI flag."""
+    if isinstance(options, PlanOptions):
+        return options
+    return _convert(options, PlanOptions)
+
+
+def check_fit_options(options: dict[str, Any] | FitOptions) -> FitOptions:
+    """``options`` as validated ``FitOptions``; one line naming the CLI flag."""
+    if isinstance(options, FitOptions):
+        return options
+    return _convert(options, FitOptions)
+
+
+def as_dict(options: Struct) -> dict[str, Any]:
+    """The options as field -> value (every field, defaults included)."""
+    return {f: getattr(options, f) for f in options.__struct_fields__}

@@ -1,0 +1,207 @@
+"""`qplan fit`: search the plan space for plans that fit a GPU; suggestions for a plan that doesn't.
+
+Every candidate goes the way of `qplan estimate`: its inputs are resolved by ``plan.plan_inputs`` from
+``PlanOptions``, and its memory is the PEFT profile's (``planner.memory.profiles``). What depends only
+on (r, targets, quant, optimizer, checkpointing) — LoRA counts, weights, optimizer states — is computed
+once per combination, and the profile's memory model (linear forms in batch x sequence) is evaluated
+in the inner loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import replace
+from typing import Any
+
+from qplan.planner.compute.flops import flops_form, step_bytes
+from qplan.planner.compute.timing import DEFAULT_EFFICIENCY, device_peak, ideal_step_seconds
+from qplan.planner.errors import QPlanError
+from qplan.planner.memory.profiles import StepContext, select_profile
+from qplan.planner.memory.terms import max_context, overhead_bytes
+from qplan.planner.model.catalog import gpu_catalog, load_gpu, load_spec
+from qplan.planner.model.lora import trainable_params
+from qplan.planner.model.weights import QuantSettings, checkpoint_quant
+from qplan.planner.options import OBJECTIVES, FitOptions, PlanOptions, as_dict, check_fit_options
+from qplan.planner.plan import plan_counts, plan_inputs
+from qplan.planner.validate import read_calibration
+from qplan.planner.vocab import OPTIMIZERS
+
+DEFAULT_RS = (8, 16, 32, 64)
+DEFAULT_TARGETS = ("qv", "attn", "all-linear")
+DEFAULT_QUANTS = ("nf4", "int8", "bf16")
+DEFAULT_OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
+BATCHES = (1, 2, 4, 8, 16, 32, 64)
+SEQS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+CKPTS = ("hf", "off")
+
+
+
+def parse_prices(price: str | float | None, gpus: list) -> dict[str, float]:
+    """``--price-per-hour``: one number for every GPU, or ``name=price,...`` per catalog GPU."""
+    if price is None or price == "":
+        return {}
+    try:
+        value = float(price)
+        return {g.name: value for g in gpus}
+    except (TypeError, ValueError):
+        pass
+    out = {}
+    for item in str(price).split(","):
+        name, _, v = item.partition("=")
+        try:
+            out[load_gpu(name.strip()).name] = float(v)
+        except ValueError as exc:
+            raise QPlanError(f"--price-per-hour: {item!r} is not NAME=PRICE") from exc
+    searched = {g.name for g in gpus}
+    extra = [n for n in out if n not in searched]
+    if extra:
+        raise QPlanError(f"--price-per-hour names {', '.join(extra)}, which --gpu does not search")
+    return out
+
+
+def _check_prices(prices: dict[str, float]) -> dict[str, float]:
+    for name, v in prices.items():
+        if not (0 <= v <= 1e6):  # also refuses nan and inf
+            raise QPlanError(f"--price-per-hour for {name} must be a finite number from 0 to 1,000,000, got {v}")
+    return prices
+
+
+def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=None, r=None, targets=None,
+           optimizer=None, top: int = 10, objective: str = "memory", tokens: int | None = None,
+           price_per_hour: str | float | None = None, calibration: str | None = None) -> dict[str, Any]:
+    """Plans that fit ``gpu_name`` (a catalog name, ``a,b,c``, or ``all``), ranked by ``objective``:
+    ``memory`` (most tokens per step, cheapest tricks first), ``time`` (most tokens/s) or ``cost``
+    (least cost per million tokens; needs ``price_per_hour``)."""
+    if objective not in OBJECTIVES:
+        raise QPlanError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if not gpu_name or not str(gpu_name).strip():
+        raise QPlanError("--gpu is empty: give a GPU name (see `qplan gpus`), a comma-separated list, or all")
+    if not model or not str(model).strip():
+        raise QPlanError("--model is empty: give a bundled name (see `qplan models`), a config.json or a model folder")
+    gpus = list(gpu_catalog().values()) if gpu_name == "all" else [load_gpu(n.strip()) for n in gpu_name.split(",")]
+    calib = read_calibration(calibration) if calibration else None
+    if calib is not None and (len(gpus) != 1 or calib["device"] != gpus[0].name):
+        raise QPlanError(f"calibration file {calibration} was fitted on {calib['device']}: use it with --gpu {calib['device']}")
+    calibration = calib
+    prices = _check_prices(parse_prices(price_per_hour, gpus))
+    if objective == "cost":
+        missing = [g.name for g in gpus if g.name not in prices]
+        if missing:
+            raise QPlanError(f"--objective cost needs --price-per-hour for {', '.join(missing)} (a number or NAME=PRICE,...)")
+    runs = [_search_one(model, g, seq_len=seq_len, batch_size=batch_size, quant=quant, r=r, targets=targets,
+                        optimizer=optimizer, objective=objective, tokens=tokens, price=prices.get(g.name),
+                        calibration=calibration)
+            for g in gpus]
+    if len(gpus) > 1:  # every row says which GPU it is for, and how much that GPU has
+        for res, g in zip(runs, gpus):
+            for row in res["rows"]:
+                row.setdefault("gpu", g.name)
+                row["usable_bytes"] = g.usable_bytes
+    results = [row for res in runs for row in res["rows"]]
+    if objective == "time":
+        results.sort(key=lambda x: (-x["tokens_per_second"], x["peak"]))
+    elif objective == "cost":
+        results.sort(key=lambda x: (x["cost_per_million_tokens"], -x["tokens_per_second"]))
+    else:
+        # best: most tokens per step, then cheaper memory-saving tricks, then larger r
+        pref_q = {"bf16": 0, "fp16": 0, "int8": 1, "nf4": 2}
+        results.sort(key=lambda x: (-x["tokens"], x["grad_ckpt"] == "hf", pref_q.get(x["quant"], 3),
+                                    -x["r"], x["headroom"] * -1))
+    first = runs[0]
+    out = {
+        "model": first["model"], "gpu": ",".join(g.name for g in gpus), "usable_bytes": first["usable_bytes"],
+        "candidates": sum(r_["candidates"] for r_ in runs), "fitting": len(results), "best": results[:top],
+    }
+    if objective != "memory" or len(gpus) > 1:
+        out["objective"] = objective
+    if calibration is not None:
+        out["calibrated"] = calibration["source"]
+    return out
+
+
+def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets, optimizer, objective: str,
+                tokens: int | None, price: float | None, calibration: dict | None = None) -> dict[str, Any]:
+    spec = load_spec(model)
+    usable = gpu.usable_bytes
+    ctx = max_context(spec) or max(SEQS)
+    if seq_len is not None and seq_len > ctx:
+        raise QPlanError(f"--seq-len {seq_len} exceeds {spec.name}'s context of {ctx} tokens")
+    for name, v in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--r", r)):
+        if v is not None and v <= 0:
+            raise QPlanError(f"{name} must be >= 1, got {v}")
+    if optimizer is not None and optimizer not in OPTIMIZERS:
+        raise QPlanError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+    seqs = [seq_len] if seq_len else [s for s in SEQS if s <= ctx]
+    batches = [batch_size] if batch_size else list(BATCHES)
+    rs = [r] if r else list(DEFAULT_RS)
+    presets = spec.inventory.presets
+    tgts = [targets] if targets else [t for t in DEFAULT_TARGETS if presets.get(t)]
+    quants = [quant] if quant else list(DEFAULT_QUANTS)
+    opts = [optimizer] if optimizer else list(DEFAULT_OPTIMIZERS)
+    results = []
+    candidates = 0
+    profile = select_profile("peft")
+    for qn, rr, tg, op in itertools.product(quants, rs, tgts, opts):
+        try:  # a checkpoint saved quantized loads one way only (and keeps its 16-bit modules)
+            checkpoint_quant(spec, QuantSettings(qn, True, "bfloat16", True))
+        except QPlanError:
+            if quant:
+                raise
+            continue
+        # every candidate's inputs are resolved as `qplan estimate` resolves them (the GPU's dtype,
+        # the checkpoint's quantization, LoRA's defaults, the model's attention)
+        inp, _ = plan_inputs(PlanOptions(model=spec.name, quant=qn, r=rr, targets=tg, optimizer=op),
+                             spec=spec, device=gpu)
+        q, lora = inp.quant, inp.lora
+        counts = plan_counts(inp)
+        for ck in CKPTS:
+            ctx = StepContext.build(spec, lora, q, replace(inp.training, grad_ckpt=ck), counts, gpu, "peft")
+            model_ = profile.memory_model(ctx)
+            attn = ctx.training.attn_impl
+            timed = objective != "memory"
+            eff = float(calibration["efficiency"]) if calibration else DEFAULT_EFFICIENCY
+            overhead = float(calibration.get("overhead_seconds", 0.0)) if calibration else 0.0
+            if timed:
+                peak_fs, bw = device_peak(gpu.to_json(), q.compute_dtype)
+                if peak_fs is None or bw is None:
+                    raise QPlanError(f"{gpu.name}: the catalog has no 16-bit throughput or bandwidth: no time objective")
+                fa, fc = flops_form(spec, counts, rr, q, ck, attn)
+                moved = step_bytes(spec, counts, rr, q, ck, op, trainable_params(counts))
+            for b, s in itertools.product(batches, seqs):
+                candidates += 1
+                tensor_peak = model_.peak(b, s)
+                peak = tensor_peak + sum(overhead_bytes(tensor_peak, calibration).values())
+                if peak <= usable:
+                    row = {
+                        "batch_size": b, "seq_len": s, "r": rr, "targets": tg, "quant": q.quant,
+                        "grad_ckpt": ck, "optimizer": op, "tokens": b * s, "peak": peak,
+                        "headroom": usable - peak,
+                    }
+                    if timed:
+                        flops = {"total": fa * b * s + fc * b * s * s}
+                        step = ideal_step_seconds(flops, moved, peak_fs, bw) / eff + overhead
+                        row.update(gpu=gpu.name, step_seconds=step, tokens_per_second=b * s / step)
+                        if tokens is not None:
+                            row["total_seconds"] = math.ceil(tokens / (b * s)) * step
+                        if price is not None:
+                            row["cost_per_million_tokens"] = price * step / 3600 / (b * s) * 1e6
+                            if tokens is not None:
+                                row["total_cost"] = price * row["total_seconds"] / 3600
+                    results.append(row)
+    return {"model": spec.name, "usable_bytes": usable, "candidates": candidates, "rows": results}
+
+
+def fit_document(options: FitOptions | dict[str, Any]) -> dict[str, Any]:
+    """What ``qplan fit --format json`` prints (shared with ``qplan serve``): with ``max_gpus`` the fewest
+    GPUs and strategy (``planner.search.fewest_gpus``), else the batch/sequence/rank search."""
+    o = as_dict(check_fit_options(options))
+    max_gpus, upcast = o.pop("max_gpus"), o.pop("upcast")
+    if max_gpus is not None:
+        from qplan.planner.search.fewest_gpus import fewest_gpus
+
+        fixed = {k: o[k] for k in ("seq_len", "batch_size", "quant", "r", "targets", "optimizer") if o.get(k) is not None}
+        return fewest_gpus(model=o["model"], gpu=o["gpu"], max_gpus=max_gpus, upcast=upcast, **fixed)
+    if not upcast:
+        raise QPlanError("--no-upcast goes with --max-gpus (the batch search keeps the k-bit upcast)")
+    return search(o.pop("model"), o.pop("gpu"), **o)

@@ -1,0 +1,45 @@
+"""Suggestions for a plan that does not fit its GPU: single changes, each checked by re-planning."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from qplan.planner.errors import QPlanError
+from qplan.planner.model.weights import QuantSettings
+from qplan.planner.plan import PlanInputs, build_plan, check_gpu_dtype
+
+
+def suggestions(inp: PlanInputs, limit: int = 4) -> list[str]:
+    """Single changes that make a non-fitting plan fit, cheapest first, each checked by re-planning."""
+    t, q = inp.training, inp.quant
+    tries: list[tuple[str, PlanInputs]] = []
+    if t.grad_ckpt == "off":
+        tries.append(("--grad-ckpt", replace(inp, training=replace(t, grad_ckpt="hf"))))
+    if t.optimizer in ("adamw_torch", "paged_adamw_32bit"):
+        tries.append(("--optimizer paged_adamw_8bit", replace(inp, training=replace(t, optimizer="paged_adamw_8bit"))))
+    if q.quant not in ("nf4", "fp4"):
+        tries.append(("--quant nf4", replace(inp, quant=QuantSettings("nf4", True, q.compute_dtype, True))))
+    b = t.batch_size
+    while b > 1:
+        b //= 2
+        accum = t.grad_accum * (t.batch_size // b)
+        tries.append((f"--batch-size {b} --grad-accum {accum} (same tokens per optimizer step)",
+                      replace(inp, training=replace(t, batch_size=b, grad_accum=accum))))
+    s = t.seq_len
+    while s > 256:
+        s //= 2
+        tries.append((f"--seq-len {s}", replace(inp, training=replace(t, seq_len=s))))
+    out = []
+    for label, alt in tries:
+        try:
+            alt_q, _ = check_gpu_dtype(alt.quant, alt.gpu, auto_fix=True)
+            p = build_plan(replace(alt, quant=alt_q))
+        except QPlanError:
+            continue
+        if p.prediction.fits:
+            out.append(f"{label}: peak {p.prediction.memory.peak / 2**30:.2f} GiB")
+            if len(out) >= limit:
+                break
+    if not out:
+        out.append("no single change fits: try a larger GPU (`qplan fit` searches combinations)")
+    return out
