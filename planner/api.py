@@ -27,11 +27,9 @@ def make_plan(options: PlanOptions | dict[str, Any] | None = None, /, *, spec: M
     """The plan of ``options`` — a ``PlanOptions``, or its fields as keywords (``make_plan(model="llama-3.2-3b",
     r=32)``) — as a typed ``PlanDoc`` (plan.json is its encoding: ``plan.to_dict()``, ``document.dumps``),
     with ``suggestions`` when it does not fit its GPU. ``spec`` / ``device``: see ``plan_inputs``."""
-    if options is None:
-        options = fields
-    elif fields:
+    if options is not None and fields:
         raise TypeError("make_plan takes PlanOptions or keywords, not both")
-    inputs, warnings = plan_inputs(options, spec=spec, device=device)
+    inputs, warnings = plan_inputs(options, spec=spec, device=device, **fields)
     plan = build_plan(inputs, warnings)
     if plan.prediction.fits is False and inputs.dist is not None:
         plan.suggestions = ["`qplan fit --max-gpus N` searches the number of GPUs and the strategy"

@@ -33,7 +33,7 @@ from qplan.planner.document import (
     section,
 )
 from qplan.planner.errors import QPlanError
-from qplan.planner.memory.profiles import StepContext, memory_document, select_profile
+from qplan.planner.memory.profiles import PROFILES, StepContext, memory_document, select_profile
 from qplan.planner.memory.sharding import DistSettings
 from qplan.planner.memory.terms import TrainingSettings, accuracy_warning, resolve_attn, text_only_warning
 from qplan.planner.model.catalog import load_gpu, load_spec, spec_origin, user_spec_dir
@@ -101,6 +101,11 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     ``options`` is checked against ``PlanOptions`` (types, bounds, choices) before any work; a
     violation is one line naming the CLI flag. ``spec`` / ``device``: an already loaded model spec or
     GPU, used instead of looking up ``options.model`` / ``options.gpu``."""
+    if options is None:  # keywords may name an already loaded spec or GPU: model=spec, gpu=Gpu
+        if isinstance(fields.get("model"), ModelSpec):
+            spec, fields = fields["model"], {**fields, "model": fields["model"].name}
+        if isinstance(fields.get("gpu"), Gpu):
+            device, fields = fields["gpu"], {**fields, "gpu": fields["gpu"].name}
     o = check_options(fields if options is None else options)
     r, alpha, dropout, targets, bias = o.r, o.alpha, o.dropout, o.targets, o.bias
     quant, double_quant, compute_dtype, upcast = o.quant, o.double_quant, o.compute_dtype, o.upcast
@@ -133,11 +138,10 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
         use_dora=o.dora, use_rslora=o.rslora, modules_to_save=tuple(m.strip() for m in modules_to_save if m.strip()),
         target_parameters=tuple(m.strip() for m in target_parameters if m.strip()),
     )
-    # Unsloth's prepare_model_for_training (unsloth_zoo 2026.10.9 training_utils.py) casts only the LoRA
-    # weights to fp32: embeddings, head, norms and biases keep the load dtype (no kbit upcast)
-    q = QuantSettings(quant, double_quant, DTYPE_ALIASES[compute_dtype], upcast and backend != "unsloth")
+    stack = PROFILES[backend]  # the trainer stack's own settings (the profile is chosen in build_plan)
+    q = QuantSettings(quant, double_quant, DTYPE_ALIASES[compute_dtype], upcast and stack.kbit_upcast)
     q, ck_warnings = checkpoint_quant(spec, q)
-    ckpt = ("unsloth" if backend == "unsloth" else "hf") if o.grad_ckpt else "off"
+    ckpt = stack.checkpointing if o.grad_ckpt else "off"
     training = TrainingSettings(o.batch_size, o.seq_len, o.grad_accum, ckpt, o.optimizer, resolve_attn(spec, o.attn_impl))
     q, warnings = check_gpu_dtype(q, gpu_, auto_fix=not o.strict_dtype)
     warnings = ck_warnings + warnings

@@ -97,6 +97,11 @@ class PeftProfile:
     """HF Trainer + PEFT on one GPU (``planner.memory.phases.MemoryModel``)."""
 
     name = "peft"
+    #: the settings this stack trains with: checkpointing when it is on (``GRAD_CKPT``), whether a
+    #: k-bit model's unquantized parameters are upcast to fp32 (``prepare_model_for_kbit_training``),
+    #: and a chunked cross-entropy (no ``T x V`` logits)
+    checkpointing = "hf"
+    kbit_upcast = True
     chunked_ce = False
 
     def memory_model(self, ctx: StepContext, kernels: str = "cuda") -> MemoryModel:
@@ -131,6 +136,10 @@ class UnslothProfile(PeftProfile):
     --device cpu``) the step is PEFT's with the chunked loss."""
 
     name = "unsloth"
+    checkpointing = "unsloth"
+    #: Unsloth's prepare_model_for_training (unsloth_zoo 2026.10.9 training_utils.py) casts only the LoRA
+    #: weights to fp32: embeddings, head, norms and biases keep the load dtype (no kbit upcast)
+    kbit_upcast = False
     chunked_ce = True
 
     def memory(self, ctx: StepContext, kernels: str = "cuda") -> dict[str, Any]:
