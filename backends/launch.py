@@ -52,7 +52,7 @@ def check_launchable(plan: dict[str, Any], device: str, cpu_count: int | None, g
     if nodes > 1:
         raise QPlanError(f"this plan has {nodes} nodes: `qplan run` launches the ranks of one machine only "
                          f"(plan one node with --gpus N --nodes 1, or launch each node by hand with `accelerate "
-                         f"launch` — README, \"qplan run of a multi-GPU plan\")")
+                         f"launch` — docs/multi-gpu.md)")
     if device == "cpu":
         if strategy in ("zero2", "zero3"):
             raise QPlanError(f"--strategy {strategy} cannot train on the CPU here: `qplan run` launches DeepSpeed "

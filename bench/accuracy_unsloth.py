@@ -134,7 +134,7 @@ def readme(doc: dict) -> str:
         "Each case: `qplan estimate --backend unsloth` (analytic, `planner/memory/unsloth.py`) vs the live-tensor "
         "trace of two training steps of the full-size model with Unsloth's GPU code path run on the meta device "
         "(`qplan estimate --backend unsloth --method trace`: Unsloth's own forwards, fast LoRA Functions, "
-        "offloaded checkpointing and fused cross-entropy, with the stand-ins listed in the main README). "
+        "offloaded checkpointing and fused cross-entropy, with the stand-ins listed in docs/memory-model.md). "
         f"r {R}, alpha {R}, dropout 0, all-linear targets, {OPTIMIZER}, bf16 compute, double-quant nf4 or a bf16 "
         "base, sdpa; checkpointing `unsloth` (offloading), `hf` (Unsloth's `use_gradient_checkpointing=True`) "
         "or off; no GPU named: an 80 GiB one with 60 GiB free. Error = (analytic - trace) / trace; host = "

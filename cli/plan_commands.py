@@ -24,14 +24,14 @@ _TYPES = {"int": int, "float": float, "str": str}
 def click_option(o: OptionInfo) -> Any:
     """The click option of one field. Values are validated by the options model afterwards, so that
     a bad value is one line naming the flag and the choices, whichever way the option arrives."""
-    help_ = o.help + (f" ({'|'.join(o.choices)})" if o.choices else "")
     decls = [o.flag, *([o.short] if o.short else []), o.name]
     if o.kind == "bool" and o.negatable:
-        return click.option(f"{o.flag}/{o.negative_flag}", o.name, default=o.default, show_default=True, help=help_)
+        return click.option(f"{o.flag}/{o.negative_flag}", o.name, default=o.default, show_default=True, help=o.help)
     if o.kind == "bool":
-        return click.option(*decls, is_flag=True, help=help_)
+        return click.option(*decls, is_flag=True, help=o.help)
     return click.option(*decls, type=_TYPES[o.kind], default=o.default, required=o.required,
-                        show_default=o.default is not None, help=help_)
+                        metavar="[" + "|".join(o.choices) + "]" if o.choices else None,
+                        show_default=o.default not in (None, ""), help=o.help)
 
 
 def model_options(cls: type) -> Any:

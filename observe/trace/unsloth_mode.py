@@ -65,7 +65,7 @@ import time
 import types
 from typing import Any
 
-#: what each stand-in replaces (the README lists these)
+#: what each stand-in replaces (docs/memory-model.md lists these)
 STAND_INS = (
     "triton (kernel launches are no-ops; wrappers allocate as on the GPU)",
     "rope cache on meta (_build_rope_cache -> _set_cos_sin_cache(device=meta))",

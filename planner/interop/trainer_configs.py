@@ -184,7 +184,7 @@ def _training(r: _Reader, opts: dict[str, Any], seq_key: str, batch_default: int
                              "(qplan plans non-reentrant checkpointing: use_reentrant: false)")
     _multi_gpu(r, opts)
     r.refuse(MULTI_GPU, "asks for a multi-GPU parallelism qplan does not plan (it plans DDP, FSDP2 full shard and "
-                        "ZeRO-2/3: see README): remove it")
+                        "ZeRO-2/3: see docs/multi-gpu.md): remove it")
     r.refuse({"torch_compile", "use_liger_kernel", "liger_kernel"},
              "changes the kernels and their memory, which qplan does not model")
 

@@ -121,7 +121,7 @@ def test_text_model_has_no_multimodal_warning():
 def test_gemma3_eager_activations_match_the_trace(ckpt):
     """Gemma-3's sliding/global layers each get their own rotary cos/sin (``rotary_activation``):
     with eager attention (masks already modelled) the tiny Gemma-3 plan is within 0.2% of the trace
-    (sdpa's sliding-window mask is not modelled: up to 2.4% low on this tiny config, see README)."""
+    (sdpa's sliding-window mask is not modelled: up to 2.4% low on this tiny config, see docs/models.md)."""
     from qplan.observe.trace import trace_plan
 
     plan = _plan("gemma3-text", quant="bf16", grad_ckpt=ckpt, attn_impl="eager", batch_size=1, seq_len=128)
