@@ -99,7 +99,7 @@ def composition_at_peak(plan: dict[str, Any], doc: dict[str, Any]) -> dict[str, 
     """The bytes at the measured peak, predicted for the same moment with the same kernels.
 
     * ``moment``: the plan's moment in the phase where the peak was measured
-      (``planner.phases.moment_in_phase``; a CUDA run has no phase: the plan's own peak moment);
+      (``planner.memory.phases.moment_in_phase``; a CUDA run has no phase: the plan's own peak moment);
     * ``predicted``: that moment's composition (``memory_detail.composition_cpu`` for a CPU run,
       ``composition`` for CUDA), in the tracker's categories; ``None`` for a plan made before
       plans held compositions;

@@ -1,6 +1,6 @@
 """Accuracy matrix: the analytic training-memory model vs the exact meta-device trace.
 
-For every plan in the matrix, ``qplan estimate`` (analytic, planner.memory) and the live-tensor
+For every plan in the matrix, ``qplan estimate`` (analytic, planner.memory.terms) and the live-tensor
 trace of two real training steps on the meta device (qplan.observe.trace, CUDA kernels mirrored) give a
 tensor-level peak; the error is (analytic - trace) / trace.  Writes ``matrix.json`` (every case)
 and ``README.md`` (median / worst error, per model, and the command) under ``--out``.

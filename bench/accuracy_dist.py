@@ -1,6 +1,6 @@
 """Multi-GPU accuracy rows: the analytic per-rank plan vs the traced step of one FSDP2 rank.
 
-For every plan of the matrix, ``qplan estimate --gpus W --strategy fsdp`` (analytic, planner.dist_plan)
+For every plan of the matrix, ``qplan estimate --gpus W --strategy fsdp`` (analytic, planner.memory.per_rank)
 and ``qplan estimate ... --method trace`` (qplan.observe.trace.dist.trace_rank_step: the plan's model
 sharded by the real ``fully_shard`` on the meta device over torch's fake process group, two steps
 under the live-tensor tracker) give one rank's tensor peak; error = (analytic - trace) / trace.

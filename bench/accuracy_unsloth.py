@@ -1,6 +1,6 @@
 """Accuracy of Unsloth plans: `qplan estimate --backend unsloth` vs the Unsloth mode of the trace.
 
-Each case: the analytic plan (``planner.unsloth_memory``) vs the live-tensor trace of two training
+Each case: the analytic plan (``planner.memory.unsloth``) vs the live-tensor trace of two training
 steps of the full-size model with Unsloth's own GPU code path run on the meta device
 (``qplan.observe.trace.unsloth_mode``, in Unsloth's venv: QPLAN_UNSLOTH_PYTHON). Compared: the
 tensor peak, each phase's peak, and the host bytes of offloaded checkpoints.

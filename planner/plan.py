@@ -1,4 +1,7 @@
-"""The plan document (plan.json): inputs + prediction. Compute only; rendering is in render.py.
+"""From options to the plan: ``plan_inputs`` resolves ``PlanOptions`` into settings (the model spec,
+the GPU, LoRA / quantization / training settings, several GPUs), and ``build_plan`` computes the
+``PlanDoc`` (plan.json) with the profile chosen for the plan (``planner.memory.profiles``). Compute
+only; rendering is in render.py.
 
 Same inputs give a byte-identical document: no timestamps, no host names, fixed key order.
 """
@@ -29,7 +32,6 @@ from qplan.planner.document import (
     QuantSection,
     Time,
     TrainingSection,
-    dumps,  # noqa: F401 - plan.json's text, where the plan is made
     section,
 )
 from qplan.planner.errors import QPlanError
@@ -71,7 +73,7 @@ class PlanInputs:
     tokens: int | None = None
     price_per_hour: float | None = None
     calibration: dict[str, Any] | None = None
-    #: several GPUs (``planner.distributed.DistSettings``); None: one GPU
+    #: several GPUs (``planner.memory.sharding.DistSettings``); None: one GPU
     dist: Any = None
 
 

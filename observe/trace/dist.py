@@ -25,7 +25,7 @@ backend: collectives return at once, which is all sharding needs).  It then coun
 rank holds: the padded local shard of every parameter (``DTensor.to_local()``'s storage), the
 quantization constants (``Params4bit.quant_state`` tensors, which FSDP does not shard) and the
 buffers.  That is the oracle of the plan's per-rank static terms (tests/planner/test_distributed.py),
-independent of ``planner.distributed``'s formulas.  Only one rank (rank 0, which holds the largest,
+independent of ``planner.memory.sharding``'s formulas.  Only one rank (rank 0, which holds the largest,
 fully padded shards) is built: the fake group never exchanges data.
 """
 

@@ -17,7 +17,7 @@ from typing import Any
 
 #: ``FastLanguageModel``'s ``use_gradient_checkpointing`` for a plan's ``grad_ckpt``
 UNSLOTH_CKPT = {"unsloth": "unsloth", "hf": True, "off": False}
-#: the GPU assumed when the plan names none (``planner.unsloth_memory``, shared with the plan)
+#: the GPU assumed when the plan names none (``planner.memory.unsloth``, shared with the plan)
 from qplan.planner.memory.unsloth import DEFAULT_FREE_BYTES, DEFAULT_TOTAL_BYTES  # noqa: E402
 
 

@@ -2,7 +2,7 @@
 
 For every finished run folder (``qplan run``: plan.json + measured.json with step times), the
 plan's counted FLOPs and bytes of a step (``prediction.compute``) give the roofline time on the
-device (``planner.timing.ideal_step_seconds``: its peak 16-bit throughput and bandwidth from the
+device (``planner.compute.timing.ideal_step_seconds``: its peak 16-bit throughput and bandwidth from the
 GPU catalog, or from a device file such as a CPU's measured throughput); the measured time is
 ``measured.timing.mean_step_seconds`` (steps after the warm-up, outside the tracker when there are
 any). The fit is ``measured = roofline / efficiency + overhead`` by least squares over the runs

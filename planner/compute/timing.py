@@ -1,7 +1,7 @@
 """How long a step takes and what the run costs: a roofline on counted FLOPs and bytes.
 
 ``step_seconds = (max(F / P, W / BW) + (D + O) / BW) / efficiency + overhead`` where ``F`` is the step's FLOPs
-(``planner.compute.step_flops``, checked against ``FlopCounterMode``), ``W`` the base weights the
+(``planner.compute.flops.step_flops``, checked against ``FlopCounterMode``), ``W`` the base weights the
 matmuls read, ``D`` the 4-bit dequantization traffic and ``O`` the optimizer's, ``P`` the device's
 dense 16-bit peak (``peak_bf16_tflops`` or ``peak_fp16_tflops`` of the GPU catalog) and ``BW`` its
 memory bandwidth. The matmuls and their weight reads overlap (a roofline: whichever bounds);

@@ -5,7 +5,7 @@ What autograd keeps for backward, derived op by op from the code a training step
 torch's CUDA autocast and fused kernels) and checked against the exact trace of that step
 (``qplan.observe.trace``; tests/planner/test_memory.py, reports/accuracy/).  Every term is a
 ``Lin``: bytes = const + tok * T + seq * s + quad * T * s, so a plan's terms are evaluated for
-any batch x sequence in a few multiplications (``qplan fit``).  Notation as in ``planner.memory``.
+any batch x sequence in a few multiplications (``qplan fit``).  Notation as in ``planner.memory.terms``.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _lora_input_dtype(br: "Branch", p: Precision) -> int:
 @dataclass(frozen=True)
 class Branch:
     """One linear group of a decoder layer (the activation terms see the LoRA-adapted ones; the
-    FLOP and bytes model, ``planner.compute``, all of them)."""
+    FLOP and bytes model, ``planner.compute.flops``, all of them)."""
 
     site: str  # attn_in | attn_out | mlp_in | mlp_out
     in_features: int

@@ -1,5 +1,5 @@
 """Bytes as linear forms of the batch shape (``Lin``) and the element sizes of a step's tensors
-(``Precision``): the vocabulary every activation term (``planner.activations``, ``planner.moe``) is
+(``Precision``): the vocabulary every activation term (``planner.memory.activations``, ``planner.memory.moe``) is
 written in."""
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""A multi-GPU plan: the per-rank memory of ``planner.distributed`` put into the phases of
-``planner.phases.MemoryModel`` and into the plan document (``distributed`` section; ``prediction.memory``
+"""A multi-GPU plan: the per-rank memory of ``planner.memory.sharding`` put into the phases of
+``planner.memory.phases.MemoryModel`` and into the plan document (``distributed`` section; ``prediction.memory``
 per rank; ``fits``/``headroom`` per GPU).  A single-GPU plan never comes here: it stays byte-identical.
 
-Moments with FSDP2 (where its all-gathered parameters are alive; see ``planner.distributed``):
+Moments with FSDP2 (where its all-gathered parameters are alive; see ``planner.memory.sharding``):
 ``forward`` (the loss): the root unit and the last layer's all-gather output; ``backward`` (its start):
 the root + one prefetched layer; ``attention``: the root + two decoder layers; ``layers`` (layer 0's
 backward): the root + layer 0 + its unsharded gradients and the reduce-scatter input; ``layers_last``

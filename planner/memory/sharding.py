@@ -3,7 +3,7 @@
 One pure function per term, integer bytes, formula and source in each docstring.  ``W`` is the
 world size (GPUs per node x nodes); every term is what *one rank* holds.  The batch options of a
 plan are per device (``--batch-size`` is the per-device micro-batch), so the activation terms of
-``planner.activations`` apply to each rank unchanged.
+``planner.memory.activations`` apply to each rank unchanged.
 
 Sources (the versions pinned in constraints.txt):
 
@@ -262,7 +262,7 @@ def rank_weights(spec: ModelSpec, q: QuantSettings, world: int, strategy: str) -
 def sharded_counts(counts: list[ModuleCount], world: int) -> list[ModuleCount]:
     """The trainable tensors as one FSDP2 rank holds them: each ``save_keys`` shape with dim 0
     sharded to ``ceil(d0 / W)`` rows (LoRA A ``[r, in]``, B ``[out, r]``), so the single-GPU
-    adapter, gradient and optimizer functions of ``planner.memory`` give the per-rank bytes."""
+    adapter, gradient and optimizer functions of ``planner.memory.terms`` give the per-rank bytes."""
     out = []
     for c in counts:
         keys = [(k, [shard_rows(s[0], world), *s[1:]] if s else list(s)) for k, s in c.save_keys]

@@ -4,8 +4,8 @@ training settings.  One pure function per term, integer bytes, formula and sourc
 
 Notation: ``T = batch_size * seq_len`` tokens per micro-batch, ``h`` hidden size, ``i`` MLP
 intermediate size, ``V`` vocabulary, ``L`` decoder layers, ``c`` bytes of the compute dtype.
-The terms that grow with the batch are in ``planner.activations``; the moments of a step and
-the peak in ``planner.phases``.
+The terms that grow with the batch are in ``planner.memory.activations``; the moments of a step and
+the peak in ``planner.memory.phases``.
 
 Everything here is checked against an independent oracle: the live-tensor trace of one real
 training step (``qplan.observe.trace``, on the meta device for full-size models and on the CPU
@@ -103,7 +103,7 @@ def accuracy_warning(spec: ModelSpec, use_dora: bool = False) -> str | None:
     from qplan.planner.memory.moe import DERIVED_MOE, moe_dims  # moe builds on this module's neighbours
 
     if moe and DERIVED_MOE.get(mt) in VALIDATED_FAMILIES and moe_dims(spec) is not None:
-        return None  # the MoE block derived (planner.moe) around a validated family's attention
+        return None  # the MoE block derived (planner.memory.moe) around a validated family's attention
     what = f"mixture-of-experts layers ({mt})" if moe else f"the {mt} family"
     return (f"activations of {what} are approximated with the Llama-family terms (validated: "
             f"{', '.join(VALIDATED_FAMILIES)}); `--method trace` is exact")

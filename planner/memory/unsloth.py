@@ -7,7 +7,7 @@ per term, integer bytes, the source in each docstring. Checked against the Unslo
 meta-device trace (``qplan.observe.trace.unsloth_mode``: Unsloth's own code run on meta) in
 tests/planner/test_unsloth_trace.py and reports/accuracy/unsloth/.
 
-Notation as in ``planner.memory``: ``T = b s`` tokens, ``c`` compute-dtype bytes, ``R`` bytes of the
+Notation as in ``planner.memory.terms``: ``T = b s`` tokens, ``c`` compute-dtype bytes, ``R`` bytes of the
 residual stream (the load dtype: Unsloth does not upcast), ``h``, ``i``, ``q = nh hd``,
 ``kv = nkv hd``, ``V``, ``L``.
 """

@@ -1,7 +1,7 @@
 """Model specs (data files in model_specs/) and the GPU catalog (model_specs/gpus/).
 
 A spec is JSON: the Hugging Face config, where it came from, and the module inventory that
-`planner.inventory` read off the model built on the meta device. Loading a bundled spec reads one
+`planner.model.inventory` read off the model built on the meta device. Loading a bundled spec reads one
 small file and imports nothing heavy.
 """
 
@@ -132,7 +132,7 @@ def _looks_like_path(model: str) -> bool:
 
 
 def load_spec(model: str) -> ModelSpec:
-    """A bundled/user spec by name, a Hub id (``ORG/NAME[@REVISION]``, ``planner.hub``), or a spec
+    """A bundled/user spec by name, a Hub id (``ORG/NAME[@REVISION]``, ``planner.model.hub``), or a spec
     built on the fly from a config path or model dir (a path that exists wins over a Hub id)."""
     from qplan.planner.model.hub import parse_hub_id
 

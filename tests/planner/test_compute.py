@@ -3,7 +3,7 @@
 The oracle is ``torch.utils.flop_counter.FlopCounterMode`` run over the second of two training
 steps traced on the meta device (CUDA kernels mirrored: flash attention, bitsandbytes'
 dequantize + matmul), ``qplan estimate --method trace`` with FLOP counting on. The analytic count
-(``planner.compute.step_flops``) must equal it within 1% for every bundled family, with and
+(``planner.compute.flops.step_flops``) must equal it within 1% for every bundled family, with and
 without checkpointing; it is exact to the FLOP on these cases.
 """
 

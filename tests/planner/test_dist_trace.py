@@ -3,9 +3,9 @@
 Oracle: ``qplan.observe.trace.dist.trace_rank_step`` -- the plan's PEFT model really sharded by
 ``fully_shard`` on the meta device over torch's fake process group, two training steps run under the
 live-tensor tracker (FSDP's own all-gather / reduce-scatter buffers, the sharded gradients and
-optimizer states, the per-device batch's activations).  The analytic plan (``planner.dist_plan``)
+optimizer states, the per-device batch's activations).  The analytic plan (``planner.memory.per_rank``)
 must give the traced peak of each phase within 1% (tiny models: the gathered units are a large part
-of the peak, so the terms of ``planner.distributed`` show here).
+of the peak, so the terms of ``planner.memory.sharding`` show here).
 """
 
 from __future__ import annotations

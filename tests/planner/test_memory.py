@@ -1,4 +1,4 @@
-"""The analytic training-memory model (planner.memory) against its oracle, the exact trace.
+"""The analytic training-memory model (planner.memory.terms) against its oracle, the exact trace.
 
 The oracle is ``qplan estimate --method trace``: the real transformers model built on the meta
 device, really quantized by transformers' bitsandbytes integration, wrapped by the real
@@ -128,7 +128,7 @@ def test_committed_accuracy_report_meets_the_goal():
 def test_unvalidated_families_are_flagged():
     """Families whose activation terms are not derived (GPT-2, gpt-oss and DeepSeek MoE layers) say
     so in the plan; the bundled specs of validated families carry no such warning, nor do the MoE
-    families whose block is derived (planner.moe: Qwen3-MoE, Mixtral), the others do."""
+    families whose block is derived (planner.memory.moe: Qwen3-MoE, Mixtral), the others do."""
     from qplan.planner.memory.moe import DERIVED_MOE
     from qplan.planner.memory.terms import VALIDATED_FAMILIES
     from qplan.planner.model.catalog import bundled_model_names, load_spec

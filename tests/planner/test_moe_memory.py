@@ -1,4 +1,4 @@
-"""Mixture-of-experts activations (planner.moe) against their oracle, the exact trace.
+"""Mixture-of-experts activations (planner.memory.moe) against their oracle, the exact trace.
 
 The trace runs transformers' own MoE blocks (``grouped_mm_experts_forward`` and each family's
 router) on the meta device under the live-tensor tracker (``qplan.observe.trace``).  What one MoE

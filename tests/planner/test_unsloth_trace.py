@@ -2,7 +2,7 @@
 
 The oracle is ``qplan.observe.trace.unsloth_mode`` — Unsloth's decoder forwards, fast LoRA
 autograd Functions, offloaded checkpointing (``UnslothCheckpointFunction``) and fused
-cross-entropy executed on meta tensors in Unsloth's venv — never ``planner.unsloth_memory``'s own
+cross-entropy executed on meta tensors in Unsloth's venv — never ``planner.memory.unsloth``'s own
 formulas. It needs that venv (``QPLAN_UNSLOTH_PYTHON``, as tests/backends/test_unsloth_backend.py);
 without it these tests skip. All cases run in one Unsloth process (~30 s).
 """
