@@ -97,7 +97,8 @@ def with_trainer_config(o: dict[str, Any], names: tuple[str, ...] | None = None)
 @click.option("--method", type=click.Choice(["analytic", "trace"]), default="analytic", show_default=True,
               help="analytic: the formulas (instant, no torch); trace: run real training steps on the meta device "
                    "under a live-tensor tracker (needs torch)")
-@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True,
+              help="table: for a person; json: the plan document (plan.json) on stdout")
 @click.option("--output", "-o", default=None, help="write the plan to this file (plan.json)")
 @click.option("--force", is_flag=True, help="replace an existing --output file")
 def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -> None:
@@ -145,7 +146,8 @@ FIT_FROM_CONFIG = ("model", "r", "targets", "quant", "optimizer", "seq_len")
 
 @click.command()
 @model_options(FitOptions)
-@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True,
+              help="table: for a person; json: the search's document")
 @config_options
 def fit(fmt: str, **o: Any) -> None:
     """Search batch, sequence, rank, targets, checkpointing, optimizer and quant for plans that fit.

@@ -52,13 +52,13 @@ def _values(o: OptionInfo) -> str:
 
 def options_table(cls: type) -> list[str]:
     """One Markdown table per section of ``cls``'s fields."""
-    lines: list[str] = []
-    section = None
+    sections: dict[str, list[OptionInfo]] = {}
     for o in option_infos(cls):
-        if o.section != section:
-            section = o.section
-            lines += ["", f"#### {section}", "", "| option | values | default | what it does |", "|---|---|---|---|"]
-        lines.append(f"| {_flag(o)} | {_values(o)} | {_default(o)} | {_cell(o.help)} |")
+        sections.setdefault(o.section, []).append(o)
+    lines: list[str] = []
+    for section, opts in sections.items():
+        lines += ["", f"#### {section}", "", "| option | values | default | what it does |", "|---|---|---|---|"]
+        lines += [f"| {_flag(o)} | {_values(o)} | {_default(o)} | {_cell(o.help)} |" for o in opts]
     return lines
 
 
