@@ -19,6 +19,8 @@ pytest.importorskip("peft")
 
 from backend_helpers import TINY_CONFIG, child_env, qplan_cmd
 
+pytestmark = pytest.mark.slow  # two real 5-step CPU runs in fresh processes: ~40 s
+
 ROOT = Path(__file__).resolve().parents[2]
 DEVICE = ROOT / "reports" / "benchmarks" / "cpu-device.json"
 

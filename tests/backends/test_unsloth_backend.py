@@ -15,7 +15,8 @@ from backend_helpers import build_plan, llama_spec, read_measured, write_plan
 from conftest import unsloth_missing
 
 _SKIP = unsloth_missing()
-pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
+pytestmark = [pytest.mark.skipif(_SKIP is not None, reason=_SKIP or ""),
+              pytest.mark.slow]  # two real Unsloth training runs, ~20-40 s each
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,14 @@ def endpoint():
     server.shutdown()
 
 
+#: huggingface_hub retries a refused connection 5 times with backoff (1+2+4+8+8 s = 23 s of the
+#: suite); the sleeps are skipped, the requests and the error path are the real ones
+NO_BACKOFF = "import time\ntime.sleep = lambda seconds: None\n"
+
+
 def qplan(tmp: Path, *args: str, endpoint: str | None = None, offline: bool = False, token: str | None = None,
-          block_heavy: bool = False, cache: str = "qc", check: str = "0") -> subprocess.CompletedProcess:
+          block_heavy: bool = False, cache: str = "qc", check: str = "0",
+          no_backoff: bool = False) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "QPLAN_"))}
     env.update(HF_HOME=str(tmp / "hf"), QPLAN_CACHE_DIR=str(tmp / cache), HF_HUB_DISABLE_TELEMETRY="1",
                HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="5", QPLAN_HUB_CHECK_SECONDS=check)
@@ -43,7 +49,8 @@ def qplan(tmp: Path, *args: str, endpoint: str | None = None, offline: bool = Fa
         env["HF_HUB_OFFLINE"] = "1"
     if token:
         env["HF_TOKEN"] = token
-    code = (BLOCKER if block_heavy else "") + "import sys\nfrom qplan.cli.main import main\nsys.exit(main())\n"
+    code = (BLOCKER if block_heavy else "") + (NO_BACKOFF if no_backoff else "") + \
+        "import sys\nfrom qplan.cli.main import main\nsys.exit(main())\n"
     return subprocess.run([sys.executable, "-c", code, "estimate", *args], capture_output=True, text=True,
                           timeout=300, env=env)
 
@@ -112,7 +119,7 @@ def test_offline_with_an_empty_cache_says_so(tmp_path):
 
 
 def test_unreachable_hub_and_empty_cache(tmp_path):
-    line = _error(qplan(tmp_path, "--model", "someorg/model"))  # HF_ENDPOINT: nothing listens
+    line = _error(qplan(tmp_path, "--model", "someorg/model", no_backoff=True))  # HF_ENDPOINT: nothing listens
     assert "could not be reached" in line
 
 

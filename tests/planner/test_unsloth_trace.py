@@ -21,7 +21,8 @@ FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "configs" / "llama-
 
 
 _SKIP = unsloth_missing()
-pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
+pytestmark = [pytest.mark.skipif(_SKIP is not None, reason=_SKIP or ""),
+              pytest.mark.slow]  # one Unsloth process of ~30 s, the CLI's own ~16 s
 
 #: (quant, checkpointing, batch, seq): offloading on (layer inputs > 2 MiB), offloading asked for
 #: below 512 tokens (Unsloth falls back to plain checkpointing), torch's checkpoint, none
@@ -50,17 +51,18 @@ def _plan(path: Path, quant: str, ckpt: str, b: int, s: int) -> dict:
     return build_plan(inp, warnings).to_dict()
 
 
-def _plans_and_traces(path: Path, cases: list) -> tuple[list, list]:
-    """The plans of ``cases`` and their Unsloth traces, all in one Unsloth process."""
+def _plans_and_traces(cases: list) -> tuple[list, list]:
+    """The plans of ``cases`` ((config path, case) pairs) and their Unsloth traces, all in one Unsloth process."""
     from qplan.observe.trace.unsloth_run import run_unsloth_mode, trace_doc
 
-    plans = [_plan(path, *c) for c in cases]
+    plans = [_plan(path, *c) for path, c in cases]
     return plans, run_unsloth_mode({"cases": [trace_doc(p) for p in plans]})
 
 
 @pytest.fixture(scope="module")
-def traced(tmp_path_factory):
-    return _plans_and_traces(_config(tmp_path_factory.mktemp("unsloth-trace")), CASES)
+def traced(traced_all):
+    plans, results = traced_all
+    return plans[:len(CASES)], results[:len(CASES)]
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=["-".join(map(str, c)) for c in CASES])
@@ -87,13 +89,23 @@ QWEN2_CASES = [("bf16", "off", 2, 1024), ("nf4", "hf", 2, 1024)]
 
 
 @pytest.fixture(scope="module")
-def traced_qwen2(tmp_path_factory):
+def traced_all(tmp_path_factory):
+    """The Llama ``CASES`` and the Qwen2 ``QWEN2_CASES`` traced in one Unsloth process: Unsloth's
+    import is most of a process's ~15 s, and the traces are the same as in one process per model
+    (checked: every field but the ``seconds`` each case took)."""
     cfg = json.loads((FIXTURE.parent / "qwen2-bias.json").read_text())
     cfg.update(hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=2,
                vocab_size=32000, max_position_embeddings=4096)
-    path = tmp_path_factory.mktemp("unsloth-qwen2") / "config.json"
-    path.write_text(json.dumps(cfg))
-    return _plans_and_traces(path, QWEN2_CASES)
+    qwen2 = tmp_path_factory.mktemp("unsloth-qwen2") / "config.json"
+    qwen2.write_text(json.dumps(cfg))
+    llama = _config(tmp_path_factory.mktemp("unsloth-trace"))
+    return _plans_and_traces([(llama, c) for c in CASES] + [(qwen2, c) for c in QWEN2_CASES])
+
+
+@pytest.fixture(scope="module")
+def traced_qwen2(traced_all):
+    plans, results = traced_all
+    return plans[len(CASES):], results[len(CASES):]
 
 
 @pytest.mark.parametrize("i", range(len(QWEN2_CASES)), ids=["-".join(map(str, c)) for c in QWEN2_CASES])
