@@ -33,7 +33,7 @@ def main() -> None:
 
     import test_lora as T  # the tests' oracle, unchanged
 
-    from qplan.planner.specs import bundled_model_names, load_spec
+    from qplan.planner.model.catalog import bundled_model_names, load_spec
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="", help="comma-separated bundled names (default: all)")
