@@ -10,8 +10,11 @@
 
 It never runs anything a request names: no files are read or written for a request (local config paths,
 ``--calibration``, ``--output`` and ``--from-config`` are the CLI's only), and ``--method trace`` is
-not served. Bound to 127.0.0.1 by default; when bound to a loopback address, a request whose ``Host``
-is not a loopback name is refused (a web page elsewhere cannot reach it by DNS rebinding).
+not served. Requests are planned inside ``catalog.names_only()``: ``model`` is a bundled/user spec name
+or a Hub id and every GPU a catalog name or alias — never a path, never looked up in the working
+directory, and the answer does not say whether a path exists. Bound to 127.0.0.1 by default; when bound
+to a loopback address, a request whose ``Host`` is not a loopback name is refused (a web page elsewhere
+cannot reach it by DNS rebinding).
 A bundled model is planned without importing torch, transformers or PEFT.
 """
 
@@ -89,23 +92,13 @@ def _context(command_name: str, query: str) -> dict[str, Any]:
     return dict(ctx.params)
 
 
-def _check_model(model: Any) -> None:
-    if isinstance(model, str) and model and os.path.lexists(model):
-        from qplan.planner.model.catalog import model_names
-
-        if model not in model_names():
-            raise QPlanError(f"model {model!r} is a local path: qplan serve plans bundled models, your specs and Hub ids "
-                             "(use `qplan estimate --model PATH` for a local config)")
-
-
 def _served_options(command_name: str, query: str) -> dict[str, Any]:
-    """The command's options from the query, less what is never served, with a servable model."""
+    """The command's options from the query, less what is never served (call inside ``names_only()``)."""
     o = _context(command_name, query)
     for k in NOT_SERVED:
         o.pop(k, None)
     if not o.get("model"):
         raise QPlanError("parameter 'model' is required (a bundled name or a Hub id ORG/NAME)")
-    _check_model(o["model"])
     return o
 
 
@@ -113,15 +106,20 @@ def estimate_text(query: str) -> str:
     """What ``qplan estimate --format json`` prints for these options."""
     from qplan.planner.api import make_plan
     from qplan.planner.document import dumps
+    from qplan.planner.model.catalog import names_only
 
-    return dumps(make_plan(**_served_options("estimate", query)))
+    with names_only():  # a request names models and GPUs, never a file the server would read
+        return dumps(make_plan(**_served_options("estimate", query)))
 
 
 def fit_text(query: str) -> str:
     """What ``qplan fit --format json`` prints for these options."""
+    from qplan.planner.model.catalog import names_only
     from qplan.planner.search.fit import fit_document
 
-    return json.dumps(fit_document(_served_options("fit", query)), indent=2, ensure_ascii=False) + "\n"
+    with names_only():
+        doc = fit_document(_served_options("fit", query))
+    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
 def models_text() -> str:
