@@ -30,8 +30,8 @@ from typing import Any
 
 from qplan.planner.document import check_plan
 from qplan.planner.errors import QPlanError
-from qplan.planner.files import atomic_write, check_folder, safe_is_file
-from qplan.planner.validate import read_json
+from qplan.planner.files import atomic_write, check_folder, read_limited, safe_is_file
+from qplan.planner.validate import decode_json
 
 from . import registry
 from .compare import pairs
@@ -51,8 +51,8 @@ def read_plan(plan_file: str | Path) -> tuple[dict[str, Any], bytes]:
     p = Path(plan_file)
     if not safe_is_file(p):
         raise QPlanError(f"plan file {plan_file} does not exist (make one with `qplan estimate ... --output plan.json`)")
-    raw = p.read_bytes()
-    plan = read_json(p, "plan")
+    raw = read_limited(p, "plan")  # the bytes the run records: one bounded read, decoded from them
+    plan = decode_json(raw, "plan", p)
     check_plan(plan, where=str(plan_file))
     return plan, raw
 

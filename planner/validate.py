@@ -43,6 +43,7 @@ from qplan.planner.bounds import (  # noqa: F401 - MAX_* re-exported for the rea
     lit,
 )
 from qplan.planner.errors import QPlanError
+from qplan.planner.files import MAX_JSON_BYTES, read_limited
 from qplan.planner.vocab import (
     ATTN_CHOICES,
     BACKENDS,
@@ -120,13 +121,21 @@ def explain(exc: msgspec.ValidationError, data: Any, name: Any) -> str:
 
 
 def read_json(path: str | Path, what: str) -> Any:
-    """Decode a JSON file: unreadable, not UTF-8, not JSON, nested deeper than ``MAX_JSON_DEPTH``
-    — each a one-line ``QPlanError`` naming the file."""
+    """Decode a JSON file: unreadable, not a regular file, over 64 MiB, not UTF-8, not JSON, nested
+    deeper than ``MAX_JSON_DEPTH`` — each a one-line ``QPlanError`` naming the file."""
     p = path if hasattr(path, "read_bytes") else Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise QPlanError(f"cannot read {what} {p}: {exc.strerror or exc}") from exc
+    if isinstance(p, Path):  # a file on disk: the one bounded reader (no FIFO, device or folder; at most 64 MiB)
+        raw = read_limited(p, what, MAX_JSON_BYTES)
+    else:  # a packaged resource (importlib.resources), shipped with qplan
+        try:
+            raw = p.read_bytes()
+        except OSError as exc:
+            raise QPlanError(f"cannot read {what} {p}: {exc.strerror or exc}") from exc
+    return decode_json(raw, what, p)
+
+
+def decode_json(raw: bytes, what: str, p: Any) -> Any:
+    """The JSON in ``raw`` (the bytes of ``what`` file ``p``), with ``read_json``'s one-line errors."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from qplan.planner.errors import QPlanError
+from qplan.planner.files import read_limited
 from qplan.planner.options import PlanOptions, field_names
 from qplan.planner.vocab import OPTIMIZER_TABLE
 
@@ -59,12 +60,7 @@ def _yaml() -> Any:
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML or JSON file; unreadable, not UTF-8, not a mapping: one line."""
     p = Path(path)
-    try:
-        raw = p.read_bytes()[: MAX_CONFIG_BYTES + 1]
-    except OSError as exc:
-        raise QPlanError(f"cannot read --from-config {p}: {exc.strerror or exc}") from exc
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise QPlanError(f"--from-config {p} is over 1 MiB: is it a trainer config?")
+    raw = read_limited(p, "--from-config", MAX_CONFIG_BYTES)  # a regular file of at most 1 MiB, never read past it
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from qplan.planner.errors import QPlanError
+from qplan.planner.files import read_limited
 
 MAX_DS_BYTES = 1 << 20
 #: DeepSpeed's default ``reduce_bucket_size`` (qplan's ZeRO-2 bucket term; runtime/zero/config.py)
@@ -77,12 +78,10 @@ def read_deepspeed(value: Any, base: Path, fmt: str) -> tuple[dict[str, Any], st
     p = Path(value).expanduser()
     p = p if p.is_absolute() else base / p
     try:
-        raw = p.read_bytes()[: MAX_DS_BYTES + 1]
-    except OSError as exc:
-        raise QPlanError(f"{fmt} config: deepspeed {value!r}: cannot read {p}: {exc.strerror or exc}") from exc
+        raw = read_limited(p, "DeepSpeed config", MAX_DS_BYTES)
+    except QPlanError as exc:
+        raise QPlanError(f"{fmt} config: deepspeed {value!r}: {exc}") from exc
     try:
-        if len(raw) > MAX_DS_BYTES:
-            raise ValueError("over 1 MiB")
         ds = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
         raise QPlanError(f"{fmt} config: deepspeed {value!r}: {p} is not a DeepSpeed JSON: {' '.join(str(exc).split())}") from exc
