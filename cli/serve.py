@@ -38,6 +38,9 @@ NOT_SERVED = {"from_config", "config_format", "output", "force", "fmt", "method"
 TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 MAX_QUERY = 16384
+MAX_FIELDS = 100
+#: connections the kernel holds while every thread is busy (socketserver's default of 5 dropped bursts)
+BACKLOG = 128
 
 
 def _options(command: click.Command) -> dict[str, tuple[click.Option, str]]:
@@ -61,7 +64,11 @@ def query_args(command: click.Command, query: str) -> list[str]:
     refused = {f.lstrip("-").replace("-", "_") for p in command.params if p.name in NOT_SERVED for f in p.opts} | NOT_SERVED
     args: list[str] = []
     seen: set[str] = set()
-    for key, value in parse_qsl(query, keep_blank_values=True, max_num_fields=100):
+    try:
+        fields = parse_qsl(query, keep_blank_values=True, max_num_fields=MAX_FIELDS)
+    except ValueError:  # parse_qsl's "Max number of fields exceeded"
+        raise QPlanError(f"the query has more than {MAX_FIELDS} parameters") from None
+    for key, value in fields:
         if key.replace("-", "_") in refused or key == "format":
             raise QPlanError(f"parameter {key!r} is not served (it reads or writes files, or runs a trace): use the CLI")
         if key not in known:
@@ -206,10 +213,21 @@ class Handler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.OK, text.encode("utf-8"), "application/json")
 
 
+class Server(ThreadingHTTPServer):
+    """A real listen backlog, a thread per request, and quiet about clients that hang up."""
+
+    request_queue_size = BACKLOG
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # BrokenPipe, ConnectionReset, ...: the
+            return  # client went away; nothing to answer and nothing wrong here
+        super().handle_error(request, client_address)
+
+
 def make_server(host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
     try:
-        server = ThreadingHTTPServer((host, port), Handler)
+        server = Server((host, port), Handler)
     except OSError as exc:
         raise QPlanError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    server.daemon_threads = True
     return server

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -122,3 +126,57 @@ def test_a_same_named_folder_in_the_servers_folder_is_never_read(base, tmp_path,
     monkeypatch.chdir(tmp_path / "served")
     status, body = get(f"{base}/api/estimate?model={quote(model)}&gpu=t4")
     assert status == 200 and body == oracle.stdout
+
+
+# ------------------------------------------------------------------------------ HTTP handling
+
+
+def test_over_100_query_fields_is_400_not_500(base):
+    query = "model=smollm2-135m&" + "&".join(f"r={i}" for i in range(150))
+    line = error_400(*get(f"{base}/api/estimate?{query}"))
+    assert "more than 100 parameters" in line
+
+
+def test_a_burst_of_100_connections_is_held_until_answered():
+    """100 clients connect while the server is not accepting yet (every thread busy): the kernel holds them
+    all in the listen backlog (socketserver's default of 5 dropped the rest), then each is answered."""
+    server = make_server("127.0.0.1", 0)
+    port = server.server_address[1]
+    socks, started = [], False
+    try:
+        for _ in range(100):
+            s = socket.socket()
+            s.settimeout(3)
+            s.connect(("127.0.0.1", port))  # a full backlog drops the SYN: connect times out
+            socks.append(s)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        started = True
+        for s in socks:
+            s.sendall(b"GET /api/gpus HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        for s in socks:
+            s.settimeout(60)
+            assert s.makefile("rb").readline().startswith(b"HTTP/1.0 200")
+    finally:
+        for s in socks:
+            s.close()
+        if started:
+            server.shutdown()
+        server.server_close()
+
+
+def test_clients_that_hang_up_leave_no_traceback(tmp_path):
+    proc = subprocess.Popen([*QPLAN, "serve", "--port", "0"], stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        first = proc.stderr.readline()
+        port = int(re.search(r":(\d+)/", first).group(1))
+        for _ in range(10):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+            s.sendall(b"GET /api/estimate?model=llama-3.2-3b&gpu=t4 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            s.close()
+        time.sleep(2)  # the handlers write their answers into the reset connections
+        assert get(f"http://127.0.0.1:{port}/api/gpus")[0] == 200  # still serving
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "Traceback" not in err and "Error" not in err, err[-3000:]
