@@ -23,6 +23,8 @@ from typing import Any
 
 from qplan.planner.errors import QPlanError
 
+#: the most of a JSONL data file qplan reads (a sample data set for a measured run, not a corpus)
+MAX_DATA_BYTES = 256 << 20
 TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n{response}"
 TEMPLATE_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{response}"
 
@@ -47,7 +49,7 @@ def record_text(rec: Any, where: str) -> str:
 
 def read_jsonl(path: str | Path) -> list[str]:
     """Texts of a JSONL file; a missing file, bad line or empty file is one clear error."""
-    from qplan.planner.files import safe_is_file
+    from qplan.planner.files import read_limited, safe_is_file
     from qplan.planner.validate import loads
 
     p = Path(path)
@@ -55,7 +57,7 @@ def read_jsonl(path: str | Path) -> list[str]:
         raise QPlanError(f"data file {path} does not exist")
     texts: list[str] = []
     try:
-        lines = p.read_bytes().decode("utf-8").splitlines()
+        lines = read_limited(p, "data file", MAX_DATA_BYTES).decode("utf-8").splitlines()
     except UnicodeDecodeError as exc:
         raise QPlanError(f"data file {p} is not UTF-8 text (byte {exc.start}): give a JSONL file") from exc
     except OSError as exc:

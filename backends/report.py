@@ -323,7 +323,8 @@ def _speed_lines(meas: dict[str, Any]) -> list[str]:
         out.append(f"tokens/s: {tps:,.1f} ({timing.get('tokens_per_step')} tokens per step)" if tps else "tokens/s: —")
         out.append(f"steps under the tracker (slower, not timed): {timing.get('tracked_steps')}")
     if meas.get("loss"):
-        out.append("loss per step: " + ", ".join(f"{x:.4f}" for x in meas["loss"]))
+        out.append("loss per step: " + ", ".join("NaN" if x is None else f"{x:.4f}" for x in meas["loss"])
+                   + (" (the loss went NaN or infinite: the run diverged)" if None in meas["loss"] else ""))
     if meas.get("params"):
         out.append(f"parameters: {meas['params'].get('trainable', 0):,} trainable of {meas['params'].get('all', 0):,}")
     return out
@@ -467,6 +468,6 @@ def read_run(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         if not (p / name).is_file():
             raise QPlanError(f"{run_dir} has no {name}: is it a `qplan run` folder?")
     plan = check_plan(read_json(p / "plan.json", "plan"), str(p / "plan.json"))
-    doc = check_measured(read_json(p / "measured.json", "measurements"), str(p / "measured.json"))
+    doc = check_measured(read_json(p / "measured.json", "measurements", nonfinite=True), str(p / "measured.json"))
     return plan, doc
 

@@ -30,8 +30,8 @@ from typing import Any
 
 from qplan.planner.document import check_plan
 from qplan.planner.errors import QPlanError
-from qplan.planner.files import atomic_write, check_folder, safe_is_file
-from qplan.planner.validate import read_json
+from qplan.planner.files import atomic_write, check_folder, read_limited, safe_is_file
+from qplan.planner.validate import decode_json, dumps_finite
 
 from . import registry
 from .compare import pairs
@@ -51,8 +51,8 @@ def read_plan(plan_file: str | Path) -> tuple[dict[str, Any], bytes]:
     p = Path(plan_file)
     if not safe_is_file(p):
         raise QPlanError(f"plan file {plan_file} does not exist (make one with `qplan estimate ... --output plan.json`)")
-    raw = p.read_bytes()
-    plan = read_json(p, "plan")
+    raw = read_limited(p, "plan")  # the bytes the run records: one bounded read, decoded from them
+    plan = decode_json(raw, "plan", p)
     check_plan(plan, where=str(plan_file))
     return plan, raw
 
@@ -161,7 +161,9 @@ def summary_text(plan: dict[str, Any], doc: dict[str, Any], run_dir: Path) -> st
                      f"{fmt_value(term, v['measured'])} ({fmt_err(v['error'])})")
     loss = (doc.get("measured") or {}).get("loss") or []
     if loss:
-        lines.append(f"{'loss':>18}: {loss[0]:.4f} -> {loss[-1]:.4f} over {len(loss)} steps")
+        ends = " -> ".join("NaN" if x is None or x != x else f"{x:.4f}" for x in (loss[0], loss[-1]))
+        diverged = " (the loss went NaN or infinite: the run diverged)" if any(x is None or x != x for x in loss) else ""
+        lines.append(f"{'loss':>18}: {ends} over {len(loss)} steps{diverged}")
     lines.append(f"report: {run_dir / 'report.md'} and report.html")
     return "\n".join(lines)
 
@@ -267,15 +269,15 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
         doc = launch.merge_ranks(plan, run_dir, rc, interrupted, log_path, launcher)
     elif measured_file.is_file():
         try:
-            doc = json.loads(measured_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
+            doc = decode_json(read_limited(measured_file, "measurements"), "measurements", measured_file, nonfinite=True)
+        except QPlanError:
             doc = None
     if doc is None:
         doc = _crash_doc(plan, info.name, rc, interrupted, log_path)
     prs = pairs(plan, doc)
     doc["error"] = {k: v["error"] for k, v in prs.items()}
     doc["compared"] = prs
-    atomic_write(measured_file, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    atomic_write(measured_file, dumps_finite(doc, indent=2, ensure_ascii=False) + "\n")  # NaN/inf as null
     reports = write_run_report(run_dir, plan, doc)
     return {
         "status": doc["status"],

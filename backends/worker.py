@@ -93,8 +93,9 @@ def _instantiate(target: str) -> Any:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     from qplan.planner.files import atomic_write
+    from qplan.planner.validate import dumps_finite
 
-    atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    atomic_write(path, dumps_finite(data, indent=2, ensure_ascii=False) + "\n")  # a NaN loss is null, never a bare NaN
 
 
 def execute(job: dict[str, Any]) -> dict[str, Any]:

@@ -20,16 +20,23 @@ def emit(fmt: str, data: Any, table: str) -> None:
         click.echo(table)
 
 
+def printable(text: str) -> str:
+    """``text`` on one line with no control characters: whitespace runs become one space, and ESC, BEL and the
+    other non-printable characters are written as escapes (``\\x1b``), so a value from a file or a path cannot
+    drive the terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in " ".join(text.split()))
+
+
 def warn(warnings: list[str]) -> None:
     for w in warnings:
-        click.echo("qplan: warning: " + " ".join(w.split()), err=True)
+        click.echo("qplan: warning: " + printable(w), err=True)
 
 
 def error_line(exc: QPlanError | click.ClickException) -> str:
     """The one line the CLI prints for a bad input (``qplan serve`` answers the same line)."""
     if isinstance(exc, QPlanError):
-        return "qplan: error: " + " ".join(str(exc).split())
+        return "qplan: error: " + printable(str(exc))
     msg = exc.format_message().replace("\n", " ")
     ctx = getattr(exc, "ctx", None)
     where = f" ({ctx.command_path})" if ctx is not None else ""
-    return f"qplan: error{where}: {msg}"
+    return printable(f"qplan: error{where}: {msg}")

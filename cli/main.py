@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from qplan.cli.common import FORMATS, emit, error_line
+from qplan.cli.common import FORMATS, emit, error_line, printable
 from qplan.cli.plan_commands import estimate, fit
 from qplan.planner import __version__
 from qplan.planner.errors import QPlanError
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("QPLAN_DEBUG"):
             raise
-        msg = " ".join(str(exc).split())
+        msg = printable(str(exc))[:500]
         click.echo(f"qplan: internal error: {type(exc).__name__}: {msg} (set QPLAN_DEBUG=1 for a traceback)", err=True)
         return 3
     return 0

@@ -10,8 +10,11 @@
 
 It never runs anything a request names: no files are read or written for a request (local config paths,
 ``--calibration``, ``--output`` and ``--from-config`` are the CLI's only), and ``--method trace`` is
-not served. Bound to 127.0.0.1 by default; when bound to a loopback address, a request whose ``Host``
-is not a loopback name is refused (a web page elsewhere cannot reach it by DNS rebinding).
+not served. Requests are planned inside ``catalog.names_only()``: ``model`` is a bundled/user spec name
+or a Hub id and every GPU a catalog name or alias — never a path, never looked up in the working
+directory, and the answer does not say whether a path exists. Bound to 127.0.0.1 by default; when bound
+to a loopback address, a request whose ``Host`` is not a loopback name is refused (a web page elsewhere
+cannot reach it by DNS rebinding).
 A bundled model is planned without importing torch, transformers or PEFT.
 """
 
@@ -35,6 +38,9 @@ NOT_SERVED = {"from_config", "config_format", "output", "force", "fmt", "method"
 TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 MAX_QUERY = 16384
+MAX_FIELDS = 100
+#: connections the kernel holds while every thread is busy (socketserver's default of 5 dropped bursts)
+BACKLOG = 128
 
 
 def _options(command: click.Command) -> dict[str, tuple[click.Option, str]]:
@@ -58,7 +64,11 @@ def query_args(command: click.Command, query: str) -> list[str]:
     refused = {f.lstrip("-").replace("-", "_") for p in command.params if p.name in NOT_SERVED for f in p.opts} | NOT_SERVED
     args: list[str] = []
     seen: set[str] = set()
-    for key, value in parse_qsl(query, keep_blank_values=True, max_num_fields=100):
+    try:
+        fields = parse_qsl(query, keep_blank_values=True, max_num_fields=MAX_FIELDS)
+    except ValueError:  # parse_qsl's "Max number of fields exceeded"
+        raise QPlanError(f"the query has more than {MAX_FIELDS} parameters") from None
+    for key, value in fields:
         if key.replace("-", "_") in refused or key == "format":
             raise QPlanError(f"parameter {key!r} is not served (it reads or writes files, or runs a trace): use the CLI")
         if key not in known:
@@ -89,23 +99,13 @@ def _context(command_name: str, query: str) -> dict[str, Any]:
     return dict(ctx.params)
 
 
-def _check_model(model: Any) -> None:
-    if isinstance(model, str) and model and os.path.lexists(model):
-        from qplan.planner.model.catalog import model_names
-
-        if model not in model_names():
-            raise QPlanError(f"model {model!r} is a local path: qplan serve plans bundled models, your specs and Hub ids "
-                             "(use `qplan estimate --model PATH` for a local config)")
-
-
 def _served_options(command_name: str, query: str) -> dict[str, Any]:
-    """The command's options from the query, less what is never served, with a servable model."""
+    """The command's options from the query, less what is never served (call inside ``names_only()``)."""
     o = _context(command_name, query)
     for k in NOT_SERVED:
         o.pop(k, None)
     if not o.get("model"):
         raise QPlanError("parameter 'model' is required (a bundled name or a Hub id ORG/NAME)")
-    _check_model(o["model"])
     return o
 
 
@@ -113,15 +113,20 @@ def estimate_text(query: str) -> str:
     """What ``qplan estimate --format json`` prints for these options."""
     from qplan.planner.api import make_plan
     from qplan.planner.document import dumps
+    from qplan.planner.model.catalog import names_only
 
-    return dumps(make_plan(**_served_options("estimate", query)))
+    with names_only():  # a request names models and GPUs, never a file the server would read
+        return dumps(make_plan(**_served_options("estimate", query)))
 
 
 def fit_text(query: str) -> str:
     """What ``qplan fit --format json`` prints for these options."""
+    from qplan.planner.model.catalog import names_only
     from qplan.planner.search.fit import fit_document
 
-    return json.dumps(fit_document(_served_options("fit", query)), indent=2, ensure_ascii=False) + "\n"
+    with names_only():
+        doc = fit_document(_served_options("fit", query))
+    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
 def models_text() -> str:
@@ -208,10 +213,21 @@ class Handler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.OK, text.encode("utf-8"), "application/json")
 
 
+class Server(ThreadingHTTPServer):
+    """A real listen backlog, a thread per request, and quiet about clients that hang up."""
+
+    request_queue_size = BACKLOG
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # BrokenPipe, ConnectionReset, ...: the
+            return  # client went away; nothing to answer and nothing wrong here
+        super().handle_error(request, client_address)
+
+
 def make_server(host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
     try:
-        server = ThreadingHTTPServer((host, port), Handler)
+        server = Server((host, port), Handler)
     except OSError as exc:
         raise QPlanError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    server.daemon_threads = True
     return server

@@ -7,6 +7,11 @@ the file it replaces); then, for a new file, hard-links it into place (``os.link
 something appeared there meanwhile: nothing is overwritten), or with ``--force`` renames it over
 the old file (``os.replace``, atomic on POSIX) — only over a regular file, never a device, a
 pipe or a folder. On any error the temporary file is removed: nothing is left behind.
+
+``read_limited`` is the one way in: every file qplan reads (plans, specs, configs, device files,
+calibration, measured.json, trainer configs, a DeepSpeed JSON, a cached Hub config.json) is opened
+without blocking (a FIFO never hangs the open), refused in one line unless it is a regular file (a
+pipe, ``/dev/zero``, a folder), and read up to a stated size: at most ``limit + 1`` bytes are ever read.
 """
 
 from __future__ import annotations
@@ -17,6 +22,47 @@ import tempfile
 from pathlib import Path
 
 from qplan.planner.errors import QPlanError
+
+#: the most qplan reads of a JSON file (plans, specs, configs, measured.json)
+MAX_JSON_BYTES = 64 << 20
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 and not n % (1 << 20) else f"{n:,} bytes"
+
+
+def read_limited(path: str | Path, what: str, limit: int = MAX_JSON_BYTES) -> bytes:
+    """The bytes of the regular file ``path``, at most ``limit`` of them; a pipe, a device, a socket or a
+    folder, a file over ``limit``, or one that cannot be opened: a one-line ``QPlanError`` naming ``what``."""
+    p = Path(path)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(p, flags)
+    except (OSError, ValueError) as exc:
+        raise QPlanError(f"cannot read {what} {p}: {getattr(exc, 'strerror', None) or exc}") from exc
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise QPlanError(f"{what} {p} is a folder, not a file")
+        if not stat.S_ISREG(st.st_mode):
+            raise QPlanError(f"{what} {p} is not a regular file (a pipe, device or socket): give a file")
+        if st.st_size > limit:
+            raise QPlanError(f"{what} {p} is over {_size(limit)} ({st.st_size:,} bytes): is it the right file?")
+        chunks, left = [], limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as exc:
+        raise QPlanError(f"cannot read {what} {p}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > limit:  # it grew while being read
+        raise QPlanError(f"{what} {p} is over {_size(limit)}: is it the right file?")
+    return data
 
 
 def _umask_mode() -> int:

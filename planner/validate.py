@@ -17,6 +17,8 @@ msgspec imports in milliseconds, so ``qplan estimate`` stays instant and torch-f
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -43,6 +45,7 @@ from qplan.planner.bounds import (  # noqa: F401 - MAX_* re-exported for the rea
     lit,
 )
 from qplan.planner.errors import QPlanError
+from qplan.planner.files import MAX_JSON_BYTES, read_limited
 from qplan.planner.vocab import (
     ATTN_CHOICES,
     BACKENDS,
@@ -119,19 +122,53 @@ def explain(exc: msgspec.ValidationError, data: Any, name: Any) -> str:
 # ---------------------------------------------------------------------------- JSON files
 
 
-def read_json(path: str | Path, what: str) -> Any:
-    """Decode a JSON file: unreadable, not UTF-8, not JSON, nested deeper than ``MAX_JSON_DEPTH``
-    — each a one-line ``QPlanError`` naming the file."""
+def finite(data: Any) -> Any:
+    """``data`` with every NaN or infinity replaced by None (JSON has no such numbers: null says "not a number")."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite(v) for v in data]
+    return data
+
+
+def dumps_finite(data: Any, **kw: Any) -> str:
+    """``json.dumps`` that never writes a bare ``NaN`` / ``Infinity`` token: non-finite numbers become null."""
+    return json.dumps(finite(data), allow_nan=False, **kw)
+
+
+def read_json(path: str | Path, what: str, nonfinite: bool = False) -> Any:
+    """Decode a JSON file: unreadable, not a regular file, over 64 MiB, not UTF-8, not JSON, nested
+    deeper than ``MAX_JSON_DEPTH`` — each a one-line ``QPlanError`` naming the file."""
     p = path if hasattr(path, "read_bytes") else Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise QPlanError(f"cannot read {what} {p}: {exc.strerror or exc}") from exc
+    if isinstance(p, Path):  # a file on disk: the one bounded reader (no FIFO, device or folder; at most 64 MiB)
+        raw = read_limited(p, what, MAX_JSON_BYTES)
+    else:  # a packaged resource (importlib.resources), shipped with qplan
+        try:
+            raw = p.read_bytes()
+        except OSError as exc:
+            raise QPlanError(f"cannot read {what} {p}: {exc.strerror or exc}") from exc
+    return decode_json(raw, what, p, nonfinite)
+
+
+def decode_json(raw: bytes, what: str, p: Any, nonfinite: bool = False) -> Any:
+    """The JSON in ``raw`` (the bytes of ``what`` file ``p``), with ``read_json``'s one-line errors.
+    ``nonfinite``: also read the ``NaN`` / ``Infinity`` tokens older qplan versions wrote, as null."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise QPlanError(f"{what} {p} is not UTF-8 text (byte {exc.start}): is it a JSON file?") from exc
-    return loads(text, f"{what} {p}")
+    try:
+        return loads(text, f"{what} {p}")
+    except QPlanError:
+        if not nonfinite or _max_depth(text) > MAX_JSON_DEPTH:
+            raise
+        try:
+            return finite(json.loads(text))
+        except (ValueError, RecursionError):
+            pass
+        raise
 
 
 def loads(text: str, where: str) -> Any:
@@ -255,7 +292,7 @@ class _Measured(Struct, kw_only=True):
     params: dict[str, int] = {}
     memory: _MeasuredMemory = msgspec.field(default_factory=_MeasuredMemory)
     adapter_file_bytes: MaybeBytes = None
-    loss: list[float] = []
+    loss: list[float | None] = []  # null: the loss went NaN or infinite (the run diverged)
     timing: _Timing = msgspec.field(default_factory=_Timing)
 
 

@@ -30,7 +30,7 @@ def _run(folder: str) -> tuple[dict[str, Any], dict[str, Any]]:
     if not (p / "plan.json").is_file() or not (p / "measured.json").is_file():
         raise QPlanError(f"{folder} has no plan.json and measured.json: is it a `qplan run` folder?")
     return (check_plan(read_json(p / "plan.json", "plan"), str(p / "plan.json")),
-            check_measured(read_json(p / "measured.json", "measurements"), str(p / "measured.json")))
+            check_measured(read_json(p / "measured.json", "measurements", nonfinite=True), str(p / "measured.json")))
 
 
 def is_gpu(device: dict[str, Any]) -> bool:

@@ -10,9 +10,10 @@ placeholders, marked in the header, since a plan does not hold them.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from qplan.planner.errors import QPlanError
+from qplan.planner.errors import QPlanError, shown
 from qplan.planner.interop.trainer_configs import FORMATS
 from qplan.planner.vocab import KBIT, optimizer
 
@@ -23,6 +24,30 @@ DATA = "data.jsonl"
 OUT = "outputs/qplan"
 #: axolotl requires a learning rate (it changes no memory): the usual LoRA 2e-4
 LR = 2e-4
+
+
+#: what a trainer may be told to download: ORG/NAME and a branch, tag or commit (as ``planner.model.hub`` reads them)
+HUB_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+HUB_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")
+
+
+def _check_source(src: dict[str, Any]) -> None:
+    """The Hub id and revision written as the base model: no path, no traversal, no whitespace or control
+    characters (a hand-edited plan could name ``../../../etc/passwd``)."""
+    hub_id, revision = src.get("hub_id"), src.get("revision")
+    if not isinstance(hub_id, str) or not HUB_REPO.fullmatch(hub_id) or ".." in hub_id or hub_id.endswith((".", ".git")):
+        raise QPlanError(f"the plan's model.source.hub_id {shown(hub_id)} is not a Hub id (ORG/NAME: letters, digits, "
+                         "'.', '_', '-'): re-plan with --model ORG/NAME")
+    if revision is not None and (not isinstance(revision, str) or not HUB_REVISION.fullmatch(revision)
+                                 or ".." in revision or "//" in revision or revision.endswith("/")):
+        raise QPlanError(f"the plan's model.source.revision {shown(revision)} is not a branch, tag or commit: "
+                         "re-plan with --model ORG/NAME@REVISION")
+
+
+def _comment(text: Any) -> str:
+    """``text`` made safe inside a one-line YAML comment: printable characters only, at most 100."""
+    s = "".join(c if c.isprintable() else "?" for c in str(text)[:100])
+    return s + ("..." if len(str(text)) > 100 else "")
 
 
 def _check(plan: dict[str, Any], to: str) -> None:
@@ -42,8 +67,9 @@ def _check(plan: dict[str, Any], to: str) -> None:
     if training["grad_ckpt"] not in ("off", "hf"):
         raise QPlanError(f"checkpointing {training['grad_ckpt']!r} cannot be exported: plan with --grad-ckpt or --no-grad-ckpt")
     if not (plan["model"].get("source") or {}).get("hub_id"):
-        raise QPlanError(f"model {plan['model']['name']!r} has no Hub id in its spec: a trainer config names the base "
+        raise QPlanError(f"model {shown(plan['model']['name'])} has no Hub id in its spec: a trainer config names the base "
                          "model by its Hub id (plan with --model ORG/NAME, or `qplan spec add --hub-id`)")
+    _check_source(plan["model"]["source"])
     kbit = quant["quant"] in KBIT
     upcast = bool(quant.get("prepare_model_for_kbit_training")) and kbit
     if kbit and to == "axolotl" and not upcast:
@@ -182,9 +208,10 @@ def export_config(plan: dict[str, Any], to: str, source: str = "plan.json") -> t
     cfg = WRITERS[to](plan)
     import yaml
 
-    gpu = f" --gpu {plan['gpu']['name']}" if plan.get("gpu") else ""
+    gpu = f" --gpu {_comment(plan['gpu']['name'])}" if plan.get("gpu") else ""
     placeholders = {"axolotl": "datasets, learning_rate, output_dir", "llamafactory": "dataset, template, output_dir",
                     "trl": "dataset_name, output_dir"}[to]
     head = HEADER.format(tool={"axolotl": "axolotl", "llamafactory": "LLaMA-Factory", "trl": "TRL (trl sft --config)"}[to],
-                         source=source, placeholders=placeholders, gpu=gpu)
+                         source=_comment(source), placeholders=placeholders, gpu=gpu)
+    assert all(line.startswith("# ") for line in head.splitlines()), head  # the header is comments, nothing else
     return cfg, head + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False, allow_unicode=True)

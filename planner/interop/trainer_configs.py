@@ -21,12 +21,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qplan.planner.errors import QPlanError
+from qplan.planner.errors import QPlanError, shown
+from qplan.planner.files import read_limited
 from qplan.planner.options import PlanOptions, field_names
 from qplan.planner.vocab import OPTIMIZER_TABLE
 
 FORMATS = ("axolotl", "llamafactory", "trl")
 MAX_CONFIG_BYTES = 1 << 20
+#: nodes a trainer config may hold once its aliases (``*name``) are expanded (an alias bomb holds billions)
+MAX_YAML_NODES = 100_000
+#: digits of an integer in a trainer config (a 400-digit lora_alpha overflows a float; 5,000 digits are refused by int())
+MAX_INT_DIGITS = 30
 #: ``TrainingArguments.optim`` -> qplan's optimizer name (``adamw_bnb_8bit`` is qplan's ``adamw_8bit``)
 OPTIM = {o.trainer_optim: o.name for o in OPTIMIZER_TABLE} | {o.name: o.name for o in OPTIMIZER_TABLE}
 #: transformers TrainingArguments keys that change nothing qplan plans per GPU (paths, schedules, logging, data loading)
@@ -56,28 +61,78 @@ def _yaml() -> Any:
     return yaml
 
 
+class _Refused(Exception):
+    """Raised by the bounded loader; read_config_file turns it into the one line."""
+
+
+def _expanded_nodes(root: Any, yaml: Any) -> int:
+    """How many nodes the document holds with every alias expanded (shared nodes counted each time they are
+    used), computed once per node; an alias inside its own anchor is refused."""
+    sizes: dict[int, int] = {}
+    busy: set[int] = set()
+
+    def size(node: Any) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in busy:
+            raise _Refused("has an alias inside its own anchor (a value that contains itself)")
+        busy.add(key)
+        n = 1
+        if isinstance(node, yaml.SequenceNode):
+            n += sum(size(v) for v in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            n += sum(size(k) + size(v) for k, v in node.value)
+        busy.discard(key)
+        sizes[key] = n
+        if n > MAX_YAML_NODES:
+            raise _Refused(f"expands to over {MAX_YAML_NODES:,} values through its aliases (&anchor / *alias): "
+                           "is it a trainer config?")
+        return n
+
+    return size(root)
+
+
+def _bounded_loader(yaml: Any) -> Any:
+    """PyYAML's SafeLoader with aliases bounded by ``MAX_YAML_NODES`` and integers by ``MAX_INT_DIGITS``."""
+
+    class BoundedLoader(yaml.SafeLoader):
+        def construct_document(self, node: Any) -> Any:
+            _expanded_nodes(node, yaml)
+            return super().construct_document(node)
+
+        def construct_yaml_int(self, node: Any) -> Any:
+            text = str(node.value)
+            if len(text) > MAX_INT_DIGITS:
+                line = f" (line {node.start_mark.line + 1})" if node.start_mark is not None else ""
+                raise _Refused(f"has an integer of {len(text):,} digits{line}: at most {MAX_INT_DIGITS}")
+            return super().construct_yaml_int(node)
+
+    BoundedLoader.add_constructor("tag:yaml.org,2002:int", BoundedLoader.construct_yaml_int)
+    return BoundedLoader
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML or JSON file; unreadable, not UTF-8, not a mapping: one line."""
     p = Path(path)
-    try:
-        raw = p.read_bytes()[: MAX_CONFIG_BYTES + 1]
-    except OSError as exc:
-        raise QPlanError(f"cannot read --from-config {p}: {exc.strerror or exc}") from exc
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise QPlanError(f"--from-config {p} is over 1 MiB: is it a trainer config?")
+    raw = read_limited(p, "--from-config", MAX_CONFIG_BYTES)  # a regular file of at most 1 MiB, never read past it
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise QPlanError(f"--from-config {p} is not UTF-8 text (byte {exc.start})") from exc
     yaml = _yaml()
     try:
-        data = yaml.safe_load(text)  # JSON is YAML
+        data = yaml.load(text, Loader=_bounded_loader(yaml))
+    except _Refused as exc:
+        raise QPlanError(f"--from-config {p} {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise QPlanError(f"--from-config {p} is not valid YAML or JSON{where}: {getattr(exc, 'problem', None) or exc}") from exc
     except RecursionError as exc:
         raise QPlanError(f"--from-config {p} nests too deeply") from exc
+    except ValueError as exc:  # a value PyYAML's constructors cannot build (a date out of range, ...)
+        raise QPlanError(f"--from-config {p} has a value that cannot be read: {' '.join(str(exc).split())[:120]}") from exc
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise QPlanError(f"--from-config {p} is not a mapping of keys to values (a trainer config is)")
     return data
@@ -116,7 +171,7 @@ class _Reader:
         kinds = kind if isinstance(kind, tuple) else (kind,)
         if v is not None and (not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds)):
             want = " or ".join(k.__name__ for k in kinds)
-            raise QPlanError(f"{self.fmt} config: {key} must be {want}, got {v!r}")
+            raise QPlanError(f"{self.fmt} config: {key} must be {want}, got {shown(v)}")
         return v
 
     def refuse(self, keys: set[str], why: str, falsy_ok: bool = True) -> None:
@@ -125,7 +180,7 @@ class _Reader:
             v = self.cfg[k]
             if falsy_ok and (v is None or v is False or v == "" or v == [] or v == {}):
                 continue
-            raise QPlanError(f"{self.fmt} config: {k}: {v!r} {why}")
+            raise QPlanError(f"{self.fmt} config: {k}: {shown(v)} {why}")
 
 
 def _names(value: Any, key: str, fmt: str) -> str:
@@ -134,12 +189,12 @@ def _names(value: Any, key: str, fmt: str) -> str:
         return value
     if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
         return ",".join(value)
-    raise QPlanError(f"{fmt} config: {key} must be a module name, a list of them or all-linear, got {value!r}")
+    raise QPlanError(f"{fmt} config: {key} must be a module name, a list of them or all-linear, got {shown(value)}")
 
 
 def _optimizer(name: Any, key: str, fmt: str) -> str:
     if name not in OPTIM:
-        raise QPlanError(f"{fmt} config: {key} {name!r} is not an optimizer qplan plans "
+        raise QPlanError(f"{fmt} config: {key} {shown(name)} is not an optimizer qplan plans "
                          f"(one of {', '.join(sorted(o.trainer_optim for o in OPTIMIZER_TABLE))})")
     return OPTIM[name]
 
@@ -176,7 +231,7 @@ def _training(r: _Reader, opts: dict[str, Any], seq_key: str, batch_default: int
     if r.fmt != "llamafactory":
         gc = r.get("gradient_checkpointing", ckpt_default)
         if gc not in (True, False):
-            raise QPlanError(f"{r.fmt} config: gradient_checkpointing {gc!r} is not planned (true or false)")
+            raise QPlanError(f"{r.fmt} config: gradient_checkpointing {shown(gc)} is not planned (true or false)")
         opts["grad_ckpt"] = gc
         kwargs = r.get("gradient_checkpointing_kwargs") or {}
         if gc and isinstance(kwargs, dict) and kwargs.get("use_reentrant") is True:
@@ -196,7 +251,7 @@ def _attn_implementation(r: Any, o: dict[str, Any], tool: str) -> bool:
     if impl is None:
         return False
     if impl not in ("sdpa", "eager", "flash_attention_2"):
-        raise QPlanError(f"{tool} config: attn_implementation {impl!r} is not planned (sdpa, eager or flash_attention_2)")
+        raise QPlanError(f"{tool} config: attn_implementation {shown(impl)} is not planned (sdpa, eager or flash_attention_2)")
     o["attn_impl"] = impl
     return True
 
@@ -222,7 +277,7 @@ def _axolotl(r: _Reader) -> dict[str, Any]:
     o: dict[str, Any] = {"model": _model(r.get("base_model"), r.get("revision_of_model"), "base_model", "axolotl")}
     adapter = r.get("adapter")
     if adapter not in ("lora", "qlora"):
-        raise QPlanError(f"axolotl config: adapter {adapter!r}: qplan plans LoRA and QLoRA (adapter: lora or qlora)")
+        raise QPlanError(f"axolotl config: adapter {shown(adapter)}: qplan plans LoRA and QLoRA (adapter: lora or qlora)")
     b4, b8 = r.get("load_in_4bit", False), r.get("load_in_8bit", False)
     if adapter == "qlora" and not b4:
         raise QPlanError("axolotl config: adapter: qlora needs load_in_4bit: true")
@@ -231,7 +286,7 @@ def _axolotl(r: _Reader) -> dict[str, Any]:
     prec = _precision(r)
     bnb = r.get("bnb_config_kwargs") or {}
     if not isinstance(bnb, dict):
-        raise QPlanError(f"axolotl config: bnb_config_kwargs must be a mapping, got {bnb!r}")
+        raise QPlanError(f"axolotl config: bnb_config_kwargs must be a mapping, got {shown(bnb)}")
     unknown_bnb = set(bnb) - {"bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "llm_int8_has_fp16_weight"}
     if unknown_bnb or bnb.get("llm_int8_has_fp16_weight"):
         raise QPlanError(f"axolotl config: bnb_config_kwargs {sorted(unknown_bnb) or ['llm_int8_has_fp16_weight']} "
@@ -283,14 +338,14 @@ def _llamafactory(r: _Reader) -> dict[str, Any]:
     o: dict[str, Any] = {"model": _model(r.get("model_name_or_path"), r.get("model_revision"), "model_name_or_path",
                                          "llamafactory")}
     if r.get("stage", "sft") not in ("sft", "pt"):
-        raise QPlanError(f"llamafactory config: stage {r.get('stage')!r}: qplan plans sft and pt (one model, no reference)")
+        raise QPlanError(f"llamafactory config: stage {shown(r.get('stage'))}: qplan plans sft and pt (one model, no reference)")
     if r.get("finetuning_type", "lora") != "lora":
-        raise QPlanError(f"llamafactory config: finetuning_type {r.get('finetuning_type')!r}: qplan plans lora")
+        raise QPlanError(f"llamafactory config: finetuning_type {shown(r.get('finetuning_type'))}: qplan plans lora")
     bits, method = r.get("quantization_bit"), str(r.get("quantization_method", "bnb"))
     if bits is not None and method != "bnb":
-        raise QPlanError(f"llamafactory config: quantization_method {method!r}: qplan plans bitsandbytes (bnb)")
+        raise QPlanError(f"llamafactory config: quantization_method {shown(method)}: qplan plans bitsandbytes (bnb)")
     if bits not in (None, 4, 8):
-        raise QPlanError(f"llamafactory config: quantization_bit {bits!r}: qplan plans 4 and 8 (bitsandbytes)")
+        raise QPlanError(f"llamafactory config: quantization_bit {shown(bits)}: qplan plans 4 and 8 (bitsandbytes)")
     prec = _precision(r)
     if r.get("pure_bf16"):
         raise QPlanError("llamafactory config: pure_bf16 keeps adapters in bf16, which qplan does not plan")
@@ -315,7 +370,7 @@ def _llamafactory(r: _Reader) -> dict[str, Any]:
     attn = str(r.get("flash_attn", "auto"))
     o["attn_impl"] = {"auto": "auto", "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}.get(attn)
     if o["attn_impl"] is None:
-        raise QPlanError(f"llamafactory config: flash_attn {attn!r} is not planned (auto, disabled, sdpa or fa2)")
+        raise QPlanError(f"llamafactory config: flash_attn {shown(attn)} is not planned (auto, disabled, sdpa or fa2)")
     r.refuse({"use_unsloth", "use_unsloth_gc", "upcast_layernorm", "upcast_lmhead_output", "use_galore", "use_apollo",
               "use_badam", "pissa_init", "loraplus_lr_ratio", "enable_liger_kernel", "shift_attn", "rope_scaling",
               "neat_packing", "use_llama_pro", "freeze_vision_tower", "train_mm_proj_only", "moe_aux_loss_coef",
@@ -335,7 +390,7 @@ def _trl(r: _Reader) -> dict[str, Any]:
     dtype = str(r.get("dtype", r.get("torch_dtype", "float32")))
     alias = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
     if dtype not in alias:
-        raise QPlanError(f"trl config: dtype {dtype!r} is not planned (bfloat16, float16 or float32; 'auto' depends on "
+        raise QPlanError(f"trl config: dtype {shown(dtype)} is not planned (bfloat16, float16 or float32; 'auto' depends on "
                          "the checkpoint: name it)")
     if (b4 or b8) and alias[dtype] != prec:
         raise QPlanError(f"trl config: a quantized model computes in its dtype ({dtype}) but trains with "
@@ -359,7 +414,7 @@ def _trl(r: _Reader) -> dict[str, Any]:
         storage = r.get("bnb_4bit_quant_storage")
         if storage != TORCH_NAMES[prec]:
             raise QPlanError(f"trl config: {o['strategy']} shards 4-bit weights only when bitsandbytes stores them in the "
-                             f"compute dtype: set bnb_4bit_quant_storage: {TORCH_NAMES[prec]} (got {storage!r})")
+                             f"compute dtype: set bnb_4bit_quant_storage: {TORCH_NAMES[prec]} (got {shown(storage)})")
     r.refuse({"lora_target_parameters", "bnb_4bit_quant_storage", "model_init_kwargs", "padding_free", "activation_offloading",
               "use_liger_kernel", "lora_task_type"}, "changes training memory in a way qplan does not plan from a TRL config")
     return o
@@ -395,13 +450,13 @@ def read_trainer_config(path: str | Path, fmt: str | None = None) -> tuple[dict[
     (``planner.options``; a reader mapping a key to another name fails here)."""
     cfg = read_config_file(path)
     if fmt is not None and fmt not in FORMATS:
-        raise QPlanError(f"--config-format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise QPlanError(f"--config-format must be one of {', '.join(FORMATS)}, got {shown(fmt)}")
     fmt = fmt or detect_format(cfg)
     r = _Reader(cfg, fmt, Path(path).parent)
     try:
         opts = READERS[fmt](r)
-    except (TypeError, ValueError) as exc:  # a value of the wrong kind deep in a mapping
-        raise QPlanError(f"{fmt} config {path}: {exc}") from exc
+    except (TypeError, ValueError, OverflowError) as exc:  # a value of the wrong kind deep in a mapping
+        raise QPlanError(f"{fmt} config {path}: {' '.join(str(exc).split())[:200]}") from exc
     stray = sorted(set(opts) - set(field_names(PlanOptions)))
     if stray:  # a reader that maps a key to a name the options model lacks is a bug here, not in the file
         raise AssertionError(f"the {fmt} reader maps keys to {stray}, which are not PlanOptions fields")

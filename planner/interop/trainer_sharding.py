@@ -26,7 +26,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qplan.planner.errors import QPlanError
+from qplan.planner.errors import QPlanError, shown
+from qplan.planner.files import read_limited
 
 MAX_DS_BYTES = 1 << 20
 #: DeepSpeed's default ``reduce_bucket_size`` (qplan's ZeRO-2 bucket term; runtime/zero/config.py)
@@ -57,13 +58,13 @@ def _off(section: Any, key: str) -> bool:
     if section is None:
         return False
     if not isinstance(section, dict):
-        raise QPlanError(f"deepspeed config: zero_optimization.{key} must be a mapping, got {section!r}")
+        raise QPlanError(f"deepspeed config: zero_optimization.{key} must be a mapping, got {shown(section)}")
     dev = section.get("device", "none")
     if dev in (None, "none"):
         return False
     if dev == "cpu":
         return True
-    raise QPlanError(f"deepspeed config: zero_optimization.{key}.device {dev!r}: qplan plans offload to the CPU "
+    raise QPlanError(f"deepspeed config: zero_optimization.{key}.device {shown(dev)}: qplan plans offload to the CPU "
                      "(device: cpu) or none")
 
 
@@ -73,21 +74,20 @@ def read_deepspeed(value: Any, base: Path, fmt: str) -> tuple[dict[str, Any], st
     if isinstance(value, dict):
         return value, "(inline)"
     if not isinstance(value, str) or not value.strip():
-        raise QPlanError(f"{fmt} config: deepspeed must be the path of a DeepSpeed JSON (or a mapping), got {value!r}")
+        raise QPlanError(f"{fmt} config: deepspeed must be the path of a DeepSpeed JSON (or a mapping), got {shown(value)}")
     p = Path(value).expanduser()
     p = p if p.is_absolute() else base / p
     try:
-        raw = p.read_bytes()[: MAX_DS_BYTES + 1]
-    except OSError as exc:
-        raise QPlanError(f"{fmt} config: deepspeed {value!r}: cannot read {p}: {exc.strerror or exc}") from exc
+        raw = read_limited(p, "DeepSpeed config", MAX_DS_BYTES)
+    except QPlanError as exc:
+        raise QPlanError(f"{fmt} config: deepspeed {shown(value)}: {exc}") from exc
     try:
-        if len(raw) > MAX_DS_BYTES:
-            raise ValueError("over 1 MiB")
         ds = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
-        raise QPlanError(f"{fmt} config: deepspeed {value!r}: {p} is not a DeepSpeed JSON: {' '.join(str(exc).split())}") from exc
+        why = " ".join(str(exc).split())[:200]
+        raise QPlanError(f"{fmt} config: deepspeed {shown(value)}: {p} is not a DeepSpeed JSON: {why}") from exc
     if not isinstance(ds, dict):
-        raise QPlanError(f"{fmt} config: deepspeed {value!r}: {p} is not a JSON object (a DeepSpeed config is)")
+        raise QPlanError(f"{fmt} config: deepspeed {shown(value)}: {p} is not a JSON object (a DeepSpeed config is)")
     return ds, str(p)
 
 
@@ -101,10 +101,10 @@ def deepspeed_options(value: Any, base: Path, fmt: str, micro_batch: int, grad_a
 
     zero = ds.get("zero_optimization") or {}
     if not isinstance(zero, dict):
-        raise bad("zero_optimization", f"must be a mapping, got {zero!r}")
+        raise bad("zero_optimization", f"must be a mapping, got {shown(zero)}")
     stage = zero.get("stage", 0)
     if stage not in (2, 3) or isinstance(stage, bool):
-        raise bad("zero_optimization.stage", f"{stage!r}: qplan plans ZeRO stages 2 and 3 (stage 0/1 keep more on each "
+        raise bad("zero_optimization.stage", f"{shown(stage)}: qplan plans ZeRO stages 2 and 3 (stage 0/1 keep more on each "
                                              "GPU than it models: use 2, or plan DDP without deepspeed)")
     opt_off, par_off = _off(zero.get("offload_optimizer"), "offload_optimizer"), _off(zero.get("offload_param"), "offload_param")
     if stage == 2 and par_off:
@@ -117,7 +117,7 @@ def deepspeed_options(value: Any, base: Path, fmt: str, micro_batch: int, grad_a
         for k, d in defaults.items():
             v = zero.get(k, d)
             if v != d or isinstance(v, bool) != isinstance(d, bool):
-                raise bad(f"zero_optimization.{k}", f"{v!r} changes ZeRO-2's gradient reduction buffers, which qplan plans "
+                raise bad(f"zero_optimization.{k}", f"{shown(v)} changes ZeRO-2's gradient reduction buffers, which qplan plans "
                                                    f"at DeepSpeed's default ({json.dumps(d)}; 'auto' is hidden_size² in "
                                                    "transformers): set it to that or remove it")
     known = {"stage", "offload_optimizer", "offload_param", "cpu_offload"} | ZERO_NO_EFFECT | ZERO3_UNMODELLED
@@ -126,15 +126,15 @@ def deepspeed_options(value: Any, base: Path, fmt: str, micro_batch: int, grad_a
     for key, default in (("train_micro_batch_size_per_gpu", micro_batch), ("gradient_accumulation_steps", grad_accum)):
         v = ds.get(key, "auto")
         if v != "auto" and v != default:
-            raise bad(key, f"{v!r} disagrees with the trainer config's {default} (transformers refuses the mismatch)")
+            raise bad(key, f"{shown(v)} disagrees with the trainer config's {default} (transformers refuses the mismatch)")
     for key, on in (("bf16", "bf16"), ("fp16", "fp16")):
         sec = ds.get(key) or {}
         enabled = sec.get("enabled", False) if isinstance(sec, dict) else sec
         if enabled not in ("auto", False, None) and precision != on:
-            raise bad(f"{key}.enabled", f"{enabled!r} disagrees with the trainer config's {precision} training")
+            raise bad(f"{key}.enabled", f"{shown(enabled)} disagrees with the trainer config's {precision} training")
     opt = ds.get("optimizer")
     if opt is not None and (not isinstance(opt, dict) or str(opt.get("type", "")).lower() not in ("adam", "adamw")):
-        raise bad("optimizer", f"{opt!r}: qplan's ZeRO plans hold Adam's fp32 states (type Adam or AdamW, or leave the "
+        raise bad("optimizer", f"{shown(opt)}: qplan's ZeRO plans hold Adam's fp32 states (type Adam or AdamW, or leave the "
                                "optimizer to the trainer)")
     warnings = []
     if stage == 3 and (unmod := sorted(set(zero) & ZERO3_UNMODELLED)):
@@ -156,10 +156,10 @@ def _fsdp_list(value: Any, fmt: str) -> list[str]:
     elif isinstance(value, list) and all(isinstance(v, str) for v in value):
         items = [w for v in value for w in v.split()]
     else:
-        raise QPlanError(f"{fmt} config: fsdp must be a string or list of {', '.join(sorted(FSDP_OPTIONS))}, got {value!r}")
+        raise QPlanError(f"{fmt} config: fsdp must be a string or list of {', '.join(sorted(FSDP_OPTIONS))}, got {shown(value)}")
     for w in items:
         if w not in FSDP_OPTIONS:
-            raise QPlanError(f"{fmt} config: fsdp {w!r} is not an FSDP option ({', '.join(sorted(FSDP_OPTIONS))})")
+            raise QPlanError(f"{fmt} config: fsdp {shown(w)} is not an FSDP option ({', '.join(sorted(FSDP_OPTIONS))})")
     return items
 
 
@@ -168,7 +168,10 @@ def fsdp_options(fmt: str, fsdp: Any, fsdp_config: Any, fsdp_version: Any, grad_
     """``({"strategy": "fsdp", "cpu_offload"}, warnings)`` of a config's FSDP keys; None when FSDP is off."""
     cfg = fsdp_config or {}
     if not isinstance(cfg, dict):
-        raise QPlanError(f"{fmt} config: fsdp_config must be a mapping, got {cfg!r}")
+        raise QPlanError(f"{fmt} config: fsdp_config must be a mapping, got {shown(cfg)}")
+    odd = [k for k in cfg if not isinstance(k, str)]
+    if odd:
+        raise QPlanError(f"{fmt} config: fsdp_config has a key that is not a name: {shown(odd[0])}")
     cfg = {k.removeprefix("fsdp_"): v for k, v in cfg.items()}  # transformers and axolotl strip the prefix
     items = _fsdp_list(fsdp, fmt) if fsdp not in (None, "", []) else []
     if not items and not (fmt == "axolotl" and (cfg or fsdp_version)):
@@ -178,21 +181,21 @@ def fsdp_options(fmt: str, fsdp: Any, fsdp_config: Any, fsdp_version: Any, grad_
         return None
     version = fsdp_version if fsdp_version is not None else cfg.get("version", 1)
     if str(version) != "2":
-        raise QPlanError(f"{fmt} config: fsdp_version {version!r}: qplan plans FSDP2 (fully_shard): set fsdp_version: 2")
+        raise QPlanError(f"{fmt} config: fsdp_version {shown(version)}: qplan plans FSDP2 (fully_shard): set fsdp_version: 2")
     for w in ("shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "no_shard"):
         if w in items:
-            raise QPlanError(f"{fmt} config: fsdp {w!r}: qplan plans FSDP2 full shard (full_shard)")
+            raise QPlanError(f"{fmt} config: fsdp {shown(w)}: qplan plans FSDP2 full shard (full_shard)")
     if fmt != "axolotl" and "full_shard" not in items:
-        raise QPlanError(f"{fmt} config: fsdp {fsdp!r} has no full_shard: qplan plans FSDP2 full shard")
+        raise QPlanError(f"{fmt} config: fsdp {shown(fsdp)} has no full_shard: qplan plans FSDP2 full shard")
     strategy = str(cfg.get("sharding_strategy", "FULL_SHARD")).upper()
     if strategy not in ("FULL_SHARD", "1"):
-        raise QPlanError(f"{fmt} config: fsdp_config.sharding_strategy {cfg['sharding_strategy']!r}: qplan plans FULL_SHARD")
+        raise QPlanError(f"{fmt} config: fsdp_config.sharding_strategy {shown(cfg['sharding_strategy'])}: qplan plans FULL_SHARD")
     if cfg.get("reshard_after_forward", True) is not True:
-        raise QPlanError(f"{fmt} config: fsdp_config.reshard_after_forward {cfg['reshard_after_forward']!r}: qplan plans "
+        raise QPlanError(f"{fmt} config: fsdp_config.reshard_after_forward {shown(cfg['reshard_after_forward'])}: qplan plans "
                          "FSDP2's default (true: free each layer's gathered parameters after its forward)")
     policy = cfg.get("auto_wrap_policy", "TRANSFORMER_BASED_WRAP" if "auto_wrap" in items or fmt == "axolotl" else None)
     if policy != "TRANSFORMER_BASED_WRAP" or cfg.get("min_num_params", 0):
-        raise QPlanError(f"{fmt} config: fsdp_config.auto_wrap_policy {policy!r}: qplan plans one FSDP unit per decoder "
+        raise QPlanError(f"{fmt} config: fsdp_config.auto_wrap_policy {shown(policy)}: qplan plans one FSDP unit per decoder "
                          "layer (auto_wrap / TRANSFORMER_BASED_WRAP, no min_num_params)")
     if cfg.get("activation_checkpointing"):
         raise QPlanError(f"{fmt} config: fsdp_config.activation_checkpointing is not planned: use gradient_checkpointing "

@@ -7,6 +7,8 @@ small file and imports nothing heavy.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import json
 import os
@@ -127,8 +129,46 @@ def make_spec(config: dict[str, Any], name: str, source: dict[str, Any]) -> Mode
     }, f"model spec {name}")
 
 
+#: set by ``names_only()``: models and GPUs are resolved by name only, never from a file or folder
+_NAMES_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("qplan_names_only", default=False)
+
+
+@contextlib.contextmanager
+def names_only():
+    """Inside it, ``load_spec`` takes only a bundled/user spec name or a Hub id and ``load_gpu`` only a
+    catalog name or alias: no path is read, no file or folder is even looked up (``qplan serve``: a
+    request never names a file the server reads, nor learns whether a path exists)."""
+    token = _NAMES_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _NAMES_ONLY.reset(token)
+
+
+def _shown(value: str) -> str:
+    return repr(value) if len(value) <= 60 else repr(value[:57] + "...")
+
+
+def _named_spec_only(model: str) -> ModelSpec:
+    from qplan.planner.model.hub import parse_hub_id
+
+    if model in model_names():
+        return _load_named_spec(model)
+    if parse_hub_id(model):
+        return hub_spec(model)
+    if not _path_syntax(model):  # a plain name that is no spec: the CLI's "unknown model" line, no file looked up
+        raise QPlanError(f"unknown model {model!r}: {_suggest(model, model_names())} (see `qplan models`)")
+    raise QPlanError(f"model {_shown(model)} is not a bundled model, one of your specs or a Hub id (ORG/NAME): "
+                     "qplan serve plans names, never a local path (use `qplan estimate --model PATH` for a local config)")
+
+
+def _path_syntax(name: str) -> bool:
+    """Reads as a path by its spelling alone (nothing on disk is looked at)."""
+    return name.endswith(".json") or os.sep in name or name.startswith(".") or "\0" in name
+
+
 def _looks_like_path(model: str) -> bool:
-    return model.endswith(".json") or os.sep in model or model.startswith(".") or (safe_exists(model) and Path(model).is_dir())
+    return _path_syntax(model) or (safe_exists(model) and Path(model).is_dir())
 
 
 def load_spec(model: str) -> ModelSpec:
@@ -136,6 +176,8 @@ def load_spec(model: str) -> ModelSpec:
     built on the fly from a config path or model dir (a path that exists wins over a Hub id)."""
     from qplan.planner.model.hub import parse_hub_id
 
+    if _NAMES_ONLY.get():
+        return _named_spec_only(model)
     if not safe_exists(model) and not model.endswith(".json") and parse_hub_id(model):
         return hub_spec(model)
     if _looks_like_path(model):
@@ -202,12 +244,18 @@ def gpu_catalog() -> dict[str, Gpu]:
 
 def load_gpu(name: str) -> Gpu:
     """A catalog GPU by name or alias, or a device file (``*.json``: the catalog's fields, e.g. a
-    CPU's measured throughput from ``bench/cpu_device.py``)."""
+    CPU's measured throughput from ``bench/cpu_device.py``); inside ``names_only()`` a catalog GPU only."""
+    if _NAMES_ONLY.get():
+        return _catalog_gpu(name)
     if name.endswith(".json"):
         if not safe_exists(name):
             raise QPlanError(f"no such device file: {name}")
         data = _read_json(Path(name), "device file")
         return Gpu.from_json(data, name)
+    return _catalog_gpu(name)
+
+
+def _catalog_gpu(name: str) -> Gpu:
     cat = gpu_catalog()
     key = name.lower()
     if key in cat:
@@ -215,4 +263,7 @@ def load_gpu(name: str) -> Gpu:
     for g in cat.values():
         if key in [a.lower() for a in g.aliases]:
             return g
+    if _NAMES_ONLY.get() and _path_syntax(name):
+        raise QPlanError(f"GPU {_shown(name)} is not a catalog GPU ({_suggest(key[:100], list(cat))}): qplan serve plans "
+                         "catalog GPUs only, never a device file (use `qplan estimate --gpu FILE.json` for one)")
     raise QPlanError(f"unknown GPU {name!r}: {_suggest(key, list(cat))} (see `qplan gpus`)")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from qplan.planner.errors import QPlanError
-from qplan.planner.files import atomic_write
+from qplan.planner.files import atomic_write, read_limited
 from qplan.planner.model.spec import ModelSpec
 from qplan.planner.validate import check_config, loads
 
@@ -84,8 +84,8 @@ def _cached_commit(repo: str, revision: str) -> str | None:
         cache = str(Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub")
     ref = Path(cache) / f"models--{repo.replace('/', '--')}" / "refs" / revision
     try:
-        sha = ref.read_text(encoding="utf-8").strip()
-    except OSError:
+        sha = read_limited(ref, "Hub cache ref", 4096).decode("utf-8").strip()
+    except (OSError, ValueError, QPlanError):
         return None
     return sha if COMMIT.fullmatch(sha) else None
 
@@ -106,9 +106,9 @@ def _resolved_path(repo: str, revision: str) -> Path:
 def _recently_resolved(repo: str, revision: str) -> str | None:
     """The commit qplan resolved ``revision`` to less than ``QPLAN_HUB_CHECK_SECONDS`` ago, if any."""
     try:
-        d = json.loads(_resolved_path(repo, revision).read_text(encoding="utf-8"))
+        d = json.loads(read_limited(_resolved_path(repo, revision), "resolved revision", 4096).decode("utf-8"))
         commit, at = str(d["commit"]), float(d["checked_at"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, QPlanError):
         return None
     fresh = 0 <= time.time() - at < _check_seconds()
     return commit if fresh and COMMIT.fullmatch(commit) else None
@@ -131,7 +131,7 @@ def _read_cached_spec(repo: str, commit: str | None) -> ModelSpec | None:
         return None
     p = spec_cache_path(repo, commit, tv)
     try:
-        data = loads(p.read_text(encoding="utf-8"), f"cached spec {p}")
+        data = loads(read_limited(p, "cached spec").decode("utf-8"), f"cached spec {p}")
     except (OSError, ValueError, QPlanError):
         return None  # missing or damaged: rebuilt below
     try:
@@ -173,11 +173,9 @@ def fetch_config(repo: str, revision: str | None) -> tuple[dict[str, Any], str]:
         raise QPlanError(f"Hub request for {where} failed: {why}") from exc
     p = Path(path)
     commit = p.parent.name if COMMIT.fullmatch(p.parent.name) else (revision or "unknown")
-    if p.stat().st_size > MAX_CONFIG_BYTES:
-        raise QPlanError(f"{where}: config.json is {p.stat().st_size:,} bytes, not a config")
     try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, ValueError) as exc:
+        text = read_limited(p, f"config.json of {where}", MAX_CONFIG_BYTES).decode("utf-8")
+    except ValueError as exc:
         raise QPlanError(f"config.json of {where} cannot be read as UTF-8 text: {type(exc).__name__}") from exc
     data = loads(text, f"config.json of {where}")
     if not isinstance(data, dict):
