@@ -28,8 +28,9 @@ from qplan.backends.runner import run_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser")) if p), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs headless Chromium (Debian package `chromium`); "
-                                                          ".ci/run installs it")
+pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="needs headless Chromium (Debian package `chromium`); "
+                                                           ".ci/run installs it"),
+              pytest.mark.slow]  # its fixture: three real 4-step CPU runs, ~38 s
 
 
 def chromium(url: Path, *args: str) -> subprocess.CompletedProcess:
