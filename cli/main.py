@@ -51,7 +51,10 @@ def export(plan_file, to, output, force, fmt) -> None:
 
     if output and safe_exists(output) and not force:
         raise QPlanError(f"{output} already exists: choose another --output or pass --force to replace it")
+    from qplan.planner.api import check_consistent
+
     plan = check_plan(read_json(plan_file, "plan"), where=str(plan_file))
+    check_consistent(plan)  # a hand-edited plan whose settings contradict its prediction is not exported
     cfg, text = export_config(plan, to, source=Path(plan_file).name)
     if output:
         write_new_file(output, text, force)
