@@ -179,6 +179,9 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
     Returns ``{status, summary, run_dir, measured, error, failure}``.
     """
     plan, raw = read_plan(plan_file)
+    from qplan.planner.api import check_consistent
+
+    check_consistent(plan)  # world size = GPUs x nodes; the prediction is what the settings predict
     if model_dir and random_init:
         raise QPlanError("give either --model-dir or --random-init, not both")
     if not model_dir and not random_init:
@@ -219,6 +222,18 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
     from . import launch
 
     multi = launch.dist_section(plan)
+    one_rank = plan.get("distributed") if multi is None else None
+    if one_rank and one_rank.get("strategy"):
+        # --gpus 1 --strategy S: the launcher starts a strategy on 2 or more ranks; this plan would train as a plain
+        # single process, not what it predicts (and ZeRO would run on the CPU)
+        strategy = one_rank["strategy"]
+        on_cpu = device == "cpu" or (device == "auto" and _multi_device(device, info.python) == "cpu")
+        if strategy in ("zero2", "zero3") and on_cpu:
+            raise QPlanError(f"--strategy {strategy} cannot train on the CPU here: `qplan run` launches DeepSpeed "
+                             "ZeRO on GPUs only (through accelerate); on the CPU use --strategy ddp or fsdp")
+        raise QPlanError(f"the plan is for 1 GPU with --strategy {strategy}: `qplan run` launches a strategy on 2 or more "
+                         "ranks and would train this as a plain single process: re-plan with --gpus 2 or more, or "
+                         "without --strategy")
     if multi is not None:
         device = _multi_device(device, info.python)
         gpus = _gpu_count(info.python) if device == "cuda" else None

@@ -27,6 +27,14 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in " ".join(text.split()))
 
 
+def output_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """The click callback of every ``--output``: an empty or blank name is an error, not "no output" (``--output ''``
+    used to be silently ignored: the plan was printed and nothing written)."""
+    if value is not None and not value.strip():
+        raise QPlanError(f"--output: expected a file or folder name, got {value!r}")
+    return value
+
+
 def warn(warnings: list[str]) -> None:
     for w in warnings:
         click.echo("qplan: warning: " + printable(w), err=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from qplan.cli.common import FORMATS, emit, error_line, printable
+from qplan.cli.common import FORMATS, emit, error_line, output_name, printable
 from qplan.cli.plan_commands import estimate, fit
 from qplan.planner import __version__
 from qplan.planner.errors import QPlanError
@@ -39,7 +39,7 @@ cli.add_command(fit)
 @cli.command()
 @click.argument("plan_file", type=click.Path())
 @click.option("--to", "to", type=click.Choice(["axolotl", "llamafactory", "trl"]), required=True)
-@click.option("--output", "-o", default=None, help="write the config to this file (else print it)")
+@click.option("--output", "-o", default=None, callback=output_name, help="write the config to this file (else print it)")
 @click.option("--force", is_flag=True, help="replace an existing --output file")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True,
               help="table: the YAML; json: the config as JSON")
@@ -51,7 +51,10 @@ def export(plan_file, to, output, force, fmt) -> None:
 
     if output and safe_exists(output) and not force:
         raise QPlanError(f"{output} already exists: choose another --output or pass --force to replace it")
+    from qplan.planner.api import check_consistent
+
     plan = check_plan(read_json(plan_file, "plan"), where=str(plan_file))
+    check_consistent(plan)  # a hand-edited plan whose settings contradict its prediction is not exported
     cfg, text = export_config(plan, to, source=Path(plan_file).name)
     if output:
         write_new_file(output, text, force)
@@ -129,7 +132,7 @@ def gpus(fmt: str) -> None:
 @cli.command()
 @click.argument("run_dirs", nargs=-1, type=click.Path())
 @click.option("--gpu", required=True, help="the device the runs ran on: a catalog GPU or a device file (.json)")
-@click.option("--output", "-o", default=None,
+@click.option("--output", "-o", default=None, callback=output_name,
               help="calibration file to write [default: ~/.config/qplan/calibration/<device>.json]")
 @click.option("--force", is_flag=True, help="replace an existing calibration file")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
@@ -264,7 +267,7 @@ def run(plan_file, model_dir, random_init, data, steps, epochs, device, lr, out_
 
 @cli.command()
 @click.argument("run_dirs", nargs=-1, type=click.Path())
-@click.option("--output", "-o", default=None,
+@click.option("--output", "-o", default=None, callback=output_name,
               help="a name ending in .html, .md or .json: that one file; any other name: a new folder with "
                    "summary.html, summary.md, summary.json and scatter.svg (default: a new folder reports/summary-<time>); "
                    "never over an existing file or folder")

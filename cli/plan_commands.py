@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from qplan.cli.common import FORMATS, emit, warn
+from qplan.cli.common import FORMATS, emit, output_name, warn
 from qplan.planner.errors import QPlanError
 from qplan.planner.files import safe_exists, write_new_file
 from qplan.planner.options import FitOptions, OptionInfo, PlanOptions, option_infos
@@ -99,7 +99,7 @@ def with_trainer_config(o: dict[str, Any], names: tuple[str, ...] | None = None)
                    "under a live-tensor tracker (needs torch)")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True,
               help="table: for a person; json: the plan document (plan.json) on stdout")
-@click.option("--output", "-o", default=None, help="write the plan to this file (plan.json)")
+@click.option("--output", "-o", default=None, callback=output_name, help="write the plan to this file (plan.json)")
 @click.option("--force", is_flag=True, help="replace an existing --output file")
 def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -> None:
     """Exact LoRA parameter counts and the memory budget of a fine-tune."""

@@ -20,7 +20,7 @@ from qplan.planner.model.spec import Gpu, ModelSpec
 from qplan.planner.options import PlanOptions
 from qplan.planner.plan import build_plan, plan_inputs
 
-__all__ = ["make_plan", "plan_dict", "plan_inputs", "PlanOptions", "PlanDoc"]
+__all__ = ["make_plan", "plan_dict", "plan_inputs", "PlanOptions", "PlanDoc", "check_consistent", "plan_settings"]
 
 def make_plan(options: PlanOptions | dict[str, Any] | None = None, /, *, spec: ModelSpec | None = None,
               device: Gpu | None = None, **fields: Any) -> PlanDoc:
@@ -46,3 +46,77 @@ def plan_dict(options: PlanOptions | dict[str, Any] | None = None, /, *, spec: M
               device: Gpu | None = None, **fields: Any) -> dict[str, Any]:
     """``make_plan(...)`` as plan.json's JSON value (what ``qplan estimate --format json`` prints)."""
     return make_plan(options, spec=spec, device=device, **fields).to_dict()
+
+
+EDITED = "plan.json was edited: its prediction does not match its settings; re-create it with qplan estimate"
+
+
+def plan_settings(plan: dict[str, Any]) -> dict[str, Any]:
+    """The ``PlanOptions`` fields a plan.json was made from, read back from its own sections (model and GPU by
+    name; the document has passed ``check_plan``)."""
+    lora, quant, tr, d = plan["lora"], plan["quant"], plan["training"], plan.get("distributed")
+    targets = lora["targets"]
+    o: dict[str, Any] = {
+        "model": plan["model"]["name"], "gpu": plan["gpu"]["name"] if plan.get("gpu") else None,
+        "r": lora["r"], "alpha": lora["alpha"], "dropout": lora["dropout"],
+        "targets": targets if isinstance(targets, str) else ",".join(targets), "bias": lora["bias"],
+        "dora": lora["use_dora"], "rslora": lora["use_rslora"],
+        "target_parameters": ",".join(lora.get("target_parameters") or []),
+        "modules_to_save": ",".join(lora.get("modules_to_save") or []),
+        "quant": quant["quant"], "compute_dtype": quant["compute_dtype"], "seq_len": tr["seq_len"],
+        "batch_size": tr["batch_size"], "grad_accum": tr["grad_accum"], "grad_ckpt": tr["grad_ckpt"] != "off",
+        "optimizer": tr["optimizer"], "attn_impl": tr["attn_impl"], "backend": plan["backend"],
+    }
+    if "double_quant" in quant:
+        o["double_quant"] = quant["double_quant"]
+    if "prepare_model_for_kbit_training" in quant:
+        o["upcast"] = quant["prepare_model_for_kbit_training"]
+    if d:
+        o.update(gpus=d["gpus_per_node"], nodes=d["nodes"], strategy=d["strategy"], cpu_offload=d["cpu_offload"])
+    return o
+
+
+def check_consistent(plan: dict[str, Any]) -> None:
+    """One line when a plan contradicts itself (``qplan run`` and ``qplan export``, before anything starts): its world
+    size is not GPUs x nodes, or its prediction is not what its own settings predict (a hand-edited batch size,
+    rank, strategy, ...). The prediction is re-made from the settings when the plan's model and GPU resolve by name
+    (a bundled or user spec, a cached Hub id, a catalog GPU); a plan made from a config path or a device file is
+    checked for its world size only."""
+    from qplan.planner.errors import QPlanError
+
+    d = plan.get("distributed")
+    if d and d["world_size"] != d["gpus_per_node"] * d["nodes"]:
+        raise QPlanError(f"plan.json was edited: distributed.world_size {d['world_size']} is not gpus_per_node "
+                         f"{d['gpus_per_node']} x nodes {d['nodes']}; re-create it with qplan estimate")
+    if plan["prediction"]["method"] != "analytic":
+        return  # a traced step's memory is measured on the meta device, not re-made from the options
+    if plan["lora"].get("rank_pattern") or plan["lora"].get("alpha_pattern"):
+        return  # per-module ranks come from a trainer config, not from options
+    if "/" in plan["model"]["name"]:
+        return  # a Hub id: re-making it could need the network
+    from qplan.planner.model.catalog import names_only
+
+    try:
+        with names_only():
+            again = make_plan(**plan_settings(plan)).to_dict()
+    except QPlanError:
+        if _resolvable(plan):
+            raise QPlanError(EDITED) from None
+        return
+    if again["prediction"]["memory"] != plan["prediction"]["memory"]:
+        raise QPlanError(EDITED)
+
+
+def _resolvable(plan: dict[str, Any]) -> bool:
+    """Whether the plan's model and GPU are found by name (else its settings cannot be re-made here)."""
+    from qplan.planner.errors import QPlanError
+    from qplan.planner.model.catalog import load_gpu, load_spec, names_only
+
+    try:
+        with names_only():
+            load_spec(plan["model"]["name"])
+            if plan.get("gpu"):
+                load_gpu(plan["gpu"]["name"])
+    except QPlanError:
+        return False
+    return True

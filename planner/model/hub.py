@@ -39,6 +39,19 @@ COMMIT = re.compile(r"[0-9a-f]{40}")
 MAX_CONFIG_BYTES = 4 << 20
 #: seconds a branch/tag's resolved commit is reused before the Hub is asked again
 DEFAULT_CHECK_SECONDS = 600
+#: seconds one Hub request may take ($QPLAN_HUB_TIMEOUT); an unreachable Hub is one try, not five with backoff
+DEFAULT_HUB_TIMEOUT = 10.0
+
+
+def _hub_timeout() -> float:
+    raw = os.environ.get("QPLAN_HUB_TIMEOUT", "").strip()
+    try:
+        value = float(raw) if raw else DEFAULT_HUB_TIMEOUT
+    except ValueError:
+        raise QPlanError(f"QPLAN_HUB_TIMEOUT must be a number of seconds, got {raw[:40]!r}") from None
+    if not (0 < value <= 600):
+        raise QPlanError(f"QPLAN_HUB_TIMEOUT must be > 0 and at most 600 seconds, got {raw[:40]!r}")
+    return value
 
 
 def parse_hub_id(model: str) -> tuple[str, str | None] | None:
@@ -149,8 +162,14 @@ def fetch_config(repo: str, revision: str | None) -> tuple[dict[str, Any], str]:
         raise QPlanError(f"{repo} is a Hub id: reading it needs huggingface_hub: pip install 'qplan[hub]'") from exc
     rev = revision or "main"
     where = f"{repo}@{rev}" if revision else repo
+    timeout = _hub_timeout()
+    # one try first: huggingface_hub retries a refused or timed-out request five times with backoff (23 s and a
+    # dozen lines); when the Hub cannot be reached at all, answer from the cache, or one line, at once
+    reachable, commit_now = (True, None) if _offline() else _probe(repo, revision, timeout)
     try:
-        path = hf_hub_download(repo, "config.json", revision=revision)
+        cached = _in_hf_cache(repo, commit_now) if commit_now else None
+        path = cached or hf_hub_download(repo, "config.json", revision=revision, etag_timeout=timeout,
+                                         local_files_only=not reachable)
     except hf_errors.GatedRepoError as exc:
         raise QPlanError(f"Hub repo {repo} is gated: accept its terms on the Hub and set HF_TOKEN "
                          "(or run `hf auth login`)") from exc
@@ -159,7 +178,7 @@ def fetch_config(repo: str, revision: str | None) -> tuple[dict[str, Any], str]:
     except hf_errors.RevisionNotFoundError as exc:
         raise QPlanError(f"Hub repo {repo} has no revision {rev!r}") from exc
     except hf_errors.LocalEntryNotFoundError as exc:
-        how = "HF_HUB_OFFLINE=1 is set" if _offline() else "the Hub could not be reached"
+        how = "HF_HUB_OFFLINE=1 is set" if _offline() else f"the Hub could not be reached (one try, {timeout:g} s)"
         raise QPlanError(f"{where}: config.json is not in the Hugging Face cache and {how}; "
                          "run once with network access (or unset HF_HUB_OFFLINE)") from exc
     except hf_errors.EntryNotFoundError as exc:
@@ -181,6 +200,31 @@ def fetch_config(repo: str, revision: str | None) -> tuple[dict[str, Any], str]:
     if not isinstance(data, dict):
         raise QPlanError(f"config.json of {where} must hold a JSON object")
     return check_config(data, f"config.json of {where}"), commit
+
+
+def _probe(repo: str, revision: str | None, timeout: float) -> tuple[bool, str | None]:
+    """One ``HEAD`` request for ``config.json``, no retries: ``(reachable, the commit it points at)``. Not reachable
+    when refused, timed out or unroutable; an HTTP answer, even an error, is reachable (the download that follows
+    reports it in its own words)."""
+    from huggingface_hub import errors as hf_errors
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    try:
+        meta = get_hf_file_metadata(hf_hub_url(repo, "config.json", revision=revision), timeout=timeout)
+    except hf_errors.HfHubHTTPError:
+        return True, None
+    except Exception:  # noqa: BLE001 - the client's network errors (httpx's, OSError, timeouts): not reachable
+        return False, None
+    commit = getattr(meta, "commit_hash", None)
+    return True, commit if isinstance(commit, str) and COMMIT.fullmatch(commit) else None
+
+
+def _in_hf_cache(repo: str, commit: str) -> str | None:
+    """The Hugging Face cache's ``config.json`` of ``repo`` at ``commit``, if it holds it (no request)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, "config.json", revision=commit)
+    return found if isinstance(found, str) else None
 
 
 def _needs_remote_code(config: dict[str, Any]) -> bool:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,7 +39,7 @@ NO_BACKOFF = "import time\ntime.sleep = lambda seconds: None\n"
 
 def qplan(tmp: Path, *args: str, endpoint: str | None = None, offline: bool = False, token: str | None = None,
           block_heavy: bool = False, cache: str = "qc", check: str = "0",
-          no_backoff: bool = False) -> subprocess.CompletedProcess:
+          no_backoff: bool = False, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "QPLAN_"))}
     env.update(HF_HOME=str(tmp / "hf"), QPLAN_CACHE_DIR=str(tmp / cache), HF_HUB_DISABLE_TELEMETRY="1",
                HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="5", QPLAN_HUB_CHECK_SECONDS=check)
@@ -49,6 +51,7 @@ def qplan(tmp: Path, *args: str, endpoint: str | None = None, offline: bool = Fa
         env["HF_HUB_OFFLINE"] = "1"
     if token:
         env["HF_TOKEN"] = token
+    env.update(extra_env or {})
     code = (BLOCKER if block_heavy else "") + (NO_BACKOFF if no_backoff else "") + \
         "import sys\nfrom qplan.cli.main import main\nsys.exit(main())\n"
     return subprocess.run([sys.executable, "-c", code, "estimate", *args], capture_output=True, text=True,
@@ -123,6 +126,45 @@ def test_unreachable_hub_and_empty_cache(tmp_path):
     assert "could not be reached" in line
 
 
+def test_an_unreachable_hub_is_one_try_and_one_line(tmp_path):
+    """Issue 29: with the real backoff sleeps, a refused Hub took 23 s and printed five "Retrying" lines;
+    now one request, one line, at once."""
+    start = time.monotonic()
+    p = qplan(tmp_path, "--model", "someorg/model")  # HF_ENDPOINT=http://127.0.0.1:9: refused
+    took = time.monotonic() - start
+    line = _error(p)
+    assert "could not be reached (one try" in line
+    assert p.stderr.strip() == line and "Retrying" not in p.stderr, p.stderr
+    assert took < 10, took
+
+
+def test_a_hub_that_never_answers_times_out_in_qplan_hub_timeout(tmp_path):
+    """A Hub that accepts the connection and never answers: QPLAN_HUB_TIMEOUT seconds, one try, one line."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # the kernel completes the handshake; nobody ever reads or answers
+        start = time.monotonic()
+        p = qplan(tmp_path, "--model", "someorg/model", endpoint=f"http://127.0.0.1:{silent.getsockname()[1]}",
+                  extra_env={"QPLAN_HUB_TIMEOUT": "1"})
+        took = time.monotonic() - start
+    line = _error(p)
+    assert "could not be reached (one try, 1 s)" in line and p.stderr.strip() == line, p.stderr
+    assert took < 12, took  # 1 s for the one HEAD, not five tries with backoff (and ~2 s of start-up)
+
+
+def test_a_bad_qplan_hub_timeout_is_one_line(tmp_path):
+    line = _error(qplan(tmp_path, "--model", "someorg/model", extra_env={"QPLAN_HUB_TIMEOUT": "soon"}))
+    assert "QPLAN_HUB_TIMEOUT" in line
+
+
+def test_cached_config_is_used_when_the_hub_goes_away(tmp_path, endpoint):
+    first = _plan(qplan(tmp_path, "--model", "tiny/llama", "--format", "json", endpoint=endpoint))
+    start = time.monotonic()
+    again = _plan(qplan(tmp_path, "--model", "tiny/llama", "--format", "json"))  # the Hub refuses now; check=0
+    assert time.monotonic() - start < 10
+    _same_numbers(again, first)
+
+
 def test_gated_repo_needs_the_token(tmp_path, endpoint):
     line = _error(qplan(tmp_path, "--model", "tiny/gated", endpoint=endpoint))
     assert "gated" in line and "HF_TOKEN" in line
@@ -171,3 +213,32 @@ def test_spec_add_from_a_hub_id(tmp_path, endpoint):
     spec = json.loads((tmp_path / "specs" / "llama.json").read_text())
     assert spec["source"] == {"hub_id": "tiny/llama", "revision": SHA, "config_file": "config.json"}
     assert spec["config"] == json.loads(CONFIG)
+
+
+def test_serve_answers_an_unreachable_hub_at_once(tmp_path):
+    """The same bound under `qplan serve` (a real server process, a real client on 127.0.0.1): a Hub id whose
+    Hub refuses is a 400 with one line within seconds, not a thread tied up for 23 s."""
+    import urllib.error
+    import urllib.request
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "QPLAN_"))}
+    env.update(HF_HOME=str(tmp_path / "hf"), QPLAN_CACHE_DIR=str(tmp_path / "qc"), HF_ENDPOINT="http://127.0.0.1:9",
+               HF_HUB_DISABLE_TELEMETRY="1")
+    server = subprocess.Popen([sys.executable, "-c", "import sys\nfrom qplan.cli.main import main\nsys.exit(main())\n",
+                               "serve", "--port", "0"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = server.stderr.readline().split()[2]  # "qplan serve: http://127.0.0.1:PORT/ (Ctrl-C stops it)"
+        start = time.monotonic()
+        try:
+            urllib.request.urlopen(f"{url}api/estimate?model=someorg/model", timeout=60)
+            status, body = 200, ""
+        except urllib.error.HTTPError as exc:
+            status, body = exc.code, exc.read().decode()
+        took = time.monotonic() - start
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert status == 400, body
+    line = json.loads(body)["error"]
+    assert "could not be reached (one try" in line and "\n" not in line
+    assert took < 10, took

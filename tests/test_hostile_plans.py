@@ -1,0 +1,89 @@
+"""Plans that contradict themselves (issue 29): ``qplan run`` and ``qplan export`` check a plan's internal
+consistency before anything starts. A hand-edited world size that is not GPUs x nodes, a batch size (or any
+setting) changed without its prediction, and a ``--gpus 1 --strategy zero3`` plan that used to train as a plain
+single process on the CPU (skipping the ZeRO-on-CPU refusal) are each one line, exit 2, and nothing is created.
+Real plan files from ``qplan estimate``, real ``qplan`` processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_hostile_input import qplan, refused
+
+EDITED = "plan.json was edited: its prediction does not match its settings; re-create it with qplan estimate"
+
+
+def _plan(tmp_path: Path, *options: str, edit: dict | None = None, name: str = "plan.json") -> Path:
+    out = tmp_path / name
+    p = qplan("estimate", "--model", "smollm2-135m", *options, "--output", str(out))
+    assert p.returncode == 0, p.stderr
+    plan = json.loads(out.read_text())
+    for path, value in (edit or {}).items():
+        *parents, last = path.split(".")
+        node = plan
+        for k in parents:
+            node = node[k]
+        node[last] = value
+    out.write_text(json.dumps(plan))
+    return out
+
+
+def _run(plan: Path, tmp_path: Path, *extra: str):
+    runs = tmp_path / "runs"
+    p = qplan("run", str(plan), "--random-init", "--device", "cpu", "--steps", "4", "--out-dir", str(runs), *extra,
+              timeout=300)
+    return p, runs
+
+
+def test_a_world_size_that_is_not_gpus_times_nodes_is_refused(tmp_path):
+    plan = _plan(tmp_path, "--gpus", "2", "--strategy", "ddp", edit={"distributed.world_size": 3})
+    p, runs = _run(plan, tmp_path)
+    line = refused(p, "world_size 3", "gpus_per_node 2 x nodes 1")
+    assert "re-create it with qplan estimate" in line
+    assert not runs.exists()
+
+
+@pytest.mark.parametrize("field,value", [("training.batch_size", 8), ("training.seq_len", 2048), ("lora.r", 64),
+                                         ("distributed.strategy", "ddp")])
+def test_a_setting_edited_without_its_prediction_is_not_run(tmp_path, field, value):
+    opts = ("--gpus", "2", "--strategy", "fsdp") if field.startswith("distributed") else ()
+    plan = _plan(tmp_path, *opts, edit={field: value})
+    p, runs = _run(plan, tmp_path)
+    assert refused(p).strip() == "qplan: error: " + EDITED
+    assert not runs.exists()
+
+
+@pytest.mark.parametrize("tool", ["axolotl", "trl"])
+def test_a_setting_edited_without_its_prediction_is_not_exported(tmp_path, tool):
+    plan = _plan(tmp_path, "--quant", "bf16", edit={"training.batch_size": 8})
+    out = tmp_path / "out.yml"
+    p = qplan("export", str(plan), "--to", tool, "--output", str(out))
+    assert refused(p).strip() == "qplan: error: " + EDITED
+    assert not out.exists()
+    # the same plan, unedited, exports: the check refuses contradictions, not plans
+    good = _plan(tmp_path, "--quant", "bf16", name="good.json")
+    p = qplan("export", str(good), "--to", tool, "--output", str(out))
+    assert p.returncode == 0, p.stderr
+    assert out.exists()
+
+
+def test_an_unedited_plan_passes_the_check(tmp_path):
+    """A plan straight from estimate (a GPU, a k-bit quant on a GPU without bf16, two ranks) gets past the
+    consistency check: it stops at the missing --model-dir, which is checked after it."""
+    for i, opts in enumerate([("--gpu", "t4", "--quant", "nf4", "--r", "32"), ("--gpus", "2", "--strategy", "ddp"),
+                              ("--batch-size", "4", "--seq-len", "256", "--no-grad-ckpt")]):
+        plan = _plan(tmp_path, *opts, name=f"p{i}.json")
+        p = qplan("run", str(plan), "--model-dir", str(tmp_path / "none"), "--out-dir", str(tmp_path / "runs"))
+        refused(p, "none")
+        assert "was edited" not in p.stderr and "not a directory" in p.stderr
+
+
+@pytest.mark.parametrize("strategy,needle", [("zero3", "cannot train on the CPU"), ("zero2", "cannot train on the CPU"),
+                                             ("fsdp", "1 GPU with --strategy fsdp")])
+def test_a_one_gpu_plan_with_a_strategy_does_not_run_as_a_plain_process(tmp_path, strategy, needle):
+    plan = _plan(tmp_path, "--gpus", "1", "--strategy", strategy)
+    p, runs = _run(plan, tmp_path)
+    refused(p, needle)
+    assert not runs.exists()
