@@ -87,3 +87,24 @@ def test_a_one_gpu_plan_with_a_strategy_does_not_run_as_a_plain_process(tmp_path
     p, runs = _run(plan, tmp_path)
     refused(p, needle)
     assert not runs.exists()
+
+
+def test_a_calibrated_plan_is_not_taken_for_an_edited_one(tmp_path):
+    """A calibration file changes the overhead (CUDA context, allocator slack) and so the peak, and it is not
+    among the plan's settings: the consistency check compares the tensor terms, so such a plan still runs and
+    exports, while an edited batch size in it is still caught."""
+    import json
+
+    from qplan.planner.api import check_consistent, plan_dict
+    from qplan.planner.errors import QPlanError
+
+    cal = tmp_path / "a100.json"
+    cal.write_text(json.dumps({"device": "a100-80gb", "efficiency": 0.4, "runs": 1, "cuda_context_bytes": 123456789,
+                               "allocator_slack_fraction": 0.2}))
+    plan = plan_dict(model="smollm2-135m", gpu="a100-80gb", calibration=str(cal))
+    assert plan["prediction"]["memory"]["overhead"] != plan_dict(model="smollm2-135m", gpu="a100-80gb")[
+        "prediction"]["memory"]["overhead"]
+    check_consistent(plan)
+    plan["training"]["batch_size"] = 4
+    with pytest.raises(QPlanError, match="was edited"):
+        check_consistent(plan)
