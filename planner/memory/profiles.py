@@ -178,15 +178,18 @@ class ShardedProfile:
         self.single = single
 
     def memory(self, ctx: StepContext, kernels: str = "cuda") -> dict[str, Any]:
+        """The rank's memory; on the GPU also ``single``, the single-GPU profile's memory of the same step
+        (computed once here, read by ``host`` and ``section``)."""
         from qplan.planner.memory.per_rank import rank_memory
 
-        return rank_memory(ctx.spec, list(ctx.counts), ctx.lora.r, ctx.lora.dropout, ctx.quant, ctx.training, ctx.dist,
-                           self.single.chunked_ce, kernels, ctx.calibration if kernels == "cuda" else None)
+        mem = rank_memory(ctx.spec, list(ctx.counts), ctx.lora.r, ctx.lora.dropout, ctx.quant, ctx.training, ctx.dist,
+                          self.single.chunked_ce, kernels, ctx.calibration if kernels == "cuda" else None)
+        return {**mem, "single": self.single.memory(ctx)} if kernels == "cuda" else mem
 
     def host(self, ctx: StepContext, memory: dict[str, Any]) -> dict[str, int] | None:
         """Host RAM per node: each of its ranks' own host terms (the single-GPU ones but for the sharded
         paged optimizer state), and the states FSDP/ZeRO offload to it."""
-        single = self.single.host(ctx, self.single.memory(ctx))
+        single = self.single.host(ctx, memory["single"])
         if single is None:
             return None
         g = ctx.dist.gpus
@@ -201,7 +204,7 @@ class ShardedProfile:
     def section(self, ctx: StepContext, memory: dict[str, Any]) -> dict[str, Any] | None:
         from qplan.planner.memory.per_rank import distributed_section
 
-        single = self.single.memory(ctx)
+        single = memory["single"]
         return distributed_section(ctx.spec, ctx.quant, ctx.dist, memory, {k: single[k] for k in
                                                                             ("weights", "tensor_peak", "peak")})
 
