@@ -59,8 +59,6 @@ from qplan.planner.vocab import (
     SAFETENSORS_DTYPE,
 )
 
-_lit = lit
-
 
 class Calibration(Struct, kw_only=True):
     """A calibration file written by ``qplan calibrate`` (what later plans read)."""
@@ -300,7 +298,7 @@ class MeasuredDoc(Struct, kw_only=True):
     """measured.json as ``qplan run`` writes it (what ``qplan report`` reads back)."""
 
     schema_version: Literal[1] = 1
-    status: _lit(STATUSES)
+    status: lit(STATUSES)
     backend: str | None = None
     measured: _Measured = msgspec.field(default_factory=_Measured)
     failure: dict[str, Any] | None = None

@@ -43,12 +43,17 @@ DEFAULT_CHECK_SECONDS = 600
 DEFAULT_HUB_TIMEOUT = 10.0
 
 
-def _hub_timeout() -> float:
-    raw = os.environ.get("QPLAN_HUB_TIMEOUT", "").strip()
+def _env_seconds(name: str, default: float) -> tuple[float, str]:
+    """``$name`` as seconds (``default`` when unset or blank) and its raw text; not a number: one line."""
+    raw = os.environ.get(name, "").strip()
     try:
-        value = float(raw) if raw else DEFAULT_HUB_TIMEOUT
+        return (float(raw) if raw else default), raw
     except ValueError:
-        raise QPlanError(f"QPLAN_HUB_TIMEOUT must be a number of seconds, got {raw[:40]!r}") from None
+        raise QPlanError(f"{name} must be a number of seconds, got {raw[:40]!r}") from None
+
+
+def _hub_timeout() -> float:
+    value, raw = _env_seconds("QPLAN_HUB_TIMEOUT", DEFAULT_HUB_TIMEOUT)
     if not (0 < value <= 600):
         raise QPlanError(f"QPLAN_HUB_TIMEOUT must be > 0 and at most 600 seconds, got {raw[:40]!r}")
     return value
@@ -104,11 +109,7 @@ def _cached_commit(repo: str, revision: str) -> str | None:
 
 
 def _check_seconds() -> float:
-    raw = os.environ.get("QPLAN_HUB_CHECK_SECONDS", "").strip()
-    try:
-        v = float(raw) if raw else DEFAULT_CHECK_SECONDS
-    except ValueError:
-        raise QPlanError(f"QPLAN_HUB_CHECK_SECONDS must be a number of seconds, got {raw!r}") from None
+    v, _ = _env_seconds("QPLAN_HUB_CHECK_SECONDS", DEFAULT_CHECK_SECONDS)
     return v if v >= 0 else 0.0
 
 
