@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -14,18 +13,15 @@ from pathlib import Path
 import pytest
 
 from qplan.cli.serve import make_server
+from serve_helpers import running_server
 
 QPLAN = [sys.executable, "-c", "import sys; from qplan.cli.main import main; sys.exit(main())"]
 
 
 @pytest.fixture(scope="module")
 def base():
-    server = make_server("127.0.0.1", 0)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with running_server() as url:
+        yield url
 
 
 def get(url: str, headers: dict | None = None) -> tuple[int, str]:

@@ -22,6 +22,7 @@ from urllib.parse import quote
 import pytest
 
 from qplan.cli.serve import make_server
+from serve_helpers import running_server
 
 QPLAN = [sys.executable, "-c", "import sys; from qplan.cli.main import main; sys.exit(main())"]
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "configs"
@@ -30,12 +31,8 @@ SECRET = "SECRET-do-not-leak"
 
 @pytest.fixture(scope="module")
 def base():
-    server = make_server("127.0.0.1", 0)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with running_server() as url:
+        yield url
 
 
 def get(url: str, timeout: float = 60) -> tuple[int, str]:
