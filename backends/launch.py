@@ -162,23 +162,25 @@ def to_yaml(data: dict[str, Any], indent: int = 0) -> str:
 
 
 def write_launch_files(run_dir: Path, plan: dict[str, Any], device: str, python: str) -> list[str]:
-    """Write the launch files of the run into ``run_dir`` and return the command that starts it."""
+    """Write the launch files of the run into ``run_dir`` and return the command that starts it, run from inside
+    ``run_dir``: every file it names is relative to the folder, so a moved folder still launches."""
     d = dist_section(plan)
     assert d is not None
-    job_file = str(run_dir.resolve() / "job.json")
+    job_file = "job.json"
     if device == "cpu":
         cmd = torchrun_command(python, int(d["world_size"]), job_file)
     else:
         ds_file = None
         if d["strategy"] in ("zero2", "zero3"):
-            ds_file = str(run_dir.resolve() / "deepspeed_config.json")
-            Path(ds_file).write_text(json.dumps(deepspeed_config(plan), indent=2) + "\n", encoding="utf-8")
-        cfg_file = run_dir.resolve() / "accelerate_config.yaml"
-        cfg_file.write_text(to_yaml(accelerate_config(plan, ds_file)), encoding="utf-8")
-        cmd = accelerate_command(python, str(cfg_file), job_file)
+            ds_file = "deepspeed_config.json"
+            (run_dir / ds_file).write_text(json.dumps(deepspeed_config(plan), indent=2) + "\n", encoding="utf-8")
+        cfg_file = "accelerate_config.yaml"
+        (run_dir / cfg_file).write_text(to_yaml(accelerate_config(plan, ds_file)), encoding="utf-8")
+        cmd = accelerate_command(python, cfg_file, job_file)
     (run_dir / "launch.sh").write_text(
-        "#!/bin/sh\n# the command `qplan run` started (rerun it by hand from any folder)\n"
-        + " ".join(shlex.quote(c) for c in cmd) + "\n", encoding="utf-8")
+        "#!/bin/sh\n# the command `qplan run` started, from inside the run folder (rerun it by hand from anywhere)\n"
+        'cd "$(dirname "$0")" || exit 1\n'
+        + "exec " + " ".join(shlex.quote(c) for c in cmd) + "\n", encoding="utf-8")
     return cmd
 
 
@@ -313,7 +315,7 @@ def merge_ranks(plan: dict[str, Any], run_dir: Path, rc: int, interrupted: bool,
             failure = {"kind": "crashed", "message": f"the launcher {_exit_text(rc)} without a failed rank",
                        "step": None, "phase": None, "exception": None, "traceback": None, "rank": None}
         if first is None or first["status"] == "ended":
-            failure["message"] += f"; see {log_path}"
+            failure["message"] += f"; see {log_path.name} in the run folder"
     run = dict(base.get("run") or {})
     run.update(world_size=world, strategy=d["strategy"], engine=d.get("engine"), launcher=launcher,
                ranks_measured=sum(1 for doc in docs if doc is not None and doc.get("status") != "running"))

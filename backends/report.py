@@ -437,16 +437,30 @@ def write_run_report(run_dir: str | Path, plan: dict[str, Any], doc: dict[str, A
 # -------------------------------------------------------------------------------- run folders
 
 
-def new_folder(parent: str | Path, name: str) -> Path:
-    """Create ``parent/name`` — or ``name-2``, ``name-3`` ... if it exists; never reuses one."""
+def free_name(parent: str | Path, name: str, suffix: str = "") -> Path:
+    """``parent/name`` — or ``name-2``, ``name-3`` ... — the first for which neither ``name`` nor
+    ``name + suffix`` exists (not created)."""
+    from qplan.planner.files import safe_exists
+
     parent = Path(parent)
-    parent.mkdir(parents=True, exist_ok=True)
     for i in range(1, 10_000):
         p = parent / (name if i == 1 else f"{name}-{i}")
-        try:
-            p.mkdir()
+        if not safe_exists(p) and not (suffix and safe_exists(p.with_name(p.name + suffix))):
             return p
-        except FileExistsError:
+    raise QPlanError(f"cannot find a free folder name {name} under {parent}")  # pragma: no cover
+
+
+def new_folder(parent: str | Path, name: str, suffix: str = "") -> Path:
+    """Create ``parent/name + suffix`` — or ``name-2 + suffix`` ... — such that neither it nor the name
+    without ``suffix`` exists; never reuses one."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        p = free_name(parent, name, suffix)
+        try:
+            (p.with_name(p.name + suffix)).mkdir()
+            return p.with_name(p.name + suffix)
+        except FileExistsError:  # made meanwhile by someone else
             continue
     raise QPlanError(f"cannot create a new folder {name} under {parent}")  # pragma: no cover
 
@@ -458,12 +472,13 @@ def utc_stamp() -> str:
 def read_run(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """A run folder's plan.json and measured.json, each checked against its schema."""
     from qplan.planner.document import check_plan
-    from qplan.planner.files import safe_exists
+    from qplan.planner.files import refuse_partial, safe_exists
     from qplan.planner.validate import check_measured, read_json
 
     p = Path(run_dir)
     if not safe_exists(p) or not p.is_dir():
         raise QPlanError(f"{run_dir} is not a run folder")
+    refuse_partial(p)
     for name in ("plan.json", "measured.json"):
         if not (p / name).is_file():
             raise QPlanError(f"{run_dir} has no {name}: is it a `qplan run` folder?")

@@ -1,6 +1,10 @@
 """``qplan run``: check the inputs, make a new run folder, train in a child process, report.
 
-Run folder ``<out_dir>/<UTC time>-<model>-<backend>[-N]`` (never reused):
+Run folder ``<out_dir>/<UTC time>-<model>-<backend>[-N]`` (never reused). It is made as
+``<name>.partial`` — where the live ``worker.log`` is while the run trains — and renamed to ``<name>`` once
+its report is written, so a folder without the suffix is complete. A run whose folder cannot be completed
+(a full disk) keeps the ``.partial`` folder, says so in one line, and loses nothing. Every path inside
+it is relative to it (``job.json``, ``launch.sh``): the folder can be moved and its ``launch.sh`` rerun.
 
 * ``plan.json`` — the plan, byte for byte; ``job.json`` — the run's inputs;
 * ``measured.json`` — what the worker measured (``backends.measure``), the ``status`` and the
@@ -30,12 +34,20 @@ from typing import Any
 
 from qplan.planner.document import check_plan
 from qplan.planner.errors import QPlanError
-from qplan.planner.files import atomic_write, check_folder, read_limited, safe_is_file
+from qplan.planner.files import (
+    PARTIAL,
+    atomic_write,
+    check_folder,
+    probe_writable,
+    publish_folder,
+    read_limited,
+    safe_is_file,
+)
 from qplan.planner.validate import decode_json, dumps_finite
 
 from . import registry
 from .compare import pairs
-from .report import fmt_err, fmt_value, new_folder, utc_stamp, write_run_report
+from .report import fmt_err, fmt_value, free_name, new_folder, utc_stamp, write_run_report
 
 DEFAULT_STEPS = 4
 MAX_STEPS = 10_000_000
@@ -85,10 +97,10 @@ def _pump(src: Any, log_path: Path) -> None:
                 pass
 
 
-def _spawn_and_wait(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[int, bool]:
+def _spawn_and_wait(cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path | None = None) -> tuple[int, bool]:
     """Run the worker; on Ctrl-C forward SIGINT once and wait for it. Returns (returncode, interrupted)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=env, start_new_session=True)
+                            env=env, start_new_session=True, cwd=cwd)
     pump = threading.Thread(target=_pump, args=(proc.stdout, log_path), daemon=True)
     pump.start()
     interrupted = False
@@ -121,7 +133,7 @@ def _crash_doc(plan: dict[str, Any], backend: str, rc: int, interrupted: bool, l
             msg += " (on Linux usually the kernel's OOM killer: the host ran out of memory)"
     else:
         msg = f"the training process exited with code {rc} without writing measurements"
-    msg += f"; see {log_path}"
+    msg += f"; see {log_path.name} in the run folder"
     status = "interrupted" if interrupted else "error"
     return {"schema_version": 1, "status": status, "backend": backend, "model": plan["model"]["name"],
             "run": {}, "measured": {}, "notes": [],
@@ -241,11 +253,10 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
     if callbacks is None:
         callbacks = [c.strip() for c in os.environ.get("QPLAN_CALLBACKS", "").split(",") if c.strip()]
 
-    check_folder(out_dir, "--out-dir", create=True)
-    run_dir = new_folder(out_dir, f"{utc_stamp()}-{_slug(plan['model']['name'])}-{_slug(info.name)}")
-    (run_dir / "plan.json").write_bytes(raw)
+    probe_writable(check_folder(out_dir, "--out-dir", create=True), "--out-dir")
+    stage = new_folder(out_dir, f"{utc_stamp()}-{_slug(plan['model']['name'])}-{_slug(info.name)}", PARTIAL)
     job = {
-        "plan": str((run_dir / "plan.json").resolve()), "run_dir": str(run_dir.resolve()),
+        "plan": "plan.json",  # paths inside the run folder are relative to it (the worker finds it from job.json)
         "backend": info.name, "target": info.target,
         "model_dir": str(Path(model_dir).resolve()) if model_dir else None, "random_init": bool(random_init),
         "seed": seed, "data": str(Path(data).resolve()) if data else None, "steps": steps, "epochs": epochs,
@@ -254,34 +265,49 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
     }
     if multi is not None:
         job["world_size"] = int(multi["world_size"])
-    (run_dir / "job.json").write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
-    cmd = [info.python, "-m", "qplan.backends.worker", job["run_dir"] + "/job.json"]
+    cmd = [info.python, "-m", "qplan.backends.worker", str(stage.resolve() / "job.json")]
     launcher: dict[str, Any] = {}
-    if multi is not None:
-        cmd = launch.write_launch_files(run_dir, plan, device, info.python)
-        launcher = {"device": device, "command": cmd, "tool": "torchrun" if device == "cpu" else "accelerate launch",
-                    "files": sorted(p.name for p in run_dir.iterdir() if p.name in (
-                        "launch.sh", "accelerate_config.yaml", "deepspeed_config.json"))}
+    try:
+        (stage / "plan.json").write_bytes(raw)
+        (stage / "job.json").write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
+        if multi is not None:
+            cmd = launch.write_launch_files(stage, plan, device, info.python)  # run from inside the folder
+            launcher = {"device": device, "command": cmd, "tool": "torchrun" if device == "cpu" else "accelerate launch",
+                        "files": sorted(p.name for p in stage.iterdir() if p.name in (
+                            "launch.sh", "accelerate_config.yaml", "deepspeed_config.json"))}
+    except OSError as exc:
+        import shutil
+
+        shutil.rmtree(stage, ignore_errors=True)
+        raise QPlanError(f"--out-dir {out_dir}: cannot write the run folder ({exc.strerror or exc}); nothing was "
+                         "left behind") from exc
 
     env = dict(os.environ)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if multi is not None:
+        paths.append(os.getcwd())  # the launch runs in the run folder: modules beside the user stay importable
     shim = None
     if info.python != sys.executable:
         shim = _shim_dir()
-        env["PYTHONPATH"] = shim + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        paths.insert(0, shim)
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    log_path = run_dir / "worker.log"
+    log_path = stage / "worker.log"
+    print(f"qplan: training in {stage} (renamed without {PARTIAL} once its report is written)", file=sys.stderr,
+          flush=True)
     try:
-        rc, interrupted = _spawn_and_wait(cmd, env, log_path)
+        rc, interrupted = _spawn_and_wait(cmd, env, log_path, cwd=stage if multi is not None else None)
     finally:
         if shim:
             import shutil
 
             shutil.rmtree(shim, ignore_errors=True)
 
-    measured_file = run_dir / "measured.json"
+    measured_file = stage / "measured.json"
     doc = None
     if multi is not None:
-        doc = launch.merge_ranks(plan, run_dir, rc, interrupted, log_path, launcher)
+        doc = launch.merge_ranks(plan, stage, rc, interrupted, log_path, launcher)
     elif measured_file.is_file():
         try:
             doc = decode_json(read_limited(measured_file, "measurements"), "measurements", measured_file, nonfinite=True)
@@ -292,8 +318,16 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
     prs = pairs(plan, doc)
     doc["error"] = {k: v["error"] for k, v in prs.items()}
     doc["compared"] = prs
-    atomic_write(measured_file, dumps_finite(doc, indent=2, ensure_ascii=False) + "\n")  # NaN/inf as null
-    reports = write_run_report(run_dir, plan, doc)
+    try:
+        atomic_write(measured_file, dumps_finite(doc, indent=2, ensure_ascii=False) + "\n")  # NaN/inf as null
+        write_run_report(stage, plan, doc)
+        run_dir = publish_folder(stage, free_name(stage.parent, stage.name[: -len(PARTIAL)]))
+    except (OSError, QPlanError) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        raise QPlanError(f"the run ended ({doc['status']}) but its folder could not be completed ({why}): what was "
+                         f"written is kept in {stage}") from exc
+    measured_file = run_dir / "measured.json"
+    reports = {"md": run_dir / "report.md", "html": run_dir / "report.html"}
     return {
         "status": doc["status"],
         "summary": summary_text(plan, doc, run_dir),

@@ -23,7 +23,7 @@ from qplan.planner.errors import QPlanError
 
 from .charts import scatter_svg
 from .compare import pairs
-from .report import TOLERANCE, _table, fmt_bytes, fmt_err, html_table, new_folder, page, read_run, utc_stamp
+from .report import TOLERANCE, _table, fmt_bytes, fmt_err, free_name, html_table, page, read_run, utc_stamp
 
 SUMMARY_TERMS = ("tensor_peak", "peak", "weights", "weights_footprint", "trainable", "adapter_file_bytes", "step_seconds")
 FILE_KINDS = (".html", ".md", ".json")
@@ -161,36 +161,45 @@ def summary_html(runs: list[dict[str, Any]], out_dir: Path | None = None) -> str
 
 
 def summarize(run_dirs: list[str], output: str | None = None) -> dict[str, Any]:
-    """Summary across run folders (see the module docstring for ``output``)."""
-    from qplan.planner.files import safe_exists, write_new_file
+    """Summary across run folders (see the module docstring for ``output``). The destination is checked
+    before any folder is read; a folder of outputs appears whole or not at all (``files.staged_folder``)."""
+    from qplan.planner.files import (
+        check_new_folder,
+        check_output_file,
+        nearest_folder,
+        probe_writable,
+        safe_exists,
+        staged_folder,
+        write_new_file,
+    )
 
+    kind = Path(output).suffix.lower() if output else None
+    if output and kind in FILE_KINDS:
+        check_output_file(output, force=False)
+    elif output:
+        if safe_exists(output):
+            raise QPlanError(f"{output} already exists: choose another --output (a new folder, or a file "
+                             f"name ending in {', '.join(FILE_KINDS)})")
+        check_new_folder(output, "--output")
+    else:
+        probe_writable(nearest_folder(Path("reports")), "qplan report (the default folder reports/)")
     runs, skipped = collect(run_dirs)
     md = summary_markdown(runs)
     doc = json.dumps({"runs": runs}, indent=2) + "\n"
-    if output and Path(output).suffix.lower() in FILE_KINDS:
-        kind = Path(output).suffix.lower()
+    if output and kind in FILE_KINDS:
         out = Path(output)
         text = {".html": lambda: summary_html(runs, out.parent), ".md": lambda: md, ".json": lambda: doc}[kind]()
         write_new_file(out, text, force=False)
         files = [out]
     else:
-        if output:
-            out = Path(output)
-            if safe_exists(out):
-                raise QPlanError(f"{output} already exists: choose another --output (a new folder, or a file "
-                                 f"name ending in {', '.join(FILE_KINDS)})")
-            try:
-                out.mkdir(parents=True)
-            except OSError as exc:
-                raise QPlanError(f"--output {output}: cannot create the folder ({exc.strerror or exc})") from exc
-        else:
-            out = new_folder("reports", f"summary-{utc_stamp()}")
+        out = Path(output) if output else free_name(Path("reports"), f"summary-{utc_stamp()}")
         svg = scatter_svg(scatter_points(runs), "predicted tensor peak (log)", "measured tensor peak (log)",
                           "backend · device", "quantization", TOLERANCE)
-        (out / "scatter.svg").write_text(svg + "\n", encoding="utf-8")
-        (out / "summary.md").write_text(summary_markdown(runs, "scatter.svg"), encoding="utf-8")
-        (out / "summary.html").write_text(summary_html(runs, out), encoding="utf-8")
-        (out / "summary.json").write_text(doc, encoding="utf-8")
+        with staged_folder(out, "--output") as stage:
+            (stage / "scatter.svg").write_text(svg + "\n", encoding="utf-8")
+            (stage / "summary.md").write_text(summary_markdown(runs, "scatter.svg"), encoding="utf-8")
+            (stage / "summary.html").write_text(summary_html(runs, out), encoding="utf-8")
+            (stage / "summary.json").write_text(doc, encoding="utf-8")
         files = [out / n for n in ("summary.html", "summary.md", "summary.json", "scatter.svg")]
     where = ", ".join(str(f) for f in files)
     return {"output": str(out), "files": [str(f) for f in files], "runs": runs, "skipped": skipped,

@@ -106,7 +106,7 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
     from .ranks import rank_env
 
     run_dir = Path(job["run_dir"])
-    plan = json.loads(Path(job["plan"]).read_text(encoding="utf-8"))
+    plan = json.loads((run_dir / job["plan"]).read_text(encoding="utf-8"))  # relative to the run folder
     t = plan["training"]
     renv = rank_env() if int(job.get("world_size") or 1) > 1 else None
     strategy = (plan.get("distributed") or {}).get("strategy")
@@ -298,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: models come from a folder
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    job = json.loads(Path(args[0]).read_text(encoding="utf-8"))
+    job_file = Path(args[0]).resolve()
+    job = json.loads(job_file.read_text(encoding="utf-8"))
+    job["run_dir"] = str(job_file.parent)  # the run folder is where its job.json is: it may have been moved
     doc = execute(job)
     return EXIT.get(doc["status"], 1)
 

@@ -18,7 +18,7 @@ from qplan.cli.common import FORMATS, emit, error_line, output_name, printable
 from qplan.cli.plan_commands import estimate, fit
 from qplan.planner import __version__
 from qplan.planner.errors import QPlanError
-from qplan.planner.files import check_folder, safe_exists, write_new_file
+from qplan.planner.files import check_folder, check_output_file, safe_exists, write_new_file
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -49,8 +49,8 @@ def export(plan_file, to, output, force, fmt) -> None:
     from qplan.planner.interop.export import export_config
     from qplan.planner.validate import read_json
 
-    if output and safe_exists(output) and not force:
-        raise QPlanError(f"{output} already exists: choose another --output or pass --force to replace it")
+    if output:
+        check_output_file(output, force)
     from qplan.planner.api import check_consistent
 
     plan = check_plan(read_json(plan_file, "plan"), where=str(plan_file))
@@ -143,13 +143,14 @@ def calibrate(run_dirs, gpu, output, force, fmt) -> None:
     from qplan.planner.model.catalog import load_gpu
 
     device = load_gpu(gpu)
-    result = fit_runs(list(run_dirs), device.to_json())
-    for line in result["skipped"]:
-        click.echo("qplan: warning: skipped " + " ".join(line.split()), err=True)
     if output is None:
         base = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "qplan" / "calibration"
         check_folder(base, "calibration folder", create=True)
         output = str(base / f"{device.name}.json")
+    check_output_file(output, force)  # before the runs are read
+    result = fit_runs(list(run_dirs), device.to_json())
+    for line in result["skipped"]:
+        click.echo("qplan: warning: skipped " + " ".join(line.split()), err=True)
     doc = calibration_file(result, "qplan calibrate " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "qplan calibrate")
     doc["holdout"] = holdout_error(result)
     write_new_file(output, json.dumps(doc, indent=2) + "\n", force)
@@ -201,6 +202,8 @@ def spec_add(config, name, hub_id, revision, output_dir, force, fmt) -> None:
             name = p.resolve().name if p.is_dir() else (p.resolve().parent.name if p.name == "config.json" else p.stem)
     check_spec_name(name)
     out_dir = check_folder(output_dir, "--output-dir") if output_dir else user_spec_dir()
+    check_folder(out_dir, "--output-dir", create=True)
+    check_output_file(out_dir / f"{name}.json", force, "--output-dir", rename="--name")  # before the spec is built
     bundled_dir = Path(str(bundled_spec_dir())).resolve()
     if name in bundled_model_names() and not force and out_dir.resolve() != bundled_dir:
         raise QPlanError(f"{name!r} is a bundled spec: a user spec of that name would replace it for every "
@@ -218,7 +221,6 @@ def spec_add(config, name, hub_id, revision, output_dir, force, fmt) -> None:
         source["revision"] = revision
         source["config_file"] = p.name if p.is_file() else "config.json"
     s = make_spec(cfg, name, source)
-    check_folder(out_dir, "--output-dir", create=True)
     path = write_new_file(out_dir / f"{name}.json", json.dumps(s.to_json(), indent=2, ensure_ascii=False) + "\n", force)
     inv = s.inventory
     summary = {"name": name, "path": str(path), "architecture": inv.architecture,

@@ -15,7 +15,7 @@ import click
 
 from qplan.cli.common import FORMATS, emit, output_name, warn
 from qplan.planner.errors import QPlanError
-from qplan.planner.files import safe_exists, write_new_file
+from qplan.planner.files import check_output_file, write_new_file
 from qplan.planner.options import FitOptions, OptionInfo, PlanOptions, option_infos
 
 _TYPES = {"int": int, "float": float, "str": str}
@@ -108,8 +108,8 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
     from qplan.planner.options import check_options
     from qplan.planner.render import render_plan
 
-    if output and safe_exists(output) and not force:
-        raise QPlanError(f"{output} already exists: choose another --output or pass --force to replace it")
+    if output:
+        check_output_file(output, force)  # before any work: not an existing file, a folder we can write in
     o, config_warnings = with_trainer_config(o)
     plan = make_plan(check_options(o)).to_dict()
     dist = plan.get("distributed")

@@ -49,6 +49,8 @@ def plan_dict(options: PlanOptions | dict[str, Any] | None = None, /, *, spec: M
 
 
 EDITED = "plan.json was edited: its prediction does not match its settings; re-create it with qplan estimate"
+RESEALED = ("plan.json was edited after qplan wrote it (its content no longer matches its seal); re-create it with "
+            "qplan estimate")
 
 
 def plan_settings(plan: dict[str, Any]) -> dict[str, Any]:
@@ -78,16 +80,23 @@ def plan_settings(plan: dict[str, Any]) -> dict[str, Any]:
 
 def check_consistent(plan: dict[str, Any]) -> None:
     """One line when a plan contradicts itself (``qplan run`` and ``qplan export``, before anything starts): its world
-    size is not GPUs x nodes, or its prediction is not what its own settings predict (a hand-edited batch size,
-    rank, strategy, ...). The prediction is re-made from the settings when the plan's model and GPU resolve by name
-    (a bundled or user spec, a cached Hub id, a catalog GPU); a plan made from a config path or a device file is
-    checked for its world size only."""
+    size is not GPUs x nodes, or it was edited after qplan wrote it. A plan file qplan wrote carries a ``seal`` (the
+    hash of its content, ``document.seal``): any edit — a batch size, a rank, a strategy, in a plan made from a
+    bundled name, a config path, a device file, a Hub id or a trainer config's per-module ranks — no longer matches.
+    A plan without a seal (``plan_dict`` of the API, or a seal removed by hand) is re-made from its settings when its
+    model and GPU resolve by name (a bundled or user spec, a catalog GPU) and its tensor terms compared; otherwise
+    it is checked for its world size only."""
+    from qplan.planner.document import seal
     from qplan.planner.errors import QPlanError
 
     d = plan.get("distributed")
     if d and d["world_size"] != d["gpus_per_node"] * d["nodes"]:
         raise QPlanError(f"plan.json was edited: distributed.world_size {d['world_size']} is not gpus_per_node "
                          f"{d['gpus_per_node']} x nodes {d['nodes']}; re-create it with qplan estimate")
+    if "seal" in plan:
+        if plan["seal"] != seal(plan):
+            raise QPlanError(RESEALED)
+        return  # exactly what a qplan made, whatever its version: the settings and the prediction belong together
     if plan["prediction"]["method"] != "analytic":
         return  # a traced step's memory is measured on the meta device, not re-made from the options
     if plan["lora"].get("rank_pattern") or plan["lora"].get("alpha_pattern"):

@@ -9,6 +9,7 @@ document (``msgspec``'s convention: e.g. ``quant.double_quant`` exists for 4-bit
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Annotated, Any, Literal
 
@@ -41,6 +42,7 @@ from qplan.planner.vocab import (
 from qplan.planner.vocab import BIAS_MODES as _BIAS
 
 PLAN_SCHEMA_VERSION = 1
+SEAL_PATTERN = "^sha256:[0-9a-f]{64}$"
 
 
 def _d(t: Any, help: str) -> Any:
@@ -250,6 +252,9 @@ class PlanDoc(Struct, kw_only=True):
     warnings: list[str] = []
     prediction: Prediction
     suggestions: _d(list[str] | UnsetType, "single changes that make a plan fit (plans that do not)") = UNSET
+    seal: _d(Annotated[str, Meta(pattern=SEAL_PATTERN)] | UnsetType,
+             "SHA-256 of the rest of the document as qplan wrote it (`seal()`): `qplan run` and `qplan export` "
+             "refuse a plan whose content no longer matches it (edited by hand)") = UNSET
 
     def to_dict(self) -> dict[str, Any]:
         """plan.json's JSON value (UNSET fields left out)."""
@@ -264,9 +269,22 @@ def section(cls: type[Struct], data: dict[str, Any]) -> Any:
     return msgspec.convert(data, cls)
 
 
+def seal(plan: dict[str, Any]) -> str:
+    """``sha256:`` + the SHA-256 of the plan without its ``seal`` key, as canonical JSON (sorted keys, no
+    whitespace, UTF-8). JSON numbers read back as the same ints and floats, so the seal survives re-indenting
+    or re-ordering the file, and changes with any value. It detects a plan edited by hand, not an attacker
+    (anyone can re-compute it)."""
+    body = {k: v for k, v in plan.items() if k != "seal"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def dumps(plan: PlanDoc | dict[str, Any]) -> str:
-    """Canonical JSON: 2-space indent, UTF-8, trailing newline."""
-    data = plan.to_dict() if isinstance(plan, PlanDoc) else plan
+    """Canonical JSON: 2-space indent, UTF-8, trailing newline; sealed (``seal``): every plan file qplan
+    writes can be checked for hand edits."""
+    data = dict(plan.to_dict() if isinstance(plan, PlanDoc) else plan)
+    data.pop("seal", None)
+    data["seal"] = seal(data)
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 

@@ -8,6 +8,13 @@ something appeared there meanwhile: nothing is overwritten), or with ``--force``
 the old file (``os.replace``, atomic on POSIX) — only over a regular file, never a device, a
 pipe or a folder. On any error the temporary file is removed: nothing is left behind.
 
+Folders of outputs (``qplan report --output DIR``, a ``qplan run`` folder) are made the same way:
+written whole under a staging name in the same parent and renamed into place (``staged_folder``,
+``publish_folder``), so a folder of that name is complete or absent. ``check_output_file`` and
+``check_new_folder`` refuse, in one line and before any work, a destination qplan could not write:
+they create and remove a probe in the folder, so what the file system says (read-only, no permission,
+a quota) is what the user hears — ``os.access`` would answer yes to root on a read-only mount.
+
 ``read_limited`` is the one way in: every file qplan reads (plans, specs, configs, device files,
 calibration, measured.json, trainer configs, a DeepSpeed JSON, a cached Hub config.json) is opened
 without blocking (a FIFO never hangs the open), refused in one line unless it is a regular file (a
@@ -17,11 +24,17 @@ pipe, ``/dev/zero``, a folder), and read up to a stated size: at most ``limit + 
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from qplan.planner.errors import QPlanError
+
+#: the suffix of a folder still being written (a ``qplan run`` folder while it trains; a staged output folder)
+PARTIAL = ".partial"
 
 #: the most qplan reads of a JSON file (plans, specs, configs, measured.json)
 MAX_JSON_BYTES = 64 << 20
@@ -148,5 +161,99 @@ def check_folder(path: str | Path, option: str, create: bool = False) -> Path:
         try:
             p.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise QPlanError(f"{option} {p}: cannot create the folder ({exc.strerror or exc})") from exc
+            raise QPlanError(f"{option}: cannot create the folder {os.path.abspath(p)} ({exc.strerror or exc})") from exc
     return p
+
+
+def nearest_folder(p: Path) -> Path:
+    """``p`` or its nearest ancestor that exists (the folder a ``mkdir -p`` of ``p`` would write in)."""
+    q = p if str(p) else Path(".")
+    while not safe_exists(q):
+        if q.parent == q:
+            break
+        q = q.parent if str(q.parent) else Path(".")
+    return q
+
+
+def probe_writable(folder: str | Path, option: str) -> Path:
+    """Create and remove an empty folder in ``folder``: one line naming ``option`` if the file system refuses."""
+    d = Path(folder) if str(folder) else Path(".")
+    if not d.is_dir():
+        raise QPlanError(f"{option}: {d} is not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".qplan-probe-", dir=d))
+    except OSError as exc:
+        raise QPlanError(f"{option}: cannot write in {os.path.abspath(d)} ({exc.strerror or exc}): choose a folder you can "
+                         "write to") from exc
+    return d
+
+
+def check_output_file(path: str | Path, force: bool, option: str = "--output", rename: str | None = None) -> Path:
+    """Before any work: ``path`` can be written as a new file (or replace a regular file with ``force``);
+    ``rename``: the option that names the file, if not ``option``."""
+    p = Path(path)
+    if safe_exists(p) and p.is_dir():
+        raise QPlanError(f"{p} is a directory: give a file name")
+    if safe_exists(p) and not force:
+        raise QPlanError(f"{p} already exists: choose another {rename or option} or pass --force to replace it")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not safe_exists(parent):
+        raise QPlanError(f"directory {parent} does not exist")
+    probe_writable(parent, option)
+    return p
+
+
+def check_new_folder(path: str | Path, option: str) -> Path:
+    """Before any work: ``path`` is not there yet and could be created (with its parents)."""
+    p = Path(path)
+    if safe_exists(p):
+        raise QPlanError(f"{option} {p} already exists: give a new folder")
+    probe_writable(nearest_folder(p), option)
+    return p
+
+
+def _new_folder_mode(path: Path) -> None:
+    """``mkdtemp`` makes 0o700: give a published folder the mode ``mkdir`` would have."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o777 & ~mask)
+
+
+def publish_folder(stage: str | Path, final: str | Path) -> Path:
+    """Rename the finished folder ``stage`` to ``final`` (same parent): never over anything already there."""
+    stage, final = Path(stage), Path(final)
+    if os.path.lexists(final):
+        raise QPlanError(f"{final} appeared while qplan was writing it: the output is left in {stage}")
+    _new_folder_mode(stage)
+    os.rename(stage, final)
+    return final
+
+
+@contextmanager
+def staged_folder(final: str | Path, option: str) -> Iterator[Path]:
+    """Yield a hidden staging folder beside ``final`` to fill; on success it is renamed to ``final``, on any
+    error it is removed (a full disk, a refused write: one line, nothing left behind)."""
+    final = Path(final)
+    parent = final.parent if str(final.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{final.name[:100]}.", suffix=PARTIAL, dir=parent))
+    except OSError as exc:
+        raise QPlanError(f"{option} {final}: cannot create the folder ({exc.strerror or exc})") from exc
+    try:
+        yield stage
+        publish_folder(stage, final)
+    except OSError as exc:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise QPlanError(f"{option} {final}: cannot write it ({exc.strerror or exc}); nothing was left "
+                         "behind") from exc
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def refuse_partial(folder: str | Path) -> None:
+    """A run folder whose name ends in ``PARTIAL`` is still training or could not be completed: not read."""
+    if Path(folder).resolve().name.endswith(PARTIAL):
+        raise QPlanError(f"{folder} is a run still training, or one whose folder could not be completed "
+                         f"(its name ends in {PARTIAL})")

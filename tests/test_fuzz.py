@@ -193,6 +193,17 @@ def leaf_paths(doc, prefix=()):
         yield prefix
 
 
+def _maybe_sealed(plan: dict, data) -> str:
+    """The mutated plan as text: half the time with its old seal (an edit the seal must catch), half re-sealed
+    (``document.dumps``, as a crafted plan would be: the checks behind the seal must hold on their own)."""
+    from qplan.planner.document import dumps
+
+    try:
+        return dumps(plan) if data.draw(st.booleans()) else json.dumps(plan)
+    except (TypeError, ValueError):  # a value JSON cannot hold: the plain text, whatever it is
+        return json.dumps(plan)
+
+
 @seed(20261201)
 @settings(FUZZ, max_examples=120)
 @given(data=st.data())
@@ -207,7 +218,7 @@ def test_plan_documents(capsys, tmp_path, data):
             node = node[key]
         node[path[-1]] = data.draw(json_value)
     plan_file = tmp_path / "plan.json"
-    plan_file.write_text(json.dumps(plan))
+    plan_file.write_text(_maybe_sealed(plan, data))
     runs = tmp_path / "runs"
     # --model-dir that is not there: a valid plan gets past validation and stops at the model dir
     rc, out, err = run_cli(capsys, ["run", str(plan_file), "--model-dir", str(tmp_path / "no-model"),
@@ -409,7 +420,7 @@ def test_export_of_mutated_plans(capsys, tmp_path, data, to):
         node[path[-1]] = data.draw(export_value)
     where = Path(tempfile.mkdtemp(dir=tmp_path))  # one folder per example: tmp_path outlives the examples
     plan_file = where / "plan.json"
-    plan_file.write_text(json.dumps(plan))
+    plan_file.write_text(_maybe_sealed(plan, data))
     out_file = where / "out.yml"
     rc, out, err = run_cli(capsys, ["export", str(plan_file), "--to", to, "--output", str(out_file)])
     assert_promise(rc, out, err, fmt_json=False)

@@ -1,7 +1,9 @@
 """``qplan export`` of a hostile plan (issue 29): a plan is the user's file and may be hand-edited. A newline
 in ``gpu.name`` or in the plan's file name used to break out of the header comment and become real YAML keys
 (``trust_remote_code: true``, ``deepspeed: /etc/passwd``); ``model.source.hub_id`` / ``revision`` were written
-unchecked (``../../../etc/passwd`` as ``base_model``). Real plan files, real ``qplan`` processes."""
+unchecked (``../../../etc/passwd`` as ``base_model``). Real plan files, real ``qplan`` processes. The edited plans
+are re-sealed (``document.dumps``), as a crafted plan would be: the seal catches hand edits (test_hostile_plans.py),
+and export's own checks must hold without it."""
 
 from __future__ import annotations
 
@@ -27,8 +29,10 @@ def _plan(tmp_path: Path, name: str = "plan.json", **edit) -> Path:
         for k in parents:
             node = node[k]
         node[last] = value
+    from qplan.planner.document import dumps
+
     out = tmp_path / name
-    out.write_text(json.dumps(plan))
+    out.write_text(dumps(plan))
     return out
 
 

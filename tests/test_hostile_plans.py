@@ -2,7 +2,9 @@
 consistency before anything starts. A hand-edited world size that is not GPUs x nodes, a batch size (or any
 setting) changed without its prediction, and a ``--gpus 1 --strategy zero3`` plan that used to train as a plain
 single process on the CPU (skipping the ZeRO-on-CPU refusal) are each one line, exit 2, and nothing is created.
-Real plan files from ``qplan estimate``, real ``qplan`` processes."""
+Every plan file qplan writes is sealed (the hash of its content): an edit is caught whatever the plan was made
+from — a bundled name, a config path, a device file — where re-making the prediction was possible only for
+names. Real plan files from ``qplan estimate``, real ``qplan`` processes."""
 
 from __future__ import annotations
 
@@ -13,11 +15,14 @@ import pytest
 from test_hostile_input import qplan, refused
 
 EDITED = "plan.json was edited: its prediction does not match its settings; re-create it with qplan estimate"
+RESEALED = ("plan.json was edited after qplan wrote it (its content no longer matches its seal); re-create it with "
+            "qplan estimate")
 
 
-def _plan(tmp_path: Path, *options: str, edit: dict | None = None, name: str = "plan.json") -> Path:
+def _plan(tmp_path: Path, *options: str, edit: dict | None = None, name: str = "plan.json",
+          model: str = "smollm2-135m") -> Path:
     out = tmp_path / name
-    p = qplan("estimate", "--model", "smollm2-135m", *options, "--output", str(out))
+    p = qplan("estimate", "--model", model, *options, "--output", str(out))
     assert p.returncode == 0, p.stderr
     plan = json.loads(out.read_text())
     for path, value in (edit or {}).items():
@@ -51,8 +56,68 @@ def test_a_setting_edited_without_its_prediction_is_not_run(tmp_path, field, val
     opts = ("--gpus", "2", "--strategy", "fsdp") if field.startswith("distributed") else ()
     plan = _plan(tmp_path, *opts, edit={field: value})
     p, runs = _run(plan, tmp_path)
+    assert refused(p).strip() == "qplan: error: " + RESEALED
+    assert not runs.exists()
+    # without its seal (removed by hand), the prediction is re-made from the settings: still refused
+    plan = _plan(tmp_path, *opts, edit={field: value, "seal": None}, name="unsealed.json")
+    doc = json.loads(plan.read_text())
+    del doc["seal"]
+    plan.write_text(json.dumps(doc))
+    p, runs = _run(plan, tmp_path)
     assert refused(p).strip() == "qplan: error: " + EDITED
     assert not runs.exists()
+
+
+def _device_file(tmp_path: Path) -> Path:
+    """A device file (not a catalog name): a plan made with it cannot be re-made by name."""
+    dev = json.loads(qplan("gpus", "--format", "json").stdout)[0]
+    dev.pop("aliases", None)
+    dev["name"] = "my-card"
+    (tmp_path / "my-card.json").write_text(json.dumps(dev))
+    return tmp_path / "my-card.json"
+
+
+@pytest.mark.parametrize("made_from", ["config path", "device file"])
+@pytest.mark.parametrize("command", ["run", "export"])
+def test_an_edit_is_caught_in_a_plan_not_made_from_names(tmp_path, made_from, command):
+    """These plans were checked for their world size only: their model or GPU does not resolve by name, so the
+    prediction could not be re-made. The seal catches the edit; the unedited plan passes."""
+    from conftest import FIXTURES
+
+    opts = ["--quant", "bf16"]
+    if made_from == "device file":
+        opts += ["--gpu", str(_device_file(tmp_path))]
+    model = str(FIXTURES / "llama-tied.json") if made_from == "config path" else "smollm2-135m"
+    good = _plan(tmp_path, *opts, model=model, name="good.json")
+    edited = _plan(tmp_path, *opts, model=model, edit={"training.batch_size": 8})
+    out = tmp_path / "out.yml"
+    for plan, ok in ((edited, False), (good, True)):
+        if command == "export":
+            p = qplan("export", str(plan), "--to", "trl", "--output", str(out))
+        else:  # stops after the check, at the model folder that does not exist
+            p = qplan("run", str(plan), "--model-dir", str(tmp_path / "none"), "--out-dir", str(tmp_path / "runs"))
+        if ok and command == "export" and made_from == "config path":  # checked, then: no Hub id to name the model by
+            assert refused(p, "has no Hub id") and "was edited" not in p.stderr
+        elif ok:
+            assert "was edited" not in p.stderr, p.stderr
+            assert (p.returncode == 0 and out.exists()) if command == "export" else "not a directory" in p.stderr
+        else:
+            assert refused(p).strip() == "qplan: error: " + RESEALED
+            assert not out.exists() and not (tmp_path / "runs").exists()
+
+
+def test_the_seal_survives_reformatting_but_not_a_changed_number(tmp_path):
+    """The seal hashes values, not text: a plan re-indented and re-ordered (a JSON tool, an editor) is still the
+    plan qplan wrote; a float changed in its last digit is not."""
+    from qplan.planner.api import check_consistent
+    from qplan.planner.errors import QPlanError
+
+    plan = json.loads(_plan(tmp_path, "--gpu", "t4").read_text())
+    again = json.loads(json.dumps(dict(reversed(list(plan.items()))), indent=7, sort_keys=True))
+    check_consistent(again)
+    again["prediction"]["headroom"] = (again["prediction"]["headroom"] or 0) + 1
+    with pytest.raises(QPlanError, match="no longer matches its seal"):
+        check_consistent(again)
 
 
 @pytest.mark.parametrize("tool", ["axolotl", "trl"])
@@ -60,7 +125,7 @@ def test_a_setting_edited_without_its_prediction_is_not_exported(tmp_path, tool)
     plan = _plan(tmp_path, "--quant", "bf16", edit={"training.batch_size": 8})
     out = tmp_path / "out.yml"
     p = qplan("export", str(plan), "--to", tool, "--output", str(out))
-    assert refused(p).strip() == "qplan: error: " + EDITED
+    assert refused(p).strip() == "qplan: error: " + RESEALED
     assert not out.exists()
     # the same plan, unedited, exports: the check refuses contradictions, not plans
     good = _plan(tmp_path, "--quant", "bf16", name="good.json")

@@ -22,11 +22,13 @@ from typing import Any
 from qplan.planner.compute.timing import device_peak, ideal_step_seconds
 from qplan.planner.document import check_plan
 from qplan.planner.errors import QPlanError
+from qplan.planner.files import refuse_partial
 from qplan.planner.validate import check_measured, read_json
 
 
 def _run(folder: str) -> tuple[dict[str, Any], dict[str, Any]]:
     p = Path(folder)
+    refuse_partial(p)
     if not (p / "plan.json").is_file() or not (p / "measured.json").is_file():
         raise QPlanError(f"{folder} has no plan.json and measured.json: is it a `qplan run` folder?")
     return (check_plan(read_json(p / "plan.json", "plan"), str(p / "plan.json")),

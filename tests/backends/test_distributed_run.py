@@ -170,19 +170,27 @@ def test_refused_before_any_run_folder(tmp_path, capsys, plan_kw, device, needle
 
 @pytest.mark.parametrize("strategy, offload", [("ddp", False), ("fsdp", False), ("fsdp", True), ("zero2", True),
                                                ("zero3", False)])
-def test_generated_gpu_launch_files_load_in_accelerate(tmp_path, strategy, offload):
+def test_generated_gpu_launch_files_load_in_accelerate(tmp_path, monkeypatch, strategy, offload):
     """What `qplan run` would start on GPUs: accelerate's own loader reads the config (the GPU launch
-    itself is untested here: no GPU in CI)."""
+    itself is untested here: no GPU in CI). The files name each other relative to the run folder, where
+    the launch runs, so a moved folder still launches: read here from a copy in another folder."""
+    import shutil
+
     from accelerate.commands.config.config_args import load_config_from_file
 
     plan = dist_plan(strategy, gpus=4, cpu_offload=offload)
-    run = tmp_path / "run"
-    run.mkdir()
-    cmd = launch.write_launch_files(run, plan, "cuda", "/usr/bin/python3")
+    made = tmp_path / "run.partial"
+    made.mkdir()
+    cmd = launch.write_launch_files(made, plan, "cuda", "/usr/bin/python3")
+    run = tmp_path / "moved" / "run"
+    shutil.copytree(made, run)
+    shutil.rmtree(made)
+    monkeypatch.chdir(run)
     assert cmd[:3] == ["/usr/bin/python3", "-m", "accelerate.commands.launch"]
-    assert cmd[3:5] == ["--config_file", str((run / "accelerate_config.yaml").resolve())]
-    assert cmd[-3:] == ["-m", "qplan.backends.worker", str(run.resolve() / "job.json")]
-    cfg = load_config_from_file(str(run / "accelerate_config.yaml"))
+    assert cmd[3:5] == ["--config_file", "accelerate_config.yaml"]
+    assert cmd[-3:] == ["-m", "qplan.backends.worker", "job.json"]
+    assert str(tmp_path) not in "".join(p.read_text() for p in run.iterdir())
+    cfg = load_config_from_file(cmd[4])
     assert cfg.num_processes == 4 and cfg.num_machines == 1 and cfg.use_cpu is False
     assert cfg.distributed_type.value == {"ddp": "MULTI_GPU", "fsdp": "FSDP"}.get(strategy, "DEEPSPEED")
     if strategy == "fsdp":
@@ -194,7 +202,9 @@ def test_generated_gpu_launch_files_load_in_accelerate(tmp_path, strategy, offlo
         assert ds["zero_optimization"]["stage"] == int(strategy[-1])
         assert ("offload_optimizer" in ds["zero_optimization"]) is offload
         assert ds["bf16"]["enabled"] is True
-    assert (run / "launch.sh").read_text().splitlines()[-1].startswith("/usr/bin/python3 -m accelerate.commands.launch")
+    sh = (run / "launch.sh").read_text().splitlines()
+    assert sh[-2] == 'cd "$(dirname "$0")" || exit 1'
+    assert sh[-1].startswith("exec /usr/bin/python3 -m accelerate.commands.launch --config_file accelerate_config.yaml")
 
 
 def test_check_launchable_counts_gpus():
