@@ -99,6 +99,16 @@ def run_trainer(model: Any, dataset: Any, plan: dict[str, Any], settings: TrainS
     from transformers import Trainer, default_data_collator
 
     args = training_arguments(plan, settings, device, trainer_checkpointing)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
-                      callbacks=callbacks)
+    collate = getattr(dataset, "collate", None) or default_data_collator
+    if hasattr(dataset, "sampling_strategy"):  # a --data plan's dataset (plan_data.PlanData): its batching
+        args.train_sampling_strategy = dataset.sampling_strategy
+
+        class _Trainer(Trainer):
+            def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+                return dataset.wrap_sampler(super()._get_train_sampler(train_dataset), self.args.train_batch_size)
+
+        trainer_cls = _Trainer
+    else:
+        trainer_cls = Trainer
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=callbacks)
     trainer.train()

@@ -183,7 +183,7 @@ def summary_text(plan: dict[str, Any], doc: dict[str, Any], run_dir: Path) -> st
 def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: bool = False,
              data: str | None = None, steps: int | None = None, epochs: float | None = None,
              device: str = "auto", out_dir: str | Path = "reports/runs", lr: float = DEFAULT_LR,
-             seed: int = 0, callbacks: list[str] | None = None) -> dict[str, Any]:
+             seed: int = 0, callbacks: list[str] | None = None, largest_first: bool = False) -> dict[str, Any]:
     """Train ``plan_file`` for real, measure, and write a new run folder under ``out_dir``.
 
     ``callbacks``: extra ``TrainerCallback`` classes by import path (``"module:Class"``), also
@@ -210,10 +210,21 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
         if not isinstance(vocab, int) or vocab < BYTE_VOCAB:
             raise QPlanError(f"--random-init needs the plan's vocab_size >= {BYTE_VOCAB} for its byte-level "
                              f"tokenizer (got {vocab!r}): use --model-dir with a tokenizer")
-    if data is not None:
+    planned_data = plan["prediction"].get("data")
+    if largest_first and not planned_data:
+        raise QPlanError("--largest-first orders the batches of a --data plan: make the plan with --data (without it "
+                         "every batch has the planned shape)")
+    if planned_data and planned_data["batching"] == "packing":
+        raise QPlanError("qplan run does not train packed --data plans yet: plan with --batching padding, sequential "
+                         "or group_by_length to run it")
+    if data is not None and not planned_data:
         from .data import read_jsonl
 
         read_jsonl(data)  # a missing file or a bad line is reported here, before any model loads
+    elif planned_data:
+        from qplan.planner.data.sources import read_records
+
+        read_records(data or planned_data.get("path") or planned_data["source"])  # the plan's data, read before any model loads
     if steps is not None and epochs is not None:
         raise QPlanError("give either --steps or --epochs, not both")
     if steps is None and epochs is None:
@@ -234,6 +245,9 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
     from . import launch
 
     multi = launch.dist_section(plan)
+    if multi is not None and planned_data:
+        raise QPlanError("qplan run does not train --data plans on several ranks yet: each rank would draw its own "
+                         "batches; plan for one GPU to run it")
     one_rank = plan.get("distributed") if multi is None else None
     if one_rank and one_rank.get("strategy"):
         # --gpus 1 --strategy S: the launcher starts a strategy on 2 or more ranks; this plan would train as a plain
@@ -261,7 +275,7 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
         "model_dir": str(Path(model_dir).resolve()) if model_dir else None, "random_init": bool(random_init),
         "seed": seed, "data": str(Path(data).resolve()) if data else None, "steps": steps, "epochs": epochs,
         "lr": lr, "device": device, "warmup_steps": WARMUP_STEPS, "measure_steps": MEASURE_STEPS,
-        "callbacks": callbacks, "python": info.python,
+        "callbacks": callbacks, "python": info.python, "largest_first": largest_first,
     }
     if multi is not None:
         job["world_size"] = int(multi["world_size"])

@@ -131,7 +131,7 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         doc.update(rank=renv.rank, local_rank=renv.local_rank, world_size=renv.world, pid=os.getpid())
         _write_json(out_file, doc)
     m = Measurement()
-    probe = meter = None
+    probe = meter = data = None
     tmp_dirs: list[str] = []
     status = "error"
     failure: Failure | None = None
@@ -187,8 +187,14 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         step_blocks = int(t["batch_size"]) * int(t.get("grad_accum", 1))
         world = renv.world if renv is not None else 1
         # every rank draws its own blocks (the Trainer's distributed sampler): one step needs world x blocks
-        data = load_dataset(job.get("data"), prepared.tokenizer, int(t["seq_len"]), step_blocks * world,
-                            model_vocab=vocab)
+        if plan["prediction"].get("data"):  # a --data plan: its samples, batched as planned
+            from .plan_data import load_plan_data
+
+            data = load_plan_data(plan, prepared.tokenizer, job.get("data"), vocab, bool(job.get("largest_first")),
+                                  first_measured=int(job.get("warmup_steps", 1)) * int(t.get("grad_accum", 1)))
+        else:
+            data = load_dataset(job.get("data"), prepared.tokenizer, int(t["seq_len"]), step_blocks * world,
+                                model_vocab=vocab)
         doc["run"]["data_blocks"] = len(data)
         doc["run"]["data_tokens"] = data.tokens_in_file
         doc["notes"] += data.notes
@@ -248,6 +254,12 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
             m.loss = meter.loss
             m.timing = meter.timing()
             doc["run"]["trainer"] = meter.trainer_args
+        shapes = getattr(getattr(data, "collate", None), "shapes", None)
+        if shapes:  # a --data plan's batches, in the order trained (the last one made is the one that failed)
+            from .plan_data import KEEP_SHAPES
+
+            doc["run"]["batch_shapes"] = shapes[:KEEP_SHAPES]
+            doc["run"]["largest_first"] = bool(job.get("largest_first"))
         doc["status"] = status
         doc["measured"] = m.to_json()
         doc["failure"] = asdict(failure) if failure else None

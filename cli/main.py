@@ -249,19 +249,22 @@ def backends(fmt: str) -> None:
 @click.argument("plan_file", type=click.Path())
 @click.option("--model-dir", default=None, help="a local model directory with weights (a real fine-tune)")
 @click.option("--random-init", is_flag=True, help="build the model from its spec with random weights")
-@click.option("--data", default=None, help="JSONL with 'text' or 'instruction'/'response' [default: bundled sample]")
+@click.option("--data", default=None, help="JSONL with 'text' or 'instruction'/'response' [default: the plan's "
+              "--data, else the bundled sample]")
 @click.option("--steps", type=int, default=None, help="optimizer steps to run (default 4 if no --epochs)")
 @click.option("--epochs", type=float, default=None)
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda")
 @click.option("--lr", type=float, default=2e-4, show_default=True, help="learning rate (does not change memory)")
 @click.option("--out-dir", default="reports/runs", show_default=True, help="a new run folder is made under it")
+@click.option("--largest-first", is_flag=True,
+              help="a --data plan: train the batch holding the longest sample first (an OOM comes at step 1)")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
-def run(plan_file, model_dir, random_init, data, steps, epochs, device, lr, out_dir, fmt) -> None:
+def run(plan_file, model_dir, random_init, data, steps, epochs, device, lr, out_dir, largest_first, fmt) -> None:
     """Train PLAN_FILE for real with its backend, measure, and write a report folder."""
     from qplan.backends.runner import run_plan
 
     result = run_plan(plan_file, model_dir=model_dir, random_init=random_init, data=data, steps=steps,
-                      epochs=epochs, device=device, out_dir=out_dir, lr=lr)
+                      epochs=epochs, device=device, out_dir=out_dir, lr=lr, largest_first=largest_first)
     emit(fmt, result, result.get("summary", ""))
     if result.get("status") not in (None, "ok"):
         sys.exit(1)

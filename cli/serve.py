@@ -9,10 +9,10 @@
   ``/api/models``, ``/api/gpus`` — the lists its menus offer.
 
 It never runs anything a request names: no files are read or written for a request (local config paths,
-``--calibration``, ``--output`` and ``--from-config`` are the CLI's only), and ``--method trace`` is
-not served. Requests are planned inside ``catalog.names_only()``: ``model`` is a bundled/user spec name
-or a Hub id and every GPU a catalog name or alias — never a path, never looked up in the working
-directory, and the answer does not say whether a path exists. Bound to 127.0.0.1 by default; when bound
+``--calibration``, ``--output`` and ``--from-config`` are the CLI's only; ``data`` and ``tokenizer`` are refused
+with a 400), and ``--method trace`` is not served. Requests are planned inside ``catalog.names_only()``:
+``model`` is a bundled/user spec name or a Hub id and every GPU a catalog name or alias — never a path, never
+looked up in the working directory, and the answer does not say whether a path exists. Bound to 127.0.0.1 by default; when bound
 to a loopback address, a request whose ``Host`` is not a loopback name is refused (a web page elsewhere
 cannot reach it by DNS rebinding).
 A bundled model is planned without importing torch, transformers or PEFT.
@@ -35,6 +35,8 @@ from qplan.planner.errors import QPlanError
 
 #: options of the CLI that a request may not set: they read or write files, or run a trace
 NOT_SERVED = {"from_config", "config_format", "output", "force", "fmt", "method", "calibration"}
+#: options whose value is a path: a request giving one is refused (400), not planned without it
+NAMES_A_FILE = ("data", "tokenizer")
 TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 MAX_QUERY = 16384
@@ -102,6 +104,11 @@ def _context(command_name: str, query: str) -> dict[str, Any]:
 def _served_options(command_name: str, query: str) -> dict[str, Any]:
     """The command's options from the query, less what is never served (call inside ``names_only()``)."""
     o = _context(command_name, query)
+    for k in NAMES_A_FILE:
+        if o.get(k) is not None:
+            flag = k.replace("_", "-")
+            raise QPlanError(f"parameter '{k}' names a file: qplan serve reads no file a request names (use "
+                             f"`qplan estimate --{flag}` on the command line)")
     for k in NOT_SERVED:
         o.pop(k, None)
     if not o.get("model"):

@@ -235,6 +235,8 @@ class Prediction(Struct, kw_only=True):
     time: Time | None = None
     cost: Cost | None = None
     trace: _d(dict[str, Any] | None | UnsetType, "--method trace: the traced step") = UNSET
+    data: _d(dict[str, Any] | UnsetType, "--data: the dataset's token statistics, the worst batch (training.seq_len) "
+             "and the tokens of an epoch (planner.data)") = UNSET
 
 
 class PlanDoc(Struct, kw_only=True):

@@ -38,6 +38,8 @@ from qplan.planner.bounds import (
     Tokens,
     lit,
 )
+from qplan.planner.data.batching import BATCHINGS, PACKING_STRATEGIES
+from qplan.planner.data.formats import FORMATS as DATA_FORMATS
 from qplan.planner.errors import QPlanError
 from qplan.planner.validate import explain
 from qplan.planner.vocab import (
@@ -51,8 +53,8 @@ from qplan.planner.vocab import (
     STRATEGIES,
 )
 
-MODEL, LORA, QUANT, TRAINING, DEVICE, TIME, MULTI, SEARCH = (
-    "Model", "LoRA", "Quantization", "Training", "Device", "Time and cost", "Several GPUs", "Search")
+MODEL, LORA, QUANT, TRAINING, DATA, DEVICE, TIME, MULTI, SEARCH = (
+    "Model", "LoRA", "Quantization", "Training", "Your data", "Device", "Time and cost", "Several GPUs", "Search")
 
 
 def _f(t: Any, help: str, **cli: Any) -> Any:
@@ -96,7 +98,8 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
                negatable=True, section=QUANT) = True
     gpu: _f(Annotated[str, Meta(max_length=MAX_NAME)] | None, "target GPU (see `qplan gpus`), or a device file "
             "(.json)", section=DEVICE) = None
-    seq_len: _f(Context, "tokens per sequence", section=TRAINING) = 512
+    seq_len: _f(Context | None, "tokens per sequence [default: 512; with --data: the worst batch's padded length]",
+                section=TRAINING) = None
     batch_size: _f(Batch, "sequences per micro-batch", section=TRAINING) = 1
     grad_accum: _f(Batch, "micro-batches per optimizer step", section=TRAINING) = 1
     grad_ckpt: _f(bool, "gradient checkpointing", negatable=True, section=TRAINING) = True
@@ -106,10 +109,24 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
                   "Gemma-2)", flag="--attn", section=TRAINING) = "auto"
     backend: _f(lit(BACKENDS), "the trainer `qplan run` uses (see `qplan backends`); unsloth plans Unsloth's "
                 "kernels", section=TRAINING) = "peft"
+    data: _f(Path_ | None, "your dataset (JSONL, JSON, CSV, Parquet, Arrow, or a datasets save_to_disk folder): "
+             "its worst batch sets --seq-len, its tokens x --epochs the time", section=DATA) = None
+    tokenizer: _f(Path_ | None, "with --data: a tokenizer folder, or a Hub id in the HF cache [default: the model's "
+                  "folder or its Hub id]", section=DATA) = None
+    data_format: _f(lit(DATA_FORMATS), "with --data: how a record becomes a sequence, as TRL's SFTTrainer does "
+                    "(auto: from the first record's fields)", section=DATA) = "auto"
+    max_seq_len: _f(Context | None, "with --data: truncate each sample to this many tokens (TRL's max_length, keep "
+                    "the start; TRL defaults to 1024, the plain Trainer does not truncate) [default: none]",
+                    section=DATA) = None
+    batching: _f(lit(BATCHINGS), "with --data: padding (shuffled, each batch padded to its longest: the Trainer's "
+                 "default), sequential (file order), group_by_length, or packing (TRL, needs --max-seq-len)",
+                 section=DATA) = "padding"
+    packing_strategy: _f(lit(PACKING_STRATEGIES), "with --batching packing: bfd (TRL's default, best-fit decreasing, "
+                         "padding-free) or wrapped (concatenate and cut)", section=DATA) = "bfd"
     strict_dtype: _f(bool, "fail instead of switching bf16 to fp16 on GPUs without bf16", section=DEVICE) = False
     tokens: _f(Tokens | None, "tokens the run trains on: total time (needs --gpu)", section=TIME) = None
     dataset_tokens: _f(Tokens | None, "tokens in the dataset (with --epochs)", section=TIME) = None
-    epochs: _f(Epochs | None, "passes over --dataset-tokens", section=TIME) = None
+    epochs: _f(Epochs | None, "passes over --dataset-tokens or --data [--data: 1]", section=TIME) = None
     price_per_hour: _f(Price | None, "price of one GPU-hour: the run's cost", section=TIME) = None
     calibration: _f(Path_ | None, "a calibration file from `qplan calibrate` (fitted efficiency for the --gpu)",
                     section=TIME) = None

@@ -37,7 +37,7 @@ from qplan.planner.document import (
 from qplan.planner.errors import QPlanError
 from qplan.planner.memory.profiles import PROFILES, StepContext, memory_document, select_profile
 from qplan.planner.memory.sharding import DistSettings
-from qplan.planner.memory.terms import TrainingSettings, accuracy_warning, resolve_attn, text_only_warning
+from qplan.planner.memory.terms import TrainingSettings, accuracy_warning, max_context, resolve_attn, text_only_warning
 from qplan.planner.model.catalog import load_gpu, load_spec, spec_origin, user_spec_dir
 from qplan.planner.model.lora import (
     LoraSettings,
@@ -60,6 +60,12 @@ from qplan.planner.options import PlanOptions, check_options
 from qplan.planner.validate import read_calibration
 from qplan.planner.vocab import BACKENDS, BYTES, DTYPE_ALIASES, MIXED_PRECISION
 
+#: --seq-len when neither it nor --data is given
+DEFAULT_SEQ_LEN = 512
+#: the options that describe --data, at their defaults (given without --data: an error)
+DATA_DEFAULTS = {"tokenizer": None, "data_format": "auto", "max_seq_len": None, "batching": "padding",
+                 "packing_strategy": "bfd"}
+
 
 @dataclass(frozen=True)
 class PlanInputs:
@@ -75,6 +81,8 @@ class PlanInputs:
     calibration: dict[str, Any] | None = None
     #: several GPUs (``planner.memory.sharding.DistSettings``); None: one GPU
     dist: Any = None
+    #: ``--data``: ``prediction.data`` (``planner.data.data_profile``); None: a shape given by --seq-len
+    data: dict[str, Any] | None = None
 
 
 def check_gpu_dtype(quant: QuantSettings, gpu: Gpu | None, auto_fix: bool) -> tuple[QuantSettings, list[str]]:
@@ -114,9 +122,18 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     tokens, dataset_tokens, epochs, calibration = o.tokens, o.dataset_tokens, o.epochs, o.calibration
     backend, gpus, nodes, strategy, cpu_offload = o.backend, o.gpus, o.nodes, o.strategy, o.cpu_offload
     modules_to_save, target_parameters, model, gpu = o.modules_to_save, o.target_parameters, o.model, o.gpu
+    if o.data is None and any(getattr(o, k) != v for k, v in DATA_DEFAULTS.items()):
+        flag = next(k for k, v in DATA_DEFAULTS.items() if getattr(o, k) != v).replace("_", "-")
+        raise QPlanError(f"--{flag} describes --data: give --data FILE too")
+    if o.data is not None:
+        if o.seq_len is not None:
+            raise QPlanError("--seq-len is set by --data (the worst batch's padded length): leave it out, or cap the "
+                             "samples with --max-seq-len")
+        if tokens is not None or dataset_tokens is not None:
+            raise QPlanError("--data counts the tokens: leave out --tokens and --dataset-tokens (--epochs sets passes)")
     if tokens is not None and (dataset_tokens is not None or epochs is not None):
         raise QPlanError("give either --tokens or --dataset-tokens with --epochs, not both")
-    if (dataset_tokens is None) != (epochs is None):
+    if o.data is None and (dataset_tokens is None) != (epochs is None):
         raise QPlanError("--dataset-tokens and --epochs go together (tokens trained = dataset tokens x epochs)")
     if dataset_tokens is not None and epochs is not None:
         tokens = max(1, math.ceil(dataset_tokens * epochs))
@@ -144,9 +161,31 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     q = QuantSettings(quant, double_quant, DTYPE_ALIASES[compute_dtype], upcast and stack.kbit_upcast)
     q, ck_warnings = checkpoint_quant(spec, q)
     ckpt = stack.checkpointing if o.grad_ckpt else "off"
-    training = TrainingSettings(o.batch_size, o.seq_len, o.grad_accum, ckpt, o.optimizer, resolve_attn(spec, o.attn_impl))
+    data, data_warnings = None, []
+    seq_len = o.seq_len if o.seq_len is not None else DEFAULT_SEQ_LEN
+    if o.data is not None:
+        from qplan.planner.data import data_profile
+
+        data = data_profile(o.data, tokenizer=o.tokenizer, model_source=dict(spec.source or {}), fmt=o.data_format,
+                            max_length=o.max_seq_len, batching=o.batching, packing_strategy=o.packing_strategy,
+                            batch_size=o.batch_size, grad_accum=o.grad_accum)
+        seq_len = data["worst_batch"]["seq_len"]
+        ctx = max_context(spec)
+        if ctx and seq_len > ctx:
+            longest = data["longest_sample"]
+            raise QPlanError(f"--data: row {longest['row']} has {longest['tokens']:,} tokens, over {spec.name}'s "
+                             f"context of {ctx:,}: cap the samples with --max-seq-len {ctx} (TRL's max_length)")
+        data["epochs"] = epochs if epochs is not None else 1.0
+        if o.batching != "packing" and o.batch_size > 1 and o.attn_impl != "flash_attention_2":
+            n = o.batch_size * seq_len * seq_len
+            data_warnings.append(f"--data: batches are padded, so attention gets a 4-D mask the plan does not count yet "
+                            f"(a bool [batch, 1, seq, seq] of {n:,} B per attention type kept for the step, and a float "
+                            f"copy inside each attention call; measured on the CPU in docs/data.md)")
+        if gpu_ is not None:  # the time of a step depends on the device
+            tokens = max(1, math.ceil(data["padded_tokens_per_epoch"] * data["epochs"]))
+    training = TrainingSettings(o.batch_size, seq_len, o.grad_accum, ckpt, o.optimizer, resolve_attn(spec, o.attn_impl))
     q, warnings = check_gpu_dtype(q, gpu_, auto_fix=not o.strict_dtype)
-    warnings = ck_warnings + warnings
+    warnings = ck_warnings + warnings + data_warnings
     if model is not None and spec_origin(model) == "user, shadows bundled":
         warnings.insert(0, f"model {model!r} is your spec in {user_spec_dir()}, which shadows the bundled one "
                            "(`qplan models` marks it)")
@@ -156,7 +195,7 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     if gpus * nodes > 1 or strategy is not None or cpu_offload:
         dist = DistSettings(gpus, nodes, strategy or "ddp", cpu_offload)
         dist.validate(q, backend)
-    return PlanInputs(spec, lora, q, training, gpu_, backend, tokens, o.price_per_hour, calib, dist), warnings
+    return PlanInputs(spec, lora, q, training, gpu_, backend, tokens, o.price_per_hour, calib, dist, data), warnings
 
 
 def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> PlanDoc:
@@ -218,6 +257,8 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> PlanDoc:
         "headroom": (usable - memory["peak"]) if usable is not None else None,
     }
     prediction.update(compute_prediction(inp, counts, trainable))
+    if inp.data is not None:
+        prediction["data"] = inp.data
     inv = spec.inventory
     prediction["params"] = section(Params, prediction["params"])
     prediction["memory"] = section(Memory, prediction["memory"])

@@ -103,6 +103,8 @@ def render_plan(plan: dict[str, Any]) -> str:
         parts = " · ".join(f"{names.get(k, k)} {fmt_bytes(v)}" for k, v in host.items() if k != "peak")
         per = " per node" if plan.get("distributed") else ""
         lines.append(f"host RAM the step keeps{per}: {fmt_bytes(host['peak'])} ({parts})")
+    if p.get("data"):
+        lines += data_lines(p["data"])
     lines += compute_lines(p)
     dist = plan.get("distributed")
     if dist:
@@ -146,6 +148,32 @@ def distributed_lines(d: dict[str, Any], mem: dict[str, Any]) -> list[str]:
         out.append("communication / gathered: " + " · ".join(f"{k.replace('_', ' ')} {fmt_bytes(v)}" for k, v in extra.items()))
     if d["host_offload_per_node"]:
         out.append(f"offloaded to host memory: {fmt_bytes(d['host_offload_per_node'])} per node")
+    return out
+
+
+def data_lines(d: dict[str, Any], width: int = 40) -> list[str]:
+    """--data: the dataset's token counts, the worst batch (the planned shape) and a length histogram with the bin
+    of the longest sample marked."""
+    t = d["tokens"]
+    cut = f", {d['truncated']:,} truncated at {d['max_length']:,}" if d.get("truncated") else ""
+    drop = f", {d['dropped']:,} dropped (prompt alone fills max length)" if d.get("dropped") else ""
+    out = ["", f"data {d['source']} ({d['format']}, tokenizer {d['tokenizer']}): {d['samples']:,} samples{cut}{drop}",
+           f"tokens per sample: min {t['min']:,} · p50 {t['p50']:,} · p90 {t['p90']:,} · p99 {t['p99']:,} · "
+           f"max {t['max']:,} (row {d['longest_sample']['row']:,})"]
+    w = d["worst_batch"]
+    how = (f"packing ({d['packing_strategy']}): {d['packs']:,} packs of ≤ {w['seq_len']:,} tokens"
+           if d["batching"] == "packing" else f"{d['batching']}: each batch padded to its longest")
+    out.append(f"{how}; worst batch {w['batch_size']} × {w['seq_len']:,} = the planned shape; per epoch "
+               f"{d['padded_tokens_per_epoch']:,} tokens processed for {d['trained_tokens']:,} trained "
+               f"({100 * d['efficiency']:.0f}% efficient), {d['batches_per_epoch']:,} batches")
+    h = d["histogram"]
+    top = max(h["counts"]) or 1
+    longest = d["longest_sample"]["tokens"]
+    mark = next((i for i in range(len(h["counts"])) if longest < h["edges"][i + 1]), len(h["counts"]) - 1)
+    for i, c in enumerate(h["counts"]):
+        bar = "█" * round(width * c / top) if c else ""
+        flag = "  ← longest" if i == mark else ""
+        out.append(f"  {h['edges'][i]:>7,}–{h['edges'][i + 1] - 1:<7,} {bar:<{width}} {c:>7,}{flag}")
     return out
 
 

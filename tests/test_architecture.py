@@ -147,7 +147,7 @@ def test_the_library_api_is_the_planner_not_the_cli():
 
 #: the planner's layers, lowest first: a module imports only its own layer and lower ones
 LAYERS = {
-    "core": 0,      # errors, vocab, files, bounds, validate, options
+    "core": 0,      # errors, vocab, files, bounds, validate, options, data (--data: records, formats, batching)
     "model": 1,     # specs, GPUs, Hub, inventory, LoRA counts, weights
     "interop": 1,   # trainer configs in and out (options only)
     "memory": 2,    # memory terms, activations, phases, profiles

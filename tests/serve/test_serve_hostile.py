@@ -91,6 +91,18 @@ def test_fit_price_names_are_catalog_gpus_only(base, tmp_path):
     assert "catalog GPU" in line
 
 
+@pytest.mark.parametrize("param", ["data", "tokenizer"])
+def test_a_data_file_or_tokenizer_folder_is_never_read(base, tmp_path, param):
+    """--data and --tokenizer name files: a request giving one is refused in one line, the same whether the path
+    exists (a FIFO that would hang a reader included) or not, never planned as if it were absent."""
+    fifo = tmp_path / "d.jsonl"
+    os.mkfifo(fifo)
+    lines = [error_400(*get(f"{base}/api/estimate?model=smollm2-135m&{param}={quote(str(p))}", timeout=10))
+             for p in (fifo, tmp_path / "absent.jsonl")]
+    assert "reads no file a request names" in lines[0]
+    assert lines[0] == lines[1]
+
+
 @pytest.mark.parametrize("name", ["config.json", "", "model.json"])
 def test_a_model_path_is_refused_whether_it_exists_or_not(base, tmp_path, name):
     real = tmp_path / "real"

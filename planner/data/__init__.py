@@ -1,0 +1,145 @@
+"""Planning from the user's own data (``--data``): the longest batch sets the planned shape, the real tokens the time.
+
+``data_profile`` reads the records (``sources``), counts each one's tokens as the trainer formats it with the
+model's own tokenizer (``formats``), truncates as TRL does, and batches as the trainer batches (``batching``).
+It returns ``prediction.data``: the statistics, the worst batch (its padded length becomes ``training.seq_len``)
+and the tokens of one epoch (which, times ``--epochs``, set the time and cost).
+
+This path imports transformers (for the tokenizer and its chat template); a plan without ``--data`` does not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qplan.planner.data.batching import (
+    histogram,
+    pack_bfd,
+    pack_wrapped,
+    padded_tokens_grouped,
+    padded_tokens_sequential,
+    padded_tokens_shuffled,
+    percentile,
+)
+from qplan.planner.data.formats import Formatter
+from qplan.planner.data.sources import read_records
+from qplan.planner.errors import QPlanError
+
+
+def load_tokenizer(tokenizer: str | None, source: dict[str, Any]) -> tuple[Any, str]:
+    """The tokenizer (and where it came from): ``tokenizer`` (a folder, or a Hub id in the HF cache), else the model's
+    own folder (a model planned from a folder or its config.json), else its Hub id from the HF cache (offline)."""
+    candidates: list[str] = []
+    if tokenizer:
+        candidates.append(tokenizer)
+    else:
+        path = source.get("path")
+        if path:
+            p = Path(path)
+            candidates.append(str(p if p.is_dir() else p.parent))
+        if source.get("hub_id"):
+            candidates.append(str(source["hub_id"]))
+    if not candidates:
+        raise QPlanError("--data needs the model's tokenizer: give --tokenizer DIR (a folder with tokenizer.json), or "
+                         "plan a model by its folder or by a Hub id whose tokenizer is in the HF cache")
+    try:
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+    except ImportError as exc:  # pragma: no cover - transformers comes with the data and train extras
+        raise QPlanError("--data needs transformers for the model's tokenizer: pip install 'qplan[data]'") from exc
+    hf_logging.set_verbosity_error()
+    why = ""
+    for c in candidates:
+        local = Path(c).is_dir()
+        try:
+            return AutoTokenizer.from_pretrained(c, local_files_only=True), c
+        except Exception as exc:  # noqa: BLE001 - transformers raises OSError/ValueError/... for no tokenizer
+            why = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+            if local and tokenizer:
+                break
+    raise QPlanError(f"no tokenizer found in {', '.join(candidates)} ({why}); give --tokenizer DIR (a folder with "
+                     "tokenizer.json)")
+
+
+def select(full: list[int], prompt: list[int] | None, max_length: int | None, packing: bool,
+           packing_strategy: str) -> tuple[list[int], list[int], int, int]:
+    """The samples the trainer keeps and their lengths, as TRL's preparation: without packing each is cut to
+    ``max_length`` (``keep_start``), and a prompt-completion sample whose prompt alone fills it is dropped (no
+    completion token left to learn from); packing cuts in the packer instead. Returns (kept row indices, kept
+    lengths, truncated count, dropped count)."""
+    rows, kept, truncated, dropped = [], [], 0, 0
+    for i, n in enumerate(full):
+        if max_length is not None and n > max_length and not (packing and packing_strategy == "wrapped"):
+            truncated += 1
+            if not packing:
+                if prompt is not None and prompt[i] >= max_length:
+                    dropped += 1
+                    continue
+                n = max_length
+        rows.append(i)
+        kept.append(n)
+    return rows, kept, truncated, dropped
+
+
+def _stats(lengths: list[int]) -> dict[str, Any]:
+    s = sorted(lengths)
+    return {"min": s[0], "p50": percentile(s, 50), "p90": percentile(s, 90), "p99": percentile(s, 99), "max": s[-1],
+            "mean": sum(s) / len(s)}
+
+
+def data_profile(source: str, *, tokenizer: str | None, model_source: dict[str, Any], fmt: str,
+                 max_length: int | None, batching: str, packing_strategy: str, batch_size: int,
+                 grad_accum: int = 1, tokenizer_obj: Any = None) -> dict[str, Any]:
+    """``prediction.data`` of ``source`` (see the module docstring). ``tokenizer_obj``: an already loaded tokenizer."""
+    rows = read_records(source)
+    if tokenizer_obj is None:
+        tok, tok_from = load_tokenizer(tokenizer, model_source)
+    else:
+        tok, tok_from = tokenizer_obj, tokenizer or "(given)"
+    formatter = Formatter(tok)
+    from qplan.planner.data.formats import detect
+
+    try:
+        found = detect(rows[0]) if fmt == "auto" else fmt
+    except QPlanError as exc:
+        raise QPlanError(f"{source} row 1: {exc}") from None
+    full, prompt = formatter.lengths(rows, found, str(source))
+    packing = batching == "packing"
+    if packing and max_length is None:
+        raise QPlanError("--packing needs --max-seq-len (the length of a pack, TRL's max_length)")
+    kept_rows, kept, truncated, dropped = select(full, prompt, max_length, packing, packing_strategy)
+    if not kept:
+        raise QPlanError(f"{source}: every sample is dropped (each prompt alone fills --max-seq-len {max_length})")
+    longest = max(kept_rows, key=lambda i: full[i])
+    out: dict[str, Any] = {
+        "source": str(source), "path": str(Path(source).resolve()), "format": found, "tokenizer": tok_from,
+        "max_length": max_length,
+        "batching": batching, "samples": len(full), "dropped": dropped, "truncated": truncated,
+        "longest_sample": {"index": longest, "row": longest + 1, "tokens": full[longest]},  # index: dataset[index]
+        "tokens": _stats(full), "total_tokens": sum(full), "trained_tokens": sum(kept),
+        "histogram": histogram(full),
+    }
+    if packing:
+        packs = pack_bfd(kept, max_length) if packing_strategy == "bfd" else pack_wrapped(kept, max_length)
+        seq_len = max_length
+        out["trained_tokens"] = sum(packs)  # bfd cuts each sample to max_length; wrapped keeps every token
+        out.update(packing_strategy=packing_strategy, packs=len(packs), batches_per_epoch=-(-len(packs) // batch_size),
+                   tokens_per_epoch=sum(packs), padded_tokens_per_epoch=sum(packs),
+                   efficiency=sum(packs) / (len(packs) * max_length))
+        worst = {"seq_len": seq_len, "batch_size": batch_size, "tokens": min(batch_size, len(packs)) * max_length,
+                 "note": "a batch of full packs (padding-free: the tokens of the batch, at most batch × max_length)"}
+    else:
+        seq_len = max(kept)
+        if batching == "padding":
+            padded = padded_tokens_shuffled(kept, batch_size)
+        elif batching == "sequential":
+            padded = padded_tokens_sequential(kept, batch_size)
+        else:
+            padded = padded_tokens_grouped(kept, batch_size, grad_accum=grad_accum)
+        out.update(batches_per_epoch=-(-len(kept) // batch_size), tokens_per_epoch=sum(kept),
+                   padded_tokens_per_epoch=round(padded), efficiency=sum(kept) / padded)
+        worst = {"seq_len": seq_len, "batch_size": batch_size, "tokens": batch_size * seq_len,
+                 "note": "the batch holding the longest kept sample, padded to it"}
+    out["worst_batch"] = worst
+    return out

@@ -1,0 +1,171 @@
+"""How a trainer turns token lengths into batches: the worst batch (the planned shape) and the tokens of an epoch.
+
+Pure functions of a list of per-sample token counts (after formatting and truncation). Each models what the
+trainer does, with its source:
+
+* ``padding`` — transformers' ``Trainer`` with a ``RandomSampler`` (shuffled every epoch) and a collator padding
+  to the longest sample of the batch (``DataCollatorWithPadding``, TRL's ``DataCollatorForLanguageModeling``).
+  Whatever the order, the batch holding the longest sample is padded to it: the worst batch is
+  ``batch_size × max(lengths)``. The padded tokens of an epoch are a random quantity; their *expectation* is
+  exact: in a random permutation cut into batches, each batch is (marginally) a uniformly random subset of its
+  size, so by linearity E[padded] = Σ_batches size × E[max of a random subset of that size], and for sorted
+  lengths l(1) ≤ … ≤ l(n), P(max of a k-subset = l(i)) = C(i−1, k−1) / C(n, k).
+* ``sequential`` — the same without shuffling (``SequentialSampler``): exact, batch by batch in file order.
+* ``group_by_length`` — transformers' ``LengthGroupedSampler`` (``trainer_pt_utils.get_length_grouped_indices``,
+  built by the Trainer with ``B`` = micro-batch × gradient accumulation):
+  a random permutation cut into mega-batches of ``min(n // (4 B), 50) × B`` samples (at least ``B``), each
+  sorted longest first, the mega-batch holding the longest sample moved to the front. Its padded tokens are
+  estimated as the mean over ``GROUPED_SHUFFLES`` seeded shuffles (not an exact expectation).
+* ``packing`` — TRL's ``pack_dataset``: ``bfd`` (best-fit decreasing: sequences cut to ``max_len``, then each
+  placed, longest first, in the open pack with the least room that holds it, else a new pack) and ``wrapped``
+  (all tokens concatenated and cut every ``max_len``). Packs carry no padding (TRL's padding-free batches with
+  ``bfd``); a batch of ``B`` packs holds at most ``B × max_len`` tokens, the planned shape.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from bisect import bisect_left
+from collections.abc import Sequence
+
+BATCHINGS = ("padding", "sequential", "group_by_length", "packing")
+PACKING_STRATEGIES = ("bfd", "wrapped")
+#: shuffles averaged for the padded tokens of group_by_length
+GROUPED_SHUFFLES = 8
+
+
+def expected_max_of_subset(sorted_lengths: Sequence[int], k: int) -> float:
+    """E[max of a uniformly random ``k``-subset] of ``sorted_lengths`` (ascending): Σ l(i) C(i−1,k−1)/C(n,k)."""
+    n = len(sorted_lengths)
+    if not 1 <= k <= n:
+        raise ValueError(f"subset size {k} of {n}")
+    log_total = math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+    out = 0.0
+    for i in range(k, n + 1):  # i = rank of the maximum (1-based)
+        log_ways = math.lgamma(i) - math.lgamma(k) - math.lgamma(i - k + 1)
+        out += sorted_lengths[i - 1] * math.exp(log_ways - log_total)
+    return out
+
+
+def padded_tokens_shuffled(lengths: Sequence[int], batch_size: int, drop_last: bool = False) -> float:
+    """Expected padded tokens of one shuffled epoch (``RandomSampler``, pad to the longest of each batch)."""
+    s = sorted(lengths)
+    n = len(s)
+    full, rest = divmod(n, batch_size)
+    total = full * batch_size * expected_max_of_subset(s, batch_size) if full else 0.0
+    if rest and not drop_last:
+        total += rest * expected_max_of_subset(s, rest)
+    return total
+
+
+def padded_tokens_sequential(lengths: Sequence[int], batch_size: int, drop_last: bool = False) -> int:
+    """Padded tokens of one epoch in file order (exact)."""
+    total = 0
+    for i in range(0, len(lengths), batch_size):
+        chunk = lengths[i:i + batch_size]
+        if len(chunk) < batch_size and drop_last:
+            break
+        total += len(chunk) * max(chunk)
+    return total
+
+
+def length_grouped_order(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[int]:
+    """A sample order as ``LengthGroupedSampler`` makes it (its mega-batch rule; Python's RNG, not torch's).
+    ``batch_size``: the sampler's, which the Trainer gives as micro-batch × gradient accumulation."""
+    n = len(lengths)
+    mult = min(n // (batch_size * 4), 50) or 1
+    mega = mult * batch_size
+    perm = list(range(n))
+    rng.shuffle(perm)
+    groups = [sorted(perm[i:i + mega], key=lambda j: lengths[j], reverse=True) for i in range(0, n, mega)]
+    first = max(range(len(groups)), key=lambda g: lengths[groups[g][0]])
+    groups[0][0], groups[first][0] = groups[first][0], groups[0][0]  # the longest sample opens the epoch
+    return [j for g in groups for j in g]
+
+
+def padded_tokens_grouped(lengths: Sequence[int], batch_size: int, drop_last: bool = False, seed: int = 42,
+                          grad_accum: int = 1) -> float:
+    """Mean padded tokens of one epoch over ``GROUPED_SHUFFLES`` length-grouped orders (grouped by
+    ``batch_size × grad_accum``, as the Trainer builds the sampler; padded per micro-batch of ``batch_size``)."""
+    rng = random.Random(seed)
+    tot = 0
+    for _ in range(GROUPED_SHUFFLES):
+        order = length_grouped_order(lengths, batch_size * grad_accum, rng)
+        tot += padded_tokens_sequential([lengths[j] for j in order], batch_size, drop_last)
+    return tot / GROUPED_SHUFFLES
+
+
+class _FreeSpace:
+    """Counts of open packs by free space 1..cap, with "the smallest free space ≥ x" in O(log cap) (a segment tree
+    over the counts)."""
+
+    def __init__(self, cap: int) -> None:
+        self.size = 1
+        while self.size < cap + 1:
+            self.size *= 2
+        self.tree = [0] * (2 * self.size)
+
+    def add(self, space: int, delta: int) -> None:
+        i = space + self.size
+        while i:
+            self.tree[i] += delta
+            i //= 2
+
+    def smallest_at_least(self, x: int) -> int | None:
+        def go(node: int, lo: int, hi: int) -> int | None:
+            if hi < x or not self.tree[node]:
+                return None
+            if lo == hi:
+                return lo
+            mid = (lo + hi) // 2
+            found = go(2 * node, lo, mid)
+            return found if found is not None else go(2 * node + 1, mid + 1, hi)
+
+        return go(1, 0, self.size - 1)
+
+
+def pack_bfd(lengths: Sequence[int], max_len: int) -> list[int]:
+    """The token count of each pack TRL's ``bfd`` makes: each length cut to ``max_len`` (empty ones dropped), then
+    longest first into the open pack with the least free space that holds it, else a new pack."""
+    free = _FreeSpace(max_len)
+    packs: list[int] = []
+    by_space: dict[int, list[int]] = {}  # free space -> open packs with it (FIFO, as TRL's deques)
+    for length in sorted((min(x, max_len) for x in lengths if x > 0), reverse=True):
+        space = free.smallest_at_least(length)
+        if space is None:
+            packs.append(0)
+            pid = len(packs) - 1
+        else:
+            pid = by_space[space].pop(0)
+            free.add(space, -1)
+        packs[pid] += length
+        left = max_len - packs[pid]
+        if left > 0:
+            by_space.setdefault(left, []).append(pid)
+            free.add(left, 1)
+    return packs
+
+
+def pack_wrapped(lengths: Sequence[int], max_len: int) -> list[int]:
+    """The token count of each row of TRL's ``wrapped`` packing: every token concatenated, cut every ``max_len``."""
+    total = sum(lengths)
+    full, rest = divmod(total, max_len)
+    return [max_len] * full + ([rest] if rest else [])
+
+
+def percentile(sorted_values: Sequence[int], q: float) -> int:
+    """The nearest-rank ``q``-th percentile (0 < q ≤ 100) of ascending values."""
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def histogram(values: Sequence[int], bins: int = 12) -> dict[str, list[int]]:
+    """Counts of ``values`` in ``bins`` equal-width bins from 0 to the maximum: ``edges`` (bins + 1) and ``counts``."""
+    top = max(values) if values else 0
+    width = max(1, math.ceil((top + 1) / bins))
+    edges = [i * width for i in range(bins + 1)]
+    counts = [0] * bins
+    for v in values:
+        counts[min(bins - 1, bisect_left(edges, v + 1) - 1)] += 1
+    return {"edges": edges, "counts": counts}

@@ -1,0 +1,161 @@
+"""Records -> token counts, formatted as TRL's ``SFTTrainer`` prepares them (trl 1.x ``_prepare_dataset``).
+
+A dataset has one format, found from its first record and required of every record (a mixed dataset is one
+line naming the first row that differs):
+
+* ``text`` — language modelling: the EOS token appended unless the text ends with it, then tokenized
+  (the tokenizer's special tokens, e.g. BOS, included).
+* ``messages`` — a conversation (``[{role, content}]``; ShareGPT's ``conversations`` of ``{from, value}`` are
+  converted to it as TRL's ``maybe_convert_to_chatml`` does: keys renamed, roles such as ``human``/``gpt`` kept
+  as they are): the model's chat template, tokenized. No EOS is
+  added (the template ends turns itself).
+* ``prompt-completion`` — plain strings: ``prompt + completion`` (+ EOS unless the completion ends with it),
+  tokenized; conversations: the chat template over ``prompt + completion``. The prompt's own token count is
+  kept: TRL trains on the completion only (``completion_only_loss`` is on for such data) and drops a sample
+  whose prompt alone fills ``max_length`` (no token left to learn from).
+* ``instruction`` — qplan's own ``instruction``/``input``/``response`` records (``qplan run``'s data format):
+  the template of ``backends/data.py`` as text, then as ``text``.
+
+Truncation is TRL's ``keep_start``: the first ``max_length`` tokens (not when packing: packing cuts instead).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from qplan.planner.errors import QPlanError
+
+FORMATS = ("auto", "text", "messages", "prompt-completion", "instruction")
+#: qplan run's instruction template (backends/data.py keeps the same strings; a test checks they agree)
+TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n{response}"
+TEMPLATE_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{response}"
+#: records tokenized per call of the tokenizer
+BATCH = 1024
+
+
+def detect(rec: dict[str, Any]) -> str:
+    """The format of one record (see the module docstring)."""
+    if "messages" in rec or "conversations" in rec:
+        return "messages"
+    if "prompt" in rec and "completion" in rec:
+        return "prompt-completion"
+    if "text" in rec:
+        return "text"
+    if "instruction" in rec and "response" in rec:
+        return "instruction"
+    keys = ", ".join(sorted(map(str, rec))[:8]) or "none"
+    raise QPlanError(f"no training field (text, messages, conversations, prompt/completion, instruction/response); "
+                     f"its fields: {keys}")
+
+
+def _messages(value: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not value:
+        raise QPlanError(f"{where}: expected a non-empty list of messages")
+    out = []
+    for m in value:
+        if not isinstance(m, dict):
+            raise QPlanError(f"{where}: a message is not an object")
+        if "from" in m and "value" in m:  # ShareGPT
+            m = {"role": m["from"], "content": m["value"]}  # renamed keys, the roles kept as they are (as TRL)
+        if not isinstance(m.get("role"), str) or "content" not in m:
+            raise QPlanError(f"{where}: a message needs 'role' and 'content'")
+        out.append(m)
+    return out
+
+
+def _string(rec: dict[str, Any], key: str, where: str) -> str:
+    v = rec.get(key)
+    if not isinstance(v, str):
+        raise QPlanError(f"{where}: field {key!r} must be a string, got {type(v).__name__}")
+    return v
+
+
+class Formatter:
+    """Token counts of records with one tokenizer (a transformers tokenizer: ``__call__``, ``apply_chat_template``,
+    ``eos_token``)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tok = tokenizer
+        self.eos = tokenizer.eos_token or ""
+
+    def _ids(self, texts: list[str], keep: bool) -> list[Any]:
+        out: list[Any] = []
+        for i in range(0, len(texts), BATCH):
+            enc = self.tok(texts[i:i + BATCH])["input_ids"]
+            out.extend(enc if keep else (len(ids) for ids in enc))
+        return out
+
+    def _chat(self, conversation: list[dict[str, Any]], where: str, keep: bool, **kw: Any) -> Any:
+        if not getattr(self.tok, "chat_template", None):
+            raise QPlanError(f"{where}: conversational data needs a chat template, and this tokenizer has none "
+                             "(give --tokenizer with one)")
+        try:
+            ids = self.tok.apply_chat_template(conversation, tokenize=True, return_dict=True, **kw)["input_ids"]
+        except Exception as exc:  # a template raising on this conversation (jinja's raise_exception)
+            raise QPlanError(f"{where}: the chat template refuses it: {str(exc)[:120]}") from exc
+        return list(ids) if keep else len(ids)
+
+    def _text(self, t: str) -> str:
+        return t if not self.eos or t.endswith(self.eos) else t + self.eos
+
+    def lengths(self, rows: Sequence[dict[str, Any]], fmt: str, where: str) -> tuple[list[int], list[int] | None]:
+        """Per record: the tokens of the training sequence, and (prompt-completion) the prompt's tokens."""
+        return self._format(rows, fmt, where, keep=False)
+
+    def sequences(self, rows: Sequence[dict[str, Any]], fmt: str, where: str) -> tuple[list[list[int]], list[int] | None]:
+        """Per record: the token ids of the training sequence, and (prompt-completion) the prompt's tokens."""
+        return self._format(rows, fmt, where, keep=True)
+
+    def _format(self, rows: Sequence[dict[str, Any]], fmt: str, where: str, keep: bool) -> tuple[list[Any], list[int] | None]:
+        if fmt == "auto":
+            fmt = detect(rows[0]) if rows else "text"
+        for i, rec in enumerate(rows, 1):
+            if detect_or_none(rec) != fmt:
+                raise QPlanError(f"{where} row {i}: not a {fmt} record like row 1 (mixed formats: "
+                                 f"{detect_or_none(rec) or 'no training field'})")
+        if fmt == "text":
+            return self._ids([self._text(_string(r, "text", f"{where} row {i}")) for i, r in enumerate(rows, 1)],
+                             keep), None
+        if fmt == "instruction":
+            texts = []
+            for i, r in enumerate(rows, 1):
+                w = f"{where} row {i}"
+                fields = {k: _string(r, k, w) for k in ("instruction", "response")}
+                if r.get("input"):
+                    texts.append(TEMPLATE_WITH_INPUT.format(input=_string(r, "input", w), **fields))
+                else:
+                    texts.append(TEMPLATE.format(**fields))
+            return self._ids([self._text(t) for t in texts], keep), None
+        if fmt == "messages":
+            return [self._chat(_messages(r.get("messages", r.get("conversations")), f"{where} row {i}"),
+                               f"{where} row {i}", keep) for i, r in enumerate(rows, 1)], None
+        # prompt-completion
+        full: list[Any] = []
+        prompt: list[int] = []
+        texts_p, texts_pc, plain = [], [], []
+        for i, r in enumerate(rows, 1):
+            w = f"{where} row {i}"
+            if isinstance(r.get("prompt"), list):
+                pr, c = _messages(r["prompt"], w), _messages(r["completion"], w)
+                prompt.append(self._chat(pr, w, False, add_generation_prompt=True))
+                full.append(self._chat(pr + c, w, keep))
+            else:
+                texts_p.append(_string(r, "prompt", w))
+                texts_pc.append(texts_p[-1] + self._text(_string(r, "completion", w)))
+                plain.append(len(full))
+                full.append(0)
+                prompt.append(0)
+        if plain:
+            for j, n_p, pc in zip(plain, self._ids(texts_p, False), self._ids(texts_pc, keep), strict=True):
+                prompt[j], full[j] = n_p, pc
+        return full, prompt
+
+
+def detect_or_none(rec: Any) -> str | None:
+    if not isinstance(rec, dict):
+        return None
+    try:
+        return detect(rec)
+    except QPlanError:
+        return None

@@ -1,0 +1,69 @@
+"""`qplan run` of a --data plan (issue 27): it trains on the plan's own samples, padded per batch as planned, and
+`--largest-first` puts the batch holding the longest sample at the first measured step — so the measured peak is
+the worst batch's, and an out-of-memory comes in the first steps. A real CPU run; the batch shapes are the
+collator's record of what it made, in order."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+from backend_helpers import read_measured
+from qplan.backends import runner
+from qplan.cli.main import main
+
+TINY = str(Path(__file__).resolve().parent / "data" / "tiny-llama.json")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    from qplan.backends.modelsrc import byte_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    byte_tokenizer().save_pretrained(d)  # the tokenizer --random-init trains with
+    return d
+
+
+def _plan(tmp_path: Path, tokenizer_dir: Path, capsys) -> Path:
+    rng = random.Random(3)
+    rows = [{"text": "word " * rng.randint(2, 10)} for _ in range(40)]
+    rows[29] = {"text": "long " * 40}  # 201 tokens: cut to 128
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plan = tmp_path / "plan.json"
+    rc = main(["estimate", "--model", TINY, "--quant", "bf16", "--data", str(data), "--tokenizer", str(tokenizer_dir),
+               "--batch-size", "2", "--max-seq-len", "128", "--output", str(plan)])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads(plan.read_text())["training"]["seq_len"] == 128
+    return plan
+
+
+@pytest.mark.parametrize("largest_first", [True, False])
+def test_a_data_plan_trains_its_samples_padded_per_batch(tmp_path, tokenizer_dir, capsys, largest_first):
+    plan = _plan(tmp_path, tokenizer_dir, capsys)
+    result = runner.run_plan(plan, random_init=True, steps=4, device="cpu", out_dir=tmp_path / "runs",
+                             largest_first=largest_first)
+    assert result["status"] == "ok", result["summary"]
+    doc = read_measured(result["run_dir"])
+    shapes = doc["run"]["batch_shapes"]
+    assert all(b == 2 and n <= 128 for b, n in shapes)
+    assert doc["measured"]["memory"]["window_steps"] == [2, 3]
+    if largest_first:
+        # the first measured step (after 1 warm-up step) is the worst batch, padded to the planned length
+        assert shapes[1] == [2, 128] and all(n < 128 for i, (_, n) in enumerate(shapes) if i != 1)
+        assert doc["run"]["largest_first"] is True
+
+
+def test_largest_first_needs_a_data_plan(tmp_path, capsys):
+    plan = tmp_path / "plain.json"
+    assert main(["estimate", "--model", TINY, "--quant", "bf16", "--seq-len", "64", "--output", str(plan)]) == 0
+    capsys.readouterr()
+    rc = main(["run", str(plan), "--random-init", "--largest-first", "--out-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--largest-first orders the batches of a --data plan" in err
+    assert not (tmp_path / "runs").exists()

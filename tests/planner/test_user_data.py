@@ -1,0 +1,277 @@
+"""--data (issue 27): a dataset's token counts, truncation, packing and padded batches, against independent oracles.
+
+* Formatting, tokenizing, truncation and packing: TRL's own ``SFTTrainer._prepare_dataset`` (the code the trainer
+  runs; called on a ``datasets.Dataset`` with a stand-in ``self`` holding the tokenizer), per row.
+* The expected padded tokens of a shuffled epoch: every permutation enumerated (small sets).
+* Padded batches in file order: transformers' ``DataCollatorWithPadding`` on the real batches.
+* group_by_length: transformers' ``get_length_grouped_indices`` given the same permutation.
+* Readers: the same records as Parquet, CSV, Arrow and a ``save_to_disk`` folder (written by ``datasets``) give the
+  lengths of the JSONL.
+The tokenizer is built here (a byte-level BPE with a chat template): no download.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import types
+import warnings
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("trl")
+
+from qplan.planner.data import data_profile
+from qplan.planner.data.batching import (
+    expected_max_of_subset,
+    length_grouped_order,
+    pack_bfd,
+    pack_wrapped,
+    padded_tokens_sequential,
+    padded_tokens_shuffled,
+)
+from qplan.planner.data.formats import Formatter
+from qplan.planner.errors import QPlanError
+
+CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    from qplan.backends.modelsrc import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.chat_template = CHAT
+    d = tmp_path_factory.mktemp("tok")
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def _words(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choice(["tea", "a", "quantization", "GPU", "ok"]) for _ in range(rng.randint(lo, hi)))
+
+
+def datasets_() -> dict[str, list[dict]]:
+    rng = random.Random(7)
+    chat = [{"messages": [{"role": "user", "content": _words(rng, 1, 9)},
+                          {"role": "assistant", "content": _words(rng, 1, 40)}]} for _ in range(40)]
+    return {
+        "text": [{"text": _words(rng, 1, 60)} for _ in range(60)] + [{"text": "ends with eos</s>"}],
+        "messages": chat,
+        "conversations": [{"conversations": [{"from": "human", "value": _words(rng, 1, 9)},
+                                             {"from": "gpt", "value": _words(rng, 1, 30)}]} for _ in range(30)],
+        "prompt-completion": [{"prompt": _words(rng, 1, 9), "completion": _words(rng, 1, 20)} for _ in range(40)]
+        + [{"prompt": _words(rng, 60, 60), "completion": "x"}],  # the prompt alone fills max_length: TRL drops it
+        "chat prompt-completion": [{"prompt": [{"role": "user", "content": _words(rng, 1, 12)}],
+                                    "completion": [{"role": "assistant", "content": _words(rng, 1, 30)}]}
+                                   for _ in range(30)],
+    }
+
+
+def trl_prepared(tok, rows, max_length, packing, strategy="bfd") -> list[int]:
+    """Lengths of the rows TRL's SFTTrainer trains on (its own preparation code)."""
+    from datasets import Dataset, disable_progress_bars
+    from trl import SFTConfig
+    from trl.trainer.sft_trainer import SFTTrainer
+
+    disable_progress_bars()
+    with warnings.catch_warnings():  # TRL's defaults set transformers' deprecated gradient_checkpointing name
+        warnings.simplefilter("ignore", FutureWarning)
+        args = SFTConfig(output_dir="/tmp/unused", max_length=max_length, packing=packing, packing_strategy=strategy,
+                         report_to=[], use_cpu=True, bf16=False)
+    # as SFTTrainer.__init__ sets it when completion_only_loss is None: on for prompt-completion data
+    me = types.SimpleNamespace(_tokenizer=tok, chat_template=None,
+                               completion_only_loss="prompt" in rows[0] and "completion" in rows[0])
+    ds = SFTTrainer._prepare_dataset(me, Dataset.from_list(rows), tok, args, packing, None, "train")
+    return [len(x) for x in ds["input_ids"]]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("name", list(datasets_()))
+@pytest.mark.parametrize("max_length", [None, 48])
+def test_token_counts_and_truncation_equal_trls_preparation(tmp_path, tok, tokenizer_dir, name, max_length):
+    rows = datasets_()[name]
+    want = trl_prepared(tok, rows, max_length, packing=False)
+    got = data_profile(str(write_jsonl(tmp_path / "d.jsonl", rows)), tokenizer=str(tokenizer_dir), model_source={},
+                       fmt="auto", max_length=max_length, batching="sequential", packing_strategy="bfd", batch_size=4)
+    assert got["samples"] - got["dropped"] == len(want)
+    assert got["trained_tokens"] == sum(want)
+    assert got["worst_batch"]["seq_len"] == max(want)
+    assert got["padded_tokens_per_epoch"] == padded_tokens_sequential(want, 4)
+    if max_length is not None:
+        full = Formatter(tok).lengths(rows, got["format"], "d")[0]
+        assert got["truncated"] == sum(n > max_length for n in full) > 0
+    if name == "prompt-completion" and max_length:
+        assert got["dropped"] >= 1  # the long prompt at least
+
+
+@pytest.mark.parametrize("strategy", ["bfd", "wrapped"])
+@pytest.mark.parametrize("name", ["text", "messages", "prompt-completion"])
+def test_packing_equals_trls_pack_dataset(tmp_path, tok, tokenizer_dir, name, strategy):
+    rows = datasets_()[name]
+    want = trl_prepared(tok, rows, 64, packing=True, strategy=strategy)
+    got = data_profile(str(write_jsonl(tmp_path / "d.jsonl", rows)), tokenizer=str(tokenizer_dir), model_source={},
+                       fmt="auto", max_length=64, batching="packing", packing_strategy=strategy, batch_size=2)
+    assert got["packs"] == len(want) and got["tokens_per_epoch"] == sum(want)
+    assert got["worst_batch"] == {**got["worst_batch"], "seq_len": 64, "tokens": 2 * 64}
+    full = Formatter(tok).lengths(rows, got["format"], "d")[0]
+    packs = pack_bfd(full, 64) if strategy == "bfd" else pack_wrapped(full, 64)
+    assert sorted(packs) == sorted(want)
+
+
+def test_expected_padded_tokens_of_a_shuffled_epoch_by_enumeration():
+    lengths = [3, 9, 1, 7, 7, 2, 5]
+    for b in (1, 2, 3, 4, 7):
+        perms = list(itertools.permutations(lengths))
+        mean = sum(padded_tokens_sequential(list(p), b) for p in perms) / len(perms)
+        assert padded_tokens_shuffled(lengths, b) == pytest.approx(mean, rel=1e-12)
+    assert expected_max_of_subset(sorted(lengths), len(lengths)) == pytest.approx(9)
+
+
+def test_padded_batches_in_file_order_equal_the_collator(tok):
+    from transformers import DataCollatorWithPadding
+
+    rng = random.Random(3)
+    ids = [[5] * rng.randint(1, 50) for _ in range(23)]
+    collate = DataCollatorWithPadding(tok, return_tensors="pt")
+    real = sum(collate([{"input_ids": x} for x in ids[i:i + 4]])["input_ids"].numel() for i in range(0, 23, 4))
+    assert padded_tokens_sequential([len(x) for x in ids], 4) == real
+
+
+def test_group_by_length_orders_as_transformers_does(monkeypatch):
+    import torch
+    from transformers import trainer_pt_utils
+
+    rng = random.Random(11)
+    lengths = [rng.randint(1, 500) for _ in range(203)]
+    perm = list(range(203))
+    random.Random(5).shuffle(perm)
+    monkeypatch.setattr(trainer_pt_utils.torch, "randperm", lambda n, generator=None: torch.tensor(perm))
+    want = trainer_pt_utils.get_length_grouped_indices(lengths, 4)
+
+    class Fixed:
+        def shuffle(self, xs):
+            xs[:] = perm
+
+    assert length_grouped_order(lengths, 4, Fixed()) == want
+    assert lengths[want[0]] == max(lengths)
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv", "arrow", "save_to_disk", "json"])
+def test_every_reader_gives_the_lengths_of_the_jsonl(tmp_path, tokenizer_dir, kind):
+    from datasets import Dataset
+
+    rows = datasets_()["prompt-completion"][:20]
+    ds = Dataset.from_list(rows)
+    path = {"parquet": tmp_path / "d.parquet", "csv": tmp_path / "d.csv", "arrow": tmp_path / "d.arrow",
+            "save_to_disk": tmp_path / "saved", "json": tmp_path / "d.json"}[kind]
+    if kind == "parquet":
+        ds.to_parquet(path)
+    elif kind == "csv":
+        ds.to_csv(path, index=False)
+    elif kind == "arrow":
+        ds.save_to_disk(tmp_path / "tmp")
+        path.write_bytes(next((tmp_path / "tmp").glob("*.arrow")).read_bytes())
+    elif kind == "save_to_disk":
+        ds.save_to_disk(path)
+    else:
+        path.write_text(json.dumps(rows))
+
+    def profile(p):
+        return data_profile(str(p), tokenizer=str(tokenizer_dir), model_source={}, fmt="auto", max_length=None,
+                            batching="sequential", packing_strategy="bfd", batch_size=3)
+
+    a, b = profile(path), profile(write_jsonl(tmp_path / "d.jsonl", rows))
+    assert {k: a[k] for k in a if k != "source"} == {k: b[k] for k in b if k != "source"}
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"", "has no records"),
+    (b'{"text": "a"}\n{"txt": "b"}\n', "row 2"),
+    (b'{"text": "a"}\n{"messages": [{"role": "user", "content": "x"}]}\n', "mixed formats"),
+    (b'{"text": "a"}\nnot json\n', ":2: not JSON"),
+    (b'{"text": "a"}\n{"text": "\xff"}\n', ":2: not UTF-8"),
+    (b'["a list"]\n', "expected an object"),
+    (b'{"text": 5}\n', "must be a string"),
+    (b'{"prompt": "a"}\n', "no training field"),
+])
+def test_bad_data_is_one_line_naming_the_row(tmp_path, tokenizer_dir, content, needle):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(content)
+    with pytest.raises(QPlanError, match=needle.replace("(", r"\(")) as e:
+        data_profile(str(p), tokenizer=str(tokenizer_dir), model_source={}, fmt="auto", max_length=None,
+                     batching="padding", packing_strategy="bfd", batch_size=1)
+    assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------ the command line
+
+TINY = str(Path(__file__).resolve().parents[1] / "backends" / "data" / "tiny-llama.json")
+
+
+def _cli(capsys, *args):
+    from qplan.cli.main import main
+
+    rc = main(list(args))
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_estimate_plans_the_worst_batch_and_the_real_tokens(tmp_path, tok, tokenizer_dir, capsys):
+    """The planned shape is the worst batch (TRL's longest kept sequence), the time counts the padded tokens of every
+    epoch, and the plan says which row is the longest; the table shows the histogram with it marked."""
+    rows = datasets_()["text"]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    want = trl_prepared(tok, rows, 100, packing=False)
+    rc, out, err = _cli(capsys, "estimate", "--model", TINY, "--data", str(data), "--tokenizer", str(tokenizer_dir),
+                        "--max-seq-len", "100", "--batch-size", "4", "--gpu", "t4", "--epochs", "3", "--format", "json")
+    assert rc == 0, err
+    plan = json.loads(out)
+    d = plan["prediction"]["data"]
+    assert plan["training"]["seq_len"] == max(want) == 100
+    full = Formatter(tok).lengths(rows, "text", "d")[0]
+    assert d["longest_sample"] == {"index": full.index(max(full)), "row": full.index(max(full)) + 1, "tokens": max(full)}
+    # an expectation, rounded to whole tokens per epoch
+    assert plan["prediction"]["time"]["tokens"] == pytest.approx(padded_tokens_shuffled(want, 4) * 3, abs=3)
+    rc, out, _ = _cli(capsys, "estimate", "--model", TINY, "--data", str(data), "--tokenizer", str(tokenizer_dir),
+                      "--max-seq-len", "100", "--batch-size", "4")
+    assert rc == 0 and "← longest" in out and f"(row {d['longest_sample']['row']})" in out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--max-seq-len", "64"], "--max-seq-len describes --data"),
+    (["--batching", "packing"], "--batching describes --data"),
+    (["--data", "D.jsonl", "--seq-len", "64"], "--seq-len is set by --data"),
+    (["--data", "D.jsonl", "--tokens", "1000"], "--data counts the tokens"),
+    (["--data", "D.jsonl", "--batching", "packing"], "--packing needs --max-seq-len"),
+    (["--data", "D.jsonl"], "over tiny-llama's context of 256"),
+    (["--data", "FIFO.jsonl"], "not a regular file"),
+    (["--data", "D.jsonl", "--tokenizer", "NOTOK"], "no tokenizer found"),
+    (["--data", "D.txt"], "unknown kind"),
+])
+def test_data_options_misused_are_one_line(tmp_path, tokenizer_dir, capsys, args, needle):
+    import os
+
+    (tmp_path / "D.jsonl").write_text("".join(json.dumps({"text": "x" * 300}) + "\n" for _ in range(3)))
+    (tmp_path / "D.txt").write_text("x")
+    (tmp_path / "NOTOK").mkdir()
+    os.mkfifo(tmp_path / "FIFO.jsonl")
+    args = [str(tmp_path / a) if (tmp_path / a).exists() else a for a in args]
+    if "--data" in args and "--tokenizer" not in args:
+        args += ["--tokenizer", str(tokenizer_dir)]
+    rc, _, err = _cli(capsys, "estimate", "--model", TINY, *args)
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
