@@ -127,6 +127,47 @@ def stacked_bars_svg(stacks: list[dict[str, Any]], categories: list[str], title:
     return "".join(out)
 
 
+def histogram_svg(hist: dict[str, list[int]], longest: int, cut: int | None = None,
+                  title: str = "tokens per sample") -> str:
+    """Bars of a length histogram (``{"edges", "counts"}``, planner.data.batching.histogram); the bin holding the
+    ``longest`` sample is red and labelled, and a dashed line marks the truncation ``cut`` (--max-seq-len)."""
+    edges, counts = hist["edges"], hist["counts"]
+    w, h, left, right, top, bottom = 760, 300, 70, 30, 30, 50
+    plot_w, plot_h = w - left - right, h - top - bottom
+    cmax = max(counts + [1])
+    step = _nice_step(cmax)
+    ymax = math.ceil(cmax / step) * step
+    x = lambda v: left + plot_w * v / edges[-1]  # noqa: E731
+    y = lambda v: top + plot_h * (1 - v / ymax)  # noqa: E731
+    out = [f"<svg xmlns='http://www.w3.org/2000/svg' class='chart histogram' viewBox='0 0 {w} {h}' width='{w}' "
+           f"height='{h}' role='img' aria-label='{esc(title)}'>"]
+    k = 0.0
+    while k <= ymax + 1e-9:
+        out.append(f"<line x1='{left}' x2='{w - right}' y1='{y(k):.1f}' y2='{y(k):.1f}' stroke='#e5e5e5'/>")
+        out.append(_text(left - 6, y(k) + 4, f"{k:g}", 11, "end"))
+        k += step
+    out.append(_text(14, top + plot_h / 2, "samples", 12, "middle", f"transform='rotate(-90 14 {top + plot_h / 2:.1f})'"))
+    mark = next((i for i in range(len(counts)) if longest < edges[i + 1]), len(counts) - 1)
+    for i, c in enumerate(counts):
+        x0, x1 = x(edges[i]), x(edges[i + 1])
+        color = "#c0392b" if i == mark else "#4c78a8"
+        out.append(f"<rect class='bin' data-from='{edges[i]}' data-to='{edges[i + 1] - 1}' data-count='{c}' "
+                   f"x='{x0 + 1:.1f}' y='{y(c):.2f}' width='{max(0.0, x1 - x0 - 2):.1f}' height='{y(0) - y(c):.2f}' "
+                   f"fill='{color}'><title>{edges[i]:,}–{edges[i + 1] - 1:,} tokens: {c:,} samples</title></rect>")
+    for i in range(0, len(edges), max(1, len(edges) // 6)):
+        out.append(_text(x(edges[i]), top + plot_h + 16, f"{edges[i]:,}", 11, "middle"))
+    out.append(_text(left + plot_w / 2, h - 10, title, 12, "middle"))
+    lx = x((edges[mark] + edges[mark + 1]) / 2)
+    out.append(_text(min(lx, w - right - 4), y(counts[mark]) - 6, f"longest: {longest:,}", 12,
+                     "end" if lx > w - right - 120 else "middle", "fill='#c0392b' font-weight='600'"))
+    if cut is not None and cut < edges[-1]:
+        out.append(f"<line class='cut' x1='{x(cut):.1f}' x2='{x(cut):.1f}' y1='{top}' y2='{top + plot_h}' "
+                   "stroke='#333' stroke-dasharray='4 3'/>")
+        out.append(_text(x(cut) + 4, top + 12, f"--max-seq-len {cut:,}", 11))
+    out.append("</svg>")
+    return "".join(out)
+
+
 # ---------------------------------------------------------------------------------- timeline
 
 

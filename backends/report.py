@@ -25,7 +25,7 @@ from typing import Any
 from qplan.planner.errors import QPlanError
 from qplan.planner.vocab import CATEGORIES, MOMENT_NAMES
 
-from .charts import stacked_bars_svg, timeline_svg
+from .charts import histogram_svg, stacked_bars_svg, timeline_svg
 from .compare import _ints, composition_at_peak, pairs
 
 MiB = 2**20
@@ -213,6 +213,10 @@ def run_markdown(plan: dict[str, Any], doc: dict[str, Any], images: bool = True)
         if images:
             lines += ["![predicted and measured bytes at the peak, by category](composition.svg)", ""]
         lines += [_table(["category", "predicted", "measured", "predicted − measured"], _composition_rows(comp)), ""]
+    ds = data_sentence(plan, doc)
+    if ds:
+        lines += ["## Your data", "", ds, ""] + (["![tokens per sample, the longest in red](data.svg)", ""] if images
+                                                 else [])
     lines += ["## Memory over the measured steps", ""]
     if mem.get("timeline"):
         lines += ["![live bytes over the measured steps](timeline.svg)" if images else "(see report.html)", ""]
@@ -364,7 +368,30 @@ def charts_for(plan: dict[str, Any], doc: dict[str, Any]) -> dict[str, str]:
     tl = ((doc.get("measured") or {}).get("memory") or {}).get("timeline")
     if tl:
         out["timeline"] = timeline_svg(tl, comp["predicted_phase_peaks"])
+    d = plan["prediction"].get("data")
+    if d:
+        out["data"] = histogram_svg(d["histogram"], d["longest_sample"]["tokens"], d.get("max_length"))
     return out
+
+
+def data_sentence(plan: dict[str, Any], doc: dict[str, Any]) -> str | None:
+    """A --data plan's dataset and the batches the run made (their shapes, in order)."""
+    d = plan["prediction"].get("data")
+    if not d:
+        return None
+    w = d["worst_batch"]
+    text = (f"{d['source']}: {d['samples']:,} samples ({d['format']}), p50 {d['tokens']['p50']:,} · max "
+            f"{d['tokens']['max']:,} tokens (row {d['longest_sample']['row']:,}, red); {d['batching']}: planned "
+            f"worst batch {w['batch_size']} × {w['seq_len']:,}.")
+    shapes = (doc.get("run") or {}).get("batch_shapes")
+    if shapes:
+        first = ", ".join(f"{b}×{n}" for b, n in shapes[:8])
+        worst = max(range(len(shapes)), key=lambda i: shapes[i][1])
+        text += (f" Batches trained, in order: {first}{' …' if len(shapes) > 8 else ''}; the longest was batch "
+                 f"{worst + 1} ({shapes[worst][0]}×{shapes[worst][1]})"
+                 + (" — placed by --largest-first at the first measured step." if (doc.get("run") or {}).get(
+                     "largest_first") else "."))
+    return text
 
 
 def run_html(plan: dict[str, Any], doc: dict[str, Any], charts: dict[str, str] | None = None) -> str:
@@ -391,6 +418,8 @@ def run_html(plan: dict[str, Any], doc: dict[str, Any], charts: dict[str, str] |
         body.append(charts["composition"])
         body.append(html_table(["category", "predicted", "measured", "predicted − measured"], _composition_rows(comp),
                                "composition"))
+    if "data" in charts:
+        body.append(f"<h2>Your data</h2><p class='caption'>{e(data_sentence(plan, doc) or '')}</p>" + charts["data"])
     body.append("<h2>Memory over the measured steps</h2>")
     if "timeline" in charts:
         body.append("<p class='caption'>Live tensor bytes after every allocation and free, in order (downsampled: the "

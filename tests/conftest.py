@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# --data's token-count cache: one fresh folder per test session, never the user's ~/.cache
+os.environ["QPLAN_DATA_CACHE_DIR"] = __import__("tempfile").mkdtemp(prefix="qplan-data-cache-")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 

@@ -1,7 +1,8 @@
 """Planning from the user's own data (``--data``): the longest batch sets the planned shape, the real tokens the time.
 
 ``data_profile`` reads the records (``sources``), counts each one's tokens as the trainer formats it with the
-model's own tokenizer (``formats``), truncates as TRL does, and batches as the trainer batches (``batching``).
+model's own tokenizer (``formats``; the counts are cached, ``cache``), truncates as TRL does, and batches as the
+trainer batches (``batching``).
 It returns ``prediction.data``: the statistics, the worst batch (its padded length becomes ``training.seq_len``)
 and the tokens of one epoch (which, times ``--epochs``, set the time and cost).
 
@@ -92,19 +93,27 @@ def data_profile(source: str, *, tokenizer: str | None, model_source: dict[str, 
                  max_length: int | None, batching: str, packing_strategy: str, batch_size: int,
                  grad_accum: int = 1, tokenizer_obj: Any = None) -> dict[str, Any]:
     """``prediction.data`` of ``source`` (see the module docstring). ``tokenizer_obj``: an already loaded tokenizer."""
-    rows = read_records(source)
+    from qplan.planner.data import cache
+    from qplan.planner.data.formats import detect
+
     if tokenizer_obj is None:
         tok, tok_from = load_tokenizer(tokenizer, model_source)
     else:
         tok, tok_from = tokenizer_obj, tokenizer or "(given)"
-    formatter = Formatter(tok)
-    from qplan.planner.data.formats import detect
-
-    try:
-        found = detect(rows[0]) if fmt == "auto" else fmt
-    except QPlanError as exc:
-        raise QPlanError(f"{source} row 1: {exc}") from None
-    full, prompt = formatter.lengths(rows, found, str(source))
+    if not Path(source).exists():
+        read_records(source)  # the one-line error for a missing source
+    k = cache.key(source, tok, fmt)
+    hit = cache.load(k)
+    if hit is not None:  # the same data, tokenizer and format: counted before
+        found, full, prompt = hit["format"], hit["lengths"], hit["prompt"]
+    else:
+        rows = read_records(source)
+        try:
+            found = detect(rows[0]) if fmt == "auto" else fmt
+        except QPlanError as exc:
+            raise QPlanError(f"{source} row 1: {exc}") from None
+        full, prompt = Formatter(tok).lengths(rows, found, str(source))
+        cache.store(k, found, full, prompt)
     packing = batching == "packing"
     if packing and max_length is None:
         raise QPlanError("--packing needs --max-seq-len (the length of a pack, TRL's max_length)")

@@ -31,7 +31,7 @@ FORMATS = ("auto", "text", "messages", "prompt-completion", "instruction")
 TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n{response}"
 TEMPLATE_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{response}"
 #: records tokenized per call of the tokenizer
-BATCH = 1024
+BATCH = 8192
 
 
 def detect(rec: dict[str, Any]) -> str:
@@ -81,10 +81,23 @@ class Formatter:
 
     def _ids(self, texts: list[str], keep: bool) -> list[Any]:
         out: list[Any] = []
+        fast = None if keep else self._lengths_only()
         for i in range(0, len(texts), BATCH):
+            if fast is not None:  # the Rust tokenizer's lengths, no Python list of ids made (2x faster)
+                out.extend(len(e) for e in fast(texts[i:i + BATCH], add_special_tokens=True))
+                continue
             enc = self.tok(texts[i:i + BATCH])["input_ids"]
             out.extend(enc if keep else (len(ids) for ids in enc))
         return out
+
+    def _lengths_only(self) -> Any:
+        """The backend's ``encode_batch_fast`` when calling it is what ``tokenizer(texts)`` does: a fast tokenizer
+        whose backend has no truncation or padding of its own (``__call__`` turns those off per call)."""
+        backend = getattr(self.tok, "_tokenizer", None)
+        fast = getattr(backend, "encode_batch_fast", None)
+        if fast is None or getattr(backend, "truncation", None) is not None or getattr(backend, "padding", None) is not None:
+            return None
+        return fast
 
     def _chat(self, conversation: list[dict[str, Any]], where: str, keep: bool, **kw: Any) -> Any:
         if not getattr(self.tok, "chat_template", None):

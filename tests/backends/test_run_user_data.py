@@ -57,6 +57,12 @@ def test_a_data_plan_trains_its_samples_padded_per_batch(tmp_path, tokenizer_dir
         # the first measured step (after 1 warm-up step) is the worst batch, padded to the planned length
         assert shapes[1] == [2, 128] and all(n < 128 for i, (_, n) in enumerate(shapes) if i != 1)
         assert doc["run"]["largest_first"] is True
+        # the report shows the data: the histogram with the longest sample's bin marked, and the batches in order
+        run = Path(result["run_dir"])
+        svg = (run / "data.svg").read_text()
+        assert svg.count("class='bin'") == 12 and svg.count("#c0392b") == 2 and "longest: 201" in svg
+        assert "the longest was batch 2 (2×128) — placed by --largest-first" in (run / "report.md").read_text()
+        assert "<h2>Your data</h2>" in (run / "report.html").read_text()
 
 
 def test_largest_first_needs_a_data_plan(tmp_path, capsys):

@@ -196,7 +196,7 @@ def test_every_reader_gives_the_lengths_of_the_jsonl(tmp_path, tokenizer_dir, ki
                             batching="sequential", packing_strategy="bfd", batch_size=3)
 
     a, b = profile(path), profile(write_jsonl(tmp_path / "d.jsonl", rows))
-    assert {k: a[k] for k in a if k != "source"} == {k: b[k] for k in b if k != "source"}
+    assert {k: a[k] for k in a if k not in ("source", "path")} == {k: b[k] for k in b if k not in ("source", "path")}
 
 
 @pytest.mark.parametrize("content,needle", [
@@ -275,3 +275,35 @@ def test_data_options_misused_are_one_line(tmp_path, tokenizer_dir, capsys, args
         args += ["--tokenizer", str(tokenizer_dir)]
     rc, _, err = _cli(capsys, "estimate", "--model", TINY, *args)
     assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_second_plan_of_the_same_data_does_not_tokenize(tmp_path, tokenizer_dir, monkeypatch):
+    """The token counts are cached by data identity (path, size, mtime), tokenizer and format: the second plan is
+    the first's, without a tokenizer call; a changed file or tokenizer is counted again."""
+    import os
+
+    from qplan.planner.data import formats
+
+    monkeypatch.setenv("QPLAN_DATA_CACHE_DIR", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "d.jsonl", datasets_()["text"])
+
+    def profile():
+        return data_profile(str(data), tokenizer=str(tokenizer_dir), model_source={}, fmt="auto", max_length=64,
+                            batching="padding", packing_strategy="bfd", batch_size=4)
+
+    first = profile()
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+
+    def refuse(*_a, **_k):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(formats.Formatter, "lengths", refuse)
+    assert profile() == first
+    st = data.stat()
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # the file changed
+    with pytest.raises(AssertionError, match="tokenized again"):
+        profile()
+    monkeypatch.undo()
+    monkeypatch.setenv("QPLAN_DATA_CACHE", "0")
+    monkeypatch.setenv("QPLAN_DATA_CACHE_DIR", str(tmp_path / "off"))
+    assert profile()["trained_tokens"] == first["trained_tokens"] and not (tmp_path / "off").exists()
