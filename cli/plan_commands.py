@@ -78,6 +78,8 @@ def with_trainer_config(o: dict[str, Any], names: tuple[str, ...] | None = None)
         if opts.get("strategy") and ctx.get_parameter_source("gpus") != ParameterSource.COMMANDLINE:
             raise QPlanError(f"--from-config {path} asks for {opts['strategy']} (sharded over GPUs), and the number of "
                              "GPUs is the launcher's, not the file's: pass --gpus N (per node; --nodes M)")
+        if names is not None and "seq_len" not in opts and "max_seq_len" in opts:
+            opts["seq_len"] = opts["max_seq_len"]  # qplan fit: the file's max_length fixes the length it searches at
         for k, v in opts.items():
             if (names is None or k in names) and ctx.get_parameter_source(k) != ParameterSource.COMMANDLINE:
                 o[k] = v

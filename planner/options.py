@@ -148,7 +148,15 @@ class FitOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
               short="-m", section=MODEL) = None
     gpu: _f(Annotated[str, Meta(max_length=16384)], "a catalog GPU, a comma-separated list, or all",
             required=True, section=DEVICE)
-    seq_len: _f(Context | None, "fix the sequence length (else search it)", section=SEARCH) = None
+    seq_len: _f(Context | None, "fix the sequence length (else search it; with --data: the worst batch's)",
+                section=SEARCH) = None
+    data: _f(Path_ | None, "as for estimate: the dataset's worst batch fixes the sequence length", section=DATA) = None
+    tokenizer: _f(Path_ | None, "as for estimate (with --data)", section=DATA) = None
+    data_format: _f(lit(DATA_FORMATS), "as for estimate (with --data)", section=DATA) = "auto"
+    max_seq_len: _f(Context | None, "as for estimate (with --data)", section=DATA) = None
+    batching: _f(lit(BATCHINGS), "as for estimate (with --data); padding and group_by_length pad to the longest "
+                 "sample, whatever the batch size", section=DATA) = "padding"
+    packing_strategy: _f(lit(PACKING_STRATEGIES), "as for estimate (with --batching packing)", section=DATA) = "bfd"
     batch_size: _f(Batch | None, "fix the batch size (else search it)", section=SEARCH) = None
     quant: _f(lit(QUANTS) | None, "fix the quantization (else search nf4, int8, bf16)", section=SEARCH) = None
     r: _f(Rank | None, "fix the rank (else search 8, 16, 32, 64)", section=SEARCH) = None

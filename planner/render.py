@@ -244,6 +244,11 @@ def render_fit(result: dict[str, Any]) -> str:
     where = result["gpu"] if "," in result["gpu"] else f"{result['gpu']} ({fmt_bytes(result['usable_bytes'])} usable)"
     lines = [f"{result['model']} on {where}: {result['candidates']} plans searched, {result['fitting']} fit"
              + (f"; ranked by {objective}" if objective != "memory" else "")]
+    d = result.get("data")
+    if d:
+        lines.append(f"sequence length {d['seq_len']:,} from --data {d['source']}: {d['samples']:,} samples, the longest "
+                     f"{d['longest_sample']['tokens']:,} tokens (row {d['longest_sample']['row']:,})"
+                     + (f", {d['truncated']:,} truncated" if d["truncated"] else "") + f"; {d['batching']}")
     rows = []
     timed = objective != "memory"
     per_gpu = timed or "," in result["gpu"]

@@ -24,7 +24,7 @@ from qplan.planner.data.batching import (
     percentile,
 )
 from qplan.planner.data.formats import Formatter
-from qplan.planner.data.sources import read_records
+from qplan.planner.data.sources import read_records, resolve_source
 from qplan.planner.errors import QPlanError
 
 
@@ -100,14 +100,13 @@ def data_profile(source: str, *, tokenizer: str | None, model_source: dict[str, 
         tok, tok_from = load_tokenizer(tokenizer, model_source)
     else:
         tok, tok_from = tokenizer_obj, tokenizer or "(given)"
-    if not Path(source).exists():
-        read_records(source)  # the one-line error for a missing source
-    k = cache.key(source, tok, fmt)
+    resolved = resolve_source(source)  # a path, or a Hub dataset id's snapshot in the HF cache
+    k = cache.key(resolved, tok, fmt)
     hit = cache.load(k)
     if hit is not None:  # the same data, tokenizer and format: counted before
         found, full, prompt = hit["format"], hit["lengths"], hit["prompt"]
     else:
-        rows = read_records(source)
+        rows = read_records(resolved)
         try:
             found = detect(rows[0]) if fmt == "auto" else fmt
         except QPlanError as exc:
@@ -122,7 +121,7 @@ def data_profile(source: str, *, tokenizer: str | None, model_source: dict[str, 
         raise QPlanError(f"{source}: every sample is dropped (each prompt alone fills --max-seq-len {max_length})")
     longest = max(kept_rows, key=lambda i: full[i])
     out: dict[str, Any] = {
-        "source": str(source), "path": str(Path(source).resolve()), "format": found, "tokenizer": tok_from,
+        "source": str(source), "path": str(resolved.resolve()), "format": found, "tokenizer": tok_from,
         "max_length": max_length,
         "batching": batching, "samples": len(full), "dropped": dropped, "truncated": truncated,
         "longest_sample": {"index": longest, "row": longest + 1, "tokens": full[longest]},  # index: dataset[index]

@@ -1,4 +1,5 @@
-"""Reading a dataset's records: JSONL, JSON, CSV/TSV, Parquet, Arrow, or a ``datasets`` ``save_to_disk`` folder.
+"""Reading a dataset's records: JSONL, JSON, CSV/TSV, Parquet, Arrow, a ``datasets`` ``save_to_disk`` folder, a
+folder of data files, or a Hub dataset id whose files are in the Hugging Face cache (offline).
 
 Every read is bounded (``MAX_DATA_BYTES``, regular files only: ``files.read_limited`` for the text formats, a
 size and file-type check before pyarrow opens a binary one). A record that is not an object, a line that is not
@@ -11,6 +12,7 @@ import csv
 import io
 import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -111,8 +113,7 @@ def _saved_dataset(folder: Path) -> list[dict[str, Any]]:
             raise QPlanError(f"{folder} is a DatasetDict without a train split (splits: {', '.join(map(str, splits))})")
         return _saved_dataset(folder / "train")
     if not (folder / "state.json").is_file():
-        raise QPlanError(f"{folder} is a folder but not a `datasets` save_to_disk folder (no state.json): give a "
-                         "file (JSONL, JSON, CSV, Parquet, Arrow) or such a folder")
+        return _data_files(folder)
     try:
         state = json.loads(read_limited(folder / "state.json", "state.json"))
         files = [folder / Path(str(f["filename"])).name for f in state["_data_files"]]
@@ -124,6 +125,60 @@ def _saved_dataset(folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _data_files(folder: Path) -> list[dict[str, Any]]:
+    """A folder of data files (a Hub dataset's snapshot: ``data/train-00000-of-00001.parquet``, ...): the train
+    split's files — those whose path names ``train`` — or, when none does, every data file; in name order."""
+    kinds = TEXT_KINDS + ARROW_KINDS
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in kinds
+                   and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+    train = [f for f in files if "train" in str(f.relative_to(folder)).lower()]
+    if not files:
+        raise QPlanError(f"{folder} holds no data file (.jsonl, .json, .csv, .tsv, .parquet, .arrow) and is not a "
+                         "datasets save_to_disk folder")
+    rows: list[dict[str, Any]] = []
+    for f in train or files:
+        rows.extend(_file(f))
+    return rows
+
+
+def hub_dataset_folder(dataset_id: str) -> Path | None:
+    """The newest snapshot of a Hub dataset in the Hugging Face cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``,
+    else ``~/.cache/huggingface/hub``), or None: offline, nothing is downloaded."""
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", dataset_id) or ".." in dataset_id:
+        return None
+    hub = os.environ.get("HF_HUB_CACHE") or str(Path(os.environ.get("HF_HOME") or Path.home() / ".cache" /
+                                                     "huggingface") / "hub")
+    snaps = Path(hub) / ("datasets--" + dataset_id.replace("/", "--")) / "snapshots"
+    found = sorted((d for d in snaps.glob("*") if d.is_dir()), key=lambda d: d.stat().st_mtime) if snaps.is_dir() else []
+    return found[-1] if found else None
+
+
+def resolve_source(source: str | Path) -> Path:
+    """A path as given, or a Hub dataset id (``ORG/NAME``) found in the HF cache."""
+    p = Path(source)
+    if safe_exists(p):
+        return p
+    snap = hub_dataset_folder(str(source))
+    if snap is not None:
+        return snap
+    raise QPlanError(f"data {source} does not exist (a JSONL/JSON/CSV/Parquet/Arrow file, a datasets folder, or a Hub "
+                     "dataset id in the HF cache: download it once with datasets.load_dataset)")
+
+
+def _file(p: Path) -> list[dict[str, Any]]:
+    kind = p.suffix.lower()
+    if kind in (".jsonl", ".ndjson"):
+        return _jsonl(p)
+    if kind == ".json":
+        return _json(p)
+    if kind in (".csv", ".tsv"):
+        return _csv(p)
+    if kind in ARROW_KINDS:
+        return _arrow_table(p).to_pylist()
+    raise QPlanError(f"data {p}: unknown kind {kind or '(no extension)'!r}: give .jsonl, .json, .csv, .tsv, "
+                     ".parquet, .arrow or a datasets save_to_disk folder")
+
+
 def _record(rec: Any, where: str) -> dict[str, Any]:
     if not isinstance(rec, dict):
         raise QPlanError(f"{where}: expected an object (a record with text, messages or prompt/completion fields), "
@@ -132,25 +187,9 @@ def _record(rec: Any, where: str) -> dict[str, Any]:
 
 
 def read_records(source: str | Path) -> list[dict[str, Any]]:
-    """The records of ``source``; one line if it cannot be read or holds none."""
-    p = Path(source)
-    if not safe_exists(p):
-        raise QPlanError(f"data {source} does not exist (a JSONL/JSON/CSV/Parquet/Arrow file or a datasets folder)")
-    if p.is_dir():
-        rows = _saved_dataset(p)
-    else:
-        kind = p.suffix.lower()
-        if kind in (".jsonl", ".ndjson"):
-            rows = _jsonl(p)
-        elif kind == ".json":
-            rows = _json(p)
-        elif kind in (".csv", ".tsv"):
-            rows = _csv(p)
-        elif kind in ARROW_KINDS:
-            rows = _arrow_table(p).to_pylist()
-        else:
-            raise QPlanError(f"data {p}: unknown kind {kind or '(no extension)'!r}: give .jsonl, .json, .csv, .tsv, "
-                             ".parquet, .arrow or a datasets save_to_disk folder")
+    """The records of ``source`` (``resolve_source``); one line if it cannot be read or holds none."""
+    p = resolve_source(source)
+    rows = _saved_dataset(p) if p.is_dir() else _file(p)
     if not rows:
-        raise QPlanError(f"data {p} has no records")
+        raise QPlanError(f"data {source} has no records")
     return rows

@@ -196,6 +196,7 @@ def fit_document(options: FitOptions | dict[str, Any]) -> dict[str, Any]:
     """What ``qplan fit --format json`` prints (shared with ``qplan serve``): with ``max_gpus`` the fewest
     GPUs and strategy (``planner.search.fewest_gpus``), else the batch/sequence/rank search."""
     o = as_dict(check_fit_options(options))
+    data = _data_seq_len(o)
     max_gpus, upcast = o.pop("max_gpus"), o.pop("upcast")
     if max_gpus is not None:
         from qplan.planner.search.fewest_gpus import fewest_gpus
@@ -204,4 +205,34 @@ def fit_document(options: FitOptions | dict[str, Any]) -> dict[str, Any]:
         return fewest_gpus(model=o["model"], gpu=o["gpu"], max_gpus=max_gpus, upcast=upcast, **fixed)
     if not upcast:
         raise QPlanError("--no-upcast goes with --max-gpus (the batch search keeps the k-bit upcast)")
-    return search(o.pop("model"), o.pop("gpu"), **o)
+    out = search(o.pop("model"), o.pop("gpu"), **o)
+    if data is not None:
+        out["data"] = data
+    return out
+
+
+def _data_seq_len(o: dict[str, Any]) -> dict[str, Any] | None:
+    """``--data``: the sequence length the dataset's worst batch has (padding: its longest kept sample, whatever
+    the batch; packing: ``--max-seq-len``) fixes ``seq_len`` (``o`` is changed); the data options are removed."""
+    keys = ("data", "tokenizer", "data_format", "max_seq_len", "batching", "packing_strategy")
+    d = {k: o.pop(k) for k in keys}
+    if d["data"] is None:
+        from qplan.planner.plan import DATA_DEFAULTS
+
+        given = next((k for k, v in DATA_DEFAULTS.items() if d[k] != v), None)
+        if given:
+            raise QPlanError(f"--{given.replace('_', '-')} describes --data: give --data FILE too")
+        return None
+    if o.get("seq_len") is not None:
+        raise QPlanError("--seq-len is set by --data (the worst batch's padded length): leave it out, or cap the samples "
+                         "with --max-seq-len")
+    if not o.get("model"):
+        raise QPlanError("--model is required (a bundled name, a config.json, a Hub id), or --from-config FILE")
+    from qplan.planner.data import data_profile
+
+    prof = data_profile(d["data"], tokenizer=d["tokenizer"], model_source=dict(load_spec(o["model"]).source or {}),
+                        fmt=d["data_format"], max_length=d["max_seq_len"], batching=d["batching"],
+                        packing_strategy=d["packing_strategy"], batch_size=1)
+    o["seq_len"] = prof["worst_batch"]["seq_len"]
+    return {k: prof[k] for k in ("source", "format", "samples", "truncated", "dropped", "longest_sample", "tokens",
+                                 "batching")} | {"seq_len": o["seq_len"]}

@@ -307,3 +307,69 @@ def test_a_second_plan_of_the_same_data_does_not_tokenize(tmp_path, tokenizer_di
     monkeypatch.setenv("QPLAN_DATA_CACHE", "0")
     monkeypatch.setenv("QPLAN_DATA_CACHE_DIR", str(tmp_path / "off"))
     assert profile()["trained_tokens"] == first["trained_tokens"] and not (tmp_path / "off").exists()
+
+
+def _hub_dataset(tmp_path: Path, rows: list[dict]) -> Path:
+    """A Hub dataset as `datasets.load_dataset` leaves it in the HF cache: a snapshot with data/train-*.parquet (and
+    a test split that must not be read)."""
+    from datasets import Dataset
+
+    snap = tmp_path / "hub" / "datasets--me--chat" / "snapshots" / "0123abc"
+    (snap / "data").mkdir(parents=True)
+    Dataset.from_list(rows).to_parquet(snap / "data" / "train-00000-of-00001.parquet")
+    Dataset.from_list([{"text": "x" * 999}]).to_parquet(snap / "data" / "test-00000-of-00001.parquet")
+    return tmp_path / "hub"
+
+
+def test_a_hub_dataset_id_is_read_from_the_hf_cache(tmp_path, tokenizer_dir, monkeypatch):
+    rows = datasets_()["messages"]
+    monkeypatch.setenv("HF_HUB_CACHE", str(_hub_dataset(tmp_path, rows)))
+    got = data_profile("me/chat", tokenizer=str(tokenizer_dir), model_source={}, fmt="auto", max_length=None,
+                       batching="sequential", packing_strategy="bfd", batch_size=2)
+    local = data_profile(str(write_jsonl(tmp_path / "d.jsonl", rows)), tokenizer=str(tokenizer_dir), model_source={},
+                         fmt="auto", max_length=None, batching="sequential", packing_strategy="bfd", batch_size=2)
+    assert got["samples"] == len(rows) and got["trained_tokens"] == local["trained_tokens"]  # the test split unread
+    assert got["source"] == "me/chat" and got["path"].endswith("snapshots/0123abc")
+    with pytest.raises(QPlanError, match="Hub dataset id in the HF cache"):
+        data_profile("me/absent", tokenizer=str(tokenizer_dir), model_source={}, fmt="auto", max_length=None,
+                     batching="padding", packing_strategy="bfd", batch_size=2)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_trl_config_naming_its_dataset_plans_the_data(tmp_path, tok, tokenizer_dir, capsys, packing):
+    """TRL's `dataset_name` (beside the config, or in the HF cache) becomes --data; `max_length` truncates and sizes
+    packs; the numbers are TRL's own preparation's. A dataset not found keeps the old plan, with a warning."""
+    rows = datasets_()["text"]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(f"model_name_or_path: {TINY}\ndataset_name: train.jsonl\nuse_peft: true\nlora_target_modules: "
+                   f"all-linear\nper_device_train_batch_size: 2\nmax_length: 100\ndtype: bfloat16\nbf16: true\n"
+                   f"packing: {'true' if packing else 'false'}\n")
+    rc, out, err = _cli(capsys, "estimate", "--from-config", str(cfg), "--tokenizer", str(tokenizer_dir), "--format",
+                        "json")
+    assert rc == 0, err
+    plan = json.loads(out)
+    d = plan["prediction"]["data"]
+    want = trl_prepared(tok, rows, 100, packing=packing)
+    assert d["batching"] == ("packing" if packing else "padding") and d["max_length"] == 100
+    assert plan["training"]["seq_len"] == (100 if packing else max(want))
+    assert (d["packs"] if packing else d["samples"]) == len(want) and d["trained_tokens"] == sum(want)
+    cfg.write_text(cfg.read_text().replace("dataset_name: train.jsonl", "dataset_name: nobody/absent"))
+    rc, out, err = _cli(capsys, "estimate", "--from-config", str(cfg), "--format", "json")
+    assert rc == 0 and "data" not in json.loads(out)["prediction"] and "nobody/absent" in err
+
+
+def test_fit_searches_at_the_datas_worst_length(tmp_path, tok, tokenizer_dir, capsys):
+    rows = datasets_()["text"]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    want = trl_prepared(tok, rows, 100, packing=False)
+    rc, out, err = _cli(capsys, "fit", "--model", TINY, "--gpu", "t4", "--data", str(data), "--tokenizer",
+                        str(tokenizer_dir), "--max-seq-len", "100", "--quant", "bf16", "--format", "json")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["data"]["seq_len"] == max(want) and {c["seq_len"] for c in res["best"]} == {max(want)}
+    rc, out, _ = _cli(capsys, "fit", "--model", TINY, "--gpu", "t4", "--data", str(data), "--tokenizer",
+                      str(tokenizer_dir), "--max-seq-len", "100", "--quant", "bf16")
+    assert rc == 0 and f"sequence length {max(want)} from --data" in out
+    rc, _, err = _cli(capsys, "fit", "--model", TINY, "--gpu", "t4", "--max-seq-len", "100")
+    assert rc == 2 and "--max-seq-len describes --data" in err
