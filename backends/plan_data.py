@@ -53,7 +53,9 @@ class PlanData:
 
 
 class LargestFirst:
-    """A sampler's order with the batch holding the longest sample swapped with batch ``to`` (every epoch)."""
+    """A sampler's order with the longest sample swapped into the first place of batch ``to`` (every epoch): that
+    batch is padded to the longest; every other sample keeps its place but the one it swapped with (as
+    transformers' ``get_length_grouped_indices`` moves its longest sample to the front)."""
 
     def __init__(self, base: Any, lengths: list[int], batch_size: int, to: int = 0) -> None:
         self.base, self.lengths, self.batch_size, self.to = base, lengths, batch_size, to
@@ -63,11 +65,11 @@ class LargestFirst:
 
     def __iter__(self):
         order = list(iter(self.base))
-        b = self.batch_size
-        to = min(self.to, max(0, len(order) // b - 1))  # a full batch (the last may be dropped)
         if order:
-            at = max(range(len(order)), key=lambda p: self.lengths[order[p]]) // b
-            order[to * b:(to + 1) * b], order[at * b:(at + 1) * b] = order[at * b:(at + 1) * b], order[to * b:(to + 1) * b]
+            full_batches = max(1, len(order) // self.batch_size)  # a full batch (a last partial one may be dropped)
+            dest = min(self.to, full_batches - 1) * self.batch_size
+            at = max(range(len(order)), key=lambda p: self.lengths[order[p]])
+            order[dest], order[at] = order[at], order[dest]
         return iter(order)
 
 
@@ -128,6 +130,12 @@ def load_plan_data(plan: dict[str, Any], tokenizer: Any, path: str | None, model
     if pad is None:
         raise QPlanError("the tokenizer has neither a pad nor an EOS token to pad batches with")
     data = PlanData(samples, int(pad), d["batching"], largest_first, str(source), first_measured)
-    if len(samples) != d["samples"] - d["dropped"]:
-        data.notes.append(f"the data has {len(samples)} kept samples; the plan counted {d['samples'] - d['dropped']}")
+    from qplan.planner.data.cache import tokenizer_identity
+
+    if d.get("tokenizer_sha256") and tokenizer_identity(tokenizer) != d["tokenizer_sha256"]:
+        data.notes.append(f"the run's tokenizer is not the one the plan counted with ({d['tokenizer']}): its batches "
+                          "may be longer or shorter than planned (see batch_shapes)")
+    if len(samples) != d["samples"] - d["dropped"] or max(kept) != d["worst_batch"]["seq_len"]:
+        data.notes.append(f"the run has {len(samples)} samples, the longest {max(kept)} tokens; the plan counted "
+                          f"{d['samples'] - d['dropped']}, the longest {d['worst_batch']['seq_len']}")
     return data

@@ -387,7 +387,8 @@ def data_sentence(plan: dict[str, Any], doc: dict[str, Any]) -> str | None:
     if shapes:
         first = ", ".join(f"{b}×{n}" for b, n in shapes[:8])
         worst = max(range(len(shapes)), key=lambda i: shapes[i][1])
-        text += (f" Batches trained, in order: {first}{' …' if len(shapes) > 8 else ''}; the longest was batch "
+        text += (f" Batches made, in order (the data loader may make one ahead of training): {first}"
+                 f"{' …' if len(shapes) > 8 else ''}; the longest was batch "
                  f"{worst + 1} ({shapes[worst][0]}×{shapes[worst][1]})"
                  + (" — placed by --largest-first at the first measured step." if (doc.get("run") or {}).get(
                      "largest_first") else "."))

@@ -69,6 +69,15 @@ def read_plan(plan_file: str | Path) -> tuple[dict[str, Any], bytes]:
     return plan, raw
 
 
+def _data_path(data: str, planned: bool) -> Path:
+    """``--data`` as the worker reads it: an absolute path (a --data plan's Hub dataset id: its cached snapshot)."""
+    if planned:
+        from qplan.planner.data.sources import resolve_source
+
+        return resolve_source(data).resolve()
+    return Path(data).resolve()
+
+
 def _slug(s: str) -> str:
     """A folder-name-safe, bounded form of a name (hostile names stay inside the run folder)."""
     return (re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-.") or "model")[:64]
@@ -211,6 +220,7 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
             raise QPlanError(f"--random-init needs the plan's vocab_size >= {BYTE_VOCAB} for its byte-level "
                              f"tokenizer (got {vocab!r}): use --model-dir with a tokenizer")
     planned_data = plan["prediction"].get("data")
+    largest_first = largest_first or bool((planned_data or {}).get("largest_first"))  # the flag, or the plan's setting
     if largest_first and not planned_data:
         raise QPlanError("--largest-first orders the batches of a --data plan: make the plan with --data (without it "
                          "every batch has the planned shape)")
@@ -241,6 +251,9 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
     if device != "auto" and device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
         raise QPlanError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
     info = registry.backend_info(plan["backend"])
+    if planned_data and info.name != "peft":
+        raise QPlanError(f"qplan run trains --data plans with the peft backend only (its Trainer takes the plan's "
+                         f"batching): the {info.name} backend would batch the data its own way; re-plan with --backend peft")
     registry.check_installed(info)
     from . import launch
 
@@ -273,7 +286,8 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
         "plan": "plan.json",  # paths inside the run folder are relative to it (the worker finds it from job.json)
         "backend": info.name, "target": info.target,
         "model_dir": str(Path(model_dir).resolve()) if model_dir else None, "random_init": bool(random_init),
-        "seed": seed, "data": str(Path(data).resolve()) if data else None, "steps": steps, "epochs": epochs,
+        "seed": seed, "data": str(_data_path(data, bool(planned_data))) if data else None, "steps": steps,
+        "epochs": epochs,
         "lr": lr, "device": device, "warmup_steps": WARMUP_STEPS, "measure_steps": MEASURE_STEPS,
         "callbacks": callbacks, "python": info.python, "largest_first": largest_first,
     }
@@ -297,7 +311,7 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
                          "left behind") from exc
 
     env = dict(os.environ)
-    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    paths = [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]  # the launch may run elsewhere
     if multi is not None:
         paths.append(os.getcwd())  # the launch runs in the run folder: modules beside the user stay importable
     shim = None

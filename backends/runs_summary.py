@@ -162,14 +162,14 @@ def summary_html(runs: list[dict[str, Any]], out_dir: Path | None = None) -> str
 
 def summarize(run_dirs: list[str], output: str | None = None) -> dict[str, Any]:
     """Summary across run folders (see the module docstring for ``output``). The destination is checked
-    before any folder is read; a folder of outputs appears whole or not at all (``files.staged_folder``)."""
+    before any folder is read; a folder of outputs appears whole or not at all (``files.StagedFolder``)."""
     from qplan.planner.files import (
+        StagedFolder,
         check_new_folder,
         check_output_file,
         nearest_folder,
         probe_writable,
         safe_exists,
-        staged_folder,
         write_new_file,
     )
 
@@ -192,14 +192,18 @@ def summarize(run_dirs: list[str], output: str | None = None) -> dict[str, Any]:
         write_new_file(out, text, force=False)
         files = [out]
     else:
-        out = Path(output) if output else free_name(Path("reports"), f"summary-{utc_stamp()}")
+        name = f"summary-{utc_stamp()}"
+        out = Path(output) if output else free_name(Path("reports"), name)
         svg = scatter_svg(scatter_points(runs), "predicted tensor peak (log)", "measured tensor peak (log)",
                           "backend · device", "quantization", TOLERANCE)
-        with staged_folder(out, "--output") as stage:
+        # the default folder takes the next free name if another report took this one meanwhile; --output does not
+        staged = StagedFolder(out, "--output", free=None if output else lambda: free_name(Path("reports"), name))
+        with staged as stage:
             (stage / "scatter.svg").write_text(svg + "\n", encoding="utf-8")
             (stage / "summary.md").write_text(summary_markdown(runs, "scatter.svg"), encoding="utf-8")
             (stage / "summary.html").write_text(summary_html(runs, out), encoding="utf-8")
             (stage / "summary.json").write_text(doc, encoding="utf-8")
+        out = staged.final
         files = [out / n for n in ("summary.html", "summary.md", "summary.json", "scatter.svg")]
     where = ", ".join(str(f) for f in files)
     return {"output": str(out), "files": [str(f) for f in files], "runs": runs, "skipped": skipped,

@@ -255,7 +255,7 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
             m.timing = meter.timing()
             doc["run"]["trainer"] = meter.trainer_args
         shapes = getattr(getattr(data, "collate", None), "shapes", None)
-        if shapes:  # a --data plan's batches, in the order trained (the last one made is the one that failed)
+        if shapes:  # a --data plan's batches, in the order the collator made them (the loader may run one ahead)
             from .plan_data import KEEP_SHAPES
 
             doc["run"]["batch_shapes"] = shapes[:KEEP_SHAPES]

@@ -202,12 +202,12 @@ def spec_add(config, name, hub_id, revision, output_dir, force, fmt) -> None:
             name = p.resolve().name if p.is_dir() else (p.resolve().parent.name if p.name == "config.json" else p.stem)
     check_spec_name(name)
     out_dir = check_folder(output_dir, "--output-dir") if output_dir else user_spec_dir()
-    check_folder(out_dir, "--output-dir", create=True)
-    check_output_file(out_dir / f"{name}.json", force, "--output-dir", rename="--name")  # before the spec is built
     bundled_dir = Path(str(bundled_spec_dir())).resolve()
     if name in bundled_model_names() and not force and out_dir.resolve() != bundled_dir:
         raise QPlanError(f"{name!r} is a bundled spec: a user spec of that name would replace it for every "
                          "command; choose another --name (or pass --force to shadow it on purpose)")
+    check_folder(out_dir, "--output-dir", create=True)
+    check_output_file(out_dir / f"{name}.json", force, "--output-dir", rename="--name")  # before the spec is built
     source: dict[str, Any] = {}
     if hub:
         if hub_id or revision:

@@ -78,8 +78,14 @@ def with_trainer_config(o: dict[str, Any], names: tuple[str, ...] | None = None)
         if opts.get("strategy") and ctx.get_parameter_source("gpus") != ParameterSource.COMMANDLINE:
             raise QPlanError(f"--from-config {path} asks for {opts['strategy']} (sharded over GPUs), and the number of "
                              "GPUs is the launcher's, not the file's: pass --gpus N (per node; --nodes M)")
-        if names is not None and "seq_len" not in opts and "max_seq_len" in opts:
+        cli_data = ctx.get_parameter_source("data") == ParameterSource.COMMANDLINE
+        if cli_data and "seq_len" in opts:
+            # --data given here: the file's length (axolotl sequence_len, TRL max_length) is the truncation
+            opts.setdefault("max_seq_len", opts.pop("seq_len"))
+        if names is not None and "seq_len" not in opts and "max_seq_len" in opts and "data" not in opts and not cli_data:
             opts["seq_len"] = opts["max_seq_len"]  # qplan fit: the file's max_length fixes the length it searches at
+        if names is not None and ("data" in opts or cli_data):
+            names = (*names, "data", "max_seq_len", "batching", "packing_strategy")  # fit plans the file's data too
         for k, v in opts.items():
             if (names is None or k in names) and ctx.get_parameter_source(k) != ParameterSource.COMMANDLINE:
                 o[k] = v

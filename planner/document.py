@@ -27,6 +27,8 @@ from qplan.planner.bounds import (
     Rank,
     lit,
 )
+from qplan.planner.data.batching import BATCHINGS, PACKING_STRATEGIES
+from qplan.planner.data.formats import FORMATS as DATA_FORMATS
 from qplan.planner.errors import QPlanError
 from qplan.planner.validate import _PATH, check_config, explain
 from qplan.planner.vocab import (
@@ -220,6 +222,65 @@ class Cost(Struct, kw_only=True):
     currency: str = ""
 
 
+_Count = Annotated[int, Meta(ge=0)]
+
+
+class DataLongest(Struct, forbid_unknown_fields=True, kw_only=True):
+    index: _d(_Count, "0-based: dataset[index]")
+    row: _d(Annotated[int, Meta(ge=1)], "1-based: the line of a JSONL, the record of a JSON list")
+    tokens: _Count
+
+
+class DataTokens(Struct, forbid_unknown_fields=True, kw_only=True):
+    min: _Count
+    p50: _Count
+    p90: _Count
+    p99: _Count
+    max: _Count
+    mean: Annotated[float, Meta(ge=0)]
+
+
+class DataWorst(Struct, forbid_unknown_fields=True, kw_only=True):
+    seq_len: Context
+    batch_size: Batch
+    tokens: _Count
+    note: str = ""
+
+
+class DataHistogram(Struct, forbid_unknown_fields=True, kw_only=True):
+    edges: Annotated[list[_Count], Meta(min_length=2, max_length=1025)]
+    counts: Annotated[list[_Count], Meta(min_length=1, max_length=1024)]
+
+
+class DataSection(Struct, forbid_unknown_fields=True, kw_only=True):
+    """``prediction.data`` (``--data``): what the dataset is, as the trainer will see it (``planner.data``)."""
+
+    source: _d(str, "as given: a path or a Hub dataset id")
+    path: _d(str, "the file or folder read")
+    format: lit(DATA_FORMATS[1:])
+    tokenizer: str
+    tokenizer_sha256: _d(str, "the tokenizer counted with (qplan run notes a run whose tokenizer differs)") = ""
+    max_length: Context | None = None
+    batching: lit(BATCHINGS)
+    packing_strategy: lit(PACKING_STRATEGIES) | UnsetType = UNSET
+    samples: Annotated[int, Meta(ge=1)]
+    dropped: _Count
+    truncated: _Count
+    longest_sample: DataLongest
+    tokens: DataTokens
+    total_tokens: _Count
+    trained_tokens: _Count
+    histogram: DataHistogram
+    packs: _Count | UnsetType = UNSET
+    batches_per_epoch: _Count
+    tokens_per_epoch: _Count
+    padded_tokens_per_epoch: _Count
+    efficiency: Annotated[float, Meta(gt=0, le=1)]
+    worst_batch: DataWorst
+    epochs: Annotated[float, Meta(gt=0)] = 1.0
+    largest_first: bool = False
+
+
 class Prediction(Struct, kw_only=True):
     """What qplan predicts: counts, memory (device and host), the moments of the step, time and cost."""
 
@@ -235,7 +296,7 @@ class Prediction(Struct, kw_only=True):
     time: Time | None = None
     cost: Cost | None = None
     trace: _d(dict[str, Any] | None | UnsetType, "--method trace: the traced step") = UNSET
-    data: _d(dict[str, Any] | UnsetType, "--data: the dataset's token statistics, the worst batch (training.seq_len) "
+    data: _d(DataSection | UnsetType, "--data: the dataset's token statistics, the worst batch (training.seq_len) "
              "and the tokens of an epoch (planner.data)") = UNSET
 
 

@@ -9,7 +9,7 @@ the old file (``os.replace``, atomic on POSIX) — only over a regular file, nev
 pipe or a folder. On any error the temporary file is removed: nothing is left behind.
 
 Folders of outputs (``qplan report --output DIR``, a ``qplan run`` folder) are made the same way:
-written whole under a staging name in the same parent and renamed into place (``staged_folder``,
+written whole under a staging name in the same parent and renamed into place (``StagedFolder``,
 ``publish_folder``), so a folder of that name is complete or absent. ``check_output_file`` and
 ``check_new_folder`` refuse, in one line and before any work, a destination qplan could not write:
 they create and remove a probe in the folder, so what the file system says (read-only, no permission,
@@ -27,9 +27,8 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from qplan.planner.errors import QPlanError
 
@@ -220,36 +219,72 @@ def _new_folder_mode(path: Path) -> None:
 
 
 def publish_folder(stage: str | Path, final: str | Path) -> Path:
-    """Rename the finished folder ``stage`` to ``final`` (same parent): never over anything already there."""
+    """Rename the finished folder ``stage`` to ``final`` (same parent): never over anything already there (an
+    empty folder made in the instant between the check and the rename would be replaced: POSIX ``rename``)."""
     stage, final = Path(stage), Path(final)
     if os.path.lexists(final):
-        raise QPlanError(f"{final} appeared while qplan was writing it: the output is left in {stage}")
+        raise QPlanError(f"{final} appeared while qplan was writing it")
     _new_folder_mode(stage)
     os.rename(stage, final)
     return final
 
 
-@contextmanager
-def staged_folder(final: str | Path, option: str) -> Iterator[Path]:
-    """Yield a hidden staging folder beside ``final`` to fill; on success it is renamed to ``final``, on any
-    error it is removed (a full disk, a refused write: one line, nothing left behind)."""
-    final = Path(final)
-    parent = final.parent if str(final.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{final.name[:100]}.", suffix=PARTIAL, dir=parent))
-    except OSError as exc:
-        raise QPlanError(f"{option} {final}: cannot create the folder ({exc.strerror or exc})") from exc
-    try:
-        yield stage
-        publish_folder(stage, final)
-    except OSError as exc:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise QPlanError(f"{option} {final}: cannot write it ({exc.strerror or exc}); nothing was left "
-                         "behind") from exc
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+class StagedFolder:
+    """``with StagedFolder(final, option) as stage:`` — fill ``stage``, a hidden folder beside ``final``; on success
+    it is renamed to ``final`` (``.final``; with ``free``, a name taken meanwhile is replaced by ``free()``), on any
+    error it is removed, and so are the parent folders it had to create (a full disk, a refused write: one line,
+    nothing left behind)."""
+
+    def __init__(self, final: str | Path, option: str, free: Any = None) -> None:
+        self.final, self.option, self.free = Path(final), option, free
+        self.stage: Path | None = None
+        self.made: list[Path] = []
+
+    def __enter__(self) -> Path:
+        parent = self.final.parent if str(self.final.parent) else Path(".")
+        missing = []
+        q = parent
+        while not safe_exists(q) and q.parent != q:
+            missing.append(q)
+            q = q.parent
+        try:
+            for d in reversed(missing):
+                d.mkdir()
+                self.made.append(d)
+            self.stage = Path(tempfile.mkdtemp(prefix=f".{self.final.name[:100]}.", suffix=PARTIAL, dir=parent))
+        except OSError as exc:
+            self._clean()
+            raise QPlanError(f"{self.option} {self.final}: cannot create the folder ({exc.strerror or exc})") from exc
+        return self.stage
+
+    def _clean(self) -> None:
+        if self.stage is not None:
+            shutil.rmtree(self.stage, ignore_errors=True)
+        for d in reversed(self.made):
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        if kind is None:
+            try:
+                if self.free is not None and os.path.lexists(self.final):
+                    self.final = Path(self.free())
+                publish_folder(self.stage, self.final)
+                return False
+            except OSError as err:
+                self._clean()
+                raise QPlanError(f"{self.option} {self.final}: cannot write it ({err.strerror or err}); nothing was "
+                                 "left behind") from err
+            except QPlanError:
+                self._clean()
+                raise
+        self._clean()
+        if isinstance(exc, OSError):
+            raise QPlanError(f"{self.option} {self.final}: cannot write it ({exc.strerror or exc}); nothing was left "
+                             "behind") from exc
+        return False  # the error goes on as it was
 
 
 def refuse_partial(folder: str | Path) -> None:

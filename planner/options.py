@@ -123,6 +123,8 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
                  section=DATA) = "padding"
     packing_strategy: _f(lit(PACKING_STRATEGIES), "with --batching packing: bfd (TRL's default, best-fit decreasing, "
                          "padding-free) or wrapped (concatenate and cut)", section=DATA) = "bfd"
+    largest_first: _f(bool, "with --data: `qplan run` trains the batch holding the longest sample first (an OOM comes "
+                      "at once, not after an hour); the rest of the order is unchanged", section=DATA) = False
     strict_dtype: _f(bool, "fail instead of switching bf16 to fp16 on GPUs without bf16", section=DEVICE) = False
     tokens: _f(Tokens | None, "tokens the run trains on: total time (needs --gpu)", section=TIME) = None
     dataset_tokens: _f(Tokens | None, "tokens in the dataset (with --epochs)", section=TIME) = None

@@ -19,6 +19,7 @@ from qplan.planner.document import (
     PLAN_SCHEMA_VERSION,
     Compute,
     Cost,
+    DataSection,
     DistributedSection,
     Flops,
     GpuSection,
@@ -64,7 +65,7 @@ from qplan.planner.vocab import BACKENDS, BYTES, DTYPE_ALIASES, MIXED_PRECISION
 DEFAULT_SEQ_LEN = 512
 #: the options that describe --data, at their defaults (given without --data: an error)
 DATA_DEFAULTS = {"tokenizer": None, "data_format": "auto", "max_seq_len": None, "batching": "padding",
-                 "packing_strategy": "bfd"}
+                 "packing_strategy": "bfd", "largest_first": False}
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
                             max_length=o.max_seq_len, batching=o.batching, packing_strategy=o.packing_strategy,
                             batch_size=o.batch_size, grad_accum=o.grad_accum)
         seq_len = data["worst_batch"]["seq_len"]
+        data["largest_first"] = o.largest_first
         ctx = max_context(spec)
         if ctx and seq_len > ctx:
             longest = data["longest_sample"]
@@ -258,7 +260,7 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> PlanDoc:
     }
     prediction.update(compute_prediction(inp, counts, trainable))
     if inp.data is not None:
-        prediction["data"] = inp.data
+        prediction["data"] = section(DataSection, inp.data)
     inv = spec.inventory
     prediction["params"] = section(Params, prediction["params"])
     prediction["memory"] = section(Memory, prediction["memory"])

@@ -108,7 +108,7 @@ def test_an_edit_is_caught_in_a_plan_not_made_from_names(tmp_path, made_from, co
 
 def test_the_seal_survives_reformatting_but_not_a_changed_number(tmp_path):
     """The seal hashes values, not text: a plan re-indented and re-ordered (a JSON tool, an editor) is still the
-    plan qplan wrote; a float changed in its last digit is not."""
+    plan qplan wrote; a number changed by one, or a float in its last digit, is not."""
     from qplan.planner.api import check_consistent
     from qplan.planner.errors import QPlanError
 
@@ -116,6 +116,11 @@ def test_the_seal_survives_reformatting_but_not_a_changed_number(tmp_path):
     again = json.loads(json.dumps(dict(reversed(list(plan.items()))), indent=7, sort_keys=True))
     check_consistent(again)
     again["prediction"]["headroom"] = (again["prediction"]["headroom"] or 0) + 1
+    with pytest.raises(QPlanError, match="no longer matches its seal"):
+        check_consistent(again)
+    again = json.loads(json.dumps(plan))
+    share = again["prediction"]["params"]["trainable_share"]
+    again["prediction"]["params"]["trainable_share"] = __import__("math").nextafter(share, 1.0)
     with pytest.raises(QPlanError, match="no longer matches its seal"):
         check_consistent(again)
 

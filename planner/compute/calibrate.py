@@ -61,6 +61,10 @@ def calibrate(run_dirs: list[str], device: dict[str, Any]) -> dict[str, Any]:
         if not compute:
             skipped.append(f"{d}: its plan has no prediction.compute (made by an older qplan): re-plan it")
             continue
+        if plan["prediction"].get("data"):
+            skipped.append(f"{d}: a --data run: its batches vary in length, so its step time is not the planned "
+                           "shape's (calibrate with fixed-shape runs)")
+            continue
         ran_on_gpu = str(((doc.get("measured") or {}).get("memory") or {}).get("device", "")).startswith("cuda")
         if ran_on_gpu != is_gpu(device):
             skipped.append(f"{d}: it ran on {'a GPU' if ran_on_gpu else 'the CPU'}, not on {device.get('name')}")

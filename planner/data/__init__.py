@@ -119,9 +119,10 @@ def data_profile(source: str, *, tokenizer: str | None, model_source: dict[str, 
     kept_rows, kept, truncated, dropped = select(full, prompt, max_length, packing, packing_strategy)
     if not kept:
         raise QPlanError(f"{source}: every sample is dropped (each prompt alone fills --max-seq-len {max_length})")
-    longest = max(kept_rows, key=lambda i: full[i])
+    longest = max(range(len(full)), key=lambda i: full[i])  # the longest sample, kept or not
     out: dict[str, Any] = {
         "source": str(source), "path": str(resolved.resolve()), "format": found, "tokenizer": tok_from,
+        "tokenizer_sha256": cache.tokenizer_identity(tok),
         "max_length": max_length,
         "batching": batching, "samples": len(full), "dropped": dropped, "truncated": truncated,
         "longest_sample": {"index": longest, "row": longest + 1, "tokens": full[longest]},  # index: dataset[index]

@@ -67,7 +67,11 @@ def load(k: str) -> dict[str, Any] | None:
         doc = json.loads(read_limited(path, "data-length cache", 1 << 30))
     except (QPlanError, ValueError):
         return None
-    if not isinstance(doc, dict) or doc.get("version") != VERSION or not isinstance(doc.get("lengths"), list):
+    if not isinstance(doc, dict) or doc.get("version") != VERSION or not isinstance(doc.get("format"), str):
+        return None
+    lengths, prompt = doc.get("lengths"), doc.get("prompt")
+    ints = (lambda xs: isinstance(xs, list) and bool(xs) and all(type(x) is int and x >= 0 for x in xs))  # noqa: E731
+    if not ints(lengths) or not (prompt is None or (ints(prompt) and len(prompt) == len(lengths))):
         return None
     return doc
 

@@ -142,8 +142,11 @@ class Formatter:
             return self._ids([self._text(t) for t in texts], keep), None
         if fmt == "messages":
             return [self._chat(_messages(r.get("messages", r.get("conversations")), f"{where} row {i}"),
-                               f"{where} row {i}", keep) for i, r in enumerate(rows, 1)], None
-        # prompt-completion
+                               f"{where} row {i}", keep, **_template_kwargs(r, f"{where} row {i}"))
+                    for i, r in enumerate(rows, 1)], None
+        # prompt-completion: the prompt's share is where the tokenized prompt and prompt+completion diverge (TRL's
+        # common_prefix_length: a BPE merge across the boundary, or a template rendering the prompt alone
+        # differently, makes it shorter than the prompt's own tokens)
         full: list[Any] = []
         prompt: list[int] = []
         texts_p, texts_pc, plain = [], [], []
@@ -151,8 +154,11 @@ class Formatter:
             w = f"{where} row {i}"
             if isinstance(r.get("prompt"), list):
                 pr, c = _messages(r["prompt"], w), _messages(r["completion"], w)
-                prompt.append(self._chat(pr, w, False, add_generation_prompt=True))
-                full.append(self._chat(pr + c, w, keep))
+                kw = _template_kwargs(r, w)
+                p_ids = self._chat(pr, w, True, add_generation_prompt=True, **kw)
+                f_ids = self._chat(pr + c, w, True, **kw)
+                prompt.append(common_prefix(p_ids, f_ids))
+                full.append(f_ids if keep else len(f_ids))
             else:
                 texts_p.append(_string(r, "prompt", w))
                 texts_pc.append(texts_p[-1] + self._text(_string(r, "completion", w)))
@@ -160,9 +166,41 @@ class Formatter:
                 full.append(0)
                 prompt.append(0)
         if plain:
-            for j, n_p, pc in zip(plain, self._ids(texts_p, False), self._ids(texts_pc, keep), strict=True):
-                prompt[j], full[j] = n_p, pc
+            for j, p_ids, f_ids in zip(plain, self._ids(texts_p, True), self._ids(texts_pc, True), strict=True):
+                prompt[j], full[j] = common_prefix(p_ids, f_ids), (f_ids if keep else len(f_ids))
         return full, prompt
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of two id lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _template_kwargs(rec: dict[str, Any], where: str) -> dict[str, Any]:
+    """What TRL passes to the chat template from a record: its ``tools`` (JSON text or a list) and its
+    ``chat_template_kwargs``."""
+    import json
+
+    kw: dict[str, Any] = {}
+    tools = rec.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError as exc:
+            raise QPlanError(f"{where}: 'tools' is not JSON") from exc
+    if tools is not None:
+        kw["tools"] = tools
+    extra = rec.get("chat_template_kwargs")
+    if extra is not None:
+        if not isinstance(extra, dict):
+            raise QPlanError(f"{where}: 'chat_template_kwargs' must be an object")
+        kw.update({str(k): v for k, v in extra.items() if k not in ("tokenize", "return_dict", "conversation")})
+    return kw
 
 
 def detect_or_none(rec: Any) -> str | None:

@@ -42,7 +42,7 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
             continue
         try:
             rec = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, and an int of over 4,300 digits
             raise QPlanError(f"{path}:{i}: not JSON ({str(exc)[:80]})") from exc
         rows.append(_record(rec, f"{path}:{i}"))
     return rows
@@ -51,7 +51,7 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 def _json(path: Path) -> list[dict[str, Any]]:
     try:
         doc = json.loads(_text(path))
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, and an int of over 4,300 digits
         raise QPlanError(f"{path}: not JSON ({str(exc)[:80]})") from exc
     if not isinstance(doc, list):
         raise QPlanError(f"{path}: expected a JSON list of records (or use JSONL, one record per line)")
@@ -108,7 +108,11 @@ def _saved_dataset(folder: Path) -> list[dict[str, Any]]:
     """A ``Dataset.save_to_disk`` folder (``state.json`` lists its Arrow files), or a ``DatasetDict``'s (its train
     split)."""
     if (folder / "dataset_dict.json").is_file():
-        splits = json.loads(read_limited(folder / "dataset_dict.json", "dataset_dict.json")).get("splits") or []
+        try:
+            splits = json.loads(read_limited(folder / "dataset_dict.json", "dataset_dict.json")).get("splits") or []
+            splits = [str(x) for x in splits]
+        except (ValueError, RecursionError, AttributeError, TypeError) as exc:
+            raise QPlanError(f"{folder}/dataset_dict.json is not a datasets DatasetDict file") from exc
         if "train" not in splits:
             raise QPlanError(f"{folder} is a DatasetDict without a train split (splits: {', '.join(map(str, splits))})")
         return _saved_dataset(folder / "train")
@@ -117,7 +121,7 @@ def _saved_dataset(folder: Path) -> list[dict[str, Any]]:
     try:
         state = json.loads(read_limited(folder / "state.json", "state.json"))
         files = [folder / Path(str(f["filename"])).name for f in state["_data_files"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (ValueError, RecursionError, KeyError, TypeError) as exc:
         raise QPlanError(f"{folder}/state.json is not a datasets state file") from exc
     rows: list[dict[str, Any]] = []
     for f in files:
@@ -127,11 +131,12 @@ def _saved_dataset(folder: Path) -> list[dict[str, Any]]:
 
 def _data_files(folder: Path) -> list[dict[str, Any]]:
     """A folder of data files (a Hub dataset's snapshot: ``data/train-00000-of-00001.parquet``, ...): the train
-    split's files — those whose path names ``train`` — or, when none does, every data file; in name order."""
+    split's files — a file or folder named ``train`` or ``train-…``/``train_…``/``train.…`` — or, when there are
+    none, every data file; in name order."""
     kinds = TEXT_KINDS + ARROW_KINDS
     files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in kinds
                    and not any(part.startswith(".") for part in f.relative_to(folder).parts))
-    train = [f for f in files if "train" in str(f.relative_to(folder)).lower()]
+    train = [f for f in files if any(re.match(r"train([-_.]|$)", part.lower()) for part in f.relative_to(folder).parts)]
     if not files:
         raise QPlanError(f"{folder} holds no data file (.jsonl, .json, .csv, .tsv, .parquet, .arrow) and is not a "
                          "datasets save_to_disk folder")

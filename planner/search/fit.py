@@ -219,7 +219,7 @@ def _data_seq_len(o: dict[str, Any]) -> dict[str, Any] | None:
     if d["data"] is None:
         from qplan.planner.plan import DATA_DEFAULTS
 
-        given = next((k for k, v in DATA_DEFAULTS.items() if d[k] != v), None)
+        given = next((k for k, v in DATA_DEFAULTS.items() if k in d and d[k] != v), None)
         if given:
             raise QPlanError(f"--{given.replace('_', '-')} describes --data: give --data FILE too")
         return None

@@ -29,7 +29,7 @@ def tokenizer_dir(tmp_path_factory):
     return d
 
 
-def _plan(tmp_path: Path, tokenizer_dir: Path, capsys) -> Path:
+def _plan(tmp_path: Path, tokenizer_dir: Path, capsys, *extra: str) -> Path:
     rng = random.Random(3)
     rows = [{"text": "word " * rng.randint(2, 10)} for _ in range(40)]
     rows[29] = {"text": "long " * 40}  # 201 tokens: cut to 128
@@ -37,17 +37,17 @@ def _plan(tmp_path: Path, tokenizer_dir: Path, capsys) -> Path:
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     plan = tmp_path / "plan.json"
     rc = main(["estimate", "--model", TINY, "--quant", "bf16", "--data", str(data), "--tokenizer", str(tokenizer_dir),
-               "--batch-size", "2", "--max-seq-len", "128", "--output", str(plan)])
+               "--batch-size", "2", "--max-seq-len", "128", "--output", str(plan), *extra])
     assert rc == 0, capsys.readouterr().err
     assert json.loads(plan.read_text())["training"]["seq_len"] == 128
     return plan
 
 
-@pytest.mark.parametrize("largest_first", [True, False])
+@pytest.mark.parametrize("largest_first", ["run flag", "plan setting", None])
 def test_a_data_plan_trains_its_samples_padded_per_batch(tmp_path, tokenizer_dir, capsys, largest_first):
-    plan = _plan(tmp_path, tokenizer_dir, capsys)
+    plan = _plan(tmp_path, tokenizer_dir, capsys, *(["--largest-first"] if largest_first == "plan setting" else []))
     result = runner.run_plan(plan, random_init=True, steps=4, device="cpu", out_dir=tmp_path / "runs",
-                             largest_first=largest_first)
+                             largest_first=largest_first == "run flag")
     assert result["status"] == "ok", result["summary"]
     doc = read_measured(result["run_dir"])
     shapes = doc["run"]["batch_shapes"]
@@ -73,3 +73,20 @@ def test_largest_first_needs_a_data_plan(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "--largest-first orders the batches of a --data plan" in err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("n,batch,to", [(10, 4, 0), (10, 4, 1), (9, 2, 1), (3, 4, 0), (7, 3, 5)])
+def test_largest_first_is_a_permutation_with_the_longest_in_the_chosen_batch(n, batch, to):
+    """Only one swap: the sampler's order stays a permutation of its samples (a dataset whose size is not a multiple
+    of the batch, the longest in the last, partial batch included)."""
+    from qplan.backends.plan_data import LargestFirst
+
+    for longest in range(n):
+        lengths = [1] * n
+        lengths[longest] = 9
+        base = list(reversed(range(n)))
+        order = list(LargestFirst(base, lengths, batch, to))
+        assert sorted(order) == sorted(base) and len(order) == n
+        dest = min(to, max(1, n // batch) - 1) * batch
+        assert order[dest] == longest
+        assert sum(a != b for a, b in zip(order, base)) in (0, 2)

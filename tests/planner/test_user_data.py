@@ -373,3 +373,60 @@ def test_fit_searches_at_the_datas_worst_length(tmp_path, tok, tokenizer_dir, ca
     assert rc == 0 and f"sequence length {max(want)} from --data" in out
     rc, _, err = _cli(capsys, "fit", "--model", TINY, "--gpu", "t4", "--max-seq-len", "100")
     assert rc == 2 and "--max-seq-len describes --data" in err
+
+
+def test_the_prompt_share_is_where_prompt_and_full_diverge_as_trl(tmp_path, tokenizer_dir):
+    """A chat template that renders the generation prompt with a newline the full conversation lacks: the prompt's
+    share is the common prefix (TRL's common_prefix_length), one token shorter than the prompt alone. At a
+    max_length equal to a prompt's own length TRL keeps that sample (one completion token is left): so must qplan."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    rows = datasets_()["chat prompt-completion"]
+    alone = len(tok.apply_chat_template(rows[0]["prompt"], tokenize=True, add_generation_prompt=True,
+                                        return_dict=True)["input_ids"])
+    want = trl_prepared(tok, rows, alone, packing=False)
+    got = data_profile(str(write_jsonl(tmp_path / "d.jsonl", rows)), tokenizer="t", model_source={}, fmt="auto",
+                       max_length=alone, batching="sequential", packing_strategy="bfd", batch_size=2,
+                       tokenizer_obj=tok)
+    assert got["samples"] - got["dropped"] == len(want) and got["trained_tokens"] == sum(want)
+
+
+def test_a_corrupt_cache_entry_is_recounted(tmp_path, tokenizer_dir, monkeypatch):
+    monkeypatch.setenv("QPLAN_DATA_CACHE_DIR", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "d.jsonl", datasets_()["text"])
+
+    def profile():
+        return data_profile(str(data), tokenizer=str(tokenizer_dir), model_source={}, fmt="auto", max_length=None,
+                            batching="padding", packing_strategy="bfd", batch_size=4)
+
+    first = profile()
+    (entry,) = (tmp_path / "cache").glob("*.json")
+    for bad in ('{"version": 1, "format": "text", "lengths": [1, "x"], "prompt": null}', "[]", "{", '{"version": 1}'):
+        entry.write_text(bad)
+        assert profile() == first
+
+
+def test_a_huge_number_in_a_record_is_one_line(tmp_path, tokenizer_dir):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "a", "n": ' + "9" * 5000 + "}\n")
+    with pytest.raises(QPlanError, match=":1: not JSON"):
+        data_profile(str(p), tokenizer=str(tokenizer_dir), model_source={}, fmt="auto", max_length=None,
+                     batching="padding", packing_strategy="bfd", batch_size=1)
+
+
+def test_data_on_the_command_line_takes_the_configs_length_as_its_truncation(tmp_path, tok, tokenizer_dir, capsys):
+    rows = datasets_()["text"]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(f"model_name_or_path: {TINY}\nuse_peft: true\nlora_target_modules: all-linear\n"
+                   "per_device_train_batch_size: 2\nmax_length: 90\ndtype: bfloat16\nbf16: true\n")
+    for cmd in (["estimate"], ["fit", "--gpu", "t4", "--quant", "bf16"]):
+        rc, out, err = _cli(capsys, *cmd, "--from-config", str(cfg), "--data", str(data), "--tokenizer",
+                            str(tokenizer_dir), "--format", "json")
+        assert rc == 0, err
+        res = json.loads(out)
+        seq = res["training"]["seq_len"] if cmd == ["estimate"] else res["data"]["seq_len"]
+        assert seq == max(trl_prepared(tok, rows, 90, packing=False)) == 90
