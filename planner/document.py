@@ -103,6 +103,7 @@ class TrainingSection(Struct, forbid_unknown_fields=True, kw_only=True):
     optimizer: lit(OPTIMIZERS)
     attn_impl: lit(ATTN_IMPLS)
     mixed_precision: lit(MIXED_PRECISION.values())
+    padded: _d(bool | UnsetType, "--data with padded batches: attention gets a 4-D mask (planned)") = UNSET
 
 
 class GpuSection(Struct, kw_only=True):

@@ -178,14 +178,12 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
             raise QPlanError(f"--data: row {longest['row']} has {longest['tokens']:,} tokens, over {spec.name}'s "
                              f"context of {ctx:,}: cap the samples with --max-seq-len {ctx} (TRL's max_length)")
         data["epochs"] = epochs if epochs is not None else 1.0
-        if o.batching != "packing" and o.batch_size > 1 and o.attn_impl != "flash_attention_2":
-            n = o.batch_size * seq_len * seq_len
-            data_warnings.append(f"--data: batches are padded, so attention gets a 4-D mask the plan does not count yet "
-                            f"(a bool [batch, 1, seq, seq] of {n:,} B per attention type kept for the step, and a float "
-                            f"copy inside each attention call; measured on the CPU in docs/data.md)")
         if gpu_ is not None:  # the time of a step depends on the device
             tokens = max(1, math.ceil(data["padded_tokens_per_epoch"] * data["epochs"]))
-    training = TrainingSettings(o.batch_size, seq_len, o.grad_accum, ckpt, o.optimizer, resolve_attn(spec, o.attn_impl))
+    # a batch of several samples padded to its longest has pads: attention gets a 4-D mask (a batch of one has none)
+    padded = data is not None and o.batching != "packing" and o.batch_size > 1
+    training = TrainingSettings(o.batch_size, seq_len, o.grad_accum, ckpt, o.optimizer, resolve_attn(spec, o.attn_impl),
+                                padded)
     q, warnings = check_gpu_dtype(q, gpu_, auto_fix=not o.strict_dtype)
     warnings = ck_warnings + warnings + data_warnings
     if model is not None and spec_origin(model) == "user, shadows bundled":

@@ -331,7 +331,8 @@ def head_activation(spec: ModelSpec, p: Precision, ckpt: bool) -> Lin:
 
 
 def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout: float,
-                     q: QuantSettings, grad_ckpt: str, attn_impl: str, kernels: str = "cuda") -> dict[str, Lin]:
+                     q: QuantSettings, grad_ckpt: str, attn_impl: str, kernels: str = "cuda",
+                     padded: bool = False) -> dict[str, Lin]:
     """Activations alive at the end of the forward pass, and at the other moments that hold some.
 
     * no checkpointing: layer 0 (``first``) + ``L - 1`` full layers + the head;
@@ -391,6 +392,13 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
         if grad_ckpt != "off":
             attn_fwd_temps = eager_forward_transient(d, p)
             attn_fwd = layer_inputs + eager_mask_activation(spec, p) + attn_fwd_temps
+    if padded and attn_impl == "sdpa":
+        kept, per_layer = padding_mask_activation(spec, p, kernels)
+        if grad_ckpt == "off":
+            saved = saved + d.L * per_layer
+        else:  # the bool mask is every checkpoint's input, so it lives until layer 0's backward ends
+            saved = saved + kept
+            layers = layers + kept + per_layer
     # ``*_temps``: the part of ``layers`` / ``attn_fwd`` that is transient (gradients in flight,
     # a recomputation's or a softmax's scratch): what a tracker calls temporaries at that moment
     return {"saved": saved, "layers": layers, "attn_fwd": attn_fwd, "ckpt_inputs": ckpt_inputs,
@@ -474,6 +482,23 @@ def eager_mask_activation(spec: ModelSpec, p: Precision) -> Lin:
     checkpointing the masks die with the forward.)"""
     n = max(1, len(spec.inventory.attention_types))
     return Lin(quad=n * p.R)
+
+
+def padding_mask_activation(spec: ModelSpec, p: Precision, kernels: str) -> tuple[Lin, Lin]:
+    """Padded batches under SDPA: ``(kept, per_layer)``.
+
+    A batch padded to its longest has zeros in its ``attention_mask``, so transformers cannot skip the mask
+    (``masking_utils.sdpa_mask``: ``allow_is_causal_skip`` only without padding) and builds a bool
+    ``[b, 1, s, s]`` mask per attention type (1 byte per element). Checkpointing keeps it with the layers'
+    inputs until backward ends (``kept``: ``n b s^2``). ``torch.nn.functional.scaled_dot_product_attention``
+    turns a bool mask into an additive float one (ATen ``convert_boolean_attn_mask``) and the kernel saves it
+    for its backward: ``per_layer`` bytes per element for every layer whose forward is saved — every layer
+    without checkpointing, the recomputed one with it. Its dtype: on the CPU, measured, 4 bytes
+    (``docs/data.md``: +2·128²·(1 + 4) bytes with checkpointing, +2 layers·2·128²·4 without, on tiny-llama at
+    2 × 128); on CUDA the query's dtype (``c``), ATen's conversion for the memory-efficient kernel, the one that
+    takes a mask (derived from the source, not measured on a GPU)."""
+    n = max(1, len(spec.inventory.attention_types))
+    return Lin(quad=n), Lin(quad=4 if kernels == "cpu" else p.c)
 
 
 def loss_time_activation(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings, grad_ckpt: str) -> Lin:

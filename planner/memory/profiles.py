@@ -108,7 +108,7 @@ class PeftProfile:
         """The step's terms as linear forms in batch x sequence (what ``qplan fit`` searches with)."""
         t = ctx.training
         return MemoryModel.build(ctx.spec, list(ctx.counts), ctx.lora.r, ctx.lora.dropout, ctx.quant, t.grad_ckpt,
-                                 t.optimizer, t.attn_impl, ctx.weights, self.chunked_ce, kernels)
+                                 t.optimizer, t.attn_impl, ctx.weights, self.chunked_ce, kernels, t.padded)
 
     def memory(self, ctx: StepContext, kernels: str = "cuda") -> dict[str, Any]:
         mem = training_memory(ctx.spec, list(ctx.counts), ctx.lora.r, ctx.lora.dropout, ctx.quant, ctx.training,

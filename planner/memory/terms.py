@@ -50,6 +50,8 @@ class TrainingSettings:
     grad_ckpt: str = "hf"
     optimizer: str = "adamw_torch"
     attn_impl: str = "sdpa"
+    #: batches padded to their longest (``--data`` with padding): attention gets a 4-D mask (``padding_mask_activation``)
+    padded: bool = False
 
     def validate(self, spec: ModelSpec) -> None:
         if self.batch_size <= 0:
@@ -78,7 +80,10 @@ class TrainingSettings:
             )
 
     def to_json(self) -> dict[str, object]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.padded:  # plan.json says "padded" only for padded batches
+            out.pop("padded")
+        return out
 
 
 #: families whose activation terms are derived and checked against the trace (reports/accuracy/,

@@ -69,10 +69,12 @@ def _check_prices(prices: dict[str, float]) -> dict[str, float]:
 
 def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=None, r=None, targets=None,
            optimizer=None, top: int = 10, objective: str = "memory", tokens: int | None = None,
-           price_per_hour: str | float | None = None, calibration: str | None = None) -> dict[str, Any]:
+           price_per_hour: str | float | None = None, calibration: str | None = None,
+           padded: bool = False) -> dict[str, Any]:
     """Plans that fit ``gpu_name`` (a catalog name, ``a,b,c``, or ``all``), ranked by ``objective``:
     ``memory`` (most tokens per step, cheapest tricks first), ``time`` (most tokens/s) or ``cost``
-    (least cost per million tokens; needs ``price_per_hour``)."""
+    (least cost per million tokens; needs ``price_per_hour``). ``padded``: batches of more than one
+    sample are padded (``--data``): their attention mask is counted."""
     if objective not in OBJECTIVES:
         raise QPlanError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if not gpu_name or not str(gpu_name).strip():
@@ -91,7 +93,7 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
             raise QPlanError(f"--objective cost needs --price-per-hour for {', '.join(missing)} (a number or NAME=PRICE,...)")
     runs = [_search_one(model, g, seq_len=seq_len, batch_size=batch_size, quant=quant, r=r, targets=targets,
                         optimizer=optimizer, objective=objective, tokens=tokens, price=prices.get(g.name),
-                        calibration=calibration)
+                        calibration=calibration, padded=padded)
             for g in gpus]
     if len(gpus) > 1:  # every row says which GPU it is for, and how much that GPU has
         for res, g in zip(runs, gpus):
@@ -121,7 +123,8 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
 
 
 def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets, optimizer, objective: str,
-                tokens: int | None, price: float | None, calibration: dict | None = None) -> dict[str, Any]:
+                tokens: int | None, price: float | None, calibration: dict | None = None,
+                padded: bool = False) -> dict[str, Any]:
     spec = load_spec(model)
     usable = gpu.usable_bytes
     ctx = max_context(spec) or max(SEQS)
@@ -157,7 +160,9 @@ def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets,
         counts = plan_counts(inp)
         for ck in CKPTS:
             ctx = StepContext.build(spec, lora, q, replace(inp.training, grad_ckpt=ck), counts, gpu, "peft")
-            model_ = profile.memory_model(ctx)
+            models = {False: profile.memory_model(ctx)}  # padded batches (b > 1 with --data): the mask too
+            if padded:
+                models[True] = profile.memory_model(replace(ctx, training=replace(ctx.training, padded=True)))
             attn = ctx.training.attn_impl
             timed = objective != "memory"
             eff = float(calibration["efficiency"]) if calibration else DEFAULT_EFFICIENCY
@@ -170,7 +175,7 @@ def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets,
                 moved = step_bytes(spec, counts, rr, q, ck, op, trainable_params(counts))
             for b, s in itertools.product(batches, seqs):
                 candidates += 1
-                tensor_peak = model_.peak(b, s)
+                tensor_peak = models[padded and b > 1].peak(b, s)
                 peak = tensor_peak + sum(overhead_bytes(tensor_peak, calibration).values())
                 if peak <= usable:
                     row = {
@@ -205,7 +210,7 @@ def fit_document(options: FitOptions | dict[str, Any]) -> dict[str, Any]:
         return fewest_gpus(model=o["model"], gpu=o["gpu"], max_gpus=max_gpus, upcast=upcast, **fixed)
     if not upcast:
         raise QPlanError("--no-upcast goes with --max-gpus (the batch search keeps the k-bit upcast)")
-    out = search(o.pop("model"), o.pop("gpu"), **o)
+    out = search(o.pop("model"), o.pop("gpu"), padded=data is not None and data["batching"] != "packing", **o)
     if data is not None:
         out["data"] = data
     return out

@@ -262,12 +262,14 @@ def test_estimate_plans_the_worst_batch_and_the_real_tokens(tmp_path, tok, token
     (["--data", "FIFO.jsonl"], "not a regular file"),
     (["--data", "D.jsonl", "--tokenizer", "NOTOK"], "no tokenizer found"),
     (["--data", "D.txt"], "unknown kind"),
+    (["--data", "S.jsonl", "--batch-size", "2", "--method", "trace"], "--method trace steps unpadded batches"),
 ])
 def test_data_options_misused_are_one_line(tmp_path, tokenizer_dir, capsys, args, needle):
     import os
 
     (tmp_path / "D.jsonl").write_text("".join(json.dumps({"text": "x" * 300}) + "\n" for _ in range(3)))
     (tmp_path / "D.txt").write_text("x")
+    (tmp_path / "S.jsonl").write_text("".join(json.dumps({"text": "x" * n}) + "\n" for n in (5, 9, 30)))
     (tmp_path / "NOTOK").mkdir()
     os.mkfifo(tmp_path / "FIFO.jsonl")
     args = [str(tmp_path / a) if (tmp_path / a).exists() else a for a in args]
@@ -368,6 +370,13 @@ def test_fit_searches_at_the_datas_worst_length(tmp_path, tok, tokenizer_dir, ca
     assert rc == 0, err
     res = json.loads(out)
     assert res["data"]["seq_len"] == max(want) and {c["seq_len"] for c in res["best"]} == {max(want)}
+    # each row is what `qplan estimate --data` plans for its batch (the padding mask included)
+    row = next(c for c in res["best"] if c["batch_size"] > 1)
+    rc, out, _ = _cli(capsys, "estimate", "--model", TINY, "--gpu", "t4", "--data", str(data), "--tokenizer",
+                      str(tokenizer_dir), "--max-seq-len", "100", "--quant", "bf16", "--batch-size",
+                      str(row["batch_size"]), "--r", str(row["r"]), "--targets", row["targets"], "--optimizer",
+                      row["optimizer"], *([] if row["grad_ckpt"] == "hf" else ["--no-grad-ckpt"]), "--format", "json")
+    assert rc == 0 and json.loads(out)["prediction"]["memory"]["peak"] == row["peak"]
     rc, out, _ = _cli(capsys, "fit", "--model", TINY, "--gpu", "t4", "--data", str(data), "--tokenizer",
                       str(tokenizer_dir), "--max-seq-len", "100", "--quant", "bf16")
     assert rc == 0 and f"sequence length {max(want)} from --data" in out
