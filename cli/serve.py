@@ -9,9 +9,10 @@
   ``/api/models``, ``/api/gpus`` — the lists its menus offer.
 
 It never runs anything a request names: no files are read or written for a request (local config paths,
-``--calibration``, ``--output`` and ``--from-config`` are the CLI's only; ``data`` and ``tokenizer`` are refused
-with a 400), and ``--method trace`` is not served. Requests are planned inside ``catalog.names_only()``:
-``model`` is a bundled/user spec name or a Hub id and every GPU a catalog name or alias — never a path, never
+``--calibration``, ``--output`` and ``--from-config`` are the CLI's only; ``tokenizer`` is refused with a 400,
+``data`` is a Hub dataset id in the HF cache, never a path), and ``--method trace`` is not served.
+Requests are planned inside ``catalog.names_only()``: ``model`` is a bundled/user spec name or a Hub id and
+every GPU a catalog name or alias — never a path, never
 looked up in the working directory, and the answer does not say whether a path exists. Bound to 127.0.0.1 by default; when bound
 to a loopback address, a request whose ``Host`` is not a loopback name is refused (a web page elsewhere
 cannot reach it by DNS rebinding).
@@ -36,7 +37,7 @@ from qplan.planner.errors import QPlanError
 #: options of the CLI that a request may not set: they read or write files, or run a trace
 NOT_SERVED = {"from_config", "config_format", "output", "force", "fmt", "method", "calibration"}
 #: options whose value is a path: a request giving one is refused (400), not planned without it
-NAMES_A_FILE = ("data", "tokenizer")
+NAMES_A_FILE = ("tokenizer",)  # data: a Hub dataset id in the HF cache, resolved inside names_only()
 TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 MAX_QUERY = 16384

@@ -23,14 +23,34 @@ pipe, ``/dev/zero``, a folder), and read up to a stated size: at most ``limit + 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from qplan.planner.errors import QPlanError
+
+#: set by ``names_only()``: inputs are resolved by name only (a bundled spec, a Hub id, a catalog GPU, a Hub
+#: dataset id in the HF cache), never from a file or folder a caller names
+NAMES_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("qplan_names_only", default=False)
+
+
+@contextlib.contextmanager
+def names_only() -> Iterator[None]:
+    """Inside it, ``load_spec`` takes only a bundled/user spec name or a Hub id, ``load_gpu`` only a catalog name or
+    alias, and ``--data`` only a Hub dataset id in the HF cache: no path is read, no file or folder is even looked
+    up (``qplan serve``: a request never names a file the server reads, nor learns whether a path exists)."""
+    token = NAMES_ONLY.set(True)
+    try:
+        yield
+    finally:
+        NAMES_ONLY.reset(token)
+
 
 #: the suffix of a folder still being written (a ``qplan run`` folder while it trains; a staged output folder)
 PARTIAL = ".partial"

@@ -24,7 +24,7 @@ from qplan.planner.data.batching import (
     percentile,
 )
 from qplan.planner.data.formats import Formatter
-from qplan.planner.data.sources import read_records, resolve_source
+from qplan.planner.data.sources import read_resolved, resolve_source
 from qplan.planner.errors import QPlanError
 
 
@@ -35,7 +35,9 @@ def load_tokenizer(tokenizer: str | None, source: dict[str, Any]) -> tuple[Any, 
     if tokenizer:
         candidates.append(tokenizer)
     else:
-        path = source.get("path")
+        from qplan.planner.files import NAMES_ONLY
+
+        path = None if NAMES_ONLY.get() else source.get("path")  # qplan serve: the model's Hub id only
         if path:
             p = Path(path)
             candidates.append(str(p if p.is_dir() else p.parent))
@@ -96,17 +98,17 @@ def data_profile(source: str, *, tokenizer: str | None, model_source: dict[str, 
     from qplan.planner.data import cache
     from qplan.planner.data.formats import detect
 
+    resolved = resolve_source(source)  # a path, or a Hub dataset id's snapshot in the HF cache (before the tokenizer)
     if tokenizer_obj is None:
         tok, tok_from = load_tokenizer(tokenizer, model_source)
     else:
         tok, tok_from = tokenizer_obj, tokenizer or "(given)"
-    resolved = resolve_source(source)  # a path, or a Hub dataset id's snapshot in the HF cache
     k = cache.key(resolved, tok, fmt)
     hit = cache.load(k)
     if hit is not None:  # the same data, tokenizer and format: counted before
         found, full, prompt = hit["format"], hit["lengths"], hit["prompt"]
     else:
-        rows = read_records(resolved)
+        rows = read_resolved(resolved, source)
         try:
             found = detect(rows[0]) if fmt == "auto" else fmt
         except QPlanError as exc:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qplan.planner.errors import QPlanError
-from qplan.planner.files import read_limited, safe_exists
+from qplan.planner.files import NAMES_ONLY, read_limited, safe_exists
 
 #: the most of a dataset qplan reads (a fine-tuning set, not a pre-training corpus)
 MAX_DATA_BYTES = 4 << 30
@@ -159,7 +159,13 @@ def hub_dataset_folder(dataset_id: str) -> Path | None:
 
 
 def resolve_source(source: str | Path) -> Path:
-    """A path as given, or a Hub dataset id (``ORG/NAME``) found in the HF cache."""
+    """A path as given, or a Hub dataset id (``ORG/NAME``) found in the HF cache; inside ``files.names_only()``
+    (``qplan serve``) only the latter, and the same answer whether a path of that name exists or not."""
+    if NAMES_ONLY.get():
+        snap = hub_dataset_folder(str(source))
+        if snap is None:
+            raise QPlanError(f"data {str(source)[:60]!r}: a Hub dataset id (ORG/NAME) in the HF cache here, never a path")
+        return snap
     p = Path(source)
     if safe_exists(p):
         return p
@@ -193,8 +199,12 @@ def _record(rec: Any, where: str) -> dict[str, Any]:
 
 def read_records(source: str | Path) -> list[dict[str, Any]]:
     """The records of ``source`` (``resolve_source``); one line if it cannot be read or holds none."""
-    p = resolve_source(source)
+    return read_resolved(resolve_source(source), source)
+
+
+def read_resolved(p: Path, source: str | Path | None = None) -> list[dict[str, Any]]:
+    """The records of ``p``, a file or folder ``resolve_source`` gave."""
     rows = _saved_dataset(p) if p.is_dir() else _file(p)
     if not rows:
-        raise QPlanError(f"data {source} has no records")
+        raise QPlanError(f"data {source or p} has no records")
     return rows

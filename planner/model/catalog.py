@@ -7,8 +7,6 @@ small file and imports nothing heavy.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import difflib
 import json
 import os
@@ -18,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from qplan.planner.errors import QPlanError
+from qplan.planner.files import NAMES_ONLY as _NAMES_ONLY
+from qplan.planner.files import names_only as names_only  # re-exported: serve and the API import it here
 from qplan.planner.files import safe_exists
 from qplan.planner.model.spec import SPEC_SCHEMA_VERSION, Gpu, ModelSpec
 from qplan.planner.validate import check_config, read_json
@@ -127,22 +127,6 @@ def make_spec(config: dict[str, Any], name: str, source: dict[str, Any]) -> Mode
         "config": config,
         "inventory": build_inventory(config),
     }, f"model spec {name}")
-
-
-#: set by ``names_only()``: models and GPUs are resolved by name only, never from a file or folder
-_NAMES_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("qplan_names_only", default=False)
-
-
-@contextlib.contextmanager
-def names_only():
-    """Inside it, ``load_spec`` takes only a bundled/user spec name or a Hub id and ``load_gpu`` only a
-    catalog name or alias: no path is read, no file or folder is even looked up (``qplan serve``: a
-    request never names a file the server reads, nor learns whether a path exists)."""
-    token = _NAMES_ONLY.set(True)
-    try:
-        yield
-    finally:
-        _NAMES_ONLY.reset(token)
 
 
 def _shown(value: str) -> str:

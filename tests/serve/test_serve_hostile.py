@@ -91,16 +91,23 @@ def test_fit_price_names_are_catalog_gpus_only(base, tmp_path):
     assert "catalog GPU" in line
 
 
-@pytest.mark.parametrize("param", ["data", "tokenizer"])
-def test_a_data_file_or_tokenizer_folder_is_never_read(base, tmp_path, param):
-    """--data and --tokenizer name files: a request giving one is refused in one line, the same whether the path
-    exists (a FIFO that would hang a reader included) or not, never planned as if it were absent."""
+@pytest.mark.parametrize("param,needle", [("data", "a Hub dataset id (ORG/NAME) in the HF cache here, never a path"),
+                                           ("tokenizer", "reads no file a request names")])
+def test_a_data_file_or_tokenizer_folder_is_never_read(base, tmp_path, monkeypatch, param, needle):
+    """--data and --tokenizer can name files: a request naming a path is refused in one line, the same whether the path
+    exists (a FIFO that would hang a reader included; a same-named folder of data in the server's folder) or not."""
     fifo = tmp_path / "d.jsonl"
     os.mkfifo(fifo)
-    lines = [error_400(*get(f"{base}/api/estimate?model=smollm2-135m&{param}={quote(str(p))}", timeout=10))
-             for p in (fifo, tmp_path / "absent.jsonl")]
-    assert "reads no file a request names" in lines[0]
-    assert lines[0] == lines[1]
+    (tmp_path / "me" / "mine").mkdir(parents=True)
+    (tmp_path / "me" / "mine" / "train.jsonl").write_text('{"text": "secret"}\n')
+    monkeypatch.chdir(tmp_path)
+    def line(p) -> str:
+        got = error_400(*get(f"{base}/api/estimate?model=smollm2-135m&{param}={quote(str(p))}", timeout=10))
+        return re.sub(r"'[^']*'", "'P'", got, count=1)
+
+    lines = [line(p) for p in (fifo, tmp_path / "absent.jsonl", "me/mine")]
+    assert needle in lines[0]
+    assert lines[0] == lines[1] == lines[2]
 
 
 @pytest.mark.parametrize("name", ["config.json", "", "model.json"])
