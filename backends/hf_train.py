@@ -7,8 +7,8 @@ Plan -> ``TrainingArguments``:
 * ``training.mixed_precision`` ``bf16``/``fp16`` -> ``bf16=True``/``fp16=True`` (autocast; on
   the CPU only bf16 autocast exists, so an fp16 plan is refused there with the fix);
 * ``training.optimizer`` -> ``optim`` (``adamw_8bit`` is transformers' ``adamw_bnb_8bit``);
-* ``training.grad_ckpt`` ``hf`` -> ``gradient_checkpointing=True`` with
-  ``use_reentrant=False`` (a backend that enables checkpointing itself, like Unsloth, passes
+* ``training.grad_ckpt`` ``hf`` -> ``activation_checkpointing=True`` (``gradient_checkpointing`` before
+  transformers 5.23) with ``use_reentrant=False`` (a backend that enables checkpointing itself, like Unsloth, passes
   ``trainer_checkpointing=False``);
 * fixed here, not in the plan (they do not change memory): ``learning_rate`` (run option,
   default 2e-4), constant schedule, ``max_grad_norm=1.0``, ``logging_steps=1``,
@@ -30,6 +30,19 @@ def training_arguments(plan: dict[str, Any], settings: TrainSettings, device: st
     from transformers import TrainingArguments
 
     return TrainingArguments(**training_kwargs(plan, settings, device, trainer_checkpointing))
+
+
+def _checkpointing(ckpt: bool) -> dict[str, Any]:
+    """Non-reentrant checkpointing under transformers' name for it: ``activation_checkpointing`` from 5.23 on
+    (``gradient_checkpointing`` is a deprecated alias there, with a FutureWarning), the old name before (the
+    Unsloth venv's transformers)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    new = "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if new else "gradient_checkpointing"
+    return {name: ckpt, f"{name}_kwargs": {"use_reentrant": False} if ckpt else None}
 
 
 def training_kwargs(plan: dict[str, Any], settings: TrainSettings, device: str,
@@ -56,8 +69,7 @@ def training_kwargs(plan: dict[str, Any], settings: TrainSettings, device: str,
         optim=OPTIMIZERS[t["optimizer"]].trainer_optim,
         bf16=mp == "bf16",
         fp16=mp == "fp16",
-        gradient_checkpointing=ckpt,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if ckpt else None,
+        **_checkpointing(ckpt),
         logging_strategy="steps",
         logging_steps=1,
         save_strategy="no",
