@@ -103,10 +103,7 @@ def load_plan_data(plan: dict[str, Any], tokenizer: Any, path: str | None, model
     from qplan.planner.data.formats import Formatter
     from qplan.planner.data.sources import read_records
 
-    d = plan["prediction"]["data"]
-    if d["batching"] == "packing":
-        raise QPlanError("qplan run does not train packed --data plans yet: plan with --batching padding, sequential "
-                         "or group_by_length to run it")
+    d = plan["prediction"]["data"]  # the runner refused packed plans before starting this worker
     source = path or d.get("path") or d["source"]
     if not Path(source).exists():
         raise QPlanError(f"the plan's data {source} is not there: pass --data with the same file")

@@ -232,9 +232,12 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
 
         read_jsonl(data)  # a missing file or a bad line is reported here, before any model loads
     elif planned_data:
-        from qplan.planner.data.sources import read_records
+        from qplan.planner.data.sources import read_records, resolve_source
 
-        read_records(data or planned_data.get("path") or planned_data["source"])  # the plan's data, read before any model loads
+        if data is not None:
+            read_records(data)  # another file than the plan's: a bad row is one line here, before any model loads
+        else:
+            resolve_source(planned_data["path"])  # the plan's own data was read when planned: only that it is there
     if steps is not None and epochs is not None:
         raise QPlanError("give either --steps or --epochs, not both")
     if steps is None and epochs is None:

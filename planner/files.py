@@ -97,10 +97,10 @@ def read_limited(path: str | Path, what: str, limit: int = MAX_JSON_BYTES) -> by
     return data
 
 
-def _umask_mode() -> int:
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
 
 
 def atomic_write(path: str | Path, data: str | bytes, replace: bool = True) -> Path:
@@ -117,7 +117,7 @@ def atomic_write(path: str | Path, data: str | bytes, replace: bool = True) -> P
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name[:100]}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), stat.S_IMODE(old.st_mode) if old is not None else _umask_mode())
+            os.fchmod(f.fileno(), stat.S_IMODE(old.st_mode) if old is not None else 0o666 & ~_umask())
             f.write(blob)
         if replace:
             os.replace(tmp, p)
@@ -143,13 +143,7 @@ def atomic_write(path: str | Path, data: str | bytes, replace: bool = True) -> P
 
 def write_new_file(path: str | Path, text: str, force: bool) -> Path:
     """Write ``text`` to ``path``; refuse to replace an existing file unless ``force``, and never a folder."""
-    p = Path(path)
-    if safe_exists(p) and p.is_dir():
-        raise QPlanError(f"{p} is a directory: give a file name")
-    if safe_exists(p) and not force:
-        raise QPlanError(f"{p} already exists: choose another --output or pass --force to replace it")
-    if p.parent and not p.parent.exists():
-        raise QPlanError(f"directory {p.parent} does not exist")
+    p = _check_target(Path(path), force, "--output", None)
     try:
         return atomic_write(p, text, replace=force)
     except OSError as exc:
@@ -210,7 +204,13 @@ def probe_writable(folder: str | Path, option: str) -> Path:
 def check_output_file(path: str | Path, force: bool, option: str = "--output", rename: str | None = None) -> Path:
     """Before any work: ``path`` can be written as a new file (or replace a regular file with ``force``);
     ``rename``: the option that names the file, if not ``option``."""
-    p = Path(path)
+    p = _check_target(Path(path), force, option, rename)
+    probe_writable(p.parent if str(p.parent) else Path("."), option)
+    return p
+
+
+def _check_target(p: Path, force: bool, option: str, rename: str | None) -> Path:
+    """``p`` may be written as a file: not a folder, not an existing file without ``force``, in a folder that exists."""
     if safe_exists(p) and p.is_dir():
         raise QPlanError(f"{p} is a directory: give a file name")
     if safe_exists(p) and not force:
@@ -218,7 +218,6 @@ def check_output_file(path: str | Path, force: bool, option: str = "--output", r
     parent = p.parent if str(p.parent) else Path(".")
     if not safe_exists(parent):
         raise QPlanError(f"directory {parent} does not exist")
-    probe_writable(parent, option)
     return p
 
 
@@ -231,20 +230,13 @@ def check_new_folder(path: str | Path, option: str) -> Path:
     return p
 
 
-def _new_folder_mode(path: Path) -> None:
-    """``mkdtemp`` makes 0o700: give a published folder the mode ``mkdir`` would have."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o777 & ~mask)
-
-
 def publish_folder(stage: str | Path, final: str | Path) -> Path:
     """Rename the finished folder ``stage`` to ``final`` (same parent): never over anything already there (an
     empty folder made in the instant between the check and the rename would be replaced: POSIX ``rename``)."""
     stage, final = Path(stage), Path(final)
     if os.path.lexists(final):
         raise QPlanError(f"{final} appeared while qplan was writing it")
-    _new_folder_mode(stage)
+    os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0o700: the mode mkdir would have given
     os.rename(stage, final)
     return final
 
@@ -293,18 +285,15 @@ class StagedFolder:
                     self.final = Path(self.free())
                 publish_folder(self.stage, self.final)
                 return False
-            except OSError as err:
-                self._clean()
-                raise QPlanError(f"{self.option} {self.final}: cannot write it ({err.strerror or err}); nothing was "
-                                 "left behind") from err
-            except QPlanError:
-                self._clean()
-                raise
+            except (OSError, QPlanError) as err:
+                exc = err
         self._clean()
         if isinstance(exc, OSError):
             raise QPlanError(f"{self.option} {self.final}: cannot write it ({exc.strerror or exc}); nothing was left "
                              "behind") from exc
-        return False  # the error goes on as it was
+        if kind is None:
+            raise exc  # publishing's own QPlanError
+        return False  # the body's error goes on as it was
 
 
 def refuse_partial(folder: str | Path) -> None:

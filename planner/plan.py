@@ -15,6 +15,8 @@ from typing import Any
 import msgspec
 
 from qplan.planner import __version__
+from qplan.planner.data import check_data_options, data_profile
+from qplan.planner.data.batching import padded
 from qplan.planner.document import (
     PLAN_SCHEMA_VERSION,
     Compute,
@@ -57,15 +59,12 @@ from qplan.planner.model.weights import (
     checkpoint_quant,
     unquantized_experts_warning,
 )
-from qplan.planner.options import PlanOptions, check_options
+from qplan.planner.options import PlanOptions, as_dict, check_options
 from qplan.planner.validate import read_calibration
 from qplan.planner.vocab import BACKENDS, BYTES, DTYPE_ALIASES, MIXED_PRECISION
 
 #: --seq-len when neither it nor --data is given
 DEFAULT_SEQ_LEN = 512
-#: the options that describe --data, at their defaults (given without --data: an error)
-DATA_DEFAULTS = {"tokenizer": None, "data_format": "auto", "max_seq_len": None, "batching": "padding",
-                 "packing_strategy": "bfd", "largest_first": False}
 
 
 @dataclass(frozen=True)
@@ -123,15 +122,8 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     tokens, dataset_tokens, epochs, calibration = o.tokens, o.dataset_tokens, o.epochs, o.calibration
     backend, gpus, nodes, strategy, cpu_offload = o.backend, o.gpus, o.nodes, o.strategy, o.cpu_offload
     modules_to_save, target_parameters, model, gpu = o.modules_to_save, o.target_parameters, o.model, o.gpu
-    if o.data is None and any(getattr(o, k) != v for k, v in DATA_DEFAULTS.items()):
-        flag = next(k for k, v in DATA_DEFAULTS.items() if getattr(o, k) != v).replace("_", "-")
-        raise QPlanError(f"--{flag} describes --data: give --data FILE too")
-    if o.data is not None:
-        if o.seq_len is not None:
-            raise QPlanError("--seq-len is set by --data (the worst batch's padded length): leave it out, or cap the "
-                             "samples with --max-seq-len")
-        if tokens is not None or dataset_tokens is not None:
-            raise QPlanError("--data counts the tokens: leave out --tokens and --dataset-tokens (--epochs sets passes)")
+    if check_data_options(as_dict(o), o.seq_len) and (tokens is not None or dataset_tokens is not None):
+        raise QPlanError("--data counts the tokens: leave out --tokens and --dataset-tokens (--epochs sets passes)")
     if tokens is not None and (dataset_tokens is not None or epochs is not None):
         raise QPlanError("give either --tokens or --dataset-tokens with --epochs, not both")
     if o.data is None and (dataset_tokens is None) != (epochs is None):
@@ -162,11 +154,9 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     q = QuantSettings(quant, double_quant, DTYPE_ALIASES[compute_dtype], upcast and stack.kbit_upcast)
     q, ck_warnings = checkpoint_quant(spec, q)
     ckpt = stack.checkpointing if o.grad_ckpt else "off"
-    data, data_warnings = None, []
+    data = None
     seq_len = o.seq_len if o.seq_len is not None else DEFAULT_SEQ_LEN
     if o.data is not None:
-        from qplan.planner.data import data_profile
-
         data = data_profile(o.data, tokenizer=o.tokenizer, model_source=dict(spec.source or {}), fmt=o.data_format,
                             max_length=o.max_seq_len, batching=o.batching, packing_strategy=o.packing_strategy,
                             batch_size=o.batch_size, grad_accum=o.grad_accum)
@@ -180,12 +170,10 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
         data["epochs"] = epochs if epochs is not None else 1.0
         if gpu_ is not None:  # the time of a step depends on the device
             tokens = max(1, math.ceil(data["padded_tokens_per_epoch"] * data["epochs"]))
-    # a batch of several samples padded to its longest has pads: attention gets a 4-D mask (a batch of one has none)
-    padded = data is not None and o.batching != "packing" and o.batch_size > 1
     training = TrainingSettings(o.batch_size, seq_len, o.grad_accum, ckpt, o.optimizer, resolve_attn(spec, o.attn_impl),
-                                padded)
+                                data is not None and padded(o.batching, o.batch_size))
     q, warnings = check_gpu_dtype(q, gpu_, auto_fix=not o.strict_dtype)
-    warnings = ck_warnings + warnings + data_warnings
+    warnings = ck_warnings + warnings
     if model is not None and spec_origin(model) == "user, shadows bundled":
         warnings.insert(0, f"model {model!r} is your spec in {user_spec_dir()}, which shadows the bundled one "
                            "(`qplan models` marks it)")

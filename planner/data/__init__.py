@@ -65,6 +65,25 @@ def load_tokenizer(tokenizer: str | None, source: dict[str, Any]) -> tuple[Any, 
                      "tokenizer.json)")
 
 
+#: the options that describe --data, at their defaults (one given without --data is an error)
+DATA_DEFAULTS = {"tokenizer": None, "data_format": "auto", "max_seq_len": None, "batching": "padding",
+                 "packing_strategy": "bfd", "largest_first": False}
+
+
+def check_data_options(values: dict[str, Any], seq_len: int | None) -> bool:
+    """Whether ``--data`` is given; one line for an option that describes data without it, or a ``--seq-len`` beside
+    it (``estimate`` and ``fit`` alike)."""
+    if values.get("data") is None:
+        given = next((k for k, v in DATA_DEFAULTS.items() if k in values and values[k] != v), None)
+        if given:
+            raise QPlanError(f"--{given.replace('_', '-')} describes --data: give --data FILE too")
+        return False
+    if seq_len is not None:
+        raise QPlanError("--seq-len is set by --data (the worst batch's padded length): leave it out, or cap the "
+                         "samples with --max-seq-len")
+    return True
+
+
 def select(full: list[int], prompt: list[int] | None, max_length: int | None, packing: bool,
            packing_strategy: str) -> tuple[list[int], list[int], int, int]:
     """The samples the trainer keeps and their lengths, as TRL's preparation: without packing each is cut to

@@ -35,6 +35,12 @@ PACKING_STRATEGIES = ("bfd", "wrapped")
 GROUPED_SHUFFLES = 8
 
 
+def padded(batching: str, batch_size: int) -> bool:
+    """Whether a batch has pads: several samples padded to the longest (packs are padding-free; one sample is not
+    padded), so attention gets a 4-D mask (``memory.activations.padding_mask_activation``)."""
+    return batching != "packing" and batch_size > 1
+
+
 def expected_max_of_subset(sorted_lengths: Sequence[int], k: int) -> float:
     """E[max of a uniformly random ``k``-subset] of ``sorted_lengths`` (ascending): Σ l(i) C(i−1,k−1)/C(n,k)."""
     n = len(sorted_lengths)

@@ -29,7 +29,7 @@ ARROW_KINDS = (".parquet", ".arrow")
 def _text(path: Path) -> str:
     raw = read_limited(path, "data file", MAX_DATA_BYTES)
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a leading byte-order mark is not part of the first record
     except UnicodeDecodeError as exc:
         line = raw[:exc.start].count(b"\n") + 1
         raise QPlanError(f"{path}:{line}: not UTF-8 text (byte {exc.start:,})") from exc

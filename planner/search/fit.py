@@ -16,6 +16,8 @@ from typing import Any
 
 from qplan.planner.compute.flops import flops_form, step_bytes
 from qplan.planner.compute.timing import DEFAULT_EFFICIENCY, device_peak, ideal_step_seconds
+from qplan.planner.data import check_data_options, data_profile
+from qplan.planner.data.batching import padded
 from qplan.planner.errors import QPlanError
 from qplan.planner.memory.profiles import StepContext, select_profile
 from qplan.planner.memory.terms import max_context, overhead_bytes
@@ -70,11 +72,11 @@ def _check_prices(prices: dict[str, float]) -> dict[str, float]:
 def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=None, r=None, targets=None,
            optimizer=None, top: int = 10, objective: str = "memory", tokens: int | None = None,
            price_per_hour: str | float | None = None, calibration: str | None = None,
-           padded: bool = False) -> dict[str, Any]:
+           batching: str | None = None) -> dict[str, Any]:
     """Plans that fit ``gpu_name`` (a catalog name, ``a,b,c``, or ``all``), ranked by ``objective``:
     ``memory`` (most tokens per step, cheapest tricks first), ``time`` (most tokens/s) or ``cost``
-    (least cost per million tokens; needs ``price_per_hour``). ``padded``: batches of more than one
-    sample are padded (``--data``): their attention mask is counted."""
+    (least cost per million tokens; needs ``price_per_hour``). ``batching``: a ``--data`` plan's (its padded
+    batches' attention mask is counted)."""
     if objective not in OBJECTIVES:
         raise QPlanError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if not gpu_name or not str(gpu_name).strip():
@@ -93,7 +95,7 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
             raise QPlanError(f"--objective cost needs --price-per-hour for {', '.join(missing)} (a number or NAME=PRICE,...)")
     runs = [_search_one(model, g, seq_len=seq_len, batch_size=batch_size, quant=quant, r=r, targets=targets,
                         optimizer=optimizer, objective=objective, tokens=tokens, price=prices.get(g.name),
-                        calibration=calibration, padded=padded)
+                        calibration=calibration, batching=batching)
             for g in gpus]
     if len(gpus) > 1:  # every row says which GPU it is for, and how much that GPU has
         for res, g in zip(runs, gpus):
@@ -124,7 +126,7 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
 
 def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets, optimizer, objective: str,
                 tokens: int | None, price: float | None, calibration: dict | None = None,
-                padded: bool = False) -> dict[str, Any]:
+                batching: str | None = None) -> dict[str, Any]:
     spec = load_spec(model)
     usable = gpu.usable_bytes
     ctx = max_context(spec) or max(SEQS)
@@ -160,8 +162,8 @@ def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets,
         counts = plan_counts(inp)
         for ck in CKPTS:
             ctx = StepContext.build(spec, lora, q, replace(inp.training, grad_ckpt=ck), counts, gpu, "peft")
-            models = {False: profile.memory_model(ctx)}  # padded batches (b > 1 with --data): the mask too
-            if padded:
+            models = {False: profile.memory_model(ctx)}  # a --data plan's padded batches: the mask too
+            if batching is not None:
                 models[True] = profile.memory_model(replace(ctx, training=replace(ctx.training, padded=True)))
             attn = ctx.training.attn_impl
             timed = objective != "memory"
@@ -175,7 +177,7 @@ def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets,
                 moved = step_bytes(spec, counts, rr, q, ck, op, trainable_params(counts))
             for b, s in itertools.product(batches, seqs):
                 candidates += 1
-                tensor_peak = models[padded and b > 1].peak(b, s)
+                tensor_peak = models[batching is not None and padded(batching, b)].peak(b, s)
                 peak = tensor_peak + sum(overhead_bytes(tensor_peak, calibration).values())
                 if peak <= usable:
                     row = {
@@ -210,7 +212,7 @@ def fit_document(options: FitOptions | dict[str, Any]) -> dict[str, Any]:
         return fewest_gpus(model=o["model"], gpu=o["gpu"], max_gpus=max_gpus, upcast=upcast, **fixed)
     if not upcast:
         raise QPlanError("--no-upcast goes with --max-gpus (the batch search keeps the k-bit upcast)")
-    out = search(o.pop("model"), o.pop("gpu"), padded=data is not None and data["batching"] != "packing", **o)
+    out = search(o.pop("model"), o.pop("gpu"), batching=data["batching"] if data else None, **o)
     if data is not None:
         out["data"] = data
     return out
@@ -221,20 +223,10 @@ def _data_seq_len(o: dict[str, Any]) -> dict[str, Any] | None:
     the batch; packing: ``--max-seq-len``) fixes ``seq_len`` (``o`` is changed); the data options are removed."""
     keys = ("data", "tokenizer", "data_format", "max_seq_len", "batching", "packing_strategy")
     d = {k: o.pop(k) for k in keys}
-    if d["data"] is None:
-        from qplan.planner.plan import DATA_DEFAULTS
-
-        given = next((k for k, v in DATA_DEFAULTS.items() if k in d and d[k] != v), None)
-        if given:
-            raise QPlanError(f"--{given.replace('_', '-')} describes --data: give --data FILE too")
+    if not check_data_options(d, o.get("seq_len")):
         return None
-    if o.get("seq_len") is not None:
-        raise QPlanError("--seq-len is set by --data (the worst batch's padded length): leave it out, or cap the samples "
-                         "with --max-seq-len")
     if not o.get("model"):
         raise QPlanError("--model is required (a bundled name, a config.json, a Hub id), or --from-config FILE")
-    from qplan.planner.data import data_profile
-
     prof = data_profile(d["data"], tokenizer=d["tokenizer"], model_source=dict(load_spec(o["model"]).source or {}),
                         fmt=d["data_format"], max_length=d["max_seq_len"], batching=d["batching"],
                         packing_strategy=d["packing_strategy"], batch_size=1)

@@ -439,3 +439,16 @@ def test_data_on_the_command_line_takes_the_configs_length_as_its_truncation(tmp
         res = json.loads(out)
         seq = res["training"]["seq_len"] if cmd == ["estimate"] else res["data"]["seq_len"]
         assert seq == max(trl_prepared(tok, rows, 90, packing=False)) == 90
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path, tokenizer_dir):
+    plain, bom = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_jsonl(plain, datasets_()["text"][:5])
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+
+    def profile(p):
+        return data_profile(str(p), tokenizer=str(tokenizer_dir), model_source={}, fmt="auto", max_length=None,
+                            batching="sequential", packing_strategy="bfd", batch_size=2)
+
+    a, b = profile(plain), profile(bom)
+    assert {k: a[k] for k in a if k not in ("source", "path")} == {k: b[k] for k in b if k not in ("source", "path")}
