@@ -29,10 +29,10 @@ class PlanData:
     """The kept samples of a ``--data`` plan, a list-like dataset of ``{input_ids, labels}``."""
 
     def __init__(self, samples: list[dict[str, list[int]]], pad_id: int, batching: str, largest_first: bool,
-                 source: str, first_measured: int = 0) -> None:
+                 source: str, first_measured: int = 0, multiple: int | None = None) -> None:
         self.samples, self.batching, self.largest_first, self.source = samples, batching, largest_first, source
         self.first_measured = first_measured  # the micro-batch index of the first measured step
-        self.collate = PadCollator(pad_id)
+        self.collate = PadCollator(pad_id, multiple)
         self.notes: list[str] = []
         self.tokens_in_file = sum(len(s["input_ids"]) for s in samples)
 
@@ -74,16 +74,17 @@ class LargestFirst:
 
 
 class PadCollator:
-    """Pad a batch to its longest sample; record its shape."""
+    """Pad a batch to its longest sample (rounded up to a multiple of ``multiple``, as ``pad_to_multiple_of``);
+    record its shape."""
 
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int, multiple: int | None = None) -> None:
+        self.pad_id, self.multiple = pad_id, multiple or 1
         self.shapes: list[list[int]] = []
 
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
         import torch
 
-        n = max(len(f["input_ids"]) for f in features)
+        n = -(-max(len(f["input_ids"]) for f in features) // self.multiple) * self.multiple
         ids = torch.full((len(features), n), self.pad_id, dtype=torch.long)
         labels = torch.full((len(features), n), -100, dtype=torch.long)
         mask = torch.zeros((len(features), n), dtype=torch.long)
@@ -103,7 +104,7 @@ def load_plan_data(plan: dict[str, Any], tokenizer: Any, path: str | None, model
     from qplan.planner.data.formats import Formatter
     from qplan.planner.data.sources import read_records
 
-    d = plan["prediction"]["data"]  # the runner refused packed plans before starting this worker
+    d = plan["prediction"]["data"]  # the runner refused packed and axolotl-formatted plans before starting this worker
     source = path or d.get("path") or d["source"]
     if not Path(source).exists():
         raise QPlanError(f"the plan's data {source} is not there: pass --data with the same file")
@@ -126,13 +127,15 @@ def load_plan_data(plan: dict[str, Any], tokenizer: Any, path: str | None, model
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise QPlanError("the tokenizer has neither a pad nor an EOS token to pad batches with")
-    data = PlanData(samples, int(pad), d["batching"], largest_first, str(source), first_measured)
+    data = PlanData(samples, int(pad), d["batching"], largest_first, str(source), first_measured,
+                    d.get("pad_to_multiple_of"))
     from qplan.planner.data.cache import tokenizer_identity
 
     if d.get("tokenizer_sha256") and tokenizer_identity(tokenizer) != d["tokenizer_sha256"]:
         data.notes.append(f"the run's tokenizer is not the one the plan counted with ({d['tokenizer']}): its batches "
                           "may be longer or shorter than planned (see batch_shapes)")
-    if len(samples) != d["samples"] - d["dropped"] or max(kept) != d["worst_batch"]["seq_len"]:
-        data.notes.append(f"the run has {len(samples)} samples, the longest {max(kept)} tokens; the plan counted "
-                          f"{d['samples'] - d['dropped']}, the longest {d['worst_batch']['seq_len']}")
+    longest = -(-max(kept) // (d.get("pad_to_multiple_of") or 1)) * (d.get("pad_to_multiple_of") or 1)
+    if len(samples) != d["samples"] - d["dropped"] or longest != d["worst_batch"]["seq_len"]:
+        data.notes.append(f"the run has {len(samples)} samples, the longest padded to {longest} tokens; the plan "
+                          f"counted {d['samples'] - d['dropped']}, the longest padded to {d['worst_batch']['seq_len']}")
     return data

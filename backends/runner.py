@@ -227,6 +227,9 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
     if planned_data and planned_data["batching"] == "packing":
         raise QPlanError("qplan run does not train packed --data plans yet: plan with --batching padding, sequential "
                          "or group_by_length to run it")
+    if planned_data and str(planned_data["format"]).startswith("axolotl:"):
+        raise QPlanError(f"qplan run trains data formatted as TRL's SFTTrainer does, not axolotl's "
+                         f"{planned_data['format']}: train this plan with axolotl, or plan with a TRL format to run it")
     if data is not None and not planned_data:
         from .data import read_jsonl
 

@@ -58,7 +58,7 @@ def main() -> int:
     from qplan.planner.data import cache, data_profile
 
     os.environ["QPLAN_DATA_CACHE_DIR"] = str(tmp / "cache")
-    cache.store(cache.key(data, tok, "auto"), "text", lengths, None)  # what the first call leaves
+    cache.store(cache.key(data, tok, "auto"), "text", {"lengths": lengths})  # what the first call leaves
     warm = timed("second call: the whole profile from the cache", lambda: data_profile(
         str(data), tokenizer=None, model_source={}, fmt="auto", max_length=2048, batching="padding",
         packing_strategy="bfd", batch_size=8, tokenizer_obj=tok))

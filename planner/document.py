@@ -29,6 +29,7 @@ from qplan.planner.bounds import (
 )
 from qplan.planner.data.batching import BATCHINGS, PACKING_STRATEGIES
 from qplan.planner.data.formats import FORMATS as DATA_FORMATS
+from qplan.planner.data.formats import LONG_SAMPLES
 from qplan.planner.errors import QPlanError
 from qplan.planner.validate import _PATH, check_config, explain
 from qplan.planner.vocab import (
@@ -264,7 +265,10 @@ class DataSection(Struct, forbid_unknown_fields=True, kw_only=True):
     max_length: Context | None = None
     batching: lit(BATCHINGS)
     packing_strategy: lit(PACKING_STRATEGIES) | UnsetType = UNSET
-    samples: Annotated[int, Meta(ge=1)]
+    records: _d(_Count | UnsetType, "records read (an axolotl completion record can make several samples)") = UNSET
+    samples: _d(Annotated[int, Meta(ge=1)], "samples the trainer's preparation makes, before its length filter")
+    long_samples: _d(lit(LONG_SAMPLES[1:]) | UnsetType, "what became of a sample over max_length") = UNSET
+    pad_to_multiple_of: _d(int | None | UnsetType, "the collator's: each batch padded to a multiple of it") = UNSET
     dropped: _Count
     truncated: _Count
     longest_sample: DataLongest

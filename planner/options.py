@@ -40,6 +40,7 @@ from qplan.planner.bounds import (
 )
 from qplan.planner.data.batching import BATCHINGS, PACKING_STRATEGIES
 from qplan.planner.data.formats import FORMATS as DATA_FORMATS
+from qplan.planner.data.formats import LONG_SAMPLES
 from qplan.planner.errors import QPlanError
 from qplan.planner.validate import explain
 from qplan.planner.vocab import (
@@ -114,7 +115,8 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
     tokenizer: _f(Path_ | None, "with --data: a tokenizer folder, or a Hub id in the HF cache [default: the model's "
                   "folder or its Hub id]", section=DATA) = None
     data_format: _f(lit(DATA_FORMATS), "with --data: how a record becomes a sequence, as TRL's SFTTrainer does "
-                    "(auto: from the first record's fields)", section=DATA) = "auto"
+                    "(auto: from the first record's fields), or as an axolotl dataset type does (axolotl:TYPE; "
+                    "--max-seq-len is then axolotl's sequence_len)", section=DATA) = "auto"
     max_seq_len: _f(Context | None, "with --data: truncate each sample to this many tokens (TRL's max_length, keep "
                     "the start; TRL defaults to 1024, the plain Trainer does not truncate) [default: none]",
                     section=DATA) = None
@@ -123,6 +125,11 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
                  section=DATA) = "padding"
     packing_strategy: _f(lit(PACKING_STRATEGIES), "with --batching packing: bfd (TRL's default, best-fit decreasing, "
                          "padding-free) or wrapped (concatenate and cut)", section=DATA) = "bfd"
+    pad_to_multiple_of: _f(Batch | None, "with --data: the collator pads each batch to a multiple of this (TRL's "
+                           "pad_to_multiple_of; axolotl pads to 64) [default: none]", section=DATA) = None
+    long_samples: _f(lit(LONG_SAMPLES), "with --data: a sample over --max-seq-len is truncated (TRL) or dropped "
+                     "(axolotl's default), or raise stops (axolotl's excess_length_strategy) [auto: the trainer's]",
+                     section=DATA) = "auto"
     largest_first: _f(bool, "with --data: `qplan run` trains the batch holding the longest sample first (an OOM comes "
                       "at once, not after an hour); the rest of the order is unchanged", section=DATA) = False
     strict_dtype: _f(bool, "fail instead of switching bf16 to fp16 on GPUs without bf16", section=DEVICE) = False
@@ -159,6 +166,8 @@ class FitOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     batching: _f(lit(BATCHINGS), "as for estimate (with --data); padding and group_by_length pad to the longest "
                  "sample, whatever the batch size", section=DATA) = "padding"
     packing_strategy: _f(lit(PACKING_STRATEGIES), "as for estimate (with --batching packing)", section=DATA) = "bfd"
+    pad_to_multiple_of: _f(Batch | None, "as for estimate (with --data)", section=DATA) = None
+    long_samples: _f(lit(LONG_SAMPLES), "as for estimate (with --data)", section=DATA) = "auto"
     batch_size: _f(Batch | None, "fix the batch size (else search it)", section=SEARCH) = None
     quant: _f(lit(QUANTS) | None, "fix the quantization (else search nf4, int8, bf16)", section=SEARCH) = None
     r: _f(Rank | None, "fix the rank (else search 8, 16, 32, 64)", section=SEARCH) = None

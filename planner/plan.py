@@ -159,7 +159,8 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     if o.data is not None:
         data = data_profile(o.data, tokenizer=o.tokenizer, model_source=dict(spec.source or {}), fmt=o.data_format,
                             max_length=o.max_seq_len, batching=o.batching, packing_strategy=o.packing_strategy,
-                            batch_size=o.batch_size, grad_accum=o.grad_accum)
+                            batch_size=o.batch_size, grad_accum=o.grad_accum, pad_to_multiple_of=o.pad_to_multiple_of,
+                            long_samples=o.long_samples)
         seq_len = data["worst_batch"]["seq_len"]
         data["largest_first"] = o.largest_first
         ctx = max_context(spec)
@@ -171,7 +172,7 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
         if gpu_ is not None:  # the time of a step depends on the device
             tokens = max(1, math.ceil(data["padded_tokens_per_epoch"] * data["epochs"]))
     training = TrainingSettings(o.batch_size, seq_len, o.grad_accum, ckpt, o.optimizer, resolve_attn(spec, o.attn_impl),
-                                data is not None and padded(o.batching, o.batch_size))
+                                data is not None and padded(o.batching, o.batch_size, o.pad_to_multiple_of))
     q, warnings = check_gpu_dtype(q, gpu_, auto_fix=not o.strict_dtype)
     warnings = ck_warnings + warnings
     if model is not None and spec_origin(model) == "user, shadows bundled":

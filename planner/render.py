@@ -156,13 +156,19 @@ def data_lines(d: dict[str, Any], width: int = 40) -> list[str]:
     of the longest sample marked."""
     t = d["tokens"]
     cut = f", {d['truncated']:,} truncated at {d['max_length']:,}" if d.get("truncated") else ""
-    drop = f", {d['dropped']:,} dropped (prompt alone fills max length)" if d.get("dropped") else ""
-    out = ["", f"data {d['source']} ({d['format']}, tokenizer {d['tokenizer']}): {d['samples']:,} samples{cut}{drop}",
+    axolotl = str(d["format"]).startswith("axolotl:")
+    why = ("over max length, too short, or nothing to train on" if axolotl and d.get("long_samples") == "drop"
+           else "too short or nothing to train on" if axolotl else "prompt alone fills max length")
+    drop = f", {d['dropped']:,} dropped ({why})" if d.get("dropped") else ""
+    records = f" from {d['records']:,} records" if d.get("records", d["samples"]) != d["samples"] else ""
+    out = ["", f"data {d['source']} ({d['format']}, tokenizer {d['tokenizer']}): {d['samples']:,} samples{records}"
+               f"{cut}{drop}",
            f"tokens per sample: min {t['min']:,} · p50 {t['p50']:,} · p90 {t['p90']:,} · p99 {t['p99']:,} · "
            f"max {t['max']:,} (row {d['longest_sample']['row']:,})"]
     w = d["worst_batch"]
     how = (f"packing ({d['packing_strategy']}): {d['packs']:,} packs of ≤ {w['seq_len']:,} tokens"
-           if d["batching"] == "packing" else f"{d['batching']}: each batch padded to its longest")
+           if d["batching"] == "packing" else f"{d['batching']}: each batch padded to its longest"
+           + (f", rounded up to a multiple of {d['pad_to_multiple_of']}" if d.get("pad_to_multiple_of") else ""))
     out.append(f"{how}; worst batch {w['batch_size']} × {w['seq_len']:,} = the planned shape; per epoch "
                f"{d['padded_tokens_per_epoch']:,} tokens processed for {d['trained_tokens']:,} trained "
                f"({100 * d['efficiency']:.0f}% efficient), {d['batches_per_epoch']:,} batches")

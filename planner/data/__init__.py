@@ -67,7 +67,7 @@ def load_tokenizer(tokenizer: str | None, source: dict[str, Any]) -> tuple[Any, 
 
 #: the options that describe --data, at their defaults (one given without --data is an error)
 DATA_DEFAULTS = {"tokenizer": None, "data_format": "auto", "max_seq_len": None, "batching": "padding",
-                 "packing_strategy": "bfd", "largest_first": False}
+                 "packing_strategy": "bfd", "pad_to_multiple_of": None, "long_samples": "auto", "largest_first": False}
 
 
 def check_data_options(values: dict[str, Any], seq_len: int | None) -> bool:
@@ -110,66 +110,109 @@ def _stats(lengths: list[int]) -> dict[str, Any]:
             "mean": sum(s) / len(s)}
 
 
+def _up(n: int, multiple: int | None) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` (the collator's ``pad_to_multiple_of``)."""
+    return n if not multiple else -(-n // multiple) * multiple
+
+
+def _counts(resolved: Path, source: str, tok: Any, fmt: str) -> tuple[str, dict[str, list[int]]]:
+    """(format found, per-record token columns), from the cache or by tokenizing (then cached)."""
+    from qplan.planner.data import axolotl, cache
+    from qplan.planner.data.formats import detect
+
+    k = cache.key(resolved, tok, fmt)
+    hit = cache.load(k)
+    if hit is not None:  # the same data, tokenizer and format: counted before
+        return hit["format"], hit["columns"]
+    rows = read_resolved(resolved, source)
+    if fmt in axolotl.FORMATS:
+        found, cols = fmt, axolotl.columns(Formatter(tok), rows, fmt, str(source))
+    else:
+        try:
+            found = detect(rows[0]) if fmt == "auto" else fmt
+        except QPlanError as exc:
+            raise QPlanError(f"{source} row 1: {exc}") from None
+        full, prompt = Formatter(tok).lengths(rows, found, str(source))
+        cols = {"lengths": full} | ({"prompt": prompt} if prompt is not None else {})
+    cache.store(k, found, cols)
+    return found, cols
+
+
 def data_profile(source: str, *, tokenizer: str | None, model_source: dict[str, Any], fmt: str,
                  max_length: int | None, batching: str, packing_strategy: str, batch_size: int,
-                 grad_accum: int = 1, tokenizer_obj: Any = None) -> dict[str, Any]:
-    """``prediction.data`` of ``source`` (see the module docstring). ``tokenizer_obj``: an already loaded tokenizer."""
-    from qplan.planner.data import cache
-    from qplan.planner.data.formats import detect
+                 grad_accum: int = 1, tokenizer_obj: Any = None, pad_to_multiple_of: int | None = None,
+                 long_samples: str = "auto") -> dict[str, Any]:
+    """``prediction.data`` of ``source`` (see the module docstring). ``tokenizer_obj``: an already loaded tokenizer.
+    ``pad_to_multiple_of``: the collator rounds each batch's padded length up to a multiple of it (TRL's
+    ``pad_to_multiple_of``; axolotl's 64). ``long_samples``: what happens to a sample over ``max_length`` —
+    ``auto`` is the trainer's (TRL truncates; axolotl drops), else ``truncate``, ``drop`` or ``raise``."""
+    from qplan.planner.data import axolotl, cache
 
     resolved = resolve_source(source)  # a path, or a Hub dataset id's snapshot in the HF cache (before the tokenizer)
     if tokenizer_obj is None:
         tok, tok_from = load_tokenizer(tokenizer, model_source)
     else:
         tok, tok_from = tokenizer_obj, tokenizer or "(given)"
-    k = cache.key(resolved, tok, fmt)
-    hit = cache.load(k)
-    if hit is not None:  # the same data, tokenizer and format: counted before
-        found, full, prompt = hit["format"], hit["lengths"], hit["prompt"]
-    else:
-        rows = read_resolved(resolved, source)
-        try:
-            found = detect(rows[0]) if fmt == "auto" else fmt
-        except QPlanError as exc:
-            raise QPlanError(f"{source} row 1: {exc}") from None
-        full, prompt = Formatter(tok).lengths(rows, found, str(source))
-        cache.store(k, found, full, prompt)
     packing = batching == "packing"
-    if packing and max_length is None:
-        raise QPlanError("--packing needs --max-seq-len (the length of a pack, TRL's max_length)")
-    kept_rows, kept, truncated, dropped = select(full, prompt, max_length, packing, packing_strategy)
+    if (packing or fmt in axolotl.FORMATS) and max_length is None:
+        raise QPlanError("--packing needs --max-seq-len (the length of a pack, TRL's max_length)" if packing else
+                         f"--data-format {fmt} needs --max-seq-len (axolotl's sequence_len)")
+    found, cols = _counts(resolved, source, tok, fmt)
+    if found in axolotl.FORMATS:
+        assert max_length is not None
+        of_row, full, trainable = axolotl.samples(cols, found, max_length)
+        if not full:
+            raise QPlanError(f"{source}: no sample (every record's text is empty)")
+        long_rule = "drop" if long_samples == "auto" else long_samples
+        kept_rows, kept, truncated, dropped = axolotl.select(of_row, full, trainable, max_length, long_rule, packing,
+                                                             str(source))
+        records = len(next(iter(cols.values())))
+    else:
+        if long_samples not in ("auto", "truncate"):
+            raise QPlanError(f"--long-samples {long_samples} is axolotl's (with --data-format axolotl:TYPE); TRL's "
+                             "SFTTrainer truncates")
+        full, prompt = cols["lengths"], cols.get("prompt")
+        of_row = list(range(len(full)))
+        kept_rows, kept, truncated, dropped = select(full, prompt, max_length, packing, packing_strategy)
+        records, long_rule = len(full), "truncate"
     if not kept:
-        raise QPlanError(f"{source}: every sample is dropped (each prompt alone fills --max-seq-len {max_length})")
+        raise QPlanError(f"{source}: every sample is dropped (over or under the lengths kept, or nothing to train on; "
+                         f"--max-seq-len {max_length})")
     longest = max(range(len(full)), key=lambda i: full[i])  # the longest sample, kept or not
     out: dict[str, Any] = {
         "source": str(source), "path": str(resolved.resolve()), "format": found, "tokenizer": tok_from,
         "tokenizer_sha256": cache.tokenizer_identity(tok),
-        "max_length": max_length,
-        "batching": batching, "samples": len(full), "dropped": dropped, "truncated": truncated,
-        "longest_sample": {"index": longest, "row": longest + 1, "tokens": full[longest]},  # index: dataset[index]
+        "max_length": max_length, "long_samples": long_rule, "pad_to_multiple_of": pad_to_multiple_of,
+        "batching": batching, "records": records, "samples": len(full), "dropped": dropped, "truncated": truncated,
+        "longest_sample": {"index": of_row[longest], "row": of_row[longest] + 1, "tokens": full[longest]},
         "tokens": _stats(full), "total_tokens": sum(full), "trained_tokens": sum(kept),
         "histogram": histogram(full),
     }
+    m = pad_to_multiple_of
     if packing:
         packs = pack_bfd(kept, max_length) if packing_strategy == "bfd" else pack_wrapped(kept, max_length)
-        seq_len = max_length
+        seq_len = _up(max_length, m)
         out["trained_tokens"] = sum(packs)  # bfd cuts each sample to max_length; wrapped keeps every token
+        padded_total = sum(packs) if not m else padded_tokens_shuffled([_up(p, m) for p in packs], batch_size)
         out.update(packing_strategy=packing_strategy, packs=len(packs), batches_per_epoch=-(-len(packs) // batch_size),
-                   tokens_per_epoch=sum(packs), padded_tokens_per_epoch=sum(packs),
-                   efficiency=sum(packs) / (len(packs) * max_length))
-        worst = {"seq_len": seq_len, "batch_size": batch_size, "tokens": min(batch_size, len(packs)) * max_length,
-                 "note": "a batch of full packs (padding-free: the tokens of the batch, at most batch × max_length)"}
+                   tokens_per_epoch=sum(packs), padded_tokens_per_epoch=round(padded_total),
+                   efficiency=sum(packs) / padded_total if m else sum(packs) / (len(packs) * max_length))
+        worst = {"seq_len": seq_len, "batch_size": batch_size, "tokens": min(batch_size, len(packs)) * seq_len,
+                 "note": "a batch of full packs (padding-free: the tokens of the batch, at most batch × max_length)"
+                 if not m else f"a batch of full packs, padded to a multiple of {m}"}
     else:
-        seq_len = max(kept)
+        seq_len = _up(max(kept), m)
+        rounded = [_up(n, m) for n in kept]
         if batching == "padding":
-            padded = padded_tokens_shuffled(kept, batch_size)
+            padded_total = padded_tokens_shuffled(rounded, batch_size)
         elif batching == "sequential":
-            padded = padded_tokens_sequential(kept, batch_size)
-        else:
-            padded = padded_tokens_grouped(kept, batch_size, grad_accum=grad_accum)
+            padded_total = padded_tokens_sequential(rounded, batch_size)
+        else:  # grouped by the real lengths, padded to the rounded longest of each micro-batch
+            padded_total = padded_tokens_grouped(kept, batch_size, grad_accum=grad_accum, padded_lengths=rounded)
         out.update(batches_per_epoch=-(-len(kept) // batch_size), tokens_per_epoch=sum(kept),
-                   padded_tokens_per_epoch=round(padded), efficiency=sum(kept) / padded)
+                   padded_tokens_per_epoch=round(padded_total), efficiency=sum(kept) / padded_total)
         worst = {"seq_len": seq_len, "batch_size": batch_size, "tokens": batch_size * seq_len,
-                 "note": "the batch holding the longest kept sample, padded to it"}
+                 "note": "the batch holding the longest kept sample, padded to it"
+                 + (f" (rounded up to a multiple of {m})" if m and seq_len != max(kept) else "")}
     out["worst_batch"] = worst
     return out

@@ -35,10 +35,11 @@ PACKING_STRATEGIES = ("bfd", "wrapped")
 GROUPED_SHUFFLES = 8
 
 
-def padded(batching: str, batch_size: int) -> bool:
-    """Whether a batch has pads: several samples padded to the longest (packs are padding-free; one sample is not
-    padded), so attention gets a 4-D mask (``memory.activations.padding_mask_activation``)."""
-    return batching != "packing" and batch_size > 1
+def padded(batching: str, batch_size: int, multiple: int | None = None) -> bool:
+    """Whether a batch has pads: several samples padded to the longest, or one rounded up to the collator's
+    ``pad_to_multiple_of`` (packs are padding-free; one sample alone is not padded), so attention gets a 4-D mask
+    (``memory.activations.padding_mask_activation``)."""
+    return batching != "packing" and (batch_size > 1 or (multiple or 1) > 1)
 
 
 def expected_max_of_subset(sorted_lengths: Sequence[int], k: int) -> float:
@@ -91,14 +92,17 @@ def length_grouped_order(lengths: Sequence[int], batch_size: int, rng: random.Ra
 
 
 def padded_tokens_grouped(lengths: Sequence[int], batch_size: int, drop_last: bool = False, seed: int = 42,
-                          grad_accum: int = 1) -> float:
+                          grad_accum: int = 1, padded_lengths: Sequence[int] | None = None) -> float:
     """Mean padded tokens of one epoch over ``GROUPED_SHUFFLES`` length-grouped orders (grouped by
-    ``batch_size × grad_accum``, as the Trainer builds the sampler; padded per micro-batch of ``batch_size``)."""
+    ``batch_size × grad_accum``, as the Trainer builds the sampler; padded per micro-batch of ``batch_size``).
+    ``padded_lengths``: what each sample counts once padded (the lengths rounded up to the collator's multiple;
+    the order is made from ``lengths``, as the sampler sees them)."""
     rng = random.Random(seed)
+    pad = lengths if padded_lengths is None else padded_lengths
     tot = 0
     for _ in range(GROUPED_SHUFFLES):
         order = length_grouped_order(lengths, batch_size * grad_accum, rng)
-        tot += padded_tokens_sequential([lengths[j] for j in order], batch_size, drop_last)
+        tot += padded_tokens_sequential([pad[j] for j in order], batch_size, drop_last)
     return tot / GROUPED_SHUFFLES
 
 

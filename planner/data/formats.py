@@ -26,7 +26,10 @@ from typing import Any
 
 from qplan.planner.errors import QPlanError
 
-FORMATS = ("auto", "text", "messages", "prompt-completion", "instruction")
+FORMATS = ("auto", "text", "messages", "prompt-completion", "instruction", "axolotl:alpaca", "axolotl:completion",
+           "axolotl:chat_template")  # the axolotl types: planner.data.axolotl
+#: what happens to a sample over --max-seq-len (auto: TRL truncates, axolotl drops)
+LONG_SAMPLES = ("auto", "truncate", "drop", "raise")
 #: qplan run's instruction template (backends/data.py keeps the same strings; a test checks they agree)
 TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n{response}"
 TEMPLATE_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{response}"
@@ -79,7 +82,7 @@ class Formatter:
         self.tok = tokenizer
         self.eos = tokenizer.eos_token or ""
 
-    def _ids(self, texts: list[str], keep: bool) -> list[Any]:
+    def ids(self, texts: list[str], keep: bool) -> list[Any]:
         out: list[Any] = []
         fast = None if keep else self._lengths_only()
         for i in range(0, len(texts), BATCH):
@@ -99,7 +102,7 @@ class Formatter:
             return None
         return fast
 
-    def _chat(self, conversation: list[dict[str, Any]], where: str, keep: bool, **kw: Any) -> Any:
+    def chat(self, conversation: list[dict[str, Any]], where: str, keep: bool, **kw: Any) -> Any:
         if not getattr(self.tok, "chat_template", None):
             raise QPlanError(f"{where}: conversational data needs a chat template, and this tokenizer has none "
                              "(give --tokenizer with one)")
@@ -128,7 +131,7 @@ class Formatter:
                 raise QPlanError(f"{where} row {i}: not a {fmt} record like row 1 (mixed formats: "
                                  f"{detect_or_none(rec) or 'no training field'})")
         if fmt == "text":
-            return self._ids([self._text(_string(r, "text", f"{where} row {i}")) for i, r in enumerate(rows, 1)],
+            return self.ids([self._text(_string(r, "text", f"{where} row {i}")) for i, r in enumerate(rows, 1)],
                              keep), None
         if fmt == "instruction":
             texts = []
@@ -139,9 +142,9 @@ class Formatter:
                     texts.append(TEMPLATE_WITH_INPUT.format(input=_string(r, "input", w), **fields))
                 else:
                     texts.append(TEMPLATE.format(**fields))
-            return self._ids([self._text(t) for t in texts], keep), None
+            return self.ids([self._text(t) for t in texts], keep), None
         if fmt == "messages":
-            return [self._chat(_messages(r.get("messages", r.get("conversations")), f"{where} row {i}"),
+            return [self.chat(_messages(r.get("messages", r.get("conversations")), f"{where} row {i}"),
                                f"{where} row {i}", keep, **_template_kwargs(r, f"{where} row {i}"))
                     for i, r in enumerate(rows, 1)], None
         # prompt-completion: the prompt's share is where the tokenized prompt and prompt+completion diverge (TRL's
@@ -155,8 +158,8 @@ class Formatter:
             if isinstance(r.get("prompt"), list):
                 pr, c = _messages(r["prompt"], w), _messages(r["completion"], w)
                 kw = _template_kwargs(r, w)
-                p_ids = self._chat(pr, w, True, add_generation_prompt=True, **kw)
-                f_ids = self._chat(pr + c, w, True, **kw)
+                p_ids = self.chat(pr, w, True, add_generation_prompt=True, **kw)
+                f_ids = self.chat(pr + c, w, True, **kw)
                 prompt.append(common_prefix(p_ids, f_ids))
                 full.append(f_ids if keep else len(f_ids))
             else:
@@ -166,7 +169,7 @@ class Formatter:
                 full.append(0)
                 prompt.append(0)
         if plain:
-            for j, p_ids, f_ids in zip(plain, self._ids(texts_p, True), self._ids(texts_pc, True), strict=True):
+            for j, p_ids, f_ids in zip(plain, self.ids(texts_p, True), self.ids(texts_pc, True), strict=True):
                 prompt[j], full[j] = common_prefix(p_ids, f_ids), (f_ids if keep else len(f_ids))
         return full, prompt
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from qplan.planner.errors import QPlanError, shown
 from qplan.planner.files import read_limited
+from qplan.planner.interop.trainer_data import axolotl_data, trl_data
 from qplan.planner.options import PlanOptions, field_names
 from qplan.planner.vocab import OPTIMIZER_TABLE
 
@@ -315,6 +316,7 @@ def _axolotl(r: _Reader) -> dict[str, Any]:
     o["dora"] = bool(r.get("peft_use_dora", False))
     o["rslora"] = bool(r.get("peft_use_rslora", False))
     _training(r, o, "sequence_len", 1, 512, False, "optimizer", "adamw_torch_fused")
+    axolotl_data(r, o)
     if not _attn_implementation(r, o, "axolotl"):
         if r.get("flash_attention"):
             o["attn_impl"] = "flash_attention_2"
@@ -409,7 +411,7 @@ def _trl(r: _Reader) -> dict[str, Any]:
     o["dora"] = bool(r.get("use_dora", False))
     o["rslora"] = bool(r.get("use_rslora", False))
     _training(r, o, "max_length", 8, 1024, True, "optim", "adamw_torch_fused")
-    _trl_data(r, o)
+    trl_data(r, o)
     _attn_implementation(r, o, "trl")
     if o.get("strategy") in ("fsdp", "zero3") and o["quant"] in ("nf4", "fp4"):
         storage = r.get("bnb_4bit_quant_storage")
@@ -419,41 +421,6 @@ def _trl(r: _Reader) -> dict[str, Any]:
     r.refuse({"lora_target_parameters", "bnb_4bit_quant_storage", "model_init_kwargs", "padding_free", "activation_offloading",
               "use_liger_kernel", "lora_task_type"}, "changes training memory in a way qplan does not plan from a TRL config")
     return o
-
-
-def _trl_data(r: _Reader, o: dict[str, Any]) -> None:
-    """``dataset_name`` found here (a path beside the config, or a Hub dataset in the HF cache) becomes ``--data``:
-    ``max_length`` then truncates (``--max-seq-len``) instead of being every sample's length, and ``packing`` /
-    ``packing_strategy`` batch as TRL does. A dataset not found here is planned at ``max_length``, with a warning."""
-    from qplan.planner.data.sources import hub_dataset_folder
-
-    name = r.get("dataset_name")
-    if not name:
-        return
-    name = str(name)
-    local = Path(name) if Path(name).is_absolute() else r.base / name
-    if local.exists():
-        source = str(local)
-    elif hub_dataset_folder(name) is not None:
-        source = name
-    else:
-        r.warnings.append(f"trl config: dataset_name {shown(name)} is neither beside the config nor a Hub dataset in the "
-                          f"HF cache: every sample is planned at max_length ({o['seq_len']}); pass --data (or download "
-                          "it with datasets.load_dataset) to plan the real lengths")
-        return
-    if r.get("dataset_text_field", "text") != "text":
-        raise QPlanError(f"trl config: dataset_text_field {shown(r.get('dataset_text_field'))} is not planned with the "
-                         "dataset (qplan reads the text field 'text', messages or prompt/completion)")
-    if r.get("dataset_train_split", "train") != "train":
-        raise QPlanError(f"trl config: dataset_train_split {shown(r.get('dataset_train_split'))} is not planned (qplan "
-                         "reads the train split's files)")
-    o["data"] = source
-    o["max_seq_len"] = o.pop("seq_len")
-    if r.get("packing", False):
-        strategy = str(r.get("packing_strategy", "bfd"))
-        if strategy not in ("bfd", "wrapped"):
-            raise QPlanError(f"trl config: packing_strategy {shown(strategy)} is not planned (bfd or wrapped)")
-        o["batching"], o["packing_strategy"] = "packing", strategy
 
 
 #: keys of each tool that change nothing qplan plans per GPU

@@ -72,11 +72,11 @@ def _check_prices(prices: dict[str, float]) -> dict[str, float]:
 def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=None, r=None, targets=None,
            optimizer=None, top: int = 10, objective: str = "memory", tokens: int | None = None,
            price_per_hour: str | float | None = None, calibration: str | None = None,
-           batching: str | None = None) -> dict[str, Any]:
+           batching: str | None = None, pad_to_multiple_of: int | None = None) -> dict[str, Any]:
     """Plans that fit ``gpu_name`` (a catalog name, ``a,b,c``, or ``all``), ranked by ``objective``:
     ``memory`` (most tokens per step, cheapest tricks first), ``time`` (most tokens/s) or ``cost``
-    (least cost per million tokens; needs ``price_per_hour``). ``batching``: a ``--data`` plan's (its padded
-    batches' attention mask is counted)."""
+    (least cost per million tokens; needs ``price_per_hour``). ``batching``, ``pad_to_multiple_of``: a ``--data``
+    plan's (its padded batches' attention mask is counted)."""
     if objective not in OBJECTIVES:
         raise QPlanError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if not gpu_name or not str(gpu_name).strip():
@@ -126,7 +126,7 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
 
 def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets, optimizer, objective: str,
                 tokens: int | None, price: float | None, calibration: dict | None = None,
-                batching: str | None = None) -> dict[str, Any]:
+                batching: str | None = None, pad_to_multiple_of: int | None = None) -> dict[str, Any]:
     spec = load_spec(model)
     usable = gpu.usable_bytes
     ctx = max_context(spec) or max(SEQS)
@@ -177,7 +177,7 @@ def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets,
                 moved = step_bytes(spec, counts, rr, q, ck, op, trainable_params(counts))
             for b, s in itertools.product(batches, seqs):
                 candidates += 1
-                tensor_peak = models[batching is not None and padded(batching, b)].peak(b, s)
+                tensor_peak = models[batching is not None and padded(batching, b, pad_to_multiple_of)].peak(b, s)
                 peak = tensor_peak + sum(overhead_bytes(tensor_peak, calibration).values())
                 if peak <= usable:
                     row = {
@@ -212,7 +212,8 @@ def fit_document(options: FitOptions | dict[str, Any]) -> dict[str, Any]:
         return fewest_gpus(model=o["model"], gpu=o["gpu"], max_gpus=max_gpus, upcast=upcast, **fixed)
     if not upcast:
         raise QPlanError("--no-upcast goes with --max-gpus (the batch search keeps the k-bit upcast)")
-    out = search(o.pop("model"), o.pop("gpu"), batching=data["batching"] if data else None, **o)
+    out = search(o.pop("model"), o.pop("gpu"), batching=data["batching"] if data else None,
+                 pad_to_multiple_of=data["pad_to_multiple_of"] if data else None, **o)
     if data is not None:
         out["data"] = data
     return out
@@ -221,7 +222,8 @@ def fit_document(options: FitOptions | dict[str, Any]) -> dict[str, Any]:
 def _data_seq_len(o: dict[str, Any]) -> dict[str, Any] | None:
     """``--data``: the sequence length the dataset's worst batch has (padding: its longest kept sample, whatever
     the batch; packing: ``--max-seq-len``) fixes ``seq_len`` (``o`` is changed); the data options are removed."""
-    keys = ("data", "tokenizer", "data_format", "max_seq_len", "batching", "packing_strategy")
+    keys = ("data", "tokenizer", "data_format", "max_seq_len", "batching", "packing_strategy", "pad_to_multiple_of",
+            "long_samples")
     d = {k: o.pop(k) for k in keys}
     if not check_data_options(d, o.get("seq_len")):
         return None
@@ -229,7 +231,8 @@ def _data_seq_len(o: dict[str, Any]) -> dict[str, Any] | None:
         raise QPlanError("--model is required (a bundled name, a config.json, a Hub id), or --from-config FILE")
     prof = data_profile(d["data"], tokenizer=d["tokenizer"], model_source=dict(load_spec(o["model"]).source or {}),
                         fmt=d["data_format"], max_length=d["max_seq_len"], batching=d["batching"],
-                        packing_strategy=d["packing_strategy"], batch_size=1)
+                        packing_strategy=d["packing_strategy"], batch_size=1,
+                        pad_to_multiple_of=d["pad_to_multiple_of"], long_samples=d["long_samples"])
     o["seq_len"] = prof["worst_batch"]["seq_len"]
     return {k: prof[k] for k in ("source", "format", "samples", "truncated", "dropped", "longest_sample", "tokens",
-                                 "batching")} | {"seq_len": o["seq_len"]}
+                                 "batching", "pad_to_multiple_of")} | {"seq_len": o["seq_len"]}

@@ -280,8 +280,9 @@ def test_data_options_misused_are_one_line(tmp_path, tokenizer_dir, capsys, args
 
 
 def test_a_second_plan_of_the_same_data_does_not_tokenize(tmp_path, tokenizer_dir, monkeypatch):
-    """The token counts are cached by data identity (path, size, mtime), tokenizer and format: the second plan is
-    the first's, without a tokenizer call; a changed file or tokenizer is counted again."""
+    """The token counts are cached by the data's content, tokenizer and format: the second plan is the first's,
+    without a tokenizer call, and so is a copy of the file elsewhere or a touched file; a file whose content changed
+    is counted again even with its size and mtime restored."""
     import os
 
     from qplan.planner.data import formats
@@ -302,7 +303,17 @@ def test_a_second_plan_of_the_same_data_does_not_tokenize(tmp_path, tokenizer_di
     monkeypatch.setattr(formats.Formatter, "lengths", refuse)
     assert profile() == first
     st = data.stat()
-    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # the file changed
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # touched, the same content: a hit
+    assert profile() == first
+    copy = tmp_path / "elsewhere" / "copy.jsonl"
+    copy.parent.mkdir()
+    copy.write_bytes(data.read_bytes())
+    assert data_profile(str(copy), tokenizer=str(tokenizer_dir), model_source={}, fmt="auto", max_length=64,
+                        batching="padding", packing_strategy="bfd", batch_size=4)["trained_tokens"] == first["trained_tokens"]
+    st = data.stat()
+    body = data.read_bytes()
+    data.write_bytes(body.replace(b"tea", b"TEA", 1))  # another content, the same size, its mtime put back
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
     with pytest.raises(AssertionError, match="tokenized again"):
         profile()
     monkeypatch.undo()
@@ -413,7 +424,9 @@ def test_a_corrupt_cache_entry_is_recounted(tmp_path, tokenizer_dir, monkeypatch
 
     first = profile()
     (entry,) = (tmp_path / "cache").glob("*.json")
-    for bad in ('{"version": 1, "format": "text", "lengths": [1, "x"], "prompt": null}', "[]", "{", '{"version": 1}'):
+    for bad in ('{"version": 2, "format": "text", "columns": {"lengths": [1, "x"]}}', "[]", "{", '{"version": 2}',
+                '{"version": 2, "format": "text", "columns": {"lengths": [1, 2], "prompt": [1]}}',
+                '{"version": 2, "format": "text", "columns": {}}'):
         entry.write_text(bad)
         assert profile() == first
 
