@@ -166,8 +166,9 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
         ctx = max_context(spec)
         if ctx and seq_len > ctx:
             longest = data["longest_sample"]
-            raise QPlanError(f"--data: row {longest['row']} has {longest['tokens']:,} tokens, over {spec.name}'s "
-                             f"context of {ctx:,}: cap the samples with --max-seq-len {ctx} (TRL's max_length)")
+            raise QPlanError(f"--data: the worst batch is {seq_len:,} tokens long (the longest sample, row "
+                             f"{longest['row']}, has {longest['tokens']:,}), over {spec.name}'s context of {ctx:,}: cap "
+                             f"the samples with --max-seq-len {ctx} (TRL's max_length, axolotl's sequence_len)")
         data["epochs"] = epochs if epochs is not None else 1.0
         if gpu_ is not None:  # the time of a step depends on the device
             tokens = max(1, math.ceil(data["padded_tokens_per_epoch"] * data["epochs"]))

@@ -63,6 +63,8 @@ def alpaca_prompt(rec: dict[str, Any], where: str) -> tuple[str, str]:
     """(prompt text, response text) of an Alpaca record (``instruction``, optional ``input``, ``output``)."""
     def text(key: str) -> str:
         v = rec.get(key)
+        if v is None:
+            raise QPlanError(f"{where}: no {key!r} field (axolotl's alpaca type reads instruction, input and output)")
         if not isinstance(v, str):
             raise QPlanError(f"{where}: field {key!r} must be a string, got {type(v).__name__}")
         return v
@@ -127,6 +129,8 @@ def columns(formatter: Any, rows: Sequence[dict[str, Any]], fmt: str, where: str
         texts = []
         for i, r in enumerate(rows, 1):
             v = r.get("text")
+            if v is None:
+                raise QPlanError(f"{where} row {i}: no 'text' field (axolotl's completion type reads it)")
             if not isinstance(v, str):
                 raise QPlanError(f"{where} row {i}: field 'text' must be a string, got {type(v).__name__}")
             texts.append(v)
