@@ -10,7 +10,12 @@ allocations: the measured peak is the worst batch's), the rest of the order unch
 within the first steps. The collator records
 the shape of every batch it makes (``shapes``), in order, so a run shows which step was the longest.
 
-Packed plans are not trained here yet (one line says so).
+Packed plans train packs, as TRL's ``pack_dataset`` and collator make them: ``bfd`` — the planner's packs
+(``planner.data.batching.bfd_packs``), and TRL's padding-free collator (``FlatCollator``): the micro-batch's packs
+concatenated into one row, ``position_ids`` restarting at each document, no ``attention_mask``, the first label of
+each document ``-100``; ``largest_first`` puts the fullest packs together in the first measured step. ``wrapped``
+— every kept token concatenated and cut every ``max_length``, batched as rows padded to the longest (only the last
+row is shorter).
 """
 
 from __future__ import annotations
@@ -22,17 +27,19 @@ from qplan.planner.errors import QPlanError
 
 #: batch shapes kept in measured.json (the first ones: largest-first puts the worst there)
 KEEP_SHAPES = 64
-SAMPLING = {"padding": "random", "sequential": "sequential", "group_by_length": "group_by_length"}
+SAMPLING = {"padding": "random", "sequential": "sequential", "group_by_length": "group_by_length",
+            "packing": "random"}  # TRL shuffles the packs
 
 
 class PlanData:
     """The kept samples of a ``--data`` plan, a list-like dataset of ``{input_ids, labels}``."""
 
     def __init__(self, samples: list[dict[str, list[int]]], pad_id: int, batching: str, largest_first: bool,
-                 source: str, first_measured: int = 0, multiple: int | None = None) -> None:
+                 source: str, first_measured: int = 0, multiple: int | None = None, flat: bool = False) -> None:
         self.samples, self.batching, self.largest_first, self.source = samples, batching, largest_first, source
         self.first_measured = first_measured  # the micro-batch index of the first measured step
-        self.collate = PadCollator(pad_id, multiple)
+        self.flat = flat  # padding-free packs: the worst batch is the fullest packs together, not one long sample
+        self.collate: Any = FlatCollator(pad_id) if flat else PadCollator(pad_id, multiple)
         self.notes: list[str] = []
         self.tokens_in_file = sum(len(s["input_ids"]) for s in samples)
 
@@ -49,16 +56,18 @@ class PlanData:
     def wrap_sampler(self, sampler: Any, batch_size: int) -> Any:
         if not self.largest_first:
             return sampler
-        return LargestFirst(sampler, [len(s["input_ids"]) for s in self.samples], batch_size, self.first_measured)
+        return LargestFirst(sampler, [len(s["input_ids"]) for s in self.samples], batch_size, self.first_measured,
+                            fill=self.flat)
 
 
 class LargestFirst:
     """A sampler's order with the longest sample swapped into the first place of batch ``to`` (every epoch): that
     batch is padded to the longest; every other sample keeps its place but the one it swapped with (as
-    transformers' ``get_length_grouped_indices`` moves its longest sample to the front)."""
+    transformers' ``get_length_grouped_indices`` moves its longest sample to the front). ``fill``: the batch's
+    every place gets one of the longest (padding-free packs: the worst batch is the fullest packs together)."""
 
-    def __init__(self, base: Any, lengths: list[int], batch_size: int, to: int = 0) -> None:
-        self.base, self.lengths, self.batch_size, self.to = base, lengths, batch_size, to
+    def __init__(self, base: Any, lengths: list[int], batch_size: int, to: int = 0, fill: bool = False) -> None:
+        self.base, self.lengths, self.batch_size, self.to, self.fill = base, lengths, batch_size, to, fill
 
     def __len__(self) -> int:
         return len(self.base)
@@ -68,8 +77,17 @@ class LargestFirst:
         if order:
             full_batches = max(1, len(order) // self.batch_size)  # a full batch (a last partial one may be dropped)
             dest = min(self.to, full_batches - 1) * self.batch_size
-            at = max(range(len(order)), key=lambda p: self.lengths[order[p]])
-            order[dest], order[at] = order[at], order[dest]
+            if not self.fill:
+                at = max(range(len(order)), key=lambda p: self.lengths[order[p]])
+                order[dest], order[at] = order[at], order[dest]
+                return iter(order)
+            slots = range(dest, min(dest + self.batch_size, len(order)))
+            top = set(sorted(range(len(order)), key=lambda p: -self.lengths[order[p]])[:len(slots)])
+            outside = [p for p in top if p not in slots]
+            for slot in slots:  # each slot not holding one of the longest takes one from outside the batch
+                if slot not in top:
+                    at = outside.pop()
+                    order[slot], order[at] = order[at], order[slot]
         return iter(order)
 
 
@@ -97,6 +115,44 @@ class PadCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+class FlatCollator:
+    """TRL's padding-free collator (``DataCollatorForLanguageModeling(padding_free=True)``): the packs of a batch
+    concatenated into one row; ``position_ids`` restart at each document; no ``attention_mask``; the first label
+    of each document is ``-100``. Records each batch's shape."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+        self.shapes: list[list[int]] = []
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        ids = [t for f in features for t in f["input_ids"]]
+        labels = [t for f in features for t in f["labels"]]
+        pos = [p for f in features for n in f["seq_lengths"] for p in range(n)]
+        out = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([pos])}
+        out["labels"][out["position_ids"] == 0] = -100
+        self.shapes.append([1, len(ids)])
+        return out
+
+
+def _packs(samples: list[dict[str, list[int]]], strategy: str, max_length: int) -> list[dict[str, list[int]]]:
+    """The packs TRL's ``pack_dataset`` makes of the samples (see the module docstring)."""
+    from qplan.planner.data.batching import bfd_packs
+
+    if strategy == "bfd":
+        out = []
+        for members in bfd_packs([len(s["input_ids"]) for s in samples], max_length):
+            cut = [{k: v[:max_length] for k, v in samples[i].items()} for i in members]
+            out.append({"input_ids": [t for c in cut for t in c["input_ids"]],
+                        "labels": [t for c in cut for t in c["labels"]], "seq_lengths": [len(c["input_ids"]) for c in cut]})
+        return out
+    ids = [t for s in samples for t in s["input_ids"]]
+    labels = [t for s in samples for t in s["labels"]]
+    return [{"input_ids": ids[i:i + max_length], "labels": labels[i:i + max_length]}
+            for i in range(0, len(ids), max_length)]
+
+
 def load_plan_data(plan: dict[str, Any], tokenizer: Any, path: str | None, model_vocab: int,
                    largest_first: bool, first_measured: int = 0) -> PlanData:
     """The plan's dataset (``path``, else the file the plan was made from), prepared as the plan counted it."""
@@ -104,13 +160,15 @@ def load_plan_data(plan: dict[str, Any], tokenizer: Any, path: str | None, model
     from qplan.planner.data.formats import Formatter
     from qplan.planner.data.sources import read_records
 
-    d = plan["prediction"]["data"]  # the runner refused packed and axolotl-formatted plans before starting this worker
+    d = plan["prediction"]["data"]  # the runner refused axolotl-formatted plans before starting this worker
     source = path or d.get("path") or d["source"]
     if not Path(source).exists():
         raise QPlanError(f"the plan's data {source} is not there: pass --data with the same file")
     rows = read_records(source)
     ids, prompt = Formatter(tokenizer).sequences(rows, d["format"], str(source))
-    kept_rows, kept, _, _ = select([len(x) for x in ids], prompt, d["max_length"], False, "bfd")
+    packing = d["batching"] == "packing"
+    kept_rows, kept, _, _ = select([len(x) for x in ids], prompt, d["max_length"], packing,
+                                   d.get("packing_strategy", "bfd"))
     if not kept_rows:
         raise QPlanError(f"{source}: every sample is dropped by --max-seq-len {d['max_length']}")
     worst = max((max(x) for x in ids if x), default=0)
@@ -127,14 +185,23 @@ def load_plan_data(plan: dict[str, Any], tokenizer: Any, path: str | None, model
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise QPlanError("the tokenizer has neither a pad nor an EOS token to pad batches with")
+    flat = packing and d.get("packing_strategy") == "bfd"
+    if packing:
+        samples = _packs(samples, d["packing_strategy"], d["max_length"])
     data = PlanData(samples, int(pad), d["batching"], largest_first, str(source), first_measured,
-                    d.get("pad_to_multiple_of"))
+                    d.get("pad_to_multiple_of"), flat=flat)
     from qplan.planner.data.cache import tokenizer_identity
 
     if d.get("tokenizer_sha256") and tokenizer_identity(tokenizer) != d["tokenizer_sha256"]:
         data.notes.append(f"the run's tokenizer is not the one the plan counted with ({d['tokenizer']}): its batches "
                           "may be longer or shorter than planned (see batch_shapes)")
-    longest = -(-max(kept) // (d.get("pad_to_multiple_of") or 1)) * (d.get("pad_to_multiple_of") or 1)
+    if packing:
+        if len(samples) != d["packs"] or sum(len(p["input_ids"]) for p in samples) != d["tokens_per_epoch"]:
+            data.notes.append(f"the run has {len(samples)} packs of {sum(len(p['input_ids']) for p in samples):,} "
+                              f"tokens; the plan counted {d['packs']} of {d['tokens_per_epoch']:,}")
+        return data
+    multiple = d.get("pad_to_multiple_of") or 1
+    longest = -(-max(kept) // multiple) * multiple
     if len(samples) != d["samples"] - d["dropped"] or longest != d["worst_batch"]["seq_len"]:
         data.notes.append(f"the run has {len(samples)} samples, the longest padded to {longest} tokens; the plan "
                           f"counted {d['samples'] - d['dropped']}, the longest padded to {d['worst_batch']['seq_len']}")

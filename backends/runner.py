@@ -224,9 +224,6 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
     if largest_first and not planned_data:
         raise QPlanError("--largest-first orders the batches of a --data plan: make the plan with --data (without it "
                          "every batch has the planned shape)")
-    if planned_data and planned_data["batching"] == "packing":
-        raise QPlanError("qplan run does not train packed --data plans yet: plan with --batching padding, sequential "
-                         "or group_by_length to run it")
     if planned_data and str(planned_data["format"]).startswith("axolotl:"):
         raise QPlanError(f"qplan run trains data formatted as TRL's SFTTrainer does, not axolotl's "
                          f"{planned_data['format']}: train this plan with axolotl, or plan with a TRL format to run it")

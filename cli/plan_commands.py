@@ -125,9 +125,10 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
         raise QPlanError(f"--method trace traces one rank of --strategy fsdp without --cpu-offload; the step of "
                          f"{dist['strategy']}{' with --cpu-offload' if dist['cpu_offload'] else ''} is not traced "
                          "(see docs/multi-gpu.md)")
-    if method == "trace" and plan["training"].get("padded"):
-        raise QPlanError("--method trace steps unpadded batches: a --data plan with padded batches (its 4-D attention "
-                         "mask) is planned with --method analytic (proven by CPU runs: docs/data.md)")
+    if method == "trace" and (plan["training"].get("padded") or plan["training"].get("flat_tokens")):
+        raise QPlanError("--method trace steps unpadded batch × seq_len batches: a --data plan with padded batches or "
+                         "padding-free packs (a 4-D attention mask, one flattened row) is planned with --method analytic "
+                         "(proven by CPU runs: docs/data.md)")
     if method == "trace":
         from qplan.planner.plan import attach_trace
 

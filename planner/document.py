@@ -104,7 +104,10 @@ class TrainingSection(Struct, forbid_unknown_fields=True, kw_only=True):
     optimizer: lit(OPTIMIZERS)
     attn_impl: lit(ATTN_IMPLS)
     mixed_precision: lit(MIXED_PRECISION.values())
-    padded: _d(bool | UnsetType, "--data with padded batches: attention gets a 4-D mask (planned)") = UNSET
+    padded: _d(bool | UnsetType, "--data with padded batches (or padding-free packs under SDPA/eager): attention gets "
+               "a 4-D mask (planned)") = UNSET
+    flat_tokens: _d(Annotated[int, Meta(ge=1)] | UnsetType, "padding-free packing (TRL's bfd): the worst micro-batch's "
+                    "packs flattened into one row of this many tokens, the shape the model sees") = UNSET
 
 
 class GpuSection(Struct, kw_only=True):
@@ -246,6 +249,8 @@ class DataWorst(Struct, forbid_unknown_fields=True, kw_only=True):
     seq_len: Context
     batch_size: Batch
     tokens: _Count
+    padded: _d(bool, "its rows have pads (a 4-D attention mask)") = False
+    flat_tokens: _d(_Count | UnsetType, "padding-free packs: the batch flattened into one row of this many tokens") = UNSET
     note: str = ""
 
 

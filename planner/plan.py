@@ -172,8 +172,13 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
         data["epochs"] = epochs if epochs is not None else 1.0
         if gpu_ is not None:  # the time of a step depends on the device
             tokens = max(1, math.ceil(data["padded_tokens_per_epoch"] * data["epochs"]))
-    training = TrainingSettings(o.batch_size, seq_len, o.grad_accum, ckpt, o.optimizer, resolve_attn(spec, o.attn_impl),
-                                data is not None and padded(o.batching, o.batch_size, o.pad_to_multiple_of))
+    attn = resolve_attn(spec, o.attn_impl)
+    flat = data["worst_batch"].get("flat_tokens", 0) if data is not None else 0
+    # a 4-D attention mask: padded rows, or padding-free packs under SDPA/eager (transformers tells the documents apart
+    # from the position ids with a block-causal mask; flash attention runs them varlen, without one)
+    mask = data is not None and (padded(o.batching, o.batch_size, o.pad_to_multiple_of) or data["worst_batch"].get("padded")
+                                 or (bool(flat) and attn != "flash_attention_2"))
+    training = TrainingSettings(o.batch_size, seq_len, o.grad_accum, ckpt, o.optimizer, attn, bool(mask), flat)
     q, warnings = check_gpu_dtype(q, gpu_, auto_fix=not o.strict_dtype)
     warnings = ck_warnings + warnings
     if model is not None and spec_origin(model) == "user, shadows bundled":
@@ -282,9 +287,9 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
     from qplan.planner.compute.timing import cost_prediction, time_prediction
 
     t, q = inp.training, inp.quant
-    flops = step_flops(inp.spec, counts, inp.lora.r, q, t.batch_size, t.seq_len, t.grad_ckpt, t.attn_impl, t.grad_accum)
+    flops = step_flops(inp.spec, counts, inp.lora.r, q, *t.shape, t.grad_ckpt, t.attn_impl, t.grad_accum)
     moved = step_bytes(inp.spec, counts, inp.lora.r, q, t.grad_ckpt, t.optimizer, trainable, t.grad_accum)
-    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
+    tokens_per_step = t.shape[0] * t.shape[1] * t.grad_accum
     device = inp.gpu.to_json() if inp.gpu is not None else None
     time = time_prediction(flops, moved, device, q.compute_dtype, tokens_per_step, inp.tokens, inp.calibration)
     if inp.tokens is not None and time is None:

@@ -197,9 +197,19 @@ def data_profile(source: str, *, tokenizer: str | None, model_source: dict[str, 
         out.update(packing_strategy=packing_strategy, packs=len(packs), batches_per_epoch=-(-len(packs) // batch_size),
                    tokens_per_epoch=sum(packs), padded_tokens_per_epoch=round(padded_total),
                    efficiency=sum(packs) / padded_total if m else sum(packs) / (len(packs) * max_length))
-        worst = {"seq_len": seq_len, "batch_size": batch_size, "tokens": min(batch_size, len(packs)) * seq_len,
-                 "note": "a batch of full packs (padding-free: the tokens of the batch, at most batch × max_length)"
-                 if not m else f"a batch of full packs, padded to a multiple of {m}"}
+        rows = min(batch_size, len(packs))
+        if m:  # axolotl: each pack padded to the multiple
+            worst = {"seq_len": seq_len, "batch_size": batch_size, "tokens": rows * seq_len,
+                     "note": f"a batch of full packs, padded to a multiple of {m}"}
+        elif packing_strategy == "bfd":  # TRL's padding-free collator: the batch's packs in one row
+            flat = sum(sorted(packs, reverse=True)[:rows])
+            worst = {"seq_len": seq_len, "batch_size": batch_size, "tokens": flat, "flat_tokens": flat,
+                     "note": f"padding-free (TRL's bfd): the {rows} fullest packs flattened into one row of {flat:,} "
+                             "tokens, documents told apart by position ids"}
+        else:  # wrapped: rows of max_length; the last, shorter row pads the batch it falls in
+            short = packs[-1] < max_length and rows > 1
+            worst = {"seq_len": seq_len, "batch_size": batch_size, "tokens": rows * seq_len, "padded": short,
+                     "note": "a batch of full rows" + (" (one of them the last, shorter row: padded)" if short else "")}
     else:
         seq_len = _up(max(kept), m)
         rounded = [_up(n, m) for n in kept]

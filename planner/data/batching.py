@@ -37,8 +37,8 @@ GROUPED_SHUFFLES = 8
 
 def padded(batching: str, batch_size: int, multiple: int | None = None) -> bool:
     """Whether a batch has pads: several samples padded to the longest, or one rounded up to the collator's
-    ``pad_to_multiple_of`` (packs are padding-free; one sample alone is not padded), so attention gets a 4-D mask
-    (``memory.activations.padding_mask_activation``)."""
+    ``pad_to_multiple_of`` (packs are not: see ``planner.data.data_profile``'s ``mask``; one sample alone is not
+    padded), so attention gets a 4-D mask (``memory.activations.padding_mask_activation``)."""
     return batching != "packing" and (batch_size > 1 or (multiple or 1) > 1)
 
 
@@ -135,26 +135,36 @@ class _FreeSpace:
         return go(1, 0, self.size - 1)
 
 
-def pack_bfd(lengths: Sequence[int], max_len: int) -> list[int]:
-    """The token count of each pack TRL's ``bfd`` makes: each length cut to ``max_len`` (empty ones dropped), then
-    longest first into the open pack with the least free space that holds it, else a new pack."""
+def bfd_packs(lengths: Sequence[int], max_len: int) -> list[list[int]]:
+    """The packs TRL's ``bfd`` makes, as lists of sample indices: each length cut to ``max_len`` (empty ones
+    dropped), then longest first (ties in order) into the open pack with the least free space that holds it, else a
+    new pack (open packs of equal space taken first-in, first-out, as TRL's deques)."""
     free = _FreeSpace(max_len)
-    packs: list[int] = []
-    by_space: dict[int, list[int]] = {}  # free space -> open packs with it (FIFO, as TRL's deques)
-    for length in sorted((min(x, max_len) for x in lengths if x > 0), reverse=True):
+    packs: list[list[int]] = []
+    fill: list[int] = []
+    by_space: dict[int, list[int]] = {}  # free space -> open packs with it
+    for i in sorted((i for i, x in enumerate(lengths) if x > 0), key=lambda i: min(lengths[i], max_len), reverse=True):
+        length = min(lengths[i], max_len)
         space = free.smallest_at_least(length)
         if space is None:
-            packs.append(0)
+            packs.append([])
+            fill.append(0)
             pid = len(packs) - 1
         else:
             pid = by_space[space].pop(0)
             free.add(space, -1)
-        packs[pid] += length
-        left = max_len - packs[pid]
+        packs[pid].append(i)
+        fill[pid] += length
+        left = max_len - fill[pid]
         if left > 0:
             by_space.setdefault(left, []).append(pid)
             free.add(left, 1)
     return packs
+
+
+def pack_bfd(lengths: Sequence[int], max_len: int) -> list[int]:
+    """The token count of each pack of ``bfd_packs``."""
+    return [sum(min(lengths[i], max_len) for i in p) for p in bfd_packs(lengths, max_len)]
 
 
 def pack_wrapped(lengths: Sequence[int], max_len: int) -> list[int]:

@@ -121,7 +121,7 @@ def rank_memory(spec, counts, lora_r, dropout, q: QuantSettings, t, dist: DistSe
             for m in FORWARD_MOMENTS:
                 extras[m]["weights"] += gathered
             terms["gathered"] = gathered
-    ev = mm.evaluate(t.batch_size, t.seq_len, t.grad_accum)
+    ev = mm.evaluate(*t.shape, t.grad_accum)
     phases = {k: v + sum(extras[k].values()) for k, v in ev["phases"].items()}
     comp = {k: {c: v + extras[k].get(c, 0) for c, v in parts.items()} for k, parts in ev["composition"].items()}
     if strat == "fsdp":

@@ -42,7 +42,7 @@ def training_memory(spec: ModelSpec, counts: list[ModuleCount], lora_r: int, dro
     """All terms and the peak, for one plan.  ``kernels="cpu"``: what the same step allocates when
     it runs on the CPU (``qplan run --device cpu`` compares against that)."""
     return MemoryModel.build(spec, counts, lora_r, dropout, q, t.grad_ckpt, t.optimizer, t.attn_impl,
-                             weights, chunked_ce, kernels, t.padded).evaluate(t.batch_size, t.seq_len, t.grad_accum)
+                             weights, chunked_ce, kernels, t.padded).evaluate(*t.shape, t.grad_accum)
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,7 @@ class PeftProfile:
 
     def host(self, ctx: StepContext, memory: dict[str, Any]) -> dict[str, int] | None:
         t = ctx.training
-        return host_prediction(ctx.dims, ctx.quant, t.batch_size, t.seq_len, t.grad_ckpt, memory["optimizer_paged"],
+        return host_prediction(ctx.dims, ctx.quant, *t.shape, t.grad_ckpt, memory["optimizer_paged"],
                                offloaded=memory.get("host_offload"))
 
     def notes(self, ctx: StepContext) -> list[str]:
@@ -154,7 +154,7 @@ class UnslothProfile(PeftProfile):
         else:
             total, free = DEFAULT_TOTAL_BYTES, DEFAULT_FREE_BYTES
         fast = fast_path(ctx.spec, list(ctx.counts), lora.dropout, lora.bias, lora.use_dora)
-        mem = unsloth_memory(ctx.spec, list(ctx.counts), ctx.quant, t.grad_ckpt, t.batch_size, t.seq_len, ctx.weights,
+        mem = unsloth_memory(ctx.spec, list(ctx.counts), ctx.quant, t.grad_ckpt, *t.shape, ctx.weights,
                              t.optimizer, t.grad_accum, fast, total, free)
         return _single_gpu_weights(ctx, _calibrated_overhead(mem, ctx.calibration))
 

@@ -50,8 +50,17 @@ class TrainingSettings:
     grad_ckpt: str = "hf"
     optimizer: str = "adamw_torch"
     attn_impl: str = "sdpa"
-    #: batches padded to their longest (``--data`` with padding): attention gets a 4-D mask (``padding_mask_activation``)
+    #: batches padded to their longest (``--data`` with padding), or packed rows whose documents are told apart by
+    #: position ids under SDPA/eager: attention gets a 4-D mask (``padding_mask_activation``)
     padded: bool = False
+    #: padding-free packing (TRL's ``bfd``): the micro-batch's packs flattened into one row of this many tokens (the
+    #: worst batch's); 0: batches are ``batch_size × seq_len``
+    flat_tokens: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The ``(rows, tokens per row)`` the model's tensors have: ``(1, flat_tokens)`` for padding-free packs."""
+        return (1, self.flat_tokens) if self.flat_tokens else (self.batch_size, self.seq_len)
 
     def validate(self, spec: ModelSpec) -> None:
         if self.batch_size <= 0:
@@ -83,6 +92,8 @@ class TrainingSettings:
         out = asdict(self)
         if not self.padded:  # plan.json says "padded" only for padded batches
             out.pop("padded")
+        if not self.flat_tokens:
+            out.pop("flat_tokens")
         return out
 
 

@@ -72,11 +72,13 @@ def _check_prices(prices: dict[str, float]) -> dict[str, float]:
 def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=None, r=None, targets=None,
            optimizer=None, top: int = 10, objective: str = "memory", tokens: int | None = None,
            price_per_hour: str | float | None = None, calibration: str | None = None,
-           batching: str | None = None, pad_to_multiple_of: int | None = None) -> dict[str, Any]:
+           batching: str | None = None, pad_to_multiple_of: int | None = None,
+           padding_free: bool = False) -> dict[str, Any]:
     """Plans that fit ``gpu_name`` (a catalog name, ``a,b,c``, or ``all``), ranked by ``objective``:
     ``memory`` (most tokens per step, cheapest tricks first), ``time`` (most tokens/s) or ``cost``
     (least cost per million tokens; needs ``price_per_hour``). ``batching``, ``pad_to_multiple_of``: a ``--data``
-    plan's (its padded batches' attention mask is counted)."""
+    plan's (its padded batches' attention mask is counted); ``padding_free``: its packs are flattened into one row
+    of ``batch × seq_len`` tokens (TRL's bfd; the block mask counted under SDPA/eager)."""
     if objective not in OBJECTIVES:
         raise QPlanError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if not gpu_name or not str(gpu_name).strip():
@@ -126,7 +128,8 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
 
 def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets, optimizer, objective: str,
                 tokens: int | None, price: float | None, calibration: dict | None = None,
-                batching: str | None = None, pad_to_multiple_of: int | None = None) -> dict[str, Any]:
+                batching: str | None = None, pad_to_multiple_of: int | None = None,
+           padding_free: bool = False) -> dict[str, Any]:
     spec = load_spec(model)
     usable = gpu.usable_bytes
     ctx = max_context(spec) or max(SEQS)
@@ -177,7 +180,10 @@ def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets,
                 moved = step_bytes(spec, counts, rr, q, ck, op, trainable_params(counts))
             for b, s in itertools.product(batches, seqs):
                 candidates += 1
-                tensor_peak = models[batching is not None and padded(batching, b, pad_to_multiple_of)].peak(b, s)
+                if padding_free:  # one row of b packs; a block-causal mask unless flash attention runs them varlen
+                    tensor_peak = models[attn != "flash_attention_2"].peak(1, b * s)
+                else:
+                    tensor_peak = models[batching is not None and padded(batching, b, pad_to_multiple_of)].peak(b, s)
                 peak = tensor_peak + sum(overhead_bytes(tensor_peak, calibration).values())
                 if peak <= usable:
                     row = {
@@ -213,7 +219,8 @@ def fit_document(options: FitOptions | dict[str, Any]) -> dict[str, Any]:
     if not upcast:
         raise QPlanError("--no-upcast goes with --max-gpus (the batch search keeps the k-bit upcast)")
     out = search(o.pop("model"), o.pop("gpu"), batching=data["batching"] if data else None,
-                 pad_to_multiple_of=data["pad_to_multiple_of"] if data else None, **o)
+                 pad_to_multiple_of=data["pad_to_multiple_of"] if data else None,
+                 padding_free=bool(data and data["padding_free"]), **o)
     if data is not None:
         out["data"] = data
     return out
@@ -235,4 +242,5 @@ def _data_seq_len(o: dict[str, Any]) -> dict[str, Any] | None:
                         pad_to_multiple_of=d["pad_to_multiple_of"], long_samples=d["long_samples"])
     o["seq_len"] = prof["worst_batch"]["seq_len"]
     return {k: prof[k] for k in ("source", "format", "samples", "truncated", "dropped", "longest_sample", "tokens",
-                                 "batching", "pad_to_multiple_of")} | {"seq_len": o["seq_len"]}
+                                 "batching", "pad_to_multiple_of")} | {
+        "seq_len": o["seq_len"], "padding_free": "flat_tokens" in prof["worst_batch"]}

@@ -110,3 +110,54 @@ def test_the_padding_mask_is_planned(tmp_path, tokenizer_dir, capsys, ckpt):
         assert result["status"] == "ok", result["summary"]
         errors.append(result["error"]["tensor_peak"])
     assert abs(errors[0] - errors[1]) < 0.002, errors
+
+
+@pytest.mark.parametrize("strategy", ["bfd", "wrapped"])
+def test_a_packed_plan_trains_packs_as_trl_batches_them(tmp_path, tokenizer_dir, capsys, strategy):
+    """bfd: TRL's padding-free batches — the micro-batch's packs in one row, documents told apart by position ids;
+    under SDPA transformers builds a block-causal [1, 1, T, T] mask from them, which the plan counts
+    (``training.flat_tokens``, ``training.padded``). The packed run's error equals that of a fixed-shape run of
+    the same row length without a mask plus exactly the mask — i.e. the two errors agree. wrapped: rows of
+    max_length, the last, shorter one padded."""
+    plan = _plan(tmp_path, tokenizer_dir, capsys, "--batching", "packing", "--packing-strategy", strategy,
+                 "--largest-first")
+    p = json.loads(plan.read_text())
+    result = runner.run_plan(plan, random_init=True, steps=4, device="cpu", out_dir=tmp_path / "runs")
+    assert result["status"] == "ok", result["summary"]
+    doc = read_measured(result["run_dir"])
+    shapes = doc["run"]["batch_shapes"]
+    d = p["prediction"]["data"]
+    if strategy == "bfd":
+        flat = p["training"]["flat_tokens"]
+        assert flat == d["worst_batch"]["flat_tokens"] and p["training"]["padded"] is True
+        assert all(b == 1 for b, _ in shapes) and shapes[1] == [1, flat] and max(n for _, n in shapes) == flat
+        plain = tmp_path / "plain.json"
+        assert main(["estimate", "--model", TINY, "--quant", "bf16", "--batch-size", "1", "--seq-len", str(flat),
+                     "--output", str(plain)]) == 0
+        capsys.readouterr()
+        fixed = runner.run_plan(plain, random_init=True, steps=4, device="cpu", out_dir=tmp_path / "runs")
+        assert abs(result["error"]["tensor_peak"] - fixed["error"]["tensor_peak"]) < 0.002, (result["error"],
+                                                                                          fixed["error"])
+    else:
+        assert all(b == 2 and n == 128 for b, n in shapes[:-1]) and sum(1 for _, n in shapes if n == 128) >= 3
+        assert abs(result["error"]["tensor_peak"]) < 0.05
+    assert "the run has" not in " ".join(doc["run"].get("notes", []))  # the packs the plan counted
+
+
+@pytest.mark.parametrize("n,batch,to", [(10, 4, 0), (10, 4, 1), (9, 2, 1), (3, 4, 0), (7, 3, 5)])
+def test_largest_first_fill_puts_the_longest_together(n, batch, to):
+    """Padding-free packs: the worst batch is the fullest packs together — every place of the chosen batch gets one
+    of the longest, the order stays a permutation, the rest keep their places."""
+    from qplan.backends.plan_data import LargestFirst
+
+    rng = random.Random(n * 100 + batch * 10 + to)
+    for _ in range(20):
+        lengths = [rng.randint(1, 50) for _ in range(n)]
+        base = rng.sample(range(n), n)
+        order = list(LargestFirst(base, lengths, batch, to, fill=True))
+        assert sorted(order) == sorted(base)
+        dest = min(to, max(1, n // batch) - 1) * batch
+        got = sorted((lengths[i] for i in order[dest:dest + batch]), reverse=True)
+        assert got == sorted(lengths, reverse=True)[:len(got)]
+        moved = sum(a != b for a, b in zip(order, base, strict=True))
+        assert moved <= 2 * len(got)

@@ -262,7 +262,7 @@ def test_estimate_plans_the_worst_batch_and_the_real_tokens(tmp_path, tok, token
     (["--data", "FIFO.jsonl"], "not a regular file"),
     (["--data", "D.jsonl", "--tokenizer", "NOTOK"], "no tokenizer found"),
     (["--data", "D.txt"], "unknown kind"),
-    (["--data", "S.jsonl", "--batch-size", "2", "--method", "trace"], "--method trace steps unpadded batches"),
+    (["--data", "S.jsonl", "--batch-size", "2", "--method", "trace"], "--method trace steps unpadded batch × seq_len batches"),
 ])
 def test_data_options_misused_are_one_line(tmp_path, tokenizer_dir, capsys, args, needle):
     import os
