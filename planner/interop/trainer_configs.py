@@ -23,7 +23,7 @@ from typing import Any
 
 from qplan.planner.errors import QPlanError, shown
 from qplan.planner.files import read_limited
-from qplan.planner.interop.trainer_data import axolotl_data, trl_data
+from qplan.planner.interop.trainer_data import axolotl_data, llamafactory_bound, trl_data
 from qplan.planner.options import PlanOptions, field_names
 from qplan.planner.vocab import OPTIMIZER_TABLE
 
@@ -365,6 +365,7 @@ def _llamafactory(r: _Reader) -> dict[str, Any]:
     o["dora"] = bool(r.get("use_dora", False))
     o["rslora"] = bool(r.get("use_rslora", False))
     _training(r, o, "cutoff_len", 8, 2048, True, "optim", "adamw_torch_fused")
+    llamafactory_bound(r, o)
     o["grad_ckpt"] = not r.get("disable_gradient_checkpointing", False)
     if o["grad_ckpt"] and r.get("use_reentrant_gc", True):
         raise QPlanError("llamafactory config: LLaMA-Factory checkpoints with use_reentrant_gc: true by default, which "

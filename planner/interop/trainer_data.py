@@ -1,5 +1,6 @@
 """The data a trainer config names, read into ``--data`` options (``trainer_configs``): TRL's ``dataset_name`` and
-axolotl's ``datasets:`` (with its collator's padding rules). Torch-free; the dataset itself is read when planned."""
+axolotl's ``datasets:`` (with its collator's padding rules); LLaMA-Factory's bound. Torch-free; the dataset itself
+is read when planned."""
 
 from __future__ import annotations
 
@@ -133,3 +134,18 @@ def axolotl_data(r: Any, o: dict[str, Any]) -> None:
         r.warnings.append("axolotl config: sample_packing's packs are counted by best-fit decreasing (TRL's bfd), not "
                           "axolotl's multipack sampler: the planned shape (micro_batch_size × sequence_len) is its "
                           "own, the number of packs (the time) may differ slightly")
+
+
+def llamafactory_bound(r: Any, o: dict[str, Any]) -> None:
+    """LLaMA-Factory's batches: samples cut to ``cutoff_len``, each batch padded to its longest rounded up to a
+    multiple of 8 when training (llamafactory 0.9.5 ``train/sft/workflow.py``: ``pad_to_multiple_of=8 if
+    training_args.do_train``). Its ``dataset:`` (names in ``dataset_info.json``, formatted by LLaMA-Factory's own
+    templates) is not read: the plan is the bound, ``cutoff_len`` rounded up, with a warning that says so."""
+    seq = o["seq_len"]
+    bound = -(-seq // 8) * 8 if r.get("do_train", False) else seq
+    o["seq_len"] = bound
+    if r.get("dataset"):
+        r.warnings.append(f"llamafactory config: dataset {shown(r.get('dataset'))} is not read (LLaMA-Factory's "
+                          f"dataset_info.json and templates are not modelled): every batch is planned at its bound, "
+                          f"cutoff_len {seq}" + (f" padded to a multiple of 8: {bound}" if bound != seq else "")
+                          + "; pass --data to plan the real lengths")

@@ -294,3 +294,26 @@ def test_from_config_on_a_bundled_model_does_not_import_torch():
                       "'peft')]\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name,key,length,bound", [
+    # axolotl 0.19.0 core/builders/causal.py: pad_to_multiple_of 64 unless pad_to_sequence_len is false
+    ("axolotl-qlora-llama-3.1-8b.yml", "sequence_len", 1000, 1024),
+    # llamafactory 0.9.5 train/sft/workflow.py: pad_to_multiple_of=8 if do_train
+    ("llamafactory-qlora-qwen2.5-7b.yaml", "cutoff_len", 1001, 1008),
+])
+def test_a_config_without_readable_data_is_planned_at_its_collators_bound(capsys, tmp_path, name, key, length, bound):
+    """Without data qplan can read, every batch is planned at the longest a sample can be, padded as the tool's
+    collator pads it; the warning says so. axolotl with pad_to_sequence_len: false pads to the longest only."""
+    text = (CONFIGS / name).read_text()
+    f = tmp_path / name
+    lines = [ln for ln in text.splitlines() if not ln.startswith(f"{key}:")]
+    f.write_text("\n".join(lines) + f"\n{key}: {length}\n")
+    rc, out, err = qplan(capsys, "estimate", "--from-config", str(f), "--gpu", GPU, "--format", "json")
+    assert rc == 0, err
+    assert json.loads(out)["training"]["seq_len"] == bound
+    assert "planned at its bound" in err and str(bound) in err
+    if name.startswith("axolotl"):
+        f.write_text(f.read_text() + "pad_to_sequence_len: false\n")
+        rc, out, err = qplan(capsys, "estimate", "--from-config", str(f), "--gpu", GPU, "--format", "json")
+        assert rc == 0 and json.loads(out)["training"]["seq_len"] == length
