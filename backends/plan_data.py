@@ -28,7 +28,7 @@ from qplan.planner.errors import QPlanError
 #: batch shapes kept in measured.json (the first ones: largest-first puts the worst there)
 KEEP_SHAPES = 64
 SAMPLING = {"padding": "random", "sequential": "sequential", "group_by_length": "group_by_length",
-            "packing": "random"}  # TRL shuffles the packs
+            "packing": "random", "buckets": "sequential"}  # TRL shuffles the packs; buckets: BucketOrder
 
 
 class PlanData:
@@ -54,6 +54,10 @@ class PlanData:
         return SAMPLING[self.batching]
 
     def wrap_sampler(self, sampler: Any, batch_size: int) -> Any:
+        if self.batching == "buckets":  # PEFT's harness: its batches in its order (the remainder bucket twice)
+            from qplan.planner.data.batching import bucket_batches
+
+            sampler = [j for b in bucket_batches([len(s["input_ids"]) for s in self.samples], batch_size) for j in b]
         if not self.largest_first:
             return sampler
         return LargestFirst(sampler, [len(s["input_ids"]) for s in self.samples], batch_size, self.first_measured,

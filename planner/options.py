@@ -121,7 +121,8 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
                     "the start; TRL defaults to 1024, the plain Trainer does not truncate) [default: none]",
                     section=DATA) = None
     batching: _f(lit(BATCHINGS), "with --data: padding (shuffled, each batch padded to its longest: the Trainer's "
-                 "default), sequential (file order), group_by_length, or packing (TRL, needs --max-seq-len)",
+                 "default), sequential (file order), group_by_length, buckets (PEFT's benchmark harness: buckets of "
+                 "20 batches sorted longest first), or packing (TRL, needs --max-seq-len)",
                  section=DATA) = "padding"
     packing_strategy: _f(lit(PACKING_STRATEGIES), "with --batching packing: bfd (TRL's default, best-fit decreasing, "
                          "padding-free) or wrapped (concatenate and cut)", section=DATA) = "bfd"

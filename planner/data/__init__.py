@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from qplan.planner.data.batching import (
+    bucket_batches,
     histogram,
     pack_bfd,
     pack_wrapped,
+    padded_tokens_buckets,
     padded_tokens_grouped,
     padded_tokens_sequential,
     padded_tokens_shuffled,
@@ -217,10 +219,17 @@ def data_profile(source: str, *, tokenizer: str | None, model_source: dict[str, 
             padded_total = padded_tokens_shuffled(rounded, batch_size)
         elif batching == "sequential":
             padded_total = padded_tokens_sequential(rounded, batch_size)
+        elif batching == "buckets":
+            batches = bucket_batches(kept, batch_size)
+            padded_total = padded_tokens_buckets(kept, batch_size, rounded)
+            seen = [j for b in batches for j in b]  # the remainder bucket is seen twice
+            out.update(batches_per_epoch=len(batches), tokens_per_epoch=sum(kept[j] for j in seen),
+                       padded_tokens_per_epoch=padded_total, efficiency=sum(kept[j] for j in seen) / padded_total)
         else:  # grouped by the real lengths, padded to the rounded longest of each micro-batch
             padded_total = padded_tokens_grouped(kept, batch_size, grad_accum=grad_accum, padded_lengths=rounded)
-        out.update(batches_per_epoch=-(-len(kept) // batch_size), tokens_per_epoch=sum(kept),
-                   padded_tokens_per_epoch=round(padded_total), efficiency=sum(kept) / padded_total)
+        if batching != "buckets":
+            out.update(batches_per_epoch=-(-len(kept) // batch_size), tokens_per_epoch=sum(kept),
+                       padded_tokens_per_epoch=round(padded_total), efficiency=sum(kept) / padded_total)
         worst = {"seq_len": seq_len, "batch_size": batch_size, "tokens": batch_size * seq_len,
                  "note": "the batch holding the longest kept sample, padded to it"
                  + (f" (rounded up to a multiple of {m})" if m and seq_len != max(kept) else "")}

@@ -112,19 +112,40 @@ def conversation(rec: dict[str, Any], where: str, system_column: bool) -> tuple[
     return turns, tools
 
 
-def columns(formatter: Any, rows: Sequence[dict[str, Any]], fmt: str, where: str) -> dict[str, list[int]]:
-    """Step 1 of the module docstring: per-record token columns (``formatter``: a ``formats.Formatter``)."""
+def _edges(formatter: Any, texts: list[str]) -> tuple[list[int], list[int], list[int]]:
+    """Per non-empty text: its token count, and whether its ids start with BOS / end with EOS. The tokenizer's
+    post-processor adds the same special tokens to every text (found once, from a probe); only a text holding
+    the BOS or EOS string itself can change that, and those few are tokenized in full (the rest take the
+    length-only fast path)."""
     tok = formatter.tok
     eos, bos = tok.eos_token_id, tok.bos_token_id
+    probe = formatter.ids(["a"], keep=True)[0]
+    adds_bos, adds_eos = bool(probe) and probe[0] == bos, bool(probe) and probe[-1] == eos
+    marks = [m for m in (tok.bos_token, tok.eos_token) if m]
+    lengths = formatter.ids(texts, keep=False)
+    starts = [int(adds_bos)] * len(texts)
+    ends = [int(adds_eos)] * len(texts)
+    odd = [i for i, t in enumerate(texts) if any(m in t for m in marks)]
+    for i, ids in zip(odd, formatter.ids([texts[i] for i in odd], keep=True), strict=True):
+        starts[i], ends[i] = int(bool(ids) and ids[0] == bos), int(bool(ids) and ids[-1] == eos)
+    return list(lengths), starts, ends
+
+
+def _spread(values: list[int], present: list[bool]) -> list[int]:
+    """``values`` (one per present item) back in place, 0 for the absent ones."""
+    it = iter(values)
+    return [next(it) if p else 0 for p in present]
+
+
+def columns(formatter: Any, rows: Sequence[dict[str, Any]], fmt: str, where: str) -> dict[str, list[int]]:
+    """Step 1 of the module docstring: per-record token columns (``formatter``: a ``formats.Formatter``)."""
     if fmt == "axolotl:alpaca":
         prompts, responses = zip(*(alpaca_prompt(r, f"{where} row {i}") for i, r in enumerate(rows, 1)), strict=True)
         p_ids = formatter.ids(list(prompts), keep=False)
-        r_ids = formatter.ids([r for r in responses if r], keep=True)  # an empty response is no tokens at all
-        it = iter(r_ids)
-        resp = [next(it) if r else [] for r in responses]
-        return {"prompt": list(p_ids), "response": [len(x) for x in resp],
-                "response_eos": [int(bool(x) and x[-1] == eos) for x in resp],
-                "response_bos": [int(bool(x) and x[0] == bos) for x in resp]}
+        present = [bool(r) for r in responses]  # an empty response is no tokens at all (``_tokenize``)
+        n, starts, ends = _edges(formatter, [r for r in responses if r])
+        return {"prompt": list(p_ids), "response": _spread(n, present), "response_eos": _spread(ends, present),
+                "response_bos": _spread(starts, present)}
     if fmt == "axolotl:completion":
         texts = []
         for i, r in enumerate(rows, 1):
@@ -134,10 +155,9 @@ def columns(formatter: Any, rows: Sequence[dict[str, Any]], fmt: str, where: str
             if not isinstance(v, str):
                 raise QPlanError(f"{where} row {i}: field 'text' must be a string, got {type(v).__name__}")
             texts.append(v)
-        ids = formatter.ids([t for t in texts if t], keep=True)
-        it = iter(ids)
-        seqs = [next(it) if t else [] for t in texts]
-        return {"tokens": [len(x) for x in seqs], "eos": [int(bool(x) and x[-1] == eos) for x in seqs]}
+        present = [bool(t) for t in texts]
+        n, _, ends = _edges(formatter, [t for t in texts if t])
+        return {"tokens": _spread(n, present), "eos": _spread(ends, present)}
     if fmt == "axolotl:chat_template":
         tokens, untrained = [], []
         system_column = any("system" in r for r in rows)

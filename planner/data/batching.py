@@ -16,6 +16,11 @@ trainer does, with its source:
   a random permutation cut into mega-batches of ``min(n // (4 B), 50) × B`` samples (at least ``B``), each
   sorted longest first, the mega-batch holding the longest sample moved to the front. Its padded tokens are
   estimated as the mean over ``GROUPED_SHUFFLES`` seeded shuffles (not an exact expectation).
+* ``buckets`` — PEFT's benchmark harness (``method_comparison/MetaMathQA``, ``utils.BucketIterator`` with
+  ``BUCKET_FACTOR`` 20): the data in file order cut into buckets of ``batch × 20`` samples, each sorted longest
+  first and cut into batches (a bucket's last batch may be short); when the data is not a whole number of
+  buckets, the last bucket is yielded a second time (its loop already covers the remainder, then a second
+  statement yields it again). Exact, no shuffling.
 * ``packing`` — TRL's ``pack_dataset``: ``bfd`` (best-fit decreasing: sequences cut to ``max_len``, then each
   placed, longest first, in the open pack with the least room that holds it, else a new pack) and ``wrapped``
   (all tokens concatenated and cut every ``max_len``). Packs carry no padding (TRL's padding-free batches with
@@ -29,7 +34,9 @@ import random
 from bisect import bisect_left
 from collections.abc import Sequence
 
-BATCHINGS = ("padding", "sequential", "group_by_length", "packing")
+BATCHINGS = ("padding", "sequential", "group_by_length", "buckets", "packing")
+#: PEFT's benchmark harness (method_comparison/MetaMathQA/run.py ``BUCKET_FACTOR``): batches per length bucket
+BUCKET_FACTOR = 20
 PACKING_STRATEGIES = ("bfd", "wrapped")
 #: shuffles averaged for the padded tokens of group_by_length
 GROUPED_SHUFFLES = 8
@@ -75,6 +82,25 @@ def padded_tokens_sequential(lengths: Sequence[int], batch_size: int, drop_last:
             break
         total += len(chunk) * max(chunk)
     return total
+
+
+def bucket_batches(lengths: Sequence[int], batch_size: int, factor: int = BUCKET_FACTOR) -> list[list[int]]:
+    """The batches (sample indices) of PEFT's harness, in order (see the module docstring)."""
+    n, size = len(lengths), batch_size * factor
+    buckets = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+    if n % size:
+        buckets.append(list(range(n - n % size, n)))  # the remainder, a second time (as the harness yields it)
+    out = []
+    for b in buckets:
+        order = sorted(b, key=lambda j: -lengths[j])  # longest first; ties keep file order
+        out.extend(order[k:k + batch_size] for k in range(0, len(order), batch_size))
+    return out
+
+
+def padded_tokens_buckets(lengths: Sequence[int], batch_size: int, padded_lengths: Sequence[int] | None = None) -> int:
+    """Padded tokens of one pass of PEFT's harness (exact)."""
+    pad = lengths if padded_lengths is None else padded_lengths
+    return sum(len(b) * max(pad[j] for j in b) for b in bucket_batches(lengths, batch_size))
 
 
 def length_grouped_order(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[int]:

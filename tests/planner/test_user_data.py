@@ -465,3 +465,39 @@ def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path, tokenizer_d
 
     a, b = profile(plain), profile(bom)
     assert {k: a[k] for k in a if k not in ("source", "path")} == {k: b[k] for k in b if k not in ("source", "path")}
+
+
+def test_peft_harness_buckets():
+    """PEFT's MetaMathQA harness (utils.BucketIterator, read from its source): buckets of batch × factor samples in
+    file order, each sorted longest first, then batched; a remainder bucket is yielded twice. Worked by hand:
+    lengths 5 1 4 2 3 6 7, batch 2, factor 1 -> buckets [5 1] [4 2] [3 6] [7] and [7] again."""
+    from qplan.planner.data.batching import bucket_batches, padded_tokens_buckets
+
+    lengths = [5, 1, 4, 2, 3, 6, 7]
+    assert bucket_batches(lengths, 2, factor=1) == [[0, 1], [2, 3], [5, 4], [6], [6]]
+    # factor 20: one bucket of all 7 (lengths 7 6 | 5 4 | 3 2 | 1), then the same bucket again
+    assert padded_tokens_buckets(lengths, 2) == 2 * (2 * 7 + 2 * 5 + 2 * 3 + 1 * 1)
+    assert bucket_batches(lengths, 2) == [[6, 5], [0, 2], [4, 3], [1], [6, 5], [0, 2], [4, 3], [1]]
+
+
+def test_buckets_profile_is_what_the_run_batches(tmp_path, tokenizer_dir):
+    """The planned epoch of --batching buckets equals the batches qplan run's sampler makes (every batch padded
+    to its longest, DataCollatorWithPadding)."""
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+
+    from qplan.backends.plan_data import PlanData
+
+    rows = datasets_()["text"]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    got = data_profile(str(data), tokenizer=str(tokenizer_dir), model_source={}, fmt="auto", max_length=None,
+                       batching="buckets", packing_strategy="bfd", batch_size=3)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = Formatter(tok).sequences(rows, "text", "d")[0]
+    pd = PlanData([{"input_ids": x, "labels": x} for x in ids], 0, "buckets", False, "d")
+    order = list(pd.wrap_sampler(None, 3))
+    collate = DataCollatorWithPadding(tok)
+    assert len(rows) % 60 == 1  # a remainder bucket of one sample: it comes twice, in a batch of its own
+    padded = sum(collate([{"input_ids": ids[j]} for j in order[i:i + 3]])["input_ids"].numel()
+                 for i in range(0, len(order), 3))
+    assert got["padded_tokens_per_epoch"] == padded and got["batches_per_epoch"] == 22
+    assert got["worst_batch"]["seq_len"] == max(len(x) for x in ids)
