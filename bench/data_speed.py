@@ -58,11 +58,18 @@ def main() -> int:
     from qplan.planner.data import cache, data_profile
 
     os.environ["QPLAN_DATA_CACHE_DIR"] = str(tmp / "cache")
+    timed("content digest (SHA-256; first call only)", lambda: cache.data_identity(data))
     cache.store(cache.key(data, tok, "auto"), "text", {"lengths": lengths})  # what the first call leaves
     warm = timed("second call: the whole profile from the cache", lambda: data_profile(
         str(data), tokenizer=None, model_source={}, fmt="auto", max_length=2048, batching="padding",
         packing_strategy="bfd", batch_size=8, tokenizer_obj=tok))
     assert warm["samples"] == n
+    from qplan.planner.data import axolotl
+
+    alpaca = [{"instruction": " ".join(r["text"].split()[:8]), "input": "", "output": " ".join(r["text"].split()[8:])}
+              for r in rows]
+    timed("axolotl:alpaca format + tokenize (prompt and response apart)",
+          lambda: axolotl.columns(Formatter(tok), alpaca, "axolotl:alpaca", "bench"))
     lines = [
         "# `--data` speed", "",
         f"Command: `python bench/data_speed.py --samples {a.samples}` — {n:,} samples, {sum(lengths):,} tokens, "
@@ -70,9 +77,11 @@ def main() -> int:
         f"({platform.processor() or platform.machine()}), Python {platform.python_version()}.", "",
         "| stage | seconds | samples/s |", "|---|---:|---:|",
         *[f"| {k} | {v:.2f} | {n / v:,.0f} |" for k, v in times.items()],
-        "", "The first call runs the first five stages (the group-by-length and packing rows only with those "
-        "batchings); a second call of the same data, tokenizer and format reads the counts from the cache "
-        "(`planner/data/cache.py`) and runs one batching.", "",
+        "", "The first call runs read, format + tokenize, the content digest and one batching (the group-by-length "
+        "and packing rows only with those batchings); a second call of the same data, tokenizer and format finds "
+        "the file's digest remembered against its stat, reads the counts from the cache (`planner/data/cache.py`) "
+        "and runs one batching. axolotl's Alpaca type tokenizes prompt and response apart (two texts per "
+        "record, the prompt with axolotl's template), so it takes longer per sample than the text format.", "",
     ]
     Path(a.out).write_text("\n".join(lines))
     print("\n".join(lines))
