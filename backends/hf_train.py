@@ -119,6 +119,14 @@ def run_trainer(model: Any, dataset: Any, plan: dict[str, Any], settings: TrainS
             def _get_train_sampler(self, train_dataset: Any = None) -> Any:
                 return dataset.wrap_sampler(super()._get_train_sampler(train_dataset), self.args.train_batch_size)
 
+            def get_train_dataloader(self) -> Any:
+                batches = dataset.batch_order(self.args.train_batch_size)
+                if batches is None:
+                    return super().get_train_dataloader()
+                from torch.utils.data import DataLoader  # fixed batches (PEFT's buckets): a batch sampler
+
+                return self.accelerator.prepare(DataLoader(dataset, batch_sampler=batches, collate_fn=self.data_collator))
+
         trainer_cls = _Trainer
     else:
         trainer_cls = Trainer

@@ -39,7 +39,7 @@ class PlanData:
         self.samples, self.batching, self.largest_first, self.source = samples, batching, largest_first, source
         self.first_measured = first_measured  # the micro-batch index of the first measured step
         self.flat = flat  # padding-free packs: the worst batch is the fullest packs together, not one long sample
-        self.collate: Any = FlatCollator(pad_id) if flat else PadCollator(pad_id, multiple)
+        self.collate: Any = FlatCollator(pad_id, multiple) if flat else PadCollator(pad_id, multiple)
         self.notes: list[str] = []
         self.tokens_in_file = sum(len(s["input_ids"]) for s in samples)
 
@@ -53,11 +53,23 @@ class PlanData:
     def sampling_strategy(self) -> str:
         return SAMPLING[self.batching]
 
-    def wrap_sampler(self, sampler: Any, batch_size: int) -> Any:
-        if self.batching == "buckets":  # PEFT's harness: its batches in its order (the remainder bucket twice)
-            from qplan.planner.data.batching import bucket_batches
+    def batch_order(self, batch_size: int) -> list[list[int]] | None:
+        """PEFT's harness (``--batching buckets``): its batches, in its order (the remainder bucket twice), the batch
+        holding the longest sample moved to the first measured step with ``largest_first``; None otherwise (the
+        Trainer's sampler makes the batches)."""
+        if self.batching != "buckets":
+            return None
+        from qplan.planner.data.batching import bucket_batches
 
-            sampler = [j for b in bucket_batches([len(s["input_ids"]) for s in self.samples], batch_size) for j in b]
+        lengths = [len(s["input_ids"]) for s in self.samples]
+        batches = bucket_batches(lengths, batch_size)
+        if self.largest_first:
+            worst = max(range(len(batches)), key=lambda k: max(lengths[j] for j in batches[k]))
+            dest = min(self.first_measured, len(batches) - 1)
+            batches[dest], batches[worst] = batches[worst], batches[dest]
+        return batches
+
+    def wrap_sampler(self, sampler: Any, batch_size: int) -> Any:
         if not self.largest_first:
             return sampler
         return LargestFirst(sampler, [len(s["input_ids"]) for s in self.samples], batch_size, self.first_measured,
@@ -124,8 +136,8 @@ class FlatCollator:
     concatenated into one row; ``position_ids`` restart at each document; no ``attention_mask``; the first label
     of each document is ``-100``. Records each batch's shape."""
 
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int, multiple: int | None = None) -> None:
+        self.pad_id, self.multiple = pad_id, multiple or 1
         self.shapes: list[list[int]] = []
 
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
@@ -134,6 +146,8 @@ class FlatCollator:
         ids = [t for f in features for t in f["input_ids"]]
         labels = [t for f in features for t in f["labels"]]
         pos = [p for f in features for n in f["seq_lengths"] for p in range(n)]
+        extra = -len(ids) % self.multiple  # the row padded to the multiple (pad ids, labels -100, positions 0)
+        ids, labels, pos = ids + [self.pad_id] * extra, labels + [-100] * extra, pos + [0] * extra
         out = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([pos])}
         out["labels"][out["position_ids"] == 0] = -100
         self.shapes.append([1, len(ids)])

@@ -382,7 +382,8 @@ def data_sentence(plan: dict[str, Any], doc: dict[str, Any]) -> str | None:
     w = d["worst_batch"]
     text = (f"{d['source']}: {d['samples']:,} samples ({d['format']}), p50 {d['tokens']['p50']:,} · max "
             f"{d['tokens']['max']:,} tokens (row {d['longest_sample']['row']:,}, red); {d['batching']}: planned "
-            f"worst batch {w['batch_size']} × {w['seq_len']:,}.")
+            + (f"worst batch 1 × {w['flat_tokens']:,} ({w['batch_size']} packs in one row, padding-free)."
+               if w.get("flat_tokens") else f"worst batch {w['batch_size']} × {w['seq_len']:,}."))
     shapes = (doc.get("run") or {}).get("batch_shapes")
     if shapes:
         first = ", ".join(f"{b}×{n}" for b, n in shapes[:8])

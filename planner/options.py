@@ -127,7 +127,8 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
     packing_strategy: _f(lit(PACKING_STRATEGIES), "with --batching packing: bfd (TRL's default, best-fit decreasing, "
                          "padding-free) or wrapped (concatenate and cut)", section=DATA) = "bfd"
     pad_to_multiple_of: _f(Batch | None, "with --data: the collator pads each batch to a multiple of this (TRL's "
-                           "pad_to_multiple_of; axolotl pads to 64) [default: none]", section=DATA) = None
+                           "pad_to_multiple_of; 1: to the longest) [default: the trainer's — none for TRL, 64 for "
+                           "axolotl]", section=DATA) = None
     long_samples: _f(lit(LONG_SAMPLES), "with --data: a sample over --max-seq-len is truncated (TRL) or dropped "
                      "(axolotl's default), or raise stops (axolotl's excess_length_strategy) [auto: the trainer's]",
                      section=DATA) = "auto"

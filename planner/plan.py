@@ -16,7 +16,6 @@ import msgspec
 
 from qplan.planner import __version__
 from qplan.planner.data import check_data_options, data_profile
-from qplan.planner.data.batching import padded
 from qplan.planner.document import (
     PLAN_SCHEMA_VERSION,
     Compute,
@@ -176,8 +175,7 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     flat = data["worst_batch"].get("flat_tokens", 0) if data is not None else 0
     # a 4-D attention mask: padded rows, or padding-free packs under SDPA/eager (transformers tells the documents apart
     # from the position ids with a block-causal mask; flash attention runs them varlen, without one)
-    mask = data is not None and (padded(o.batching, o.batch_size, o.pad_to_multiple_of) or data["worst_batch"].get("padded")
-                                 or (bool(flat) and attn != "flash_attention_2"))
+    mask = data is not None and (bool(data["worst_batch"].get("padded")) or (bool(flat) and attn != "flash_attention_2"))
     training = TrainingSettings(o.batch_size, seq_len, o.grad_accum, ckpt, o.optimizer, attn, bool(mask), flat)
     q, warnings = check_gpu_dtype(q, gpu_, auto_fix=not o.strict_dtype)
     warnings = ck_warnings + warnings

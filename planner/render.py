@@ -169,7 +169,9 @@ def data_lines(d: dict[str, Any], width: int = 40) -> list[str]:
     how = (f"packing ({d['packing_strategy']}): {d['packs']:,} packs of ≤ {w['seq_len']:,} tokens"
            if d["batching"] == "packing" else f"{d['batching']}: each batch padded to its longest"
            + (f", rounded up to a multiple of {d['pad_to_multiple_of']}" if d.get("pad_to_multiple_of") else ""))
-    out.append(f"{how}; worst batch {w['batch_size']} × {w['seq_len']:,} = the planned shape; per epoch "
+    shape = (f"{w['batch_size']} packs in one row of {w['flat_tokens']:,} tokens (padding-free)" if w.get("flat_tokens")
+             else f"{w['batch_size']} × {w['seq_len']:,}")
+    out.append(f"{how}; worst batch {shape} = the planned shape; per epoch "
                f"{d['padded_tokens_per_epoch']:,} tokens processed for {d['trained_tokens']:,} trained "
                f"({100 * d['efficiency']:.0f}% efficient), {d['batches_per_epoch']:,} batches")
     h = d["histogram"]

@@ -19,6 +19,7 @@ from qplan.planner.data.batching import (
     histogram,
     pack_bfd,
     pack_wrapped,
+    padded,
     padded_tokens_buckets,
     padded_tokens_grouped,
     padded_tokens_sequential,
@@ -112,6 +113,10 @@ def _stats(lengths: list[int]) -> dict[str, Any]:
             "mean": sum(s) / len(s)}
 
 
+#: axolotl's collator pads to a multiple of this unless told otherwise (axolotl 0.19 core/builders/causal.py)
+AXOLOTL_PAD_MULTIPLE = 64
+
+
 def _up(n: int, multiple: int | None) -> int:
     """``n`` rounded up to a multiple of ``multiple`` (the collator's ``pad_to_multiple_of``)."""
     return n if not multiple else -(-n // multiple) * multiple
@@ -146,8 +151,9 @@ def data_profile(source: str, *, tokenizer: str | None, model_source: dict[str, 
                  long_samples: str = "auto") -> dict[str, Any]:
     """``prediction.data`` of ``source`` (see the module docstring). ``tokenizer_obj``: an already loaded tokenizer.
     ``pad_to_multiple_of``: the collator rounds each batch's padded length up to a multiple of it (TRL's
-    ``pad_to_multiple_of``; axolotl's 64). ``long_samples``: what happens to a sample over ``max_length`` —
-    ``auto`` is the trainer's (TRL truncates; axolotl drops), else ``truncate``, ``drop`` or ``raise``."""
+    ``pad_to_multiple_of``); None: the trainer's own (TRL none, axolotl 64); 1: none. ``long_samples``: what
+    happens to a sample over ``max_length`` — ``auto`` is the trainer's (TRL truncates; axolotl drops), else
+    ``truncate``, ``drop`` or ``raise``."""
     from qplan.planner.data import axolotl, cache
 
     resolved = resolve_source(source)  # a path, or a Hub dataset id's snapshot in the HF cache (before the tokenizer)
@@ -190,28 +196,41 @@ def data_profile(source: str, *, tokenizer: str | None, model_source: dict[str, 
         "tokens": _stats(full), "total_tokens": sum(full), "trained_tokens": sum(kept),
         "histogram": histogram(full),
     }
-    m = pad_to_multiple_of
+    # the collator's multiple: given, else the trainer's own (TRL: none; axolotl: 64, core/builders/causal.py)
+    m = pad_to_multiple_of if pad_to_multiple_of is not None else (AXOLOTL_PAD_MULTIPLE if found in axolotl.FORMATS
+                                                                    else None)
+    out["pad_to_multiple_of"] = m
     if packing:
         packs = pack_bfd(kept, max_length) if packing_strategy == "bfd" else pack_wrapped(kept, max_length)
-        seq_len = _up(max_length, m)
         out["trained_tokens"] = sum(packs)  # bfd cuts each sample to max_length; wrapped keeps every token
-        padded_total = sum(packs) if not m else padded_tokens_shuffled([_up(p, m) for p in packs], batch_size)
-        out.update(packing_strategy=packing_strategy, packs=len(packs), batches_per_epoch=-(-len(packs) // batch_size),
-                   tokens_per_epoch=sum(packs), padded_tokens_per_epoch=round(padded_total),
-                   efficiency=sum(packs) / padded_total if m else sum(packs) / (len(packs) * max_length))
         rows = min(batch_size, len(packs))
-        if m:  # axolotl: each pack padded to the multiple
+        batches = -(-len(packs) // batch_size)
+        if found in axolotl.FORMATS:  # axolotl's multipack: rows of packs, each batch padded to its longest pack
+            seq_len = _up(max(packs), m)  # (rounded up to the collator's multiple; pad_to_sequence_len: sequence_len)
+            padded_total = padded_tokens_shuffled([_up(p, m) for p in packs], batch_size)
             worst = {"seq_len": seq_len, "batch_size": batch_size, "tokens": rows * seq_len,
-                     "note": f"a batch of full packs, padded to a multiple of {m}"}
+                     "padded": min(packs) < seq_len,
+                     "note": "a batch of the fullest packs, each row padded to the longest"
+                             + (f" rounded up to a multiple of {m}" if m else "")}
         elif packing_strategy == "bfd":  # TRL's padding-free collator: the batch's packs in one row
-            flat = sum(sorted(packs, reverse=True)[:rows])
+            seq_len = max_length
+            flat = _up(sum(sorted(packs, reverse=True)[:rows]), m)
+            # the row of each batch rounded up (TRL pads the flattened row): counted over the packs in packing order,
+            # an estimate of the shuffled epoch's (exact without a multiple)
+            padded_total = sum(_up(sum(packs[i:i + batch_size]), m) for i in range(0, len(packs), batch_size))
             worst = {"seq_len": seq_len, "batch_size": batch_size, "tokens": flat, "flat_tokens": flat,
                      "note": f"padding-free (TRL's bfd): the {rows} fullest packs flattened into one row of {flat:,} "
-                             "tokens, documents told apart by position ids"}
+                             "tokens, documents told apart by position ids"
+                             + (f" (rounded up to a multiple of {m})" if m else "")}
         else:  # wrapped: rows of max_length; the last, shorter row pads the batch it falls in
-            short = packs[-1] < max_length and rows > 1
+            seq_len = _up(max_length, m)
+            short = (packs[-1] < max_length and rows > 1) or seq_len != max_length
+            padded_total = len(packs) * seq_len if short else sum(packs)
             worst = {"seq_len": seq_len, "batch_size": batch_size, "tokens": rows * seq_len, "padded": short,
                      "note": "a batch of full rows" + (" (one of them the last, shorter row: padded)" if short else "")}
+        out.update(packing_strategy=packing_strategy, packs=len(packs), batches_per_epoch=batches,
+                   tokens_per_epoch=sum(packs), padded_tokens_per_epoch=round(padded_total),
+                   efficiency=sum(packs) / padded_total)
     else:
         seq_len = _up(max(kept), m)
         rounded = [_up(n, m) for n in kept]
@@ -231,6 +250,7 @@ def data_profile(source: str, *, tokenizer: str | None, model_source: dict[str, 
             out.update(batches_per_epoch=-(-len(kept) // batch_size), tokens_per_epoch=sum(kept),
                        padded_tokens_per_epoch=round(padded_total), efficiency=sum(kept) / padded_total)
         worst = {"seq_len": seq_len, "batch_size": batch_size, "tokens": batch_size * seq_len,
+                 "padded": padded(batching, batch_size, m),
                  "note": "the batch holding the longest kept sample, padded to it"
                  + (f" (rounded up to a multiple of {m})" if m and seq_len != max(kept) else "")}
     out["worst_batch"] = worst

@@ -69,7 +69,8 @@ def alpaca_prompt(rec: dict[str, Any], where: str) -> tuple[str, str]:
             raise QPlanError(f"{where}: field {key!r} must be a string, got {type(v).__name__}")
         return v
 
-    instruction, output = text("instruction"), text("output")
+    instruction = text("instruction")
+    output = text("output") if rec.get("output") is not None else ""  # axolotl: a missing output is an empty response
     inp = text("input") if rec.get("input") is not None else ""
     if inp:
         return ALPACA_SYSTEM + "\n\n" + ALPACA_TURN.format(instruction=instruction, input=inp), output
@@ -168,8 +169,12 @@ def columns(formatter: Any, rows: Sequence[dict[str, Any]], fmt: str, where: str
             tokens.append(formatter.chat(turns, w, keep=False, **kw))
             first = next((j for j, t in enumerate(turns) if t["role"] == "assistant"), None)
             # the tokens before the first answer: the conversation up to it, with the generation prompt
-            untrained.append(0 if first is None else 1 + formatter.chat(turns[:first], w, keep=False,
-                                                                        add_generation_prompt=True, **kw))
+            if first is None:  # nothing to train on
+                untrained.append(0)
+            elif first == 0:  # an answer first: trained from its first token
+                untrained.append(1)
+            else:
+                untrained.append(1 + formatter.chat(turns[:first], w, keep=False, add_generation_prompt=True, **kw))
         return {"tokens": tokens, "untrained": untrained}
     raise ValueError(fmt)
 

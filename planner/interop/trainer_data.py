@@ -73,8 +73,8 @@ def axolotl_data(r: Any, o: dict[str, Any]) -> None:
     packing = bool(r.get("sample_packing", False))
     pad_seq = r.get("pad_to_sequence_len", True if packing else None)
     multiple = r.typed("pad_to_multiple_of", int, None) or 64
-    pad = None if pad_seq is False else multiple * -(-seq // multiple) if pad_seq else multiple
-    bound = seq if pad is None else -(-seq // pad) * pad
+    pad = 1 if pad_seq is False else multiple * -(-seq // multiple) if pad_seq else multiple  # 1: to the longest
+    bound = -(-seq // pad) * pad
     datasets = r.get("datasets")
     why = None
     entry: dict[str, Any] = {}
@@ -118,7 +118,7 @@ def axolotl_data(r: Any, o: dict[str, Any]) -> None:
                               + (f" padded to {bound}" if bound != seq else "") + "; pass --data (with --data-format "
                               "axolotl:TYPE) to plan the real lengths")
         return
-    strategy = str(r.get("excess_length_strategy") or "drop")
+    strategy = str(r.get("excess_length_strategy") or "drop").lower()  # axolotl lowercases it
     if strategy not in ("drop", "truncate", "raise"):
         raise QPlanError(f"axolotl config: excess_length_strategy {shown(strategy)} is not planned (drop, truncate or raise)")
     if packing and r.get("train_on_inputs"):

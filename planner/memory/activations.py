@@ -393,7 +393,7 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
             attn_fwd_temps = eager_forward_transient(d, p)
             attn_fwd = layer_inputs + eager_mask_activation(spec, p) + attn_fwd_temps
     if padded and attn_impl == "sdpa":
-        kept, per_layer = padding_mask_activation(spec, p, kernels)
+        kept, per_layer = padding_mask_activation(spec, p)
         if grad_ckpt == "off":
             saved = saved + d.L * per_layer
         else:  # the bool mask is every checkpoint's input, so it lives until layer 0's backward ends
@@ -484,7 +484,7 @@ def eager_mask_activation(spec: ModelSpec, p: Precision) -> Lin:
     return Lin(quad=n * p.R)
 
 
-def padding_mask_activation(spec: ModelSpec, p: Precision, kernels: str) -> tuple[Lin, Lin]:
+def padding_mask_activation(spec: ModelSpec, p: Precision) -> tuple[Lin, Lin]:
     """A 4-D attention mask under SDPA (padded rows, or padding-free packs told apart by position ids):
     ``(kept, per_layer)``.
 
@@ -499,7 +499,8 @@ def padding_mask_activation(spec: ModelSpec, p: Precision, kernels: str) -> tupl
     * with grouped-query attention, key and value repeated to every query head: transformers'
       ``sdpa_attention_forward`` passes ``enable_gqa`` only without a mask (``use_gqa_in_sdpa``), else
       ``repeat_kv``, and SDPA saves the repeated copies instead of the rope'd key and the value
-      (``(n_rep − 1) · 2 · kv · c`` per token, ``n_rep = heads / kv_heads``).
+      (``(n_rep − 1) · 2 · kv · c`` per token, ``n_rep = heads / kv_heads``) — under autocast; in fp32 the
+      unmasked path is already the math composite that repeats them (``attention_activation``).
 
     Measured on the CPU (tiny-llama, 2 layers, 4 heads, 2 KV heads, head dim 32, bf16; the tracker's bytes,
     ``tests/backends/test_run_user_data.py``): a padded 2 × 128 step +164,240 B with checkpointing (this term:
@@ -508,7 +509,7 @@ def padding_mask_activation(spec: ModelSpec, p: Precision, kernels: str) -> tupl
     on a GPU."""
     d = dims(spec)
     n = max(1, len(spec.inventory.attention_types))
-    n_rep = max(1, d.nh // max(1, d.nkv))
+    n_rep = max(1, d.nh // max(1, d.nkv)) if p.amp else 1
     return Lin(quad=n), Lin(quad=p.c, tok=(n_rep - 1) * 2 * d.kv * p.c)
 
 

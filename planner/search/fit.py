@@ -73,12 +73,13 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
            optimizer=None, top: int = 10, objective: str = "memory", tokens: int | None = None,
            price_per_hour: str | float | None = None, calibration: str | None = None,
            batching: str | None = None, pad_to_multiple_of: int | None = None,
-           padding_free: bool = False) -> dict[str, Any]:
+           padding_free: bool = False, rows_padded: bool = False) -> dict[str, Any]:
     """Plans that fit ``gpu_name`` (a catalog name, ``a,b,c``, or ``all``), ranked by ``objective``:
     ``memory`` (most tokens per step, cheapest tricks first), ``time`` (most tokens/s) or ``cost``
     (least cost per million tokens; needs ``price_per_hour``). ``batching``, ``pad_to_multiple_of``: a ``--data``
     plan's (its padded batches' attention mask is counted); ``padding_free``: its packs are flattened into one row
-    of ``batch × seq_len`` tokens (TRL's bfd; the block mask counted under SDPA/eager)."""
+    of ``batch × seq_len`` tokens (TRL's bfd; the block mask counted under SDPA/eager); ``rows_padded``: its packed
+    rows carry pads (axolotl's multipack), so the mask is counted too."""
     if objective not in OBJECTIVES:
         raise QPlanError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if not gpu_name or not str(gpu_name).strip():
@@ -97,7 +98,8 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
             raise QPlanError(f"--objective cost needs --price-per-hour for {', '.join(missing)} (a number or NAME=PRICE,...)")
     runs = [_search_one(model, g, seq_len=seq_len, batch_size=batch_size, quant=quant, r=r, targets=targets,
                         optimizer=optimizer, objective=objective, tokens=tokens, price=prices.get(g.name),
-                        calibration=calibration, batching=batching)
+                        calibration=calibration, batching=batching, pad_to_multiple_of=pad_to_multiple_of,
+                        padding_free=padding_free, rows_padded=rows_padded)
             for g in gpus]
     if len(gpus) > 1:  # every row says which GPU it is for, and how much that GPU has
         for res, g in zip(runs, gpus):
@@ -129,7 +131,7 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
 def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets, optimizer, objective: str,
                 tokens: int | None, price: float | None, calibration: dict | None = None,
                 batching: str | None = None, pad_to_multiple_of: int | None = None,
-           padding_free: bool = False) -> dict[str, Any]:
+                padding_free: bool = False, rows_padded: bool = False) -> dict[str, Any]:
     spec = load_spec(model)
     usable = gpu.usable_bytes
     ctx = max_context(spec) or max(SEQS)
@@ -183,7 +185,8 @@ def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets,
                 if padding_free:  # one row of b packs; a block-causal mask unless flash attention runs them varlen
                     tensor_peak = models[attn != "flash_attention_2"].peak(1, b * s)
                 else:
-                    tensor_peak = models[batching is not None and padded(batching, b, pad_to_multiple_of)].peak(b, s)
+                    mask = batching is not None and (padded(batching, b, pad_to_multiple_of) or rows_padded)
+                    tensor_peak = models[mask].peak(b, s)
                 peak = tensor_peak + sum(overhead_bytes(tensor_peak, calibration).values())
                 if peak <= usable:
                     row = {
@@ -220,7 +223,7 @@ def fit_document(options: FitOptions | dict[str, Any]) -> dict[str, Any]:
         raise QPlanError("--no-upcast goes with --max-gpus (the batch search keeps the k-bit upcast)")
     out = search(o.pop("model"), o.pop("gpu"), batching=data["batching"] if data else None,
                  pad_to_multiple_of=data["pad_to_multiple_of"] if data else None,
-                 padding_free=bool(data and data["padding_free"]), **o)
+                 padding_free=bool(data and data["padding_free"]), rows_padded=bool(data and data["rows_padded"]), **o)
     if data is not None:
         out["data"] = data
     return out
@@ -243,4 +246,5 @@ def _data_seq_len(o: dict[str, Any]) -> dict[str, Any] | None:
     o["seq_len"] = prof["worst_batch"]["seq_len"]
     return {k: prof[k] for k in ("source", "format", "samples", "truncated", "dropped", "longest_sample", "tokens",
                                  "batching", "pad_to_multiple_of")} | {
-        "seq_len": o["seq_len"], "padding_free": "flat_tokens" in prof["worst_batch"]}
+        "seq_len": o["seq_len"], "padding_free": "flat_tokens" in prof["worst_batch"],
+        "rows_padded": prof["batching"] == "packing" and bool(prof["worst_batch"].get("padded"))}

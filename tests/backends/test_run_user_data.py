@@ -161,3 +161,38 @@ def test_largest_first_fill_puts_the_longest_together(n, batch, to):
         assert got == sorted(lengths, reverse=True)[:len(got)]
         moved = sum(a != b for a, b in zip(order, base, strict=True))
         assert moved <= 2 * len(got)
+
+
+def test_a_buckets_plan_trains_peft_harness_batches(tmp_path, tokenizer_dir, capsys):
+    """--batching buckets: the run's batches are PEFT's harness batches, in its order (a batch sampler: the
+    Trainer does not re-chunk them), each padded to its longest."""
+    from qplan.backends.modelsrc import byte_tokenizer
+    from qplan.planner.data.batching import bucket_batches
+    from qplan.planner.data.formats import Formatter
+
+    plan = _plan(tmp_path, tokenizer_dir, capsys, "--batching", "buckets")
+    result = runner.run_plan(plan, random_init=True, steps=4, device="cpu", out_dir=tmp_path / "runs")
+    assert result["status"] == "ok", result["summary"]
+    shapes = read_measured(result["run_dir"])["run"]["batch_shapes"]
+    rows = [json.loads(x) for x in (tmp_path / "d.jsonl").read_text().splitlines()]
+    lengths = [min(128, n) for n in Formatter(byte_tokenizer()).lengths(rows, "text", "d")[0]]
+    want = [[len(b), max(lengths[j] for j in b)] for b in bucket_batches(lengths, 2)]
+    assert shapes == want[:len(shapes)] and len(shapes) >= 4
+
+
+def test_the_padding_free_collator_is_trls():
+    """qplan run's padding-free batches equal TRL's own DataCollatorForLanguageModeling(padding_free=True) on the
+    same packs: input ids, labels (the first of each document -100) and position ids, with and without a multiple."""
+    import torch
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from qplan.backends.plan_data import FlatCollator
+
+    packs = [{"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9], "seq_lengths": [3, 2]},
+             {"input_ids": [10, 11, 12, 13], "labels": [-100, 11, 12, 13], "seq_lengths": [4]}]
+    for multiple in (None, 8):
+        ours = FlatCollator(0, multiple)(packs)
+        trl = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, pad_to_multiple_of=multiple)(packs)
+        for k in ("input_ids", "labels", "position_ids"):
+            assert torch.equal(ours[k], trl[k]), (k, multiple, ours[k], trl[k])
+        assert "attention_mask" not in ours and "attention_mask" not in trl

@@ -6,7 +6,7 @@ Run in a subprocess with axolotl on PYTHONPATH (so qplan's environment never imp
 from the records (its dataset-type dispatch and prompt strategies), then after its
 ``handle_long_seq_in_dataset`` and, with ``sample_packing``, its ``process_datasets_for_packing`` (the drop of
 samples with no trainable token). Job keys: ``tokenizer``, ``records``, ``type``, ``sequence_len``,
-``excess_length_strategy``, ``sample_packing``, ``train_on_inputs``.
+``excess_length_strategy``, ``sample_packing``, ``train_on_inputs``, ``dataset`` (more keys of the datasets entry).
 """
 
 import json
@@ -43,7 +43,7 @@ def run(job: dict, tok) -> dict:
                        "excess_length_strategy": job.get("excess_length_strategy"),
                        "sample_packing": job.get("sample_packing", False), "dataset_num_proc": 1,
                        "is_preprocess": False})
-    ds_cfg = DictDefault({"path": "data.jsonl", "type": job["type"]})
+    ds_cfg = DictDefault({"path": "data.jsonl", "type": job["type"], **job.get("dataset", {})})
     d = tempfile.mkdtemp()  # read as axolotl reads a local JSONL (``ds_type: json``): one schema for all rows, a
     path = os.path.join(d, "data.jsonl")  # field some rows lack is None in the others (kept: the arrow maps it)
     with open(path, "w") as f:

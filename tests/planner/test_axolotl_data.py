@@ -82,6 +82,10 @@ STRATEGIES = ((None, False), ("truncate", False), (None, True), ("truncate", Tru
 JOBS = [(t, typ, SEQ_OF[typ], st, pk) for t in ("plain", "bos") for typ in SEQ_OF for st, pk in STRATEGIES] + [
     ("plain", "alpaca", 200, "raise", False), ("bos", "alpaca", 200, None, False)]
 TWO_TEXTS = [{"text": "q" * 100}, {"text": "short"}]
+#: ShareGPT records, read by axolotl with the mapping a config gives them (qplan maps from/value itself)
+SHAREGPT = [{"conversations": [{"from": "human", "value": "hi " * k}, {"from": "gpt", "value": "yo " * (k + 2)}]}
+            for k in range(1, 9)] + [{"conversations": [{"from": "gpt", "value": "an answer first"}]}]
+SHAREGPT_CFG = {"field_messages": "conversations", "message_property_mappings": {"role": "from", "content": "value"}}
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +97,8 @@ def axolotl_says(tokenizers, tmp_path_factory):
     jobs = [{"tokenizer": tokenizers[t][0], "records": recs[typ], "type": typ, "sequence_len": seq,
              "excess_length_strategy": st, "sample_packing": pk} for t, typ, seq, st, pk in JOBS]
     jobs.append({"tokenizer": tokenizers["plain"][0], "records": TWO_TEXTS, "type": "completion", "sequence_len": SEQ})
+    jobs.append({"tokenizer": tokenizers["plain"][0], "records": SHAREGPT, "type": "chat_template", "sequence_len": SEQ,
+                 "sample_packing": True, "dataset": SHAREGPT_CFG})
     f = tmp_path_factory.mktemp("oracle") / "jobs.json"
     f.write_text(json.dumps(jobs))
     env = dict(os.environ, PYTHONPATH=str(ORACLE), AXOLOTL_DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", TMPDIR=str(f.parent))
@@ -100,7 +106,7 @@ def axolotl_says(tokenizers, tmp_path_factory):
                        capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     answers = json.loads(p.stdout.strip().splitlines()[-1])
-    return dict(zip([*JOBS, "two texts"], answers, strict=True))
+    return dict(zip([*JOBS, "two texts", "sharegpt"], answers, strict=True))
 
 
 @pytest.mark.parametrize("tok_name", ["plain", "bos"])
@@ -220,3 +226,16 @@ def test_an_axolotl_config_plans_its_dataset(tmp_path, tokenizers, axolotl_says,
     rc, out, err = _cli(capsys, "estimate", "--from-config", str(cfg), "--format", "json")
     assert rc == 0 and "data" not in json.loads(out)["prediction"]
     assert json.loads(out)["training"]["seq_len"] == 256 and "dataset type 'oasst'" in err
+
+
+def test_sharegpt_conversations_as_axolotl_maps_them(tokenizers, axolotl_says):
+    """ShareGPT ``conversations`` of ``from``/``value`` (human/gpt): qplan's mapping equals axolotl's with a config's
+    ``field_messages: conversations`` and ``message_property_mappings: {role: from, content: value}``; a record
+    opening with the answer is trained from its first token (kept under packing)."""
+    _, tok = tokenizers["plain"]
+    cols = axolotl.columns(Formatter(tok), SHAREGPT, "axolotl:chat_template", "d")
+    of_row, lengths, untrained = axolotl.samples(cols, "axolotl:chat_template", SEQ)
+    want = axolotl_says["sharegpt"]
+    assert lengths == want["before_filter"]
+    assert axolotl.select(of_row, lengths, untrained, SEQ, "drop", True, "d")[1] == want["lengths"]
+    assert untrained[-1] == 0

@@ -494,10 +494,10 @@ def test_buckets_profile_is_what_the_run_batches(tmp_path, tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     ids = Formatter(tok).sequences(rows, "text", "d")[0]
     pd = PlanData([{"input_ids": x, "labels": x} for x in ids], 0, "buckets", False, "d")
-    order = list(pd.wrap_sampler(None, 3))
+    batches = pd.batch_order(3)
     collate = DataCollatorWithPadding(tok)
     assert len(rows) % 60 == 1  # a remainder bucket of one sample: it comes twice, in a batch of its own
-    padded = sum(collate([{"input_ids": ids[j]} for j in order[i:i + 3]])["input_ids"].numel()
-                 for i in range(0, len(order), 3))
-    assert got["padded_tokens_per_epoch"] == padded and got["batches_per_epoch"] == 22
+    padded = sum(collate([{"input_ids": ids[j]} for j in b])["input_ids"].numel() for b in batches)
+    assert got["padded_tokens_per_epoch"] == padded and got["batches_per_epoch"] == len(batches) == 22
+    assert sorted(j for b in batches[:-1] for j in b) == list(range(len(rows)))
     assert got["worst_batch"]["seq_len"] == max(len(x) for x in ids)
