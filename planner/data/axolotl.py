@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from qplan.planner.data.formats import FORMATS as ALL_FORMATS
+from qplan.planner.data.formats import messages_list, record_tools
 from qplan.planner.errors import QPlanError
 
 FORMATS = tuple(f for f in ALL_FORMATS if f.startswith("axolotl:"))
@@ -87,16 +88,8 @@ def conversation(rec: dict[str, Any], where: str, system_column: bool) -> tuple[
             messages = json.loads(messages)
         except ValueError as exc:
             raise QPlanError(f"{where}: messages are text that is not JSON") from exc
-    if not isinstance(messages, list) or not messages:
-        raise QPlanError(f"{where}: expected a non-empty list of messages")
     turns = []
-    for m in messages:
-        if not isinstance(m, dict):
-            raise QPlanError(f"{where}: a message is not an object")
-        if "from" in m and "value" in m and "role" not in m:  # ShareGPT, as message_property_mappings maps it
-            m = {"role": m["from"], "content": m["value"], **{k: v for k, v in m.items() if k not in ("from", "value")}}
-        if not isinstance(m.get("role"), str) or "content" not in m:
-            raise QPlanError(f"{where}: a message needs 'role' and 'content'")
+    for m in messages_list(messages, where, keep_extra=True):
         if isinstance(m["content"], list):
             raise QPlanError(f"{where}: content given as a list of parts is not planned (give it as text)")
         turn = {k: v for k, v in m.items() if v is not None}
@@ -104,13 +97,7 @@ def conversation(rec: dict[str, Any], where: str, system_column: bool) -> tuple[
         turns.append(turn)
     if turns[0]["role"] != "system" and (system_column or "system" in rec):
         turns.insert(0, {"role": "system", "content": rec.get("system")})
-    tools = rec.get("tools")
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except ValueError as exc:
-            raise QPlanError(f"{where}: 'tools' is not JSON") from exc
-    return turns, tools
+    return turns, record_tools(rec, where)
 
 
 def _edges(formatter: Any, texts: list[str]) -> tuple[list[int], list[int], list[int]]:

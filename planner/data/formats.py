@@ -52,15 +52,19 @@ def detect(rec: dict[str, Any]) -> str:
                      f"its fields: {keys}")
 
 
-def _messages(value: Any, where: str) -> list[dict[str, Any]]:
+def messages_list(value: Any, where: str, keep_extra: bool = False) -> list[dict[str, Any]]:
+    """A conversation's messages, ShareGPT ``from``/``value`` turns renamed to ``role``/``content`` (roles kept as
+    they are). ``keep_extra``: a turn's other keys stay, and one that has a ``role`` is left as it is (axolotl's
+    ``message_property_mappings``); else only the two renamed keys (TRL's ``maybe_convert_to_chatml``)."""
     if not isinstance(value, list) or not value:
         raise QPlanError(f"{where}: expected a non-empty list of messages")
     out = []
     for m in value:
         if not isinstance(m, dict):
             raise QPlanError(f"{where}: a message is not an object")
-        if "from" in m and "value" in m:  # ShareGPT
-            m = {"role": m["from"], "content": m["value"]}  # renamed keys, the roles kept as they are (as TRL)
+        if "from" in m and "value" in m and not (keep_extra and "role" in m):  # ShareGPT
+            extra = {k: v for k, v in m.items() if k not in ("from", "value")} if keep_extra else {}
+            m = {"role": m["from"], "content": m["value"], **extra}
         if not isinstance(m.get("role"), str) or "content" not in m:
             raise QPlanError(f"{where}: a message needs 'role' and 'content'")
         out.append(m)
@@ -144,7 +148,7 @@ class Formatter:
                     texts.append(TEMPLATE.format(**fields))
             return self.ids([self._text(t) for t in texts], keep), None
         if fmt == "messages":
-            return [self.chat(_messages(r.get("messages", r.get("conversations")), f"{where} row {i}"),
+            return [self.chat(messages_list(r.get("messages", r.get("conversations")), f"{where} row {i}"),
                                f"{where} row {i}", keep, **_template_kwargs(r, f"{where} row {i}"))
                     for i, r in enumerate(rows, 1)], None
         # prompt-completion: the prompt's share is where the tokenized prompt and prompt+completion diverge (TRL's
@@ -156,7 +160,7 @@ class Formatter:
         for i, r in enumerate(rows, 1):
             w = f"{where} row {i}"
             if isinstance(r.get("prompt"), list):
-                pr, c = _messages(r["prompt"], w), _messages(r["completion"], w)
+                pr, c = messages_list(r["prompt"], w), messages_list(r["completion"], w)
                 kw = _template_kwargs(r, w)
                 p_ids = self.chat(pr, w, True, add_generation_prompt=True, **kw)
                 f_ids = self.chat(pr + c, w, True, **kw)
@@ -184,18 +188,25 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _template_kwargs(rec: dict[str, Any], where: str) -> dict[str, Any]:
-    """What TRL passes to the chat template from a record: its ``tools`` (JSON text or a list) and its
-    ``chat_template_kwargs``."""
+def record_tools(rec: dict[str, Any], where: str) -> Any:
+    """A record's ``tools``: a list, or JSON text of one (TRL and axolotl both read either)."""
     import json
 
-    kw: dict[str, Any] = {}
     tools = rec.get("tools")
     if isinstance(tools, str):
         try:
             tools = json.loads(tools)
         except ValueError as exc:
             raise QPlanError(f"{where}: 'tools' is not JSON") from exc
+    return tools
+
+
+def _template_kwargs(rec: dict[str, Any], where: str) -> dict[str, Any]:
+    """What TRL passes to the chat template from a record: its ``tools`` (JSON text or a list) and its
+    ``chat_template_kwargs``."""
+
+    kw: dict[str, Any] = {}
+    tools = record_tools(rec, where)
     if tools is not None:
         kw["tools"] = tools
     extra = rec.get("chat_template_kwargs")
