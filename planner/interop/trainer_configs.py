@@ -234,7 +234,12 @@ def _training(r: _Reader, opts: dict[str, Any], seq_key: str, batch_default: int
         if gc not in (True, False):
             raise QPlanError(f"{r.fmt} config: gradient_checkpointing {shown(gc)} is not planned (true or false)")
         opts["grad_ckpt"] = gc
-        kwargs = r.get("gradient_checkpointing_kwargs") or {}
+        kwargs = r.get("gradient_checkpointing_kwargs")
+        if gc and kwargs is None and r.fmt == "axolotl":  # axolotl 0.19 utils/config/__init__.py sets it then
+            raise QPlanError("axolotl config: gradient_checkpointing without gradient_checkpointing_kwargs checkpoints "
+                             "with use_reentrant: true (axolotl's default), which qplan does not plan: set "
+                             "gradient_checkpointing_kwargs: {use_reentrant: false}")
+        kwargs = kwargs or {}
         if gc and isinstance(kwargs, dict) and kwargs.get("use_reentrant") is True:
             raise QPlanError(f"{r.fmt} config: gradient_checkpointing_kwargs.use_reentrant: true is not planned "
                              "(qplan plans non-reentrant checkpointing: use_reentrant: false)")

@@ -123,6 +123,21 @@ def test_llamafactory_default_reentrant_checkpointing_is_refused_not_misplanned(
     one_line(err, "use_reentrant_gc")
 
 
+def test_axolotl_default_reentrant_checkpointing_is_refused_not_misplanned(capsys, tmp_path):
+    """axolotl 0.19 (utils/config/__init__.py) sets use_reentrant: true when gradient_checkpointing has no kwargs;
+    qplan plans non-reentrant checkpointing, so such a file is refused by name (it was planned as non-reentrant)."""
+    cfg = yaml.safe_load((CONFIGS / "axolotl-qlora-llama-3.1-8b.yml").read_text())
+    del cfg["gradient_checkpointing_kwargs"]
+    f = tmp_path / "axolotl.yml"
+    f.write_text(yaml.safe_dump(cfg))
+    rc, _, err = qplan(capsys, "estimate", "--from-config", str(f))
+    assert rc == 2
+    one_line(err, "use_reentrant: true", "gradient_checkpointing_kwargs: {use_reentrant: false}")
+    cfg["gradient_checkpointing"] = False  # no checkpointing: nothing to refuse
+    f.write_text(yaml.safe_dump(cfg))
+    assert qplan(capsys, "estimate", "--from-config", str(f))[0] == 0
+
+
 @pytest.mark.parametrize("text,needle", [
     ("base_model: [unclosed\n", "not valid YAML"),
     ("- a\n- b\n", "not a mapping"),
