@@ -23,6 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from qplan.planner.data.batching import round_up
 from qplan.planner.errors import QPlanError
 
 #: batch shapes kept in measured.json (the first ones: largest-first puts the worst there)
@@ -118,7 +119,7 @@ class PadCollator:
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
         import torch
 
-        n = -(-max(len(f["input_ids"]) for f in features) // self.multiple) * self.multiple
+        n = round_up(max(len(f["input_ids"]) for f in features), self.multiple)
         ids = torch.full((len(features), n), self.pad_id, dtype=torch.long)
         labels = torch.full((len(features), n), -100, dtype=torch.long)
         mask = torch.zeros((len(features), n), dtype=torch.long)
@@ -146,7 +147,7 @@ class FlatCollator:
         ids = [t for f in features for t in f["input_ids"]]
         labels = [t for f in features for t in f["labels"]]
         pos = [p for f in features for n in f["seq_lengths"] for p in range(n)]
-        extra = -len(ids) % self.multiple  # the row padded to the multiple (pad ids, labels -100, positions 0)
+        extra = round_up(len(ids), self.multiple) - len(ids)  # the row padded (pad ids, labels -100, positions 0)
         ids, labels, pos = ids + [self.pad_id] * extra, labels + [-100] * extra, pos + [0] * extra
         out = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([pos])}
         out["labels"][out["position_ids"] == 0] = -100
@@ -218,8 +219,7 @@ def load_plan_data(plan: dict[str, Any], tokenizer: Any, path: str | None, model
             data.notes.append(f"the run has {len(samples)} packs of {sum(len(p['input_ids']) for p in samples):,} "
                               f"tokens; the plan counted {d['packs']} of {d['tokens_per_epoch']:,}")
         return data
-    multiple = d.get("pad_to_multiple_of") or 1
-    longest = -(-max(kept) // multiple) * multiple
+    longest = round_up(max(kept), d.get("pad_to_multiple_of"))
     if len(samples) != d["samples"] - d["dropped"] or longest != d["worst_batch"]["seq_len"]:
         data.notes.append(f"the run has {len(samples)} samples, the longest padded to {longest} tokens; the plan "
                           f"counted {d['samples'] - d['dropped']}, the longest padded to {d['worst_batch']['seq_len']}")

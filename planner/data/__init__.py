@@ -25,6 +25,7 @@ from qplan.planner.data.batching import (
     padded_tokens_sequential,
     padded_tokens_shuffled,
     percentile,
+    round_up,
 )
 from qplan.planner.data.formats import Formatter
 from qplan.planner.data.sources import read_resolved, resolve_source
@@ -113,15 +114,6 @@ def _stats(lengths: list[int]) -> dict[str, Any]:
             "mean": sum(s) / len(s)}
 
 
-#: axolotl's collator pads to a multiple of this unless told otherwise (axolotl 0.19 core/builders/causal.py)
-AXOLOTL_PAD_MULTIPLE = 64
-
-
-def _up(n: int, multiple: int | None) -> int:
-    """``n`` rounded up to a multiple of ``multiple`` (the collator's ``pad_to_multiple_of``)."""
-    return n if not multiple else -(-n // multiple) * multiple
-
-
 def _counts(resolved: Path, source: str, tok: Any, fmt: str) -> tuple[str, dict[str, list[int]]]:
     """(format found, per-record token columns), from the cache or by tokenizing (then cached)."""
     from qplan.planner.data import axolotl, cache
@@ -187,43 +179,42 @@ def data_profile(source: str, *, tokenizer: str | None, model_source: dict[str, 
         raise QPlanError(f"{source}: every sample is dropped (over or under the lengths kept, or nothing to train on; "
                          f"--max-seq-len {max_length})")
     longest = max(range(len(full)), key=lambda i: full[i])  # the longest sample, kept or not
+    # the collator's multiple: given, else the trainer's own (TRL: none; axolotl: 64, core/builders/causal.py)
+    m = pad_to_multiple_of if pad_to_multiple_of is not None else (axolotl.PAD_MULTIPLE if found in axolotl.FORMATS
+                                                                    else None)
     out: dict[str, Any] = {
         "source": str(source), "path": str(resolved.resolve()), "format": found, "tokenizer": tok_from,
         "tokenizer_sha256": cache.tokenizer_identity(tok),
-        "max_length": max_length, "long_samples": long_rule, "pad_to_multiple_of": pad_to_multiple_of,
+        "max_length": max_length, "long_samples": long_rule, "pad_to_multiple_of": m,
         "batching": batching, "records": records, "samples": len(full), "dropped": dropped, "truncated": truncated,
         "longest_sample": {"index": of_row[longest], "row": of_row[longest] + 1, "tokens": full[longest]},
         "tokens": _stats(full), "total_tokens": sum(full), "trained_tokens": sum(kept),
         "histogram": histogram(full),
     }
-    # the collator's multiple: given, else the trainer's own (TRL: none; axolotl: 64, core/builders/causal.py)
-    m = pad_to_multiple_of if pad_to_multiple_of is not None else (AXOLOTL_PAD_MULTIPLE if found in axolotl.FORMATS
-                                                                    else None)
-    out["pad_to_multiple_of"] = m
     if packing:
         packs = pack_bfd(kept, max_length) if packing_strategy == "bfd" else pack_wrapped(kept, max_length)
         out["trained_tokens"] = sum(packs)  # bfd cuts each sample to max_length; wrapped keeps every token
         rows = min(batch_size, len(packs))
         batches = -(-len(packs) // batch_size)
         if found in axolotl.FORMATS:  # axolotl's multipack: rows of packs, each batch padded to its longest pack
-            seq_len = _up(max(packs), m)  # (rounded up to the collator's multiple; pad_to_sequence_len: sequence_len)
-            padded_total = padded_tokens_shuffled([_up(p, m) for p in packs], batch_size)
+            seq_len = round_up(max(packs), m)  # (rounded up to the collator's multiple; pad_to_sequence_len: sequence_len)
+            padded_total = padded_tokens_shuffled([round_up(p, m) for p in packs], batch_size)
             worst = {"seq_len": seq_len, "batch_size": batch_size, "tokens": rows * seq_len,
                      "padded": min(packs) < seq_len,
                      "note": "a batch of the fullest packs, each row padded to the longest"
                              + (f" rounded up to a multiple of {m}" if m else "")}
         elif packing_strategy == "bfd":  # TRL's padding-free collator: the batch's packs in one row
             seq_len = max_length
-            flat = _up(sum(sorted(packs, reverse=True)[:rows]), m)
+            flat = round_up(sum(sorted(packs, reverse=True)[:rows]), m)
             # the row of each batch rounded up (TRL pads the flattened row): counted over the packs in packing order,
             # an estimate of the shuffled epoch's (exact without a multiple)
-            padded_total = sum(_up(sum(packs[i:i + batch_size]), m) for i in range(0, len(packs), batch_size))
+            padded_total = sum(round_up(sum(packs[i:i + batch_size]), m) for i in range(0, len(packs), batch_size))
             worst = {"seq_len": seq_len, "batch_size": batch_size, "tokens": flat, "flat_tokens": flat,
                      "note": f"padding-free (TRL's bfd): the {rows} fullest packs flattened into one row of {flat:,} "
                              "tokens, documents told apart by position ids"
                              + (f" (rounded up to a multiple of {m})" if m else "")}
         else:  # wrapped: rows of max_length; the last, shorter row pads the batch it falls in
-            seq_len = _up(max_length, m)
+            seq_len = round_up(max_length, m)
             short = (packs[-1] < max_length and rows > 1) or seq_len != max_length
             padded_total = len(packs) * seq_len if short else sum(packs)
             worst = {"seq_len": seq_len, "batch_size": batch_size, "tokens": rows * seq_len, "padded": short,
@@ -232,23 +223,21 @@ def data_profile(source: str, *, tokenizer: str | None, model_source: dict[str, 
                    tokens_per_epoch=sum(packs), padded_tokens_per_epoch=round(padded_total),
                    efficiency=sum(packs) / padded_total)
     else:
-        seq_len = _up(max(kept), m)
-        rounded = [_up(n, m) for n in kept]
+        seq_len = round_up(max(kept), m)
+        rounded = [round_up(n, m) for n in kept]
+        batches, tokens = -(-len(kept) // batch_size), sum(kept)
         if batching == "padding":
             padded_total = padded_tokens_shuffled(rounded, batch_size)
         elif batching == "sequential":
             padded_total = padded_tokens_sequential(rounded, batch_size)
         elif batching == "buckets":
-            batches = bucket_batches(kept, batch_size)
+            order = bucket_batches(kept, batch_size)
             padded_total = padded_tokens_buckets(kept, batch_size, rounded)
-            seen = [j for b in batches for j in b]  # the remainder bucket is seen twice
-            out.update(batches_per_epoch=len(batches), tokens_per_epoch=sum(kept[j] for j in seen),
-                       padded_tokens_per_epoch=padded_total, efficiency=sum(kept[j] for j in seen) / padded_total)
+            batches, tokens = len(order), sum(kept[j] for b in order for j in b)  # the remainder bucket comes twice
         else:  # grouped by the real lengths, padded to the rounded longest of each micro-batch
             padded_total = padded_tokens_grouped(kept, batch_size, grad_accum=grad_accum, padded_lengths=rounded)
-        if batching != "buckets":
-            out.update(batches_per_epoch=-(-len(kept) // batch_size), tokens_per_epoch=sum(kept),
-                       padded_tokens_per_epoch=round(padded_total), efficiency=sum(kept) / padded_total)
+        out.update(batches_per_epoch=batches, tokens_per_epoch=tokens, padded_tokens_per_epoch=round(padded_total),
+                   efficiency=tokens / padded_total)
         worst = {"seq_len": seq_len, "batch_size": batch_size, "tokens": batch_size * seq_len,
                  "padded": padded(batching, batch_size, m),
                  "note": "the batch holding the longest kept sample, padded to it"

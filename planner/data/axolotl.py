@@ -56,6 +56,8 @@ ALPACA_TURN_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ROLES = {"human": "user", "user": "user", "assistant": "assistant", "gpt": "assistant", "system": "system", "tool": "tool"}
 #: ``completion.py``: the text is cut at this many times ``sequence_len`` before it is split into chunks
 COMPLETION_CAP = 64
+#: axolotl's collator pads to a multiple of this unless told otherwise (``core/builders/causal.py``)
+PAD_MULTIPLE = 64
 #: ``filter_sequences_by_length``'s ``min_sequence_len`` (axolotl's ``min_sample_len``, unset)
 MIN_SAMPLE_LEN = 2
 

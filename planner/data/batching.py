@@ -23,8 +23,8 @@ trainer does, with its source:
   statement yields it again). Exact, no shuffling.
 * ``packing`` — TRL's ``pack_dataset``: ``bfd`` (best-fit decreasing: sequences cut to ``max_len``, then each
   placed, longest first, in the open pack with the least room that holds it, else a new pack) and ``wrapped``
-  (all tokens concatenated and cut every ``max_len``). Packs carry no padding (TRL's padding-free batches with
-  ``bfd``); a batch of ``B`` packs holds at most ``B × max_len`` tokens, the planned shape.
+  (all tokens concatenated and cut every ``max_len``). With ``bfd`` TRL's collator is padding-free: a batch's
+  ``B`` packs are one row of at most ``B × max_len`` tokens; ``wrapped`` rows are batched (and padded) as rows.
 """
 
 from __future__ import annotations
@@ -42,10 +42,15 @@ PACKING_STRATEGIES = ("bfd", "wrapped")
 GROUPED_SHUFFLES = 8
 
 
+def round_up(n: int, multiple: int | None) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` (a collator's ``pad_to_multiple_of``; None or 1: ``n``)."""
+    return n if not multiple else -(-n // multiple) * multiple
+
+
 def padded(batching: str, batch_size: int, multiple: int | None = None) -> bool:
-    """Whether a batch has pads: several samples padded to the longest, or one rounded up to the collator's
-    ``pad_to_multiple_of`` (packs are not: see ``planner.data.data_profile``'s ``mask``; one sample alone is not
-    padded), so attention gets a 4-D mask (``memory.activations.padding_mask_activation``)."""
+    """Whether a batch of samples has pads: several padded to the longest, or one rounded up to the collator's
+    ``pad_to_multiple_of`` (one sample alone is not padded), so attention gets a 4-D mask
+    (``memory.activations.padding_mask_activation``). Packs: ``planner.data.data_profile`` says per packing."""
     return batching != "packing" and (batch_size > 1 or (multiple or 1) > 1)
 
 

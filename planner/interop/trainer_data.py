@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from qplan.planner.data.axolotl import PAD_MULTIPLE
+from qplan.planner.data.batching import round_up
 from qplan.planner.errors import QPlanError, shown
 
 
@@ -45,7 +47,6 @@ def trl_data(r: Any, o: dict[str, Any]) -> None:
         o["batching"], o["packing_strategy"] = "packing", strategy
 
 
-
 #: axolotl dataset types qplan formats (``planner.data.axolotl``)
 AXOLOTL_TYPES = ("alpaca", "completion", "chat_template")
 #: keys of an axolotl ``datasets:`` entry that do not change the samples' lengths (or are read here)
@@ -72,9 +73,9 @@ def axolotl_data(r: Any, o: dict[str, Any]) -> None:
     seq = o["seq_len"]
     packing = bool(r.get("sample_packing", False))
     pad_seq = r.get("pad_to_sequence_len", True if packing else None)
-    multiple = r.typed("pad_to_multiple_of", int, None) or 64
-    pad = 1 if pad_seq is False else multiple * -(-seq // multiple) if pad_seq else multiple  # 1: to the longest
-    bound = -(-seq // pad) * pad
+    multiple = r.typed("pad_to_multiple_of", int, None) or PAD_MULTIPLE
+    pad = 1 if pad_seq is False else round_up(seq, multiple) if pad_seq else multiple  # 1: to the longest
+    bound = round_up(seq, pad)
     datasets = r.get("datasets")
     why = None
     entry: dict[str, Any] = {}
@@ -142,7 +143,7 @@ def llamafactory_bound(r: Any, o: dict[str, Any]) -> None:
     training_args.do_train``). Its ``dataset:`` (names in ``dataset_info.json``, formatted by LLaMA-Factory's own
     templates) is not read: the plan is the bound, ``cutoff_len`` rounded up, with a warning that says so."""
     seq = o["seq_len"]
-    bound = -(-seq // 8) * 8 if r.get("do_train", False) else seq
+    bound = round_up(seq, 8) if r.get("do_train", False) else seq
     o["seq_len"] = bound
     if r.get("dataset"):
         r.warnings.append(f"llamafactory config: dataset {shown(r.get('dataset'))} is not read (LLaMA-Factory's "

@@ -113,28 +113,24 @@ def test_a_key_that_changes_memory_and_cannot_be_planned_is_an_error(capsys, tmp
     one_line(err, *needles)
 
 
-def test_llamafactory_default_reentrant_checkpointing_is_refused_not_misplanned(capsys, tmp_path):
-    cfg = yaml.safe_load((CONFIGS / "llamafactory-qlora-qwen2.5-7b.yaml").read_text())
-    del cfg["use_reentrant_gc"]
-    f = tmp_path / "lf.yaml"
+@pytest.mark.parametrize("name,key,needles,off", [
+    ("llamafactory-qlora-qwen2.5-7b.yaml", "use_reentrant_gc", ["use_reentrant_gc"],
+     {"disable_gradient_checkpointing": True}),
+    # axolotl 0.19 (utils/config/__init__.py) sets use_reentrant: true when gradient_checkpointing has no kwargs
+    ("axolotl-qlora-llama-3.1-8b.yml", "gradient_checkpointing_kwargs",
+     ["use_reentrant: true", "gradient_checkpointing_kwargs: {use_reentrant: false}"], {"gradient_checkpointing": False}),
+])
+def test_default_reentrant_checkpointing_is_refused_not_misplanned(capsys, tmp_path, name, key, needles, off):
+    """Each tool's default is reentrant checkpointing; qplan plans the non-reentrant kind, so a file that leaves
+    the default is refused by name (axolotl's were planned as non-reentrant); without checkpointing it plans."""
+    cfg = yaml.safe_load((CONFIGS / name).read_text())
+    del cfg[key]
+    f = tmp_path / name
     f.write_text(yaml.safe_dump(cfg))
     rc, _, err = qplan(capsys, "estimate", "--from-config", str(f))
     assert rc == 2
-    one_line(err, "use_reentrant_gc")
-
-
-def test_axolotl_default_reentrant_checkpointing_is_refused_not_misplanned(capsys, tmp_path):
-    """axolotl 0.19 (utils/config/__init__.py) sets use_reentrant: true when gradient_checkpointing has no kwargs;
-    qplan plans non-reentrant checkpointing, so such a file is refused by name (it was planned as non-reentrant)."""
-    cfg = yaml.safe_load((CONFIGS / "axolotl-qlora-llama-3.1-8b.yml").read_text())
-    del cfg["gradient_checkpointing_kwargs"]
-    f = tmp_path / "axolotl.yml"
-    f.write_text(yaml.safe_dump(cfg))
-    rc, _, err = qplan(capsys, "estimate", "--from-config", str(f))
-    assert rc == 2
-    one_line(err, "use_reentrant: true", "gradient_checkpointing_kwargs: {use_reentrant: false}")
-    cfg["gradient_checkpointing"] = False  # no checkpointing: nothing to refuse
-    f.write_text(yaml.safe_dump(cfg))
+    one_line(err, *needles)
+    f.write_text(yaml.safe_dump({**cfg, **off}))  # no checkpointing: nothing to refuse
     assert qplan(capsys, "estimate", "--from-config", str(f))[0] == 0
 
 
