@@ -71,9 +71,18 @@ def axolotl_data(r: Any, o: dict[str, Any]) -> None:
     from qplan.planner.data.sources import hub_dataset_folder
 
     seq = o["seq_len"]
+    for key in ("sample_packing", "pad_to_sequence_len"):
+        if r.get(key) not in (None, True, False):
+            raise QPlanError(f"axolotl config: {key} must be true or false, got {shown(r.get(key))}")
     packing = bool(r.get("sample_packing", False))
     pad_seq = r.get("pad_to_sequence_len", True if packing else None)
-    multiple = r.typed("pad_to_multiple_of", int, None) or PAD_MULTIPLE
+    multiple = r.typed("pad_to_multiple_of", int, PAD_MULTIPLE)
+    if multiple < 1:
+        raise QPlanError(f"axolotl config: pad_to_multiple_of must be at least 1, got {multiple}")
+    strategy = str(r.get("excess_length_strategy") or "drop").lower()  # axolotl lowercases it
+    if strategy not in ("drop", "truncate", "raise"):
+        raise QPlanError(f"axolotl config: excess_length_strategy {shown(r.get('excess_length_strategy'))} is not "
+                         "planned (drop, truncate or raise)")
     pad = 1 if pad_seq is False else round_up(seq, multiple) if pad_seq else multiple  # 1: to the longest
     bound = round_up(seq, pad)
     datasets = r.get("datasets")
@@ -119,9 +128,6 @@ def axolotl_data(r: Any, o: dict[str, Any]) -> None:
                               + (f" padded to {bound}" if bound != seq else "") + "; pass --data (with --data-format "
                               "axolotl:TYPE) to plan the real lengths")
         return
-    strategy = str(r.get("excess_length_strategy") or "drop").lower()  # axolotl lowercases it
-    if strategy not in ("drop", "truncate", "raise"):
-        raise QPlanError(f"axolotl config: excess_length_strategy {shown(strategy)} is not planned (drop, truncate or raise)")
     if packing and r.get("train_on_inputs"):
         r.warnings.append("axolotl config: train_on_inputs with sample_packing keeps the samples whose prompt alone is "
                           "trained; qplan drops them as it does without train_on_inputs (the token counts may be low)")

@@ -328,3 +328,23 @@ def test_a_config_without_readable_data_is_planned_at_its_collators_bound(capsys
         f.write_text(f.read_text() + "pad_to_sequence_len: false\n")
         rc, out, err = qplan(capsys, "estimate", "--from-config", str(f), "--gpu", GPU, "--format", "json")
         assert rc == 0 and json.loads(out)["training"]["seq_len"] == length
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ({"pad_to_multiple_of": 0}, "pad_to_multiple_of must be at least 1, got 0"),
+    ({"pad_to_multiple_of": -5}, "pad_to_multiple_of must be at least 1, got -5"),
+    ({"pad_to_multiple_of": "x"}, "pad_to_multiple_of must be int"),
+    ({"sample_packing": 3}, "sample_packing must be true or false, got 3"),
+    ({"pad_to_sequence_len": "x"}, "pad_to_sequence_len must be true or false"),
+    ({"excess_length_strategy": 5}, "excess_length_strategy 5 is not planned"),
+    ({"datasets": "x"}, "datasets must be a list of mappings"),
+])
+def test_hostile_axolotl_data_keys_are_one_line(capsys, tmp_path, extra, needle):
+    """The keys that shape axolotl's batches, given values axolotl would not take: one line, exit 2, whether or not
+    the dataset is readable (they used to be taken as truthy, or 0 as the default 64)."""
+    cfg = yaml.safe_load((CONFIGS / "axolotl-qlora-llama-3.1-8b.yml").read_text())
+    f = tmp_path / "axolotl.yml"
+    f.write_text(yaml.safe_dump({**cfg, **extra}))
+    rc, out, err = qplan(capsys, "estimate", "--from-config", str(f))
+    assert rc == 2 and out == ""
+    one_line(err, needle)
