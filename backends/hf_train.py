@@ -7,9 +7,9 @@ Plan -> ``TrainingArguments``:
 * ``training.mixed_precision`` ``bf16``/``fp16`` -> ``bf16=True``/``fp16=True`` (autocast; on
   the CPU only bf16 autocast exists, so an fp16 plan is refused there with the fix);
 * ``training.optimizer`` -> ``optim`` (``adamw_8bit`` is transformers' ``adamw_bnb_8bit``);
-* ``training.grad_ckpt`` ``hf`` -> ``activation_checkpointing=True`` (``gradient_checkpointing`` before
-  transformers 5.23) with ``use_reentrant=False`` (a backend that enables checkpointing itself, like Unsloth, passes
-  ``trainer_checkpointing=False``);
+* ``training.grad_ckpt`` ``hf`` / ``reentrant`` -> ``activation_checkpointing=True`` (``gradient_checkpointing``
+  before transformers 5.23) with ``use_reentrant=False`` / ``True`` (a backend that enables checkpointing itself,
+  like Unsloth, passes ``trainer_checkpointing=False``);
 * fixed here, not in the plan (they do not change memory): ``learning_rate`` (run option,
   default 2e-4), constant schedule, ``max_grad_norm=1.0``, ``logging_steps=1``,
   ``save_strategy="no"``, ``report_to="none"``, ``dataloader_drop_last=True``, ``seed``.
@@ -32,8 +32,8 @@ def training_arguments(plan: dict[str, Any], settings: TrainSettings, device: st
     return TrainingArguments(**training_kwargs(plan, settings, device, trainer_checkpointing))
 
 
-def _checkpointing(ckpt: bool) -> dict[str, Any]:
-    """Non-reentrant checkpointing under transformers' name for it: ``activation_checkpointing`` from 5.23 on
+def _checkpointing(ckpt: bool, reentrant: bool = False) -> dict[str, Any]:
+    """Checkpointing (``use_reentrant`` as planned) under transformers' name for it: ``activation_checkpointing`` from 5.23 on
     (``gradient_checkpointing`` is a deprecated alias there, with a FutureWarning), the old name before (the
     Unsloth venv's transformers)."""
     import dataclasses
@@ -42,7 +42,7 @@ def _checkpointing(ckpt: bool) -> dict[str, Any]:
 
     new = "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
     name = "activation_checkpointing" if new else "gradient_checkpointing"
-    return {name: ckpt, f"{name}_kwargs": {"use_reentrant": False} if ckpt else None}
+    return {name: ckpt, f"{name}_kwargs": {"use_reentrant": reentrant} if ckpt else None}
 
 
 def training_kwargs(plan: dict[str, Any], settings: TrainSettings, device: str,
@@ -69,7 +69,7 @@ def training_kwargs(plan: dict[str, Any], settings: TrainSettings, device: str,
         optim=OPTIMIZERS[t["optimizer"]].trainer_optim,
         bf16=mp == "bf16",
         fp16=mp == "fp16",
-        **_checkpointing(ckpt),
+        **_checkpointing(ckpt, t["grad_ckpt"] == "reentrant"),
         logging_strategy="steps",
         logging_steps=1,
         save_strategy="no",
@@ -93,11 +93,14 @@ def effective_arguments(args: Any) -> dict[str, Any]:
     CPU patch swaps the optimizer for ``adamw_torch_fused`` and may drop bf16), so the report
     records the arguments the Trainer holds when training begins (``MeasureCallback``)."""
     optim = getattr(args.optim, "value", args.optim)
+    ckpt_kwargs = getattr(args, "activation_checkpointing_kwargs", None) or getattr(args, "gradient_checkpointing_kwargs",
+                                                                                     None) or {}
     return {
         "optim": str(optim),
         "bf16": bool(args.bf16),
         "fp16": bool(args.fp16),
         "gradient_checkpointing": bool(args.gradient_checkpointing),
+        "use_reentrant": bool(args.gradient_checkpointing) and bool(ckpt_kwargs.get("use_reentrant", False)),
         "per_device_train_batch_size": int(args.per_device_train_batch_size),
         "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
         "max_steps": int(args.max_steps),

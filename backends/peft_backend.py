@@ -62,7 +62,7 @@ class PeftBackend:
             probe.set_phase("prepare")
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=ckpt,
-                gradient_checkpointing_kwargs={"use_reentrant": False} if ckpt else None,
+                gradient_checkpointing_kwargs={"use_reentrant": t["grad_ckpt"] == "reentrant"} if ckpt else None,
             )
         probe.snapshot("after_prepare", model)
         footprint = int(model.get_memory_footprint())

@@ -67,6 +67,7 @@ def plan_settings(plan: dict[str, Any]) -> dict[str, Any]:
         "modules_to_save": ",".join(lora.get("modules_to_save") or []),
         "quant": quant["quant"], "compute_dtype": quant["compute_dtype"], "seq_len": tr["seq_len"],
         "batch_size": tr["batch_size"], "grad_accum": tr["grad_accum"], "grad_ckpt": tr["grad_ckpt"] != "off",
+        "reentrant": tr["grad_ckpt"] == "reentrant",
         "optimizer": tr["optimizer"], "attn_impl": tr["attn_impl"], "backend": plan["backend"],
     }
     if "double_quant" in quant:

@@ -104,6 +104,8 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
     batch_size: _f(Batch, "sequences per micro-batch", section=TRAINING) = 1
     grad_accum: _f(Batch, "micro-batches per optimizer step", section=TRAINING) = 1
     grad_ckpt: _f(bool, "gradient checkpointing", negatable=True, section=TRAINING) = True
+    reentrant: _f(bool, "with --grad-ckpt: torch's reentrant checkpoint (use_reentrant=True: axolotl's and "
+                  "LLaMA-Factory's default) instead of transformers' non-reentrant one", section=TRAINING) = False
     optimizer: _f(lit(OPTIMIZERS), "optimizer (TrainingArguments.optim; adamw_8bit is adamw_bnb_8bit)",
                   section=TRAINING) = "adamw_torch"
     attn_impl: _f(lit(ATTN_CHOICES), "attention (auto: what transformers picks for the model, e.g. eager for "
@@ -176,6 +178,8 @@ class FitOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     targets: _f(Targets | None, "fix the targets (else search qv, attn, all-linear)", section=SEARCH) = None
     optimizer: _f(lit(OPTIMIZERS) | None, "fix the optimizer (else search adamw_torch, adamw_8bit, "
                   "paged_adamw_8bit)", section=SEARCH) = None
+    reentrant: _f(bool, "as for estimate: checkpointing, where a plan has it, is torch's reentrant checkpoint "
+                  "(axolotl's and LLaMA-Factory's default)", section=SEARCH) = False
     top: _f(Annotated[int, Meta(ge=1, le=100_000)], "how many plans to list", section=SEARCH) = 10
     objective: _f(lit(OBJECTIVES), "rank by tokens per step (memory), tokens/s (time) or cost per million tokens "
                   "(cost)", section=SEARCH) = "memory"

@@ -152,7 +152,12 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     stack = PROFILES[backend]  # the trainer stack's own settings (the profile is chosen in build_plan)
     q = QuantSettings(quant, double_quant, DTYPE_ALIASES[compute_dtype], upcast and stack.kbit_upcast)
     q, ck_warnings = checkpoint_quant(spec, q)
-    ckpt = stack.checkpointing if o.grad_ckpt else "off"
+    if o.reentrant and not o.grad_ckpt:
+        raise QPlanError("--reentrant is a kind of gradient checkpointing: leave out --no-grad-ckpt, or --reentrant")
+    if o.reentrant and stack.checkpointing != "hf":
+        raise QPlanError(f"--reentrant is for the peft backend: the {backend} backend checkpoints its own way "
+                         f"({stack.checkpointing})")
+    ckpt = ("reentrant" if o.reentrant else stack.checkpointing) if o.grad_ckpt else "off"
     data = None
     seq_len = o.seq_len if o.seq_len is not None else DEFAULT_SEQ_LEN
     if o.data is not None:

@@ -38,8 +38,11 @@ SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 #: attention implementations transformers offers (``auto``: the architecture's default)
 ATTN_IMPLS = ("sdpa", "flash_attention_2", "eager")
 ATTN_CHOICES = ("auto", *ATTN_IMPLS)
-#: gradient checkpointing: none, transformers/torch (``use_reentrant=False``), Unsloth's offload
-GRAD_CKPT = ("off", "hf", "unsloth")
+#: gradient checkpointing: none, transformers/torch (``use_reentrant=False``, transformers' default), torch's
+#: reentrant ``CheckpointFunction`` (``use_reentrant=True``: axolotl's and LLaMA-Factory's default), Unsloth's offload
+GRAD_CKPT = ("off", "hf", "reentrant", "unsloth")
+#: the modes that keep every layer's input on the device and recompute one layer in backward
+HF_CKPT = ("hf", "reentrant")
 BACKENDS = ("peft", "unsloth")
 #: where a plan's kernels run: a GPU, or the CPU of ``qplan run --device cpu``
 KERNELS = ("cuda", "cpu")

@@ -53,7 +53,10 @@ The training step (what is mirrored, and from where)
   "Activate activation checkpointing"): ``model.activation_checkpointing_enable(None)`` ->
   ``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` + ``enable_input_require_grads``
   (modeling_utils.py ``_activation_checkpointing_enable``).  Trainer runs it after
-  ``prepare_model_for_kbit_training``, so its non-reentrant setting is the one in effect.
+  ``prepare_model_for_kbit_training``, so its non-reentrant setting is the one in effect.  A
+  ``reentrant`` plan passes ``{"use_reentrant": True}`` to both (axolotl's and LLaMA-Factory's
+  ``gradient_checkpointing_kwargs``): torch's ``CheckpointFunction``, whose backward recomputes
+  the whole layer, then runs its backward (it works on meta as on the CPU: to the byte).
 * Mixed precision: ``Trainer`` leaves autocast to accelerate (trainer.py
   ``autocast_smart_context_manager`` is a no-op); ``Accelerator.prepare_model`` wraps
   ``model.forward`` in ``torch.autocast(device, dtype)`` and ``convert_outputs_to_fp32``
@@ -118,7 +121,7 @@ __all__ = ["TraceSettings", "trace_plan", "trace_training_step"]
 def trace_training_step(config: dict, *, quant: str, double_quant: bool, compute_dtype: str, upcast_kbit: bool,
                         lora: dict, batch_size: int, seq_len: int, grad_ckpt: bool, optimizer: str,
                         attn_impl: str = "sdpa", device: str = "meta", steps: int = 1, seed: int = 0,
-                        kernels: str = "cuda", count_flops: bool = False) -> dict:
+                        kernels: str = "cuda", count_flops: bool = False, reentrant: bool = False) -> dict:
     """Trace ``steps`` LoRA training steps and return the live-tensor peak and its breakdown.
 
     ``kernels`` (meta only) picks whose kernels the meta trace mirrors: ``"cuda"`` (the default,
@@ -131,7 +134,8 @@ def trace_training_step(config: dict, *, quant: str, double_quant: bool, compute
                       upcast_kbit=bool(upcast_kbit), lora=dict(lora), batch_size=int(batch_size),
                       seq_len=int(seq_len), grad_ckpt=bool(grad_ckpt), optimizer=optimizer, attn_impl=attn_impl,
                       device=device, steps=int(steps), seed=int(seed),
-                      kernels=kernels if device == "meta" else "cpu", count_flops=bool(count_flops))
+                      kernels=kernels if device == "meta" else "cpu", count_flops=bool(count_flops),
+                      reentrant=bool(reentrant))
     from .run import run_trace
 
     return run_trace(dict(config), s)
@@ -159,7 +163,7 @@ def trace_plan(plan: dict[str, Any], device: str = "meta", steps: int = 2, count
             upcast_kbit=bool(q.get("prepare_model_for_kbit_training", False)),
             lora=lora, batch_size=t["batch_size"], seq_len=t["seq_len"], grad_ckpt=t["grad_ckpt"] != "off",
             optimizer=t["optimizer"], attn_impl=t["attn_impl"], device=device, steps=steps,
-            count_flops=count_flops,
+            count_flops=count_flops, reentrant=t["grad_ckpt"] == "reentrant",
         )
     except ImportError as exc:  # pragma: no cover - only without the train extra
         raise QPlanError(f"--method trace needs the train extra ({exc.name} missing): pip install 'qplan[train]'") from exc

@@ -141,7 +141,7 @@ def apply_peft(model: Any, s: TraceSettings, notes: list[str]) -> Any:
     if s.upcast_kbit and s.quant in KBIT:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=s.grad_ckpt,
-            gradient_checkpointing_kwargs={"use_reentrant": False} if s.grad_ckpt else None)
+            gradient_checkpointing_kwargs={"use_reentrant": s.reentrant} if s.grad_ckpt else None)
     elif s.upcast_kbit:
         notes.append(f"upcast_kbit ignored for quant={s.quant}: prepare_model_for_kbit_training is for k-bit models")
     with contextlib.ExitStack() as st:
@@ -153,7 +153,8 @@ def apply_peft(model: Any, s: TraceSettings, notes: list[str]) -> Any:
             st.enter_context(torch.device("meta"))
         pm = get_peft_model(model, lora_config(s.lora_section))
     if s.grad_ckpt:
-        pm.activation_checkpointing_enable(activation_checkpointing_kwargs=None)
+        pm.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": True} if s.reentrant else None)
     return pm
 
 

@@ -38,6 +38,9 @@ class TraceSettings:
     count_flops: bool = False
     #: ``bnb_4bit_quant_storage`` (a multi-GPU plan that shards 4-bit weights), else uint8
     quant_storage: str | None = None
+    #: ``torch.utils.checkpoint(use_reentrant=True)`` (axolotl's and LLaMA-Factory's default) instead of
+    #: transformers' non-reentrant default
+    reentrant: bool = False
 
     def __post_init__(self) -> None:
         if self.quant not in QUANTS:

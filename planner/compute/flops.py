@@ -189,8 +189,8 @@ def step_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
         af, ab = attention_flops(b, s, d.nh, hd, attn_impl, fused, g)
         out["attention"] += af + ab
         fwd += af
-        if ckpt:
-            out["recomputation"] += fwd - recompute_skipped(T, sites, d.norms)
+        if ckpt:  # reentrant checkpointing recomputes the whole layer (CheckpointFunction.backward)
+            out["recomputation"] += fwd - (0 if grad_ckpt == "reentrant" else recompute_skipped(T, sites, d.norms))
         x_rg = g.out
     head_counts = {c.kind: c for c in counts if c.module == spec.inventory.output_head}
     hf, hb = head_flops(T, d.h, d.V, x_rg, r if "lora" in head_counts else 0, "modules_to_save" in head_counts)

@@ -15,7 +15,7 @@ from typing import Any
 
 from qplan.planner.errors import QPlanError, shown
 from qplan.planner.interop.trainer_configs import FORMATS
-from qplan.planner.vocab import KBIT, optimizer
+from qplan.planner.vocab import HF_CKPT, KBIT, optimizer
 
 PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 TORCH = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -64,7 +64,7 @@ def _check(plan: dict[str, Any], to: str) -> None:
         raise QPlanError(f"{to} export of target_parameters is not supported: plan without --target-parameters")
     if lora.get("rank_pattern") or lora.get("alpha_pattern"):
         raise QPlanError("the plan has per-module ranks, which the trainer configs cannot express")
-    if training["grad_ckpt"] not in ("off", "hf"):
+    if training["grad_ckpt"] not in ("off", *HF_CKPT):
         raise QPlanError(f"checkpointing {training['grad_ckpt']!r} cannot be exported: plan with --grad-ckpt or --no-grad-ckpt")
     if not (plan["model"].get("source") or {}).get("hub_id"):
         raise QPlanError(f"model {shown(plan['model']['name'])} has no Hub id in its spec: a trainer config names the base "
@@ -125,10 +125,10 @@ def to_axolotl(plan: dict[str, Any]) -> dict[str, Any]:
     if lora.get("use_rslora"):
         cfg["peft_use_rslora"] = True
     cfg.update(micro_batch_size=tr["batch_size"], gradient_accumulation_steps=tr["grad_accum"], sequence_len=tr["seq_len"],
-               gradient_checkpointing=tr["grad_ckpt"] == "hf", optimizer=optimizer(tr["optimizer"]).trainer_optim,
+               gradient_checkpointing=tr["grad_ckpt"] in HF_CKPT, optimizer=optimizer(tr["optimizer"]).trainer_optim,
                **_precision_flags(quant["compute_dtype"]))
-    if tr["grad_ckpt"] == "hf":
-        cfg["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    if tr["grad_ckpt"] in HF_CKPT:  # axolotl's own default is reentrant: written either way, as planned
+        cfg["gradient_checkpointing_kwargs"] = {"use_reentrant": tr["grad_ckpt"] == "reentrant"}
     cfg["attn_implementation"] = tr["attn_impl"]  # axolotl >= 0.19 (flash_attention: true etc. are deprecated)
     cfg["datasets"] = [{"path": DATA, "ds_type": "json", "type": "completion"}]
     cfg.update(learning_rate=LR, output_dir=OUT)
@@ -157,8 +157,8 @@ def to_llamafactory(plan: dict[str, Any]) -> dict[str, Any]:
             cfg.update(quantization_type=q, double_quantization=bool(quant["double_quant"]))
     cfg.update(per_device_train_batch_size=tr["batch_size"], gradient_accumulation_steps=tr["grad_accum"],
                cutoff_len=tr["seq_len"], disable_gradient_checkpointing=tr["grad_ckpt"] == "off")
-    if tr["grad_ckpt"] == "hf":
-        cfg["use_reentrant_gc"] = False
+    if tr["grad_ckpt"] in HF_CKPT:
+        cfg["use_reentrant_gc"] = tr["grad_ckpt"] == "reentrant"
     cfg.update(optim=optimizer(tr["optimizer"]).trainer_optim, **_precision_flags(quant["compute_dtype"]))
     cfg["flash_attn"] = {"flash_attention_2": "fa2", "sdpa": "sdpa", "eager": "disabled"}[tr["attn_impl"]]
     cfg.update(dataset="REPLACE_WITH_YOUR_DATASET", template="default", output_dir=OUT)
@@ -187,9 +187,11 @@ def to_trl(plan: dict[str, Any]) -> dict[str, Any]:
     elif q == "int8":
         cfg["load_in_8bit"] = True
     cfg.update(per_device_train_batch_size=tr["batch_size"], gradient_accumulation_steps=tr["grad_accum"],
-               max_length=tr["seq_len"], gradient_checkpointing=tr["grad_ckpt"] == "hf",
+               max_length=tr["seq_len"], gradient_checkpointing=tr["grad_ckpt"] in HF_CKPT,
                optim=optimizer(tr["optimizer"]).trainer_optim, **_precision_flags(quant["compute_dtype"]),
                attn_implementation=tr["attn_impl"])
+    if tr["grad_ckpt"] == "reentrant":  # transformers' default is non-reentrant
+        cfg["gradient_checkpointing_kwargs"] = {"use_reentrant": True}
     cfg.update(dataset_name=DATA, output_dir=OUT)
     return cfg
 

@@ -234,15 +234,7 @@ def _training(r: _Reader, opts: dict[str, Any], seq_key: str, batch_default: int
         if gc not in (True, False):
             raise QPlanError(f"{r.fmt} config: gradient_checkpointing {shown(gc)} is not planned (true or false)")
         opts["grad_ckpt"] = gc
-        kwargs = r.get("gradient_checkpointing_kwargs")
-        if gc and kwargs is None and r.fmt == "axolotl":  # axolotl 0.19 utils/config/__init__.py sets it then
-            raise QPlanError("axolotl config: gradient_checkpointing without gradient_checkpointing_kwargs checkpoints "
-                             "with use_reentrant: true (axolotl's default), which qplan does not plan: set "
-                             "gradient_checkpointing_kwargs: {use_reentrant: false}")
-        kwargs = kwargs or {}
-        if gc and isinstance(kwargs, dict) and kwargs.get("use_reentrant") is True:
-            raise QPlanError(f"{r.fmt} config: gradient_checkpointing_kwargs.use_reentrant: true is not planned "
-                             "(qplan plans non-reentrant checkpointing: use_reentrant: false)")
+        opts["reentrant"] = gc and _reentrant(r)
     _multi_gpu(r, opts)
     r.refuse(MULTI_GPU, "asks for a multi-GPU parallelism qplan does not plan (it plans DDP, FSDP2 full shard and "
                         "ZeRO-2/3: see docs/multi-gpu.md): remove it")
@@ -341,6 +333,27 @@ def _axolotl(r: _Reader) -> dict[str, Any]:
     return o
 
 
+def _reentrant(r: _Reader) -> bool:
+    """Whether checkpointing is torch's reentrant one (``use_reentrant``):
+
+    * ``gradient_checkpointing_kwargs`` left out: axolotl sets ``{use_reentrant: true}`` (axolotl 0.19
+      ``utils/config/__init__.py``, when ``rl`` and ``unfrozen_parameters`` are unset: qplan refuses both);
+      transformers (TRL, a plain Trainer) checkpoints non-reentrant (5.23 ``_activation_checkpointing_enable``:
+      ``{"use_reentrant": False}`` for ``None``);
+    * a mapping without ``use_reentrant``: passed on to ``torch.utils.checkpoint``, whose default is reentrant
+      (torch 2.13: a warning, then ``use_reentrant = True``)."""
+    kwargs = r.get("gradient_checkpointing_kwargs")
+    if kwargs is None:
+        return r.fmt == "axolotl"
+    if not isinstance(kwargs, dict):
+        raise QPlanError(f"{r.fmt} config: gradient_checkpointing_kwargs {shown(kwargs)} is not a mapping")
+    value = kwargs.get("use_reentrant", True)
+    if value not in (True, False):
+        raise QPlanError(f"{r.fmt} config: gradient_checkpointing_kwargs.use_reentrant {shown(value)} is not planned "
+                         "(true or false)")
+    return bool(value)
+
+
 def _llamafactory(r: _Reader) -> dict[str, Any]:
     o: dict[str, Any] = {"model": _model(r.get("model_name_or_path"), r.get("model_revision"), "model_name_or_path",
                                          "llamafactory")}
@@ -372,9 +385,12 @@ def _llamafactory(r: _Reader) -> dict[str, Any]:
     _training(r, o, "cutoff_len", 8, 2048, True, "optim", "adamw_torch_fused")
     llamafactory_bound(r, o)
     o["grad_ckpt"] = not r.get("disable_gradient_checkpointing", False)
-    if o["grad_ckpt"] and r.get("use_reentrant_gc", True):
-        raise QPlanError("llamafactory config: LLaMA-Factory checkpoints with use_reentrant_gc: true by default, which "
-                         "qplan does not plan: set use_reentrant_gc: false (or disable_gradient_checkpointing: true)")
+    # LLaMA-Factory checkpoints with use_reentrant_gc (default true; model_utils/checkpointing.py
+    # _gradient_checkpointing_enable: torch.utils.checkpoint with {"use_reentrant": use_reentrant_gc})
+    reentrant = r.get("use_reentrant_gc", True)
+    if reentrant not in (True, False):
+        raise QPlanError(f"llamafactory config: use_reentrant_gc {shown(reentrant)} is not planned (true or false)")
+    o["reentrant"] = o["grad_ckpt"] and reentrant
     attn = str(r.get("flash_attn", "auto"))
     o["attn_impl"] = {"auto": "auto", "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}.get(attn)
     if o["attn_impl"] is None:

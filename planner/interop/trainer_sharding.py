@@ -199,7 +199,8 @@ def fsdp_options(fmt: str, fsdp: Any, fsdp_config: Any, fsdp_version: Any, grad_
                          "layer (auto_wrap / TRANSFORMER_BASED_WRAP, no min_num_params)")
     if cfg.get("activation_checkpointing"):
         raise QPlanError(f"{fmt} config: fsdp_config.activation_checkpointing is not planned: use gradient_checkpointing "
-                         f"(qplan plans non-reentrant checkpointing{'' if grad_ckpt else ', which this config leaves off'})")
+                         "(the Trainer's checkpointing of each decoder layer"
+                         f"{'' if grad_ckpt else ', which this config leaves off'})")
     offload = "offload" in items or cfg.get("offload_params", False) is True
     known = {"version", "sharding_strategy", "reshard_after_forward", "auto_wrap_policy", "min_num_params",
              "activation_checkpointing", "offload_params"} | FSDP_NO_EFFECT

@@ -18,7 +18,7 @@ from qplan.planner.memory.terms import Dims, dims, idle_in_step, trainable_tenso
 from qplan.planner.model.lora import ModuleCount
 from qplan.planner.model.spec import LinearGroup, ModelSpec
 from qplan.planner.model.weights import QuantSettings, is_quantized, linear_weight_bytes
-from qplan.planner.vocab import BYTES
+from qplan.planner.vocab import BYTES, HF_CKPT
 
 #: leaf names of the projections that take the attention output / the MLP hidden state; the
 #: other linear modules of a layer read the (normed) residual stream.
@@ -336,8 +336,9 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     """Activations alive at the end of the forward pass, and at the other moments that hold some.
 
     * no checkpointing: layer 0 (``first``) + ``L - 1`` full layers + the head;
-    * HF checkpointing (``torch.utils.checkpoint``, non-reentrant): each layer keeps only its
-      input ``R h T`` (the embeddings output included) + the head; backward recomputes one layer;
+    * HF checkpointing (``torch.utils.checkpoint``, non-reentrant ``hf`` or ``reentrant``): each layer keeps only
+      its input ``R h T`` (the embeddings output included) + the head; backward recomputes one layer
+      (``incoming_gradients``: what differs between the two);
     * Unsloth (``use_gradient_checkpointing="unsloth"``): the layer inputs are offloaded to
       CPU RAM, so only the recomputed layer and the head are on the device.
 
@@ -357,22 +358,25 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     head = head_activation(spec, p, grad_ckpt != "off")
     layer_inputs = Lin(tok=d.L * p.R * d.h)  # what HF checkpointing keeps of every layer
     rotary = rotary_activation(d, p)  # cos/sin, alive through backward
-    grads_in = Lin(tok=2 * p.R * d.h)  # the gradient reaching a layer, and its sum with the residual's
+    grads_in = incoming_gradients(d, p)
     if grad_ckpt == "off":
         first = layer_activation(spec, br, q, r, dropout, attn_impl, first=True, kernels=kernels, mlp=mlp)
         saved = first + (d.L - 1) * full + head
         layers = first + grads_in + rotary
         layers_temps = grads_in
     else:
-        saved = (layer_inputs if grad_ckpt == "hf" else ZERO) + head
+        saved = (layer_inputs if grad_ckpt in HF_CKPT else ZERO) + head
         if attn_impl == "eager":
             saved = saved + eager_mask_activation(spec, p)
-        if q.quant == "int8":
+        if q.quant == "int8" and grad_ckpt != "reentrant":  # reentrant: the forward runs under no_grad
             saved = saved + d.L * int8_retained_activation(spec, q, p, True, False, set())
-        layers_temps = grads_in + (recompute_transient(spec, br, p, dropout) if mlp is None else ZERO)
+        rt = recompute_transient(spec, br, p, dropout) if mlp is None else ZERO
+        layers_temps = grads_in + rt
+        if grad_ckpt == "reentrant":
+            layers_temps = layers_temps + reentrant_difference(spec, br, p, dropout, mlp is not None)
         layers = Lin(tok=p.R * d.h) + full + rotary + layers_temps
         # the last layer's backward (the first one backward runs) has every other layer's checkpoint
-        if grad_ckpt == "hf":
+        if grad_ckpt in HF_CKPT:
             ckpt_inputs = Lin(tok=(d.L - 1) * p.R * d.h)
     p_total, p_layer, p_temp = parameter_lora_activation(counts, q)
     experts = expert_lora_bytes(counts, q)
@@ -405,6 +409,41 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
             "layer_moments": moments or (),
             "layers_temps": layers_temps, "attn_fwd_temps": attn_fwd_temps,
             "loss_extra": loss_time_activation(spec, counts, q, grad_ckpt)}
+
+
+def reentrant_difference(spec: ModelSpec, branches: list[Branch], p: Precision, dropout: float, moe: bool) -> Lin:
+    """A layer's backward under reentrant checkpointing less the same under non-reentrant: ``- c h T`` or ``+ R h T``.
+
+    torch 2.13 ``CheckpointFunction.backward`` recomputes the whole layer with grad enabled
+    (``outputs = ctx.run_function(*detached_inputs)``), then runs ``torch.autograd.backward(outputs,
+    grads)`` and returns. Against non-reentrant checkpointing (which recomputes when the first saved
+    tensor is unpacked and stops before the layer's output, ``_checkpoint_early_stop``):
+
+    * at the recomputation's end only the incoming gradient is alive: the second gradient of
+      ``incoming_gradients``, the scaled copy of the down projection's LoRA output gradient (``c h T``,
+      the compute dtype's) is not made yet — the peak when the recomputation's transients are (LoRA on
+      the down projection under autocast: its input's casts, ``recompute_transient``);
+    * past it, the recomputed layer output ``R h T`` is held by ``outputs`` until the backward
+      returns: one ``R h T`` more — the peak otherwise (no LoRA transient at the recomputation's end;
+      a MoE layer, whose backward moments are ``moe_moments``).
+
+    Measured with the tracker (tiny Llama 2 layers, nf4 / bf16 / fp32, targets qv, attn and
+    all-linear; CPU run = meta trace to the byte): the reentrant peak is the non-reentrant one
+    ``- c h T`` (bf16 and nf4, all-linear) and ``+ R h T`` (nf4 qv, bf16 attn, fp32 all-linear)."""
+    d = dims(spec)
+    lora_transient = not moe and recompute_transient(spec, branches, p, dropout) != Lin(tok=p.M * d.i + p.M * d.h)
+    return Lin(tok=-p.c * d.h if lora_transient else p.R * d.h)
+
+
+def incoming_gradients(d: Dims, p: Precision) -> Lin:
+    """Gradients in flight while a layer's saved tensors are back (its recomputation's end with
+    checkpointing): the gradient reaching the layer ``R h T``, and a second ``R h T`` — without
+    checkpointing and with non-reentrant checkpointing (``hf``) the backward of the layer's last ops
+    runs *before* anything is recomputed (the recomputation starts when the first saved tensor is
+    unpacked, torch/utils/checkpoint.py ``_checkpoint_hook``), and by then the output gradient's
+    scaled copy (LoRA's ``* scaling`` on the down projection) or its sum with the residual's is made.
+    ``reentrant_difference`` is what the reentrant checkpoint changes."""
+    return Lin(tok=2 * p.R * d.h)
 
 
 def parameter_lora_activation(counts: list[ModuleCount], q: QuantSettings) -> tuple[int, int, int]:

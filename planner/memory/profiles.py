@@ -15,7 +15,7 @@ own). Each implements ``Profile``:
 
 The profiles today:
 
-* ``PeftProfile`` — HF Trainer + PEFT, autocast, full logits, non-reentrant checkpointing
+* ``PeftProfile`` — HF Trainer + PEFT, autocast, full logits, non-reentrant or reentrant checkpointing
   (``planner.memory.phases``);
 * ``UnslothProfile`` — Unsloth's fast LoRA path, offloaded checkpointing, fused cross-entropy
   (``planner.memory.unsloth``);

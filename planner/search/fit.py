@@ -73,13 +73,14 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
            optimizer=None, top: int = 10, objective: str = "memory", tokens: int | None = None,
            price_per_hour: str | float | None = None, calibration: str | None = None,
            batching: str | None = None, pad_to_multiple_of: int | None = None,
-           padding_free: bool = False, rows_padded: bool = False) -> dict[str, Any]:
+           padding_free: bool = False, rows_padded: bool = False, reentrant: bool = False) -> dict[str, Any]:
     """Plans that fit ``gpu_name`` (a catalog name, ``a,b,c``, or ``all``), ranked by ``objective``:
     ``memory`` (most tokens per step, cheapest tricks first), ``time`` (most tokens/s) or ``cost``
     (least cost per million tokens; needs ``price_per_hour``). ``batching``, ``pad_to_multiple_of``: a ``--data``
     plan's (its padded batches' attention mask is counted); ``padding_free``: its packs are flattened into one row
     of ``batch × seq_len`` tokens (TRL's bfd; the block mask counted under SDPA/eager); ``rows_padded``: its packed
-    rows carry pads (axolotl's multipack), so the mask is counted too."""
+    rows carry pads (axolotl's multipack), so the mask is counted too; ``reentrant``: checkpointing, where a plan has
+    it, is torch's reentrant one."""
     if objective not in OBJECTIVES:
         raise QPlanError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if not gpu_name or not str(gpu_name).strip():
@@ -99,7 +100,7 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
     runs = [_search_one(model, g, seq_len=seq_len, batch_size=batch_size, quant=quant, r=r, targets=targets,
                         optimizer=optimizer, objective=objective, tokens=tokens, price=prices.get(g.name),
                         calibration=calibration, batching=batching, pad_to_multiple_of=pad_to_multiple_of,
-                        padding_free=padding_free, rows_padded=rows_padded)
+                        padding_free=padding_free, rows_padded=rows_padded, reentrant=reentrant)
             for g in gpus]
     if len(gpus) > 1:  # every row says which GPU it is for, and how much that GPU has
         for res, g in zip(runs, gpus):
@@ -114,7 +115,7 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
     else:
         # best: most tokens per step, then cheaper memory-saving tricks, then larger r
         pref_q = {"bf16": 0, "fp16": 0, "int8": 1, "nf4": 2}
-        results.sort(key=lambda x: (-x["tokens"], x["grad_ckpt"] == "hf", pref_q.get(x["quant"], 3),
+        results.sort(key=lambda x: (-x["tokens"], x["grad_ckpt"] != "off", pref_q.get(x["quant"], 3),
                                     -x["r"], x["headroom"] * -1))
     first = runs[0]
     out = {
@@ -131,7 +132,7 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
 def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets, optimizer, objective: str,
                 tokens: int | None, price: float | None, calibration: dict | None = None,
                 batching: str | None = None, pad_to_multiple_of: int | None = None,
-                padding_free: bool = False, rows_padded: bool = False) -> dict[str, Any]:
+                padding_free: bool = False, rows_padded: bool = False, reentrant: bool = False) -> dict[str, Any]:
     spec = load_spec(model)
     usable = gpu.usable_bytes
     ctx = max_context(spec) or max(SEQS)
@@ -165,7 +166,7 @@ def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets,
                              spec=spec, device=gpu)
         q, lora = inp.quant, inp.lora
         counts = plan_counts(inp)
-        for ck in CKPTS:
+        for ck in (("reentrant", "off") if reentrant else CKPTS):
             ctx = StepContext.build(spec, lora, q, replace(inp.training, grad_ckpt=ck), counts, gpu, "peft")
             models = {False: profile.memory_model(ctx)}  # a --data plan's padded batches: the mask too
             if batching is not None:
@@ -217,7 +218,8 @@ def fit_document(options: FitOptions | dict[str, Any]) -> dict[str, Any]:
     if max_gpus is not None:
         from qplan.planner.search.fewest_gpus import fewest_gpus
 
-        fixed = {k: o[k] for k in ("seq_len", "batch_size", "quant", "r", "targets", "optimizer") if o.get(k) is not None}
+        fixed = {k: o[k] for k in ("seq_len", "batch_size", "quant", "r", "targets", "optimizer", "reentrant")
+                 if o.get(k) is not None}
         return fewest_gpus(model=o["model"], gpu=o["gpu"], max_gpus=max_gpus, upcast=upcast, **fixed)
     if not upcast:
         raise QPlanError("--no-upcast goes with --max-gpus (the batch search keeps the k-bit upcast)")

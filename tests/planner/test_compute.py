@@ -39,6 +39,9 @@ CASES = [
     ("smollm2-135m", dict(quant="bf16", grad_ckpt=False, targets="embed_tokens")),
     ("smollm2-135m", dict(quant="bf16", grad_ckpt=False, targets="qv", modules_to_save="embed_tokens")),
     ("smollm2-135m", dict(quant="bf16", grad_ckpt=True, targets="q_proj,v_proj,embed_tokens")),
+    # reentrant checkpointing recomputes the whole layer (no early stop): the down projection too
+    ("smollm2-135m", dict(quant="nf4", grad_ckpt=True, reentrant=True)),
+    ("llama-3.2-1b", dict(quant="bf16", grad_ckpt=True, reentrant=True, targets="qv")),
 ]
 
 

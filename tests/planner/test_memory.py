@@ -64,6 +64,13 @@ CASES = [
     pytest.param(str(FIXTURES / "qwen2-bias.json"), dict(quant="nf4", grad_ckpt=False, seq_len=128), id="qwen2-bias-nf4-nockpt"),
     pytest.param(TINY_LLAMA, dict(quant="bf16", seq_len=64, batch_size=2), id="tiny-llama-bf16-ckpt"),
     pytest.param(TINY_LLAMA, dict(quant="nf4", seq_len=64, batch_size=2), id="tiny-llama-nf4-ckpt"),
+    # reentrant checkpointing (axolotl's, LLaMA-Factory's default): the layer moments move by R h T, and int8's
+    # per-layer retained state is gone (the checkpointed forward runs under no_grad)
+    pytest.param(TINY_LLAMA, dict(quant="bf16", seq_len=64, batch_size=2, reentrant=True), id="tiny-llama-bf16-reent"),
+    pytest.param(TINY_LLAMA, dict(quant="nf4", seq_len=64, batch_size=2, reentrant=True), id="tiny-llama-nf4-reent"),
+    pytest.param(TINY_LLAMA, dict(quant="fp32", compute_dtype="fp32", seq_len=64, batch_size=2, reentrant=True),
+                 id="tiny-llama-fp32-reent"),
+    pytest.param("llama-3.2-1b", dict(quant="int8", reentrant=True), id="llama1b-int8-reent"),
 ]
 
 
@@ -77,6 +84,26 @@ def test_analytic_peak_matches_trace(model, kw):
           f"trace {tr['tensor_peak']:,} {tr['phase_peaks']}, error {err:+.3%}")
     assert p["prediction"]["params"]["trainable"] == tr["trainable_params"]
     assert abs(err) <= TOLERANCE
+
+
+@pytest.mark.parametrize("model, kw", [
+    pytest.param(TINY_LLAMA, dict(quant="bf16"), id="tiny-bf16-all"),
+    pytest.param(TINY_LLAMA, dict(quant="nf4"), id="tiny-nf4-all"),
+    pytest.param(TINY_LLAMA, dict(quant="nf4", targets="qv", dropout=0.0), id="tiny-nf4-qv"),
+    pytest.param(TINY_LLAMA, dict(quant="bf16", targets="attn"), id="tiny-bf16-attn"),
+    pytest.param(TINY_LLAMA, dict(quant="bf16", targets="mlp"), id="tiny-bf16-mlp"),
+    pytest.param(TINY_LLAMA, dict(quant="fp32", compute_dtype="fp32"), id="tiny-fp32-all"),
+])
+def test_reentrant_checkpointing_changes_the_peak_as_the_trace_does(model, kw):
+    """Reentrant against non-reentrant checkpointing on small-vocabulary plans, whose peak is a layer's backward:
+    the analytic model moves the peak by exactly the bytes the traced step moves (``reentrant_difference``:
+    ``- c h T`` or ``+ R h T``), whatever the baseline's own error."""
+    plans = {re_: plan(model, seq_len=64, batch_size=2, reentrant=re_, **kw) for re_ in (False, True)}
+    assert plans[True]["training"]["grad_ckpt"] == "reentrant"
+    traced = {re_: trace_for_plan(p)["tensor_peak"] for re_, p in plans.items()}
+    ours = {re_: p["prediction"]["memory"]["tensor_peak"] for re_, p in plans.items()}
+    assert traced[True] != traced[False]
+    assert ours[True] - ours[False] == traced[True] - traced[False], (ours, traced)
 
 
 def test_phases_are_ordered_like_the_trace():

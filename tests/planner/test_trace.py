@@ -153,6 +153,23 @@ def test_meta_matches_cpu_oracle(family, quant, grad_ckpt, optimizer, upcast):
     assert meta["all_params"] == cpu["all_params"]
 
 
+@pytest.mark.parametrize("family,quant", [("llama", "nf4"), ("llama", "int8"), ("qwen2_moe", "bf16")])
+def test_reentrant_checkpointing_meta_matches_cpu_oracle(family, quant):
+    """torch's reentrant ``CheckpointFunction`` (axolotl's and LLaMA-Factory's default) runs on meta as on the
+    CPU: the same peak, phases and categories to the byte; and it is not the non-reentrant step (int8: no
+    per-layer retained state, the checkpointed forward runs under no_grad)."""
+    config = dict(FAMILIES[family], vocab_size=32)
+    cpu, meta = _pair(config, quant=quant, grad_ckpt=True, reentrant=True)
+    assert meta["tensor_peak"] == cpu["tensor_peak"]
+    assert meta["phase_peaks"] == cpu["phase_peaks"]
+    assert meta["breakdown_at_peak"] == cpu["breakdown_at_peak"]
+    if family == "llama":  # (the MoE step's peak is outside the layers' backward)
+        plain = trace_training_step(config, device="meta", kernels="cpu", **dict(
+            double_quant=True, compute_dtype="bf16", upcast_kbit=False, lora=LORA, batch_size=B, seq_len=S,
+            grad_ckpt=True, optimizer="adamw_torch", seed=0, quant=quant))
+        assert plain["tensor_peak"] != meta["tensor_peak"]
+
+
 def test_lora_variants_paged_optimizer_two_steps():
     """DoRA + bias + modules_to_save on a k-bit upcast model with a paged 8-bit optimizer over two
     steps: the lm_head copy (2048 x 64 >= 1e5 elements) gets paged optimizer state."""

@@ -113,25 +113,54 @@ def test_a_key_that_changes_memory_and_cannot_be_planned_is_an_error(capsys, tmp
     one_line(err, *needles)
 
 
-@pytest.mark.parametrize("name,key,needles,off", [
-    ("llamafactory-qlora-qwen2.5-7b.yaml", "use_reentrant_gc", ["use_reentrant_gc"],
-     {"disable_gradient_checkpointing": True}),
+@pytest.mark.parametrize("name,edit,reentrant", [
+    # LLaMA-Factory: use_reentrant_gc defaults to true (hparams/model_args.py; model_utils/checkpointing.py passes it
+    # to torch.utils.checkpoint)
+    ("llamafactory-qlora-qwen2.5-7b.yaml", {"use_reentrant_gc": None}, True),
+    ("llamafactory-qlora-qwen2.5-7b.yaml", {"use_reentrant_gc": True}, True),
     # axolotl 0.19 (utils/config/__init__.py) sets use_reentrant: true when gradient_checkpointing has no kwargs
-    ("axolotl-qlora-llama-3.1-8b.yml", "gradient_checkpointing_kwargs",
-     ["use_reentrant: true", "gradient_checkpointing_kwargs: {use_reentrant: false}"], {"gradient_checkpointing": False}),
+    ("axolotl-qlora-llama-3.1-8b.yml", {"gradient_checkpointing_kwargs": None}, True),
+    ("axolotl-qlora-llama-3.1-8b.yml", {"gradient_checkpointing_kwargs": {"use_reentrant": True}}, True),
+    # kwargs without the key reach torch.utils.checkpoint, whose default (torch 2.13) is reentrant
+    ("axolotl-qlora-llama-3.1-8b.yml", {"gradient_checkpointing_kwargs": {"preserve_rng_state": True}}, True),
+    # transformers (TRL, a plain Trainer) checkpoints non-reentrant unless told
+    ("trl-lora-smollm2-1.7b.yaml", {}, False),
+    ("trl-lora-smollm2-1.7b.yaml", {"gradient_checkpointing_kwargs": {"use_reentrant": True}}, True),
 ])
-def test_default_reentrant_checkpointing_is_refused_not_misplanned(capsys, tmp_path, name, key, needles, off):
-    """Each tool's default is reentrant checkpointing; qplan plans the non-reentrant kind, so a file that leaves
-    the default is refused by name (axolotl's were planned as non-reentrant); without checkpointing it plans."""
+def test_each_tools_checkpointing_default_is_planned_as_that_tool_runs_it(capsys, tmp_path, name, edit, reentrant):
+    """Each tool's own default reentrancy (read from its source, cited above) becomes ``--reentrant`` or not: the
+    plan equals the plan of the file's equivalent flags with or without ``--reentrant``; with checkpointing off
+    there is nothing reentrant."""
     cfg = yaml.safe_load((CONFIGS / name).read_text())
-    del cfg[key]
+    for k, v in edit.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
     f = tmp_path / name
     f.write_text(yaml.safe_dump(cfg))
+    got = json.loads(plan_json(capsys, "--from-config", str(f)))
+    assert got["training"]["grad_ckpt"] == ("reentrant" if reentrant else "hf")
+    if name in EQUIVALENT:
+        flags = [*EQUIVALENT[name], *(["--reentrant"] if reentrant else [])]
+        assert got == json.loads(plan_json(capsys, *flags))
+    off = {"disable_gradient_checkpointing": True} if name.startswith("llamafactory") else {"gradient_checkpointing": False}
+    f.write_text(yaml.safe_dump({**cfg, **off}))
+    assert json.loads(plan_json(capsys, "--from-config", str(f)))["training"]["grad_ckpt"] == "off"
+
+
+@pytest.mark.parametrize("name,edit,needle", [
+    ("axolotl-qlora-llama-3.1-8b.yml", {"gradient_checkpointing_kwargs": {"use_reentrant": "yes"}}, "use_reentrant"),
+    ("axolotl-qlora-llama-3.1-8b.yml", {"gradient_checkpointing_kwargs": [1, 2]}, "not a mapping"),
+    ("llamafactory-qlora-qwen2.5-7b.yaml", {"use_reentrant_gc": "sometimes"}, "use_reentrant_gc"),
+])
+def test_a_bad_reentrancy_value_is_one_line(capsys, tmp_path, name, edit, needle):
+    cfg = yaml.safe_load((CONFIGS / name).read_text())
+    f = tmp_path / name
+    f.write_text(yaml.safe_dump({**cfg, **edit}))
     rc, _, err = qplan(capsys, "estimate", "--from-config", str(f))
     assert rc == 2
-    one_line(err, *needles)
-    f.write_text(yaml.safe_dump({**cfg, **off}))  # no checkpointing: nothing to refuse
-    assert qplan(capsys, "estimate", "--from-config", str(f))[0] == 0
+    one_line(err, needle)
 
 
 @pytest.mark.parametrize("text,needle", [
@@ -177,6 +206,10 @@ EXPORTABLE = [
     ("llamafactory", ["--model", "llama-3.2-3b", "--quant", "int8", "--no-upcast", "--targets", "all-linear", "--dora"]),
     ("trl", ["--model", "smollm2-1.7b", "--quant", "bf16", "--targets", "qv", "--batch-size", "4", "--rslora"]),
     ("trl", ["--model", "llama-3.2-3b", "--quant", "nf4", "--no-upcast", "--no-double-quant", "--compute-dtype", "fp16"]),
+    # reentrant checkpointing is written back as each tool spells it (and non-reentrant where the tool's default is not)
+    ("axolotl", ["--model", "llama-3.2-3b", "--reentrant"]),
+    ("llamafactory", ["--model", "qwen2.5-7b", "--no-upcast", "--reentrant"]),
+    ("trl", ["--model", "smollm2-1.7b", "--quant", "bf16", "--reentrant"]),
 ]
 
 
