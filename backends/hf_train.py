@@ -57,6 +57,9 @@ def training_kwargs(plan: dict[str, Any], settings: TrainSettings, device: str,
     if t["optimizer"] not in OPTIMIZERS:
         raise QPlanError(f"optimizer {t['optimizer']!r} is not supported by the Trainer backends: "
                          f"choose one of {', '.join(OPTIMIZERS)}")
+    from qplan.hf import require_optimizer
+
+    require_optimizer(t["optimizer"])
     ckpt = t["grad_ckpt"] != "off" and trainer_checkpointing
     kwargs: dict[str, Any] = dict(
         output_dir=str(settings.output_dir),

@@ -20,10 +20,27 @@ torch, transformers and PEFT are imported inside the functions: importing this m
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from qplan.planner.errors import QPlanError
 from qplan.planner.vocab import DTYPE_ALIASES, FOUR_BIT, KBIT
+
+#: loggers that write a stray stderr line on import, about kernels qplan never uses, on every command that builds a
+#: model (the planner's spec builder imports this module before torch and transformers): bitsandbytes' CPU backend
+#: (an optional CPU kernel package is not installed; models are built on the meta device), torchao (which
+#: transformers imports when it is installed: its CUDA-only extensions do not load on a CPU machine) and torch's
+#: pytree (torchao registers Enums as pytree constants, which torch 2.13 calls deprecated)
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "torchao", "torch.utils._pytree")
+
+
+def quiet_import_noise() -> None:
+    """Errors only from ``QUIET_LOGGERS`` (see there)."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+quiet_import_noise()
 
 #: config keys that describe a checkpoint, not the architecture (dropped before ``for_model``):
 #: a pre-quantized checkpoint's ``quantization_config`` is applied by ``bnb_config``, and the
@@ -40,6 +57,18 @@ def _one_line(exc: BaseException) -> str:
 
 def _need(what: str) -> QPlanError:
     return QPlanError(f"{what} needs torch, transformers and peft: pip install 'qplan[train]'")
+
+
+def require_optimizer(name: str) -> None:
+    """One line when the plan's optimizer needs a library that is not installed (torchao's low-bit AdamW),
+    before anything is built: transformers would raise a multi-line ImportError from inside the Trainer."""
+    from qplan.planner.vocab import optimizer
+
+    if optimizer(name).state.startswith("torchao"):
+        import importlib.util
+
+        if importlib.util.find_spec("torchao") is None:
+            raise QPlanError(f"optimizer {name} is torchao's: pip install 'qplan[torchao]' (torchao>=0.11)")
 
 
 def torch_dtype(name: str) -> Any:

@@ -44,12 +44,17 @@ def model_tensors(model: Any) -> Iterator[tuple[Any, str, bool]]:
 
 
 def optimizer_tensors(optimizer: Any) -> Iterator[tuple[str, Any]]:
-    """``(state key, tensor)`` of every optimizer state tensor."""
+    """``(state key, tensor)`` of every optimizer state tensor; a tensor subclass that holds its data in inner
+    tensors (torchao's ``OptimState8bit``: ``codes``, ``scale``, ``qmap``) gives each of them under its key."""
     import torch
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
     for state in getattr(optimizer, "state", {}).values():
         for k, v in state.items():
-            if isinstance(v, torch.Tensor):
+            if is_traceable_wrapper_subclass(v):
+                for attr in v.__tensor_flatten__()[0]:
+                    yield k, getattr(v, attr)
+            elif isinstance(v, torch.Tensor):
                 yield k, v
 
 
@@ -75,6 +80,9 @@ def classify_model(tracker: Any, model: Any, optimizer: Any = None,
     if optimizer is not None:
         for k, v in optimizer_tensors(optimizer):
             rec = tracker.lookup(v)
+            if rec is None:  # made without an op the tracker sees (torchao's ``qmap``: ``torch.tensor(list)``)
+                tracker.reg(v, late=True)
+                rec = tracker.lookup(v)
             if rec is not None:
                 rec.opt = True
                 if host_step and k == "step":

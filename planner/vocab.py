@@ -57,11 +57,14 @@ class Optimizer:
     * ``state``: the state it keeps per trainable tensor — ``adamw`` (``exp_avg`` and
       ``exp_avg_sq`` like the parameter), ``bnb8bit`` (bitsandbytes blockwise 8-bit: two uint8
       states and fp32 block constants; fp32 for small tensors), ``bnb32bit`` (two fp32 states),
+      ``torchao8bit`` / ``torchao4bit`` (torchao's ``OptimState8bit`` / ``OptimState4bit``: codes, block
+      scales and a code map per state; the parameter's dtype for small tensors),
       ``factored`` (Adafactor's row/column second moment), ``none`` (Trainer's SGD: no momentum);
     * ``paged``: bitsandbytes puts large states in CUDA unified memory (``cudaMallocManaged``);
     * ``step_temps``: transients of one step — ``foreach`` (torch's multi-tensor AdamW: one
       parameter-sized ``sqrt`` per tensor, all alive at once; single-tensor on the CPU),
-      ``adafactor`` (two fp32 copies of the largest tensor), ``none`` (fused / in-place kernels);
+      ``adafactor`` (two fp32 copies of the largest tensor), ``compiled`` (torchao's ``torch.compile``d
+      single-tensor step: two fp32 copies of the largest tensor), ``none`` (fused / in-place kernels);
     * ``foreach``: torch picks the multi-tensor path for CUDA parameters
       (``_default_to_fused_or_foreach``); the trace asks for it explicitly (meta/CPU would not);
     * ``host_step``: the ``step`` counter is a host tensor for CUDA parameters (not counted);
@@ -87,6 +90,9 @@ OPTIMIZER_TABLE = (
     Optimizer("paged_adamw_32bit", "paged_adamw_32bit", "bnb32bit", paged=True),
     Optimizer("sgd", "sgd", "none", foreach=True, host_step=True),
     Optimizer("adafactor", "adafactor", "factored", step_temps="adafactor"),
+    # torchao's low-bit AdamW (transformers' optim names; torchao >= 0.11 ``torchao.optim``)
+    Optimizer("adamw_torch_8bit", "adamw_torch_8bit", "torchao8bit", step_temps="compiled", host_step=True),
+    Optimizer("adamw_torch_4bit", "adamw_torch_4bit", "torchao4bit", step_temps="compiled", host_step=True),
 )
 OPTIMIZERS = {o.name: o for o in OPTIMIZER_TABLE}
 

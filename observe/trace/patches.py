@@ -17,6 +17,11 @@ They change library state while a trace runs (not thread-safe) and restore it on
   ``torch.clear_autocast_cache`` also drops the emulated caches, ``torch.autocast("meta")``
   (PEFT's ``_LoraFactorsProxy`` for MoE expert tensors) means the emulated device, and every
   transformers module's ``maybe_autocast`` (a no-op on meta) stands for the emulated device;
+* ``torchao_step_on_meta`` — torchao's low-bit AdamW (``adamw_torch_8bit`` / ``4bit``) makes its states with its
+  own ``_new_buffer`` (real ``OptimState8bit`` / ``OptimState4bit`` on meta) and updates each tensor through
+  ``torch.compile(single_param_adam)``, which has nothing to compile on meta: a stand-in makes the compiled
+  step's two fp32 dequantized states of the parameter (the planner's ``compiled`` step temporaries, derived
+  from ``single_param_adam``; the tracker never sees a compiled kernel's buffers) and frees them;
 * ``packed_sequences_on_meta`` — transformers' ``find_packed_sequence_indices`` does a
   data-dependent ``.all()`` on the position ids; on meta it returns None, the answer for the
   unpacked rows traced here.
@@ -120,6 +125,32 @@ def fused_adamw_on_meta():
     orig = torch_optim._get_fused_kernels_supported_devices
     with contextlib.ExitStack() as stack:
         _patch(stack, torch_optim, "_get_fused_kernels_supported_devices", lambda: [*orig(), "meta"])
+        yield
+
+
+@contextlib.contextmanager
+def torchao_step_on_meta():
+    import torch
+
+    try:
+        import torchao.optim.adam as tao_adam
+    except ImportError:  # no torchao: a plan with its optimizer fails at make_optimizer, with the fix
+        yield
+        return
+
+    def single_param_adam(p, grad, step, exp_avg, exp_avg_sq, *rest):
+        exp_avg_f32 = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+        exp_avg_sq_f32 = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+        del exp_avg_f32, exp_avg_sq_f32
+
+    compile_ = torch.compile
+
+    def compile_stand_in(fn=None, **kwargs):
+        return fn if fn is single_param_adam else compile_(fn, **kwargs)
+
+    with contextlib.ExitStack() as stack:
+        _patch(stack, tao_adam, "single_param_adam", single_param_adam)
+        _patch(stack, torch, "compile", compile_stand_in)
         yield
 
 

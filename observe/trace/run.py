@@ -12,7 +12,7 @@ import tempfile
 import time
 from typing import Any
 
-from qplan.hf import bnb_config, hf_config, lora_config, model_class, model_from_config, torch_dtype
+from qplan.hf import bnb_config, hf_config, lora_config, model_class, model_from_config, require_optimizer, torch_dtype
 from qplan.planner.vocab import KBIT
 from qplan.planner.vocab import optimizer as optimizer_row
 
@@ -44,6 +44,7 @@ def run_trace(config: dict, s: TraceSettings, wrap: Any = None) -> dict:
         amp = None
         if s.device == "meta":
             stack.enter_context(patches.fused_adamw_on_meta())
+            stack.enter_context(patches.torchao_step_on_meta())
             amp = stack.enter_context(patches.EmulatedAutocast(s.amp_device, s.kernels))
             stack.enter_context(patches.packed_sequences_on_meta())
         stack.enter_context(torch.random.fork_rng(devices=[]))
@@ -195,6 +196,7 @@ def make_optimizer(model: Any, s: TraceSettings) -> Any:
     from transformers.training_args import OptimizerNames
 
     row = optimizer_row(s.optimizer)
+    require_optimizer(s.optimizer)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments) if f.default is not dataclasses.MISSING}
     args = types.SimpleNamespace(**dict(defaults, optim=OptimizerNames(row.trainer_optim)))
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)

@@ -26,6 +26,12 @@ from qplan.planner.vocab import ATTN_IMPLS, BYTES, GRAD_CKPT, OPTIMIZERS, optimi
 #: bitsandbytes 8-bit optimizers keep tensors with fewer elements in 32-bit state
 #: (``Optimizer2State(min_8bit_size=4096)``, bitsandbytes/optim/optimizer.py).
 BNB_MIN_8BIT_SIZE = 4096
+#: torchao's low-bit AdamW quantizes a state only for tensors with at least this many elements and a whole number of
+#: blocks (torchao 0.18.0 ``optim/adam.py`` ``_AdamBase._new_buffer``: ``numel() >= 4096 and numel() % block_size
+#: == 0``); transformers passes ``block_size`` 256 to both the 8-bit and the 4-bit one (``trainer_optimizer.py``
+#: ``_get_torchao_optimizer``: ``optim_args.get("block_size", 256)``)
+TORCHAO_MIN_SIZE = 4096
+TORCHAO_BLOCK = 256
 #: block size of the blockwise 8-bit optimizer state (``init_state``: ``blocksize = 256``).
 BNB_OPTIM_BLOCKSIZE = 256
 #: paged optimizers page only tensors with at least this many elements (``init_state``:
@@ -296,6 +302,12 @@ def optimizer_state_bytes(counts: list[ModuleCount], name: str) -> dict[str, int
     * ``sgd``: Trainer's SGD has no momentum, so no state.
     * ``adafactor`` (transformers.optimization.Adafactor, ``beta1=None``): factored second
       moment for >= 2-D tensors: one fp32 row vector and one column vector; 1-D: full fp32.
+    * ``adamw_torch_8bit`` / ``adamw_torch_4bit`` (torchao 0.18.0 ``AdamW8bit`` / ``AdamW4bit``): ``exp_avg`` and
+      ``exp_avg_sq`` are each an ``OptimState8bit`` (``subclass_8bit.py``: uint8 ``codes`` per element, fp32
+      ``scale`` per 256-element block, a 256-entry fp32 ``qmap``) or ``OptimState4bit`` (``subclass_4bit.py``:
+      two 4-bit codes per byte, fp32 ``scale`` per block, a 16-entry fp32 ``qmap``) for tensors of
+      ``TORCHAO_MIN_SIZE`` elements and whole blocks, else ``zeros_like(p)`` (the parameter's dtype); ``step``
+      and the ``lr`` tensor are host scalars (``torch.tensor(0.0)``).
     """
     opt = optimizer(name)
     dev = paged = 0
@@ -324,6 +336,8 @@ def optimizer_state_bytes(counts: list[ModuleCount], name: str) -> dict[str, int
                     paged += k * 2 * n * 4
                 else:
                     dev += k * 2 * n * 4
+            elif opt.state in ("torchao8bit", "torchao4bit"):
+                dev += k * 2 * torchao_state_bytes(n, BYTES[c.dtype], opt.state == "torchao4bit")
             elif opt.state == "factored":
                 if len(shape) >= 2:
                     dev += k * 4 * (shape[0] + math.prod(shape[1:]))
@@ -334,6 +348,16 @@ def optimizer_state_bytes(counts: list[ModuleCount], name: str) -> dict[str, int
     return {"device": dev, "paged": paged}
 
 
+def torchao_state_bytes(n: int, param_bytes: int, four_bit: bool) -> int:
+    """One torchao low-bit AdamW state of an ``n``-element tensor (see ``optimizer_state_bytes``): quantized
+    ``codes`` (``n`` bytes, ``n / 2`` for 4-bit) + ``scale`` (``4 n / 256``) + ``qmap`` (256 or 16 fp32), or the
+    parameter-sized ``zeros_like(p)`` below ``TORCHAO_MIN_SIZE`` elements or off whole blocks."""
+    if n < TORCHAO_MIN_SIZE or n % TORCHAO_BLOCK:
+        return n * param_bytes
+    codes = n // 2 if four_bit else n
+    return codes + 4 * (n // TORCHAO_BLOCK) + 4 * (16 if four_bit else 256)
+
+
 def optimizer_step_temp_bytes(counts: list[ModuleCount], name: str, kernels: str = "cuda") -> int:
     """Transient tensors of one optimizer step.
 
@@ -341,7 +365,11 @@ def optimizer_step_temp_bytes(counts: list[ModuleCount], name: str, kernels: str
     torch._foreach_sqrt(exp_avg_sqs)`` — one parameter-sized tensor per trainable tensor, all alive
     at once. Fused AdamW and bitsandbytes 8-bit/32-bit steps update in place (fused kernels). Adafactor:
     ``update = grad**2 + eps`` and the approximated ``update`` — two fp32 copies of the largest
-    tensor at a time (it loops over parameters). SGD: none.
+    tensor at a time (it loops over parameters). torchao's low-bit AdamW (``compiled``) loops over
+    parameters too, each through one ``torch.compile``d ``single_param_adam``, which dequantizes both states
+    to fp32 (``exp_avg.float().lerp(...)``) and quantizes them back block by block (a reduction over each block
+    needs the fp32 values first): two fp32 copies of the largest tensor — derived from the function, the
+    compiled kernel's buffers are not seen by the tracker (no GPU measured it). SGD: none.
     """
     tensors = trainable_tensors(counts)
     temps = optimizer(name).step_temps
@@ -352,7 +380,7 @@ def optimizer_step_temp_bytes(counts: list[ModuleCount], name: str, kernels: str
             # each parameter's ``step`` is a 4-byte tensor on the same (CPU) device
             return max((n * BYTES[dt] for n, dt in tensors), default=0) * 2 + 4 * len(tensors)
         return sum(n * BYTES[dt] for n, dt in tensors)
-    if temps == "adafactor":
+    if temps in ("adafactor", "compiled"):
         return 2 * 4 * max((n for n, _ in tensors), default=0)
     return 0
 

@@ -20,16 +20,11 @@ What is recorded, per group of identical modules (name pattern with layer indice
 
 from __future__ import annotations
 
-import logging
 import re
 from typing import Any
 
 from qplan.planner.errors import QPlanError
 from qplan.planner.model.weights import bnb_skip_modules
-
-# bitsandbytes' CPU backend warns, on import, that an optional CPU kernel package is not installed: nothing a plan
-# uses (models are built on the meta device), and a stray stderr line on every spec built from a config
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")
 
@@ -148,6 +143,8 @@ def build_inventory(config: dict[str, Any]) -> dict[str, Any]:
         import torch
         import transformers
         from transformers.pytorch_utils import Conv1D
+
+        import qplan.hf  # noqa: F401 - first: it quiets the import noise of kernels qplan never uses
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
         raise QPlanError(
             "building a spec from a config needs torch and transformers: pip install 'qplan[train]'"

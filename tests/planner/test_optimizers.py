@@ -1,0 +1,82 @@
+"""Optimizer states against the optimizers' own tensors (issue 23: torchao's low-bit AdamW).
+
+Oracles: the states torchao itself makes — its ``_new_buffer`` inside the traced step (meta device; the
+compiled update is the only stand-in) and a real ``step()`` on the CPU, through transformers' own resolver
+(``Trainer.get_optimizer_cls_and_kwargs``, which passes ``block_size`` 256 to both) — never our formula.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("torchao")
+
+from qplan.observe.trace import trace_plan
+from qplan.planner.api import plan_dict
+
+TORCHAO = ("adamw_torch_8bit", "adamw_torch_4bit")
+
+
+def _state_bytes(opt) -> int:
+    """Device bytes of every state tensor, a tensor subclass by its inner tensors; host scalars (``step``) apart."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    total = 0
+    for state in opt.state.values():
+        for key, v in state.items():
+            if key == "step":
+                continue
+            inner = [getattr(v, a) for a in v.__tensor_flatten__()[0]] if is_traceable_wrapper_subclass(v) else [v]
+            total += sum(t.untyped_storage().nbytes() for t in inner)
+    return total
+
+
+@pytest.mark.parametrize("optimizer", TORCHAO)
+def test_torchao_states_equal_the_traced_optimizer_tensors(optimizer):
+    """SmolLM2-135M, LoRA r=16 on every linear: k/v ``lora_B`` (192 x 16 = 3,072 elements) stay fp32, every other
+    adapter tensor is quantized; the plan's optimizer bytes equal torchao's own states in the traced step to the
+    byte, and the peak is within the planner's tolerance."""
+    p = plan_dict(model="smollm2-135m", quant="nf4", optimizer=optimizer, seq_len=256)
+    tr = trace_plan(p)
+    mem = p["prediction"]["memory"]
+    assert mem["optimizer"] == tr["breakdown_at_peak"]["optimizer"]
+    assert abs(mem["tensor_peak"] - tr["tensor_peak"]) <= 0.03 * tr["tensor_peak"]
+    # not the fp32 AdamW's states: 8-bit is ~4x smaller, 4-bit ~8x
+    adamw = plan_dict(model="smollm2-135m", quant="nf4", optimizer="adamw_torch", seq_len=256)
+    assert mem["optimizer"] < adamw["prediction"]["memory"]["optimizer"] / (3 if optimizer.endswith("8bit") else 6)
+
+
+@pytest.mark.parametrize("optimizer", TORCHAO)
+def test_a_real_torchao_step_makes_the_planned_states(optimizer):
+    """One real (compiled) CPU step of the optimizer transformers builds for ``optim=<name>``, on one quantized
+    tensor shape (64 x 256) and one small one (16 x 64, kept in the parameter's dtype): its state bytes equal
+    ``optimizer_state_bytes`` of the same tensors."""
+    import dataclasses
+
+    import torch
+    from transformers import Trainer, TrainingArguments
+    from transformers.training_args import OptimizerNames
+
+    from qplan.planner.memory.terms import torchao_state_bytes
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments) if f.default is not dataclasses.MISSING}
+    args = types.SimpleNamespace(**dict(defaults, optim=OptimizerNames(optimizer)))
+    model = torch.nn.Module()
+    model.a = torch.nn.Parameter(torch.randn(64, 256))
+    model.b = torch.nn.Parameter(torch.randn(16, 64))
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    assert kwargs["block_size"] == 256
+    opt = cls(model.parameters(), **kwargs)
+    for prm in model.parameters():
+        prm.grad = torch.randn_like(prm)
+    opt.step()
+    four = optimizer.endswith("4bit")
+    planned = sum(2 * torchao_state_bytes(math.prod(prm.shape), 4, four) for prm in model.parameters())
+    assert _state_bytes(opt) == planned
+    assert all(isinstance(s["step"], torch.Tensor) and s["step"].device.type == "cpu" for s in opt.state.values())
