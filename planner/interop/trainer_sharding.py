@@ -4,7 +4,8 @@ as qplan's ``strategy`` and ``cpu_offload`` (``--strategy zero2|zero3|fsdp``, ``
 How each tool reads them (the versions of ``tests/fixtures/trainer_keys``; transformers' ``TrainingArguments``
 for TRL and LLaMA-Factory):
 
-* ``deepspeed``: a DeepSpeed JSON (a path, resolved against the config file's folder; transformers also
+* ``deepspeed``: a DeepSpeed JSON (a relative path is opened from the working directory, as
+  transformers' ``HfTrainerDeepSpeedConfig`` and axolotl open it, else beside the config file; transformers also
   takes the dict inline).  ``zero_optimization.stage`` 2 -> zero2, 3 -> zero3; ``offload_optimizer`` /
   ``offload_param`` ``device: cpu`` -> cpu_offload (qplan's ZeRO-2 offload is the optimizer's, its ZeRO-3
   offload is both: ZeRO-3 with only one of them is refused).
@@ -69,14 +70,16 @@ def _off(section: Any, key: str) -> bool:
 
 
 def read_deepspeed(value: Any, base: Path, fmt: str) -> tuple[dict[str, Any], str]:
-    """``(the DeepSpeed config, its path for messages)`` of a ``deepspeed`` value: a JSON path relative to
-    ``base`` (the trainer config's folder), or a mapping given inline."""
+    """``(the DeepSpeed config, its path for messages)`` of a ``deepspeed`` value: a JSON path — relative to the
+    working directory, where the tools open it (axolotl's examples name ``deepspeed_configs/zero2.json`` of the
+    folder they are run from), else to ``base`` (the trainer config's folder) — or a mapping given inline."""
     if isinstance(value, dict):
         return value, "(inline)"
     if not isinstance(value, str) or not value.strip():
         raise QPlanError(f"{fmt} config: deepspeed must be the path of a DeepSpeed JSON (or a mapping), got {shown(value)}")
     p = Path(value).expanduser()
-    p = p if p.is_absolute() else base / p
+    if not p.is_absolute():
+        p = next((c for c in (Path.cwd() / p, base / p) if c.is_file()), base / p)
     try:
         raw = read_limited(p, "DeepSpeed config", MAX_DS_BYTES)
     except QPlanError as exc:

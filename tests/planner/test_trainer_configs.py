@@ -83,6 +83,22 @@ def test_explicit_flags_override_the_file(capsys):
     assert plan_json(capsys, "--from-config", f) != plan_json(capsys, *changed)
 
 
+@pytest.mark.parametrize("extra", [
+    {"plugins": ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"], "cut_cross_entropy": False},
+    {"plugins": ["axolotl.integrations.liger.LigerPlugin"], "liger_rms_norm": False},
+    {"plugins": ["axolotl.integrations.swanlab.SwanLabPlugin"]},
+    {"dp_shard_size": 1, "context_parallel_size": 1, "tensor_parallel_size": 1},
+])
+def test_a_feature_left_off_plans_the_plain_step(capsys, tmp_path, extra):
+    """A plugin whose kernels are off, a logging plugin, and parallelism degrees of 1 plan what the file without them
+    plans (axolotl's own examples write ``dp_shard_size: 1``)."""
+    cfg = yaml.safe_load((CONFIGS / "axolotl-qlora-llama-3.1-8b.yml").read_text())
+    f = tmp_path / "a.yml"
+    f.write_text(yaml.safe_dump({**cfg, **extra}))
+    assert plan_json(capsys, "--from-config", str(f)) == plan_json(capsys, "--from-config",
+                                                                     str(CONFIGS / "axolotl-qlora-llama-3.1-8b.yml"))
+
+
 def test_an_unknown_key_is_named_in_a_warning_and_changes_nothing(capsys, tmp_path):
     src = CONFIGS / "trl-lora-smollm2-1.7b.yaml"
     f = tmp_path / "trl.yaml"
@@ -103,6 +119,15 @@ def test_an_unknown_key_is_named_in_a_warning_and_changes_nothing(capsys, tmp_pa
     ({"load_in_8bit": True}, ["load_in_4bit and load_in_8bit"]),
     ({"micro_batch_size": "two"}, ["micro_batch_size must be int"]),
     ({"lora_r": -4}, ["--from-config", "--r: expected `int` >= 1, got -4"]),
+    # axolotl's plugins and kernel keys that change what a step holds (integrations/*/args.py, axolotl 0.19)
+    ({"plugins": ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"]},
+     ["CutCrossEntropyPlugin", "cut_cross_entropy: false"]),
+    ({"plugins": ["axolotl.integrations.liger.LigerPlugin"], "liger_rms_norm": True}, ["liger_rms_norm"]),
+    ({"plugins": ["axolotl.integrations.kernels.KernelsPlugin"]}, ["KernelsPlugin"]),
+    ({"plugins": "cce"}, ["plugins must be a list"]),
+    ({"expert_parallel_size": 2}, ["expert_parallel_size 2"]),
+    ({"quantize_moe_experts": True}, ["quantize_moe_experts"]),
+    ({"lora_target_parameters": ["mlp.experts.gate_up_proj"]}, ["lora_target_parameters", "--target-parameters"]),
 ])
 def test_a_key_that_changes_memory_and_cannot_be_planned_is_an_error(capsys, tmp_path, extra, needles):
     cfg = yaml.safe_load((CONFIGS / "axolotl-qlora-llama-3.1-8b.yml").read_text())
@@ -147,6 +172,16 @@ def test_each_tools_checkpointing_default_is_planned_as_that_tool_runs_it(capsys
     off = {"disable_gradient_checkpointing": True} if name.startswith("llamafactory") else {"gradient_checkpointing": False}
     f.write_text(yaml.safe_dump({**cfg, **off}))
     assert json.loads(plan_json(capsys, "--from-config", str(f)))["training"]["grad_ckpt"] == "off"
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch_8bit", "adamw_torch_4bit"])
+def test_torchaos_optimizers_in_a_config_are_planned(capsys, tmp_path, optim):
+    """torchao's low-bit AdamW (31 of axolotl's LoRA examples) is planned as ``--optimizer``, not refused."""
+    cfg = yaml.safe_load((CONFIGS / "axolotl-qlora-llama-3.1-8b.yml").read_text())
+    f = tmp_path / "a.yml"
+    f.write_text(yaml.safe_dump({**cfg, "optimizer": optim}))
+    flags = [*EQUIVALENT["axolotl-qlora-llama-3.1-8b.yml"], "--optimizer", optim]
+    assert json.loads(plan_json(capsys, "--from-config", str(f))) == json.loads(plan_json(capsys, *flags))
 
 
 @pytest.mark.parametrize("name,edit,needle", [

@@ -50,6 +50,23 @@ def test_an_inline_deepspeed_dict_is_read(capsys, tmp_path):
         plan_json(capsys, *EQUIVALENT["trl-lora-smollm2-1.7b.yaml"], "--strategy", "zero2", "--gpus", "2")
 
 
+def test_a_relative_deepspeed_path_is_opened_from_the_working_directory(capsys, tmp_path, monkeypatch):
+    """axolotl's examples name ``deepspeed_configs/zero2.json`` of the folder axolotl runs from (transformers and
+    axolotl open the path as given): the working directory's file wins over one beside the config; without one
+    there, the config's folder is used."""
+    cfg = yaml.safe_load((CONFIGS / "trl-lora-smollm2-1.7b.yaml").read_text())
+    conf_dir, run_dir = tmp_path / "examples", tmp_path / "repo"
+    for d, stage in ((conf_dir, 3), (run_dir, 2)):
+        (d / "deepspeed_configs").mkdir(parents=True)
+        (d / "deepspeed_configs" / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+    f = conf_dir / "trl.yaml"
+    f.write_text(yaml.safe_dump({**cfg, "deepspeed": "deepspeed_configs/ds.json"}))
+    monkeypatch.chdir(run_dir)
+    assert json.loads(plan_json(capsys, "--from-config", str(f), "--gpus", "2"))["distributed"]["strategy"] == "zero2"
+    monkeypatch.chdir(tmp_path)
+    assert json.loads(plan_json(capsys, "--from-config", str(f), "--gpus", "2"))["distributed"]["strategy"] == "zero3"
+
+
 Z3 = json.loads((CONFIGS / "zero3.json").read_text())
 
 
