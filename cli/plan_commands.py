@@ -53,19 +53,22 @@ def config_options(f: Any) -> Any:
                              "overridden by explicit flags")(f)
 
 
-def with_trainer_config(o: dict[str, Any], names: tuple[str, ...] | None = None) -> tuple[dict[str, Any], list[str]]:
+def with_trainer_config(o: dict[str, Any], names: tuple[str, ...] | None = None
+                        ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """``o`` (a command's options) with the values of ``--from-config`` for every option not given on the
-    command line (``names``: the options the command takes from the file; all when None), and the
-    file's warnings (printed once the plan is made: an error stays one line)."""
+    command line (``names``: the options the command takes from the file; all when None), and the plan's
+    ``trainer_config`` section: the file, its tool and its warnings by kind (printed once the plan is made: an error
+    stays one line); None without ``--from-config``."""
     from click.core import ParameterSource
 
     path, fmt = o.pop("from_config", None), o.pop("config_format", None)
-    warnings: list[str] = []
+    source = None
     if path:
         from qplan.planner.interop.trainer_configs import read_trainer_config
         from qplan.planner.options import check_options
 
-        opts, warnings, _ = read_trainer_config(path, fmt)
+        opts, warnings, tool = read_trainer_config(path, fmt)
+        source = {"path": str(path), "format": tool, "warnings": warnings}
         try:
             check_options(opts)
         except QPlanError as exc:
@@ -93,7 +96,24 @@ def with_trainer_config(o: dict[str, Any], names: tuple[str, ...] | None = None)
         raise QPlanError("--config-format goes with --from-config FILE")
     if not o.get("model"):
         raise QPlanError("--model is required (a bundled name, a config.json, a Hub id), or --from-config FILE")
-    return o, warnings
+    return o, source
+
+
+def config_texts(source: dict[str, Any] | None) -> list[str]:
+    """The texts of a ``trainer_config`` section's warnings (what the command line prints)."""
+    return [w["text"] for w in (source or {}).get("warnings", [])]
+
+
+def with_source(plan: dict[str, Any], source: dict[str, Any] | None) -> dict[str, Any]:
+    """``plan`` with its ``trainer_config`` section, in the document's key order (after ``warnings``)."""
+    if source is None:
+        return plan
+    out: dict[str, Any] = {}
+    for k, v in plan.items():
+        if k == "prediction":
+            out["trainer_config"] = source
+        out[k] = v
+    return out
 
 
 # ------------------------------------------------------------------------------ estimate
@@ -118,8 +138,8 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
 
     if output:
         check_output_file(output, force)  # before any work: not an existing file, a folder we can write in
-    o, config_warnings = with_trainer_config(o)
-    plan = make_plan(check_options(o)).to_dict()
+    o, source = with_trainer_config(o)
+    plan = with_source(make_plan(check_options(o)).to_dict(), source)
     dist = plan.get("distributed")
     if method == "trace" and dist is not None and (dist["strategy"] != "fsdp" or dist["cpu_offload"]):
         raise QPlanError(f"--method trace traces one rank of --strategy fsdp without --cpu-offload; the step of "
@@ -141,7 +161,7 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
     text = dumps(plan)
     if output:
         write_new_file(output, text, force)
-    warn(config_warnings)
+    warn(config_texts(source))
     if fmt == "json":
         click.echo(text, nl=False)
     else:
@@ -169,7 +189,7 @@ def fit(fmt: str, **o: Any) -> None:
     from qplan.planner.render import render_fewest_gpus, render_fit
     from qplan.planner.search.fit import fit_document
 
-    o, config_warnings = with_trainer_config(o, FIT_FROM_CONFIG)
+    o, source = with_trainer_config(o, FIT_FROM_CONFIG)
     result = fit_document(o)
-    warn(config_warnings)
+    warn(config_texts(source))
     emit(fmt, result, render_fewest_gpus(result) if o.get("max_gpus") is not None else render_fit(result))

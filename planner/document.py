@@ -310,6 +310,21 @@ class Prediction(Struct, kw_only=True):
              "and the tokens of an epoch (planner.data)") = UNSET
 
 
+class ConfigWarning(Struct, forbid_unknown_fields=True, kw_only=True):
+    """One warning of reading a trainer config (``planner.interop.notes``)."""
+
+    kind: Literal["approximated", "ignored", "launcher", "data"]
+    text: NonEmpty
+
+
+class TrainerConfigSection(Struct, forbid_unknown_fields=True, kw_only=True):
+    """``--from-config``: the file the plan was read from, its tool, and what reading it warned about."""
+
+    path: NonEmpty
+    format: Literal["axolotl", "llamafactory", "trl"]
+    warnings: list[ConfigWarning] = []
+
+
 class PlanDoc(Struct, kw_only=True):
     """plan.json (schema_version 1) as ``qplan estimate`` writes it."""
 
@@ -323,6 +338,9 @@ class PlanDoc(Struct, kw_only=True):
     backend: NonEmpty  # the backend registry (entry points) decides, with the list of known ones
     distributed: DistributedSection | None | UnsetType = UNSET
     warnings: list[str] = []
+    trainer_config: _d(TrainerConfigSection | UnsetType, "--from-config: the file, its tool, and its warnings by kind "
+                       "(approximated: a memory effect not modelled exactly; ignored: keys qplan does not know; "
+                       "launcher: no effect on one GPU; data: where the lengths come from)") = UNSET
     prediction: Prediction
     suggestions: _d(list[str] | UnsetType, "single changes that make a plan fit (plans that do not)") = UNSET
     seal: _d(Annotated[str, Meta(pattern=SEAL_PATTERN)] | UnsetType,

@@ -23,6 +23,7 @@ from typing import Any
 
 from qplan.planner.errors import QPlanError, shown
 from qplan.planner.files import read_limited
+from qplan.planner.interop.notes import note
 from qplan.planner.interop.trainer_data import axolotl_data, llamafactory_bound, trl_data
 from qplan.planner.options import PlanOptions, field_names
 from qplan.planner.vocab import OPTIMIZER_TABLE
@@ -318,7 +319,8 @@ def _axolotl_plugins(r: _Reader) -> None:
     r.refuse({"fused_attn_kernel"}, "changes the attention kernels, which qplan does not model: remove it")
     other = [p for p in plugins if p not in {AXOLOTL_CCE, AXOLOTL_LIGER, AXOLOTL_EP} | AXOLOTL_PLUGINS_NO_EFFECT]
     if other:
-        r.warnings.append(f"axolotl config: plugins whose memory qplan does not plan (ignored): {', '.join(other)}")
+        r.warnings.append(note("ignored", f"axolotl config: plugins whose memory qplan does not plan (ignored): "
+                               f"{', '.join(other)}"))
 
 
 def _axolotl(r: _Reader) -> dict[str, Any]:
@@ -523,9 +525,10 @@ NO_EFFECT = {
 READERS = {"axolotl": _axolotl, "llamafactory": _llamafactory, "trl": _trl}
 
 
-def read_trainer_config(path: str | Path, fmt: str | None = None) -> tuple[dict[str, Any], list[str], str]:
+def read_trainer_config(path: str | Path, fmt: str | None = None) -> tuple[dict[str, Any], list[dict[str, str]], str]:
     """``(options, warnings, format)`` of a trainer config file: the options are ``PlanOptions`` fields
-    (``planner.options``; a reader mapping a key to another name fails here)."""
+    (``planner.options``; a reader mapping a key to another name fails here), each warning ``{"kind", "text"}``
+    (``planner.interop.notes``)."""
     cfg = read_config_file(path)
     if fmt is not None and fmt not in FORMATS:
         raise QPlanError(f"--config-format must be one of {', '.join(FORMATS)}, got {shown(fmt)}")
@@ -540,15 +543,17 @@ def read_trainer_config(path: str | Path, fmt: str | None = None) -> tuple[dict[
         raise AssertionError(f"the {fmt} reader maps keys to {stray}, which are not PlanOptions fields")
     warnings = list(r.warnings)
     if fmt == "axolotl" and opts["quant"] in ("nf4", "fp4", "int8"):
-        warnings.append("axolotl patches prepare_model_for_kbit_training to keep embed_tokens/lm_head in the compute "
-                        "dtype; the plan upcasts them to fp32 as PEFT does (the weights term may be high by that)")
+        warnings.append(note("approximated", "axolotl patches prepare_model_for_kbit_training to keep embed_tokens/lm_head "
+                             "in the compute dtype; the plan upcasts them to fp32 as PEFT does (the weights term may be "
+                             "high by that)"))
     if fmt == "trl" and opts["quant"] in ("nf4", "fp4", "int8"):
-        warnings.append("TRL casts the LoRA adapters of a quantized model to bfloat16; the plan keeps them in float32 "
-                        "(adapters, gradients and optimizer states may be high by up to half)")
+        warnings.append(note("approximated", "TRL casts the LoRA adapters of a quantized model to bfloat16; the plan keeps "
+                             "them in float32 (adapters, gradients and optimizer states may be high by up to half)"))
     launcher = sorted(set(cfg) & LAUNCHER)
     if launcher:
-        warnings.append(f"{fmt} config keys for a multi-GPU launcher (the plan is one GPU's memory): {', '.join(launcher)}")
+        warnings.append(note("launcher", f"{fmt} config keys for a multi-GPU launcher (the plan is one GPU's memory): "
+                             f"{', '.join(launcher)}"))
     unknown = sorted(set(cfg) - r.used - NO_EFFECT[fmt] - LAUNCHER)
     if unknown:
-        warnings.append(f"{fmt} config keys qplan does not plan (ignored): {', '.join(unknown)}")
+        warnings.append(note("ignored", f"{fmt} config keys qplan does not plan (ignored): {', '.join(unknown)}"))
     return opts, warnings, fmt

@@ -10,6 +10,7 @@ from typing import Any
 from qplan.planner.data.axolotl import PAD_MULTIPLE
 from qplan.planner.data.batching import round_up
 from qplan.planner.errors import QPlanError, shown
+from qplan.planner.interop.notes import note
 
 
 def trl_data(r: Any, o: dict[str, Any]) -> None:
@@ -28,9 +29,10 @@ def trl_data(r: Any, o: dict[str, Any]) -> None:
     elif hub_dataset_folder(name) is not None:
         source = name
     else:
-        r.warnings.append(f"trl config: dataset_name {shown(name)} is neither beside the config nor a Hub dataset in the "
+        r.warnings.append(note("data", f"trl config: dataset_name {shown(name)} is neither beside the config nor a Hub "
+                          "dataset in the "
                           f"HF cache: every sample is planned at max_length ({o['seq_len']}); pass --data (or download "
-                          "it with datasets.load_dataset) to plan the real lengths")
+                          "it with datasets.load_dataset) to plan the real lengths"))
         return
     if r.get("dataset_text_field", "text") != "text":
         raise QPlanError(f"trl config: dataset_text_field {shown(r.get('dataset_text_field'))} is not planned with the "
@@ -124,13 +126,14 @@ def axolotl_data(r: Any, o: dict[str, Any]) -> None:
     if source is None:
         o["seq_len"] = bound
         if why != "no datasets":
-            r.warnings.append(f"axolotl config: {why}: every batch is planned at its bound, sequence_len {seq}"
+            r.warnings.append(note("data", f"axolotl config: {why}: every batch is planned at its bound, sequence_len {seq}"
                               + (f" padded to {bound}" if bound != seq else "") + "; pass --data (with --data-format "
-                              "axolotl:TYPE) to plan the real lengths")
+                              "axolotl:TYPE) to plan the real lengths"))
         return
     if packing and r.get("train_on_inputs"):
-        r.warnings.append("axolotl config: train_on_inputs with sample_packing keeps the samples whose prompt alone is "
-                          "trained; qplan drops them as it does without train_on_inputs (the token counts may be low)")
+        r.warnings.append(note("data", "axolotl config: train_on_inputs with sample_packing keeps the samples whose "
+                          "prompt alone is "
+                          "trained; qplan drops them as it does without train_on_inputs (the token counts may be low)"))
     o["data"] = source
     o["data_format"] = f"axolotl:{entry['type']}"
     o["max_seq_len"] = o.pop("seq_len")
@@ -138,9 +141,10 @@ def axolotl_data(r: Any, o: dict[str, Any]) -> None:
     o["pad_to_multiple_of"] = pad
     o["batching"] = "packing" if packing else "group_by_length" if r.get("group_by_length") else "padding"
     if packing:
-        r.warnings.append("axolotl config: sample_packing's packs are counted by best-fit decreasing (TRL's bfd), not "
+        r.warnings.append(note("data", "axolotl config: sample_packing's packs are counted by best-fit decreasing "
+                          "(TRL's bfd), not "
                           "axolotl's multipack sampler: the planned shape (micro_batch_size × sequence_len) is its "
-                          "own, the number of packs (the time) may differ slightly")
+                          "own, the number of packs (the time) may differ slightly"))
 
 
 def llamafactory_bound(r: Any, o: dict[str, Any]) -> None:
@@ -152,7 +156,7 @@ def llamafactory_bound(r: Any, o: dict[str, Any]) -> None:
     bound = round_up(seq, 8) if r.get("do_train", False) else seq
     o["seq_len"] = bound
     if r.get("dataset"):
-        r.warnings.append(f"llamafactory config: dataset {shown(r.get('dataset'))} is not read (LLaMA-Factory's "
+        r.warnings.append(note("data", f"llamafactory config: dataset {shown(r.get('dataset'))} is not read (LLaMA-Factory's "
                           f"dataset_info.json and templates are not modelled): every batch is planned at its bound, "
                           f"cutoff_len {seq}" + (f" padded to a multiple of 8: {bound}" if bound != seq else "")
-                          + "; pass --data to plan the real lengths")
+                          + "; pass --data to plan the real lengths"))

@@ -29,6 +29,7 @@ from typing import Any
 
 from qplan.planner.errors import QPlanError, shown
 from qplan.planner.files import read_limited
+from qplan.planner.interop.notes import note
 
 MAX_DS_BYTES = 1 << 20
 #: DeepSpeed's default ``reduce_bucket_size`` (qplan's ZeRO-2 bucket term; runtime/zero/config.py)
@@ -141,13 +142,15 @@ def deepspeed_options(value: Any, base: Path, fmt: str, micro_batch: int, grad_a
                                "optimizer to the trainer)")
     warnings = []
     if stage == 3 and (unmod := sorted(set(zero) & ZERO3_UNMODELLED)):
-        warnings.append(f"{fmt} config: deepspeed {where}: ZeRO-3 buffers the plan does not model (it holds DeepSpeed's "
-                        f"estimate_zero3 working set, 4 × the largest layer): {', '.join(unmod)}")
+        warnings.append(note("approximated", f"{fmt} config: deepspeed {where}: ZeRO-3 buffers the plan does not model "
+                             "(it holds DeepSpeed's estimate_zero3 working set, 4 × the largest layer): "
+                             f"{', '.join(unmod)}"))
     unknown = sorted(set(zero) - known) + sorted(set(ds) - DS_NO_EFFECT - {"zero_optimization", "bf16", "fp16", "optimizer",
                                                                           "train_micro_batch_size_per_gpu",
                                                                           "gradient_accumulation_steps"})
     if unknown:
-        warnings.append(f"{fmt} config: deepspeed {where}: keys qplan does not plan (ignored): {', '.join(unknown)}")
+        warnings.append(note("ignored", f"{fmt} config: deepspeed {where}: keys qplan does not plan (ignored): "
+                             f"{', '.join(unknown)}"))
     return {"strategy": "zero2" if stage == 2 else "zero3", "cpu_offload": opt_off}, warnings
 
 
@@ -208,5 +211,6 @@ def fsdp_options(fmt: str, fsdp: Any, fsdp_config: Any, fsdp_version: Any, grad_
     known = {"version", "sharding_strategy", "reshard_after_forward", "auto_wrap_policy", "min_num_params",
              "activation_checkpointing", "offload_params"} | FSDP_NO_EFFECT
     unknown = sorted(set(cfg) - known)
-    warnings = [f"{fmt} config: fsdp_config keys qplan does not plan (ignored): {', '.join(unknown)}"] if unknown else []
+    warnings = [note("ignored", f"{fmt} config: fsdp_config keys qplan does not plan (ignored): {', '.join(unknown)}")] \
+        if unknown else []
     return {"strategy": "fsdp", "cpu_offload": offload}, warnings

@@ -54,10 +54,19 @@ def qplan(capsys, *args: str) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
-def plan_json(capsys, *args: str) -> str:
+def plan_doc(capsys, *args: str) -> dict:
     rc, out, err = qplan(capsys, "estimate", *args, "--gpu", GPU, "--format", "json")
     assert rc == 0, err
-    return out
+    return json.loads(out)
+
+
+def plan_json(capsys, *args: str) -> str:
+    """The plan's JSON without what only a file-read plan has (``trainer_config``: the file and its warnings) and the
+    seal over it: what the flags read off a file must plan byte for byte."""
+    doc = plan_doc(capsys, *args)
+    doc.pop("trainer_config", None)
+    doc.pop("seal", None)
+    return json.dumps(doc, indent=2, ensure_ascii=False)
 
 
 def one_line(err: str, *needles: str) -> None:
@@ -99,6 +108,29 @@ def test_a_feature_left_off_plans_the_plain_step(capsys, tmp_path, extra):
                                                                      str(CONFIGS / "axolotl-qlora-llama-3.1-8b.yml"))
 
 
+def test_the_plan_keeps_the_files_warnings_by_kind(capsys, tmp_path):
+    """``--format json`` and plan.json carry ``trainer_config``: the file, its tool, and each warning with its kind,
+    so a program tells keys that change memory (approximated) from unknown ones (ignored) and launcher keys."""
+    src = CONFIGS / "trl-lora-smollm2-1.7b.yaml"
+    f = tmp_path / "trl.yaml"
+    f.write_text(src.read_text() + "my_new_knob: 3\nddp_find_unused_parameters: false\nload_in_4bit: true\n")
+    out = tmp_path / "plan.json"
+    doc = plan_doc(capsys, "--from-config", str(f), "--output", str(out))
+    assert json.loads(out.read_text()) == doc
+    source = doc["trainer_config"]
+    assert (source["path"], source["format"]) == (str(f), "trl")
+    kinds = {w["kind"]: w["text"] for w in source["warnings"]}
+    assert "my_new_knob" in kinds["ignored"] and "ddp_find_unused_parameters" in kinds["launcher"]
+    assert "bfloat16" in kinds["approximated"]  # TRL's bf16 adapters on a quantized model
+    assert set(kinds) <= {"approximated", "ignored", "launcher", "data"}
+    from qplan.planner.document import check_plan
+
+    check_plan(json.loads(out.read_text()))  # the section is part of plan.json's schema
+    bad = {**doc, "trainer_config": {**source, "warnings": [{"kind": "whatever", "text": "x"}]}}
+    with pytest.raises(Exception, match="kind"):
+        check_plan(bad)
+
+
 def test_an_unknown_key_is_named_in_a_warning_and_changes_nothing(capsys, tmp_path):
     src = CONFIGS / "trl-lora-smollm2-1.7b.yaml"
     f = tmp_path / "trl.yaml"
@@ -107,7 +139,7 @@ def test_an_unknown_key_is_named_in_a_warning_and_changes_nothing(capsys, tmp_pa
     assert rc == 0
     assert "keys qplan does not plan (ignored): my_new_knob" in err
     assert "multi-GPU launcher" in err and "ddp_find_unused_parameters" in err
-    assert out == plan_json(capsys, "--from-config", str(src))
+    assert plan_json(capsys, "--from-config", str(f)) == plan_json(capsys, "--from-config", str(src))
 
 
 @pytest.mark.parametrize("extra,needles", [
@@ -265,6 +297,11 @@ def test_export_then_import_gives_the_same_plan(capsys, tmp_path, tool, flags):
     rc, again, err = qplan(capsys, "estimate", "--from-config", str(cfg), "--gpu", GPU, "--format", "json")
     assert rc == 0, err
     original, back = json.loads(plan_file.read_text()), json.loads(again)
+    source = back.pop("trainer_config")
+    assert source["path"] == str(cfg) and source["format"] == tool
+    assert not [w for w in source["warnings"] if w["kind"] == "ignored"]  # everything export writes, import reads
+    for doc in (original, back):
+        doc.pop("seal")
     if original["lora"]["targets"] in ("qv", "attn", "mlp") and tool != "trl":
         # a preset the tool cannot spell comes back as the modules it resolved to: same modules, same bytes
         assert back["lora"]["targets"] == ",".join(original["lora"]["target_modules"])
