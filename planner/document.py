@@ -305,7 +305,8 @@ class Prediction(Struct, kw_only=True):
     compute: Compute | None = None
     time: Time | None = None
     cost: Cost | None = None
-    trace: _d(dict[str, Any] | None | UnsetType, "--method trace: the traced step") = UNSET
+    trace: _d(dict[str, Any] | None | UnsetType, "--method trace: the traced step; its peak (tensor peak + the "
+                 "same overhead) decides fits and headroom") = UNSET
     data: _d(DataSection | UnsetType, "--data: the dataset's token statistics, the worst batch (training.seq_len) "
              "and the tokens of an epoch (planner.data)") = UNSET
 

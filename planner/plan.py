@@ -314,10 +314,25 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
 
 
 def attach_trace(plan: dict[str, Any], traced: dict[str, Any]) -> dict[str, Any]:
-    """Put a trace of the plan's step (``qplan.observe.trace.trace_plan``) beside the analytic terms."""
-    plan["prediction"]["method"] = "trace"
-    plan["prediction"]["trace"] = {
-        "tensor_peak": int(traced["tensor_peak"]),
+    """Put a trace of the plan's step (``qplan.observe.trace.trace_plan``) beside the analytic terms, and let it
+    decide the verdict: the traced tensor peak plus the same overhead (the CUDA context, the allocator's slack as the
+    same fraction of the peak) is ``trace.peak``, and ``fits`` / ``headroom`` are against it (the usable bytes are
+    the analytic verdict's: its peak plus its headroom)."""
+    p = plan["prediction"]
+    mem, detail = p["memory"], p["memory_detail"]
+    tensor_peak = int(traced["tensor_peak"])
+    slack = round(detail["allocator_slack"] * tensor_peak / mem["tensor_peak"]) if mem["tensor_peak"] else 0
+    peak = tensor_peak + detail["cuda_context"] + slack
+    if p.get("headroom") is not None:
+        usable = mem["peak"] + p["headroom"]
+        p["fits"], p["headroom"] = peak <= usable, usable - peak
+        if p["fits"]:
+            plan.pop("suggestions", None)  # what would make the analytic plan fit is moot
+    p["method"] = "trace"
+    p["trace"] = {
+        "peak": peak,
+        "overhead": peak - tensor_peak,
+        "tensor_peak": tensor_peak,
         "breakdown_at_peak": {k: int(v) for k, v in traced["breakdown_at_peak"].items()},
         "phase_peaks": {k: int(v) for k, v in traced.get("phase_peaks", {}).items()},
         "trainable_params": int(traced["trainable_params"]),

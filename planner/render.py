@@ -85,6 +85,10 @@ def render_plan(plan: dict[str, Any]) -> str:
                  fmt_bytes(mem["tensor_peak"]), fmt_int(mem["tensor_peak"])])
     rows.append(["CUDA context + allocator slack", fmt_bytes(mem["overhead"]), fmt_int(mem["overhead"])])
     rows.append(["peak (GPU must have)", fmt_bytes(mem["peak"]), fmt_int(mem["peak"])])
+    tr = p.get("trace")
+    if tr and "peak" in tr:  # --method trace: the traced step decides the verdict
+        rows.append(["tensor peak, traced", fmt_bytes(tr["tensor_peak"]), fmt_int(tr["tensor_peak"])])
+        rows.append(["peak, traced (the verdict's)", fmt_bytes(tr["peak"]), fmt_int(tr["peak"])])
     lines.append(tabulate(rows, headers=["memory", "", "bytes"], colalign=("left", "right", "right")))
     lines.append(
         f"weights: get_memory_footprint() would print {fmt_int(mem['weights_footprint'])} B "

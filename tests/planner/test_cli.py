@@ -154,3 +154,31 @@ def test_not_fitting_plan_gets_checked_suggestions():
     plan = json.loads(p.stdout)
     assert plan["prediction"]["fits"] is False
     assert plan["suggestions"]
+
+
+def test_the_trace_decides_the_verdict(tmp_path, capsys):
+    """``--method trace``: the traced tensor peak plus the same overhead is ``trace.peak``, and ``fits`` /
+    ``headroom`` are against it. A device whose usable bytes fall between the analytic and the traced peak fits
+    the analytic plan and not the traced one (tiny Llama, q,v only, reentrant checkpointing: the analytic layer
+    moment is ~3% under the trace, tests/planner/test_memory.py)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    tiny = str(FIXTURES.parents[1] / "backends" / "data" / "tiny-llama.json")
+    args = ["estimate", "--model", tiny, "--targets", "qv", "--dropout", "0", "--reentrant", "--seq-len", "64",
+            "--batch-size", "2", "--format", "json"]
+    assert main([*args, "--gpu", "t4"]) == 0
+    analytic = json.loads(capsys.readouterr().out)["prediction"]
+    assert main([*args, "--gpu", "t4", "--method", "trace"]) == 0
+    traced = json.loads(capsys.readouterr().out)["prediction"]
+    tr, mem = traced["trace"], analytic["memory"]
+    assert tr["peak"] == tr["tensor_peak"] + tr["overhead"] and tr["tensor_peak"] > mem["tensor_peak"]
+    assert traced["headroom"] == analytic["headroom"] - (tr["peak"] - mem["peak"])
+    device = json.loads((FIXTURES.parents[2] / "model_specs" / "gpus" / "t4.json").read_text())
+    device.update(name="between", aliases=[], usable_bytes=(mem["peak"] + tr["peak"]) // 2)
+    f = tmp_path / "between.json"
+    f.write_text(json.dumps(device))
+    assert main([*args, "--gpu", str(f)]) == 0
+    assert json.loads(capsys.readouterr().out)["prediction"]["fits"] is True
+    assert main([*args, "--gpu", str(f), "--method", "trace", "--format", "table"]) == 0
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "peak, traced (the verdict's)" in out
