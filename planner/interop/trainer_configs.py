@@ -455,7 +455,21 @@ def _llamafactory(r: _Reader) -> dict[str, Any]:
               "neat_packing", "use_llama_pro", "freeze_vision_tower", "train_mm_proj_only", "moe_aux_loss_coef",
               "ref_model", "use_kt", "use_v1_kernels", "resize_vocab", "quantization_device_map"},
              "changes training memory in a way qplan does not plan from a LLaMA-Factory config")
+    megatron = sorted(LLAMAFACTORY_MEGATRON & set(r.cfg))
+    if megatron:  # hparams/megatron_bridge_args.py: read only when USE_MEGATRON_BRIDGE=1 trains with Megatron
+        raise QPlanError(f"llamafactory config: {', '.join(megatron[:4])}{', ...' if len(megatron) > 4 else ''}: "
+                         "Megatron-Bridge arguments (USE_MEGATRON_BRIDGE=1 trains with Megatron-Core, not the HF "
+                         "Trainer), which qplan does not plan")
     return o
+
+
+#: LLaMA-Factory's Megatron-Bridge arguments (hparams/megatron_bridge_args.py): a file carrying them is for Megatron
+LLAMAFACTORY_MEGATRON = {
+    "tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
+    "virtual_pipeline_model_parallel_size", "sequence_parallel", "recompute_granularity", "recompute_method",
+    "recompute_num_layers", "use_distributed_optimizer", "overlap_param_gather", "overlap_grad_reduce",
+    "moe_grouped_gemm", "moe_token_dispatcher_type", "use_packed_sequences", "export_hf_on_finish",
+}
 
 
 def _trl(r: _Reader) -> dict[str, Any]:

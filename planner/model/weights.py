@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from qplan.planner.errors import QPlanError
+from qplan.planner.errors import QPlanError, shown
 from qplan.planner.model.spec import LinearGroup, ModelSpec
 from qplan.planner.vocab import BYTES, COMPUTE_DTYPES, DTYPE_ALIASES, FOUR_BIT, KBIT, QUANTS
 
@@ -84,17 +84,31 @@ def bnb_skip_modules(config: dict[str, Any]) -> list[str] | None:
     return None
 
 
+#: ``quantization_config.quant_method`` of checkpoints whose weights stay packed while LoRA trains on them
+#: (transformers' quantizers that keep their own linear layers): not planned, refused by name
+PACKED_METHODS = ("gptq", "awq", "aqlm", "hqq", "eetq", "vptq", "spqr", "higgs", "quanto", "bitnet", "compressed-tensors",
+                  "torchao", "fbgemm_fp8", "auto-round", "quark")
+
+
 def checkpoint_quant(spec: ModelSpec, q: QuantSettings) -> tuple[QuantSettings, list[str]]:
     """Plan a checkpoint saved quantized as it loads: a bitsandbytes ``quantization_config`` in the
     config (``unsloth/*-bnb-4bit``) fixes the quantization, and its ``llm_int8_skip_modules`` (Unsloth's
-    dynamic quants keep some modules 16-bit) is honoured; another method is a warning."""
+    dynamic quants keep some modules 16-bit) is honoured. A checkpoint whose weights stay packed while LoRA trains
+    on top (``PACKED_METHODS``: GPTQ, AWQ, AQLM, HQQ, ...) is refused in one line: its weights are not what any
+    ``--quant`` plans (issue 23: refuse the formats that cannot be read, never plan them as something else).
+    FP8 and MXFP4 checkpoints (DeepSeek-V3, gpt-oss) are dequantized to 16 bits to be fine-tuned (transformers'
+    ``dequantize``): planned as ``--quant`` says, with a warning."""
     qc = spec.config.get("quantization_config")
     if not isinstance(qc, dict):
         return q, []
     method = qc.get("quant_method")
+    if method in PACKED_METHODS:
+        raise QPlanError(f"{spec.name}'s checkpoint is saved quantized with {method} (its quantization_config), whose "
+                         "packed weights qplan does not plan yet (it plans bitsandbytes checkpoints, 16/32-bit ones, and "
+                         "FP8/MXFP4 ones dequantized)")
     if method != "bitsandbytes":
-        return q, [f"{spec.name}'s checkpoint is saved quantized with {method or 'an unknown method'} "
-                   f"(quantization_config); qplan plans its weights as --quant {q.quant} says"]
+        return q, [f"{spec.name}'s checkpoint is saved quantized with {shown(method) if method else 'an unknown method'} "
+                   f"(quantization_config); qplan plans its weights as --quant {q.quant} says (dequantized to train)"]
     if qc.get("load_in_4bit"):
         want, dq = str(qc.get("bnb_4bit_quant_type") or "fp4"), bool(qc.get("bnb_4bit_use_double_quant", False))
     elif qc.get("load_in_8bit"):

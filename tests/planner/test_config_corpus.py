@@ -1,6 +1,6 @@
-"""Every public axolotl LoRA/QLoRA example (issue 24's corpus, ``tests/fixtures/corpus/axolotl``) ends one of two
-ways: planned, or refused in one line naming what qplan does not plan — no crash, no traceback — and each file's
-outcome (and refusal's kind) is the one committed in ``reports/corpus/axolotl.json``, so a change that plans, refuses
+"""Every public axolotl and LLaMA-Factory LoRA example (issue 24's corpus, ``tests/fixtures/corpus/``) ends one of
+two ways: planned, or refused in one line naming what qplan does not plan — no crash, no traceback — and each file's
+outcome (and refusal's kind) is the one committed in ``reports/corpus/<tool>.json``, so a change that plans, refuses
 or breaks a real config shows in review (regenerate with ``python bench/config_corpus.py``)."""
 
 from __future__ import annotations
@@ -9,24 +9,28 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import config_corpus as C  # noqa: E402
 
 REPORT = ROOT / "reports" / "corpus" / "axolotl.json"
+SIZES = {"axolotl": 178, "llamafactory": 29}
 
 
 def _key(row: dict) -> tuple:
     return row["file"], row["stand_in"], row["outcome"], row.get("reason"), row.get("grad_ckpt"), row.get("optimizer")
 
 
-def test_every_corpus_config_is_planned_or_refused_in_one_line_as_committed():
-    rows = C.walk()
-    assert len(rows) == 178
+@pytest.mark.parametrize("tool", sorted(SIZES))
+def test_every_corpus_config_is_planned_or_refused_in_one_line_as_committed(tool):
+    rows = C.walk(C.CORPORA / tool)
+    assert len(rows) == SIZES[tool]
     crashes = [r for r in rows if r["outcome"] == "crash"]
     assert not crashes, crashes[:3]
-    committed = json.loads(REPORT.read_text(encoding="utf-8"))
+    committed = json.loads((REPORT.parent / f"{tool}.json").read_text(encoding="utf-8"))
     assert [_key(r) for r in rows] == [_key(r) for r in committed]
 
 

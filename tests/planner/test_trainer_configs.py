@@ -216,6 +216,17 @@ def test_torchaos_optimizers_in_a_config_are_planned(capsys, tmp_path, optim):
     assert json.loads(plan_json(capsys, "--from-config", str(f))) == json.loads(plan_json(capsys, *flags))
 
 
+def test_a_llamafactory_megatron_bridge_file_is_refused(capsys, tmp_path):
+    """LLaMA-Factory reads Megatron-Bridge arguments only when USE_MEGATRON_BRIDGE=1 trains with Megatron-Core: a file
+    that carries them is not the HF Trainer's step (it was planned, with the keys 'ignored')."""
+    cfg = yaml.safe_load((CONFIGS / "llamafactory-qlora-qwen2.5-7b.yaml").read_text())
+    f = tmp_path / "mb.yaml"
+    f.write_text(yaml.safe_dump({**cfg, "tensor_model_parallel_size": 1, "use_distributed_optimizer": True}))
+    rc, _, err = qplan(capsys, "estimate", "--from-config", str(f))
+    assert rc == 2
+    one_line(err, "Megatron-Bridge", "tensor_model_parallel_size")
+
+
 @pytest.mark.parametrize("name,edit,needle", [
     ("axolotl-qlora-llama-3.1-8b.yml", {"gradient_checkpointing_kwargs": {"use_reentrant": "yes"}}, "use_reentrant"),
     ("axolotl-qlora-llama-3.1-8b.yml", {"gradient_checkpointing_kwargs": [1, 2]}, "not a mapping"),

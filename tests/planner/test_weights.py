@@ -124,3 +124,21 @@ def test_prequantized_checkpoint_keeps_its_16_bit_modules(tmp_path, upcast):
     assert plan["prediction"]["memory"]["weights_footprint"] == m.get_memory_footprint()
     with pytest.raises(QPlanError, match="plan it with --quant nf4 --double-quant"):
         plan_dict(model=str(PREQUANTIZED), quant="bf16")
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "aqlm", "compressed-tensors"])
+def test_a_packed_prequantized_checkpoint_is_refused_not_planned_16_bit(tmp_path, method):
+    """GPTQ / AWQ / AQLM / compressed-tensors checkpoints keep their packed weights while LoRA trains on them:
+    no ``--quant`` plans those bytes, so the plan is refused by name (it was a warning over a 16-bit plan); FP8 and
+    MXFP4 checkpoints, dequantized to fine-tune, still plan with a warning."""
+    import json
+
+    from qplan.planner.api import plan_dict
+
+    cfg = json.loads(PREQUANTIZED.read_text())
+    f = tmp_path / f"{method}.json"
+    f.write_text(json.dumps({**cfg, "quantization_config": {"quant_method": method, "bits": 4}}))
+    with pytest.raises(QPlanError, match=f"saved quantized with {method}.*packed weights"):
+        plan_dict(model=str(f), quant="bf16")
+    f.write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "mxfp4"}}))
+    assert any("dequantized to train" in w for w in plan_dict(model=str(f), quant="bf16")["warnings"])
