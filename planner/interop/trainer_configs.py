@@ -395,14 +395,15 @@ def _reentrant(r: _Reader) -> bool:
       ``utils/config/__init__.py``, when ``rl`` and ``unfrozen_parameters`` are unset: qplan refuses both);
       transformers (TRL, a plain Trainer) checkpoints non-reentrant (5.23 ``_activation_checkpointing_enable``:
       ``{"use_reentrant": False}`` for ``None``);
-    * a mapping without ``use_reentrant``: passed on to ``torch.utils.checkpoint``, whose default is reentrant
-      (torch 2.13: a warning, then ``use_reentrant = True``)."""
+    * a mapping without ``use_reentrant`` (or with ``null``): passed on to ``torch.utils.checkpoint``, whose default
+      is reentrant (torch 2.13: a warning, then ``use_reentrant = True``)."""
     kwargs = r.get("gradient_checkpointing_kwargs")
     if kwargs is None:
         return r.fmt == "axolotl"
     if not isinstance(kwargs, dict):
         raise QPlanError(f"{r.fmt} config: gradient_checkpointing_kwargs {shown(kwargs)} is not a mapping")
-    value = kwargs.get("use_reentrant", True)
+    value = kwargs.get("use_reentrant")
+    value = True if value is None else value  # None reaches torch.utils.checkpoint as "not given": reentrant
     if value not in (True, False):
         raise QPlanError(f"{r.fmt} config: gradient_checkpointing_kwargs.use_reentrant {shown(value)} is not planned "
                          "(true or false)")
@@ -472,7 +473,23 @@ LLAMAFACTORY_MEGATRON = {
 }
 
 
+def trl_objective_keys() -> dict[str, list[str]]:
+    """Keys only TRL's other trainers take (DPO, GRPO, distillation, reward, ...: ``trl_objective_keys.json``, written
+    by ``bench/trl_objective_keys.py`` from TRL's own config classes) -> the trainers that take them."""
+    import json
+
+    return json.loads((Path(__file__).parent / "trl_objective_keys.json").read_text(encoding="utf-8"))["keys"]
+
+
 def _trl(r: _Reader) -> dict[str, Any]:
+    objective = trl_objective_keys()
+    hits = sorted(set(r.cfg) & set(objective))
+    if hits:  # TRL's sft.py would not parse them either (HfArgumentParser over SFTConfig)
+        trainers = sorted({t for k in hits for t in objective[k]})
+        raise QPlanError(f"trl config: {', '.join(hits[:4])}{', ...' if len(hits) > 4 else ''} "
+                         f"{'is a key' if len(hits) == 1 else 'are keys'} of TRL's "
+                         f"{', '.join(trainers[:4])}{', ...' if len(trainers) > 4 else ''} trainer, not SFT: qplan plans "
+                         "SFT (preference and RL objectives are not planned yet)")
     o: dict[str, Any] = {"model": _model(r.get("model_name_or_path"), r.get("model_revision"), "model_name_or_path", "trl")}
     if not r.get("use_peft", False):
         raise QPlanError("trl config: use_peft is not true: qplan plans LoRA fine-tunes (use_peft: true)")

@@ -180,6 +180,7 @@ def test_a_key_that_changes_memory_and_cannot_be_planned_is_an_error(capsys, tmp
     ("axolotl-qlora-llama-3.1-8b.yml", {"gradient_checkpointing_kwargs": {"use_reentrant": True}}, True),
     # kwargs without the key reach torch.utils.checkpoint, whose default (torch 2.13) is reentrant
     ("axolotl-qlora-llama-3.1-8b.yml", {"gradient_checkpointing_kwargs": {"preserve_rng_state": True}}, True),
+    ("axolotl-qlora-llama-3.1-8b.yml", {"gradient_checkpointing_kwargs": {"use_reentrant": None}}, True),
     # transformers (TRL, a plain Trainer) checkpoints non-reentrant unless told
     ("trl-lora-smollm2-1.7b.yaml", {}, False),
     ("trl-lora-smollm2-1.7b.yaml", {"gradient_checkpointing_kwargs": {"use_reentrant": True}}, True),
@@ -214,6 +215,34 @@ def test_torchaos_optimizers_in_a_config_are_planned(capsys, tmp_path, optim):
     f.write_text(yaml.safe_dump({**cfg, "optimizer": optim}))
     flags = [*EQUIVALENT["axolotl-qlora-llama-3.1-8b.yml"], "--optimizer", optim]
     assert json.loads(plan_json(capsys, "--from-config", str(f))) == json.loads(plan_json(capsys, *flags))
+
+
+@pytest.mark.parametrize("extra,needles", [
+    ({"num_generations": 8, "beta": 0.04}, ["beta, num_generations", "GRPO", "not SFT"]),
+    ({"teacher_model_name_or_path": "Qwen/Qwen2.5-7B"}, ["teacher_model_name_or_path", "GKD"]),
+    ({"beta": 0.1, "loss_type": ["sigmoid"]}, ["beta", "DPO"]),
+])
+def test_a_trl_file_for_another_trainer_is_refused_not_planned_as_sft(capsys, tmp_path, extra, needles):
+    """TRL's DPO / GRPO / distillation command lines were planned as SFT, their telling keys 'ignored'."""
+    cfg = yaml.safe_load((CONFIGS / "trl-lora-smollm2-1.7b.yaml").read_text())
+    f = tmp_path / "t.yaml"
+    f.write_text(yaml.safe_dump({**cfg, **extra}))
+    rc, _, err = qplan(capsys, "estimate", "--from-config", str(f))
+    assert rc == 2
+    one_line(err, *needles)
+
+
+def test_the_trl_objective_keys_are_trls_own():
+    """``planner/interop/trl_objective_keys.json`` is what the installed TRL's config classes give (regenerate with
+    ``python bench/trl_objective_keys.py`` when TRL is upgraded)."""
+    pytest.importorskip("trl")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import trl_objective_keys as T
+
+    from qplan.planner.interop.trainer_configs import trl_objective_keys
+
+    assert trl_objective_keys() == T.objective_keys()["keys"]
+    assert {"num_generations", "teacher_model_name_or_path", "beta"} <= set(trl_objective_keys())
 
 
 def test_a_llamafactory_megatron_bridge_file_is_refused(capsys, tmp_path):

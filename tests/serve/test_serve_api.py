@@ -47,6 +47,8 @@ def cli(*args: str) -> subprocess.CompletedProcess:
       "--price-per-hour", "2.5", "--gpu", "l4"]),
     ("model=smollm2-135m&r=8&gpu=h100-80gb&double-quant=false", ["--model", "smollm2-135m", "--r", "8", "--gpu", "h100-80gb",
                                                               "--no-double-quant"]),
+    ("model=llama-3.2-1b&reentrant=true&optimizer=adamw_torch_4bit&gpu=t4",
+     ["--model", "llama-3.2-1b", "--reentrant", "--optimizer", "adamw_torch_4bit", "--gpu", "t4"]),
 ])
 def test_estimate_is_the_cli_plan_byte_for_byte(base, query, args):
     status, body = get(f"{base}/api/estimate?{query}")
