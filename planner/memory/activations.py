@@ -192,7 +192,7 @@ def fused_qkv_activation(d: Dims, p: Precision, fused_kbit: bool | None) -> Lin:
     sdpa saves ``v``, a view of that output, which keeps the whole output alive next to the
     rotated q and k: ``c (q + kv) T`` more than separate projections.  A k-bit projection returns
     the stream dtype (fp32 after upcasting), and autocast's copy of ``v`` is what is saved."""
-    if fused_kbit is None or not p.amp:
+    if fused_kbit is None or p.c == 4:
         return ZERO
     out_dtype = p.R if fused_kbit else p.c
     return Lin(tok=p.c * (d.nh + d.nkv) * d.hd) if out_dtype == p.c else ZERO
@@ -245,9 +245,9 @@ def attention_activation(d: Dims, p: Precision, attn_impl: str) -> Lin:
         # q, k and v repeated to all heads, each in the compute dtype (autocast copies, or the
         # rotated / repeated tensors themselves); the fp32 softmax and the compute-dtype copy the
         # value matmul saves (none without autocast); Gemma-2's ``tanh`` softcap output
-        quad = 4 * d.nh + (p.c * d.nh if p.amp else 0) + (p.c * d.nh if d.attn_softcap else 0)
+        quad = 4 * d.nh + (p.c * d.nh if p.c != 4 else 0) + (p.c * d.nh if d.attn_softcap else 0)
         return Lin(tok=3 * p.c * d.nh * d.hd, quad=quad)
-    if not p.amp:
+    if p.c == 4:
         if d.nkv != d.nh:
             # fp32 + GQA: the math composite (flash needs 16-bit, memory-efficient equal heads):
             # q * scale, the repeated k (scaled, transposed) and v, and the fp32 softmax
@@ -264,7 +264,7 @@ def eager_forward_transient(d: Dims, p: Precision) -> Lin:
     (ATen ``softmax`` converts with ``toType`` unless fp16 on CUDA) and its fp32 output:
     ``(A + [4 if A != 4] + 4) b nh s^2``.  With checkpointing nothing of it is saved, so it is the
     peak of the forward at long sequences."""
-    a = 4 if (p.R == 4 or not p.amp) else p.c
+    a = 4 if (p.R == 4 or p.c == 4) else p.c
     return Lin(quad=(a + (0 if a == 4 else 4) + 4) * d.nh)
 
 
@@ -272,7 +272,7 @@ def eager_backward_quad(d: Dims, p: Precision) -> Lin:
     """Eager attention's largest backward moment, per layer: the saved fp32 softmax output, the
     gradient of the probabilities cast back to fp32, and ``_softmax_backward_data``'s fp32 output
     (``12 b nh s^2``), plus Gemma-2's saved ``tanh`` of the scores."""
-    tanh = (p.c if p.amp else 4) * d.nh if d.attn_softcap else 0
+    tanh = p.c * d.nh if d.attn_softcap else 0
     return Lin(quad=12 * d.nh + tanh)
 
 
@@ -358,7 +358,7 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     head = head_activation(spec, p, grad_ckpt != "off")
     layer_inputs = Lin(tok=d.L * p.R * d.h)  # what HF checkpointing keeps of every layer
     rotary = rotary_activation(d, p)  # cos/sin, alive through backward
-    grads_in = incoming_gradients(d, p)
+    grads_in = incoming_gradients(d, p, any(b.site == "mlp_out" for b in br))
     if grad_ckpt == "off":
         first = layer_activation(spec, br, q, r, dropout, attn_impl, first=True, kernels=kernels, mlp=mlp)
         saved = first + (d.L - 1) * full + head
@@ -431,19 +431,22 @@ def reentrant_difference(spec: ModelSpec, branches: list[Branch], p: Precision, 
     all-linear; CPU run = meta trace to the byte): the reentrant peak is the non-reentrant one
     ``- c h T`` (bf16 and nf4, all-linear) and ``+ R h T`` (nf4 qv, bf16 attn, fp32 all-linear)."""
     d = dims(spec)
-    lora_transient = not moe and recompute_transient(spec, branches, p, dropout) != Lin(tok=p.M * d.i + p.M * d.h)
+    lora_transient = p.amp and not moe and recompute_transient(spec, branches, p, dropout) != Lin(tok=p.M * d.i + p.M * d.h)
     return Lin(tok=-p.c * d.h if lora_transient else p.R * d.h)
 
 
-def incoming_gradients(d: Dims, p: Precision) -> Lin:
+def incoming_gradients(d: Dims, p: Precision, lora_down: bool = False) -> Lin:
     """Gradients in flight while a layer's saved tensors are back (its recomputation's end with
-    checkpointing): the gradient reaching the layer ``R h T``, and a second ``R h T`` — without
+    checkpointing): the gradient reaching the layer ``R h T``, and a second one — without
     checkpointing and with non-reentrant checkpointing (``hf``) the backward of the layer's last ops
     runs *before* anything is recomputed (the recomputation starts when the first saved tensor is
     unpacked, torch/utils/checkpoint.py ``_checkpoint_hook``), and by then the output gradient's
-    scaled copy (LoRA's ``* scaling`` on the down projection) or its sum with the residual's is made.
+    scaled copy (LoRA's ``* scaling`` on the down projection) or its sum with the residual's is made:
+    ``R h T``, except in a pure 16-bit step (no autocast) with LoRA on the down projection, whose branch
+    runs in the fp32 adapters' dtype (PEFT casts its input to ``lora_A``'s dtype): ``4 h T``.
     ``reentrant_difference`` is what the reentrant checkpoint changes."""
-    return Lin(tok=2 * p.R * d.h)
+    second = 4 if (lora_down and not p.amp) else p.R
+    return Lin(tok=(p.R + second) * d.h)
 
 
 def parameter_lora_activation(counts: list[ModuleCount], q: QuantSettings) -> tuple[int, int, int]:
@@ -548,7 +551,7 @@ def padding_mask_activation(spec: ModelSpec, p: Precision) -> tuple[Lin, Lin]:
     on a GPU."""
     d = dims(spec)
     n = max(1, len(spec.inventory.attention_types))
-    n_rep = max(1, d.nh // max(1, d.nkv)) if p.amp else 1
+    n_rep = max(1, d.nh // max(1, d.nkv)) if p.c != 4 else 1
     return Lin(quad=n), Lin(quad=p.c, tok=(n_rep - 1) * 2 * d.kv * p.c)
 
 
@@ -587,5 +590,5 @@ def logits_terms(spec: ModelSpec, q: QuantSettings, chunked: bool = False) -> di
     cap = p.c * d.V if d.final_softcap else 0
     if chunked:
         return {"forward": Lin(tok=p.c * d.V + cap), "backward": Lin(tok=p.c * d.V + cap)}
-    fwd = (p.c + 8) * d.V if p.amp else 8 * d.V
+    fwd = (p.c + 8) * d.V if p.c != 4 else 8 * d.V
     return {"forward": Lin(tok=fwd + cap), "backward": Lin(tok=12 * d.V + cap)}

@@ -40,7 +40,11 @@ class Precision:
     """Bytes per element of the tensors a step makes.
 
     * ``amp``: autocast on (Trainer ``bf16=True``/``fp16=True`` -> accelerate wraps the forward in
-      ``torch.autocast``); ``c``: what autocast's lower-precision ops produce (4 without autocast).
+      ``torch.autocast``); ``c``: what the matmuls produce — autocast's lower precision, or without autocast
+      the weights' own dtype: 4 for fp32 weights, 2 for a pure 16-bit step (``--quant bf16 --compute-dtype
+      fp32``: bf16 weights, no autocast, as PEFT's benchmark harness and torchtune train). Terms that depend on
+      16-bit kernels (flash attention, a 16-bit copy of the softmax) ask ``c != 4``; terms that depend on
+      autocast's casts ask ``amp``.
     * ``R``: the residual stream: embeddings output, norm outputs.  ``prepare_model_for_kbit_training``
       casts embeddings and norms to fp32, so the whole stream runs in fp32 (4); otherwise the load dtype.
     * ``M``: outputs of the projections feeding the MLP activation.  bitsandbytes' ``Linear4bit``
@@ -57,8 +61,8 @@ class Precision:
 
 def precision(q: QuantSettings) -> Precision:
     amp = q.compute_dtype in ("bfloat16", "float16")
-    c = BYTES[q.compute_dtype] if amp else 4
     R = BYTES[q.unquantized_dtype]
+    c = BYTES[q.compute_dtype] if amp else R
     M = R if (q.kbit or not amp) else c
     return Precision(amp, c, R, M, q.kbit)
 

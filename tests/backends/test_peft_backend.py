@@ -107,12 +107,16 @@ CASES = [
     pytest.param("nf4", False, False, id="nf4-nockpt"),
     # axolotl's / LLaMA-Factory's default: torch's reentrant checkpoint, really run by the Trainer
     pytest.param("nf4", True, True, id="nf4-reentrant"),
+    # bf16 weights without autocast (--compute-dtype fp32 on a 16-bit load: PEFT's benchmark harness, torchtune)
+    pytest.param("bf16-pure", False, False, id="bf16-pure-nockpt"),
 ]
 
 
 @pytest.mark.parametrize("quant, grad_ckpt, reentrant", CASES)
 def test_cpu_tensor_peak_matches_prediction(quant, grad_ckpt, reentrant, tmp_path):
-    plan = build_plan(llama_spec(), quant=quant, grad_ckpt=grad_ckpt, reentrant=reentrant)
+    pure = quant == "bf16-pure"
+    plan = build_plan(llama_spec(), quant="bf16" if pure else quant, grad_ckpt=grad_ckpt, reentrant=reentrant,
+                      compute_dtype="fp32" if pure else "bf16")
     result = run_plan(write_plan(tmp_path / "plan.json", plan), random_init=True, steps=4, device="cpu",
                       out_dir=tmp_path / "runs")
     assert result["status"] == "ok", result["summary"]

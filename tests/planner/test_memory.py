@@ -71,6 +71,16 @@ CASES = [
     pytest.param(TINY_LLAMA, dict(quant="fp32", compute_dtype="fp32", seq_len=64, batch_size=2, reentrant=True),
                  id="tiny-llama-fp32-reent"),
     pytest.param("llama-3.2-1b", dict(quant="int8", reentrant=True), id="llama1b-int8-reent"),
+    # a pure 16-bit step: bf16 weights, no autocast (PEFT's benchmark harness, torchtune): matmuls in bf16, the LoRA
+    # branches in the fp32 adapters' dtype, flash attention (was +15..46% high: every activation counted fp32)
+    pytest.param("llama-3.2-1b", dict(quant="bf16", compute_dtype="fp32", grad_ckpt=False, batch_size=4, seq_len=768,
+                                      targets="qv", r=32, dropout=0.0), id="llama1b-pure-bf16-peft-harness"),
+    pytest.param("smollm2-135m", dict(quant="bf16", compute_dtype="fp32", grad_ckpt=False, batch_size=2, seq_len=256),
+                 id="smollm2-pure-bf16-nockpt"),
+    pytest.param(PHI3, dict(quant="bf16", compute_dtype="fp32", grad_ckpt=False, seq_len=64, batch_size=2),
+                 id="phi3-fused-pure-bf16-nockpt"),
+    pytest.param(TINY_LLAMA, dict(quant="bf16", compute_dtype="fp32", seq_len=64, batch_size=2),
+                 id="tiny-llama-pure-bf16-ckpt"),
 ]
 
 
@@ -93,6 +103,7 @@ def test_analytic_peak_matches_trace(model, kw):
     pytest.param(TINY_LLAMA, dict(quant="bf16", targets="attn"), id="tiny-bf16-attn"),
     pytest.param(TINY_LLAMA, dict(quant="bf16", targets="mlp"), id="tiny-bf16-mlp"),
     pytest.param(TINY_LLAMA, dict(quant="fp32", compute_dtype="fp32"), id="tiny-fp32-all"),
+    pytest.param(TINY_LLAMA, dict(quant="bf16", compute_dtype="fp32"), id="tiny-pure-bf16-all"),
 ])
 def test_reentrant_checkpointing_changes_the_peak_as_the_trace_does(model, kw):
     """Reentrant against non-reentrant checkpointing on small-vocabulary plans, whose peak is a layer's backward:

@@ -170,6 +170,17 @@ def test_reentrant_checkpointing_meta_matches_cpu_oracle(family, quant):
         assert plain["tensor_peak"] != meta["tensor_peak"]
 
 
+def test_pure_bf16_step_meta_matches_cpu_oracle():
+    """bf16 weights without autocast (``compute_dtype`` fp32 on a 16-bit load: PEFT's benchmark harness): the meta
+    trace equals the real CPU step to the byte."""
+    config = dict(FAMILIES["llama"], vocab_size=32)
+    base = dict(quant="bf16", double_quant=False, compute_dtype="fp32", upcast_kbit=False, lora=LORA, batch_size=B,
+                seq_len=S, grad_ckpt=True, optimizer="adamw_torch", seed=0)
+    cpu = trace_training_step(config, device="cpu", **base)
+    meta = trace_training_step(config, device="meta", kernels="cpu", **base)
+    assert (meta["tensor_peak"], meta["breakdown_at_peak"]) == (cpu["tensor_peak"], cpu["breakdown_at_peak"])
+
+
 def test_lora_variants_paged_optimizer_two_steps():
     """DoRA + bias + modules_to_save on a k-bit upcast model with a paged 8-bit optimizer over two
     steps: the lm_head copy (2048 x 64 >= 1e5 elements) gets paged optimizer state."""
