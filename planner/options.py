@@ -93,8 +93,9 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
     quant: _f(lit(QUANTS), "base weights: bitsandbytes 4-bit (nf4, fp4), LLM.int8, or a plain 16/32-bit load",
               section=QUANT) = "nf4"
     double_quant: _f(bool, "4-bit: quantize the absmax constants", negatable=True, section=QUANT) = True
-    compute_dtype: _f(lit(sorted(DTYPE_ALIASES)), "dtype of the matmuls (bnb_4bit_compute_dtype; autocast)",
-                      section=QUANT) = "bf16"
+    compute_dtype: _f(lit(sorted(DTYPE_ALIASES)), "dtype of the matmuls (bnb_4bit_compute_dtype; autocast); fp32 with "
+                      "--quant bf16/fp16 is a pure 16-bit step: no autocast, matmuls in the weights' dtype (PEFT's "
+                      "benchmark harness, torchtune)", section=QUANT) = "bf16"
     upcast: _f(bool, "k-bit plans: prepare_model_for_kbit_training casts unquantized params to fp32",
                negatable=True, section=QUANT) = True
     gpu: _f(Annotated[str, Meta(max_length=MAX_NAME)] | None, "target GPU (see `qplan gpus`), or a device file "

@@ -54,9 +54,12 @@ def render_plan(plan: dict[str, Any]) -> str:
     mem = p["memory"]
     lines = []
     qdesc = q["quant"] + (" + double quant" if q.get("double_quant") else "")
+    # 16-bit weights without mixed precision: the matmuls run in the weights' dtype (a pure 16-bit step)
+    pure = q["quant"] in ("bf16", "fp16") and t.get("mixed_precision") == "no"
+    compute = f"no autocast, matmuls in {q['quant']}" if pure else f"compute {q['compute_dtype']}"
     lines.append(
         f"{m['name']} ({m['architecture']}) · LoRA r={lora['r']} α={lora['alpha']:g} "
-        f"targets={lora['targets']} · {qdesc}, compute {q['compute_dtype']} · backend {plan['backend']}"
+        f"targets={lora['targets']} · {qdesc}, {compute} · backend {plan['backend']}"
     )
     lines.append(
         f"batch {t['batch_size']} × seq {t['seq_len']} (accum {t['grad_accum']}) · "
