@@ -258,6 +258,7 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
         raise QPlanError(f"qplan run trains --data plans with the peft backend only (its Trainer takes the plan's "
                          f"batching): the {info.name} backend would batch the data its own way; re-plan with --backend peft")
     registry.check_installed(info)
+    _check_optimizer_device(plan, device, info.python)
     from . import launch
 
     multi = launch.dist_section(plan)
@@ -370,3 +371,19 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
         "failure": doc.get("failure"),
         "returncode": rc,
     }
+
+
+def _check_optimizer_device(plan: dict[str, Any], device: str, python: str | None) -> None:
+    """torchao's low-bit AdamW updates each tensor through ``torch.compile(fullgraph=True)``, which finds no frame to
+    compile under the CPU measurement's live-tensor tracker (a TorchDispatchMode), and its eager fallback would
+    quantize through a [numel, 256] comparison no GPU makes: such a plan is measured on a GPU (CUDA counters, no
+    tracker), refused on the CPU before anything starts."""
+    from qplan.planner.vocab import OPTIMIZERS
+
+    row = OPTIMIZERS.get(plan["training"].get("optimizer", ""))
+    if row is None or not row.state.startswith("torchao"):
+        return
+    if device == "cpu" or (device == "auto" and _multi_device(device, python) == "cpu"):
+        raise QPlanError(f"optimizer {row.name} (torchao, a compiled update) cannot be measured on the CPU: its "
+                         "torch.compile finds no frame under the live-tensor tracker; run the plan on a GPU, or plan "
+                         "the CPU run with another optimizer")

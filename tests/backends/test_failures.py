@@ -73,3 +73,15 @@ def test_ctrl_c_writes_partial_measurements_and_a_report(tmp_path):
     assert len(doc["measured"]["loss"]) == 1 and doc["measured"]["params"]["trainable"] > 0
     assert "status: **interrupted**" in (run / "report.md").read_text()
     assert (run / "report.html").is_file()
+
+
+def test_a_compiled_torchao_step_is_refused_on_the_cpu_before_anything_starts(tmp_path):
+    """torchao's low-bit AdamW compiles its update, which finds no frame under the CPU measurement's tracker (a real
+    run failed at its first measured step): one line, exit 2, no run folder."""
+    plan_file = make_plan_file(tmp_path, optimizer="adamw_torch_8bit")
+    out = tmp_path / "runs"
+    p = subprocess.run([*qplan_cmd(), "run", str(plan_file), "--device", "cpu", "--random-init", "--steps", "3",
+                        "--out-dir", str(out)], capture_output=True, text=True, env=child_env(), timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "adamw_torch_8bit" in p.stderr and "on the CPU" in p.stderr
+    assert not out.exists() or not any(out.iterdir())
