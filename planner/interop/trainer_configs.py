@@ -577,6 +577,11 @@ def read_trainer_config(path: str | Path, fmt: str | None = None) -> tuple[dict[
         warnings.append(note("approximated", "axolotl patches prepare_model_for_kbit_training to keep embed_tokens/lm_head "
                              "in the compute dtype; the plan upcasts them to fp32 as PEFT does (the weights term may be "
                              "high by that)"))
+    if fmt == "trl":
+        warnings.append(note("approximated", "TRL 1.16's SFTTrainer computes the loss through a fused, chunked LM head "
+                             "(trl.trainer.utils add_fused_lm_head: no batch × seq × vocab logits); the plan keeps the "
+                             "full logits and their fp32 gradients, so its logits term is high (up to 12 bytes per "
+                             "token and vocabulary entry): a chunked-loss plan is not built yet"))
     if fmt == "trl" and opts["quant"] in ("nf4", "fp4", "int8"):
         warnings.append(note("approximated", "TRL casts the LoRA adapters of a quantized model to bfloat16; the plan keeps "
                              "them in float32 (adapters, gradients and optimizer states may be high by up to half)"))
