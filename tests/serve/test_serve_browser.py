@@ -151,6 +151,24 @@ def test_page_numbers_equal_the_api_as_r_and_gpu_change(base, browser, tmp_path)
     assert shot.stat().st_size > 20_000
 
 
+def test_reentrant_and_torchao_optimizers_from_the_page(base, browser, tmp_path):
+    """The page offers reentrant checkpointing (axolotl's, LLaMA-Factory's default) and torchao's optimizers; what
+    it shows for them is the API's plan."""
+    drv = browser
+    drv.get(base + "/")
+    settled(drv)
+    drv.find_element(By.ID, "reentrant").click()
+    settled(drv, "reentrant=true")
+    Select(drv.find_element(By.ID, "optimizer")).select_by_visible_text("adamw_torch_8bit")
+    settled(drv, "optimizer=adamw_torch_8bit")
+    plan = check_page(drv, base)
+    assert plan["training"]["grad_ckpt"] == "reentrant" and plan["training"]["optimizer"] == "adamw_torch_8bit"
+    folder = Path(os.environ.get("QPLAN_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    drv.execute_script("window.scrollTo(0, 0)")
+    drv.save_screenshot(str(folder / "serve-reentrant.png"))
+
+
 def test_a_bad_value_shows_the_cli_line(base, browser):
     drv = browser
     drv.get(base + "/")
