@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qplan.planner.memory.dora import dora_activation
 from qplan.planner.memory.lin import ZERO, Lin, Precision, precision
 from qplan.planner.memory.moe import moe_activation, moe_moments
 from qplan.planner.memory.terms import Dims, dims, idle_in_step, trainable_tensors
@@ -37,6 +38,9 @@ def _site(g: LinearGroup) -> str | None:
     if role == "mlp":
         return "mlp_out" if leaf in MLP_OUT else "mlp_in"
     return None
+
+
+SITES = ("attn_in", "attn_out", "mlp_in", "mlp_out")
 
 
 def _site_dtype(site: str, p: Precision) -> int:
@@ -284,13 +288,11 @@ def mlp_activation(d: Dims, p: Precision) -> Lin:
 
 
 def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, r: int, dropout: float,
-                     attn_impl: str, first: bool = False, kernels: str = "cuda", mlp: Lin | None = None) -> Lin:
-    """Everything one decoder layer keeps for backward (no checkpointing).
-
-    ``first``: layer 0 without checkpointing reads the embeddings, which do not require grad:
-    its input norm saves nothing and dropout masks on that input are not kept.
-    ``mlp``: the feed-forward block's own term when it is not a dense MLP (``moe_activation``).
-    """
+                     attn_impl: str, first: bool = False, kernels: str = "cuda", mlp: Lin | None = None,
+                     dora: bool = False) -> Lin:
+    """Everything one decoder layer keeps for backward (no checkpointing). ``first``: layer 0 without checkpointing
+    reads the embeddings, which need no grad: its input norm saves nothing, dropout masks on that input are not kept.
+    ``mlp``: the feed-forward block's own term when not a dense MLP (``moe_activation``); ``dora``: DoRA's extras."""
     d = dims(spec)
     p = precision(q)
     total = norm_activation(d, p, first) + residual_activation(d, p)
@@ -307,6 +309,8 @@ def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, 
     total = total + Lin(tok=sum(_site_input_bytes(s_, d, p) for s_ in shared if s_ != "attn_out"))
     if q.quant == "int8":
         total = total + int8_retained_activation(spec, q, p, False, first, shared)
+    if dora:
+        total = total + dora_activation(branches, p, dropout, first, {s: _site_dtype(s, p) for s in SITES})
     return total + Lin(const=lora_weight_cast_bytes(branches, p, r))
 
 
@@ -332,7 +336,7 @@ def head_activation(spec: ModelSpec, p: Precision, ckpt: bool) -> Lin:
 
 def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout: float,
                      q: QuantSettings, grad_ckpt: str, attn_impl: str, kernels: str = "cuda",
-                     padded: bool = False) -> dict[str, Lin]:
+                     padded: bool = False, dora: bool = False) -> dict[str, Lin]:
     """Activations alive at the end of the forward pass, and at the other moments that hold some.
 
     * no checkpointing: layer 0 (``first``) + ``L - 1`` full layers + the head;
@@ -354,13 +358,13 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     ckpt_inputs = ZERO
     br = lora_branches(spec, counts, q)
     mlp = moe_activation(spec, counts, q)
-    full = layer_activation(spec, br, q, r, dropout, attn_impl, kernels=kernels, mlp=mlp)
+    full = layer_activation(spec, br, q, r, dropout, attn_impl, kernels=kernels, mlp=mlp, dora=dora)
     head = head_activation(spec, p, grad_ckpt != "off")
     layer_inputs = Lin(tok=d.L * p.R * d.h)  # what HF checkpointing keeps of every layer
     rotary = rotary_activation(d, p)  # cos/sin, alive through backward
     grads_in = incoming_gradients(d, p, any(b.site == "mlp_out" for b in br))
     if grad_ckpt == "off":
-        first = layer_activation(spec, br, q, r, dropout, attn_impl, first=True, kernels=kernels, mlp=mlp)
+        first = layer_activation(spec, br, q, r, dropout, attn_impl, first=True, kernels=kernels, mlp=mlp, dora=dora)
         saved = first + (d.L - 1) * full + head
         layers = first + grads_in + rotary
         layers_temps = grads_in

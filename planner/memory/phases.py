@@ -38,11 +38,11 @@ from qplan.planner.vocab import CATEGORIES, MOMENTS_OF_PHASE
 
 def training_memory(spec: ModelSpec, counts: list[ModuleCount], lora_r: int, dropout: float,
                     q: QuantSettings, t: TrainingSettings, weights: int, chunked_ce: bool = False,
-                    kernels: str = "cuda") -> dict[str, Any]:
+                    kernels: str = "cuda", dora: bool = False) -> dict[str, Any]:
     """All terms and the peak, for one plan.  ``kernels="cpu"``: what the same step allocates when
     it runs on the CPU (``qplan run --device cpu`` compares against that)."""
     return MemoryModel.build(spec, counts, lora_r, dropout, q, t.grad_ckpt, t.optimizer, t.attn_impl,
-                             weights, chunked_ce, kernels, t.padded).evaluate(*t.shape, t.grad_accum)
+                             weights, chunked_ce, kernels, t.padded, dora).evaluate(*t.shape, t.grad_accum)
 
 
 @dataclass(frozen=True)
@@ -92,12 +92,12 @@ class MemoryModel:
 
     @classmethod
     def build(cls, spec, counts, lora_r, dropout, q, grad_ckpt, optimizer, attn_impl, weights, chunked_ce=False,
-              kernels="cuda", padded=False):
+              kernels="cuda", padded=False, dora=False):
         # adapters of modules a text-only step never runs (a vision tower) get no gradient or state
         stepped = stepped_counts(spec, counts)
         opt = optimizer_state_bytes(stepped, optimizer)
         L = dims(spec).L
-        acts = activation_terms(spec, stepped, lora_r, dropout, q, grad_ckpt, attn_impl, kernels, padded)
+        acts = activation_terms(spec, stepped, lora_r, dropout, q, grad_ckpt, attn_impl, kernels, padded, dora)
         lg = logits_terms(spec, q, chunked_ce)
         return cls(
             weights=weights, adapters=adapter_bytes(counts), gradients=gradient_bytes(stepped),

@@ -108,11 +108,12 @@ class PeftProfile:
         """The step's terms as linear forms in batch x sequence (what ``qplan fit`` searches with)."""
         t = ctx.training
         return MemoryModel.build(ctx.spec, list(ctx.counts), ctx.lora.r, ctx.lora.dropout, ctx.quant, t.grad_ckpt,
-                                 t.optimizer, t.attn_impl, ctx.weights, self.chunked_ce, kernels, t.padded)
+                                 t.optimizer, t.attn_impl, ctx.weights, self.chunked_ce, kernels, t.padded,
+                                 ctx.lora.use_dora)
 
     def memory(self, ctx: StepContext, kernels: str = "cuda") -> dict[str, Any]:
         mem = training_memory(ctx.spec, list(ctx.counts), ctx.lora.r, ctx.lora.dropout, ctx.quant, ctx.training,
-                              ctx.weights, chunked_ce=self.chunked_ce, kernels=kernels)
+                              ctx.weights, chunked_ce=self.chunked_ce, kernels=kernels, dora=ctx.lora.use_dora)
         if kernels == "cuda":
             mem = _calibrated_overhead(mem, ctx.calibration)
         return _single_gpu_weights(ctx, mem)

@@ -110,11 +110,13 @@ VALIDATED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")
 
 def accuracy_warning(spec: ModelSpec, use_dora: bool = False) -> str | None:
     """A warning for plans whose activation terms are not validated: other families (GPT-2's
-    LayerNorm/GELU MLP, ...), mixture-of-experts layers (routed experts' activations) and DoRA
-    (its magnitude-scaled base output is not modelled: ~30% low without checkpointing)."""
+    LayerNorm/GELU MLP, ...), mixture-of-experts layers (routed experts' activations), and DoRA's transients (its
+    saved tensors are planned, ``planner.memory.dora``; the norm's identity matrix and weight copies made while a
+    module's forward runs are not)."""
     if use_dora:
-        return ("DoRA's extra activations (the base output it rescales) are not in the analytic model; "
-                "`--method trace` is exact")
+        return ("DoRA's saved tensors are planned, not the transients of its weight norm (an in × in identity and "
+                "in × out weight copies per module while its forward runs): the plan may be low where one is the peak "
+                "(checkpointing, small vocabularies); `--method trace` is exact")
     c = spec.config
     if isinstance(c.get("text_config"), dict):
         c = c["text_config"]  # a multimodal wrapper's language model (Mistral-3: mistral) is what runs

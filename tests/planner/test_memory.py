@@ -81,6 +81,14 @@ CASES = [
                  id="phi3-fused-pure-bf16-nockpt"),
     pytest.param(TINY_LLAMA, dict(quant="bf16", compute_dtype="fp32", seq_len=64, batch_size=2),
                  id="tiny-llama-pure-bf16-ckpt"),
+    # DoRA's saved tensors (planner/memory/dora.py): its products' inputs, the norm's vectors, and with dropout the
+    # 16-bit weight copy the recomputed base matmul saves
+    pytest.param("smollm2-135m", dict(quant="nf4", dora=True, grad_ckpt=False, batch_size=2, seq_len=256),
+                 id="smollm2-dora-nf4-nockpt-dropout"),
+    pytest.param("smollm2-135m", dict(quant="bf16", dora=True, grad_ckpt=False, batch_size=2, seq_len=256, dropout=0.0),
+                 id="smollm2-dora-bf16-nockpt"),
+    pytest.param("smollm2-135m", dict(quant="bf16", compute_dtype="fp32", dora=True, grad_ckpt=False, batch_size=2,
+                                      seq_len=256, dropout=0.0, targets="qv", r=32), id="smollm2-dora-pure-bf16"),
 ]
 
 
