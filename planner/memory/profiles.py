@@ -184,7 +184,8 @@ class ShardedProfile:
         from qplan.planner.memory.per_rank import rank_memory
 
         mem = rank_memory(ctx.spec, list(ctx.counts), ctx.lora.r, ctx.lora.dropout, ctx.quant, ctx.training, ctx.dist,
-                          self.single.chunked_ce, kernels, ctx.calibration if kernels == "cuda" else None)
+                          self.single.chunked_ce, kernels, ctx.calibration if kernels == "cuda" else None,
+                          ctx.lora.use_dora)
         return {**mem, "single": self.single.memory(ctx)} if kernels == "cuda" else mem
 
     def host(self, ctx: StepContext, memory: dict[str, Any]) -> dict[str, int] | None:
