@@ -333,7 +333,11 @@ def _axolotl(r: _Reader) -> dict[str, Any]:
         raise QPlanError("axolotl config: adapter: qlora needs load_in_4bit: true")
     if b4 and b8:
         raise QPlanError("axolotl config: load_in_4bit and load_in_8bit are both set: choose one")
-    prec = _precision(r)
+    # axolotl 0.19 (utils/schemas/config.py) defaults bf16 to "auto" (bf16 where the GPU has it), and trains
+    # bfloat16: true with the Trainer's bf16 too (core/builders/base.py: bf16 = cfg.bf16 or cfg.bfloat16)
+    if r.get("bfloat16") is True and r.get("fp16"):
+        raise QPlanError("axolotl config: bfloat16 and fp16 are both set: choose one")
+    prec = "bf16" if r.get("bfloat16") is True or not (r.has("bf16") or r.get("fp16")) else _precision(r)
     bnb = r.get("bnb_config_kwargs") or {}
     if not isinstance(bnb, dict):
         raise QPlanError(f"axolotl config: bnb_config_kwargs must be a mapping, got {shown(bnb)}")
@@ -382,7 +386,7 @@ def _axolotl(r: _Reader) -> dict[str, Any]:
               "unsloth_lora_mlp", "unsloth_lora_qkv", "unsloth_lora_o", "lora_mlp_kernel", "lora_qkv_kernel",
               "lora_o_kernel", "cut_cross_entropy", "chunked_cross_entropy", "tiled_mlp", "activation_offloading",
               "gradient_checkpointing_kwargs_offload", "fix_untrained_tokens",
-              "embeddings_skip_upcast", "float16", "bfloat16", "load_in_2bit", "dpo_beta", "flash_attn_cross_entropy",
+              "embeddings_skip_upcast", "float16", "load_in_2bit", "dpo_beta", "flash_attn_cross_entropy",
               "flash_attn_rms_norm", "flash_attn_fuse_mlp", "flash_attn_fuse_qkv"},
              "changes training memory in a way qplan does not plan from an axolotl config")
     return o

@@ -210,6 +210,18 @@ def test_each_tools_checkpointing_default_is_planned_as_that_tool_runs_it(capsys
     assert json.loads(plan_json(capsys, "--from-config", str(f)))["training"]["grad_ckpt"] == "off"
 
 
+@pytest.mark.parametrize("edit", [{"bf16": None}, {"bf16": None, "bfloat16": True}, {"bf16": False, "bfloat16": True}])
+def test_axolotls_precision_defaults_are_its_own(capsys, tmp_path, edit):
+    """axolotl 0.19 defaults bf16 to "auto" (bf16 on a GPU that has it: utils/schemas/config.py) and trains
+    ``bfloat16: true`` with the Trainer's bf16 (core/builders/base.py): each plans as ``bf16: true`` does (a file
+    without bf16 was planned in fp32)."""
+    cfg = yaml.safe_load((CONFIGS / "axolotl-qlora-llama-3.1-8b.yml").read_text())
+    f = tmp_path / "a.yml"
+    edited = {k: v for k, v in {**cfg, **edit}.items() if v is not None}
+    f.write_text(yaml.safe_dump(edited))
+    assert plan_json(capsys, "--from-config", str(f)) == plan_json(capsys, *EQUIVALENT["axolotl-qlora-llama-3.1-8b.yml"])
+
+
 @pytest.mark.parametrize("optim", ["adamw_torch_8bit", "adamw_torch_4bit"])
 def test_torchaos_optimizers_in_a_config_are_planned(capsys, tmp_path, optim):
     """torchao's low-bit AdamW (31 of axolotl's LoRA examples) is planned as ``--optimizer``, not refused."""
