@@ -316,6 +316,19 @@ def test_fit_takes_the_model_and_fixed_settings_from_the_config(capsys):
     assert a == b and json.loads(a)["best"]
 
 
+def test_fit_searches_with_the_files_checkpointing_kind(capsys, tmp_path):
+    """An axolotl file checkpoints reentrantly by default: ``qplan fit --from-config`` searches with that kind
+    (its checkpointed rows say ``reentrant``), as ``--reentrant`` does."""
+    cfg = yaml.safe_load((CONFIGS / "axolotl-qlora-llama-3.1-8b.yml").read_text())
+    cfg.pop("gradient_checkpointing_kwargs")
+    f = tmp_path / "a.yml"
+    f.write_text(yaml.safe_dump(cfg))
+    rc, out, err = qplan(capsys, "fit", "--from-config", str(f), "--gpu", "a100-80gb", "--format", "json")
+    assert rc == 0, err
+    kinds = {row["grad_ckpt"] for row in json.loads(out)["best"]}
+    assert kinds <= {"reentrant", "off"} and "reentrant" in kinds
+
+
 # ---------------------------------------------------------------------------------- export
 
 #: (tool, flags of a plan that tool can run as planned)
