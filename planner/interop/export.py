@@ -76,7 +76,14 @@ def _check(plan: dict[str, Any], to: str) -> None:
         raise QPlanError("axolotl runs prepare_model_for_kbit_training (the fp32 upcast) on a k-bit model: plan with --upcast")
     if kbit and to != "axolotl" and upcast:
         raise QPlanError(f"{to} does not run prepare_model_for_kbit_training (no fp32 upcast): plan with --no-upcast to export")
-    if not kbit and to != "trl" and quant["quant"] != PRECISION[quant["compute_dtype"]]:
+    # LLaMA-Factory without bf16/fp16 loads the dtype it infers (bf16 where the GPU has it) and trains without mixed
+    # precision: it runs a pure bf16 step, never an fp32 one
+    pure_bf16 = quant["quant"] == "bf16" and quant["compute_dtype"] == "float32"
+    if to == "llamafactory" and quant["compute_dtype"] == "float32" and not pure_bf16:
+        raise QPlanError("llamafactory trains without bf16/fp16 in the dtype it infers (bf16 where the GPU has it), never "
+                         "fp32: plan with --compute-dtype bf16, or --quant bf16 --compute-dtype fp32 (its pure bf16 step)")
+    if not kbit and to != "trl" and quant["quant"] != PRECISION[quant["compute_dtype"]] \
+            and not (to == "llamafactory" and pure_bf16):
         raise QPlanError(f"{to} loads a 16/32-bit model in its training precision: plan with --quant equal to "
                          f"--compute-dtype (this plan: {quant['quant']} weights, {quant['compute_dtype']} compute)")
 

@@ -429,7 +429,17 @@ def _llamafactory(r: _Reader) -> dict[str, Any]:
     prec = _precision(r)
     if r.get("pure_bf16"):
         raise QPlanError("llamafactory config: pure_bf16 keeps adapters in bf16, which qplan does not plan")
-    o["quant"] = {4: str(r.get("quantization_type", "nf4")), 8: "int8"}.get(bits, prec)
+    weights = prec
+    if not (r.get("bf16") or r.get("fp16")):
+        # no bf16/fp16 flag: LLaMA-Factory infers the load dtype (model/patcher.py infer_optim_dtype: bf16 where the
+        # GPU has it) and the Trainer trains without mixed precision: a pure 16-bit step
+        if bits is None:
+            weights, prec = "bf16", "fp32"
+        else:
+            prec = "bf16"
+            r.warnings.append(note("approximated", "llamafactory config: without bf16/fp16, LLaMA-Factory trains the "
+                                   "k-bit model in bf16 without autocast; the plan assumes bf16 autocast"))
+    o["quant"] = {4: str(r.get("quantization_type", "nf4")), 8: "int8"}.get(bits, weights)
     o["double_quant"] = bool(r.get("double_quantization", True))
     o["compute_dtype"] = prec
     o["upcast"] = False  # LLaMA-Factory never calls prepare_model_for_kbit_training (model_utils/checkpointing.py)

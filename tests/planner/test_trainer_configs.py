@@ -222,6 +222,18 @@ def test_axolotls_precision_defaults_are_its_own(capsys, tmp_path, edit):
     assert plan_json(capsys, "--from-config", str(f)) == plan_json(capsys, *EQUIVALENT["axolotl-qlora-llama-3.1-8b.yml"])
 
 
+def test_llamafactory_without_a_precision_flag_plans_its_inferred_pure_bf16_step(capsys, tmp_path):
+    """No bf16/fp16 in a LLaMA-Factory file: it loads the model in the inferred dtype (bf16 on a GPU that has it,
+    model/patcher.py) and the Trainer runs without mixed precision — a pure bf16 step, not the fp32 plan it was."""
+    cfg = yaml.safe_load((CONFIGS / "llamafactory-qlora-qwen2.5-7b.yaml").read_text())
+    for k in ("bf16", "fp16", "quantization_bit", "quantization_type", "double_quantization"):
+        cfg.pop(k, None)
+    f = tmp_path / "lf.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    doc = json.loads(plan_json(capsys, "--from-config", str(f)))
+    assert (doc["quant"]["quant"], doc["training"]["mixed_precision"]) == ("bf16", "no")
+
+
 @pytest.mark.parametrize("optim", ["adamw_torch_8bit", "adamw_torch_4bit"])
 def test_torchaos_optimizers_in_a_config_are_planned(capsys, tmp_path, optim):
     """torchao's low-bit AdamW (31 of axolotl's LoRA examples) is planned as ``--optimizer``, not refused."""
@@ -344,6 +356,8 @@ EXPORTABLE = [
     # reentrant checkpointing is written back as each tool spells it (and non-reentrant where the tool's default is not)
     ("axolotl", ["--model", "llama-3.2-3b", "--reentrant"]),
     ("llamafactory", ["--model", "qwen2.5-7b", "--no-upcast", "--reentrant"]),
+    # LLaMA-Factory without bf16/fp16: the dtype it infers, no mixed precision (a pure bf16 step)
+    ("llamafactory", ["--model", "qwen2.5-7b", "--quant", "bf16", "--compute-dtype", "fp32"]),
     ("trl", ["--model", "smollm2-1.7b", "--quant", "bf16", "--reentrant"]),
 ]
 
@@ -521,3 +535,15 @@ def test_hostile_axolotl_data_keys_are_one_line(capsys, tmp_path, extra, needle)
     rc, out, err = qplan(capsys, "estimate", "--from-config", str(f))
     assert rc == 2 and out == ""
     one_line(err, needle)
+
+
+def test_llamafactory_export_refuses_an_fp32_step(capsys, tmp_path):
+    """LLaMA-Factory never trains in fp32 (without bf16/fp16 it infers bf16 and runs a pure bf16 step): an fp32 plan
+    is refused in one line, not written as a file that would run something else."""
+    plan_file = tmp_path / "plan.json"
+    rc, _, err = qplan(capsys, "estimate", "--model", "qwen2.5-7b", "--quant", "fp32", "--compute-dtype", "fp32",
+                       "--output", str(plan_file), "--format", "json")
+    assert rc == 0, err
+    rc, _, err = qplan(capsys, "export", str(plan_file), "--to", "llamafactory", "--output", str(tmp_path / "lf.yaml"))
+    assert rc == 2 and not (tmp_path / "lf.yaml").exists()
+    one_line(err, "never fp32")
