@@ -1,0 +1,56 @@
+"""axolotl's plugins and kernel keys (``plugins:``, ``liger_*``, ...): what each does to a step's memory, read from
+axolotl 0.19's ``integrations/*/args.py``; the ones that change it are refused by name until planned."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qplan.planner.errors import QPlanError, shown
+from qplan.planner.interop.notes import note
+
+#: axolotl plugins (``plugins:``) by class path; what each does to training memory (axolotl 0.19 ``integrations/``)
+AXOLOTL_CCE = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
+AXOLOTL_LIGER = "axolotl.integrations.liger.LigerPlugin"
+AXOLOTL_KERNELS = "axolotl.integrations.kernels.KernelsPlugin"
+AXOLOTL_EP = "axolotl.integrations.expert_parallel.ExpertParallelPlugin"
+#: plugins that only log or evaluate: nothing per GPU
+AXOLOTL_PLUGINS_NO_EFFECT = {"axolotl.integrations.swanlab.SwanLabPlugin", "axolotl.integrations.lm_eval.LMEvalPlugin"}
+
+
+def axolotl_plugins(r: Any) -> None:
+    """Plugins and the kernel keys that change what a step holds are refused by name until planned, never
+    planned as the plain stack (axolotl 0.19 ``integrations/*/args.py``):
+
+    * Cut Cross Entropy: ``cut_cross_entropy`` defaults to true once the plugin is loaded — the loss without
+      the full-vocabulary logits qplan plans (``cut_cross_entropy: false`` keeps it off);
+    * Liger: any ``liger_*`` kernel on (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU save other tensors);
+    * Kernels (MoE / attention kernels), expert parallelism beyond 1, ``quantize_moe_experts`` (experts
+      quantized on load), ``fused_attn_kernel``.
+
+    Other plugins are named in a warning (their memory effect is not planned)."""
+    plugins = r.get("plugins", [])
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise QPlanError(f"axolotl config: plugins must be a list of plugin class paths, got {shown(plugins)}")
+    if AXOLOTL_CCE in plugins and r.get("cut_cross_entropy", True) is not False:
+        raise QPlanError("axolotl config: plugins: CutCrossEntropyPlugin computes the loss without the full logits "
+                         "(cut_cross_entropy defaults to true once it is loaded), which qplan does not plan yet: "
+                         "remove the plugin or set cut_cross_entropy: false")
+    liger = sorted(k for k in r.cfg if k.startswith("liger_") and r.cfg[k])
+    r.used.update(k for k in r.cfg if k.startswith("liger_"))
+    if liger:
+        raise QPlanError(f"axolotl config: {', '.join(liger)}: Liger kernels change what a step saves, which qplan "
+                         "does not plan yet: turn them off")
+    if AXOLOTL_KERNELS in plugins:
+        raise QPlanError("axolotl config: plugins: KernelsPlugin swaps in MoE / attention kernels qplan does not model: "
+                         "remove it")
+    ep = r.get("expert_parallel_size", 1)
+    if ep != 1:
+        raise QPlanError(f"axolotl config: expert_parallel_size {shown(ep)} shards the experts over GPUs, which qplan "
+                         "does not plan: remove it")
+    r.refuse({"quantize_moe_experts"}, "quantizes the experts on load, which qplan does not plan (it plans them "
+                                       "16-bit): remove it")
+    r.refuse({"fused_attn_kernel"}, "changes the attention kernels, which qplan does not model: remove it")
+    other = [p for p in plugins if p not in {AXOLOTL_CCE, AXOLOTL_LIGER, AXOLOTL_EP} | AXOLOTL_PLUGINS_NO_EFFECT]
+    if other:
+        r.warnings.append(note("ignored", f"axolotl config: plugins whose memory qplan does not plan (ignored): "
+                               f"{', '.join(other)}"))
