@@ -196,7 +196,7 @@ def fused_qkv_activation(d: Dims, p: Precision, fused_kbit: bool | None) -> Lin:
     sdpa saves ``v``, a view of that output, which keeps the whole output alive next to the
     rotated q and k: ``c (q + kv) T`` more than separate projections.  A k-bit projection returns
     the stream dtype (fp32 after upcasting), and autocast's copy of ``v`` is what is saved."""
-    if fused_kbit is None or p.c == 4:
+    if fused_kbit is None or not p.low:
         return ZERO
     out_dtype = p.R if fused_kbit else p.c
     return Lin(tok=p.c * (d.nh + d.nkv) * d.hd) if out_dtype == p.c else ZERO
@@ -249,9 +249,9 @@ def attention_activation(d: Dims, p: Precision, attn_impl: str) -> Lin:
         # q, k and v repeated to all heads, each in the compute dtype (autocast copies, or the
         # rotated / repeated tensors themselves); the fp32 softmax and the compute-dtype copy the
         # value matmul saves (none without autocast); Gemma-2's ``tanh`` softcap output
-        quad = 4 * d.nh + (p.c * d.nh if p.c != 4 else 0) + (p.c * d.nh if d.attn_softcap else 0)
+        quad = 4 * d.nh + (p.c * d.nh if p.low else 0) + (p.c * d.nh if d.attn_softcap else 0)
         return Lin(tok=3 * p.c * d.nh * d.hd, quad=quad)
-    if p.c == 4:
+    if not p.low:
         if d.nkv != d.nh:
             # fp32 + GQA: the math composite (flash needs 16-bit, memory-efficient equal heads):
             # q * scale, the repeated k (scaled, transposed) and v, and the fp32 softmax
@@ -268,7 +268,7 @@ def eager_forward_transient(d: Dims, p: Precision) -> Lin:
     (ATen ``softmax`` converts with ``toType`` unless fp16 on CUDA) and its fp32 output:
     ``(A + [4 if A != 4] + 4) b nh s^2``.  With checkpointing nothing of it is saved, so it is the
     peak of the forward at long sequences."""
-    a = 4 if (p.R == 4 or p.c == 4) else p.c
+    a = 4 if (p.R == 4 or not p.low) else p.c
     return Lin(quad=(a + (0 if a == 4 else 4) + 4) * d.nh)
 
 
@@ -377,7 +377,7 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
         rt = recompute_transient(spec, br, p, dropout) if mlp is None else ZERO
         layers_temps = grads_in + rt
         if grad_ckpt == "reentrant":
-            layers_temps = layers_temps + reentrant_difference(spec, br, p, dropout, mlp is not None)
+            layers_temps = layers_temps + reentrant_difference(d, p, rt, mlp is not None)
         layers = Lin(tok=p.R * d.h) + full + rotary + layers_temps
         # the last layer's backward (the first one backward runs) has every other layer's checkpoint
         if grad_ckpt in HF_CKPT:
@@ -415,7 +415,7 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
             "loss_extra": loss_time_activation(spec, counts, q, grad_ckpt)}
 
 
-def reentrant_difference(spec: ModelSpec, branches: list[Branch], p: Precision, dropout: float, moe: bool) -> Lin:
+def reentrant_difference(d: Dims, p: Precision, transient: Lin, moe: bool) -> Lin:
     """A layer's backward under reentrant checkpointing less the same under non-reentrant: ``- c h T`` or ``+ R h T``.
 
     torch 2.13 ``CheckpointFunction.backward`` recomputes the whole layer with grad enabled
@@ -434,8 +434,7 @@ def reentrant_difference(spec: ModelSpec, branches: list[Branch], p: Precision, 
     Measured with the tracker (tiny Llama 2 layers, nf4 / bf16 / fp32, targets qv, attn and
     all-linear; CPU run = meta trace to the byte): the reentrant peak is the non-reentrant one
     ``- c h T`` (bf16 and nf4, all-linear) and ``+ R h T`` (nf4 qv, bf16 attn, fp32 all-linear)."""
-    d = dims(spec)
-    lora_transient = p.amp and not moe and recompute_transient(spec, branches, p, dropout) != Lin(tok=p.M * d.i + p.M * d.h)
+    lora_transient = p.amp and not moe and transient != Lin(tok=p.M * d.i + p.M * d.h)  # LoRA casts on the down input
     return Lin(tok=-p.c * d.h if lora_transient else p.R * d.h)
 
 
@@ -555,7 +554,7 @@ def padding_mask_activation(spec: ModelSpec, p: Precision) -> tuple[Lin, Lin]:
     on a GPU."""
     d = dims(spec)
     n = max(1, len(spec.inventory.attention_types))
-    n_rep = max(1, d.nh // max(1, d.nkv)) if p.c != 4 else 1
+    n_rep = max(1, d.nh // max(1, d.nkv)) if p.low else 1
     return Lin(quad=n), Lin(quad=p.c, tok=(n_rep - 1) * 2 * d.kv * p.c)
 
 
@@ -594,5 +593,5 @@ def logits_terms(spec: ModelSpec, q: QuantSettings, chunked: bool = False) -> di
     cap = p.c * d.V if d.final_softcap else 0
     if chunked:
         return {"forward": Lin(tok=p.c * d.V + cap), "backward": Lin(tok=p.c * d.V + cap)}
-    fwd = (p.c + 8) * d.V if p.c != 4 else 8 * d.V
+    fwd = (p.c + 8) * d.V if p.low else 8 * d.V
     return {"forward": Lin(tok=fwd + cap), "backward": Lin(tok=12 * d.V + cap)}

@@ -58,6 +58,11 @@ class Precision:
     M: int
     kbit: bool
 
+    @property
+    def low(self) -> bool:
+        """The matmuls run in 16 bits (autocast, or a pure 16-bit step): flash attention, 16-bit softmax copies."""
+        return self.c != 4
+
 
 def precision(q: QuantSettings) -> Precision:
     amp = q.compute_dtype in ("bfloat16", "float16")
