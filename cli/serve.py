@@ -44,6 +44,7 @@ MAX_QUERY = 16384
 MAX_FIELDS = 100
 #: connections the kernel holds while every thread is busy (socketserver's default of 5 dropped bursts)
 BACKLOG = 128
+WARM_UP_MODEL = "llama-3.2-1b"  # a bundled spec: the warm-up reads no file a user named
 
 
 def _options(command: click.Command) -> dict[str, tuple[click.Option, str]]:
@@ -233,9 +234,26 @@ class Server(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
+def warm_up() -> None:
+    """Answer each route once in the main thread before serving, so the request threads never import a module
+    for the first time side by side: CPython 3.11's import locks can crash the process (SIGSEGV in
+    ``_get_module_lock``'s weakref callback) when many threads first-import the same modules at once -- seen
+    with ten simultaneous /api/estimate requests on a loaded 2-core machine."""
+    for route, query in (("/api/estimate", f"model={WARM_UP_MODEL}"), ("/api/fit", f"model={WARM_UP_MODEL}&gpu=t4")):
+        ROUTES[route](query)
+    models_text()
+    gpus_text()
+
+
 def make_server(host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+    """Bind (a taken port fails at once, in one line), then warm up before the first request is accepted."""
     try:
         server = Server((host, port), Handler)
     except OSError as exc:
         raise QPlanError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    try:
+        warm_up()
+    except BaseException:
+        server.server_close()
+        raise
     return server
