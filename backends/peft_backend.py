@@ -44,6 +44,19 @@ def load_tokenizer(source: ModelSource) -> Any:
     return tok
 
 
+def cce_patched(model: Any) -> Any:
+    """The model with Cut Cross Entropy as its loss: ``cut_cross_entropy.transformers.cce_patch`` (axolotl's fork,
+    which its CutCrossEntropyPlugin installs, or Apple's release), as the plugin applies it (``impl="cce"``,
+    ``reduction="mean"``)."""
+    try:
+        from cut_cross_entropy.transformers import cce_patch
+    except ImportError as exc:
+        raise QPlanError("the plan's loss is Cut Cross Entropy: install it first (axolotl's fork: pip install "
+                         "\"cut-cross-entropy[transformers] @ git+https://github.com/axolotl-ai-cloud/ml-cross-entropy.git"
+                         f"@5f0c7a7\"): {exc}") from exc
+    return cce_patch(model, impl="cce", reduction="mean")
+
+
 class PeftBackend:
     """transformers + bitsandbytes + PEFT, trained by ``transformers.Trainer``."""
 
@@ -56,6 +69,8 @@ class PeftBackend:
         bnb = bnb_config(q)
         probe.set_phase("load")
         model = load_model(str(source.path), plan, device)
+        if t.get("loss") == "cce":
+            model = cce_patched(model)
         probe.snapshot("after_load", model)
         ckpt = t["grad_ckpt"] != "off"
         if bnb is not None and q.get("prepare_model_for_kbit_training"):

@@ -377,13 +377,17 @@ def _check_optimizer_device(plan: dict[str, Any], device: str, python: str | Non
     """torchao's low-bit AdamW updates each tensor through ``torch.compile(fullgraph=True)``, which finds no frame to
     compile under the CPU measurement's live-tensor tracker (a TorchDispatchMode), and its eager fallback would
     quantize through a [numel, 256] comparison no GPU makes: such a plan is measured on a GPU (CUDA counters, no
-    tracker), refused on the CPU before anything starts."""
+    tracker), refused on the CPU before anything starts.  So is a Cut Cross Entropy plan (Triton, CUDA only)."""
     from qplan.planner.vocab import OPTIMIZERS
 
+    on_cpu = device == "cpu" or (device == "auto" and _multi_device(device, python) == "cpu")
+    if plan["training"].get("loss") == "cce" and on_cpu:
+        raise QPlanError("--loss cce (Cut Cross Entropy) cannot train on the CPU: its Triton kernels run on Ampere or "
+                         "newer GPUs only; run the plan on a GPU, or plan it with --loss full to measure on the CPU")
     row = OPTIMIZERS.get(plan["training"].get("optimizer", ""))
     if row is None or not row.state.startswith("torchao"):
         return
-    if device == "cpu" or (device == "auto" and _multi_device(device, python) == "cpu"):
+    if on_cpu:
         raise QPlanError(f"optimizer {row.name} (torchao, a compiled update) cannot be measured on the CPU: its "
                          "torch.compile finds no frame under the live-tensor tracker; run the plan on a GPU, or plan "
                          "the CPU run with another optimizer")

@@ -100,7 +100,7 @@ def plan_file(path: Path, root: Path = CORPUS) -> dict:
     if rc == 0:
         plan = json.loads(out.getvalue())
         t = plan["training"]
-        row.update(outcome="planned", grad_ckpt=t["grad_ckpt"], optimizer=t["optimizer"],
+        row.update(outcome="planned", grad_ckpt=t["grad_ckpt"], optimizer=t["optimizer"], loss=t.get("loss", "full"),
                    strategy=(plan.get("distributed") or {}).get("strategy", "single"),
                    warnings=len(plan.get("warnings", [])))
     elif rc == 2 and len([ln for ln in lines if ln.startswith("qplan: error:")]) == 1 and "Traceback" not in err.getvalue():
@@ -123,6 +123,7 @@ def render(name: str, rows: list[dict]) -> str:
     artefacts = sum(1 for r in rows if r["outcome"] == "refused" and r["stand_in_artefact"])
     ckpt = Counter(r["grad_ckpt"] for r in rows if r["outcome"] == "planned")
     opts = Counter(r["optimizer"] for r in rows if r["outcome"] == "planned")
+    losses = Counter(r.get("loss", "full") for r in rows if r["outcome"] == "planned")
     lines = [
         f"## {name}",
         "",
@@ -138,7 +139,8 @@ def render(name: str, rows: list[dict]) -> str:
         "needed: not counted below); the rest name a feature of the config.",
         "",
         "Planned, by checkpointing: " + ", ".join(f"{k} {v}" for k, v in ckpt.most_common()) + "; by optimizer: "
-        + ", ".join(f"{k} {v}" for k, v in opts.most_common()) + ".",
+        + ", ".join(f"{k} {v}" for k, v in opts.most_common()) + "; by loss: "
+        + ", ".join(f"{k} {v}" for k, v in losses.most_common()) + ".",
         "",
         "| refused for | files |",
         "|---|---:|",

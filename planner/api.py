@@ -69,6 +69,7 @@ def plan_settings(plan: dict[str, Any]) -> dict[str, Any]:
         "batch_size": tr["batch_size"], "grad_accum": tr["grad_accum"], "grad_ckpt": tr["grad_ckpt"] != "off",
         "reentrant": tr["grad_ckpt"] == "reentrant",
         "optimizer": tr["optimizer"], "attn_impl": tr["attn_impl"], "backend": plan["backend"],
+        "loss": tr.get("loss", "full"),
     }
     if "double_quant" in quant:
         o["double_quant"] = quant["double_quant"]

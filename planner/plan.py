@@ -181,7 +181,9 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     # a 4-D attention mask: padded rows, or padding-free packs under SDPA/eager (transformers tells the documents apart
     # from the position ids with a block-causal mask; flash attention runs them varlen, without one)
     mask = data is not None and (bool(data["worst_batch"].get("padded")) or (bool(flat) and attn != "flash_attention_2"))
-    training = TrainingSettings(o.batch_size, seq_len, o.grad_accum, ckpt, o.optimizer, attn, bool(mask), flat)
+    training = TrainingSettings(o.batch_size, seq_len, o.grad_accum, ckpt, o.optimizer, attn, bool(mask), flat, o.loss)
+    if o.loss == "cce":
+        check_cce(spec, q, gpu_, backend, strategy)
     q, warnings = check_gpu_dtype(q, gpu_, auto_fix=not o.strict_dtype)
     warnings = ck_warnings + warnings
     if model is not None and spec_origin(model) == "user, shadows bundled":
@@ -196,6 +198,28 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     return PlanInputs(spec, lora, q, training, gpu_, backend, tokens, o.price_per_hour, calib, dist, data), warnings
 
 
+def check_cce(spec: ModelSpec, q: QuantSettings, gpu: Any, backend: str, strategy: str | None) -> None:
+    """``--loss cce`` where Cut Cross Entropy runs as planned, else one line: Apple's kernels need bf16 (Ampere or
+    newer: ``cce_linear_cross_entropy`` raises on ``not torch.cuda.is_bf16_supported()``); axolotl's plugin patches a
+    model's ``*ForCausalLM.forward`` (qplan traces that generic forward); Unsloth computes its own fused loss;
+    FSDP / ZeRO-3 gather the sharded head inside the loss (not planned)."""
+    if backend != "peft":
+        raise QPlanError(f"--loss cce is for the peft backend: the {backend} backend computes its own fused "
+                         "cross-entropy")
+    if gpu is not None and not gpu.bf16:
+        raise QPlanError(f"--loss cce: Cut Cross Entropy needs an Ampere or newer GPU (bf16); {gpu.name} has none")
+    if not spec.inventory.architecture.endswith("ForCausalLM"):
+        raise QPlanError(f"--loss cce: {spec.name} is a {spec.inventory.architecture}, not a *ForCausalLM: qplan plans "
+                         "Cut Cross Entropy for causal language models only")
+    if strategy in ("fsdp", "zero3"):
+        raise QPlanError(f"--loss cce with --strategy {strategy} (the head's weight gathered inside the loss) is not "
+                         "planned yet: use ddp or zero2")
+    head = next((g for g in spec.inventory.linear if g.pattern == spec.inventory.output_head), None)
+    if head is not None and head.keep_fp32 and q.unquantized_dtype != "float32":
+        raise QPlanError("--loss cce: this model keeps its head in fp32 and its hidden states in "
+                         f"{q.unquantized_dtype}; Cut Cross Entropy takes them in one dtype")
+
+
 def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> PlanDoc:
     """The plan document of ``inp``: the profile chosen up front (``planner.memory.profiles``) computes
     the memory; counts, compute, time and cost are the same for every profile."""
@@ -208,6 +232,10 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> PlanDoc:
         if note:
             warnings = [*(warnings or []), note]
     counts = plan_counts(inp)
+    if t.loss == "cce" and any(c.module == spec.inventory.output_head for c in counts):
+        raise QPlanError(f"--loss cce: Cut Cross Entropy reads {spec.inventory.output_head}.weight as it is, so a LoRA "
+                         "or a modules_to_save copy of the head would not train: leave the head out of --targets and "
+                         "--modules-to-save")
     note = text_only_warning(spec, counts)
     if note:
         warnings = [*(warnings or []), note]
@@ -290,7 +318,7 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
     from qplan.planner.compute.timing import cost_prediction, time_prediction
 
     t, q = inp.training, inp.quant
-    flops = step_flops(inp.spec, counts, inp.lora.r, q, *t.shape, t.grad_ckpt, t.attn_impl, t.grad_accum)
+    flops = step_flops(inp.spec, counts, inp.lora.r, q, *t.shape, t.grad_ckpt, t.attn_impl, t.grad_accum, t.loss)
     moved = step_bytes(inp.spec, counts, inp.lora.r, q, t.grad_ckpt, t.optimizer, trainable, t.grad_accum)
     tokens_per_step = t.shape[0] * t.shape[1] * t.grad_accum
     device = inp.gpu.to_json() if inp.gpu is not None else None

@@ -121,7 +121,8 @@ __all__ = ["TraceSettings", "trace_plan", "trace_training_step"]
 def trace_training_step(config: dict, *, quant: str, double_quant: bool, compute_dtype: str, upcast_kbit: bool,
                         lora: dict, batch_size: int, seq_len: int, grad_ckpt: bool, optimizer: str,
                         attn_impl: str = "sdpa", device: str = "meta", steps: int = 1, seed: int = 0,
-                        kernels: str = "cuda", count_flops: bool = False, reentrant: bool = False) -> dict:
+                        kernels: str = "cuda", count_flops: bool = False, reentrant: bool = False,
+                        loss: str = "full") -> dict:
     """Trace ``steps`` LoRA training steps and return the live-tensor peak and its breakdown.
 
     ``kernels`` (meta only) picks whose kernels the meta trace mirrors: ``"cuda"`` (the default,
@@ -135,7 +136,7 @@ def trace_training_step(config: dict, *, quant: str, double_quant: bool, compute
                       seq_len=int(seq_len), grad_ckpt=bool(grad_ckpt), optimizer=optimizer, attn_impl=attn_impl,
                       device=device, steps=int(steps), seed=int(seed),
                       kernels=kernels if device == "meta" else "cpu", count_flops=bool(count_flops),
-                      reentrant=bool(reentrant))
+                      reentrant=bool(reentrant), loss=loss)
     from .run import run_trace
 
     return run_trace(dict(config), s)
@@ -163,7 +164,7 @@ def trace_plan(plan: dict[str, Any], device: str = "meta", steps: int = 2, count
             upcast_kbit=bool(q.get("prepare_model_for_kbit_training", False)),
             lora=lora, batch_size=t["batch_size"], seq_len=t["seq_len"], grad_ckpt=t["grad_ckpt"] != "off",
             optimizer=t["optimizer"], attn_impl=t["attn_impl"], device=device, steps=steps,
-            count_flops=count_flops, reentrant=t["grad_ckpt"] == "reentrant",
+            count_flops=count_flops, reentrant=t["grad_ckpt"] == "reentrant", loss=t.get("loss", "full"),
         )
     except ImportError as exc:  # pragma: no cover - only without the train extra
         raise QPlanError(f"--method trace needs the train extra ({exc.name} missing): pip install 'qplan[train]'") from exc

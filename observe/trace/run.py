@@ -50,6 +50,10 @@ def run_trace(config: dict, s: TraceSettings, wrap: Any = None) -> dict:
         stack.enter_context(torch.random.fork_rng(devices=[]))
         torch.manual_seed(s.seed)
         hf = hf_config(config)
+        if s.loss == "cce":
+            from .cce import cce_patched
+
+            stack.enter_context(cce_patched(hf))
         model = build_model(hf, s, stack)
         peft_model = apply_peft(model, s, notes)
         step_model = wrap(peft_model, stack) if wrap is not None else peft_model

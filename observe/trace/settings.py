@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from qplan.planner.vocab import KERNELS, OPTIMIZERS, QUANTS
+from qplan.planner.vocab import KERNELS, LOSSES, OPTIMIZERS, QUANTS
 
 #: the trace's names for the compute dtype (``--compute-dtype`` spellings)
 DTYPES = ("bf16", "fp16", "fp32")
@@ -41,6 +41,8 @@ class TraceSettings:
     #: ``torch.utils.checkpoint(use_reentrant=True)`` (axolotl's and LLaMA-Factory's default) instead of
     #: transformers' non-reentrant default
     reentrant: bool = False
+    #: ``full`` (transformers' loss over the logits) or ``cce`` (Cut Cross Entropy, ``observe.trace.cce``: meta only)
+    loss: str = "full"
 
     def __post_init__(self) -> None:
         if self.quant not in QUANTS:
@@ -53,6 +55,10 @@ class TraceSettings:
             raise ValueError(f"device must be 'meta' or 'cpu', got {self.device!r}")
         if self.kernels not in KERNELS:
             raise ValueError(f"kernels must be 'cuda' or 'cpu', got {self.kernels!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.loss == "cce" and self.device != "meta":
+            raise ValueError("Cut Cross Entropy's Triton kernels run on neither meta nor the CPU: trace it on meta")
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError("steps >= 1, batch_size >= 1 and seq_len >= 2 are required")
 

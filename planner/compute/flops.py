@@ -125,6 +125,16 @@ def head_flops(T: int, h: int, V: int, hidden_rg: bool, head_r: int = 0, head_tr
     return fwd + lf, bwd + lb
 
 
+def cce_head_flops(T: int, h: int, V: int, hidden_rg: bool) -> tuple[int, int]:
+    """Cut Cross Entropy in place of the head and its loss (forward, backward): the forward's log-sum-exp kernel
+    computes every logit block once (``2 T h V``) and the target logits (``2 T h``); the backward kernel recomputes
+    the logits (``2 T h V``) and, when the final hidden state needs a gradient, multiplies their softmax gradient
+    by the head (``2 T h V``).  An upper bound: the backward skips blocks whose softmax gradient is below
+    ``eps / 32`` (gradient filtering, data-dependent)."""
+    fwd = 2 * T * h * V + 2 * T * h
+    return fwd, 4 * T * h * V if hidden_rg else 0  # no gradient wanted: the loss is not in the graph
+
+
 def recompute_skipped(T: int, sites: list[Branch], norms: int) -> int:
     """What checkpointing does *not* recompute: torch's non-reentrant checkpoint stops the
     recomputation as soon as every tensor the backward needs is back (``_checkpoint_early_stop``),
@@ -156,8 +166,9 @@ def uses_fused_attention(attn_impl: str, amp: bool, hd: int, nh: int, nkv: int) 
 
 
 def step_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSettings, b: int, s: int,
-               grad_ckpt: str, attn_impl: str, grad_accum: int = 1) -> dict[str, int]:
-    """FLOPs of one optimizer step (``grad_accum`` micro-batches) by term; ``total`` is their sum."""
+               grad_ckpt: str, attn_impl: str, grad_accum: int = 1, loss: str = "full") -> dict[str, int]:
+    """FLOPs of one optimizer step (``grad_accum`` micro-batches) by term; ``total`` is their sum (``loss``: the
+    head as a linear layer, or Cut Cross Entropy's kernels, ``cce_head_flops``)."""
     d = dims(spec)
     T = b * s
     amp = q.compute_dtype in ("bfloat16", "float16")
@@ -193,7 +204,10 @@ def step_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
             out["recomputation"] += fwd - (0 if grad_ckpt == "reentrant" else recompute_skipped(T, sites, d.norms))
         x_rg = g.out
     head_counts = {c.kind: c for c in counts if c.module == spec.inventory.output_head}
-    hf, hb = head_flops(T, d.h, d.V, x_rg, r if "lora" in head_counts else 0, "modules_to_save" in head_counts)
+    if loss == "cce":
+        hf, hb = cce_head_flops(T, d.h, d.V, x_rg)
+    else:
+        hf, hb = head_flops(T, d.h, d.V, x_rg, r if "lora" in head_counts else 0, "modules_to_save" in head_counts)
     out["head"] = hf + hb
     out = {k: v * grad_accum for k, v in out.items()}
     out["total"] = sum(out[k] for k in FLOP_TERMS)
@@ -216,11 +230,11 @@ def not_counted(spec: ModelSpec, use_dora: bool) -> list[str]:
 
 
 def flops_form(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSettings, grad_ckpt: str,
-               attn_impl: str) -> tuple[int, int]:
+               attn_impl: str, loss: str = "full") -> tuple[int, int]:
     """``(a, c)`` with ``step_flops(b, s)["total"] == a b s + c b s^2`` (every matmul is linear in
     the tokens, attention in ``b s^2``): read off two evaluations, for ``qplan fit``'s inner loop."""
-    f1 = step_flops(spec, counts, r, q, 1, 1, grad_ckpt, attn_impl)["total"]
-    f2 = step_flops(spec, counts, r, q, 1, 2, grad_ckpt, attn_impl)["total"]
+    f1 = step_flops(spec, counts, r, q, 1, 1, grad_ckpt, attn_impl, loss=loss)["total"]
+    f2 = step_flops(spec, counts, r, q, 1, 2, grad_ckpt, attn_impl, loss=loss)["total"]
     c = (f2 - 2 * f1) // 2
     return f1 - c, c
 

@@ -17,12 +17,12 @@ AXOLOTL_EP = "axolotl.integrations.expert_parallel.ExpertParallelPlugin"
 AXOLOTL_PLUGINS_NO_EFFECT = {"axolotl.integrations.swanlab.SwanLabPlugin", "axolotl.integrations.lm_eval.LMEvalPlugin"}
 
 
-def axolotl_plugins(r: Any) -> None:
-    """Plugins and the kernel keys that change what a step holds are refused by name until planned, never
-    planned as the plain stack (axolotl 0.19 ``integrations/*/args.py``):
+def axolotl_plugins(r: Any, o: dict[str, Any]) -> None:
+    """Plugins and the kernel keys that change what a step holds are planned (into the options ``o``) or refused by
+    name, never planned as the plain stack (axolotl 0.19 ``integrations/*/args.py``):
 
     * Cut Cross Entropy: ``cut_cross_entropy`` defaults to true once the plugin is loaded — the loss without
-      the full-vocabulary logits qplan plans (``cut_cross_entropy: false`` keeps it off);
+      the full-vocabulary logits: ``loss: cce`` (``cut_cross_entropy: false`` keeps the full logits);
     * Liger: any ``liger_*`` kernel on (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU save other tensors);
     * Kernels (MoE / attention kernels), expert parallelism beyond 1, ``quantize_moe_experts`` (experts
       quantized on load), ``fused_attn_kernel``.
@@ -31,10 +31,11 @@ def axolotl_plugins(r: Any) -> None:
     plugins = r.get("plugins", [])
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
         raise QPlanError(f"axolotl config: plugins must be a list of plugin class paths, got {shown(plugins)}")
-    if AXOLOTL_CCE in plugins and r.get("cut_cross_entropy", True) is not False:
-        raise QPlanError("axolotl config: plugins: CutCrossEntropyPlugin computes the loss without the full logits "
-                         "(cut_cross_entropy defaults to true once it is loaded), which qplan does not plan yet: "
-                         "remove the plugin or set cut_cross_entropy: false")
+    if AXOLOTL_CCE in plugins:
+        cce = r.typed("cut_cross_entropy", bool, True)  # CutCrossEntropyArgs: default True once the plugin is loaded
+        r.used.add("cut_cross_entropy")
+        if cce:
+            o["loss"] = "cce"
     liger = sorted(k for k in r.cfg if k.startswith("liger_") and r.cfg[k])
     r.used.update(k for k in r.cfg if k.startswith("liger_"))
     if liger:

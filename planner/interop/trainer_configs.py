@@ -307,7 +307,7 @@ def _axolotl(r: _Reader) -> dict[str, Any]:
         raise QPlanError("axolotl config: lora_alpha is missing (axolotl passes it to PEFT): set it")
     o["alpha"] = float(r.typed("lora_alpha", (int, float)))
     o["dropout"] = float(r.typed("lora_dropout", (int, float), 0.0))
-    axolotl_plugins(r)
+    axolotl_plugins(r, o)
     r.refuse({"lora_target_parameters"}, "changes training memory in a way qplan does not plan from an axolotl config "
                                          "(plan it with --target-parameters)")
     linear, modules = r.get("lora_target_linear"), r.get("lora_target_modules")
@@ -337,7 +337,8 @@ def _axolotl(r: _Reader) -> dict[str, Any]:
              "is an attention kernel qplan does not model")
     r.refuse({"rl", "relora", "relora_steps", "unfrozen_parameters", "lora_on_cpu", "gptq", "loftq_config", "peft",
               "unsloth_lora_mlp", "unsloth_lora_qkv", "unsloth_lora_o", "lora_mlp_kernel", "lora_qkv_kernel",
-              "lora_o_kernel", "cut_cross_entropy", "chunked_cross_entropy", "tiled_mlp", "activation_offloading",
+              "lora_o_kernel", *(() if o.get("loss") == "cce" else ("cut_cross_entropy",)), "chunked_cross_entropy",
+              "tiled_mlp", "activation_offloading",
               "gradient_checkpointing_kwargs_offload", "fix_untrained_tokens",
               "embeddings_skip_upcast", "float16", "load_in_2bit", "dpo_beta", "flash_attn_cross_entropy",
               "flash_attn_rms_norm", "flash_attn_fuse_mlp", "flash_attn_fuse_qkv"},

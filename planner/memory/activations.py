@@ -1,4 +1,4 @@
-"""Activation and logits terms: what autograd keeps for backward, per decoder layer and outside.
+"""Activation terms: what autograd keeps for backward, per decoder layer and outside (the loss: ``loss``).
 
 What autograd keeps for backward, derived op by op from the code a training step runs
 (transformers' Llama-family decoder layer, PEFT 0.21's LoRA layers, bitsandbytes' Linear4bit,
@@ -322,22 +322,24 @@ def rotary_activation(d: Dims, p: Precision) -> Lin:
     return Lin(seq=2 * p.R * d.hd * d.rope_sets)
 
 
-def head_activation(spec: ModelSpec, p: Precision, ckpt: bool) -> Lin:
+def head_activation(spec: ModelSpec, p: Precision, ckpt: bool, linear: bool = True) -> Lin:
     """Outside the decoder layers: the batch (``input_ids`` and ``labels``, int64: 16 T), the
     rotary ``cos``/``sin`` (``rotary_activation``), the final norm (as
     ``norm_activation``; with checkpointing also its input, the last layer's output ``4 h T``,
     which without checkpointing the last layer's ``residual_activation`` counted), and the output
     head's autocast copy of its weight when that weight is fp32 (``c V h``, saved for the input
-    gradient)."""
+    gradient) — unless the head never runs as a linear layer (``linear=False``: Cut Cross Entropy reads its weight
+    as it is)."""
     d = dims(spec)
-    head_w = p.c * d.V * d.h if (p.amp and p.R != p.c) else 0
+    head_w = p.c * d.V * d.h if (linear and p.amp and p.R != p.c) else 0
     return Lin(const=head_w, tok=16 + 4 + (0 if p.R == 4 and not ckpt else 4 * d.h)) + rotary_activation(d, p)
 
 
 def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout: float,
                      q: QuantSettings, grad_ckpt: str, attn_impl: str, kernels: str = "cuda",
-                     padded: bool = False, dora: bool = False) -> dict[str, Lin]:
-    """Activations alive at the end of the forward pass, and at the other moments that hold some.
+                     padded: bool = False, dora: bool = False, head_linear: bool = True) -> dict[str, Lin]:
+    """Activations alive at the end of the forward pass, and at the other moments that hold some
+    (``head_linear``: the output head runs as a linear layer, as for every loss but Cut Cross Entropy).
 
     * no checkpointing: layer 0 (``first``) + ``L - 1`` full layers + the head;
     * HF checkpointing (``torch.utils.checkpoint``, non-reentrant ``hf`` or ``reentrant``): each layer keeps only
@@ -359,15 +361,18 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     br = lora_branches(spec, counts, q)
     mlp = moe_activation(spec, counts, q)
     full = layer_activation(spec, br, q, r, dropout, attn_impl, kernels=kernels, mlp=mlp, dora=dora)
-    head = head_activation(spec, p, grad_ckpt != "off")
+    head = head_activation(spec, p, grad_ckpt != "off", head_linear)
     layer_inputs = Lin(tok=d.L * p.R * d.h)  # what HF checkpointing keeps of every layer
     rotary = rotary_activation(d, p)  # cos/sin, alive through backward
     grads_in = incoming_gradients(d, p, any(b.site == "mlp_out" for b in br))
+    mlp_fwd_temps = ZERO
     if grad_ckpt == "off":
         first = layer_activation(spec, br, q, r, dropout, attn_impl, first=True, kernels=kernels, mlp=mlp, dora=dora)
         saved = first + (d.L - 1) * full + head
         layers = first + grads_in + rotary
         layers_temps = grads_in
+        if mlp is None:  # the last layer's down projection in the forward: (about) every saved activation + its inputs
+            mlp_fwd_temps = recompute_transient(spec, br, p, dropout)
     else:
         saved = (layer_inputs if grad_ckpt in HF_CKPT else ZERO) + head
         if attn_impl == "eager":
@@ -410,6 +415,7 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     # ``*_temps``: the part of ``layers`` / ``attn_fwd`` that is transient (gradients in flight,
     # a recomputation's or a softmax's scratch): what a tracker calls temporaries at that moment
     return {"saved": saved, "layers": layers, "attn_fwd": attn_fwd, "ckpt_inputs": ckpt_inputs,
+            "mlp_fwd": saved + mlp_fwd_temps if mlp_fwd_temps != ZERO else ZERO, "mlp_fwd_temps": mlp_fwd_temps,
             "layer_moments": moments or (),
             "layers_temps": layers_temps, "attn_fwd_temps": attn_fwd_temps,
             "loss_extra": loss_time_activation(spec, counts, q, grad_ckpt)}
@@ -573,25 +579,3 @@ def loss_time_activation(spec: ModelSpec, counts: list[ModuleCount], q: QuantSet
         cast = [c for c in counts if not (c.kind == "lora_param" and "×(" in c.shape)]
         lin = lin + Lin(const=sum(p.c * n for n, dt in trainable_tensors(cast) if dt == "float32"))
     return lin
-
-
-def logits_terms(spec: ModelSpec, q: QuantSettings, chunked: bool = False) -> dict[str, Lin]:
-    """Logits and loss (transformers ``ForCausalLMLoss``: ``logits.float()``, ``cross_entropy``).
-
-    * end of the forward: the head's ``c T V`` logits, the fp32 copy ``4 T V`` (freed after
-      ``log_softmax``) or accelerate's ``convert_to_fp32`` copy of the outputs, and
-      ``log_softmax``'s fp32 output ``4 T V`` (saved): ``(c + 8) T V`` (``8 T V`` in fp32);
-    * start of backward (Trainer has dropped the outputs): ``log_softmax``'s output, the
-      gradient ``nll_loss`` writes into it, and ``log_softmax``'s input gradient, three fp32
-      ``T V``: ``12 T V`` — the peak of most plans.
-    Unsloth's chunked cross-entropy never materialises the fp32 copies: ``c T V`` at both.
-    Gemma-2's final softcapping adds its saved ``tanh`` output, ``c T V``.
-    """
-    d = dims(spec)
-    p = precision(q)
-    # Gemma-2 ``final_logit_softcapping``: ``tanh(logits / cap) * cap`` keeps the tanh output
-    cap = p.c * d.V if d.final_softcap else 0
-    if chunked:
-        return {"forward": Lin(tok=p.c * d.V + cap), "backward": Lin(tok=p.c * d.V + cap)}
-    fwd = (p.c + 8) * d.V if p.low else 8 * d.V
-    return {"forward": Lin(tok=fwd + cap), "backward": Lin(tok=12 * d.V + cap)}

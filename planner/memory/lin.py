@@ -35,6 +35,12 @@ class Lin:
 ZERO = Lin()
 
 
+def most(forms: tuple[Lin, ...], T: int, s: int) -> int:
+    """The largest of several moments' forms at ``T`` tokens (0 for none): a term whose peak moment moves with the
+    batch shape (Cut Cross Entropy's ``24 n`` against ``12 n + 4 V``) is a tuple of linear forms."""
+    return max((f.at(T, s) for f in forms), default=0)
+
+
 @dataclass(frozen=True)
 class Precision:
     """Bytes per element of the tensors a step makes.

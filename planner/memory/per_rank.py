@@ -53,7 +53,7 @@ def engine_quant(q: QuantSettings, strategy: str) -> QuantSettings:
     return q
 
 
-def rank_memory(spec, counts, lora_r, dropout, q: QuantSettings, t, dist: DistSettings, chunked_ce: bool = False,
+def rank_memory(spec, counts, lora_r, dropout, q: QuantSettings, t, dist: DistSettings, loss: str = "full",
                 kernels: str = "cuda", calibration: dict | None = None, dora: bool = False) -> dict[str, Any]:
     """Per-rank phases, peak and terms of one plan under ``dist``."""
     W, strat = dist.world, dist.strategy
@@ -66,7 +66,7 @@ def rank_memory(spec, counts, lora_r, dropout, q: QuantSettings, t, dist: DistSe
         host += rw["sharded"]  # FSDP2 CPUOffloadPolicy / ZeRO-3 offload_param: parameter shards on the host
         resident -= rw["sharded"]
     mm = MemoryModel.build(spec, counts, lora_r, dropout, qe, t.grad_ckpt, t.optimizer, t.attn_impl, resident,
-                           chunked_ce, kernels, t.padded, dora)
+                           loss, kernels, t.padded, dora)
     extras = {m: {"weights": 0, "gradients": 0} for m in (*FORWARD_MOMENTS, "optimizer")}
     terms: dict[str, int] = {"weights_sharded": rw["sharded"], "quant_state_replicated": rw["quant_state"],
                              "buffers_replicated": rw["buffers"]}

@@ -18,7 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from qplan.planner.memory.activations import ZERO, Lin, activation_terms, logits_terms, precision
+from qplan.planner.memory.activations import ZERO, Lin, activation_terms, precision
+from qplan.planner.memory.lin import most
+from qplan.planner.memory.loss import loss_terms
 from qplan.planner.memory.terms import (
     TrainingSettings,
     adapter_bytes,
@@ -37,12 +39,12 @@ from qplan.planner.vocab import CATEGORIES, MOMENTS_OF_PHASE
 
 
 def training_memory(spec: ModelSpec, counts: list[ModuleCount], lora_r: int, dropout: float,
-                    q: QuantSettings, t: TrainingSettings, weights: int, chunked_ce: bool = False,
+                    q: QuantSettings, t: TrainingSettings, weights: int, loss: str = "full",
                     kernels: str = "cuda", dora: bool = False) -> dict[str, Any]:
-    """All terms and the peak, for one plan.  ``kernels="cpu"``: what the same step allocates when
-    it runs on the CPU (``qplan run --device cpu`` compares against that)."""
+    """All terms and the peak, for one plan.  ``loss``: ``planner.memory.loss.LOSS_KINDS``; ``kernels="cpu"``: what
+    the same step allocates when it runs on the CPU (``qplan run --device cpu`` compares against that)."""
     return MemoryModel.build(spec, counts, lora_r, dropout, q, t.grad_ckpt, t.optimizer, t.attn_impl,
-                             weights, chunked_ce, kernels, t.padded, dora).evaluate(*t.shape, t.grad_accum)
+                             weights, loss, kernels, t.padded, dora).evaluate(*t.shape, t.grad_accum)
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,9 @@ class MemoryModel:
     attn_fwd: Lin
     layers_grads: int
     loss_extra: Lin
-    logits_fwd: Lin
-    logits_bwd: Lin
+    #: the loss's moments at the end of the forward and the start of the backward (``loss_terms``: the largest counts)
+    logits_fwd: tuple[Lin, ...]
+    logits_bwd: tuple[Lin, ...]
     #: the transient parts of ``layers`` and ``attn_fwd`` (for ``composition`` only)
     layers_temps: Lin = ZERO
     attn_temps: Lin = ZERO
@@ -89,16 +92,21 @@ class MemoryModel:
     #: moments inside a MoE layer's backward (``moe.moe_backward_moments``): the largest at ``T`` is
     #: added to both layer moments
     layer_moments: tuple[Lin, ...] = ()
+    #: without checkpointing, the last layer's down projection in the forward (``activation_terms``): what the loss
+    #: moment holds but the loss, and the MLP's transients (``mlp_fwd_temps``) — the peak when the loss makes no logits
+    mlp_fwd: Lin = ZERO
+    mlp_fwd_temps: Lin = ZERO
 
     @classmethod
-    def build(cls, spec, counts, lora_r, dropout, q, grad_ckpt, optimizer, attn_impl, weights, chunked_ce=False,
+    def build(cls, spec, counts, lora_r, dropout, q, grad_ckpt, optimizer, attn_impl, weights, loss="full",
               kernels="cuda", padded=False, dora=False):
         # adapters of modules a text-only step never runs (a vision tower) get no gradient or state
         stepped = stepped_counts(spec, counts)
         opt = optimizer_state_bytes(stepped, optimizer)
         L = dims(spec).L
-        acts = activation_terms(spec, stepped, lora_r, dropout, q, grad_ckpt, attn_impl, kernels, padded, dora)
-        lg = logits_terms(spec, q, chunked_ce)
+        acts = activation_terms(spec, stepped, lora_r, dropout, q, grad_ckpt, attn_impl, kernels, padded, dora,
+                                head_linear=loss != "cce")
+        lg = loss_terms(spec, q, loss)
         return cls(
             weights=weights, adapters=adapter_bytes(counts), gradients=gradient_bytes(stepped),
             optimizer=opt["device"] + opt["paged"], optimizer_paged=opt["paged"],
@@ -109,7 +117,7 @@ class MemoryModel:
             layers_grads=gradient_bytes(stepped) * (L - 1) // max(1, L),
             loss_extra=acts["loss_extra"], logits_fwd=lg["forward"], logits_bwd=lg["backward"],
             layers_temps=acts["layers_temps"], attn_temps=acts["attn_fwd_temps"], ckpt_inputs=acts["ckpt_inputs"],
-            layer_moments=acts["layer_moments"],
+            layer_moments=acts["layer_moments"], mlp_fwd=acts["mlp_fwd"], mlp_fwd_temps=acts["mlp_fwd_temps"],
         )
 
     def phases(self, b: int, s: int, grad_accum: int = 1) -> dict[str, int]:
@@ -121,8 +129,8 @@ class MemoryModel:
         g = self.gradients if grad_accum > 1 else 0
         acts = self.saved.at(T, s)
         out = {
-            "forward": static + g + acts + self.loss_extra.at(T, s) + self.logits_fwd.at(T, s),
-            "backward": static + g + acts + self.logits_bwd.at(T, s),
+            "forward": static + g + acts + self.loss_extra.at(T, s) + most(self.logits_fwd, T, s),
+            "backward": static + g + acts + most(self.logits_bwd, T, s),
             "layers": static + (self.gradients if grad_accum > 1 else self.layers_grads) + self.layers.at(T, s)
             + self.moment(T, s),
         }
@@ -131,6 +139,8 @@ class MemoryModel:
         out["optimizer"] = static + self.gradients + self.temps_opt
         if self.attn_fwd != ZERO:
             out["attention"] = static + g + self.attn_fwd.at(T, s)
+        if self.mlp_fwd != ZERO:
+            out["mlp_forward"] = static + g + self.mlp_fwd.at(T, s)
         return out
 
     def moment(self, T: int, s: int) -> int:
@@ -150,9 +160,9 @@ class MemoryModel:
         layers_t = self.layers_temps.at(T, s) + self.moment(T, s)
         parts = {
             # the loss-time extras are made in the forward and not saved: transients to a tracker
-            "forward": {"gradients": g, "activations": acts, "logits": self.logits_fwd.at(T, s),
+            "forward": {"gradients": g, "activations": acts, "logits": most(self.logits_fwd, T, s),
                         "temporaries": self.loss_extra.at(T, s)},
-            "backward": {"gradients": g, "activations": acts, "logits": self.logits_bwd.at(T, s)},
+            "backward": {"gradients": g, "activations": acts, "logits": most(self.logits_bwd, T, s)},
             "layers": {"gradients": self.gradients if grad_accum > 1 else self.layers_grads,
                        "activations": self.layers.at(T, s) + self.moment(T, s) - layers_t, "temporaries": layers_t},
         }
@@ -165,6 +175,9 @@ class MemoryModel:
             attn_t = self.attn_temps.at(T, s)
             parts["attention"] = {"gradients": g, "activations": self.attn_fwd.at(T, s) - attn_t,
                                   "temporaries": attn_t}
+        if self.mlp_fwd != ZERO:
+            mt = self.mlp_fwd_temps.at(T, s)
+            parts["mlp_forward"] = {"gradients": g, "activations": self.mlp_fwd.at(T, s) - mt, "temporaries": mt}
         order = [c for c in CATEGORIES if c != "optimizer_paged"]
         return {moment: {c: int({**static, **p}.get(c, 0)) for c in order} for moment, p in parts.items()}
 
@@ -185,7 +198,7 @@ class MemoryModel:
             "optimizer": self.optimizer,
             "optimizer_paged": self.optimizer_paged,
             "activations": acts,
-            "logits": self.logits_bwd.at(T, s),
+            "logits": most(self.logits_bwd, T, s),
             "temporaries": max(self.temps_dq, self.temps_opt),
             "overhead": sum(over.values()),
             "cuda_context": over["cuda_context"],

@@ -97,23 +97,25 @@ class PeftProfile:
     """HF Trainer + PEFT on one GPU (``planner.memory.phases.MemoryModel``)."""
 
     name = "peft"
-    #: the settings this stack trains with: checkpointing when it is on (``GRAD_CKPT``), whether a
-    #: k-bit model's unquantized parameters are upcast to fp32 (``prepare_model_for_kbit_training``),
-    #: and a chunked cross-entropy (no ``T x V`` logits)
+    #: the settings this stack trains with: checkpointing when it is on (``GRAD_CKPT``), and whether a
+    #: k-bit model's unquantized parameters are upcast to fp32 (``prepare_model_for_kbit_training``)
     checkpointing = "hf"
     kbit_upcast = True
-    chunked_ce = False
+
+    def loss(self, ctx: StepContext) -> str:
+        """The loss the step computes (``planner.memory.loss.LOSS_KINDS``): the plan's."""
+        return ctx.training.loss
 
     def memory_model(self, ctx: StepContext, kernels: str = "cuda") -> MemoryModel:
         """The step's terms as linear forms in batch x sequence (what ``qplan fit`` searches with)."""
         t = ctx.training
         return MemoryModel.build(ctx.spec, list(ctx.counts), ctx.lora.r, ctx.lora.dropout, ctx.quant, t.grad_ckpt,
-                                 t.optimizer, t.attn_impl, ctx.weights, self.chunked_ce, kernels, t.padded,
+                                 t.optimizer, t.attn_impl, ctx.weights, self.loss(ctx), kernels, t.padded,
                                  ctx.lora.use_dora)
 
     def memory(self, ctx: StepContext, kernels: str = "cuda") -> dict[str, Any]:
         mem = training_memory(ctx.spec, list(ctx.counts), ctx.lora.r, ctx.lora.dropout, ctx.quant, ctx.training,
-                              ctx.weights, chunked_ce=self.chunked_ce, kernels=kernels, dora=ctx.lora.use_dora)
+                              ctx.weights, loss=self.loss(ctx), kernels=kernels, dora=ctx.lora.use_dora)
         if kernels == "cuda":
             mem = _calibrated_overhead(mem, ctx.calibration)
         return _single_gpu_weights(ctx, mem)
@@ -141,7 +143,10 @@ class UnslothProfile(PeftProfile):
     #: Unsloth's prepare_model_for_training (unsloth_zoo 2026.10.9 training_utils.py) casts only the LoRA
     #: weights to fp32: embeddings, head, norms and biases keep the load dtype (no kbit upcast)
     kbit_upcast = False
-    chunked_ce = True
+
+    def loss(self, ctx: StepContext) -> str:
+        """Unsloth's own chunked cross-entropy (no fp32 copies of the logits)."""
+        return "unsloth"
 
     def memory(self, ctx: StepContext, kernels: str = "cuda") -> dict[str, Any]:
         if kernels == "cpu":
@@ -184,7 +189,7 @@ class ShardedProfile:
         from qplan.planner.memory.per_rank import rank_memory
 
         mem = rank_memory(ctx.spec, list(ctx.counts), ctx.lora.r, ctx.lora.dropout, ctx.quant, ctx.training, ctx.dist,
-                          self.single.chunked_ce, kernels, ctx.calibration if kernels == "cuda" else None,
+                          self.single.loss(ctx), kernels, ctx.calibration if kernels == "cuda" else None,
                           ctx.lora.use_dora)
         return {**mem, "single": self.single.memory(ctx)} if kernels == "cuda" else mem
 

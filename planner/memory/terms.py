@@ -21,7 +21,7 @@ from qplan.planner.errors import QPlanError
 from qplan.planner.model.lora import ModuleCount
 from qplan.planner.model.spec import ModelSpec
 from qplan.planner.model.weights import QuantSettings, is_quantized
-from qplan.planner.vocab import ATTN_IMPLS, BYTES, GRAD_CKPT, OPTIMIZERS, optimizer
+from qplan.planner.vocab import ATTN_IMPLS, BYTES, GRAD_CKPT, LOSSES, OPTIMIZERS, optimizer
 
 #: bitsandbytes 8-bit optimizers keep tensors with fewer elements in 32-bit state
 #: (``Optimizer2State(min_8bit_size=4096)``, bitsandbytes/optim/optimizer.py).
@@ -62,6 +62,8 @@ class TrainingSettings:
     #: padding-free packing (TRL's ``bfd``): the micro-batch's packs flattened into one row of this many tokens (the
     #: worst batch's); 0: batches are ``batch_size × seq_len``
     flat_tokens: int = 0
+    #: ``vocab.LOSSES``: the full logits, or Cut Cross Entropy
+    loss: str = "full"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -85,6 +87,8 @@ class TrainingSettings:
                 f"{spec.name} ({spec.inventory.architecture}) does not support --attn {self.attn_impl} "
                 f"in transformers: use {' or '.join(supported)} (or auto)"
             )
+        if self.loss not in LOSSES:
+            raise QPlanError(f"unknown loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
         if self.grad_ckpt not in GRAD_CKPT:
             raise QPlanError(f"unknown gradient checkpointing mode {self.grad_ckpt!r}: choose one of {', '.join(GRAD_CKPT)}")
         ctx = max_context(spec)
@@ -100,6 +104,8 @@ class TrainingSettings:
             out.pop("padded")
         if not self.flat_tokens:
             out.pop("flat_tokens")
+        if self.loss == "full":  # plan.json names the loss only when it is not the full logits
+            out.pop("loss")
         return out
 
 

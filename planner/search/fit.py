@@ -73,14 +73,15 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
            optimizer=None, top: int = 10, objective: str = "memory", tokens: int | None = None,
            price_per_hour: str | float | None = None, calibration: str | None = None,
            batching: str | None = None, pad_to_multiple_of: int | None = None,
-           padding_free: bool = False, rows_padded: bool = False, reentrant: bool = False) -> dict[str, Any]:
+           padding_free: bool = False, rows_padded: bool = False, reentrant: bool = False,
+           loss: str = "full") -> dict[str, Any]:
     """Plans that fit ``gpu_name`` (a catalog name, ``a,b,c``, or ``all``), ranked by ``objective``:
     ``memory`` (most tokens per step, cheapest tricks first), ``time`` (most tokens/s) or ``cost``
     (least cost per million tokens; needs ``price_per_hour``). ``batching``, ``pad_to_multiple_of``: a ``--data``
     plan's (its padded batches' attention mask is counted); ``padding_free``: its packs are flattened into one row
     of ``batch × seq_len`` tokens (TRL's bfd; the block mask counted under SDPA/eager); ``rows_padded``: its packed
     rows carry pads (axolotl's multipack), so the mask is counted too; ``reentrant``: checkpointing, where a plan has
-    it, is torch's reentrant one."""
+    it, is torch's reentrant one; ``loss``: every plan's loss (``vocab.LOSSES``)."""
     if objective not in OBJECTIVES:
         raise QPlanError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if not gpu_name or not str(gpu_name).strip():
@@ -100,7 +101,7 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
     runs = [_search_one(model, g, seq_len=seq_len, batch_size=batch_size, quant=quant, r=r, targets=targets,
                         optimizer=optimizer, objective=objective, tokens=tokens, price=prices.get(g.name),
                         calibration=calibration, batching=batching, pad_to_multiple_of=pad_to_multiple_of,
-                        padding_free=padding_free, rows_padded=rows_padded, reentrant=reentrant)
+                        padding_free=padding_free, rows_padded=rows_padded, reentrant=reentrant, loss=loss)
             for g in gpus]
     if len(gpus) > 1:  # every row says which GPU it is for, and how much that GPU has
         for res, g in zip(runs, gpus):
@@ -124,6 +125,8 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
     }
     if objective != "memory" or len(gpus) > 1:
         out["objective"] = objective
+    if loss != "full":
+        out["loss"] = loss
     if calibration is not None:
         out["calibrated"] = calibration["source"]
     return out
@@ -132,7 +135,8 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
 def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets, optimizer, objective: str,
                 tokens: int | None, price: float | None, calibration: dict | None = None,
                 batching: str | None = None, pad_to_multiple_of: int | None = None,
-                padding_free: bool = False, rows_padded: bool = False, reentrant: bool = False) -> dict[str, Any]:
+                padding_free: bool = False, rows_padded: bool = False, reentrant: bool = False,
+                loss: str = "full") -> dict[str, Any]:
     spec = load_spec(model)
     usable = gpu.usable_bytes
     ctx = max_context(spec) or max(SEQS)
@@ -162,7 +166,7 @@ def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets,
             continue
         # every candidate's inputs are resolved as `qplan estimate` resolves them (the GPU's dtype,
         # the checkpoint's quantization, LoRA's defaults, the model's attention)
-        inp, _ = plan_inputs(PlanOptions(model=spec.name, quant=qn, r=rr, targets=tg, optimizer=op),
+        inp, _ = plan_inputs(PlanOptions(model=spec.name, quant=qn, r=rr, targets=tg, optimizer=op, loss=loss),
                              spec=spec, device=gpu)
         q, lora = inp.quant, inp.lora
         counts = plan_counts(inp)
@@ -179,7 +183,7 @@ def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets,
                 peak_fs, bw = device_peak(gpu.to_json(), q.compute_dtype)
                 if peak_fs is None or bw is None:
                     raise QPlanError(f"{gpu.name}: the catalog has no 16-bit throughput or bandwidth: no time objective")
-                fa, fc = flops_form(spec, counts, rr, q, ck, attn)
+                fa, fc = flops_form(spec, counts, rr, q, ck, attn, loss)
                 moved = step_bytes(spec, counts, rr, q, ck, op, trainable_params(counts))
             for b, s in itertools.product(batches, seqs):
                 candidates += 1
@@ -218,7 +222,7 @@ def fit_document(options: FitOptions | dict[str, Any]) -> dict[str, Any]:
     if max_gpus is not None:
         from qplan.planner.search.fewest_gpus import fewest_gpus
 
-        fixed = {k: o[k] for k in ("seq_len", "batch_size", "quant", "r", "targets", "optimizer", "reentrant")
+        fixed = {k: o[k] for k in ("seq_len", "batch_size", "quant", "r", "targets", "optimizer", "reentrant", "loss")
                  if o.get(k) is not None}
         return fewest_gpus(model=o["model"], gpu=o["gpu"], max_gpus=max_gpus, upcast=upcast, **fixed)
     if not upcast:

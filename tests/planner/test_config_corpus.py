@@ -36,8 +36,8 @@ def test_every_corpus_config_is_planned_or_refused_in_one_line_as_committed(tool
 
 def test_no_corpus_config_is_planned_past_what_the_plan_models():
     """The features that change a step's memory and are not planned yet are refused by name in every file that
-    turns them on, never planned as the plain stack (issue 24's silent mis-plans: Cut Cross Entropy on by default
-    once its plugin is loaded, Liger kernels, experts quantized on load)."""
+    turns them on, never planned as the plain stack (issue 24's silent mis-plans: Liger kernels, experts quantized
+    on load); Cut Cross Entropy, on by default once its plugin is loaded, is planned as ``loss: cce``."""
     import yaml
 
     for r in json.loads(REPORT.read_text(encoding="utf-8")):
@@ -45,9 +45,10 @@ def test_no_corpus_config_is_planned_past_what_the_plan_models():
             continue
         cfg = yaml.safe_load((C.CORPUS / r["file"]).read_text(encoding="utf-8"))
         plugins = cfg.get("plugins") or []
-        assert not (
-            "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin" in plugins
-            and cfg.get("cut_cross_entropy", True) is not False), r["file"]
+        # Cut Cross Entropy is on by default once its plugin is loaded: planned as such, never as the full logits
+        cce = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin" in plugins and cfg.get(
+            "cut_cross_entropy", True) not in (False, None)
+        assert r["loss"] == ("cce" if cce else "full"), r["file"]
         assert not any(v for k, v in cfg.items() if k.startswith("liger_")), r["file"]
         assert not cfg.get("quantize_moe_experts"), r["file"]
         assert not cfg.get("activation_offloading") and cfg.get("gradient_checkpointing") in (None, True, False), r["file"]

@@ -155,8 +155,9 @@ def test_an_unknown_key_is_named_in_a_warning_and_changes_nothing(capsys, tmp_pa
     ({"micro_batch_size": "two"}, ["micro_batch_size must be int"]),
     ({"lora_r": -4}, ["--from-config", "--r: expected `int` >= 1, got -4"]),
     # axolotl's plugins and kernel keys that change what a step holds (integrations/*/args.py, axolotl 0.19)
-    ({"plugins": ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"]},
-     ["CutCrossEntropyPlugin", "cut_cross_entropy: false"]),
+    ({"plugins": ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"], "cut_cross_entropy": "yes"},
+     ["cut_cross_entropy must be bool"]),
+    ({"cut_cross_entropy": True}, ["cut_cross_entropy", "does not plan"]),  # the key without its plugin
     ({"plugins": ["axolotl.integrations.liger.LigerPlugin"], "liger_rms_norm": True}, ["liger_rms_norm"]),
     ({"plugins": ["axolotl.integrations.kernels.KernelsPlugin"]}, ["KernelsPlugin"]),
     ({"plugins": "cce"}, ["plugins must be a list"]),
