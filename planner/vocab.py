@@ -121,7 +121,7 @@ MOMENT_NAMES = {"forward": "loss (end of forward)", "backward": "start of backwa
                 "layers_last": "last layer's backward (every checkpoint alive)", "optimizer": "optimizer step",
                 "attention": "eager attention forward",
                 "unshard": "FSDP first all-gathers (root + layer 0)",
-                "mlp_forward": "a layer's MLP forward (Unsloth)"}
+                "mlp_forward": "a layer's MLP forward"}
 
 
 def optimizer(name: str) -> Optimizer:

@@ -64,6 +64,9 @@ def _check(plan: dict[str, Any], to: str) -> None:
         raise QPlanError(f"{to} export of target_parameters is not supported: plan without --target-parameters")
     if lora.get("rank_pattern") or lora.get("alpha_pattern"):
         raise QPlanError("the plan has per-module ranks, which the trainer configs cannot express")
+    if training.get("loss", "full") == "cce" and to != "axolotl":
+        raise QPlanError(f"{to} has no Cut Cross Entropy option (axolotl's CutCrossEntropyPlugin has): export the plan "
+                         "--to axolotl, or plan it with --loss full")
     if training["grad_ckpt"] not in ("off", *HF_CKPT):
         raise QPlanError(f"checkpointing {training['grad_ckpt']!r} cannot be exported: plan with --grad-ckpt or --no-grad-ckpt")
     if not (plan["model"].get("source") or {}).get("hub_id"):
@@ -136,6 +139,9 @@ def to_axolotl(plan: dict[str, Any]) -> dict[str, Any]:
                **_precision_flags(quant["compute_dtype"]))
     if tr["grad_ckpt"] in HF_CKPT:  # axolotl's own default is reentrant: written either way, as planned
         cfg["gradient_checkpointing_kwargs"] = {"use_reentrant": tr["grad_ckpt"] == "reentrant"}
+    if tr.get("loss", "full") == "cce":  # the plugin's cut_cross_entropy defaults to true; written as planned
+        cfg["plugins"] = ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"]
+        cfg["cut_cross_entropy"] = True
     cfg["attn_implementation"] = tr["attn_impl"]  # axolotl >= 0.19 (flash_attention: true etc. are deprecated)
     cfg["datasets"] = [{"path": DATA, "ds_type": "json", "type": "completion"}]
     cfg.update(learning_rate=LR, output_dir=OUT)

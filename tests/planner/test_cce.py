@@ -144,3 +144,26 @@ def test_run_refuses_a_cce_plan_on_the_cpu(capsys, tmp_path):
     assert run_cli(capsys, "estimate", "--model", "smollm2-135m", "--loss", "cce", "--output", str(plan))[0] == 0
     rc, out, err = run_cli(capsys, "run", str(plan), "--device", "cpu", "--random-init", "--out-dir", str(tmp_path / "runs"))
     assert rc == 2 and "cannot train on the CPU" in err and len(err.strip().splitlines()) == 1
+
+
+def test_export_to_axolotl_writes_the_plugin_and_reads_back_the_same_plan(capsys, tmp_path):
+    plan_file, cfg = tmp_path / "plan.json", tmp_path / "axolotl.yml"
+    assert run_cli(capsys, "estimate", "--model", "llama-3.2-1b", "--loss", "cce", "--gpu", "a100-80gb",
+                   "--output", str(plan_file))[0] == 0
+    rc, text, err = run_cli(capsys, "export", str(plan_file), "--to", "axolotl")
+    assert rc == 0, err
+    import yaml
+
+    written = yaml.safe_load(text)
+    assert written["plugins"] == ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"]
+    assert written["cut_cross_entropy"] is True
+    cfg.write_text(text)
+    rc, out, err = run_cli(capsys, "estimate", "--from-config", str(cfg), "--model", "llama-3.2-1b", "--gpu",
+                           "a100-80gb", "--format", "json")
+    assert rc == 0, err
+    again, first = json.loads(out), json.loads(plan_file.read_text())
+    assert again["training"]["loss"] == "cce"
+    assert again["prediction"]["memory"]["tensor_peak"] == first["prediction"]["memory"]["tensor_peak"]
+    for to in ("trl", "llamafactory"):
+        rc, out, err = run_cli(capsys, "export", str(plan_file), "--to", to)
+        assert rc == 2 and "no Cut Cross Entropy option" in err and len(err.strip().splitlines()) == 1

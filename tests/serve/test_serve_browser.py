@@ -111,7 +111,8 @@ def check_page(drv, base: str) -> dict:
                                    "e => done('failed: ' + e))", href)
     assert got == text
     if g:
-        fq = "&".join(p for p in query.split("&") if p.split("=")[0] in ("model", "gpu", "seq-len")) + "&top=8"
+        sent = ("model", "gpu", "seq-len", "data", "max-seq-len", "batching", "reentrant", "loss")  # as the page's fit
+        fq = "&".join(p for p in query.split("&") if p.split("=")[0] in sent) + "&top=8"
         _, fit = api(base, "/api/fit", fq)
         assert [int(r.get_attribute("data-peak")) for r in drv.find_elements(By.CSS_SELECTOR, "#fit tbody tr")] == \
             [r["peak"] for r in fit["best"]]
@@ -167,6 +168,29 @@ def test_reentrant_and_torchao_optimizers_from_the_page(base, browser, tmp_path)
     folder.mkdir(parents=True, exist_ok=True)
     drv.execute_script("window.scrollTo(0, 0)")
     drv.save_screenshot(str(folder / "serve-reentrant.png"))
+
+
+def test_cut_cross_entropy_from_the_page(base, browser, tmp_path):
+    """The page offers Cut Cross Entropy; with an Ampere GPU the plan is the API's, and on a T4 the page shows the
+    CLI's one line."""
+    drv = browser
+    drv.get(base + "/")
+    settled(drv)
+    Select(drv.find_element(By.ID, "gpu")).select_by_value("a100-80gb")
+    settled(drv, "gpu=a100-80gb")
+    Select(drv.find_element(By.ID, "loss")).select_by_value("cce")
+    settled(drv, "loss=cce")
+    plan = check_page(drv, base)
+    assert plan["training"]["loss"] == "cce"
+    folder = Path(os.environ.get("QPLAN_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    drv.execute_script("window.scrollTo(0, 0)")
+    drv.save_screenshot(str(folder / "serve-cce.png"))
+    Select(drv.find_element(By.ID, "gpu")).select_by_value("t4")
+    WebDriverWait(drv, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "error")
+    err = drv.find_element(By.ID, "error")
+    assert err.is_displayed() and err.text == ("qplan: error: --loss cce: Cut Cross Entropy needs an Ampere or newer "
+                                               "GPU (bf16); t4 has none")
 
 
 def test_a_bad_value_shows_the_cli_line(base, browser):
