@@ -136,5 +136,15 @@ def run_trainer(model: Any, dataset: Any, plan: dict[str, Any], settings: TrainS
         trainer_cls = _Trainer
     else:
         trainer_cls = Trainer
+    if plan["training"].get("loss") == "trl":  # TRL's fused LM head (added by the backend): SFTTrainer.compute_loss
+        base = trainer_cls
+
+        class _FusedHeadTrainer(base):  # type: ignore[misc, valid-type]
+            def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
+                             num_items_in_batch: Any = None) -> Any:
+                return super().compute_loss(model, {**inputs, "fused_lm_head": True}, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+
+        trainer_cls = _FusedHeadTrainer
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=callbacks)
     trainer.train()

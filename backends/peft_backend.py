@@ -84,6 +84,10 @@ class PeftBackend:
         probe.weights_footprint = footprint
         probe.set_phase("adapters")
         model = get_peft_model(model, lora_config(plan["lora"]))
+        if t.get("loss") == "trl":  # as TRL's SFTTrainer: the fused LM head on the causal LM under the PEFT wrapper
+            from qplan.observe.trace.trl_head import add_sft_fused_head
+
+            add_sft_fused_head(model.get_base_model())
         probe.snapshot("after_adapters", model, adapters=True)
         return Prepared(model=model, tokenizer=load_tokenizer(source), device=device,
                         weights_footprint=footprint, params=trainable_counts(model))

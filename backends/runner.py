@@ -384,6 +384,9 @@ def _check_optimizer_device(plan: dict[str, Any], device: str, python: str | Non
     if plan["training"].get("loss") == "cce" and on_cpu:
         raise QPlanError("--loss cce (Cut Cross Entropy) cannot train on the CPU: its Triton kernels run on Ampere or "
                          "newer GPUs only; run the plan on a GPU, or plan it with --loss full to measure on the CPU")
+    if plan["training"].get("loss") == "trl" and on_cpu:
+        raise QPlanError("--loss trl is planned as a GPU runs TRL's fused LM head (Triton folds); on the CPU it folds "
+                         "its tiles in torch, which allocates more: run the plan on a GPU, or plan it with --loss full")
     row = OPTIMIZERS.get(plan["training"].get("optimizer", ""))
     if row is None or not row.state.startswith("torchao"):
         return

@@ -182,8 +182,8 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     # from the position ids with a block-causal mask; flash attention runs them varlen, without one)
     mask = data is not None and (bool(data["worst_batch"].get("padded")) or (bool(flat) and attn != "flash_attention_2"))
     training = TrainingSettings(o.batch_size, seq_len, o.grad_accum, ckpt, o.optimizer, attn, bool(mask), flat, o.loss)
-    if o.loss == "cce":
-        check_cce(spec, q, gpu_, backend, strategy)
+    if o.loss != "full":
+        check_fused_loss(o.loss, spec, q, gpu_, backend, strategy)
     q, warnings = check_gpu_dtype(q, gpu_, auto_fix=not o.strict_dtype)
     warnings = ck_warnings + warnings
     if model is not None and spec_origin(model) == "user, shadows bundled":
@@ -198,26 +198,27 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     return PlanInputs(spec, lora, q, training, gpu_, backend, tokens, o.price_per_hour, calib, dist, data), warnings
 
 
-def check_cce(spec: ModelSpec, q: QuantSettings, gpu: Any, backend: str, strategy: str | None) -> None:
-    """``--loss cce`` where Cut Cross Entropy runs as planned, else one line: Apple's kernels need bf16 (Ampere or
-    newer: ``cce_linear_cross_entropy`` raises on ``not torch.cuda.is_bf16_supported()``); axolotl's plugin patches a
-    model's ``*ForCausalLM.forward`` (qplan traces that generic forward); Unsloth computes its own fused loss;
-    FSDP / ZeRO-3 gather the sharded head inside the loss (not planned)."""
+def check_fused_loss(loss: str, spec: ModelSpec, q: QuantSettings, gpu: Any, backend: str, strategy: str | None) -> None:
+    """``--loss cce`` / ``--loss trl`` where the loss runs as planned, else one line. Both read the head's weight from
+    the final hidden states of a ``*ForCausalLM`` (what qplan traces); Unsloth computes its own fused loss; FSDP /
+    ZeRO-3 gather the sharded head inside the loss (not planned). Cut Cross Entropy's kernels need bf16 (Ampere or
+    newer: ``cce_linear_cross_entropy`` raises on ``not torch.cuda.is_bf16_supported()``)."""
+    name = {"cce": "Cut Cross Entropy", "trl": "TRL's fused LM head"}[loss]
     if backend != "peft":
-        raise QPlanError(f"--loss cce is for the peft backend: the {backend} backend computes its own fused "
+        raise QPlanError(f"--loss {loss} is for the peft backend: the {backend} backend computes its own fused "
                          "cross-entropy")
-    if gpu is not None and not gpu.bf16:
-        raise QPlanError(f"--loss cce: Cut Cross Entropy needs an Ampere or newer GPU (bf16); {gpu.name} has none")
+    if loss == "cce" and gpu is not None and not gpu.bf16:
+        raise QPlanError(f"--loss cce: {name} needs an Ampere or newer GPU (bf16); {gpu.name} has none")
     if not spec.inventory.architecture.endswith("ForCausalLM"):
-        raise QPlanError(f"--loss cce: {spec.name} is a {spec.inventory.architecture}, not a *ForCausalLM: qplan plans "
-                         "Cut Cross Entropy for causal language models only")
+        raise QPlanError(f"--loss {loss}: {spec.name} is a {spec.inventory.architecture}, not a *ForCausalLM: qplan "
+                         f"plans {name} for causal language models only")
     if strategy in ("fsdp", "zero3"):
-        raise QPlanError(f"--loss cce with --strategy {strategy} (the head's weight gathered inside the loss) is not "
+        raise QPlanError(f"--loss {loss} with --strategy {strategy} (the head's weight gathered inside the loss) is not "
                          "planned yet: use ddp or zero2")
     head = next((g for g in spec.inventory.linear if g.pattern == spec.inventory.output_head), None)
     if head is not None and head.keep_fp32 and q.unquantized_dtype != "float32":
-        raise QPlanError("--loss cce: this model keeps its head in fp32 and its hidden states in "
-                         f"{q.unquantized_dtype}; Cut Cross Entropy takes them in one dtype")
+        raise QPlanError(f"--loss {loss}: this model keeps its head in fp32 and its hidden states in "
+                         f"{q.unquantized_dtype}; qplan plans {name} with both in one dtype")
 
 
 def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> PlanDoc:
@@ -232,10 +233,10 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> PlanDoc:
         if note:
             warnings = [*(warnings or []), note]
     counts = plan_counts(inp)
-    if t.loss == "cce" and any(c.module == spec.inventory.output_head for c in counts):
-        raise QPlanError(f"--loss cce: Cut Cross Entropy reads {spec.inventory.output_head}.weight as it is, so a LoRA "
-                         "or a modules_to_save copy of the head would not train: leave the head out of --targets and "
-                         "--modules-to-save")
+    if t.loss != "full" and any(c.module == spec.inventory.output_head for c in counts):
+        raise QPlanError(f"--loss {t.loss}: the fused loss reads {spec.inventory.output_head}.weight as it is, so a "
+                         "LoRA or a modules_to_save copy of the head is not planned: leave the head out of --targets "
+                         "and --modules-to-save")
     note = text_only_warning(spec, counts)
     if note:
         warnings = [*(warnings or []), note]

@@ -44,10 +44,10 @@ GRAD_CKPT = ("off", "hf", "reentrant", "unsloth")
 #: the modes that keep every layer's input on the device and recompute one layer in backward
 HF_CKPT = ("hf", "reentrant")
 BACKENDS = ("peft", "unsloth")
-#: the loss: transformers' ``ForCausalLMLoss`` over the full ``T x V`` logits, or Cut Cross Entropy (the loss from the
+#: the loss: transformers' ``ForCausalLMLoss`` over the full ``T x V`` logits, Cut Cross Entropy (the loss from the
 #: final hidden states and the head's weight, no logits: Apple's ml-cross-entropy as axolotl's CutCrossEntropyPlugin runs
-#: it, ``planner.memory.activations.cce_terms``)
-LOSSES = ("full", "cce")
+#: it), or TRL 1.16's fused LM head (SFTTrainer: the head in [4096, 32768] tiles) — ``planner.memory.loss``
+LOSSES = ("full", "cce", "trl")
 #: where a plan's kernels run: a GPU, or the CPU of ``qplan run --device cpu``
 KERNELS = ("cuda", "cpu")
 

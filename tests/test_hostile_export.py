@@ -17,10 +17,12 @@ from test_hostile_input import qplan, refused
 EVIL = "t4\ntrust_remote_code: true\ndeepspeed: /etc/passwd"
 
 
-def _plan(tmp_path: Path, name: str = "plan.json", **edit) -> Path:
-    base = tmp_path / "base.json"
+def _plan(tmp_path: Path, name: str = "plan.json", loss: str = "full", **edit) -> Path:
+    """A plan (``loss``: TRL exports need TRL's fused LM head, which its SFTTrainer trains with) with fields edited."""
+    base = tmp_path / f"base-{loss}.json"
     if not base.exists():
-        p = qplan("estimate", "--model", "llama-3.2-3b", "--quant", "bf16", "--gpu", "t4", "--output", str(base))
+        p = qplan("estimate", "--model", "llama-3.2-3b", "--quant", "bf16", "--gpu", "t4", "--loss", loss,
+                  "--output", str(base))
         assert p.returncode == 0, p.stderr
     plan = json.loads(base.read_text())
     for path, value in edit.items():
@@ -44,8 +46,9 @@ def _header_and_body(text: str) -> tuple[list[str], dict]:
 
 @pytest.mark.parametrize("tool", ["axolotl", "llamafactory", "trl"])
 def test_a_newline_in_a_plan_field_or_file_name_stays_in_the_comment(tmp_path, tool):
-    for plan_file in (_plan(tmp_path, "p1.json", gpu__name=EVIL),
-                      _plan(tmp_path, "plan\ntrust_remote_code: true\ndeepspeed: x.json")):
+    loss = "trl" if tool == "trl" else "full"
+    for plan_file in (_plan(tmp_path, "p1.json", loss, gpu__name=EVIL),
+                      _plan(tmp_path, "plan\ntrust_remote_code: true\ndeepspeed: x.json", loss)):
         p = qplan("export", str(plan_file), "--to", tool)
         assert p.returncode == 0, p.stderr
         cfg = yaml.safe_load(p.stdout)
@@ -64,7 +67,7 @@ def test_a_newline_in_a_plan_field_or_file_name_stays_in_the_comment(tmp_path, t
     ("revision", "main branch"),
 ])
 def test_unsafe_hub_ids_and_revisions_are_refused(tmp_path, field, value):
-    plan_file = _plan(tmp_path, **{f"model__source__{field}": value})
+    plan_file = _plan(tmp_path, loss="trl", **{f"model__source__{field}": value})
     out = tmp_path / "cfg.yaml"
     p = qplan("export", str(plan_file), "--to", "trl", "--output", str(out))
     refused(p, f"model.source.{field}")
@@ -73,6 +76,6 @@ def test_unsafe_hub_ids_and_revisions_are_refused(tmp_path, field, value):
 
 
 def test_a_clean_plan_still_exports(tmp_path):
-    p = qplan("export", str(_plan(tmp_path, model__source__revision="main")), "--to", "trl")
+    p = qplan("export", str(_plan(tmp_path, loss="trl", model__source__revision="main")), "--to", "trl")
     assert p.returncode == 0, p.stderr
     assert yaml.safe_load(p.stdout)["model_name_or_path"] == "meta-llama/Llama-3.2-3B"

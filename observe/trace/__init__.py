@@ -167,4 +167,6 @@ def trace_plan(plan: dict[str, Any], device: str = "meta", steps: int = 2, count
             count_flops=count_flops, reentrant=t["grad_ckpt"] == "reentrant", loss=t.get("loss", "full"),
         )
     except ImportError as exc:  # pragma: no cover - only without the train extra
+        if (exc.name or "").split(".")[0] == "trl":
+            raise QPlanError("--method trace of a --loss trl plan runs TRL's own fused LM head: pip install trl") from exc
         raise QPlanError(f"--method trace needs the train extra ({exc.name} missing): pip install 'qplan[train]'") from exc

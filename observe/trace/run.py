@@ -56,6 +56,11 @@ def run_trace(config: dict, s: TraceSettings, wrap: Any = None) -> dict:
             stack.enter_context(cce_patched(hf))
         model = build_model(hf, s, stack)
         peft_model = apply_peft(model, s, notes)
+        if s.loss == "trl":  # SFTTrainer patches the causal LM under the PEFT wrapper
+            from .trl_head import add_sft_fused_head, gpu_kernels_on_meta
+
+            add_sft_fused_head(peft_model.get_base_model())
+            stack.enter_context(gpu_kernels_on_meta(s.amp_device))
         step_model = wrap(peft_model, stack) if wrap is not None else peft_model
         if s.grad_ckpt:
             recompute_context(peft_model, s, current, amp)
@@ -243,6 +248,10 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
         stand_ins.update(meta_stand_ins())
         if s.kernels == "cpu":
             stand_ins.update(cpu_kernel_stand_ins())
+        if s.loss == "trl":
+            from .trl_head import boolean_mask_stand_ins
+
+            stand_ins.update(boolean_mask_stand_ins())
     tracker = LiveTensorTracker(dev, logits=LogitsRule.for_step(vocab, s.batch_size, s.seq_len, chunked_logits),
                                 stand_ins=stand_ins, host_scalars_phase="optimizer" if dev == "cpu" else None)
     ids = batch(vocab, s)
@@ -274,6 +283,8 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
 
     def forward():
         kwargs = {"input_ids": ids, "labels": labels}
+        if s.loss == "trl":
+            kwargs["fused_lm_head"] = True  # SFTTrainer.compute_loss
         if num_items is not None:
             kwargs["num_items_in_batch"] = num_items
         with amp_ctx():

@@ -41,7 +41,8 @@ class TraceSettings:
     #: ``torch.utils.checkpoint(use_reentrant=True)`` (axolotl's and LLaMA-Factory's default) instead of
     #: transformers' non-reentrant default
     reentrant: bool = False
-    #: ``full`` (transformers' loss over the logits) or ``cce`` (Cut Cross Entropy, ``observe.trace.cce``: meta only)
+    #: ``full`` (transformers' loss over the logits), ``cce`` (Cut Cross Entropy, ``observe.trace.cce``) or ``trl``
+    #: (TRL's fused LM head, ``observe.trace.trl_head``): the fused ones on meta only
     loss: str = "full"
 
     def __post_init__(self) -> None:
@@ -57,8 +58,8 @@ class TraceSettings:
             raise ValueError(f"kernels must be 'cuda' or 'cpu', got {self.kernels!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.loss == "cce" and self.device != "meta":
-            raise ValueError("Cut Cross Entropy's Triton kernels run on neither meta nor the CPU: trace it on meta")
+        if self.loss != "full" and (self.device != "meta" or self.kernels != "cuda"):
+            raise ValueError(f"loss {self.loss!r} is traced as a GPU runs it (Triton kernels stood in): on meta, CUDA kernels")
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError("steps >= 1, batch_size >= 1 and seq_len >= 2 are required")
 

@@ -125,12 +125,13 @@ def head_flops(T: int, h: int, V: int, hidden_rg: bool, head_r: int = 0, head_tr
     return fwd + lf, bwd + lb
 
 
-def cce_head_flops(T: int, h: int, V: int, hidden_rg: bool) -> tuple[int, int]:
-    """Cut Cross Entropy in place of the head and its loss (forward, backward): the forward's log-sum-exp kernel
-    computes every logit block once (``2 T h V``) and the target logits (``2 T h``); the backward kernel recomputes
-    the logits (``2 T h V``) and, when the final hidden state needs a gradient, multiplies their softmax gradient
-    by the head (``2 T h V``).  An upper bound: the backward skips blocks whose softmax gradient is below
-    ``eps / 32`` (gradient filtering, data-dependent)."""
+def fused_head_flops(T: int, h: int, V: int, hidden_rg: bool) -> tuple[int, int]:
+    """A fused loss in place of the head and its loss (forward, backward): Cut Cross Entropy's forward computes every
+    logit block once (``2 T h V``) and the target logits (``2 T h``), its backward recomputes the logits (``2 T h V``)
+    and, when the final hidden state needs a gradient, multiplies their softmax gradient by the head (``2 T h V``) —
+    an upper bound: it skips blocks whose softmax gradient is below ``eps / 32`` (gradient filtering,
+    data-dependent). TRL's fused LM head does the same tiles without the filter (its forward reads the target logit
+    from the tile: ``2 T h`` fewer)."""
     fwd = 2 * T * h * V + 2 * T * h
     return fwd, 4 * T * h * V if hidden_rg else 0  # no gradient wanted: the loss is not in the graph
 
@@ -204,8 +205,8 @@ def step_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
             out["recomputation"] += fwd - (0 if grad_ckpt == "reentrant" else recompute_skipped(T, sites, d.norms))
         x_rg = g.out
     head_counts = {c.kind: c for c in counts if c.module == spec.inventory.output_head}
-    if loss == "cce":
-        hf, hb = cce_head_flops(T, d.h, d.V, x_rg)
+    if loss in ("cce", "trl"):  # both recompute the logits in the backward
+        hf, hb = fused_head_flops(T, d.h, d.V, x_rg)
     else:
         hf, hb = head_flops(T, d.h, d.V, x_rg, r if "lora" in head_counts else 0, "modules_to_save" in head_counts)
     out["head"] = hf + hb

@@ -64,9 +64,16 @@ def _check(plan: dict[str, Any], to: str) -> None:
         raise QPlanError(f"{to} export of target_parameters is not supported: plan without --target-parameters")
     if lora.get("rank_pattern") or lora.get("alpha_pattern"):
         raise QPlanError("the plan has per-module ranks, which the trainer configs cannot express")
-    if training.get("loss", "full") == "cce" and to != "axolotl":
+    loss = training.get("loss", "full")
+    if loss == "cce" and to != "axolotl":
         raise QPlanError(f"{to} has no Cut Cross Entropy option (axolotl's CutCrossEntropyPlugin has): export the plan "
                          "--to axolotl, or plan it with --loss full")
+    if loss == "trl" and to != "trl":
+        raise QPlanError(f"the plan's loss is TRL's fused LM head, which {to} does not run: export it --to trl, or plan "
+                         "it with --loss full")
+    if to == "trl" and loss != "trl":
+        raise QPlanError("TRL 1.16's SFTTrainer trains through its fused LM head, not the plan's full logits: plan with "
+                         "--loss trl to export to TRL")
     if training["grad_ckpt"] not in ("off", *HF_CKPT):
         raise QPlanError(f"checkpointing {training['grad_ckpt']!r} cannot be exported: plan with --grad-ckpt or --no-grad-ckpt")
     if not (plan["model"].get("source") or {}).get("hub_id"):

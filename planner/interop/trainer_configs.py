@@ -487,6 +487,14 @@ def _trl(r: _Reader) -> dict[str, Any]:
     o["dora"] = bool(r.get("use_dora", False))
     o["rslora"] = bool(r.get("use_rslora", False))
     _training(r, o, "max_length", 8, 1024, True, "optim", "adamw_torch_fused")
+    # TRL 1.16's SFTTrainer trains through its fused LM head (add_fused_lm_head), except that label smoothing takes the
+    # loss from a full-logits forward (sft_trainer.py compute_loss)
+    smoothing = r.typed("label_smoothing_factor", (int, float), 0)
+    o["loss"] = "full" if smoothing else "trl"
+    if smoothing:
+        r.warnings.append(note("approximated", "trl config: label_smoothing_factor takes the loss from the full logits "
+                               "and runs the fused LM head once more under no_grad for the metrics: planned as the full "
+                               "logits"))
     trl_data(r, o)
     _attn_implementation(r, o, "trl")
     if o.get("strategy") in ("fsdp", "zero3") and o["quant"] in ("nf4", "fp4"):
@@ -545,11 +553,6 @@ def read_trainer_config(path: str | Path, fmt: str | None = None) -> tuple[dict[
         warnings.append(note("approximated", "axolotl patches prepare_model_for_kbit_training to keep embed_tokens/lm_head "
                              "in the compute dtype; the plan upcasts them to fp32 as PEFT does (the weights term may be "
                              "high by that)"))
-    if fmt == "trl":
-        warnings.append(note("approximated", "TRL 1.16's SFTTrainer computes the loss through a fused, chunked LM head "
-                             "(trl.trainer.utils add_fused_lm_head: no batch × seq × vocab logits); the plan keeps the "
-                             "full logits and their fp32 gradients, so its logits term is high (up to 12 bytes per "
-                             "token and vocabulary entry): a chunked-loss plan is not built yet"))
     if fmt == "trl" and opts["quant"] in ("nf4", "fp4", "int8"):
         warnings.append(note("approximated", "TRL casts the LoRA adapters of a quantized model to bfloat16; the plan keeps "
                              "them in float32 (adapters, gradients and optimizer states may be high by up to half)"))

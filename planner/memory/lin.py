@@ -35,9 +35,10 @@ class Lin:
 ZERO = Lin()
 
 
-def most(forms: tuple[Lin, ...], T: int, s: int) -> int:
+def most(forms: tuple, T: int, s: int) -> int:
     """The largest of several moments' forms at ``T`` tokens (0 for none): a term whose peak moment moves with the
-    batch shape (Cut Cross Entropy's ``24 n`` against ``12 n + 4 V``) is a tuple of linear forms."""
+    batch shape (Cut Cross Entropy's ``24 n`` against ``16 n + 4 V``) is a tuple of forms, each a ``Lin`` or anything
+    else with ``at(T, s)`` (``loss.Tiled``: a buffer capped at a tile)."""
     return max((f.at(T, s) for f in forms), default=0)
 
 

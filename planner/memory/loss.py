@@ -4,12 +4,16 @@
 * ``unsloth``: Unsloth's chunked cross-entropy (no fp32 copies of the logits);
 * ``cce``: Cut Cross Entropy (``cce_terms``) — the loss from the final hidden states and the head's weight, never
   the logits: Apple's ml-cross-entropy as axolotl's ``CutCrossEntropyPlugin`` runs it (the fork
-  axolotl-ai-cloud/ml-cross-entropy at 5f0c7a7, which axolotl 067b021c8's plugin pins).
+  axolotl-ai-cloud/ml-cross-entropy at 5f0c7a7, which axolotl 067b021c8's plugin pins);
+* ``trl``: TRL's fused LM head (``trl_terms``), which TRL 1.16's ``SFTTrainer`` always trains with: the valid rows'
+  hidden states projected through the head in ``[4096, 32768]`` tiles.
 
 Every term is a ``Lin`` (``planner.memory.lin``); ``T`` tokens, ``V`` the head's rows, ``h`` the hidden size.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from qplan.planner.memory.lin import Lin, precision
 from qplan.planner.memory.terms import dims
@@ -17,10 +21,28 @@ from qplan.planner.model.spec import ModelSpec
 from qplan.planner.model.weights import QuantSettings
 
 #: what each loss kind is called where a plan says it (``vocab.LOSSES`` plus the Unsloth profile's own)
-LOSS_KINDS = ("full", "cce", "unsloth")
+LOSS_KINDS = ("full", "cce", "trl", "unsloth")
+
+#: TRL 1.16 ``trl/kernels/chunked_logprob.py``: tokens per projection tile; ``trl/trainer/utils.py``
+#: ``_CHUNKED_LOGPROB_CHUNK_SIZE``: vocabulary columns per tile (the tile buffer has this many whatever the vocabulary)
+TRL_TOKEN_TILE = 4096
+TRL_VOCAB_TILE = 32768
 
 
-def loss_terms(spec: ModelSpec, q: QuantSettings, loss: str = "full") -> dict[str, tuple[Lin, ...]]:
+@dataclass(frozen=True)
+class Tiled:
+    """``lin`` plus buffers that grow with the tokens only up to a tile: ``sum(per_row * clamp(T - lo, 0, hi - lo))``
+    for each ``(per_row, lo, hi)`` of ``pieces`` (a ``[min(T, 4096), 32768]`` buffer is ``(32768 c, 0, 4096)``).
+    Evaluated like a ``Lin`` (``at``), so a loss moment may be either."""
+
+    lin: Lin
+    pieces: tuple[tuple[int, int, int], ...] = ()
+
+    def at(self, T: int, s: int) -> int:
+        return self.lin.at(T, s) + sum(per * max(0, min(T, hi) - lo) for per, lo, hi in self.pieces)
+
+
+def loss_terms(spec: ModelSpec, q: QuantSettings, loss: str = "full") -> dict[str, tuple[Lin | Tiled, ...]]:
     """The loss's bytes at the end of the forward (``forward``) and the start of the backward (``backward``), on top
     of the saved activations, each the largest of a few moments (``lin.most``): ``logits_terms`` for ``full`` and
     ``unsloth``, ``cce_terms`` for ``cce``."""
@@ -28,6 +50,8 @@ def loss_terms(spec: ModelSpec, q: QuantSettings, loss: str = "full") -> dict[st
         raise ValueError(f"loss must be one of {LOSS_KINDS}, got {loss!r}")
     if loss == "cce":
         return cce_terms(spec, q)
+    if loss == "trl":
+        return trl_terms(spec, q)
     return {k: (v,) for k, v in logits_terms(spec, q, chunked=loss == "unsloth").items()}
 
 
@@ -80,4 +104,41 @@ def cce_terms(spec: ModelSpec, q: QuantSettings) -> dict[str, tuple[Lin, Lin]]:
     locks = -(-4 * -(-d.h // 64) // 128)  # bytes of de's locks per row: an int32 per 128 rows and 64 columns
     saved = Lin(tok=p.R * d.h + 12, const=4 * d.V)
     bwd = (saved + Lin(const=12 * d.V), saved + Lin(const=4 * d.V, tok=p.R * d.h + locks))
+    return {"forward": fwd, "backward": bwd}
+
+
+def trl_terms(spec: ModelSpec, q: QuantSettings) -> dict[str, tuple[Tiled, ...]]:
+    """TRL 1.16's fused LM head on a GPU (``trl/trainer/utils.py`` ``add_fused_lm_head``, ``trl/kernels/chunked_logprob.py``
+    ``ChunkedLogProbFunction`` with its Triton folds, which write into existing buffers), ``n`` valid rows (planned as
+    ``T``), the final hidden state in ``R`` bytes, the tile dtype ``c`` (autocast's, else the hidden state's), the head
+    in ``R`` bytes:
+
+    * before the function: the valid rows' hidden states ``hidden[mask]`` (``R h n``, saved), their labels (int64
+      ``8 n``) and the mask (``n``);
+    * forward: seven fp32 per-row statistics (``28 n``), the tile buffer ``[min(n, 4096), 32768]`` in ``c``, each token
+      tile's hidden rows cast to ``c`` (``c h`` a row when ``R != c``; while the next tile's cast is made the previous
+      one is alive) and each vocabulary tile of the head cast to ``c`` (``32768 h c``, freed after its matmul); after
+      the tiles, ``log_z``, the log-probabilities, the entropy and its quotient (``16 n``);
+    * backward: the saved rows, labels, ``log_z``, entropy and mask (``(R h + 17) n``), the log-probabilities' gradient
+      (``4 n``), ``grad_hidden`` (fp32, ``4 h n``), the tile buffer again, the rows' cast, and the head tile's cast held
+      in a local (two while the next is made); at the return ``grad_hidden.to(R)`` (``R h n`` when ``R != 4``).
+    """
+    d = dims(spec)
+    p = precision(q)
+    c, R = p.c, p.R
+    cast = R != c
+    K, rows = TRL_VOCAB_TILE, TRL_TOKEN_TILE
+    wtile = min(K, d.V) * d.h * c if cast else 0
+    wtiles = (2 if d.V > K else 1) * wtile  # the backward keeps the previous head tile while casting the next
+    mm = (c * K, 0, rows)
+    chunk = (c * d.h, 0, rows) if cast else (0, 0, 0)
+    chunk2 = (c * d.h, rows, 2 * rows) if cast else (0, 0, 0)
+    fwd_base = Lin(tok=R * d.h + 9 + 28)
+    fwd = (Tiled(fwd_base + Lin(const=wtile), (mm, chunk)),
+           Tiled(fwd_base, (mm, chunk, chunk2)),
+           Tiled(fwd_base + Lin(tok=16), (mm, chunk)))
+    bwd_base = Lin(tok=R * d.h + 17 + 4 + 4 * d.h)
+    bwd = (Tiled(bwd_base + Lin(const=wtiles), (mm, chunk)),
+           Tiled(bwd_base + Lin(const=wtile), (mm, chunk, chunk2)),
+           Tiled(bwd_base + Lin(const=wtile, tok=R * d.h if R != 4 else 0), (mm, chunk)))
     return {"forward": fwd, "backward": bwd}

@@ -82,8 +82,8 @@ class MemoryModel:
     layers_grads: int
     loss_extra: Lin
     #: the loss's moments at the end of the forward and the start of the backward (``loss_terms``: the largest counts)
-    logits_fwd: tuple[Lin, ...]
-    logits_bwd: tuple[Lin, ...]
+    logits_fwd: tuple[Any, ...]
+    logits_bwd: tuple[Any, ...]
     #: the transient parts of ``layers`` and ``attn_fwd`` (for ``composition`` only)
     layers_temps: Lin = ZERO
     attn_temps: Lin = ZERO
@@ -105,7 +105,7 @@ class MemoryModel:
         opt = optimizer_state_bytes(stepped, optimizer)
         L = dims(spec).L
         acts = activation_terms(spec, stepped, lora_r, dropout, q, grad_ckpt, attn_impl, kernels, padded, dora,
-                                head_linear=loss != "cce")
+                                head_linear=loss not in ("cce", "trl"))
         lg = loss_terms(spec, q, loss)
         return cls(
             weights=weights, adapters=adapter_bytes(counts), gradients=gradient_bytes(stepped),

@@ -40,11 +40,13 @@ EQUIVALENT = {
     "trl-lora-smollm2-1.7b.yaml": [
         "--model", "HuggingFaceTB/SmolLM2-1.7B", "--quant", "bf16", "--compute-dtype", "bf16", "--no-upcast",
         "--r", "32", "--alpha", "16", "--dropout", "0.05", "--targets", "all-linear", "--batch-size", "4",
-        "--seq-len", "2048", "--grad-accum", "4", "--grad-ckpt", "--optimizer", "adamw_torch_fused", "--attn", "sdpa"],
+        "--seq-len", "2048", "--grad-accum", "4", "--grad-ckpt", "--optimizer", "adamw_torch_fused", "--attn", "sdpa",
+        "--loss", "trl"],  # TRL 1.16's SFTTrainer: the fused LM head
     "trl-qlora-llama-3.2-3b.json": [
         "--model", "meta-llama/Llama-3.2-3B", "--quant", "nf4", "--double-quant", "--compute-dtype", "fp16",
         "--no-upcast", "--r", "16", "--alpha", "32", "--dropout", "0.05", "--targets", "q_proj,k_proj,v_proj,o_proj",
-        "--batch-size", "2", "--seq-len", "1024", "--grad-accum", "8", "--grad-ckpt", "--optimizer", "paged_adamw_8bit"],
+        "--batch-size", "2", "--seq-len", "1024", "--grad-accum", "8", "--grad-ckpt", "--optimizer", "paged_adamw_8bit",
+        "--loss", "trl"],
 }
 
 
@@ -124,7 +126,8 @@ def test_the_plan_keeps_the_files_warnings_by_kind(capsys, tmp_path):
         kinds[w["kind"]] = kinds.get(w["kind"], "") + " | " + w["text"]
     assert "my_new_knob" in kinds["ignored"] and "ddp_find_unused_parameters" in kinds["launcher"]
     assert "bfloat16" in kinds["approximated"]  # TRL's bf16 adapters on a quantized model
-    assert "fused, chunked LM head" in kinds["approximated"]  # TRL 1.16's SFT loss: no full logits
+    assert doc["training"]["loss"] == "trl"  # TRL 1.16's SFT loss: its fused LM head, planned (no warning needed)
+    assert "LM head" not in kinds["approximated"]
     assert set(kinds) <= {"approximated", "ignored", "launcher", "data"}
     from qplan.planner.document import check_plan
 
@@ -352,14 +355,17 @@ EXPORTABLE = [
                  "--modules-to-save", "embed_tokens", "--dropout", "0.1"]),
     ("llamafactory", ["--model", "qwen2.5-7b", "--no-upcast", "--r", "8", "--alpha", "24", "--optimizer", "adamw_8bit"]),
     ("llamafactory", ["--model", "llama-3.2-3b", "--quant", "int8", "--no-upcast", "--targets", "all-linear", "--dora"]),
-    ("trl", ["--model", "smollm2-1.7b", "--quant", "bf16", "--targets", "qv", "--batch-size", "4", "--rslora"]),
-    ("trl", ["--model", "llama-3.2-3b", "--quant", "nf4", "--no-upcast", "--no-double-quant", "--compute-dtype", "fp16"]),
+    # TRL 1.16's SFTTrainer always trains through its fused LM head
+    ("trl", ["--model", "smollm2-1.7b", "--quant", "bf16", "--targets", "qv", "--batch-size", "4", "--rslora",
+             "--loss", "trl"]),
+    ("trl", ["--model", "llama-3.2-3b", "--quant", "nf4", "--no-upcast", "--no-double-quant", "--compute-dtype", "fp16",
+             "--loss", "trl"]),
     # reentrant checkpointing is written back as each tool spells it (and non-reentrant where the tool's default is not)
     ("axolotl", ["--model", "llama-3.2-3b", "--reentrant"]),
     ("llamafactory", ["--model", "qwen2.5-7b", "--no-upcast", "--reentrant"]),
     # LLaMA-Factory without bf16/fp16: the dtype it infers, no mixed precision (a pure bf16 step)
     ("llamafactory", ["--model", "qwen2.5-7b", "--quant", "bf16", "--compute-dtype", "fp32"]),
-    ("trl", ["--model", "smollm2-1.7b", "--quant", "bf16", "--reentrant"]),
+    ("trl", ["--model", "smollm2-1.7b", "--quant", "bf16", "--reentrant", "--loss", "trl"]),
 ]
 
 
@@ -463,6 +469,8 @@ def test_trl_parses_the_export_and_the_fixtures(capsys, tmp_path):
     ("trl", ["--model", "llama-3.2-3b", "--quant", "bf16", "--bias", "all"], "bias"),
     ("axolotl", ["--model", "llama-3.2-3b", "--quant", "fp32", "--compute-dtype", "bf16"], "--quant equal to"),
     ("trl", ["--model", "smollm2-135m", "--backend", "unsloth"], "unsloth"),
+    ("trl", ["--model", "smollm2-135m", "--quant", "bf16"], "--loss trl"),  # SFTTrainer fuses the head
+    ("axolotl", ["--model", "smollm2-135m", "--loss", "trl"], "export it --to trl"),
 ])
 def test_a_plan_a_tool_cannot_run_as_planned_is_not_exported(capsys, tmp_path, tool, flags, needle):
     plan_file = tmp_path / "plan.json"
@@ -548,3 +556,13 @@ def test_llamafactory_export_refuses_an_fp32_step(capsys, tmp_path):
     rc, _, err = qplan(capsys, "export", str(plan_file), "--to", "llamafactory", "--output", str(tmp_path / "lf.yaml"))
     assert rc == 2 and not (tmp_path / "lf.yaml").exists()
     one_line(err, "never fp32")
+
+
+def test_trl_label_smoothing_is_planned_with_the_full_logits(capsys, tmp_path):
+    """TRL 1.16's SFTTrainer takes the loss from a full-logits forward when label smoothing is on (sft_trainer.py
+    compute_loss), else from its fused LM head."""
+    f = tmp_path / "trl.yaml"
+    f.write_text((CONFIGS / "trl-lora-smollm2-1.7b.yaml").read_text() + "label_smoothing_factor: 0.1\n")
+    doc = plan_doc(capsys, "--from-config", str(f))
+    assert "loss" not in doc["training"]
+    assert any("label_smoothing_factor" in w["text"] for w in doc["trainer_config"]["warnings"])

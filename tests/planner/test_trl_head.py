@@ -1,0 +1,62 @@
+"""``--loss trl``: TRL 1.16's SFTTrainer trains through its fused LM head (``add_fused_lm_head``,
+``ChunkedLogProbFunction``): the valid rows projected through the head in [4096, 32768] tiles, never the logits.
+The oracle is TRL's own code traced on meta as a GPU runs it — only its Triton launches (which write into the buffers
+they are given) and CUDA's fp32-output addmm are stood in (``qplan.observe.trace.trl_head``). The loss's moments equal
+the trace to the rows the plan rounds up (``T`` for ``B (s - 1)``); whole steps within 0.5%."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("trl")
+
+from test_cce import run_cli
+
+from qplan.observe.trace import trace_plan
+from qplan.planner.api import plan_dict
+
+
+@pytest.mark.parametrize("kw", [
+    dict(model="llama-3.2-1b", seq_len=512, batch_size=2),                     # fp32 rows cast to bf16 tiles
+    dict(model="llama-3.2-1b", seq_len=5120, grad_ckpt=False),                 # two token tiles
+    dict(model="qwen2.5-0.5b", seq_len=6000, quant="bf16", grad_ckpt=False),   # bf16 rows: no casts
+    dict(model="gemma-2-9b", seq_len=128),                                     # softcapping, eager attention
+])
+def test_a_trl_plan_is_its_traced_step(kw):
+    plan = plan_dict(loss="trl", gpu="a100-80gb", **kw)
+    assert plan["training"]["loss"] == "trl"
+    traced = trace_plan(plan, steps=2)
+    a, t = plan["prediction"]["memory"]["tensor_peak"], traced["tensor_peak"]
+    assert abs(a - t) <= 0.005 * t, (a, t)
+    assert traced["breakdown_at_peak"]["logits"] == 0  # no [T, V] tensor
+    # the loss's backward (the start of backward) against the trace's backward, where it is the backward's peak
+    phases = plan["prediction"]["memory_detail"]["phases"]
+    if phases["backward"] >= max(phases.get("layers", 0), phases.get("layers_last", 0)):
+        tb = traced["phase_peaks"]["backward"]
+        assert 0 <= phases["backward"] - tb <= 1e-4 * tb, (phases["backward"], tb)
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--backend", "unsloth"], "the unsloth backend computes its own fused cross-entropy"),
+    (["--targets", "q_proj,lm_head"], "reads lm_head.weight as it is"),
+    (["--gpus", "2", "--strategy", "zero3", "--quant", "bf16"], "--strategy zero3"),
+])
+def test_a_trl_plan_it_cannot_run_is_one_line(capsys, args, needle):
+    rc, out, err = run_cli(capsys, "estimate", "--model", "llama-3.2-1b", "--loss", "trl", *args)
+    assert rc == 2 and out == "" and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_fused_head_plans_far_less_than_the_full_logits_on_a_t4():
+    """The case TRL's SFTTrainer exists for: Llama-3.2-3B QLoRA on a free T4 at 2 x 4096 tokens (Triton runs there)."""
+    full = plan_dict(model="llama-3.2-3b", gpu="t4", seq_len=4096, batch_size=2)
+    fused = plan_dict(model="llama-3.2-3b", gpu="t4", seq_len=4096, batch_size=2, loss="trl")
+    assert full["prediction"]["fits"] is False and fused["prediction"]["fits"] is True
+
+
+def test_run_refuses_a_trl_plan_on_the_cpu(capsys, tmp_path):
+    plan = tmp_path / "plan.json"
+    assert run_cli(capsys, "estimate", "--model", "smollm2-135m", "--loss", "trl", "--output", str(plan))[0] == 0
+    rc, out, err = run_cli(capsys, "run", str(plan), "--device", "cpu", "--random-init", "--out-dir",
+                           str(tmp_path / "runs"))
+    assert rc == 2 and "--loss trl" in err and len(err.strip().splitlines()) == 1
