@@ -54,7 +54,10 @@ def cce_patched(model: Any) -> Any:
         raise QPlanError("the plan's loss is Cut Cross Entropy: install it first (axolotl's fork: pip install "
                          "\"cut-cross-entropy[transformers] @ git+https://github.com/axolotl-ai-cloud/ml-cross-entropy.git"
                          f"@5f0c7a7\"): {exc}") from exc
-    return cce_patch(model, impl="cce", reduction="mean")
+    try:
+        return cce_patch(model, impl="cce", reduction="mean")
+    except (RuntimeError, ValueError) as exc:  # a model type the installed version does not patch
+        raise QPlanError(f"Cut Cross Entropy does not patch {model.config.model_type}: {exc}") from exc
 
 
 class PeftBackend:

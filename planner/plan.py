@@ -182,10 +182,9 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     # from the position ids with a block-causal mask; flash attention runs them varlen, without one)
     mask = data is not None and (bool(data["worst_batch"].get("padded")) or (bool(flat) and attn != "flash_attention_2"))
     training = TrainingSettings(o.batch_size, seq_len, o.grad_accum, ckpt, o.optimizer, attn, bool(mask), flat, o.loss)
-    if o.loss != "full":
-        check_fused_loss(o.loss, spec, q, gpu_, backend, strategy)
+    loss_notes = check_fused_loss(o.loss, spec, q, gpu_, backend, strategy) if o.loss != "full" else []
     q, warnings = check_gpu_dtype(q, gpu_, auto_fix=not o.strict_dtype)
-    warnings = ck_warnings + warnings
+    warnings = ck_warnings + loss_notes + warnings
     if model is not None and spec_origin(model) == "user, shadows bundled":
         warnings.insert(0, f"model {model!r} is your spec in {user_spec_dir()}, which shadows the bundled one "
                            "(`qplan models` marks it)")
@@ -198,27 +197,36 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     return PlanInputs(spec, lora, q, training, gpu_, backend, tokens, o.price_per_hour, calib, dist, data), warnings
 
 
-def check_fused_loss(loss: str, spec: ModelSpec, q: QuantSettings, gpu: Any, backend: str, strategy: str | None) -> None:
-    """``--loss cce`` / ``--loss trl`` where the loss runs as planned, else one line. Both read the head's weight from
-    the final hidden states of a ``*ForCausalLM`` (what qplan traces); Unsloth computes its own fused loss; FSDP /
-    ZeRO-3 gather the sharded head inside the loss (not planned). Cut Cross Entropy's kernels need bf16 (Ampere or
-    newer: ``cce_linear_cross_entropy`` raises on ``not torch.cuda.is_bf16_supported()``)."""
+def check_fused_loss(loss: str, spec: ModelSpec, q: QuantSettings, gpu: Any, backend: str,
+                     strategy: str | None) -> list[str]:
+    """``--loss cce`` / ``--loss trl`` where the loss runs as planned, else one line; the warnings of a plan that
+    runs with what is not planned. Both read the head's weight directly; Unsloth computes its own fused loss. Cut
+    Cross Entropy: its kernels need bf16 (Ampere or newer: ``cce_linear_cross_entropy`` raises on ``not
+    torch.cuda.is_bf16_supported()``), qplan traces axolotl's generic patch of a ``*ForCausalLM`` forward, and FSDP /
+    ZeRO-3 gather the sharded head inside the loss (not planned). TRL's fused head runs on any model TRL trains
+    (``add_fused_lm_head`` reads the text config); under ZeRO-3 it gathers the head for the loss."""
     name = {"cce": "Cut Cross Entropy", "trl": "TRL's fused LM head"}[loss]
     if backend != "peft":
         raise QPlanError(f"--loss {loss} is for the peft backend: the {backend} backend computes its own fused "
                          "cross-entropy")
-    if loss == "cce" and gpu is not None and not gpu.bf16:
-        raise QPlanError(f"--loss cce: {name} needs an Ampere or newer GPU (bf16); {gpu.name} has none")
-    if not spec.inventory.architecture.endswith("ForCausalLM"):
-        raise QPlanError(f"--loss {loss}: {spec.name} is a {spec.inventory.architecture}, not a *ForCausalLM: qplan "
-                         f"plans {name} for causal language models only")
-    if strategy in ("fsdp", "zero3"):
-        raise QPlanError(f"--loss {loss} with --strategy {strategy} (the head's weight gathered inside the loss) is not "
-                         "planned yet: use ddp or zero2")
     head = next((g for g in spec.inventory.linear if g.pattern == spec.inventory.output_head), None)
     if head is not None and head.keep_fp32 and q.unquantized_dtype != "float32":
         raise QPlanError(f"--loss {loss}: this model keeps its head in fp32 and its hidden states in "
                          f"{q.unquantized_dtype}; qplan plans {name} with both in one dtype")
+    if loss == "trl":
+        if strategy == "zero3":
+            return ["--loss trl under ZeRO-3: TRL gathers the whole head (vocabulary x hidden) for the loss, which "
+                    "the plan does not count"]
+        return []
+    if gpu is not None and not gpu.bf16:
+        raise QPlanError(f"--loss cce: {name} needs an Ampere or newer GPU (bf16); {gpu.name} has none")
+    if not spec.inventory.architecture.endswith("ForCausalLM"):
+        raise QPlanError(f"--loss cce: {spec.name} is a {spec.inventory.architecture}, not a *ForCausalLM: qplan "
+                         f"plans {name} for causal language models only")
+    if strategy in ("fsdp", "zero3"):
+        raise QPlanError(f"--loss cce with --strategy {strategy} (the head's weight gathered inside the loss) is not "
+                         "planned yet: use ddp or zero2")
+    return []
 
 
 def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> PlanDoc:

@@ -55,8 +55,10 @@ def gpu_kernels_on_meta(amp_device: str):
             return  # CUDA: one addmm with an fp32 output into acc, no copies
         orig_addmm(acc, a, b)
 
-    def is_autocast_enabled(*a: Any) -> bool:
-        return orig_enabled(*((amp_device,) if a and a[0] == "meta" else a))
+    def is_autocast_enabled(*a: Any, **k: Any) -> bool:
+        if k.get("device_type") == "meta":
+            k["device_type"] = amp_device
+        return orig_enabled(*((amp_device,) if a and a[0] == "meta" else a), **k)
 
     def get_autocast_dtype(device_type: str) -> Any:
         return orig_dtype(amp_device if device_type == "meta" else device_type)

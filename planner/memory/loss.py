@@ -32,14 +32,17 @@ TRL_VOCAB_TILE = 32768
 @dataclass(frozen=True)
 class Tiled:
     """``lin`` plus buffers that grow with the tokens only up to a tile: ``sum(per_row * clamp(T - lo, 0, hi - lo))``
-    for each ``(per_row, lo, hi)`` of ``pieces`` (a ``[min(T, 4096), 32768]`` buffer is ``(32768 c, 0, 4096)``).
+    for each ``(per_row, lo, hi)`` of ``pieces`` (a ``[min(T, 4096), 32768]`` buffer is ``(32768 c, 0, 4096)``), and
+    ``bytes`` for each ``(bytes, above)`` of ``steps`` once ``T > above`` (a buffer a second tile brings).
     Evaluated like a ``Lin`` (``at``), so a loss moment may be either."""
 
     lin: Lin
     pieces: tuple[tuple[int, int, int], ...] = ()
+    steps: tuple[tuple[int, int], ...] = ()
 
     def at(self, T: int, s: int) -> int:
-        return self.lin.at(T, s) + sum(per * max(0, min(T, hi) - lo) for per, lo, hi in self.pieces)
+        return (self.lin.at(T, s) + sum(per * max(0, min(T, hi) - lo) for per, lo, hi in self.pieces)
+                + sum(b for b, above in self.steps if T > above))
 
 
 def loss_terms(spec: ModelSpec, q: QuantSettings, loss: str = "full") -> dict[str, tuple[Lin | Tiled, ...]]:
@@ -82,8 +85,10 @@ def cce_terms(spec: ModelSpec, q: QuantSettings) -> dict[str, tuple[Lin, Lin]]:
     ``cce.cce_linear_cross_entropy`` / ``LinearCrossEntropyFunction``, ``cce_lse_forward``, ``indexed_dot``,
     ``cce_backward``), with ``n`` target rows (``B (s - 1)`` after the shift; planned as ``T``, at most 28 B bytes
     high).  The final hidden state ``e`` (the final norm's output, ``R h T``) and the head's weight are passed as
-    they are: the fork casts ``e`` only for an fp32 ``e`` with a bf16 head, which qplan's dtypes never make (both
-    are the unquantized dtype).
+    they are, both in the unquantized dtype as PEFT leaves them (fp32 after the k-bit upcast: the kernels take fp32
+    with Triton >= 3.2). The fork casts ``e`` only for an fp32 ``e`` with a bf16 head — axolotl's own k-bit
+    preparation keeps the head in bf16, so there the saved ``e`` is a bf16 copy and ``de`` bf16 then cast back: the
+    plan's ``8 h T`` at the backward kernel is about ``2 h T`` high, as its weights are (the reader warns).
 
     * end of the forward — the larger of ``_build_flat_valids``' transients (``nonzero`` of the ``n`` valid rows:
       int64 ``16 n`` and its int32 copy ``8 n``: ``24 n``) and the loss kernels' tensors (``valids``, the int32
@@ -121,15 +126,21 @@ def trl_terms(spec: ModelSpec, q: QuantSettings) -> dict[str, tuple[Tiled, ...]]
       the tiles, ``log_z``, the log-probabilities, the entropy and its quotient (``16 n``);
     * backward: the saved rows, labels, ``log_z``, entropy and mask (``(R h + 17) n``), the log-probabilities' gradient
       (``4 n``), ``grad_hidden`` (fp32, ``4 h n``), the tile buffer again, the rows' cast, and the head tile's cast held
-      in a local (two while the next is made); at the return ``grad_hidden.to(R)`` (``R h n`` when ``R != 4``).
+      in a local (two while the next is made: from the second vocabulary tile, or with a vocabulary of one tile from
+      the second token tile); at the return ``grad_hidden.to(R)`` (``R h n`` when ``R != 4``).  Not planned: CUDA
+      scratch of boolean indexing (its int64 row indices) and of ``index_put``'s sort in the backward of
+      ``hidden[mask]`` (about ``16 n`` to ``32 n`` bytes).
     """
     d = dims(spec)
     p = precision(q)
     c, R = p.c, p.R
-    cast = R != c
+    # the rows and head tiles are cast when the tile dtype differs (bf16 weights under fp16 autocast too)
+    cast = (q.compute_dtype if p.amp else q.unquantized_dtype) != q.unquantized_dtype
     K, rows = TRL_VOCAB_TILE, TRL_TOKEN_TILE
     wtile = min(K, d.V) * d.h * c if cast else 0
-    wtiles = (2 if d.V > K else 1) * wtile  # the backward keeps the previous head tile while casting the next
+    # the backward keeps the previous head tile (a named local) while casting the next: two from the second vocabulary
+    # tile on, or, with one vocabulary tile, from the second token tile on
+    second = (wtile, 0) if d.V > K else (wtile, rows)
     mm = (c * K, 0, rows)
     chunk = (c * d.h, 0, rows) if cast else (0, 0, 0)
     chunk2 = (c * d.h, rows, 2 * rows) if cast else (0, 0, 0)
@@ -138,7 +149,7 @@ def trl_terms(spec: ModelSpec, q: QuantSettings) -> dict[str, tuple[Tiled, ...]]
            Tiled(fwd_base, (mm, chunk, chunk2)),
            Tiled(fwd_base + Lin(tok=16), (mm, chunk)))
     bwd_base = Lin(tok=R * d.h + 17 + 4 + 4 * d.h)
-    bwd = (Tiled(bwd_base + Lin(const=wtiles), (mm, chunk)),
+    bwd = (Tiled(bwd_base + Lin(const=wtile), (mm, chunk), (second,)),
            Tiled(bwd_base + Lin(const=wtile), (mm, chunk, chunk2)),
            Tiled(bwd_base + Lin(const=wtile, tok=R * d.h if R != 4 else 0), (mm, chunk)))
     return {"forward": fwd, "backward": bwd}

@@ -41,7 +41,7 @@ from qplan.planner.memory.terms import (
 )
 from qplan.planner.model.weights import QuantSettings, weights_bytes
 
-FORWARD_MOMENTS = ("forward", "backward", "layers", "layers_last", "attention")
+FORWARD_MOMENTS = ("forward", "backward", "layers", "layers_last", "attention", "mlp_forward")
 
 
 def engine_quant(q: QuantSettings, strategy: str) -> QuantSettings:

@@ -36,6 +36,8 @@ def fewest_gpus(*, gpu: str, max_gpus: int, gpus_per_node: int = 8, **options: A
             try:
                 plan = plan_dict(gpu=gpu, **options, **kw)
             except QPlanError:
+                if world == 1:
+                    raise  # one GPU has no strategy to refuse: the options themselves cannot be planned
                 continue  # e.g. int8 weights cannot be sharded
             tried += 1
             p = plan["prediction"]
@@ -44,5 +46,11 @@ def fewest_gpus(*, gpu: str, max_gpus: int, gpus_per_node: int = 8, **options: A
                              "cpu_offload": offload, "peak_per_rank": p["memory"]["peak"], "headroom": p["headroom"],
                              "host_offload_per_node": (plan.get("distributed") or {}).get("host_offload_per_node", 0)})
         if rows:
-            return {"gpu": gpu, "world_size": world, "candidates": tried, "fitting": rows}
-    return {"gpu": gpu, "world_size": None, "candidates": tried, "fitting": []}
+            return {"gpu": gpu, "world_size": world, "candidates": tried, "fitting": rows, **_loss(options)}
+    return {"gpu": gpu, "world_size": None, "candidates": tried, "fitting": [], **_loss(options)}
+
+
+def _loss(options: dict[str, Any]) -> dict[str, str]:
+    """The loss, said where it is not the full logits (as the batch search says it)."""
+    loss = options.get("loss", "full")
+    return {} if loss == "full" else {"loss": loss}
