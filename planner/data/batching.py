@@ -50,7 +50,7 @@ def round_up(n: int, multiple: int | None) -> int:
 def padded(batching: str, batch_size: int, multiple: int | None = None) -> bool:
     """Whether a batch of samples has pads: several padded to the longest, or one rounded up to the collator's
     ``pad_to_multiple_of`` (one sample alone is not padded), so attention gets a 4-D mask
-    (``memory.activations.padding_mask_activation``). Packs: ``planner.data.data_profile`` says per packing."""
+    (``memory.masks.padding_mask_activation``). Packs: ``planner.data.data_profile`` says per packing."""
     return batching != "packing" and (batch_size > 1 or (multiple or 1) > 1)
 
 

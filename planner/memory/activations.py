@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from qplan.planner.memory.dora import dora_activation
 from qplan.planner.memory.lin import ZERO, Lin, Precision, precision
+from qplan.planner.memory.masks import eager_mask_activation, padding_mask_activation
 from qplan.planner.memory.moe import moe_activation, moe_moments
 from qplan.planner.memory.terms import Dims, dims, idle_in_step, trainable_tensors
 from qplan.planner.model.lora import ModuleCount
@@ -287,6 +288,30 @@ def mlp_activation(d: Dims, p: Precision) -> Lin:
     return Lin(tok=(3 if d.gated else 2) * p.M * d.i)
 
 
+def frozen_weight_casts(spec: ModelSpec, q: QuantSettings, first: bool, lora_sites: set[str]) -> Lin:
+    """Autocast's copies of a layer's frozen 16/32-bit weights in another dtype (fp32 or fp16 weights under bf16
+    autocast, bf16 weights under fp16): ``cached_cast`` caches only leaves that require grad, so each matmul casts its
+    frozen weight anew and saves the copy for its input gradient (aten/src/ATen/autocast_mode.cpp) — ``c`` bytes per
+    weight element of every decoder-layer linear whose input needs a gradient. In layer 0 without checkpointing that
+    is the projections after the first LoRA-adapted site (the embeddings need no grad). None for k-bit weights
+    (bitsandbytes dequantizes them itself) or when the weights are in the compute dtype."""
+    p = precision(q)
+    if not p.amp or q.kbit or q.unquantized_dtype == q.compute_dtype:
+        return ZERO
+    d = dims(spec)
+    order = {site: i for i, site in enumerate(SITES)}
+    first_lora = min((order[s_] for s_ in lora_sites), default=len(SITES))
+    total = 0
+    for g in spec.inventory.linear:
+        site = _site(g)
+        if site is None or g.bnb_quantized is False and g.keep_fp32:
+            continue
+        if first and order[site] <= first_lora:
+            continue
+        total += g.in_features * g.out_features * g.instances * p.c
+    return Lin(const=total // max(1, d.L))
+
+
 def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, r: int, dropout: float,
                      attn_impl: str, first: bool = False, kernels: str = "cuda", mlp: Lin | None = None,
                      dora: bool = False) -> Lin:
@@ -311,6 +336,7 @@ def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, 
         total = total + int8_retained_activation(spec, q, p, False, first, shared)
     if dora:
         total = total + dora_activation(branches, p, dropout, first, {s: _site_dtype(s, p) for s in SITES})
+    total = total + frozen_weight_casts(spec, q, first, {br.site for br in branches})
     return total + Lin(const=lora_weight_cast_bytes(branches, p, r))
 
 
@@ -322,16 +348,16 @@ def rotary_activation(d: Dims, p: Precision) -> Lin:
     return Lin(seq=2 * p.R * d.hd * d.rope_sets)
 
 
-def head_activation(spec: ModelSpec, p: Precision, ckpt: bool, linear: bool = True) -> Lin:
+def head_activation(spec: ModelSpec, p: Precision, ckpt: bool, linear: bool = True, other_dtype: bool = False) -> Lin:
     """Outside the decoder layers: the batch (``input_ids`` and ``labels``, int64: 16 T), the
     rotary ``cos``/``sin`` (``rotary_activation``), the final norm (as
     ``norm_activation``; with checkpointing also its input, the last layer's output ``4 h T``,
     which without checkpointing the last layer's ``residual_activation`` counted), and the output
-    head's autocast copy of its weight when that weight is fp32 (``c V h``, saved for the input
-    gradient) — unless the head never runs as a linear layer (``linear=False``: Cut Cross Entropy reads its weight
-    as it is)."""
+    head's autocast copy of its weight when that weight is fp32, or in the other 16-bit dtype (``other_dtype``)
+    (``c V h``, saved for the input gradient) — unless the head never runs as a linear layer (``linear=False``: the
+    fused losses read its weight as it is)."""
     d = dims(spec)
-    head_w = p.c * d.V * d.h if (linear and p.amp and p.R != p.c) else 0
+    head_w = p.c * d.V * d.h if (linear and p.amp and (p.R != p.c or other_dtype)) else 0
     return Lin(const=head_w, tok=16 + 4 + (0 if p.R == 4 and not ckpt else 4 * d.h)) + rotary_activation(d, p)
 
 
@@ -361,7 +387,7 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     br = lora_branches(spec, counts, q)
     mlp = moe_activation(spec, counts, q)
     full = layer_activation(spec, br, q, r, dropout, attn_impl, kernels=kernels, mlp=mlp, dora=dora)
-    head = head_activation(spec, p, grad_ckpt != "off", head_linear)
+    head = head_activation(spec, p, grad_ckpt != "off", head_linear, q.unquantized_dtype != q.compute_dtype)
     layer_inputs = Lin(tok=d.L * p.R * d.h)  # what HF checkpointing keeps of every layer
     rotary = rotary_activation(d, p)  # cos/sin, alive through backward
     grads_in = incoming_gradients(d, p, any(b.site == "mlp_out" for b in br))
@@ -522,46 +548,6 @@ def recompute_transient(spec: ModelSpec, branches: list[Branch], p: Precision, d
             extra += t1 * br.in_features
         lin = lin + Lin(tok=extra * br.per_layer)
     return lin
-
-
-def eager_mask_activation(spec: ModelSpec, p: Precision) -> Lin:
-    """Eager attention gets a materialised additive causal mask, ``[b, 1, s, s]`` in the
-    embeddings' dtype (``R`` bytes; masking_utils ``eager_mask``), one per attention type of the
-    config's ``layer_types`` (recorded in the spec's inventory; Gemma-2 alternates sliding-window
-    and global layers: two).  Checkpointing keeps the layers' inputs,
-    masks included, for the recomputation: ``n R b s^2`` until backward ends.  (Without
-    checkpointing the masks die with the forward.)"""
-    n = max(1, len(spec.inventory.attention_types))
-    return Lin(quad=n * p.R)
-
-
-def padding_mask_activation(spec: ModelSpec, p: Precision) -> tuple[Lin, Lin]:
-    """A 4-D attention mask under SDPA (padded rows, or padding-free packs told apart by position ids):
-    ``(kept, per_layer)``.
-
-    A batch padded to its longest has zeros in its ``attention_mask``, and packed documents need a block-causal
-    pattern, so transformers cannot skip the mask (``masking_utils.sdpa_mask``: ``allow_is_causal_skip`` only
-    without either) and builds a bool ``[b, 1, s, s]`` mask per attention type (1 byte per element).
-    Checkpointing keeps it with the layers' inputs until backward ends (``kept``: ``n b s^2``). Each layer whose
-    forward is saved (every layer without checkpointing, the recomputed one with it) adds (``per_layer``):
-
-    * the additive float mask ``scaled_dot_product_attention`` makes of the bool one and saves for its backward
-      (ATen ``convert_boolean_attn_mask``: ``where(mask, 0, -inf)`` in the query's dtype, ``c b s^2``);
-    * with grouped-query attention, key and value repeated to every query head: transformers'
-      ``sdpa_attention_forward`` passes ``enable_gqa`` only without a mask (``use_gqa_in_sdpa``), else
-      ``repeat_kv``, and SDPA saves the repeated copies instead of the rope'd key and the value
-      (``(n_rep − 1) · 2 · kv · c`` per token, ``n_rep = heads / kv_heads``) — under autocast; in fp32 the
-      unmasked path is already the math composite that repeats them (``attention_activation``).
-
-    Measured on the CPU (tiny-llama, 2 layers, 4 heads, 2 KV heads, head dim 32, bf16; the tracker's bytes,
-    ``tests/backends/test_run_user_data.py``): a padded 2 × 128 step +164,240 B with checkpointing (this term:
-    163,840), +262,544 B without (262,144); a padding-free packed 1 × 256 step +264,072 B (262,144). The
-    same kernels take a mask on CUDA (the memory-efficient one; ``repeat_kv`` likewise): derived, not measured
-    on a GPU."""
-    d = dims(spec)
-    n = max(1, len(spec.inventory.attention_types))
-    n_rep = max(1, d.nh // max(1, d.nkv)) if p.low else 1
-    return Lin(quad=n), Lin(quad=p.c, tok=(n_rep - 1) * 2 * d.kv * p.c)
 
 
 def loss_time_activation(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings, grad_ckpt: str) -> Lin:
