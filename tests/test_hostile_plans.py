@@ -84,7 +84,7 @@ def test_an_edit_is_caught_in_a_plan_not_made_from_names(tmp_path, made_from, co
     prediction could not be re-made. The seal catches the edit; the unedited plan passes."""
     from conftest import FIXTURES
 
-    opts = ["--quant", "bf16"]
+    opts = ["--quant", "bf16"] + (["--loss", "trl"] if command == "export" else [])  # TRL's SFTTrainer fuses the head
     if made_from == "device file":
         opts += ["--gpu", str(_device_file(tmp_path))]
     model = str(FIXTURES / "llama-tied.json") if made_from == "config path" else "smollm2-135m"
@@ -127,13 +127,14 @@ def test_the_seal_survives_reformatting_but_not_a_changed_number(tmp_path):
 
 @pytest.mark.parametrize("tool", ["axolotl", "trl"])
 def test_a_setting_edited_without_its_prediction_is_not_exported(tmp_path, tool):
-    plan = _plan(tmp_path, "--quant", "bf16", edit={"training.batch_size": 8})
+    loss = ["--loss", "trl"] if tool == "trl" else []  # TRL's SFTTrainer trains through its fused LM head
+    plan = _plan(tmp_path, "--quant", "bf16", *loss, edit={"training.batch_size": 8})
     out = tmp_path / "out.yml"
     p = qplan("export", str(plan), "--to", tool, "--output", str(out))
     assert refused(p).strip() == "qplan: error: " + RESEALED
     assert not out.exists()
     # the same plan, unedited, exports: the check refuses contradictions, not plans
-    good = _plan(tmp_path, "--quant", "bf16", name="good.json")
+    good = _plan(tmp_path, "--quant", "bf16", *loss, name="good.json")
     p = qplan("export", str(good), "--to", tool, "--output", str(out))
     assert p.returncode == 0, p.stderr
     assert out.exists()
