@@ -490,6 +490,8 @@ def _trl(r: _Reader) -> dict[str, Any]:
     # TRL 1.16's SFTTrainer trains through its fused LM head (add_fused_lm_head), except that label smoothing takes the
     # loss from a full-logits forward (sft_trainer.py compute_loss)
     smoothing = r.typed("label_smoothing_factor", (int, float), 0)
+    if not 0 <= smoothing < 1:  # NaN too
+        raise QPlanError(f"trl config: label_smoothing_factor must be in [0, 1), got {shown(smoothing)}")
     o["loss"] = "full" if smoothing else "trl"
     if smoothing:
         r.warnings.append(note("approximated", "trl config: label_smoothing_factor takes the loss from the full logits "

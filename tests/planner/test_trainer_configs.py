@@ -566,3 +566,12 @@ def test_trl_label_smoothing_is_planned_with_the_full_logits(capsys, tmp_path):
     doc = plan_doc(capsys, "--from-config", str(f))
     assert "loss" not in doc["training"]
     assert any("label_smoothing_factor" in w["text"] for w in doc["trainer_config"]["warnings"])
+
+
+@pytest.mark.parametrize("value", ["-1", ".nan", "1.5"])
+def test_trl_label_smoothing_out_of_range_is_one_line(capsys, tmp_path, value):
+    f = tmp_path / "trl.yaml"
+    f.write_text((CONFIGS / "trl-lora-smollm2-1.7b.yaml").read_text() + f"label_smoothing_factor: {value}\n")
+    rc, out, err = qplan(capsys, "estimate", "--from-config", str(f))
+    assert rc == 2 and out == ""
+    one_line(err, "label_smoothing_factor must be in [0, 1)")
