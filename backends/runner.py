@@ -258,7 +258,7 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
         raise QPlanError(f"qplan run trains --data plans with the peft backend only (its Trainer takes the plan's "
                          f"batching): the {info.name} backend would batch the data its own way; re-plan with --backend peft")
     registry.check_installed(info)
-    _check_optimizer_device(plan, device, info.python)
+    _check_device_support(plan, device, info.python)
     from . import launch
 
     multi = launch.dist_section(plan)
@@ -373,7 +373,7 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
     }
 
 
-def _check_optimizer_device(plan: dict[str, Any], device: str, python: str | None) -> None:
+def _check_device_support(plan: dict[str, Any], device: str, python: str | None) -> None:
     """torchao's low-bit AdamW updates each tensor through ``torch.compile(fullgraph=True)``, which finds no frame to
     compile under the CPU measurement's live-tensor tracker (a TorchDispatchMode), and its eager fallback would
     quantize through a [numel, 256] comparison no GPU makes: such a plan is measured on a GPU (CUDA counters, no

@@ -161,6 +161,30 @@ _META_AMP: list[str] = []  # emulated autocast device of the meta trace(s) runni
 _ORIG_MAYBE_AUTOCAST: list = []  # transformers' own maybe_autocast
 
 
+@contextlib.contextmanager
+def meta_queries_answer_for(device):
+    """``torch.is_autocast_enabled("meta")`` / ``torch.get_autocast_dtype("meta")`` answer as for ``device`` (the
+    emulated one) while the context is open: code that asks about its tensors' device (Unsloth's kernels, TRL's
+    fused LM head) sees the autocast state ``AmpContext`` set for that device."""
+    import torch
+
+    orig_enabled, orig_dtype = torch.is_autocast_enabled, torch.get_autocast_dtype
+
+    def is_autocast_enabled(*a, **k):
+        if k.get("device_type") == "meta":
+            k["device_type"] = device
+        return orig_enabled(*((device,) if a and a[0] == "meta" else a), **k)
+
+    def get_autocast_dtype(device_type):
+        return orig_dtype(device if device_type == "meta" else device_type)
+
+    torch.is_autocast_enabled, torch.get_autocast_dtype = is_autocast_enabled, get_autocast_dtype
+    try:
+        yield
+    finally:
+        torch.is_autocast_enabled, torch.get_autocast_dtype = orig_enabled, orig_dtype
+
+
 def maybe_autocast(device_type, dtype=None, enabled=True, cache_enabled=None):
     """transformers.utils.generic.maybe_autocast, with ``device_type="meta"`` (a no-op there)
     standing for the emulated device while a meta trace runs."""

@@ -20,6 +20,8 @@ import contextlib
 import types
 from typing import Any
 
+from .autocast import meta_queries_answer_for
+
 #: what TRL's SFTTrainer asks the fused head for (trl/trainer/sft_trainer.py, 1.16)
 SFT_OUTPUTS = ("log_probs", "entropy", "is_top1")
 
@@ -48,31 +50,21 @@ def gpu_kernels_on_meta(amp_device: str):
     names = ("_use_triton", "_forward_kernel", "_backward_kernel", "triton", "_addmm_fp32")
     saved = {n: getattr(ck, n, missing) for n in names}
     orig_addmm = ck._addmm_fp32
-    orig_enabled, orig_dtype = torch.is_autocast_enabled, torch.get_autocast_dtype
 
     def addmm_fp32(acc: Any, a: Any, b: Any) -> None:
         if a.dtype in (torch.float16, torch.bfloat16):
             return  # CUDA: one addmm with an fp32 output into acc, no copies
         orig_addmm(acc, a, b)
 
-    def is_autocast_enabled(*a: Any, **k: Any) -> bool:
-        if k.get("device_type") == "meta":
-            k["device_type"] = amp_device
-        return orig_enabled(*((amp_device,) if a and a[0] == "meta" else a), **k)
-
-    def get_autocast_dtype(device_type: str) -> Any:
-        return orig_dtype(amp_device if device_type == "meta" else device_type)
-
     ck._use_triton = lambda device: True
     ck._forward_kernel = ck._backward_kernel = _Launch()
     if saved["triton"] is missing:
         ck.triton = types.SimpleNamespace(cdiv=lambda a, b: -(-a // b))
     ck._addmm_fp32 = addmm_fp32
-    torch.is_autocast_enabled, torch.get_autocast_dtype = is_autocast_enabled, get_autocast_dtype
     try:
-        yield
+        with meta_queries_answer_for(amp_device):
+            yield
     finally:
-        torch.is_autocast_enabled, torch.get_autocast_dtype = orig_enabled, orig_dtype
         for n, v in saved.items():
             if v is missing:
                 delattr(ck, n)

@@ -232,16 +232,9 @@ def gpu_path_stand_ins(*, n_keep: int, free_bytes: int, total_bytes: int, host: 
         _patch(stack, R, "_ensure_rope_cache", _ensure_rope_cache)
 
         # -- autocast queries about meta tensors answer for the emulated device (patches.EmulatedAutocast)
-        orig_enabled, orig_dtype = torch.is_autocast_enabled, torch.get_autocast_dtype
+        from .autocast import meta_queries_answer_for
 
-        def is_autocast_enabled(*a):
-            return orig_enabled(*(("cuda",) if a and a[0] == "meta" else a))
-
-        def get_autocast_dtype(device_type):
-            return orig_dtype("cuda" if device_type == "meta" else device_type)
-
-        _patch(stack, torch, "is_autocast_enabled", is_autocast_enabled)
-        _patch(stack, torch, "get_autocast_dtype", get_autocast_dtype)
+        stack.enter_context(meta_queries_answer_for("cuda"))
 
         # -- dequantization as the CUDA branch allocates (utils.py _fast_dequantize_ctypes)
         scratch: dict[str, Any] = {}

@@ -12,7 +12,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from qplan.cli.main import main  # noqa: E402
+from test_trainer_configs import one_line, qplan  # noqa: E402
+
 from qplan.observe.summary import Curve  # noqa: E402
 from qplan.observe.trace import trace_plan  # noqa: E402
 from qplan.observe.trace.cce import apply_lce  # noqa: E402
@@ -89,15 +90,6 @@ def test_a_cce_plan_is_its_traced_step(kw):
     assert saved > 0 and abs(saved - (trace_plan(full, steps=2)["tensor_peak"] - t)) <= 0.005 * t
 
 
-def run_cli(capsys, *args):
-    try:
-        rc = main(list(args))
-    except SystemExit as exc:
-        rc = exc.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
 @pytest.mark.parametrize(("args", "needle"), [
     (["--gpu", "t4"], "needs an Ampere or newer GPU (bf16); t4 has none"),
     (["--backend", "unsloth"], "the unsloth backend computes its own fused cross-entropy"),
@@ -107,20 +99,21 @@ def run_cli(capsys, *args):
     (["--loss", "chunked"], "--loss"),
 ])
 def test_a_cce_plan_it_cannot_run_is_one_line(capsys, args, needle):
-    rc, out, err = run_cli(capsys, "estimate", "--model", "llama-3.2-1b", "--loss", "cce", *args)
-    assert rc == 2 and out == "" and needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    rc, out, err = qplan(capsys, "estimate", "--model", "llama-3.2-1b", "--loss", "cce", *args)
+    assert rc == 2 and out == ""
+    one_line(err, needle)
 
 
 def test_plan_json_says_the_loss_and_round_trips(capsys, tmp_path):
     out = tmp_path / "plan.json"
-    rc, _, err = run_cli(capsys, "estimate", "--model", "llama-3.2-1b", "--loss", "cce", "--gpu", "a100-80gb",
+    rc, _, err = qplan(capsys, "estimate", "--model", "llama-3.2-1b", "--loss", "cce", "--gpu", "a100-80gb",
                          "--output", str(out))
     assert rc == 0, err
     plan = json.loads(out.read_text())
     assert plan["training"]["loss"] == "cce"
-    rc, text, _ = run_cli(capsys, "estimate", "--model", "llama-3.2-1b", "--gpu", "a100-80gb")
+    rc, text, _ = qplan(capsys, "estimate", "--model", "llama-3.2-1b", "--gpu", "a100-80gb")
     assert rc == 0 and "tensor peak" in text and "Cut Cross Entropy" not in text
-    rc, text, _ = run_cli(capsys, "estimate", "--model", "llama-3.2-1b", "--loss", "cce", "--gpu", "a100-80gb")
+    rc, text, _ = qplan(capsys, "estimate", "--model", "llama-3.2-1b", "--loss", "cce", "--gpu", "a100-80gb")
     assert rc == 0 and "loss: Cut Cross Entropy" in text
     from qplan.planner.api import plan_settings
 
@@ -141,16 +134,17 @@ def test_fit_with_cce_trains_longer_sequences_than_with_the_full_logits():
 
 def test_run_refuses_a_cce_plan_on_the_cpu(capsys, tmp_path):
     plan = tmp_path / "plan.json"
-    assert run_cli(capsys, "estimate", "--model", "smollm2-135m", "--loss", "cce", "--output", str(plan))[0] == 0
-    rc, out, err = run_cli(capsys, "run", str(plan), "--device", "cpu", "--random-init", "--out-dir", str(tmp_path / "runs"))
-    assert rc == 2 and "cannot train on the CPU" in err and len(err.strip().splitlines()) == 1
+    assert qplan(capsys, "estimate", "--model", "smollm2-135m", "--loss", "cce", "--output", str(plan))[0] == 0
+    rc, out, err = qplan(capsys, "run", str(plan), "--device", "cpu", "--random-init", "--out-dir", str(tmp_path / "runs"))
+    assert rc == 2
+    one_line(err, "cannot train on the CPU")
 
 
 def test_export_to_axolotl_writes_the_plugin_and_reads_back_the_same_plan(capsys, tmp_path):
     plan_file, cfg = tmp_path / "plan.json", tmp_path / "axolotl.yml"
-    assert run_cli(capsys, "estimate", "--model", "llama-3.2-1b", "--loss", "cce", "--gpu", "a100-80gb",
+    assert qplan(capsys, "estimate", "--model", "llama-3.2-1b", "--loss", "cce", "--gpu", "a100-80gb",
                    "--output", str(plan_file))[0] == 0
-    rc, text, err = run_cli(capsys, "export", str(plan_file), "--to", "axolotl")
+    rc, text, err = qplan(capsys, "export", str(plan_file), "--to", "axolotl")
     assert rc == 0, err
     import yaml
 
@@ -158,12 +152,13 @@ def test_export_to_axolotl_writes_the_plugin_and_reads_back_the_same_plan(capsys
     assert written["plugins"] == ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"]
     assert written["cut_cross_entropy"] is True
     cfg.write_text(text)
-    rc, out, err = run_cli(capsys, "estimate", "--from-config", str(cfg), "--model", "llama-3.2-1b", "--gpu",
+    rc, out, err = qplan(capsys, "estimate", "--from-config", str(cfg), "--model", "llama-3.2-1b", "--gpu",
                            "a100-80gb", "--format", "json")
     assert rc == 0, err
     again, first = json.loads(out), json.loads(plan_file.read_text())
     assert again["training"]["loss"] == "cce"
     assert again["prediction"]["memory"]["tensor_peak"] == first["prediction"]["memory"]["tensor_peak"]
     for to in ("trl", "llamafactory"):
-        rc, out, err = run_cli(capsys, "export", str(plan_file), "--to", to)
-        assert rc == 2 and "no Cut Cross Entropy option" in err and len(err.strip().splitlines()) == 1
+        rc, out, err = qplan(capsys, "export", str(plan_file), "--to", to)
+        assert rc == 2
+        one_line(err, "no Cut Cross Entropy option")

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("trl")
 
-from test_cce import run_cli
+from test_trainer_configs import one_line, qplan
 
 from qplan.observe.trace import trace_plan
 from qplan.planner.api import plan_dict
@@ -53,8 +53,9 @@ def test_a_trl_plan_is_its_traced_step(kw, tmp_path):
     (["--targets", "q_proj,lm_head"], "reads lm_head.weight as it is"),
 ])
 def test_a_trl_plan_it_cannot_run_is_one_line(capsys, args, needle):
-    rc, out, err = run_cli(capsys, "estimate", "--model", "llama-3.2-1b", "--loss", "trl", *args)
-    assert rc == 2 and out == "" and needle in err and len(err.strip().splitlines()) == 1
+    rc, out, err = qplan(capsys, "estimate", "--model", "llama-3.2-1b", "--loss", "trl", *args)
+    assert rc == 2 and out == ""
+    one_line(err, needle)
 
 
 def test_the_fused_head_plans_far_less_than_the_full_logits_on_a_t4():
@@ -66,10 +67,11 @@ def test_the_fused_head_plans_far_less_than_the_full_logits_on_a_t4():
 
 def test_run_refuses_a_trl_plan_on_the_cpu(capsys, tmp_path):
     plan = tmp_path / "plan.json"
-    assert run_cli(capsys, "estimate", "--model", "smollm2-135m", "--loss", "trl", "--output", str(plan))[0] == 0
-    rc, out, err = run_cli(capsys, "run", str(plan), "--device", "cpu", "--random-init", "--out-dir",
+    assert qplan(capsys, "estimate", "--model", "smollm2-135m", "--loss", "trl", "--output", str(plan))[0] == 0
+    rc, out, err = qplan(capsys, "run", str(plan), "--device", "cpu", "--random-init", "--out-dir",
                            str(tmp_path / "runs"))
-    assert rc == 2 and "--loss trl" in err and len(err.strip().splitlines()) == 1
+    assert rc == 2
+    one_line(err, "--loss trl")
 
 
 def test_zero3_plans_the_fused_head_and_says_what_it_leaves_out():
