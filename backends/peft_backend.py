@@ -60,6 +60,26 @@ def cce_patched(model: Any) -> Any:
         raise QPlanError(f"Cut Cross Entropy does not patch {model.config.model_type}: {exc}") from exc
 
 
+def liger_patched(model: Any) -> Any:
+    """The model with Liger-Kernel's fused linear cross-entropy as its loss and no other Liger kernel, as axolotl's
+    ``LigerPlugin`` applies ``liger_fused_linear_cross_entropy: true`` (``apply_liger_kernel_to_<model_type>``; here
+    on the loaded instance)."""
+    import inspect
+
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError as exc:
+        raise QPlanError("the plan's loss is Liger's fused linear cross-entropy: install it first (pip install "
+                         f"liger-kernel==0.8.0, the version axolotl pins): {exc}") from exc
+
+    fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model.config.model_type)
+    if fn is None:
+        raise QPlanError(f"Liger-Kernel does not patch model type {model.config.model_type!r}")
+    off = {name: False for name in inspect.signature(fn).parameters if name not in ("model", "fused_linear_cross_entropy")}
+    fn(model=model, fused_linear_cross_entropy=True, **off)
+    return model
+
+
 class PeftBackend:
     """transformers + bitsandbytes + PEFT, trained by ``transformers.Trainer``."""
 
@@ -74,6 +94,8 @@ class PeftBackend:
         model = load_model(str(source.path), plan, device)
         if t.get("loss") == "cce":
             model = cce_patched(model)
+        if t.get("loss") == "liger":
+            model = liger_patched(model)
         probe.snapshot("after_load", model)
         ckpt = t["grad_ckpt"] != "off"
         if bnb is not None and q.get("prepare_model_for_kbit_training"):

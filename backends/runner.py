@@ -377,7 +377,7 @@ def _check_device_support(plan: dict[str, Any], device: str, python: str | None)
     """torchao's low-bit AdamW updates each tensor through ``torch.compile(fullgraph=True)``, which finds no frame to
     compile under the CPU measurement's live-tensor tracker (a TorchDispatchMode), and its eager fallback would
     quantize through a [numel, 256] comparison no GPU makes: such a plan is measured on a GPU (CUDA counters, no
-    tracker), refused on the CPU before anything starts.  So is a Cut Cross Entropy plan (Triton, CUDA only)."""
+    tracker), refused on the CPU before anything starts.  So are the fused losses (Triton kernels, GPUs only)."""
     from qplan.planner.vocab import OPTIMIZERS
 
     on_cpu = device == "cpu" or (device == "auto" and _multi_device(device, python) == "cpu")
@@ -387,6 +387,9 @@ def _check_device_support(plan: dict[str, Any], device: str, python: str | None)
     if plan["training"].get("loss") == "trl" and on_cpu:
         raise QPlanError("--loss trl is planned as a GPU runs TRL's fused LM head (Triton folds); on the CPU it folds "
                          "its tiles in torch, which allocates more: run the plan on a GPU, or plan it with --loss full")
+    if plan["training"].get("loss") == "liger" and on_cpu:
+        raise QPlanError("--loss liger (Liger's fused linear cross-entropy) cannot train on the CPU: its Triton kernels "
+                         "run on GPUs only; run the plan on a GPU, or plan it with --loss full to measure on the CPU")
     row = OPTIMIZERS.get(plan["training"].get("optimizer", ""))
     if row is None or not row.state.startswith("torchao"):
         return

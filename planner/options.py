@@ -114,7 +114,8 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
                   "Gemma-2)", flag="--attn", section=TRAINING) = "auto"
     loss: _f(lit(LOSSES), "full: transformers' loss over the T x V logits; cce: Cut Cross Entropy (axolotl's "
              "CutCrossEntropyPlugin; Ampere or newer), no logits; trl: TRL 1.16 SFTTrainer's fused LM head (the head in "
-             "4096 x 32768 tiles)", section=TRAINING) = "full"
+             "4096 x 32768 tiles); liger: Liger-Kernel's fused linear cross-entropy (axolotl's LigerPlugin, "
+             "liger_fused_linear_cross_entropy)", section=TRAINING) = "full"
     backend: _f(lit(BACKENDS), "the trainer `qplan run` uses (see `qplan backends`); unsloth plans Unsloth's "
                 "kernels", section=TRAINING) = "peft"
     data: _f(Path_ | None, "your dataset (JSONL, JSON, CSV, Parquet, Arrow, or a datasets save_to_disk folder): "
@@ -185,7 +186,8 @@ class FitOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
                   "paged_adamw_8bit)", section=SEARCH) = None
     reentrant: _f(bool, "as for estimate: checkpointing, where a plan has it, is torch's reentrant checkpoint "
                   "(axolotl's and LLaMA-Factory's default)", section=SEARCH) = False
-    loss: _f(lit(LOSSES), "as for estimate: the full logits, Cut Cross Entropy or TRL's fused LM head",
+    loss: _f(lit(LOSSES), "as for estimate: the full logits, Cut Cross Entropy, TRL's fused LM head or Liger's "
+             "fused linear cross-entropy",
              section=SEARCH) = "full"
     top: _f(Annotated[int, Meta(ge=1, le=100_000)], "how many plans to list", section=SEARCH) = 10
     objective: _f(lit(OBJECTIVES), "rank by tokens per step (memory), tokens/s (time) or cost per million tokens "

@@ -37,6 +37,7 @@ from qplan.planner.document import (
     section,
 )
 from qplan.planner.errors import QPlanError
+from qplan.planner.memory.loss import LIGER_MODEL_TYPES
 from qplan.planner.memory.profiles import PROFILES, StepContext, memory_document, select_profile
 from qplan.planner.memory.sharding import DistSettings
 from qplan.planner.memory.terms import TrainingSettings, accuracy_warning, max_context, resolve_attn, text_only_warning
@@ -199,13 +200,14 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
 
 def check_fused_loss(loss: str, spec: ModelSpec, q: QuantSettings, gpu: Any, backend: str,
                      strategy: str | None) -> list[str]:
-    """``--loss cce`` / ``--loss trl`` where the loss runs as planned, else one line; the warnings of a plan that
-    runs with what is not planned. Both read the head's weight directly; Unsloth computes its own fused loss. Cut
+    """``--loss cce`` / ``trl`` / ``liger`` where the loss runs as planned, else one line; the warnings of a plan that
+    runs with what is not planned. All read the head's weight directly; Unsloth computes its own fused loss. Cut
     Cross Entropy: its kernels need bf16 (Ampere or newer: ``cce_linear_cross_entropy`` raises on ``not
     torch.cuda.is_bf16_supported()``), qplan traces axolotl's generic patch of a ``*ForCausalLM`` forward, and FSDP /
     ZeRO-3 gather the sharded head inside the loss (not planned). TRL's fused head runs on any model TRL trains
-    (``add_fused_lm_head`` reads the text config); under ZeRO-3 it gathers the head for the loss."""
-    name = {"cce": "Cut Cross Entropy", "trl": "TRL's fused LM head"}[loss]
+    (``add_fused_lm_head`` reads the text config); under ZeRO-3 it gathers the head for the loss. Liger patches the
+    model types it lists (``LIGER_MODEL_TYPES``); FSDP / ZeRO-3 gather the head inside its loss as for CCE."""
+    name = {"cce": "Cut Cross Entropy", "trl": "TRL's fused LM head", "liger": "Liger's fused linear cross-entropy"}[loss]
     if backend != "peft":
         raise QPlanError(f"--loss {loss} is for the peft backend: the {backend} backend computes its own fused "
                          "cross-entropy")
@@ -217,6 +219,14 @@ def check_fused_loss(loss: str, spec: ModelSpec, q: QuantSettings, gpu: Any, bac
         if strategy == "zero3":
             return ["--loss trl under ZeRO-3: TRL gathers the whole head (vocabulary x hidden) for the loss, which "
                     "the plan does not count"]
+        return []
+    if loss == "liger":
+        if spec.model_type not in LIGER_MODEL_TYPES:
+            raise QPlanError(f"--loss liger: liger-kernel 0.8.0 has no patch for model type {spec.model_type!r} "
+                             f"({spec.name})")
+        if strategy in ("fsdp", "zero3"):
+            raise QPlanError(f"--loss liger with --strategy {strategy} (the head's weight gathered inside the loss) is "
+                             "not planned yet: use ddp or zero2")
         return []
     if gpu is not None and not gpu.bf16:
         raise QPlanError(f"--loss cce: {name} needs an Ampere or newer GPU (bf16); {gpu.name} has none")

@@ -64,7 +64,8 @@ def render_plan(plan: dict[str, Any]) -> str:
     lines.append(
         f"batch {t['batch_size']} × seq {t['seq_len']} (accum {t['grad_accum']}) · "
         f"grad checkpointing {t['grad_ckpt']} · {t['optimizer']} · attention {t['attn_impl']}"
-        + {"cce": " · loss: Cut Cross Entropy (no logits)", "trl": " · loss: TRL's fused LM head (no logits)"}.get(
+        + {"cce": " · loss: Cut Cross Entropy (no logits)", "trl": " · loss: TRL's fused LM head (no logits)",
+           "liger": " · loss: Liger's fused linear cross-entropy (no logits)"}.get(
             t.get("loss", "full"), "")
     )
     for w in plan.get("warnings", []):

@@ -46,8 +46,9 @@ HF_CKPT = ("hf", "reentrant")
 BACKENDS = ("peft", "unsloth")
 #: the loss: transformers' ``ForCausalLMLoss`` over the full ``T x V`` logits, Cut Cross Entropy (the loss from the
 #: final hidden states and the head's weight, no logits: Apple's ml-cross-entropy as axolotl's CutCrossEntropyPlugin runs
-#: it), or TRL 1.16's fused LM head (SFTTrainer: the head in [4096, 32768] tiles) — ``planner.memory.loss``
-LOSSES = ("full", "cce", "trl")
+#: it), TRL 1.16's fused LM head (SFTTrainer: the head in [4096, 32768] tiles), or Liger-Kernel's fused linear
+#: cross-entropy (axolotl's LigerPlugin, ``liger_fused_linear_cross_entropy``) — ``planner.memory.loss``
+LOSSES = ("full", "cce", "trl", "liger")
 #: where a plan's kernels run: a GPU, or the CPU of ``qplan run --device cpu``
 KERNELS = ("cuda", "cpu")
 

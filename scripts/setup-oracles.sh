@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the test oracles that cannot live in qplan's venv (default folder: .oracles/axolotl).
+# Install the test oracles that cannot live in qplan's venv (default folders: .oracles/axolotl, .oracles/liger).
 #
 # axolotl 0.19.0 pins torch/transformers/trl versions other than qplan's, so `pip install axolotl` beside qplan
 # cannot resolve. Its dataset preparation (prompt strategies, length filter, packing filter) runs fine on qplan's
@@ -8,9 +8,13 @@
 # Uses the active Python (run it inside qplan's venv). Tests that need it skip, saying so, without it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DEST=${1:-.oracles/axolotl}
-rm -rf "$DEST.partial"
-python -m pip install -q --disable-pip-version-check --no-deps --target "$DEST.partial" -r .ci/oracles-axolotl.txt
-rm -rf "$DEST"
-mv "$DEST.partial" "$DEST"
-echo "oracles ready: $PWD/$DEST"
+# Liger-Kernel (.ci/oracles-liger.txt) and Triton's Python front end likewise: tests/oracles/liger_trace.py.
+ROOT=${1:-.oracles}
+for name in axolotl liger; do
+  DEST=$ROOT/$name
+  rm -rf "$DEST.partial"
+  python -m pip install -q --disable-pip-version-check --no-deps --target "$DEST.partial" -r ".ci/oracles-$name.txt"
+  rm -rf "$DEST"
+  mv "$DEST.partial" "$DEST"
+  echo "oracles ready: $PWD/$DEST"
+done

@@ -169,4 +169,7 @@ def trace_plan(plan: dict[str, Any], device: str = "meta", steps: int = 2, count
     except ImportError as exc:  # pragma: no cover - only without the train extra
         if (exc.name or "").split(".")[0] == "trl":
             raise QPlanError("--method trace of a --loss trl plan runs TRL's own fused LM head: pip install trl") from exc
+        if (exc.name or "").split(".")[0] in ("liger_kernel", "triton"):
+            raise QPlanError("--method trace of a --loss liger plan runs Liger's own fused linear cross-entropy: pip "
+                             "install liger-kernel==0.8.0 triton") from exc
         raise QPlanError(f"--method trace needs the train extra ({exc.name} missing): pip install 'qplan[train]'") from exc

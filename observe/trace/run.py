@@ -54,6 +54,12 @@ def run_trace(config: dict, s: TraceSettings, wrap: Any = None) -> dict:
             from .cce import cce_patched
 
             stack.enter_context(cce_patched(hf))
+        if s.loss == "liger":  # axolotl's LigerPlugin patches the model class before the model is loaded
+            from .liger import gpu_kernels_on_meta as liger_kernels_on_meta
+            from .liger import liger_patched
+
+            stack.enter_context(liger_patched(hf))
+            stack.enter_context(liger_kernels_on_meta(s.amp_device))
         model = build_model(hf, s, stack)
         peft_model = apply_peft(model, s, notes)
         if s.loss == "trl":  # SFTTrainer patches the causal LM under the PEFT wrapper
@@ -252,6 +258,10 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
             from .trl_head import boolean_mask_stand_ins
 
             stand_ins.update(boolean_mask_stand_ins())
+        if s.loss == "liger":
+            from .liger import meta_scalar_stand_ins
+
+            stand_ins.update(meta_scalar_stand_ins())
     tracker = LiveTensorTracker(dev, logits=LogitsRule.for_step(vocab, s.batch_size, s.seq_len, chunked_logits),
                                 stand_ins=stand_ins, host_scalars_phase="optimizer" if dev == "cpu" else None)
     ids = batch(vocab, s)

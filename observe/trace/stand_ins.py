@@ -25,6 +25,15 @@ outputs to ``reg``:
 
 from __future__ import annotations
 
+from typing import Any
+
+
+class TritonLaunch:
+    """``kernel[grid](...)``: a Triton launch that writes only into tensors it is given (nothing to allocate)."""
+
+    def __getitem__(self, grid: Any) -> Any:
+        return lambda *args, **kwargs: None
+
 
 def bnb_stand_ins(device_type):
     import torch

@@ -21,16 +21,10 @@ import types
 from typing import Any
 
 from .autocast import meta_queries_answer_for
+from .stand_ins import TritonLaunch
 
 #: what TRL's SFTTrainer asks the fused head for (trl/trainer/sft_trainer.py, 1.16)
 SFT_OUTPUTS = ("log_probs", "entropy", "is_top1")
-
-
-class _Launch:
-    """``kernel[grid](...)``: a Triton launch that writes only into tensors it is given."""
-
-    def __getitem__(self, grid: Any) -> Any:
-        return lambda *args, **kwargs: None
 
 
 def add_sft_fused_head(model: Any) -> None:
@@ -57,7 +51,7 @@ def gpu_kernels_on_meta(amp_device: str):
         orig_addmm(acc, a, b)
 
     ck._use_triton = lambda device: True
-    ck._forward_kernel = ck._backward_kernel = _Launch()
+    ck._forward_kernel = ck._backward_kernel = TritonLaunch()
     if saved["triton"] is missing:
         ck.triton = types.SimpleNamespace(cdiv=lambda a, b: -(-a // b))
     ck._addmm_fp32 = addmm_fp32

@@ -205,7 +205,9 @@ def step_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
             out["recomputation"] += fwd - (0 if grad_ckpt == "reentrant" else recompute_skipped(T, sites, d.norms))
         x_rg = g.out
     head_counts = {c.kind: c for c in counts if c.module == spec.inventory.output_head}
-    if loss in ("cce", "trl"):  # both recompute the logits in the backward
+    # CCE and TRL recompute the logits in the backward; Liger computes the input gradient in the forward (the same
+    # two matmuls as a plain head)
+    if loss in ("cce", "trl"):
         hf, hb = fused_head_flops(T, d.h, d.V, x_rg)
     else:
         hf, hb = head_flops(T, d.h, d.V, x_rg, r if "lora" in head_counts else 0, "modules_to_save" in head_counts)

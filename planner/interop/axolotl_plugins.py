@@ -23,7 +23,9 @@ def axolotl_plugins(r: Any, o: dict[str, Any]) -> None:
 
     * Cut Cross Entropy: ``cut_cross_entropy`` defaults to true once the plugin is loaded — the loss without
       the full-vocabulary logits: ``loss: cce`` (``cut_cross_entropy: false`` keeps the full logits);
-    * Liger: any ``liger_*`` kernel on (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU save other tensors);
+    * Liger: ``liger_fused_linear_cross_entropy`` (with the plugin loaded) is the loss without the logits:
+      ``loss: liger``; its other kernels on (RMSNorm, RoPE, SwiGLU, LayerNorm save other tensors; token scaling
+      makes softmax copies) are refused by name;
     * Kernels (MoE / attention kernels), expert parallelism beyond 1, ``quantize_moe_experts`` (experts
       quantized on load), ``fused_attn_kernel``.
 
@@ -36,11 +38,19 @@ def axolotl_plugins(r: Any, o: dict[str, Any]) -> None:
         r.used.add("cut_cross_entropy")
         if cce:
             o["loss"] = "cce"
-    liger = sorted(k for k in r.cfg if k.startswith("liger_") and r.cfg[k])
+    flce = "liger_fused_linear_cross_entropy"
+    liger = sorted(k for k in r.cfg if k.startswith("liger_") and k != flce and r.cfg[k])
     r.used.update(k for k in r.cfg if k.startswith("liger_"))
     if liger:
-        raise QPlanError(f"axolotl config: {', '.join(liger)}: Liger kernels change what a step saves, which qplan "
-                         "does not plan yet: turn them off")
+        raise QPlanError(f"axolotl config: {', '.join(liger)}: Liger's kernels change what a step saves, which qplan "
+                         f"does not plan yet: turn them off ({flce} alone is planned)")
+    if r.typed(flce, bool, False):
+        if AXOLOTL_LIGER not in plugins:
+            raise QPlanError(f"axolotl config: {flce} without plugins: [{AXOLOTL_LIGER}] does nothing in axolotl: add "
+                             "the plugin or remove the key")
+        if o.get("loss") == "cce":
+            raise QPlanError(f"axolotl config: Cut Cross Entropy and {flce} both replace the loss: keep one")
+        o["loss"] = "liger"
     if AXOLOTL_KERNELS in plugins:
         raise QPlanError("axolotl config: plugins: KernelsPlugin swaps in MoE / attention kernels qplan does not model: "
                          "remove it")

@@ -68,6 +68,10 @@ def _check(plan: dict[str, Any], to: str) -> None:
     if loss == "cce" and to != "axolotl":
         raise QPlanError(f"{to} has no Cut Cross Entropy option (axolotl's CutCrossEntropyPlugin has): export the plan "
                          "--to axolotl, or plan it with --loss full")
+    if loss == "liger" and to != "axolotl":
+        raise QPlanError(f"{to} runs Liger with its other kernels too (RMSNorm, RoPE, SwiGLU), which qplan does not plan "
+                         "yet: export the plan --to axolotl (LigerPlugin, liger_fused_linear_cross_entropy only), or "
+                         "plan it with --loss full")
     if loss == "trl" and to != "trl":
         raise QPlanError(f"the plan's loss is TRL's fused LM head, which {to} does not run: export it --to trl, or plan "
                          "it with --loss full")
@@ -149,6 +153,9 @@ def to_axolotl(plan: dict[str, Any]) -> dict[str, Any]:
     if tr.get("loss", "full") == "cce":  # the plugin's cut_cross_entropy defaults to true; written as planned
         cfg["plugins"] = ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"]
         cfg["cut_cross_entropy"] = True
+    if tr.get("loss", "full") == "liger":  # the fused linear cross-entropy and no other Liger kernel, as planned
+        cfg["plugins"] = ["axolotl.integrations.liger.LigerPlugin"]
+        cfg["liger_fused_linear_cross_entropy"] = True
     cfg["attn_implementation"] = tr["attn_impl"]  # axolotl >= 0.19 (flash_attention: true etc. are deprecated)
     cfg["datasets"] = [{"path": DATA, "ds_type": "json", "type": "completion"}]
     cfg.update(learning_rate=LR, output_dir=OUT)

@@ -6,7 +6,10 @@
   the logits: Apple's ml-cross-entropy as axolotl's ``CutCrossEntropyPlugin`` runs it (the fork
   axolotl-ai-cloud/ml-cross-entropy at 5f0c7a7, which axolotl 067b021c8's plugin pins);
 * ``trl``: TRL's fused LM head (``trl_terms``), which TRL 1.16's ``SFTTrainer`` always trains with: the valid rows'
-  hidden states projected through the head in ``[4096, 32768]`` tiles.
+  hidden states projected through the head in ``[4096, 32768]`` tiles;
+* ``liger``: Liger-Kernel's fused linear cross-entropy (``liger_terms``; liger-kernel 0.8.0, which axolotl 067b021c8's
+  ``LigerPlugin`` pins): the loss and the hidden states' gradient both computed in the forward, a chunk of rows at
+  a time.
 
 Every term is a ``Lin`` (``planner.memory.lin``); ``T`` tokens, ``V`` the head's rows, ``h`` the hidden size.
 """
@@ -21,7 +24,17 @@ from qplan.planner.model.spec import ModelSpec
 from qplan.planner.model.weights import QuantSettings
 
 #: what each loss kind is called where a plan says it (``vocab.LOSSES`` plus the Unsloth profile's own)
-LOSS_KINDS = ("full", "cce", "trl", "unsloth")
+LOSS_KINDS = ("full", "cce", "trl", "liger", "unsloth")
+
+#: the model types liger-kernel 0.8.0 patches (``liger_kernel.transformers.monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN``;
+#: tests/planner/test_liger.py checks this list against Liger's own)
+LIGER_MODEL_TYPES = (
+    "exaone4", "falcon_h1", "gemma", "gemma2", "gemma3", "gemma3_text", "gemma4_text", "glm4", "glm4v", "glm4v_moe",
+    "gpt_oss", "granite", "hunyuan_v1_dense", "hunyuan_v1_moe", "internvl", "llama", "llama4", "llama4_text", "llava",
+    "ministral", "mistral", "mixtral", "mllama", "mllama_text_model", "nemotron", "olmo2", "olmo3", "paligemma", "phi3",
+    "pixtral", "qwen2", "qwen2_5_vl", "qwen2_5_vl_text", "qwen2_vl", "qwen2_vl_text", "qwen3", "qwen3_5", "qwen3_5_moe",
+    "qwen3_5_moe_text", "qwen3_5_text", "qwen3_moe", "qwen3_next", "qwen3_vl", "qwen3_vl_moe", "qwen3_vl_moe_text",
+    "qwen3_vl_text", "smollm3", "smolvlm")
 
 #: TRL 1.16 ``trl/kernels/chunked_logprob.py``: tokens per projection tile; ``trl/trainer/utils.py``
 #: ``_CHUNKED_LOGPROB_CHUNK_SIZE``: vocabulary columns per tile (the tile buffer has this many whatever the vocabulary)
@@ -55,6 +68,8 @@ def loss_terms(spec: ModelSpec, q: QuantSettings, loss: str = "full") -> dict[st
         return cce_terms(spec, q)
     if loss == "trl":
         return trl_terms(spec, q)
+    if loss == "liger":
+        return liger_terms(spec, q)
     return {k: (v,) for k, v in logits_terms(spec, q, chunked=loss == "unsloth").items()}
 
 
@@ -153,3 +168,59 @@ def trl_terms(spec: ModelSpec, q: QuantSettings) -> dict[str, tuple[Tiled, ...]]
            Tiled(bwd_base + Lin(const=wtile), (mm, chunk, chunk2)),
            Tiled(bwd_base + Lin(const=wtile, tok=R * d.h if R != 4 else 0), (mm, chunk)))
     return {"forward": fwd, "backward": bwd}
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class LigerChunk:
+    """``lin`` plus Liger's chunk of rows at its largest moment, and 8 bytes a sequence (the labels' padding column).
+    ``fused_linear_cross_entropy_forward`` takes ``inc = ceil(V / h)`` and chunks of ``k = min(T, next_power_of_2(
+    ceil(T / inc)))`` rows (their logits about the size of the hidden states). A chunk's logits (``c k V``) are alive
+    with either the rows' autocast copy (``c k h``, when ``in_cast``) or the gradient rows ``logits @ W`` (``c k h``);
+    from the second chunk on, the previous chunk's logits are still bound while the next chunk's are made: two
+    chunks' logits and the rows' copy. Evaluated like a ``Lin`` (``at``)."""
+
+    lin: Lin
+    c: int
+    V: int
+    h: int
+    in_cast: bool
+
+    def rows(self, T: int) -> int:
+        return min(T, _next_power_of_2(-(-T // -(-self.V // self.h))))
+
+    def at(self, T: int, s: int) -> int:
+        k = self.rows(T)
+        one = self.c * k * (self.V + self.h)
+        k2 = min(k, T - k)  # the second chunk's rows (none with one chunk)
+        two = self.c * ((k + k2) * self.V + (k2 * self.h if self.in_cast else 0)) if k2 > 0 else 0
+        return self.lin.at(T, s) + max(one, two) + 8 * (T // s)
+
+
+def liger_terms(spec: ModelSpec, q: QuantSettings) -> dict[str, tuple[LigerChunk | Lin, ...]]:
+    """Liger-Kernel 0.8.0's fused linear cross-entropy as axolotl's ``LigerPlugin`` installs it (``lce_forward`` ->
+    ``LigerForCausalLMLoss`` -> ``LigerFusedLinearCrossEntropyFunction``, ``ops/fused_linear_cross_entropy.py``), on
+    all ``T`` rows (the labels are shifted by padding, not by dropping a row), the final hidden state in ``R`` bytes,
+    matmuls in ``c`` (autocast's, else the operands'), the frozen head in the unquantized dtype:
+
+    * forward — the padded labels (int64, ``8 (T + B)``) and their shifted copy (``8 T``); the hidden states'
+      gradient ``grad_input`` (``zeros_like``: ``R h T``, saved for backward), the per-row loss (fp32 ``4 T``) and
+      the label mask (``T``); then per chunk of ``k`` rows (``LigerChunk``) the logits ``c k V`` (Triton turns them into
+      their gradient in place), and either the rows' autocast copy or the gradient rows ``logits @ W``, ``c k h``
+      (from the second chunk: the previous chunk's logits too), each matmul with autocast's copy of the head
+      ``c V h`` when the head is in another dtype (freed after it);
+    * backward — only ``grad_input`` (``R h T``), scaled in place by the upstream gradient and returned: the head
+      is frozen (a trained head is refused), so there is no weight gradient and nothing is recomputed.
+    """
+    d = dims(spec)
+    p = precision(q)
+    c = p.c
+    head = q.unquantized_dtype
+    cast = p.amp and (q.compute_dtype != head)
+    wcast = c * d.V * d.h if cast else 0
+    in_cast = p.amp and p.R != c
+    fwd = LigerChunk(Lin(tok=8 + 8 + p.R * d.h + 4 + 1, const=wcast), c, d.V, d.h, in_cast)
+    return {"forward": (fwd,), "backward": (Lin(tok=p.R * d.h),)}

@@ -105,7 +105,7 @@ class MemoryModel:
         opt = optimizer_state_bytes(stepped, optimizer)
         L = dims(spec).L
         acts = activation_terms(spec, stepped, lora_r, dropout, q, grad_ckpt, attn_impl, kernels, padded, dora,
-                                head_linear=loss not in ("cce", "trl"))
+                                head_linear=loss not in ("cce", "trl", "liger"))
         lg = loss_terms(spec, q, loss)
         return cls(
             weights=weights, adapters=adapter_bytes(counts), gradients=gradient_bytes(stepped),
