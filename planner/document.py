@@ -110,7 +110,8 @@ class TrainingSection(Struct, forbid_unknown_fields=True, kw_only=True):
     flat_tokens: _d(Annotated[int, Meta(ge=1)] | UnsetType, "padding-free packing (TRL's bfd): the worst micro-batch's "
                     "packs flattened into one row of this many tokens, the shape the model sees") = UNSET
     loss: _d(lit(LOSSES) | UnsetType, "cce: Cut Cross Entropy (axolotl's CutCrossEntropyPlugin); trl: TRL 1.16 "
-              "SFTTrainer's fused LM head; liger: Liger-Kernel's fused linear cross-entropy: the loss from the final hidden states without the T x V logits; absent: "
+              "SFTTrainer's fused LM head; liger: Liger-Kernel's fused linear cross-entropy: "
+              "the loss from the final hidden states without the T x V logits; absent: "
               "the full logits (transformers' loss)") = UNSET
 
 
