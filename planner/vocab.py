@@ -74,7 +74,9 @@ class Optimizer:
       (``_default_to_fused_or_foreach``); the trace asks for it explicitly (meta/CPU would not);
     * ``host_step``: the ``step`` counter is a host tensor for CUDA parameters (not counted);
     * ``device_step``: the ``step`` counter is a 4-byte fp32 tensor on the device, one per
-      trainable tensor (fused AdamW: ``_get_scalar_dtype(is_fused=True)``, torch/optim/adam.py).
+      trainable tensor (fused AdamW: ``_get_scalar_dtype(is_fused=True)``, torch/optim/adam.py);
+    * ``states``: moments per parameter — 2 for AdamW (``exp_avg``, ``exp_avg_sq``), 1 for Lion (bitsandbytes
+      ``Lion``: an ``Optimizer1State``, ``state1`` only: the momentum).
     """
 
     name: str
@@ -85,6 +87,7 @@ class Optimizer:
     foreach: bool = False
     host_step: bool = False
     device_step: bool = False
+    states: int = 2
 
 
 OPTIMIZER_TABLE = (
@@ -93,6 +96,11 @@ OPTIMIZER_TABLE = (
     Optimizer("adamw_8bit", "adamw_bnb_8bit", "bnb8bit"),
     Optimizer("paged_adamw_8bit", "paged_adamw_8bit", "bnb8bit", paged=True),
     Optimizer("paged_adamw_32bit", "paged_adamw_32bit", "bnb32bit", paged=True),
+    # bitsandbytes' Lion (transformers' lion_8bit / lion_32bit and their paged variants): one state
+    Optimizer("lion_8bit", "lion_8bit", "bnb8bit", states=1),
+    Optimizer("paged_lion_8bit", "paged_lion_8bit", "bnb8bit", paged=True, states=1),
+    Optimizer("lion_32bit", "lion_32bit", "bnb32bit", states=1),
+    Optimizer("paged_lion_32bit", "paged_lion_32bit", "bnb32bit", paged=True, states=1),
     Optimizer("sgd", "sgd", "none", foreach=True, host_step=True),
     Optimizer("adafactor", "adafactor", "factored", step_temps="adafactor"),
     # torchao's low-bit AdamW (transformers' optim names; torchao >= 0.11 ``torchao.optim``)

@@ -254,7 +254,8 @@ def step_bytes(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
       copy written and read: ``2 c n`` per use (bitsandbytes' CUDA dequantize + matmul path);
     * ``optimizer``: per trainable element, AdamW reads parameter, gradient and two fp32 states and
       writes the parameter and states (``4 + 4 + 8 + 4 + 8 = 28 B``); 8-bit states ``16 B``;
-      SGD ``12 B``; Adafactor ``20 B``; torchao's 4-bit states ``14 B`` (reads and writes half a byte each).
+      SGD ``12 B``; Adafactor ``20 B``; torchao's 4-bit states ``14 B`` (reads and writes half a byte each); Lion's
+      one state: ``20 B`` in fp32, ``14 B`` in 8-bit.
     """
     c = 2 if q.compute_dtype in ("bfloat16", "float16") else 4
     passes = 2 + (grad_ckpt != "off")
@@ -268,7 +269,10 @@ def step_bytes(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
     weights += 2 * d.V * d.h * BYTES[head_dtype] * grad_accum  # the output head: forward and input gradient
     dq = sum(2 * c * x.in_features * x.out_features * x.per_layer * L for x in sites if x.kbit and q.quant != "int8")
     dq *= passes * grad_accum
+    row = optimizer(optimizer_name)
     per_elem = {"adamw": 28, "bnb8bit": 16, "bnb32bit": 28, "none": 12, "factored": 20, "torchao8bit": 16,
-                "torchao4bit": 14}[optimizer(optimizer_name).state]
+                "torchao4bit": 14}[row.state]
+    if row.states == 1:  # Lion: one state read and written instead of two
+        per_elem -= {"bnb8bit": 2, "bnb32bit": 8}[row.state]
     opt = per_elem * trainable_numel
     return {"weights": weights, "dequantization": dq, "optimizer": opt, "total": weights + dq + opt}

@@ -34,6 +34,8 @@ TORCHAO_MIN_SIZE = 4096
 TORCHAO_BLOCK = 256
 #: block size of the blockwise 8-bit optimizer state (``init_state``: ``blocksize = 256``).
 BNB_OPTIM_BLOCKSIZE = 256
+#: bitsandbytes' quantization map of an 8-bit state: 256 fp32 entries (``F.create_dynamic_map``)
+BNB_QMAP_BYTES = 256 * 4
 #: paged optimizers page only tensors with at least this many elements (``init_state``:
 #: ``if not self.is_paged or p.numel() < 1e5``); smaller ones are ordinary device tensors.
 BNB_PAGED_MIN_NUMEL = 100_000
@@ -304,9 +306,12 @@ def optimizer_state_bytes(counts: list[ModuleCount], name: str) -> dict[str, int
       tensor on the device per trainable tensor (``_get_scalar_dtype(is_fused=True)``).
     * ``adamw_8bit``/``paged_adamw_8bit`` (bitsandbytes ``Optimizer2State.init_state``): tensors
       with < 4096 elements keep two fp32 states; larger ones two uint8 states plus two fp32
-      ``absmax`` per 256-element block. Paged variants put tensors with >= 1e5 elements in
-      paged memory.
+      ``absmax`` per 256-element block, and once per optimizer the 256-entry fp32 quantization map of each state
+      (``name2qmap``, moved to the device by the first ``init_state`` of an 8-bit tensor; ``qmap1``/``qmap2`` of
+      every state point to it). Paged variants put tensors with >= 1e5 elements in paged memory.
     * ``paged_adamw_32bit``: two fp32 states, paged from 1e5 elements.
+    * ``lion_8bit`` / ``lion_32bit`` and their paged variants (bitsandbytes ``Lion``, ``Optimizer1State.init_state``):
+      as the 8-bit / 32-bit AdamW with one state (``state1``, ``absmax1``) instead of two.
     * ``sgd``: Trainer's SGD has no momentum, so no state.
     * ``adafactor`` (transformers.optimization.Adafactor, ``beta1=None``): factored second
       moment for >= 2-D tensors: one fp32 row vector and one column vector; 1-D: full fp32.
@@ -319,6 +324,7 @@ def optimizer_state_bytes(counts: list[ModuleCount], name: str) -> dict[str, int
     """
     opt = optimizer(name)
     dev = paged = 0
+    qmaps = False
     for c in counts:
         for _, shape in c.save_keys:
             n = math.prod(shape)
@@ -329,21 +335,23 @@ def optimizer_state_bytes(counts: list[ModuleCount], name: str) -> dict[str, int
             if opt.state == "adamw":
                 dev += k * 2 * n * BYTES[c.dtype]
             elif opt.state == "bnb8bit":
+                m = opt.states
                 if n < BNB_MIN_8BIT_SIZE:
-                    b = 2 * n * 4
+                    b = m * n * 4
                 else:
-                    b = 2 * n + 2 * 4 * math.ceil(n / BNB_OPTIM_BLOCKSIZE)
+                    b = m * n + m * 4 * math.ceil(n / BNB_OPTIM_BLOCKSIZE)
+                    qmaps = True
                 if big:
                     # state1/state2 are paged; absmax stays an ordinary tensor
-                    paged += k * 2 * n
-                    dev += k * (b - 2 * n)
+                    paged += k * m * n
+                    dev += k * (b - m * n)
                 else:
                     dev += k * b
             elif opt.state == "bnb32bit":
                 if big:
-                    paged += k * 2 * n * 4
+                    paged += k * opt.states * n * 4
                 else:
-                    dev += k * 2 * n * 4
+                    dev += k * opt.states * n * 4
             elif opt.state in ("torchao8bit", "torchao4bit"):
                 dev += k * 2 * torchao_state_bytes(n, BYTES[c.dtype], opt.state == "torchao4bit")
             elif opt.state == "factored":
@@ -353,6 +361,8 @@ def optimizer_state_bytes(counts: list[ModuleCount], name: str) -> dict[str, int
                     dev += k * 4 * n
             elif opt.state != "none":  # pragma: no cover - the table has no other kind
                 raise QPlanError(f"optimizer {name!r}: unknown state kind {opt.state!r}")
+    if qmaps:
+        dev += opt.states * BNB_QMAP_BYTES
     return {"device": dev, "paged": paged}
 
 

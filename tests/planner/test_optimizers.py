@@ -80,3 +80,61 @@ def test_a_real_torchao_step_makes_the_planned_states(optimizer):
     planned = sum(2 * torchao_state_bytes(math.prod(prm.shape), 4, four) for prm in model.parameters())
     assert _state_bytes(opt) == planned
     assert all(isinstance(s["step"], torch.Tensor) and s["step"].device.type == "cpu" for s in opt.state.values())
+
+
+LION = ("lion_8bit", "paged_lion_8bit", "lion_32bit", "paged_lion_32bit")
+
+
+@pytest.mark.parametrize("optimizer", LION)
+def test_lion_states_equal_the_traced_optimizer_tensors(optimizer):
+    """bitsandbytes' Lion (one state) in the traced step of SmolLM2-135M: the plan's optimizer bytes (device and
+    paged) equal the states bitsandbytes makes, to the byte; half the 8-bit / 32-bit AdamW's."""
+    p = plan_dict(model="smollm2-135m", quant="nf4", optimizer=optimizer, seq_len=256)
+    tr = trace_plan(p, steps=2)
+    mem = p["prediction"]["memory"]
+    at_peak = tr["breakdown_at_peak"]
+    assert mem["optimizer"] == at_peak["optimizer"] + at_peak["optimizer_paged"]
+    assert abs(mem["tensor_peak"] - tr["tensor_peak"]) <= 0.03 * tr["tensor_peak"]
+    adamw = plan_dict(model="smollm2-135m", quant="nf4", seq_len=256,
+                      optimizer=("paged_" if optimizer.startswith("paged") else "") + "adamw_"
+                      + ("8bit" if optimizer.endswith("8bit") else "32bit")) if optimizer != "lion_32bit" else None
+    if adamw is not None:
+        assert 2 * mem["optimizer"] == adamw["prediction"]["memory"]["optimizer"]
+
+
+@pytest.mark.parametrize("optimizer", ("lion_8bit", "lion_32bit"))
+def test_a_real_lion_step_makes_the_planned_states(optimizer):
+    """One real CPU step of the optimizer transformers builds for ``optim=<name>`` (bitsandbytes ``Lion``), on a
+    tensor above bitsandbytes' 8-bit threshold (64 x 256) and one below it (16 x 64, kept fp32): its state bytes
+    (the quantization map, shared by every state, once) equal the plan's for the same tensors."""
+    import dataclasses
+
+    import torch
+    from transformers import Trainer, TrainingArguments
+    from transformers.training_args import OptimizerNames
+
+    from qplan.planner.memory.terms import optimizer_state_bytes
+    from qplan.planner.model.lora import ModuleCount
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments) if f.default is not dataclasses.MISSING}
+    args = types.SimpleNamespace(**dict(defaults, optim=OptimizerNames(optimizer)))
+    model = torch.nn.Module()
+    model.a = torch.nn.Parameter(torch.randn(64, 256))
+    model.b = torch.nn.Parameter(torch.randn(16, 64))
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    opt = cls(model.parameters(), **kwargs)
+    for prm in model.parameters():
+        prm.grad = torch.randn_like(prm)
+    opt.step()
+    seen, real, qmap = set(), 0, 0
+    for state in opt.state.values():
+        assert "state2" not in state  # one moment
+        for key, v in state.items():
+            if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() not in seen:
+                seen.add(v.untyped_storage().data_ptr())
+                real += v.untyped_storage().nbytes()
+                qmap += v.untyped_storage().nbytes() if key.startswith("qmap") else 0
+    counts = [ModuleCount("m", "lora", "", 1, 64 * 256 + 16 * 64, "float32", [("a", [64, 256]), ("b", [16, 64])])]
+    planned = optimizer_state_bytes(counts, optimizer)
+    assert real == planned["device"] + planned["paged"]
+    assert qmap == (1024 if optimizer == "lion_8bit" else 0)

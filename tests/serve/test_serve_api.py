@@ -124,6 +124,22 @@ def test_the_page_and_its_lists(base):
     assert get(f"{base}/nope")[0] == 404
 
 
+def test_the_pages_selects_offer_every_optimizer_and_loss():
+    """The page's optimizer and loss selects list the planner's vocabulary, no more, no less."""
+    import re
+
+    from qplan.planner.vocab import LOSSES, OPTIMIZERS
+
+    page = (Path(__file__).resolve().parents[2] / "cli" / "page.html").read_text(encoding="utf-8")
+
+    def options(select_id: str) -> list[str]:
+        body = re.search(rf'<select id="{select_id}"[^>]*>(.*?)</select>', page, re.S).group(1)
+        return [v or t for v, t in re.findall(r'<option(?: value="([^"]*)")?[^>]*>([^<]*)</option>', body)]
+
+    assert sorted(options("optimizer")) == sorted(OPTIMIZERS)
+    assert sorted(options("loss")) == sorted(LOSSES)
+
+
 def test_serving_a_bundled_model_imports_no_torch():
     from test_architecture import BLOCKER
 
