@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qplan.hf import bnb_config, load_model, lora_config
+from qplan.hf import bnb_config, cast_adapters, load_model, lora_config
 from qplan.planner.errors import QPlanError
 
 from .base import ModelSource, Prepared, TrainSettings
@@ -108,7 +108,7 @@ class PeftBackend:
         footprint = int(model.get_memory_footprint())
         probe.weights_footprint = footprint
         probe.set_phase("adapters")
-        model = get_peft_model(model, lora_config(plan["lora"]))
+        model = cast_adapters(get_peft_model(model, lora_config(plan["lora"])), plan["lora"])
         if t.get("loss") == "trl":  # as TRL's SFTTrainer: the fused LM head on the causal LM under the PEFT wrapper
             from qplan.observe.trace.trl_head import add_sft_fused_head
 

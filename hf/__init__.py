@@ -194,6 +194,19 @@ def lora_config(lora: dict[str, Any]) -> Any:
     return LoraConfig(task_type="CAUSAL_LM", **lora_kwargs(lora))
 
 
+def cast_adapters(peft_model: Any, lora: dict[str, Any]) -> Any:
+    """The LoRA tensors (``lora_A``/``lora_B``, embedding factors, DoRA magnitudes, LoRA on parameters) of a PEFT
+    model in the plan's ``adapter_dtype`` (``get_peft_model`` makes them fp32), cast in place as TRL does
+    (``param.data = param.data.to(dtype)``); other trainable tensors keep their dtype."""
+    dtype = lora.get("adapter_dtype", "float32")
+    if dtype != "float32":
+        target = torch_dtype(dtype)
+        for name, param in peft_model.named_parameters():
+            if param.requires_grad and ".lora_" in name:
+                param.data = param.data.to(target)
+    return peft_model
+
+
 def load_kwargs(plan: dict[str, Any], device: str) -> dict[str, Any]:
     """``from_pretrained`` keyword arguments of a plan: dtype, attention, device, quantization."""
     q, t = plan["quant"], plan["training"]

@@ -19,6 +19,7 @@ from qplan.planner.document import PlanDoc
 from qplan.planner.model.spec import Gpu, ModelSpec
 from qplan.planner.options import PlanOptions
 from qplan.planner.plan import build_plan, plan_inputs
+from qplan.planner.vocab import ADAPTER_DTYPES
 
 __all__ = ["make_plan", "plan_dict", "plan_inputs", "PlanOptions", "PlanDoc", "check_consistent", "plan_settings"]
 
@@ -70,6 +71,7 @@ def plan_settings(plan: dict[str, Any]) -> dict[str, Any]:
         "reentrant": tr["grad_ckpt"] == "reentrant",
         "optimizer": tr["optimizer"], "attn_impl": tr["attn_impl"], "backend": plan["backend"],
         "loss": tr.get("loss", "full"),
+        "adapter_dtype": {v: k for k, v in ADAPTER_DTYPES.items()}[lora.get("adapter_dtype", "float32")],
     }
     if "double_quant" in quant:
         o["double_quant"] = quant["double_quant"]

@@ -44,6 +44,7 @@ from qplan.planner.data.formats import LONG_SAMPLES
 from qplan.planner.errors import QPlanError
 from qplan.planner.validate import explain
 from qplan.planner.vocab import (
+    ADAPTER_DTYPE_NAMES,
     ATTN_CHOICES,
     BACKENDS,
     BIAS_MODES,
@@ -91,6 +92,8 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
                                  "e.g. mlp.experts.gate_up_proj)", section=LORA) = ""
     modules_to_save: _f(Names, "comma-separated modules trained in full (e.g. embed_tokens,lm_head)",
                         section=LORA) = ""
+    adapter_dtype: _f(lit(sorted(ADAPTER_DTYPE_NAMES)), "dtype of the LoRA tensors (A, B, DoRA magnitudes): fp32 as PEFT makes "
+                      "them; bf16 as TRL casts a quantized model's and torchtune keeps them", section=LORA) = "fp32"
     quant: _f(lit(QUANTS), "base weights: bitsandbytes 4-bit (nf4, fp4), LLM.int8, or a plain 16/32-bit load",
               section=QUANT) = "nf4"
     double_quant: _f(bool, "4-bit: quantize the absmax constants", negatable=True, section=QUANT) = True
@@ -189,6 +192,8 @@ class FitOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     loss: _f(lit(LOSSES), "as for estimate: the full logits, Cut Cross Entropy, TRL's fused LM head or Liger's "
              "fused linear cross-entropy",
              section=SEARCH) = "full"
+    adapter_dtype: _f(lit(sorted(ADAPTER_DTYPE_NAMES)), "as for estimate: the LoRA tensors' dtype (every plan's)",
+                      section=SEARCH) = "fp32"
     top: _f(Annotated[int, Meta(ge=1, le=100_000)], "how many plans to list", section=SEARCH) = 10
     objective: _f(lit(OBJECTIVES), "rank by tokens per step (memory), tokens/s (time) or cost per million tokens "
                   "(cost)", section=SEARCH) = "memory"

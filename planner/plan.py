@@ -61,7 +61,7 @@ from qplan.planner.model.weights import (
 )
 from qplan.planner.options import PlanOptions, as_dict, check_options
 from qplan.planner.validate import read_calibration
-from qplan.planner.vocab import BACKENDS, BYTES, DTYPE_ALIASES, MIXED_PRECISION
+from qplan.planner.vocab import ADAPTER_DTYPE_NAMES, BACKENDS, BYTES, DTYPE_ALIASES, MIXED_PRECISION
 
 #: --seq-len when neither it nor --data is given
 DEFAULT_SEQ_LEN = 512
@@ -149,6 +149,7 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
         r=r, alpha=alpha if alpha is not None else 2.0 * r, dropout=dropout, targets=targets, bias=bias,
         use_dora=o.dora, use_rslora=o.rslora, modules_to_save=tuple(m.strip() for m in modules_to_save if m.strip()),
         target_parameters=tuple(m.strip() for m in target_parameters if m.strip()),
+        adapter_dtype=ADAPTER_DTYPE_NAMES[o.adapter_dtype],
     )
     stack = PROFILES[backend]  # the trainer stack's own settings (the profile is chosen in build_plan)
     q = QuantSettings(quant, double_quant, DTYPE_ALIASES[compute_dtype], upcast and stack.kbit_upcast)
@@ -185,6 +186,7 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     training = TrainingSettings(o.batch_size, seq_len, o.grad_accum, ckpt, o.optimizer, attn, bool(mask), flat, o.loss)
     loss_notes = check_fused_loss(o.loss, spec, q, gpu_, backend, strategy) if o.loss != "full" else []
     q, warnings = check_gpu_dtype(q, gpu_, auto_fix=not o.strict_dtype)
+    check_adapter_dtype(lora.adapter_dtype, q, backend)
     warnings = ck_warnings + loss_notes + warnings
     if model is not None and spec_origin(model) == "user, shadows bundled":
         warnings.insert(0, f"model {model!r} is your spec in {user_spec_dir()}, which shadows the bundled one "
@@ -196,6 +198,31 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
         dist = DistSettings(gpus, nodes, strategy or "ddp", cpu_offload)
         dist.validate(q, backend)
     return PlanInputs(spec, lora, q, training, gpu_, backend, tokens, o.price_per_hour, calib, dist, data), warnings
+
+
+def check_adapter_dtype(adapter: str, q: QuantSettings, backend: str) -> None:
+    """``--adapter-dtype`` other than fp32 where a trainer runs it: under autocast, bf16 adapters with bf16 compute, and a
+    quantized model's under fp16 (TRL casts a quantized model's adapters to bf16 whatever the compute dtype) — fp16
+    adapters under fp16 autocast stop at the Trainer's ``GradScaler``
+    (it refuses to unscale fp16 gradients), and adapters in the other 16-bit dtype would be cast by every matmul;
+    without autocast, the weights' own dtype (a pure 16-bit step, torchtune's); PEFT makes them fp32 for Unsloth."""
+    if adapter == "float32":
+        return
+    name = {"bfloat16": "bf16", "float16": "fp16"}[adapter]
+    if backend != "peft":
+        raise QPlanError(f"--adapter-dtype {name} is for the peft backend: the {backend} backend keeps its adapters "
+                         "as it makes them")
+    amp = q.compute_dtype in ("bfloat16", "float16")
+    trl_t4 = q.kbit and adapter == "bfloat16" and q.compute_dtype == "float16"  # TRL's QLoRA where bf16 is missing
+    if amp and adapter != q.compute_dtype and not trl_t4:
+        raise QPlanError(f"--adapter-dtype {name} with compute dtype {q.compute_dtype}: qplan plans 16-bit adapters "
+                         "in the compute dtype, bf16 adapters of a quantized model under fp16 (TRL's), or fp32")
+    if amp and adapter == "float16":
+        raise QPlanError("--adapter-dtype fp16 under fp16 autocast: the Trainer's GradScaler refuses to unscale fp16 "
+                         "gradients; use --adapter-dtype fp32, or bf16 with --compute-dtype bf16")
+    if not amp and adapter != q.unquantized_dtype:
+        raise QPlanError(f"--adapter-dtype {name} without autocast: a pure 16-bit step keeps its adapters in the "
+                         f"weights' dtype ({q.unquantized_dtype}) or fp32")
 
 
 def check_fused_loss(loss: str, spec: ModelSpec, q: QuantSettings, gpu: Any, backend: str,

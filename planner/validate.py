@@ -47,6 +47,7 @@ from qplan.planner.bounds import (  # noqa: F401 - MAX_* re-exported for the rea
 from qplan.planner.errors import QPlanError
 from qplan.planner.files import MAX_JSON_BYTES, read_limited
 from qplan.planner.vocab import (
+    ADAPTER_DTYPE_NAMES,
     ATTN_CHOICES,
     BACKENDS,
     BIAS_MODES,
@@ -56,7 +57,6 @@ from qplan.planner.vocab import (
     MIXED_PRECISION,
     OPTIMIZERS,
     QUANTS,
-    SAFETENSORS_DTYPE,
 )
 
 
@@ -84,7 +84,7 @@ def read_calibration(path: str) -> dict[str, Any]:
 
 #: field -> the choices to list when a value is not one of them
 CHOICES = {"bias": BIAS_MODES, "quant": QUANTS, "compute_dtype": sorted(DTYPE_ALIASES), "optimizer": tuple(OPTIMIZERS),
-           "attn_impl": ATTN_CHOICES, "backend": BACKENDS, "grad_ckpt": GRAD_CKPT, "adapter_dtype": SAFETENSORS_DTYPE,
+           "attn_impl": ATTN_CHOICES, "backend": BACKENDS, "grad_ckpt": GRAD_CKPT, "adapter_dtype": tuple(ADAPTER_DTYPE_NAMES),
            "mixed_precision": tuple(MIXED_PRECISION.values()), "load_dtype": COMPUTE_DTYPES,
            "unquantized_dtype": COMPUTE_DTYPES}
 _PATH = re.compile(r" - at `\$((?:\.\w+|\[\d+\])*)`$")

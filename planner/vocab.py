@@ -32,6 +32,11 @@ PRESETS = ("qv", "attn", "mlp", "all-linear")
 BIAS_MODES = ("none", "lora_only", "all")
 #: adapter dtypes PEFT can hold, and their safetensors names
 SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+#: ``--adapter-dtype``: the LoRA tensors' dtype (PEFT's fp32 by default; bf16 as TRL casts a quantized model's and
+#: torchtune keeps them)
+ADAPTER_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+#: every spelling ``--adapter-dtype`` takes (the short names and torch's, as ``--compute-dtype``)
+ADAPTER_DTYPE_NAMES = {**ADAPTER_DTYPES, **{v: v for v in ADAPTER_DTYPES.values()}}
 
 # --------------------------------------------------------------------------------- training
 

@@ -12,7 +12,16 @@ import tempfile
 import time
 from typing import Any
 
-from qplan.hf import bnb_config, hf_config, lora_config, model_class, model_from_config, require_optimizer, torch_dtype
+from qplan.hf import (
+    bnb_config,
+    cast_adapters,
+    hf_config,
+    lora_config,
+    model_class,
+    model_from_config,
+    require_optimizer,
+    torch_dtype,
+)
 from qplan.planner.vocab import KBIT
 from qplan.planner.vocab import optimizer as optimizer_row
 
@@ -167,7 +176,7 @@ def apply_peft(model: Any, s: TraceSettings, notes: list[str]) -> Any:
             # tensors PEFT makes without a device (e.g. bnb Params4bit.__deepcopy__ for DoRA
             # starts from torch.empty(0)) must be meta to be combined with meta data
             st.enter_context(torch.device("meta"))
-        pm = get_peft_model(model, lora_config(s.lora_section))
+        pm = cast_adapters(get_peft_model(model, lora_config(s.lora_section)), s.lora_section)
     if s.grad_ckpt:
         pm.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": True} if s.reentrant else None)

@@ -78,13 +78,23 @@ def _check(plan: dict[str, Any], to: str) -> None:
     if to == "trl" and loss != "trl":
         raise QPlanError("TRL 1.16's SFTTrainer trains through its fused LM head, not the plan's full logits: plan with "
                          "--loss trl to export to TRL")
+    kbit = quant["quant"] in KBIT
+    adapter = lora.get("adapter_dtype", "float32")
+    if to == "trl" and kbit and adapter != "bfloat16":
+        raise QPlanError("TRL's SFTTrainer casts a quantized model's adapters to bf16: plan with --adapter-dtype bf16 to "
+                         "export to TRL")
+    # LLaMA-Factory's pure_bf16: a bf16 model, adapters left in bf16 (with or without bf16 autocast)
+    pure_lf = to == "llamafactory" and quant["quant"] == "bf16" and adapter == "bfloat16"
+    if adapter != "float32" and not (to == "trl" and kbit) and not pure_lf:
+        raise QPlanError(f"the plan's adapters are {adapter}, which {to} keeps in float32 here: plan with "
+                         "--adapter-dtype fp32 to export" + (" (LLaMA-Factory's pure_bf16 keeps a bf16 model's in bf16)"
+                                                             if to == "llamafactory" else ""))
     if training["grad_ckpt"] not in ("off", *HF_CKPT):
         raise QPlanError(f"checkpointing {training['grad_ckpt']!r} cannot be exported: plan with --grad-ckpt or --no-grad-ckpt")
     if not (plan["model"].get("source") or {}).get("hub_id"):
         raise QPlanError(f"model {shown(plan['model']['name'])} has no Hub id in its spec: a trainer config names the base "
                          "model by its Hub id (plan with --model ORG/NAME, or `qplan spec add --hub-id`)")
     _check_source(plan["model"]["source"])
-    kbit = quant["quant"] in KBIT
     upcast = bool(quant.get("prepare_model_for_kbit_training")) and kbit
     if kbit and to == "axolotl" and not upcast:
         raise QPlanError("axolotl runs prepare_model_for_kbit_training (the fp32 upcast) on a k-bit model: plan with --upcast")
@@ -187,6 +197,8 @@ def to_llamafactory(plan: dict[str, Any]) -> dict[str, Any]:
     if tr["grad_ckpt"] in HF_CKPT:
         cfg["use_reentrant_gc"] = tr["grad_ckpt"] == "reentrant"
     cfg.update(optim=optimizer(tr["optimizer"]).trainer_optim, **_precision_flags(quant["compute_dtype"]))
+    if lora.get("adapter_dtype", "float32") == "bfloat16":  # pure_bf16: adapters left in the model's bf16
+        cfg["pure_bf16"] = True
     cfg["flash_attn"] = {"flash_attention_2": "fa2", "sdpa": "sdpa", "eager": "disabled"}[tr["attn_impl"]]
     cfg.update(dataset="REPLACE_WITH_YOUR_DATASET", template="default", output_dir=OUT)
     return cfg

@@ -381,10 +381,19 @@ def _llamafactory(r: _Reader) -> dict[str, Any]:
     if bits not in (None, 4, 8):
         raise QPlanError(f"llamafactory config: quantization_bit {shown(bits)}: qplan plans 4 and 8 (bitsandbytes)")
     prec = _precision(r)
-    if r.get("pure_bf16"):
-        raise QPlanError("llamafactory config: pure_bf16 keeps adapters in bf16, which qplan does not plan")
     weights = prec
-    if not (r.get("bf16") or r.get("fp16")):
+    pure = r.typed("pure_bf16", bool, False)
+    if pure:
+        # model/adapter.py init_adapter: pure_bf16 leaves the trainable parameters in half precision (get_peft_model
+        # with autocast_adapter_dtype=False); hparams/parser.py: the model computes in bf16, without autocast unless bf16
+        if bits is not None:
+            raise QPlanError("llamafactory config: pure_bf16 with quantization_bit (a quantized model without autocast) "
+                             "is not planned: remove one")
+        if r.get("fp16"):
+            raise QPlanError("llamafactory config: pure_bf16 and fp16 are both set: choose one")
+        weights, prec = "bf16", "bf16" if r.get("bf16") else "fp32"
+        o["adapter_dtype"] = "bf16"
+    elif not (r.get("bf16") or r.get("fp16")):
         # no bf16/fp16 flag: LLaMA-Factory infers the load dtype (model/patcher.py infer_optim_dtype: bf16 where the
         # GPU has it) and the Trainer trains without mixed precision: a pure 16-bit step
         if bits is None:
@@ -407,6 +416,8 @@ def _llamafactory(r: _Reader) -> dict[str, Any]:
     o["dora"] = bool(r.get("use_dora", False))
     o["rslora"] = bool(r.get("use_rslora", False))
     _training(r, o, "cutoff_len", 8, 2048, True, "optim", "adamw_torch_fused")
+    if o.get("strategy") == "zero3" and bits is None and weights == "bf16" and prec in ("bf16", "fp32"):
+        o["adapter_dtype"] = "bf16"  # init_adapter: no fp32 cast under ZeRO-3, adapters in the model's dtype
     llamafactory_bound(r, o)
     o["grad_ckpt"] = not r.get("disable_gradient_checkpointing", False)
     # LLaMA-Factory checkpoints with use_reentrant_gc (default true; model_utils/checkpointing.py
@@ -504,6 +515,13 @@ def _trl(r: _Reader) -> dict[str, Any]:
         if storage != TORCH_NAMES[prec]:
             raise QPlanError(f"trl config: {o['strategy']} shards 4-bit weights only when bitsandbytes stores them in the "
                              f"compute dtype: set bnb_4bit_quant_storage: {TORCH_NAMES[prec]} (got {shown(storage)})")
+    # the adapters' dtype (sft_trainer.py, TRL 1.16): a quantized model's trainable parameters are cast to bf16 after
+    # get_peft_model; under ZeRO-3 an unquantized model's adapters stay in its dtype (autocast_adapter_dtype=False)
+    kbit = o["quant"] in ("nf4", "fp4", "int8")
+    if kbit and prec in ("bf16", "fp16"):
+        o["adapter_dtype"] = "bf16"
+    elif o.get("strategy") == "zero3" and alias[dtype] == "bf16" and prec in ("bf16", "fp32"):
+        o["adapter_dtype"] = "bf16"
     r.refuse({"lora_target_parameters", "bnb_4bit_quant_storage", "model_init_kwargs", "padding_free", "activation_offloading",
               "use_liger_kernel", "lora_task_type"}, "changes training memory in a way qplan does not plan from a TRL config")
     return o
@@ -555,9 +573,6 @@ def read_trainer_config(path: str | Path, fmt: str | None = None) -> tuple[dict[
         warnings.append(note("approximated", "axolotl patches prepare_model_for_kbit_training to keep embed_tokens/lm_head "
                              "in the compute dtype; the plan upcasts them to fp32 as PEFT does (the weights term may be "
                              "high by that)"))
-    if fmt == "trl" and opts["quant"] in ("nf4", "fp4", "int8"):
-        warnings.append(note("approximated", "TRL casts the LoRA adapters of a quantized model to bfloat16; the plan keeps "
-                             "them in float32 (adapters, gradients and optimizer states may be high by up to half)"))
     launcher = sorted(set(cfg) & LAUNCHER)
     if launcher:
         warnings.append(note("launcher", f"{fmt} config keys for a multi-GPU launcher (the plan is one GPU's memory): "

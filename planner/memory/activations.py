@@ -54,10 +54,11 @@ def _site_input_bytes(site: str, d: Dims, p: Precision) -> int:
     return _site_dtype(site, p) * {"attn_in": d.h, "attn_out": d.q, "mlp_in": d.h, "mlp_out": d.i}[site]
 
 
-def _lora_input_dtype(br: "Branch", p: Precision) -> int:
-    """dtype bytes of a LoRA branch's input after PEFT's cast to the (fp32) adapter dtype, which
-    bitsandbytes' LoRA layers skip under autocast."""
-    return _site_dtype(br.site, p) if (br.kbit and p.amp) else 4
+def _lora_input_dtype(br: "Branch", p: Precision, kernels: str = "cuda") -> int:
+    """dtype bytes of a LoRA branch's input after PEFT's cast to the adapter dtype (fp32 unless
+    ``--adapter-dtype``), which bitsandbytes' LoRA layers skip under CUDA autocast (``requires_conversion = not
+    torch.is_autocast_enabled()``: CUDA's state, so a CPU step casts)."""
+    return _site_dtype(br.site, p) if (br.kbit and p.amp and kernels == "cuda") else BYTES[br.adapter]
 
 
 @dataclass(frozen=True)
@@ -73,12 +74,14 @@ class Branch:
     leaf: str = ""
     r: int = 0  # LoRA rank on it, 0 if none
     weight_bytes: int = 0  # stored bytes of one instance's weight and its quantization constants
+    adapter: str = "float32"  # its LoRA tensors' dtype
 
 
 def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSettings) -> list[Branch]:
     """Every linear group inside the decoder layers, in inventory order, with its LoRA rank (a
     multimodal wrapper's vision tower does not run in a text-only step: its layers are not here)."""
     ranks = {c.module: r for c in counts if c.kind == "lora"}
+    adapters = {c.module: c.dtype for c in counts if c.kind == "lora"}
     L = max(1, int(spec.inventory.num_hidden_layers or 1))
     out = []
     for g in spec.inventory.linear:
@@ -86,7 +89,8 @@ def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantS
         if site is None or idle_in_step(spec, g.pattern):  # output head / other, or a vision tower
             continue
         out.append(Branch(site, g.in_features, g.out_features, max(1, g.instances // L), is_quantized(g, q),
-                          g.pattern.rsplit(".", 1)[-1], ranks.get(g.pattern, 0), sum(linear_weight_bytes(g, q))))
+                          g.pattern.rsplit(".", 1)[-1], ranks.get(g.pattern, 0), sum(linear_weight_bytes(g, q)),
+                          adapters.get(g.pattern, "float32")))
     return out
 
 
@@ -110,10 +114,10 @@ def lora_branch_activation(br: Branch, p: Precision, r: int, dropout: float, inp
       input is not already in the compute dtype (a new tensor per module: autocast caches only
       casts of leaf parameters), else the (dropped-out) input itself — a new tensor with dropout,
       the module's input without it (returned as ``shares_input``, counted once per input);
-    * ``lora_B`` saves ``lora_A``'s output, ``c * r`` (fp32 without autocast).
+    * ``lora_B`` saves ``lora_A``'s output, ``c * r`` (the adapter dtype without autocast).
     """
     x = _site_dtype(br.site, p)
-    t1 = _lora_input_dtype(br, p)
+    t1 = _lora_input_dtype(br, p, kernels)
     per = 0
     shares = False
     if dropout > 0 and input_grad:
@@ -124,7 +128,7 @@ def lora_branch_activation(br: Branch, p: Precision, r: int, dropout: float, inp
         per += t1 * br.in_features
     else:
         shares = True
-    per += (p.c if p.amp else 4) * r
+    per += (p.c if p.amp else BYTES[br.adapter]) * r
     return Lin(tok=per * br.per_layer), shares
 
 
@@ -133,11 +137,14 @@ def lora_weight_cast_bytes(branches: list[Branch], p: Precision, r: int) -> int:
 
     ``cached_cast`` (aten/src/ATen/autocast_mode.cpp) caches the lower-precision copy of an fp32
     leaf that requires grad for the whole forward, and ``F.linear`` saves it for backward, so each
-    copy lives until its module's backward.  None without autocast.
+    copy lives until its module's backward.  None without autocast, and none for adapters already in the
+    compute dtype (``--adapter-dtype``: autocast has nothing to cast). bf16 adapters under fp16 autocast (TRL's QLoRA on a
+    card without bf16) are cast by every matmul, not cached (only fp32 leaves are), and ``F.linear`` saves the copy:
+    the same bytes per module.
     """
     if not p.amp:
         return 0
-    return sum(p.c * r * (b.in_features + b.out_features) * b.per_layer for b in branches)
+    return sum(p.c * r * (b.in_features + b.out_features) * b.per_layer for b in branches if b.adapter != p.compute)
 
 
 def norm_activation(d: Dims, p: Precision, first: bool = False) -> Lin:
@@ -390,7 +397,8 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     head = head_activation(spec, p, grad_ckpt != "off", head_linear, q.unquantized_dtype != q.compute_dtype)
     layer_inputs = Lin(tok=d.L * p.R * d.h)  # what HF checkpointing keeps of every layer
     rotary = rotary_activation(d, p)  # cos/sin, alive through backward
-    grads_in = incoming_gradients(d, p, any(b.site == "mlp_out" for b in br))
+    down = [b for b in br if b.site == "mlp_out"]
+    grads_in = incoming_gradients(d, p, bool(down), BYTES[down[0].adapter] if down else 4)
     mlp_fwd_temps = ZERO
     if grad_ckpt == "off":
         first = layer_activation(spec, br, q, r, dropout, attn_impl, first=True, kernels=kernels, mlp=mlp, dora=dora)
@@ -398,14 +406,14 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
         layers = first + grads_in + rotary
         layers_temps = grads_in
         if mlp is None:  # the last layer's down projection in the forward: (about) every saved activation + its inputs
-            mlp_fwd_temps = recompute_transient(spec, br, p, dropout)
+            mlp_fwd_temps = recompute_transient(spec, br, p, dropout, kernels)
     else:
         saved = (layer_inputs if grad_ckpt in HF_CKPT else ZERO) + head
         if attn_impl == "eager":
             saved = saved + eager_mask_activation(spec, p)
         if q.quant == "int8" and grad_ckpt != "reentrant":  # reentrant: the forward runs under no_grad
             saved = saved + d.L * int8_retained_activation(spec, q, p, True, False, set())
-        rt = recompute_transient(spec, br, p, dropout) if mlp is None else ZERO
+        rt = recompute_transient(spec, br, p, dropout, kernels) if mlp is None else ZERO
         layers_temps = grads_in + rt
         if grad_ckpt == "reentrant":
             layers_temps = layers_temps + reentrant_difference(d, p, rt, mlp is not None)
@@ -470,7 +478,7 @@ def reentrant_difference(d: Dims, p: Precision, transient: Lin, moe: bool) -> Li
     return Lin(tok=-p.c * d.h if lora_transient else p.R * d.h)
 
 
-def incoming_gradients(d: Dims, p: Precision, lora_down: bool = False) -> Lin:
+def incoming_gradients(d: Dims, p: Precision, lora_down: bool = False, a: int = 4) -> Lin:
     """Gradients in flight while a layer's saved tensors are back (its recomputation's end with
     checkpointing): the gradient reaching the layer ``R h T``, and a second one — without
     checkpointing and with non-reentrant checkpointing (``hf``) the backward of the layer's last ops
@@ -478,9 +486,9 @@ def incoming_gradients(d: Dims, p: Precision, lora_down: bool = False) -> Lin:
     unpacked, torch/utils/checkpoint.py ``_checkpoint_hook``), and by then the output gradient's
     scaled copy (LoRA's ``* scaling`` on the down projection) or its sum with the residual's is made:
     ``R h T``, except in a pure 16-bit step (no autocast) with LoRA on the down projection, whose branch
-    runs in the fp32 adapters' dtype (PEFT casts its input to ``lora_A``'s dtype): ``4 h T``.
-    ``reentrant_difference`` is what the reentrant checkpoint changes."""
-    second = 4 if (lora_down and not p.amp) else p.R
+    runs in the adapters' dtype ``a`` (PEFT casts its input to ``lora_A``'s dtype; fp32 unless
+    ``--adapter-dtype``): ``a h T``. ``reentrant_difference`` is what the reentrant checkpoint changes."""
+    second = a if (lora_down and not p.amp) else p.R
     return Lin(tok=(p.R + second) * d.h)
 
 
@@ -529,7 +537,8 @@ def expert_lora_bytes(counts: list[ModuleCount], q: QuantSettings) -> dict[str, 
     return {c.shape.split()[0]: _param_lora_bytes(c, q) for c in counts if c.kind == "lora_param" and "×(" in c.shape}
 
 
-def recompute_transient(spec: ModelSpec, branches: list[Branch], p: Precision, dropout: float) -> Lin:
+def recompute_transient(spec: ModelSpec, branches: list[Branch], p: Precision, dropout: float,
+                        kernels: str = "cuda") -> Lin:
     """Forward temporaries at the end of a layer's recomputation, when its saved activations are
     all back: the MLP product feeding the down projection (``M i T``), that projection's output
     and, if it is LoRA-adapted, the branch's transient copies (PEFT's fp32 cast of the input and
@@ -540,7 +549,7 @@ def recompute_transient(spec: ModelSpec, branches: list[Branch], p: Precision, d
         if br.site != "mlp_out":
             continue
         x = p.M
-        t1 = _lora_input_dtype(br, p)
+        t1 = _lora_input_dtype(br, p, kernels)
         extra = 0
         if t1 != x:
             extra += t1 * br.in_features

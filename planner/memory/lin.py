@@ -64,6 +64,8 @@ class Precision:
     R: int
     M: int
     kbit: bool
+    #: the compute dtype's name (``QuantSettings.compute_dtype``)
+    compute: str = "bfloat16"
 
     @property
     def low(self) -> bool:
@@ -76,6 +78,6 @@ def precision(q: QuantSettings) -> Precision:
     R = BYTES[q.unquantized_dtype]
     c = BYTES[q.compute_dtype] if amp else R
     M = R if (q.kbit or not amp) else c
-    return Precision(amp, c, R, M, q.kbit)
+    return Precision(amp, c, R, M, q.kbit, q.compute_dtype)
 
 

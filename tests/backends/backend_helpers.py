@@ -18,13 +18,13 @@ TINY_CONFIG = HERE / "data" / "tiny-llama.json"  # hidden 128, 2 layers, GQA 4/2
 
 def build_plan(spec, quant="bf16", grad_ckpt=True, backend="peft", batch_size=2, seq_len=64,
                optimizer="adamw_torch", r=16, targets="all-linear", dropout=0.05, reentrant=False,
-               compute_dtype="bf16"):
+               compute_dtype="bf16", adapter_dtype="fp32"):
     """A plan exactly as `qplan estimate` builds it (the planner's library API, no CLI)."""
     from qplan.planner.api import plan_dict
 
     return plan_dict(spec=spec, model=spec.name, quant=quant, grad_ckpt=grad_ckpt, backend=backend, batch_size=batch_size,
                      seq_len=seq_len, optimizer=optimizer, r=r, targets=targets, dropout=dropout, reentrant=reentrant,
-                     compute_dtype=compute_dtype)
+                     compute_dtype=compute_dtype, adapter_dtype=adapter_dtype)
 
 
 def write_plan(path: Path, plan: dict) -> Path:

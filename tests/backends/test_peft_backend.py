@@ -136,3 +136,26 @@ def test_cpu_tensor_peak_matches_prediction(quant, grad_ckpt, reentrant, tmp_pat
     assert err == pytest.approx((predicted - mem["tensor_peak"]) / mem["tensor_peak"])
     assert doc["run"]["trainer"]["use_reentrant"] is reentrant
     assert abs(err) <= 0.05
+
+
+@pytest.mark.parametrize("quant, compute", [("nf4", "bf16"), ("bf16", "fp32")], ids=["qlora-trl", "pure-bf16"])
+def test_bf16_adapters_train_as_planned_on_the_cpu(quant, compute, tmp_path):
+    """``--adapter-dtype bf16`` (TRL's cast of a quantized model's adapters; a pure bf16 step's own): the run casts the
+    LoRA tensors, its trainable bytes equal the plan's (half the fp32 adapters'), the saved adapter is bf16 and as
+    large as planned, and the measured peak is within the CPU tolerance of the prediction."""
+    from safetensors import safe_open
+
+    plan = build_plan(llama_spec(), quant=quant, compute_dtype=compute, adapter_dtype="bf16")
+    assert plan["lora"]["adapter_dtype"] == "bfloat16"
+    fp32 = build_plan(llama_spec(), quant=quant, compute_dtype=compute)
+    assert 2 * plan["prediction"]["memory"]["adapters"] == fp32["prediction"]["memory"]["adapters"]
+    result = run_plan(write_plan(tmp_path / "plan.json", plan), random_init=True, steps=3, device="cpu",
+                      out_dir=tmp_path / "runs")
+    assert result["status"] == "ok", result["summary"]
+    doc = read_measured(result["run_dir"])
+    assert doc["measured"]["memory"]["breakdown_at_peak"]["adapters"] == plan["prediction"]["memory"]["adapters"]
+    adapter = Path(result["run_dir"]) / "adapter" / "adapter_model.safetensors"
+    with safe_open(str(adapter), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert adapter.stat().st_size == plan["prediction"]["adapter_file_bytes"]
+    assert abs(doc["error"]["tensor_peak"]) <= 0.05

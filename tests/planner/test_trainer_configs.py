@@ -46,7 +46,7 @@ EQUIVALENT = {
         "--model", "meta-llama/Llama-3.2-3B", "--quant", "nf4", "--double-quant", "--compute-dtype", "fp16",
         "--no-upcast", "--r", "16", "--alpha", "32", "--dropout", "0.05", "--targets", "q_proj,k_proj,v_proj,o_proj",
         "--batch-size", "2", "--seq-len", "1024", "--grad-accum", "8", "--grad-ckpt", "--optimizer", "paged_adamw_8bit",
-        "--loss", "trl"],
+        "--loss", "trl", "--adapter-dtype", "bf16"],  # SFTTrainer casts a quantized model's adapters to bf16
 }
 
 
@@ -125,9 +125,9 @@ def test_the_plan_keeps_the_files_warnings_by_kind(capsys, tmp_path):
     for w in source["warnings"]:
         kinds[w["kind"]] = kinds.get(w["kind"], "") + " | " + w["text"]
     assert "my_new_knob" in kinds["ignored"] and "ddp_find_unused_parameters" in kinds["launcher"]
-    assert "bfloat16" in kinds["approximated"]  # TRL's bf16 adapters on a quantized model
+    assert doc["lora"]["adapter_dtype"] == "bfloat16"  # TRL casts a quantized model's adapters: planned, not warned
     assert doc["training"]["loss"] == "trl"  # TRL 1.16's SFT loss: its fused LM head, planned (no warning needed)
-    assert "LM head" not in kinds["approximated"]
+    assert "LM head" not in kinds.get("approximated", "")
     assert set(kinds) <= {"approximated", "ignored", "launcher", "data"}
     from qplan.planner.document import check_plan
 
@@ -327,9 +327,9 @@ def test_fit_takes_the_model_and_fixed_settings_from_the_config(capsys):
     assert rc == 0, err
     rc, b, err = qplan(capsys, "fit", "--model", "HuggingFaceTB/SmolLM2-1.7B", "--gpu", "l4", "--r", "32", "--targets",
                        "all-linear", "--quant", "bf16", "--optimizer", "adamw_torch_fused", "--seq-len", "2048",
-                       "--format", "json")
+                       "--loss", "trl", "--format", "json")  # the file's loss too: TRL's fused LM head
     assert rc == 0, err
-    assert a == b and json.loads(a)["best"]
+    assert a == b and json.loads(a)["best"] and json.loads(a)["loss"] == "trl"
 
 
 def test_fit_searches_with_the_files_checkpointing_kind(capsys, tmp_path):
@@ -358,14 +358,18 @@ EXPORTABLE = [
     # TRL 1.16's SFTTrainer always trains through its fused LM head
     ("trl", ["--model", "smollm2-1.7b", "--quant", "bf16", "--targets", "qv", "--batch-size", "4", "--rslora",
              "--loss", "trl"]),
+    # SFTTrainer casts a quantized model's adapters to bf16, under fp16 autocast too
     ("trl", ["--model", "llama-3.2-3b", "--quant", "nf4", "--no-upcast", "--no-double-quant", "--compute-dtype", "fp16",
-             "--loss", "trl"]),
+             "--loss", "trl", "--adapter-dtype", "bf16"]),
     # reentrant checkpointing is written back as each tool spells it (and non-reentrant where the tool's default is not)
     ("axolotl", ["--model", "llama-3.2-3b", "--reentrant"]),
     ("llamafactory", ["--model", "qwen2.5-7b", "--no-upcast", "--reentrant"]),
     # LLaMA-Factory without bf16/fp16: the dtype it infers, no mixed precision (a pure bf16 step)
     ("llamafactory", ["--model", "qwen2.5-7b", "--quant", "bf16", "--compute-dtype", "fp32"]),
     ("trl", ["--model", "smollm2-1.7b", "--quant", "bf16", "--reentrant", "--loss", "trl"]),
+    # LLaMA-Factory's pure_bf16: adapters left in bf16, with and without bf16 autocast
+    ("llamafactory", ["--model", "qwen2.5-7b", "--quant", "bf16", "--compute-dtype", "fp32", "--adapter-dtype", "bf16"]),
+    ("llamafactory", ["--model", "qwen2.5-7b", "--quant", "bf16", "--adapter-dtype", "bf16"]),
 ]
 
 
@@ -471,6 +475,9 @@ def test_trl_parses_the_export_and_the_fixtures(capsys, tmp_path):
     ("trl", ["--model", "smollm2-135m", "--backend", "unsloth"], "unsloth"),
     ("trl", ["--model", "smollm2-135m", "--quant", "bf16"], "--loss trl"),  # SFTTrainer fuses the head
     ("axolotl", ["--model", "smollm2-135m", "--loss", "trl"], "export it --to trl"),
+    ("trl", ["--model", "smollm2-135m", "--no-upcast", "--loss", "trl"], "--adapter-dtype bf16"),  # TRL would cast
+    ("axolotl", ["--model", "smollm2-135m", "--adapter-dtype", "bf16"], "--adapter-dtype fp32"),
+    ("llamafactory", ["--model", "smollm2-135m", "--no-upcast", "--adapter-dtype", "bf16"], "pure_bf16"),
 ])
 def test_a_plan_a_tool_cannot_run_as_planned_is_not_exported(capsys, tmp_path, tool, flags, needle):
     plan_file = tmp_path / "plan.json"
@@ -482,7 +489,7 @@ def test_a_plan_a_tool_cannot_run_as_planned_is_not_exported(capsys, tmp_path, t
 
 
 def test_export_never_overwrites_without_force(capsys, tmp_path):
-    plan_file, cfg = _export(capsys, tmp_path, "trl", EXPORTABLE[-1][1])
+    plan_file, cfg = _export(capsys, tmp_path, "trl", next(f for t, f in EXPORTABLE if t == "trl"))
     cfg.write_text("mine\n")
     rc, _, err = qplan(capsys, "export", str(plan_file), "--to", "trl", "--output", str(cfg))
     assert rc == 2 and cfg.read_text() == "mine\n"

@@ -128,7 +128,7 @@ def test_the_pages_selects_offer_every_optimizer_and_loss():
     """The page's optimizer and loss selects list the planner's vocabulary, no more, no less."""
     import re
 
-    from qplan.planner.vocab import LOSSES, OPTIMIZERS
+    from qplan.planner.vocab import ADAPTER_DTYPES, LOSSES, OPTIMIZERS
 
     page = (Path(__file__).resolve().parents[2] / "cli" / "page.html").read_text(encoding="utf-8")
 
@@ -138,6 +138,7 @@ def test_the_pages_selects_offer_every_optimizer_and_loss():
 
     assert sorted(options("optimizer")) == sorted(OPTIMIZERS)
     assert sorted(options("loss")) == sorted(LOSSES)
+    assert sorted(options("adapter-dtype")) == sorted(ADAPTER_DTYPES)
 
 
 def test_serving_a_bundled_model_imports_no_torch():
