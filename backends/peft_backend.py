@@ -60,10 +60,10 @@ def cce_patched(model: Any) -> Any:
         raise QPlanError(f"Cut Cross Entropy does not patch {model.config.model_type}: {exc}") from exc
 
 
-def liger_patched(model: Any) -> Any:
-    """The model with Liger-Kernel's fused linear cross-entropy as its loss and no other Liger kernel, as axolotl's
-    ``LigerPlugin`` applies ``liger_fused_linear_cross_entropy: true`` (``apply_liger_kernel_to_<model_type>``; here
-    on the loaded instance)."""
+def liger_patched(model: Any, flce: bool, kernels: list[str]) -> Any:
+    """The model with Liger-Kernel's fused linear cross-entropy as its loss (``flce``) and the plan's Liger ``kernels``
+    (``rms_norm``, ``swiglu``, ``rope``), no other, as axolotl's ``LigerPlugin`` applies its ``liger_*`` keys
+    (``apply_liger_kernel_to_<model_type>``; here on the loaded instance)."""
     import inspect
 
     try:
@@ -75,8 +75,13 @@ def liger_patched(model: Any) -> Any:
     fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model.config.model_type)
     if fn is None:
         raise QPlanError(f"Liger-Kernel does not patch model type {model.config.model_type!r}")
-    off = {name: False for name in inspect.signature(fn).parameters if name not in ("model", "fused_linear_cross_entropy")}
-    fn(model=model, fused_linear_cross_entropy=True, **off)
+    flags = {name: False for name in inspect.signature(fn).parameters if name != "model"}
+    flags["fused_linear_cross_entropy"] = flce
+    for k in kernels:
+        if k not in flags:
+            raise QPlanError(f"Liger-Kernel's patch of {model.config.model_type} has no {k} kernel")
+        flags[k] = True
+    fn(model=model, **flags)
     return model
 
 
@@ -94,8 +99,8 @@ class PeftBackend:
         model = load_model(str(source.path), plan, device)
         if t.get("loss") == "cce":
             model = cce_patched(model)
-        if t.get("loss") == "liger":
-            model = liger_patched(model)
+        if t.get("loss") == "liger" or t.get("liger_kernels"):
+            model = liger_patched(model, t.get("loss") == "liger", list(t.get("liger_kernels") or []))
         probe.snapshot("after_load", model)
         ckpt = t["grad_ckpt"] != "off"
         if bnb is not None and q.get("prepare_model_for_kbit_training"):

@@ -387,6 +387,9 @@ def _check_device_support(plan: dict[str, Any], device: str, python: str | None)
     if plan["training"].get("loss") == "trl" and on_cpu:
         raise QPlanError("--loss trl is planned as a GPU runs TRL's fused LM head (Triton folds); on the CPU it folds "
                          "its tiles in torch, which allocates more: run the plan on a GPU, or plan it with --loss full")
+    if plan["training"].get("liger_kernels") and on_cpu:
+        raise QPlanError("--liger-kernels cannot train on the CPU: Liger's Triton kernels run on GPUs only; run the "
+                         "plan on a GPU, or plan it without them to measure on the CPU")
     if plan["training"].get("loss") == "liger" and on_cpu:
         raise QPlanError("--loss liger (Liger's fused linear cross-entropy) cannot train on the CPU: its Triton kernels "
                          "run on GPUs only; run the plan on a GPU, or plan it with --loss full to measure on the CPU")

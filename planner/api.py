@@ -70,7 +70,7 @@ def plan_settings(plan: dict[str, Any]) -> dict[str, Any]:
         "batch_size": tr["batch_size"], "grad_accum": tr["grad_accum"], "grad_ckpt": tr["grad_ckpt"] != "off",
         "reentrant": tr["grad_ckpt"] == "reentrant",
         "optimizer": tr["optimizer"], "attn_impl": tr["attn_impl"], "backend": plan["backend"],
-        "loss": tr.get("loss", "full"),
+        "loss": tr.get("loss", "full"), "liger_kernels": ",".join(tr.get("liger_kernels") or []),
         "adapter_dtype": {v: k for k, v in ADAPTER_DTYPES.items()}[lora.get("adapter_dtype", "float32")],
     }
     if "double_quant" in quant:

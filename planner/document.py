@@ -36,6 +36,7 @@ from qplan.planner.vocab import (
     ATTN_IMPLS,
     COMPUTE_DTYPES,
     GRAD_CKPT,
+    LIGER_KERNELS,
     LOSSES,
     MIXED_PRECISION,
     OPTIMIZERS,
@@ -113,6 +114,8 @@ class TrainingSection(Struct, forbid_unknown_fields=True, kw_only=True):
               "SFTTrainer's fused LM head; liger: Liger-Kernel's fused linear cross-entropy: "
               "the loss from the final hidden states without the T x V logits; absent: "
               "the full logits (transformers' loss)") = UNSET
+    liger_kernels: _d(list[lit(LIGER_KERNELS)] | UnsetType, "Liger-Kernel's RMSNorm / SwiGLU / RoPE in the decoder "
+                      "layers; absent: transformers' modules") = UNSET
 
 
 class GpuSection(Struct, kw_only=True):

@@ -119,6 +119,8 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
              "CutCrossEntropyPlugin; Ampere or newer), no logits; trl: TRL 1.16 SFTTrainer's fused LM head (the head in "
              "4096 x 32768 tiles); liger: Liger-Kernel's fused linear cross-entropy (axolotl's LigerPlugin, "
              "liger_fused_linear_cross_entropy)", section=TRAINING) = "full"
+    liger_kernels: _f(Names, "comma-separated Liger-Kernel kernels in the decoder layers: rms_norm, swiglu, rope "
+                      "(axolotl's liger_rms_norm, liger_glu_activation, liger_rope)", section=TRAINING) = ""
     backend: _f(lit(BACKENDS), "the trainer `qplan run` uses (see `qplan backends`); unsloth plans Unsloth's "
                 "kernels", section=TRAINING) = "peft"
     data: _f(Path_ | None, "your dataset (JSONL, JSON, CSV, Parquet, Arrow, or a datasets save_to_disk folder): "

@@ -40,7 +40,14 @@ from qplan.planner.errors import QPlanError
 from qplan.planner.memory.loss import LIGER_MODEL_TYPES
 from qplan.planner.memory.profiles import PROFILES, StepContext, memory_document, select_profile
 from qplan.planner.memory.sharding import DistSettings
-from qplan.planner.memory.terms import TrainingSettings, accuracy_warning, max_context, resolve_attn, text_only_warning
+from qplan.planner.memory.terms import (
+    TrainingSettings,
+    accuracy_warning,
+    dims,
+    max_context,
+    resolve_attn,
+    text_only_warning,
+)
 from qplan.planner.model.catalog import load_gpu, load_spec, spec_origin, user_spec_dir
 from qplan.planner.model.lora import (
     LoraSettings,
@@ -61,7 +68,7 @@ from qplan.planner.model.weights import (
 )
 from qplan.planner.options import PlanOptions, as_dict, check_options
 from qplan.planner.validate import read_calibration
-from qplan.planner.vocab import ADAPTER_DTYPE_NAMES, BACKENDS, BYTES, DTYPE_ALIASES, MIXED_PRECISION
+from qplan.planner.vocab import ADAPTER_DTYPE_NAMES, BACKENDS, BYTES, DTYPE_ALIASES, LIGER_KERNELS, MIXED_PRECISION
 
 #: --seq-len when neither it nor --data is given
 DEFAULT_SEQ_LEN = 512
@@ -183,7 +190,8 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     # a 4-D attention mask: padded rows, or padding-free packs under SDPA/eager (transformers tells the documents apart
     # from the position ids with a block-causal mask; flash attention runs them varlen, without one)
     mask = data is not None and (bool(data["worst_batch"].get("padded")) or (bool(flat) and attn != "flash_attention_2"))
-    training = TrainingSettings(o.batch_size, seq_len, o.grad_accum, ckpt, o.optimizer, attn, bool(mask), flat, o.loss)
+    training = TrainingSettings(o.batch_size, seq_len, o.grad_accum, ckpt, o.optimizer, attn, bool(mask), flat, o.loss,
+                                liger_kernels(o.liger_kernels, spec, backend, strategy))
     loss_notes = check_fused_loss(o.loss, spec, q, gpu_, backend, strategy) if o.loss != "full" else []
     q, warnings = check_gpu_dtype(q, gpu_, auto_fix=not o.strict_dtype)
     check_adapter_dtype(lora.adapter_dtype, q, backend)
@@ -198,6 +206,31 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
         dist = DistSettings(gpus, nodes, strategy or "ddp", cpu_offload)
         dist.validate(q, backend)
     return PlanInputs(spec, lora, q, training, gpu_, backend, tokens, o.price_per_hour, calib, dist, data), warnings
+
+
+def liger_kernels(names: str, spec: ModelSpec, backend: str, strategy: str | None) -> tuple[str, ...]:
+    """``--liger-kernels`` as ``vocab.LIGER_KERNELS`` (in that order), where qplan plans them, else one line: the
+    peft backend (Unsloth has its own kernels), a model type liger-kernel patches, RMSNorm models (LayerNorm ones have
+    Liger's LayerNorm, not planned), a SwiGLU MLP (a SiLU-gated one; GEGLU's kernel is not planned)."""
+    asked = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in asked if n not in LIGER_KERNELS]
+    if unknown:
+        raise QPlanError(f"--liger-kernels: unknown kernel {unknown[0]!r} (choose from {', '.join(LIGER_KERNELS)})")
+    if not asked:
+        return ()
+    if backend != "peft":
+        raise QPlanError(f"--liger-kernels is for the peft backend: the {backend} backend has its own kernels")
+    if spec.model_type not in LIGER_MODEL_TYPES:
+        raise QPlanError(f"--liger-kernels: liger-kernel 0.8.0 has no patch for model type {spec.model_type!r}")
+    c = spec.config.get("text_config") if isinstance(spec.config.get("text_config"), dict) else spec.config
+    norms = {p.module_type for p in spec.inventory.params if p.module_type.endswith(("RMSNorm", "LayerNorm"))}
+    if "rms_norm" in asked and not all(n.endswith("RMSNorm") for n in norms):
+        raise QPlanError(f"--liger-kernels rms_norm: {spec.name} has LayerNorms (Liger's LayerNorm is not planned)")
+    if "swiglu" in asked and not (dims(spec).gated and c.get("hidden_act", c.get("hidden_activation")) in ("silu", "swish")):
+        raise QPlanError(f"--liger-kernels swiglu: {spec.name}'s MLP is not SiLU-gated (Liger's GEGLU is not planned)")
+    if strategy is not None and strategy != "ddp":
+        raise QPlanError(f"--liger-kernels with --strategy {strategy} is not planned yet: use ddp")
+    return tuple(k for k in LIGER_KERNELS if k in asked)
 
 
 def check_adapter_dtype(adapter: str, q: QuantSettings, backend: str) -> None:

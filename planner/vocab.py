@@ -54,6 +54,9 @@ BACKENDS = ("peft", "unsloth")
 #: it), TRL 1.16's fused LM head (SFTTrainer: the head in [4096, 32768] tiles), or Liger-Kernel's fused linear
 #: cross-entropy (axolotl's LigerPlugin, ``liger_fused_linear_cross_entropy``) — ``planner.memory.loss``
 LOSSES = ("full", "cce", "trl", "liger")
+#: Liger-Kernel's kernels inside the decoder layers (``--liger-kernels``; axolotl's ``liger_rms_norm``,
+#: ``liger_glu_activation``, ``liger_rope``): each saves other tensors for backward than transformers' modules
+LIGER_KERNELS = ("rms_norm", "swiglu", "rope")
 #: where a plan's kernels run: a GPU, or the CPU of ``qplan run --device cpu``
 KERNELS = ("cuda", "cpu")
 

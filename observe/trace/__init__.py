@@ -122,7 +122,7 @@ def trace_training_step(config: dict, *, quant: str, double_quant: bool, compute
                         lora: dict, batch_size: int, seq_len: int, grad_ckpt: bool, optimizer: str,
                         attn_impl: str = "sdpa", device: str = "meta", steps: int = 1, seed: int = 0,
                         kernels: str = "cuda", count_flops: bool = False, reentrant: bool = False,
-                        loss: str = "full") -> dict:
+                        loss: str = "full", liger_kernels: tuple[str, ...] = ()) -> dict:
     """Trace ``steps`` LoRA training steps and return the live-tensor peak and its breakdown.
 
     ``kernels`` (meta only) picks whose kernels the meta trace mirrors: ``"cuda"`` (the default,
@@ -136,7 +136,7 @@ def trace_training_step(config: dict, *, quant: str, double_quant: bool, compute
                       seq_len=int(seq_len), grad_ckpt=bool(grad_ckpt), optimizer=optimizer, attn_impl=attn_impl,
                       device=device, steps=int(steps), seed=int(seed),
                       kernels=kernels if device == "meta" else "cpu", count_flops=bool(count_flops),
-                      reentrant=bool(reentrant), loss=loss)
+                      reentrant=bool(reentrant), loss=loss, liger_kernels=tuple(liger_kernels))
     from .run import run_trace
 
     return run_trace(dict(config), s)
@@ -165,6 +165,7 @@ def trace_plan(plan: dict[str, Any], device: str = "meta", steps: int = 2, count
             lora=lora, batch_size=t["batch_size"], seq_len=t["seq_len"], grad_ckpt=t["grad_ckpt"] != "off",
             optimizer=t["optimizer"], attn_impl=t["attn_impl"], device=device, steps=steps,
             count_flops=count_flops, reentrant=t["grad_ckpt"] == "reentrant", loss=t.get("loss", "full"),
+            liger_kernels=tuple(t.get("liger_kernels") or ()),
         )
     except ImportError as exc:  # pragma: no cover - only without the train extra
         if (exc.name or "").split(".")[0] == "trl":

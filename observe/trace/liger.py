@@ -40,18 +40,26 @@ def _apply_fn(model_type: str) -> Any:
     return fn
 
 
+#: qplan's names of Liger's kernels -> the keyword of ``apply_liger_kernel_to_<type>`` that turns each on
+KERNEL_FLAGS = {"flce": "fused_linear_cross_entropy", "rms_norm": "rms_norm", "swiglu": "swiglu", "rope": "rope"}
+
+
 @contextlib.contextmanager
-def liger_patched(hf: Any):
-    """While the context is open, the model type of the transformers config ``hf`` trains through Liger's fused
-    linear cross-entropy and nothing else of Liger's (``apply_liger_kernel_to_<type>`` with every other kernel off,
+def liger_patched(hf: Any, kernels: tuple[str, ...] = ("flce",)):
+    """While the context is open, the model type of the transformers config ``hf`` trains through Liger's ``kernels``
+    (``KERNEL_FLAGS``) and nothing else of Liger's (``apply_liger_kernel_to_<type>`` with every other kernel off,
     before the model is built, as axolotl's plugin calls it). What the patch replaces in the modeling module and
     its classes is put back on exit."""
     fn = _apply_fn(hf.model_type)
     modeling = importlib.import_module(f"transformers.models.{hf.model_type}.modeling_{hf.model_type}")
     before = dict(vars(modeling))
     forwards = {cls: cls.__dict__.get("forward") for cls in before.values() if isinstance(cls, type)}
-    kwargs = {name: False for name in inspect.signature(fn).parameters if name != "model"}
-    kwargs["fused_linear_cross_entropy"] = True
+    params = inspect.signature(fn).parameters
+    kwargs = {name: False for name in params if name != "model"}
+    for k in kernels:
+        if KERNEL_FLAGS[k] not in params:
+            raise ValueError(f"Liger's patch of {hf.model_type} has no {KERNEL_FLAGS[k]} kernel")
+        kwargs[KERNEL_FLAGS[k]] = True
     fn(**kwargs)
     try:
         yield
@@ -68,22 +76,33 @@ def liger_patched(hf: Any):
             setattr(modeling, name, value)
 
 
+#: Liger's modules and the Triton kernels each launches (all write into tensors the Python around them made)
+LAUNCHES = {
+    "fused_linear_cross_entropy": ("liger_cross_entropy_kernel", "element_mul_kernel"),
+    "rms_norm": ("_rms_norm_forward_kernel", "_block_rms_norm_forward_kernel", "_rms_norm_backward_kernel",
+                 "_block_rms_norm_backward_kernel"),
+    "swiglu": ("_swiglu_forward_kernel", "_swiglu_backward_kernel"),
+    "rope": ("_triton_rope",),
+}
+
+
 @contextlib.contextmanager
 def gpu_kernels_on_meta(amp_device: str):
-    """Liger's Triton launches in ``liger_kernel.ops.fused_linear_cross_entropy`` do nothing while the context is
-    open (they write into buffers the Python around them made)."""
-    import liger_kernel.ops.fused_linear_cross_entropy as flce
-
-    names = ("liger_cross_entropy_kernel", "element_mul_kernel")
-    saved = {n: getattr(flce, n) for n in names}
-    for n in names:
-        setattr(flce, n, TritonLaunch())
+    """Liger's Triton launches (``LAUNCHES``) do nothing while the context is open: they write into buffers the Python
+    around them made. (RMSNorm's backward sizes its weight-gradient partials by the GPU's SM count, one row on meta:
+    ``sm_count x h`` fp32, not planned.)"""
+    saved = []
+    for module, names in LAUNCHES.items():
+        mod = importlib.import_module(f"liger_kernel.ops.{module}")
+        for n in names:
+            saved.append((mod, n, getattr(mod, n)))
+            setattr(mod, n, TritonLaunch())
     try:
         with meta_queries_answer_for(amp_device):
             yield
     finally:
-        for n, v in saved.items():
-            setattr(flce, n, v)
+        for mod, n, v in saved:
+            setattr(mod, n, v)
 
 
 def meta_scalar_stand_ins() -> dict:

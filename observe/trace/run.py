@@ -63,11 +63,11 @@ def run_trace(config: dict, s: TraceSettings, wrap: Any = None) -> dict:
             from .cce import cce_patched
 
             stack.enter_context(cce_patched(hf))
-        if s.loss == "liger":  # axolotl's LigerPlugin patches the model class before the model is loaded
+        if s.loss == "liger" or s.liger_kernels:  # axolotl's LigerPlugin patches the classes before the model loads
             from .liger import gpu_kernels_on_meta as liger_kernels_on_meta
             from .liger import liger_patched
 
-            stack.enter_context(liger_patched(hf))
+            stack.enter_context(liger_patched(hf, ("flce",) * (s.loss == "liger") + tuple(s.liger_kernels)))
             stack.enter_context(liger_kernels_on_meta(s.amp_device))
         model = build_model(hf, s, stack)
         peft_model = apply_peft(model, s, notes)
@@ -267,7 +267,7 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
             from .trl_head import boolean_mask_stand_ins
 
             stand_ins.update(boolean_mask_stand_ins())
-        if s.loss == "liger":
+        if s.loss == "liger" or s.liger_kernels:
             from .liger import meta_scalar_stand_ins
 
             stand_ins.update(meta_scalar_stand_ins())

@@ -44,6 +44,8 @@ class TraceSettings:
     #: ``full`` (transformers' loss over the logits), ``cce`` (Cut Cross Entropy, ``observe.trace.cce``) or ``trl``
     #: (TRL's fused LM head, ``observe.trace.trl_head``): the fused ones on meta only
     loss: str = "full"
+    #: Liger-Kernel's kernels in the decoder layers (``vocab.LIGER_KERNELS``, ``observe.trace.liger``): meta only
+    liger_kernels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.quant not in QUANTS:
@@ -60,6 +62,8 @@ class TraceSettings:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.loss != "full" and (self.device != "meta" or self.kernels != "cuda"):
             raise ValueError(f"loss {self.loss!r} is traced as a GPU runs it (Triton kernels stood in): on meta, CUDA kernels")
+        if self.liger_kernels and (self.device != "meta" or self.kernels != "cuda"):
+            raise ValueError("Liger's kernels are traced as a GPU runs them (Triton kernels stood in): on meta, CUDA kernels")
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError("steps >= 1, batch_size >= 1 and seq_len >= 2 are required")
 

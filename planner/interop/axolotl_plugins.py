@@ -14,6 +14,10 @@ AXOLOTL_LIGER = "axolotl.integrations.liger.LigerPlugin"
 AXOLOTL_KERNELS = "axolotl.integrations.kernels.KernelsPlugin"
 AXOLOTL_EP = "axolotl.integrations.expert_parallel.ExpertParallelPlugin"
 #: plugins that only log or evaluate: nothing per GPU
+#: axolotl's Liger keys qplan plans -> ``--liger-kernels`` names (None: the loss, or a key that patches nothing in
+#: RMSNorm models)
+LIGER_KEYS = {"liger_fused_linear_cross_entropy": None, "liger_rms_norm": "rms_norm", "liger_glu_activation": "swiglu",
+              "liger_swiglu": "swiglu", "liger_rope": "rope", "liger_layer_norm": None}
 AXOLOTL_PLUGINS_NO_EFFECT = {"axolotl.integrations.swanlab.SwanLabPlugin", "axolotl.integrations.lm_eval.LMEvalPlugin"}
 
 
@@ -23,9 +27,11 @@ def axolotl_plugins(r: Any, o: dict[str, Any]) -> None:
 
     * Cut Cross Entropy: ``cut_cross_entropy`` defaults to true once the plugin is loaded — the loss without
       the full-vocabulary logits: ``loss: cce`` (``cut_cross_entropy: false`` keeps the full logits);
-    * Liger: ``liger_fused_linear_cross_entropy`` (with the plugin loaded) is the loss without the logits:
-      ``loss: liger``; its other kernels on (RMSNorm, RoPE, SwiGLU, LayerNorm save other tensors; token scaling
-      makes softmax copies) are refused by name;
+    * Liger (with the plugin loaded): ``liger_fused_linear_cross_entropy`` is the loss without the logits
+      (``loss: liger``); ``liger_rms_norm``, ``liger_glu_activation``, ``liger_rope`` are ``liger_kernels``
+      (``rms_norm``, ``swiglu``, ``rope``); ``liger_layer_norm`` patches nothing in a model with RMSNorms (Liger's
+      patch of such a model type has no LayerNorm; named in a warning); the others (``liger_cross_entropy``,
+      ``liger_rms_norm_gated``, token scaling) are refused by name;
     * Kernels (MoE / attention kernels), expert parallelism beyond 1, ``quantize_moe_experts`` (experts
       quantized on load), ``fused_attn_kernel``.
 
@@ -39,18 +45,26 @@ def axolotl_plugins(r: Any, o: dict[str, Any]) -> None:
         if cce:
             o["loss"] = "cce"
     flce = "liger_fused_linear_cross_entropy"
-    liger = sorted(k for k in r.cfg if k.startswith("liger_") and k != flce and r.cfg[k])
+    other = sorted(k for k in r.cfg if k.startswith("liger_") and k not in LIGER_KEYS and r.cfg[k])
     r.used.update(k for k in r.cfg if k.startswith("liger_"))
-    if liger:
-        raise QPlanError(f"axolotl config: {', '.join(liger)}: Liger's kernels change what a step saves, which qplan "
-                         f"does not plan yet: turn them off ({flce} alone is planned)")
-    if r.typed(flce, bool, False):
-        if AXOLOTL_LIGER not in plugins:
-            raise QPlanError(f"axolotl config: {flce} without plugins: [{AXOLOTL_LIGER}] does nothing in axolotl: add "
-                             "the plugin or remove the key")
+    if other:
+        raise QPlanError(f"axolotl config: {', '.join(other)}: Liger's kernels here change what a step saves in a way "
+                         "qplan does not plan yet: turn them off")
+    on = [k for k in LIGER_KEYS if r.typed(k, bool, False)]
+    if on and AXOLOTL_LIGER not in plugins:
+        raise QPlanError(f"axolotl config: {', '.join(on)} without plugins: [{AXOLOTL_LIGER}] does nothing in axolotl: "
+                         "add the plugin or remove the keys")
+    if flce in on:
         if o.get("loss") == "cce":
             raise QPlanError(f"axolotl config: Cut Cross Entropy and {flce} both replace the loss: keep one")
         o["loss"] = "liger"
+    kernels = [LIGER_KEYS[k] for k in on if LIGER_KEYS[k]]
+    if kernels:
+        o["liger_kernels"] = ",".join(kernels)
+    if "liger_layer_norm" in on:
+        r.warnings.append(note("ignored", "axolotl config: liger_layer_norm patches no module of a model with RMSNorms "
+                               "(Liger's patch of such a model type has no LayerNorm); in a LayerNorm model Liger's "
+                               "LayerNorm is not planned"))
     if AXOLOTL_KERNELS in plugins:
         raise QPlanError("axolotl config: plugins: KernelsPlugin swaps in MoE / attention kernels qplan does not model: "
                          "remove it")

@@ -72,6 +72,9 @@ def _check(plan: dict[str, Any], to: str) -> None:
         raise QPlanError(f"{to} runs Liger with its other kernels too (RMSNorm, RoPE, SwiGLU), which qplan does not plan "
                          "yet: export the plan --to axolotl (LigerPlugin, liger_fused_linear_cross_entropy only), or "
                          "plan it with --loss full")
+    if training.get("liger_kernels") and to != "axolotl":
+        raise QPlanError(f"the plan's Liger kernels are axolotl's liger_* keys here; {to} turns Liger on all at once "
+                         "(with a loss qplan plans otherwise): export it --to axolotl, or plan it without --liger-kernels")
     if loss == "trl" and to != "trl":
         raise QPlanError(f"the plan's loss is TRL's fused LM head, which {to} does not run: export it --to trl, or plan "
                          "it with --loss full")
@@ -163,9 +166,13 @@ def to_axolotl(plan: dict[str, Any]) -> dict[str, Any]:
     if tr.get("loss", "full") == "cce":  # the plugin's cut_cross_entropy defaults to true; written as planned
         cfg["plugins"] = ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"]
         cfg["cut_cross_entropy"] = True
-    if tr.get("loss", "full") == "liger":  # the fused linear cross-entropy and no other Liger kernel, as planned
+    kernels = tr.get("liger_kernels") or []
+    if tr.get("loss", "full") == "liger" or kernels:  # the plan's Liger kernels and no other, as planned
         cfg["plugins"] = ["axolotl.integrations.liger.LigerPlugin"]
-        cfg["liger_fused_linear_cross_entropy"] = True
+        if tr.get("loss", "full") == "liger":
+            cfg["liger_fused_linear_cross_entropy"] = True
+        for k in kernels:
+            cfg[{"rms_norm": "liger_rms_norm", "swiglu": "liger_glu_activation", "rope": "liger_rope"}[k]] = True
     cfg["attn_implementation"] = tr["attn_impl"]  # axolotl >= 0.19 (flash_attention: true etc. are deprecated)
     cfg["datasets"] = [{"path": DATA, "ds_type": "json", "type": "completion"}]
     cfg.update(learning_rate=LR, output_dir=OUT)

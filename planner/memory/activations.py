@@ -147,7 +147,7 @@ def lora_weight_cast_bytes(branches: list[Branch], p: Precision, r: int) -> int:
     return sum(p.c * r * (b.in_features + b.out_features) * b.per_layer for b in branches if b.adapter != p.compute)
 
 
-def norm_activation(d: Dims, p: Precision, first: bool = False) -> Lin:
+def norm_activation(d: Dims, p: Precision, first: bool = False, liger: bool = False) -> Lin:
     """RMSNorms of one layer (``x.to(float32)``, ``x * rsqrt(mean(x**2) + eps)``, ``weight * x``).
 
     Each saves the fp32 ``rsqrt`` per token (4 T) and its fp32 input: for a norm reading the
@@ -155,9 +155,11 @@ def norm_activation(d: Dims, p: Precision, first: bool = False) -> Lin:
     else a fresh fp32 copy (4 h T).  Gemma-2's extra norms after each sublayer read the sublayer's
     output, a new tensor: 4 h T either way.  Gemma's ``1 + weight.float()`` is a new fp32 vector
     per norm (4 h, saved).  The frozen weight's ``mul`` saves nothing new.  ``first``: layer 0
-    without checkpointing, whose input norm sees no grad and saves nothing.
+    without checkpointing, whose input norm sees no grad and saves nothing. ``liger``: Liger's RMSNorm
+    (``LigerRMSNormFunction``, liger-kernel 0.8.0) saves its input as it is and the fp32 ``rstd`` per row: a 16-bit
+    residual sum is kept (``R h T``) instead of its fp32 copy.
     """
-    pre = 4 + (0 if p.R == 4 else 4 * d.h)
+    pre = 4 + (0 if p.R == 4 else (p.R if liger else 4) * d.h)
     post = 4 + 4 * d.h
     n_pre = 2 if d.norms >= 4 else d.norms
     n_post = d.norms - n_pre
@@ -166,15 +168,17 @@ def norm_activation(d: Dims, p: Precision, first: bool = False) -> Lin:
     return Lin(tok=tok, const=const)
 
 
-def qk_norm_activation(d: Dims) -> Lin:
+def qk_norm_activation(d: Dims, p: Precision | None = None, liger: bool = False) -> Lin:
     """Per-head RMSNorms of q and k (Qwen3 ``q_norm``/``k_norm`` on ``q_proj(x).view(..., hd)``):
     each saves its fp32 input (``to(float32)`` makes a copy of a 16-bit projection output, and an
     fp32 one is itself a tensor nothing else saves) and the fp32 ``rsqrt`` per head:
     ``4 (q + kv) T + 4 (nh + nkv) T``; its 16-bit output feeds the rotary embedding, which saves
-    only ``cos``/``sin``. 0 for models without them."""
+    only ``cos``/``sin``. 0 for models without them. ``liger``: Liger's RMSNorm saves the projection output as it is
+    (``M`` bytes) instead of an fp32 copy."""
     if not d.qk_norm:
         return ZERO
-    return Lin(tok=4 * (d.q + d.kv) + 4 * (d.nh + d.nkv))
+    x = p.M if (liger and p is not None) else 4
+    return Lin(tok=x * (d.q + d.kv) + 4 * (d.nh + d.nkv))
 
 
 def residual_activation(d: Dims, p: Precision) -> Lin:
@@ -288,11 +292,13 @@ def eager_backward_quad(d: Dims, p: Precision) -> Lin:
     return Lin(quad=12 * d.nh + tanh)
 
 
-def mlp_activation(d: Dims, p: Precision) -> Lin:
+def mlp_activation(d: Dims, p: Precision, liger: bool = False) -> Lin:
     """Gated MLP (SwiGLU/GeGLU; Phi-3's fused ``gate_up_proj`` keeps the same bytes through views):
     the gate output (saved by the activation), the activation's output and the up output (saved
-    by their product): ``3 M i T``.  Plain MLP: the fc output and the activation output, ``2 M i T``."""
-    return Lin(tok=(3 if d.gated else 2) * p.M * d.i)
+    by their product): ``3 M i T``.  Plain MLP: the fc output and the activation output, ``2 M i T``.
+    ``liger``: Liger's SwiGLU (``LigerSiLUMulFunction``) saves the gate and up outputs only, ``2 M i T``, and writes
+    their gradients into them in the backward."""
+    return Lin(tok=(2 if liger or not d.gated else 3) * p.M * d.i)
 
 
 def frozen_weight_casts(spec: ModelSpec, q: QuantSettings, first: bool, lora_sites: set[str]) -> Lin:
@@ -321,16 +327,18 @@ def frozen_weight_casts(spec: ModelSpec, q: QuantSettings, first: bool, lora_sit
 
 def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, r: int, dropout: float,
                      attn_impl: str, first: bool = False, kernels: str = "cuda", mlp: Lin | None = None,
-                     dora: bool = False) -> Lin:
+                     dora: bool = False, liger: tuple[str, ...] = ()) -> Lin:
     """Everything one decoder layer keeps for backward (no checkpointing). ``first``: layer 0 without checkpointing
     reads the embeddings, which need no grad: its input norm saves nothing, dropout masks on that input are not kept.
-    ``mlp``: the feed-forward block's own term when not a dense MLP (``moe_activation``); ``dora``: DoRA's extras."""
+    ``mlp``: the feed-forward block's own term when not a dense MLP (``moe_activation``); ``dora``: DoRA's extras;
+    ``liger``: Liger-Kernel's kernels in place of transformers' RMSNorm / SwiGLU MLP (``vocab.LIGER_KERNELS``)."""
     d = dims(spec)
     p = precision(q)
-    total = norm_activation(d, p, first) + residual_activation(d, p)
-    total = total + attention_activation(d, p, attn_impl) + (mlp_activation(d, p) if mlp is None else mlp)
+    total = norm_activation(d, p, first, "rms_norm" in liger) + residual_activation(d, p)
+    total = total + attention_activation(d, p, attn_impl) + (
+        mlp_activation(d, p, "swiglu" in liger) if mlp is None else mlp)
     total = total + fused_qkv_activation(d, p, fused_qkv_kbit(spec, q))
-    total = total + qk_norm_activation(d)
+    total = total + qk_norm_activation(d, p, "rms_norm" in liger)
     shared = set()
     for br in branches:
         lin, shares = lora_branch_activation(br, p, r, dropout, not (first and br.site == "attn_in"), kernels)
@@ -355,22 +363,25 @@ def rotary_activation(d: Dims, p: Precision) -> Lin:
     return Lin(seq=2 * p.R * d.hd * d.rope_sets)
 
 
-def head_activation(spec: ModelSpec, p: Precision, ckpt: bool, linear: bool = True, other_dtype: bool = False) -> Lin:
+def head_activation(spec: ModelSpec, p: Precision, ckpt: bool, linear: bool = True, other_dtype: bool = False,
+                    liger_norm: bool = False) -> Lin:
     """Outside the decoder layers: the batch (``input_ids`` and ``labels``, int64: 16 T), the
     rotary ``cos``/``sin`` (``rotary_activation``), the final norm (as
     ``norm_activation``; with checkpointing also its input, the last layer's output ``4 h T``,
     which without checkpointing the last layer's ``residual_activation`` counted), and the output
     head's autocast copy of its weight when that weight is fp32, or in the other 16-bit dtype (``other_dtype``)
     (``c V h``, saved for the input gradient) — unless the head never runs as a linear layer (``linear=False``: the
-    fused losses read its weight as it is)."""
+    fused losses read its weight as it is). ``liger_norm``: Liger's RMSNorm keeps its input as it is, ``R h T``."""
     d = dims(spec)
     head_w = p.c * d.V * d.h if (linear and p.amp and (p.R != p.c or other_dtype)) else 0
-    return Lin(const=head_w, tok=16 + 4 + (0 if p.R == 4 and not ckpt else 4 * d.h)) + rotary_activation(d, p)
+    norm_in = 0 if p.R == 4 and not ckpt else (p.R if liger_norm else 4) * d.h
+    return Lin(const=head_w, tok=16 + 4 + norm_in) + rotary_activation(d, p)
 
 
 def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout: float,
                      q: QuantSettings, grad_ckpt: str, attn_impl: str, kernels: str = "cuda",
-                     padded: bool = False, dora: bool = False, head_linear: bool = True) -> dict[str, Lin]:
+                     padded: bool = False, dora: bool = False, head_linear: bool = True,
+                     liger: tuple[str, ...] = ()) -> dict[str, Lin]:
     """Activations alive at the end of the forward pass, and at the other moments that hold some
     (``head_linear``: the output head runs as a linear layer, as for every loss but Cut Cross Entropy).
 
@@ -393,15 +404,17 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     ckpt_inputs = ZERO
     br = lora_branches(spec, counts, q)
     mlp = moe_activation(spec, counts, q)
-    full = layer_activation(spec, br, q, r, dropout, attn_impl, kernels=kernels, mlp=mlp, dora=dora)
-    head = head_activation(spec, p, grad_ckpt != "off", head_linear, q.unquantized_dtype != q.compute_dtype)
+    full = layer_activation(spec, br, q, r, dropout, attn_impl, kernels=kernels, mlp=mlp, dora=dora, liger=liger)
+    head = head_activation(spec, p, grad_ckpt != "off", head_linear, q.unquantized_dtype != q.compute_dtype,
+                           "rms_norm" in liger)
     layer_inputs = Lin(tok=d.L * p.R * d.h)  # what HF checkpointing keeps of every layer
     rotary = rotary_activation(d, p)  # cos/sin, alive through backward
     down = [b for b in br if b.site == "mlp_out"]
     grads_in = incoming_gradients(d, p, bool(down), BYTES[down[0].adapter] if down else 4)
     mlp_fwd_temps = ZERO
     if grad_ckpt == "off":
-        first = layer_activation(spec, br, q, r, dropout, attn_impl, first=True, kernels=kernels, mlp=mlp, dora=dora)
+        first = layer_activation(spec, br, q, r, dropout, attn_impl, first=True, kernels=kernels, mlp=mlp, dora=dora,
+                                 liger=liger)
         saved = first + (d.L - 1) * full + head
         layers = first + grads_in + rotary
         layers_temps = grads_in

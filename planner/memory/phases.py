@@ -44,7 +44,7 @@ def training_memory(spec: ModelSpec, counts: list[ModuleCount], lora_r: int, dro
     """All terms and the peak, for one plan.  ``loss``: ``planner.memory.loss.LOSS_KINDS``; ``kernels="cpu"``: what
     the same step allocates when it runs on the CPU (``qplan run --device cpu`` compares against that)."""
     return MemoryModel.build(spec, counts, lora_r, dropout, q, t.grad_ckpt, t.optimizer, t.attn_impl,
-                             weights, loss, kernels, t.padded, dora).evaluate(*t.shape, t.grad_accum)
+                             weights, loss, kernels, t.padded, dora, t.liger_kernels).evaluate(*t.shape, t.grad_accum)
 
 
 @dataclass(frozen=True)
@@ -99,13 +99,13 @@ class MemoryModel:
 
     @classmethod
     def build(cls, spec, counts, lora_r, dropout, q, grad_ckpt, optimizer, attn_impl, weights, loss="full",
-              kernels="cuda", padded=False, dora=False):
+              kernels="cuda", padded=False, dora=False, liger=()):
         # adapters of modules a text-only step never runs (a vision tower) get no gradient or state
         stepped = stepped_counts(spec, counts)
         opt = optimizer_state_bytes(stepped, optimizer)
         L = dims(spec).L
         acts = activation_terms(spec, stepped, lora_r, dropout, q, grad_ckpt, attn_impl, kernels, padded, dora,
-                                head_linear=loss not in ("cce", "trl", "liger"))
+                                head_linear=loss not in ("cce", "trl", "liger"), liger=liger)
         lg = loss_terms(spec, q, loss)
         return cls(
             weights=weights, adapters=adapter_bytes(counts), gradients=gradient_bytes(stepped),

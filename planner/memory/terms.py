@@ -66,6 +66,8 @@ class TrainingSettings:
     flat_tokens: int = 0
     #: ``vocab.LOSSES``: the full logits, or Cut Cross Entropy
     loss: str = "full"
+    #: ``vocab.LIGER_KERNELS`` in the decoder layers (in that order)
+    liger_kernels: tuple[str, ...] = ()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -108,6 +110,10 @@ class TrainingSettings:
             out.pop("flat_tokens")
         if self.loss == "full":  # plan.json names the loss only when it is not the full logits
             out.pop("loss")
+        if self.liger_kernels:
+            out["liger_kernels"] = list(self.liger_kernels)
+        else:
+            out.pop("liger_kernels")
         return out
 
 

@@ -37,7 +37,8 @@ def test_every_corpus_config_is_planned_or_refused_in_one_line_as_committed(tool
 def test_no_corpus_config_is_planned_past_what_the_plan_models():
     """The features that change a step's memory and are not planned yet are refused by name in every file that
     turns them on, never planned as the plain stack (issue 24's silent mis-plans: Liger kernels, experts quantized
-    on load); Cut Cross Entropy, on by default once its plugin is loaded, is planned as ``loss: cce``."""
+    on load); Cut Cross Entropy, on by default once its plugin is loaded, is planned as ``loss: cce``, Liger's fused
+    linear cross-entropy as ``loss: liger``; Liger's kernels the plan models are checked in ``test_liger.py``."""
     import yaml
 
     for r in json.loads(REPORT.read_text(encoding="utf-8")):
@@ -48,7 +49,9 @@ def test_no_corpus_config_is_planned_past_what_the_plan_models():
         # Cut Cross Entropy is on by default once its plugin is loaded: planned as such, never as the full logits
         cce = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin" in plugins and cfg.get(
             "cut_cross_entropy", True) not in (False, None)
-        assert r["loss"] == ("cce" if cce else "full"), r["file"]
-        assert not any(v for k, v in cfg.items() if k.startswith("liger_")), r["file"]
+        liger = "axolotl.integrations.liger.LigerPlugin" in plugins and bool(cfg.get("liger_fused_linear_cross_entropy"))
+        assert r["loss"] == ("cce" if cce else "liger" if liger else "full"), r["file"]
+        assert not any(v for k, v in cfg.items() if k in ("liger_cross_entropy", "liger_rms_norm_gated",
+                                                           "liger_use_token_scaling")), r["file"]
         assert not cfg.get("quantize_moe_experts"), r["file"]
         assert not cfg.get("activation_offloading") and cfg.get("gradient_checkpointing") in (None, True, False), r["file"]

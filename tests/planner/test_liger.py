@@ -50,7 +50,15 @@ CASES = [
     (dict(model="gemma-2-9b", seq_len=128), True),                    # final softcapping (in the kernel), eager
     (dict(model="qwen2.5-0.5b", seq_len=700, batch_size=3, quant="bf16", compute_dtype="fp32"), False),  # pure bf16
     (dict(model="small-vocab", seq_len=1000, grad_ckpt=False), False),  # V < h: one chunk of every row
+    # Liger's kernels in the decoder layers (axolotl's liger_rms_norm / liger_glu_activation / liger_rope)
+    (dict(model="llama-3.2-1b", seq_len=2048, loss="full", liger_kernels="rms_norm,swiglu,rope"), False),
+    (dict(model="qwen2.5-0.5b", seq_len=2048, quant="bf16", liger_kernels="rms_norm"), False),  # a 16-bit residual
+    (dict(model="qwen2.5-0.5b", seq_len=2048, quant="bf16", grad_ckpt=False, liger_kernels="swiglu"), False),
+    # (1000 tokens: with T = h the head's (h, V) autocast copy would be labelled logits by the trace)
+    (dict(model="qwen3-0.6b", seq_len=1000, grad_ckpt=False, liger_kernels="rms_norm,swiglu,rope"), True),  # q/k norms
 ]
+#: the same plans without Liger's kernels: the kernels' bytes, planned and traced, are compared through them
+TWINS = [(dict({k: v for k, v in kw.items() if k != "liger_kernels"}), False) for kw, _ in CASES if "liger_kernels" in kw]
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +66,8 @@ def traced(tmp_path_factory):
     cfg = json.loads((ROOT / "model_specs" / "smollm2-135m.json").read_text())["config"]
     small = tmp_path_factory.mktemp("liger") / "config.json"
     small.write_text(json.dumps({**cfg, "vocab_size": 512}))  # SmolLM2-135M with a 512-token vocabulary: V < h
-    plans = [plan_dict(loss="liger", gpu="a100-80gb", **{**kw, "model": str(small) if kw["model"] == "small-vocab"
-                                                         else kw["model"]}) for kw, _ in CASES]
+    plans = [plan_dict(gpu="a100-80gb", **{"loss": "liger", **kw, "model": str(small) if kw["model"] == "small-vocab"
+                                           else kw["model"]}) for kw, _ in CASES + TWINS]
     return plans, json.loads(liger(stdin=json.dumps(plans)))
 
 
@@ -68,8 +76,9 @@ def test_a_liger_plan_is_its_traced_step(traced, i):
     plans, traces = traced
     plan, t = plans[i], traces[i]
     loss_peak = CASES[i][1]
-    assert plan["training"]["loss"] == "liger"
-    assert t["breakdown_at_peak"]["logits"] == 0  # no [T, V] tensor
+    assert plan["training"].get("loss", "full") == CASES[i][0].get("loss", "liger")
+    if plan["training"].get("loss") == "liger":
+        assert t["breakdown_at_peak"]["logits"] == 0  # no [T, V] tensor
     phases = plan["prediction"]["memory_detail"]["phases"]
     if loss_peak:  # the loss's forward, planned and traced: to the byte but for the chunks' rounding (0.01%)
         assert phases["forward"] >= phases.get("mlp_forward", 0)
@@ -80,12 +89,22 @@ def test_a_liger_plan_is_its_traced_step(traced, i):
     assert abs(a - tp) <= 0.011 * tp, (a, tp, plan["prediction"]["memory_detail"]["peak_phase"])
     # the optimizer step has no loss in it: as exact as any plan's (a few scalars: under 64 KiB)
     assert abs(phases["optimizer"] - t["phase_peaks"]["optimizer"]) <= max(1e-4 * t["phase_peaks"]["optimizer"], 2**16)
+    kw = CASES[i][0]
+    if "liger_kernels" in kw:  # the kernels add no error: the plan with them is as close to its trace as without
+        j = len(CASES) + [k for k, _ in TWINS].index({k: v for k, v in kw.items() if k != "liger_kernels"})
+        twin, tt = plans[j], traces[j]
+        assert plan["training"]["liger_kernels"] == kw["liger_kernels"].split(",")
+        err = abs(a - tp) / tp
+        assert err <= abs(twin["prediction"]["memory"]["tensor_peak"] - tt["tensor_peak"]) / tt["tensor_peak"] + 1e-3
+        assert tp <= tt["tensor_peak"] and a <= twin["prediction"]["memory"]["tensor_peak"]  # they save memory
 
 
 @pytest.mark.parametrize(("args", "needle"), [
     (["--backend", "unsloth"], "the unsloth backend computes its own fused cross-entropy"),
     (["--targets", "q_proj,lm_head"], "reads lm_head.weight as it is"),
     (["--gpus", "2", "--strategy", "fsdp", "--quant", "bf16"], "--strategy fsdp"),
+    (["--liger-kernels", "rms_norm,geglu"], "unknown kernel 'geglu'"),
+    (["--liger-kernels", "rope", "--backend", "unsloth"], "--liger-kernels is for the peft backend"),
 ])
 def test_a_liger_plan_it_cannot_run_is_one_line(capsys, args, needle):
     rc, out, err = qplan(capsys, "estimate", "--model", "llama-3.2-1b", "--loss", "liger", *args)
@@ -93,10 +112,15 @@ def test_a_liger_plan_it_cannot_run_is_one_line(capsys, args, needle):
     one_line(err, needle)
 
 
-def test_a_model_liger_does_not_patch_is_one_line(capsys):
-    rc, out, err = qplan(capsys, "estimate", "--model", "deepseek-v2-lite", "--loss", "liger")
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--model", "deepseek-v2-lite", "--loss", "liger"], "no patch for model type 'deepseek_v2'"),
+    (["--model", "deepseek-v2-lite", "--liger-kernels", "rope"], "no patch for model type 'deepseek_v2'"),
+    (["--model", "gemma-2-9b", "--liger-kernels", "swiglu"], "not SiLU-gated"),
+])
+def test_a_model_liger_does_not_patch_is_one_line(capsys, args, needle):
+    rc, out, err = qplan(capsys, "estimate", *args)
     assert rc == 2 and out == ""
-    one_line(err, "no patch for model type 'deepseek_v2'")
+    one_line(err, needle)
 
 
 def test_the_fused_loss_plans_far_less_than_the_full_logits_on_a_t4(capsys):
@@ -108,13 +132,14 @@ def test_the_fused_loss_plans_far_less_than_the_full_logits_on_a_t4(capsys):
     assert rc == 0 and "loss: Liger's fused linear cross-entropy" in text
 
 
-def test_run_refuses_a_liger_plan_on_the_cpu(capsys, tmp_path):
+@pytest.mark.parametrize("flags", [["--loss", "liger"], ["--liger-kernels", "rms_norm"]])
+def test_run_refuses_a_liger_plan_on_the_cpu(capsys, tmp_path, flags):
     plan = tmp_path / "plan.json"
-    assert qplan(capsys, "estimate", "--model", "smollm2-135m", "--loss", "liger", "--output", str(plan))[0] == 0
+    assert qplan(capsys, "estimate", "--model", "smollm2-135m", *flags, "--output", str(plan))[0] == 0
     rc, out, err = qplan(capsys, "run", str(plan), "--device", "cpu", "--random-init", "--out-dir",
                            str(tmp_path / "runs"))
     assert rc == 2
-    one_line(err, "--loss liger", "cannot train on the CPU")
+    one_line(err, flags[0], "cannot train on the CPU")
 
 
 AXOLOTL = ROOT / "tests" / "fixtures" / "trainer_configs" / "axolotl-qlora-llama-3.1-8b.yml"
@@ -134,8 +159,23 @@ def test_axolotls_liger_plugin_with_the_fused_loss_is_planned(capsys, tmp_path):
     assert json.loads(out)["training"]["loss"] == "liger"
 
 
+def test_axolotls_liger_kernels_are_planned(capsys, tmp_path):
+    """The keys axolotl's Liger examples set: RMSNorm, the GLU activation, RoPE, the fused loss; liger_layer_norm
+    patches nothing in a Llama (named in a warning)."""
+    f = _axolotl(tmp_path, plugins=[LIGER_PLUGIN], liger_fused_linear_cross_entropy=True, liger_rms_norm=True,
+                 liger_glu_activation=True, liger_rope=True, liger_layer_norm=True)
+    rc, out, err = qplan(capsys, "estimate", "--from-config", str(f), "--format", "json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["training"]["loss"] == "liger" and doc["training"]["liger_kernels"] == ["rms_norm", "swiglu", "rope"]
+    assert any("liger_layer_norm" in w["text"] for w in doc["trainer_config"]["warnings"])
+
+
 @pytest.mark.parametrize(("extra", "needle"), [
-    (dict(plugins=[LIGER_PLUGIN], liger_fused_linear_cross_entropy=True, liger_rms_norm=True), "liger_rms_norm"),
+    (dict(plugins=[LIGER_PLUGIN], liger_fused_linear_cross_entropy=True, liger_rms_norm_gated=True),
+     "liger_rms_norm_gated"),
+    (dict(plugins=[LIGER_PLUGIN], liger_cross_entropy=True), "liger_cross_entropy"),
+    (dict(liger_rope=True), "without plugins"),
     (dict(plugins=[LIGER_PLUGIN], liger_fused_linear_cross_entropy=True, liger_use_token_scaling=True),
      "liger_use_token_scaling"),
     (dict(liger_fused_linear_cross_entropy=True), "without plugins"),
@@ -151,25 +191,27 @@ def test_an_axolotl_liger_config_qplan_cannot_plan_is_one_line(capsys, tmp_path,
 
 def test_export_to_axolotl_writes_the_plugin_and_reads_back_the_same_plan(capsys, tmp_path):
     plan_file = tmp_path / "plan.json"
-    assert qplan(capsys, "estimate", "--model", "llama-3.2-1b", "--loss", "liger", "--gpu", "a100-80gb",
-                   "--output", str(plan_file))[0] == 0
+    assert qplan(capsys, "estimate", "--model", "llama-3.2-1b", "--loss", "liger", "--liger-kernels", "rope,rms_norm",
+                   "--gpu", "a100-80gb", "--output", str(plan_file))[0] == 0
     rc, text, err = qplan(capsys, "export", str(plan_file), "--to", "axolotl")
     assert rc == 0, err
     written = yaml.safe_load(text)
     assert written["plugins"] == [LIGER_PLUGIN] and written["liger_fused_linear_cross_entropy"] is True
+    assert written["liger_rms_norm"] is True and written["liger_rope"] is True and "liger_glu_activation" not in written
     cfg = tmp_path / "axolotl.yml"
     cfg.write_text(text)
     rc, out, err = qplan(capsys, "estimate", "--from-config", str(cfg), "--gpu", "a100-80gb", "--format", "json")
     assert rc == 0, err
     back, original = json.loads(out), json.loads(plan_file.read_text())
-    assert back["training"]["loss"] == "liger"
+    assert back["training"]["loss"] == "liger" and back["training"]["liger_kernels"] == ["rms_norm", "rope"]
     assert back["prediction"]["memory"] == original["prediction"]["memory"]
 
 
 @pytest.mark.parametrize("tool", ["trl", "llamafactory"])
-def test_export_elsewhere_is_refused(capsys, tmp_path, tool):
+@pytest.mark.parametrize("flags", [["--loss", "liger"], ["--liger-kernels", "rms_norm,swiglu"]])
+def test_export_elsewhere_is_refused(capsys, tmp_path, tool, flags):
     plan_file = tmp_path / "plan.json"
-    assert qplan(capsys, "estimate", "--model", "llama-3.2-1b", "--loss", "liger", "--no-upcast",
+    assert qplan(capsys, "estimate", "--model", "llama-3.2-1b", *flags, "--no-upcast",
                    "--output", str(plan_file))[0] == 0
     rc, out, err = qplan(capsys, "export", str(plan_file), "--to", tool)
     assert rc == 2 and out == ""

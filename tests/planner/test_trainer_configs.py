@@ -161,7 +161,7 @@ def test_an_unknown_key_is_named_in_a_warning_and_changes_nothing(capsys, tmp_pa
     ({"plugins": ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"], "cut_cross_entropy": "yes"},
      ["cut_cross_entropy must be bool"]),
     ({"cut_cross_entropy": True}, ["cut_cross_entropy", "does not plan"]),  # the key without its plugin
-    ({"plugins": ["axolotl.integrations.liger.LigerPlugin"], "liger_rms_norm": True}, ["liger_rms_norm"]),
+    ({"plugins": ["axolotl.integrations.liger.LigerPlugin"], "liger_rms_norm_gated": True}, ["liger_rms_norm_gated"]),
     ({"plugins": ["axolotl.integrations.kernels.KernelsPlugin"]}, ["KernelsPlugin"]),
     ({"plugins": "cce"}, ["plugins must be a list"]),
     ({"expert_parallel_size": 2}, ["expert_parallel_size 2"]),
