@@ -280,22 +280,19 @@ def check_fused_loss(loss: str, spec: ModelSpec, q: QuantSettings, gpu: Any, bac
             return ["--loss trl under ZeRO-3: TRL gathers the whole head (vocabulary x hidden) for the loss, which "
                     "the plan does not count"]
         return []
+    if strategy in ("fsdp", "zero3"):
+        raise QPlanError(f"--loss {loss} with --strategy {strategy} (the head's weight gathered inside the loss) is not "
+                         "planned yet: use ddp or zero2")
     if loss == "liger":
         if spec.model_type not in LIGER_MODEL_TYPES:
             raise QPlanError(f"--loss liger: liger-kernel 0.8.0 has no patch for model type {spec.model_type!r} "
                              f"({spec.name})")
-        if strategy in ("fsdp", "zero3"):
-            raise QPlanError(f"--loss liger with --strategy {strategy} (the head's weight gathered inside the loss) is "
-                             "not planned yet: use ddp or zero2")
         return []
     if gpu is not None and not gpu.bf16:
         raise QPlanError(f"--loss cce: {name} needs an Ampere or newer GPU (bf16); {gpu.name} has none")
     if not spec.inventory.architecture.endswith("ForCausalLM"):
         raise QPlanError(f"--loss cce: {spec.name} is a {spec.inventory.architecture}, not a *ForCausalLM: qplan "
                          f"plans {name} for causal language models only")
-    if strategy in ("fsdp", "zero3"):
-        raise QPlanError(f"--loss cce with --strategy {strategy} (the head's weight gathered inside the loss) is not "
-                         "planned yet: use ddp or zero2")
     return []
 
 

@@ -37,6 +37,28 @@ def _state_bytes(opt) -> int:
     return total
 
 
+def _one_real_step(optimizer: str):
+    """One real CPU step of the optimizer transformers builds for ``optim=<optimizer>`` (its own resolver,
+    ``Trainer.get_optimizer_cls_and_kwargs``), on a 64 x 256 and a 16 x 64 parameter: (module, optimizer, kwargs)."""
+    import dataclasses
+
+    import torch
+    from transformers import Trainer, TrainingArguments
+    from transformers.training_args import OptimizerNames
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments) if f.default is not dataclasses.MISSING}
+    args = types.SimpleNamespace(**dict(defaults, optim=OptimizerNames(optimizer)))
+    model = torch.nn.Module()
+    model.a = torch.nn.Parameter(torch.randn(64, 256))
+    model.b = torch.nn.Parameter(torch.randn(16, 64))
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    opt = cls(model.parameters(), **kwargs)
+    for prm in model.parameters():
+        prm.grad = torch.randn_like(prm)
+    opt.step()
+    return model, opt, kwargs
+
+
 @pytest.mark.parametrize("optimizer", TORCHAO)
 def test_torchao_states_equal_the_traced_optimizer_tensors(optimizer):
     """SmolLM2-135M, LoRA r=16 on every linear: k/v ``lora_B`` (192 x 16 = 3,072 elements) stay fp32, every other
@@ -57,25 +79,12 @@ def test_a_real_torchao_step_makes_the_planned_states(optimizer):
     """One real (compiled) CPU step of the optimizer transformers builds for ``optim=<name>``, on one quantized
     tensor shape (64 x 256) and one small one (16 x 64, kept in the parameter's dtype): its state bytes equal
     ``optimizer_state_bytes`` of the same tensors."""
-    import dataclasses
-
     import torch
-    from transformers import Trainer, TrainingArguments
-    from transformers.training_args import OptimizerNames
 
     from qplan.planner.memory.terms import torchao_state_bytes
 
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments) if f.default is not dataclasses.MISSING}
-    args = types.SimpleNamespace(**dict(defaults, optim=OptimizerNames(optimizer)))
-    model = torch.nn.Module()
-    model.a = torch.nn.Parameter(torch.randn(64, 256))
-    model.b = torch.nn.Parameter(torch.randn(16, 64))
-    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    model, opt, kwargs = _one_real_step(optimizer)
     assert kwargs["block_size"] == 256
-    opt = cls(model.parameters(), **kwargs)
-    for prm in model.parameters():
-        prm.grad = torch.randn_like(prm)
-    opt.step()
     four = optimizer.endswith("4bit")
     planned = sum(2 * torchao_state_bytes(math.prod(prm.shape), 4, four) for prm in model.parameters())
     assert _state_bytes(opt) == planned
@@ -107,25 +116,12 @@ def test_a_real_lion_step_makes_the_planned_states(optimizer):
     """One real CPU step of the optimizer transformers builds for ``optim=<name>`` (bitsandbytes ``Lion``), on a
     tensor above bitsandbytes' 8-bit threshold (64 x 256) and one below it (16 x 64, kept fp32): its state bytes
     (the quantization map, shared by every state, once) equal the plan's for the same tensors."""
-    import dataclasses
-
     import torch
-    from transformers import Trainer, TrainingArguments
-    from transformers.training_args import OptimizerNames
 
     from qplan.planner.memory.terms import optimizer_state_bytes
     from qplan.planner.model.lora import ModuleCount
 
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments) if f.default is not dataclasses.MISSING}
-    args = types.SimpleNamespace(**dict(defaults, optim=OptimizerNames(optimizer)))
-    model = torch.nn.Module()
-    model.a = torch.nn.Parameter(torch.randn(64, 256))
-    model.b = torch.nn.Parameter(torch.randn(16, 64))
-    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
-    opt = cls(model.parameters(), **kwargs)
-    for prm in model.parameters():
-        prm.grad = torch.randn_like(prm)
-    opt.step()
+    _, opt, _ = _one_real_step(optimizer)
     seen, real, qmap = set(), 0, 0
     for state in opt.state.values():
         assert "state2" not in state  # one moment
