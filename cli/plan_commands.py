@@ -173,7 +173,8 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
 # ---------------------------------------------------------------------------------- fit
 
 #: what `qplan fit --from-config` takes from the file (the rest is searched)
-FIT_FROM_CONFIG = ("model", "r", "targets", "quant", "optimizer", "seq_len", "reentrant", "loss", "adapter_dtype")
+FIT_FROM_CONFIG = ("model", "r", "targets", "quant", "optimizer", "seq_len", "reentrant", "loss", "adapter_dtype",
+                   "liger_kernels")
 
 
 @click.command()

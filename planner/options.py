@@ -196,6 +196,8 @@ class FitOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
              section=SEARCH) = "full"
     adapter_dtype: _f(lit(sorted(ADAPTER_DTYPE_NAMES)), "as for estimate: the LoRA tensors' dtype (every plan's)",
                       section=SEARCH) = "fp32"
+    liger_kernels: _f(Names, "as for estimate: Liger-Kernel's kernels in the decoder layers (every plan's)",
+                      section=SEARCH) = ""
     top: _f(Annotated[int, Meta(ge=1, le=100_000)], "how many plans to list", section=SEARCH) = 10
     objective: _f(lit(OBJECTIVES), "rank by tokens per step (memory), tokens/s (time) or cost per million tokens "
                   "(cost)", section=SEARCH) = "memory"

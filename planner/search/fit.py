@@ -25,9 +25,10 @@ from qplan.planner.model.catalog import gpu_catalog, load_gpu, load_spec
 from qplan.planner.model.lora import trainable_params
 from qplan.planner.model.weights import QuantSettings, checkpoint_quant
 from qplan.planner.options import OBJECTIVES, FitOptions, PlanOptions, as_dict, check_fit_options
+from qplan.planner.plan import liger_kernels as check_liger_kernels
 from qplan.planner.plan import plan_counts, plan_inputs
 from qplan.planner.validate import read_calibration
-from qplan.planner.vocab import ADAPTER_DTYPE_NAMES, OPTIMIZERS
+from qplan.planner.vocab import ADAPTER_DTYPE_NAMES, LIGER_KERNELS, OPTIMIZERS
 
 DEFAULT_RS = (8, 16, 32, 64)
 DEFAULT_TARGETS = ("qv", "attn", "all-linear")
@@ -74,7 +75,7 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
            price_per_hour: str | float | None = None, calibration: str | None = None,
            batching: str | None = None, pad_to_multiple_of: int | None = None,
            padding_free: bool = False, rows_padded: bool = False, reentrant: bool = False,
-           loss: str = "full", adapter_dtype: str = "fp32") -> dict[str, Any]:
+           loss: str = "full", adapter_dtype: str = "fp32", liger_kernels: str = "") -> dict[str, Any]:
     """Plans that fit ``gpu_name`` (a catalog name, ``a,b,c``, or ``all``), ranked by ``objective``:
     ``memory`` (most tokens per step, cheapest tricks first), ``time`` (most tokens/s) or ``cost``
     (least cost per million tokens; needs ``price_per_hour``). ``batching``, ``pad_to_multiple_of``: a ``--data``
@@ -82,7 +83,8 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
     of ``batch × seq_len`` tokens (TRL's bfd; the block mask counted under SDPA/eager); ``rows_padded``: its packed
     rows carry pads (axolotl's multipack), so the mask is counted too; ``reentrant``: checkpointing, where a plan has
     it, is torch's reentrant one; ``loss``: every plan's loss (``vocab.LOSSES``); ``adapter_dtype``: every plan's LoRA
-    tensors' dtype (a candidate it does not go with, e.g. bf16 adapters of a 16-bit model under fp16, is left out)."""
+    tensors' dtype (a candidate it does not go with, e.g. bf16 adapters of a 16-bit model under fp16, is left out);
+    ``liger_kernels``: every plan's Liger kernels (``--liger-kernels``)."""
     if objective not in OBJECTIVES:
         raise QPlanError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if not gpu_name or not str(gpu_name).strip():
@@ -103,7 +105,7 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
                         optimizer=optimizer, objective=objective, tokens=tokens, price=prices.get(g.name),
                         calibration=calibration, batching=batching, pad_to_multiple_of=pad_to_multiple_of,
                         padding_free=padding_free, rows_padded=rows_padded, reentrant=reentrant, loss=loss,
-                        adapter_dtype=adapter_dtype)
+                        adapter_dtype=adapter_dtype, liger_kernels=liger_kernels)
             for g in gpus]
     if len(gpus) > 1:  # every row says which GPU it is for, and how much that GPU has
         for res, g in zip(runs, gpus):
@@ -131,6 +133,9 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
         out["loss"] = loss
     if ADAPTER_DTYPE_NAMES[adapter_dtype] != "float32":
         out["adapter_dtype"] = ADAPTER_DTYPE_NAMES[adapter_dtype]
+    kernels = [k for k in LIGER_KERNELS if k in {x.strip() for x in liger_kernels.split(",")}]
+    if kernels:
+        out["liger_kernels"] = kernels
     if calibration is not None:
         out["calibrated"] = calibration["source"]
     return out
@@ -140,8 +145,9 @@ def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets,
                 tokens: int | None, price: float | None, calibration: dict | None = None,
                 batching: str | None = None, pad_to_multiple_of: int | None = None,
                 padding_free: bool = False, rows_padded: bool = False, reentrant: bool = False,
-                loss: str = "full", adapter_dtype: str = "fp32") -> dict[str, Any]:
+                loss: str = "full", adapter_dtype: str = "fp32", liger_kernels: str = "") -> dict[str, Any]:
     spec = load_spec(model)
+    check_liger_kernels(liger_kernels, spec, "peft", None)  # once, in one line (not a candidate left out)
     usable = gpu.usable_bytes
     ctx = max_context(spec) or max(SEQS)
     if seq_len is not None and seq_len > ctx:
@@ -172,7 +178,8 @@ def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets,
         # the checkpoint's quantization, LoRA's defaults, the model's attention)
         try:
             inp, _ = plan_inputs(PlanOptions(model=spec.name, quant=qn, r=rr, targets=tg, optimizer=op, loss=loss,
-                                             adapter_dtype=adapter_dtype), spec=spec, device=gpu)
+                                             adapter_dtype=adapter_dtype, liger_kernels=liger_kernels),
+                                 spec=spec, device=gpu)
         except QPlanError:
             if quant or ADAPTER_DTYPE_NAMES[adapter_dtype] == "float32":
                 raise
@@ -233,7 +240,7 @@ def fit_document(options: FitOptions | dict[str, Any]) -> dict[str, Any]:
         from qplan.planner.search.fewest_gpus import fewest_gpus
 
         fixed = {k: o[k] for k in ("seq_len", "batch_size", "quant", "r", "targets", "optimizer", "reentrant", "loss",
-                                   "adapter_dtype") if o.get(k) is not None}
+                                   "adapter_dtype", "liger_kernels") if o.get(k) is not None}
         return fewest_gpus(model=o["model"], gpu=o["gpu"], max_gpus=max_gpus, upcast=upcast, **fixed)
     if not upcast:
         raise QPlanError("--no-upcast goes with --max-gpus (the batch search keeps the k-bit upcast)")

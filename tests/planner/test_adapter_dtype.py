@@ -96,3 +96,14 @@ def test_llamafactory_pure_bf16_keeps_bf16_adapters(capsys, tmp_path):
     rc, out, err = qplan(capsys, "estimate", "--from-config", str(_lf(tmp_path, pure_bf16=True)))
     assert rc == 2
     one_line(err, "pure_bf16 with quantization_bit")
+
+
+def test_fit_plans_every_candidate_with_the_adapters_dtype(capsys):
+    import json
+
+    rc, out, err = qplan(capsys, "fit", "--model", "llama-3.2-1b", "--gpu", "t4", "--adapter-dtype", "bf16", "--top", "50",
+                         "--format", "json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    # a T4 computes in fp16: bf16 adapters go only with quantized weights there (TRL's QLoRA)
+    assert doc["adapter_dtype"] == "bfloat16" and {row["quant"] for row in doc["best"]} <= {"nf4", "int8"}

@@ -216,3 +216,15 @@ def test_export_elsewhere_is_refused(capsys, tmp_path, tool, flags):
     rc, out, err = qplan(capsys, "export", str(plan_file), "--to", tool)
     assert rc == 2 and out == ""
     one_line(err, "--to axolotl")
+
+
+def test_fit_searches_with_the_files_liger_loss_and_kernels(capsys, tmp_path):
+    f = _axolotl(tmp_path, plugins=[LIGER_PLUGIN], liger_fused_linear_cross_entropy=True, liger_rms_norm=True,
+                 liger_glu_activation=True)
+    rc, out, err = qplan(capsys, "fit", "--from-config", str(f), "--gpu", "a100-80gb", "--top", "3", "--format", "json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["loss"] == "liger" and doc["liger_kernels"] == ["rms_norm", "swiglu"] and doc["best"]
+    rc, out, err = qplan(capsys, "fit", "--model", "gemma-2-9b", "--gpu", "a100-80gb", "--liger-kernels", "swiglu")
+    assert rc == 2
+    one_line(err, "not SiLU-gated")
