@@ -38,6 +38,7 @@ from qplan.planner.document import (
 )
 from qplan.planner.errors import QPlanError
 from qplan.planner.memory.loss import LIGER_MODEL_TYPES
+from qplan.planner.memory.moe import moe_dims
 from qplan.planner.memory.profiles import PROFILES, StepContext, memory_document, select_profile
 from qplan.planner.memory.sharding import DistSettings
 from qplan.planner.memory.terms import (
@@ -228,6 +229,9 @@ def liger_kernels(names: str, spec: ModelSpec, backend: str, strategy: str | Non
         raise QPlanError(f"--liger-kernels rms_norm: {spec.name} has LayerNorms (Liger's LayerNorm is not planned)")
     if "swiglu" in asked and not (dims(spec).gated and c.get("hidden_act", c.get("hidden_activation")) in ("silu", "swish")):
         raise QPlanError(f"--liger-kernels swiglu: {spec.name}'s MLP is not SiLU-gated (Liger's GEGLU is not planned)")
+    if "swiglu" in asked and moe_dims(spec) is not None:
+        raise QPlanError(f"--liger-kernels swiglu: {spec.name} is a mixture of experts (Liger's expert MLP is not "
+                         "planned)")
     if strategy is not None and strategy != "ddp":
         raise QPlanError(f"--liger-kernels with --strategy {strategy} is not planned yet: use ddp")
     return tuple(k for k in LIGER_KERNELS if k in asked)

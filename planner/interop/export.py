@@ -73,8 +73,8 @@ def _check(plan: dict[str, Any], to: str) -> None:
                          "yet: export the plan --to axolotl (LigerPlugin, liger_fused_linear_cross_entropy only), or "
                          "plan it with --loss full")
     if training.get("liger_kernels") and to != "axolotl":
-        raise QPlanError(f"the plan's Liger kernels are axolotl's liger_* keys here; {to} turns Liger on all at once "
-                         "(with a loss qplan plans otherwise): export it --to axolotl, or plan it without --liger-kernels")
+        raise QPlanError(f"writing the plan's Liger kernels back to {to} is not done yet (axolotl's liger_* keys are): "
+                         "export it --to axolotl, or plan it without --liger-kernels")
     if loss == "trl" and to != "trl":
         raise QPlanError(f"the plan's loss is TRL's fused LM head, which {to} does not run: export it --to trl, or plan "
                          "it with --loss full")

@@ -24,10 +24,11 @@ from typing import Any
 from qplan.planner.errors import QPlanError, shown
 from qplan.planner.files import read_limited
 from qplan.planner.interop.axolotl_plugins import axolotl_plugins
+from qplan.planner.interop.liger_keys import trl_liger
 from qplan.planner.interop.notes import note
 from qplan.planner.interop.trainer_data import axolotl_data, llamafactory_bound, trl_data
 from qplan.planner.options import PlanOptions, field_names
-from qplan.planner.vocab import OPTIMIZER_TABLE
+from qplan.planner.vocab import LIGER_KERNELS, OPTIMIZER_TABLE
 
 FORMATS = ("axolotl", "llamafactory", "trl")
 MAX_CONFIG_BYTES = 1 << 20
@@ -243,7 +244,7 @@ def _training(r: _Reader, opts: dict[str, Any], seq_key: str, batch_default: int
             r.used.add(k)
     r.refuse(MULTI_GPU - r.used, "asks for a multi-GPU parallelism qplan does not plan (it plans DDP, FSDP2 full shard and "
                         "ZeRO-2/3: see docs/multi-gpu.md): remove it")
-    r.refuse({"torch_compile", "use_liger_kernel", "liger_kernel"},
+    r.refuse({"torch_compile", "liger_kernel"},
              "changes the kernels and their memory, which qplan does not model")
 
 
@@ -430,8 +431,12 @@ def _llamafactory(r: _Reader) -> dict[str, Any]:
     o["attn_impl"] = {"auto": "auto", "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}.get(attn)
     if o["attn_impl"] is None:
         raise QPlanError(f"llamafactory config: flash_attn {shown(attn)} is not planned (auto, disabled, sdpa or fa2)")
+    if r.typed("enable_liger_kernel", bool, False):
+        # model/model_utils/liger_kernel.py: apply_liger_kernel_to_<type>() with its defaults for sft/pt — the fused
+        # linear cross-entropy, RMSNorm, SwiGLU and RoPE (a model whose defaults differ is refused by the planner)
+        o["loss"], o["liger_kernels"] = "liger", ",".join(LIGER_KERNELS)
     r.refuse({"use_unsloth", "use_unsloth_gc", "upcast_layernorm", "upcast_lmhead_output", "use_galore", "use_apollo",
-              "use_badam", "pissa_init", "loraplus_lr_ratio", "enable_liger_kernel", "shift_attn", "rope_scaling",
+              "use_badam", "pissa_init", "loraplus_lr_ratio", "shift_attn", "rope_scaling",
               "neat_packing", "use_llama_pro", "freeze_vision_tower", "train_mm_proj_only", "moe_aux_loss_coef",
               "ref_model", "use_kt", "use_v1_kernels", "resize_vocab", "quantization_device_map"},
              "changes training memory in a way qplan does not plan from a LLaMA-Factory config")
@@ -522,8 +527,9 @@ def _trl(r: _Reader) -> dict[str, Any]:
         o["adapter_dtype"] = "bf16"
     elif o.get("strategy") == "zero3" and alias[dtype] == "bf16" and prec in ("bf16", "fp32"):
         o["adapter_dtype"] = "bf16"
+    trl_liger(r, o)
     r.refuse({"lora_target_parameters", "bnb_4bit_quant_storage", "model_init_kwargs", "padding_free", "activation_offloading",
-              "use_liger_kernel", "lora_task_type"}, "changes training memory in a way qplan does not plan from a TRL config")
+              "lora_task_type"}, "changes training memory in a way qplan does not plan from a TRL config")
     return o
 
 

@@ -56,6 +56,8 @@ CASES = [
     (dict(model="qwen2.5-0.5b", seq_len=2048, quant="bf16", grad_ckpt=False, liger_kernels="swiglu"), False),
     # (1000 tokens: with T = h the head's (h, V) autocast copy would be labelled logits by the trace)
     (dict(model="qwen3-0.6b", seq_len=1000, grad_ckpt=False, liger_kernels="rms_norm,swiglu,rope"), True),  # q/k norms
+    # TRL 1.16's use_liger_kernel: the layer kernels under TRL's own fused LM head
+    (dict(model="qwen2.5-0.5b", seq_len=2048, quant="bf16", loss="trl", liger_kernels="rms_norm,swiglu"), False),
 ]
 #: the same plans without Liger's kernels: the kernels' bytes, planned and traced, are compared through them
 TWINS = [(dict({k: v for k, v in kw.items() if k != "liger_kernels"}), False) for kw, _ in CASES if "liger_kernels" in kw]
@@ -228,3 +230,28 @@ def test_fit_searches_with_the_files_liger_loss_and_kernels(capsys, tmp_path):
     rc, out, err = qplan(capsys, "fit", "--model", "gemma-2-9b", "--gpu", "a100-80gb", "--liger-kernels", "swiglu")
     assert rc == 2
     one_line(err, "not SiLU-gated")
+
+
+def test_trl_and_llamafactory_liger_switches_are_planned(capsys, tmp_path):
+    """TRL 1.16's ``use_liger_kernel`` applies Liger's layer kernels only (its fused LM head stays the loss; each kernel
+    switchable in ``liger_kernel_config``); LLaMA-Factory's ``enable_liger_kernel`` applies the patch's defaults for
+    sft: the fused linear cross-entropy and RMSNorm, SwiGLU, RoPE."""
+    trl = ROOT / "tests" / "fixtures" / "trainer_configs" / "trl-lora-smollm2-1.7b.yaml"
+    cfg = yaml.safe_load(trl.read_text())
+    f = tmp_path / "trl.yaml"
+    f.write_text(yaml.safe_dump({**cfg, "use_liger_kernel": True, "liger_kernel_config": {"rope": False}}))
+    rc, out, err = qplan(capsys, "estimate", "--from-config", str(f), "--format", "json")
+    assert rc == 0, err
+    t = json.loads(out)["training"]
+    assert t["loss"] == "trl" and t["liger_kernels"] == ["rms_norm", "swiglu"]
+    f.write_text(yaml.safe_dump({**cfg, "use_liger_kernel": True, "liger_kernel_config": {"cross_entropy": True}}))
+    rc, out, err = qplan(capsys, "estimate", "--from-config", str(f))
+    assert rc == 2
+    one_line(err, "cross_entropy")
+    lf = ROOT / "tests" / "fixtures" / "trainer_configs" / "llamafactory-qlora-qwen2.5-7b.yaml"
+    g = tmp_path / "lf.yaml"
+    g.write_text(yaml.safe_dump({**yaml.safe_load(lf.read_text()), "enable_liger_kernel": True}))
+    rc, out, err = qplan(capsys, "estimate", "--from-config", str(g), "--format", "json")
+    assert rc == 0, err
+    t = json.loads(out)["training"]
+    assert t["loss"] == "liger" and t["liger_kernels"] == ["rms_norm", "swiglu", "rope"]
