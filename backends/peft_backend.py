@@ -64,23 +64,16 @@ def liger_patched(model: Any, flce: bool, kernels: list[str]) -> Any:
     """The model with Liger-Kernel's fused linear cross-entropy as its loss (``flce``) and the plan's Liger ``kernels``
     (``rms_norm``, ``swiglu``, ``rope``), no other, as axolotl's ``LigerPlugin`` applies its ``liger_*`` keys
     (``apply_liger_kernel_to_<model_type>``; here on the loaded instance)."""
-    import inspect
+    from qplan.observe.trace.liger import apply_fn, only_flags
 
     try:
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+        fn = apply_fn(model.config.model_type)
+        flags = only_flags(fn, ("flce",) * flce + tuple(kernels))
     except ImportError as exc:
-        raise QPlanError("the plan's loss is Liger's fused linear cross-entropy: install it first (pip install "
-                         f"liger-kernel==0.8.0, the version axolotl pins): {exc}") from exc
-
-    fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model.config.model_type)
-    if fn is None:
-        raise QPlanError(f"Liger-Kernel does not patch model type {model.config.model_type!r}")
-    flags = {name: False for name in inspect.signature(fn).parameters if name != "model"}
-    flags["fused_linear_cross_entropy"] = flce
-    for k in kernels:
-        if k not in flags:
-            raise QPlanError(f"Liger-Kernel's patch of {model.config.model_type} has no {k} kernel")
-        flags[k] = True
+        raise QPlanError("the plan uses Liger-Kernel: install it first (pip install liger-kernel==0.8.0, the version "
+                         f"axolotl pins): {exc}") from exc
+    except ValueError as exc:
+        raise QPlanError(f"Liger-Kernel on {model.config.model_type}: {exc}") from exc
     fn(model=model, **flags)
     return model
 

@@ -31,7 +31,8 @@ from .autocast import meta_queries_answer_for
 from .stand_ins import TritonLaunch
 
 
-def _apply_fn(model_type: str) -> Any:
+def apply_fn(model_type: str) -> Any:
+    """Liger's ``apply_liger_kernel_to_<model_type>``."""
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
     fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
@@ -44,23 +45,30 @@ def _apply_fn(model_type: str) -> Any:
 KERNEL_FLAGS = {"flce": "fused_linear_cross_entropy", "rms_norm": "rms_norm", "swiglu": "swiglu", "rope": "rope"}
 
 
+def only_flags(fn: Any, kernels: tuple[str, ...]) -> dict[str, bool]:
+    """The keywords of Liger's patch ``fn`` that turn ``kernels`` (``KERNEL_FLAGS``) on and every other kernel off
+    (ValueError for a kernel the patch does not have)."""
+    params = inspect.signature(fn).parameters
+    flags = {name: False for name in params if name != "model"}
+    for k in kernels:
+        name = KERNEL_FLAGS.get(k, k)
+        if name not in params:
+            raise ValueError(f"Liger's patch has no {name} kernel")
+        flags[name] = True
+    return flags
+
+
 @contextlib.contextmanager
 def liger_patched(hf: Any, kernels: tuple[str, ...] = ("flce",)):
     """While the context is open, the model type of the transformers config ``hf`` trains through Liger's ``kernels``
     (``KERNEL_FLAGS``) and nothing else of Liger's (``apply_liger_kernel_to_<type>`` with every other kernel off,
     before the model is built, as axolotl's plugin calls it). What the patch replaces in the modeling module and
     its classes is put back on exit."""
-    fn = _apply_fn(hf.model_type)
+    fn = apply_fn(hf.model_type)
     modeling = importlib.import_module(f"transformers.models.{hf.model_type}.modeling_{hf.model_type}")
     before = dict(vars(modeling))
     forwards = {cls: cls.__dict__.get("forward") for cls in before.values() if isinstance(cls, type)}
-    params = inspect.signature(fn).parameters
-    kwargs = {name: False for name in params if name != "model"}
-    for k in kernels:
-        if KERNEL_FLAGS[k] not in params:
-            raise ValueError(f"Liger's patch of {hf.model_type} has no {KERNEL_FLAGS[k]} kernel")
-        kwargs[KERNEL_FLAGS[k]] = True
-    fn(**kwargs)
+    fn(**only_flags(fn, kernels))
     try:
         yield
     finally:

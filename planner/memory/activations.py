@@ -168,7 +168,7 @@ def norm_activation(d: Dims, p: Precision, first: bool = False, liger: bool = Fa
     return Lin(tok=tok, const=const)
 
 
-def qk_norm_activation(d: Dims, p: Precision | None = None, liger: bool = False) -> Lin:
+def qk_norm_activation(d: Dims, p: Precision, liger: bool = False) -> Lin:
     """Per-head RMSNorms of q and k (Qwen3 ``q_norm``/``k_norm`` on ``q_proj(x).view(..., hd)``):
     each saves its fp32 input (``to(float32)`` makes a copy of a 16-bit projection output, and an
     fp32 one is itself a tensor nothing else saves) and the fp32 ``rsqrt`` per head:
@@ -177,7 +177,7 @@ def qk_norm_activation(d: Dims, p: Precision | None = None, liger: bool = False)
     (``M`` bytes) instead of an fp32 copy."""
     if not d.qk_norm:
         return ZERO
-    x = p.M if (liger and p is not None) else 4
+    x = p.M if liger else 4
     return Lin(tok=x * (d.q + d.kv) + 4 * (d.nh + d.nkv))
 
 
