@@ -211,14 +211,21 @@ class Time(Struct, kw_only=True):
     device: str | None = None
     device_kind: Literal["gpu", "cpu"] | UnsetType = UNSET
     peak_flops_per_second: float | UnsetType = UNSET
+    matmul_dtype: str | UnsetType = UNSET
+    adapter_matmul_dtype: str | UnsetType = UNSET
+    adapter_peak_flops_per_second: float | UnsetType = UNSET
     bandwidth_bytes_per_second: float | UnsetType = UNSET
     efficiency: Annotated[float, Meta(gt=0, le=1)] | UnsetType = UNSET
     efficiency_source: str | UnsetType = UNSET
     overhead_seconds: float | UnsetType = UNSET
     ideal_step_seconds: Seconds | UnsetType = UNSET
     step_seconds: Seconds | None = None
+    gpus: Annotated[int, Meta(ge=1)] | UnsetType = UNSET
     tokens_per_step: int | UnsetType = UNSET
     tokens_per_second: Annotated[float, Meta(ge=0)] | UnsetType = UNSET
+    tokens_per_step_per_gpu: int | UnsetType = UNSET
+    tokens_per_second_per_gpu: Annotated[float, Meta(ge=0)] | UnsetType = UNSET
+    not_in_time: list[str] | UnsetType = UNSET
     tokens: int | None | UnsetType = UNSET
     steps: int | None | UnsetType = UNSET
     total_seconds: Seconds | None | UnsetType = UNSET

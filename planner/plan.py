@@ -402,7 +402,9 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
     moved = step_bytes(inp.spec, counts, inp.lora.r, q, t.grad_ckpt, t.optimizer, trainable, t.grad_accum)
     tokens_per_step = t.shape[0] * t.shape[1] * t.grad_accum
     device = inp.gpu.to_json() if inp.gpu is not None else None
-    time = time_prediction(flops, moved, device, q.compute_dtype, tokens_per_step, inp.tokens, inp.calibration)
+    gpus = inp.dist.world if inp.dist is not None else 1
+    time = time_prediction(flops, moved, device, (q.quant, q.compute_dtype, inp.lora.adapter_dtype), tokens_per_step,
+                           inp.tokens, inp.calibration, gpus)
     if inp.tokens is not None and time is None:
         raise QPlanError("--tokens / --dataset-tokens need --gpu: the time of a step depends on the device")
     if inp.tokens is not None and time.get("step_seconds") is None:
@@ -413,7 +415,7 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
     compute = Compute(flops_per_step=section(Flops, flops), bytes_per_step=section(Moved, moved),
                       flops_counted_as="torch.utils.flop_counter.FlopCounterMode (2 m k n per matmul)",
                       not_counted=missing or msgspec.UNSET)
-    cost = cost_prediction(time, inp.price_per_hour)
+    cost = cost_prediction(time, inp.price_per_hour, gpus)
     return {
         "compute": compute,
         "time": None if time is None else section(Time, time),

@@ -226,11 +226,19 @@ def compute_lines(p: dict[str, Any]) -> list[str]:
     t = p.get("time")
     if t and t.get("step_seconds"):
         calib = "uncalibrated efficiency" if "assumption" in t["efficiency_source"] else "calibrated"
-        line = (f"time on {t['device']}: {fmt_seconds(t['step_seconds'])}/step, {t['tokens_per_second']:,.0f} tokens/s "
+        rate = f"{t['tokens_per_second']:,.0f} tokens/s"
+        if t.get("gpus", 1) > 1:
+            rate += f" in total ({t['tokens_per_second_per_gpu']:,.0f} per GPU x {t['gpus']})"
+        line = (f"time on {t['device']}: {fmt_seconds(t['step_seconds'])}/step, {rate} "
                 f"(roofline ÷ {calib} {t['efficiency']:.2f})")
+        if t.get("adapter_matmul_dtype"):
+            line += (f"; base matmuls in {t['matmul_dtype']}, the adapters' in {t['adapter_matmul_dtype']} "
+                     f"({t['adapter_peak_flops_per_second'] / 1e12:g} TFLOPS)")
         if t.get("total_seconds") is not None:
             line += f"; {t['tokens']:,} tokens = {t['steps']:,} steps = {fmt_seconds(t['total_seconds'])}"
         lines.append(line)
+        for what in t.get("not_in_time", []):
+            lines.append(f"  not in the time: {what}")
     elif t:
         lines.append(f"time: not predicted ({t.get('reason')})")
     c = p.get("cost")
@@ -252,8 +260,8 @@ def render_gpus(rows: list[dict[str, Any]]) -> str:
     return tabulate(
         [[g["name"], g["full_name"], fmt_bytes(g["total_bytes"]), fmt_bytes(g["usable_bytes"]),
           "yes" if g["bf16"] else "no", g["peak_bf16_tflops"] or g["peak_fp16_tflops"],
-          g["memory_bandwidth_gb_s"]] for g in rows],
-        headers=["gpu", "name", "total", "usable", "bf16", "16-bit TFLOPS", "GB/s"],
+          g.get("peak_fp32_tflops") or "-", g["memory_bandwidth_gb_s"]] for g in rows],
+        headers=["gpu", "name", "total", "usable", "bf16", "16-bit TFLOPS", "fp32 TFLOPS", "GB/s"],
     )
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qplan.planner.compute.timing import device_peak, ideal_step_seconds
+from qplan.planner.compute.timing import ideal_step_seconds, step_peaks
 from qplan.planner.document import check_plan
 from qplan.planner.errors import QPlanError
 from qplan.planner.files import refuse_partial
@@ -69,11 +69,13 @@ def calibrate(run_dirs: list[str], device: dict[str, Any]) -> dict[str, Any]:
         if ran_on_gpu != is_gpu(device):
             skipped.append(f"{d}: it ran on {'a GPU' if ran_on_gpu else 'the CPU'}, not on {device.get('name')}")
             continue
-        peak, bw = device_peak(device, plan["quant"]["compute_dtype"])
-        if peak is None or bw is None:
-            skipped.append(f"{d}: {device.get('name')} has no {plan['quant']['compute_dtype']} throughput")
+        quant = plan["quant"]
+        peak, lora_peak, bw, reason = step_peaks(device, quant["quant"], quant["compute_dtype"],
+                                                 plan["lora"].get("adapter_dtype", "float32"))
+        if reason is not None:
+            skipped.append(f"{d}: {reason}")
             continue
-        ideal = ideal_step_seconds(compute["flops_per_step"], compute["bytes_per_step"], peak, bw)
+        ideal = ideal_step_seconds(compute["flops_per_step"], compute["bytes_per_step"], peak, bw, lora_peak)
         if not ideal > 0:
             skipped.append(f"{d}: its plan counts no work (0 FLOPs and bytes)")
             continue

@@ -233,11 +233,11 @@ def not_counted(spec: ModelSpec, use_dora: bool) -> list[str]:
 
 
 def flops_form(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSettings, grad_ckpt: str,
-               attn_impl: str, loss: str = "full") -> tuple[int, int]:
-    """``(a, c)`` with ``step_flops(b, s)["total"] == a b s + c b s^2`` (every matmul is linear in
+               attn_impl: str, loss: str = "full", term: str = "total") -> tuple[int, int]:
+    """``(a, c)`` with ``step_flops(b, s)[term] == a b s + c b s^2`` (every matmul is linear in
     the tokens, attention in ``b s^2``): read off two evaluations, for ``qplan fit``'s inner loop."""
-    f1 = step_flops(spec, counts, r, q, 1, 1, grad_ckpt, attn_impl, loss=loss)["total"]
-    f2 = step_flops(spec, counts, r, q, 1, 2, grad_ckpt, attn_impl, loss=loss)["total"]
+    f1 = step_flops(spec, counts, r, q, 1, 1, grad_ckpt, attn_impl, loss=loss)[term]
+    f2 = step_flops(spec, counts, r, q, 1, 2, grad_ckpt, attn_impl, loss=loss)[term]
     c = (f2 - 2 * f1) // 2
     return f1 - c, c
 

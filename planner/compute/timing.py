@@ -1,10 +1,13 @@
 """How long a step takes and what the run costs: a roofline on counted FLOPs and bytes.
 
-``step_seconds = (max(F / P, W / BW) + (D + O) / BW) / efficiency + overhead`` where ``F`` is the step's FLOPs
-(``planner.compute.flops.step_flops``, checked against ``FlopCounterMode``), ``W`` the base weights the
-matmuls read, ``D`` the 4-bit dequantization traffic and ``O`` the optimizer's, ``P`` the device's
-dense 16-bit peak (``peak_bf16_tflops`` or ``peak_fp16_tflops`` of the GPU catalog) and ``BW`` its
-memory bandwidth. The matmuls and their weight reads overlap (a roofline: whichever bounds);
+``step_seconds = (max(F_base / P_base + F_lora / P_lora, W / BW) + (D + O) / BW) / efficiency + overhead`` where
+``F`` are the step's FLOPs (``planner.compute.flops.step_flops``, checked against ``FlopCounterMode``), split by the
+dtype their matmuls run in (``matmul_dtypes``): the adapters' matmuls run in the adapters' own dtype when no autocast
+casts them (PEFT's benchmark harness: bf16 weights, fp32 adapters, so fp32 LoRA matmuls), everything else in the
+compute dtype, or in a pure 16-bit step in the weights' dtype. ``W`` is the base weights the matmuls read, ``D`` the
+4-bit dequantization traffic and ``O`` the optimizer's, ``P`` the device's dense peak for that dtype
+(``peak_bf16_tflops``, ``peak_fp16_tflops`` or ``peak_fp32_tflops`` of the GPU catalog, each cited in its file) and
+``BW`` its memory bandwidth. The matmuls and their weight reads overlap (a roofline: whichever bounds);
 dequantization and the optimizer are separate memory-bound kernels.
 
 ``efficiency`` is the fraction of that roofline a real step reaches (kernel launch gaps,
@@ -12,6 +15,10 @@ non-matmul ops, attention's causal half, small-matrix inefficiency) and ``overhe
 per step that do not scale with the work. Until they are fitted they are the named assumptions
 ``DEFAULT_EFFICIENCY`` and 0; ``qplan calibrate RUN_DIRS`` fits both from measured runs of one
 device (``reports/runs``) into a calibration file, which later plans use and cite.
+
+Several GPUs: each rank's step is timed on its own share (data parallel: every rank runs the planned micro-batches);
+``tokens_per_second`` is the run's total (``gpus`` x a rank's), ``tokens_per_second_per_gpu`` one rank's, and the
+communication between the ranks is not in the time (said in ``not_in_time``).
 """
 
 from __future__ import annotations
@@ -26,56 +33,103 @@ from qplan.planner.errors import QPlanError
 DEFAULT_EFFICIENCY = 0.5
 
 
-def device_peak(device: dict[str, Any], compute_dtype: str) -> tuple[float | None, float | None]:
-    """(peak FLOP/s, bandwidth B/s) of a catalog device for the plan's compute dtype; fp32 compute
-    has no catalog figure (None)."""
-    key = {"bfloat16": "peak_bf16_tflops", "float16": "peak_fp16_tflops", "float32": "peak_fp32_tflops"}[compute_dtype]
-    tflops = device.get(key)
+PEAK_KEYS = {"bfloat16": "peak_bf16_tflops", "float16": "peak_fp16_tflops", "float32": "peak_fp32_tflops"}
+
+
+def device_peak(device: dict[str, Any], dtype: str) -> tuple[float | None, float | None]:
+    """(dense peak FLOP/s for matmuls in ``dtype``, bandwidth B/s) of a catalog device; None where the file has no
+    figure."""
+    tflops = device.get(PEAK_KEYS[dtype])
     bw = device.get("memory_bandwidth_gb_s")
     return (tflops * 1e12 if tflops else None), (bw * 1e9 if bw else None)
 
 
-def ideal_step_seconds(flops: dict[str, int], moved: dict[str, int], peak: float, bandwidth: float) -> float:
-    """The roofline time of one step (efficiency 1): ``max(F/P, W/BW) + (D + O)/BW``."""
-    return max(flops["total"] / peak, moved["weights"] / bandwidth) + (moved["dequantization"] + moved["optimizer"]) / bandwidth
+def matmul_dtypes(quant: str, compute_dtype: str, adapter_dtype: str) -> tuple[str, str]:
+    """(dtype of the base, attention and head matmuls, dtype of the adapters' matmuls).
+
+    Under autocast (a 16-bit ``compute_dtype``) every matmul runs in it (autocast casts the adapters' inputs and
+    weights). Without autocast: a pure 16-bit step (``--quant bf16/fp16 --compute-dtype fp32``) runs the frozen
+    matmuls in the weights' dtype; any other fp32-compute plan in fp32 (bitsandbytes dequantizes to its compute dtype).
+    PEFT's LoRA forward casts its input to ``lora_A.weight.dtype``, so the adapters' matmuls run in the adapters' dtype
+    (``peft/tuners/lora/layer.py``, ``Linear.forward``)."""
+    if compute_dtype in ("bfloat16", "float16"):
+        return compute_dtype, compute_dtype
+    base = {"bf16": "bfloat16", "fp16": "float16"}.get(quant, "float32")
+    return base, adapter_dtype
 
 
-def time_prediction(flops: dict[str, int], moved: dict[str, int], device: dict[str, Any] | None, compute_dtype: str,
-                    tokens_per_step: int, tokens: int | None, calibration: dict[str, Any] | None) -> dict[str, Any] | None:
-    """``prediction.time``: step seconds, tokens/s and (given a token budget) steps and total seconds."""
+def step_peaks(device: dict[str, Any], quant: str, compute_dtype: str,
+               adapter_dtype: str) -> tuple[float | None, float | None, float | None, str | None]:
+    """(base peak, adapters' peak, bandwidth, reason when one is missing) of a catalog device for a plan."""
+    base, lora = matmul_dtypes(quant, compute_dtype, adapter_dtype)
+    pb, bw = device_peak(device, base)
+    pl, _ = device_peak(device, lora)
+    missing = sorted({d for d, p in ((base, pb), (lora, pl)) if p is None})
+    if missing or bw is None:
+        what = " or ".join(missing) + (" throughput" if missing else "")
+        what = f"{what}{' or ' if missing and bw is None else ''}{'bandwidth' if bw is None else ''}"
+        return pb, pl, bw, f"the catalog has no {what} for {device.get('name')}"
+    return pb, pl, bw, None
+
+
+def ideal_step_seconds(flops: dict[str, int], moved: dict[str, int], peak: float, bandwidth: float,
+                       lora_peak: float | None = None) -> float:
+    """The roofline time of one step (efficiency 1): ``max(F_base/P + F_lora/P_lora, W/BW) + (D + O)/BW`` (the
+    adapters' FLOPs at ``lora_peak``, the base peak when None)."""
+    lora = flops.get("lora", 0) if lora_peak is not None else 0
+    matmul = (flops["total"] - lora) / peak + (lora / lora_peak if lora else 0.0)
+    return max(matmul, moved["weights"] / bandwidth) + (moved["dequantization"] + moved["optimizer"]) / bandwidth
+
+
+def time_prediction(flops: dict[str, int], moved: dict[str, int], device: dict[str, Any] | None,
+                    dtypes: tuple[str, str, str], tokens_per_step: int, tokens: int | None,
+                    calibration: dict[str, Any] | None, gpus: int = 1) -> dict[str, Any] | None:
+    """``prediction.time``: step seconds, tokens/s (in total and per GPU) and, given a token budget, steps and total
+    seconds. ``dtypes``: (quant, compute dtype, adapter dtype); ``tokens_per_step``: one GPU's tokens per optimizer
+    step; ``gpus``: data-parallel ranks, each running its own micro-batches."""
     if device is None:
         return None
-    peak, bw = device_peak(device, compute_dtype)
-    if peak is None or bw is None:
-        return {"device": device.get("name"), "step_seconds": None,
-                "reason": f"the catalog has no {compute_dtype} throughput or bandwidth for {device.get('name')}"}
+    peak, lora_peak, bw, reason = step_peaks(device, *dtypes)
+    if reason is not None:
+        return {"device": device.get("name"), "step_seconds": None, "reason": reason}
+    base_dtype, lora_dtype = matmul_dtypes(*dtypes)
     if calibration is not None:
         eff, source = float(calibration["efficiency"]), str(calibration.get("source", "calibration"))
         overhead = float(calibration.get("overhead_seconds", 0.0))
     else:
         eff, source = DEFAULT_EFFICIENCY, "assumption (qplan.planner.compute.timing.DEFAULT_EFFICIENCY, not calibrated)"
         overhead = 0.0
-    ideal = ideal_step_seconds(flops, moved, peak, bw)
+    ideal = ideal_step_seconds(flops, moved, peak, bw, lora_peak)
     step = ideal / eff + overhead
+    total_per_step = tokens_per_step * gpus
     out: dict[str, Any] = {
         "device": device.get("name"),
         # a catalog GPU has a CUDA compute capability; a CPU device file (bench/cpu_device.py) none
         "device_kind": "gpu" if device.get("compute_capability") else "cpu",
         "peak_flops_per_second": peak,
+        "matmul_dtype": base_dtype,
         "bandwidth_bytes_per_second": bw,
         "efficiency": eff,
         "efficiency_source": source,
         "overhead_seconds": overhead,
         "ideal_step_seconds": ideal,
         "step_seconds": step,
-        "tokens_per_step": tokens_per_step,
-        "tokens_per_second": tokens_per_step / step,
+        "gpus": gpus,
+        "tokens_per_step": total_per_step,
+        "tokens_per_second": total_per_step / step,
         "tokens": tokens,
         "steps": None,
         "total_seconds": None,
     }
+    if lora_dtype != base_dtype:
+        out["adapter_matmul_dtype"] = lora_dtype
+        out["adapter_peak_flops_per_second"] = lora_peak
+    if gpus > 1:
+        out["tokens_per_step_per_gpu"] = tokens_per_step
+        out["tokens_per_second_per_gpu"] = tokens_per_step / step
+        out["not_in_time"] = ["communication between the GPUs (gradient all-reduce, FSDP/ZeRO gathers)"]
     if tokens is not None:
-        out["steps"] = math.ceil(tokens / tokens_per_step)
+        out["steps"] = math.ceil(tokens / total_per_step)
         out["total_seconds"] = out["steps"] * step
     return out
 

@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from qplan.planner.compute.flops import flops_form, step_bytes
-from qplan.planner.compute.timing import DEFAULT_EFFICIENCY, device_peak, ideal_step_seconds
+from qplan.planner.compute.timing import DEFAULT_EFFICIENCY, ideal_step_seconds, step_peaks
 from qplan.planner.data import check_data_options, data_profile
 from qplan.planner.data.batching import padded
 from qplan.planner.errors import QPlanError
@@ -197,10 +197,11 @@ def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets,
             eff = float(calibration["efficiency"]) if calibration else DEFAULT_EFFICIENCY
             overhead = float(calibration.get("overhead_seconds", 0.0)) if calibration else 0.0
             if timed:
-                peak_fs, bw = device_peak(gpu.to_json(), q.compute_dtype)
-                if peak_fs is None or bw is None:
-                    raise QPlanError(f"{gpu.name}: the catalog has no 16-bit throughput or bandwidth: no time objective")
+                peak_fs, lora_peak, bw, reason = step_peaks(gpu.to_json(), q.quant, q.compute_dtype, lora.adapter_dtype)
+                if reason is not None:
+                    raise QPlanError(f"--objective {objective}: {reason}")
                 fa, fc = flops_form(spec, counts, rr, q, ck, attn, loss)
+                la = flops_form(spec, counts, rr, q, ck, attn, loss, term="lora")[0]
                 moved = step_bytes(spec, counts, rr, q, ck, op, trainable_params(counts))
             for b, s in itertools.product(batches, seqs):
                 candidates += 1
@@ -217,8 +218,8 @@ def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets,
                         "headroom": usable - peak,
                     }
                     if timed:
-                        flops = {"total": fa * b * s + fc * b * s * s}
-                        step = ideal_step_seconds(flops, moved, peak_fs, bw) / eff + overhead
+                        flops = {"total": fa * b * s + fc * b * s * s, "lora": la * b * s}
+                        step = ideal_step_seconds(flops, moved, peak_fs, bw, lora_peak) / eff + overhead
                         row.update(gpu=gpu.name, step_seconds=step, tokens_per_second=b * s / step)
                         if tokens is not None:
                             row["total_seconds"] = math.ceil(tokens / (b * s)) * step
