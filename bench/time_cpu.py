@@ -92,8 +92,9 @@ def main() -> None:
                   f"{100 * r['default_error']:+.1f}% | {100 * r['leave_one_out_error']:+.1f}% |")
     md += ["", "The pure roofline is far below the measured time on a CPU: most of a small model's step is not",
            "matmul (norms, casts, elementwise ops, Python), which the fitted efficiency and per-step overhead",
-           "absorb. A GPU calibration needs GPU runs (issue 14); until then GPU plans use the named, uncalibrated",
-           "`DEFAULT_EFFICIENCY` and no overhead."]
+           "absorb. The default column is `DEFAULT_EFFICIENCY`, the efficiency fitted to PEFT's L40S runs",
+           "(reports/time/README.md): a CPU device file gets no launch term, so on the CPU that default is a",
+           "roofline only. GPU plans without a calibration add the fitted host time per kernel launch."]
     (out / "time-cpu.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

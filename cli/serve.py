@@ -37,7 +37,7 @@ from qplan.planner.errors import QPlanError
 #: options of the CLI that a request may not set: they read or write files, or run a trace
 NOT_SERVED = {"from_config", "config_format", "output", "force", "fmt", "method", "calibration"}
 #: options whose value is a path: a request giving one is refused (400), not planned without it
-NAMES_A_FILE = ("tokenizer",)  # data: a Hub dataset id in the HF cache, resolved inside names_only()
+NAMES_A_FILE = ("tokenizer", "prices")  # data: a Hub dataset id in the HF cache, resolved inside names_only()
 TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 MAX_QUERY = 16384

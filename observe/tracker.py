@@ -92,6 +92,26 @@ class Rec:
         self.info: tuple | None = None
 
 
+#: ATen ops that launch no device kernel: views, aliases, shape metadata, allocation without a fill, host reads
+NO_KERNEL = frozenset({
+    "_unsafe_view", "view", "_reshape_alias", "detach", "alias", "lift_fresh", "_local_scalar_dense", "empty",
+    "empty_strided", "empty_like", "new_empty", "new_empty_strided", "t", "transpose", "expand", "slice", "select",
+    "unsqueeze", "squeeze", "permute", "as_strided", "split", "split_with_sizes", "chunk", "unbind", "unfold",
+    "view_as_real", "view_as_complex", "diagonal", "narrow", "set_", "resize_", "_has_compatible_shallow_copy_type",
+    "is_same_size", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset",
+})
+
+
+def launches_kernel(func: Any) -> bool:
+    """Whether dispatching ``func`` (an ATen op overload) launches a device kernel on a GPU: not a view or alias of
+    its input (the schema's returns alias it), not a metadata or host-side op (``NO_KERNEL``). The count of these per
+    step is what ``qplan.planner.compute.ops`` predicts (each costs the host a dispatch and the GPU a launch)."""
+    name = func.overloadpacket.__name__
+    if func.namespace == "profiler" or name in NO_KERNEL:
+        return False
+    return not any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+
+
 def _tracker_cls():
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
@@ -126,6 +146,9 @@ def _tracker_cls():
             self.marks: list[tuple[int, str, int]] = []
             self.rc: int | None = None
             self.rc_end: dict[int, int | None] = {}
+            #: kernel launches (``launches_kernel``) per (step, phase)
+            self.launches: dict[tuple[int, str], int] = {}
+            self._launch_cache: dict[Any, bool] = {}
             self._op: str | None = None
             self._orig_resize = None
 
@@ -245,6 +268,12 @@ def _tracker_cls():
                 return func(*args, **kwargs)
             if self.origins:
                 self._op = str(func)
+            kernel = self._launch_cache.get(func)
+            if kernel is None:
+                kernel = self._launch_cache[func] = launches_kernel(func)
+            if kernel:
+                key = (self.step, self.phase)
+                self.launches[key] = self.launches.get(key, 0) + 1
             if self.adopt_inputs:
                 for a in args:
                     if isinstance(a, torch.Tensor):

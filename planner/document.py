@@ -193,11 +193,21 @@ class Moved(Struct, kw_only=True):
     total: Bytes
 
 
+class Launches(Struct, kw_only=True):
+    """Kernels one optimizer step launches (``planner.compute.ops.step_launches``): the host's work in eager PyTorch."""
+
+    forward: Annotated[int, Meta(ge=0)]
+    backward: Annotated[int, Meta(ge=0)]
+    optimizer: Annotated[int, Meta(ge=0)]
+    total: Annotated[int, Meta(ge=0)]
+
+
 class Compute(Struct, kw_only=True):
-    """FLOPs and bytes moved by one optimizer step."""
+    """FLOPs and bytes moved by one optimizer step, and the kernels it launches."""
 
     flops_per_step: Flops
     bytes_per_step: Moved
+    kernel_launches_per_step: Launches | UnsetType = UNSET
     flops_counted_as: str = ""
     not_counted: _d(list[str] | UnsetType, "what the count leaves out for this model") = UNSET
 
@@ -206,7 +216,8 @@ Seconds = Annotated[float, Meta(ge=0, le=1e12)]
 
 
 class Time(Struct, kw_only=True):
-    """The step time on the GPU: a roofline divided by an efficiency (``reason`` when there is none)."""
+    """The step time on the GPU: a roofline divided by an efficiency, plus the host's kernel launches (``reason``
+    when there is none)."""
 
     device: str | None = None
     device_kind: Literal["gpu", "cpu"] | UnsetType = UNSET
@@ -218,6 +229,9 @@ class Time(Struct, kw_only=True):
     efficiency: Annotated[float, Meta(gt=0, le=1)] | UnsetType = UNSET
     efficiency_source: str | UnsetType = UNSET
     overhead_seconds: float | UnsetType = UNSET
+    kernel_launches: Annotated[int, Meta(ge=0)] | UnsetType = UNSET
+    seconds_per_launch: Annotated[float, Meta(ge=0)] | UnsetType = UNSET
+    launch_seconds: Seconds | UnsetType = UNSET
     ideal_step_seconds: Seconds | UnsetType = UNSET
     step_seconds: Seconds | None = None
     gpus: Annotated[int, Meta(ge=1)] | UnsetType = UNSET
@@ -226,6 +240,7 @@ class Time(Struct, kw_only=True):
     tokens_per_step_per_gpu: int | UnsetType = UNSET
     tokens_per_second_per_gpu: Annotated[float, Meta(ge=0)] | UnsetType = UNSET
     not_in_time: list[str] | UnsetType = UNSET
+    uncertainty: str | UnsetType = UNSET
     tokens: int | None | UnsetType = UNSET
     steps: int | None | UnsetType = UNSET
     total_seconds: Seconds | None | UnsetType = UNSET

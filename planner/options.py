@@ -200,10 +200,19 @@ class FitOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
                       section=SEARCH) = ""
     top: _f(Annotated[int, Meta(ge=1, le=100_000)], "how many plans to list", section=SEARCH) = 10
     objective: _f(lit(OBJECTIVES), "rank by tokens per step (memory), tokens/s (time) or cost per million tokens "
-                  "(cost)", section=SEARCH) = "memory"
+                  "(cost); time and cost keep the trained model: only the GPU, the micro-batch x accumulation "
+                  "split of --global-batch and checkpointing are searched (rank, targets, quant, optimizer and "
+                  "sequence length as given, else estimate's defaults)", section=SEARCH) = "memory"
+    global_batch: _f(Batch | None, "with --objective time/cost: sequences per optimizer step, kept; split into "
+                     "micro-batch x gradient accumulation [default: --batch-size, else 1]", section=SEARCH) = None
+    search_recipe: _f(bool, "with --objective time/cost: also search rank, targets, quant, optimizer, sequence "
+                      "length and batch (each row says what it changed from the given or default recipe)",
+                      section=SEARCH) = False
     tokens: _f(Tokens | None, "tokens the run trains on: total time/cost", section=TIME) = None
     price_per_hour: _f(Annotated[str, Meta(max_length=16384)] | None, "price of a GPU-hour: a number, or "
                        "NAME=PRICE,... per GPU", section=TIME) = None
+    prices: _f(Path_ | None, "a price file: JSON or YAML mapping GPU names to prices per GPU-hour (qplan invents "
+               "none: a GPU without a price is ranked by time only)", section=TIME) = None
     calibration: _f(Path_ | None, "a calibration file from `qplan calibrate` for the --gpu", section=TIME) = None
     max_gpus: _f(Annotated[int, Meta(ge=1, le=4096)] | None, "search the fewest GPUs (1..N) and the strategy (ddp, "
                  "zero2, fsdp, zero3, offload) that fit", section=MULTI) = None

@@ -24,6 +24,7 @@ from qplan.planner.document import (
     DistributedSection,
     Flops,
     GpuSection,
+    Launches,
     LoraSection,
     Memory,
     ModelSection,
@@ -395,6 +396,7 @@ def plan_counts(inp: PlanInputs) -> list:
 def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[str, Any]:
     """``prediction.compute`` (FLOPs and bytes of one optimizer step), ``time`` and ``cost``."""
     from qplan.planner.compute.flops import not_counted, step_bytes, step_flops
+    from qplan.planner.compute.ops import step_launches
     from qplan.planner.compute.timing import cost_prediction, time_prediction
 
     t, q = inp.training, inp.quant
@@ -403,8 +405,9 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
     tokens_per_step = t.shape[0] * t.shape[1] * t.grad_accum
     device = inp.gpu.to_json() if inp.gpu is not None else None
     gpus = inp.dist.world if inp.dist is not None else 1
+    launches = step_launches(inp.spec, counts, q, t, inp.lora)
     time = time_prediction(flops, moved, device, (q.quant, q.compute_dtype, inp.lora.adapter_dtype), tokens_per_step,
-                           inp.tokens, inp.calibration, gpus)
+                           inp.tokens, inp.calibration, gpus, launches["total"])
     if inp.tokens is not None and time is None:
         raise QPlanError("--tokens / --dataset-tokens need --gpu: the time of a step depends on the device")
     if inp.tokens is not None and time.get("step_seconds") is None:
@@ -413,6 +416,7 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
         raise QPlanError("--calibration needs --gpu: the device the calibration was fitted on")
     missing = not_counted(inp.spec, inp.lora.use_dora)
     compute = Compute(flops_per_step=section(Flops, flops), bytes_per_step=section(Moved, moved),
+                      kernel_launches_per_step=section(Launches, launches),
                       flops_counted_as="torch.utils.flop_counter.FlopCounterMode (2 m k n per matmul)",
                       not_counted=missing or msgspec.UNSET)
     cost = cost_prediction(time, inp.price_per_hour, gpus)

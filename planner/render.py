@@ -225,12 +225,20 @@ def compute_lines(p: dict[str, Any]) -> list[str]:
         lines.append(f"  not in the FLOP count: {what}")
     t = p.get("time")
     if t and t.get("step_seconds"):
-        calib = "uncalibrated efficiency" if "assumption" in t["efficiency_source"] else "calibrated"
+        if t.get("seconds_per_launch"):
+            how = (f"roofline {fmt_seconds(t['ideal_step_seconds'])} ÷ efficiency {t['efficiency']:.2f} + "
+                   f"{t['kernel_launches']:,} kernel launches × {t['seconds_per_launch'] * 1e6:.0f} µs; defaults fitted "
+                   f"to PEFT's L40S runs, budget ±30%")
+        elif "calibrat" in t["efficiency_source"] and "not calibrated" not in t["efficiency_source"]:
+            how = f"roofline ÷ calibrated efficiency {t['efficiency']:.2f}"
+            if t.get("overhead_seconds"):
+                how += f" + {fmt_seconds(t['overhead_seconds'])}/step"
+        else:
+            how = f"roofline ÷ efficiency {t['efficiency']:.2f}"
         rate = f"{t['tokens_per_second']:,.0f} tokens/s"
         if t.get("gpus", 1) > 1:
             rate += f" in total ({t['tokens_per_second_per_gpu']:,.0f} per GPU x {t['gpus']})"
-        line = (f"time on {t['device']}: {fmt_seconds(t['step_seconds'])}/step, {rate} "
-                f"(roofline ÷ {calib} {t['efficiency']:.2f})")
+        line = f"time on {t['device']}: {fmt_seconds(t['step_seconds'])}/step, {rate} ({how})"
         if t.get("adapter_matmul_dtype"):
             line += (f"; base matmuls in {t['matmul_dtype']}, the adapters' in {t['adapter_matmul_dtype']} "
                      f"({t['adapter_peak_flops_per_second'] / 1e12:g} TFLOPS)")
@@ -278,25 +286,50 @@ def render_fit(result: dict[str, Any]) -> str:
     rows = []
     timed = objective != "memory"
     per_gpu = timed or "," in result["gpu"]
+    recipe = result.get("recipe")
+    if recipe:
+        lines.append(f"kept: r={recipe['r']} targets={recipe['targets']} quant={recipe['quant']} "
+                     f"optimizer={recipe['optimizer']} seq {recipe['seq_len']:,} · global batch {recipe['global_batch']} "
+                     "(searched: GPU, micro-batch x accumulation, checkpointing)")
+    changed = any("changed" in c for c in result["best"])
     for c in result["best"]:
-        row = ([c["gpu"]] if per_gpu else []) + [c["batch_size"], c["seq_len"], c["r"], c["targets"], c["quant"],
-                                              c["grad_ckpt"], c["optimizer"], fmt_bytes(c["peak"]), fmt_bytes(c["headroom"])]
+        if recipe:
+            row = [c["gpu"], c["batch_size"], c["grad_accum"], c["grad_ckpt"], fmt_bytes(c["peak"]),
+                   fmt_bytes(c["headroom"])]
+        else:
+            row = ([c["gpu"]] if per_gpu else []) + [c["batch_size"], c["seq_len"], c["r"], c["targets"], c["quant"],
+                                                  c["grad_ckpt"], c["optimizer"], fmt_bytes(c["peak"]),
+                                                  fmt_bytes(c["headroom"])]
         if timed:
             row += [f"{c['tokens_per_second']:,.0f}"]
             row += [fmt_seconds(c["total_seconds"]) if "total_seconds" in c else "-"]
             row += [f"{c['cost_per_million_tokens']:.3g}" if "cost_per_million_tokens" in c else "-"]
             row += [f"{c['total_cost']:,.2f}" if "total_cost" in c else "-"]
+        if changed:
+            row += ["; ".join(c.get("changed", [])) or "nothing"]
         rows.append(row)
     if rows:
-        headers = (["gpu"] if per_gpu else []) + ["batch", "seq", "r", "targets", "quant", "ckpt", "optimizer", "peak",
-                                                "headroom"]
+        if recipe:
+            headers = ["gpu", "micro-batch", "accum", "ckpt", "peak", "headroom"]
+        else:
+            headers = (["gpu"] if per_gpu else []) + ["batch", "seq", "r", "targets", "quant", "ckpt", "optimizer",
+                                                    "peak", "headroom"]
         if timed:
             headers += ["tokens/s", "total time", "cost / 1M tokens", "total cost"]
+        if changed:
+            headers += ["changed"]
         lines.append(tabulate(rows, headers=headers))
         if timed:
             lines.append("time: roofline on counted FLOPs and bytes ÷ " + (
                 "the calibrated efficiency (--calibration)" if result.get("calibrated")
-                else "an uncalibrated efficiency (qplan.planner.compute.timing.DEFAULT_EFFICIENCY)"))
+                else "the fitted efficiency + the host's kernel launches (defaults fitted to PEFT's L40S runs, "
+                     "budget ±30%: reports/time/README.md)"))
+        unpriced = result.get("unpriced") or []
+        if unpriced and len(unpriced) == len(result["gpu"].split(",")):
+            lines.append("no prices given (--prices FILE, --price-per-hour): time only; qplan invents no price")
+        elif unpriced:
+            lines.append(f"no price for {', '.join(unpriced)}: " + ("left out of the cost ranking" if objective == "cost"
+                                                                   else "no cost shown") + "; qplan invents no price")
     else:
         lines.append("no plan fits: try a larger GPU, --quant nf4, or a shorter --seq-len")
     return "\n".join(lines)

@@ -371,6 +371,9 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
         res.pop(key)
     if counter is not None:
         res["flops_per_step"] = [int(b - a) for a, b in zip(flops_at, flops_at[1:])]
+    # the last step's kernel launches by phase (on meta the optimizer phase runs torch's per-tensor loops, where CUDA
+    # runs the foreach kernels: compare forward and backward)
+    res["kernel_launches"] = {ph: n for (st, ph), n in tracker.launches.items() if st == s.steps}
     return res
 
 

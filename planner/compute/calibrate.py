@@ -162,3 +162,29 @@ def calibration_file(result: dict[str, Any], command: str) -> dict[str, Any]:
     out["command"] = command
     out["fitted_on"] = [dict(r) for r in result["fitted_on"]]
     return out
+
+
+def fit_launch_model(rows: list[dict[str, Any]]) -> tuple[float, float]:
+    """(efficiency, seconds per kernel launch) of ``measured = ideal / efficiency + launches x t_launch``: least squares
+    through the origin over ``rows`` (``ideal_step_seconds``, ``kernel_launches``, ``measured_step_seconds``), bounded
+    to the physical (efficiency at most 1, no negative launch time: where the unbounded fit leaves that range, the
+    bound is taken and the other constant refitted). The model ``planner.compute.timing`` ships its defaults from
+    (``bench/time_fit.py``)."""
+    xs = [r["ideal_step_seconds"] for r in rows]
+    ns = [r["kernel_launches"] for r in rows]
+    ys = [r["measured_step_seconds"] for r in rows]
+    sxx, snn = sum(x * x for x in xs), sum(n * n for n in ns)
+    sxn = sum(x * n for x, n in zip(xs, ns))
+    sxy, sny = sum(x * y for x, y in zip(xs, ys)), sum(n * y for n, y in zip(ns, ys))
+    if not (sxx > 0 and snn > 0):
+        raise QPlanError("no run to fit: every run counts no work or no launches")
+    det = sxx * snn - sxn * sxn
+    k = (sxy * snn - sny * sxn) / det if det > 0 else 0.0
+    t = (sny * sxx - sxy * sxn) / det if det > 0 else -1.0
+    if det <= 0 or k < 1 or t < 0:
+        # on a bound: the roofline at full efficiency (k = 1) with the launches refitted, or no launch time
+        t1 = max(0.0, sum(n * (y - x) for x, n, y in zip(xs, ns, ys)) / snn)
+        k0 = max(1.0, sxy / sxx)
+        err = lambda k_, t_: sum((y - k_ * x - t_ * n) ** 2 for x, n, y in zip(xs, ns, ys))  # noqa: E731
+        k, t = min(((1.0, t1), (k0, 0.0)), key=lambda c: err(*c))
+    return 1 / k, t

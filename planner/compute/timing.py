@@ -1,6 +1,6 @@
-"""How long a step takes and what the run costs: a roofline on counted FLOPs and bytes.
+"""How long a step takes and what the run costs: a roofline on counted FLOPs and bytes, plus the host's launches.
 
-``step_seconds = (max(F_base / P_base + F_lora / P_lora, W / BW) + (D + O) / BW) / efficiency + overhead`` where
+``step_seconds = (max(F_base / P_base + F_lora / P_lora, W / BW) + (D + O) / BW) / efficiency + N x t_launch`` where
 ``F`` are the step's FLOPs (``planner.compute.flops.step_flops``, checked against ``FlopCounterMode``), split by the
 dtype their matmuls run in (``matmul_dtypes``): the adapters' matmuls run in the adapters' own dtype when no autocast
 casts them (PEFT's benchmark harness: bf16 weights, fp32 adapters, so fp32 LoRA matmuls), everything else in the
@@ -10,11 +10,14 @@ compute dtype, or in a pure 16-bit step in the weights' dtype. ``W`` is the base
 ``BW`` its memory bandwidth. The matmuls and their weight reads overlap (a roofline: whichever bounds);
 dequantization and the optimizer are separate memory-bound kernels.
 
-``efficiency`` is the fraction of that roofline a real step reaches (kernel launch gaps,
-non-matmul ops, attention's causal half, small-matrix inefficiency) and ``overhead`` the seconds
-per step that do not scale with the work. Until they are fitted they are the named assumptions
-``DEFAULT_EFFICIENCY`` and 0; ``qplan calibrate RUN_DIRS`` fits both from measured runs of one
-device (``reports/runs``) into a calibration file, which later plans use and cite.
+``N`` is the number of kernels the step launches (``planner.compute.ops.step_launches``, checked against the traced
+step) and ``t_launch`` the host's seconds per launch: eager PyTorch pays a Python call, the dispatcher and a CUDA
+launch for every op, and with small batches that, not the matmuls, sets the step time. ``efficiency`` (the fraction of
+the roofline the device's kernels reach) and ``t_launch`` are fitted to published GPU runs whose setup is known in
+full: PEFT's MetaMathQA runs on an L40S (``bench/time_fit.py``, ``reports/time/README.md``, with each run predicted
+from a fit on the others). ``qplan calibrate RUN_DIRS`` fits an efficiency and a per-step overhead to the user's own
+runs of one device (``reports/runs``); a plan given that file uses them instead (its overhead then stands for the
+host's launches as measured).
 
 Several GPUs: each rank's step is timed on its own share (data parallel: every rank runs the planned micro-batches);
 ``tokens_per_second`` is the run's total (``gpus`` x a rank's), ``tokens_per_second_per_gpu`` one rank's, and the
@@ -28,9 +31,19 @@ from typing import Any
 
 from qplan.planner.errors import QPlanError
 
-#: Fraction of the roofline a LoRA step reaches. An uncalibrated assumption (not measured by
-#: qplan): plans that use it say so; `qplan calibrate` replaces it with a fitted value per device.
-DEFAULT_EFFICIENCY = 0.5
+#: The fraction of the roofline the device's kernels reach, and the host's seconds per kernel launch: least squares
+#: over PEFT's five plannable MetaMathQA runs on an L40S (``python bench/time_fit.py``; the fit, its leave-one-out
+#: errors and what it rests on are in ``reports/time/README.md``; ``tests/planner/test_time_fit.py`` keeps these
+#: equal to the fit)
+DEFAULT_EFFICIENCY = 0.73
+SECONDS_PER_LAUNCH = 19e-6
+DEFAULTS_SOURCE = ("fitted to PEFT's MetaMathQA runs on an L40S (reports/time/README.md), not calibrated on this "
+                   "device: qplan calibrate fits your own runs")
+#: what a person should budget around the predicted time with the fitted defaults
+UNCERTAINTY = ("the defaults come from one GPU (L40S), one host and one eager stack (PEFT, batch 4 x ~224 tokens), "
+               "where each run is predicted within 7% from the others; on other GPUs, hosts, batch shapes and stacks "
+               "(compiled, fused kernels) the error is not measured: budget +-30% and calibrate on a short run of your "
+               "own")
 
 
 PEAK_KEYS = {"bfloat16": "peak_bf16_tflops", "float16": "peak_fp16_tflops", "float32": "peak_fp32_tflops"}
@@ -83,35 +96,41 @@ def ideal_step_seconds(flops: dict[str, int], moved: dict[str, int], peak: float
 
 def time_prediction(flops: dict[str, int], moved: dict[str, int], device: dict[str, Any] | None,
                     dtypes: tuple[str, str, str], tokens_per_step: int, tokens: int | None,
-                    calibration: dict[str, Any] | None, gpus: int = 1) -> dict[str, Any] | None:
+                    calibration: dict[str, Any] | None, gpus: int = 1, launches: int = 0) -> dict[str, Any] | None:
     """``prediction.time``: step seconds, tokens/s (in total and per GPU) and, given a token budget, steps and total
     seconds. ``dtypes``: (quant, compute dtype, adapter dtype); ``tokens_per_step``: one GPU's tokens per optimizer
-    step; ``gpus``: data-parallel ranks, each running its own micro-batches."""
+    step; ``gpus``: data-parallel ranks, each running its own micro-batches; ``launches``: the step's kernel launches
+    (``planner.compute.ops.step_launches``), timed at ``SECONDS_PER_LAUNCH`` on a GPU without a calibration."""
     if device is None:
         return None
     peak, lora_peak, bw, reason = step_peaks(device, *dtypes)
     if reason is not None:
         return {"device": device.get("name"), "step_seconds": None, "reason": reason}
     base_dtype, lora_dtype = matmul_dtypes(*dtypes)
+    # a catalog GPU has a CUDA compute capability; a CPU device file (bench/cpu_device.py) none
+    gpu = bool(device.get("compute_capability"))
+    per_launch = 0.0
     if calibration is not None:
         eff, source = float(calibration["efficiency"]), str(calibration.get("source", "calibration"))
         overhead = float(calibration.get("overhead_seconds", 0.0))
     else:
-        eff, source = DEFAULT_EFFICIENCY, "assumption (qplan.planner.compute.timing.DEFAULT_EFFICIENCY, not calibrated)"
-        overhead = 0.0
+        eff, source, overhead = DEFAULT_EFFICIENCY, DEFAULTS_SOURCE, 0.0
+        per_launch = SECONDS_PER_LAUNCH if gpu else 0.0  # fitted on a GPU's host; a CPU device file has no launches
     ideal = ideal_step_seconds(flops, moved, peak, bw, lora_peak)
-    step = ideal / eff + overhead
+    step = ideal / eff + launches * per_launch + overhead
     total_per_step = tokens_per_step * gpus
     out: dict[str, Any] = {
         "device": device.get("name"),
-        # a catalog GPU has a CUDA compute capability; a CPU device file (bench/cpu_device.py) none
-        "device_kind": "gpu" if device.get("compute_capability") else "cpu",
+        "device_kind": "gpu" if gpu else "cpu",
         "peak_flops_per_second": peak,
         "matmul_dtype": base_dtype,
         "bandwidth_bytes_per_second": bw,
         "efficiency": eff,
         "efficiency_source": source,
         "overhead_seconds": overhead,
+        "kernel_launches": launches,
+        "seconds_per_launch": per_launch,
+        "launch_seconds": launches * per_launch,
         "ideal_step_seconds": ideal,
         "step_seconds": step,
         "gpus": gpus,
@@ -128,6 +147,8 @@ def time_prediction(flops: dict[str, int], moved: dict[str, int], device: dict[s
         out["tokens_per_step_per_gpu"] = tokens_per_step
         out["tokens_per_second_per_gpu"] = tokens_per_step / step
         out["not_in_time"] = ["communication between the GPUs (gradient all-reduce, FSDP/ZeRO gathers)"]
+    if calibration is None and gpu:
+        out["uncertainty"] = UNCERTAINTY
     if tokens is not None:
         out["steps"] = math.ceil(tokens / total_per_step)
         out["total_seconds"] = out["steps"] * step

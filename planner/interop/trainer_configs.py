@@ -116,29 +116,30 @@ def _bounded_loader(yaml: Any) -> Any:
     return BoundedLoader
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML or JSON file; unreadable, not UTF-8, not a mapping: one line."""
+def read_config_file(path: str | Path, what: str = "--from-config", kind: str = "a trainer config") -> dict[str, Any]:
+    """The mapping in a YAML or JSON file (``what``: the option naming it in errors; ``kind``: what it should hold);
+    unreadable, not UTF-8, not a mapping: one line."""
     p = Path(path)
-    raw = read_limited(p, "--from-config", MAX_CONFIG_BYTES)  # a regular file of at most 1 MiB, never read past it
+    raw = read_limited(p, what, MAX_CONFIG_BYTES)  # a regular file of at most 1 MiB, never read past it
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise QPlanError(f"--from-config {p} is not UTF-8 text (byte {exc.start})") from exc
+        raise QPlanError(f"{what} {p} is not UTF-8 text (byte {exc.start})") from exc
     yaml = _yaml()
     try:
         data = yaml.load(text, Loader=_bounded_loader(yaml))
     except _Refused as exc:
-        raise QPlanError(f"--from-config {p} {exc}") from None
+        raise QPlanError(f"{what} {p} {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise QPlanError(f"--from-config {p} is not valid YAML or JSON{where}: {getattr(exc, 'problem', None) or exc}") from exc
+        raise QPlanError(f"{what} {p} is not valid YAML or JSON{where}: {getattr(exc, 'problem', None) or exc}") from exc
     except RecursionError as exc:
-        raise QPlanError(f"--from-config {p} nests too deeply") from exc
+        raise QPlanError(f"{what} {p} nests too deeply") from exc
     except ValueError as exc:  # a value PyYAML's constructors cannot build (a date out of range, ...)
-        raise QPlanError(f"--from-config {p} has a value that cannot be read: {' '.join(str(exc).split())[:120]}") from exc
+        raise QPlanError(f"{what} {p} has a value that cannot be read: {' '.join(str(exc).split())[:120]}") from exc
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
-        raise QPlanError(f"--from-config {p} is not a mapping of keys to values (a trainer config is)")
+        raise QPlanError(f"{what} {p} is not a mapping of keys to values ({kind} is)")
     return data
 
 

@@ -15,7 +15,8 @@ from dataclasses import replace
 from typing import Any
 
 from qplan.planner.compute.flops import flops_form, step_bytes
-from qplan.planner.compute.timing import DEFAULT_EFFICIENCY, ideal_step_seconds, step_peaks
+from qplan.planner.compute.ops import step_launches
+from qplan.planner.compute.timing import DEFAULT_EFFICIENCY, SECONDS_PER_LAUNCH, ideal_step_seconds, step_peaks
 from qplan.planner.data import check_data_options, data_profile
 from qplan.planner.data.batching import padded
 from qplan.planner.errors import QPlanError
@@ -25,8 +26,8 @@ from qplan.planner.model.catalog import gpu_catalog, load_gpu, load_spec
 from qplan.planner.model.lora import trainable_params
 from qplan.planner.model.weights import QuantSettings, checkpoint_quant
 from qplan.planner.options import OBJECTIVES, FitOptions, PlanOptions, as_dict, check_fit_options
+from qplan.planner.plan import DEFAULT_SEQ_LEN, plan_counts, plan_inputs
 from qplan.planner.plan import liger_kernels as check_liger_kernels
-from qplan.planner.plan import plan_counts, plan_inputs
 from qplan.planner.validate import read_calibration
 from qplan.planner.vocab import ADAPTER_DTYPE_NAMES, LIGER_KERNELS, OPTIMIZERS
 
@@ -63,6 +64,21 @@ def parse_prices(price: str | float | None, gpus: list) -> dict[str, float]:
     return out
 
 
+def read_prices(path: str, gpus: list) -> dict[str, float]:
+    """``--prices FILE``: a JSON or YAML mapping of GPU names (or aliases) to prices per GPU-hour; the searched GPUs'
+    prices (a file may price more GPUs than a search uses). Nothing is invented: a GPU it leaves out has no cost."""
+    from qplan.planner.interop.trainer_configs import read_config_file
+
+    data = read_config_file(path, "--prices", "a price file")
+    out = {}
+    for name, v in data.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise QPlanError(f"--prices {path}: the price of {name!r} must be a number (per GPU-hour), got {v!r}")
+        out[load_gpu(str(name)).name] = float(v)
+    searched = {g.name for g in gpus}
+    return {n: v for n, v in out.items() if n in searched}
+
+
 def _check_prices(prices: dict[str, float]) -> dict[str, float]:
     for name, v in prices.items():
         if not (0 <= v <= 1e6):  # also refuses nan and inf
@@ -75,7 +91,8 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
            price_per_hour: str | float | None = None, calibration: str | None = None,
            batching: str | None = None, pad_to_multiple_of: int | None = None,
            padding_free: bool = False, rows_padded: bool = False, reentrant: bool = False,
-           loss: str = "full", adapter_dtype: str = "fp32", liger_kernels: str = "") -> dict[str, Any]:
+           loss: str = "full", adapter_dtype: str = "fp32", liger_kernels: str = "",
+           global_batch: int | None = None, search_recipe: bool = False, prices: str | None = None) -> dict[str, Any]:
     """Plans that fit ``gpu_name`` (a catalog name, ``a,b,c``, or ``all``), ranked by ``objective``:
     ``memory`` (most tokens per step, cheapest tricks first), ``time`` (most tokens/s) or ``cost``
     (least cost per million tokens; needs ``price_per_hour``). ``batching``, ``pad_to_multiple_of``: a ``--data``
@@ -84,29 +101,63 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
     rows carry pads (axolotl's multipack), so the mask is counted too; ``reentrant``: checkpointing, where a plan has
     it, is torch's reentrant one; ``loss``: every plan's loss (``vocab.LOSSES``); ``adapter_dtype``: every plan's LoRA
     tensors' dtype (a candidate it does not go with, e.g. bf16 adapters of a 16-bit model under fp16, is left out);
-    ``liger_kernels``: every plan's Liger kernels (``--liger-kernels``)."""
+    ``liger_kernels``: every plan's Liger kernels (``--liger-kernels``).
+
+    By ``time`` or ``cost`` the trained model is kept: rank, targets, quantization, optimizer and sequence length are
+    as given (else ``qplan estimate``'s defaults) and ``global_batch`` sequences per optimizer step stay; the GPU, the
+    micro-batch x gradient-accumulation split and checkpointing are searched. ``search_recipe`` searches the recipe
+    too, and each row says what it changed. ``prices``: a price file (``read_prices``)."""
     if objective not in OBJECTIVES:
         raise QPlanError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if not gpu_name or not str(gpu_name).strip():
         raise QPlanError("--gpu is empty: give a GPU name (see `qplan gpus`), a comma-separated list, or all")
     if not model or not str(model).strip():
         raise QPlanError("--model is empty: give a bundled name (see `qplan models`), a config.json or a model folder")
+    keep = objective in ("time", "cost") and not search_recipe
+    if search_recipe and not keep and objective == "memory":
+        raise QPlanError("--search-recipe goes with --objective time or cost (--objective memory searches the recipe)")
+    if global_batch is not None and not keep:
+        raise QPlanError("--global-batch goes with --objective time or cost, without --search-recipe: it is the batch "
+                         "those rankings keep")
+    recipe = None
+    if keep:
+        d = PlanOptions(model=model)
+        r, targets, quant, optimizer = r or d.r, targets or d.targets, quant or d.quant, optimizer or d.optimizer
+        seq_len = seq_len or DEFAULT_SEQ_LEN
+        global_batch = global_batch or batch_size or 1
+        if batch_size is not None and global_batch % batch_size:
+            raise QPlanError(f"--batch-size {batch_size} does not divide --global-batch {global_batch}: the micro-batch "
+                             "times the accumulation steps must make the global batch")
+        recipe = {"r": r, "targets": targets, "quant": quant, "optimizer": optimizer, "seq_len": seq_len,
+                  "global_batch": global_batch}
     gpus = list(gpu_catalog().values()) if gpu_name == "all" else [load_gpu(n.strip()) for n in gpu_name.split(",")]
     calib = read_calibration(calibration) if calibration else None
     if calib is not None and (len(gpus) != 1 or calib["device"] != gpus[0].name):
         raise QPlanError(f"calibration file {calibration} was fitted on {calib['device']}: use it with --gpu {calib['device']}")
     calibration = calib
-    prices = _check_prices(parse_prices(price_per_hour, gpus))
+    if prices is not None and price_per_hour is not None:
+        raise QPlanError("give either --prices FILE or --price-per-hour, not both")
+    prices = _check_prices(read_prices(prices, gpus) if prices is not None else parse_prices(price_per_hour, gpus))
+    unpriced = [g.name for g in gpus if g.name not in prices]
     if objective == "cost":
-        missing = [g.name for g in gpus if g.name not in prices]
-        if missing:
-            raise QPlanError(f"--objective cost needs --price-per-hour for {', '.join(missing)} (a number or NAME=PRICE,...)")
+        if len(unpriced) == len(gpus):
+            raise QPlanError("--objective cost needs a price: --prices FILE, or --price-per-hour (a number or "
+                             "NAME=PRICE,...); qplan invents none")
+        gpus = [g for g in gpus if g.name in prices]  # a GPU without a price cannot be ranked by cost
     runs = [_search_one(model, g, seq_len=seq_len, batch_size=batch_size, quant=quant, r=r, targets=targets,
                         optimizer=optimizer, objective=objective, tokens=tokens, price=prices.get(g.name),
                         calibration=calibration, batching=batching, pad_to_multiple_of=pad_to_multiple_of,
                         padding_free=padding_free, rows_padded=rows_padded, reentrant=reentrant, loss=loss,
-                        adapter_dtype=adapter_dtype, liger_kernels=liger_kernels)
+                        adapter_dtype=adapter_dtype, liger_kernels=liger_kernels, global_batch=global_batch)
             for g in gpus]
+    if search_recipe:  # every row says what it changed of the recipe as given, else estimate's defaults
+        d = PlanOptions(model=model)
+        given = {"r": r or d.r, "targets": targets or d.targets, "quant": quant or d.quant,
+                 "optimizer": optimizer or d.optimizer, "seq_len": seq_len or DEFAULT_SEQ_LEN,
+                 "batch_size": batch_size or d.batch_size}
+        for res in runs:
+            for row in res["rows"]:
+                row["changed"] = [f"{k} {given[k]} -> {row[k]}" for k in given if row[k] != given[k]]
     if len(gpus) > 1:  # every row says which GPU it is for, and how much that GPU has
         for res, g in zip(runs, gpus):
             for row in res["rows"]:
@@ -122,6 +173,9 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
         pref_q = {"bf16": 0, "fp16": 0, "int8": 1, "nf4": 2}
         results.sort(key=lambda x: (-x["tokens"], x["grad_ckpt"] != "off", pref_q.get(x["quant"], 3),
                                     -x["r"], x["headroom"] * -1))
+    if keep and len(gpus) > 1:  # which GPU to rent: each GPU's best plan, the GPUs ranked
+        seen: set[str] = set()
+        results = [x for x in results if not (x["gpu"] in seen or seen.add(x["gpu"]))]
     first = runs[0]
     out = {
         "model": first["model"], "gpu": ",".join(g.name for g in gpus), "usable_bytes": first["usable_bytes"],
@@ -129,6 +183,11 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
     }
     if objective != "memory" or len(gpus) > 1:
         out["objective"] = objective
+    if recipe is not None:
+        out["recipe"] = recipe
+        out["searched"] = ["gpu", "micro-batch x gradient accumulation", "checkpointing"]
+    if timed_unpriced := [n for n in unpriced if objective != "memory"]:
+        out["unpriced"] = timed_unpriced
     if loss != "full":
         out["loss"] = loss
     if ADAPTER_DTYPE_NAMES[adapter_dtype] != "float32":
@@ -145,7 +204,8 @@ def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets,
                 tokens: int | None, price: float | None, calibration: dict | None = None,
                 batching: str | None = None, pad_to_multiple_of: int | None = None,
                 padding_free: bool = False, rows_padded: bool = False, reentrant: bool = False,
-                loss: str = "full", adapter_dtype: str = "fp32", liger_kernels: str = "") -> dict[str, Any]:
+                loss: str = "full", adapter_dtype: str = "fp32", liger_kernels: str = "",
+                global_batch: int | None = None) -> dict[str, Any]:
     spec = load_spec(model)
     check_liger_kernels(liger_kernels, spec, "peft", None)  # once, in one line (not a candidate left out)
     usable = gpu.usable_bytes
@@ -158,7 +218,12 @@ def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets,
     if optimizer is not None and optimizer not in OPTIMIZERS:
         raise QPlanError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     seqs = [seq_len] if seq_len else [s for s in SEQS if s <= ctx]
-    batches = [batch_size] if batch_size else list(BATCHES)
+    if global_batch:  # (micro-batch, accumulation steps) that make the global batch
+        micro = [batch_size] if batch_size else [b for b in sorted(set(BATCHES) | {global_batch})
+                                                 if b <= global_batch and global_batch % b == 0]
+        pairs = [(b, global_batch // b) for b in micro]
+    else:
+        pairs = [(b, 1) for b in ([batch_size] if batch_size else BATCHES)]
     rs = [r] if r else list(DEFAULT_RS)
     presets = spec.inventory.presets
     tgts = [targets] if targets else [t for t in DEFAULT_TARGETS if presets.get(t)]
@@ -202,29 +267,37 @@ def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets,
                     raise QPlanError(f"--objective {objective}: {reason}")
                 fa, fc = flops_form(spec, counts, rr, q, ck, attn, loss)
                 la = flops_form(spec, counts, rr, q, ck, attn, loss, term="lora")[0]
-                moved = step_bytes(spec, counts, rr, q, ck, op, trainable_params(counts))
-            for b, s in itertools.product(batches, seqs):
+                per_acc: dict[int, tuple[dict, float]] = {}  # accumulation steps -> (bytes moved, launch seconds)
+                for acc in {a for _, a in pairs}:
+                    launches = step_launches(spec, counts, q, replace(ctx.training, grad_accum=acc), lora)["total"]
+                    per_acc[acc] = (step_bytes(spec, counts, rr, q, ck, op, trainable_params(counts), acc),
+                                    0.0 if calibration else SECONDS_PER_LAUNCH * launches)
+            for (b, acc), s in itertools.product(pairs, seqs):
                 candidates += 1
                 if padding_free:  # one row of b packs; a block-causal mask unless flash attention runs them varlen
-                    tensor_peak = models[attn != "flash_attention_2"].peak(1, b * s)
+                    tensor_peak = models[attn != "flash_attention_2"].peak(1, b * s, acc)
                 else:
                     mask = batching is not None and (padded(batching, b, pad_to_multiple_of) or rows_padded)
-                    tensor_peak = models[mask].peak(b, s)
+                    tensor_peak = models[mask].peak(b, s, acc)
                 peak = tensor_peak + sum(overhead_bytes(tensor_peak, calibration).values())
                 if peak <= usable:
+                    tok = b * s * acc  # tokens per optimizer step
                     row = {
                         "batch_size": b, "seq_len": s, "r": rr, "targets": tg, "quant": q.quant,
-                        "grad_ckpt": ck, "optimizer": op, "tokens": b * s, "peak": peak,
+                        "grad_ckpt": ck, "optimizer": op, "tokens": tok, "peak": peak,
                         "headroom": usable - peak,
                     }
+                    if global_batch:
+                        row.update(grad_accum=acc, global_batch=b * acc)
                     if timed:
-                        flops = {"total": fa * b * s + fc * b * s * s, "lora": la * b * s}
-                        step = ideal_step_seconds(flops, moved, peak_fs, bw, lora_peak) / eff + overhead
-                        row.update(gpu=gpu.name, step_seconds=step, tokens_per_second=b * s / step)
+                        moved, launch_s = per_acc[acc]
+                        flops = {"total": (fa * b * s + fc * b * s * s) * acc, "lora": la * b * s * acc}
+                        step = ideal_step_seconds(flops, moved, peak_fs, bw, lora_peak) / eff + launch_s + overhead
+                        row.update(gpu=gpu.name, step_seconds=step, tokens_per_second=tok / step)
                         if tokens is not None:
-                            row["total_seconds"] = math.ceil(tokens / (b * s)) * step
+                            row["total_seconds"] = math.ceil(tokens / tok) * step
                         if price is not None:
-                            row["cost_per_million_tokens"] = price * step / 3600 / (b * s) * 1e6
+                            row["cost_per_million_tokens"] = price * step / 3600 / tok * 1e6
                             if tokens is not None:
                                 row["total_cost"] = price * row["total_seconds"] / 3600
                     results.append(row)
@@ -239,6 +312,11 @@ def fit_document(options: FitOptions | dict[str, Any]) -> dict[str, Any]:
     max_gpus, upcast = o.pop("max_gpus"), o.pop("upcast")
     if max_gpus is not None:
         from qplan.planner.search.fewest_gpus import fewest_gpus
+
+        extra = [flag for key, flag in (("global_batch", "--global-batch"), ("search_recipe", "--search-recipe"),
+                                        ("prices", "--prices")) if o.get(key)]
+        if extra:
+            raise QPlanError(f"{', '.join(extra)} go with the GPU ranking (--objective time or cost), not --max-gpus")
 
         fixed = {k: o[k] for k in ("seq_len", "batch_size", "quant", "r", "targets", "optimizer", "reentrant", "loss",
                                    "adapter_dtype", "liger_kernels") if o.get(k) is not None}

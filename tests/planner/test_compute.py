@@ -75,17 +75,19 @@ def test_flops_scale_with_accumulation_and_the_form_is_exact():
 
 
 def test_time_and_cost_follow_the_roofline_formula():
-    from qplan.planner.compute.timing import DEFAULT_EFFICIENCY
+    from qplan.planner.compute.timing import DEFAULT_EFFICIENCY, SECONDS_PER_LAUNCH
 
     p = plan_dict(model="llama-3.1-8b", gpu="h100-80gb", tokens=10_000_000, price_per_hour=2.5)["prediction"]
     t, c, comp = p["time"], p["cost"], p["compute"]
     f, m = comp["flops_per_step"], comp["bytes_per_step"]
     ideal = max(f["total"] / 989e12, m["weights"] / 3350e9) + (m["dequantization"] + m["optimizer"]) / 3350e9
     assert t["ideal_step_seconds"] == pytest.approx(ideal)
-    assert t["step_seconds"] == pytest.approx(ideal / DEFAULT_EFFICIENCY)
+    launches = comp["kernel_launches_per_step"]["total"]
+    assert t["kernel_launches"] == launches and t["seconds_per_launch"] == SECONDS_PER_LAUNCH
+    assert t["step_seconds"] == pytest.approx(ideal / DEFAULT_EFFICIENCY + launches * SECONDS_PER_LAUNCH)
     assert t["steps"] == -(-10_000_000 // 512) and t["total_seconds"] == pytest.approx(t["steps"] * t["step_seconds"])
     assert c["total"] == pytest.approx(t["total_seconds"] / 3600 * 2.5)
-    assert "not calibrated" in t["efficiency_source"]
+    assert "not calibrated" in t["efficiency_source"] and "uncertainty" in t
 
 
 def test_what_is_not_counted_is_said():

@@ -43,22 +43,26 @@ def test_time_and_cost_objectives_agree_with_estimate_and_rank():
 
     prices = "t4=1,a100-80gb=4,h100-80gb=6"
     price = {k: float(v) for k, v in (x.split("=") for x in prices.split(","))}
-    res = search("llama-3.2-1b", "t4,a100-80gb,h100-80gb", seq_len=1024, top=12, objective="cost", tokens=10 ** 8,
-                 price_per_hour=prices)
-    rows = res["best"]
-    assert rows and res["objective"] == "cost"
-    assert [r["cost_per_million_tokens"] for r in rows] == sorted(r["cost_per_million_tokens"] for r in rows)
-    for c in rows[:5]:
-        p = plan_dict(model="llama-3.2-1b", gpu=c["gpu"], r=c["r"], targets=c["targets"], quant=c["quant"],
-                      grad_ckpt=c["grad_ckpt"] == "hf", optimizer=c["optimizer"], batch_size=c["batch_size"],
-                      seq_len=c["seq_len"], tokens=10 ** 8, price_per_hour=price[c["gpu"]])
-        t = p["prediction"]["time"]
-        assert t["tokens_per_second"] == pytest.approx(c["tokens_per_second"], rel=1e-9)
-        assert t["total_seconds"] == pytest.approx(c["total_seconds"], rel=1e-9)
-        assert p["prediction"]["cost"]["total"] == pytest.approx(c["total_cost"], rel=1e-9)
+    for gpus, kw in (("t4,a100-80gb,h100-80gb", {}), ("a100-80gb", {"global_batch": 16}),
+                     ("t4,a100-80gb,h100-80gb", {"search_recipe": True})):
+        res = search("llama-3.2-1b", gpus, seq_len=1024, top=12, objective="cost", tokens=10 ** 8,
+                     price_per_hour=",".join(x for x in prices.split(",") if x.split("=")[0] in gpus), **kw)
+        rows = res["best"]
+        assert rows and res["objective"] == "cost"
+        assert [r["cost_per_million_tokens"] for r in rows] == sorted(r["cost_per_million_tokens"] for r in rows)
+        for c in rows[:5]:
+            p = plan_dict(model="llama-3.2-1b", gpu=c["gpu"], r=c["r"], targets=c["targets"], quant=c["quant"],
+                          grad_ckpt=c["grad_ckpt"] == "hf", optimizer=c["optimizer"], batch_size=c["batch_size"],
+                          grad_accum=c.get("grad_accum", 1), seq_len=c["seq_len"], tokens=10 ** 8,
+                          price_per_hour=price[c["gpu"]])
+            t = p["prediction"]["time"]
+            assert p["prediction"]["memory"]["peak"] == c["peak"]
+            assert t["tokens_per_second"] == pytest.approx(c["tokens_per_second"], rel=1e-9)
+            assert t["total_seconds"] == pytest.approx(c["total_seconds"], rel=1e-9)
+            assert p["prediction"]["cost"]["total"] == pytest.approx(c["total_cost"], rel=1e-9)
     fastest = search("llama-3.2-1b", "t4,h100-80gb", seq_len=1024, objective="time", top=3)["best"]
     assert fastest[0]["gpu"] == "h100-80gb"
-    with pytest.raises(QPlanError, match="needs --price-per-hour"):
+    with pytest.raises(QPlanError, match="needs a price"):
         search("llama-3.2-1b", "t4", objective="cost")
 
 

@@ -1,0 +1,86 @@
+"""Kernel launches of one training step: the host-side work of eager PyTorch.
+
+A step of HF Trainer + PEFT runs eagerly: every ATen op it dispatches costs the host a Python call, the dispatcher and
+a CUDA launch, and the GPU at least one kernel. With small batches that host work, not the matmuls, sets the step time
+(PEFT's own L40S runs reach a quarter of the matmul roofline). ``step_launches`` counts the kernels one optimizer step
+launches, by phase, from the model's structure:
+
+``launches = sum over components (instances x kernels per instance)``
+
+for the components of a decoder layer (RMSNorms, linear layers, the rest of the layer: rotary embedding, attention,
+activation, residual adds), each LoRA module (and its DoRA, dropout and autocast extras), each 4-bit/8-bit weight
+(dequantization), the recomputed forward of checkpointed layers, the model's own ends (embedding, final norm, head,
+loss), and the optimizer (torch's foreach kernels: a fixed number per step).
+
+The kernels per instance (``FORWARD``, ``BACKWARD``) are a least-squares fit, rounded, to the launches counted on
+traced steps (``bench/op_counts.py``: ``qplan.observe.tracker.launches_kernel`` over every op of the second traced
+step, views and metadata excluded) of seven families; ``tests/planner/test_launches.py`` checks the count against the
+trace of every bundled family within ``TOLERANCE`` (the families differ in small ways the components do not name:
+Gemma's norms, Qwen's biases, fused projections).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qplan.planner.memory.activations import layer_branches
+from qplan.planner.memory.terms import dims
+
+#: relative error of ``step_launches`` (forward + backward) against the traced count, checked for every bundled family
+TOLERANCE = 0.15
+
+#: feature -> kernels per instance, forward
+FORWARD = {
+    "norm": 7, "linear": 1, "layer": 20, "lora": 5, "dora": 13, "dropout": 1, "amp_lora": 3, "kbit": 1,
+    "eager_attention": 15, "softcap": 5, "moe": 27, "step": 20,
+}
+#: feature -> kernels per instance, backward (the recomputed forward of checkpointed layers is added to it)
+BACKWARD = {
+    "norm": 13, "linear": 1, "layer": 34, "lora": 9, "dora": 10, "dropout": 1, "amp_lora": 2, "kbit": 4,
+    "eager_attention": 20, "softcap": 0, "moe": 25, "step": 0,
+}
+#: torch AdamW / SGD / bitsandbytes with foreach kernels, plus ``clip_grad_norm_``'s foreach norm and scale
+OPTIMIZER_LAUNCHES = 16
+
+FEATURES = tuple(FORWARD)
+
+
+def launch_features(spec: Any, counts: list, q: Any, training: Any, lora: Any) -> dict[str, int]:
+    """How many instances of each component one micro-batch's forward runs (``FEATURES``)."""
+    d = dims(spec)
+    L = d.L
+    sites = layer_branches(spec, counts, 1, q)
+    linears = sum(b.per_layer for b in sites) * L
+    adapted = sum(b.per_layer for b in sites if b.r) * L
+    kbit = sum(b.per_layer for b in sites if b.kbit) * L if q.quant in ("nf4", "fp4", "int8") else 0
+    amp = q.compute_dtype in ("bfloat16", "float16")
+    experts = any(len(p.shape) == 3 for p in spec.inventory.params) or any(
+        g.pattern.rsplit(".", 1)[-1] in ("gate", "router") for g in spec.inventory.linear)
+    moe_layers = L if experts else 0
+    return {
+        "norm": L * (d.norms + (2 if d.qk_norm else 0)),
+        "linear": linears,
+        "layer": L,
+        "lora": adapted,
+        "dora": adapted if lora.use_dora else 0,
+        "dropout": adapted if lora.dropout > 0 else 0,
+        "amp_lora": adapted if amp else 0,
+        "kbit": kbit,
+        "eager_attention": L if training.attn_impl == "eager" else 0,
+        "softcap": L if d.attn_softcap else 0,
+        "moe": moe_layers,
+        "step": 1,
+    }
+
+
+def step_launches(spec: Any, counts: list, q: Any, training: Any, lora: Any) -> dict[str, int]:
+    """Kernel launches of one optimizer step by phase (``grad_accum`` micro-batches, one optimizer step)."""
+    f = launch_features(spec, counts, q, training, lora)
+    fwd = sum(FORWARD[k] * n for k, n in f.items())
+    bwd = sum(BACKWARD[k] * n for k, n in f.items())
+    if training.grad_ckpt != "off":  # the checkpointed layers' forward runs again in the backward
+        bwd += fwd - FORWARD["step"] * f["step"]
+    acc = training.grad_accum
+    out = {"forward": fwd * acc, "backward": bwd * acc, "optimizer": OPTIMIZER_LAUNCHES}
+    out["total"] = sum(out.values())
+    return out
