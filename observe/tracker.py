@@ -148,6 +148,9 @@ def _tracker_cls():
             self.rc_end: dict[int, int | None] = {}
             #: kernel launches (``launches_kernel``) per (step, phase)
             self.launches: dict[tuple[int, str], int] = {}
+            #: collectives (``c10d`` ops): the full-size tensor's bytes (an all-gather's output, a reduce-scatter's
+            #: input, an all-reduce's tensor) summed per (step, phase, op)
+            self.collectives: dict[tuple[int, str, str], int] = {}
             self._launch_cache: dict[Any, bool] = {}
             self._op: str | None = None
             self._orig_resize = None
@@ -268,6 +271,11 @@ def _tracker_cls():
                 return func(*args, **kwargs)
             if self.origins:
                 self._op = str(func)
+            if func.namespace == "c10d":
+                sizes = [t.numel() * t.element_size() for a in args
+                         for t in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(t, torch.Tensor)]
+                key3 = (self.step, self.phase, func.overloadpacket.__name__)
+                self.collectives[key3] = self.collectives.get(key3, 0) + max(sizes, default=0)
             kernel = self._launch_cache.get(func)
             if kernel is None:
                 kernel = self._launch_cache[func] = launches_kernel(func)

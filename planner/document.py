@@ -239,6 +239,7 @@ class Time(Struct, kw_only=True):
     tokens_per_second: Annotated[float, Meta(ge=0)] | UnsetType = UNSET
     tokens_per_step_per_gpu: int | UnsetType = UNSET
     tokens_per_second_per_gpu: Annotated[float, Meta(ge=0)] | UnsetType = UNSET
+    communication: dict[str, Any] | UnsetType = UNSET
     not_in_time: list[str] | UnsetType = UNSET
     uncertainty: str | UnsetType = UNSET
     tokens: int | None | UnsetType = UNSET

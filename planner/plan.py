@@ -395,9 +395,11 @@ def plan_counts(inp: PlanInputs) -> list:
 
 def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[str, Any]:
     """``prediction.compute`` (FLOPs and bytes of one optimizer step), ``time`` and ``cost``."""
+    from qplan.planner.compute.comm import comm_time, gathered_bytes
     from qplan.planner.compute.flops import not_counted, step_bytes, step_flops
     from qplan.planner.compute.ops import step_launches
     from qplan.planner.compute.timing import cost_prediction, time_prediction
+    from qplan.planner.memory.terms import adapter_bytes
 
     t, q = inp.training, inp.quant
     flops = step_flops(inp.spec, counts, inp.lora.r, q, *t.shape, t.grad_ckpt, t.attn_impl, t.grad_accum, t.loss)
@@ -406,8 +408,13 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
     device = inp.gpu.to_json() if inp.gpu is not None else None
     gpus = inp.dist.world if inp.dist is not None else 1
     launches = step_launches(inp.spec, counts, q, t, inp.lora)
+    comm = (None, [])
+    if inp.dist is not None and inp.dist.world > 1:
+        gathered = (gathered_bytes(inp.spec, q, counts, inp.dist.world, inp.dist.strategy)
+                    if inp.dist.strategy in ("fsdp", "zero3") else (0, 0))
+        comm = comm_time(inp.dist, device, t.grad_accum, adapter_bytes(counts), gathered)
     time = time_prediction(flops, moved, device, (q.quant, q.compute_dtype, inp.lora.adapter_dtype), tokens_per_step,
-                           inp.tokens, inp.calibration, gpus, launches["total"])
+                           inp.tokens, inp.calibration, gpus, launches["total"], comm)
     if inp.tokens is not None and time is None:
         raise QPlanError("--tokens / --dataset-tokens need --gpu: the time of a step depends on the device")
     if inp.tokens is not None and time.get("step_seconds") is None:

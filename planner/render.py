@@ -245,6 +245,11 @@ def compute_lines(p: dict[str, Any]) -> list[str]:
         if t.get("total_seconds") is not None:
             line += f"; {t['tokens']:,} tokens = {t['steps']:,} steps = {fmt_seconds(t['total_seconds'])}"
         lines.append(line)
+        c = t.get("communication")
+        if c:
+            lines.append(f"  communication per step: {fmt_bytes(c['bytes_per_step']['total'])} through each GPU's "
+                         f"{c['link']} link, {fmt_seconds(c['seconds'])} (ring collectives at the link's peak, not "
+                         "overlapped: a bound)")
         for what in t.get("not_in_time", []):
             lines.append(f"  not in the time: {what}")
     elif t:
@@ -268,8 +273,9 @@ def render_gpus(rows: list[dict[str, Any]]) -> str:
     return tabulate(
         [[g["name"], g["full_name"], fmt_bytes(g["total_bytes"]), fmt_bytes(g["usable_bytes"]),
           "yes" if g["bf16"] else "no", g["peak_bf16_tflops"] or g["peak_fp16_tflops"],
-          g.get("peak_fp32_tflops") or "-", g["memory_bandwidth_gb_s"]] for g in rows],
-        headers=["gpu", "name", "total", "usable", "bf16", "16-bit TFLOPS", "fp32 TFLOPS", "GB/s"],
+          g.get("peak_fp32_tflops") or "-", g["memory_bandwidth_gb_s"],
+          f"{g['interconnect']} {g['interconnect_gb_s']:g} GB/s" if g.get("interconnect") else "-"] for g in rows],
+        headers=["gpu", "name", "total", "usable", "bf16", "16-bit TFLOPS", "fp32 TFLOPS", "GB/s", "link (both ways)"],
     )
 
 

@@ -374,6 +374,8 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
     # the last step's kernel launches by phase (on meta the optimizer phase runs torch's per-tensor loops, where CUDA
     # runs the foreach kernels: compare forward and backward)
     res["kernel_launches"] = {ph: n for (st, ph), n in tracker.launches.items() if st == s.steps}
+    if tracker.collectives:  # a multi-GPU plan's collectives (the full-size tensor's bytes), by phase and op
+        res["collectives"] = {f"{ph}:{op}": n for (st, ph, op), n in tracker.collectives.items() if st == s.steps}
     return res
 
 

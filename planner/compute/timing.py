@@ -19,9 +19,10 @@ from a fit on the others). ``qplan calibrate RUN_DIRS`` fits an efficiency and a
 runs of one device (``reports/runs``); a plan given that file uses them instead (its overhead then stands for the
 host's launches as measured).
 
-Several GPUs: each rank's step is timed on its own share (data parallel: every rank runs the planned micro-batches);
-``tokens_per_second`` is the run's total (``gpus`` x a rank's), ``tokens_per_second_per_gpu`` one rank's, and the
-communication between the ranks is not in the time (said in ``not_in_time``).
+Several GPUs: each rank's step is timed on its own share (data parallel: every rank runs the planned micro-batches)
+plus the communication between the ranks (``planner.compute.comm``: ring collectives over the catalog's link, a
+bound); ``tokens_per_second`` is the run's total (``gpus`` x a rank's), ``tokens_per_second_per_gpu`` one rank's;
+what is not predicted (several nodes, CPU offload) is said in ``not_in_time``.
 """
 
 from __future__ import annotations
@@ -96,11 +97,13 @@ def ideal_step_seconds(flops: dict[str, int], moved: dict[str, int], peak: float
 
 def time_prediction(flops: dict[str, int], moved: dict[str, int], device: dict[str, Any] | None,
                     dtypes: tuple[str, str, str], tokens_per_step: int, tokens: int | None,
-                    calibration: dict[str, Any] | None, gpus: int = 1, launches: int = 0) -> dict[str, Any] | None:
+                    calibration: dict[str, Any] | None, gpus: int = 1, launches: int = 0,
+                    comm: tuple[dict[str, Any] | None, list[str]] = (None, [])) -> dict[str, Any] | None:
     """``prediction.time``: step seconds, tokens/s (in total and per GPU) and, given a token budget, steps and total
     seconds. ``dtypes``: (quant, compute dtype, adapter dtype); ``tokens_per_step``: one GPU's tokens per optimizer
     step; ``gpus``: data-parallel ranks, each running its own micro-batches; ``launches``: the step's kernel launches
-    (``planner.compute.ops.step_launches``), timed at ``SECONDS_PER_LAUNCH`` on a GPU without a calibration."""
+    (``planner.compute.ops.step_launches``), timed at ``SECONDS_PER_LAUNCH`` on a GPU without a calibration;
+    ``comm``: (the ranks' communication, what of it is not predicted) from ``planner.compute.comm.comm_time``."""
     if device is None:
         return None
     peak, lora_peak, bw, reason = step_peaks(device, *dtypes)
@@ -117,7 +120,8 @@ def time_prediction(flops: dict[str, int], moved: dict[str, int], device: dict[s
         eff, source, overhead = DEFAULT_EFFICIENCY, DEFAULTS_SOURCE, 0.0
         per_launch = SECONDS_PER_LAUNCH if gpu else 0.0  # fitted on a GPU's host; a CPU device file has no launches
     ideal = ideal_step_seconds(flops, moved, peak, bw, lora_peak)
-    step = ideal / eff + launches * per_launch + overhead
+    communication, not_predicted = comm
+    step = ideal / eff + launches * per_launch + overhead + (communication["seconds"] if communication else 0.0)
     total_per_step = tokens_per_step * gpus
     out: dict[str, Any] = {
         "device": device.get("name"),
@@ -146,7 +150,10 @@ def time_prediction(flops: dict[str, int], moved: dict[str, int], device: dict[s
     if gpus > 1:
         out["tokens_per_step_per_gpu"] = tokens_per_step
         out["tokens_per_second_per_gpu"] = tokens_per_step / step
-        out["not_in_time"] = ["communication between the GPUs (gradient all-reduce, FSDP/ZeRO gathers)"]
+        if communication is not None:
+            out["communication"] = communication
+        if not_predicted:
+            out["not_in_time"] = list(not_predicted)
     if calibration is None and gpu:
         out["uncertainty"] = UNCERTAINTY
     if tokens is not None:

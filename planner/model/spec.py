@@ -174,6 +174,9 @@ class GpuDoc(Struct, kw_only=True):
     peak_fp16_tflops: Tflops = None
     peak_fp32_tflops: Tflops = None
     memory_bandwidth_gb_s: Annotated[float, Meta(gt=0, le=1e7)] | None = None
+    #: the link between the GPUs of one node (NVLink or PCIe) and its bidirectional bandwidth per GPU
+    interconnect: Annotated[str, Meta(max_length=100)] | None = None
+    interconnect_gb_s: Annotated[float, Meta(gt=0, le=1e7)] | None = None
 
 
 @dataclass(frozen=True)
