@@ -187,10 +187,14 @@ def fit(fmt: str, **o: Any) -> None:
     With --from-config the file fixes the model, rank, targets, quantization, optimizer and sequence
     length (flags override); the micro-batch and checkpointing are searched. With --max-gpus: the
     fewest GPUs of the --gpu kind, and the strategy, that train the plan the other flags fix."""
-    from qplan.planner.render import render_fewest_gpus, render_fit
+    from qplan.planner.render import render_fewest_gpus, render_fit, render_rent
     from qplan.planner.search.fit import fit_document
 
     o, source = with_trainer_config(o, FIT_FROM_CONFIG)
     result = fit_document(o)
     warn(config_texts(source))
-    emit(fmt, result, render_fewest_gpus(result) if o.get("max_gpus") is not None else render_fit(result))
+    if "peak_per_rank" in (result.get("best") or [{}])[0] or ("recipe" in result and o.get("max_gpus") is not None):
+        text = render_rent(result)
+    else:
+        text = render_fewest_gpus(result) if o.get("max_gpus") is not None else render_fit(result)
+    emit(fmt, result, text)

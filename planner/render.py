@@ -341,6 +341,33 @@ def render_fit(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_rent(result: dict[str, Any]) -> str:
+    """``qplan fit --objective time|cost --max-gpus N``: each (GPU, count)'s best plan, ranked."""
+    k = result["recipe"]
+    lines = [f"{result['model']}: {result['candidates']} plans on {result['gpu']}; ranked by {result['objective']}",
+             f"kept: r={k['r']} targets={k['targets']} quant={k['quant']} optimizer={k['optimizer']} seq {k['seq_len']:,} "
+             f"· global batch {k['global_batch']} over all GPUs (searched: GPU, count within one node, strategy, "
+             "micro-batch x accumulation, checkpointing)"]
+    if not result["best"]:
+        lines.append("no plan fits: try a larger GPU, more GPUs (--max-gpus) or a smaller --global-batch")
+        return "\n".join(lines)
+    rows = [[r["gpu"], r["gpus"], r["strategy"], r["batch_size"], r["grad_accum"], r["grad_ckpt"],
+             fmt_bytes(r["peak_per_rank"]), f"{r['tokens_per_second']:,.0f}", fmt_seconds(r["communication_seconds"]),
+             fmt_seconds(r["total_seconds"]) if "total_seconds" in r else "-",
+             f"{r['cost_per_million_tokens']:.3g}" if "cost_per_million_tokens" in r else "-",
+             f"{r['total_cost']:,.2f}" if "total_cost" in r else "-"] for r in result["best"]]
+    lines.append(tabulate(rows, headers=["gpu", "gpus", "strategy", "micro-batch", "accum", "ckpt", "peak/rank",
+                                         "tokens/s", "comm/step", "total time", "cost / 1M tokens", "total cost"]))
+    lines.append("time: roofline ÷ the fitted efficiency + the host's kernel launches + the ranks' communication "
+                 "(ring collectives at the link's peak: a bound); defaults fitted to PEFT's L40S runs, budget ±30%")
+    unpriced = result.get("unpriced") or []
+    if unpriced and len(unpriced) == len(result["gpu"].split(",")):
+        lines.append("no prices given (--prices FILE, --price-per-hour): time only; qplan invents no price")
+    elif unpriced:
+        lines.append(f"no price for {', '.join(unpriced)}: qplan invents none")
+    return "\n".join(lines)
+
+
 def render_fewest_gpus(result: dict[str, Any]) -> str:
     """``qplan fit --max-gpus``: the plans on the fewest cards."""
     if not result["fitting"]:

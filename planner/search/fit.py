@@ -92,7 +92,8 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
            batching: str | None = None, pad_to_multiple_of: int | None = None,
            padding_free: bool = False, rows_padded: bool = False, reentrant: bool = False,
            loss: str = "full", adapter_dtype: str = "fp32", liger_kernels: str = "",
-           global_batch: int | None = None, search_recipe: bool = False, prices: str | None = None) -> dict[str, Any]:
+           global_batch: int | None = None, search_recipe: bool = False, prices: str | None = None,
+           max_gpus: int | None = None) -> dict[str, Any]:
     """Plans that fit ``gpu_name`` (a catalog name, ``a,b,c``, or ``all``), ranked by ``objective``:
     ``memory`` (most tokens per step, cheapest tricks first), ``time`` (most tokens/s) or ``cost``
     (least cost per million tokens; needs ``price_per_hour``). ``batching``, ``pad_to_multiple_of``: a ``--data``
@@ -144,6 +145,17 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
             raise QPlanError("--objective cost needs a price: --prices FILE, or --price-per-hour (a number or "
                              "NAME=PRICE,...); qplan invents none")
         gpus = [g for g in gpus if g.name in prices]  # a GPU without a price cannot be ranked by cost
+    if max_gpus is not None:  # which GPU, and how many: whole plans per (GPU, count, strategy, split)
+        from qplan.planner.search.rent import rank_gpus
+
+        if calibration is not None or batching is not None:
+            raise QPlanError("--max-gpus with --objective time/cost ranks whole plans: without --calibration and --data")
+        out = rank_gpus(model=model, gpus=gpus, max_gpus=max_gpus, recipe=recipe, objective=objective, tokens=tokens,
+                        prices=prices, top=top, loss=loss, adapter_dtype=adapter_dtype, liger_kernels=liger_kernels,
+                        reentrant=reentrant)
+        if unpriced:
+            out["unpriced"] = unpriced
+        return out
     runs = [_search_one(model, g, seq_len=seq_len, batch_size=batch_size, quant=quant, r=r, targets=targets,
                         optimizer=optimizer, objective=objective, tokens=tokens, price=prices.get(g.name),
                         calibration=calibration, batching=batching, pad_to_multiple_of=pad_to_multiple_of,
@@ -308,15 +320,23 @@ def fit_document(options: FitOptions | dict[str, Any]) -> dict[str, Any]:
     """What ``qplan fit --format json`` prints (shared with ``qplan serve``): with ``max_gpus`` the fewest
     GPUs and strategy (``planner.search.fewest_gpus``), else the batch/sequence/rank search."""
     o = as_dict(check_fit_options(options))
+    if o["max_gpus"] is not None and o["objective"] in ("time", "cost") and not o["search_recipe"] and o["data"]:
+        raise QPlanError("--max-gpus with --objective time/cost ranks whole plans of a fixed shape: give --seq-len "
+                         "instead of --data")
     data = _data_seq_len(o)
     max_gpus, upcast = o.pop("max_gpus"), o.pop("upcast")
+    if max_gpus is not None and o["objective"] in ("time", "cost") and not o["search_recipe"]:
+        if not upcast:
+            raise QPlanError("--no-upcast goes with --max-gpus's fewest-GPU search (--objective memory)")
+        return search(o.pop("model"), o.pop("gpu"), max_gpus=max_gpus, **o)
     if max_gpus is not None:
         from qplan.planner.search.fewest_gpus import fewest_gpus
 
         extra = [flag for key, flag in (("global_batch", "--global-batch"), ("search_recipe", "--search-recipe"),
                                         ("prices", "--prices")) if o.get(key)]
         if extra:
-            raise QPlanError(f"{', '.join(extra)} go with the GPU ranking (--objective time or cost), not --max-gpus")
+            raise QPlanError(f"{', '.join(extra)} go with the GPU ranking (--objective time or cost), not the fewest-GPU "
+                             "search (--max-gpus with --objective memory)")
 
         fixed = {k: o[k] for k in ("seq_len", "batch_size", "quant", "r", "targets", "optimizer", "reentrant", "loss",
                                    "adapter_dtype", "liger_kernels") if o.get(k) is not None}

@@ -101,3 +101,31 @@ def test_both_price_options_and_max_gpus_with_ranking_flags_are_refused(tmp_path
     assert "not both" in capsys.readouterr().err
     assert main(["fit", "--model", "llama-3.2-1b", "--gpu", "l4", "--max-gpus", "4", "--global-batch", "8"]) == 2
     assert "--max-gpus" in capsys.readouterr().err
+
+
+def test_which_gpu_and_how_many_keeps_the_global_batch(tmp_path):
+    """`--max-gpus` with `--objective time|cost`: each (GPU, count)'s best plan is a whole `qplan estimate` plan with
+    the run's global batch over all ranks; ranked; prices multiply by the GPUs a row rents."""
+    f = tmp_path / "prices.json"
+    f.write_text(json.dumps({"l4": 0.7, "a100-80gb": 1.9}))
+    res = search("llama-3.2-1b", "l4,a100-80gb", objective="cost", max_gpus=4, global_batch=8, seq_len=1024,
+                 prices=str(f), tokens=10 ** 7)
+    rows = res["best"]
+    assert res["recipe"]["global_batch"] == 8 and {r["gpus"] for r in rows} <= {1, 2, 4}
+    assert len({(r["gpu"], r["gpus"]) for r in rows}) == len(rows)  # one best plan per (GPU, count)
+    assert [r["cost_per_million_tokens"] for r in rows] == sorted(r["cost_per_million_tokens"] for r in rows)
+    for r in rows:
+        assert r["batch_size"] * r["grad_accum"] * r["gpus"] == 8
+        dist = {} if r["gpus"] == 1 else {"gpus": r["gpus"], "strategy": r["strategy"]}
+        p = plan_dict(model="llama-3.2-1b", gpu=r["gpu"], seq_len=1024, batch_size=r["batch_size"],
+                      grad_accum=r["grad_accum"], grad_ckpt=r["grad_ckpt"] == "hf", tokens=10 ** 7,
+                      price_per_hour={"l4": 0.7, "a100-80gb": 1.9}[r["gpu"]], **dist)["prediction"]
+        assert p["memory"]["peak"] == r["peak_per_rank"] and p["fits"]
+        assert p["time"]["tokens_per_second"] == pytest.approx(r["tokens_per_second"], rel=1e-12)
+        assert p["cost"]["total"] == pytest.approx(r["total_cost"], rel=1e-12)
+        assert p["cost"]["gpus"] == r["gpus"]
+    with pytest.raises(QPlanError, match="--seq-len instead of --data"):
+        from qplan.planner.search.fit import fit_document
+
+        fit_document({"model": "llama-3.2-1b", "gpu": "l4", "objective": "time", "max_gpus": 2,
+                      "data": str(tmp_path / "x.jsonl")})
