@@ -407,14 +407,15 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
     tokens_per_step = t.shape[0] * t.shape[1] * t.grad_accum
     device = inp.gpu.to_json() if inp.gpu is not None else None
     gpus = inp.dist.world if inp.dist is not None else 1
-    launches = step_launches(inp.spec, counts, q, t, inp.lora)
-    comm = (None, [])
+    # Unsloth's fused Triton kernels launch far fewer kernels than the eager PEFT step the count models: not counted
+    launches = step_launches(inp.spec, counts, q, t, inp.lora) if inp.backend != "unsloth" else None
+    comm = (None, [] if launches is not None else ["the host's kernel launches (Unsloth's fused kernels: not counted)"])
     if inp.dist is not None and inp.dist.world > 1:
         gathered = (gathered_bytes(inp.spec, q, counts, inp.dist.world, inp.dist.strategy)
                     if inp.dist.strategy in ("fsdp", "zero3") else (0, 0))
         comm = comm_time(inp.dist, device, t.grad_accum, adapter_bytes(counts), gathered)
     time = time_prediction(flops, moved, device, (q.quant, q.compute_dtype, inp.lora.adapter_dtype), tokens_per_step,
-                           inp.tokens, inp.calibration, gpus, launches["total"], comm)
+                           inp.tokens, inp.calibration, gpus, launches["total"] if launches else 0, comm)
     if inp.tokens is not None and time is None:
         raise QPlanError("--tokens / --dataset-tokens need --gpu: the time of a step depends on the device")
     if inp.tokens is not None and time.get("step_seconds") is None:
@@ -423,7 +424,7 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
         raise QPlanError("--calibration needs --gpu: the device the calibration was fitted on")
     missing = not_counted(inp.spec, inp.lora.use_dora)
     compute = Compute(flops_per_step=section(Flops, flops), bytes_per_step=section(Moved, moved),
-                      kernel_launches_per_step=section(Launches, launches),
+                      kernel_launches_per_step=section(Launches, launches) if launches else msgspec.UNSET,
                       flops_counted_as="torch.utils.flop_counter.FlopCounterMode (2 m k n per matmul)",
                       not_counted=missing or msgspec.UNSET)
     cost = cost_prediction(time, inp.price_per_hour, gpus)

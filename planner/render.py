@@ -225,7 +225,7 @@ def compute_lines(p: dict[str, Any]) -> list[str]:
         lines.append(f"  not in the FLOP count: {what}")
     t = p.get("time")
     if t and t.get("step_seconds"):
-        if t.get("seconds_per_launch"):
+        if t.get("seconds_per_launch") and t.get("kernel_launches"):
             how = (f"roofline {fmt_seconds(t['ideal_step_seconds'])} ÷ efficiency {t['efficiency']:.2f} + "
                    f"{t['kernel_launches']:,} kernel launches × {t['seconds_per_launch'] * 1e6:.0f} µs; defaults fitted "
                    f"to PEFT's L40S runs, budget ±30%")
@@ -235,6 +235,8 @@ def compute_lines(p: dict[str, Any]) -> list[str]:
                 how += f" + {fmt_seconds(t['overhead_seconds'])}/step"
         else:
             how = f"roofline ÷ efficiency {t['efficiency']:.2f}"
+            if t.get("uncertainty"):
+                how += "; fitted to PEFT's L40S runs, budget ±30%"
         rate = f"{t['tokens_per_second']:,.0f} tokens/s"
         if t.get("gpus", 1) > 1:
             rate += f" in total ({t['tokens_per_second_per_gpu']:,.0f} per GPU x {t['gpus']})"

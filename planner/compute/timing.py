@@ -152,8 +152,8 @@ def time_prediction(flops: dict[str, int], moved: dict[str, int], device: dict[s
         out["tokens_per_second_per_gpu"] = tokens_per_step / step
         if communication is not None:
             out["communication"] = communication
-        if not_predicted:
-            out["not_in_time"] = list(not_predicted)
+    if not_predicted:
+        out["not_in_time"] = list(not_predicted)
     if calibration is None and gpu:
         out["uncertainty"] = UNCERTAINTY
     if tokens is not None:

@@ -120,3 +120,11 @@ def test_several_gpus_say_per_gpu_and_in_total():
     assert c["gpus"] == 4 and c["total"] == pytest.approx(t["total_seconds"] / 3600 * 2.0 * 4)
     assert t["communication"]["bytes_per_step"]["gradient_all_reduce"] > 0 and "not_in_time" not in t
     assert "tokens_per_second_per_gpu" not in one and one["gpus"] == 1
+
+
+def test_unsloth_plans_say_their_launches_are_not_counted():
+    p = _time(model="llama-3.2-3b", backend="unsloth", gpu="l4")
+    assert "kernel_launches_per_step" not in p["compute"] and p["time"]["launch_seconds"] == 0
+    assert "Unsloth" in p["time"]["not_in_time"][0]
+    peft = _time(model="llama-3.2-3b", gpu="l4")
+    assert peft["compute"]["kernel_launches_per_step"]["total"] > 0 and "not_in_time" not in peft["time"]
