@@ -62,13 +62,15 @@ def _need(what: str) -> QPlanError:
 def require_optimizer(name: str) -> None:
     """One line when the plan's optimizer needs a library that is not installed (torchao's low-bit AdamW),
     before anything is built: transformers would raise a multi-line ImportError from inside the Trainer."""
+    import importlib.util
+
     from qplan.planner.vocab import optimizer
 
-    if optimizer(name).state.startswith("torchao"):
-        import importlib.util
-
-        if importlib.util.find_spec("torchao") is None:
-            raise QPlanError(f"optimizer {name} is torchao's: pip install 'qplan[torchao]' (torchao>=0.11)")
+    state = optimizer(name).state
+    if state.startswith("torchao") and importlib.util.find_spec("torchao") is None:
+        raise QPlanError(f"optimizer {name} is torchao's: pip install 'qplan[torchao]' (torchao>=0.11)")
+    if state == "schedulefree" and importlib.util.find_spec("schedulefree") is None:
+        raise QPlanError(f"optimizer {name} is the schedulefree package's: pip install 'qplan[schedulefree]'")
 
 
 def torch_dtype(name: str) -> Any:

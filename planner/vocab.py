@@ -72,7 +72,9 @@ class Optimizer:
       states and fp32 block constants; fp32 for small tensors), ``bnb32bit`` (two fp32 states),
       ``torchao8bit`` / ``torchao4bit`` (torchao's ``OptimState8bit`` / ``OptimState4bit``: codes, block
       scales and a code map per state; the parameter's dtype for small tensors),
-      ``factored`` (Adafactor's row/column second moment), ``none`` (Trainer's SGD: no momentum);
+      ``factored`` (Adafactor's row/column second moment), ``schedulefree`` (Defazio et al.'s schedule-free
+      optimizers, package ``schedulefree``: ``z`` and, but for SGD, ``exp_avg_sq``, each like the parameter),
+      ``none`` (Trainer's SGD: no momentum);
     * ``paged``: bitsandbytes puts large states in CUDA unified memory (``cudaMallocManaged``);
     * ``step_temps``: transients of one step — ``foreach`` (torch's multi-tensor AdamW: one
       parameter-sized ``sqrt`` per tensor, all alive at once; single-tensor on the CPU),
@@ -84,7 +86,7 @@ class Optimizer:
     * ``device_step``: the ``step`` counter is a 4-byte fp32 tensor on the device, one per
       trainable tensor (fused AdamW: ``_get_scalar_dtype(is_fused=True)``, torch/optim/adam.py);
     * ``states``: moments per parameter — 2 for AdamW (``exp_avg``, ``exp_avg_sq``), 1 for Lion (bitsandbytes
-      ``Lion``: an ``Optimizer1State``, ``state1`` only: the momentum).
+      ``Lion``: an ``Optimizer1State``, ``state1`` only: the momentum) and for schedule-free SGD (``z``).
     """
 
     name: str
@@ -114,6 +116,12 @@ OPTIMIZER_TABLE = (
     # torchao's low-bit AdamW (transformers' optim names; torchao >= 0.11 ``torchao.optim``)
     Optimizer("adamw_torch_8bit", "adamw_torch_8bit", "torchao8bit", step_temps="compiled", host_step=True),
     Optimizer("adamw_torch_4bit", "adamw_torch_4bit", "torchao4bit", step_temps="compiled", host_step=True),
+    # schedule-free (schedulefree 1.4, transformers' optim names): foreach by default on every device
+    # (``foreach=hasattr(torch, "_foreach_mul_")``); AdamW's and RAdam's step divide ``exp_avg_sq`` into a new
+    # parameter-sized ``denom`` per tensor (``torch._foreach_div``), SGD's is in place
+    Optimizer("schedule_free_adamw", "schedule_free_adamw", "schedulefree", step_temps="foreach"),
+    Optimizer("schedule_free_radam", "schedule_free_radam", "schedulefree", step_temps="foreach"),
+    Optimizer("schedule_free_sgd", "schedule_free_sgd", "schedulefree", states=1),
 )
 OPTIMIZERS = {o.name: o for o in OPTIMIZER_TABLE}
 

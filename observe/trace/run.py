@@ -233,7 +233,10 @@ def make_optimizer(model: Any, s: TraceSettings) -> Any:
     kwargs = dict(kwargs)
     if row.foreach:
         kwargs["foreach"] = True
-    return cls(groups, **kwargs)
+    opt = cls(groups, **kwargs)
+    if callable(getattr(opt, "train", None)):  # schedule-free: Trainer puts it in train mode before its steps
+        opt.train()
+    return opt
 
 
 def batch(vocab: int, s: TraceSettings) -> Any:

@@ -255,7 +255,8 @@ def step_bytes(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
     * ``optimizer``: per trainable element, AdamW reads parameter, gradient and two fp32 states and
       writes the parameter and states (``4 + 4 + 8 + 4 + 8 = 28 B``); 8-bit states ``16 B``;
       SGD ``12 B``; Adafactor ``20 B``; torchao's 4-bit states ``14 B`` (reads and writes half a byte each); Lion's
-      one state: ``20 B`` in fp32, ``14 B`` in 8-bit.
+      one state: ``20 B`` in fp32, ``14 B`` in 8-bit; schedule-free AdamW/RAdam ``28 B`` (``z`` and ``exp_avg_sq``
+      for AdamW's two moments), schedule-free SGD ``20 B``.
     """
     c = 2 if q.compute_dtype in ("bfloat16", "float16") else 4
     passes = 2 + (grad_ckpt != "off")
@@ -271,8 +272,8 @@ def step_bytes(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
     dq *= passes * grad_accum
     row = optimizer(optimizer_name)
     per_elem = {"adamw": 28, "bnb8bit": 16, "bnb32bit": 28, "none": 12, "factored": 20, "torchao8bit": 16,
-                "torchao4bit": 14}[row.state]
-    if row.states == 1:  # Lion: one state read and written instead of two
-        per_elem -= {"bnb8bit": 2, "bnb32bit": 8}[row.state]
+                "torchao4bit": 14, "schedulefree": 28}[row.state]
+    if row.states == 1:  # Lion, schedule-free SGD: one state read and written instead of two
+        per_elem -= {"bnb8bit": 2, "bnb32bit": 8, "schedulefree": 8}[row.state]
     opt = per_elem * trainable_numel
     return {"weights": weights, "dequantization": dq, "optimizer": opt, "total": weights + dq + opt}

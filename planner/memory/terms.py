@@ -360,6 +360,8 @@ def optimizer_state_bytes(counts: list[ModuleCount], name: str) -> dict[str, int
                     dev += k * opt.states * n * 4
             elif opt.state in ("torchao8bit", "torchao4bit"):
                 dev += k * 2 * torchao_state_bytes(n, BYTES[c.dtype], opt.state == "torchao4bit")
+            elif opt.state == "schedulefree":
+                dev += k * opt.states * n * BYTES[c.dtype]
             elif opt.state == "factored":
                 if len(shape) >= 2:
                     dev += k * 4 * (shape[0] + math.prod(shape[1:]))
