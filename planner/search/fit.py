@@ -115,8 +115,11 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
     if not model or not str(model).strip():
         raise QPlanError("--model is empty: give a bundled name (see `qplan models`), a config.json or a model folder")
     keep = objective in ("time", "cost") and not search_recipe
-    if search_recipe and not keep and objective == "memory":
+    if search_recipe and objective == "memory":
         raise QPlanError("--search-recipe goes with --objective time or cost (--objective memory searches the recipe)")
+    if max_gpus is not None and not keep:
+        raise QPlanError("--max-gpus ranks GPU counts by --objective time or cost, without --search-recipe (with "
+                         "--objective memory it finds the fewest GPUs: fit_document)")
     if global_batch is not None and not keep:
         raise QPlanError("--global-batch goes with --objective time or cost, without --search-recipe: it is the batch "
                          "those rankings keep")
