@@ -151,7 +151,7 @@ def test_an_unknown_key_is_named_in_a_warning_and_changes_nothing(capsys, tmp_pa
 @pytest.mark.parametrize("extra,needles", [
     ({"deepspeed": "deepspeed_configs/zero2.json"}, ["deepspeed", "cannot read"]),  # multi-GPU: test_trainer_configs_dist
     ({"fsdp": ["full_shard", "auto_wrap"]}, ["fsdp_version 1", "FSDP2"]),
-    ({"optimizer": "schedule_free_adamw"}, ["schedule_free_adamw", "not an optimizer qplan plans"]),
+    ({"optimizer": "galore_adamw"}, ["galore_adamw", "not an optimizer qplan plans"]),
     ({"xformers_attention": True}, ["xformers_attention"]),
     ({"rl": "dpo"}, ["rl"]),
     ({"load_in_8bit": True}, ["load_in_4bit and load_in_8bit"]),
