@@ -284,7 +284,9 @@ def render_gpus(rows: list[dict[str, Any]]) -> str:
 def render_fit(result: dict[str, Any]) -> str:
     objective = result.get("objective", "memory")
     where = result["gpu"] if "," in result["gpu"] else f"{result['gpu']} ({fmt_bytes(result['usable_bytes'])} usable)"
-    lines = [f"{result['model']} on {where}: {result['candidates']} plans searched, {result['fitting']} fit"
+    fit = (f"{result['fitting']} GPUs can train it" if result.get("recipe") and "," in result["gpu"]
+           else f"{result['fitting']} fit")
+    lines = [f"{result['model']} on {where}: {result['candidates']} plans searched, {fit}"
              + (f"; ranked by {objective}" if objective != "memory" else "")]
     d = result.get("data")
     if d:
