@@ -110,7 +110,7 @@ def _served_options(command_name: str, query: str) -> dict[str, Any]:
         if o.get(k) is not None:
             flag = k.replace("_", "-")
             raise QPlanError(f"parameter '{k}' names a file: qplan serve reads no file a request names (use "
-                             f"`qplan estimate --{flag}` on the command line)")
+                             f"`qplan {command_name} --{flag}` on the command line)")
     for k in NOT_SERVED:
         o.pop(k, None)
     if not o.get("model"):

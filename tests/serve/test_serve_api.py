@@ -167,3 +167,14 @@ def test_serve_refuses_a_port_in_use_in_one_line():
         assert len(p.stderr.strip().splitlines()) == 1
     finally:
         server.server_close()
+
+
+def test_a_price_file_is_never_read_from_a_request():
+    """`prices` names a file: the server refuses it in one line (it reads no file a request names) and ranks by time."""
+    from qplan.cli.serve import fit_text
+    from qplan.planner.errors import QPlanError
+
+    with pytest.raises(QPlanError, match="parameter 'prices' names a file.*qplan fit --prices"):
+        fit_text("model=llama-3.2-1b&gpu=l4&objective=cost&prices=/etc/passwd")
+    doc = json.loads(fit_text("model=llama-3.2-1b&gpu=l4,a100-80gb&objective=time&global-batch=4"))
+    assert doc["recipe"]["global_batch"] == 4 and [r["gpu"] for r in doc["best"]] == ["a100-80gb", "l4"]
