@@ -6,6 +6,8 @@ from typing import Any
 
 from tabulate import tabulate
 
+from qplan.planner.compute.timing import DEFAULTS_SOURCE
+
 GiB = 2**30
 MiB = 2**20
 
@@ -229,7 +231,7 @@ def compute_lines(p: dict[str, Any]) -> list[str]:
             how = (f"roofline {fmt_seconds(t['ideal_step_seconds'])} ÷ efficiency {t['efficiency']:.2f} + "
                    f"{t['kernel_launches']:,} kernel launches × {t['seconds_per_launch'] * 1e6:.0f} µs; defaults fitted "
                    f"to PEFT's L40S runs, budget ±30%")
-        elif "calibrat" in t["efficiency_source"] and "not calibrated" not in t["efficiency_source"]:
+        elif t["efficiency_source"] != DEFAULTS_SOURCE:  # a calibration file's
             how = f"roofline ÷ calibrated efficiency {t['efficiency']:.2f}"
             if t.get("overhead_seconds"):
                 how += f" + {fmt_seconds(t['overhead_seconds'])}/step"

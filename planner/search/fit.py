@@ -123,11 +123,13 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
     if global_batch is not None and not keep:
         raise QPlanError("--global-batch goes with --objective time or cost, without --search-recipe: it is the batch "
                          "those rankings keep")
+    d = PlanOptions(model=model)  # estimate's defaults: the recipe a time/cost ranking keeps or says it changed
+    given = {"r": r or d.r, "targets": targets or d.targets, "quant": quant or d.quant,
+             "optimizer": optimizer or d.optimizer, "seq_len": seq_len or DEFAULT_SEQ_LEN,
+             "batch_size": batch_size or d.batch_size}
     recipe = None
     if keep:
-        d = PlanOptions(model=model)
-        r, targets, quant, optimizer = r or d.r, targets or d.targets, quant or d.quant, optimizer or d.optimizer
-        seq_len = seq_len or DEFAULT_SEQ_LEN
+        r, targets, quant, optimizer, seq_len = (given[k] for k in ("r", "targets", "quant", "optimizer", "seq_len"))
         global_batch = global_batch or batch_size or 1
         if batch_size is not None and global_batch % batch_size:
             raise QPlanError(f"--batch-size {batch_size} does not divide --global-batch {global_batch}: the micro-batch "
@@ -166,10 +168,6 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
                         adapter_dtype=adapter_dtype, liger_kernels=liger_kernels, global_batch=global_batch)
             for g in gpus]
     if search_recipe:  # every row says what it changed of the recipe as given, else estimate's defaults
-        d = PlanOptions(model=model)
-        given = {"r": r or d.r, "targets": targets or d.targets, "quant": quant or d.quant,
-                 "optimizer": optimizer or d.optimizer, "seq_len": seq_len or DEFAULT_SEQ_LEN,
-                 "batch_size": batch_size or d.batch_size}
         for res in runs:
             for row in res["rows"]:
                 row["changed"] = [f"{k} {given[k]} -> {row[k]}" for k in given if row[k] != given[k]]

@@ -53,6 +53,8 @@ def _one_real_step(optimizer: str):
     model.b = torch.nn.Parameter(torch.randn(16, 64))
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     opt = cls(model.parameters(), **kwargs)
+    if callable(getattr(opt, "train", None)):  # schedule-free: in train mode, as Trainer puts it
+        opt.train()
     for prm in model.parameters():
         prm.grad = torch.randn_like(prm)
     opt.step()
@@ -146,13 +148,13 @@ def test_schedule_free_states_and_step_equal_the_traced_optimizer(optimizer):
     optimizer step's moment (AdamW's and RAdam's ``denom``, one parameter-sized tensor per trainable tensor) is
     within 0.01%. RAdam divides only once its variance is rectified (step 5 on, ``rho_t > 4``): six steps traced."""
     pytest.importorskip("schedulefree")
-    p = plan_dict(model="smollm2-135m", quant="nf4", optimizer=optimizer, seq_len=256)
+    p = plan_dict(model="smollm2-135m", quant="nf4", optimizer=optimizer, seq_len=64)  # the step's moment: any length
     tr = trace_plan(p, steps=6 if optimizer.endswith("radam") else 2)
     mem = p["prediction"]["memory"]
     assert mem["optimizer"] == tr["breakdown_at_peak"]["optimizer"]
     planned, traced = p["prediction"]["memory_detail"]["phases"]["optimizer"], tr["phase_peaks"]["optimizer"]
     assert abs(planned - traced) <= 1e-4 * traced
-    adamw = plan_dict(model="smollm2-135m", quant="nf4", optimizer="adamw_torch", seq_len=256)["prediction"]["memory"]
+    adamw = plan_dict(model="smollm2-135m", quant="nf4", optimizer="adamw_torch", seq_len=64)["prediction"]["memory"]
     assert mem["optimizer"] * (2 if optimizer.endswith("sgd") else 1) == adamw["optimizer"]
 
 
@@ -161,26 +163,13 @@ def test_a_real_schedule_free_step_makes_the_planned_states(optimizer):
     """One real CPU step of the optimizer transformers builds for ``optim=<name>`` (in train mode, as Trainer puts it):
     its state bytes equal the plan's for the same tensors."""
     pytest.importorskip("schedulefree")
-    import dataclasses
 
     import torch
-    from transformers import Trainer, TrainingArguments
-    from transformers.training_args import OptimizerNames
 
     from qplan.planner.memory.terms import optimizer_state_bytes
     from qplan.planner.model.lora import ModuleCount
 
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments) if f.default is not dataclasses.MISSING}
-    args = types.SimpleNamespace(**dict(defaults, optim=OptimizerNames(optimizer)))
-    model = torch.nn.Module()
-    model.a = torch.nn.Parameter(torch.randn(64, 256))
-    model.b = torch.nn.Parameter(torch.randn(16, 64))
-    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
-    opt = cls(model.parameters(), **kwargs)
-    opt.train()
-    for prm in model.parameters():
-        prm.grad = torch.randn_like(prm)
-    opt.step()
+    _, opt, _ = _one_real_step(optimizer)
     real = sum(v.untyped_storage().nbytes() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
     assert set(next(iter(opt.state.values()))) == ({"z"} if optimizer.endswith("sgd") else {"z", "exp_avg_sq"})
     counts = [ModuleCount("m", "lora", "", 1, 64 * 256 + 16 * 64, "float32", [("a", [64, 256]), ("b", [16, 64])])]
