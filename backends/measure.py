@@ -94,6 +94,8 @@ class Probe:
         self.phases: dict[str, dict[str, Any]] = {}
         self.window: dict[str, Any] = {}
         self.weights_footprint: int | None = None
+        #: full fine-tuning: the model's trainable parameters are its weights (the tracker's ``weights``)
+        self.full = False
         #: which tensors are logits (``LogitsRule.for_step`` of the plan; set by the worker)
         self.logits: LogitsRule | None = None
         self._tracker: Any = None
@@ -144,7 +146,7 @@ class Probe:
         else:
             tr = LiveTensorTracker(self.device.type, logits=self.logits or LogitsRule(self.vocab or None),
                                    origins=True)
-            register_model(tr, model)
+            register_model(tr, model, as_weights=self.full)
             for p in model.parameters():
                 if p.grad is not None:  # accumulated gradients from an unfinished step
                     rec = tr.add_existing(p.grad, None)

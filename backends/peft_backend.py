@@ -10,7 +10,8 @@
   (freezes the base, casts fp16/bf16 parameters that are not 4-bit to fp32, enables
   checkpointing when the plan uses it).
 * ``get_peft_model`` with ``LoraConfig(r, lora_alpha, lora_dropout, target_modules, bias,
-  use_dora, use_rslora, modules_to_save, task_type="CAUSAL_LM")`` from ``plan["lora"]``.
+  use_dora, use_rslora, modules_to_save, task_type="CAUSAL_LM")`` from ``plan["lora"]``; a full fine-tuning plan
+  (``method: full``) trains the model itself, every parameter.
 * Train with ``transformers.Trainer`` (``backends.hf_train``).
 """
 
@@ -105,6 +106,16 @@ class PeftBackend:
         probe.snapshot("after_prepare", model)
         footprint = int(model.get_memory_footprint())
         probe.weights_footprint = footprint
+        if plan.get("method") == "full":  # full fine-tuning: the Trainer gets the model itself, every parameter trains
+            from qplan.observe.trace.run import trainable_and_total
+
+            probe.set_phase("trainable")
+            for p in model.parameters():
+                p.requires_grad_(True)
+            probe.snapshot("after_adapters", model, adapters=False)
+            trainable, total = trainable_and_total(model)
+            return Prepared(model=model, tokenizer=load_tokenizer(source), device=device,
+                            weights_footprint=footprint, params={"trainable": int(trainable), "all": int(total)})
         probe.set_phase("adapters")
         model = cast_adapters(get_peft_model(model, lora_config(plan["lora"])), plan["lora"])
         if t.get("loss") == "trl":  # as TRL's SFTTrainer: the fused LM head on the causal LM under the PEFT wrapper
@@ -120,7 +131,12 @@ class PeftBackend:
         run_trainer(prepared.model, dataset, plan, settings, prepared.device, callbacks)
 
     def save_adapter(self, prepared: Prepared, folder: Path) -> Path:
+        """The trained adapter (``adapter_model.safetensors``); with full fine-tuning the trained model itself
+        (``model.safetensors``, or its index when transformers shards a large one)."""
         prepared.model.save_pretrained(str(folder), safe_serialization=True)
+        if not hasattr(prepared.model, "peft_config"):
+            index = Path(folder) / "model.safetensors.index.json"
+            return index if index.is_file() else Path(folder) / "model.safetensors"
         path = Path(folder) / "adapter_model.safetensors"
         if not path.is_file():  # pragma: no cover - PEFT changed its file name
             raise QPlanError(f"PEFT wrote no {path.name} in {folder}")

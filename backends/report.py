@@ -164,8 +164,9 @@ def settings_rows(plan: dict[str, Any], doc: dict[str, Any]) -> list[list[str]]:
             ["backend", str(doc.get("backend") or plan.get("backend"))],
             ["base weights", f"{q['quant']}" + (" + double quant" if q.get("double_quant") and q["quant"] in ("nf4", "fp4")
                                                 else "") + f", compute {q['compute_dtype']}"],
-            ["LoRA", f"r={lo['r']}, alpha={lo['alpha']}, dropout={lo['dropout']}, targets {lo['targets']}"],
-            ["target modules", ", ".join(lo["target_modules"])],
+            *([["method", "full fine-tuning: every parameter trains"]] if lo is None else
+              [["LoRA", f"r={lo['r']}, alpha={lo['alpha']}, dropout={lo['dropout']}, targets {lo['targets']}"],
+               ["target modules", ", ".join(lo["target_modules"])]]),
             ["batch × sequence × accumulation", f"{t['batch_size']} × {t['seq_len']} × {t.get('grad_accum', 1)}"],
             ["gradient checkpointing", str(t["grad_ckpt"])], ["optimizer", str(t["optimizer"])],
             ["attention", str(t.get("attn_impl"))], ["mixed precision", str(t.get("mixed_precision"))]]
@@ -287,8 +288,9 @@ def _details_md(plan: dict[str, Any], doc: dict[str, Any]) -> list[str]:
 def _title(plan: dict[str, Any], doc: dict[str, Any]) -> str:
     mem = ((doc.get("measured") or {}).get("memory") or {})
     q = plan["quant"]
-    return (f"qplan run: {plan['model']['name']} · LoRA r={plan['lora']['r']} {plan['lora']['targets']} · "
-            f"{q['quant']} · {doc.get('backend')} · {mem.get('device', '?')}")
+    lo = plan["lora"]
+    method = "full fine-tuning" if lo is None else f"LoRA r={lo['r']} {lo['targets']}"
+    return f"qplan run: {plan['model']['name']} · {method} · {q['quant']} · {doc.get('backend')} · {mem.get('device', '?')}"
 
 
 def _no_timeline(mem: dict[str, Any]) -> str:

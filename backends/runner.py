@@ -10,7 +10,7 @@ it is relative to it (``job.json``, ``launch.sh``): the folder can be moved and 
 * ``measured.json`` — what the worker measured (``backends.measure``), the ``status`` and the
   signed ``error`` of each compared term (``backends.compare``);
 * ``report.md``, ``report.html`` — tables and a predicted-vs-measured chart;
-* ``adapter/`` — the trained adapter (PEFT ``save_pretrained``, safetensors);
+* ``adapter/`` — the trained adapter (PEFT ``save_pretrained``, safetensors); ``model/`` for a full fine-tuning plan;
 * ``worker.log`` — the child's output (also shown live on stderr, with the progress bar).
 
 The backend runs in a child process (``python -m qplan.backends.worker``) with the backend's

@@ -146,6 +146,7 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         doc["run"]["device"] = device
         doc["device"] = device_info(device)
         probe = Probe(device)
+        probe.full = plan.get("method") == "full"  # the trained weights are weights, not adapters
         if job.get("random_init"):
             from .modelsrc import build_random_model_dir
 
@@ -220,7 +221,9 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
                                  output_dir=Path(out_dir), seed=int(job.get("seed") or 0))
         backend.train(prepared, data, plan, settings, [meter, *extra])
         probe.set_phase("save")
-        if renv is None:
+        if renv is None and plan.get("method") == "full":  # the trained model, not an adapter
+            backend.save_adapter(prepared, run_dir / "model")
+        elif renv is None:
             adapter = backend.save_adapter(prepared, run_dir / "adapter")
             m.adapter_file_bytes = adapter.stat().st_size
         else:

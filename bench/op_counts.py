@@ -42,6 +42,11 @@ def cases() -> list[dict]:
               "mistral-nemo-12b", "gpt-oss-20b"):
         out.append({**BASE, "model": m, "targets": "all-linear"})
         out.append({**BASE, **PURE16, "model": m, "targets": "qv" if m != "gpt-oss-20b" else "attn"})
+    full = dict(full=True, quant="bf16", batch_size=2, seq_len=128, gpu="l40s")  # full fine-tuning: no LoRA options
+    for m in ("llama-3.2-1b", "llama-3.1-8b", "qwen3-0.6b", "gemma-2-9b", "phi-4", "qwen3-30b-a3b"):
+        out.append({**full, "model": m})
+    out.append({**full, "model": "llama-3.2-1b", "grad_ckpt": False})
+    out.append({**full, "model": "llama-3.2-1b", "quant": "fp32"})
     return out
 
 

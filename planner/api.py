@@ -58,21 +58,25 @@ def plan_settings(plan: dict[str, Any]) -> dict[str, Any]:
     """The ``PlanOptions`` fields a plan.json was made from, read back from its own sections (model and GPU by
     name; the document has passed ``check_plan``)."""
     lora, quant, tr, d = plan["lora"], plan["quant"], plan["training"], plan.get("distributed")
-    targets = lora["targets"]
-    o: dict[str, Any] = {
-        "model": plan["model"]["name"], "gpu": plan["gpu"]["name"] if plan.get("gpu") else None,
-        "r": lora["r"], "alpha": lora["alpha"], "dropout": lora["dropout"],
-        "targets": targets if isinstance(targets, str) else ",".join(targets), "bias": lora["bias"],
-        "dora": lora["use_dora"], "rslora": lora["use_rslora"],
-        "target_parameters": ",".join(lora.get("target_parameters") or []),
-        "modules_to_save": ",".join(lora.get("modules_to_save") or []),
+    o: dict[str, Any] = {"model": plan["model"]["name"], "gpu": plan["gpu"]["name"] if plan.get("gpu") else None}
+    if lora is None:  # full fine-tuning: no LoRA options
+        o["full"] = True
+    else:
+        targets = lora["targets"]
+        o.update({
+            "r": lora["r"], "alpha": lora["alpha"], "dropout": lora["dropout"],
+            "targets": targets if isinstance(targets, str) else ",".join(targets), "bias": lora["bias"],
+            "dora": lora["use_dora"], "rslora": lora["use_rslora"],
+            "target_parameters": ",".join(lora.get("target_parameters") or []),
+            "modules_to_save": ",".join(lora.get("modules_to_save") or []),
+            "adapter_dtype": {v: k for k, v in ADAPTER_DTYPES.items()}[lora.get("adapter_dtype", "float32")]})
+    o.update({
         "quant": quant["quant"], "compute_dtype": quant["compute_dtype"], "seq_len": tr["seq_len"],
         "batch_size": tr["batch_size"], "grad_accum": tr["grad_accum"], "grad_ckpt": tr["grad_ckpt"] != "off",
         "reentrant": tr["grad_ckpt"] == "reentrant",
         "optimizer": tr["optimizer"], "attn_impl": tr["attn_impl"], "backend": plan["backend"],
         "loss": tr.get("loss", "full"), "liger_kernels": ",".join(tr.get("liger_kernels") or []),
-        "adapter_dtype": {v: k for k, v in ADAPTER_DTYPES.items()}[lora.get("adapter_dtype", "float32")],
-    }
+    })
     if "double_quant" in quant:
         o["double_quant"] = quant["double_quant"]
     if "prepare_model_for_kbit_training" in quant:
@@ -103,7 +107,7 @@ def check_consistent(plan: dict[str, Any]) -> None:
         return  # exactly what a qplan made, whatever its version: the settings and the prediction belong together
     if plan["prediction"]["method"] != "analytic":
         return  # a traced step's memory is measured on the meta device, not re-made from the options
-    if plan["lora"].get("rank_pattern") or plan["lora"].get("alpha_pattern"):
+    if (plan["lora"] or {}).get("rank_pattern") or (plan["lora"] or {}).get("alpha_pattern"):
         return  # per-module ranks come from a trainer config, not from options
     if "/" in plan["model"]["name"]:
         return  # a Hub id: re-making it could need the network

@@ -177,6 +177,7 @@ class Flops(Struct, kw_only=True):
 
     base_forward: Bytes | UnsetType = UNSET
     input_gradients: Bytes | UnsetType = UNSET
+    weight_gradients: _d(Bytes | UnsetType, "full fine-tuning: the weights' gradients") = UNSET
     lora: Bytes | UnsetType = UNSET
     attention: Bytes | UnsetType = UNSET
     recomputation: Bytes | UnsetType = UNSET
@@ -363,7 +364,9 @@ class PlanDoc(Struct, kw_only=True):
     schema_version: Literal[1]
     qplan_version: str = ""
     model: ModelSection
-    lora: LoraSection
+    method: _d(Literal["lora", "full"] | UnsetType, "full: full fine-tuning, every parameter trains (`--full`; `lora` is "
+               "null); absent: LoRA") = UNSET
+    lora: _d(LoraSection | None, "the adapter (null with method full)")
     quant: QuantSection
     training: TrainingSection
     gpu: GpuSection | None = None
@@ -429,7 +432,9 @@ def check_plan(plan: Any, where: str = "plan") -> dict[str, Any]:
         raise QPlanError(explain(exc, plan, lambda path: f"{where}: {path.lstrip('.') or 'document'}")) from exc
     check_config(plan["model"]["config"], f"{where}: model.config")
     lora = plan["lora"]
-    if not lora["target_modules"] and not lora.get("target_parameters"):
+    if (lora is None) != (plan.get("method") == "full"):
+        raise QPlanError(f"{where}: lora is null exactly when method is full (full fine-tuning)")
+    if lora is not None and not lora["target_modules"] and not lora.get("target_parameters"):
         raise QPlanError(f"{where}: lora.target_modules is empty and there are no lora.target_parameters: "
                          "nothing would be adapted")
     return plan

@@ -72,6 +72,9 @@ Price = Annotated[float, Meta(ge=0, le=1e6)]
 Epochs = Annotated[float, Meta(gt=0, le=10_000)]
 Targets = Annotated[str, Meta(min_length=1, max_length=16384)]
 
+#: --quant when none is given: QLoRA's, and full fine-tuning's (a model loaded in bf16, as its checkpoint is)
+DEFAULT_QUANT, FULL_QUANT = "nf4", "bf16"
+
 _MODEL_HELP = ("bundled model name (see `qplan models`), a config.json, a model directory or a Hub id "
                "ORG/NAME[@REV]")
 
@@ -94,8 +97,10 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
                         section=LORA) = ""
     adapter_dtype: _f(lit(sorted(ADAPTER_DTYPE_NAMES)), "dtype of the LoRA tensors (A, B, DoRA magnitudes): fp32 as PEFT makes "
                       "them; bf16 as TRL casts a quantized model's and torchtune keeps them", section=LORA) = "fp32"
-    quant: _f(lit(QUANTS), "base weights: bitsandbytes 4-bit (nf4, fp4), LLM.int8, or a plain 16/32-bit load",
-              section=QUANT) = "nf4"
+    full: _f(bool, "full fine-tuning: every parameter trains, no adapter (HF Trainer without PEFT; the LoRA options "
+             "do not apply; the weights load in bf16 unless --quant bf16/fp16/fp32 says otherwise)", section=LORA) = False
+    quant: _f(lit(QUANTS) | None, "base weights: bitsandbytes 4-bit (nf4, fp4), LLM.int8, or a plain 16/32-bit load "
+              f"[default: {DEFAULT_QUANT}; {FULL_QUANT} with --full]", section=QUANT) = None
     double_quant: _f(bool, "4-bit: quantize the absmax constants", negatable=True, section=QUANT) = True
     compute_dtype: _f(lit(sorted(DTYPE_ALIASES)), "dtype of the matmuls (bnb_4bit_compute_dtype; autocast); fp32 with "
                       "--quant bf16/fp16 is a pure 16-bit step: no autocast, matmuls in the weights' dtype (PEFT's "

@@ -51,6 +51,7 @@ from qplan.planner.memory.terms import (
     text_only_warning,
 )
 from qplan.planner.model.catalog import load_gpu, load_spec, spec_origin, user_spec_dir
+from qplan.planner.model.full import check_full, count_full
 from qplan.planner.model.lora import (
     LoraSettings,
     adapter_file_bytes,
@@ -68,7 +69,7 @@ from qplan.planner.model.weights import (
     checkpoint_quant,
     unquantized_experts_warning,
 )
-from qplan.planner.options import PlanOptions, as_dict, check_options
+from qplan.planner.options import DEFAULT_QUANT, FULL_QUANT, PlanOptions, as_dict, check_options
 from qplan.planner.validate import read_calibration
 from qplan.planner.vocab import ADAPTER_DTYPE_NAMES, BACKENDS, BYTES, DTYPE_ALIASES, LIGER_KERNELS, MIXED_PRECISION
 
@@ -92,10 +93,15 @@ class PlanInputs:
     dist: Any = None
     #: ``--data``: ``prediction.data`` (``planner.data.data_profile``); None: a shape given by --seq-len
     data: dict[str, Any] | None = None
+    #: ``--full``: full fine-tuning, every parameter trains (``planner.model.full``); ``lora`` is then unused
+    full: bool = False
 
 
-def check_gpu_dtype(quant: QuantSettings, gpu: Gpu | None, auto_fix: bool) -> tuple[QuantSettings, list[str]]:
-    """bf16 needs compute capability >= 8.0. Switch to fp16 with a warning, or fail with the fix."""
+def check_gpu_dtype(quant: QuantSettings, gpu: Gpu | None, auto_fix: bool,
+                    full: bool = False) -> tuple[QuantSettings, list[str]]:
+    """bf16 needs compute capability >= 8.0. Switch to fp16 with a warning, or fail with the fix. Full fine-tuning
+    (``full``) switches bf16 weights to fp32 under fp16 autocast: the Trainer's fp16 ``GradScaler`` refuses fp16
+    weights (``check_full``)."""
     warnings: list[str] = []
     uses_bf16 = quant.compute_dtype == "bfloat16" or quant.quant == "bf16"
     if gpu is not None and uses_bf16 and not gpu.bf16:
@@ -104,12 +110,11 @@ def check_gpu_dtype(quant: QuantSettings, gpu: Gpu | None, auto_fix: bool) -> tu
                 f"{gpu.name} has no native bfloat16 (compute capability {gpu.compute_capability}): "
                 f"use --compute-dtype fp16" + (" --quant fp16" if quant.quant == "bf16" else "")
             )
-        new_quant = "fp16" if quant.quant == "bf16" else quant.quant
+        new_quant = ("fp32" if full else "fp16") if quant.quant == "bf16" else quant.quant
+        changed = new_quant != quant.quant
         quant = QuantSettings(new_quant, quant.double_quant, "float16", quant.upcast_kbit, quant.skip_modules)
-        warnings.append(
-            f"{gpu.name} has no native bfloat16: switched compute dtype to float16"
-            + (" and weights to fp16" if new_quant == "fp16" else "")
-        )
+        warnings.append(f"{gpu.name} has no native bfloat16: switched compute dtype to float16"
+                        + (f" and weights to {new_quant}" if changed else ""))
     return quant, warnings
 
 
@@ -131,6 +136,10 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     tokens, dataset_tokens, epochs, calibration = o.tokens, o.dataset_tokens, o.epochs, o.calibration
     backend, gpus, nodes, strategy, cpu_offload = o.backend, o.gpus, o.nodes, o.strategy, o.cpu_offload
     modules_to_save, target_parameters, model, gpu = o.modules_to_save, o.target_parameters, o.model, o.gpu
+    if o.full:
+        check_full_options(o)
+        quant = quant or FULL_QUANT
+    quant = quant or DEFAULT_QUANT
     if check_data_options(as_dict(o), o.seq_len) and (tokens is not None or dataset_tokens is not None):
         raise QPlanError("--data counts the tokens: leave out --tokens and --dataset-tokens (--epochs sets passes)")
     if tokens is not None and (dataset_tokens is not None or epochs is not None):
@@ -195,8 +204,10 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     training = TrainingSettings(o.batch_size, seq_len, o.grad_accum, ckpt, o.optimizer, attn, bool(mask), flat, o.loss,
                                 liger_kernels(o.liger_kernels, spec, backend, strategy))
     loss_notes = check_fused_loss(o.loss, spec, q, gpu_, backend, strategy) if o.loss != "full" else []
-    q, warnings = check_gpu_dtype(q, gpu_, auto_fix=not o.strict_dtype)
+    q, warnings = check_gpu_dtype(q, gpu_, auto_fix=not o.strict_dtype, full=o.full)
     check_adapter_dtype(lora.adapter_dtype, q, backend)
+    if o.full:
+        check_full(q, backend)
     warnings = ck_warnings + loss_notes + warnings
     if model is not None and spec_origin(model) == "user, shadows bundled":
         warnings.insert(0, f"model {model!r} is your spec in {user_spec_dir()}, which shadows the bundled one "
@@ -207,7 +218,26 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     if gpus * nodes > 1 or strategy is not None or cpu_offload:
         dist = DistSettings(gpus, nodes, strategy or "ddp", cpu_offload)
         dist.validate(q, backend)
-    return PlanInputs(spec, lora, q, training, gpu_, backend, tokens, o.price_per_hour, calib, dist, data), warnings
+    if o.full and dist is not None:
+        raise QPlanError("--full is planned on one GPU for now: full fine-tuning over several GPUs (DDP, FSDP, ZeRO) is "
+                         "not planned yet")
+    return PlanInputs(spec, lora, q, training, gpu_, backend, tokens, o.price_per_hour, calib, dist, data,
+                      o.full), warnings
+
+
+#: the LoRA options --full leaves no meaning to, with their defaults
+LORA_ONLY = ("r", "alpha", "dropout", "targets", "bias", "dora", "rslora", "target_parameters", "modules_to_save",
+             "adapter_dtype")
+
+
+def check_full_options(o: PlanOptions) -> None:
+    """One line when a LoRA option is given with ``--full`` (it would be silently meaningless)."""
+    from qplan.planner.options import option_infos
+
+    defaults = PlanOptions()
+    for info in option_infos(PlanOptions):
+        if info.name in LORA_ONLY and getattr(o, info.name) != getattr(defaults, info.name):
+            raise QPlanError(f"{info.flag} is a LoRA option: --full trains every parameter, with no adapter")
 
 
 def liger_kernels(names: str, spec: ModelSpec, backend: str, strategy: str | None) -> tuple[str, ...]:
@@ -308,7 +338,7 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> PlanDoc:
     if inp.backend not in BACKENDS:
         raise QPlanError(f"unknown backend {inp.backend!r}: choose one of {', '.join(BACKENDS)}")
     t.validate(spec)
-    for note in (unquantized_experts_warning(spec, q), moved_targets_warning(spec, lora),
+    for note in (unquantized_experts_warning(spec, q), None if inp.full else moved_targets_warning(spec, lora),
                  accuracy_warning(spec, lora.use_dora)):
         if note:
             warnings = [*(warnings or []), note]
@@ -341,7 +371,7 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> PlanDoc:
             "trainable_share": round(trainable / total, 8) if total else 0.0,
             "per_module": [c.to_json(BYTES[c.dtype]) for c in counts],
         },
-        "adapter_file_bytes": adapter_file_bytes(spec, counts),
+        "adapter_file_bytes": None if inp.full else adapter_file_bytes(spec, counts),
         "memory": memory,
         "host": profile.host(ctx, mem),
         "memory_detail": {
@@ -374,7 +404,8 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> PlanDoc:
         qplan_version=__version__,
         model=ModelSection(name=spec.name, source=spec.source, architecture=inv.architecture,
                            model_type=inv.model_type, config=spec.config),
-        lora=section(LoraSection, {**lora.to_json(), **resolve_targets(spec, lora).to_json()}),
+        method="full" if inp.full else msgspec.UNSET,
+        lora=None if inp.full else section(LoraSection, {**lora.to_json(), **resolve_targets(spec, lora).to_json()}),
         quant=section(QuantSection, q.to_json()),
         training=section(TrainingSection, {**t.to_json(), "mixed_precision": MIXED_PRECISION[q.compute_dtype]}),
         gpu=None if inp.gpu is None else GpuSection(name=inp.gpu.name, usable_bytes=inp.gpu.usable_bytes,
@@ -390,6 +421,8 @@ def plan_counts(inp: PlanInputs) -> list:
     """The LoRA counts of a plan (PEFT's trainable tensors, module by module); biases and
     ``modules_to_save`` train in the unquantized dtype."""
     q = inp.quant
+    if inp.full:
+        return count_full(inp.spec, q)
     return count_lora(inp.spec, inp.lora, {"bias": q.unquantized_dtype, "modules_to_save": q.unquantized_dtype})
 
 
@@ -399,7 +432,7 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
     from qplan.planner.compute.flops import not_counted, step_bytes, step_flops
     from qplan.planner.compute.ops import step_launches
     from qplan.planner.compute.timing import cost_prediction, time_prediction
-    from qplan.planner.memory.terms import adapter_bytes
+    from qplan.planner.memory.terms import gradient_bytes
 
     t, q = inp.training, inp.quant
     flops = step_flops(inp.spec, counts, inp.lora.r, q, *t.shape, t.grad_ckpt, t.attn_impl, t.grad_accum, t.loss)
@@ -413,8 +446,9 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
     if inp.dist is not None and inp.dist.world > 1:
         gathered = (gathered_bytes(inp.spec, q, counts, inp.dist.world, inp.dist.strategy)
                     if inp.dist.strategy in ("fsdp", "zero3") else (0, 0))
-        comm = comm_time(inp.dist, device, t.grad_accum, adapter_bytes(counts), gathered)
-    time = time_prediction(flops, moved, device, (q.quant, q.compute_dtype, inp.lora.adapter_dtype), tokens_per_step,
+        comm = comm_time(inp.dist, device, t.grad_accum, gradient_bytes(counts), gathered)
+    trained = q.unquantized_dtype if inp.full else inp.lora.adapter_dtype  # the dtype the trained tensors' matmuls see
+    time = time_prediction(flops, moved, device, (q.quant, q.compute_dtype, trained), tokens_per_step,
                            inp.tokens, inp.calibration, gpus, launches["total"] if launches else 0, comm)
     if inp.tokens is not None and time is None:
         raise QPlanError("--tokens / --dataset-tokens need --gpu: the time of a step depends on the device")

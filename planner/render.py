@@ -34,7 +34,7 @@ def fmt_int(n: int) -> str:
 PHASE_NAMES = {"forward": "loss", "backward": "start of backward", "layers": "layer-0 backward",
                "layers_last": "last layer's backward", "mlp_forward": "MLP forward",
                "optimizer": "optimizer step", "attention": "eager attention forward",
-               "unshard": "first all-gathers"}
+               "unshard": "first all-gathers", "embeddings": "embeddings' backward"}
 
 MEMORY_ROWS = [
     ("weights", "base weights (device, quant constants included)"),
@@ -59,10 +59,9 @@ def render_plan(plan: dict[str, Any]) -> str:
     # 16-bit weights without mixed precision: the matmuls run in the weights' dtype (a pure 16-bit step)
     pure = q["quant"] in ("bf16", "fp16") and t.get("mixed_precision") == "no"
     compute = f"no autocast, matmuls in {q['quant']}" if pure else f"compute {q['compute_dtype']}"
-    lines.append(
-        f"{m['name']} ({m['architecture']}) · LoRA r={lora['r']} α={lora['alpha']:g} "
-        f"targets={lora['targets']} · {qdesc}, {compute} · backend {plan['backend']}"
-    )
+    method = ("full fine-tuning (every parameter trains)" if lora is None else
+              f"LoRA r={lora['r']} α={lora['alpha']:g} targets={lora['targets']}")
+    lines.append(f"{m['name']} ({m['architecture']}) · {method} · {qdesc}, {compute} · backend {plan['backend']}")
     lines.append(
         f"batch {t['batch_size']} × seq {t['seq_len']} (accum {t['grad_accum']}) · "
         f"grad checkpointing {t['grad_ckpt']} · {t['optimizer']} · attention {t['attn_impl']}"
@@ -81,10 +80,11 @@ def render_plan(plan: dict[str, Any]) -> str:
                           colalign=("left", "left", "left", "right", "right", "right", "right")))
     par = p["params"]
     lines.append("")
+    adapter = ("the weights are the trained model: no adapter" if lora is None else
+               f"adapter file {fmt_bytes(p['adapter_file_bytes'])} (safetensors, {lora['adapter_dtype']})")
     lines.append(
         f"trainable {fmt_int(par['trainable'])} of {fmt_int(par['total'])} parameters "
-        f"({100 * par['trainable_share']:.4f}%) · base {fmt_int(par['base'])} · "
-        f"adapter file {fmt_bytes(p['adapter_file_bytes'])} (safetensors, {lora['adapter_dtype']})"
+        f"({100 * par['trainable_share']:.4f}%) · base {fmt_int(par['base'])} · {adapter}"
     )
     lines.append("")
     rows = [[label, fmt_bytes(mem[k]), fmt_int(mem[k])] for k, label in MEMORY_ROWS]

@@ -139,14 +139,15 @@ PHASES = ("forward", "backward", "optimizer")
 #: backward pass; an eager-attention layer's forward runs in the forward and again, recomputed, in
 #: the backward
 MOMENTS_OF_PHASE = {"forward": ("forward", "attention", "unshard", "mlp_forward"),
-                    "backward": ("backward", "layers", "layers_last", "attention"),
+                    "backward": ("backward", "layers", "layers_last", "attention", "embeddings"),
                     "optimizer": ("optimizer",)}
 #: what a person calls each moment
 MOMENT_NAMES = {"forward": "loss (end of forward)", "backward": "start of backward", "layers": "layer-0 backward",
                 "layers_last": "last layer's backward (every checkpoint alive)", "optimizer": "optimizer step",
                 "attention": "eager attention forward",
                 "unshard": "FSDP first all-gathers (root + layer 0)",
-                "mlp_forward": "a layer's MLP forward"}
+                "mlp_forward": "a layer's MLP forward",
+                "embeddings": "embeddings' backward (every gradient made; full fine-tuning)"}
 
 
 def optimizer(name: str) -> Optimizer:

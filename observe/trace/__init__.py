@@ -122,8 +122,8 @@ def trace_training_step(config: dict, *, quant: str, double_quant: bool, compute
                         lora: dict, batch_size: int, seq_len: int, grad_ckpt: bool, optimizer: str,
                         attn_impl: str = "sdpa", device: str = "meta", steps: int = 1, seed: int = 0,
                         kernels: str = "cuda", count_flops: bool = False, reentrant: bool = False,
-                        loss: str = "full", liger_kernels: tuple[str, ...] = ()) -> dict:
-    """Trace ``steps`` LoRA training steps and return the live-tensor peak and its breakdown.
+                        loss: str = "full", liger_kernels: tuple[str, ...] = (), full: bool = False) -> dict:
+    """Trace ``steps`` LoRA (``full``: full fine-tuning) training steps and return the live-tensor peak and its breakdown.
 
     ``kernels`` (meta only) picks whose kernels the meta trace mirrors: ``"cuda"`` (the default,
     what a GPU run allocates) or ``"cpu"`` (what ``device="cpu"`` really runs), used to check the
@@ -132,11 +132,12 @@ def trace_training_step(config: dict, *, quant: str, double_quant: bool, compute
     if "model_type" not in config:
         raise ValueError("config has no 'model_type': is this a Hugging Face config.json?")
     s = TraceSettings(quant=quant, double_quant=bool(double_quant), compute_dtype=compute_dtype,
-                      upcast_kbit=bool(upcast_kbit), lora=dict(lora), batch_size=int(batch_size),
+                      upcast_kbit=bool(upcast_kbit), lora=dict(lora or {}), batch_size=int(batch_size),
                       seq_len=int(seq_len), grad_ckpt=bool(grad_ckpt), optimizer=optimizer, attn_impl=attn_impl,
                       device=device, steps=int(steps), seed=int(seed),
                       kernels=kernels if device == "meta" else "cpu", count_flops=bool(count_flops),
-                      reentrant=bool(reentrant), loss=loss, liger_kernels=tuple(liger_kernels))
+                      reentrant=bool(reentrant), loss=loss, liger_kernels=tuple(liger_kernels),
+                      full=bool(full))
     from .run import run_trace
 
     return run_trace(dict(config), s)
@@ -165,7 +166,7 @@ def trace_plan(plan: dict[str, Any], device: str = "meta", steps: int = 2, count
             lora=lora, batch_size=t["batch_size"], seq_len=t["seq_len"], grad_ckpt=t["grad_ckpt"] != "off",
             optimizer=t["optimizer"], attn_impl=t["attn_impl"], device=device, steps=steps,
             count_flops=count_flops, reentrant=t["grad_ckpt"] == "reentrant", loss=t.get("loss", "full"),
-            liger_kernels=tuple(t.get("liger_kernels") or ()),
+            liger_kernels=tuple(t.get("liger_kernels") or ()), full=plan.get("method") == "full",
         )
     except ImportError as exc:  # pragma: no cover - only without the train extra
         if (exc.name or "").split(".")[0] == "trl":

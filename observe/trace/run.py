@@ -79,7 +79,7 @@ def run_trace(config: dict, s: TraceSettings, wrap: Any = None) -> dict:
         step_model = wrap(peft_model, stack) if wrap is not None else peft_model
         if s.grad_ckpt:
             recompute_context(peft_model, s, current, amp)
-        trainable, total = peft_model.get_nb_trainable_parameters()
+        trainable, total = trainable_and_total(peft_model)
         opt = make_optimizer(peft_model, s)
         if amp is not None:
             amp.redirect()
@@ -163,6 +163,8 @@ def apply_peft(model: Any, s: TraceSettings, notes: list[str]) -> Any:
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     model.config.use_cache = False
+    if s.full:
+        return full_model(model, s)
     if s.upcast_kbit and s.quant in KBIT:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=s.grad_ckpt,
@@ -249,6 +251,33 @@ def batch(vocab: int, s: TraceSettings) -> Any:
     return torch.randint(0, vocab, (s.batch_size, s.seq_len), generator=g)
 
 
+def full_model(model: Any, s: TraceSettings) -> Any:
+    """Full fine-tuning as ``Trainer`` runs a model it is handed without PEFT: every parameter trains (a model built
+    from a config already has ``requires_grad`` everywhere; set here so that nothing is left frozen), and checkpointing
+    as ``Trainer`` enables it (``activation_checkpointing_enable``, non-reentrant unless asked)."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if s.grad_ckpt:
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": True} if s.reentrant else None)
+    return model
+
+
+def trainable_and_total(model: Any) -> tuple[int, int]:
+    """PEFT's ``get_nb_trainable_parameters`` of a PEFT model; for a plain model the same sums over its parameters
+    (a tied weight counted once: ``parameters()`` yields each once)."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def base_model(model: Any) -> Any:
+    """The transformers model under a PEFT (and a DDP) wrapper; a plain model is its own."""
+    m = getattr(model, "module", model)
+    return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+
 def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, paged: list,
               current: dict[str, Any], host: list | None = None, chunked_logits: bool = False) -> dict:
     """``model.train()``; per step as ``Trainer`` does it: forward with ``input_ids``, ``labels`` and
@@ -263,7 +292,7 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
     dev = s.device
     stand_ins = bnb_stand_ins(dev)
     if dev == "meta":
-        stand_ins.update(meta_stand_ins())
+        stand_ins.update(meta_stand_ins(s.kernels))
         if s.kernels == "cpu":
             stand_ins.update(cpu_kernel_stand_ins())
         if s.loss == "trl":
@@ -278,7 +307,7 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
                                 stand_ins=stand_ins, host_scalars_phase="optimizer" if dev == "cpu" else None)
     ids = batch(vocab, s)
     labels = ids.clone()
-    base = getattr(model, "module", model).get_base_model()  # DDP wraps the PEFT model
+    base = base_model(model)  # DDP wraps the PEFT model
     accepts = getattr(base, "accepts_loss_kwargs", None)
     if accepts is None:
         accepts = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(base.forward).parameters.values())
@@ -334,7 +363,7 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
         current["tracker"] = tracker
         for t in (ids, labels, num_items):
             tracker.add_existing(t, "input")
-        register_model(tracker, model)
+        register_model(tracker, model, as_weights=s.full)  # full fine-tuning: the trained weights are weights
         for t in host or ():
             tracker.add_existing(t, None).host = True
         for state in opt.state.values():

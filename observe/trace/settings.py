@@ -46,6 +46,9 @@ class TraceSettings:
     loss: str = "full"
     #: Liger-Kernel's kernels in the decoder layers (``vocab.LIGER_KERNELS``, ``observe.trace.liger``): meta only
     liger_kernels: tuple[str, ...] = ()
+    #: full fine-tuning: no adapters, every parameter of the model trains (``requires_grad_(True)``, as a model
+    #: handed to ``Trainer`` without PEFT); ``lora`` is then unused
+    full: bool = False
 
     def __post_init__(self) -> None:
         if self.quant not in QUANTS:
@@ -64,6 +67,8 @@ class TraceSettings:
             raise ValueError(f"loss {self.loss!r} is traced as a GPU runs it (Triton kernels stood in): on meta, CUDA kernels")
         if self.liger_kernels and (self.device != "meta" or self.kernels != "cuda"):
             raise ValueError("Liger's kernels are traced as a GPU runs them (Triton kernels stood in): on meta, CUDA kernels")
+        if self.full and self.quant in ("nf4", "fp4", "int8"):
+            raise ValueError("full fine-tuning trains the weights: a bitsandbytes-quantized base cannot be trained")
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError("steps >= 1, batch_size >= 1 and seq_len >= 2 are required")
 

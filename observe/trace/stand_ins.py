@@ -19,6 +19,10 @@ outputs to ``reg``:
   CUDA also uses, with the CUDA ``int8_linear_matmul`` (int32 [M, N]) and ``int8_mm_dequant``
   (fp16 [M, N], then ``.to(dtype)``) allocations.
 * ``kernels="cpu"``: CPU ``native_layer_norm`` returns mean/rstd in the parameter dtype.
+* ``aten._scaled_dot_product_flash_attention`` on meta with CUDA kernels: the output in CUDA's ``[b, s, nh, hd]``
+  layout whatever the query's strides.
+* ``aten.embedding_dense_backward`` (full fine-tuning) on meta: the kernels' gradient in its own dtype, not the
+  decomposition's fp32 buffer.
 * ``aten._grouped_mm`` (transformers' MoE experts) on meta: the meta kernel repeats the CUDA
   kernel's bf16-only check; other dtypes get the output the kernel would give.
 """
@@ -139,8 +143,9 @@ def cpu_kernel_stand_ins():
     return {aten.native_layer_norm.default: native_layer_norm}
 
 
-def meta_stand_ins():
-    """Stand-ins for meta kernels that refuse inputs the real kernels accept."""
+def meta_stand_ins(kernels: str = "cuda"):
+    """Stand-ins for meta kernels that refuse inputs the real kernels accept, or allocate otherwise than ``kernels``'
+    (``cuda`` or ``cpu``)."""
     import torch
 
     aten = torch.ops.aten
@@ -158,6 +163,35 @@ def meta_stand_ins():
         shape = aten._grouped_mm.default(a, b, offs, None, None).shape
         return reg(torch.empty(shape, dtype=out_dtype or mat_a.dtype, device=mat_a.device))
 
-    return {aten._grouped_mm.default: grouped_mm}
+    def embedding_dense_backward(reg, grad, indices, num_weights, padding_idx, scale_grad_by_freq):
+        """The embedding's weight gradient (full fine-tuning: the embeddings train). torch's decomposition, which the
+        meta device runs, accumulates in fp32 (``elementwise_dtypes`` upcasts bf16/fp16) and casts back; the CUDA
+        kernel (``embedding_dense_backward_cuda``, aten/src/ATen/native/cuda/Embedding.cu) and the CPU one
+        (``embedding_dense_backward_cpu``) make ``zeros(num_weights, dim)`` in the gradient's dtype and add into it;
+        CUDA's fp32 partial sums per segment of sorted indices (``grad_weight_per_segment``, at most one row per token)
+        are freed before it returns."""
+        partial = None
+        if kernels == "cuda":  # alive until the kernel returns
+            partial = reg(torch.empty(indices.numel(), grad.shape[-1], dtype=torch.float32, device=grad.device))
+        out = reg(torch.zeros(num_weights, grad.shape[-1], dtype=grad.dtype, device=grad.device))
+        del partial
+        return out
+
+    def flash_attention(reg, query, *args, **kwargs):
+        """``aten._scaled_dot_product_flash_attention``'s output in the CUDA kernel's layout. CUDA runs the kernel on
+        ``query.transpose(1, 2)`` and makes the output with ``empty_like`` of that ``[b, s, nh, hd]`` view
+        (flash_api.cpp ``mha_fwd``): contiguous in ``[b, s, nh, hd]`` whatever the query's strides, so transformers'
+        ``attn_output.transpose(1, 2).contiguous()`` copies nothing. The meta kernel makes ``empty_like(query)``, which
+        keeps that layout only for a dense query: q sliced from a fused projection (Phi-3's ``qkv_proj``) gets a
+        contiguous ``[b, nh, s, hd]`` output there, and the ``contiguous()`` a copy CUDA does not make."""
+        out = aten._scaled_dot_product_flash_attention.default(query, *args, **kwargs)
+        b, nh, s, hd = out[0].shape
+        attention = torch.empty((b, s, nh, hd), dtype=out[0].dtype, device=out[0].device).transpose(1, 2)
+        return tuple(reg(t) if isinstance(t, torch.Tensor) else t for t in (attention, *out[1:]))
+
+    stand = {aten._grouped_mm.default: grouped_mm, aten.embedding_dense_backward.default: embedding_dense_backward}
+    if kernels == "cuda":
+        stand[aten._scaled_dot_product_flash_attention.default] = flash_attention
+    return stand
 
 

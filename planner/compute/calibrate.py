@@ -71,7 +71,7 @@ def calibrate(run_dirs: list[str], device: dict[str, Any]) -> dict[str, Any]:
             continue
         quant = plan["quant"]
         peak, lora_peak, bw, reason = step_peaks(device, quant["quant"], quant["compute_dtype"],
-                                                 plan["lora"].get("adapter_dtype", "float32"))
+                                                 adapter_dtype(plan))
         if reason is not None:
             skipped.append(f"{d}: {reason}")
             continue
@@ -188,3 +188,11 @@ def fit_launch_model(rows: list[dict[str, Any]]) -> tuple[float, float]:
         err = lambda k_, t_: sum((y - k_ * x - t_ * n) ** 2 for x, n, y in zip(xs, ns, ys))  # noqa: E731
         k, t = min(((1.0, t1), (k0, 0.0)), key=lambda c: err(*c))
     return 1 / k, t
+
+
+def adapter_dtype(plan: dict[str, Any]) -> str:
+    """The dtype the trained tensors' matmuls see: the LoRA tensors', or with full fine-tuning the weights' own."""
+    lora = plan.get("lora")
+    if lora is None:
+        return plan["quant"].get("unquantized_dtype", plan["quant"]["quant"])
+    return lora.get("adapter_dtype", "float32")

@@ -24,12 +24,13 @@ from dataclasses import dataclass
 
 from qplan.planner.memory.activations import Branch, layer_branches
 from qplan.planner.memory.terms import dims
+from qplan.planner.model.full import is_full
 from qplan.planner.model.lora import ModuleCount
 from qplan.planner.model.spec import ModelSpec
 from qplan.planner.model.weights import QuantSettings
 from qplan.planner.vocab import BYTES, optimizer
 
-#: FLOP terms of ``prediction.compute.flops`` (per optimizer step)
+#: FLOP terms of ``prediction.compute.flops`` (per optimizer step); full fine-tuning adds ``weight_gradients``
 FLOP_TERMS = ("base_forward", "input_gradients", "lora", "attention", "recomputation", "head")
 
 
@@ -78,6 +79,11 @@ def linear_input_grad_flops(T: int, s: Branch, input_rg: bool) -> int:
     """Base projection backward: only the input gradient ``grad_y W`` (``2 T in out``), and only
     when the input needs a gradient; frozen weights get none."""
     return linear_forward_flops(T, s) if input_rg else 0
+
+
+def linear_weight_grad_flops(T: int, s: Branch) -> int:
+    """A trained projection's weight gradient (full fine-tuning): ``grad_y^T x``, ``2 T in out`` per instance."""
+    return linear_forward_flops(T, s)
 
 
 def lora_flops(T: int, s: Branch, input_rg: bool) -> tuple[int, int]:
@@ -182,6 +188,9 @@ def step_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
     # when the embedding itself trains (LoRA on it, or a full copy in modules_to_save)
     emb_patterns = {e.pattern for e in spec.inventory.embeddings}
     emb_counts = [c for c in counts if c.module in emb_patterns]
+    full = is_full(counts)  # full fine-tuning: every weight gets a gradient (``weight_gradients``)
+    if full:
+        out["weight_gradients"] = 0
     x_rg = ckpt or bool(emb_counts)
     for c in emb_counts:
         if c.kind == "lora":
@@ -195,6 +204,8 @@ def step_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
             out["base_forward"] += f
             fwd += f
             out["input_gradients"] += linear_input_grad_flops(T, site, input_rg)
+            if full:
+                out["weight_gradients"] += linear_weight_grad_flops(T, site)
             lf, lb = lora_flops(T, site, input_rg)
             out["lora"] += lf + lb
             fwd += lf
@@ -210,10 +221,11 @@ def step_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
     if loss in ("cce", "trl"):
         hf, hb = fused_head_flops(T, d.h, d.V, x_rg)
     else:
-        hf, hb = head_flops(T, d.h, d.V, x_rg, r if "lora" in head_counts else 0, "modules_to_save" in head_counts)
+        hf, hb = head_flops(T, d.h, d.V, x_rg, r if "lora" in head_counts else 0,
+                            "modules_to_save" in head_counts or full)
     out["head"] = hf + hb
     out = {k: v * grad_accum for k, v in out.items()}
-    out["total"] = sum(out[k] for k in FLOP_TERMS)
+    out["total"] = sum(out.values())
     return out
 
 
@@ -256,10 +268,13 @@ def step_bytes(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
       writes the parameter and states (``4 + 4 + 8 + 4 + 8 = 28 B``); 8-bit states ``16 B``;
       SGD ``12 B``; Adafactor ``20 B``; torchao's 4-bit states ``14 B`` (reads and writes half a byte each); Lion's
       one state: ``20 B`` in fp32, ``14 B`` in 8-bit; schedule-free AdamW/RAdam ``28 B`` (``z`` and ``exp_avg_sq``
-      for AdamW's two moments), schedule-free SGD ``20 B``.
+      for AdamW's two moments), schedule-free SGD ``20 B`` — for fp32 tensors; a full fine-tuning's 16-bit weights,
+      gradients and (torch) states move half as many. Full fine-tuning also writes every weight's gradient: one
+      more pass over the weights.
     """
     c = 2 if q.compute_dtype in ("bfloat16", "float16") else 4
-    passes = 2 + (grad_ckpt != "off")
+    full = is_full(counts)
+    passes = 2 + (grad_ckpt != "off") + full  # full fine-tuning writes each weight's gradient
     sites = layer_branches(spec, counts, r, q)
     L = max(1, spec.inventory.num_hidden_layers)
     weights = sum(x.weight_bytes * x.per_layer * L for x in sites) * passes * grad_accum
@@ -276,4 +291,8 @@ def step_bytes(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
     if row.states == 1:  # Lion, schedule-free SGD: one state read and written instead of two
         per_elem -= {"bnb8bit": 2, "bnb32bit": 8, "schedulefree": 8}[row.state]
     opt = per_elem * trainable_numel
+    if full and row.state in ("adamw", "schedulefree", "none"):
+        # parameter, gradient and states in the weights' own dtype (a bf16 model's AdamW states are bf16): the per-element
+        # bytes above are fp32's, scaled to each tensor's
+        opt = sum(per_elem * c_.total * BYTES[c_.dtype] // 4 for c_ in counts)
     return {"weights": weights, "dequantization": dq, "optimizer": opt, "total": weights + dq + opt}

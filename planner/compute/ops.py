@@ -9,8 +9,9 @@ launches, by phase, from the model's structure:
 
 for the components of a decoder layer (RMSNorms, linear layers, the rest of the layer: rotary embedding, attention,
 activation, residual adds), each LoRA module (and its DoRA, dropout and autocast extras), each 4-bit/8-bit weight
-(dequantization), the recomputed forward of checkpointed layers, the model's own ends (embedding, final norm, head,
-loss), and the optimizer (torch's foreach kernels: a fixed number per step).
+(dequantization), a full fine-tuning's weight gradients per layer, the recomputed forward of checkpointed layers,
+the model's own ends (embedding, final norm, head, loss), and the optimizer (torch's foreach kernels: a fixed number
+per step).
 
 The kernels per instance (``FORWARD``, ``BACKWARD``) are a least-squares fit, rounded, to the launches counted on
 traced steps (``bench/op_counts.py``: ``qplan.observe.tracker.launches_kernel`` over every op of the second traced
@@ -25,6 +26,7 @@ from typing import Any
 
 from qplan.planner.memory.activations import layer_branches
 from qplan.planner.memory.terms import dims
+from qplan.planner.model.full import is_full
 
 #: relative error of ``step_launches`` (forward + backward) against the traced count, checked for every bundled family
 TOLERANCE = 0.15
@@ -32,12 +34,12 @@ TOLERANCE = 0.15
 #: feature -> kernels per instance, forward
 FORWARD = {
     "norm": 7, "linear": 1, "layer": 20, "lora": 5, "dora": 13, "dropout": 1, "amp_lora": 3, "kbit": 1,
-    "eager_attention": 15, "softcap": 5, "moe": 27, "step": 20,
+    "eager_attention": 15, "softcap": 5, "moe": 27, "step": 20, "full": 0,
 }
 #: feature -> kernels per instance, backward (the recomputed forward of checkpointed layers is added to it)
 BACKWARD = {
     "norm": 13, "linear": 1, "layer": 34, "lora": 9, "dora": 10, "dropout": 1, "amp_lora": 2, "kbit": 4,
-    "eager_attention": 20, "softcap": 0, "moe": 25, "step": 0,
+    "eager_attention": 20, "softcap": 0, "moe": 25, "step": 0, "full": 8,
 }
 #: torch AdamW / SGD / bitsandbytes with foreach kernels, plus ``clip_grad_norm_``'s foreach norm and scale
 OPTIMIZER_LAUNCHES = 16
@@ -70,6 +72,9 @@ def launch_features(spec: Any, counts: list, q: Any, training: Any, lora: Any) -
         "softcap": L if d.attn_softcap else 0,
         "moe": moe_layers,
         "step": 1,
+        # full fine-tuning: a decoder layer's weight gradients (a matmul per projection, a product and a sum per
+        # norm weight), fitted to the traced full fine-tuning steps of five families (bench/op_counts.py)
+        "full": L if is_full(counts) else 0,
     }
 
 

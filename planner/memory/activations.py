@@ -13,10 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qplan.planner.memory.dora import dora_activation
+from qplan.planner.memory.full import cached_weight_casts, full_head_activation, full_layer_activation, full_layer_grads
 from qplan.planner.memory.lin import ZERO, Lin, Precision, precision
 from qplan.planner.memory.masks import eager_mask_activation, padding_mask_activation
 from qplan.planner.memory.moe import moe_activation, moe_moments
 from qplan.planner.memory.terms import Dims, dims, idle_in_step, trainable_tensors
+from qplan.planner.model.full import FULL, is_full
 from qplan.planner.model.lora import ModuleCount
 from qplan.planner.model.spec import LinearGroup, ModelSpec
 from qplan.planner.model.weights import QuantSettings, is_quantized, linear_weight_bytes
@@ -327,8 +329,9 @@ def frozen_weight_casts(spec: ModelSpec, q: QuantSettings, first: bool, lora_sit
 
 def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, r: int, dropout: float,
                      attn_impl: str, first: bool = False, kernels: str = "cuda", mlp: Lin | None = None,
-                     dora: bool = False, liger: tuple[str, ...] = ()) -> Lin:
-    """Everything one decoder layer keeps for backward (no checkpointing). ``first``: layer 0 without checkpointing
+                     dora: bool = False, liger: tuple[str, ...] = (), full: bool = False) -> Lin:
+    """Everything one decoder layer keeps for backward (no checkpointing); ``full``: its weights train
+    (``planner.memory.full``). ``first``: layer 0 without checkpointing
     reads the embeddings, which need no grad: its input norm saves nothing, dropout masks on that input are not kept.
     ``mlp``: the feed-forward block's own term when not a dense MLP (``moe_activation``); ``dora``: DoRA's extras;
     ``liger``: Liger-Kernel's kernels in place of transformers' RMSNorm / SwiGLU MLP (``vocab.LIGER_KERNELS``)."""
@@ -352,6 +355,9 @@ def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, 
     if dora:
         total = total + dora_activation(branches, p, dropout, first, {s: _site_dtype(s, p) for s in SITES})
     total = total + frozen_weight_casts(spec, q, first, {br.site for br in branches})
+    if full:
+        sites = [(b.site, b.in_features, b.per_layer) for b in layer_branches(spec, [], 0, q)]
+        total = total + full_layer_activation(d, p, sites, d.gemma_norm, attn_impl)
     return total + Lin(const=lora_weight_cast_bytes(branches, p, r))
 
 
@@ -404,17 +410,25 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     ckpt_inputs = ZERO
     br = lora_branches(spec, counts, q)
     mlp = moe_activation(spec, counts, q)
-    full = layer_activation(spec, br, q, r, dropout, attn_impl, kernels=kernels, mlp=mlp, dora=dora, liger=liger)
+    trained = is_full(counts)  # full fine-tuning: the weights train (planner.memory.full)
+    full = layer_activation(spec, br, q, r, dropout, attn_impl, kernels=kernels, mlp=mlp, dora=dora, liger=liger,
+                            full=trained)
     head = head_activation(spec, p, grad_ckpt != "off", head_linear, q.unquantized_dtype != q.compute_dtype,
                            "rms_norm" in liger)
+    loss_extra = loss_time_activation(spec, [c for c in counts if c.kind != FULL], q, grad_ckpt)
+    if trained:
+        head_saved, loss_time = full_head_activation(d, p, d.gemma_norm, head_linear, grad_ckpt != "off")
+        head, loss_extra = head + head_saved, loss_extra + loss_time
+        if grad_ckpt != "off":
+            loss_extra = loss_extra + Lin(const=cached_weight_casts(spec, p, q.unquantized_dtype))
     layer_inputs = Lin(tok=d.L * p.R * d.h)  # what HF checkpointing keeps of every layer
     rotary = rotary_activation(d, p)  # cos/sin, alive through backward
     down = [b for b in br if b.site == "mlp_out"]
     grads_in = incoming_gradients(d, p, bool(down), BYTES[down[0].adapter] if down else 4)
     mlp_fwd_temps = ZERO
     if grad_ckpt == "off":
-        first = layer_activation(spec, br, q, r, dropout, attn_impl, first=True, kernels=kernels, mlp=mlp, dora=dora,
-                                 liger=liger)
+        first = layer_activation(spec, br, q, r, dropout, attn_impl, first=not trained, kernels=kernels, mlp=mlp,
+                                 dora=dora, liger=liger, full=trained)
         saved = first + (d.L - 1) * full + head
         layers = first + grads_in + rotary
         layers_temps = grads_in
@@ -465,7 +479,29 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
             "mlp_fwd": saved + mlp_fwd_temps if mlp_fwd_temps != ZERO else ZERO, "mlp_fwd_temps": mlp_fwd_temps,
             "layer_moments": moments or (),
             "layers_temps": layers_temps, "attn_fwd_temps": attn_fwd_temps,
-            "loss_extra": loss_time_activation(spec, counts, q, grad_ckpt)}
+            "loss_extra": loss_extra,
+            "grads": full_layer_grads(counts, d.L, d.tied) if trained else None,
+            "end": embeddings_backward_activation(spec, p, d, kernels, grad_ckpt, attn_impl, padded) if trained else ZERO}
+
+
+def embeddings_backward_activation(spec: ModelSpec, p: Precision, d: Dims, kernels: str, grad_ckpt: str,
+                                   attn_impl: str, padded: bool) -> Lin:
+    """Full fine-tuning: what is alive besides the gradients at the embeddings' backward, the end of the backward.
+
+    The batch (``16 T``). An untied embedding's backward also holds its incoming gradient (``R h T``) and, on CUDA,
+    its fp32 partial sums, a row per token at most (``4 h T``, ``embedding_backward_cuda_kernel``); a tied one peaks
+    after that, when its two gradients are summed (``planner.memory.full.full_layer_grads``). Reentrant
+    checkpointing keeps every layer's keyword inputs until the whole backward ends: transformers binds them into
+    the function ``CheckpointFunction`` holds (``partial(super().__call__, **kwargs)``), so the rotary ``cos``/``sin``
+    and the attention masks (eager's additive masks, SDPA's padding mask) are still alive."""
+    end = Lin(tok=16) if d.tied else Lin(tok=16 + p.R * d.h + (4 * d.h if kernels == "cuda" else 0))
+    if grad_ckpt == "reentrant":
+        end = end + rotary_activation(d, p)
+        if attn_impl == "eager":
+            end = end + eager_mask_activation(spec, p)
+        if padded and attn_impl == "sdpa":
+            end = end + padding_mask_activation(spec, p)[0]
+    return end
 
 
 def reentrant_difference(d: Dims, p: Precision, transient: Lin, moe: bool) -> Lin:

@@ -169,7 +169,10 @@ def moe_shared_activation(m: MoeDims, p: Precision) -> Lin:
 
 
 def _moe_adapted(m: MoeDims, counts: list[ModuleCount]) -> tuple[bool, bool, bool]:
-    """Which of the router weight, ``gate_up_proj`` and ``down_proj`` carry LoRA (``target_parameters``)."""
+    """Which of the router weight, ``gate_up_proj`` and ``down_proj`` need a gradient: carry LoRA
+    (``target_parameters``), or train themselves (full fine-tuning: all three)."""
+    if any(c.kind == "full" for c in counts):
+        return True, True, True
     adapted = {(c.module, c.shape.split()[0]) for c in counts if c.kind == "lora_param"}
     params = {name for _, name in adapted}
     return (m.router, "weight") in adapted, "gate_up_proj" in params, "down_proj" in params

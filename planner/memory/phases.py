@@ -96,6 +96,13 @@ class MemoryModel:
     #: moment holds but the loss, and the MLP's transients (``mlp_fwd_temps``) — the peak when the loss makes no logits
     mlp_fwd: Lin = ZERO
     mlp_fwd_temps: Lin = ZERO
+    #: gradients alive at the last layer's backward (full fine-tuning: the head's, ``full_layer_grads``)
+    last_grads: int = 0
+    #: full fine-tuning: gradients at the embeddings' backward, without and with gradient accumulation
+    #: (``full_layer_grads``); () otherwise
+    end_grads: tuple[int, ...] = ()
+    #: alive at the embeddings' backward besides the gradients (``activations.embeddings_backward_activation``)
+    end_acts: Lin = ZERO
 
     @classmethod
     def build(cls, spec, counts, lora_r, dropout, q, grad_ckpt, optimizer, attn_impl, weights, loss="full",
@@ -113,8 +120,10 @@ class MemoryModel:
             temps_opt=optimizer_step_temp_bytes(stepped, optimizer, kernels),
             temps_dq=dequant_temp_bytes(spec, q, precision(q).c),
             saved=acts["saved"], layers=acts["layers"], attn_fwd=acts["attn_fwd"],
-            # entering layer 0's backward, the other layers' gradients exist
-            layers_grads=gradient_bytes(stepped) * (L - 1) // max(1, L),
+            # entering layer 0's backward, the other layers' gradients exist (full fine-tuning: and the head's)
+            layers_grads=acts["grads"][0] if acts["grads"] else gradient_bytes(stepped) * (L - 1) // max(1, L),
+            last_grads=acts["grads"][1] if acts["grads"] else 0,
+            end_grads=acts["grads"][2:] if acts["grads"] else (), end_acts=acts["end"],
             loss_extra=acts["loss_extra"], logits_fwd=lg["forward"], logits_bwd=lg["backward"],
             layers_temps=acts["layers_temps"], attn_temps=acts["attn_fwd_temps"], ckpt_inputs=acts["ckpt_inputs"],
             layer_moments=acts["layer_moments"], mlp_fwd=acts["mlp_fwd"], mlp_fwd_temps=acts["mlp_fwd_temps"],
@@ -135,7 +144,10 @@ class MemoryModel:
             + self.moment(T, s),
         }
         if self.ckpt_inputs != ZERO:
-            out["layers_last"] = static + g + (self.layers + self.ckpt_inputs).at(T, s) + self.moment(T, s)
+            out["layers_last"] = (static + (g or self.last_grads) + (self.layers + self.ckpt_inputs).at(T, s)
+                                  + self.moment(T, s))
+        if self.end_grads:
+            out["embeddings"] = static + self.end_grads[grad_accum > 1] + self.end_acts.at(T, s)
         out["optimizer"] = static + self.gradients + self.temps_opt
         if self.attn_fwd != ZERO:
             out["attention"] = static + g + self.attn_fwd.at(T, s)
@@ -167,9 +179,13 @@ class MemoryModel:
                        "activations": self.layers.at(T, s) + self.moment(T, s) - layers_t, "temporaries": layers_t},
         }
         if self.ckpt_inputs != ZERO:
-            parts["layers_last"] = {"gradients": g,
+            parts["layers_last"] = {"gradients": g or self.last_grads,
                                     "activations": (self.layers + self.ckpt_inputs).at(T, s) + self.moment(T, s) - layers_t,
                                     "temporaries": layers_t}
+        if self.end_grads:
+            end = self.end_grads[grad_accum > 1]
+            parts["embeddings"] = {"gradients": self.gradients, "activations": self.end_acts.at(T, s),
+                                   "temporaries": end - self.gradients}
         parts["optimizer"] = {"gradients": self.gradients, "temporaries": self.temps_opt}
         if self.attn_fwd != ZERO:
             attn_t = self.attn_temps.at(T, s)

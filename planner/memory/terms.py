@@ -289,18 +289,20 @@ def trainable_tensors(counts: list[ModuleCount]) -> list[tuple[int, str]]:
 
 
 def adapter_bytes(counts: list[ModuleCount]) -> int:
-    """Trainable parameters on the device: ``sum(numel * bytes(dtype))``.
+    """Trainable parameters the adapter adds to the device: ``sum(numel * bytes(dtype))`` (a full fine-tuning's
+    trained base parameters are the ``weights`` term, not here).
 
     PEFT creates LoRA weights in float32 (``autocast_adapter_dtype=True`` upcasts fp16/bf16
     adapters, peft/tuners/tuners_utils.py ``_cast_adapter_dtype``); ``modules_to_save`` copies
     and trainable biases keep their module's dtype.
     """
-    return sum(n * BYTES[dt] for n, dt in trainable_tensors(counts))
+    return sum(n * BYTES[dt] for n, dt in trainable_tensors([c for c in counts if c.kind != "full"]))
 
 
 def gradient_bytes(counts: list[ModuleCount]) -> int:
-    """``.grad`` of every trainable parameter, same dtype as the parameter; frozen weights have none."""
-    return adapter_bytes(counts)
+    """``.grad`` of every trainable parameter (adapters, or every base parameter with full fine-tuning), same dtype
+    as the parameter; frozen weights have none."""
+    return sum(n * BYTES[dt] for n, dt in trainable_tensors(counts))
 
 
 def optimizer_state_bytes(counts: list[ModuleCount], name: str) -> dict[str, int]:
@@ -389,9 +391,11 @@ def optimizer_step_temp_bytes(counts: list[ModuleCount], name: str, kernels: str
 
     ``adamw_torch`` (foreach, torch/optim/adam.py ``_multi_tensor_adam``): ``exp_avg_sq_sqrt =
     torch._foreach_sqrt(exp_avg_sqs)`` — one parameter-sized tensor per trainable tensor, all alive
-    at once. Fused AdamW and bitsandbytes 8-bit/32-bit steps update in place (fused kernels). Adafactor:
-    ``update = grad**2 + eps`` and the approximated ``update`` — two fp32 copies of the largest
-    tensor at a time (it loops over parameters). torchao's low-bit AdamW (``compiled``) loops over
+    at once. Fused AdamW and bitsandbytes 8-bit/32-bit steps update in place (fused kernels). Adafactor
+    (transformers' ``Adafactor.step``, a loop over parameters): ``update = grad**2 + eps`` and the approximated
+    ``update`` (then ``-update``) — two fp32 copies of a tensor at a time, and for a 16-bit parameter (full
+    fine-tuning of a bf16 model) also its gradient and itself in fp32 (``grad.float()``, ``p.float()``): four; the
+    largest over the parameters. torchao's low-bit AdamW (``compiled``) loops over
     parameters too, each through one ``torch.compile``d ``single_param_adam``, which dequantizes both states
     to fp32 (``exp_avg.float().lerp(...)``) and quantizes them back block by block (a reduction over each block
     needs the fp32 values first): two fp32 copies of the largest tensor — derived from the function, the
@@ -406,7 +410,11 @@ def optimizer_step_temp_bytes(counts: list[ModuleCount], name: str, kernels: str
             # each parameter's ``step`` is a 4-byte tensor on the same (CPU) device
             return max((n * BYTES[dt] for n, dt in tensors), default=0) * 2 + 4 * len(tensors)
         return sum(n * BYTES[dt] for n, dt in tensors)
-    if temps in ("adafactor", "compiled"):
+    if temps == "adafactor":
+        # a 16-bit parameter's gradient and the parameter itself are first copied to fp32 (``grad.float()``,
+        # ``p_data_fp32 = p.float()``), alive with the two update copies: four fp32 copies of that tensor
+        return max((4 * n * (2 if dt == "float32" else 4) for n, dt in tensors), default=0)
+    if temps == "compiled":
         return 2 * 4 * max((n for n, _ in tensors), default=0)
     return 0
 

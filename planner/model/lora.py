@@ -421,8 +421,9 @@ def trainable_params(counts: list[ModuleCount]) -> int:
 
 
 def added_params(counts: list[ModuleCount]) -> int:
-    """Parameters the adapter adds to the model (unfrozen biases already existed; copies are new)."""
-    return sum(c.total for c in counts if c.kind != "bias")
+    """Parameters the adapter adds to the model (unfrozen biases and a full fine-tuning's trained weights already
+    existed; copies are new)."""
+    return sum(c.total for c in counts if c.kind not in ("bias", "full"))
 
 
 def adapter_file_bytes(spec: ModelSpec, counts: list[ModuleCount]) -> int:

@@ -25,7 +25,7 @@ from qplan.planner.memory.terms import max_context, overhead_bytes
 from qplan.planner.model.catalog import gpu_catalog, load_gpu, load_spec
 from qplan.planner.model.lora import trainable_params
 from qplan.planner.model.weights import QuantSettings, checkpoint_quant
-from qplan.planner.options import OBJECTIVES, FitOptions, PlanOptions, as_dict, check_fit_options
+from qplan.planner.options import DEFAULT_QUANT, OBJECTIVES, FitOptions, PlanOptions, as_dict, check_fit_options
 from qplan.planner.plan import DEFAULT_SEQ_LEN, plan_counts, plan_inputs
 from qplan.planner.plan import liger_kernels as check_liger_kernels
 from qplan.planner.validate import read_calibration
@@ -124,7 +124,7 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
         raise QPlanError("--global-batch goes with --objective time or cost, without --search-recipe: it is the batch "
                          "those rankings keep")
     d = PlanOptions(model=model)  # estimate's defaults: the recipe a time/cost ranking keeps or says it changed
-    given = {"r": r or d.r, "targets": targets or d.targets, "quant": quant or d.quant,
+    given = {"r": r or d.r, "targets": targets or d.targets, "quant": quant or d.quant or DEFAULT_QUANT,
              "optimizer": optimizer or d.optimizer, "seq_len": seq_len or DEFAULT_SEQ_LEN,
              "batch_size": batch_size or d.batch_size}
     recipe = None
