@@ -32,10 +32,12 @@ def plan_options(run: dict) -> dict:
     """qplan's options for one PEFT run (its train and LoRA config)."""
     tc, pc = run["train_config"], run["peft_config"]
     assert tc["dtype"] == "bfloat16" and not tc["use_amp"] and not tc["use_gc"] and tc["optimizer_type"] == "AdamW"
-    return dict(model="llama-3.2-3b", quant="bf16", compute_dtype="fp32", grad_ckpt=False, batch_size=tc["batch_size"],
-                seq_len=tc["max_seq_length"], r=pc["r"], alpha=float(pc["lora_alpha"]), dropout=float(pc["lora_dropout"]),
-                targets=",".join(sorted(pc["target_modules"])), rslora=pc["use_rslora"], dora=pc["use_dora"],
-                optimizer="adamw_torch", gpu="l40s")
+    setting = dict(model="llama-3.2-3b", quant="bf16", compute_dtype="fp32", grad_ckpt=False,
+                   batch_size=tc["batch_size"], seq_len=tc["max_seq_length"], optimizer="adamw_torch", gpu="l40s")
+    if pc is None:  # PEFT's full fine-tuning run: no adapter, every parameter trains
+        return {**setting, "full": True}
+    return {**setting, "r": pc["r"], "alpha": float(pc["lora_alpha"]), "dropout": float(pc["lora_dropout"]),
+            "targets": ",".join(sorted(pc["target_modules"])), "rslora": pc["use_rslora"], "dora": pc["use_dora"]}
 
 
 def planned(run: dict) -> dict:
@@ -66,7 +68,9 @@ def main() -> None:
                "measured_trainable": run["measured"]["num_trainable_params"],
                "analytic_tensor_peak": plans["plain"]["prediction"]["memory"]["tensor_peak"],
                "analytic_padded_tensor_peak": plans["padded"]["prediction"]["memory"]["tensor_peak"],
-               "dora": run["peft_config"]["use_dora"]}
+               "analytic_padded_peak_less_context": plans["padded"]["prediction"]["memory"]["peak"]
+               - plans["padded"]["prediction"]["memory_detail"]["cuda_context"],
+               "dora": (run["peft_config"] or {}).get("use_dora", False), "full": run["peft_config"] is None}
         if args.trace:
             from qplan.observe.trace import trace_plan
 
@@ -87,25 +91,33 @@ def main() -> None:
         "SDPA's 4-D mask (bool, its additive copy per layer, GQA's repeated k/v). Measured: "
         "`torch.cuda.max_memory_reserved()` (no CUDA context in it).",
         "",
-        "| run | trainable (qplan = PEFT) | measured max reserved | tensor peak, padded | ratio | unpadded | "
-        + ("trace (unpadded) | " if args.trace else "") + "",
-        "|---|---|---:|---:|---:|---:|" + ("---:|" if args.trace else ""),
+        "| run | trainable (qplan = PEFT) | measured max reserved | tensor peak, padded | ratio | + slack, ratio | "
+        "unpadded | " + ("trace (unpadded) | " if args.trace else "") + "",
+        "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if args.trace else ""),
     ]
     for r in rows:
         tr = f" {r['trace_tensor_peak'] / GiB:.2f} GiB |" if args.trace else ""
         same = "=" if r["trainable"] == r["measured_trainable"] else "≠"
-        lines.append(f"| {r['run'].split('--')[1]} | {r['trainable']:,} {same} {r['measured_trainable']:,} | "
+        lines.append(f"| {r['run'].replace('--', ' / ')} | {r['trainable']:,} {same} {r['measured_trainable']:,} | "
                      f"{r['measured_max_reserved'] / GiB:.2f} GiB | "
                      f"{r['analytic_padded_tensor_peak'] / GiB:.2f} GiB | "
                      f"{r['analytic_padded_tensor_peak'] / r['measured_max_reserved']:.3f} | "
+                     f"{r['analytic_padded_peak_less_context'] / r['measured_max_reserved']:.3f} | "
                      f"{r['analytic_tensor_peak'] / GiB:.2f} GiB |{tr}")
     lines += [
         "",
         "The LoRA runs' padded tensor peak lands within 2% of the reserved peak; the allocator's reserve above live "
-        "tensors is 1–2% here, below the uncalibrated 5% slack qplan adds (so `peak` less the CUDA context is 3–5.5% "
-        "high: a `qplan calibrate` file fitted on a device's runs replaces the assumption). DoRA's extra activations "
-        "are not in the analytic model (the plan says so): it is 10% low; `--method trace` runs DoRA exactly (21.68 GiB "
-        "unpadded; with the padded mask's 0.78 GiB, 0.98 of the measured peak).",
+        "tensors is 1–2% here, below the uncalibrated 5% slack qplan adds (`+ slack`: the plan's `peak` less the CUDA "
+        "context, 3–5.5% high for them: a `qplan calibrate` file fitted on a device's runs replaces the assumption). "
+        "DoRA's saved tensors are planned (its weight-norm transients are not: the plan says so).",
+        "",
+        "Full fine-tuning (`--full`; PEFT's `full-finetuning` run, nothing fitted to it): the trainable count is the "
+        "model's 3,212,749,824 parameters, and the tensor peak is the trace's (16 bytes apart; tests/planner/test_full.py) "
+        "at its start of backward (the logits' fp32 copies over every layer's activations, the AdamW states). The "
+        "reserved peak is 7% above it — the allocator's reserve in this run, four times the LoRA runs': the 3.2 B "
+        "gradients made layer by layer while activations are freed, and the foreach AdamW's 6 GiB `sqrt` of each "
+        "step, leave the cache in pieces that the next step's activations fit only in part. The plan's peak with its "
+        "uncalibrated 5% slack covers most of it (`+ slack`); `qplan calibrate` on a few steps of the run measures it.",
         "",
     ]
     (out / "README.md").write_text("\n".join(lines), encoding="utf-8")

@@ -254,6 +254,26 @@ def flops_form(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
     return f1 - c, c
 
 
+#: passes over a trainable element (in units of its dtype's bytes) of torch's AdamW step, foreach and fused, and of
+#: ``clip_grad_norm_`` (see ``step_bytes``)
+ADAMW_FOREACH_ACCESSES, ADAMW_FUSED_ACCESSES, CLIP_ACCESSES = 21, 7, 3
+
+
+def optimizer_bytes(counts: list[ModuleCount], optimizer_name: str, trainable_numel: int) -> int:
+    """The optimizer step's and the gradient clipping's bytes moved (``step_bytes``' ``optimizer`` term)."""
+    row = optimizer(optimizer_name)
+    if row.state == "adamw":
+        accesses = (ADAMW_FOREACH_ACCESSES if row.foreach else ADAMW_FUSED_ACCESSES) + CLIP_ACCESSES
+        return sum(accesses * c.total * BYTES[c.dtype] for c in counts)
+    per_elem = {"bnb8bit": 16, "bnb32bit": 28, "none": 12, "factored": 20, "torchao8bit": 16,
+                "torchao4bit": 14, "schedulefree": 28}[row.state]
+    if row.states == 1:  # Lion, schedule-free SGD: one state read and written instead of two
+        per_elem -= {"bnb8bit": 2, "bnb32bit": 8, "schedulefree": 8}[row.state]
+    if row.state in ("schedulefree", "none"):  # the states are like the parameter
+        return sum(per_elem * c.total * BYTES[c.dtype] // 4 for c in counts)
+    return per_elem * trainable_numel
+
+
 def step_bytes(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSettings, grad_ckpt: str,
                optimizer_name: str, trainable_numel: int, grad_accum: int = 1) -> dict[str, int]:
     """Bytes moved in device memory per optimizer step, by term (an estimate for the roofline;
@@ -264,13 +284,17 @@ def step_bytes(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
       ``passes x stored bytes``; the output head twice (forward, input gradient);
     * ``dequantization``: a 4-bit weight is dequantized to the compute dtype for each use and that
       copy written and read: ``2 c n`` per use (bitsandbytes' CUDA dequantize + matmul path);
-    * ``optimizer``: per trainable element, AdamW reads parameter, gradient and two fp32 states and
-      writes the parameter and states (``4 + 4 + 8 + 4 + 8 = 28 B``); 8-bit states ``16 B``;
-      SGD ``12 B``; Adafactor ``20 B``; torchao's 4-bit states ``14 B`` (reads and writes half a byte each); Lion's
-      one state: ``20 B`` in fp32, ``14 B`` in 8-bit; schedule-free AdamW/RAdam ``28 B`` (``z`` and ``exp_avg_sq``
-      for AdamW's two moments), schedule-free SGD ``20 B`` — for fp32 tensors; a full fine-tuning's 16-bit weights,
-      gradients and (torch) states move half as many. Full fine-tuning also writes every weight's gradient: one
-      more pass over the weights.
+    * ``optimizer``: per trainable element of ``b`` bytes (the tensor's dtype, its torch states' too), the passes over
+      memory of the optimizer step and of ``clip_grad_norm_`` before it (``_foreach_norm`` reads the gradient,
+      ``_foreach_mul_`` reads and writes it: ``3 b``). torch's foreach AdamW (``_multi_tensor_adam``, torch 2.13, not
+      capturable, decoupled weight decay) is one kernel per op, each a pass: ``mul_`` of the parameters (2),
+      ``lerp_`` of ``exp_avg`` (3), ``mul_`` and ``addcmul_`` of ``exp_avg_sq`` (2 + 4), ``sqrt`` into a new tensor,
+      ``div_``, ``add_`` (2 + 2 + 2), ``addcdiv_`` of the parameters (4): ``21 b``; fused AdamW reads the parameter,
+      gradient and two states and writes three in one kernel: ``7 b``. Fixed per fp32 element: 8-bit states
+      ``16 B``; SGD ``12 B``; Adafactor ``20 B``; torchao's 4-bit states ``14 B`` (reads and writes half a byte
+      each); Lion's one state: ``20 B`` in fp32, ``14 B`` in 8-bit; schedule-free AdamW/RAdam ``28 B`` (``z`` and
+      ``exp_avg_sq`` for AdamW's two moments), schedule-free SGD ``20 B`` (torch-state ones scaled to ``b``).
+      Full fine-tuning also writes every weight's gradient: one more pass over the weights.
     """
     c = 2 if q.compute_dtype in ("bfloat16", "float16") else 4
     full = is_full(counts)
@@ -285,14 +309,5 @@ def step_bytes(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
     weights += 2 * d.V * d.h * BYTES[head_dtype] * grad_accum  # the output head: forward and input gradient
     dq = sum(2 * c * x.in_features * x.out_features * x.per_layer * L for x in sites if x.kbit and q.quant != "int8")
     dq *= passes * grad_accum
-    row = optimizer(optimizer_name)
-    per_elem = {"adamw": 28, "bnb8bit": 16, "bnb32bit": 28, "none": 12, "factored": 20, "torchao8bit": 16,
-                "torchao4bit": 14, "schedulefree": 28}[row.state]
-    if row.states == 1:  # Lion, schedule-free SGD: one state read and written instead of two
-        per_elem -= {"bnb8bit": 2, "bnb32bit": 8, "schedulefree": 8}[row.state]
-    opt = per_elem * trainable_numel
-    if full and row.state in ("adamw", "schedulefree", "none"):
-        # parameter, gradient and states in the weights' own dtype (a bf16 model's AdamW states are bf16): the per-element
-        # bytes above are fp32's, scaled to each tensor's
-        opt = sum(per_elem * c_.total * BYTES[c_.dtype] // 4 for c_ in counts)
+    opt = optimizer_bytes(counts, optimizer_name, trainable_numel)
     return {"weights": weights, "dequantization": dq, "optimizer": opt, "total": weights + dq + opt}

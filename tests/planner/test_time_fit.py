@@ -31,7 +31,7 @@ def test_shipped_defaults_are_the_fit(tf):
     from qplan.planner.compute.timing import DEFAULT_EFFICIENCY, SECONDS_PER_LAUNCH
 
     _, rows, fit = tf
-    assert len(rows) == 5  # every run qplan can plan
+    assert len(rows) == 6  # every run qplan can plan: five LoRA/DoRA, one full fine-tuning
     assert DEFAULT_EFFICIENCY == round(fit["efficiency"], 2)
     assert SECONDS_PER_LAUNCH == pytest.approx(round(fit["seconds_per_launch"] * 1e6) * 1e-6)
 

@@ -72,8 +72,8 @@ def settled(drv, want: str | None = None, timeout: float = 60) -> str:
     return WebDriverWait(drv, timeout).until(ready)
 
 
-def check_page(drv, base: str) -> dict:
-    """Everything shown equals the API's plan (and fit) for the query the page sent."""
+def check_page(drv, base: str, fit: bool = True) -> dict:
+    """Everything shown equals the API's plan (and, with ``fit``, the fit) for the query the page sent."""
     query = settled(drv)
     text, plan = api(base, "/api/estimate", query)
     m, d, g = plan["prediction"]["memory"], plan["prediction"]["memory_detail"], plan["gpu"]
@@ -110,7 +110,7 @@ def check_page(drv, base: str) -> dict:
     got = drv.execute_async_script("const done = arguments[1]; fetch(arguments[0]).then(r => r.text()).then(done, "
                                    "e => done('failed: ' + e))", href)
     assert got == text
-    if g:
+    if g and fit:
         sent = ("model", "gpu", "seq-len", "data", "max-seq-len", "batching", "reentrant", "loss")  # as the page's fit
         fq = "&".join(p for p in query.split("&") if p.split("=")[0] in sent) + "&top=8"
         _, fit = api(base, "/api/fit", fq)
@@ -168,6 +168,29 @@ def test_reentrant_and_torchao_optimizers_from_the_page(base, browser, tmp_path)
     folder.mkdir(parents=True, exist_ok=True)
     drv.execute_script("window.scrollTo(0, 0)")
     drv.save_screenshot(str(folder / "serve-reentrant.png"))
+
+
+def test_full_fine_tuning_from_the_page(base, browser, tmp_path):
+    """The page plans full fine-tuning: the LoRA fields are set aside (not sent), the plan is the API's, and the
+    searches, which plan LoRA recipes, say so instead of showing LoRA results."""
+    drv = browser
+    drv.get(base + "/")
+    settled(drv)
+    Select(drv.find_element(By.ID, "gpu")).select_by_value("a100-80gb")
+    settled(drv, "gpu=a100-80gb")
+    drv.find_element(By.ID, "full").click()
+    query = settled(drv, "full=true")
+    assert not {p.split("=")[0] for p in query.split("&")} & {"r", "alpha", "targets", "adapter-dtype"}
+    assert drv.find_element(By.ID, "r").get_attribute("disabled") is not None
+    plan = check_page(drv, base, fit=False)
+    assert plan["method"] == "full" and plan["lora"] is None and plan["quant"]["quant"] == "bf16"
+    assert "full fine-tuning" in drv.find_element(By.ID, "summary").text
+    assert "not searched yet" in drv.find_element(By.ID, "rent-note").text
+    assert not drv.find_elements(By.CSS_SELECTOR, "#fit tbody tr, #rent tbody tr")
+    folder = Path(os.environ.get("QPLAN_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    drv.execute_script("window.scrollTo(0, 0)")
+    drv.save_screenshot(str(folder / "serve-full.png"))
 
 
 def test_cut_cross_entropy_from_the_page(base, browser, tmp_path):

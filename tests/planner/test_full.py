@@ -1,0 +1,135 @@
+"""Full fine-tuning (``--full``): every parameter trains.
+
+Oracles: the model itself on the meta device (its parameters are the trainable count), the traced training step
+(``--method trace`` runs a model handed to the Trainer without PEFT, on the meta device with the CUDA kernels' own
+allocations: every moment of the step, not only its peak) and torch's FlopCounterMode. The real CPU runs are in
+tests/backends/test_full_run.py. No expected value here comes from qplan's own formulas.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qplan.planner.api import plan_dict
+from qplan.planner.errors import QPlanError
+from qplan.planner.model.catalog import load_spec
+from qplan.planner.model.full import count_full
+from qplan.planner.model.weights import QuantSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+BACKWARD = ("backward", "layers", "layers_last", "embeddings", "attention")
+
+
+@pytest.mark.parametrize("name", ["llama-3.2-1b", "llama-3.1-8b", "qwen3-0.6b", "gemma-2-9b", "phi-4", "qwen3-30b-a3b",
+                                  "gpt-oss-20b", "deepseek-v2-lite", "smollm2-135m", "qwen2.5-0.5b"])
+def test_the_trainable_count_is_every_parameter_of_the_model(name):
+    pytest.importorskip("torch")
+    from qplan.hf import model_from_config
+
+    spec = load_spec(name)
+    model = model_from_config(spec.config, dtype="bf16", device="meta")
+    params = list(model.parameters())  # a tied weight once
+    counts = count_full(spec, QuantSettings("bf16", False, "bfloat16", False))
+    assert sum(c.total for c in counts) == sum(p.numel() for p in params)
+    assert len([1 for c in counts for _ in range(c.instances) for _ in c.save_keys]) == len(params)
+    plan = plan_dict(model=name, full=True)
+    assert plan["prediction"]["params"]["trainable"] == plan["prediction"]["params"]["total"] == sum(
+        p.numel() for p in params)
+    assert plan["prediction"]["memory"]["adapters"] == 0
+
+
+CASES = [  # (model, options): families x precision x checkpointing x optimizer
+    ("llama-3.2-1b", dict(quant="bf16", optimizer="adamw_torch_fused")),  # tied, checkpointing, bf16 autocast
+    ("llama-3.2-1b", dict(quant="fp32", compute_dtype="bf16", grad_ckpt=False)),  # fp32 master weights, AdamW foreach
+    ("llama-3.2-1b", dict(quant="bf16", compute_dtype="fp32", grad_ckpt=False, optimizer="adafactor")),  # pure bf16
+    ("llama-3.1-8b", dict(quant="bf16", optimizer="adamw_torch_fused")),  # untied embeddings
+    ("qwen3-0.6b", dict(quant="fp32", compute_dtype="fp16", reentrant=True, optimizer="adamw_torch_fused")),
+    ("gemma-2-9b", dict(quant="bf16", grad_ckpt=False, optimizer="adamw_torch_fused")),  # eager, softcaps, sandwich norms
+    ("phi-4", dict(quant="bf16", optimizer="adamw_torch_fused", grad_ckpt=False)),  # fused qkv / gate_up
+    ("qwen3-30b-a3b", dict(quant="bf16", optimizer="adamw_torch_fused", grad_ckpt=False)),  # experts and router train
+]
+
+
+@pytest.mark.parametrize("model,options", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
+def test_every_moment_of_the_step_equals_the_traced_step(model, options):
+    pytest.importorskip("peft")
+    from qplan.observe.trace import trace_plan
+
+    plan = plan_dict(model=model, full=True, batch_size=2, seq_len=1024, **options)
+    traced = trace_plan(plan, steps=2)
+    mem, phases = plan["prediction"]["memory"], plan["prediction"]["memory_detail"]["phases"]
+    assert traced["trainable_params"] == plan["prediction"]["params"]["trainable"]
+    assert abs(mem["tensor_peak"] - traced["tensor_peak"]) <= 0.001 * traced["tensor_peak"], (mem, traced)
+    tp = traced["phase_peaks"]
+    assert abs(phases["forward"] - tp["forward"]) <= 0.001 * tp["forward"]
+    backward = max(v for k, v in phases.items() if k in BACKWARD)
+    assert abs(backward - tp["backward"]) <= 0.001 * tp["backward"]
+    assert abs(phases["optimizer"] - tp["optimizer"]) <= 0.001 * tp["optimizer"]
+
+
+@pytest.mark.parametrize("model,ckpt", [("llama-3.2-1b", True), ("llama-3.1-8b", False), ("phi-4", True)])
+def test_the_flops_are_what_the_flop_counter_counts(model, ckpt):
+    pytest.importorskip("peft")
+    from qplan.observe.trace import trace_plan
+
+    plan = plan_dict(model=model, full=True, batch_size=1, seq_len=256, grad_ckpt=ckpt)
+    flops = plan["prediction"]["compute"]["flops_per_step"]
+    assert flops["weight_gradients"] == flops["input_gradients"] > 0
+    assert flops["total"] == trace_plan(plan, steps=2, count_flops=True)["flops_per_step"][-1]
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(quant="nf4"), "a nf4 (bitsandbytes) base cannot be trained"),
+    (dict(quant="int8"), "a int8 (bitsandbytes) base cannot be trained"),
+    (dict(r=8), "--r is a LoRA option"),
+    (dict(targets="qv"), "--targets is a LoRA option"),
+    (dict(dora=True), "--dora is a LoRA option"),
+    (dict(quant="fp16", compute_dtype="fp16"), "Attempting to unscale FP16 gradients"),
+    (dict(gpus=2), "not planned yet"),
+    (dict(backend="unsloth"), "unsloth backend's full fine-tuning is not planned"),
+])
+def test_what_full_fine_tuning_cannot_plan_is_one_line(options, message):
+    with pytest.raises(QPlanError) as exc:
+        plan_dict(model="llama-3.2-1b", full=True, **options)
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_the_default_load_is_bf16_and_a_card_without_bf16_trains_fp32_weights_under_fp16_autocast():
+    plan = plan_dict(model="llama-3.2-1b", full=True)
+    assert (plan["quant"]["quant"], plan["method"], plan["lora"]) == ("bf16", "full", None)
+    assert plan["prediction"]["adapter_file_bytes"] is None
+    t4 = plan_dict(model="llama-3.2-1b", full=True, gpu="t4")
+    assert (t4["quant"]["quant"], t4["quant"]["compute_dtype"]) == ("fp32", "float16")
+    assert "weights to fp32" in t4["warnings"][0]
+    assert plan_dict(model="llama-3.2-1b")["quant"]["quant"] == "nf4"  # LoRA keeps QLoRA's default
+
+
+def test_a_full_plan_file_is_checked_and_read_back(tmp_path):
+    from qplan.planner.api import check_consistent, plan_settings
+    from qplan.planner.document import check_plan, seal
+
+    plan = plan_dict(model="llama-3.2-1b", full=True, gpu="a100-80gb")
+    check_consistent(plan)  # re-made from its settings: the same terms
+    assert plan_settings(plan)["full"] is True
+    plan["seal"] = seal(plan)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    check_plan(json.loads(path.read_text()), str(path))
+    bad = {**plan, "method": "lora"}
+    bad.pop("seal")
+    with pytest.raises(QPlanError, match="lora is null exactly when method is full"):
+        check_plan(bad, "plan.json")
+
+
+def test_the_cli_prints_a_full_plan(capsys):
+    from qplan.cli.main import main
+
+    assert main(["estimate", "--model", "llama-3.2-3b", "--full", "--gpu", "a100-80gb"]) == 0
+    out = capsys.readouterr().out
+    assert "full fine-tuning (every parameter trains)" in out and "no adapter" in out
+    assert "weight gradients" in out and "embeddings' backward" in out
+    assert main(["estimate", "--model", "llama-3.2-3b", "--full", "--quant", "nf4"]) == 2
+    assert "cannot be trained" in capsys.readouterr().err
