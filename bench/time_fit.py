@@ -5,8 +5,9 @@
 Evidence: ``tests/fixtures/peft_metamathqa/results.json`` (huggingface/peft ``method_comparison/MetaMathQA/results``,
 the fields copied unchanged). Every run qplan can plan is used: LoRA r32 q,v; r64; r64 rsLoRA; r10 on the MLP; DoRA
 r32; full fine-tuning. Each run's setting is its own (``run.py`` and ``default_training_params.json``): Llama-3.2-3B in
-bf16 without autocast, fp32 adapters (none with full fine-tuning), no checkpointing, AdamW, batch 4. What qplan counts for each (the roofline time from FLOPs and
-bytes, the kernel launches) is fixed by the plan; only the efficiency and the seconds per launch are fitted.
+bf16 without autocast, fp32 adapters (none with full fine-tuning), no checkpointing, AdamW, batch 4. What qplan
+counts for each (the roofline time from FLOPs and bytes, the kernel launches) is fixed by the plan; only the efficiency
+and the seconds per launch are fitted.
 
 Measured step time: the mean of the run's twenty 250-step windows of tokens/s (the figure the issue quotes, 7,174 for
 LoRA r32), turned into seconds with the run's own tokens per step (unpadded + EOS, ``train total tokens / max_steps``).

@@ -74,7 +74,7 @@ def run_trace(config: dict, s: TraceSettings, wrap: Any = None) -> dict:
         if s.loss == "trl":  # SFTTrainer patches the causal LM under the PEFT wrapper
             from .trl_head import add_sft_fused_head, gpu_kernels_on_meta
 
-            add_sft_fused_head(peft_model.get_base_model())
+            add_sft_fused_head(base_model(peft_model))
             stack.enter_context(gpu_kernels_on_meta(s.amp_device))
         step_model = wrap(peft_model, stack) if wrap is not None else peft_model
         if s.grad_ckpt:

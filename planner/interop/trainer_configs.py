@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from qplan.planner.errors import QPlanError, shown
-from qplan.planner.files import read_limited
 from qplan.planner.interop.axolotl_plugins import axolotl_plugins
+from qplan.planner.interop.config_files import read_config_file
 from qplan.planner.interop.liger_keys import trl_liger
 from qplan.planner.interop.notes import note
 from qplan.planner.interop.trainer_data import axolotl_data, llamafactory_bound, trl_data
@@ -31,11 +31,6 @@ from qplan.planner.options import PlanOptions, field_names
 from qplan.planner.vocab import LIGER_KERNELS, OPTIMIZER_TABLE
 
 FORMATS = ("axolotl", "llamafactory", "trl")
-MAX_CONFIG_BYTES = 1 << 20
-#: nodes a trainer config may hold once its aliases (``*name``) are expanded (an alias bomb holds billions)
-MAX_YAML_NODES = 100_000
-#: digits of an integer in a trainer config (a 400-digit lora_alpha overflows a float; 5,000 digits are refused by int())
-MAX_INT_DIGITS = 30
 #: ``TrainingArguments.optim`` -> qplan's optimizer name (``adamw_bnb_8bit`` is qplan's ``adamw_8bit``)
 OPTIM = {o.trainer_optim: o.name for o in OPTIMIZER_TABLE} | {o.name: o.name for o in OPTIMIZER_TABLE}
 #: transformers TrainingArguments keys that change nothing qplan plans per GPU (paths, schedules, logging, data loading)
@@ -55,92 +50,6 @@ MULTI_GPU = {"tensor_parallel_size", "context_parallel_size", "sequence_parallel
              "ray_num_workers", "parallelism_config", "use_hyper_parallel", "hyper_parallel_args"}
 #: multi-GPU keys that only tell the launcher (DDP) what to do: per-GPU memory is the single-GPU plan's
 LAUNCHER = {"ddp_find_unused_parameters", "ddp_backend", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "local_rank"}
-
-
-def _yaml() -> Any:
-    try:
-        import yaml
-    except ImportError as exc:  # pragma: no cover - pyyaml is a dependency
-        raise QPlanError("reading YAML configs needs PyYAML: pip install pyyaml") from exc
-    return yaml
-
-
-class _Refused(Exception):
-    """Raised by the bounded loader; read_config_file turns it into the one line."""
-
-
-def _expanded_nodes(root: Any, yaml: Any) -> int:
-    """How many nodes the document holds with every alias expanded (shared nodes counted each time they are
-    used), computed once per node; an alias inside its own anchor is refused."""
-    sizes: dict[int, int] = {}
-    busy: set[int] = set()
-
-    def size(node: Any) -> int:
-        key = id(node)
-        if key in sizes:
-            return sizes[key]
-        if key in busy:
-            raise _Refused("has an alias inside its own anchor (a value that contains itself)")
-        busy.add(key)
-        n = 1
-        if isinstance(node, yaml.SequenceNode):
-            n += sum(size(v) for v in node.value)
-        elif isinstance(node, yaml.MappingNode):
-            n += sum(size(k) + size(v) for k, v in node.value)
-        busy.discard(key)
-        sizes[key] = n
-        if n > MAX_YAML_NODES:
-            raise _Refused(f"expands to over {MAX_YAML_NODES:,} values through its aliases (&anchor / *alias): "
-                           "is it a trainer config?")
-        return n
-
-    return size(root)
-
-
-def _bounded_loader(yaml: Any) -> Any:
-    """PyYAML's SafeLoader with aliases bounded by ``MAX_YAML_NODES`` and integers by ``MAX_INT_DIGITS``."""
-
-    class BoundedLoader(yaml.SafeLoader):
-        def construct_document(self, node: Any) -> Any:
-            _expanded_nodes(node, yaml)
-            return super().construct_document(node)
-
-        def construct_yaml_int(self, node: Any) -> Any:
-            text = str(node.value)
-            if len(text) > MAX_INT_DIGITS:
-                line = f" (line {node.start_mark.line + 1})" if node.start_mark is not None else ""
-                raise _Refused(f"has an integer of {len(text):,} digits{line}: at most {MAX_INT_DIGITS}")
-            return super().construct_yaml_int(node)
-
-    BoundedLoader.add_constructor("tag:yaml.org,2002:int", BoundedLoader.construct_yaml_int)
-    return BoundedLoader
-
-
-def read_config_file(path: str | Path, what: str = "--from-config", kind: str = "a trainer config") -> dict[str, Any]:
-    """The mapping in a YAML or JSON file (``what``: the option naming it in errors; ``kind``: what it should hold);
-    unreadable, not UTF-8, not a mapping: one line."""
-    p = Path(path)
-    raw = read_limited(p, what, MAX_CONFIG_BYTES)  # a regular file of at most 1 MiB, never read past it
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise QPlanError(f"{what} {p} is not UTF-8 text (byte {exc.start})") from exc
-    yaml = _yaml()
-    try:
-        data = yaml.load(text, Loader=_bounded_loader(yaml))
-    except _Refused as exc:
-        raise QPlanError(f"{what} {p} {exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise QPlanError(f"{what} {p} is not valid YAML or JSON{where}: {getattr(exc, 'problem', None) or exc}") from exc
-    except RecursionError as exc:
-        raise QPlanError(f"{what} {p} nests too deeply") from exc
-    except ValueError as exc:  # a value PyYAML's constructors cannot build (a date out of range, ...)
-        raise QPlanError(f"{what} {p} has a value that cannot be read: {' '.join(str(exc).split())[:120]}") from exc
-    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
-        raise QPlanError(f"{what} {p} is not a mapping of keys to values ({kind} is)")
-    return data
 
 
 def detect_format(cfg: dict[str, Any]) -> str:
@@ -281,13 +190,17 @@ def _multi_gpu(r: _Reader, opts: dict[str, Any]) -> None:
 def _axolotl(r: _Reader) -> dict[str, Any]:
     o: dict[str, Any] = {"model": _model(r.get("base_model"), r.get("revision_of_model"), "base_model", "axolotl")}
     adapter = r.get("adapter")
-    if adapter not in ("lora", "qlora"):
-        raise QPlanError(f"axolotl config: adapter {shown(adapter)}: qplan plans LoRA and QLoRA (adapter: lora or qlora)")
+    if adapter not in ("lora", "qlora", None):
+        raise QPlanError(f"axolotl config: adapter {shown(adapter)}: qplan plans LoRA, QLoRA (adapter: lora or qlora) "
+                         "and full fine-tuning (no adapter)")
     b4, b8 = r.get("load_in_4bit", False), r.get("load_in_8bit", False)
     if adapter == "qlora" and not b4:
         raise QPlanError("axolotl config: adapter: qlora needs load_in_4bit: true")
     if b4 and b8:
         raise QPlanError("axolotl config: load_in_4bit and load_in_8bit are both set: choose one")
+    if adapter is None and (b4 or b8):
+        raise QPlanError(f"axolotl config: {'load_in_4bit' if b4 else 'load_in_8bit'} without an adapter would train a "
+                         "quantized model: qplan plans full fine-tuning of a 16/32-bit model, or LoRA/QLoRA (adapter)")
     # axolotl 0.19 (utils/schemas/config.py) defaults bf16 to "auto" (bf16 where the GPU has it), and trains
     # bfloat16: true with the Trainer's bf16 too (core/builders/base.py: bf16 = cfg.bf16 or cfg.bfloat16)
     if r.get("bfloat16") is True and r.get("fp16"):
@@ -301,8 +214,36 @@ def _axolotl(r: _Reader) -> dict[str, Any]:
         raise QPlanError(f"axolotl config: bnb_config_kwargs {sorted(unknown_bnb) or ['llm_int8_has_fp16_weight']} "
                          "changes the quantization in a way qplan does not plan")
     o["quant"] = bnb.get("bnb_4bit_quant_type", "nf4") if b4 else "int8" if b8 else prec
-    o["double_quant"] = bool(bnb.get("bnb_4bit_use_double_quant", True))
     o["compute_dtype"] = prec
+    if adapter is None:
+        _axolotl_full(r, o)
+    else:
+        _axolotl_lora(r, o, bnb)
+    _training(r, o, "sequence_len", 1, 512, False, "optimizer", "adamw_torch_fused")
+    axolotl_data(r, o)
+    if not _attn_implementation(r, o, "axolotl"):
+        if r.get("flash_attention"):
+            o["attn_impl"] = "flash_attention_2"
+        elif r.get("sdp_attention"):
+            o["attn_impl"] = "sdpa"
+        elif r.get("eager_attention"):
+            o["attn_impl"] = "eager"
+    r.refuse({"xformers_attention", "s2_attention", "flex_attention", "sage_attention"},
+             "is an attention kernel qplan does not model")
+    r.refuse({"rl", "relora", "relora_steps", "unfrozen_parameters", "lora_on_cpu", "gptq", "loftq_config", "peft",
+              "unsloth_lora_mlp", "unsloth_lora_qkv", "unsloth_lora_o", "lora_mlp_kernel", "lora_qkv_kernel",
+              "lora_o_kernel", *(() if o.get("loss") == "cce" else ("cut_cross_entropy",)), "chunked_cross_entropy",
+              "tiled_mlp", "activation_offloading",
+              "gradient_checkpointing_kwargs_offload", "fix_untrained_tokens",
+              "embeddings_skip_upcast", "float16", "load_in_2bit", "dpo_beta", "flash_attn_cross_entropy",
+              "flash_attn_rms_norm", "flash_attn_fuse_mlp", "flash_attn_fuse_qkv"},
+             "changes training memory in a way qplan does not plan from an axolotl config")
+    return o
+
+
+def _axolotl_lora(r: _Reader, o: dict[str, Any], bnb: dict[str, Any]) -> None:
+    """``adapter: lora|qlora``: PEFT's LoRA over the loaded (maybe k-bit) model."""
+    o["double_quant"] = bool(bnb.get("bnb_4bit_use_double_quant", True))
     o["upcast"] = True  # axolotl runs prepare_model_for_kbit_training for lora/qlora on a k-bit model
     o["r"] = r.typed("lora_r", int, 8)
     if not r.has("lora_alpha"):
@@ -326,26 +267,19 @@ def _axolotl(r: _Reader) -> dict[str, Any]:
         if r.has("lora_modules_to_save") else ""
     o["dora"] = bool(r.get("peft_use_dora", False))
     o["rslora"] = bool(r.get("peft_use_rslora", False))
-    _training(r, o, "sequence_len", 1, 512, False, "optimizer", "adamw_torch_fused")
-    axolotl_data(r, o)
-    if not _attn_implementation(r, o, "axolotl"):
-        if r.get("flash_attention"):
-            o["attn_impl"] = "flash_attention_2"
-        elif r.get("sdp_attention"):
-            o["attn_impl"] = "sdpa"
-        elif r.get("eager_attention"):
-            o["attn_impl"] = "eager"
-    r.refuse({"xformers_attention", "s2_attention", "flex_attention", "sage_attention"},
-             "is an attention kernel qplan does not model")
-    r.refuse({"rl", "relora", "relora_steps", "unfrozen_parameters", "lora_on_cpu", "gptq", "loftq_config", "peft",
-              "unsloth_lora_mlp", "unsloth_lora_qkv", "unsloth_lora_o", "lora_mlp_kernel", "lora_qkv_kernel",
-              "lora_o_kernel", *(() if o.get("loss") == "cce" else ("cut_cross_entropy",)), "chunked_cross_entropy",
-              "tiled_mlp", "activation_offloading",
-              "gradient_checkpointing_kwargs_offload", "fix_untrained_tokens",
-              "embeddings_skip_upcast", "float16", "load_in_2bit", "dpo_beta", "flash_attn_cross_entropy",
-              "flash_attn_rms_norm", "flash_attn_fuse_mlp", "flash_attn_fuse_qkv"},
-             "changes training memory in a way qplan does not plan from an axolotl config")
-    return o
+
+
+def _axolotl_full(r: _Reader, o: dict[str, Any]) -> None:
+    """No ``adapter``: axolotl trains every parameter of the model it loaded in ``torch_dtype`` (bf16 with ``bf16``,
+    fp16 with ``fp16``, else fp32: utils/config ``normalize_config``), under the Trainer's mixed precision — qplan's
+    ``--full`` in that dtype. Its LoRA keys do nothing then (said, not silently dropped)."""
+    o["full"] = True
+    axolotl_plugins(r, o)
+    given = sorted(k for k in r.cfg if k.startswith(("lora_", "peft_")) and r.cfg[k] not in (None, False, "", []))
+    r.used.update(k for k in r.cfg if k.startswith(("lora_", "peft_")))
+    if given:
+        r.warnings.append(note("ignored", f"axolotl config: {', '.join(given)} without an adapter: axolotl trains "
+                                          "every parameter (full fine-tuning); they do nothing"))
 
 
 def _reentrant(r: _Reader) -> bool:

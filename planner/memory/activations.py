@@ -480,7 +480,8 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
             "layer_moments": moments or (),
             "layers_temps": layers_temps, "attn_fwd_temps": attn_fwd_temps,
             "loss_extra": loss_extra,
-            "grads": full_layer_grads(counts, d.L, d.tied) if trained else None,
+            "grads": full_layer_grads(counts, d.L, d.tied, sum(b.weight_bytes * b.per_layer for b in layer_branches(
+                spec, [], 0, q) if b.site == "mlp_out") if mlp is None else 0) if trained else None,
             "end": embeddings_backward_activation(spec, p, d, kernels, grad_ckpt, attn_impl, padded) if trained else ZERO}
 
 

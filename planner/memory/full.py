@@ -97,13 +97,15 @@ def cached_weight_casts(spec: ModelSpec, p: Precision, weights_dtype: str) -> in
                if "*" in g.pattern and g.role in ("attn", "mlp") and not idle_in_step(spec, g.pattern))
 
 
-def full_layer_grads(counts: list[ModuleCount], L: int, tied: bool) -> tuple[int, int, int, int]:
+def full_layer_grads(counts: list[ModuleCount], L: int, tied: bool, first: int = 0) -> tuple[int, int, int, int]:
     """Gradients inside the backward of full fine-tuning: ``(at layer 0's backward, at the last layer's, at the
     embeddings' backward, the same with gradient accumulation)``.
 
     The output head's and the final norm's gradients come first, then each layer's from the last to layer 0, then
-    the embeddings'. At layer 0's backward every gradient but layer 0's and an untied embedding's exists; at the last
-    layer's backward (checkpointing's other moment) only the head's, the final norm's and a tied embedding's.
+    the embeddings'. At layer 0's backward every gradient but layer 0's and an untied embedding's exists, and the
+    first of layer 0's own, its last projection's (``first``: a dense MLP's down projection, whose backward runs
+    first; the moment's transients are that backward's); at the last layer's backward (checkpointing's other moment)
+    only the head's, the final norm's and a tied embedding's.
 
     A tied embedding is one parameter used twice: autograd's ``InputBuffer`` sums its two gradients before the
     parameter's ``AccumulateGrad`` runs, out of place (``old_var + var``: measured with torch's profiler, an
@@ -122,4 +124,4 @@ def full_layer_grads(counts: list[ModuleCount], L: int, tied: bool) -> tuple[int
     untied_emb = 0 if tied else emb
     end = total + 2 * emb if tied else total
     end_accum = total + (3 * emb if tied else emb)
-    return total - layers // max(1, L) - untied_emb, total - layers - untied_emb, end, end_accum
+    return total - layers // max(1, L) - untied_emb + first, total - layers - untied_emb, end, end_accum

@@ -26,11 +26,13 @@ from qplan.planner.vocab import KBIT
 FULL = "full"
 
 
-def check_full(q: QuantSettings, backend: str) -> None:
+def check_full(q: QuantSettings, backend: str, loss: str = "full") -> None:
     """One line where full fine-tuning cannot train the plan's model: bitsandbytes' 4/8-bit weights have no gradient
     (``Params4bit`` / ``Int8Params`` are created with ``requires_grad=False``; transformers refuses to train a purely
     quantized model), fp16 weights under fp16 autocast do not train (the ``GradScaler`` of ``Trainer(fp16=True)``
-    raises "Attempting to unscale FP16 gradients"), and Unsloth's own full fine-tuning path is not planned."""
+    raises "Attempting to unscale FP16 gradients"); a fused loss (Cut Cross Entropy, TRL's fused LM head, Liger's)
+    computes the trained head's gradient in its own chunks, not planned yet; and Unsloth's own full fine-tuning path
+    is not planned."""
     if q.quant in KBIT:
         raise QPlanError(f"--full trains the weights themselves: a {q.quant} (bitsandbytes) base cannot be trained; "
                          "use --quant bf16, fp16 or fp32 (or LoRA/QLoRA without --full)")
@@ -38,6 +40,9 @@ def check_full(q: QuantSettings, backend: str) -> None:
         raise QPlanError("--full with fp16 weights under fp16 mixed precision does not train: the Trainer's GradScaler "
                          "refuses fp16 gradients ('Attempting to unscale FP16 gradients'); load the weights in fp32 "
                          "(--quant fp32 --compute-dtype fp16), or use bf16 where the GPU has it")
+    if loss != "full":
+        raise QPlanError(f"--full with --loss {loss}: the fused loss computes the trained head's gradient in its own "
+                         "chunks, which is not planned yet: use --loss full")
     if backend != "peft":
         raise QPlanError(f"--full is planned for the peft backend (HF Trainer): the {backend} backend's full "
                          "fine-tuning is not planned")

@@ -67,7 +67,7 @@ def parse_prices(price: str | float | None, gpus: list) -> dict[str, float]:
 def read_prices(path: str, gpus: list) -> dict[str, float]:
     """``--prices FILE``: a JSON or YAML mapping of GPU names (or aliases) to prices per GPU-hour; the searched GPUs'
     prices (a file may price more GPUs than a search uses). Nothing is invented: a GPU it leaves out has no cost."""
-    from qplan.planner.interop.trainer_configs import read_config_file
+    from qplan.planner.interop.config_files import read_config_file
 
     data = read_config_file(path, "--prices", "a price file")
     out = {}

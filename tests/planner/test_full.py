@@ -90,6 +90,7 @@ def test_the_flops_are_what_the_flop_counter_counts(model, ckpt):
     (dict(quant="fp16", compute_dtype="fp16"), "Attempting to unscale FP16 gradients"),
     (dict(gpus=2), "not planned yet"),
     (dict(backend="unsloth"), "unsloth backend's full fine-tuning is not planned"),
+    (dict(loss="trl"), "--full with --loss trl"),
 ])
 def test_what_full_fine_tuning_cannot_plan_is_one_line(options, message):
     with pytest.raises(QPlanError) as exc:
