@@ -309,9 +309,13 @@ def _llamafactory(r: _Reader) -> dict[str, Any]:
                                          "llamafactory")}
     if r.get("stage", "sft") not in ("sft", "pt"):
         raise QPlanError(f"llamafactory config: stage {shown(r.get('stage'))}: qplan plans sft and pt (one model, no reference)")
-    if r.get("finetuning_type", "lora") != "lora":
-        raise QPlanError(f"llamafactory config: finetuning_type {shown(r.get('finetuning_type'))}: qplan plans lora")
+    kind = r.get("finetuning_type", "lora")
+    if kind not in ("lora", "full"):
+        raise QPlanError(f"llamafactory config: finetuning_type {shown(kind)}: qplan plans lora and full")
     bits, method = r.get("quantization_bit"), str(r.get("quantization_method", "bnb"))
+    if kind == "full" and bits is not None:  # model/adapter.py init_adapter refuses it too
+        raise QPlanError("llamafactory config: finetuning_type full with quantization_bit: LLaMA-Factory trains a "
+                         "quantized model with LoRA or OFT only")
     if bits is not None and method != "bnb":
         raise QPlanError(f"llamafactory config: quantization_method {shown(method)}: qplan plans bitsandbytes (bnb)")
     if bits not in (None, 4, 8):
@@ -339,20 +343,13 @@ def _llamafactory(r: _Reader) -> dict[str, Any]:
             r.warnings.append(note("approximated", "llamafactory config: without bf16/fp16, LLaMA-Factory trains the "
                                    "k-bit model in bf16 without autocast; the plan assumes bf16 autocast"))
     o["quant"] = {4: str(r.get("quantization_type", "nf4")), 8: "int8"}.get(bits, weights)
-    o["double_quant"] = bool(r.get("double_quantization", True))
     o["compute_dtype"] = prec
-    o["upcast"] = False  # LLaMA-Factory never calls prepare_model_for_kbit_training (model_utils/checkpointing.py)
-    o["r"] = r.typed("lora_rank", int, 8)
-    o["alpha"] = float(r.typed("lora_alpha", (int, float), 2 * o["r"]))
-    o["dropout"] = float(r.typed("lora_dropout", (int, float), 0.0))
-    target = _names(r.get("lora_target", "all"), "lora_target", "llamafactory")
-    o["targets"] = "all-linear" if target.strip() == "all" else target
-    o["modules_to_save"] = _names(r.get("additional_target"), "additional_target", "llamafactory") \
-        if r.has("additional_target") else ""
-    o["dora"] = bool(r.get("use_dora", False))
-    o["rslora"] = bool(r.get("use_rslora", False))
+    if kind == "full":
+        _llamafactory_full(r, o, pure)
+    else:
+        _llamafactory_lora(r, o)
     _training(r, o, "cutoff_len", 8, 2048, True, "optim", "adamw_torch_fused")
-    if o.get("strategy") == "zero3" and bits is None and weights == "bf16" and prec in ("bf16", "fp32"):
+    if kind == "lora" and o.get("strategy") == "zero3" and bits is None and weights == "bf16" and prec in ("bf16", "fp32"):
         o["adapter_dtype"] = "bf16"  # init_adapter: no fp32 cast under ZeRO-3, adapters in the model's dtype
     llamafactory_bound(r, o)
     o["grad_ckpt"] = not r.get("disable_gradient_checkpointing", False)
@@ -392,6 +389,37 @@ LLAMAFACTORY_MEGATRON = {
 }
 
 
+def _llamafactory_lora(r: _Reader, o: dict[str, Any]) -> None:
+    o["double_quant"] = bool(r.get("double_quantization", True))
+    o["upcast"] = False  # LLaMA-Factory never calls prepare_model_for_kbit_training (model_utils/checkpointing.py)
+    o["r"] = r.typed("lora_rank", int, 8)
+    o["alpha"] = float(r.typed("lora_alpha", (int, float), 2 * o["r"]))
+    o["dropout"] = float(r.typed("lora_dropout", (int, float), 0.0))
+    target = _names(r.get("lora_target", "all"), "lora_target", "llamafactory")
+    o["targets"] = "all-linear" if target.strip() == "all" else target
+    o["modules_to_save"] = _names(r.get("additional_target"), "additional_target", "llamafactory") \
+        if r.has("additional_target") else ""
+    o["dora"] = bool(r.get("use_dora", False))
+    o["rslora"] = bool(r.get("use_rslora", False))
+
+
+def _llamafactory_full(r: _Reader, o: dict[str, Any], pure: bool) -> None:
+    """``finetuning_type: full``: every parameter trains (model/adapter.py ``_setup_full_tuning``). Unless
+    ``pure_bf16``, ``init_adapter`` casts the trainable parameters to fp32 (``cast_trainable_params_to_fp32``; under
+    ZeRO-3 they are already fp32, and several GPUs are not planned for ``--full`` yet): fp32 weights under the run's
+    mixed precision. Its LoRA keys do nothing then (said)."""
+    o["full"] = True
+    o.pop("adapter_dtype", None)  # pure_bf16's bf16 trainable tensors are the weights themselves
+    if not pure:
+        o["quant"] = "fp32"
+    lora = {"lora_rank", "lora_alpha", "lora_dropout", "lora_target", "additional_target", "use_dora", "use_rslora"}
+    given = sorted(k for k in lora & set(r.cfg) if r.cfg[k] not in (None, False, "", []))
+    r.used.update(lora)
+    if given:
+        r.warnings.append(note("ignored", f"llamafactory config: {', '.join(given)} with finetuning_type full: every "
+                                          "parameter trains; they do nothing"))
+
+
 def trl_objective_keys() -> dict[str, list[str]]:
     """Keys only TRL's other trainers take (DPO, GRPO, distillation, reward, ...: ``trl_objective_keys.json``, written
     by ``bench/trl_objective_keys.py`` from TRL's own config classes) -> the trainers that take them."""
@@ -410,11 +438,13 @@ def _trl(r: _Reader) -> dict[str, Any]:
                          f"{', '.join(trainers[:4])}{', ...' if len(trainers) > 4 else ''} trainer, not SFT: qplan plans "
                          "SFT (preference and RL objectives are not planned yet)")
     o: dict[str, Any] = {"model": _model(r.get("model_name_or_path"), r.get("model_revision"), "model_name_or_path", "trl")}
-    if not r.get("use_peft", False):
-        raise QPlanError("trl config: use_peft is not true: qplan plans LoRA fine-tunes (use_peft: true)")
+    full = not r.get("use_peft", False)  # TRL's sft.py: without use_peft the SFTTrainer trains every parameter
     b4, b8 = r.get("load_in_4bit", False), r.get("load_in_8bit", False)
     if b4 and b8:
         raise QPlanError("trl config: load_in_4bit and load_in_8bit are both set: choose one")
+    if full and (b4 or b8):
+        raise QPlanError("trl config: a quantized model without use_peft would train its quantized weights: set "
+                         "use_peft: true (LoRA/QLoRA) or drop load_in_4bit/load_in_8bit (full fine-tuning)")
     prec = _precision(r) if r.get("bf16") is not None or r.get("fp16") else "bf16"  # SFTConfig: bf16 unless fp16
     dtype = str(r.get("dtype", r.get("torch_dtype", "float32")))
     alias = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -425,18 +455,11 @@ def _trl(r: _Reader) -> dict[str, Any]:
         raise QPlanError(f"trl config: a quantized model computes in its dtype ({dtype}) but trains with "
                          f"{'no mixed precision' if prec == 'fp32' else prec}: qplan plans one compute dtype — make them agree")
     o["quant"] = str(r.get("bnb_4bit_quant_type", "nf4")) if b4 else "int8" if b8 else alias[dtype]
-    o["double_quant"] = bool(r.get("use_bnb_nested_quant", False))
     o["compute_dtype"] = prec
-    o["upcast"] = False  # TRL's SFTTrainer does not call prepare_model_for_kbit_training
-    o["r"] = r.typed("lora_r", int, 16)
-    o["alpha"] = float(r.typed("lora_alpha", (int, float), 32))
-    o["dropout"] = float(r.typed("lora_dropout", (int, float), 0.05))
-    o["targets"] = _names(r.get("lora_target_modules"), "lora_target_modules", "trl") \
-        if r.has("lora_target_modules") else "qv"  # None: PEFT's default for the model type
-    o["modules_to_save"] = _names(r.get("lora_modules_to_save"), "lora_modules_to_save", "trl") \
-        if r.has("lora_modules_to_save") else ""
-    o["dora"] = bool(r.get("use_dora", False))
-    o["rslora"] = bool(r.get("use_rslora", False))
+    if full:
+        _trl_full(r, o)
+    else:
+        _trl_lora(r, o)
     _training(r, o, "max_length", 8, 1024, True, "optim", "adamw_torch_fused")
     # TRL 1.16's SFTTrainer trains through its fused LM head (add_fused_lm_head), except that label smoothing takes the
     # loss from a full-logits forward (sft_trainer.py compute_loss)
@@ -444,6 +467,9 @@ def _trl(r: _Reader) -> dict[str, Any]:
     if not 0 <= smoothing < 1:  # NaN too
         raise QPlanError(f"trl config: label_smoothing_factor must be in [0, 1), got {shown(smoothing)}")
     o["loss"] = "full" if smoothing else "trl"
+    if full and not smoothing:
+        raise QPlanError("trl config: use_peft is not true (full fine-tuning): TRL 1.16's SFTTrainer computes the loss "
+                         "through its fused LM head, whose gradient of the trained head qplan does not plan yet")
     if smoothing:
         r.warnings.append(note("approximated", "trl config: label_smoothing_factor takes the loss from the full logits "
                                "and runs the fused LM head once more under no_grad for the metrics: planned as the full "
@@ -460,12 +486,38 @@ def _trl(r: _Reader) -> dict[str, Any]:
     kbit = o["quant"] in ("nf4", "fp4", "int8")
     if kbit and prec in ("bf16", "fp16"):
         o["adapter_dtype"] = "bf16"
-    elif o.get("strategy") == "zero3" and alias[dtype] == "bf16" and prec in ("bf16", "fp32"):
+    elif not full and o.get("strategy") == "zero3" and alias[dtype] == "bf16" and prec in ("bf16", "fp32"):
         o["adapter_dtype"] = "bf16"
     trl_liger(r, o)
     r.refuse({"lora_target_parameters", "bnb_4bit_quant_storage", "model_init_kwargs", "padding_free", "activation_offloading",
               "lora_task_type"}, "changes training memory in a way qplan does not plan from a TRL config")
     return o
+
+
+def _trl_lora(r: _Reader, o: dict[str, Any]) -> None:
+    o["double_quant"] = bool(r.get("use_bnb_nested_quant", False))
+    o["upcast"] = False  # TRL's SFTTrainer does not call prepare_model_for_kbit_training
+    o["r"] = r.typed("lora_r", int, 16)
+    o["alpha"] = float(r.typed("lora_alpha", (int, float), 32))
+    o["dropout"] = float(r.typed("lora_dropout", (int, float), 0.05))
+    o["targets"] = _names(r.get("lora_target_modules"), "lora_target_modules", "trl") \
+        if r.has("lora_target_modules") else "qv"  # None: PEFT's default for the model type
+    o["modules_to_save"] = _names(r.get("lora_modules_to_save"), "lora_modules_to_save", "trl") \
+        if r.has("lora_modules_to_save") else ""
+    o["dora"] = bool(r.get("use_dora", False))
+    o["rslora"] = bool(r.get("use_rslora", False))
+
+
+def _trl_full(r: _Reader, o: dict[str, Any]) -> None:
+    """``use_peft`` not true: every parameter of the model loaded in ``dtype`` trains; the LoRA keys do nothing."""
+    o["full"] = True
+    lora = {"lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "use_dora",
+            "use_rslora", "use_bnb_nested_quant"}
+    given = sorted(k for k in lora & set(r.cfg) if r.cfg[k] not in (None, False, "", []))
+    r.used.update(lora)
+    if given:
+        r.warnings.append(note("ignored", f"trl config: {', '.join(given)} without use_peft: every parameter trains; "
+                                          "they do nothing"))
 
 
 #: keys of each tool that change nothing qplan plans per GPU

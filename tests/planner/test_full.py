@@ -134,3 +134,60 @@ def test_the_cli_prints_a_full_plan(capsys):
     assert "weight gradients" in out and "embeddings' backward" in out
     assert main(["estimate", "--model", "llama-3.2-3b", "--full", "--quant", "nf4"]) == 2
     assert "cannot be trained" in capsys.readouterr().err
+
+
+FULL_CONFIGS = {  # a trainer config that fine-tunes every parameter -> the flags a person reads off it
+    "axolotl.yml": ("base_model: meta-llama/Llama-3.2-1B\nbf16: true\nsequence_len: 2048\nmicro_batch_size: 2\n"
+                    "gradient_accumulation_steps: 4\ngradient_checkpointing: true\noptimizer: adamw_torch_fused\n"
+                    "flash_attention: true\nlora_r: 16\n",
+                    ["--quant", "bf16", "--compute-dtype", "bf16", "--seq-len", "2048", "--batch-size", "2",
+                     "--grad-accum", "4", "--grad-ckpt", "--reentrant", "--optimizer", "adamw_torch_fused",
+                     "--attn", "flash_attention_2"]),
+    # LLaMA-Factory casts the trainable parameters to fp32 (init_adapter), the Trainer runs bf16 autocast
+    "llamafactory.yaml": ("model_name_or_path: meta-llama/Llama-3.2-1B\nstage: sft\nfinetuning_type: full\nbf16: true\n"
+                          "cutoff_len: 1024\nper_device_train_batch_size: 1\ngradient_accumulation_steps: 8\n",
+                          ["--quant", "fp32", "--compute-dtype", "bf16", "--seq-len", "1024", "--batch-size", "1",
+                           "--grad-accum", "8", "--grad-ckpt", "--reentrant", "--optimizer", "adamw_torch_fused"]),
+    # label smoothing takes TRL's loss from the full logits; without use_peft every parameter trains
+    "trl.yaml": ("model_name_or_path: meta-llama/Llama-3.2-1B\ndtype: bfloat16\nbf16: true\nmax_length: 512\n"
+                 "per_device_train_batch_size: 4\nlabel_smoothing_factor: 0.1\ngradient_checkpointing: true\n",
+                 ["--quant", "bf16", "--compute-dtype", "bf16", "--seq-len", "512", "--batch-size", "4", "--grad-ckpt",
+                  "--optimizer", "adamw_torch_fused"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FULL_CONFIGS))
+def test_a_full_fine_tuning_trainer_config_plans_what_its_flags_plan(tmp_path, capsys, name):
+    from qplan.cli.main import main
+
+    text, flags = FULL_CONFIGS[name]
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+
+    def doc(*args):
+        assert main(["estimate", *args, "--gpu", "a100-80gb", "--format", "json"]) == 0, capsys.readouterr().err
+        d = json.loads(capsys.readouterr().out)
+        d.pop("seal", None)
+        return d
+
+    from_file = doc("--from-config", str(path))
+    warnings = from_file.pop("trainer_config")["warnings"]
+    assert from_file == doc("--model", "meta-llama/Llama-3.2-1B", "--full", *flags)
+    if name == "axolotl.yml":  # its LoRA keys do nothing without an adapter: said
+        assert any("lora_r without an adapter" in w["text"] for w in warnings)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("base_model: meta-llama/Llama-3.2-1B\nload_in_4bit: true\n", "load_in_4bit without an adapter"),
+    ("model_name_or_path: meta-llama/Llama-3.2-1B\nfinetuning_type: full\nquantization_bit: 4\n", "LoRA or OFT only"),
+    ("model_name_or_path: meta-llama/Llama-3.2-1B\nfinetuning_type: freeze\n", "qplan plans lora and full"),
+    ("model_name_or_path: meta-llama/Llama-3.2-1B\ndtype: bfloat16\nmax_length: 512\n", "fused LM head"),
+])
+def test_what_a_full_fine_tuning_config_cannot_plan_is_one_line(tmp_path, capsys, text, message):
+    from qplan.cli.main import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(text, encoding="utf-8")
+    assert main(["estimate", "--from-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
