@@ -482,12 +482,14 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
             "loss_extra": loss_extra,
             "grads": full_layer_grads(counts, d.L, d.tied, sum(b.weight_bytes * b.per_layer for b in layer_branches(
                 spec, [], 0, q) if b.site == "mlp_out") if mlp is None else 0) if trained else None,
-            "end": embeddings_backward_activation(spec, p, d, kernels, grad_ckpt, attn_impl, padded) if trained else ZERO}
+            "end": embeddings_backward_activation(spec, p, d, kernels, grad_ckpt, attn_impl, padded) if trained
+            else (ZERO, ZERO)}
 
 
 def embeddings_backward_activation(spec: ModelSpec, p: Precision, d: Dims, kernels: str, grad_ckpt: str,
-                                   attn_impl: str, padded: bool) -> Lin:
-    """Full fine-tuning: what is alive besides the gradients at the embeddings' backward, the end of the backward.
+                                   attn_impl: str, padded: bool) -> tuple[Lin, Lin]:
+    """Full fine-tuning: what is alive besides the gradients at the embeddings' backward, the end of the backward:
+    ``(kept, transient)``.
 
     The batch (``16 T``). An untied embedding's backward also holds its incoming gradient (``R h T``) and, on CUDA,
     its fp32 partial sums, a row per token at most (``4 h T``, ``embedding_backward_cuda_kernel``); a tied one peaks
@@ -495,14 +497,15 @@ def embeddings_backward_activation(spec: ModelSpec, p: Precision, d: Dims, kerne
     checkpointing keeps every layer's keyword inputs until the whole backward ends: transformers binds them into
     the function ``CheckpointFunction`` holds (``partial(super().__call__, **kwargs)``), so the rotary ``cos``/``sin``
     and the attention masks (eager's additive masks, SDPA's padding mask) are still alive."""
-    end = Lin(tok=16) if d.tied else Lin(tok=16 + p.R * d.h + (4 * d.h if kernels == "cuda" else 0))
+    kept = Lin(tok=16)
+    transient = ZERO if d.tied else Lin(tok=p.R * d.h + (4 * d.h if kernels == "cuda" else 0))
     if grad_ckpt == "reentrant":
-        end = end + rotary_activation(d, p)
+        kept = kept + rotary_activation(d, p)
         if attn_impl == "eager":
-            end = end + eager_mask_activation(spec, p)
+            kept = kept + eager_mask_activation(spec, p)
         if padded and attn_impl == "sdpa":
-            end = end + padding_mask_activation(spec, p)[0]
-    return end
+            kept = kept + padding_mask_activation(spec, p)[0]
+    return kept, transient
 
 
 def reentrant_difference(d: Dims, p: Precision, transient: Lin, moe: bool) -> Lin:

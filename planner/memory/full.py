@@ -97,9 +97,9 @@ def cached_weight_casts(spec: ModelSpec, p: Precision, weights_dtype: str) -> in
                if "*" in g.pattern and g.role in ("attn", "mlp") and not idle_in_step(spec, g.pattern))
 
 
-def full_layer_grads(counts: list[ModuleCount], L: int, tied: bool, first: int = 0) -> tuple[int, int, int, int]:
+def full_layer_grads(counts: list[ModuleCount], L: int, tied: bool, first: int = 0) -> tuple[int, ...]:
     """Gradients inside the backward of full fine-tuning: ``(at layer 0's backward, at the last layer's, at the
-    embeddings' backward, the same with gradient accumulation)``.
+    embeddings' backward, the same with gradient accumulation, and of those two what is a parameter's .grad)``.
 
     The output head's and the final norm's gradients come first, then each layer's from the last to layer 0, then
     the embeddings'. At layer 0's backward every gradient but layer 0's and an untied embedding's exists, and the
@@ -124,4 +124,7 @@ def full_layer_grads(counts: list[ModuleCount], L: int, tied: bool, first: int =
     untied_emb = 0 if tied else emb
     end = total + 2 * emb if tied else total
     end_accum = total + (3 * emb if tied else emb)
-    return total - layers // max(1, L) - untied_emb + first, total - layers - untied_emb, end, end_accum
+    # the embedding's new gradient (a tied weight's sum in autograd's buffer, or an untied one's in the making) is not
+    # its .grad yet: a transient to a tracker
+    return (total - layers // max(1, L) - untied_emb + first, total - layers - untied_emb, end, end_accum,
+            total - emb, total)

@@ -101,8 +101,11 @@ class MemoryModel:
     #: full fine-tuning: gradients at the embeddings' backward, without and with gradient accumulation
     #: (``full_layer_grads``); () otherwise
     end_grads: tuple[int, ...] = ()
-    #: alive at the embeddings' backward besides the gradients (``activations.embeddings_backward_activation``)
-    end_acts: Lin = ZERO
+    #: of those, what is a parameter's ``.grad`` (the rest: autograd's buffer summing a tied weight's gradients)
+    end_in_grad: tuple[int, ...] = ()
+    #: alive at the embeddings' backward besides the gradients, kept and transient
+    #: (``activations.embeddings_backward_activation``)
+    end_acts: tuple[Lin, Lin] = (ZERO, ZERO)
 
     @classmethod
     def build(cls, spec, counts, lora_r, dropout, q, grad_ckpt, optimizer, attn_impl, weights, loss="full",
@@ -123,7 +126,8 @@ class MemoryModel:
             # entering layer 0's backward, the other layers' gradients exist (full fine-tuning: and the head's)
             layers_grads=acts["grads"][0] if acts["grads"] else gradient_bytes(stepped) * (L - 1) // max(1, L),
             last_grads=acts["grads"][1] if acts["grads"] else 0,
-            end_grads=acts["grads"][2:] if acts["grads"] else (), end_acts=acts["end"],
+            end_grads=acts["grads"][2:4] if acts["grads"] else (), end_in_grad=acts["grads"][4:] if acts["grads"] else (),
+            end_acts=acts["end"],
             loss_extra=acts["loss_extra"], logits_fwd=lg["forward"], logits_bwd=lg["backward"],
             layers_temps=acts["layers_temps"], attn_temps=acts["attn_fwd_temps"], ckpt_inputs=acts["ckpt_inputs"],
             layer_moments=acts["layer_moments"], mlp_fwd=acts["mlp_fwd"], mlp_fwd_temps=acts["mlp_fwd_temps"],
@@ -147,7 +151,7 @@ class MemoryModel:
             out["layers_last"] = (static + (g or self.last_grads) + (self.layers + self.ckpt_inputs).at(T, s)
                                   + self.moment(T, s))
         if self.end_grads:
-            out["embeddings"] = static + self.end_grads[grad_accum > 1] + self.end_acts.at(T, s)
+            out["embeddings"] = static + self.end_grads[grad_accum > 1] + sum(x.at(T, s) for x in self.end_acts)
         out["optimizer"] = static + self.gradients + self.temps_opt
         if self.attn_fwd != ZERO:
             out["attention"] = static + g + self.attn_fwd.at(T, s)
@@ -184,8 +188,9 @@ class MemoryModel:
                                     "temporaries": layers_t}
         if self.end_grads:
             end = self.end_grads[grad_accum > 1]
-            parts["embeddings"] = {"gradients": self.gradients, "activations": self.end_acts.at(T, s),
-                                   "temporaries": end - self.gradients}
+            kept, transient = (x.at(T, s) for x in self.end_acts)
+            in_grad = self.end_in_grad[grad_accum > 1]
+            parts["embeddings"] = {"gradients": in_grad, "activations": kept, "temporaries": end - in_grad + transient}
         parts["optimizer"] = {"gradients": self.gradients, "temporaries": self.temps_opt}
         if self.attn_fwd != ZERO:
             attn_t = self.attn_temps.at(T, s)
