@@ -42,7 +42,8 @@ def _settings(plan: dict[str, Any]) -> TraceSettings:
     return TraceSettings(
         quant=q["quant"], double_quant=bool(q.get("double_quant", False)),
         compute_dtype={"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[q["compute_dtype"]],
-        upcast_kbit=bool(q.get("prepare_model_for_kbit_training", False)), lora=lora,
+        upcast_kbit=bool(q.get("prepare_model_for_kbit_training", False)), lora=lora or {},
+        full=plan.get("method") == "full",
         batch_size=t["batch_size"], seq_len=t["seq_len"], grad_ckpt=t["grad_ckpt"] != "off",
         optimizer=t["optimizer"], attn_impl=t["attn_impl"], device="meta",
         quant_storage=d.get("quant_storage"))
@@ -101,13 +102,15 @@ def _wrap(plan: dict[str, Any]):
     def wrap(pm: Any, stack: contextlib.ExitStack) -> Any:
         from torch.distributed.device_mesh import init_device_mesh
 
+        from .run import base_model
+
         stack.enter_context(fake_world(world))
         if strategy == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
             stack.enter_context(fsdp_on_meta())
             mesh = init_device_mesh("cpu", (world,))
-            for layer in pm.get_base_model().model.layers:
+            for layer in base_model(pm).model.layers:
                 fully_shard(layer, mesh=mesh)
             fully_shard(pm, mesh=mesh)
             return pm
@@ -162,7 +165,7 @@ def shard_one_rank(plan: dict[str, Any]) -> dict[str, int]:
     from qplan.hf import hf_config
 
     from . import patches
-    from .run import apply_peft, build_model
+    from .run import apply_peft, base_model, build_model
 
     if plan.get("distributed", {}).get("strategy") != "fsdp":
         raise ValueError("shard_one_rank traces FSDP plans")
@@ -173,7 +176,7 @@ def shard_one_rank(plan: dict[str, Any]) -> dict[str, int]:
         stack.enter_context(patches.quiet_libraries())
         model = build_model(hf_config(plan["model"]["config"]), s, stack)
         pm = apply_peft(model, s, [])
-        layers = pm.get_base_model().model.layers
+        layers = base_model(pm).model.layers
         layer_full = sum(p.numel() * p.element_size() for p in layers[0].parameters())
         quant_state = []
         for p in pm.parameters():

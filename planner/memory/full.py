@@ -18,6 +18,8 @@ Notation as in ``planner.memory.terms``.
 
 from __future__ import annotations
 
+import math
+
 from qplan.planner.memory.lin import ZERO, Lin, Precision
 from qplan.planner.memory.terms import Dims, idle_in_step
 from qplan.planner.model.lora import ModuleCount
@@ -114,8 +116,8 @@ def full_layer_grads(counts: list[ModuleCount], L: int, tied: bool, first: int =
     ``.grad``: every gradient. With gradient accumulation the ``.grad`` of every parameter already exists and the new
     one is added into it in place: every gradient and ``3 V h`` (tied) or ``V h`` (untied)."""
     total = layers = emb = 0
-    for c in counts:
-        b = c.total * BYTES[c.dtype]
+    for c in counts:  # from the tensors' shapes (an FSDP rank's are its shards: ``sharding.sharded_counts``)
+        b = sum(math.prod(shape) for _, shape in c.save_keys) * c.instances * BYTES[c.dtype]
         total += b
         if "*" in c.module:
             layers += b
