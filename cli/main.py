@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from qplan.cli.common import FORMATS, emit, error_line, output_name, printable
-from qplan.cli.plan_commands import estimate, fit
+from qplan.cli.plan_commands import compare, estimate, fit
 from qplan.planner import __version__
 from qplan.planner.errors import QPlanError
 from qplan.planner.files import check_folder, check_output_file, safe_exists, write_new_file
@@ -31,6 +31,7 @@ def cli() -> None:
 
 cli.add_command(estimate)
 cli.add_command(fit)
+cli.add_command(compare)
 
 
 # ------------------------------------------------------------------------------- export

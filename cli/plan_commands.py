@@ -198,3 +198,22 @@ def fit(fmt: str, **o: Any) -> None:
     else:
         text = render_fewest_gpus(result) if o.get("max_gpus") is not None else render_fit(result)
     emit(fmt, result, text)
+
+
+# ---------------------------------------------------------------------------------- compare
+
+
+@click.command()
+@model_options(PlanOptions)
+@click.option("--methods", default="full,lora,qlora", show_default=True,
+              help="comma-separated methods: full, lora, qlora, dora (each the plan estimate makes with it)")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True,
+              help="table: for a person; json: one row per method")
+def compare(methods: str, fmt: str, **o: Any) -> None:
+    """Full fine-tuning, LoRA and QLoRA side by side: trainable parameters, peak, verdict, time and cost."""
+    from qplan.planner.render import render_compare
+    from qplan.planner.search.compare import compare_methods, parse_methods
+
+    result = compare_methods(o, parse_methods(methods))
+    emit(fmt, result, render_compare(result))
+

@@ -3,7 +3,7 @@
 * ``GET /api/estimate?model=llama-3.2-3b&r=32&gpu=t4`` — the query parameters are ``qplan estimate``'s
   option names (``seq-len`` or ``seq_len``; a flag is ``dora=true``, ``grad-ckpt=false``), parsed by the
   very click command the CLI runs, so the body is byte for byte what ``qplan estimate --format json``
-  prints; ``GET /api/fit`` likewise for ``qplan fit --format json``;
+  prints; ``GET /api/fit`` and ``GET /api/compare`` likewise for ``qplan fit`` / ``qplan compare --format json``;
 * a bad parameter is HTTP 400 with ``{"error": LINE}``, LINE the one line the CLI prints;
 * ``GET /`` — the page (``page.html``: plain HTML, one inline script that calls the API and draws SVG);
   ``/api/models``, ``/api/gpus`` — the lists its menus offer.
@@ -95,9 +95,9 @@ def query_args(command: click.Command, query: str) -> list[str]:
 
 
 def _context(command_name: str, query: str) -> dict[str, Any]:
-    from qplan.cli.plan_commands import estimate, fit
+    from qplan.cli.plan_commands import compare, estimate, fit
 
-    command = {"estimate": estimate, "fit": fit}[command_name]
+    command = {"estimate": estimate, "fit": fit, "compare": compare}[command_name]
     parent = click.Context(click.Group("qplan"), info_name="qplan")
     ctx = command.make_context(command_name, query_args(command, query), parent=parent)
     return dict(ctx.params)
@@ -138,6 +138,17 @@ def fit_text(query: str) -> str:
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
+def compare_text(query: str) -> str:
+    """What ``qplan compare --format json`` prints for these options (``methods``: as its ``--methods``)."""
+    from qplan.planner.model.catalog import names_only
+    from qplan.planner.search.compare import compare_methods, parse_methods
+
+    with names_only():
+        o = _served_options("compare", query)
+        doc = compare_methods(o, parse_methods(o.pop("methods")))
+    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+
+
 def models_text() -> str:
     from qplan.planner.model.catalog import load_spec, model_names
 
@@ -160,7 +171,7 @@ def page_bytes() -> bytes:
     return resources.files("qplan.cli").joinpath("page.html").read_bytes()
 
 
-ROUTES = {"/api/estimate": estimate_text, "/api/fit": fit_text}
+ROUTES = {"/api/estimate": estimate_text, "/api/fit": fit_text, "/api/compare": compare_text}
 
 
 class Handler(BaseHTTPRequestHandler):

@@ -385,3 +385,27 @@ def render_fewest_gpus(result: dict[str, Any]) -> str:
     head = f"fewest {result['gpu']} cards that train this plan: {result['world_size']} ({result['candidates']} plans tried)"
     return head + "\n\n" + tabulate(rows, headers=["gpus", "nodes", "strategy", "cpu offload", "peak per GPU", "headroom",
                                                    "host offload/node"])
+
+
+def render_compare(result: dict[str, Any]) -> str:
+    """``qplan compare``: full fine-tuning, LoRA and QLoRA side by side."""
+    gpu = result.get("gpu")
+    lines = [f"{result['model']}: methods side by side" + (f" on {gpu}" if gpu else " (no --gpu: no verdict, no time)")]
+    rows, reasons = [], []
+    for r in result["methods"]:
+        if "error" in r:
+            rows.append([r["method"], "-", "-", "-", "-", "not planned", "-", "-"])
+            reasons.append(f"{r['method']}: {r['error']}")
+            continue
+        verdict = "-" if r["fits"] is None else ("fits, " if r["fits"] else "short by ") + fmt_bytes(abs(r["headroom"]))
+        cost = r.get("total_cost", r.get("cost_per_step"))
+        rows.append([r["method"], f"{r['quant']}, compute {r['compute_dtype']}", fmt_int(r["trainable"]),
+                     fmt_bytes(r["peak"]), PHASE_NAMES.get(r["peak_phase"], r["peak_phase"]), verdict,
+                     f"{r['tokens_per_second']:,.0f}" if r.get("tokens_per_second") else "-",
+                     "-" if cost is None else f"{cost:,.4g}" + (" / step" if "cost_per_step" in r else "")])
+    lines.append(tabulate(rows, headers=["method", "weights", "trainable", "peak", "at", "verdict", "tokens/s",
+                                         "cost"]))
+    lines += reasons
+    lines.append("each row is the plan `qplan estimate` makes with that method (--full; LoRA on a 16/32-bit base; "
+                 "QLoRA on nf4): --format json has them all")
+    return "\n".join(lines)

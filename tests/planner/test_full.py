@@ -196,3 +196,30 @@ def test_what_a_full_fine_tuning_config_cannot_plan_is_one_line(tmp_path, capsys
     assert main(["estimate", "--from-config", str(path)]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_comparison_rows_are_the_plans_of_each_method():
+    """``qplan compare``: each row is what ``qplan estimate`` plans with the flags a person would type for it."""
+    from qplan.planner.search.compare import compare_methods, parse_methods
+
+    given = dict(model="llama-3.2-3b", gpu="a100-80gb", r=32, seq_len=1024, batch_size=2, tokens=10_000_000,
+                 price_per_hour=2.0)
+    res = compare_methods(given, parse_methods("full,lora,qlora,dora"))
+    by = {r["method"]: r for r in res["methods"]}
+    flags = {"full": dict(full=True, r=16), "lora": dict(quant="bf16"), "qlora": dict(quant="nf4"),
+             "dora": dict(quant="bf16", dora=True)}
+    for method, extra in flags.items():
+        plan = plan_dict(**{**given, **extra})
+        p = plan["prediction"]
+        row = by[method]
+        assert (row["quant"], row["trainable"], row["peak"], row["fits"], row["headroom"]) == (
+            plan["quant"]["quant"], p["params"]["trainable"], p["memory"]["peak"], p["fits"], p["headroom"])
+        assert row["tokens_per_second"] == p["time"]["tokens_per_second"] and row["total_cost"] == p["cost"]["total"]
+    assert by["full"]["trainable"] > by["dora"]["trainable"] > by["lora"]["trainable"] == by["qlora"]["trainable"]
+    # a method that cannot be planned is a row with its reason; only when none can is the comparison refused
+    two = compare_methods({**given, "gpus": 2}, ("full", "qlora"))["methods"]
+    assert "not planned yet" in two[0]["error"] and "error" not in two[1]
+    with pytest.raises(QPlanError, match="unknown method 'ia3'"):
+        parse_methods("lora,ia3")
+    with pytest.raises(QPlanError, match="cannot be trained"):
+        compare_methods({**given, "quant": "int8", "gpus": 2, "strategy": "fsdp"}, ("full",))

@@ -65,6 +65,14 @@ def test_fit_is_the_cli_result_byte_for_byte(base):
     assert status == 200 and body == p.stdout and json.loads(body)["best"]
 
 
+def test_compare_is_the_cli_result_byte_for_byte(base):
+    status, body = get(f"{base}/api/compare?model=llama-3.2-3b&gpu=a100-80gb&seq-len=1024&methods=full,qlora")
+    p = cli("compare", "--model", "llama-3.2-3b", "--gpu", "a100-80gb", "--seq-len", "1024", "--methods", "full,qlora",
+            "--format", "json")
+    assert p.returncode == 0, p.stderr
+    assert status == 200 and body == p.stdout and [r["method"] for r in json.loads(body)["methods"]] == ["full", "qlora"]
+
+
 @pytest.mark.parametrize("path,args", [
     ("estimate?model=llama-3.2-3b&r=abc", ["estimate", "--model", "llama-3.2-3b", "--r", "abc"]),
     ("estimate?model=llama-3.2-3b&r=0", ["estimate", "--model", "llama-3.2-3b", "--r", "0"]),
@@ -73,6 +81,7 @@ def test_fit_is_the_cli_result_byte_for_byte(base):
     ("estimate?model=llama-3.2-3b&quant=nf3", ["estimate", "--model", "llama-3.2-3b", "--quant", "nf3"]),
     ("estimate?model=llama-3.2-3b&seq-len=99999999", ["estimate", "--model", "llama-3.2-3b", "--seq-len", "99999999"]),
     ("fit?model=llama-3.2-3b&gpu=t4&objective=cost", ["fit", "--model", "llama-3.2-3b", "--gpu", "t4", "--objective", "cost"]),
+    ("compare?model=llama-3.2-3b&methods=lora,ia3", ["compare", "--model", "llama-3.2-3b", "--methods", "lora,ia3"]),
 ])
 def test_a_bad_parameter_is_400_with_the_cli_line(base, path, args):
     status, body = get(f"{base}/api/{path}")

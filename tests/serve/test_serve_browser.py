@@ -187,10 +187,20 @@ def test_full_fine_tuning_from_the_page(base, browser, tmp_path):
     assert "full fine-tuning" in drv.find_element(By.ID, "summary").text
     assert "not searched yet" in drv.find_element(By.ID, "rent-note").text
     assert not drv.find_elements(By.CSS_SELECTOR, "#fit tbody tr, #rent tbody tr")
+    # the methods side by side: the API's comparison for the page's query, the full checkbox aside
+    cq = "&".join(p for p in query.split("&") if not p.startswith("full="))
+    _, cmp = api(base, "/api/compare", cq)
+    shown = [(r.get_attribute("data-method"), r.get_attribute("data-peak"))
+             for r in drv.find_elements(By.CSS_SELECTOR, "#compare tbody tr")]
+    assert shown == [(r["method"], str(r["peak"])) for r in cmp["methods"]]
+    assert [m for m, _ in shown] == ["full", "lora", "qlora"]
+    assert dict(shown)["full"] == str(plan["prediction"]["memory"]["peak"])  # the page's own plan is the full row
     folder = Path(os.environ.get("QPLAN_SCREENSHOTS") or tmp_path)
     folder.mkdir(parents=True, exist_ok=True)
     drv.execute_script("window.scrollTo(0, 0)")
     drv.save_screenshot(str(folder / "serve-full.png"))
+    drv.execute_script("document.getElementById('compare-title').scrollIntoView()")
+    drv.save_screenshot(str(folder / "serve-compare.png"))
 
 
 def test_cut_cross_entropy_from_the_page(base, browser, tmp_path):
