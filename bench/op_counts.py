@@ -106,7 +106,8 @@ def main() -> int:
     out.with_suffix(".json").write_text(json.dumps({"command": "python bench/op_counts.py", "rows": rows}, indent=1))
     lines = ["# Kernel launches per step: qplan vs the traced step", "",
              f"Command: `python bench/op_counts.py` ({time.perf_counter() - t0:.0f} s). Batch {BASE['batch_size']} x "
-             f"{BASE['seq_len']} tokens, LoRA r={BASE['r']}; the second of two steps traced on the meta device; "
+             f"{BASE['seq_len']} tokens, LoRA r={BASE['r']} (full fine-tuning: every parameter); the second of two "
+             "steps traced on the meta device; "
              "a launch is an ATen op that is not a view, alias or metadata query "
              "(`qplan.observe.tracker.launches_kernel`). Forward + backward compared.", "",
              f"**{len(rows)} cases, worst |error| {100 * worst:.1f}%.**", "",

@@ -34,12 +34,12 @@ TOLERANCE = 0.15
 #: feature -> kernels per instance, forward
 FORWARD = {
     "norm": 7, "linear": 1, "layer": 20, "lora": 5, "dora": 13, "dropout": 1, "amp_lora": 3, "kbit": 1,
-    "eager_attention": 15, "softcap": 5, "moe": 27, "step": 20, "full": 0,
+    "eager_attention": 15, "softcap": 5, "moe": 27, "step": 20, "full": 0, "full_cast": 1,
 }
 #: feature -> kernels per instance, backward (the recomputed forward of checkpointed layers is added to it)
 BACKWARD = {
     "norm": 13, "linear": 1, "layer": 34, "lora": 9, "dora": 10, "dropout": 1, "amp_lora": 2, "kbit": 4,
-    "eager_attention": 20, "softcap": 0, "moe": 25, "step": 0, "full": 8,
+    "eager_attention": 20, "softcap": 0, "moe": 25, "step": 0, "full": 8, "full_cast": 1,
 }
 #: torch AdamW / SGD / bitsandbytes with foreach kernels, plus ``clip_grad_norm_``'s foreach norm and scale
 OPTIMIZER_LAUNCHES = 16
@@ -75,6 +75,9 @@ def launch_features(spec: Any, counts: list, q: Any, training: Any, lora: Any) -
         # full fine-tuning: a decoder layer's weight gradients (a matmul per projection, a product and a sum per
         # norm weight), fitted to the traced full fine-tuning steps of five families (bench/op_counts.py)
         "full": L if is_full(counts) else 0,
+        # and each trained weight autocast casts to the compute dtype (fp32 weights under bf16/fp16 autocast): the cast
+        # in the forward, its gradient's cast back in the backward
+        "full_cast": linears if is_full(counts) and amp and q.unquantized_dtype != q.compute_dtype else 0,
     }
 
 

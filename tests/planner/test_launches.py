@@ -29,12 +29,13 @@ CASES = [
     ("qwen3-0.6b", dict(targets="qv", dropout=0.1, reentrant=True)),               # q/k norms, reentrant
     ("gemma-2-9b", dict(PURE16, targets="mlp")),                                   # eager, softcapping, 4 norms
     ("qwen3-30b-a3b", dict(targets="attn", grad_ckpt=False)),                      # mixture of experts
-]  # int8, phi-4, mixtral, gpt-oss, mistral and more: bench/op_counts.py (34 cases, reports/benchmarks/op-counts.md)
+    ("llama-3.2-1b", dict(full=True, r=16, quant="fp32")),                         # full fine-tuning, weight casts
+]  # int8, phi-4, mixtral, gpt-oss, mistral and more: bench/op_counts.py (42 cases, reports/benchmarks/op-counts.md)
 
 
 @pytest.mark.parametrize("model, options", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
 def test_launches_match_the_traced_step(model, options):
-    plan = plan_dict(model=model, gpu="l40s", **SMALL, **options)
+    plan = plan_dict(model=model, gpu="l40s", **{**SMALL, **options})
     traced = trace_plan(plan, steps=2)["kernel_launches"]
     predicted = plan["prediction"]["compute"]["kernel_launches_per_step"]
     t = traced["forward"] + traced["backward"]
