@@ -174,7 +174,7 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
 
 #: what `qplan fit --from-config` takes from the file (the rest is searched)
 FIT_FROM_CONFIG = ("model", "r", "targets", "quant", "optimizer", "seq_len", "reentrant", "loss", "adapter_dtype",
-                   "liger_kernels")
+                   "liger_kernels", "full")
 
 
 @click.command()

@@ -189,6 +189,9 @@ class FitOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     pad_to_multiple_of: _f(Batch | None, "as for estimate (with --data)", section=DATA) = None
     long_samples: _f(lit(LONG_SAMPLES), "as for estimate (with --data)", section=DATA) = "auto"
     batch_size: _f(Batch | None, "fix the batch size (else search it)", section=SEARCH) = None
+    full: _f(bool, "search full fine-tuning plans (every parameter trains: batch, sequence, checkpointing and "
+             "optimizer searched; the weights bf16 unless --quant bf16/fp16/fp32; rank and targets do not apply)",
+             section=SEARCH) = False
     quant: _f(lit(QUANTS) | None, "fix the quantization (else search nf4, int8, bf16)", section=SEARCH) = None
     r: _f(Rank | None, "fix the rank (else search 8, 16, 32, 64)", section=SEARCH) = None
     targets: _f(Targets | None, "fix the targets (else search qv, attn, all-linear)", section=SEARCH) = None

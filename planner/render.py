@@ -300,7 +300,8 @@ def render_fit(result: dict[str, Any]) -> str:
     per_gpu = timed or "," in result["gpu"]
     recipe = result.get("recipe")
     if recipe:
-        lines.append(f"kept: r={recipe['r']} targets={recipe['targets']} quant={recipe['quant']} "
+        method = "full fine-tuning" if recipe["targets"] == "full" else f"r={recipe['r']} targets={recipe['targets']}"
+        lines.append(f"kept: {method} quant={recipe['quant']} "
                      f"optimizer={recipe['optimizer']} seq {recipe['seq_len']:,} · global batch {recipe['global_batch']} "
                      "(searched: GPU, micro-batch x accumulation, checkpointing)")
     changed = any("changed" in c for c in result["best"])
@@ -309,7 +310,7 @@ def render_fit(result: dict[str, Any]) -> str:
             row = [c["gpu"], c["batch_size"], c["grad_accum"], c["grad_ckpt"], fmt_bytes(c["peak"]),
                    fmt_bytes(c["headroom"])]
         else:
-            row = ([c["gpu"]] if per_gpu else []) + [c["batch_size"], c["seq_len"], c["r"], c["targets"], c["quant"],
+            row = ([c["gpu"]] if per_gpu else []) + [c["batch_size"], c["seq_len"], c["r"] or "-", c["targets"], c["quant"],
                                                   c["grad_ckpt"], c["optimizer"], fmt_bytes(c["peak"]),
                                                   fmt_bytes(c["headroom"])]
         if timed:

@@ -25,7 +25,7 @@ from qplan.planner.memory.terms import max_context, overhead_bytes
 from qplan.planner.model.catalog import gpu_catalog, load_gpu, load_spec
 from qplan.planner.model.lora import trainable_params
 from qplan.planner.model.weights import QuantSettings, checkpoint_quant
-from qplan.planner.options import DEFAULT_QUANT, OBJECTIVES, FitOptions, PlanOptions, as_dict, check_fit_options
+from qplan.planner.options import DEFAULT_QUANT, FULL_QUANT, OBJECTIVES, FitOptions, PlanOptions, as_dict, check_fit_options
 from qplan.planner.plan import DEFAULT_SEQ_LEN, plan_counts, plan_inputs
 from qplan.planner.plan import liger_kernels as check_liger_kernels
 from qplan.planner.validate import read_calibration
@@ -93,7 +93,7 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
            padding_free: bool = False, rows_padded: bool = False, reentrant: bool = False,
            loss: str = "full", adapter_dtype: str = "fp32", liger_kernels: str = "",
            global_batch: int | None = None, search_recipe: bool = False, prices: str | None = None,
-           max_gpus: int | None = None) -> dict[str, Any]:
+           max_gpus: int | None = None, full: bool = False) -> dict[str, Any]:
     """Plans that fit ``gpu_name`` (a catalog name, ``a,b,c``, or ``all``), ranked by ``objective``:
     ``memory`` (most tokens per step, cheapest tricks first), ``time`` (most tokens/s) or ``cost``
     (least cost per million tokens; needs ``price_per_hour``). ``batching``, ``pad_to_multiple_of``: a ``--data``
@@ -102,7 +102,8 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
     rows carry pads (axolotl's multipack), so the mask is counted too; ``reentrant``: checkpointing, where a plan has
     it, is torch's reentrant one; ``loss``: every plan's loss (``vocab.LOSSES``); ``adapter_dtype``: every plan's LoRA
     tensors' dtype (a candidate it does not go with, e.g. bf16 adapters of a 16-bit model under fp16, is left out);
-    ``liger_kernels``: every plan's Liger kernels (``--liger-kernels``).
+    ``liger_kernels``: every plan's Liger kernels (``--liger-kernels``); ``full``: full fine-tuning plans (``--full``:
+    no rank or targets; the weights bf16 unless ``quant`` gives another 16/32-bit dtype; Adafactor searched too).
 
     By ``time`` or ``cost`` the trained model is kept: rank, targets, quantization, optimizer and sequence length are
     as given (else ``qplan estimate``'s defaults) and ``global_batch`` sequences per optimizer step stay; the GPU, the
@@ -123,8 +124,13 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
     if global_batch is not None and not keep:
         raise QPlanError("--global-batch goes with --objective time or cost, without --search-recipe: it is the batch "
                          "those rankings keep")
+    if full and (r is not None or targets is not None):
+        raise QPlanError(f"{'--r' if r is not None else '--targets'} is a LoRA option: --full trains every parameter")
+    if full and max_gpus is not None:
+        raise QPlanError("--full is planned on one GPU for now: --max-gpus searches several")
     d = PlanOptions(model=model)  # estimate's defaults: the recipe a time/cost ranking keeps or says it changed
-    given = {"r": r or d.r, "targets": targets or d.targets, "quant": quant or d.quant or DEFAULT_QUANT,
+    given = {"r": None if full else r or d.r, "targets": "full" if full else targets or d.targets,
+             "quant": quant or d.quant or (FULL_QUANT if full else DEFAULT_QUANT),
              "optimizer": optimizer or d.optimizer, "seq_len": seq_len or DEFAULT_SEQ_LEN,
              "batch_size": batch_size or d.batch_size}
     recipe = None
@@ -165,7 +171,7 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
                         optimizer=optimizer, objective=objective, tokens=tokens, price=prices.get(g.name),
                         calibration=calibration, batching=batching, pad_to_multiple_of=pad_to_multiple_of,
                         padding_free=padding_free, rows_padded=rows_padded, reentrant=reentrant, loss=loss,
-                        adapter_dtype=adapter_dtype, liger_kernels=liger_kernels, global_batch=global_batch)
+                        adapter_dtype=adapter_dtype, liger_kernels=liger_kernels, global_batch=global_batch, full=full)
             for g in gpus]
     if search_recipe:  # every row says what it changed of the recipe as given, else estimate's defaults
         for res in runs:
@@ -185,7 +191,7 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
         # best: most tokens per step, then cheaper memory-saving tricks, then larger r
         pref_q = {"bf16": 0, "fp16": 0, "int8": 1, "nf4": 2}
         results.sort(key=lambda x: (-x["tokens"], x["grad_ckpt"] != "off", pref_q.get(x["quant"], 3),
-                                    -x["r"], x["headroom"] * -1))
+                                    -(x["r"] or 0), x["headroom"] * -1))
     if keep and len(gpus) > 1:  # which GPU to rent: each GPU's best plan, the GPUs ranked
         seen: set[str] = set()
         results = [x for x in results if not (x["gpu"] in seen or seen.add(x["gpu"]))]
@@ -218,7 +224,7 @@ def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets,
                 batching: str | None = None, pad_to_multiple_of: int | None = None,
                 padding_free: bool = False, rows_padded: bool = False, reentrant: bool = False,
                 loss: str = "full", adapter_dtype: str = "fp32", liger_kernels: str = "",
-                global_batch: int | None = None) -> dict[str, Any]:
+                global_batch: int | None = None, full: bool = False) -> dict[str, Any]:
     spec = load_spec(model)
     check_liger_kernels(liger_kernels, spec, "peft", None)  # once, in one line (not a candidate left out)
     usable = gpu.usable_bytes
@@ -242,6 +248,9 @@ def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets,
     tgts = [targets] if targets else [t for t in DEFAULT_TARGETS if presets.get(t)]
     quants = [quant] if quant else list(DEFAULT_QUANTS)
     opts = [optimizer] if optimizer else list(DEFAULT_OPTIMIZERS)
+    if full:  # every parameter trains: no rank or targets to search; a 16/32-bit base; Adafactor's factored state too
+        rs, tgts, quants = [None], ["full"], [quant or FULL_QUANT]
+        opts = [optimizer] if optimizer else [*DEFAULT_OPTIMIZERS, "adafactor"]
     results = []
     candidates = 0
     profile = select_profile("peft")
@@ -255,9 +264,9 @@ def _search_one(model: str, gpu: Any, *, seq_len, batch_size, quant, r, targets,
         # every candidate's inputs are resolved as `qplan estimate` resolves them (the GPU's dtype,
         # the checkpoint's quantization, LoRA's defaults, the model's attention)
         try:
-            inp, _ = plan_inputs(PlanOptions(model=spec.name, quant=qn, r=rr, targets=tg, optimizer=op, loss=loss,
-                                             adapter_dtype=adapter_dtype, liger_kernels=liger_kernels),
-                                 spec=spec, device=gpu)
+            lora_options = {"full": True} if full else {"r": rr, "targets": tg, "adapter_dtype": adapter_dtype}
+            inp, _ = plan_inputs(PlanOptions(model=spec.name, quant=qn, optimizer=op, loss=loss,
+                                             liger_kernels=liger_kernels, **lora_options), spec=spec, device=gpu)
         except QPlanError:
             if quant or ADAPTER_DTYPE_NAMES[adapter_dtype] == "float32":
                 raise

@@ -223,3 +223,26 @@ def test_the_comparison_rows_are_the_plans_of_each_method():
         parse_methods("lora,ia3")
     with pytest.raises(QPlanError, match="cannot be trained"):
         compare_methods({**given, "quant": "int8", "gpus": 2, "strategy": "fsdp"}, ("full",))
+
+
+def test_fit_searches_full_fine_tuning_and_each_row_is_the_estimate():
+    """``qplan fit --full``: batch, sequence, checkpointing and optimizer searched for full fine-tuning; each row's peak
+    is what ``qplan estimate --full`` plans for it (the oracle of the search: the plan itself)."""
+    from qplan.planner.search.fit import fit_document
+
+    res = fit_document({"model": "llama-3.1-8b", "gpu": "a100-80gb", "full": True, "top": 4})
+    assert res["best"] and all(r["targets"] == "full" and r["r"] is None for r in res["best"])
+    for row in res["best"]:
+        plan = plan_dict(model="llama-3.1-8b", gpu="a100-80gb", full=True, batch_size=row["batch_size"],
+                         seq_len=row["seq_len"], grad_ckpt=row["grad_ckpt"] != "off", optimizer=row["optimizer"])
+        assert plan["prediction"]["memory"]["peak"] == row["peak"] and plan["prediction"]["fits"]
+    timed = fit_document({"model": "llama-3.2-3b", "gpu": "a100-80gb", "full": True, "objective": "time",
+                          "seq_len": 2048, "global_batch": 8})
+    row = timed["best"][0]
+    plan = plan_dict(model="llama-3.2-3b", gpu="a100-80gb", full=True, batch_size=row["batch_size"],
+                     grad_accum=row["grad_accum"], seq_len=2048, grad_ckpt=row["grad_ckpt"] != "off")
+    assert row["step_seconds"] == pytest.approx(plan["prediction"]["time"]["step_seconds"], rel=1e-9)
+    for bad, message in ((dict(r=8), "--r is a LoRA option"), (dict(quant="nf4"), "cannot be trained"),
+                         (dict(max_gpus=4, objective="time"), "one GPU for now")):
+        with pytest.raises(QPlanError, match=message):
+            fit_document({"model": "llama-3.2-3b", "gpu": "a100-80gb", "full": True, **bad})

@@ -171,8 +171,8 @@ def test_reentrant_and_torchao_optimizers_from_the_page(base, browser, tmp_path)
 
 
 def test_full_fine_tuning_from_the_page(base, browser, tmp_path):
-    """The page plans full fine-tuning: the LoRA fields are set aside (not sent), the plan is the API's, and the
-    searches, which plan LoRA recipes, say so instead of showing LoRA results."""
+    """The page plans full fine-tuning: the LoRA fields are set aside (not sent), the plan is the API's, the searches
+    are full fine-tuning's (the API's fit for the query), and the methods side by side are the API's comparison."""
     drv = browser
     drv.get(base + "/")
     settled(drv)
@@ -185,8 +185,11 @@ def test_full_fine_tuning_from_the_page(base, browser, tmp_path):
     plan = check_page(drv, base, fit=False)
     assert plan["method"] == "full" and plan["lora"] is None and plan["quant"]["quant"] == "bf16"
     assert "full fine-tuning" in drv.find_element(By.ID, "summary").text
-    assert "not searched yet" in drv.find_element(By.ID, "rent-note").text
-    assert not drv.find_elements(By.CSS_SELECTOR, "#fit tbody tr, #rent tbody tr")
+    sent = ("model", "gpu", "seq-len", "data", "max-seq-len", "batching", "reentrant", "loss", "full")
+    _, fit = api(base, "/api/fit", "&".join(p for p in query.split("&") if p.split("=")[0] in sent) + "&top=8")
+    assert [int(r.get_attribute("data-peak")) for r in drv.find_elements(By.CSS_SELECTOR, "#fit tbody tr")] == \
+        [r["peak"] for r in fit["best"]] and all(r["targets"] == "full" for r in fit["best"])
+    assert "full fine-tuning" in drv.find_element(By.ID, "rent-note").text
     # the methods side by side: the API's comparison for the page's query, the full checkbox aside
     cq = "&".join(p for p in query.split("&") if not p.startswith("full="))
     _, cmp = api(base, "/api/compare", cq)
