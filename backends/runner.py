@@ -265,6 +265,9 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
     if multi is not None and planned_data:
         raise QPlanError("qplan run does not train --data plans on several ranks yet: each rank would draw its own "
                          "batches; plan for one GPU to run it")
+    if multi is not None and plan.get("method") == "full":
+        raise QPlanError("qplan run does not train full fine-tuning plans on several ranks yet (each rank would save "
+                         "the sharded model): it is planned and traced (`qplan estimate --method trace`); run it on one GPU")
     one_rank = plan.get("distributed") if multi is None else None
     if one_rank and one_rank.get("strategy"):
         # --gpus 1 --strategy S: the launcher starts a strategy on 2 or more ranks; this plan would train as a plain

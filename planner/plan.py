@@ -218,9 +218,9 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     if gpus * nodes > 1 or strategy is not None or cpu_offload:
         dist = DistSettings(gpus, nodes, strategy or "ddp", cpu_offload)
         dist.validate(q, backend)
-    if o.full and dist is not None:
-        raise QPlanError("--full is planned on one GPU for now: full fine-tuning over several GPUs (DDP, FSDP, ZeRO) is "
-                         "not planned yet")
+    if o.full and dist is not None and (dist.strategy != "fsdp" or dist.cpu_offload):
+        raise QPlanError("--full over several GPUs is planned with --strategy fsdp (FSDP2 full shard) without "
+                         "--cpu-offload; DDP, ZeRO and offloading are not planned yet")
     return PlanInputs(spec, lora, q, training, gpu_, backend, tokens, o.price_per_hour, calib, dist, data,
                       o.full), warnings
 

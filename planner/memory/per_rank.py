@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from qplan.planner.memory.full import full_layer_grads
 from qplan.planner.memory.phases import MemoryModel
 from qplan.planner.memory.sharding import (
     DistSettings,
@@ -39,9 +40,10 @@ from qplan.planner.memory.terms import (
     optimizer_step_temp_bytes,
     overhead_bytes,
 )
+from qplan.planner.model.full import is_full
 from qplan.planner.model.weights import QuantSettings, weights_bytes
 
-FORWARD_MOMENTS = ("forward", "backward", "layers", "layers_last", "attention", "mlp_forward")
+FORWARD_MOMENTS = ("forward", "backward", "layers", "layers_last", "attention", "mlp_forward", "embeddings")
 
 
 def engine_quant(q: QuantSettings, strategy: str) -> QuantSettings:
@@ -57,6 +59,7 @@ def rank_memory(spec, counts, lora_r, dropout, q: QuantSettings, t, dist: DistSe
                 kernels: str = "cuda", calibration: dict | None = None, dora: bool = False) -> dict[str, Any]:
     """Per-rank phases, peak and terms of one plan under ``dist``."""
     W, strat = dist.world, dist.strategy
+    full = is_full(counts)
     qe = engine_quant(q, strat)
     rw = rank_weights(spec, qe, W, strat)
     L = dims(spec).L
@@ -89,10 +92,12 @@ def rank_memory(spec, counts, lora_r, dropout, q: QuantSettings, t, dist: DistSe
                                  temps_opt=0 if dist.cpu_offload else optimizer_step_temp_bytes(sc, t.optimizer, kernels))
         lora_layer = lora_layer_bytes(counts, L)
         lora_layer_shard = lora_layer_bytes(sc, L)
-        root_lora_shard = adapter_bytes(sc) - L * lora_layer_shard  # `a` is 0 with --cpu-offload
+        root_lora_shard = 0 if full else adapter_bytes(sc) - L * lora_layer_shard  # `a` is 0 with --cpu-offload
         root = fsdp_all_gather_bytes(rw["root_shard"] + root_lora_shard, W)
-        layer = fsdp_all_gather_bytes(rw["layer_shard"] + lora_layer_shard, W)
+        layer = fsdp_all_gather_bytes(rw["layer_shard"] + (0 if full else lora_layer_shard), W)
         rs_input = fsdp_all_gather_bytes(lora_layer_shard, W)  # padded like the all-gather
+        if full:
+            mm = fsdp_full_moments(mm, counts, sc, L, dims(spec).tied, rs_input, root, extras)
         # the loss (end of the forward): the root kept gathered, and the last layer's all-gather
         # output, whose free FSDP defers to the root's post-forward (``comm_ctx.all_gather_state``);
         # the start of backward: the root, and the last layer prefetched by the root's pre-backward
@@ -141,6 +146,25 @@ def rank_memory(spec, counts, lora_r, dropout, q: QuantSettings, t, dist: DistSe
             "temporaries": max(ev["temporaries"], *(sum(e.values()) for e in extras.values())),
             "weights_footprint": resident - rw["quant_state"], "host_offload": host, "terms": terms,
             "weights_detail": {k: int(v) for k, v in rw.items()}}
+
+
+def fsdp_full_moments(mm: MemoryModel, counts, sc, L: int, tied: bool, rs_input: int, root: int,
+                      extras: dict[str, dict[str, int]]) -> MemoryModel:
+    """Full fine-tuning under FSDP2: the gradients inside the backward. Each decoder layer's are made unsharded
+    and reduce-scattered by its post-backward (its reduce-scatter input kept until the next unit's); the root unit's
+    (head, final norm, embeddings) stay unsharded until the root's post-backward at the very end: the head's from
+    the start of the backward, the embedding's from its backward — and the root's reduce-scatter input then."""
+    fg = full_layer_grads(sc, L, tied)
+    full_g, shard_g = (full_layer_grads(c, L, tied) for c in (counts, sc))
+    # the root's gradients before the embeddings' (head, final norm; a tied weight's head part), unsharded
+    head_extra = (full_g[1] - shard_g[1])
+    emb_full = full_g[2] - full_g[4] if not tied else (full_g[2] - full_g[4]) // 3
+    emb_shard = shard_g[2] - shard_g[4] if not tied else (shard_g[2] - shard_g[4]) // 3
+    extras["embeddings"]["gradients"] += head_extra + rs_input + (2 if tied else 1) * (emb_full - emb_shard)
+    extras["embeddings"]["weights"] += root
+    extras["layers"]["gradients"] += head_extra
+    extras["layers_last"]["gradients"] += head_extra
+    return dataclasses.replace(mm, layers_grads=fg[0], last_grads=fg[1], end_grads=fg[2:4], end_in_grad=fg[4:])
 
 
 def fsdp_last_layer_backward_weights(root: int, layer: int) -> int:

@@ -93,7 +93,9 @@ def test_the_flops_are_what_the_flop_counter_counts(model, ckpt):
     (dict(targets="qv"), "--targets is a LoRA option"),
     (dict(dora=True), "--dora is a LoRA option"),
     (dict(quant="fp16", compute_dtype="fp16"), "Attempting to unscale FP16 gradients"),
-    (dict(gpus=2), "not planned yet"),
+    (dict(gpus=2), "not planned yet"),  # DDP
+    (dict(gpus=2, strategy="zero3"), "not planned yet"),
+    (dict(gpus=2, strategy="fsdp", cpu_offload=True), "not planned yet"),
     (dict(backend="unsloth"), "unsloth backend's full fine-tuning is not planned"),
     (dict(loss="trl"), "--full with --loss trl"),
 ])
@@ -221,8 +223,8 @@ def test_the_comparison_rows_are_the_plans_of_each_method():
     assert "not planned yet" in two[0]["error"] and "error" not in two[1]
     with pytest.raises(QPlanError, match="unknown method 'ia3'"):
         parse_methods("lora,ia3")
-    with pytest.raises(QPlanError, match="cannot be trained"):
-        compare_methods({**given, "quant": "int8", "gpus": 2, "strategy": "fsdp"}, ("full",))
+    with pytest.raises(QPlanError, match="not planned yet"):  # nothing to compare: the reason is the command's
+        compare_methods({**given, "gpus": 2, "strategy": "zero3"}, ("full",))
 
 
 def test_fit_searches_full_fine_tuning_and_each_row_is_the_estimate():
@@ -246,3 +248,37 @@ def test_fit_searches_full_fine_tuning_and_each_row_is_the_estimate():
                          (dict(max_gpus=4, objective="time"), "one GPU for now")):
         with pytest.raises(QPlanError, match=message):
             fit_document({"model": "llama-3.2-3b", "gpu": "a100-80gb", "full": True, **bad})
+
+
+FSDP_CASES = [  # (model, options): one rank of FSDP2 full shard, traced with the real fully_shard on a fake group
+    ("llama-3.2-1b", dict(gpus=2, optimizer="adamw_torch_fused")),                       # tied, the loss is the peak
+    ("qwen3-0.6b", dict(gpus=4, optimizer="sgd", seq_len=256)),                           # tied, the embeddings' backward
+    ("llama-3.1-8b", dict(gpus=2, optimizer="adamw_torch_fused")),                       # untied, a layer's backward
+    ("gemma-2-9b", dict(gpus=2, optimizer="adamw_torch_fused")),                         # eager, sandwich norms
+]
+
+
+@pytest.mark.parametrize("model,options", FSDP_CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(FSDP_CASES)])
+def test_an_fsdp_rank_of_full_fine_tuning_is_the_traced_rank(model, options):
+    """FSDP2 full fine-tuning: the root unit's gradients stay unsharded until its post-backward (the head's from the
+    start of the backward, the embeddings' at the end), each layer's are reduce-scattered by its own; the rank's peak
+    and its phases within 1% of the traced rank (the moments inside a layer's backward are planned at its end), the
+    collectives equal to the byte."""
+    pytest.importorskip("peft")
+    from qplan.observe.trace.dist import trace_rank_step
+
+    plan = plan_dict(model=model, full=True, batch_size=2, seq_len=options.pop("seq_len", 1024), strategy="fsdp",
+                     gpu="a100-80gb", **options)
+    traced = trace_rank_step(plan, steps=2)
+    mem, phases = plan["prediction"]["memory"], plan["prediction"]["memory_detail"]["phases"]
+    assert abs(mem["tensor_peak"] - traced["tensor_peak"]) <= 0.01 * traced["tensor_peak"], (mem, traced)
+    backward = max(v for k, v in phases.items() if k in BACKWARD)
+    assert abs(backward - traced["phase_peaks"]["backward"]) <= 0.01 * traced["phase_peaks"]["backward"]
+    assert abs(phases["optimizer"] - traced["phase_peaks"]["optimizer"]) <= 0.001 * traced["phase_peaks"]["optimizer"]
+    from qplan.planner.compute.comm import gather_bytes
+
+    col, world = traced["collectives"], plan["distributed"]["world_size"]
+    c = plan["prediction"]["time"]["communication"]["bytes_per_step"]
+    assert c["weight_all_gather"] == gather_bytes(col["forward:_allgather_base_"], world) + gather_bytes(
+        col["backward:_allgather_base_"], world)
+    assert c["gradient_reduce_scatter"] == gather_bytes(col["backward:_reduce_scatter_base_"], world)
