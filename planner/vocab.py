@@ -147,7 +147,7 @@ MOMENT_NAMES = {"forward": "loss (end of forward)", "backward": "start of backwa
                 "attention": "eager attention forward",
                 "unshard": "FSDP first all-gathers (root + layer 0)",
                 "mlp_forward": "a layer's MLP forward",
-                "embeddings": "embeddings' backward (every gradient made; full fine-tuning)"}
+                "embeddings": "embeddings' backward"}
 
 
 def optimizer(name: str) -> Optimizer:

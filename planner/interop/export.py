@@ -51,6 +51,9 @@ def _comment(text: Any) -> str:
 
 
 def _check(plan: dict[str, Any], to: str) -> None:
+    if plan.get("method") == "full":
+        raise QPlanError(f"writing a full fine-tuning plan back to {to} is not done yet (qplan reads {to}'s full "
+                         "fine-tuning configs with --from-config): export LoRA and QLoRA plans")
     lora, quant, training = plan["lora"], plan["quant"], plan["training"]
     if plan.get("distributed"):
         d = plan["distributed"]
