@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qplan.planner.errors import QPlanError
+from qplan.planner.errors import QPlanError, shown
 from qplan.planner.options import FULL_QUANT, PlanOptions, as_dict
 from qplan.planner.vocab import FOUR_BIT, KBIT
 
@@ -33,7 +33,7 @@ def parse_methods(text: str) -> tuple[str, ...]:
         raise QPlanError(f"--methods is empty: give a comma-separated list of {', '.join(METHODS)}")
     bad = [m for m in names if m not in METHODS]
     if bad:
-        raise QPlanError(f"--methods: unknown method {bad[0]!r}: choose from {', '.join(METHODS)}")
+        raise QPlanError(f"--methods: unknown method {shown(bad[0])}: choose from {', '.join(METHODS)}")
     return tuple(dict.fromkeys(names))
 
 
