@@ -69,7 +69,7 @@ from qplan.planner.model.weights import (
     checkpoint_quant,
     unquantized_experts_warning,
 )
-from qplan.planner.options import DEFAULT_QUANT, FULL_QUANT, PlanOptions, as_dict, check_options
+from qplan.planner.options import DEFAULT_QUANT, FULL_QUANT, PlanOptions, as_dict, check_options, option_infos
 from qplan.planner.validate import read_calibration
 from qplan.planner.vocab import ADAPTER_DTYPE_NAMES, BACKENDS, BYTES, DTYPE_ALIASES, LIGER_KERNELS, MIXED_PRECISION
 
@@ -232,8 +232,6 @@ LORA_ONLY = ("r", "alpha", "dropout", "targets", "bias", "dora", "rslora", "targ
 
 def check_full_options(o: PlanOptions) -> None:
     """One line when a LoRA option is given with ``--full`` (it would be silently meaningless)."""
-    from qplan.planner.options import option_infos
-
     defaults = PlanOptions()
     for info in option_infos(PlanOptions):
         if info.name in LORA_ONLY and getattr(o, info.name) != getattr(defaults, info.name):

@@ -99,6 +99,20 @@ def cached_weight_casts(spec: ModelSpec, p: Precision, weights_dtype: str) -> in
                if "*" in g.pattern and g.role in ("attn", "mlp") and not idle_in_step(spec, g.pattern))
 
 
+def grad_parts(counts: list[ModuleCount]) -> tuple[int, int, int]:
+    """Gradient bytes of a full fine-tuning: ``(every parameter's, the decoder layers', the embeddings')``, from the
+    tensors' shapes (an FSDP rank's are its shards: ``sharding.sharded_counts``)."""
+    total = layers = emb = 0
+    for c in counts:
+        b = sum(math.prod(shape) for _, shape in c.save_keys) * c.instances * BYTES[c.dtype]
+        total += b
+        if "*" in c.module:
+            layers += b
+        elif c.shape.startswith("emb"):
+            emb += b
+    return total, layers, emb
+
+
 def full_layer_grads(counts: list[ModuleCount], L: int, tied: bool, first: int = 0) -> tuple[int, ...]:
     """Gradients inside the backward of full fine-tuning: ``(at layer 0's backward, at the last layer's, at the
     embeddings' backward, the same with gradient accumulation, and of those two what is a parameter's .grad)``.
@@ -115,14 +129,7 @@ def full_layer_grads(counts: list[ModuleCount], L: int, tied: bool, first: int =
     sum are alive at once: every other gradient and ``3 V h``. An untied embedding's new gradient becomes its
     ``.grad``: every gradient. With gradient accumulation the ``.grad`` of every parameter already exists and the new
     one is added into it in place: every gradient and ``3 V h`` (tied) or ``V h`` (untied)."""
-    total = layers = emb = 0
-    for c in counts:  # from the tensors' shapes (an FSDP rank's are its shards: ``sharding.sharded_counts``)
-        b = sum(math.prod(shape) for _, shape in c.save_keys) * c.instances * BYTES[c.dtype]
-        total += b
-        if "*" in c.module:
-            layers += b
-        elif c.shape.startswith("emb"):
-            emb += b
+    total, layers, emb = grad_parts(counts)
     untied_emb = 0 if tied else emb
     end = total + 2 * emb if tied else total
     end_accum = total + (3 * emb if tied else emb)

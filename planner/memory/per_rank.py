@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from qplan.planner.memory.full import full_layer_grads
+from qplan.planner.memory.full import full_layer_grads, grad_parts
 from qplan.planner.memory.phases import MemoryModel
 from qplan.planner.memory.sharding import (
     DistSettings,
@@ -154,16 +154,15 @@ def fsdp_full_moments(mm: MemoryModel, counts, sc, L: int, tied: bool, rs_input:
     and reduce-scattered by its post-backward (its reduce-scatter input kept until the next unit's); the root unit's
     (head, final norm, embeddings) stay unsharded until the root's post-backward at the very end: the head's from
     the start of the backward, the embedding's from its backward — and the root's reduce-scatter input then."""
-    fg = full_layer_grads(sc, L, tied)
-    full_g, shard_g = (full_layer_grads(c, L, tied) for c in (counts, sc))
+    (total, layers, emb), (total_s, layers_s, emb_s) = grad_parts(counts), grad_parts(sc)
+    emb_extra = emb - emb_s  # an embedding gradient unsharded rather than sharded
     # the root's gradients before the embeddings' (head, final norm; a tied weight's head part), unsharded
-    head_extra = (full_g[1] - shard_g[1])
-    emb_full = full_g[2] - full_g[4] if not tied else (full_g[2] - full_g[4]) // 3
-    emb_shard = shard_g[2] - shard_g[4] if not tied else (shard_g[2] - shard_g[4]) // 3
-    extras["embeddings"]["gradients"] += head_extra + rs_input + (2 if tied else 1) * (emb_full - emb_shard)
+    head_extra = (total - layers - emb) - (total_s - layers_s - emb_s) + (emb_extra if tied else 0)
+    extras["embeddings"]["gradients"] += head_extra + rs_input + (2 if tied else 1) * emb_extra
     extras["embeddings"]["weights"] += root
     extras["layers"]["gradients"] += head_extra
     extras["layers_last"]["gradients"] += head_extra
+    fg = full_layer_grads(sc, L, tied)
     return dataclasses.replace(mm, layers_grads=fg[0], last_grads=fg[1], end_grads=fg[2:4], end_in_grad=fg[4:])
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from qplan.planner.errors import QPlanError, shown
 from qplan.planner.options import FULL_QUANT, PlanOptions, as_dict
+from qplan.planner.plan import LORA_ONLY
 from qplan.planner.vocab import FOUR_BIT, KBIT
 
 #: the methods ``qplan compare`` knows, in the order it lists them by default
@@ -43,9 +44,7 @@ def method_options(options: dict[str, Any], method: str) -> dict[str, Any]:
     given = o.get("quant")
     defaults = as_dict(PlanOptions())
     if method == "full":
-        lora_only = ("r", "alpha", "dropout", "targets", "bias", "dora", "rslora", "target_parameters",
-                     "modules_to_save", "adapter_dtype")
-        o.update({k: defaults[k] for k in lora_only})
+        o.update({k: defaults[k] for k in LORA_ONLY})
         return {**o, "full": True, "quant": given if given and given not in KBIT else FULL_QUANT}
     o["full"] = False
     if method == "qlora":
