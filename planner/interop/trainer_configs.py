@@ -368,6 +368,7 @@ def _llamafactory(r: _Reader) -> dict[str, Any]:
         # linear cross-entropy, RMSNorm, SwiGLU and RoPE (a model whose defaults differ is refused by the planner)
         o["loss"], o["liger_kernels"] = "liger", ",".join(LIGER_KERNELS)
     r.refuse({"use_unsloth", "use_unsloth_gc", "upcast_layernorm", "upcast_lmhead_output", "use_galore", "use_apollo",
+              "use_muon", "use_adam_mini", "mixture_of_depths", "use_dft_loss", "use_eaft_loss",
               "use_badam", "pissa_init", "loraplus_lr_ratio", "shift_attn", "rope_scaling",
               "neat_packing", "use_llama_pro", "freeze_vision_tower", "train_mm_proj_only", "moe_aux_loss_coef",
               "ref_model", "use_kt", "use_v1_kernels", "resize_vocab", "quantization_device_map"},
