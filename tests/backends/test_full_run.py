@@ -19,8 +19,7 @@ from qplan.cli.main import main
 @pytest.mark.parametrize("extra", [
     ["--quant", "bf16"],  # bf16 weights, bf16 autocast, checkpointing, AdamW
     ["--quant", "fp32", "--compute-dtype", "bf16", "--no-grad-ckpt", "--optimizer", "sgd", "--seq-len", "256"],
-    ["--quant", "bf16", "--compute-dtype", "fp32", "--reentrant", "--optimizer", "adafactor"],
-])
+])  # reentrant checkpointing, Adafactor and a pure bf16 step: against the trace in test_full.py, bench/full_accuracy.py
 def test_a_full_fine_tuning_run_measures_what_the_plan_predicts(tmp_path, capsys, extra):
     plan = tmp_path / "plan.json"
     args = ["estimate", "--model", str(TINY_CONFIG), "--full", "--batch-size", "2", "--seq-len", "128", *extra]
