@@ -63,6 +63,8 @@ class Prepared:
     weights_footprint: int
     params: dict[str, int]
     notes: list[str] = field(default_factory=list)
+    #: an optimizer the backend made itself (PEFT's LoRA-FA, which freezes ``lora_A`` before anything is counted)
+    optimizer: Any = None
 
 
 @runtime_checkable

@@ -69,7 +69,8 @@ def training_kwargs(plan: dict[str, Any], settings: TrainSettings, device: str,
         lr_scheduler_type="constant",
         warmup_steps=0,
         max_grad_norm=1.0,
-        optim=OPTIMIZERS[t["optimizer"]].trainer_optim,
+        # PEFT's own optimizers (LoRA-FA) are handed to the Trainer (``run_trainer``); ``optim`` is then unused
+        optim=OPTIMIZERS[t["optimizer"]].trainer_optim if not OPTIMIZERS[t["optimizer"]].peft else "adamw_torch",
         bf16=mp == "bf16",
         fp16=mp == "fp16",
         **_checkpointing(ckpt, t["grad_ckpt"] == "reentrant"),
@@ -112,8 +113,9 @@ def effective_arguments(args: Any) -> dict[str, Any]:
 
 
 def run_trainer(model: Any, dataset: Any, plan: dict[str, Any], settings: TrainSettings, device: str,
-                callbacks: list[Any], trainer_checkpointing: bool = True) -> None:
-    """Build a ``Trainer`` for the plan and train."""
+                callbacks: list[Any], trainer_checkpointing: bool = True, optimizer: Any = None) -> None:
+    """Build a ``Trainer`` for the plan and train; ``optimizer``: one the backend made (PEFT's LoRA-FA), which gets
+    the run's learning rate and weight decay."""
     from transformers import Trainer, default_data_collator
 
     args = training_arguments(plan, settings, device, trainer_checkpointing)
@@ -146,5 +148,9 @@ def run_trainer(model: Any, dataset: Any, plan: dict[str, Any], settings: TrainS
                                             num_items_in_batch=num_items_in_batch)
 
         trainer_cls = _FusedHeadTrainer
-    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=callbacks)
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            group.update(lr=args.learning_rate, weight_decay=args.weight_decay)
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=callbacks,
+                          optimizers=(optimizer, None))
     trainer.train()

@@ -291,6 +291,9 @@ class MeasureCallback(TrainerCallback):
         from .hf_train import effective_arguments
 
         self.trainer_args = effective_arguments(args)
+        opt = getattr(kw.get("optimizer"), "optimizer", kw.get("optimizer"))  # under accelerate's AcceleratedOptimizer
+        if opt is not None and type(opt).__module__.startswith("peft."):  # handed to the Trainer (LoRA-FA)
+            self.trainer_args["optim"] = f"peft {type(opt).__name__}"
         if model is not None and not self._handles:
             self._handles = [
                 model.register_forward_pre_hook(lambda *a: self.probe.set_phase("forward")),

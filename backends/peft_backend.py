@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qplan.hf import bnb_config, cast_adapters, load_model, lora_config
+from qplan.hf import bnb_config, cast_adapters, load_model, lora_config, peft_optimizer
 from qplan.planner.errors import QPlanError
 
 from .base import ModelSource, Prepared, TrainSettings
@@ -122,13 +122,16 @@ class PeftBackend:
             from qplan.observe.trace.trl_head import add_sft_fused_head
 
             add_sft_fused_head(model.get_base_model())
+        # PEFT's own optimizer (LoRA-FA) is made now, as PEFT's harness does before counting: it freezes lora_A
+        # (the learning rate is the run's, set in ``train``)
+        opt = peft_optimizer(model, plan, lr=0.0)
         probe.snapshot("after_adapters", model, adapters=True)
         return Prepared(model=model, tokenizer=load_tokenizer(source), device=device,
-                        weights_footprint=footprint, params=trainable_counts(model))
+                        weights_footprint=footprint, params=trainable_counts(model), optimizer=opt)
 
     def train(self, prepared: Prepared, dataset: Any, plan: dict[str, Any], settings: TrainSettings,
               callbacks: list[Any]) -> None:
-        run_trainer(prepared.model, dataset, plan, settings, prepared.device, callbacks)
+        run_trainer(prepared.model, dataset, plan, settings, prepared.device, callbacks, optimizer=prepared.optimizer)
 
     def save_adapter(self, prepared: Prepared, folder: Path) -> Path:
         """The trained adapter (``adapter_model.safetensors``); with full fine-tuning the trained model itself

@@ -15,11 +15,12 @@ def model_tensors(model: Any) -> Iterator[tuple[Any, str, bool]]:
     (``trainable``/``frozen``), buffers and other tensor attributes of its modules (``frozen``),
     and bitsandbytes' constants, which are not parameters (``Params4bit.quant_state``: absmax,
     code, offset and the nested state; LLM.int8's ``CB``/``SCB`` on the weight and on
-    ``Linear8bitLt.state``). A storage may come up more than once; callers count it once."""
+    ``Linear8bitLt.state``). A storage may come up more than once; callers count it once. A frozen
+    LoRA tensor (LoRA-FA's ``lora_A``: ``create_lorafa_optimizer`` freezes it) is part of the adapter all the same."""
     import torch
 
-    for p in model.parameters():
-        yield p, "trainable" if p.requires_grad else "frozen", False
+    for n, p in model.named_parameters():
+        yield p, "trainable" if (p.requires_grad or ".lora_" in n) else "frozen", False
     for b in model.buffers():
         yield b, "frozen", False
     for m in model.modules():

@@ -71,7 +71,7 @@ from qplan.planner.model.weights import (
 )
 from qplan.planner.options import DEFAULT_QUANT, FULL_QUANT, PlanOptions, as_dict, check_options, option_infos
 from qplan.planner.validate import read_calibration
-from qplan.planner.vocab import ADAPTER_DTYPE_NAMES, BACKENDS, BYTES, DTYPE_ALIASES, LIGER_KERNELS, MIXED_PRECISION
+from qplan.planner.vocab import ADAPTER_DTYPE_NAMES, BACKENDS, BYTES, DTYPE_ALIASES, LIGER_KERNELS, MIXED_PRECISION, optimizer
 
 #: --seq-len when neither it nor --data is given
 DEFAULT_SEQ_LEN = 512
@@ -167,7 +167,7 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
         r=r, alpha=alpha if alpha is not None else 2.0 * r, dropout=dropout, targets=targets, bias=bias,
         use_dora=o.dora, use_rslora=o.rslora, modules_to_save=tuple(m.strip() for m in modules_to_save if m.strip()),
         target_parameters=tuple(m.strip() for m in target_parameters if m.strip()),
-        adapter_dtype=ADAPTER_DTYPE_NAMES[o.adapter_dtype],
+        adapter_dtype=ADAPTER_DTYPE_NAMES[o.adapter_dtype], fa=optimizer(o.optimizer).peft == "lorafa",
     )
     stack = PROFILES[backend]  # the trainer stack's own settings (the profile is chosen in build_plan)
     q = QuantSettings(quant, double_quant, DTYPE_ALIASES[compute_dtype], upcast and stack.kbit_upcast)
@@ -218,11 +218,36 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     if gpus * nodes > 1 or strategy is not None or cpu_offload:
         dist = DistSettings(gpus, nodes, strategy or "ddp", cpu_offload)
         dist.validate(q, backend)
+    if lora.fa:
+        warnings.append(check_lorafa(lora, backend, dist))
     if o.full and dist is not None and (dist.strategy != "fsdp" or dist.cpu_offload):
         raise QPlanError("--full over several GPUs is planned with --strategy fsdp (FSDP2 full shard) without "
                          "--cpu-offload; DDP, ZeRO and offloading are not planned yet")
     return PlanInputs(spec, lora, q, training, gpu_, backend, tokens, o.price_per_hour, calib, dist, data,
                       o.full), warnings
+
+
+def check_lorafa(lora: LoraSettings, backend: str, dist: DistSettings | None) -> str:
+    """One line for what LoRA-FA (``--optimizer lorafa``, PEFT's ``create_lorafa_optimizer``) is not planned with,
+    or what PEFT's ``LoraFAOptimizer`` cannot do: it pairs the parameters whose names hold ``lora`` two by two
+    (``lora_A`` then ``lora_B``), so DoRA's ``lora_magnitude_vector`` breaks the pairs. Else the plan's warning: what
+    PEFT's one GPU run of it measured (reports/peft-metamathqa/)."""
+    if lora.use_dora:
+        raise QPlanError("--optimizer lorafa with --dora: PEFT's LoraFAOptimizer pairs the lora_* parameters two by "
+                         "two (A, B) and DoRA's lora_magnitude_vector breaks the pairs; drop --dora")
+    if lora.target_parameters:
+        raise QPlanError("--optimizer lorafa with --target-parameters (LoRA on fused expert parameters) is not planned")
+    if lora.adapter_dtype != "float32":
+        raise QPlanError("--optimizer lorafa is planned with fp32 adapters (PEFT's own): leave out --adapter-dtype")
+    if backend != "peft":
+        raise QPlanError(f"--optimizer lorafa is PEFT's LoRA-FA optimizer, for the peft backend, not {backend}")
+    if dist is not None:
+        raise QPlanError("--optimizer lorafa over several GPUs is not planned (PEFT's LoraFAOptimizer reads whole "
+                         "lora_A / lora_B tensors, not shards)")
+    return ("LoRA-FA: lora_A is frozen, so its input is not saved and these live tensors are fewer than LoRA's; PEFT's "
+            "one GPU run of it (Llama-3.2-3B, L40S) reserved 12% above them, as much as LoRA did: budget LoRA's peak "
+            "until `qplan calibrate` has measured your device (its step time is not planned: a pseudo-inverse per "
+            "module per step)")
 
 
 #: the LoRA options --full leaves no meaning to, with their defaults

@@ -79,12 +79,16 @@ class Optimizer:
     * ``step_temps``: transients of one step — ``foreach`` (torch's multi-tensor AdamW: one
       parameter-sized ``sqrt`` per tensor, all alive at once; single-tensor on the CPU),
       ``adafactor`` (two fp32 copies of the largest tensor), ``compiled`` (torchao's ``torch.compile``d
-      single-tensor step: two fp32 copies of the largest tensor), ``none`` (fused / in-place kernels);
+      single-tensor step: two fp32 copies of the largest tensor), ``lorafa`` (PEFT's ``LoraFAOptimizer``: a loop
+      whose projected gradient and ``denom`` stay alive into the next tensor's turn), ``none`` (fused / in-place kernels);
     * ``foreach``: torch picks the multi-tensor path for CUDA parameters
       (``_default_to_fused_or_foreach``); the trace asks for it explicitly (meta/CPU would not);
     * ``host_step``: the ``step`` counter is a host tensor for CUDA parameters (not counted);
     * ``device_step``: the ``step`` counter is a 4-byte fp32 tensor on the device, one per
       trainable tensor (fused AdamW: ``_get_scalar_dtype(is_fused=True)``, torch/optim/adam.py);
+    * ``peft``: the optimizer is not a ``TrainingArguments.optim`` but PEFT's own (``peft.optimizers``), handed to
+      ``Trainer(optimizers=...)``: ``lorafa`` is ``create_lorafa_optimizer`` (LoRA-FA: ``lora_A`` frozen, AdamW on
+      ``lora_B`` with its gradient projected through ``(A Aᵀ)⁻¹``);
     * ``states``: moments per parameter — 2 for AdamW (``exp_avg``, ``exp_avg_sq``), 1 for Lion (bitsandbytes
       ``Lion``: an ``Optimizer1State``, ``state1`` only: the momentum) and for schedule-free SGD (``z``).
     """
@@ -98,6 +102,7 @@ class Optimizer:
     host_step: bool = False
     device_step: bool = False
     states: int = 2
+    peft: str = ""
 
 
 OPTIMIZER_TABLE = (
@@ -122,6 +127,8 @@ OPTIMIZER_TABLE = (
     Optimizer("schedule_free_adamw", "schedule_free_adamw", "schedulefree", step_temps="foreach"),
     Optimizer("schedule_free_radam", "schedule_free_radam", "schedulefree", step_temps="foreach"),
     Optimizer("schedule_free_sgd", "schedule_free_sgd", "schedulefree", states=1),
+    # PEFT's LoRA-FA (peft.optimizers.create_lorafa_optimizer; PEFT's method comparison runs it): not a Trainer optim
+    Optimizer("lorafa", "lorafa", "adamw", step_temps="lorafa", host_step=True, peft="lorafa"),
 )
 OPTIMIZERS = {o.name: o for o in OPTIMIZER_TABLE}
 

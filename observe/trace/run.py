@@ -79,8 +79,8 @@ def run_trace(config: dict, s: TraceSettings, wrap: Any = None) -> dict:
         step_model = wrap(peft_model, stack) if wrap is not None else peft_model
         if s.grad_ckpt:
             recompute_context(peft_model, s, current, amp)
+        opt = make_optimizer(peft_model, s)  # first: LoRA-FA's optimizer freezes lora_A
         trainable, total = trainable_and_total(peft_model)
-        opt = make_optimizer(peft_model, s)
         if amp is not None:
             amp.redirect()
         res = run_steps(step_model, opt, hf.get_text_config().vocab_size, s, amp, paged, current)
@@ -223,6 +223,10 @@ def make_optimizer(model: Any, s: TraceSettings) -> Any:
 
     row = optimizer_row(s.optimizer)
     require_optimizer(s.optimizer)
+    if row.peft:  # PEFT's own optimizer (LoRA-FA), as the backends hand it to the Trainer
+        from qplan.hf import peft_optimizer
+
+        return peft_optimizer(model, {"training": {"optimizer": s.optimizer}, "lora": s.lora_section}, 1e-4)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments) if f.default is not dataclasses.MISSING}
     args = types.SimpleNamespace(**dict(defaults, optim=OptimizerNames(row.trainer_optim)))
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)

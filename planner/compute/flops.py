@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from qplan.planner.memory.activations import Branch, layer_branches
 from qplan.planner.memory.terms import dims
 from qplan.planner.model.full import is_full
-from qplan.planner.model.lora import ModuleCount
+from qplan.planner.model.lora import FROZEN_A, UNSTEPPED, ModuleCount
 from qplan.planner.model.spec import ModelSpec
 from qplan.planner.model.weights import QuantSettings
 from qplan.planner.vocab import BYTES, optimizer
@@ -88,12 +88,14 @@ def linear_weight_grad_flops(T: int, s: Branch) -> int:
 
 def lora_flops(T: int, s: Branch, input_rg: bool) -> tuple[int, int]:
     """LoRA on ``s`` (forward, backward): ``2 T r (in + out)`` forward; backward the gradients of
-    ``B`` (``2 T r out``), of ``A``'s output (``2 T r out``), of ``A`` (``2 T r in``) and, if the
-    input needs one, of the input (``2 T r in``)."""
+    ``B`` (``2 T r out``), of ``A``'s output (``2 T r out``, if ``A`` or the input needs one), of ``A``
+    (``2 T r in``, not with LoRA-FA's frozen ``A``) and, if the input needs one, of the input (``2 T r in``)."""
     if not s.r:
         return 0, 0
     fwd = 2 * T * s.r * (s.in_features + s.out_features) * s.per_layer
-    bwd = (4 * T * s.r * s.out_features + 2 * T * s.r * s.in_features * (2 if input_rg else 1)) * s.per_layer
+    a_out = 0 if (s.frozen_a and not input_rg) else 2 * T * s.r * s.out_features
+    bwd = (2 * T * s.r * s.out_features + a_out
+           + 2 * T * s.r * s.in_features * ((0 if s.frozen_a else 1) + (1 if input_rg else 0))) * s.per_layer
     return fwd, bwd
 
 
@@ -225,8 +227,22 @@ def step_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
                             "modules_to_save" in head_counts or full)
     out["head"] = hf + hb
     out = {k: v * grad_accum for k, v in out.items()}
+    out["lora"] += lorafa_step_flops(counts)  # once per optimizer step
     out["total"] = sum(out.values())
     return out
+
+
+def lorafa_step_flops(counts: list[ModuleCount]) -> int:
+    """LoRA-FA's optimizer step (``LoraFAOptimizer.step``, peft/optimizers/lorafa.py), per ``lora_A`` ``(r, in)`` and
+    ``lora_B`` ``(out, r)`` pair: ``A @ A.T`` (``2 r² in``) and ``grad_B @ pinv(...)`` (``2 out r²``); the ``r × r``
+    pseudo-inverse (an SVD) is not counted, as FlopCounterMode does not count it. 0 without LoRA-FA."""
+    a = {c.module: c for c in counts if c.kind in (FROZEN_A, UNSTEPPED)}
+    total = 0
+    for c in counts:
+        if c.kind == "lora" and c.module in a:
+            (_, (o, r)), (_, (_, i)) = c.save_keys[0], a[c.module].save_keys[0]
+            total += 2 * r * r * (i + o) * c.instances
+    return total
 
 
 def not_counted(spec: ModelSpec, use_dora: bool) -> list[str]:

@@ -61,6 +61,9 @@ def _check(plan: dict[str, Any], to: str) -> None:
                          "(writing DeepSpeed/FSDP settings back is not done yet): export a plan made without --gpus/--strategy")
     if plan.get("backend") != "peft":
         raise QPlanError(f"the plan is for the {plan.get('backend')} backend: export plans made with --backend peft")
+    if optimizer(plan["training"]["optimizer"]).peft:
+        raise QPlanError(f"the plan's optimizer {plan['training']['optimizer']} is PEFT's own (create_lorafa_optimizer), "
+                         f"which {to}'s config cannot name: `qplan run` trains it, or plan with another --optimizer")
     if lora.get("bias", "none") != "none":
         raise QPlanError(f"{to} has no option for a LoRA bias ({lora['bias']}): plan with --bias none to export")
     if lora.get("target_parameters"):

@@ -20,7 +20,7 @@ from qplan.planner.memory.moe import moe_activation, moe_moments
 from qplan.planner.memory.param_lora import expert_lora_bytes, parameter_lora_activation
 from qplan.planner.memory.terms import Dims, dims, idle_in_step, trainable_tensors
 from qplan.planner.model.full import FULL, is_full
-from qplan.planner.model.lora import ModuleCount
+from qplan.planner.model.lora import FROZEN_A, ModuleCount
 from qplan.planner.model.spec import LinearGroup, ModelSpec
 from qplan.planner.model.weights import QuantSettings, is_quantized, linear_weight_bytes
 from qplan.planner.vocab import BYTES, HF_CKPT
@@ -78,6 +78,7 @@ class Branch:
     r: int = 0  # LoRA rank on it, 0 if none
     weight_bytes: int = 0  # stored bytes of one instance's weight and its quantization constants
     adapter: str = "float32"  # its LoRA tensors' dtype
+    frozen_a: bool = False  # LoRA-FA: its lora_A is frozen (no weight gradient: its input is not saved)
 
 
 def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSettings) -> list[Branch]:
@@ -85,6 +86,7 @@ def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantS
     multimodal wrapper's vision tower does not run in a text-only step: its layers are not here)."""
     ranks = {c.module: r for c in counts if c.kind == "lora"}
     adapters = {c.module: c.dtype for c in counts if c.kind == "lora"}
+    frozen = {c.module for c in counts if c.kind == FROZEN_A}
     L = max(1, int(spec.inventory.num_hidden_layers or 1))
     out = []
     for g in spec.inventory.linear:
@@ -93,7 +95,7 @@ def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantS
             continue
         out.append(Branch(site, g.in_features, g.out_features, max(1, g.instances // L), is_quantized(g, q),
                           g.pattern.rsplit(".", 1)[-1], ranks.get(g.pattern, 0), sum(linear_weight_bytes(g, q)),
-                          adapters.get(g.pattern, "float32")))
+                          adapters.get(g.pattern, "float32"), g.pattern in frozen))
     return out
 
 
@@ -118,6 +120,9 @@ def lora_branch_activation(br: Branch, p: Precision, r: int, dropout: float, inp
       casts of leaf parameters), else the (dropped-out) input itself — a new tensor with dropout,
       the module's input without it (returned as ``shares_input``, counted once per input);
     * ``lora_B`` saves ``lora_A``'s output, ``c * r`` (the adapter dtype without autocast).
+
+    LoRA-FA (``br.frozen_a``): ``lora_A`` has no weight gradient, so nothing saves its input (its input gradient
+    needs only the weight, or autocast's copy of it, ``lora_weight_cast_bytes``).
     """
     x = _site_dtype(br.site, p)
     t1 = _lora_input_dtype(br, p, kernels)
@@ -125,7 +130,9 @@ def lora_branch_activation(br: Branch, p: Precision, r: int, dropout: float, inp
     shares = False
     if dropout > 0 and input_grad:
         per += br.in_features * (1 if kernels == "cuda" else t1)  # the mask
-    if p.amp and t1 != p.c:
+    if br.frozen_a:
+        pass
+    elif p.amp and t1 != p.c:
         per += p.c * br.in_features
     elif dropout > 0 or t1 != x:
         per += t1 * br.in_features
@@ -359,7 +366,10 @@ def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, 
     if full:
         sites = [(b.site, b.in_features, b.per_layer) for b in layer_branches(spec, [], 0, q)]
         total = total + full_layer_activation(d, p, sites, d.gemma_norm, attn_impl)
-    return total + Lin(const=lora_weight_cast_bytes(branches, p, r))
+    # LoRA-FA in layer 0 without checkpointing: nothing before the attention's B needs a gradient, so neither A's nor
+    # B's weight cast is saved (B's, cached by autocast, is gone with the cache at the forward's end)
+    cast = [b for b in branches if not (first and b.frozen_a and b.site == "attn_in")]
+    return total + Lin(const=lora_weight_cast_bytes(cast, p, r))
 
 
 def rotary_activation(d: Dims, p: Precision) -> Lin:

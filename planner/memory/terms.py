@@ -18,7 +18,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from qplan.planner.errors import QPlanError
-from qplan.planner.model.lora import ModuleCount
+from qplan.planner.model.lora import FROZEN_A, UNSTEPPED, ModuleCount
 from qplan.planner.model.spec import ModelSpec
 from qplan.planner.model.weights import QuantSettings, is_quantized
 from qplan.planner.vocab import ATTN_IMPLS, BYTES, GRAD_CKPT, LOSSES, OPTIMIZERS, optimizer
@@ -279,10 +279,13 @@ def stepped_counts(spec: ModelSpec, counts: list[ModuleCount]) -> list[ModuleCou
 
 
 
-def trainable_tensors(counts: list[ModuleCount]) -> list[tuple[int, str]]:
-    """(numel, dtype) of every trainable tensor, one entry per tensor instance."""
+def trainable_tensors(counts: list[ModuleCount], frozen: bool = False) -> list[tuple[int, str]]:
+    """(numel, dtype) of every trainable tensor, one entry per tensor instance; ``frozen``: with LoRA-FA's frozen
+    ``lora_A`` (adapter tensors on the device that get no gradient)."""
     out = []
     for c in counts:
+        if c.kind == FROZEN_A and not frozen:
+            continue
         for _, shape in c.save_keys:
             out.extend([(math.prod(shape), c.dtype)] * c.instances)
     return out
@@ -296,7 +299,7 @@ def adapter_bytes(counts: list[ModuleCount]) -> int:
     adapters, peft/tuners/tuners_utils.py ``_cast_adapter_dtype``); ``modules_to_save`` copies
     and trainable biases keep their module's dtype.
     """
-    return sum(n * BYTES[dt] for n, dt in trainable_tensors([c for c in counts if c.kind != "full"]))
+    return sum(n * BYTES[dt] for n, dt in trainable_tensors([c for c in counts if c.kind != "full"], frozen=True))
 
 
 def gradient_bytes(counts: list[ModuleCount]) -> int:
@@ -334,6 +337,8 @@ def optimizer_state_bytes(counts: list[ModuleCount], name: str) -> dict[str, int
     dev = paged = 0
     qmaps = False
     for c in counts:
+        if c.kind in (FROZEN_A, UNSTEPPED):  # LoRA-FA's lora_A gets no state
+            continue
         for _, shape in c.save_keys:
             n = math.prod(shape)
             k = c.instances
@@ -416,7 +421,43 @@ def optimizer_step_temp_bytes(counts: list[ModuleCount], name: str, kernels: str
         return max((4 * n * (2 if dt == "float32" else 4) for n, dt in tensors), default=0)
     if temps == "compiled":
         return 2 * 4 * max((n for n, _ in tensors), default=0)
+    if temps == "lorafa":
+        return lorafa_step_temp_bytes(counts)
     return 0
+
+
+def lorafa_step_temp_bytes(counts: list[ModuleCount]) -> int:
+    """Transients of PEFT's ``LoraFAOptimizer.step`` (peft/optimizers/lorafa.py), a Python loop over the
+    parameters in order; for a ``lora_A``, ``lora_B`` pair of ``n = out * r`` fp32 elements:
+    ``grad_B = (1/s²) * (grad_B @ pinv(A Aᵀ + δI))`` under bf16 autocast (``is_bf16_available()``: the cast input
+    ``2n``, the product ``2n``, the scaled product ``2n``), ``grad_B.to(fp32)`` (``4n`` beside the ``2n``), then
+    ``denom_B = exp_avg_sq_B.sqrt()`` (``4n``); every other trainable tensor (``m`` elements of ``b`` bytes) takes
+    the plain AdamW branch, ``denom = exp_avg_sq.sqrt()`` (``b m``). The names ``grad_B``/``denom_B``/``denom``
+    outlive their iteration: the previous pair's ``grad_B`` (``4p``) and ``denom_B`` (``4p``) are freed only when
+    the next pair assigns its own, so a pair's peak is ``max(8p + 4n, 4p + 8n)`` over the state and gradients (the
+    ``r × r`` products, ``A Aᵀ``, the identity, the pseudo-inverse, ``4 r²`` bytes each, are left out). Modules in
+    inventory order, each layer's in turn (``named_parameters``' order); without bf16 (a T4) the fp32 product makes it
+    ``max(8p + 8n, 4p + 8n)``: not distinguished here (at most ``4n`` of one ``lora_B``)."""
+    layers = max((c.instances for c in counts if c.kind == "lora"), default=1)
+    pairs = [(c, math.prod(c.save_keys[0][1])) for c in counts if c.kind == "lora"]
+    plain = [(c, math.prod(shape) * BYTES[c.dtype]) for c in counts if c.kind not in ("lora", FROZEN_A, UNSTEPPED)
+             for _, shape in c.save_keys]
+    # named_parameters' order: a trained embedding first, then the layers (their adapters and biases), then the rest
+    seq = [("pair", n) for c, n in pairs if c.shape.startswith("emb ")]
+    seq += [("plain", b) for c, b in plain if c.shape.startswith("emb ")]
+    layer = [("pair", n) for c, n in pairs if not c.shape.startswith("emb ")]
+    layer += [("plain", b) for c, b in plain if c.instances == layers and layers > 1]
+    seq += layer * layers
+    seq += [("plain", b) for c, b in plain if not c.shape.startswith("emb ") and not (c.instances == layers > 1)]
+    peak = pair = denom = 0  # live: the last pair's grad_B + denom_B (4 + 4 bytes each), the last plain denom
+    for kind, n in seq:
+        if kind == "pair":
+            peak = max(peak, denom + 8 * pair + 4 * n, denom + 4 * pair + 8 * n)
+            pair = n
+        else:
+            peak = max(peak, 8 * pair + denom + n)
+            denom = n
+    return peak
 
 
 

@@ -27,6 +27,11 @@ from qplan.planner.errors import QPlanError
 from qplan.planner.model.spec import EmbeddingGroup, LinearGroup, ModelSpec, ParamGroup
 from qplan.planner.vocab import BIAS_MODES, BYTES, PRESETS, SAFETENSORS_DTYPE
 
+#: ``ModuleCount.kind`` of LoRA-FA's ``lora_A``: part of the adapter (on the device, in its file), not trainable
+FROZEN_A = "lora_frozen"
+#: ``ModuleCount.kind`` of LoRA-FA's ``lora_embedding_A``: trainable (it gets a gradient) but never stepped (no state)
+UNSTEPPED = "lora_unstepped"
+
 #: qplan's LoRA dropout when none is given (0 where PEFT adapts parameters: ``lora.ParamWrapper`` refuses any)
 DEFAULT_DROPOUT = 0.05
 
@@ -43,6 +48,9 @@ class LoraSettings:
     modules_to_save: tuple[str, ...] = ()
     adapter_dtype: str = "float32"
     target_parameters: tuple[str, ...] = ()
+    #: LoRA-FA (PEFT's ``create_lorafa_optimizer``, optimizer ``lorafa``): ``lora_A`` frozen at its initial value,
+    #: only ``lora_B`` trains (set from the optimizer, not a ``LoraConfig`` field)
+    fa: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
@@ -66,6 +74,7 @@ class LoraSettings:
         d["modules_to_save"] = list(self.modules_to_save)
         d["target_parameters"] = list(self.target_parameters)
         d["scaling"] = self.scaling
+        d.pop("fa")  # the plan's optimizer (``lorafa``) says it
         return d
 
 
@@ -119,7 +128,7 @@ def linear_leaf_names(spec: ModelSpec) -> list[str]:
 @dataclass
 class ModuleCount:
     module: str
-    kind: str  # lora | dora_magnitude | bias | modules_to_save
+    kind: str  # lora | lora_frozen, lora_unstepped (LoRA-FA's A) | dora_magnitude | bias | modules_to_save | lora_param | full
     shape: str
     instances: int
     params_per_instance: int
@@ -360,8 +369,14 @@ def count_lora(spec: ModelSpec, lora: LoraSettings, module_dtypes: dict[str, str
             per = r * (i_ + o_)
             keys_a, keys_b = ("lora_embedding_A", [r, i_]), ("lora_embedding_B", [o_, r])
             mag = o_
-        out.append(ModuleCount(g.pattern, "lora", shape, g.instances, per, ad,
-                               [keys_a, keys_b]))
+        if lora.fa:  # LoRA-FA: lora_A is frozen (create_lorafa_optimizer: ``requires_grad_(False)``), on the device all the same
+            # -- but only names holding "lora_A": an embedding's ``lora_embedding_A`` keeps its gradient, and the
+            # optimizer, pairing it with ``lora_embedding_B``, never steps it (no state)
+            kind = FROZEN_A if isinstance(g, LinearGroup) else UNSTEPPED
+            out.append(ModuleCount(g.pattern, kind, shape, g.instances, r * i_, ad, [keys_a]))
+            out.append(ModuleCount(g.pattern, "lora", shape, g.instances, r * o_, ad, [keys_b]))
+        else:
+            out.append(ModuleCount(g.pattern, "lora", shape, g.instances, per, ad, [keys_a, keys_b]))
         if lora.use_dora:
             out.append(ModuleCount(g.pattern, "dora_magnitude", f"{mag}", g.instances, mag, ad,
                                    [("lora_magnitude_vector", [mag])]))
@@ -416,8 +431,9 @@ def count_lora(spec: ModelSpec, lora: LoraSettings, module_dtypes: dict[str, str
 
 
 def trainable_params(counts: list[ModuleCount]) -> int:
-    """Every trainable parameter: adapters, DoRA magnitudes, unfrozen biases, modules_to_save copies."""
-    return sum(c.total for c in counts)
+    """Every trainable parameter: adapters, DoRA magnitudes, unfrozen biases, modules_to_save copies (not LoRA-FA's
+    frozen ``lora_A``)."""
+    return sum(c.total for c in counts if c.kind != FROZEN_A)
 
 
 def added_params(counts: list[ModuleCount]) -> int:
