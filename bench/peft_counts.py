@@ -2,7 +2,8 @@
 
 tests/planner/test_lora.py checks the same thing with the same oracle (its ``check``: qplan's
 count vs ``get_peft_model(...).get_nb_trainable_parameters()`` on the meta-device model), but
-samples the grid: one bundled spec per model type (its ``PYTEST_SPECS``), and the (model, preset) pairs in its ``BENCH_ONLY_R64`` run at r=1 only there,
+samples the grid: one bundled spec per model type (its ``PYTEST_SPECS``), and the (model, preset)
+pairs in its ``BENCH_ONLY_R64`` run at r=1 only there,
 because PEFT initialises every LoRA tensor on the CPU before moving it to meta (DeepSeek-V3's mlp
 and all-linear at r=64 take minutes).  This script runs every case and writes, under ``--out``,
 ``peft-counts.json`` (every case, its seconds, pass or the failure) and ``peft-counts.md``.

@@ -218,6 +218,8 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     if gpus * nodes > 1 or strategy is not None or cpu_offload:
         dist = DistSettings(gpus, nodes, strategy or "ddp", cpu_offload)
         dist.validate(q, backend)
+    if lora.fa and o.full:
+        raise QPlanError("--optimizer lorafa is LoRA-FA (PEFT's optimizer for LoRA's A and B): not for --full")
     if lora.fa:
         warnings.append(check_lorafa(lora, backend, dist))
     if o.full and dist is not None and (dist.strategy != "fsdp" or dist.cpu_offload):
