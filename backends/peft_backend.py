@@ -10,7 +10,8 @@
   (freezes the base, casts fp16/bf16 parameters that are not 4-bit to fp32, enables
   checkpointing when the plan uses it).
 * ``get_peft_model`` with ``LoraConfig(r, lora_alpha, lora_dropout, target_modules, bias,
-  use_dora, use_rslora, modules_to_save, task_type="CAUSAL_LM")`` from ``plan["lora"]``; a full fine-tuning plan
+  use_dora, use_rslora, modules_to_save, task_type="CAUSAL_LM")`` from ``plan["lora"]`` (``IA3Config`` from
+  ``plan["ia3"]`` with ``method: ia3``); a full fine-tuning plan
   (``method: full``) trains the model itself, every parameter.
 * Train with ``transformers.Trainer`` (``backends.hf_train``).
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qplan.hf import bnb_config, cast_adapters, load_model, lora_config, peft_optimizer
+from qplan.hf import bnb_config, cast_adapters, ia3_config, load_model, lora_config, peft_optimizer
 from qplan.planner.errors import QPlanError
 
 from .base import ModelSource, Prepared, TrainSettings
@@ -117,7 +118,10 @@ class PeftBackend:
             return Prepared(model=model, tokenizer=load_tokenizer(source), device=device,
                             weights_footprint=footprint, params={"trainable": int(trainable), "all": int(total)})
         probe.set_phase("adapters")
-        model = cast_adapters(get_peft_model(model, lora_config(plan["lora"])), plan["lora"])
+        if plan.get("method") == "ia3":  # (IA)³: PEFT's IA3Config, its vectors fp32
+            model = get_peft_model(model, ia3_config(plan["ia3"]))
+        else:
+            model = cast_adapters(get_peft_model(model, lora_config(plan["lora"])), plan["lora"])
         if t.get("loss") == "trl":  # as TRL's SFTTrainer: the fused LM head on the causal LM under the PEFT wrapper
             from qplan.observe.trace.trl_head import add_sft_fused_head
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from qplan.planner.errors import QPlanError
+from qplan.planner.render import method_text
 from qplan.planner.vocab import CATEGORIES, MOMENT_NAMES
 
 from .charts import histogram_svg, stacked_bars_svg, timeline_svg
@@ -164,7 +165,8 @@ def settings_rows(plan: dict[str, Any], doc: dict[str, Any]) -> list[list[str]]:
             ["backend", str(doc.get("backend") or plan.get("backend"))],
             ["base weights", f"{q['quant']}" + (" + double quant" if q.get("double_quant") and q["quant"] in ("nf4", "fp4")
                                                 else "") + f", compute {q['compute_dtype']}"],
-            *([["method", "full fine-tuning: every parameter trains"]] if lo is None else
+            *([["method", "full fine-tuning: every parameter trains"]] if plan.get("method") == "full" else
+              [["method", method_text(plan)]] if lo is None else
               [["LoRA", f"r={lo['r']}, alpha={lo['alpha']}, dropout={lo['dropout']}, targets {lo['targets']}"],
                ["target modules", ", ".join(lo["target_modules"])]]),
             ["batch × sequence × accumulation", f"{t['batch_size']} × {t['seq_len']} × {t.get('grad_accum', 1)}"],
@@ -288,8 +290,7 @@ def _details_md(plan: dict[str, Any], doc: dict[str, Any]) -> list[str]:
 def _title(plan: dict[str, Any], doc: dict[str, Any]) -> str:
     mem = ((doc.get("measured") or {}).get("memory") or {})
     q = plan["quant"]
-    lo = plan["lora"]
-    method = "full fine-tuning" if lo is None else f"LoRA r={lo['r']} {lo['targets']}"
+    method = method_text(plan, short=True)
     return f"qplan run: {plan['model']['name']} · {method} · {q['quant']} · {doc.get('backend')} · {mem.get('device', '?')}"
 
 

@@ -40,6 +40,9 @@ def plan_options(run: dict) -> dict:
                    gpu="l40s")
     if pc is None:  # PEFT's full fine-tuning run: no adapter, every parameter trains
         return {**setting, "full": True}
+    if pc.get("peft_type") == "IA3":  # (IA)³: its own target and feed-forward modules
+        return {**setting, "peft_type": "ia3", "targets": ",".join(sorted(pc["target_modules"])),
+                "feedforward_modules": ",".join(sorted(pc["feedforward_modules"])) or "none"}
     return {**setting, "r": pc["r"], "alpha": float(pc["lora_alpha"]), "dropout": float(pc["lora_dropout"]),
             "targets": ",".join(sorted(pc["target_modules"])), "rslora": pc["use_rslora"], "dora": pc["use_dora"]}
 
@@ -124,6 +127,11 @@ def main() -> None:
         "LoRA's peak, which is within 3% of this run (tests/planner/test_peft_evidence.py). Its step time is not "
         "planned: the optimizer's loop takes a pseudo-inverse per adapted module (a host sync each), 23% slower than "
         "LoRA in this run; it is left out of the time fit (reports/time/).",
+        "",
+        "(IA)³ (`--peft-type ia3`, PEFT's `IA3Config`; nothing fitted to it): the trainable count and the adapter "
+        "file (1,157,064 bytes for the default targets) are PEFT's; the live tensors are the trace's (tests/planner/"
+        "test_ia3.py): each scaled module keeps what its `ia3_l` gradient needs — the fp32 copy of a feed-forward "
+        "module's input, the base output of the others.",
         "",
         "Full fine-tuning (`--full`; PEFT's `full-finetuning` run, nothing fitted to it): the trainable count is the "
         "model's 3,212,749,824 parameters, and the tensor peak is the trace's (16 bytes apart; tests/planner/test_full.py) "

@@ -212,6 +212,16 @@ def lora_config(lora: dict[str, Any]) -> Any:
     return LoraConfig(task_type="CAUSAL_LM", **lora_kwargs(lora))
 
 
+def ia3_config(ia3: dict[str, Any]) -> Any:
+    """``peft.IA3Config(task_type="CAUSAL_LM", target_modules, feedforward_modules)`` of a plan's ``ia3`` section."""
+    try:
+        from peft import IA3Config
+    except ImportError as exc:  # pragma: no cover
+        raise _need("IA3") from exc
+    return IA3Config(task_type="CAUSAL_LM", target_modules=list(ia3["target_modules"]),
+                     feedforward_modules=list(ia3["feedforward_modules"]))
+
+
 def cast_adapters(peft_model: Any, lora: dict[str, Any]) -> Any:
     """The LoRA tensors (``lora_A``/``lora_B``, embedding factors, DoRA magnitudes, LoRA on parameters) of a PEFT
     model in the plan's ``adapter_dtype`` (``get_peft_model`` makes them fp32), cast in place as TRL does

@@ -59,7 +59,11 @@ def plan_settings(plan: dict[str, Any]) -> dict[str, Any]:
     name; the document has passed ``check_plan``)."""
     lora, quant, tr, d = plan["lora"], plan["quant"], plan["training"], plan.get("distributed")
     o: dict[str, Any] = {"model": plan["model"]["name"], "gpu": plan["gpu"]["name"] if plan.get("gpu") else None}
-    if lora is None:  # full fine-tuning: no LoRA options
+    if plan.get("method") == "ia3":  # (IA)³: its modules, as PEFT got them
+        i3 = plan["ia3"]
+        o.update({"peft_type": "ia3", "targets": ",".join(i3["target_modules"]),
+                  "feedforward_modules": ",".join(i3["feedforward_modules"]) or "none"})
+    elif lora is None:  # full fine-tuning: no LoRA options
         o["full"] = True
     else:
         targets = lora["targets"]

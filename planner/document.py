@@ -83,6 +83,13 @@ class LoraSection(Struct, forbid_unknown_fields=True, kw_only=True):
     alpha_pattern: dict[str, Annotated[float, Meta(gt=0)]] = {}
 
 
+class Ia3Section(Struct, forbid_unknown_fields=True, kw_only=True):
+    """(IA)³: the modules PEFT's ``IA3Config`` gets (PEFT's defaults for the model type where none were given)."""
+
+    target_modules: _d(list[NonEmpty], "module names PEFT's IA3Config gets")
+    feedforward_modules: _d(list[NonEmpty], "the targets scaled on their input (the others on their output)")
+
+
 class QuantSection(Struct, forbid_unknown_fields=True, kw_only=True):
     """How the base weights are loaded (bitsandbytes settings for k-bit plans)."""
 
@@ -364,9 +371,11 @@ class PlanDoc(Struct, kw_only=True):
     schema_version: Literal[1]
     qplan_version: str = ""
     model: ModelSection
-    method: _d(Literal["lora", "full"] | UnsetType, "full: full fine-tuning, every parameter trains (`--full`; `lora` is "
-               "null); absent: LoRA") = UNSET
-    lora: _d(LoraSection | None, "the adapter (null with method full)")
+    method: _d(Literal["lora", "full", "ia3"] | UnsetType, "full: full fine-tuning, every parameter trains (`--full`; "
+               "`lora` is null); ia3: (IA)³ (`--peft-type ia3`; `lora` is null, `ia3` says what it adapts); absent: "
+               "LoRA") = UNSET
+    lora: _d(LoraSection | None, "the adapter (null with method full or ia3)")
+    ia3: _d(Ia3Section | UnsetType, "method ia3 only") = UNSET
     quant: QuantSection
     training: TrainingSection
     gpu: GpuSection | None = None
@@ -432,8 +441,10 @@ def check_plan(plan: Any, where: str = "plan") -> dict[str, Any]:
         raise QPlanError(explain(exc, plan, lambda path: f"{where}: {path.lstrip('.') or 'document'}")) from exc
     check_config(plan["model"]["config"], f"{where}: model.config")
     lora = plan["lora"]
-    if (lora is None) != (plan.get("method") == "full"):
-        raise QPlanError(f"{where}: lora is null exactly when method is full (full fine-tuning)")
+    if (lora is None) != (plan.get("method") in ("full", "ia3")):
+        raise QPlanError(f"{where}: lora is null exactly when method is full (full fine-tuning) or ia3")
+    if ("ia3" in plan) != (plan.get("method") == "ia3"):
+        raise QPlanError(f"{where}: an ia3 section goes with method ia3, and only with it")
     if lora is not None and not lora["target_modules"] and not lora.get("target_parameters"):
         raise QPlanError(f"{where}: lora.target_modules is empty and there are no lora.target_parameters: "
                          "nothing would be adapted")

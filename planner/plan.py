@@ -24,6 +24,7 @@ from qplan.planner.document import (
     DistributedSection,
     Flops,
     GpuSection,
+    Ia3Section,
     Launches,
     LoraSection,
     Memory,
@@ -52,6 +53,7 @@ from qplan.planner.memory.terms import (
 )
 from qplan.planner.model.catalog import load_gpu, load_spec, spec_origin, user_spec_dir
 from qplan.planner.model.full import check_full, count_full
+from qplan.planner.model.ia3 import Ia3Settings, count_ia3
 from qplan.planner.model.lora import (
     LoraSettings,
     adapter_file_bytes,
@@ -71,7 +73,17 @@ from qplan.planner.model.weights import (
 )
 from qplan.planner.options import DEFAULT_QUANT, FULL_QUANT, PlanOptions, as_dict, check_options, option_infos
 from qplan.planner.validate import read_calibration
-from qplan.planner.vocab import ADAPTER_DTYPE_NAMES, BACKENDS, BYTES, DTYPE_ALIASES, LIGER_KERNELS, MIXED_PRECISION, optimizer
+from qplan.planner.vocab import (
+    ADAPTER_DTYPE_NAMES,
+    BACKENDS,
+    BYTES,
+    DTYPE_ALIASES,
+    LIGER_KERNELS,
+    MIXED_PRECISION,
+    PEFT_PLANNED,
+    PEFT_TYPES,
+    optimizer,
+)
 
 #: --seq-len when neither it nor --data is given
 DEFAULT_SEQ_LEN = 512
@@ -95,6 +107,8 @@ class PlanInputs:
     data: dict[str, Any] | None = None
     #: ``--full``: full fine-tuning, every parameter trains (``planner.model.full``); ``lora`` is then unused
     full: bool = False
+    #: ``--peft-type ia3``: (IA)³ (``planner.model.ia3``); ``lora`` is then unused
+    ia3: Ia3Settings | None = None
 
 
 def check_gpu_dtype(quant: QuantSettings, gpu: Gpu | None, auto_fix: bool,
@@ -131,7 +145,9 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
         if isinstance(fields.get("gpu"), Gpu):
             device, fields = fields["gpu"], {**fields, "gpu": fields["gpu"].name}
     o = check_options(fields if options is None else options)
-    r, alpha, dropout, targets, bias = o.r, o.alpha, o.dropout, o.targets, o.bias
+    r, alpha, dropout, bias = o.r, o.alpha, o.dropout, o.bias
+    targets = o.targets if o.targets is not None else "all-linear"
+    ia3 = peft_method(o)
     quant, double_quant, compute_dtype, upcast = o.quant, o.double_quant, o.compute_dtype, o.upcast
     tokens, dataset_tokens, epochs, calibration = o.tokens, o.dataset_tokens, o.epochs, o.calibration
     backend, gpus, nodes, strategy, cpu_offload = o.backend, o.gpus, o.nodes, o.strategy, o.cpu_offload
@@ -225,8 +241,10 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     if o.full and dist is not None and (dist.strategy != "fsdp" or dist.cpu_offload):
         raise QPlanError("--full over several GPUs is planned with --strategy fsdp (FSDP2 full shard) without "
                          "--cpu-offload; DDP, ZeRO and offloading are not planned yet")
+    if ia3 is not None:
+        check_ia3(q, backend, dist, o.loss)
     return PlanInputs(spec, lora, q, training, gpu_, backend, tokens, o.price_per_hour, calib, dist, data,
-                      o.full), warnings
+                      o.full, ia3), warnings
 
 
 def check_lorafa(lora: LoraSettings, backend: str, dist: DistSettings | None) -> str:
@@ -251,6 +269,53 @@ def check_lorafa(lora: LoraSettings, backend: str, dist: DistSettings | None) ->
             "until `qplan calibrate` has measured your device (its step time is not planned: a pseudo-inverse per "
             "module per step)")
 
+
+def peft_method(o: PlanOptions) -> Ia3Settings | None:
+    """``--peft-type``: None for LoRA (and full fine-tuning), the (IA)³ settings for ``ia3``; one line for a PEFT method
+    qplan does not plan (by its name), an unknown name, or a LoRA option given to IA3."""
+    name = o.peft_type.strip().lower()
+    if name not in PEFT_TYPES:
+        raise QPlanError(f"--peft-type {o.peft_type!r} is not one of PEFT's methods (peft.PeftType): qplan plans "
+                         f"{', '.join(PEFT_PLANNED)}")
+    if name not in PEFT_PLANNED:
+        raise QPlanError(f"--peft-type {name}: PEFT's {name} is not planned yet (qplan plans {', '.join(PEFT_PLANNED)}; "
+                         "LoRA's variants with --dora, --rslora, --optimizer lorafa)")
+    if o.full and name != "lora":
+        raise QPlanError(f"--full trains every parameter, with no adapter: leave out --peft-type {name}")
+    ff = tuple(m.strip() for m in (o.feedforward_modules.split(",") if isinstance(o.feedforward_modules, str)
+                                   else o.feedforward_modules) if m.strip())
+    if name != "ia3":
+        if ff:
+            raise QPlanError("--feedforward-modules is an IA3 option: give it with --peft-type ia3")
+        return None
+    defaults = PlanOptions()
+    for info in option_infos(PlanOptions):
+        if info.name in LORA_ONLY and info.name not in IA3_OPTIONS and getattr(o, info.name) != getattr(defaults, info.name):
+            raise QPlanError(f"{info.flag} is a LoRA option: --peft-type ia3 has one vector per targeted module "
+                             "(give --targets and --feedforward-modules)")
+    if optimizer(o.optimizer).peft:
+        raise QPlanError(f"--optimizer {o.optimizer} is LoRA-FA (LoRA's A and B): not for --peft-type ia3")
+    if ff == ("none",):  # PEFT's feedforward_modules=[]: every target scales its output
+        return Ia3Settings(o.targets, ())
+    return Ia3Settings(o.targets, ff or None)
+
+
+def check_ia3(q: QuantSettings, backend: str, dist: DistSettings | None, loss: str) -> None:
+    """One line for what (IA)³ is not planned with yet: a k-bit base (PEFT's bitsandbytes IA3 layers: their layer
+    backward's transients are not derived yet), Unsloth (LoRA only), several GPUs, the fused losses."""
+    if q.kbit:
+        raise QPlanError(f"--peft-type ia3 on a {q.quant} (bitsandbytes) base is not planned yet (PEFT's bnb IA3 layers "
+                         "clone and cast differently): use --quant bf16, fp16 or fp32")
+    if backend != "peft":
+        raise QPlanError(f"--peft-type ia3 is planned for the peft backend (Unsloth trains LoRA), not {backend}")
+    if dist is not None:
+        raise QPlanError("--peft-type ia3 over several GPUs is not planned yet: plan one GPU")
+    if loss != "full":
+        raise QPlanError(f"--peft-type ia3 with --loss {loss} is not planned yet: use --loss full")
+
+
+#: IA3's own options among the LoRA section's
+IA3_OPTIONS = ("targets",)
 
 #: the LoRA options --full leaves no meaning to, with their defaults
 LORA_ONLY = ("r", "alpha", "dropout", "targets", "bias", "dora", "rslora", "target_parameters", "modules_to_save",
@@ -363,7 +428,8 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> PlanDoc:
     if inp.backend not in BACKENDS:
         raise QPlanError(f"unknown backend {inp.backend!r}: choose one of {', '.join(BACKENDS)}")
     t.validate(spec)
-    for note in (unquantized_experts_warning(spec, q), None if inp.full else moved_targets_warning(spec, lora),
+    lora_plan = not inp.full and inp.ia3 is None
+    for note in (unquantized_experts_warning(spec, q), moved_targets_warning(spec, lora) if lora_plan else None,
                  accuracy_warning(spec, lora.use_dora)):
         if note:
             warnings = [*(warnings or []), note]
@@ -429,8 +495,9 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> PlanDoc:
         qplan_version=__version__,
         model=ModelSection(name=spec.name, source=spec.source, architecture=inv.architecture,
                            model_type=inv.model_type, config=spec.config),
-        method="full" if inp.full else msgspec.UNSET,
-        lora=None if inp.full else section(LoraSection, {**lora.to_json(), **resolve_targets(spec, lora).to_json()}),
+        method="full" if inp.full else "ia3" if inp.ia3 is not None else msgspec.UNSET,
+        lora=section(LoraSection, {**lora.to_json(), **resolve_targets(spec, lora).to_json()}) if lora_plan else None,
+        ia3=msgspec.UNSET if inp.ia3 is None else section(Ia3Section, inp.ia3.to_json(spec)),
         quant=section(QuantSection, q.to_json()),
         training=section(TrainingSection, {**t.to_json(), "mixed_precision": MIXED_PRECISION[q.compute_dtype]}),
         gpu=None if inp.gpu is None else GpuSection(name=inp.gpu.name, usable_bytes=inp.gpu.usable_bytes,
@@ -448,6 +515,8 @@ def plan_counts(inp: PlanInputs) -> list:
     q = inp.quant
     if inp.full:
         return count_full(inp.spec, q)
+    if inp.ia3 is not None:
+        return count_ia3(inp.spec, inp.ia3)
     return count_lora(inp.spec, inp.lora, {"bias": q.unquantized_dtype, "modules_to_save": q.unquantized_dtype})
 
 

@@ -47,6 +47,20 @@ MEMORY_ROWS = [
 ]
 
 
+def method_text(plan: dict[str, Any], short: bool = False) -> str:
+    """What trains, in words: full fine-tuning, (IA)³ on its modules, or LoRA's rank and targets."""
+    lora = plan.get("lora")
+    if plan.get("method") == "full":
+        return "full fine-tuning" if short else "full fine-tuning (every parameter trains)"
+    if plan.get("method") == "ia3":
+        i3 = plan["ia3"]
+        text = f"(IA)³ {','.join(i3['target_modules'])}"
+        return text if short else f"{text} (feed-forward: {','.join(i3['feedforward_modules']) or 'none'})"
+    if short:
+        return f"LoRA r={lora['r']} {lora['targets']}"
+    return f"LoRA r={lora['r']} α={lora['alpha']:g} targets={lora['targets']}"
+
+
 def render_plan(plan: dict[str, Any]) -> str:
     m = plan["model"]
     lora = plan["lora"]
@@ -59,8 +73,7 @@ def render_plan(plan: dict[str, Any]) -> str:
     # 16-bit weights without mixed precision: the matmuls run in the weights' dtype (a pure 16-bit step)
     pure = q["quant"] in ("bf16", "fp16") and t.get("mixed_precision") == "no"
     compute = f"no autocast, matmuls in {q['quant']}" if pure else f"compute {q['compute_dtype']}"
-    method = ("full fine-tuning (every parameter trains)" if lora is None else
-              f"LoRA r={lora['r']} α={lora['alpha']:g} targets={lora['targets']}")
+    method = method_text(plan)
     lines.append(f"{m['name']} ({m['architecture']}) · {method} · {qdesc}, {compute} · backend {plan['backend']}")
     lines.append(
         f"batch {t['batch_size']} × seq {t['seq_len']} (accum {t['grad_accum']}) · "
@@ -80,8 +93,9 @@ def render_plan(plan: dict[str, Any]) -> str:
                           colalign=("left", "left", "left", "right", "right", "right", "right")))
     par = p["params"]
     lines.append("")
-    adapter = ("the weights are the trained model: no adapter" if lora is None else
-               f"adapter file {fmt_bytes(p['adapter_file_bytes'])} (safetensors, {lora['adapter_dtype']})")
+    adapter = ("the weights are the trained model: no adapter" if plan.get("method") == "full" else
+               f"adapter file {fmt_bytes(p['adapter_file_bytes'])} (safetensors, "
+               f"{'float32' if lora is None else lora['adapter_dtype']})")
     lines.append(
         f"trainable {fmt_int(par['trainable'])} of {fmt_int(par['total'])} parameters "
         f"({100 * par['trainable_share']:.4f}%) · base {fmt_int(par['base'])} · {adapter}"

@@ -30,6 +30,14 @@ MIXED_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
 
 PRESETS = ("qv", "attn", "mlp", "all-linear")
 BIAS_MODES = ("none", "lora_only", "all")
+#: PEFT 0.21.2's method names (``peft.PeftType``, lower case; tests/planner/test_ia3.py checks them): ``--peft-type``
+#: plans ``PEFT_PLANNED`` and refuses the others by name
+PEFT_TYPES = ("adalora", "adamss", "adaption_prompt", "beft", "boft", "c3a", "cartridge", "cpt", "deft", "delora",
+              "fourierft", "frod", "glora", "gralora", "hira", "hra", "ia3", "lily", "ln_tuning", "loha", "lokr", "lora",
+              "miss", "multitask_prompt_tuning", "oft", "osf", "p_tuning", "peanut", "poly", "prefix_tuning",
+              "prompt_tuning", "psoft", "pvera", "randlora", "road", "shadow", "shira", "supertuning", "tinylora",
+              "trainable_tokens", "unilora", "vblora", "vera", "waveft", "xlora")
+PEFT_PLANNED = ("lora", "ia3")
 #: adapter dtypes PEFT can hold, and their safetensors names
 SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 #: ``--adapter-dtype``: the LoRA tensors' dtype (PEFT's fp32 by default; bf16 as TRL casts a quantized model's and

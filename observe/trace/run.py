@@ -16,6 +16,7 @@ from qplan.hf import (
     bnb_config,
     cast_adapters,
     hf_config,
+    ia3_config,
     lora_config,
     model_class,
     model_from_config,
@@ -178,7 +179,10 @@ def apply_peft(model: Any, s: TraceSettings, notes: list[str]) -> Any:
             # tensors PEFT makes without a device (e.g. bnb Params4bit.__deepcopy__ for DoRA
             # starts from torch.empty(0)) must be meta to be combined with meta data
             st.enter_context(torch.device("meta"))
-        pm = cast_adapters(get_peft_model(model, lora_config(s.lora_section)), s.lora_section)
+        if s.ia3 is not None:  # (IA)³: its vectors stay fp32 (get_peft_model's autocast_adapter_dtype)
+            pm = get_peft_model(model, ia3_config(s.ia3))
+        else:
+            pm = cast_adapters(get_peft_model(model, lora_config(s.lora_section)), s.lora_section)
     if s.grad_ckpt:
         pm.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": True} if s.reentrant else None)

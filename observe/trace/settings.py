@@ -49,6 +49,8 @@ class TraceSettings:
     #: full fine-tuning: no adapters, every parameter of the model trains (``requires_grad_(True)``, as a model
     #: handed to ``Trainer`` without PEFT); ``lora`` is then unused
     full: bool = False
+    #: (IA)³: the plan's ``ia3`` section (``IA3Config``'s target and feed-forward modules); ``lora`` is then unused
+    ia3: dict[str, Any] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if self.quant not in QUANTS:

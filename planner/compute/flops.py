@@ -50,16 +50,19 @@ class LayerGrads:
 
 def layer_grads(sites: list[Branch], x: bool) -> LayerGrads:
     """Propagate ``requires_grad`` through a Llama-family layer: a projection's output needs a
-    gradient when its input does or it carries LoRA; the attention output when q, k or v does;
+    gradient when its input does or it carries LoRA or (IA)³; the attention output when q, k or v does;
     residual sums when either side does."""
+    def trains(s: Branch) -> bool:  # LoRA on it, or an (IA)³ vector scaling it
+        return bool(s.r or s.ia3)
+
     def out_rg(site: str) -> bool:
-        return any(s.r for s in sites if s.site == site)
+        return any(trains(s) for s in sites if s.site == site)
 
     attn_in = [s for s in sites if s.site == "attn_in"]
     if len(attn_in) == 1:  # one fused projection (Phi-3 qkv_proj, GPT-2 c_attn): q, k, v are views of it
-        q = k = v = x or bool(attn_in[0].r)
+        q = k = v = x or trains(attn_in[0])
     else:  # separate projections, named q..., k..., v...
-        q, k, v = (x or any(s.r for s in attn_in if s.leaf.startswith(c)) for c in "qkv")
+        q, k, v = (x or any(trains(s) for s in attn_in if s.leaf.startswith(c)) for c in "qkv")
     attn = q or k or v
     o = attn or out_rg("attn_out")
     h1 = x or o
@@ -205,7 +208,8 @@ def step_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
             f = linear_forward_flops(T, site)
             out["base_forward"] += f
             fwd += f
-            out["input_gradients"] += linear_input_grad_flops(T, site, input_rg)
+            # an (IA)³ input-scaled module's base input needs a gradient whatever its own input does
+            out["input_gradients"] += linear_input_grad_flops(T, site, input_rg or site.ia3 == "ff")
             if full:
                 out["weight_gradients"] += linear_weight_grad_flops(T, site)
             lf, lb = lora_flops(T, site, input_rg)

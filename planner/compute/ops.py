@@ -8,10 +8,10 @@ launches, by phase, from the model's structure:
 ``launches = sum over components (instances x kernels per instance)``
 
 for the components of a decoder layer (RMSNorms, linear layers, the rest of the layer: rotary embedding, attention,
-activation, residual adds), each LoRA module (and its DoRA, dropout and autocast extras), each 4-bit/8-bit weight
-(dequantization), a full fine-tuning's weight gradients per layer, the recomputed forward of checkpointed layers,
-the model's own ends (embedding, final norm, head, loss), and the optimizer (torch's foreach kernels: a fixed number
-per step).
+activation, residual adds), each LoRA module (and its DoRA, dropout and autocast extras), each (IA)³ module, each
+4-bit/8-bit weight (dequantization), a full fine-tuning's weight gradients per layer, the recomputed forward of
+checkpointed layers, the model's own ends (embedding, final norm, head, loss), and the optimizer (torch's foreach
+kernels: a fixed number per step).
 
 The kernels per instance (``FORWARD``, ``BACKWARD``) are a least-squares fit, rounded, to the launches counted on
 traced steps (``bench/op_counts.py``: ``qplan.observe.tracker.launches_kernel`` over every op of the second traced
@@ -34,12 +34,12 @@ TOLERANCE = 0.15
 #: feature -> kernels per instance, forward
 FORWARD = {
     "norm": 7, "linear": 1, "layer": 20, "lora": 5, "dora": 13, "dropout": 1, "amp_lora": 3, "kbit": 1,
-    "eager_attention": 15, "softcap": 5, "moe": 27, "step": 20, "full": 0, "full_cast": 1,
+    "eager_attention": 15, "softcap": 5, "moe": 27, "step": 20, "full": 0, "full_cast": 1, "ia3": 3, "ia3_ff": 4,
 }
 #: feature -> kernels per instance, backward (the recomputed forward of checkpointed layers is added to it)
 BACKWARD = {
     "norm": 13, "linear": 1, "layer": 34, "lora": 9, "dora": 10, "dropout": 1, "amp_lora": 2, "kbit": 4,
-    "eager_attention": 20, "softcap": 0, "moe": 25, "step": 0, "full": 8, "full_cast": 1,
+    "eager_attention": 20, "softcap": 0, "moe": 25, "step": 0, "full": 8, "full_cast": 1, "ia3": 6, "ia3_ff": 6,
 }
 #: torch AdamW / SGD / bitsandbytes with foreach kernels, plus ``clip_grad_norm_``'s foreach norm and scale
 OPTIMIZER_LAUNCHES = 16
@@ -78,6 +78,10 @@ def launch_features(spec: Any, counts: list, q: Any, training: Any, lora: Any) -
         # and each trained weight autocast casts to the compute dtype (fp32 weights under bf16/fp16 autocast): the cast
         # in the forward, its gradient's cast back in the backward
         "full_cast": linears if is_full(counts) and amp and q.unquantized_dtype != q.compute_dtype else 0,
+        # (IA)³: the scaling's ops per module (``1 * ia3_l``, the multiply and its casts; a feed-forward module casts
+        # its input too), counted on traced steps that differ by 16 feed-forward or 32 output-scaled modules
+        "ia3": sum(b.per_layer for b in sites if b.ia3 == "out") * L,
+        "ia3_ff": sum(b.per_layer for b in sites if b.ia3 == "ff") * L,
     }
 
 

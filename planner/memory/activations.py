@@ -12,14 +12,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qplan.planner.memory.backward import incoming_gradients, reentrant_difference
 from qplan.planner.memory.dora import dora_activation
 from qplan.planner.memory.full import cached_weight_casts, full_head_activation, full_layer_activation, full_layer_grads
+from qplan.planner.memory.ia3 import ia3_backward_transient, ia3_branch_activation
 from qplan.planner.memory.lin import ZERO, Lin, Precision, precision
 from qplan.planner.memory.masks import eager_mask_activation, padding_mask_activation
 from qplan.planner.memory.moe import moe_activation, moe_moments
 from qplan.planner.memory.param_lora import expert_lora_bytes, parameter_lora_activation
 from qplan.planner.memory.terms import Dims, dims, idle_in_step, trainable_tensors
 from qplan.planner.model.full import FULL, is_full
+from qplan.planner.model.ia3 import IA3, IA3_FF
 from qplan.planner.model.lora import FROZEN_A, ModuleCount
 from qplan.planner.model.spec import LinearGroup, ModelSpec
 from qplan.planner.model.weights import QuantSettings, is_quantized, linear_weight_bytes
@@ -79,6 +82,7 @@ class Branch:
     weight_bytes: int = 0  # stored bytes of one instance's weight and its quantization constants
     adapter: str = "float32"  # its LoRA tensors' dtype
     frozen_a: bool = False  # LoRA-FA: its lora_A is frozen (no weight gradient: its input is not saved)
+    ia3: str = ""  # (IA)³ on it: "ff" (scales its input), "out" (its output), "" none
 
 
 def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSettings) -> list[Branch]:
@@ -87,6 +91,7 @@ def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantS
     ranks = {c.module: r for c in counts if c.kind == "lora"}
     adapters = {c.module: c.dtype for c in counts if c.kind == "lora"}
     frozen = {c.module for c in counts if c.kind == FROZEN_A}
+    ia3 = {c.module: "ff" if c.kind == IA3_FF else "out" for c in counts if c.kind in (IA3, IA3_FF)}
     L = max(1, int(spec.inventory.num_hidden_layers or 1))
     out = []
     for g in spec.inventory.linear:
@@ -95,7 +100,7 @@ def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantS
             continue
         out.append(Branch(site, g.in_features, g.out_features, max(1, g.instances // L), is_quantized(g, q),
                           g.pattern.rsplit(".", 1)[-1], ranks.get(g.pattern, 0), sum(linear_weight_bytes(g, q)),
-                          adapters.get(g.pattern, "float32"), g.pattern in frozen))
+                          adapters.get(g.pattern, "float32"), g.pattern in frozen, ia3.get(g.pattern, "")))
     return out
 
 
@@ -311,19 +316,21 @@ def mlp_activation(d: Dims, p: Precision, liger: bool = False) -> Lin:
     return Lin(tok=(2 if liger or not d.gated else 3) * p.M * d.i)
 
 
-def frozen_weight_casts(spec: ModelSpec, q: QuantSettings, first: bool, lora_sites: set[str]) -> Lin:
+def frozen_weight_casts(spec: ModelSpec, q: QuantSettings, first: bool, lora_sites: set[str],
+                        input_sites: frozenset[str] = frozenset()) -> Lin:
     """Autocast's copies of a layer's frozen 16/32-bit weights in another dtype (fp32 or fp16 weights under bf16
     autocast, bf16 weights under fp16): ``cached_cast`` caches only leaves that require grad, so each matmul casts its
     frozen weight anew and saves the copy for its input gradient (aten/src/ATen/autocast_mode.cpp) — ``c`` bytes per
     weight element of every decoder-layer linear whose input needs a gradient. In layer 0 without checkpointing that
-    is the projections after the first LoRA-adapted site (the embeddings need no grad). None for k-bit weights
-    (bitsandbytes dequantizes them itself) or when the weights are in the compute dtype."""
+    is the projections after the first LoRA-adapted (or (IA)³ output-scaled) site (the embeddings need no grad), and
+    from an (IA)³ input-scaled site (``input_sites``: its base weight's input is scaled, so it needs a gradient) on.
+    None for k-bit weights (bitsandbytes dequantizes them itself) or when the weights are in the compute dtype."""
     p = precision(q)
     if not p.amp or q.kbit or q.unquantized_dtype == q.compute_dtype:
         return ZERO
     d = dims(spec)
     order = {site: i for i, site in enumerate(SITES)}
-    first_lora = min((order[s_] for s_ in lora_sites), default=len(SITES))
+    first_lora = min([order[s_] for s_ in lora_sites] + [order[s_] - 1 for s_ in input_sites], default=len(SITES))
     total = 0
     for g in spec.inventory.linear:
         site = _site(g)
@@ -337,7 +344,8 @@ def frozen_weight_casts(spec: ModelSpec, q: QuantSettings, first: bool, lora_sit
 
 def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, r: int, dropout: float,
                      attn_impl: str, first: bool = False, kernels: str = "cuda", mlp: Lin | None = None,
-                     dora: bool = False, liger: tuple[str, ...] = (), full: bool = False) -> Lin:
+                     dora: bool = False, liger: tuple[str, ...] = (), full: bool = False,
+                     ia3: tuple[Branch, ...] = ()) -> Lin:
     """Everything one decoder layer keeps for backward (no checkpointing); ``full``: its weights train
     (``planner.memory.full``). ``first``: layer 0 without checkpointing
     reads the embeddings, which need no grad: its input norm saves nothing, dropout masks on that input are not kept.
@@ -360,9 +368,12 @@ def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, 
     total = total + Lin(tok=sum(_site_input_bytes(s_, d, p) for s_ in shared if s_ != "attn_out"))
     if q.quant == "int8":
         total = total + int8_retained_activation(spec, q, p, False, first, shared)
+    for br in ia3:  # (IA)³'s scaling vectors (planner.memory.ia3)
+        total = total + ia3_branch_activation(br, _site_dtype(br.site, p), p, kernels)
     if dora:
         total = total + dora_activation(branches, p, dropout, first, {s: _site_dtype(s, p) for s in SITES})
-    total = total + frozen_weight_casts(spec, q, first, {br.site for br in branches})
+    grad_sites = {br.site for br in branches} | {b.site for b in ia3 if b.ia3 == "out"}
+    total = total + frozen_weight_casts(spec, q, first, grad_sites, frozenset(b.site for b in ia3 if b.ia3 == "ff"))
     if full:
         sites = [(b.site, b.in_features, b.per_layer) for b in layer_branches(spec, [], 0, q)]
         total = total + full_layer_activation(d, p, sites, d.gemma_norm, attn_impl)
@@ -420,10 +431,12 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
         grad_ckpt = "hf"  # offloading to CPU RAM moves nothing when the device is the CPU
     ckpt_inputs = ZERO
     br = lora_branches(spec, counts, q)
+    i3 = tuple(b for b in layer_branches(spec, counts, 0, q) if b.ia3)
+    i3_bwd = ia3_backward_transient(i3)
     mlp = moe_activation(spec, counts, q)
     trained = is_full(counts)  # full fine-tuning: the weights train (planner.memory.full)
     full = layer_activation(spec, br, q, r, dropout, attn_impl, kernels=kernels, mlp=mlp, dora=dora, liger=liger,
-                            full=trained)
+                            full=trained, ia3=i3)
     head = head_activation(spec, p, grad_ckpt != "off", head_linear, q.unquantized_dtype != q.compute_dtype,
                            "rms_norm" in liger)
     loss_extra = loss_time_activation(spec, [c for c in counts if c.kind != FULL], q, grad_ckpt)
@@ -439,10 +452,10 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     mlp_fwd_temps = ZERO
     if grad_ckpt == "off":
         first = layer_activation(spec, br, q, r, dropout, attn_impl, first=not trained, kernels=kernels, mlp=mlp,
-                                 dora=dora, liger=liger, full=trained)
+                                 dora=dora, liger=liger, full=trained, ia3=i3)
         saved = first + (d.L - 1) * full + head
-        layers = first + grads_in + rotary
-        layers_temps = grads_in
+        layers = first + grads_in + rotary + i3_bwd
+        layers_temps = grads_in + i3_bwd
         if mlp is None:  # the last layer's down projection in the forward: (about) every saved activation + its inputs
             mlp_fwd_temps = recompute_transient(spec, br, p, dropout, kernels)
     else:
@@ -453,6 +466,7 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
             saved = saved + d.L * int8_retained_activation(spec, q, p, True, False, set())
         rt = recompute_transient(spec, br, p, dropout, kernels) if mlp is None else ZERO
         layers_temps = grads_in + rt
+        layers_temps = layers_temps + i3_bwd  # the down projection's (IA)³ backward (0 without it)
         if grad_ckpt == "reentrant":
             layers_temps = layers_temps + reentrant_difference(d, p, rt, mlp is not None)
         layers = Lin(tok=p.R * d.h) + full + rotary + layers_temps
@@ -517,43 +531,6 @@ def embeddings_backward_activation(spec: ModelSpec, p: Precision, d: Dims, kerne
         if padded and attn_impl == "sdpa":
             kept = kept + padding_mask_activation(spec, p)[0]
     return kept, transient
-
-
-def reentrant_difference(d: Dims, p: Precision, transient: Lin, moe: bool) -> Lin:
-    """A layer's backward under reentrant checkpointing less the same under non-reentrant: ``- c h T`` or ``+ R h T``.
-
-    torch 2.13 ``CheckpointFunction.backward`` recomputes the whole layer with grad enabled
-    (``outputs = ctx.run_function(*detached_inputs)``), then runs ``torch.autograd.backward(outputs,
-    grads)`` and returns. Against non-reentrant checkpointing (which recomputes when the first saved
-    tensor is unpacked and stops before the layer's output, ``_checkpoint_early_stop``):
-
-    * at the recomputation's end only the incoming gradient is alive: the second gradient of
-      ``incoming_gradients``, the scaled copy of the down projection's LoRA output gradient (``c h T``,
-      the compute dtype's) is not made yet — the peak when the recomputation's transients are (LoRA on
-      the down projection under autocast: its input's casts, ``recompute_transient``);
-    * past it, the recomputed layer output ``R h T`` is held by ``outputs`` until the backward
-      returns: one ``R h T`` more — the peak otherwise (no LoRA transient at the recomputation's end;
-      a MoE layer, whose backward moments are ``moe_moments``).
-
-    Measured with the tracker (tiny Llama 2 layers, nf4 / bf16 / fp32, targets qv, attn and
-    all-linear; CPU run = meta trace to the byte): the reentrant peak is the non-reentrant one
-    ``- c h T`` (bf16 and nf4, all-linear) and ``+ R h T`` (nf4 qv, bf16 attn, fp32 all-linear)."""
-    lora_transient = p.amp and not moe and transient != Lin(tok=p.M * d.i + p.M * d.h)  # LoRA casts on the down input
-    return Lin(tok=-p.c * d.h if lora_transient else p.R * d.h)
-
-
-def incoming_gradients(d: Dims, p: Precision, lora_down: bool = False, a: int = 4) -> Lin:
-    """Gradients in flight while a layer's saved tensors are back (its recomputation's end with
-    checkpointing): the gradient reaching the layer ``R h T``, and a second one — without
-    checkpointing and with non-reentrant checkpointing (``hf``) the backward of the layer's last ops
-    runs *before* anything is recomputed (the recomputation starts when the first saved tensor is
-    unpacked, torch/utils/checkpoint.py ``_checkpoint_hook``), and by then the output gradient's
-    scaled copy (LoRA's ``* scaling`` on the down projection) or its sum with the residual's is made:
-    ``R h T``, except in a pure 16-bit step (no autocast) with LoRA on the down projection, whose branch
-    runs in the adapters' dtype ``a`` (PEFT casts its input to ``lora_A``'s dtype; fp32 unless
-    ``--adapter-dtype``): ``a h T``. ``reentrant_difference`` is what the reentrant checkpoint changes."""
-    second = a if (lora_down and not p.amp) else p.R
-    return Lin(tok=(p.R + second) * d.h)
 
 
 def recompute_transient(spec: ModelSpec, branches: list[Branch], p: Precision, dropout: float,

@@ -6,7 +6,9 @@ only what defines the method changed:
 * ``full`` — ``--full``: every parameter trains; the weights load in the given 16/32-bit dtype, else bf16;
 * ``lora`` — LoRA over a 16/32-bit base: the given dtype, else bf16;
 * ``qlora`` — LoRA over a 4-bit base: the given nf4/fp4, else nf4 (bitsandbytes, double quantization as given);
-* ``dora`` — ``lora`` with DoRA's magnitude vectors.
+* ``dora`` — ``lora`` with DoRA's magnitude vectors;
+* ``lorafa`` — ``lora`` trained by PEFT's LoRA-FA optimizer (``lora_A`` frozen);
+* ``ia3`` — (IA)³ with PEFT's default targets for the model type, over a 16/32-bit base.
 
 The LoRA options given (rank, targets, ...) apply to the LoRA methods and are set aside for ``full``. A method the
 planner cannot plan here (full fine-tuning over several GPUs, say) is a row with its one-line reason, not a failure
@@ -23,7 +25,7 @@ from qplan.planner.plan import LORA_ONLY
 from qplan.planner.vocab import FOUR_BIT, KBIT
 
 #: the methods ``qplan compare`` knows, in the order it lists them by default
-METHODS = ("full", "lora", "qlora", "dora")
+METHODS = ("full", "lora", "qlora", "dora", "lorafa", "ia3")
 DEFAULT_METHODS = ("full", "lora", "qlora")
 
 
@@ -43,15 +45,22 @@ def method_options(options: dict[str, Any], method: str) -> dict[str, Any]:
     o = dict(options)
     given = o.get("quant")
     defaults = as_dict(PlanOptions())
-    if method == "full":
+    if method in ("full", "ia3"):
         o.update({k: defaults[k] for k in LORA_ONLY})
+        if o.get("optimizer") == "lorafa":
+            o["optimizer"] = defaults["optimizer"]
+    if method == "full":
         return {**o, "full": True, "quant": given if given and given not in KBIT else FULL_QUANT}
     o["full"] = False
+    if method == "ia3":
+        return {**o, "peft_type": "ia3", "quant": given if given and given not in KBIT else FULL_QUANT}
     if method == "qlora":
         return {**o, "quant": given if given in FOUR_BIT else "nf4"}
     o["quant"] = given if given and given not in KBIT else FULL_QUANT
     if method == "dora":
         o["dora"] = True
+    if method == "lorafa":
+        o["optimizer"] = "lorafa"
     return o
 
 
