@@ -422,5 +422,5 @@ def render_compare(result: dict[str, Any]) -> str:
                                          "cost"]))
     lines += reasons
     lines.append("each row is the plan `qplan estimate` makes with that method (--full; LoRA on a 16/32-bit base; "
-                 "QLoRA on nf4): --format json has them all")
+                 "QLoRA on nf4; lorafa: --optimizer lorafa; ia3: --peft-type ia3): --format json has them all")
     return "\n".join(lines)

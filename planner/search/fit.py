@@ -129,7 +129,7 @@ def search(model: str, gpu_name: str, *, seq_len=None, batch_size=None, quant=No
     if full and max_gpus is not None:
         raise QPlanError("--full is planned on one GPU for now: --max-gpus searches several")
     d = PlanOptions(model=model)  # estimate's defaults: the recipe a time/cost ranking keeps or says it changed
-    given = {"r": None if full else r or d.r, "targets": "full" if full else targets or d.targets,
+    given = {"r": None if full else r or d.r, "targets": "full" if full else targets or d.targets or "all-linear",
              "quant": quant or d.quant or (FULL_QUANT if full else DEFAULT_QUANT),
              "optimizer": optimizer or d.optimizer, "seq_len": seq_len or DEFAULT_SEQ_LEN,
              "batch_size": batch_size or d.batch_size}

@@ -191,12 +191,12 @@ def test_full_fine_tuning_from_the_page(base, browser, tmp_path):
         [r["peak"] for r in fit["best"]] and all(r["targets"] == "full" for r in fit["best"])
     assert "full fine-tuning" in drv.find_element(By.ID, "rent-note").text
     # the methods side by side: the API's comparison for the page's query, the full checkbox aside
-    cq = "&".join(p for p in query.split("&") if not p.startswith("full="))
+    cq = "&".join(p for p in query.split("&") if not p.startswith("full=")) + "&methods=full,lora,qlora,lorafa,ia3"
     _, cmp = api(base, "/api/compare", cq)
     shown = [(r.get_attribute("data-method"), r.get_attribute("data-peak"))
              for r in drv.find_elements(By.CSS_SELECTOR, "#compare tbody tr")]
     assert shown == [(r["method"], str(r["peak"])) for r in cmp["methods"]]
-    assert [m for m, _ in shown] == ["full", "lora", "qlora"]
+    assert [m for m, _ in shown] == ["full", "lora", "qlora", "lorafa", "ia3"]
     assert dict(shown)["full"] == str(plan["prediction"]["memory"]["peak"])  # the page's own plan is the full row
     folder = Path(os.environ.get("QPLAN_SCREENSHOTS") or tmp_path)
     folder.mkdir(parents=True, exist_ok=True)
