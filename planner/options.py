@@ -123,7 +123,8 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
     grad_ckpt: _f(bool, "gradient checkpointing", negatable=True, section=TRAINING) = True
     reentrant: _f(bool, "with --grad-ckpt: torch's reentrant checkpoint (use_reentrant=True: axolotl's and "
                   "LLaMA-Factory's default) instead of transformers' non-reentrant one", section=TRAINING) = False
-    optimizer: _f(lit(OPTIMIZERS), "optimizer (TrainingArguments.optim; adamw_8bit is adamw_bnb_8bit)",
+    optimizer: _f(lit(OPTIMIZERS), "optimizer (TrainingArguments.optim; adamw_8bit is adamw_bnb_8bit; lorafa is PEFT's "
+                  "LoRA-FA, lora_A frozen)",
                   section=TRAINING) = "adamw_torch"
     attn_impl: _f(lit(ATTN_CHOICES), "attention (auto: what transformers picks for the model, e.g. eager for "
                   "Gemma-2)", flag="--attn", section=TRAINING) = "auto"
