@@ -62,3 +62,19 @@ def llama_spec():
 def make_plan_file(tmp_path: Path, **plan_options) -> Path:
     """``tmp_path/plan.json``: by default a bf16 plan with checkpointing for the PEFT backend."""
     return write_plan(tmp_path / "plan.json", build_plan(llama_spec(), **plan_options))
+
+
+def estimate_and_run(tmp_path: Path, capsys, estimate_args: list[str], steps: int = 3) -> tuple[Path, dict]:
+    """`qplan estimate --model TINY_CONFIG ARGS --output plan.json`, then a real CPU `qplan run` of it (random
+    weights): the run folder and its measured.json (its status checked ok)."""
+    from qplan.backends import runner
+    from qplan.cli.main import main
+
+    plan = tmp_path / "plan.json"
+    args = ["estimate", "--model", str(TINY_CONFIG), *estimate_args, "--output", str(plan)]
+    assert main(args) == 0, capsys.readouterr().err
+    result = runner.run_plan(plan, random_init=True, steps=steps, device="cpu", out_dir=tmp_path / "runs")
+    run = Path(result["run_dir"])
+    doc = read_measured(run)
+    assert doc["status"] == "ok", doc.get("failure")
+    return run, doc

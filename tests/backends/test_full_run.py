@@ -5,15 +5,12 @@ live tensors of a real CPU step are what the plan predicts for CPU kernels. The 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("torch")
 
-from backend_helpers import TINY_CONFIG, read_measured
-from qplan.backends import runner
-from qplan.cli.main import main
+from backend_helpers import estimate_and_run
 
 
 @pytest.mark.parametrize("extra", [
@@ -21,13 +18,8 @@ from qplan.cli.main import main
     ["--quant", "fp32", "--compute-dtype", "bf16", "--no-grad-ckpt", "--optimizer", "sgd", "--seq-len", "256"],
 ])  # reentrant checkpointing, Adafactor and a pure bf16 step: against the trace in test_full.py, bench/full_accuracy.py
 def test_a_full_fine_tuning_run_measures_what_the_plan_predicts(tmp_path, capsys, extra):
-    plan = tmp_path / "plan.json"
-    args = ["estimate", "--model", str(TINY_CONFIG), "--full", "--batch-size", "2", "--seq-len", "128", *extra]
-    assert main([*args, "--output", str(plan)]) == 0, capsys.readouterr().err
-    result = runner.run_plan(plan, random_init=True, steps=3, device="cpu", out_dir=tmp_path / "runs")
-    run = Path(result["run_dir"])
-    doc = read_measured(run)
-    assert doc["status"] == "ok", doc.get("failure")
+    run, doc = estimate_and_run(tmp_path, capsys, ["--full", "--batch-size", "2", "--seq-len", "128", *extra])
+    plan = run / "plan.json"
     compared = doc["compared"]
     total = json.loads(plan.read_text())["prediction"]["params"]["total"]
     assert compared["trainable"]["measured"] == compared["trainable"]["predicted"] == total

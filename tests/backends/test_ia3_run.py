@@ -3,28 +3,18 @@ step as the plan predicts for CPU kernels, the trainable count and the saved ada
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("torch")
 
-from backend_helpers import TINY_CONFIG, read_measured
-from qplan.backends import runner
-from qplan.cli.main import main
+from backend_helpers import estimate_and_run
 
 
 def test_an_ia3_run_measures_what_the_plan_predicts(tmp_path, capsys):
     from safetensors.torch import load_file
 
-    plan = tmp_path / "plan.json"
-    args = ["estimate", "--model", str(TINY_CONFIG), "--peft-type", "ia3", "--quant", "bf16", "--batch-size", "2",
-            "--seq-len", "128"]
-    assert main([*args, "--output", str(plan)]) == 0, capsys.readouterr().err
-    result = runner.run_plan(plan, random_init=True, steps=3, device="cpu", out_dir=tmp_path / "runs")
-    run = Path(result["run_dir"])
-    doc = read_measured(run)
-    assert doc["status"] == "ok", doc.get("failure")
+    run, doc = estimate_and_run(tmp_path, capsys, ["--peft-type", "ia3", "--quant", "bf16", "--batch-size", "2",
+                                                   "--seq-len", "128"])
     compared = doc["compared"]
     assert compared["trainable"]["measured"] == compared["trainable"]["predicted"]
     assert compared["adapter_file_bytes"]["measured"] == compared["adapter_file_bytes"]["predicted"]

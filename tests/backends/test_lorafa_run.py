@@ -5,28 +5,20 @@ freezes every `lora_A`; the live tensors of a real CPU step are what the plan pr
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("torch")
 
-from backend_helpers import TINY_CONFIG, read_measured
-from qplan.backends import runner
-from qplan.cli.main import main
+from backend_helpers import estimate_and_run
 
 
 def test_a_lorafa_run_measures_what_the_plan_predicts_and_trains_only_b(tmp_path, capsys):
     from safetensors.torch import load_file
 
-    plan = tmp_path / "plan.json"
-    args = ["estimate", "--model", str(TINY_CONFIG), "--optimizer", "lorafa", "--quant", "bf16", "--batch-size", "2",
-            "--seq-len", "128", "--r", "8", "--no-grad-ckpt"]
-    assert main([*args, "--output", str(plan)]) == 0, capsys.readouterr().err
-    result = runner.run_plan(plan, random_init=True, steps=3, device="cpu", out_dir=tmp_path / "runs")
-    run = Path(result["run_dir"])
-    doc = read_measured(run)
-    assert doc["status"] == "ok", doc.get("failure")
+    run, doc = estimate_and_run(tmp_path, capsys, ["--optimizer", "lorafa", "--quant", "bf16", "--batch-size", "2",
+                                                   "--seq-len", "128", "--r", "8", "--no-grad-ckpt"])
+    plan = run / "plan.json"
     compared = doc["compared"]
     assert compared["trainable"]["measured"] == compared["trainable"]["predicted"]
     predicted = json.loads(plan.read_text())["prediction"]["params"]

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+from trace_checks import BACKWARD, assert_plan_is_the_trace
 
 from qplan.planner.api import plan_dict
 from qplan.planner.errors import QPlanError
@@ -20,7 +21,6 @@ from qplan.planner.model.full import count_full
 from qplan.planner.model.weights import QuantSettings
 
 ROOT = Path(__file__).resolve().parents[2]
-BACKWARD = ("backward", "layers", "layers_last", "embeddings", "attention")
 
 
 @pytest.mark.parametrize("name", ["llama-3.2-1b", "llama-3.1-8b", "qwen3-0.6b", "gemma-2-9b", "phi-4", "qwen3-30b-a3b",
@@ -59,19 +59,7 @@ def test_every_moment_of_the_step_equals_the_traced_step(model, options):
 
     plan = plan_dict(model=model, full=True, batch_size=2, seq_len=1024, **options)
     traced = trace_plan(plan, steps=2)
-    mem, phases = plan["prediction"]["memory"], plan["prediction"]["memory_detail"]["phases"]
-    assert traced["trainable_params"] == plan["prediction"]["params"]["trainable"]
-    assert abs(mem["tensor_peak"] - traced["tensor_peak"]) <= 0.001 * traced["tensor_peak"], (mem, traced)
-    tp = traced["phase_peaks"]
-    assert abs(phases["forward"] - tp["forward"]) <= 0.001 * tp["forward"]
-    backward = max(v for k, v in phases.items() if k in BACKWARD)
-    assert abs(backward - tp["backward"]) <= 0.001 * tp["backward"]
-    assert abs(phases["optimizer"] - tp["optimizer"]) <= 0.001 * tp["optimizer"]
-    # what the peak moment's bytes are, by the tracker's categories (a tied weight's summed gradient is a transient)
-    detail = plan["prediction"]["memory_detail"]
-    comp = detail["composition"][detail["peak_phase"]]
-    for cat, b in traced["breakdown_at_peak"].items():
-        assert abs(comp.get(cat, 0) - b) <= 0.002 * traced["tensor_peak"], (cat, comp, traced["breakdown_at_peak"])
+    assert_plan_is_the_trace(plan, traced)
 
 
 @pytest.mark.parametrize("model,ckpt", [("llama-3.2-1b", True), ("llama-3.1-8b", False)])

@@ -9,14 +9,13 @@ their adapter files, to the byte) in tests/planner/test_peft_evidence.py. No exp
 from __future__ import annotations
 
 import pytest
+from trace_checks import assert_plan_is_the_trace
 
 from qplan.planner.api import plan_dict
 from qplan.planner.errors import QPlanError
 from qplan.planner.model.catalog import load_spec
 from qplan.planner.model.ia3 import ia3_defaults
 from qplan.planner.vocab import PEFT_TYPES
-
-BACKWARD = ("backward", "layers", "layers_last", "embeddings", "attention")
 
 
 def test_the_method_names_and_the_ia3_defaults_are_peft_s():
@@ -72,17 +71,7 @@ def test_every_phase_of_the_step_equals_the_traced_step(options):
 
     plan = plan_dict(peft_type="ia3", batch_size=2, seq_len=512, **options)
     traced = trace_plan(plan, steps=2)
-    mem, phases = plan["prediction"]["memory"], plan["prediction"]["memory_detail"]["phases"]
-    assert traced["trainable_params"] == plan["prediction"]["params"]["trainable"]
-    assert abs(mem["tensor_peak"] - traced["tensor_peak"]) <= 0.001 * traced["tensor_peak"], (mem, traced)
-    tp = traced["phase_peaks"]
-    for ours, theirs in ((phases["forward"], tp["forward"]), (phases["optimizer"], tp["optimizer"]),
-                         (max(v for k, v in phases.items() if k in BACKWARD), tp["backward"])):
-        assert abs(ours - theirs) <= 0.001 * theirs
-    detail = plan["prediction"]["memory_detail"]
-    comp = detail["composition"][detail["peak_phase"]]
-    for cat, b in traced["breakdown_at_peak"].items():
-        assert abs(comp.get(cat, 0) - b) <= 0.002 * traced["tensor_peak"], (cat, comp, traced["breakdown_at_peak"])
+    assert_plan_is_the_trace(plan, traced)
 
 
 def test_a_layer_s_backward_holds_the_feed_forward_scaling_s_gradients():
