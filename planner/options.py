@@ -107,7 +107,7 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
     full: _f(bool, "full fine-tuning: every parameter trains, no adapter (HF Trainer without PEFT; the LoRA options "
              "do not apply; the weights load in bf16 unless --quant bf16/fp16/fp32 says otherwise)", section=LORA) = False
     quant: _f(lit(QUANTS) | None, "base weights: bitsandbytes 4-bit (nf4, fp4), LLM.int8, or a plain 16/32-bit load "
-              f"[default: {DEFAULT_QUANT}; {FULL_QUANT} with --full]", section=QUANT) = None
+              f"[default: {DEFAULT_QUANT}; {FULL_QUANT} with --full or --peft-type ia3]", section=QUANT) = None
     double_quant: _f(bool, "4-bit: quantize the absmax constants", negatable=True, section=QUANT) = True
     compute_dtype: _f(lit(sorted(DTYPE_ALIASES)), "dtype of the matmuls (bnb_4bit_compute_dtype; autocast); fp32 with "
                       "--quant bf16/fp16 is a pure 16-bit step: no autocast, matmuls in the weights' dtype (PEFT's "

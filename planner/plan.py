@@ -155,6 +155,8 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     if o.full:
         check_full_options(o)
         quant = quant or FULL_QUANT
+    if ia3 is not None:  # (IA)³ is planned on 16/32-bit bases (PEFT's bnb IA3 layers: check_ia3)
+        quant = quant or FULL_QUANT
     quant = quant or DEFAULT_QUANT
     if check_data_options(as_dict(o), o.seq_len) and (tokens is not None or dataset_tokens is not None):
         raise QPlanError("--data counts the tokens: leave out --tokens and --dataset-tokens (--epochs sets passes)")
