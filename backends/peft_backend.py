@@ -128,7 +128,7 @@ class PeftBackend:
             add_sft_fused_head(model.get_base_model())
         # PEFT's own optimizer (LoRA-FA) is made now, as PEFT's harness does before counting: it freezes lora_A
         # (the learning rate is the run's, set in ``train``)
-        opt = peft_optimizer(model, plan, lr=0.0)
+        opt = peft_optimizer(model, t["optimizer"], plan["lora"], lr=0.0)
         probe.snapshot("after_adapters", model, adapters=True)
         return Prepared(model=model, tokenizer=load_tokenizer(source), device=device,
                         weights_footprint=footprint, params=trainable_counts(model), optimizer=opt)

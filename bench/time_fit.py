@@ -24,6 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT.parent))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import peft_metamathqa  # noqa: E402  (its plan_options: each run's setting)
 
 EVIDENCE = ROOT / "tests" / "fixtures" / "peft_metamathqa" / "results.json"
 OUT = ROOT / "reports" / "time"
@@ -32,19 +35,9 @@ PADDED = 224
 
 
 def plan_options(run: dict) -> dict:
-    """qplan options for one PEFT run's setting (the run's own LoRA config and train config)."""
-    pc, tc = run["peft_config"], run["train_config"]
-    assert tc["dtype"] == "bfloat16" and not tc["use_amp"] and not tc["use_gc"]
-    setting = dict(model="llama-3.2-3b", quant="bf16", compute_dtype="fp32", batch_size=tc["batch_size"],
-                   seq_len=PADDED, grad_ckpt=False, optimizer={"AdamW": "adamw_torch", "lora-fa": "lorafa"}[
-                       tc["optimizer_type"]], gpu="l40s")
-    if pc is None:  # PEFT's full fine-tuning run
-        return {**setting, "full": True}
-    if pc.get("peft_type") == "IA3":
-        return {**setting, "peft_type": "ia3", "targets": ",".join(sorted(pc["target_modules"])),
-                "feedforward_modules": ",".join(sorted(pc["feedforward_modules"])) or "none"}
-    return {**setting, "r": pc["r"], "alpha": pc["lora_alpha"], "dropout": pc["lora_dropout"],
-            "targets": ",".join(sorted(pc["target_modules"])), "dora": pc["use_dora"], "rslora": pc["use_rslora"]}
+    """qplan options for one PEFT run's setting (the run's own method and train config, ``peft_metamathqa``'s), at the
+    padded length of its bucketed batches."""
+    return {**peft_metamathqa.plan_options(run), "seq_len": PADDED}
 
 
 def fitted(run: dict) -> bool:

@@ -73,18 +73,17 @@ def require_optimizer(name: str) -> None:
         raise QPlanError(f"optimizer {name} is the schedulefree package's: pip install 'qplan[schedulefree]'")
 
 
-def peft_optimizer(model: Any, plan: dict[str, Any], lr: float, weight_decay: float = 0.0) -> Any:
-    """The plan's optimizer where PEFT makes it (``vocab.Optimizer.peft``), for ``Trainer(optimizers=...)``; None
-    for a ``TrainingArguments.optim`` one. ``lorafa``: ``peft.optimizers.create_lorafa_optimizer(model, r,
-    lora_alpha, lr, weight_decay)`` (LoRA-FA: freezes every ``lora_A``), as PEFT's method comparison makes it."""
+def peft_optimizer(model: Any, name: str, lora: dict[str, Any] | None, lr: float, weight_decay: float = 0.0) -> Any:
+    """Optimizer ``name`` where PEFT makes it (``vocab.Optimizer.peft``), for ``Trainer(optimizers=...)``; None for a
+    ``TrainingArguments.optim`` one. ``lorafa``: ``peft.optimizers.create_lorafa_optimizer(model, r, lora_alpha, lr,
+    weight_decay)`` with the plan's ``lora`` section (LoRA-FA: freezes every ``lora_A``), as PEFT's method comparison
+    makes it."""
     from qplan.planner.vocab import optimizer
 
-    kind = optimizer(plan["training"]["optimizer"]).peft
-    if not kind:
+    if not optimizer(name).peft:
         return None
     from peft.optimizers import create_lorafa_optimizer
 
-    lora = plan["lora"]
     return create_lorafa_optimizer(model, r=int(lora["r"]), lora_alpha=lora["alpha"], lr=lr,
                                    weight_decay=weight_decay)
 

@@ -230,7 +230,7 @@ def make_optimizer(model: Any, s: TraceSettings) -> Any:
     if row.peft:  # PEFT's own optimizer (LoRA-FA), as the backends hand it to the Trainer
         from qplan.hf import peft_optimizer
 
-        return peft_optimizer(model, {"training": {"optimizer": s.optimizer}, "lora": s.lora_section}, 1e-4)
+        return peft_optimizer(model, s.optimizer, s.lora_section, lr=1e-4)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments) if f.default is not dataclasses.MISSING}
     args = types.SimpleNamespace(**dict(defaults, optim=OptimizerNames(row.trainer_optim)))
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)

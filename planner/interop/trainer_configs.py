@@ -33,8 +33,8 @@ from qplan.planner.vocab import LIGER_KERNELS, OPTIMIZER_TABLE
 FORMATS = ("axolotl", "llamafactory", "trl")
 #: ``TrainingArguments.optim`` -> qplan's optimizer name (``adamw_bnb_8bit`` is qplan's ``adamw_8bit``)
 #: (not PEFT's own optimizers, LoRA-FA: a trainer config cannot name them)
-OPTIM = {o.trainer_optim: o.name for o in OPTIMIZER_TABLE if not o.peft} | {o.name: o.name for o in OPTIMIZER_TABLE
-                                                                            if not o.peft}
+_NAMEABLE = [o for o in OPTIMIZER_TABLE if not o.peft]
+OPTIM = {o.trainer_optim: o.name for o in _NAMEABLE} | {o.name: o.name for o in _NAMEABLE}
 #: transformers TrainingArguments keys that change nothing qplan plans per GPU (paths, schedules, logging, data loading)
 TRAINING_NO_EFFECT = {
     "output_dir", "overwrite_output_dir", "do_train", "do_eval", "do_predict", "eval_strategy", "evaluation_strategy",
@@ -111,7 +111,7 @@ def _names(value: Any, key: str, fmt: str) -> str:
 def _optimizer(name: Any, key: str, fmt: str) -> str:
     if name not in OPTIM:
         raise QPlanError(f"{fmt} config: {key} {shown(name)} is not an optimizer qplan plans "
-                         f"(one of {', '.join(sorted(o.trainer_optim for o in OPTIMIZER_TABLE if not o.peft))})")
+                         f"(one of {', '.join(sorted(o.trainer_optim for o in _NAMEABLE))})")
     return OPTIM[name]
 
 

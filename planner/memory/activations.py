@@ -135,7 +135,7 @@ def lora_branch_activation(br: Branch, p: Precision, r: int, dropout: float, inp
     shares = False
     if dropout > 0 and input_grad:
         per += br.in_features * (1 if kernels == "cuda" else t1)  # the mask
-    if br.frozen_a:
+    if br.frozen_a:  # LoRA-FA: nothing saves A's input
         pass
     elif p.amp and t1 != p.c:
         per += p.c * br.in_features
@@ -465,8 +465,7 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
         if q.quant == "int8" and grad_ckpt != "reentrant":  # reentrant: the forward runs under no_grad
             saved = saved + d.L * int8_retained_activation(spec, q, p, True, False, set())
         rt = recompute_transient(spec, br, p, dropout, kernels) if mlp is None else ZERO
-        layers_temps = grads_in + rt
-        layers_temps = layers_temps + i3_bwd  # the down projection's (IA)³ backward (0 without it)
+        layers_temps = grads_in + rt + i3_bwd  # i3_bwd: the down projection's (IA)³ backward (0 without it)
         if grad_ckpt == "reentrant":
             layers_temps = layers_temps + reentrant_difference(d, p, rt, mlp is not None)
         layers = Lin(tok=p.R * d.h) + full + rotary + layers_temps

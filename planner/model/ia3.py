@@ -97,8 +97,3 @@ def count_ia3(spec: ModelSpec, ia3: Ia3Settings) -> list[ModuleCount]:
         out.append(ModuleCount(g.pattern, IA3_FF if is_ff else IA3, f"{g.in_features}→{g.out_features}", g.instances,
                                n, "float32", [("ia3_l", key)]))
     return out
-
-
-def is_ia3(counts: list[ModuleCount] | tuple[ModuleCount, ...]) -> bool:
-    """Whether ``counts`` are an (IA)³ adapter's."""
-    return any(c.kind in (IA3, IA3_FF) for c in counts)

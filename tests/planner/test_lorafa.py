@@ -31,7 +31,7 @@ def test_the_trainable_count_is_peft_s_after_its_own_lorafa_optimizer(name, targ
     pm = get_peft_model(model, lora_config(plan["lora"]))
     from qplan.hf import peft_optimizer
 
-    peft_optimizer(pm, plan, 1e-4)  # freezes lora_A
+    peft_optimizer(pm, "lorafa", plan["lora"], 1e-4)  # freezes lora_A
     trainable, total = pm.get_nb_trainable_parameters()
     params = plan["prediction"]["params"]
     assert params["trainable"] == trainable and params["total"] == total
