@@ -11,7 +11,7 @@
   checkpointing when the plan uses it).
 * ``get_peft_model`` with ``LoraConfig(r, lora_alpha, lora_dropout, target_modules, bias,
   use_dora, use_rslora, modules_to_save, task_type="CAUSAL_LM")`` from ``plan["lora"]`` (``IA3Config`` from
-  ``plan["ia3"]`` with ``method: ia3``); a full fine-tuning plan
+  ``plan["ia3"]`` with ``method: ia3``, ``PromptTuningConfig`` from ``plan["prompt_tuning"]``); a full fine-tuning plan
   (``method: full``) trains the model itself, every parameter.
 * Train with ``transformers.Trainer`` (``backends.hf_train``).
 """
@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qplan.hf import bnb_config, cast_adapters, ia3_config, load_model, lora_config, peft_optimizer
+from qplan.hf import bnb_config, cast_adapters, load_model, lora_config, method_config, peft_optimizer
 from qplan.planner.errors import QPlanError
 
 from .base import ModelSource, Prepared, TrainSettings
@@ -118,8 +118,8 @@ class PeftBackend:
             return Prepared(model=model, tokenizer=load_tokenizer(source), device=device,
                             weights_footprint=footprint, params={"trainable": int(trainable), "all": int(total)})
         probe.set_phase("adapters")
-        if plan.get("method") == "ia3":  # (IA)³: PEFT's IA3Config, its vectors fp32
-            model = get_peft_model(model, ia3_config(plan["ia3"]))
+        if plan.get("method") in ("ia3", "prompt_tuning"):  # PEFT's IA3Config / PromptTuningConfig, fp32 tensors
+            model = get_peft_model(model, method_config(plan["method"], plan[plan["method"]]))
         else:
             model = cast_adapters(get_peft_model(model, lora_config(plan["lora"])), plan["lora"])
         if t.get("loss") == "trl":  # as TRL's SFTTrainer: the fused LM head on the causal LM under the PEFT wrapper

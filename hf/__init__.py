@@ -211,14 +211,20 @@ def lora_config(lora: dict[str, Any]) -> Any:
     return LoraConfig(task_type="CAUSAL_LM", **lora_kwargs(lora))
 
 
-def ia3_config(ia3: dict[str, Any]) -> Any:
-    """``peft.IA3Config(task_type="CAUSAL_LM", target_modules, feedforward_modules)`` of a plan's ``ia3`` section."""
+def method_config(method: str, section: dict[str, Any]) -> Any:
+    """The PEFT config of a plan's non-LoRA method (``planner.methods``) from its section:
+    ``IA3Config(task_type="CAUSAL_LM", target_modules, feedforward_modules)`` (its vectors fp32) or
+    ``PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens)`` (its prompt fp32, randomly initialised)."""
     try:
-        from peft import IA3Config
+        import peft
     except ImportError as exc:  # pragma: no cover
-        raise _need("IA3") from exc
-    return IA3Config(task_type="CAUSAL_LM", target_modules=list(ia3["target_modules"]),
-                     feedforward_modules=list(ia3["feedforward_modules"]))
+        raise _need(method) from exc
+    if method == "ia3":
+        return peft.IA3Config(task_type="CAUSAL_LM", target_modules=list(section["target_modules"]),
+                              feedforward_modules=list(section["feedforward_modules"]))
+    if method == "prompt_tuning":
+        return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=int(section["num_virtual_tokens"]))
+    raise ValueError(f"no PEFT config for method {method!r}")
 
 
 def cast_adapters(peft_model: Any, lora: dict[str, Any]) -> Any:

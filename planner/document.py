@@ -90,6 +90,18 @@ class Ia3Section(Struct, forbid_unknown_fields=True, kw_only=True):
     feedforward_modules: _d(list[NonEmpty], "the targets scaled on their input (the others on their output)")
 
 
+class PromptTuningSection(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Prompt tuning: what PEFT's ``PromptTuningConfig`` gets and resolves."""
+
+    num_virtual_tokens: _d(Annotated[int, Meta(ge=1)], "trained virtual tokens prepended to every row")
+    token_dim: _d(Annotated[int, Meta(ge=1)], "their width: the model's hidden_size")
+    num_transformer_submodules: _d(Literal[1], "1 for a decoder-only model")
+
+
+#: the plan section of each PEFT method other than LoRA (``planner.methods``), named as the method
+METHOD_SECTIONS = {"ia3": Ia3Section, "prompt_tuning": PromptTuningSection}
+
+
 class QuantSection(Struct, forbid_unknown_fields=True, kw_only=True):
     """How the base weights are loaded (bitsandbytes settings for k-bit plans)."""
 
@@ -371,11 +383,12 @@ class PlanDoc(Struct, kw_only=True):
     schema_version: Literal[1]
     qplan_version: str = ""
     model: ModelSection
-    method: _d(Literal["lora", "full", "ia3"] | UnsetType, "full: full fine-tuning, every parameter trains (`--full`; "
-               "`lora` is null); ia3: (IA)³ (`--peft-type ia3`; `lora` is null, `ia3` says what it adapts); absent: "
-               "LoRA") = UNSET
-    lora: _d(LoraSection | None, "the adapter (null with method full or ia3)")
+    method: _d(Literal["lora", "full", "ia3", "prompt_tuning"] | UnsetType, "full: full fine-tuning, every parameter "
+               "trains (`--full`; `lora` is null); ia3, prompt_tuning: that PEFT method (`--peft-type`; `lora` is null, "
+               "the section named as the method says what it trains); absent: LoRA") = UNSET
+    lora: _d(LoraSection | None, "the adapter (null with method full, ia3 or prompt_tuning)")
     ia3: _d(Ia3Section | UnsetType, "method ia3 only") = UNSET
+    prompt_tuning: _d(PromptTuningSection | UnsetType, "method prompt_tuning only") = UNSET
     quant: QuantSection
     training: TrainingSection
     gpu: GpuSection | None = None
@@ -441,10 +454,12 @@ def check_plan(plan: Any, where: str = "plan") -> dict[str, Any]:
         raise QPlanError(explain(exc, plan, lambda path: f"{where}: {path.lstrip('.') or 'document'}")) from exc
     check_config(plan["model"]["config"], f"{where}: model.config")
     lora = plan["lora"]
-    if (lora is None) != (plan.get("method") in ("full", "ia3")):
-        raise QPlanError(f"{where}: lora is null exactly when method is full (full fine-tuning) or ia3")
-    if ("ia3" in plan) != (plan.get("method") == "ia3"):
-        raise QPlanError(f"{where}: an ia3 section goes with method ia3, and only with it")
+    if (lora is None) != (plan.get("method") in ("full", *METHOD_SECTIONS)):
+        raise QPlanError(f"{where}: lora is null exactly when method is full (full fine-tuning), "
+                         f"{' or '.join(METHOD_SECTIONS)}")
+    for name in METHOD_SECTIONS:
+        if (name in plan) != (plan.get("method") == name):
+            raise QPlanError(f"{where}: a {name} section goes with method {name}, and only with it")
     if lora is not None and not lora["target_modules"] and not lora.get("target_parameters"):
         raise QPlanError(f"{where}: lora.target_modules is empty and there are no lora.target_parameters: "
                          "nothing would be adapted")

@@ -17,6 +17,7 @@ import msgspec
 from qplan.planner import __version__
 from qplan.planner.data import check_data_options, data_profile
 from qplan.planner.document import (
+    METHOD_SECTIONS,
     PLAN_SCHEMA_VERSION,
     Compute,
     Cost,
@@ -24,7 +25,6 @@ from qplan.planner.document import (
     DistributedSection,
     Flops,
     GpuSection,
-    Ia3Section,
     Launches,
     LoraSection,
     Memory,
@@ -51,9 +51,9 @@ from qplan.planner.memory.terms import (
     resolve_attn,
     text_only_warning,
 )
+from qplan.planner.methods import PeftSettings, check_full_options, check_method, method_warnings, peft_method
 from qplan.planner.model.catalog import load_gpu, load_spec, spec_origin, user_spec_dir
 from qplan.planner.model.full import check_full, count_full
-from qplan.planner.model.ia3 import Ia3Settings, count_ia3
 from qplan.planner.model.lora import (
     LoraSettings,
     adapter_file_bytes,
@@ -71,7 +71,7 @@ from qplan.planner.model.weights import (
     checkpoint_quant,
     unquantized_experts_warning,
 )
-from qplan.planner.options import DEFAULT_QUANT, FULL_QUANT, PlanOptions, as_dict, check_options, option_infos
+from qplan.planner.options import DEFAULT_QUANT, FULL_QUANT, PlanOptions, as_dict, check_options
 from qplan.planner.validate import read_calibration
 from qplan.planner.vocab import (
     ADAPTER_DTYPE_NAMES,
@@ -80,8 +80,6 @@ from qplan.planner.vocab import (
     DTYPE_ALIASES,
     LIGER_KERNELS,
     MIXED_PRECISION,
-    PEFT_PLANNED,
-    PEFT_TYPES,
     optimizer,
 )
 
@@ -107,8 +105,8 @@ class PlanInputs:
     data: dict[str, Any] | None = None
     #: ``--full``: full fine-tuning, every parameter trains (``planner.model.full``); ``lora`` is then unused
     full: bool = False
-    #: ``--peft-type ia3``: (IA)³ (``planner.model.ia3``); ``lora`` is then unused
-    ia3: Ia3Settings | None = None
+    #: ``--peft-type`` other than lora: the method's settings (``planner.methods``); ``lora`` is then unused
+    peft: PeftSettings | None = None
 
 
 def check_gpu_dtype(quant: QuantSettings, gpu: Gpu | None, auto_fix: bool,
@@ -147,7 +145,7 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     o = check_options(fields if options is None else options)
     r, alpha, dropout, bias = o.r, o.alpha, o.dropout, o.bias
     targets = o.targets if o.targets is not None else "all-linear"
-    ia3 = peft_method(o)
+    peft = peft_method(o)
     quant, double_quant, compute_dtype, upcast = o.quant, o.double_quant, o.compute_dtype, o.upcast
     tokens, dataset_tokens, epochs, calibration = o.tokens, o.dataset_tokens, o.epochs, o.calibration
     backend, gpus, nodes, strategy, cpu_offload = o.backend, o.gpus, o.nodes, o.strategy, o.cpu_offload
@@ -155,7 +153,7 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     if o.full:
         check_full_options(o)
         quant = quant or FULL_QUANT
-    if ia3 is not None:  # (IA)³ is planned on 16/32-bit bases (PEFT's bnb IA3 layers: check_ia3)
+    if peft is not None:  # the other PEFT methods are planned on 16/32-bit bases (planner.methods.check_method)
         quant = quant or FULL_QUANT
     quant = quant or DEFAULT_QUANT
     if check_data_options(as_dict(o), o.seq_len) and (tokens is not None or dataset_tokens is not None):
@@ -220,7 +218,8 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     # from the position ids with a block-causal mask; flash attention runs them varlen, without one)
     mask = data is not None and (bool(data["worst_batch"].get("padded")) or (bool(flat) and attn != "flash_attention_2"))
     training = TrainingSettings(o.batch_size, seq_len, o.grad_accum, ckpt, o.optimizer, attn, bool(mask), flat, o.loss,
-                                liger_kernels(o.liger_kernels, spec, backend, strategy))
+                                liger_kernels(o.liger_kernels, spec, backend, strategy),
+                                getattr(peft, "num_virtual_tokens", 0))
     loss_notes = check_fused_loss(o.loss, spec, q, gpu_, backend, strategy) if o.loss != "full" else []
     q, warnings = check_gpu_dtype(q, gpu_, auto_fix=not o.strict_dtype, full=o.full)
     check_adapter_dtype(lora.adapter_dtype, q, backend)
@@ -243,10 +242,11 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     if o.full and dist is not None and (dist.strategy != "fsdp" or dist.cpu_offload):
         raise QPlanError("--full over several GPUs is planned with --strategy fsdp (FSDP2 full shard) without "
                          "--cpu-offload; DDP, ZeRO and offloading are not planned yet")
-    if ia3 is not None:
-        check_ia3(q, backend, dist, o.loss)
+    if peft is not None:
+        check_method(peft, q, backend, dist, o.loss)
+        warnings += method_warnings(peft)
     return PlanInputs(spec, lora, q, training, gpu_, backend, tokens, o.price_per_hour, calib, dist, data,
-                      o.full, ia3), warnings
+                      o.full, peft), warnings
 
 
 def check_lorafa(lora: LoraSettings, backend: str, dist: DistSettings | None) -> str:
@@ -270,66 +270,6 @@ def check_lorafa(lora: LoraSettings, backend: str, dist: DistSettings | None) ->
             "one GPU run of it (Llama-3.2-3B, L40S) reserved 12% above them, as much as LoRA did: budget LoRA's peak "
             "until `qplan calibrate` has measured your device (its step time is not planned: a pseudo-inverse per "
             "module per step)")
-
-
-def peft_method(o: PlanOptions) -> Ia3Settings | None:
-    """``--peft-type``: None for LoRA (and full fine-tuning), the (IA)³ settings for ``ia3``; one line for a PEFT method
-    qplan does not plan (by its name), an unknown name, or a LoRA option given to IA3."""
-    name = o.peft_type.strip().lower()
-    if name not in PEFT_TYPES:
-        raise QPlanError(f"--peft-type {o.peft_type!r} is not one of PEFT's methods (peft.PeftType): qplan plans "
-                         f"{', '.join(PEFT_PLANNED)}")
-    if name not in PEFT_PLANNED:
-        raise QPlanError(f"--peft-type {name}: PEFT's {name} is not planned yet (qplan plans {', '.join(PEFT_PLANNED)}; "
-                         "LoRA's variants with --dora, --rslora, --optimizer lorafa)")
-    if o.full and name != "lora":
-        raise QPlanError(f"--full trains every parameter, with no adapter: leave out --peft-type {name}")
-    ff = tuple(m.strip() for m in (o.feedforward_modules.split(",") if isinstance(o.feedforward_modules, str)
-                                   else o.feedforward_modules) if m.strip())
-    if name != "ia3":
-        if ff:
-            raise QPlanError("--feedforward-modules is an IA3 option: give it with --peft-type ia3")
-        return None
-    defaults = PlanOptions()
-    for info in option_infos(PlanOptions):
-        if info.name in LORA_ONLY and info.name not in IA3_OPTIONS and getattr(o, info.name) != getattr(defaults, info.name):
-            raise QPlanError(f"{info.flag} is a LoRA option: --peft-type ia3 has one vector per targeted module "
-                             "(give --targets and --feedforward-modules)")
-    if optimizer(o.optimizer).peft:
-        raise QPlanError(f"--optimizer {o.optimizer} is LoRA-FA (LoRA's A and B): not for --peft-type ia3")
-    if ff == ("none",):  # PEFT's feedforward_modules=[]: every target scales its output
-        return Ia3Settings(o.targets, ())
-    return Ia3Settings(o.targets, ff or None)
-
-
-def check_ia3(q: QuantSettings, backend: str, dist: DistSettings | None, loss: str) -> None:
-    """One line for what (IA)³ is not planned with yet: a k-bit base (PEFT's bitsandbytes IA3 layers: their layer
-    backward's transients are not derived yet), Unsloth (LoRA only), several GPUs, the fused losses."""
-    if q.kbit:
-        raise QPlanError(f"--peft-type ia3 on a {q.quant} (bitsandbytes) base is not planned yet (PEFT's bnb IA3 layers "
-                         "clone and cast differently): use --quant bf16, fp16 or fp32")
-    if backend != "peft":
-        raise QPlanError(f"--peft-type ia3 is planned for the peft backend (Unsloth trains LoRA), not {backend}")
-    if dist is not None:
-        raise QPlanError("--peft-type ia3 over several GPUs is not planned yet: plan one GPU")
-    if loss != "full":
-        raise QPlanError(f"--peft-type ia3 with --loss {loss} is not planned yet: use --loss full")
-
-
-#: IA3's own options among the LoRA section's
-IA3_OPTIONS = ("targets",)
-
-#: the LoRA options --full leaves no meaning to, with their defaults
-LORA_ONLY = ("r", "alpha", "dropout", "targets", "bias", "dora", "rslora", "target_parameters", "modules_to_save",
-             "adapter_dtype")
-
-
-def check_full_options(o: PlanOptions) -> None:
-    """One line when a LoRA option is given with ``--full`` (it would be silently meaningless)."""
-    defaults = PlanOptions()
-    for info in option_infos(PlanOptions):
-        if info.name in LORA_ONLY and getattr(o, info.name) != getattr(defaults, info.name):
-            raise QPlanError(f"{info.flag} is a LoRA option: --full trains every parameter, with no adapter")
 
 
 def liger_kernels(names: str, spec: ModelSpec, backend: str, strategy: str | None) -> tuple[str, ...]:
@@ -430,7 +370,7 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> PlanDoc:
     if inp.backend not in BACKENDS:
         raise QPlanError(f"unknown backend {inp.backend!r}: choose one of {', '.join(BACKENDS)}")
     t.validate(spec)
-    lora_plan = not inp.full and inp.ia3 is None
+    lora_plan = not inp.full and inp.peft is None
     for note in (unquantized_experts_warning(spec, q), moved_targets_warning(spec, lora) if lora_plan else None,
                  accuracy_warning(spec, lora.use_dora)):
         if note:
@@ -497,9 +437,10 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> PlanDoc:
         qplan_version=__version__,
         model=ModelSection(name=spec.name, source=spec.source, architecture=inv.architecture,
                            model_type=inv.model_type, config=spec.config),
-        method="full" if inp.full else "ia3" if inp.ia3 is not None else msgspec.UNSET,
+        method="full" if inp.full else inp.peft.method if inp.peft is not None else msgspec.UNSET,
         lora=section(LoraSection, {**lora.to_json(), **resolve_targets(spec, lora).to_json()}) if lora_plan else None,
-        ia3=msgspec.UNSET if inp.ia3 is None else section(Ia3Section, inp.ia3.to_json(spec)),
+        **({} if inp.peft is None else {inp.peft.method: section(METHOD_SECTIONS[inp.peft.method],
+                                                                 inp.peft.to_json(spec))}),
         quant=section(QuantSection, q.to_json()),
         training=section(TrainingSection, {**t.to_json(), "mixed_precision": MIXED_PRECISION[q.compute_dtype]}),
         gpu=None if inp.gpu is None else GpuSection(name=inp.gpu.name, usable_bytes=inp.gpu.usable_bytes,
@@ -517,8 +458,8 @@ def plan_counts(inp: PlanInputs) -> list:
     q = inp.quant
     if inp.full:
         return count_full(inp.spec, q)
-    if inp.ia3 is not None:
-        return count_ia3(inp.spec, inp.ia3)
+    if inp.peft is not None:
+        return inp.peft.count(inp.spec)
     return count_lora(inp.spec, inp.lora, {"bias": q.unquantized_dtype, "modules_to_save": q.unquantized_dtype})
 
 
@@ -533,7 +474,8 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
     t, q = inp.training, inp.quant
     flops = step_flops(inp.spec, counts, inp.lora.r, q, *t.shape, t.grad_ckpt, t.attn_impl, t.grad_accum, t.loss)
     moved = step_bytes(inp.spec, counts, inp.lora.r, q, t.grad_ckpt, t.optimizer, trainable, t.grad_accum)
-    tokens_per_step = t.shape[0] * t.shape[1] * t.grad_accum
+    # the data's tokens (prompt tuning's virtual tokens run through the model but are not the user's tokens)
+    tokens_per_step = t.shape[0] * (t.shape[1] - t.virtual_tokens) * t.grad_accum
     device = inp.gpu.to_json() if inp.gpu is not None else None
     gpus = inp.dist.world if inp.dist is not None else 1
     # Unsloth's fused Triton kernels launch far fewer kernels than the eager PEFT step the count models: not counted

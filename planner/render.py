@@ -48,7 +48,8 @@ MEMORY_ROWS = [
 
 
 def method_text(plan: dict[str, Any], short: bool = False) -> str:
-    """What trains, in words: full fine-tuning, (IA)³ on its modules, or LoRA's rank and targets."""
+    """What trains, in words: full fine-tuning, (IA)³ on its modules, prompt tuning's prompt, or LoRA's rank and
+    targets."""
     lora = plan.get("lora")
     if plan.get("method") == "full":
         return "full fine-tuning" if short else "full fine-tuning (every parameter trains)"
@@ -56,6 +57,10 @@ def method_text(plan: dict[str, Any], short: bool = False) -> str:
         i3 = plan["ia3"]
         text = f"(IA)³ {','.join(i3['target_modules'])}"
         return text if short else f"{text} (feed-forward: {','.join(i3['feedforward_modules']) or 'none'})"
+    if plan.get("method") == "prompt_tuning":
+        pt = plan["prompt_tuning"]
+        text = f"prompt tuning {pt['num_virtual_tokens']} virtual tokens"
+        return text if short else f"{text} × {pt['token_dim']} (prepended to every row)"
     if short:
         return f"LoRA r={lora['r']} {lora['targets']}"
     return f"LoRA r={lora['r']} α={lora['alpha']:g} targets={lora['targets']}"
@@ -422,5 +427,5 @@ def render_compare(result: dict[str, Any]) -> str:
                                          "cost"]))
     lines += reasons
     lines.append("each row is the plan `qplan estimate` makes with that method (--full; LoRA on a 16/32-bit base; "
-                 "QLoRA on nf4; lorafa: --optimizer lorafa; ia3: --peft-type ia3): --format json has them all")
+                 "QLoRA on nf4; lorafa: --optimizer lorafa; ia3, prompt_tuning: --peft-type): --format json has them all")
     return "\n".join(lines)

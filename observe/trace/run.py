@@ -16,8 +16,8 @@ from qplan.hf import (
     bnb_config,
     cast_adapters,
     hf_config,
-    ia3_config,
     lora_config,
+    method_config,
     model_class,
     model_from_config,
     require_optimizer,
@@ -179,8 +179,8 @@ def apply_peft(model: Any, s: TraceSettings, notes: list[str]) -> Any:
             # tensors PEFT makes without a device (e.g. bnb Params4bit.__deepcopy__ for DoRA
             # starts from torch.empty(0)) must be meta to be combined with meta data
             st.enter_context(torch.device("meta"))
-        if s.ia3 is not None:  # (IA)³: its vectors stay fp32 (get_peft_model's autocast_adapter_dtype)
-            pm = get_peft_model(model, ia3_config(s.ia3))
+        if s.method:  # (IA)³'s vectors and prompt tuning's prompt stay fp32 (get_peft_model's autocast_adapter_dtype)
+            pm = get_peft_model(model, method_config(s.method, s.section))
         else:
             pm = cast_adapters(get_peft_model(model, lora_config(s.lora_section)), s.lora_section)
     if s.grad_ckpt:
@@ -311,7 +311,8 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
             from .liger import meta_scalar_stand_ins
 
             stand_ins.update(meta_scalar_stand_ins())
-    tracker = LiveTensorTracker(dev, logits=LogitsRule.for_step(vocab, s.batch_size, s.seq_len, chunked_logits),
+    rule = LogitsRule.for_step(vocab, s.batch_size, s.seq_len + s.virtual_tokens, chunked_logits)
+    tracker = LiveTensorTracker(dev, logits=rule,
                                 stand_ins=stand_ins, host_scalars_phase="optimizer" if dev == "cpu" else None)
     ids = batch(vocab, s)
     labels = ids.clone()

@@ -49,8 +49,15 @@ class TraceSettings:
     #: full fine-tuning: no adapters, every parameter of the model trains (``requires_grad_(True)``, as a model
     #: handed to ``Trainer`` without PEFT); ``lora`` is then unused
     full: bool = False
-    #: (IA)³: the plan's ``ia3`` section (``IA3Config``'s target and feed-forward modules); ``lora`` is then unused
-    ia3: dict[str, Any] | None = field(default=None, hash=False)
+    #: a PEFT method other than LoRA (``planner.methods``): its name and the plan's section of it (``IA3Config``'s
+    #: target and feed-forward modules, ``PromptTuningConfig``'s virtual tokens); ``lora`` is then unused
+    method: str = ""
+    section: dict[str, Any] | None = field(default=None, hash=False)
+
+    @property
+    def virtual_tokens(self) -> int:
+        """Prompt tuning's tokens prepended to every row (the logits have ``seq_len + virtual_tokens`` positions)."""
+        return int((self.section or {}).get("num_virtual_tokens", 0)) if self.method == "prompt_tuning" else 0
 
     def __post_init__(self) -> None:
         if self.quant not in QUANTS:

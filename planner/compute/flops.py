@@ -26,6 +26,7 @@ from qplan.planner.memory.activations import Branch, layer_branches
 from qplan.planner.memory.terms import dims
 from qplan.planner.model.full import is_full
 from qplan.planner.model.lora import FROZEN_A, UNSTEPPED, ModuleCount
+from qplan.planner.model.prompt import PROMPT
 from qplan.planner.model.spec import ModelSpec
 from qplan.planner.model.weights import QuantSettings
 from qplan.planner.vocab import BYTES, optimizer
@@ -196,7 +197,7 @@ def step_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
     full = is_full(counts)  # full fine-tuning: every weight gets a gradient (``weight_gradients``)
     if full:
         out["weight_gradients"] = 0
-    x_rg = ckpt or bool(emb_counts)
+    x_rg = ckpt or bool(emb_counts) or any(c.kind == PROMPT for c in counts)  # prompt tuning: the prompt trains
     for c in emb_counts:
         if c.kind == "lora":
             out["lora"] += embedding_lora_flops(T, r, d.h) * c.instances

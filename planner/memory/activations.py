@@ -20,10 +20,17 @@ from qplan.planner.memory.lin import ZERO, Lin, Precision, precision
 from qplan.planner.memory.masks import eager_mask_activation, padding_mask_activation
 from qplan.planner.memory.moe import moe_activation, moe_moments
 from qplan.planner.memory.param_lora import expert_lora_bytes, parameter_lora_activation
+from qplan.planner.memory.prompt import (
+    prompt_batch_correction,
+    prompt_checkpoint_leaf,
+    prompt_forward_activation,
+    prompt_input_saved,
+)
 from qplan.planner.memory.terms import Dims, dims, idle_in_step, trainable_tensors
 from qplan.planner.model.full import FULL, is_full
 from qplan.planner.model.ia3 import IA3, IA3_FF
 from qplan.planner.model.lora import FROZEN_A, ModuleCount
+from qplan.planner.model.prompt import PROMPT
 from qplan.planner.model.spec import LinearGroup, ModelSpec
 from qplan.planner.model.weights import QuantSettings, is_quantized, linear_weight_bytes
 from qplan.planner.vocab import BYTES, HF_CKPT
@@ -435,6 +442,9 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     i3_bwd = ia3_backward_transient(i3)
     mlp = moe_activation(spec, counts, q)
     trained = is_full(counts)  # full fine-tuning: the weights train (planner.memory.full)
+    # the embeddings' output needs a gradient: full fine-tuning, or prompt tuning's prompt is part of it
+    prompt = next((c.save_keys[0][1][0] for c in counts if c.kind == PROMPT), 0)
+    input_grad = trained or bool(prompt)
     full = layer_activation(spec, br, q, r, dropout, attn_impl, kernels=kernels, mlp=mlp, dora=dora, liger=liger,
                             full=trained, ia3=i3)
     head = head_activation(spec, p, grad_ckpt != "off", head_linear, q.unquantized_dtype != q.compute_dtype,
@@ -451,7 +461,7 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     grads_in = incoming_gradients(d, p, bool(down), BYTES[down[0].adapter] if down else 4)
     mlp_fwd_temps = ZERO
     if grad_ckpt == "off":
-        first = layer_activation(spec, br, q, r, dropout, attn_impl, first=not trained, kernels=kernels, mlp=mlp,
+        first = layer_activation(spec, br, q, r, dropout, attn_impl, first=not input_grad, kernels=kernels, mlp=mlp,
                                  dora=dora, liger=liger, full=trained, ia3=i3)
         saved = first + (d.L - 1) * full + head
         layers = first + grads_in + rotary + i3_bwd
@@ -497,6 +507,16 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
         else:  # the bool mask is every checkpoint's input, so it lives until layer 0's backward ends
             saved = saved + kept
             layers = layers + kept + per_layer
+    if prompt:  # prompt tuning's own tensors (planner.memory.prompt)
+        leaf = prompt_checkpoint_leaf(d, p, prompt) if grad_ckpt != "off" else ZERO
+        leaf = leaf + prompt_input_saved(d, p, grad_ckpt != "off")  # both alive until layer 0's backward
+        fwd = prompt_forward_activation(d, p, prompt, grad_ckpt != "off")
+        saved, layers = saved + prompt_batch_correction(prompt) + leaf, layers + leaf
+        loss_extra = loss_extra + fwd
+        if attn_fwd != ZERO:
+            attn_fwd = attn_fwd + fwd + leaf
+        if mlp_fwd_temps != ZERO:
+            mlp_fwd_temps = mlp_fwd_temps + fwd
     # ``*_temps``: the part of ``layers`` / ``attn_fwd`` that is transient (gradients in flight,
     # a recomputation's or a softmax's scratch): what a tracker calls temporaries at that moment
     return {"saved": saved, "layers": layers, "attn_fwd": attn_fwd, "ckpt_inputs": ckpt_inputs,

@@ -12,24 +12,26 @@ from qplan.planner.vocab import BYTES
 
 @dataclass(frozen=True)
 class Lin:
-    """``const + tok * T + seq * s + quad * T * s`` bytes (T = batch * seq tokens, s = sequence
-    length: ``seq`` for tensors broadcast over the batch, ``quad`` for eager attention scores)."""
+    """``const + tok * T + seq * s + quad * T * s + rows * T / s`` bytes (T = batch * seq tokens, s = sequence
+    length: ``seq`` for tensors broadcast over the batch, ``quad`` for eager attention scores, ``rows`` for tensors
+    of a fixed length per row, such as prompt tuning's virtual tokens)."""
 
     const: int = 0
     tok: int = 0
     seq: int = 0
     quad: int = 0
+    rows: int = 0
 
     def __add__(self, o: "Lin") -> "Lin":
-        return Lin(self.const + o.const, self.tok + o.tok, self.seq + o.seq, self.quad + o.quad)
+        return Lin(self.const + o.const, self.tok + o.tok, self.seq + o.seq, self.quad + o.quad, self.rows + o.rows)
 
     def __mul__(self, k: int) -> "Lin":
-        return Lin(self.const * k, self.tok * k, self.seq * k, self.quad * k)
+        return Lin(self.const * k, self.tok * k, self.seq * k, self.quad * k, self.rows * k)
 
     __rmul__ = __mul__
 
     def at(self, T: int, s: int) -> int:
-        return self.const + self.tok * T + self.seq * s + self.quad * T * s
+        return self.const + self.tok * T + self.seq * s + self.quad * T * s + (self.rows * (T // s) if s else 0)
 
 
 ZERO = Lin()

@@ -68,11 +68,15 @@ class TrainingSettings:
     loss: str = "full"
     #: ``vocab.LIGER_KERNELS`` in the decoder layers (in that order)
     liger_kernels: tuple[str, ...] = ()
+    #: prompt tuning: the trained virtual tokens PEFT prepends to every row (``planner.model.prompt``; the plan's
+    #: ``prompt_tuning`` section says it, so plan.json's ``training`` does not)
+    virtual_tokens: int = 0
 
     @property
     def shape(self) -> tuple[int, int]:
-        """The ``(rows, tokens per row)`` the model's tensors have: ``(1, flat_tokens)`` for padding-free packs."""
-        return (1, self.flat_tokens) if self.flat_tokens else (self.batch_size, self.seq_len)
+        """The ``(rows, tokens per row)`` the model's tensors have: ``(1, flat_tokens)`` for padding-free packs;
+        ``seq_len + virtual_tokens`` per row under prompt tuning."""
+        return (1, self.flat_tokens) if self.flat_tokens else (self.batch_size, self.seq_len + self.virtual_tokens)
 
     def validate(self, spec: ModelSpec) -> None:
         if self.batch_size <= 0:
@@ -96,9 +100,10 @@ class TrainingSettings:
         if self.grad_ckpt not in GRAD_CKPT:
             raise QPlanError(f"unknown gradient checkpointing mode {self.grad_ckpt!r}: choose one of {', '.join(GRAD_CKPT)}")
         ctx = max_context(spec)
-        if ctx and self.seq_len > ctx:
+        if ctx and self.seq_len + self.virtual_tokens > ctx:
+            extra = f" + {self.virtual_tokens} virtual tokens" if self.virtual_tokens else ""
             raise QPlanError(
-                f"--seq-len {self.seq_len} exceeds {spec.name}'s context of {ctx} tokens "
+                f"--seq-len {self.seq_len}{extra} exceeds {spec.name}'s context of {ctx} tokens "
                 f"(max_position_embeddings)"
             )
 
@@ -108,6 +113,7 @@ class TrainingSettings:
             out.pop("padded")
         if not self.flat_tokens:
             out.pop("flat_tokens")
+        out.pop("virtual_tokens")
         if self.loss == "full":  # plan.json names the loss only when it is not the full logits
             out.pop("loss")
         if self.liger_kernels:

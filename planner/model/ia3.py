@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, ClassVar
 
 from qplan.planner.errors import QPlanError
 from qplan.planner.model.lora import ModuleCount, linear_leaf_names, target_names
@@ -41,10 +41,15 @@ class Ia3Settings:
 
     targets: str | None = None
     feedforward: tuple[str, ...] | None = None
+    #: ``PlanDoc.method`` and the plan section's name
+    method: ClassVar[str] = "ia3"
 
     def to_json(self, spec: ModelSpec) -> dict[str, Any]:
         t, ff = resolve_ia3(spec, self)
         return {"target_modules": t, "feedforward_modules": ff}
+
+    def count(self, spec: ModelSpec) -> list[ModuleCount]:
+        return count_ia3(spec, self)
 
 
 def resolve_ia3(spec: ModelSpec, ia3: Ia3Settings) -> tuple[list[str], list[str]]:

@@ -449,12 +449,16 @@ def adapter_file_bytes(spec: ModelSpec, counts: list[ModuleCount]) -> int:
     little-endian header length, a compact JSON header — ``__metadata__`` first (PEFT passes
     ``{"format": "pt"}``), then one entry per tensor sorted by dtype (larger first) and name,
     with ``data_offsets`` — padded with spaces to a multiple of 8, then the raw tensor bytes.
-    PEFT's keys are the module names under ``base_model.model.`` with the adapter name removed.
+    PEFT's keys are the module names under ``base_model.model.`` with the adapter name removed (a prompt-learning
+    method saves its prompt as ``prompt_embeddings``).
     """
     L = spec.inventory.num_hidden_layers
     tensors: list[tuple[str, str, list[int]]] = []
     for c in counts:
         st = SAFETENSORS_DTYPE[c.dtype if c.dtype in SAFETENSORS_DTYPE else "float32"]
+        if c.kind == "prompt":  # prompt tuning (planner.model.prompt): get_peft_model_state_dict's one key
+            tensors.append(("prompt_embeddings", st, list(c.save_keys[0][1])))
+            continue
         for mod in _expand(c.module, c.instances, L):
             for suffix, shape in c.save_keys:
                 tensors.append((f"base_model.model.{mod}.{suffix}", st, shape))

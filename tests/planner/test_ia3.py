@@ -40,13 +40,13 @@ def test_the_trainable_count_and_dtype_are_peft_s(name, targets, ff):
     pytest.importorskip("peft")
     from peft import get_peft_model
 
-    from qplan.hf import ia3_config, model_from_config
+    from qplan.hf import method_config, model_from_config
 
     opts = {"model": name, "peft_type": "ia3", "quant": "bf16",
             **({"targets": targets} if targets else {}), **({"feedforward_modules": ff} if ff else {})}
     plan = plan_dict(**opts)
     model = model_from_config(load_spec(name).config, dtype="bf16", device="meta")
-    pm = get_peft_model(model, ia3_config(plan["ia3"]))
+    pm = get_peft_model(model, method_config("ia3", plan["ia3"]))
     trainable, total = pm.get_nb_trainable_parameters()
     params = plan["prediction"]["params"]
     assert params["trainable"] == trainable and params["total"] == total

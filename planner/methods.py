@@ -1,0 +1,106 @@
+"""The PEFT methods other than LoRA (``--peft-type``): which one a plan's options name, its settings, and what it is
+not planned with yet. Each method's settings (``planner.model.ia3.Ia3Settings``,
+``planner.model.prompt.PromptSettings``) carry its ``method`` name (``PlanDoc.method`` and the plan section's
+name), ``to_json(spec)`` (that section) and ``count(spec)`` (its trained tensors); LoRA and its variants are the
+``lora`` section's (``planner.model.lora``)."""
+
+from __future__ import annotations
+
+from qplan.planner.errors import QPlanError
+from qplan.planner.memory.sharding import DistSettings
+from qplan.planner.model.ia3 import Ia3Settings
+from qplan.planner.model.prompt import PromptSettings
+from qplan.planner.model.weights import QuantSettings
+from qplan.planner.options import PlanOptions, option_infos
+from qplan.planner.vocab import PEFT_PLANNED, PEFT_TYPES, optimizer
+
+#: the settings of a planned non-LoRA method
+PeftSettings = Ia3Settings | PromptSettings
+
+#: the LoRA options a method other than LoRA (and --full) leaves no meaning to, with their defaults
+LORA_ONLY = ("r", "alpha", "dropout", "targets", "bias", "dora", "rslora", "target_parameters", "modules_to_save",
+             "adapter_dtype")
+
+#: each method's own options among the LoRA section's, and the options only it takes
+OWN_OPTIONS = {"ia3": ("targets",), "prompt_tuning": ()}
+METHOD_OPTIONS = {"feedforward_modules": ("ia3", "--feedforward-modules"),
+                  "num_virtual_tokens": ("prompt_tuning", "--num-virtual-tokens")}
+
+
+def _names(v: str | list[str]) -> tuple[str, ...]:
+    return tuple(m.strip() for m in (v.split(",") if isinstance(v, str) else v) if m.strip())
+
+
+def peft_method(o: PlanOptions) -> PeftSettings | None:
+    """``--peft-type``: None for LoRA (and full fine-tuning), the method's settings otherwise; one line for a PEFT
+    method qplan does not plan (by its name), an unknown name, an option of another method, or a LoRA option given
+    to a method that has no use for it."""
+    name = o.peft_type.strip().lower()
+    if name not in PEFT_TYPES:
+        raise QPlanError(f"--peft-type {o.peft_type!r} is not one of PEFT's methods (peft.PeftType): qplan plans "
+                         f"{', '.join(PEFT_PLANNED)}")
+    if name not in PEFT_PLANNED:
+        raise QPlanError(f"--peft-type {name}: PEFT's {name} is not planned yet (qplan plans {', '.join(PEFT_PLANNED)}; "
+                         "LoRA's variants with --dora, --rslora, --optimizer lorafa)")
+    if o.full and name != "lora":
+        raise QPlanError(f"--full trains every parameter, with no adapter: leave out --peft-type {name}")
+    defaults = PlanOptions()
+    for field, (owner, flag) in METHOD_OPTIONS.items():
+        if name != owner and getattr(o, field) != getattr(defaults, field):
+            raise QPlanError(f"{flag} is a {owner} option: give it with --peft-type {owner}")
+    if name == "lora":
+        return None
+    for info in option_infos(PlanOptions):
+        if (info.name in LORA_ONLY and info.name not in OWN_OPTIONS[name]
+                and getattr(o, info.name) != getattr(defaults, info.name)):
+            raise QPlanError(f"{info.flag} is a LoRA option: --peft-type {name} does not take it"
+                             + (" (give --targets and --feedforward-modules)" if name == "ia3" else ""))
+    if optimizer(o.optimizer).peft:
+        raise QPlanError(f"--optimizer {o.optimizer} is LoRA-FA (LoRA's A and B): not for --peft-type {name}")
+    if name == "prompt_tuning":
+        if o.num_virtual_tokens is None:
+            raise QPlanError("--peft-type prompt_tuning needs --num-virtual-tokens N (PEFT's PromptTuningConfig has "
+                             "no default: the trained prompt is N × hidden_size)")
+        if o.data is not None:
+            raise QPlanError("--peft-type prompt_tuning with --data is not planned yet (every row grows by the "
+                             "virtual tokens): give --seq-len, the longest row of your data")
+        return PromptSettings(o.num_virtual_tokens)
+    ff = _names(o.feedforward_modules)
+    if ff == ("none",):  # PEFT's feedforward_modules=[]: every target scales its output
+        return Ia3Settings(o.targets, ())
+    return Ia3Settings(o.targets, ff or None)
+
+
+def check_method(peft: PeftSettings, q: QuantSettings, backend: str, dist: DistSettings | None, loss: str) -> None:
+    """One line for what a method is not planned with yet: a k-bit base ((IA)³: PEFT's bitsandbytes IA3 layers clone
+    and cast differently; prompt tuning: ``prepare_model_for_kbit_training``'s fp32 casts under a prompt are not
+    traced yet), Unsloth (LoRA only), several GPUs, the fused losses."""
+    name = peft.method
+    if q.kbit:
+        why = "PEFT's bnb IA3 layers clone and cast differently" if name == "ia3" else "not traced yet"
+        raise QPlanError(f"--peft-type {name} on a {q.quant} (bitsandbytes) base is not planned yet ({why}): use "
+                         "--quant bf16, fp16 or fp32")
+    if backend != "peft":
+        raise QPlanError(f"--peft-type {name} is planned for the peft backend (Unsloth trains LoRA), not {backend}")
+    if dist is not None:
+        raise QPlanError(f"--peft-type {name} over several GPUs is not planned yet: plan one GPU")
+    if loss != "full":
+        raise QPlanError(f"--peft-type {name} with --loss {loss} is not planned yet: use --loss full")
+
+
+def method_warnings(peft: PeftSettings | None) -> list[str]:
+    """What the plan of a method says about itself: prompt tuning's step time is below PEFT's GPU runs of it
+    (reports/time: 25% under, not explained; its memory is the traced step's)."""
+    if peft is not None and peft.method == "prompt_tuning":
+        return ["prompt tuning: the planned step time is 25% under PEFT's L40S runs of it (Llama-3.2-3B, 200 virtual "
+                "tokens; reports/time), not explained yet: budget a third more time until `qplan calibrate` has "
+                "measured your setup"]
+    return []
+
+
+def check_full_options(o: PlanOptions) -> None:
+    """One line when a LoRA option is given with ``--full`` (it would be silently meaningless)."""
+    defaults = PlanOptions()
+    for info in option_infos(PlanOptions):
+        if info.name in LORA_ONLY and getattr(o, info.name) != getattr(defaults, info.name):
+            raise QPlanError(f"{info.flag} is a LoRA option: --full trains every parameter, with no adapter")
