@@ -10,9 +10,9 @@
   (freezes the base, casts fp16/bf16 parameters that are not 4-bit to fp32, enables
   checkpointing when the plan uses it).
 * ``get_peft_model`` with ``LoraConfig(r, lora_alpha, lora_dropout, target_modules, bias,
-  use_dora, use_rslora, modules_to_save, task_type="CAUSAL_LM")`` from ``plan["lora"]`` (``IA3Config`` from
-  ``plan["ia3"]`` with ``method: ia3``, ``PromptTuningConfig`` from ``plan["prompt_tuning"]``); a full fine-tuning plan
-  (``method: full``) trains the model itself, every parameter.
+  use_dora, use_rslora, modules_to_save, task_type="CAUSAL_LM")`` from ``plan["lora"]``; with another PEFT method
+  (``method: ia3``, ``prompt_tuning``, ``p_tuning``) its config from the plan's section of that name
+  (``qplan.hf.method_config``); a full fine-tuning plan (``method: full``) trains the model itself, every parameter.
 * Train with ``transformers.Trainer`` (``backends.hf_train``).
 """
 
@@ -118,7 +118,7 @@ class PeftBackend:
             return Prepared(model=model, tokenizer=load_tokenizer(source), device=device,
                             weights_footprint=footprint, params={"trainable": int(trainable), "all": int(total)})
         probe.set_phase("adapters")
-        if plan.get("method") in ("ia3", "prompt_tuning"):  # PEFT's IA3Config / PromptTuningConfig, fp32 tensors
+        if plan.get("method") in ("ia3", "prompt_tuning", "p_tuning"):  # IA3Config, PromptTuningConfig, PromptEncoderConfig
             model = get_peft_model(model, method_config(plan["method"], plan[plan["method"]]))
         else:
             model = cast_adapters(get_peft_model(model, lora_config(plan["lora"])), plan["lora"])

@@ -211,7 +211,7 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
 
         # Unsloth's chunked cross-entropy makes the logits in chunks of rows
         # prompt tuning's virtual tokens make logits too (PEFT prepends them to every row)
-        virtual = int((plan.get("prompt_tuning") or {}).get("num_virtual_tokens", 0))
+        virtual = int((plan.get("prompt_tuning") or plan.get("p_tuning") or {}).get("num_virtual_tokens", 0))
         probe.logits = LogitsRule.for_step(vocab, int(t["batch_size"]), int(t["seq_len"]) + virtual,
                                            chunked=job["backend"] == "unsloth")
         meter = MeasureCallback(probe, tokens_per_step=step_blocks * int(t["seq_len"]), warmup_steps=warm,

@@ -45,6 +45,10 @@ def plan_options(run: dict) -> dict:
                 "feedforward_modules": ",".join(sorted(pc["feedforward_modules"])) or "none"}
     if pc.get("peft_type") == "PROMPT_TUNING":  # its virtual tokens (the initialisation changes no byte)
         return {**setting, "peft_type": "prompt_tuning", "num_virtual_tokens": pc["num_virtual_tokens"]}
+    if pc.get("peft_type") == "P_TUNING":  # its virtual tokens and the MLP that makes them
+        assert pc["encoder_reparameterization_type"] == "MLP", pc
+        return {**setting, "peft_type": "p_tuning", "num_virtual_tokens": pc["num_virtual_tokens"],
+                "encoder_hidden_size": pc["encoder_hidden_size"]}
     return {**setting, "r": pc["r"], "alpha": float(pc["lora_alpha"]), "dropout": float(pc["lora_dropout"]),
             "targets": ",".join(sorted(pc["target_modules"])), "rslora": pc["use_rslora"], "dora": pc["use_dora"]}
 
@@ -142,6 +146,12 @@ def main() -> None:
         "phase). The reserved peak is 4.4% above the live tensors (LoRA's runs: 1.3%), not explained without a GPU "
         "(the allocator's reserve over the 968-position batches is the hypothesis, unmeasured); the plan's peak with "
         "its 5% slack covers it (`+ slack`). Its step time is 25% under the runs' (reports/time/): the plan warns.",
+        "",
+        "P-tuning (`--peft-type p_tuning --num-virtual-tokens 20 --encoder-hidden-size 3072`, PEFT's "
+        "`PromptEncoderConfig` with its MLP; nothing fitted to it): 28,382,208 trainable parameters (the 20 × 3072 "
+        "embedding and the three-layer MLP) are PEFT's, and the 245,880-byte adapter file holds only the prompt the MLP "
+        "makes, as PEFT saves it; the MLP runs once per step on one row of the virtual tokens, its saved inputs live "
+        "until its backward (the trace's, tests/planner/test_prompt_tuning.py).",
         "",
         "Full fine-tuning (`--full`; PEFT's `full-finetuning` run, nothing fitted to it): the trainable count is the "
         "model's 3,212,749,824 parameters, and the tensor peak is the trace's (16 bytes apart; tests/planner/test_full.py) "

@@ -214,7 +214,8 @@ def lora_config(lora: dict[str, Any]) -> Any:
 def method_config(method: str, section: dict[str, Any]) -> Any:
     """The PEFT config of a plan's non-LoRA method (``planner.methods``) from its section:
     ``IA3Config(task_type="CAUSAL_LM", target_modules, feedforward_modules)`` (its vectors fp32) or
-    ``PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens)`` (its prompt fp32, randomly initialised)."""
+    ``PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens)`` (its prompt fp32, randomly initialised) or
+    ``PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens, encoder_hidden_size)`` (p-tuning's MLP, fp32)."""
     try:
         import peft
     except ImportError as exc:  # pragma: no cover
@@ -224,6 +225,10 @@ def method_config(method: str, section: dict[str, Any]) -> Any:
                               feedforward_modules=list(section["feedforward_modules"]))
     if method == "prompt_tuning":
         return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=int(section["num_virtual_tokens"]))
+    if method == "p_tuning":
+        return peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=int(section["num_virtual_tokens"]),
+                                        encoder_reparameterization_type=section["encoder_reparameterization_type"],
+                                        encoder_hidden_size=int(section["encoder_hidden_size"]))
     raise ValueError(f"no PEFT config for method {method!r}")
 
 

@@ -63,8 +63,11 @@ def plan_settings(plan: dict[str, Any]) -> dict[str, Any]:
         i3 = plan["ia3"]
         o.update({"peft_type": "ia3", "targets": ",".join(i3["target_modules"]),
                   "feedforward_modules": ",".join(i3["feedforward_modules"]) or "none"})
-    elif plan.get("method") == "prompt_tuning":  # its virtual tokens
-        o.update({"peft_type": "prompt_tuning", "num_virtual_tokens": plan["prompt_tuning"]["num_virtual_tokens"]})
+    elif plan.get("method") in ("prompt_tuning", "p_tuning"):  # its virtual tokens (and p-tuning's encoder)
+        pt = plan[plan["method"]]
+        o.update({"peft_type": plan["method"], "num_virtual_tokens": pt["num_virtual_tokens"]})
+        if "encoder_hidden_size" in pt:
+            o["encoder_hidden_size"] = pt["encoder_hidden_size"]
     elif lora is None:  # full fine-tuning: no LoRA options
         o["full"] = True
     else:

@@ -98,8 +98,15 @@ class PromptTuningSection(Struct, forbid_unknown_fields=True, kw_only=True):
     num_transformer_submodules: _d(Literal[1], "1 for a decoder-only model")
 
 
+class PTuningSection(PromptTuningSection, forbid_unknown_fields=True, kw_only=True):
+    """P-tuning: prompt tuning whose prompt is an MLP's output (PEFT's ``PromptEncoderConfig``)."""
+
+    encoder_reparameterization_type: _d(Literal["MLP"], "the prompt encoder (PEFT's LSTM is not planned yet)")
+    encoder_hidden_size: _d(Annotated[int, Meta(ge=1)], "the MLP's width: hidden_size → H → H → hidden_size")
+
+
 #: the plan section of each PEFT method other than LoRA (``planner.methods``), named as the method
-METHOD_SECTIONS = {"ia3": Ia3Section, "prompt_tuning": PromptTuningSection}
+METHOD_SECTIONS = {"ia3": Ia3Section, "prompt_tuning": PromptTuningSection, "p_tuning": PTuningSection}
 
 
 class QuantSection(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -197,7 +204,7 @@ class Flops(Struct, kw_only=True):
     base_forward: Bytes | UnsetType = UNSET
     input_gradients: Bytes | UnsetType = UNSET
     weight_gradients: _d(Bytes | UnsetType, "full fine-tuning: the weights' gradients") = UNSET
-    lora: Bytes | UnsetType = UNSET
+    lora: _d(Bytes | UnsetType, "the adapters' own matmuls: LoRA's; p-tuning's prompt encoder") = UNSET
     attention: Bytes | UnsetType = UNSET
     recomputation: Bytes | UnsetType = UNSET
     head: Bytes | UnsetType = UNSET
@@ -383,12 +390,14 @@ class PlanDoc(Struct, kw_only=True):
     schema_version: Literal[1]
     qplan_version: str = ""
     model: ModelSection
-    method: _d(Literal["lora", "full", "ia3", "prompt_tuning"] | UnsetType, "full: full fine-tuning, every parameter "
-               "trains (`--full`; `lora` is null); ia3, prompt_tuning: that PEFT method (`--peft-type`; `lora` is null, "
+    method: _d(Literal["lora", "full", "ia3", "prompt_tuning", "p_tuning"] | UnsetType, "full: full fine-tuning, every "
+               "parameter trains (`--full`; `lora` is null); ia3, prompt_tuning, p_tuning: that PEFT method "
+               "(`--peft-type`; `lora` is null, "
                "the section named as the method says what it trains); absent: LoRA") = UNSET
-    lora: _d(LoraSection | None, "the adapter (null with method full, ia3 or prompt_tuning)")
+    lora: _d(LoraSection | None, "the adapter (null with method full, ia3, prompt_tuning or p_tuning)")
     ia3: _d(Ia3Section | UnsetType, "method ia3 only") = UNSET
     prompt_tuning: _d(PromptTuningSection | UnsetType, "method prompt_tuning only") = UNSET
+    p_tuning: _d(PTuningSection | UnsetType, "method p_tuning only") = UNSET
     quant: QuantSection
     training: TrainingSection
     gpu: GpuSection | None = None

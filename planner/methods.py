@@ -9,22 +9,25 @@ from __future__ import annotations
 from qplan.planner.errors import QPlanError
 from qplan.planner.memory.sharding import DistSettings
 from qplan.planner.model.ia3 import Ia3Settings
-from qplan.planner.model.prompt import PromptSettings
+from qplan.planner.model.prompt import PromptSettings, PTuningSettings
 from qplan.planner.model.weights import QuantSettings
 from qplan.planner.options import PlanOptions, option_infos
 from qplan.planner.vocab import PEFT_PLANNED, PEFT_TYPES, optimizer
 
 #: the settings of a planned non-LoRA method
-PeftSettings = Ia3Settings | PromptSettings
+PeftSettings = Ia3Settings | PromptSettings | PTuningSettings
 
 #: the LoRA options a method other than LoRA (and --full) leaves no meaning to, with their defaults
 LORA_ONLY = ("r", "alpha", "dropout", "targets", "bias", "dora", "rslora", "target_parameters", "modules_to_save",
              "adapter_dtype")
 
 #: each method's own options among the LoRA section's, and the options only it takes
-OWN_OPTIONS = {"ia3": ("targets",), "prompt_tuning": ()}
-METHOD_OPTIONS = {"feedforward_modules": ("ia3", "--feedforward-modules"),
-                  "num_virtual_tokens": ("prompt_tuning", "--num-virtual-tokens")}
+OWN_OPTIONS = {"ia3": ("targets",), "prompt_tuning": (), "p_tuning": ()}
+METHOD_OPTIONS = {"feedforward_modules": (("ia3",), "--feedforward-modules"),
+                  "num_virtual_tokens": (("prompt_tuning", "p_tuning"), "--num-virtual-tokens"),
+                  "encoder_hidden_size": (("p_tuning",), "--encoder-hidden-size")}
+#: the prompt-learning methods: a trained prompt prepended to every row (``planner.model.prompt``)
+PROMPT_METHODS = ("prompt_tuning", "p_tuning")
 
 
 def _names(v: str | list[str]) -> tuple[str, ...]:
@@ -45,9 +48,10 @@ def peft_method(o: PlanOptions) -> PeftSettings | None:
     if o.full and name != "lora":
         raise QPlanError(f"--full trains every parameter, with no adapter: leave out --peft-type {name}")
     defaults = PlanOptions()
-    for field, (owner, flag) in METHOD_OPTIONS.items():
-        if name != owner and getattr(o, field) != getattr(defaults, field):
-            raise QPlanError(f"{flag} is a {owner} option: give it with --peft-type {owner}")
+    for field, (owners, flag) in METHOD_OPTIONS.items():
+        if name not in owners and getattr(o, field) != getattr(defaults, field):
+            raise QPlanError(f"{flag} is an option of {' and '.join(owners)}: give it with --peft-type "
+                             f"{' or '.join(owners)}")
     if name == "lora":
         return None
     for info in option_infos(PlanOptions):
@@ -57,14 +61,20 @@ def peft_method(o: PlanOptions) -> PeftSettings | None:
                              + (" (give --targets and --feedforward-modules)" if name == "ia3" else ""))
     if optimizer(o.optimizer).peft:
         raise QPlanError(f"--optimizer {o.optimizer} is LoRA-FA (LoRA's A and B): not for --peft-type {name}")
-    if name == "prompt_tuning":
+    if name in PROMPT_METHODS:
+        config = {"prompt_tuning": "PromptTuningConfig", "p_tuning": "PromptEncoderConfig"}[name]
         if o.num_virtual_tokens is None:
-            raise QPlanError("--peft-type prompt_tuning needs --num-virtual-tokens N (PEFT's PromptTuningConfig has "
-                             "no default: the trained prompt is N × hidden_size)")
+            raise QPlanError(f"--peft-type {name} needs --num-virtual-tokens N (PEFT's {config} has no default: the "
+                             "trained prompt is N × hidden_size)")
         if o.data is not None:
-            raise QPlanError("--peft-type prompt_tuning with --data is not planned yet (every row grows by the "
-                             "virtual tokens): give --seq-len, the longest row of your data")
-        return PromptSettings(o.num_virtual_tokens)
+            raise QPlanError(f"--peft-type {name} with --data is not planned yet (every row grows by the virtual "
+                             "tokens): give --seq-len, the longest row of your data")
+        if name == "prompt_tuning":
+            return PromptSettings(o.num_virtual_tokens)
+        if o.encoder_hidden_size is None:
+            raise QPlanError("--peft-type p_tuning needs --encoder-hidden-size H (PEFT's PromptEncoderConfig has no "
+                             "default: its MLP is hidden_size → H → H → hidden_size)")
+        return PTuningSettings(o.num_virtual_tokens, o.encoder_hidden_size)
     ff = _names(o.feedforward_modules)
     if ff == ("none",):  # PEFT's feedforward_modules=[]: every target scales its output
         return Ia3Settings(o.targets, ())
@@ -90,7 +100,8 @@ def check_method(peft: PeftSettings, q: QuantSettings, backend: str, dist: DistS
 
 def method_warnings(peft: PeftSettings | None) -> list[str]:
     """What the plan of a method says about itself: prompt tuning's step time is below PEFT's GPU runs of it
-    (reports/time: 25% under, not explained; its memory is the traced step's)."""
+    (reports/time: 25% under with 200 virtual tokens, not explained; p-tuning's run, 20 tokens: 6% under, as LoRA's
+    spread; the memory of both is the traced step's)."""
     if peft is not None and peft.method == "prompt_tuning":
         return ["prompt tuning: the planned step time is 25% under PEFT's L40S runs of it (Llama-3.2-3B, 200 virtual "
                 "tokens; reports/time), not explained yet: budget a third more time until `qplan calibrate` has "

@@ -57,10 +57,17 @@ def method_text(plan: dict[str, Any], short: bool = False) -> str:
         i3 = plan["ia3"]
         text = f"(IA)³ {','.join(i3['target_modules'])}"
         return text if short else f"{text} (feed-forward: {','.join(i3['feedforward_modules']) or 'none'})"
-    if plan.get("method") == "prompt_tuning":
-        pt = plan["prompt_tuning"]
-        text = f"prompt tuning {pt['num_virtual_tokens']} virtual tokens"
-        return text if short else f"{text} × {pt['token_dim']} (prepended to every row)"
+    if plan.get("method") in ("prompt_tuning", "p_tuning"):
+        pt = plan[plan["method"]]
+        name = "prompt tuning" if plan["method"] == "prompt_tuning" else "p-tuning"
+        text = f"{name} {pt['num_virtual_tokens']} virtual tokens"
+        if short:
+            return text
+        text += f" × {pt['token_dim']} (prepended to every row)"
+        if "encoder_hidden_size" in pt:
+            h, H = pt["token_dim"], pt["encoder_hidden_size"]
+            text += f", made by an MLP {h}→{H}→{H}→{h}"
+        return text
     if short:
         return f"LoRA r={lora['r']} {lora['targets']}"
     return f"LoRA r={lora['r']} α={lora['alpha']:g} targets={lora['targets']}"
@@ -427,5 +434,6 @@ def render_compare(result: dict[str, Any]) -> str:
                                          "cost"]))
     lines += reasons
     lines.append("each row is the plan `qplan estimate` makes with that method (--full; LoRA on a 16/32-bit base; "
-                 "QLoRA on nf4; lorafa: --optimizer lorafa; ia3, prompt_tuning: --peft-type): --format json has them all")
+                 "QLoRA on nf4; lorafa: --optimizer lorafa; ia3, prompt_tuning, p_tuning: --peft-type): --format json "
+                 "has them all")
     return "\n".join(lines)

@@ -57,7 +57,8 @@ class TraceSettings:
     @property
     def virtual_tokens(self) -> int:
         """Prompt tuning's tokens prepended to every row (the logits have ``seq_len + virtual_tokens`` positions)."""
-        return int((self.section or {}).get("num_virtual_tokens", 0)) if self.method == "prompt_tuning" else 0
+        prompt = self.method in ("prompt_tuning", "p_tuning")
+        return int((self.section or {}).get("num_virtual_tokens", 0)) if prompt else 0
 
     def __post_init__(self) -> None:
         if self.quant not in QUANTS:

@@ -20,13 +20,14 @@ the backward pass.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from qplan.planner.memory.activations import Branch, layer_branches
 from qplan.planner.memory.terms import dims
 from qplan.planner.model.full import is_full
 from qplan.planner.model.lora import FROZEN_A, UNSTEPPED, ModuleCount
-from qplan.planner.model.prompt import PROMPT
+from qplan.planner.model.prompt import PROMPT, PROMPT_MLP
 from qplan.planner.model.spec import ModelSpec
 from qplan.planner.model.weights import QuantSettings
 from qplan.planner.vocab import BYTES, optimizer
@@ -198,6 +199,7 @@ def step_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
     if full:
         out["weight_gradients"] = 0
     x_rg = ckpt or bool(emb_counts) or any(c.kind == PROMPT for c in counts)  # prompt tuning: the prompt trains
+    out["lora"] += prompt_encoder_flops(counts)
     for c in emb_counts:
         if c.kind == "lora":
             out["lora"] += embedding_lora_flops(T, r, d.h) * c.instances
@@ -235,6 +237,15 @@ def step_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
     out["lora"] += lorafa_step_flops(counts)  # once per optimizer step
     out["total"] = sum(out.values())
     return out
+
+
+def prompt_encoder_flops(counts: list[ModuleCount]) -> int:
+    """P-tuning's MLP per micro-batch: its three matmuls over the ``n`` virtual tokens of one row (PEFT runs it once
+    and expands the output), ``2 n in out`` each, forward, weight gradient and input gradient (the embedding it reads
+    trains, so every layer's input needs one): ``6 n Σ in out``. Checkpointing does not recompute it (it runs before
+    the decoder layers)."""
+    n = next((c.save_keys[0][1][0] for c in counts if c.kind == PROMPT), 0)
+    return sum(6 * n * math.prod(c.save_keys[0][1]) for c in counts if c.kind == PROMPT_MLP)
 
 
 def lorafa_step_flops(counts: list[ModuleCount]) -> int:

@@ -23,6 +23,7 @@ from qplan.planner.memory.param_lora import expert_lora_bytes, parameter_lora_ac
 from qplan.planner.memory.prompt import (
     prompt_batch_correction,
     prompt_checkpoint_leaf,
+    prompt_encoder_saved,
     prompt_forward_activation,
     prompt_input_saved,
 )
@@ -30,7 +31,7 @@ from qplan.planner.memory.terms import Dims, dims, idle_in_step, trainable_tenso
 from qplan.planner.model.full import FULL, is_full
 from qplan.planner.model.ia3 import IA3, IA3_FF
 from qplan.planner.model.lora import FROZEN_A, ModuleCount
-from qplan.planner.model.prompt import PROMPT
+from qplan.planner.model.prompt import PROMPT, PROMPT_MLP
 from qplan.planner.model.spec import LinearGroup, ModelSpec
 from qplan.planner.model.weights import QuantSettings, is_quantized, linear_weight_bytes
 from qplan.planner.vocab import BYTES, HF_CKPT
@@ -511,6 +512,10 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
         leaf = prompt_checkpoint_leaf(d, p, prompt) if grad_ckpt != "off" else ZERO
         leaf = leaf + prompt_input_saved(d, p, grad_ckpt != "off")  # both alive until layer 0's backward
         fwd = prompt_forward_activation(d, p, prompt, grad_ckpt != "off")
+        # p-tuning's MLP (its backward is the step's last): alive through every moment
+        leaf = leaf + prompt_encoder_saved(p, prompt, [(c.save_keys[0][1][1], c.save_keys[0][1][0]) for c in counts
+                                                       if c.kind == PROMPT_MLP]) if any(
+            c.kind == PROMPT_MLP for c in counts) else leaf
         saved, layers = saved + prompt_batch_correction(prompt) + leaf, layers + leaf
         loss_extra = loss_extra + fwd
         if attn_fwd != ZERO:
@@ -586,6 +591,9 @@ def loss_time_activation(spec: ModelSpec, counts: list[ModuleCount], q: QuantSet
     p = precision(q)
     lin = Lin(tok=p.R * d.h)
     if grad_ckpt != "off" and p.amp:
-        cast = [c for c in counts if not (c.kind == "lora_param" and "×(" in c.shape)]
+        # not the prompt's (an embedding is not cast) nor p-tuning's MLP (outside the checkpoints: its casts are saved,
+        # planner.memory.prompt)
+        cast = [c for c in counts if not (c.kind == "lora_param" and "×(" in c.shape) and c.kind not in (PROMPT,
+                                                                                                       PROMPT_MLP)]
         lin = lin + Lin(const=sum(p.c * n for n, dt in trainable_tensors(cast) if dt == "float32"))
     return lin

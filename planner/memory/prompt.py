@@ -44,3 +44,18 @@ def prompt_checkpoint_leaf(d: Dims, p: Precision, n: int) -> Lin:
     embeddings of the ``b × seq_len`` tokens, ``R h`` per token less ``R h n`` per row, alive from the forward to the
     end of the backward."""
     return Lin(tok=p.R * d.h, rows=-p.R * d.h * n)
+
+
+def prompt_encoder_saved(p: Precision, n: int, mlp: list[tuple[int, int]]) -> Lin:
+    """P-tuning's MLP (``planner.model.prompt.PTuningSettings``), saved from its forward until its backward, the
+    last of the step. PEFT runs it once, on one row of the ``n`` virtual tokens (``get_prompt``: ``prompt_tokens[:1]``,
+    the output expanded to the batch), so nothing here grows with the batch (``const``). Each ``Linear`` saves its
+    input for its weight gradient — the embedding's output, then each ``ReLU``'s output (which the ``ReLU`` saves for
+    its own backward too: the same tensor): ``e n (h + H + H)``, ``e`` the encoder's compute bytes (4: its fp32
+    weights, without autocast; ``c`` under autocast, whose casts of the inputs are the saved tensors); under autocast
+    also the cached ``c``-byte copies of its weights, which its input gradients need (``mlp``: ``(in, out)`` per
+    layer)."""
+    e = p.c if p.amp else 4
+    act = e * n * (mlp[0][0] + sum(out for _, out in mlp[:-1]))
+    casts = p.c * sum(i * o for i, o in mlp) if p.amp else 0
+    return Lin(const=act + casts)

@@ -459,6 +459,8 @@ def adapter_file_bytes(spec: ModelSpec, counts: list[ModuleCount]) -> int:
         if c.kind == "prompt":  # prompt tuning (planner.model.prompt): get_peft_model_state_dict's one key
             tensors.append(("prompt_embeddings", st, list(c.save_keys[0][1])))
             continue
+        if c.kind == "prompt_mlp":  # p-tuning's encoder: its output is the saved prompt, it is not saved itself
+            continue
         for mod in _expand(c.module, c.instances, L):
             for suffix, shape in c.save_keys:
                 tensors.append((f"base_model.model.{mod}.{suffix}", st, shape))

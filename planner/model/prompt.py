@@ -21,8 +21,8 @@ from qplan.planner.errors import QPlanError
 from qplan.planner.model.lora import ModuleCount
 from qplan.planner.model.spec import ModelSpec
 
-#: ``ModuleCount.kind`` of the trained virtual-token embeddings
-PROMPT = "prompt"
+#: ``ModuleCount.kind`` of the trained virtual-token embeddings, and of p-tuning's MLP over them
+PROMPT, PROMPT_MLP = "prompt", "prompt_mlp"
 #: the parameter's name in PEFT's model (and in its adapter file, as ``prompt_embeddings``)
 PROMPT_MODULE = "prompt_encoder.default.embedding"
 
@@ -53,3 +53,31 @@ class PromptSettings:
         """The one trained tensor: ``num_virtual_tokens × token_dim`` fp32 (see the module docstring)."""
         n, h = self.num_virtual_tokens, token_dim(spec)
         return [ModuleCount(PROMPT_MODULE, PROMPT, f"prompt {n}×{h}", 1, n * h, "float32", [("weight", [n, h])])]
+
+
+@dataclass(frozen=True)
+class PTuningSettings:
+    """``PromptEncoderConfig`` (p-tuning, PEFT 0.21 peft/tuners/p_tuning/model.py ``PromptEncoder``) with its MLP
+    reparameterization (PEFT's default): the ``num_virtual_tokens × token_dim`` embedding feeds
+    ``Linear(token_dim, H) → ReLU → Linear(H, H) → ReLU → Linear(H, token_dim)`` (``H = encoder_hidden_size``, each
+    with a bias, all fp32), whose output is the prompt PEFT prepends to every row, as prompt tuning's
+    (``encoder_num_layers`` is ignored for the MLP). ``save_pretrained`` keeps only that output, ``prompt_embeddings``
+    (``get_prompt_embedding_to_save``): the encoder is not in the adapter file."""
+
+    num_virtual_tokens: int
+    encoder_hidden_size: int
+    method: ClassVar[str] = "p_tuning"
+
+    def to_json(self, spec: ModelSpec) -> dict[str, Any]:
+        return {"num_virtual_tokens": self.num_virtual_tokens, "token_dim": token_dim(spec),
+                "num_transformer_submodules": 1, "encoder_reparameterization_type": "MLP",
+                "encoder_hidden_size": self.encoder_hidden_size}
+
+    def count(self, spec: ModelSpec) -> list[ModuleCount]:
+        """The embedding (saved as the prompt), then the MLP's three linear layers (not saved)."""
+        n, h, H = self.num_virtual_tokens, token_dim(spec), self.encoder_hidden_size
+        out = PromptSettings(n).count(spec)
+        for i, (fi, fo) in ((0, (h, H)), (2, (H, H)), (4, (H, h))):
+            out.append(ModuleCount(f"prompt_encoder.default.mlp_head.{i}", PROMPT_MLP, f"{fi}→{fo}", 1, fi * fo + fo,
+                                   "float32", [("weight", [fo, fi]), ("bias", [fo])]))
+        return out

@@ -9,10 +9,12 @@ only what defines the method changed:
 * ``dora`` — ``lora`` with DoRA's magnitude vectors;
 * ``lorafa`` — ``lora`` trained by PEFT's LoRA-FA optimizer (``lora_A`` frozen);
 * ``ia3`` — (IA)³ with PEFT's default targets for the model type, over a 16/32-bit base;
-* ``prompt_tuning`` — prompt tuning with the ``--num-virtual-tokens`` given, over a 16/32-bit base.
+* ``prompt_tuning`` — prompt tuning with the ``--num-virtual-tokens`` given, over a 16/32-bit base;
+* ``p_tuning`` — p-tuning with the ``--num-virtual-tokens`` and ``--encoder-hidden-size`` given, likewise.
 
 The LoRA options given (rank, targets, ...) apply to the LoRA methods and are set aside for the others, as each
-method's own options (``--feedforward-modules``, ``--num-virtual-tokens``) are for the rest. A method the
+method's own options (``--feedforward-modules``, ``--num-virtual-tokens``, ``--encoder-hidden-size``) are for the
+rest. A method the
 planner cannot plan here (full fine-tuning over several GPUs, say) is a row with its one-line reason, not a failure
 of the whole comparison. Torch-free.
 """
@@ -27,7 +29,7 @@ from qplan.planner.options import FULL_QUANT, PlanOptions, as_dict
 from qplan.planner.vocab import FOUR_BIT, KBIT
 
 #: the methods ``qplan compare`` knows, in the order it lists them by default
-METHODS = ("full", "lora", "qlora", "dora", "lorafa", "ia3", "prompt_tuning")
+METHODS = ("full", "lora", "qlora", "dora", "lorafa", "ia3", "prompt_tuning", "p_tuning")
 DEFAULT_METHODS = ("full", "lora", "qlora")
 
 
@@ -47,15 +49,15 @@ def method_options(options: dict[str, Any], method: str) -> dict[str, Any]:
     o = dict(options)
     given = o.get("quant")
     defaults = as_dict(PlanOptions())
-    o.update({k: defaults[k] for k, (owner, _) in METHOD_OPTIONS.items() if owner != method})
-    if method in ("full", "ia3", "prompt_tuning"):
+    o.update({k: defaults[k] for k, (owners, _) in METHOD_OPTIONS.items() if method not in owners})
+    if method in ("full", "ia3", "prompt_tuning", "p_tuning"):
         o.update({k: defaults[k] for k in LORA_ONLY})
         if o.get("optimizer") == "lorafa":
             o["optimizer"] = defaults["optimizer"]
     if method == "full":
         return {**o, "full": True, "quant": given if given and given not in KBIT else FULL_QUANT}
     o["full"] = False
-    if method in ("ia3", "prompt_tuning"):
+    if method in ("ia3", "prompt_tuning", "p_tuning"):
         return {**o, "peft_type": method, "quant": given if given and given not in KBIT else FULL_QUANT}
     if method == "qlora":
         return {**o, "quant": given if given in FOUR_BIT else "nf4"}

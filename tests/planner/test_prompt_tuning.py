@@ -1,5 +1,6 @@
 """Prompt tuning (``--peft-type prompt_tuning``): PEFT's ``PromptTuningConfig``, one fp32 prompt of
-``num_virtual_tokens × hidden_size`` prepended to every row.
+``num_virtual_tokens × hidden_size`` prepended to every row; and p-tuning (``--peft-type p_tuning``), whose prompt an
+fp32 MLP makes (``PromptEncoderConfig``).
 
 Oracles: PEFT itself — ``get_nb_trainable_parameters``, the prompt's dtype and ``token_dim`` on a meta-device model of
 every bundled model type, and the adapter file its ``save_pretrained`` writes; the traced training step (PEFT's own
@@ -22,26 +23,33 @@ SPECS = ["llama-3.2-1b", "qwen2.5-0.5b", "qwen3-0.6b", "gemma-2-9b", "phi-4", "m
          "qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v2-lite"]
 
 
+#: each method's own options
+METHODS = {"prompt_tuning": dict(num_virtual_tokens=24), "p_tuning": dict(num_virtual_tokens=24, encoder_hidden_size=96)}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("name", SPECS)
-def test_the_trainable_count_dtype_and_width_are_peft_s(name):
+def test_the_trainable_count_dtype_and_width_are_peft_s(name, method):
     pytest.importorskip("peft")
     from peft import get_peft_model
 
     from qplan.hf import method_config, model_from_config
 
-    plan = plan_dict(model=name, peft_type="prompt_tuning", num_virtual_tokens=24, quant="bf16")
+    plan = plan_dict(model=name, peft_type=method, quant="bf16", **METHODS[method])
     model = model_from_config(load_spec(name).config, dtype="bf16", device="meta")
-    pm = get_peft_model(model, method_config("prompt_tuning", plan["prompt_tuning"]))
+    pm = get_peft_model(model, method_config(method, plan[method]))
     trainable, total = pm.get_nb_trainable_parameters()
     params = plan["prediction"]["params"]
     assert params["trainable"] == trainable and params["total"] == total
     trained = [p for p in pm.parameters() if p.requires_grad]
     assert plan["prediction"]["memory"]["adapters"] == sum(p.numel() * p.element_size() for p in trained)
-    assert plan["prompt_tuning"]["token_dim"] == pm.peft_config["default"].token_dim
-    assert plan["lora"] is None and plan["method"] == "prompt_tuning"
+    assert plan[method]["token_dim"] == pm.peft_config["default"].token_dim
+    assert plan["lora"] is None and plan["method"] == method
 
 
-def test_the_adapter_file_is_peft_s_to_the_byte(tmp_path):
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_the_adapter_file_is_peft_s_to_the_byte(tmp_path, method):
+    """PEFT saves the prompt (p-tuning: the MLP's output, not the MLP)."""
     pytest.importorskip("peft")
     from peft import get_peft_model
 
@@ -53,9 +61,9 @@ def test_the_adapter_file_is_peft_s_to_the_byte(tmp_path):
     import json
 
     cfg.write_text(json.dumps(tiny), encoding="utf-8")
-    plan = plan_dict(model=str(cfg), peft_type="prompt_tuning", num_virtual_tokens=7, quant="fp32", seq_len=64)
-    pm = get_peft_model(model_from_config(tiny, dtype="fp32", device="cpu"),
-                        method_config("prompt_tuning", plan["prompt_tuning"]))
+    plan = plan_dict(model=str(cfg), peft_type=method, quant="fp32", seq_len=64,
+                     **{**METHODS[method], "num_virtual_tokens": 7})
+    pm = get_peft_model(model_from_config(tiny, dtype="fp32", device="cpu"), method_config(method, plan[method]))
     pm.save_pretrained(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size == plan["prediction"]["adapter_file_bytes"]
 
@@ -82,14 +90,28 @@ def test_every_phase_of_the_step_equals_the_traced_step(options):
     assert_plan_is_the_trace(plan, traced)
 
 
-@pytest.mark.parametrize("ckpt", [True, False])
-def test_the_flops_are_what_the_flop_counter_counts(ckpt):
-    """The model runs on seq_len + virtual tokens, layer 0's input gradient included (FlopCounterMode's count)."""
+@pytest.mark.parametrize("options", CASES[:4], ids=range(4))
+def test_every_phase_of_a_p_tuning_step_equals_the_traced_step(options):
+    """The MLP's saved inputs and, under autocast, its cached weight casts live until its backward, the step's last."""
     pytest.importorskip("peft")
     from qplan.observe.trace import trace_plan
 
-    plan = plan_dict(model="llama-3.2-1b", peft_type="prompt_tuning", num_virtual_tokens=20, quant="bf16",
-                     batch_size=2, seq_len=256, grad_ckpt=ckpt)
+    plan = plan_dict(peft_type="p_tuning", num_virtual_tokens=20, encoder_hidden_size=1024, batch_size=2, seq_len=256,
+                     **options)
+    traced = trace_plan(plan, steps=2)
+    assert_plan_is_the_trace(plan, traced)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("ckpt", [True, False])
+def test_the_flops_are_what_the_flop_counter_counts(ckpt, method):
+    """The model runs on seq_len + virtual tokens, layer 0's input gradient included; p-tuning's MLP over one row of
+    the virtual tokens (FlopCounterMode's count)."""
+    pytest.importorskip("peft")
+    from qplan.observe.trace import trace_plan
+
+    plan = plan_dict(model="llama-3.2-1b", peft_type=method, quant="bf16", batch_size=2, seq_len=256, grad_ckpt=ckpt,
+                     **{**METHODS[method], "num_virtual_tokens": 20})
     flops = plan["prediction"]["compute"]["flops_per_step"]
     assert flops["total"] == trace_plan(plan, steps=2, count_flops=True)["flops_per_step"][-1]
 
@@ -121,6 +143,10 @@ def test_the_virtual_tokens_lengthen_every_row_but_are_not_the_user_s_tokens():
     (dict(peft_type="prompt_tuning", num_virtual_tokens=8, full=True), "--full"),
     (dict(peft_type="prompt_tuning", num_virtual_tokens=8, seq_len=131072), "virtual tokens exceeds"),
     (dict(peft_type="prompt_tuning", num_virtual_tokens=0), "num-virtual-tokens"),
+    (dict(peft_type="prompt_tuning", num_virtual_tokens=8, encoder_hidden_size=64), "--peft-type p_tuning"),
+    (dict(peft_type="p_tuning", num_virtual_tokens=8), "needs --encoder-hidden-size"),
+    (dict(peft_type="p_tuning", encoder_hidden_size=64), "needs --num-virtual-tokens"),
+    (dict(peft_type="p_tuning", num_virtual_tokens=8, encoder_hidden_size=64, quant="int8"), "bitsandbytes"),
 ])
 def test_what_prompt_tuning_is_not_planned_with_is_one_line(extra, needle):
     with pytest.raises(QPlanError) as e:
