@@ -11,7 +11,7 @@
   checkpointing when the plan uses it).
 * ``get_peft_model`` with ``LoraConfig(r, lora_alpha, lora_dropout, target_modules, bias,
   use_dora, use_rslora, modules_to_save, task_type="CAUSAL_LM")`` from ``plan["lora"]``; with another PEFT method
-  (``method: ia3``, ``prompt_tuning``, ``p_tuning``) its config from the plan's section of that name
+  (``method: ia3``, ``prompt_tuning``, ``p_tuning``, ``ln_tuning``) its config from the plan's section of that name
   (``qplan.hf.method_config``); a full fine-tuning plan (``method: full``) trains the model itself, every parameter.
 * Train with ``transformers.Trainer`` (``backends.hf_train``).
 """
@@ -118,7 +118,7 @@ class PeftBackend:
             return Prepared(model=model, tokenizer=load_tokenizer(source), device=device,
                             weights_footprint=footprint, params={"trainable": int(trainable), "all": int(total)})
         probe.set_phase("adapters")
-        if plan.get("method") in ("ia3", "prompt_tuning", "p_tuning"):  # IA3Config, PromptTuningConfig, PromptEncoderConfig
+        if plan.get("method") in ("ia3", "prompt_tuning", "p_tuning", "ln_tuning"):  # the method's PEFT config
             model = get_peft_model(model, method_config(plan["method"], plan[plan["method"]]))
         else:
             model = cast_adapters(get_peft_model(model, lora_config(plan["lora"])), plan["lora"])

@@ -45,6 +45,8 @@ def plan_options(run: dict) -> dict:
                 "feedforward_modules": ",".join(sorted(pc["feedforward_modules"])) or "none"}
     if pc.get("peft_type") == "PROMPT_TUNING":  # its virtual tokens (the initialisation changes no byte)
         return {**setting, "peft_type": "prompt_tuning", "num_virtual_tokens": pc["num_virtual_tokens"]}
+    if pc.get("peft_type") == "LN_TUNING":  # the norms it trains a copy of
+        return {**setting, "peft_type": "ln_tuning", "targets": ",".join(sorted(pc["target_modules"]))}
     if pc.get("peft_type") == "P_TUNING":  # its virtual tokens and the MLP that makes them
         assert pc["encoder_reparameterization_type"] == "MLP", pc
         return {**setting, "peft_type": "p_tuning", "num_virtual_tokens": pc["num_virtual_tokens"],
@@ -152,6 +154,11 @@ def main() -> None:
         "embedding and the three-layer MLP) are PEFT's, and the 245,880-byte adapter file holds only the prompt the MLP "
         "makes, as PEFT saves it; the MLP runs once per step on one row of the virtual tokens, its saved inputs live "
         "until its backward (the trace's, tests/planner/test_prompt_tuning.py).",
+        "",
+        "LN tuning (`--peft-type ln_tuning`, PEFT's `LNTuningConfig` with its Llama defaults: input, post-attention and "
+        "final norms; nothing fitted to it): 175,104 trainable parameters (bf16 copies of the norms: LN tuning skips "
+        "the fp32 adapter cast) and the 358,288-byte adapter file are PEFT's; each trained norm saves its normalized "
+        "input and the gradient runs down to layer 0's input norm (tests/planner/test_ln_tuning.py: the trace's).",
         "",
         "Full fine-tuning (`--full`; PEFT's `full-finetuning` run, nothing fitted to it): the trainable count is the "
         "model's 3,212,749,824 parameters, and the tensor peak is the trace's (16 bytes apart; tests/planner/test_full.py) "

@@ -42,7 +42,8 @@ def plan_options(run: dict) -> dict:
 
 def fitted(run: dict) -> bool:
     """Whether the fit uses the run: the LoRA, DoRA and full fine-tuning runs it was made from. The others are
-    predicted with the shipped defaults, not fitted (``held_out=True``): (IA)³, prompt tuning, and LoRA-FA, whose
+    predicted with the shipped defaults, not fitted (``held_out=True``): (IA)³, LN tuning, prompt tuning, p-tuning,
+    and LoRA-FA, whose
     optimizer loop (a pseudo-inverse per module, a host sync each) the model does not count."""
     return run["train_config"]["optimizer_type"] == "AdamW" and (run["peft_config"] or {}).get(
         "peft_type", "LORA") == "LORA"
@@ -152,7 +153,7 @@ def main() -> int:
               "fall (no adapter kernels), yet the measured step is 25% longer than planned. The additive model "
               "(roofline / efficiency + launches) does not explain it; a GPU profile of such a step would (the plan "
               "warns that its time is under PEFT's runs). P-tuning's run (20 virtual tokens made by a 28 M-parameter "
-              "MLP) is within the LoRA runs' spread.", ""]
+              "MLP) and LN tuning's are within the LoRA runs' spread.", ""]
     lines += [
         "",
         f"DoRA against LoRA r32: measured {100 * slower('measured_step_seconds'):.0f}% slower per step, predicted "

@@ -215,7 +215,8 @@ def method_config(method: str, section: dict[str, Any]) -> Any:
     """The PEFT config of a plan's non-LoRA method (``planner.methods``) from its section:
     ``IA3Config(task_type="CAUSAL_LM", target_modules, feedforward_modules)`` (its vectors fp32) or
     ``PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens)`` (its prompt fp32, randomly initialised) or
-    ``PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens, encoder_hidden_size)`` (p-tuning's MLP, fp32)."""
+    ``PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens, encoder_hidden_size)`` (p-tuning's MLP, fp32) or
+    ``LNTuningConfig(task_type="CAUSAL_LM", target_modules)`` (copies of the norms, in their own dtype)."""
     try:
         import peft
     except ImportError as exc:  # pragma: no cover
@@ -225,6 +226,8 @@ def method_config(method: str, section: dict[str, Any]) -> Any:
                               feedforward_modules=list(section["feedforward_modules"]))
     if method == "prompt_tuning":
         return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=int(section["num_virtual_tokens"]))
+    if method == "ln_tuning":
+        return peft.LNTuningConfig(task_type="CAUSAL_LM", target_modules=list(section["target_modules"]))
     if method == "p_tuning":
         return peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=int(section["num_virtual_tokens"]),
                                         encoder_reparameterization_type=section["encoder_reparameterization_type"],

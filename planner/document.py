@@ -105,8 +105,16 @@ class PTuningSection(PromptTuningSection, forbid_unknown_fields=True, kw_only=Tr
     encoder_hidden_size: _d(Annotated[int, Meta(ge=1)], "the MLP's width: hidden_size → H → H → hidden_size")
 
 
+class LnTuningSection(Struct, forbid_unknown_fields=True, kw_only=True):
+    """LN tuning: the norms PEFT's ``LNTuningConfig`` trains a copy of (its defaults for the model type where none
+    were given)."""
+
+    target_modules: _d(list[NonEmpty], "module names PEFT's LNTuningConfig gets")
+
+
 #: the plan section of each PEFT method other than LoRA (``planner.methods``), named as the method
-METHOD_SECTIONS = {"ia3": Ia3Section, "prompt_tuning": PromptTuningSection, "p_tuning": PTuningSection}
+METHOD_SECTIONS = {"ia3": Ia3Section, "prompt_tuning": PromptTuningSection, "p_tuning": PTuningSection,
+                   "ln_tuning": LnTuningSection}
 
 
 class QuantSection(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -390,14 +398,16 @@ class PlanDoc(Struct, kw_only=True):
     schema_version: Literal[1]
     qplan_version: str = ""
     model: ModelSection
-    method: _d(Literal["lora", "full", "ia3", "prompt_tuning", "p_tuning"] | UnsetType, "full: full fine-tuning, every "
-               "parameter trains (`--full`; `lora` is null); ia3, prompt_tuning, p_tuning: that PEFT method "
+    method: _d(Literal["lora", "full", "ia3", "prompt_tuning", "p_tuning", "ln_tuning"] | UnsetType, "full: full "
+               "fine-tuning, every parameter trains (`--full`; `lora` is null); ia3, prompt_tuning, p_tuning, ln_tuning: "
+               "that PEFT method "
                "(`--peft-type`; `lora` is null, "
                "the section named as the method says what it trains); absent: LoRA") = UNSET
-    lora: _d(LoraSection | None, "the adapter (null with method full, ia3, prompt_tuning or p_tuning)")
+    lora: _d(LoraSection | None, "the adapter (null with method full, ia3, prompt_tuning, p_tuning or ln_tuning)")
     ia3: _d(Ia3Section | UnsetType, "method ia3 only") = UNSET
     prompt_tuning: _d(PromptTuningSection | UnsetType, "method prompt_tuning only") = UNSET
     p_tuning: _d(PTuningSection | UnsetType, "method p_tuning only") = UNSET
+    ln_tuning: _d(LnTuningSection | UnsetType, "method ln_tuning only") = UNSET
     quant: QuantSection
     training: TrainingSection
     gpu: GpuSection | None = None

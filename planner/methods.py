@@ -9,20 +9,21 @@ from __future__ import annotations
 from qplan.planner.errors import QPlanError
 from qplan.planner.memory.sharding import DistSettings
 from qplan.planner.model.ia3 import Ia3Settings
+from qplan.planner.model.ln_tuning import LnTuningSettings
 from qplan.planner.model.prompt import PromptSettings, PTuningSettings
 from qplan.planner.model.weights import QuantSettings
 from qplan.planner.options import PlanOptions, option_infos
 from qplan.planner.vocab import PEFT_PLANNED, PEFT_TYPES, optimizer
 
 #: the settings of a planned non-LoRA method
-PeftSettings = Ia3Settings | PromptSettings | PTuningSettings
+PeftSettings = Ia3Settings | PromptSettings | PTuningSettings | LnTuningSettings
 
 #: the LoRA options a method other than LoRA (and --full) leaves no meaning to, with their defaults
 LORA_ONLY = ("r", "alpha", "dropout", "targets", "bias", "dora", "rslora", "target_parameters", "modules_to_save",
              "adapter_dtype")
 
 #: each method's own options among the LoRA section's, and the options only it takes
-OWN_OPTIONS = {"ia3": ("targets",), "prompt_tuning": (), "p_tuning": ()}
+OWN_OPTIONS = {"ia3": ("targets",), "prompt_tuning": (), "p_tuning": (), "ln_tuning": ("targets",)}
 METHOD_OPTIONS = {"feedforward_modules": (("ia3",), "--feedforward-modules"),
                   "num_virtual_tokens": (("prompt_tuning", "p_tuning"), "--num-virtual-tokens"),
                   "encoder_hidden_size": (("p_tuning",), "--encoder-hidden-size")}
@@ -58,7 +59,8 @@ def peft_method(o: PlanOptions) -> PeftSettings | None:
         if (info.name in LORA_ONLY and info.name not in OWN_OPTIONS[name]
                 and getattr(o, info.name) != getattr(defaults, info.name)):
             raise QPlanError(f"{info.flag} is a LoRA option: --peft-type {name} does not take it"
-                             + (" (give --targets and --feedforward-modules)" if name == "ia3" else ""))
+                             + (" (give --targets and --feedforward-modules)" if name == "ia3" else "")
+                             + (" (give --targets: the norms to tune)" if name == "ln_tuning" else ""))
     if optimizer(o.optimizer).peft:
         raise QPlanError(f"--optimizer {o.optimizer} is LoRA-FA (LoRA's A and B): not for --peft-type {name}")
     if name in PROMPT_METHODS:
@@ -75,6 +77,8 @@ def peft_method(o: PlanOptions) -> PeftSettings | None:
             raise QPlanError("--peft-type p_tuning needs --encoder-hidden-size H (PEFT's PromptEncoderConfig has no "
                              "default: its MLP is hidden_size → H → H → hidden_size)")
         return PTuningSettings(o.num_virtual_tokens, o.encoder_hidden_size)
+    if name == "ln_tuning":
+        return LnTuningSettings(o.targets)
     ff = _names(o.feedforward_modules)
     if ff == ("none",):  # PEFT's feedforward_modules=[]: every target scales its output
         return Ia3Settings(o.targets, ())
@@ -87,7 +91,8 @@ def check_method(peft: PeftSettings, q: QuantSettings, backend: str, dist: DistS
     traced yet), Unsloth (LoRA only), several GPUs, the fused losses."""
     name = peft.method
     if q.kbit:
-        why = "PEFT's bnb IA3 layers clone and cast differently" if name == "ia3" else "not traced yet"
+        why = {"ia3": "PEFT's bnb IA3 layers clone and cast differently",
+               "ln_tuning": "prepare_model_for_kbit_training's fp32 norms"}.get(name, "not traced yet")
         raise QPlanError(f"--peft-type {name} on a {q.quant} (bitsandbytes) base is not planned yet ({why}): use "
                          "--quant bf16, fp16 or fp32")
     if backend != "peft":

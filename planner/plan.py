@@ -459,7 +459,7 @@ def plan_counts(inp: PlanInputs) -> list:
     if inp.full:
         return count_full(inp.spec, q)
     if inp.peft is not None:
-        return inp.peft.count(inp.spec)
+        return inp.peft.count(inp.spec, q)
     return count_lora(inp.spec, inp.lora, {"bias": q.unquantized_dtype, "modules_to_save": q.unquantized_dtype})
 
 

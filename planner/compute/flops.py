@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 from qplan.planner.memory.activations import Branch, layer_branches
+from qplan.planner.memory.ln_tuning import ln_sites
 from qplan.planner.memory.terms import dims
 from qplan.planner.model.full import is_full
 from qplan.planner.model.lora import FROZEN_A, UNSTEPPED, ModuleCount
@@ -72,6 +73,16 @@ def layer_grads(sites: list[Branch], x: bool) -> LayerGrads:
     down_in = mlp
     down = down_in or out_rg("mlp_out")
     return LayerGrads(x, q, k, v, attn, h1, down_in, h1 or down)
+
+
+def ln_first_layer_grads(sites: list[Branch], start: str) -> LayerGrads:
+    """Layer 0 under LN tuning (``planner.memory.ln_tuning``), whose input needs no gradient: from a trained input
+    norm on, everything does (as if its input did); from trained q/k norms, q and k and all after them; from a
+    trained post-attention norm, the MLP only."""
+    if start == "input":
+        return layer_grads(sites, True)
+    attn = start == "attn"
+    return LayerGrads(False, attn, attn, False, attn, True, True, True)
 
 
 def linear_forward_flops(T: int, s: Branch) -> int:
@@ -203,8 +214,10 @@ def step_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
     for c in emb_counts:
         if c.kind == "lora":
             out["lora"] += embedding_lora_flops(T, r, d.h) * c.instances
-    for _ in range(d.L):
-        g = layer_grads(sites, x_rg)
+    ln = ln_sites(counts, d.L)  # LN tuning: the trained norms make the gradient flow
+    for layer in range(d.L):
+        g = ln_first_layer_grads(sites, ln.start) if (ln is not None and layer == 0 and not x_rg) else layer_grads(
+            sites, x_rg)
         fwd = 0
         for site in sites:
             input_rg = {"attn_in": g.x, "attn_out": g.attn_out_in, "mlp_in": g.mlp_in, "mlp_out": g.mlp_out_in}[site.site]

@@ -17,6 +17,8 @@ from qplan.planner.memory.dora import dora_activation
 from qplan.planner.memory.full import cached_weight_casts, full_head_activation, full_layer_activation, full_layer_grads
 from qplan.planner.memory.ia3 import ia3_backward_transient, ia3_branch_activation
 from qplan.planner.memory.lin import ZERO, Lin, Precision, precision
+from qplan.planner.memory.ln_tuning import LnSites, ln_final_norm_saved, ln_first_layer_unsaved, ln_norm_saved, ln_sites
+from qplan.planner.memory.loss import loss_time_activation
 from qplan.planner.memory.masks import eager_mask_activation, padding_mask_activation
 from qplan.planner.memory.moe import moe_activation, moe_moments
 from qplan.planner.memory.param_lora import expert_lora_bytes, parameter_lora_activation
@@ -27,7 +29,7 @@ from qplan.planner.memory.prompt import (
     prompt_forward_activation,
     prompt_input_saved,
 )
-from qplan.planner.memory.terms import Dims, dims, idle_in_step, trainable_tensors
+from qplan.planner.memory.terms import Dims, dims, idle_in_step
 from qplan.planner.model.full import FULL, is_full
 from qplan.planner.model.ia3 import IA3, IA3_FF
 from qplan.planner.model.lora import FROZEN_A, ModuleCount
@@ -353,10 +355,11 @@ def frozen_weight_casts(spec: ModelSpec, q: QuantSettings, first: bool, lora_sit
 def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, r: int, dropout: float,
                      attn_impl: str, first: bool = False, kernels: str = "cuda", mlp: Lin | None = None,
                      dora: bool = False, liger: tuple[str, ...] = (), full: bool = False,
-                     ia3: tuple[Branch, ...] = ()) -> Lin:
+                     ia3: tuple[Branch, ...] = (), ln: LnSites | None = None) -> Lin:
     """Everything one decoder layer keeps for backward (no checkpointing); ``full``: its weights train
-    (``planner.memory.full``). ``first``: layer 0 without checkpointing
-    reads the embeddings, which need no grad: its input norm saves nothing, dropout masks on that input are not kept.
+    (``planner.memory.full``); ``ln``: LN tuning's trained norms (``planner.memory.ln_tuning``). ``first``: layer 0
+    without checkpointing reads the embeddings, which need no grad: its input norm saves nothing, dropout masks on
+    that input are not kept.
     ``mlp``: the feed-forward block's own term when not a dense MLP (``moe_activation``); ``dora``: DoRA's extras;
     ``liger``: Liger-Kernel's kernels in place of transformers' RMSNorm / SwiGLU MLP (``vocab.LIGER_KERNELS``)."""
     d = dims(spec)
@@ -381,7 +384,17 @@ def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, 
     if dora:
         total = total + dora_activation(branches, p, dropout, first, {s: _site_dtype(s, p) for s in SITES})
     grad_sites = {br.site for br in branches} | {b.site for b in ia3 if b.ia3 == "out"}
-    total = total + frozen_weight_casts(spec, q, first, grad_sites, frozenset(b.site for b in ia3 if b.ia3 == "ff"))
+    input_sites = {b.site for b in ia3 if b.ia3 == "ff"}
+    if ln is not None:  # the trained norms' saved inputs; in layer 0 nothing below the lowest of them is kept
+        total = total + ln_norm_saved(d, p, ln.layer)
+        if first:
+            unsaved = ln_first_layer_unsaved(d, p, ln.start, attention_activation(d, p, attn_impl),
+                                             qk_norm_activation(d, p, "rms_norm" in liger))
+            total = total + (-1) * unsaved
+        # the first projections whose input needs a gradient: q/k/v (an input norm), o (q/k norms), the MLP's
+        {"input": input_sites, "attn": grad_sites, "mlp": input_sites}[ln.start].add(
+            "mlp_in" if ln.start == "mlp" else "attn_in")
+    total = total + frozen_weight_casts(spec, q, first, grad_sites, frozenset(input_sites))
     if full:
         sites = [(b.site, b.in_features, b.per_layer) for b in layer_branches(spec, [], 0, q)]
         total = total + full_layer_activation(d, p, sites, d.gemma_norm, attn_impl)
@@ -440,6 +453,7 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     ckpt_inputs = ZERO
     br = lora_branches(spec, counts, q)
     i3 = tuple(b for b in layer_branches(spec, counts, 0, q) if b.ia3)
+    ln = ln_sites(counts, d.L)  # LN tuning's trained norms (planner.memory.ln_tuning)
     i3_bwd = ia3_backward_transient(i3)
     mlp = moe_activation(spec, counts, q)
     trained = is_full(counts)  # full fine-tuning: the weights train (planner.memory.full)
@@ -447,10 +461,12 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     prompt = next((c.save_keys[0][1][0] for c in counts if c.kind == PROMPT), 0)
     input_grad = trained or bool(prompt)
     full = layer_activation(spec, br, q, r, dropout, attn_impl, kernels=kernels, mlp=mlp, dora=dora, liger=liger,
-                            full=trained, ia3=i3)
+                            full=trained, ia3=i3, ln=ln)
     head = head_activation(spec, p, grad_ckpt != "off", head_linear, q.unquantized_dtype != q.compute_dtype,
                            "rms_norm" in liger)
     loss_extra = loss_time_activation(spec, [c for c in counts if c.kind != FULL], q, grad_ckpt)
+    if ln is not None and ln.final:  # a trained final norm saves its normalized input
+        head = head + ln_final_norm_saved(d, p)
     if trained:
         head_saved, loss_time = full_head_activation(d, p, d.gemma_norm, head_linear, grad_ckpt != "off")
         head, loss_extra = head + head_saved, loss_extra + loss_time
@@ -463,7 +479,7 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     mlp_fwd_temps = ZERO
     if grad_ckpt == "off":
         first = layer_activation(spec, br, q, r, dropout, attn_impl, first=not input_grad, kernels=kernels, mlp=mlp,
-                                 dora=dora, liger=liger, full=trained, ia3=i3)
+                                 dora=dora, liger=liger, full=trained, ia3=i3, ln=ln)
         saved = first + (d.L - 1) * full + head
         layers = first + grads_in + rotary + i3_bwd
         layers_temps = grads_in + i3_bwd
@@ -513,9 +529,8 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
         leaf = leaf + prompt_input_saved(d, p, grad_ckpt != "off")  # both alive until layer 0's backward
         fwd = prompt_forward_activation(d, p, prompt, grad_ckpt != "off")
         # p-tuning's MLP (its backward is the step's last): alive through every moment
-        leaf = leaf + prompt_encoder_saved(p, prompt, [(c.save_keys[0][1][1], c.save_keys[0][1][0]) for c in counts
-                                                       if c.kind == PROMPT_MLP]) if any(
-            c.kind == PROMPT_MLP for c in counts) else leaf
+        mlp_layers = [(c.save_keys[0][1][1], c.save_keys[0][1][0]) for c in counts if c.kind == PROMPT_MLP]
+        leaf = leaf + prompt_encoder_saved(p, prompt, mlp_layers) if mlp_layers else leaf
         saved, layers = saved + prompt_batch_correction(prompt) + leaf, layers + leaf
         loss_extra = loss_extra + fwd
         if attn_fwd != ZERO:
@@ -576,24 +591,4 @@ def recompute_transient(spec: ModelSpec, branches: list[Branch], p: Precision, d
         if dropout > 0 and p.amp and t1 != p.c:
             extra += t1 * br.in_features
         lin = lin + Lin(tok=extra * br.per_layer)
-    return lin
-
-
-def loss_time_activation(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings, grad_ckpt: str) -> Lin:
-    """Alive while the loss is computed (inside the model's forward) but not saved for backward:
-    the final norm's output ``R h T`` (still referenced by the model's output object), and, with
-    checkpointing, autocast's cached ``c``-byte copies of every fp32 adapter weight: the cache
-    lives until the outermost autocast exits after the loss, and without checkpointing those
-    copies are saved anyway (``lora_weight_cast_bytes``).  LoRA on 3-D expert parameters is folded
-    with autocast off (``_LoraFactorsProxy``: explicit casts, ``parameter_lora_activation``): no
-    cached copies of those."""
-    d = dims(spec)
-    p = precision(q)
-    lin = Lin(tok=p.R * d.h)
-    if grad_ckpt != "off" and p.amp:
-        # not the prompt's (an embedding is not cast) nor p-tuning's MLP (outside the checkpoints: its casts are saved,
-        # planner.memory.prompt)
-        cast = [c for c in counts if not (c.kind == "lora_param" and "×(" in c.shape) and c.kind not in (PROMPT,
-                                                                                                       PROMPT_MLP)]
-        lin = lin + Lin(const=sum(p.c * n for n, dt in trainable_tensors(cast) if dt == "float32"))
     return lin

@@ -19,7 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qplan.planner.memory.lin import Lin, precision
-from qplan.planner.memory.terms import dims
+from qplan.planner.memory.terms import dims, trainable_tensors
+from qplan.planner.model.lora import ModuleCount
+from qplan.planner.model.prompt import PROMPT, PROMPT_MLP
 from qplan.planner.model.spec import ModelSpec
 from qplan.planner.model.weights import QuantSettings
 
@@ -224,3 +226,23 @@ def liger_terms(spec: ModelSpec, q: QuantSettings) -> dict[str, tuple[LigerChunk
     in_cast = p.amp and p.R != c
     fwd = LigerChunk(Lin(tok=8 + 8 + p.R * d.h + 4 + 1, const=wcast), c, d.V, d.h, in_cast)
     return {"forward": (fwd,), "backward": (Lin(tok=p.R * d.h),)}
+
+
+def loss_time_activation(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings, grad_ckpt: str) -> Lin:
+    """Alive while the loss is computed (inside the model's forward) but not saved for backward:
+    the final norm's output ``R h T`` (still referenced by the model's output object), and, with
+    checkpointing, autocast's cached ``c``-byte copies of every fp32 adapter weight: the cache
+    lives until the outermost autocast exits after the loss, and without checkpointing those
+    copies are saved anyway (``lora_weight_cast_bytes``).  LoRA on 3-D expert parameters is folded
+    with autocast off (``_LoraFactorsProxy``: explicit casts, ``parameter_lora_activation``): no
+    cached copies of those."""
+    d = dims(spec)
+    p = precision(q)
+    lin = Lin(tok=p.R * d.h)
+    if grad_ckpt != "off" and p.amp:
+        # not the prompt's (an embedding is not cast) nor p-tuning's MLP (outside the checkpoints: its casts are saved,
+        # planner.memory.prompt)
+        cast = [c for c in counts if not (c.kind == "lora_param" and "×(" in c.shape) and c.kind not in (PROMPT,
+                                                                                                       PROMPT_MLP)]
+        lin = lin + Lin(const=sum(p.c * n for n, dt in trainable_tensors(cast) if dt == "float32"))
+    return lin

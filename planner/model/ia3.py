@@ -48,7 +48,7 @@ class Ia3Settings:
         t, ff = resolve_ia3(spec, self)
         return {"target_modules": t, "feedforward_modules": ff}
 
-    def count(self, spec: ModelSpec) -> list[ModuleCount]:
+    def count(self, spec: ModelSpec, q: Any = None) -> list[ModuleCount]:
         return count_ia3(spec, self)
 
 

@@ -128,7 +128,9 @@ def linear_leaf_names(spec: ModelSpec) -> list[str]:
 @dataclass
 class ModuleCount:
     module: str
-    kind: str  # lora | lora_frozen, lora_unstepped (LoRA-FA's A) | dora_magnitude | bias | modules_to_save | lora_param | full
+    #: lora | lora_frozen, lora_unstepped (LoRA-FA's A) | dora_magnitude | bias | modules_to_save | lora_param | full |
+    #: ia3, ia3_ff | prompt, prompt_mlp | ln_tuning
+    kind: str
     shape: str
     instances: int
     params_per_instance: int

@@ -49,7 +49,7 @@ class PromptSettings:
         return {"num_virtual_tokens": self.num_virtual_tokens, "token_dim": token_dim(spec),
                 "num_transformer_submodules": 1}
 
-    def count(self, spec: ModelSpec) -> list[ModuleCount]:
+    def count(self, spec: ModelSpec, q: Any = None) -> list[ModuleCount]:
         """The one trained tensor: ``num_virtual_tokens × token_dim`` fp32 (see the module docstring)."""
         n, h = self.num_virtual_tokens, token_dim(spec)
         return [ModuleCount(PROMPT_MODULE, PROMPT, f"prompt {n}×{h}", 1, n * h, "float32", [("weight", [n, h])])]
@@ -73,7 +73,7 @@ class PTuningSettings:
                 "num_transformer_submodules": 1, "encoder_reparameterization_type": "MLP",
                 "encoder_hidden_size": self.encoder_hidden_size}
 
-    def count(self, spec: ModelSpec) -> list[ModuleCount]:
+    def count(self, spec: ModelSpec, q: Any = None) -> list[ModuleCount]:
         """The embedding (saved as the prompt), then the MLP's three linear layers (not saved)."""
         n, h, H = self.num_virtual_tokens, token_dim(spec), self.encoder_hidden_size
         out = PromptSettings(n).count(spec)

@@ -9,6 +9,7 @@ only what defines the method changed:
 * ``dora`` — ``lora`` with DoRA's magnitude vectors;
 * ``lorafa`` — ``lora`` trained by PEFT's LoRA-FA optimizer (``lora_A`` frozen);
 * ``ia3`` — (IA)³ with PEFT's default targets for the model type, over a 16/32-bit base;
+* ``ln_tuning`` — LN tuning of PEFT's default norms for the model type, over a 16/32-bit base;
 * ``prompt_tuning`` — prompt tuning with the ``--num-virtual-tokens`` given, over a 16/32-bit base;
 * ``p_tuning`` — p-tuning with the ``--num-virtual-tokens`` and ``--encoder-hidden-size`` given, likewise.
 
@@ -29,7 +30,7 @@ from qplan.planner.options import FULL_QUANT, PlanOptions, as_dict
 from qplan.planner.vocab import FOUR_BIT, KBIT
 
 #: the methods ``qplan compare`` knows, in the order it lists them by default
-METHODS = ("full", "lora", "qlora", "dora", "lorafa", "ia3", "prompt_tuning", "p_tuning")
+METHODS = ("full", "lora", "qlora", "dora", "lorafa", "ia3", "ln_tuning", "prompt_tuning", "p_tuning")
 DEFAULT_METHODS = ("full", "lora", "qlora")
 
 
@@ -50,14 +51,14 @@ def method_options(options: dict[str, Any], method: str) -> dict[str, Any]:
     given = o.get("quant")
     defaults = as_dict(PlanOptions())
     o.update({k: defaults[k] for k, (owners, _) in METHOD_OPTIONS.items() if method not in owners})
-    if method in ("full", "ia3", "prompt_tuning", "p_tuning"):
+    if method in ("full", "ia3", "prompt_tuning", "p_tuning", "ln_tuning"):
         o.update({k: defaults[k] for k in LORA_ONLY})
         if o.get("optimizer") == "lorafa":
             o["optimizer"] = defaults["optimizer"]
     if method == "full":
         return {**o, "full": True, "quant": given if given and given not in KBIT else FULL_QUANT}
     o["full"] = False
-    if method in ("ia3", "prompt_tuning", "p_tuning"):
+    if method in ("ia3", "prompt_tuning", "p_tuning", "ln_tuning"):
         return {**o, "peft_type": method, "quant": given if given and given not in KBIT else FULL_QUANT}
     if method == "qlora":
         return {**o, "quant": given if given in FOUR_BIT else "nf4"}
