@@ -45,6 +45,10 @@ def plan_options(run: dict) -> dict:
                 "feedforward_modules": ",".join(sorted(pc["feedforward_modules"])) or "none"}
     if pc.get("peft_type") == "PROMPT_TUNING":  # its virtual tokens (the initialisation changes no byte)
         return {**setting, "peft_type": "prompt_tuning", "num_virtual_tokens": pc["num_virtual_tokens"]}
+    if pc.get("peft_type") == "LOHA":  # its rank, alpha and targets (no rank or module dropout in these runs)
+        assert not pc["rank_dropout"] and not pc["module_dropout"], pc
+        return {**setting, "peft_type": "loha", "r": pc["r"], "alpha": float(pc["alpha"]),
+                "targets": ",".join(sorted(pc["target_modules"]))}
     if pc.get("peft_type") == "LN_TUNING":  # the norms it trains a copy of
         return {**setting, "peft_type": "ln_tuning", "targets": ",".join(sorted(pc["target_modules"]))}
     if pc.get("peft_type") == "P_TUNING":  # its virtual tokens and the MLP that makes them
@@ -159,6 +163,11 @@ def main() -> None:
         "final norms; nothing fitted to it): 175,104 trainable parameters (bf16 copies of the norms: LN tuning skips "
         "the fp32 adapter cast) and the 358,288-byte adapter file are PEFT's; each trained norm saves its normalized "
         "input and the gradient runs down to layer 0's input norm (tests/planner/test_ln_tuning.py: the trace's).",
+        "",
+        "LoHa (`--peft-type loha --r 32 --alpha 64 --targets q_proj,v_proj`, PEFT's `LoHaConfig`; nothing fitted to "
+        "it): 18,350,080 trainable parameters and the 73,429,560-byte adapter file are PEFT's; each adapted module "
+        "builds its full fp32 weight update every forward and saves it with an fp32 copy of its input "
+        "(tests/planner/test_loha.py: the trace's), 1.4 GB more than LoRA at the same rank.",
         "",
         "Full fine-tuning (`--full`; PEFT's `full-finetuning` run, nothing fitted to it): the trainable count is the "
         "model's 3,212,749,824 parameters, and the tensor peak is the trace's (16 bytes apart; tests/planner/test_full.py) "

@@ -226,6 +226,9 @@ def method_config(method: str, section: dict[str, Any]) -> Any:
                               feedforward_modules=list(section["feedforward_modules"]))
     if method == "prompt_tuning":
         return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=int(section["num_virtual_tokens"]))
+    if method == "loha":
+        return peft.LoHaConfig(task_type="CAUSAL_LM", r=int(section["r"]), alpha=float(section["alpha"]),
+                               target_modules=list(section["target_modules"]))
     if method == "ln_tuning":
         return peft.LNTuningConfig(task_type="CAUSAL_LM", target_modules=list(section["target_modules"]))
     if method == "p_tuning":

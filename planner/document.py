@@ -112,9 +112,18 @@ class LnTuningSection(Struct, forbid_unknown_fields=True, kw_only=True):
     target_modules: _d(list[NonEmpty], "module names PEFT's LNTuningConfig gets")
 
 
+class LohaSection(Struct, forbid_unknown_fields=True, kw_only=True):
+    """LoHa: what PEFT's ``LoHaConfig`` gets (its default targets for the model type where none were given)."""
+
+    r: _d(Annotated[int, Meta(ge=1)], "LoHa rank")
+    alpha: _d(Annotated[float, Meta(gt=0)], "LoHa alpha")
+    scaling: _d(float, "alpha / r")
+    target_modules: _d(list[NonEmpty], "module names PEFT's LoHaConfig gets")
+
+
 #: the plan section of each PEFT method other than LoRA (``planner.methods``), named as the method
 METHOD_SECTIONS = {"ia3": Ia3Section, "prompt_tuning": PromptTuningSection, "p_tuning": PTuningSection,
-                   "ln_tuning": LnTuningSection}
+                   "ln_tuning": LnTuningSection, "loha": LohaSection}
 
 
 class QuantSection(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -225,6 +234,8 @@ class Moved(Struct, kw_only=True):
     weights: Bytes
     dequantization: Bytes
     optimizer: Bytes
+    adapter_updates: _d(Bytes | UnsetType, "LoHa: the full-size weight update each module builds, scales and "
+                        "differentiates every pass (elementwise passes over out × in tensors)") = UNSET
     total: Bytes
 
 
@@ -398,16 +409,18 @@ class PlanDoc(Struct, kw_only=True):
     schema_version: Literal[1]
     qplan_version: str = ""
     model: ModelSection
-    method: _d(Literal["lora", "full", "ia3", "prompt_tuning", "p_tuning", "ln_tuning"] | UnsetType, "full: full "
-               "fine-tuning, every parameter trains (`--full`; `lora` is null); ia3, prompt_tuning, p_tuning, ln_tuning: "
+    method: _d(Literal["lora", "full", "ia3", "prompt_tuning", "p_tuning", "ln_tuning", "loha"] | UnsetType, "full: "
+               "full fine-tuning, every parameter trains (`--full`; `lora` is null); ia3, prompt_tuning, p_tuning, "
+               "ln_tuning, loha: "
                "that PEFT method "
                "(`--peft-type`; `lora` is null, "
                "the section named as the method says what it trains); absent: LoRA") = UNSET
-    lora: _d(LoraSection | None, "the adapter (null with method full, ia3, prompt_tuning, p_tuning or ln_tuning)")
+    lora: _d(LoraSection | None, "the adapter (null with full fine-tuning and the other PEFT methods)")
     ia3: _d(Ia3Section | UnsetType, "method ia3 only") = UNSET
     prompt_tuning: _d(PromptTuningSection | UnsetType, "method prompt_tuning only") = UNSET
     p_tuning: _d(PTuningSection | UnsetType, "method p_tuning only") = UNSET
     ln_tuning: _d(LnTuningSection | UnsetType, "method ln_tuning only") = UNSET
+    loha: _d(LohaSection | UnsetType, "method loha only") = UNSET
     quant: QuantSection
     training: TrainingSection
     gpu: GpuSection | None = None

@@ -10,20 +10,22 @@ from qplan.planner.errors import QPlanError
 from qplan.planner.memory.sharding import DistSettings
 from qplan.planner.model.ia3 import Ia3Settings
 from qplan.planner.model.ln_tuning import LnTuningSettings
+from qplan.planner.model.loha import LohaSettings
 from qplan.planner.model.prompt import PromptSettings, PTuningSettings
 from qplan.planner.model.weights import QuantSettings
 from qplan.planner.options import PlanOptions, option_infos
 from qplan.planner.vocab import PEFT_PLANNED, PEFT_TYPES, optimizer
 
 #: the settings of a planned non-LoRA method
-PeftSettings = Ia3Settings | PromptSettings | PTuningSettings | LnTuningSettings
+PeftSettings = Ia3Settings | PromptSettings | PTuningSettings | LnTuningSettings | LohaSettings
 
 #: the LoRA options a method other than LoRA (and --full) leaves no meaning to, with their defaults
 LORA_ONLY = ("r", "alpha", "dropout", "targets", "bias", "dora", "rslora", "target_parameters", "modules_to_save",
              "adapter_dtype")
 
 #: each method's own options among the LoRA section's, and the options only it takes
-OWN_OPTIONS = {"ia3": ("targets",), "prompt_tuning": (), "p_tuning": (), "ln_tuning": ("targets",)}
+OWN_OPTIONS = {"ia3": ("targets",), "prompt_tuning": (), "p_tuning": (), "ln_tuning": ("targets",),
+               "loha": ("r", "alpha", "targets")}
 METHOD_OPTIONS = {"feedforward_modules": (("ia3",), "--feedforward-modules"),
                   "num_virtual_tokens": (("prompt_tuning", "p_tuning"), "--num-virtual-tokens"),
                   "encoder_hidden_size": (("p_tuning",), "--encoder-hidden-size")}
@@ -79,6 +81,8 @@ def peft_method(o: PlanOptions) -> PeftSettings | None:
         return PTuningSettings(o.num_virtual_tokens, o.encoder_hidden_size)
     if name == "ln_tuning":
         return LnTuningSettings(o.targets)
+    if name == "loha":
+        return LohaSettings(o.r, o.alpha if o.alpha is not None else 2.0 * o.r, o.targets)
     ff = _names(o.feedforward_modules)
     if ff == ("none",):  # PEFT's feedforward_modules=[]: every target scales its output
         return Ia3Settings(o.targets, ())
@@ -92,7 +96,8 @@ def check_method(peft: PeftSettings, q: QuantSettings, backend: str, dist: DistS
     name = peft.method
     if q.kbit:
         why = {"ia3": "PEFT's bnb IA3 layers clone and cast differently",
-               "ln_tuning": "prepare_model_for_kbit_training's fp32 norms"}.get(name, "not traced yet")
+               "ln_tuning": "prepare_model_for_kbit_training's fp32 norms",
+               "loha": "PEFT's LoHa has no bitsandbytes layer"}.get(name, "not traced yet")
         raise QPlanError(f"--peft-type {name} on a {q.quant} (bitsandbytes) base is not planned yet ({why}): use "
                          "--quant bf16, fp16 or fp32")
     if backend != "peft":

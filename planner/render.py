@@ -48,8 +48,8 @@ MEMORY_ROWS = [
 
 
 def method_text(plan: dict[str, Any], short: bool = False) -> str:
-    """What trains, in words: full fine-tuning, (IA)³ on its modules, LN tuning's norms, prompt / p-tuning's prompt,
-    or LoRA's rank and targets."""
+    """What trains, in words: full fine-tuning, (IA)³ on its modules, LN tuning's norms, LoHa's rank and targets,
+    prompt / p-tuning's prompt, or LoRA's rank and targets."""
     lora = plan.get("lora")
     if plan.get("method") == "full":
         return "full fine-tuning" if short else "full fine-tuning (every parameter trains)"
@@ -57,6 +57,11 @@ def method_text(plan: dict[str, Any], short: bool = False) -> str:
         i3 = plan["ia3"]
         text = f"(IA)³ {','.join(i3['target_modules'])}"
         return text if short else f"{text} (feed-forward: {','.join(i3['feedforward_modules']) or 'none'})"
+    if plan.get("method") == "loha":
+        lh = plan["loha"]
+        if short:
+            return f"LoHa r={lh['r']} {','.join(lh['target_modules'])}"
+        return f"LoHa r={lh['r']} α={lh['alpha']:g} targets={','.join(lh['target_modules'])}"
     if plan.get("method") == "ln_tuning":
         text = f"LN tuning {','.join(plan['ln_tuning']['target_modules'])}"
         return text if short else f"{text} (a trained copy of each norm)"
@@ -437,6 +442,6 @@ def render_compare(result: dict[str, Any]) -> str:
                                          "cost"]))
     lines += reasons
     lines.append("each row is the plan `qplan estimate` makes with that method (--full; LoRA on a 16/32-bit base; "
-                 "QLoRA on nf4; lorafa: --optimizer lorafa; ia3, prompt_tuning, p_tuning, ln_tuning: --peft-type): --format json "
-                 "has them all")
+                 "QLoRA on nf4; lorafa: --optimizer lorafa; loha, ia3, ln_tuning, prompt_tuning, p_tuning: "
+                 "--peft-type): --format json has them all")
     return "\n".join(lines)

@@ -55,8 +55,8 @@ def layer_grads(sites: list[Branch], x: bool) -> LayerGrads:
     """Propagate ``requires_grad`` through a Llama-family layer: a projection's output needs a
     gradient when its input does or it carries LoRA or (IA)³; the attention output when q, k or v does;
     residual sums when either side does."""
-    def trains(s: Branch) -> bool:  # LoRA on it, or an (IA)³ vector scaling it
-        return bool(s.r or s.ia3)
+    def trains(s: Branch) -> bool:  # LoRA or LoHa on it, or an (IA)³ vector scaling it
+        return bool(s.r or s.ia3 or s.loha)
 
     def out_rg(site: str) -> bool:
         return any(trains(s) for s in sites if s.site == site)
@@ -113,6 +113,17 @@ def lora_flops(T: int, s: Branch, input_rg: bool) -> tuple[int, int]:
     bwd = (2 * T * s.r * s.out_features + a_out
            + 2 * T * s.r * s.in_features * ((0 if s.frozen_a else 1) + (1 if input_rg else 0))) * s.per_layer
     return fwd, bwd
+
+
+def loha_flops(T: int, s: Branch, input_rg: bool) -> tuple[int, int]:
+    """LoHa on one module (``planner.memory.loha``): forward, the update's two rank-``r`` products (``2 · 2 out r in``)
+    and ``F.linear(input, update)`` (``2 T in out``); backward, the update's gradient (``2 T in out``), the input's
+    when it needs one (``2 T in out``), and ``HadaWeight.backward``'s six rank-``r`` matmuls (``6 · 2 out r in``)."""
+    if not s.loha:
+        return 0, 0
+    rank = 2 * s.out_features * s.loha * s.in_features
+    dense = 2 * T * s.in_features * s.out_features
+    return (2 * rank + dense) * s.per_layer, (6 * rank + dense * (2 if input_rg else 1)) * s.per_layer
 
 
 def attention_flops(b: int, s: int, nh: int, hd: int, attn_impl: str, fused_kernel: bool,
@@ -229,8 +240,9 @@ def step_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
             if full:
                 out["weight_gradients"] += linear_weight_grad_flops(T, site)
             lf, lb = lora_flops(T, site, input_rg)
-            out["lora"] += lf + lb
-            fwd += lf
+            hf, hb = loha_flops(T, site, input_rg)
+            out["lora"] += lf + lb + hf + hb
+            fwd += lf + hf
         af, ab = attention_flops(b, s, d.nh, hd, attn_impl, fused, g)
         out["attention"] += af + ab
         fwd += af
@@ -329,6 +341,7 @@ def step_bytes(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
       ``passes x stored bytes``; the output head twice (forward, input gradient);
     * ``dequantization``: a 4-bit weight is dequantized to the compute dtype for each use and that
       copy written and read: ``2 c n`` per use (bitsandbytes' CUDA dequantize + matmul path);
+    * ``adapter_updates``: LoHa's full-size weight updates (``loha_update_bytes``), absent without LoHa;
     * ``optimizer``: per trainable element of ``b`` bytes (the tensor's dtype, its torch states' too), the passes over
       memory of the optimizer step and of ``clip_grad_norm_`` before it (``_foreach_norm`` reads the gradient,
       ``_foreach_mul_`` reads and writes it: ``3 b``). torch's foreach AdamW (``_multi_tensor_adam``, torch 2.13, not
@@ -355,4 +368,22 @@ def step_bytes(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
     dq = sum(2 * c * x.in_features * x.out_features * x.per_layer * L for x in sites if x.kbit and q.quant != "int8")
     dq *= passes * grad_accum
     opt = optimizer_bytes(counts, optimizer_name, trainable_numel)
-    return {"weights": weights, "dequantization": dq, "optimizer": opt, "total": weights + dq + opt}
+    out = {"weights": weights, "dequantization": dq, "optimizer": opt}
+    updates = sum(loha_update_bytes(x, c if c == 2 else 4, grad_ckpt != "off") * L for x in sites) * grad_accum
+    if updates:
+        out["adapter_updates"] = updates
+    out["total"] = sum(out.values())
+    return out
+
+
+def loha_update_bytes(s: Branch, e: int, ckpt: bool) -> int:
+    """LoHa's elementwise passes over its ``E = out × in`` update per module and micro-batch (``HadaWeight``, PEFT
+    0.21), ``e`` its forward dtype bytes (the compute dtype under autocast, else fp32): the forward writes both
+    rank-``r`` products, reads them into their product, scales it and ``F.linear`` reads it (``8 e E``; again when
+    checkpointing recomputes it); the backward writes the update's gradient and its scaled copy, rebuilds each
+    product in fp32 and multiplies the gradient by it (read ``e + 4``, write ``4``) and reads each ``temp`` into two
+    matmuls, and ``F.linear``'s input gradient reads the update (``(6 e + 40) E``)."""
+    if not s.loha:
+        return 0
+    E = s.out_features * s.in_features * s.per_layer
+    return (8 * e * (2 if ckpt else 1) + 6 * e + 40) * E

@@ -88,11 +88,12 @@ def step_peaks(device: dict[str, Any], quant: str, compute_dtype: str,
 
 def ideal_step_seconds(flops: dict[str, int], moved: dict[str, int], peak: float, bandwidth: float,
                        lora_peak: float | None = None) -> float:
-    """The roofline time of one step (efficiency 1): ``max(F_base/P + F_lora/P_lora, W/BW) + (D + O)/BW`` (the
-    adapters' FLOPs at ``lora_peak``, the base peak when None)."""
+    """The roofline time of one step (efficiency 1): ``max(F_base/P + F_lora/P_lora, W/BW) + (D + O + U)/BW`` (the
+    adapters' FLOPs at ``lora_peak``, the base peak when None; ``U``: LoHa's weight updates, 0 for the rest)."""
     lora = flops.get("lora", 0) if lora_peak is not None else 0
     matmul = (flops["total"] - lora) / peak + (lora / lora_peak if lora else 0.0)
-    return max(matmul, moved["weights"] / bandwidth) + (moved["dequantization"] + moved["optimizer"]) / bandwidth
+    serial = moved["dequantization"] + moved["optimizer"] + moved.get("adapter_updates", 0)
+    return max(matmul, moved["weights"] / bandwidth) + serial / bandwidth
 
 
 def time_prediction(flops: dict[str, int], moved: dict[str, int], device: dict[str, Any] | None,

@@ -18,6 +18,7 @@ from qplan.planner.memory.full import cached_weight_casts, full_head_activation,
 from qplan.planner.memory.ia3 import ia3_backward_transient, ia3_branch_activation
 from qplan.planner.memory.lin import ZERO, Lin, Precision, precision
 from qplan.planner.memory.ln_tuning import LnSites, ln_final_norm_saved, ln_first_layer_unsaved, ln_norm_saved, ln_sites
+from qplan.planner.memory.loha import loha_backward_transient, loha_branch_activation, loha_forward_casts
 from qplan.planner.memory.loss import loss_time_activation
 from qplan.planner.memory.masks import eager_mask_activation, padding_mask_activation
 from qplan.planner.memory.moe import moe_activation, moe_moments
@@ -32,6 +33,7 @@ from qplan.planner.memory.prompt import (
 from qplan.planner.memory.terms import Dims, dims, idle_in_step
 from qplan.planner.model.full import FULL, is_full
 from qplan.planner.model.ia3 import IA3, IA3_FF
+from qplan.planner.model.loha import LOHA
 from qplan.planner.model.lora import FROZEN_A, ModuleCount
 from qplan.planner.model.prompt import PROMPT, PROMPT_MLP
 from qplan.planner.model.spec import LinearGroup, ModelSpec
@@ -93,6 +95,7 @@ class Branch:
     adapter: str = "float32"  # its LoRA tensors' dtype
     frozen_a: bool = False  # LoRA-FA: its lora_A is frozen (no weight gradient: its input is not saved)
     ia3: str = ""  # (IA)³ on it: "ff" (scales its input), "out" (its output), "" none
+    loha: int = 0  # LoHa's rank on it, 0 if none
 
 
 def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSettings) -> list[Branch]:
@@ -102,6 +105,7 @@ def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantS
     adapters = {c.module: c.dtype for c in counts if c.kind == "lora"}
     frozen = {c.module for c in counts if c.kind == FROZEN_A}
     ia3 = {c.module: "ff" if c.kind == IA3_FF else "out" for c in counts if c.kind in (IA3, IA3_FF)}
+    loha = {c.module: c.save_keys[0][1][1] for c in counts if c.kind == LOHA}
     L = max(1, int(spec.inventory.num_hidden_layers or 1))
     out = []
     for g in spec.inventory.linear:
@@ -110,7 +114,8 @@ def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantS
             continue
         out.append(Branch(site, g.in_features, g.out_features, max(1, g.instances // L), is_quantized(g, q),
                           g.pattern.rsplit(".", 1)[-1], ranks.get(g.pattern, 0), sum(linear_weight_bytes(g, q)),
-                          adapters.get(g.pattern, "float32"), g.pattern in frozen, ia3.get(g.pattern, "")))
+                          adapters.get(g.pattern, "float32"), g.pattern in frozen, ia3.get(g.pattern, ""),
+                          loha.get(g.pattern, 0)))
     return out
 
 
@@ -355,7 +360,7 @@ def frozen_weight_casts(spec: ModelSpec, q: QuantSettings, first: bool, lora_sit
 def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, r: int, dropout: float,
                      attn_impl: str, first: bool = False, kernels: str = "cuda", mlp: Lin | None = None,
                      dora: bool = False, liger: tuple[str, ...] = (), full: bool = False,
-                     ia3: tuple[Branch, ...] = (), ln: LnSites | None = None) -> Lin:
+                     ia3: tuple[Branch, ...] = (), ln: LnSites | None = None, loha: tuple[Branch, ...] = ()) -> Lin:
     """Everything one decoder layer keeps for backward (no checkpointing); ``full``: its weights train
     (``planner.memory.full``); ``ln``: LN tuning's trained norms (``planner.memory.ln_tuning``). ``first``: layer 0
     without checkpointing reads the embeddings, which need no grad: its input norm saves nothing, dropout masks on
@@ -375,6 +380,11 @@ def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, 
         total = total + lin
         if shares:
             shared.add(br.site)
+    for br in loha:  # LoHa's input copies and weight updates (planner.memory.loha)
+        lin, shares = loha_branch_activation(br, _site_dtype(br.site, p), p, not (first and br.site == "attn_in"))
+        total = total + lin
+        if shares:
+            shared.add(br.site)
     # a shared input is saved once; the attention output is saved by sdpa anyway
     total = total + Lin(tok=sum(_site_input_bytes(s_, d, p) for s_ in shared if s_ != "attn_out"))
     if q.quant == "int8":
@@ -383,7 +393,7 @@ def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, 
         total = total + ia3_branch_activation(br, _site_dtype(br.site, p), p, kernels)
     if dora:
         total = total + dora_activation(branches, p, dropout, first, {s: _site_dtype(s, p) for s in SITES})
-    grad_sites = {br.site for br in branches} | {b.site for b in ia3 if b.ia3 == "out"}
+    grad_sites = {br.site for br in branches} | {b.site for b in ia3 if b.ia3 == "out"} | {b.site for b in loha}
     input_sites = {b.site for b in ia3 if b.ia3 == "ff"}
     if ln is not None:  # the trained norms' saved inputs; in layer 0 nothing below the lowest of them is kept
         total = total + ln_norm_saved(d, p, ln.layer)
@@ -455,18 +465,22 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     i3 = tuple(b for b in layer_branches(spec, counts, 0, q) if b.ia3)
     ln = ln_sites(counts, d.L)  # LN tuning's trained norms (planner.memory.ln_tuning)
     i3_bwd = ia3_backward_transient(i3)
+    lh = tuple(b for b in layer_branches(spec, counts, 0, q) if b.loha)  # LoHa's modules (planner.memory.loha)
+    i3_bwd = i3_bwd + loha_backward_transient(lh, p, p.M)  # the layer backward's method transients
     mlp = moe_activation(spec, counts, q)
     trained = is_full(counts)  # full fine-tuning: the weights train (planner.memory.full)
     # the embeddings' output needs a gradient: full fine-tuning, or prompt tuning's prompt is part of it
     prompt = next((c.save_keys[0][1][0] for c in counts if c.kind == PROMPT), 0)
     input_grad = trained or bool(prompt)
     full = layer_activation(spec, br, q, r, dropout, attn_impl, kernels=kernels, mlp=mlp, dora=dora, liger=liger,
-                            full=trained, ia3=i3, ln=ln)
+                            full=trained, ia3=i3, ln=ln, loha=lh)
     head = head_activation(spec, p, grad_ckpt != "off", head_linear, q.unquantized_dtype != q.compute_dtype,
                            "rms_norm" in liger)
     loss_extra = loss_time_activation(spec, [c for c in counts if c.kind != FULL], q, grad_ckpt)
     if ln is not None and ln.final:  # a trained final norm saves its normalized input
         head = head + ln_final_norm_saved(d, p)
+    if lh and grad_ckpt == "off":  # autocast's cached copies of LoHa's factors (with checkpointing: loss_extra's)
+        loss_extra = loss_extra + d.L * loha_forward_casts(lh, p, lh[0].loha)
     if trained:
         head_saved, loss_time = full_head_activation(d, p, d.gemma_norm, head_linear, grad_ckpt != "off")
         head, loss_extra = head + head_saved, loss_extra + loss_time
@@ -479,7 +493,7 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     mlp_fwd_temps = ZERO
     if grad_ckpt == "off":
         first = layer_activation(spec, br, q, r, dropout, attn_impl, first=not input_grad, kernels=kernels, mlp=mlp,
-                                 dora=dora, liger=liger, full=trained, ia3=i3, ln=ln)
+                                 dora=dora, liger=liger, full=trained, ia3=i3, ln=ln, loha=lh)
         saved = first + (d.L - 1) * full + head
         layers = first + grads_in + rotary + i3_bwd
         layers_temps = grads_in + i3_bwd

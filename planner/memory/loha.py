@@ -1,0 +1,64 @@
+"""LoHa (``--peft-type loha``, ``planner.model.loha``): what its per-forward weight update makes a layer keep.
+
+PEFT 0.21's ``loha.Linear`` runs the base layer, then builds the full ``out × in`` update ``HadaWeight.apply(w1_a, w1_b,
+w2_a, w2_b, scale)`` (a custom autograd function: it saves only the factors, its matmuls record nothing), casts the
+layer's input to the update's dtype (``_cast_input_dtype``) and adds ``F.linear(input, update)`` to the base output.
+Derived from that code and checked against the traced step (tests/planner/test_loha.py). Torch-free.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qplan.planner.memory.lin import Lin, Precision
+
+#: ``planner.memory.activations.Branch`` (not imported: activations imports this module)
+Branch = Any
+
+
+def loha_dtype(p: Precision) -> int:
+    """Bytes of the update and of the input it multiplies: its fp32 factors' matmuls, or under autocast the compute
+    dtype (autocast casts the factors, cached, and the products are 16-bit)."""
+    return p.c if p.amp else 4
+
+
+def loha_branch_activation(br: Branch, x: int, p: Precision, input_grad: bool) -> tuple[Lin, bool]:
+    """What one LoHa-adapted module saves, per token (``tok``) and per layer (``const``), and whether the tensor it
+    saves is its input itself (``x``: the input's dtype bytes; counted once per input by the caller).
+
+    ``F.linear(input, update)`` saves ``input`` for the update's gradient — a new ``e in`` copy when the input is not
+    in the update's dtype ``e`` (``loha_dtype``), else the input itself — and, only when its input needs a gradient
+    (not layer 0's q/k/v without checkpointing), the update, ``e out in``."""
+    e = loha_dtype(p)
+    lin = Lin(tok=0 if x == e else e * br.in_features * br.per_layer,
+              const=e * br.out_features * br.in_features * br.per_layer if input_grad else 0)
+    return lin, x == e
+
+
+def loha_forward_casts(branches: tuple[Branch, ...], p: Precision, r: int) -> Lin:
+    """Under autocast without checkpointing, the cached compute-dtype copies of a layer's LoHa factors (``c · 2 r (in +
+    out)`` per module), alive until the autocast region exits after the loss: nothing saves them (``HadaWeight``
+    saves the fp32 factors). With checkpointing the loss-time term counts every fp32 adapter tensor's copy."""
+    if not p.amp:
+        return Lin()
+    return Lin(const=sum(p.c * 2 * r * (b.in_features + b.out_features) * b.per_layer for b in branches))
+
+
+def loha_backward_transient(branches: tuple[Branch, ...], p: Precision, x: int) -> Lin:
+    """The largest transient of a layer's LoHa backward on top of what the layer keeps, when its first backward op is
+    an adapted MLP projection (the down projection's backward runs first, with the rest of the recomputed layer
+    alive): ``F.linear``'s backward has freed that module's saved update and input copy and made the update's
+    gradient (``e out in``, ``e`` = ``loha_dtype``); ``HadaWeight.backward`` then makes its scaled copy (``e``) and, in
+    fp32 (no autocast in a custom backward), ``w1_a w1_b`` and the products with the old and the new ``temp`` at once
+    (``3 × 4``): ``(2 e + 12) out in`` (measured on traced steps). An attention projection's runs after the attention's
+    and the MLP's backward have freed the layer's tensors, far below the moments planned (not counted). ``x``: the
+    module's input dtype bytes."""
+    mlp = [b for b in branches if b.site in ("mlp_in", "mlp_out")]
+    if not mlp:
+        return Lin()
+    site = "mlp_out" if any(b.site == "mlp_out" for b in mlp) else "mlp_in"
+    e = loha_dtype(p)
+    b = max((b for b in mlp if b.site == site), key=lambda b: b.out_features * b.in_features)
+    own = e * b.out_features * b.in_features
+    return Lin(const=(2 * e + 12) * b.out_features * b.in_features - own,
+               tok=-(e * b.in_features if x != e else 0))
