@@ -49,6 +49,10 @@ def plan_options(run: dict) -> dict:
         assert not pc["rank_dropout"] and not pc["module_dropout"], pc
         return {**setting, "peft_type": "loha", "r": pc["r"], "alpha": float(pc["alpha"]),
                 "targets": ",".join(sorted(pc["target_modules"]))}
+    if pc.get("peft_type") == "LOKR":  # its rank, alpha, targets and factorization (no dropout in these runs)
+        assert not pc["rank_dropout"] and not pc["module_dropout"] and not pc["decompose_both"], pc
+        return {**setting, "peft_type": "lokr", "r": pc["r"], "alpha": float(pc["alpha"]),
+                "targets": ",".join(sorted(pc["target_modules"])), "decompose_factor": pc["decompose_factor"]}
     if pc.get("peft_type") == "LN_TUNING":  # the norms it trains a copy of
         return {**setting, "peft_type": "ln_tuning", "targets": ",".join(sorted(pc["target_modules"]))}
     if pc.get("peft_type") == "P_TUNING":  # its virtual tokens and the MLP that makes them
@@ -168,6 +172,11 @@ def main() -> None:
         "it): 18,350,080 trainable parameters and the 73,429,560-byte adapter file are PEFT's; each adapted module "
         "builds its full fp32 weight update every forward and saves it with an fp32 copy of its input "
         "(tests/planner/test_loha.py: the trace's), 1.4 GB more than LoRA at the same rank.",
+        "",
+        "LoKr (`--peft-type lokr --r 32 --alpha 64 --decompose-factor 4 --targets q_proj,v_proj`, PEFT's `LoKrConfig`; "
+        "nothing fitted to it): PEFT's factorization gives 2,294,656 trainable parameters and the 9,199,776-byte "
+        "adapter file; each module saves its full `kron(w1, w2)` update and input copy as LoHa's "
+        "(tests/planner/test_lokr.py: the trace's).",
         "",
         "Full fine-tuning (`--full`; PEFT's `full-finetuning` run, nothing fitted to it): the trainable count is the "
         "model's 3,212,749,824 parameters, and the tensor peak is the trace's (16 bytes apart; tests/planner/test_full.py) "

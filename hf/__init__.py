@@ -229,6 +229,11 @@ def method_config(method: str, section: dict[str, Any]) -> Any:
     if method == "loha":
         return peft.LoHaConfig(task_type="CAUSAL_LM", r=int(section["r"]), alpha=float(section["alpha"]),
                                target_modules=list(section["target_modules"]))
+    if method == "lokr":
+        return peft.LoKrConfig(task_type="CAUSAL_LM", r=int(section["r"]), alpha=float(section["alpha"]),
+                               target_modules=list(section["target_modules"]),
+                               decompose_factor=int(section["decompose_factor"]),
+                               decompose_both=bool(section["decompose_both"]))
     if method == "ln_tuning":
         return peft.LNTuningConfig(task_type="CAUSAL_LM", target_modules=list(section["target_modules"]))
     if method == "p_tuning":

@@ -63,9 +63,12 @@ def plan_settings(plan: dict[str, Any]) -> dict[str, Any]:
         i3 = plan["ia3"]
         o.update({"peft_type": "ia3", "targets": ",".join(i3["target_modules"]),
                   "feedforward_modules": ",".join(i3["feedforward_modules"]) or "none"})
-    elif plan.get("method") == "loha":  # its rank, alpha and modules, as PEFT got them
-        lh = plan["loha"]
-        o.update({"peft_type": "loha", "r": lh["r"], "alpha": lh["alpha"], "targets": ",".join(lh["target_modules"])})
+    elif plan.get("method") in ("loha", "lokr"):  # its rank, alpha and modules, as PEFT got them
+        lh = plan[plan["method"]]
+        o.update({"peft_type": plan["method"], "r": lh["r"], "alpha": lh["alpha"],
+                  "targets": ",".join(lh["target_modules"])})
+        if lh.get("decompose_factor", -1) != -1:
+            o["decompose_factor"] = lh["decompose_factor"]
     elif plan.get("method") == "ln_tuning":  # its norms, as PEFT got them
         o.update({"peft_type": "ln_tuning", "targets": ",".join(plan["ln_tuning"]["target_modules"])})
     elif plan.get("method") in ("prompt_tuning", "p_tuning"):  # its virtual tokens (and p-tuning's encoder)

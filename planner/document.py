@@ -121,9 +121,16 @@ class LohaSection(Struct, forbid_unknown_fields=True, kw_only=True):
     target_modules: _d(list[NonEmpty], "module names PEFT's LoHaConfig gets")
 
 
+class LokrSection(LohaSection, forbid_unknown_fields=True, kw_only=True):
+    """LoKr: what PEFT's ``LoKrConfig`` gets (its default targets for the model type where none were given)."""
+
+    decompose_factor: _d(int, "the factorization's divider (-1: near the square root)")
+    decompose_both: _d(bool, "w1 factored too (qplan gives PEFT's default, false)")
+
+
 #: the plan section of each PEFT method other than LoRA (``planner.methods``), named as the method
 METHOD_SECTIONS = {"ia3": Ia3Section, "prompt_tuning": PromptTuningSection, "p_tuning": PTuningSection,
-                   "ln_tuning": LnTuningSection, "loha": LohaSection}
+                   "ln_tuning": LnTuningSection, "loha": LohaSection, "lokr": LokrSection}
 
 
 class QuantSection(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -234,7 +241,7 @@ class Moved(Struct, kw_only=True):
     weights: Bytes
     dequantization: Bytes
     optimizer: Bytes
-    adapter_updates: _d(Bytes | UnsetType, "LoHa: the full-size weight update each module builds, scales and "
+    adapter_updates: _d(Bytes | UnsetType, "LoHa, LoKr: the full-size weight update each module builds, scales and "
                         "differentiates every pass (elementwise passes over out × in tensors)") = UNSET
     total: Bytes
 
@@ -409,9 +416,10 @@ class PlanDoc(Struct, kw_only=True):
     schema_version: Literal[1]
     qplan_version: str = ""
     model: ModelSection
-    method: _d(Literal["lora", "full", "ia3", "prompt_tuning", "p_tuning", "ln_tuning", "loha"] | UnsetType, "full: "
+    method: _d(Literal["lora", "full", "ia3", "prompt_tuning", "p_tuning", "ln_tuning", "loha", "lokr"] | UnsetType,
+               "full: "
                "full fine-tuning, every parameter trains (`--full`; `lora` is null); ia3, prompt_tuning, p_tuning, "
-               "ln_tuning, loha: "
+               "ln_tuning, loha, lokr: "
                "that PEFT method "
                "(`--peft-type`; `lora` is null, "
                "the section named as the method says what it trains); absent: LoRA") = UNSET
@@ -421,6 +429,7 @@ class PlanDoc(Struct, kw_only=True):
     p_tuning: _d(PTuningSection | UnsetType, "method p_tuning only") = UNSET
     ln_tuning: _d(LnTuningSection | UnsetType, "method ln_tuning only") = UNSET
     loha: _d(LohaSection | UnsetType, "method loha only") = UNSET
+    lokr: _d(LokrSection | UnsetType, "method lokr only") = UNSET
     quant: QuantSection
     training: TrainingSection
     gpu: GpuSection | None = None

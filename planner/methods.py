@@ -11,13 +11,14 @@ from qplan.planner.memory.sharding import DistSettings
 from qplan.planner.model.ia3 import Ia3Settings
 from qplan.planner.model.ln_tuning import LnTuningSettings
 from qplan.planner.model.loha import LohaSettings
+from qplan.planner.model.lokr import LokrSettings
 from qplan.planner.model.prompt import PromptSettings, PTuningSettings
 from qplan.planner.model.weights import QuantSettings
 from qplan.planner.options import PlanOptions, option_infos
 from qplan.planner.vocab import PEFT_PLANNED, PEFT_TYPES, optimizer
 
 #: the settings of a planned non-LoRA method
-PeftSettings = Ia3Settings | PromptSettings | PTuningSettings | LnTuningSettings | LohaSettings
+PeftSettings = Ia3Settings | PromptSettings | PTuningSettings | LnTuningSettings | LohaSettings | LokrSettings
 
 #: the LoRA options a method other than LoRA (and --full) leaves no meaning to, with their defaults
 LORA_ONLY = ("r", "alpha", "dropout", "targets", "bias", "dora", "rslora", "target_parameters", "modules_to_save",
@@ -25,10 +26,11 @@ LORA_ONLY = ("r", "alpha", "dropout", "targets", "bias", "dora", "rslora", "targ
 
 #: each method's own options among the LoRA section's, and the options only it takes
 OWN_OPTIONS = {"ia3": ("targets",), "prompt_tuning": (), "p_tuning": (), "ln_tuning": ("targets",),
-               "loha": ("r", "alpha", "targets")}
+               "loha": ("r", "alpha", "targets"), "lokr": ("r", "alpha", "targets")}
 METHOD_OPTIONS = {"feedforward_modules": (("ia3",), "--feedforward-modules"),
                   "num_virtual_tokens": (("prompt_tuning", "p_tuning"), "--num-virtual-tokens"),
-                  "encoder_hidden_size": (("p_tuning",), "--encoder-hidden-size")}
+                  "encoder_hidden_size": (("p_tuning",), "--encoder-hidden-size"),
+                  "decompose_factor": (("lokr",), "--decompose-factor")}
 #: the prompt-learning methods: a trained prompt prepended to every row (``planner.model.prompt``)
 PROMPT_METHODS = ("prompt_tuning", "p_tuning")
 
@@ -83,6 +85,9 @@ def peft_method(o: PlanOptions) -> PeftSettings | None:
         return LnTuningSettings(o.targets)
     if name == "loha":
         return LohaSettings(o.r, o.alpha if o.alpha is not None else 2.0 * o.r, o.targets)
+    if name == "lokr":
+        return LokrSettings(o.r, o.alpha if o.alpha is not None else 2.0 * o.r, o.targets,
+                            o.decompose_factor if o.decompose_factor is not None else -1)
     ff = _names(o.feedforward_modules)
     if ff == ("none",):  # PEFT's feedforward_modules=[]: every target scales its output
         return Ia3Settings(o.targets, ())
@@ -97,7 +102,8 @@ def check_method(peft: PeftSettings, q: QuantSettings, backend: str, dist: DistS
     if q.kbit:
         why = {"ia3": "PEFT's bnb IA3 layers clone and cast differently",
                "ln_tuning": "prepare_model_for_kbit_training's fp32 norms",
-               "loha": "PEFT's LoHa has no bitsandbytes layer"}.get(name, "not traced yet")
+               "loha": "PEFT's LoHa has no bitsandbytes layer",
+               "lokr": "PEFT's LoKr has no bitsandbytes layer"}.get(name, "not traced yet")
         raise QPlanError(f"--peft-type {name} on a {q.quant} (bitsandbytes) base is not planned yet ({why}): use "
                          "--quant bf16, fp16 or fp32")
     if backend != "peft":

@@ -57,11 +57,12 @@ def method_text(plan: dict[str, Any], short: bool = False) -> str:
         i3 = plan["ia3"]
         text = f"(IA)³ {','.join(i3['target_modules'])}"
         return text if short else f"{text} (feed-forward: {','.join(i3['feedforward_modules']) or 'none'})"
-    if plan.get("method") == "loha":
-        lh = plan["loha"]
+    if plan.get("method") in ("loha", "lokr"):
+        lh, name = plan[plan["method"]], {"loha": "LoHa", "lokr": "LoKr"}[plan["method"]]
         if short:
-            return f"LoHa r={lh['r']} {','.join(lh['target_modules'])}"
-        return f"LoHa r={lh['r']} α={lh['alpha']:g} targets={','.join(lh['target_modules'])}"
+            return f"{name} r={lh['r']} {','.join(lh['target_modules'])}"
+        factor = f" factor={lh['decompose_factor']}" if "decompose_factor" in lh else ""
+        return f"{name} r={lh['r']} α={lh['alpha']:g}{factor} targets={','.join(lh['target_modules'])}"
     if plan.get("method") == "ln_tuning":
         text = f"LN tuning {','.join(plan['ln_tuning']['target_modules'])}"
         return text if short else f"{text} (a trained copy of each norm)"
@@ -442,6 +443,6 @@ def render_compare(result: dict[str, Any]) -> str:
                                          "cost"]))
     lines += reasons
     lines.append("each row is the plan `qplan estimate` makes with that method (--full; LoRA on a 16/32-bit base; "
-                 "QLoRA on nf4; lorafa: --optimizer lorafa; loha, ia3, ln_tuning, prompt_tuning, p_tuning: "
+                 "QLoRA on nf4; lorafa: --optimizer lorafa; loha, lokr, ia3, ln_tuning, prompt_tuning, p_tuning: "
                  "--peft-type): --format json has them all")
     return "\n".join(lines)

@@ -56,7 +56,7 @@ def layer_grads(sites: list[Branch], x: bool) -> LayerGrads:
     gradient when its input does or it carries LoRA or (IA)³; the attention output when q, k or v does;
     residual sums when either side does."""
     def trains(s: Branch) -> bool:  # LoRA or LoHa on it, or an (IA)³ vector scaling it
-        return bool(s.r or s.ia3 or s.loha)
+        return bool(s.r or s.ia3 or s.update)
 
     def out_rg(site: str) -> bool:
         return any(trains(s) for s in sites if s.site == site)
@@ -115,15 +115,24 @@ def lora_flops(T: int, s: Branch, input_rg: bool) -> tuple[int, int]:
     return fwd, bwd
 
 
-def loha_flops(T: int, s: Branch, input_rg: bool) -> tuple[int, int]:
-    """LoHa on one module (``planner.memory.loha``): forward, the update's two rank-``r`` products (``2 · 2 out r in``)
-    and ``F.linear(input, update)`` (``2 T in out``); backward, the update's gradient (``2 T in out``), the input's
-    when it needs one (``2 T in out``), and ``HadaWeight.backward``'s six rank-``r`` matmuls (``6 · 2 out r in``)."""
-    if not s.loha:
+def update_flops(T: int, s: Branch, input_rg: bool) -> tuple[int, int]:
+    """A full-size weight update built at every forward (``planner.memory.loha``): ``F.linear(input, update)``
+    (``2 T in out``) and, backward, the update's gradient (``2 T in out``) and the input's when it needs one; plus the
+    rank products that build the update. LoHa: ``w1_a w1_b`` and ``w2_a w2_b`` (``2 · 2 out r in``) forward, and
+    ``HadaWeight.backward``'s six rank-``r`` matmuls (``6 · 2 out r in``); LoKr: each factored ``w = w_a w_b``
+    (``2 a r b``) forward and its two gradients backward (``kron`` is elementwise: no FLOPs counted)."""
+    if not s.update:
         return 0, 0
-    rank = 2 * s.out_features * s.loha * s.in_features
     dense = 2 * T * s.in_features * s.out_features
-    return (2 * rank + dense) * s.per_layer, (6 * rank + dense * (2 if input_rg else 1)) * s.per_layer
+    if s.update == "loha":
+        rank = 2 * s.out_features * s.loha * s.in_features
+        fwd_rank, bwd_rank = 2 * rank, 6 * rank
+    else:
+        shapes = dict(s.factors)
+        products = [2 * shapes[f"lokr_{w}_a"][0] * shapes[f"lokr_{w}_a"][1] * shapes[f"lokr_{w}_b"][1]
+                    for w in ("w1", "w2") if f"lokr_{w}_a" in shapes]
+        fwd_rank, bwd_rank = sum(products), 2 * sum(products)
+    return (fwd_rank + dense) * s.per_layer, (bwd_rank + dense * (2 if input_rg else 1)) * s.per_layer
 
 
 def attention_flops(b: int, s: int, nh: int, hd: int, attn_impl: str, fused_kernel: bool,
@@ -240,7 +249,7 @@ def step_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
             if full:
                 out["weight_gradients"] += linear_weight_grad_flops(T, site)
             lf, lb = lora_flops(T, site, input_rg)
-            hf, hb = loha_flops(T, site, input_rg)
+            hf, hb = update_flops(T, site, input_rg)
             out["lora"] += lf + lb + hf + hb
             fwd += lf + hf
         af, ab = attention_flops(b, s, d.nh, hd, attn_impl, fused, g)
@@ -341,7 +350,7 @@ def step_bytes(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
       ``passes x stored bytes``; the output head twice (forward, input gradient);
     * ``dequantization``: a 4-bit weight is dequantized to the compute dtype for each use and that
       copy written and read: ``2 c n`` per use (bitsandbytes' CUDA dequantize + matmul path);
-    * ``adapter_updates``: LoHa's full-size weight updates (``loha_update_bytes``), absent without LoHa;
+    * ``adapter_updates``: LoHa's and LoKr's full-size weight updates (``loha_update_bytes``), absent without them;
     * ``optimizer``: per trainable element of ``b`` bytes (the tensor's dtype, its torch states' too), the passes over
       memory of the optimizer step and of ``clip_grad_norm_`` before it (``_foreach_norm`` reads the gradient,
       ``_foreach_mul_`` reads and writes it: ``3 b``). torch's foreach AdamW (``_multi_tensor_adam``, torch 2.13, not
@@ -377,13 +386,24 @@ def step_bytes(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
 
 
 def loha_update_bytes(s: Branch, e: int, ckpt: bool) -> int:
-    """LoHa's elementwise passes over its ``E = out × in`` update per module and micro-batch (``HadaWeight``, PEFT
-    0.21), ``e`` its forward dtype bytes (the compute dtype under autocast, else fp32): the forward writes both
-    rank-``r`` products, reads them into their product, scales it and ``F.linear`` reads it (``8 e E``; again when
-    checkpointing recomputes it); the backward writes the update's gradient and its scaled copy, rebuilds each
-    product in fp32 and multiplies the gradient by it (read ``e + 4``, write ``4``) and reads each ``temp`` into two
-    matmuls, and ``F.linear``'s input gradient reads the update (``(6 e + 40) E``)."""
-    if not s.loha:
+    """The elementwise passes over a full-size update (``E = out × in`` per module and micro-batch), ``e`` its forward
+    dtype bytes (the compute dtype under autocast, else fp32).
+
+    LoHa (``HadaWeight``, PEFT 0.21): the forward writes both rank-``r`` products, reads them into their product,
+    scales it and ``F.linear`` reads it (``8 e E``; again when checkpointing recomputes it); the backward writes the
+    update's gradient and its scaled copy, rebuilds each product in fp32 and multiplies the gradient by it (read
+    ``e + 4``, write ``4``) and reads each ``temp`` into two matmuls, and ``F.linear``'s input gradient reads the
+    update (``(6 e + 40) E``).
+
+    LoKr (``make_kron``): the forward writes ``kron(w1, w2)`` in fp32, scales it (read and write) and, under autocast,
+    casts it for ``F.linear`` (``6``), which reads it (``12 + 6 [autocast] + e``); the backward writes the update's
+    gradient (and its fp32 cast under autocast), scales it, multiplies it by each broadcast factor and sums each
+    product (``3 × 8``), and ``F.linear``'s input gradient reads the update (``2 e + 32 + (e + 4) [autocast]``)."""
+    if not s.update:
         return 0
     E = s.out_features * s.in_features * s.per_layer
-    return (8 * e * (2 if ckpt else 1) + 6 * e + 40) * E
+    if s.update == "loha":
+        return (8 * e * (2 if ckpt else 1) + 6 * e + 40) * E
+    amp = e != 4
+    fwd = 12 + (6 if amp else 0) + e
+    return (fwd * (2 if ckpt else 1) + 2 * e + 32 + ((e + 4) if amp else 0)) * E

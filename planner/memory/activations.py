@@ -18,9 +18,19 @@ from qplan.planner.memory.full import cached_weight_casts, full_head_activation,
 from qplan.planner.memory.ia3 import ia3_backward_transient, ia3_branch_activation
 from qplan.planner.memory.lin import ZERO, Lin, Precision, precision
 from qplan.planner.memory.ln_tuning import LnSites, ln_final_norm_saved, ln_first_layer_unsaved, ln_norm_saved, ln_sites
-from qplan.planner.memory.loha import loha_backward_transient, loha_branch_activation, loha_forward_casts
+from qplan.planner.memory.loha import (
+    loha_backward_transient,
+    loha_branch_activation,
+    loha_forward_casts,
+    update_recompute_transient,
+)
 from qplan.planner.memory.loss import loss_time_activation
-from qplan.planner.memory.masks import eager_mask_activation, padding_mask_activation
+from qplan.planner.memory.masks import (
+    eager_mask_activation,
+    embeddings_backward_activation,
+    padding_mask_activation,
+    rotary_activation,
+)
 from qplan.planner.memory.moe import moe_activation, moe_moments
 from qplan.planner.memory.param_lora import expert_lora_bytes, parameter_lora_activation
 from qplan.planner.memory.prompt import (
@@ -34,6 +44,7 @@ from qplan.planner.memory.terms import Dims, dims, idle_in_step
 from qplan.planner.model.full import FULL, is_full
 from qplan.planner.model.ia3 import IA3, IA3_FF
 from qplan.planner.model.loha import LOHA
+from qplan.planner.model.lokr import LOKR
 from qplan.planner.model.lora import FROZEN_A, ModuleCount
 from qplan.planner.model.prompt import PROMPT, PROMPT_MLP
 from qplan.planner.model.spec import LinearGroup, ModelSpec
@@ -96,6 +107,8 @@ class Branch:
     frozen_a: bool = False  # LoRA-FA: its lora_A is frozen (no weight gradient: its input is not saved)
     ia3: str = ""  # (IA)³ on it: "ff" (scales its input), "out" (its output), "" none
     loha: int = 0  # LoHa's rank on it, 0 if none
+    update: str = ""  # "loha" / "lokr": a full-size weight update built at every forward (planner.memory.loha)
+    factors: tuple = ()  # its trained tensors: (name, shape) pairs
 
 
 def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSettings) -> list[Branch]:
@@ -106,6 +119,8 @@ def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantS
     frozen = {c.module for c in counts if c.kind == FROZEN_A}
     ia3 = {c.module: "ff" if c.kind == IA3_FF else "out" for c in counts if c.kind in (IA3, IA3_FF)}
     loha = {c.module: c.save_keys[0][1][1] for c in counts if c.kind == LOHA}
+    update = {c.module: c.kind for c in counts if c.kind in (LOHA, LOKR)}
+    factors = {c.module: tuple((k, tuple(s)) for k, s in c.save_keys) for c in counts if c.kind in (LOHA, LOKR)}
     L = max(1, int(spec.inventory.num_hidden_layers or 1))
     out = []
     for g in spec.inventory.linear:
@@ -115,7 +130,7 @@ def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantS
         out.append(Branch(site, g.in_features, g.out_features, max(1, g.instances // L), is_quantized(g, q),
                           g.pattern.rsplit(".", 1)[-1], ranks.get(g.pattern, 0), sum(linear_weight_bytes(g, q)),
                           adapters.get(g.pattern, "float32"), g.pattern in frozen, ia3.get(g.pattern, ""),
-                          loha.get(g.pattern, 0)))
+                          loha.get(g.pattern, 0), update.get(g.pattern, ""), factors.get(g.pattern, ())))
     return out
 
 
@@ -414,14 +429,6 @@ def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, 
     return total + Lin(const=lora_weight_cast_bytes(cast, p, r))
 
 
-def rotary_activation(d: Dims, p: Precision) -> Lin:
-    """The rotary ``cos``/``sin`` of a step, alive from the embeddings to the end of backward:
-    ``[1, s, hd]`` each in ``R`` bytes (batch 1, broadcast), one pair per rotary table the model
-    computes (``d.rope_sets``: Gemma-3 one per layer type, sliding and full; others one):
-    ``2 R hd s`` per pair (transformers ``*RotaryEmbedding.forward``, 5.23)."""
-    return Lin(seq=2 * p.R * d.hd * d.rope_sets)
-
-
 def head_activation(spec: ModelSpec, p: Precision, ckpt: bool, linear: bool = True, other_dtype: bool = False,
                     liger_norm: bool = False) -> Lin:
     """Outside the decoder layers: the batch (``input_ids`` and ``labels``, int64: 16 T), the
@@ -465,7 +472,7 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     i3 = tuple(b for b in layer_branches(spec, counts, 0, q) if b.ia3)
     ln = ln_sites(counts, d.L)  # LN tuning's trained norms (planner.memory.ln_tuning)
     i3_bwd = ia3_backward_transient(i3)
-    lh = tuple(b for b in layer_branches(spec, counts, 0, q) if b.loha)  # LoHa's modules (planner.memory.loha)
+    lh = tuple(b for b in layer_branches(spec, counts, 0, q) if b.update)  # LoHa / LoKr (planner.memory.loha)
     i3_bwd = i3_bwd + loha_backward_transient(lh, p, p.M)  # the layer backward's method transients
     mlp = moe_activation(spec, counts, q)
     trained = is_full(counts)  # full fine-tuning: the weights train (planner.memory.full)
@@ -498,14 +505,14 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
         layers = first + grads_in + rotary + i3_bwd
         layers_temps = grads_in + i3_bwd
         if mlp is None:  # the last layer's down projection in the forward: (about) every saved activation + its inputs
-            mlp_fwd_temps = recompute_transient(spec, br, p, dropout, kernels)
+            mlp_fwd_temps = recompute_transient(spec, br, p, dropout, kernels) + update_recompute_transient(lh, p)
     else:
         saved = (layer_inputs if grad_ckpt in HF_CKPT else ZERO) + head
         if attn_impl == "eager":
             saved = saved + eager_mask_activation(spec, p)
         if q.quant == "int8" and grad_ckpt != "reentrant":  # reentrant: the forward runs under no_grad
             saved = saved + d.L * int8_retained_activation(spec, q, p, True, False, set())
-        rt = recompute_transient(spec, br, p, dropout, kernels) if mlp is None else ZERO
+        rt = recompute_transient(spec, br, p, dropout, kernels) + update_recompute_transient(lh, p) if mlp is None else ZERO
         layers_temps = grads_in + rt + i3_bwd  # i3_bwd: the down projection's (IA)³ backward (0 without it)
         if grad_ckpt == "reentrant":
             layers_temps = layers_temps + reentrant_difference(d, p, rt, mlp is not None)
@@ -562,28 +569,6 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
                 spec, [], 0, q) if b.site == "mlp_out") if mlp is None else 0) if trained else None,
             "end": embeddings_backward_activation(spec, p, d, kernels, grad_ckpt, attn_impl, padded) if trained
             else (ZERO, ZERO)}
-
-
-def embeddings_backward_activation(spec: ModelSpec, p: Precision, d: Dims, kernels: str, grad_ckpt: str,
-                                   attn_impl: str, padded: bool) -> tuple[Lin, Lin]:
-    """Full fine-tuning: what is alive besides the gradients at the embeddings' backward, the end of the backward:
-    ``(kept, transient)``.
-
-    The batch (``16 T``). An untied embedding's backward also holds its incoming gradient (``R h T``) and, on CUDA,
-    its fp32 partial sums, a row per token at most (``4 h T``, ``embedding_backward_cuda_kernel``); a tied one peaks
-    after that, when its two gradients are summed (``planner.memory.full.full_layer_grads``). Reentrant
-    checkpointing keeps every layer's keyword inputs until the whole backward ends: transformers binds them into
-    the function ``CheckpointFunction`` holds (``partial(super().__call__, **kwargs)``), so the rotary ``cos``/``sin``
-    and the attention masks (eager's additive masks, SDPA's padding mask) are still alive."""
-    kept = Lin(tok=16)
-    transient = ZERO if d.tied else Lin(tok=p.R * d.h + (4 * d.h if kernels == "cuda" else 0))
-    if grad_ckpt == "reentrant":
-        kept = kept + rotary_activation(d, p)
-        if attn_impl == "eager":
-            kept = kept + eager_mask_activation(spec, p)
-        if padded and attn_impl == "sdpa":
-            kept = kept + padding_mask_activation(spec, p)[0]
-    return kept, transient
 
 
 def recompute_transient(spec: ModelSpec, branches: list[Branch], p: Precision, dropout: float,

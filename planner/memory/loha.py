@@ -30,9 +30,29 @@ def loha_branch_activation(br: Branch, x: int, p: Precision, input_grad: bool) -
     in the update's dtype ``e`` (``loha_dtype``), else the input itself — and, only when its input needs a gradient
     (not layer 0's q/k/v without checkpointing), the update, ``e out in``."""
     e = loha_dtype(p)
-    lin = Lin(tok=0 if x == e else e * br.in_features * br.per_layer,
+    # LoKr under autocast: kron of the fp32 w1 and the autocast w2 is fp32, so the input is copied to fp32 and
+    # autocast's F.linear casts that copy back: a compute-dtype copy per module, never the input itself
+    shares = x == e and not (br.update == "lokr" and p.amp)
+    lin = Lin(tok=0 if shares else e * br.in_features * br.per_layer,
               const=e * br.out_features * br.in_features * br.per_layer if input_grad else 0)
-    return lin, x == e
+    return lin + lokr_products_saved(br, p), shares
+
+
+def lokr_products_saved(br: Branch, p: Precision) -> Lin:
+    """LoKr (``planner.model.lokr``) builds its update with autograd's own ops: ``torch.kron(w1, w2)`` saves both
+    operands, so a factored ``w1 = w1_a @ w1_b`` / ``w2 = w2_a @ w2_b`` — a new tensor, fp32 or under autocast the
+    compute dtype — is kept (``e a c`` / ``e b d``), and under autocast the matmul keeps its operands' cached
+    compute-dtype copies too (``c (a r + r c)``); an unfactored ``w1`` / ``w2`` is the parameter itself."""
+    if br.update != "lokr":
+        return Lin()
+    shapes = dict(br.factors)
+    e = loha_dtype(p)
+    total = 0
+    for w in ("w1", "w2"):
+        a, b = shapes.get(f"lokr_{w}_a"), shapes.get(f"lokr_{w}_b")
+        if a and b:
+            total += e * a[0] * b[1] + (p.c * (a[0] * a[1] + b[0] * b[1]) if p.amp else 0)
+    return Lin(const=total * br.per_layer)
 
 
 def loha_forward_casts(branches: tuple[Branch, ...], p: Precision, r: int) -> Lin:
@@ -50,7 +70,9 @@ def loha_backward_transient(branches: tuple[Branch, ...], p: Precision, x: int) 
     alive): ``F.linear``'s backward has freed that module's saved update and input copy and made the update's
     gradient (``e out in``, ``e`` = ``loha_dtype``); ``HadaWeight.backward`` then makes its scaled copy (``e``) and, in
     fp32 (no autocast in a custom backward), ``w1_a w1_b`` and the products with the old and the new ``temp`` at once
-    (``3 × 4``): ``(2 e + 12) out in`` (measured on traced steps). An attention projection's runs after the attention's
+    (``3 × 4``): ``(2 e + 12) out in`` (measured on traced steps); LoKr's ``kron`` backward, its gradient (cast
+    to fp32 under autocast), the scaled copy and one broadcast product at a time, ``(e + 8 [+ 4]) out in``. An
+    attention projection's runs after the attention's
     and the MLP's backward have freed the layer's tensors, far below the moments planned (not counted). ``x``: the
     module's input dtype bytes."""
     mlp = [b for b in branches if b.site in ("mlp_in", "mlp_out")]
@@ -60,5 +82,17 @@ def loha_backward_transient(branches: tuple[Branch, ...], p: Precision, x: int) 
     e = loha_dtype(p)
     b = max((b for b in mlp if b.site == site), key=lambda b: b.out_features * b.in_features)
     own = e * b.out_features * b.in_features
-    return Lin(const=(2 * e + 12) * b.out_features * b.in_features - own,
+    # LoKr: the update's gradient (fp32-cast under autocast), scaled, and one of kron's broadcast products at a time
+    k = (2 * e + 12) if b.update == "loha" else (e + 8 + (4 if p.amp else 0))
+    return Lin(const=k * b.out_features * b.in_features - own,
                tok=-(e * b.in_features if x != e else 0))
+
+
+def update_recompute_transient(branches: tuple[Branch, ...], p: Precision) -> Lin:
+    """LoKr under autocast: ``kron`` of the fp32 ``w1`` and the autocast ``w2`` is fp32, so ``_cast_input_dtype``
+    makes an fp32 copy of the down projection's input (``4 in`` per token) that ``F.linear`` casts again for its
+    matmul (the copy it saves): a transient at the end of a layer's forward or recomputation
+    (``activations.recompute_transient``'s moment)."""
+    if not p.amp:
+        return Lin()
+    return Lin(tok=sum(4 * b.in_features * b.per_layer for b in branches if b.update == "lokr" and b.site == "mlp_out"))

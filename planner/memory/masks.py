@@ -1,10 +1,11 @@
-"""Attention-mask terms: the materialised masks eager attention and masked SDPA keep (``Lin`` forms, as
-``planner.memory.activations``, which composes them into a step's activations)."""
+"""Attention-mask terms: the materialised masks eager attention and masked SDPA keep, the rotary tables, and what the
+embeddings' backward holds beside them (``Lin`` forms, as ``planner.memory.activations``, which composes them into a
+step's activations)."""
 
 from __future__ import annotations
 
-from qplan.planner.memory.lin import Lin, Precision
-from qplan.planner.memory.terms import dims
+from qplan.planner.memory.lin import ZERO, Lin, Precision
+from qplan.planner.memory.terms import Dims, dims
 from qplan.planner.model.spec import ModelSpec
 
 
@@ -46,3 +47,33 @@ def padding_mask_activation(spec: ModelSpec, p: Precision) -> tuple[Lin, Lin]:
     n = max(1, len(spec.inventory.attention_types))
     n_rep = max(1, d.nh // max(1, d.nkv)) if p.low else 1
     return Lin(quad=n), Lin(quad=p.c, tok=(n_rep - 1) * 2 * d.kv * p.c)
+
+
+def rotary_activation(d: Dims, p: Precision) -> Lin:
+    """The rotary ``cos``/``sin`` of a step, alive from the embeddings to the end of backward:
+    ``[1, s, hd]`` each in ``R`` bytes (batch 1, broadcast), one pair per rotary table the model
+    computes (``d.rope_sets``: Gemma-3 one per layer type, sliding and full; others one):
+    ``2 R hd s`` per pair (transformers ``*RotaryEmbedding.forward``, 5.23)."""
+    return Lin(seq=2 * p.R * d.hd * d.rope_sets)
+
+
+def embeddings_backward_activation(spec: ModelSpec, p: Precision, d: Dims, kernels: str, grad_ckpt: str,
+                                   attn_impl: str, padded: bool) -> tuple[Lin, Lin]:
+    """Full fine-tuning: what is alive besides the gradients at the embeddings' backward, the end of the backward:
+    ``(kept, transient)``.
+
+    The batch (``16 T``). An untied embedding's backward also holds its incoming gradient (``R h T``) and, on CUDA,
+    its fp32 partial sums, a row per token at most (``4 h T``, ``embedding_backward_cuda_kernel``); a tied one peaks
+    after that, when its two gradients are summed (``planner.memory.full.full_layer_grads``). Reentrant
+    checkpointing keeps every layer's keyword inputs until the whole backward ends: transformers binds them into
+    the function ``CheckpointFunction`` holds (``partial(super().__call__, **kwargs)``), so the rotary ``cos``/``sin``
+    and the attention masks (eager's additive masks, SDPA's padding mask) are still alive."""
+    kept = Lin(tok=16)
+    transient = ZERO if d.tied else Lin(tok=p.R * d.h + (4 * d.h if kernels == "cuda" else 0))
+    if grad_ckpt == "reentrant":
+        kept = kept + rotary_activation(d, p)
+        if attn_impl == "eager":
+            kept = kept + eager_mask_activation(spec, p)
+        if padded and attn_impl == "sdpa":
+            kept = kept + padding_mask_activation(spec, p)[0]
+    return kept, transient

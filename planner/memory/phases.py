@@ -104,7 +104,7 @@ class MemoryModel:
     #: of those, what is a parameter's ``.grad`` (the rest: autograd's buffer summing a tied weight's gradients)
     end_in_grad: tuple[int, ...] = ()
     #: alive at the embeddings' backward besides the gradients, kept and transient
-    #: (``activations.embeddings_backward_activation``)
+    #: (``masks.embeddings_backward_activation``)
     end_acts: tuple[Lin, Lin] = (ZERO, ZERO)
 
     @classmethod

@@ -40,12 +40,14 @@ class LohaSettings:
     alpha: float
     targets: str | None = None
     method: ClassVar[str] = "loha"
+    #: the method's name in messages
+    label: ClassVar[str] = "LoHa"
 
     def resolve(self, spec: ModelSpec) -> list[str]:
         if self.targets is None:
             d = lora_family_defaults()
             if spec.model_type not in d:
-                raise QPlanError(f"PEFT has no default LoHa targets for model type {spec.model_type!r} ('Please "
+                raise QPlanError(f"PEFT has no default {self.label} targets for model type {spec.model_type!r} ('Please "
                                  f"specify `target_modules`'): give --targets (linear modules: "
                                  f"{', '.join(linear_leaf_names(spec))})")
             return list(d[spec.model_type])
@@ -61,16 +63,18 @@ class LohaSettings:
         r = self.r
         for t in targets:
             if any(e.pattern == t or e.pattern.endswith("." + t) for e in inv.embeddings):
-                raise QPlanError(f"LoHa target {t!r} is an embedding: PEFT's LoHa adapts linear (and conv) layers only")
+                raise QPlanError(f"{self.label} target {t!r} is an embedding: PEFT's {self.label} adapts linear (and conv) "
+                                 "layers only")
             if not any(g.pattern == t or g.pattern.endswith("." + t) for g in inv.linear):
-                raise QPlanError(f"LoHa target {t!r} matches no linear module of {spec.name}; its linear modules are: "
+                raise QPlanError(f"{self.label} target {t!r} matches no linear module of {spec.name}; its linear modules are: "
                                  f"{', '.join(linear_leaf_names(spec))}")
         out = []
         for g in inv.linear:
             if not any(g.pattern == t or g.pattern.endswith("." + t) for t in targets):
                 continue
             if g.weight_tied:
-                raise QPlanError(f"LoHa on {g.pattern}, tied to the embeddings, is not planned: leave it out of --targets")
+                raise QPlanError(f"{self.label} on {g.pattern}, tied to the embeddings, is not planned: leave it out of "
+                                 "--targets")
             i, o = g.in_features, g.out_features
             out.append(ModuleCount(g.pattern, LOHA, f"{i}→{o}", g.instances, 2 * r * (i + o), "float32",
                                    [("hada_w1_a", [o, r]), ("hada_w1_b", [r, i]), ("hada_w2_a", [o, r]),

@@ -1,5 +1,6 @@
-"""`qplan run` of a LoHa plan (`--peft-type loha`): PEFT's `LoHaConfig` on the model, the live tensors of a real CPU
-step as the plan predicts for CPU kernels, the trainable count and the adapter file PEFT's."""
+"""`qplan run` of a LoHa / LoKr plan (`--peft-type loha`, `lokr`): PEFT's `LoHaConfig` / `LoKrConfig` on the model,
+the live tensors of a real CPU step as the plan predicts for CPU kernels, the trainable count and the adapter file
+PEFT's."""
 
 from __future__ import annotations
 
@@ -25,3 +26,18 @@ def test_a_loha_run_measures_what_the_plan_predicts(tmp_path, capsys):
     weights = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert weights and all(k.rsplit(".", 1)[-1].startswith("hada_w") for k in weights)
     assert "LoHa r=4" in (run / "report.md").read_text(encoding="utf-8")
+
+
+def test_a_lokr_run_measures_what_the_plan_predicts(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    run, doc = estimate_and_run(tmp_path, capsys, ["--peft-type", "lokr", "--r", "4", "--targets", "all-linear",
+                                                   "--quant", "bf16", "--batch-size", "2", "--seq-len", "128",
+                                                   "--no-grad-ckpt"])
+    compared = doc["compared"]
+    assert compared["trainable"]["measured"] == compared["trainable"]["predicted"]
+    assert compared["adapter_file_bytes"]["measured"] == compared["adapter_file_bytes"]["predicted"]
+    assert abs(compared["tensor_peak"]["error"]) <= 0.005, compared["tensor_peak"]
+    weights = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert weights and all(k.rsplit(".", 1)[-1].startswith("lokr_w") for k in weights)
+    assert "LoKr r=4" in (run / "report.md").read_text(encoding="utf-8")
