@@ -118,7 +118,7 @@ class PeftBackend:
             return Prepared(model=model, tokenizer=load_tokenizer(source), device=device,
                             weights_footprint=footprint, params={"trainable": int(trainable), "all": int(total)})
         probe.set_phase("adapters")
-        if plan.get("method") in ("ia3", "prompt_tuning", "p_tuning", "ln_tuning", "loha", "lokr"):
+        if plan.get("method") in ("ia3", "prompt_tuning", "p_tuning", "ln_tuning", "loha", "lokr", "vera"):
             model = get_peft_model(model, method_config(plan["method"], plan[plan["method"]]))
         else:
             model = cast_adapters(get_peft_model(model, lora_config(plan["lora"])), plan["lora"])

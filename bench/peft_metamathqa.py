@@ -53,6 +53,9 @@ def plan_options(run: dict) -> dict:
         assert not pc["rank_dropout"] and not pc["module_dropout"] and not pc["decompose_both"], pc
         return {**setting, "peft_type": "lokr", "r": pc["r"], "alpha": float(pc["alpha"]),
                 "targets": ",".join(sorted(pc["target_modules"])), "decompose_factor": pc["decompose_factor"]}
+    if pc.get("peft_type") == "VERA":  # its rank and targets (no dropout, projections saved, as qplan plans)
+        assert not pc["vera_dropout"] and pc["save_projection"] and pc["bias"] == "none", pc
+        return {**setting, "peft_type": "vera", "r": pc["r"], "targets": ",".join(sorted(pc["target_modules"]))}
     if pc.get("peft_type") == "LN_TUNING":  # the norms it trains a copy of
         return {**setting, "peft_type": "ln_tuning", "targets": ",".join(sorted(pc["target_modules"]))}
     if pc.get("peft_type") == "P_TUNING":  # its virtual tokens and the MLP that makes them
@@ -177,6 +180,11 @@ def main() -> None:
         "nothing fitted to it): PEFT's factorization gives 2,294,656 trainable parameters and the 9,199,776-byte "
         "adapter file; each module saves its full `kron(w1, w2)` update and input copy as LoHa's "
         "(tests/planner/test_lokr.py: the trace's).",
+        "",
+        "VeRA (`--peft-type vera --r 256 --targets q_proj,v_proj`, PEFT's `VeraConfig`; nothing fitted to it): "
+        "129,024 trainable parameters, the model's total with the projections as buffers, and the 6,821,968-byte "
+        "adapter file (the shared projections in it) are PEFT's; each module keeps the two products its vectors "
+        "scale (tests/planner/test_vera.py: the trace's).",
         "",
         "Full fine-tuning (`--full`; PEFT's `full-finetuning` run, nothing fitted to it): the trainable count is the "
         "model's 3,212,749,824 parameters, and the tensor peak is the trace's (16 bytes apart; tests/planner/test_full.py) "

@@ -229,6 +229,9 @@ def method_config(method: str, section: dict[str, Any]) -> Any:
     if method == "loha":
         return peft.LoHaConfig(task_type="CAUSAL_LM", r=int(section["r"]), alpha=float(section["alpha"]),
                                target_modules=list(section["target_modules"]))
+    if method == "vera":
+        return peft.VeraConfig(task_type="CAUSAL_LM", r=int(section["r"]), target_modules=list(section["target_modules"]),
+                               save_projection=True)
     if method == "lokr":
         return peft.LoKrConfig(task_type="CAUSAL_LM", r=int(section["r"]), alpha=float(section["alpha"]),
                                target_modules=list(section["target_modules"]),

@@ -63,6 +63,8 @@ def plan_settings(plan: dict[str, Any]) -> dict[str, Any]:
         i3 = plan["ia3"]
         o.update({"peft_type": "ia3", "targets": ",".join(i3["target_modules"]),
                   "feedforward_modules": ",".join(i3["feedforward_modules"]) or "none"})
+    elif plan.get("method") == "vera":  # its rank and modules, as PEFT got them
+        o.update({"peft_type": "vera", "r": plan["vera"]["r"], "targets": ",".join(plan["vera"]["target_modules"])})
     elif plan.get("method") in ("loha", "lokr"):  # its rank, alpha and modules, as PEFT got them
         lh = plan[plan["method"]]
         o.update({"peft_type": plan["method"], "r": lh["r"], "alpha": lh["alpha"],

@@ -128,9 +128,18 @@ class LokrSection(LohaSection, forbid_unknown_fields=True, kw_only=True):
     decompose_both: _d(bool, "w1 factored too (qplan gives PEFT's default, false)")
 
 
+class VeraSection(Struct, forbid_unknown_fields=True, kw_only=True):
+    """VeRA: what PEFT's ``VeraConfig`` gets (its default targets for the model type where none were given)."""
+
+    r: _d(Annotated[int, Meta(ge=1)], "VeRA rank: the shared projections' inner size")
+    target_modules: _d(list[NonEmpty], "module names PEFT's VeraConfig gets")
+    save_projection: _d(Literal[True], "the projections are in the adapter file (PEFT's default)")
+
+
 #: the plan section of each PEFT method other than LoRA (``planner.methods``), named as the method
 METHOD_SECTIONS = {"ia3": Ia3Section, "prompt_tuning": PromptTuningSection, "p_tuning": PTuningSection,
-                   "ln_tuning": LnTuningSection, "loha": LohaSection, "lokr": LokrSection}
+                   "ln_tuning": LnTuningSection, "loha": LohaSection, "lokr": LokrSection,
+                   "vera": VeraSection}
 
 
 class QuantSection(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -416,10 +425,11 @@ class PlanDoc(Struct, kw_only=True):
     schema_version: Literal[1]
     qplan_version: str = ""
     model: ModelSection
-    method: _d(Literal["lora", "full", "ia3", "prompt_tuning", "p_tuning", "ln_tuning", "loha", "lokr"] | UnsetType,
+    method: _d(Literal["lora", "full", "ia3", "prompt_tuning", "p_tuning", "ln_tuning", "loha", "lokr", "vera"]
+               | UnsetType,
                "full: "
                "full fine-tuning, every parameter trains (`--full`; `lora` is null); ia3, prompt_tuning, p_tuning, "
-               "ln_tuning, loha, lokr: "
+               "ln_tuning, loha, lokr, vera: "
                "that PEFT method "
                "(`--peft-type`; `lora` is null, "
                "the section named as the method says what it trains); absent: LoRA") = UNSET
@@ -430,6 +440,7 @@ class PlanDoc(Struct, kw_only=True):
     ln_tuning: _d(LnTuningSection | UnsetType, "method ln_tuning only") = UNSET
     loha: _d(LohaSection | UnsetType, "method loha only") = UNSET
     lokr: _d(LokrSection | UnsetType, "method lokr only") = UNSET
+    vera: _d(VeraSection | UnsetType, "method vera only") = UNSET
     quant: QuantSection
     training: TrainingSection
     gpu: GpuSection | None = None

@@ -13,12 +13,14 @@ from qplan.planner.model.ln_tuning import LnTuningSettings
 from qplan.planner.model.loha import LohaSettings
 from qplan.planner.model.lokr import LokrSettings
 from qplan.planner.model.prompt import PromptSettings, PTuningSettings
+from qplan.planner.model.vera import VeraSettings
 from qplan.planner.model.weights import QuantSettings
 from qplan.planner.options import PlanOptions, option_infos
 from qplan.planner.vocab import PEFT_PLANNED, PEFT_TYPES, optimizer
 
 #: the settings of a planned non-LoRA method
-PeftSettings = Ia3Settings | PromptSettings | PTuningSettings | LnTuningSettings | LohaSettings | LokrSettings
+PeftSettings = (Ia3Settings | PromptSettings | PTuningSettings | LnTuningSettings | LohaSettings | LokrSettings
+                | VeraSettings)
 
 #: the LoRA options a method other than LoRA (and --full) leaves no meaning to, with their defaults
 LORA_ONLY = ("r", "alpha", "dropout", "targets", "bias", "dora", "rslora", "target_parameters", "modules_to_save",
@@ -26,7 +28,7 @@ LORA_ONLY = ("r", "alpha", "dropout", "targets", "bias", "dora", "rslora", "targ
 
 #: each method's own options among the LoRA section's, and the options only it takes
 OWN_OPTIONS = {"ia3": ("targets",), "prompt_tuning": (), "p_tuning": (), "ln_tuning": ("targets",),
-               "loha": ("r", "alpha", "targets"), "lokr": ("r", "alpha", "targets")}
+               "loha": ("r", "alpha", "targets"), "lokr": ("r", "alpha", "targets"), "vera": ("r", "targets")}
 METHOD_OPTIONS = {"feedforward_modules": (("ia3",), "--feedforward-modules"),
                   "num_virtual_tokens": (("prompt_tuning", "p_tuning"), "--num-virtual-tokens"),
                   "encoder_hidden_size": (("p_tuning",), "--encoder-hidden-size"),
@@ -85,6 +87,8 @@ def peft_method(o: PlanOptions) -> PeftSettings | None:
         return LnTuningSettings(o.targets)
     if name == "loha":
         return LohaSettings(o.r, o.alpha if o.alpha is not None else 2.0 * o.r, o.targets)
+    if name == "vera":
+        return VeraSettings(o.r, 1.0, o.targets)
     if name == "lokr":
         return LokrSettings(o.r, o.alpha if o.alpha is not None else 2.0 * o.r, o.targets,
                             o.decompose_factor if o.decompose_factor is not None else -1)

@@ -88,8 +88,9 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
     dropout: _f(Dropout | None, "LoRA dropout [default: 0.05; 0 where PEFT adapts fused MoE experts, "
                                 "which refuse dropout]", section=LORA) = None
     peft_type: _f(Annotated[str, Meta(min_length=1, max_length=64)], "PEFT method (PEFT's own name): lora (with "
-                  "--dora, --rslora, --optimizer lorafa for its variants), loha, lokr (--r, --alpha, --targets), ia3, ln_tuning, "
-                  "prompt_tuning or p_tuning; PEFT's other methods are refused by name", section=LORA) = "lora"
+                  "--dora, --rslora, --optimizer lorafa for its variants), loha, lokr (--r, --alpha, --targets), vera (--r, "
+                  "--targets), ia3, ln_tuning, prompt_tuning or p_tuning; PEFT's other methods are refused by name",
+                  section=LORA) = "lora"
     targets: _f(Targets | None, f"preset {'|'.join(PRESETS)}, or comma-separated module names [default: all-linear; "
                 "with --peft-type ia3 PEFT's IA3 targets for the model type, e.g. k_proj,v_proj,down_proj; with "
                 "--peft-type ln_tuning the norms to tune, PEFT's for the model type by default]",

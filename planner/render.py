@@ -57,6 +57,10 @@ def method_text(plan: dict[str, Any], short: bool = False) -> str:
         i3 = plan["ia3"]
         text = f"(IA)³ {','.join(i3['target_modules'])}"
         return text if short else f"{text} (feed-forward: {','.join(i3['feedforward_modules']) or 'none'})"
+    if plan.get("method") == "vera":
+        v = plan["vera"]
+        text = f"VeRA r={v['r']} {','.join(v['target_modules'])}"
+        return text if short else f"{text} (shared frozen projections, two trained vectors per module)"
     if plan.get("method") in ("loha", "lokr"):
         lh, name = plan[plan["method"]], {"loha": "LoHa", "lokr": "LoKr"}[plan["method"]]
         if short:
@@ -443,6 +447,6 @@ def render_compare(result: dict[str, Any]) -> str:
                                          "cost"]))
     lines += reasons
     lines.append("each row is the plan `qplan estimate` makes with that method (--full; LoRA on a 16/32-bit base; "
-                 "QLoRA on nf4; lorafa: --optimizer lorafa; loha, lokr, ia3, ln_tuning, prompt_tuning, p_tuning: "
+                 "QLoRA on nf4; lorafa: --optimizer lorafa; loha, lokr, vera, ia3, ln_tuning, prompt_tuning, p_tuning: "
                  "--peft-type): --format json has them all")
     return "\n".join(lines)

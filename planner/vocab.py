@@ -37,7 +37,7 @@ PEFT_TYPES = ("adalora", "adamss", "adaption_prompt", "beft", "boft", "c3a", "ca
               "miss", "multitask_prompt_tuning", "oft", "osf", "p_tuning", "peanut", "poly", "prefix_tuning",
               "prompt_tuning", "psoft", "pvera", "randlora", "road", "shadow", "shira", "supertuning", "tinylora",
               "trainable_tokens", "unilora", "vblora", "vera", "waveft", "xlora")
-PEFT_PLANNED = ("lora", "ia3", "prompt_tuning", "p_tuning", "ln_tuning", "loha", "lokr")
+PEFT_PLANNED = ("lora", "ia3", "prompt_tuning", "p_tuning", "ln_tuning", "loha", "lokr", "vera")
 #: adapter dtypes PEFT can hold, and their safetensors names
 SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 #: ``--adapter-dtype``: the LoRA tensors' dtype (PEFT's fp32 by default; bf16 as TRL casts a quantized model's and

@@ -193,7 +193,7 @@ def fit_launch_model(rows: list[dict[str, Any]]) -> tuple[float, float]:
 def adapter_dtype(plan: dict[str, Any]) -> str:
     """The dtype the trained tensors' matmuls see: the LoRA tensors', or with full fine-tuning the weights' own."""
     lora = plan.get("lora")
-    if plan.get("method") in ("ia3", "prompt_tuning", "p_tuning", "loha", "lokr"):  # vectors, prompt, factors: fp32
+    if plan.get("method") in ("ia3", "prompt_tuning", "p_tuning", "loha", "lokr", "vera"):  # all fp32
         return "float32"
     if lora is None:
         return plan["quant"].get("unquantized_dtype", plan["quant"]["quant"])

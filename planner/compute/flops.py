@@ -56,7 +56,7 @@ def layer_grads(sites: list[Branch], x: bool) -> LayerGrads:
     gradient when its input does or it carries LoRA or (IA)³; the attention output when q, k or v does;
     residual sums when either side does."""
     def trains(s: Branch) -> bool:  # LoRA or LoHa on it, or an (IA)³ vector scaling it
-        return bool(s.r or s.ia3 or s.update)
+        return bool(s.r or s.ia3 or s.update or s.vera)
 
     def out_rg(site: str) -> bool:
         return any(trains(s) for s in sites if s.site == site)
@@ -133,6 +133,16 @@ def update_flops(T: int, s: Branch, input_rg: bool) -> tuple[int, int]:
                     for w in ("w1", "w2") if f"lokr_{w}_a" in shapes]
         fwd_rank, bwd_rank = sum(products), 2 * sum(products)
     return (fwd_rank + dense) * s.per_layer, (bwd_rank + dense * (2 if input_rg else 1)) * s.per_layer
+
+
+def vera_flops(T: int, s: Branch, input_rg: bool) -> tuple[int, int]:
+    """VeRA on one module (``planner.memory.vera``): forward ``F.linear(x, A)`` and ``F.linear(·, B)``
+    (``2 T r (in + out)``); backward the gradient through ``B`` (``2 T r out``, ``lambda_d`` trains) and, when the
+    module's input needs one, through ``A`` (``2 T r in``); the frozen projections get none."""
+    if not s.vera:
+        return 0, 0
+    fwd = 2 * T * s.vera * (s.in_features + s.out_features) * s.per_layer
+    return fwd, (2 * T * s.vera * s.out_features + (2 * T * s.vera * s.in_features if input_rg else 0)) * s.per_layer
 
 
 def attention_flops(b: int, s: int, nh: int, hd: int, attn_impl: str, fused_kernel: bool,
@@ -250,8 +260,9 @@ def step_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
                 out["weight_gradients"] += linear_weight_grad_flops(T, site)
             lf, lb = lora_flops(T, site, input_rg)
             hf, hb = update_flops(T, site, input_rg)
-            out["lora"] += lf + lb + hf + hb
-            fwd += lf + hf
+            vf, vb = vera_flops(T, site, input_rg)
+            out["lora"] += lf + lb + hf + hb + vf + vb
+            fwd += lf + hf + vf
         af, ab = attention_flops(b, s, d.nh, hd, attn_impl, fused, g)
         out["attention"] += af + ab
         fwd += af

@@ -35,13 +35,13 @@ TOLERANCE = 0.15
 FORWARD = {
     "norm": 7, "linear": 1, "layer": 20, "lora": 5, "dora": 13, "dropout": 1, "amp_lora": 3, "kbit": 1,
     "eager_attention": 15, "softcap": 5, "moe": 27, "step": 20, "full": 0, "full_cast": 1, "ia3": 3, "ia3_ff": 4,
-    "loha": 10, "lokr": 9,
+    "loha": 10, "lokr": 9, "vera": 7,
 }
 #: feature -> kernels per instance, backward (the recomputed forward of checkpointed layers is added to it)
 BACKWARD = {
     "norm": 13, "linear": 1, "layer": 34, "lora": 9, "dora": 10, "dropout": 1, "amp_lora": 2, "kbit": 4,
     "eager_attention": 20, "softcap": 0, "moe": 25, "step": 0, "full": 8, "full_cast": 1, "ia3": 6, "ia3_ff": 6,
-    "loha": 15, "lokr": 13,
+    "loha": 15, "lokr": 13, "vera": 12,
 }
 #: torch AdamW / SGD / bitsandbytes with foreach kernels, plus ``clip_grad_norm_``'s foreach norm and scale
 OPTIMIZER_LAUNCHES = 16
@@ -91,6 +91,8 @@ def launch_features(spec: Any, counts: list, q: Any, training: Any, lora: Any) -
         # LoKr: its factored w2's product, the Kronecker product and scale, then as LoHa; backward the two halves of
         # the product's gradient with their sums, the factor's (traced the same way: 9 and 13)
         "lokr": sum(b.per_layer for b in sites if b.update == "lokr") * L,
+        # VeRA: the input's cast, two matmuls, two products with the vectors, the sum and the casts (traced: 7 and 12)
+        "vera": sum(b.per_layer for b in sites if b.vera) * L,
     }
 
 

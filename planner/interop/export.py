@@ -51,11 +51,12 @@ def _comment(text: Any) -> str:
 
 
 def _check(plan: dict[str, Any], to: str) -> None:
-    if plan.get("method") in ("ia3", "prompt_tuning", "p_tuning", "ln_tuning", "loha", "lokr"):
+    if plan.get("method") in ("ia3", "prompt_tuning", "p_tuning", "ln_tuning", "loha", "lokr", "vera"):
         name = {"ia3": "an (IA)³", "prompt_tuning": "a prompt-tuning", "p_tuning": "a p-tuning",
-                "ln_tuning": "an LN tuning", "loha": "a LoHa", "lokr": "a LoKr"}[plan["method"]]
+                "ln_tuning": "an LN tuning", "loha": "a LoHa", "lokr": "a LoKr", "vera": "a VeRA"}[plan["method"]]
         config = {"ia3": "IA3Config", "prompt_tuning": "PromptTuningConfig", "p_tuning": "PromptEncoderConfig",
-                  "ln_tuning": "LNTuningConfig", "loha": "LoHaConfig", "lokr": "LoKrConfig"}[plan["method"]]
+                  "ln_tuning": "LNTuningConfig", "loha": "LoHaConfig", "lokr": "LoKrConfig",
+                  "vera": "VeraConfig"}[plan["method"]]
         raise QPlanError(f"writing {name} plan to {to} is not done yet: `qplan run` trains it with PEFT's {config}")
     if plan.get("method") == "full":
         raise QPlanError(f"writing a full fine-tuning plan back to {to} is not done yet (qplan reads {to}'s full "

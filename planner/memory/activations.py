@@ -1,11 +1,10 @@
 """Activation terms: what autograd keeps for backward, per decoder layer and outside (the loss: ``loss``).
 
-What autograd keeps for backward, derived op by op from the code a training step runs
-(transformers' Llama-family decoder layer, PEFT 0.21's LoRA layers, bitsandbytes' Linear4bit,
-torch's CUDA autocast and fused kernels) and checked against the exact trace of that step
-(``qplan.observe.trace``; tests/planner/test_memory.py, reports/accuracy/).  Every term is a
-``Lin``: bytes = const + tok * T + seq * s + quad * T * s, so a plan's terms are evaluated for
-any batch x sequence in a few multiplications (``qplan fit``).  Notation as in ``planner.memory.terms``.
+What autograd keeps for backward, derived op by op from the code a training step runs (transformers' Llama-family
+decoder layer, PEFT 0.21's layers, bitsandbytes' Linear4bit, torch's CUDA autocast and fused kernels) and checked
+against the exact trace of that step (``qplan.observe.trace``; tests/planner/test_memory.py, reports/accuracy/). Every
+term is a ``Lin`` (``planner.memory.lin``), so a plan's terms are evaluated for any batch x sequence in a few
+multiplications (``qplan fit``). Notation as in ``planner.memory.terms``.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ from qplan.planner.memory.prompt import (
     prompt_input_saved,
 )
 from qplan.planner.memory.terms import Dims, dims, idle_in_step
+from qplan.planner.memory.vera import vera_branch_activation, vera_forward_transient
 from qplan.planner.model.full import FULL, is_full
 from qplan.planner.model.ia3 import IA3, IA3_FF
 from qplan.planner.model.loha import LOHA
@@ -48,6 +48,7 @@ from qplan.planner.model.lokr import LOKR
 from qplan.planner.model.lora import FROZEN_A, ModuleCount
 from qplan.planner.model.prompt import PROMPT, PROMPT_MLP
 from qplan.planner.model.spec import LinearGroup, ModelSpec
+from qplan.planner.model.vera import VERA
 from qplan.planner.model.weights import QuantSettings, is_quantized, linear_weight_bytes
 from qplan.planner.vocab import BYTES, HF_CKPT
 
@@ -109,6 +110,7 @@ class Branch:
     loha: int = 0  # LoHa's rank on it, 0 if none
     update: str = ""  # "loha" / "lokr": a full-size weight update built at every forward (planner.memory.loha)
     factors: tuple = ()  # its trained tensors: (name, shape) pairs
+    vera: int = 0  # VeRA's rank on it, 0 if none
 
 
 def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSettings) -> list[Branch]:
@@ -121,6 +123,7 @@ def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantS
     loha = {c.module: c.save_keys[0][1][1] for c in counts if c.kind == LOHA}
     update = {c.module: c.kind for c in counts if c.kind in (LOHA, LOKR)}
     factors = {c.module: tuple((k, tuple(s)) for k, s in c.save_keys) for c in counts if c.kind in (LOHA, LOKR)}
+    vera = {c.module: c.save_keys[1][1][0] for c in counts if c.kind == VERA}
     L = max(1, int(spec.inventory.num_hidden_layers or 1))
     out = []
     for g in spec.inventory.linear:
@@ -130,7 +133,8 @@ def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantS
         out.append(Branch(site, g.in_features, g.out_features, max(1, g.instances // L), is_quantized(g, q),
                           g.pattern.rsplit(".", 1)[-1], ranks.get(g.pattern, 0), sum(linear_weight_bytes(g, q)),
                           adapters.get(g.pattern, "float32"), g.pattern in frozen, ia3.get(g.pattern, ""),
-                          loha.get(g.pattern, 0), update.get(g.pattern, ""), factors.get(g.pattern, ())))
+                          loha.get(g.pattern, 0), update.get(g.pattern, ""), factors.get(g.pattern, ()),
+                          vera.get(g.pattern, 0)))
     return out
 
 
@@ -375,7 +379,8 @@ def frozen_weight_casts(spec: ModelSpec, q: QuantSettings, first: bool, lora_sit
 def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, r: int, dropout: float,
                      attn_impl: str, first: bool = False, kernels: str = "cuda", mlp: Lin | None = None,
                      dora: bool = False, liger: tuple[str, ...] = (), full: bool = False,
-                     ia3: tuple[Branch, ...] = (), ln: LnSites | None = None, loha: tuple[Branch, ...] = ()) -> Lin:
+                     ia3: tuple[Branch, ...] = (), ln: LnSites | None = None, loha: tuple[Branch, ...] = (),
+                     vera: tuple[Branch, ...] = ()) -> Lin:
     """Everything one decoder layer keeps for backward (no checkpointing); ``full``: its weights train
     (``planner.memory.full``); ``ln``: LN tuning's trained norms (``planner.memory.ln_tuning``). ``first``: layer 0
     without checkpointing reads the embeddings, which need no grad: its input norm saves nothing, dropout masks on
@@ -395,6 +400,8 @@ def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, 
         total = total + lin
         if shares:
             shared.add(br.site)
+    for br in vera:  # VeRA's scaled projections (planner.memory.vera)
+        total = total + vera_branch_activation(br, p, not (first and br.site == "attn_in"))
     for br in loha:  # LoHa's input copies and weight updates (planner.memory.loha)
         lin, shares = loha_branch_activation(br, _site_dtype(br.site, p), p, not (first and br.site == "attn_in"))
         total = total + lin
@@ -408,7 +415,8 @@ def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, 
         total = total + ia3_branch_activation(br, _site_dtype(br.site, p), p, kernels)
     if dora:
         total = total + dora_activation(branches, p, dropout, first, {s: _site_dtype(s, p) for s in SITES})
-    grad_sites = {br.site for br in branches} | {b.site for b in ia3 if b.ia3 == "out"} | {b.site for b in loha}
+    grad_sites = ({br.site for br in branches} | {b.site for b in ia3 if b.ia3 == "out"} | {b.site for b in loha}
+                  | {b.site for b in vera})
     input_sites = {b.site for b in ia3 if b.ia3 == "ff"}
     if ln is not None:  # the trained norms' saved inputs; in layer 0 nothing below the lowest of them is kept
         total = total + ln_norm_saved(d, p, ln.layer)
@@ -469,18 +477,17 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
         grad_ckpt = "hf"  # offloading to CPU RAM moves nothing when the device is the CPU
     ckpt_inputs = ZERO
     br = lora_branches(spec, counts, q)
-    i3 = tuple(b for b in layer_branches(spec, counts, 0, q) if b.ia3)
+    sites = layer_branches(spec, counts, 0, q)  # the other PEFT methods' modules: (IA)³, LoHa / LoKr, VeRA
+    i3, lh, vr = (tuple(b for b in sites if b.ia3), tuple(b for b in sites if b.update), tuple(b for b in sites if b.vera))
     ln = ln_sites(counts, d.L)  # LN tuning's trained norms (planner.memory.ln_tuning)
-    i3_bwd = ia3_backward_transient(i3)
-    lh = tuple(b for b in layer_branches(spec, counts, 0, q) if b.update)  # LoHa / LoKr (planner.memory.loha)
-    i3_bwd = i3_bwd + loha_backward_transient(lh, p, p.M)  # the layer backward's method transients
+    i3_bwd = ia3_backward_transient(i3) + loha_backward_transient(lh, p, p.M)  # the layer backward's method transients
+    method_temps = update_recompute_transient(lh, p) + vera_forward_transient(vr, p)  # and the layer forward's
     mlp = moe_activation(spec, counts, q)
     trained = is_full(counts)  # full fine-tuning: the weights train (planner.memory.full)
     # the embeddings' output needs a gradient: full fine-tuning, or prompt tuning's prompt is part of it
-    prompt = next((c.save_keys[0][1][0] for c in counts if c.kind == PROMPT), 0)
-    input_grad = trained or bool(prompt)
+    input_grad = bool(prompt := next((c.save_keys[0][1][0] for c in counts if c.kind == PROMPT), 0)) or trained
     full = layer_activation(spec, br, q, r, dropout, attn_impl, kernels=kernels, mlp=mlp, dora=dora, liger=liger,
-                            full=trained, ia3=i3, ln=ln, loha=lh)
+                            full=trained, ia3=i3, ln=ln, loha=lh, vera=vr)
     head = head_activation(spec, p, grad_ckpt != "off", head_linear, q.unquantized_dtype != q.compute_dtype,
                            "rms_norm" in liger)
     loss_extra = loss_time_activation(spec, [c for c in counts if c.kind != FULL], q, grad_ckpt)
@@ -500,19 +507,19 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     mlp_fwd_temps = ZERO
     if grad_ckpt == "off":
         first = layer_activation(spec, br, q, r, dropout, attn_impl, first=not input_grad, kernels=kernels, mlp=mlp,
-                                 dora=dora, liger=liger, full=trained, ia3=i3, ln=ln, loha=lh)
+                                 dora=dora, liger=liger, full=trained, ia3=i3, ln=ln, loha=lh, vera=vr)
         saved = first + (d.L - 1) * full + head
         layers = first + grads_in + rotary + i3_bwd
         layers_temps = grads_in + i3_bwd
         if mlp is None:  # the last layer's down projection in the forward: (about) every saved activation + its inputs
-            mlp_fwd_temps = recompute_transient(spec, br, p, dropout, kernels) + update_recompute_transient(lh, p)
+            mlp_fwd_temps = recompute_transient(spec, br, p, dropout, kernels) + method_temps
     else:
         saved = (layer_inputs if grad_ckpt in HF_CKPT else ZERO) + head
         if attn_impl == "eager":
             saved = saved + eager_mask_activation(spec, p)
         if q.quant == "int8" and grad_ckpt != "reentrant":  # reentrant: the forward runs under no_grad
             saved = saved + d.L * int8_retained_activation(spec, q, p, True, False, set())
-        rt = recompute_transient(spec, br, p, dropout, kernels) + update_recompute_transient(lh, p) if mlp is None else ZERO
+        rt = recompute_transient(spec, br, p, dropout, kernels) + method_temps if mlp is None else ZERO
         layers_temps = grads_in + rt + i3_bwd  # i3_bwd: the down projection's (IA)³ backward (0 without it)
         if grad_ckpt == "reentrant":
             layers_temps = layers_temps + reentrant_difference(d, p, rt, mlp is not None)

@@ -18,7 +18,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from qplan.planner.errors import QPlanError
-from qplan.planner.model.lora import FROZEN_A, UNSTEPPED, ModuleCount
+from qplan.planner.model.lora import FROZEN_KINDS, UNSTEPPED, ModuleCount
 from qplan.planner.model.spec import ModelSpec
 from qplan.planner.model.weights import QuantSettings, is_quantized
 from qplan.planner.vocab import ATTN_IMPLS, BYTES, GRAD_CKPT, LOSSES, OPTIMIZERS, optimizer
@@ -290,7 +290,7 @@ def trainable_tensors(counts: list[ModuleCount], frozen: bool = False) -> list[t
     ``lora_A`` (adapter tensors on the device that get no gradient)."""
     out = []
     for c in counts:
-        if c.kind == FROZEN_A and not frozen:
+        if c.kind in FROZEN_KINDS and not frozen:
             continue
         for _, shape in c.save_keys:
             out.extend([(math.prod(shape), c.dtype)] * c.instances)
@@ -343,7 +343,7 @@ def optimizer_state_bytes(counts: list[ModuleCount], name: str) -> dict[str, int
     dev = paged = 0
     qmaps = False
     for c in counts:
-        if c.kind in (FROZEN_A, UNSTEPPED):  # LoRA-FA's lora_A gets no state
+        if c.kind in (*FROZEN_KINDS, UNSTEPPED):  # LoRA-FA's lora_A, VeRA's projections get no state
             continue
         for _, shape in c.save_keys:
             n = math.prod(shape)
@@ -446,7 +446,7 @@ def lorafa_step_temp_bytes(counts: list[ModuleCount]) -> int:
     ``max(8p + 8n, 4p + 8n)``: not distinguished here (at most ``4n`` of one ``lora_B``)."""
     layers = max((c.instances for c in counts if c.kind == "lora"), default=1)
     pairs = [(c, math.prod(c.save_keys[0][1])) for c in counts if c.kind == "lora"]
-    plain = [(c, math.prod(shape) * BYTES[c.dtype]) for c in counts if c.kind not in ("lora", FROZEN_A, UNSTEPPED)
+    plain = [(c, math.prod(shape) * BYTES[c.dtype]) for c in counts if c.kind not in ("lora", *FROZEN_KINDS, UNSTEPPED)
              for _, shape in c.save_keys]
     # named_parameters' order: a trained embedding first, then the layers (their adapters and biases), then the rest
     seq = [("pair", n) for c, n in pairs if c.shape.startswith("emb ")]

@@ -31,6 +31,9 @@ from qplan.planner.vocab import BIAS_MODES, BYTES, PRESETS, SAFETENSORS_DTYPE
 FROZEN_A = "lora_frozen"
 #: ``ModuleCount.kind`` of LoRA-FA's ``lora_embedding_A``: trainable (it gets a gradient) but never stepped (no state)
 UNSTEPPED = "lora_unstepped"
+#: kinds on the device and in the adapter file that never train: LoRA-FA's ``lora_A``, VeRA's shared projections
+#: (``planner.model.vera``: buffers, not parameters)
+FROZEN_KINDS = (FROZEN_A, "vera_projection")
 
 #: qplan's LoRA dropout when none is given (0 where PEFT adapts parameters: ``lora.ParamWrapper`` refuses any)
 DEFAULT_DROPOUT = 0.05
@@ -435,13 +438,13 @@ def count_lora(spec: ModelSpec, lora: LoraSettings, module_dtypes: dict[str, str
 def trainable_params(counts: list[ModuleCount]) -> int:
     """Every trainable parameter: adapters, DoRA magnitudes, unfrozen biases, modules_to_save copies (not LoRA-FA's
     frozen ``lora_A``)."""
-    return sum(c.total for c in counts if c.kind != FROZEN_A)
+    return sum(c.total for c in counts if c.kind not in FROZEN_KINDS)
 
 
 def added_params(counts: list[ModuleCount]) -> int:
     """Parameters the adapter adds to the model (unfrozen biases and a full fine-tuning's trained weights already
     existed; copies are new)."""
-    return sum(c.total for c in counts if c.kind not in ("bias", "full"))
+    return sum(c.total for c in counts if c.kind not in ("bias", "full", "vera_projection"))
 
 
 def adapter_file_bytes(spec: ModelSpec, counts: list[ModuleCount]) -> int:
@@ -462,6 +465,9 @@ def adapter_file_bytes(spec: ModelSpec, counts: list[ModuleCount]) -> int:
             tensors.append(("prompt_embeddings", st, list(c.save_keys[0][1])))
             continue
         if c.kind == "prompt_mlp":  # p-tuning's encoder: its output is the saved prompt, it is not saved itself
+            continue
+        if c.kind == "vera_projection":  # VeRA's shared projections (save_projection): one key each
+            tensors.extend((f"base_model.{k}", st, list(shape)) for k, shape in c.save_keys)
             continue
         for mod in _expand(c.module, c.instances, L):
             for suffix, shape in c.save_keys:

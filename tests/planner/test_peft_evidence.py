@@ -1,7 +1,7 @@
 """qplan against PEFT's own GPU benchmark (huggingface/peft ``method_comparison/MetaMathQA``: real L40S runs of
 Llama-3.2-3B, bf16 without autocast, no checkpointing, batch 4 x 768; ``tests/fixtures/peft_metamathqa``): the
 trainable count and the adapter file's bytes equal PEFT's (LoRA, DoRA, LoRA-FA, IA3, prompt tuning, p-tuning, LN
-tuning, LoHa, LoKr), and the tensor peak
+tuning, LoHa, LoKr, VeRA), and the tensor peak
 of each run's padded worst batch (DoRA's too; for the full fine-tuning run, whose allocator reserve is larger, the plan's
 peak with its slack; LoRA-FA and prompt tuning: see their branches) is within 3% of its measured
 ``max_memory_reserved`` (issue 23's reproduction; ``bench/peft_metamathqa.py`` writes the report with the trace).

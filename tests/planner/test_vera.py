@@ -1,0 +1,109 @@
+"""VeRA (``--peft-type vera``): PEFT's ``VeraConfig``, shared frozen random projections and two fp32 vectors per module.
+
+Oracles: PEFT itself — ``get_nb_trainable_parameters`` (trainable and total: the projections are buffers) and the
+vectors' dtype on a meta-device model, the adapter file its ``save_pretrained`` writes (projections included); the
+traced training step (every phase); FlopCounterMode's count. The CPU run is in tests/backends/test_vera_run.py; PEFT's
+GPU run in tests/planner/test_peft_evidence.py. No expected value comes from qplan's formulas.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from trace_checks import assert_plan_is_the_trace
+
+from qplan.planner.api import plan_dict
+from qplan.planner.errors import QPlanError
+from qplan.planner.model.catalog import load_spec
+
+
+@pytest.mark.parametrize("name,r,targets", [
+    ("llama-3.2-1b", 16, None),  # PEFT's defaults: q_proj, v_proj
+    ("llama-3.2-3b", 256, "q_proj,v_proj"),  # PEFT's benchmark run
+    ("qwen3-0.6b", 32, "all-linear"),  # projections sized for the widest module
+    ("gemma-2-9b", 8, "attn"),
+    ("phi-4", 16, "qkv_proj,o_proj"),
+    ("gpt-oss-20b", 8, "q_proj,k_proj,v_proj,o_proj"),
+    ("deepseek-v2-lite", 8, "q_proj,o_proj"),
+])
+def test_the_trainable_count_total_and_dtype_are_peft_s(name, r, targets):
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+
+    from qplan.hf import method_config, model_from_config
+
+    plan = plan_dict(model=name, peft_type="vera", r=r, quant="bf16", **({"targets": targets} if targets else {}))
+    model = model_from_config(load_spec(name).config, dtype="bf16", device="meta")
+    pm = get_peft_model(model, method_config("vera", plan["vera"]))
+    trainable, total = pm.get_nb_trainable_parameters()
+    params = plan["prediction"]["params"]
+    assert params["trainable"] == trainable and params["total"] == total
+    trained = [p for p in pm.parameters() if p.requires_grad]
+    projections = {id(b): b for n, b in pm.named_buffers() if ".vera_" in n}
+    assert plan["prediction"]["memory"]["adapters"] == sum(p.numel() * p.element_size() for p in trained) + sum(
+        b.numel() * b.element_size() for b in projections.values())
+    assert plan["lora"] is None and plan["method"] == "vera"
+
+
+def test_the_adapter_file_is_peft_s_to_the_byte(tmp_path):
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+
+    from qplan.hf import method_config, model_from_config
+
+    tiny = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128}
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(tiny), encoding="utf-8")
+    plan = plan_dict(model=str(cfg), peft_type="vera", r=8, targets="all-linear", quant="bf16", seq_len=64)
+    pm = get_peft_model(model_from_config(tiny, dtype="bf16", device="cpu"), method_config("vera", plan["vera"]))
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size == plan["prediction"]["adapter_file_bytes"]
+
+
+CASES = [  # PEFT's harness (pure bf16, no checkpointing), checkpointing under bf16 autocast, reentrant, fp32 weights
+    # under autocast (the projections' casts kept), every linear layer, Gemma-2 with checkpointing
+    dict(model="llama-3.2-1b", quant="bf16", compute_dtype="fp32", grad_ckpt=False),
+    dict(model="llama-3.2-1b", quant="bf16"),
+    dict(model="qwen3-0.6b", quant="bf16", reentrant=True),
+    dict(model="llama-3.2-1b", quant="fp32", compute_dtype="bf16", grad_ckpt=False),
+    dict(model="llama-3.2-1b", quant="bf16", compute_dtype="fp32", grad_ckpt=False, targets="all-linear"),
+    dict(model="gemma-2-9b", quant="bf16", targets="attn"),
+]
+
+
+@pytest.mark.parametrize("options", CASES, ids=range(len(CASES)))
+def test_every_phase_of_the_step_equals_the_traced_step(options):
+    pytest.importorskip("peft")
+    from qplan.observe.trace import trace_plan
+
+    plan = plan_dict(peft_type="vera", r=64, batch_size=2, seq_len=256, **options)
+    traced = trace_plan(plan, steps=2)
+    assert_plan_is_the_trace(plan, traced)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(grad_ckpt=False), dict(targets="all-linear", grad_ckpt=False)],
+                         ids=range(3))
+def test_the_flops_are_what_the_flop_counter_counts(options):
+    pytest.importorskip("peft")
+    from qplan.observe.trace import trace_plan
+
+    plan = plan_dict(**{"model": "llama-3.2-1b", "peft_type": "vera", "r": 64, "quant": "bf16", "batch_size": 2,
+                        "seq_len": 256, **options})
+    flops = plan["prediction"]["compute"]["flops_per_step"]
+    assert flops["total"] == trace_plan(plan, steps=2, count_flops=True)["flops_per_step"][-1]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (dict(peft_type="vera", alpha=8), "--alpha is a LoRA option"),
+    (dict(peft_type="vera", dropout=0.1), "--dropout is a LoRA option"),
+    (dict(peft_type="vera", targets="embed_tokens"), "VeRA target 'embed_tokens' is an embedding"),
+    (dict(peft_type="vera", quant="nf4"), "bitsandbytes"),
+    (dict(peft_type="vera", backend="unsloth"), "peft backend"),
+    (dict(model="phi-4", peft_type="vera"), "Please specify `target_modules`"),
+])
+def test_what_vera_is_not_planned_with_is_one_line(extra, needle):
+    with pytest.raises(QPlanError) as e:
+        plan_dict(**{"model": "llama-3.2-1b", **extra})
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
