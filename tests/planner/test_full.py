@@ -208,8 +208,8 @@ def test_the_comparison_rows_are_the_plans_of_each_method():
     # a method that cannot be planned is a row with its reason; only when none can is the comparison refused
     two = compare_methods({**given, "gpus": 2}, ("full", "qlora"))["methods"]
     assert "not planned yet" in two[0]["error"] and "error" not in two[1]
-    with pytest.raises(QPlanError, match="unknown method 'loha'"):
-        parse_methods("lora,loha")
+    with pytest.raises(QPlanError, match="unknown method 'boft'"):
+        parse_methods("lora,boft")
     with pytest.raises(QPlanError, match="not planned yet"):  # nothing to compare: the reason is the command's
         compare_methods({**given, "gpus": 2, "strategy": "zero3"}, ("full",))
 

@@ -90,7 +90,7 @@ def test_a_layer_s_backward_holds_the_feed_forward_scaling_s_gradients():
 
 
 @pytest.mark.parametrize("extra,needle", [
-    (dict(peft_type="loha"), "PEFT's loha is not planned yet"),
+    (dict(peft_type="boft"), "PEFT's boft is not planned yet"),
     (dict(peft_type="lorax"), "not one of PEFT's methods"),
     (dict(peft_type="ia3", r=8), "--r is a LoRA option"),
     (dict(peft_type="ia3", dora=True), "--dora is a LoRA option"),

@@ -81,7 +81,7 @@ def test_compare_is_the_cli_result_byte_for_byte(base):
     ("estimate?model=llama-3.2-3b&quant=nf3", ["estimate", "--model", "llama-3.2-3b", "--quant", "nf3"]),
     ("estimate?model=llama-3.2-3b&seq-len=99999999", ["estimate", "--model", "llama-3.2-3b", "--seq-len", "99999999"]),
     ("fit?model=llama-3.2-3b&gpu=t4&objective=cost", ["fit", "--model", "llama-3.2-3b", "--gpu", "t4", "--objective", "cost"]),
-    ("compare?model=llama-3.2-3b&methods=lora,loha", ["compare", "--model", "llama-3.2-3b", "--methods", "lora,loha"]),
+    ("compare?model=llama-3.2-3b&methods=lora,boft", ["compare", "--model", "llama-3.2-3b", "--methods", "lora,boft"]),
 ])
 def test_a_bad_parameter_is_400_with_the_cli_line(base, path, args):
     status, body = get(f"{base}/api/{path}")
