@@ -20,7 +20,7 @@ from importlib import resources
 from typing import Any, ClassVar
 
 from qplan.planner.errors import QPlanError
-from qplan.planner.model.lora import ModuleCount, linear_leaf_names, target_names
+from qplan.planner.model.lora import ModuleCount, linear_leaf_names, peft_default_targets, target_names
 from qplan.planner.model.spec import ModelSpec
 
 #: ``ModuleCount.kind`` of an (IA)³ vector: ``ia3`` scales the output, ``ia3_ff`` the input of a feed-forward module
@@ -58,10 +58,8 @@ def resolve_ia3(spec: ModelSpec, ia3: Ia3Settings) -> tuple[list[str], list[str]
     mt = spec.model_type
     d = ia3_defaults()
     if ia3.targets is None:
-        if mt not in d["target_modules"]:
-            raise QPlanError(f"PEFT has no default IA3 targets for model type {mt!r} ('Please specify `target_modules`'): "
-                             f"give --targets (linear modules: {', '.join(linear_leaf_names(spec))})")
-        targets = list(d["target_modules"][mt])
+        targets = peft_default_targets(spec, d["target_modules"], "IA3",
+                                       f"linear modules: {', '.join(linear_leaf_names(spec))}")
     else:
         targets = target_names(spec, ia3.targets)
     for t in targets:

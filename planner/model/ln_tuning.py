@@ -21,7 +21,7 @@ from importlib import resources
 from typing import Any, ClassVar
 
 from qplan.planner.errors import QPlanError
-from qplan.planner.model.lora import ModuleCount
+from qplan.planner.model.lora import ModuleCount, peft_default_targets
 from qplan.planner.model.spec import ModelSpec
 from qplan.planner.model.weights import QuantSettings
 
@@ -83,12 +83,8 @@ class LnTuningSettings:
     def resolve(self, spec: ModelSpec) -> list[str]:
         """The target module names PEFT ends with; one line where PEFT raises or qplan does not plan the copy."""
         if self.targets is None:
-            d = ln_tuning_defaults()
-            if spec.model_type not in d:
-                raise QPlanError(f"PEFT has no default LN tuning targets for model type {spec.model_type!r} ('Please "
-                                 f"specify `target_modules`'): give --targets (its norms: "
-                                 f"{', '.join(sorted({m.rsplit('.', 1)[-1] for m in norm_modules(spec)}))})")
-            return list(d[spec.model_type])
+            norms = sorted({m.rsplit(".", 1)[-1] for m in norm_modules(spec)})
+            return peft_default_targets(spec, ln_tuning_defaults(), "LN tuning", f"its norms: {', '.join(norms)}")
         names = [t.strip() for t in self.targets.split(",") if t.strip()]
         if not names:
             raise QPlanError("--targets is empty: give the norms to tune, e.g. input_layernorm,post_attention_layernorm")

@@ -18,7 +18,7 @@ from importlib import resources
 from typing import Any, ClassVar
 
 from qplan.planner.errors import QPlanError
-from qplan.planner.model.lora import ModuleCount, linear_leaf_names, target_names
+from qplan.planner.model.lora import ModuleCount, linear_leaf_names, peft_default_targets, target_names
 from qplan.planner.model.spec import ModelSpec
 
 #: ``ModuleCount.kind`` of a LoHa-adapted linear group
@@ -42,15 +42,13 @@ class LohaSettings:
     method: ClassVar[str] = "loha"
     #: the method's name in messages
     label: ClassVar[str] = "LoHa"
+    #: where the method's PEFT default targets differ from the LoRA family's table (``lora_family_defaults``)
+    default_overrides: ClassVar[dict[str, list[str]]] = {}
 
     def resolve(self, spec: ModelSpec) -> list[str]:
         if self.targets is None:
-            d = lora_family_defaults()
-            if spec.model_type not in d:
-                raise QPlanError(f"PEFT has no default {self.label} targets for model type {spec.model_type!r} ('Please "
-                                 f"specify `target_modules`'): give --targets (linear modules: "
-                                 f"{', '.join(linear_leaf_names(spec))})")
-            return list(d[spec.model_type])
+            return peft_default_targets(spec, {**lora_family_defaults(), **self.default_overrides}, self.label,
+                                        f"linear modules: {', '.join(linear_leaf_names(spec))}")
         return target_names(spec, self.targets)
 
     def to_json(self, spec: ModelSpec) -> dict[str, Any]:

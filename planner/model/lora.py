@@ -118,6 +118,15 @@ def target_names(spec: ModelSpec, targets: str) -> list[str]:
     return names
 
 
+def peft_default_targets(spec: ModelSpec, defaults: dict[str, list[str]], label: str, choices: str) -> list[str]:
+    """A PEFT method's default target modules for the spec's model type (PEFT's own table); one line in PEFT's words
+    where it has none, naming ``choices`` (what ``--targets`` may name)."""
+    if spec.model_type not in defaults:
+        raise QPlanError(f"PEFT has no default {label} targets for model type {spec.model_type!r} ('Please specify "
+                         f"`target_modules`'): give --targets ({choices})")
+    return list(defaults[spec.model_type])
+
+
 def linear_leaf_names(spec: ModelSpec) -> list[str]:
     inv = spec.inventory
     out: list[str] = []

@@ -28,6 +28,8 @@ class VeraSettings(LohaSettings):
 
     method: ClassVar[str] = "vera"
     label: ClassVar[str] = "VeRA"
+    #: ``TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING`` (PEFT 0.21): LoRA's, but for phi
+    default_overrides: ClassVar[dict[str, list[str]]] = {"phi": ["q_proj", "v_proj"]}
 
     def to_json(self, spec: ModelSpec) -> dict[str, Any]:
         return {"r": self.r, "target_modules": self.resolve(spec), "save_projection": True}

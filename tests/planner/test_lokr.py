@@ -10,15 +10,13 @@ qplan's formulas.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-from trace_checks import assert_plan_is_the_trace
+from trace_checks import TINY_LLAMA, assert_adapter_file_is_peft_s, assert_counts_are_peft_s, assert_plan_is_the_trace
 
 from qplan.planner.api import plan_dict
 from qplan.planner.errors import QPlanError
-from qplan.planner.model.catalog import load_spec
 from qplan.planner.model.lokr import factorization
 
 
@@ -42,36 +40,15 @@ def test_the_factorization_is_peft_s():
 ])
 def test_the_trainable_count_and_dtype_are_peft_s(name, r, targets, factor):
     pytest.importorskip("peft")
-    from peft import get_peft_model
-
-    from qplan.hf import method_config, model_from_config
-
     plan = plan_dict(model=name, peft_type="lokr", r=r, quant="bf16", **({"targets": targets} if targets else {}),
                      **({"decompose_factor": factor} if factor else {}))
-    model = model_from_config(load_spec(name).config, dtype="bf16", device="meta")
-    pm = get_peft_model(model, method_config("lokr", plan["lokr"]))
-    trainable, total = pm.get_nb_trainable_parameters()
-    params = plan["prediction"]["params"]
-    assert params["trainable"] == trainable and params["total"] == total
-    trained = [p for p in pm.parameters() if p.requires_grad]
-    assert plan["prediction"]["memory"]["adapters"] == sum(p.numel() * p.element_size() for p in trained)
-    assert plan["lora"] is None and plan["method"] == "lokr"
+    assert_counts_are_peft_s(plan, name)
+    assert plan["method"] == "lokr"
 
 
 def test_the_adapter_file_is_peft_s_to_the_byte(tmp_path):
     pytest.importorskip("peft")
-    from peft import get_peft_model
-
-    from qplan.hf import method_config, model_from_config
-
-    tiny = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128}
-    cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps(tiny), encoding="utf-8")
-    plan = plan_dict(model=str(cfg), peft_type="lokr", r=2, targets="all-linear", quant="bf16", seq_len=64)
-    pm = get_peft_model(model_from_config(tiny, dtype="bf16", device="cpu"), method_config("lokr", plan["lokr"]))
-    pm.save_pretrained(str(tmp_path / "adapter"))
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size == plan["prediction"]["adapter_file_bytes"]
+    assert_adapter_file_is_peft_s(tmp_path, TINY_LLAMA, peft_type="lokr", r=2, targets="all-linear", quant="bf16")
 
 
 CASES = [  # PEFT's harness (pure bf16, no checkpointing), checkpointing under bf16 autocast, reentrant, fp32 weights

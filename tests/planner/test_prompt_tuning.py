@@ -12,7 +12,7 @@ value comes from qplan's formulas.
 from __future__ import annotations
 
 import pytest
-from trace_checks import assert_plan_is_the_trace
+from trace_checks import TINY_LLAMA, assert_adapter_file_is_peft_s, assert_plan_is_the_trace
 
 from qplan.planner.api import plan_dict
 from qplan.planner.errors import QPlanError
@@ -51,21 +51,8 @@ def test_the_trainable_count_dtype_and_width_are_peft_s(name, method):
 def test_the_adapter_file_is_peft_s_to_the_byte(tmp_path, method):
     """PEFT saves the prompt (p-tuning: the MLP's output, not the MLP)."""
     pytest.importorskip("peft")
-    from peft import get_peft_model
-
-    from qplan.hf import method_config, model_from_config
-
-    tiny = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128}
-    cfg = tmp_path / "config.json"
-    import json
-
-    cfg.write_text(json.dumps(tiny), encoding="utf-8")
-    plan = plan_dict(model=str(cfg), peft_type=method, quant="fp32", seq_len=64,
-                     **{**METHODS[method], "num_virtual_tokens": 7})
-    pm = get_peft_model(model_from_config(tiny, dtype="fp32", device="cpu"), method_config(method, plan[method]))
-    pm.save_pretrained(str(tmp_path / "adapter"))
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size == plan["prediction"]["adapter_file_bytes"]
+    assert_adapter_file_is_peft_s(tmp_path, TINY_LLAMA, peft_type=method, quant="fp32",
+                                  **{**METHODS[method], "num_virtual_tokens": 7})
 
 
 CASES = [  # PEFT's harness (pure bf16, no checkpointing), bf16 autocast with checkpointing, reentrant checkpointing,

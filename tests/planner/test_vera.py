@@ -8,14 +8,22 @@ GPU run in tests/planner/test_peft_evidence.py. No expected value comes from qpl
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from trace_checks import assert_plan_is_the_trace
+from trace_checks import TINY_LLAMA, assert_adapter_file_is_peft_s, assert_counts_are_peft_s, assert_plan_is_the_trace
 
 from qplan.planner.api import plan_dict
 from qplan.planner.errors import QPlanError
-from qplan.planner.model.catalog import load_spec
+
+
+def test_the_default_targets_are_peft_s():
+    pytest.importorskip("peft")
+    from peft.utils import constants
+
+    from qplan.planner.model.loha import lora_family_defaults
+    from qplan.planner.model.vera import VeraSettings
+
+    ours = {**lora_family_defaults(), **VeraSettings.default_overrides}
+    assert ours == constants.TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING
 
 
 @pytest.mark.parametrize("name,r,targets", [
@@ -29,37 +37,14 @@ from qplan.planner.model.catalog import load_spec
 ])
 def test_the_trainable_count_total_and_dtype_are_peft_s(name, r, targets):
     pytest.importorskip("peft")
-    from peft import get_peft_model
-
-    from qplan.hf import method_config, model_from_config
-
     plan = plan_dict(model=name, peft_type="vera", r=r, quant="bf16", **({"targets": targets} if targets else {}))
-    model = model_from_config(load_spec(name).config, dtype="bf16", device="meta")
-    pm = get_peft_model(model, method_config("vera", plan["vera"]))
-    trainable, total = pm.get_nb_trainable_parameters()
-    params = plan["prediction"]["params"]
-    assert params["trainable"] == trainable and params["total"] == total
-    trained = [p for p in pm.parameters() if p.requires_grad]
-    projections = {id(b): b for n, b in pm.named_buffers() if ".vera_" in n}
-    assert plan["prediction"]["memory"]["adapters"] == sum(p.numel() * p.element_size() for p in trained) + sum(
-        b.numel() * b.element_size() for b in projections.values())
-    assert plan["lora"] is None and plan["method"] == "vera"
+    assert_counts_are_peft_s(plan, name, buffers=".vera_")  # the shared projections: buffers on the device
+    assert plan["method"] == "vera"
 
 
 def test_the_adapter_file_is_peft_s_to_the_byte(tmp_path):
     pytest.importorskip("peft")
-    from peft import get_peft_model
-
-    from qplan.hf import method_config, model_from_config
-
-    tiny = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128}
-    cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps(tiny), encoding="utf-8")
-    plan = plan_dict(model=str(cfg), peft_type="vera", r=8, targets="all-linear", quant="bf16", seq_len=64)
-    pm = get_peft_model(model_from_config(tiny, dtype="bf16", device="cpu"), method_config("vera", plan["vera"]))
-    pm.save_pretrained(str(tmp_path / "adapter"))
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size == plan["prediction"]["adapter_file_bytes"]
+    assert_adapter_file_is_peft_s(tmp_path, TINY_LLAMA, peft_type="vera", r=8, targets="all-linear", quant="bf16")
 
 
 CASES = [  # PEFT's harness (pure bf16, no checkpointing), checkpointing under bf16 autocast, reentrant, fp32 weights

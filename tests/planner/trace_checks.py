@@ -1,4 +1,5 @@
-"""The check the method tests share: a plan against its traced step, every phase and the peak's composition."""
+"""The checks the method tests share: a plan against its traced step (every phase and the peak's composition), its
+counts against PEFT's on a meta-device model, its adapter file against the one PEFT saves."""
 
 from __future__ import annotations
 
@@ -20,3 +21,48 @@ def assert_plan_is_the_trace(plan: dict, traced: dict, tol: float = 0.001) -> No
     comp = detail["composition"][detail["peak_phase"]]
     for cat, b in traced["breakdown_at_peak"].items():
         assert abs(comp.get(cat, 0) - b) <= 2 * tol * traced["tensor_peak"], (cat, comp, traced["breakdown_at_peak"])
+
+
+#: a two-layer Llama small enough to build on the CPU and save an adapter of in a test
+TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 256,
+              "max_position_embeddings": 128}
+
+
+def assert_counts_are_peft_s(plan: dict, name: str, buffers: str = "") -> None:
+    """The plan's trainable and total counts are PEFT's ``get_nb_trainable_parameters`` of its method on a meta-device
+    model of ``name``; its adapter bytes are the trained tensors' (and the shared buffers' named with ``buffers``)."""
+    from peft import get_peft_model
+
+    from qplan.hf import method_config, model_from_config
+    from qplan.planner.model.catalog import load_spec
+
+    model = model_from_config(load_spec(name).config, dtype="bf16", device="meta")
+    pm = get_peft_model(model, method_config(plan["method"], plan[plan["method"]]))
+    trainable, total = pm.get_nb_trainable_parameters()
+    params = plan["prediction"]["params"]
+    assert params["trainable"] == trainable and params["total"] == total
+    shared = {id(b): b for n, b in pm.named_buffers() if buffers and buffers in n} if buffers else {}
+    assert plan["prediction"]["memory"]["adapters"] == sum(
+        p.numel() * p.element_size() for p in pm.parameters() if p.requires_grad) + sum(
+        b.numel() * b.element_size() for b in shared.values())
+    assert plan["lora"] is None
+
+
+def assert_adapter_file_is_peft_s(tmp_path, config: dict, **options) -> None:
+    """``save_pretrained`` of the plan's method on a CPU model of ``config`` writes the adapter file the plan sizes,
+    to the byte."""
+    import json
+
+    from peft import get_peft_model
+
+    from qplan.hf import method_config, model_from_config
+    from qplan.planner.api import plan_dict
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(config), encoding="utf-8")
+    plan = plan_dict(model=str(cfg), seq_len=64, **options)
+    pm = get_peft_model(model_from_config(config, dtype=options.get("quant", "bf16"), device="cpu"),
+                        method_config(plan["method"], plan[plan["method"]]))
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size == plan["prediction"]["adapter_file_bytes"]
