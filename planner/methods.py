@@ -90,6 +90,9 @@ def peft_method(o: PlanOptions) -> PeftSettings | None:
     if name == "vera":
         return VeraSettings(o.r, 1.0, o.targets)
     if name == "lokr":
+        if o.decompose_factor == 0:
+            raise QPlanError("--decompose-factor 0 divides nothing: give -1 (near the square root, PEFT's default) or a "
+                             "divider >= 1")
         return LokrSettings(o.r, o.alpha if o.alpha is not None else 2.0 * o.r, o.targets,
                             o.decompose_factor if o.decompose_factor is not None else -1)
     ff = _names(o.feedforward_modules)

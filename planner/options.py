@@ -100,8 +100,8 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
     num_virtual_tokens: _f(Annotated[int, Meta(ge=1, le=1_000_000)] | None, "--peft-type prompt_tuning, p_tuning: the "
                            "trained virtual tokens prepended to every row (PEFT's num_virtual_tokens; required)",
                            section=LORA) = None
-    decompose_factor: _f(Annotated[int, Meta(ge=1, le=1_000_000)] | None, "--peft-type lokr: the Kronecker "
-                         "factorization's divider (PEFT's decompose_factor) [default: PEFT's -1, near the square root]",
+    decompose_factor: _f(Annotated[int, Meta(ge=-1, le=1_000_000)] | None, "--peft-type lokr: the Kronecker "
+                         "factorization's divider (PEFT's decompose_factor; -1: near the square root, PEFT's default)",
                          section=LORA) = None
     encoder_hidden_size: _f(Annotated[int, Meta(ge=1, le=1_000_000)] | None, "--peft-type p_tuning: the width of the "
                             "prompt encoder's MLP (PEFT's encoder_hidden_size; required)", section=LORA) = None

@@ -108,6 +108,7 @@ def test_the_flops_are_what_the_flop_counter_counts(options):
     (dict(peft_type="lokr", backend="unsloth"), "peft backend"),
     (dict(peft_type="loha", decompose_factor=4), "--peft-type lokr"),
     (dict(decompose_factor=4), "--peft-type lokr"),
+    (dict(peft_type="lokr", decompose_factor=0), "--decompose-factor 0"),
 ])
 def test_what_lokr_is_not_planned_with_is_one_line(extra, needle):
     with pytest.raises(QPlanError) as e:
