@@ -88,7 +88,7 @@ def peft_method(o: PlanOptions) -> PeftSettings | None:
     if name == "loha":
         return LohaSettings(o.r, o.alpha if o.alpha is not None else 2.0 * o.r, o.targets)
     if name == "vera":
-        return VeraSettings(o.r, 1.0, o.targets)
+        return VeraSettings(o.r, 1.0, o.targets)  # VeRA has no alpha: the shared field is unused
     if name == "lokr":
         if o.decompose_factor == 0:
             raise QPlanError("--decompose-factor 0 divides nothing: give -1 (near the square root, PEFT's default) or a "

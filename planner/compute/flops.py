@@ -125,7 +125,7 @@ def update_flops(T: int, s: Branch, input_rg: bool) -> tuple[int, int]:
         return 0, 0
     dense = 2 * T * s.in_features * s.out_features
     if s.update == "loha":
-        rank = 2 * s.out_features * s.loha * s.in_features
+        rank = 2 * s.out_features * dict(s.factors)["hada_w1_a"][1] * s.in_features  # hada_w1_a: (out, r)
         fwd_rank, bwd_rank = 2 * rank, 6 * rank
     else:
         shapes = dict(s.factors)

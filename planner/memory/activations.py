@@ -107,7 +107,6 @@ class Branch:
     adapter: str = "float32"  # its LoRA tensors' dtype
     frozen_a: bool = False  # LoRA-FA: its lora_A is frozen (no weight gradient: its input is not saved)
     ia3: str = ""  # (IA)³ on it: "ff" (scales its input), "out" (its output), "" none
-    loha: int = 0  # LoHa's rank on it, 0 if none
     update: str = ""  # "loha" / "lokr": a full-size weight update built at every forward (planner.memory.loha)
     factors: tuple = ()  # its trained tensors: (name, shape) pairs
     vera: int = 0  # VeRA's rank on it, 0 if none
@@ -120,7 +119,6 @@ def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantS
     adapters = {c.module: c.dtype for c in counts if c.kind == "lora"}
     frozen = {c.module for c in counts if c.kind == FROZEN_A}
     ia3 = {c.module: "ff" if c.kind == IA3_FF else "out" for c in counts if c.kind in (IA3, IA3_FF)}
-    loha = {c.module: c.save_keys[0][1][1] for c in counts if c.kind == LOHA}
     update = {c.module: c.kind for c in counts if c.kind in (LOHA, LOKR)}
     factors = {c.module: tuple((k, tuple(s)) for k, s in c.save_keys) for c in counts if c.kind in (LOHA, LOKR)}
     vera = {c.module: c.save_keys[1][1][0] for c in counts if c.kind == VERA}
@@ -133,7 +131,7 @@ def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantS
         out.append(Branch(site, g.in_features, g.out_features, max(1, g.instances // L), is_quantized(g, q),
                           g.pattern.rsplit(".", 1)[-1], ranks.get(g.pattern, 0), sum(linear_weight_bytes(g, q)),
                           adapters.get(g.pattern, "float32"), g.pattern in frozen, ia3.get(g.pattern, ""),
-                          loha.get(g.pattern, 0), update.get(g.pattern, ""), factors.get(g.pattern, ()),
+                          update.get(g.pattern, ""), factors.get(g.pattern, ()),
                           vera.get(g.pattern, 0)))
     return out
 
@@ -494,7 +492,7 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     if ln is not None and ln.final:  # a trained final norm saves its normalized input
         head = head + ln_final_norm_saved(d, p)
     if lh and grad_ckpt == "off":  # autocast's cached copies of LoHa's factors (with checkpointing: loss_extra's)
-        loss_extra = loss_extra + d.L * loha_forward_casts(lh, p, lh[0].loha)
+        loss_extra = loss_extra + d.L * loha_forward_casts(lh, p)
     if trained:
         head_saved, loss_time = full_head_activation(d, p, d.gemma_norm, head_linear, grad_ckpt != "off")
         head, loss_extra = head + head_saved, loss_extra + loss_time

@@ -8,6 +8,7 @@ Derived from that code and checked against the traced step (tests/planner/test_l
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from qplan.planner.memory.lin import Lin, Precision
@@ -55,13 +56,15 @@ def lokr_products_saved(br: Branch, p: Precision) -> Lin:
     return Lin(const=total * br.per_layer)
 
 
-def loha_forward_casts(branches: tuple[Branch, ...], p: Precision, r: int) -> Lin:
+def loha_forward_casts(branches: tuple[Branch, ...], p: Precision) -> Lin:
     """Under autocast without checkpointing, the cached compute-dtype copies of a layer's LoHa factors (``c · 2 r (in +
     out)`` per module), alive until the autocast region exits after the loss: nothing saves them (``HadaWeight``
-    saves the fp32 factors). With checkpointing the loss-time term counts every fp32 adapter tensor's copy."""
+    saves the fp32 factors). With checkpointing the loss-time term counts every fp32 adapter tensor's copy. LoKr's
+    factored products keep their copies (``lokr_products_saved``)."""
     if not p.amp:
         return Lin()
-    return Lin(const=sum(p.c * 2 * r * (b.in_features + b.out_features) * b.per_layer for b in branches))
+    return Lin(const=sum(p.c * sum(math.prod(shape) for _, shape in b.factors) * b.per_layer
+                         for b in branches if b.update == "loha"))
 
 
 def loha_backward_transient(branches: tuple[Branch, ...], p: Precision, x: int) -> Lin:

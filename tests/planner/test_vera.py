@@ -9,7 +9,13 @@ GPU run in tests/planner/test_peft_evidence.py. No expected value comes from qpl
 from __future__ import annotations
 
 import pytest
-from trace_checks import TINY_LLAMA, assert_adapter_file_is_peft_s, assert_counts_are_peft_s, assert_plan_is_the_trace
+from trace_checks import (
+    ADAPTER_CASES,
+    TINY_LLAMA,
+    assert_adapter_file_is_peft_s,
+    assert_counts_are_peft_s,
+    assert_plan_is_the_trace,
+)
 
 from qplan.planner.api import plan_dict
 from qplan.planner.errors import QPlanError
@@ -47,15 +53,8 @@ def test_the_adapter_file_is_peft_s_to_the_byte(tmp_path):
     assert_adapter_file_is_peft_s(tmp_path, TINY_LLAMA, peft_type="vera", r=8, targets="all-linear", quant="bf16")
 
 
-CASES = [  # PEFT's harness (pure bf16, no checkpointing), checkpointing under bf16 autocast, reentrant, fp32 weights
-    # under autocast (the projections' casts kept), every linear layer, Gemma-2 with checkpointing
-    dict(model="llama-3.2-1b", quant="bf16", compute_dtype="fp32", grad_ckpt=False),
-    dict(model="llama-3.2-1b", quant="bf16"),
-    dict(model="qwen3-0.6b", quant="bf16", reentrant=True),
-    dict(model="llama-3.2-1b", quant="fp32", compute_dtype="bf16", grad_ckpt=False),
-    dict(model="llama-3.2-1b", quant="bf16", compute_dtype="fp32", grad_ckpt=False, targets="all-linear"),
-    dict(model="gemma-2-9b", quant="bf16", targets="attn"),
-]
+#: trace_checks' settings and Gemma-2 with checkpointing
+CASES = [*ADAPTER_CASES, dict(model="gemma-2-9b", quant="bf16", targets="attn")]
 
 
 @pytest.mark.parametrize("options", CASES, ids=range(len(CASES)))

@@ -23,6 +23,17 @@ def assert_plan_is_the_trace(plan: dict, traced: dict, tol: float = 0.001) -> No
         assert abs(comp.get(cat, 0) - b) <= 2 * tol * traced["tensor_peak"], (cat, comp, traced["breakdown_at_peak"])
 
 
+#: the traced settings every full-update / projection method is checked in (tests/planner/test_loha.py, test_lokr.py,
+#: test_vera.py add their own): PEFT's harness (pure bf16, no checkpointing), checkpointing under bf16 autocast,
+#: reentrant, fp32 weights under autocast, every linear layer
+ADAPTER_CASES = [
+    dict(model="llama-3.2-1b", quant="bf16", compute_dtype="fp32", grad_ckpt=False),
+    dict(model="llama-3.2-1b", quant="bf16"),
+    dict(model="qwen3-0.6b", quant="bf16", reentrant=True),
+    dict(model="llama-3.2-1b", quant="fp32", compute_dtype="bf16", grad_ckpt=False),
+    dict(model="llama-3.2-1b", quant="bf16", compute_dtype="fp32", grad_ckpt=False, targets="all-linear"),
+]
+
 #: a two-layer Llama small enough to build on the CPU and save an adapter of in a test
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 256,
