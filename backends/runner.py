@@ -91,9 +91,10 @@ def _shim_dir() -> str:
     return shim_dir()
 
 
-def _pump(src: Any, log_path: Path) -> None:
-    """Copy the child's output to our stderr and to worker.log."""
-    with open(log_path, "ab") as log:
+def _pump(src: Any, log: Any) -> None:
+    """Copy the child's output to our stderr and to worker.log (``log``: the file, opened before the child starts,
+    so the log is in the run folder from the child's first instant; closed here once the child's output ends)."""
+    with log:
         while True:
             chunk = os.read(src.fileno(), 65536)
             if not chunk:
@@ -108,9 +109,14 @@ def _pump(src: Any, log_path: Path) -> None:
 
 def _spawn_and_wait(cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path | None = None) -> tuple[int, bool]:
     """Run the worker; on Ctrl-C forward SIGINT once and wait for it. Returns (returncode, interrupted)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=env, start_new_session=True, cwd=cwd)
-    pump = threading.Thread(target=_pump, args=(proc.stdout, log_path), daemon=True)
+    log = open(log_path, "ab")  # handed to the pump thread, which closes it
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True, cwd=cwd)
+    except BaseException:
+        log.close()
+        raise
+    pump = threading.Thread(target=_pump, args=(proc.stdout, log), daemon=True)
     pump.start()
     interrupted = False
     deadline = None
