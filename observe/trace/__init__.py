@@ -123,7 +123,8 @@ def trace_training_step(config: dict, *, quant: str, double_quant: bool, compute
                         attn_impl: str = "sdpa", device: str = "meta", steps: int = 1, seed: int = 0,
                         kernels: str = "cuda", count_flops: bool = False, reentrant: bool = False,
                         loss: str = "full", liger_kernels: tuple[str, ...] = (), full: bool = False,
-                        method: str = "", section: dict | None = None) -> dict:
+                        method: str = "", section: dict | None = None, objective: str = "sft",
+                        padded: bool = False) -> dict:
     """Trace ``steps`` LoRA (``full``: full fine-tuning) training steps and return the live-tensor peak and its breakdown.
 
     ``kernels`` (meta only) picks whose kernels the meta trace mirrors: ``"cuda"`` (the default,
@@ -138,7 +139,8 @@ def trace_training_step(config: dict, *, quant: str, double_quant: bool, compute
                       device=device, steps=int(steps), seed=int(seed),
                       kernels=kernels if device == "meta" else "cpu", count_flops=bool(count_flops),
                       reentrant=bool(reentrant), loss=loss, liger_kernels=tuple(liger_kernels),
-                      full=bool(full), method=method, section=dict(section) if section else None)
+                      full=bool(full), method=method, section=dict(section) if section else None,
+                      objective=objective, padded=bool(padded))
     from .run import run_trace
 
     return run_trace(dict(config), s)
@@ -169,7 +171,8 @@ def trace_plan(plan: dict[str, Any], device: str = "meta", steps: int = 2, count
             count_flops=count_flops, reentrant=t["grad_ckpt"] == "reentrant", loss=t.get("loss", "full"),
             liger_kernels=tuple(t.get("liger_kernels") or ()), full=plan.get("method") == "full",
             method=plan.get("method", "") if plan.get("method") not in (None, "full") else "",
-            section=plan.get(plan.get("method") or ""),
+            section=plan.get(plan.get("method") or ""), objective=t.get("objective", "sft"),
+            padded=bool(t.get("padded", False)),
         )
     except ImportError as exc:  # pragma: no cover - only without the train extra
         if (exc.name or "").split(".")[0] == "trl":

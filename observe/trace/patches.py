@@ -170,6 +170,25 @@ def packed_sequences_on_meta():
         yield
 
 
+@contextlib.contextmanager
+def padding_on_meta(padded: bool):
+    """transformers' ``fast_all`` (is every position of a 2-D attention mask real?) on a meta mask, which has no
+    values: the traced batch's answer — False for a padded one, so SDPA/eager attention get the 4-D mask a padded
+    batch makes; True otherwise (the mask is dropped, as for an unpadded batch)."""
+    from transformers import masking_utils
+
+    orig = masking_utils.fast_all
+
+    def fast_all(tensor):
+        if tensor.device.type == "meta":
+            return not padded
+        return orig(tensor)
+
+    with contextlib.ExitStack() as stack:
+        _patch(stack, masking_utils, "fast_all", fast_all)
+        yield
+
+
 class EmulatedAutocast:
     """Enter to emulate ``amp_device``'s autocast (and SDPA/dropout kernels) on meta tensors;
     ``fmode`` is the function mode to enter around the step; ``redirect()`` points transformers'

@@ -57,6 +57,7 @@ def run_trace(config: dict, s: TraceSettings, wrap: Any = None) -> dict:
             stack.enter_context(patches.torchao_step_on_meta())
             amp = stack.enter_context(patches.EmulatedAutocast(s.amp_device, s.kernels))
             stack.enter_context(patches.packed_sequences_on_meta())
+            stack.enter_context(patches.padding_on_meta(s.padded))
         stack.enter_context(torch.random.fork_rng(devices=[]))
         torch.manual_seed(s.seed)
         hf = hf_config(config)
@@ -72,10 +73,20 @@ def run_trace(config: dict, s: TraceSettings, wrap: Any = None) -> dict:
             stack.enter_context(liger_kernels_on_meta(s.amp_device))
         model = build_model(hf, s, stack)
         peft_model = apply_peft(model, s, notes)
-        if s.loss == "trl":  # SFTTrainer patches the causal LM under the PEFT wrapper
+        dpo = None
+        if s.loss == "trl":  # SFTTrainer (DPOTrainer) patches the causal LM under the PEFT wrapper
             from .trl_head import add_sft_fused_head, gpu_kernels_on_meta
 
-            add_sft_fused_head(base_model(peft_model))
+            if s.objective == "dpo":
+                from .dpo import add_dpo_fused_head, dpo_trainer_state
+
+                add_dpo_fused_head(base_model(peft_model))
+                kwargs = {"use_reentrant": True} if s.reentrant else None
+                dpo = (dpo_trainer_state(peft_model, kwargs),
+                       # TRL switches checkpointing off for the reference and back on: new checkpoint functions
+                       (lambda: recompute_context(peft_model, s, current, amp)) if s.grad_ckpt else (lambda: None))
+            else:
+                add_sft_fused_head(base_model(peft_model))
             stack.enter_context(gpu_kernels_on_meta(s.amp_device))
         step_model = wrap(peft_model, stack) if wrap is not None else peft_model
         if s.grad_ckpt:
@@ -84,7 +95,7 @@ def run_trace(config: dict, s: TraceSettings, wrap: Any = None) -> dict:
         trainable, total = trainable_and_total(peft_model)
         if amp is not None:
             amp.redirect()
-        res = run_steps(step_model, opt, hf.get_text_config().vocab_size, s, amp, paged, current)
+        res = run_steps(step_model, opt, hf.get_text_config().vocab_size, s, amp, paged, current, dpo=dpo)
     add_notes(res, peft_model, s, notes)
     res["trainable_params"] = int(trainable)
     res["all_params"] = int(total)
@@ -254,9 +265,9 @@ def batch(vocab: int, s: TraceSettings) -> Any:
     import torch
 
     if s.device == "meta":
-        return torch.empty(s.batch_size, s.seq_len, dtype=torch.long, device="meta")
+        return torch.empty(s.rows, s.seq_len, dtype=torch.long, device="meta")
     g = torch.Generator().manual_seed(s.seed + 1)
-    return torch.randint(0, vocab, (s.batch_size, s.seq_len), generator=g)
+    return torch.randint(0, vocab, (s.rows, s.seq_len), generator=g)
 
 
 def full_model(model: Any, s: TraceSettings) -> Any:
@@ -287,13 +298,16 @@ def base_model(model: Any) -> Any:
 
 
 def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, paged: list,
-              current: dict[str, Any], host: list | None = None, chunked_logits: bool = False) -> dict:
+              current: dict[str, Any], host: list | None = None, chunked_logits: bool = False,
+              dpo: tuple[Any, Any] | None = None) -> dict:
     """``model.train()``; per step as ``Trainer`` does it: forward with ``input_ids``, ``labels`` and
     (when the forward takes ``**kwargs``) ``num_items_in_batch``, under autocast with accelerate's
     ``convert_to_fp32`` of the outputs; ``loss.backward()``; ``clip_grad_norm_(params, 1.0)``;
     ``optimizer.step()``; ``zero_grad(set_to_none=True)``.  ``host`` (the Unsloth mode): tensors
     that stand for pinned host memory, existing before the step (``host_peak``: their peak);
-    ``chunked_logits``: flag logits of any number of rows (a chunked cross-entropy)."""
+    ``chunked_logits``: flag logits of any number of rows (a chunked cross-entropy); ``dpo``: the DPO trainer's
+    stand-in state and what to run after each of its forwards (``observe.trace.dpo``): the step's forward is
+    ``DPOTrainer._compute_loss`` on ``2 B`` rows, under autocast, and no ``num_items_in_batch``."""
     import torch
     from accelerate.utils.operations import convert_to_fp32
 
@@ -311,16 +325,17 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
             from .liger import meta_scalar_stand_ins
 
             stand_ins.update(meta_scalar_stand_ins())
-    rule = LogitsRule.for_step(vocab, s.batch_size, s.seq_len + s.virtual_tokens, chunked_logits)
+    rule = LogitsRule.for_step(vocab, s.rows, s.seq_len + s.virtual_tokens, chunked_logits)
     tracker = LiveTensorTracker(dev, logits=rule,
                                 stand_ins=stand_ins, host_scalars_phase="optimizer" if dev == "cpu" else None)
     ids = batch(vocab, s)
-    labels = ids.clone()
+    # DPO: the collator's completion_mask (every position a completion token); _compute_loss makes the labels
+    labels = ids.clone() if dpo is None else torch.ones_like(ids)
     base = base_model(model)  # DDP wraps the PEFT model
     accepts = getattr(base, "accepts_loss_kwargs", None)
     if accepts is None:
         accepts = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(base.forward).parameters.values())
-    num_items = labels[..., 1:].ne(-100).sum() if accepts else None
+    num_items = labels[..., 1:].ne(-100).sum() if accepts and dpo is None else None
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def grad_hook(p):
@@ -342,6 +357,10 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
         return torch.autocast("cpu", dtype=torch_dtype(s.compute_dtype))
 
     def forward():
+        if dpo is not None:
+            from .dpo import dpo_forward
+
+            return dpo_forward(dpo[0], model, ids, labels, dpo[1])
         kwargs = {"input_ids": ids, "labels": labels}
         if s.loss == "trl":
             kwargs["fused_lm_head"] = True  # SFTTrainer.compute_loss
@@ -355,6 +374,15 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
         del outputs
         return loss
 
+    if dpo is not None:  # accelerate's prepare: the model's forward under autocast, its outputs converted to fp32
+        inner = model.forward
+
+        def amp_forward(*a, **k):
+            with amp_ctx():
+                out = inner(*a, **k)
+            return convert_to_fp32(out) if s.amp else out
+
+        model.forward = amp_forward
     hooks = [p.register_post_accumulate_grad_hook(grad_hook) for p in trainable]
     host_step = optimizer_row(s.optimizer).host_step
     model.train()

@@ -53,6 +53,17 @@ class TraceSettings:
     #: target and feed-forward modules, ``PromptTuningConfig``'s virtual tokens); ``lora`` is then unused
     method: str = ""
     section: dict[str, Any] | None = field(default=None, hash=False)
+    #: ``sft`` (the Trainer's loss), or ``dpo``: TRL's ``DPOTrainer`` step (``observe.trace.dpo``) on ``batch_size``
+    #: pairs, chosen and rejected concatenated (``2 batch_size`` rows)
+    objective: str = "sft"
+    #: the batch is padded (DPO: a pair's chosen and rejected differ in length): the ``attention_mask`` the step passes
+    #: has zeros, so attention gets a 4-D mask (``patches.padding_on_meta``; a step without a mask is unaffected)
+    padded: bool = False
+
+    @property
+    def rows(self) -> int:
+        """The rows of the model's batch: DPO runs each pair's chosen and rejected sequence as two rows."""
+        return 2 * self.batch_size if self.objective == "dpo" else self.batch_size
 
     @property
     def virtual_tokens(self) -> int:
@@ -79,6 +90,10 @@ class TraceSettings:
             raise ValueError("Liger's kernels are traced as a GPU runs them (Triton kernels stood in): on meta, CUDA kernels")
         if self.full and self.quant in ("nf4", "fp4", "int8"):
             raise ValueError("full fine-tuning trains the weights: a bitsandbytes-quantized base cannot be trained")
+        if self.objective not in ("sft", "dpo"):
+            raise ValueError(f"objective must be 'sft' or 'dpo', got {self.objective!r}")
+        if self.objective == "dpo" and (self.loss != "trl" or self.full or self.method):
+            raise ValueError("DPO is traced as TRL 1.16's DPOTrainer runs LoRA: its fused LM head (loss 'trl')")
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError("steps >= 1, batch_size >= 1 and seq_len >= 2 are required")
 
