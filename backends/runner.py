@@ -209,6 +209,9 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
     from qplan.planner.api import check_consistent
 
     check_consistent(plan)  # world size = GPUs x nodes; the prediction is what the settings predict
+    if plan["training"].get("objective", "sft") != "sft":
+        raise QPlanError(f"qplan run trains SFT plans: this plan's objective is {plan['training']['objective']} (TRL's "
+                         "trainer for it is planned and traced, `qplan estimate --method trace`, not run by a backend yet)")
     if model_dir and random_init:
         raise QPlanError("give either --model-dir or --random-init, not both")
     if not model_dir and not random_init:

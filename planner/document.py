@@ -43,6 +43,7 @@ from qplan.planner.vocab import (
     QUANTS,
     SAFETENSORS_DTYPE,
     STRATEGIES,
+    TRAINING_OBJECTIVES,
 )
 from qplan.planner.vocab import BIAS_MODES as _BIAS
 
@@ -175,6 +176,8 @@ class TrainingSection(Struct, forbid_unknown_fields=True, kw_only=True):
               "the full logits (transformers' loss)") = UNSET
     liger_kernels: _d(list[lit(LIGER_KERNELS)] | UnsetType, "Liger-Kernel's RMSNorm / SwiGLU / RoPE in the decoder "
                       "layers; absent: transformers' modules") = UNSET
+    objective: _d(lit(TRAINING_OBJECTIVES) | UnsetType, "dpo: TRL's DPOTrainer (batch_size pairs: 2 x batch_size "
+                  "rows, and the reference's forward); absent: sft") = UNSET
 
 
 class GpuSection(Struct, kw_only=True):
@@ -241,6 +244,7 @@ class Flops(Struct, kw_only=True):
     attention: Bytes | UnsetType = UNSET
     recomputation: Bytes | UnsetType = UNSET
     head: Bytes | UnsetType = UNSET
+    reference: _d(Bytes | UnsetType, "DPO: the reference's forward (the base model without adapters, no grad)") = UNSET
     total: Bytes
 
 

@@ -54,6 +54,7 @@ from qplan.planner.vocab import (
     PRESETS,
     QUANTS,
     STRATEGIES,
+    TRAINING_OBJECTIVES,
 )
 
 MODEL, LORA, QUANT, TRAINING, DATA, DEVICE, TIME, MULTI, SEARCH = (
@@ -142,6 +143,11 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
              "CutCrossEntropyPlugin; Ampere or newer), no logits; trl: TRL 1.16 SFTTrainer's fused LM head (the head in "
              "4096 x 32768 tiles); liger: Liger-Kernel's fused linear cross-entropy (axolotl's LigerPlugin, "
              "liger_fused_linear_cross_entropy)", section=TRAINING) = "full"
+    objective: _f(lit(TRAINING_OBJECTIVES), "sft: next-token training; dpo: TRL 1.16's DPOTrainer — each of the "
+                  "--batch-size pairs runs its chosen and rejected sequence (2 x batch rows of --seq-len, TRL's "
+                  "max_length, padded to the longer), then the reference (the base with the adapters disabled, no "
+                  "grad), through TRL's fused LM head (--loss trl); TRL's disable_dropout: LoRA dropout 0",
+                  section=TRAINING) = "sft"
     liger_kernels: _f(Names, "comma-separated Liger-Kernel kernels in the decoder layers: rms_norm, swiglu, rope "
                       "(axolotl's liger_rms_norm, liger_glu_activation, liger_rope)", section=TRAINING) = ""
     backend: _f(lit(BACKENDS), "the trainer `qplan run` uses (see `qplan backends`); unsloth plans Unsloth's "

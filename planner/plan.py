@@ -177,6 +177,10 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
         modules_to_save = modules_to_save.split(",")
     if isinstance(target_parameters, str):
         target_parameters = target_parameters.split(",")
+    loss = o.loss
+    if o.objective == "dpo":
+        loss = check_dpo(o)
+        dropout = 0.0  # DPOConfig.disable_dropout (True): every dropout module's p set to 0
     if dropout is None:
         dropout = default_dropout(spec, targets, tuple(m.strip() for m in target_parameters if m.strip()))
     lora = LoraSettings(
@@ -217,10 +221,13 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     # a 4-D attention mask: padded rows, or padding-free packs under SDPA/eager (transformers tells the documents apart
     # from the position ids with a block-causal mask; flash attention runs them varlen, without one)
     mask = data is not None and (bool(data["worst_batch"].get("padded")) or (bool(flat) and attn != "flash_attention_2"))
-    training = TrainingSettings(o.batch_size, seq_len, o.grad_accum, ckpt, o.optimizer, attn, bool(mask), flat, o.loss,
+    # DPO: a pair's chosen and rejected sequences differ in length, so its rows are padded and the attention_mask the
+    # collator passes has zeros (flash attention runs the rows unpadded, varlen)
+    mask = mask or (o.objective == "dpo" and attn != "flash_attention_2")
+    training = TrainingSettings(o.batch_size, seq_len, o.grad_accum, ckpt, o.optimizer, attn, bool(mask), flat, loss,
                                 liger_kernels(o.liger_kernels, spec, backend, strategy),
-                                getattr(peft, "num_virtual_tokens", 0))
-    loss_notes = check_fused_loss(o.loss, spec, q, gpu_, backend, strategy) if o.loss != "full" else []
+                                getattr(peft, "num_virtual_tokens", 0), o.objective)
+    loss_notes = check_fused_loss(loss, spec, q, gpu_, backend, strategy) if loss != "full" else []
     q, warnings = check_gpu_dtype(q, gpu_, auto_fix=not o.strict_dtype, full=o.full)
     check_adapter_dtype(lora.adapter_dtype, q, backend)
     if o.full:
@@ -245,8 +252,41 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     if peft is not None:
         check_method(peft, q, backend, dist, o.loss)
         warnings += method_warnings(peft)
+    if o.objective == "dpo":
+        warnings.append("DPO: planned as TRL 1.16's DPOTrainer runs it (traced on meta through its own _compute_loss); "
+                        "every position is planned as a completion token (the fused head scores fewer with a prompt), "
+                        "the precomputation pass of precompute_ref_log_probs and a separate ref_model are not planned; "
+                        "with checkpointing, the last layer's backward at LoRA dropout 0 (DPO's) is planned up to 2% "
+                        "under the traced step (QLoRA; 0.6% in bf16)")
     return PlanInputs(spec, lora, q, training, gpu_, backend, tokens, o.price_per_hour, calib, dist, data,
                       o.full, peft), warnings
+
+
+def check_dpo(o: PlanOptions) -> str:
+    """``--objective dpo``: the loss it is planned with (TRL 1.16's ``DPOTrainer`` always computes the log-probabilities
+    through its fused LM head: ``trl``), or one line for what is not planned with it yet."""
+    if o.loss not in ("full", "trl"):  # full: the option's default
+        raise QPlanError(f"--objective dpo computes its log-probabilities with TRL's fused LM head (DPOTrainer always "
+                         f"does): leave out --loss {o.loss}, or give --loss trl")
+    why = None
+    if o.full:
+        why = "--full (a separate reference model) is not planned yet"
+    elif o.peft_type.strip().lower() != "lora":
+        why = f"--peft-type {o.peft_type} is not planned yet (LoRA and its variants are)"
+    elif o.backend != "peft":
+        why = f"the {o.backend} backend is not planned (TRL's DPOTrainer on PEFT is)"
+    elif o.gpus * o.nodes > 1 or o.strategy is not None or o.cpu_offload:
+        why = "several GPUs are not planned yet: plan one GPU"
+    elif o.data is not None:
+        why = "--data is not read as preference pairs yet: give --seq-len (TRL's max_length, default 1024)"
+    elif o.liger_kernels:
+        why = "--liger-kernels are not planned with it yet"
+    elif o.dropout not in (None, 0.0):
+        why = (f"--dropout {o.dropout}: DPOConfig.disable_dropout (default True) sets every dropout to 0; leave "
+               "--dropout out")
+    if why:
+        raise QPlanError(f"--objective dpo: {why}")
+    return "trl"
 
 
 def check_lorafa(lora: LoraSettings, backend: str, dist: DistSettings | None) -> str:
@@ -466,13 +506,17 @@ def plan_counts(inp: PlanInputs) -> list:
 def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[str, Any]:
     """``prediction.compute`` (FLOPs and bytes of one optimizer step), ``time`` and ``cost``."""
     from qplan.planner.compute.comm import comm_time, gathered_bytes
-    from qplan.planner.compute.flops import not_counted, step_bytes, step_flops
+    from qplan.planner.compute.flops import not_counted, reference_forward_flops, step_bytes, step_flops
     from qplan.planner.compute.ops import step_launches
     from qplan.planner.compute.timing import cost_prediction, time_prediction
     from qplan.planner.memory.terms import gradient_bytes
 
     t, q = inp.training, inp.quant
     flops = step_flops(inp.spec, counts, inp.lora.r, q, *t.shape, t.grad_ckpt, t.attn_impl, t.grad_accum, t.loss)
+    if t.objective == "dpo":  # the reference's forward on the same rows
+        flops["reference"] = reference_forward_flops(inp.spec, counts, inp.lora.r, q, *t.shape, t.attn_impl,
+                                                     t.grad_accum)
+        flops["total"] += flops["reference"]
     moved = step_bytes(inp.spec, counts, inp.lora.r, q, t.grad_ckpt, t.optimizer, trainable, t.grad_accum)
     # the data's tokens (prompt tuning's virtual tokens run through the model but are not the user's tokens)
     tokens_per_step = t.shape[0] * (t.shape[1] - t.virtual_tokens) * t.grad_accum
@@ -495,6 +539,9 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
     if inp.calibration is not None and inp.gpu is None:
         raise QPlanError("--calibration needs --gpu: the device the calibration was fitted on")
     missing = not_counted(inp.spec, inp.lora.use_dora)
+    if t.objective == "dpo":  # its FLOPs are counted; what the roofline and the launch count add for it is not
+        missing.append("DPO's reference forward in the step time's memory traffic and kernel launches (its FLOPs "
+                       "are counted): the time is a lower bound, not checked against a GPU run of DPO")
     compute = Compute(flops_per_step=section(Flops, flops), bytes_per_step=section(Moved, moved),
                       kernel_launches_per_step=section(Launches, launches) if launches else msgspec.UNSET,
                       flops_counted_as="torch.utils.flop_counter.FlopCounterMode (2 m k n per matmul)",

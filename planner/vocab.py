@@ -62,6 +62,9 @@ BACKENDS = ("peft", "unsloth")
 #: it), TRL 1.16's fused LM head (SFTTrainer: the head in [4096, 32768] tiles), or Liger-Kernel's fused linear
 #: cross-entropy (axolotl's LigerPlugin, ``liger_fused_linear_cross_entropy``) — ``planner.memory.loss``
 LOSSES = ("full", "cce", "trl", "liger")
+#: what the step trains for (``--objective``, TRL's trainer names): ``sft`` (the next token), ``dpo`` (TRL's
+#: ``DPOTrainer``: each pair's chosen and rejected sequence, and the reference's log-probabilities)
+TRAINING_OBJECTIVES = ("sft", "dpo")
 #: Liger-Kernel's kernels inside the decoder layers (``--liger-kernels``; axolotl's ``liger_rms_norm``,
 #: ``liger_glu_activation``, ``liger_rope``): each saves other tensors for backward than transformers' modules
 LIGER_KERNELS = ("rms_norm", "swiglu", "rope")
@@ -153,7 +156,7 @@ PHASES = ("forward", "backward", "optimizer")
 #: observer marks: the loss is computed inside the model's forward; layer 0's backward is in the
 #: backward pass; an eager-attention layer's forward runs in the forward and again, recomputed, in
 #: the backward
-MOMENTS_OF_PHASE = {"forward": ("forward", "attention", "unshard", "mlp_forward"),
+MOMENTS_OF_PHASE = {"forward": ("forward", "attention", "unshard", "mlp_forward", "reference"),
                     "backward": ("backward", "layers", "layers_last", "attention", "embeddings"),
                     "optimizer": ("optimizer",)}
 #: what a person calls each moment
@@ -162,7 +165,7 @@ MOMENT_NAMES = {"forward": "loss (end of forward)", "backward": "start of backwa
                 "attention": "eager attention forward",
                 "unshard": "FSDP first all-gathers (root + layer 0)",
                 "mlp_forward": "a layer's MLP forward",
-                "embeddings": "embeddings' backward"}
+                "embeddings": "embeddings' backward", "reference": "DPO reference forward (its head)"}
 
 
 def optimizer(name: str) -> Optimizer:

@@ -190,6 +190,25 @@ def fused_head_flops(T: int, h: int, V: int, hidden_rg: bool) -> tuple[int, int]
     return fwd, 4 * T * h * V if hidden_rg else 0  # no gradient wanted: the loss is not in the graph
 
 
+def reference_forward_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSettings, b: int, s: int,
+                            attn_impl: str, grad_accum: int = 1) -> int:
+    """DPO's reference forward (TRL 1.16 ``DPOTrainer._compute_loss``: the policy with its adapters disabled, under
+    ``no_grad``, through the fused LM head) on the ``b`` rows of the step: every base projection
+    (``linear_forward_flops``), the attention core's forward and the head's tiles' forward (``2 n h V``) on the
+    ``n = b (s - 1)`` rows it scores (the positions with a next token); no adapter runs, nothing is recomputed, no
+    backward. Per micro-batch, times ``grad_accum``."""
+    d = dims(spec)
+    T = b * s
+    amp = q.compute_dtype in ("bfloat16", "float16")
+    fused = uses_fused_attention(attn_impl, amp, d.hd, d.nh, d.nkv)
+    hd = d.hd + (-d.hd) % 8 if (fused and amp and d.hd <= 256) else d.hd
+    none = LayerGrads(*([False] * 8))  # no tensor of the reference needs a gradient
+    per_layer = (sum(linear_forward_flops(T, site) for site in layer_branches(spec, counts, r, q))
+                 + attention_flops(b, s, d.nh, hd, attn_impl, fused, none)[0])
+    n = b * (s - 1)
+    return (d.L * per_layer + 2 * n * d.h * d.V) * grad_accum  # TRL's tiles read the target logit from the tile
+
+
 def recompute_skipped(T: int, sites: list[Branch], norms: int) -> int:
     """What checkpointing does *not* recompute: torch's non-reentrant checkpoint stops the
     recomputation as soon as every tensor the backward needs is back (``_checkpoint_early_stop``),

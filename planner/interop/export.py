@@ -77,6 +77,9 @@ def _check(plan: dict[str, Any], to: str) -> None:
         raise QPlanError(f"{to} export of target_parameters is not supported: plan without --target-parameters")
     if lora.get("rank_pattern") or lora.get("alpha_pattern"):
         raise QPlanError("the plan has per-module ranks, which the trainer configs cannot express")
+    if training.get("objective", "sft") != "sft":
+        raise QPlanError(f"the plan's objective is {training['objective']}: export writes SFT configs, and writing a "
+                         f"{training['objective']} config for {to} is not done yet")
     loss = training.get("loss", "full")
     if loss == "cce" and to != "axolotl":
         raise QPlanError(f"{to} has no Cut Cross Entropy option (axolotl's CutCrossEntropyPlugin has): export the plan "

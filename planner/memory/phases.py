@@ -20,7 +20,7 @@ from typing import Any
 
 from qplan.planner.memory.activations import ZERO, Lin, activation_terms, precision
 from qplan.planner.memory.lin import most
-from qplan.planner.memory.loss import loss_terms
+from qplan.planner.memory.loss import loss_terms, loss_time_activation
 from qplan.planner.memory.terms import (
     TrainingSettings,
     adapter_bytes,
@@ -44,7 +44,8 @@ def training_memory(spec: ModelSpec, counts: list[ModuleCount], lora_r: int, dro
     """All terms and the peak, for one plan.  ``loss``: ``planner.memory.loss.LOSS_KINDS``; ``kernels="cpu"``: what
     the same step allocates when it runs on the CPU (``qplan run --device cpu`` compares against that)."""
     return MemoryModel.build(spec, counts, lora_r, dropout, q, t.grad_ckpt, t.optimizer, t.attn_impl,
-                             weights, loss, kernels, t.padded, dora, t.liger_kernels).evaluate(*t.shape, t.grad_accum)
+                             weights, loss, kernels, t.padded, dora, t.liger_kernels,
+                             t.objective).evaluate(*t.shape, t.grad_accum)
 
 
 @dataclass(frozen=True)
@@ -106,10 +107,12 @@ class MemoryModel:
     #: alive at the embeddings' backward besides the gradients, kept and transient
     #: (``masks.embeddings_backward_activation``)
     end_acts: tuple[Lin, Lin] = (ZERO, ZERO)
+    #: DPO: what the reference's forward holds beyond the policy's forward moment (``dpo_reference_extra``)
+    reference: Lin = ZERO
 
     @classmethod
     def build(cls, spec, counts, lora_r, dropout, q, grad_ckpt, optimizer, attn_impl, weights, loss="full",
-              kernels="cuda", padded=False, dora=False, liger=()):
+              kernels="cuda", padded=False, dora=False, liger=(), objective="sft"):
         # adapters of modules a text-only step never runs (a vision tower) get no gradient or state
         stepped = stepped_counts(spec, counts)
         opt = optimizer_state_bytes(stepped, optimizer)
@@ -117,6 +120,7 @@ class MemoryModel:
         acts = activation_terms(spec, stepped, lora_r, dropout, q, grad_ckpt, attn_impl, kernels, padded, dora,
                                 head_linear=loss not in ("cce", "trl", "liger"), liger=liger)
         lg = loss_terms(spec, q, loss)
+        dpo = objective == "dpo"
         return cls(
             weights=weights, adapters=adapter_bytes(counts), gradients=gradient_bytes(stepped),
             optimizer=opt["device"] + opt["paged"], optimizer_paged=opt["paged"],
@@ -128,7 +132,9 @@ class MemoryModel:
             last_grads=acts["grads"][1] if acts["grads"] else 0,
             end_grads=acts["grads"][2:4] if acts["grads"] else (), end_in_grad=acts["grads"][4:] if acts["grads"] else (),
             end_acts=acts["end"],
-            loss_extra=acts["loss_extra"], logits_fwd=lg["forward"], logits_bwd=lg["backward"],
+            loss_extra=acts["loss_extra"] + (dpo_inputs() if dpo else ZERO), logits_fwd=lg["forward"],
+            logits_bwd=lg["backward"],
+            reference=dpo_reference_extra(spec, stepped, q, grad_ckpt) if dpo else ZERO,
             layers_temps=acts["layers_temps"], attn_temps=acts["attn_fwd_temps"], ckpt_inputs=acts["ckpt_inputs"],
             layer_moments=acts["layer_moments"], mlp_fwd=acts["mlp_fwd"], mlp_fwd_temps=acts["mlp_fwd_temps"],
         )
@@ -150,6 +156,8 @@ class MemoryModel:
         if self.ckpt_inputs != ZERO:
             out["layers_last"] = (static + (g or self.last_grads) + (self.layers + self.ckpt_inputs).at(T, s)
                                   + self.moment(T, s))
+        if self.reference != ZERO:  # DPO: the reference's forward, after the policy's
+            out["reference"] = out["forward"] + self.reference.at(T, s)
         if self.end_grads:
             out["embeddings"] = static + self.end_grads[grad_accum > 1] + sum(x.at(T, s) for x in self.end_acts)
         out["optimizer"] = static + self.gradients + self.temps_opt
@@ -182,6 +190,9 @@ class MemoryModel:
             "layers": {"gradients": self.gradients if grad_accum > 1 else self.layers_grads,
                        "activations": self.layers.at(T, s) + self.moment(T, s) - layers_t, "temporaries": layers_t},
         }
+        if self.reference != ZERO:  # the policy's kept rows and outputs, less autocast's cache: transient to a tracker
+            fwd = parts["forward"]
+            parts["reference"] = {**fwd, "temporaries": fwd["temporaries"] + self.reference.at(T, s)}
         if self.ckpt_inputs != ZERO:
             parts["layers_last"] = {"gradients": g or self.last_grads,
                                     "activations": (self.layers + self.ckpt_inputs).at(T, s) + self.moment(T, s) - layers_t,
@@ -231,6 +242,27 @@ class MemoryModel:
             "composition": self.composition(b, s, grad_accum),
         }
 
+
+
+def dpo_inputs() -> Lin:
+    """DPO's batch beyond SFT's ids and labels, alive through the forward: ``DataCollatorForPreference``'s
+    ``attention_mask`` and ``completion_mask``, int64 (``16 T``; TRL 1.16 ``dpo_trainer.py``)."""
+    return Lin(tok=16)
+
+
+def dpo_reference_extra(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings, grad_ckpt: str) -> Lin:
+    """What the reference's forward (TRL 1.16 ``DPOTrainer._compute_loss``: the model again, adapters disabled, under
+    ``no_grad``) holds at its head beyond the policy's own forward moment at its head. The reference's head moment
+    has its own final norm output and valid rows, as the policy's had, plus what the policy keeps for its backward:
+    its valid rows' hidden states (``hidden[mask]``, saved by the fused head: ``R h`` a row) and its outputs
+    (log-probabilities, entropy, mean logits: fp32; top-1 and label mask: bool; ``14`` a row), rows planned as ``T``
+    as the head's terms are. Less, with checkpointing under autocast, the cached casts of the adapters
+    (``loss.loss_time_activation``'s constant): accelerate's autocast around the policy's forward has exited, so
+    its cache is gone (without checkpointing those casts are saved, and stay)."""
+    d = dims(spec)
+    p = precision(q)
+    cached = loss_time_activation(spec, counts, q, grad_ckpt).const if grad_ckpt != "off" and p.amp else 0
+    return Lin(tok=p.R * d.h + 14, const=-cached)
 
 
 def moment_in_phase(phases: dict[str, int], observed_phase: str | None) -> str | None:

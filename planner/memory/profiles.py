@@ -111,7 +111,7 @@ class PeftProfile:
         t = ctx.training
         return MemoryModel.build(ctx.spec, list(ctx.counts), ctx.lora.r, ctx.lora.dropout, ctx.quant, t.grad_ckpt,
                                  t.optimizer, t.attn_impl, ctx.weights, self.loss(ctx), kernels, t.padded,
-                                 ctx.lora.use_dora, t.liger_kernels)
+                                 ctx.lora.use_dora, t.liger_kernels, t.objective)
 
     def memory(self, ctx: StepContext, kernels: str = "cuda") -> dict[str, Any]:
         mem = training_memory(ctx.spec, list(ctx.counts), ctx.lora.r, ctx.lora.dropout, ctx.quant, ctx.training,

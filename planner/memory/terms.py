@@ -71,12 +71,17 @@ class TrainingSettings:
     #: prompt tuning: the trained virtual tokens PEFT prepends to every row (``planner.model.prompt``; the plan's
     #: ``prompt_tuning`` section says it, so plan.json's ``training`` does not)
     virtual_tokens: int = 0
+    #: ``vocab.TRAINING_OBJECTIVES``: ``dpo`` runs each of the ``batch_size`` pairs as two rows (chosen, rejected)
+    objective: str = "sft"
 
     @property
     def shape(self) -> tuple[int, int]:
         """The ``(rows, tokens per row)`` the model's tensors have: ``(1, flat_tokens)`` for padding-free packs;
-        ``seq_len + virtual_tokens`` per row under prompt tuning."""
-        return (1, self.flat_tokens) if self.flat_tokens else (self.batch_size, self.seq_len + self.virtual_tokens)
+        ``seq_len + virtual_tokens`` per row under prompt tuning; two rows a pair under DPO (``DataCollatorForPreference``
+        concatenates the chosen and the rejected rows)."""
+        if self.flat_tokens:
+            return (1, self.flat_tokens)
+        return (self.batch_size * (2 if self.objective == "dpo" else 1), self.seq_len + self.virtual_tokens)
 
     def validate(self, spec: ModelSpec) -> None:
         if self.batch_size <= 0:
@@ -114,6 +119,8 @@ class TrainingSettings:
         if not self.flat_tokens:
             out.pop("flat_tokens")
         out.pop("virtual_tokens")
+        if self.objective == "sft":  # plan.json names the objective only when it is not SFT
+            out.pop("objective")
         if self.loss == "full":  # plan.json names the loss only when it is not the full logits
             out.pop("loss")
         if self.liger_kernels:
