@@ -199,9 +199,7 @@ def reference_forward_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, 
     backward. Per micro-batch, times ``grad_accum``."""
     d = dims(spec)
     T = b * s
-    amp = q.compute_dtype in ("bfloat16", "float16")
-    fused = uses_fused_attention(attn_impl, amp, d.hd, d.nh, d.nkv)
-    hd = d.hd + (-d.hd) % 8 if (fused and amp and d.hd <= 256) else d.hd
+    fused, hd = attention_kernel(spec, q, attn_impl)
     none = LayerGrads(*([False] * 8))  # no tensor of the reference needs a gradient
     per_layer = (sum(linear_forward_flops(T, site) for site in layer_branches(spec, counts, r, q))
                  + attention_flops(b, s, d.nh, hd, attn_impl, fused, none)[0])
@@ -228,6 +226,15 @@ def recompute_skipped(T: int, sites: list[Branch], norms: int) -> int:
     return linear_forward_flops(T, last)
 
 
+def attention_kernel(spec: ModelSpec, q: QuantSettings, attn_impl: str) -> tuple[bool, int]:
+    """Whether the attention core runs a fused kernel (``uses_fused_attention``), and the head dim its products
+    count: flash attention pads it to a multiple of 8 for 16-bit inputs up to 256."""
+    d = dims(spec)
+    amp = q.compute_dtype in ("bfloat16", "float16")
+    fused = uses_fused_attention(attn_impl, amp, d.hd, d.nh, d.nkv)
+    return fused, d.hd + (-d.hd) % 8 if (fused and amp and d.hd <= 256) else d.hd
+
+
 def uses_fused_attention(attn_impl: str, amp: bool, hd: int, nh: int, nkv: int) -> bool:
     """sdpa on a GPU: flash attention for 16-bit inputs with head dim <= 256 (GQA native), the
     memory-efficient kernel for equal heads otherwise, else the math composite (torch 2.13
@@ -245,11 +252,9 @@ def step_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
     head as a linear layer, or Cut Cross Entropy's kernels, ``cce_head_flops``)."""
     d = dims(spec)
     T = b * s
-    amp = q.compute_dtype in ("bfloat16", "float16")
     ckpt = grad_ckpt != "off"
     sites = layer_branches(spec, counts, r, q)
-    fused = uses_fused_attention(attn_impl, amp, d.hd, d.nh, d.nkv)
-    hd = d.hd + (-d.hd) % 8 if (fused and amp and d.hd <= 256) else d.hd  # flash pads the head dim to 8
+    fused, hd = attention_kernel(spec, q, attn_impl)
     out = dict.fromkeys(FLOP_TERMS, 0)
     # the embeddings' output needs a gradient with checkpointing (enable_input_require_grads), or
     # when the embedding itself trains (LoRA on it, or a full copy in modules_to_save)
