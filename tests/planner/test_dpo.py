@@ -30,6 +30,16 @@ def _dpo(**kw):
                         "gpu": "a100-80gb", **kw})
 
 
+def _dpo_and_its_sft(**kw):
+    """A DPO plan of 2 pairs, unpadded (the SFT trace passes no attention mask), and the same plan as SFT on its 4
+    rows."""
+    dpo = _dpo(**kw)
+    dpo["training"]["padded"] = False
+    sft = copy.deepcopy(dpo)
+    sft["training"]["objective"], sft["training"]["batch_size"] = "sft", 4
+    return dpo, sft
+
+
 def test_a_dpo_plan_runs_two_rows_a_pair_through_trl_s_fused_head():
     plan = _dpo()
     t = plan["training"]
@@ -46,10 +56,7 @@ def test_the_dpo_step_is_the_fused_head_s_sft_step_on_twice_the_rows(kw):
     """TRL's DPO step traced against the SFT step on 2 B rows (same fused head, no padding in either): the
     backward identical (the reference left nothing behind); the forward higher (the collator's masks, and the
     reference's forward on top of what the policy keeps: ``test_a_dpo_plan_is_its_traced_step``)."""
-    dpo = _dpo(**kw)
-    dpo["training"]["padded"] = False  # the SFT trace passes no attention mask
-    sft = copy.deepcopy(dpo)
-    sft["training"]["objective"], sft["training"]["batch_size"] = "sft", 4
+    dpo, sft = _dpo_and_its_sft(**kw)
     d, s = trace_plan(dpo, steps=2)["phase_peaks"], trace_plan(sft, steps=2)["phase_peaks"]
     assert abs(d["backward"] - s["backward"]) <= 64, (d, s)
     assert d["forward"] - s["forward"] >= MASKS * 4 * 512 - 64, (d, s)
@@ -77,10 +84,7 @@ def test_a_dpo_plan_is_its_traced_step(kw, tol):
 def test_the_reference_forward_s_flops_are_the_trace_s():
     """FlopCounterMode over TRL's DPO step minus the same over the SFT step on its rows: the reference's forward, as
     the plan counts it (the base's projections, the attention core, the head's tiles on the scored rows)."""
-    dpo = _dpo(quant="bf16", grad_ckpt=False)
-    dpo["training"]["padded"] = False
-    sft = copy.deepcopy(dpo)
-    sft["training"]["objective"], sft["training"]["batch_size"] = "sft", 4
+    dpo, sft = _dpo_and_its_sft(quant="bf16", grad_ckpt=False)
     d = trace_plan(dpo, steps=1, count_flops=True)["flops_per_step"][0]
     s = trace_plan(sft, steps=1, count_flops=True)["flops_per_step"][0]
     assert d - s == dpo["prediction"]["compute"]["flops_per_step"]["reference"]

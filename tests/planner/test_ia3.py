@@ -9,7 +9,7 @@ their adapter files, to the byte) in tests/planner/test_peft_evidence.py. No exp
 from __future__ import annotations
 
 import pytest
-from trace_checks import assert_plan_is_the_trace
+from trace_checks import assert_traced_step
 
 from qplan.planner.api import plan_dict
 from qplan.planner.errors import QPlanError
@@ -66,12 +66,7 @@ CASES = [  # PEFT's harness (pure bf16, no checkpointing), bf16 autocast with ch
 
 @pytest.mark.parametrize("options", CASES, ids=range(len(CASES)))
 def test_every_phase_of_the_step_equals_the_traced_step(options):
-    pytest.importorskip("peft")
-    from qplan.observe.trace import trace_plan
-
-    plan = plan_dict(peft_type="ia3", batch_size=2, seq_len=512, **options)
-    traced = trace_plan(plan, steps=2)
-    assert_plan_is_the_trace(plan, traced)
+    assert_traced_step(peft_type="ia3", batch_size=2, seq_len=512, **options)
 
 
 def test_a_layer_s_backward_holds_the_feed_forward_scaling_s_gradients():

@@ -11,7 +11,7 @@ GPU run in tests/planner/test_peft_evidence.py. No expected value comes from qpl
 from __future__ import annotations
 
 import pytest
-from trace_checks import TINY_LLAMA, assert_adapter_file_is_peft_s, assert_counts_are_peft_s, assert_plan_is_the_trace
+from trace_checks import TINY_LLAMA, assert_adapter_file_is_peft_s, assert_counts_are_peft_s, assert_traced_step
 
 from qplan.planner.api import plan_dict
 from qplan.planner.errors import QPlanError
@@ -70,12 +70,7 @@ CASES = [  # PEFT's harness (pure bf16, no checkpointing), checkpointing, reentr
 
 @pytest.mark.parametrize("options", CASES, ids=range(len(CASES)))
 def test_every_phase_of_the_step_equals_the_traced_step(options):
-    pytest.importorskip("peft")
-    from qplan.observe.trace import trace_plan
-
-    plan = plan_dict(peft_type="ln_tuning", batch_size=2, seq_len=256, **options)
-    traced = trace_plan(plan, steps=2)
-    assert_plan_is_the_trace(plan, traced)
+    assert_traced_step(peft_type="ln_tuning", batch_size=2, seq_len=256, **options)
 
 
 @pytest.mark.parametrize("options", [dict(), dict(grad_ckpt=False), dict(model="qwen3-0.6b", grad_ckpt=False),

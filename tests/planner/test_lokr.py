@@ -18,7 +18,7 @@ from trace_checks import (
     TINY_LLAMA,
     assert_adapter_file_is_peft_s,
     assert_counts_are_peft_s,
-    assert_plan_is_the_trace,
+    assert_traced_step,
 )
 
 from qplan.planner.api import plan_dict
@@ -63,12 +63,7 @@ CASES = [*ADAPTER_CASES, dict(model="llama-3.2-1b", quant="bf16", compute_dtype=
 
 @pytest.mark.parametrize("options", CASES, ids=range(len(CASES)))
 def test_every_phase_of_the_step_equals_the_traced_step(options):
-    pytest.importorskip("peft")
-    from qplan.observe.trace import trace_plan
-
-    plan = plan_dict(peft_type="lokr", r=8, batch_size=2, seq_len=256, **options)
-    traced = trace_plan(plan, steps=2)
-    assert_plan_is_the_trace(plan, traced)
+    assert_traced_step(peft_type="lokr", r=8, batch_size=2, seq_len=256, **options)
 
 
 @pytest.mark.parametrize("targets,batch,seq", [("all-linear", 1, 64), ("mlp", 1, 64), ("all-linear", 2, 128)])

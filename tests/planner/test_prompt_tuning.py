@@ -12,7 +12,7 @@ value comes from qplan's formulas.
 from __future__ import annotations
 
 import pytest
-from trace_checks import TINY_LLAMA, assert_adapter_file_is_peft_s, assert_plan_is_the_trace
+from trace_checks import TINY_LLAMA, assert_adapter_file_is_peft_s, assert_plan_is_the_trace, assert_traced_step
 
 from qplan.planner.api import plan_dict
 from qplan.planner.errors import QPlanError
@@ -69,12 +69,7 @@ CASES = [  # PEFT's harness (pure bf16, no checkpointing), bf16 autocast with ch
 
 @pytest.mark.parametrize("options", CASES, ids=range(len(CASES)))
 def test_every_phase_of_the_step_equals_the_traced_step(options):
-    pytest.importorskip("peft")
-    from qplan.observe.trace import trace_plan
-
-    plan = plan_dict(peft_type="prompt_tuning", num_virtual_tokens=20, batch_size=2, seq_len=256, **options)
-    traced = trace_plan(plan, steps=2)
-    assert_plan_is_the_trace(plan, traced)
+    assert_traced_step(peft_type="prompt_tuning", num_virtual_tokens=20, batch_size=2, seq_len=256, **options)
 
 
 @pytest.mark.parametrize("options", CASES[:4], ids=range(4))

@@ -7,6 +7,18 @@ from __future__ import annotations
 BACKWARD = ("backward", "layers", "layers_last", "embeddings", "attention")
 
 
+def assert_traced_step(**options) -> None:
+    """The plan of ``options`` (``plan_dict``'s) against its traced step, two steps: ``assert_plan_is_the_trace``."""
+    import pytest
+
+    pytest.importorskip("peft")
+    from qplan.observe.trace import trace_plan
+    from qplan.planner.api import plan_dict
+
+    plan = plan_dict(**options)
+    assert_plan_is_the_trace(plan, trace_plan(plan, steps=2))
+
+
 def assert_plan_is_the_trace(plan: dict, traced: dict, tol: float = 0.001) -> None:
     """The trainable count equal; the tensor peak and each phase's peak (forward, backward, optimizer step) within
     ``tol`` of the trace's; each category of the peak moment within ``2 tol`` of the trace's peak."""
