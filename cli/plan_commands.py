@@ -145,7 +145,9 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
         raise QPlanError(f"--method trace traces one rank of --strategy fsdp without --cpu-offload; the step of "
                          f"{dist['strategy']}{' with --cpu-offload' if dist['cpu_offload'] else ''} is not traced "
                          "(see docs/multi-gpu.md)")
-    if method == "trace" and (plan["training"].get("padded") or plan["training"].get("flat_tokens")):
+    # a DPO step is traced with its collator's attention mask, padded (observe.trace.dpo); a --data plan's is not
+    padded = plan["training"].get("padded") and plan["training"].get("objective", "sft") == "sft"
+    if method == "trace" and (padded or plan["training"].get("flat_tokens")):
         raise QPlanError("--method trace steps unpadded batch × seq_len batches: a --data plan with padded batches or "
                          "padding-free packs (a 4-D attention mask, one flattened row) is planned with --method analytic "
                          "(proven by CPU runs: docs/data.md)")

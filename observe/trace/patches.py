@@ -115,6 +115,9 @@ def quiet_libraries():
             pass
         stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")
+        # what a library prints while the trace runs goes to stderr: stdout is the plan (`--format json`). A logger
+        # made meanwhile keeps the stream (DeepSpeed's, which TRL's import sets up, wrote its accelerator line there)
+        stack.enter_context(contextlib.redirect_stdout(sys.stderr))
         yield
 
 
