@@ -97,6 +97,7 @@ class Failure:
     phase: str | None = None
     exception: str | None = None
     traceback: str | None = None
+    at: float | None = None  # when it was caught (Unix time): the first of several ranks' failures is the cause
 
 
 @dataclass

@@ -12,6 +12,10 @@
   it), with the plan's precision, accumulation and offload. The GPU launch is not run by the tests
   (no GPU in CI): the files and the command are checked as data.
 
+A plan of several nodes is launched through torchrun's c10d rendezvous (``backends.nodes``): the run
+folder gets ``launch-node<N>.sh`` per node, the accelerate config naming node 0 as master, and
+``slurm.sbatch``; ``merge_ranks`` adds each rank's node and a ``nodes`` section (``node_summary``).
+
 The command is written to ``RUN_DIR/launch.sh`` so that the run can be repeated by hand. Every rank
 writes ``RUN_DIR/ranks/rank<N>.json`` (``backends.worker``); ``merge_ranks`` turns them into one
 measured.json: ``run.world_size``, ``ranks`` (one entry per rank), ``measured`` = the measurement of
@@ -27,6 +31,7 @@ import os
 import re
 import shlex
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,11 @@ from qplan.planner.errors import QPlanError
 
 #: statuses of a run, worst first: a failed rank decides the run's status
 _WORST = ("oom", "error", "interrupted", "ended", "running", "ok")
+
+
+def worst(statuses: list[str]) -> str:
+    """The worst of some ranks' statuses (an unknown one counts as an error)."""
+    return min(statuses, key=lambda s: _WORST.index(s) if s in _WORST else 1)
 
 
 def dist_section(plan: dict[str, Any]) -> dict[str, Any] | None:
@@ -44,27 +54,34 @@ def dist_section(plan: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def check_launchable(plan: dict[str, Any], device: str, cpu_count: int | None, gpu_count: int | None) -> None:
-    """One line for what this machine cannot launch (before any run folder is made)."""
+def check_launchable(plan: dict[str, Any], device: str, cpu_count: int | None, gpu_count: int | None,
+                     node_rank: int | None = None) -> None:
+    """One line for what this machine cannot launch (before any run folder is made). A plan of several nodes runs
+    all its nodes here on the CPU (loopback), or, with ``node_rank``, this machine's node only."""
     d = dist_section(plan)
     assert d is not None
     world, nodes, strategy = int(d["world_size"]), int(d.get("nodes") or 1), d["strategy"]
-    if nodes > 1:
-        raise QPlanError(f"this plan has {nodes} nodes: `qplan run` launches the ranks of one machine only "
-                         f"(plan one node with --gpus N --nodes 1, or launch each node by hand with `accelerate "
-                         f"launch` — docs/multi-gpu.md)")
+    if nodes > 1 and node_rank is None and device != "cpu":
+        raise QPlanError(f"this plan has {nodes} nodes: on GPUs start each machine's node with `qplan run PLAN "
+                         f"--node-rank N --master-addr NODE0_HOST` (N = 0..{nodes - 1}), or sbatch the slurm.sbatch "
+                         "of a run folder (docs/multi-node.md); on the CPU --device cpu runs every node here")
+    if node_rank is not None:
+        world = int(d["gpus_per_node"])  # this machine starts its own node's ranks
     if device == "cpu":
         if strategy in ("zero2", "zero3"):
             raise QPlanError(f"--strategy {strategy} cannot train on the CPU here: `qplan run` launches DeepSpeed "
                              "ZeRO on GPUs only (through accelerate); on the CPU use --strategy ddp or fsdp")
         if cpu_count is not None and world > cpu_count:
-            raise QPlanError(f"the plan has {world} ranks but this machine has {cpu_count} CPU cores: on the CPU "
-                             f"each rank needs a core (re-plan with --gpus {cpu_count} or fewer)")
+            what = (f"the plan has {world} ranks per node" if node_rank is not None else
+                    f"the plan has {world} ranks" + (f" ({nodes} nodes, all on this host)" if nodes > 1 else ""))
+            raise QPlanError(f"{what} but this machine has {cpu_count} CPU cores: on the CPU each rank needs a core "
+                             f"(re-plan with fewer --gpus{' or --nodes' if nodes > 1 else ''})")
         if d.get("cpu_offload"):
             raise QPlanError("--cpu-offload moves GPU memory to the host: on the CPU there is nothing to offload "
                              "(re-plan without --cpu-offload)")
     elif gpu_count is not None and world > gpu_count:
-        raise QPlanError(f"the plan has {world} ranks but torch sees {gpu_count} GPU(s) on this machine")
+        raise QPlanError(f"the plan has {world} ranks{' per node' if node_rank is not None else ''} but torch sees "
+                         f"{gpu_count} GPU(s) on this machine")
 
 
 # ------------------------------------------------------------------------------ commands and configs
@@ -110,8 +127,10 @@ def deepspeed_config(plan: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def accelerate_config(plan: dict[str, Any], deepspeed_file: str | None = None) -> dict[str, Any]:
-    """The ``accelerate launch --config_file`` of a multi-GPU plan on one machine (accelerate 1.x keys)."""
+def accelerate_config(plan: dict[str, Any], deepspeed_file: str | None = None,
+                      master: tuple[str, int] | None = None) -> dict[str, Any]:
+    """The ``accelerate launch --config_file`` of a multi-GPU plan (accelerate 1.x keys); a plan of several
+    machines names node 0 as ``master`` (each machine gives its own ``--machine_rank``)."""
     d = dist_section(plan) or plan["distributed"]
     strategy = d["strategy"]
     cfg: dict[str, Any] = {
@@ -126,6 +145,8 @@ def accelerate_config(plan: dict[str, Any], deepspeed_file: str | None = None) -
         "same_network": True,
         "use_cpu": False,
     }
+    if master is not None:
+        cfg.update(main_process_ip=master[0], main_process_port=int(master[1]))
     if strategy == "fsdp":
         cfg["fsdp_config"] = {
             "fsdp_version": 2,
@@ -161,27 +182,43 @@ def to_yaml(data: dict[str, Any], indent: int = 0) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_launch_files(run_dir: Path, plan: dict[str, Any], device: str, python: str) -> list[str]:
-    """Write the launch files of the run into ``run_dir`` and return the command that starts it, run from inside
-    ``run_dir``: every file it names is relative to the folder, so a moved folder still launches."""
+def write_launch_files(run_dir: Path, plan: dict[str, Any], device: str, python: str,
+                       nl: Any = None, node_rank: int | None = None,
+                       run_args: list[str] | None = None) -> list[list[str]]:
+    """Write the launch files of the run into ``run_dir`` and return the commands this run starts (one per node it
+    runs here), run from inside ``run_dir``: every file they name is relative to the folder, so a moved folder still
+    launches. One node: ``launch.sh``. Several nodes (``nl``, a ``nodes.NodeLaunch``): ``launch-node<N>.sh`` for
+    each node, the accelerate config naming node 0 as master and ``slurm.sbatch``."""
+    from . import nodes as nodes_mod
+
     d = dist_section(plan)
     assert d is not None
     job_file = "job.json"
-    if device == "cpu":
-        cmd = torchrun_command(python, int(d["world_size"]), job_file)
-    else:
-        ds_file = None
+    cfg_file = ds_file = None
+    if device != "cpu" or nl is not None:
         if d["strategy"] in ("zero2", "zero3"):
             ds_file = "deepspeed_config.json"
             (run_dir / ds_file).write_text(json.dumps(deepspeed_config(plan), indent=2) + "\n", encoding="utf-8")
         cfg_file = "accelerate_config.yaml"
-        (run_dir / cfg_file).write_text(to_yaml(accelerate_config(plan, ds_file)), encoding="utf-8")
-        cmd = accelerate_command(python, cfg_file, job_file)
-    (run_dir / "launch.sh").write_text(
-        "#!/bin/sh\n# the command `qplan run` started, from inside the run folder (rerun it by hand from anywhere)\n"
-        'cd "$(dirname "$0")" || exit 1\n'
-        + "exec " + " ".join(shlex.quote(c) for c in cmd) + "\n", encoding="utf-8")
-    return cmd
+        master = (nl.addr, nl.port) if nl is not None else None
+        (run_dir / cfg_file).write_text(to_yaml(accelerate_config(plan, ds_file, master)), encoding="utf-8")
+    if nl is None:
+        cmd = torchrun_command(python, int(d["world_size"]), job_file) if device == "cpu" else \
+            accelerate_command(python, cfg_file, job_file)
+        (run_dir / "launch.sh").write_text(
+            "#!/bin/sh\n# the command `qplan run` started, from inside the run folder (rerun it by hand from anywhere)\n"
+            'cd "$(dirname "$0")" || exit 1\n'
+            + "exec " + " ".join(shlex.quote(c) for c in cmd) + "\n", encoding="utf-8")
+        return [cmd]
+    cmds = []
+    for n in range(nl.nodes):
+        cmd = nodes_mod.torchrun_node_command(python, nl, n, job_file) if device == "cpu" else \
+            nodes_mod.accelerate_node_command(python, nl, n, cfg_file, job_file)
+        (run_dir / f"launch-node{n}.sh").write_text(nodes_mod.node_script(cmd, n, nl.nodes), encoding="utf-8")
+        cmds.append(cmd)
+    (run_dir / "slurm.sbatch").write_text(nodes_mod.slurm_script(plan, run_args or [], device, sys.executable),
+                                          encoding="utf-8")
+    return cmds if node_rank is None else [cmds[node_rank]]
 
 
 # ------------------------------------------------------------------------------ merging
@@ -207,7 +244,15 @@ def root_cause(log_text: str) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def _exit_text(code: int) -> str:
+def _signal_name(code: int) -> str:
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
+
+
+def exit_text(code: int) -> str:
+    """How a process ended, in words (a signal by name)."""
     if code < 0:
         try:
             name = signal.Signals(-code).name
@@ -230,6 +275,8 @@ def _rank_entry(r: int, doc: dict[str, Any] | None, plan_peak: int | None) -> di
     peak = mem.get("tensor_peak")
     return {
         "rank": r, "status": doc.get("status"), "failure": doc.get("failure"), "pid": doc.get("pid"),
+        "node": doc.get("node"), "host": doc.get("host"), "local_rank": doc.get("local_rank"),
+        "last_step": doc.get("last_step"), "host_memory": doc.get("host_memory") or {},
         "memory": {k: mem.get(k) for k in ("tensor_peak", "tensor_peak_phase", "tensor_peak_step", "weights",
                                            "breakdown_at_peak", "phase_peaks", "window_steps") if k in mem},
         "timing": {k: tm.get(k) for k in ("mean_step_seconds", "step_seconds", "tokens_per_second") if k in tm},
@@ -238,26 +285,54 @@ def _rank_entry(r: int, doc: dict[str, Any] | None, plan_peak: int | None) -> di
     }
 
 
-def merge_ranks(plan: dict[str, Any], run_dir: Path, rc: int, interrupted: bool, log_path: Path,
-                launcher: dict[str, Any]) -> dict[str, Any]:
-    """measured.json of a multi-rank run from its rank files (see the module docstring)."""
+def _node_died(ranks: list[dict[str, Any]], exits: dict[int, Any], interrupted: bool) -> None:
+    """The ranks of a node whose launcher was killed (not by qplan) are still "running" in their files: that node
+    died, at the last step its ranks recorded."""
+    if interrupted:
+        return
+    for n, x in sorted(exits.items()):
+        if x.returncode >= 0 or x.stopped:
+            continue
+        for e in ranks:
+            if e.get("node") == n and e["status"] == "running":
+                step = e.get("last_step")
+                e["status"] = "error"
+                e["failure"] = {"kind": "node_died", "step": step, "phase": None, "exception": None, "traceback": None,
+                                "message": f"node {n} died " + (f"after step {step}" if step else "before its first step")
+                                + f": its launcher was {_signal_name(x.returncode)} (a lost machine, or the kernel's "
+                                "OOM killer)"}
+
+
+def merge_ranks(plan: dict[str, Any], run_dir: Path, rc: int, interrupted: bool, logs: list[Path],
+                launcher: dict[str, Any], exits: dict[int, Any] | None = None) -> dict[str, Any]:
+    """measured.json of a multi-rank run from its rank files (see the module docstring). ``logs``: the launchers'
+    logs (one per node started here); ``exits``: each node's launcher exit (a ``nodes.NodeExit``) where this
+    process started several."""
     d = dist_section(plan)
     assert d is not None
-    world = int(d["world_size"])
+    world, n_nodes = int(d["world_size"]), int(d.get("nodes") or 1)
     docs = read_rank_files(run_dir, world)
     cpu = launcher.get("device") == "cpu"
     detail = plan["prediction"].get("memory_detail") or {}
     plan_peak = detail.get("tensor_peak_cpu") if cpu else plan["prediction"]["memory"].get("tensor_peak")
     ranks = [_rank_entry(r, doc, plan_peak) for r, doc in enumerate(docs)]
-    try:
-        log = log_path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        log = ""
+    _node_died(ranks, exits or {}, interrupted)
+    log = ""
+    for path in logs:
+        try:
+            log += path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            pass
     cause = root_cause(log) if rc != 0 else None
     failed = sorted((e for e in ranks if e["status"] in ("oom", "error", "interrupted")),
-                    key=lambda e: _WORST.index(e["status"]))
-    first = next((e for e in ranks if cause is not None and e["rank"] == cause[0]), None) or \
-        (failed[0] if failed else None)
+                    key=lambda e: (_WORST.index(e["status"]), (e.get("failure") or {}).get("kind") != "node_died"))
+    died = next((e for e in ranks if (e.get("failure") or {}).get("kind") == "node_died"), None)
+    # the first failure: a node that died, else the rank that failed first by its own clock (ranks that lost a
+    # peer fail after it), else torchrun's root cause
+    timed = sorted((e for e in failed if isinstance((e.get("failure") or {}).get("at"), (int, float))),
+                   key=lambda e: e["failure"]["at"])
+    first = died or (timed[0] if timed else None) or \
+        next((e for e in ranks if cause is not None and e["rank"] == cause[0]), None) or (failed[0] if failed else None)
     # ranks still "running" when the launcher stopped: the root cause was killed; the others were ended.
     # A rank that failed after the root cause (its peer left a collective: gloo's "Connection closed by
     # peer") failed because of it: ended, with its own message kept
@@ -273,7 +348,7 @@ def merge_ranks(plan: dict[str, Any], run_dir: Path, rc: int, interrupted: bool,
             continue
         e["status"] = "ended"
         if e is first:
-            e["failure"] = {"kind": "crashed", "message": f"rank {e['rank']} {_exit_text(cause[1])}" if cause
+            e["failure"] = {"kind": "crashed", "message": f"rank {e['rank']} {exit_text(cause[1])}" if cause
                             else f"rank {e['rank']} stopped without a result", "step": None, "phase": None,
                             "exception": None, "traceback": None}
         else:
@@ -311,19 +386,24 @@ def merge_ranks(plan: dict[str, Any], run_dir: Path, rc: int, interrupted: bool,
             failure = dict(first["failure"] or {"kind": "crashed", "message": first["status"]})
             failure["message"] = f"rank {first['rank']}: {failure.get('message')}"
             failure["rank"] = first["rank"]
+            if first.get("node") is not None and n_nodes > 1:
+                failure["node"] = first["node"]
         else:
-            failure = {"kind": "crashed", "message": f"the launcher {_exit_text(rc)} without a failed rank",
+            failure = {"kind": "crashed", "message": f"the launcher {exit_text(rc)} without a failed rank",
                        "step": None, "phase": None, "exception": None, "traceback": None, "rank": None}
         if first is None or first["status"] == "ended":
-            failure["message"] += f"; see {log_path.name} in the run folder"
+            failure["message"] += f"; see {', '.join(p.name for p in logs)} in the run folder"
     run = dict(base.get("run") or {})
     run.update(world_size=world, strategy=d["strategy"], engine=d.get("engine"), launcher=launcher,
                ranks_measured=sum(1 for doc in docs if doc is not None and doc.get("status") != "running"))
+    if n_nodes > 1:
+        run.update(nodes=n_nodes, gpus_per_node=int(d["gpus_per_node"]))
     return {
         "schema_version": 1, "status": status, "backend": base.get("backend") or plan["backend"],
         "model": plan["model"]["name"], "run": run, "environment": base.get("environment"),
         "device": base.get("device"), "measured": measured, "failure": failure,
         "notes": base.get("notes") or [], "ranks": ranks,
+        **({"nodes": node_summary(ranks, n_nodes, exits)} if n_nodes > 1 else {}),
     }
 
 
@@ -332,3 +412,28 @@ def cpu_count() -> int | None:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count()
+
+
+def node_summary(ranks: list[dict[str, Any]], nodes: int, exits: dict[int, Any] | None) -> list[dict[str, Any]]:
+    """One entry per node: its ranks, host, worst status, last step reached, the peak host memory (RSS) of its
+    ranks summed, and its launcher's exit where this process started it."""
+    out = []
+    for n in range(nodes):
+        mine = [e for e in ranks if e.get("node") == n]
+        host = next((e["host"] for e in mine if e.get("host")), None)
+        rss = [e["host_memory"]["rss_peak"] for e in mine if (e.get("host_memory") or {}).get("rss_peak")]
+        steps = [e["last_step"] for e in mine if e.get("last_step") is not None]
+        entry: dict[str, Any] = {
+            "node": n, "ranks": [e["rank"] for e in mine], "host": host,
+            "status": worst([e["status"] for e in mine]) if mine else "unknown",
+            "last_step": max(steps) if steps else None,
+            "host_memory": {"rss_peak_sum": sum(rss) if len(rss) == len(mine) and mine else None,
+                            "total": next((e["host_memory"].get("total") for e in mine
+                                           if (e.get("host_memory") or {}).get("total")), None)},
+        }
+        x = (exits or {}).get(n)
+        if x is not None:
+            entry["launcher"] = {"returncode": x.returncode, "stopped_by_qplan": x.stopped,
+                                 "exit": exit_text(x.returncode)}
+        out.append(entry)
+    return out

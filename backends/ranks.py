@@ -29,25 +29,77 @@ class RankEnv:
     rank: int
     world: int
     local_rank: int
+    node: int = 0  # the node qplan started this rank on (``--node-rank``; 0 on one machine)
+
+    @property
+    def saver(self) -> bool:
+        """The rank that writes the adapter: node 0's first (c10d numbers the ranks its own way)."""
+        return self.node == 0 and self.local_rank == 0
 
 
 def rank_env() -> RankEnv | None:
-    """The launcher's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``, or None outside a multi-process launch."""
+    """The launcher's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` and qplan's node (``QPLAN_NODE_RANK``), or None
+    outside a multi-process launch."""
+    from .nodes import NODE_ENV
+
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        node = int(os.environ.get(NODE_ENV, "0"))
     except ValueError:
         return None
     if world <= 1:
         return None
-    return RankEnv(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    return RankEnv(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")), node)
 
 
 def init_group(device: str) -> None:
-    """The default process group: gloo on the CPU, nccl on CUDA (env:// from the launcher)."""
+    """The default process group: gloo on the CPU, nccl on CUDA (env:// from the launcher; each rank on the GPU of
+    its local rank first, as nccl's collectives need)."""
+    import torch
     import torch.distributed as dist
 
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+
+
+#: the failure kind of ranks whose nodes were started with different plans
+PLAN_MISMATCH = "plan_mismatch"
+
+
+def check_same_plan(plan_bytes: bytes, node: int) -> None:
+    """Every rank's plan.json must be node 0's, byte for byte (sha256, exchanged over the process group right
+    after the rendezvous): nodes started with different plans would train a run no plan predicts."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    from qplan.planner.errors import QPlanError
+
+    mine = hashlib.sha256(plan_bytes).hexdigest()
+    got: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(got, (node, mine))
+    ref_node, ref = min(got)
+    differ = sorted({n for n, h in got if h != ref})
+    if differ:
+        other = next(h for n, h in got if n == differ[0])
+        err = QPlanError(f"node {differ[0]}'s plan.json differs from node {ref_node}'s (sha256 {other[:12]}… vs "
+                         f"{ref[:12]}…): every node must run the same plan file")
+        err.kind = PLAN_MISMATCH  # type: ignore[attr-defined]
+        raise err
+
+
+def gather_docs(doc: dict[str, Any]) -> list[Any]:
+    """Every rank's measurement document, on every rank (a collective of a run that ended well; [] if it fails)."""
+    import torch.distributed as dist
+
+    try:
+        got: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(got, doc)
+        return got
+    except Exception:  # noqa: BLE001 - the rank files this node wrote stay; only the copies are missing
+        return []
 
 
 def sync_trainable(model: Any) -> None:
@@ -87,9 +139,9 @@ def shard_fsdp2(model: Any, world: int) -> None:
     model.is_distributed_loading_by_transformers = True
 
 
-def full_trainable_state(model: Any, rank: int) -> dict[str, Any]:
-    """The trainable parameters (the adapters), unsharded, by their ``state_dict`` names: rank 0
-    gets them (CPU tensors), the other ranks an empty dict. Collective for sharded parameters
+def full_trainable_state(model: Any, keep: bool) -> dict[str, Any]:
+    """The trainable parameters (the adapters), unsharded, by their ``state_dict`` names: the saving
+    rank (``keep``) gets them (CPU tensors), the other ranks an empty dict. Collective for sharded parameters
     (``DTensor.full_tensor()``: an all-gather), so every rank must call it; only the adapters are
     gathered, never the frozen base."""
     from torch.distributed.tensor import DTensor
@@ -99,7 +151,7 @@ def full_trainable_state(model: Any, rank: int) -> dict[str, Any]:
         if not p.requires_grad:
             continue
         full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
-        if rank == 0:
+        if keep:
             out[name] = full.detach().cpu().clone()
     return out
 

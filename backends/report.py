@@ -209,7 +209,9 @@ def run_markdown(plan: dict[str, Any], doc: dict[str, Any], images: bool = True)
         lines += [f"status: **{v['status']}**" + (f" — {v['failure']}" if v["failure"] else ""), ""]
     lines += [f"**{v['text']}**", "", v["sub"], ""]
     if doc.get("ranks"):
-        lines += ["## Ranks", "", _ranks_sentence(doc), "", _table(RANK_HEADERS, rank_rows(doc)), ""]
+        lines += ["## Ranks", "", _ranks_sentence(doc), "", _table(rank_headers(doc), rank_rows(doc)), ""]
+    if doc.get("nodes"):
+        lines += ["## Nodes", "", _table(NODE_HEADERS, node_rows(doc)), ""]
     comp = composition_at_peak(plan, doc)
     if comp["compared"]["measured"] is not None:
         lines += ["## What the bytes are at the measured peak", "", _moment_sentence(comp), ""]
@@ -240,17 +242,40 @@ def run_markdown(plan: dict[str, Any], doc: dict[str, Any], images: bool = True)
 RANK_HEADERS = ["rank", "status", "tensor peak", "error vs per-rank prediction", "peak in", "mean step", "failure"]
 
 
-def rank_rows(doc: dict[str, Any]) -> list[list[str]]:
-    """One row per rank of a multi-process run (measured.json ``ranks``)."""
+NODE_HEADERS = ["node", "host", "ranks", "status", "last step", "host memory (peak RSS of its ranks)", "launcher"]
+
+
+def rank_headers(doc: dict[str, Any]) -> list[str]:
+    return (["node"] if doc.get("nodes") else []) + RANK_HEADERS
+
+
+def node_rows(doc: dict[str, Any]) -> list[list[str]]:
+    """One row per node of a multi-node run (measured.json ``nodes``)."""
     rows = []
+    for n in doc.get("nodes") or []:
+        hm, la = n.get("host_memory") or {}, n.get("launcher") or {}
+        total = f" of {fmt_bytes(hm['total'])}" if hm.get("total") else ""
+        rows.append([str(n.get("node")), str(n.get("host") or "—"), ", ".join(str(r) for r in n.get("ranks") or []) or "—",
+                     str(n.get("status")), "—" if n.get("last_step") is None else str(n["last_step"]),
+                     (fmt_bytes(hm["rss_peak_sum"]) + total) if hm.get("rss_peak_sum") else "—",
+                     (la.get("exit", "") + (" (stopped by qplan)" if la.get("stopped_by_qplan") else "")) if la
+                     else "started elsewhere"])
+    return rows
+
+
+def rank_rows(doc: dict[str, Any]) -> list[list[str]]:
+    """One row per rank of a multi-process run (measured.json ``ranks``); its node first in a multi-node run."""
+    rows = []
+    nodes = bool(doc.get("nodes"))
     for r in doc.get("ranks") or []:
         mem, tm = r.get("memory") or {}, r.get("timing") or {}
         where = (f"step {mem['tensor_peak_step']}, {mem.get('tensor_peak_phase')}"
                  if mem.get("tensor_peak_step") is not None else "—")
         step = tm.get("mean_step_seconds")
-        rows.append([str(r.get("rank")), str(r.get("status")), fmt_bytes(mem.get("tensor_peak")),
-                     fmt_err((r.get("error") or {}).get("tensor_peak")), where,
-                     "—" if step is None else f"{step:.3g} s", (r.get("failure") or {}).get("message") or ""])
+        rows.append(([str(r.get("node", "?"))] if nodes else [])
+                    + [str(r.get("rank")), str(r.get("status")), fmt_bytes(mem.get("tensor_peak")),
+                       fmt_err((r.get("error") or {}).get("tensor_peak")), where,
+                       "—" if step is None else f"{step:.3g} s", (r.get("failure") or {}).get("message") or ""])
     return rows
 
 
@@ -260,7 +285,11 @@ def _ranks_sentence(doc: dict[str, Any]) -> str:
     peak_rank = (meas.get("memory") or {}).get("peak_rank")
     slow = (meas.get("timing") or {}).get("slowest_rank")
     launcher = (run.get("launcher") or {}).get("tool", "?")
-    return (f"{run.get('world_size')} ranks ({run.get('strategy')}: {run.get('engine')}), launched by {launcher}. "
+    la = run.get("launcher") or {}
+    where = (f" on {run['nodes']} nodes × {run.get('gpus_per_node')} ({la.get('where')}; rendezvous "
+             f"{la.get('rendezvous')})," if run.get("nodes") else "")
+    what = f"{run.get('strategy')}: {run.get('engine')}"
+    return (f"{run.get('world_size')} ranks" + (f"{where} {what}" if where else f" ({what})") + f", launched by {launcher}. "
             "Each rank measured itself; the tensor peak compared above is the largest rank's"
             + (f" (rank {peak_rank})" if peak_rank is not None else "")
             + (f", the step time the slowest rank's (rank {slow})" if slow is not None else "")
@@ -414,7 +443,9 @@ def run_html(plan: dict[str, Any], doc: dict[str, Any], charts: dict[str, str] |
                 f"data-measured='{v['measured'] or 0}'>{e(v['text'])}</p><p class='sub'>{e(v['sub'])}</p>")
     if doc.get("ranks"):
         body.append(f"<h2>Ranks</h2><p class='caption'>{e(_ranks_sentence(doc))}</p>"
-                    + html_table(RANK_HEADERS, rank_rows(doc), "ranks"))
+                    + html_table(rank_headers(doc), rank_rows(doc), "ranks"))
+    if doc.get("nodes"):
+        body.append("<h2>Nodes</h2>" + html_table(NODE_HEADERS, node_rows(doc), "nodes"))
     if "composition" in charts:
         body.append("<h2>What the bytes are at the measured peak</h2>"
                     f"<p class='caption'>{e(_moment_sentence(comp))} Each bar adds up to its total in the line above: "

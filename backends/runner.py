@@ -198,8 +198,13 @@ def summary_text(plan: dict[str, Any], doc: dict[str, Any], run_dir: Path) -> st
 def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: bool = False,
              data: str | None = None, steps: int | None = None, epochs: float | None = None,
              device: str = "auto", out_dir: str | Path = "reports/runs", lr: float = DEFAULT_LR,
-             seed: int = 0, callbacks: list[str] | None = None, largest_first: bool = False) -> dict[str, Any]:
+             seed: int = 0, callbacks: list[str] | None = None, largest_first: bool = False,
+             node_rank: int | None = None, master_addr: str | None = None, master_port: int | None = None,
+             join_timeout: int | None = None) -> dict[str, Any]:
     """Train ``plan_file`` for real, measure, and write a new run folder under ``out_dir``.
+
+    A plan of several nodes: without ``node_rank`` every node runs on this host (the CPU, loopback rendezvous);
+    with it, this machine runs that node, meeting node 0 at ``master_addr:master_port`` (``backends.nodes``).
 
     ``callbacks``: extra ``TrainerCallback`` classes by import path (``"module:Class"``), also
     read from ``$QPLAN_CALLBACKS`` (comma-separated) — for custom logging and fault injection.
@@ -289,15 +294,19 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
         raise QPlanError(f"the plan is for 1 GPU with --strategy {strategy}: `qplan run` launches a strategy on 2 or more "
                          "ranks and would train this as a plain single process: re-plan with --gpus 2 or more, or "
                          "without --strategy")
+    n_nodes = int((multi or {}).get("nodes") or 1)
+    _check_node_options(n_nodes, node_rank, master_addr, master_port, join_timeout)
     if multi is not None:
         device = _multi_device(device, info.python)
         gpus = _gpu_count(info.python) if device == "cuda" else None
-        launch.check_launchable(plan, device, launch.cpu_count(), gpus)
+        launch.check_launchable(plan, device, launch.cpu_count(), gpus, node_rank)
     if callbacks is None:
         callbacks = [c.strip() for c in os.environ.get("QPLAN_CALLBACKS", "").split(",") if c.strip()]
 
     probe_writable(check_folder(out_dir, "--out-dir", create=True), "--out-dir")
-    stage = new_folder(out_dir, f"{utc_stamp()}-{_slug(plan['model']['name'])}-{_slug(info.name)}", PARTIAL)
+    nl = _node_launch(multi, n_nodes, node_rank, master_addr, master_port, join_timeout)  # may wait for node 0
+    node_tag = f"-node{node_rank}" if node_rank is not None else ""
+    stage = new_folder(out_dir, f"{utc_stamp()}-{_slug(plan['model']['name'])}-{_slug(info.name)}{node_tag}", PARTIAL)
     job = {
         "plan": "plan.json",  # paths inside the run folder are relative to it (the worker finds it from job.json)
         "backend": info.name, "target": info.target,
@@ -309,16 +318,23 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
     }
     if multi is not None:
         job["world_size"] = int(multi["world_size"])
-    cmd = [info.python, "-m", "qplan.backends.worker", str(stage.resolve() / "job.json")]
+        job["nodes"] = n_nodes
+    cmds = [[info.python, "-m", "qplan.backends.worker", str(stage.resolve() / "job.json")]]
     launcher: dict[str, Any] = {}
     try:
         (stage / "plan.json").write_bytes(raw)
         (stage / "job.json").write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
         if multi is not None:
-            cmd = launch.write_launch_files(stage, plan, device, info.python)  # run from inside the folder
-            launcher = {"device": device, "command": cmd, "tool": "torchrun" if device == "cpu" else "accelerate launch",
-                        "files": sorted(p.name for p in stage.iterdir() if p.name in (
-                            "launch.sh", "accelerate_config.yaml", "deepspeed_config.json"))}
+            run_args = _run_args(model_dir, random_init, data, steps, epochs, lr, largest_first)
+            cmds = launch.write_launch_files(stage, plan, device, info.python, nl, node_rank, run_args)
+            launcher = {"device": device, "command": cmds[0] if len(cmds) == 1 else cmds,
+                        "tool": "torchrun" if device == "cpu" else "accelerate launch",
+                        "files": sorted(p.name for p in stage.iterdir() if p.suffix in (".sh", ".sbatch") or p.name in (
+                            "accelerate_config.yaml", "deepspeed_config.json"))}
+            if nl is not None:
+                launcher.update(rendezvous=f"{'c10d' if device == 'cpu' else 'static'} {nl.endpoint}", nodes=n_nodes,
+                                node_rank=node_rank, where="one node on this machine" if node_rank is not None
+                                else "every node on this host, over loopback")
     except OSError as exc:
         import shutil
 
@@ -338,10 +354,27 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
         env["PYTHONPATH"] = os.pathsep.join(paths)
     env.setdefault("PYTHONUNBUFFERED", "1")
     log_path = stage / "worker.log"
+    logs, exits = [log_path], None
     print(f"qplan: training in {stage} (renamed without {PARTIAL} once its report is written)", file=sys.stderr,
           flush=True)
     try:
-        rc, interrupted = _spawn_and_wait(cmd, env, log_path, cwd=stage if multi is not None else None)
+        if nl is not None and node_rank is None:  # every node here: one launcher each
+            from .nodes import NODE_ENV, spawn_nodes
+
+            logs = [stage / f"node{n}.log" for n in range(n_nodes)]
+            ended, interrupted = spawn_nodes(cmds, [dict(env, **{NODE_ENV: str(n)}) for n in range(n_nodes)], logs,
+                                             stage)
+            exits = {x.node: x for x in ended}
+            rc = next((x.returncode for x in ended if x.returncode and not x.stopped),
+                      next((x.returncode for x in ended if x.returncode), 0))
+        else:
+            if nl is not None:
+                from .nodes import NODE_ENV, NodeExit
+
+                env[NODE_ENV] = str(node_rank)
+            rc, interrupted = _spawn_and_wait(cmds[0], env, log_path, cwd=stage if multi is not None else None)
+            if nl is not None:
+                exits = {int(node_rank or 0): NodeExit(int(node_rank or 0), rc, False)}
     finally:
         if shim:
             import shutil
@@ -351,7 +384,8 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
     measured_file = stage / "measured.json"
     doc = None
     if multi is not None:
-        doc = launch.merge_ranks(plan, stage, rc, interrupted, log_path, launcher)
+        doc = launch.merge_ranks(plan, stage, rc, interrupted, logs, launcher, exits)
+        _refuse_mismatched_plans(doc, stage)
     elif measured_file.is_file():
         try:
             doc = decode_json(read_limited(measured_file, "measurements"), "measurements", measured_file, nonfinite=True)
@@ -383,6 +417,68 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
         "failure": doc.get("failure"),
         "returncode": rc,
     }
+
+
+def _check_node_options(n_nodes: int, node_rank: int | None, master_addr: str | None, master_port: int | None,
+                        join_timeout: int | None) -> None:
+    """One line for node options that do not fit the plan (before anything starts)."""
+    given = [f for f, v in (("--node-rank", node_rank), ("--master-addr", master_addr), ("--master-port", master_port),
+                            ("--join-timeout", join_timeout)) if v is not None]
+    if given and n_nodes == 1:
+        raise QPlanError(f"{', '.join(given)}: for plans of several nodes (qplan estimate --nodes M); this plan has "
+                         "1 node")
+    if node_rank is not None and not 0 <= node_rank < n_nodes:
+        raise QPlanError(f"--node-rank must be 0..{n_nodes - 1} (the plan has {n_nodes} nodes), got {node_rank}")
+    if node_rank is not None and not master_addr:
+        raise QPlanError("--node-rank needs --master-addr: node 0's address, the same on every node")
+    if master_addr is not None and node_rank is None:
+        raise QPlanError("--master-addr needs --node-rank (which node this machine is); without both, --device cpu "
+                         "runs every node on this host")
+    if join_timeout is not None and not 0 < join_timeout <= 86_400:
+        raise QPlanError(f"--join-timeout must be 1..86400 seconds, got {join_timeout}")
+
+
+def _node_launch(multi: dict[str, Any] | None, n_nodes: int, node_rank: int | None, master_addr: str | None,
+                 master_port: int | None, join_timeout: int | None) -> Any:
+    """Where the nodes meet (None for one node), checked before anything starts: node 0 (or this host, for every
+    node here) must be able to host the rendezvous; another node waits for node 0 to answer."""
+    if n_nodes == 1 or multi is None:
+        return None
+    from . import nodes
+
+    wait = join_timeout or nodes.DEFAULT_JOIN_TIMEOUT
+    addr = master_addr or "127.0.0.1"
+    port = master_port or (nodes.DEFAULT_PORT if node_rank is not None else nodes.free_port(addr))
+    if node_rank:
+        nodes.wait_for_master(addr, port, wait)
+    else:
+        nodes.check_host(addr, port)
+    return nodes.NodeLaunch(n_nodes, int(multi["gpus_per_node"]), addr, port, "qplan", wait)
+
+
+def _run_args(model_dir: str | None, random_init: bool, data: str | None, steps: int | None, epochs: float | None,
+              lr: float, largest_first: bool) -> list[str]:
+    """This run's ``qplan run`` options, for the SLURM script that trains the plan again on every node."""
+    out = ["--model-dir", str(Path(model_dir).resolve())] if model_dir else ["--random-init"] if random_init else []
+    if data:
+        out += ["--data", str(Path(data).resolve()) if Path(data).exists() else data]
+    out += ["--steps", str(steps)] if steps is not None else ["--epochs", repr(epochs)] if epochs is not None else []
+    if lr != DEFAULT_LR:
+        out += ["--lr", repr(lr)]
+    return out + (["--largest-first"] if largest_first else [])
+
+
+def _refuse_mismatched_plans(doc: dict[str, Any], stage: Path) -> None:
+    """Nodes started with different plans stop at the rendezvous, before any model loads: one line, no run folder."""
+    from .ranks import PLAN_MISMATCH
+
+    for e in doc.get("ranks") or []:
+        f = e.get("failure") or {}
+        if f.get("kind") == PLAN_MISMATCH:
+            import shutil
+
+            shutil.rmtree(stage, ignore_errors=True)
+            raise QPlanError(str(f.get("message")))
 
 
 def _check_device_support(plan: dict[str, Any], device: str, python: str | None) -> None:

@@ -14,8 +14,10 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import sys
 import tempfile
+import time
 import traceback
 from dataclasses import asdict
 from pathlib import Path
@@ -128,7 +130,8 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         # is killed before it can write again is still known to have started
         out_file = run_dir / "ranks" / f"rank{renv.rank}.json"
         out_file.parent.mkdir(exist_ok=True)
-        doc.update(rank=renv.rank, local_rank=renv.local_rank, world_size=renv.world, pid=os.getpid())
+        doc.update(rank=renv.rank, local_rank=renv.local_rank, world_size=renv.world, pid=os.getpid(),
+                   node=renv.node, host=socket.gethostname(), last_step=None)
         _write_json(out_file, doc)
     m = Measurement()
     probe = meter = data = None
@@ -158,6 +161,14 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         else:
             source = ModelSource(Path(job["model_dir"]))
         if renv is not None:
+            from .ranks import check_same_plan, init_group
+
+            # every node must run the same plan: checked over the process group before any model loads (random
+            # weights are written first: transformers saves on rank 0 only once a process group exists)
+            probe.set_phase("process_group")
+            init_group(device)
+            check_same_plan((run_dir / job["plan"]).read_bytes(), renv.node)
+        if renv is not None:
             from transformers import set_seed
 
             set_seed(int(job.get("seed") or 0))  # the same adapters' initialisation on every rank
@@ -165,10 +176,8 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         m.params = dict(prepared.params)
         shard_here = renv is not None and strategy == "fsdp" and not device.startswith("cuda")
         if renv is not None:
-            from .ranks import init_group, shard_fsdp2, sync_trainable
+            from .ranks import shard_fsdp2, sync_trainable
 
-            probe.set_phase("process_group")
-            init_group(device)
             if shard_here:
                 probe.set_phase("shard")
                 sync_trainable(prepared.model)
@@ -217,6 +226,8 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         meter = MeasureCallback(probe, tokens_per_step=step_blocks * int(t["seq_len"]), warmup_steps=warm,
                                 measure_steps=meas)
         extra = [_instantiate(c) for c in job.get("callbacks") or []]
+        if renv is not None:  # the step each rank reached, in its file: a node that dies is known to have reached it
+            extra.insert(0, _last_step_callback(doc, out_file))
         out_dir = tempfile.mkdtemp(prefix="qplan-trainer-")
         tmp_dirs.append(out_dir)
         settings = TrainSettings(steps=steps, epochs=epochs, learning_rate=float(job.get("lr") or 2e-4),
@@ -230,7 +241,7 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
             m.adapter_file_bytes = adapter.stat().st_size
         else:
             # FSDP2 shards the model in place (here on the CPU, by accelerate on GPUs): gather the adapters
-            m.adapter_file_bytes = _save_from_ranks(backend, prepared, run_dir / "adapter", renv.rank,
+            m.adapter_file_bytes = _save_from_ranks(backend, prepared, run_dir / "adapter", renv.saver,
                                                     strategy == "fsdp")
         status = "ok"
     except KeyboardInterrupt:
@@ -241,6 +252,8 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         status = "error"
         failure = _failure("error", probe, meter, exc)
         failure.message = str(exc)
+        if getattr(exc, "kind", None):
+            failure.kind = exc.kind
     except BaseException as exc:  # noqa: BLE001 - every failure is recorded, then reported
         if is_oom(exc):
             status = "oom"
@@ -268,24 +281,56 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         doc["status"] = status
         doc["measured"] = m.to_json()
         doc["failure"] = asdict(failure) if failure else None
+        if renv is not None:
+            doc["host_memory"] = _host_memory()
         _write_json(out_file, doc)
         for d in tmp_dirs:
             shutil.rmtree(d, ignore_errors=True)
         if renv is not None and status == "ok":
-            from .ranks import destroy
+            from .ranks import destroy, gather_docs
 
+            # every node's folder gets every rank's file (the nodes may not share a disk): one report covers all
+            everyone = gather_docs(doc)
+            for other in everyone if renv.local_rank == 0 else []:
+                if isinstance(other, dict) and other.get("rank") != renv.rank:
+                    _write_json(run_dir / "ranks" / f"rank{int(other['rank'])}.json", other)
             destroy()
     return doc
 
 
-def _save_from_ranks(backend: Any, prepared: Any, folder: Path, rank: int, sharded: bool) -> int | None:
-    """Rank 0 writes the adapter; a sharded model's adapters are gathered to it first (every rank
-    takes part). Returns the file's size on rank 0, None elsewhere."""
+def _last_step_callback(doc: dict[str, Any], out_file: Path) -> Any:
+    from transformers import TrainerCallback
+
+    class LastStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            doc["last_step"] = int(state.global_step)
+            _write_json(out_file, doc)
+
+    return LastStep()
+
+
+def _host_memory() -> dict[str, Any]:
+    """This process's peak resident memory (``ru_maxrss``, KiB on Linux) and the host's total (/proc/meminfo)."""
+    import resource
+
+    out: dict[str, Any] = {"rss_peak": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "total": None}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                out["total"] = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def _save_from_ranks(backend: Any, prepared: Any, folder: Path, saver: bool, sharded: bool) -> int | None:
+    """The saving rank (node 0's local rank 0) writes the adapter; a sharded model's adapters are gathered to it
+    first (every rank takes part). Returns the file's size on that rank, None elsewhere."""
     from .ranks import barrier, full_trainable_state
 
-    state = full_trainable_state(prepared.model, rank) if sharded else None
+    state = full_trainable_state(prepared.model, saver) if sharded else None
     size = None
-    if rank == 0:
+    if saver:
         if state is not None:
             prepared.model.save_pretrained(str(folder), safe_serialization=True, state_dict=state)
             path = folder / "adapter_model.safetensors"
@@ -305,7 +350,7 @@ def _failure(kind: str, probe: Any, meter: Any, exc: BaseException | None) -> An
     what = {"oom": "OOM", "interrupted": "interrupted", "error": "error"}[kind]
     detail = f": {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}" if exc else ""
     return Failure(kind=kind, message=f"{what} {where}{detail}", step=step, phase=phase,
-                   exception=type(exc).__name__ if exc else None)
+                   exception=type(exc).__name__ if exc else None, at=time.time())
 
 
 def main(argv: list[str] | None = None) -> int:

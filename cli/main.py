@@ -259,13 +259,25 @@ def backends(fmt: str) -> None:
 @click.option("--out-dir", default="reports/runs", show_default=True, help="a new run folder is made under it")
 @click.option("--largest-first", is_flag=True,
               help="a --data plan: train the batch holding the longest sample first (an OOM comes at step 1)")
+@click.option("--node-rank", type=int, default=None,
+              help="a plan of several nodes: run node N on this machine (each machine runs one node; without it, "
+                   "--device cpu runs every node on this host)")
+@click.option("--master-addr", default=None, help="with --node-rank: node 0's address, the same on every node "
+              "(node 0 hosts torchrun's c10d rendezvous)")
+@click.option("--master-port", type=int, default=None, help="the rendezvous port [default: 29500; every node on "
+              "this host: a free one]")
+@click.option("--join-timeout", type=int, default=None,
+              help="seconds a node waits for node 0 and the others to join [default: 600]")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
-def run(plan_file, model_dir, random_init, data, steps, epochs, device, lr, out_dir, largest_first, fmt) -> None:
+def run(plan_file, model_dir, random_init, data, steps, epochs, device, lr, out_dir, largest_first, node_rank,
+        master_addr, master_port, join_timeout, fmt) -> None:
     """Train PLAN_FILE for real with its backend, measure, and write a report folder."""
     from qplan.backends.runner import run_plan
 
     result = run_plan(plan_file, model_dir=model_dir, random_init=random_init, data=data, steps=steps,
-                      epochs=epochs, device=device, out_dir=out_dir, lr=lr, largest_first=largest_first)
+                      epochs=epochs, device=device, out_dir=out_dir, lr=lr, largest_first=largest_first,
+                      node_rank=node_rank, master_addr=master_addr, master_port=master_port,
+                      join_timeout=join_timeout)
     emit(fmt, result, result.get("summary", ""))
     if result.get("status") not in (None, "ok"):
         sys.exit(1)

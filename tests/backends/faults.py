@@ -40,3 +40,15 @@ class OomOnRank1AtStep2(TrainerCallback):
 
         if state.global_step + 1 == 2 and os.environ.get("RANK") == "1":
             raise torch.OutOfMemoryError("simulated: CUDA out of memory on rank 1")
+
+
+class KillNode1AtStep3(TrainerCallback):
+    """The ranks of node 1 (``QPLAN_NODE_RANK``) kill their node at the start of step 3: its launcher (torchrun's
+    agent, their parent) and themselves, with SIGKILL, as a machine that loses power or is taken by the kernel."""
+
+    def on_step_begin(self, args, state, control, **kw):
+        import signal
+
+        if state.global_step + 1 == 3 and os.environ.get("QPLAN_NODE_RANK") == "1":
+            os.kill(os.getppid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -148,7 +148,7 @@ def test_a_failing_rank_ends_the_others_and_is_recorded(tmp_path):
 
 
 @pytest.mark.parametrize("plan_kw, device, needle", [
-    (dict(gpus=1, nodes=2, strategy="ddp"), "cpu", "this plan has 2 nodes: `qplan run` launches the ranks of one machine"),
+    (dict(gpus=1, nodes=2, strategy="ddp"), "cuda", "this plan has 2 nodes: on GPUs start each machine's node"),
     (dict(strategy="zero2"), "cpu", "--strategy zero2 cannot train on the CPU here"),
     (dict(gpus=64, strategy="ddp"), "cpu", "the plan has 64 ranks but this machine has"),
     (dict(strategy="fsdp", cpu_offload=True), "cpu", "--cpu-offload moves GPU memory to the host"),
@@ -181,7 +181,7 @@ def test_generated_gpu_launch_files_load_in_accelerate(tmp_path, monkeypatch, st
     plan = dist_plan(strategy, gpus=4, cpu_offload=offload)
     made = tmp_path / "run.partial"
     made.mkdir()
-    cmd = launch.write_launch_files(made, plan, "cuda", "/usr/bin/python3")
+    (cmd,) = launch.write_launch_files(made, plan, "cuda", "/usr/bin/python3")
     run = tmp_path / "moved" / "run"
     shutil.copytree(made, run)
     shutil.rmtree(made)
