@@ -71,11 +71,12 @@ def check_launchable(plan: dict[str, Any], device: str, cpu_count: int | None, g
         if strategy in ("zero2", "zero3"):
             raise QPlanError(f"--strategy {strategy} cannot train on the CPU here: `qplan run` launches DeepSpeed "
                              "ZeRO on GPUs only (through accelerate); on the CPU use --strategy ddp or fsdp")
-        if cpu_count is not None and world > cpu_count:
+        if cpu_count is not None and world > cpu_count and not os.environ.get("QPLAN_CPU_OVERSUBSCRIBE"):
             what = (f"the plan has {world} ranks per node" if node_rank is not None else
                     f"the plan has {world} ranks" + (f" ({nodes} nodes, all on this host)" if nodes > 1 else ""))
-            raise QPlanError(f"{what} but this machine has {cpu_count} CPU cores: on the CPU each rank needs a core "
-                             f"(re-plan with fewer --gpus{' or --nodes' if nodes > 1 else ''})")
+            raise QPlanError(f"{what} but this machine has {cpu_count} CPU cores: on the CPU each rank needs a core; "
+                             f"re-plan with fewer --gpus{' or --nodes' if nodes > 1 else ''} (or set "
+                             "QPLAN_CPU_OVERSUBSCRIBE=1 to run them anyway, slower)")
         if d.get("cpu_offload"):
             raise QPlanError("--cpu-offload moves GPU memory to the host: on the CPU there is nothing to offload "
                              "(re-plan without --cpu-offload)")
@@ -135,7 +136,8 @@ def accelerate_config(plan: dict[str, Any], deepspeed_file: str | None = None,
     strategy = d["strategy"]
     cfg: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
-        "distributed_type": {"ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}[strategy],
+        "distributed_type": {"ddp": "MULTI_GPU", "fsdp": "FSDP", "hsdp": "FSDP", "zero2": "DEEPSPEED",
+                             "zero3": "DEEPSPEED"}[strategy],
         "mixed_precision": _mixed_precision(plan),
         "num_machines": int(d.get("nodes") or 1),
         "machine_rank": 0,
@@ -147,7 +149,10 @@ def accelerate_config(plan: dict[str, Any], deepspeed_file: str | None = None,
     }
     if master is not None:
         cfg.update(main_process_ip=master[0], main_process_port=int(master[1]))
-    if strategy == "fsdp":
+    if strategy == "hsdp":  # FSDP2 on a 2-D mesh: accelerate's ParallelismConfig (replicate x shard)
+        cfg["parallelism_config"] = {"parallelism_config_dp_replicate_size": int(d["nodes"]),
+                                     "parallelism_config_dp_shard_size": int(d["gpus_per_node"])}
+    if strategy in ("fsdp", "hsdp"):
         cfg["fsdp_config"] = {
             "fsdp_version": 2,
             # wraps each class of the model's _no_split_modules (its decoder layer), then the root

@@ -126,13 +126,16 @@ def decoder_layers(model: Any) -> list[Any]:
     return layers
 
 
-def shard_fsdp2(model: Any, world: int) -> None:
-    """``fully_shard`` each decoder layer, then the root, over a 1-D CPU mesh of ``world`` ranks
-    (defaults: ``reshard_after_forward=True``, no mixed-precision policy — autocast computes)."""
-    from torch.distributed.device_mesh import init_device_mesh
+def shard_fsdp2(model: Any, dist_section: dict[str, Any]) -> None:
+    """``fully_shard`` each decoder layer, then the root, over a CPU mesh of the plan's ranks: 1-D (fsdp) or
+    (nodes, ranks per node) for hsdp (``observe.trace.dist.fsdp_mesh``: replicated across nodes, sharded inside one;
+    torchrun numbers a node's ranks contiguously, so each row is one node) (defaults: ``reshard_after_forward=True``,
+    no mixed-precision policy — autocast computes)."""
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (world,))
+    from qplan.observe.trace.dist import fsdp_mesh
+
+    mesh = fsdp_mesh(dist_section)
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)

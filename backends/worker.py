@@ -174,14 +174,14 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
             set_seed(int(job.get("seed") or 0))  # the same adapters' initialisation on every rank
         prepared = backend.prepare(plan, source, device, probe)
         m.params = dict(prepared.params)
-        shard_here = renv is not None and strategy == "fsdp" and not device.startswith("cuda")
+        shard_here = renv is not None and strategy in ("fsdp", "hsdp") and not device.startswith("cuda")
         if renv is not None:
             from .ranks import shard_fsdp2, sync_trainable
 
             if shard_here:
                 probe.set_phase("shard")
                 sync_trainable(prepared.model)
-                shard_fsdp2(prepared.model, renv.world)
+                shard_fsdp2(prepared.model, plan["distributed"])
                 snap = probe.snapshot("after_shard", prepared.model, adapters=True)
                 # get_memory_footprint() counts DTensors at their global size: this rank's frozen shards
                 # and buffers are what it holds (quantization constants apart, as get_memory_footprint)
@@ -242,7 +242,7 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         else:
             # FSDP2 shards the model in place (here on the CPU, by accelerate on GPUs): gather the adapters
             m.adapter_file_bytes = _save_from_ranks(backend, prepared, run_dir / "adapter", renv.saver,
-                                                    strategy == "fsdp")
+                                                    strategy in ("fsdp", "hsdp"))
         status = "ok"
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the write below

@@ -206,6 +206,9 @@ class DistributedSection(Struct, forbid_unknown_fields=True, kw_only=True):
     single_gpu: _d(dict[str, Bytes], "the same plan on one GPU: weights, tensor_peak, peak")
     sharding_cost: _d(int | None, "bytes beyond an even split of the weights (replicated constants, padding)") = None
     launch: dict[str, Any] | None | UnsetType = UNSET
+    shard_group: _d(Annotated[int, Meta(ge=1, le=MAX_GPUS)] | UnsetType,
+                    "hsdp: the ranks one parameter is sharded over (a node's GPUs)") = UNSET
+    replicas: _d(Annotated[int, Meta(ge=1, le=MAX_GPUS)] | UnsetType, "hsdp: the copies of the shards (the nodes)") = UNSET
 
 
 class Params(Struct, kw_only=True):

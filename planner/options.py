@@ -186,7 +186,8 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
     gpus: _f(GpuCount, "GPUs per node (memory is then per rank)", section=MULTI) = 1
     nodes: _f(GpuCount, "nodes", section=MULTI) = 1
     strategy: _f(lit(STRATEGIES) | None, "multi-GPU engine: ddp, fsdp (FSDP2 full shard), zero2, zero3 "
-                 "(DeepSpeed) [default: ddp]", section=MULTI) = None
+                 "(DeepSpeed), hsdp (FSDP2 sharded inside a node, replicated across --nodes) [default: ddp]",
+                 section=MULTI) = None
     cpu_offload: _f(bool, "FSDP parameter / ZeRO optimizer offload to host memory", section=MULTI) = False
 
 

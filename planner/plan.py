@@ -387,7 +387,7 @@ def check_fused_loss(loss: str, spec: ModelSpec, q: QuantSettings, gpu: Any, bac
             return ["--loss trl under ZeRO-3: TRL gathers the whole head (vocabulary x hidden) for the loss, which "
                     "the plan does not count"]
         return []
-    if strategy in ("fsdp", "zero3"):
+    if strategy in ("fsdp", "zero3", "hsdp"):
         raise QPlanError(f"--loss {loss} with --strategy {strategy} (the head's weight gathered inside the loss) is not "
                          "planned yet: use ddp or zero2")
     if loss == "liger":
@@ -526,8 +526,8 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
     launches = step_launches(inp.spec, counts, q, t, inp.lora) if inp.backend != "unsloth" else None
     comm = (None, [] if launches is not None else ["the host's kernel launches (Unsloth's fused kernels: not counted)"])
     if inp.dist is not None and inp.dist.world > 1:
-        gathered = (gathered_bytes(inp.spec, q, counts, inp.dist.world, inp.dist.strategy)
-                    if inp.dist.strategy in ("fsdp", "zero3") else (0, 0))
+        gathered = (gathered_bytes(inp.spec, q, counts, inp.dist.shard_world, inp.dist.shard_strategy)
+                    if inp.dist.shard_strategy in ("fsdp", "zero3") else (0, 0))
         comm = comm_time(inp.dist, device, t.grad_accum, gradient_bytes(counts), gathered)
     trained = q.unquantized_dtype if inp.full else inp.lora.adapter_dtype  # the dtype the trained tensors' matmuls see
     time = time_prediction(flops, moved, device, (q.quant, q.compute_dtype, trained), tokens_per_step,

@@ -172,8 +172,9 @@ def optimizer(name: str) -> Optimizer:
     """The table row of ``name`` (KeyError for names outside the vocabulary: validate first)."""
     return OPTIMIZERS[name]
 
-#: multi-GPU engines: DDP, FSDP2 full shard, DeepSpeed ZeRO-2 / ZeRO-3 (``planner.memory.sharding``)
-STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
+#: multi-GPU engines: DDP, FSDP2 full shard, DeepSpeed ZeRO-2 / ZeRO-3, FSDP2 hybrid shard (sharded inside a node,
+#: replicated across nodes) (``planner.memory.sharding``)
+STRATEGIES = ("ddp", "fsdp", "zero2", "zero3", "hsdp")
 
 #: the keys of ``prediction.memory`` in plan.json, in order
 MEMORY_KEYS = ("weights", "weights_footprint", "adapters", "gradients", "optimizer", "activations",

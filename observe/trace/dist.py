@@ -71,7 +71,8 @@ def fsdp_on_meta():
     all-gather and reduce-scatter buffers there: it is told the parameters' device, meta.  Its
     lazy init refuses meta parameters (``FSDPParamGroup._validate_no_meta_params``): skipped.  Its
     streams and events come from ``_get_device_handle(device.type)``, None for meta: torch.cpu's
-    (no-op streams, as on the CPU).  Nothing else changes: the buffers, their sizes and when FSDP
+    (no-op streams, as on the CPU), whose ``record_event`` returns a no-op event (HSDP's all-reduce state needs one
+    off the CPU, as a GPU stream records).  Nothing else changes: the buffers, their sizes and when FSDP
     drops its references are FSDP's own code."""
     import torch
     import torch.distributed.fsdp._fully_shard._fsdp_collectives as fc
@@ -79,13 +80,17 @@ def fsdp_on_meta():
     import torch.distributed.fsdp._fully_shard._fsdp_state as fst
     import torch.distributed.fsdp._fully_shard._fully_shard as ffs
 
-    saved = [(ffs, "_get_device_from_mesh"), (fpg.FSDPParamGroup, "_validate_no_meta_params")]
+    saved = [(ffs, "_get_device_from_mesh"), (fpg.FSDPParamGroup, "_validate_no_meta_params"),
+             (torch.cpu.Stream, "record_event")]
     saved += [(m, "_get_device_handle") for m in (fc, fpg, fst)]
     old = [(o, n, getattr(o, n)) for o, n in saved]
     orig_handle = fpg._get_device_handle
     try:
         ffs._get_device_from_mesh = lambda mesh: torch.device("meta")
         fpg.FSDPParamGroup._validate_no_meta_params = lambda self: None
+        # HSDP keeps each layer's all-reduce buffer with its event (``AllReduceState``) and asserts the event off
+        # the CPU, as a GPU stream records one: torch.cpu's streams record None, so a no-op event stands in
+        torch.cpu.Stream.record_event = lambda self: torch.cpu.Event()
         for m in (fc, fpg, fst):
             m._get_device_handle = lambda t: torch.cpu if t == "meta" else orig_handle(t)
         yield
@@ -100,16 +105,14 @@ def _wrap(plan: dict[str, Any]):
     strategy, world = plan["distributed"]["strategy"], plan["distributed"]["world_size"]
 
     def wrap(pm: Any, stack: contextlib.ExitStack) -> Any:
-        from torch.distributed.device_mesh import init_device_mesh
-
         from .run import base_model
 
         stack.enter_context(fake_world(world))
-        if strategy == "fsdp":
+        if strategy in ("fsdp", "hsdp"):
             from torch.distributed.fsdp import fully_shard
 
             stack.enter_context(fsdp_on_meta())
-            mesh = init_device_mesh("cpu", (world,))
+            mesh = fsdp_mesh(plan["distributed"])
             for layer in base_model(pm).model.layers:
                 fully_shard(layer, mesh=mesh)
             fully_shard(pm, mesh=mesh)
@@ -119,8 +122,19 @@ def _wrap(plan: dict[str, Any]):
     return wrap
 
 
+def fsdp_mesh(d: dict[str, Any]) -> Any:
+    """The CPU ``DeviceMesh`` FSDP2 shards over: 1-D over every rank (fsdp), or 2-D (nodes, GPUs per node) for hsdp
+    (``fully_shard`` on a 2-D mesh replicates over its first dimension and shards over its second: HSDP)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if d["strategy"] == "hsdp":
+        return init_device_mesh("cpu", (int(d["nodes"]), int(d["gpus_per_node"])),
+                                mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh("cpu", (int(d["world_size"]),))
+
+
 #: strategies whose step ``trace_rank_step`` traces
-TRACED_STRATEGIES = ("fsdp",)
+TRACED_STRATEGIES = ("fsdp", "hsdp")
 
 
 def trace_rank_step(plan: dict[str, Any], steps: int = 2, count_flops: bool = False) -> dict[str, Any]:
@@ -158,7 +172,6 @@ def shard_one_rank(plan: dict[str, Any]) -> dict[str, int]:
     ``buffers``, ``layer_full`` (one decoder layer's unsharded parameters) and ``layer_shard`` (rank
     0's padded local shards of them)."""
     import torch
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
@@ -167,7 +180,7 @@ def shard_one_rank(plan: dict[str, Any]) -> dict[str, int]:
     from . import patches
     from .run import apply_peft, base_model, build_model
 
-    if plan.get("distributed", {}).get("strategy") != "fsdp":
+    if plan.get("distributed", {}).get("strategy") not in ("fsdp", "hsdp"):
         raise ValueError("shard_one_rank traces FSDP plans")
     s = _settings(plan)
     world = plan["distributed"]["world_size"]
@@ -184,7 +197,7 @@ def shard_one_rank(plan: dict[str, Any]) -> dict[str, int]:
             if qs is not None:
                 quant_state.extend(_quant_state_tensors(qs))
         with fake_world(world):
-            mesh = init_device_mesh("cpu", (world,))
+            mesh = fsdp_mesh(plan["distributed"])
             for layer in layers:
                 fully_shard(layer, mesh=mesh)
             fully_shard(pm, mesh=mesh)

@@ -58,7 +58,7 @@ def engine_quant(q: QuantSettings, strategy: str) -> QuantSettings:
 def rank_memory(spec, counts, lora_r, dropout, q: QuantSettings, t, dist: DistSettings, loss: str = "full",
                 kernels: str = "cuda", calibration: dict | None = None, dora: bool = False) -> dict[str, Any]:
     """Per-rank phases, peak and terms of one plan under ``dist``."""
-    W, strat = dist.world, dist.strategy
+    W, strat = dist.shard_world, dist.shard_strategy  # hsdp: fsdp over a node's ranks
     full = is_full(counts)
     qe = engine_quant(q, strat)
     rw = rank_weights(spec, qe, W, strat)
@@ -193,13 +193,13 @@ def distributed_section(spec, q: QuantSettings, dist: DistSettings, mem: dict[st
                         single: dict[str, int]) -> dict[str, Any]:
     """plan.json's ``distributed`` section: the engine, the per-rank terms of ``mem`` (``rank_memory``), the
     host bytes offloaded per node, and ``single`` (the single-GPU weights, tensor peak and peak)."""
-    W = dist.world
+    W, strat = dist.shard_world, dist.shard_strategy
     # the single-GPU weights in the dtypes the engine trains with (DeepSpeed undoes the fp32 upcast)
-    engine_weights = weights_bytes(spec, engine_quant(q, dist.strategy))
+    engine_weights = weights_bytes(spec, engine_quant(q, strat))
     return {
         **dist.to_json(),
-        "wrapping_unit": "decoder layer" if dist.strategy == "fsdp" else None,
-        "quant_storage": q.compute_dtype if (q.quant in ("nf4", "fp4") and dist.strategy in ("fsdp", "zero3")) else None,
+        "wrapping_unit": "decoder layer" if strat == "fsdp" else None,
+        "quant_storage": q.compute_dtype if (q.quant in ("nf4", "fp4") and strat in ("fsdp", "zero3")) else None,
         "memory_is": "per rank (one GPU)",
         "per_rank": {k: int(v) for k, v in mem["terms"].items()},
         "host_offload_per_node": int(mem["host_offload"]) * dist.gpus,
@@ -207,5 +207,5 @@ def distributed_section(spec, q: QuantSettings, dist: DistSettings, mem: dict[st
         # what sharding costs beyond an even split of the single-GPU weights: replicated quantization
         # constants and buffers, shard padding, and the 4-bit storage rounded to whole compute-dtype elements
         "sharding_cost": int(mem["weights"] - (-(-engine_weights // W)))
-        if dist.strategy in ("fsdp", "zero3") and not dist.cpu_offload else None,
+        if strat in ("fsdp", "zero3") and not dist.cpu_offload else None,
     }

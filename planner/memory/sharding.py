@@ -51,6 +51,7 @@ ENGINES = {
     "fsdp": "torch FSDP2 fully_shard (full shard)",
     "zero2": "DeepSpeed ZeRO stage 2",
     "zero3": "DeepSpeed ZeRO stage 3",
+    "hsdp": "torch FSDP2 fully_shard (hybrid: sharded inside a node, replicated across nodes)",
 }
 #: DeepSpeed's default ``reduce_bucket_size`` (elements; runtime/zero/config.py ``ZERO_OPTIMIZATION``)
 ZERO_REDUCE_BUCKET_ELEMENTS = 500_000_000
@@ -72,6 +73,18 @@ class DistSettings:
     def world(self) -> int:
         return self.gpus * self.nodes
 
+    @property
+    def shard_world(self) -> int:
+        """The ranks one parameter is sharded over: the node's GPUs under hsdp (FSDP2 on a 2-D mesh, replicas
+        across nodes), every rank otherwise."""
+        return self.gpus if self.strategy == "hsdp" else self.world
+
+    @property
+    def shard_strategy(self) -> str:
+        """How one rank's memory is laid out: hsdp holds what fsdp over ``shard_world`` ranks holds (its gradient
+        all-reduce across nodes runs in place on the reduce-scattered shard: FSDP2 ``foreach_reduce``)."""
+        return "fsdp" if self.strategy == "hsdp" else self.strategy
+
     def validate(self, q: QuantSettings, backend: str) -> None:
         if self.strategy not in STRATEGIES:
             raise QPlanError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
@@ -79,13 +92,23 @@ class DistSettings:
             raise QPlanError("--cpu-offload needs --strategy fsdp, zero2 or zero3 (DDP keeps everything on the GPU)")
         if backend == "unsloth":
             raise QPlanError("--backend unsloth trains on one GPU: multi-GPU plans use --backend peft")
-        if self.strategy in ("fsdp", "zero3") and q.quant == "int8":
+        if self.strategy == "hsdp" and self.nodes < 2:
+            raise QPlanError("--strategy hsdp shards inside a node and replicates across nodes: give --nodes 2 or "
+                             "more (on one node it is --strategy fsdp)")
+        if self.strategy == "hsdp" and self.gpus < 2:
+            raise QPlanError("--strategy hsdp with 1 GPU per node: FSDP2 then shards over one rank, without its "
+                             "all-gather buffers (a layout qplan does not plan); use --strategy ddp (the same replicas) "
+                             "or --gpus 2 or more per node")
+        if self.strategy in ("fsdp", "zero3", "hsdp") and q.quant == "int8":
             raise QPlanError(f"--strategy {self.strategy} shards 4-bit weights only (bnb_4bit_quant_storage); "
                              "int8 weights cannot be sharded: use --quant nf4, or --strategy ddp/zero2")
 
     def to_json(self) -> dict[str, Any]:
-        return {"world_size": self.world, "gpus_per_node": self.gpus, "nodes": self.nodes,
-                "strategy": self.strategy, "engine": ENGINES[self.strategy], "cpu_offload": self.cpu_offload}
+        out = {"world_size": self.world, "gpus_per_node": self.gpus, "nodes": self.nodes,
+               "strategy": self.strategy, "engine": ENGINES[self.strategy], "cpu_offload": self.cpu_offload}
+        if self.strategy == "hsdp":
+            out.update(shard_group=self.shard_world, replicas=self.nodes)
+        return out
 
 
 # ------------------------------------------------------------------------------ pure terms

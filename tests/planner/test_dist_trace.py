@@ -37,6 +37,25 @@ def test_fsdp_rank_step_matches_the_trace(world, quant, ckpt):
     assert bd["adapters"] == r["adapters"] and bd["optimizer"] == r["optimizer"]
 
 
+@pytest.mark.parametrize("nodes,gpus,quant,ckpt", [(2, 2, "nf4", True), (3, 2, "bf16", True), (2, 3, "nf4", False)])
+def test_hsdp_rank_step_matches_the_trace_and_holds_what_fsdp_over_one_node_holds(nodes, gpus, quant, ckpt):
+    """HSDP's traced step (FSDP2 on a 2-D fake mesh: its all-reduce across replicas, in place on the reduce-scattered
+    shard, and the buffer it keeps per layer) against the analytic plan, and against FSDP2's traced step over the
+    ranks of one node: the same bytes."""
+    from qplan.observe.trace.dist import trace_rank_step
+
+    kw = dict(model=tiny_spec("llama-tied"), quant=quant, gpus=gpus, seq_len=64, grad_ckpt=ckpt)
+    plan = plan_dict(**kw, nodes=nodes, strategy="hsdp")
+    tr = trace_rank_step(plan)
+    mem, phases = plan["prediction"]["memory"], plan["prediction"]["memory_detail"]["phases"]
+    assert abs(mem["tensor_peak"] - tr["tensor_peak"]) <= 0.01 * tr["tensor_peak"]
+    for phase, traced in tr["phase_peaks"].items():
+        predicted = max(phases[m] for m in MOMENTS_OF_PHASE[phase] if m in phases)
+        assert abs(predicted - traced) <= 0.01 * traced, (phase, predicted, traced)
+    one_node = trace_rank_step(plan_dict(**kw, strategy="fsdp"))
+    assert tr["tensor_peak"] == one_node["tensor_peak"] and tr["phase_peaks"] == one_node["phase_peaks"]
+
+
 def test_cli_traces_an_fsdp_rank_and_refuses_what_it_does_not_trace():
     from click.testing import CliRunner
 

@@ -44,6 +44,22 @@ def test_fsdp_rank_matches_fully_shard_on_fake_process_group(quant, upcast, worl
     assert plan["prediction"]["memory"]["weights"] == got["params"] + got["quant_state"] + got["buffers"]
 
 
+@pytest.mark.parametrize("nodes,gpus,quant", [(2, 2, "nf4"), (3, 2, "bf16"), (2, 3, "nf4")])
+def test_hsdp_rank_matches_fully_shard_on_a_2d_mesh(nodes, gpus, quant):
+    """HSDP: FSDP2 on a (nodes, GPUs per node) mesh shards each parameter over the node's ranks only."""
+    from qplan.observe.trace.dist import shard_one_rank
+
+    plan = plan_dict(model=tiny_spec("llama-tied"), quant=quant, gpus=gpus, nodes=nodes, strategy="hsdp")
+    check_plan(plan)
+    d = plan["distributed"]
+    assert (d["world_size"], d["shard_group"], d["replicas"]) == (nodes * gpus, gpus, nodes)
+    got = shard_one_rank(plan)
+    r = d["per_rank"]
+    assert (r["weights_sharded"], r["quant_state_replicated"], r["buffers_replicated"], r["adapters"]) == \
+        (got["params"], got["quant_state"], got["buffers"], got["trainable"])
+    assert r["gathered_layer"] == gpus * got["layer_shard"]
+
+
 def _trainable(plan):
     return plan["prediction"]["params"]["trainable"]
 
@@ -97,6 +113,9 @@ def test_70b_fsdp_qlora_on_two_24gb_cards():
     (dict(gpus=2, backend="unsloth"), "one GPU"),
     (dict(gpus=0), "--gpus"),
     (dict(gpus=2, strategy="zero4"), "--strategy"),
+    (dict(gpus=2, strategy="hsdp"), "--strategy hsdp shards inside a node and replicates across nodes: give --nodes 2"),
+    (dict(gpus=1, nodes=2, strategy="hsdp"), "--strategy hsdp with 1 GPU per node"),
+    (dict(gpus=2, nodes=2, strategy="hsdp", quant="int8"), "int8 weights cannot be sharded"),
 ])
 def test_bad_distributed_options_are_one_line(kw, msg):
     with pytest.raises(QPlanError, match=msg):
