@@ -336,8 +336,10 @@ def merge_ranks(plan: dict[str, Any], run_dir: Path, rc: int, interrupted: bool,
     # peer fail after it), else torchrun's root cause
     timed = sorted((e for e in failed if isinstance((e.get("failure") or {}).get("at"), (int, float))),
                    key=lambda e: e["failure"]["at"])
-    first = died or (timed[0] if timed else None) or \
-        next((e for e in ranks if cause is not None and e["rank"] == cause[0]), None) or (failed[0] if failed else None)
+    root = next((e for e in ranks if cause is not None and e["rank"] == cause[0]), None)
+    # a rank killed by a signal (the OOM killer) records nothing, and its peers then fail with a clock: it goes first
+    killed = root if root is not None and cause is not None and cause[1] < 0 and root["status"] == "running" else None
+    first = died or killed or (timed[0] if timed else None) or root or (failed[0] if failed else None)
     # ranks still "running" when the launcher stopped: the root cause was killed; the others were ended.
     # A rank that failed after the root cause (its peer left a collective: gloo's "Connection closed by
     # peer") failed because of it: ended, with its own message kept
@@ -373,7 +375,9 @@ def merge_ranks(plan: dict[str, Any], run_dir: Path, rc: int, interrupted: bool,
         if timed:
             slow = max(timed, key=lambda doc: doc["measured"]["timing"]["mean_step_seconds"])
             measured["timing"] = dict(slow["measured"]["timing"], slowest_rank=slow.get("rank"))
-        r0 = docs[0] or {}
+        # the saving rank's (node 0's local rank 0: c10d may number another node's rank 0)
+        r0 = next((doc for doc in measured_docs if doc.get("node", 0) == 0 and doc.get("local_rank", 0) == 0),
+                  docs[0] or {})
         m0 = r0.get("measured") or {}
         measured["loss"] = m0.get("loss") or measured.get("loss") or []  # the Trainer's loss, averaged over ranks
         measured["adapter_file_bytes"] = m0.get("adapter_file_bytes")

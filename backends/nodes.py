@@ -1,8 +1,8 @@
 """Plans of several nodes (``distributed.nodes > 1``): the launch of each node, the checks made before any
 rank starts, all nodes on this host over loopback, and what each node did (no torch here).
 
-Three ways to start a multi-node plan, all through torchrun's c10d rendezvous (``--rdzv-backend c10d``; node 0
-hosts its store, ``is_host=1``; the others join it):
+Three ways to start a multi-node plan, through torchrun's c10d rendezvous on the CPU (``--rdzv-backend c10d``; node
+0 hosts its store, ``is_host=1``; the others join it) and accelerate's static one on GPUs:
 
 * **all nodes on this host** (``qplan run plan.json --device cpu``): one torchrun agent per node, each in its own
   process group, rendezvous on 127.0.0.1 — the multi-node path tested on the CPU;
@@ -90,8 +90,10 @@ def slurm_script(plan: dict[str, Any], run_args: list[str], device: str, python:
         f"#SBATCH --nodes={nodes}",
         "#SBATCH --ntasks-per-node=1",
         f"#SBATCH --gpus-per-node={per_node}" if gpu else f"#SBATCH --cpus-per-task={per_node}",
+        *(["#SBATCH --exclusive"] if gpu else []),  # the one task per node runs every rank and its data loading
         "#SBATCH --output=qplan-%j.log",
-        f"# {plan['model']['name']}: {nodes} nodes x {per_node} ranks ({d['strategy']}), written by qplan run.",
+        f"# {_job_name(plan['model']['name'])}: {nodes} nodes x {per_node} rank(s) each ({d['strategy']}), written by "
+        "qplan run.",
         "# Submit from this run folder (`cd RUN_FOLDER && sbatch slurm.sbatch`): it trains plan.json again; each node",
         "# makes a new run folder under $QPLAN_OUT_DIR (default: the folder above this one), node 0's covers all nodes.",
         "set -euo pipefail",
@@ -100,7 +102,9 @@ def slurm_script(plan: dict[str, Any], run_args: list[str], device: str, python:
         f'MASTER_PORT="${{QPLAN_MASTER_PORT:-{DEFAULT_PORT}}}"',
         'QPLAN_OUT_DIR="${QPLAN_OUT_DIR:-$(dirname "$PWD")}"',
         "export MASTER_ADDR MASTER_PORT QPLAN_OUT_DIR",
-        f"srun --nodes={nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c {shlex.quote(inner)}",
+        # no --kill-on-bad-exit: a node whose run fails exits 1 after its report; the others end on their own (their
+        # ranks lose the peer) and must not be killed while they write theirs
+        f"srun --nodes={nodes} --ntasks-per-node=1 bash -c {shlex.quote(inner)}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -131,22 +135,24 @@ def check_addr(addr: str, port: int) -> list[Any]:
 
 
 def check_host(addr: str, port: int) -> None:
-    """Node 0 hosts the rendezvous store at ``addr:port``: ``addr`` must be this machine's and the port free."""
+    """Node 0 hosts the rendezvous store at ``addr:port``: one of ``addr``'s addresses must be this machine's, and
+    the port free there."""
+    last: OSError | None = None
     for family, kind, proto, _, sa in check_addr(addr, port):
         with socket.socket(family, kind, proto) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(sa)
+                return
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     raise QPlanError(f"--master-port {port} is in use on this machine ({addr}): node 0 hosts the "
                                      "rendezvous there; pick a free port (the same on every node)") from exc
-                if exc.errno == errno.EADDRNOTAVAIL:
-                    raise QPlanError(f"--master-addr {addr} is not an address of this machine: node 0 hosts the "
-                                     "rendezvous, so start node 0 on the master machine (or give its own "
-                                     "address)") from exc
-                raise QPlanError(f"--master-addr {addr}:{port}: cannot listen there ({exc.strerror or exc})") from exc
-            return
+                last = exc
+    if last is not None and last.errno == errno.EADDRNOTAVAIL:
+        raise QPlanError(f"--master-addr {addr} is not an address of this machine: node 0 hosts the rendezvous, so "
+                         "start node 0 on the master machine (or give its own address)") from last
+    raise QPlanError(f"--master-addr {addr}:{port}: cannot listen there ({getattr(last, 'strerror', None) or last})")
 
 
 def wait_for_master(addr: str, port: int, timeout: float, poll: float = 0.5) -> None:
@@ -155,8 +161,10 @@ def wait_for_master(addr: str, port: int, timeout: float, poll: float = 0.5) -> 
     infos = check_addr(addr, port)
     deadline = time.monotonic() + timeout
     last: OSError | None = None
+    unreachable = (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL)
     while True:
-        for family, kind, proto, _, sa in infos:
+        errs = []
+        for family, kind, proto, _, sa in infos:  # every address of the name (an IPv6 one may have no route)
             with socket.socket(family, kind, proto) as s:
                 s.settimeout(max(0.1, min(5.0, deadline - time.monotonic())))
                 try:
@@ -164,9 +172,10 @@ def wait_for_master(addr: str, port: int, timeout: float, poll: float = 0.5) -> 
                     return
                 except OSError as exc:
                     last = exc
-                    if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL):
-                        raise QPlanError(f"--master-addr {addr}: unreachable from this machine "
-                                         f"({exc.strerror or exc}); give node 0's address as this node sees it") from exc
+                    errs.append(exc)
+        if errs and all(e.errno in unreachable for e in errs):
+            raise QPlanError(f"--master-addr {addr}: unreachable from this machine ({last.strerror or last}); give "
+                             "node 0's address as this node sees it") from last
         if time.monotonic() >= deadline:
             why = getattr(last, "strerror", None) or last or "no answer"
             raise QPlanError(f"node 0's rendezvous at {addr}:{port} did not answer within {timeout:g} s ({why}): start "
@@ -230,33 +239,41 @@ def spawn_nodes(cmds: list[list[str]], envs: list[dict[str, str]], logs: list[Pa
     interrupted = False
     stop_at: float | None = None
     kill_at: float | None = None
-    while any(p.poll() is None for p in procs):
-        try:
-            now = time.monotonic()
-            failed = [p for p in procs if p.poll() not in (None, 0)]
-            if failed and stop_at is None:
-                stop_at = now + grace_s
-            if stop_at is not None and now >= stop_at and kill_at is None:
-                for n, p in enumerate(procs):
-                    if p.poll() is None:
+    try:
+        while True:
+            try:
+                live = [(n, p) for n, p in enumerate(procs) if p.poll() is None]  # reaped launchers are never signalled
+                if not live:
+                    break
+                now = time.monotonic()
+                if stop_at is None and any(p.returncode not in (None, 0) for p in procs):
+                    stop_at = now + grace_s
+                if stop_at is not None and now >= stop_at and kill_at is None:
+                    for n, p in live:
                         stopped.add(n)
                         _signal_group(p, signal.SIGTERM)
-                kill_at = now + 30
-            if kill_at is not None and now >= kill_at:
-                for p in procs:
-                    _signal_group(p, signal.SIGKILL)
-            time.sleep(0.2)
-        except KeyboardInterrupt:
-            if not interrupted:
-                interrupted = True
-                for p in procs:
-                    if p.poll() is None:
-                        p.send_signal(signal.SIGINT)
-                print("\nqplan: interrupted — waiting for every node to write its partial measurements "
-                      "(Ctrl-C again to kill them)", file=sys.stderr, flush=True)
-            else:
-                for p in procs:
-                    _signal_group(p, signal.SIGKILL)
+                    kill_at = now + 30
+                if kill_at is not None and now >= kill_at:
+                    for _, p in live:
+                        _signal_group(p, signal.SIGKILL)
+                time.sleep(0.2)
+            except KeyboardInterrupt:
+                if not interrupted:
+                    interrupted = True
+                    for p in procs:
+                        if p.poll() is None:
+                            p.send_signal(signal.SIGINT)
+                    print("\nqplan: interrupted — waiting for every node to write its partial measurements "
+                          "(Ctrl-C again to kill them)", file=sys.stderr, flush=True)
+                else:
+                    for p in procs:
+                        if p.poll() is None:
+                            _signal_group(p, signal.SIGKILL)
+    finally:
+        for p in procs:  # however the wait ends, no node is left running (they are in sessions of their own)
+            if p.poll() is None:
+                _signal_group(p, signal.SIGKILL)
+                p.wait()
     for t in pumps:
         t.join(timeout=10)
     return [NodeExit(n, p.returncode, n in stopped) for n, p in enumerate(procs)], interrupted

@@ -68,6 +68,21 @@ def init_group(device: str) -> None:
 PLAN_MISMATCH = "plan_mismatch"
 
 
+_SIDE: list[Any] = []
+
+
+def _side_group() -> Any:
+    """A gloo group beside an nccl default group (None on gloo): qplan's own small exchanges (the plan check, the
+    rank files) then start no nccl communicator, whose buffers the GPU measurement would count before the model."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "gloo":
+        return None
+    if not _SIDE:
+        _SIDE.append(dist.new_group(backend="gloo"))
+    return _SIDE[0]
+
+
 def check_same_plan(plan_bytes: bytes, node: int) -> None:
     """Every rank's plan.json must be node 0's, byte for byte (sha256, exchanged over the process group right
     after the rendezvous): nodes started with different plans would train a run no plan predicts."""
@@ -79,7 +94,7 @@ def check_same_plan(plan_bytes: bytes, node: int) -> None:
 
     mine = hashlib.sha256(plan_bytes).hexdigest()
     got: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(got, (node, mine))
+    dist.all_gather_object(got, (node, mine), group=_side_group())
     ref_node, ref = min(got)
     differ = sorted({n for n, h in got if h != ref})
     if differ:
@@ -96,7 +111,7 @@ def gather_docs(doc: dict[str, Any]) -> list[Any]:
 
     try:
         got: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(got, doc)
+        dist.all_gather_object(got, doc, group=_side_group())
         return got
     except Exception:  # noqa: BLE001 - the rank files this node wrote stay; only the copies are missing
         return []

@@ -434,6 +434,8 @@ def _check_node_options(n_nodes: int, node_rank: int | None, master_addr: str | 
     if master_addr is not None and node_rank is None:
         raise QPlanError("--master-addr needs --node-rank (which node this machine is); without both, --device cpu "
                          "runs every node on this host")
+    if master_port is not None and not 0 < master_port < 65536:
+        raise QPlanError(f"--master-port must be 1..65535, got {master_port}")
     if join_timeout is not None and not 0 < join_timeout <= 86_400:
         raise QPlanError(f"--join-timeout must be 1..86400 seconds, got {join_timeout}")
 
@@ -448,7 +450,8 @@ def _node_launch(multi: dict[str, Any] | None, n_nodes: int, node_rank: int | No
 
     wait = join_timeout or nodes.DEFAULT_JOIN_TIMEOUT
     addr = master_addr or "127.0.0.1"
-    port = master_port or (nodes.DEFAULT_PORT if node_rank is not None else nodes.free_port(addr))
+    port = master_port if master_port is not None else nodes.DEFAULT_PORT if node_rank is not None else \
+        nodes.free_port(addr)
     if node_rank:
         nodes.wait_for_master(addr, port, wait)
     else:

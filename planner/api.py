@@ -102,6 +102,8 @@ def plan_settings(plan: dict[str, Any]) -> dict[str, Any]:
         o["upcast"] = quant["prepare_model_for_kbit_training"]
     if d:
         o.update(gpus=d["gpus_per_node"], nodes=d["nodes"], strategy=d["strategy"], cpu_offload=d["cpu_offload"])
+        if d.get("network_gbps") is not None:
+            o["network_gbps"] = d["network_gbps"]
     return o
 
 

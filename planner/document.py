@@ -209,6 +209,8 @@ class DistributedSection(Struct, forbid_unknown_fields=True, kw_only=True):
     shard_group: _d(Annotated[int, Meta(ge=1, le=MAX_GPUS)] | UnsetType,
                     "hsdp: the ranks one parameter is sharded over (a node's GPUs)") = UNSET
     replicas: _d(Annotated[int, Meta(ge=1, le=MAX_GPUS)] | UnsetType, "hsdp: the copies of the shards (the nodes)") = UNSET
+    network_gbps: _d(Annotated[float, Meta(gt=0, le=1e6)] | UnsetType,
+                     "--network-gbps: each node's network one way, Gbit/s") = UNSET
 
 
 class Params(Struct, kw_only=True):

@@ -189,6 +189,10 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
                  "(DeepSpeed), hsdp (FSDP2 sharded inside a node, replicated across --nodes) [default: ddp]",
                  section=MULTI) = None
     cpu_offload: _f(bool, "FSDP parameter / ZeRO optimizer offload to host memory", section=MULTI) = False
+    network_gbps: _f(Annotated[float, Meta(gt=0, le=1e6)] | None,
+                     "the network between nodes: each node's bandwidth one way in Gbit/s, its NICs together (400: one "
+                     "NDR InfiniBand port); the step time then counts the communication across nodes (a ring bound)",
+                     section=MULTI) = None
 
 
 OBJECTIVES = ("memory", "time", "cost")

@@ -42,7 +42,7 @@ from qplan.planner.errors import QPlanError
 from qplan.planner.memory.loss import LIGER_MODEL_TYPES
 from qplan.planner.memory.moe import moe_dims
 from qplan.planner.memory.profiles import PROFILES, StepContext, memory_document, select_profile
-from qplan.planner.memory.sharding import DistSettings
+from qplan.planner.memory.sharding import DistSettings, sharded_counts
 from qplan.planner.memory.terms import (
     TrainingSettings,
     accuracy_warning,
@@ -149,6 +149,7 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     quant, double_quant, compute_dtype, upcast = o.quant, o.double_quant, o.compute_dtype, o.upcast
     tokens, dataset_tokens, epochs, calibration = o.tokens, o.dataset_tokens, o.epochs, o.calibration
     backend, gpus, nodes, strategy, cpu_offload = o.backend, o.gpus, o.nodes, o.strategy, o.cpu_offload
+    network_gbps = o.network_gbps
     modules_to_save, target_parameters, model, gpu = o.modules_to_save, o.target_parameters, o.model, o.gpu
     if o.full:
         check_full_options(o)
@@ -239,8 +240,8 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     if calib is not None and gpu_ is not None and calib["device"] != gpu_.name:
         raise QPlanError(f"calibration file {calibration} was fitted on {calib['device']}, not {gpu_.name}")
     dist = None
-    if gpus * nodes > 1 or strategy is not None or cpu_offload:
-        dist = DistSettings(gpus, nodes, strategy or "ddp", cpu_offload)
+    if gpus * nodes > 1 or strategy is not None or cpu_offload or network_gbps is not None:
+        dist = DistSettings(gpus, nodes, strategy or "ddp", cpu_offload, network_gbps)
         dist.validate(q, backend)
     if lora.fa and o.full:
         raise QPlanError("--optimizer lorafa is LoRA-FA (PEFT's optimizer for LoRA's A and B): not for --full")
@@ -528,7 +529,8 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
     if inp.dist is not None and inp.dist.world > 1:
         gathered = (gathered_bytes(inp.spec, q, counts, inp.dist.shard_world, inp.dist.shard_strategy)
                     if inp.dist.shard_strategy in ("fsdp", "zero3") else (0, 0))
-        comm = comm_time(inp.dist, device, t.grad_accum, gradient_bytes(counts), gathered)
+        shard = gradient_bytes(sharded_counts(counts, inp.dist.shard_world)) if inp.dist.strategy == "hsdp" else 0
+        comm = comm_time(inp.dist, device, t.grad_accum, gradient_bytes(counts), gathered, shard)
     trained = q.unquantized_dtype if inp.full else inp.lora.adapter_dtype  # the dtype the trained tensors' matmuls see
     time = time_prediction(flops, moved, device, (q.quant, q.compute_dtype, trained), tokens_per_step,
                            inp.tokens, inp.calibration, gpus, launches["total"] if launches else 0, comm)

@@ -295,6 +295,11 @@ def compute_lines(p: dict[str, Any]) -> list[str]:
             lines.append(f"  communication per step: {fmt_bytes(c['bytes_per_step']['total'])} through each GPU's "
                          f"{c['link']} link, {fmt_seconds(c['seconds'])} (ring collectives at the link's peak, not "
                          "overlapped: a bound)")
+            a = c.get("across_nodes")
+            if a:
+                lines.append(f"  across nodes: {fmt_bytes(a['bytes_per_step_per_node'])} per step through each node's "
+                             f"network ({a['network_bytes_per_second_one_way'] * 8 / 1e9:g} Gbit/s one way, "
+                             f"--network-gbps), {fmt_seconds(a['seconds'])} of the communication above")
         for what in t.get("not_in_time", []):
             lines.append(f"  not in the time: {what}")
     elif t:

@@ -15,9 +15,19 @@ link, an all-gather or a reduce-scatter of a full tensor of ``S`` bytes ``(N-1)/
 
 Seconds: those bytes over the link's bandwidth one way (``interconnect_gb_s / 2``: the catalog gives the
 bidirectional figure of the datasheet), at its peak and not overlapped with compute: a bound, not a measurement (DDP
-and FSDP overlap part of it with the backward). No GPU run has checked it. Several nodes (the network, which the
-catalog does not know) and CPU offload (PCIe traffic of the offloaded states) are not predicted: said in
-``not_in_time``.
+and FSDP overlap part of it with the backward). No GPU run has checked it. CPU offload (PCIe traffic of the offloaded
+states) is not predicted: said in ``not_in_time``.
+
+Several nodes need the network's bandwidth, which the catalog does not know: ``--network-gbps`` (each node's NICs
+together, one way). Without it the communication is not predicted (``not_in_time``). With it (``across_nodes``):
+
+* ddp / fsdp / zero2 / zero3 run their rings over all ``W`` ranks: every ring edge carries the bytes above (the
+  formulas with ``N = W``), and the edges between nodes go over the network, so the ring moves at the slower of the
+  link and the network (one GPU per node: the network only);
+* hsdp gathers and reduce-scatters inside the node (the formulas with ``N`` = the node's GPUs, over the link), then
+  all-reduces each gradient shard across the ``M`` nodes: ``G`` rings of ``M`` ranks, each ``2 (M-1)/M x shard``
+  through the network, ``G x 2 (M-1)/M x shard`` per node and micro-batch (FSDP2's ``foreach_reduce``, the
+  reduce-scatter output all-reduced in place), after the reduce-scatter: the seconds add up.
 """
 
 from __future__ import annotations
@@ -68,24 +78,56 @@ def gathered_bytes(spec: Any, q: Any, counts: list, world: int, strategy: str) -
     return (layers + rw["root_shard"] + lora) * world, (layers + lora) * world
 
 
+def network_bytes(strategy: str, gpus: int, nodes: int, grad_accum: int, flat_total: int, grad_shard_bytes: int) -> int:
+    """Bytes through one node's network per optimizer step (see the module docstring): a flat ring's edge bytes
+    (``flat_total``, the per-rank formula over every rank), or hsdp's all-reduces of the gradient shards across nodes,
+    ``grad_accum x G x 2 (M-1)/M x shard``."""
+    if nodes < 2:
+        return 0
+    if strategy == "hsdp":
+        return grad_accum * gpus * all_reduce_bytes(grad_shard_bytes, nodes)
+    return flat_total
+
+
 def comm_time(dist: Any, device: dict[str, Any] | None, grad_accum: int, grad_bytes: int,
-              gathered: tuple[int, int]) -> tuple[dict[str, Any] | None, list[str]]:
-    """(``prediction.time.communication``, what is not in the time) for a plan on ``dist`` (None: one GPU)."""
+              gathered: tuple[int, int], grad_shard_bytes: int = 0) -> tuple[dict[str, Any] | None, list[str]]:
+    """(``prediction.time.communication``, what is not in the time) for a plan on ``dist`` (None: one GPU).
+    ``gathered``: over the ranks one parameter is sharded on (a node's, for hsdp); ``grad_shard_bytes``: hsdp's
+    padded gradient shard of one rank, all-reduced across nodes."""
     if dist is None or dist.world < 2:
         return None, []
     notes = []
-    if dist.nodes > 1:
-        notes.append("communication across nodes (the network; the catalog knows only the link inside a node)")
+    if dist.nodes > 1 and not getattr(dist, "network_gbps", None):
+        notes.append("communication across nodes (the network: give --network-gbps; the catalog knows only the link "
+                     "inside a node)")
     if dist.cpu_offload:
         notes.append("the PCIe traffic of CPU offload (states and gradients to and from the host)")
     if notes:
         return None, ["communication between the GPUs: " + "; ".join(notes)]
     link = (device or {}).get("interconnect_gb_s")
-    if not link:
+    inside = dist.shard_world if dist.strategy == "hsdp" else dist.world  # the ranks of the link's rings
+    if not link and dist.gpus > 1:
         return None, [f"communication between the GPUs ({(device or {}).get('name')} has no interconnect in the "
                       "catalog)"]
-    moved = comm_bytes(dist.strategy, dist.world, grad_accum, grad_bytes, gathered)
-    seconds = moved["total"] / (link * 1e9 / 2)
-    return {"link": device.get("interconnect"), "link_bytes_per_second_one_way": link * 1e9 / 2,
-            "bytes_per_step": moved, "seconds": seconds,
-            "note": "ring collectives at the link's peak, not overlapped with compute: a bound, not measured"}, []
+    link_bw = link * 1e9 / 2 if link else None
+    moved = comm_bytes(dist.shard_strategy, inside, grad_accum, grad_bytes, gathered)
+    out = {"link": (device or {}).get("interconnect"), "link_bytes_per_second_one_way": link_bw,
+           "bytes_per_step": moved, "seconds": 0.0,
+           "note": "ring collectives at the link's peak, not overlapped with compute: a bound, not measured"}
+    if dist.nodes < 2:
+        out["seconds"] = moved["total"] / link_bw
+        return out, []
+    net_bw = dist.network_gbps * 1e9 / 8
+    across = network_bytes(dist.strategy, dist.gpus, dist.nodes, grad_accum, moved["total"], grad_shard_bytes)
+    if dist.strategy == "hsdp":  # inside the node over the link, then across nodes over the network
+        inter = across / net_bw
+        out["seconds"] = (moved["total"] / link_bw if link_bw else 0.0) + inter
+    else:  # one ring over every rank: it moves at its slowest edge
+        slowest = min(net_bw, link_bw) if link_bw and dist.gpus > 1 else net_bw
+        inter = moved["total"] / slowest
+        out["seconds"] = inter
+    out["across_nodes"] = {"network_bytes_per_second_one_way": net_bw, "bytes_per_step_per_node": across,
+                           "seconds": inter}
+    out["note"] = ("ring collectives at the link's and the network's peak (--network-gbps), not overlapped with "
+                   "compute: a bound, not measured")
+    return out, []

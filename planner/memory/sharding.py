@@ -68,6 +68,7 @@ class DistSettings:
     nodes: int = 1
     strategy: str = "ddp"
     cpu_offload: bool = False
+    network_gbps: float | None = None  # between nodes, per node, one way (``--network-gbps``)
 
     @property
     def world(self) -> int:
@@ -92,6 +93,9 @@ class DistSettings:
             raise QPlanError("--cpu-offload needs --strategy fsdp, zero2 or zero3 (DDP keeps everything on the GPU)")
         if backend == "unsloth":
             raise QPlanError("--backend unsloth trains on one GPU: multi-GPU plans use --backend peft")
+        if self.network_gbps is not None and self.nodes < 2:
+            raise QPlanError(f"--network-gbps {self.network_gbps:g} is the network between nodes: this plan has 1 node "
+                             "(the link inside a node is the GPU's, from the catalog)")
         if self.strategy == "hsdp" and self.nodes < 2:
             raise QPlanError("--strategy hsdp shards inside a node and replicates across nodes: give --nodes 2 or "
                              "more (on one node it is --strategy fsdp)")
@@ -108,6 +112,8 @@ class DistSettings:
                "strategy": self.strategy, "engine": ENGINES[self.strategy], "cpu_offload": self.cpu_offload}
         if self.strategy == "hsdp":
             out.update(shard_group=self.shard_world, replicas=self.nodes)
+        if self.network_gbps is not None:
+            out["network_gbps"] = self.network_gbps
         return out
 
 

@@ -8,6 +8,7 @@ real exit codes for a node killed mid-run; accelerate's own config loader and ar
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
@@ -235,13 +236,16 @@ def _refused(tmp_path, capsys, plan: dict, *args: str) -> str:
     (["--node-rank", "1", "--master-addr", "no-such-host.invalid"], "--master-addr no-such-host.invalid: the name "
                                                                     "does not resolve"),
     (["--node-rank", "0", "--master-addr", "192.0.2.1"], "--master-addr 192.0.2.1 is not an address of this machine"),
-    (["--node-rank", "1", "--master-addr", "127.0.0.1", "--join-timeout", "1"],
-     "node 0's rendezvous at 127.0.0.1:29500 did not answer within 1 s"),
+    (["--node-rank", "1", "--master-addr", "127.0.0.1", "--join-timeout", "1", "--master-port", "FREE"],
+     "node 0's rendezvous at 127.0.0.1:FREE did not answer within 1 s"),
+    (["--node-rank", "0", "--master-addr", "127.0.0.1", "--master-port", "0"], "--master-port must be 1..65535, got 0"),
     (["--node-rank", "1", "--master-addr", "127.0.0.1", "--master-port", "70000"], "--master-port must be 1..65535"),
     (["--device", "cuda"], "this plan has 2 nodes: on GPUs start each machine's node with `qplan run PLAN --node-rank"),
 ])
 def test_bad_node_options_are_one_line(tmp_path, capsys, args, needle):
     device = [] if "--device" in args else ["--device", "cpu"]
+    free = str(port())  # nothing listens there: no node 0
+    args, needle = [free if a == "FREE" else a for a in args], needle.replace("FREE", free)
     err = _refused(tmp_path, capsys, node_plan(), *device, *args)
     assert needle in err, err
 
@@ -270,3 +274,45 @@ def test_more_ranks_than_this_machine_has_and_node_options_on_one_node(tmp_path,
     err = _refused(tmp_path, capsys, node_plan(gpus=2, nodes=1, strategy="ddp"), "--device", "cpu", "--node-rank", "0",
                    "--master-addr", "127.0.0.1")
     assert "--node-rank, --master-addr: for plans of several nodes" in err and "this plan has 1 node" in err
+
+
+def test_nodes_that_outlive_a_failed_node_are_stopped_after_the_grace(tmp_path):
+    """spawn_nodes on stand-in launchers: node 1 fails at once, node 0 would run for a minute (a rank stuck outside any
+    collective). After the grace node 0's process group is stopped (SIGTERM) and recorded as stopped by qplan."""
+    import time
+
+    cmds = [[sys.executable, "-c", "import time; time.sleep(60)"], [sys.executable, "-c", "import sys; sys.exit(3)"]]
+    logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
+    t0 = time.monotonic()
+    exits, interrupted = nodes.spawn_nodes(cmds, [dict(os.environ)] * 2, logs, tmp_path, grace_s=1)
+    assert time.monotonic() - t0 < 30 and not interrupted
+    assert (exits[1].returncode, exits[1].stopped) == (3, False)
+    assert exits[0].returncode == -15 and exits[0].stopped
+    assert all(p.is_file() for p in logs)
+
+
+def _rank_doc(rank: int, node: int, status: str, failure: dict | None = None, adapter: int | None = None) -> dict:
+    return {"rank": rank, "node": node, "local_rank": 0, "status": status, "failure": failure, "host": "h",
+            "measured": {"memory": {"tensor_peak": 1000 + rank}, "adapter_file_bytes": adapter, "loss": [1.0]}}
+
+
+def test_merge_blames_a_rank_killed_by_a_signal_and_takes_the_adapter_size_from_node_0(tmp_path):
+    """Hand-made rank files as a run leaves them: torchrun's summary names rank 1 killed by SIGKILL (the OOM killer:
+    it wrote nothing more), rank 0 then failed with a clock on the lost peer; c10d put node 1's rank first."""
+    plan = node_plan()
+    (tmp_path / "ranks").mkdir()
+    docs = [_rank_doc(0, 1, "error", {"kind": "error", "message": "Connection closed by peer", "at": 5.0}),
+            _rank_doc(1, 0, "running", adapter=None)]
+    for d in docs:
+        (tmp_path / "ranks" / f"rank{d['rank']}.json").write_text(json.dumps(d))
+    log = tmp_path / "node0.log"
+    log.write_text("Root Cause (first observed failure):\n[0]:\n  rank      : 1 (local_rank: 0)\n"
+                   "  exitcode  : -9 (pid: 7)\n")
+    doc = launch.merge_ranks(plan, tmp_path, 1, False, [log], {"device": "cpu"})
+    assert doc["failure"]["rank"] == 1 and "killed by SIGKILL" in doc["failure"]["message"]
+    assert doc["ranks"][0]["status"] == "ended"
+    ok = [_rank_doc(0, 1, "ok"), _rank_doc(1, 0, "ok", adapter=12345)]
+    for d in ok:
+        (tmp_path / "ranks" / f"rank{d['rank']}.json").write_text(json.dumps(d))
+    assert launch.merge_ranks(plan, tmp_path, 0, False, [log], {"device": "cpu"})["measured"]["adapter_file_bytes"] \
+        == 12345
