@@ -376,6 +376,8 @@ CSS = ("body{font-family:system-ui,sans-serif;max-width:64em;margin:1.5em auto;p
        ".sub,.caption{color:#555;margin:.2em 0 .6em}table{border-collapse:collapse;margin:.4em 0}"
        "td,th{border:1px solid #ddd;padding:.2em .6em;text-align:right}td:first-child,th:first-child{text-align:left}"
        "th{background:#f5f5f5}table.kv td{text-align:left}"
+       "table.ranks td:last-child,table.nodes td:last-child,table.nodes td:nth-child(2),table.ranks th:last-child,"
+       "table.nodes th:last-child,table.nodes th:nth-child(2){text-align:left}"
        "details{margin:.4em 0;border:1px solid #e3e3e3;border-radius:4px;padding:.3em .8em}"
        "summary{cursor:pointer;font-weight:600}pre{background:#f6f6f6;padding:1em;overflow:auto}"
        ".wide{overflow-x:auto}table.runs{font-size:.85em}"
