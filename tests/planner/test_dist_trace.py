@@ -17,6 +17,15 @@ from qplan.planner.api import plan_dict
 from qplan.planner.vocab import MOMENTS_OF_PHASE
 
 
+def assert_within_1_percent_of(plan: dict, tr: dict) -> None:
+    """The plan's tensor peak and each phase's within 1% of the traced rank's."""
+    mem, phases = plan["prediction"]["memory"], plan["prediction"]["memory_detail"]["phases"]
+    assert abs(mem["tensor_peak"] - tr["tensor_peak"]) <= 0.01 * tr["tensor_peak"]
+    for phase, traced in tr["phase_peaks"].items():
+        predicted = max(phases[m] for m in MOMENTS_OF_PHASE[phase] if m in phases)
+        assert abs(predicted - traced) <= 0.01 * traced, (phase, predicted, traced)
+
+
 @pytest.mark.parametrize("world,quant,ckpt", [
     (2, "nf4", True), (2, "bf16", False), (4, "nf4", False), (4, "bf16", True), (3, "nf4", True), (3, "bf16", False),
 ])
@@ -26,11 +35,7 @@ def test_fsdp_rank_step_matches_the_trace(world, quant, ckpt):
     plan = plan_dict(model=tiny_spec("llama-tied"), quant=quant, gpus=world, strategy="fsdp", seq_len=64,
                      grad_ckpt=ckpt)
     tr = trace_rank_step(plan)
-    mem, phases = plan["prediction"]["memory"], plan["prediction"]["memory_detail"]["phases"]
-    assert abs(mem["tensor_peak"] - tr["tensor_peak"]) <= 0.01 * tr["tensor_peak"]
-    for phase, traced in tr["phase_peaks"].items():
-        predicted = max(phases[m] for m in MOMENTS_OF_PHASE[phase] if m in phases)
-        assert abs(predicted - traced) <= 0.01 * traced, (phase, predicted, traced)
+    assert_within_1_percent_of(plan, tr)
     # the static state of the rank is exact: sharded weights, quantization constants, buffers, states
     bd = tr["breakdown_at_peak"]
     r = plan["distributed"]["per_rank"]
@@ -47,11 +52,7 @@ def test_hsdp_rank_step_matches_the_trace_and_holds_what_fsdp_over_one_node_hold
     kw = dict(model=tiny_spec("llama-tied"), quant=quant, gpus=gpus, seq_len=64, grad_ckpt=ckpt)
     plan = plan_dict(**kw, nodes=nodes, strategy="hsdp")
     tr = trace_rank_step(plan)
-    mem, phases = plan["prediction"]["memory"], plan["prediction"]["memory_detail"]["phases"]
-    assert abs(mem["tensor_peak"] - tr["tensor_peak"]) <= 0.01 * tr["tensor_peak"]
-    for phase, traced in tr["phase_peaks"].items():
-        predicted = max(phases[m] for m in MOMENTS_OF_PHASE[phase] if m in phases)
-        assert abs(predicted - traced) <= 0.01 * traced, (phase, predicted, traced)
+    assert_within_1_percent_of(plan, tr)
     one_node = trace_rank_step(plan_dict(**kw, strategy="fsdp"))
     assert tr["tensor_peak"] == one_node["tensor_peak"] and tr["phase_peaks"] == one_node["phase_peaks"]
 
