@@ -50,7 +50,7 @@ def config_options(f: Any) -> Any:
                      help="the trainer the --from-config file is for [default: detected]")(f)
     return click.option("--from-config", "from_config", default=None,
                         help="an axolotl / LLaMA-Factory / TRL config (YAML or JSON): its settings, "
-                             "overridden by explicit flags")(f)
+                             "overridden by explicit flags (a TRL DPO file: with --objective dpo)")(f)
 
 
 def with_trainer_config(o: dict[str, Any], names: tuple[str, ...] | None = None
@@ -66,8 +66,10 @@ def with_trainer_config(o: dict[str, Any], names: tuple[str, ...] | None = None
     if path:
         from qplan.planner.interop.trainer_configs import read_trainer_config
         from qplan.planner.options import check_options
+        from qplan.planner.vocab import TRAINING_OBJECTIVES
 
-        opts, warnings, tool = read_trainer_config(path, fmt)
+        objective = o.get("objective") if o.get("objective") in TRAINING_OBJECTIVES else "sft"  # fit's is another
+        opts, warnings, tool = read_trainer_config(path, fmt, objective)
         source = {"path": str(path), "format": tool, "warnings": warnings}
         try:
             check_options(opts)
