@@ -211,19 +211,26 @@ def write_launch_files(run_dir: Path, plan: dict[str, Any], device: str, python:
         cmd = torchrun_command(python, int(d["world_size"]), job_file) if device == "cpu" else \
             accelerate_command(python, cfg_file, job_file)
         (run_dir / "launch.sh").write_text(
-            "#!/bin/sh\n# the command `qplan run` started, from inside the run folder (rerun it by hand from anywhere)\n"
-            'cd "$(dirname "$0")" || exit 1\n'
-            + "exec " + " ".join(shlex.quote(c) for c in cmd) + "\n", encoding="utf-8")
+            _script(cmd, "the command `qplan run` started, from inside the run folder (rerun it by hand from anywhere)"),
+            encoding="utf-8")
         return [cmd]
     cmds = []
     for n in range(nl.nodes):
         cmd = nodes_mod.torchrun_node_command(python, nl, n, job_file) if device == "cpu" else \
             nodes_mod.accelerate_node_command(python, nl, n, cfg_file, job_file)
-        (run_dir / f"launch-node{n}.sh").write_text(nodes_mod.node_script(cmd, n, nl.nodes), encoding="utf-8")
+        (run_dir / f"launch-node{n}.sh").write_text(
+            _script(cmd, f"node {n} of {nl.nodes}: run on that machine (from anywhere; it runs inside this run folder)"),
+            encoding="utf-8")
         cmds.append(cmd)
     (run_dir / "slurm.sbatch").write_text(nodes_mod.slurm_script(plan, run_args or [], device, sys.executable),
                                           encoding="utf-8")
     return cmds if node_rank is None else [cmds[node_rank]]
+
+
+def _script(cmd: list[str], comment: str) -> str:
+    """A launch script that runs ``cmd`` from inside the run folder it lies in."""
+    return (f"#!/bin/sh\n# {comment}\n" 'cd "$(dirname "$0")" || exit 1\n'
+            + "exec " + " ".join(shlex.quote(c) for c in cmd) + "\n")
 
 
 # ------------------------------------------------------------------------------ merging
@@ -259,12 +266,8 @@ def _signal_name(code: int) -> str:
 def exit_text(code: int) -> str:
     """How a process ended, in words (a signal by name)."""
     if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        text = f"killed by {name}"
-        if name == "SIGKILL":
+        text = _signal_name(code)
+        if text == "killed by SIGKILL":
             text += " (on Linux usually the kernel's OOM killer: the host ran out of memory)"
         return text
     return f"exited with code {code}"
@@ -330,7 +333,7 @@ def merge_ranks(plan: dict[str, Any], run_dir: Path, rc: int, interrupted: bool,
             pass
     cause = root_cause(log) if rc != 0 else None
     failed = sorted((e for e in ranks if e["status"] in ("oom", "error", "interrupted")),
-                    key=lambda e: (_WORST.index(e["status"]), (e.get("failure") or {}).get("kind") != "node_died"))
+                    key=lambda e: _WORST.index(e["status"]))
     died = next((e for e in ranks if (e.get("failure") or {}).get("kind") == "node_died"), None)
     # the first failure: a node that died, else the rank that failed first by its own clock (ranks that lost a
     # peer fail after it), else torchrun's root cause

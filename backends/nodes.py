@@ -113,13 +113,6 @@ def _job_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "-" for c in name)[:40] or "run"
 
 
-def node_script(cmd: list[str], node: int, nodes: int) -> str:
-    return ("#!/bin/sh\n"
-            f"# node {node} of {nodes}: run on that machine (from anywhere; it runs inside this run folder)\n"
-            'cd "$(dirname "$0")" || exit 1\n'
-            + "exec " + " ".join(shlex.quote(c) for c in cmd) + "\n")
-
-
 # ------------------------------------------------------------------------------ before anything starts
 
 
@@ -201,14 +194,33 @@ class NodeExit:
 
 
 def _pump(src: Any, log: Any, prefix: bytes) -> None:
+    """Copy a child's output to its log (``log``: opened before the child starts, so the log is in the run folder from
+    the child's first instant; closed here once the output ends) and to our stderr: as it comes (a progress bar's
+    carriage returns included), or line by line behind ``prefix`` (several nodes on one terminal)."""
     with log:
-        for line in iter(src.readline, b""):
-            log.write(line)
+        chunks = iter(src.readline, b"") if prefix else iter(lambda: os.read(src.fileno(), 65536), b"")
+        for chunk in chunks:
+            log.write(chunk)
             log.flush()
             try:
-                os.write(2, prefix + line)
+                os.write(2, prefix + chunk)
             except OSError:  # pragma: no cover - stderr closed
                 pass
+
+
+def start_logged(cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path | None,
+                 prefix: bytes = b"") -> tuple[subprocess.Popen, threading.Thread]:
+    """Start ``cmd`` in a session of its own, its output pumped to ``log_path`` and stderr (``_pump``)."""
+    log = open(log_path, "ab")  # handed to the pump thread, which closes it
+    try:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             env=env, start_new_session=True, cwd=cwd)
+    except BaseException:
+        log.close()
+        raise
+    t = threading.Thread(target=_pump, args=(p.stdout, log, prefix), daemon=True)
+    t.start()
+    return p, t
 
 
 def spawn_nodes(cmds: list[list[str]], envs: list[dict[str, str]], logs: list[Path], cwd: Path,
@@ -220,16 +232,8 @@ def spawn_nodes(cmds: list[list[str]], envs: list[dict[str, str]], logs: list[Pa
     procs, pumps = [], []
     try:
         for n, (cmd, env, log_path) in enumerate(zip(cmds, envs, logs)):
-            log = open(log_path, "ab")
-            try:
-                p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, start_new_session=True, cwd=cwd)
-            except BaseException:
-                log.close()
-                raise
+            p, t = start_logged(cmd, env, log_path, cwd, f"[node {n}] ".encode())
             procs.append(p)
-            t = threading.Thread(target=_pump, args=(p.stdout, log, f"[node {n}] ".encode()), daemon=True)
-            t.start()
             pumps.append(t)
     except BaseException:
         for p in procs:

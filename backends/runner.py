@@ -27,7 +27,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -91,33 +90,11 @@ def _shim_dir() -> str:
     return shim_dir()
 
 
-def _pump(src: Any, log: Any) -> None:
-    """Copy the child's output to our stderr and to worker.log (``log``: the file, opened before the child starts,
-    so the log is in the run folder from the child's first instant; closed here once the child's output ends)."""
-    with log:
-        while True:
-            chunk = os.read(src.fileno(), 65536)
-            if not chunk:
-                break
-            log.write(chunk)
-            log.flush()
-            try:
-                os.write(2, chunk)
-            except OSError:  # pragma: no cover - stderr closed
-                pass
-
-
 def _spawn_and_wait(cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path | None = None) -> tuple[int, bool]:
     """Run the worker; on Ctrl-C forward SIGINT once and wait for it. Returns (returncode, interrupted)."""
-    log = open(log_path, "ab")  # handed to the pump thread, which closes it
-    try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True, cwd=cwd)
-    except BaseException:
-        log.close()
-        raise
-    pump = threading.Thread(target=_pump, args=(proc.stdout, log), daemon=True)
-    pump.start()
+    from .nodes import start_logged
+
+    proc, pump = start_logged(cmd, env, log_path, cwd)
     interrupted = False
     deadline = None
     while True:
@@ -373,8 +350,8 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
 
                 env[NODE_ENV] = str(node_rank)
             rc, interrupted = _spawn_and_wait(cmds[0], env, log_path, cwd=stage if multi is not None else None)
-            if nl is not None:
-                exits = {int(node_rank or 0): NodeExit(int(node_rank or 0), rc, False)}
+            if nl is not None and node_rank is not None:
+                exits = {node_rank: NodeExit(node_rank, rc, False)}
     finally:
         if shim:
             import shutil

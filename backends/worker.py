@@ -161,6 +161,8 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         else:
             source = ModelSource(Path(job["model_dir"]))
         if renv is not None:
+            from transformers import set_seed
+
             from .ranks import check_same_plan, init_group
 
             # every node must run the same plan: checked over the process group before any model loads (random
@@ -168,13 +170,11 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
             probe.set_phase("process_group")
             init_group(device)
             check_same_plan((run_dir / job["plan"]).read_bytes(), renv.node)
-        if renv is not None:
-            from transformers import set_seed
-
             set_seed(int(job.get("seed") or 0))  # the same adapters' initialisation on every rank
         prepared = backend.prepare(plan, source, device, probe)
         m.params = dict(prepared.params)
-        shard_here = renv is not None and strategy in ("fsdp", "hsdp") and not device.startswith("cuda")
+        sharded = strategy in ("fsdp", "hsdp")  # FSDP2: on GPUs accelerate shards, on the CPU the ranks do here
+        shard_here = renv is not None and sharded and not device.startswith("cuda")
         if renv is not None:
             from .ranks import shard_fsdp2, sync_trainable
 
@@ -242,7 +242,7 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         else:
             # FSDP2 shards the model in place (here on the CPU, by accelerate on GPUs): gather the adapters
             m.adapter_file_bytes = _save_from_ranks(backend, prepared, run_dir / "adapter", renv.saver,
-                                                    strategy in ("fsdp", "hsdp"))
+                                                    sharded)
         status = "ok"
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the write below
