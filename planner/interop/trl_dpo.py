@@ -20,6 +20,7 @@ rejected rows are each cut to it), batch and checkpointing defaults: the TRL rea
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from qplan.planner.errors import QPlanError, shown
@@ -38,11 +39,15 @@ def read_dpo(r: Any, o: dict[str, Any]) -> None:
     r.used.update(DPO_NO_EFFECT | {"label_smoothing_factor", "padding_free", "dataset_name", "dataset_config",
                                    "dataset_train_split", "dataset_test_split", "dataset_text_field"})
     if r.get("precompute_ref_log_probs", False):
-        raise QPlanError("trl config: precompute_ref_log_probs: true runs the reference over the whole dataset before "
-                         "training, which qplan does not plan yet: leave it false")
+        raise QPlanError(f"trl config: precompute_ref_log_probs: {shown(r.cfg['precompute_ref_log_probs'])} runs the "
+                         "reference over the whole dataset before training, which qplan does not plan yet: leave it "
+                         "false")
     if r.get("sync_ref_model", False):
-        raise QPlanError("trl config: sync_ref_model: true (TR-DPO) keeps a separate reference model, which qplan does "
-                         "not plan yet")
+        raise QPlanError(f"trl config: sync_ref_model: {shown(r.cfg['sync_ref_model'])} (TR-DPO) keeps a separate "
+                         "reference model, which qplan does not plan yet")
+    beta = r.get("beta", 0.1)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
+        raise QPlanError(f"trl config: beta must be a finite number, got {shown(beta)}")
     loss = r.get("loss_type", ["sigmoid"])
     losses = [loss] if isinstance(loss, str) else loss
     if losses != ["sigmoid"]:
@@ -50,6 +55,8 @@ def read_dpo(r: Any, o: dict[str, Any]) -> None:
     disable = r.get("disable_dropout", True)
     if disable not in (True, False):
         raise QPlanError(f"trl config: disable_dropout must be true or false, got {shown(disable)}")
+    if not 0 <= o.get("dropout", 0.0) < 1:  # NaN too: PEFT's LoRA dropout is an nn.Dropout(p)
+        raise QPlanError(f"trl config: lora_dropout must be in [0, 1), got {shown(o.get('dropout'))}")
     if not disable and o.get("dropout"):
         raise QPlanError(f"trl config: disable_dropout: false keeps lora_dropout {o['dropout']:g}: DPO is planned at "
                          "dropout 0 (set disable_dropout: true, TRL's default, or lora_dropout: 0)")

@@ -68,8 +68,10 @@ def test_dpo_keys_with_no_memory_term_plan_the_same(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("extra,needles", [
-    ({"precompute_ref_log_probs": True}, ["precompute_ref_log_probs: true", "not plan"]),
-    ({"sync_ref_model": True}, ["sync_ref_model: true (TR-DPO)"]),
+    ({"precompute_ref_log_probs": True}, ["precompute_ref_log_probs: True", "not plan"]),
+    ({"beta": float("nan")}, ["beta must be a finite number"]),
+    ({"lora_dropout": -1}, ["lora_dropout must be in [0, 1), got -1"]),
+    ({"sync_ref_model": True}, ["sync_ref_model: True (TR-DPO)"]),
     ({"loss_type": ["sigmoid", "sft"]}, ["loss_type", "sigmoid loss"]),
     ({"loss_type": "ipo"}, ["loss_type 'ipo'"]),
     ({"disable_dropout": False}, ["disable_dropout: false keeps lora_dropout 0.05"]),
