@@ -13,7 +13,8 @@
   use_dora, use_rslora, modules_to_save, task_type="CAUSAL_LM")`` from ``plan["lora"]``; with another PEFT method
   (``method: ia3``, ``prompt_tuning``, ``p_tuning``, ``ln_tuning``) its config from the plan's section of that name
   (``qplan.hf.method_config``); a full fine-tuning plan (``method: full``) trains the model itself, every parameter.
-* Train with ``transformers.Trainer`` (``backends.hf_train``).
+* Train with ``transformers.Trainer`` (``backends.hf_train``); a DPO plan with TRL's ``DPOTrainer`` on preference
+  pairs (``backends.dpo_train``).
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ class PeftBackend:
             model = get_peft_model(model, method_config(plan["method"], plan[plan["method"]]))
         else:
             model = cast_adapters(get_peft_model(model, lora_config(plan["lora"])), plan["lora"])
-        if t.get("loss") == "trl":  # as TRL's SFTTrainer: the fused LM head on the causal LM under the PEFT wrapper
+        # as TRL's SFTTrainer: the fused LM head on the causal LM under the PEFT wrapper (DPOTrainer adds its own)
+        if t.get("loss") == "trl" and t.get("objective", "sft") == "sft":
             from qplan.observe.trace.trl_head import add_sft_fused_head
 
             add_sft_fused_head(model.get_base_model())
@@ -135,6 +137,12 @@ class PeftBackend:
 
     def train(self, prepared: Prepared, dataset: Any, plan: dict[str, Any], settings: TrainSettings,
               callbacks: list[Any]) -> None:
+        if plan["training"].get("objective", "sft") == "dpo":  # TRL's DPOTrainer on preference pairs
+            from .dpo_train import run_dpo_trainer
+
+            run_dpo_trainer(prepared.model, prepared.tokenizer, dataset, plan, settings, prepared.device, callbacks,
+                            optimizer=prepared.optimizer)
+            return
         run_trainer(prepared.model, dataset, plan, settings, prepared.device, callbacks, optimizer=prepared.optimizer)
 
     def save_adapter(self, prepared: Prepared, folder: Path) -> Path:

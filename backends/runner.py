@@ -191,9 +191,7 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
     from qplan.planner.api import check_consistent
 
     check_consistent(plan)  # world size = GPUs x nodes; the prediction is what the settings predict
-    if plan["training"].get("objective", "sft") != "sft":
-        raise QPlanError(f"qplan run trains SFT plans: this plan's objective is {plan['training']['objective']} (TRL's "
-                         "trainer for it is planned and traced, `qplan estimate --method trace`, not run by a backend yet)")
+    _check_objective(plan)
     if model_dir and random_init:
         raise QPlanError("give either --model-dir or --random-init, not both")
     if not model_dir and not random_init:
@@ -396,6 +394,23 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
     }
 
 
+def _check_objective(plan: dict[str, Any]) -> None:
+    """A DPO plan trains with TRL's ``DPOTrainer`` (``backends.dpo_train``): the peft backend, one rank, TRL installed;
+    one line otherwise, before any model loads."""
+    objective = plan["training"].get("objective", "sft")
+    if objective == "sft":
+        return
+    if objective != "dpo":
+        raise QPlanError(f"qplan run trains SFT and DPO plans: this plan's objective is {objective!r}")
+    if plan["backend"] != "peft":
+        raise QPlanError(f"qplan run trains DPO plans with the peft backend (TRL's DPOTrainer on a PEFT model), not "
+                         f"{plan['backend']}: re-plan with --backend peft")
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None:
+        raise QPlanError("a DPO plan trains with TRL's DPOTrainer, which is not installed: pip install trl==1.16.0")
+
+
 def _check_node_options(n_nodes: int, node_rank: int | None, master_addr: str | None, master_port: int | None,
                         join_timeout: int | None) -> None:
     """One line for node options that do not fit the plan (before anything starts)."""
@@ -465,16 +480,14 @@ def _check_device_support(plan: dict[str, Any], device: str, python: str | None)
     """torchao's low-bit AdamW updates each tensor through ``torch.compile(fullgraph=True)``, which finds no frame to
     compile under the CPU measurement's live-tensor tracker (a TorchDispatchMode), and its eager fallback would
     quantize through a [numel, 256] comparison no GPU makes: such a plan is measured on a GPU (CUDA counters, no
-    tracker), refused on the CPU before anything starts.  So are the fused losses (Triton kernels, GPUs only)."""
+    tracker), refused on the CPU before anything starts.  So are the fused losses that are Triton kernels only (CCE,
+    Liger); TRL's fused head folds its tiles with torch ops on the CPU, which the plan's CPU prediction counts."""
     from qplan.planner.vocab import OPTIMIZERS
 
     on_cpu = device == "cpu" or (device == "auto" and _multi_device(device, python) == "cpu")
     if plan["training"].get("loss") == "cce" and on_cpu:
         raise QPlanError("--loss cce (Cut Cross Entropy) cannot train on the CPU: its Triton kernels run on Ampere or "
                          "newer GPUs only; run the plan on a GPU, or plan it with --loss full to measure on the CPU")
-    if plan["training"].get("loss") == "trl" and on_cpu:
-        raise QPlanError("--loss trl is planned as a GPU runs TRL's fused LM head (Triton folds); on the CPU it folds "
-                         "its tiles in torch, which allocates more: run the plan on a GPU, or plan it with --loss full")
     if plan["training"].get("liger_kernels") and on_cpu:
         raise QPlanError("--liger-kernels cannot train on the CPU: Liger's Triton kernels run on GPUs only; run the "
                          "plan on a GPU, or plan it without them to measure on the CPU")

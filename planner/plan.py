@@ -71,6 +71,7 @@ from qplan.planner.model.weights import (
     checkpoint_quant,
     unquantized_experts_warning,
 )
+from qplan.planner.objectives import DPO_KBIT_NOTE, DPO_NOTE, check_dpo, dpo_kbit_adapters
 from qplan.planner.options import DEFAULT_QUANT, FULL_QUANT, PlanOptions, as_dict, check_options
 from qplan.planner.validate import read_calibration
 from qplan.planner.vocab import (
@@ -193,6 +194,8 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     stack = PROFILES[backend]  # the trainer stack's own settings (the profile is chosen in build_plan)
     q = QuantSettings(quant, double_quant, DTYPE_ALIASES[compute_dtype], upcast and stack.kbit_upcast)
     q, ck_warnings = checkpoint_quant(spec, q)
+    if o.objective == "dpo" and q.kbit:
+        lora, ck_warnings = dpo_kbit_adapters(lora), ck_warnings + [DPO_KBIT_NOTE] * (lora.adapter_dtype == "float32")
     if o.reentrant and not o.grad_ckpt:
         raise QPlanError("--reentrant is a kind of gradient checkpointing: leave out --no-grad-ckpt, or --reentrant")
     if o.reentrant and stack.checkpointing != "hf":
@@ -254,40 +257,9 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
         check_method(peft, q, backend, dist, o.loss)
         warnings += method_warnings(peft)
     if o.objective == "dpo":
-        warnings.append("DPO: planned as TRL 1.16's DPOTrainer runs it (traced on meta through its own _compute_loss); "
-                        "every position is planned as a completion token (the fused head scores fewer with a prompt), "
-                        "the precomputation pass of precompute_ref_log_probs and a separate ref_model are not planned; "
-                        "with checkpointing, the last layer's backward at LoRA dropout 0 (DPO's) is planned up to 2% "
-                        "under the traced step (QLoRA; 0.6% in bf16)")
+        warnings.append(DPO_NOTE)
     return PlanInputs(spec, lora, q, training, gpu_, backend, tokens, o.price_per_hour, calib, dist, data,
                       o.full, peft), warnings
-
-
-def check_dpo(o: PlanOptions) -> str:
-    """``--objective dpo``: the loss it is planned with (TRL 1.16's ``DPOTrainer`` always computes the log-probabilities
-    through its fused LM head: ``trl``), or one line for what is not planned with it yet."""
-    if o.loss not in ("full", "trl"):  # full: the option's default
-        raise QPlanError(f"--objective dpo computes its log-probabilities with TRL's fused LM head (DPOTrainer always "
-                         f"does): leave out --loss {o.loss}, or give --loss trl")
-    why = None
-    if o.full:
-        why = "--full (a separate reference model) is not planned yet"
-    elif o.peft_type.strip().lower() != "lora":
-        why = f"--peft-type {o.peft_type} is not planned yet (LoRA and its variants are)"
-    elif o.backend != "peft":
-        why = f"the {o.backend} backend is not planned (TRL's DPOTrainer on PEFT is)"
-    elif o.gpus * o.nodes > 1 or o.strategy is not None or o.cpu_offload:
-        why = "several GPUs are not planned yet: plan one GPU"
-    elif o.data is not None:
-        why = "--data is not read as preference pairs yet: give --seq-len (TRL's max_length, default 1024)"
-    elif o.liger_kernels:
-        why = "--liger-kernels are not planned with it yet"
-    elif o.dropout not in (None, 0.0):
-        why = (f"--dropout {o.dropout}: DPOConfig.disable_dropout (default True) sets every dropout to 0; leave "
-               "--dropout out")
-    if why:
-        raise QPlanError(f"--objective dpo: {why}")
-    return "trl"
 
 
 def check_lorafa(lora: LoraSettings, backend: str, dist: DistSettings | None) -> str:

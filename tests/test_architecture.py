@@ -171,7 +171,7 @@ def _layer(mod: str) -> int | None:
     sub = parts[2] if len(parts) > 2 else ""
     if sub in ("model", "interop", "memory", "compute", "search"):
         return LAYERS[sub]
-    if sub in ("plan", "render", "methods"):  # methods: the PEFT method's settings, with the plan's inputs
+    if sub in ("plan", "render", "methods", "objectives"):  # methods, objectives: the plan's inputs (PEFT method, trainer)
         return LAYERS["plan"]
     if sub == "api":
         return LAYERS["search"]

@@ -60,16 +60,18 @@ class Tiled:
                 + sum(b for b, above in self.steps if T > above))
 
 
-def loss_terms(spec: ModelSpec, q: QuantSettings, loss: str = "full") -> dict[str, tuple[Lin | Tiled, ...]]:
+def loss_terms(spec: ModelSpec, q: QuantSettings, loss: str = "full",
+               kernels: str = "cuda") -> dict[str, tuple[Lin | Tiled, ...]]:
     """The loss's bytes at the end of the forward (``forward``) and the start of the backward (``backward``), on top
     of the saved activations, each the largest of a few moments (``lin.most``): ``logits_terms`` for ``full`` and
-    ``unsloth``, ``cce_terms`` for ``cce``."""
+    ``unsloth``, ``cce_terms`` for ``cce``; ``kernels``: where the step runs (TRL's head folds its tiles otherwise on
+    the CPU)."""
     if loss not in LOSS_KINDS:
         raise ValueError(f"loss must be one of {LOSS_KINDS}, got {loss!r}")
     if loss == "cce":
         return cce_terms(spec, q)
     if loss == "trl":
-        return trl_terms(spec, q)
+        return trl_terms(spec, q, kernels)
     if loss == "liger":
         return liger_terms(spec, q)
     return {k: (v,) for k, v in logits_terms(spec, q, chunked=loss == "unsloth").items()}
@@ -129,7 +131,7 @@ def cce_terms(spec: ModelSpec, q: QuantSettings) -> dict[str, tuple[Lin, Lin]]:
     return {"forward": fwd, "backward": bwd}
 
 
-def trl_terms(spec: ModelSpec, q: QuantSettings) -> dict[str, tuple[Tiled, ...]]:
+def trl_terms(spec: ModelSpec, q: QuantSettings, kernels: str = "cuda") -> dict[str, tuple[Tiled, ...]]:
     """TRL 1.16's fused LM head on a GPU (``trl/trainer/utils.py`` ``add_fused_lm_head``, ``trl/kernels/chunked_logprob.py``
     ``ChunkedLogProbFunction`` with its Triton folds, which write into existing buffers), ``n`` valid rows (planned as
     ``T``), the final hidden state in ``R`` bytes, the tile dtype ``c`` (autocast's, else the hidden state's), the head
@@ -147,6 +149,19 @@ def trl_terms(spec: ModelSpec, q: QuantSettings) -> dict[str, tuple[Tiled, ...]]
       the second token tile); at the return ``grad_hidden.to(R)`` (``R h n`` when ``R != 4``).  Not planned: CUDA
       scratch of boolean indexing (its int64 row indices) and of ``index_put``'s sort in the backward of
       ``hidden[mask]`` (about ``16 n`` to ``32 n`` bytes).
+
+    On the CPU (``kernels="cpu"``: no Triton) every position is projected (``hidden.reshape(-1, h)``, the same bytes
+    as ``hidden[mask]`` for a batch of several rows) and each tile is folded by torch ops (``_forward_tile``,
+    ``_backward_tile``), whose fp32 temporaries of a tile of ``n`` rows and ``k = min(V, 32768)`` columns add a
+    moment to each phase:
+
+    * forward, at ``e = exp(z - new_m)``: ``z`` (the transformed tile, ``4 n k``), ``is_top1``'s ``before_target``
+      mask (bool, ``n k``), ``z - new_m`` and ``e`` (``8 n k``): ``13 n k`` (``e * z`` for the entropy replaces the
+      difference: as high), beside the tile buffer and the rows' cast;
+    * backward, at ``grad_logprobs * (is_target - p)``: ``y``, ``z``, ``log_p``, ``p`` and ``grad`` (``20 n k``),
+      ``is_target`` (bool, ``n k``), the difference and the product (``8 n k``): ``29 n k`` (Gemma-2's softcap keeps
+      its ``tanh``, ``4 n k`` more), beside the head tile's cast held in ``w_chunk``.  The fp32 copies
+      ``_addmm_fp32`` makes afterwards (``4 n k`` and ``4 k h``) are below that.
     """
     d = dims(spec)
     p = precision(q)
@@ -169,6 +184,10 @@ def trl_terms(spec: ModelSpec, q: QuantSettings) -> dict[str, tuple[Tiled, ...]]
     bwd = (Tiled(bwd_base + Lin(const=wtile), (mm, chunk), (second,)),
            Tiled(bwd_base + Lin(const=wtile), (mm, chunk, chunk2)),
            Tiled(bwd_base + Lin(const=wtile, tok=R * d.h if R != 4 else 0), (mm, chunk)))
+    if kernels == "cpu":  # torch's folds of a tile (the docstring's last paragraph)
+        k = min(K, d.V)
+        fwd += (Tiled(fwd_base, (mm, chunk, (13 * k, 0, rows))),)
+        bwd += (Tiled(bwd_base + Lin(const=wtile), (mm, chunk, ((29 + 4 * d.final_softcap) * k, 0, rows))),)
     return {"forward": fwd, "backward": bwd}
 
 

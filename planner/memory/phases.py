@@ -119,7 +119,7 @@ class MemoryModel:
         L = dims(spec).L
         acts = activation_terms(spec, stepped, lora_r, dropout, q, grad_ckpt, attn_impl, kernels, padded, dora,
                                 head_linear=loss not in ("cce", "trl", "liger"), liger=liger)
-        lg = loss_terms(spec, q, loss)
+        lg = loss_terms(spec, q, loss, kernels)
         dpo = objective == "dpo"
         return cls(
             weights=weights, adapters=adapter_bytes(counts), gradients=gradient_bytes(stepped),

@@ -65,15 +65,6 @@ def test_the_fused_head_plans_far_less_than_the_full_logits_on_a_t4():
     assert full["prediction"]["fits"] is False and fused["prediction"]["fits"] is True
 
 
-def test_run_refuses_a_trl_plan_on_the_cpu(capsys, tmp_path):
-    plan = tmp_path / "plan.json"
-    assert qplan(capsys, "estimate", "--model", "smollm2-135m", "--loss", "trl", "--output", str(plan))[0] == 0
-    rc, out, err = qplan(capsys, "run", str(plan), "--device", "cpu", "--random-init", "--out-dir",
-                           str(tmp_path / "runs"))
-    assert rc == 2
-    one_line(err, "--loss trl")
-
-
 def test_zero3_plans_the_fused_head_and_says_what_it_leaves_out():
     plan = plan_dict(model="llama-3.2-1b", quant="bf16", gpus=2, strategy="zero3", loss="trl")
     assert plan["training"]["loss"] == "trl"

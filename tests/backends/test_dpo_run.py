@@ -1,0 +1,76 @@
+"""`qplan run` of a DPO plan: TRL's own DPOTrainer trains the PEFT model on preference pairs (random weights, CPU).
+
+The oracles are the run's own: the live tensors the tracker sees during real DPO steps (against the plan's CPU
+prediction, which counts TRL's fused head folding its tiles with torch ops), PEFT's trainable count, the adapter file
+PEFT writes, and DPO's loss at the first step: the policy equals the reference there (LoRA's B is zero), so the
+sigmoid loss is exactly ``-log sigmoid(0) = ln 2`` — which holds only if the reference is the base with the adapters
+disabled, as the plan assumes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("trl")
+
+from backend_helpers import TINY_CONFIG, estimate_and_run
+
+
+@pytest.mark.parametrize("args, tol", [
+    (["--quant", "bf16"], 0.015),
+    (["--quant", "bf16", "--no-grad-ckpt"], 0.015),
+    ([], 0.015),  # nf4: DPOTrainer casts the adapters to bf16, as the plan says
+], ids=["bf16", "bf16-no-checkpointing", "nf4"])
+def test_a_dpo_run_measures_what_the_plan_predicts(tmp_path, capsys, args, tol):
+    from safetensors import safe_open
+
+    run, doc = estimate_and_run(tmp_path, capsys, ["--objective", "dpo", "--batch-size", "2", "--seq-len", "128",
+                                                   *args])
+    plan = json.loads((tmp_path / "plan.json").read_text(encoding="utf-8"))
+    compared = doc["compared"]
+    assert abs(compared["tensor_peak"]["error"]) <= tol, compared["tensor_peak"]
+    assert compared["trainable"]["measured"] == compared["trainable"]["predicted"]
+    assert compared["adapter_file_bytes"]["measured"] == compared["adapter_file_bytes"]["predicted"]
+    assert math.isclose(doc["measured"]["loss"][0], math.log(2), abs_tol=1e-4), doc["measured"]["loss"]
+    # two rows a pair went through the step; the reference adapter DPOTrainer copies from a wrapped model is gone
+    assert doc["measured"]["timing"]["tokens_per_step"] == 2 * 2 * 128
+    with safe_open(str(run / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        names = list(f.keys())
+        dtypes = {str(f.get_tensor(n).dtype) for n in names}
+    assert names and not any(".ref." in n for n in names)
+    assert dtypes == {"torch." + plan["lora"]["adapter_dtype"]}
+    assert (plan["lora"]["adapter_dtype"] == "bfloat16") == ("--quant" not in args)
+
+
+def test_an_sft_run_with_trl_s_fused_head_measures_what_the_plan_predicts_on_the_cpu(tmp_path, capsys):
+    """The same torch folds in an SFT step (``--loss trl``), which the CPU prediction counts."""
+    _, doc = estimate_and_run(tmp_path, capsys, ["--loss", "trl", "--quant", "bf16", "--batch-size", "2",
+                                                 "--seq-len", "128"])
+    assert abs(doc["compared"]["tensor_peak"]["error"]) <= 0.015, doc["compared"]["tensor_peak"]
+
+
+def _dpo_plan(tmp_path, capsys):
+    from qplan.cli.main import main
+
+    plan = tmp_path / "plan.json"
+    assert main(["estimate", "--model", str(TINY_CONFIG), "--objective", "dpo", "--seq-len", "64", "--output",
+                 str(plan)]) == 0
+    capsys.readouterr()
+    return plan
+
+
+def test_a_dpo_run_without_trl_is_one_line_before_anything_starts(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from qplan.cli.main import main
+
+    plan = _dpo_plan(tmp_path, capsys)
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else find(name, *a))
+    rc = main(["run", str(plan), "--random-init", "--device", "cpu", "--out-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert rc == 2 and not (tmp_path / "runs").exists()
+    assert len(err.strip().splitlines()) == 1 and "pip install trl==1.16.0" in err, err
