@@ -405,6 +405,9 @@ def _check_objective(plan: dict[str, Any]) -> None:
     if plan["backend"] != "peft":
         raise QPlanError(f"qplan run trains DPO plans with the peft backend (TRL's DPOTrainer on a PEFT model), not "
                          f"{plan['backend']}: re-plan with --backend peft")
+    if plan["prediction"].get("data"):
+        raise QPlanError("qplan run does not train a DPO plan's --data pairs yet (it cuts pairs from text): plan the "
+                         "run with --seq-len instead (the plan's worst batch is its seq_len)")
     import importlib.util
 
     if importlib.util.find_spec("trl") is None:

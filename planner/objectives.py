@@ -1,6 +1,8 @@
 """What a plan trains for besides the next token (``--objective``, ``vocab.TRAINING_OBJECTIVES``): the checks and
 settings of each objective's trainer, read from TRL's source (1.16). ``dpo``: ``DPOTrainer``
-(``trl/trainer/dpo_trainer.py``) with LoRA/QLoRA on one GPU."""
+(``trl/trainer/dpo_trainer.py``) with LoRA/QLoRA on one GPU, on ``--seq-len`` or on preference data (``--data``:
+``planner.data.formats``' ``preference`` format)."""
+
 
 from __future__ import annotations
 
@@ -33,8 +35,9 @@ def check_dpo(o: PlanOptions) -> str:
         why = f"the {o.backend} backend is not planned (TRL's DPOTrainer on PEFT is)"
     elif o.gpus * o.nodes > 1 or o.strategy is not None or o.cpu_offload:
         why = "several GPUs are not planned yet: plan one GPU"
-    elif o.data is not None:
-        why = "--data is not read as preference pairs yet: give --seq-len (TRL's max_length, default 1024)"
+    elif o.data is not None and o.batching != "padding":
+        why = (f"--batching {o.batching} is not how DPOTrainer batches its pairs (shuffled, each batch padded to its "
+               "longest row): leave out --batching")
     elif o.liger_kernels:
         why = "--liger-kernels are not planned with it yet"
     elif o.dropout not in (None, 0.0):
@@ -62,3 +65,13 @@ def dpo_kbit_adapters(lora: LoraSettings) -> LoraSettings:
         raise QPlanError("--objective dpo with --modules-to-save on a quantized base is not planned yet: DPOTrainer "
                          "casts those copies to bf16 too (TRL 1.16)")
     return replace(lora, adapter_dtype="bfloat16")
+
+
+def check_data_format(objective: str, fmt: str) -> None:
+    """One line when the data's format is not the objective's: DPO trains on preference pairs
+    (``prompt``/``chosen``/``rejected``), SFT on the other formats."""
+    if objective == "dpo" and fmt != "preference":
+        raise QPlanError(f"--objective dpo trains on preference pairs (prompt, chosen, rejected), and --data is "
+                         f"{fmt} data")
+    if objective != "dpo" and fmt == "preference":
+        raise QPlanError("--data holds preference pairs (prompt, chosen, rejected): plan them with --objective dpo")

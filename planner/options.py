@@ -157,8 +157,9 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
     tokenizer: _f(Path_ | None, "with --data: a tokenizer folder, or a Hub id in the HF cache [default: the model's "
                   "folder or its Hub id]", section=DATA) = None
     data_format: _f(lit(DATA_FORMATS), "with --data: how a record becomes a sequence, as TRL's SFTTrainer does "
-                    "(auto: from the first record's fields), or as an axolotl dataset type does (axolotl:TYPE; "
-                    "--max-seq-len is then axolotl's sequence_len)", section=DATA) = "auto"
+                    "(auto: from the first record's fields; preference: DPOTrainer's prompt/chosen/rejected pairs, for "
+                    "--objective dpo), or as an axolotl dataset type does (axolotl:TYPE; --max-seq-len is then "
+                    "axolotl's sequence_len)", section=DATA) = "auto"
     max_seq_len: _f(Context | None, "with --data: truncate each sample to this many tokens (TRL's max_length, keep "
                     "the start; TRL defaults to 1024, the plain Trainer does not truncate) [default: none]",
                     section=DATA) = None

@@ -71,7 +71,7 @@ from qplan.planner.model.weights import (
     checkpoint_quant,
     unquantized_experts_warning,
 )
-from qplan.planner.objectives import DPO_KBIT_NOTE, DPO_NOTE, check_dpo, dpo_kbit_adapters
+from qplan.planner.objectives import DPO_KBIT_NOTE, DPO_NOTE, check_data_format, check_dpo, dpo_kbit_adapters
 from qplan.planner.options import DEFAULT_QUANT, FULL_QUANT, PlanOptions, as_dict, check_options
 from qplan.planner.validate import read_calibration
 from qplan.planner.vocab import (
@@ -209,6 +209,7 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
                             max_length=o.max_seq_len, batching=o.batching, packing_strategy=o.packing_strategy,
                             batch_size=o.batch_size, grad_accum=o.grad_accum, pad_to_multiple_of=o.pad_to_multiple_of,
                             long_samples=o.long_samples)
+        check_data_format(o.objective, data["format"])
         seq_len = data["worst_batch"]["seq_len"]
         data["largest_first"] = o.largest_first
         ctx = max_context(spec)
@@ -219,7 +220,8 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
                              f"the samples with --max-seq-len {ctx} (TRL's max_length, axolotl's sequence_len)")
         data["epochs"] = epochs if epochs is not None else 1.0
         if gpu_ is not None:  # the time of a step depends on the device
-            tokens = max(1, math.ceil(data["padded_tokens_per_epoch"] * data["epochs"]))
+            rows = 2 if o.objective == "dpo" else 1  # DPO: the pair's chosen and rejected rows, both padded
+            tokens = max(1, math.ceil(rows * data["padded_tokens_per_epoch"] * data["epochs"]))
     attn = resolve_attn(spec, o.attn_impl)
     flat = data["worst_batch"].get("flat_tokens", 0) if data is not None else 0
     # a 4-D attention mask: padded rows, or padding-free packs under SDPA/eager (transformers tells the documents apart

@@ -15,6 +15,13 @@ line naming the first row that differs):
   whose prompt alone fills ``max_length`` (no token left to learn from).
 * ``instruction`` — qplan's own ``instruction``/``input``/``response`` records (``qplan run``'s data format):
   the template of ``backends/data.py`` as text, then as ``text``.
+* ``preference`` — ``prompt``/``chosen``/``rejected`` (DPO's data, ``--objective dpo``), as TRL 1.16's
+  ``DPOTrainer._prepare_dataset`` tokenizes them: plain strings get the EOS appended to ``chosen`` and ``rejected``
+  (unless they end with it), then ``prompt``, ``prompt + chosen`` and ``prompt + rejected`` are tokenized
+  (conversations: the chat template, the prompt with ``add_generation_prompt``); the prompt's share is the shorter
+  common prefix. A pair's length is its longer row (``DataCollatorForPreference`` pads the chosen and the rejected
+  rows of a batch together), and a pair whose prompt alone fills ``max_length`` is dropped, as TRL drops it. An
+  implicit prompt (``chosen``/``rejected`` only: TRL's ``extract_prompt``) is not read yet.
 
 Truncation is TRL's ``keep_start``: the first ``max_length`` tokens (not when packing: packing cuts instead).
 """
@@ -26,7 +33,7 @@ from typing import Any
 
 from qplan.planner.errors import QPlanError
 
-FORMATS = ("auto", "text", "messages", "prompt-completion", "instruction", "axolotl:alpaca", "axolotl:completion",
+FORMATS = ("auto", "text", "messages", "prompt-completion", "instruction", "preference", "axolotl:alpaca", "axolotl:completion",
            "axolotl:chat_template")  # the axolotl types: planner.data.axolotl
 #: what happens to a sample over --max-seq-len (auto: TRL truncates, axolotl drops)
 LONG_SAMPLES = ("auto", "truncate", "drop", "raise")
@@ -39,6 +46,11 @@ BATCH = 8192
 
 def detect(rec: dict[str, Any]) -> str:
     """The format of one record (see the module docstring)."""
+    if "chosen" in rec and "rejected" in rec:
+        if "prompt" not in rec:
+            raise QPlanError("a preference record without a prompt field (an implicit prompt, which TRL's "
+                             "extract_prompt splits off) is not read yet: give prompt, chosen and rejected")
+        return "preference"
     if "messages" in rec or "conversations" in rec:
         return "messages"
     if "prompt" in rec and "completion" in rec:
@@ -151,6 +163,8 @@ class Formatter:
             return [self.chat(messages_list(r.get("messages", r.get("conversations")), f"{where} row {i}"),
                                f"{where} row {i}", keep, **_template_kwargs(r, f"{where} row {i}"))
                     for i, r in enumerate(rows, 1)], None
+        if fmt == "preference":
+            return self._preference(rows, where, keep)
         # prompt-completion: the prompt's share is where the tokenized prompt and prompt+completion diverge (TRL's
         # common_prefix_length: a BPE merge across the boundary, or a template rendering the prompt alone
         # differently, makes it shorter than the prompt's own tokens)
@@ -175,6 +189,28 @@ class Formatter:
         if plain:
             for j, p_ids, f_ids in zip(plain, self.ids(texts_p, True), self.ids(texts_pc, True), strict=True):
                 prompt[j], full[j] = common_prefix(p_ids, f_ids), (f_ids if keep else len(f_ids))
+        return full, prompt
+
+
+    def _preference(self, rows: Sequence[dict[str, Any]], where: str, keep: bool) -> tuple[list[Any], list[int]]:
+        """Per pair: its longer row (``prompt + chosen`` or ``prompt + rejected``; with ``keep`` that row's ids), and
+        the prompt's share (the shorter of its common prefixes with the two rows): see the module docstring."""
+        full: list[Any] = []
+        prompt: list[int] = []
+        for i, r in enumerate(rows, 1):
+            w = f"{where} row {i}"
+            if isinstance(r.get("prompt"), list):
+                kw = _template_kwargs(r, w)
+                pr = messages_list(r["prompt"], w)
+                p_ids = self.chat(pr, w, True, add_generation_prompt=True, **kw)
+                pc, prj = (self.chat(pr + messages_list(r[k], w), w, True, **kw) for k in ("chosen", "rejected"))
+            else:
+                text = _string(r, "prompt", w)
+                p_ids, pc, prj = self.ids([text, text + self._text(_string(r, "chosen", w)),
+                                           text + self._text(_string(r, "rejected", w))], True)
+            prompt.append(min(common_prefix(p_ids, pc), common_prefix(p_ids, prj)))
+            longer = pc if len(pc) >= len(prj) else prj
+            full.append(list(longer) if keep else len(longer))
         return full, prompt
 
 

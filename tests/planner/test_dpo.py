@@ -115,7 +115,7 @@ def test_run_checks_what_it_can_train_before_anything_starts(training, backend, 
     from qplan.planner.errors import QPlanError
 
     with pytest.raises(QPlanError, match=needle):
-        _check_objective({"training": training, "backend": backend})
+        _check_objective({"training": training, "backend": backend, "prediction": {}})
 
 
 @pytest.mark.parametrize("to", ["trl", "axolotl", "llamafactory"])

@@ -1,0 +1,108 @@
+"""``--objective dpo --data FILE``: preference pairs (prompt, chosen, rejected) counted as TRL 1.16's DPOTrainer
+prepares and batches them. The oracle is TRL's own code: ``DPOTrainer._prepare_dataset`` (called on a
+``datasets.Dataset`` with a stand-in ``self`` holding the tokenizer) and ``DataCollatorForPreference``, whose padded
+batch width is the longest row of the batch's chosen and rejected rows, truncated at ``max_length``."""
+
+from __future__ import annotations
+
+import json
+import random
+import types
+import warnings
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("trl")
+
+from test_trainer_configs import one_line, qplan
+from test_user_data import tok, tokenizer_dir, write_jsonl  # noqa: F401 - fixtures
+
+from qplan.planner.data import data_profile
+from qplan.planner.data.batching import padded_tokens_sequential
+
+
+def _words(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choice(["tea", "a", "quantization", "GPU", "ok"]) for _ in range(rng.randint(lo, hi)))
+
+
+def pairs(kind: str) -> list[dict]:
+    rng = random.Random(11)
+    if kind == "plain":
+        return ([{"prompt": _words(rng, 1, 12), "chosen": " " + _words(rng, 1, 30), "rejected": " " + _words(rng, 1, 30)}
+                 for _ in range(30)]
+                + [{"prompt": _words(rng, 60, 60), "chosen": " x", "rejected": " y"},  # its prompt fills max_length
+                   {"prompt": "q", "chosen": " ends with eos</s>", "rejected": " r"}])
+    return [{"prompt": [{"role": "user", "content": _words(rng, 1, 12)}],
+             "chosen": [{"role": "assistant", "content": _words(rng, 1, 30)}],
+             "rejected": [{"role": "assistant", "content": _words(rng, 1, 30)}]} for _ in range(24)]
+
+
+def trl_batches(tokenizer, rows: list[dict], max_length: int | None, batch_size: int) -> list[int]:
+    """The padded width of each batch TRL's DPOTrainer makes of ``rows`` in order (its own preparation and collator)."""
+    from datasets import Dataset, disable_progress_bars
+    from trl import DPOConfig
+    from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
+
+    disable_progress_bars()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        args = DPOConfig(output_dir="/tmp/unused", max_length=max_length, report_to=[], use_cpu=True, bf16=False)
+    me = types.SimpleNamespace(_tokenizer=tokenizer)
+    ds = DPOTrainer._prepare_dataset(me, Dataset.from_list(rows), tokenizer, args, "train")
+    collate = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id or 0, max_length=max_length)
+    examples = [{k: ds[i][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for i in range(len(ds))]
+    return [collate(examples[i:i + batch_size])["input_ids"].shape[1] for i in range(0, len(examples), batch_size)]
+
+
+@pytest.mark.parametrize("kind", ["plain", "conversational"])
+@pytest.mark.parametrize("max_length", [None, 48])
+def test_preference_pairs_are_counted_as_dpo_trainer_batches_them(tmp_path, tok, tokenizer_dir, kind, max_length):  # noqa: F811
+    rows = pairs(kind)
+    per_pair = trl_batches(tok, rows, max_length, 1)  # one pair a batch: the pair's padded width
+    got = data_profile(str(write_jsonl(tmp_path / "d.jsonl", rows)), tokenizer=str(tokenizer_dir), model_source={},
+                       fmt="auto", max_length=max_length, batching="sequential", packing_strategy="bfd", batch_size=4)
+    assert got["format"] == "preference"
+    assert got["samples"] - got["dropped"] == len(per_pair)
+    assert got["worst_batch"]["seq_len"] == max(per_pair)
+    assert got["trained_tokens"] == sum(per_pair)
+    # batches of 4 pairs in order: each padded to its longest row, as the collator pads it
+    assert got["padded_tokens_per_epoch"] == padded_tokens_sequential(per_pair, 4) == 4 * sum(
+        trl_batches(tok, rows, max_length, 4)[:-1]) + len(per_pair[-(len(per_pair) % 4 or 4):]) * trl_batches(
+        tok, rows, max_length, 4)[-1]
+    if kind == "plain" and max_length:
+        assert got["dropped"] >= 1  # pairs whose prompt alone fills max_length: DPOTrainer filters them out
+
+
+def test_a_dpo_plan_of_preference_data_plans_its_worst_batch(tmp_path, capsys, tokenizer_dir):  # noqa: F811
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs("plain"))
+    rc, out, err = qplan(capsys, "estimate", "--model", "smollm2-135m", "--objective", "dpo", "--data", str(data),
+                         "--tokenizer", str(tokenizer_dir), "--max-seq-len", "48", "--batch-size", "2",
+                         "--gpu", "a100-80gb", "--format", "json")
+    assert rc == 0, err
+    plan = json.loads(out)
+    d = plan["prediction"]["data"]
+    assert plan["training"]["seq_len"] == d["worst_batch"]["seq_len"] <= 48
+    # the time counts both rows of every pair
+    assert plan["prediction"]["time"]["tokens"] == 2 * d["padded_tokens_per_epoch"]
+
+
+@pytest.mark.parametrize("objective, rows, needle", [
+    ("dpo", [{"text": "plain text"}], "trains on preference pairs"),
+    ("sft", [{"prompt": "p", "chosen": "c", "rejected": "r"}], "plan them with --objective dpo"),
+    ("dpo", [{"chosen": "c", "rejected": "r"}], "implicit prompt"),
+])
+def test_data_of_the_other_objective_is_one_line(tmp_path, capsys, tokenizer_dir, objective, rows, needle):  # noqa: F811
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    rc, out, err = qplan(capsys, "estimate", "--model", "smollm2-135m", "--objective", objective, "--data", str(data),
+                         "--tokenizer", str(tokenizer_dir))
+    assert rc == 2 and out == ""
+    one_line(err, needle)
+
+
+def test_dpo_batches_its_pairs_as_the_trainer_does(tmp_path, capsys, tokenizer_dir):  # noqa: F811
+    data = write_jsonl(tmp_path / "d.jsonl", pairs("plain"))
+    rc, out, err = qplan(capsys, "estimate", "--model", "smollm2-135m", "--objective", "dpo", "--data", str(data),
+                         "--tokenizer", str(tokenizer_dir), "--batching", "packing", "--max-seq-len", "64")
+    assert rc == 2
+    one_line(err, "leave out --batching")
