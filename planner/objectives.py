@@ -33,8 +33,10 @@ def check_dpo(o: PlanOptions) -> str:
         why = f"--peft-type {o.peft_type} is not planned yet (LoRA and its variants are)"
     elif o.backend != "peft":
         why = f"the {o.backend} backend is not planned (TRL's DPOTrainer on PEFT is)"
-    elif o.gpus * o.nodes > 1 or o.strategy is not None or o.cpu_offload:
-        why = "several GPUs are not planned yet: plan one GPU"
+    elif o.strategy not in (None, "ddp") or o.cpu_offload:
+        why = (f"{'--cpu-offload' if o.cpu_offload else '--strategy ' + str(o.strategy)} is not planned yet: plan one "
+               "GPU or DDP (TRL's fused head gathers an FSDP-sharded head whole, and DeepSpeed prepares its own "
+               "reference)")
     elif o.data is not None and o.batching != "padding":
         why = (f"--batching {o.batching} is not how DPOTrainer batches its pairs (shuffled, each batch padded to its "
                "longest row): leave out --batching")

@@ -95,7 +95,8 @@ def test_the_reference_forward_s_flops_are_the_trace_s():
     (["--full"], "--full (a separate reference model)"),
     (["--peft-type", "ia3"], "--peft-type ia3 is not planned yet"),
     (["--backend", "unsloth"], "the unsloth backend is not planned"),
-    (["--gpus", "2"], "several GPUs"),
+    (["--gpus", "2", "--strategy", "fsdp"], "--strategy fsdp is not planned yet"),
+    (["--gpus", "2", "--strategy", "zero2", "--quant", "bf16"], "--strategy zero2 is not planned yet"),
     (["--dropout", "0.1"], "disable_dropout"),
 ])
 def test_what_dpo_is_not_planned_with_is_one_line(capsys, args, needle):
