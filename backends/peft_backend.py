@@ -14,7 +14,7 @@
   (``method: ia3``, ``prompt_tuning``, ``p_tuning``, ``ln_tuning``) its config from the plan's section of that name
   (``qplan.hf.method_config``); a full fine-tuning plan (``method: full``) trains the model itself, every parameter.
 * Train with ``transformers.Trainer`` (``backends.hf_train``); a DPO plan with TRL's ``DPOTrainer`` on preference
-  pairs (``backends.dpo_train``).
+  pairs and a KTO plan with ``KTOTrainer`` on unpaired rows (``backends.preference_train``).
 """
 
 from __future__ import annotations
@@ -137,10 +137,10 @@ class PeftBackend:
 
     def train(self, prepared: Prepared, dataset: Any, plan: dict[str, Any], settings: TrainSettings,
               callbacks: list[Any]) -> None:
-        if plan["training"].get("objective", "sft") == "dpo":  # TRL's DPOTrainer on preference pairs
-            from .dpo_train import run_dpo_trainer
+        if plan["training"].get("objective", "sft") != "sft":  # TRL's DPOTrainer / KTOTrainer
+            from .preference_train import run_preference_trainer
 
-            run_dpo_trainer(prepared.model, prepared.tokenizer, dataset, plan, settings, prepared.device, callbacks,
+            run_preference_trainer(prepared.model, prepared.tokenizer, dataset, plan, settings, prepared.device, callbacks,
                             optimizer=prepared.optimizer)
             return
         run_trainer(prepared.model, dataset, plan, settings, prepared.device, callbacks, optimizer=prepared.optimizer)

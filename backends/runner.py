@@ -395,23 +395,26 @@ def run_plan(plan_file: str | Path, model_dir: str | None = None, random_init: b
 
 
 def _check_objective(plan: dict[str, Any]) -> None:
-    """A DPO plan trains with TRL's ``DPOTrainer`` (``backends.dpo_train``): the peft backend, one rank, TRL installed;
-    one line otherwise, before any model loads."""
+    """A DPO or KTO plan trains with TRL's ``DPOTrainer`` / ``KTOTrainer`` (``backends.preference_train``): the peft
+    backend, TRL installed; one line otherwise, before any model loads."""
+    from qplan.planner.objectives import TRAINERS
+
     objective = plan["training"].get("objective", "sft")
     if objective == "sft":
         return
-    if objective != "dpo":
-        raise QPlanError(f"qplan run trains SFT and DPO plans: this plan's objective is {objective!r}")
+    if objective not in TRAINERS:
+        raise QPlanError(f"qplan run trains SFT, DPO and KTO plans: this plan's objective is {objective!r}")
+    name, trainer = objective.upper(), TRAINERS[objective][0]
     if plan["backend"] != "peft":
-        raise QPlanError(f"qplan run trains DPO plans with the peft backend (TRL's DPOTrainer on a PEFT model), not "
+        raise QPlanError(f"qplan run trains {name} plans with the peft backend (TRL's {trainer} on a PEFT model), not "
                          f"{plan['backend']}: re-plan with --backend peft")
     if plan["prediction"].get("data"):
-        raise QPlanError("qplan run does not train a DPO plan's --data pairs yet (it cuts pairs from text): plan the "
-                         "run with --seq-len instead (the plan's worst batch is its seq_len)")
+        raise QPlanError(f"qplan run does not train a {name} plan's --data pairs yet (it cuts pairs from text): plan "
+                         "the run with --seq-len instead (the plan's worst batch is its seq_len)")
     import importlib.util
 
     if importlib.util.find_spec("trl") is None:
-        raise QPlanError("a DPO plan trains with TRL's DPOTrainer, which is not installed: pip install trl==1.16.0")
+        raise QPlanError(f"a {name} plan trains with TRL's {trainer}, which is not installed: pip install trl==1.16.0")
 
 
 def _check_node_options(n_nodes: int, node_rank: int | None, master_addr: str | None, master_port: int | None,

@@ -202,11 +202,16 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
 
             data = load_plan_data(plan, prepared.tokenizer, job.get("data"), vocab, bool(job.get("largest_first")),
                                   first_measured=int(job.get("warmup_steps", 1)) * int(t.get("grad_accum", 1)))
-        elif t.get("objective", "sft") == "dpo":  # preference pairs: two blocks a pair (backends.dpo_train)
-            from .dpo_train import PreferencePairs
+        elif t.get("objective", "sft") == "dpo":  # preference pairs: two blocks a pair (backends.preference_train)
+            from .preference_train import PreferencePairs
 
             data = PreferencePairs(load_dataset(job.get("data"), prepared.tokenizer, int(t["seq_len"]),
                                                 2 * step_blocks * world, model_vocab=vocab))
+        elif t.get("objective", "sft") == "kto":  # unpaired rows, a block each (backends.preference_train)
+            from .preference_train import UnpairedRows
+
+            data = UnpairedRows(load_dataset(job.get("data"), prepared.tokenizer, int(t["seq_len"]),
+                                             step_blocks * world, model_vocab=vocab), int(t["batch_size"]))
         else:
             data = load_dataset(job.get("data"), prepared.tokenizer, int(t["seq_len"]), step_blocks * world,
                                 model_vocab=vocab)

@@ -177,7 +177,8 @@ class TrainingSection(Struct, forbid_unknown_fields=True, kw_only=True):
     liger_kernels: _d(list[lit(LIGER_KERNELS)] | UnsetType, "Liger-Kernel's RMSNorm / SwiGLU / RoPE in the decoder "
                       "layers; absent: transformers' modules") = UNSET
     objective: _d(lit(TRAINING_OBJECTIVES) | UnsetType, "dpo: TRL's DPOTrainer (batch_size pairs: 2 x batch_size "
-                  "rows, and the reference's forward); absent: sft") = UNSET
+                  "rows, and the reference's forward); kto: TRL's KTOTrainer (batch_size rows, the KL term's rows and "
+                  "the reference's forwards); absent: sft") = UNSET
 
 
 class GpuSection(Struct, kw_only=True):
@@ -249,7 +250,8 @@ class Flops(Struct, kw_only=True):
     attention: Bytes | UnsetType = UNSET
     recomputation: Bytes | UnsetType = UNSET
     head: Bytes | UnsetType = UNSET
-    reference: _d(Bytes | UnsetType, "DPO: the reference's forward (the base model without adapters, no grad)") = UNSET
+    reference: _d(Bytes | UnsetType, "DPO: the reference's forward (the base model without adapters, no grad); KTO: "
+                  "the policy's forward on the KL rows and the reference's on the KL rows and the batch's, no grad") = UNSET
     total: Bytes
 
 

@@ -146,7 +146,9 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
     objective: _f(lit(TRAINING_OBJECTIVES), "sft: next-token training; dpo: TRL 1.16's DPOTrainer — each of the "
                   "--batch-size pairs runs its chosen and rejected sequence (2 x batch rows of --seq-len, TRL's "
                   "max_length, padded to the longer), then the reference (the base with the adapters disabled, no "
-                  "grad), through TRL's fused LM head (--loss trl); TRL's disable_dropout: LoRA dropout 0",
+                  "grad), through TRL's fused LM head (--loss trl); TRL's disable_dropout: LoRA dropout 0; kto: TRL "
+                  "1.16's KTOTrainer — --batch-size unpaired completions (at least 2), the KL term's mismatched rows "
+                  "through the policy and the reference without grad, then the reference, through the same head",
                   section=TRAINING) = "sft"
     liger_kernels: _f(Names, "comma-separated Liger-Kernel kernels in the decoder layers: rms_norm, swiglu, rope "
                       "(axolotl's liger_rms_norm, liger_glu_activation, liger_rope)", section=TRAINING) = ""

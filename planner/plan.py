@@ -71,7 +71,7 @@ from qplan.planner.model.weights import (
     checkpoint_quant,
     unquantized_experts_warning,
 )
-from qplan.planner.objectives import DPO_KBIT_NOTE, DPO_NOTE, check_data_format, check_dpo, dpo_kbit_adapters
+from qplan.planner.objectives import NOTES, check_data_format, check_preference, kbit_adapters, kbit_note
 from qplan.planner.options import DEFAULT_QUANT, FULL_QUANT, PlanOptions, as_dict, check_options
 from qplan.planner.validate import read_calibration
 from qplan.planner.vocab import (
@@ -81,6 +81,7 @@ from qplan.planner.vocab import (
     DTYPE_ALIASES,
     LIGER_KERNELS,
     MIXED_PRECISION,
+    PREFERENCE_OBJECTIVES,
     optimizer,
 )
 
@@ -180,9 +181,9 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     if isinstance(target_parameters, str):
         target_parameters = target_parameters.split(",")
     loss = o.loss
-    if o.objective == "dpo":
-        loss = check_dpo(o)
-        dropout = 0.0  # DPOConfig.disable_dropout (True): every dropout module's p set to 0
+    if o.objective in PREFERENCE_OBJECTIVES:
+        loss = check_preference(o)
+        dropout = 0.0  # DPOConfig/KTOConfig.disable_dropout (True): every dropout module's p set to 0
     if dropout is None:
         dropout = default_dropout(spec, targets, tuple(m.strip() for m in target_parameters if m.strip()))
     lora = LoraSettings(
@@ -194,8 +195,9 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     stack = PROFILES[backend]  # the trainer stack's own settings (the profile is chosen in build_plan)
     q = QuantSettings(quant, double_quant, DTYPE_ALIASES[compute_dtype], upcast and stack.kbit_upcast)
     q, ck_warnings = checkpoint_quant(spec, q)
-    if o.objective == "dpo" and q.kbit:
-        lora, ck_warnings = dpo_kbit_adapters(lora), ck_warnings + [DPO_KBIT_NOTE] * (lora.adapter_dtype == "float32")
+    if o.objective in PREFERENCE_OBJECTIVES and q.kbit:
+        lora, ck_warnings = (kbit_adapters(lora, o.objective),
+                             ck_warnings + [kbit_note(o.objective)] * (lora.adapter_dtype == "float32"))
     if o.reentrant and not o.grad_ckpt:
         raise QPlanError("--reentrant is a kind of gradient checkpointing: leave out --no-grad-ckpt, or --reentrant")
     if o.reentrant and stack.checkpointing != "hf":
@@ -229,7 +231,8 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     mask = data is not None and (bool(data["worst_batch"].get("padded")) or (bool(flat) and attn != "flash_attention_2"))
     # DPO: a pair's chosen and rejected sequences differ in length, so its rows are padded and the attention_mask the
     # collator passes has zeros (flash attention runs the rows unpadded, varlen)
-    mask = mask or (o.objective == "dpo" and attn != "flash_attention_2")
+    # (KTO's unpaired rows differ in length too: padded)
+    mask = mask or (o.objective in PREFERENCE_OBJECTIVES and attn != "flash_attention_2")
     training = TrainingSettings(o.batch_size, seq_len, o.grad_accum, ckpt, o.optimizer, attn, bool(mask), flat, loss,
                                 liger_kernels(o.liger_kernels, spec, backend, strategy),
                                 getattr(peft, "num_virtual_tokens", 0), o.objective)
@@ -258,8 +261,8 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     if peft is not None:
         check_method(peft, q, backend, dist, o.loss)
         warnings += method_warnings(peft)
-    if o.objective == "dpo":
-        warnings.append(DPO_NOTE)
+    if o.objective in PREFERENCE_OBJECTIVES:
+        warnings.append(NOTES[o.objective])
     return PlanInputs(spec, lora, q, training, gpu_, backend, tokens, o.price_per_hour, calib, dist, data,
                       o.full, peft), warnings
 
@@ -488,9 +491,11 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
 
     t, q = inp.training, inp.quant
     flops = step_flops(inp.spec, counts, inp.lora.r, q, *t.shape, t.grad_ckpt, t.attn_impl, t.grad_accum, t.loss)
-    if t.objective == "dpo":  # the reference's forward on the same rows
-        flops["reference"] = reference_forward_flops(inp.spec, counts, inp.lora.r, q, *t.shape, t.attn_impl,
-                                                     t.grad_accum)
+    if t.objective in PREFERENCE_OBJECTIVES:  # the forwards without grad on the same rows: DPO's reference; KTO's
+        # policy on the KL rows, then the reference on the KL rows and on the batch's
+        args = (inp.spec, counts, inp.lora.r, q, *t.shape, t.attn_impl, t.grad_accum)
+        flops["reference"] = reference_forward_flops(*args) * (2 if t.objective == "kto" else 1) + (
+            reference_forward_flops(*args, adapters=True) if t.objective == "kto" else 0)
         flops["total"] += flops["reference"]
     moved = step_bytes(inp.spec, counts, inp.lora.r, q, t.grad_ckpt, t.optimizer, trainable, t.grad_accum)
     # the data's tokens (prompt tuning's virtual tokens run through the model but are not the user's tokens)
@@ -515,9 +520,11 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
     if inp.calibration is not None and inp.gpu is None:
         raise QPlanError("--calibration needs --gpu: the device the calibration was fitted on")
     missing = not_counted(inp.spec, inp.lora.use_dora)
-    if t.objective == "dpo":  # its FLOPs are counted; what the roofline and the launch count add for it is not
-        missing.append("DPO's reference forward in the step time's memory traffic and kernel launches (its FLOPs "
-                       "are counted): the time is a lower bound, not checked against a GPU run of DPO")
+    if t.objective in PREFERENCE_OBJECTIVES:  # their FLOPs are counted; what the roofline and launches add is not
+        name = t.objective.upper()
+        missing.append(f"{name}'s forwards without grad (reference{', KL rows' * (name == 'KTO')}) in the step time's "
+                       f"memory traffic and kernel launches (their FLOPs are counted): the time is a lower bound, not "
+                       f"checked against a GPU run of {name}")
     compute = Compute(flops_per_step=section(Flops, flops), bytes_per_step=section(Moved, moved),
                       kernel_launches_per_step=section(Launches, launches) if launches else msgspec.UNSET,
                       flops_counted_as="torch.utils.flop_counter.FlopCounterMode (2 m k n per matmul)",

@@ -63,8 +63,12 @@ BACKENDS = ("peft", "unsloth")
 #: cross-entropy (axolotl's LigerPlugin, ``liger_fused_linear_cross_entropy``) — ``planner.memory.loss``
 LOSSES = ("full", "cce", "trl", "liger")
 #: what the step trains for (``--objective``, TRL's trainer names): ``sft`` (the next token), ``dpo`` (TRL's
-#: ``DPOTrainer``: each pair's chosen and rejected sequence, and the reference's log-probabilities)
-TRAINING_OBJECTIVES = ("sft", "dpo")
+#: ``DPOTrainer``: each pair's chosen and rejected sequence, and the reference's log-probabilities), ``kto`` (TRL's
+#: ``KTOTrainer``: unpaired completions labelled desirable or not, the KL term's mismatched rows, the reference's)
+TRAINING_OBJECTIVES = ("sft", "dpo", "kto")
+#: the objectives whose step also runs the reference (the base with the adapters disabled, no grad) after the policy,
+#: through TRL's fused LM head (``planner.objectives``)
+PREFERENCE_OBJECTIVES = ("dpo", "kto")
 #: Liger-Kernel's kernels inside the decoder layers (``--liger-kernels``; axolotl's ``liger_rms_norm``,
 #: ``liger_glu_activation``, ``liger_rope``): each saves other tensors for backward than transformers' modules
 LIGER_KERNELS = ("rms_norm", "swiglu", "rope")

@@ -77,14 +77,17 @@ def run_trace(config: dict, s: TraceSettings, wrap: Any = None) -> dict:
         if s.loss == "trl":  # SFTTrainer (DPOTrainer) patches the causal LM under the PEFT wrapper
             from .trl_head import add_sft_fused_head, gpu_kernels_on_meta
 
-            if s.objective == "dpo":
-                from .dpo import add_dpo_fused_head, dpo_trainer_state
+            if s.objective in ("dpo", "kto"):
+                from .dpo import add_dpo_fused_head, dpo_forward, dpo_trainer_state
+                from .kto import add_kto_fused_head, kto_forward, kto_trainer_state
 
-                add_dpo_fused_head(base_model(peft_model))
+                dpo_side = s.objective == "dpo"
+                (add_dpo_fused_head if dpo_side else add_kto_fused_head)(base_model(peft_model))
                 kwargs = {"use_reentrant": True} if s.reentrant else None
-                dpo = (dpo_trainer_state(peft_model, kwargs),
+                dpo = ((dpo_trainer_state if dpo_side else kto_trainer_state)(peft_model, kwargs),
                        # TRL switches checkpointing off for the reference and back on: new checkpoint functions
-                       (lambda: recompute_context(peft_model, s, current, amp)) if s.grad_ckpt else (lambda: None))
+                       (lambda: recompute_context(peft_model, s, current, amp)) if s.grad_ckpt else (lambda: None),
+                       dpo_forward if dpo_side else kto_forward)
             else:
                 add_sft_fused_head(base_model(peft_model))
             stack.enter_context(gpu_kernels_on_meta(s.amp_device))
@@ -299,15 +302,16 @@ def base_model(model: Any) -> Any:
 
 def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, paged: list,
               current: dict[str, Any], host: list | None = None, chunked_logits: bool = False,
-              dpo: tuple[Any, Any] | None = None) -> dict:
+              dpo: tuple[Any, Any, Any] | None = None) -> dict:
     """``model.train()``; per step as ``Trainer`` does it: forward with ``input_ids``, ``labels`` and
     (when the forward takes ``**kwargs``) ``num_items_in_batch``, under autocast with accelerate's
     ``convert_to_fp32`` of the outputs; ``loss.backward()``; ``clip_grad_norm_(params, 1.0)``;
     ``optimizer.step()``; ``zero_grad(set_to_none=True)``.  ``host`` (the Unsloth mode): tensors
     that stand for pinned host memory, existing before the step (``host_peak``: their peak);
-    ``chunked_logits``: flag logits of any number of rows (a chunked cross-entropy); ``dpo``: the DPO trainer's
-    stand-in state and what to run after each of its forwards (``observe.trace.dpo``): the step's forward is
-    ``DPOTrainer._compute_loss`` on ``2 B`` rows, under autocast, and no ``num_items_in_batch``."""
+    ``chunked_logits``: flag logits of any number of rows (a chunked cross-entropy); ``dpo``: the DPO (KTO) trainer's
+    stand-in state, what to run after each of its forwards and the forward (``observe.trace.dpo``,
+    ``observe.trace.kto``): the step's forward is ``DPOTrainer._compute_loss`` on ``2 B`` rows (``KTOTrainer``'s on
+    ``B``), under autocast, and no ``num_items_in_batch``."""
     import torch
     from accelerate.utils.operations import convert_to_fp32
 
@@ -321,6 +325,10 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
             from .trl_head import boolean_mask_stand_ins
 
             stand_ins.update(boolean_mask_stand_ins())
+        if s.objective == "kto":
+            from .kto import nonzero_stand_ins
+
+            stand_ins.update(nonzero_stand_ins())
         if s.loss == "liger" or s.liger_kernels:
             from .liger import meta_scalar_stand_ins
 
@@ -358,9 +366,7 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
 
     def forward():
         if dpo is not None:
-            from .dpo import dpo_forward
-
-            return dpo_forward(dpo[0], model, ids, labels, dpo[1])
+            return dpo[2](dpo[0], model, ids, labels, dpo[1])
         kwargs = {"input_ids": ids, "labels": labels}
         if s.loss == "trl":
             kwargs["fused_lm_head"] = True  # SFTTrainer.compute_loss

@@ -53,8 +53,9 @@ class TraceSettings:
     #: target and feed-forward modules, ``PromptTuningConfig``'s virtual tokens); ``lora`` is then unused
     method: str = ""
     section: dict[str, Any] | None = field(default=None, hash=False)
-    #: ``sft`` (the Trainer's loss), or ``dpo``: TRL's ``DPOTrainer`` step (``observe.trace.dpo``) on ``batch_size``
-    #: pairs, chosen and rejected concatenated (``2 batch_size`` rows)
+    #: ``sft`` (the Trainer's loss), ``dpo``: TRL's ``DPOTrainer`` step (``observe.trace.dpo``) on ``batch_size``
+    #: pairs, chosen and rejected concatenated (``2 batch_size`` rows), or ``kto``: ``KTOTrainer``'s
+    #: (``observe.trace.kto``) on ``batch_size`` rows and as many KL rows
     objective: str = "sft"
     #: the batch is padded (DPO: a pair's chosen and rejected differ in length): the ``attention_mask`` the step passes
     #: has zeros, so attention gets a 4-D mask (``patches.padding_on_meta``; a step without a mask is unaffected)
@@ -90,10 +91,11 @@ class TraceSettings:
             raise ValueError("Liger's kernels are traced as a GPU runs them (Triton kernels stood in): on meta, CUDA kernels")
         if self.full and self.quant in ("nf4", "fp4", "int8"):
             raise ValueError("full fine-tuning trains the weights: a bitsandbytes-quantized base cannot be trained")
-        if self.objective not in ("sft", "dpo"):
-            raise ValueError(f"objective must be 'sft' or 'dpo', got {self.objective!r}")
-        if self.objective == "dpo" and (self.loss != "trl" or self.full or self.method):
-            raise ValueError("DPO is traced as TRL 1.16's DPOTrainer runs LoRA: its fused LM head (loss 'trl')")
+        if self.objective not in ("sft", "dpo", "kto"):
+            raise ValueError(f"objective must be 'sft', 'dpo' or 'kto', got {self.objective!r}")
+        if self.objective != "sft" and (self.loss != "trl" or self.full or self.method):
+            raise ValueError(f"{self.objective.upper()} is traced as TRL 1.16's trainer runs LoRA: its fused LM head "
+                             "(loss 'trl')")
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError("steps >= 1, batch_size >= 1 and seq_len >= 2 are required")
 

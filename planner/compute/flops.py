@@ -191,18 +191,20 @@ def fused_head_flops(T: int, h: int, V: int, hidden_rg: bool) -> tuple[int, int]
 
 
 def reference_forward_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSettings, b: int, s: int,
-                            attn_impl: str, grad_accum: int = 1) -> int:
-    """DPO's reference forward (TRL 1.16 ``DPOTrainer._compute_loss``: the policy with its adapters disabled, under
-    ``no_grad``, through the fused LM head) on the ``b`` rows of the step: every base projection
-    (``linear_forward_flops``), the attention core's forward and the head's tiles' forward (``2 n h V``) on the
-    ``n = b (s - 1)`` rows it scores (the positions with a next token); no adapter runs, nothing is recomputed, no
-    backward. Per micro-batch, times ``grad_accum``."""
+                            attn_impl: str, grad_accum: int = 1, adapters: bool = False) -> int:
+    """A forward without grad through TRL's fused LM head on the ``b`` rows of the step — DPO's reference (TRL 1.16
+    ``DPOTrainer._compute_loss``: the policy with its adapters disabled), KTO's reference on the KL rows and on the
+    batch's, and (``adapters``) KTO's policy on the KL rows (``KTOTrainer._compute_kl_logps``): every base projection
+    (``linear_forward_flops``), the adapters' forward with ``adapters`` (``lora_flops``), the attention core's forward
+    and the head's tiles' forward (``2 n h V``) on the ``n = b (s - 1)`` rows it scores (the positions with a next
+    token); nothing is recomputed, no backward. Per micro-batch, times ``grad_accum``."""
     d = dims(spec)
     T = b * s
     fused, hd = attention_kernel(spec, q, attn_impl)
     none = LayerGrads(*([False] * 8))  # no tensor of the reference needs a gradient
-    per_layer = (sum(linear_forward_flops(T, site) for site in layer_branches(spec, counts, r, q))
-                 + attention_flops(b, s, d.nh, hd, attn_impl, fused, none)[0])
+    sites = layer_branches(spec, counts, r, q)
+    per_layer = (sum(linear_forward_flops(T, site) + (lora_flops(T, site, False)[0] if adapters else 0)
+                     for site in sites) + attention_flops(b, s, d.nh, hd, attn_impl, fused, none)[0])
     n = b * (s - 1)
     return (d.L * per_layer + 2 * n * d.h * d.V) * grad_accum  # TRL's tiles read the target logit from the tile
 

@@ -61,17 +61,17 @@ class Tiled:
 
 
 def loss_terms(spec: ModelSpec, q: QuantSettings, loss: str = "full",
-               kernels: str = "cuda") -> dict[str, tuple[Lin | Tiled, ...]]:
+               kernels: str = "cuda", top1: bool = True) -> dict[str, tuple[Lin | Tiled, ...]]:
     """The loss's bytes at the end of the forward (``forward``) and the start of the backward (``backward``), on top
     of the saved activations, each the largest of a few moments (``lin.most``): ``logits_terms`` for ``full`` and
     ``unsloth``, ``cce_terms`` for ``cce``; ``kernels``: where the step runs (TRL's head folds its tiles otherwise on
-    the CPU)."""
+    the CPU; ``top1``: whether it computes ``is_top1``, as SFTTrainer's and DPOTrainer's do and KTOTrainer's does not)."""
     if loss not in LOSS_KINDS:
         raise ValueError(f"loss must be one of {LOSS_KINDS}, got {loss!r}")
     if loss == "cce":
         return cce_terms(spec, q)
     if loss == "trl":
-        return trl_terms(spec, q, kernels)
+        return trl_terms(spec, q, kernels, top1)
     if loss == "liger":
         return liger_terms(spec, q)
     return {k: (v,) for k, v in logits_terms(spec, q, chunked=loss == "unsloth").items()}
@@ -131,7 +131,7 @@ def cce_terms(spec: ModelSpec, q: QuantSettings) -> dict[str, tuple[Lin, Lin]]:
     return {"forward": fwd, "backward": bwd}
 
 
-def trl_terms(spec: ModelSpec, q: QuantSettings, kernels: str = "cuda") -> dict[str, tuple[Tiled, ...]]:
+def trl_terms(spec: ModelSpec, q: QuantSettings, kernels: str = "cuda", top1: bool = True) -> dict[str, tuple[Tiled, ...]]:
     """TRL 1.16's fused LM head on a GPU (``trl/trainer/utils.py`` ``add_fused_lm_head``, ``trl/kernels/chunked_logprob.py``
     ``ChunkedLogProbFunction`` with its Triton folds, which write into existing buffers), ``n`` valid rows (planned as
     ``T``), the final hidden state in ``R`` bytes, the tile dtype ``c`` (autocast's, else the hidden state's), the head
@@ -156,8 +156,8 @@ def trl_terms(spec: ModelSpec, q: QuantSettings, kernels: str = "cuda") -> dict[
     moment to each phase:
 
     * forward, at ``e = exp(z - new_m)``: ``z`` (the transformed tile, ``4 n k``), ``is_top1``'s ``before_target``
-      mask (bool, ``n k``), ``z - new_m`` and ``e`` (``8 n k``): ``13 n k`` (``e * z`` for the entropy replaces the
-      difference: as high), beside the tile buffer and the rows' cast;
+      mask (bool, ``n k``; only with ``top1``), ``z - new_m`` and ``e`` (``8 n k``): ``13 n k`` (``12 n k`` without
+      ``top1``; ``e * z`` for the entropy replaces the difference: as high), beside the tile buffer and the rows' cast;
     * backward, at ``grad_logprobs * (is_target - p)``: ``y``, ``z``, ``log_p``, ``p`` and ``grad`` (``20 n k``),
       ``is_target`` (bool, ``n k``), the difference and the product (``8 n k``): ``29 n k`` (Gemma-2's softcap keeps
       its ``tanh``, ``4 n k`` more), beside the head tile's cast held in ``w_chunk``.  The fp32 copies
@@ -186,7 +186,7 @@ def trl_terms(spec: ModelSpec, q: QuantSettings, kernels: str = "cuda") -> dict[
            Tiled(bwd_base + Lin(const=wtile, tok=R * d.h if R != 4 else 0), (mm, chunk)))
     if kernels == "cpu":  # torch's folds of a tile (the docstring's last paragraph)
         k = min(K, d.V)
-        fwd += (Tiled(fwd_base, (mm, chunk, (13 * k, 0, rows))),)
+        fwd += (Tiled(fwd_base, (mm, chunk, ((12 + top1) * k, 0, rows))),)
         bwd += (Tiled(bwd_base + Lin(const=wtile), (mm, chunk, ((29 + 4 * d.final_softcap) * k, 0, rows))),)
     return {"forward": fwd, "backward": bwd}
 

@@ -35,7 +35,7 @@ from qplan.planner.memory.terms import (
 from qplan.planner.model.lora import ModuleCount
 from qplan.planner.model.spec import ModelSpec
 from qplan.planner.model.weights import QuantSettings
-from qplan.planner.vocab import CATEGORIES, MOMENTS_OF_PHASE
+from qplan.planner.vocab import CATEGORIES, MOMENTS_OF_PHASE, PREFERENCE_OBJECTIVES
 
 
 def training_memory(spec: ModelSpec, counts: list[ModuleCount], lora_r: int, dropout: float,
@@ -119,8 +119,9 @@ class MemoryModel:
         L = dims(spec).L
         acts = activation_terms(spec, stepped, lora_r, dropout, q, grad_ckpt, attn_impl, kernels, padded, dora,
                                 head_linear=loss not in ("cce", "trl", "liger"), liger=liger)
-        lg = loss_terms(spec, q, loss, kernels)
-        dpo = objective == "dpo"
+        # KTO's fused head computes no top-1 (``outputs=("log_probs", "entropy", "mean_logits")``)
+        lg = loss_terms(spec, q, loss, kernels, top1=objective != "kto")
+        ref = objective in PREFERENCE_OBJECTIVES
         return cls(
             weights=weights, adapters=adapter_bytes(counts), gradients=gradient_bytes(stepped),
             optimizer=opt["device"] + opt["paged"], optimizer_paged=opt["paged"],
@@ -132,9 +133,10 @@ class MemoryModel:
             last_grads=acts["grads"][1] if acts["grads"] else 0,
             end_grads=acts["grads"][2:4] if acts["grads"] else (), end_in_grad=acts["grads"][4:] if acts["grads"] else (),
             end_acts=acts["end"],
-            loss_extra=acts["loss_extra"] + (dpo_inputs() if dpo else ZERO), logits_fwd=lg["forward"],
+            loss_extra=acts["loss_extra"] + objective_inputs(objective), logits_fwd=lg["forward"],
             logits_bwd=lg["backward"],
-            reference=dpo_reference_extra(spec, stepped, q, grad_ckpt) if dpo else ZERO,
+            reference=dpo_reference_extra(spec, stepped, q, grad_ckpt, 13 if objective == "kto" else 14) if ref
+            else ZERO,
             layers_temps=acts["layers_temps"], attn_temps=acts["attn_fwd_temps"], ckpt_inputs=acts["ckpt_inputs"],
             layer_moments=acts["layer_moments"], mlp_fwd=acts["mlp_fwd"], mlp_fwd_temps=acts["mlp_fwd_temps"],
         )
@@ -250,19 +252,34 @@ def dpo_inputs() -> Lin:
     return Lin(tok=16)
 
 
-def dpo_reference_extra(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings, grad_ckpt: str) -> Lin:
+def kto_inputs() -> Lin:
+    """KTO's batch beyond SFT's ids and labels, alive through the step (TRL 1.16 ``kto_trainer.py``,
+    ``DataCollatorForUnpairedPreference``): ``attention_mask`` and ``completion_mask``, and the KL term's mismatched
+    rows ``KL_input_ids``, ``KL_attention_mask`` and ``KL_completion_mask`` (int64, planned as wide as the batch:
+    ``40 T``), and each row's ``label`` (int64, ``8`` a row)."""
+    return Lin(tok=40, rows=8)
+
+
+def objective_inputs(objective: str) -> Lin:
+    """What the objective's batch holds beyond SFT's ids and labels."""
+    return {"dpo": dpo_inputs, "kto": kto_inputs}[objective]() if objective != "sft" else ZERO
+
+
+def dpo_reference_extra(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings, grad_ckpt: str,
+                        outputs: int = 14) -> Lin:
     """What the reference's forward (TRL 1.16 ``DPOTrainer._compute_loss``: the model again, adapters disabled, under
     ``no_grad``) holds at its head beyond the policy's own forward moment at its head. The reference's head moment
     has its own final norm output and valid rows, as the policy's had, plus what the policy keeps for its backward:
     its valid rows' hidden states (``hidden[mask]``, saved by the fused head: ``R h`` a row) and its outputs
-    (log-probabilities, entropy, mean logits: fp32; top-1 and label mask: bool; ``14`` a row), rows planned as ``T``
-    as the head's terms are. Less, with checkpointing under autocast, the cached casts of the adapters
-    (``loss.loss_time_activation``'s constant): accelerate's autocast around the policy's forward has exited, so
-    its cache is gone (without checkpointing those casts are saved, and stay)."""
+    (log-probabilities, entropy, mean logits: fp32; top-1 and label mask: bool; ``outputs`` = ``14`` a row; KTO's
+    head computes no top-1: ``13``), rows planned as ``T`` as the head's terms are. KTO's reference runs the KL rows
+    and then the batch's rows, one after the other: the same moment. Less, with checkpointing under autocast, the
+    cached casts of the adapters (``loss.loss_time_activation``'s constant): accelerate's autocast around the
+    policy's forward has exited, so its cache is gone (without checkpointing those casts are saved, and stay)."""
     d = dims(spec)
     p = precision(q)
     cached = loss_time_activation(spec, counts, q, grad_ckpt).const if grad_ckpt != "off" and p.amp else 0
-    return Lin(tok=p.R * d.h + 14, const=-cached)
+    return Lin(tok=p.R * d.h + outputs, const=-cached)
 
 
 def moment_in_phase(phases: dict[str, int], observed_phase: str | None) -> str | None:

@@ -1,10 +1,11 @@
-"""`qplan run` of a DPO plan: TRL's own DPOTrainer trains the PEFT model on preference pairs (random weights, CPU).
+"""`qplan run` of DPO and KTO plans: TRL's own DPOTrainer (preference pairs) and KTOTrainer (unpaired rows) train the
+PEFT model (random weights, CPU).
 
-The oracles are the run's own: the live tensors the tracker sees during real DPO steps (against the plan's CPU
+The oracles are the run's own: the live tensors the tracker sees during real steps (against the plan's CPU
 prediction, which counts TRL's fused head folding its tiles with torch ops), PEFT's trainable count, the adapter file
-PEFT writes, and DPO's loss at the first step: the policy equals the reference there (LoRA's B is zero), so the
-sigmoid loss is exactly ``-log sigmoid(0) = ln 2`` — which holds only if the reference is the base with the adapters
-disabled, as the plan assumes."""
+PEFT writes, and the loss at the first step: the policy equals the reference there (LoRA's B is zero), so DPO's
+sigmoid loss is exactly ``-log sigmoid(0) = ln 2`` and KTO's ``1 - sigmoid(0) = 0.5`` (its KL estimate 0 too) — which
+holds only if the reference is the base with the adapters disabled, as the plan assumes."""
 
 from __future__ import annotations
 
@@ -18,25 +19,30 @@ pytest.importorskip("trl")
 
 from backend_helpers import TINY_CONFIG, estimate_and_run
 
+#: each objective's loss at step 0 (policy = reference) and rows a batch element
+FIRST_LOSS = {"dpo": math.log(2), "kto": 0.5}
+ROWS = {"dpo": 2, "kto": 1}
 
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
 @pytest.mark.parametrize("args, tol", [
     (["--quant", "bf16"], 0.015),
     (["--quant", "bf16", "--no-grad-ckpt"], 0.015),
-    ([], 0.015),  # nf4: DPOTrainer casts the adapters to bf16, as the plan says
+    ([], 0.015),  # nf4: the trainer casts the adapters to bf16, as the plan says
 ], ids=["bf16", "bf16-no-checkpointing", "nf4"])
-def test_a_dpo_run_measures_what_the_plan_predicts(tmp_path, capsys, args, tol):
+def test_a_preference_run_measures_what_the_plan_predicts(tmp_path, capsys, objective, args, tol):
     from safetensors import safe_open
 
-    run, doc = estimate_and_run(tmp_path, capsys, ["--objective", "dpo", "--batch-size", "2", "--seq-len", "128",
+    run, doc = estimate_and_run(tmp_path, capsys, ["--objective", objective, "--batch-size", "2", "--seq-len", "128",
                                                    *args])
     plan = json.loads((tmp_path / "plan.json").read_text(encoding="utf-8"))
     compared = doc["compared"]
     assert abs(compared["tensor_peak"]["error"]) <= tol, compared["tensor_peak"]
     assert compared["trainable"]["measured"] == compared["trainable"]["predicted"]
     assert compared["adapter_file_bytes"]["measured"] == compared["adapter_file_bytes"]["predicted"]
-    assert math.isclose(doc["measured"]["loss"][0], math.log(2), abs_tol=1e-4), doc["measured"]["loss"]
-    # two rows a pair went through the step; the reference adapter DPOTrainer copies from a wrapped model is gone
-    assert doc["measured"]["timing"]["tokens_per_step"] == 2 * 2 * 128
+    assert math.isclose(doc["measured"]["loss"][0], FIRST_LOSS[objective], abs_tol=1e-4), doc["measured"]["loss"]
+    # DPO: two rows a pair went through the step; the reference adapter the trainer copies from a wrapped model is gone
+    assert doc["measured"]["timing"]["tokens_per_step"] == ROWS[objective] * 2 * 128
     with safe_open(str(run / "adapter" / "adapter_model.safetensors"), "pt") as f:
         names = list(f.keys())
         dtypes = {str(f.get_tensor(n).dtype) for n in names}
