@@ -110,7 +110,7 @@ def test_what_dpo_is_not_planned_with_is_one_line(capsys, args, needle):
     ({"objective": "kto"}, "peft", "objective is 'kto'"),
 ])
 def test_run_checks_what_it_can_train_before_anything_starts(training, backend, needle):
-    """``qplan run`` trains SFT plans and DPO plans on the peft backend (tests/backends/test_dpo_run.py runs one); a
+    """``qplan run`` trains SFT plans and DPO plans on the peft backend (tests/backends/test_preference_run.py runs one); a
     sealed plan cannot say otherwise (the planner refuses it), so the runner's own check is called on a document."""
     from qplan.backends.runner import _check_objective
     from qplan.planner.errors import QPlanError

@@ -1,12 +1,13 @@
-"""Real CPU runs of DPO plans (TRL's DPOTrainer, random weights) against the plan's CPU prediction.
+"""Real CPU runs of DPO and KTO plans (TRL's DPOTrainer and KTOTrainer, random weights) against the plan's CPU
+prediction.
 
-Each case: ``qplan estimate --objective dpo ...`` (the analytic tensor peak for CPU kernels: TRL's fused head folds its
-tiles with torch ops there), then ``qplan run --random-init --device cpu --steps 3`` and the live tensors the tracker
-measured. Also recorded: PEFT's trainable count and adapter file against the plan's, and the first step's loss
-(ln 2 = 0.693147 when the reference is the adapter-disabled base). One SFT plan with TRL's fused head (``--loss trl``)
-for comparison.
+Each case: ``qplan estimate --objective dpo|kto ...`` (the analytic tensor peak for CPU kernels: TRL's fused head
+folds its tiles with torch ops there), then ``qplan run --random-init --device cpu --steps 3`` and the live tensors
+the tracker measured (DDP: every rank's, the largest compared). Also recorded: PEFT's trainable count and adapter file
+against the plan's, and the first step's loss (DPO ln 2 = 0.693147, KTO 0.5, when the reference is the
+adapter-disabled base). One SFT plan with TRL's fused head (``--loss trl``) for comparison.
 
-    python bench/dpo_cpu_runs.py        # writes reports/accuracy/dpo-cpu/README.md and runs.json (about 3 minutes)
+    python bench/preference_cpu_runs.py   # writes reports/accuracy/preference-cpu/README.md and runs.json (~6 min)
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ CASES = [
                       "--targets", "qv"]),
     ("tiny-llama", ["--objective", "dpo", "--quant", "bf16", "--batch-size", "2", "--seq-len", "128"]),
     ("tiny-llama", ["--objective", "dpo", "--batch-size", "2", "--seq-len", "128"]),
+    ("tiny-llama", ["--objective", "dpo", "--quant", "bf16", "--gpus", "2", "--batch-size", "2", "--seq-len", "128"]),
+    ("smollm2-135m", ["--objective", "kto", "--quant", "bf16", "--batch-size", "2", "--seq-len", "256"]),
+    ("smollm2-135m", ["--objective", "kto", "--quant", "bf16", "--no-grad-ckpt", "--batch-size", "2", "--seq-len", "256"]),
+    ("smollm2-135m", ["--objective", "kto", "--batch-size", "2", "--seq-len", "256"]),
+    ("tiny-llama", ["--objective", "kto", "--quant", "bf16", "--batch-size", "2", "--seq-len", "128"]),
     ("smollm2-135m", ["--loss", "trl", "--quant", "bf16", "--batch-size", "2", "--seq-len", "256"]),
 ]
 
@@ -63,21 +69,21 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             rows.append(run_case(model, args, Path(tmp)))
         print(rows[-1], flush=True)
-    out = ROOT / "reports" / "accuracy" / "dpo-cpu"
+    out = ROOT / "reports" / "accuracy" / "preference-cpu"
     out.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     (out / "runs.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     worst = max(abs(r["error"]) for r in rows)
     lines = [
-        "# DPO on the CPU: TRL's DPOTrainer measured against the plan",
+        "# DPO and KTO on the CPU: TRL's DPOTrainer and KTOTrainer measured against the plan",
         "",
-        f"Command: `python bench/dpo_cpu_runs.py` at commit {commit} (torch {torch.__version__}, transformers "
+        f"Command: `python bench/preference_cpu_runs.py` at commit {commit} (torch {torch.__version__}, transformers "
         f"{transformers.__version__}, trl {trl.__version__}).",
         "",
         "Each row: `qplan estimate --model MODEL ARGS`, then `qplan run --random-init --device cpu --steps 3`: the "
         "tensor peak the live-tensor tracker measured over the steps against the plan's CPU prediction "
-        "(`memory_detail.tensor_peak_cpu`). Error = (predicted - measured) / measured. The first loss is DPO's "
-        "at step 0, where the policy equals the reference: ln 2 = 0.693147.",
+        "(`memory_detail.tensor_peak_cpu`; DDP: the largest rank's). Error = (predicted - measured) / measured. The "
+        "first loss is the one at step 0, where the policy equals the reference: DPO's ln 2 = 0.693147, KTO's 0.5.",
         "",
         f"**{len(rows)} runs, worst |error| {100 * worst:.2f}%; trainable counts and adapter files equal in all.**",
         "",
