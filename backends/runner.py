@@ -409,7 +409,7 @@ def _check_objective(plan: dict[str, Any]) -> None:
         raise QPlanError(f"qplan run trains {name} plans with the peft backend (TRL's {trainer} on a PEFT model), not "
                          f"{plan['backend']}: re-plan with --backend peft")
     if plan["prediction"].get("data"):
-        raise QPlanError(f"qplan run does not train a {name} plan's --data pairs yet (it cuts pairs from text): plan "
+        raise QPlanError(f"qplan run does not train a {name} plan's --data yet (it cuts its rows from text): plan "
                          "the run with --seq-len instead (the plan's worst batch is its seq_len)")
     import importlib.util
 

@@ -390,6 +390,8 @@ class DataSection(Struct, forbid_unknown_fields=True, kw_only=True):
     tokens_per_epoch: _Count
     padded_tokens_per_epoch: _Count
     efficiency: Annotated[float, Meta(gt=0, le=1)]
+    kl_seq_len: _d(_Count | UnsetType, "KTO: the widest batch of its KL rows (each prompt with another row's "
+                   "completion)") = UNSET
     worst_batch: DataWorst
     epochs: Annotated[float, Meta(gt=0)] = 1.0
     largest_first: bool = False

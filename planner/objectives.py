@@ -2,7 +2,7 @@
 settings of each objective's trainer, read from TRL's source (1.16). ``dpo``: ``DPOTrainer``
 (``trl/trainer/dpo_trainer.py``); ``kto``: ``KTOTrainer`` (``trl/trainer/kto_trainer.py``). Both with LoRA/QLoRA on
 one GPU or DDP ranks; DPO on ``--seq-len`` or on preference data (``--data``: ``planner.data.formats``'
-``preference`` format), KTO on ``--seq-len``."""
+``preference`` format), KTO on ``--seq-len`` or on unpaired completions (the ``unpaired`` format)."""
 
 
 from __future__ import annotations
@@ -48,11 +48,12 @@ def check_preference(o: PlanOptions) -> str:
         why = (f"{'--cpu-offload' if o.cpu_offload else '--strategy ' + str(o.strategy)} is not planned yet: plan one "
                "GPU or DDP (TRL's fused head gathers an FSDP-sharded head whole, and DeepSpeed prepares its own "
                "reference)")
-    elif o.data is not None and name != "dpo":
-        why = "--data is not read as KTO's unpaired completions yet: give --seq-len (TRL's max_length, default 1024)"
-    elif o.data is not None and o.batching != "padding":
+    elif o.data is not None and name == "dpo" and o.batching != "padding":
         why = (f"--batching {o.batching} is not how DPOTrainer batches its pairs (shuffled, each batch padded to its "
                "longest row): leave out --batching")
+    elif o.data is not None and name == "kto" and o.batching not in ("padding", "sequential"):
+        why = (f"--batching {o.batching} is not how KTOTrainer batches its rows (in file order, each batch padded to "
+               "its longest row): leave out --batching")
     elif o.liger_kernels:
         why = "--liger-kernels are not planned with it yet"
     elif o.dropout not in (None, 0.0):
@@ -89,11 +90,17 @@ def kbit_adapters(lora: LoraSettings, objective: str) -> LoraSettings:
     return replace(lora, adapter_dtype="bfloat16")
 
 
+#: the data format each objective trains on (``planner.data.formats``), and what it is
+DATA_FORMAT = {"dpo": ("preference", "preference pairs (prompt, chosen, rejected)"),
+               "kto": ("unpaired", "unpaired completions (prompt, completion, label)")}
+
+
 def check_data_format(objective: str, fmt: str) -> None:
     """One line when the data's format is not the objective's: DPO trains on preference pairs
-    (``prompt``/``chosen``/``rejected``), SFT on the other formats."""
-    if objective == "dpo" and fmt != "preference":
-        raise QPlanError(f"--objective dpo trains on preference pairs (prompt, chosen, rejected), and --data is "
-                         f"{fmt} data")
-    if objective != "dpo" and fmt == "preference":
-        raise QPlanError("--data holds preference pairs (prompt, chosen, rejected): plan them with --objective dpo")
+    (``prompt``/``chosen``/``rejected``), KTO on unpaired completions (``prompt``/``completion``/``label``), SFT on
+    the other formats."""
+    if objective in DATA_FORMAT and fmt != DATA_FORMAT[objective][0]:
+        raise QPlanError(f"--objective {objective} trains on {DATA_FORMAT[objective][1]}, and --data is {fmt} data")
+    for other, (f, what) in DATA_FORMAT.items():
+        if objective != other and fmt == f:
+            raise QPlanError(f"--data holds {what}: plan them with --objective {other}")

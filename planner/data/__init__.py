@@ -108,6 +108,23 @@ def select(full: list[int], prompt: list[int] | None, max_length: int | None, pa
     return rows, kept, truncated, dropped
 
 
+def kto_batches(rows: list[int], kept: list[int], full: list[int], prompt: list[int], batch_size: int,
+                max_length: int | None) -> list[tuple[int, int]]:
+    """KTO's batches in file order (``KTOConfig.train_sampling_strategy``: sequential), each ``(width of its rows,
+    width of its KL rows)`` as ``DataCollatorForUnpairedPreference`` pads them: the KL row of each kept row is its
+    prompt followed by the previous row's completion within the batch (``KTOTrainer._prepare_dataset``'s
+    ``add_kl_completion_ids``, batched by ``batch_size`` after the filter: the first row takes the last one's), cut at
+    ``max_length``."""
+    out = []
+    for i in range(0, len(rows), batch_size):
+        idx = rows[i:i + batch_size]
+        completion = [full[j] - prompt[j] for j in idx]
+        kl = [prompt[j] + completion[k - 1] for k, j in enumerate(idx)]
+        cap = (lambda n: min(n, max_length)) if max_length is not None else (lambda n: n)
+        out.append((max(kept[i:i + batch_size]), max(cap(n) for n in kl)))
+    return out
+
+
 def _stats(lengths: list[int]) -> dict[str, Any]:
     s = sorted(lengths)
     return {"min": s[0], "p50": percentile(s, 50), "p90": percentile(s, 90), "p99": percentile(s, 99), "max": s[-1],
@@ -222,6 +239,18 @@ def data_profile(source: str, *, tokenizer: str | None, model_source: dict[str, 
         out.update(packing_strategy=packing_strategy, packs=len(packs), batches_per_epoch=batches,
                    tokens_per_epoch=sum(packs), padded_tokens_per_epoch=round(padded_total),
                    efficiency=sum(packs) / padded_total)
+    elif found == "unpaired":  # KTO: file order, each batch's rows and KL rows padded to their longest
+        assert prompt is not None
+        widths = kto_batches(kept_rows, kept, full, prompt, batch_size, max_length)
+        sizes = [min(batch_size, len(kept) - i) for i in range(0, len(kept), batch_size)]
+        worst_main, worst_kl = max(round_up(w, m) for w, _ in widths), max(round_up(k, m) for _, k in widths)
+        seq_len = max(worst_main, worst_kl)
+        padded_total = sum(n * round_up(w, m) for n, (w, _) in zip(sizes, widths, strict=True))
+        out.update(batches_per_epoch=len(widths), tokens_per_epoch=sum(kept), padded_tokens_per_epoch=padded_total,
+                   efficiency=sum(kept) / padded_total, kl_seq_len=worst_kl, batching="sequential")
+        worst = {"seq_len": seq_len, "batch_size": batch_size, "tokens": batch_size * seq_len, "padded": True,
+                 "note": f"KTO's batches in file order: the widest of its rows ({worst_main:,}) and of its KL rows "
+                         f"(each prompt with the previous row's completion: {worst_kl:,}), planned as one width"}
     else:
         seq_len = round_up(max(kept), m)
         rounded = [round_up(n, m) for n in kept]

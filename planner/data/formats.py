@@ -22,6 +22,10 @@ line naming the first row that differs):
   common prefix. A pair's length is its longer row (``DataCollatorForPreference`` pads the chosen and the rejected
   rows of a batch together), and a pair whose prompt alone fills ``max_length`` is dropped, as TRL drops it. An
   implicit prompt (``chosen``/``rejected`` only: TRL's ``extract_prompt``) is not read yet.
+* ``unpaired`` — ``prompt``/``completion``/``label`` (KTO's data, ``--objective kto``), tokenized as
+  ``prompt-completion`` is (TRL 1.16's ``KTOTrainer._prepare_dataset`` does the same: EOS on a plain completion, the
+  prompt's share the common prefix, a row dropped when its prompt alone fills ``max_length``); ``label`` must be a
+  boolean (desirable or not).
 
 Truncation is TRL's ``keep_start``: the first ``max_length`` tokens (not when packing: packing cuts instead).
 """
@@ -33,8 +37,8 @@ from typing import Any
 
 from qplan.planner.errors import QPlanError
 
-FORMATS = ("auto", "text", "messages", "prompt-completion", "instruction", "preference", "axolotl:alpaca", "axolotl:completion",
-           "axolotl:chat_template")  # the axolotl types: planner.data.axolotl
+FORMATS = ("auto", "text", "messages", "prompt-completion", "instruction", "preference", "unpaired",
+           "axolotl:alpaca", "axolotl:completion", "axolotl:chat_template")  # the axolotl types: planner.data.axolotl
 #: what happens to a sample over --max-seq-len (auto: TRL truncates, axolotl drops)
 LONG_SAMPLES = ("auto", "truncate", "drop", "raise")
 #: qplan run's instruction template (backends/data.py keeps the same strings; a test checks they agree)
@@ -53,6 +57,8 @@ def detect(rec: dict[str, Any]) -> str:
         return "preference"
     if "messages" in rec or "conversations" in rec:
         return "messages"
+    if "prompt" in rec and "completion" in rec and "label" in rec:
+        return "unpaired"
     if "prompt" in rec and "completion" in rec:
         return "prompt-completion"
     if "text" in rec:
@@ -165,6 +171,11 @@ class Formatter:
                     for i, r in enumerate(rows, 1)], None
         if fmt == "preference":
             return self._preference(rows, where, keep)
+        if fmt == "unpaired":  # KTO's rows: tokenized as prompt-completion (a label besides)
+            for i, r in enumerate(rows, 1):
+                if not isinstance(r.get("label"), bool):
+                    raise QPlanError(f"{where} row {i}: field 'label' must be true or false (desirable or not), got "
+                                     f"{type(r.get('label')).__name__}")
         # prompt-completion: the prompt's share is where the tokenized prompt and prompt+completion diverge (TRL's
         # common_prefix_length: a BPE merge across the boundary, or a template rendering the prompt alone
         # differently, makes it shorter than the prompt's own tokens)

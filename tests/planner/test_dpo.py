@@ -107,11 +107,12 @@ def test_what_dpo_is_not_planned_with_is_one_line(capsys, args, needle):
 
 @pytest.mark.parametrize("training, backend, needle", [
     ({"objective": "dpo"}, "unsloth", "with the peft backend"),
-    ({"objective": "kto"}, "peft", "objective is 'kto'"),
+    ({"objective": "grpo"}, "peft", "objective is 'grpo'"),
 ])
 def test_run_checks_what_it_can_train_before_anything_starts(training, backend, needle):
-    """``qplan run`` trains SFT plans and DPO plans on the peft backend (tests/backends/test_preference_run.py runs one); a
-    sealed plan cannot say otherwise (the planner refuses it), so the runner's own check is called on a document."""
+    """``qplan run`` trains SFT plans, and DPO and KTO plans on the peft backend (tests/backends/test_preference_run.py
+    runs them); a sealed plan cannot say otherwise (the planner refuses it), so the runner's own check is called on a
+    document."""
     from qplan.backends.runner import _check_objective
     from qplan.planner.errors import QPlanError
 
