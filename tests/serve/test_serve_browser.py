@@ -206,6 +206,41 @@ def test_full_fine_tuning_from_the_page(base, browser, tmp_path):
     drv.save_screenshot(str(folder / "serve-compare.png"))
 
 
+def test_dpo_and_kto_from_the_page(base, browser, tmp_path):
+    """The page plans TRL's DPO and KTO trainers: the plan shown is the API's for the page's query, the summary says the
+    trainer (and DPO's pairs), the searches (which plan SFT) are set aside, and KTO's batch of one is the CLI's line."""
+    drv = browser
+    drv.get(base + "/")
+    settled(drv)
+    Select(drv.find_element(By.ID, "gpu")).select_by_value("a100-80gb")
+    settled(drv, "gpu=a100-80gb")
+    Select(drv.find_element(By.ID, "objective")).select_by_value("dpo")
+    settled(drv, "objective=dpo")
+    plan = check_page(drv, base, fit=False)
+    assert plan["training"]["objective"] == "dpo" and plan["training"]["loss"] == "trl"
+    assert "DPO (TRL)" in drv.find_element(By.ID, "summary").text and "pairs (×2 rows)" in drv.find_element(
+        By.ID, "summary").text
+    assert drv.find_element(By.ID, "sft-only").is_displayed()
+    assert not any(el.is_displayed() for el in drv.find_elements(By.CSS_SELECTOR, "section.sft-only"))
+    folder = Path(os.environ.get("QPLAN_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    drv.execute_script("window.scrollTo(0, 0)")
+    drv.save_screenshot(str(folder / "serve-dpo.png"))
+    Select(drv.find_element(By.ID, "objective")).select_by_value("kto")  # the page's micro-batch is 1
+    WebDriverWait(drv, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "error")
+    assert "KTOTrainer refuses it" in drv.find_element(By.ID, "error").text
+    b = drv.find_element(By.ID, "batch-size")
+    b.clear()
+    b.send_keys("2\t")
+    settled(drv, "batch-size=2")
+    plan = check_page(drv, base, fit=False)
+    assert plan["training"]["objective"] == "kto" and plan["training"]["batch_size"] == 2
+    Select(drv.find_element(By.ID, "objective")).select_by_value("sft")  # the searches come back
+    settled(drv, "objective=sft")
+    check_page(drv, base)
+    assert all(el.is_displayed() for el in drv.find_elements(By.CSS_SELECTOR, "section.sft-only"))
+
+
 def test_cut_cross_entropy_from_the_page(base, browser, tmp_path):
     """The page offers Cut Cross Entropy; with an Ampere GPU the plan is the API's, and on a T4 the page shows the
     CLI's one line."""
