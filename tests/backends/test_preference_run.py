@@ -58,15 +58,16 @@ def test_an_sft_run_with_trl_s_fused_head_measures_what_the_plan_predicts_on_the
     assert abs(doc["compared"]["tensor_peak"]["error"]) <= 0.015, doc["compared"]["tensor_peak"]
 
 
-def test_a_dpo_run_on_two_ddp_ranks_measures_what_the_plan_predicts_per_rank(tmp_path, capsys):
-    """DDP: each rank runs DPOTrainer on its own pairs; the plan's per-rank CPU prediction adds DDP's gradient buckets
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_a_run_on_two_ddp_ranks_measures_what_the_plan_predicts_per_rank(tmp_path, capsys, objective):
+    """DDP: each rank runs the trainer on its own rows; the plan's per-rank CPU prediction adds DDP's gradient buckets
     to every moment, the reference's too."""
-    _, doc = estimate_and_run(tmp_path, capsys, ["--objective", "dpo", "--quant", "bf16", "--gpus", "2",
+    _, doc = estimate_and_run(tmp_path, capsys, ["--objective", objective, "--quant", "bf16", "--gpus", "2",
                                                  "--batch-size", "2", "--seq-len", "128"], steps=4)
     assert [e["rank"] for e in doc["ranks"]] == [0, 1] and doc["run"]["strategy"] == "ddp"
     for e in doc["ranks"]:
         assert abs(e["error"]["tensor_peak"]) <= 0.015, (e["rank"], e["error"])
-    assert math.isclose(doc["measured"]["loss"][0], math.log(2), abs_tol=1e-4)
+    assert math.isclose(doc["measured"]["loss"][0], FIRST_LOSS[objective], abs_tol=1e-4)
 
 
 def _dpo_plan(tmp_path, capsys):
