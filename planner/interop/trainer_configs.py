@@ -432,20 +432,19 @@ def trl_objective_keys() -> dict[str, list[str]]:
 
 
 def _trl(r: _Reader, objective: str = "sft") -> dict[str, Any]:
-    from qplan.planner.interop.trl_dpo import DPO_KEYS, read_dpo
+    from qplan.planner.interop.trl_objectives import OWN_KEYS, read_objective
 
     others = trl_objective_keys()
-    hits = sorted(set(r.cfg) & set(others) - (DPO_KEYS if objective == "dpo" else set()))
+    hits = sorted(set(r.cfg) & set(others) - OWN_KEYS.get(objective, set()))
     if hits:  # TRL's sft.py would not parse them either (HfArgumentParser over SFTConfig)
         trainers = sorted({t for k in hits for t in others[k]})
-        dpo = objective == "sft" and set(hits) <= DPO_KEYS
+        guess = next((k for k, keys in OWN_KEYS.items() if objective == "sft" and set(hits) <= keys), None)
         raise QPlanError(f"trl config: {', '.join(hits[:4])}{', ...' if len(hits) > 4 else ''} "
                          f"{'is a key' if len(hits) == 1 else 'are keys'} of TRL's "
                          f"{', '.join(trainers[:4])}{', ...' if len(trainers) > 4 else ''} trainer, not "
                          f"{objective.upper()}: "
-                         + ("a DPO config? plan it with --objective dpo" if dpo else
-                            f"qplan plans SFT{' and DPO' if objective == 'sft' else ''} (the other preference and RL "
-                            "objectives are not planned yet)"))
+                         + (f"a {guess.upper()} config? plan it with --objective {guess}" if guess else
+                            "qplan plans SFT, DPO and KTO (the other preference and RL objectives are not planned yet)"))
     o: dict[str, Any] = {"model": _model(r.get("model_name_or_path"), r.get("model_revision"), "model_name_or_path", "trl")}
     full = not r.get("use_peft", False)  # TRL's sft.py: without use_peft the SFTTrainer trains every parameter
     b4, b8 = r.get("load_in_4bit", False), r.get("load_in_8bit", False)
@@ -476,9 +475,9 @@ def _trl(r: _Reader, objective: str = "sft") -> dict[str, Any]:
     if not 0 <= smoothing < 1:  # NaN too
         raise QPlanError(f"trl config: label_smoothing_factor must be in [0, 1), got {shown(smoothing)}")
     o["loss"] = "full" if smoothing else "trl"
-    if full and objective == "dpo":
-        raise QPlanError("trl config with --objective dpo: use_peft is not true (full fine-tuning: the reference is a "
-                         "second model), which is not planned yet")
+    if full and objective != "sft":
+        raise QPlanError(f"trl config with --objective {objective}: use_peft is not true (full fine-tuning: the "
+                         "reference is a second model), which is not planned yet")
     if full and not smoothing:
         raise QPlanError("trl config: use_peft is not true (full fine-tuning): TRL 1.16's SFTTrainer computes the loss "
                          "through its fused LM head, whose gradient of the trained head qplan does not plan yet")
@@ -487,7 +486,7 @@ def _trl(r: _Reader, objective: str = "sft") -> dict[str, Any]:
                                "and runs the fused LM head once more under no_grad for the metrics: planned as the full "
                                "logits"))
     if objective == "sft":
-        trl_data(r, o)  # DPO's dataset is preference pairs: planned at max_length (trl_dpo)
+        trl_data(r, o)  # DPO's/KTO's datasets are pairs / unpaired rows: planned at max_length (trl_objectives)
     _attn_implementation(r, o, "trl")
     if o.get("strategy") in ("fsdp", "zero3") and o["quant"] in ("nf4", "fp4"):
         storage = r.get("bnb_4bit_quant_storage")
@@ -502,8 +501,8 @@ def _trl(r: _Reader, objective: str = "sft") -> dict[str, Any]:
     elif not full and o.get("strategy") == "zero3" and alias[dtype] == "bf16" and prec in ("bf16", "fp32"):
         o["adapter_dtype"] = "bf16"
     trl_liger(r, o)
-    if objective == "dpo":
-        read_dpo(r, o)
+    if objective != "sft":
+        read_objective(r, o, objective)
     r.refuse({"lora_target_parameters", "bnb_4bit_quant_storage", "model_init_kwargs", "padding_free", "activation_offloading",
               "lora_task_type"} - ({"padding_free"} if objective == "dpo" else set()),  # DPOTrainer turns it off
              "changes training memory in a way qplan does not plan from a TRL config")
@@ -566,18 +565,16 @@ def read_trainer_config(path: str | Path, fmt: str | None = None, objective: str
     """``(options, warnings, format)`` of a trainer config file: the options are ``PlanOptions`` fields
     (``planner.options``; a reader mapping a key to another name fails here), each warning ``{"kind", "text"}``
     (``planner.interop.notes``). ``objective``: the trainer the file is for (``--objective``; a TRL file does not
-    say: ``dpo`` reads it as a ``DPOConfig``, ``planner.interop.trl_dpo``)."""
+    say: ``dpo`` reads it as a ``DPOConfig``, ``kto`` as a ``KTOConfig``: ``planner.interop.trl_objectives``)."""
     cfg = read_config_file(path)
     if fmt is not None and fmt not in FORMATS:
         raise QPlanError(f"--config-format must be one of {', '.join(FORMATS)}, got {shown(fmt)}")
     fmt = fmt or detect_format(cfg)
     r = _Reader(cfg, fmt, Path(path).parent)
-    if objective not in ("sft", "dpo"):  # KTO: its KTOConfig keys are not mapped yet
-        raise QPlanError(f"--objective {objective} with --from-config: a {objective.upper()} config is not read yet; give "
-                         "its settings as flags")
     if objective != "sft" and fmt != "trl":
-        raise QPlanError(f"--objective {objective} --from-config reads TRL configs (its DPOConfig keys); this {fmt} config "
-                         f"is read as SFT ({'rl:' if fmt == 'axolotl' else 'stage:'} {objective} is not read yet)")
+        raise QPlanError(f"--objective {objective} --from-config reads TRL configs (its {objective.upper()}Config keys); "
+                         f"this {fmt} config is read as SFT ({'rl:' if fmt == 'axolotl' else 'stage:'} {objective} is "
+                         "not read yet)")
     try:
         opts = READERS[fmt](r, objective) if fmt == "trl" else READERS[fmt](r)
     except (TypeError, ValueError, OverflowError) as exc:  # a value of the wrong kind deep in a mapping

@@ -79,11 +79,3 @@ def test_what_kto_is_not_planned_with_is_one_line(capsys, args, needle):
     rc, out, err = qplan(capsys, "estimate", "--model", "llama-3.2-1b", "--objective", "kto", *args)
     assert rc == 2 and out == ""
     one_line(err, needle)
-
-
-def test_a_kto_config_file_is_not_read_as_another_trainer_s(capsys, tmp_path):
-    cfg = tmp_path / "kto.yaml"
-    cfg.write_text("model_name_or_path: Qwen/Qwen2.5-0.5B\nuse_peft: true\ndesirable_weight: 1.0\n", encoding="utf-8")
-    rc, out, err = qplan(capsys, "estimate", "--from-config", str(cfg), "--objective", "kto")
-    assert rc == 2 and out == ""
-    one_line(err, "a KTO config is not read yet")

@@ -1,4 +1,4 @@
-"""A TRL config read with ``--objective dpo`` (``planner.interop.trl_dpo``): TRL 1.16's own ``DPOConfig`` parser is the
+"""A TRL config read with ``--objective dpo`` (``planner.interop.trl_objectives``): TRL 1.16's own ``DPOConfig`` parser is the
 oracle that the file is a DPO config; the plan it reads is the plan of the same settings as flags, byte for byte; what
 DPO's keys change that qplan does not plan is one line."""
 
