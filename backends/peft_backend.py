@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qplan.hf import bnb_config, cast_adapters, load_model, lora_config, method_config, peft_optimizer
+from qplan.hf import bnb_config, cast_adapters, load_model, lora_config, method_config, peft_optimizer, task_of
 from qplan.planner.errors import QPlanError
 
 from .base import ModelSource, Prepared, TrainSettings
@@ -122,7 +122,7 @@ class PeftBackend:
         if plan.get("method") in ("ia3", "prompt_tuning", "p_tuning", "ln_tuning", "loha", "lokr", "vera"):
             model = get_peft_model(model, method_config(plan["method"], plan[plan["method"]]))
         else:
-            model = cast_adapters(get_peft_model(model, lora_config(plan["lora"])), plan["lora"])
+            model = cast_adapters(get_peft_model(model, lora_config(plan["lora"], task_of(plan)[1])), plan["lora"])
         # as TRL's SFTTrainer: the fused LM head on the causal LM under the PEFT wrapper (DPOTrainer adds its own)
         if t.get("loss") == "trl" and t.get("objective", "sft") == "sft":
             from qplan.observe.trace.trl_head import add_sft_fused_head

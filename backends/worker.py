@@ -202,7 +202,7 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
 
             data = load_plan_data(plan, prepared.tokenizer, job.get("data"), vocab, bool(job.get("largest_first")),
                                   first_measured=int(job.get("warmup_steps", 1)) * int(t.get("grad_accum", 1)))
-        elif t.get("objective", "sft") == "dpo":  # preference pairs: two blocks a pair (backends.preference_train)
+        elif t.get("objective", "sft") in ("dpo", "reward"):  # pairs: two blocks each (backends.preference_train)
             from .preference_train import PreferencePairs
 
             data = PreferencePairs(load_dataset(job.get("data"), prepared.tokenizer, int(t["seq_len"]),
@@ -231,7 +231,7 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         # Unsloth's chunked cross-entropy makes the logits in chunks of rows
         # prompt tuning's virtual tokens make logits too (PEFT prepends them to every row)
         virtual = int((plan.get("prompt_tuning") or plan.get("p_tuning") or {}).get("num_virtual_tokens", 0))
-        rows = 2 if t.get("objective", "sft") == "dpo" else 1  # DPO: a chosen and a rejected row a pair
+        rows = 2 if t.get("objective", "sft") in ("dpo", "reward") else 1  # a pair: a chosen and a rejected row
         probe.logits = LogitsRule.for_step(vocab, rows * int(t["batch_size"]), int(t["seq_len"]) + virtual,
                                            chunked=job["backend"] == "unsloth")
         meter = MeasureCallback(probe, tokens_per_step=rows * step_blocks * int(t["seq_len"]), warmup_steps=warm,

@@ -116,13 +116,17 @@ def hf_config(config: dict[str, Any]) -> Any:
         raise QPlanError(f"invalid {model_type} config: {_one_line(exc)}") from exc
 
 
-def model_class(hf: Any) -> Any:
+def model_class(hf: Any, task: str = "causal") -> Any:
     """The auto class that builds the whole model of a transformers config: ``AutoModelForCausalLM``
     where the model type has a causal-LM mapping (text models; Gemma-3's ``gemma3`` maps to
     ``Gemma3ForConditionalGeneration`` there), else ``AutoModelForImageTextToText`` for a multimodal
     wrapper without one (``mistral3`` -> ``Mistral3ForConditionalGeneration``): vision tower,
-    projector and language model, as ``from_pretrained`` of the Hub checkpoint builds them."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    projector and language model, as ``from_pretrained`` of the Hub checkpoint builds them. ``task="seq_cls"``:
+    ``AutoModelForSequenceClassification`` (a reward model: TRL's ``RewardTrainer`` loads that, ``num_labels=1``)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
+
+    if task == "seq_cls":
+        return AutoModelForSequenceClassification
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
@@ -135,11 +139,15 @@ def model_class(hf: Any) -> Any:
 
 
 def model_from_config(config: dict[str, Any] | Any, *, dtype: str | None = None, attn_impl: str | None = None,
-                      device: str = "meta") -> Any:
-    """``model_class(cfg).from_config`` on ``device`` (``meta``: exact shapes, no memory)."""
+                      device: str = "meta", task: str = "causal") -> Any:
+    """``model_class(cfg, task).from_config`` on ``device`` (``meta``: exact shapes, no memory); ``task="seq_cls"``: the
+    reward model, one label, its config's ``pad_token_id`` set (the head pools each row's last non-pad token: the
+    trainer sets it from the tokenizer; here the EOS id, or 0)."""
     import torch
 
     hf = hf_config(config) if isinstance(config, dict) else config
+    if task == "seq_cls":
+        hf = seq_cls_config(hf)
     kwargs: dict[str, Any] = {}
     if dtype:
         kwargs["dtype"] = torch_dtype(dtype)
@@ -147,9 +155,23 @@ def model_from_config(config: dict[str, Any] | Any, *, dtype: str | None = None,
         kwargs["attn_implementation"] = attn_impl
     try:
         with torch.device(device):
-            return model_class(hf).from_config(hf, **kwargs)
+            return model_class(hf, task).from_config(hf, **kwargs)
     except Exception as exc:
         raise QPlanError(f"cannot build model_type {hf.model_type!r} from this config: {_one_line(exc)}") from exc
+
+
+def seq_cls_config(hf: Any) -> Any:
+    """A copy of ``hf`` for a reward model: ``num_labels=1`` (TRL's ``RewardTrainer``), a ``pad_token_id`` (the EOS
+    id, else 0) when the config has none."""
+    import copy
+
+    hf = copy.deepcopy(hf)
+    hf.num_labels = 1
+    text = hf.get_text_config()
+    if getattr(text, "pad_token_id", None) is None:
+        eos = getattr(text, "eos_token_id", None)
+        text.pad_token_id = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+    return hf
 
 
 def bnb_config(quant: dict[str, Any]) -> Any | None:
@@ -202,13 +224,22 @@ def lora_kwargs(lora: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def lora_config(lora: dict[str, Any]) -> Any:
-    """``peft.LoraConfig(task_type="CAUSAL_LM", **lora_kwargs(lora))`` (adapters in fp32)."""
+def lora_config(lora: dict[str, Any], task_type: str = "CAUSAL_LM") -> Any:
+    """``peft.LoraConfig(task_type=task_type, **lora_kwargs(lora))`` (adapters in fp32); ``SEQ_CLS`` for a reward model
+    (PEFT then trains a copy of the ``score`` head, ``modules_to_save``)."""
     try:
         from peft import LoraConfig
     except ImportError as exc:  # pragma: no cover
         raise _need("LoRA") from exc
-    return LoraConfig(task_type="CAUSAL_LM", **lora_kwargs(lora))
+    return LoraConfig(task_type=task_type, **lora_kwargs(lora))
+
+
+def task_of(plan_or_objective: Any) -> tuple[str, str]:
+    """(model task for ``model_from_config``, PEFT task type) of a plan document (or its objective): a reward model is
+    a sequence classifier."""
+    objective = plan_or_objective if isinstance(plan_or_objective, str) else (
+        plan_or_objective.get("training") or {}).get("objective", "sft")
+    return ("seq_cls", "SEQ_CLS") if objective == "reward" else ("causal", "CAUSAL_LM")
 
 
 def method_config(method: str, section: dict[str, Any]) -> Any:
@@ -282,7 +313,15 @@ def model_class_of(path: str | Any) -> Any:
 
 
 def load_model(path: str, plan: dict[str, Any], device: str) -> Any:
-    """``model_class_of(path).from_pretrained(path, **load_kwargs(plan, device))``, ``use_cache`` off."""
-    model = model_class_of(path).from_pretrained(str(path), **load_kwargs(plan, device))
+    """``model_class_of(path).from_pretrained(path, **load_kwargs(plan, device))``, ``use_cache`` off; a reward plan's
+    model is ``AutoModelForSequenceClassification`` with ``num_labels=1``, as TRL's ``RewardTrainer`` loads it (a
+    causal checkpoint has no ``score``: transformers initialises it)."""
+    if task_of(plan)[0] == "seq_cls":
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1,
+                                                                   **load_kwargs(plan, device))
+    else:
+        model = model_class_of(path).from_pretrained(str(path), **load_kwargs(plan, device))
     model.config.use_cache = False
     return model

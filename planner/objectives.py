@@ -1,7 +1,8 @@
 """What a plan trains for besides the next token (``--objective``, ``vocab.TRAINING_OBJECTIVES``): the checks and
 settings of each objective's trainer, read from TRL's source (1.16). ``dpo``: ``DPOTrainer``
-(``trl/trainer/dpo_trainer.py``); ``kto``: ``KTOTrainer`` (``trl/trainer/kto_trainer.py``). Both with LoRA/QLoRA on
-one GPU or DDP ranks; DPO on ``--seq-len`` or on preference data (``--data``: ``planner.data.formats``'
+(``trl/trainer/dpo_trainer.py``); ``kto``: ``KTOTrainer`` (``trl/trainer/kto_trainer.py``); ``reward``:
+``RewardTrainer`` (``trl/trainer/reward_trainer.py``, a 16/32-bit base: ``planner.model.seq_cls``). With LoRA (DPO and
+KTO QLoRA too) on one GPU or DDP ranks; DPO on ``--seq-len`` or on preference data (``--data``: ``planner.data.formats``'
 ``preference`` format), KTO on ``--seq-len`` or on unpaired completions (the ``unpaired`` format)."""
 
 
@@ -14,7 +15,8 @@ from qplan.planner.model.lora import LoraSettings
 from qplan.planner.options import PlanOptions
 
 #: each objective's trainer (TRL's class) and config
-TRAINERS = {"dpo": ("DPOTrainer", "DPOConfig"), "kto": ("KTOTrainer", "KTOConfig")}
+TRAINERS = {"dpo": ("DPOTrainer", "DPOConfig"), "kto": ("KTOTrainer", "KTOConfig"),
+            "reward": ("RewardTrainer", "RewardConfig")}
 
 #: what every plan of the objective says of how it was planned
 NOTES = {
@@ -23,6 +25,10 @@ NOTES = {
             "the precomputation pass of precompute_ref_log_probs and a separate ref_model are not planned; "
             "with checkpointing, the last layer's backward at LoRA dropout 0 (DPO's) is planned up to 2% "
             "under the traced step (QLoRA; 0.6% in bf16)"),
+    "reward": ("reward model: planned as TRL 1.16's RewardTrainer runs it (traced on meta through its own compute_loss): "
+               "AutoModelForSequenceClassification with one label (the LM head replaced by a score head, whose copy "
+               "PEFT trains: modules_to_save), each of the --batch-size pairs as a chosen and a rejected row, padded; "
+               "disable_dropout: LoRA dropout 0"),
     "kto": ("KTO: planned as TRL 1.16's KTOTrainer runs it (traced on meta through its own _compute_loss): each of the "
             "--batch-size rows, the KL term's mismatched rows (another row's completion after each prompt, no grad, "
             "policy and reference) and the reference's forward; every position is planned as a completion token, "
@@ -67,6 +73,33 @@ def check_preference(o: PlanOptions) -> str:
     return "trl"
 
 
+def check_reward(o: PlanOptions) -> None:
+    """``--objective reward``: one line for what TRL 1.16's ``RewardTrainer`` is not planned with yet."""
+    why = None
+    if o.loss != "full":
+        why = f"--loss {o.loss}: RewardTrainer scores each row with its head's one output (no logits to fuse)"
+    elif o.full:
+        why = "--full is not planned yet (LoRA and its variants are)"
+    elif o.peft_type.strip().lower() != "lora":
+        why = f"--peft-type {o.peft_type} is not planned yet (LoRA and its variants are)"
+    elif o.backend != "peft":
+        why = f"the {o.backend} backend is not planned (TRL's RewardTrainer on PEFT is)"
+    elif o.quant in ("nf4", "fp4", "int8"):
+        why = ("a quantized base is not planned yet (RewardTrainer casts the trained copy of the score head to bf16 "
+               "with the adapters): leave out --quant (bf16), or give fp16 or fp32")
+    elif o.strategy not in (None, "ddp") or o.cpu_offload:
+        why = f"{'--cpu-offload' if o.cpu_offload else '--strategy ' + str(o.strategy)} is not planned yet: plan DDP"
+    elif o.data is not None and o.batching != "padding":
+        why = (f"--batching {o.batching} is not how RewardTrainer batches its pairs (shuffled, each batch padded to "
+               "its longest row): leave out --batching")
+    elif o.liger_kernels:
+        why = "--liger-kernels are not planned with it yet"
+    elif o.dropout not in (None, 0.0):
+        why = f"--dropout {o.dropout}: RewardConfig.disable_dropout (default True) sets every dropout to 0"
+    if why:
+        raise QPlanError(f"--objective reward: {why}")
+
+
 def kbit_note(objective: str) -> str:
     """What a DPO/KTO plan on a k-bit base says of its adapters' dtype."""
     trainer = TRAINERS[objective][0]
@@ -92,6 +125,7 @@ def kbit_adapters(lora: LoraSettings, objective: str) -> LoraSettings:
 
 #: the data format each objective trains on (``planner.data.formats``), and what it is
 DATA_FORMAT = {"dpo": ("preference", "preference pairs (prompt, chosen, rejected)"),
+               "reward": ("preference", "preference pairs (prompt, chosen, rejected)"),
                "kto": ("unpaired", "unpaired completions (prompt, completion, label)")}
 
 
@@ -102,5 +136,5 @@ def check_data_format(objective: str, fmt: str) -> None:
     if objective in DATA_FORMAT and fmt != DATA_FORMAT[objective][0]:
         raise QPlanError(f"--objective {objective} trains on {DATA_FORMAT[objective][1]}, and --data is {fmt} data")
     for other, (f, what) in DATA_FORMAT.items():
-        if objective != other and fmt == f:
+        if fmt == f and DATA_FORMAT.get(objective, ("",))[0] != f:
             raise QPlanError(f"--data holds {what}: plan them with --objective {other}")

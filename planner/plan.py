@@ -64,6 +64,7 @@ from qplan.planner.model.lora import (
     resolve_targets,
     trainable_params,
 )
+from qplan.planner.model.seq_cls import SCORE, reward_spec
 from qplan.planner.model.spec import Gpu, ModelSpec
 from qplan.planner.model.weights import (
     QuantSettings,
@@ -71,7 +72,7 @@ from qplan.planner.model.weights import (
     checkpoint_quant,
     unquantized_experts_warning,
 )
-from qplan.planner.objectives import NOTES, check_data_format, check_preference, kbit_adapters, kbit_note
+from qplan.planner.objectives import NOTES, check_data_format, check_preference, check_reward, kbit_adapters, kbit_note
 from qplan.planner.options import DEFAULT_QUANT, FULL_QUANT, PlanOptions, as_dict, check_options
 from qplan.planner.validate import read_calibration
 from qplan.planner.vocab import (
@@ -156,7 +157,7 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     if o.full:
         check_full_options(o)
         quant = quant or FULL_QUANT
-    if peft is not None:  # the other PEFT methods are planned on 16/32-bit bases (planner.methods.check_method)
+    if peft is not None or o.objective == "reward":  # the other PEFT methods, and a reward model, on 16/32-bit bases
         quant = quant or FULL_QUANT
     quant = quant or DEFAULT_QUANT
     if check_data_options(as_dict(o), o.seq_len) and (tokens is not None or dataset_tokens is not None):
@@ -175,6 +176,9 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     if device is None and gpu is not None and not gpu.strip():
         raise QPlanError("--gpu is empty: give a GPU name (see `qplan gpus`) or leave the option out")
     spec = spec if spec is not None else load_spec(model)
+    if o.objective == "reward":  # AutoModelForSequenceClassification: a score head in place of the LM head
+        check_reward(o)
+        spec, modules_to_save, dropout = reward_spec(spec), [*modules_to_save, SCORE], 0.0  # PEFT's SEQ_CLS copy
     gpu_ = device if device is not None else (None if gpu is None else load_gpu(gpu))
     if isinstance(modules_to_save, str):
         modules_to_save = modules_to_save.split(",")
@@ -222,7 +226,7 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
                              f"the samples with --max-seq-len {ctx} (TRL's max_length, axolotl's sequence_len)")
         data["epochs"] = epochs if epochs is not None else 1.0
         if gpu_ is not None:  # the time of a step depends on the device
-            rows = 2 if o.objective == "dpo" else 1  # DPO: the pair's chosen and rejected rows, both padded
+            rows = 2 if o.objective in ("dpo", "reward") else 1  # a pair's chosen and rejected rows, both padded
             tokens = max(1, math.ceil(rows * data["padded_tokens_per_epoch"] * data["epochs"]))
     attn = resolve_attn(spec, o.attn_impl)
     flat = data["worst_batch"].get("flat_tokens", 0) if data is not None else 0
@@ -231,8 +235,8 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     mask = data is not None and (bool(data["worst_batch"].get("padded")) or (bool(flat) and attn != "flash_attention_2"))
     # DPO: a pair's chosen and rejected sequences differ in length, so its rows are padded and the attention_mask the
     # collator passes has zeros (flash attention runs the rows unpadded, varlen)
-    # (KTO's unpaired rows differ in length too: padded)
-    mask = mask or (o.objective in PREFERENCE_OBJECTIVES and attn != "flash_attention_2")
+    # (KTO's unpaired rows differ in length too, and a reward model's pairs: padded)
+    mask = mask or (o.objective != "sft" and attn != "flash_attention_2")
     training = TrainingSettings(o.batch_size, seq_len, o.grad_accum, ckpt, o.optimizer, attn, bool(mask), flat, loss,
                                 liger_kernels(o.liger_kernels, spec, backend, strategy),
                                 getattr(peft, "num_virtual_tokens", 0), o.objective)
@@ -261,7 +265,7 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     if peft is not None:
         check_method(peft, q, backend, dist, o.loss)
         warnings += method_warnings(peft)
-    if o.objective in PREFERENCE_OBJECTIVES:
+    if o.objective != "sft":
         warnings.append(NOTES[o.objective])
     return PlanInputs(spec, lora, q, training, gpu_, backend, tokens, o.price_per_hour, calib, dist, data,
                       o.full, peft), warnings

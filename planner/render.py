@@ -101,9 +101,9 @@ def render_plan(plan: dict[str, Any]) -> str:
     method = method_text(plan)
     lines.append(f"{m['name']} ({m['architecture']}) · {method} · {qdesc}, {compute} · backend {plan['backend']}")
     objective = t.get("objective", "sft")
-    dpo = objective == "dpo"  # pairs: a chosen and a rejected row each
+    dpo = objective in ("dpo", "reward")  # pairs: a chosen and a rejected row each
     lines.append(
-        (f"{objective.upper()} · " if objective != "sft" else "")
+        ({"reward": "reward model · "}.get(objective, f"{objective.upper()} · ") if objective != "sft" else "")
         + f"batch {t['batch_size']}{' pairs (×2 rows)' if dpo else ''} × seq {t['seq_len']} (accum {t['grad_accum']}) · "
         f"grad checkpointing {t['grad_ckpt']} · {t['optimizer']} · attention {t['attn_impl']}"
         + {"cce": " · loss: Cut Cross Entropy (no logits)", "trl": " · loss: TRL's fused LM head (no logits)",

@@ -64,8 +64,9 @@ BACKENDS = ("peft", "unsloth")
 LOSSES = ("full", "cce", "trl", "liger")
 #: what the step trains for (``--objective``, TRL's trainer names): ``sft`` (the next token), ``dpo`` (TRL's
 #: ``DPOTrainer``: each pair's chosen and rejected sequence, and the reference's log-probabilities), ``kto`` (TRL's
-#: ``KTOTrainer``: unpaired completions labelled desirable or not, the KL term's mismatched rows, the reference's)
-TRAINING_OBJECTIVES = ("sft", "dpo", "kto")
+#: ``KTOTrainer``: unpaired completions labelled desirable or not, the KL term's mismatched rows, the reference's),
+#: ``reward`` (TRL's ``RewardTrainer``: a sequence-classification model scoring each pair's chosen and rejected rows)
+TRAINING_OBJECTIVES = ("sft", "dpo", "kto", "reward")
 #: the objectives whose step also runs the reference (the base with the adapters disabled, no grad) after the policy,
 #: through TRL's fused LM head (``planner.objectives``)
 PREFERENCE_OBJECTIVES = ("dpo", "kto")

@@ -21,6 +21,7 @@ from qplan.hf import (
     model_class,
     model_from_config,
     require_optimizer,
+    task_of,
     torch_dtype,
 )
 from qplan.planner.vocab import KBIT
@@ -91,6 +92,10 @@ def run_trace(config: dict, s: TraceSettings, wrap: Any = None) -> dict:
             else:
                 add_sft_fused_head(base_model(peft_model))
             stack.enter_context(gpu_kernels_on_meta(s.amp_device))
+        if s.objective == "reward":  # RewardTrainer.compute_loss on the pairs' rows (observe.trace.reward)
+            from .reward import reward_forward, reward_trainer_state
+
+            dpo = (reward_trainer_state(peft_model), lambda: None, reward_forward)
         step_model = wrap(peft_model, stack) if wrap is not None else peft_model
         if s.grad_ckpt:
             recompute_context(peft_model, s, current, amp)
@@ -113,12 +118,13 @@ def build_model(hf: Any, s: TraceSettings, stack: contextlib.ExitStack) -> Any:
     in place as ``from_pretrained`` would (``quantize_on_meta``); on the CPU with seeded random
     weights, saved and re-loaded with ``from_pretrained(dir, quantization_config=...,
     device_map="cpu")``: the real bitsandbytes CPU path."""
+    task = task_of(s.objective)[0]
     if s.device == "meta":
-        model = model_from_config(hf, dtype=s.load_dtype, attn_impl=s.attn_impl, device="meta")
+        model = model_from_config(hf, dtype=s.load_dtype, attn_impl=s.attn_impl, device="meta", task=task)
         if s.quant in KBIT:
             quantize_on_meta(model, s)
         return model
-    model = model_from_config(hf, dtype=s.load_dtype, attn_impl=s.attn_impl, device="cpu")
+    model = model_from_config(hf, dtype=s.load_dtype, attn_impl=s.attn_impl, device="cpu", task=task)
     if s.quant in KBIT:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="qplan-trace-"))
         model.save_pretrained(tmp)
@@ -196,7 +202,8 @@ def apply_peft(model: Any, s: TraceSettings, notes: list[str]) -> Any:
         if s.method:  # (IA)³'s vectors and prompt tuning's prompt stay fp32 (get_peft_model's autocast_adapter_dtype)
             pm = get_peft_model(model, method_config(s.method, s.section))
         else:
-            pm = cast_adapters(get_peft_model(model, lora_config(s.lora_section)), s.lora_section)
+            pm = cast_adapters(get_peft_model(model, lora_config(s.lora_section, task_of(s.objective)[1])),
+                               s.lora_section)
     if s.grad_ckpt:
         pm.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": True} if s.reentrant else None)

@@ -64,7 +64,7 @@ class TraceSettings:
     @property
     def rows(self) -> int:
         """The rows of the model's batch: DPO runs each pair's chosen and rejected sequence as two rows."""
-        return 2 * self.batch_size if self.objective == "dpo" else self.batch_size
+        return 2 * self.batch_size if self.objective in ("dpo", "reward") else self.batch_size
 
     @property
     def virtual_tokens(self) -> int:
@@ -91,9 +91,12 @@ class TraceSettings:
             raise ValueError("Liger's kernels are traced as a GPU runs them (Triton kernels stood in): on meta, CUDA kernels")
         if self.full and self.quant in ("nf4", "fp4", "int8"):
             raise ValueError("full fine-tuning trains the weights: a bitsandbytes-quantized base cannot be trained")
-        if self.objective not in ("sft", "dpo", "kto"):
-            raise ValueError(f"objective must be 'sft', 'dpo' or 'kto', got {self.objective!r}")
-        if self.objective != "sft" and (self.loss != "trl" or self.full or self.method):
+        if self.objective not in ("sft", "dpo", "kto", "reward"):
+            raise ValueError(f"objective must be 'sft', 'dpo', 'kto' or 'reward', got {self.objective!r}")
+        if self.objective == "reward" and (self.loss != "full" or self.full or self.method):
+            raise ValueError("a reward model is traced as TRL 1.16's RewardTrainer runs LoRA (its score head, no fused "
+                             "loss)")
+        if self.objective in ("dpo", "kto") and (self.loss != "trl" or self.full or self.method):
             raise ValueError(f"{self.objective.upper()} is traced as TRL 1.16's trainer runs LoRA: its fused LM head "
                              "(loss 'trl')")
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2:

@@ -262,7 +262,8 @@ def kto_inputs() -> Lin:
 
 def objective_inputs(objective: str) -> Lin:
     """What the objective's batch holds beyond SFT's ids and labels."""
-    return {"dpo": dpo_inputs, "kto": kto_inputs}[objective]() if objective != "sft" else ZERO
+    # a reward model's batch is input_ids and attention_mask: as many bytes as SFT's ids and labels
+    return {"dpo": dpo_inputs, "kto": kto_inputs}[objective]() if objective in ("dpo", "kto") else ZERO
 
 
 def dpo_reference_extra(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings, grad_ckpt: str,

@@ -81,7 +81,7 @@ class TrainingSettings:
         concatenates the chosen and the rejected rows)."""
         if self.flat_tokens:
             return (1, self.flat_tokens)
-        return (self.batch_size * (2 if self.objective == "dpo" else 1), self.seq_len + self.virtual_tokens)
+        return (self.batch_size * (2 if self.objective in ("dpo", "reward") else 1), self.seq_len + self.virtual_tokens)
 
     def validate(self, spec: ModelSpec) -> None:
         if self.batch_size <= 0:
@@ -239,6 +239,8 @@ def dims(spec: ModelSpec) -> Dims:
     h = int(c.get("hidden_size") or c.get("n_embd"))
     L = int(c.get("num_hidden_layers") or c.get("n_layer"))
     V = int(c.get("vocab_size"))
+    if inv.architecture.endswith("ForSequenceClassification"):  # a reward model: its score head's width (seq_cls)
+        V = next(g.out_features for g in inv.linear if g.pattern == inv.output_head)
     nh = int(c.get("num_attention_heads") or c.get("n_head"))
     nkv = int(c.get("num_key_value_heads") or nh)
     hd = int(c.get("head_dim") or h // nh)

@@ -54,13 +54,14 @@ def _role(model, name: str) -> str:
     return "other"
 
 
-def build_model_on_meta(config: dict[str, Any], dtype: str | None = None):
-    """Instantiate the causal-LM of ``config`` on the meta device (no memory, exact shapes)."""
+def build_model_on_meta(config: dict[str, Any], dtype: str | None = None, task: str = "causal"):
+    """Instantiate the causal-LM (``task="seq_cls"``: the reward model) of ``config`` on the meta device (no memory,
+    exact shapes)."""
     try:
         from qplan.hf import model_from_config
     except ImportError as exc:  # pragma: no cover - qplan.hf ships with qplan
         raise QPlanError("building a spec from a config needs qplan's hf mapping") from exc
-    return model_from_config(config, dtype=dtype, device="meta")
+    return model_from_config(config, dtype=dtype, device="meta", task=task)
 
 
 def _unique_suffixes(chosen: list[str], all_patterns: list[str]) -> list[str]:
@@ -137,8 +138,9 @@ def text_only_idle_modules(model) -> list[str]:
     return [n for n in idle if not any(n.startswith(o + ".") for o in idle)]
 
 
-def build_inventory(config: dict[str, Any]) -> dict[str, Any]:
-    """Read every module of the model built from ``config`` on the meta device into plain data."""
+def build_inventory(config: dict[str, Any], task: str = "causal") -> dict[str, Any]:
+    """Read every module of the model built from ``config`` on the meta device into plain data (``task="seq_cls"``: the
+    reward model, the oracle of ``planner.model.seq_cls``)."""
     try:
         import torch
         import transformers
@@ -154,7 +156,7 @@ def build_inventory(config: dict[str, Any]) -> dict[str, Any]:
 
     # Built in bfloat16 so that what transformers keeps in float32 (``_keep_in_fp32_modules``,
     # rotary ``inv_freq``) shows as float32, and what follows the load dtype shows as bfloat16.
-    model = build_model_on_meta(config, dtype="bfloat16")
+    model = build_model_on_meta(config, dtype="bfloat16", task=task)
     # a multimodal wrapper (Gemma-3 4B+, Mistral-3) keeps the language model's sizes in text_config
     text = model.config.get_text_config()
     idle = text_only_idle_modules(model)
