@@ -89,9 +89,9 @@ def check_reward(o: PlanOptions) -> None:
                "with the adapters): leave out --quant (bf16), or give fp16 or fp32")
     elif o.strategy not in (None, "ddp") or o.cpu_offload:
         why = f"{'--cpu-offload' if o.cpu_offload else '--strategy ' + str(o.strategy)} is not planned yet: plan DDP"
-    elif o.data is not None and o.batching != "padding":
-        why = (f"--batching {o.batching} is not how RewardTrainer batches its pairs (shuffled, each batch padded to "
-               "its longest row): leave out --batching")
+    elif o.data is not None:
+        why = ("--data is not read as RewardTrainer reads it yet (it drops a pair with a row over max_length where "
+               "DPOTrainer truncates): give --seq-len")
     elif o.liger_kernels:
         why = "--liger-kernels are not planned with it yet"
     elif o.dropout not in (None, 0.0):

@@ -106,6 +106,7 @@ def test_a_reward_plan_has_no_logits_and_two_rows_a_pair():
     (["--model", "gemma-2-9b"], "model_type 'gemma2' is not planned yet"),
     (["--gpus", "2", "--strategy", "fsdp"], "--strategy fsdp is not planned yet"),
     (["--dropout", "0.1"], "RewardConfig.disable_dropout"),
+    (["--data", "x.jsonl"], "not read as RewardTrainer reads it yet"),
 ])
 def test_what_a_reward_model_is_not_planned_with_is_one_line(capsys, args, needle):
     model = [] if "--model" in args else ["--model", "llama-3.2-1b"]

@@ -235,6 +235,11 @@ def test_dpo_and_kto_from_the_page(base, browser, tmp_path):
     settled(drv, "batch-size=2")
     plan = check_page(drv, base, fit=False)
     assert plan["training"]["objective"] == "kto" and plan["training"]["batch_size"] == 2
+    Select(drv.find_element(By.ID, "objective")).select_by_value("reward")  # the page's auto quantization: bf16
+    settled(drv, "objective=reward")
+    plan = check_page(drv, base, fit=False)
+    assert plan["training"]["objective"] == "reward" and plan["quant"]["quant"] == "bf16"
+    assert "reward model (TRL)" in drv.find_element(By.ID, "summary").text
     Select(drv.find_element(By.ID, "objective")).select_by_value("sft")  # the searches come back
     settled(drv, "objective=sft")
     check_page(drv, base)
