@@ -1,11 +1,12 @@
-"""Real CPU runs of DPO and KTO plans (TRL's DPOTrainer and KTOTrainer, random weights) against the plan's CPU
-prediction.
+"""Real CPU runs of DPO, KTO and reward-model plans (TRL's DPOTrainer, KTOTrainer and RewardTrainer, random weights)
+against the plan's CPU prediction.
 
 Each case: ``qplan estimate --objective dpo|kto ...`` (the analytic tensor peak for CPU kernels: TRL's fused head
 folds its tiles with torch ops there), then ``qplan run --random-init --device cpu --steps 3`` and the live tensors
 the tracker measured (DDP: every rank's, the largest compared). Also recorded: PEFT's trainable count and adapter file
 against the plan's, and the first step's loss (DPO ln 2 = 0.693147, KTO 0.5, when the reference is the
-adapter-disabled base). One SFT plan with TRL's fused head (``--loss trl``) for comparison.
+adapter-disabled base; a reward model's starts near it, its score head random). One SFT plan with TRL's fused head
+(``--loss trl``) for comparison.
 
     python bench/preference_cpu_runs.py   # writes reports/accuracy/preference-cpu/README.md and runs.json (~6 min)
 """
@@ -36,6 +37,9 @@ CASES = [
     ("smollm2-135m", ["--objective", "kto", "--quant", "bf16", "--no-grad-ckpt", "--batch-size", "2", "--seq-len", "256"]),
     ("smollm2-135m", ["--objective", "kto", "--batch-size", "2", "--seq-len", "256"]),
     ("tiny-llama", ["--objective", "kto", "--quant", "bf16", "--batch-size", "2", "--seq-len", "128"]),
+    ("smollm2-135m", ["--objective", "reward", "--batch-size", "2", "--seq-len", "256"]),
+    ("smollm2-135m", ["--objective", "reward", "--no-grad-ckpt", "--batch-size", "2", "--seq-len", "256"]),
+    ("tiny-llama", ["--objective", "reward", "--batch-size", "2", "--seq-len", "128"]),
     ("smollm2-135m", ["--loss", "trl", "--quant", "bf16", "--batch-size", "2", "--seq-len", "256"]),
 ]
 
@@ -75,7 +79,7 @@ def main() -> None:
     (out / "runs.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     worst = max(abs(r["error"]) for r in rows)
     lines = [
-        "# DPO and KTO on the CPU: TRL's DPOTrainer and KTOTrainer measured against the plan",
+        "# DPO, KTO and reward models on the CPU: TRL's trainers measured against the plan",
         "",
         f"Command: `python bench/preference_cpu_runs.py` at commit {commit} (torch {torch.__version__}, transformers "
         f"{transformers.__version__}, trl {trl.__version__}).",
@@ -83,7 +87,8 @@ def main() -> None:
         "Each row: `qplan estimate --model MODEL ARGS`, then `qplan run --random-init --device cpu --steps 3`: the "
         "tensor peak the live-tensor tracker measured over the steps against the plan's CPU prediction "
         "(`memory_detail.tensor_peak_cpu`; DDP: the largest rank's). Error = (predicted - measured) / measured. The "
-        "first loss is the one at step 0, where the policy equals the reference: DPO's ln 2 = 0.693147, KTO's 0.5.",
+        "first loss is the one at step 0, where the policy equals the reference: DPO's ln 2 = 0.693147, KTO's 0.5 (a "
+        "reward model's is near ln 2: its score head is random).",
         "",
         f"**{len(rows)} runs, worst |error| {100 * worst:.2f}%; trainable counts and adapter files equal in all.**",
         "",

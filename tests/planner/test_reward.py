@@ -113,3 +113,14 @@ def test_what_a_reward_model_is_not_planned_with_is_one_line(capsys, args, needl
     rc, out, err = qplan(capsys, "estimate", *model, "--objective", "reward", *args)
     assert rc == 2 and out == ""
     one_line(err, needle)
+
+
+@pytest.mark.parametrize("ckpt", [True, False], ids=["checkpointing", "no-checkpointing"])
+def test_a_reward_step_s_flops_are_flop_counter_mode_s(ckpt):
+    """The reward model's step counted by FlopCounterMode over RewardTrainer.compute_loss and its backward: the head's
+    one column (forward, input gradient and the trained copy's weight gradient) and the LoRA step, as planned."""
+    plan = plan_dict(model="llama-3.2-1b", seq_len=256, batch_size=2, objective="reward", gpu="a100-80gb",
+                     grad_ckpt=ckpt)
+    plan["training"]["padded"] = False  # FLOPs do not depend on the mask; the unpadded trace passes none
+    traced = trace_plan(plan, steps=1, count_flops=True)["flops_per_step"][0]
+    assert traced == plan["prediction"]["compute"]["flops_per_step"]["total"]
