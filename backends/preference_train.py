@@ -39,18 +39,15 @@ from .hf_train import training_kwargs
 
 
 @dataclasses.dataclass
-class PreferencePairs:
-    """``len(blocks) // 2`` pairs cut from packed blocks: chosen = block ``2i``, rejected = block ``2i+1`` less its last
-    token, no prompt."""
+class _Rows:
+    """Rows cut from packed blocks, every other one a token shorter (so each batch is padded)."""
 
     packed: PackedData
 
     def __post_init__(self) -> None:
         if self.packed.seq_len < 2:
-            raise QPlanError(f"a DPO run needs --seq-len >= 2 (a rejected row one token shorter), got {self.packed.seq_len}")
-
-    def __len__(self) -> int:
-        return len(self.packed.blocks) // 2
+            raise QPlanError(f"a preference run needs --seq-len >= 2 (every other row one token shorter), got "
+                             f"{self.packed.seq_len}")
 
     @property
     def tokens_in_file(self) -> int:
@@ -59,6 +56,15 @@ class PreferencePairs:
     @property
     def notes(self) -> list[str]:
         return self.packed.notes
+
+
+@dataclasses.dataclass
+class PreferencePairs(_Rows):
+    """``len(blocks) // 2`` pairs cut from packed blocks: chosen = block ``2i``, rejected = block ``2i+1`` less its last
+    token, no prompt."""
+
+    def __len__(self) -> int:
+        return len(self.packed.blocks) // 2
 
     def rows(self) -> dict[str, list[list[int]]]:
         b = self.packed.blocks
@@ -74,29 +80,15 @@ class PreferencePairs:
 
 
 @dataclasses.dataclass
-class UnpairedRows:
+class UnpairedRows(_Rows):
     """KTO's rows, one a packed block: every other one a token shorter and labelled undesirable; the KL term's
     completions rotated by one within each batch of ``batch_size`` (``KTOTrainer._prepare_dataset``'s
     ``add_kl_completion_ids``: ``(x_1, y_n), (x_2, y_1), ...``)."""
 
-    packed: PackedData
-    batch_size: int
-
-    def __post_init__(self) -> None:
-        if self.packed.seq_len < 2:
-            raise QPlanError(f"a KTO run needs --seq-len >= 2 (an undesirable row one token shorter), got "
-                             f"{self.packed.seq_len}")
+    batch_size: int = 2
 
     def __len__(self) -> int:
         return len(self.packed.blocks)
-
-    @property
-    def tokens_in_file(self) -> int:
-        return self.packed.tokens_in_file
-
-    @property
-    def notes(self) -> list[str]:
-        return self.packed.notes
 
     def rows(self) -> dict[str, list[Any]]:
         completions = [list(b) if i % 2 == 0 else list(b[:-1]) for i, b in enumerate(self.packed.blocks)]

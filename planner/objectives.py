@@ -36,36 +36,42 @@ NOTES = {
 }
 
 
+def _trainer_refusal(o: PlanOptions, full_why: str, strategy_why: str) -> str | None:
+    """What every TRL trainer here is not planned with yet (``None``: nothing), given the reasons for ``--full`` and for
+    a strategy other than DDP."""
+    trainer, config = TRAINERS[o.objective]
+    if o.full:
+        return full_why
+    if o.peft_type.strip().lower() != "lora":
+        return f"--peft-type {o.peft_type} is not planned yet (LoRA and its variants are)"
+    if o.backend != "peft":
+        return f"the {o.backend} backend is not planned (TRL's {trainer} on PEFT is)"
+    if o.strategy not in (None, "ddp") or o.cpu_offload:
+        return f"{'--cpu-offload' if o.cpu_offload else '--strategy ' + str(o.strategy)} is not planned yet: {strategy_why}"
+    if o.liger_kernels:
+        return "--liger-kernels are not planned with it yet"
+    if o.dropout not in (None, 0.0):
+        return f"--dropout {o.dropout}: {config}.disable_dropout (default True) sets every dropout to 0; leave --dropout out"
+    return None
+
+
 def check_preference(o: PlanOptions) -> str:
     """``--objective dpo|kto``: the loss it is planned with (TRL 1.16's trainers always compute the log-probabilities
     through their fused LM head: ``trl``), or one line for what is not planned with it yet."""
-    name, (trainer, config) = o.objective, TRAINERS[o.objective]
+    name, trainer = o.objective, TRAINERS[o.objective][0]
     if o.loss not in ("full", "trl"):  # full: the option's default
         raise QPlanError(f"--objective {name} computes its log-probabilities with TRL's fused LM head ({trainer} "
                          f"always does): leave out --loss {o.loss}, or give --loss trl")
-    why = None
-    if o.full:
-        why = "--full (a separate reference model) is not planned yet"
-    elif o.peft_type.strip().lower() != "lora":
-        why = f"--peft-type {o.peft_type} is not planned yet (LoRA and its variants are)"
-    elif o.backend != "peft":
-        why = f"the {o.backend} backend is not planned (TRL's {trainer} on PEFT is)"
-    elif o.strategy not in (None, "ddp") or o.cpu_offload:
-        why = (f"{'--cpu-offload' if o.cpu_offload else '--strategy ' + str(o.strategy)} is not planned yet: plan one "
-               "GPU or DDP (TRL's fused head gathers an FSDP-sharded head whole, and DeepSpeed prepares its own "
-               "reference)")
-    elif o.data is not None and name == "dpo" and o.batching != "padding":
+    why = _trainer_refusal(o, "--full (a separate reference model) is not planned yet",
+                           "plan one GPU or DDP (TRL's fused head gathers an FSDP-sharded head whole, and DeepSpeed "
+                           "prepares its own reference)")
+    if why is None and o.data is not None and name == "dpo" and o.batching != "padding":
         why = (f"--batching {o.batching} is not how DPOTrainer batches its pairs (shuffled, each batch padded to its "
                "longest row): leave out --batching")
-    elif o.data is not None and name == "kto" and o.batching not in ("padding", "sequential"):
+    elif why is None and o.data is not None and name == "kto" and o.batching not in ("padding", "sequential"):
         why = (f"--batching {o.batching} is not how KTOTrainer batches its rows (in file order, each batch padded to "
                "its longest row): leave out --batching")
-    elif o.liger_kernels:
-        why = "--liger-kernels are not planned with it yet"
-    elif o.dropout not in (None, 0.0):
-        why = (f"--dropout {o.dropout}: {config}.disable_dropout (default True) sets every dropout to 0; leave "
-               "--dropout out")
-    elif name == "kto" and o.batch_size < 2:
+    elif why is None and name == "kto" and o.batch_size < 2:
         why = ("--batch-size 1: KTOTrainer refuses it (the KL term pairs each prompt with another row's completion "
                "of the same batch: at least 2 rows)")
     if why:
@@ -75,27 +81,16 @@ def check_preference(o: PlanOptions) -> str:
 
 def check_reward(o: PlanOptions) -> None:
     """``--objective reward``: one line for what TRL 1.16's ``RewardTrainer`` is not planned with yet."""
-    why = None
     if o.loss != "full":
         why = f"--loss {o.loss}: RewardTrainer scores each row with its head's one output (no logits to fuse)"
-    elif o.full:
-        why = "--full is not planned yet (LoRA and its variants are)"
-    elif o.peft_type.strip().lower() != "lora":
-        why = f"--peft-type {o.peft_type} is not planned yet (LoRA and its variants are)"
-    elif o.backend != "peft":
-        why = f"the {o.backend} backend is not planned (TRL's RewardTrainer on PEFT is)"
     elif o.quant in ("nf4", "fp4", "int8"):
         why = ("a quantized base is not planned yet (RewardTrainer casts the trained copy of the score head to bf16 "
                "with the adapters): leave out --quant (bf16), or give fp16 or fp32")
-    elif o.strategy not in (None, "ddp") or o.cpu_offload:
-        why = f"{'--cpu-offload' if o.cpu_offload else '--strategy ' + str(o.strategy)} is not planned yet: plan DDP"
     elif o.data is not None:
         why = ("--data is not read as RewardTrainer reads it yet (it drops a pair with a row over max_length where "
                "DPOTrainer truncates): give --seq-len")
-    elif o.liger_kernels:
-        why = "--liger-kernels are not planned with it yet"
-    elif o.dropout not in (None, 0.0):
-        why = f"--dropout {o.dropout}: RewardConfig.disable_dropout (default True) sets every dropout to 0"
+    else:
+        why = _trainer_refusal(o, "--full is not planned yet (LoRA and its variants are)", "plan DDP")
     if why:
         raise QPlanError(f"--objective reward: {why}")
 
