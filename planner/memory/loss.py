@@ -146,7 +146,8 @@ def trl_terms(spec: ModelSpec, q: QuantSettings, kernels: str = "cuda", top1: bo
     * backward: the saved rows, labels, ``log_z``, entropy and mask (``(R h + 17) n``), the log-probabilities' gradient
       (``4 n``), ``grad_hidden`` (fp32, ``4 h n``), the tile buffer again, the rows' cast, and the head tile's cast held
       in a local (two while the next is made: from the second vocabulary tile, or with a vocabulary of one tile from
-      the second token tile); at the return ``grad_hidden.to(R)`` (``R h n`` when ``R != 4``).  Not planned: CUDA
+      the second token tile; the cast being made is the next tile's, ``min(32768, V - 32768)`` columns when the
+      vocabulary ends inside the second tile); at the return ``grad_hidden.to(R)`` (``R h n`` when ``R != 4``).  Not planned: CUDA
       scratch of boolean indexing (its int64 row indices) and of ``index_put``'s sort in the backward of
       ``hidden[mask]`` (about ``16 n`` to ``32 n`` bytes).
 
@@ -172,7 +173,8 @@ def trl_terms(spec: ModelSpec, q: QuantSettings, kernels: str = "cuda", top1: bo
     wtile = min(K, d.V) * d.h * c if cast else 0
     # the backward keeps the previous head tile (a named local) while casting the next: two from the second vocabulary
     # tile on, or, with one vocabulary tile, from the second token tile on
-    second = (wtile, 0) if d.V > K else (wtile, rows)
+    # (the second vocabulary tile is ``V - K`` columns wide when the vocabulary ends inside it)
+    second = (min(K, d.V - K) * d.h * c if cast else 0, 0) if d.V > K else (wtile, rows)
     mm = (c * K, 0, rows)
     chunk = (c * d.h, 0, rows) if cast else (0, 0, 0)
     chunk2 = (c * d.h, rows, 2 * rows) if cast else (0, 0, 0)

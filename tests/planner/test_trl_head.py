@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
     dict(model="qwen2.5-0.5b", seq_len=6000, quant="bf16", grad_ckpt=False),   # bf16 rows: no casts
     dict(model="gemma-2-9b", seq_len=128),                                     # softcapping, eager attention
     dict(model="small-vocab", seq_len=6000, grad_ckpt=False),  # one vocabulary tile, two token tiles
+    # 49,152 tokens: the second vocabulary tile is 16,384 wide, so is the head tile cast beside the first's
+    dict(model="smollm2-135m", seq_len=256, batch_size=2),
 ])
 def test_a_trl_plan_is_its_traced_step(kw, tmp_path):
     if kw["model"] == "small-vocab":  # SmolLM2-135M with a 32,000-token vocabulary: the head is one tile
