@@ -50,7 +50,7 @@ def config_options(f: Any) -> Any:
                      help="the trainer the --from-config file is for [default: detected]")(f)
     return click.option("--from-config", "from_config", default=None,
                         help="an axolotl / LLaMA-Factory / TRL config (YAML or JSON): its settings, "
-                             "overridden by explicit flags (a TRL DPO file: with --objective dpo)")(f)
+                             "overridden by explicit flags (a TRL DPO or KTO file: with --objective dpo or kto)")(f)
 
 
 def with_trainer_config(o: dict[str, Any], names: tuple[str, ...] | None = None

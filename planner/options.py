@@ -148,7 +148,9 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
                   "max_length, padded to the longer), then the reference (the base with the adapters disabled, no "
                   "grad), through TRL's fused LM head (--loss trl); TRL's disable_dropout: LoRA dropout 0; kto: TRL "
                   "1.16's KTOTrainer — --batch-size unpaired completions (at least 2), the KL term's mismatched rows "
-                  "through the policy and the reference without grad, then the reference, through the same head",
+                  "through the policy and the reference without grad, then the reference, through the same head; "
+                  "reward: TRL 1.16's RewardTrainer — AutoModelForSequenceClassification (a score head, no logits; PEFT "
+                  "trains a copy of it) on each pair's chosen and rejected rows, a 16/32-bit base",
                   section=TRAINING) = "sft"
     liger_kernels: _f(Names, "comma-separated Liger-Kernel kernels in the decoder layers: rms_norm, swiglu, rope "
                       "(axolotl's liger_rms_norm, liger_glu_activation, liger_rope)", section=TRAINING) = ""
@@ -160,8 +162,9 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
                   "folder or its Hub id]", section=DATA) = None
     data_format: _f(lit(DATA_FORMATS), "with --data: how a record becomes a sequence, as TRL's SFTTrainer does "
                     "(auto: from the first record's fields; preference: DPOTrainer's prompt/chosen/rejected pairs, for "
-                    "--objective dpo), or as an axolotl dataset type does (axolotl:TYPE; --max-seq-len is then "
-                    "axolotl's sequence_len)", section=DATA) = "auto"
+                    "--objective dpo; unpaired: KTOTrainer's prompt/completion/label rows, for --objective kto), or "
+                    "as an axolotl dataset type does (axolotl:TYPE; --max-seq-len is then axolotl's sequence_len)",
+                    section=DATA) = "auto"
     max_seq_len: _f(Context | None, "with --data: truncate each sample to this many tokens (TRL's max_length, keep "
                     "the start; TRL defaults to 1024, the plain Trainer does not truncate) [default: none]",
                     section=DATA) = None
