@@ -52,17 +52,17 @@ def test_the_derived_reward_model_is_transformers_own(model):
                                             ("phi-4", "all-linear")])
 def test_trainable_counts_are_pefts_on_the_reward_model(model, targets):
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    from qplan.hf import hf_config, seq_cls_config
+    from qplan.hf import hf_config, lora_config, seq_cls_config
 
     plan = plan_dict(model=model, objective="reward", targets=targets, r=8)
     with torch.device("meta"):
         from transformers import AutoModelForSequenceClassification
 
         m = AutoModelForSequenceClassification.from_config(seq_cls_config(hf_config(load_spec(model).config)))
-    resolved = plan["lora"]["target_modules"]
-    pm = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=resolved, task_type="SEQ_CLS"))
+    # the plan's LoRA as hf/ maps it, without the score copy the plan counts: PEFT's SEQ_CLS must add it itself
+    pm = get_peft_model(m, lora_config({**plan["lora"], "modules_to_save": []}, "SEQ_CLS"))
     trainable, total = pm.get_nb_trainable_parameters()
     assert (plan["prediction"]["params"]["trainable"], plan["prediction"]["params"]["total"]) == (trainable, total)
     assert plan["model"]["architecture"].endswith("ForSequenceClassification")
