@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("trl")
 
+from test_dpo import assert_reference_step
 from test_trainer_configs import one_line, qplan
 
 from qplan.observe.trace import trace_plan
@@ -45,15 +46,7 @@ def test_a_kto_plan_runs_its_rows_through_trl_s_fused_head():
     (dict(), 0.025),
 ])
 def test_a_kto_plan_is_its_traced_step(kw, tol):
-    plan = _kto(**kw)
-    traced = trace_plan(plan, steps=2)
-    a, t = plan["prediction"]["memory"]["tensor_peak"], traced["tensor_peak"]
-    assert abs(a - t) <= tol * t, (a, t)
-    ph, tp = plan["prediction"]["memory_detail"]["phases"], traced["phase_peaks"]
-    forward = max(ph["forward"], ph["reference"])  # the policy's KL rows and forward, then the reference's
-    assert abs(forward - tp["forward"]) <= 0.001 * tp["forward"], (ph, tp)
-    assert abs(ph["optimizer"] - tp["optimizer"]) <= 0.001 * tp["optimizer"], (ph, tp)
-    assert traced["breakdown_at_peak"]["logits"] == 0
+    assert_reference_step(_kto(**kw), tol)  # the policy's KL rows and forward, then the reference's
 
 
 def test_the_forwards_without_grad_are_the_trace_s_flops():
