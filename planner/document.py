@@ -156,6 +156,16 @@ class QuantSection(Struct, forbid_unknown_fields=True, kw_only=True):
     skip_modules: _d(list[str] | None | UnsetType, "a pre-quantized checkpoint's llm_int8_skip_modules") = UNSET
 
 
+class GrpoSection(Struct, forbid_unknown_fields=True, kw_only=True):
+    """TRL's ``GRPOConfig`` generation settings of a GRPO plan (``memory.terms.GrpoSettings``)."""
+
+    num_generations: Annotated[int, Meta(ge=2)]
+    prompt_length: Context
+    max_completion_length: Context
+    steps_per_generation: Batch
+    beta: Annotated[float, Meta(ge=0)]
+
+
 class TrainingSection(Struct, forbid_unknown_fields=True, kw_only=True):
     """The step: micro-batch, sequence, accumulation, checkpointing, optimizer, attention, precision."""
 
@@ -178,7 +188,28 @@ class TrainingSection(Struct, forbid_unknown_fields=True, kw_only=True):
                       "layers; absent: transformers' modules") = UNSET
     objective: _d(lit(TRAINING_OBJECTIVES) | UnsetType, "dpo: TRL's DPOTrainer (batch_size pairs: 2 x batch_size "
                   "rows, and the reference's forward); kto: TRL's KTOTrainer (batch_size rows, the KL term's rows and "
-                  "the reference's forwards); absent: sft") = UNSET
+                  "the reference's forwards); reward: TRL's RewardTrainer; grpo: TRL's GRPOTrainer (generation, then "
+                  "batch_size rows of seq_len = prompt + completion); absent: sft") = UNSET
+    grpo: _d(GrpoSection | UnsetType, "objective grpo: GRPOConfig's generation settings") = UNSET
+
+
+class GenerationSection(Struct, forbid_unknown_fields=True, kw_only=True):
+    """``--objective grpo``: one generation batch with transformers' ``generate`` (``planner.memory.generation``)."""
+
+    sequences: _d(Annotated[int, Meta(ge=1)], "completions generated at once on one GPU (batch_size x "
+                  "steps_per_generation)")
+    prompts: _d(Annotated[int, Meta(ge=1)], "distinct prompts among them (sequences / num_generations, per GPU)")
+    prompt_length: Context
+    completion_length: Context
+    kv_cache: _d(Bytes, "the KV cache after the last forward: 2 x layers x kv_heads x head_dim x dtype bytes x "
+                 "sequences x (prompt + completion - 1)")
+    sampling: _d(Bytes, "the last step's sampling tensors (head output, fp32 copies, softmax)")
+    prefill: _d(Bytes, "the prompts' forward at its largest, beyond weights, adapters and optimizer state")
+    decode: _d(Bytes, "the last decode forward at its largest, likewise")
+    sample: _d(Bytes, "the last sampling step, likewise")
+    dequant: _d(Bytes, "a quantized base: the largest weight dequantized for a matmul (in each moment)") = 0
+    tensor_peak: _d(Bytes, "live tensor bytes at the generation moment (prediction.memory_detail.phases.generation)")
+    tokens: _d(Annotated[int, Meta(ge=1)], "tokens generated per generation batch (sequences x completion_length)")
 
 
 class GpuSection(Struct, kw_only=True):
@@ -252,6 +283,8 @@ class Flops(Struct, kw_only=True):
     head: Bytes | UnsetType = UNSET
     reference: _d(Bytes | UnsetType, "DPO: the reference's forward (the base model without adapters, no grad); KTO: "
                   "the policy's forward on the KL rows and the reference's on the KL rows and the batch's, no grad") = UNSET
+    generation: _d(Bytes | UnsetType, "GRPO: the generation batches' prefill and decode forwards (planner.compute."
+                   "decode)") = UNSET
     total: Bytes
 
 
@@ -263,6 +296,8 @@ class Moved(Struct, kw_only=True):
     optimizer: Bytes
     adapter_updates: _d(Bytes | UnsetType, "LoHa, LoKr: the full-size weight update each module builds, scales and "
                         "differentiates every pass (elementwise passes over out × in tensors)") = UNSET
+    generation: _d(Bytes | UnsetType, "GRPO: each decode step reads the weights, adapters and KV cache (memory-bound, "
+                   "serial)") = UNSET
     total: Bytes
 
 
@@ -272,6 +307,7 @@ class Launches(Struct, kw_only=True):
     forward: Annotated[int, Meta(ge=0)]
     backward: Annotated[int, Meta(ge=0)]
     optimizer: Annotated[int, Meta(ge=0)]
+    generation: _d(Annotated[int, Meta(ge=0)] | UnsetType, "GRPO: a forward's kernels per generated token") = UNSET
     total: Annotated[int, Meta(ge=0)]
 
 
@@ -415,6 +451,8 @@ class Prediction(Struct, kw_only=True):
                  "same overhead) decides fits and headroom") = UNSET
     data: _d(DataSection | UnsetType, "--data: the dataset's token statistics, the worst batch (training.seq_len) "
              "and the tokens of an epoch (planner.data)") = UNSET
+    generation: _d(GenerationSection | UnsetType, "--objective grpo: the generation batch (transformers' generate): "
+                   "its KV cache and moments") = UNSET
 
 
 class ConfigWarning(Struct, forbid_unknown_fields=True, kw_only=True):

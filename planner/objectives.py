@@ -9,14 +9,21 @@ KTO QLoRA too) on one GPU or DDP ranks; DPO on ``--seq-len`` or on preference da
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
+from qplan.planner.compute.decode import generation_compute
+from qplan.planner.document import GenerationSection, section
 from qplan.planner.errors import QPlanError
+from qplan.planner.memory.generation import GENERATION_MODEL_TYPES
+from qplan.planner.memory.terms import GrpoSettings, TrainingSettings, adapter_bytes
 from qplan.planner.model.lora import LoraSettings
+from qplan.planner.model.spec import ModelSpec
+from qplan.planner.model.weights import weights_bytes
 from qplan.planner.options import PlanOptions
 
 #: each objective's trainer (TRL's class) and config
 TRAINERS = {"dpo": ("DPOTrainer", "DPOConfig"), "kto": ("KTOTrainer", "KTOConfig"),
-            "reward": ("RewardTrainer", "RewardConfig")}
+            "reward": ("RewardTrainer", "RewardConfig"), "grpo": ("GRPOTrainer", "GRPOConfig")}
 
 #: what every plan of the objective says of how it was planned
 NOTES = {
@@ -33,6 +40,11 @@ NOTES = {
             "--batch-size rows, the KL term's mismatched rows (another row's completion after each prompt, no grad, "
             "policy and reference) and the reference's forward; every position is planned as a completion token, "
             "the precomputation pass of precompute_ref_log_probs and a separate ref_model are not planned"),
+    "grpo": ("GRPO: planned as TRL 1.16's GRPOTrainer runs it with transformers' generate (no vLLM): the generation "
+             "batch's prefill, KV cache and sampling (prediction.generation, checked against a tracked real generate), "
+             "then each micro-batch of prompt + completion rows through the fused head (log-probabilities and "
+             "entropy of the completion positions); every completion is planned max_completion_length long (no early "
+             "EOS), every prompt as long as the longest"),
 }
 
 
@@ -50,6 +62,8 @@ def _trainer_refusal(o: PlanOptions, full_why: str, strategy_why: str) -> str | 
         return f"{'--cpu-offload' if o.cpu_offload else '--strategy ' + str(o.strategy)} is not planned yet: {strategy_why}"
     if o.liger_kernels:
         return "--liger-kernels are not planned with it yet"
+    if o.objective == "grpo":  # GRPOConfig.disable_dropout defaults to False: LoRA's dropout stays
+        return None
     if o.dropout not in (None, 0.0):
         return f"--dropout {o.dropout}: {config}.disable_dropout (default True) sets every dropout to 0; leave --dropout out"
     return None
@@ -77,6 +91,57 @@ def check_preference(o: PlanOptions) -> str:
     if why:
         raise QPlanError(f"--objective {name}: {why}")
     return "trl"
+
+
+GRPO_FLAGS = ("num_generations", "max_prompt_length", "max_completion_length", "steps_per_generation")
+
+
+def check_objective_flags(o: PlanOptions) -> None:
+    """One line when GRPO's own options are given to another objective."""
+    if o.objective != "grpo":
+        given = [f for f in GRPO_FLAGS if getattr(o, f) is not None] + ["beta"] * (o.beta != 0.0)
+        if given:
+            raise QPlanError(f"--{given[0].replace('_', '-')} is an option of --objective grpo (TRL's GRPOConfig), "
+                             f"not of {o.objective}")
+
+
+def check_grpo(o: PlanOptions, spec: ModelSpec) -> tuple[GrpoSettings, int]:
+    """``--objective grpo``: TRL 1.16 ``GRPOTrainer``'s generation settings (``GRPOConfig``'s defaults where not given:
+    8 generations, 512-token completions, ``steps_per_generation = gradient_accumulation_steps``) and the training rows'
+    length (the longest prompt plus the completion), or one line for what TRL refuses (``GRPOConfig.__post_init__``:
+    fewer than 2 generations, a generation batch not a multiple of ``num_generations``) or qplan does not plan yet."""
+    g = GrpoSettings(num_generations=o.num_generations or 8, prompt_length=o.max_prompt_length or 512,
+                     max_completion_length=o.max_completion_length or 512,
+                     steps_per_generation=o.steps_per_generation or o.grad_accum, beta=o.beta)
+    world = o.gpus * o.nodes
+    batch = o.batch_size * world * g.steps_per_generation  # GRPOConfig.generation_batch_size
+    why = _trainer_refusal(o, "--full is not planned yet (LoRA and its variants are)",
+                           "plan one GPU or DDP (generation with an FSDP/ZeRO-sharded model is not planned)")
+    if why is None and o.loss not in ("full", "trl"):
+        why = f"--loss {o.loss}: GRPOTrainer scores the completions with TRL's fused LM head: leave out --loss"
+    elif why is None and o.seq_len is not None:
+        why = "--seq-len: a GRPO row is the prompt plus the completion: give --max-prompt-length and --max-completion-length"
+    elif why is None and o.data is not None:
+        why = "--data is not read as GRPOTrainer reads prompts yet: give --max-prompt-length (the longest prompt)"
+    elif why is None and o.dora:
+        why = "--dora is not planned in generation yet (DoRA's weight norm in each forward)"
+    elif why is None and spec.model_type not in GENERATION_MODEL_TYPES:
+        why = (f"generation is planned for {', '.join(GENERATION_MODEL_TYPES)} models (dense, full attention), not "
+               f"{spec.model_type} ({spec.name})")
+    elif why is None and (sw := spec.config.get("sliding_window")) and spec.config.get("use_sliding_window", True) \
+            and g.prompt_length + g.max_completion_length > sw:
+        why = (f"prompt + completion ({g.prompt_length + g.max_completion_length}) beyond {spec.name}'s sliding window "
+               f"({sw}): its sliding layers' cache is not planned yet")
+    elif why is None and g.num_generations < 2:
+        why = (f"--num-generations {g.num_generations}: GRPO needs at least 2 generations per prompt for its "
+               "advantages (GRPOConfig refuses fewer)")
+    elif why is None and batch % g.num_generations:
+        why = (f"the generation batch (--batch-size {o.batch_size} x {world} GPU(s) x --steps-per-generation "
+               f"{g.steps_per_generation} = {batch}) must be divisible by --num-generations {g.num_generations} "
+               "(GRPOConfig's generation_batch_size)")
+    if why:
+        raise QPlanError(f"--objective grpo: {why}")
+    return g, g.prompt_length + g.max_completion_length
 
 
 def check_reward(o: PlanOptions) -> None:
@@ -133,3 +198,31 @@ def check_data_format(objective: str, fmt: str) -> None:
     for other, (f, what) in DATA_FORMAT.items():
         if fmt == f and DATA_FORMAT.get(objective, ("",))[0] != f:
             raise QPlanError(f"--data holds {what}: plan them with --objective {other}")
+
+
+def generation_section(t: TrainingSettings, mem: dict[str, Any], spec: ModelSpec) -> GenerationSection:
+    """``prediction.generation`` of a GRPO plan: the generation batch and its moments (``memory.generation``)."""
+    g, terms = t.grpo, mem["generation"]
+    assert g is not None
+    n = g.sequences(t.batch_size)
+    return section(GenerationSection, {
+        "sequences": n, "prompts": max(1, n // g.num_generations), "prompt_length": g.prompt_length,
+        "completion_length": g.max_completion_length, "tokens": n * g.max_completion_length,
+        "tensor_peak": mem["phases"]["generation"],
+        **{k: terms[k] for k in ("kv_cache", "sampling", "prefill", "decode", "sample", "dequant")}})
+
+
+def generation_work(inp: Any, counts: list, flops: dict[str, int], moved: dict[str, int],
+                    launches: dict[str, int] | None) -> None:
+    """Add a GRPO plan's generation batches to the step's FLOPs, bytes and launches (``compute.decode``), in place."""
+    t = inp.training
+    per_micro = launches["forward"] // t.grad_accum if launches else 0
+    gen = generation_compute(inp.spec, counts, inp.lora.r, inp.quant, t, weights_bytes(inp.spec, inp.quant),
+                             adapter_bytes(counts), per_micro)
+    flops["generation"] = gen["flops"]
+    flops["total"] += gen["flops"]
+    moved["generation"] = gen["bytes"]
+    moved["total"] += gen["bytes"]
+    if launches:
+        launches["generation"] = gen["launches"]
+        launches["total"] += gen["launches"]

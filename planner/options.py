@@ -150,8 +150,22 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
                   "1.16's KTOTrainer — --batch-size unpaired completions (at least 2), the KL term's mismatched rows "
                   "through the policy and the reference without grad, then the reference, through the same head; "
                   "reward: TRL 1.16's RewardTrainer — AutoModelForSequenceClassification (a score head, no logits; PEFT "
-                  "trains a copy of it) on each pair's chosen and rejected rows, a 16/32-bit base",
+                  "trains a copy of it) on each pair's chosen and rejected rows, a 16/32-bit base; grpo: TRL 1.16's "
+                  "GRPOTrainer — --batch-size completions per micro-batch, generated with transformers' generate "
+                  "(--steps-per-generation micro-batches' worth at once), then trained on through TRL's fused head",
                   section=TRAINING) = "sft"
+    num_generations: _f(Batch | None, "with --objective grpo: completions sampled per prompt (TRL's num_generations) "
+                        "[default: 8]", section=TRAINING) = None
+    max_prompt_length: _f(Context | None, "with --objective grpo: tokens of the longest prompt (TRL 1.16 does not "
+                          "truncate prompts; the others are left-padded to it) [default: 512]", section=TRAINING) = None
+    max_completion_length: _f(Context | None, "with --objective grpo: tokens generated per completion, planned to the "
+                              "end (TRL's max_completion_length) [default: 512]", section=TRAINING) = None
+    steps_per_generation: _f(Batch | None, "with --objective grpo: micro-batches per generation batch (TRL's "
+                             "steps_per_generation): --batch-size x this many completions are generated at once "
+                             "[default: --grad-accum]", section=TRAINING) = None
+    beta: _f(Annotated[float, Meta(ge=0, le=1e6)], "with --objective grpo: the KL coefficient (TRL's beta; above 0 "
+             "the reference, the base without the adapters, scores each generation batch without grad)",
+             section=TRAINING) = 0.0
     liger_kernels: _f(Names, "comma-separated Liger-Kernel kernels in the decoder layers: rms_norm, swiglu, rope "
                       "(axolotl's liger_rms_norm, liger_glu_activation, liger_rope)", section=TRAINING) = ""
     backend: _f(lit(BACKENDS), "the trainer `qplan run` uses (see `qplan backends`); unsloth plans Unsloth's "

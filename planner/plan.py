@@ -72,7 +72,18 @@ from qplan.planner.model.weights import (
     checkpoint_quant,
     unquantized_experts_warning,
 )
-from qplan.planner.objectives import NOTES, check_data_format, check_preference, check_reward, kbit_adapters, kbit_note
+from qplan.planner.objectives import (
+    NOTES,
+    check_data_format,
+    check_grpo,
+    check_objective_flags,
+    check_preference,
+    check_reward,
+    generation_section,
+    generation_work,
+    kbit_adapters,
+    kbit_note,
+)
 from qplan.planner.options import DEFAULT_QUANT, FULL_QUANT, PlanOptions, as_dict, check_options
 from qplan.planner.validate import read_calibration
 from qplan.planner.vocab import (
@@ -146,6 +157,7 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
         if isinstance(fields.get("gpu"), Gpu):
             device, fields = fields["gpu"], {**fields, "gpu": fields["gpu"].name}
     o = check_options(fields if options is None else options)
+    check_objective_flags(o)
     r, alpha, dropout, bias = o.r, o.alpha, o.dropout, o.bias
     targets = o.targets if o.targets is not None else "all-linear"
     peft = peft_method(o)
@@ -184,7 +196,10 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
         modules_to_save = modules_to_save.split(",")
     if isinstance(target_parameters, str):
         target_parameters = target_parameters.split(",")
-    loss = o.loss
+    loss, grpo = o.loss, None
+    if o.objective == "grpo":  # TRL's GRPOTrainer: generation, then the rows through its fused head
+        grpo, grpo_len = check_grpo(o, spec)
+        loss = "trl"
     if o.objective in PREFERENCE_OBJECTIVES:
         loss = check_preference(o)
         dropout = 0.0  # DPOConfig/KTOConfig.disable_dropout (True): every dropout module's p set to 0
@@ -199,7 +214,7 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     stack = PROFILES[backend]  # the trainer stack's own settings (the profile is chosen in build_plan)
     q = QuantSettings(quant, double_quant, DTYPE_ALIASES[compute_dtype], upcast and stack.kbit_upcast)
     q, ck_warnings = checkpoint_quant(spec, q)
-    if o.objective in PREFERENCE_OBJECTIVES and q.kbit:
+    if o.objective in (*PREFERENCE_OBJECTIVES, "grpo") and q.kbit:
         lora, ck_warnings = (kbit_adapters(lora, o.objective),
                              ck_warnings + [kbit_note(o.objective)] * (lora.adapter_dtype == "float32"))
     if o.reentrant and not o.grad_ckpt:
@@ -210,6 +225,8 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     ckpt = ("reentrant" if o.reentrant else stack.checkpointing) if o.grad_ckpt else "off"
     data = None
     seq_len = o.seq_len if o.seq_len is not None else DEFAULT_SEQ_LEN
+    if grpo is not None:  # a row is the longest prompt (left-padded to it) and the completion
+        seq_len = grpo_len
     if o.data is not None:
         data = data_profile(o.data, tokenizer=o.tokenizer, model_source=dict(spec.source or {}), fmt=o.data_format,
                             max_length=o.max_seq_len, batching=o.batching, packing_strategy=o.packing_strategy,
@@ -239,7 +256,7 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     mask = mask or (o.objective != "sft" and attn != "flash_attention_2")
     training = TrainingSettings(o.batch_size, seq_len, o.grad_accum, ckpt, o.optimizer, attn, bool(mask), flat, loss,
                                 liger_kernels(o.liger_kernels, spec, backend, strategy),
-                                getattr(peft, "num_virtual_tokens", 0), o.objective)
+                                getattr(peft, "num_virtual_tokens", 0), o.objective, grpo)
     loss_notes = check_fused_loss(loss, spec, q, gpu_, backend, strategy) if loss != "full" else []
     q, warnings = check_gpu_dtype(q, gpu_, auto_fix=not o.strict_dtype, full=o.full)
     check_adapter_dtype(lora.adapter_dtype, q, backend)
@@ -451,6 +468,8 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> PlanDoc:
     prediction.update(compute_prediction(inp, counts, trainable))
     if inp.data is not None:
         prediction["data"] = section(DataSection, inp.data)
+    if t.grpo is not None:
+        prediction["generation"] = generation_section(t, mem, spec)
     inv = spec.inventory
     prediction["params"] = section(Params, prediction["params"])
     prediction["memory"] = section(Memory, prediction["memory"])
@@ -502,12 +521,14 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
             reference_forward_flops(*args, adapters=True) if t.objective == "kto" else 0)
         flops["total"] += flops["reference"]
     moved = step_bytes(inp.spec, counts, inp.lora.r, q, t.grad_ckpt, t.optimizer, trainable, t.grad_accum)
+    launches = step_launches(inp.spec, counts, q, t, inp.lora) if inp.backend != "unsloth" else None
+    if t.grpo is not None:  # the generation batches of the step (transformers' generate)
+        generation_work(inp, counts, flops, moved, launches)
     # the data's tokens (prompt tuning's virtual tokens run through the model but are not the user's tokens)
     tokens_per_step = t.shape[0] * (t.shape[1] - t.virtual_tokens) * t.grad_accum
     device = inp.gpu.to_json() if inp.gpu is not None else None
     gpus = inp.dist.world if inp.dist is not None else 1
-    # Unsloth's fused Triton kernels launch far fewer kernels than the eager PEFT step the count models: not counted
-    launches = step_launches(inp.spec, counts, q, t, inp.lora) if inp.backend != "unsloth" else None
+    # (Unsloth's fused Triton kernels launch far fewer kernels than the eager PEFT step the count models: not counted)
     comm = (None, [] if launches is not None else ["the host's kernel launches (Unsloth's fused kernels: not counted)"])
     if inp.dist is not None and inp.dist.world > 1:
         gathered = (gathered_bytes(inp.spec, q, counts, inp.dist.shard_world, inp.dist.shard_strategy)
@@ -524,6 +545,9 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
     if inp.calibration is not None and inp.gpu is None:
         raise QPlanError("--calibration needs --gpu: the device the calibration was fitted on")
     missing = not_counted(inp.spec, inp.lora.use_dora)
+    if t.grpo is not None:
+        missing.append("GRPO: the reward functions, and the decode's kernel launches (counted as a training "
+                       "forward's per token): not checked against a GPU run of GRPO")
     if t.objective in PREFERENCE_OBJECTIVES:  # their FLOPs are counted; what the roofline and launches add is not
         name = t.objective.upper()
         missing.append(f"{name}'s forwards without grad (reference{', KL rows' * (name == 'KTO')}) in the step time's "

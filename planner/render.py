@@ -147,6 +147,13 @@ def render_plan(plan: dict[str, Any]) -> str:
     ph = p["memory_detail"].get("phases")
     if ph:
         lines.append("tensor peak by moment: " + " · ".join(f"{PHASE_NAMES.get(k, k)} {fmt_bytes(v)}" for k, v in ph.items()))
+    gen = p.get("generation")
+    if gen:
+        lines.append(f"generation (transformers' generate, no grad): {gen['sequences']} completions "
+                     f"({gen['prompts']} prompt(s)) x {gen['prompt_length']} prompt + {gen['completion_length']} new "
+                     f"tokens · KV cache {fmt_bytes(gen['kv_cache'])} · beyond the weights and states: prefill "
+                     f"{fmt_bytes(gen['prefill'])}, last decode {fmt_bytes(gen['decode'])}, last sampling "
+                     f"{fmt_bytes(gen['sample'])} · tensor peak {fmt_bytes(gen['tensor_peak'])}")
     paged = p["memory_detail"].get("optimizer_paged", 0)
     if paged:
         lines.append(f"optimizer: {fmt_bytes(paged)} of it is paged (CUDA unified memory, can spill to CPU)")

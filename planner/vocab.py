@@ -65,8 +65,9 @@ LOSSES = ("full", "cce", "trl", "liger")
 #: what the step trains for (``--objective``, TRL's trainer names): ``sft`` (the next token), ``dpo`` (TRL's
 #: ``DPOTrainer``: each pair's chosen and rejected sequence, and the reference's log-probabilities), ``kto`` (TRL's
 #: ``KTOTrainer``: unpaired completions labelled desirable or not, the KL term's mismatched rows, the reference's),
-#: ``reward`` (TRL's ``RewardTrainer``: a sequence-classification model scoring each pair's chosen and rejected rows)
-TRAINING_OBJECTIVES = ("sft", "dpo", "kto", "reward")
+#: ``reward`` (TRL's ``RewardTrainer``: a sequence-classification model scoring each pair's chosen and rejected rows),
+#: ``grpo`` (TRL's ``GRPOTrainer``: completions sampled with transformers' ``generate``, then trained on)
+TRAINING_OBJECTIVES = ("sft", "dpo", "kto", "reward", "grpo")
 #: the objectives whose step also runs the reference (the base with the adapters disabled, no grad) after the policy,
 #: through TRL's fused LM head (``planner.objectives``)
 PREFERENCE_OBJECTIVES = ("dpo", "kto")
@@ -161,7 +162,7 @@ PHASES = ("forward", "backward", "optimizer")
 #: observer marks: the loss is computed inside the model's forward; layer 0's backward is in the
 #: backward pass; an eager-attention layer's forward runs in the forward and again, recomputed, in
 #: the backward
-MOMENTS_OF_PHASE = {"forward": ("forward", "attention", "unshard", "mlp_forward", "reference"),
+MOMENTS_OF_PHASE = {"forward": ("forward", "attention", "unshard", "mlp_forward", "reference", "generation"),
                     "backward": ("backward", "layers", "layers_last", "attention", "embeddings"),
                     "optimizer": ("optimizer",)}
 #: what a person calls each moment
@@ -170,7 +171,8 @@ MOMENT_NAMES = {"forward": "loss (end of forward)", "backward": "start of backwa
                 "attention": "eager attention forward",
                 "unshard": "FSDP first all-gathers (root + layer 0)",
                 "mlp_forward": "a layer's MLP forward",
-                "embeddings": "embeddings' backward", "reference": "DPO reference forward (its head)"}
+                "embeddings": "embeddings' backward", "reference": "DPO reference forward (its head)",
+                "generation": "GRPO generation (transformers' generate)"}
 
 
 def optimizer(name: str) -> Optimizer:

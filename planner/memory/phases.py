@@ -15,13 +15,16 @@ The peak of a training step is the largest of these moments (``MemoryModel``):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from qplan.planner.memory.activations import ZERO, Lin, activation_terms, precision
+from qplan.planner.memory.generation import GenerationShape, generation_terms
 from qplan.planner.memory.lin import most
 from qplan.planner.memory.loss import loss_terms, loss_time_activation
 from qplan.planner.memory.terms import (
+    GrpoSettings,
     TrainingSettings,
     adapter_bytes,
     dequant_temp_bytes,
@@ -45,7 +48,7 @@ def training_memory(spec: ModelSpec, counts: list[ModuleCount], lora_r: int, dro
     the same step allocates when it runs on the CPU (``qplan run --device cpu`` compares against that)."""
     return MemoryModel.build(spec, counts, lora_r, dropout, q, t.grad_ckpt, t.optimizer, t.attn_impl,
                              weights, loss, kernels, t.padded, dora, t.liger_kernels,
-                             t.objective).evaluate(*t.shape, t.grad_accum)
+                             t.objective, t.grpo, t.grad_accum).evaluate(*t.shape, t.grad_accum)
 
 
 @dataclass(frozen=True)
@@ -109,18 +112,25 @@ class MemoryModel:
     end_acts: tuple[Lin, Lin] = (ZERO, ZERO)
     #: DPO: what the reference's forward holds beyond the policy's forward moment (``dpo_reference_extra``)
     reference: Lin = ZERO
+    #: GRPO (on a GPU): the fused head scores the completion's positions only (``logits_to_keep``), this many a row;
+    #: 0: every position
+    keep: int = 0
+    #: GRPO: the generation phase's terms for a micro-batch of ``b`` rows (``generation.generation_terms``), and
+    #: whether the gradients are alive when it runs (a generation batch that starts inside an accumulation window)
+    generation: Callable[[int], dict[str, int]] | None = None
+    generation_grads: bool = False
 
     @classmethod
     def build(cls, spec, counts, lora_r, dropout, q, grad_ckpt, optimizer, attn_impl, weights, loss="full",
-              kernels="cuda", padded=False, dora=False, liger=(), objective="sft"):
+              kernels="cuda", padded=False, dora=False, liger=(), objective="sft", grpo=None, grad_accum=1):
         # adapters of modules a text-only step never runs (a vision tower) get no gradient or state
         stepped = stepped_counts(spec, counts)
         opt = optimizer_state_bytes(stepped, optimizer)
         L = dims(spec).L
         acts = activation_terms(spec, stepped, lora_r, dropout, q, grad_ckpt, attn_impl, kernels, padded, dora,
                                 head_linear=loss not in ("cce", "trl", "liger"), liger=liger)
-        # KTO's fused head computes no top-1 (``outputs=("log_probs", "entropy", "mean_logits")``)
-        lg = loss_terms(spec, q, loss, kernels, top1=objective != "kto")
+        # KTO's and GRPO's fused heads compute no top-1 (``outputs=("log_probs", "entropy"[, "mean_logits"])``)
+        lg = loss_terms(spec, q, loss, kernels, top1=objective not in ("kto", "grpo"))
         ref = objective in PREFERENCE_OBJECTIVES
         return cls(
             weights=weights, adapters=adapter_bytes(counts), gradients=gradient_bytes(stepped),
@@ -139,19 +149,21 @@ class MemoryModel:
             else ZERO,
             layers_temps=acts["layers_temps"], attn_temps=acts["attn_fwd_temps"], ckpt_inputs=acts["ckpt_inputs"],
             layer_moments=acts["layer_moments"], mlp_fwd=acts["mlp_fwd"], mlp_fwd_temps=acts["mlp_fwd_temps"],
+            **({} if grpo is None else grpo_fields(spec, counts, dropout, q, kernels, grpo, grad_accum)),
         )
 
     def phases(self, b: int, s: int, grad_accum: int = 1) -> dict[str, int]:
         """Live tensor bytes at each moment of the step (the one formula both commands use)."""
         T = b * s
+        H = b * self.keep if self.keep else T  # the rows the fused head scores
         # paged optimizer state lives in CUDA unified memory, outside the device allocator
         static = self.weights + self.adapters + self.optimizer - self.optimizer_paged
         # gradients stay alive between micro-batches when accumulating
         g = self.gradients if grad_accum > 1 else 0
         acts = self.saved.at(T, s)
         out = {
-            "forward": static + g + acts + self.loss_extra.at(T, s) + most(self.logits_fwd, T, s),
-            "backward": static + g + acts + most(self.logits_bwd, T, s),
+            "forward": static + g + acts + self.loss_extra.at(T, s) + most(self.logits_fwd, H, s),
+            "backward": static + g + acts + most(self.logits_bwd, H, s),
             "layers": static + (self.gradients if grad_accum > 1 else self.layers_grads) + self.layers.at(T, s)
             + self.moment(T, s),
         }
@@ -167,6 +179,8 @@ class MemoryModel:
             out["attention"] = static + g + self.attn_fwd.at(T, s)
         if self.mlp_fwd != ZERO:
             out["mlp_forward"] = static + g + self.mlp_fwd.at(T, s)
+        if self.generation is not None:
+            out["generation"] = static + (self.gradients if self.generation_grads else 0) + self.generation(b)["peak"]
         return out
 
     def moment(self, T: int, s: int) -> int:
@@ -179,6 +193,7 @@ class MemoryModel:
         parts add up to its total in ``phases`` exactly.  A report draws the moment where a run's
         peak was measured from this, beside the measured ``breakdown_at_peak``."""
         T = b * s
+        H = b * self.keep if self.keep else T
         g = self.gradients if grad_accum > 1 else 0
         static = {"weights": self.weights, "adapters": self.adapters,
                   "optimizer": self.optimizer - self.optimizer_paged}
@@ -186,9 +201,9 @@ class MemoryModel:
         layers_t = self.layers_temps.at(T, s) + self.moment(T, s)
         parts = {
             # the loss-time extras are made in the forward and not saved: transients to a tracker
-            "forward": {"gradients": g, "activations": acts, "logits": most(self.logits_fwd, T, s),
+            "forward": {"gradients": g, "activations": acts, "logits": most(self.logits_fwd, H, s),
                         "temporaries": self.loss_extra.at(T, s)},
-            "backward": {"gradients": g, "activations": acts, "logits": most(self.logits_bwd, T, s)},
+            "backward": {"gradients": g, "activations": acts, "logits": most(self.logits_bwd, H, s)},
             "layers": {"gradients": self.gradients if grad_accum > 1 else self.layers_grads,
                        "activations": self.layers.at(T, s) + self.moment(T, s) - layers_t, "temporaries": layers_t},
         }
@@ -212,6 +227,9 @@ class MemoryModel:
         if self.mlp_fwd != ZERO:
             mt = self.mlp_fwd_temps.at(T, s)
             parts["mlp_forward"] = {"gradients": g, "activations": self.mlp_fwd.at(T, s) - mt, "temporaries": mt}
+        if self.generation is not None:  # no autograd: every byte of generate's is a transient to a tracker
+            parts["generation"] = {"gradients": self.gradients if self.generation_grads else 0,
+                                   "temporaries": self.generation(b)["peak"]}
         order = [c for c in CATEGORIES if c != "optimizer_paged"]
         return {moment: {c: int({**static, **p}.get(c, 0)) for c in order} for moment, p in parts.items()}
 
@@ -232,7 +250,7 @@ class MemoryModel:
             "optimizer": self.optimizer,
             "optimizer_paged": self.optimizer_paged,
             "activations": acts,
-            "logits": most(self.logits_bwd, T, s),
+            "logits": most(self.logits_bwd, b * self.keep if self.keep else T, s),
             "temporaries": max(self.temps_dq, self.temps_opt),
             "overhead": sum(over.values()),
             "cuda_context": over["cuda_context"],
@@ -242,6 +260,7 @@ class MemoryModel:
             "peak_phase": phase,
             "phases": phases,
             "composition": self.composition(b, s, grad_accum),
+            **({} if self.generation is None else {"generation": self.generation(b)}),
         }
 
 
@@ -258,6 +277,29 @@ def kto_inputs() -> Lin:
     rows ``KL_input_ids``, ``KL_attention_mask`` and ``KL_completion_mask`` (int64, planned as wide as the batch:
     ``40 T``), and each row's ``label`` (int64, ``8`` a row)."""
     return Lin(tok=40, rows=8)
+
+
+def grpo_fields(spec: ModelSpec, counts: list[ModuleCount], dropout: float, q: QuantSettings, kernels: str,
+                grpo: GrpoSettings, grad_accum: int) -> dict[str, Any]:
+    """GRPO's ``MemoryModel`` fields: on a GPU the fused head scores the ``max_completion_length`` positions of each
+    row (TRL's ``logits_to_keep``; its labels are ``-100`` elsewhere, and Triton's head projects the valid rows only;
+    the CPU's projects every position); the generation phase (``generation.generation_terms``) of ``b x
+    steps_per_generation`` rows, the LoRA targets and the adapters' dtype read from ``counts``; it runs with the
+    gradients alive when a generation batch starts inside an accumulation window (``steps_per_generation`` not a
+    multiple of ``grad_accum``: TRL generates every ``steps_per_generation`` micro-batches; the Trainer frees the
+    gradients after each optimizer step)."""
+    lora = [c for c in counts if c.kind == "lora"]
+    targets = frozenset(c.module.rsplit(".", 1)[-1] for c in lora)
+    adapter = lora[0].dtype if lora else q.unquantized_dtype
+    shape = (grpo.prompt_length, grpo.max_completion_length)
+    dq = dequant_temp_bytes(spec, q, precision(q).c) if q.kbit else 0
+
+    def generation(b: int) -> dict[str, int]:
+        t = generation_terms(spec, q, adapter, targets, GenerationShape(grpo.sequences(b), *shape), dropout, kernels)
+        return {**t, "peak": t["peak"] + dq, "dequant": dq}
+
+    return {"keep": grpo.max_completion_length if kernels == "cuda" else 0, "generation": generation,
+            "generation_grads": grpo.steps_per_generation % grad_accum != 0}
 
 
 def objective_inputs(objective: str) -> Lin:

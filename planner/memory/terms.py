@@ -51,6 +51,25 @@ ALLOCATOR_SLACK_FRACTION = 0.05
 
 
 @dataclass(frozen=True)
+class GrpoSettings:
+    """TRL 1.16 ``GRPOConfig``'s generation settings (``--objective grpo``): ``num_generations`` completions of each
+    prompt, prompts of up to ``prompt_length`` tokens (TRL 1.16 does not truncate them: the longest), each completion
+    ``max_completion_length`` tokens at most, one generation batch every ``steps_per_generation`` micro-batches (its
+    ``per_device_train_batch_size x steps_per_generation`` completions generated at once), ``beta`` the KL
+    coefficient (0: no reference forward)."""
+
+    num_generations: int = 8
+    prompt_length: int = 512
+    max_completion_length: int = 512
+    steps_per_generation: int = 1
+    beta: float = 0.0
+
+    def sequences(self, batch_size: int) -> int:
+        """The completions one rank generates at once: ``per_device_train_batch_size x steps_per_generation``."""
+        return batch_size * self.steps_per_generation
+
+
+@dataclass(frozen=True)
 class TrainingSettings:
     batch_size: int = 1
     seq_len: int = 512
@@ -73,6 +92,8 @@ class TrainingSettings:
     virtual_tokens: int = 0
     #: ``vocab.TRAINING_OBJECTIVES``: ``dpo`` runs each of the ``batch_size`` pairs as two rows (chosen, rejected)
     objective: str = "sft"
+    #: ``grpo``: how its completions are generated (``seq_len`` is then the prompt plus the completion)
+    grpo: GrpoSettings | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -127,6 +148,8 @@ class TrainingSettings:
             out["liger_kernels"] = list(self.liger_kernels)
         else:
             out.pop("liger_kernels")
+        if self.grpo is None:
+            out.pop("grpo")
         return out
 
 
