@@ -138,7 +138,7 @@ def check_grpo(o: PlanOptions, spec: ModelSpec) -> tuple[GrpoSettings, int]:
     elif why is None and batch % g.num_generations:
         why = (f"the generation batch (--batch-size {o.batch_size} x {world} GPU(s) x --steps-per-generation "
                f"{g.steps_per_generation} = {batch}) must be divisible by --num-generations {g.num_generations} "
-               "(GRPOConfig's generation_batch_size)")
+               "(GRPOConfig's generation_batch_size; TRL's per_device_train_batch_size defaults to 8)")
     if why:
         raise QPlanError(f"--objective grpo: {why}")
     return g, g.prompt_length + g.max_completion_length

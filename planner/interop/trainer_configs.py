@@ -444,7 +444,7 @@ def _trl(r: _Reader, objective: str = "sft") -> dict[str, Any]:
                          f"{', '.join(trainers[:4])}{', ...' if len(trainers) > 4 else ''} trainer, not "
                          f"{objective.upper()}: "
                          + (f"a {guess.upper()} config? plan it with --objective {guess}" if guess else
-                            "qplan plans SFT, DPO and KTO (the other preference and RL objectives are not planned yet)"))
+                            "qplan plans SFT, DPO, KTO and GRPO (the other preference and RL objectives are not planned yet)"))
     o: dict[str, Any] = {"model": _model(r.get("model_name_or_path"), r.get("model_revision"), "model_name_or_path", "trl")}
     full = not r.get("use_peft", False)  # TRL's sft.py: without use_peft the SFTTrainer trains every parameter
     b4, b8 = r.get("load_in_4bit", False), r.get("load_in_8bit", False)

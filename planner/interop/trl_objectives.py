@@ -39,14 +39,95 @@ DPO_KEYS = DPO_NO_EFFECT | {"disable_dropout", "precompute_ref_log_probs", "sync
 KTO_NO_EFFECT = {"beta", "desirable_weight", "undesirable_weight", "precompute_ref_batch_size", "ref_model_mixup_alpha",
                  "ref_model_sync_steps"}
 KTO_KEYS = KTO_NO_EFFECT | {"disable_dropout", "precompute_ref_log_probs", "sync_ref_model"}
+#: GRPOConfig keys with no memory term: the loss's arithmetic on ``B x C`` per-token values, reward bookkeeping,
+#: logging, and settings of the paths the reader refuses (vLLM's, continuous batching's)
+GRPO_NO_EFFECT = {
+    "epsilon", "epsilon_high", "delta", "importance_sampling_level", "scale_rewards", "reward_weights",
+    "multi_objective_aggregation", "mask_truncated_completions", "top_entropy_quantile", "entropy_coef",
+    "entropy_coef_delta", "entropy_coef_max", "entropy_coef_min", "entropy_target", "use_adaptive_entropy",
+    "use_bias_correction_kl", "off_policy_mask_threshold", "sapo_temperature_neg", "sapo_temperature_pos",
+    "vespo_k_neg", "vespo_k_pos", "vespo_lambda_neg", "vespo_lambda_pos", "log_completions",
+    "log_completions_hub_repo", "log_multimodal", "log_unique_prompts", "num_completions_to_print",
+    "num_generations_eval", "chat_template_kwargs", "max_tool_calling_iterations", "ds3_gather_for_generation",
+    "disable_dropout", "ref_model_mixup_alpha", "ref_model_sync_steps", "cast_lm_head_to_fp32"}
+#: GRPOConfig's sampling settings and their defaults: other values add logits processors' N x V tensors (not planned)
+GRPO_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": None, "repetition_penalty": 1.0}
+GRPO_MAPPED = {"num_generations", "max_completion_length", "steps_per_generation", "generation_batch_size", "beta",
+               "max_prompt_length"}
+GRPO_REFUSED = {"use_vllm", "vllm_mode", "num_iterations", "sync_ref_model", "generation_kwargs", "cache_implementation",
+                "use_transformers_continuous_batching", "use_transformers_paged", "loss_type"}
+GRPO_KEYS = GRPO_NO_EFFECT | set(GRPO_SAMPLING) | GRPO_MAPPED | GRPO_REFUSED | {
+    k for k in ("vllm_enable_sleep_mode", "vllm_gpu_memory_utilization", "vllm_group_port", "vllm_importance_sampling_cap",
+                "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min",
+                "vllm_importance_sampling_correction", "vllm_importance_sampling_mode", "vllm_max_model_length",
+                "vllm_model_impl", "vllm_server_base_url", "vllm_server_host", "vllm_server_port",
+                "vllm_server_timeout", "vllm_structured_outputs_regex", "vllm_tensor_parallel_size",
+                "transformers_continuous_batching_config")}
 #: each objective's own keys (the TRL reader does not refuse them as another trainer's)
-OWN_KEYS = {"dpo": DPO_KEYS, "kto": KTO_KEYS}
+OWN_KEYS = {"dpo": DPO_KEYS, "kto": KTO_KEYS, "grpo": GRPO_KEYS}
 #: each objective's loss_type (its default), the one its trace runs
 LOSS_TYPES = {"dpo": ["sigmoid"], "kto": "kto"}
 
 
+def read_grpo(r: Any, o: dict[str, Any]) -> None:
+    """A TRL ``grpo`` config (``trl grpo --config FILE``; TRL 1.16 ``GRPOConfig``): the generation settings mapped to
+    ``--num-generations`` / ``--max-completion-length`` / ``--steps-per-generation`` (``generation_batch_size`` divided by
+    the batch and ranks) / ``--beta``, ``max_prompt_length`` (older TRL's; 1.16 does not truncate prompts, so it stands
+    for the longest prompt) to ``--max-prompt-length``; vLLM, continuous batching, a static cache, ``num_iterations > 1``
+    (an old-policy pass), ``generation_kwargs`` and a ``loss_type`` outside TRL's per-token losses refused; sampling
+    settings other than TRL's defaults warned about (their logits processors' ``N x V`` tensors are not planned);
+    GRPOConfig's ``disable_dropout`` defaults to false (LoRA's dropout runs, in generation too)."""
+    r.used.update(GRPO_NO_EFFECT | GRPO_MAPPED | set(GRPO_SAMPLING) | {"dataset_name", "dataset_config",
+                                                                       "dataset_train_split", "dataset_test_split"})
+    for key, bad in (("use_vllm", True), ("use_transformers_continuous_batching", True),
+                     ("use_transformers_paged", True)):
+        if r.get(key, False) == bad:
+            raise QPlanError(f"trl config: {key}: {shown(r.cfg[key])}: generation is planned with transformers' "
+                             "generate and a dynamic cache (vLLM and continuous batching are not planned yet)")
+    for key, default in (("num_iterations", 1), ("cache_implementation", None), ("generation_kwargs", None),
+                         ("sync_ref_model", False)):
+        if key in r.cfg and r.cfg[key] not in (default, {}):
+            raise QPlanError(f"trl config: {key}: {shown(r.cfg[key])} changes what GRPO runs in a way qplan does not "
+                             f"plan yet (planned: {shown(default)})")
+    loss = r.get("loss_type", "dapo")
+    if loss not in ("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo", "vespo"):
+        raise QPlanError(f"trl config: loss_type {shown(loss)} is not one of GRPOTrainer's losses")
+    if r.get("disable_dropout", False):
+        o["dropout"] = 0.0
+    for key, default in GRPO_SAMPLING.items():
+        if key in r.cfg and r.cfg[key] != default:
+            r.warnings.append(note("approximated", f"trl config: {key}: {shown(r.cfg[key])} adds a logits processor "
+                                                   "in generation (an N x vocabulary tensor or a few per token), not "
+                                                   "planned: the generation moment is planned as at TRL's defaults"))
+    for key, opt in (("num_generations", "num_generations"), ("max_completion_length", "max_completion_length"),
+                     ("steps_per_generation", "steps_per_generation"), ("max_prompt_length", "max_prompt_length")):
+        if r.cfg.get(key) is not None:
+            o[opt] = r.cfg[key]
+    if r.cfg.get("generation_batch_size") is not None:
+        rows = o.get("batch_size", 8) * o.get("gpus", 1) * o.get("nodes", 1)
+        gbs = r.cfg["generation_batch_size"]
+        if not isinstance(gbs, int) or isinstance(gbs, bool) or gbs % rows:
+            raise QPlanError(f"trl config: generation_batch_size {shown(gbs)} must be a multiple of the global batch "
+                             f"({rows})")
+        o["steps_per_generation"] = gbs // rows
+    if "beta" in r.cfg:
+        o["beta"] = r.cfg["beta"]
+    if "max_prompt_length" not in r.cfg:
+        r.warnings.append(note("data", "trl config: the prompts' length is not in the file (TRL 1.16 does not truncate "
+                                       "them): planned at --max-prompt-length's default, 512; give yours"))
+    if r.cfg.get("dataset_name"):
+        r.warnings.append(note("data", f"trl config: dataset_name {shown(r.cfg['dataset_name'])} is not read: its "
+                                       "prompts are planned as long as --max-prompt-length"))
+    o.pop("seq_len", None)  # a GRPO row is the prompt plus the completion
+    o["loss"] = "trl"
+    o["objective"] = "grpo"
+
+
 def read_objective(r: Any, o: dict[str, Any], objective: str) -> None:
     """The DPO or KTO settings of a TRL config, onto the options the TRL reader made (see the module docstring)."""
+    if objective == "grpo":
+        read_grpo(r, o)
+        return
     name = objective.upper()
     r.used.update((DPO_NO_EFFECT if objective == "dpo" else KTO_NO_EFFECT)
                   | {"label_smoothing_factor", "padding_free", "dataset_name", "dataset_config", "dataset_train_split",
