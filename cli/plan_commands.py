@@ -147,9 +147,6 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
         raise QPlanError(f"--method trace traces one rank of --strategy fsdp without --cpu-offload; the step of "
                          f"{dist['strategy']}{' with --cpu-offload' if dist['cpu_offload'] else ''} is not traced "
                          "(see docs/multi-gpu.md)")
-    if method == "trace" and plan["training"].get("objective") == "grpo":
-        raise QPlanError("--method trace is not available for --objective grpo yet: the analytic plan's generation is "
-                         "checked against a tracked real generate and GRPOTrainer run (tests/planner/test_grpo.py)")
     # a DPO step is traced with its collator's attention mask, padded (observe.trace.dpo); a --data plan's is not
     padded = plan["training"].get("padded") and plan["training"].get("objective", "sft") == "sft"
     if method == "trace" and (padded or plan["training"].get("flat_tokens")):

@@ -569,10 +569,12 @@ def attach_trace(plan: dict[str, Any], traced: dict[str, Any]) -> dict[str, Any]
     """Put a trace of the plan's step (``qplan.observe.trace.trace_plan``) beside the analytic terms, and let it
     decide the verdict: the traced tensor peak plus the same overhead (the CUDA context, the allocator's slack as the
     same fraction of the peak) is ``trace.peak``, and ``fits`` / ``headroom`` are against it (the usable bytes are
-    the analytic verdict's: its peak plus its headroom)."""
+    the analytic verdict's: its peak plus its headroom). GRPO: the trace is the training step's; generation's moment
+    (analytic, checked against a tracked real generate) counts too."""
     p = plan["prediction"]
     mem, detail = p["memory"], p["memory_detail"]
-    tensor_peak = int(traced["tensor_peak"])
+    gen = (p.get("generation") or {}).get("tensor_peak", 0)
+    tensor_peak = max(int(traced["tensor_peak"]), gen)
     slack = round(detail["allocator_slack"] * tensor_peak / mem["tensor_peak"]) if mem["tensor_peak"] else 0
     peak = tensor_peak + detail["cuda_context"] + slack
     if p.get("headroom") is not None:
@@ -588,7 +590,8 @@ def attach_trace(plan: dict[str, Any], traced: dict[str, Any]) -> dict[str, Any]
         "breakdown_at_peak": {k: int(v) for k, v in traced["breakdown_at_peak"].items()},
         "phase_peaks": {k: int(v) for k, v in traced.get("phase_peaks", {}).items()},
         "trainable_params": int(traced["trainable_params"]),
-        "notes": list(traced.get("notes", [])),
+        "notes": list(traced.get("notes", [])) + (["GRPO: the traced step's peak, or generation's moment (analytic: "
+                                                   "prediction.generation) where that is larger"] if gen else []),
     }
     if "host_peak" in traced:  # the Unsloth trace books offloaded checkpoints as host memory
         plan["prediction"]["trace"]["host_peak"] = int(traced["host_peak"])

@@ -124,7 +124,7 @@ def trace_training_step(config: dict, *, quant: str, double_quant: bool, compute
                         kernels: str = "cuda", count_flops: bool = False, reentrant: bool = False,
                         loss: str = "full", liger_kernels: tuple[str, ...] = (), full: bool = False,
                         method: str = "", section: dict | None = None, objective: str = "sft",
-                        padded: bool = False) -> dict:
+                        padded: bool = False, prompt_len: int = 0, beta: float = 0.0) -> dict:
     """Trace ``steps`` LoRA (``full``: full fine-tuning) training steps and return the live-tensor peak and its breakdown.
 
     ``kernels`` (meta only) picks whose kernels the meta trace mirrors: ``"cuda"`` (the default,
@@ -140,7 +140,7 @@ def trace_training_step(config: dict, *, quant: str, double_quant: bool, compute
                       kernels=kernels if device == "meta" else "cpu", count_flops=bool(count_flops),
                       reentrant=bool(reentrant), loss=loss, liger_kernels=tuple(liger_kernels),
                       full=bool(full), method=method, section=dict(section) if section else None,
-                      objective=objective, padded=bool(padded))
+                      objective=objective, padded=bool(padded), prompt_len=int(prompt_len), beta=float(beta))
     from .run import run_trace
 
     return run_trace(dict(config), s)
@@ -172,7 +172,8 @@ def trace_plan(plan: dict[str, Any], device: str = "meta", steps: int = 2, count
             liger_kernels=tuple(t.get("liger_kernels") or ()), full=plan.get("method") == "full",
             method=plan.get("method", "") if plan.get("method") not in (None, "full") else "",
             section=plan.get(plan.get("method") or ""), objective=t.get("objective", "sft"),
-            padded=bool(t.get("padded", False)),
+            padded=bool(t.get("padded", False)), prompt_len=(t.get("grpo") or {}).get("prompt_length", 0),
+            beta=(t.get("grpo") or {}).get("beta", 0.0),
         )
     except ImportError as exc:  # pragma: no cover - only without the train extra
         if (exc.name or "").split(".")[0] == "trl":

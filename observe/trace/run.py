@@ -78,7 +78,12 @@ def run_trace(config: dict, s: TraceSettings, wrap: Any = None) -> dict:
         if s.loss == "trl":  # SFTTrainer (DPOTrainer) patches the causal LM under the PEFT wrapper
             from .trl_head import add_sft_fused_head, gpu_kernels_on_meta
 
-            if s.objective in ("dpo", "kto"):
+            if s.objective == "grpo":  # GRPOTrainer._compute_loss on a micro-batch (observe.trace.grpo)
+                from .grpo import add_grpo_fused_head, grpo_forward, grpo_trainer_state
+
+                add_grpo_fused_head(base_model(peft_model))
+                dpo = (grpo_trainer_state(peft_model, s.prompt_len, s.beta), lambda: None, grpo_forward)
+            elif s.objective in ("dpo", "kto"):
                 from .dpo import add_dpo_fused_head, dpo_forward, dpo_trainer_state
                 from .kto import add_kto_fused_head, kto_forward, kto_trainer_state
 
@@ -331,7 +336,8 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
         if s.loss == "trl":
             from .trl_head import boolean_mask_stand_ins
 
-            stand_ins.update(boolean_mask_stand_ins())
+            # GRPO's labels are -100 but on the completion: its fused head's valid rows are C a row
+            stand_ins.update(boolean_mask_stand_ins(s.seq_len - s.prompt_len if s.objective == "grpo" else 0))
         if s.objective == "kto":
             from .kto import nonzero_stand_ins
 

@@ -60,6 +60,10 @@ class TraceSettings:
     #: the batch is padded (DPO: a pair's chosen and rejected differ in length): the ``attention_mask`` the step passes
     #: has zeros, so attention gets a 4-D mask (``patches.padding_on_meta``; a step without a mask is unaffected)
     padded: bool = False
+    #: ``grpo``: ``GRPOTrainer``'s step (``observe.trace.grpo``) on ``batch_size`` rows of this many prompt positions
+    #: and ``seq_len - prompt_len`` completion positions; ``beta``: its KL coefficient
+    prompt_len: int = 0
+    beta: float = 0.0
 
     @property
     def rows(self) -> int:
@@ -91,12 +95,14 @@ class TraceSettings:
             raise ValueError("Liger's kernels are traced as a GPU runs them (Triton kernels stood in): on meta, CUDA kernels")
         if self.full and self.quant in ("nf4", "fp4", "int8"):
             raise ValueError("full fine-tuning trains the weights: a bitsandbytes-quantized base cannot be trained")
-        if self.objective not in ("sft", "dpo", "kto", "reward"):
-            raise ValueError(f"objective must be 'sft', 'dpo', 'kto' or 'reward', got {self.objective!r}")
+        if self.objective not in ("sft", "dpo", "kto", "reward", "grpo"):
+            raise ValueError(f"objective must be 'sft', 'dpo', 'kto', 'reward' or 'grpo', got {self.objective!r}")
+        if self.objective == "grpo" and not 0 < self.prompt_len < self.seq_len:
+            raise ValueError("a GRPO row has prompt_len prompt positions and at least one completion position")
         if self.objective == "reward" and (self.loss != "full" or self.full or self.method):
             raise ValueError("a reward model is traced as TRL 1.16's RewardTrainer runs LoRA (its score head, no fused "
                              "loss)")
-        if self.objective in ("dpo", "kto") and (self.loss != "trl" or self.full or self.method):
+        if self.objective in ("dpo", "kto", "grpo") and (self.loss != "trl" or self.full or self.method):
             raise ValueError(f"{self.objective.upper()} is traced as TRL 1.16's trainer runs LoRA: its fused LM head "
                              "(loss 'trl')")
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2:

@@ -50,7 +50,10 @@ def gpu_kernels_on_meta(amp_device: str):
             return  # CUDA: one addmm with an fp32 output into acc, no copies
         orig_addmm(acc, a, b)
 
-    ck._use_triton = lambda device: True
+    import trl.trainer.utils as tu
+
+    saved_compact = tu._use_triton  # the fused head's own copy: on CUDA it projects the valid rows only (hidden[mask])
+    ck._use_triton = tu._use_triton = lambda device: True
     ck._forward_kernel = ck._backward_kernel = TritonLaunch()
     if saved["triton"] is missing:
         ck.triton = types.SimpleNamespace(cdiv=lambda a, b: -(-a // b))
@@ -59,6 +62,7 @@ def gpu_kernels_on_meta(amp_device: str):
         with meta_queries_answer_for(amp_device):
             yield
     finally:
+        tu._use_triton = saved_compact
         for n, v in saved.items():
             if v is missing:
                 delattr(ck, n)
@@ -66,9 +70,11 @@ def gpu_kernels_on_meta(amp_device: str):
                 setattr(ck, n, v)
 
 
-def boolean_mask_stand_ins() -> dict:
+def boolean_mask_stand_ins(keep: int = 0) -> dict:
     """``aten.index.Tensor`` with a boolean mask and ``aten.masked_select`` on meta, every mask entry true (their
-    sizes depend on the data; the traced batch has no ignored label). Integer indices go to the meta kernel."""
+    sizes depend on the data; the traced batch has no ignored label), or, with ``keep``, the last ``keep`` entries of
+    each row of a 2-D mask (GRPO's ``logits_to_keep``: the completion positions). Integer indices go to the meta
+    kernel."""
     import torch
 
     aten = torch.ops.aten
@@ -80,11 +86,13 @@ def boolean_mask_stand_ins() -> dict:
         if len(indices) != 1:
             raise NotImplementedError("a boolean mask with other indices is not stood in")
         mask = indices[0]
-        shape = (mask.numel(), *self.shape[mask.dim():])
+        n = mask.shape[0] * min(keep, mask.shape[1]) if keep and mask.dim() == 2 else mask.numel()
+        shape = (n, *self.shape[mask.dim():])
         return reg(torch.empty(shape, dtype=self.dtype, device=self.device))
 
     def masked_select(reg: Any, self: Any, mask: Any) -> Any:
-        n = torch.broadcast_shapes(self.shape, mask.shape).numel()
+        shape = torch.broadcast_shapes(self.shape, mask.shape)
+        n = shape[0] * min(keep, shape[1]) if keep and len(shape) == 2 else shape.numel()
         return reg(torch.empty((n,), dtype=self.dtype, device=self.device))
 
     def index_put(reg: Any, self: Any, indices: Any, values: Any, accumulate: bool = False, *rest: Any) -> Any:

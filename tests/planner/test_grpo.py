@@ -141,3 +141,27 @@ def test_cli_one_line_and_text():
     ok = subprocess.run([*run, "--batch-size", "8"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "generation (transformers' generate, no grad): 8 completions" in ok.stdout
+
+
+@pytest.mark.parametrize("args", [
+    {"model": "smollm2-135m", "quant": "bf16"},
+    {"model": "qwen2.5-0.5b"},
+    {"model": "smollm2-135m", "quant": "bf16", "grad_ckpt": False},
+    {"model": "llama-3.2-1b", "beta": 0.04},
+])
+def test_training_step_equals_the_meta_trace(args):
+    """The training step's moments against ``GRPOTrainer._compute_loss`` traced on meta (``observe.trace.grpo``: the
+    fused head on the completion positions, as CUDA's Triton path runs it): the forward within 0.1%, the peak within
+    0.5%; with a trace the verdict also counts generation's moment."""
+    from qplan.observe.trace import trace_plan
+    from qplan.planner.plan import attach_trace
+
+    plan = make_plan(objective="grpo", num_generations=4, max_prompt_length=64, max_completion_length=32, batch_size=4,
+                     **args).to_dict()
+    traced = trace_plan(plan, steps=2)
+    phases = plan["prediction"]["memory_detail"]["phases"]
+    step = max(v for k, v in phases.items() if k != "generation")
+    assert phases["forward"] == pytest.approx(traced["phase_peaks"]["forward"], rel=0.001)
+    assert step == pytest.approx(traced["tensor_peak"], rel=0.005)
+    attach_trace(plan, traced)
+    assert plan["prediction"]["trace"]["tensor_peak"] == max(traced["tensor_peak"], phases["generation"])
