@@ -164,6 +164,11 @@ class GrpoSection(Struct, forbid_unknown_fields=True, kw_only=True):
     max_completion_length: Context
     steps_per_generation: Batch
     beta: Annotated[float, Meta(ge=0)]
+    vllm: _d(Literal["colocate", "server"] | UnsetType, "vLLM instead of transformers' generate; absent: "
+             "transformers' generate") = UNSET
+    vllm_reserved: _d(Bytes | UnsetType, "colocate: the bytes vLLM holds on this GPU (gpu_memory_utilization x "
+                      "total)") = UNSET
+    vllm_sleep: _d(bool | UnsetType, "colocate: vLLM sleeps (releases its memory) during the training step") = UNSET
 
 
 class TrainingSection(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -201,14 +206,19 @@ class GenerationSection(Struct, forbid_unknown_fields=True, kw_only=True):
     prompts: _d(Annotated[int, Meta(ge=1)], "distinct prompts among them (sequences / num_generations, per GPU)")
     prompt_length: Context
     completion_length: Context
+    engine: _d(Literal["transformers", "vllm"], "who generates: transformers' generate, or vLLM") = "transformers"
     kv_cache: _d(Bytes, "the KV cache after the last forward: 2 x layers x kv_heads x head_dim x dtype bytes x "
-                 "sequences x (prompt + completion - 1)")
-    sampling: _d(Bytes, "the last step's sampling tensors (head output, fp32 copies, softmax)")
-    prefill: _d(Bytes, "the prompts' forward at its largest, beyond weights, adapters and optimizer state")
-    decode: _d(Bytes, "the last decode forward at its largest, likewise")
-    sample: _d(Bytes, "the last sampling step, likewise")
+                 "sequences x (prompt + completion - 1) (vLLM: the blocks its batch needs, in the model's dtype)")
+    sampling: _d(Bytes | UnsetType, "the last step's sampling tensors (head output, fp32 copies, softmax)") = UNSET
+    prefill: _d(Bytes | UnsetType, "the prompts' forward at its largest, beyond weights, adapters and optimizer "
+                "state") = UNSET
+    decode: _d(Bytes | UnsetType, "the last decode forward at its largest, likewise") = UNSET
+    sample: _d(Bytes | UnsetType, "the last sampling step, likewise") = UNSET
     dequant: _d(Bytes, "a quantized base: the largest weight dequantized for a matmul (in each moment)") = 0
-    tensor_peak: _d(Bytes, "live tensor bytes at the generation moment (prediction.memory_detail.phases.generation)")
+    tensor_peak: _d(Bytes | None, "live tensor bytes at the generation moment (prediction.memory_detail.phases."
+                    "generation); none where vLLM generates inside its own reservation") = None
+    vllm: _d(dict[str, Any] | UnsetType, "vLLM (derived from TRL 1.16's vllm_generation.py and vLLM's "
+             "gpu_memory_utilization, not measured): its reservation, its copy of the weights, the KV room") = UNSET
     tokens: _d(Annotated[int, Meta(ge=1)], "tokens generated per generation batch (sequences x completion_length)")
 
 

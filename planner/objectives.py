@@ -18,7 +18,7 @@ from qplan.planner.memory.generation import GENERATION_MODEL_TYPES
 from qplan.planner.memory.terms import GrpoSettings, TrainingSettings, adapter_bytes
 from qplan.planner.model.lora import LoraSettings
 from qplan.planner.model.spec import ModelSpec
-from qplan.planner.model.weights import weights_bytes
+from qplan.planner.model.weights import base_params, weights_bytes
 from qplan.planner.options import PlanOptions
 
 #: each objective's trainer (TRL's class) and config
@@ -93,26 +93,55 @@ def check_preference(o: PlanOptions) -> str:
     return "trl"
 
 
-GRPO_FLAGS = ("num_generations", "max_prompt_length", "max_completion_length", "steps_per_generation")
+GRPO_FLAGS = ("num_generations", "max_prompt_length", "max_completion_length", "steps_per_generation", "vllm",
+              "vllm_gpu_memory_utilization")
+#: TRL 1.16 ``GRPOConfig.vllm_gpu_memory_utilization``'s default
+VLLM_UTILIZATION = 0.3
 
 
 def check_objective_flags(o: PlanOptions) -> None:
     """One line when GRPO's own options are given to another objective."""
     if o.objective != "grpo":
-        given = [f for f in GRPO_FLAGS if getattr(o, f) is not None] + ["beta"] * (o.beta != 0.0)
+        given = [f for f in GRPO_FLAGS if getattr(o, f) is not None] + ["beta"] * (o.beta != 0.0) + \
+            ["vllm_sleep"] * o.vllm_sleep
         if given:
             raise QPlanError(f"--{given[0].replace('_', '-')} is an option of --objective grpo (TRL's GRPOConfig), "
                              f"not of {o.objective}")
 
 
-def check_grpo(o: PlanOptions, spec: ModelSpec) -> tuple[GrpoSettings, int]:
+def vllm_settings(o: PlanOptions, gpu: Any) -> dict[str, Any]:
+    """``--vllm``: TRL 1.16 ``VLLMGeneration`` (``trl/generation/vllm_generation.py``). Colocate builds
+    ``vllm.LLM(gpu_memory_utilization=u, ...)`` in the trainer's process, after the trainer's model is on the GPU; vLLM
+    takes ``u x`` the GPU's total memory for its copy of the weights, its activations and its KV blocks, and holds it
+    all run — or, with ``vllm_enable_sleep_mode``, releases it after each generation (``sleep(level=2)``) and takes it
+    back for the next. Server mode generates on the ``trl vllm-serve`` GPUs: nothing on this one. 8-bit bases are
+    refused as TRL refuses them ("vLLM does not support in-flight 8-bit quantization")."""
+    if o.vllm is None:
+        if o.vllm_gpu_memory_utilization is not None or o.vllm_sleep:
+            raise QPlanError("--vllm-gpu-memory-utilization and --vllm-sleep are for --vllm colocate")
+        return {}
+    if o.vllm == "server" and (o.vllm_gpu_memory_utilization is not None or o.vllm_sleep):
+        raise QPlanError("--vllm server generates on the vLLM server's GPUs (trl vllm-serve sets its own "
+                         "--gpu_memory_utilization): --vllm-gpu-memory-utilization and --vllm-sleep are for colocate")
+    if o.quant == "int8":
+        raise QPlanError("--vllm with --quant int8: vLLM does not support in-flight 8-bit quantization (TRL refuses it)")
+    if o.vllm == "server":
+        return {"vllm": "server"}
+    if gpu is None:
+        raise QPlanError("--vllm colocate takes a fraction of the GPU's memory (--vllm-gpu-memory-utilization): give --gpu")
+    util = o.vllm_gpu_memory_utilization or VLLM_UTILIZATION
+    return {"vllm": "colocate", "vllm_reserved": int(util * gpu.total_bytes), "vllm_sleep": o.vllm_sleep}
+
+
+def check_grpo(o: PlanOptions, spec: ModelSpec, gpu: Any = None) -> tuple[GrpoSettings, int]:
     """``--objective grpo``: TRL 1.16 ``GRPOTrainer``'s generation settings (``GRPOConfig``'s defaults where not given:
     8 generations, 512-token completions, ``steps_per_generation = gradient_accumulation_steps``) and the training rows'
     length (the longest prompt plus the completion), or one line for what TRL refuses (``GRPOConfig.__post_init__``:
     fewer than 2 generations, a generation batch not a multiple of ``num_generations``) or qplan does not plan yet."""
     g = GrpoSettings(num_generations=o.num_generations or 8, prompt_length=o.max_prompt_length or 512,
                      max_completion_length=o.max_completion_length or 512,
-                     steps_per_generation=o.steps_per_generation or o.grad_accum, beta=o.beta)
+                     steps_per_generation=o.steps_per_generation or o.grad_accum, beta=o.beta,
+                     **vllm_settings(o, gpu))
     world = o.gpus * o.nodes
     batch = o.batch_size * world * g.steps_per_generation  # GRPOConfig.generation_batch_size
     why = _trainer_refusal(o, "--full is not planned yet (LoRA and its variants are)",
@@ -125,10 +154,11 @@ def check_grpo(o: PlanOptions, spec: ModelSpec) -> tuple[GrpoSettings, int]:
         why = "--data is not read as GRPOTrainer reads prompts yet: give --max-prompt-length (the longest prompt)"
     elif why is None and o.dora:
         why = "--dora is not planned in generation yet (DoRA's weight norm in each forward)"
-    elif why is None and spec.model_type not in GENERATION_MODEL_TYPES:
+    elif why is None and spec.model_type not in GENERATION_MODEL_TYPES and g.vllm is None:
         why = (f"generation is planned for {', '.join(GENERATION_MODEL_TYPES)} models (dense, full attention), not "
                f"{spec.model_type} ({spec.name})")
-    elif why is None and (sw := spec.config.get("sliding_window")) and spec.config.get("use_sliding_window", True) \
+    elif why is None and g.vllm is None and (sw := spec.config.get("sliding_window")) \
+            and spec.config.get("use_sliding_window", True) \
             and g.prompt_length + g.max_completion_length > sw:
         why = (f"prompt + completion ({g.prompt_length + g.max_completion_length}) beyond {spec.name}'s sliding window "
                f"({sw}): its sliding layers' cache is not planned yet")
@@ -200,29 +230,67 @@ def check_data_format(objective: str, fmt: str) -> None:
             raise QPlanError(f"--data holds {what}: plan them with --objective {other}")
 
 
-def generation_section(t: TrainingSettings, mem: dict[str, Any], spec: ModelSpec) -> GenerationSection:
-    """``prediction.generation`` of a GRPO plan: the generation batch and its moments (``memory.generation``)."""
-    g, terms = t.grpo, mem["generation"]
+def generation_section(t: TrainingSettings, mem: dict[str, Any], spec: ModelSpec, q: Any,
+                       weights: int) -> GenerationSection:
+    """``prediction.generation`` of a GRPO plan: the generation batch and its moments (``memory.generation``), or, with
+    vLLM, what vLLM needs and has (``vllm_budget``)."""
+    g = t.grpo
     assert g is not None
     n = g.sequences(t.batch_size)
-    return section(GenerationSection, {
+    out: dict[str, Any] = {
         "sequences": n, "prompts": max(1, n // g.num_generations), "prompt_length": g.prompt_length,
         "completion_length": g.max_completion_length, "tokens": n * g.max_completion_length,
-        "tensor_peak": mem["phases"]["generation"],
-        **{k: terms[k] for k in ("kv_cache", "sampling", "prefill", "decode", "sample", "dequant")}})
+        "tensor_peak": mem["phases"].get("generation")}
+    if g.vllm is None:
+        terms = mem["generation"]
+        out.update({k: terms[k] for k in ("kv_cache", "sampling", "prefill", "decode", "sample", "dequant")})
+    else:
+        out.update(engine="vllm", **vllm_budget(g, spec, q, weights, n))
+    return section(GenerationSection, out)
+
+
+def vllm_budget(g: GrpoSettings, spec: ModelSpec, q: Any, weights: int, n: int) -> dict[str, Any]:
+    """What vLLM needs for one generation batch and what it has, derived (vLLM does not run here): its copy of the
+    weights (16-bit, or bitsandbytes 4-bit as TRL asks for a 4-bit base: ``quantization="bitsandbytes"``, planned as
+    the trainer's 4-bit bytes), the KV blocks of ``N`` rows of ``P + C`` tokens in the model's 16-bit dtype
+    (``2 x layers x kv_heads x head_dim x 2 x N x (P + C)``), and — colocate — the room its reservation leaves for KV
+    blocks and activations after the weights. Fewer KV blocks than the batch needs make vLLM run fewer rows at once
+    (slower, not out of memory)."""
+    from qplan.planner.memory.generation import kv_cache_bytes
+    from qplan.planner.memory.terms import dims
+
+    vllm_weights = weights if q.kbit else 2 * base_params(spec)
+    kv = kv_cache_bytes(dims(spec), 2, n, g.prompt_length + g.max_completion_length)
+    out: dict[str, Any] = {"kv_cache": kv, "vllm": {
+        "mode": g.vllm, "weights": vllm_weights, "kv_cache_needed": kv,
+        "source": "derived from TRL 1.16 trl/generation/vllm_generation.py (vllm.LLM(gpu_memory_utilization=...)) "
+                  "and vLLM's gpu_memory_utilization (a fraction of the whole GPU); not measured"}}
+    if g.vllm == "colocate":
+        room = g.vllm_reserved - vllm_weights
+        out["vllm"].update(reserved=g.vllm_reserved, sleep=g.vllm_sleep, kv_and_activation_room=room)
+        if room <= 0:
+            raise QPlanError(f"--vllm colocate: vLLM's share of the GPU ({g.vllm_reserved / 2**30:.2f} GiB) does not "
+                             f"hold its copy of the weights ({vllm_weights / 2**30:.2f} GiB): raise "
+                             "--vllm-gpu-memory-utilization")
+    return out
 
 
 def generation_work(inp: Any, counts: list, flops: dict[str, int], moved: dict[str, int],
                     launches: dict[str, int] | None) -> None:
     """Add a GRPO plan's generation batches to the step's FLOPs, bytes and launches (``compute.decode``), in place."""
     t = inp.training
-    per_micro = launches["forward"] // t.grad_accum if launches else 0
-    gen = generation_compute(inp.spec, counts, inp.lora.r, inp.quant, t, weights_bytes(inp.spec, inp.quant),
-                             adapter_bytes(counts), per_micro)
+    # vLLM launches its decode steps as CUDA graphs: no per-kernel host cost is counted
+    per_micro = launches["forward"] // t.grad_accum if launches and t.grpo.vllm is None else 0
+    weights = weights_bytes(inp.spec, inp.quant)
+    if t.grpo.vllm is None:
+        gen = generation_compute(inp.spec, counts, inp.lora.r, inp.quant, t, weights, adapter_bytes(counts), per_micro)
+    else:  # vLLM's own copy (the adapters merged into it at each weight sync), a 16-bit cache
+        own = weights if inp.quant.kbit else 2 * base_params(inp.spec)
+        gen = generation_compute(inp.spec, counts, inp.lora.r, inp.quant, t, own, 0, 0, kv_dtype_bytes=2)
     flops["generation"] = gen["flops"]
     flops["total"] += gen["flops"]
     moved["generation"] = gen["bytes"]
     moved["total"] += gen["bytes"]
-    if launches:
+    if launches and per_micro:
         launches["generation"] = gen["launches"]
         launches["total"] += gen["launches"]

@@ -163,6 +163,14 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
     steps_per_generation: _f(Batch | None, "with --objective grpo: micro-batches per generation batch (TRL's "
                              "steps_per_generation): --batch-size x this many completions are generated at once "
                              "[default: --grad-accum]", section=TRAINING) = None
+    vllm: _f(lit(("colocate", "server")) | None, "with --objective grpo: generate with vLLM (TRL's use_vllm, vllm_mode): "
+             "colocate (vLLM in the trainer's process, holding --vllm-gpu-memory-utilization of the GPU) or server "
+             "(`trl vllm-serve` on other GPUs) [default: transformers' generate]", section=TRAINING) = None
+    vllm_gpu_memory_utilization: _f(Annotated[float, Meta(gt=0, le=1)] | None, "with --vllm colocate: the fraction of "
+                                    "the whole GPU vLLM takes for its weights, activations and KV blocks (TRL's "
+                                    "vllm_gpu_memory_utilization) [default: 0.3]", section=TRAINING) = None
+    vllm_sleep: _f(bool, "with --vllm colocate: vLLM sleeps during the training step (TRL's vllm_enable_sleep_mode: "
+                   "its weights and KV cache released, re-made for each generation)", section=TRAINING) = False
     beta: _f(Annotated[float, Meta(ge=0, le=1e6)], "with --objective grpo: the KL coefficient (TRL's beta; above 0 "
              "the reference, the base without the adapters, scores each generation batch without grad)",
              section=TRAINING) = 0.0

@@ -198,7 +198,7 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
         target_parameters = target_parameters.split(",")
     loss, grpo = o.loss, None
     if o.objective == "grpo":  # TRL's GRPOTrainer: generation, then the rows through its fused head
-        grpo, grpo_len = check_grpo(o, spec)
+        grpo, grpo_len = check_grpo(o, spec, gpu_)
         loss = "trl"
     if o.objective in PREFERENCE_OBJECTIVES:
         loss = check_preference(o)
@@ -433,7 +433,8 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> PlanDoc:
     if notes:
         warnings = [*(warnings or []), *notes]
     memory = memory_document(mem)
-    usable = inp.gpu.usable_bytes if inp.gpu else None
+    # vLLM colocated without sleep holds its share of the GPU all run: the trainer has the rest
+    usable = inp.gpu.usable_bytes - (t.grpo.vllm_reserved * (not t.grpo.vllm_sleep) if t.grpo else 0) if inp.gpu else None
     prediction = {
         "method": "analytic",
         "params": {
@@ -469,7 +470,7 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> PlanDoc:
     if inp.data is not None:
         prediction["data"] = section(DataSection, inp.data)
     if t.grpo is not None:
-        prediction["generation"] = generation_section(t, mem, spec)
+        prediction["generation"] = generation_section(t, mem, spec, q, ctx.weights)
     inv = spec.inventory
     prediction["params"] = section(Params, prediction["params"])
     prediction["memory"] = section(Memory, prediction["memory"])

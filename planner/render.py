@@ -149,11 +149,7 @@ def render_plan(plan: dict[str, Any]) -> str:
         lines.append("tensor peak by moment: " + " · ".join(f"{PHASE_NAMES.get(k, k)} {fmt_bytes(v)}" for k, v in ph.items()))
     gen = p.get("generation")
     if gen:
-        lines.append(f"generation (transformers' generate, no grad): {gen['sequences']} completions "
-                     f"({gen['prompts']} prompt(s)) x {gen['prompt_length']} prompt + {gen['completion_length']} new "
-                     f"tokens · KV cache {fmt_bytes(gen['kv_cache'])} · beyond the weights and states: prefill "
-                     f"{fmt_bytes(gen['prefill'])}, last decode {fmt_bytes(gen['decode'])}, last sampling "
-                     f"{fmt_bytes(gen['sample'])} · tensor peak {fmt_bytes(gen['tensor_peak'])}")
+        lines.append(generation_line(gen))
     paged = p["memory_detail"].get("optimizer_paged", 0)
     if paged:
         lines.append(f"optimizer: {fmt_bytes(paged)} of it is paged (CUDA unified memory, can spill to CPU)")
@@ -174,14 +170,17 @@ def render_plan(plan: dict[str, Any]) -> str:
     gpu = plan.get("gpu")
     if gpu is None:
         lines.append("no --gpu given: pass one (see `qplan gpus`) for a fit verdict")
-    elif p["fits"]:
-        lines.append(f"FITS on {_cards(plan)}{gpu['name']} ({fmt_bytes(gpu['usable_bytes'])} usable): "
-                     f"headroom {fmt_bytes(p['headroom'])}")
     else:
-        lines.append(f"DOES NOT FIT on {_cards(plan)}{gpu['name']} ({fmt_bytes(gpu['usable_bytes'])} usable): "
-                     f"short by {fmt_bytes(-p['headroom'])}")
-        for s in plan.get("suggestions", []):
-            lines.append(f"  try: {s}")
+        g = plan["training"].get("grpo") or {}
+        held = g.get("vllm_reserved", 0) if g.get("vllm") == "colocate" and not g.get("vllm_sleep") else 0
+        usable = fmt_bytes(gpu["usable_bytes"]) + " usable" + (f", {fmt_bytes(held)} of it vLLM's" if held else "")
+        if p["fits"]:
+            lines.append(f"FITS on {_cards(plan)}{gpu['name']} ({usable}): headroom {fmt_bytes(p['headroom'])}")
+        else:
+            lines.append(f"DOES NOT FIT on {_cards(plan)}{gpu['name']} ({usable}): "
+                         f"short by {fmt_bytes(-p['headroom'])}")
+            for s in plan.get("suggestions", []):
+                lines.append(f"  try: {s}")
     return "\n".join(lines)
 
 
@@ -465,3 +464,23 @@ def render_compare(result: dict[str, Any]) -> str:
                  "QLoRA on nf4; lorafa: --optimizer lorafa; loha, lokr, vera, ia3, ln_tuning, prompt_tuning, p_tuning: "
                  "--peft-type): --format json has them all")
     return "\n".join(lines)
+
+
+def generation_line(gen: dict) -> str:
+    """GRPO's generation batch in one line: transformers' generate (its KV cache and moments) or vLLM (derived)."""
+    head = (f"{gen['sequences']} completions ({gen['prompts']} prompt(s)) x {gen['prompt_length']} prompt + "
+            f"{gen['completion_length']} new tokens")
+    v = gen.get("vllm")
+    if not v:
+        return (f"generation (transformers' generate, no grad): {head} · KV cache {fmt_bytes(gen['kv_cache'])} · beyond "
+                f"the weights and states: prefill {fmt_bytes(gen['prefill'])}, last decode {fmt_bytes(gen['decode'])}, "
+                f"last sampling {fmt_bytes(gen['sample'])} · tensor peak {fmt_bytes(gen['tensor_peak'])}")
+    if v["mode"] == "server":
+        return (f"generation (vLLM server, on its own GPUs; derived): {head} · its weights {fmt_bytes(v['weights'])}, "
+                f"KV blocks for the batch {fmt_bytes(v['kv_cache_needed'])}: nothing on this GPU")
+    held = "during generation only (sleep mode)" if v["sleep"] else "all run: the trainer has the rest"
+    room = v["kv_and_activation_room"]
+    short = " — fewer than the batch needs: vLLM runs fewer rows at once" if room < v["kv_cache_needed"] else ""
+    return (f"generation (vLLM colocated; derived): {head} · vLLM holds {fmt_bytes(v['reserved'])} {held} · its "
+            f"weights {fmt_bytes(v['weights'])}, room for KV blocks and activations {fmt_bytes(room)}, the batch's KV "
+            f"{fmt_bytes(v['kv_cache_needed'])}{short}")

@@ -12,7 +12,8 @@ Per generation batch of ``N`` rows, ``P`` prompt and ``C`` completion tokens:
 * **launches**: each of the ``C`` forwards launches a forward's kernels (``ops.step_launches``' forward per micro-batch);
 * **scoring** (``_generate_and_score_completions``, no grad, ``per_device_train_batch_size`` rows at a time over the
   ``N`` rows of ``P + C`` tokens): with ``beta > 0`` the reference (the adapters disabled), and when
-  ``grad_accum % steps_per_generation != 0`` the policy's old log-probabilities (``reference_forward_flops``). Their
+  ``grad_accum % steps_per_generation != 0`` or under vLLM (its importance-sampling correction) the policy's old
+  log-probabilities (``reference_forward_flops``). Their
   memory is not a moment of its own: no activation is kept, so each is below the training forward over as many rows.
 
 A step runs ``grad_accum / steps_per_generation`` generation batches (one every ``steps_per_generation`` micro-batches;
@@ -30,9 +31,12 @@ from qplan.planner.model.weights import BYTES, QuantSettings
 
 
 def generation_compute(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSettings, t: TrainingSettings,
-                       weights: int, adapters: int, forward_launches: int) -> dict[str, Any]:
+                       weights: int, adapters: int, forward_launches: int, kv_dtype_bytes: int | None = None
+                       ) -> dict[str, Any]:
     """FLOPs, bytes moved and kernel launches of one optimizer step's generation batches (the module docstring):
-    ``weights``/``adapters``: their stored bytes on one GPU; ``forward_launches``: one micro-batch's forward."""
+    ``weights``/``adapters``: the bytes each decode step reads (vLLM: its own copy, the adapters merged into it);
+    ``forward_launches``: one micro-batch's forward (0 under vLLM's CUDA graphs); ``kv_dtype_bytes``: the cache's
+    element (default: the weights' dtype, as transformers' generate keeps it; vLLM: 16-bit)."""
     g = t.grpo
     assert g is not None
     d = dims(spec)
@@ -42,13 +46,15 @@ def generation_compute(spec: ModelSpec, counts: list[ModuleCount], r: int, q: Qu
     prefill = reference_forward_flops(spec, counts, r, q, N, P, t.attn_impl, 1, adapters=True) - head_all
     prefill += 2 * N * d.h * d.V
     one = reference_forward_flops(spec, counts, r, q, N, 1, t.attn_impl, 1, adapters=True)  # a token a row, no cache
-    kv_row = 2 * d.L * d.kv * BYTES[q.unquantized_dtype] * N  # cache bytes a cached position
+    kv_row = 2 * d.L * d.kv * (kv_dtype_bytes or BYTES[q.unquantized_dtype]) * N  # cache bytes a cached position
     steps = max(0, C - 1)
     attention = 4 * d.L * d.nh * d.hd * N * (steps * P + steps * (steps - 1) // 2)  # q k^T and p v over the cache
     scoring = 0
     if g.beta > 0:  # the reference's log-probabilities
         scoring += reference_forward_flops(spec, counts, r, q, N, P + C, t.attn_impl, 1)
-    if t.grad_accum % g.steps_per_generation:  # the old policy's, when a generation batch spans optimizer steps
+    # the old policy's: when a generation batch spans optimizer steps, and under vLLM for its importance-sampling
+    # correction (TRL's default: vllm_importance_sampling_correction)
+    if t.grad_accum % g.steps_per_generation or g.vllm is not None:
         scoring += reference_forward_flops(spec, counts, r, q, N, P + C, t.attn_impl, 1, adapters=True)
     return {
         "flops": round((prefill + steps * (one + 2 * N * d.h * d.V) + attention + scoring) * per_step),

@@ -89,10 +89,12 @@ def step_peaks(device: dict[str, Any], quant: str, compute_dtype: str,
 def ideal_step_seconds(flops: dict[str, int], moved: dict[str, int], peak: float, bandwidth: float,
                        lora_peak: float | None = None) -> float:
     """The roofline time of one step (efficiency 1): ``max(F_base/P + F_lora/P_lora, W/BW) + (D + O + U)/BW`` (the
-    adapters' FLOPs at ``lora_peak``, the base peak when None; ``U``: LoHa's weight updates, 0 for the rest)."""
+    adapters' FLOPs at ``lora_peak``, the base peak when None; ``U``: LoHa's weight updates, GRPO's decode reads; 0 for
+    the rest)."""
     lora = flops.get("lora", 0) if lora_peak is not None else 0
     matmul = (flops["total"] - lora) / peak + (lora / lora_peak if lora else 0.0)
-    serial = moved["dequantization"] + moved["optimizer"] + moved.get("adapter_updates", 0)
+    # GRPO's decode steps read the weights and cache once per token, one step after another
+    serial = moved["dequantization"] + moved["optimizer"] + moved.get("adapter_updates", 0) + moved.get("generation", 0)
     return max(matmul, moved["weights"] / bandwidth) + serial / bandwidth
 
 

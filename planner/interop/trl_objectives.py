@@ -53,9 +53,16 @@ GRPO_NO_EFFECT = {
 #: GRPOConfig's sampling settings and their defaults: other values add logits processors' N x V tensors (not planned)
 GRPO_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": None, "repetition_penalty": 1.0}
 GRPO_MAPPED = {"num_generations", "max_completion_length", "steps_per_generation", "generation_batch_size", "beta",
-               "max_prompt_length"}
-GRPO_REFUSED = {"use_vllm", "vllm_mode", "num_iterations", "sync_ref_model", "generation_kwargs", "cache_implementation",
-                "use_transformers_continuous_batching", "use_transformers_paged", "loss_type"}
+               "max_prompt_length", "use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_enable_sleep_mode"}
+#: vLLM's settings with no memory term on the trainer's GPU (the server's address, vLLM's importance-sampling
+#: correction: arithmetic on per-token log-probabilities; its extra scoring pass is counted in the FLOPs)
+VLLM_NO_EFFECT = {"vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout",
+                  "vllm_group_port", "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
+                  "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min", "vllm_importance_sampling_cap",
+                  "vllm_model_impl", "vllm_structured_outputs_regex"}
+GRPO_REFUSED = {"num_iterations", "sync_ref_model", "generation_kwargs", "cache_implementation",
+                "use_transformers_continuous_batching", "use_transformers_paged", "loss_type", "vllm_tensor_parallel_size",
+                "vllm_max_model_length"}
 GRPO_KEYS = GRPO_NO_EFFECT | set(GRPO_SAMPLING) | GRPO_MAPPED | GRPO_REFUSED | {
     k for k in ("vllm_enable_sleep_mode", "vllm_gpu_memory_utilization", "vllm_group_port", "vllm_importance_sampling_cap",
                 "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min",
@@ -74,18 +81,28 @@ def read_grpo(r: Any, o: dict[str, Any]) -> None:
     ``--num-generations`` / ``--max-completion-length`` / ``--steps-per-generation`` (``generation_batch_size`` divided by
     the batch and ranks) / ``--beta``, ``max_prompt_length`` (older TRL's; 1.16 does not truncate prompts, so it stands
     for the longest prompt) to ``--max-prompt-length``; vLLM, continuous batching, a static cache, ``num_iterations > 1``
-    (an old-policy pass), ``generation_kwargs`` and a ``loss_type`` outside TRL's per-token losses refused; sampling
+    (an old-policy pass), ``generation_kwargs``, vLLM tensor parallelism and a ``loss_type`` outside TRL's per-token
+    losses refused; sampling
     settings other than TRL's defaults warned about (their logits processors' ``N x V`` tensors are not planned);
+    ``use_vllm`` with ``vllm_mode`` to ``--vllm``, colocate's ``vllm_gpu_memory_utilization`` (TRL's 0.3 by default) and
+    ``vllm_enable_sleep_mode`` to ``--vllm-gpu-memory-utilization`` / ``--vllm-sleep``;
     GRPOConfig's ``disable_dropout`` defaults to false (LoRA's dropout runs, in generation too)."""
-    r.used.update(GRPO_NO_EFFECT | GRPO_MAPPED | set(GRPO_SAMPLING) | {"dataset_name", "dataset_config",
-                                                                       "dataset_train_split", "dataset_test_split"})
-    for key, bad in (("use_vllm", True), ("use_transformers_continuous_batching", True),
-                     ("use_transformers_paged", True)):
-        if r.get(key, False) == bad:
+    r.used.update(GRPO_NO_EFFECT | GRPO_MAPPED | set(GRPO_SAMPLING) | VLLM_NO_EFFECT | {
+        "dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split"})
+    for key in ("use_transformers_continuous_batching", "use_transformers_paged"):
+        if r.get(key, False) is True:
             raise QPlanError(f"trl config: {key}: {shown(r.cfg[key])}: generation is planned with transformers' "
-                             "generate and a dynamic cache (vLLM and continuous batching are not planned yet)")
+                             "generate and a dynamic cache, or vLLM (continuous batching is not planned yet)")
+    if r.get("use_vllm", False) is True:
+        mode = r.get("vllm_mode", "colocate")
+        if mode not in ("colocate", "server"):
+            raise QPlanError(f"trl config: vllm_mode must be colocate or server, got {shown(mode)}")
+        o["vllm"] = mode
+        if mode == "colocate":
+            o["vllm_gpu_memory_utilization"] = r.get("vllm_gpu_memory_utilization", 0.3)
+            o["vllm_sleep"] = bool(r.get("vllm_enable_sleep_mode", False))
     for key, default in (("num_iterations", 1), ("cache_implementation", None), ("generation_kwargs", None),
-                         ("sync_ref_model", False)):
+                         ("sync_ref_model", False), ("vllm_tensor_parallel_size", 1), ("vllm_max_model_length", None)):
         if key in r.cfg and r.cfg[key] not in (default, {}):
             raise QPlanError(f"trl config: {key}: {shown(r.cfg[key])} changes what GRPO runs in a way qplan does not "
                              f"plan yet (planned: {shown(default)})")

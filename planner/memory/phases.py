@@ -288,6 +288,12 @@ def grpo_fields(spec: ModelSpec, counts: list[ModuleCount], dropout: float, q: Q
     gradients alive when a generation batch starts inside an accumulation window (``steps_per_generation`` not a
     multiple of ``grad_accum``: TRL generates every ``steps_per_generation`` micro-batches; the Trainer frees the
     gradients after each optimizer step)."""
+    keep = {"keep": grpo.max_completion_length if kernels == "cuda" else 0}
+    if grpo.vllm is not None:  # vLLM generates: on the server's GPUs, or inside its reservation here (colocate)
+        if grpo.vllm == "colocate" and grpo.vllm_sleep:  # it wakes for each generation beside the trainer's static
+            return {**keep, "generation": lambda b: {"peak": grpo.vllm_reserved},
+                    "generation_grads": grpo.steps_per_generation % grad_accum != 0}
+        return keep
     lora = [c for c in counts if c.kind == "lora"]
     targets = frozenset(c.module.rsplit(".", 1)[-1] for c in lora)
     adapter = lora[0].dtype if lora else q.unquantized_dtype
@@ -298,8 +304,7 @@ def grpo_fields(spec: ModelSpec, counts: list[ModuleCount], dropout: float, q: Q
         t = generation_terms(spec, q, adapter, targets, GenerationShape(grpo.sequences(b), *shape), dropout, kernels)
         return {**t, "peak": t["peak"] + dq, "dequant": dq}
 
-    return {"keep": grpo.max_completion_length if kernels == "cuda" else 0, "generation": generation,
-            "generation_grads": grpo.steps_per_generation % grad_accum != 0}
+    return {**keep, "generation": generation, "generation_grads": grpo.steps_per_generation % grad_accum != 0}
 
 
 def objective_inputs(objective: str) -> Lin:

@@ -63,6 +63,11 @@ class GrpoSettings:
     max_completion_length: int = 512
     steps_per_generation: int = 1
     beta: float = 0.0
+    #: vLLM (``colocate`` or ``server``) instead of transformers' generate; colocate: the bytes vLLM holds on this GPU
+    #: (``vllm_gpu_memory_utilization x`` the GPU's total), and whether it sleeps during the step
+    vllm: str | None = None
+    vllm_reserved: int = 0
+    vllm_sleep: bool = False
 
     def sequences(self, batch_size: int) -> int:
         """The completions one rank generates at once: ``per_device_train_batch_size x steps_per_generation``."""
@@ -150,6 +155,8 @@ class TrainingSettings:
             out.pop("liger_kernels")
         if self.grpo is None:
             out.pop("grpo")
+        elif self.grpo.vllm is None:  # plan.json names vLLM's settings only when vLLM generates
+            out["grpo"] = {k: v for k, v in out["grpo"].items() if not k.startswith("vllm")}
         return out
 
 

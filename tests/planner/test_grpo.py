@@ -165,3 +165,60 @@ def test_training_step_equals_the_meta_trace(args):
     assert step == pytest.approx(traced["tensor_peak"], rel=0.005)
     attach_trace(plan, traced)
     assert plan["prediction"]["trace"]["tensor_peak"] == max(traced["tensor_peak"], phases["generation"])
+
+
+def vllm_plan(**kw):
+    return make_plan(model="qwen3-1.7b", objective="grpo", batch_size=8, gpu="a100-40gb", **kw).to_dict()
+
+
+def test_vllm_colocate_takes_its_share_of_the_gpu():
+    """Colocated vLLM holds vllm_gpu_memory_utilization x the GPU's total (TRL's 0.3 by default) all run: the
+    trainer's headroom is the rest; with sleep mode it holds it only while generating, beside the trainer's static
+    bytes. Derived (vLLM does not run here): the arithmetic from the plan's own terms and the catalog's GPU."""
+    hf, colo, sleep, server = (vllm_plan(**kw) for kw in (
+        {}, {"vllm": "colocate"}, {"vllm": "colocate", "vllm_sleep": True, "vllm_gpu_memory_utilization": 0.5},
+        {"vllm": "server"}))
+    total = hf["gpu"]["total_bytes"]
+    reserved = int(0.3 * total)
+    assert colo["training"]["grpo"]["vllm_reserved"] == reserved
+    step = {k: v for k, v in hf["prediction"]["memory_detail"]["phases"].items() if k != "generation"}
+    assert colo["prediction"]["memory_detail"]["phases"] == step  # vLLM generates inside its share
+    peak = colo["prediction"]["memory"]["peak"]
+    assert colo["prediction"]["headroom"] == hf["gpu"]["usable_bytes"] - reserved - peak
+    gen = colo["prediction"]["generation"]
+    assert gen["engine"] == "vllm" and gen["tensor_peak"] is None
+    v = gen["vllm"]
+    # vLLM's copy of a 4-bit base is bitsandbytes 4-bit (TRL asks for quantization="bitsandbytes"); its KV cache 16-bit
+    assert v["weights"] == colo["prediction"]["memory"]["weights"]
+    d = colo["model"]["config"]
+    assert v["kv_cache_needed"] == 2 * d["num_hidden_layers"] * d["num_key_value_heads"] * d["head_dim"] * 2 * 8 * 1024
+    assert v["kv_and_activation_room"] == reserved - v["weights"]
+    ph = sleep["prediction"]["memory_detail"]["phases"]
+    m = sleep["prediction"]["memory"]
+    assert ph["generation"] == m["weights"] + m["adapters"] + m["optimizer"] + int(0.5 * total)
+    assert sleep["prediction"]["headroom"] == sleep["gpu"]["usable_bytes"] - sleep["prediction"]["memory"]["peak"]
+    assert "generation" not in server["prediction"]["memory_detail"]["phases"]
+    assert server["prediction"]["headroom"] == server["gpu"]["usable_bytes"] - server["prediction"]["memory"]["peak"]
+    # vLLM's decode steps: no per-kernel launches (CUDA graphs), its own 16-bit copy read per token
+    assert "generation" not in (colo["prediction"]["compute"].get("kernel_launches_per_step") or {})
+    assert colo["prediction"]["time"]["step_seconds"] < hf["prediction"]["time"]["step_seconds"]
+
+
+def test_vllm_weights_of_a_16_bit_base():
+    plan = vllm_plan(vllm="server", quant="bf16")
+    assert plan["prediction"]["generation"]["vllm"]["weights"] == 2 * plan["prediction"]["params"]["base"]
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"vllm": "colocate", "gpu": None}, "give --gpu"),
+    ({"vllm": "colocate", "vllm_gpu_memory_utilization": 0.02}, "does not hold its copy of the weights"),
+    ({"vllm": "colocate", "quant": "int8"}, "in-flight 8-bit"),
+    ({"vllm": "server", "vllm_sleep": True}, "are for colocate"),
+    ({"vllm_sleep": True}, "are for --vllm colocate"),
+])
+def test_vllm_refusals(kw, message):
+    opts = {"model": "qwen3-1.7b", "objective": "grpo", "batch_size": 8, "gpu": "a100-40gb", **kw}
+    with pytest.raises(QPlanError, match=message):
+        make_plan(**{k: v for k, v in opts.items() if v is not None})
+    with pytest.raises(QPlanError, match="is an option of --objective grpo"):
+        make_plan(model="qwen3-1.7b", vllm="server")

@@ -65,7 +65,8 @@ def test_sampling_settings_are_warned_about(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("extra,needles", [
-    ({"use_vllm": True}, ["use_vllm: True", "vLLM"]),
+    ({"use_vllm": True, "vllm_tensor_parallel_size": 2}, ["vllm_tensor_parallel_size: 2"]),
+    ({"use_transformers_paged": True}, ["use_transformers_paged: True", "continuous batching"]),
     ({"num_iterations": 2}, ["num_iterations: 2"]),
     ({"generation_batch_size": 12}, ["generation_batch_size 12 must be a multiple of the global batch (8)"]),
     ({"num_generations": 3}, ["divisible by --num-generations 3"]),
@@ -81,3 +82,15 @@ def test_a_grpo_file_read_as_sft_points_to_objective_grpo(capsys):
     rc, out, err = qplan(capsys, "estimate", "--from-config", str(FIXTURE))
     assert rc == 2
     one_line(err, "a GRPO config? plan it with --objective grpo")
+
+
+@pytest.mark.parametrize("extra,flags", [
+    ({"use_vllm": True}, ["--vllm", "colocate"]),
+    ({"use_vllm": True, "vllm_gpu_memory_utilization": 0.5, "vllm_enable_sleep_mode": True},
+     ["--vllm", "colocate", "--vllm-gpu-memory-utilization", "0.5", "--vllm-sleep"]),
+    ({"use_vllm": True, "vllm_mode": "server", "vllm_server_host": "10.0.0.2"}, ["--vllm", "server"]),
+])
+def test_vllm_keys_plan_as_the_vllm_flags(capsys, tmp_path, extra, flags):
+    """TRL's vLLM keys are the --vllm flags (colocate's utilization TRL's 0.3 unless given)."""
+    f = _variant(tmp_path, **extra)
+    assert plan_json(capsys, "--from-config", f, "--objective", "grpo") == plan_json(capsys, *FLAGS, *flags)
