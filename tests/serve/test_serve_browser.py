@@ -279,3 +279,37 @@ def test_a_bad_value_shows_the_cli_line(base, browser):
     WebDriverWait(drv, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "error")
     err = drv.find_element(By.ID, "error")
     assert err.is_displayed() and err.text == "qplan: error: --r: expected `int` >= 1, got 0"
+
+
+def test_grpo_from_the_page(base, browser, tmp_path):
+    """The page plans TRL's GRPO trainer: choosing it sets TRL's batch of 8, shows the generation settings and hides
+    the sequence length (a row is prompt + completion); the plan and the generation line are the API's for the page's
+    query; vLLM colocated is planned with its share of the GPU."""
+    drv = browser
+    drv.get(base + "/")
+    settled(drv)
+    Select(drv.find_element(By.ID, "gpu")).select_by_value("l4")
+    settled(drv, "gpu=l4")
+    Select(drv.find_element(By.ID, "objective")).select_by_value("grpo")
+    query = settled(drv, "objective=grpo")
+    assert "batch-size=8" in query.split("&") and not any(x.startswith("seq-len=") for x in query.split("&"))
+    assert drv.find_element(By.ID, "num-generations").is_displayed()
+    plan = check_page(drv, base, fit=False)
+    gen = plan["prediction"]["generation"]
+    assert plan["training"]["objective"] == "grpo" and plan["training"]["seq_len"] == 1024
+    line = drv.find_element(By.ID, "generation").text
+    assert f"{gen['sequences']} completions of 512 + 512 tokens" in line and fmt(gen["kv_cache"]) in line
+    assert fmt(gen["tensor_peak"]) in line
+    folder = Path(os.environ.get("QPLAN_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    drv.execute_script("window.scrollTo(0, 0)")
+    drv.save_screenshot(str(folder / "serve-grpo.png"))
+    Select(drv.find_element(By.ID, "vllm")).select_by_value("colocate")
+    settled(drv, "vllm=colocate")
+    plan = check_page(drv, base, fit=False)
+    v = plan["prediction"]["generation"]["vllm"]
+    assert f"vLLM holds {fmt(v['reserved'])} all run" in drv.find_element(By.ID, "generation").text
+    Select(drv.find_element(By.ID, "objective")).select_by_value("sft")  # the GRPO settings are not sent for SFT
+    query = settled(drv, "objective=sft")
+    assert not any(x.startswith(("num-generations=", "vllm=")) for x in query.split("&"))
+    assert not drv.find_element(By.ID, "num-generations").is_displayed()
