@@ -23,7 +23,7 @@ CATEGORY_COLORS = {
     "unattributed": "#bab0ac",
 }
 #: phase shading of a timeline
-PHASE_COLORS = {"forward": "#dbe9f6", "backward": "#fde5cc", "optimizer": "#dcefd9"}
+PHASE_COLORS = {"forward": "#dbe9f6", "backward": "#fde5cc", "optimizer": "#dcefd9", "generation": "#ece3f3"}
 #: a qualitative palette for series (backends, models)
 PALETTE = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#b279a2", "#72b7b2", "#eeca3b", "#9d755d", "#ff9da6")
 MARKERS = ("circle", "square", "triangle", "diamond", "cross", "star")
@@ -241,7 +241,8 @@ def timeline_svg(tl: dict[str, Any], predicted_phase_peaks: dict[str, int] | Non
     out.append(_text(left + plot_w / 2, h - 26, "tensor allocations and frees in the measured steps (events, in order)",
                      12, "middle"))
     lx = left
-    for name, sw in [(p, PHASE_COLORS[p]) for p in PHASE_COLORS] + [("live bytes", "#4c78a8")]:
+    shown = [p for p in PHASE_COLORS if p != "generation" or any(seg[2] == p for seg in tl.get("phases") or [])]  # GRPO
+    for name, sw in [(p, PHASE_COLORS[p]) for p in shown] + [("live bytes", "#4c78a8")]:
         out.append(f"<rect x='{lx}' y='{h - 14}' width='12' height='10' fill='{sw}' stroke='#bbb'/>")
         out.append(_text(lx + 16, h - 5, name, 11))
         lx += 26 + 7 * len(name)

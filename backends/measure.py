@@ -65,6 +65,7 @@ from qplan.observe.existing import census, classify_model, register_model, sweep
 from qplan.observe.recompute import wrap_recompute
 from qplan.observe.summary import Curve
 from qplan.observe.tracker import LiveTensorTracker, LogitsRule
+from qplan.planner.vocab import PHASES
 
 # ---------------------------------------------------------------------------------- probes
 
@@ -207,7 +208,9 @@ class Probe:
             tr.detach()
             self._tracker = None
             curve = Curve(tr)
-            res = curve.summarize()
+            # a GRPO run marks its generation (backends.grpo_train): its own phase peak then
+            marked = ("generation",) if any(ph == "generation" for _, ph, _ in tr.marks) else ()
+            res = curve.summarize(PHASES + marked)
             first = next(ev for ev, ph, _ in tr.marks if ph == "forward")
             start = curve.breakdown(first - 1)
             self.window.update({

@@ -137,6 +137,12 @@ class PeftBackend:
 
     def train(self, prepared: Prepared, dataset: Any, plan: dict[str, Any], settings: TrainSettings,
               callbacks: list[Any]) -> None:
+        if plan["training"].get("objective", "sft") == "grpo":  # TRL's GRPOTrainer, generating with transformers
+            from .grpo_train import run_grpo_trainer
+
+            run_grpo_trainer(prepared.model, prepared.tokenizer, dataset, plan, settings, prepared.device, callbacks,
+                             optimizer=prepared.optimizer)
+            return
         if plan["training"].get("objective", "sft") != "sft":  # TRL's DPOTrainer / KTOTrainer
             from .preference_train import run_preference_trainer
 

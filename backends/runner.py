@@ -402,11 +402,12 @@ def _check_objective(plan: dict[str, Any]) -> None:
     objective = plan["training"].get("objective", "sft")
     if objective == "sft":
         return
-    if objective == "grpo":
-        raise QPlanError("qplan run does not train GRPO plans yet (its generation is checked by tests/planner/"
-                         "test_grpo.py against a tracked GRPOTrainer run): train with TRL's GRPOTrainer directly")
+    if objective == "grpo" and plan["training"]["grpo"].get("vllm"):
+        raise QPlanError("qplan run generates with transformers' generate: a --vllm plan is not run (vLLM is not "
+                         "installed with qplan); re-plan without --vllm to measure the trainer's side")
     if objective not in TRAINERS:
-        raise QPlanError(f"qplan run trains SFT, DPO, KTO and reward plans: this plan's objective is {objective!r}")
+        raise QPlanError(f"qplan run trains SFT, DPO, KTO, reward and GRPO plans: this plan's objective is "
+                         f"{objective!r}")
     name, trainer = objective.upper(), TRAINERS[objective][0]
     if plan["backend"] != "peft":
         raise QPlanError(f"qplan run trains {name} plans with the peft backend (TRL's {trainer} on a PEFT model), not "

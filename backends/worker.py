@@ -207,6 +207,13 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
 
             data = PreferencePairs(load_dataset(job.get("data"), prepared.tokenizer, int(t["seq_len"]),
                                                 2 * step_blocks * world, model_vocab=vocab))
+        elif t.get("objective", "sft") == "grpo":  # prompts of the plan's prompt length (backends.grpo_train)
+            from .grpo_train import GrpoPrompts
+
+            g = t["grpo"]
+            data = GrpoPrompts(load_dataset(job.get("data"), prepared.tokenizer, int(g["prompt_length"]),
+                                            max(1, step_blocks * world // int(g["num_generations"])), model_vocab=vocab),
+                               int(g["num_generations"]))
         elif t.get("objective", "sft") == "kto":  # unpaired rows, a block each (backends.preference_train)
             from .preference_train import UnpairedRows
 

@@ -159,10 +159,12 @@ CATEGORIES = ("weights", "adapters", "gradients", "optimizer", "optimizer_paged"
 #: phases of a step as the observers mark them
 PHASES = ("forward", "backward", "optimizer")
 #: the planner's moments of a step (``prediction.memory_detail.phases``) that fall in each phase an
-#: observer marks: the loss is computed inside the model's forward; layer 0's backward is in the
+#: observer marks (``qplan run`` of a GRPO plan marks its ``generation`` too): the loss is computed inside the model's
+#: forward; layer 0's backward is in the
 #: backward pass; an eager-attention layer's forward runs in the forward and again, recomputed, in
 #: the backward
-MOMENTS_OF_PHASE = {"forward": ("forward", "attention", "unshard", "mlp_forward", "reference", "generation"),
+MOMENTS_OF_PHASE = {"forward": ("forward", "attention", "unshard", "mlp_forward", "reference"),
+                    "generation": ("generation",),
                     "backward": ("backward", "layers", "layers_last", "attention", "embeddings"),
                     "optimizer": ("optimizer",)}
 #: what a person calls each moment

@@ -298,7 +298,9 @@ def grpo_fields(spec: ModelSpec, counts: list[ModuleCount], dropout: float, q: Q
     targets = frozenset(c.module.rsplit(".", 1)[-1] for c in lora)
     adapter = lora[0].dtype if lora else q.unquantized_dtype
     shape = (grpo.prompt_length, grpo.max_completion_length)
-    dq = dequant_temp_bytes(spec, q, precision(q).c) if q.kbit else 0
+    # a GPU's bitsandbytes dequantizes a 4-bit weight for a matmul of several rows (gemv only for one); its CPU path
+    # under no_grad makes no dequantized copy (measured: tests/backends/test_preference_run.py, the nf4 GRPO run)
+    dq = dequant_temp_bytes(spec, q, precision(q).c) if q.kbit and kernels == "cuda" else 0
 
     def generation(b: int) -> dict[str, int]:
         t = generation_terms(spec, q, adapter, targets, GenerationShape(grpo.sequences(b), *shape), dropout, kernels)

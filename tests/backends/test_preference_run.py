@@ -118,3 +118,27 @@ def test_a_reward_model_run_measures_what_the_plan_predicts(tmp_path, capsys):
     assert compared["adapter_file_bytes"]["measured"] == compared["adapter_file_bytes"]["predicted"]
     with safe_open(str(run / "adapter" / "adapter_model.safetensors"), "pt") as f:
         assert any(k.endswith("score.weight") for k in f.keys())
+
+
+@pytest.mark.parametrize("args", [
+    ["--quant", "bf16"],
+    ["--quant", "bf16", "--batch-size", "2", "--grad-accum", "2", "--steps-per-generation", "1", "--num-generations",
+     "2"],
+    [],  # nf4: the trainer casts the adapters to bf16, as the plan says
+], ids=["bf16", "generation-inside-the-window", "nf4"])
+def test_a_grpo_run_measures_what_the_plan_predicts(tmp_path, capsys, args):
+    """TRL's GRPOTrainer (transformers' generate) trains the plan: the tensor peak within 5% of the CPU prediction, the
+    generation marked as its own phase and within 1% of the plan's generation moment (with the gradients alive when a
+    generation batch starts inside an accumulation window), the counts and the adapter file exact."""
+    run, doc = estimate_and_run(tmp_path, capsys, ["--objective", "grpo", "--batch-size", "4", "--num-generations", "4",
+                                                   "--max-prompt-length", "16", "--max-completion-length", "8",
+                                                   *args])
+    plan = json.loads((tmp_path / "plan.json").read_text(encoding="utf-8"))
+    compared = doc["compared"]
+    assert abs(compared["tensor_peak"]["error"]) <= 0.05, compared["tensor_peak"]
+    assert compared["trainable"]["measured"] == compared["trainable"]["predicted"]
+    assert compared["adapter_file_bytes"]["measured"] == compared["adapter_file_bytes"]["predicted"]
+    t = plan["training"]
+    assert doc["measured"]["timing"]["tokens_per_step"] == t["batch_size"] * t["grad_accum"] * (16 + 8)
+    generation = doc["measured"]["memory"]["phase_peaks"]["generation"]
+    assert generation == pytest.approx(plan["prediction"]["memory_detail"]["phases_cpu"]["generation"], rel=0.01)

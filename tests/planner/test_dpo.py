@@ -112,7 +112,7 @@ def test_what_dpo_is_not_planned_with_is_one_line(capsys, args, needle):
 
 @pytest.mark.parametrize("training, backend, needle", [
     ({"objective": "dpo"}, "unsloth", "with the peft backend"),
-    ({"objective": "grpo"}, "peft", "does not train GRPO plans yet"),
+    ({"objective": "grpo", "grpo": {"vllm": "colocate"}}, "peft", "a --vllm plan is not run"),
     ({"objective": "ppo"}, "peft", "objective is 'ppo'"),
 ])
 def test_run_checks_what_it_can_train_before_anything_starts(training, backend, needle):
