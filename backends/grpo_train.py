@@ -18,31 +18,23 @@ What the plan assumes (``planner.objectives.check_grpo``, ``planner.memory.gener
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 from qplan.planner.errors import QPlanError
 
 from .base import TrainSettings
-from .data import PackedData
-from .hf_train import training_kwargs
+from .preference_train import Blocks, trl_config
 
 
 @dataclasses.dataclass
-class GrpoPrompts:
+class GrpoPrompts(Blocks):
     """Prompts of ``seq_len`` tokens cut from packed blocks (``packed.seq_len`` is the plan's prompt length); a prompt
     yields ``generations`` completions, which is what a step counts."""
 
-    packed: PackedData
-    generations: int
-
-    @property
-    def tokens_in_file(self) -> int:
-        return self.packed.tokens_in_file
-
-    @property
-    def notes(self) -> list[str]:
-        return self.packed.notes
+    generations: int = 8
 
     def __len__(self) -> int:
         return len(self.packed.blocks) * self.generations
@@ -60,15 +52,8 @@ def grpo_config(plan: dict[str, Any], settings: TrainSettings, device: str) -> A
         from trl import GRPOConfig
     except ImportError as exc:  # pragma: no cover - the runner checks first
         raise QPlanError(f"a GRPO plan trains with TRL: pip install trl==1.16.0 ({exc})") from exc
-    kw = training_kwargs(plan, settings, device)
-    fields = {f.name for f in dataclasses.fields(GRPOConfig)}
-    ckpt = kw.get("activation_checkpointing", kw.get("gradient_checkpointing"))
-    ckpt_kwargs = kw.get("activation_checkpointing_kwargs", kw.get("gradient_checkpointing_kwargs"))
-    for name in ("activation_checkpointing", "gradient_checkpointing"):
-        if name in fields:
-            kw[name], kw[f"{name}_kwargs"] = ckpt, ckpt_kwargs
     g = plan["training"]["grpo"]
-    return GRPOConfig(**kw, num_generations=int(g["num_generations"]),
+    return trl_config(GRPOConfig, plan, settings, device, num_generations=int(g["num_generations"]),
                       max_completion_length=int(g["max_completion_length"]),
                       steps_per_generation=int(g["steps_per_generation"]), beta=float(g["beta"]))
 
@@ -98,25 +83,33 @@ def run_grpo_trainer(model: Any, tokenizer: Any, prompts: GrpoPrompts, plan: dic
         trainer = _Pretokenized(model=model, reward_funcs=even_share, args=args, train_dataset=prompts.hf_dataset(),
                                 processing_class=tokenizer, callbacks=callbacks, optimizers=(optimizer, None))
         probe = next((getattr(c, "probe", None) for c in callbacks if getattr(c, "probe", None) is not None), None)
-        cls = type(trainer.model)
-        generate = cls.generate
-        if probe is not None:
-            set_phase, quiet = probe.set_phase, [False]
-
-            def marked(self: Any, *a: Any, **k: Any) -> Any:
-                set_phase("generation")
-                quiet[0] = True
-                try:
-                    return generate(self, *a, **k)
-                finally:
-                    quiet[0] = False
-                    set_phase("forward")
-
-            probe.set_phase = lambda phase: None if quiet[0] else set_phase(phase)
-            cls.generate = marked
-        try:
+        with generation_marked(trainer, probe):
             trainer.train()
+
+
+@contextlib.contextmanager
+def generation_marked(trainer: Any, probe: Any) -> Iterator[None]:
+    """While open, each ``generate`` of the trainer's model is the probe's ``generation`` phase (back to ``forward``
+    after it), and the phase changes the measuring hooks make from generate's own forwards are dropped."""
+    if probe is None:
+        yield
+        return
+    cls = type(trainer.model)
+    generate, set_phase, quiet = cls.generate, probe.set_phase, [False]
+
+    def marked(self: Any, *a: Any, **k: Any) -> Any:
+        set_phase("generation")
+        quiet[0] = True
+        try:
+            return generate(self, *a, **k)
         finally:
-            cls.generate = generate
-            if probe is not None:
-                probe.set_phase = set_phase
+            quiet[0] = False
+            set_phase("forward")
+
+    probe.set_phase = lambda phase: None if quiet[0] else set_phase(phase)
+    cls.generate = marked
+    try:
+        yield
+    finally:
+        cls.generate = generate
+        probe.set_phase = set_phase

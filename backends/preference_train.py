@@ -39,15 +39,11 @@ from .hf_train import training_kwargs
 
 
 @dataclasses.dataclass
-class _Rows:
-    """Rows cut from packed blocks, every other one a token shorter (so each batch is padded)."""
+class Blocks:
+    """Rows a TRL trainer reads, cut from packed blocks (``backends.data``): the file's tokens and notes are the
+    blocks'."""
 
     packed: PackedData
-
-    def __post_init__(self) -> None:
-        if self.packed.seq_len < 2:
-            raise QPlanError(f"a preference run needs --seq-len >= 2 (every other row one token shorter), got "
-                             f"{self.packed.seq_len}")
 
     @property
     def tokens_in_file(self) -> int:
@@ -56,6 +52,16 @@ class _Rows:
     @property
     def notes(self) -> list[str]:
         return self.packed.notes
+
+
+@dataclasses.dataclass
+class _Rows(Blocks):
+    """Rows cut from packed blocks, every other one a token shorter (so each batch is padded)."""
+
+    def __post_init__(self) -> None:
+        if self.packed.seq_len < 2:
+            raise QPlanError(f"a preference run needs --seq-len >= 2 (every other row one token shorter), got "
+                             f"{self.packed.seq_len}")
 
 
 @dataclasses.dataclass
@@ -117,6 +123,12 @@ def trainer_config(plan: dict[str, Any], settings: TrainSettings, device: str) -
         raise QPlanError(f"a {plan['training']['objective'].upper()} plan trains with TRL: pip install trl==1.16.0 "
                          f"({exc})") from exc
     cls = getattr(trl, TRAINERS[plan["training"]["objective"]][1])
+    return trl_config(cls, plan, settings, device, max_length=int(plan["training"]["seq_len"]))
+
+
+def trl_config(cls: Any, plan: dict[str, Any], settings: TrainSettings, device: str, **extra: Any) -> Any:
+    """A TRL config class (``DPOConfig``, ``GRPOConfig``, ...) of the plan's ``TrainingArguments`` and ``extra``; TRL's
+    configs default checkpointing to on: it is set under both of its names to the plan's."""
     kw = training_kwargs(plan, settings, device)
     fields = {f.name for f in dataclasses.fields(cls)}
     ckpt = kw.get("activation_checkpointing", kw.get("gradient_checkpointing"))
@@ -124,7 +136,7 @@ def trainer_config(plan: dict[str, Any], settings: TrainSettings, device: str) -
     for name in ("activation_checkpointing", "gradient_checkpointing"):
         if name in fields:
             kw[name], kw[f"{name}_kwargs"] = ckpt, ckpt_kwargs
-    return cls(**kw, max_length=int(plan["training"]["seq_len"]))
+    return cls(**kw, **extra)
 
 
 def run_preference_trainer(model: Any, tokenizer: Any, rows: Any, plan: dict[str, Any], settings: TrainSettings,

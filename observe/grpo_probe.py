@@ -16,8 +16,6 @@ import itertools
 import tempfile
 from typing import Any
 
-PHASES = ("generation", "forward", "backward", "optimizer")
-
 
 def _random_peft_model(config: dict[str, Any], dtype: str, r: int, dropout: float) -> tuple[Any, str]:
     import torch
@@ -103,8 +101,8 @@ def tracked_grpo_run(config: dict[str, Any], batch: int, generations: int, promp
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
+    from qplan.backends.grpo_train import generation_marked
     from qplan.backends.measure import MeasureCallback, Probe
-    from qplan.observe import summary
     from qplan.observe.tracker import LogitsRule
 
     model, folder = _random_peft_model(config, "bfloat16", r, dropout)
@@ -112,9 +110,6 @@ def tracked_grpo_run(config: dict[str, Any], batch: int, generations: int, promp
     probe = Probe("cpu")
     probe.vocab = int(config["vocab_size"])
     probe.logits = LogitsRule.for_step(probe.vocab, batch, prompt + completion)
-    generating = [False]
-    set_phase = probe.set_phase
-    probe.set_phase = lambda phase: None if generating[0] else set_phase(phase)  # generate's forwards are not the step's
     meter = MeasureCallback(probe, tokens_per_step=batch * (prompt + completion) * grad_accum, warmup_steps=1,
                             measure_steps=2)
     word = tok("hello", add_special_tokens=False)["input_ids"]
@@ -129,28 +124,9 @@ def tracked_grpo_run(config: dict[str, Any], batch: int, generations: int, promp
         trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **_: [float(len(c)) for c in completions],
                               args=args, train_dataset=Dataset.from_dict({"prompt": [text] * 64}),
                               processing_class=tok, callbacks=[meter])
-    cls = type(trainer.model)
-    generate = cls.generate
-
-    def tracked(self: Any, *a: Any, **k: Any) -> Any:
-        set_phase("generation")
-        generating[0] = True
-        try:
-            return generate(self, *a, **k)
-        finally:
-            generating[0] = False
-            set_phase("forward")
-
-    summarize = summary.Curve.summarize
-    cls.generate = tracked
-    summary.Curve.summarize = lambda self, phases=PHASES: summarize(self, phases)
-    try:
-        with warnings.catch_warnings():  # TRL's generation calls transformers' deprecated gradient_checkpointing_*
-            warnings.simplefilter("ignore", FutureWarning)
-            trainer.train()
-    finally:
-        cls.generate = generate
-        summary.Curve.summarize = summarize
+    with warnings.catch_warnings(), generation_marked(trainer, probe):  # the probe then summarizes it as a phase
+        warnings.simplefilter("ignore", FutureWarning)  # TRL calls transformers' deprecated checkpointing names
+        trainer.train()
     mem = probe.memory()
     return {"tensor_peak": mem["tensor_peak"], "phase_peaks": mem["phase_peaks"],
             "prompt_tokens": len(tok(text)["input_ids"])}
