@@ -43,7 +43,8 @@ from qplan.planner.memory.terms import (
 from qplan.planner.model.full import is_full
 from qplan.planner.model.weights import QuantSettings, weights_bytes
 
-FORWARD_MOMENTS = ("forward", "backward", "layers", "layers_last", "attention", "mlp_forward", "embeddings", "reference")
+FORWARD_MOMENTS = ("forward", "backward", "layers", "layers_last", "attention", "mlp_forward", "embeddings", "reference",
+                   "generation")
 
 
 def engine_quant(q: QuantSettings, strategy: str) -> QuantSettings:
@@ -69,7 +70,7 @@ def rank_memory(spec, counts, lora_r, dropout, q: QuantSettings, t, dist: DistSe
         host += rw["sharded"]  # FSDP2 CPUOffloadPolicy / ZeRO-3 offload_param: parameter shards on the host
         resident -= rw["sharded"]
     mm = MemoryModel.build(spec, counts, lora_r, dropout, qe, t.grad_ckpt, t.optimizer, t.attn_impl, resident,
-                           loss, kernels, t.padded, dora, t.liger_kernels, t.objective)
+                           loss, kernels, t.padded, dora, t.liger_kernels, t.objective, t.grpo, t.grad_accum)
     extras = {m: {"weights": 0, "gradients": 0} for m in (*FORWARD_MOMENTS, "optimizer")}
     terms: dict[str, int] = {"weights_sharded": rw["sharded"], "quant_state_replicated": rw["quant_state"],
                              "buffers_replicated": rw["buffers"]}

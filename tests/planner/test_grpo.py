@@ -222,3 +222,14 @@ def test_vllm_refusals(kw, message):
         make_plan(**{k: v for k, v in opts.items() if v is not None})
     with pytest.raises(QPlanError, match="is an option of --objective grpo"):
         make_plan(model="qwen3-1.7b", vllm="server")
+
+
+def test_ddp_ranks_generate_their_share():
+    """Over DDP each rank generates its own batch x steps_per_generation rows beside DDP's gradient buckets, which
+    exist from the wrapper's construction: the rank's generation moment is the one-GPU moment plus the buckets."""
+    one = make_plan(model="qwen2.5-0.5b", objective="grpo", batch_size=4, num_generations=4).to_dict()
+    two = make_plan(model="qwen2.5-0.5b", objective="grpo", batch_size=4, num_generations=8, gpus=2).to_dict()
+    buckets = two["distributed"]["per_rank"]["ddp_buckets"]
+    assert two["prediction"]["generation"]["sequences"] == one["prediction"]["generation"]["sequences"] == 4
+    assert (two["prediction"]["memory_detail"]["phases"]["generation"]
+            == one["prediction"]["memory_detail"]["phases"]["generation"] + buckets)
