@@ -434,7 +434,7 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> PlanDoc:
         warnings = [*(warnings or []), *notes]
     memory = memory_document(mem)
     # vLLM colocated without sleep holds its share of the GPU all run: the trainer has the rest
-    usable = inp.gpu.usable_bytes - (t.grpo.vllm_reserved * (not t.grpo.vllm_sleep) if t.grpo else 0) if inp.gpu else None
+    usable = inp.gpu.usable_bytes - (t.grpo.vllm_held if t.grpo else 0) if inp.gpu else None
     prediction = {
         "method": "analytic",
         "params": {

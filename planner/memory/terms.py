@@ -69,6 +69,11 @@ class GrpoSettings:
     vllm_reserved: int = 0
     vllm_sleep: bool = False
 
+    @property
+    def vllm_held(self) -> int:
+        """Bytes colocated vLLM holds on this GPU through the training step (0 asleep, in server mode, or without)."""
+        return self.vllm_reserved if self.vllm == "colocate" and not self.vllm_sleep else 0
+
     def sequences(self, batch_size: int) -> int:
         """The completions one rank generates at once: ``per_device_train_batch_size x steps_per_generation``."""
         return batch_size * self.steps_per_generation
