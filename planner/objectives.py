@@ -15,7 +15,7 @@ from qplan.planner.compute.decode import generation_compute
 from qplan.planner.document import GenerationSection, section
 from qplan.planner.errors import QPlanError
 from qplan.planner.memory.generation import GENERATION_MODEL_TYPES
-from qplan.planner.memory.terms import GrpoSettings, TrainingSettings, adapter_bytes
+from qplan.planner.memory.terms import GrpoSettings, TrainingSettings, adapter_bytes, max_context
 from qplan.planner.model.lora import LoraSettings
 from qplan.planner.model.spec import ModelSpec
 from qplan.planner.model.weights import base_params, weights_bytes
@@ -162,6 +162,9 @@ def check_grpo(o: PlanOptions, spec: ModelSpec, gpu: Any = None) -> tuple[GrpoSe
             and g.prompt_length + g.max_completion_length > sw:
         why = (f"prompt + completion ({g.prompt_length + g.max_completion_length}) beyond {spec.name}'s sliding window "
                f"({sw}): its sliding layers' cache is not planned yet")
+    elif why is None and (ctx := max_context(spec)) and g.prompt_length + g.max_completion_length > ctx:
+        why = (f"--max-prompt-length {g.prompt_length} + --max-completion-length {g.max_completion_length} exceeds "
+               f"{spec.name}'s context of {ctx} tokens (max_position_embeddings)")
     elif why is None and g.num_generations < 2:
         why = (f"--num-generations {g.num_generations}: GRPO needs at least 2 generations per prompt for its "
                "advantages (GRPOConfig refuses fewer)")

@@ -63,13 +63,8 @@ VLLM_NO_EFFECT = {"vllm_server_base_url", "vllm_server_host", "vllm_server_port"
 GRPO_REFUSED = {"num_iterations", "sync_ref_model", "generation_kwargs", "cache_implementation",
                 "use_transformers_continuous_batching", "use_transformers_paged", "loss_type", "vllm_tensor_parallel_size",
                 "vllm_max_model_length"}
-GRPO_KEYS = GRPO_NO_EFFECT | set(GRPO_SAMPLING) | GRPO_MAPPED | GRPO_REFUSED | {
-    k for k in ("vllm_enable_sleep_mode", "vllm_gpu_memory_utilization", "vllm_group_port", "vllm_importance_sampling_cap",
-                "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min",
-                "vllm_importance_sampling_correction", "vllm_importance_sampling_mode", "vllm_max_model_length",
-                "vllm_model_impl", "vllm_server_base_url", "vllm_server_host", "vllm_server_port",
-                "vllm_server_timeout", "vllm_structured_outputs_regex", "vllm_tensor_parallel_size",
-                "transformers_continuous_batching_config")}
+GRPO_KEYS = GRPO_NO_EFFECT | set(GRPO_SAMPLING) | GRPO_MAPPED | GRPO_REFUSED | VLLM_NO_EFFECT | {
+    "transformers_continuous_batching_config"}
 #: each objective's own keys (the TRL reader does not refuse them as another trainer's)
 OWN_KEYS = {"dpo": DPO_KEYS, "kto": KTO_KEYS, "grpo": GRPO_KEYS}
 #: each objective's loss_type (its default), the one its trace runs
@@ -100,7 +95,10 @@ def read_grpo(r: Any, o: dict[str, Any]) -> None:
         o["vllm"] = mode
         if mode == "colocate":
             o["vllm_gpu_memory_utilization"] = r.get("vllm_gpu_memory_utilization", 0.3)
-            o["vllm_sleep"] = bool(r.get("vllm_enable_sleep_mode", False))
+            sleep = r.get("vllm_enable_sleep_mode", False)
+            if sleep not in (True, False):
+                raise QPlanError(f"trl config: vllm_enable_sleep_mode must be true or false, got {shown(sleep)}")
+            o["vllm_sleep"] = sleep
     for key, default in (("num_iterations", 1), ("cache_implementation", None), ("generation_kwargs", None),
                          ("sync_ref_model", False), ("vllm_tensor_parallel_size", 1), ("vllm_max_model_length", None)):
         if key in r.cfg and r.cfg[key] not in (default, {}):
@@ -129,7 +127,7 @@ def read_grpo(r: Any, o: dict[str, Any]) -> None:
         o["steps_per_generation"] = gbs // rows
     if "beta" in r.cfg:
         o["beta"] = r.cfg["beta"]
-    if "max_prompt_length" not in r.cfg:
+    if r.cfg.get("max_prompt_length") is None:
         r.warnings.append(note("data", "trl config: the prompts' length is not in the file (TRL 1.16 does not truncate "
                                        "them): planned at --max-prompt-length's default, 512; give yours"))
     if r.cfg.get("dataset_name"):

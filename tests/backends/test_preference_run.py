@@ -121,11 +121,10 @@ def test_a_reward_model_run_measures_what_the_plan_predicts(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args", [
-    ["--quant", "bf16"],
     ["--quant", "bf16", "--batch-size", "2", "--grad-accum", "2", "--steps-per-generation", "1", "--num-generations",
      "2"],
     [],  # nf4: the trainer casts the adapters to bf16, as the plan says
-], ids=["bf16", "generation-inside-the-window", "nf4"])
+], ids=["bf16-generation-inside-the-window", "nf4"])
 def test_a_grpo_run_measures_what_the_plan_predicts(tmp_path, capsys, args):
     """TRL's GRPOTrainer (transformers' generate) trains the plan: the tensor peak within 5% of the CPU prediction, the
     generation marked as its own phase and within 1% of the plan's generation moment (with the gradients alive when a
