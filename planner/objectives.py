@@ -48,6 +48,15 @@ NOTES = {
 }
 
 
+def objective_note(o: PlanOptions) -> str:
+    """What a non-SFT plan says of how it was planned (``NOTES``); a GRPO plan generating with vLLM says so."""
+    if o.objective == "grpo" and o.vllm:
+        return (f"GRPO: planned as TRL 1.16's GRPOTrainer runs it with vLLM ({o.vllm}): vLLM's share of this GPU and "
+                "its needs (prediction.generation.vllm) are derived from TRL's source, not measured; each micro-batch "
+                "of prompt + completion rows through the fused head as with transformers' generate")
+    return NOTES[o.objective]
+
+
 def _trainer_refusal(o: PlanOptions, full_why: str, strategy_why: str) -> str | None:
     """What every TRL trainer here is not planned with yet (``None``: nothing), given the reasons for ``--full`` and for
     a strategy other than DDP."""

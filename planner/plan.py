@@ -73,7 +73,6 @@ from qplan.planner.model.weights import (
     unquantized_experts_warning,
 )
 from qplan.planner.objectives import (
-    NOTES,
     check_data_format,
     check_grpo,
     check_objective_flags,
@@ -83,6 +82,7 @@ from qplan.planner.objectives import (
     generation_work,
     kbit_adapters,
     kbit_note,
+    objective_note,
 )
 from qplan.planner.options import DEFAULT_QUANT, FULL_QUANT, PlanOptions, as_dict, check_options
 from qplan.planner.validate import read_calibration
@@ -283,7 +283,7 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
         check_method(peft, q, backend, dist, o.loss)
         warnings += method_warnings(peft)
     if o.objective != "sft":
-        warnings.append(NOTES[o.objective])
+        warnings.append(objective_note(o))
     return PlanInputs(spec, lora, q, training, gpu_, backend, tokens, o.price_per_hour, calib, dist, data,
                       o.full, peft), warnings
 

@@ -476,8 +476,9 @@ def _trl(r: _Reader, objective: str = "sft") -> dict[str, Any]:
         raise QPlanError(f"trl config: label_smoothing_factor must be in [0, 1), got {shown(smoothing)}")
     o["loss"] = "full" if smoothing else "trl"
     if full and objective != "sft":
-        raise QPlanError(f"trl config with --objective {objective}: use_peft is not true (full fine-tuning: the "
-                         "reference is a second model), which is not planned yet")
+        raise QPlanError(f"trl config with --objective {objective}: use_peft is not true (full fine-tuning"
+                         + (": the reference is a second model" if objective != "grpo" else "")
+                         + "), which is not planned yet")
     if full and not smoothing:
         raise QPlanError("trl config: use_peft is not true (full fine-tuning): TRL 1.16's SFTTrainer computes the loss "
                          "through its fused LM head, whose gradient of the trained head qplan does not plan yet")

@@ -183,6 +183,8 @@ def test_vllm_colocate_takes_its_share_of_the_gpu():
     assert colo["prediction"]["headroom"] == hf["gpu"]["usable_bytes"] - reserved - peak
     gen = colo["prediction"]["generation"]
     assert gen["engine"] == "vllm" and gen["tensor_peak"] is None
+    assert any("with vLLM (colocate)" in w for w in colo["warnings"])
+    assert not any("transformers' generate (no vLLM)" in w for w in colo["warnings"] + server["warnings"])
     v = gen["vllm"]
     # vLLM's copy of a 4-bit base is bitsandbytes 4-bit (TRL asks for quantization="bitsandbytes"); its KV cache 16-bit
     assert v["weights"] == colo["prediction"]["memory"]["weights"]

@@ -71,6 +71,7 @@ def test_sampling_settings_are_warned_about(capsys, tmp_path):
     ({"generation_batch_size": 12}, ["generation_batch_size 12 must be a multiple of the global batch (8)"]),
     ({"num_generations": 3}, ["divisible by --num-generations 3"]),
     ({"loss_type": "ppo"}, ["loss_type 'ppo'"]),
+    ({"use_peft": False, "load_in_4bit": False}, ["use_peft is not true (full fine-tuning), which is not planned"]),
     ({"use_vllm": True, "vllm_enable_sleep_mode": "maybe"}, ["vllm_enable_sleep_mode must be true or false"]),
 ])
 def test_what_grpo_keys_change_that_is_not_planned_is_one_line(capsys, tmp_path, extra, needles):
