@@ -53,7 +53,9 @@ def pairs(plan: dict[str, Any], doc: dict[str, Any]) -> dict[str, dict[str, Any]
                         else "live tensor storages (tracker peak), vs the plan's CPU-kernel prediction"),
         "peak": (pm["peak"], mem.get("peak") if cuda else None,
                  "max_memory_reserved + CUDA context" if cuda else "not measurable on the CPU"),
-        "weights": (pm["weights"], mem.get("weights"),
+        # the policy's weights: a DPO/KTO reference model (full fine-tuning) is loaded later, by the trainer
+        "weights": (pm["weights"] - pred.get("memory_detail", {}).get("weights", {}).get("reference", 0),
+                    mem.get("weights"),
                     "memory_allocated after load + k-bit preparation" if cuda
                     else "model tensor storages after load + k-bit preparation"),
         "weights_footprint": (pm["weights_footprint"], mem.get("weights_footprint"), "model.get_memory_footprint()"),

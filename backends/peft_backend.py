@@ -114,6 +114,10 @@ class PeftBackend:
             probe.set_phase("trainable")
             for p in model.parameters():
                 p.requires_grad_(True)
+            if t.get("loss") == "trl" and t.get("objective", "sft") == "sft":  # SFTTrainer's fused head (DPO: its own)
+                from qplan.observe.trace.trl_head import add_sft_fused_head
+
+                add_sft_fused_head(model)
             probe.snapshot("after_adapters", model, adapters=False)
             trainable, total = trainable_and_total(model)
             return Prepared(model=model, tokenizer=load_tokenizer(source), device=device,

@@ -29,7 +29,8 @@ TRAINERS = {"dpo": ("DPOTrainer", "DPOConfig"), "kto": ("KTOTrainer", "KTOConfig
 NOTES = {
     "dpo": ("DPO: planned as TRL 1.16's DPOTrainer runs it (traced on meta through its own _compute_loss); "
             "every position is planned as a completion token (the fused head scores fewer with a prompt), "
-            "the precomputation pass of precompute_ref_log_probs and a separate ref_model are not planned; "
+            "with --full the reference is the policy's checkpoint loaded again (TRL without PEFT); the precomputation "
+            "pass of precompute_ref_log_probs and a ref_model of another checkpoint are not planned; "
             "with checkpointing, the last layer's backward at LoRA dropout 0 (DPO's) is planned up to 2% "
             "under the traced step (QLoRA; 0.6% in bf16)"),
     "reward": ("reward model: planned as TRL 1.16's RewardTrainer runs it (traced on meta through its own compute_loss): "
@@ -39,7 +40,8 @@ NOTES = {
     "kto": ("KTO: planned as TRL 1.16's KTOTrainer runs it (traced on meta through its own _compute_loss): each of the "
             "--batch-size rows, the KL term's mismatched rows (another row's completion after each prompt, no grad, "
             "policy and reference) and the reference's forward; every position is planned as a completion token, "
-            "the precomputation pass of precompute_ref_log_probs and a separate ref_model are not planned"),
+            "with --full the reference is the policy's checkpoint loaded again (TRL without PEFT); the precomputation "
+            "pass of precompute_ref_log_probs and a ref_model of another checkpoint are not planned"),
     "grpo": ("GRPO: planned as TRL 1.16's GRPOTrainer runs it with transformers' generate (no vLLM): the generation "
              "batch's prefill, KV cache and sampling (prediction.generation, checked against a tracked real generate), "
              "then each micro-batch of prompt + completion rows through the fused head (log-probabilities and "
@@ -57,12 +59,14 @@ def objective_note(o: PlanOptions) -> str:
     return NOTES[o.objective]
 
 
-def _trainer_refusal(o: PlanOptions, full_why: str, strategy_why: str) -> str | None:
-    """What every TRL trainer here is not planned with yet (``None``: nothing), given the reasons for ``--full`` and for
-    a strategy other than DDP."""
+def _trainer_refusal(o: PlanOptions, full_why: str | None, strategy_why: str) -> str | None:
+    """What every TRL trainer here is not planned with yet (``None``: nothing), given the reasons for ``--full``
+    (``None``: planned) and for a strategy other than DDP."""
     trainer, config = TRAINERS[o.objective]
-    if o.full:
+    if o.full and full_why:
         return full_why
+    if o.full and (o.gpus * o.nodes > 1 or o.strategy is not None or o.cpu_offload):
+        return "--full over several GPUs is not planned yet (one GPU, holding the policy and the reference whole, is)"
     if o.peft_type.strip().lower() != "lora":
         return f"--peft-type {o.peft_type} is not planned yet (LoRA and its variants are)"
     if o.backend != "peft":
@@ -85,7 +89,7 @@ def check_preference(o: PlanOptions) -> str:
     if o.loss not in ("full", "trl"):  # full: the option's default
         raise QPlanError(f"--objective {name} computes its log-probabilities with TRL's fused LM head ({trainer} "
                          f"always does): leave out --loss {o.loss}, or give --loss trl")
-    why = _trainer_refusal(o, "--full (a separate reference model) is not planned yet",
+    why = _trainer_refusal(o, None,
                            "plan one GPU or DDP (TRL's fused head gathers an FSDP-sharded head whole, and DeepSpeed "
                            "prepares its own reference)")
     if why is None and o.data is not None and name == "dpo" and o.batching != "padding":

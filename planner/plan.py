@@ -415,7 +415,7 @@ def build_plan(inp: PlanInputs, warnings: list[str] | None = None) -> PlanDoc:
         if note:
             warnings = [*(warnings or []), note]
     counts = plan_counts(inp)
-    if t.loss != "full" and any(c.module == spec.inventory.output_head for c in counts):
+    if t.loss != "full" and any(c.module == spec.inventory.output_head and c.kind != "full" for c in counts):
         raise QPlanError(f"--loss {t.loss}: the fused loss reads {spec.inventory.output_head}.weight as it is, so a "
                          "LoRA or a modules_to_save copy of the head is not planned: leave the head out of --targets "
                          "and --modules-to-save")

@@ -140,10 +140,12 @@ def render_plan(plan: dict[str, Any]) -> str:
         rows.append(["tensor peak, traced", fmt_bytes(tr["tensor_peak"]), fmt_int(tr["tensor_peak"])])
         rows.append(["peak, traced (the verdict's)", fmt_bytes(tr["peak"]), fmt_int(tr["peak"])])
     lines.append(tabulate(rows, headers=["memory", "", "bytes"], colalign=("left", "right", "right")))
+    ref = p["memory_detail"].get("weights", {}).get("reference", 0)
     lines.append(
-        f"weights: get_memory_footprint() would print {fmt_int(mem['weights_footprint'])} B "
-        f"(leaves out {fmt_bytes(mem['weights'] - mem['weights_footprint'])} of quantization constants)"
-    )
+        f"weights: get_memory_footprint() would print {fmt_int(mem['weights_footprint'])} B{' for the policy' if ref else ''} "
+        f"(leaves out {fmt_bytes(mem['weights'] - ref - mem['weights_footprint'])} of quantization constants)"
+        + (f"; the weights include the reference model's, {fmt_bytes(ref)} (TRL loads the checkpoint again)"
+           if ref else ""))
     ph = p["memory_detail"].get("phases")
     if ph:
         lines.append("tensor peak by moment: " + " · ".join(f"{PHASE_NAMES.get(k, k)} {fmt_bytes(v)}" for k, v in ph.items()))

@@ -88,9 +88,13 @@ def run_trace(config: dict, s: TraceSettings, wrap: Any = None) -> dict:
                 from .kto import add_kto_fused_head, kto_forward, kto_trainer_state
 
                 dpo_side = s.objective == "dpo"
-                (add_dpo_fused_head if dpo_side else add_kto_fused_head)(base_model(peft_model))
+                add_head = add_dpo_fused_head if dpo_side else add_kto_fused_head
+                add_head(base_model(peft_model))
                 kwargs = {"use_reentrant": True} if s.reentrant else None
-                dpo = ((dpo_trainer_state if dpo_side else kto_trainer_state)(peft_model, kwargs),
+                state = (dpo_trainer_state if dpo_side else kto_trainer_state)(peft_model, kwargs)
+                if s.full:  # no adapter to disable: TRL loads the reference, a second model (observe.trace.dpo)
+                    state.ref_model = reference_model(hf, s, add_head)
+                dpo = (state,
                        # TRL switches checkpointing off for the reference and back on: new checkpoint functions
                        (lambda: recompute_context(peft_model, s, current, amp)) if s.grad_ckpt else (lambda: None),
                        dpo_forward if dpo_side else kto_forward)
@@ -285,6 +289,20 @@ def batch(vocab: int, s: TraceSettings) -> Any:
     return torch.randint(0, vocab, (s.rows, s.seq_len), generator=g)
 
 
+def reference_model(hf: Any, s: TraceSettings, add_head: Any) -> Any:
+    """The reference a full fine-tuning DPO/KTO trainer loads (TRL 1.16 ``DPOTrainer.__init__``: ``ref_model=None``
+    without PEFT: ``create_model_from_path`` of the policy's checkpoint, in the policy's dtype and attention): the
+    model again, its parameters left as ``from_pretrained`` leaves them (``requires_grad``: TRL does not freeze them;
+    autocast caches the casts of such weights), no checkpointing (the Trainer enables it on the policy only), the fused
+    head added, in eval mode (``accelerator.prepare_model(..., evaluation_mode=True)``, which also wraps its forward
+    under autocast: ``run_steps``)."""
+    ref = model_from_config(hf, dtype=s.load_dtype, attn_impl=s.attn_impl, device=s.device,
+                            task=task_of(s.objective)[0])
+    ref.config.use_cache = False
+    add_head(ref)
+    return ref.eval()
+
+
 def full_model(model: Any, s: TraceSettings) -> Any:
     """Full fine-tuning as ``Trainer`` runs a model it is handed without PEFT: every parameter trains (a model built
     from a config already has ``requires_grad`` everywhere; set here so that nothing is left frozen), and checkpointing
@@ -402,6 +420,16 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
             return convert_to_fp32(out) if s.amp else out
 
         model.forward = amp_forward
+        ref = getattr(dpo[0], "ref_model", None)
+        if ref is not None:  # the reference, prepared as accelerate prepares a model for evaluation
+            ref_inner = ref.forward
+
+            def ref_amp_forward(*a, **k):
+                with amp_ctx():
+                    out = ref_inner(*a, **k)
+                return convert_to_fp32(out) if s.amp else out
+
+            ref.forward = ref_amp_forward
     hooks = [p.register_post_accumulate_grad_hook(grad_hook) for p in trainable]
     host_step = optimizer_row(s.optimizer).host_step
     model.train()
@@ -420,6 +448,8 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
         for t in (ids, labels, num_items):
             tracker.add_existing(t, "input")
         register_model(tracker, model, as_weights=s.full)  # full fine-tuning: the trained weights are weights
+        if dpo is not None and getattr(dpo[0], "ref_model", None) is not None:
+            register_model(tracker, dpo[0].ref_model, as_weights=True)  # the reference's weights
         for t in host or ():
             tracker.add_existing(t, None).host = True
         for state in opt.state.values():

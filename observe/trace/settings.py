@@ -102,9 +102,10 @@ class TraceSettings:
         if self.objective == "reward" and (self.loss != "full" or self.full or self.method):
             raise ValueError("a reward model is traced as TRL 1.16's RewardTrainer runs LoRA (its score head, no fused "
                              "loss)")
-        if self.objective in ("dpo", "kto", "grpo") and (self.loss != "trl" or self.full or self.method):
-            raise ValueError(f"{self.objective.upper()} is traced as TRL 1.16's trainer runs LoRA: its fused LM head "
-                             "(loss 'trl')")
+        if self.objective in ("dpo", "kto", "grpo") and (self.loss != "trl" or self.method or (
+                self.full and self.objective == "grpo")):
+            raise ValueError(f"{self.objective.upper()} is traced as TRL 1.16's trainer runs LoRA (DPO and KTO: full "
+                             "fine-tuning too): its fused LM head (loss 'trl')")
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError("steps >= 1, batch_size >= 1 and seq_len >= 2 are required")
 

@@ -475,13 +475,9 @@ def _trl(r: _Reader, objective: str = "sft") -> dict[str, Any]:
     if not 0 <= smoothing < 1:  # NaN too
         raise QPlanError(f"trl config: label_smoothing_factor must be in [0, 1), got {shown(smoothing)}")
     o["loss"] = "full" if smoothing else "trl"
-    if full and objective != "sft":
-        raise QPlanError(f"trl config with --objective {objective}: use_peft is not true (full fine-tuning"
-                         + (": the reference is a second model" if objective != "grpo" else "")
-                         + "), which is not planned yet")
-    if full and not smoothing:
-        raise QPlanError("trl config: use_peft is not true (full fine-tuning): TRL 1.16's SFTTrainer computes the loss "
-                         "through its fused LM head, whose gradient of the trained head qplan does not plan yet")
+    if full and objective == "grpo":  # DPO/KTO: the reference is a second model (planner.memory.profiles)
+        raise QPlanError("trl config with --objective grpo: use_peft is not true (full fine-tuning), which is not "
+                         "planned yet")
     if smoothing and objective == "sft":
         r.warnings.append(note("approximated", "trl config: label_smoothing_factor takes the loss from the full logits "
                                "and runs the fused LM head once more under no_grad for the metrics: planned as the full "

@@ -174,7 +174,8 @@ def read_objective(r: Any, o: dict[str, Any], objective: str) -> None:
     if o.get("dropout"):
         r.warnings.append(note("ignored", f"trl config: lora_dropout {o['dropout']:g} does nothing: disable_dropout "
                                           f"({name}Config's default) sets every dropout to 0"))
-    o["dropout"] = 0.0
+    if not o.get("full"):  # full fine-tuning has no LoRA dropout (the model's own dropout is not planned)
+        o["dropout"] = 0.0
     if r.cfg.get("padding_free") and objective == "dpo":
         r.warnings.append(note("ignored", "trl config: padding_free: TRL 1.16's DPOTrainer turns it off and pads "
                                           "(planned padded)"))

@@ -60,18 +60,19 @@ class Tiled:
                 + sum(b for b, above in self.steps if T > above))
 
 
-def loss_terms(spec: ModelSpec, q: QuantSettings, loss: str = "full",
-               kernels: str = "cuda", top1: bool = True) -> dict[str, tuple[Lin | Tiled, ...]]:
+def loss_terms(spec: ModelSpec, q: QuantSettings, loss: str = "full", kernels: str = "cuda", top1: bool = True,
+               head_grad: int = 0) -> dict[str, tuple[Lin | Tiled, ...]]:
     """The loss's bytes at the end of the forward (``forward``) and the start of the backward (``backward``), on top
     of the saved activations, each the largest of a few moments (``lin.most``): ``logits_terms`` for ``full`` and
     ``unsloth``, ``cce_terms`` for ``cce``; ``kernels``: where the step runs (TRL's head folds its tiles otherwise on
-    the CPU; ``top1``: whether it computes ``is_top1``, as SFTTrainer's and DPOTrainer's do and KTOTrainer's does not)."""
+    the CPU; ``top1``: whether it computes ``is_top1``, as SFTTrainer's and DPOTrainer's do and KTOTrainer's does not;
+    ``head_grad``: the bytes of an element of a trained head's weight, 0 when the head is frozen: ``trl_terms``)."""
     if loss not in LOSS_KINDS:
         raise ValueError(f"loss must be one of {LOSS_KINDS}, got {loss!r}")
     if loss == "cce":
         return cce_terms(spec, q)
     if loss == "trl":
-        return trl_terms(spec, q, kernels, top1)
+        return trl_terms(spec, q, kernels, top1, head_grad)
     if loss == "liger":
         return liger_terms(spec, q)
     return {k: (v,) for k, v in logits_terms(spec, q, chunked=loss == "unsloth").items()}
@@ -131,7 +132,8 @@ def cce_terms(spec: ModelSpec, q: QuantSettings) -> dict[str, tuple[Lin, Lin]]:
     return {"forward": fwd, "backward": bwd}
 
 
-def trl_terms(spec: ModelSpec, q: QuantSettings, kernels: str = "cuda", top1: bool = True) -> dict[str, tuple[Tiled, ...]]:
+def trl_terms(spec: ModelSpec, q: QuantSettings, kernels: str = "cuda", top1: bool = True,
+              head_grad: int = 0) -> dict[str, tuple[Tiled, ...]]:
     """TRL 1.16's fused LM head on a GPU (``trl/trainer/utils.py`` ``add_fused_lm_head``, ``trl/kernels/chunked_logprob.py``
     ``ChunkedLogProbFunction`` with its Triton folds, which write into existing buffers), ``n`` valid rows (planned as
     ``T``), the final hidden state in ``R`` bytes, the tile dtype ``c`` (autocast's, else the hidden state's), the head
@@ -163,6 +165,11 @@ def trl_terms(spec: ModelSpec, q: QuantSettings, kernels: str = "cuda", top1: bo
       ``is_target`` (bool, ``n k``), the difference and the product (``8 n k``): ``29 n k`` (Gemma-2's softcap keeps
       its ``tanh``, ``4 n k`` more), beside the head tile's cast held in ``w_chunk``.  The fp32 copies
       ``_addmm_fp32`` makes afterwards (``4 n k`` and ``4 k h``) are below that.
+
+    A trained head (full fine-tuning: ``head_grad``, the bytes of an element of its weight): the backward accumulates
+    the weight's gradient in an fp32 ``grad_weight`` of ``[V, h]``, made with ``grad_hidden`` and alive through every
+    tile (``4 V h``), and returns it cast to the weight's dtype (``grad_weight.to(weight.dtype)``: ``head_grad V h``
+    more beside the fp32 one at the return, none for an fp32 weight).
     """
     d = dims(spec)
     p = precision(q)
@@ -182,10 +189,12 @@ def trl_terms(spec: ModelSpec, q: QuantSettings, kernels: str = "cuda", top1: bo
     fwd = (Tiled(fwd_base + Lin(const=wtile), (mm, chunk)),
            Tiled(fwd_base, (mm, chunk, chunk2)),
            Tiled(fwd_base + Lin(tok=16), (mm, chunk)))
-    bwd_base = Lin(tok=R * d.h + 17 + 4 + 4 * d.h)
+    gw = 4 * d.V * d.h if head_grad else 0  # a trained head's fp32 gradient accumulator
+    bwd_base = Lin(tok=R * d.h + 17 + 4 + 4 * d.h, const=gw)
+    ret = head_grad * d.V * d.h if head_grad not in (0, 4) else 0
     bwd = (Tiled(bwd_base + Lin(const=wtile), (mm, chunk), (second,)),
            Tiled(bwd_base + Lin(const=wtile), (mm, chunk, chunk2)),
-           Tiled(bwd_base + Lin(const=wtile, tok=R * d.h if R != 4 else 0), (mm, chunk)))
+           Tiled(bwd_base + Lin(const=wtile + ret, tok=R * d.h if R != 4 else 0), (mm, chunk)))
     if kernels == "cpu":  # torch's folds of a tile (the docstring's last paragraph)
         k = min(K, d.V)
         fwd += (Tiled(fwd_base, (mm, chunk, ((12 + top1) * k, 0, rows))),)

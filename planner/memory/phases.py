@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qplan.planner.memory.activations import ZERO, Lin, activation_terms, precision
+from qplan.planner.memory.full import cached_weight_casts
 from qplan.planner.memory.generation import GenerationShape, generation_terms
 from qplan.planner.memory.lin import most
 from qplan.planner.memory.loss import loss_terms, loss_time_activation
@@ -38,7 +39,7 @@ from qplan.planner.memory.terms import (
 from qplan.planner.model.lora import ModuleCount
 from qplan.planner.model.spec import ModelSpec
 from qplan.planner.model.weights import QuantSettings
-from qplan.planner.vocab import CATEGORIES, MOMENTS_OF_PHASE, PREFERENCE_OBJECTIVES
+from qplan.planner.vocab import BYTES, CATEGORIES, MOMENTS_OF_PHASE, PREFERENCE_OBJECTIVES
 
 
 def training_memory(spec: ModelSpec, counts: list[ModuleCount], lora_r: int, dropout: float,
@@ -130,7 +131,9 @@ class MemoryModel:
         acts = activation_terms(spec, stepped, lora_r, dropout, q, grad_ckpt, attn_impl, kernels, padded, dora,
                                 head_linear=loss not in ("cce", "trl", "liger"), liger=liger)
         # KTO's and GRPO's fused heads compute no top-1 (``outputs=("log_probs", "entropy"[, "mean_logits"])``)
-        lg = loss_terms(spec, q, loss, kernels, top1=objective not in ("kto", "grpo"))
+        full = any(c.kind == "full" for c in counts)  # full fine-tuning trains the head (TRL's fused head: its grad)
+        lg = loss_terms(spec, q, loss, kernels, top1=objective not in ("kto", "grpo"),
+                        head_grad=BYTES[q.unquantized_dtype] if full else 0)
         ref = objective in PREFERENCE_OBJECTIVES
         return cls(
             weights=weights, adapters=adapter_bytes(counts), gradients=gradient_bytes(stepped),
@@ -325,11 +328,17 @@ def dpo_reference_extra(spec: ModelSpec, counts: list[ModuleCount], q: QuantSett
     head computes no top-1: ``13``), rows planned as ``T`` as the head's terms are. KTO's reference runs the KL rows
     and then the batch's rows, one after the other: the same moment. Less, with checkpointing under autocast, the
     cached casts of the adapters (``loss.loss_time_activation``'s constant): accelerate's autocast around the
-    policy's forward has exited, so its cache is gone (without checkpointing those casts are saved, and stay)."""
+    policy's forward has exited, so its cache is gone (without checkpointing those casts are saved, and stay). With
+    full fine-tuning the reference is a second model (``profiles.reference_weights``), prepared by accelerate with its
+    forward under autocast and its parameters left requiring grad: autocast caches the casts of its decoder layers'
+    weights until its forward returns, the moment at its head included (``full.cached_weight_casts``)."""
     d = dims(spec)
     p = precision(q)
     cached = loss_time_activation(spec, counts, q, grad_ckpt).const if grad_ckpt != "off" and p.amp else 0
-    return Lin(tok=p.R * d.h + outputs, const=-cached)
+    # full fine-tuning: the reference is a second model whose parameters TRL leaves requiring grad, so autocast caches
+    # the casts of its layers' weights through its forward as it did the policy's (``full.cached_weight_casts``)
+    ref_cache = cached_weight_casts(spec, p, q.unquantized_dtype) if any(c.kind == "full" for c in counts) else 0
+    return Lin(tok=p.R * d.h + outputs, const=ref_cache - cached)
 
 
 def moment_in_phase(phases: dict[str, int], observed_phase: str | None) -> str | None:

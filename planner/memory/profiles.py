@@ -37,7 +37,7 @@ from qplan.planner.memory.terms import Dims, TrainingSettings, dims, overhead_by
 from qplan.planner.model.lora import LoraSettings, ModuleCount
 from qplan.planner.model.spec import Gpu, ModelSpec
 from qplan.planner.model.weights import QuantSettings, weights_breakdown, weights_bytes, weights_footprint_bytes
-from qplan.planner.vocab import MEMORY_KEYS
+from qplan.planner.vocab import MEMORY_KEYS, PREFERENCE_OBJECTIVES
 
 
 @dataclass(frozen=True)
@@ -88,9 +88,19 @@ def _calibrated_overhead(mem: dict[str, Any], calibration: dict[str, Any] | None
     return mem
 
 
-def _single_gpu_weights(ctx: StepContext, mem: dict[str, Any]) -> dict[str, Any]:
-    return {**mem, "weights": ctx.weights, "weights_footprint": weights_footprint_bytes(ctx.spec, ctx.quant),
-            "weights_detail": weights_breakdown(ctx.spec, ctx.quant)}
+def reference_weights(ctx: StepContext) -> int:
+    """The reference model's weights: TRL 1.16's ``DPOTrainer``/``KTOTrainer`` without PEFT (full fine-tuning) load
+    the policy's checkpoint a second time (``create_model_from_path`` with the policy's dtype and quantization:
+    ``dpo_trainer.py``, ``kto_trainer.py`` ``__init__``; ``precompute_ref_log_probs`` is not planned), so as many
+    bytes as the policy's weights; 0 otherwise (LoRA: the reference is the base with the adapters disabled)."""
+    full = any(c.kind == "full" for c in ctx.counts)
+    return ctx.weights if full and ctx.training.objective in PREFERENCE_OBJECTIVES else 0
+
+
+def _single_gpu_weights(ctx: StepContext, mem: dict[str, Any], reference: int = 0) -> dict[str, Any]:
+    detail = weights_breakdown(ctx.spec, ctx.quant)
+    return {**mem, "weights": ctx.weights + reference, "weights_footprint": weights_footprint_bytes(ctx.spec, ctx.quant),
+            "weights_detail": {**detail, "reference": reference} if reference else detail}
 
 
 class PeftProfile:
@@ -114,11 +124,12 @@ class PeftProfile:
                                  ctx.lora.use_dora, t.liger_kernels, t.objective)
 
     def memory(self, ctx: StepContext, kernels: str = "cuda") -> dict[str, Any]:
+        ref = reference_weights(ctx)
         mem = training_memory(ctx.spec, list(ctx.counts), ctx.lora.r, ctx.lora.dropout, ctx.quant, ctx.training,
-                              ctx.weights, loss=self.loss(ctx), kernels=kernels, dora=ctx.lora.use_dora)
+                              ctx.weights + ref, loss=self.loss(ctx), kernels=kernels, dora=ctx.lora.use_dora)
         if kernels == "cuda":
             mem = _calibrated_overhead(mem, ctx.calibration)
-        return _single_gpu_weights(ctx, mem)
+        return _single_gpu_weights(ctx, mem, ref)
 
     def host(self, ctx: StepContext, memory: dict[str, Any]) -> dict[str, int] | None:
         t = ctx.training

@@ -40,9 +40,9 @@ def check_full(q: QuantSettings, backend: str, loss: str = "full") -> None:
         raise QPlanError("--full with fp16 weights under fp16 mixed precision does not train: the Trainer's GradScaler "
                          "refuses fp16 gradients ('Attempting to unscale FP16 gradients'); load the weights in fp32 "
                          "(--quant fp32 --compute-dtype fp16), or use bf16 where the GPU has it")
-    if loss != "full":
+    if loss not in ("full", "trl"):  # TRL's fused head: its chunked head gradient is loss.trl_terms' head_grad
         raise QPlanError(f"--full with --loss {loss}: the fused loss computes the trained head's gradient in its own "
-                         "chunks, which is not planned yet: use --loss full")
+                         "chunks, which is not planned yet: use --loss full (or trl, TRL's fused head)")
     if backend != "peft":
         raise QPlanError(f"--full is planned for the peft backend (HF Trainer): the {backend} backend's full "
                          "fine-tuning is not planned")

@@ -97,7 +97,7 @@ def test_the_reference_forward_s_flops_are_the_trace_s():
 
 @pytest.mark.parametrize(("args", "needle"), [
     (["--loss", "cce"], "leave out --loss cce"),
-    (["--full"], "--full (a separate reference model)"),
+    (["--full", "--gpus", "2"], "--full over several GPUs is not planned yet"),
     (["--peft-type", "ia3"], "--peft-type ia3 is not planned yet"),
     (["--backend", "unsloth"], "the unsloth backend is not planned"),
     (["--gpus", "2", "--strategy", "fsdp"], "--strategy fsdp is not planned yet"),

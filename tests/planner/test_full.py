@@ -84,7 +84,7 @@ def test_the_flops_are_what_the_flop_counter_counts(model, ckpt):
     (dict(gpus=2, strategy="zero3"), "not planned yet"),
     (dict(gpus=2, strategy="fsdp", cpu_offload=True), "not planned yet"),
     (dict(backend="unsloth"), "unsloth backend's full fine-tuning is not planned"),
-    (dict(loss="trl"), "--full with --loss trl"),
+    (dict(loss="liger"), "--full with --loss liger"),
 ])
 def test_what_full_fine_tuning_cannot_plan_is_one_line(options, message):
     with pytest.raises(QPlanError) as exc:
@@ -175,7 +175,6 @@ def test_a_full_fine_tuning_trainer_config_plans_what_its_flags_plan(tmp_path, c
     ("base_model: meta-llama/Llama-3.2-1B\nload_in_4bit: true\n", "load_in_4bit without an adapter"),
     ("model_name_or_path: meta-llama/Llama-3.2-1B\nfinetuning_type: full\nquantization_bit: 4\n", "LoRA or OFT only"),
     ("model_name_or_path: meta-llama/Llama-3.2-1B\nfinetuning_type: freeze\n", "qplan plans lora and full"),
-    ("model_name_or_path: meta-llama/Llama-3.2-1B\ndtype: bfloat16\nmax_length: 512\n", "fused LM head"),
 ])
 def test_what_a_full_fine_tuning_config_cannot_plan_is_one_line(tmp_path, capsys, text, message):
     from qplan.cli.main import main
@@ -185,6 +184,20 @@ def test_what_a_full_fine_tuning_config_cannot_plan_is_one_line(tmp_path, capsys
     assert main(["estimate", "--from-config", str(path)]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_trl_file_without_peft_plans_full_fine_tuning_through_trl_s_fused_head(tmp_path, capsys):
+    """TRL 1.16's SFTTrainer trains a model without PEFT through its fused head too (its head's gradient in chunks)."""
+    import json
+
+    from qplan.cli.main import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model_name_or_path: meta-llama/Llama-3.2-1B\ndtype: bfloat16\nmax_length: 512\n", encoding="utf-8")
+    assert main(["estimate", "--from-config", str(path), "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["method"] == "full" and doc["training"]["loss"] == "trl"
+    assert doc["prediction"]["memory"]["logits"] < doc["prediction"]["memory"]["weights"]
 
 
 def test_the_comparison_rows_are_the_plans_of_each_method():

@@ -75,13 +75,25 @@ def test_dpo_keys_with_no_memory_term_plan_the_same(capsys, tmp_path):
     ({"loss_type": ["sigmoid", "sft"]}, ["loss_type", "sigmoid loss"]),
     ({"loss_type": "ipo"}, ["loss_type 'ipo'"]),
     ({"disable_dropout": False}, ["disable_dropout: false keeps lora_dropout 0.05"]),
-    ({"use_peft": False}, ["use_peft is not true", "--objective dpo"]),
     ({"num_generations": 8}, ["num_generations", "GRPO", "not DPO"]),
 ])
 def test_what_dpo_plans_do_not_cover_is_one_line(capsys, tmp_path, extra, needles):
     rc, _, err = qplan(capsys, "estimate", "--from-config", _variant(tmp_path, **extra), "--objective", "dpo")
     assert rc == 2
     one_line(err, *needles)
+
+
+def test_a_dpo_file_without_peft_plans_full_fine_tuning_with_a_reference_model(capsys, tmp_path):
+    """``use_peft`` not true: DPOTrainer trains the model itself and loads the reference from the same checkpoint (the
+    plan's second copy of the weights); the LoRA keys do nothing."""
+    flags = ["--model", "Qwen/Qwen2.5-0.5B-Instruct", "--objective", "dpo", "--full", "--quant", "fp32",
+             "--compute-dtype", "bf16", "--batch-size", "2", "--seq-len", "1024", "--grad-accum", "8", "--grad-ckpt",
+             "--optimizer", "adamw_torch_fused", "--attn", "sdpa", "--loss", "trl"]
+    f = _variant(tmp_path, use_peft=False)
+    assert plan_json(capsys, "--from-config", f, "--objective", "dpo") == plan_json(capsys, *flags)
+    doc = json.loads(plan_json(capsys, *flags))
+    detail = doc["prediction"]["memory_detail"]["weights"]
+    assert detail["reference"] * 2 == doc["prediction"]["memory"]["weights"]
 
 
 def test_a_dpo_file_read_as_sft_points_to_the_objective_and_other_tools_are_refused(capsys, tmp_path):

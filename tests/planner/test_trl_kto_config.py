@@ -64,7 +64,6 @@ def test_kto_keys_with_no_memory_term_plan_the_same(capsys, tmp_path):
     ({"precompute_ref_log_probs": True}, ["precompute_ref_log_probs: True", "not plan"]),
     ({"loss_type": "apo_zero_unpaired"}, ["loss_type 'apo_zero_unpaired'", "KTO's kto loss"]),
     ({"disable_dropout": False}, ["disable_dropout: false keeps lora_dropout 0.05", "KTO is planned"]),
-    ({"use_peft": False, "load_in_4bit": False}, ["use_peft is not true", "--objective kto"]),
     ({"label_smoothing": 0.1}, ["label_smoothing", "DPO", "not KTO"]),
     ({"per_device_train_batch_size": 1}, ["KTOTrainer refuses it"]),
 ])
