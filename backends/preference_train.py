@@ -123,7 +123,10 @@ def trainer_config(plan: dict[str, Any], settings: TrainSettings, device: str) -
         raise QPlanError(f"a {plan['training']['objective'].upper()} plan trains with TRL: pip install trl==1.16.0 "
                          f"({exc})") from exc
     cls = getattr(trl, TRAINERS[plan["training"]["objective"]][1])
-    return trl_config(cls, plan, settings, device, max_length=int(plan["training"]["seq_len"]))
+    t = plan["training"]
+    pre = {"precompute_ref_log_probs": True, "precompute_ref_batch_size": t.get("precompute_batch_size")} if t.get(
+        "precompute_ref_log_probs") else {}
+    return trl_config(cls, plan, settings, device, max_length=int(t["seq_len"]), **pre)
 
 
 def trl_config(cls: Any, plan: dict[str, Any], settings: TrainSettings, device: str, **extra: Any) -> Any:

@@ -161,7 +161,9 @@ def estimate(method: str, fmt: str, output: str | None, force: bool, **o: Any) -
             from qplan.observe.trace.dist import trace_rank_step
         except ImportError as exc:  # pragma: no cover - only without the train extra
             raise QPlanError("--method trace needs torch, transformers and peft: pip install 'qplan[train]'") from exc
-        attach_trace(plan, trace_rank_step(plan) if dist is not None else trace_plan(plan))
+        pre = plan["training"].get("precompute_ref_log_probs")  # the pass before training, traced on one GPU
+        attach_trace(plan, trace_rank_step(plan) if dist is not None else trace_plan(plan),
+                     trace_plan(plan, steps=1, precompute_pass=True) if pre else None)
     text = dumps(plan)
     if output:
         write_new_file(output, text, force)

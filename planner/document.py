@@ -196,6 +196,11 @@ class TrainingSection(Struct, forbid_unknown_fields=True, kw_only=True):
                   "the reference's forwards); reward: TRL's RewardTrainer; grpo: TRL's GRPOTrainer (generation, then "
                   "batch_size rows of seq_len = prompt + completion); absent: sft") = UNSET
     grpo: _d(GrpoSection | UnsetType, "objective grpo: GRPOConfig's generation settings") = UNSET
+    precompute_ref_log_probs: _d(bool | UnsetType, "objective dpo/kto: the reference's log-probabilities computed in "
+                                 "a pass before training (TRL's precompute_ref_log_probs): no reference forward in the "
+                                 "step, no reference model with full fine-tuning; absent: false") = UNSET
+    precompute_batch_size: _d(Annotated[int, Meta(ge=1)] | UnsetType, "the pass's batches (TRL's "
+                              "precompute_ref_batch_size: pairs for DPO, rows for KTO); absent: batch_size") = UNSET
 
 
 class GenerationSection(Struct, forbid_unknown_fields=True, kw_only=True):

@@ -20,6 +20,7 @@ from qplan.planner.model.lora import LoraSettings
 from qplan.planner.model.spec import ModelSpec
 from qplan.planner.model.weights import base_params, weights_bytes
 from qplan.planner.options import PlanOptions
+from qplan.planner.vocab import PREFERENCE_OBJECTIVES
 
 #: each objective's trainer (TRL's class) and config
 TRAINERS = {"dpo": ("DPOTrainer", "DPOConfig"), "kto": ("KTOTrainer", "KTOConfig"),
@@ -98,6 +99,9 @@ def check_preference(o: PlanOptions) -> str:
     elif why is None and o.data is not None and name == "kto" and o.batching not in ("padding", "sequential"):
         why = (f"--batching {o.batching} is not how KTOTrainer batches its rows (in file order, each batch padded to "
                "its longest row): leave out --batching")
+    elif why is None and o.precompute_ref_log_probs and o.data is not None:
+        why = ("--precompute-ref-log-probs with --data is not planned yet (the pass batches the file in order, padded "
+               "to each batch's longest): give --seq-len")
     elif why is None and name == "kto" and o.batch_size < 2:
         why = ("--batch-size 1: KTOTrainer refuses it (the KL term pairs each prompt with another row's completion "
                "of the same batch: at least 2 rows)")
@@ -113,7 +117,13 @@ VLLM_UTILIZATION = 0.3
 
 
 def check_objective_flags(o: PlanOptions) -> None:
-    """One line when GRPO's own options are given to another objective."""
+    """One line when GRPO's own options are given to another objective, or DPO's/KTO's precomputation to another."""
+    if o.objective not in PREFERENCE_OBJECTIVES and (o.precompute_ref_log_probs or o.precompute_ref_batch_size is not None):
+        flag = "log-probs" if o.precompute_ref_log_probs else "batch-size"
+        raise QPlanError(f"--precompute-ref-{flag} is an option of --objective dpo or kto (TRL's DPOConfig/KTOConfig), "
+                         f"not of {o.objective}")
+    if o.precompute_ref_batch_size is not None and not o.precompute_ref_log_probs:
+        raise QPlanError("--precompute-ref-batch-size sizes the batches of --precompute-ref-log-probs' pass: give both")
     if o.objective != "grpo":
         given = [f for f in GRPO_FLAGS if getattr(o, f) is not None] + ["beta"] * (o.beta != 0.0) + \
             ["vllm_sleep"] * o.vllm_sleep

@@ -174,6 +174,12 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
     beta: _f(Annotated[float, Meta(ge=0, le=1e6)], "with --objective grpo: the KL coefficient (TRL's beta; above 0 "
              "the reference, the base without the adapters, scores each generation batch without grad)",
              section=TRAINING) = 0.0
+    precompute_ref_log_probs: _f(bool, "with --objective dpo|kto: the reference's log-probabilities computed in a pass "
+                                 "before training (TRL's precompute_ref_log_probs): no reference forward in the step, "
+                                 "no reference model with --full; the pass is a moment of its own",
+                                 section=TRAINING) = False
+    precompute_ref_batch_size: _f(Batch | None, "with --precompute-ref-log-probs: pairs (KTO: rows) a batch of the pass "
+                                  "(TRL's precompute_ref_batch_size) [default: --batch-size]", section=TRAINING) = None
     liger_kernels: _f(Names, "comma-separated Liger-Kernel kernels in the decoder layers: rms_norm, swiglu, rope "
                       "(axolotl's liger_rms_norm, liger_glu_activation, liger_rope)", section=TRAINING) = ""
     backend: _f(lit(BACKENDS), "the trainer `qplan run` uses (see `qplan backends`); unsloth plans Unsloth's "

@@ -66,12 +66,7 @@ from qplan.planner.model.lora import (
 )
 from qplan.planner.model.seq_cls import SCORE, reward_spec
 from qplan.planner.model.spec import Gpu, ModelSpec
-from qplan.planner.model.weights import (
-    QuantSettings,
-    base_params,
-    checkpoint_quant,
-    unquantized_experts_warning,
-)
+from qplan.planner.model.weights import QuantSettings, base_params, checkpoint_quant, unquantized_experts_warning
 from qplan.planner.objectives import (
     check_data_format,
     check_grpo,
@@ -256,7 +251,8 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     mask = mask or (o.objective != "sft" and attn != "flash_attention_2")
     training = TrainingSettings(o.batch_size, seq_len, o.grad_accum, ckpt, o.optimizer, attn, bool(mask), flat, loss,
                                 liger_kernels(o.liger_kernels, spec, backend, strategy),
-                                getattr(peft, "num_virtual_tokens", 0), o.objective, grpo)
+                                getattr(peft, "num_virtual_tokens", 0), o.objective, grpo, o.precompute_ref_log_probs,
+                                o.precompute_ref_batch_size or 0)
     loss_notes = check_fused_loss(loss, spec, q, gpu_, backend, strategy) if loss != "full" else []
     q, warnings = check_gpu_dtype(q, gpu_, auto_fix=not o.strict_dtype, full=o.full)
     check_adapter_dtype(lora.adapter_dtype, q, backend)
@@ -516,10 +512,10 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
     t, q = inp.training, inp.quant
     flops = step_flops(inp.spec, counts, inp.lora.r, q, *t.shape, t.grad_ckpt, t.attn_impl, t.grad_accum, t.loss)
     if t.objective in PREFERENCE_OBJECTIVES:  # the forwards without grad on the same rows: DPO's reference; KTO's
-        # policy on the KL rows, then the reference on the KL rows and on the batch's
+        # policy on the KL rows, then the reference on the KL rows and on the batch's (none when precomputed)
         args = (inp.spec, counts, inp.lora.r, q, *t.shape, t.attn_impl, t.grad_accum)
-        flops["reference"] = reference_forward_flops(*args) * (2 if t.objective == "kto" else 1) + (
-            reference_forward_flops(*args, adapters=True) if t.objective == "kto" else 0)
+        ref = 0 if t.precompute_ref_log_probs else reference_forward_flops(*args) * (2 if t.objective == "kto" else 1)
+        flops["reference"] = ref + (reference_forward_flops(*args, adapters=True) if t.objective == "kto" else 0)
         flops["total"] += flops["reference"]
     moved = step_bytes(inp.spec, counts, inp.lora.r, q, t.grad_ckpt, t.optimizer, trainable, t.grad_accum)
     launches = step_launches(inp.spec, counts, q, t, inp.lora) if inp.backend != "unsloth" else None
@@ -549,11 +545,13 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
     if t.grpo is not None:
         missing.append("GRPO: the reward functions, and the decode's kernel launches (counted as a training "
                        "forward's per token): not checked against a GPU run of GRPO")
-    if t.objective in PREFERENCE_OBJECTIVES:  # their FLOPs are counted; what the roofline and launches add is not
-        name = t.objective.upper()
-        missing.append(f"{name}'s forwards without grad (reference{', KL rows' * (name == 'KTO')}) in the step time's "
-                       f"memory traffic and kernel launches (their FLOPs are counted): the time is a lower bound, not "
-                       f"checked against a GPU run of {name}")
+    if t.objective in PREFERENCE_OBJECTIVES and flops["reference"]:  # FLOPs counted; the roofline and launches not
+        name, rows = t.objective.upper(), ", ".join(["reference"] * (not t.precompute_ref_log_probs)
+                                                    + ["KL rows"] * (t.objective == "kto"))
+        missing.append(f"{name}'s forwards without grad ({rows}) in the step time's memory traffic and kernel launches "
+                       f"(their FLOPs are counted): the time is a lower bound, not checked against a GPU run of {name}")
+    if t.precompute_ref_log_probs:
+        missing.append("the precompute_ref_log_probs pass before training (a forward without grad over the training set)")
     compute = Compute(flops_per_step=section(Flops, flops), bytes_per_step=section(Moved, moved),
                       kernel_launches_per_step=section(Launches, launches) if launches else msgspec.UNSET,
                       flops_counted_as="torch.utils.flop_counter.FlopCounterMode (2 m k n per matmul)",
@@ -566,16 +564,16 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
     }
 
 
-def attach_trace(plan: dict[str, Any], traced: dict[str, Any]) -> dict[str, Any]:
+def attach_trace(plan: dict[str, Any], traced: dict[str, Any], pre: dict[str, Any] | None = None) -> dict[str, Any]:
     """Put a trace of the plan's step (``qplan.observe.trace.trace_plan``) beside the analytic terms, and let it
     decide the verdict: the traced tensor peak plus the same overhead (the CUDA context, the allocator's slack as the
     same fraction of the peak) is ``trace.peak``, and ``fits`` / ``headroom`` are against it (the usable bytes are
     the analytic verdict's: its peak plus its headroom). GRPO: the trace is the training step's; generation's moment
-    (analytic, checked against a tracked real generate) counts too."""
+    (analytic, checked against a tracked real generate) counts too; ``pre``: the traced precompute_ref_log_probs pass."""
     p = plan["prediction"]
     mem, detail = p["memory"], p["memory_detail"]
     gen = (p.get("generation") or {}).get("tensor_peak", 0)
-    tensor_peak = max(int(traced["tensor_peak"]), gen)
+    tensor_peak = max(int(traced["tensor_peak"]), gen, int(pre["tensor_peak"]) if pre else 0)
     slack = round(detail["allocator_slack"] * tensor_peak / mem["tensor_peak"]) if mem["tensor_peak"] else 0
     peak = tensor_peak + detail["cuda_context"] + slack
     if p.get("headroom") is not None:
@@ -592,7 +590,9 @@ def attach_trace(plan: dict[str, Any], traced: dict[str, Any]) -> dict[str, Any]
         "phase_peaks": {k: int(v) for k, v in traced.get("phase_peaks", {}).items()},
         "trainable_params": int(traced["trainable_params"]),
         "notes": list(traced.get("notes", [])) + (["GRPO: the traced step's peak, or generation's moment (analytic: "
-                                                   "prediction.generation) where that is larger"] if gen else []),
+                                                   "prediction.generation) where that is larger"] if gen else [])
+        + (["the traced step's peak, or the traced precompute_ref_log_probs pass's where that is larger: "
+            f"{int(pre['tensor_peak']):,} bytes"] if pre else []),
     }
     if "host_peak" in traced:  # the Unsloth trace books offloaded checkpoints as host memory
         plan["prediction"]["trace"]["host_peak"] = int(traced["host_peak"])

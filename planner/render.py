@@ -34,7 +34,8 @@ def fmt_int(n: int) -> str:
 PHASE_NAMES = {"forward": "loss", "backward": "start of backward", "layers": "layer-0 backward",
                "layers_last": "last layer's backward", "mlp_forward": "MLP forward",
                "optimizer": "optimizer step", "attention": "eager attention forward",
-               "unshard": "first all-gathers", "embeddings": "embeddings' backward"}
+               "unshard": "first all-gathers", "embeddings": "embeddings' backward",
+               "precompute": "precompute pass (before training)"}
 
 MEMORY_ROWS = [
     ("weights", "base weights (device, quant constants included)"),

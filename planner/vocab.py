@@ -174,7 +174,8 @@ MOMENT_NAMES = {"forward": "loss (end of forward)", "backward": "start of backwa
                 "unshard": "FSDP first all-gathers (root + layer 0)",
                 "mlp_forward": "a layer's MLP forward",
                 "embeddings": "embeddings' backward", "reference": "DPO reference forward (its head)",
-                "generation": "GRPO generation (transformers' generate)"}
+                "generation": "GRPO generation (transformers' generate)",
+                "precompute": "precompute_ref_log_probs pass (before training)"}
 
 
 def optimizer(name: str) -> Optimizer:

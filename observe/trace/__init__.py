@@ -124,7 +124,8 @@ def trace_training_step(config: dict, *, quant: str, double_quant: bool, compute
                         kernels: str = "cuda", count_flops: bool = False, reentrant: bool = False,
                         loss: str = "full", liger_kernels: tuple[str, ...] = (), full: bool = False,
                         method: str = "", section: dict | None = None, objective: str = "sft",
-                        padded: bool = False, prompt_len: int = 0, beta: float = 0.0) -> dict:
+                        padded: bool = False, prompt_len: int = 0, beta: float = 0.0, precompute_ref: bool = False,
+                        precompute_pass: bool = False, precompute_batch: int = 0) -> dict:
     """Trace ``steps`` LoRA (``full``: full fine-tuning) training steps and return the live-tensor peak and its breakdown.
 
     ``kernels`` (meta only) picks whose kernels the meta trace mirrors: ``"cuda"`` (the default,
@@ -140,15 +141,19 @@ def trace_training_step(config: dict, *, quant: str, double_quant: bool, compute
                       kernels=kernels if device == "meta" else "cpu", count_flops=bool(count_flops),
                       reentrant=bool(reentrant), loss=loss, liger_kernels=tuple(liger_kernels),
                       full=bool(full), method=method, section=dict(section) if section else None,
-                      objective=objective, padded=bool(padded), prompt_len=int(prompt_len), beta=float(beta))
+                      objective=objective, padded=bool(padded), prompt_len=int(prompt_len), beta=float(beta),
+                      precompute_ref=bool(precompute_ref), precompute_pass=bool(precompute_pass),
+                      precompute_batch=int(precompute_batch))
     from .run import run_trace
 
     return run_trace(dict(config), s)
 
 
-def trace_plan(plan: dict[str, Any], device: str = "meta", steps: int = 2, count_flops: bool = False) -> dict[str, Any]:
+def trace_plan(plan: dict[str, Any], device: str = "meta", steps: int = 2, count_flops: bool = False,
+               precompute_pass: bool = False) -> dict[str, Any]:
     """Trace the training step of a plan document (``qplan estimate --method trace``); an Unsloth
-    plan is traced by Unsloth's own code in its venv (``unsloth_mode``, ``unsloth_run``)."""
+    plan is traced by Unsloth's own code in its venv (``unsloth_mode``, ``unsloth_run``). ``precompute_pass``: a DPO/KTO
+    plan with ``precompute_ref_log_probs``: the pass before training instead of the step."""
     from qplan.planner.errors import QPlanError
 
     if plan.get("backend") == "unsloth":
@@ -174,6 +179,8 @@ def trace_plan(plan: dict[str, Any], device: str = "meta", steps: int = 2, count
             section=plan.get(plan.get("method") or ""), objective=t.get("objective", "sft"),
             padded=bool(t.get("padded", False)), prompt_len=(t.get("grpo") or {}).get("prompt_length", 0),
             beta=(t.get("grpo") or {}).get("beta", 0.0),
+            precompute_ref=bool(t.get("precompute_ref_log_probs", False)), precompute_pass=precompute_pass,
+            precompute_batch=int(t.get("precompute_batch_size") or t["batch_size"]),
         )
     except ImportError as exc:  # pragma: no cover - only without the train extra
         if (exc.name or "").split(".")[0] == "trl":

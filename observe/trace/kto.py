@@ -76,6 +76,9 @@ def kto_forward(trainer: Any, model: Any, ids: Any, completion_mask: Any, after:
     inputs = {"input_ids": ids, "attention_mask": completion_mask.clone(), "completion_mask": completion_mask,
               "KL_input_ids": ids.clone(), "KL_attention_mask": completion_mask.clone(),
               "KL_completion_mask": completion_mask.clone(), "label": label}
+    if trainer.precompute_ref_logps:  # the collator's columns of the reference's log-probabilities, one per row
+        inputs.update(ref_logps=ids.new_zeros(ids.shape[0], dtype=torch.float32),
+                      ref_KL_logps=ids.new_zeros(ids.shape[0], dtype=torch.float32))
     loss = KTOTrainer._compute_loss(trainer, model, inputs, False)
     after()
     return loss

@@ -92,7 +92,8 @@ def run_trace(config: dict, s: TraceSettings, wrap: Any = None) -> dict:
                 add_head(base_model(peft_model))
                 kwargs = {"use_reentrant": True} if s.reentrant else None
                 state = (dpo_trainer_state if dpo_side else kto_trainer_state)(peft_model, kwargs)
-                if s.full:  # no adapter to disable: TRL loads the reference, a second model (observe.trace.dpo)
+                state.precompute_ref_logps = s.precompute_ref
+                if s.full and not s.precompute_ref:  # no adapter to disable: TRL loads the reference, a second model
                     state.ref_model = reference_model(hf, s, add_head)
                 dpo = (state,
                        # TRL switches checkpointing off for the reference and back on: new checkpoint functions
@@ -112,7 +113,12 @@ def run_trace(config: dict, s: TraceSettings, wrap: Any = None) -> dict:
         trainable, total = trainable_and_total(peft_model)
         if amp is not None:
             amp.redirect()
-        res = run_steps(step_model, opt, hf.get_text_config().vocab_size, s, amp, paged, current, dpo=dpo)
+        if s.precompute_pass:  # the reference's log-probabilities before training (observe.trace.precompute)
+            from .precompute import run_precompute
+
+            res = run_precompute(peft_model, hf.get_text_config().vocab_size, s, amp, dpo[0])
+        else:
+            res = run_steps(step_model, opt, hf.get_text_config().vocab_size, s, amp, paged, current, dpo=dpo)
     add_notes(res, peft_model, s, notes)
     res["trainable_params"] = int(trainable)
     res["all_params"] = int(total)
@@ -330,21 +336,9 @@ def base_model(model: Any) -> Any:
     return m.get_base_model() if hasattr(m, "get_base_model") else m
 
 
-def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, paged: list,
-              current: dict[str, Any], host: list | None = None, chunked_logits: bool = False,
-              dpo: tuple[Any, Any, Any] | None = None) -> dict:
-    """``model.train()``; per step as ``Trainer`` does it: forward with ``input_ids``, ``labels`` and
-    (when the forward takes ``**kwargs``) ``num_items_in_batch``, under autocast with accelerate's
-    ``convert_to_fp32`` of the outputs; ``loss.backward()``; ``clip_grad_norm_(params, 1.0)``;
-    ``optimizer.step()``; ``zero_grad(set_to_none=True)``.  ``host`` (the Unsloth mode): tensors
-    that stand for pinned host memory, existing before the step (``host_peak``: their peak);
-    ``chunked_logits``: flag logits of any number of rows (a chunked cross-entropy); ``dpo``: the DPO (KTO) trainer's
-    stand-in state, what to run after each of its forwards and the forward (``observe.trace.dpo``,
-    ``observe.trace.kto``): the step's forward is ``DPOTrainer._compute_loss`` on ``2 B`` rows (``KTOTrainer``'s on
-    ``B``), under autocast, and no ``num_items_in_batch``."""
-    import torch
-    from accelerate.utils.operations import convert_to_fp32
-
+def step_stand_ins(s: TraceSettings) -> dict:
+    """The ops stood in while the step runs: bitsandbytes' (any device); on meta the device's kernels, TRL's boolean
+    masks, KTO's ``nonzero``, Liger's scalars."""
     dev = s.device
     stand_ins = bnb_stand_ins(dev)
     if dev == "meta":
@@ -364,6 +358,26 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
             from .liger import meta_scalar_stand_ins
 
             stand_ins.update(meta_scalar_stand_ins())
+    return stand_ins
+
+
+def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, paged: list,
+              current: dict[str, Any], host: list | None = None, chunked_logits: bool = False,
+              dpo: tuple[Any, Any, Any] | None = None) -> dict:
+    """``model.train()``; per step as ``Trainer`` does it: forward with ``input_ids``, ``labels`` and
+    (when the forward takes ``**kwargs``) ``num_items_in_batch``, under autocast with accelerate's
+    ``convert_to_fp32`` of the outputs; ``loss.backward()``; ``clip_grad_norm_(params, 1.0)``;
+    ``optimizer.step()``; ``zero_grad(set_to_none=True)``.  ``host`` (the Unsloth mode): tensors
+    that stand for pinned host memory, existing before the step (``host_peak``: their peak);
+    ``chunked_logits``: flag logits of any number of rows (a chunked cross-entropy); ``dpo``: the DPO (KTO) trainer's
+    stand-in state, what to run after each of its forwards and the forward (``observe.trace.dpo``,
+    ``observe.trace.kto``): the step's forward is ``DPOTrainer._compute_loss`` on ``2 B`` rows (``KTOTrainer``'s on
+    ``B``), under autocast, and no ``num_items_in_batch``."""
+    import torch
+    from accelerate.utils.operations import convert_to_fp32
+
+    dev = s.device
+    stand_ins = step_stand_ins(s)
     rule = LogitsRule.for_step(vocab, s.rows, s.seq_len + s.virtual_tokens, chunked_logits)
     tracker = LiveTensorTracker(dev, logits=rule,
                                 stand_ins=stand_ins, host_scalars_phase="optimizer" if dev == "cpu" else None)

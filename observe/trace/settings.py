@@ -64,6 +64,12 @@ class TraceSettings:
     #: and ``seq_len - prompt_len`` completion positions; ``beta``: its KL coefficient
     prompt_len: int = 0
     beta: float = 0.0
+    #: DPO/KTO with ``precompute_ref_log_probs``: the step reads the reference's log-probabilities from the batch (no
+    #: reference forward, no reference model with full fine-tuning); ``precompute_pass``: trace the pass before
+    #: training instead (``observe.trace.precompute``), on batches of ``precompute_batch`` pairs (rows for KTO)
+    precompute_ref: bool = False
+    precompute_pass: bool = False
+    precompute_batch: int = 0
 
     @property
     def rows(self) -> int:
@@ -106,6 +112,10 @@ class TraceSettings:
                 self.full and self.objective == "grpo")):
             raise ValueError(f"{self.objective.upper()} is traced as TRL 1.16's trainer runs LoRA (DPO and KTO: full "
                              "fine-tuning too): its fused LM head (loss 'trl')")
+        if (self.precompute_ref or self.precompute_pass) and self.objective not in ("dpo", "kto"):
+            raise ValueError("precompute_ref_log_probs is DPOTrainer's and KTOTrainer's")
+        if self.precompute_pass and (not self.precompute_ref or self.precompute_batch < 1):
+            raise ValueError("the precompute pass runs with precompute_ref and a batch of at least one")
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError("steps >= 1, batch_size >= 1 and seq_len >= 2 are required")
 

@@ -11,8 +11,10 @@ quantized model cast to bf16, no ``prepare_model_for_kbit_training``), and their
   (cDPO), ``loss_weights``, ``use_weighting``, the f-divergence and DiscoPOP/LD-DPO coefficients; KTO's ``beta``,
   ``desirable_weight`` and ``undesirable_weight``;
 * ``loss_type`` other than DPO's ``sigmoid`` / KTO's ``kto`` (the losses the traces run; KTO's
-  ``apo_zero_unpaired`` has no KL rows), ``precompute_ref_log_probs`` (a pass before training) and
-  ``sync_ref_model`` (TR-DPO: a separate reference model) are refused;
+  ``apo_zero_unpaired`` has no KL rows) and ``sync_ref_model`` (TR-DPO: a separate reference model) are refused;
+* ``precompute_ref_log_probs`` and ``precompute_ref_batch_size``: the pass before training
+  (``--precompute-ref-log-probs``, ``planner.memory.precompute``);
+* ``use_peft`` not true: full fine-tuning with a reference model loaded from the same checkpoint;
 * ``disable_dropout`` (default true) sets every dropout to 0, ``lora_dropout`` included;
   ``disable_dropout: false`` with a LoRA dropout is refused (both are planned at dropout 0);
 * ``padding_free`` is turned off by ``DPOTrainer`` itself (it warns and pads): planned padded;
@@ -30,15 +32,15 @@ from qplan.planner.interop.notes import note
 
 #: DPOConfig keys with no memory term (loss arithmetic on per-row log-probabilities; the reference's own settings)
 DPO_NO_EFFECT = {"beta", "label_smoothing", "loss_weights", "use_weighting", "f_divergence_type",
-                 "f_alpha_divergence_coef", "discopop_tau", "ld_alpha", "precompute_ref_batch_size",
-                 "ref_model_mixup_alpha", "ref_model_sync_steps"}
+                 "f_alpha_divergence_coef", "discopop_tau", "ld_alpha", "ref_model_mixup_alpha", "ref_model_sync_steps"}
+#: the keys of TRL's precompute_ref_log_probs pass (DPO and KTO)
+PRECOMPUTE_KEYS = {"precompute_ref_log_probs", "precompute_ref_batch_size"}
 #: every DPOConfig key the SFT reader does not know (TRL 1.16 ``DPOConfig`` minus ``SFTConfig``)
-DPO_KEYS = DPO_NO_EFFECT | {"disable_dropout", "precompute_ref_log_probs", "sync_ref_model"}
+DPO_KEYS = DPO_NO_EFFECT | PRECOMPUTE_KEYS | {"disable_dropout", "sync_ref_model"}
 #: KTOConfig keys with no memory term, and every KTOConfig key the SFT reader does not know (``KTOConfig`` minus
 #: ``SFTConfig``; ``loss_type`` is SFTConfig's too)
-KTO_NO_EFFECT = {"beta", "desirable_weight", "undesirable_weight", "precompute_ref_batch_size", "ref_model_mixup_alpha",
-                 "ref_model_sync_steps"}
-KTO_KEYS = KTO_NO_EFFECT | {"disable_dropout", "precompute_ref_log_probs", "sync_ref_model"}
+KTO_NO_EFFECT = {"beta", "desirable_weight", "undesirable_weight", "ref_model_mixup_alpha", "ref_model_sync_steps"}
+KTO_KEYS = KTO_NO_EFFECT | PRECOMPUTE_KEYS | {"disable_dropout", "sync_ref_model"}
 #: GRPOConfig keys with no memory term: the loss's arithmetic on ``B x C`` per-token values, reward bookkeeping,
 #: logging, and settings of the paths the reader refuses (vLLM's, continuous batching's)
 GRPO_NO_EFFECT = {
@@ -138,6 +140,24 @@ def read_grpo(r: Any, o: dict[str, Any]) -> None:
     o["objective"] = "grpo"
 
 
+def read_precompute(r: Any, o: dict[str, Any]) -> None:
+    """``precompute_ref_log_probs`` (a pass over the dataset before training, no reference forward in the step) and
+    ``precompute_ref_batch_size`` (its batches; ``per_device_train_batch_size`` when unset)."""
+    r.used.update(PRECOMPUTE_KEYS)
+    pre, size = r.cfg.get("precompute_ref_log_probs", False), r.cfg.get("precompute_ref_batch_size")
+    if pre not in (True, False):
+        raise QPlanError(f"trl config: precompute_ref_log_probs must be true or false, got {shown(pre)}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise QPlanError(f"trl config: precompute_ref_batch_size must be a positive integer, got {shown(size)}")
+    if pre:
+        o["precompute_ref_log_probs"] = True
+        if size is not None:
+            o["precompute_ref_batch_size"] = size
+    elif size is not None:
+        r.warnings.append(note("ignored", "trl config: precompute_ref_batch_size without precompute_ref_log_probs "
+                                          "does nothing"))
+
+
 def read_objective(r: Any, o: dict[str, Any], objective: str) -> None:
     """The DPO or KTO settings of a TRL config, onto the options the TRL reader made (see the module docstring)."""
     if objective == "grpo":
@@ -147,10 +167,7 @@ def read_objective(r: Any, o: dict[str, Any], objective: str) -> None:
     r.used.update((DPO_NO_EFFECT if objective == "dpo" else KTO_NO_EFFECT)
                   | {"label_smoothing_factor", "padding_free", "dataset_name", "dataset_config", "dataset_train_split",
                      "dataset_test_split", "dataset_text_field", "loss_type"})
-    if r.get("precompute_ref_log_probs", False):
-        raise QPlanError(f"trl config: precompute_ref_log_probs: {shown(r.cfg['precompute_ref_log_probs'])} runs the "
-                         "reference over the whole dataset before training, which qplan does not plan yet: leave it "
-                         "false")
+    read_precompute(r, o)
     if r.get("sync_ref_model", False):
         raise QPlanError(f"trl config: sync_ref_model: {shown(r.cfg['sync_ref_model'])} (TR-DPO) keeps a separate "
                          "reference model, which qplan does not plan yet")

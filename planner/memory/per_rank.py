@@ -70,7 +70,8 @@ def rank_memory(spec, counts, lora_r, dropout, q: QuantSettings, t, dist: DistSe
         host += rw["sharded"]  # FSDP2 CPUOffloadPolicy / ZeRO-3 offload_param: parameter shards on the host
         resident -= rw["sharded"]
     mm = MemoryModel.build(spec, counts, lora_r, dropout, qe, t.grad_ckpt, t.optimizer, t.attn_impl, resident,
-                           loss, kernels, t.padded, dora, t.liger_kernels, t.objective, t.grpo, t.grad_accum)
+                           loss, kernels, t.padded, dora, t.liger_kernels, t.objective, t.grpo, t.grad_accum,
+                           t.precompute_rows)
     extras = {m: {"weights": 0, "gradients": 0} for m in (*FORWARD_MOMENTS, "optimizer")}
     terms: dict[str, int] = {"weights_sharded": rw["sharded"], "quant_state_replicated": rw["quant_state"],
                              "buffers_replicated": rw["buffers"]}

@@ -24,6 +24,7 @@ from qplan.planner.memory.full import cached_weight_casts
 from qplan.planner.memory.generation import GenerationShape, generation_terms
 from qplan.planner.memory.lin import most
 from qplan.planner.memory.loss import loss_terms, loss_time_activation
+from qplan.planner.memory.precompute import precompute_pass_bytes
 from qplan.planner.memory.terms import (
     GrpoSettings,
     TrainingSettings,
@@ -49,7 +50,7 @@ def training_memory(spec: ModelSpec, counts: list[ModuleCount], lora_r: int, dro
     the same step allocates when it runs on the CPU (``qplan run --device cpu`` compares against that)."""
     return MemoryModel.build(spec, counts, lora_r, dropout, q, t.grad_ckpt, t.optimizer, t.attn_impl,
                              weights, loss, kernels, t.padded, dora, t.liger_kernels,
-                             t.objective, t.grpo, t.grad_accum).evaluate(*t.shape, t.grad_accum)
+                             t.objective, t.grpo, t.grad_accum, t.precompute_rows).evaluate(*t.shape, t.grad_accum)
 
 
 @dataclass(frozen=True)
@@ -120,10 +121,14 @@ class MemoryModel:
     #: whether the gradients are alive when it runs (a generation batch that starts inside an accumulation window)
     generation: Callable[[int], dict[str, int]] | None = None
     generation_grads: bool = False
+    #: DPO/KTO with ``precompute_ref_log_probs``: the pass before training, beyond the weights and adapters, at ``s``
+    #: tokens a row (``precompute.precompute_pass_bytes``); None: no pass
+    precompute: Callable[[int], dict[str, int]] | None = None
 
     @classmethod
     def build(cls, spec, counts, lora_r, dropout, q, grad_ckpt, optimizer, attn_impl, weights, loss="full",
-              kernels="cuda", padded=False, dora=False, liger=(), objective="sft", grpo=None, grad_accum=1):
+              kernels="cuda", padded=False, dora=False, liger=(), objective="sft", grpo=None, grad_accum=1,
+              precompute_rows=0):
         # adapters of modules a text-only step never runs (a vision tower) get no gradient or state
         stepped = stepped_counts(spec, counts)
         opt = optimizer_state_bytes(stepped, optimizer)
@@ -134,7 +139,7 @@ class MemoryModel:
         full = any(c.kind == "full" for c in counts)  # full fine-tuning trains the head (TRL's fused head: its grad)
         lg = loss_terms(spec, q, loss, kernels, top1=objective not in ("kto", "grpo"),
                         head_grad=BYTES[q.unquantized_dtype] if full else 0)
-        ref = objective in PREFERENCE_OBJECTIVES
+        ref = objective in PREFERENCE_OBJECTIVES and not precompute_rows  # precomputed: no reference forward
         return cls(
             weights=weights, adapters=adapter_bytes(counts), gradients=gradient_bytes(stepped),
             optimizer=opt["device"] + opt["paged"], optimizer_paged=opt["paged"],
@@ -153,6 +158,8 @@ class MemoryModel:
             layers_temps=acts["layers_temps"], attn_temps=acts["attn_fwd_temps"], ckpt_inputs=acts["ckpt_inputs"],
             layer_moments=acts["layer_moments"], mlp_fwd=acts["mlp_fwd"], mlp_fwd_temps=acts["mlp_fwd_temps"],
             **({} if grpo is None else grpo_fields(spec, counts, dropout, q, kernels, grpo, grad_accum)),
+            precompute=(lambda s: precompute_pass_bytes(spec, q, lg["forward"], precompute_rows, s, objective,
+                                                        kernels, full, padded)) if precompute_rows else None,
         )
 
     def phases(self, b: int, s: int, grad_accum: int = 1) -> dict[str, int]:
@@ -184,6 +191,8 @@ class MemoryModel:
             out["mlp_forward"] = static + g + self.mlp_fwd.at(T, s)
         if self.generation is not None:
             out["generation"] = static + (self.gradients if self.generation_grads else 0) + self.generation(b)["peak"]
+        if self.precompute is not None:  # before training: no optimizer state, no gradients
+            out["precompute"] = self.weights + self.adapters + self.precompute(s)["peak"]
         return out
 
     def moment(self, T: int, s: int) -> int:
@@ -233,6 +242,10 @@ class MemoryModel:
         if self.generation is not None:  # no autograd: every byte of generate's is a transient to a tracker
             parts["generation"] = {"gradients": self.gradients if self.generation_grads else 0,
                                    "temporaries": self.generation(b)["peak"]}
+        if self.precompute is not None:  # the batch existed before: an activation to a tracker; the rest transient
+            pre = self.precompute(s)
+            parts["precompute"] = {"optimizer": 0, "activations": pre["inputs"],
+                                   "temporaries": pre["peak"] - pre["inputs"]}
         order = [c for c in CATEGORIES if c != "optimizer_paged"]
         return {moment: {c: int({**static, **p}.get(c, 0)) for c in order} for moment, p in parts.items()}
 

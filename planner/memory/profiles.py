@@ -91,10 +91,12 @@ def _calibrated_overhead(mem: dict[str, Any], calibration: dict[str, Any] | None
 def reference_weights(ctx: StepContext) -> int:
     """The reference model's weights: TRL 1.16's ``DPOTrainer``/``KTOTrainer`` without PEFT (full fine-tuning) load
     the policy's checkpoint a second time (``create_model_from_path`` with the policy's dtype and quantization:
-    ``dpo_trainer.py``, ``kto_trainer.py`` ``__init__``; ``precompute_ref_log_probs`` is not planned), so as many
-    bytes as the policy's weights; 0 otherwise (LoRA: the reference is the base with the adapters disabled)."""
+    ``dpo_trainer.py``, ``kto_trainer.py`` ``__init__``), so as many bytes as the policy's weights; 0 otherwise (LoRA:
+    the reference is the base with the adapters disabled; ``precompute_ref_log_probs``: the pass runs the policy before
+    training, and no reference is loaded)."""
     full = any(c.kind == "full" for c in ctx.counts)
-    return ctx.weights if full and ctx.training.objective in PREFERENCE_OBJECTIVES else 0
+    t = ctx.training
+    return ctx.weights if full and t.objective in PREFERENCE_OBJECTIVES and not t.precompute_ref_log_probs else 0
 
 
 def _single_gpu_weights(ctx: StepContext, mem: dict[str, Any], reference: int = 0) -> dict[str, Any]:

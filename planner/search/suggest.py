@@ -37,6 +37,9 @@ def suggestions(inp: PlanInputs, limit: int = 4) -> list[str]:
     tries: list[tuple[str, PlanInputs]] = []
     if t.grad_ckpt == "off":
         tries.append(("--grad-ckpt", replace(inp, training=replace(t, grad_ckpt="hf"))))
+    if t.objective in ("dpo", "kto") and not t.precompute_ref_log_probs:  # no reference forward (nor model: --full)
+        tries.append(("--precompute-ref-log-probs (the reference scored in a pass before training)",
+                      replace(inp, training=replace(t, precompute_ref_log_probs=True))))
     if t.optimizer in ("adamw_torch", "paged_adamw_32bit"):
         tries.append(("--optimizer paged_adamw_8bit", replace(inp, training=replace(t, optimizer="paged_adamw_8bit"))))
     if q.quant not in ("nf4", "fp4"):

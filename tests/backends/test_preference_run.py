@@ -143,18 +143,22 @@ def test_a_grpo_run_measures_what_the_plan_predicts(tmp_path, capsys, args):
     assert generation == pytest.approx(plan["prediction"]["memory_detail"]["phases_cpu"]["generation"], rel=0.01)
 
 
-@pytest.mark.parametrize("args", [["--objective", "dpo"], ["--loss", "trl"]], ids=["dpo", "sft-fused-head"])
+@pytest.mark.parametrize("args", [["--objective", "dpo"], ["--loss", "trl"],
+                                  ["--objective", "dpo", "--precompute-ref-log-probs"]],
+                         ids=["dpo", "sft-fused-head", "dpo-precomputed"])
 def test_a_full_fine_tuning_run_with_trl_s_head_measures_what_the_plan_predicts(tmp_path, capsys, args):
     """DPOTrainer on a model without PEFT loads the reference from the policy's checkpoint (the plan's second copy of
-    the weights): the first loss is ln 2 only if it is the same model. SFTTrainer's fused head on a full model: the
-    head's gradient through its chunks. Both against the plan's CPU prediction (TRL's torch folds, ~0.6% over)."""
+    the weights): the first loss is ln 2 only if it is the same model; with precompute_ref_log_probs it loads none and
+    reads the pass's log-probabilities (ln 2 again: the pass ran the same weights). SFTTrainer's fused head on a full
+    model: the head's gradient through its chunks. Against the plan's CPU prediction (TRL's torch folds, ~0.7% over)."""
     run, doc = estimate_and_run(tmp_path, capsys, ["--full", "--quant", "bf16", "--batch-size", "2",
                                                    "--seq-len", "128", *args])
     plan = json.loads((tmp_path / "plan.json").read_text(encoding="utf-8"))
     compared = doc["compared"]
     assert abs(compared["tensor_peak"]["error"]) <= 0.01, compared["tensor_peak"]
     reference = plan["prediction"]["memory_detail"]["weights"].get("reference", 0)
-    assert (reference == compared["weights"]["predicted"]) == ("dpo" in args)  # the policy's weights, once more
+    loaded = "dpo" in args and "--precompute-ref-log-probs" not in args
+    assert (reference == compared["weights"]["predicted"]) == loaded  # the policy's weights, once more
     assert compared["weights"]["measured"] == compared["weights"]["predicted"]  # the policy's, after load
     if "dpo" in args:
         assert math.isclose(doc["measured"]["loss"][0], math.log(2), abs_tol=1e-4), doc["measured"]["loss"]

@@ -30,6 +30,8 @@ for f in sys.argv[1:]:
                                                                                        allow_extra_keys=False)
     assert model.use_peft and dpo.per_device_train_batch_size == cfg["per_device_train_batch_size"], f
     assert dpo.disable_dropout is cfg.get("disable_dropout", True) and dpo.max_length == cfg.get("max_length", 1024), f
+    assert dpo.precompute_ref_log_probs is cfg.get("precompute_ref_log_probs", False), f
+    assert dpo.precompute_ref_batch_size == cfg.get("precompute_ref_batch_size"), f
 print("ok")
 """
 
@@ -44,7 +46,8 @@ def test_the_fixture_and_its_dpo_key_variants_are_trls_dpo_configs(tmp_path):
     pytest.importorskip("trl")
     files = [str(FIXTURE)]
     for i, extra in enumerate([{"beta": 0.05, "loss_type": ["sigmoid"], "label_smoothing": 0.1, "max_length": 512},
-                               {"disable_dropout": False, "lora_dropout": 0.0, "padding_free": True}]):
+                               {"disable_dropout": False, "lora_dropout": 0.0, "padding_free": True},
+                               {"precompute_ref_log_probs": True, "precompute_ref_batch_size": 8}]):
         (tmp_path / str(i)).mkdir()
         files.append(_variant(tmp_path / str(i), **extra))
     p = subprocess.run([sys.executable, "-W", "ignore", "-c", DPO_CHECK, *files], capture_output=True, text=True,
@@ -68,7 +71,8 @@ def test_dpo_keys_with_no_memory_term_plan_the_same(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("extra,needles", [
-    ({"precompute_ref_log_probs": True}, ["precompute_ref_log_probs: True", "not plan"]),
+    ({"precompute_ref_log_probs": "yes"}, ["precompute_ref_log_probs must be true or false"]),
+    ({"precompute_ref_log_probs": True, "precompute_ref_batch_size": 0}, ["precompute_ref_batch_size must be a positive"]),
     ({"beta": float("nan")}, ["beta must be a finite number"]),
     ({"lora_dropout": -1}, ["lora_dropout must be in [0, 1), got -1"]),
     ({"sync_ref_model": True}, ["sync_ref_model: True (TR-DPO)"]),
@@ -94,6 +98,17 @@ def test_a_dpo_file_without_peft_plans_full_fine_tuning_with_a_reference_model(c
     doc = json.loads(plan_json(capsys, *flags))
     detail = doc["prediction"]["memory_detail"]["weights"]
     assert detail["reference"] * 2 == doc["prediction"]["memory"]["weights"]
+
+
+def test_a_dpo_file_that_precomputes_the_reference_plans_the_pass(capsys, tmp_path):
+    """``precompute_ref_log_probs`` and ``precompute_ref_batch_size`` plan as their flags (``DPOConfig``'s names)."""
+    f = _variant(tmp_path, precompute_ref_log_probs=True, precompute_ref_batch_size=8)
+    flags = [*FLAGS, "--precompute-ref-log-probs", "--precompute-ref-batch-size", "8"]
+    assert plan_json(capsys, "--from-config", f, "--objective", "dpo") == plan_json(capsys, *flags)
+    f = _variant(tmp_path, precompute_ref_batch_size=8)  # alone it does nothing: warned
+    rc, out, _ = qplan(capsys, "estimate", "--from-config", f, "--objective", "dpo", "--format", "json")
+    assert rc == 0 and "precompute_ref_log_probs" not in json.loads(out)["training"]
+    assert any("precompute_ref_batch_size without" in w["text"] for w in json.loads(out)["trainer_config"]["warnings"])
 
 
 def test_a_dpo_file_read_as_sft_points_to_the_objective_and_other_tools_are_refused(capsys, tmp_path):

@@ -61,7 +61,7 @@ def test_kto_keys_with_no_memory_term_plan_the_same(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("extra,needles", [
-    ({"precompute_ref_log_probs": True}, ["precompute_ref_log_probs: True", "not plan"]),
+    ({"precompute_ref_log_probs": 1.5}, ["precompute_ref_log_probs must be true or false"]),
     ({"loss_type": "apo_zero_unpaired"}, ["loss_type 'apo_zero_unpaired'", "KTO's kto loss"]),
     ({"disable_dropout": False}, ["disable_dropout: false keeps lora_dropout 0.05", "KTO is planned"]),
     ({"label_smoothing": 0.1}, ["label_smoothing", "DPO", "not KTO"]),
