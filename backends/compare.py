@@ -10,10 +10,14 @@
 | ``weights_footprint`` | ``prediction.memory.weights_footprint`` | ``get_memory_footprint()`` there |
 | ``trainable`` | ``prediction.params.trainable`` | PEFT ``get_nb_trainable_parameters()[0]`` |
 | ``adapter_file_bytes`` | ``prediction.adapter_file_bytes`` | size of adapter_model.safetensors |
+| ``precompute_tensor_peak`` | ``memory_detail.phases[_cpu].precompute`` | ``memory.passes.precompute`` (**) |
 
 (*) ``prediction.memory_detail.tensor_peak_cpu``: the same model with CPU kernels (fp32 dropout
 noise, single-tensor AdamW); measured: ``memory.tensor_peak`` on the CPU, ``memory.peak_allocated``
 on CUDA.
+
+(**) a DPO/KTO plan with ``precompute_ref_log_probs``: the pass before training is measured apart (``Probe.measured_pass``),
+and ``tensor_peak`` is then the steps' moments only.
 
 A term that was not measured (a CPU run has no ``peak``; a failed run may have no peak at all)
 has error ``None``. ``components`` pairs the plan's memory terms with the tracker's categories
@@ -24,7 +28,8 @@ from __future__ import annotations
 
 from typing import Any
 
-TERMS = ("tensor_peak", "peak", "weights", "weights_footprint", "trainable", "adapter_file_bytes", "step_seconds")
+TERMS = ("tensor_peak", "peak", "weights", "weights_footprint", "trainable", "adapter_file_bytes", "step_seconds",
+         "precompute_tensor_peak")  # the last only for a plan with the precompute_ref_log_probs pass
 
 #: plan memory term -> tracker categories at the peak that hold the same bytes: the tracker and
 #: the plan speak one vocabulary (``qplan.planner.vocab.CATEGORIES``), so each term is its category
@@ -46,8 +51,15 @@ def pairs(plan: dict[str, Any], doc: dict[str, Any]) -> dict[str, dict[str, Any]
     meas = doc.get("measured") or {}
     mem = meas.get("memory") or {}
     cuda = str(mem.get("device", "")).startswith("cuda")
+    detail = pred.get("memory_detail", {})
+    # the steps' peak: a precompute_ref_log_probs pass before training is measured apart (its own row)
+    moments = {k: v for k, v in (detail.get("phases") if cuda else detail.get("phases_cpu") or {}).items()}
+    pre = moments.pop("precompute", None)
+    step_peak = max(moments.values()) if pre is not None and moments else None
+    passes = (mem.get("passes") or {}).get("precompute") or {}
     rows: dict[str, tuple[Any, Any, str]] = {
-        "tensor_peak": (pm["tensor_peak"] if cuda else pred.get("memory_detail", {}).get("tensor_peak_cpu", pm["tensor_peak"]),
+        "tensor_peak": (step_peak if step_peak is not None else pm["tensor_peak"] if cuda
+                        else detail.get("tensor_peak_cpu", pm["tensor_peak"]),
                         mem.get("peak_allocated") if cuda else mem.get("tensor_peak"),
                         "torch.cuda.max_memory_allocated" if cuda
                         else "live tensor storages (tracker peak), vs the plan's CPU-kernel prediction"),
@@ -66,6 +78,10 @@ def pairs(plan: dict[str, Any], doc: dict[str, Any]) -> dict[str, dict[str, Any]
         "step_seconds": (_planned_step(pred, cuda), (meas.get("timing") or {}).get("mean_step_seconds"),
                          "mean step time after the warm-up (untracked steps), vs the plan's roofline for its device"),
     }
+    if pre is not None:  # a plan with the precompute_ref_log_probs pass
+        rows["precompute_tensor_peak"] = (pre, passes.get("peak_allocated" if cuda else "tensor_peak"),
+                                          "the precompute_ref_log_probs pass before training (in the trainer's "
+                                          "construction), measured as the steps are")
     return {k: {"predicted": p, "measured": m, "measured_as": how, "error": signed_error(p, m)}
             for k, (p, m, how) in rows.items()}
 

@@ -54,8 +54,10 @@ What each number is
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -103,6 +105,8 @@ class Probe:
         self._saved: Any = None
         self._hooks: list[Any] = []
         self._window_open = False
+        #: passes outside the training steps (``measured_pass``), by name
+        self.passes: dict[str, dict[str, Any]] = {}
 
     # -- phases ---------------------------------------------------------------------------
     def set_phase(self, phase: str) -> None:
@@ -135,6 +139,32 @@ class Probe:
         snap["model_tensors_by_category"] = by_cat
         self.phases[name] = snap
         return snap
+
+    @contextlib.contextmanager
+    def measured_pass(self, name: str, model: Any) -> Iterator[None]:
+        """A pass that runs before training (TRL's ``precompute_ref_log_probs``, inside the trainer's construction),
+        measured as the window measures steps: on CUDA the peak statistics reset before it and read after it
+        (``peak_allocated``); on the CPU the live-tensor tracker over it, the model's tensors and every other live
+        tensor counted from the start (``tensor_peak``, ``breakdown_at_peak``). Saved in ``passes[name]``."""
+        gc.collect()
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            yield
+            torch.cuda.synchronize(self.device)
+            self.passes[name] = {"peak_allocated": int(torch.cuda.max_memory_allocated(self.device))}
+            return
+        tr = LiveTensorTracker(self.device.type, logits=self.logits or LogitsRule(self.vocab or None), origins=True)
+        register_model(tr, model, as_weights=self.full)
+        sweep(tr, "input")
+        with tr:
+            tr.set_phase("forward", 0)
+            yield
+            tr.set_phase("end")
+        tr.detach()
+        res = Curve(tr).summarize()
+        self.passes[name] = {"tensor_peak": res["tensor_peak"], "breakdown_at_peak": res["breakdown_at_peak"]}
 
     # -- the measured window ----------------------------------------------------------------
     def start_window(self, model: Any, optimizer: Any, step: int) -> None:
@@ -260,6 +290,8 @@ class Probe:
                 out["weights"] = prep["model_tensors"]
         if "first_step" in self.window:
             out["window_steps"] = [self.window["first_step"], self.window.get("last_step")]
+        if self.passes:
+            out["passes"] = self.passes
         out["weights_footprint"] = self.weights_footprint
         out["phases"] = self.phases
         return out

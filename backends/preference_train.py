@@ -27,6 +27,7 @@ What the plan assumes (``planner.objectives``) and this run does:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -158,8 +159,11 @@ def run_preference_trainer(model: Any, tokenizer: Any, rows: Any, plan: dict[str
     if optimizer is not None:
         for group in optimizer.param_groups:
             group.update(lr=args.learning_rate, weight_decay=args.weight_decay)
-    trainer = _Pretokenized(model=model, args=args, train_dataset=rows.hf_dataset(), processing_class=tokenizer,
-                            callbacks=callbacks, optimizers=(optimizer, None))
+    probe = next((getattr(c, "probe", None) for c in callbacks if getattr(c, "probe", None) is not None), None)
+    measured = probe is not None and bool(plan["training"].get("precompute_ref_log_probs"))
+    with probe.measured_pass("precompute", model) if measured else contextlib.nullcontext():  # the pass, in __init__
+        trainer = _Pretokenized(model=model, args=args, train_dataset=rows.hf_dataset(), processing_class=tokenizer,
+                                callbacks=callbacks, optimizers=(optimizer, None))
     if "ref" in getattr(trainer.model, "peft_config", {}):  # the copy the trainer makes of a wrapped model's adapter
         trainer.model.delete_adapter("ref")
     trainer.train()

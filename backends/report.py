@@ -184,12 +184,14 @@ def _moment_rows(plan: dict[str, Any], doc: dict[str, Any]) -> list[list[str]]:
     gpu, cpu = _ints(detail.get("phases")) or {}, _ints(detail.get("phases_cpu")) or {}
     from qplan.planner.vocab import MOMENTS_OF_PHASE
 
-    measured = ((doc.get("measured") or {}).get("memory") or {}).get("phase_peaks") or {}
+    mem = (doc.get("measured") or {}).get("memory") or {}
+    measured = mem.get("phase_peaks") or {}
+    passes = mem.get("passes") or {}  # a pass before training (precompute_ref_log_probs), measured apart
     rows = []
     for m in gpu:
-        phase = next((p for p, ms in MOMENTS_OF_PHASE.items() if m in ms), "")
-        rows.append([MOMENT_NAMES.get(m, m), phase, fmt_bytes(gpu.get(m)), fmt_bytes(cpu.get(m)),
-                     fmt_bytes(measured.get(phase))])
+        phase = next((p for p, ms in MOMENTS_OF_PHASE.items() if m in ms), "before training" if m in passes else "")
+        got = passes[m].get("tensor_peak", passes[m].get("peak_allocated")) if m in passes else measured.get(phase)
+        rows.append([MOMENT_NAMES.get(m, m), phase, fmt_bytes(gpu.get(m)), fmt_bytes(cpu.get(m)), fmt_bytes(got)])
     return rows
 
 

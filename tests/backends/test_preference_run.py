@@ -144,13 +144,14 @@ def test_a_grpo_run_measures_what_the_plan_predicts(tmp_path, capsys, args):
 
 
 @pytest.mark.parametrize("args", [["--objective", "dpo"], ["--loss", "trl"],
-                                  ["--objective", "dpo", "--precompute-ref-log-probs"]],
+                                  ["--objective", "dpo", "--precompute-ref-log-probs", "--precompute-ref-batch-size", "4"]],
                          ids=["dpo", "sft-fused-head", "dpo-precomputed"])
 def test_a_full_fine_tuning_run_with_trl_s_head_measures_what_the_plan_predicts(tmp_path, capsys, args):
     """DPOTrainer on a model without PEFT loads the reference from the policy's checkpoint (the plan's second copy of
     the weights): the first loss is ln 2 only if it is the same model; with precompute_ref_log_probs it loads none and
-    reads the pass's log-probabilities (ln 2 again: the pass ran the same weights). SFTTrainer's fused head on a full
-    model: the head's gradient through its chunks. Against the plan's CPU prediction (TRL's torch folds, ~0.7% over)."""
+    reads the pass's log-probabilities (ln 2 again: the pass ran the same weights), and the pass itself is measured
+    against the plan's moment of it. SFTTrainer's fused head on a full model: the head's gradient through its chunks.
+    Against the plan's CPU prediction (TRL's torch folds, ~0.7% over)."""
     run, doc = estimate_and_run(tmp_path, capsys, ["--full", "--quant", "bf16", "--batch-size", "2",
                                                    "--seq-len", "128", *args])
     plan = json.loads((tmp_path / "plan.json").read_text(encoding="utf-8"))
@@ -162,4 +163,9 @@ def test_a_full_fine_tuning_run_with_trl_s_head_measures_what_the_plan_predicts(
     assert compared["weights"]["measured"] == compared["weights"]["predicted"]  # the policy's, after load
     if "dpo" in args:
         assert math.isclose(doc["measured"]["loss"][0], math.log(2), abs_tol=1e-4), doc["measured"]["loss"]
+    if "--precompute-ref-log-probs" in args:  # the pass (4 pairs: above the steps), measured in the trainer's __init__
+        pre = compared["precompute_tensor_peak"]
+        assert pre["predicted"] > compared["tensor_peak"]["predicted"] and abs(pre["error"]) <= 0.01, pre
+    else:
+        assert "precompute_tensor_peak" not in compared
     assert (run / "model" / "model.safetensors").is_file() and not (run / "adapter").exists()
