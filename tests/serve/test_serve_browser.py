@@ -226,6 +226,23 @@ def test_dpo_and_kto_from_the_page(base, browser, tmp_path):
     folder.mkdir(parents=True, exist_ok=True)
     drv.execute_script("window.scrollTo(0, 0)")
     drv.save_screenshot(str(folder / "serve-dpo.png"))
+    # full fine-tuning DPO loads a second model as the reference; precomputing its log-probs drops it
+    drv.find_element(By.ID, "full").click()
+    settled(drv, "full=true")
+    plan = check_page(drv, base, fit=False)
+    assert plan["prediction"]["memory_detail"]["weights"]["reference"] > 0
+    box = drv.find_element(By.ID, "precompute-ref-log-probs")
+    assert box.is_displayed()
+    box.click()
+    settled(drv, "precompute-ref-log-probs=true")
+    plan = check_page(drv, base, fit=False)
+    assert plan["training"]["precompute_ref_log_probs"] and "precompute" in plan["prediction"]["memory_detail"]["phases"]
+    assert "reference" not in plan["prediction"]["memory_detail"]["weights"]
+    drv.execute_script("window.scrollTo(0, 0)")
+    drv.save_screenshot(str(folder / "serve-dpo-precompute.png"))
+    box.click()
+    drv.find_element(By.ID, "full").click()
+    settled(drv, "full=false")
     Select(drv.find_element(By.ID, "objective")).select_by_value("kto")  # the page's micro-batch is 1
     WebDriverWait(drv, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "error")
     assert "KTOTrainer refuses it" in drv.find_element(By.ID, "error").text
@@ -236,7 +253,9 @@ def test_dpo_and_kto_from_the_page(base, browser, tmp_path):
     plan = check_page(drv, base, fit=False)
     assert plan["training"]["objective"] == "kto" and plan["training"]["batch_size"] == 2
     Select(drv.find_element(By.ID, "objective")).select_by_value("reward")  # the page's auto quantization: bf16
-    settled(drv, "objective=reward")
+    query = settled(drv, "objective=reward")
+    assert not any(x.startswith("precompute-ref-log-probs=") for x in query.split("&"))  # DPO's and KTO's only
+    assert not drv.find_element(By.ID, "precompute-ref-log-probs").is_displayed()
     plan = check_page(drv, base, fit=False)
     assert plan["training"]["objective"] == "reward" and plan["quant"]["quant"] == "bf16"
     assert "reward model (TRL)" in drv.find_element(By.ID, "summary").text
