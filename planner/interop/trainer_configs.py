@@ -232,7 +232,9 @@ def _axolotl(r: _Reader) -> dict[str, Any]:
             o["attn_impl"] = "eager"
     r.refuse({"xformers_attention", "s2_attention", "flex_attention", "sage_attention"},
              "is an attention kernel qplan does not model")
-    r.refuse({"rl", "relora", "relora_steps", "unfrozen_parameters", "lora_on_cpu", "gptq", "loftq_config", "peft",
+    r.refuse({"rl"}, "runs axolotl's RL trainer on TRL 1.8.0 (axolotl pins trl==1.8.0), whose DPOTrainer/KTOTrainer "
+             "compute the full logits (no fused LM head): not planned (qplan plans TRL 1.16's trainers)")
+    r.refuse({"relora", "relora_steps", "unfrozen_parameters", "lora_on_cpu", "gptq", "loftq_config", "peft",
               "unsloth_lora_mlp", "unsloth_lora_qkv", "unsloth_lora_o", "lora_mlp_kernel", "lora_qkv_kernel",
               "lora_o_kernel", *(() if o.get("loss") == "cce" else ("cut_cross_entropy",)), "chunked_cross_entropy",
               "tiled_mlp", "activation_offloading",
@@ -309,8 +311,9 @@ def _reentrant(r: _Reader) -> bool:
 def _llamafactory(r: _Reader) -> dict[str, Any]:
     o: dict[str, Any] = {"model": _model(r.get("model_name_or_path"), r.get("model_revision"), "model_name_or_path",
                                          "llamafactory")}
-    if r.get("stage", "sft") not in ("sft", "pt"):
-        raise QPlanError(f"llamafactory config: stage {shown(r.get('stage'))}: qplan plans sft and pt (one model, no reference)")
+    if r.get("stage", "sft") not in ("sft", "pt"):  # its own trainers (trl<=0.24): full fp32 logits for dpo/kto
+        raise QPlanError(f"llamafactory config: stage {shown(r.get('stage'))}: qplan plans sft and pt (LLaMA-Factory's "
+                         "dpo/kto trainers compute the full fp32 logits and log_softmax themselves, not TRL 1.16's code)")
     kind = r.get("finetuning_type", "lora")
     if kind not in ("lora", "full"):
         raise QPlanError(f"llamafactory config: finetuning_type {shown(kind)}: qplan plans lora and full")
@@ -571,7 +574,8 @@ def read_trainer_config(path: str | Path, fmt: str | None = None, objective: str
     if objective != "sft" and fmt != "trl":
         raise QPlanError(f"--objective {objective} --from-config reads TRL configs (its {objective.upper()}Config keys); "
                          f"this {fmt} config is read as SFT ({'rl:' if fmt == 'axolotl' else 'stage:'} {objective} is "
-                         "not read yet)")
+                         f"not read: {'axolotl pins TRL 1.8.0' if fmt == 'axolotl' else 'LLaMA-Factory runs its own'} "
+                         f"{objective.upper()} trainer, with the full logits)")
     try:
         opts = READERS[fmt](r, objective) if fmt == "trl" else READERS[fmt](r)
     except (TypeError, ValueError, OverflowError) as exc:  # a value of the wrong kind deep in a mapping

@@ -118,4 +118,4 @@ def test_a_dpo_file_read_as_sft_points_to_the_objective_and_other_tools_are_refu
     rc, _, err = qplan(capsys, "estimate", "--from-config", str(CONFIGS / "axolotl-qlora-llama-3.1-8b.yml"),
                        "--objective", "dpo")
     assert rc == 2
-    one_line(err, "--objective dpo --from-config reads TRL configs", "rl: dpo is not read yet")
+    one_line(err, "--objective dpo --from-config reads TRL configs", "rl: dpo is not read: axolotl pins TRL 1.8.0")
