@@ -425,25 +425,20 @@ def run_steps(model: Any, opt: Any, vocab: int, s: TraceSettings, amp: Any, page
         del outputs
         return loss
 
-    if dpo is not None:  # accelerate's prepare: the model's forward under autocast, its outputs converted to fp32
-        inner = model.forward
+    def prepared(module):  # accelerate's prepare: the forward under autocast, its outputs converted to fp32
+        inner = module.forward
 
         def amp_forward(*a, **k):
             with amp_ctx():
                 out = inner(*a, **k)
             return convert_to_fp32(out) if s.amp else out
 
-        model.forward = amp_forward
-        ref = getattr(dpo[0], "ref_model", None)
-        if ref is not None:  # the reference, prepared as accelerate prepares a model for evaluation
-            ref_inner = ref.forward
+        module.forward = amp_forward
 
-            def ref_amp_forward(*a, **k):
-                with amp_ctx():
-                    out = ref_inner(*a, **k)
-                return convert_to_fp32(out) if s.amp else out
-
-            ref.forward = ref_amp_forward
+    if dpo is not None:
+        prepared(model)
+        if getattr(dpo[0], "ref_model", None) is not None:  # the reference, prepared for evaluation the same way
+            prepared(dpo[0].ref_model)
     hooks = [p.register_post_accumulate_grad_hook(grad_hook) for p in trainable]
     host_step = optimizer_row(s.optimizer).host_step
     model.train()
