@@ -163,8 +163,10 @@ class Probe:
             yield
             tr.set_phase("end")
         tr.detach()
-        res = Curve(tr).summarize()
-        self.passes[name] = {"tensor_peak": res["tensor_peak"], "breakdown_at_peak": res["breakdown_at_peak"]}
+        curve = Curve(tr)
+        res = curve.summarize()
+        self.passes[name] = {"tensor_peak": res["tensor_peak"], "breakdown_at_peak": res["breakdown_at_peak"],
+                             "peak_detail": curve.detail(res["peak_event"])}
 
     # -- the measured window ----------------------------------------------------------------
     def start_window(self, model: Any, optimizer: Any, step: int) -> None:

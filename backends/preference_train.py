@@ -155,6 +155,12 @@ def run_preference_trainer(model: Any, tokenizer: Any, rows: Any, plan: dict[str
         def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
             return dataset  # already the trainer's tokenized rows
 
+        def _precompute_ref_logps(self, *args: Any, **kwargs: Any) -> Any:
+            # handed a wrapped model, TRL copies its adapter as "ref"; a user's run (peft_config) has none, and the
+            # pass runs the base with the adapters disabled: so here too
+            drop_reference_copy(self.model)
+            return super()._precompute_ref_logps(*args, **kwargs)
+
     args = trainer_config(plan, settings, device)
     if optimizer is not None:
         for group in optimizer.param_groups:
@@ -164,6 +170,13 @@ def run_preference_trainer(model: Any, tokenizer: Any, rows: Any, plan: dict[str
     with probe.measured_pass("precompute", model) if measured else contextlib.nullcontext():  # the pass, in __init__
         trainer = _Pretokenized(model=model, args=args, train_dataset=rows.hf_dataset(), processing_class=tokenizer,
                                 callbacks=callbacks, optimizers=(optimizer, None))
-    if "ref" in getattr(trainer.model, "peft_config", {}):  # the copy the trainer makes of a wrapped model's adapter
-        trainer.model.delete_adapter("ref")
+    drop_reference_copy(trainer.model)
     trainer.train()
+
+
+def drop_reference_copy(model: Any) -> None:
+    """Delete the ``ref`` adapter TRL 1.16's ``DPOTrainer``/``KTOTrainer`` copies from the ``default`` one when handed a
+    PEFT-wrapped model (``__init__``: "re-training an existing adapter"). The runs here wrap the model themselves,
+    where a user passes ``peft_config`` and gets no copy: the reference is the base with the adapters disabled."""
+    if "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")
