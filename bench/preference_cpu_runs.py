@@ -44,7 +44,9 @@ CASES = [
 ]
 
 
-def run_case(model: str, args: list[str], work: Path) -> dict:
+def estimate_and_run(model: str, args: list[str], work: Path) -> tuple[Path, dict, float]:
+    """``qplan estimate --model MODEL ARGS`` into ``work``, then a real CPU ``qplan run`` of it (random weights, 3
+    steps): the plan's path, the run's measured.json and when the run started."""
     from qplan.backends import runner
 
     plan = work / "plan.json"
@@ -53,7 +55,11 @@ def run_case(model: str, args: list[str], work: Path) -> dict:
     subprocess.run(cmd, check=True, capture_output=True)
     t0 = time.time()
     result = runner.run_plan(plan, random_init=True, steps=3, device="cpu", out_dir=work / "runs")
-    doc = json.loads((Path(result["run_dir"]) / "measured.json").read_text(encoding="utf-8"))
+    return plan, json.loads((Path(result["run_dir"]) / "measured.json").read_text(encoding="utf-8")), t0
+
+
+def run_case(model: str, args: list[str], work: Path) -> dict:
+    _, doc, t0 = estimate_and_run(model, args, work)
     c = doc["compared"]
     return {"model": model, "args": " ".join(args), "status": doc["status"],
             "predicted": c["tensor_peak"]["predicted"], "measured": c["tensor_peak"]["measured"],

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT.parent))
 
-TINY = str(ROOT / "tests" / "backends" / "data" / "tiny-llama.json")
+sys.path.insert(0, str(ROOT / "bench"))
 CASES = [
     ("smollm2-135m", ["--objective", "dpo", "--full", "--quant", "bf16", "--batch-size", "1", "--seq-len", "256"]),
     ("smollm2-135m", ["--objective", "dpo", "--full", "--quant", "bf16", "--no-grad-ckpt", "--batch-size", "1",
@@ -40,15 +40,9 @@ CASES = [
 
 
 def run_case(model: str, args: list[str], work: Path) -> dict:
-    from qplan.backends import runner
+    from preference_cpu_runs import estimate_and_run
 
-    plan = work / "plan.json"
-    cmd = [sys.executable, "-m", "qplan.cli.main", "estimate", "--model", TINY if model == "tiny-llama" else model,
-           *args, "--output", str(plan)]
-    subprocess.run(cmd, check=True, capture_output=True)
-    t0 = time.time()
-    result = runner.run_plan(plan, random_init=True, steps=3, device="cpu", out_dir=work / "runs")
-    doc = json.loads((Path(result["run_dir"]) / "measured.json").read_text(encoding="utf-8"))
+    plan, doc, t0 = estimate_and_run(model, args, work)
     c = doc["compared"]
     pre = c.get("precompute_tensor_peak") or {}
     reference = json.loads(plan.read_text(encoding="utf-8"))["prediction"]["memory_detail"]["weights"].get("reference", 0)
