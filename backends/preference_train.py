@@ -125,7 +125,7 @@ def trainer_config(plan: dict[str, Any], settings: TrainSettings, device: str) -
                          f"({exc})") from exc
     cls = getattr(trl, TRAINERS[plan["training"]["objective"]][1])
     t = plan["training"]
-    pre = {"precompute_ref_log_probs": True, "precompute_ref_batch_size": t.get("precompute_batch_size")} if t.get(
+    pre = {"precompute_ref_log_probs": True, "precompute_ref_batch_size": t.get("precompute_ref_batch_size")} if t.get(
         "precompute_ref_log_probs") else {}
     return trl_config(cls, plan, settings, device, max_length=int(t["seq_len"]), **pre)
 

@@ -195,6 +195,8 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         head = prepared.model.get_output_embeddings()
         vocab = int(head.weight.shape[0]) if head is not None else int(plan["model"]["config"]["vocab_size"])
         step_blocks = int(t["batch_size"]) * int(t.get("grad_accum", 1))
+        if t.get("precompute_ref_log_probs"):  # the pass's first batch is as large as the plan's
+            step_blocks = max(step_blocks, int(t.get("precompute_ref_batch_size") or 0))
         world = renv.world if renv is not None else 1
         # every rank draws its own blocks (the Trainer's distributed sampler): one step needs world x blocks
         if plan["prediction"].get("data"):  # a --data plan: its samples, batched as planned

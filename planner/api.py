@@ -96,6 +96,13 @@ def plan_settings(plan: dict[str, Any]) -> dict[str, Any]:
         "optimizer": tr["optimizer"], "attn_impl": tr["attn_impl"], "backend": plan["backend"],
         "loss": tr.get("loss", "full"), "liger_kernels": ",".join(tr.get("liger_kernels") or []),
     })
+    if tr.get("objective") in ("dpo", "kto"):  # TRL's DPO/KTO trainers (GRPO's and reward's are not read back yet)
+        o["objective"] = tr["objective"]
+        if tr.get("precompute_ref_log_probs"):
+            o["precompute_ref_log_probs"] = True
+            o["precompute_ref_batch_size"] = tr.get("precompute_ref_batch_size")
+        if o.get("loss") == "trl":  # what the trainer computes with: the option's default reads the same
+            o["loss"] = "full"
     if "double_quant" in quant:
         o["double_quant"] = quant["double_quant"]
     if "prepare_model_for_kbit_training" in quant:

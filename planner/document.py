@@ -199,7 +199,7 @@ class TrainingSection(Struct, forbid_unknown_fields=True, kw_only=True):
     precompute_ref_log_probs: _d(bool | UnsetType, "objective dpo/kto: the reference's log-probabilities computed in "
                                  "a pass before training (TRL's precompute_ref_log_probs): no reference forward in the "
                                  "step, no reference model with full fine-tuning; absent: false") = UNSET
-    precompute_batch_size: _d(Annotated[int, Meta(ge=1)] | UnsetType, "the pass's batches (TRL's "
+    precompute_ref_batch_size: _d(Annotated[int, Meta(ge=1)] | UnsetType, "the pass's batches (TRL's "
                               "precompute_ref_batch_size: pairs for DPO, rows for KTO); absent: batch_size") = UNSET
 
 

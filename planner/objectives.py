@@ -30,8 +30,8 @@ TRAINERS = {"dpo": ("DPOTrainer", "DPOConfig"), "kto": ("KTOTrainer", "KTOConfig
 NOTES = {
     "dpo": ("DPO: planned as TRL 1.16's DPOTrainer runs it (traced on meta through its own _compute_loss); "
             "every position is planned as a completion token (the fused head scores fewer with a prompt), "
-            "with --full the reference is the policy's checkpoint loaded again (TRL without PEFT); the precomputation "
-            "pass of precompute_ref_log_probs and a ref_model of another checkpoint are not planned; "
+            "with --full the reference is the policy's checkpoint loaded again (TRL without PEFT), precompute_ref_log_probs' "
+            "pass before training is phases.precompute, a ref_model of another checkpoint is not planned; "
             "with checkpointing, the last layer's backward at LoRA dropout 0 (DPO's) is planned up to 2% "
             "under the traced step (QLoRA; 0.6% in bf16)"),
     "reward": ("reward model: planned as TRL 1.16's RewardTrainer runs it (traced on meta through its own compute_loss): "
@@ -41,8 +41,8 @@ NOTES = {
     "kto": ("KTO: planned as TRL 1.16's KTOTrainer runs it (traced on meta through its own _compute_loss): each of the "
             "--batch-size rows, the KL term's mismatched rows (another row's completion after each prompt, no grad, "
             "policy and reference) and the reference's forward; every position is planned as a completion token, "
-            "with --full the reference is the policy's checkpoint loaded again (TRL without PEFT); the precomputation "
-            "pass of precompute_ref_log_probs and a ref_model of another checkpoint are not planned"),
+            "with --full the reference is the policy's checkpoint loaded again (TRL without PEFT), precompute_ref_log_probs' "
+            "pass before training is phases.precompute, a ref_model of another checkpoint is not planned"),
     "grpo": ("GRPO: planned as TRL 1.16's GRPOTrainer runs it with transformers' generate (no vLLM): the generation "
              "batch's prefill, KV cache and sampling (prediction.generation, checked against a tracked real generate), "
              "then each micro-batch of prompt + completion rows through the fused head (log-probabilities and "
@@ -67,7 +67,7 @@ def _trainer_refusal(o: PlanOptions, full_why: str | None, strategy_why: str) ->
     if o.full and full_why:
         return full_why
     if o.full and (o.gpus * o.nodes > 1 or o.strategy is not None or o.cpu_offload):
-        return "--full over several GPUs is not planned yet (one GPU, holding the policy and the reference whole, is)"
+        return "--full over several GPUs is not planned yet (one GPU is)"
     if o.peft_type.strip().lower() != "lora":
         return f"--peft-type {o.peft_type} is not planned yet (LoRA and its variants are)"
     if o.backend != "peft":

@@ -257,7 +257,7 @@ def plan_inputs(options: PlanOptions | dict[str, Any] | None = None, /, *, spec:
     q, warnings = check_gpu_dtype(q, gpu_, auto_fix=not o.strict_dtype, full=o.full)
     check_adapter_dtype(lora.adapter_dtype, q, backend)
     if o.full:
-        check_full(q, backend, o.loss)
+        check_full(q, backend, o.loss, several=o.gpus * o.nodes > 1 or strategy is not None)
     warnings = ck_warnings + loss_notes + warnings
     if model is not None and spec_origin(model) == "user, shadows bundled":
         warnings.insert(0, f"model {model!r} is your spec in {user_spec_dir()}, which shadows the bundled one "

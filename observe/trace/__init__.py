@@ -180,7 +180,7 @@ def trace_plan(plan: dict[str, Any], device: str = "meta", steps: int = 2, count
             padded=bool(t.get("padded", False)), prompt_len=(t.get("grpo") or {}).get("prompt_length", 0),
             beta=(t.get("grpo") or {}).get("beta", 0.0),
             precompute_ref=bool(t.get("precompute_ref_log_probs", False)), precompute_pass=precompute_pass,
-            precompute_batch=int(t.get("precompute_batch_size") or t["batch_size"]),
+            precompute_batch=int(t.get("precompute_ref_batch_size") or t["batch_size"]),
         )
     except ImportError as exc:  # pragma: no cover - only without the train extra
         if (exc.name or "").split(".")[0] == "trl":

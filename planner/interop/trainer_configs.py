@@ -232,8 +232,8 @@ def _axolotl(r: _Reader) -> dict[str, Any]:
             o["attn_impl"] = "eager"
     r.refuse({"xformers_attention", "s2_attention", "flex_attention", "sage_attention"},
              "is an attention kernel qplan does not model")
-    r.refuse({"rl"}, "runs axolotl's RL trainer on TRL 1.8.0 (axolotl pins trl==1.8.0), whose DPOTrainer/KTOTrainer "
-             "compute the full logits (no fused LM head): not planned (qplan plans TRL 1.16's trainers)")
+    r.refuse({"rl"}, "is axolotl's RL trainer on TRL 1.8.0 (axolotl pins trl==1.8.0; its DPO and KTO trainers compute "
+             "the full logits, no fused LM head): not planned (qplan plans TRL 1.16's trainers)")
     r.refuse({"relora", "relora_steps", "unfrozen_parameters", "lora_on_cpu", "gptq", "loftq_config", "peft",
               "unsloth_lora_mlp", "unsloth_lora_qkv", "unsloth_lora_o", "lora_mlp_kernel", "lora_qkv_kernel",
               "lora_o_kernel", *(() if o.get("loss") == "cce" else ("cut_cross_entropy",)), "chunked_cross_entropy",
@@ -572,10 +572,12 @@ def read_trainer_config(path: str | Path, fmt: str | None = None, objective: str
     fmt = fmt or detect_format(cfg)
     r = _Reader(cfg, fmt, Path(path).parent)
     if objective != "sft" and fmt != "trl":
-        raise QPlanError(f"--objective {objective} --from-config reads TRL configs (its {objective.upper()}Config keys); "
-                         f"this {fmt} config is read as SFT ({'rl:' if fmt == 'axolotl' else 'stage:'} {objective} is "
-                         f"not read: {'axolotl pins TRL 1.8.0' if fmt == 'axolotl' else 'LLaMA-Factory runs its own'} "
-                         f"{objective.upper()} trainer, with the full logits)")
+        config = {"reward": "RewardConfig"}.get(objective, f"{objective.upper()}Config")
+        why = ("axolotl pins TRL 1.8.0, whose trainer computes the full logits" if fmt == "axolotl"
+               else "LLaMA-Factory runs its own trainer, on the full logits") if objective in ("dpo", "kto") else "not read"
+        raise QPlanError(f"--objective {objective} --from-config reads TRL configs (TRL's {config} "
+                         f"keys); this {fmt} config is read as SFT ({'rl:' if fmt == 'axolotl' else 'stage:'} "
+                         f"{objective}: {why})")
     try:
         opts = READERS[fmt](r, objective) if fmt == "trl" else READERS[fmt](r)
     except (TypeError, ValueError, OverflowError) as exc:  # a value of the wrong kind deep in a mapping

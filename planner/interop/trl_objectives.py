@@ -145,7 +145,7 @@ def read_precompute(r: Any, o: dict[str, Any]) -> None:
     ``precompute_ref_batch_size`` (its batches; ``per_device_train_batch_size`` when unset)."""
     r.used.update(PRECOMPUTE_KEYS)
     pre, size = r.cfg.get("precompute_ref_log_probs", False), r.cfg.get("precompute_ref_batch_size")
-    if pre not in (True, False):
+    if pre is not True and pre is not False:  # 1 == True: a number is not a boolean here
         raise QPlanError(f"trl config: precompute_ref_log_probs must be true or false, got {shown(pre)}")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise QPlanError(f"trl config: precompute_ref_batch_size must be a positive integer, got {shown(size)}")

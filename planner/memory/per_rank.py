@@ -128,6 +128,8 @@ def rank_memory(spec, counts, lora_r, dropout, q: QuantSettings, t, dist: DistSe
             for m in FORWARD_MOMENTS:
                 extras[m]["weights"] += gathered
             terms["gathered"] = gathered
+    # the precompute_ref_log_probs pass runs in the trainer's __init__, before DDP wraps the model: nothing added
+    extras["precompute"] = {"weights": 0, "gradients": 0}
     ev = mm.evaluate(*t.shape, t.grad_accum)
     phases = {k: v + sum(extras[k].values()) for k, v in ev["phases"].items()}
     comp = {k: {c: v + extras[k].get(c, 0) for c, v in parts.items()} for k, parts in ev["composition"].items()}

@@ -105,16 +105,16 @@ class TrainingSettings:
     #: ``grpo``: how its completions are generated (``seq_len`` is then the prompt plus the completion)
     grpo: GrpoSettings | None = None
     #: DPO/KTO: the reference's log-probabilities computed in a pass before training (TRL's
-    #: ``precompute_ref_log_probs``), on batches of ``precompute_batch_size`` pairs (rows for KTO; 0: ``batch_size``)
+    #: ``precompute_ref_log_probs``), on batches of ``precompute_ref_batch_size`` pairs (rows for KTO; 0: ``batch_size``)
     precompute_ref_log_probs: bool = False
-    precompute_batch_size: int = 0
+    precompute_ref_batch_size: int = 0
 
     @property
     def precompute_rows(self) -> int:
         """The rows of a batch of the ``precompute_ref_log_probs`` pass (DPO: two a pair); 0 without the pass."""
         if not self.precompute_ref_log_probs:
             return 0
-        return (self.precompute_batch_size or self.batch_size) * (2 if self.objective == "dpo" else 1)
+        return (self.precompute_ref_batch_size or self.batch_size) * (2 if self.objective == "dpo" else 1)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -171,8 +171,8 @@ class TrainingSettings:
             out.pop("liger_kernels")
         if not self.precompute_ref_log_probs:
             out.pop("precompute_ref_log_probs")
-        if not self.precompute_batch_size:
-            out.pop("precompute_batch_size")
+        if not self.precompute_ref_batch_size:
+            out.pop("precompute_ref_batch_size")
         if self.grpo is None:
             out.pop("grpo")
         elif self.grpo.vllm is None:  # plan.json names vLLM's settings only when vLLM generates

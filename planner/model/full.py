@@ -26,13 +26,13 @@ from qplan.planner.vocab import KBIT
 FULL = "full"
 
 
-def check_full(q: QuantSettings, backend: str, loss: str = "full") -> None:
+def check_full(q: QuantSettings, backend: str, loss: str = "full", several: bool = False) -> None:
     """One line where full fine-tuning cannot train the plan's model: bitsandbytes' 4/8-bit weights have no gradient
     (``Params4bit`` / ``Int8Params`` are created with ``requires_grad=False``; transformers refuses to train a purely
     quantized model), fp16 weights under fp16 autocast do not train (the ``GradScaler`` of ``Trainer(fp16=True)``
-    raises "Attempting to unscale FP16 gradients"); a fused loss (Cut Cross Entropy, TRL's fused LM head, Liger's)
-    computes the trained head's gradient in its own chunks, not planned yet; and Unsloth's own full fine-tuning path
-    is not planned."""
+    raises "Attempting to unscale FP16 gradients"); Cut Cross Entropy's and Liger's fused losses compute the trained
+    head's gradient in their own chunks, not planned yet (TRL's fused head is, on one GPU: ``loss.trl_terms``); and
+    Unsloth's own full fine-tuning path is not planned."""
     if q.quant in KBIT:
         raise QPlanError(f"--full trains the weights themselves: a {q.quant} (bitsandbytes) base cannot be trained; "
                          "use --quant bf16, fp16 or fp32 (or LoRA/QLoRA without --full)")
@@ -40,6 +40,9 @@ def check_full(q: QuantSettings, backend: str, loss: str = "full") -> None:
         raise QPlanError("--full with fp16 weights under fp16 mixed precision does not train: the Trainer's GradScaler "
                          "refuses fp16 gradients ('Attempting to unscale FP16 gradients'); load the weights in fp32 "
                          "(--quant fp32 --compute-dtype fp16), or use bf16 where the GPU has it")
+    if loss == "trl" and several:  # traced on one GPU only
+        raise QPlanError("--full --loss trl over several GPUs is not planned yet (TRL's fused head gathers and trains the "
+                         "whole head; one GPU is traced): use --loss full, or one GPU")
     if loss not in ("full", "trl"):  # TRL's fused head: its chunked head gradient is loss.trl_terms' head_grad
         raise QPlanError(f"--full with --loss {loss}: the fused loss computes the trained head's gradient in its own "
                          "chunks, which is not planned yet: use --loss full (or trl, TRL's fused head)")

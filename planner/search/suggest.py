@@ -37,12 +37,12 @@ def suggestions(inp: PlanInputs, limit: int = 4) -> list[str]:
     tries: list[tuple[str, PlanInputs]] = []
     if t.grad_ckpt == "off":
         tries.append(("--grad-ckpt", replace(inp, training=replace(t, grad_ckpt="hf"))))
-    if t.objective in ("dpo", "kto") and not t.precompute_ref_log_probs:  # no reference forward (nor model: --full)
+    if t.objective in ("dpo", "kto") and not t.precompute_ref_log_probs and inp.data is None:  # no reference forward
         tries.append(("--precompute-ref-log-probs (the reference scored in a pass before training)",
                       replace(inp, training=replace(t, precompute_ref_log_probs=True))))
-    if t.precompute_ref_log_probs and t.precompute_batch_size > t.batch_size:  # the pass's batches as training's
+    if t.precompute_ref_log_probs and t.precompute_ref_batch_size > t.batch_size:  # the pass's batches as training's
         tries.append((f"--precompute-ref-batch-size {t.batch_size} (the pass before training in smaller batches)",
-                      replace(inp, training=replace(t, precompute_batch_size=0))))
+                      replace(inp, training=replace(t, precompute_ref_batch_size=0))))
     if t.optimizer in ("adamw_torch", "paged_adamw_32bit"):
         tries.append(("--optimizer paged_adamw_8bit", replace(inp, training=replace(t, optimizer="paged_adamw_8bit"))))
     if q.quant not in ("nf4", "fp4"):

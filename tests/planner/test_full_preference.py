@@ -54,22 +54,12 @@ def test_a_full_fine_tuning_plan_with_trl_s_head_is_its_traced_step(kw):
     assert traced["breakdown_at_peak"]["logits"] == 0
 
 
-def test_the_reference_model_is_a_second_copy_of_the_weights_and_lora_has_none():
-    full = plan_dict(model="llama-3.2-1b", objective="dpo", full=True, gpu="a100-80gb")
-    sft = plan_dict(model="llama-3.2-1b", full=True, gpu="a100-80gb")
-    detail = full["prediction"]["memory_detail"]["weights"]
-    assert detail["reference"] == sft["prediction"]["memory"]["weights"]
-    assert full["prediction"]["memory"]["weights"] == 2 * sft["prediction"]["memory"]["weights"]
-    assert full["prediction"]["memory"]["weights_footprint"] == sft["prediction"]["memory"]["weights_footprint"]
-    lora = plan_dict(model="llama-3.2-1b", objective="dpo", gpu="a100-80gb")
-    assert "reference" not in lora["prediction"]["memory_detail"]["weights"]
-
-
 @pytest.mark.parametrize(("kw", "needle"), [
     (dict(objective="dpo", gpus=2), "--full over several GPUs is not planned yet"),
     (dict(objective="kto", gpus=2, strategy="fsdp"), "--full over several GPUs is not planned yet"),
     (dict(objective="grpo"), "--full is not planned yet"),
     (dict(objective="dpo", quant="nf4"), "cannot be trained"),
+    (dict(loss="trl", gpus=2, strategy="fsdp"), "--full --loss trl over several GPUs is not planned yet"),
 ])
 def test_what_full_preference_training_is_not_planned_with_is_one_line(kw, needle):
     with pytest.raises(QPlanError) as exc:

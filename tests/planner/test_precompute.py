@@ -86,7 +86,7 @@ def test_the_plan_says_it_and_a_trace_takes_the_larger_of_step_and_pass(capsys):
                        "a100-80gb", "--method", "trace", "--format", "json")
     assert rc == 0
     doc = json.loads(out)
-    assert doc["training"]["precompute_ref_log_probs"] is True and doc["training"]["precompute_batch_size"] == 8
+    assert doc["training"]["precompute_ref_log_probs"] is True and doc["training"]["precompute_ref_batch_size"] == 8
     tr = doc["prediction"]["trace"]
     assert any("precompute_ref_log_probs pass" in n for n in tr["notes"])
     pas = doc["prediction"]["memory_detail"]["phases"]["precompute"]
@@ -111,3 +111,24 @@ def test_precomputing_with_data_is_refused_for_now(tmp_path):
     data.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n")
     with pytest.raises(QPlanError, match="with --data is not planned yet"):
         plan_dict(**{**{k: v for k, v in BASE.items() if k != "seq_len"}, "data": str(data)})
+
+
+def test_a_ddp_rank_s_pass_is_the_one_gpu_pass():
+    """The pass runs in the trainer's construction, before DDP wraps the model: no buckets, the same moment."""
+    one = plan_dict(**BASE)["prediction"]["memory_detail"]["phases"]
+    ddp = plan_dict(**BASE, gpus=2, strategy="ddp")["prediction"]["memory_detail"]["phases"]
+    assert ddp["precompute"] == one["precompute"] and ddp["forward"] > one["forward"]
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(full=True), dict(objective="kto", batch_size=2,
+                                                                precompute_ref_batch_size=4)])
+def test_an_unsealed_plan_is_re_made_from_its_settings(kw):
+    """``qplan run`` re-makes a plan without a seal (the API's) from its settings: the objective and the pass's
+    settings are read back, and an edit is caught."""
+    from qplan.planner.api import check_consistent
+
+    plan = plan_dict(**{**BASE, **kw})
+    check_consistent(plan)
+    plan["training"]["batch_size"] += 1
+    with pytest.raises(QPlanError, match="edited"):
+        check_consistent(plan)

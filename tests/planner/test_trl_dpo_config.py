@@ -72,6 +72,7 @@ def test_dpo_keys_with_no_memory_term_plan_the_same(capsys, tmp_path):
 
 @pytest.mark.parametrize("extra,needles", [
     ({"precompute_ref_log_probs": "yes"}, ["precompute_ref_log_probs must be true or false"]),
+    ({"precompute_ref_log_probs": 1}, ["precompute_ref_log_probs must be true or false"]),
     ({"precompute_ref_log_probs": True, "precompute_ref_batch_size": 0}, ["precompute_ref_batch_size must be a positive"]),
     ({"beta": float("nan")}, ["beta must be a finite number"]),
     ({"lora_dropout": -1}, ["lora_dropout must be in [0, 1), got -1"]),
@@ -95,9 +96,6 @@ def test_a_dpo_file_without_peft_plans_full_fine_tuning_with_a_reference_model(c
              "--optimizer", "adamw_torch_fused", "--attn", "sdpa", "--loss", "trl"]
     f = _variant(tmp_path, use_peft=False)
     assert plan_json(capsys, "--from-config", f, "--objective", "dpo") == plan_json(capsys, *flags)
-    doc = json.loads(plan_json(capsys, *flags))
-    detail = doc["prediction"]["memory_detail"]["weights"]
-    assert detail["reference"] * 2 == doc["prediction"]["memory"]["weights"]
 
 
 def test_a_dpo_file_that_precomputes_the_reference_plans_the_pass(capsys, tmp_path):
@@ -118,4 +116,4 @@ def test_a_dpo_file_read_as_sft_points_to_the_objective_and_other_tools_are_refu
     rc, _, err = qplan(capsys, "estimate", "--from-config", str(CONFIGS / "axolotl-qlora-llama-3.1-8b.yml"),
                        "--objective", "dpo")
     assert rc == 2
-    one_line(err, "--objective dpo --from-config reads TRL configs", "rl: dpo is not read: axolotl pins TRL 1.8.0")
+    one_line(err, "--objective dpo --from-config reads TRL configs", "rl: dpo: axolotl pins TRL 1.8.0")
