@@ -53,7 +53,8 @@ def pairs(plan: dict[str, Any], doc: dict[str, Any]) -> dict[str, dict[str, Any]
     cuda = str(mem.get("device", "")).startswith("cuda")
     detail = pred.get("memory_detail", {})
     # the steps' peak: a precompute_ref_log_probs pass before training is measured apart (its own row)
-    moments = {k: v for k, v in (detail.get("phases") if cuda else detail.get("phases_cpu") or {}).items()}
+    moments = detail.get("phases") if cuda else detail.get("phases_cpu")
+    moments = dict(moments) if isinstance(moments, dict) else {}  # an old or hand-made plan may lack them
     pre = moments.pop("precompute", None)
     step_peak = max(moments.values()) if pre is not None and moments else None
     passes = (mem.get("passes") or {}).get("precompute") or {}

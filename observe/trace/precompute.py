@@ -42,14 +42,12 @@ def precompute_inputs(s: TraceSettings, vocab: int) -> dict[str, Any]:
     return inputs
 
 
-def run_precompute(model: Any, vocab: int, s: TraceSettings, amp: Any, state: Any) -> dict:
-    """``compute_ref_log_probs`` of one batch under the tracker: its peak (``tensor_peak``, the ``forward`` phase) and
-    what the bytes at the peak are."""
+def run_precompute(model: Any, vocab: int, s: TraceSettings, amp: Any, state: Any, stand_ins: dict) -> dict:
+    """``compute_ref_log_probs`` of one batch under the tracker, with the step's ``stand_ins`` (``run.step_stand_ins``):
+    its peak (``tensor_peak``, the ``forward`` phase) and what the bytes at the peak are."""
     import torch
     from trl.trainer.dpo_trainer import DPOTrainer
     from trl.trainer.kto_trainer import KTOTrainer
-
-    from .run import step_stand_ins
 
     def autocast() -> Any:
         if not s.amp:
@@ -63,7 +61,7 @@ def run_precompute(model: Any, vocab: int, s: TraceSettings, amp: Any, state: An
     trainer = DPOTrainer if s.objective == "dpo" else KTOTrainer
     rows = inputs["input_ids"].shape[0]
     tracker = LiveTensorTracker(s.device, logits=LogitsRule.for_step(vocab, rows, s.seq_len),
-                                stand_ins=step_stand_ins(s))
+                                stand_ins=stand_ins)
     with contextlib.ExitStack() as stack:
         if amp is not None:
             stack.enter_context(amp.fmode)

@@ -116,7 +116,7 @@ def run_trace(config: dict, s: TraceSettings, wrap: Any = None) -> dict:
         if s.precompute_pass:  # the reference's log-probabilities before training (observe.trace.precompute)
             from .precompute import run_precompute
 
-            res = run_precompute(peft_model, hf.get_text_config().vocab_size, s, amp, dpo[0])
+            res = run_precompute(peft_model, hf.get_text_config().vocab_size, s, amp, dpo[0], step_stand_ins(s))
         else:
             res = run_steps(step_model, opt, hf.get_text_config().vocab_size, s, amp, paged, current, dpo=dpo)
     add_notes(res, peft_model, s, notes)
