@@ -75,13 +75,6 @@ def dpo_trainer_state(model: Any, grad_ckpt_kwargs: dict | None) -> Any:
     )
 
 
-def torch_float() -> Any:
-    """``torch.float32``: the dtype the collators give a column of Python floats (``torch.tensor``'s default)."""
-    import torch
-
-    return torch.float32
-
-
 def dpo_forward(trainer: Any, model: Any, ids: Any, completion_mask: Any, after: Callable[[], None]) -> Any:
     """One ``DPOTrainer._compute_loss`` on the batch (``input_ids`` of ``2 B`` rows and their ``completion_mask``);
     ``after()`` runs once it returns (the trace re-marks the checkpoint functions that TRL's re-enabling replaced)."""
@@ -89,9 +82,11 @@ def dpo_forward(trainer: Any, model: Any, ids: Any, completion_mask: Any, after:
 
     inputs = {"input_ids": ids, "attention_mask": completion_mask.clone(), "completion_mask": completion_mask}
     if trainer.precompute_ref_logps:  # the collator's columns of the reference's log-probabilities, one per pair
+        import torch  # fp32: what the collator makes of a column of Python floats
+
         pairs = ids.shape[0] // 2
-        inputs.update(ref_chosen_logps=ids.new_zeros(pairs, dtype=torch_float()),
-                      ref_rejected_logps=ids.new_zeros(pairs, dtype=torch_float()))
+        inputs.update(ref_chosen_logps=ids.new_zeros(pairs, dtype=torch.float32),
+                      ref_rejected_logps=ids.new_zeros(pairs, dtype=torch.float32))
     loss = DPOTrainer._compute_loss(trainer, model, inputs, False)
     after()
     return loss

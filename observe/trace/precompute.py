@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+from qplan.hf import torch_dtype
+
 from ..existing import register_model
 from ..summary import Curve
 from ..tracker import LiveTensorTracker, LogitsRule
@@ -78,9 +80,3 @@ def run_precompute(model: Any, vocab: int, s: TraceSettings, amp: Any, state: An
     for key in ("peak_phase", "peak_event"):
         res.pop(key)
     return res
-
-
-def torch_dtype(name: str) -> Any:
-    from qplan.hf import torch_dtype as to_torch
-
-    return to_torch(name)
