@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from qplan.planner.memory.activations import Branch, layer_branches
+from qplan.planner.memory.branches import Branch, layer_branches
 from qplan.planner.memory.ln_tuning import ln_sites
 from qplan.planner.memory.terms import dims
 from qplan.planner.model.full import is_full

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qplan.planner.memory.activations import layer_branches
+from qplan.planner.memory.branches import layer_branches
 from qplan.planner.memory.terms import dims
 from qplan.planner.model.full import is_full
 

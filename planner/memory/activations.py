@@ -9,9 +9,19 @@ multiplications (``qplan fit``). Notation as in ``planner.memory.terms``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from qplan.planner.memory.backward import incoming_gradients, reentrant_difference
+from qplan.planner.memory.branches import (
+    SITES,
+    Branch,
+    layer_branches,
+    lora_branch_activation,
+    lora_branches,
+    lora_input_dtype,
+    lora_weight_cast_bytes,
+    site_dtype,
+    site_input_bytes,
+    site_of,
+)
 from qplan.planner.memory.dora import dora_activation
 from qplan.planner.memory.full import cached_weight_casts, full_head_activation, full_layer_activation, full_layer_grads
 from qplan.planner.memory.ia3 import ia3_backward_transient, ia3_branch_activation
@@ -39,159 +49,14 @@ from qplan.planner.memory.prompt import (
     prompt_forward_activation,
     prompt_input_saved,
 )
-from qplan.planner.memory.terms import Dims, dims, idle_in_step
+from qplan.planner.memory.terms import Dims, dims
 from qplan.planner.memory.vera import vera_branch_activation, vera_forward_transient
 from qplan.planner.model.full import FULL, is_full
-from qplan.planner.model.ia3 import IA3, IA3_FF
-from qplan.planner.model.loha import LOHA
-from qplan.planner.model.lokr import LOKR
-from qplan.planner.model.lora import FROZEN_A, ModuleCount
+from qplan.planner.model.lora import ModuleCount
 from qplan.planner.model.prompt import PROMPT, PROMPT_MLP
-from qplan.planner.model.spec import LinearGroup, ModelSpec
-from qplan.planner.model.vera import VERA
-from qplan.planner.model.weights import QuantSettings, is_quantized, linear_weight_bytes
+from qplan.planner.model.spec import ModelSpec
+from qplan.planner.model.weights import QuantSettings, is_quantized
 from qplan.planner.vocab import BYTES, HF_CKPT
-
-#: leaf names of the projections that take the attention output / the MLP hidden state; the
-#: other linear modules of a layer read the (normed) residual stream.
-ATTN_OUT = {"o_proj", "out_proj", "dense", "c_proj", "wo"}
-MLP_OUT = {"down_proj", "w2", "dense_4h_to_h", "fc2", "c_proj", "wo"}
-
-
-def _site(g: LinearGroup) -> str | None:
-    """Where a linear group of a decoder layer reads from: ``attn_in`` / ``mlp_in`` (the normed
-    residual stream), ``attn_out`` (the attention output), ``mlp_out`` (the MLP hidden state);
-    None outside the layers (output head, ...)."""
-    leaf = g.pattern.rsplit(".", 1)[-1]
-    role = g.role
-    if role == "attn":
-        return "attn_out" if leaf in ATTN_OUT else "attn_in"
-    if role == "mlp":
-        return "mlp_out" if leaf in MLP_OUT else "mlp_in"
-    return None
-
-
-SITES = ("attn_in", "attn_out", "mlp_in", "mlp_out")
-
-
-def _site_dtype(site: str, p: Precision) -> int:
-    """dtype bytes of the tensor a module at ``site`` receives."""
-    return {"attn_in": p.R, "attn_out": p.c, "mlp_in": p.R, "mlp_out": p.M}[site]
-
-
-def _site_input_bytes(site: str, d: Dims, p: Precision) -> int:
-    """Bytes per token of the tensor a module at ``site`` receives."""
-    return _site_dtype(site, p) * {"attn_in": d.h, "attn_out": d.q, "mlp_in": d.h, "mlp_out": d.i}[site]
-
-
-def _lora_input_dtype(br: "Branch", p: Precision, kernels: str = "cuda") -> int:
-    """dtype bytes of a LoRA branch's input after PEFT's cast to the adapter dtype (fp32 unless
-    ``--adapter-dtype``), which bitsandbytes' LoRA layers skip under CUDA autocast (``requires_conversion = not
-    torch.is_autocast_enabled()``: CUDA's state, so a CPU step casts)."""
-    return _site_dtype(br.site, p) if (br.kbit and p.amp and kernels == "cuda") else BYTES[br.adapter]
-
-
-@dataclass(frozen=True)
-class Branch:
-    """One linear group of a decoder layer (the activation terms see the LoRA-adapted ones; the
-    FLOP and bytes model, ``planner.compute.flops``, all of them)."""
-
-    site: str  # attn_in | attn_out | mlp_in | mlp_out
-    in_features: int
-    out_features: int
-    per_layer: int
-    kbit: bool
-    leaf: str = ""
-    r: int = 0  # LoRA rank on it, 0 if none
-    weight_bytes: int = 0  # stored bytes of one instance's weight and its quantization constants
-    adapter: str = "float32"  # its LoRA tensors' dtype
-    frozen_a: bool = False  # LoRA-FA: its lora_A is frozen (no weight gradient: its input is not saved)
-    ia3: str = ""  # (IA)³ on it: "ff" (scales its input), "out" (its output), "" none
-    update: str = ""  # "loha" / "lokr": a full-size weight update built at every forward (planner.memory.loha)
-    factors: tuple = ()  # its trained tensors: (name, shape) pairs
-    vera: int = 0  # VeRA's rank on it, 0 if none
-
-
-def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSettings) -> list[Branch]:
-    """Every linear group inside the decoder layers, in inventory order, with its LoRA rank (a
-    multimodal wrapper's vision tower does not run in a text-only step: its layers are not here)."""
-    ranks = {c.module: r for c in counts if c.kind == "lora"}
-    adapters = {c.module: c.dtype for c in counts if c.kind == "lora"}
-    frozen = {c.module for c in counts if c.kind == FROZEN_A}
-    ia3 = {c.module: "ff" if c.kind == IA3_FF else "out" for c in counts if c.kind in (IA3, IA3_FF)}
-    update = {c.module: c.kind for c in counts if c.kind in (LOHA, LOKR)}
-    factors = {c.module: tuple((k, tuple(s)) for k, s in c.save_keys) for c in counts if c.kind in (LOHA, LOKR)}
-    vera = {c.module: c.save_keys[1][1][0] for c in counts if c.kind == VERA}
-    L = max(1, int(spec.inventory.num_hidden_layers or 1))
-    out = []
-    for g in spec.inventory.linear:
-        site = _site(g)
-        if site is None or idle_in_step(spec, g.pattern):  # output head / other, or a vision tower
-            continue
-        out.append(Branch(site, g.in_features, g.out_features, max(1, g.instances // L), is_quantized(g, q),
-                          g.pattern.rsplit(".", 1)[-1], ranks.get(g.pattern, 0), sum(linear_weight_bytes(g, q)),
-                          adapters.get(g.pattern, "float32"), g.pattern in frozen, ia3.get(g.pattern, ""),
-                          update.get(g.pattern, ""), factors.get(g.pattern, ()),
-                          vera.get(g.pattern, 0)))
-    return out
-
-
-def lora_branches(spec: ModelSpec, counts: list[ModuleCount], q: QuantSettings) -> list[Branch]:
-    """The LoRA-adapted linear groups of the decoder layers (what the activation terms count)."""
-    return [b for b in layer_branches(spec, counts, 1, q) if b.r]  # r=1 marks them; the terms take r apart
-
-
-def lora_branch_activation(br: Branch, p: Precision, r: int, dropout: float, input_grad: bool,
-                           kernels: str = "cuda") -> tuple[Lin, bool]:
-    """What one LoRA branch saves, per token; and whether it saves its input tensor itself.
-
-    PEFT 0.21 ``lora.Linear.forward`` casts the input to the adapter dtype first
-    (``_cast_input_dtype(x, lora_A.weight.dtype)``, fp32); bitsandbytes' ``Linear4bit``/``8bitLt``
-    LoRA layers do so only without autocast.  Then ``lora_B(lora_A(dropout(x))) * scaling``:
-
-    * dropout (``p > 0``) on CUDA is the fused ``native_dropout``: it saves a bool mask (1 byte per
-      input element), only if its input requires grad; on the CPU (``kernels="cpu"``,
-      Dropout.cpp ``_dropout_impl``) the mask is noise in the input's dtype, saved by ``x * noise``;
-    * ``lora_A`` saves its input for its weight gradient: under autocast a ``c``-byte copy when the
-      input is not already in the compute dtype (a new tensor per module: autocast caches only
-      casts of leaf parameters), else the (dropped-out) input itself — a new tensor with dropout,
-      the module's input without it (returned as ``shares_input``, counted once per input);
-    * ``lora_B`` saves ``lora_A``'s output, ``c * r`` (the adapter dtype without autocast).
-
-    LoRA-FA (``br.frozen_a``): ``lora_A`` has no weight gradient, so nothing saves its input (its input gradient
-    needs only the weight, or autocast's copy of it, ``lora_weight_cast_bytes``).
-    """
-    x = _site_dtype(br.site, p)
-    t1 = _lora_input_dtype(br, p, kernels)
-    per = 0
-    shares = False
-    if dropout > 0 and input_grad:
-        per += br.in_features * (1 if kernels == "cuda" else t1)  # the mask
-    if br.frozen_a:  # LoRA-FA: nothing saves A's input
-        pass
-    elif p.amp and t1 != p.c:
-        per += p.c * br.in_features
-    elif dropout > 0 or t1 != x:
-        per += t1 * br.in_features
-    else:
-        shares = True
-    per += (p.c if p.amp else BYTES[br.adapter]) * r
-    return Lin(tok=per * br.per_layer), shares
-
-
-def lora_weight_cast_bytes(branches: list[Branch], p: Precision, r: int) -> int:
-    """Per layer: autocast's casts of the fp32 adapter weights, ``c * r * (in + out)`` per module.
-
-    ``cached_cast`` (aten/src/ATen/autocast_mode.cpp) caches the lower-precision copy of an fp32
-    leaf that requires grad for the whole forward, and ``F.linear`` saves it for backward, so each
-    copy lives until its module's backward.  None without autocast, and none for adapters already in the
-    compute dtype (``--adapter-dtype``: autocast has nothing to cast). bf16 adapters under fp16 autocast (TRL's QLoRA on a
-    card without bf16) are cast by every matmul, not cached (only fp32 leaves are), and ``F.linear`` saves the copy:
-    the same bytes per module.
-    """
-    if not p.amp:
-        return 0
-    return sum(p.c * r * (b.in_features + b.out_features) * b.per_layer for b in branches if b.adapter != p.compute)
 
 
 def norm_activation(d: Dims, p: Precision, first: bool = False, liger: bool = False) -> Lin:
@@ -265,7 +130,7 @@ def _int8_sites(spec: ModelSpec, q: QuantSettings) -> set[str]:
     """Sites of the layer's projections that bitsandbytes converts to int8 under ``q``."""
     if q.quant != "int8":
         return set()
-    return {site for g in spec.inventory.linear if (site := _site(g)) and is_quantized(g, q)}
+    return {site for g in spec.inventory.linear if (site := site_of(g)) and is_quantized(g, q)}
 
 
 def int8_retained_activation(spec: ModelSpec, q: QuantSettings, p: Precision, ckpt: bool, first: bool,
@@ -284,7 +149,7 @@ def int8_retained_activation(spec: ModelSpec, q: QuantSettings, p: Precision, ck
             continue
         if not ckpt and (site == "attn_out" or site in counted):
             continue
-        tok += _site_input_bytes(site, d, p)
+        tok += site_input_bytes(site, d, p)
     return Lin(tok=tok)
 
 
@@ -365,7 +230,7 @@ def frozen_weight_casts(spec: ModelSpec, q: QuantSettings, first: bool, lora_sit
     first_lora = min([order[s_] for s_ in lora_sites] + [order[s_] - 1 for s_ in input_sites], default=len(SITES))
     total = 0
     for g in spec.inventory.linear:
-        site = _site(g)
+        site = site_of(g)
         if site is None or g.bnb_quantized is False and g.keep_fp32:
             continue
         if first and order[site] <= first_lora:
@@ -401,18 +266,18 @@ def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, 
     for br in vera:  # VeRA's scaled projections (planner.memory.vera)
         total = total + vera_branch_activation(br, p, not (first and br.site == "attn_in"))
     for br in loha:  # LoHa's input copies and weight updates (planner.memory.loha)
-        lin, shares = loha_branch_activation(br, _site_dtype(br.site, p), p, not (first and br.site == "attn_in"))
+        lin, shares = loha_branch_activation(br, site_dtype(br.site, p), p, not (first and br.site == "attn_in"))
         total = total + lin
         if shares:
             shared.add(br.site)
     # a shared input is saved once; the attention output is saved by sdpa anyway
-    total = total + Lin(tok=sum(_site_input_bytes(s_, d, p) for s_ in shared if s_ != "attn_out"))
+    total = total + Lin(tok=sum(site_input_bytes(s_, d, p) for s_ in shared if s_ != "attn_out"))
     if q.quant == "int8":
         total = total + int8_retained_activation(spec, q, p, False, first, shared)
     for br in ia3:  # (IA)³'s scaling vectors (planner.memory.ia3)
-        total = total + ia3_branch_activation(br, _site_dtype(br.site, p), p, kernels)
+        total = total + ia3_branch_activation(br, site_dtype(br.site, p), p, kernels)
     if dora:
-        total = total + dora_activation(branches, p, dropout, first, {s: _site_dtype(s, p) for s in SITES})
+        total = total + dora_activation(branches, p, dropout, first, {s: site_dtype(s, p) for s in SITES})
     grad_sites = ({br.site for br in branches} | {b.site for b in ia3 if b.ia3 == "out"} | {b.site for b in loha}
                   | {b.site for b in vera})
     input_sites = {b.site for b in ia3 if b.ia3 == "ff"}
@@ -588,7 +453,7 @@ def recompute_transient(spec: ModelSpec, branches: list[Branch], p: Precision, d
         if br.site != "mlp_out":
             continue
         x = p.M
-        t1 = _lora_input_dtype(br, p, kernels)
+        t1 = lora_input_dtype(br, p, kernels)
         extra = 0
         if t1 != x:
             extra += t1 * br.in_features
