@@ -24,6 +24,7 @@ from typing import Any
 
 from qplan.hf import bnb_config, cast_adapters, load_model, lora_config, method_config, peft_optimizer, task_of
 from qplan.planner.errors import QPlanError
+from qplan.planner.vocab import PEFT_METHODS
 
 from .base import ModelSource, Prepared, TrainSettings
 from .hf_train import run_trainer
@@ -123,7 +124,7 @@ class PeftBackend:
             return Prepared(model=model, tokenizer=load_tokenizer(source), device=device,
                             weights_footprint=footprint, params={"trainable": int(trainable), "all": int(total)})
         probe.set_phase("adapters")
-        if plan.get("method") in ("ia3", "prompt_tuning", "p_tuning", "ln_tuning", "loha", "lokr", "vera"):
+        if plan.get("method") in PEFT_METHODS:
             model = get_peft_model(model, method_config(plan["method"], plan[plan["method"]]))
         else:
             model = cast_adapters(get_peft_model(model, lora_config(plan["lora"], task_of(plan)[1])), plan["lora"])

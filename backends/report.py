@@ -24,7 +24,7 @@ from typing import Any
 
 from qplan.planner.errors import QPlanError
 from qplan.planner.render import method_text
-from qplan.planner.vocab import CATEGORIES, MOMENT_NAMES
+from qplan.planner.vocab import CATEGORIES, MOMENT_NAMES, PEFT_METHODS
 
 from .charts import histogram_svg, stacked_bars_svg, timeline_svg
 from .compare import _ints, composition_at_peak, pairs
@@ -301,7 +301,7 @@ def _ranks_sentence(doc: dict[str, Any]) -> str:
 def _details_md(plan: dict[str, Any], doc: dict[str, Any]) -> list[str]:
     meas = doc.get("measured") or {}
     mem = meas.get("memory") or {}
-    lines = ["", "### LoRA parameters per module", "", _table(*_module_table(plan))]
+    lines = ["", f"### {_modules_title(plan)}", "", _table(*_module_table(plan))]
     phases = mem.get("phases") or {}
     if phases:
         lines += ["", "### Loading phases", "", _table(*_loading_table(mem))]
@@ -330,6 +330,15 @@ def _no_timeline(mem: dict[str, Any]) -> str:
         return "No timeline: on CUDA qplan reads the allocator's peak counters, not every allocation."
     return ("No timeline: this run's measured.json has none (measured by an older qplan, or the run stopped "
             "before the measured steps).")
+
+
+def _modules_title(plan: dict[str, Any]) -> str:
+    """What the per-module table lists: LoRA's parameters, every parameter (full fine-tuning), or the method's
+    tensors (named as the plan's one-line method text names it)."""
+    method = plan.get("method", "lora")
+    if method in PEFT_METHODS:
+        return f"{PEFT_METHODS[method][0]} tensors per module"
+    return "Trainable parameters per module" if method == "full" else "LoRA parameters per module"
 
 
 def _module_table(plan: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -474,7 +483,7 @@ def run_html(plan: dict[str, Any], doc: dict[str, Any], charts: dict[str, str] |
          for k, p in pairs(plan, doc).items()]) + "<p class='caption'>error = (predicted − measured) / measured.</p>"))
     body.append(_details("Settings", html_table(["setting", "value"], settings_rows(plan, doc), "kv")))
     body.append(_details("Predicted moments of the step", html_table(MOMENT_HEADERS, _moment_rows(plan, doc))))
-    body.append(_details("LoRA parameters per module", html_table(*_module_table(plan))))
+    body.append(_details(_modules_title(plan), html_table(*_module_table(plan))))
     if mem.get("phases"):
         body.append(_details("Loading phases", html_table(*_loading_table(mem))))
     sp = _speed_lines(meas)

@@ -56,6 +56,11 @@ def plan_options(run: dict) -> dict:
     if pc.get("peft_type") == "VERA":  # its rank and targets (no dropout, projections saved, as qplan plans)
         assert not pc["vera_dropout"] and pc["save_projection"] and pc["bias"] == "none", pc
         return {**setting, "peft_type": "vera", "r": pc["r"], "targets": ",".join(sorted(pc["target_modules"]))}
+    if pc.get("peft_type") == "MISS":  # its rank, form and targets (no dropout or bias in these runs)
+        assert not pc["miss_dropout"] and pc["bias"] == "none", pc
+        init = str(pc["init_weights"]).lower()
+        return {**setting, "peft_type": "miss", "r": pc["r"], "targets": ",".join(sorted(pc["target_modules"])),
+                "miss_init": init, **({"mini_r": pc["mini_r"]} if init == "mini" else {})}
     if pc.get("peft_type") == "LN_TUNING":  # the norms it trains a copy of
         return {**setting, "peft_type": "ln_tuning", "targets": ",".join(sorted(pc["target_modules"]))}
     if pc.get("peft_type") == "P_TUNING":  # its virtual tokens and the MLP that makes them
@@ -185,6 +190,13 @@ def main() -> None:
         "129,024 trainable parameters, the model's total with the projections as buffers, and the 6,821,968-byte "
         "adapter file (the shared projections in it) are PEFT's; each module keeps the two products its vectors "
         "scale (tests/planner/test_vera.py: the trace's).",
+        "",
+        "MiSS (`--peft-type miss --r 64 --targets q_proj,v_proj`, and `--miss-init mini --mini-r 64`: PEFT's "
+        "`MissConfig`; nothing fitted to them): 7,340,032 and 229,376 trainable parameters and the 29,367,496- and "
+        "924,568-byte adapter files are PEFT's; each module saves only the r-wide sum of its input's slices that its "
+        "block multiplies, as LoRA-FA saves its frozen A's output (tests/planner/test_miss.py: the trace's). Unlike "
+        "LoRA-FA's run, both reserved peaks are within 2% of the plan. PEFT's third MiSS run (`init_weights=bat`, "
+        "the whole weight rebuilt every forward) is not planned yet.",
         "",
         "Full fine-tuning (`--full`; PEFT's `full-finetuning` run, nothing fitted to it): the trainable count is the "
         "model's 3,212,749,824 parameters, and the tensor peak is the trace's (16 bytes apart; tests/planner/test_full.py) "

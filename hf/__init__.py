@@ -263,6 +263,10 @@ def method_config(method: str, section: dict[str, Any]) -> Any:
     if method == "vera":
         return peft.VeraConfig(task_type="CAUSAL_LM", r=int(section["r"]), target_modules=list(section["target_modules"]),
                                save_projection=True)
+    if method == "miss":
+        return peft.MissConfig(task_type="CAUSAL_LM", r=int(section["r"]), init_weights=section["init_weights"],
+                               mini_r=int(section["mini_r"]), miss_dropout=float(section["miss_dropout"]),
+                               target_modules=list(section["target_modules"]))
     if method == "lokr":
         return peft.LoKrConfig(task_type="CAUSAL_LM", r=int(section["r"]), alpha=float(section["alpha"]),
                                target_modules=list(section["target_modules"]),

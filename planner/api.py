@@ -65,6 +65,12 @@ def plan_settings(plan: dict[str, Any]) -> dict[str, Any]:
                   "feedforward_modules": ",".join(i3["feedforward_modules"]) or "none"})
     elif plan.get("method") == "vera":  # its rank and modules, as PEFT got them
         o.update({"peft_type": "vera", "r": plan["vera"]["r"], "targets": ",".join(plan["vera"]["target_modules"])})
+    elif plan.get("method") == "miss":  # its rank, form and modules, as PEFT got them
+        m = plan["miss"]
+        o.update({"peft_type": "miss", "r": m["r"], "targets": ",".join(m["target_modules"]),
+                  "miss_init": str(m["init_weights"]).lower()})
+        if m["init_weights"] == "mini":
+            o["mini_r"] = m["mini_r"]
     elif plan.get("method") in ("loha", "lokr"):  # its rank, alpha and modules, as PEFT got them
         lh = plan[plan["method"]]
         o.update({"peft_type": plan["method"], "r": lh["r"], "alpha": lh["alpha"],

@@ -137,10 +137,21 @@ class VeraSection(Struct, forbid_unknown_fields=True, kw_only=True):
     save_projection: _d(Literal[True], "the projections are in the adapter file (PEFT's default)")
 
 
+class MissSection(Struct, forbid_unknown_fields=True, kw_only=True):
+    """MiSS: what PEFT's ``MissConfig`` gets (its default targets for the model type where none were given)."""
+
+    r: _d(Annotated[int, Meta(ge=1)], "MiSS rank: the block's rows (the input is summed in r-wide slices)")
+    init_weights: _d(bool | Literal["bat", "mini"], "the block's form: true/false (r × out), bat (out/r × r × r: the "
+                     "weight rebuilt at every forward), mini (r × mini_r, repeated)")
+    mini_r: _d(Annotated[int, Meta(ge=1)], "mini's block width (1 otherwise, unused)")
+    miss_dropout: _d(Annotated[float, Meta(ge=0, le=0)], "no dropout (qplan plans PEFT's default, 0)")
+    target_modules: _d(list[NonEmpty], "module names PEFT's MissConfig gets")
+
+
 #: the plan section of each PEFT method other than LoRA (``planner.methods``), named as the method
 METHOD_SECTIONS = {"ia3": Ia3Section, "prompt_tuning": PromptTuningSection, "p_tuning": PTuningSection,
                    "ln_tuning": LnTuningSection, "loha": LohaSection, "lokr": LokrSection,
-                   "vera": VeraSection}
+                   "vera": VeraSection, "miss": MissSection}
 
 
 class QuantSection(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -491,11 +502,11 @@ class PlanDoc(Struct, kw_only=True):
     schema_version: Literal[1]
     qplan_version: str = ""
     model: ModelSection
-    method: _d(Literal["lora", "full", "ia3", "prompt_tuning", "p_tuning", "ln_tuning", "loha", "lokr", "vera"]
+    method: _d(Literal["lora", "full", "ia3", "prompt_tuning", "p_tuning", "ln_tuning", "loha", "lokr", "vera", "miss"]
                | UnsetType,
                "full: "
                "full fine-tuning, every parameter trains (`--full`; `lora` is null); ia3, prompt_tuning, p_tuning, "
-               "ln_tuning, loha, lokr, vera: "
+               "ln_tuning, loha, lokr, vera, miss: "
                "that PEFT method "
                "(`--peft-type`; `lora` is null, "
                "the section named as the method says what it trains); absent: LoRA") = UNSET
@@ -507,6 +518,7 @@ class PlanDoc(Struct, kw_only=True):
     loha: _d(LohaSection | UnsetType, "method loha only") = UNSET
     lokr: _d(LokrSection | UnsetType, "method lokr only") = UNSET
     vera: _d(VeraSection | UnsetType, "method vera only") = UNSET
+    miss: _d(MissSection | UnsetType, "method miss only") = UNSET
     quant: QuantSection
     training: TrainingSection
     gpu: GpuSection | None = None

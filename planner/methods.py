@@ -12,6 +12,7 @@ from qplan.planner.model.ia3 import Ia3Settings
 from qplan.planner.model.ln_tuning import LnTuningSettings
 from qplan.planner.model.loha import LohaSettings
 from qplan.planner.model.lokr import LokrSettings
+from qplan.planner.model.miss import MISS_INITS, MissSettings
 from qplan.planner.model.prompt import PromptSettings, PTuningSettings
 from qplan.planner.model.vera import VeraSettings
 from qplan.planner.model.weights import QuantSettings
@@ -20,7 +21,7 @@ from qplan.planner.vocab import PEFT_PLANNED, PEFT_TYPES, optimizer
 
 #: the settings of a planned non-LoRA method
 PeftSettings = (Ia3Settings | PromptSettings | PTuningSettings | LnTuningSettings | LohaSettings | LokrSettings
-                | VeraSettings)
+                | VeraSettings | MissSettings)
 
 #: the LoRA options a method other than LoRA (and --full) leaves no meaning to, with their defaults
 LORA_ONLY = ("r", "alpha", "dropout", "targets", "bias", "dora", "rslora", "target_parameters", "modules_to_save",
@@ -28,11 +29,13 @@ LORA_ONLY = ("r", "alpha", "dropout", "targets", "bias", "dora", "rslora", "targ
 
 #: each method's own options among the LoRA section's, and the options only it takes
 OWN_OPTIONS = {"ia3": ("targets",), "prompt_tuning": (), "p_tuning": (), "ln_tuning": ("targets",),
-               "loha": ("r", "alpha", "targets"), "lokr": ("r", "alpha", "targets"), "vera": ("r", "targets")}
+               "loha": ("r", "alpha", "targets"), "lokr": ("r", "alpha", "targets"), "vera": ("r", "targets"),
+               "miss": ("r", "targets")}
 METHOD_OPTIONS = {"feedforward_modules": (("ia3",), "--feedforward-modules"),
                   "num_virtual_tokens": (("prompt_tuning", "p_tuning"), "--num-virtual-tokens"),
                   "encoder_hidden_size": (("p_tuning",), "--encoder-hidden-size"),
-                  "decompose_factor": (("lokr",), "--decompose-factor")}
+                  "decompose_factor": (("lokr",), "--decompose-factor"),
+                  "miss_init": (("miss",), "--miss-init"), "mini_r": (("miss",), "--mini-r")}
 #: the prompt-learning methods: a trained prompt prepended to every row (``planner.model.prompt``)
 PROMPT_METHODS = ("prompt_tuning", "p_tuning")
 
@@ -89,6 +92,16 @@ def peft_method(o: PlanOptions) -> PeftSettings | None:
         return LohaSettings(o.r, o.alpha if o.alpha is not None else 2.0 * o.r, o.targets)
     if name == "vera":
         return VeraSettings(o.r, 1.0, o.targets)  # VeRA has no alpha: the shared field is unused
+    if name == "miss":
+        init = (o.miss_init or "true").strip().lower()
+        if init not in MISS_INITS:
+            raise QPlanError(f"--miss-init {o.miss_init!r}: PEFT's MissConfig.init_weights is one of {', '.join(MISS_INITS)}")
+        if init == "bat":
+            raise QPlanError("--miss-init bat is not planned yet (its forward rebuilds every adapted weight in fp32, "
+                             "W + W_blocks @ B + B, at every step): use --miss-init true or mini")
+        if o.mini_r is not None and init != "mini":
+            raise QPlanError("--mini-r is the width of --miss-init mini's block: give --miss-init mini")
+        return MissSettings(o.r, 1.0, o.targets, init, o.mini_r or 1)  # MiSS has no alpha: the shared field is unused
     if name == "lokr":
         if o.decompose_factor == 0:
             raise QPlanError("--decompose-factor 0 divides nothing: give -1 (near the square root, PEFT's default) or a "

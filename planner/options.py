@@ -89,8 +89,8 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
     dropout: _f(Dropout | None, "LoRA dropout [default: 0.05; 0 where PEFT adapts fused MoE experts, "
                                 "which refuse dropout]", section=LORA) = None
     peft_type: _f(Annotated[str, Meta(min_length=1, max_length=64)], "PEFT method (PEFT's own name): lora (with "
-                  "--dora, --rslora, --optimizer lorafa for its variants), loha, lokr (--r, --alpha, --targets), vera (--r, "
-                  "--targets), ia3, ln_tuning, prompt_tuning or p_tuning; PEFT's other methods are refused by name",
+                  "--dora, --rslora, --optimizer lorafa for its variants), loha, lokr (--r, --alpha, --targets), vera, miss "
+                  "(--r, --targets), ia3, ln_tuning, prompt_tuning or p_tuning; PEFT's other methods are refused by name",
                   section=LORA) = "lora"
     targets: _f(Targets | None, f"preset {'|'.join(PRESETS)}, or comma-separated module names [default: all-linear; "
                 "with --peft-type ia3 PEFT's IA3 targets for the model type, e.g. k_proj,v_proj,down_proj; with "
@@ -104,6 +104,12 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
     decompose_factor: _f(Annotated[int, Meta(ge=-1, le=1_000_000)] | None, "--peft-type lokr: the Kronecker "
                          "factorization's divider (PEFT's decompose_factor; -1: near the square root, PEFT's default)",
                          section=LORA) = None
+    miss_init: _f(Annotated[str, Meta(max_length=16)] | None, "--peft-type miss: PEFT's init_weights: true (zeros, "
+                  "PEFT's default) or false (random): an (r, out) block; mini: an (r, mini_r) block repeated along the "
+                  "output; bat (the whole weight rebuilt at every forward) is not planned yet [default: true]",
+                  section=LORA) = None
+    mini_r: _f(Annotated[int, Meta(ge=1, le=1_000_000)] | None, "--peft-type miss --miss-init mini: the block's width "
+               "(PEFT's mini_r; it must divide every target's out_features) [default: 1]", section=LORA) = None
     encoder_hidden_size: _f(Annotated[int, Meta(ge=1, le=1_000_000)] | None, "--peft-type p_tuning: the width of the "
                             "prompt encoder's MLP (PEFT's encoder_hidden_size; required)", section=LORA) = None
     bias: _f(lit(BIAS_MODES), "which biases train (PEFT's bias)", section=LORA) = "none"

@@ -7,6 +7,7 @@ from typing import Any
 from tabulate import tabulate
 
 from qplan.planner.compute.timing import DEFAULTS_SOURCE
+from qplan.planner.vocab import PEFT_METHODS
 
 GiB = 2**30
 MiB = 2**20
@@ -62,6 +63,11 @@ def method_text(plan: dict[str, Any], short: bool = False) -> str:
         v = plan["vera"]
         text = f"VeRA r={v['r']} {','.join(v['target_modules'])}"
         return text if short else f"{text} (shared frozen projections, two trained vectors per module)"
+    if plan.get("method") == "miss":
+        m = plan["miss"]
+        form = {True: "", False: " random init", "mini": f" mini_r={m['mini_r']}"}[m["init_weights"]]
+        text = f"MiSS r={m['r']}{form} {','.join(m['target_modules'])}"
+        return text if short else f"{text} (one block per module, added to the input's r-wide slices summed)"
     if plan.get("method") in ("loha", "lokr"):
         lh, name = plan[plan["method"]], {"loha": "LoHa", "lokr": "LoKr"}[plan["method"]]
         if short:
@@ -130,7 +136,9 @@ def render_plan(plan: dict[str, Any]) -> str:
         f"({100 * par['trainable_share']:.4f}%) · base {fmt_int(par['base'])} · {adapter}"
     )
     lines.append("")
-    rows = [[label, fmt_bytes(mem[k]), fmt_int(mem[k])] for k, label in MEMORY_ROWS]
+    method = plan.get("method", "lora")
+    rows = [[f"adapter tensors ({PEFT_METHODS[method][0]})" if k == "adapters" and method in PEFT_METHODS else label,
+             fmt_bytes(mem[k]), fmt_int(mem[k])] for k, label in MEMORY_ROWS]
     phase = p["memory_detail"]["peak_phase"]
     rows.append(["tensor peak (live tensors, " + PHASE_NAMES.get(phase, phase) + ")",
                  fmt_bytes(mem["tensor_peak"]), fmt_int(mem["tensor_peak"])])
@@ -464,7 +472,7 @@ def render_compare(result: dict[str, Any]) -> str:
                                          "cost"]))
     lines += reasons
     lines.append("each row is the plan `qplan estimate` makes with that method (--full; LoRA on a 16/32-bit base; "
-                 "QLoRA on nf4; lorafa: --optimizer lorafa; loha, lokr, vera, ia3, ln_tuning, prompt_tuning, p_tuning: "
+                 "QLoRA on nf4; lorafa: --optimizer lorafa; loha, lokr, vera, miss, ia3, ln_tuning, prompt_tuning, p_tuning: "
                  "--peft-type): --format json has them all")
     return "\n".join(lines)
 

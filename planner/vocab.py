@@ -37,7 +37,15 @@ PEFT_TYPES = ("adalora", "adamss", "adaption_prompt", "beft", "boft", "c3a", "ca
               "miss", "multitask_prompt_tuning", "oft", "osf", "p_tuning", "peanut", "poly", "prefix_tuning",
               "prompt_tuning", "psoft", "pvera", "randlora", "road", "shadow", "shira", "supertuning", "tinylora",
               "trainable_tokens", "unilora", "vblora", "vera", "waveft", "xlora")
-PEFT_PLANNED = ("lora", "ia3", "prompt_tuning", "p_tuning", "ln_tuning", "loha", "lokr", "vera")
+#: the planned PEFT methods other than LoRA (a plan's ``method``, its section named as it): its name in text, how a
+#: message names a plan of it, and PEFT's config class
+PEFT_METHODS = {"ia3": ("(IA)³", "an (IA)³", "IA3Config"),
+                "prompt_tuning": ("prompt tuning", "a prompt-tuning", "PromptTuningConfig"),
+                "p_tuning": ("p-tuning", "a p-tuning", "PromptEncoderConfig"),
+                "ln_tuning": ("LN tuning", "an LN tuning", "LNTuningConfig"), "loha": ("LoHa", "a LoHa", "LoHaConfig"),
+                "lokr": ("LoKr", "a LoKr", "LoKrConfig"), "vera": ("VeRA", "a VeRA", "VeraConfig"),
+                "miss": ("MiSS", "a MiSS", "MissConfig")}
+PEFT_PLANNED = ("lora", *PEFT_METHODS)
 #: adapter dtypes PEFT can hold, and their safetensors names
 SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 #: ``--adapter-dtype``: the LoRA tensors' dtype (PEFT's fp32 by default; bf16 as TRL casts a quantized model's and

@@ -24,6 +24,7 @@ from qplan.planner.document import check_plan
 from qplan.planner.errors import QPlanError
 from qplan.planner.files import refuse_partial
 from qplan.planner.validate import check_measured, read_json
+from qplan.planner.vocab import PEFT_METHODS
 
 
 def _run(folder: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -193,7 +194,7 @@ def fit_launch_model(rows: list[dict[str, Any]]) -> tuple[float, float]:
 def adapter_dtype(plan: dict[str, Any]) -> str:
     """The dtype the trained tensors' matmuls see: the LoRA tensors', or with full fine-tuning the weights' own."""
     lora = plan.get("lora")
-    if plan.get("method") in ("ia3", "prompt_tuning", "p_tuning", "loha", "lokr", "vera"):  # all fp32
+    if plan.get("method") in PEFT_METHODS and plan["method"] != "ln_tuning":  # all fp32 (LN tuning: the norms' dtype)
         return "float32"
     if lora is None:
         return plan["quant"].get("unquantized_dtype", plan["quant"]["quant"])

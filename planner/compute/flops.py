@@ -105,13 +105,15 @@ def linear_weight_grad_flops(T: int, s: Branch) -> int:
 def lora_flops(T: int, s: Branch, input_rg: bool) -> tuple[int, int]:
     """LoRA on ``s`` (forward, backward): ``2 T r (in + out)`` forward; backward the gradients of
     ``B`` (``2 T r out``), of ``A``'s output (``2 T r out``, if ``A`` or the input needs one), of ``A``
-    (``2 T r in``, not with LoRA-FA's frozen ``A``) and, if the input needs one, of the input (``2 T r in``)."""
+    (``2 T r in``, not with LoRA-FA's frozen ``A``) and, if the input needs one, of the input (``2 T r in``). MiSS
+    (``planner.model.miss``) is LoRA-FA whose ``A`` is the sum of the input's ``r``-wide slices: no ``in`` terms."""
     if not s.r:
         return 0, 0
-    fwd = 2 * T * s.r * (s.in_features + s.out_features) * s.per_layer
+    i = 0 if s.miss else s.in_features  # MiSS: its frozen "A" is a sum of the input's slices, no matmul
+    fwd = 2 * T * s.r * (i + s.out_features) * s.per_layer
     a_out = 0 if (s.frozen_a and not input_rg) else 2 * T * s.r * s.out_features
     bwd = (2 * T * s.r * s.out_features + a_out
-           + 2 * T * s.r * s.in_features * ((0 if s.frozen_a else 1) + (1 if input_rg else 0))) * s.per_layer
+           + 2 * T * s.r * i * ((0 if s.frozen_a else 1) + (1 if input_rg else 0))) * s.per_layer
     return fwd, bwd
 
 

@@ -35,13 +35,13 @@ TOLERANCE = 0.15
 FORWARD = {
     "norm": 7, "linear": 1, "layer": 20, "lora": 5, "dora": 13, "dropout": 1, "amp_lora": 3, "kbit": 1,
     "eager_attention": 15, "softcap": 5, "moe": 27, "step": 20, "full": 0, "full_cast": 1, "ia3": 3, "ia3_ff": 4,
-    "loha": 10, "lokr": 9, "vera": 7,
+    "loha": 10, "lokr": 9, "vera": 7, "miss": 5, "miss_mini": 1, "amp_miss": 1,
 }
 #: feature -> kernels per instance, backward (the recomputed forward of checkpointed layers is added to it)
 BACKWARD = {
     "norm": 13, "linear": 1, "layer": 34, "lora": 9, "dora": 10, "dropout": 1, "amp_lora": 2, "kbit": 4,
     "eager_attention": 20, "softcap": 0, "moe": 25, "step": 0, "full": 8, "full_cast": 1, "ia3": 6, "ia3_ff": 6,
-    "loha": 15, "lokr": 13, "vera": 12,
+    "loha": 15, "lokr": 13, "vera": 12, "miss": 6, "miss_mini": 1, "amp_miss": 0,
 }
 #: torch AdamW / SGD / bitsandbytes with foreach kernels, plus ``clip_grad_norm_``'s foreach norm and scale
 OPTIMIZER_LAUNCHES = 16
@@ -55,7 +55,8 @@ def launch_features(spec: Any, counts: list, q: Any, training: Any, lora: Any) -
     L = d.L
     sites = layer_branches(spec, counts, 1, q)
     linears = sum(b.per_layer for b in sites) * L
-    adapted = sum(b.per_layer for b in sites if b.r) * L
+    adapted = sum(b.per_layer for b in sites if b.r and not b.miss) * L  # LoRA's (MiSS: its own features)
+    miss = sum(b.per_layer for b in sites if b.miss) * L
     kbit = sum(b.per_layer for b in sites if b.kbit) * L if q.quant in ("nf4", "fp4", "int8") else 0
     amp = q.compute_dtype in ("bfloat16", "float16")
     experts = any(len(p.shape) == 3 for p in spec.inventory.params) or any(
@@ -93,6 +94,12 @@ def launch_features(spec: Any, counts: list, q: Any, training: Any, lora: Any) -
         "lokr": sum(b.per_layer for b in sites if b.update == "lokr") * L,
         # VeRA: the input's cast, two matmuls, two products with the vectors, the sum and the casts (traced: 7 and 12)
         "vera": sum(b.per_layer for b in sites if b.vera) * L,
+        # MiSS: the input's cast, the slices' sum, the matmul, the sum with the base output and the cast back (mini:
+        # the block's repeat; autocast: the sum's cast); backward the block's and the input's gradients, the expanded
+        # sum's copy and the casts (traced steps differing by 80 modules, pure bf16 and under autocast: 5 and 6)
+        "miss": miss,
+        "miss_mini": sum(b.per_layer for b in sites if b.miss == "miss_mini") * L,
+        "amp_miss": miss if amp else 0,
     }
 
 

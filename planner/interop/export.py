@@ -15,7 +15,7 @@ from typing import Any
 
 from qplan.planner.errors import QPlanError, shown
 from qplan.planner.interop.trainer_configs import FORMATS
-from qplan.planner.vocab import HF_CKPT, KBIT, optimizer
+from qplan.planner.vocab import HF_CKPT, KBIT, PEFT_METHODS, optimizer
 
 PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 TORCH = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -51,12 +51,8 @@ def _comment(text: Any) -> str:
 
 
 def _check(plan: dict[str, Any], to: str) -> None:
-    if plan.get("method") in ("ia3", "prompt_tuning", "p_tuning", "ln_tuning", "loha", "lokr", "vera"):
-        name = {"ia3": "an (IA)³", "prompt_tuning": "a prompt-tuning", "p_tuning": "a p-tuning",
-                "ln_tuning": "an LN tuning", "loha": "a LoHa", "lokr": "a LoKr", "vera": "a VeRA"}[plan["method"]]
-        config = {"ia3": "IA3Config", "prompt_tuning": "PromptTuningConfig", "p_tuning": "PromptEncoderConfig",
-                  "ln_tuning": "LNTuningConfig", "loha": "LoHaConfig", "lokr": "LoKrConfig",
-                  "vera": "VeraConfig"}[plan["method"]]
+    if plan.get("method") in PEFT_METHODS:
+        _, name, config = PEFT_METHODS[plan["method"]]
         raise QPlanError(f"writing {name} plan to {to} is not done yet: `qplan run` trains it with PEFT's {config}")
     if plan.get("method") == "full":
         raise QPlanError(f"writing a full fine-tuning plan back to {to} is not done yet (qplan reads {to}'s full "

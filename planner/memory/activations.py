@@ -40,6 +40,7 @@ from qplan.planner.memory.masks import (
     padding_mask_activation,
     rotary_activation,
 )
+from qplan.planner.memory.miss import miss_mlp_promotion
 from qplan.planner.memory.moe import moe_activation, moe_moments
 from qplan.planner.memory.param_lora import expert_lora_bytes, parameter_lora_activation
 from qplan.planner.memory.prompt import (
@@ -254,7 +255,7 @@ def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, 
     p = precision(q)
     total = norm_activation(d, p, first, "rms_norm" in liger) + residual_activation(d, p)
     total = total + attention_activation(d, p, attn_impl) + (
-        mlp_activation(d, p, "swiglu" in liger) if mlp is None else mlp)
+        mlp_activation(d, p, "swiglu" in liger) + miss_mlp_promotion(branches, d.i, d.gated, p) if mlp is None else mlp)
     total = total + fused_qkv_activation(d, p, fused_qkv_kbit(spec, q))
     total = total + qk_norm_activation(d, p, "rms_norm" in liger)
     shared = set()
@@ -457,7 +458,7 @@ def recompute_transient(spec: ModelSpec, branches: list[Branch], p: Precision, d
         extra = 0
         if t1 != x:
             extra += t1 * br.in_features
-        if dropout > 0 and p.amp and t1 != p.c:
+        if dropout > 0 and not br.miss and p.amp and t1 != p.c:
             extra += t1 * br.in_features
         lin = lin + Lin(tok=extra * br.per_layer)
     return lin

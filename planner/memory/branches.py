@@ -13,6 +13,7 @@ from qplan.planner.model.ia3 import IA3, IA3_FF
 from qplan.planner.model.loha import LOHA
 from qplan.planner.model.lokr import LOKR
 from qplan.planner.model.lora import FROZEN_A, ModuleCount
+from qplan.planner.model.miss import MISS, MISS_MINI
 from qplan.planner.model.spec import LinearGroup, ModelSpec
 from qplan.planner.model.vera import VERA
 from qplan.planner.model.weights import QuantSettings, is_quantized, linear_weight_bytes
@@ -76,14 +77,18 @@ class Branch:
     update: str = ""  # "loha" / "lokr": a full-size weight update built at every forward (planner.memory.loha)
     factors: tuple = ()  # its trained tensors: (name, shape) pairs
     vera: int = 0  # VeRA's rank on it, 0 if none
+    #: MiSS (``planner.model.miss``) on it: "miss" / "miss_mini" (a LoRA-FA-like branch: ``sum(x in r-wide slices)``
+    #: for the frozen A, the block for B, no dropout); "" none
+    miss: str = ""
 
 
 def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSettings) -> list[Branch]:
     """Every linear group inside the decoder layers, in inventory order, with its LoRA rank (a
     multimodal wrapper's vision tower does not run in a text-only step: its layers are not here)."""
-    ranks = {c.module: r for c in counts if c.kind == "lora"}
-    adapters = {c.module: c.dtype for c in counts if c.kind == "lora"}
-    frozen = {c.module for c in counts if c.kind == FROZEN_A}
+    miss = {c.module: c.kind for c in counts if c.kind in (MISS, MISS_MINI)}
+    ranks = {c.module: r for c in counts if c.kind == "lora" or c.module in miss}
+    adapters = {c.module: c.dtype for c in counts if c.kind == "lora" or c.module in miss}
+    frozen = {c.module for c in counts if c.kind == FROZEN_A} | set(miss)
     ia3 = {c.module: "ff" if c.kind == IA3_FF else "out" for c in counts if c.kind in (IA3, IA3_FF)}
     update = {c.module: c.kind for c in counts if c.kind in (LOHA, LOKR)}
     factors = {c.module: tuple((k, tuple(s)) for k, s in c.save_keys) for c in counts if c.kind in (LOHA, LOKR)}
@@ -98,7 +103,7 @@ def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantS
                           g.pattern.rsplit(".", 1)[-1], ranks.get(g.pattern, 0), sum(linear_weight_bytes(g, q)),
                           adapters.get(g.pattern, "float32"), g.pattern in frozen, ia3.get(g.pattern, ""),
                           update.get(g.pattern, ""), factors.get(g.pattern, ()),
-                          vera.get(g.pattern, 0)))
+                          vera.get(g.pattern, 0), miss.get(g.pattern, "")))
     return out
 
 
@@ -126,7 +131,16 @@ def lora_branch_activation(br: Branch, p: Precision, r: int, dropout: float, inp
 
     LoRA-FA (``br.frozen_a``): ``lora_A`` has no weight gradient, so nothing saves its input (its input gradient
     needs only the weight, or autocast's copy of it, ``lora_weight_cast_bytes``).
+
+    MiSS (``br.miss``, PEFT 0.21 ``MissLinear.forward``): ``sum(x.reshape(…, in / r, r), -2) @ block`` after the same
+    fp32 cast, no dropout: the sum (``r`` wide) is what the matmul saves, as LoRA-FA's ``lora_A`` output (``sum`` saves
+    nothing). MiSS-mini repeats its ``(r, mini_r)`` block to ``(r, out)`` at every forward: without autocast the
+    matmul saves that fp32 copy when its input needs a gradient (``4 r out``); under autocast it saves its cast, as
+    the default block's cached cast (``lora_weight_cast_bytes``).
     """
+    if br.miss:
+        dropout = 0.0
+    mini = 4 * r * br.out_features * br.per_layer if (br.miss == MISS_MINI and not p.amp and input_grad) else 0
     x = site_dtype(br.site, p)
     t1 = lora_input_dtype(br, p, kernels)
     per = 0
@@ -142,7 +156,7 @@ def lora_branch_activation(br: Branch, p: Precision, r: int, dropout: float, inp
     else:
         shares = True
     per += (p.c if p.amp else BYTES[br.adapter]) * r
-    return Lin(tok=per * br.per_layer), shares
+    return Lin(tok=per * br.per_layer, const=mini), shares
 
 
 def lora_weight_cast_bytes(branches: list[Branch], p: Precision, r: int) -> int:
@@ -153,8 +167,9 @@ def lora_weight_cast_bytes(branches: list[Branch], p: Precision, r: int) -> int:
     copy lives until its module's backward.  None without autocast, and none for adapters already in the
     compute dtype (``--adapter-dtype``: autocast has nothing to cast). bf16 adapters under fp16 autocast (TRL's QLoRA on a
     card without bf16) are cast by every matmul, not cached (only fp32 leaves are), and ``F.linear`` saves the copy:
-    the same bytes per module.
+    the same bytes per module. MiSS has no A: ``c r out`` (its block, or MiSS-mini's repeated block, cast anew).
     """
     if not p.amp:
         return 0
-    return sum(p.c * r * (b.in_features + b.out_features) * b.per_layer for b in branches if b.adapter != p.compute)
+    return sum(p.c * r * ((0 if b.miss else b.in_features) + b.out_features) * b.per_layer
+               for b in branches if b.adapter != p.compute)

@@ -12,6 +12,7 @@ only what defines the method changed:
   16/32-bit base;
 * ``lokr`` — LoKr, likewise (with ``--decompose-factor`` when given);
 * ``vera`` — VeRA with the rank given, likewise;
+* ``miss`` — MiSS with the rank given (and ``--miss-init``, ``--mini-r`` when given), likewise;
 * ``ia3`` — (IA)³ with PEFT's default targets for the model type, over a 16/32-bit base;
 * ``ln_tuning`` — LN tuning of PEFT's default norms for the model type, over a 16/32-bit base;
 * ``prompt_tuning`` — prompt tuning with the ``--num-virtual-tokens`` given, over a 16/32-bit base;
@@ -34,8 +35,8 @@ from qplan.planner.options import FULL_QUANT, PlanOptions, as_dict
 from qplan.planner.vocab import FOUR_BIT, KBIT
 
 #: the methods ``qplan compare`` knows, in the order it lists them by default
-METHODS = ("full", "lora", "qlora", "dora", "lorafa", "loha", "lokr", "vera", "ia3", "ln_tuning", "prompt_tuning",
-           "p_tuning")
+METHODS = ("full", "lora", "qlora", "dora", "lorafa", "loha", "lokr", "vera", "miss", "ia3", "ln_tuning",
+           "prompt_tuning", "p_tuning")
 DEFAULT_METHODS = ("full", "lora", "qlora")
 
 
@@ -65,9 +66,9 @@ def method_options(options: dict[str, Any], method: str) -> dict[str, Any]:
     o["full"] = False
     if method in ("ia3", "prompt_tuning", "p_tuning", "ln_tuning"):
         return {**o, "peft_type": method, "quant": given if given and given not in KBIT else FULL_QUANT}
-    if method in ("loha", "lokr", "vera"):  # LoRA's rank (alpha) and targets are theirs; LoRA's other options are not
+    if method in ("loha", "lokr", "vera", "miss"):  # LoRA's rank (alpha) and targets are theirs; its other options not
         o.update({k: defaults[k] for k in LORA_ONLY if k not in ("r", "alpha", "targets") or (
-            method == "vera" and k == "alpha")})
+            method in ("vera", "miss") and k == "alpha")})
         if o.get("optimizer") == "lorafa":
             o["optimizer"] = defaults["optimizer"]
         return {**o, "peft_type": method, "quant": given if given and given not in KBIT else FULL_QUANT}
