@@ -18,6 +18,7 @@ from trace_checks import (
     TINY_LLAMA,
     assert_adapter_file_is_peft_s,
     assert_counts_are_peft_s,
+    assert_flops_are_the_counter_s,
     assert_traced_step,
 )
 
@@ -85,13 +86,7 @@ def test_a_layer_s_backward_holds_the_update_s_gradient_and_hadaweight_s_product
 @pytest.mark.parametrize("options", [dict(), dict(grad_ckpt=False), dict(reentrant=True),
                                      dict(targets="all-linear", grad_ckpt=False)], ids=range(4))
 def test_the_flops_are_what_the_flop_counter_counts(options):
-    pytest.importorskip("peft")
-    from qplan.observe.trace import trace_plan
-
-    plan = plan_dict(**{"model": "llama-3.2-1b", "peft_type": "loha", "r": 8, "quant": "bf16", "batch_size": 2,
-                        "seq_len": 256, **options})
-    flops = plan["prediction"]["compute"]["flops_per_step"]
-    assert flops["total"] == trace_plan(plan, steps=2, count_flops=True)["flops_per_step"][-1]
+    assert_flops_are_the_counter_s("loha", 8, **options)
 
 
 @pytest.mark.parametrize("extra,needle", [

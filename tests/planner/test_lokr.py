@@ -18,6 +18,7 @@ from trace_checks import (
     TINY_LLAMA,
     assert_adapter_file_is_peft_s,
     assert_counts_are_peft_s,
+    assert_flops_are_the_counter_s,
     assert_traced_step,
 )
 
@@ -86,13 +87,7 @@ def test_a_layer_s_backward_moment_is_planned_above_the_trace(targets, batch, se
 @pytest.mark.parametrize("options", [dict(), dict(grad_ckpt=False), dict(targets="all-linear", grad_ckpt=False),
                                      dict(targets="all-linear", decompose_factor=4)], ids=range(4))
 def test_the_flops_are_what_the_flop_counter_counts(options):
-    pytest.importorskip("peft")
-    from qplan.observe.trace import trace_plan
-
-    plan = plan_dict(**{"model": "llama-3.2-1b", "peft_type": "lokr", "r": 8, "quant": "bf16", "batch_size": 2,
-                        "seq_len": 256, **options})
-    flops = plan["prediction"]["compute"]["flops_per_step"]
-    assert flops["total"] == trace_plan(plan, steps=2, count_flops=True)["flops_per_step"][-1]
+    assert_flops_are_the_counter_s("lokr", 8, **options)
 
 
 @pytest.mark.parametrize("extra,needle", [

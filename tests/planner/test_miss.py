@@ -15,6 +15,7 @@ from trace_checks import (
     TINY_LLAMA,
     assert_adapter_file_is_peft_s,
     assert_counts_are_peft_s,
+    assert_flops_are_the_counter_s,
     assert_traced_step,
 )
 
@@ -74,13 +75,7 @@ def test_every_phase_of_the_step_equals_the_traced_step(options):
 @pytest.mark.parametrize("options", [dict(), dict(grad_ckpt=False), dict(targets="all-linear", grad_ckpt=False),
                                      dict(targets="all-linear", miss_init="mini", mini_r=64)], ids=range(4))
 def test_the_flops_are_what_the_flop_counter_counts(options):
-    pytest.importorskip("peft")
-    from qplan.observe.trace import trace_plan
-
-    plan = plan_dict(**{"model": "llama-3.2-1b", "peft_type": "miss", "r": 64, "quant": "bf16", "batch_size": 2,
-                        "seq_len": 256, **options})
-    flops = plan["prediction"]["compute"]["flops_per_step"]
-    assert flops["total"] == trace_plan(plan, steps=2, count_flops=True)["flops_per_step"][-1]
+    assert_flops_are_the_counter_s("miss", 64, **options)
 
 
 @pytest.mark.parametrize("options", [dict(quant="bf16", compute_dtype="fp32", grad_ckpt=False),

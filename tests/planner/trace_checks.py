@@ -19,6 +19,21 @@ def assert_traced_step(**options) -> None:
     assert_plan_is_the_trace(plan, trace_plan(plan, steps=2))
 
 
+def assert_flops_are_the_counter_s(peft_type: str, r: int, **options) -> None:
+    """The FLOPs of a plan of ``peft_type`` on Llama-3.2-1B (bf16, 2 x 256, ``options`` on top) equal FlopCounterMode's
+    count of its traced step, exactly."""
+    import pytest
+
+    pytest.importorskip("peft")
+    from qplan.observe.trace import trace_plan
+    from qplan.planner.api import plan_dict
+
+    plan = plan_dict(**{"model": "llama-3.2-1b", "peft_type": peft_type, "r": r, "quant": "bf16", "batch_size": 2,
+                        "seq_len": 256, **options})
+    flops = plan["prediction"]["compute"]["flops_per_step"]
+    assert flops["total"] == trace_plan(plan, steps=2, count_flops=True)["flops_per_step"][-1]
+
+
 def assert_plan_is_the_trace(plan: dict, traced: dict, tol: float = 0.001) -> None:
     """The trainable count equal; the tensor peak and each phase's peak (forward, backward, optimizer step) within
     ``tol`` of the trace's; each category of the peak moment within ``2 tol`` of the trace's peak."""
