@@ -61,6 +61,10 @@ def plan_options(run: dict) -> dict:
         init = str(pc["init_weights"]).lower()
         return {**setting, "peft_type": "miss", "r": pc["r"], "targets": ",".join(sorted(pc["target_modules"])),
                 "miss_init": init, **({"mini_r": pc["mini_r"]} if init == "mini" else {})}
+    if pc.get("peft_type") == "C3A":  # its block size and targets (no per-module sizes; the initialisation changes no byte)
+        assert not pc["block_size_pattern"] and pc["bias"] == "none", pc
+        return {**setting, "peft_type": "c3a", "block_size": pc["block_size"],
+                "targets": ",".join(sorted(pc["target_modules"]))}
     if pc.get("peft_type") == "LN_TUNING":  # the norms it trains a copy of
         return {**setting, "peft_type": "ln_tuning", "targets": ",".join(sorted(pc["target_modules"]))}
     if pc.get("peft_type") == "P_TUNING":  # its virtual tokens and the MLP that makes them
@@ -197,6 +201,11 @@ def main() -> None:
         "block multiplies, as LoRA-FA saves its frozen A's output (tests/planner/test_miss.py: the trace's). Unlike "
         "LoRA-FA's run, both reserved peaks are within 2% of the plan. PEFT's third MiSS run (`init_weights=bat`, "
         "the whole weight rebuilt every forward) is not planned yet.",
+        "",
+        "C3A (`--peft-type c3a --block-size 64 --targets q_proj,v_proj`, PEFT's `C3AConfig`; nothing fitted to it): "
+        "5,505,024 trainable parameters and the 22,027,512-byte adapter file are PEFT's; each module saves the fp32 "
+        "copy of its input that its block-circulant FFTs read (tests/planner/test_c3a.py: the trace's), and its "
+        "FFTs' passes over every token are in the step time's bytes.",
         "",
         "Full fine-tuning (`--full`; PEFT's `full-finetuning` run, nothing fitted to it): the trainable count is the "
         "model's 3,212,749,824 parameters, and the tensor peak is the trace's (16 bytes apart; tests/planner/test_full.py) "

@@ -212,7 +212,7 @@ def fit(fmt: str, **o: Any) -> None:
 @click.command()
 @model_options(PlanOptions)
 @click.option("--methods", default="full,lora,qlora", show_default=True,
-              help="comma-separated methods: full, lora, qlora, dora, lorafa, loha, lokr, vera, miss, ia3, "
+              help="comma-separated methods: full, lora, qlora, dora, lorafa, loha, lokr, vera, miss, c3a, ia3, "
                    "ln_tuning, "
                    "prompt_tuning, "
                    "p_tuning (each the plan estimate makes with it; prompt_tuning, p_tuning with --num-virtual-tokens; "

@@ -263,6 +263,9 @@ def method_config(method: str, section: dict[str, Any]) -> Any:
     if method == "vera":
         return peft.VeraConfig(task_type="CAUSAL_LM", r=int(section["r"]), target_modules=list(section["target_modules"]),
                                save_projection=True)
+    if method == "c3a":
+        return peft.C3AConfig(task_type="CAUSAL_LM", block_size=int(section["block_size"]),
+                              init_weights=section["init_weights"], target_modules=list(section["target_modules"]))
     if method == "miss":
         return peft.MissConfig(task_type="CAUSAL_LM", r=int(section["r"]), init_weights=section["init_weights"],
                                mini_r=int(section["mini_r"]), miss_dropout=float(section["miss_dropout"]),

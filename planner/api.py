@@ -65,6 +65,9 @@ def plan_settings(plan: dict[str, Any]) -> dict[str, Any]:
                   "feedforward_modules": ",".join(i3["feedforward_modules"]) or "none"})
     elif plan.get("method") == "vera":  # its rank and modules, as PEFT got them
         o.update({"peft_type": "vera", "r": plan["vera"]["r"], "targets": ",".join(plan["vera"]["target_modules"])})
+    elif plan.get("method") == "c3a":  # its block size and modules, as PEFT got them
+        o.update({"peft_type": "c3a", "block_size": plan["c3a"]["block_size"],
+                  "targets": ",".join(plan["c3a"]["target_modules"])})
     elif plan.get("method") == "miss":  # its rank, form and modules, as PEFT got them
         m = plan["miss"]
         o.update({"peft_type": "miss", "r": m["r"], "targets": ",".join(m["target_modules"]),

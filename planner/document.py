@@ -148,10 +148,19 @@ class MissSection(Struct, forbid_unknown_fields=True, kw_only=True):
     target_modules: _d(list[NonEmpty], "module names PEFT's MissConfig gets")
 
 
+class C3aSection(Struct, forbid_unknown_fields=True, kw_only=True):
+    """C3A: what PEFT's ``C3AConfig`` gets (its default targets for the model type where none were given)."""
+
+    block_size: _d(Annotated[int, Meta(ge=1)], "the circulant blocks' size (divides every target's in and out)")
+    init_weights: _d(Literal["xavier_uniform"], "the kernel's initialisation (PEFT's default)")
+    target_modules: _d(list[NonEmpty], "module names PEFT's C3AConfig gets")
+
+
 #: the plan section of each PEFT method other than LoRA (``planner.methods``), named as the method
 METHOD_SECTIONS = {"ia3": Ia3Section, "prompt_tuning": PromptTuningSection, "p_tuning": PTuningSection,
                    "ln_tuning": LnTuningSection, "loha": LohaSection, "lokr": LokrSection,
-                   "vera": VeraSection, "miss": MissSection}
+                   "vera": VeraSection, "miss": MissSection,
+                   "c3a": C3aSection}
 
 
 class QuantSection(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -321,7 +330,8 @@ class Moved(Struct, kw_only=True):
     dequantization: Bytes
     optimizer: Bytes
     adapter_updates: _d(Bytes | UnsetType, "LoHa, LoKr: the full-size weight update each module builds, scales and "
-                        "differentiates every pass (elementwise passes over out × in tensors)") = UNSET
+                        "differentiates every pass (elementwise passes over out × in tensors); C3A: its FFTs over "
+                        "every token (memory-bound passes)") = UNSET
     generation: _d(Bytes | UnsetType, "GRPO: each decode step reads the weights, adapters and KV cache (memory-bound, "
                    "serial)") = UNSET
     total: Bytes
@@ -502,11 +512,12 @@ class PlanDoc(Struct, kw_only=True):
     schema_version: Literal[1]
     qplan_version: str = ""
     model: ModelSection
-    method: _d(Literal["lora", "full", "ia3", "prompt_tuning", "p_tuning", "ln_tuning", "loha", "lokr", "vera", "miss"]
+    method: _d(Literal["lora", "full", "ia3", "prompt_tuning", "p_tuning", "ln_tuning", "loha", "lokr", "vera", "miss",
+                       "c3a"]
                | UnsetType,
                "full: "
                "full fine-tuning, every parameter trains (`--full`; `lora` is null); ia3, prompt_tuning, p_tuning, "
-               "ln_tuning, loha, lokr, vera, miss: "
+               "ln_tuning, loha, lokr, vera, miss, c3a: "
                "that PEFT method "
                "(`--peft-type`; `lora` is null, "
                "the section named as the method says what it trains); absent: LoRA") = UNSET
@@ -519,6 +530,7 @@ class PlanDoc(Struct, kw_only=True):
     lokr: _d(LokrSection | UnsetType, "method lokr only") = UNSET
     vera: _d(VeraSection | UnsetType, "method vera only") = UNSET
     miss: _d(MissSection | UnsetType, "method miss only") = UNSET
+    c3a: _d(C3aSection | UnsetType, "method c3a only") = UNSET
     quant: QuantSection
     training: TrainingSection
     gpu: GpuSection | None = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from qplan.planner.errors import QPlanError
 from qplan.planner.memory.sharding import DistSettings
+from qplan.planner.model.c3a import C3A_BLOCK, C3aSettings
 from qplan.planner.model.ia3 import Ia3Settings
 from qplan.planner.model.ln_tuning import LnTuningSettings
 from qplan.planner.model.loha import LohaSettings
@@ -21,7 +22,7 @@ from qplan.planner.vocab import PEFT_PLANNED, PEFT_TYPES, optimizer
 
 #: the settings of a planned non-LoRA method
 PeftSettings = (Ia3Settings | PromptSettings | PTuningSettings | LnTuningSettings | LohaSettings | LokrSettings
-                | VeraSettings | MissSettings)
+                | VeraSettings | MissSettings | C3aSettings)
 
 #: the LoRA options a method other than LoRA (and --full) leaves no meaning to, with their defaults
 LORA_ONLY = ("r", "alpha", "dropout", "targets", "bias", "dora", "rslora", "target_parameters", "modules_to_save",
@@ -30,12 +31,13 @@ LORA_ONLY = ("r", "alpha", "dropout", "targets", "bias", "dora", "rslora", "targ
 #: each method's own options among the LoRA section's, and the options only it takes
 OWN_OPTIONS = {"ia3": ("targets",), "prompt_tuning": (), "p_tuning": (), "ln_tuning": ("targets",),
                "loha": ("r", "alpha", "targets"), "lokr": ("r", "alpha", "targets"), "vera": ("r", "targets"),
-               "miss": ("r", "targets")}
+               "miss": ("r", "targets"), "c3a": ("targets",)}
 METHOD_OPTIONS = {"feedforward_modules": (("ia3",), "--feedforward-modules"),
                   "num_virtual_tokens": (("prompt_tuning", "p_tuning"), "--num-virtual-tokens"),
                   "encoder_hidden_size": (("p_tuning",), "--encoder-hidden-size"),
                   "decompose_factor": (("lokr",), "--decompose-factor"),
-                  "miss_init": (("miss",), "--miss-init"), "mini_r": (("miss",), "--mini-r")}
+                  "miss_init": (("miss",), "--miss-init"), "mini_r": (("miss",), "--mini-r"),
+                  "block_size": (("c3a",), "--block-size")}
 #: the prompt-learning methods: a trained prompt prepended to every row (``planner.model.prompt``)
 PROMPT_METHODS = ("prompt_tuning", "p_tuning")
 
@@ -92,6 +94,8 @@ def peft_method(o: PlanOptions) -> PeftSettings | None:
         return LohaSettings(o.r, o.alpha if o.alpha is not None else 2.0 * o.r, o.targets)
     if name == "vera":
         return VeraSettings(o.r, 1.0, o.targets)  # VeRA has no alpha: the shared field is unused
+    if name == "c3a":
+        return C3aSettings(16, 1.0, o.targets, o.block_size or C3A_BLOCK)  # C3A has no rank or alpha: unused fields
     if name == "miss":
         init = (o.miss_init or "true").strip().lower()
         if init not in MISS_INITS:

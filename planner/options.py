@@ -90,7 +90,8 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
                                 "which refuse dropout]", section=LORA) = None
     peft_type: _f(Annotated[str, Meta(min_length=1, max_length=64)], "PEFT method (PEFT's own name): lora (with "
                   "--dora, --rslora, --optimizer lorafa for its variants), loha, lokr (--r, --alpha, --targets), vera, miss "
-                  "(--r, --targets), ia3, ln_tuning, prompt_tuning or p_tuning; PEFT's other methods are refused by name",
+                  "(--r, --targets), c3a (--block-size, --targets), ia3, ln_tuning, prompt_tuning or p_tuning; PEFT's "
+                  "other methods are refused by name",
                   section=LORA) = "lora"
     targets: _f(Targets | None, f"preset {'|'.join(PRESETS)}, or comma-separated module names [default: all-linear; "
                 "with --peft-type ia3 PEFT's IA3 targets for the model type, e.g. k_proj,v_proj,down_proj; with "
@@ -108,6 +109,9 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
                   "PEFT's default) or false (random): an (r, out) block; mini: an (r, mini_r) block repeated along the "
                   "output; bat (the whole weight rebuilt at every forward) is not planned yet [default: true]",
                   section=LORA) = None
+    block_size: _f(Annotated[int, Meta(ge=1, le=1_000_000)] | None, "--peft-type c3a: the circulant blocks' size "
+                   "(PEFT's block_size; it must divide every target's in_features and out_features) [default: 256]",
+                   section=LORA) = None
     mini_r: _f(Annotated[int, Meta(ge=1, le=1_000_000)] | None, "--peft-type miss --miss-init mini: the block's width "
                "(PEFT's mini_r; it must divide every target's out_features) [default: 1]", section=LORA) = None
     encoder_hidden_size: _f(Annotated[int, Meta(ge=1, le=1_000_000)] | None, "--peft-type p_tuning: the width of the "

@@ -517,7 +517,7 @@ def compute_prediction(inp: PlanInputs, counts: list, trainable: int) -> dict[st
         ref = 0 if t.precompute_ref_log_probs else reference_forward_flops(*args) * (2 if t.objective == "kto" else 1)
         flops["reference"] = ref + (reference_forward_flops(*args, adapters=True) if t.objective == "kto" else 0)
         flops["total"] += flops["reference"]
-    moved = step_bytes(inp.spec, counts, inp.lora.r, q, t.grad_ckpt, t.optimizer, trainable, t.grad_accum)
+    moved = step_bytes(inp.spec, counts, inp.lora.r, q, t.grad_ckpt, t.optimizer, trainable, t.grad_accum, t.shape)
     launches = step_launches(inp.spec, counts, q, t, inp.lora) if inp.backend != "unsloth" else None
     if t.grpo is not None:  # the generation batches of the step (transformers' generate)
         generation_work(inp, counts, flops, moved, launches)

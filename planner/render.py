@@ -63,6 +63,10 @@ def method_text(plan: dict[str, Any], short: bool = False) -> str:
         v = plan["vera"]
         text = f"VeRA r={v['r']} {','.join(v['target_modules'])}"
         return text if short else f"{text} (shared frozen projections, two trained vectors per module)"
+    if plan.get("method") == "c3a":
+        c = plan["c3a"]
+        text = f"C3A block={c['block_size']} {','.join(c['target_modules'])}"
+        return text if short else f"{text} (a block-circulant fp32 kernel per module, applied by FFT)"
     if plan.get("method") == "miss":
         m = plan["miss"]
         form = {True: "", False: " random init", "mini": f" mini_r={m['mini_r']}"}[m["init_weights"]]
@@ -472,8 +476,8 @@ def render_compare(result: dict[str, Any]) -> str:
                                          "cost"]))
     lines += reasons
     lines.append("each row is the plan `qplan estimate` makes with that method (--full; LoRA on a 16/32-bit base; "
-                 "QLoRA on nf4; lorafa: --optimizer lorafa; loha, lokr, vera, miss, ia3, ln_tuning, prompt_tuning, p_tuning: "
-                 "--peft-type): --format json has them all")
+                 "QLoRA on nf4; lorafa: --optimizer lorafa; loha, lokr, vera, miss, c3a, ia3, ln_tuning, prompt_tuning, "
+                 "p_tuning: --peft-type): --format json has them all")
     return "\n".join(lines)
 
 

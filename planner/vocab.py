@@ -44,7 +44,7 @@ PEFT_METHODS = {"ia3": ("(IA)³", "an (IA)³", "IA3Config"),
                 "p_tuning": ("p-tuning", "a p-tuning", "PromptEncoderConfig"),
                 "ln_tuning": ("LN tuning", "an LN tuning", "LNTuningConfig"), "loha": ("LoHa", "a LoHa", "LoHaConfig"),
                 "lokr": ("LoKr", "a LoKr", "LoKrConfig"), "vera": ("VeRA", "a VeRA", "VeraConfig"),
-                "miss": ("MiSS", "a MiSS", "MissConfig")}
+                "miss": ("MiSS", "a MiSS", "MissConfig"), "c3a": ("C3A", "a C3A", "C3AConfig")}
 PEFT_PLANNED = ("lora", *PEFT_METHODS)
 #: adapter dtypes PEFT can hold, and their safetensors names
 SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}

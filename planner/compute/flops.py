@@ -23,7 +23,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from qplan.planner.memory.branches import Branch, layer_branches
+from qplan.planner.memory.branches import Branch, layer_branches, site_dtype
+from qplan.planner.memory.lin import precision
 from qplan.planner.memory.ln_tuning import ln_sites
 from qplan.planner.memory.terms import dims
 from qplan.planner.model.full import is_full
@@ -56,7 +57,7 @@ def layer_grads(sites: list[Branch], x: bool) -> LayerGrads:
     gradient when its input does or it carries LoRA or (IA)³; the attention output when q, k or v does;
     residual sums when either side does."""
     def trains(s: Branch) -> bool:  # LoRA or LoHa on it, or an (IA)³ vector scaling it
-        return bool(s.r or s.ia3 or s.update or s.vera)
+        return bool(s.r or s.ia3 or s.update or s.vera or s.c3a)
 
     def out_rg(site: str) -> bool:
         return any(trains(s) for s in sites if s.site == site)
@@ -145,6 +146,17 @@ def vera_flops(T: int, s: Branch, input_rg: bool) -> tuple[int, int]:
         return 0, 0
     fwd = 2 * T * s.vera * (s.in_features + s.out_features) * s.per_layer
     return fwd, (2 * T * s.vera * s.out_features + (2 * T * s.vera * s.in_features if input_rg else 0)) * s.per_layer
+
+
+def c3a_flops(T: int, s: Branch) -> tuple[int, int]:
+    """C3A on one module (``planner.model.c3a``, PEFT's ``BlockCircularConvolution``): its einsums are complex
+    ``bmm``s over the ``b`` frequencies, ``(T, in/b) @ (in/b, out/b)``: ``2 T in out / b`` forward; backward the input's
+    and the kernel's, both always (the custom backward computes both): ``4 T in out / b``. The FFTs are not matmuls
+    (FlopCounterMode counts none)."""
+    if not s.c3a:
+        return 0, 0
+    f = 2 * T * s.in_features * s.out_features // s.c3a * s.per_layer
+    return f, 2 * f
 
 
 def attention_flops(b: int, s: int, nh: int, hd: int, attn_impl: str, fused_kernel: bool,
@@ -289,8 +301,9 @@ def step_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
             lf, lb = lora_flops(T, site, input_rg)
             hf, hb = update_flops(T, site, input_rg)
             vf, vb = vera_flops(T, site, input_rg)
-            out["lora"] += lf + lb + hf + hb + vf + vb
-            fwd += lf + hf + vf
+            cf, cb = c3a_flops(T, site)
+            out["lora"] += lf + lb + hf + hb + vf + vb + cf + cb
+            fwd += lf + hf + vf + cf
         af, ab = attention_flops(b, s, d.nh, hd, attn_impl, fused, g)
         out["attention"] += af + ab
         fwd += af
@@ -380,7 +393,8 @@ def optimizer_bytes(counts: list[ModuleCount], optimizer_name: str, trainable_nu
 
 
 def step_bytes(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSettings, grad_ckpt: str,
-               optimizer_name: str, trainable_numel: int, grad_accum: int = 1) -> dict[str, int]:
+               optimizer_name: str, trainable_numel: int, grad_accum: int = 1,
+               shape: tuple[int, int] = (0, 0)) -> dict[str, int]:
     """Bytes moved in device memory per optimizer step, by term (an estimate for the roofline;
     no oracle counts bytes):
 
@@ -389,7 +403,8 @@ def step_bytes(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
       ``passes x stored bytes``; the output head twice (forward, input gradient);
     * ``dequantization``: a 4-bit weight is dequantized to the compute dtype for each use and that
       copy written and read: ``2 c n`` per use (bitsandbytes' CUDA dequantize + matmul path);
-    * ``adapter_updates``: LoHa's and LoKr's full-size weight updates (``loha_update_bytes``), absent without them;
+    * ``adapter_updates``: LoHa's and LoKr's full-size weight updates (``loha_update_bytes``), C3A's FFT passes over
+      each micro-batch's ``shape`` (batch, sequence; ``c3a_fft_bytes``), absent without them;
     * ``optimizer``: per trainable element of ``b`` bytes (the tensor's dtype, its torch states' too), the passes over
       memory of the optimizer step and of ``clip_grad_norm_`` before it (``_foreach_norm`` reads the gradient,
       ``_foreach_mul_`` reads and writes it: ``3 b``). torch's foreach AdamW (``_multi_tensor_adam``, torch 2.13, not
@@ -418,10 +433,33 @@ def step_bytes(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
     opt = optimizer_bytes(counts, optimizer_name, trainable_numel)
     out = {"weights": weights, "dequantization": dq, "optimizer": opt}
     updates = sum(loha_update_bytes(x, c if c == 2 else 4, grad_ckpt != "off") * L for x in sites) * grad_accum
+    p = precision(q)
+    updates += sum(c3a_fft_bytes(x, shape[0] * shape[1], site_dtype(x.site, p), p.c, grad_ckpt != "off") * L
+                   for x in sites) * grad_accum
     if updates:
         out["adapter_updates"] = updates
     out["total"] = sum(out.values())
     return out
+
+
+def c3a_fft_bytes(s: Branch, T: int, x: int, o: int, ckpt: bool) -> int:
+    """C3A's passes over memory per module and micro-batch of ``T`` tokens (``planner.model.c3a``: PEFT 0.21's
+    ``C3ALinear.forward`` and ``BlockCircularConvolution``, op by op as dispatched; ``x`` the input's dtype bytes, ``o``
+    the base output's), memory-bound and not matmuls, so serial in the roofline. Forward: the input's fp32 copy (read
+    ``x``, write 4; none when it is fp32), its FFT (read 4, write 8 complex), the einsum's ``bmm`` (read 8 ``in``, write
+    8 ``out``), the inverse FFT (8 + 8), the scale reading the real parts (8 + 4), the cast to the output's dtype
+    (4 + ``o``) and the in-place sum (3 ``o``): ``(20 [+ x + 4]) in + (48 + 4 o) out``; again when checkpointing
+    recomputes it. Backward: the gradient's fp32 cast and scale (``o + 4``, 8), its FFT (4 + 8), the two einsums
+    (read 8 ``out`` each, write and read 8 ``in``), the inverse FFTs of the result and of the input (16, 12) and the
+    cast of the input gradient (8 + ``x``, when it was cast): ``(44 [+ 8 + x]) in + (40 + o) out``. The kernel's own
+    FFTs (``out in / b`` elements) are left out. No oracle counts bytes: derived, and checked only through PEFT's L40S
+    run's step time (reports/time)."""
+    if not s.c3a:
+        return 0
+    cast = x + 4 if x != 4 else 0
+    fwd = (20 + cast) * s.in_features + (48 + 4 * o) * s.out_features
+    bwd = (44 + (8 + x if x != 4 else 0)) * s.in_features + (40 + o) * s.out_features
+    return (fwd * (2 if ckpt else 1) + bwd) * T * s.per_layer
 
 
 def loha_update_bytes(s: Branch, e: int, ckpt: bool) -> int:

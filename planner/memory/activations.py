@@ -25,6 +25,12 @@ from qplan.planner.memory.branches import (
 from qplan.planner.memory.dora import dora_activation
 from qplan.planner.memory.full import cached_weight_casts, full_head_activation, full_layer_activation, full_layer_grads
 from qplan.planner.memory.ia3 import ia3_backward_transient, ia3_branch_activation
+from qplan.planner.memory.input_dtype import (
+    c3a_backward_transient,
+    c3a_branch_activation,
+    c3a_forward_transient,
+    mlp_promotion,
+)
 from qplan.planner.memory.lin import ZERO, Lin, Precision, precision
 from qplan.planner.memory.ln_tuning import LnSites, ln_final_norm_saved, ln_first_layer_unsaved, ln_norm_saved, ln_sites
 from qplan.planner.memory.loha import (
@@ -40,7 +46,6 @@ from qplan.planner.memory.masks import (
     padding_mask_activation,
     rotary_activation,
 )
-from qplan.planner.memory.miss import miss_mlp_promotion
 from qplan.planner.memory.moe import moe_activation, moe_moments
 from qplan.planner.memory.param_lora import expert_lora_bytes, parameter_lora_activation
 from qplan.planner.memory.prompt import (
@@ -244,7 +249,7 @@ def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, 
                      attn_impl: str, first: bool = False, kernels: str = "cuda", mlp: Lin | None = None,
                      dora: bool = False, liger: tuple[str, ...] = (), full: bool = False,
                      ia3: tuple[Branch, ...] = (), ln: LnSites | None = None, loha: tuple[Branch, ...] = (),
-                     vera: tuple[Branch, ...] = ()) -> Lin:
+                     vera: tuple[Branch, ...] = (), c3a: tuple[Branch, ...] = ()) -> Lin:
     """Everything one decoder layer keeps for backward (no checkpointing); ``full``: its weights train
     (``planner.memory.full``); ``ln``: LN tuning's trained norms (``planner.memory.ln_tuning``). ``first``: layer 0
     without checkpointing reads the embeddings, which need no grad: its input norm saves nothing, dropout masks on
@@ -255,7 +260,8 @@ def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, 
     p = precision(q)
     total = norm_activation(d, p, first, "rms_norm" in liger) + residual_activation(d, p)
     total = total + attention_activation(d, p, attn_impl) + (
-        mlp_activation(d, p, "swiglu" in liger) + miss_mlp_promotion(branches, d.i, d.gated, p) if mlp is None else mlp)
+        mlp_activation(d, p, "swiglu" in liger) + mlp_promotion([*branches, *c3a], d.i, d.gated, p) if mlp is None
+        else mlp)
     total = total + fused_qkv_activation(d, p, fused_qkv_kbit(spec, q))
     total = total + qk_norm_activation(d, p, "rms_norm" in liger)
     shared = set()
@@ -266,6 +272,11 @@ def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, 
             shared.add(br.site)
     for br in vera:  # VeRA's scaled projections (planner.memory.vera)
         total = total + vera_branch_activation(br, p, not (first and br.site == "attn_in"))
+    for br in c3a:  # C3A's fp32 input copies (planner.memory.input_dtype)
+        lin, shares = c3a_branch_activation(br, site_dtype(br.site, p))
+        total = total + lin
+        if shares:
+            shared.add(br.site)
     for br in loha:  # LoHa's input copies and weight updates (planner.memory.loha)
         lin, shares = loha_branch_activation(br, site_dtype(br.site, p), p, not (first and br.site == "attn_in"))
         total = total + lin
@@ -280,7 +291,7 @@ def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, 
     if dora:
         total = total + dora_activation(branches, p, dropout, first, {s: site_dtype(s, p) for s in SITES})
     grad_sites = ({br.site for br in branches} | {b.site for b in ia3 if b.ia3 == "out"} | {b.site for b in loha}
-                  | {b.site for b in vera})
+                  | {b.site for b in vera} | {b.site for b in c3a})
     input_sites = {b.site for b in ia3 if b.ia3 == "ff"}
     if ln is not None:  # the trained norms' saved inputs; in layer 0 nothing below the lowest of them is kept
         total = total + ln_norm_saved(d, p, ln.layer)
@@ -343,15 +354,17 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     br = lora_branches(spec, counts, q)
     sites = layer_branches(spec, counts, 0, q)  # the other PEFT methods' modules: (IA)³, LoHa / LoKr, VeRA
     i3, lh, vr = (tuple(b for b in sites if b.ia3), tuple(b for b in sites if b.update), tuple(b for b in sites if b.vera))
+    c3 = tuple(b for b in sites if b.c3a)
     ln = ln_sites(counts, d.L)  # LN tuning's trained norms (planner.memory.ln_tuning)
     i3_bwd = ia3_backward_transient(i3) + loha_backward_transient(lh, p, p.M)  # the layer backward's method transients
     method_temps = update_recompute_transient(lh, p) + vera_forward_transient(vr, p)  # and the layer forward's
+    method_temps = method_temps + c3a_forward_transient(c3)
     mlp = moe_activation(spec, counts, q)
     trained = is_full(counts)  # full fine-tuning: the weights train (planner.memory.full)
     # the embeddings' output needs a gradient: full fine-tuning, or prompt tuning's prompt is part of it
     input_grad = bool(prompt := next((c.save_keys[0][1][0] for c in counts if c.kind == PROMPT), 0)) or trained
     full = layer_activation(spec, br, q, r, dropout, attn_impl, kernels=kernels, mlp=mlp, dora=dora, liger=liger,
-                            full=trained, ia3=i3, ln=ln, loha=lh, vera=vr)
+                            full=trained, ia3=i3, ln=ln, loha=lh, vera=vr, c3a=c3)
     head = head_activation(spec, p, grad_ckpt != "off", head_linear, q.unquantized_dtype != q.compute_dtype,
                            "rms_norm" in liger)
     loss_extra = loss_time_activation(spec, [c for c in counts if c.kind != FULL], q, grad_ckpt)
@@ -368,13 +381,18 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     rotary = rotary_activation(d, p)  # cos/sin, alive through backward
     down = [b for b in br if b.site == "mlp_out"]
     grads_in = incoming_gradients(d, p, bool(down), BYTES[down[0].adapter] if down else 4)
+    # C3A: its backward's FFTs replace the layer's second incoming gradient and, with checkpointing, the recomputation's
+    # end (planner.memory.input_dtype)
+    c3_bwd = c3a_backward_transient(c3, d.h, grads_in.tok // d.h - p.R)
     mlp_fwd_temps = ZERO
     if grad_ckpt == "off":
         first = layer_activation(spec, br, q, r, dropout, attn_impl, first=not input_grad, kernels=kernels, mlp=mlp,
-                                 dora=dora, liger=liger, full=trained, ia3=i3, ln=ln, loha=lh, vera=vr)
+                                 dora=dora, liger=liger, full=trained, ia3=i3, ln=ln, loha=lh, vera=vr, c3a=c3)
         saved = first + (d.L - 1) * full + head
-        layers = first + grads_in + rotary + i3_bwd
-        layers_temps = grads_in + i3_bwd
+        layers = first + grads_in + rotary + i3_bwd + Lin(tok=c3_bwd)
+        layers_temps = grads_in + i3_bwd + Lin(tok=c3_bwd)
+        if c3_bwd:  # C3A's backward transient in the last layer, every layer's activations still alive
+            ckpt_inputs = (d.L - 1) * full
         if mlp is None:  # the last layer's down projection in the forward: (about) every saved activation + its inputs
             mlp_fwd_temps = recompute_transient(spec, br, p, dropout, kernels) + method_temps
     else:
@@ -384,6 +402,8 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
         if q.quant == "int8" and grad_ckpt != "reentrant":  # reentrant: the forward runs under no_grad
             saved = saved + d.L * int8_retained_activation(spec, q, p, True, False, set())
         rt = recompute_transient(spec, br, p, dropout, kernels) + method_temps if mlp is None else ZERO
+        if c3_bwd > rt.tok:
+            rt = Lin(tok=c3_bwd)
         layers_temps = grads_in + rt + i3_bwd  # i3_bwd: the down projection's (IA)³ backward (0 without it)
         if grad_ckpt == "reentrant":
             layers_temps = layers_temps + reentrant_difference(d, p, rt, mlp is not None)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from qplan.planner.memory.lin import Lin, Precision
 from qplan.planner.memory.terms import Dims, idle_in_step
+from qplan.planner.model.c3a import C3A
 from qplan.planner.model.ia3 import IA3, IA3_FF
 from qplan.planner.model.loha import LOHA
 from qplan.planner.model.lokr import LOKR
@@ -80,6 +81,7 @@ class Branch:
     #: MiSS (``planner.model.miss``) on it: "miss" / "miss_mini" (a LoRA-FA-like branch: ``sum(x in r-wide slices)``
     #: for the frozen A, the block for B, no dropout); "" none
     miss: str = ""
+    c3a: int = 0  # C3A's block size on it (planner.model.c3a), 0 if none
 
 
 def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSettings) -> list[Branch]:
@@ -93,6 +95,7 @@ def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantS
     update = {c.module: c.kind for c in counts if c.kind in (LOHA, LOKR)}
     factors = {c.module: tuple((k, tuple(s)) for k, s in c.save_keys) for c in counts if c.kind in (LOHA, LOKR)}
     vera = {c.module: c.save_keys[1][1][0] for c in counts if c.kind == VERA}
+    c3a = {c.module: c.save_keys[0][1][2] for c in counts if c.kind == C3A}
     L = max(1, int(spec.inventory.num_hidden_layers or 1))
     out = []
     for g in spec.inventory.linear:
@@ -103,7 +106,7 @@ def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantS
                           g.pattern.rsplit(".", 1)[-1], ranks.get(g.pattern, 0), sum(linear_weight_bytes(g, q)),
                           adapters.get(g.pattern, "float32"), g.pattern in frozen, ia3.get(g.pattern, ""),
                           update.get(g.pattern, ""), factors.get(g.pattern, ()),
-                          vera.get(g.pattern, 0), miss.get(g.pattern, "")))
+                          vera.get(g.pattern, 0), miss.get(g.pattern, ""), c3a.get(g.pattern, 0)))
     return out
 
 

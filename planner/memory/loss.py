@@ -272,8 +272,8 @@ def loss_time_activation(spec: ModelSpec, counts: list[ModuleCount], q: QuantSet
     if grad_ckpt != "off" and p.amp:
         # not the prompt's (an embedding is not cast), p-tuning's MLP (outside the checkpoints: its casts are saved,
         # planner.memory.prompt), VeRA's (its vectors scale by elementwise products, its projections are buffers) nor
-        # MiSS-mini's (the repeated block, not the leaf, is cast)
+        # MiSS-mini's (the repeated block, not the leaf, is cast) nor C3A's (its kernel goes through FFTs in fp32)
         cast = [c for c in counts if not (c.kind == "lora_param" and "×(" in c.shape)
-                and c.kind not in (PROMPT, PROMPT_MLP, "vera", "vera_projection", "miss_mini")]
+                and c.kind not in (PROMPT, PROMPT_MLP, "vera", "vera_projection", "miss_mini", "c3a")]
         lin = lin + Lin(const=sum(p.c * n for n, dt in trainable_tensors(cast) if dt == "float32"))
     return lin
