@@ -247,7 +247,9 @@ def method_config(method: str, section: dict[str, Any]) -> Any:
     ``IA3Config(task_type="CAUSAL_LM", target_modules, feedforward_modules)`` (its vectors fp32) or
     ``PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens)`` (its prompt fp32, randomly initialised) or
     ``PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens, encoder_hidden_size)`` (p-tuning's MLP, fp32) or
-    ``LNTuningConfig(task_type="CAUSAL_LM", target_modules)`` (copies of the norms, in their own dtype)."""
+    ``LNTuningConfig(task_type="CAUSAL_LM", target_modules)`` (copies of the norms, in their own dtype), or LoHa's,
+    LoKr's, VeRA's, MiSS's (``MissConfig``: r, init_weights, mini_r) and C3A's (``C3AConfig``: block_size) configs from
+    their sections (their tensors fp32)."""
     try:
         import peft
     except ImportError as exc:  # pragma: no cover
