@@ -17,7 +17,6 @@ import msgspec
 from qplan.planner import __version__
 from qplan.planner.data import check_data_options, data_profile
 from qplan.planner.document import (
-    METHOD_SECTIONS,
     PLAN_SCHEMA_VERSION,
     Compute,
     Cost,
@@ -51,6 +50,7 @@ from qplan.planner.memory.terms import (
     resolve_attn,
     text_only_warning,
 )
+from qplan.planner.method_sections import METHOD_SECTIONS
 from qplan.planner.methods import PeftSettings, check_full_options, check_method, method_warnings, peft_method
 from qplan.planner.model.catalog import load_gpu, load_spec, spec_origin, user_spec_dir
 from qplan.planner.model.full import check_full, count_full
