@@ -157,8 +157,9 @@ def main() -> int:
               "their elementwise passes (`adapter_updates` bytes, serial in the roofline) and its 25 launches per "
               "module; without them the plan was 30% under, with them 11% over (nothing fitted). LoKr's, counted the "
               "same way (its Kronecker product and the products' gradients), is 3% over. VeRA's (its two rank-256 "
-              "matmuls per module, traced launches) lands on the measured step, and MiSS's two runs (a rank-64 matmul "
-              "per module, the input's slices summed, traced launches) within 2%. C3A's counts its FFTs' passes over every "
+              "matmuls per module, traced launches) lands on the measured step, and MiSS's default and mini runs (a rank-64 "
+              "matmul per module, the input's slices summed, traced launches) within 2%, its bat run (every weight "
+              "rebuilt in fp32, counted as passes over memory) 6% over. C3A's counts its FFTs' passes over every "
               "token as memory-bound bytes (derived op by op; its einsums are FlopCounterMode's): 18% under without them, "
               "5% over with them (nothing fitted).", ""]
     lines += [

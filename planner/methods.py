@@ -100,9 +100,6 @@ def peft_method(o: PlanOptions) -> PeftSettings | None:
         init = (o.miss_init or "true").strip().lower()
         if init not in MISS_INITS:
             raise QPlanError(f"--miss-init {o.miss_init!r}: PEFT's MissConfig.init_weights is one of {', '.join(MISS_INITS)}")
-        if init == "bat":
-            raise QPlanError("--miss-init bat is not planned yet (its forward rebuilds every adapted weight in fp32, "
-                             "W + W_blocks @ B + B, at every step): use --miss-init true or mini")
         if o.mini_r is not None and init != "mini":
             raise QPlanError("--mini-r is the width of --miss-init mini's block: give --miss-init mini")
         return MissSettings(o.r, 1.0, o.targets, init, o.mini_r or 1)  # MiSS has no alpha: the shared field is unused

@@ -107,7 +107,7 @@ class PlanOptions(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
                          section=LORA) = None
     miss_init: _f(Annotated[str, Meta(max_length=16)] | None, "--peft-type miss: PEFT's init_weights: true (zeros, "
                   "PEFT's default) or false (random): an (r, out) block; mini: an (r, mini_r) block repeated along the "
-                  "output; bat (the whole weight rebuilt at every forward) is not planned yet [default: true]",
+                  "output; bat: (out/r, r, r) blocks, the whole weight rebuilt in fp32 at every forward [default: true]",
                   section=LORA) = None
     block_size: _f(Annotated[int, Meta(ge=1, le=1_000_000)] | None, "--peft-type c3a: the circulant blocks' size "
                    "(PEFT's block_size; it must divide every target's in_features and out_features) [default: 256]",

@@ -69,9 +69,10 @@ def method_text(plan: dict[str, Any], short: bool = False) -> str:
         return text if short else f"{text} (a block-circulant fp32 kernel per module, applied by FFT)"
     if plan.get("method") == "miss":
         m = plan["miss"]
-        form = {True: "", False: " random init", "mini": f" mini_r={m['mini_r']}"}[m["init_weights"]]
+        form = {True: "", False: " random init", "mini": f" mini_r={m['mini_r']}", "bat": " bat"}[m["init_weights"]]
         text = f"MiSS r={m['r']}{form} {','.join(m['target_modules'])}"
-        return text if short else f"{text} (one block per module, added to the input's r-wide slices summed)"
+        return text if short else text + (" (the weight rebuilt from its r × r blocks every forward)" if form == " bat"
+                                          else " (one block per module, added to the input's r-wide slices summed)")
     if plan.get("method") in ("loha", "lokr"):
         lh, name = plan[plan["method"]], {"loha": "LoHa", "lokr": "LoKr"}[plan["method"]]
         if short:

@@ -123,13 +123,17 @@ def update_flops(T: int, s: Branch, input_rg: bool) -> tuple[int, int]:
     (``2 T in out``) and, backward, the update's gradient (``2 T in out``) and the input's when it needs one; plus the
     rank products that build the update. LoHa: ``w1_a w1_b`` and ``w2_a w2_b`` (``2 · 2 out r in``) forward, and
     ``HadaWeight.backward``'s six rank-``r`` matmuls (``6 · 2 out r in``); LoKr: each factored ``w = w_a w_b``
-    (``2 a r b``) forward and its two gradients backward (``kron`` is elementwise: no FLOPs counted)."""
+    (``2 a r b``) forward and its two gradients backward (``kron`` is elementwise: no FLOPs counted); MiSS-bat: the
+    weight's ``r × r`` blocks times the trained blocks (``2 out in r``) and the trained blocks' gradient (the same), its
+    ``F.linear`` in place of the base layer's."""
     if not s.update:
         return 0, 0
     dense = 2 * T * s.in_features * s.out_features
     if s.update == "loha":
         rank = 2 * s.out_features * dict(s.factors)["hada_w1_a"][1] * s.in_features  # hada_w1_a: (out, r)
         fwd_rank, bwd_rank = 2 * rank, 6 * rank
+    elif s.update == "miss_bat":  # the weight's r × r blocks times the trained blocks, and that product's gradient
+        fwd_rank = bwd_rank = 2 * s.out_features * s.in_features * dict(s.factors)["miss_block"][1]
     else:
         shapes = dict(s.factors)
         products = [2 * shapes[f"lokr_{w}_a"][0] * shapes[f"lokr_{w}_a"][1] * shapes[f"lokr_{w}_b"][1]
@@ -291,11 +295,12 @@ def step_flops(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
         fwd = 0
         for site in sites:
             input_rg = {"attn_in": g.x, "attn_out": g.attn_out_in, "mlp_in": g.mlp_in, "mlp_out": g.mlp_out_in}[site.site]
-            f = linear_forward_flops(T, site)
+            # MiSS-bat runs F.linear with its rebuilt weight instead of the base layer (update_flops counts it)
+            f = linear_forward_flops(T, site) if site.update != "miss_bat" else 0
             out["base_forward"] += f
             fwd += f
             # an (IA)³ input-scaled module's base input needs a gradient whatever its own input does
-            out["input_gradients"] += linear_input_grad_flops(T, site, input_rg or site.ia3 == "ff")
+            out["input_gradients"] += linear_input_grad_flops(T, site, input_rg or site.ia3 == "ff") if f else 0
             if full:
                 out["weight_gradients"] += linear_weight_grad_flops(T, site)
             lf, lb = lora_flops(T, site, input_rg)
@@ -432,7 +437,8 @@ def step_bytes(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantSetti
     dq *= passes * grad_accum
     opt = optimizer_bytes(counts, optimizer_name, trainable_numel)
     out = {"weights": weights, "dequantization": dq, "optimizer": opt}
-    updates = sum(loha_update_bytes(x, c if c == 2 else 4, grad_ckpt != "off") * L for x in sites) * grad_accum
+    updates = sum(loha_update_bytes(x, c if c == 2 else 4, grad_ckpt != "off", BYTES[q.unquantized_dtype]) * L
+                  for x in sites) * grad_accum
     p = precision(q)
     updates += sum(c3a_fft_bytes(x, shape[0] * shape[1], site_dtype(x.site, p), p.c, grad_ckpt != "off") * L
                    for x in sites) * grad_accum
@@ -462,7 +468,7 @@ def c3a_fft_bytes(s: Branch, T: int, x: int, o: int, ckpt: bool) -> int:
     return (fwd * (2 if ckpt else 1) + bwd) * T * s.per_layer
 
 
-def loha_update_bytes(s: Branch, e: int, ckpt: bool) -> int:
+def loha_update_bytes(s: Branch, e: int, ckpt: bool, w: int = 2) -> int:
     """The elementwise passes over a full-size update (``E = out × in`` per module and micro-batch), ``e`` its forward
     dtype bytes (the compute dtype under autocast, else fp32).
 
@@ -475,12 +481,20 @@ def loha_update_bytes(s: Branch, e: int, ckpt: bool) -> int:
     LoKr (``make_kron``): the forward writes ``kron(w1, w2)`` in fp32, scales it (read and write) and, under autocast,
     casts it for ``F.linear`` (``6``), which reads it (``12 + 6 [autocast] + e``); the backward writes the update's
     gradient (and its fp32 cast under autocast), scales it, multiplies it by each broadcast factor and sums each
-    product (``3 × 8``), and ``F.linear``'s input gradient reads the update (``2 e + 32 + (e + 4) [autocast]``)."""
+    product (``3 × 8``), and ``F.linear``'s input gradient reads the update (``2 e + 32 + (e + 4) [autocast]``).
+
+    MiSS-bat (``w``: the base weight's bytes): the forward clones the weight (``2 w``), copies it to fp32 (``w + 4``),
+    makes it contiguous for the batched matmul (8), which reads and writes it (8), adds the blocks (8), makes the sum
+    contiguous (8), adds it to the clone (``w + 8``) and ``F.linear`` reads the result (4): ``4 w + 48``; the backward
+    writes the weight's gradient (4), makes it contiguous (8), the batched matmul's gradient (12), sums it (4) and reads
+    the rebuilt weight for the input gradient (4): ``32``. Autocast's casts are left out."""
     if not s.update:
         return 0
     E = s.out_features * s.in_features * s.per_layer
     if s.update == "loha":
         return (8 * e * (2 if ckpt else 1) + 6 * e + 40) * E
+    if s.update == "miss_bat":
+        return ((4 * w + 48) * (2 if ckpt else 1) + 32) * E
     amp = e != 4
     fwd = 12 + (6 if amp else 0) + e
     return (fwd * (2 if ckpt else 1) + 2 * e + 32 + ((e + 4) if amp else 0)) * E

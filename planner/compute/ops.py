@@ -35,13 +35,13 @@ TOLERANCE = 0.15
 FORWARD = {
     "norm": 7, "linear": 1, "layer": 20, "lora": 5, "dora": 13, "dropout": 1, "amp_lora": 3, "kbit": 1,
     "eager_attention": 15, "softcap": 5, "moe": 27, "step": 20, "full": 0, "full_cast": 1, "ia3": 3, "ia3_ff": 4,
-    "loha": 10, "lokr": 9, "vera": 7, "miss": 5, "miss_mini": 1, "amp_miss": 1, "c3a": 8,
+    "loha": 10, "lokr": 9, "vera": 7, "miss": 5, "miss_mini": 1, "amp_miss": 1, "miss_bat": 10, "amp_miss_bat": 3, "c3a": 8,
 }
 #: feature -> kernels per instance, backward (the recomputed forward of checkpointed layers is added to it)
 BACKWARD = {
     "norm": 13, "linear": 1, "layer": 34, "lora": 9, "dora": 10, "dropout": 1, "amp_lora": 2, "kbit": 4,
     "eager_attention": 20, "softcap": 0, "moe": 25, "step": 0, "full": 8, "full_cast": 1, "ia3": 6, "ia3_ff": 6,
-    "loha": 15, "lokr": 13, "vera": 12, "miss": 6, "miss_mini": 1, "amp_miss": 0, "c3a": 12,
+    "loha": 15, "lokr": 13, "vera": 12, "miss": 6, "miss_mini": 1, "amp_miss": 0, "miss_bat": 7, "amp_miss_bat": 3, "c3a": 12,
 }
 #: torch AdamW / SGD / bitsandbytes with foreach kernels, plus ``clip_grad_norm_``'s foreach norm and scale
 OPTIMIZER_LAUNCHES = 16
@@ -100,6 +100,11 @@ def launch_features(spec: Any, counts: list, q: Any, training: Any, lora: Any) -
         "miss": miss,
         "miss_mini": sum(b.per_layer for b in sites if b.miss == "miss_mini") * L,
         "amp_miss": miss if amp else 0,
+        # MiSS-bat: the weight's clone, fp32 copy, blocks' matmul, sums and copies, F.linear in place of the base layer
+        # (counted there) and the cast back; backward the weight's gradient, its copies, the blocks' gradient; autocast
+        # casts three more (traced steps differing by 80 modules, pure bf16 and under autocast: 10/7, 3/3)
+        "miss_bat": (bat := sum(b.per_layer for b in sites if b.update == "miss_bat") * L),
+        "amp_miss_bat": bat if amp else 0,
         # C3A: the input's fp32 copy, two FFTs, the complex einsum, the inverse FFT, the real part, the scale, the cast
         # and the sum into the base output; backward its two einsums and four FFTs (traced as MiSS: 8 and 12)
         "c3a": sum(b.per_layer for b in sites if b.c3a) * L,

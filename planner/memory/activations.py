@@ -34,6 +34,7 @@ from qplan.planner.memory.input_dtype import (
 from qplan.planner.memory.lin import ZERO, Lin, Precision, precision
 from qplan.planner.memory.ln_tuning import LnSites, ln_final_norm_saved, ln_first_layer_unsaved, ln_norm_saved, ln_sites
 from qplan.planner.memory.loha import (
+    bat_transients,
     loha_backward_transient,
     loha_branch_activation,
     loha_forward_casts,
@@ -220,14 +221,15 @@ def mlp_activation(d: Dims, p: Precision, liger: bool = False) -> Lin:
 
 
 def frozen_weight_casts(spec: ModelSpec, q: QuantSettings, first: bool, lora_sites: set[str],
-                        input_sites: frozenset[str] = frozenset()) -> Lin:
+                        input_sites: frozenset[str] = frozenset(), rebuilt: frozenset[str] = frozenset()) -> Lin:
     """Autocast's copies of a layer's frozen 16/32-bit weights in another dtype (fp32 or fp16 weights under bf16
     autocast, bf16 weights under fp16): ``cached_cast`` caches only leaves that require grad, so each matmul casts its
     frozen weight anew and saves the copy for its input gradient (aten/src/ATen/autocast_mode.cpp) — ``c`` bytes per
     weight element of every decoder-layer linear whose input needs a gradient. In layer 0 without checkpointing that
     is the projections after the first LoRA-adapted (or (IA)³ output-scaled) site (the embeddings need no grad), and
     from an (IA)³ input-scaled site (``input_sites``: its base weight's input is scaled, so it needs a gradient) on.
-    None for k-bit weights (bitsandbytes dequantizes them itself) or when the weights are in the compute dtype."""
+    None for k-bit weights (bitsandbytes dequantizes them itself) or when the weights are in the compute dtype, and none
+    for the projections whose weight a MiSS-bat module rebuilds (``rebuilt``, leaf names: its base layer never runs)."""
     p = precision(q)
     if not p.amp or q.kbit or q.unquantized_dtype == q.compute_dtype:
         return ZERO
@@ -237,7 +239,7 @@ def frozen_weight_casts(spec: ModelSpec, q: QuantSettings, first: bool, lora_sit
     total = 0
     for g in spec.inventory.linear:
         site = site_of(g)
-        if site is None or g.bnb_quantized is False and g.keep_fp32:
+        if site is None or g.bnb_quantized is False and g.keep_fp32 or g.pattern.rsplit(".", 1)[-1] in rebuilt:
             continue
         if first and order[site] <= first_lora:
             continue
@@ -260,7 +262,7 @@ def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, 
     p = precision(q)
     total = norm_activation(d, p, first, "rms_norm" in liger) + residual_activation(d, p)
     total = total + attention_activation(d, p, attn_impl) + (
-        mlp_activation(d, p, "swiglu" in liger) + mlp_promotion([*branches, *c3a], d.i, d.gated, p) if mlp is None
+        mlp_activation(d, p, "swiglu" in liger) + mlp_promotion([*branches, *c3a, *loha], d.i, d.gated, p) if mlp is None
         else mlp)
     total = total + fused_qkv_activation(d, p, fused_qkv_kbit(spec, q))
     total = total + qk_norm_activation(d, p, "rms_norm" in liger)
@@ -302,7 +304,8 @@ def layer_activation(spec: ModelSpec, branches: list[Branch], q: QuantSettings, 
         # the first projections whose input needs a gradient: q/k/v (an input norm), o (q/k norms), the MLP's
         {"input": input_sites, "attn": grad_sites, "mlp": input_sites}[ln.start].add(
             "mlp_in" if ln.start == "mlp" else "attn_in")
-    total = total + frozen_weight_casts(spec, q, first, grad_sites, frozenset(input_sites))
+    total = total + frozen_weight_casts(spec, q, first, grad_sites, frozenset(input_sites),
+                                        frozenset(b.leaf for b in loha if b.update == "miss_bat"))
     if full:
         sites = [(b.site, b.in_features, b.per_layer) for b in layer_branches(spec, [], 0, q)]
         total = total + full_layer_activation(d, p, sites, d.gemma_norm, attn_impl)
@@ -358,7 +361,11 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     ln = ln_sites(counts, d.L)  # LN tuning's trained norms (planner.memory.ln_tuning)
     i3_bwd = ia3_backward_transient(i3) + loha_backward_transient(lh, p, p.M)  # the layer backward's method transients
     method_temps = update_recompute_transient(lh, p) + vera_forward_transient(vr, p)  # and the layer forward's
+    bat_fwd, bat_bwd, bat = bat_transients(lh, BYTES[q.unquantized_dtype])  # MiSS-bat's rebuilt weights
     method_temps = method_temps + c3a_forward_transient(c3)
+    # MiSS-bat: the forward's rebuilt weight in the forward's last layer; its backward's, or with checkpointing the
+    # larger of the recomputation's and the backward's, in each layer's backward
+    i3_bwd = i3_bwd + (Lin(const=max(bat_fwd.const, bat_bwd.const)) if grad_ckpt != "off" else bat_bwd)
     mlp = moe_activation(spec, counts, q)
     trained = is_full(counts)  # full fine-tuning: the weights train (planner.memory.full)
     # the embeddings' output needs a gradient: full fine-tuning, or prompt tuning's prompt is part of it
@@ -391,10 +398,10 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
         saved = first + (d.L - 1) * full + head
         layers = first + grads_in + rotary + i3_bwd + Lin(tok=c3_bwd)
         layers_temps = grads_in + i3_bwd + Lin(tok=c3_bwd)
-        if c3_bwd:  # C3A's backward transient in the last layer, every layer's activations still alive
+        if c3_bwd or bat:  # C3A's, MiSS-bat's backward transients in the last layer, every layer's activations alive
             ckpt_inputs = (d.L - 1) * full
         if mlp is None:  # the last layer's down projection in the forward: (about) every saved activation + its inputs
-            mlp_fwd_temps = recompute_transient(spec, br, p, dropout, kernels) + method_temps
+            mlp_fwd_temps = recompute_transient(spec, br, p, dropout, kernels) + method_temps + bat_fwd
     else:
         saved = (layer_inputs if grad_ckpt in HF_CKPT else ZERO) + head
         if attn_impl == "eager":

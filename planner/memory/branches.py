@@ -14,7 +14,7 @@ from qplan.planner.model.ia3 import IA3, IA3_FF
 from qplan.planner.model.loha import LOHA
 from qplan.planner.model.lokr import LOKR
 from qplan.planner.model.lora import FROZEN_A, ModuleCount
-from qplan.planner.model.miss import MISS, MISS_MINI
+from qplan.planner.model.miss import MISS, MISS_BAT, MISS_MINI
 from qplan.planner.model.spec import LinearGroup, ModelSpec
 from qplan.planner.model.vera import VERA
 from qplan.planner.model.weights import QuantSettings, is_quantized, linear_weight_bytes
@@ -75,7 +75,8 @@ class Branch:
     adapter: str = "float32"  # its LoRA tensors' dtype
     frozen_a: bool = False  # LoRA-FA: its lora_A is frozen (no weight gradient: its input is not saved)
     ia3: str = ""  # (IA)³ on it: "ff" (scales its input), "out" (its output), "" none
-    update: str = ""  # "loha" / "lokr": a full-size weight update built at every forward (planner.memory.loha)
+    #: "loha" / "lokr" / "miss_bat": a full-size weight built at every forward (planner.memory.loha)
+    update: str = ""
     factors: tuple = ()  # its trained tensors: (name, shape) pairs
     vera: int = 0  # VeRA's rank on it, 0 if none
     #: MiSS (``planner.model.miss``) on it: "miss" / "miss_mini" (a LoRA-FA-like branch: ``sum(x in r-wide slices)``
@@ -92,8 +93,8 @@ def layer_branches(spec: ModelSpec, counts: list[ModuleCount], r: int, q: QuantS
     adapters = {c.module: c.dtype for c in counts if c.kind == "lora" or c.module in miss}
     frozen = {c.module for c in counts if c.kind == FROZEN_A} | set(miss)
     ia3 = {c.module: "ff" if c.kind == IA3_FF else "out" for c in counts if c.kind in (IA3, IA3_FF)}
-    update = {c.module: c.kind for c in counts if c.kind in (LOHA, LOKR)}
-    factors = {c.module: tuple((k, tuple(s)) for k, s in c.save_keys) for c in counts if c.kind in (LOHA, LOKR)}
+    update = {c.module: c.kind for c in counts if c.kind in (LOHA, LOKR, MISS_BAT)}
+    factors = {c.module: tuple((k, tuple(s)) for k, s in c.save_keys) for c in counts if c.kind in update.values()}
     vera = {c.module: c.save_keys[1][1][0] for c in counts if c.kind == VERA}
     c3a = {c.module: c.save_keys[0][1][2] for c in counts if c.kind == C3A}
     L = max(1, int(spec.inventory.num_hidden_layers or 1))

@@ -29,7 +29,7 @@ def mlp_promotion(branches: list[Branch], i: int, gated: bool, p: Precision) -> 
     output (saved by the product) when the gate is adapted, the up projection's output (saved by the product) when it
     is: ``(R − c) i (2 gate + up)``. Zero without autocast or when the stream is in the compute dtype; one line for a
     plain MLP's (not traced yet)."""
-    leaves = {b.leaf for b in branches if (b.miss or b.c3a) and b.site == "mlp_in"}
+    leaves = {b.leaf for b in branches if (b.miss or b.c3a or b.update == "miss_bat") and b.site == "mlp_in"}
     if not p.amp or p.R == p.c or not leaves:
         return ZERO
     if not gated:

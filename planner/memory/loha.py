@@ -32,11 +32,19 @@ def loha_branch_activation(br: Branch, x: int, p: Precision, input_grad: bool) -
     (not layer 0's q/k/v without checkpointing), the update, ``e out in``."""
     e = loha_dtype(p)
     # LoKr under autocast: kron of the fp32 w1 and the autocast w2 is fp32, so the input is copied to fp32 and
-    # autocast's F.linear casts that copy back: a compute-dtype copy per module, never the input itself
-    shares = x == e and not (br.update == "lokr" and p.amp)
+    # autocast's F.linear casts that copy back: a compute-dtype copy per module, never the input itself; MiSS-bat's
+    # rebuilt weight is fp32 (the bf16 weight plus an fp32 update), likewise
+    shares = x == e and not (br.update in ("lokr", "miss_bat") and p.amp)
     lin = Lin(tok=0 if shares else e * br.in_features * br.per_layer,
               const=e * br.out_features * br.in_features * br.per_layer if input_grad else 0)
-    return lin + lokr_products_saved(br, p), shares
+    return lin + lokr_products_saved(br, p) + bat_blocks_saved(br, p), shares
+
+
+def bat_blocks_saved(br: Branch, p: Precision) -> Lin:
+    """MiSS-bat (``planner.model.miss``): ``get_delta_weight`` multiplies the weight's fp32 copy, cut into ``r × r``
+    blocks, by the trained blocks; the batched matmul keeps that copy (made contiguous: ``4 out in``; under autocast
+    its compute-dtype cast, ``c out in``) for the blocks' gradient, in every layer."""
+    return Lin(const=loha_dtype(p) * br.out_features * br.in_features * br.per_layer) if br.update == "miss_bat" else Lin()
 
 
 def lokr_products_saved(br: Branch, p: Precision) -> Lin:
@@ -59,12 +67,13 @@ def lokr_products_saved(br: Branch, p: Precision) -> Lin:
 def loha_forward_casts(branches: tuple[Branch, ...], p: Precision) -> Lin:
     """Under autocast without checkpointing, the cached compute-dtype copies of a layer's LoHa factors (``c · 2 r (in +
     out)`` per module), alive until the autocast region exits after the loss: nothing saves them (``HadaWeight``
-    saves the fp32 factors). With checkpointing the loss-time term counts every fp32 adapter tensor's copy. LoKr's
-    factored products keep their copies (``lokr_products_saved``)."""
+    saves the fp32 factors; MiSS-bat's batched matmul casts its fp32 blocks the same way). With checkpointing the
+    loss-time term counts every fp32 adapter tensor's copy. LoKr's factored products keep their copies
+    (``lokr_products_saved``)."""
     if not p.amp:
         return Lin()
     return Lin(const=sum(p.c * sum(math.prod(shape) for _, shape in b.factors) * b.per_layer
-                         for b in branches if b.update == "loha"))
+                         for b in branches if b.update in ("loha", "miss_bat")))
 
 
 def loha_backward_transient(branches: tuple[Branch, ...], p: Precision, x: int) -> Lin:
@@ -99,3 +108,15 @@ def update_recompute_transient(branches: tuple[Branch, ...], p: Precision) -> Li
     if not p.amp:
         return Lin()
     return Lin(tok=sum(4 * b.in_features * b.per_layer for b in branches if b.update == "lokr" and b.site == "mlp_out"))
+
+
+def bat_transients(branches: tuple[Branch, ...], w: int) -> tuple[Lin, Lin, bool]:
+    """MiSS-bat's largest weight-sized transients, per layer (``E = out × in`` of its largest module; ``w`` the base
+    weight's bytes): forward (``MissLinear.forward`` / ``get_delta_weight``) the weight's clone (``w E``), its fp32 copy
+    (``4 E``, unless the weight is fp32), the blocks' sum and its contiguous copy (``8 E``) alive at once; backward the
+    rebuilt weight's gradient, its contiguous copy and the blocks' batched-matmul gradient (``12 E``). Counted at the
+    layer's recomputation end, its backward and, without checkpointing, the last layer's backward: an upper bound for
+    modules other than the down projection (checked on toy models, where they are the peak). The third value: whether
+    any module rebuilds its weight."""
+    E = max((b.out_features * b.in_features for b in branches if b.update == "miss_bat"), default=0)
+    return Lin(const=(w + 8 + (4 if w != 4 else 0)) * E), Lin(const=12 * E), E > 0

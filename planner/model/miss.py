@@ -8,7 +8,7 @@ PEFT 0.21 (peft/tuners/miss/layer.py ``MissLayer.update_layer``) gives each targ
 * ``"mini"``: ``(r, mini_r)``, repeated ``out / mini_r`` times along the output at every forward
   (``out % mini_r == 0``);
 * ``"bat"``: ``(out / r, r, r)``; every forward builds the whole weight ``W + W_blocks @ B + B`` and runs ``F.linear``
-  with it. Not planned yet (``planner.methods`` refuses it by name).
+  with it (``in % r == 0`` and ``out % r == 0``).
 
 ``r`` must be at most ``in`` for every module (``r <= in_features``). Targets as LoRA's (PEFT's MiSS table equals
 its LoRA table: ``model_specs/data/peft-lora-defaults.json``); ``--r`` with qplan's default (16; ``MissConfig``'s own is
@@ -26,8 +26,8 @@ from qplan.planner.model.lora import ModuleCount
 from qplan.planner.model.spec import ModelSpec
 
 #: ``ModuleCount.kind`` of a MiSS-adapted linear group, by the forward PEFT runs (``MissLinear.miss_fn``)
-MISS, MISS_MINI = "miss", "miss_mini"
-MISS_KINDS = {"default": MISS, "mini": MISS_MINI}
+MISS, MISS_MINI, MISS_BAT = "miss", "miss_mini", "miss_bat"
+MISS_KINDS = {"default": MISS, "mini": MISS_MINI, "bat": MISS_BAT}
 #: ``--miss-init``: PEFT's ``init_weights`` values (``true``: zeros, ``false``: Kaiming-random; same shapes)
 MISS_INITS = ("true", "false", "bat", "mini")
 
@@ -44,8 +44,8 @@ class MissSettings(LohaSettings):
 
     @property
     def fn(self) -> str:
-        """The forward PEFT runs (``MissLinear.miss_fn``): ``mini`` or the default."""
-        return "mini" if self.init == "mini" else "default"
+        """The forward PEFT runs (``MissLinear.miss_fn``): ``bat``, ``mini`` or the default."""
+        return self.init if self.init in ("bat", "mini") else "default"
 
     def to_json(self, spec: ModelSpec) -> dict[str, Any]:
         init: bool | str = {"true": True, "false": False}.get(self.init, self.init)
@@ -57,6 +57,11 @@ class MissSettings(LohaSettings):
         r = self.r
         if r > i:
             raise QPlanError(f"MiSS r={r} on {module}: PEFT needs r <= in_features ({i})")
+        if self.fn == "bat":
+            if i % r or o % r:
+                raise QPlanError(f"MiSS --miss-init bat on {module} ({i}→{o}): PEFT needs in_features and out_features "
+                                 f"divisible by r={r} (the weight is cut into r × r blocks)")
+            return [o // r, r, r]
         if self.fn == "mini":
             if o % self.mini_r:
                 raise QPlanError(f"MiSS --mini-r {self.mini_r} on {module} ({i}→{o}): PEFT needs out_features divisible "

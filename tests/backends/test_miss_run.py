@@ -10,8 +10,9 @@ pytest.importorskip("torch")
 from backend_helpers import estimate_and_run
 
 
-@pytest.mark.parametrize("options", [["--no-grad-ckpt"], ["--miss-init", "mini", "--mini-r", "32"]],
-                         ids=["default-no-checkpointing", "mini-checkpointing"])
+@pytest.mark.parametrize("options", [["--no-grad-ckpt"], ["--miss-init", "mini", "--mini-r", "32"],
+                                     ["--miss-init", "bat", "--no-grad-ckpt"]],
+                         ids=["default-no-checkpointing", "mini-checkpointing", "bat-no-checkpointing"])
 def test_a_miss_run_measures_what_the_plan_predicts(tmp_path, capsys, options):
     from safetensors.torch import load_file
 
