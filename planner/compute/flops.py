@@ -234,13 +234,16 @@ def recompute_skipped(T: int, sites: list[Branch], norms: int) -> int:
     projection (no norm after it) therefore skips its last matmul: LoRA's ``B`` on the down
     projection (``2 T r out``), else the down projection itself (plain or 4-bit; checked against
     the traced count). Gemma-2's sandwich norm after the MLP (4 norms per layer) saves later
-    tensors: nothing is skipped."""
+    tensors: nothing is skipped; nor with C3A on the down projection, whose custom Function saves its tensors only
+    once its forward (and the base matmul before it) has run."""
     if norms >= 4:
         return 0
     down = [s for s in sites if s.site == "mlp_out"]
     if not down:
         return 0
     last = down[-1]
+    if last.c3a:
+        return 0
     if last.r:
         return 2 * T * last.r * last.out_features * last.per_layer
     return linear_forward_flops(T, last)

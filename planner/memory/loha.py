@@ -87,7 +87,7 @@ def loha_backward_transient(branches: tuple[Branch, ...], p: Precision, x: int) 
     attention projection's runs after the attention's
     and the MLP's backward have freed the layer's tensors, far below the moments planned (not counted). ``x``: the
     module's input dtype bytes."""
-    mlp = [b for b in branches if b.site in ("mlp_in", "mlp_out")]
+    mlp = [b for b in branches if b.site in ("mlp_in", "mlp_out") and b.update in ("loha", "lokr")]  # bat: its own
     if not mlp:
         return Lin()
     site = "mlp_out" if any(b.site == "mlp_out" for b in mlp) else "mlp_in"

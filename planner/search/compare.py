@@ -13,7 +13,7 @@ only what defines the method changed:
 * ``lokr`` — LoKr, likewise (with ``--decompose-factor`` when given);
 * ``vera`` — VeRA with the rank given, likewise;
 * ``miss`` — MiSS with the rank given (and ``--miss-init``, ``--mini-r`` when given), likewise;
-* ``c3a`` — C3A with ``--block-size`` (PEFT's 256 by default) and PEFT's default targets, over a 16/32-bit base;
+* ``c3a`` — C3A with ``--block-size`` (PEFT's 256 by default) and the targets given, likewise;
 * ``ia3`` — (IA)³ with PEFT's default targets for the model type, over a 16/32-bit base;
 * ``ln_tuning`` — LN tuning of PEFT's default norms for the model type, over a 16/32-bit base;
 * ``prompt_tuning`` — prompt tuning with the ``--num-virtual-tokens`` given, over a 16/32-bit base;
@@ -58,18 +58,18 @@ def method_options(options: dict[str, Any], method: str) -> dict[str, Any]:
     given = o.get("quant")
     defaults = as_dict(PlanOptions())
     o.update({k: defaults[k] for k, (owners, _) in METHOD_OPTIONS.items() if method not in owners})
-    if method in ("full", "ia3", "prompt_tuning", "p_tuning", "ln_tuning", "c3a"):
+    if method in ("full", "ia3", "prompt_tuning", "p_tuning", "ln_tuning"):
         o.update({k: defaults[k] for k in LORA_ONLY})
         if o.get("optimizer") == "lorafa":
             o["optimizer"] = defaults["optimizer"]
     if method == "full":
         return {**o, "full": True, "quant": given if given and given not in KBIT else FULL_QUANT}
     o["full"] = False
-    if method in ("ia3", "prompt_tuning", "p_tuning", "ln_tuning", "c3a"):
+    if method in ("ia3", "prompt_tuning", "p_tuning", "ln_tuning"):
         return {**o, "peft_type": method, "quant": given if given and given not in KBIT else FULL_QUANT}
-    if method in ("loha", "lokr", "vera", "miss"):  # LoRA's rank (alpha) and targets are theirs; its other options not
+    if method in ("loha", "lokr", "vera", "miss", "c3a"):  # LoRA's rank (alpha) and targets are theirs, not the rest
         o.update({k: defaults[k] for k in LORA_ONLY if k not in ("r", "alpha", "targets") or (
-            method in ("vera", "miss") and k == "alpha")})
+            method in ("vera", "miss", "c3a") and k == "alpha") or (method == "c3a" and k == "r")})
         if o.get("optimizer") == "lorafa":
             o["optimizer"] = defaults["optimizer"]
         return {**o, "peft_type": method, "quant": given if given and given not in KBIT else FULL_QUANT}

@@ -106,7 +106,8 @@ def test_where_c3a_s_ffts_are_the_peak_the_plan_bounds_the_traced_step(tmp_path,
 
 
 @pytest.mark.parametrize("options", [dict(), dict(grad_ckpt=False), dict(targets="all-linear", grad_ckpt=False),
-                                     dict(reentrant=True, targets="all-linear", block_size=256)], ids=range(4))
+                                     dict(targets="all-linear"), dict(targets="down_proj"),
+                                     dict(reentrant=True, targets="all-linear", block_size=256)], ids=range(6))
 def test_the_flops_are_what_the_flop_counter_counts(options):
     pytest.importorskip("peft")
     from qplan.observe.trace import trace_plan
