@@ -15,6 +15,7 @@ from trace_checks import (
     assert_adapter_file_is_peft_s,
     assert_counts_are_peft_s,
     assert_traced_step,
+    toy_peak_error,
 )
 
 from qplan.planner.api import plan_dict
@@ -75,10 +76,6 @@ def test_every_phase_of_the_step_equals_the_traced_step(options):
     assert_traced_step(**{"peft_type": "c3a", "block_size": 64, "batch_size": 2, "seq_len": 256, **options})
 
 
-#: a toy Llama with a 512-token vocabulary: its peak is inside a layer's backward, in C3A's FFTs
-TOY = {**TINY_LLAMA, "hidden_size": 256, "intermediate_size": 768, "head_dim": 64, "vocab_size": 512}
-
-
 @pytest.mark.parametrize("options,bounds", [
     (dict(targets="all-linear"), (-0.01, 0.03)),  # the down projection's backward first: exact but for the forward
     (dict(targets="all-linear", grad_ckpt=False), (-0.01, 0.03)),
@@ -90,18 +87,8 @@ TOY = {**TINY_LLAMA, "hidden_size": 256, "intermediate_size": 768, "head_dim": 6
 def test_where_c3a_s_ffts_are_the_peak_the_plan_bounds_the_traced_step(tmp_path, options, bounds):
     """Where a layer's backward is the peak (a small vocabulary), C3A's FFT transients decide it: exact for the down
     projection (the first module a layer's backward runs), an upper bound for the others."""
-    import json
-
-    pytest.importorskip("peft")
-    from qplan.observe.trace import trace_plan
-
-    cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps(TOY), encoding="utf-8")
-    plan = plan_dict(**{"model": str(cfg), "peft_type": "c3a", "block_size": 16, "quant": "bf16", "batch_size": 2,
-                        "seq_len": 128, **options})
-    traced = trace_plan(plan, steps=2)["tensor_peak"]
+    plan, error = toy_peak_error(tmp_path, peft_type="c3a", block_size=16, **options)
     assert plan["prediction"]["memory_detail"]["peak_phase"] in ("layers", "layers_last")
-    error = plan["prediction"]["memory"]["tensor_peak"] / traced - 1
     assert bounds[0] <= error <= bounds[1], error
 
 

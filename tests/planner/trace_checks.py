@@ -104,3 +104,26 @@ def assert_adapter_file_is_peft_s(tmp_path, config: dict, **options) -> None:
                         method_config(plan["method"], plan[plan["method"]]))
     pm.save_pretrained(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size == plan["prediction"]["adapter_file_bytes"]
+
+
+#: a toy Llama with a 512-token vocabulary: its peak is inside a layer (its backward or a module's forward), where a
+#: method's own transients decide it
+TOY_LLAMA = {**TINY_LLAMA, "hidden_size": 256, "intermediate_size": 768, "head_dim": 64, "vocab_size": 512}
+
+
+def toy_peak_error(tmp_path, **options) -> tuple[dict, float]:
+    """The plan of ``options`` (``plan_dict``'s) on ``TOY_LLAMA`` (bf16, 2 x 128) and its tensor peak's relative error
+    against the traced step's."""
+    import json
+
+    import pytest
+
+    pytest.importorskip("peft")
+    from qplan.observe.trace import trace_plan
+    from qplan.planner.api import plan_dict
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(TOY_LLAMA), encoding="utf-8")
+    plan = plan_dict(**{"model": str(cfg), "quant": "bf16", "batch_size": 2, "seq_len": 128, **options})
+    traced = trace_plan(plan, steps=2)["tensor_peak"]
+    return plan, plan["prediction"]["memory"]["tensor_peak"] / traced - 1
