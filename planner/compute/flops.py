@@ -471,7 +471,7 @@ def c3a_fft_bytes(s: Branch, T: int, x: int, o: int, ckpt: bool) -> int:
     return (fwd * (2 if ckpt else 1) + bwd) * T * s.per_layer
 
 
-def loha_update_bytes(s: Branch, e: int, ckpt: bool, w: int = 2) -> int:
+def loha_update_bytes(s: Branch, e: int, ckpt: bool, w: int) -> int:
     """The elementwise passes over a full-size update (``E = out × in`` per module and micro-batch), ``e`` its forward
     dtype bytes (the compute dtype under autocast, else fp32).
 

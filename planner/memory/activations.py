@@ -361,7 +361,7 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     ln = ln_sites(counts, d.L)  # LN tuning's trained norms (planner.memory.ln_tuning)
     i3_bwd = ia3_backward_transient(i3) + loha_backward_transient(lh, p, p.M)  # the layer backward's method transients
     method_temps = update_recompute_transient(lh, p) + vera_forward_transient(vr, p)  # and the layer forward's
-    bat_fwd, bat_bwd, bat = bat_transients(lh, BYTES[q.unquantized_dtype])  # MiSS-bat's rebuilt weights
+    bat_fwd, bat_bwd = bat_transients(lh, BYTES[q.unquantized_dtype])  # MiSS-bat's rebuilt weights
     method_temps = method_temps + c3a_forward_transient(c3)
     # MiSS-bat: the forward's rebuilt weight in the forward's last layer; its backward's, or with checkpointing the
     # larger of the recomputation's and the backward's, in each layer's backward
@@ -390,7 +390,7 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
     grads_in = incoming_gradients(d, p, bool(down), BYTES[down[0].adapter] if down else 4)
     # C3A: its backward's FFTs replace the layer's second incoming gradient and, with checkpointing, the recomputation's
     # end (planner.memory.input_dtype)
-    c3_bwd = c3a_backward_transient(c3, d.h, grads_in.tok // d.h - p.R)
+    c3_bwd = c3a_backward_transient(c3, d.h, p.R)  # the second is R h: C3A has no LoRA down projection
     mlp_fwd_temps = ZERO
     if grad_ckpt == "off":
         first = layer_activation(spec, br, q, r, dropout, attn_impl, first=not input_grad, kernels=kernels, mlp=mlp,
@@ -398,7 +398,7 @@ def activation_terms(spec: ModelSpec, counts: list[ModuleCount], r: int, dropout
         saved = first + (d.L - 1) * full + head
         layers = first + grads_in + rotary + i3_bwd + Lin(tok=c3_bwd)
         layers_temps = grads_in + i3_bwd + Lin(tok=c3_bwd)
-        if c3_bwd or bat:  # C3A's, MiSS-bat's backward transients in the last layer, every layer's activations alive
+        if c3_bwd or bat_bwd != ZERO:  # C3A's, MiSS-bat's backward transients in the last layer, every layer's activations alive
             ckpt_inputs = (d.L - 1) * full
         if mlp is None:  # the last layer's down projection in the forward: (about) every saved activation + its inputs
             mlp_fwd_temps = recompute_transient(spec, br, p, dropout, kernels) + method_temps + bat_fwd

@@ -11,13 +11,9 @@ matmul gave 16 bits, and the gated MLP's saved tensors follow. MiSS's branch its
 
 from __future__ import annotations
 
-from typing import Any
-
 from qplan.planner.errors import QPlanError
+from qplan.planner.memory.branches import Branch
 from qplan.planner.memory.lin import ZERO, Lin, Precision
-
-#: ``planner.memory.branches.Branch`` (not imported: branches is imported by this module's importer)
-Branch = Any
 
 #: leaf names of a gated MLP's two input projections (a fused ``gate_up_proj`` is both)
 GATE, UP = {"gate_proj", "w1", "gate_up_proj"}, {"up_proj", "w3", "gate_up_proj"}

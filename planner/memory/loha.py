@@ -110,13 +110,12 @@ def update_recompute_transient(branches: tuple[Branch, ...], p: Precision) -> Li
     return Lin(tok=sum(4 * b.in_features * b.per_layer for b in branches if b.update == "lokr" and b.site == "mlp_out"))
 
 
-def bat_transients(branches: tuple[Branch, ...], w: int) -> tuple[Lin, Lin, bool]:
+def bat_transients(branches: tuple[Branch, ...], w: int) -> tuple[Lin, Lin]:
     """MiSS-bat's largest weight-sized transients, per layer (``E = out × in`` of its largest module; ``w`` the base
     weight's bytes): forward (``MissLinear.forward`` / ``get_delta_weight``) the weight's clone (``w E``), its fp32 copy
     (``4 E``, unless the weight is fp32), the blocks' sum and its contiguous copy (``8 E``) alive at once; backward the
     rebuilt weight's gradient, its contiguous copy and the blocks' batched-matmul gradient (``12 E``). Counted at the
     layer's recomputation end, its backward and, without checkpointing, the last layer's backward: an upper bound for
-    modules other than the down projection (checked on toy models, where they are the peak). The third value: whether
-    any module rebuilds its weight."""
+    modules other than the down projection (checked on toy models, where they are the peak). Zero without MiSS-bat."""
     E = max((b.out_features * b.in_features for b in branches if b.update == "miss_bat"), default=0)
-    return Lin(const=(w + 8 + (4 if w != 4 else 0)) * E), Lin(const=12 * E), E > 0
+    return Lin(const=(w + 8 + (4 if w != 4 else 0)) * E), Lin(const=12 * E)
