@@ -97,7 +97,7 @@ def peft_method(o: PlanOptions) -> PeftSettings | None:
     if name == "c3a":
         return C3aSettings(16, 1.0, o.targets, o.block_size or C3A_BLOCK)  # C3A has no rank or alpha: unused fields
     if name == "miss":
-        init = (o.miss_init or "true").strip().lower()
+        init = (o.miss_init if o.miss_init is not None else "true").strip().lower()
         if init not in MISS_INITS:
             raise QPlanError(f"--miss-init {o.miss_init!r}: PEFT's MissConfig.init_weights is one of {', '.join(MISS_INITS)}")
         if o.mini_r is not None and init != "mini":

@@ -112,6 +112,7 @@ def test_the_launches_are_within_tolerance_of_the_traced_step(options):
     (dict(peft_type="miss", dropout=0.1), "--dropout is a LoRA option"),
     (dict(peft_type="miss", miss_init="bat", r=48), "divisible by r=48"),
     (dict(peft_type="miss", miss_init="maybe"), "MissConfig.init_weights is one of"),
+    (dict(peft_type="miss", miss_init=" "), "MissConfig.init_weights is one of"),
     (dict(peft_type="miss", mini_r=4), "give --miss-init mini"),
     (dict(peft_type="miss", miss_init="mini", mini_r=5), "out_features divisible by mini_r"),
     (dict(peft_type="miss", r=4096), "r <= in_features (2048)"),
